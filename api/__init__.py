@@ -1,0 +1,1 @@
+"""The REST API (FastAPI), the envctl command line, and the Alembic migrations."""

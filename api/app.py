@@ -1,0 +1,70 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, database and runner."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from api import errors
+from api.dbschema import check_current
+from api.deps import Context
+from api.routes import environments, health, machine_types, runtimes
+from envs.kit.config import Settings
+from envs.kit.db import Database
+from registry import service as registry_service
+from runner.backends import load_backend
+from runner.backends.base import RuntimeBackend
+from runner.service import RunnerService
+
+log = logging.getLogger("envctl.api")
+
+
+def write_admin_token(settings: Settings, db: Database) -> str | None:
+    """Create the first admin if there is none, and write its token for the CLI."""
+    with db.session() as s:
+        _admin, token = registry_service.ensure_admin(s)
+    if token is not None:
+        path: Path = settings.admin_token_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(token + "\n")
+        log.info("created the first admin; its token is in %s", path)
+    return token
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend: RuntimeBackend | None = None,
+    housekeeping: bool = True,
+) -> FastAPI:
+    """Build the app. The runner starts (reconciles, housekeeps) with the app's lifespan."""
+    db = Database(settings.effective_database_url)
+    check_current(db.engine)  # refuse to serve an old schema; the error names the fix
+    runner = RunnerService(settings, db, backend or load_backend(settings.runner_backend, settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        write_admin_token(settings, db)
+        runner.open(housekeeping=housekeeping)
+        try:
+            yield
+        finally:
+            runner.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="envctl",
+        version="0.1.0",
+        description="Container environments for notebooks: runtimes, executions, versioned environments.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = Context(settings=settings, db=db, runner=runner)
+    errors.install(app)
+    for module in (health, runtimes, environments, machine_types):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,1 @@
+"""Thin endpoint modules: parse, call a service, shape the answer."""

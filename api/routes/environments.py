@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import CallerDep, CtxDep
+from api.schemas import EnvironmentOut, VersionOut
+from envs import service as envs_service
+from envs.errors import EnvironmentNotFoundError
+from envs.models import Environment, EnvironmentVersion
+from envs.refs import parse_ref
+
+router = APIRouter(tags=["environments"])
+
+
+def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
+    return VersionOut(
+        ref=v.ref, number=v.number, digest=v.digest, image_id=v.image_id,
+        parent=v.parent.ref if v.parent is not None else None, message=v.message, author=v.author,
+        size=v.size, size_added=v.size_added, created_at=v.created_at, tags=sorted(tags),
+    )
+
+
+def environment_out(env: Environment) -> EnvironmentOut:
+    tags_by_version: dict[int, list[str]] = {}
+    for t in env.tags:
+        tags_by_version.setdefault(t.version_id, []).append(t.name)
+    by_id = {v.id: v for v in env.versions}
+    tags = {t.name: by_id[t.version_id].ref for t in env.tags if t.version_id in by_id}
+    return EnvironmentOut(
+        name=env.full_name,
+        team=env.namespace or None,
+        latest=tags.get("latest"),
+        tags=tags,
+        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in env.versions],
+    )
+
+
+@router.get("/environments", response_model=list[EnvironmentOut])
+def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
+    """Every environment with its versions and tags."""
+    with ctx.db.session() as s:
+        return [environment_out(e) for e in envs_service.list_environments(s)]
+
+
+@router.get("/environments/{ref:path}", response_model=EnvironmentOut)
+def get_environment(ref: str, ctx: CtxDep, _caller: CallerDep) -> EnvironmentOut:
+    """One environment. ``ref`` is a name (``python3``, ``acme/ml``) or any reference to one
+    of its versions; the whole environment is returned either way."""
+    parsed = parse_ref(ref, "ref")
+    with ctx.db.session() as s:
+        env = envs_service.get_environment(s, parsed.full_name)
+        if env is None:
+            raise EnvironmentNotFoundError(
+                f"ref: no environment named {parsed.full_name!r}", details={"field": "ref"}
+            )
+        if parsed.is_pinned:
+            envs_service.resolve(s, parsed, "ref")  # 404 for a version that does not exist
+        s.refresh(env)
+        return environment_out(env)

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from api.deps import CallerDep, CtxDep
+from api.schemas import IdleOut, LogEntryOut, RuntimeCreate, RuntimeOut, RuntimePatch
+from runner.models import Runtime
+from runner.service import RunnerService, RuntimeChanges
+from runner.states import State
+
+router = APIRouter(prefix="/runtimes", tags=["runtimes"])
+
+ID_PATH = {"max_length": 64}
+
+
+def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
+    decision = runner.idle_status(rt)
+    idle = None
+    if decision is not None:
+        machine = runner.settings.machine_types.get(rt.machine_type)
+        from runner.idle import effective_timeout
+
+        idle = IdleOut(
+            timeout=effective_timeout(
+                rt.idle_timeout, machine.idle_timeout if machine else None,
+                runner.settings.runner_idle_timeout,
+            ),
+            shutdown_at=decision.shutdown_at,
+            reason=decision.reason,
+            last_activity_at=rt.last_activity_at,
+            last_activity=rt.last_activity,
+        )
+    state = State(rt.state)
+    return RuntimeOut(
+        id=rt.id,
+        name=rt.name,
+        type=rt.type,
+        language=rt.language,
+        environment=rt.version.ref,
+        environment_ref=rt.environment_ref,
+        environment_digest=rt.version.digest,
+        state=state.value,
+        state_color=state.color,
+        state_reason=rt.state_reason,
+        state_message=rt.state_message,
+        phase=rt.phase,
+        busy=runner.is_busy(rt.id),
+        idle_shutdown_at=decision.shutdown_at if decision else None,
+        idle=idle,
+        machine_type=rt.machine_type,
+        idle_timeout=rt.idle_timeout,
+        runner=rt.runner,
+        booted_at=rt.booted_at,
+        created_at=rt.created_at,
+        updated_at=rt.updated_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
+def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    """Create a runtime, stopped, pinned to the exact version ``environment`` means now."""
+    rt = ctx.runner.create(
+        caller.id, name=body.name, environment=body.environment, language=body.language,
+        machine_type=body.machine_type, idle_timeout=body.idle_timeout, type=body.type,
+    )
+    return runtime_out(ctx.runner, rt)
+
+
+@router.get("", response_model=list[RuntimeOut])
+def list_runtimes(ctx: CtxDep, caller: CallerDep) -> list[RuntimeOut]:
+    return [runtime_out(ctx.runner, rt) for rt in ctx.runner.list(caller.id)]
+
+
+@router.get("/{runtime_id}", response_model=RuntimeOut)
+def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id))
+
+
+@router.patch("/{runtime_id}", response_model=RuntimeOut)
+def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    """Change settings. ``environment`` and ``machine_type`` need the runtime stopped (409)."""
+    sent = body.model_fields_set
+    changes = RuntimeChanges(
+        name=body.name,
+        language=body.language,
+        machine_type=body.machine_type,
+        environment=body.environment,
+        idle_timeout=body.idle_timeout,
+        clear_idle_timeout="idle_timeout" in sent and body.idle_timeout is None,
+    )
+    return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))
+
+
+@router.delete("/{runtime_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> Response:
+    """Stop the runtime if it runs, then delete it."""
+    ctx.runner.delete(caller.id, runtime_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{runtime_id}/start", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
+def start_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    """Boot the runtime; answers at once. Follow ``GET /runtimes/{id}`` or its log."""
+    return runtime_out(ctx.runner, ctx.runner.start(caller.id, runtime_id))
+
+
+@router.post("/{runtime_id}/stop", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
+def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    return runtime_out(ctx.runner, ctx.runner.stop(caller.id, runtime_id))
+
+
+@router.get("/{runtime_id}/log", response_model=list[LogEntryOut])
+def runtime_log(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[LogEntryOut]:
+    """The runner log: every state change and housekeeping step, with its reason."""
+    return [
+        LogEntryOut(at=e.at, state=e.state, event=e.event, reason=e.reason, message=e.message, details=e.details)
+        for e in ctx.runner.log_entries(caller.id, runtime_id)
+    ]

@@ -1,0 +1,123 @@
+"""Request and response models of the API. Responses are built from services, never ORM rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[a-z0-9]+([._-][a-z0-9]+)*$"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class RuntimeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, examples=["demo"])
+    environment: str = Field(min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"])
+    language: Literal["python", "bash"] = "python"
+    type: Literal["native"] = "native"
+    machine_type: str = Field(default="small", min_length=1, max_length=64)
+    idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
+
+
+class RuntimePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
+    environment: str | None = Field(default=None, min_length=1, max_length=300)
+    language: Literal["python", "bash"] | None = None
+    machine_type: str | None = Field(default=None, min_length=1, max_length=64)
+    idle_timeout: int | None = Field(
+        default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never; null for the default"
+    )
+
+
+class IdleOut(BaseModel):
+    timeout: int | None
+    shutdown_at: datetime | None
+    reason: str
+    last_activity_at: datetime | None
+    last_activity: str
+
+
+class RuntimeOut(BaseModel):
+    id: str
+    name: str
+    type: str
+    language: str
+    environment: str = Field(description="the exact version the runtime is pinned to, e.g. python3@1")
+    environment_ref: str = Field(description="the reference as it was asked for, e.g. python3:latest")
+    environment_digest: str
+    state: Literal["stopped", "booting", "running", "stopping", "error"]
+    state_color: str
+    state_reason: str
+    state_message: str
+    phase: str | None
+    busy: bool
+    idle_shutdown_at: datetime | None
+    idle: IdleOut | None
+    machine_type: str
+    idle_timeout: int | None
+    runner: str
+    booted_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class LogEntryOut(BaseModel):
+    at: datetime
+    state: str | None
+    event: str | None
+    reason: str
+    message: str
+    details: dict[str, Any]
+
+
+class VersionOut(BaseModel):
+    ref: str
+    number: int
+    digest: str
+    image_id: str
+    parent: str | None
+    message: str
+    author: str
+    size: int
+    size_added: int
+    created_at: datetime
+    tags: list[str]
+
+
+class EnvironmentOut(BaseModel):
+    name: str
+    team: str | None
+    latest: str | None = Field(description="the version the latest tag points at")
+    tags: dict[str, str]
+    versions: list[VersionOut]
+
+
+class MachineTypeOut(BaseModel):
+    name: str
+    cpus: float
+    memory: int
+    pids: int
+    gpus: int
+    idle_timeout: int | None
+    description: str
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str
+    backend: str
+    runner: str

@@ -1,0 +1,1 @@
+"""Environments: reference grammar, versions and tags, lineage, base images and builds."""

@@ -1,0 +1,1 @@
+"""The shared kernel every envctl package builds on: settings, database, errors, ids, clock."""

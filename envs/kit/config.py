@@ -1,0 +1,254 @@
+"""Settings: one typed object, read from an optional YAML file and ``ENVCTL_*`` variables.
+
+Precedence, highest first: environment variables, the config file (``--config FILE`` or
+``ENVCTL_CONFIG``), built-in defaults. Every setting has a variable named
+``ENVCTL_<SECTION>_<NAME>`` (top-level ones drop the section: ``ENVCTL_DATA_DIR``).
+
+The README's "Configuration" table lists them; keep it in step with ``SETTINGS_HELP`` below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from envs.kit.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """A size a runtime can be given: applied as Docker limits when its container is created."""
+
+    name: str
+    cpus: float
+    memory: int  # bytes
+    pids: int = 512
+    gpus: int = 0  # requested through Docker device requests (driver "nvidia")
+    idle_timeout: int | None = None  # seconds; None means the runtime's own or the default
+    description: str = ""
+
+
+def _gib(n: float) -> int:
+    return int(n * 1024**3)
+
+
+DEFAULT_MACHINE_TYPES: dict[str, MachineType] = {
+    m.name: m
+    for m in (
+        MachineType("small", cpus=1.0, memory=_gib(2), pids=512, description="1 CPU, 2 GiB"),
+        MachineType("medium", cpus=2.0, memory=_gib(4), pids=1024, description="2 CPUs, 4 GiB"),
+        MachineType("large", cpus=2.0, memory=_gib(8), pids=2048, description="2 CPUs, 8 GiB"),
+        MachineType(
+            "gpu-small", cpus=2.0, memory=_gib(8), pids=2048, gpus=1,
+            description="2 CPUs, 8 GiB, 1 GPU (needs the NVIDIA container runtime)",
+        ),
+    )
+}
+
+SETTINGS_HELP: dict[str, str] = {
+    "ENVCTL_CONFIG": "YAML config file (same keys as the settings, sections as nested maps)",
+    "ENVCTL_DATA_DIR": "where envctl keeps its database, runtime state and results",
+    "ENVCTL_DATABASE_URL": "SQLAlchemy URL; default sqlite:///<data dir>/envctl.db",
+    "ENVCTL_API_HOST": "address `envctl serve` listens on (default 127.0.0.1)",
+    "ENVCTL_API_PORT": "port `envctl serve` listens on (default 8700)",
+    "ENVCTL_URL": "the API the CLI talks to (default http://127.0.0.1:8700)",
+    "ENVCTL_TOKEN": "bearer token the CLI sends (default: the one `envctl serve` wrote)",
+    "ENVCTL_RUNNER_NAME": "name of this runner, recorded on each runtime it owns (default: host name)",
+    "ENVCTL_RUNNER_BACKEND": "runtime backend: docker (default) or fake (in-memory, for tests)",
+    "ENVCTL_RUNNER_IDLE_TIMEOUT": "default idle timeout of a runtime in seconds (default 1200)",
+    "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "how often idle runtimes are looked for, seconds (default 5)",
+    "ENVCTL_RUNNER_BOOT_TIMEOUT": "seconds a boot may take before the runtime goes to error (default 120)",
+    "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
+    "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
+    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
+    "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
+    "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
+}
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "envctl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=_default_data_dir)
+    database_url: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8700
+    runner_name: str = field(default_factory=socket.gethostname)
+    runner_backend: str = "docker"
+    runner_idle_timeout: int = 1200
+    runner_idle_check_interval: float = 5.0
+    runner_boot_timeout: float = 120.0
+    runner_max_boots: int = 4
+    runner_log_max_size: str = "10m"
+    runner_network: str = "bridge"
+    runner_labels: dict[str, str] = field(default_factory=dict)
+    base_mirror: str | None = None
+    machine_types: dict[str, MachineType] = field(
+        default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
+    )
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'envctl.db'}"
+
+    @property
+    def runtimes_dir(self) -> Path:
+        """Per-runtime private state directories (agent socket, drafts) live here."""
+        return self.data_dir / "runtimes"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+# name in Settings -> (env var, parser)
+_INT = int
+_FLOAT = float
+
+
+def _path(v: Any) -> Path:
+    return Path(str(v)).expanduser()
+
+
+def _labels(v: Any) -> dict[str, str]:
+    if isinstance(v, dict):
+        return {str(k): str(val) for k, val in v.items()}
+    out: dict[str, str] = {}
+    for item in str(v).split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "data_dir": ("ENVCTL_DATA_DIR", _path),
+    "database_url": ("ENVCTL_DATABASE_URL", str),
+    "api_host": ("ENVCTL_API_HOST", str),
+    "api_port": ("ENVCTL_API_PORT", _INT),
+    "runner_name": ("ENVCTL_RUNNER_NAME", str),
+    "runner_backend": ("ENVCTL_RUNNER_BACKEND", str),
+    "runner_idle_timeout": ("ENVCTL_RUNNER_IDLE_TIMEOUT", _INT),
+    "runner_idle_check_interval": ("ENVCTL_RUNNER_IDLE_CHECK_INTERVAL", _FLOAT),
+    "runner_boot_timeout": ("ENVCTL_RUNNER_BOOT_TIMEOUT", _FLOAT),
+    "runner_max_boots": ("ENVCTL_RUNNER_MAX_BOOTS", _INT),
+    "runner_log_max_size": ("ENVCTL_RUNNER_LOG_MAX_SIZE", str),
+    "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
+    "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
+    "base_mirror": ("ENVCTL_BASE_MIRROR", str),
+}
+
+
+def _parse_memory(value: Any, where: str) -> int:
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    try:
+        if text[-1:] == "b":
+            text = text[:-1]
+        if text[-1:] == "i":
+            text = text[:-1]
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"{where}: memory must be bytes or a size like 2g or 512m, not {value!r}", field=where
+        ) from exc
+
+
+def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidInputError(f"{source}: machine_types must be a non-empty map", field="machine_types")
+    out: dict[str, MachineType] = {}
+    for name, spec in raw.items():
+        where = f"{source}: machine_types.{name}"
+        if not isinstance(spec, dict):
+            raise InvalidInputError(f"{where}: must be a map with cpus and memory", field=where)
+        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "idle_timeout", "description"}
+        if unknown:
+            raise InvalidInputError(f"{where}: unknown keys {sorted(unknown)}", field=where)
+        try:
+            out[str(name)] = MachineType(
+                name=str(name),
+                cpus=float(spec["cpus"]),
+                memory=_parse_memory(spec["memory"], where + ".memory"),
+                pids=int(spec.get("pids", 512)),
+                gpus=int(spec.get("gpus", 0)),
+                idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") else None,
+                description=str(spec.get("description", "")),
+            )
+        except KeyError as exc:
+            raise InvalidInputError(f"{where}: missing {exc.args[0]}", field=where) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"{where}: {exc}", field=where) from exc
+    return out
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"runner": {"idle_timeout": 5}}`` -> ``{"runner_idle_timeout": 5}``."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in {"api", "runner", "base"}:
+            for sub, v in value.items():
+                flat[f"{key}_{sub}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_settings(config_file: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, a YAML file and the environment."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    path = config_file or env.get("ENVCTL_CONFIG")
+    if path:
+        p = Path(path).expanduser()
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except OSError as exc:
+            raise InvalidInputError(f"{p}: cannot read config file: {exc.strerror}", field="config") from exc
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"{p}: not valid YAML: {exc}", field="config") from exc
+        if not isinstance(raw, dict):
+            raise InvalidInputError(f"{p}: the config file must be a YAML map", field="config")
+        flat = _flatten(raw)
+        for key, value in flat.items():
+            if key == "machine_types":
+                values["machine_types"] = _machine_types(value, str(p))
+            elif key in _FIELDS:
+                values[key] = _convert(key, value, f"{p}: {key}")
+            else:
+                known = sorted([*_FIELDS, "machine_types"])
+                raise InvalidInputError(
+                    f"{p}: unknown setting {key!r}; known settings: {', '.join(known)}", field=key
+                )
+    for key, (var, _parser) in _FIELDS.items():
+        if env.get(var):
+            values[key] = _convert(key, env[var], var)
+    return Settings(**values)
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    parser = _FIELDS[key][1]
+    try:
+        return parser(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: {value!r} is not a valid value ({exc})", field=key) from exc

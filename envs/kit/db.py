@@ -1,0 +1,111 @@
+"""Database kernel: the declarative ``Base``, engines and sessions.
+
+SQLite (a file under the data directory) is the embedded default; PostgreSQL is reached
+through ``ENVCTL_DATABASE_URL``. Every model module in every package derives from ``Base``;
+the schema itself is owned by the Alembic migrations in ``api/migrations``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from envs.kit.clock import as_utc
+from envs.kit.errors import DatabaseUnavailableError
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware timestamps on every backend (SQLite forgets the zone; we put UTC back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a timezone-aware column")
+        return as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return as_utc(value)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the settings envctl relies on for each backend."""
+    if url.startswith("sqlite"):
+        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_timeout", 5)
+    if url.startswith("postgresql"):
+        kwargs.setdefault("connect_args", {"connect_timeout": 3})
+    return create_engine(url, **kwargs)
+
+
+class Database:
+    """An engine plus a session factory; ``session()`` is the one way code gets a transaction."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = make_engine(url, **engine_kwargs)
+        self._factory = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error.
+
+        A database that cannot be reached becomes ``DatabaseUnavailableError`` (503) so that
+        requests fail fast and say why.
+        """
+        try:
+            with self._factory() as s, s.begin():
+                yield s
+        except (OperationalError, PoolTimeoutError) as exc:
+            if _is_connection_problem(exc):
+                raise DatabaseUnavailableError(
+                    "the database does not answer; try again shortly",
+                    details={"cause": str(getattr(exc, "orig", exc)).splitlines()[0][:300]},
+                ) from exc
+            raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _is_connection_problem(exc: Exception) -> bool:
+    if isinstance(exc, PoolTimeoutError):
+        return True
+    if isinstance(exc, OperationalError):
+        return bool(exc.connection_invalidated) or "connect" in str(exc).lower() or "closed" in str(exc).lower()
+    return False

@@ -1,0 +1,208 @@
+"""Rules for environments, versions and tags. Functions take the caller's session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from envs.errors import EnvironmentNotFoundError, VersionNotFoundError
+from envs.kit.clock import utcnow
+from envs.models import Environment, EnvironmentVersion, Tag
+from envs.refs import DEFAULT_TAG, EnvRef, check_name, parse_ref
+
+
+def get_environment(session: Session, full_name: str) -> Environment | None:
+    namespace, _, name = full_name.rpartition("/")
+    return session.scalars(
+        select(Environment)
+        .where(Environment.namespace == namespace, Environment.name == name)
+        .options(selectinload(Environment.tags))
+    ).one_or_none()
+
+
+def get_or_create_environment(session: Session, full_name: str) -> Environment:
+    env = get_environment(session, full_name)
+    if env is not None:
+        return env
+    namespace, _, name = full_name.rpartition("/")
+    if namespace:
+        check_name(namespace, "environment", "team")
+    check_name(name, "environment", "environment name")
+    env = Environment(namespace=namespace, name=name, created_at=utcnow())
+    session.add(env)
+    session.flush()
+    return env
+
+
+def list_environments(session: Session) -> list[Environment]:
+    return list(
+        session.scalars(
+            select(Environment)
+            .options(selectinload(Environment.versions), selectinload(Environment.tags))
+            .order_by(Environment.namespace, Environment.name)
+        )
+    )
+
+
+def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> EnvironmentVersion:
+    """The one version a reference means now. Tags are resolved to the version they point at."""
+    if isinstance(ref, str):
+        ref = parse_ref(ref, field)
+    env = get_environment(session, ref.full_name)
+    if env is None:
+        raise EnvironmentNotFoundError(
+            f"{field}: no environment named {ref.full_name!r}; `envctl env ls` lists them",
+            details={"field": field, "environment": ref.full_name},
+        )
+    q = select(EnvironmentVersion).where(EnvironmentVersion.environment_id == env.id)
+    if ref.version is not None:
+        version = session.scalars(q.where(EnvironmentVersion.number == ref.version)).one_or_none()
+    elif ref.digest is not None:
+        version = session.scalars(q.where(EnvironmentVersion.digest == ref.digest)).one_or_none()
+    else:
+        tag = next((t for t in env.tags if t.name == ref.tag), None)
+        version = tag.version if tag is not None else None
+    if version is None:
+        raise VersionNotFoundError(
+            f"{field}: {ref} does not exist", details={"field": field, "reference": str(ref)}
+        )
+    return version
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """What a new version is made of; the number is given by ``register_version``."""
+
+    environment: str  # full name
+    image_id: str
+    image_ref: str
+    digest: str | None = None  # defaults to image_id
+    parent: EnvironmentVersion | None = None
+    message: str = ""
+    author: str = ""
+    size: int = 0
+    size_added: int = 0
+    recipe_digest: str | None = None
+    source_runtime_id: str | None = None
+    notebook: str | None = None
+    labels: dict[str, Any] | None = None
+    tag: str = DEFAULT_TAG
+
+
+def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVersion, bool]:
+    """Record a version; returns ``(version, created)``.
+
+    A version with the same digest in the same environment is the same version: it is
+    returned with ``created=False`` and no number is used up. The tag is moved either way.
+    """
+    env = get_or_create_environment(session, new.environment)
+    digest = new.digest or new.image_id
+    existing = session.scalars(
+        select(EnvironmentVersion).where(
+            EnvironmentVersion.environment_id == env.id, EnvironmentVersion.digest == digest
+        )
+    ).one_or_none()
+    created = existing is None
+    if existing is None:
+        number = (
+            session.scalar(
+                select(func.max(EnvironmentVersion.number)).where(
+                    EnvironmentVersion.environment_id == env.id
+                )
+            )
+            or 0
+        ) + 1
+        existing = EnvironmentVersion(
+            environment_id=env.id,
+            number=number,
+            digest=digest,
+            image_id=new.image_id,
+            image_ref=new.image_ref,
+            parent_id=new.parent.id if new.parent is not None else None,
+            message=new.message,
+            author=new.author,
+            size=new.size,
+            size_added=new.size_added,
+            recipe_digest=new.recipe_digest,
+            source_runtime_id=new.source_runtime_id,
+            notebook=new.notebook,
+            labels=dict(new.labels or {}),
+            created_at=utcnow(),
+        )
+        session.add(existing)
+        session.flush()
+    set_tag(session, env, new.tag, existing)
+    session.refresh(env)
+    return existing, created
+
+
+def set_tag(session: Session, env: Environment, name: str, version: EnvironmentVersion) -> Tag:
+    tag = session.scalars(
+        select(Tag).where(Tag.environment_id == env.id, Tag.name == name)
+    ).one_or_none()
+    if tag is None:
+        tag = Tag(environment_id=env.id, name=name, version_id=version.id, updated_at=utcnow())
+        session.add(tag)
+    else:
+        tag.version_id = version.id
+        tag.updated_at = utcnow()
+    session.flush()
+    return tag
+
+
+def lineage(session: Session, version: EnvironmentVersion) -> list[EnvironmentVersion]:
+    """The chain from ``version`` down to its base image, ``version`` first."""
+    chain = [version]
+    seen = {version.id}
+    current = version
+    while current.parent_id is not None:
+        parent = session.get(EnvironmentVersion, current.parent_id)
+        if parent is None or parent.id in seen:  # a cycle cannot be made through the API
+            break
+        chain.append(parent)
+        seen.add(parent.id)
+        current = parent
+    return chain
+
+
+def get_version(session: Session, version_id: int) -> EnvironmentVersion:
+    version = session.get(EnvironmentVersion, version_id)
+    if version is None:
+        raise VersionNotFoundError(f"version {version_id} does not exist")
+    return version
+
+
+def register_base_images(session: Session, built: list[Any]) -> list[tuple[EnvironmentVersion, bool]]:
+    """Record built base images (``envs.base_images.BuiltImage``, parents first) as versions.
+
+    The parent of each is the version registered for its parent image in the same call (or
+    already present). Registering the same image twice makes no new version.
+    """
+    out: list[tuple[EnvironmentVersion, bool]] = []
+    by_name: dict[str, EnvironmentVersion] = {}
+    for image in built:
+        parent: EnvironmentVersion | None = None
+        if image.parent:
+            parent = by_name.get(image.parent) or resolve(session, image.parent, "parent")
+        tag = f"envctl-base/{image.name}:{image.recipe_digest.split(':')[-1][:12]}"
+        version, created = register_version(
+            session,
+            NewVersion(
+                environment=image.name,
+                image_id=image.image_id,
+                image_ref=tag,
+                parent=parent,
+                message=f"base image {image.name} built from its recipe",
+                author="envctl",
+                size=image.size,
+                size_added=max(0, image.size - (parent.size if parent else 0)),
+                recipe_digest=image.recipe_digest,
+                labels={"envctl.base-image": image.name},
+            ),
+        )
+        by_name[image.name] = version
+        out.append((version, created))
+    return out

@@ -1,0 +1,1 @@
+"""Runtimes: the state machine, backends, the agent channel, idle shutdown, reconciliation."""

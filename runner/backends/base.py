@@ -1,0 +1,130 @@
+"""The contract every runtime backend implements.
+
+A backend runs runtime containers. The runner calls it from worker threads (never from the
+event loop), and keeps only ``BackendState`` (a small JSON dict) in the database, so:
+
+- Every method works after a process restart with only the persisted ``state`` in hand.
+- ``poll()`` never raises for a missing container: it returns ``Status.GONE``.
+- ``stop()`` is idempotent: stopping a stopped or missing runtime is a no-op. It also removes
+  the container; the next boot makes a new one (one container per runtime, ever).
+- ``list_owned()`` returns every container this runner owns, or raises ``BackendError``; it
+  never returns a partial listing, so reconciliation can trust an absence.
+- Caller mistakes raise ``InvalidInputError``; daemon faults raise ``BackendError`` and keep
+  the original exception as ``__cause__``.
+
+The agent inside the container listens on a Unix socket in the runtime's private state
+directory (mounted at ``/run/envctl``), so the runner can reach it again after a restart
+without Docker being involved in the hot path.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from envs.kit.config import MachineType, Settings
+
+BackendState = dict[str, Any]
+
+# Labels every runtime container carries.
+LABEL_RUNTIME = "envctl.runtime-id"
+LABEL_RUNNER = "envctl.runner"
+LABEL_MANAGED = "envctl.managed"
+LABEL_ENVIRONMENT = "envctl.environment"
+LABEL_MACHINE = "envctl.machine-type"
+
+# Where things are inside a runtime container.
+AGENT_MOUNT = "/opt/envctl/agent"
+STATE_MOUNT = "/run/envctl"
+AGENT_SOCKET = "agent.sock"
+
+
+class Status(StrEnum):
+    RUNNING = "running"  # the container runs (the agent may not answer yet)
+    EXITED = "exited"  # the container exists and has stopped
+    GONE = "gone"  # there is no such container
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    status: Status
+    exit_code: int | None = None
+    oom_killed: bool = False
+    error: str = ""
+    started_at: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Everything a backend needs to create a runtime's container."""
+
+    runtime_id: str
+    name: str
+    image: str  # image id or local reference of the environment version
+    environment: str  # exact version reference, e.g. python3@1 (a label, for people)
+    machine: MachineType
+    state_dir: Path  # host directory mounted read-write at STATE_MOUNT
+    agent_dir: Path  # host directory with the agent code, mounted read-only at AGENT_MOUNT
+    language: str = "python"
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def container_name(self) -> str:
+        return f"envctl-{self.runtime_id}"
+
+
+@dataclass(frozen=True)
+class FoundContainer:
+    """A container found by ``list_owned``: what reconciliation needs to decide."""
+
+    runtime_id: str
+    state: BackendState
+    status: ContainerStatus
+
+
+class RuntimeBackend(abc.ABC):
+    """Runs runtime containers. Implement start, poll, stop, list_owned, socket_path."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: Settings) -> RuntimeBackend:
+        """Build the backend from settings (connection, runner name, labels, limits)."""
+
+    @abc.abstractmethod
+    def start(self, spec: RuntimeSpec) -> BackendState:
+        """Create and start the runtime's container; return what is needed to find it again.
+
+        A leftover container of the same runtime is removed first.
+        """
+
+    @abc.abstractmethod
+    def poll(self, state: BackendState) -> ContainerStatus:
+        """The container's status. ``GONE`` for a missing one; ``BackendError`` if unsure."""
+
+    @abc.abstractmethod
+    def stop(self, state: BackendState, timeout: float = 5.0) -> None:
+        """Stop and remove the container. Idempotent."""
+
+    @abc.abstractmethod
+    def list_owned(self) -> list[FoundContainer]:
+        """Every container of this runner, complete, or ``BackendError``."""
+
+    @abc.abstractmethod
+    def socket_path(self, state: BackendState, state_dir: Path) -> Path:
+        """Host path of the agent's Unix socket for this runtime."""
+
+    def logs_tail(self, state: BackendState, lines: int = 20) -> str:
+        """The container's last output lines, for error messages. Empty if unknown."""
+        return ""
+
+    def ping(self) -> None:
+        """Raise ``BackendError`` when the backend cannot be reached."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,297 @@
+"""Runtimes as Docker containers, through the Docker SDK (one HTTP call per operation).
+
+The hardening baseline (DESIGN.md, R1) is applied here, in one place: Docker's default
+capabilities minus the risky ones, ``no-new-privileges``, pids/memory/CPU limits from the
+machine type, a capped json-file log, and no host path but envctl's own two (the agent code,
+read-only, and the runtime's private state directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Mount
+
+from envs.kit.config import Settings
+from envs.kit.errors import BackendError, InvalidInputError
+from runner.backends.base import (
+    AGENT_MOUNT,
+    AGENT_SOCKET,
+    LABEL_ENVIRONMENT,
+    LABEL_MACHINE,
+    LABEL_MANAGED,
+    LABEL_RUNNER,
+    LABEL_RUNTIME,
+    STATE_MOUNT,
+    BackendState,
+    ContainerStatus,
+    FoundContainer,
+    RuntimeBackend,
+    RuntimeSpec,
+    Status,
+)
+
+# Of Docker's default set, these are dropped: raw sockets (spoofing on the bridge), device
+# nodes, audit log writes, file capabilities, chroot, and handing capabilities around.
+DROPPED_CAPABILITIES = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SYS_CHROOT", "SETPCAP"]
+SECURITY_OPT = ["no-new-privileges:true"]
+# Errors from the transport: the daemon is not there or does not answer.
+_TRANSPORT_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    ConnectionError,
+    FileNotFoundError,
+)
+
+
+def _daemon_error(action: str, exc: Exception) -> BackendError:
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return BackendError(
+            f"the Docker engine does not answer ({action}); is dockerd running? "
+            "`scripts/ensure-docker` starts one",
+            details={"action": action, "cause": str(exc)[:300]},
+        )
+    explanation = getattr(exc, "explanation", None) or str(exc)
+    return BackendError(
+        f"Docker failed to {action}: {explanation}",
+        details={"action": action, "cause": str(explanation)[:500]},
+    )
+
+
+class DockerBackend(RuntimeBackend):
+    name = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        runner: str,
+        labels: dict[str, str] | None = None,
+        log_max_size: str = "10m",
+        network: str = "bridge",
+        base_url: str | None = None,
+        timeout: int = 30,
+    ) -> None:
+        self._client = client
+        self._base_url = base_url
+        self._timeout = timeout
+        self.runner = runner
+        self.labels = dict(labels or {})
+        self.log_max_size = log_max_size
+        self.network = network
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DockerBackend:
+        return cls(
+            runner=settings.runner_name,
+            labels=settings.runner_labels,
+            log_max_size=settings.runner_log_max_size,
+            network=settings.runner_network,
+        )
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                if self._base_url:
+                    self._client = docker.DockerClient(base_url=self._base_url, timeout=self._timeout)
+                else:
+                    self._client = docker.from_env(timeout=self._timeout)
+            except docker.errors.DockerException as exc:
+                raise _daemon_error("connect", exc) from exc
+        return self._client
+
+    # --- the contract ------------------------------------------------------------------
+    def ping(self) -> None:
+        try:
+            self.client.api.ping()
+        except Exception as exc:
+            raise _daemon_error("answer a ping", exc) from exc
+
+    def container_options(self, spec: RuntimeSpec) -> dict[str, Any]:
+        """The keyword arguments of ``containers.create``: every limit and label in one place."""
+        m = spec.machine
+        if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
+            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
+        labels = {
+            **self.labels,
+            **spec.labels,
+            LABEL_MANAGED: "1",
+            LABEL_RUNTIME: spec.runtime_id,
+            LABEL_RUNNER: self.runner,
+            LABEL_ENVIRONMENT: spec.environment,
+            LABEL_MACHINE: m.name,
+        }
+        options: dict[str, Any] = {
+            "image": spec.image,
+            "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py"],
+            "name": spec.container_name,
+            "hostname": spec.name[:63],
+            "labels": labels,
+            "environment": {
+                **spec.env,
+                "ENVCTL_AGENT_SOCKET": f"{STATE_MOUNT}/{AGENT_SOCKET}",
+                "ENVCTL_RUNTIME_ID": spec.runtime_id,
+            },
+            "working_dir": "/root",
+            "detach": True,
+            "init": True,  # tini reaps the zombies of cells' background processes
+            "privileged": False,
+            "cap_drop": list(DROPPED_CAPABILITIES),
+            "security_opt": list(SECURITY_OPT),
+            "pids_limit": m.pids,
+            "mem_limit": m.memory,
+            "memswap_limit": m.memory,  # no swap beyond the limit
+            "nano_cpus": int(m.cpus * 1e9),
+            "log_config": LogConfig(
+                type=LogConfig.types.JSON, config={"max-size": self.log_max_size, "max-file": "1"}
+            ),
+            "mounts": [
+                Mount(target=AGENT_MOUNT, source=str(spec.agent_dir), type="bind", read_only=True),
+                Mount(target=STATE_MOUNT, source=str(spec.state_dir), type="bind", read_only=False),
+            ],
+            "network": self.network,
+            "stop_signal": "SIGTERM",
+        }
+        if m.gpus:
+            options["device_requests"] = [DeviceRequest(count=m.gpus, capabilities=[["gpu"]])]
+        return options
+
+    def start(self, spec: RuntimeSpec) -> BackendState:
+        options = self.container_options(spec)
+        self._remove_leftover(spec.container_name, spec.runtime_id)
+        try:
+            container = self.client.containers.create(**options)
+        except docker.errors.ImageNotFound as exc:
+            raise BackendError(
+                f"image {spec.image} of {spec.environment} is not in the Docker engine; "
+                "`envctl base build` rebuilds base images",
+                details={"image": spec.image},
+            ) from exc
+        except Exception as exc:
+            raise _daemon_error("create the runtime's container", exc) from exc
+        state: BackendState = {"container_id": container.id, "container_name": spec.container_name}
+        try:
+            container.start()
+        except Exception as exc:
+            self._force_remove(container.id)
+            raise _daemon_error("start the runtime's container", exc) from exc
+        return state
+
+    def poll(self, state: BackendState) -> ContainerStatus:
+        cid = state.get("container_id")
+        if not cid:
+            return ContainerStatus(Status.GONE)
+        try:
+            info = self.client.api.inspect_container(cid)
+        except docker.errors.NotFound:
+            return ContainerStatus(Status.GONE)
+        except Exception as exc:
+            raise _daemon_error("inspect the runtime's container", exc) from exc
+        return _status_of(info.get("State", {}))
+
+    def stop(self, state: BackendState, timeout: float = 5.0) -> None:
+        cid = state.get("container_id")
+        if not cid:
+            return
+        try:
+            self.client.api.stop(cid, timeout=max(0, int(timeout)))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            pass  # already stopping or dead: removal below decides
+        except Exception as exc:
+            raise _daemon_error("stop the runtime's container", exc) from exc
+        self._force_remove(cid)
+
+    def list_owned(self) -> list[FoundContainer]:
+        try:
+            containers = self.client.api.containers(
+                all=True, filters={"label": [f"{LABEL_RUNNER}={self.runner}", LABEL_RUNTIME]}
+            )
+        except Exception as exc:
+            raise _daemon_error("list the runner's containers", exc) from exc
+        found = []
+        for c in containers:
+            labels = c.get("Labels") or {}
+            status = Status.RUNNING if c.get("State") == "running" else Status.EXITED
+            exit_code = None
+            oom = False
+            if status is Status.EXITED:
+                # The listing has no exit details; ask for them (a vanished one is just gone).
+                try:
+                    detail = _status_of(self.client.api.inspect_container(c["Id"]).get("State", {}))
+                    exit_code, oom = detail.exit_code, detail.oom_killed
+                except docker.errors.NotFound:
+                    continue
+                except Exception as exc:
+                    raise _daemon_error("inspect the runner's containers", exc) from exc
+            found.append(
+                FoundContainer(
+                    runtime_id=labels[LABEL_RUNTIME],
+                    state={"container_id": c["Id"], "container_name": (c.get("Names") or ["/"])[0][1:]},
+                    status=ContainerStatus(status, exit_code=exit_code, oom_killed=oom),
+                )
+            )
+        return found
+
+    def socket_path(self, state: BackendState, state_dir: Path) -> Path:
+        return state_dir / AGENT_SOCKET
+
+    def logs_tail(self, state: BackendState, lines: int = 20) -> str:
+        cid = state.get("container_id")
+        if not cid:
+            return ""
+        try:
+            out: bytes = self.client.api.logs(cid, tail=lines)
+        except Exception:
+            return ""
+        return out.decode(errors="replace")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # --- helpers -------------------------------------------------------------------------
+    def _remove_leftover(self, name: str, runtime_id: str) -> None:
+        try:
+            info = self.client.api.inspect_container(name)
+        except docker.errors.NotFound:
+            return
+        except Exception as exc:
+            raise _daemon_error("look for a leftover container", exc) from exc
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_RUNTIME) != runtime_id:
+            raise BackendError(
+                f"a container named {name} exists and is not this runtime's; remove it by hand",
+                details={"container": name},
+            )
+        self._force_remove(info["Id"])
+
+    def _force_remove(self, cid: str) -> None:
+        try:
+            self.client.api.remove_container(cid, force=True, v=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if "already in progress" in str(exc):
+                return
+            raise _daemon_error("remove the runtime's container", exc) from exc
+        except Exception as exc:
+            raise _daemon_error("remove the runtime's container", exc) from exc
+
+
+def _status_of(state: dict[str, Any]) -> ContainerStatus:
+    if state.get("Running"):
+        return ContainerStatus(Status.RUNNING, started_at=state.get("StartedAt"))
+    return ContainerStatus(
+        Status.EXITED,
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        error=state.get("Error") or "",
+        started_at=state.get("StartedAt"),
+    )

@@ -1,0 +1,160 @@
+"""An in-memory backend: each "container" is the real agent run as a local process.
+
+It keeps its bookkeeping in a process-wide table keyed by runner name, so a runner service
+that is torn down and built again in the same process finds its runtimes again, as it would
+find Docker containers after a restart. Faults are built in, JupyterHub style:
+
+- ``boot_delay``: seconds the agent waits before it listens (a slow boot);
+- ``never_answers``: the "container" runs but no agent ever listens;
+- ``fail_start``: ``start`` raises ``BackendError``;
+- ``unreachable``: every call raises ``BackendError``, as when the Docker engine is down.
+
+Never use it for real work: cells would run on the host, unconfined.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from envs.kit.config import Settings
+from envs.kit.errors import BackendError, InvalidInputError
+from runner.backends.base import (
+    AGENT_SOCKET,
+    BackendState,
+    ContainerStatus,
+    FoundContainer,
+    RuntimeBackend,
+    RuntimeSpec,
+    Status,
+)
+
+
+@dataclass
+class _FakeContainer:
+    id: str
+    runtime_id: str
+    spec: RuntimeSpec
+    process: subprocess.Popen[bytes]
+
+
+class FakeBackend(RuntimeBackend):
+    name = "fake"
+    _engines: ClassVar[dict[str, dict[str, _FakeContainer]]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _ids: ClassVar[itertools.count[int]] = itertools.count(1)
+
+    def __init__(
+        self,
+        runner: str = "fake",
+        *,
+        boot_delay: float = 0.0,
+        never_answers: bool = False,
+        fail_start: bool = False,
+        unreachable: bool = False,
+    ) -> None:
+        self.runner = runner
+        self.boot_delay = boot_delay
+        self.never_answers = never_answers
+        self.fail_start = fail_start
+        self.unreachable = unreachable
+        with self._lock:
+            self._containers = self._engines.setdefault(runner, {})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FakeBackend:
+        return cls(settings.runner_name)
+
+    def _check(self, action: str) -> None:
+        if self.unreachable:
+            raise BackendError(f"the fake engine does not answer ({action})", details={"action": action})
+
+    def ping(self) -> None:
+        self._check("answer a ping")
+
+    def start(self, spec: RuntimeSpec) -> BackendState:
+        self._check("create the runtime's container")
+        if spec.machine.cpus <= 0 or spec.machine.memory <= 0:
+            raise InvalidInputError("machine type has a non-positive limit", field="machine_type")
+        if self.fail_start:
+            raise BackendError("the fake engine refused to start the container (fault injected)")
+        for c in [c for c in self._containers.values() if c.runtime_id == spec.runtime_id]:
+            self._kill(c)
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        sock = spec.state_dir / AGENT_SOCKET
+        if self.never_answers:
+            cmd = [sys.executable, "-c", "import time; time.sleep(3600)"]
+        else:
+            cmd = [sys.executable, "-u", "-I", str(spec.agent_dir / "main.py"), "--socket", str(sock)]
+            if self.boot_delay:
+                prelude = f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
+                cmd = [sys.executable, "-u", "-I", "-c", prelude + "runpy.run_path(sys.argv[0], run_name='__main__')"]
+        env = {**spec.env, "PATH": os.environ.get("PATH", ""), "ENVCTL_RUNTIME_ID": spec.runtime_id}
+        proc = subprocess.Popen(cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cid = f"fake-{next(self._ids)}"
+        self._containers[cid] = _FakeContainer(cid, spec.runtime_id, spec, proc)
+        return {"container_id": cid, "container_name": spec.container_name}
+
+    def poll(self, state: BackendState) -> ContainerStatus:
+        self._check("inspect the runtime's container")
+        c = self._containers.get(state.get("container_id", ""))
+        if c is None:
+            return ContainerStatus(Status.GONE)
+        code = c.process.poll()
+        if code is None:
+            return ContainerStatus(Status.RUNNING)
+        return ContainerStatus(Status.EXITED, exit_code=code, oom_killed=code == -9)
+
+    def stop(self, state: BackendState, timeout: float = 5.0) -> None:
+        self._check("stop the runtime's container")
+        c = self._containers.pop(state.get("container_id", ""), None)
+        if c is not None:
+            self._kill(c, timeout)
+
+    def list_owned(self) -> list[FoundContainer]:
+        self._check("list the runner's containers")
+        return [
+            FoundContainer(c.runtime_id, {"container_id": c.id, "container_name": c.spec.container_name}, self.poll({"container_id": c.id}))
+            for c in list(self._containers.values())
+        ]
+
+    def socket_path(self, state: BackendState, state_dir: Path) -> Path:
+        return state_dir / AGENT_SOCKET
+
+    # --- faults a test can cause from outside --------------------------------------------
+    def vanish(self, runtime_id: str) -> None:
+        """Remove a runtime's container behind the runner's back (``docker rm -f``)."""
+        for c in [c for c in self._containers.values() if c.runtime_id == runtime_id]:
+            self._containers.pop(c.id, None)
+            self._kill(c)
+
+    def crash(self, runtime_id: str) -> None:
+        """Kill a runtime's process, leaving the container behind as exited (like an OOM kill)."""
+        for c in self._containers.values():
+            if c.runtime_id == runtime_id:
+                c.process.kill()
+                c.process.wait()
+
+    @classmethod
+    def reset_all(cls) -> None:
+        with cls._lock:
+            for containers in cls._engines.values():
+                for c in containers.values():
+                    cls._kill(c)
+                containers.clear()
+
+    @staticmethod
+    def _kill(c: _FakeContainer, timeout: float = 2.0) -> None:
+        if c.process.poll() is None:
+            c.process.terminate()
+            try:
+                c.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                c.process.kill()
+                c.process.wait()

@@ -1,0 +1,71 @@
+"""ORM models of runtimes and their runner log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from envs.kit.clock import utcnow
+from envs.kit.db import Base, UTCDateTime
+from envs.models import EnvironmentVersion
+
+
+class Runtime(Base):
+    """One container plus its agent, bound to one environment version, with settings.
+
+    ``runner`` names the runner process that owns the runtime, so several runners can share
+    one database. ``backend_state`` is what the backend needs to find the container again
+    after a restart (its id); nothing else about the container is assumed.
+    """
+
+    __tablename__ = "runtimes"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(16), default="native")
+    language: Mapped[str] = mapped_column(String(16), default="python")
+    environment_ref: Mapped[str] = mapped_column(String(300))  # as the user asked for it
+    version_id: Mapped[int] = mapped_column(ForeignKey("environment_versions.id"), index=True)
+    machine_type: Mapped[str] = mapped_column(String(64))
+    idle_timeout: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="stopped", index=True)
+    state_reason: Mapped[str] = mapped_column(String(64), default="created")
+    state_message: Mapped[str] = mapped_column(Text, default="")
+    phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    runner: Mapped[str] = mapped_column(String(128), index=True)
+    backend: Mapped[str] = mapped_column(String(32), default="docker")
+    backend_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_activity: Mapped[str] = mapped_column(String(200), default="")
+    booted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    version: Mapped[EnvironmentVersion] = relationship()
+    log: Mapped[list[RuntimeLogEntry]] = relationship(
+        back_populates="runtime", cascade="all, delete-orphan", order_by="RuntimeLogEntry.id"
+    )
+
+
+class RuntimeLogEntry(Base):
+    """One line of the runner log: a state change or a housekeeping event, with its reason."""
+
+    __tablename__ = "runtime_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runtime_id: Mapped[str] = mapped_column(
+        ForeignKey("runtimes.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    event: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    runtime: Mapped[Runtime] = relationship(back_populates="log")
