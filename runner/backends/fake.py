@@ -84,14 +84,15 @@ class FakeBackend(RuntimeBackend):
             raise InvalidInputError("machine type has a non-positive limit", field="machine_type")
         if self.fail_start:
             raise BackendError("the fake engine refused to start the container (fault injected)")
-        for c in [c for c in self._containers.values() if c.runtime_id == spec.runtime_id]:
-            self._kill(c)
+        self.vanish(spec.runtime_id)  # a leftover of the same runtime goes first
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         sock = spec.state_dir / AGENT_SOCKET
         if self.never_answers:
             cmd = [sys.executable, "-c", "import time; time.sleep(3600)"]
         else:
-            cmd = [sys.executable, "-u", "-I", str(spec.agent_dir / "main.py"), "--socket", str(sock)]
+            # A relative socket path (the process runs in the state dir) stays under the
+            # 108-byte limit of Unix socket addresses however deep the data dir is.
+            cmd = [sys.executable, "-u", "-I", str(spec.agent_dir / "main.py"), "--socket", sock.name]
             if self.boot_delay:
                 prelude = f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
                 cmd = [sys.executable, "-u", "-I", "-c", prelude + "runpy.run_path(sys.argv[0], run_name='__main__')"]

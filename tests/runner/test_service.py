@@ -1,0 +1,295 @@
+"""The runner's rules, on the fake backend (real agent processes, no Docker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from envs.kit.clock import utcnow
+from envs.kit.db import Database
+from envs.kit.errors import BackendError, TooManyRequestsError
+from runner.backends.fake import FakeBackend
+from runner.channel import ping
+from runner.errors import RuntimeStateError
+from runner.service import RunnerService, RuntimeChanges
+from runner.states import State, can_transition
+from tests.runner.conftest import seed
+
+Make = Callable[..., RunnerService]
+
+
+def states_in_log(svc: RunnerService, owner: str, rid: str) -> list[str]:
+    return [e.state for e in svc.log_entries(owner, rid) if e.state]
+
+
+def running(svc: RunnerService, owner: str, name: str = "demo", **kw: object) -> str:
+    rt = svc.create(owner, name=name, environment="python3", **kw)  # type: ignore[arg-type]
+    svc.start(owner, rt.id)
+    assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
+    return rt.id
+
+
+def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_logged(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner()
+    rid = running(svc, owner)
+    svc.stop(owner, rid)
+    svc.wait_for(rid, {State.STOPPED}, 10)
+    assert states_in_log(svc, owner, rid) == ["stopped", "booting", "running", "stopping", "stopped"]
+    entries = svc.log_entries(owner, rid)
+    assert all(e.at.tzinfo is not None and e.reason for e in entries)
+    assert any(e.event == "container-created" for e in entries)
+
+
+def test_booting_ends_only_when_the_agent_answers(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner(FakeBackend("slow", boot_delay=1.0), runner_name="slow")
+    rt = svc.create(owner, name="slow", environment="python3")
+    svc.start(owner, rt.id)
+    time.sleep(0.5)
+    assert svc.get(owner, rt.id).state == State.BOOTING
+    done = svc.wait_for(rt.id, {State.RUNNING}, 10)
+    assert done.booted_at is not None
+    assert ping(svc.state_dir(rt.id) / "agent.sock")["ok"]
+
+
+def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    backend = FakeBackend("mute", never_answers=True)
+    svc = make_runner(backend, runner_name="mute", runner_boot_timeout=1.0)
+    rt = svc.create(owner, name="mute", environment="python3")
+    svc.start(owner, rt.id)
+    err = svc.wait_for(rt.id, {State.ERROR}, 10)
+    assert err.state_reason == "boot-timeout"
+    assert "did not answer" in err.state_message
+    assert backend.list_owned() == []
+
+
+def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    backend = FakeBackend("dies", boot_delay=5)
+    svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
+    rt = svc.create(owner, name="dies", environment="python3")
+    svc.start(owner, rt.id)
+    time.sleep(0.3)
+    backend.crash(rt.id)
+    err = svc.wait_for(rt.id, {State.ERROR}, 10)
+    assert err.state_reason in ("container-exited", "oom")
+
+
+def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_reason(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner(FakeBackend("refuses", fail_start=True), runner_name="refuses")
+    rt = svc.create(owner, name="x", environment="python3")
+    svc.start(owner, rt.id)
+    err = svc.wait_for(rt.id, {State.ERROR}, 10)
+    assert err.state_reason == "backend-error" and "refused" in err.state_message
+
+
+def test_an_errored_runtime_can_be_started_again(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    backend = FakeBackend("flaky", fail_start=True)
+    svc = make_runner(backend, runner_name="flaky")
+    rt = svc.create(owner, name="x", environment="python3")
+    svc.start(owner, rt.id)
+    svc.wait_for(rt.id, {State.ERROR}, 10)
+    backend.fail_start = False
+    svc.start(owner, rt.id)
+    assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 10).state == State.RUNNING
+
+
+def test_stopping_while_booting_removes_the_container_without_waiting_for_the_boot_timeout(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    backend = FakeBackend("mute2", never_answers=True)
+    svc = make_runner(backend, runner_name="mute2", runner_boot_timeout=60)
+    rt = svc.create(owner, name="x", environment="python3")
+    svc.start(owner, rt.id)
+    time.sleep(0.2)
+    began = time.monotonic()
+    svc.stop(owner, rt.id)
+    svc.wait_for(rt.id, {State.STOPPED}, 10)
+    assert time.monotonic() - began < 5
+    assert backend.list_owned() == []
+
+
+def test_settings_that_shape_the_container_cannot_change_while_it_runs(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner()
+    rid = running(svc, owner)
+    with pytest.raises(RuntimeStateError, match="only change while the runtime is stopped"):
+        svc.update(owner, rid, RuntimeChanges(machine_type="medium"))
+    assert svc.get(owner, rid).machine_type == "small"
+    svc.update(owner, rid, RuntimeChanges(idle_timeout=99))
+    assert svc.get(owner, rid).idle_timeout == 99
+
+
+def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container_at_most(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    backend = FakeBackend("race")
+    svc = make_runner(backend, runner_name="race", runner_max_boots=50)
+    rt = svc.create(owner, name="race", environment="python3")
+    errors: list[Exception] = []
+
+    def hammer(i: int) -> None:
+        try:
+            (svc.start if i % 2 == 0 else svc.stop)(owner, rt.id)
+        except (RuntimeStateError, TooManyRequestsError) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    svc.stop(owner, rt.id)
+    final = svc.wait_for(rt.id, {State.STOPPED}, 20)
+    assert final.state == State.STOPPED
+    svc._executor.submit(lambda: None).result()
+    time.sleep(0.3)
+    assert [f for f in backend.list_owned() if f.runtime_id == rt.id] == []
+    seq = states_in_log(svc, owner, rt.id)
+    for a, b in zip(seq, seq[1:], strict=False):
+        assert can_transition(State(a), State(b)), f"{a} -> {b} in {seq}"
+
+
+def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner(FakeBackend("busy", boot_delay=2), runner_name="busy", runner_max_boots=2)
+    ids = [svc.create(owner, name=f"r{i}", environment="python3").id for i in range(3)]
+    svc.start(owner, ids[0])
+    svc.start(owner, ids[1])
+    with pytest.raises(TooManyRequestsError) as info:
+        svc.start(owner, ids[2])
+    assert info.value.status == 429 and info.value.retry_after >= 1
+    assert svc.get(owner, ids[2]).state == State.STOPPED
+
+
+# ------------------------------------------------------------------ idle shutdown
+
+
+def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner(housekeeping=True)
+    rid = running(svc, owner, idle_timeout=1)
+    rt = svc.get(owner, rid)
+    decision = svc.idle_status(rt)
+    assert decision is not None and decision.shutdown_at is not None
+    assert decision.shutdown_at > utcnow() - timedelta(seconds=1)
+    svc.wait_for(rid, {State.STOPPED}, 10)
+    stop = next(e for e in svc.log_entries(owner, rid) if e.state == "stopping")
+    assert stop.reason == "idle"
+    assert stop.details["last_activity"] == "boot" and stop.details["last_activity_at"]
+
+
+def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, sqlite_db: Database) -> None:
+    owner = seed(sqlite_db)
+    svc = make_runner()
+    rid = running(svc, owner, idle_timeout=0)
+    svc.clock = lambda: utcnow() + timedelta(days=30)
+    assert svc.shutdown_idle() == []
+    assert svc.get(owner, rid).state == State.RUNNING
+
+
+def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    types = dict(settings.machine_types)
+    types["small"] = replace(types["small"], idle_timeout=5)
+    owner = seed(sqlite_db)
+    svc = make_runner(machine_types=types)
+    rid = running(svc, owner)
+    rt = svc.get(owner, rid)
+    assert rt.last_activity_at is not None
+    assert svc.idle_status(rt).shutdown_at == rt.last_activity_at + timedelta(seconds=5)  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ reconciliation
+
+
+def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    owner = seed(sqlite_db)
+    first = make_runner()
+    rid = running(first, owner)
+    before = ping(first.state_dir(rid) / "agent.sock")
+    first._closing.set()  # the process "dies": no stop, containers keep running
+    second = make_runner()
+    rt = second.get(owner, rid)
+    assert rt.state == State.RUNNING
+    after = ping(second.state_dir(rid) / "agent.sock")
+    assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
+    assert len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
+
+
+def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    owner = seed(sqlite_db)
+    first = make_runner()
+    rid = running(first, owner)
+    first._closing.set()
+    FakeBackend(settings.runner_name).vanish(rid)
+    second = make_runner()
+    rt = second.get(owner, rid)
+    assert rt.state == State.ERROR and rt.state_reason == "container-vanished"
+    assert rt.backend_state == {}
+
+
+def test_a_container_that_died_is_an_error_found_by_housekeeping(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    owner = seed(sqlite_db)
+    svc = make_runner(housekeeping=True)
+    rid = running(svc, owner)
+    FakeBackend(settings.runner_name).crash(rid)
+    rt = svc.wait_for(rid, {State.ERROR}, 10)
+    assert rt.state_reason in ("container-exited", "oom")
+
+
+def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(make_runner: Make, sqlite_db: Database, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from envs.kit.config import DEFAULT_MACHINE_TYPES
+    from runner.backends.base import RuntimeSpec
+    from runner.service import AGENT_DIR
+
+    backend = FakeBackend(settings.runner_name)
+    backend.start(RuntimeSpec("rt_orphan0000000000", "orphan", "img", "python3@1", DEFAULT_MACHINE_TYPES["small"], tmp_path / "o", AGENT_DIR))
+    assert [f.runtime_id for f in backend.list_owned()] == ["rt_orphan0000000000"]
+    seed(sqlite_db)
+    make_runner(backend)
+    assert backend.list_owned() == []
+
+
+def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    owner = seed(sqlite_db)
+    first = make_runner()
+    rid = running(first, owner)
+    container = first.get(owner, rid).backend_state["container_id"]
+    first._closing.set()
+    down = FakeBackend(settings.runner_name, unreachable=True)
+    second = make_runner(down)
+    rt = second.get(owner, rid)
+    assert rt.state == State.ERROR and rt.state_reason == "backend-unreachable"
+    assert rt.backend_state["container_id"] == container  # kept for re-adoption
+    with pytest.raises(BackendError):
+        second.reconcile()
+    # The engine answers again: the next round re-adopts the runtime, container untouched.
+    down.unreachable = False
+    second.reconcile()
+    rt = second.get(owner, rid)
+    assert rt.state == State.RUNNING and rt.state_reason == "adopted"
+    assert rt.backend_state["container_id"] == container
+
+
+def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import update
+
+    from runner.models import Runtime
+
+    owner = seed(sqlite_db)
+    first = make_runner()
+    rid = running(first, owner)
+    first._closing.set()
+    with sqlite_db.session() as s:
+        s.execute(update(Runtime).where(Runtime.id == rid).values(state="stopping"))
+    second = make_runner()
+    assert second.get(owner, rid).state == State.STOPPED
+    assert FakeBackend(settings.runner_name).list_owned() == []
