@@ -285,6 +285,7 @@ class RunnerService:
                     "the runtime is stopping; start it again once it is stopped",
                     details={"state": rt.state},
                 )
+        self.backend.ping()  # an engine that does not answer is a 503 now, not an error later
         if not self._boot_slots.acquire(blocking=False):
             raise TooManyRequestsError(
                 f"{self.settings.runner_max_boots} runtimes are booting already; try again shortly",

@@ -49,7 +49,14 @@ _TRANSPORT_ERRORS = (
 
 
 def _daemon_error(action: str, exc: Exception) -> BackendError:
-    if isinstance(exc, _TRANSPORT_ERRORS):
+    if isinstance(exc, BackendError):
+        return exc
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        if isinstance(cause, _TRANSPORT_ERRORS):
+            break
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    if isinstance(exc, _TRANSPORT_ERRORS) or isinstance(cause, _TRANSPORT_ERRORS):
         return BackendError(
             f"the Docker engine does not answer ({action}); is dockerd running? "
             "`scripts/ensure-docker` starts one",
@@ -102,7 +109,12 @@ class DockerBackend(RuntimeBackend):
                 else:
                     self._client = docker.from_env(timeout=self._timeout)
             except docker.errors.DockerException as exc:
-                raise _daemon_error("connect", exc) from exc
+                # from_env asks the daemon for its API version: failing here means no daemon.
+                raise BackendError(
+                    "the Docker engine does not answer; is dockerd running? "
+                    "`scripts/ensure-docker` starts one",
+                    details={"action": "connect", "cause": str(exc)[:300]},
+                ) from exc
         return self._client
 
     # --- the contract ------------------------------------------------------------------

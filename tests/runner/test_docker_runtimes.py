@@ -1,0 +1,177 @@
+"""Runtimes on the real Docker engine, through a real `envctl serve` process.
+
+Covers hardening (R1), machine types, GPU requests, and recovery after a SIGKILL of the
+server (R11-R14).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runner.backends.base import LABEL_RUNNER, LABEL_RUNTIME
+from runner.backends.docker import DROPPED_CAPABILITIES
+from runner.channel import ping
+from tests.conftest import TEST_LABEL, TEST_SESSION
+from tests.fixtures.server import Server, prepare_data_dir
+from tests.fixtures.services import base_image
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture
+def server(docker: Any, tmp_path: Path) -> Iterator[Server]:
+    base_image(docker, "python3")  # skip/fail early with a clear reason when not built
+    data = tmp_path / "data"
+    prepare_data_dir(data)
+    runner = f"test-{TEST_SESSION}-{uuid.uuid4().hex[:6]}"
+    srv = Server(data, env={
+        "ENVCTL_RUNNER_NAME": runner,
+        "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
+        "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+    })
+    srv.start()
+    yield srv
+    srv.stop()
+    for c in docker.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={runner}"}):
+        c.remove(force=True)
+
+
+def containers_of(docker: Any, rid: str) -> list[Any]:
+    return docker.containers.list(all=True, filters={"label": f"{LABEL_RUNTIME}={rid}"})
+
+
+def boot(srv: Server, client: httpx.Client, name: str = "demo", **body: Any) -> dict[str, Any]:
+    r = client.post("/runtimes", json={"environment": "python3", "name": name, **body})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    assert client.post(f"/runtimes/{rid}/start").status_code == 202
+    return srv.wait_state(client, rid, {"running", "error"})
+
+
+def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client, machine_type="small")
+        assert rt["state"] == "running", rt
+        assert rt["environment"] == "python3@1"
+        assert rt["idle_shutdown_at"] is not None
+        [container] = containers_of(docker, rt["id"])
+        info = container.attrs
+        host = info["HostConfig"]
+        assert host["Privileged"] is False
+        assert any(o.startswith("no-new-privileges") for o in host["SecurityOpt"])
+        assert set(DROPPED_CAPABILITIES) <= set(host["CapDrop"])
+        assert not host.get("CapAdd")
+        assert host["PidsLimit"] == 512
+        assert host["Memory"] == 2 * 1024**3 and host["MemorySwap"] == host["Memory"]
+        assert host["NanoCpus"] == 1_000_000_000
+        assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "1", "max-size": "10m"}}
+        assert not host.get("Binds") and not host.get("Devices")
+        mounts = {m["Destination"]: m for m in info["Mounts"]}
+        assert set(mounts) == {"/opt/envctl/agent", "/run/envctl"}
+        assert mounts["/opt/envctl/agent"]["RW"] is False
+        assert Path(mounts["/run/envctl"]["Source"]) == server.data_dir / "runtimes" / rt["id"]
+        assert all("docker.sock" not in m["Source"] for m in info["Mounts"])
+        labels = info["Config"]["Labels"]
+        assert labels[LABEL_RUNTIME] == rt["id"] and labels["envctl.environment"] == "python3@1"
+        assert info["Name"] == f"/envctl-{rt['id']}"
+        # The agent is the container's main process (under tini, which reaps zombies).
+        top = container.top(ps_args="-o pid,args")["Processes"]
+        assert any("/opt/envctl/agent/main.py" in " ".join(p) for p in top)
+
+
+def test_the_machine_type_sets_the_container_limits(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client, name="big", machine_type="medium")
+        assert rt["state"] == "running", rt
+        [container] = containers_of(docker, rt["id"])
+        host = container.attrs["HostConfig"]
+        assert host["NanoCpus"] == 2_000_000_000
+        assert host["Memory"] == 4 * 1024**3
+        assert host["PidsLimit"] == 1024
+
+
+def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is_none(server: Server, docker: Any) -> None:
+    """No GPU is lent to these machines: the request must reach Docker and fail with a reason."""
+    with server.client() as client:
+        rt = boot(server, client, name="gpu", machine_type="gpu-small")
+        if rt["state"] == "running":  # a machine with the NVIDIA runtime
+            [container] = containers_of(docker, rt["id"])
+            assert container.attrs["HostConfig"]["DeviceRequests"][0]["Count"] == 1
+            return
+        assert rt["state"] == "error" and rt["state_reason"] == "backend-error"
+        assert "Docker failed to start" in rt["state_message"] or "Docker failed to create" in rt["state_message"]
+        assert containers_of(docker, rt["id"]) == []
+
+
+def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_restarting_them(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client)
+        [container] = containers_of(docker, rt["id"])
+        started = container.attrs["State"]["StartedAt"]
+        sock = server.data_dir / "runtimes" / rt["id"] / "agent.sock"
+        before = ping(sock)
+    server.kill()
+    server.start()
+    with server.client() as client:
+        after_rt = server.wait_state(client, rt["id"], {"running", "error"})
+        assert after_rt["state"] == "running", after_rt
+        [again] = containers_of(docker, rt["id"])
+        assert again.id == container.id and again.attrs["State"]["StartedAt"] == started
+        after = ping(sock)
+        assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
+
+
+def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client)
+    server.kill()
+    for c in containers_of(docker, rt["id"]):
+        c.remove(force=True)
+    server.start()
+    with server.client() as client:
+        after = client.get(f"/runtimes/{rt['id']}").json()
+        assert after["state"] == "error" and after["state_reason"] == "container-vanished"
+        assert client.get("/health").json()["status"] == "ok"
+        # and it can be booted again
+        assert client.post(f"/runtimes/{rt['id']}/start").status_code == 202
+        assert server.wait_state(client, rt["id"], {"running", "error"})["state"] == "running"
+
+
+def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(server: Server, docker: Any) -> None:
+    runner = server.env["ENVCTL_RUNNER_NAME"]
+    server.kill()
+    orphan = docker.containers.create(
+        base_image(docker, "bash"), ["sleep", "600"],
+        labels={LABEL_RUNNER: runner, LABEL_RUNTIME: "rt_0rphan0000000000", TEST_LABEL: TEST_SESSION},
+    )
+    orphan.start()
+    server.start()
+    assert containers_of(docker, "rt_0rphan0000000000") == []
+
+
+def test_a_runtime_that_exits_is_an_error_with_the_reason(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client)
+        [container] = containers_of(docker, rt["id"])
+        container.kill()
+        after = server.wait_state(client, rt["id"], {"error"}, timeout=15)
+        assert after["state_reason"] in ("container-exited", "oom")
+        assert containers_of(docker, rt["id"]) == []
+
+
+def test_stop_and_delete_remove_the_container(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client)
+        assert client.post(f"/runtimes/{rt['id']}/stop").status_code == 202
+        server.wait_state(client, rt["id"], {"stopped"})
+        assert containers_of(docker, rt["id"]) == []
+        rt2 = boot(server, client, name="second")
+        assert client.delete(f"/runtimes/{rt2['id']}").status_code == 204
+        assert containers_of(docker, rt2["id"]) == []
+        assert client.get(f"/runtimes/{rt2['id']}").status_code == 404
