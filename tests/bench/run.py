@@ -1,0 +1,27 @@
+"""`make bench`: every benchmark, each figure beside its baseline from the same run.
+
+    python -m tests.bench.run [--only boot] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tests.bench import bench_boot
+
+BENCHMARKS = {"boot": bench_boot.run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--runs", type=int, default=None, help="override the number of runs")
+    args = parser.parse_args()
+    for name in args.only or list(BENCHMARKS):
+        kwargs = {"runs": args.runs} if args.runs else {}
+        BENCHMARKS[name](**kwargs)
+        print()
+
+
+if __name__ == "__main__":
+    main()
