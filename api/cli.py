@@ -117,9 +117,15 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> No
     if not rows:
         print("(none)")
         return
-    cells = [[str(r.get(key, "") if r.get(key) is not None else "-") for key, _ in columns] for r in rows]
+    cells = [
+        [str(r.get(key, "") if r.get(key) is not None else "-") for key, _ in columns] for r in rows
+    ]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title) in enumerate(columns)]
-    print("  ".join(title.upper().ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip())
+    print(
+        "  ".join(
+            title.upper().ljust(w) for (_, title), w in zip(columns, widths, strict=True)
+        ).rstrip()
+    )
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
 
@@ -153,7 +159,11 @@ def _show_runtime(rt: dict[str, Any]) -> None:
     lines = [
         ("id", rt["id"]),
         ("name", rt["name"]),
-        ("state", f"{_state(rt)} ({rt['state_reason']})" + (f": {rt['state_message']}" if rt["state_message"] else "")),
+        (
+            "state",
+            f"{_state(rt)} ({rt['state_reason']})"
+            + (f": {rt['state_message']}" if rt["state_message"] else ""),
+        ),
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
         ("language", rt["language"]),
         ("machine type", rt["machine_type"]),
@@ -185,7 +195,9 @@ def _resolve_runtime(api: Api, ident: str) -> dict[str, Any]:
     raise CliError(f"no runtime named or with id {ident!r}; `envctl runtime ls` lists yours")
 
 
-def _follow(api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300) -> dict[str, Any]:
+def _follow(
+    api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300
+) -> dict[str, Any]:
     """Show the runtime's progress until it reaches one of ``until`` (or error)."""
     start = time.monotonic()
     seen = 0
@@ -243,12 +255,24 @@ def cmd_runtime_ls(args: argparse.Namespace) -> int:
         _print_json(rts)
         return EXIT_OK
     rows = [
-        {**rt, "state_text": rt["state"] + (" (busy)" if rt["busy"] else ""),
-         "shutdown": _when(rt["idle_shutdown_at"])}
+        {
+            **rt,
+            "state_text": rt["state"] + (" (busy)" if rt["busy"] else ""),
+            "shutdown": _when(rt["idle_shutdown_at"]),
+        }
         for rt in rts
     ]
-    _table(rows, [("id", "id"), ("name", "name"), ("state_text", "state"), ("environment", "environment"),
-                  ("machine_type", "machine"), ("shutdown", "idle shutdown (UTC)")])
+    _table(
+        rows,
+        [
+            ("id", "id"),
+            ("name", "name"),
+            ("state_text", "state"),
+            ("environment", "environment"),
+            ("machine_type", "machine"),
+            ("shutdown", "idle shutdown (UTC)"),
+        ],
+    )
     return EXIT_OK
 
 
@@ -297,7 +321,10 @@ def cmd_runtime_log(args: argparse.Namespace) -> int:
         _print_json(entries)
         return EXIT_OK
     rows = [{**e, "at": _when(e["at"]), "what": e["state"] or f"[{e['event']}]"} for e in entries]
-    _table(rows, [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")])
+    _table(
+        rows,
+        [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")],
+    )
     return EXIT_OK
 
 
@@ -309,14 +336,27 @@ def cmd_env_ls(args: argparse.Namespace) -> int:
     rows = []
     for e in envs:
         latest = next((v for v in e["versions"] if v["ref"] == e["latest"]), None)
-        rows.append({
-            "name": e["name"], "latest": e["latest"] or "-", "versions": len(e["versions"]),
-            "parent": (latest or {}).get("parent") or "-",
-            "size": _human_bytes(latest["size"]) if latest else "-",
-            "tags": ", ".join(sorted(e["tags"])),
-        })
-    _table(rows, [("name", "environment"), ("latest", "latest"), ("versions", "versions"),
-                  ("parent", "parent"), ("size", "size"), ("tags", "tags")])
+        rows.append(
+            {
+                "name": e["name"],
+                "latest": e["latest"] or "-",
+                "versions": len(e["versions"]),
+                "parent": (latest or {}).get("parent") or "-",
+                "size": _human_bytes(latest["size"]) if latest else "-",
+                "tags": ", ".join(sorted(e["tags"])),
+            }
+        )
+    _table(
+        rows,
+        [
+            ("name", "environment"),
+            ("latest", "latest"),
+            ("versions", "versions"),
+            ("parent", "parent"),
+            ("size", "size"),
+            ("tags", "tags"),
+        ],
+    )
     return EXIT_OK
 
 
@@ -326,8 +366,17 @@ def cmd_machine_types(args: argparse.Namespace) -> int:
         _print_json(types)
         return EXIT_OK
     rows = [{**m, "memory": _human_bytes(m["memory"])} for m in types]
-    _table(rows, [("name", "name"), ("cpus", "cpus"), ("memory", "memory"), ("pids", "pids"),
-                  ("gpus", "gpus"), ("description", "description")])
+    _table(
+        rows,
+        [
+            ("name", "name"),
+            ("cpus", "cpus"),
+            ("memory", "memory"),
+            ("pids", "pids"),
+            ("gpus", "gpus"),
+            ("description", "description"),
+        ],
+    )
     return EXIT_OK
 
 
@@ -348,7 +397,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         changes["api_port"] = args.port
     settings = settings.with_overrides(**changes)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     print(
         f"envctl serving on http://{settings.api_host}:{settings.api_port} "
@@ -391,7 +442,10 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     head = head_revision()
-    print(f"current: {now or '(empty)'}  head: {head}" + ("" if now == head else "  -> run `envctl db upgrade`"))
+    print(
+        f"current: {now or '(empty)'}  head: {head}"
+        + ("" if now == head else "  -> run `envctl db upgrade`")
+    )
     return EXIT_OK if now == head else EXIT_FAILURE
 
 
@@ -419,7 +473,13 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     with db.session() as s:
         registered = register_base_images(s, built)
         result = [
-            {"image": b.name, "image_id": b.image_id, "reused": b.reused, "version": v.ref, "new_version": created}
+            {
+                "image": b.name,
+                "image_id": b.image_id,
+                "reused": b.reused,
+                "version": v.ref,
+                "new_version": created,
+            }
             for b, (v, created) in zip(built, registered, strict=True)
         ]
     db.dispose()
@@ -451,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = _Parser(add_help=False)
-    common.add_argument("--url", help="envctl API (default: ENVCTL_URL, the config file, " + DEFAULT_URL + ")")
-    common.add_argument("--token", help="API token (default: ENVCTL_TOKEN, the config file, the admin token)")
+    common.add_argument(
+        "--url", help="envctl API (default: ENVCTL_URL, the config file, " + DEFAULT_URL + ")"
+    )
+    common.add_argument(
+        "--token", help="API token (default: ENVCTL_TOKEN, the config file, the admin token)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     local = _Parser(add_help=False)
     local.add_argument("--config", help="YAML config file (default: ENVCTL_CONFIG)")
@@ -465,27 +529,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (default 8700, ENVCTL_API_PORT)")
     p.set_defaults(func=cmd_serve)
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True, parser_class=_Parser)
-    p = db.add_parser("upgrade", help="migrate the database to this envctl's schema", parents=[local])
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, parser_class=_Parser
+    )
+    p = db.add_parser(
+        "upgrade", help="migrate the database to this envctl's schema", parents=[local]
+    )
     p.add_argument("--revision", default="head")
     p.set_defaults(func=cmd_db_upgrade)
     p = db.add_parser("current", help="show the schema revision", parents=[local])
     p.set_defaults(func=cmd_db_current)
 
-    base = sub.add_parser("base", help="base images").add_subparsers(dest="base_command", required=True, parser_class=_Parser)
-    p = base.add_parser("build", help="build base images with debootstrap and register them", parents=[local])
+    base = sub.add_parser("base", help="base images").add_subparsers(
+        dest="base_command", required=True, parser_class=_Parser
+    )
+    p = base.add_parser(
+        "build", help="build base images with debootstrap and register them", parents=[local]
+    )
     p.add_argument("names", nargs="*", help="images to build with their parents (default: all)")
-    p.add_argument("--mirror", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)")
+    p.add_argument(
+        "--mirror", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip each image's verify script")
     p.set_defaults(func=cmd_base_build)
 
-    rt = sub.add_parser("runtime", help="runtimes").add_subparsers(dest="runtime_command", required=True, parser_class=_Parser)
+    rt = sub.add_parser("runtime", help="runtimes").add_subparsers(
+        dest="runtime_command", required=True, parser_class=_Parser
+    )
     p = rt.add_parser("create", help="create a runtime", parents=[common])
     p.add_argument("name")
     p.add_argument("--env", required=True, help="environment reference, e.g. python3 or python3@1")
     p.add_argument("--lang", default="python", choices=["python", "bash"])
     p.add_argument("--machine-type", default="small")
-    p.add_argument("--idle-timeout", type=int, help="seconds without activity before shutdown (0: never)")
+    p.add_argument(
+        "--idle-timeout", type=int, help="seconds without activity before shutdown (0: never)"
+    )
     p.add_argument("--start", action="store_true", help="boot it now and wait until it runs")
     p.set_defaults(func=cmd_runtime_create)
     p = rt.add_parser("ls", help="list your runtimes", parents=[common])
@@ -503,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-wait", action="store_true", help="return at once")
         p.set_defaults(func=func)
 
-    env = sub.add_parser("env", help="environments").add_subparsers(dest="env_command", required=True, parser_class=_Parser)
+    env = sub.add_parser("env", help="environments").add_subparsers(
+        dest="env_command", required=True, parser_class=_Parser
+    )
     p = env.add_parser("ls", help="list environments", parents=[common])
     p.set_defaults(func=cmd_env_ls)
 

@@ -78,7 +78,9 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError(f"{field}: an environment reference must not be empty", field=field)
     if len(text) > 300:
-        raise InvalidInputError(f"{field}: reference is too long ({len(text)} characters)", field=field)
+        raise InvalidInputError(
+            f"{field}: reference is too long ({len(text)} characters)", field=field
+        )
     rest = text
     version: int | None = None
     digest: str | None = None
@@ -89,14 +91,16 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
             if not _DIGEST_RE.match(pin):
                 raise InvalidInputError(
                     f"{field}: digest {pin[:80]!r} is not 'sha256:' followed by 64 hex digits",
-                    field=field, details={"part": "digest"},
+                    field=field,
+                    details={"part": "digest"},
                 )
             digest = pin
         else:
             if not _NUMBER_RE.match(pin):
                 raise InvalidInputError(
                     f"{field}: version {pin[:80]!r} is not a positive whole number",
-                    field=field, details={"part": "version"},
+                    field=field,
+                    details={"part": "version"},
                 )
             version = int(pin)
     elif ":" in rest:
@@ -105,7 +109,8 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
             raise InvalidInputError(
                 f"{field}: tag {tag[:80]!r} may contain letters, digits, _ . - (at most 128, "
                 "not starting with . or -)",
-                field=field, details={"part": "tag"},
+                field=field,
+                details={"part": "tag"},
             )
     team: str | None = None
     if "/" in rest:

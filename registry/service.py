@@ -15,7 +15,7 @@ from envs.kit.ids import new_id
 from envs.refs import check_name
 from registry.models import ApiToken, User
 
-TOKEN_PREFIX = "envctl_"
+TOKEN_PREFIX = "envctl_"  # noqa: S105  (a prefix, not a secret)
 
 
 def _hash(token: str) -> str:
@@ -71,7 +71,9 @@ def authenticate(session: Session, token: str | None) -> User:
 
 def ensure_admin(session: Session, name: str = "admin") -> tuple[User, str | None]:
     """Create the first admin if there is none; returns the admin and a new token if made."""
-    admin = session.scalars(select(User).where(User.is_admin.is_(True)).order_by(User.created_at)).first()
+    admin = session.scalars(
+        select(User).where(User.is_admin.is_(True)).order_by(User.created_at)
+    ).first()
     if admin is not None:
         return admin, None
     admin = create_user(session, name, is_admin=True)

@@ -64,7 +64,11 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
     for row in rows:
         containers = by_runtime.get(row.id, [])
         recorded = row.backend_state.get("container_id")
-        mine = [c for c in containers if c.state.get("container_id") == recorded] if recorded else containers
+        mine = (
+            [c for c in containers if c.state.get("container_id") == recorded]
+            if recorded
+            else containers
+        )
         strays = [c for c in containers if c not in mine]
         # Extra containers of a known runtime (at most one container per runtime, ever).
         for c in strays:
@@ -84,7 +88,13 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
                 actions.append(Action("adopt", row.id, current.state))
             else:
                 actions.append(
-                    Action("exited", row.id, current.state, current.status.exit_code, current.status.oom_killed)
+                    Action(
+                        "exited",
+                        row.id,
+                        current.state,
+                        current.status.exit_code,
+                        current.status.oom_killed,
+                    )
                 )
         elif current is not None:
             # stopped / error rows have no business with a container
@@ -128,26 +138,43 @@ def _apply(service: RunnerService, action: Action) -> None:
     backend = service.backend
     rid = action.runtime_id
     if action.kind == "remove-orphan":
-        log.info("removing container %s of unknown runtime %s", action.state.get("container_id"), rid)
+        log.info(
+            "removing container %s of unknown runtime %s", action.state.get("container_id"), rid
+        )
         backend.stop(action.state, timeout=1)
         return
     if action.kind == "stop-leftover":
         backend.stop(action.state, timeout=1)
         with service._tx() as s:
-            service._log(s, rid, event="leftover-removed", reason="reconcile",
-                         message=f"removed container {action.state.get('container_id', '')[:12]} that the runtime no longer uses")
+            service._log(
+                s,
+                rid,
+                event="leftover-removed",
+                reason="reconcile",
+                message=f"removed container {action.state.get('container_id', '')[:12]}, no longer the runtime's",
+            )
         return
     if action.kind == "finish-stop":
         if action.state:
             backend.stop(action.state)
         with service._tx() as s:
-            service._transition(s, rid, State.STOPPED, "reconcile", "stop finished after a restart",
-                                expect={State.STOPPING}, values={"backend_state": {}, "booted_at": None})
+            service._transition(
+                s,
+                rid,
+                State.STOPPED,
+                "reconcile",
+                "stop finished after a restart",
+                expect={State.STOPPING},
+                values={"backend_state": {}, "booted_at": None},
+            )
         return
     if action.kind == "vanished":
         with service._tx() as s:
             service._transition(
-                s, rid, State.ERROR, "container-vanished",
+                s,
+                rid,
+                State.ERROR,
+                "container-vanished",
                 "the runtime's container is gone (removed outside envctl?); start the runtime again",
                 values={"backend_state": {}, "booted_at": None},
             )
@@ -164,9 +191,15 @@ def _apply(service: RunnerService, action: Action) -> None:
             message += "; last output: " + tail.strip()[-500:]
         backend.stop(action.state, timeout=1)
         with service._tx() as s:
-            service._transition(s, rid, State.ERROR, reason, message,
-                                values={"backend_state": {}, "booted_at": None},
-                                details={"exit_code": action.exit_code})
+            service._transition(
+                s,
+                rid,
+                State.ERROR,
+                reason,
+                message,
+                values={"backend_state": {}, "booted_at": None},
+                details={"exit_code": action.exit_code},
+            )
         return
     if action.kind == "adopt":
         with service.db.session() as s:
@@ -182,25 +215,39 @@ def _apply(service: RunnerService, action: Action) -> None:
             if was == State.BOOTING:
                 return  # still booting in a container we did not see start; next round
             with service._tx() as s:
-                service._transition(s, rid, State.ERROR, "agent-unreachable",
-                                    f"the container runs but its agent does not answer: {exc}",
-                                    values={"backend_state": action.state})
+                service._transition(
+                    s,
+                    rid,
+                    State.ERROR,
+                    "agent-unreachable",
+                    f"the container runs but its agent does not answer: {exc}",
+                    values={"backend_state": action.state},
+                )
             return
         if was == State.RUNNING and same:
             return  # nothing to do: the normal case on every round
         now = service.clock()
         values: dict[str, object] = {"backend_state": action.state}
         if was != State.RUNNING:
-            values.update(booted_at=now, last_activity_at=now, last_activity="adopted after a restart")
+            values.update(
+                booted_at=now, last_activity_at=now, last_activity="adopted after a restart"
+            )
         with service._tx() as s:
             if was == State.RUNNING:
-                service._log(s, rid, event="adopted", reason="reconcile", message="container re-attached")
+                service._log(
+                    s, rid, event="adopted", reason="reconcile", message="container re-attached"
+                )
                 s.execute(
-                    Runtime.__table__.update().where(Runtime.id == rid).values(backend_state=action.state)
+                    Runtime.__table__.update()
+                    .where(Runtime.id == rid)
+                    .values(backend_state=action.state)
                 )
             else:
                 service._transition(
-                    s, rid, State.RUNNING, "adopted",
+                    s,
+                    rid,
+                    State.RUNNING,
+                    "adopted",
                     f"found its container running (agent pid {pong.get('pid')}); adopted without a restart",
                     values=values,
                 )
@@ -219,7 +266,10 @@ def _mark_unreachable(service: RunnerService, exc: BackendError) -> None:
         )
         for rid in ids:
             service._transition(
-                s, rid, State.ERROR, "backend-unreachable",
+                s,
+                rid,
+                State.ERROR,
+                "backend-unreachable",
                 f"cannot reach the container engine to check on this runtime: {exc.message}",
                 expect={State.RUNNING, State.BOOTING},
             )

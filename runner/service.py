@@ -42,7 +42,7 @@ from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.errors import RuntimeNotFoundError, RuntimeStateError
 from runner.machines import get_machine_type
 from runner.models import Runtime, RuntimeLogEntry
-from runner.states import ACTIVE, State, can_transition, sources_of
+from runner.states import State, can_transition, sources_of
 
 log = logging.getLogger("envctl.runner")
 
@@ -190,7 +190,9 @@ class RunnerService:
         now = self.clock()
         with self._tx() as s:
             version = envs_service.resolve(s, ref, "environment")
-            if s.scalar(select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)):
+            if s.scalar(
+                select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)
+            ):
                 raise RuntimeStateError(
                     f"name: you already have a runtime named {name!r}",
                     details={"field": "name"},
@@ -216,7 +218,9 @@ class RunnerService:
             )
             s.add(rt)
             s.flush()
-            self._log(s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}")
+            self._log(
+                s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}"
+            )
             return self._get(s, owner_id, rt.id)
 
     def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
@@ -228,11 +232,17 @@ class RunnerService:
         _check_idle_timeout(changes.idle_timeout)
         if changes.machine_type is not None:
             get_machine_type(self.settings, changes.machine_type)
-        ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
+        ref = (
+            parse_ref(changes.environment, "environment")
+            if changes.environment is not None
+            else None
+        )
         with self._tx() as s:
             rt = self._get(s, owner_id, runtime_id, for_update=True)
             container_fields = [
-                f for f, v in (("environment", ref), ("machine_type", changes.machine_type)) if v is not None
+                f
+                for f, v in (("environment", ref), ("machine_type", changes.machine_type))
+                if v is not None
             ]
             if container_fields and rt.state not in (State.STOPPED, State.ERROR):
                 raise RuntimeStateError(
@@ -243,10 +253,13 @@ class RunnerService:
             notes = []
             if changes.name is not None and changes.name != rt.name:
                 if s.scalar(
-                    select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == changes.name)
+                    select(Runtime.id).where(
+                        Runtime.owner_id == owner_id, Runtime.name == changes.name
+                    )
                 ):
                     raise RuntimeStateError(
-                        f"name: you already have a runtime named {changes.name!r}", details={"field": "name"}
+                        f"name: you already have a runtime named {changes.name!r}",
+                        details={"field": "name"},
                     )
                 notes.append(f"name {rt.name} -> {changes.name}")
                 rt.name = changes.name
@@ -269,7 +282,13 @@ class RunnerService:
                 notes.append(f"environment -> {version.ref}")
             if notes:
                 rt.updated_at = self.clock()
-                self._log(s, rt.id, event="settings-changed", reason="user-request", message="; ".join(notes))
+                self._log(
+                    s,
+                    rt.id,
+                    event="settings-changed",
+                    reason="user-request",
+                    message="; ".join(notes),
+                )
             s.flush()
             s.expire(rt)
             return self._get(s, owner_id, runtime_id)
@@ -293,7 +312,9 @@ class RunnerService:
             )
         try:
             with self._tx() as s:
-                ok = self._transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
+                ok = self._transition(
+                    s, runtime_id, State.BOOTING, "user-request", "boot requested"
+                )
                 rt = self._get(s, owner_id, runtime_id)
             if not ok:
                 self._boot_slots.release()
@@ -305,7 +326,14 @@ class RunnerService:
             raise
         return rt
 
-    def stop(self, owner_id: str, runtime_id: str, *, reason: str = "user-request", message: str = "stop requested") -> Runtime:
+    def stop(
+        self,
+        owner_id: str,
+        runtime_id: str,
+        *,
+        reason: str = "user-request",
+        message: str = "stop requested",
+    ) -> Runtime:
         with self._tx() as s:
             rt = self._get(s, owner_id, runtime_id)
             if rt.state == State.STOPPED:
@@ -337,7 +365,9 @@ class RunnerService:
                 s.delete(rt)
         self._cleanup_state_dir(runtime_id)
 
-    def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
+    def wait_for(
+        self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0
+    ) -> Runtime:
         """Block until the runtime is in one of ``states`` (for the CLI, tests and benchmarks)."""
         deadline = time.monotonic() + timeout
         wanted = {State(s) for s in states}
@@ -368,7 +398,11 @@ class RunnerService:
         stopped = []
         with self.db.session() as s:
             running = list(
-                s.scalars(self._query().where(Runtime.runner == self.runner, Runtime.state == State.RUNNING))
+                s.scalars(
+                    self._query().where(
+                        Runtime.runner == self.runner, Runtime.state == State.RUNNING
+                    )
+                )
             )
         for rt in running:
             decision = self.idle_status(rt)
@@ -376,11 +410,20 @@ class RunnerService:
                 continue
             with self._tx() as s:
                 ok = self._transition(
-                    s, rt.id, State.STOPPING, "idle", decision.reason, expect={State.RUNNING},
+                    s,
+                    rt.id,
+                    State.STOPPING,
+                    "idle",
+                    decision.reason,
+                    expect={State.RUNNING},
                     details={
                         "last_activity": rt.last_activity,
-                        "last_activity_at": rt.last_activity_at.isoformat() if rt.last_activity_at else None,
-                        "shutdown_at": decision.shutdown_at.isoformat() if decision.shutdown_at else None,
+                        "last_activity_at": rt.last_activity_at.isoformat()
+                        if rt.last_activity_at
+                        else None,
+                        "shutdown_at": decision.shutdown_at.isoformat()
+                        if decision.shutdown_at
+                        else None,
                     },
                 )
             if ok:
@@ -414,7 +457,13 @@ class RunnerService:
         begun = time.monotonic()
         try:
             with self.db.session() as s:
-                rt = s.get(Runtime, runtime_id, options=[selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)])
+                rt = s.get(
+                    Runtime,
+                    runtime_id,
+                    options=[
+                        selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)
+                    ],
+                )
                 if rt is None or rt.state != State.BOOTING:
                     return
                 spec = self._spec(rt)
@@ -431,10 +480,17 @@ class RunnerService:
             self._fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
             return
         with self._tx() as s:
-            s.execute(update(Runtime).where(Runtime.id == runtime_id).values(backend_state=backend_state))
-            self._log(s, runtime_id, event="container-created", reason="boot",
-                      message=f"container {backend_state.get('container_name', '')} started",
-                      details={"container_id": backend_state.get("container_id")})
+            s.execute(
+                update(Runtime).where(Runtime.id == runtime_id).values(backend_state=backend_state)
+            )
+            self._log(
+                s,
+                runtime_id,
+                event="container-created",
+                reason="boot",
+                message=f"container {backend_state.get('container_name', '')} started",
+                details={"container_id": backend_state.get("container_id")},
+            )
         cancel = self._cancel.get(runtime_id) or threading.Event()
 
         def alive() -> None:
@@ -453,10 +509,13 @@ class RunnerService:
             tail = self.backend.logs_tail(backend_state)
             if isinstance(exc, _ContainerDiedError):
                 reason = "oom" if exc.oom_killed else "container-exited"
-                message = f"the container exited with code {exc.exit_code} before its agent answered"
+                message = (
+                    f"the container exited with code {exc.exit_code} before its agent answered"
+                )
             elif isinstance(exc, AgentUnavailableError):
-                reason, message = "boot-timeout", (
-                    f"the agent did not answer within {self.settings.runner_boot_timeout:g} s"
+                reason, message = (
+                    "boot-timeout",
+                    (f"the agent did not answer within {self.settings.runner_boot_timeout:g} s"),
                 )
             else:
                 reason, message = "backend-error", exc.message
@@ -473,13 +532,19 @@ class RunnerService:
         now = self.clock()
         with self._tx() as s:
             ok = self._transition(
-                s, runtime_id, State.RUNNING, "agent-answered",
-                f"agent answered after {took_ms:.0f} ms", expect={State.BOOTING},
+                s,
+                runtime_id,
+                State.RUNNING,
+                "agent-answered",
+                f"agent answered after {took_ms:.0f} ms",
+                expect={State.BOOTING},
                 details={"boot_ms": round(took_ms, 1), "agent_pid": pong.get("pid")},
                 values={"booted_at": now, "last_activity_at": now, "last_activity": "boot"},
             )
         if not ok:
-            log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+            log.info(
+                "runtime %s left booting while it booted; the stop in flight removes it", runtime_id
+            )
 
     def _stop(self, runtime_id: str, reason: str) -> None:
         with self._runtime_lock(runtime_id):
@@ -491,24 +556,40 @@ class RunnerService:
             try:
                 self.backend.stop(backend_state)
             except EnvctlError as exc:
-                self._fail(runtime_id, "backend-error", f"could not stop the container: {exc.message}", {State.STOPPING})
+                self._fail(
+                    runtime_id,
+                    "backend-error",
+                    f"could not stop the container: {exc.message}",
+                    {State.STOPPING},
+                )
                 return
             with self._tx() as s:
                 self._transition(
-                    s, runtime_id, State.STOPPED, reason, "container removed",
-                    expect={State.STOPPING}, values={"backend_state": {}, "booted_at": None},
+                    s,
+                    runtime_id,
+                    State.STOPPED,
+                    reason,
+                    "container removed",
+                    expect={State.STOPPING},
+                    values={"backend_state": {}, "booted_at": None},
                 )
             self._cleanup_socket(runtime_id)
 
     def _fail(
-        self, runtime_id: str, reason: str, message: str, expect: set[State],
+        self,
+        runtime_id: str,
+        reason: str,
+        message: str,
+        expect: set[State],
         backend_state: BackendState | None = None,
     ) -> None:
         values: dict[str, Any] = {}
         if backend_state is not None:
             values["backend_state"] = backend_state
         with self._tx() as s:
-            self._transition(s, runtime_id, State.ERROR, reason, message, expect=expect, values=values)
+            self._transition(
+                s, runtime_id, State.ERROR, reason, message, expect=expect, values=values
+            )
         log.warning("runtime %s: %s: %s", runtime_id, reason, message)
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
@@ -519,7 +600,12 @@ class RunnerService:
                 log.exception("%s%r failed", fn.__name__, args)
                 if args:
                     try:
-                        self._fail(str(args[0]), "internal-error", "envctl failed unexpectedly; see its log", set(State))
+                        self._fail(
+                            str(args[0]),
+                            "internal-error",
+                            "envctl failed unexpectedly; see its log",
+                            set(State),
+                        )
                     except Exception:
                         log.exception("could not record the failure")
 
@@ -556,7 +642,9 @@ class RunnerService:
             selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)
         )
 
-    def _get(self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False) -> Runtime:
+    def _get(
+        self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False
+    ) -> Runtime:
         q = self._query().where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
         if for_update:
             q = q.with_for_update()
@@ -585,7 +673,10 @@ class RunnerService:
             update(Runtime)
             .where(Runtime.id == runtime_id, Runtime.state.in_([str(a) for a in allowed]))
             .values(
-                state=str(to), state_reason=reason, state_message=message, updated_at=now,
+                state=str(to),
+                state_reason=reason,
+                state_message=message,
+                updated_at=now,
                 **(values or {}),
             )
             .execution_options(synchronize_session=False)
@@ -597,13 +688,25 @@ class RunnerService:
         return True
 
     def _log(
-        self, s: Session, runtime_id: str, *, state: State | None = None, event: str | None = None,
-        reason: str = "", message: str = "", details: dict[str, Any] | None = None,
+        self,
+        s: Session,
+        runtime_id: str,
+        *,
+        state: State | None = None,
+        event: str | None = None,
+        reason: str = "",
+        message: str = "",
+        details: dict[str, Any] | None = None,
     ) -> None:
         s.add(
             RuntimeLogEntry(
-                runtime_id=runtime_id, at=self.clock(), state=str(state) if state else None,
-                event=event, reason=reason, message=message, details=details or {},
+                runtime_id=runtime_id,
+                at=self.clock(),
+                state=str(state) if state else None,
+                event=event,
+                reason=reason,
+                message=message,
+                details=details or {},
             )
         )
 

@@ -14,9 +14,17 @@ router = APIRouter(tags=["environments"])
 
 def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
     return VersionOut(
-        ref=v.ref, number=v.number, digest=v.digest, image_id=v.image_id,
-        parent=v.parent.ref if v.parent is not None else None, message=v.message, author=v.author,
-        size=v.size, size_added=v.size_added, created_at=v.created_at, tags=sorted(tags),
+        ref=v.ref,
+        number=v.number,
+        digest=v.digest,
+        image_id=v.image_id,
+        parent=v.parent.ref if v.parent is not None else None,
+        message=v.message,
+        author=v.author,
+        size=v.size,
+        size_added=v.size_added,
+        created_at=v.created_at,
+        tags=sorted(tags),
     )
 
 

@@ -14,8 +14,13 @@ def machine_types(ctx: CtxDep, _caller: CallerDep) -> list[MachineTypeOut]:
     """The sizes a runtime can be given (from configuration)."""
     return [
         MachineTypeOut(
-            name=m.name, cpus=m.cpus, memory=m.memory, pids=m.pids, gpus=m.gpus,
-            idle_timeout=m.idle_timeout, description=m.description,
+            name=m.name,
+            cpus=m.cpus,
+            memory=m.memory,
+            pids=m.pids,
+            gpus=m.gpus,
+            idle_timeout=m.idle_timeout,
+            description=m.description,
         )
         for m in list_machine_types(ctx.settings)
     ]

@@ -22,7 +22,8 @@ def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
 
         idle = IdleOut(
             timeout=effective_timeout(
-                rt.idle_timeout, machine.idle_timeout if machine else None,
+                rt.idle_timeout,
+                machine.idle_timeout if machine else None,
                 runner.settings.runner_idle_timeout,
             ),
             shutdown_at=decision.shutdown_at,
@@ -60,8 +61,13 @@ def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
 def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now."""
     rt = ctx.runner.create(
-        caller.id, name=body.name, environment=body.environment, language=body.language,
-        machine_type=body.machine_type, idle_timeout=body.idle_timeout, type=body.type,
+        caller.id,
+        name=body.name,
+        environment=body.environment,
+        language=body.language,
+        machine_type=body.machine_type,
+        idle_timeout=body.idle_timeout,
+        type=body.type,
     )
     return runtime_out(ctx.runner, rt)
 
@@ -77,7 +83,9 @@ def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
 
 
 @router.patch("/{runtime_id}", response_model=RuntimeOut)
-def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+def patch_runtime(
+    runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep
+) -> RuntimeOut:
     """Change settings. ``environment`` and ``machine_type`` need the runtime stopped (409)."""
     sent = body.model_fields_set
     changes = RuntimeChanges(
@@ -113,6 +121,13 @@ def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
 def runtime_log(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[LogEntryOut]:
     """The runner log: every state change and housekeeping step, with its reason."""
     return [
-        LogEntryOut(at=e.at, state=e.state, event=e.event, reason=e.reason, message=e.message, details=e.details)
+        LogEntryOut(
+            at=e.at,
+            state=e.state,
+            event=e.event,
+            reason=e.reason,
+            message=e.message,
+            details=e.details,
+        )
         for e in ctx.runner.log_entries(caller.id, runtime_id)
     ]

@@ -44,7 +44,11 @@ DEFAULT_MACHINE_TYPES: dict[str, MachineType] = {
         MachineType("medium", cpus=2.0, memory=_gib(4), pids=1024, description="2 CPUs, 4 GiB"),
         MachineType("large", cpus=2.0, memory=_gib(8), pids=2048, description="2 CPUs, 8 GiB"),
         MachineType(
-            "gpu-small", cpus=2.0, memory=_gib(8), pids=2048, gpus=1,
+            "gpu-small",
+            cpus=2.0,
+            memory=_gib(8),
+            pids=2048,
+            gpus=1,
             description="2 CPUs, 8 GiB, 1 GPU (needs the NVIDIA container runtime)",
         ),
     )
@@ -176,7 +180,9 @@ def _parse_memory(value: Any, where: str) -> int:
 
 def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
     if not isinstance(raw, dict) or not raw:
-        raise InvalidInputError(f"{source}: machine_types must be a non-empty map", field="machine_types")
+        raise InvalidInputError(
+            f"{source}: machine_types must be a non-empty map", field="machine_types"
+        )
     out: dict[str, MachineType] = {}
     for name, spec in raw.items():
         where = f"{source}: machine_types.{name}"
@@ -214,7 +220,9 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def load_settings(config_file: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    config_file: str | Path | None = None, env: dict[str, str] | None = None
+) -> Settings:
     """Build the settings from defaults, a YAML file and the environment."""
     env = dict(os.environ if env is None else env)
     values: dict[str, Any] = {}
@@ -224,7 +232,9 @@ def load_settings(config_file: str | Path | None = None, env: dict[str, str] | N
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except OSError as exc:
-            raise InvalidInputError(f"{p}: cannot read config file: {exc.strerror}", field="config") from exc
+            raise InvalidInputError(
+                f"{p}: cannot read config file: {exc.strerror}", field="config"
+            ) from exc
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"{p}: not valid YAML: {exc}", field="config") from exc
         if not isinstance(raw, dict):
@@ -251,4 +261,6 @@ def _convert(key: str, value: Any, where: str) -> Any:
     try:
         return parser(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{where}: {value!r} is not a valid value ({exc})", field=key) from exc
+        raise InvalidInputError(
+            f"{where}: {value!r} is not a valid value ({exc})", field=key
+        ) from exc

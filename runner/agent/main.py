@@ -18,6 +18,7 @@ Python standard library only, and only modules that Debian's python3-minimal car
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,16 +54,13 @@ class Agent:
         directory = os.path.dirname(self.socket_path) or "."
         os.makedirs(directory, exist_ok=True)
         tmp = self.socket_path + ".tmp"
-        for path in (tmp,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(tmp)
         # The state directory (0700 on the host) is what guards the socket; the file itself
         # must be usable by a runner that does not run as root.
-        os.chmod(tmp, 0o666)
+        os.chmod(tmp, 0o666)  # noqa: S103
         server.listen(64)
         # Appear under the real name only once listening: a runner that sees the file can
         # connect at once.
@@ -97,10 +95,8 @@ class Agent:
         except (ConnectionError, OSError):
             return
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
     def dispatch(self, line: bytes) -> dict:
         try:
@@ -108,15 +104,15 @@ class Agent:
             if not isinstance(request, dict):
                 raise ValueError("a request must be a JSON object")
         except ValueError as exc:
-            return {"id": None, "ok": False, "error": "malformed request: %s" % exc}
+            return {"id": None, "ok": False, "error": f"malformed request: {exc}"}
         rid = request.get("id")
         handler = self.handlers.get(request.get("op"))
         if handler is None:
-            return {"id": rid, "ok": False, "error": "unknown op %r" % (request.get("op"),)}
+            return {"id": rid, "ok": False, "error": f"unknown op {request.get('op')!r}"}
         try:
             reply = handler(request)
         except Exception as exc:  # an op's failure must not take the agent down
-            return {"id": rid, "ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
+            return {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         reply["id"] = rid
         reply["ok"] = True
         return reply

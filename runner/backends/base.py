@@ -123,8 +123,8 @@ class RuntimeBackend(abc.ABC):
         """The container's last output lines, for error messages. Empty if unknown."""
         return ""
 
-    def ping(self) -> None:
+    def ping(self) -> None:  # noqa: B027  (optional hook)
         """Raise ``BackendError`` when the backend cannot be reached."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook)
         """Release connections."""

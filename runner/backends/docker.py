@@ -105,7 +105,9 @@ class DockerBackend(RuntimeBackend):
         if self._client is None:
             try:
                 if self._base_url:
-                    self._client = docker.DockerClient(base_url=self._base_url, timeout=self._timeout)
+                    self._client = docker.DockerClient(
+                        base_url=self._base_url, timeout=self._timeout
+                    )
                 else:
                     self._client = docker.from_env(timeout=self._timeout)
             except docker.errors.DockerException as exc:
@@ -128,7 +130,9 @@ class DockerBackend(RuntimeBackend):
         """The keyword arguments of ``containers.create``: every limit and label in one place."""
         m = spec.machine
         if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
+            raise InvalidInputError(
+                f"machine type {m.name!r} has a non-positive limit", field="machine_type"
+            )
         labels = {
             **self.labels,
             **spec.labels,
@@ -245,7 +249,10 @@ class DockerBackend(RuntimeBackend):
             found.append(
                 FoundContainer(
                     runtime_id=labels[LABEL_RUNTIME],
-                    state={"container_id": c["Id"], "container_name": (c.get("Names") or ["/"])[0][1:]},
+                    state={
+                        "container_id": c["Id"],
+                        "container_name": (c.get("Names") or ["/"])[0][1:],
+                    },
                     status=ContainerStatus(status, exit_code=exit_code, oom_killed=oom),
                 )
             )

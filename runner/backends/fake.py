@@ -73,7 +73,9 @@ class FakeBackend(RuntimeBackend):
 
     def _check(self, action: str) -> None:
         if self.unreachable:
-            raise BackendError(f"the fake engine does not answer ({action})", details={"action": action})
+            raise BackendError(
+                f"the fake engine does not answer ({action})", details={"action": action}
+            )
 
     def ping(self) -> None:
         self._check("answer a ping")
@@ -92,12 +94,29 @@ class FakeBackend(RuntimeBackend):
         else:
             # A relative socket path (the process runs in the state dir) stays under the
             # 108-byte limit of Unix socket addresses however deep the data dir is.
-            cmd = [sys.executable, "-u", "-I", str(spec.agent_dir / "main.py"), "--socket", sock.name]
+            cmd = [
+                sys.executable,
+                "-u",
+                "-I",
+                str(spec.agent_dir / "main.py"),
+                "--socket",
+                sock.name,
+            ]
             if self.boot_delay:
-                prelude = f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
-                cmd = [sys.executable, "-u", "-I", "-c", prelude + "runpy.run_path(sys.argv[0], run_name='__main__')"]
+                prelude = (
+                    f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
+                )
+                cmd = [
+                    sys.executable,
+                    "-u",
+                    "-I",
+                    "-c",
+                    prelude + "runpy.run_path(sys.argv[0], run_name='__main__')",
+                ]
         env = {**spec.env, "PATH": os.environ.get("PATH", ""), "ENVCTL_RUNTIME_ID": spec.runtime_id}
-        proc = subprocess.Popen(cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         cid = f"fake-{next(self._ids)}"
         self._containers[cid] = _FakeContainer(cid, spec.runtime_id, spec, proc)
         return {"container_id": cid, "container_name": spec.container_name}
@@ -121,7 +140,11 @@ class FakeBackend(RuntimeBackend):
     def list_owned(self) -> list[FoundContainer]:
         self._check("list the runner's containers")
         return [
-            FoundContainer(c.runtime_id, {"container_id": c.id, "container_name": c.spec.container_name}, self.poll({"container_id": c.id}))
+            FoundContainer(
+                c.runtime_id,
+                {"container_id": c.id, "container_name": c.spec.container_name},
+                self.poll({"container_id": c.id}),
+            )
             for c in list(self._containers.values())
         ]
 

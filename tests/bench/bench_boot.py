@@ -31,7 +31,9 @@ def _raw_boot(image: str, session: str) -> float:
     began = time.perf_counter()
     cid = subprocess.run(
         ["docker", "run", "-d", "--label", f"{LABEL}={session}", image, "sleep", "infinity"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     subprocess.run(["docker", "exec", cid, "true"], check=True, capture_output=True)
     took = (time.perf_counter() - began) * 1000
@@ -43,7 +45,9 @@ def run(runs: int = 20) -> dict[str, float]:
     session = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="envctl-bench-") as tmp:
         settings = Settings(
-            data_dir=Path(tmp), runner_name=f"bench-{session}", runner_labels={LABEL: session},
+            data_dir=Path(tmp),
+            runner_name=f"bench-{session}",
+            runner_labels={LABEL: session},
             runner_idle_timeout=3600,
         )
         upgrade(settings.effective_database_url)
@@ -79,13 +83,18 @@ def run(runs: int = 20) -> dict[str, float]:
             svc.close()
             db.dispose()
             leftovers = subprocess.run(
-                ["docker", "ps", "-aq", "--filter", f"label={LABEL}={session}"], capture_output=True, text=True
+                ["docker", "ps", "-aq", "--filter", f"label={LABEL}={session}"],
+                capture_output=True,
+                text=True,
             ).stdout.split()
             if leftovers:
                 subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
     return report(
         f"boot latency, stopped -> running with the agent answering ({runs} runs, image python3)",
-        ours, raw, "docker run -d + docker exec", target=1.3,
+        ours,
+        raw,
+        "docker run -d + docker exec",
+        target=1.3,
     )
 
 

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, each figure beside its baseline from the same run.
 
-    python -m tests.bench.run [--only boot] [--runs N]
+python -m tests.bench.run [--only boot] [--runs N]
 """
 
 from __future__ import annotations

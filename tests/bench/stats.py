@@ -24,8 +24,14 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def report(name: str, ours: list[float], baseline: list[float], baseline_name: str, unit: str = "ms",
-           target: float | None = None) -> dict[str, float]:
+def report(
+    name: str,
+    ours: list[float],
+    baseline: list[float],
+    baseline_name: str,
+    unit: str = "ms",
+    target: float | None = None,
+) -> dict[str, float]:
     a, b = summary(ours), summary(baseline)
     ratio = a["median"] / b["median"]
     verdict = ""
@@ -34,7 +40,14 @@ def report(name: str, ours: list[float], baseline: list[float], baseline_name: s
     width = max(len("envctl"), len(baseline_name))
     print(f"{name}")
     for label, st in (("envctl", a), (baseline_name, b)):
-        print(f"  {label:<{width}}  median {st['median']:8.1f} {unit}  p95 {st['p95']:8.1f} {unit}  (n={st['n']:.0f})")
+        print(
+            f"  {label:<{width}}  median {st['median']:8.1f} {unit}  p95 {st['p95']:8.1f} {unit}  (n={st['n']:.0f})"
+        )
     print(f"  ratio of medians, envctl / {baseline_name}: {ratio:.2f}x{verdict}")
-    return {"ours_median": a["median"], "ours_p95": a["p95"], "base_median": b["median"],
-            "base_p95": b["p95"], "ratio": ratio}
+    return {
+        "ours_median": a["median"],
+        "ours_p95": a["p95"],
+        "base_median": b["median"],
+        "base_p95": b["p95"],
+        "ratio": ratio,
+    }

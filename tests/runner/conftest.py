@@ -25,8 +25,13 @@ def sqlite_db(settings: Settings) -> Iterator[Database]:
 def seed(db: Database, image_id: str = "sha256:" + "b" * 64, image_ref: str = "python3") -> str:
     """A user and a python3@1 version; returns the user id."""
     with db.session() as s:
-        bash, _ = register_version(s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="bash"))
-        register_version(s, NewVersion(environment="python3", image_id=image_id, image_ref=image_ref, parent=bash))
+        bash, _ = register_version(
+            s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="bash")
+        )
+        register_version(
+            s,
+            NewVersion(environment="python3", image_id=image_id, image_ref=image_ref, parent=bash),
+        )
         return create_user(s, "alice").id
 
 
@@ -35,7 +40,9 @@ def make_runner(settings: Settings, sqlite_db: Database) -> Iterator[Callable[..
     """Build runner services on one database, as a restarted envctl would be."""
     made: list[RunnerService] = []
 
-    def make(backend: RuntimeBackend | None = None, *, housekeeping: bool = False, **overrides: object) -> RunnerService:
+    def make(
+        backend: RuntimeBackend | None = None, *, housekeeping: bool = False, **overrides: object
+    ) -> RunnerService:
         s = settings.with_overrides(**overrides) if overrides else settings
         svc = RunnerService(s, sqlite_db, backend or FakeBackend(s.runner_name))
         svc.open(housekeeping=housekeeping)

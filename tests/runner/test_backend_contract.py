@@ -22,7 +22,9 @@ from tests.fixtures.services import base_image
 
 
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
-def backend(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[RuntimeBackend, str]]:
+def backend(
+    request: pytest.FixtureRequest, settings: Settings
+) -> Iterator[tuple[RuntimeBackend, str]]:
     if request.param == "fake":
         yield FakeBackend(settings.runner_name), "unused"
         return
@@ -39,8 +41,13 @@ def spec_for(tmp_path: Path, image: str, runtime_id: str | None = None) -> Runti
     state_dir = tmp_path / rid
     state_dir.mkdir(parents=True, exist_ok=True)
     return RuntimeSpec(
-        runtime_id=rid, name="contract", image=image, environment="bash@1",
-        machine=DEFAULT_MACHINE_TYPES["small"], state_dir=state_dir, agent_dir=AGENT_DIR,
+        runtime_id=rid,
+        name="contract",
+        image=image,
+        environment="bash@1",
+        machine=DEFAULT_MACHINE_TYPES["small"],
+        state_dir=state_dir,
+        agent_dir=AGENT_DIR,
     )
 
 
@@ -48,7 +55,9 @@ def _agent(b: RuntimeBackend, state: dict[str, Any], spec: RuntimeSpec) -> dict[
     return wait_for_agent(b.socket_path(state, spec.state_dir), time.monotonic() + 30)
 
 
-def test_a_started_runtime_runs_and_its_agent_answers(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
+def test_a_started_runtime_runs_and_its_agent_answers(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
     b, image = backend
     spec = spec_for(tmp_path, image)
     state = b.start(spec)
@@ -57,13 +66,17 @@ def test_a_started_runtime_runs_and_its_agent_answers(backend: tuple[RuntimeBack
     assert pong["op"] == "pong" and pong["ok"] is True
 
 
-def test_poll_on_a_missing_container_says_gone_and_does_not_raise(backend: tuple[RuntimeBackend, str]) -> None:
+def test_poll_on_a_missing_container_says_gone_and_does_not_raise(
+    backend: tuple[RuntimeBackend, str],
+) -> None:
     b, _ = backend
     assert b.poll({"container_id": "no-such-container-" + uuid.uuid4().hex}).status is Status.GONE
     assert b.poll({}).status is Status.GONE
 
 
-def test_stop_is_idempotent_and_removes_the_container(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
+def test_stop_is_idempotent_and_removes_the_container(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
     b, image = backend
     spec = spec_for(tmp_path, image)
     state = b.start(spec)
@@ -74,7 +87,9 @@ def test_stop_is_idempotent_and_removes_the_container(backend: tuple[RuntimeBack
     assert spec.runtime_id not in {f.runtime_id for f in b.list_owned()}
 
 
-def test_list_owned_finds_each_runtime_by_its_id(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
+def test_list_owned_finds_each_runtime_by_its_id(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
     b, image = backend
     specs = [spec_for(tmp_path, image) for _ in range(2)]
     states = [b.start(s) for s in specs]
@@ -84,7 +99,9 @@ def test_list_owned_finds_each_runtime_by_its_id(backend: tuple[RuntimeBackend, 
         assert found[spec.runtime_id].status.status is Status.RUNNING
 
 
-def test_starting_a_runtime_again_leaves_exactly_one_container(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
+def test_starting_a_runtime_again_leaves_exactly_one_container(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
     b, image = backend
     spec = spec_for(tmp_path, image)
     first = b.start(spec)
@@ -94,7 +111,9 @@ def test_starting_a_runtime_again_leaves_exactly_one_container(backend: tuple[Ru
     assert b.poll(first).status is Status.GONE
 
 
-def test_the_agent_survives_a_new_connection_after_the_old_one_dropped(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
+def test_the_agent_survives_a_new_connection_after_the_old_one_dropped(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
     """What a runner restart looks like from the agent's side: a fresh connection, same agent."""
     b, image = backend
     spec = spec_for(tmp_path, image)

@@ -30,11 +30,14 @@ def server(docker: Any, tmp_path: Path) -> Iterator[Server]:
     data = tmp_path / "data"
     prepare_data_dir(data)
     runner = f"test-{TEST_SESSION}-{uuid.uuid4().hex[:6]}"
-    srv = Server(data, env={
-        "ENVCTL_RUNNER_NAME": runner,
-        "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
-        "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
-    })
+    srv = Server(
+        data,
+        env={
+            "ENVCTL_RUNNER_NAME": runner,
+            "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
+            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+        },
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -54,7 +57,9 @@ def boot(srv: Server, client: httpx.Client, name: str = "demo", **body: Any) -> 
     return srv.wait_state(client, rid, {"running", "error"})
 
 
-def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Server, docker: Any) -> None:
+def test_a_runtime_boots_from_python3_and_its_container_is_hardened(
+    server: Server, docker: Any
+) -> None:
     with server.client() as client:
         rt = boot(server, client, machine_type="small")
         assert rt["state"] == "running", rt
@@ -70,7 +75,10 @@ def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Serv
         assert host["PidsLimit"] == 512
         assert host["Memory"] == 2 * 1024**3 and host["MemorySwap"] == host["Memory"]
         assert host["NanoCpus"] == 1_000_000_000
-        assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "1", "max-size": "10m"}}
+        assert host["LogConfig"] == {
+            "Type": "json-file",
+            "Config": {"max-file": "1", "max-size": "10m"},
+        }
         assert not host.get("Binds") and not host.get("Devices")
         mounts = {m["Destination"]: m for m in info["Mounts"]}
         assert set(mounts) == {"/opt/envctl/agent", "/run/envctl"}
@@ -96,7 +104,9 @@ def test_the_machine_type_sets_the_container_limits(server: Server, docker: Any)
         assert host["PidsLimit"] == 1024
 
 
-def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is_none(server: Server, docker: Any) -> None:
+def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is_none(
+    server: Server, docker: Any
+) -> None:
     """No GPU is lent to these machines: the request must reach Docker and fail with a reason."""
     with server.client() as client:
         rt = boot(server, client, name="gpu", machine_type="gpu-small")
@@ -105,11 +115,16 @@ def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is
             assert container.attrs["HostConfig"]["DeviceRequests"][0]["Count"] == 1
             return
         assert rt["state"] == "error" and rt["state_reason"] == "backend-error"
-        assert "Docker failed to start" in rt["state_message"] or "Docker failed to create" in rt["state_message"]
+        assert (
+            "Docker failed to start" in rt["state_message"]
+            or "Docker failed to create" in rt["state_message"]
+        )
         assert containers_of(docker, rt["id"]) == []
 
 
-def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_restarting_them(server: Server, docker: Any) -> None:
+def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_restarting_them(
+    server: Server, docker: Any
+) -> None:
     with server.client() as client:
         rt = boot(server, client)
         [container] = containers_of(docker, rt["id"])
@@ -127,7 +142,9 @@ def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_resta
         assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
 
 
-def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(server: Server, docker: Any) -> None:
+def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(
+    server: Server, docker: Any
+) -> None:
     with server.client() as client:
         rt = boot(server, client)
     server.kill()
@@ -143,12 +160,19 @@ def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_o
         assert server.wait_state(client, rt["id"], {"running", "error"})["state"] == "running"
 
 
-def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(server: Server, docker: Any) -> None:
+def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(
+    server: Server, docker: Any
+) -> None:
     runner = server.env["ENVCTL_RUNNER_NAME"]
     server.kill()
     orphan = docker.containers.create(
-        base_image(docker, "bash"), ["sleep", "600"],
-        labels={LABEL_RUNNER: runner, LABEL_RUNTIME: "rt_0rphan0000000000", TEST_LABEL: TEST_SESSION},
+        base_image(docker, "bash"),
+        ["sleep", "600"],
+        labels={
+            LABEL_RUNNER: runner,
+            LABEL_RUNTIME: "rt_0rphan0000000000",
+            TEST_LABEL: TEST_SESSION,
+        },
     )
     orphan.start()
     server.start()

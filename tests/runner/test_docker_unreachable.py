@@ -19,10 +19,14 @@ from tests.runner.conftest import seed
 
 
 def dead_docker(settings: Settings, tmp_path: Path) -> DockerBackend:
-    return DockerBackend(runner=settings.runner_name, base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2)
+    return DockerBackend(
+        runner=settings.runner_name, base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2
+    )
 
 
-def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(settings: Settings, sqlite_db: Database, tmp_path: Path) -> None:
+def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
+    settings: Settings, sqlite_db: Database, tmp_path: Path
+) -> None:
     seed(sqlite_db)
     app = create_app(settings, backend=dead_docker(settings, tmp_path))
     with TestClient(app) as client:
@@ -33,14 +37,19 @@ def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(settin
         r = client.post(f"/runtimes/{rt.json()['id']}/start", headers=h)
         assert r.status_code == 503
         body = r.json()["error"]
-        assert body["code"] == "backend_error" and "Docker engine does not answer" in body["message"]
+        assert (
+            body["code"] == "backend_error" and "Docker engine does not answer" in body["message"]
+        )
         assert client.get(f"/runtimes/{rt.json()['id']}", headers=h).json()["state"] == "stopped"
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "Docker" in health["backend"]
 
 
 def test_reconciling_against_a_dead_engine_marks_runtimes_but_keeps_their_containers_on_record(
-    make_runner: Callable[..., RunnerService], sqlite_db: Database, settings: Settings, tmp_path: Path
+    make_runner: Callable[..., RunnerService],
+    sqlite_db: Database,
+    settings: Settings,
+    tmp_path: Path,
 ) -> None:
     owner = seed(sqlite_db)
     alive = make_runner()

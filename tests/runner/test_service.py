@@ -33,13 +33,21 @@ def running(svc: RunnerService, owner: str, name: str = "demo", **kw: object) ->
     return rt.id
 
 
-def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_logged(make_runner: Make, sqlite_db: Database) -> None:
+def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_logged(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner()
     rid = running(svc, owner)
     svc.stop(owner, rid)
     svc.wait_for(rid, {State.STOPPED}, 10)
-    assert states_in_log(svc, owner, rid) == ["stopped", "booting", "running", "stopping", "stopped"]
+    assert states_in_log(svc, owner, rid) == [
+        "stopped",
+        "booting",
+        "running",
+        "stopping",
+        "stopped",
+    ]
     entries = svc.log_entries(owner, rid)
     assert all(e.at.tzinfo is not None and e.reason for e in entries)
     assert any(e.event == "container-created" for e in entries)
@@ -57,7 +65,9 @@ def test_booting_ends_only_when_the_agent_answers(make_runner: Make, sqlite_db: 
     assert ping(svc.state_dir(rt.id) / "agent.sock")["ok"]
 
 
-def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container(make_runner: Make, sqlite_db: Database) -> None:
+def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     backend = FakeBackend("mute", never_answers=True)
     svc = make_runner(backend, runner_name="mute", runner_boot_timeout=1.0)
@@ -69,7 +79,9 @@ def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container
     assert backend.list_owned() == []
 
 
-def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runner: Make, sqlite_db: Database) -> None:
+def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     backend = FakeBackend("dies", boot_delay=5)
     svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
@@ -81,7 +93,9 @@ def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runn
     assert err.state_reason in ("container-exited", "oom")
 
 
-def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_reason(make_runner: Make, sqlite_db: Database) -> None:
+def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_reason(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner(FakeBackend("refuses", fail_start=True), runner_name="refuses")
     rt = svc.create(owner, name="x", environment="python3")
@@ -102,7 +116,9 @@ def test_an_errored_runtime_can_be_started_again(make_runner: Make, sqlite_db: D
     assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 10).state == State.RUNNING
 
 
-def test_stopping_while_booting_removes_the_container_without_waiting_for_the_boot_timeout(make_runner: Make, sqlite_db: Database) -> None:
+def test_stopping_while_booting_removes_the_container_without_waiting_for_the_boot_timeout(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     backend = FakeBackend("mute2", never_answers=True)
     svc = make_runner(backend, runner_name="mute2", runner_boot_timeout=60)
@@ -116,7 +132,9 @@ def test_stopping_while_booting_removes_the_container_without_waiting_for_the_bo
     assert backend.list_owned() == []
 
 
-def test_settings_that_shape_the_container_cannot_change_while_it_runs(make_runner: Make, sqlite_db: Database) -> None:
+def test_settings_that_shape_the_container_cannot_change_while_it_runs(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner()
     rid = running(svc, owner)
@@ -127,7 +145,9 @@ def test_settings_that_shape_the_container_cannot_change_while_it_runs(make_runn
     assert svc.get(owner, rid).idle_timeout == 99
 
 
-def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container_at_most(make_runner: Make, sqlite_db: Database) -> None:
+def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container_at_most(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     backend = FakeBackend("race")
     svc = make_runner(backend, runner_name="race", runner_max_boots=50)
@@ -156,7 +176,9 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
         assert can_transition(State(a), State(b)), f"{a} -> {b} in {seq}"
 
 
-def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(make_runner: Make, sqlite_db: Database) -> None:
+def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner(FakeBackend("busy", boot_delay=2), runner_name="busy", runner_max_boots=2)
     ids = [svc.create(owner, name=f"r{i}", environment="python3").id for i in range(3)]
@@ -171,7 +193,9 @@ def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(make_runner
 # ------------------------------------------------------------------ idle shutdown
 
 
-def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(make_runner: Make, sqlite_db: Database) -> None:
+def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner, idle_timeout=1)
@@ -185,7 +209,9 @@ def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(make_runner: Make, sql
     assert stop.details["last_activity"] == "boot" and stop.details["last_activity_at"]
 
 
-def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, sqlite_db: Database) -> None:
+def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(
+    make_runner: Make, sqlite_db: Database
+) -> None:
     owner = seed(sqlite_db)
     svc = make_runner()
     rid = running(svc, owner, idle_timeout=0)
@@ -194,7 +220,9 @@ def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, 
     assert svc.get(owner, rid).state == State.RUNNING
 
 
-def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     types = dict(settings.machine_types)
@@ -210,7 +238,9 @@ def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(make_ru
 # ------------------------------------------------------------------ reconciliation
 
 
-def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     owner = seed(sqlite_db)
     first = make_runner()
     rid = running(first, owner)
@@ -221,10 +251,14 @@ def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(make
     assert rt.state == State.RUNNING
     after = ping(second.state_dir(rid) / "agent.sock")
     assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
-    assert len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
+    assert (
+        len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
+    )
 
 
-def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     owner = seed(sqlite_db)
     first = make_runner()
     rid = running(first, owner)
@@ -236,7 +270,9 @@ def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_w
     assert rt.backend_state == {}
 
 
-def test_a_container_that_died_is_an_error_found_by_housekeeping(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_container_that_died_is_an_error_found_by_housekeeping(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     owner = seed(sqlite_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner)
@@ -245,20 +281,34 @@ def test_a_container_that_died_is_an_error_found_by_housekeeping(make_runner: Ma
     assert rt.state_reason in ("container-exited", "oom")
 
 
-def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(make_runner: Make, sqlite_db: Database, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
+    make_runner: Make, sqlite_db: Database, settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     from envs.kit.config import DEFAULT_MACHINE_TYPES
     from runner.backends.base import RuntimeSpec
     from runner.service import AGENT_DIR
 
     backend = FakeBackend(settings.runner_name)
-    backend.start(RuntimeSpec("rt_orphan0000000000", "orphan", "img", "python3@1", DEFAULT_MACHINE_TYPES["small"], tmp_path / "o", AGENT_DIR))
+    backend.start(
+        RuntimeSpec(
+            "rt_orphan0000000000",
+            "orphan",
+            "img",
+            "python3@1",
+            DEFAULT_MACHINE_TYPES["small"],
+            tmp_path / "o",
+            AGENT_DIR,
+        )
+    )
     assert [f.runtime_id for f in backend.list_owned()] == ["rt_orphan0000000000"]
     seed(sqlite_db)
     make_runner(backend)
     assert backend.list_owned() == []
 
 
-def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     owner = seed(sqlite_db)
     first = make_runner()
     rid = running(first, owner)
@@ -279,7 +329,9 @@ def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(make_
     assert rt.backend_state["container_id"] == container
 
 
-def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(make_runner: Make, sqlite_db: Database, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(
+    make_runner: Make, sqlite_db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import update
 
     from runner.models import Runtime

@@ -8,9 +8,15 @@ from runner.states import TRANSITIONS, State, can_transition, sources_of
 @pytest.mark.parametrize(
     ("src", "dst"),
     [
-        ("stopped", "booting"), ("booting", "running"), ("running", "stopping"),
-        ("stopping", "stopped"), ("booting", "error"), ("running", "error"),
-        ("error", "booting"), ("error", "stopped"), ("booting", "stopping"),
+        ("stopped", "booting"),
+        ("booting", "running"),
+        ("running", "stopping"),
+        ("stopping", "stopped"),
+        ("booting", "error"),
+        ("running", "error"),
+        ("error", "booting"),
+        ("error", "stopped"),
+        ("booting", "stopping"),
     ],
 )
 def test_the_documented_transitions_are_allowed(src: str, dst: str) -> None:
@@ -19,8 +25,13 @@ def test_the_documented_transitions_are_allowed(src: str, dst: str) -> None:
 
 @pytest.mark.parametrize(
     ("src", "dst"),
-    [("stopped", "running"), ("stopped", "stopping"), ("running", "booting"), ("stopping", "running"),
-     ("running", "stopped")],
+    [
+        ("stopped", "running"),
+        ("stopped", "stopping"),
+        ("running", "booting"),
+        ("stopping", "running"),
+        ("running", "stopped"),
+    ],
 )
 def test_shortcuts_around_the_state_machine_are_refused(src: str, dst: str) -> None:
     assert not can_transition(State(src), State(dst))
