@@ -472,7 +472,7 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     )
     with db.session() as s:
         registered = register_base_images(s, built)
-        result = [
+        result: list[dict[str, Any]] = [
             {
                 "image": b.name,
                 "image_id": b.image_id,

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from envs.kit.errors import BackendError, EnvctlError
 from runner.backends.base import BackendState, FoundContainer, Status
@@ -238,7 +238,7 @@ def _apply(service: RunnerService, action: Action) -> None:
                     s, rid, event="adopted", reason="reconcile", message="container re-attached"
                 )
                 s.execute(
-                    Runtime.__table__.update()
+                    update(Runtime)
                     .where(Runtime.id == rid)
                     .values(backend_state=action.state)
                 )

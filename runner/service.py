@@ -14,6 +14,7 @@ Rules (DESIGN.md, "Runtime states"):
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import time
@@ -133,7 +134,7 @@ class RunnerService:
         with self.db.session() as s:
             return self._get(s, owner_id, runtime_id)
 
-    def log_entries(self, owner_id: str, runtime_id: str) -> list[RuntimeLogEntry]:
+    def log_entries(self, owner_id: str, runtime_id: str) -> builtins.list[RuntimeLogEntry]:
         with self.db.session() as s:
             self._get(s, owner_id, runtime_id)
             return list(
@@ -393,7 +394,7 @@ class RunnerService:
             log.warning("reconciliation failed: %s", exc.message)
         self.shutdown_idle()
 
-    def shutdown_idle(self) -> list[str]:
+    def shutdown_idle(self) -> builtins.list[str]:
         """Stop every running runtime of this runner whose idle decision says so."""
         stopped = []
         with self.db.session() as s:

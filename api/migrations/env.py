@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 import envs.models  # noqa: F401  (registers tables on Base.metadata)
 import registry.models  # noqa: F401
@@ -29,7 +30,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
+    url = str(config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url"))
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -39,7 +40,7 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -25,5 +25,5 @@ def health(ctx: CtxDep) -> HealthOut:
         ctx.runner.backend.ping()
     except EnvctlError as exc:
         backend = exc.message
-    status = "ok" if database == "ok" and backend == "ok" else "degraded"
-    return HealthOut(status=status, database=database, backend=backend, runner=ctx.runner.runner)
+    ok = database == "ok" and backend == "ok"
+    return HealthOut(status="ok" if ok else "degraded", database=database, backend=backend, runner=ctx.runner.runner)

@@ -27,6 +27,11 @@ import sys
 import threading
 import time
 
+try:  # annotations only; python3-minimal images may lack typing
+    from typing import Any
+except ImportError:  # pragma: no cover
+    pass
+
 PROTOCOL_VERSION = 1
 DEFAULT_SOCKET = "/run/envctl/agent.sock"
 MAX_LINE = 16 * 1024 * 1024
@@ -40,7 +45,7 @@ class Agent:
         self._stop = threading.Event()
 
     # --- operations -----------------------------------------------------------------
-    def op_ping(self, request: dict) -> dict:
+    def op_ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {
             "op": "pong",
             "pid": os.getpid(),
@@ -98,7 +103,7 @@ class Agent:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def dispatch(self, line: bytes) -> dict:
+    def dispatch(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -106,7 +111,7 @@ class Agent:
         except ValueError as exc:
             return {"id": None, "ok": False, "error": f"malformed request: {exc}"}
         rid = request.get("id")
-        handler = self.handlers.get(request.get("op"))
+        handler = self.handlers.get(str(request.get("op")))
         if handler is None:
             return {"id": rid, "ok": False, "error": f"unknown op {request.get('op')!r}"}
         try:
