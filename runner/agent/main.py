@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-try:  # annotations only; python3-minimal images may lack typing
+try:  # noqa: SIM105  (annotations only; python3-minimal images may lack typing)
     from typing import Any
 except ImportError:  # pragma: no cover
     pass
