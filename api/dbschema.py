@@ -9,9 +9,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from envs.kit.db import make_engine
-from envs.kit.errors import SchemaOutOfDateError
+from envs.kit.errors import DatabaseUnavailableError, SchemaOutOfDateError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -31,8 +32,18 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The schema revision of the database; None for an empty or not yet created one."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and database and not Path(database).exists():
+        return None  # connecting would create the file, or fail when its directory is missing
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot read the schema of {engine.url.render_as_string(hide_password=True)}: "
+            f"{str(exc.orig).splitlines()[0] if exc.orig else exc}"
+        ) from exc
 
 
 def upgrade(url: str, revision: str = "head") -> None:

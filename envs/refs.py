@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from envs.kit.errors import InvalidInputError
 
 NAME_MAX = 64
-_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_NUMBER_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*\Z")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_NUMBER_RE = re.compile(r"^[1-9][0-9]{0,8}\Z")
 DEFAULT_TAG = "latest"
 
 

@@ -198,7 +198,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
                 memory=_parse_memory(spec["memory"], where + ".memory"),
                 pids=int(spec.get("pids", 512)),
                 gpus=int(spec.get("gpus", 0)),
-                idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") else None,
+                idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") is not None else None,
                 description=str(spec.get("description", "")),
             )
         except KeyError as exc:

@@ -6,7 +6,7 @@ import re
 import secrets
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
-_ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-z]{16}$")
+_ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-z]{16}\Z")
 
 
 def new_id(prefix: str) -> str:

@@ -16,10 +16,17 @@ from runner.service import RunnerService
 
 @pytest.fixture
 def sqlite_db(settings: Settings) -> Iterator[Database]:
+    """The settings' own SQLite database, migrated (for apps built from ``settings``)."""
     upgrade(settings.effective_database_url)
     db = Database(settings.effective_database_url)
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def runner_db(db: Database) -> Database:
+    """A migrated database on SQLite and on PostgreSQL: the runner's rules hold on both."""
+    return db
 
 
 def seed(db: Database, image_id: str = "sha256:" + "b" * 64, image_ref: str = "python3") -> str:
@@ -36,7 +43,7 @@ def seed(db: Database, image_id: str = "sha256:" + "b" * 64, image_ref: str = "p
 
 
 @pytest.fixture
-def make_runner(settings: Settings, sqlite_db: Database) -> Iterator[Callable[..., RunnerService]]:
+def make_runner(settings: Settings, runner_db: Database) -> Iterator[Callable[..., RunnerService]]:
     """Build runner services on one database, as a restarted envctl would be."""
     made: list[RunnerService] = []
 
@@ -44,7 +51,7 @@ def make_runner(settings: Settings, sqlite_db: Database) -> Iterator[Callable[..
         backend: RuntimeBackend | None = None, *, housekeeping: bool = False, **overrides: object
     ) -> RunnerService:
         s = settings.with_overrides(**overrides) if overrides else settings
-        svc = RunnerService(s, sqlite_db, backend or FakeBackend(s.runner_name))
+        svc = RunnerService(s, runner_db, backend or FakeBackend(s.runner_name))
         svc.open(housekeeping=housekeeping)
         made.append(svc)
         return svc

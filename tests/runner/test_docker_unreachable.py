@@ -47,11 +47,11 @@ def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
 
 def test_reconciling_against_a_dead_engine_marks_runtimes_but_keeps_their_containers_on_record(
     make_runner: Callable[..., RunnerService],
-    sqlite_db: Database,
+    runner_db: Database,
     settings: Settings,
     tmp_path: Path,
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     alive = make_runner()
     rt = alive.create(owner, name="demo", environment="python3")
     alive.start(owner, rt.id)

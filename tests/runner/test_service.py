@@ -34,9 +34,9 @@ def running(svc: RunnerService, owner: str, name: str = "demo", **kw: object) ->
 
 
 def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_logged(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner)
     svc.stop(owner, rid)
@@ -53,8 +53,8 @@ def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_
     assert any(e.event == "container-created" for e in entries)
 
 
-def test_booting_ends_only_when_the_agent_answers(make_runner: Make, sqlite_db: Database) -> None:
-    owner = seed(sqlite_db)
+def test_booting_ends_only_when_the_agent_answers(make_runner: Make, runner_db: Database) -> None:
+    owner = seed(runner_db)
     svc = make_runner(FakeBackend("slow", boot_delay=1.0), runner_name="slow")
     rt = svc.create(owner, name="slow", environment="python3")
     svc.start(owner, rt.id)
@@ -66,9 +66,9 @@ def test_booting_ends_only_when_the_agent_answers(make_runner: Make, sqlite_db: 
 
 
 def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     backend = FakeBackend("mute", never_answers=True)
     svc = make_runner(backend, runner_name="mute", runner_boot_timeout=1.0)
     rt = svc.create(owner, name="mute", environment="python3")
@@ -80,9 +80,9 @@ def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container
 
 
 def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     backend = FakeBackend("dies", boot_delay=5)
     svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
     rt = svc.create(owner, name="dies", environment="python3")
@@ -94,9 +94,9 @@ def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(
 
 
 def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_reason(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner(FakeBackend("refuses", fail_start=True), runner_name="refuses")
     rt = svc.create(owner, name="x", environment="python3")
     svc.start(owner, rt.id)
@@ -104,8 +104,8 @@ def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_re
     assert err.state_reason == "backend-error" and "refused" in err.state_message
 
 
-def test_an_errored_runtime_can_be_started_again(make_runner: Make, sqlite_db: Database) -> None:
-    owner = seed(sqlite_db)
+def test_an_errored_runtime_can_be_started_again(make_runner: Make, runner_db: Database) -> None:
+    owner = seed(runner_db)
     backend = FakeBackend("flaky", fail_start=True)
     svc = make_runner(backend, runner_name="flaky")
     rt = svc.create(owner, name="x", environment="python3")
@@ -117,9 +117,9 @@ def test_an_errored_runtime_can_be_started_again(make_runner: Make, sqlite_db: D
 
 
 def test_stopping_while_booting_removes_the_container_without_waiting_for_the_boot_timeout(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     backend = FakeBackend("mute2", never_answers=True)
     svc = make_runner(backend, runner_name="mute2", runner_boot_timeout=60)
     rt = svc.create(owner, name="x", environment="python3")
@@ -133,9 +133,9 @@ def test_stopping_while_booting_removes_the_container_without_waiting_for_the_bo
 
 
 def test_settings_that_shape_the_container_cannot_change_while_it_runs(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner)
     with pytest.raises(RuntimeStateError, match="only change while the runtime is stopped"):
@@ -146,9 +146,9 @@ def test_settings_that_shape_the_container_cannot_change_while_it_runs(
 
 
 def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container_at_most(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     backend = FakeBackend("race")
     svc = make_runner(backend, runner_name="race", runner_max_boots=50)
     rt = svc.create(owner, name="race", environment="python3")
@@ -177,9 +177,9 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
 
 
 def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner(FakeBackend("busy", boot_delay=2), runner_name="busy", runner_max_boots=2)
     ids = [svc.create(owner, name=f"r{i}", environment="python3").id for i in range(3)]
     svc.start(owner, ids[0])
@@ -194,9 +194,9 @@ def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(
 
 
 def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner, idle_timeout=1)
     rt = svc.get(owner, rid)
@@ -210,9 +210,9 @@ def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
 
 
 def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(
-    make_runner: Make, sqlite_db: Database
+    make_runner: Make, runner_db: Database
 ) -> None:
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner, idle_timeout=0)
     svc.clock = lambda: utcnow() + timedelta(days=30)
@@ -221,13 +221,13 @@ def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(
 
 
 def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     types = dict(settings.machine_types)
     types["small"] = replace(types["small"], idle_timeout=5)
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner(machine_types=types)
     rid = running(svc, owner)
     rt = svc.get(owner, rid)
@@ -239,9 +239,9 @@ def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
 
 
 def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
     before = ping(first.state_dir(rid) / "agent.sock")
@@ -257,9 +257,9 @@ def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
 
 
 def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
     first._closing.set()
@@ -271,9 +271,9 @@ def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_w
 
 
 def test_a_container_that_died_is_an_error_found_by_housekeeping(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner)
     FakeBackend(settings.runner_name).crash(rid)
@@ -282,7 +282,7 @@ def test_a_container_that_died_is_an_error_found_by_housekeeping(
 
 
 def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
-    make_runner: Make, sqlite_db: Database, settings, tmp_path
+    make_runner: Make, runner_db: Database, settings, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     from envs.kit.config import DEFAULT_MACHINE_TYPES
     from runner.backends.base import RuntimeSpec
@@ -301,15 +301,15 @@ def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
         )
     )
     assert [f.runtime_id for f in backend.list_owned()] == ["rt_orphan0000000000"]
-    seed(sqlite_db)
+    seed(runner_db)
     make_runner(backend)
     assert backend.list_owned() == []
 
 
 def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
     container = first.get(owner, rid).backend_state["container_id"]
@@ -330,17 +330,17 @@ def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(
 
 
 def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(
-    make_runner: Make, sqlite_db: Database, settings
+    make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import update
 
     from runner.models import Runtime
 
-    owner = seed(sqlite_db)
+    owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
     first._closing.set()
-    with sqlite_db.session() as s:
+    with runner_db.session() as s:
         s.execute(update(Runtime).where(Runtime.id == rid).values(state="stopping"))
     second = make_runner()
     assert second.get(owner, rid).state == State.STOPPED

@@ -1,0 +1,210 @@
+"""The schema: Alembic migrations, the models they must match, and the refusal of an old schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+
+import envs.models  # noqa: F401  (every table on Base.metadata)
+import registry.models  # noqa: F401
+import runner.models  # noqa: F401
+from api import dbschema
+from api.app import create_app
+from api.cli import main
+from envs.kit.config import Settings
+from envs.kit.db import Base, make_engine
+from envs.kit.errors import SchemaOutOfDateError
+
+TABLES = {
+    "environments",
+    "environment_versions",
+    "environment_tags",
+    "users",
+    "api_tokens",
+    "runtimes",
+    "runtime_log",
+}
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def tables(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(inspect(conn).get_table_names()) - {"alembic_version"}
+
+
+def set_revision(engine: Engine, revision: str) -> None:
+    """Write ``alembic_version`` by hand, as a database from another envctl would have it."""
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM alembic_version"))
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:r)"), {"r": revision})
+
+
+def test_every_model_table_is_on_the_metadata() -> None:
+    assert set(Base.metadata.tables) == TABLES
+
+
+def test_upgrade_head_creates_every_table_and_records_head(db_url: str, engine: Engine) -> None:
+    assert dbschema.current_revision(engine) is None
+    dbschema.upgrade(db_url)
+    assert dbschema.current_revision(engine) == dbschema.head_revision()
+    assert tables(engine) == TABLES
+
+
+def test_upgrade_head_twice_changes_nothing(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    dbschema.upgrade(db_url)
+    assert dbschema.current_revision(engine) == dbschema.head_revision()
+    assert tables(engine) == TABLES
+
+
+def test_downgrade_to_base_and_upgrade_again_round_trips(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    dbschema.downgrade(db_url, "base")
+    assert tables(engine) == set()
+    assert dbschema.current_revision(engine) is None
+    dbschema.upgrade(db_url)
+    assert tables(engine) == TABLES
+    assert dbschema.current_revision(engine) == dbschema.head_revision()
+
+
+def test_models_match_the_migrations(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+
+
+def test_upgrade_creates_the_directory_of_a_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'dir' / 'envctl.db'}"
+    dbschema.upgrade(url)
+    assert (tmp_path / "new" / "dir" / "envctl.db").exists()
+
+
+def test_check_current_refuses_an_empty_database_naming_the_upgrade_command(
+    engine: Engine,
+) -> None:
+    with pytest.raises(SchemaOutOfDateError) as caught:
+        dbschema.check_current(engine)
+    assert "envctl db upgrade" in caught.value.message
+    assert caught.value.status == 503
+    assert caught.value.details["current"] is None
+    assert caught.value.details["head"] == dbschema.head_revision()
+
+
+def test_check_current_refuses_a_database_downgraded_to_base(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    dbschema.downgrade(db_url, "base")
+    with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
+        dbschema.check_current(engine)
+
+
+def test_check_current_refuses_a_database_at_an_unknown_revision(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    set_revision(engine, "ffffffffffff")
+    with pytest.raises(SchemaOutOfDateError) as caught:
+        dbschema.check_current(engine)
+    assert "ffffffffffff" in caught.value.message
+    assert "upgrade envctl" in caught.value.message
+    assert caught.value.details["current"] == "ffffffffffff"
+
+
+def test_check_current_passes_on_a_current_database(db_url: str, engine: Engine) -> None:
+    dbschema.upgrade(db_url)
+    dbschema.check_current(engine)
+
+
+def test_check_current_passes_on_a_database_stamped_at_head(db_url: str, engine: Engine) -> None:
+    command.stamp(dbschema.alembic_config(db_url), "head")
+    dbschema.check_current(engine)
+
+
+def test_serve_refuses_a_database_without_the_schema(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, runner_backend="fake", runner_name="test-serve")
+    with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
+        create_app(settings, housekeeping=False)
+
+
+def test_serve_refuses_an_empty_database_on_each_backend(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        runner_backend="fake",
+        runner_name="test-serve",
+    )
+    with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
+        create_app(settings, housekeeping=False)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """ENVCTL_DATA_DIR at a fresh directory; nothing else from the caller's environment."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for var in ("ENVCTL_CONFIG", "ENVCTL_DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ENVCTL_DATA_DIR", str(data_dir))
+    return data_dir
+
+
+def test_cli_db_current_fails_before_upgrade_and_passes_after(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "current"]) == 1
+    assert "envctl db upgrade" in capsys.readouterr().out
+    assert main(["db", "upgrade"]) == 0
+    assert main(["db", "current"]) == 0
+
+
+def test_cli_db_upgrade_migrates_the_database_in_the_data_dir(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    assert dbschema.head_revision() in capsys.readouterr().out
+    engine = make_engine(f"sqlite:///{cli_env / 'envctl.db'}")
+    try:
+        assert dbschema.current_revision(engine) == dbschema.head_revision()
+        assert tables(engine) == TABLES
+    finally:
+        engine.dispose()
+
+
+def test_cli_db_upgrade_uses_envctl_database_url(
+    cli_env: Path, db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENVCTL_DATABASE_URL", db_url)
+    assert main(["db", "current"]) == 1
+    assert main(["db", "upgrade"]) == 0
+    assert main(["db", "current"]) == 0
+    assert dbschema.current_revision(engine) == dbschema.head_revision()
+
+
+
+
+def test_cli_db_current_with_a_data_dir_that_does_not_exist_yet_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("ENVCTL_CONFIG", "ENVCTL_DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ENVCTL_DATA_DIR", str(tmp_path / "not-yet"))
+    assert main(["db", "current"]) == 1
+
+
+def test_serve_refuses_a_data_dir_that_does_not_exist_yet_naming_the_upgrade_command(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "not-yet", runner_backend="fake", runner_name="test-serve")
+    with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
+        create_app(settings, housekeeping=False)
