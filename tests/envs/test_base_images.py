@@ -1,0 +1,486 @@
+"""Base images: recipes as data (pure, fast) and real builds in Docker (marked ``docker``).
+
+The Docker tests build the shipped ``bash`` and ``python3`` images when they are missing (a few
+minutes: debootstrap plus apt) and reuse them otherwise. The images are the product, not test
+debris, so they stay; everything else a test makes (build containers, failed images) is gone
+at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from envs import base_images as bi
+from envs.kit.errors import BackendError, InvalidInputError
+
+MIRROR = "http://deb.debian.org/debian"
+ROOT = """\
+debootstrap:
+  suite: bookworm
+  variant: minbase
+  include: [bash]
+"""
+CHILD = """\
+steps:
+  - echo hello
+"""
+
+
+def tree(root: Path, hierarchy: str, recipes: dict[str, str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "hierarchy.yaml").write_text(textwrap.dedent(hierarchy))
+    for name, text in recipes.items():
+        (root / name).mkdir()
+        (root / name / "recipe.yaml").write_text(textwrap.dedent(text))
+    return root
+
+
+def family(root: Path) -> Path:
+    return tree(
+        root,
+        "base: null\nmiddle: base\nleaf: middle\nother: base\n",
+        {"base": ROOT, "middle": CHILD, "leaf": CHILD, "other": CHILD},
+    )
+
+
+# ------------------------------------------------------------------------- recipes (pure)
+
+
+def test_load_hierarchy_lists_parents_before_children(tmp_path: Path) -> None:
+    root = tree(tmp_path, "child: base\nbase: null\n", {"base": ROOT, "child": CHILD})
+    recipes = bi.load_hierarchy(root, MIRROR)
+    assert list(recipes) == ["base", "child"]
+    assert recipes["base"].parent is None
+    assert recipes["child"].parent == "base"
+    assert recipes["child"].directory == root / "child"
+    assert all(r.digest.startswith("sha256:") and len(r.digest) == 71 for r in recipes.values())
+
+
+def test_same_inputs_give_the_same_digest(tmp_path: Path) -> None:
+    one = bi.load_hierarchy(family(tmp_path / "one"), MIRROR)
+    two = bi.load_hierarchy(family(tmp_path / "two"), MIRROR + "/")
+    assert {n: r.digest for n, r in one.items()} == {n: r.digest for n, r in two.items()}
+
+
+def test_digest_covers_recipe_files_mirror_and_suite(tmp_path: Path) -> None:
+    root = family(tmp_path)
+    before = bi.load_hierarchy(root, MIRROR)["base"].digest
+    assert bi.load_hierarchy(root, "http://mirror.example/debian")["base"].digest != before
+
+    (root / "base" / "verify").write_text("#!/bin/sh\ntrue\n")
+    with_verify = bi.load_hierarchy(root, MIRROR)["base"].digest
+    assert with_verify != before
+
+    (root / "base" / "recipe.yaml").write_text(ROOT.replace("bookworm", "trixie"))
+    assert bi.load_hierarchy(root, MIRROR)["base"].digest not in {before, with_verify}
+
+
+def test_readme_is_not_part_of_the_digest(tmp_path: Path) -> None:
+    root = family(tmp_path)
+    before = bi.load_hierarchy(root, MIRROR)
+    (root / "middle" / "README.md").write_text("# middle\n")
+    assert bi.load_hierarchy(root, MIRROR) == before
+
+
+def test_changing_a_parent_changes_every_descendant(tmp_path: Path) -> None:
+    root = family(tmp_path)
+    before = bi.load_hierarchy(root, MIRROR)
+    (root / "middle" / "recipe.yaml").write_text(CHILD + "  - echo more\n")
+    after = bi.load_hierarchy(root, MIRROR)
+    assert after["base"].digest == before["base"].digest
+    assert after["other"].digest == before["other"].digest
+    assert after["middle"].digest != before["middle"].digest
+    assert after["leaf"].digest != before["leaf"].digest
+
+
+def test_unknown_parent_is_rejected_naming_file_line_and_known_images(tmp_path: Path) -> None:
+    root = tree(tmp_path, "base: null\nchild: bsae\n", {"base": ROOT, "child": CHILD})
+    with pytest.raises(InvalidInputError) as err:
+        bi.load_hierarchy(root, MIRROR)
+    assert f"{root / 'hierarchy.yaml'}:2: child: unknown parent 'bsae'" in str(err.value)
+    assert "known: base, child" in str(err.value)
+
+
+def test_parent_cycle_is_rejected(tmp_path: Path) -> None:
+    root = tree(tmp_path, "a: b\nb: c\nc: a\n", {"a": CHILD, "b": CHILD, "c": CHILD})
+    with pytest.raises(InvalidInputError, match=r"parent cycle: a -> b -> c -> a"):
+        bi.load_hierarchy(root, MIRROR)
+
+
+def test_image_that_is_its_own_parent_is_a_cycle(tmp_path: Path) -> None:
+    root = tree(tmp_path, "a: a\n", {"a": CHILD})
+    with pytest.raises(InvalidInputError, match="parent cycle: a -> a"):
+        bi.load_hierarchy(root, MIRROR)
+
+
+def test_missing_recipe_is_rejected(tmp_path: Path) -> None:
+    root = tree(tmp_path, "base: null\nchild: base\n", {"base": ROOT})
+    with pytest.raises(InvalidInputError, match=r"hierarchy.yaml:2: child: missing recipe"):
+        bi.load_hierarchy(root, MIRROR)
+    (root / "child").mkdir()
+    with pytest.raises(InvalidInputError, match=r"missing recipe: no .*child/recipe.yaml"):
+        bi.load_hierarchy(root, MIRROR)
+
+
+def test_missing_hierarchy_file_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="hierarchy.yaml: file missing"):
+        bi.load_hierarchy(tmp_path, MIRROR)
+
+
+def test_invalid_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
+    root = tree(tmp_path, "base: null\n", {"base": "debootstrap:\n  suite: [bookworm\n"})
+    with pytest.raises(InvalidInputError, match=r"base/recipe.yaml:\d+: not valid YAML"):
+        bi.load_hierarchy(root, MIRROR)
+
+
+def test_duplicate_image_in_hierarchy_is_rejected(tmp_path: Path) -> None:
+    root = tree(tmp_path, "base: null\nbase: null\n", {"base": ROOT})
+    with pytest.raises(InvalidInputError, match=r"hierarchy.yaml:2: base: appears twice"):
+        bi.load_hierarchy(root, MIRROR)
+
+
+@pytest.mark.parametrize("name", ["Bash", "my image", "../up", "-x"])
+def test_image_names_must_be_docker_repository_names(tmp_path: Path, name: str) -> None:
+    (tmp_path / "hierarchy.yaml").write_text(f"'{name}': null\n")
+    with pytest.raises(InvalidInputError, match="image names are lowercase"):
+        bi.load_hierarchy(tmp_path, MIRROR)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "problem"),
+    [
+        (CHILD, "steps: not a field of a root image"),
+        ("debootstrap: {variant: minbase}\n", "debootstrap.suite: must be a suite name"),
+        ("debootstrap: {suite: bookworm, include: ['bash; rm -rf /']}\n", "invalid entry"),
+        ("debootstrap: {suite: bookworm}\ncleanup: [../../etc]\n", "must be a relative path"),
+        (ROOT + "config: {env: {PATH: '$HOME'}}\n", "config.env.PATH: must be a string"),
+        (ROOT + "config: {user: root}\n", "config: may hold only 'env' and 'cmd'"),
+    ],
+)
+def test_invalid_root_recipes_are_rejected(tmp_path: Path, recipe: str, problem: str) -> None:
+    root = tree(tmp_path, "base: null\n", {"base": recipe})
+    with pytest.raises(InvalidInputError, match=problem.replace("(", r"\(").replace("$", r"\$")):
+        bi.load_hierarchy(root, MIRROR)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "problem"),
+    [
+        (ROOT, "debootstrap: not a field of a child image"),
+        ("steps: []\n", "needs at least one step"),
+        ("steps: apt-get update\n", "steps: must be a list of non-empty strings"),
+    ],
+)
+def test_invalid_child_recipes_are_rejected(tmp_path: Path, recipe: str, problem: str) -> None:
+    root = tree(tmp_path, "base: null\nchild: base\n", {"base": ROOT, "child": recipe})
+    with pytest.raises(InvalidInputError, match=problem):
+        bi.load_hierarchy(root, MIRROR)
+
+
+@pytest.mark.parametrize("mirror", ["ftp://x/debian", "deb.debian.org", "http://a b/", "http://"])
+def test_invalid_mirror_is_rejected_naming_the_field(tmp_path: Path, mirror: str) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        bi.load_hierarchy(family(tmp_path), mirror)
+    assert err.value.field == "mirror"
+
+
+def test_build_order_adds_ancestors_parents_first(tmp_path: Path) -> None:
+    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
+    assert [r.name for r in bi.build_order(recipes, ["leaf"])] == ["base", "middle", "leaf"]
+    assert [r.name for r in bi.build_order(recipes, ["other", "base"])] == ["base", "other"]
+    assert [r.name for r in bi.build_order(recipes, ["leaf", "middle"])] == [
+        "base",
+        "middle",
+        "leaf",
+    ]
+
+
+def test_build_order_of_none_is_every_image(tmp_path: Path) -> None:
+    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
+    assert [r.name for r in bi.build_order(recipes, None)] == ["base", "middle", "leaf", "other"]
+
+
+def test_build_order_rejects_an_unknown_name_listing_the_known_ones(tmp_path: Path) -> None:
+    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
+    with pytest.raises(InvalidInputError) as err:
+        bi.build_order(recipes, ["leaf", "nope"])
+    assert "unknown base image 'nope'; known: base, leaf, middle, other" in str(err.value)
+    assert err.value.field == "names"
+
+
+def test_build_rejects_bad_input_before_calling_docker(tmp_path: Path) -> None:
+    no_docker: Any = object()  # any use would raise AttributeError
+    root = family(tmp_path)
+    with pytest.raises(InvalidInputError, match="unknown base image"):
+        bi.build(["nope"], client=no_docker, recipes_dir=root, mirror=MIRROR)
+    with pytest.raises(InvalidInputError, match="mirror"):
+        bi.build(None, client=no_docker, recipes_dir=root, mirror="file:///srv")
+
+
+def test_default_recipes_dir_is_the_repository_folder_unless_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(bi.RECIPES_DIR_ENV, raising=False)
+    assert bi.default_recipes_dir() == Path(__file__).resolve().parents[2] / "base-images"
+    monkeypatch.setenv(bi.RECIPES_DIR_ENV, str(tmp_path))
+    assert bi.default_recipes_dir() == tmp_path
+
+
+def test_shipped_recipes_load_and_each_has_a_verify_script_and_readme() -> None:
+    root = Path(__file__).resolve().parents[2] / "base-images"
+    recipes = bi.load_hierarchy(root, MIRROR)
+    assert recipes["bash"].parent is None
+    assert recipes["python3"].parent == "bash"
+    for recipe in recipes.values():
+        assert (recipe.directory / "verify").stat().st_mode & 0o111, recipe.name
+        assert (recipe.directory / "README.md").is_file(), recipe.name
+
+
+def test_a_second_builder_of_the_same_recipe_waits_for_the_first(tmp_path: Path) -> None:
+    recipe = bi.load_hierarchy(family(tmp_path), MIRROR)["base"]
+    order: list[str] = []
+    holding = threading.Event()
+
+    def first() -> None:
+        with bi._build_lock(recipe, "debootstrap", lambda e: None):
+            holding.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait(5)
+    events: list[bi.BuildEvent] = []
+    with bi._build_lock(recipe, "debootstrap", events.append):
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]
+    assert [e.message for e in events] == ["waiting for another build of this recipe"]
+
+
+# ------------------------------------------------------------------------- mirror (pure)
+
+
+def apt_config(etc: Path, files: dict[str, str], *, os_id: str = "debian") -> Path:
+    """An /etc with os-release and the given files under apt/."""
+    (etc / "apt" / "sources.list.d").mkdir(parents=True)
+    (etc / "os-release").write_text(f"ID={os_id}\nVERSION_CODENAME=bookworm\n")
+    for name, text in files.items():
+        (etc / "apt" / name).write_text(textwrap.dedent(text))
+    return etc
+
+
+def test_mirror_comes_from_deb822_sources(tmp_path: Path) -> None:
+    etc = apt_config(
+        tmp_path,
+        {
+            "sources.list.d/debian.sources": """\
+            Types: deb
+            URIs: http://mirror.example/debian-security
+            Suites: bookworm-security
+            Components: main
+
+            Types: deb deb-src
+            # a comment
+            URIs: https://mirror.example/debian/
+            Suites: bookworm bookworm-updates
+            Components: main
+            """
+        },
+    )
+    assert bi._mirror_from_apt_config(etc) == "https://mirror.example/debian"
+
+
+def test_mirror_comes_from_a_one_line_sources_list(tmp_path: Path) -> None:
+    etc = apt_config(
+        tmp_path,
+        {
+            "sources.list": """\
+            # deb http://commented.example/debian bookworm main
+            deb [signed-by=/usr/share/keyrings/x.gpg] http://ftp.example/debian bookworm main
+            deb http://ftp.example/debian bookworm-updates main
+            """
+        },
+    )
+    assert bi._mirror_from_apt_config(etc) == "http://ftp.example/debian"
+
+
+def test_mirror_prefers_the_release_suite_over_third_party_sources(tmp_path: Path) -> None:
+    etc = apt_config(
+        tmp_path,
+        {
+            "sources.list.d/a.list": "deb https://deb.nodesource.com/node_20.x nodistro main\n",
+            "sources.list.d/b.sources": """\
+            Types: deb
+            URIs: http://local.example/debian
+            Suites: bookworm
+            Enabled: no
+
+            Types: deb
+            URIs: http://deb.debian.org/debian
+            Suites: bookworm
+            """,
+        },
+    )
+    assert bi._mirror_from_apt_config(etc) == "http://deb.debian.org/debian"
+
+
+def test_mirror_falls_back_off_debian_or_without_sources(tmp_path: Path) -> None:
+    ubuntu = apt_config(
+        tmp_path / "u",
+        {"sources.list": "deb http://archive.ubuntu.com/ubuntu jammy main\n"},
+        os_id="ubuntu",
+    )
+    assert bi._mirror_from_apt_config(ubuntu) == bi.FALLBACK_MIRROR
+    assert bi._mirror_from_apt_config(apt_config(tmp_path / "e", {})) == bi.FALLBACK_MIRROR
+
+
+def test_default_mirror_is_an_http_url() -> None:
+    assert bi.default_mirror().startswith(("http://", "https://"))
+
+
+# ------------------------------------------------------------------------- real builds
+
+
+@pytest.fixture(scope="module")
+def built(docker: Any) -> dict[str, Any]:
+    """Build (or reuse) the shipped bash and python3 images once for this module."""
+    events: list[bi.BuildEvent] = []
+    images = bi.build(["python3"], client=docker, progress=events.append)
+    return {"images": {i.name: i for i in images}, "events": events}
+
+
+@pytest.mark.docker
+def test_build_returns_bash_then_python3_with_events(built: dict[str, Any]) -> None:
+    images = built["images"]
+    assert list(images) == ["bash", "python3"]
+    for name in images:
+        phases = [e.phase for e in built["events"] if e.image == name]
+        assert phases[-1] in {"reuse", "done"}, phases
+        if phases[-1] == "done":
+            assert "verify" in phases
+
+
+@pytest.mark.docker
+def test_built_images_carry_labels_and_digest_tag(docker: Any, built: dict[str, Any]) -> None:
+    recipes = bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror())
+    for name, image in built["images"].items():
+        attrs = docker.api.inspect_image(image.image_id)
+        digest = recipes[name].digest
+        assert image.recipe_digest == digest
+        assert attrs["Config"]["Labels"] == {
+            "envctl.base-image": name,
+            "envctl.recipe-digest": digest,
+            "envctl.parent-image": recipes[name].parent or "",
+        }
+        assert f"envctl-base/{name}:{digest[7:19]}" in attrs["RepoTags"]
+        assert image.size == attrs["Size"] > 10_000_000
+
+
+@pytest.mark.docker
+def test_image_config_is_the_template_not_the_build_container(docker: Any, built: dict[str, Any]) -> None:
+    for image in built["images"].values():
+        attrs = docker.api.inspect_image(image.image_id)
+        config = attrs["Config"]
+        assert sorted(config["Env"]) == [
+            "LANG=C.UTF-8",
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ]
+        assert config["Cmd"] == ["/bin/bash"]
+        assert config["WorkingDir"] == "/root"
+        assert not config.get("Entrypoint")
+        assert "envctl.build" not in config["Labels"]
+        assert not (attrs.get("ContainerConfig") or {}).get("Labels")
+        assert not (attrs.get("ContainerConfig") or {}).get("Cmd")
+
+
+@pytest.mark.docker
+def test_python3_is_one_layer_on_top_of_bash(docker: Any, built: dict[str, Any]) -> None:
+    bash = docker.api.inspect_image(built["images"]["bash"].image_id)["RootFS"]["Layers"]
+    python3 = docker.api.inspect_image(built["images"]["python3"].image_id)["RootFS"]["Layers"]
+    assert len(bash) == 1
+    assert python3[0] == bash[0]
+    assert len(python3) == 2
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("name", ["bash", "python3"])
+def test_verify_scripts_pass_inside_the_built_image(docker: Any, built: dict[str, Any], name: str) -> None:
+    recipes = bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror())
+    events: list[bi.BuildEvent] = []
+    bi.verify_image(recipes, name, built["images"][name].image_id, client=docker, progress=events.append)
+    ran = [e.message for e in events if e.message.startswith("running ")]
+    expected = ["running bash/verify"] + (["running python3/verify"] if name == "python3" else [])
+    assert ran == expected
+    assert any(f"{name} image ok" in e.message for e in events)
+
+
+@pytest.mark.docker
+def test_second_build_reuses_the_same_images(docker: Any, built: dict[str, Any]) -> None:
+    events: list[bi.BuildEvent] = []
+    again = bi.build(None, client=docker, progress=events.append)
+    assert [(i.name, i.image_id, i.reused) for i in again] == [
+        (name, image.image_id, True) for name, image in built["images"].items()
+    ]
+    assert {e.phase for e in events} == {"reuse"}
+
+
+@pytest.mark.docker
+def test_builds_leave_no_build_containers(docker: Any, built: dict[str, Any]) -> None:
+    assert docker.api.containers(all=True, filters={"label": "envctl.build=1"}) == []
+
+
+def broken_child(root: Path, name: str, steps: list[str], verify: str | None = None) -> Path:
+    """A recipe folder whose root is a copy of the shipped bash (same digest: reused)."""
+    shutil.copytree(bi.default_recipes_dir() / "bash", root / "bash")
+    (root / "hierarchy.yaml").write_text(f"bash: null\n{name}: bash\n")
+    (root / name).mkdir()
+    (root / name / "recipe.yaml").write_text("steps:\n" + "".join(f"  - {s!r}\n" for s in steps))
+    if verify is not None:
+        (root / name / "verify").write_text(verify)
+    return root
+
+
+def remove_images_of(docker: Any, name: str) -> list[str]:
+    found = docker.api.images(filters={"label": f"envctl.base-image={name}"})
+    for image in found:
+        docker.api.remove_image(image["Id"], force=True)
+    return [i["Id"] for i in found]
+
+
+@pytest.mark.docker
+def test_failed_step_raises_with_its_output_and_leaves_nothing(
+    docker: Any, built: dict[str, Any], tmp_path: Path
+) -> None:
+    name = "test-failing-step"
+    root = broken_child(tmp_path, name, ["echo first-step", "echo marker-output >&2; exit 3"])
+    try:
+        with pytest.raises(BackendError) as err:
+            bi.build([name], client=docker, recipes_dir=root)
+        assert "step 2 failed (exit 3)" in str(err.value)
+        assert "marker-output" in str(err.value)
+        assert docker.api.containers(all=True, filters={"label": "envctl.build=1"}) == []
+    finally:
+        assert remove_images_of(docker, name) == []
+
+
+@pytest.mark.docker
+def test_failed_verify_raises_and_removes_the_image(docker: Any, built: dict[str, Any], tmp_path: Path) -> None:
+    name = "test-failing-verify"
+    script = "#!/bin/sh\necho wrong-image-marker\nexit 4\n"
+    root = broken_child(tmp_path, name, ["touch /etc/marker"], verify=script)
+    try:
+        with pytest.raises(BackendError) as err:
+            bi.build([name], client=docker, recipes_dir=root)
+        assert f"{name}/verify failed" in str(err.value)
+        assert "(exit 4)" in str(err.value) and "wrong-image-marker" in str(err.value)
+        assert docker.api.containers(all=True, filters={"label": "envctl.build=1"}) == []
+    finally:
+        assert remove_images_of(docker, name) == []
