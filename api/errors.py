@@ -29,6 +29,17 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def _problem(err: Any) -> str:
+    """Pydantic's message, said for people where it speaks in regular expressions."""
+    if err.get("type") == "string_pattern_mismatch":
+        value = err.get("input")
+        shown = f" (got {value[:80]!r})" if isinstance(value, str) else ""
+        return "may contain only lower-case letters, digits, and . _ - between them" + shown
+    if err.get("type") == "extra_forbidden":
+        return "is not a field of this request"
+    return str(err.get("msg", "invalid"))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EnvctlError)
     async def _envctl_error(_request: Request, exc: EnvctlError) -> JSONResponse:
@@ -46,7 +57,7 @@ def install(app: FastAPI) -> None:
         problems = []
         for err in exc.errors():
             field = _field_of(err.get("loc", ()))
-            problems.append({"field": field, "problem": str(err.get("msg", "invalid"))})
+            problems.append({"field": field, "problem": _problem(err)})
         first = problems[0] if problems else {"field": "body", "problem": "invalid request"}
         message = f"{first['field']}: {first['problem']}"
         if len(problems) > 1:
