@@ -129,3 +129,29 @@ class HealthOut(BaseModel):
     database: str
     backend: str
     runner: str
+
+
+class ExecutionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(max_length=1024 * 1024, description="the cell's source")
+    language: Literal["python", "bash"] | None = Field(default=None, description="default: the runtime's language")
+    timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds; null for none")
+
+
+class ExecutionOut(BaseModel):
+    id: str
+    runtime_id: str
+    seq: int
+    language: str
+    code: str
+    status: Literal["queued", "running", "ok", "error", "interrupted"]
+    execution_count: int | None
+    outputs: list[dict[str, Any]] = Field(description="Jupyter-shaped outputs; consecutive streams joined")
+    output_bytes: int
+    truncated: bool
+    error_name: str | None
+    error_value: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,37 @@ class AgentChannel:
 
     def ping(self) -> dict[str, Any]:
         return self.request("ping")
+
+    def stream(self, op: str, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Send a streaming request (``execute``, ``attach``); yield its events up to ``done``.
+
+        The request is sent before this returns, so the caller can do other work while the
+        agent starts on it. The first event is ``accepted``. Waits without a time limit
+        between events: a cell may be quiet for hours; a dead agent closes the socket.
+        """
+        rid = next(self._ids)
+        payload = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":")) + "\n"
+        try:
+            self._sock.sendall(payload.encode())
+        except OSError as exc:
+            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
+        return self._events(op)
+
+    def _events(self, op: str) -> Iterator[dict[str, Any]]:
+        try:
+            self._sock.settimeout(None)
+            while True:
+                line = self._reader.readline()
+                if not line:
+                    raise AgentUnavailableError("the agent closed the connection")
+                event: dict[str, Any] = json.loads(line)
+                if event.get("ok") is False:
+                    raise BackendError(f"the agent refused {op!r}: {event.get('error')}", details=event)
+                yield event
+                if event.get("event") == "done":
+                    return
+        except OSError as exc:
+            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
 
     def close(self) -> None:
         try:

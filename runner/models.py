@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from envs.kit.clock import utcnow
@@ -69,3 +69,58 @@ class RuntimeLogEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     runtime: Mapped[Runtime] = relationship(back_populates="log")
+
+
+class Execution(Base):
+    """One cell run in a runtime: code in, outputs out, a final status."""
+
+    __tablename__ = "executions"
+    __table_args__ = (UniqueConstraint("runtime_id", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    runtime_id: Mapped[str] = mapped_column(ForeignKey("runtimes.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # order within the runtime
+    language: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str] = mapped_column(Text)
+    timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    execution_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output_count: Mapped[int] = mapped_column(Integer, default=0)
+    output_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error_value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ExecutionOutput(Base):
+    """One output of an execution, in Jupyter's shape; ``idx`` is its place in the stream."""
+
+    __tablename__ = "execution_outputs"
+    __table_args__ = (UniqueConstraint("execution_id", "idx"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    execution_id: Mapped[str] = mapped_column(ForeignKey("executions.id", ondelete="CASCADE"), index=True)
+    idx: Mapped[int] = mapped_column(Integer)
+    output: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ResultFile(Base):
+    """A version of a file a cell wrote under ``/results``, stored by content (sha256).
+
+    No foreign key to the runtime: results outlive it.
+    """
+
+    __tablename__ = "result_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(40), index=True)
+    runtime_id: Mapped[str] = mapped_column(String(40), index=True)
+    execution_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -96,6 +96,9 @@ class RunnerService:
         self._boot_slots = threading.BoundedSemaphore(settings.runner_max_boots)
         self._housekeeper: threading.Thread | None = None
         self._closing = threading.Event()
+        from runner.executions import ExecutionManager
+
+        self.executions = ExecutionManager(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, *, housekeeping: bool = True) -> None:
@@ -105,6 +108,7 @@ class RunnerService:
             self.reconcile()
         except EnvctlError as exc:
             log.warning("reconciliation at start failed: %s", exc.message)
+        self.executions.recover()
         if housekeeping:
             self._housekeeper = threading.Thread(
                 target=self._housekeeping_loop, name="envctl-housekeeping", daemon=True
@@ -167,8 +171,11 @@ class RunnerService:
         )
 
     def is_busy(self, runtime_id: str) -> bool:
-        """Whether an execution is running. Executions do not exist yet, so never."""
-        return False
+        """Whether a cell is running or waiting to run in the runtime."""
+        return self.executions.is_busy(runtime_id)
+
+    def after_execution(self, runtime_id: str, execution_id: str) -> None:
+        """Housekeeping after each cell (results are collected here)."""
 
     # ------------------------------------------------------------------ commands
     def create(

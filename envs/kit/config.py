@@ -68,10 +68,16 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "how often idle runtimes are looked for, seconds (default 5)",
     "ENVCTL_RUNNER_BOOT_TIMEOUT": "seconds a boot may take before the runtime goes to error (default 120)",
     "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
+    "ENVCTL_RUNNER_OUTPUT_CAP": "bytes of output kept per execution; the rest is cut with a marker (10 MB)",
     "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
     "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
     "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
+    "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
+    "ENVCTL_RESULTS_S3_BUCKET": "S3 bucket for results (needed when the results store is s3)",
+    "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
+    "ENVCTL_RESULTS_S3_ENDPOINT_URL": "S3 API endpoint for results, e.g. a MinIO URL (default: AWS)",
+    "ENVCTL_RESULTS_S3_REGION": "S3 region for results (default us-east-1); credentials: boto3's usual chain",
 }
 
 
@@ -94,9 +100,15 @@ class Settings:
     runner_boot_timeout: float = 120.0
     runner_max_boots: int = 4
     runner_log_max_size: str = "10m"
+    runner_output_cap: int = 10 * 1024 * 1024
     runner_network: str = "bridge"
     runner_labels: dict[str, str] = field(default_factory=dict)
     base_mirror: str | None = None
+    results_store: str = "local"
+    results_s3_bucket: str | None = None
+    results_s3_prefix: str = ""
+    results_s3_endpoint_url: str | None = None
+    results_s3_region: str = "us-east-1"
     machine_types: dict[str, MachineType] = field(
         default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
     )
@@ -153,9 +165,15 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_boot_timeout": ("ENVCTL_RUNNER_BOOT_TIMEOUT", _FLOAT),
     "runner_max_boots": ("ENVCTL_RUNNER_MAX_BOOTS", _INT),
     "runner_log_max_size": ("ENVCTL_RUNNER_LOG_MAX_SIZE", str),
+    "runner_output_cap": ("ENVCTL_RUNNER_OUTPUT_CAP", _INT),
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
+    "results_store": ("ENVCTL_RESULTS_STORE", str),
+    "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
+    "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),
+    "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
+    "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
 }
 
 
@@ -212,7 +230,7 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"runner": {"idle_timeout": 5}}`` -> ``{"runner_idle_timeout": 5}``."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict) and key in {"api", "runner", "base"}:
+        if isinstance(value, dict) and key in {"api", "runner", "base", "results"}:
             for sub, v in value.items():
                 flat[f"{key}_{sub}"] = v
         else:

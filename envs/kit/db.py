@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -91,6 +91,20 @@ class Database:
         try:
             with self._factory() as s, s.begin():
                 yield s
+        except (OperationalError, PoolTimeoutError) as exc:
+            if _is_connection_problem(exc):
+                raise DatabaseUnavailableError(
+                    "the database does not answer; try again shortly",
+                    details={"cause": str(getattr(exc, "orig", exc)).splitlines()[0][:300]},
+                ) from exc
+            raise
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core transaction, for hot paths where the ORM's bookkeeping costs too much."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         except (OperationalError, PoolTimeoutError) as exc:
             if _is_connection_problem(exc):
                 raise DatabaseUnavailableError(

@@ -1,19 +1,32 @@
 """envctl's runtime agent: the main process of every runtime container.
 
 It listens on a Unix socket (``/run/envctl/agent.sock`` inside the container, a file in the
-runtime's private state directory on the host), so the runner can reach it without Docker in
-the way and reconnect to it after the runner restarts.
+runtime's private state directory on the host), so the runner reaches it without Docker in
+the way and reconnects to it after the runner restarts. Cells run in kernels (see
+``kernels.py``); their state lives here, not in the runner.
 
 Wire format: one JSON object per line, both ways. Every request has an ``op`` and an ``id``;
 every reply echoes the ``id``.
 
     -> {"id": 1, "op": "ping"}
-    <- {"id": 1, "ok": true, "op": "pong", "pid": 1, "started_at": 1700000000.0, "version": 1}
+    <- {"id": 1, "ok": true, "op": "pong", "pid": 7, "started_at": 1700000000.0, "rss_kb": 9800, ...}
 
-An unknown op or malformed line gets ``{"id": ..., "ok": false, "error": "..."}``; the
-connection stays usable.
+    -> {"id": 2, "op": "execute", "execution_id": "ex_...", "code": "1+1", "language": "python",
+        "timeout": null, "cap": 10485760}
+    <- {"id": 2, "ok": true, "event": "accepted", "execution_id": "ex_..."}
+    <- {"id": 2, "event": "output", "index": 0, "output": {"output_type": "execute_result", ...}}
+    <- {"id": 2, "ok": true, "event": "done", "status": "ok", "execution_count": 1, ...}
 
-Python standard library only, and only modules that Debian's python3-minimal carries.
+    -> {"id": 3, "op": "attach", "execution_id": "ex_...", "from": 5}   same events from index 5
+    -> {"id": 4, "op": "interrupt", "execution_id": "ex_..."}
+    -> {"id": 5, "op": "ack", "execution_id": "ex_..."}                  forget a stored execution
+    -> {"id": 6, "op": "status"}
+
+An execution keeps running when its connection drops; its outputs stay here until the runner
+acknowledges them, so a runner that restarts attaches again and loses nothing. Outputs past
+the per-execution cap are discarded, leaving one visible truncation marker.
+
+Python standard library only.
 """
 
 from __future__ import annotations
@@ -26,25 +39,137 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import kernels  # noqa: E402  (the agent's own module, next to this file)
 
 try:  # noqa: SIM105  (annotations only; python3-minimal images may lack typing)
     from typing import Any
 except ImportError:  # pragma: no cover
     pass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_SOCKET = "/run/envctl/agent.sock"
-MAX_LINE = 16 * 1024 * 1024
+MAX_LINE = 64 * 1024 * 1024
+DEFAULT_CAP = 10 * 1024 * 1024
+ERROR_ALLOWANCE = 64 * 1024  # an error after the cap is still shown, up to this size
+KEEP_UNACKED = 8
+INTERRUPT_GRACE = 5.0
+
+
+class Execution:
+    def __init__(self, execution_id: str, language: str, cap: int, timeout: float | None) -> None:
+        self.id = execution_id
+        self.language = language
+        self.cap = cap
+        self.timeout = timeout
+        self.outputs: list[dict[str, Any]] = []  # index = position
+        self.bytes = 0
+        self.truncated = False
+        self.discarded = 0
+        self.status = "queued"
+        self.execution_count: int | None = None
+        self.finished = False
+        self.timed_out = False
+        self.interrupted = False
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.cond = threading.Condition()
+        self.kernel: kernels.Kernel | None = None
+
+    def add(self, output: dict[str, Any]) -> None:
+        size = _size_of(output)
+        with self.cond:
+            if self.finished:
+                return
+            is_error = output.get("output_type") == "error"
+            if self.bytes + size > self.cap and not (is_error and size <= ERROR_ALLOWANCE):
+                self.discarded += size
+                if not self.truncated:
+                    self.truncated = True
+                    self.outputs.append(
+                        {
+                            "output_type": "stream",
+                            "name": "stderr",
+                            "text": f"\n[envctl: output truncated: this cell's output reached its "
+                            f"{_human(self.cap)} limit; the rest is discarded]\n",
+                        }
+                    )
+                    self.cond.notify_all()
+                return
+            self.bytes += size
+            self.outputs.append(output)
+            self.cond.notify_all()
+
+    def finish(self, status: str, execution_count: int | None) -> None:
+        with self.cond:
+            if self.finished:
+                return
+            if self.timed_out:
+                status = "error"
+                self.outputs.append(
+                    {
+                        "output_type": "error",
+                        "ename": "TimeoutError",
+                        "evalue": f"the execution exceeded its timeout of {self.timeout:g} s",
+                        "traceback": [],
+                    }
+                )
+            elif self.interrupted and status == "error":
+                status = "interrupted"
+            self.status = status
+            self.execution_count = execution_count
+            self.finished = True
+            self.finished_at = time.time()
+            self.cond.notify_all()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "execution_count": self.execution_count,
+            "truncated": self.truncated,
+            "output_bytes": self.bytes,
+            "discarded_bytes": self.discarded,
+            "outputs": len(self.outputs),
+        }
+
+
+def _human(n: int) -> str:
+    if n >= 1048576:
+        return f"{n / 1048576:g} MB"
+    if n >= 1024:
+        return f"{n / 1024:g} KB"
+    return f"{n} bytes"
+
+
+def _size_of(output: dict[str, Any]) -> int:
+    if output.get("output_type") == "stream":
+        return len(str(output.get("text", "")).encode("utf-8", "replace"))
+    return len(json.dumps(output, default=str))
 
 
 class Agent:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self.started_at = time.time()
-        self.handlers = {"ping": self.op_ping}
+        self.handlers = {
+            "ping": self.op_ping,
+            "status": self.op_status,
+            "interrupt": self.op_interrupt,
+            "ack": self.op_ack,
+        }
+        self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
+        self.kernels: dict[str, kernels.Kernel] = {}
+        self.executions: OrderedDict[str, Execution] = OrderedDict()
+        self.current: Execution | None = None
+        self._run_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._stop = threading.Event()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_AGENT")}
 
-    # --- operations -----------------------------------------------------------------
+    # --- simple operations ------------------------------------------------------------
     def op_ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {
             "op": "pong",
@@ -52,9 +177,149 @@ class Agent:
             "started_at": self.started_at,
             "version": PROTOCOL_VERSION,
             "python": sys.version.split()[0],
+            "rss_kb": rss_kb(),
+            "busy": self.current is not None,
         }
 
-    # --- serving --------------------------------------------------------------------
+    def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._state_lock:
+            executions = {eid: e.summary() for eid, e in self.executions.items()}
+        return {
+            "op": "status",
+            "current": self.current.id if self.current else None,
+            "executions": executions,
+            "kernels": {name: k.pid for name, k in self.kernels.items() if k.alive()},
+            "rss_kb": rss_kb(),
+        }
+
+    def op_interrupt(self, request: dict[str, Any]) -> dict[str, Any]:
+        wanted = request.get("execution_id")
+        current = self.current
+        if current is None or (wanted and wanted != current.id):
+            return {"op": "interrupt", "interrupted": False}
+        current.interrupted = True
+        self._interrupt(current)
+        return {"op": "interrupt", "interrupted": True}
+
+    def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._state_lock:
+            e = self.executions.get(str(request.get("execution_id")))
+            if e is not None and e.finished:
+                del self.executions[e.id]
+        return {"op": "ack"}
+
+    # --- executions -------------------------------------------------------------------
+    def op_execute(self, request: dict[str, Any]) -> Execution:
+        eid = str(request.get("execution_id") or "")
+        if not eid:
+            raise ValueError("execute needs an execution_id")
+        with self._state_lock:
+            existing = self.executions.get(eid)
+            if existing is not None:
+                return existing  # a resubmission after a reconnect: same execution
+            language = str(request.get("language") or "python")
+            timeout = request.get("timeout")
+            cap = int(request.get("cap") or DEFAULT_CAP)
+            e = Execution(eid, language, cap, float(timeout) if timeout else None)
+            self.executions[eid] = e
+            self._forget_old()
+        threading.Thread(target=self._run, args=(e, str(request.get("code", "")), request), daemon=True).start()
+        return e
+
+    def op_attach(self, request: dict[str, Any]) -> Execution:
+        with self._state_lock:
+            e = self.executions.get(str(request.get("execution_id")))
+        if e is None:
+            raise KeyError(f"unknown execution {request.get('execution_id')!r}")
+        return e
+
+    def _forget_old(self) -> None:
+        finished = [eid for eid, e in self.executions.items() if e.finished]
+        for eid in finished[: max(0, len(finished) - KEEP_UNACKED)]:
+            del self.executions[eid]
+
+    def _kernel(self, e: Execution, request: dict[str, Any]) -> kernels.Kernel:
+        if e.language == "jupyter":
+            name = str(request.get("kernel") or "python3")
+            key = f"jupyter:{name}"
+        else:
+            key = e.language
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            if key == "python":
+                kernel = kernels.python_kernel(self._on_event, self.env)
+            elif key == "bash":
+                kernel = kernels.BashKernel(self._on_event, self.env)
+            elif key.startswith("jupyter:"):
+                kernel = kernels.jupyter_kernel(key.split(":", 1)[1], self._on_event, self.env)
+            else:
+                raise ValueError(f"unknown language {e.language!r}")
+            self.kernels[key] = kernel
+        kernel.ensure_started()
+        return kernel
+
+    def _run(self, e: Execution, code: str, request: dict[str, Any]) -> None:
+        with self._run_lock:  # one cell at a time, in the order they arrived
+            if e.interrupted:
+                e.finish("interrupted", None)
+                return
+            e.status = "running"
+            e.started_at = time.time()
+            try:
+                kernel = self._kernel(e, request)
+            except Exception as exc:
+                e.add({"output_type": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []})
+                e.finish("error", None)
+                return
+            e.kernel = kernel
+            self.current = e
+            timer = None
+            if e.timeout:
+                timer = threading.Timer(e.timeout, self._time_out, args=(e,))
+                timer.daemon = True
+                timer.start()
+            try:
+                kernel.execute(code)
+            except kernels.KernelDiedError as exc:
+                e.add({"output_type": "error", "ename": "KernelDied", "evalue": str(exc), "traceback": []})
+                e.finish("error", None)
+            with e.cond:
+                while not e.finished:
+                    e.cond.wait(1.0)
+            if timer is not None:
+                timer.cancel()
+            self.current = None
+
+    def _on_event(self, kind: str, payload: dict[str, Any]) -> None:
+        e = self.current
+        if e is None:
+            return  # output with no cell running (a background process): nobody to show it to
+        if kind == "output":
+            e.add(payload)
+        elif kind == "done":
+            e.finish(str(payload.get("status", "ok")), payload.get("execution_count"))
+
+    def _time_out(self, e: Execution) -> None:
+        if not e.finished:
+            e.timed_out = True
+            self._interrupt(e)
+
+    def _interrupt(self, e: Execution) -> None:
+        kernel = e.kernel
+        if kernel is None:
+            return
+        kernel.interrupt()
+
+        def escalate() -> None:
+            # A kernel deaf to SIGINT (a C extension in a tight loop) is killed; the cell ends.
+            if not e.finished and kernel is not None:
+                kernel.kill()
+
+        t = threading.Timer(INTERRUPT_GRACE, escalate)
+        t.daemon = True
+        t.start()
+
+    # --- serving ----------------------------------------------------------------------
     def listen(self) -> socket.socket:
         directory = os.path.dirname(self.socket_path) or "."
         os.makedirs(directory, exist_ok=True)
@@ -67,8 +332,7 @@ class Agent:
         # must be usable by a runner that does not run as root.
         os.chmod(tmp, 0o666)  # noqa: S103
         server.listen(64)
-        # Appear under the real name only once listening: a runner that sees the file can
-        # connect at once.
+        # Appear under the real name only once listening: a runner that sees it can connect.
         os.replace(tmp, self.socket_path)
         return server
 
@@ -87,40 +351,84 @@ class Agent:
 
     def handle(self, conn: socket.socket) -> None:
         reader = conn.makefile("rb")
-        lock = threading.Lock()
         try:
             while True:
                 line = reader.readline(MAX_LINE)
                 if not line:
                     return
-                reply = self.dispatch(line)
-                data = (json.dumps(reply, separators=(",", ":")) + "\n").encode()
-                with lock:
-                    conn.sendall(data)
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request must be a JSON object")
+                except ValueError as exc:
+                    send(conn, {"id": None, "ok": False, "error": f"malformed request: {exc}"})
+                    continue
+                op = str(request.get("op"))
+                rid = request.get("id")
+                if op in self.streaming:
+                    try:
+                        e = self.streaming[op](request)
+                    except Exception as exc:
+                        send(conn, {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    self.stream(conn, rid, e, int(request.get("from") or 0))
+                    continue
+                handler = self.handlers.get(op)
+                if handler is None:
+                    reply: dict[str, Any] = {"id": rid, "ok": False, "error": f"unknown op {op!r}"}
+                else:
+                    try:
+                        reply = handler(request)
+                        reply["id"] = rid
+                        reply["ok"] = True
+                    except Exception as exc:  # an op's failure must not take the agent down
+                        reply = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                send(conn, reply)
         except (ConnectionError, OSError):
             return
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("a request must be a JSON object")
-        except ValueError as exc:
-            return {"id": None, "ok": False, "error": f"malformed request: {exc}"}
-        rid = request.get("id")
-        handler = self.handlers.get(str(request.get("op")))
-        if handler is None:
-            return {"id": rid, "ok": False, "error": f"unknown op {request.get('op')!r}"}
-        try:
-            reply = handler(request)
-        except Exception as exc:  # an op's failure must not take the agent down
-            return {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        reply["id"] = rid
-        reply["ok"] = True
-        return reply
+    def stream(self, conn: socket.socket, rid: Any, e: Execution, start: int) -> None:
+        """Send an execution's outputs from ``start`` as they come, then its end."""
+        send(conn, {"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
+        sent = max(0, start)
+        while True:
+            with e.cond:
+                while len(e.outputs) <= sent and not e.finished:
+                    e.cond.wait(1.0)
+                batch = e.outputs[sent:]
+                finished = e.finished and len(e.outputs) == sent + len(batch)
+            if batch:
+                data = b"".join(
+                    encode({"id": rid, "event": "output", "index": sent + i, "output": out})
+                    for i, out in enumerate(batch)
+                )
+                conn.sendall(data)
+                sent += len(batch)
+            if finished:
+                send(conn, {"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
+                return
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(encode(message))
+
+
+def rss_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,13 +437,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--socket"] and len(argv) > 1:
         path = argv[1]
 
+    agent = Agent(path)
+
     def _exit(signum: int, _frame: object) -> None:
-        # As PID 1 (or under tini) a signal without a handler would be ignored.
+        # As the container's main process a signal without a handler would be ignored.
+        for kernel in list(agent.kernels.values()):
+            kernel.kill()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
-    Agent(path).serve()
+    agent.serve()
     return 0
 
 

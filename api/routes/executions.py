@@ -1,0 +1,182 @@
+"""Executions: submit cells, read their outputs, follow them live (SSE), interrupt them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CallerDep, CtxDep
+from api.schemas import ExecutionCreate, ExecutionOut
+from runner.executions import FINAL, Event, merge_streams
+from runner.executions import ExecutionView
+
+router = APIRouter(tags=["executions"])
+KEEPALIVE = 15.0
+MAX_WAIT = 30.0
+
+
+def execution_out(ctx: Any, ex: ExecutionView) -> ExecutionOut:
+    outputs = [o for _, o in ctx.runner.executions.outputs(ex.id)]
+    return ExecutionOut(
+        id=ex.id,
+        runtime_id=ex.runtime_id,
+        seq=ex.seq,
+        language=ex.language,
+        code=ex.code,
+        status=ex.status,
+        execution_count=ex.execution_count,
+        outputs=merge_streams(outputs),
+        output_bytes=ex.output_bytes,
+        truncated=ex.truncated,
+        error_name=ex.error_name,
+        error_value=ex.error_value,
+        created_at=ex.created_at,
+        started_at=ex.started_at,
+        finished_at=ex.finished_at,
+    )
+
+
+@router.post("/runtimes/{runtime_id}/executions", status_code=status.HTTP_202_ACCEPTED, response_model=ExecutionOut)
+def submit(
+    runtime_id: str,
+    body: ExecutionCreate,
+    ctx: CtxDep,
+    caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for the cell to finish")] = 0,
+) -> ExecutionOut:
+    """Run a cell. Answers at once with the queued execution (a stopped runtime is booted
+    first); with ``wait`` it answers as soon as the cell finishes, or after ``wait`` seconds."""
+    manager = ctx.runner.executions
+    ex = manager.submit(caller.id, runtime_id, code=body.code, language=body.language, timeout=body.timeout)
+    if wait:
+        manager.wait(ex.id, wait)
+        ex = manager.get(caller.id, ex.id)
+    return execution_out(ctx, ex)
+
+
+@router.get("/runtimes/{runtime_id}/executions", response_model=list[ExecutionOut])
+def list_executions(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ExecutionOut]:
+    """The runtime's latest executions, newest first."""
+    return [execution_out(ctx, ex) for ex in ctx.runner.executions.list_for_runtime(caller.id, runtime_id)]
+
+
+@router.get("/executions/{execution_id}", response_model=ExecutionOut)
+def get_execution(
+    execution_id: str,
+    ctx: CtxDep,
+    caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for it to finish")] = 0,
+) -> ExecutionOut:
+    manager = ctx.runner.executions
+    ex = manager.get(caller.id, execution_id)
+    if wait and ex.status not in FINAL:
+        manager.wait(execution_id, wait)
+        ex = manager.get(caller.id, execution_id)
+    return execution_out(ctx, ex)
+
+
+@router.post("/executions/{execution_id}/interrupt", status_code=status.HTTP_202_ACCEPTED, response_model=ExecutionOut)
+def interrupt(execution_id: str, ctx: CtxDep, caller: CallerDep) -> ExecutionOut:
+    """Stop the running cell; the interpreter's state stays. A queued cell never runs."""
+    return execution_out(ctx, ctx.runner.executions.interrupt(caller.id, execution_id))
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@router.get(
+    "/executions/{execution_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+)
+async def events(
+    execution_id: str,
+    request: Request,
+    ctx: CtxDep,
+    caller: CallerDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    start: Annotated[int, Query(alias="from", ge=0, description="first output index to send")] = 0,
+) -> StreamingResponse:
+    """Outputs as server-sent events, live: one ``output`` event each (its ``id`` is the
+    output's index), then one ``status`` event with the final status, then the stream ends.
+    A client that reconnects with ``Last-Event-ID`` continues after the last event it saw."""
+    manager = ctx.runner.executions
+    ex = await run_in_threadpool(manager.get, caller.id, execution_id)
+    if last_event_id is not None and last_event_id.strip().isdigit():
+        start = max(start, int(last_event_id) + 1)
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+    def deliver(event: Event) -> None:
+        loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+    snapshot, unsubscribe = manager.subscribe(execution_id, deliver)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            next_index = start
+            if snapshot is None:  # not running: everything is in the database
+                stored = await run_in_threadpool(manager.outputs, execution_id, start)
+                for idx, out in stored:
+                    yield _sse("output", out, idx)
+                final = await run_in_threadpool(manager.get, caller.id, execution_id)
+                if final.status in FINAL:
+                    yield _sse(
+                        "status",
+                        {
+                            "status": final.status,
+                            "execution_count": final.execution_count,
+                            "truncated": final.truncated,
+                        },
+                    )
+                    return
+                # queued or running but not in this process's feeds (another runner): poll
+                while final.status not in FINAL:
+                    if await request.is_disconnected():
+                        return
+                    await asyncio.sleep(0.5)
+                    for idx, out in await run_in_threadpool(manager.outputs, execution_id, next_index):
+                        yield _sse("output", out, idx)
+                        next_index = idx + 1
+                    final = await run_in_threadpool(manager.get, caller.id, execution_id)
+                yield _sse(
+                    "status",
+                    {"status": final.status, "execution_count": final.execution_count, "truncated": final.truncated},
+                )
+                return
+            for idx, out in enumerate(snapshot):
+                if idx >= next_index:
+                    yield _sse("output", out, idx)
+                    next_index = idx + 1
+            while True:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), KEEPALIVE)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    yield b": keep-alive\n\n"
+                    continue
+                if event.kind == "output":
+                    if event.index >= next_index:
+                        yield _sse("output", event.data, event.index)
+                        next_index = event.index + 1
+                else:
+                    yield _sse("status", event.data)
+                    return
+        finally:
+            unsubscribe()
+
+    del ex
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

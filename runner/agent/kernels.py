@@ -1,0 +1,379 @@
+"""Kernels: the processes that run cells, as the agent sees them.
+
+Every kernel turns one cell into a sequence of events, delivered to a callback on the kernel's
+reader thread:
+
+    ("output", {Jupyter output dict})   any number, in order
+    ("done", {"status": ..., "execution_count": N})   exactly one per cell
+
+Three kinds share that shape:
+
+- ``ProcessKernel`` runs a child that speaks the kernel protocol documented in ``pykernel.py``
+  (the native Python kernel, and ``jupyter_bridge.py`` for Jupyter kernelspecs). Its stdout and
+  stderr are read as ``stream`` outputs.
+- ``BashKernel`` keeps one ``bash`` alive; each cell is sourced into it, so the working
+  directory, variables and functions survive. Completion is signalled on a private pipe.
+
+Interrupts are SIGINT to the kernel's process group; the kernel's state survives them.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+try:  # noqa: SIM105  (annotations only)
+    from typing import Any, Callable
+except ImportError:  # pragma: no cover
+    pass
+
+AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
+READ_CHUNK = 65536
+
+
+class KernelDiedError(Exception):
+    pass
+
+
+class Kernel:
+    """Base: a child process whose stdout/stderr become stream outputs."""
+
+    language = "?"
+
+    def __init__(self, on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str] | None = None) -> None:
+        self.on_event = on_event
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._busy = False
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._fatal: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ensure_started(self, timeout: float = 120.0) -> None:
+        if self.alive():
+            return
+        self._ready.clear()
+        self._fatal = None
+        self._start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise KernelDiedError(f"the {self.language} kernel did not start within {timeout:.0f} s")
+        if self._fatal is not None:
+            raise KernelDiedError(self._fatal)
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def execute(self, code: str) -> None:
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # --- reading -----------------------------------------------------------------------
+    def _read_loop(self, streams: dict[int, str], control: int | None) -> None:
+        """Read stream pipes and the control pipe until the child's pipes close.
+
+        Stream pipes are drained before a control message is handled, so output printed
+        before a result arrives before it.
+        """
+        sel = selectors.DefaultSelector()
+        decoders = {}
+        for fd, name in streams.items():
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
+            decoders[fd] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        control_buf = b""
+        if control is not None:
+            os.set_blocking(control, False)
+            sel.register(control, selectors.EVENT_READ, None)
+        open_fds = set(streams) | ({control} if control is not None else set())
+        while open_fds:
+            events = sel.select()
+            # streams first
+            ordered = sorted(events, key=lambda e: e[0].data is None)
+            for key, _ in ordered:
+                fd = key.fd
+                if key.data is not None:
+                    self._drain_stream(fd, key.data, decoders[fd], sel, open_fds)
+                else:
+                    for sfd, name in streams.items():
+                        if sfd in open_fds:
+                            self._drain_stream(sfd, name, decoders[sfd], sel, open_fds, once=True)
+                    try:
+                        chunk = os.read(fd, READ_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(fd)
+                        open_fds.discard(fd)
+                        continue
+                    control_buf += chunk
+                    while b"\n" in control_buf:
+                        line, control_buf = control_buf.split(b"\n", 1)
+                        if line.strip():
+                            self._on_control_line(line)
+        sel.close()
+        self._on_exit()
+
+    def _drain_stream(self, fd: int, name: str, decoder: Any, sel: Any, open_fds: set[int], once: bool = False) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                sel.unregister(fd)
+                open_fds.discard(fd)
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    self.on_event("output", {"output_type": "stream", "name": name, "text": tail})
+                return
+            text = decoder.decode(chunk)
+            if text:
+                self.on_event("output", {"output_type": "stream", "name": name, "text": text})
+            if once and len(chunk) < READ_CHUNK:
+                return
+
+    def _on_control_line(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return
+        kind = msg.get("type")
+        if kind == "ready":
+            self._ready.set()
+        elif kind == "fatal":
+            self._fatal = str(msg.get("message", "the kernel failed to start"))
+            self._ready.set()
+        elif kind == "output" and isinstance(msg.get("output"), dict):
+            self.on_event("output", msg["output"])
+        elif kind == "done":
+            self._busy = False
+            self.on_event("done", {"status": msg.get("status", "ok"), "execution_count": msg.get("execution_count")})
+
+    def _on_exit(self) -> None:
+        code = self.proc.wait() if self.proc is not None else None
+        if not self._ready.is_set():
+            self._fatal = self._fatal or f"the {self.language} kernel exited with code {code} while starting"
+            self._ready.set()
+        if self._busy:
+            self._busy = False
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            self.on_event(
+                "output",
+                {
+                    "output_type": "error",
+                    "ename": "KernelDied",
+                    "evalue": f"the {self.language} kernel died ({how}); a new one starts with the next cell",
+                    "traceback": [],
+                },
+            )
+            self.on_event("done", {"status": "error", "execution_count": None})
+
+
+class ProcessKernel(Kernel):
+    """A child speaking the kernel protocol on fds 3 (requests) and 4 (messages)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        language: str,
+        on_event: Callable[[str, dict[str, Any]], None],
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(on_event, env)
+        self.argv = argv
+        self.language = language
+        self._requests: Any = None
+
+    def _start(self) -> None:
+        req_r, req_w = os.pipe()
+        msg_r, msg_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+
+        # The kernel expects its channels on fds 3 and 4; /bin/sh moves them there (no
+        # preexec_fn: the agent is multi-threaded). Only our own fd numbers reach the shell.
+        wrapper = ["/bin/sh", "-c", f'exec "$@" 3<&{req_r} 4>&{msg_w} {req_r}<&- {msg_w}>&-', "kernel"]
+        self.proc = subprocess.Popen(
+            [*wrapper, *self.argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            pass_fds=(req_r, msg_w),
+            start_new_session=True,
+            env=self.env,
+            close_fds=True,
+        )
+        for fd in (req_r, msg_w, out_w, err_w):
+            os.close(fd)
+        self._requests = os.fdopen(req_w, "w", buffering=1, encoding="utf-8")
+        self._reader = threading.Thread(
+            target=self._read_loop, args=({out_r: "stdout", err_r: "stderr"}, msg_r), daemon=True
+        )
+        self._reader.start()
+
+    def execute(self, code: str) -> None:
+        self._busy = True
+        try:
+            self._requests.write(json.dumps({"op": "execute", "code": code}) + "\n")
+            self._requests.flush()
+        except (OSError, ValueError) as exc:
+            self._busy = False
+            raise KernelDiedError(f"the {self.language} kernel is gone: {exc}") from exc
+
+
+DONE_MARK = "__envctl_done__"
+
+
+class BashKernel(Kernel):
+    """One persistent bash; each cell is sourced into it with stdin from /dev/null."""
+
+    language = "bash"
+
+    def __init__(
+        self, on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str] | None = None, cell_dir: str = "/tmp"
+    ) -> None:
+        super().__init__(on_event, env)
+        self.cell_dir = cell_dir
+        self.count = 0
+        self._stdin: Any = None
+
+    def _start(self) -> None:
+        done_r, done_w = os.pipe()
+        self.proc = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(done_w,),
+            env={**self.env, "PS1": "", "PS2": "", "TERM": "dumb"},
+            start_new_session=True,
+            close_fds=True,
+        )
+        os.close(done_w)
+        self._stdin = self.proc.stdin
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        # The shell keeps fd `done_w` as its private completion channel. SIGINT ends the
+        # running cell (return from `source`) but never the shell itself.
+        prelude = (
+            f"__envctl_fd={done_w}\n"
+            "trap 'return 130 2>/dev/null || true' INT\n"
+            f"printf '{DONE_MARK} ready\\n' >&$__envctl_fd\n"
+        )
+        self._stdin.write(prelude.encode())
+        self._stdin.flush()
+        self._reader = threading.Thread(
+            target=self._read_loop,
+            args=({self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}, done_r),
+            daemon=True,
+        )
+        self._reader.start()
+
+    def _on_control_line(self, line: bytes) -> None:
+        text = line.decode(errors="replace").strip()
+        if not text.startswith(DONE_MARK):
+            return
+        value = text[len(DONE_MARK) :].strip()
+        if value == "ready":
+            self._ready.set()
+            return
+        try:
+            rc = int(value)
+        except ValueError:
+            rc = 1
+        self._busy = False
+        if rc == 0:
+            status = "ok"
+        elif rc == 130:
+            status = "interrupted"
+            self.on_event(
+                "output",
+                {"output_type": "error", "ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": []},
+            )
+        else:
+            status = "error"
+            self.on_event(
+                "output",
+                {
+                    "output_type": "error",
+                    "ename": "ExitStatus",
+                    "evalue": f"the cell's last command exited with status {rc}",
+                    "traceback": [],
+                },
+            )
+        self.on_event("done", {"status": status, "execution_count": self.count})
+
+    def execute(self, code: str) -> None:
+        self.count += 1
+        path = os.path.join(self.cell_dir, f".envctl-cell-{os.getpid()}.sh")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+            if not code.endswith("\n"):
+                f.write("\n")
+        self._busy = True
+        command = (
+            f"source {path} </dev/null; __envctl_rc=$?; printf '\\n{DONE_MARK} %d\\n' \"$__envctl_rc\" >&$__envctl_fd\n"
+        )
+        try:
+            self._stdin.write(command.encode())
+            self._stdin.flush()
+        except (OSError, ValueError) as exc:
+            self._busy = False
+            raise KernelDiedError(f"the shell is gone: {exc}") from exc
+
+
+def python_kernel(on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str]) -> ProcessKernel:
+    env = {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": env.get("MPLBACKEND", "Agg")}
+    return ProcessKernel([sys.executable, "-u", os.path.join(AGENT_DIR, "pykernel.py")], "python", on_event, env)
+
+
+def jupyter_kernel(name: str, on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str]) -> ProcessKernel:
+    return ProcessKernel(
+        [sys.executable, "-u", os.path.join(AGENT_DIR, "jupyter_bridge.py"), "--kernel", name],
+        f"jupyter:{name}",
+        on_event,
+        env,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

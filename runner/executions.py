@@ -1,0 +1,609 @@
+"""Executions: cells submitted to a runtime, run in order, outputs stored and streamed live.
+
+- ``submit`` records the cell (``queued``) and answers at once; a per-runtime worker thread
+  runs the runtime's cells one after another, booting the runtime first when it is stopped.
+- The worker streams the agent's events: each output goes to the live feed at once (clients
+  following ``/executions/{id}/events`` see it immediately) and to the database in batches.
+- Executions keep running with no client connected. If envctl dies mid-cell, the agent keeps
+  the cell running and its outputs buffered; on restart ``recover`` attaches again from the
+  last stored output, so nothing is lost or repeated.
+- A running or queued execution makes the runtime busy, which idle shutdown respects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from envs.kit.errors import ConflictError, EnvctlError, InvalidInputError, NotFoundError
+from envs.kit.ids import new_id
+from runner.channel import AgentChannel, AgentUnavailableError
+from runner.errors import RuntimeNotFoundError
+from runner.models import Execution, ExecutionOutput, Runtime
+from runner.states import State
+
+if TYPE_CHECKING:
+    from runner.service import RunnerService
+
+log = logging.getLogger("envctl.executions")
+
+FINAL = frozenset({"ok", "error", "interrupted"})
+LANGUAGES = ("python", "bash")
+MAX_CODE = 1024 * 1024
+FLUSH_INTERVAL = 0.1
+FLUSH_BYTES = 256 * 1024
+RECENT = 256  # finished executions kept in memory for fast reads
+
+
+class ExecutionNotFoundError(NotFoundError):
+    code = "execution_not_found"
+
+
+@dataclass
+class Event:
+    kind: str  # "output" | "status"
+    index: int = -1
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Subscriber = Callable[[Event], None]
+
+
+@dataclass
+class ExecutionView:
+    """What the API shows of an execution: plain data, kept in memory while it is hot."""
+
+    id: str
+    runtime_id: str
+    owner_id: str
+    seq: int
+    language: str
+    code: str
+    timeout: float | None
+    status: str
+    created_at: datetime
+    execution_count: int | None = None
+    output_bytes: int = 0
+    output_count: int = 0
+    truncated: bool = False
+    error_name: str | None = None
+    error_value: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, row: Execution) -> ExecutionView:
+        return cls(
+            id=row.id,
+            runtime_id=row.runtime_id,
+            owner_id=row.owner_id,
+            seq=row.seq,
+            language=row.language,
+            code=row.code,
+            timeout=row.timeout,
+            status=row.status,
+            created_at=row.created_at,
+            execution_count=row.execution_count,
+            output_bytes=row.output_bytes,
+            output_count=row.output_count,
+            truncated=row.truncated,
+            error_name=row.error_name,
+            error_value=row.error_value,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class Feed:
+    """The live side of one execution: its view, outputs so far, and who listens."""
+
+    def __init__(self, view: ExecutionView) -> None:
+        self.view = view
+        self.outputs: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self.subscribers: list[Subscriber] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def publish(self, event: Event) -> None:
+        with self.lock:
+            if event.kind == "output":
+                self.outputs.append(event.data)
+            else:
+                self.final = event.data
+            subscribers = list(self.subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:  # a slow or gone client must not stop the cell
+                log.debug("subscriber failed", exc_info=True)
+        if event.kind == "status":
+            self.done.set()
+
+
+@dataclass
+class _Job:
+    view: ExecutionView
+    attach: bool
+
+
+class ExecutionManager:
+    def __init__(self, runner: RunnerService) -> None:
+        self.runner = runner
+        self.db = runner.db
+        self._feeds: dict[str, Feed] = {}  # queued and running
+        self._recent: OrderedDict[str, Feed] = OrderedDict()  # finished lately, for fast reads
+        self._queues: dict[str, queue.Queue[_Job]] = {}
+        self._workers: dict[str, threading.Thread] = {}
+        self._busy: dict[str, str] = {}  # runtime id -> running execution id
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ queries
+    def _feed(self, execution_id: str) -> Feed | None:
+        return self._feeds.get(execution_id) or self._recent.get(execution_id)
+
+    def get(self, owner_id: str, execution_id: str) -> ExecutionView:
+        feed = self._feed(execution_id)
+        if feed is not None and feed.view.owner_id == owner_id:
+            return feed.view
+        with self.db.session() as s:
+            ex = s.get(Execution, execution_id)
+            if ex is None or ex.owner_id != owner_id:
+                raise ExecutionNotFoundError(f"execution {execution_id[:64]!r} does not exist")
+            return ExecutionView.of(ex)
+
+    def outputs(self, execution_id: str, start: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """Outputs from index ``start`` on: from memory while hot, else from the database."""
+        feed = self._feed(execution_id)
+        if feed is not None:
+            with feed.lock:
+                return [(i, o) for i, o in enumerate(feed.outputs) if i >= start]
+        with self.db.session() as s:
+            rows = s.execute(
+                select(ExecutionOutput.idx, ExecutionOutput.output)
+                .where(ExecutionOutput.execution_id == execution_id, ExecutionOutput.idx >= start)
+                .order_by(ExecutionOutput.idx)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def list_for_runtime(self, owner_id: str, runtime_id: str, limit: int = 100) -> list[ExecutionView]:
+        self.runner.get(owner_id, runtime_id)
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(Execution).where(Execution.runtime_id == runtime_id).order_by(Execution.seq.desc()).limit(limit)
+            )
+            return [self.get(owner_id, r.id) if r.id in self._feeds else ExecutionView.of(r) for r in rows]
+
+    def is_busy(self, runtime_id: str) -> bool:
+        with self._lock:
+            if runtime_id in self._busy:
+                return True
+            q = self._queues.get(runtime_id)
+            return q is not None and not q.empty()
+
+    def subscribe(
+        self, execution_id: str, callback: Subscriber
+    ) -> tuple[list[dict[str, Any]] | None, Callable[[], None]]:
+        """Listen to an execution of this process. Returns the outputs so far (None when this
+        process does not have it in memory: read the database) and a function to stop."""
+        feed = self._feed(execution_id)
+        if feed is None:
+            return None, lambda: None
+        with feed.lock:
+            feed.subscribers.append(callback)
+            snapshot = list(feed.outputs)
+            final = feed.final
+
+        def unsubscribe() -> None:
+            with feed.lock:
+                if callback in feed.subscribers:
+                    feed.subscribers.remove(callback)
+
+        if final is not None:
+            callback(Event("status", data=final))
+        return snapshot, unsubscribe
+
+    def wait(self, execution_id: str, timeout: float) -> None:
+        feed = self._feed(execution_id)
+        if feed is not None:
+            feed.done.wait(timeout)
+
+    # ------------------------------------------------------------------ commands
+    def submit(
+        self,
+        owner_id: str,
+        runtime_id: str,
+        *,
+        code: str,
+        language: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecutionView:
+        if language is not None and language not in LANGUAGES:
+            raise InvalidInputError(
+                f"language: {language[:20]!r} is not one of {', '.join(LANGUAGES)}", field="language"
+            )
+        if len(code) > MAX_CODE:
+            raise InvalidInputError(f"code: a cell may hold at most {MAX_CODE} characters", field="code")
+        if timeout is not None and not (0 < timeout <= 7 * 24 * 3600):
+            raise InvalidInputError("timeout: must be seconds between 0 and one week, or null", field="timeout")
+        now = self.runner.clock()
+        with self.db.connection() as s:
+            row = s.execute(select(Runtime.owner_id, Runtime.language).where(Runtime.id == runtime_id)).first()
+            if row is None or row[0] != owner_id:
+                raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+            seq = (s.scalar(select(func.max(Execution.seq)).where(Execution.runtime_id == runtime_id)) or 0) + 1
+            view = ExecutionView(
+                id=new_id("ex"),
+                runtime_id=runtime_id,
+                owner_id=owner_id,
+                seq=seq,
+                language=language or row[1],
+                code=code,
+                timeout=timeout,
+                status="queued",
+                created_at=now,
+            )
+            s.execute(
+                insert(Execution).values(
+                    id=view.id,
+                    runtime_id=runtime_id,
+                    owner_id=owner_id,
+                    seq=seq,
+                    language=view.language,
+                    code=code,
+                    timeout=timeout,
+                    status="queued",
+                    created_at=now,
+                    output_count=0,
+                    output_bytes=0,
+                    truncated=False,
+                )
+            )
+        self._feeds[view.id] = Feed(view)
+        self._enqueue(_Job(view, attach=False))
+        return view
+
+    def interrupt(self, owner_id: str, execution_id: str) -> ExecutionView:
+        view = self.get(owner_id, execution_id)
+        if view.status in FINAL:
+            return view
+        if view.status == "queued":
+            with self.db.session() as s:
+                done = s.execute(
+                    update(Execution)
+                    .where(Execution.id == execution_id, Execution.status == "queued")
+                    .values(status="interrupted", finished_at=self.runner.clock())
+                ).rowcount  # type: ignore[attr-defined]
+            if done:
+                feed = self._feeds.get(execution_id)
+                if feed is not None:
+                    feed.view.status = "interrupted"
+                    feed.view.finished_at = self.runner.clock()
+                    feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
+                return self.get(owner_id, execution_id)
+        try:
+            with AgentChannel(self._socket(view.runtime_id), timeout=5) as channel:
+                channel.request("interrupt", execution_id=execution_id)
+        except AgentUnavailableError as exc:
+            raise ConflictError(
+                f"the runtime's agent does not answer, so the cell cannot be interrupted: {exc.message}"
+            ) from exc
+        return self.get(owner_id, execution_id)
+
+    def recover(self) -> None:
+        """After a restart: attach to cells that were running, queue the ones that waited."""
+        with self.db.session() as s:
+            rows = list(
+                s.scalars(
+                    select(Execution)
+                    .join(Runtime, Runtime.id == Execution.runtime_id)
+                    .where(Runtime.runner == self.runner.runner, Execution.status.in_(["queued", "running"]))
+                    .order_by(Execution.runtime_id, Execution.seq)
+                )
+            )
+            views = [ExecutionView.of(r) for r in rows]
+        for view in views:
+            if view.id in self._feeds:
+                continue
+            feed = Feed(view)
+            feed.outputs = [o for _, o in self.outputs_from_db(view.id)]
+            self._feeds[view.id] = feed
+            self._enqueue(_Job(view, attach=view.status == "running"))
+
+    # ------------------------------------------------------------------ workers
+    def _enqueue(self, job: _Job) -> None:
+        runtime_id = job.view.runtime_id
+        with self._lock:
+            q = self._queues.setdefault(runtime_id, queue.Queue())
+            q.put(job)
+            worker = self._workers.get(runtime_id)
+            if worker is None or not worker.is_alive():
+                worker = threading.Thread(
+                    target=self._work, args=(runtime_id,), name=f"envctl-exec-{runtime_id}", daemon=True
+                )
+                self._workers[runtime_id] = worker
+                worker.start()
+
+    def _work(self, runtime_id: str) -> None:
+        q = self._queues[runtime_id]
+        while not self.runner._closing.is_set():
+            try:
+                # Linger a little: the next cell of a notebook usually follows at once.
+                job = q.get(timeout=2.0)
+            except queue.Empty:
+                with self._lock:
+                    if q.empty():
+                        self._workers.pop(runtime_id, None)
+                        return
+                continue
+            with self._lock:
+                self._busy[runtime_id] = job.view.id
+            try:
+                self._run(job)
+            except Exception:
+                log.exception("execution %s failed unexpectedly", job.view.id)
+                self._finish(
+                    job.view,
+                    "error",
+                    None,
+                    {},
+                    error=("InternalError", "envctl failed while running this cell; see its log"),
+                )
+            finally:
+                with self._lock:
+                    self._busy.pop(runtime_id, None)
+
+    def _socket(self, runtime_id: str) -> Path:
+        return self.runner.backend.socket_path({}, self.runner.state_dir(runtime_id))
+
+    def _run(self, job: _Job) -> None:
+        view = job.view
+        feed = self._feeds.get(view.id)
+        if feed is None or view.status in FINAL:
+            return
+        attach = job.attach
+        if not attach:
+            problem = self._ensure_running(view.owner_id, view.runtime_id)
+            if problem is not None:
+                self._finish(view, "error", None, {}, error=("RuntimeNotRunning", problem))
+                return
+            if view.status != "queued":
+                return  # interrupted while it waited
+        sink = _Sink(self, view, feed, start=len(feed.outputs))
+        path = self._socket(view.runtime_id)
+        attempts = 0
+        while True:
+            try:
+                with AgentChannel(path, timeout=10) as channel:
+                    if attach:
+                        events = channel.stream("attach", execution_id=view.id, **{"from": sink.next_index})
+                    else:
+                        events = channel.stream(
+                            "execute",
+                            execution_id=view.id,
+                            code=view.code,
+                            language=view.language,
+                            timeout=view.timeout,
+                            cap=self.runner.settings.runner_output_cap,
+                        )
+                        # Recorded while the agent starts on the cell. Sending first is safe:
+                        # the agent knows executions by id, so a resend after a crash is no rerun.
+                        if not self._mark_running(view):
+                            with contextlib.suppress(EnvctlError):
+                                channel.request("interrupt", execution_id=view.id)
+                        attach = True  # from here on, a lost connection means: attach again
+                    for event in events:
+                        kind = event.get("event")
+                        if kind == "output":
+                            sink.add(int(event["index"]), event["output"])
+                        elif kind == "done":
+                            self._finish(
+                                view, str(event.get("status", "ok")), event.get("execution_count"), event, sink=sink
+                            )
+                            with contextlib.suppress(EnvctlError):
+                                channel.request("ack", execution_id=view.id)
+                            return
+            except AgentUnavailableError as exc:
+                attempts += 1
+                if self.runner._closing.is_set():
+                    sink.flush()
+                    return  # envctl is stopping: the next start attaches again
+                with self.db.session() as s:
+                    state = s.scalar(select(Runtime.state).where(Runtime.id == view.runtime_id))
+                if state == State.RUNNING and attempts <= 3:
+                    time.sleep(0.2 * attempts)
+                    attach = True  # the cell runs on in the agent: pick it up where we were
+                    continue
+                message = f"the runtime stopped while the cell ran ({state or 'deleted'}): {exc.message}"
+                self._finish(view, "error", None, {}, error=("RuntimeStopped", message), sink=sink)
+                return
+            except EnvctlError as exc:
+                lost = attach and "unknown execution" in exc.message
+                message = "the runtime restarted and lost this cell" if lost else exc.message
+                self._finish(view, "error", None, {}, error=("AgentError", message), sink=sink)
+                return
+
+    def _mark_running(self, view: ExecutionView) -> bool:
+        now = self.runner.clock()
+        with self.db.connection() as c:
+            started = c.execute(
+                update(Execution)
+                .where(Execution.id == view.id, Execution.status == "queued")
+                .values(status="running", started_at=now)
+            ).rowcount
+            c.execute(
+                update(Runtime)
+                .where(Runtime.id == view.runtime_id)
+                .values(last_activity_at=now, last_activity="execution started")
+            )
+        if started:
+            view.status, view.started_at = "running", now
+        return bool(started)
+
+    def outputs_from_db(self, execution_id: str) -> list[tuple[int, dict[str, Any]]]:
+        with self.db.session() as s:
+            rows = s.execute(
+                select(ExecutionOutput.idx, ExecutionOutput.output)
+                .where(ExecutionOutput.execution_id == execution_id)
+                .order_by(ExecutionOutput.idx)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def _ensure_running(self, owner_id: str, runtime_id: str) -> str | None:
+        """Boot the runtime if needed; None when it runs, else why it does not."""
+        with self.db.connection() as c:
+            state = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
+        if state == State.RUNNING:
+            return None
+        if state is None:
+            return "the runtime was deleted"
+        if state in (State.STOPPED, State.ERROR):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self.runner.start(owner_id, runtime_id)
+                    break
+                except EnvctlError as exc:
+                    if exc.status == 429 and time.monotonic() < deadline:
+                        time.sleep(1)
+                        continue
+                    return f"the runtime could not be started: {exc.message}"
+        try:
+            rt = self.runner.wait_for(
+                runtime_id, {State.RUNNING, State.ERROR, State.STOPPED}, self.runner.settings.runner_boot_timeout + 15
+            )
+        except TimeoutError:
+            return "the runtime did not finish booting in time"
+        if rt.state != State.RUNNING:
+            return f"the runtime failed to boot ({rt.state_reason}): {rt.state_message}"
+        return None
+
+    def _finish(
+        self,
+        view: ExecutionView,
+        status: str,
+        execution_count: int | None,
+        event: dict[str, Any],
+        *,
+        error: tuple[str, str] | None = None,
+        sink: _Sink | None = None,
+    ) -> None:
+        feed = self._feeds.get(view.id)
+        if sink is None:
+            sink = _Sink(self, view, feed or Feed(view), start=len(feed.outputs) if feed else 0)
+        if error is not None:
+            sink.add(sink.next_index, {"output_type": "error", "ename": error[0], "evalue": error[1], "traceback": []})
+        if status not in FINAL:
+            status = "error"
+        now = self.runner.clock()
+        ename, evalue = sink.last_error or (None, None)
+        view.status, view.execution_count, view.finished_at = status, execution_count, now
+        view.truncated = bool(event.get("truncated", False))
+        view.output_bytes, view.output_count = sink.bytes, sink.next_index
+        view.error_name, view.error_value = ename, (evalue[:2000] if evalue else None)
+        self.runner.after_execution(view.runtime_id, view.id)
+        # Waiters hear of the end first; the database follows at once. A crash in between
+        # loses nothing: the agent keeps the cell until it is acknowledged, after this write.
+        self._feeds.pop(view.id, None)
+        if feed is not None:
+            self._recent[view.id] = feed
+            while len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+            feed.publish(
+                Event(
+                    "status", data={"status": status, "execution_count": execution_count, "truncated": view.truncated}
+                )
+            )
+        with self.db.connection() as c:  # the last outputs and the end, in one transaction
+            sink.flush(c)
+            c.execute(
+                update(Execution)
+                .where(Execution.id == view.id)
+                .values(
+                    status=status,
+                    execution_count=execution_count,
+                    started_at=view.started_at,
+                    finished_at=now,
+                    truncated=view.truncated,
+                    output_bytes=view.output_bytes,
+                    output_count=view.output_count,
+                    error_name=view.error_name,
+                    error_value=view.error_value,
+                )
+            )
+            c.execute(
+                update(Runtime)
+                .where(Runtime.id == view.runtime_id)
+                .values(last_activity_at=now, last_activity="execution finished")
+            )
+
+
+class _Sink:
+    """Outputs of one execution on their way to the feed (at once) and the database (batched)."""
+
+    def __init__(self, manager: ExecutionManager, view: ExecutionView, feed: Feed, start: int) -> None:
+        self.manager = manager
+        self.view = view
+        self.feed = feed
+        self.next_index = start
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+        self.pending_bytes = 0
+        self.bytes = view.output_bytes
+        self.last_flush = time.monotonic()
+        self.last_error: tuple[str, str] | None = None
+        self.limit = manager.runner.settings.runner_output_cap * 2 + 1024 * 1024
+
+    def add(self, index: int, output: dict[str, Any]) -> None:
+        if index < self.next_index:
+            return  # already have it (a re-attach replays from where we asked)
+        if self.bytes > self.limit:
+            return  # the agent caps output; this is the runner's own safety net
+        size = len(output.get("text", "")) if output.get("output_type") == "stream" else len(str(output))
+        self.bytes += size
+        self.next_index = index + 1
+        if output.get("output_type") == "error":
+            self.last_error = (str(output.get("ename", "")), str(output.get("evalue", "")))
+        self.pending.append((index, output))
+        self.pending_bytes += size
+        self.feed.publish(Event("output", index=index, data=output))
+        if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
+            self.flush()
+
+    def flush(self, conn: Connection | None = None) -> None:
+        if self.pending:
+            rows = [{"execution_id": self.view.id, "idx": i, "output": o} for i, o in self.pending]
+            if conn is not None:
+                conn.execute(insert(ExecutionOutput), rows)
+            else:
+                with self.manager.db.connection() as c:
+                    c.execute(insert(ExecutionOutput), rows)
+            self.pending = []
+            self.pending_bytes = 0
+        self.last_flush = time.monotonic()
+
+
+def merge_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join consecutive stream outputs of the same name, as Jupyter shows them."""
+    merged: list[dict[str, Any]] = []
+    for out in outputs:
+        if (
+            merged
+            and out.get("output_type") == "stream"
+            and merged[-1].get("output_type") == "stream"
+            and merged[-1].get("name") == out.get("name")
+        ):
+            merged[-1] = {**merged[-1], "text": merged[-1]["text"] + out.get("text", "")}
+        else:
+            merged.append(dict(out))
+    return merged
