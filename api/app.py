@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from api import errors
 from api.dbschema import check_current
 from api.deps import Context
-from api.routes import environments, executions, health, machine_types, runtimes
+from api.routes import environments, executions, health, machine_types, results, runtimes
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
@@ -65,6 +65,6 @@ def create_app(
     )
     app.state.ctx = Context(settings=settings, db=db, runner=runner)
     errors.install(app)
-    for module in (health, runtimes, executions, environments, machine_types):
+    for module in (health, runtimes, executions, results, environments, machine_types):
         app.include_router(module.router)
     return app

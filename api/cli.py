@@ -117,15 +117,9 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> No
     if not rows:
         print("(none)")
         return
-    cells = [
-        [str(r.get(key, "") if r.get(key) is not None else "-") for key, _ in columns] for r in rows
-    ]
+    cells = [[str(r.get(key, "") if r.get(key) is not None else "-") for key, _ in columns] for r in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title) in enumerate(columns)]
-    print(
-        "  ".join(
-            title.upper().ljust(w) for (_, title), w in zip(columns, widths, strict=True)
-        ).rstrip()
-    )
+    print("  ".join(title.upper().ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip())
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
 
@@ -161,8 +155,7 @@ def _show_runtime(rt: dict[str, Any]) -> None:
         ("name", rt["name"]),
         (
             "state",
-            f"{_state(rt)} ({rt['state_reason']})"
-            + (f": {rt['state_message']}" if rt["state_message"] else ""),
+            f"{_state(rt)} ({rt['state_reason']})" + (f": {rt['state_message']}" if rt["state_message"] else ""),
         ),
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
         ("language", rt["language"]),
@@ -195,9 +188,7 @@ def _resolve_runtime(api: Api, ident: str) -> dict[str, Any]:
     raise CliError(f"no runtime named or with id {ident!r}; `envctl runtime ls` lists yours")
 
 
-def _follow(
-    api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300
-) -> dict[str, Any]:
+def _follow(api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300) -> dict[str, Any]:
     """Show the runtime's progress until it reaches one of ``until`` (or error)."""
     start = time.monotonic()
     seen = 0
@@ -397,9 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         changes["api_port"] = args.port
     settings = settings.with_overrides(**changes)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(
         f"envctl serving on http://{settings.api_host}:{settings.api_port} "
@@ -442,10 +431,7 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     head = head_revision()
-    print(
-        f"current: {now or '(empty)'}  head: {head}"
-        + ("" if now == head else "  -> run `envctl db upgrade`")
-    )
+    print(f"current: {now or '(empty)'}  head: {head}" + ("" if now == head else "  -> run `envctl db upgrade`"))
     return EXIT_OK if now == head else EXIT_FAILURE
 
 
@@ -511,12 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = _Parser(add_help=False)
-    common.add_argument(
-        "--url", help="envctl API (default: ENVCTL_URL, the config file, " + DEFAULT_URL + ")"
-    )
-    common.add_argument(
-        "--token", help="API token (default: ENVCTL_TOKEN, the config file, the admin token)"
-    )
+    common.add_argument("--url", help="envctl API (default: ENVCTL_URL, the config file, " + DEFAULT_URL + ")")
+    common.add_argument("--token", help="API token (default: ENVCTL_TOKEN, the config file, the admin token)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     local = _Parser(add_help=False)
     local.add_argument("--config", help="YAML config file (default: ENVCTL_CONFIG)")
@@ -532,9 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True, parser_class=_Parser
     )
-    p = db.add_parser(
-        "upgrade", help="migrate the database to this envctl's schema", parents=[local]
-    )
+    p = db.add_parser("upgrade", help="migrate the database to this envctl's schema", parents=[local])
     p.add_argument("--revision", default="head")
     p.set_defaults(func=cmd_db_upgrade)
     p = db.add_parser("current", help="show the schema revision", parents=[local])
@@ -543,13 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     base = sub.add_parser("base", help="base images").add_subparsers(
         dest="base_command", required=True, parser_class=_Parser
     )
-    p = base.add_parser(
-        "build", help="build base images with debootstrap and register them", parents=[local]
-    )
+    p = base.add_parser("build", help="build base images with debootstrap and register them", parents=[local])
     p.add_argument("names", nargs="*", help="images to build with their parents (default: all)")
-    p.add_argument(
-        "--mirror", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)"
-    )
+    p.add_argument("--mirror", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)")
     p.add_argument("--no-verify", action="store_true", help="skip each image's verify script")
     p.set_defaults(func=cmd_base_build)
 
@@ -561,9 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True, help="environment reference, e.g. python3 or python3@1")
     p.add_argument("--lang", default="python", choices=["python", "bash"])
     p.add_argument("--machine-type", default="small")
-    p.add_argument(
-        "--idle-timeout", type=int, help="seconds without activity before shutdown (0: never)"
-    )
+    p.add_argument("--idle-timeout", type=int, help="seconds without activity before shutdown (0: never)")
     p.add_argument("--start", action="store_true", help="boot it now and wait until it runs")
     p.set_defaults(func=cmd_runtime_create)
     p = rt.add_parser("ls", help="list your runtimes", parents=[common])

@@ -81,8 +81,7 @@ def check_current(engine: Engine) -> None:
             details={"current": current, "head": head},
         )
     raise SchemaOutOfDateError(
-        f"the database at {where} is at revision {current}, behind this envctl ({head}); "
-        "run `envctl db upgrade`",
+        f"the database at {where} is at revision {current}, behind this envctl ({head}); run `envctl db upgrade`",
         details={"current": current, "head": head, "fix": "envctl db upgrade"},
     )
 

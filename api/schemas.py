@@ -24,15 +24,11 @@ class RuntimeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, examples=["demo"])
-    environment: str = Field(
-        min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"]
-    )
+    environment: str = Field(min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"])
     language: Literal["python", "bash"] = "python"
     type: Literal["native"] = "native"
     machine_type: str = Field(default="small", min_length=1, max_length=64)
-    idle_timeout: int | None = Field(
-        default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never"
-    )
+    idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
 
 
 class RuntimePatch(BaseModel):
@@ -60,12 +56,8 @@ class RuntimeOut(BaseModel):
     name: str
     type: str
     language: str
-    environment: str = Field(
-        description="the exact version the runtime is pinned to, e.g. python3@1"
-    )
-    environment_ref: str = Field(
-        description="the reference as it was asked for, e.g. python3:latest"
-    )
+    environment: str = Field(description="the exact version the runtime is pinned to, e.g. python3@1")
+    environment_ref: str = Field(description="the reference as it was asked for, e.g. python3:latest")
     environment_digest: str
     state: Literal["stopped", "booting", "running", "stopping", "error"]
     state_color: str
@@ -155,3 +147,14 @@ class ExecutionOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ResultOut(BaseModel):
+    id: int
+    path: str = Field(description="relative to /results")
+    sha256: str
+    size: int
+    runtime_id: str
+    execution_id: str | None
+    created_at: datetime
+    content_url: str

@@ -120,9 +120,7 @@ def ping(path: Path, timeout: float = 2.0) -> dict[str, Any]:
         return channel.ping()
 
 
-def wait_for_agent(
-    path: Path, deadline: float, *, alive: Any = None, interval: float = 0.003
-) -> dict[str, Any]:
+def wait_for_agent(path: Path, deadline: float, *, alive: Any = None, interval: float = 0.003) -> dict[str, Any]:
     """Ping the agent until it answers or ``deadline`` (a ``time.monotonic()`` value) passes.
 
     ``alive`` is an optional callable, checked now and then, that raises when the container
@@ -141,7 +139,6 @@ def wait_for_agent(
             alive()
         if time.monotonic() >= deadline:
             raise AgentUnavailableError(
-                "the agent did not answer in time"
-                + (f" (last error: {last_error})" if last_error else ""),
+                "the agent did not answer in time" + (f" (last error: {last_error})" if last_error else ""),
             )
         time.sleep(interval)

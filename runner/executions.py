@@ -512,7 +512,7 @@ class ExecutionManager:
         view.truncated = bool(event.get("truncated", False))
         view.output_bytes, view.output_count = sink.bytes, sink.next_index
         view.error_name, view.error_value = ename, (evalue[:2000] if evalue else None)
-        self.runner.after_execution(view.runtime_id, view.id)
+        self.runner.after_execution(view.runtime_id, view.owner_id, view.id)
         # Waiters hear of the end first; the database follows at once. A crash in between
         # loses nothing: the agent keeps the cell until it is acknowledged, after this write.
         self._feeds.pop(view.id, None)

@@ -18,9 +18,7 @@ class IdleDecision:
     reason: str  # why it will (or will not) shut down, for people
 
 
-def effective_timeout(
-    runtime_timeout: int | None, machine_timeout: int | None, default: int
-) -> int:
+def effective_timeout(runtime_timeout: int | None, machine_timeout: int | None, default: int) -> int:
     """The runtime's own timeout, else its machine type's, else the runner's default."""
     for value in (runtime_timeout, machine_timeout):
         if value is not None:

@@ -58,9 +58,7 @@ class RuntimeLogEntry(Base):
     __tablename__ = "runtime_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    runtime_id: Mapped[str] = mapped_column(
-        ForeignKey("runtimes.id", ondelete="CASCADE"), index=True
-    )
+    runtime_id: Mapped[str] = mapped_column(ForeignKey("runtimes.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     event: Mapped[str | None] = mapped_column(String(64), nullable=True)

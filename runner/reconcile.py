@@ -64,11 +64,7 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
     for row in rows:
         containers = by_runtime.get(row.id, [])
         recorded = row.backend_state.get("container_id")
-        mine = (
-            [c for c in containers if c.state.get("container_id") == recorded]
-            if recorded
-            else containers
-        )
+        mine = [c for c in containers if c.state.get("container_id") == recorded] if recorded else containers
         strays = [c for c in containers if c not in mine]
         # Extra containers of a known runtime (at most one container per runtime, ever).
         for c in strays:
@@ -76,9 +72,7 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
         current = mine[0] if mine else None
         for c in mine[1:]:
             actions.append(Action("stop-leftover", row.id, c.state))
-        adoptable = row.state in ACTIVE or (
-            row.state == State.ERROR and row.state_reason == "backend-unreachable"
-        )
+        adoptable = row.state in ACTIVE or (row.state == State.ERROR and row.state_reason == "backend-unreachable")
         if row.state == State.STOPPING:
             actions.append(Action("finish-stop", row.id, current.state if current else {}))
         elif adoptable:
@@ -138,9 +132,7 @@ def _apply(service: RunnerService, action: Action) -> None:
     backend = service.backend
     rid = action.runtime_id
     if action.kind == "remove-orphan":
-        log.info(
-            "removing container %s of unknown runtime %s", action.state.get("container_id"), rid
-        )
+        log.info("removing container %s of unknown runtime %s", action.state.get("container_id"), rid)
         backend.stop(action.state, timeout=1)
         return
     if action.kind == "stop-leftover":
@@ -229,19 +221,11 @@ def _apply(service: RunnerService, action: Action) -> None:
         now = service.clock()
         values: dict[str, object] = {"backend_state": action.state}
         if was != State.RUNNING:
-            values.update(
-                booted_at=now, last_activity_at=now, last_activity="adopted after a restart"
-            )
+            values.update(booted_at=now, last_activity_at=now, last_activity="adopted after a restart")
         with service._tx() as s:
             if was == State.RUNNING:
-                service._log(
-                    s, rid, event="adopted", reason="reconcile", message="container re-attached"
-                )
-                s.execute(
-                    update(Runtime)
-                    .where(Runtime.id == rid)
-                    .values(backend_state=action.state)
-                )
+                service._log(s, rid, event="adopted", reason="reconcile", message="container re-attached")
+                s.execute(update(Runtime).where(Runtime.id == rid).values(backend_state=action.state))
             else:
                 service._transition(
                     s,

@@ -99,6 +99,9 @@ class RunnerService:
         from runner.executions import ExecutionManager
 
         self.executions = ExecutionManager(self)
+        from runner.collector import ResultCollector
+
+        self.results = ResultCollector(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, *, housekeeping: bool = True) -> None:
@@ -128,11 +131,7 @@ class RunnerService:
     # ------------------------------------------------------------------ queries
     def list(self, owner_id: str) -> list[Runtime]:
         with self.db.session() as s:
-            return list(
-                s.scalars(
-                    self._query().where(Runtime.owner_id == owner_id).order_by(Runtime.created_at)
-                )
-            )
+            return list(s.scalars(self._query().where(Runtime.owner_id == owner_id).order_by(Runtime.created_at)))
 
     def get(self, owner_id: str, runtime_id: str) -> Runtime:
         with self.db.session() as s:
@@ -143,9 +142,7 @@ class RunnerService:
             self._get(s, owner_id, runtime_id)
             return list(
                 s.scalars(
-                    select(RuntimeLogEntry)
-                    .where(RuntimeLogEntry.runtime_id == runtime_id)
-                    .order_by(RuntimeLogEntry.id)
+                    select(RuntimeLogEntry).where(RuntimeLogEntry.runtime_id == runtime_id).order_by(RuntimeLogEntry.id)
                 )
             )
 
@@ -174,8 +171,12 @@ class RunnerService:
         """Whether a cell is running or waiting to run in the runtime."""
         return self.executions.is_busy(runtime_id)
 
-    def after_execution(self, runtime_id: str, execution_id: str) -> None:
-        """Housekeeping after each cell (results are collected here)."""
+    def after_execution(self, runtime_id: str, owner_id: str, execution_id: str) -> None:
+        """After each cell: collect the files it wrote under /results."""
+        try:
+            self.results.collect(runtime_id, owner_id, execution_id)
+        except Exception:  # results must never cost the cell its status
+            log.exception("collecting results of %s failed", execution_id)
 
     # ------------------------------------------------------------------ commands
     def create(
@@ -198,9 +199,7 @@ class RunnerService:
         now = self.clock()
         with self._tx() as s:
             version = envs_service.resolve(s, ref, "environment")
-            if s.scalar(
-                select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)
-            ):
+            if s.scalar(select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)):
                 raise RuntimeStateError(
                     f"name: you already have a runtime named {name!r}",
                     details={"field": "name"},
@@ -226,9 +225,7 @@ class RunnerService:
             )
             s.add(rt)
             s.flush()
-            self._log(
-                s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}"
-            )
+            self._log(s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}")
             return self._get(s, owner_id, rt.id)
 
     def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
@@ -240,17 +237,11 @@ class RunnerService:
         _check_idle_timeout(changes.idle_timeout)
         if changes.machine_type is not None:
             get_machine_type(self.settings, changes.machine_type)
-        ref = (
-            parse_ref(changes.environment, "environment")
-            if changes.environment is not None
-            else None
-        )
+        ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
         with self._tx() as s:
             rt = self._get(s, owner_id, runtime_id, for_update=True)
             container_fields = [
-                f
-                for f, v in (("environment", ref), ("machine_type", changes.machine_type))
-                if v is not None
+                f for f, v in (("environment", ref), ("machine_type", changes.machine_type)) if v is not None
             ]
             if container_fields and rt.state not in (State.STOPPED, State.ERROR):
                 raise RuntimeStateError(
@@ -260,11 +251,7 @@ class RunnerService:
                 )
             notes = []
             if changes.name is not None and changes.name != rt.name:
-                if s.scalar(
-                    select(Runtime.id).where(
-                        Runtime.owner_id == owner_id, Runtime.name == changes.name
-                    )
-                ):
+                if s.scalar(select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == changes.name)):
                     raise RuntimeStateError(
                         f"name: you already have a runtime named {changes.name!r}",
                         details={"field": "name"},
@@ -320,9 +307,7 @@ class RunnerService:
             )
         try:
             with self._tx() as s:
-                ok = self._transition(
-                    s, runtime_id, State.BOOTING, "user-request", "boot requested"
-                )
+                ok = self._transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
                 rt = self._get(s, owner_id, runtime_id)
             if not ok:
                 self._boot_slots.release()
@@ -371,11 +356,10 @@ class RunnerService:
             with self._tx() as s:
                 rt = self._get(s, owner_id, runtime_id)
                 s.delete(rt)
+        self.results.forget(runtime_id)
         self._cleanup_state_dir(runtime_id)
 
-    def wait_for(
-        self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0
-    ) -> Runtime:
+    def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
         """Block until the runtime is in one of ``states`` (for the CLI, tests and benchmarks)."""
         deadline = time.monotonic() + timeout
         wanted = {State(s) for s in states}
@@ -406,11 +390,7 @@ class RunnerService:
         stopped = []
         with self.db.session() as s:
             running = list(
-                s.scalars(
-                    self._query().where(
-                        Runtime.runner == self.runner, Runtime.state == State.RUNNING
-                    )
-                )
+                s.scalars(self._query().where(Runtime.runner == self.runner, Runtime.state == State.RUNNING))
             )
         for rt in running:
             decision = self.idle_status(rt)
@@ -426,12 +406,8 @@ class RunnerService:
                     expect={State.RUNNING},
                     details={
                         "last_activity": rt.last_activity,
-                        "last_activity_at": rt.last_activity_at.isoformat()
-                        if rt.last_activity_at
-                        else None,
-                        "shutdown_at": decision.shutdown_at.isoformat()
-                        if decision.shutdown_at
-                        else None,
+                        "last_activity_at": rt.last_activity_at.isoformat() if rt.last_activity_at else None,
+                        "shutdown_at": decision.shutdown_at.isoformat() if decision.shutdown_at else None,
                     },
                 )
             if ok:
@@ -468,9 +444,7 @@ class RunnerService:
                 rt = s.get(
                     Runtime,
                     runtime_id,
-                    options=[
-                        selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)
-                    ],
+                    options=[selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)],
                 )
                 if rt is None or rt.state != State.BOOTING:
                     return
@@ -480,6 +454,7 @@ class RunnerService:
             return
         state_dir = spec.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (state_dir / "results").mkdir(exist_ok=True)
         sock = self.backend.socket_path({}, state_dir)
         sock.unlink(missing_ok=True)
         try:
@@ -488,9 +463,7 @@ class RunnerService:
             self._fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
             return
         with self._tx() as s:
-            s.execute(
-                update(Runtime).where(Runtime.id == runtime_id).values(backend_state=backend_state)
-            )
+            s.execute(update(Runtime).where(Runtime.id == runtime_id).values(backend_state=backend_state))
             self._log(
                 s,
                 runtime_id,
@@ -517,9 +490,7 @@ class RunnerService:
             tail = self.backend.logs_tail(backend_state)
             if isinstance(exc, _ContainerDiedError):
                 reason = "oom" if exc.oom_killed else "container-exited"
-                message = (
-                    f"the container exited with code {exc.exit_code} before its agent answered"
-                )
+                message = f"the container exited with code {exc.exit_code} before its agent answered"
             elif isinstance(exc, AgentUnavailableError):
                 reason, message = (
                     "boot-timeout",
@@ -550,9 +521,7 @@ class RunnerService:
                 values={"booted_at": now, "last_activity_at": now, "last_activity": "boot"},
             )
         if not ok:
-            log.info(
-                "runtime %s left booting while it booted; the stop in flight removes it", runtime_id
-            )
+            log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
 
     def _stop(self, runtime_id: str, reason: str) -> None:
         with self._runtime_lock(runtime_id):
@@ -595,9 +564,7 @@ class RunnerService:
         if backend_state is not None:
             values["backend_state"] = backend_state
         with self._tx() as s:
-            self._transition(
-                s, runtime_id, State.ERROR, reason, message, expect=expect, values=values
-            )
+            self._transition(s, runtime_id, State.ERROR, reason, message, expect=expect, values=values)
         log.warning("runtime %s: %s: %s", runtime_id, reason, message)
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
@@ -646,13 +613,9 @@ class RunnerService:
             shutil.rmtree(directory, ignore_errors=True)
 
     def _query(self) -> Any:
-        return select(Runtime).options(
-            selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)
-        )
+        return select(Runtime).options(selectinload(Runtime.version).selectinload(EnvironmentVersion.environment))
 
-    def _get(
-        self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False
-    ) -> Runtime:
+    def _get(self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False) -> Runtime:
         q = self._query().where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
         if for_update:
             q = q.with_for_update()
@@ -753,9 +716,7 @@ class _ContainerDiedError(Exception):
 
 def _check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
     if value not in choices:
-        raise InvalidInputError(
-            f"{field}: {str(value)[:40]!r} is not one of {', '.join(choices)}", field=field
-        )
+        raise InvalidInputError(f"{field}: {str(value)[:40]!r} is not one of {', '.join(choices)}", field=field)
 
 
 def _check_idle_timeout(value: int | None) -> None:

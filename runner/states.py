@@ -50,9 +50,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STOPPING: frozenset({State.STOPPED, State.ERROR}),
     # error -> running only when reconciliation finds the container alive again after the
     # Docker engine stopped answering for a while.
-    State.ERROR: frozenset(
-        {State.BOOTING, State.RUNNING, State.STOPPING, State.STOPPED, State.ERROR}
-    ),
+    State.ERROR: frozenset({State.BOOTING, State.RUNNING, State.STOPPING, State.STOPPED, State.ERROR}),
 }
 
 # States in which a container may exist and must be looked after.

@@ -58,9 +58,7 @@ def get_environment(ref: str, ctx: CtxDep, _caller: CallerDep) -> EnvironmentOut
     with ctx.db.session() as s:
         env = envs_service.get_environment(s, parsed.full_name)
         if env is None:
-            raise EnvironmentNotFoundError(
-                f"ref: no environment named {parsed.full_name!r}", details={"field": "ref"}
-            )
+            raise EnvironmentNotFoundError(f"ref: no environment named {parsed.full_name!r}", details={"field": "ref"})
         if parsed.is_pinned:
             envs_service.resolve(s, parsed, "ref")  # 404 for a version that does not exist
         s.refresh(env)

@@ -13,8 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import ExecutionCreate, ExecutionOut
-from runner.executions import FINAL, Event, merge_streams
-from runner.executions import ExecutionView
+from runner.executions import FINAL, Event, ExecutionView, merge_streams
 
 router = APIRouter(tags=["executions"])
 KEEPALIVE = 15.0
@@ -29,7 +28,7 @@ def execution_out(ctx: Any, ex: ExecutionView) -> ExecutionOut:
         seq=ex.seq,
         language=ex.language,
         code=ex.code,
-        status=ex.status,
+        status=ex.status,  # type: ignore[arg-type]
         execution_count=ex.execution_count,
         outputs=merge_streams(outputs),
         output_bytes=ex.output_bytes,

@@ -83,9 +83,7 @@ def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
 
 
 @router.patch("/{runtime_id}", response_model=RuntimeOut)
-def patch_runtime(
-    runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep
-) -> RuntimeOut:
+def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     """Change settings. ``environment`` and ``machine_type`` need the runtime stopped (409)."""
     sent = body.model_fields_set
     changes = RuntimeChanges(

@@ -21,6 +21,7 @@ Standard library only.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import selectors
@@ -31,7 +32,8 @@ import threading
 import time
 
 try:  # noqa: SIM105  (annotations only)
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 except ImportError:  # pragma: no cover
     pass
 
@@ -83,17 +85,13 @@ class Kernel:
     def interrupt(self) -> None:
         if self.alive():
             assert self.proc is not None
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait()
 
     @property

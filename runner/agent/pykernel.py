@@ -107,7 +107,9 @@ class Kernel:
             tree = ast.parse(code, filename=filename, mode="exec")
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = ast.Expression(tree.body.pop().value)
+                expr = tree.body.pop()
+                assert isinstance(expr, ast.Expr)
+                last = ast.Expression(expr.value)
             exec(compile(tree, filename, "exec"), self.namespace)  # noqa: S102  (running cells is the point)
             if last is not None:
                 value = eval(compile(last, filename, "eval"), self.namespace)  # noqa: S307
@@ -243,7 +245,7 @@ def mime_bundle(value: object) -> dict:
             continue
         try:
             result = fn()
-        except Exception:  # a broken _repr_ must not break the cell
+        except Exception:  # noqa: S112  (a broken _repr_ must not break the cell)
             continue
         if isinstance(result, tuple):
             result = result[0]

@@ -39,6 +39,7 @@ LABEL_MACHINE = "envctl.machine-type"
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
 STATE_MOUNT = "/run/envctl"
+RESULTS_MOUNT = "/results"  # <state dir>/results on the host
 AGENT_SOCKET = "agent.sock"
 
 

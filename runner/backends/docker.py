@@ -26,6 +26,7 @@ from runner.backends.base import (
     LABEL_MANAGED,
     LABEL_RUNNER,
     LABEL_RUNTIME,
+    RESULTS_MOUNT,
     STATE_MOUNT,
     BackendState,
     ContainerStatus,
@@ -58,8 +59,7 @@ def _daemon_error(action: str, exc: Exception) -> BackendError:
         cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
     if isinstance(exc, _TRANSPORT_ERRORS) or isinstance(cause, _TRANSPORT_ERRORS):
         return BackendError(
-            f"the Docker engine does not answer ({action}); is dockerd running? "
-            "`scripts/ensure-docker` starts one",
+            f"the Docker engine does not answer ({action}); is dockerd running? `scripts/ensure-docker` starts one",
             details={"action": action, "cause": str(exc)[:300]},
         )
     explanation = getattr(exc, "explanation", None) or str(exc)
@@ -105,16 +105,13 @@ class DockerBackend(RuntimeBackend):
         if self._client is None:
             try:
                 if self._base_url:
-                    self._client = docker.DockerClient(
-                        base_url=self._base_url, timeout=self._timeout
-                    )
+                    self._client = docker.DockerClient(base_url=self._base_url, timeout=self._timeout)
                 else:
                     self._client = docker.from_env(timeout=self._timeout)
             except docker.errors.DockerException as exc:
                 # from_env asks the daemon for its API version: failing here means no daemon.
                 raise BackendError(
-                    "the Docker engine does not answer; is dockerd running? "
-                    "`scripts/ensure-docker` starts one",
+                    "the Docker engine does not answer; is dockerd running? `scripts/ensure-docker` starts one",
                     details={"action": "connect", "cause": str(exc)[:300]},
                 ) from exc
         return self._client
@@ -130,9 +127,7 @@ class DockerBackend(RuntimeBackend):
         """The keyword arguments of ``containers.create``: every limit and label in one place."""
         m = spec.machine
         if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-            raise InvalidInputError(
-                f"machine type {m.name!r} has a non-positive limit", field="machine_type"
-            )
+            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
         labels = {
             **self.labels,
             **spec.labels,
@@ -163,12 +158,11 @@ class DockerBackend(RuntimeBackend):
             "mem_limit": m.memory,
             "memswap_limit": m.memory,  # no swap beyond the limit
             "nano_cpus": int(m.cpus * 1e9),
-            "log_config": LogConfig(
-                type=LogConfig.types.JSON, config={"max-size": self.log_max_size, "max-file": "1"}
-            ),
+            "log_config": LogConfig(type=LogConfig.types.JSON, config={"max-size": self.log_max_size, "max-file": "1"}),
             "mounts": [
                 Mount(target=AGENT_MOUNT, source=str(spec.agent_dir), type="bind", read_only=True),
                 Mount(target=STATE_MOUNT, source=str(spec.state_dir), type="bind", read_only=False),
+                Mount(target=RESULTS_MOUNT, source=str(spec.state_dir / "results"), type="bind", read_only=False),
             ],
             "network": self.network,
             "stop_signal": "SIGTERM",
@@ -179,6 +173,7 @@ class DockerBackend(RuntimeBackend):
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         options = self.container_options(spec)
+        (spec.state_dir / "results").mkdir(parents=True, exist_ok=True)
         self._remove_leftover(spec.container_name, spec.runtime_id)
         try:
             container = self.client.containers.create(**options)

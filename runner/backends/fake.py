@@ -73,9 +73,7 @@ class FakeBackend(RuntimeBackend):
 
     def _check(self, action: str) -> None:
         if self.unreachable:
-            raise BackendError(
-                f"the fake engine does not answer ({action})", details={"action": action}
-            )
+            raise BackendError(f"the fake engine does not answer ({action})", details={"action": action})
 
     def ping(self) -> None:
         self._check("answer a ping")
@@ -103,9 +101,7 @@ class FakeBackend(RuntimeBackend):
                 sock.name,
             ]
             if self.boot_delay:
-                prelude = (
-                    f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
-                )
+                prelude = f"import time,runpy,sys; time.sleep({self.boot_delay!r}); sys.argv={cmd[3:]!r};"
                 cmd = [
                     sys.executable,
                     "-u",
@@ -114,9 +110,7 @@ class FakeBackend(RuntimeBackend):
                     prelude + "runpy.run_path(sys.argv[0], run_name='__main__')",
                 ]
         env = {**spec.env, "PATH": os.environ.get("PATH", ""), "ENVCTL_RUNTIME_ID": spec.runtime_id}
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen(cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cid = f"fake-{next(self._ids)}"
         self._containers[cid] = _FakeContainer(cid, spec.runtime_id, spec, proc)
         return {"container_id": cid, "container_name": spec.container_name}

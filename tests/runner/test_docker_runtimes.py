@@ -81,9 +81,10 @@ def test_a_runtime_boots_from_python3_and_its_container_is_hardened(
         }
         assert not host.get("Binds") and not host.get("Devices")
         mounts = {m["Destination"]: m for m in info["Mounts"]}
-        assert set(mounts) == {"/opt/envctl/agent", "/run/envctl"}
+        assert set(mounts) == {"/opt/envctl/agent", "/run/envctl", "/results"}
         assert mounts["/opt/envctl/agent"]["RW"] is False
         assert Path(mounts["/run/envctl"]["Source"]) == server.data_dir / "runtimes" / rt["id"]
+        assert Path(mounts["/results"]["Source"]) == server.data_dir / "runtimes" / rt["id"] / "results"
         assert all("docker.sock" not in m["Source"] for m in info["Mounts"])
         labels = info["Config"]["Labels"]
         assert labels[LABEL_RUNTIME] == rt["id"] and labels["envctl.environment"] == "python3@1"
