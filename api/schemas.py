@@ -26,7 +26,12 @@ class RuntimeCreate(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, examples=["demo"])
     environment: str = Field(min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"])
     language: Literal["python", "bash"] = "python"
-    type: Literal["native"] = "native"
+    type: Literal["native", "jupyter"] = Field(
+        default="native", description="native: envctl's agent kernels; jupyter: a Jupyter kernelspec in the image"
+    )
+    kernel: str | None = Field(
+        default=None, max_length=64, description="kernelspec name for type jupyter (default python3)"
+    )
     machine_type: str = Field(default="small", min_length=1, max_length=64)
     idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
 
@@ -55,6 +60,7 @@ class RuntimeOut(BaseModel):
     id: str
     name: str
     type: str
+    kernel: str | None
     language: str
     environment: str = Field(description="the exact version the runtime is pinned to, e.g. python3@1")
     environment_ref: str = Field(description="the reference as it was asked for, e.g. python3:latest")

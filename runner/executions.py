@@ -73,6 +73,7 @@ class ExecutionView:
     timeout: float | None
     status: str
     created_at: datetime
+    kernel: str | None = None  # set for cells of jupyter runtimes: the kernelspec that runs them
     execution_count: int | None = None
     output_bytes: int = 0
     output_count: int = 0
@@ -239,7 +240,9 @@ class ExecutionManager:
             raise InvalidInputError("timeout: must be seconds between 0 and one week, or null", field="timeout")
         now = self.runner.clock()
         with self.db.connection() as s:
-            row = s.execute(select(Runtime.owner_id, Runtime.language).where(Runtime.id == runtime_id)).first()
+            row = s.execute(
+                select(Runtime.owner_id, Runtime.language, Runtime.type, Runtime.kernel).where(Runtime.id == runtime_id)
+            ).first()
             if row is None or row[0] != owner_id:
                 raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
             seq = (s.scalar(select(func.max(Execution.seq)).where(Execution.runtime_id == runtime_id)) or 0) + 1
@@ -253,6 +256,7 @@ class ExecutionManager:
                 timeout=timeout,
                 status="queued",
                 created_at=now,
+                kernel=(row[3] or "python3") if row[2] == "jupyter" else None,
             )
             s.execute(
                 insert(Execution).values(
@@ -304,15 +308,17 @@ class ExecutionManager:
     def recover(self) -> None:
         """After a restart: attach to cells that were running, queue the ones that waited."""
         with self.db.session() as s:
-            rows = list(
-                s.scalars(
-                    select(Execution)
-                    .join(Runtime, Runtime.id == Execution.runtime_id)
-                    .where(Runtime.runner == self.runner.runner, Execution.status.in_(["queued", "running"]))
-                    .order_by(Execution.runtime_id, Execution.seq)
-                )
-            )
-            views = [ExecutionView.of(r) for r in rows]
+            rows = s.execute(
+                select(Execution, Runtime.type, Runtime.kernel)
+                .join(Runtime, Runtime.id == Execution.runtime_id)
+                .where(Runtime.runner == self.runner.runner, Execution.status.in_(["queued", "running"]))
+                .order_by(Execution.runtime_id, Execution.seq)
+            ).all()
+            views = []
+            for ex, rtype, kernel in rows:
+                view = ExecutionView.of(ex)
+                view.kernel = (kernel or "python3") if rtype == "jupyter" else None
+                views.append(view)
         for view in views:
             if view.id in self._feeds:
                 continue
@@ -393,7 +399,8 @@ class ExecutionManager:
                             "execute",
                             execution_id=view.id,
                             code=view.code,
-                            language=view.language,
+                            language="jupyter" if view.kernel else view.language,
+                            kernel=view.kernel,
                             timeout=view.timeout,
                             cap=self.runner.settings.runner_output_cap,
                         )

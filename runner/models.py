@@ -28,6 +28,7 @@ class Runtime(Base):
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     type: Mapped[str] = mapped_column(String(16), default="native")
+    kernel: Mapped[str | None] = mapped_column(String(64), nullable=True)  # jupyter kernelspec name
     language: Mapped[str] = mapped_column(String(16), default="python")
     environment_ref: Mapped[str] = mapped_column(String(300))  # as the user asked for it
     version_id: Mapped[int] = mapped_column(ForeignKey("environment_versions.id"), index=True)

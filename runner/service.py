@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,8 @@ log = logging.getLogger("envctl.runner")
 
 AGENT_DIR = Path(__file__).resolve().parent / "agent"
 LANGUAGES = ("python", "bash")
-RUNTIME_TYPES = ("native",)
+RUNTIME_TYPES = ("native", "jupyter")
+KERNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600
 
 
@@ -189,10 +191,19 @@ class RunnerService:
         machine_type: str = "small",
         idle_timeout: int | None = None,
         type: str = "native",
+        kernel: str | None = None,
     ) -> Runtime:
         check_name(name, "name", "runtime name")
         _check_choice(language, LANGUAGES, "language")
         _check_choice(type, RUNTIME_TYPES, "type")
+        if type == "jupyter":
+            kernel = kernel or "python3"
+            if not KERNEL_RE.match(kernel):
+                raise InvalidInputError(
+                    f"kernel: {kernel[:64]!r} is not a kernelspec name (letters, digits, . _ -)", field="kernel"
+                )
+        elif kernel is not None:
+            raise InvalidInputError("kernel: only runtimes of type jupyter take a kernel", field="kernel")
         _check_idle_timeout(idle_timeout)
         get_machine_type(self.settings, machine_type)
         ref = parse_ref(environment, "environment")
@@ -209,6 +220,7 @@ class RunnerService:
                 owner_id=owner_id,
                 name=name,
                 type=type,
+                kernel=kernel,
                 language=language,
                 environment_ref=str(ref),
                 version_id=version.id,

@@ -36,6 +36,7 @@ def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
         id=rt.id,
         name=rt.name,
         type=rt.type,
+        kernel=rt.kernel,
         language=rt.language,
         environment=rt.version.ref,
         environment_ref=rt.environment_ref,
@@ -68,6 +69,7 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         machine_type=body.machine_type,
         idle_timeout=body.idle_timeout,
         type=body.type,
+        kernel=body.kernel,
     )
     return runtime_out(ctx.runner, rt)
 

@@ -352,7 +352,7 @@ class Bridge:
             try:
                 self.restart()
             except Fatal as exc:  # the cell still gets its done; then the bridge exits
-                self.output({"output_type": "error", "ename": "DeadKernelError", "evalue": str(exc), "traceback": []})
+                self.output({"output_type": "error", "ename": "KernelDied", "evalue": str(exc), "traceback": []})
                 self.send({"type": "done", "status": "error", "execution_count": self.count})
                 raise
             self.output(
@@ -470,10 +470,10 @@ class Bridge:
         )
         evalue += "; it will be restarted for the next cell, and its state is lost."
         tail = self.log.tail()
-        traceback = [f"DeadKernelError: {evalue}"]
+        traceback = [f"KernelDied: {evalue}"]
         if tail:
             traceback += ["", "Last output of the kernel process:", *tail]
-        self.output({"output_type": "error", "ename": "DeadKernelError", "evalue": evalue, "traceback": traceback})
+        self.output({"output_type": "error", "ename": "KernelDied", "evalue": evalue, "traceback": traceback})
         self.needs_restart = True
         return "error"
 
@@ -532,7 +532,7 @@ def fatal(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jupyter_bridge", description=__doc__.split("\n\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="jupyter_bridge", description="Run a Jupyter kernel behind envctl's kernel protocol.")
     parser.add_argument("--kernel", default="python3", help="kernelspec name (default: python3)")
     args = parser.parse_args(argv)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -543,9 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     bridge.install_signals()
     try:
         bridge.start()
-        if bridge.stopping:
-            return 0
-        bridge.serve()
+        if not bridge.stopping:  # SIGTERM while the kernel started: just shut it down
+            bridge.serve()
     except Fatal as exc:
         fatal(str(exc))
         bridge.shutdown()

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,9 +12,12 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from registry.service import create_user
-from runner.backends.base import RuntimeBackend
+from runner.backends.base import LABEL_RUNNER, RuntimeBackend
 from runner.backends.fake import FakeBackend
 from runner.service import RunnerService
+from tests.conftest import TEST_LABEL, TEST_SESSION
+from tests.fixtures.server import Server, prepare_data_dir
+from tests.fixtures.services import base_image
 
 
 @pytest.fixture
@@ -60,3 +66,34 @@ def make_runner(settings: Settings, runner_db: Database) -> Iterator[Callable[..
     for svc in made:
         svc._closing.set()
         svc._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def start_server(docker: Any, data: Path, images: list[str] | None = None, **env: str) -> Server:
+    """A real `envctl serve` on the Docker engine, its containers labelled for cleanup."""
+    prepare_data_dir(data, images)
+    runner = f"test-{TEST_SESSION}-{uuid.uuid4().hex[:6]}"
+    srv = Server(
+        data,
+        env={
+            "ENVCTL_RUNNER_NAME": runner,
+            "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
+            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+            **env,
+        },
+    )
+    srv.start()
+    return srv
+
+
+def remove_runner_containers(docker: Any, srv: Server) -> None:
+    srv.stop()
+    for c in docker.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={srv.env['ENVCTL_RUNNER_NAME']}"}):
+        c.remove(force=True)
+
+
+@pytest.fixture
+def server(docker: Any, tmp_path: Path) -> Iterator[Server]:
+    base_image(docker, "python3")  # skip/fail early with a clear reason when not built
+    srv = start_server(docker, tmp_path / "data")
+    yield srv
+    remove_runner_containers(docker, srv)

@@ -6,8 +6,6 @@ server (R11-R14).
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +16,10 @@ from runner.backends.base import LABEL_RUNNER, LABEL_RUNTIME
 from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.channel import ping
 from tests.conftest import TEST_LABEL, TEST_SESSION
-from tests.fixtures.server import Server, prepare_data_dir
+from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture
-def server(docker: Any, tmp_path: Path) -> Iterator[Server]:
-    base_image(docker, "python3")  # skip/fail early with a clear reason when not built
-    data = tmp_path / "data"
-    prepare_data_dir(data)
-    runner = f"test-{TEST_SESSION}-{uuid.uuid4().hex[:6]}"
-    srv = Server(
-        data,
-        env={
-            "ENVCTL_RUNNER_NAME": runner,
-            "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
-            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
-        },
-    )
-    srv.start()
-    yield srv
-    srv.stop()
-    for c in docker.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={runner}"}):
-        c.remove(force=True)
 
 
 def containers_of(docker: Any, rid: str) -> list[Any]:
