@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.dbschema import check_current
-from api.deps import Context
+from api.deps import CallerCache, Context
 from api.routes import environments, executions, health, machine_types, results, runtimes
 from envs.kit.config import Settings
 from envs.kit.db import Database
@@ -64,6 +64,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = Context(settings=settings, db=db, runner=runner)
+    app.state.callers = CallerCache()
     errors.install(app)
     for module in (health, runtimes, executions, results, environments, machine_types):
         app.include_router(module.router)

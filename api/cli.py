@@ -11,13 +11,21 @@ Tables for people, ``--json`` for scripts. Exit codes: 0 success, 1 failure, 2 b
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import contextlib
+import hashlib
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import httpx
 import yaml
@@ -30,10 +38,11 @@ DEFAULT_URL = "http://127.0.0.1:8700"
 
 
 class CliError(Exception):
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        self.status = status  # the HTTP status when the API refused
 
 
 # ---------------------------------------------------------------------------- client
@@ -79,22 +88,31 @@ class Api:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
+    def unreachable(self, exc: Exception) -> CliError:
+        return CliError(
+            f"cannot reach envctl at {self.url} ({exc.__class__.__name__}); is `envctl serve` "
+            "(or `make run`) running? Set --url or ENVCTL_URL to another server."
+        )
+
+    @staticmethod
+    def raise_for(resp: httpx.Response) -> None:
+        """Turn an error answer (a read response) into a ``CliError``: 400/422 exit 2, else 1."""
+        if resp.status_code < 400:
+            return
+        try:
+            err = resp.json()["error"]
+            message = err["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:500] or resp.reason_phrase
+        code = EXIT_BAD_INPUT if resp.status_code in (400, 422) else EXIT_FAILURE
+        raise CliError(f"{message} (HTTP {resp.status_code})", code, resp.status_code)
+
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise CliError(
-                f"cannot reach envctl at {self.url} ({exc.__class__.__name__}); is `envctl serve` "
-                "(or `make run`) running? Set --url or ENVCTL_URL to another server."
-            ) from exc
-        if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-                message = err["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:500] or resp.reason_phrase
-            code = EXIT_BAD_INPUT if resp.status_code in (400, 422) else EXIT_FAILURE
-            raise CliError(f"{message} (HTTP {resp.status_code})", code)
+            raise self.unreachable(exc) from exc
+        self.raise_for(resp)
         if resp.status_code == 204 or not resp.content:
             return None
         return resp.json()
@@ -158,6 +176,7 @@ def _show_runtime(rt: dict[str, Any]) -> None:
             f"{_state(rt)} ({rt['state_reason']})" + (f": {rt['state_message']}" if rt["state_message"] else ""),
         ),
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
+        ("type", rt.get("type", "native") + (f" (kernel {rt['kernel']})" if rt.get("kernel") else "")),
         ("language", rt["language"]),
         ("machine type", rt["machine_type"]),
         ("busy", "yes" if rt["busy"] else "no"),
@@ -229,6 +248,10 @@ def cmd_runtime_create(args: argparse.Namespace) -> int:
     }
     if args.idle_timeout is not None:
         body["idle_timeout"] = args.idle_timeout
+    if args.type is not None:
+        body["type"] = args.type
+    if args.kernel is not None:
+        body["kernel"] = args.kernel
     rt = api.call("POST", "/runtimes", json=body)
     if args.start:
         rt = api.call("POST", f"/runtimes/{rt['id']}/start")
@@ -368,6 +391,597 @@ def cmd_machine_types(args: argparse.Namespace) -> int:
             ("description", "description"),
         ],
     )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- executions
+
+# Keep-alives come every 15 s; a read that waits much longer means the connection is dead.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=45.0)
+RECONNECT_FOR = 60.0  # seconds of failed reconnects before giving up on following
+POLL_INTERVAL = 0.2
+IMAGE_TYPES = (("image/png", "png"), ("image/jpeg", "jpg"))
+
+OutputHandler = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class SseEvent:
+    event: str
+    data: str
+    id: str | None
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
+    """Server-sent events from the lines of a stream (``event:``, ``data:``, ``id:``; ``:``
+    starts a comment; a blank line ends an event)."""
+    event, event_id = "message", None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield SseEvent(event, "\n".join(data), event_id)
+            event, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+
+
+class _StreamEnded(Exception):
+    """The event stream closed before the execution's final status came."""
+
+
+class ExecutionFollower:
+    """Follows one execution's ``/events`` to its final status. A dropped connection is
+    opened again with ``Last-Event-ID``, so every output is handled once and in order."""
+
+    def __init__(self, api: Api, execution_id: str, on_output: OutputHandler | None = None) -> None:
+        self.api = api
+        self.execution_id = execution_id
+        self.on_output = on_output
+        self.last_id: str | None = None
+        self.final: dict[str, Any] | None = None
+        self.reconnects = 0
+        self._lost_at: float | None = None
+
+    def run(self) -> dict[str, Any]:
+        """The final ``status`` event's data: ``status``, ``execution_count``, ``truncated``."""
+        delay = 0.1
+        while self.final is None:
+            try:
+                self._stream()
+                if self.final is None:
+                    raise _StreamEnded("the event stream ended before the execution did")
+            except (httpx.TransportError, _StreamEnded) as exc:
+                now = time.monotonic()
+                if self._lost_at is None:
+                    self._lost_at, delay = now, 0.1
+                    print(
+                        f"envctl: lost the event stream of {self.execution_id} ({exc.__class__.__name__}); "
+                        "reconnecting ...",
+                        file=sys.stderr,
+                    )
+                elif now - self._lost_at > RECONNECT_FOR:
+                    raise CliError(
+                        f"lost the connection to envctl at {self.api.url} while following execution "
+                        f"{self.execution_id} and could not reconnect for {RECONNECT_FOR:.0f} s; the cell keeps "
+                        f"running in its runtime (GET /executions/{self.execution_id} shows it)"
+                    ) from exc
+                self.reconnects += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return self.final
+
+    def _stream(self) -> None:
+        headers = {"Last-Event-ID": self.last_id} if self.last_id is not None else {}
+        path = f"/executions/{self.execution_id}/events"
+        with self.api.http.stream("GET", path, headers=headers, timeout=STREAM_TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self.api.raise_for(resp)
+            self._lost_at = None
+            for ev in parse_sse(resp.iter_lines()):
+                if ev.event == "output":
+                    index = int(ev.id) if ev.id and ev.id.isdigit() else -1
+                    if self.on_output is not None:
+                        self.on_output(index, json.loads(ev.data))
+                    if ev.id is not None:
+                        self.last_id = ev.id
+                elif ev.event == "status":
+                    self.final = dict(json.loads(ev.data))
+                    return
+
+
+def _wait_while_queued(api: Api, ex: dict[str, Any], rt: dict[str, Any], *, quiet: bool) -> None:
+    """Progress on stderr while the execution waits: the runtime boots, or another cell runs."""
+    booting = rt["state"] != "running"
+    what = (
+        f"booting runtime {rt['name']} ({rt['environment']})"
+        if booting
+        else f"waiting for the cell running in {rt['name']}"
+    )
+    tty = sys.stderr.isatty() and not quiet
+    if not quiet and not tty:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    spinner = "|/-\\"
+    i = 0
+    while True:
+        cur = api.call("GET", f"/executions/{ex['id']}")
+        if cur["status"] != "queued":
+            break
+        if tty:
+            state = api.call("GET", f"/runtimes/{rt['id']}")
+            detail = state["state"] + (f", {state['phase']}" if state.get("phase") else "")
+            sys.stderr.write(f"\r\033[K{spinner[i % 4]} {what} ... {detail} {time.monotonic() - start:5.1f} s")
+            sys.stderr.flush()
+        i += 1
+        time.sleep(POLL_INTERVAL)
+    elapsed = time.monotonic() - start
+    if tty:
+        sys.stderr.write("\r\033[K")
+    if not quiet and booting and cur["status"] != "error":
+        print(f"runtime {rt['name']} is running ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def await_execution(
+    api: Api,
+    ex: dict[str, Any],
+    rt: dict[str, Any],
+    *,
+    on_output: OutputHandler | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Follow a submitted execution to its end; the final status event's data.
+
+    Ctrl-C asks the API to interrupt the cell and goes on following until the final status;
+    a second Ctrl-C stops following (``KeyboardInterrupt``; the cell was already told to stop).
+    """
+    follower = ExecutionFollower(api, ex["id"], on_output)
+    must_wait = ex["status"] == "queued" and (rt["state"] != "running" or rt.get("busy", False))
+    interrupted = False
+    while True:
+        try:
+            if must_wait:
+                _wait_while_queued(api, ex, rt, quiet=quiet)
+                must_wait = False
+            return follower.run()
+        except KeyboardInterrupt:
+            if interrupted:
+                print(
+                    f"\nenvctl: stopped following execution {ex['id']}; it was asked to stop",
+                    file=sys.stderr,
+                )
+                raise
+            interrupted = True
+            must_wait = False
+            if sys.stderr.isatty():
+                sys.stderr.write("\r\033[K")
+            print(
+                f"\nenvctl: interrupting execution {ex['id']} ... (Ctrl-C again to stop waiting)",
+                file=sys.stderr,
+                flush=True,
+            )
+            api.call("POST", f"/executions/{ex['id']}/interrupt")
+
+
+def _text(value: Any) -> str:
+    """A MIME bundle entry as text (Jupyter allows a list of lines)."""
+    if isinstance(value, list):
+        return "".join(str(v) for v in value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class OutputPrinter:
+    """Shows outputs as they come: streams to stdout/stderr, results as text/plain, errors
+    as their traceback on stderr, images saved as ``<execution id>-<n>.<ext>`` in a folder."""
+
+    def __init__(self, execution_id: str, images_dir: Path) -> None:
+        self.execution_id = execution_id
+        self.images_dir = images_dir
+        self.images: list[Path] = []
+
+    def __call__(self, index: int, out: dict[str, Any]) -> None:
+        kind = out.get("output_type")
+        if kind == "stream":
+            stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
+            stream.write(_text(out.get("text", "")))
+            stream.flush()
+        elif kind in ("display_data", "execute_result"):
+            data = out.get("data") or {}
+            shown = False
+            for mime, ext in IMAGE_TYPES:
+                if mime in data:
+                    path = self._save(mime, ext, data[mime])
+                    if path is not None:
+                        print(f"[{mime} saved to {path}]", flush=True)
+                        shown = True
+            if not shown:
+                if "text/plain" in data:
+                    print(_text(data["text/plain"]), flush=True)
+                elif data:
+                    print(f"[{kind}: {', '.join(sorted(data))}]", flush=True)
+        elif kind == "error":
+            sys.stdout.flush()
+            lines = [str(line) for line in out.get("traceback") or []]
+            text = "\n".join(lines) if lines else f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"
+            print(text, file=sys.stderr, flush=True)
+
+    def _save(self, mime: str, ext: str, value: Any) -> Path | None:
+        try:
+            raw = base64.b64decode(_text(value), validate=False)
+        except (binascii.Error, ValueError) as exc:
+            print(f"envctl: an {mime} output is not valid base64 ({exc}); not saved", file=sys.stderr)
+            return None
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        path = self.images_dir / f"{self.execution_id}-{len(self.images) + 1}.{ext}"
+        path.write_bytes(raw)
+        self.images.append(path)
+        return path
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    api = _api(args)
+    code = sys.stdin.read() if args.code == "-" else args.code
+    rt = _resolve_runtime(api, args.runtime)
+    body: dict[str, Any] = {"code": code}
+    if args.lang is not None:
+        body["language"] = args.lang
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    ex = api.call("POST", f"/runtimes/{rt['id']}/executions", json=body)
+    printer = None if args.json else OutputPrinter(ex["id"], Path(args.images_dir))
+    final = await_execution(api, ex, rt, on_output=printer, quiet=args.json)
+    if args.json:
+        _print_json(api.call("GET", f"/executions/{ex['id']}"))
+    elif final.get("status") == "interrupted":
+        print(f"envctl: execution {ex['id']} was interrupted", file=sys.stderr)
+    return EXIT_OK if final.get("status") == "ok" else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------- notebooks
+
+
+def _nbformat() -> Any:
+    """nbformat, imported when a notebook command needs it (it has no type hints)."""
+    import nbformat
+
+    return nbformat
+
+
+def _read_notebook(path: Path) -> Any:
+    nbformat = _nbformat()
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except FileNotFoundError as exc:
+        raise CliError(f"{path}: no such file", EXIT_BAD_INPUT) from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read it: {exc.strerror or exc}", EXIT_BAD_INPUT) from exc
+    except Exception as exc:  # nbformat raises many kinds for a file that is not a notebook
+        raise CliError(f"{path}: not a Jupyter notebook nbformat can read ({exc})", EXIT_BAD_INPUT) from exc
+    try:
+        nbformat.validate(nb)
+    except nbformat.ValidationError as exc:
+        raise CliError(f"{path}: not a valid notebook: {exc.message}", EXIT_BAD_INPUT) from exc
+    return nb
+
+
+def _notebook_language(nb: Any) -> str:
+    """bash when the notebook's kernelspec or language_info says so, else python."""
+    meta = nb.metadata
+    said = [
+        (meta.get("kernelspec") or {}).get("language"),
+        (meta.get("kernelspec") or {}).get("name"),
+        (meta.get("language_info") or {}).get("name"),
+    ]
+    return "bash" if any(str(v).lower() == "bash" for v in said if v) else "python"
+
+
+def runtime_name_for(path: Path) -> str:
+    """A valid runtime name from a notebook's file name: lower case, ``[a-z0-9._-]``, each
+    separator between letters or digits, at most 56 characters (room for a suffix)."""
+    stem = unicodedata.normalize("NFKD", path.stem).encode("ascii", "ignore").decode().lower()
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem)
+    name = re.sub(r"[._-]{2,}", lambda m: "-" if "-" in m.group() else m.group()[0], name)
+    name = name.strip("._-")[:56].strip("._-")
+    return name or "notebook"
+
+
+def _create_notebook_runtime(
+    api: Api, path: Path, environment: str, language: str, machine_type: str | None
+) -> dict[str, Any]:
+    base = runtime_name_for(path)
+    taken = {rt["name"] for rt in api.call("GET", "/runtimes")}
+    n = 1
+    while True:
+        name = base if n == 1 else f"{base}-{n}"
+        n += 1
+        if name in taken:
+            continue
+        body: dict[str, Any] = {"name": name, "environment": environment, "language": language}
+        if machine_type:
+            body["machine_type"] = machine_type
+        try:
+            result: dict[str, Any] = api.call("POST", "/runtimes", json=body)
+            return result
+        except CliError as exc:
+            if exc.status != 409 or n > 100:
+                raise
+            taken.add(name)  # made meanwhile by someone else: take the next suffix
+
+
+def _mime_bundle(data: dict[str, Any]) -> dict[str, Any]:
+    """Data as nbformat v4 allows it: JSON types any value, every other type text."""
+    bundle: dict[str, Any] = {}
+    for mime, value in data.items():
+        json_type = re.match(r"^application/(.*\+)?json$", mime) is not None
+        if json_type or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            bundle[mime] = value
+        else:
+            bundle[mime] = value if isinstance(value, str) else json.dumps(value)
+    return bundle
+
+
+def notebook_outputs(execution: dict[str, Any]) -> list[Any]:
+    """An execution's outputs (consecutive streams joined) as nbformat v4 outputs."""
+    v4 = _nbformat().v4
+    outputs = []
+    for out in execution.get("outputs") or []:
+        kind = out.get("output_type")
+        if kind == "stream":
+            name = out.get("name") if out.get("name") in ("stdout", "stderr") else "stdout"
+            outputs.append(v4.new_output("stream", name=name, text=_text(out.get("text", ""))))
+        elif kind == "display_data":
+            outputs.append(
+                v4.new_output(
+                    "display_data", data=_mime_bundle(out.get("data") or {}), metadata=out.get("metadata") or {}
+                )
+            )
+        elif kind == "execute_result":
+            count = out.get("execution_count") or execution.get("execution_count")
+            outputs.append(
+                v4.new_output(
+                    "execute_result",
+                    data=_mime_bundle(out.get("data") or {}),
+                    metadata=out.get("metadata") or {},
+                    execution_count=count,
+                )
+            )
+        elif kind == "error":
+            outputs.append(
+                v4.new_output(
+                    "error",
+                    ename=str(out.get("ename", "Error")),
+                    evalue=str(out.get("evalue", "")),
+                    traceback=[str(line) for line in out.get("traceback") or []],
+                )
+            )
+    return outputs
+
+
+def _seconds(execution: dict[str, Any]) -> float:
+    start, end = execution.get("started_at"), execution.get("finished_at")
+    if not start or not end:
+        return 0.0
+    return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
+
+
+def _write_notebook(nb: Any, out: Path) -> None:
+    """Validate, then write atomically (a crash never leaves half a notebook)."""
+    nbformat = _nbformat()
+    try:
+        nbformat.validate(nb)
+    except nbformat.ValidationError as exc:
+        raise CliError(f"the notebook would not be valid, so {out} was not written: {exc.message}") from exc
+    tmp = out.with_name(f".{out.name}.envctl-{os.getpid()}.tmp")
+    try:
+        nbformat.write(nb, str(tmp))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a notebook's code cells in order in a runtime and write their outputs back."""
+    path = Path(args.notebook)
+    out = Path(args.output) if args.output else path
+    if args.runtime and (args.env or args.machine_type):
+        raise CliError(
+            "--env and --machine-type set up the runtime that `run` creates; with --runtime the notebook "
+            "runs in that runtime as it is",
+            EXIT_BAD_INPUT,
+        )
+    if not out.parent.is_dir():
+        raise CliError(f"{out}: the folder {out.parent} does not exist", EXIT_BAD_INPUT)
+    nb = _read_notebook(path)
+    meta = nb.metadata.get("envctl") or {}
+    environment = args.env or meta.get("environment")
+    if not args.runtime:
+        if not environment:
+            raise CliError(
+                f"{path}: no environment to run it in; give one with --env (e.g. --env python3), set "
+                'the notebook\'s metadata {"envctl": {"environment": "python3"}}, or use --runtime NAME',
+                EXIT_BAD_INPUT,
+            )
+        if not isinstance(environment, str):
+            raise CliError(f"{path}: metadata envctl.environment must be a reference such as python3@1", EXIT_BAD_INPUT)
+    language = _notebook_language(nb)
+    cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    quiet = args.json
+
+    api = _api(args)
+    if args.runtime:
+        rt = _resolve_runtime(api, args.runtime)
+        owned = False
+    else:
+        rt = _create_notebook_runtime(api, path, str(environment), language, args.machine_type)
+        owned = True
+    keep = args.keep or not owned
+    if not quiet:
+        print(
+            f"{path.name}: {len(cells)} code cells, {language}, in runtime {rt['name']} ({rt['environment']})",
+            file=sys.stderr,
+            flush=True,
+        )
+    report: list[dict[str, Any]] = []
+    failed_at: int | None = None
+    try:
+        for k, cell in enumerate(cells, 1):
+            code = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+            if not code.strip():
+                cell.outputs, cell.execution_count = [], None
+                report.append({"cell": k, "status": "skipped", "execution_id": None})
+                if not quiet:
+                    print(f"[{k}/{len(cells)}] skipped (empty)", file=sys.stderr, flush=True)
+                continue
+            body: dict[str, Any] = {"code": code, "language": language}
+            if args.timeout is not None:
+                body["timeout"] = args.timeout
+            ex = api.call("POST", f"/runtimes/{rt['id']}/executions", json=body)
+            await_execution(api, ex, rt, on_output=None, quiet=quiet)
+            rt = {**rt, "state": "running", "busy": False}  # it ran a cell: no boot to show again
+            done = api.call("GET", f"/executions/{ex['id']}")
+            cell.outputs = notebook_outputs(done)
+            cell.execution_count = done["execution_count"]
+            status = done["status"]
+            report.append(
+                {
+                    "cell": k,
+                    "status": status,
+                    "execution_id": done["id"],
+                    "execution_count": done["execution_count"],
+                    "seconds": round(_seconds(done), 3),
+                }
+            )
+            if not quiet:
+                line = f"[{k}/{len(cells)}] {status} {_seconds(done):.1f} s"
+                if done.get("error_name"):
+                    first = (done.get("error_value") or "").strip().splitlines()[:1]
+                    line += f"  {done['error_name']}" + (f": {first[0][:200]}" if first else "")
+                print(line, file=sys.stderr, flush=True)
+            if status != "ok" and failed_at is None:
+                failed_at = k
+            if status == "interrupted" or (status != "ok" and not args.allow_errors):
+                break
+        nb.metadata.setdefault("envctl", {})["environment"] = rt["environment"]
+        _write_notebook(nb, out)
+    finally:
+        if not keep:
+            try:
+                api.call("DELETE", f"/runtimes/{rt['id']}")
+            except CliError as exc:
+                print(f"envctl: could not delete runtime {rt['name']}: {exc.message}", file=sys.stderr)
+    summary = {
+        "notebook": str(out),
+        "status": "ok" if failed_at is None else "error",
+        "failed_cell": failed_at,
+        "environment": rt["environment"],
+        "runtime": {"id": rt["id"], "name": rt["name"], "deleted": not keep},
+        "cells": report,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        ran = sum(1 for r in report if r["status"] == "ok")
+        what = "all ok" if failed_at is None else f"cell {failed_at} failed"
+        where = f"runtime {rt['name']} kept" if keep else f"runtime {rt['name']} deleted"
+        print(f"wrote {out}: {ran} of {len(cells)} code cells ok, {what}; {rt['environment']}; {where}")
+    return EXIT_OK if failed_at is None else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def cmd_results_ls(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.runtime:
+        # Results outlive their runtime: an rt_ id is listed even after the runtime is gone.
+        rid = args.runtime if args.runtime.startswith("rt_") else _resolve_runtime(api, args.runtime)["id"]
+        rows = api.call("GET", f"/runtimes/{rid}/results")
+    else:
+        rows = api.call("GET", "/results")
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    _table(
+        [
+            {
+                **r,
+                "size_text": _human_bytes(r["size"]),
+                "sha": r["sha256"][:12],
+                "created": _when(r["created_at"]),
+            }
+            for r in rows
+        ],
+        [
+            ("id", "id"),
+            ("path", "path"),
+            ("size_text", "size"),
+            ("sha", "sha256"),
+            ("execution_id", "execution"),
+            ("created", "created (UTC)"),
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_results_get(args: argparse.Namespace) -> int:
+    api = _api(args)
+    meta = api.call("GET", f"/results/{args.result_id}")
+    to_stdout = args.output == "-"
+    dest = Path(args.output) if args.output else Path(meta["path"].rsplit("/", 1)[-1])
+    if not args.output and dest.exists():
+        raise CliError(f"{dest} exists; choose where to write with -o FILE (-o - for stdout)")
+    tmp = dest.with_name(f".{dest.name}.envctl-{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    done = 0
+    tty = sys.stderr.isatty() and not args.json and not to_stdout
+    try:
+        with api.http.stream("GET", f"/results/{args.result_id}/content", timeout=STREAM_TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                api.raise_for(resp)
+            with contextlib.ExitStack() as stack:
+                sink: IO[bytes] = sys.stdout.buffer if to_stdout else stack.enter_context(open(tmp, "wb"))
+                for chunk in resp.iter_bytes(1024 * 1024):
+                    sink.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if tty:
+                        sys.stderr.write(f"\r\033[K{_human_bytes(done)} of {_human_bytes(meta['size'])}")
+                        sys.stderr.flush()
+                sink.flush()
+    except httpx.TransportError as exc:
+        tmp.unlink(missing_ok=True)
+        raise api.unreachable(exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if tty:
+        sys.stderr.write("\r\033[K")
+    if digest.hexdigest() != meta["sha256"]:
+        tmp.unlink(missing_ok=True)
+        raise CliError(
+            f"result {meta['id']} arrived damaged (sha256 {digest.hexdigest()[:12]}, expected "
+            f"{meta['sha256'][:12]}); nothing was written"
+        )
+    if to_stdout:
+        return EXIT_OK
+    os.replace(tmp, dest)
+    if args.json:
+        _print_json({**meta, "saved_to": str(dest)})
+    else:
+        print(f"wrote {dest} ({_human_bytes(meta['size'])}, sha256 {meta['sha256'][:12]}) from {meta['path']}")
     return EXIT_OK
 
 
@@ -538,6 +1152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="python", choices=["python", "bash"])
     p.add_argument("--machine-type", default="small")
     p.add_argument("--idle-timeout", type=int, help="seconds without activity before shutdown (0: never)")
+    p.add_argument(
+        "--type",
+        choices=["native", "jupyter"],
+        help="native: envctl's own kernels (default); jupyter: a Jupyter kernelspec installed in the environment",
+    )
+    p.add_argument("--kernel", help="kernelspec name for --type jupyter (default python3)")
     p.add_argument("--start", action="store_true", help="boot it now and wait until it runs")
     p.set_defaults(func=cmd_runtime_create)
     p = rt.add_parser("ls", help="list your runtimes", parents=[common])
@@ -563,12 +1183,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("machine-types", help="list machine types", parents=[common])
     p.set_defaults(func=cmd_machine_types)
+
+    p = sub.add_parser(
+        "exec",
+        help="run code in a runtime and show its outputs as they come",
+        parents=[common],
+        description="Run CODE in RUNTIME (booting it first when it is stopped) and show the outputs live: "
+        "streams on stdout/stderr, results as text, errors as their traceback on stderr, images saved "
+        "as files. Ctrl-C interrupts the cell; a second Ctrl-C stops waiting. Exit 0 when the cell "
+        "succeeded, 1 when it failed or was interrupted, 2 on bad input.",
+    )
+    p.add_argument("runtime", help="runtime id or name")
+    p.add_argument("code", help="the code to run, or - to read it from stdin")
+    p.add_argument("--lang", metavar="python|bash", help="language of the code (default: the runtime's)")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds the cell may run")
+    p.add_argument(
+        "--images-dir",
+        default=".",
+        metavar="DIR",
+        help="where image outputs are saved, as <execution id>-<n>.png (default: the current folder)",
+    )
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser(
+        "run",
+        help="run a notebook's code cells in a runtime and write their outputs into it",
+        parents=[common],
+        description="Run every code cell of NOTEBOOK in order in a new runtime of the notebook's environment "
+        "(--env, else the notebook's metadata envctl.environment) or in --runtime, write the outputs and "
+        "execution counts back (in place or to -o), record the exact environment version in the "
+        "metadata, and delete the runtime it created (unless --keep). Stops at the first failing "
+        "cell unless --allow-errors. Exit 0 when every cell ran ok, 1 when one failed, 2 on bad input.",
+    )
+    p.add_argument("notebook", help="a Jupyter notebook (.ipynb)")
+    p.add_argument("--env", help="environment reference, e.g. python3 or python3@1 (default: the notebook's)")
+    p.add_argument("--runtime", help="run in this existing runtime (id or name); it is kept")
+    p.add_argument("--machine-type", help="machine type of the runtime run creates (default small)")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds each cell may run")
+    p.add_argument("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
+    p.add_argument("--keep", action="store_true", help="keep the runtime run created")
+    p.add_argument("--allow-errors", action="store_true", help="run the cells after a failing one too")
+    p.set_defaults(func=cmd_run)
+
+    res = sub.add_parser(
+        "results",
+        help="result files cells wrote under /results",
+        description="`envctl results [RUNTIME]` is short for `envctl results ls [RUNTIME]`.",
+    ).add_subparsers(dest="results_command", required=True, parser_class=_Parser)
+    p = res.add_parser("ls", help="list result files, newest first", parents=[common])
+    p.add_argument("runtime", nargs="?", help="runtime id or name (an id also after it was deleted); default: all")
+    p.set_defaults(func=cmd_results_ls)
+    p = res.add_parser("get", help="download a result file", parents=[common])
+    p.add_argument("result_id", type=int, help="result id (the ID column of `envctl results ls`)")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write it (default: its file name here; - stdout)")
+    p.set_defaults(func=cmd_results_get)
     return parser
+
+
+def _expand_shorthands(argv: list[str]) -> list[str]:
+    """``envctl results [RUNTIME]`` means ``envctl results ls [RUNTIME]``."""
+    if argv and argv[0] == "results" and (len(argv) == 1 or argv[1] not in ("ls", "get", "-h", "--help")):
+        return [argv[0], "ls", *argv[1:]]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_expand_shorthands(list(sys.argv[1:] if argv is None else argv)))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -36,14 +38,49 @@ def get_context(request: Request) -> Context:
 _bearer = HTTPBearer(auto_error=False, description="an envctl API token")
 
 
+class CallerCache:
+    """Who a token belongs to, remembered for a few seconds so hot paths skip the database.
+
+    A revoked or expired token is refused again at most ``ttl`` seconds later.
+    """
+
+    def __init__(self, ttl: float = 5.0, size: int = 1024) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, tuple[float, Caller]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Caller | None:
+        with self._lock:
+            entry = self._entries.get(token)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, token: str, caller: Caller) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+            self._entries[token] = (time.monotonic() + self.ttl, caller)
+
+
 def get_caller(
+    request: Request,
     ctx: Annotated[Context, Depends(get_context)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     token = credentials.credentials if credentials is not None else None
+    cache: CallerCache = request.app.state.callers
+    if token:
+        hit = cache.get(token)
+        if hit is not None:
+            return hit
     with ctx.db.session() as s:
         user = registry_service.authenticate(s, token)
-        return Caller(user.id, user.name, user.is_admin)
+        caller = Caller(user.id, user.name, user.is_admin)
+    if token:
+        cache.put(token, caller)
+    return caller
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

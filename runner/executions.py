@@ -148,6 +148,7 @@ class ExecutionManager:
         self._queues: dict[str, queue.Queue[_Job]] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._busy: dict[str, str] = {}  # runtime id -> running execution id
+        self._channels: dict[str, AgentChannel] = {}  # runtime id -> its worker's connection
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ queries
@@ -351,6 +352,7 @@ class ExecutionManager:
                 with self._lock:
                     if q.empty():
                         self._workers.pop(runtime_id, None)
+                        self._drop_channel(runtime_id)
                         return
                 continue
             with self._lock:
@@ -387,59 +389,77 @@ class ExecutionManager:
             if view.status != "queued":
                 return  # interrupted while it waited
         sink = _Sink(self, view, feed, start=len(feed.outputs))
-        path = self._socket(view.runtime_id)
         attempts = 0
+        accepted = attach
         while True:
             try:
-                with AgentChannel(path, timeout=10) as channel:
-                    if attach:
-                        events = channel.stream("attach", execution_id=view.id, **{"from": sink.next_index})
-                    else:
-                        events = channel.stream(
-                            "execute",
-                            execution_id=view.id,
-                            code=view.code,
-                            language="jupyter" if view.kernel else view.language,
-                            kernel=view.kernel,
-                            timeout=view.timeout,
-                            cap=self.runner.settings.runner_output_cap,
-                        )
-                        # Recorded while the agent starts on the cell. Sending first is safe:
-                        # the agent knows executions by id, so a resend after a crash is no rerun.
-                        if not self._mark_running(view):
-                            with contextlib.suppress(EnvctlError):
-                                channel.request("interrupt", execution_id=view.id)
-                        attach = True  # from here on, a lost connection means: attach again
-                    for event in events:
-                        kind = event.get("event")
-                        if kind == "output":
-                            sink.add(int(event["index"]), event["output"])
-                        elif kind == "done":
-                            self._finish(
-                                view, str(event.get("status", "ok")), event.get("execution_count"), event, sink=sink
-                            )
-                            with contextlib.suppress(EnvctlError):
-                                channel.request("ack", execution_id=view.id)
-                            return
+                channel = self._channel(view.runtime_id)
+                if accepted:
+                    events = channel.stream("attach", execution_id=view.id, **{"from": sink.next_index})
+                else:
+                    events = channel.stream(
+                        "execute",
+                        execution_id=view.id,
+                        code=view.code,
+                        language="jupyter" if view.kernel else view.language,
+                        kernel=view.kernel,
+                        timeout=view.timeout,
+                        cap=self.runner.settings.runner_output_cap,
+                    )
+                    # Recorded while the agent starts on the cell. Sending first is safe: the
+                    # agent knows executions by id, so sending it again after a crash is no rerun.
+                    if view.status == "queued" and not self._mark_running(view):
+                        with contextlib.suppress(EnvctlError):
+                            self._interrupt_via_new_connection(view)
+                for event in events:
+                    kind = event.get("event")
+                    if kind == "accepted":
+                        accepted = True  # from here on, a lost connection means: attach again
+                    elif kind == "output":
+                        sink.add(int(event["index"]), event["output"])
+                    elif kind == "done":
+                        status = str(event.get("status", "ok"))
+                        self._finish(view, status, event.get("execution_count"), event, sink=sink)
+                        with contextlib.suppress(EnvctlError):
+                            channel.request("ack", execution_id=view.id)
+                        return
             except AgentUnavailableError as exc:
+                self._drop_channel(view.runtime_id)
                 attempts += 1
                 if self.runner._closing.is_set():
                     sink.flush()
                     return  # envctl is stopping: the next start attaches again
-                with self.db.session() as s:
-                    state = s.scalar(select(Runtime.state).where(Runtime.id == view.runtime_id))
+                with self.db.connection() as c:
+                    state = c.scalar(select(Runtime.state).where(Runtime.id == view.runtime_id))
                 if state == State.RUNNING and attempts <= 3:
-                    time.sleep(0.2 * attempts)
-                    attach = True  # the cell runs on in the agent: pick it up where we were
+                    time.sleep(0.1 * (attempts - 1))  # the first retry at once: a stale connection
                     continue
                 message = f"the runtime stopped while the cell ran ({state or 'deleted'}): {exc.message}"
                 self._finish(view, "error", None, {}, error=("RuntimeStopped", message), sink=sink)
                 return
             except EnvctlError as exc:
-                lost = attach and "unknown execution" in exc.message
+                self._drop_channel(view.runtime_id)
+                lost = accepted and "unknown execution" in exc.message
                 message = "the runtime restarted and lost this cell" if lost else exc.message
                 self._finish(view, "error", None, {}, error=("AgentError", message), sink=sink)
                 return
+
+    def _channel(self, runtime_id: str) -> AgentChannel:
+        """The worker's connection to the runtime's agent, kept open between cells."""
+        channel = self._channels.get(runtime_id)
+        if channel is None:
+            channel = AgentChannel(self._socket(runtime_id), timeout=10)
+            self._channels[runtime_id] = channel
+        return channel
+
+    def _drop_channel(self, runtime_id: str) -> None:
+        channel = self._channels.pop(runtime_id, None)
+        if channel is not None:
+            channel.close()
+
+    def _interrupt_via_new_connection(self, view: ExecutionView) -> None:
+        with AgentChannel(self._socket(view.runtime_id), timeout=5) as channel:
+            channel.request("interrupt", execution_id=view.id)
 
     def _mark_running(self, view: ExecutionView) -> bool:
         now = self.runner.clock()

@@ -46,7 +46,7 @@ from typing import Any
 CONTROL_IN, CONTROL_OUT = 3, 4
 STARTUP_TIMEOUT = 60.0  # seconds for a kernel to answer kernel_info
 POLL = 0.2  # seconds between checks of signals and kernel liveness while a cell runs
-REPLY_TIMEOUT = 10.0  # seconds to wait for execute_reply once IOPub said idle
+REPLY_TIMEOUT = 3.0  # seconds to wait for execute_reply once IOPub said idle (it is normally sent first)
 SHUTDOWN_WAIT = 2.0  # seconds a kernel gets to exit after a shutdown request
 LOG_LINES = 200  # lines of the kernel process's stdout/stderr kept for error messages
 LOG_TAIL = 20  # of which this many go into an error message
@@ -532,7 +532,9 @@ def fatal(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jupyter_bridge", description="Run a Jupyter kernel behind envctl's kernel protocol.")
+    parser = argparse.ArgumentParser(
+        prog="jupyter_bridge", description="Run a Jupyter kernel behind envctl's kernel protocol."
+    )
     parser.add_argument("--kernel", default="python3", help="kernelspec name (default: python3)")
     args = parser.parse_args(argv)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]

@@ -222,10 +222,10 @@ class ProcessKernel(Kernel):
         msg_r, msg_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-
-        # The kernel expects its channels on fds 3 and 4; /bin/sh moves them there (no
-        # preexec_fn: the agent is multi-threaded). Only our own fd numbers reach the shell.
-        wrapper = ["/bin/sh", "-c", f'exec "$@" 3<&{req_r} 4>&{msg_w} {req_r}<&- {msg_w}>&-', "kernel"]
+        # The kernel expects its channels on fds 3 and 4; a small Python shim moves them there
+        # and execs the kernel (no preexec_fn: the agent is multi-threaded; no shell: dash
+        # cannot name fds above 9).
+        wrapper = [sys.executable, "-c", FD_SHIM, str(req_r), str(msg_w)]
         self.proc = subprocess.Popen(
             [*wrapper, *self.argv],
             stdin=subprocess.DEVNULL,
@@ -252,6 +252,20 @@ class ProcessKernel(Kernel):
         except (OSError, ValueError) as exc:
             self._busy = False
             raise KernelDiedError(f"the {self.language} kernel is gone: {exc}") from exc
+
+
+FD_SHIM = """
+import fcntl, os, sys
+src = [int(sys.argv[1]), int(sys.argv[2])]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in src]
+for fd in src:
+    os.close(fd)
+os.dup2(high[0], 3)
+os.dup2(high[1], 4)
+for fd in high:
+    os.close(fd)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 DONE_MARK = "__envctl_done__"

@@ -198,7 +198,7 @@ def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
 ) -> None:
     owner = seed(runner_db)
     svc = make_runner(housekeeping=True)
-    rid = running(svc, owner, idle_timeout=1)
+    rid = running(svc, owner, idle_timeout=3)
     rt = svc.get(owner, rid)
     decision = svc.idle_status(rt)
     assert decision is not None and decision.shutdown_at is not None
