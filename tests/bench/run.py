@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from tests.bench import bench_boot
+from tests.bench import bench_boot, bench_exec
 
-BENCHMARKS = {"boot": bench_boot.run}
+BENCHMARKS = {"boot": bench_boot.run, "exec": bench_exec.run}
 
 
 def main() -> None:

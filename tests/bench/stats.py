@@ -40,9 +40,7 @@ def report(
     width = max(len("envctl"), len(baseline_name))
     print(f"{name}")
     for label, st in (("envctl", a), (baseline_name, b)):
-        print(
-            f"  {label:<{width}}  median {st['median']:8.1f} {unit}  p95 {st['p95']:8.1f} {unit}  (n={st['n']:.0f})"
-        )
+        print(f"  {label:<{width}}  median {st['median']:8.1f} {unit}  p95 {st['p95']:8.1f} {unit}  (n={st['n']:.0f})")
     print(f"  ratio of medians, envctl / {baseline_name}: {ratio:.2f}x{verdict}")
     return {
         "ours_median": a["median"],

@@ -1,0 +1,195 @@
+"""Cell round trip: a trivial cell (`1+1`) on a running runtime through the REST API.
+
+Baselines, measured in the same run:
+- `docker exec <container> python3 -c 1+1` on the same image (what running a command in a
+  container costs without a resident agent);
+- jupyter_client talking to ipykernel inside a python3-jupyter container (what a resident
+  Jupyter kernel costs), when that base image is built.
+
+Also: stdout throughput streamed to a client over server-sent events, and the agent's
+resident memory in an idle runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from tests.bench.stats import report, summary
+from tests.fixtures.server import Server, prepare_data_dir
+
+LABEL = "envctl.bench"
+
+JUPYTER_DRIVER = r"""
+import json, statistics, time
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
+def one():
+    msg_id = kc.execute("1+1")
+    while True:
+        m = kc.get_iopub_msg(timeout=10)
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            break
+    kc.get_shell_msg(timeout=10)
+for _ in range(20):
+    one()
+ts = []
+for _ in range(N):
+    t = time.perf_counter(); one(); ts.append((time.perf_counter() - t) * 1000)
+print(json.dumps(ts))
+kc.stop_channels(); km.shutdown_kernel(now=True)
+"""
+
+
+def _container_of(rid: str) -> str:
+    out = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=envctl.runtime-id={rid}"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def _jupyter_baseline(runs: int, session: str) -> list[float] | None:
+    images = subprocess.run(
+        ["docker", "images", "-q", "--filter", "label=envctl.base-image=python3-jupyter"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if not images:
+        print(
+            "  (python3-jupyter image not built: jupyter_client baseline skipped; `envctl base build python3-jupyter`)"
+        )
+        return None
+    cid = subprocess.run(
+        ["docker", "run", "-d", "--label", f"{LABEL}={session}", images[0], "sleep", "infinity"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        out = subprocess.run(
+            ["docker", "exec", cid, "python3", "-c", JUPYTER_DRIVER.replace("N)", f"{runs})")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout
+        return [float(x) for x in json.loads(out.strip().splitlines()[-1])]
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
+def run(runs: int = 1000) -> dict[str, float]:
+    session = uuid.uuid4().hex[:8]
+    with tempfile.TemporaryDirectory(prefix="envctl-bench-") as tmp:
+        data = Path(tmp) / "data"
+        prepare_data_dir(data)
+        srv = Server(data, env={"ENVCTL_RUNNER_NAME": f"bench-{session}", "ENVCTL_RUNNER_LABELS": f"{LABEL}={session}"})
+        srv.start()
+        try:
+            with srv.client() as client:
+                rt = client.post("/runtimes", json={"environment": "python3", "name": "bench"}).json()
+                rid = rt["id"]
+                client.post(f"/runtimes/{rid}/start")
+                srv.wait_state(client, rid, {"running"})
+                url = f"/runtimes/{rid}/executions"
+
+                def cell(code: str) -> dict:
+                    r = client.post(url, params={"wait": 30}, json={"code": code})
+                    body = r.json()
+                    assert body["status"] == "ok", body
+                    return body
+
+                for _ in range(50):
+                    cell("1+1")
+                ours = []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    cell("1+1")
+                    ours.append((time.perf_counter() - t) * 1000)
+                cid = _container_of(rid)
+                raw = []
+                for _ in range(max(20, runs // 20)):
+                    t = time.perf_counter()
+                    subprocess.run(["docker", "exec", cid, "python3", "-c", "1+1"], check=True, capture_output=True)
+                    raw.append((time.perf_counter() - t) * 1000)
+                figures = report(
+                    f"cell round trip `1+1` through the REST API ({runs} runs)",
+                    ours,
+                    raw,
+                    "docker exec python3 -c",
+                    target=None,
+                )
+                s = summary(ours)
+                print(
+                    f"  envctl p99 {s['p99']:.2f} ms; target: median <= 5 ms ({'met' if s['median'] <= 5 else 'NOT met'})"
+                    f" and >= 10x faster than docker exec ({'met' if figures['ratio'] <= 0.1 else 'NOT met'})"
+                )
+                jup = _jupyter_baseline(runs, session)
+                if jup:
+                    report(
+                        "  same, beside jupyter_client -> ipykernel in a python3-jupyter container",
+                        ours,
+                        jup,
+                        "jupyter_client",
+                    )
+
+                # throughput: 8 MB of stdout (under the 10 MB cap) streamed to a client over SSE
+                total = 8 * 1024 * 1024
+                code = (
+                    "import sys\nchunk = 'x' * 1023 + '\\n'\n"
+                    f"for _ in range({total // 1024}):\n    sys.stdout.write(chunk)\n"
+                )
+                ex = client.post(url, json={"code": code}).json()
+                received = 0
+                t = time.perf_counter()
+                with client.stream("GET", f"/executions/{ex['id']}/events", timeout=600) as resp:
+                    for line in resp.iter_lines():
+                        if line.startswith("data:"):
+                            received += len(line)
+                took = time.perf_counter() - t
+                t = time.perf_counter()
+                subprocess.run(["docker", "exec", cid, "python3", "-c", code], check=True, capture_output=True)
+                raw_took = time.perf_counter() - t
+                ours_mbs, raw_mbs = total / 1048576 / took, total / 1048576 / raw_took
+                print(
+                    f"stdout throughput, {total / 1048576:.0f} MB printed by a cell ({received / 1048576:.1f} MB of "
+                    f"SSE events): envctl {ours_mbs:.1f} MB/s, docker exec to a pipe {raw_mbs:.1f} MB/s, "
+                    f"ratio {ours_mbs / raw_mbs:.2f}x"
+                )
+
+                # agent memory in an idle runtime: a fresh runtime, booted, no cell run
+                idle = client.post("/runtimes", json={"environment": "python3", "name": "idle"}).json()
+                client.post(f"/runtimes/{idle['id']}/start")
+                srv.wait_state(client, idle["id"], {"running"})
+                time.sleep(1)
+                icid = _container_of(idle["id"])
+                top = subprocess.run(
+                    ["docker", "top", icid, "-o", "pid,rss,args"], capture_output=True, text=True
+                ).stdout
+                agent = [
+                    ln
+                    for ln in top.splitlines()
+                    if "agent/main.py" in ln and "python3" in ln.split(None, 2)[-1].split()[0]
+                ]
+                rss_kb = int(agent[0].split()[1]) if agent else -1
+                print(
+                    f"agent resident memory in an idle runtime: {rss_kb / 1024:.1f} MB (target <= 20 MB: "
+                    f"{'met' if 0 < rss_kb <= 20 * 1024 else 'NOT met'})"
+                )
+                figures["agent_rss_mb"] = rss_kb / 1024
+                return figures
+        finally:
+            srv.stop()
+            ids = subprocess.run(
+                ["docker", "ps", "-aq", "--filter", f"label={LABEL}={session}"], capture_output=True, text=True
+            ).stdout.split()
+            if ids:
+                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+
+
+if __name__ == "__main__":
+    run()
