@@ -32,7 +32,8 @@ def one():
     msg_id = kc.execute("1+1")
     while True:
         m = kc.get_iopub_msg(timeout=10)
-        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+        mine = m["parent_header"].get("msg_id") == msg_id
+        if mine and m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
             break
     kc.get_shell_msg(timeout=10)
 for _ in range(20):
@@ -125,7 +126,8 @@ def run(runs: int = 1000) -> dict[str, float]:
                 )
                 s = summary(ours)
                 print(
-                    f"  envctl p99 {s['p99']:.2f} ms; target: median <= 5 ms ({'met' if s['median'] <= 5 else 'NOT met'})"
+                    f"  envctl p99 {s['p99']:.2f} ms; "
+                    f"target: median <= 5 ms ({'met' if s['median'] <= 5 else 'NOT met'})"
                     f" and >= 10x faster than docker exec ({'met' if figures['ratio'] <= 0.1 else 'NOT met'})"
                 )
                 jup = _jupyter_baseline(runs, session)
