@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from api import errors
 from api.dbschema import check_current
 from api.deps import CallerCache, Context
-from api.routes import environments, executions, health, machine_types, results, runtimes
+from api.routes import environments, executions, health, machine_types, operations, results, runtimes
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
@@ -66,6 +66,6 @@ def create_app(
     app.state.ctx = Context(settings=settings, db=db, runner=runner)
     app.state.callers = CallerCache()
     errors.install(app)
-    for module in (health, runtimes, executions, results, environments, machine_types):
+    for module in (health, runtimes, executions, results, operations, environments, machine_types):
         app.include_router(module.router)
     return app

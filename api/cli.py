@@ -805,6 +805,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"{out}: the folder {out.parent} does not exist", EXIT_BAD_INPUT)
     nb = _read_notebook(path)
     meta = nb.metadata.get("envctl") or {}
+    if not isinstance(meta, dict):
+        raise CliError(
+            f'{path}: metadata envctl must be an object such as {{"environment": "python3"}}', EXIT_BAD_INPUT
+        )
     environment = args.env or meta.get("environment")
     if not args.runtime:
         if not environment:
@@ -1222,7 +1226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="seconds each cell may run")
     p.add_argument("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
     p.add_argument("--keep", action="store_true", help="keep the runtime run created")
-    p.add_argument("--allow-errors", action="store_true", help="run the cells after a failing one too")
+    p.add_argument("--allow-errors", action="store_true", help="run the cells after a failing one too (the exit code is still 1)")
     p.set_defaults(func=cmd_run)
 
     res = sub.add_parser(

@@ -71,6 +71,11 @@ class RuntimeOut(BaseModel):
     state_message: str
     phase: str | None
     busy: bool
+    saving: bool
+    unsaved_changes: bool | None = Field(
+        description="whether the filesystem differs from the version; null when not known without a look "
+        "(lists report drafts only; GET /runtimes/{id} looks)"
+    )
     idle_shutdown_at: datetime | None
     idle: IdleOut | None
     machine_type: str
@@ -164,3 +169,41 @@ class ResultOut(BaseModel):
     execution_id: str | None
     created_at: datetime
     content_url: str
+
+
+class SaveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str = Field(min_length=1, max_length=130, description="[team/]name of the environment to save into")
+    message: str = Field(default="", max_length=2000)
+    tag: str | None = Field(default=None, max_length=128, description="a tag to point at the new version")
+
+
+class OperationOut(BaseModel):
+    id: str
+    kind: str
+    runtime_id: str | None
+    status: Literal["running", "succeeded", "failed"]
+    phase: str
+    message: str
+    result: dict[str, Any]
+    error: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ChangeOut(BaseModel):
+    kind: Literal["added", "changed", "deleted"]
+    path: str
+    size: int | None = Field(description="bytes, for regular files")
+
+
+class LineageStep(BaseModel):
+    ref: str
+    digest: str
+    message: str
+    author: str
+    created_at: datetime
+    size: int
+    size_added: int
+    source_runtime_id: str | None

@@ -44,6 +44,10 @@ class Runtime(Base):
     last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_activity: Mapped[str] = mapped_column(String(200), default="")
     booted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The unsaved changes kept when the runtime stopped: an image on top of the version, and
+    # the list of what it changed. The next boot starts from it (state "restoring").
+    draft_image_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    draft_changes: Mapped[list[Any]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -123,3 +127,21 @@ class ResultFile(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Operation(Base):
+    """Long work (a save, later push, pull, build) that a client polls: 202 answers point here."""
+
+    __tablename__ = "operations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(40), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    runtime_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | succeeded | failed
+    phase: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -72,7 +72,9 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
         current = mine[0] if mine else None
         for c in mine[1:]:
             actions.append(Action("stop-leftover", row.id, c.state))
-        adoptable = row.state in ACTIVE or (row.state == State.ERROR and row.state_reason == "backend-unreachable")
+        adoptable = row.state in ACTIVE or (
+            row.state == State.ERROR and row.state_reason in ("backend-unreachable", "draft-failed")
+        )
         if row.state == State.STOPPING:
             actions.append(Action("finish-stop", row.id, current.state if current else {}))
         elif adoptable:

@@ -104,6 +104,9 @@ class RunnerService:
         from runner.collector import ResultCollector
 
         self.results = ResultCollector(self)
+        from runner.snapshots import Snapshots
+
+        self.snapshots = Snapshots(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, *, housekeeping: bool = True) -> None:
@@ -167,6 +170,7 @@ class RunnerService:
             now=self.clock(),
             timeout=timeout,
             busy=self.is_busy(rt.id),
+            saving=self.snapshots.is_saving(rt.id),
         )
 
     def is_busy(self, runtime_id: str) -> bool:
@@ -255,6 +259,12 @@ class RunnerService:
             container_fields = [
                 f for f, v in (("environment", ref), ("machine_type", changes.machine_type)) if v is not None
             ]
+            if ref is not None and rt.draft_image_id:
+                raise RuntimeStateError(
+                    "environment: the runtime has unsaved changes from its current version; save them "
+                    f"(`envctl save {rt.name} --as NAME`) or throw them away (`envctl runtime reset {rt.name}`) first",
+                    details={"field": "environment", "unsaved_changes": len(rt.draft_changes or [])},
+                )
             if container_fields and rt.state not in (State.STOPPED, State.ERROR):
                 raise RuntimeStateError(
                     f"{', '.join(container_fields)} can only change while the runtime is stopped; "
@@ -352,6 +362,29 @@ class RunnerService:
             self._submit(self._stop, runtime_id, reason)
         return rt
 
+    def reset(self, owner_id: str, runtime_id: str) -> Runtime:
+        """Throw the unsaved changes away and boot from the version again (202)."""
+        with self._tx() as s:
+            rt = self._get(s, owner_id, runtime_id)
+            if self.snapshots.is_saving(runtime_id):
+                raise RuntimeStateError("a save of this runtime is in progress; reset it afterwards")
+            if rt.state in (State.RUNNING, State.BOOTING, State.ERROR) and rt.backend_state:
+                ok = self._transition(s, runtime_id, State.STOPPING, "reset", "reset requested: discarding changes")
+                if not ok:
+                    raise RuntimeStateError(f"the runtime is {rt.state}; try again in a moment")
+            elif rt.state == State.STOPPING:
+                raise RuntimeStateError("the runtime is stopping; reset it once it is stopped")
+        cancel = self._cancel.get(runtime_id)
+        if cancel is not None:
+            cancel.set()
+        self._submit_plain(self._reset, owner_id, runtime_id)
+        return self.get(owner_id, runtime_id)
+
+    def _reset(self, owner_id: str, runtime_id: str) -> None:
+        self._stop(runtime_id, "reset")  # no draft: the changes are what is thrown away
+        self.snapshots.discard_draft(runtime_id)
+        self.start(owner_id, runtime_id)
+
     def delete(self, owner_id: str, runtime_id: str) -> None:
         """Stop the runtime (synchronously) and forget it."""
         with self.db.session() as s:
@@ -363,12 +396,15 @@ class RunnerService:
             with self.db.session() as s:
                 rt = self._get(s, owner_id, runtime_id)
                 state = dict(rt.backend_state or {})
+                draft = rt.draft_image_id
             if state:
                 self.backend.stop(state, timeout=2)
             with self._tx() as s:
                 rt = self._get(s, owner_id, runtime_id)
                 s.delete(rt)
         self.results.forget(runtime_id)
+        if draft:
+            self.backend.remove_image(draft)
         self._cleanup_state_dir(runtime_id)
 
     def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
@@ -461,9 +497,20 @@ class RunnerService:
                 if rt is None or rt.state != State.BOOTING:
                     return
                 spec = self._spec(rt)
+                restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
         except EnvctlError as exc:
             self._fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
             return
+        if restoring is not None:
+            with self._tx() as s:
+                s.execute(update(Runtime).where(Runtime.id == runtime_id).values(phase="restoring"))
+                self._log(
+                    s,
+                    runtime_id,
+                    event="restoring",
+                    reason="draft",
+                    message=f"restoring {restoring} unsaved changes from the draft",
+                )
         state_dir = spec.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (state_dir / "results").mkdir(exist_ok=True)
@@ -530,7 +577,7 @@ class RunnerService:
                 f"agent answered after {took_ms:.0f} ms",
                 expect={State.BOOTING},
                 details={"boot_ms": round(took_ms, 1), "agent_pid": pong.get("pid")},
-                values={"booted_at": now, "last_activity_at": now, "last_activity": "boot"},
+                values={"booted_at": now, "last_activity_at": now, "last_activity": "boot", "phase": None},
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
@@ -542,6 +589,19 @@ class RunnerService:
                 if rt is None or rt.state != State.STOPPING:
                     return
                 backend_state = dict(rt.backend_state or {})
+            if reason != "reset" and backend_state:
+                try:
+                    self.snapshots.make_draft(runtime_id)
+                except EnvctlError as exc:
+                    # Never lose a user's work: the container stays, reconciliation takes it
+                    # back as running, and the next stop tries again.
+                    self._fail(
+                        runtime_id,
+                        "draft-failed",
+                        f"could not keep the unsaved changes, so the runtime was not stopped: {exc.message}",
+                        {State.STOPPING},
+                    )
+                    return
             try:
                 self.backend.stop(backend_state)
             except EnvctlError as exc:
@@ -572,12 +632,32 @@ class RunnerService:
         expect: set[State],
         backend_state: BackendState | None = None,
     ) -> None:
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"phase": None}
         if backend_state is not None:
             values["backend_state"] = backend_state
         with self._tx() as s:
             self._transition(s, runtime_id, State.ERROR, reason, message, expect=expect, values=values)
         log.warning("runtime %s: %s: %s", runtime_id, reason, message)
+
+    def _submit_plain(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """Background work that records its own failures (saves, resets)."""
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s%r failed", fn.__name__, args)
+
+        return self._executor.submit(run)
+
+    def touch(self, runtime_id: str, what: str) -> None:
+        """Record activity on a runtime (it postpones idle shutdown)."""
+        with self.db.connection() as c:
+            c.execute(
+                update(Runtime)
+                .where(Runtime.id == runtime_id)
+                .values(last_activity_at=self.clock(), last_activity=what)
+            )
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         def run() -> None:
@@ -603,7 +683,7 @@ class RunnerService:
         return RuntimeSpec(
             runtime_id=rt.id,
             name=rt.name,
-            image=rt.version.image_id,
+            image=rt.draft_image_id or rt.version.image_id,
             environment=rt.version.ref,
             machine=self.machine(rt),
             state_dir=self.state_dir(rt.id),

@@ -3,8 +3,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from api.deps import CallerDep, CtxDep
-from api.schemas import IdleOut, LogEntryOut, RuntimeCreate, RuntimeOut, RuntimePatch
-from runner.models import Runtime
+from api.schemas import (
+    ChangeOut,
+    IdleOut,
+    LogEntryOut,
+    OperationOut,
+    RuntimeCreate,
+    RuntimeOut,
+    RuntimePatch,
+    SaveRequest,
+)
+from runner.models import Operation, Runtime
 from runner.service import RunnerService, RuntimeChanges
 from runner.states import State
 
@@ -13,7 +22,7 @@ router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 ID_PATH = {"max_length": 64}
 
 
-def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
+def runtime_out(runner: RunnerService, rt: Runtime, *, look: bool = False) -> RuntimeOut:
     decision = runner.idle_status(rt)
     idle = None
     if decision is not None:
@@ -45,8 +54,10 @@ def runtime_out(runner: RunnerService, rt: Runtime) -> RuntimeOut:
         state_color=state.color,
         state_reason=rt.state_reason,
         state_message=rt.state_message,
-        phase=rt.phase,
+        phase="saving" if runner.snapshots.is_saving(rt.id) and not rt.phase else rt.phase,
         busy=runner.is_busy(rt.id),
+        saving=runner.snapshots.is_saving(rt.id),
+        unsaved_changes=runner.snapshots.has_changes(rt) if look else (True if rt.draft_image_id else None),
         idle_shutdown_at=decision.shutdown_at if decision else None,
         idle=idle,
         machine_type=rt.machine_type,
@@ -81,7 +92,7 @@ def list_runtimes(ctx: CtxDep, caller: CallerDep) -> list[RuntimeOut]:
 
 @router.get("/{runtime_id}", response_model=RuntimeOut)
 def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id))
+    return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id), look=True)
 
 
 @router.patch("/{runtime_id}", response_model=RuntimeOut)
@@ -131,3 +142,37 @@ def runtime_log(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[LogEntr
         )
         for e in ctx.runner.log_entries(caller.id, runtime_id)
     ]
+
+
+@router.post("/{runtime_id}/reset", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
+def reset_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+    """Throw away the unsaved changes (and the draft) and boot from the version again."""
+    return runtime_out(ctx.runner, ctx.runner.reset(caller.id, runtime_id))
+
+
+@router.get("/{runtime_id}/changes", response_model=list[ChangeOut])
+def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ChangeOut]:
+    """Paths added, changed and deleted since the version the runtime booted from (its draft
+    included), with sizes; mounts, /results and envctl's own files are left out."""
+    return [
+        ChangeOut(kind=c.kind, path=c.path, size=c.size)  # type: ignore[arg-type]
+        for c in ctx.runner.snapshots.changes(caller.id, runtime_id)
+    ]
+
+
+@router.post("/{runtime_id}/save", status_code=status.HTTP_202_ACCEPTED, response_model=OperationOut)
+def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
+    """Save the runtime's filesystem as the next version of ``environment``. Answers at once
+    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version."""
+    op = ctx.runner.snapshots.save(
+        caller.id, caller.name, runtime_id, environment=body.environment, message=body.message, tag=body.tag
+    )
+    return operation_out(op)
+
+
+def operation_out(op: Operation) -> OperationOut:
+    return OperationOut(
+        id=op.id, kind=op.kind, runtime_id=op.runtime_id, status=op.status,  # type: ignore[arg-type]
+        phase=op.phase, message=op.message, result=op.result or {}, error=op.error,
+        created_at=op.created_at, finished_at=op.finished_at,
+    )

@@ -181,7 +181,9 @@ class Bridge:
         self.force_shutdown = False  # stopped mid-cell: no graceful shutdown request
         self.count = 0
         self.log = KernelLog()
-        self.runtime_dir = tempfile.mkdtemp(prefix="envctl-jupyter-")
+        # Under the runtime's private state directory when the agent gives one, so nothing of
+        # envctl's lands in the runtime's filesystem (and so in a save).
+        self.runtime_dir = tempfile.mkdtemp(prefix="envctl-jupyter-", dir=os.environ.get("ENVCTL_AGENT_SCRATCH"))
         self.km: Any = None  # jupyter_client.KernelManager
         self.kc: Any = None  # its BlockingKernelClient
         self.language = ""

@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -159,6 +160,7 @@ class Agent:
             "status": self.op_status,
             "interrupt": self.op_interrupt,
             "ack": self.op_ack,
+            "stat": self.op_stat,
         }
         self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
         self.kernels: dict[str, kernels.Kernel] = {}
@@ -167,7 +169,11 @@ class Agent:
         self._run_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_AGENT")}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_")}
+        # envctl's own scratch files (bash cells, Jupyter connection files) live beside the
+        # socket, in the runtime's private state directory: never in the runtime's filesystem.
+        self.scratch = os.path.join(os.path.dirname(os.path.abspath(socket_path)), "scratch")
+        os.makedirs(self.scratch, exist_ok=True)
 
     # --- simple operations ------------------------------------------------------------
     def op_ping(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +206,18 @@ class Agent:
         current.interrupted = True
         self._interrupt(current)
         return {"op": "interrupt", "interrupted": True}
+
+    def op_stat(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Sizes of regular files (None for anything else or missing), for the changes list."""
+        sizes: dict[str, int | None] = {}
+        for path in list(request.get("paths") or [])[:20000]:
+            try:
+                st = os.lstat(str(path))
+            except OSError:
+                sizes[str(path)] = None
+                continue
+            sizes[str(path)] = st.st_size if stat.S_ISREG(st.st_mode) else None
+        return {"op": "stat", "sizes": sizes}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._state_lock:
@@ -249,9 +267,10 @@ class Agent:
             if key == "python":
                 kernel = kernels.python_kernel(self._on_event, self.env)
             elif key == "bash":
-                kernel = kernels.BashKernel(self._on_event, self.env)
+                kernel = kernels.BashKernel(self._on_event, self.env, cell_dir=self.scratch)
             elif key.startswith("jupyter:"):
-                kernel = kernels.jupyter_kernel(key.split(":", 1)[1], self._on_event, self.env)
+                env = {**self.env, "ENVCTL_AGENT_SCRATCH": self.scratch}
+                kernel = kernels.jupyter_kernel(key.split(":", 1)[1], self._on_event, env)
             else:
                 raise ValueError(f"unknown language {e.language!r}")
             self.kernels[key] = kernel

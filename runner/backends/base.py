@@ -79,6 +79,27 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class Change:
+    """One path that differs from the image the container started from."""
+
+    kind: str  # "added" | "changed" | "deleted"
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    size: int  # bytes, all layers
+    layers: int  # number of filesystem layers
+    config: dict[str, Any]  # Env, Cmd, Entrypoint, WorkingDir, User, Labels
+
+
+# Paths of a runtime container that belong to envctl, not to the environment: never part of a
+# save, a draft or the list of changes.
+PRIVATE_PATHS = (AGENT_MOUNT, STATE_MOUNT, RESULTS_MOUNT)
+
+
+@dataclass(frozen=True)
 class FoundContainer:
     """A container found by ``list_owned``: what reconciliation needs to decide."""
 
@@ -119,6 +140,30 @@ class RuntimeBackend(abc.ABC):
     @abc.abstractmethod
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         """Host path of the agent's Unix socket for this runtime."""
+
+    # --- snapshots: saves and drafts -------------------------------------------------------
+    def changes(self, state: BackendState) -> list[Change]:
+        """Paths changed in the container since its image, without PRIVATE_PATHS."""
+        raise NotImplementedError(f"the {self.name} backend cannot list changes")
+
+    def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        """Snapshot the container's filesystem as a new image on top of its image.
+
+        The image's configuration is ``config`` (a trusted template: Env, Cmd, Entrypoint,
+        WorkingDir, User, Labels), never the container's. Returns the image id.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot commit")
+
+    def image_info(self, image: str) -> ImageInfo | None:
+        """What a local image is, or None when the engine does not have it."""
+        raise NotImplementedError(f"the {self.name} backend has no images")
+
+    def remove_image(self, image: str) -> None:  # noqa: B027  (optional hook)
+        """Remove a local image (idempotent); images other images need are kept by the engine."""
+
+    def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        """A one-layer copy of ``image`` with ``config``: keeps long chains under the layer limit."""
+        raise NotImplementedError(f"the {self.name} backend cannot squash")
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

@@ -8,6 +8,7 @@ read-only, and the runtime's private state directory).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ from runner.backends.base import (
     LABEL_MANAGED,
     LABEL_RUNNER,
     LABEL_RUNTIME,
+    PRIVATE_PATHS,
     RESULTS_MOUNT,
     STATE_MOUNT,
     BackendState,
+    Change,
     ContainerStatus,
     FoundContainer,
+    ImageInfo,
     RuntimeBackend,
     RuntimeSpec,
     Status,
@@ -143,11 +147,9 @@ class DockerBackend(RuntimeBackend):
             "name": spec.container_name,
             "hostname": spec.name[:63],
             "labels": labels,
-            "environment": {
-                **spec.env,
-                "ENVCTL_AGENT_SOCKET": f"{STATE_MOUNT}/{AGENT_SOCKET}",
-                "ENVCTL_RUNTIME_ID": spec.runtime_id,
-            },
+            # Nothing of envctl's in the container's configuration: a save must not carry it.
+            # The agent finds its socket at STATE_MOUNT/AGENT_SOCKET by default.
+            "environment": dict(spec.env),
             "working_dir": "/root",
             "detach": True,
             "init": True,  # tini reaps the zombies of cells' background processes
@@ -256,6 +258,117 @@ class DockerBackend(RuntimeBackend):
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         return state_dir / AGENT_SOCKET
 
+    # --- snapshots -------------------------------------------------------------------------
+    def changes(self, state: BackendState) -> list[Change]:
+        cid = state.get("container_id")
+        if not cid:
+            return []
+        try:
+            raw = self.client.api.diff(cid) or []
+        except docker.errors.NotFound:
+            return []
+        except Exception as exc:
+            raise _daemon_error("list the runtime's changes", exc) from exc
+        kinds = {0: "changed", 1: "added", 2: "deleted"}
+        out = []
+        for entry in raw:
+            path = str(entry.get("Path", ""))
+            if _is_private(path):
+                continue
+            out.append(Change(kinds.get(int(entry.get("Kind", 0)), "changed"), path))
+        return out
+
+    def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        cid = state.get("container_id")
+        if not cid:
+            raise BackendError("the runtime has no container to save")
+        try:
+            result = self.client.api.commit(cid, repository=repository, tag=tag, conf=config, pause=True)
+        except Exception as exc:
+            raise _daemon_error("snapshot the runtime's filesystem", exc) from exc
+        image_id = str(result["Id"])
+        self._check_config(image_id, config)
+        return image_id
+
+    def _check_config(self, image_id: str, config: dict[str, Any]) -> None:
+        """Refuse an image whose configuration is not the trusted template (R10)."""
+        info = self.image_info(image_id)
+        if info is None:
+            raise BackendError(f"the new image {image_id[:19]} vanished")
+        wrong = [
+            key
+            for key in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
+            if (info.config.get(key) or None) != (config.get(key) or None)
+        ]
+        labels = info.config.get("Labels") or {}
+        wrong += [f"Labels[{k}]" for k, v in (config.get("Labels") or {}).items() if labels.get(k) != v]
+        if wrong:
+            self.remove_image(image_id)
+            raise BackendError(
+                f"the snapshot's configuration differs from the trusted template in {', '.join(wrong)}; "
+                "nothing was saved",
+                details={"fields": wrong},
+            )
+
+    def image_info(self, image: str) -> ImageInfo | None:
+        try:
+            attrs = self.client.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.NotFound:
+            return None
+        except Exception as exc:
+            raise _daemon_error(f"inspect image {image[:30]}", exc) from exc
+        cfg = attrs.get("Config") or {}
+        return ImageInfo(
+            id=str(attrs["Id"]),
+            size=int(attrs.get("Size") or 0),
+            layers=len((attrs.get("RootFS") or {}).get("Layers") or []),
+            config={k: cfg.get(k) for k in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels")},
+        )
+
+    def remove_image(self, image: str) -> None:
+        try:
+            self.client.api.remove_image(image, force=False, noprune=False)
+        except (docker.errors.ImageNotFound, docker.errors.NotFound):
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                return  # still needed by a container or a child image: the engine keeps it
+            raise _daemon_error(f"remove image {image[:30]}", exc) from exc
+        except Exception as exc:
+            raise _daemon_error(f"remove image {image[:30]}", exc) from exc
+
+    def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        """Flatten through export/import, then give the result the trusted configuration."""
+        import tempfile
+
+        api = self.client.api
+        try:
+            holder = api.create_container(image, command=["true"], labels={LABEL_MANAGED: "squash"})["Id"]
+            try:
+                with tempfile.TemporaryFile(prefix="envctl-squash-") as tmp:
+                    for chunk in api.export(holder):
+                        tmp.write(chunk)
+                    tmp.seek(0)
+                    flat = api.import_image_from_data(tmp, repository=f"{repository}-flat", tag=tag)
+            finally:
+                self._force_remove(holder)
+            flat_id = _imported_id(flat)
+            holder = api.create_container(flat_id, command=["true"], labels={LABEL_MANAGED: "squash"})["Id"]
+            try:
+                image_id = str(api.commit(holder, repository=repository, tag=tag, conf=config, pause=False)["Id"])
+            finally:
+                self._force_remove(holder)
+                with contextlib.suppress(Exception):
+                    api.remove_image(f"{repository}-flat:{tag}", noprune=True)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise _daemon_error("compact the image", exc) from exc
+        self._check_config(image_id, config)
+        return image_id
+
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         cid = state.get("container_id")
         if not cid:
@@ -297,6 +410,29 @@ class DockerBackend(RuntimeBackend):
             raise _daemon_error("remove the runtime's container", exc) from exc
         except Exception as exc:
             raise _daemon_error("remove the runtime's container", exc) from exc
+
+
+def _is_private(path: str) -> bool:
+    """envctl's own mount points, and the directories Docker made to hold them."""
+    for private in PRIVATE_PATHS:
+        if path == private or path.startswith(private + "/") or private.startswith(path.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _imported_id(result: Any) -> str:
+    """The image id from the (JSON lines) answer of an image import."""
+    import json
+
+    text = result if isinstance(result, str) else result.decode() if isinstance(result, bytes) else str(result)
+    for line in text.splitlines():
+        try:
+            status = json.loads(line).get("status", "")
+        except ValueError:
+            continue
+        if status.startswith("sha256:"):
+            return str(status)
+    raise BackendError(f"the image import did not say which image it made: {text[:200]}")
 
 
 def _status_of(state: dict[str, Any]) -> ContainerStatus:

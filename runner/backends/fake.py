@@ -14,22 +14,25 @@ Never use it for real work: cells would run on the host, unconfined.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends.base import (
     AGENT_SOCKET,
     BackendState,
+    Change,
     ContainerStatus,
     FoundContainer,
+    ImageInfo,
     RuntimeBackend,
     RuntimeSpec,
     Status,
@@ -42,6 +45,7 @@ class _FakeContainer:
     runtime_id: str
     spec: RuntimeSpec
     process: subprocess.Popen[bytes]
+    changes: list[Change] = field(default_factory=list)
 
 
 class FakeBackend(RuntimeBackend):
@@ -49,6 +53,8 @@ class FakeBackend(RuntimeBackend):
     _engines: ClassVar[dict[str, dict[str, _FakeContainer]]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
     _ids: ClassVar[itertools.count[int]] = itertools.count(1)
+    _images: ClassVar[dict[str, ImageInfo]] = {}
+    _removed: ClassVar[set[str]] = set()
 
     def __init__(
         self,
@@ -144,6 +150,47 @@ class FakeBackend(RuntimeBackend):
 
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         return state_dir / AGENT_SOCKET
+
+    # --- snapshots: images are names in a table; "changes" are what a test says they are ---
+    def changes(self, state: BackendState) -> list[Change]:
+        self._check("list the runtime's changes")
+        c = self._containers.get(state.get("container_id", ""))
+        return list(c.changes) if c is not None else []
+
+    def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        self._check("snapshot the runtime's filesystem")
+        c = self._containers.get(state.get("container_id", ""))
+        if c is None:
+            raise BackendError("the runtime has no container to save")
+        parent = self.image_info(c.spec.image)
+        image_id = "sha256:" + hashlib.sha256(f"{c.id}:{next(self._ids)}".encode()).hexdigest()
+        layers = (parent.layers if parent else 1) + 1
+        size = (parent.size if parent else 0) + 1000 * len(c.changes)
+        self._images[image_id] = ImageInfo(image_id, size, layers, dict(config))
+        return image_id
+
+    def image_info(self, image: str) -> ImageInfo | None:
+        if image in self._images:
+            return self._images[image]
+        if image in self._removed:
+            return None
+        return ImageInfo(image, 100_000, 1, {})  # images the fake never made stand for base images
+
+    def remove_image(self, image: str) -> None:
+        if self._images.pop(image, None) is not None:
+            self._removed.add(image)
+
+    def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        info = self.image_info(image)
+        image_id = "sha256:" + hashlib.sha256(f"squash:{image}:{next(self._ids)}".encode()).hexdigest()
+        self._images[image_id] = ImageInfo(image_id, info.size if info else 0, 1, dict(config))
+        return image_id
+
+    def set_changes(self, runtime_id: str, changes: list[Change]) -> None:
+        """What the fake reports as changed in a runtime's filesystem (a test's stand-in for writes)."""
+        for c in self._containers.values():
+            if c.runtime_id == runtime_id:
+                c.changes = list(changes)
 
     # --- faults a test can cause from outside --------------------------------------------
     def vanish(self, runtime_id: str) -> None:

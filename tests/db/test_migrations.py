@@ -29,6 +29,10 @@ TABLES = {
     "api_tokens",
     "runtimes",
     "runtime_log",
+    "executions",
+    "execution_outputs",
+    "result_files",
+    "operations",
 }
 
 

@@ -1,0 +1,30 @@
+"""Operations: long work a 202 answer points at (saves now; pushes, pulls and builds later)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import CallerDep, CtxDep
+from api.routes.runtimes import operation_out
+from api.schemas import OperationOut
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/operations/{operation_id}", response_model=OperationOut)
+def get_operation(
+    operation_id: str,
+    ctx: CtxDep,
+    caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for it to finish")] = 0,
+) -> OperationOut:
+    snapshots = ctx.runner.snapshots
+    op = snapshots.get_operation(caller.id, operation_id)
+    deadline = time.monotonic() + wait
+    while op.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        op = snapshots.get_operation(caller.id, operation_id)
+    return operation_out(op)

@@ -1,0 +1,383 @@
+"""Saves, drafts and unsaved changes: a runtime's filesystem becoming images.
+
+- **Save**: the running container's filesystem is committed on top of the image it booted from,
+  with an image configuration made from a trusted template (the parent version's own config
+  plus envctl's labels and OCI annotations), never the container's. The new image becomes the
+  next version of an environment whose parent is the version the runtime booted from.
+  Mounts, ``/results`` and envctl's own files are bind mounts, so no layer ever holds them.
+- **Draft**: when a runtime with unsaved changes stops (by hand or when idle), its filesystem is
+  committed the same way to a draft image; the next boot starts from the draft (shown as the
+  ``restoring`` phase), so nothing installed in a cell is lost. ``reset`` discards it.
+- **Changes**: what differs from the booted version: the draft's changes, then the running
+  container's, with sizes, without envctl's private paths.
+- Long chains of saves are compacted (squashed into one layer) before the storage driver's
+  layer limit; the lineage stays complete in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from envs import service as envs_service
+from envs.kit.errors import BackendError, ConflictError, EnvctlError, InvalidInputError, NotFoundError
+from envs.kit.ids import new_id
+from envs.models import EnvironmentVersion
+from envs.refs import _TAG_RE, check_name
+from runner.channel import AgentChannel, AgentUnavailableError
+from runner.models import Operation, Runtime
+from runner.states import State
+
+if TYPE_CHECKING:
+    from runner.service import RunnerService
+
+log = logging.getLogger("envctl.snapshots")
+
+# overlay2 refuses images of more than 128 layers; compact well before that.
+COMPACT_AT_LAYERS = 100
+MAX_MESSAGE = 2000
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
+
+
+class OperationNotFoundError(NotFoundError):
+    code = "operation_not_found"
+
+
+@dataclass(frozen=True)
+class ChangeInfo:
+    kind: str
+    path: str
+    size: int | None  # bytes of a regular file; None for directories, links, deleted paths
+
+
+def _oci_time(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Snapshots:
+    def __init__(self, runner: RunnerService) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+        self._saving: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ status
+    def is_saving(self, runtime_id: str) -> bool:
+        with self._lock:
+            return runtime_id in self._saving
+
+    # ------------------------------------------------------------------ templates
+    def template(self, parent: EnvironmentVersion, labels: dict[str, str]) -> dict[str, Any]:
+        """The trusted image configuration for a child of ``parent``."""
+        info = self.backend.image_info(parent.image_id)
+        if info is None:
+            raise BackendError(
+                f"the image of {parent.ref} ({parent.image_id[:19]}) is not in the container engine",
+                details={"version": parent.ref},
+            )
+        base = info.config
+        config: dict[str, Any] = {key: base.get(key) for key in CONFIG_KEYS}
+        inherited = {k: v for k, v in (base.get("Labels") or {}).items() if not k.startswith("envctl.runtime")}
+        config["Labels"] = {**inherited, **labels}
+        return config
+
+    # ------------------------------------------------------------------ changes
+    def changes(self, owner_id: str, runtime_id: str) -> list[ChangeInfo]:
+        rt = self.runner.get(owner_id, runtime_id)
+        merged: dict[str, ChangeInfo] = {}
+        for entry in rt.draft_changes or []:
+            merged[entry["path"]] = ChangeInfo(entry["kind"], entry["path"], entry.get("size"))
+        if rt.state == State.RUNNING:
+            current = self.backend.changes(dict(rt.backend_state or {}))
+            sizes = self._sizes(runtime_id, [c.path for c in current if c.kind != "deleted"])
+            for c in current:
+                kind = c.kind
+                earlier = merged.get(c.path)
+                if earlier is not None and earlier.kind == "added" and kind != "deleted":
+                    kind = "added"  # added before the draft, changed since: still new to the version
+                merged[c.path] = ChangeInfo(kind, c.path, sizes.get(c.path))
+        return sorted(merged.values(), key=lambda c: c.path)
+
+    def has_changes(self, rt: Runtime) -> bool | None:
+        """Whether the runtime differs from its version; None when that cannot be known now."""
+        if rt.draft_image_id:
+            return True
+        if rt.state != State.RUNNING:
+            return False
+        try:
+            return bool(self.backend.changes(dict(rt.backend_state or {})))
+        except (EnvctlError, NotImplementedError):
+            return None
+
+    def _sizes(self, runtime_id: str, paths: list[str]) -> dict[str, int | None]:
+        if not paths:
+            return {}
+        try:
+            with AgentChannel(self.runner.executions._socket(runtime_id), timeout=10) as channel:
+                reply = channel.request("stat", paths=paths[:20000])
+        except (AgentUnavailableError, EnvctlError):
+            return {}
+        return {p: s for p, s in (reply.get("sizes") or {}).items()}
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        owner_id: str,
+        author: str,
+        runtime_id: str,
+        *,
+        environment: str,
+        message: str = "",
+        tag: str | None = None,
+    ) -> Operation:
+        full = environment.strip()
+        team, _, name = full.rpartition("/")
+        if team:
+            check_name(team, "environment", "team")
+        check_name(name, "environment", "environment name")
+        if len(message) > MAX_MESSAGE:
+            raise InvalidInputError(f"message: at most {MAX_MESSAGE} characters", field="message")
+        if tag is not None and not _TAG_RE.match(tag):
+            raise InvalidInputError(f"tag: {tag[:80]!r} is not a valid tag", field="tag")
+        rt = self.runner.get(owner_id, runtime_id)
+        if rt.state != State.RUNNING:
+            raise ConflictError(
+                f"only a running runtime can be saved; it is {rt.state}"
+                + (" (start it: its unsaved changes come back with it)" if rt.draft_image_id else ""),
+                details={"state": rt.state},
+            )
+        with self._lock:
+            if runtime_id in self._saving:
+                raise ConflictError("a save of this runtime is already in progress")
+            self._saving.add(runtime_id)
+        try:
+            op = Operation(
+                id=new_id("op"),
+                owner_id=owner_id,
+                kind="save",
+                runtime_id=runtime_id,
+                status="running",
+                phase="queued",
+                message=f"saving {rt.name} as {full}",
+                result={},
+                created_at=self.runner.clock(),
+            )
+            with self.runner.db.session() as s:
+                s.add(op)
+            with self.runner._tx() as s:
+                self.runner._log(
+                    s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
+                )
+            self.runner._submit_plain(self._save, op.id, owner_id, author, runtime_id, full, message, tag)
+        except BaseException:
+            with self._lock:
+                self._saving.discard(runtime_id)
+            raise
+        return op
+
+    def _save(
+        self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
+    ) -> None:
+        try:
+            version = self._save_locked(op_id, owner_id, author, runtime_id, environment, message, tag)
+        except Exception as exc:
+            if isinstance(exc, EnvctlError):
+                error, text = exc.to_dict(), exc.message
+            else:
+                log.exception("save %s failed", op_id)
+                text = "the save failed unexpectedly; see envctl's log"
+                error = {"code": "internal", "message": text, "details": {}}
+            self._finish_op(op_id, "failed", error=error, message=text)
+            with self.runner._tx() as s:
+                self.runner._log(s, runtime_id, event="save-failed", reason="error", message=text)
+        else:
+            self._finish_op(
+                op_id,
+                "succeeded",
+                result={"version": version.ref, "digest": version.digest, "image_id": version.image_id},
+                message=f"saved as {version.ref}",
+            )
+            with self.runner._tx() as s:
+                self.runner._log(
+                    s,
+                    runtime_id,
+                    event="saved",
+                    reason="user-request",
+                    message=f"saved as {version.ref}",
+                    details={"version": version.ref},
+                )
+        finally:
+            with self._lock:
+                self._saving.discard(runtime_id)
+            self.runner.touch(runtime_id, "save finished")
+
+    def _save_locked(
+        self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
+    ) -> EnvironmentVersion:
+        with self.runner.db.session() as s:
+            rt = self.runner._get(s, owner_id, runtime_id)
+            parent = rt.version
+            parent_ref, parent_digest = parent.ref, parent.digest
+            state = dict(rt.backend_state or {})
+            env = envs_service.get_environment(s, environment)
+            number = (max((v.number for v in env.versions), default=0) + 1) if env is not None else 1
+        now = self.runner.clock()
+        labels = {
+            "org.opencontainers.image.created": _oci_time(now),
+            "org.opencontainers.image.base.digest": parent_digest,
+            "org.opencontainers.image.base.name": parent_ref,
+            "org.opencontainers.image.title": environment,
+            "org.opencontainers.image.version": str(number),
+            "envctl.environment": environment,
+            "envctl.parent": parent_ref,
+            "envctl.source-runtime": runtime_id,
+            "envctl.author": author,
+            # the container's own envctl labels, neutralised: a saved image is no runtime
+            "envctl.runtime-id": "",
+            "envctl.runner": "",
+            "envctl.managed": "",
+            "envctl.machine-type": "",
+        }
+        for key in self.runner.settings.runner_labels:
+            labels.setdefault(key, "")
+        config = self.template(parent, labels)
+        repository = "envctl/" + environment
+        image_tag = f"v{number}-{op_id[3:11]}"
+        self._phase(op_id, "committing", "snapshotting the filesystem")
+        image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
+        info = self.backend.image_info(image_id)
+        parent_info = self.backend.image_info(parent.image_id)
+        if info is None:
+            raise BackendError("the saved image vanished before it was recorded")
+        if info.layers > COMPACT_AT_LAYERS:
+            self._phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
+            squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
+            self.backend.remove_image(image_id)
+            image_id = squashed
+            info = self.backend.image_info(image_id) or info
+        self._phase(op_id, "recording", "recording the new version")
+        with self.runner.db.session() as s:
+            parent_row = s.get(EnvironmentVersion, parent.id)
+            version, _created = envs_service.register_version(
+                s,
+                envs_service.NewVersion(
+                    environment=environment,
+                    image_id=image_id,
+                    image_ref=f"{repository}:{image_tag}",
+                    parent=parent_row,
+                    message=message,
+                    author=author,
+                    size=info.size,
+                    size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
+                    source_runtime_id=runtime_id,
+                    labels=labels,
+                    tag="latest",
+                ),
+            )
+            if tag and tag != "latest":
+                envs_service.set_tag(s, version.environment, tag, version)
+            s.flush()
+            _ = version.ref  # load what the caller reads after the session
+            _ = version.environment.full_name
+        return version
+
+    def _phase(self, op_id: str, phase: str, message: str) -> None:
+        with self.runner.db.connection() as c:
+            c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message))
+
+    def _finish_op(
+        self,
+        op_id: str,
+        status: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        message: str = "",
+    ) -> None:
+        with self.runner.db.connection() as c:
+            c.execute(
+                update(Operation)
+                .where(Operation.id == op_id)
+                .values(
+                    status=status,
+                    phase=status,
+                    result=result or {},
+                    error=error,
+                    message=message,
+                    finished_at=self.runner.clock(),
+                )
+            )
+        self.runner.notify()
+
+    def get_operation(self, owner_id: str, op_id: str) -> Operation:
+        with self.runner.db.session() as s:
+            op = s.get(Operation, op_id)
+            if op is None or op.owner_id != owner_id:
+                raise OperationNotFoundError(f"operation {op_id[:64]!r} does not exist")
+            return op
+
+    # ------------------------------------------------------------------ drafts
+    def make_draft(self, runtime_id: str) -> str | None:
+        """Commit a stopping runtime's changes to a draft image; None when nothing changed."""
+        with self.runner.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            if rt is None:
+                return None
+            state = dict(rt.backend_state or {})
+            version = rt.version
+            old_draft = rt.draft_image_id
+            old_changes = list(rt.draft_changes or [])
+        try:
+            current = self.backend.changes(state)
+        except NotImplementedError:
+            return None
+        if not current:
+            return None
+        sizes = self._sizes(runtime_id, [c.path for c in current if c.kind != "deleted"])
+        labels = {
+            "envctl.draft-of": runtime_id,
+            "envctl.parent": version.ref,
+            "org.opencontainers.image.base.digest": version.digest,
+        }
+        config = self.template(version, labels)
+        image_id = self.backend.commit(
+            state, config=config, repository="envctl-draft/" + runtime_id, tag=new_id("d")[2:]
+        )
+        merged = {c["path"]: c for c in old_changes}
+        for c in current:
+            merged[c.path] = {"kind": c.kind, "path": c.path, "size": sizes.get(c.path)}
+        with self.runner._tx() as s:
+            s.execute(
+                update(Runtime)
+                .where(Runtime.id == runtime_id)
+                .values(draft_image_id=image_id, draft_changes=sorted(merged.values(), key=lambda c: c["path"]))
+            )
+            self.runner._log(
+                s,
+                runtime_id,
+                event="draft-kept",
+                reason="stop",
+                message=f"kept {len(current)} changed paths as a draft for the next boot",
+                details={"image_id": image_id, "changes": len(merged)},
+            )
+        if old_draft and old_draft != image_id:
+            self.backend.remove_image(old_draft)  # the engine keeps it while the new draft needs it
+        return image_id
+
+    def discard_draft(self, runtime_id: str) -> None:
+        with self.runner.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            draft = rt.draft_image_id if rt is not None else None
+        with self.runner._tx() as s:
+            s.execute(update(Runtime).where(Runtime.id == runtime_id).values(draft_image_id=None, draft_changes=[]))
+            if draft:
+                self.runner._log(
+                    s, runtime_id, event="draft-discarded", reason="reset", message="unsaved changes thrown away"
+                )
+        if draft:
+            self.backend.remove_image(draft)
