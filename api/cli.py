@@ -1226,7 +1226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="seconds each cell may run")
     p.add_argument("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
     p.add_argument("--keep", action="store_true", help="keep the runtime run created")
-    p.add_argument("--allow-errors", action="store_true", help="run the cells after a failing one too (the exit code is still 1)")
+    p.add_argument(
+        "--allow-errors", action="store_true", help="run the cells after a failing one too (the exit code is still 1)"
+    )
     p.set_defaults(func=cmd_run)
 
     res = sub.add_parser(

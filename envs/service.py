@@ -208,3 +208,44 @@ def register_base_images(
         by_name[image.name] = version
         out.append((version, created))
     return out
+
+
+def dependents(session: Session, version: EnvironmentVersion) -> dict[str, list[str]]:
+    """What needs a version: child versions, and runtimes pinned to it (by id, for the caller)."""
+    from sqlalchemy import text
+
+    children = session.scalars(select(EnvironmentVersion).where(EnvironmentVersion.parent_id == version.id)).all()
+    runtimes = session.execute(
+        text("SELECT id FROM runtimes WHERE version_id = :v ORDER BY id"), {"v": version.id}
+    ).scalars()
+    return {"versions": sorted(c.ref for c in children), "runtimes": list(runtimes)}
+
+
+def delete_version(session: Session, version: EnvironmentVersion) -> str:
+    """Forget a version nothing depends on; returns its image id. Tags on it move back to the
+    newest remaining version of the environment (or go away with the last one)."""
+    from envs.errors import VersionInUseError
+
+    needs = dependents(session, version)
+    if needs["versions"] or needs["runtimes"]:
+        parts = []
+        if needs["versions"]:
+            parts.append("versions " + ", ".join(needs["versions"]))
+        if needs["runtimes"]:
+            parts.append("runtimes " + ", ".join(needs["runtimes"]))
+        raise VersionInUseError(
+            f"{version.ref} cannot be deleted: {' and '.join(parts)} depend on it", details=needs
+        )
+    env = version.environment
+    image_id = version.image_id
+    others = [v for v in env.versions if v.id != version.id]
+    for tag in list(env.tags):
+        if tag.version_id == version.id:
+            if others:
+                tag.version_id = max(others, key=lambda v: v.number).id
+            else:
+                session.delete(tag)
+    session.flush()
+    session.delete(version)
+    session.flush()
+    return image_id

@@ -72,13 +72,13 @@ class Snapshots:
             return runtime_id in self._saving
 
     # ------------------------------------------------------------------ templates
-    def template(self, parent: EnvironmentVersion, labels: dict[str, str]) -> dict[str, Any]:
-        """The trusted image configuration for a child of ``parent``."""
-        info = self.backend.image_info(parent.image_id)
+    def template(self, parent_image: str, parent_ref: str, labels: dict[str, str]) -> dict[str, Any]:
+        """The trusted image configuration for a child of the version ``parent_ref``."""
+        info = self.backend.image_info(parent_image)
         if info is None:
             raise BackendError(
-                f"the image of {parent.ref} ({parent.image_id[:19]}) is not in the container engine",
-                details={"version": parent.ref},
+                f"the image of {parent_ref} ({parent_image[:19]}) is not in the container engine",
+                details={"version": parent_ref},
             )
         base = info.config
         config: dict[str, Any] = {key: base.get(key) for key in CONFIG_KEYS}
@@ -222,6 +222,7 @@ class Snapshots:
         with self.runner.db.session() as s:
             rt = self.runner._get(s, owner_id, runtime_id)
             parent = rt.version
+            parent_id, parent_image = parent.id, parent.image_id
             parent_ref, parent_digest = parent.ref, parent.digest
             state = dict(rt.backend_state or {})
             env = envs_service.get_environment(s, environment)
@@ -245,13 +246,13 @@ class Snapshots:
         }
         for key in self.runner.settings.runner_labels:
             labels.setdefault(key, "")
-        config = self.template(parent, labels)
+        config = self.template(parent_image, parent_ref, labels)
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
         self._phase(op_id, "committing", "snapshotting the filesystem")
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
         info = self.backend.image_info(image_id)
-        parent_info = self.backend.image_info(parent.image_id)
+        parent_info = self.backend.image_info(parent_image)
         if info is None:
             raise BackendError("the saved image vanished before it was recorded")
         if info.layers > COMPACT_AT_LAYERS:
@@ -262,7 +263,7 @@ class Snapshots:
             info = self.backend.image_info(image_id) or info
         self._phase(op_id, "recording", "recording the new version")
         with self.runner.db.session() as s:
-            parent_row = s.get(EnvironmentVersion, parent.id)
+            parent_row = s.get(EnvironmentVersion, parent_id)
             version, _created = envs_service.register_version(
                 s,
                 envs_service.NewVersion(
@@ -329,7 +330,7 @@ class Snapshots:
             if rt is None:
                 return None
             state = dict(rt.backend_state or {})
-            version = rt.version
+            version_ref, version_digest, version_image = rt.version.ref, rt.version.digest, rt.version.image_id
             old_draft = rt.draft_image_id
             old_changes = list(rt.draft_changes or [])
         try:
@@ -341,10 +342,16 @@ class Snapshots:
         sizes = self._sizes(runtime_id, [c.path for c in current if c.kind != "deleted"])
         labels = {
             "envctl.draft-of": runtime_id,
-            "envctl.parent": version.ref,
-            "org.opencontainers.image.base.digest": version.digest,
+            "envctl.parent": version_ref,
+            "org.opencontainers.image.base.digest": version_digest,
+            "envctl.runtime-id": "",
+            "envctl.runner": "",
+            "envctl.managed": "",
+            "envctl.machine-type": "",
         }
-        config = self.template(version, labels)
+        for key in self.runner.settings.runner_labels:
+            labels.setdefault(key, "")
+        config = self.template(version_image, version_ref, labels)
         image_id = self.backend.commit(
             state, config=config, repository="envctl-draft/" + runtime_id, tag=new_id("d")[2:]
         )

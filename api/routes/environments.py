@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from api.deps import CallerDep, CtxDep
-from api.schemas import EnvironmentOut, VersionOut
+from api.schemas import EnvironmentOut, LineageStep, VersionOut
 from envs import service as envs_service
 from envs.errors import EnvironmentNotFoundError
+from envs.kit.errors import InvalidInputError
 from envs.models import Environment, EnvironmentVersion
 from envs.refs import parse_ref
 
@@ -48,6 +49,35 @@ def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
     """Every environment with its versions and tags."""
     with ctx.db.session() as s:
         return [environment_out(e) for e in envs_service.list_environments(s)]
+
+
+@router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep])
+def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
+    """The chain from the version ``ref`` means down to its base image, newest first, each
+    step with its message, author, time and the size it added."""
+    with ctx.db.session() as s:
+        version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
+        return [
+            LineageStep(
+                ref=v.ref, digest=v.digest, message=v.message, author=v.author, created_at=v.created_at,
+                size=v.size, size_added=v.size_added, source_runtime_id=v.source_runtime_id,
+            )
+            for v in envs_service.lineage(s, version)
+        ]
+
+
+@router.delete("/environments/{ref:path}", status_code=204)
+def delete_version(ref: str, ctx: CtxDep, _caller: CallerDep) -> Response:
+    """Delete one version (``name@N`` or ``name@sha256:...``). Refused with 409, naming them,
+    while child versions or runtimes depend on it."""
+    parsed = parse_ref(ref, "ref")
+    if not parsed.is_pinned:
+        raise InvalidInputError("ref: name one version to delete, as name@N or name@sha256:...", field="ref")
+    with ctx.db.session() as s:
+        version = envs_service.resolve(s, parsed, "ref")
+        image_id = envs_service.delete_version(s, version)
+    ctx.runner.backend.remove_image(image_id)
+    return Response(status_code=204)
 
 
 @router.get("/environments/{ref:path}", response_model=EnvironmentOut)

@@ -1,0 +1,204 @@
+"""Saves, drafts, changes, pinning and lineage on the real Docker engine (issue 4)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tarfile
+import time
+import urllib.parse
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.server import Server
+from tests.runner.test_docker_executions import new_runtime, run, text
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+SECRET = "s3cr3t-Value-9f8e7d"
+
+
+def save(client: httpx.Client, rid: str, environment: str, message: str = "", **body: Any) -> dict[str, Any]:
+    r = client.post(f"/runtimes/{rid}/save", json={"environment": environment, "message": message, **body})
+    assert r.status_code == 202, r.text
+    op = r.json()
+    deadline = time.monotonic() + 120
+    while op["status"] == "running" and time.monotonic() < deadline:
+        op = client.get(f"/operations/{op['id']}", params={"wait": 10}).json()
+    assert op["status"] == "succeeded", op
+    return op
+
+
+def started(server: Server, client: httpx.Client, rid: str) -> None:
+    client.post(f"/runtimes/{rid}/start")
+    assert server.wait_state(client, rid, {"running", "error"})["state"] == "running"
+
+
+def test_a_package_installed_in_a_cell_is_in_the_saved_version(server: Server) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "builder", language="bash")
+        install = run(
+            client, rid, "apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends jq >/dev/null",
+        )
+        assert install["status"] == "ok", text(install, "stderr")[-2000:]
+        op = save(client, rid, "tools", "jq for JSON")
+        assert op["result"]["version"] == "tools@1"
+        env = client.get("/environments/tools").json()
+        [v] = env["versions"]
+        assert v["parent"] == "python3@1" and v["message"] == "jq for JSON" and v["author"] == "admin"
+        assert v["size_added"] > 0 and env["latest"] == "tools@1"
+        user = new_runtime(client, "user", environment="tools", language="bash")
+        ex = run(client, user, "echo '{\"a\": 7}' | jq .a")
+        assert ex["status"] == "ok" and text(ex) == "7\n"
+        assert client.get(f"/runtimes/{user}").json()["environment"] == "tools@1"
+
+
+def _layers(docker: Any, image_id: str) -> list[bytes]:
+    """Every layer of an image, as the raw tar bytes `docker save` gives."""
+    raw = b"".join(docker.api.get_image(image_id))
+    outer = tarfile.open(fileobj=io.BytesIO(raw))
+    manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+    return [outer.extractfile(layer).read() for layer in manifest[0]["Layers"]]  # type: ignore[union-attr]
+
+
+def test_a_saved_image_holds_no_secret_mount_results_or_agent_files(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "leaky")
+        code = (
+            "import os, subprocess\n"
+            f"os.environ['API_TOKEN'] = '{SECRET}'\n"
+            f"open('/results/token.txt', 'w').write('{SECRET}')\n"
+            f"open('/run/envctl/note', 'w').write('{SECRET}')\n"
+            "open('/root/kept.txt', 'w').write('ordinary work')\n"
+        )
+        assert run(client, rid, code)["status"] == "ok"
+        assert run(client, rid, f"export SHELL_SECRET={SECRET}; echo ok", language="bash")["status"] == "ok"
+        op = save(client, rid, "leaky-env")
+        image_id = op["result"]["image_id"]
+        attrs = docker.api.inspect_image(image_id)
+        blob = json.dumps(attrs)
+        for form in (SECRET, base64.b64encode(SECRET.encode()).decode(), urllib.parse.quote(SECRET)):
+            assert form not in blob
+        assert not any(e.startswith("ENVCTL_") for e in attrs["Config"]["Env"] or [])
+        assert attrs["Config"]["Cmd"] == ["/bin/bash"] and attrs["Config"]["WorkingDir"] == "/root"
+        labels = attrs["Config"]["Labels"]
+        assert labels["org.opencontainers.image.base.name"] == "python3@1"
+        assert labels["envctl.source-runtime"] == rid and labels["envctl.runtime-id"] == ""
+        layers = _layers(docker, image_id)
+        top = tarfile.open(fileobj=io.BytesIO(layers[-1]))
+        names = top.getnames()
+        assert "root/kept.txt" in names
+        for name in names:
+            for private in ("results/", "run/envctl/", "opt/envctl/agent/"):
+                assert not name.startswith(private), name
+        for layer in layers:
+            for form in (SECRET.encode(), base64.b64encode(SECRET.encode()), urllib.parse.quote(SECRET).encode()):
+                assert form not in layer
+
+
+def test_changes_list_what_differs_from_the_version_and_reset_throws_it_away(server: Server) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "changer", language="bash")
+        run(client, rid, "printf hello > /root/hello.txt; rm /etc/issue; echo x >> /etc/motd; echo r > /results/r.txt")
+        changes = {c["path"]: c for c in client.get(f"/runtimes/{rid}/changes").json()}
+        assert changes["/root/hello.txt"] == {"kind": "added", "path": "/root/hello.txt", "size": 5}
+        assert changes["/etc/issue"]["kind"] == "deleted"
+        assert changes["/etc/motd"]["kind"] == "changed"
+        assert not any(p.startswith(("/results", "/run/envctl", "/opt/envctl")) for p in changes)
+        assert client.get(f"/runtimes/{rid}").json()["unsaved_changes"] is True
+        assert client.post(f"/runtimes/{rid}/reset").status_code == 202
+        time.sleep(0.5)
+        rt = server.wait_state(client, rid, {"running", "error"})
+        assert rt["state"] == "running"
+        assert client.get(f"/runtimes/{rid}/changes").json() == []
+        assert client.get(f"/runtimes/{rid}").json()["unsaved_changes"] is False
+        assert text(run(client, rid, "ls /root/hello.txt 2>&1; test -e /etc/issue && echo back")).endswith("back\n")
+
+
+def test_unsaved_changes_survive_an_idle_shutdown_as_a_draft(server: Server) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "drafty", language="bash", idle_timeout=2)
+        run(client, rid, "mkdir -p /opt/tool && echo v1 > /opt/tool/VERSION")
+        rt = server.wait_state(client, rid, {"stopped"}, timeout=30)
+        assert rt["state_reason"] == "idle" and rt["unsaved_changes"] is True
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any(e["event"] == "draft-kept" for e in log)
+        ex = run(client, rid, "cat /opt/tool/VERSION")  # boots it again
+        assert text(ex) == "v1\n"
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any(e["event"] == "restoring" for e in log)
+        changes = {c["path"]: c["kind"] for c in client.get(f"/runtimes/{rid}/changes").json()}
+        assert changes.get("/opt/tool/VERSION") == "added"
+        # the draft blocks a change of environment until it is saved or thrown away
+        client.post(f"/runtimes/{rid}/stop")
+        server.wait_state(client, rid, {"stopped"})
+        r = client.patch(f"/runtimes/{rid}", json={"environment": "bash"})
+        assert r.status_code == 409 and "unsaved changes" in r.json()["error"]["message"]
+
+
+def test_a_runtime_stays_pinned_to_its_version_when_the_tag_moves(server: Server) -> None:
+    with server.client() as client:
+        author = new_runtime(client, "author", language="bash")
+        run(client, author, "echo one > /root/v")
+        save(client, author, "pinned")
+        reader = new_runtime(client, "reader", environment="pinned", language="bash")
+        assert client.get(f"/runtimes/{reader}").json()["environment"] == "pinned@1"
+        run(client, author, "echo two > /root/v")
+        save(client, author, "pinned", "second")
+        assert client.get("/environments/pinned").json()["latest"] == "pinned@2"
+        assert text(run(client, reader, "cat /root/v")) == "one\n"
+        assert client.get(f"/runtimes/{reader}").json()["environment"] == "pinned@1"
+        r = client.patch(f"/runtimes/{reader}", json={"environment": "pinned"})
+        assert r.status_code == 409 and "stopped" in r.json()["error"]["message"]
+        client.post(f"/runtimes/{reader}/reset")
+        time.sleep(0.3)
+        server.wait_state(client, reader, {"running"})
+        client.post(f"/runtimes/{reader}/stop")
+        server.wait_state(client, reader, {"stopped"})
+        r = client.patch(f"/runtimes/{reader}", json={"environment": "pinned"})
+        assert r.status_code == 200 and r.json()["environment"] == "pinned@2"
+        assert text(run(client, reader, "cat /root/v")) == "two\n"
+
+
+def test_lineage_goes_three_levels_down_to_the_base_and_deleting_a_needed_version_is_refused(server: Server) -> None:
+    with server.client() as client:
+        env = "python3"
+        for i, name in enumerate(("level-a", "level-b", "level-c")):
+            rid = new_runtime(client, f"l{i}", environment=env, language="bash")
+            run(client, rid, f"echo {name} > /root/{name}")
+            save(client, rid, name, f"made {name}")
+            client.delete(f"/runtimes/{rid}")
+            env = name
+        chain = client.get("/environments/level-c/lineage").json()
+        assert [s["ref"] for s in chain] == ["level-c@1", "level-b@1", "level-a@1", "python3@1", "bash@1"]
+        assert chain[0]["message"] == "made level-c" and chain[0]["author"] == "admin"
+        assert all(s["size_added"] >= 0 for s in chain)
+        r = client.delete("/environments/level-a@1")
+        assert r.status_code == 409 and "level-b@1" in r.json()["error"]["message"]
+        keeper = new_runtime(client, "keeper", environment="level-c")
+        r = client.delete("/environments/level-c@1")
+        assert r.status_code == 409 and keeper in r.json()["error"]["message"]
+        client.delete(f"/runtimes/{keeper}")
+        assert client.delete("/environments/level-c@1").status_code == 204
+        assert client.get("/environments/level-c@1").status_code == 404
+        assert client.delete("/environments/level-b").status_code == 422  # name one version
+
+
+def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "slowsave", language="bash", idle_timeout=1)
+        run(client, rid, "head -c 150000000 /dev/urandom > /root/big.bin")
+        r = client.post(f"/runtimes/{rid}/save", json={"environment": "big"})
+        op = r.json()
+        saw_saving = False
+        while op["status"] == "running":
+            rt = client.get(f"/runtimes/{rid}").json()
+            if rt["saving"]:
+                saw_saving = True
+                assert rt["state"] == "running" and rt["idle_shutdown_at"] is None
+            op = client.get(f"/operations/{op['id']}").json()
+            time.sleep(0.1)
+        assert op["status"] == "succeeded" and saw_saving
