@@ -107,7 +107,7 @@ def test_outputs_stream_live_in_order_a_line_when_it_is_printed(server: Server) 
 def test_a_client_that_reconnects_resumes_after_the_last_event_it_saw(server: Server) -> None:
     with server.client() as client:
         rid = new_runtime(client)
-        ex = run(client, rid, "for i in range(6):\n    print(i, flush=True)")
+        ex = run(client, rid, "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.05)")
         every = [(eid, json.loads(d)) for _, e, d, eid in sse(client, ex["id"]) if e == "output"]
         assert len(every) >= 2
         resumed = [(eid, json.loads(d)) for _, e, d, eid in sse(client, ex["id"], {"Last-Event-ID": every[0][0] or ""}) if e == "output"]
