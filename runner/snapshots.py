@@ -244,8 +244,7 @@ class Snapshots:
             "envctl.managed": "",
             "envctl.machine-type": "",
         }
-        for key in self.runner.settings.runner_labels:
-            labels.setdefault(key, "")
+        labels.update(self.runner.settings.runner_labels)  # the operator's own labels, e.g. a team
         config = self.template(parent_image, parent_ref, labels)
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
@@ -349,8 +348,7 @@ class Snapshots:
             "envctl.managed": "",
             "envctl.machine-type": "",
         }
-        for key in self.runner.settings.runner_labels:
-            labels.setdefault(key, "")
+        labels.update(self.runner.settings.runner_labels)  # the operator's own labels, e.g. a team
         config = self.template(version_image, version_ref, labels)
         image_id = self.backend.commit(
             state, config=config, repository="envctl-draft/" + runtime_id, tag=new_id("d")[2:]

@@ -66,6 +66,8 @@ def docker() -> Iterator[Any]:
     yield client
     for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
         c.remove(force=True)
+    # images saved by the session's runtimes (versions, drafts), children before parents
+    client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
     client.close()
 
 

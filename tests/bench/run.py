@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from tests.bench import bench_boot, bench_exec
+from tests.bench import bench_boot, bench_exec, bench_save
 
-BENCHMARKS = {"boot": bench_boot.run, "exec": bench_exec.run}
+BENCHMARKS = {"boot": bench_boot.run, "exec": bench_exec.run, "save": bench_save.run}
 
 
 def main() -> None:

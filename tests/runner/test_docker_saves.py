@@ -202,3 +202,26 @@ def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
             op = client.get(f"/operations/{op['id']}").json()
             time.sleep(0.1)
         assert op["status"] == "succeeded" and saw_saving
+
+
+def test_a_chain_of_130_saves_still_boots_because_long_chains_are_compacted(server: Server, docker: Any) -> None:
+    """Past overlay2's 128-layer limit: the lineage stays complete, the image does not grow
+    a layer per save forever."""
+    depth = 130
+    with server.client() as client:
+        env = "python3"
+        for i in range(1, depth + 1):
+            rid = new_runtime(client, f"chain{i}", environment=env, language="bash")
+            assert run(client, rid, f"echo {i} >> /root/chain")["status"] == "ok"
+            save(client, rid, "chain", f"link {i}")
+            assert client.delete(f"/runtimes/{rid}").status_code == 204
+            env = "chain"
+        lineage = client.get(f"/environments/chain@{depth}/lineage").json()
+        assert len(lineage) == depth + 2  # every save, then python3@1 and bash@1
+        assert lineage[0]["message"] == f"link {depth}" and lineage[depth - 1]["message"] == "link 1"
+        image = client.get("/environments/chain").json()["versions"][-1]["image_id"]
+        layers = docker.api.inspect_image(image)["RootFS"]["Layers"]
+        assert len(layers) < 100
+        last = new_runtime(client, "last", environment=f"chain@{depth}", language="bash")
+        ex = run(client, last, "wc -l < /root/chain; tail -1 /root/chain")
+        assert text(ex) == f"{depth}\n{depth}\n"
