@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -13,6 +14,7 @@ from api import errors
 from api.dbschema import check_current
 from api.deps import CallerCache, Context
 from api.routes import environments, executions, health, machine_types, operations, results, runtimes
+from api.schemas import ErrorOut
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
@@ -34,6 +36,20 @@ def write_admin_token(settings: Settings, db: Database) -> str | None:
         path.write_text(token + "\n")
         log.info("created the first admin; its token is in %s", path)
     return token
+
+
+# Every error answer has the one envelope (api/errors.py); the schema says so.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in (
+        (401, "no or unknown bearer token"),
+        (404, "no such resource (or not yours)"),
+        (409, "the resource's state does not allow it"),
+        (422, "bad input; details.field names it"),
+        (429, "too many at once; see Retry-After"),
+        (503, "the database or the container engine does not answer"),
+    )
+}
 
 
 def create_app(
@@ -67,5 +83,5 @@ def create_app(
     app.state.callers = CallerCache()
     errors.install(app)
     for module in (health, runtimes, executions, results, operations, environments, machine_types):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app

@@ -54,7 +54,7 @@ def install(app: FastAPI) -> None:
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
-            field = _field_of(err.get("loc", ()))
+            field = "body" if err.get("type") == "json_invalid" else _field_of(err.get("loc", ()))
             problems.append({"field": field, "problem": _problem(err)})
         first = problems[0] if problems else {"field": "body", "problem": "invalid request"}
         message = f"{first['field']}: {first['problem']}"

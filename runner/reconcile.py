@@ -105,21 +105,28 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
 def reconcile(service: RunnerService) -> list[Action]:
     """One reconciliation round for ``service``'s runner. Returns what it did."""
     backend = service.backend
-    try:
-        found = backend.list_owned()
-    except BackendError as exc:
-        _mark_unreachable(service, exc)
-        raise
+    # Rows first, then the listing: a container recorded on a row was made before the row was
+    # read, so it is in the listing unless it really is gone.
     with service.db.session() as s:
         rows = [
             Row(r.id, State(r.state), r.state_reason, dict(r.backend_state or {}))
             for r in s.scalars(select(Runtime).where(Runtime.runner == service.runner))
         ]
+    try:
+        found = backend.list_owned()
+    except BackendError as exc:
+        _mark_unreachable(service, exc)
+        raise
     done: list[Action] = []
     for action in plan(rows, found):
+        if service.in_flight(action.runtime_id):
+            continue  # a boot, stop or reset of ours is queued or running for it
         lock = service.try_runtime_lock(action.runtime_id)
         if lock is None:
             continue  # a boot or stop of ours is working on it
+        if service.in_flight(action.runtime_id):
+            lock.release()
+            continue
         try:
             _apply(service, action)
             done.append(action)
@@ -251,6 +258,8 @@ def _mark_unreachable(service: RunnerService, exc: BackendError) -> None:
             )
         )
         for rid in ids:
+            if service.in_flight(rid):
+                continue  # its own boot finds out about the engine soon enough
             service._transition(
                 s,
                 rid,

@@ -93,6 +93,7 @@ class RunnerService:
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._inflight: dict[str, int] = {}  # runtime id -> boots/stops/resets queued or running
         self._changed = threading.Condition()
         self._cancel: dict[str, threading.Event] = {}
         self._boot_slots = threading.BoundedSemaphore(settings.runner_max_boots)
@@ -335,7 +336,7 @@ class RunnerService:
                 self._boot_slots.release()
                 return rt
             self._cancel[runtime_id] = threading.Event()
-            self._submit(self._boot, runtime_id)
+            self._submit_work(self._boot, runtime_id)
         except BaseException:
             self._boot_slots.release()
             raise
@@ -359,7 +360,7 @@ class RunnerService:
             cancel = self._cancel.get(runtime_id)
             if cancel is not None:
                 cancel.set()
-            self._submit(self._stop, runtime_id, reason)
+            self._submit_work(self._stop, runtime_id, reason)
         return rt
 
     def reset(self, owner_id: str, runtime_id: str) -> Runtime:
@@ -377,10 +378,10 @@ class RunnerService:
         cancel = self._cancel.get(runtime_id)
         if cancel is not None:
             cancel.set()
-        self._submit_plain(self._reset, owner_id, runtime_id)
+        self._submit_work(self._reset, runtime_id, owner_id)
         return self.get(owner_id, runtime_id)
 
-    def _reset(self, owner_id: str, runtime_id: str) -> None:
+    def _reset(self, runtime_id: str, owner_id: str) -> None:
         self._stop(runtime_id, "reset")  # no draft: the changes are what is thrown away
         self.snapshots.discard_draft(runtime_id)
         self.start(owner_id, runtime_id)
@@ -460,7 +461,7 @@ class RunnerService:
                 )
             if ok:
                 stopped.append(rt.id)
-                self._submit(self._stop, rt.id, "idle")
+                self._submit_work(self._stop, rt.id, "idle")
         return stopped
 
     def reconcile(self) -> None:
@@ -638,6 +639,28 @@ class RunnerService:
         with self._tx() as s:
             self._transition(s, runtime_id, State.ERROR, reason, message, expect=expect, values=values)
         log.warning("runtime %s: %s: %s", runtime_id, reason, message)
+
+    def _submit_work(self, fn: Callable[..., None], runtime_id: str, *args: Any) -> Future[None]:
+        """Boots, stops and resets: the runtime is marked in flight until the work is done, so
+        reconciliation leaves it alone even before a worker thread has picked it up."""
+        with self._locks_guard:
+            self._inflight[runtime_id] = self._inflight.get(runtime_id, 0) + 1
+
+        def done(_f: Future[None]) -> None:
+            with self._locks_guard:
+                left = self._inflight.get(runtime_id, 1) - 1
+                if left <= 0:
+                    self._inflight.pop(runtime_id, None)
+                else:
+                    self._inflight[runtime_id] = left
+
+        future = self._submit(fn, runtime_id, *args)
+        future.add_done_callback(done)
+        return future
+
+    def in_flight(self, runtime_id: str) -> bool:
+        with self._locks_guard:
+            return runtime_id in self._inflight
 
     def _submit_plain(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         """Background work that records its own failures (saves, resets)."""

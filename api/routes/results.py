@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -16,6 +16,7 @@ from envs.kit.errors import NotFoundError
 from runner.models import ResultFile
 
 router = APIRouter(tags=["results"])
+ResultId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a result's id")]
 
 
 def _out(row: ResultFile) -> ResultOut:
@@ -60,7 +61,7 @@ def execution_results(execution_id: str, ctx: CtxDep, caller: CallerDep) -> list
 
 
 @router.get("/results/{result_id}", response_model=ResultOut)
-def get_result(result_id: int, ctx: CtxDep, caller: CallerDep) -> ResultOut:
+def get_result(result_id: ResultId, ctx: CtxDep, caller: CallerDep) -> ResultOut:
     with ctx.db.session() as s:
         row = s.get(ResultFile, result_id)
         if row is None or row.owner_id != caller.id:
@@ -73,7 +74,7 @@ def get_result(result_id: int, ctx: CtxDep, caller: CallerDep) -> ResultOut:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "the file's bytes"}},
 )
-def result_content(result_id: int, ctx: CtxDep, caller: CallerDep) -> StreamingResponse:
+def result_content(result_id: ResultId, ctx: CtxDep, caller: CallerDep) -> StreamingResponse:
     """Download a result file's content."""
     meta = get_result(result_id, ctx, caller)
     chunks: Iterator[bytes] = ctx.runner.results.store.open(meta.sha256)

@@ -38,7 +38,9 @@ def text(ex: dict[str, Any], name: str = "stdout") -> str:
     return "".join(o["text"] for o in ex["outputs"] if o["output_type"] == "stream" and o["name"] == name)
 
 
-def sse(client: httpx.Client, execution_id: str, headers: dict[str, str] | None = None) -> Iterator[tuple[float, str, str, str | None]]:
+def sse(
+    client: httpx.Client, execution_id: str, headers: dict[str, str] | None = None
+) -> Iterator[tuple[float, str, str, str | None]]:
     """(arrival time, event, data, id) for each server-sent event."""
     event, data, eid = "message", "", None
     with client.stream("GET", f"/executions/{execution_id}/events", headers=headers or {}, timeout=120) as resp:
@@ -70,7 +72,10 @@ def test_python_state_survives_between_cells_and_the_last_expression_is_the_resu
 def test_bash_keeps_its_working_directory_variables_and_functions(server: Server) -> None:
     with server.client() as client:
         rid = new_runtime(client, language="bash")
-        assert run(client, rid, "mkdir -p /tmp/w && cd /tmp/w\nGREETING=hello\nsay() { echo \"$GREETING $1\"; }")["status"] == "ok"
+        assert (
+            run(client, rid, 'mkdir -p /tmp/w && cd /tmp/w\nGREETING=hello\nsay() { echo "$GREETING $1"; }')["status"]
+            == "ok"
+        )
         ex = run(client, rid, "pwd; say world")
         assert text(ex) == "/tmp/w\nhello world\n"
 
@@ -93,7 +98,8 @@ def test_outputs_stream_live_in_order_a_line_when_it_is_printed(server: Server) 
         rid = new_runtime(client)
         run(client, rid, "import time")
         ex = client.post(
-            f"/runtimes/{rid}/executions", json={"code": "for i in range(5):\n    print(i, flush=True)\n    time.sleep(0.4)"}
+            f"/runtimes/{rid}/executions",
+            json={"code": "for i in range(5):\n    print(i, flush=True)\n    time.sleep(0.4)"},
         ).json()
         events = list(sse(client, ex["id"]))
         lines = [(t, json.loads(d)["text"]) for t, e, d, _ in events if e == "output"]
@@ -110,7 +116,11 @@ def test_a_client_that_reconnects_resumes_after_the_last_event_it_saw(server: Se
         ex = run(client, rid, "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.05)")
         every = [(eid, json.loads(d)) for _, e, d, eid in sse(client, ex["id"]) if e == "output"]
         assert len(every) >= 2
-        resumed = [(eid, json.loads(d)) for _, e, d, eid in sse(client, ex["id"], {"Last-Event-ID": every[0][0] or ""}) if e == "output"]
+        resumed = [
+            (eid, json.loads(d))
+            for _, e, d, eid in sse(client, ex["id"], {"Last-Event-ID": every[0][0] or ""})
+            if e == "output"
+        ]
         assert resumed == every[1:]
 
 
@@ -146,7 +156,8 @@ def test_a_long_cell_runs_to_the_end_with_no_client_and_its_outputs_are_kept(ser
         rid = new_runtime(client)
         run(client, rid, "1")
         ex = client.post(
-            f"/runtimes/{rid}/executions", json={"code": "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.5)"}
+            f"/runtimes/{rid}/executions",
+            json={"code": "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.5)"},
         ).json()
     time.sleep(3)
     with server.client() as client:
@@ -183,7 +194,12 @@ def test_a_gigabyte_of_output_is_capped_and_the_server_stays_small(docker: Any, 
             before = _rss_kb(srv)
             ex = client.post(
                 f"/runtimes/{rid}/executions",
-                json={"code": "import sys\nline = 'y' * 1048575 + '\\n'\nfor _ in range(1024):\n    sys.stdout.write(line)"},
+                json={
+                    "code": (
+                        "import sys\nline = 'y' * 1048575 + '\\n'\n"
+                        "for _ in range(1024):\n    sys.stdout.write(line)"
+                    )
+                },
             ).json()
             done = client.get(f"/executions/{ex['id']}", params={"wait": 30}).json()
             while done["status"] not in ("ok", "error"):
@@ -233,7 +249,13 @@ def test_a_busy_runtime_is_not_shut_down_and_an_idle_one_is_even_with_a_client_w
 def test_result_files_are_versioned_by_content_and_outlive_the_runtime(server: Server) -> None:
     with server.client() as client:
         rid = new_runtime(client)
-        first = run(client, rid, "import os\nos.makedirs('/results/plots', exist_ok=True)\nopen('/results/a.txt','w').write('one')\nopen('/results/plots/b.bin','wb').write(bytes(range(256)))")
+        first = run(
+            client,
+            rid,
+            "import os\nos.makedirs('/results/plots', exist_ok=True)\n"
+            "open('/results/a.txt','w').write('one')\n"
+            "open('/results/plots/b.bin','wb').write(bytes(range(256)))",
+        )
         listed = client.get(f"/executions/{first['id']}/results").json()
         assert sorted(r["path"] for r in listed) == ["a.txt", "plots/b.bin"]
         a = next(r for r in listed if r["path"] == "a.txt")
@@ -260,13 +282,23 @@ def test_results_go_to_an_s3_bucket_when_configured(docker: Any, tmp_path: Path)
     endpoint_gen = start_s3()
     endpoint = next(endpoint_gen)
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint.url, region_name=endpoint.region,
-                          aws_access_key_id=endpoint.access_key, aws_secret_access_key=endpoint.secret_key)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint.url,
+            region_name=endpoint.region,
+            aws_access_key_id=endpoint.access_key,
+            aws_secret_access_key=endpoint.secret_key,
+        )
         s3.create_bucket(Bucket="envctl-results")
         srv = start_server(
-            docker, tmp_path / "data", ENVCTL_RESULTS_STORE="s3", ENVCTL_RESULTS_S3_BUCKET="envctl-results",
-            ENVCTL_RESULTS_S3_ENDPOINT_URL=endpoint.url, ENVCTL_RESULTS_S3_PREFIX="team/",
-            AWS_ACCESS_KEY_ID=endpoint.access_key, AWS_SECRET_ACCESS_KEY=endpoint.secret_key,
+            docker,
+            tmp_path / "data",
+            ENVCTL_RESULTS_STORE="s3",
+            ENVCTL_RESULTS_S3_BUCKET="envctl-results",
+            ENVCTL_RESULTS_S3_ENDPOINT_URL=endpoint.url,
+            ENVCTL_RESULTS_S3_PREFIX="team/",
+            AWS_ACCESS_KEY_ID=endpoint.access_key,
+            AWS_SECRET_ACCESS_KEY=endpoint.secret_key,
         )
         try:
             with srv.client() as client:
@@ -285,7 +317,12 @@ def test_results_go_to_an_s3_bucket_when_configured(docker: Any, tmp_path: Path)
 def test_rich_display_gives_mime_bundles(server: Server) -> None:
     with server.client() as client:
         rid = new_runtime(client)
-        ex = run(client, rid, "display(HTML('<b>hi</b>'), JSON({'a': 1}))\nclass P:\n    def _repr_html_(self):\n        return '<i>p</i>'\nP()")
+        ex = run(
+            client,
+            rid,
+            "display(HTML('<b>hi</b>'), JSON({'a': 1}))\n"
+            "class P:\n    def _repr_html_(self):\n        return '<i>p</i>'\nP()",
+        )
         kinds = [(o["output_type"], sorted(o["data"])) for o in ex["outputs"]]
         assert ("display_data", ["text/html", "text/plain"]) in kinds
         assert ("display_data", ["application/json", "text/plain"]) in kinds

@@ -41,7 +41,9 @@ def test_a_package_installed_in_a_cell_is_in_the_saved_version(server: Server) -
     with server.client() as client:
         rid = new_runtime(client, "builder", language="bash")
         install = run(
-            client, rid, "apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends jq >/dev/null",
+            client,
+            rid,
+            "apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends jq >/dev/null",
         )
         assert install["status"] == "ok", text(install, "stderr")[-2000:]
         op = save(client, rid, "tools", "jq for JSON")
@@ -59,9 +61,9 @@ def test_a_package_installed_in_a_cell_is_in_the_saved_version(server: Server) -
 def _layers(docker: Any, image_id: str) -> list[bytes]:
     """Every layer of an image, as the raw tar bytes `docker save` gives."""
     raw = b"".join(docker.api.get_image(image_id))
-    outer = tarfile.open(fileobj=io.BytesIO(raw))
-    manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
-    return [outer.extractfile(layer).read() for layer in manifest[0]["Layers"]]  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(raw)) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+        return [outer.extractfile(layer).read() for layer in manifest[0]["Layers"]]  # type: ignore[union-attr]
 
 
 def test_a_saved_image_holds_no_secret_mount_results_or_agent_files(server: Server, docker: Any) -> None:
@@ -88,8 +90,8 @@ def test_a_saved_image_holds_no_secret_mount_results_or_agent_files(server: Serv
         assert labels["org.opencontainers.image.base.name"] == "python3@1"
         assert labels["envctl.source-runtime"] == rid and labels["envctl.runtime-id"] == ""
         layers = _layers(docker, image_id)
-        top = tarfile.open(fileobj=io.BytesIO(layers[-1]))
-        names = top.getnames()
+        with tarfile.open(fileobj=io.BytesIO(layers[-1])) as top:
+            names = top.getnames()
         assert "root/kept.txt" in names
         for name in names:
             for private in ("results/", "run/envctl/", "opt/envctl/agent/"):
