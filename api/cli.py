@@ -820,7 +820,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not isinstance(environment, str):
             raise CliError(f"{path}: metadata envctl.environment must be a reference such as python3@1", EXIT_BAD_INPUT)
     language = _notebook_language(nb)
-    cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    cells = [(i, cell) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
     quiet = args.json
 
     api = _api(args)
@@ -840,11 +840,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     report: list[dict[str, Any]] = []
     failed_at: int | None = None
     try:
-        for k, cell in enumerate(cells, 1):
+        for k, (index, cell) in enumerate(cells, 1):
             code = cell.source if isinstance(cell.source, str) else "".join(cell.source)
             if not code.strip():
                 cell.outputs, cell.execution_count = [], None
-                report.append({"cell": k, "status": "skipped", "execution_id": None})
+                report.append({"cell": k, "index": index, "status": "skipped", "execution_id": None})
                 if not quiet:
                     print(f"[{k}/{len(cells)}] skipped (empty)", file=sys.stderr, flush=True)
                 continue
@@ -861,6 +861,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             report.append(
                 {
                     "cell": k,
+                    "index": index,
                     "status": status,
                     "execution_id": done["id"],
                     "execution_count": done["execution_count"],
@@ -897,7 +898,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json(summary)
     else:
         ran = sum(1 for r in report if r["status"] == "ok")
-        what = "all ok" if failed_at is None else f"cell {failed_at} failed"
+        what = "all ok" if failed_at is None else f"code cell {failed_at} failed"
         where = f"runtime {rt['name']} kept" if keep else f"runtime {rt['name']} deleted"
         print(f"wrote {out}: {ran} of {len(cells)} code cells ok, {what}; {rt['environment']}; {where}")
     return EXIT_OK if failed_at is None else EXIT_FAILURE

@@ -207,3 +207,10 @@ class LineageStep(BaseModel):
     size: int
     size_added: int
     source_runtime_id: str | None
+
+
+class BuildRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = Field(max_length=1024 * 1024, description="the spec file's YAML text")
+    source: str = Field(default="<spec>", max_length=255, description="its file name, for error messages")

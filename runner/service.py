@@ -108,6 +108,9 @@ class RunnerService:
         from runner.snapshots import Snapshots
 
         self.snapshots = Snapshots(self)
+        from runner.builds import Builds
+
+        self.builds = Builds(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, *, housekeeping: bool = True) -> None:

@@ -217,7 +217,17 @@ class Snapshots:
             self.runner.touch(runtime_id, "save finished")
 
     def _save_locked(
-        self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
+        self,
+        op_id: str,
+        owner_id: str,
+        author: str,
+        runtime_id: str,
+        environment: str,
+        message: str,
+        tag: str | None,
+        *,
+        extra_env: dict[str, str] | None = None,
+        extra_labels: dict[str, str] | None = None,
     ) -> EnvironmentVersion:
         with self.runner.db.session() as s:
             rt = self.runner._get(s, owner_id, runtime_id)
@@ -245,7 +255,11 @@ class Snapshots:
             "envctl.machine-type": "",
         }
         labels.update(self.runner.settings.runner_labels)  # the operator's own labels, e.g. a team
+        labels.update(extra_labels or {})
         config = self.template(parent_image, parent_ref, labels)
+        if extra_env:
+            kept = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in extra_env]
+            config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
         self._phase(op_id, "committing", "snapshotting the filesystem")

@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from api.deps import CallerDep, CtxDep
-from api.schemas import EnvironmentOut, LineageStep, VersionOut
+from api.routes.runtimes import operation_out
+from api.schemas import BuildRequest, EnvironmentOut, LineageStep, OperationOut, VersionOut
 from envs import service as envs_service
 from envs.errors import EnvironmentNotFoundError
 from envs.kit.errors import InvalidInputError
@@ -49,6 +50,15 @@ def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
     """Every environment with its versions and tags."""
     with ctx.db.session() as s:
         return [environment_out(e) for e in envs_service.list_environments(s)]
+
+
+@router.post("/environments/build", status_code=202, response_model=OperationOut)
+def build(body: BuildRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
+    """Build a spec file: checked now (422 ``file:line: field: problem``), built in the
+    background; the operation lists each step with the execution that runs it. The same spec
+    on the same parent reuses the version built before."""
+    op = ctx.runner.builds.build(caller.id, caller.name, body.spec, body.source)
+    return operation_out(op)
 
 
 @router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep])

@@ -120,7 +120,7 @@ def test_a_failing_cell_stops_the_run_and_keeps_its_error(server: Server, capsys
     assert nb.metadata["envctl"]["environment"] == "python3@1"
     assert "[3/5] error " in err and "ZeroDivisionError: division by zero" in err
     assert "[4/5]" not in err
-    assert "cell 3 failed" in stdout
+    assert "code cell 3 failed" in stdout
     assert api_get(server, "/runtimes") == []
 
 
@@ -132,6 +132,7 @@ def test_allow_errors_runs_every_cell_and_still_exits_1(server: Server, capsys: 
     summary = json.loads(stdout)
     assert summary["status"] == "error" and summary["failed_cell"] == 1
     assert [c["status"] for c in summary["cells"]] == ["error", "ok"]
+    assert [c["index"] for c in summary["cells"]] == [0, 1]
     assert summary["runtime"]["deleted"] is True
     nb = _read(out)
     assert nb.cells[0].outputs[0].output_type == "error"

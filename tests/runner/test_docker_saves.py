@@ -227,3 +227,65 @@ def test_a_chain_of_130_saves_still_boots_because_long_chains_are_compacted(serv
         last = new_runtime(client, "last", environment=f"chain@{depth}", language="bash")
         ex = run(client, last, "wc -l < /root/chain; tail -1 /root/chain")
         assert text(ex) == f"{depth}\n{depth}\n"
+
+
+SPEC = """\
+name: acme/tools
+extends: python3
+message: team tools
+steps:
+  - run: |
+      mkdir -p /opt/acme && echo built > /opt/acme/stamp
+      echo step-one-output
+  - env: {ACME_MODE: fast}
+  - files:
+      /opt/acme/README: made by a spec
+"""
+
+
+def _build(client: httpx.Client, text_: str, source: str = "acme.yaml") -> dict[str, Any]:
+    r = client.post("/environments/build", json={"spec": text_, "source": source})
+    assert r.status_code == 202, r.text
+    op = r.json()
+    while op["status"] == "running":
+        op = client.get(f"/operations/{op['id']}", params={"wait": 10}).json()
+    return op
+
+
+def test_a_spec_builds_a_version_and_the_same_spec_on_the_same_parent_is_reused(server: Server, docker: Any) -> None:
+    with server.client() as client:
+        op = _build(client, SPEC)
+        assert op["status"] == "succeeded", op
+        assert op["result"]["version"] == "acme/tools@1" and op["result"]["cached"] is False
+        assert [s["status"] for s in op["result"]["steps"]] == ["ok", "ok", "ok"]
+        assert "step-one-output" in op["result"]["steps"][0]["log"]
+        env = client.get("/environments/acme/tools").json()
+        assert env["versions"][0]["parent"] == "python3@1" and env["versions"][0]["message"] == "team tools"
+        image = docker.api.inspect_image(env["versions"][0]["image_id"])
+        assert "ACME_MODE=fast" in image["Config"]["Env"]
+        rid = new_runtime(client, "spec-user", environment="acme/tools", language="bash")
+        assert text(run(client, rid, "cat /opt/acme/stamp /opt/acme/README; echo; echo $ACME_MODE")) == (
+            "built\nmade by a spec\nfast\n"
+        )
+        again = _build(client, SPEC)
+        assert again["status"] == "succeeded" and again["result"] == {
+            "spec_digest": op["result"]["spec_digest"],
+            "version": "acme/tools@1",
+            "cached": True,
+            "steps": [],
+        }
+        assert len(client.get("/environments/acme/tools").json()["versions"]) == 1
+        assert [r["name"] for r in client.get("/runtimes").json()] == ["spec-user"]  # build runtimes are gone
+
+
+def test_a_failing_step_fails_the_build_naming_file_line_and_step(server: Server) -> None:
+    with server.client() as client:
+        bad = SPEC.replace("echo step-one-output", "false")
+        op = _build(client, bad)
+        assert op["status"] == "failed"
+        assert op["error"]["message"].startswith("acme.yaml:5: steps[1].run: the step failed")
+        assert client.get("/environments/acme/tools").status_code == 404
+        r = client.post("/environments/build", json={"spec": "name: x\nextends: nope\nsteps: [{run: ls}]\n"})
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+        r = client.post("/environments/build", json={"spec": "name: x\nsteps: []\n", "source": "f.yaml"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == "f.yaml: extends: missing"

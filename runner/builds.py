@@ -1,0 +1,183 @@
+"""Building a spec file: the path a person takes by hand, automated.
+
+A temporary runtime boots from the parent, runs each step as a cell (outputs stored like any
+execution, so the build log can be followed live), and is saved; then it is deleted. The same
+spec on the same parent digest reuses the version it made before (a cache hit), recorded on
+the version as the label ``envctl.spec-digest``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from envs import service as envs_service
+from envs.kit.errors import EnvctlError
+from envs.kit.ids import new_id
+from envs.models import EnvironmentVersion
+from envs.spec import Spec, parse
+from runner.models import Operation
+from runner.states import State
+
+if TYPE_CHECKING:
+    from runner.service import RunnerService
+
+log = logging.getLogger("envctl.builds")
+
+
+class BuildStepFailedError(EnvctlError):
+    code = "build_step_failed"
+    status = 422
+
+
+class Builds:
+    def __init__(self, runner: RunnerService) -> None:
+        self.runner = runner
+
+    def build(self, owner_id: str, author: str, text: str, source: str = "<spec>") -> Operation:
+        """Check the spec now (422 on any problem), then build it in the background (202)."""
+        spec = parse(text, source)
+        with self.runner.db.session() as s:
+            parent = envs_service.resolve(s, spec.extends, "extends")
+            parent_ref, parent_digest = parent.ref, parent.digest
+            digest = spec.digest(parent_digest)
+            cached = self._cached(s, spec.name, digest)
+        now = self.runner.clock()
+        op = Operation(
+            id=new_id("op"),
+            owner_id=owner_id,
+            kind="build",
+            runtime_id=None,
+            status="running",
+            phase="queued",
+            message=f"building {spec.name} on {parent_ref}",
+            result={"spec_digest": digest, "steps": []},
+            created_at=now,
+        )
+        if cached is not None:
+            op.status, op.phase, op.finished_at = "succeeded", "succeeded", now
+            op.message = f"reused {cached}: the same spec was built on {parent_ref} before"
+            op.result = {"spec_digest": digest, "version": cached, "cached": True, "steps": []}
+        with self.runner.db.session() as s:
+            s.add(op)
+        if cached is None:
+            self.runner._submit_plain(self._build, op.id, owner_id, author, spec, parent_ref, digest)
+        return op
+
+    @staticmethod
+    def _cached(s: Any, name: str, digest: str) -> str | None:
+        env = envs_service.get_environment(s, name)
+        if env is None:
+            return None
+        for v in env.versions:
+            if (v.labels or {}).get("envctl.spec-digest") == digest:
+                return v.ref
+        return None
+
+    def _build(self, op_id: str, owner_id: str, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
+        runner = self.runner
+        rid = None
+        steps: list[dict[str, Any]] = []
+        try:
+            rt = runner.create(
+                owner_id, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
+            )
+            rid = rt.id
+            self._update(op_id, phase="booting", message=f"booting {parent_ref}", runtime_id=rid)
+            runner.start(owner_id, rid)
+            booted = runner.wait_for(rid, {State.RUNNING, State.ERROR}, runner.settings.runner_boot_timeout + 15)
+            if booted.state != State.RUNNING:
+                raise BuildStepFailedError(f"the build runtime did not boot: {booted.state_message}")
+            for n, step in enumerate(spec.steps, 1):
+                cell = step.cell()
+                label = f"step {n}/{len(spec.steps)}: {step.kind}"
+                if cell is None:
+                    steps.append({"step": n, "kind": step.kind, "line": step.line, "status": "ok"})
+                    self._update(op_id, phase="running", message=label, steps=steps)
+                    continue
+                language, code = cell
+                ex = runner.executions.submit(owner_id, rid, code=code, language=language)
+                steps.append(
+                    {"step": n, "kind": step.kind, "line": step.line, "execution_id": ex.id, "status": "running"}
+                )
+                self._update(op_id, phase="running", message=label, steps=steps)
+                while True:
+                    runner.executions.wait(ex.id, 5)
+                    view = runner.executions.get(owner_id, ex.id)
+                    if view.status in ("ok", "error", "interrupted"):
+                        break
+                steps[-1]["status"] = view.status
+                steps[-1]["log"] = _log_text(runner.executions.outputs(ex.id))
+                if view.status != "ok":
+                    self._update(op_id, steps=steps)
+                    raise BuildStepFailedError(
+                        f"{spec.source}:{step.line}: steps[{n}].{step.kind}: the step failed"
+                        + (f" ({view.error_name}: {view.error_value})" if view.error_name else ""),
+                        details={"step": n, "line": step.line, "execution_id": ex.id},
+                    )
+            self._update(op_id, phase="saving", message="saving the new version", steps=steps)
+            version: EnvironmentVersion = runner.snapshots._save_locked(
+                op_id,
+                owner_id,
+                author,
+                rid,
+                spec.name,
+                spec.message or f"built from {spec.source}",
+                None,
+                extra_env=spec.env,
+                extra_labels={"envctl.spec-digest": digest},
+            )
+            ref = version.ref
+            runner.snapshots._finish_op(
+                op_id,
+                "succeeded",
+                result={
+                    "spec_digest": digest,
+                    "version": ref,
+                    "cached": False,
+                    "steps": steps,
+                    "digest": version.digest,
+                },
+                message=f"built {ref}",
+            )
+        except Exception as exc:
+            if isinstance(exc, EnvctlError):
+                error, text = exc.to_dict(), exc.message
+            else:
+                log.exception("build %s failed", op_id)
+                text = "the build failed unexpectedly; see envctl's log"
+                error = {"code": "internal", "message": text, "details": {}}
+            runner.snapshots._finish_op(
+                op_id, "failed", error=error, message=text, result={"spec_digest": digest, "steps": steps}
+            )
+        finally:
+            if rid is not None:
+                try:
+                    runner.delete(owner_id, rid)
+                except EnvctlError as exc:
+                    log.warning("could not remove build runtime %s: %s", rid, exc.message)
+
+    def _update(self, op_id: str, **values: Any) -> None:
+        steps = values.pop("steps", None)
+        with self.runner.db.connection() as c:
+            if steps is not None:
+                row = c.execute(Operation.__table__.select().where(Operation.id == op_id)).first()
+                result = dict(row.result or {}) if row is not None else {}
+                result["steps"] = [dict(s) for s in steps]
+                values["result"] = result
+            if values:
+                c.execute(update(Operation).where(Operation.id == op_id).values(**values))
+
+
+def _log_text(outputs: list[tuple[int, dict[str, Any]]], limit: int = 64 * 1024) -> str:
+    """A step's output as text for the build log (the build runtime and its cells go away)."""
+    parts = []
+    for _, out in outputs:
+        if out.get("output_type") == "stream":
+            parts.append(str(out.get("text", "")))
+        elif out.get("output_type") == "error":
+            parts.append(f"{out.get('ename')}: {out.get('evalue')}\n")
+    text = "".join(parts)
+    return text if len(text) <= limit else "[...]\n" + text[-limit:]
