@@ -214,3 +214,10 @@ class BuildRequest(BaseModel):
 
     spec: str = Field(max_length=1024 * 1024, description="the spec file's YAML text")
     source: str = Field(default="<spec>", max_length=255, description="its file name, for error messages")
+
+
+class LoadedVersion(BaseModel):
+    ref: str = Field(description="the version's reference here")
+    exported_as: str = Field(description="its reference where it was exported")
+    digest: str
+    new: bool = Field(description="false when this envctl had it already")

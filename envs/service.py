@@ -89,7 +89,7 @@ class NewVersion:
     source_runtime_id: str | None = None
     notebook: str | None = None
     labels: dict[str, Any] | None = None
-    tag: str = DEFAULT_TAG
+    tag: str | None = DEFAULT_TAG  # None: leave the tags as they are
 
 
 def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVersion, bool]:
@@ -134,7 +134,8 @@ def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVers
         )
         session.add(existing)
         session.flush()
-    set_tag(session, env, new.tag, existing)
+    if new.tag:
+        set_tag(session, env, new.tag, existing)
     session.refresh(env)
     return existing, created
 

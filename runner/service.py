@@ -111,6 +111,9 @@ class RunnerService:
         from runner.builds import Builds
 
         self.builds = Builds(self)
+        from runner.archives import Archives
+
+        self.archives = Archives(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, *, housekeeping: bool = True) -> None:

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
 from api.routes.runtimes import operation_out
-from api.schemas import BuildRequest, EnvironmentOut, LineageStep, OperationOut, VersionOut
+from api.schemas import BuildRequest, EnvironmentOut, LineageStep, LoadedVersion, OperationOut, VersionOut
+from envs import archive
 from envs import service as envs_service
 from envs.errors import EnvironmentNotFoundError
 from envs.kit.errors import InvalidInputError
@@ -61,6 +68,51 @@ def build(body: BuildRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     return operation_out(op)
 
 
+@router.post("/environments/load", status_code=201, response_model=list[LoadedVersion])
+async def load(request: Request, ctx: CtxDep, _caller: CallerDep) -> list[LoadedVersion]:
+    """Load an archive made by ``GET /environments/{ref}/export`` (the request body, as
+    application/x-tar): its images and its versions with their lineage. An archive with
+    paths outside its root, links, devices or blobs that do not match their digests is
+    refused with 422 and nothing is loaded."""
+    archives = ctx.runner.archives
+    with tempfile.NamedTemporaryFile(dir=archives.scratch(), suffix=".upload.tar", delete=False) as f:
+        path = Path(f.name)
+        async for chunk in request.stream():
+            f.write(chunk)
+    try:
+        loaded = await run_in_threadpool(archives.load, path)
+    finally:
+        path.unlink(missing_ok=True)
+    return [LoadedVersion(**v) for v in loaded]
+
+
+@router.get(
+    "/environments/{ref:path}/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}, "description": "an OCI image layout in a tar"}},
+)
+def export(ref: str, ctx: CtxDep, _caller: CallerDep) -> StreamingResponse:
+    """The version ``ref`` means, with its whole lineage, as an OCI archive that carries the
+    lineage metadata (``envctl-export.json``)."""
+    path = ctx.runner.archives.export(ref)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from archive.stream_file(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    name = ref.replace("/", "_").replace(":", "_").replace("@", "_")
+    return StreamingResponse(
+        chunks(),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(path.stat().st_size),
+            "Content-Disposition": f'attachment; filename="{name}.tar"',
+        },
+    )
+
+
 @router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep])
 def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
     """The chain from the version ``ref`` means down to its base image, newest first, each
@@ -69,8 +121,14 @@ def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
         version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
         return [
             LineageStep(
-                ref=v.ref, digest=v.digest, message=v.message, author=v.author, created_at=v.created_at,
-                size=v.size, size_added=v.size_added, source_runtime_id=v.source_runtime_id,
+                ref=v.ref,
+                digest=v.digest,
+                message=v.message,
+                author=v.author,
+                created_at=v.created_at,
+                size=v.size,
+                size_added=v.size_added,
+                source_runtime_id=v.source_runtime_id,
             )
             for v in envs_service.lineage(s, version)
         ]

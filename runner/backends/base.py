@@ -165,6 +165,14 @@ class RuntimeBackend(abc.ABC):
         """A one-layer copy of ``image`` with ``config``: keeps long chains under the layer limit."""
         raise NotImplementedError(f"the {self.name} backend cannot squash")
 
+    def save_images(self, images: list[str], path: Path) -> None:
+        """Write ``images`` (and every layer they need) to ``path`` in ``docker save`` form."""
+        raise NotImplementedError(f"the {self.name} backend cannot export images")
+
+    def load_images(self, path: Path) -> None:
+        """Load a ``docker save``-form archive into the engine."""
+        raise NotImplementedError(f"the {self.name} backend cannot import images")
+
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""
         return ""

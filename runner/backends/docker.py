@@ -327,6 +327,26 @@ class DockerBackend(RuntimeBackend):
             config={k: cfg.get(k) for k in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels")},
         )
 
+    # Archive work goes through the docker CLI (python-on-whales): it saves several images
+    # into one archive, sharing their layers, which the SDK's single-image call does not.
+    def save_images(self, images: list[str], path: Path) -> None:
+        from python_on_whales import DockerClient
+        from python_on_whales.exceptions import DockerException as CliError
+
+        try:
+            DockerClient(host=self._base_url).image.save(images, output=path)
+        except CliError as exc:
+            raise BackendError(f"Docker failed to export the images: {exc.stderr or exc}") from exc
+
+    def load_images(self, path: Path) -> None:
+        from python_on_whales import DockerClient
+        from python_on_whales.exceptions import DockerException as CliError
+
+        try:
+            DockerClient(host=self._base_url).image.load(path, quiet=True)
+        except CliError as exc:
+            raise BackendError(f"Docker refused the images: {exc.stderr or exc}") from exc
+
     def remove_image(self, image: str) -> None:
         try:
             self.client.api.remove_image(image, force=False, noprune=False)

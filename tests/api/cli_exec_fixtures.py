@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 
-from envs.kit.config import Settings
 from tests.api.test_cli import Server, _free_port, _isolated_client_config, run, server
 
 __all__ = [
@@ -31,23 +30,9 @@ __all__ = [
     "api_get",
     "ctrl_c_when",
     "cutting_proxy",
-    "prepared_settings",
     "run",
     "server",
 ]
-
-
-@pytest.fixture
-def prepared_settings(prepared_settings: Settings) -> Settings:
-    """The shared prepared settings with housekeeping every 30 s instead of 0.2 s.
-
-    These tests boot many runtimes through `exec` and `run` and need no idle shutdown or
-    liveness round. A housekeeping round that lands between a boot being committed and its
-    worker starting marks the runtime ``container-vanished`` (a known runner race, xfailed in
-    tests/api/test_runtimes_api.py::test_queued_boot_is_not_marked_vanished); at 0.2 s it
-    failed about one run of these files in two.
-    """
-    return prepared_settings.with_overrides(runner_idle_check_interval=30.0)
 
 
 def api_get(server: Server, path: str) -> Any:

@@ -23,7 +23,6 @@ from tests.api.cli_exec_fixtures import (
     api_get,
     ctrl_c_when,
     cutting_proxy,
-    prepared_settings,
     run,
     server,
 )

@@ -16,7 +16,6 @@ from tests.api.cli_exec_fixtures import (
     Server,
     _isolated_client_config,
     api_get,
-    prepared_settings,
     run,
     server,
 )

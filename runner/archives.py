@@ -1,0 +1,118 @@
+"""Export a version with its lineage to an archive, and load such an archive into envctl."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from envs import archive
+from envs import service as envs_service
+from envs.kit.errors import BackendError
+from envs.models import EnvironmentVersion
+from envs.refs import parse_ref
+
+if TYPE_CHECKING:
+    from runner.service import RunnerService
+
+
+class Archives:
+    def __init__(self, runner: RunnerService) -> None:
+        self.runner = runner
+
+    def scratch(self) -> Path:
+        d = self.runner.settings.data_dir / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def export(self, ref: str) -> Path:
+        """Write the archive of ``ref`` (and its lineage) to a temporary file; the caller
+        streams it and removes it."""
+        with self.runner.db.session() as s:
+            version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
+            chain = envs_service.lineage(s, version)
+            versions = [_describe(v) for v in chain]
+            exported = version.ref
+        images = list(dict.fromkeys(v["image_id"] for v in versions))
+        for image in images:
+            if self.runner.backend.image_info(image) is None:
+                raise BackendError(f"the image {image[:19]} of {exported}'s lineage is not in the container engine")
+        scratch = self.scratch()
+        with tempfile.NamedTemporaryFile(dir=scratch, suffix=".docker.tar", delete=False) as raw:
+            raw_path = Path(raw.name)
+        out_path = raw_path.with_suffix(".envctl.tar")
+        try:
+            self.runner.backend.save_images(images, raw_path)
+            with open(out_path, "wb") as out:
+                archive.write_oci(
+                    raw_path,
+                    images,
+                    {"exported": exported, "versions": versions},
+                    {v["image_id"]: v["ref"] for v in versions},
+                    out,
+                )
+        except BaseException:
+            out_path.unlink(missing_ok=True)
+            raise
+        finally:
+            raw_path.unlink(missing_ok=True)
+        return out_path
+
+    def load(self, path: Path) -> list[dict[str, Any]]:
+        """Check an archive, load its images, and record its versions with their lineage."""
+        checked = archive.check(path)
+        with tempfile.NamedTemporaryFile(dir=self.scratch(), suffix=".docker.tar", delete=False) as out:
+            docker_path = Path(out.name)
+            archive.docker_archive(path, checked, out)
+        try:
+            self.runner.backend.load_images(docker_path)
+        finally:
+            docker_path.unlink(missing_ok=True)
+        for image_id in checked.images:
+            if self.runner.backend.image_info(image_id) is None:
+                raise BackendError(f"after loading, the image {image_id[:19]} is not in the engine")
+        loaded: list[dict[str, Any]] = []
+        by_image: dict[str, EnvironmentVersion] = {}
+        with self.runner.db.session() as s:
+            for v in reversed(checked.meta["versions"]):  # base first, so parents exist
+                parent = by_image.get(v.get("parent_image_id") or "")
+                env = envs_service.get_environment(s, v["environment"])
+                version, created = envs_service.register_version(
+                    s,
+                    envs_service.NewVersion(
+                        environment=v["environment"],
+                        image_id=v["image_id"],
+                        digest=v["digest"],
+                        image_ref=v["image_id"],
+                        parent=parent,
+                        message=v.get("message", ""),
+                        author=v.get("author", ""),
+                        size=int(v.get("size", 0)),
+                        size_added=int(v.get("size_added", 0)),
+                        source_runtime_id=v.get("source_runtime_id"),
+                        labels=v.get("labels") or {},
+                        tag="latest" if env is None or not env.tags else None,
+                    ),
+                )
+                by_image[v["image_id"]] = version
+                loaded.append({"ref": version.ref, "exported_as": v["ref"], "digest": version.digest, "new": created})
+        return list(reversed(loaded))
+
+
+def _describe(v: EnvironmentVersion) -> dict[str, Any]:
+    return {
+        "ref": v.ref,
+        "environment": v.environment.full_name,
+        "number": v.number,
+        "digest": v.digest,
+        "image_id": v.image_id,
+        "parent": v.parent.ref if v.parent else None,
+        "parent_image_id": v.parent.image_id if v.parent else None,
+        "message": v.message,
+        "author": v.author,
+        "created_at": v.created_at.isoformat(),
+        "size": v.size,
+        "size_added": v.size_added,
+        "source_runtime_id": v.source_runtime_id,
+        "labels": v.labels or {},
+    }

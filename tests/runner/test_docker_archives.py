@@ -1,0 +1,125 @@
+"""Export and load: a version with its lineage moves to another envctl and boots there (R25)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.dbschema import upgrade
+from tests.fixtures.server import Server
+from tests.runner.conftest import remove_runner_containers
+from tests.runner.test_docker_executions import new_runtime, run, text
+from tests.runner.test_docker_saves import save
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def test_an_exported_version_loads_into_a_fresh_envctl_with_its_lineage_and_boots(
+    server: Server, docker: Any, tmp_path: Path
+) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "maker", language="bash")
+        run(client, rid, "echo travelled > /root/souvenir")
+        op = save(client, rid, "team/portable", "for elsewhere")
+        image_id = op["result"]["image_id"]
+        client.delete(f"/runtimes/{rid}")
+        archive = tmp_path / "portable.tar"
+        with client.stream("GET", "/environments/team/portable@1/export") as resp:
+            assert resp.status_code == 200
+            with open(archive, "wb") as f:
+                for chunk in resp.iter_bytes():
+                    f.write(chunk)
+    with tarfile.open(archive) as tar:
+        meta = json.load(tar.extractfile("envctl-export.json"))  # type: ignore[arg-type]
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+    assert [v["ref"] for v in meta["versions"]] == ["team/portable@1", "python3@1", "bash@1"]
+    assert {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]} == {
+        "team/portable@1",
+        "python3@1",
+        "bash@1",
+    }
+    docker.images.remove(image_id, force=True)  # the engine forgets it: only the archive has it
+
+    data = tmp_path / "elsewhere"
+    upgrade(f"sqlite:///{data / 'envctl.db'}")  # an empty envctl: not even base images registered
+    other = Server(data, env={**server.env, "ENVCTL_RUNNER_NAME": server.env["ENVCTL_RUNNER_NAME"] + "-b"})
+    other.start()
+    try:
+        with other.client() as client:
+            r = client.post(
+                "/environments/load", content=archive.read_bytes(), headers={"Content-Type": "application/x-tar"}
+            )
+            assert r.status_code == 201, r.text
+            assert [v["ref"] for v in r.json()] == ["team/portable@1", "python3@1", "bash@1"]
+            lineage = client.get("/environments/team/portable/lineage").json()
+            assert [s["ref"] for s in lineage] == ["team/portable@1", "python3@1", "bash@1"]
+            assert lineage[0]["message"] == "for elsewhere" and lineage[0]["author"] == "admin"
+            assert client.get("/environments/team/portable").json()["versions"][0]["digest"] == image_id
+            rid = new_runtime(client, "visitor", environment="team/portable", language="bash")
+            assert text(run(client, rid, "cat /root/souvenir")) == "travelled\n"
+            again = client.post("/environments/load", content=archive.read_bytes())
+            assert [v["new"] for v in again.json()] == [False, False, False]
+    finally:
+        remove_runner_containers(docker, other)
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _special(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+@pytest.mark.parametrize(
+    ("members", "problem"),
+    [
+        ([_file("../evil")], "outside the destination"),
+        ([_file("/etc/evil")], "outside the destination"),
+        ([_file("blobs/../../evil")], "outside the destination"),
+        ([_special("index.json", tarfile.SYMTYPE, "/etc/passwd")], "is a link"),
+        ([_special("blobs/sha256/" + "0" * 64, tarfile.LNKTYPE, "/etc/shadow")], "is a link"),
+        ([_special("dev", tarfile.CHRTYPE)], "device"),
+        ([_special("fifo", tarfile.FIFOTYPE)], "device or fifo"),
+        ([_file("blobs/sha256/" + "a" * 64, b"not what the name says")], "does not match its digest"),
+        ([_file("something-else.txt")], "not part of an envctl archive"),
+        ([_file("oci-layout"), _file("index.json", b"{}")], "envctl-export.json is missing"),
+    ],
+)
+def test_archives_with_escaping_paths_links_devices_or_bad_digests_are_refused(
+    server: Server, tmp_path: Path, members: list[Any], problem: str
+) -> None:
+    sentinel = Path("/tmp/evil")
+    with server.client() as client:
+        before = client.get("/environments").json()
+        r = client.post("/environments/load", content=_tar(members))
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "bad_archive" and problem in r.json()["error"]["message"]
+        assert client.get("/environments").json() == before
+    assert not sentinel.exists() and not Path("/etc/evil").exists()
+
+
+def test_garbage_is_not_an_archive(server: Server) -> None:
+    with server.client() as client:
+        r = client.post("/environments/load", content=b"this is not a tar file at all" * 10)
+        assert r.status_code == 422 and "not a readable tar file" in r.json()["error"]["message"]
