@@ -38,11 +38,19 @@ DEFAULT_URL = "http://127.0.0.1:8700"
 
 
 class CliError(Exception):
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = EXIT_FAILURE,
+        status: int | None = None,
+        *,
+        server_message: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
         self.status = status  # the HTTP status when the API refused
+        self.server_message = server_message  # the API's own message, without decoration
 
 
 # ---------------------------------------------------------------------------- client
@@ -105,7 +113,7 @@ class Api:
         except (ValueError, KeyError, TypeError):
             message = resp.text[:500] or resp.reason_phrase
         code = EXIT_BAD_INPUT if resp.status_code in (400, 422) else EXIT_FAILURE
-        raise CliError(f"{message} (HTTP {resp.status_code})", code, resp.status_code)
+        raise CliError(f"{message} (HTTP {resp.status_code})", code, resp.status_code, server_message=message)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from envs.kit.config import Settings
 from envs.kit.db import Database
@@ -30,7 +31,7 @@ class Caller:
     is_admin: bool
 
 
-def get_context(request: Request) -> Context:
+async def get_context(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx
 
@@ -64,23 +65,28 @@ class CallerCache:
             self._entries[token] = (time.monotonic() + self.ttl, caller)
 
 
-def get_caller(
+async def get_caller(
     request: Request,
     ctx: Annotated[Context, Depends(get_context)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
+    """Who is calling. Async so that a cached token costs no trip through the thread pool."""
     token = credentials.credentials if credentials is not None else None
     cache: CallerCache = request.app.state.callers
     if token:
         hit = cache.get(token)
         if hit is not None:
             return hit
-    with ctx.db.session() as s:
-        user = registry_service.authenticate(s, token)
-        caller = Caller(user.id, user.name, user.is_admin)
+    caller = await run_in_threadpool(_lookup, ctx, token)
     if token:
         cache.put(token, caller)
     return caller
+
+
+def _lookup(ctx: Context, token: str | None) -> Caller:
+    with ctx.db.session() as s:
+        user = registry_service.authenticate(s, token)
+        return Caller(user.id, user.name, user.is_admin)
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

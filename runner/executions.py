@@ -44,6 +44,7 @@ MAX_CODE = 1024 * 1024
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 256 * 1024
 RECENT = 256  # finished executions kept in memory for fast reads
+MARK_RUNNING_AFTER = 0.05  # seconds: quicker cells are never written down as "running"
 
 
 class ExecutionNotFoundError(NotFoundError):
@@ -134,6 +135,15 @@ class Feed:
 
 
 @dataclass
+class _RuntimeInfo:
+    owner_id: str
+    language: str
+    type: str
+    kernel: str | None
+    next_seq: int
+
+
+@dataclass
 class _Job:
     view: ExecutionView
     attach: bool
@@ -149,6 +159,7 @@ class ExecutionManager:
         self._workers: dict[str, threading.Thread] = {}
         self._busy: dict[str, str] = {}  # runtime id -> running execution id
         self._channels: dict[str, AgentChannel] = {}  # runtime id -> its worker's connection
+        self._runtimes: dict[str, _RuntimeInfo] = {}  # what submit needs to know, remembered
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ queries
@@ -216,6 +227,27 @@ class ExecutionManager:
             callback(Event("status", data=final))
         return snapshot, unsubscribe
 
+    async def wait_async(self, execution_id: str, timeout: float) -> None:
+        """Like ``wait``, without holding a thread: for the API's event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def on_event(event: Event) -> None:
+            if event.kind == "status":
+                loop.call_soon_threadsafe(done.set)
+
+        snapshot, unsubscribe = self.subscribe(execution_id, on_event)
+        if snapshot is None:
+            return
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            unsubscribe()
+
     def wait(self, execution_id: str, timeout: float) -> None:
         feed = self._feed(execution_id)
         if feed is not None:
@@ -240,25 +272,27 @@ class ExecutionManager:
         if timeout is not None and not (0 < timeout <= 7 * 24 * 3600):
             raise InvalidInputError("timeout: must be seconds between 0 and one week, or null", field="timeout")
         now = self.runner.clock()
+        info = self._runtime_info(runtime_id)
+        if info.owner_id != owner_id:
+            raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+        with self._lock:
+            seq = info.next_seq
+            info.next_seq += 1
+        view = ExecutionView(
+            id=new_id("ex"),
+            runtime_id=runtime_id,
+            owner_id=owner_id,
+            seq=seq,
+            language=language or info.language,
+            code=code,
+            timeout=timeout,
+            status="queued",
+            created_at=now,
+            kernel=(info.kernel or "python3") if info.type == "jupyter" else None,
+        )
+        # The one write on a cell's way in; what the runtime is and its next number are
+        # remembered (see _runtime_info), so no read comes before it.
         with self.db.connection() as s:
-            row = s.execute(
-                select(Runtime.owner_id, Runtime.language, Runtime.type, Runtime.kernel).where(Runtime.id == runtime_id)
-            ).first()
-            if row is None or row[0] != owner_id:
-                raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-            seq = (s.scalar(select(func.max(Execution.seq)).where(Execution.runtime_id == runtime_id)) or 0) + 1
-            view = ExecutionView(
-                id=new_id("ex"),
-                runtime_id=runtime_id,
-                owner_id=owner_id,
-                seq=seq,
-                language=language or row[1],
-                code=code,
-                timeout=timeout,
-                status="queued",
-                created_at=now,
-                kernel=(row[3] or "python3") if row[2] == "jupyter" else None,
-            )
             s.execute(
                 insert(Execution).values(
                     id=view.id,
@@ -278,6 +312,26 @@ class ExecutionManager:
         self._feeds[view.id] = Feed(view)
         self._enqueue(_Job(view, attach=False))
         return view
+
+    def _runtime_info(self, runtime_id: str) -> _RuntimeInfo:
+        info = self._runtimes.get(runtime_id)
+        if info is not None:
+            return info
+        with self.db.connection() as c:
+            row = c.execute(
+                select(Runtime.owner_id, Runtime.language, Runtime.type, Runtime.kernel).where(Runtime.id == runtime_id)
+            ).first()
+            if row is None:
+                raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+            seq = c.scalar(select(func.max(Execution.seq)).where(Execution.runtime_id == runtime_id)) or 0
+        info = _RuntimeInfo(owner_id=row[0], language=row[1], type=row[2], kernel=row[3], next_seq=seq + 1)
+        with self._lock:
+            return self._runtimes.setdefault(runtime_id, info)
+
+    def forget_runtime(self, runtime_id: str) -> None:
+        """The runtime's settings changed or it is gone: read them again next time."""
+        with self._lock:
+            self._runtimes.pop(runtime_id, None)
 
     def interrupt(self, owner_id: str, execution_id: str) -> ExecutionView:
         view = self.get(owner_id, execution_id)
@@ -406,11 +460,14 @@ class ExecutionManager:
                         timeout=view.timeout,
                         cap=self.runner.settings.runner_output_cap,
                     )
-                    # Recorded while the agent starts on the cell. Sending first is safe: the
-                    # agent knows executions by id, so sending it again after a crash is no rerun.
-                    if view.status == "queued" and not self._mark_running(view):
-                        with contextlib.suppress(EnvctlError):
-                            self._interrupt_via_new_connection(view)
+                    # "running" is recorded only if the cell is still going a moment later: a
+                    # quick cell goes from queued to its end in one write. Sending first is
+                    # safe: the agent knows executions by id, so a resend is no rerun.
+                    if view.status == "queued":
+                        view.status, view.started_at = "running", self.runner.clock()
+                        marker = threading.Timer(MARK_RUNNING_AFTER, self._mark_running, (view,))
+                        marker.daemon = True
+                        marker.start()
                 for event in events:
                     kind = event.get("event")
                     if kind == "accepted":
@@ -461,22 +518,24 @@ class ExecutionManager:
         with AgentChannel(self._socket(view.runtime_id), timeout=5) as channel:
             channel.request("interrupt", execution_id=view.id)
 
-    def _mark_running(self, view: ExecutionView) -> bool:
-        now = self.runner.clock()
+    def _mark_running(self, view: ExecutionView) -> None:
+        if view.finished_at is not None:
+            return
         with self.db.connection() as c:
             started = c.execute(
                 update(Execution)
                 .where(Execution.id == view.id, Execution.status == "queued")
-                .values(status="running", started_at=now)
+                .values(status="running", started_at=view.started_at)
             ).rowcount
             c.execute(
                 update(Runtime)
                 .where(Runtime.id == view.runtime_id)
-                .values(last_activity_at=now, last_activity="execution started")
+                .values(last_activity_at=view.started_at, last_activity="execution started")
             )
-        if started:
-            view.status, view.started_at = "running", now
-        return bool(started)
+        if not started and view.finished_at is None:
+            # interrupted while it was queued, just as it was sent: stop it in the agent
+            with contextlib.suppress(EnvctlError):
+                self._interrupt_via_new_connection(view)
 
     def outputs_from_db(self, execution_id: str) -> list[tuple[int, dict[str, Any]]]:
         with self.db.session() as s:
@@ -489,6 +548,8 @@ class ExecutionManager:
 
     def _ensure_running(self, owner_id: str, runtime_id: str) -> str | None:
         """Boot the runtime if needed; None when it runs, else why it does not."""
+        if self.runner.is_running(runtime_id):
+            return None
         with self.db.connection() as c:
             state = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
         if state == State.RUNNING:

@@ -94,6 +94,7 @@ class RunnerService:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._inflight: dict[str, int] = {}  # runtime id -> boots/stops/resets queued or running
+        self._running: set[str] = set()  # runtimes this process saw enter running (and not leave)
         self._changed = threading.Condition()
         self._cancel: dict[str, threading.Event] = {}
         self._boot_slots = threading.BoundedSemaphore(settings.runner_max_boots)
@@ -305,6 +306,7 @@ class RunnerService:
                 rt.environment_ref = str(ref)
                 notes.append(f"environment -> {version.ref}")
             if notes:
+                self.executions.forget_runtime(runtime_id)
                 rt.updated_at = self.clock()
                 self._log(
                     s,
@@ -410,6 +412,9 @@ class RunnerService:
                 rt = self._get(s, owner_id, runtime_id)
                 s.delete(rt)
         self.results.forget(runtime_id)
+        self.executions.forget_runtime(runtime_id)
+        with self._locks_guard:
+            self._running.discard(runtime_id)
         if draft:
             self.backend.remove_image(draft)
         self._cleanup_state_dir(runtime_id)
@@ -664,6 +669,12 @@ class RunnerService:
         future.add_done_callback(done)
         return future
 
+    def is_running(self, runtime_id: str) -> bool:
+        """A fast, in-memory "is it running": true only after this process saw it enter running
+        and no change since; false means "look in the database"."""
+        with self._locks_guard:
+            return runtime_id in self._running
+
     def in_flight(self, runtime_id: str) -> bool:
         with self._locks_guard:
             return runtime_id in self._inflight
@@ -775,6 +786,11 @@ class RunnerService:
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             return False
+        with self._locks_guard:
+            if to == State.RUNNING:
+                self._running.add(runtime_id)
+            else:
+                self._running.discard(runtime_id)
         self._log(s, runtime_id, state=to, reason=reason, message=message, details=details)
         s.expire_all()
         return True
