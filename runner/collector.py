@@ -9,6 +9,7 @@ foreign key to the runtime: results outlive it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,8 +46,13 @@ class ResultCollector:
     def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ResultFile]:
         """Record what changed under the runtime's results since the last collection."""
         root = self.results_dir(runtime_id)
-        if not root.is_dir():
+        try:
+            with os.scandir(root) as entries:
+                empty = next(entries, None) is None
+        except OSError:
             return []
+        if empty and not self._known.get(runtime_id):
+            return []  # the common case, decided with one look at the directory
         with self._lock:
             known = self._known.get(runtime_id)
             if known is None:
