@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -215,10 +216,13 @@ def _resolve_runtime(api: Api, ident: str) -> dict[str, Any]:
     raise CliError(f"no runtime named or with id {ident!r}; `envctl runtime ls` lists yours")
 
 
-def _follow(api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300) -> dict[str, Any]:
-    """Show the runtime's progress until it reaches one of ``until`` (or error)."""
+def _follow(
+    api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = 300, since: int = 0
+) -> dict[str, Any]:
+    """Show the runtime's progress until it reaches one of ``until`` (or error); the log
+    entries from index ``since`` on are shown."""
     start = time.monotonic()
-    seen = 0
+    seen = since
     spinner = "|/-\\"
     tty = sys.stderr.isatty() and not quiet
     i = 0
@@ -998,6 +1002,483 @@ def cmd_results_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- environments
+
+# Exporting answers once the whole archive is written, loading once it is loaded: both can take
+# minutes for big images, so their reads wait much longer than other calls.
+ARCHIVE_TIMEOUT = httpx.Timeout(30.0, read=3600.0)
+OPERATION_WAIT = 2.0  # seconds one GET /operations/{id}?wait= may hold
+CHUNK = 1024 * 1024
+
+
+def _ref_path(ref: str) -> str:
+    """A reference as a URL path segment: ``/`` ``@`` ``:`` stay, anything else is quoted."""
+    return quote(ref, safe="/@:")
+
+
+def _short_digest(digest: str | None) -> str:
+    return (digest or "-")[:19]
+
+
+def _first_line(text: str | None, width: int = 60) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+class _Progress:
+    """A live status line on stderr: rewritten in place (with a spinner) on a terminal, one line
+    per change otherwise; nothing when quiet."""
+
+    SPINNER = "|/-\\"
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self.start = time.monotonic()
+        self.last: str | None = None
+        self.ticks = 0
+        self.shown = False
+
+    def update(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            elapsed = time.monotonic() - self.start
+            sys.stderr.write(f"\r\033[K{self.SPINNER[self.ticks % 4]} {text}  {elapsed:5.1f} s")
+            sys.stderr.flush()
+            self.ticks += 1
+            self.shown = True
+        elif text != self.last:
+            print(f"  {text}", file=sys.stderr, flush=True)
+        self.last = text
+
+    def clear(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _op_text(op: dict[str, Any]) -> str:
+    return f"{op['phase']}: {op['message']}" if op.get("message") else str(op["phase"])
+
+
+def _follow_operation(api: Api, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    """Poll an operation until it succeeds or fails, showing its phase and message."""
+    progress = _Progress(quiet)
+    # On a terminal shorter waits keep the spinner and the clock moving.
+    wait = 0.5 if progress.tty else OPERATION_WAIT
+    try:
+        while op["status"] == "running":
+            progress.update(_op_text(op))
+            op = api.call("GET", f"/operations/{op['id']}", params={"wait": wait})
+    except KeyboardInterrupt:
+        progress.clear()
+        print(
+            f"\nenvctl: stopped following operation {op['id']}; it goes on (GET /operations/{op['id']} shows it)",
+            file=sys.stderr,
+        )
+        raise
+    progress.clear()
+    return op
+
+
+def _op_failure(op: dict[str, Any], what: str) -> str:
+    error = op.get("error") or {}
+    return f"{what} failed: {error.get('message') or op.get('message') or 'no reason given'}"
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    api = _api(args)
+    rt = _resolve_runtime(api, args.runtime)
+    body: dict[str, Any] = {"environment": args.environment, "message": args.message}
+    if args.tag is not None:
+        body["tag"] = args.tag
+    op = api.call("POST", f"/runtimes/{rt['id']}/save", json=body)
+    op = _follow_operation(api, op, quiet=args.json)
+    if args.json:
+        _print_json(op)
+    if op["status"] != "succeeded":
+        print("envctl: " + _op_failure(op, f"saving {rt['name']}"), file=sys.stderr)
+        return EXIT_FAILURE
+    if not args.json:
+        result = op["result"]
+        tagged = f", tagged {args.tag}" if args.tag else ""
+        print(f"saved as {result['version']} (digest {_short_digest(result.get('digest'))}{tagged})")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    api = _api(args)
+    rt = _resolve_runtime(api, args.runtime)
+    new = api.call("PATCH", f"/runtimes/{rt['id']}", json={"environment": args.ref})
+    if args.json:
+        _print_json(new)
+    else:
+        print(f"{new['name']} now uses {new['environment']} (asked for {new['environment_ref']})")
+        if new["environment"] != rt["environment"]:
+            print(f"  was {rt['environment']}; the next start boots the new version", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_runtime_reset(args: argparse.Namespace) -> int:
+    api = _api(args)
+    rt = _resolve_runtime(api, args.runtime)
+    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))
+    rt = api.call("POST", f"/runtimes/{rt['id']}/reset")
+    if not args.no_wait:
+        rt = _follow(api, rt, {"running"}, quiet=args.json, since=seen)
+    _print_json(rt) if args.json else _show_runtime(rt)
+    return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+
+
+def cmd_runtime_changes(args: argparse.Namespace) -> int:
+    api = _api(args)
+    rt = _resolve_runtime(api, args.runtime)
+    changes = api.call("GET", f"/runtimes/{rt['id']}/changes")
+    if args.json:
+        _print_json(changes)
+        return EXIT_OK
+    rows = [{**c, "size_text": _human_bytes(c["size"]) if c.get("size") is not None else "-"} for c in changes]
+    _table(rows, [("kind", "kind"), ("path", "path"), ("size_text", "size")])
+    return EXIT_OK
+
+
+def _tree_glyphs() -> tuple[str, str]:
+    """The branch and the indent of a tree; ASCII where stdout cannot take box drawing."""
+    try:
+        "└─".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "`- ", "   "
+    return "└─ ", "   "
+
+
+def lineage_lines(chain: list[dict[str, Any]]) -> list[str]:
+    """The lineage as a tree, newest at the top: each version under the one it made."""
+    branch, indent = _tree_glyphs()
+    lines = []
+    for depth, v in enumerate(chain):
+        prefix = "" if depth == 0 else indent * (depth - 1) + branch
+        parts = [f"{prefix}{v['ref']}"]
+        if v.get("message"):
+            parts.append(json.dumps(_first_line(v["message"]), ensure_ascii=False))
+        if v.get("author"):
+            parts.append(str(v["author"]))
+        parts.append(_when(v.get("created_at"))[:16])
+        parts.append("+" + _human_bytes(int(v.get("size_added") or 0)))
+        lines.append("  ".join(parts))
+    return lines
+
+
+def cmd_env_lineage(args: argparse.Namespace) -> int:
+    chain = _api(args).call("GET", f"/environments/{_ref_path(args.ref)}/lineage")
+    if args.json:
+        _print_json(chain)
+        return EXIT_OK
+    for line in lineage_lines(chain):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    env = _api(args).call("GET", f"/environments/{_ref_path(args.ref)}")
+    if args.json:
+        _print_json(env)
+        return EXIT_OK
+    print(f"{env['name']}" + (f"  (team {env['team']})" if env.get("team") else ""))
+    tags = ", ".join(f"{t} -> {v}" for t, v in sorted(env["tags"].items()))
+    print(f"tags: {tags or '(none)'}")
+    print()
+    rows = [
+        {
+            **v,
+            "tags_text": ", ".join(v["tags"]),
+            "size_text": _human_bytes(v["size"]),
+            "added": "+" + _human_bytes(v["size_added"]),
+            "created": _when(v["created_at"])[:16],
+            "digest_text": _short_digest(v["digest"]),
+            "message_text": _first_line(v["message"], 50),
+        }
+        for v in env["versions"]
+    ]
+    _table(
+        rows,
+        [
+            ("ref", "version"),
+            ("tags_text", "tags"),
+            ("parent", "parent"),
+            ("size_text", "size"),
+            ("added", "added"),
+            ("created", "created (UTC)"),
+            ("author", "author"),
+            ("digest_text", "digest"),
+            ("message_text", "message"),
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_env_rm(args: argparse.Namespace) -> int:
+    api = _api(args)
+    api.call("DELETE", f"/environments/{_ref_path(args.ref)}")
+    if args.json:
+        _print_json({"deleted": args.ref})
+    else:
+        print(f"deleted {args.ref}")
+    return EXIT_OK
+
+
+def _read_input_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CliError(f"{path}: no such file", EXIT_BAD_INPUT) from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", EXIT_BAD_INPUT) from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read it: {exc.strerror or exc}", EXIT_BAD_INPUT) from exc
+
+
+def _spec_steps(text: str) -> int | None:
+    """How many steps the spec has (the server accepted it, so it parses); None if unsure."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    steps = data.get("steps") if isinstance(data, dict) else None
+    return len(steps) if isinstance(steps, list) else None
+
+
+class _BuildLog:
+    """Shows a build's steps as they appear in its operation, each with its cell's output live."""
+
+    def __init__(self, api: Api, total: int | None, progress: _Progress) -> None:
+        self.api = api
+        self.total = total
+        self.progress = progress
+        self.shown = 0
+
+    def show_new_steps(self, op: dict[str, Any]) -> dict[str, Any]:
+        """Show the steps of ``op`` not shown yet; the newest operation seen."""
+        steps = list(op.get("result", {}).get("steps") or [])
+        while self.shown < len(steps):
+            step = steps[self.shown]
+            self.shown += 1
+            self.progress.clear()
+            total = self.total or "?"
+            print(f"[{step.get('step', self.shown)}/{total}] {step.get('kind')} (line {step.get('line')})", flush=True)
+            if step.get("execution_id"):
+                # Even a finished step is read from its execution while it exists: its stdout
+                # and stderr stay apart there (the operation's log has them joined).
+                op = self._stream(op, step)
+        return op
+
+    def _stream(self, op: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ExecutionFollower(self.api, str(step["execution_id"]), self._on_output).run()
+            return op
+        except CliError as exc:
+            if exc.status != 404:
+                raise
+        # The build runtime and its cells are gone (the build ended): the log is in the operation.
+        op = self.api.call("GET", f"/operations/{op['id']}", params={"wait": OPERATION_WAIT})
+        while op["status"] == "running":
+            op = self.api.call("GET", f"/operations/{op['id']}", params={"wait": OPERATION_WAIT})
+        done = next((s for s in op["result"].get("steps") or [] if s.get("step") == step.get("step")), step)
+        self._print_log(done)
+        return op
+
+    @staticmethod
+    def _print_log(step: dict[str, Any]) -> None:
+        log = str(step.get("log") or "")
+        if log:
+            sys.stdout.write(log if log.endswith("\n") else log + "\n")
+            sys.stdout.flush()
+
+    @staticmethod
+    def _on_output(_index: int, out: dict[str, Any]) -> None:
+        kind = out.get("output_type")
+        if kind == "stream":
+            stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
+            stream.write(_text(out.get("text", "")))
+            stream.flush()
+        elif kind == "error":
+            sys.stdout.flush()
+            print(f"{out.get('ename', 'Error')}: {out.get('evalue', '')}", file=sys.stderr, flush=True)
+        elif kind in ("display_data", "execute_result"):
+            data = out.get("data") or {}
+            if "text/plain" in data:
+                print(_text(data["text/plain"]), flush=True)
+
+
+def cmd_env_build(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    text = _read_input_text(path)
+    api = _api(args)
+    try:
+        op = api.call("POST", "/environments/build", json={"spec": text, "source": path.name})
+    except CliError as exc:
+        # The spec's problems come as `file:line: field: problem`: shown as they are, for editors.
+        # A parent that does not exist (404) is a problem of the spec too.
+        if exc.status in (400, 404, 422) and exc.server_message:
+            print(exc.server_message, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    quiet = args.json
+    progress = _Progress(quiet)
+    log = _BuildLog(api, _spec_steps(text), progress)
+    wait = 0.0 if not quiet else OPERATION_WAIT  # followed live: look often for the next step
+    try:
+        while True:
+            if not quiet:
+                op = log.show_new_steps(op)
+            if op["status"] != "running":
+                break
+            if op.get("phase") != "running":  # between steps: queued, booting, saving
+                progress.update(_op_text(op))
+            op = api.call("GET", f"/operations/{op['id']}", params={"wait": wait})
+            if not quiet and wait == 0.0 and op["status"] == "running":
+                time.sleep(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        progress.clear()
+        print(
+            f"\nenvctl: stopped following build {op['id']}; it goes on (GET /operations/{op['id']} shows it)",
+            file=sys.stderr,
+        )
+        raise
+    progress.clear()
+    if args.json:
+        _print_json(op)
+    if op["status"] != "succeeded":
+        error = op.get("error") or {}
+        print(error.get("message") or op.get("message") or "the build failed", file=sys.stderr)
+        return EXIT_FAILURE
+    if not args.json:
+        result = op["result"]
+        if result.get("cached"):
+            print(f"reused {result['version']} (same spec on the same parent)")
+        else:
+            print(
+                f"built {result['version']}"
+                + (f" (digest {_short_digest(result['digest'])})" if result.get("digest") else "")
+            )
+    return EXIT_OK
+
+
+def _export_name(ref: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", ref) + ".tar"
+
+
+def cmd_env_export(args: argparse.Namespace) -> int:
+    to_stdout = args.output == "-"
+    dest = Path(args.output) if args.output else Path(_export_name(args.ref))
+    if not to_stdout:
+        if not args.output and dest.exists():
+            raise CliError(f"{dest} exists; choose where to write with -o FILE (-o - for stdout)", EXIT_BAD_INPUT)
+        if not dest.parent.is_dir():
+            raise CliError(f"{dest}: the folder {dest.parent} does not exist", EXIT_BAD_INPUT)
+        if dest.is_dir():
+            raise CliError(f"{dest} is a folder; give a file name with -o FILE", EXIT_BAD_INPUT)
+    api = _api(args)
+    part = dest.with_name(dest.name + ".part")
+    progress = _Progress(args.json or to_stdout)
+    done = 0
+    total: int | None = None
+    if not progress.quiet:
+        progress.update(f"preparing {args.ref} and its lineage")
+    try:
+        with api.http.stream("GET", f"/environments/{_ref_path(args.ref)}/export", timeout=ARCHIVE_TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                progress.clear()
+                api.raise_for(resp)
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            of = f" of {_human_bytes(total)}" if total is not None else ""
+            with contextlib.ExitStack() as stack:
+                sink: IO[bytes] = sys.stdout.buffer if to_stdout else stack.enter_context(open(part, "wb"))
+                for chunk in resp.iter_bytes(CHUNK):
+                    sink.write(chunk)
+                    done += len(chunk)
+                    if progress.tty:
+                        pct = f" ({100 * done / total:.0f}%)" if total else ""
+                        progress.update(f"{_human_bytes(done)}{of}{pct}")
+                sink.flush()
+    except httpx.TransportError as exc:
+        part.unlink(missing_ok=True)
+        progress.clear()
+        raise api.unreachable(exc) from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        progress.clear()
+        raise
+    progress.clear()
+    if total is not None and done != total:
+        part.unlink(missing_ok=True)
+        raise CliError(f"the export of {args.ref} ended after {done} of {total} bytes; nothing was written")
+    if to_stdout:
+        return EXIT_OK
+    os.replace(part, dest)
+    if args.json:
+        _print_json({"ref": args.ref, "file": str(dest), "bytes": done})
+    else:
+        print(f"wrote {dest} ({_human_bytes(done)}): {args.ref} with its lineage")
+    return EXIT_OK
+
+
+def cmd_env_load(args: argparse.Namespace) -> int:
+    from_stdin = args.file == "-"
+    path = Path(args.file)
+    if from_stdin:
+        source: IO[bytes] = sys.stdin.buffer
+        size: int | None = None
+    else:
+        if path.is_dir():
+            raise CliError(f"{path} is a folder, not an archive made by `envctl env export`", EXIT_BAD_INPUT)
+        try:
+            source = open(path, "rb")  # noqa: SIM115  (closed below)
+        except FileNotFoundError as exc:
+            raise CliError(f"{path}: no such file", EXIT_BAD_INPUT) from exc
+        except OSError as exc:
+            raise CliError(f"{path}: cannot read it: {exc.strerror or exc}", EXIT_BAD_INPUT) from exc
+        size = os.fstat(source.fileno()).st_size
+    api = _api(args)
+    progress = _Progress(args.json)
+    of = f" of {_human_bytes(size)}" if size is not None else ""
+
+    def body() -> Iterator[bytes]:
+        sent = 0
+        while chunk := source.read(CHUNK):
+            sent += len(chunk)
+            if progress.tty:
+                progress.update(f"uploading {_human_bytes(sent)}{of}")
+            yield chunk
+        progress.update("loading the images and their versions")
+
+    headers = {"Content-Type": "application/x-tar"}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    try:
+        resp = api.http.post("/environments/load", content=body(), headers=headers, timeout=ARCHIVE_TIMEOUT)
+    except httpx.TransportError as exc:
+        raise api.unreachable(exc) from exc
+    finally:
+        progress.clear()
+        if not from_stdin:
+            source.close()
+    api.raise_for(resp)
+    loaded = resp.json()
+    if args.json:
+        _print_json(loaded)
+        return EXIT_OK
+    rows = [
+        {**v, "new_text": "yes" if v["new"] else "no (had it)", "digest_text": _short_digest(v["digest"])}
+        for v in loaded
+    ]
+    _table(rows, [("ref", "ref"), ("exported_as", "exported as"), ("new_text", "new"), ("digest_text", "digest")])
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- local commands
 
 
@@ -1181,18 +1662,89 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", cmd_runtime_stop, "stop a runtime"),
         ("rm", cmd_runtime_rm, "stop and delete a runtime"),
         ("log", cmd_runtime_log, "the runner log of a runtime"),
+        ("reset", cmd_runtime_reset, "throw away unsaved changes and boot from the version again"),
+        ("changes", cmd_runtime_changes, "paths added, changed and deleted since the version (unsaved changes)"),
     ):
         p = rt.add_parser(name, help=text, parents=[common])
         p.add_argument("runtime", help="runtime id or name")
-        if name in ("start", "stop"):
+        if name in ("start", "stop", "reset"):
             p.add_argument("--no-wait", action="store_true", help="return at once")
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "save",
+        help="save a running runtime's filesystem as the next version of an environment",
+        parents=[common],
+        description="Snapshot RUNTIME (it must be running) as the next version of the environment NAME "
+        "([team/]name); its parent is the version the runtime booted from. The runtime stays on its "
+        "version; `envctl import` moves it. Exit 0 when saved, 1 when the save failed, 2 on bad input.",
+    )
+    p.add_argument("runtime", help="runtime id or name")
+    p.add_argument("--as", dest="environment", required=True, metavar="NAME", help="environment, e.g. acme/ml")
+    p.add_argument("-m", "--message", default="", help="what this version adds")
+    p.add_argument("--tag", help="a tag to point at the new version too (latest always moves)")
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser(
+        "import",
+        help="pin a stopped runtime to an environment version",
+        parents=[common],
+        description="Pin RUNTIME to the exact version REF means now (a tag or bare name is resolved once); "
+        "the next start boots it. The runtime must be stopped and have no unsaved changes "
+        "(save them or `envctl runtime reset` first).",
+    )
+    p.add_argument("ref", help="environment reference, e.g. acme/ml, acme/ml@2, acme/ml:stable")
+    p.add_argument("--runtime", required=True, help="runtime id or name")
+    p.set_defaults(func=cmd_import)
 
     env = sub.add_parser("env", help="environments").add_subparsers(
         dest="env_command", required=True, parser_class=_Parser
     )
     p = env.add_parser("ls", help="list environments", parents=[common])
     p.set_defaults(func=cmd_env_ls)
+    p = env.add_parser("show", help="an environment's versions and tags", parents=[common])
+    p.add_argument("ref", help="environment name or any reference to one of its versions")
+    p.set_defaults(func=cmd_env_show)
+    p = env.add_parser("lineage", help="the chain of parents of a version, as a tree", parents=[common])
+    p.add_argument("ref", help="environment reference, e.g. acme/ml or acme/ml@3")
+    p.set_defaults(func=cmd_env_lineage)
+    p = env.add_parser(
+        "rm",
+        help="delete one version",
+        parents=[common],
+        description="Delete the version REF (name@N or name@sha256:...). Refused, naming them, while "
+        "other versions or runtimes depend on it.",
+    )
+    p.add_argument("ref", help="one version: name@N or name@sha256:...")
+    p.set_defaults(func=cmd_env_rm)
+    p = env.add_parser(
+        "build",
+        help="build a version from a spec file, showing the build log as it happens",
+        parents=[common],
+        description="Build the spec FILE (YAML: name, extends, message, steps of apt, pip, env, run, files): "
+        "a runtime boots from the parent, runs each step as a cell and is saved. The same spec on the same "
+        "parent reuses the version built before. A bad spec is reported as FILE:LINE: FIELD: PROBLEM. "
+        "Exit 0 when built or reused, 1 when a step or the build failed, 2 on a bad spec.",
+    )
+    p.add_argument("file", help="the spec file")
+    p.set_defaults(func=cmd_env_build)
+    p = env.add_parser(
+        "export",
+        help="write a version and its lineage to an OCI archive",
+        parents=[common],
+    )
+    p.add_argument("ref", help="environment reference, e.g. acme/ml@3")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="where to write it (default: REF.tar here, never overwritten; - stdout)"
+    )
+    p.set_defaults(func=cmd_env_export)
+    p = env.add_parser(
+        "load",
+        help="load an archive made by `envctl env export`",
+        parents=[common],
+    )
+    p.add_argument("file", help="the archive (- for stdin)")
+    p.set_defaults(func=cmd_env_load)
 
     p = sub.add_parser("machine-types", help="list machine types", parents=[common])
     p.set_defaults(func=cmd_machine_types)
