@@ -719,7 +719,14 @@ def _find_image(client: docker.DockerClient, recipe: Recipe, parent_id: str | No
     """
     with _docker_call("list images"):
         found = client.api.images(filters={"label": f"{LABEL_DIGEST}={recipe.digest}"})
-        found = [i for i in found if (i.get("Labels") or {}).get(LABEL_IMAGE) == recipe.name]
+        # Only a base image itself: never an image made on top of one that kept its labels
+        # (a save or a draft of an older envctl), which would be "the newest with this digest".
+        found = [
+            i
+            for i in found
+            if (i.get("Labels") or {}).get(LABEL_IMAGE) == recipe.name
+            and not {"envctl.environment", "envctl.draft-of"} & set(i.get("Labels") or {})
+        ]
         if found and parent_id is not None:
             parent_layers = _layers(client, parent_id)
             found = [i for i in found if _layers(client, i["Id"])[: len(parent_layers)] == parent_layers]

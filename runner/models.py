@@ -48,6 +48,9 @@ class Runtime(Base):
     # the list of what it changed. The next boot starts from it (state "restoring").
     draft_image_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
     draft_changes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # What the running container already differed by when it was last saved (path -> [kind,
+    # size, mtime]): the runtime moved to the saved version, so those are no longer changes.
+    change_baseline: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -513,6 +513,8 @@ class RunnerService:
         except EnvctlError as exc:
             self._fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
             return
+        with self.db.connection() as c:  # a new container: nothing of it is saved yet
+            c.execute(update(Runtime).where(Runtime.id == runtime_id).values(change_baseline={}))
         if restoring is not None:
             with self._tx() as s:
                 s.execute(update(Runtime).where(Runtime.id == runtime_id).values(phase="restoring"))
@@ -676,6 +678,9 @@ class RunnerService:
             return runtime_id in self._running
 
     def in_flight(self, runtime_id: str) -> bool:
+        """A boot, stop, reset or save of this process is queued or running for it."""
+        if self.snapshots.is_saving(runtime_id):
+            return True
         with self._locks_guard:
             return runtime_id in self._inflight
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,7 @@ from envs.kit.errors import BackendError, ConflictError, EnvctlError, InvalidInp
 from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
 from envs.refs import _TAG_RE, check_name
+from runner.backends.base import Change
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.models import Operation, Runtime
 from runner.states import State
@@ -59,6 +61,10 @@ def _oci_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _is_file(mark: list[int]) -> bool:
+    return len(mark) >= 3 and stat.S_ISREG(mark[2])
+
+
 class Snapshots:
     def __init__(self, runner: RunnerService) -> None:
         self.runner = runner
@@ -82,7 +88,10 @@ class Snapshots:
             )
         base = info.config
         config: dict[str, Any] = {key: base.get(key) for key in CONFIG_KEYS}
-        inherited = {k: v for k, v in (base.get("Labels") or {}).items() if not k.startswith("envctl.runtime")}
+        # The parent's own labels carry over (a base image's OCI labels, a team's labels), but
+        # not envctl's: those say what an image *is* (a base image of a recipe, a draft, a
+        # version) and belong to the parent alone.
+        inherited = {k: v for k, v in (base.get("Labels") or {}).items() if not k.startswith("envctl.")}
         config["Labels"] = {**inherited, **labels}
         return config
 
@@ -93,15 +102,36 @@ class Snapshots:
         for entry in rt.draft_changes or []:
             merged[entry["path"]] = ChangeInfo(entry["kind"], entry["path"], entry.get("size"))
         if rt.state == State.RUNNING:
-            current = self.backend.changes(dict(rt.backend_state or {}))
-            sizes = self._sizes(runtime_id, [c.path for c in current if c.kind != "deleted"])
+            current, stats = self._current(runtime_id, dict(rt.backend_state or {}), rt.change_baseline or {})
+            sizes = {p: s[0] for p, s in stats.items() if s is not None}
             for c in current:
                 kind = c.kind
                 earlier = merged.get(c.path)
                 if earlier is not None and earlier.kind == "added" and kind != "deleted":
                     kind = "added"  # added before the draft, changed since: still new to the version
-                merged[c.path] = ChangeInfo(kind, c.path, sizes.get(c.path))
+                mark = stats.get(c.path)
+                size = sizes.get(c.path) if mark and _is_file(mark) else None
+                merged[c.path] = ChangeInfo(kind, c.path, size)
         return sorted(merged.values(), key=lambda c: c.path)
+
+    def _current(
+        self, runtime_id: str, state: dict[str, Any], baseline: dict[str, Any]
+    ) -> tuple[list[Change], dict[str, list[int] | None]]:
+        """The container's changes, less those already saved (the baseline), with stats."""
+        raw = self.backend.changes(state)
+        stats = self._stat(runtime_id, [c.path for c in raw if c.kind != "deleted"]) if raw else {}
+        kept = []
+        for c in raw:
+            mark = stats.get(c.path)
+            if baseline.get(c.path) == [c.kind, *(mark or [])]:
+                continue  # exactly as it was saved
+            kept.append(c)
+        return kept, stats
+
+    def baseline_of(self, runtime_id: str, state: dict[str, Any]) -> dict[str, Any]:
+        raw = self.backend.changes(state)
+        stats = self._stat(runtime_id, [c.path for c in raw if c.kind != "deleted"]) if raw else {}
+        return {c.path: [c.kind, *(stats.get(c.path) or [])] for c in raw}
 
     def has_changes(self, rt: Runtime) -> bool | None:
         """Whether the runtime differs from its version; None when that cannot be known now."""
@@ -110,11 +140,15 @@ class Snapshots:
         if rt.state != State.RUNNING:
             return False
         try:
-            return bool(self.backend.changes(dict(rt.backend_state or {})))
+            if not rt.change_baseline:
+                return bool(self.backend.changes(dict(rt.backend_state or {})))
+            current, _ = self._current(rt.id, dict(rt.backend_state or {}), rt.change_baseline)
+            return bool(current)
         except (EnvctlError, NotImplementedError):
             return None
 
-    def _sizes(self, runtime_id: str, paths: list[str]) -> dict[str, int | None]:
+    def _stat(self, runtime_id: str, paths: list[str]) -> dict[str, list[int] | None]:
+        """[size, mtime_ns, mode] of each path, as the runtime sees it (None: gone)."""
         if not paths:
             return {}
         try:
@@ -122,7 +156,7 @@ class Snapshots:
                 reply = channel.request("stat", paths=paths[:20000])
         except (AgentUnavailableError, EnvctlError):
             return {}
-        return {p: s for p, s in (reply.get("sizes") or {}).items()}
+        return dict(reply.get("marks") or {})
 
     # ------------------------------------------------------------------ save
     def save(
@@ -263,6 +297,7 @@ class Snapshots:
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
         self._phase(op_id, "committing", "snapshotting the filesystem")
+        baseline = self.baseline_of(runtime_id, state)  # before the commit: nothing after it counts
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
         info = self.backend.image_info(image_id)
         parent_info = self.backend.image_info(parent_image)
@@ -295,6 +330,19 @@ class Snapshots:
             )
             if tag and tag != "latest":
                 envs_service.set_tag(s, version.environment, tag, version)
+            # The runtime now stands on what it saved: it is pinned to the new version, and what
+            # its container differs by so far is part of that version, not unsaved changes.
+            s.execute(
+                update(Runtime)
+                .where(Runtime.id == runtime_id)
+                .values(
+                    version_id=version.id,
+                    environment_ref=version.ref,
+                    draft_image_id=None,
+                    draft_changes=[],
+                    change_baseline=baseline,
+                )
+            )
             s.flush()
             _ = version.ref  # load what the caller reads after the session
             _ = version.environment.full_name
@@ -346,13 +394,14 @@ class Snapshots:
             version_ref, version_digest, version_image = rt.version.ref, rt.version.digest, rt.version.image_id
             old_draft = rt.draft_image_id
             old_changes = list(rt.draft_changes or [])
+            baseline = dict(rt.change_baseline or {})
         try:
-            current = self.backend.changes(state)
+            current, stats = self._current(runtime_id, state, baseline)
         except NotImplementedError:
             return None
         if not current:
-            return None
-        sizes = self._sizes(runtime_id, [c.path for c in current if c.kind != "deleted"])
+            return None  # nothing since the version (or since the last save): it boots from the version
+        sizes = {p: (m[0] if m and _is_file(m) else None) for p, m in stats.items()}
         labels = {
             "envctl.draft-of": runtime_id,
             "envctl.parent": version_ref,

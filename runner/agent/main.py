@@ -210,14 +210,16 @@ class Agent:
     def op_stat(self, request: dict[str, Any]) -> dict[str, Any]:
         """Sizes of regular files (None for anything else or missing), for the changes list."""
         sizes: dict[str, int | None] = {}
+        marks: dict[str, list[int] | None] = {}
         for path in list(request.get("paths") or [])[:20000]:
             try:
                 st = os.lstat(str(path))
             except OSError:
-                sizes[str(path)] = None
+                sizes[str(path)] = marks[str(path)] = None
                 continue
             sizes[str(path)] = st.st_size if stat.S_ISREG(st.st_mode) else None
-        return {"op": "stat", "sizes": sizes}
+            marks[str(path)] = [st.st_size, st.st_mtime_ns, st.st_mode]
+        return {"op": "stat", "sizes": sizes, "marks": marks}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._state_lock:

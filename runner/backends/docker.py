@@ -231,7 +231,8 @@ class DockerBackend(RuntimeBackend):
         found = []
         for c in containers:
             labels = c.get("Labels") or {}
-            status = Status.RUNNING if c.get("State") == "running" else Status.EXITED
+            # A paused container (a save's commit pauses it) is alive, not exited.
+            status = Status.RUNNING if c.get("State") in ("running", "paused", "restarting") else Status.EXITED
             exit_code = None
             oom = False
             if status is Status.EXITED:
@@ -432,9 +433,13 @@ class DockerBackend(RuntimeBackend):
             raise _daemon_error("remove the runtime's container", exc) from exc
 
 
+# Docker's own init (tini), mounted into every runtime container because of init=True.
+DOCKER_PRIVATE_PATHS = (*PRIVATE_PATHS, "/usr/sbin/docker-init", "/sbin/docker-init")
+
+
 def _is_private(path: str) -> bool:
-    """envctl's own mount points, and the directories Docker made to hold them."""
-    for private in PRIVATE_PATHS:
+    """envctl's and Docker's own mount points, and the directories Docker made to hold them."""
+    for private in DOCKER_PRIVATE_PATHS:
         if path == private or path.startswith(private + "/") or private.startswith(path.rstrip("/") + "/"):
             return True
     return False

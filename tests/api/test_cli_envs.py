@@ -124,17 +124,23 @@ def test_import_pins_a_stopped_runtime_and_lineage_draws_the_chain(server: Serve
     _running(server, capsys)
     assert _save(server, capsys, "demo", "acme/ml", "-m", "first save") == "acme/ml@1"
 
+    # Saving moved the runtime onto what it saved.
+    assert api_get(server, "/runtimes")[0]["environment"] == "acme/ml@1"
+
     # Running: the server's 409 says to stop it first; nothing changes.
-    code, out, err = run(capsys, "import", "acme/ml@1", "--runtime", "demo", *server.args())
+    code, out, err = run(capsys, "import", "python3@1", "--runtime", "demo", *server.args())
     assert code == 1 and out == ""
     assert "can only change while the runtime is stopped" in err and "envctl runtime stop demo" in err
-    assert api_get(server, "/runtimes")[0]["environment"] == "python3@1"
+    assert api_get(server, "/runtimes")[0]["environment"] == "acme/ml@1"
 
     _stop(server, capsys, "demo")
+    code, out, err = run(capsys, "import", "python3", "--runtime", "demo", *server.args())
+    assert code == 0, err
+    assert out == "demo now uses python3@1 (asked for python3:latest)\n"
+    assert "was acme/ml@1" in err
     code, out, err = run(capsys, "import", "acme/ml", "--runtime", "demo", *server.args())
     assert code == 0, err
     assert out == "demo now uses acme/ml@1 (asked for acme/ml:latest)\n"
-    assert "was python3@1" in err
 
     code, out, err = run(capsys, "runtime", "start", "demo", *server.args())
     assert code == 0, err

@@ -49,13 +49,29 @@ def test_a_package_installed_in_a_cell_is_in_the_saved_version(server: Server) -
         op = save(client, rid, "tools", "jq for JSON")
         assert op["result"]["version"] == "tools@1"
         env = client.get("/environments/tools").json()
-        [v] = env["versions"]
+        v = env["versions"][0]
         assert v["parent"] == "python3@1" and v["message"] == "jq for JSON" and v["author"] == "admin"
         assert v["size_added"] > 0 and env["latest"] == "tools@1"
-        user = new_runtime(client, "user", environment="tools", language="bash")
+        # the runtime now stands on what it saved: pinned to tools@1, nothing unsaved
+        after = client.get(f"/runtimes/{rid}").json()
+        assert after["environment"] == "tools@1" and after["unsaved_changes"] is False
+        assert client.get(f"/runtimes/{rid}/changes").json() == []
+        run(client, rid, "echo later > /root/later.txt")
+        later = {c["path"] for c in client.get(f"/runtimes/{rid}/changes").json()}
+        assert later == {"/root", "/root/later.txt"}  # the file, and the directory it changed
+        second = save(client, rid, "tools", "and a note")
+        assert second["result"]["version"] == "tools@2"
+        assert client.get("/environments/tools@2/lineage").json()[1]["ref"] == "tools@1"
+        client.post(f"/runtimes/{rid}/stop")
+        stopped = server.wait_state(client, rid, {"stopped"})
+        assert stopped["unsaved_changes"] is False  # everything was saved: no draft
+        assert not any(e["event"] == "draft-kept" for e in client.get(f"/runtimes/{rid}/log").json())
+        assert text(run(client, rid, "cat /root/later.txt; which jq")) == "later\n/usr/bin/jq\n"
+        user = new_runtime(client, "user", environment="tools@1", language="bash")
         ex = run(client, user, "echo '{\"a\": 7}' | jq .a")
         assert ex["status"] == "ok" and text(ex) == "7\n"
         assert client.get(f"/runtimes/{user}").json()["environment"] == "tools@1"
+        assert "later" not in text(run(client, user, "ls /root"))
 
 
 def _layers(docker: Any, image_id: str) -> list[bytes]:
