@@ -311,9 +311,10 @@ def cmd_runtime_show(args: argparse.Namespace) -> int:
 def cmd_runtime_start(args: argparse.Namespace) -> int:
     api = _api(args)
     rt = _resolve_runtime(api, args.runtime)
+    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))  # show only what this start does
     rt = api.call("POST", f"/runtimes/{rt['id']}/start")
     if not args.no_wait:
-        rt = _follow(api, rt, {"running"}, quiet=args.json)
+        rt = _follow(api, rt, {"running"}, quiet=args.json, since=seen)
     _print_json(rt) if args.json else _show_runtime(rt)
     return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
 
@@ -321,9 +322,10 @@ def cmd_runtime_start(args: argparse.Namespace) -> int:
 def cmd_runtime_stop(args: argparse.Namespace) -> int:
     api = _api(args)
     rt = _resolve_runtime(api, args.runtime)
+    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))
     rt = api.call("POST", f"/runtimes/{rt['id']}/stop")
     if not args.no_wait:
-        rt = _follow(api, rt, {"stopped"}, quiet=args.json)
+        rt = _follow(api, rt, {"stopped"}, quiet=args.json, since=seen)
     _print_json(rt) if args.json else _show_runtime(rt)
     return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
 

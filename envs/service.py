@@ -249,4 +249,7 @@ def delete_version(session: Session, version: EnvironmentVersion) -> str:
     session.flush()
     session.delete(version)
     session.flush()
+    if not others:  # the last version: the environment goes with it
+        session.delete(env)
+        session.flush()
     return image_id

@@ -209,7 +209,9 @@ def test_rm_refuses_a_version_another_depends_on_naming_it(server: Server, capsy
     code, out, err = run(capsys, "env", "rm", "base-line@1", "--json", *server.args())
     assert code == 0, err
     assert json.loads(out) == {"deleted": "base-line@1"}
-    assert api_get(server, "/environments/base-line")["versions"] == []
+    # the last version took the environment with it
+    code, out, err = run(capsys, "env", "show", "base-line", *server.args())
+    assert code == 1 and "no environment named 'base-line'" in err
 
 
 def test_lineage_lines_fall_back_to_ascii_where_stdout_cannot_draw_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
