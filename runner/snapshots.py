@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,13 @@ def _oci_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+DIFF_CACHE_SECONDS = 3.0
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[0] or "/"
+
+
 def _is_file(mark: list[int]) -> bool:
     return len(mark) >= 3 and stat.S_ISREG(mark[2])
 
@@ -71,6 +79,7 @@ class Snapshots:
         self.backend = runner.backend
         self._saving: set[str] = set()
         self._lock = threading.Lock()
+        self._diff_cache: dict[str, tuple[float, list[Change]]] = {}
 
     # ------------------------------------------------------------------ status
     def is_saving(self, runtime_id: str) -> bool:
@@ -115,23 +124,48 @@ class Snapshots:
         return sorted(merged.values(), key=lambda c: c.path)
 
     def _current(
-        self, runtime_id: str, state: dict[str, Any], baseline: dict[str, Any]
+        self, runtime_id: str, state: dict[str, Any], baseline: dict[str, Any], *, fresh: bool = True
     ) -> tuple[list[Change], dict[str, list[int] | None]]:
-        """The container's changes, less those already saved (the baseline), with stats."""
-        raw = self.backend.changes(state)
-        stats = self._stat(runtime_id, [c.path for c in raw if c.kind != "deleted"]) if raw else {}
+        """The container's changes, less those already in the version it was saved as.
+
+        A save records when its snapshot was taken (``saved_at_ns``). A path whose inode
+        changed after that (its ctime, which no program can set back) is new since the save;
+        a deletion is new when its directory changed after it. A change made in the instant
+        before the snapshot may be counted again: shown twice, never lost.
+        """
+        raw = self._raw_changes(state, fresh=fresh)
+        saved_at = int(baseline.get("saved_at_ns") or 0)
+        wanted = [c.path for c in raw if c.kind != "deleted"]
+        if saved_at:
+            wanted += [_parent(c.path) for c in raw if c.kind == "deleted"]
+        stats = self._stat(runtime_id, wanted) if wanted else {}
+        if not saved_at:
+            return raw, stats
         kept = []
         for c in raw:
-            mark = stats.get(c.path)
-            if baseline.get(c.path) == [c.kind, *(mark or [])]:
-                continue  # exactly as it was saved
+            mark = stats.get(_parent(c.path) if c.kind == "deleted" else c.path)
+            if mark is not None and len(mark) >= 4 and mark[3] <= saved_at:
+                continue  # untouched since the save: part of the version now
             kept.append(c)
         return kept, stats
 
-    def baseline_of(self, runtime_id: str, state: dict[str, Any]) -> dict[str, Any]:
+    def _raw_changes(self, state: dict[str, Any], *, fresh: bool = True) -> list[Change]:
+        """The engine's list of changes. Slow to make (Docker walks the container's layer),
+        so the "unsaved changes" flag that pages poll for may use one a few seconds old;
+        drafts, saves and the changes list always ask anew."""
+        key = str(state.get("container_id") or "")
+        now = time.monotonic()
+        hit = self._diff_cache.get(key)
+        if not fresh and hit is not None and now - hit[0] < DIFF_CACHE_SECONDS:
+            return hit[1]
         raw = self.backend.changes(state)
-        stats = self._stat(runtime_id, [c.path for c in raw if c.kind != "deleted"]) if raw else {}
-        return {c.path: [c.kind, *(stats.get(c.path) or [])] for c in raw}
+        self._diff_cache[key] = (now, raw)
+        if len(self._diff_cache) > 256:
+            self._diff_cache.pop(next(iter(self._diff_cache)))
+        return raw
+
+    def forget_changes(self, state: dict[str, Any]) -> None:
+        self._diff_cache.pop(str(state.get("container_id") or ""), None)
 
     def has_changes(self, rt: Runtime) -> bool | None:
         """Whether the runtime differs from its version; None when that cannot be known now."""
@@ -141,8 +175,8 @@ class Snapshots:
             return False
         try:
             if not rt.change_baseline:
-                return bool(self.backend.changes(dict(rt.backend_state or {})))
-            current, _ = self._current(rt.id, dict(rt.backend_state or {}), rt.change_baseline)
+                return bool(self._raw_changes(dict(rt.backend_state or {}), fresh=False))
+            current, _ = self._current(rt.id, dict(rt.backend_state or {}), rt.change_baseline, fresh=False)
             return bool(current)
         except (EnvctlError, NotImplementedError):
             return None
@@ -297,7 +331,7 @@ class Snapshots:
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
         self._phase(op_id, "committing", "snapshotting the filesystem")
-        baseline = self.baseline_of(runtime_id, state)  # before the commit: nothing after it counts
+        baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
         info = self.backend.image_info(image_id)
         parent_info = self.backend.image_info(parent_image)

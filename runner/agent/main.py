@@ -218,7 +218,7 @@ class Agent:
                 sizes[str(path)] = marks[str(path)] = None
                 continue
             sizes[str(path)] = st.st_size if stat.S_ISREG(st.st_mode) else None
-            marks[str(path)] = [st.st_size, st.st_mtime_ns, st.st_mode]
+            marks[str(path)] = [st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns]
         return {"op": "stat", "sizes": sizes, "marks": marks}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:

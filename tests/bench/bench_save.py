@@ -26,7 +26,9 @@ LABEL = "envctl.bench"
 
 
 def _save(client: httpx.Client, rid: str, env: str) -> dict[str, Any]:
-    op = client.post(f"/runtimes/{rid}/save", json={"environment": env}).json()
+    r = client.post(f"/runtimes/{rid}/save", json={"environment": env})
+    assert r.status_code == 202, r.text
+    op = r.json()
     while op["status"] == "running":
         op = client.get(f"/operations/{op['id']}", params={"wait": 30}).json()
     assert op["status"] == "succeeded", op
