@@ -73,7 +73,10 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
         for c in mine[1:]:
             actions.append(Action("stop-leftover", row.id, c.state))
         adoptable = row.state in ACTIVE or (
-            row.state == State.ERROR and row.state_reason in ("backend-unreachable", "draft-failed")
+            # errors that say nothing against the container: it still holds the user's work,
+            # and is taken back once it answers again (never removed as a leftover)
+            row.state == State.ERROR
+            and row.state_reason in ("backend-unreachable", "draft-failed", "agent-unreachable")
         )
         if row.state == State.STOPPING:
             actions.append(Action("finish-stop", row.id, current.state if current else {}))
@@ -209,12 +212,14 @@ def _apply(service: RunnerService, action: Action) -> None:
                 return
             was = State(rt.state)
             same = (rt.backend_state or {}).get("container_id") == action.state.get("container_id")
+        if was == State.RUNNING and same:
+            return  # the normal case on every round: its container runs, nothing to do
         sock = backend.socket_path(action.state, service.state_dir(rid))
         try:
             pong = ping(sock, timeout=3)
         except (AgentUnavailableError, OSError) as exc:
-            if was == State.BOOTING:
-                return  # still booting in a container we did not see start; next round
+            if was in (State.BOOTING, State.ERROR):
+                return  # still booting, or already said to be unreachable: look again next round
             with service._tx() as s:
                 service._transition(
                     s,

@@ -177,3 +177,22 @@ def test_stop_and_delete_remove_the_container(server: Server, docker: Any) -> No
         assert client.delete(f"/runtimes/{rt2['id']}").status_code == 204
         assert containers_of(docker, rt2["id"]) == []
         assert client.get(f"/runtimes/{rt2['id']}").status_code == 404
+
+
+def test_a_paused_container_is_neither_an_error_nor_removed(server: Server, docker: Any) -> None:
+    """`docker commit` pauses a container for as long as it copies (seconds for a big layer)."""
+    with server.client() as client:
+        rt = boot(server, client)
+        [container] = containers_of(docker, rt["id"])
+        container.pause()
+        try:
+            import time
+
+            time.sleep(2.5)  # several housekeeping rounds
+            assert [c.id for c in containers_of(docker, rt["id"])] == [container.id]
+        finally:
+            container.unpause()
+        time.sleep(1.5)
+        after = client.get(f"/runtimes/{rt['id']}").json()
+        assert after["state"] == "running", after
+        assert [c.id for c in containers_of(docker, rt["id"])] == [container.id]
