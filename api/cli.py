@@ -308,26 +308,24 @@ def cmd_runtime_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_runtime_start(args: argparse.Namespace) -> int:
-    api = _api(args)
-    rt = _resolve_runtime(api, args.runtime)
-    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))  # show only what this start does
-    rt = api.call("POST", f"/runtimes/{rt['id']}/start")
-    if not args.no_wait:
-        rt = _follow(api, rt, {"running"}, quiet=args.json, since=seen)
-    _print_json(rt) if args.json else _show_runtime(rt)
-    return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
-
-
-def cmd_runtime_stop(args: argparse.Namespace) -> int:
+def _runtime_action(args: argparse.Namespace, action: str, until: str) -> int:
+    """POST /runtimes/{id}/<action>, then show its progress (only its own log lines)."""
     api = _api(args)
     rt = _resolve_runtime(api, args.runtime)
     seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))
-    rt = api.call("POST", f"/runtimes/{rt['id']}/stop")
+    rt = api.call("POST", f"/runtimes/{rt['id']}/{action}")
     if not args.no_wait:
-        rt = _follow(api, rt, {"stopped"}, quiet=args.json, since=seen)
+        rt = _follow(api, rt, {until}, quiet=args.json, since=seen)
     _print_json(rt) if args.json else _show_runtime(rt)
     return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+
+
+def cmd_runtime_start(args: argparse.Namespace) -> int:
+    return _runtime_action(args, "start", "running")
+
+
+def cmd_runtime_stop(args: argparse.Namespace) -> int:
+    return _runtime_action(args, "stop", "stopped")
 
 
 def cmd_runtime_rm(args: argparse.Namespace) -> int:
@@ -1124,14 +1122,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_runtime_reset(args: argparse.Namespace) -> int:
-    api = _api(args)
-    rt = _resolve_runtime(api, args.runtime)
-    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))
-    rt = api.call("POST", f"/runtimes/{rt['id']}/reset")
-    if not args.no_wait:
-        rt = _follow(api, rt, {"running"}, quiet=args.json, since=seen)
-    _print_json(rt) if args.json else _show_runtime(rt)
-    return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+    return _runtime_action(args, "reset", "running")
 
 
 def cmd_runtime_changes(args: argparse.Namespace) -> int:

@@ -93,10 +93,7 @@ class Database:
                 yield s
         except (OperationalError, PoolTimeoutError) as exc:
             if _is_connection_problem(exc):
-                raise DatabaseUnavailableError(
-                    "the database does not answer; try again shortly",
-                    details={"cause": str(getattr(exc, "orig", exc)).splitlines()[0][:300]},
-                ) from exc
+                raise _unavailable(exc) from exc
             raise
 
     @contextmanager
@@ -107,14 +104,19 @@ class Database:
                 yield conn
         except (OperationalError, PoolTimeoutError) as exc:
             if _is_connection_problem(exc):
-                raise DatabaseUnavailableError(
-                    "the database does not answer; try again shortly",
-                    details={"cause": str(getattr(exc, "orig", exc)).splitlines()[0][:300]},
-                ) from exc
+                raise _unavailable(exc) from exc
             raise
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _unavailable(exc: Exception) -> DatabaseUnavailableError:
+    """A database that cannot be reached becomes a 503 that says so."""
+    return DatabaseUnavailableError(
+        "the database does not answer; try again shortly",
+        details={"cause": str(getattr(exc, "orig", exc)).splitlines()[0][:300]},
+    )
 
 
 def _is_connection_problem(exc: Exception) -> bool:
