@@ -15,7 +15,6 @@ from sqlalchemy import update
 
 from envs import service as envs_service
 from envs.kit.errors import EnvctlError
-from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
 from envs.spec import Spec, parse
 from runner.models import Operation
@@ -44,26 +43,19 @@ class Builds:
             parent_ref, parent_digest = parent.ref, parent.digest
             digest = spec.digest(parent_digest)
             cached = self._cached(s, spec.name, digest)
-        now = self.runner.clock()
-        op = Operation(
-            id=new_id("op"),
-            owner_id=owner_id,
-            kind="build",
-            runtime_id=None,
-            status="running",
-            phase="queued",
-            message=f"building {spec.name} on {parent_ref}",
-            result={"spec_digest": digest, "steps": []},
-            created_at=now,
-        )
+        operations = self.runner.operations
         if cached is not None:
-            op.status, op.phase, op.finished_at = "succeeded", "succeeded", now
-            op.message = f"reused {cached}: the same spec was built on {parent_ref} before"
-            op.result = {"spec_digest": digest, "version": cached, "cached": True, "steps": []}
-        with self.runner.db.session() as s:
-            s.add(op)
-        if cached is None:
-            self.runner._submit_plain(self._build, op.id, owner_id, author, spec, parent_ref, digest)
+            return operations.create(
+                owner_id,
+                "build",
+                f"reused {cached}: the same spec was built on {parent_ref} before",
+                result={"spec_digest": digest, "version": cached, "cached": True, "steps": []},
+                finished=True,
+            )
+        op = operations.create(
+            owner_id, "build", f"building {spec.name} on {parent_ref}", result={"spec_digest": digest, "steps": []}
+        )
+        self.runner._submit_plain(self._build, op.id, owner_id, author, spec, parent_ref, digest)
         return op
 
     @staticmethod
@@ -118,7 +110,7 @@ class Builds:
                         details={"step": n, "line": step.line, "execution_id": ex.id},
                     )
             self._update(op_id, phase="saving", message="saving the new version", steps=steps)
-            version: EnvironmentVersion = runner.snapshots._save_locked(
+            version: EnvironmentVersion = runner.snapshots.save_now(
                 op_id,
                 owner_id,
                 author,
@@ -130,7 +122,7 @@ class Builds:
                 extra_labels={"envctl.spec-digest": digest},
             )
             ref = version.ref
-            runner.snapshots._finish_op(
+            runner.operations.finish(
                 op_id,
                 "succeeded",
                 result={
@@ -143,15 +135,7 @@ class Builds:
                 message=f"built {ref}",
             )
         except Exception as exc:
-            if isinstance(exc, EnvctlError):
-                error, text = exc.to_dict(), exc.message
-            else:
-                log.exception("build %s failed", op_id)
-                text = "the build failed unexpectedly; see envctl's log"
-                error = {"code": "internal", "message": text, "details": {}}
-            runner.snapshots._finish_op(
-                op_id, "failed", error=error, message=text, result={"spec_digest": digest, "steps": steps}
-            )
+            runner.operations.fail(op_id, exc, "build", result={"spec_digest": digest, "steps": steps})
         finally:
             if rid is not None:
                 try:

@@ -106,7 +106,10 @@ class RunnerService:
         from runner.collector import ResultCollector
 
         self.results = ResultCollector(self)
+        from runner.operations import Operations
         from runner.snapshots import Snapshots
+
+        self.operations = Operations(self)
 
         self.snapshots = Snapshots(self)
         from runner.builds import Builds

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from envs import service as envs_service
-from envs.kit.errors import BackendError, ConflictError, EnvctlError, InvalidInputError, NotFoundError
+from envs.kit.errors import BackendError, ConflictError, EnvctlError, InvalidInputError
 from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
 from envs.refs import _TAG_RE, check_name
@@ -45,10 +45,6 @@ log = logging.getLogger("envctl.snapshots")
 COMPACT_AT_LAYERS = 100
 MAX_MESSAGE = 2000
 CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
-
-
-class OperationNotFoundError(NotFoundError):
-    code = "operation_not_found"
 
 
 @dataclass(frozen=True)
@@ -224,19 +220,7 @@ class Snapshots:
                 raise ConflictError("a save of this runtime is already in progress")
             self._saving.add(runtime_id)
         try:
-            op = Operation(
-                id=new_id("op"),
-                owner_id=owner_id,
-                kind="save",
-                runtime_id=runtime_id,
-                status="running",
-                phase="queued",
-                message=f"saving {rt.name} as {full}",
-                result={},
-                created_at=self.runner.clock(),
-            )
-            with self.runner.db.session() as s:
-                s.add(op)
+            op = self.runner.operations.create(owner_id, "save", f"saving {rt.name} as {full}", runtime_id=runtime_id)
             with self.runner._tx() as s:
                 self.runner._log(
                     s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
@@ -252,19 +236,13 @@ class Snapshots:
         self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
     ) -> None:
         try:
-            version = self._save_locked(op_id, owner_id, author, runtime_id, environment, message, tag)
+            version = self.save_now(op_id, owner_id, author, runtime_id, environment, message, tag)
         except Exception as exc:
-            if isinstance(exc, EnvctlError):
-                error, text = exc.to_dict(), exc.message
-            else:
-                log.exception("save %s failed", op_id)
-                text = "the save failed unexpectedly; see envctl's log"
-                error = {"code": "internal", "message": text, "details": {}}
-            self._finish_op(op_id, "failed", error=error, message=text)
+            text = self.runner.operations.fail(op_id, exc, "save")
             with self.runner._tx() as s:
                 self.runner._log(s, runtime_id, event="save-failed", reason="error", message=text)
         else:
-            self._finish_op(
+            self.runner.operations.finish(
                 op_id,
                 "succeeded",
                 result={"version": version.ref, "digest": version.digest, "image_id": version.image_id},
@@ -284,7 +262,7 @@ class Snapshots:
                 self._saving.discard(runtime_id)
             self.runner.touch(runtime_id, "save finished")
 
-    def _save_locked(
+    def save_now(
         self,
         op_id: str,
         owner_id: str,
@@ -330,7 +308,7 @@ class Snapshots:
             config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
-        self._phase(op_id, "committing", "snapshotting the filesystem")
+        self.runner.operations.phase(op_id, "committing", "snapshotting the filesystem")
         baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
         info = self.backend.image_info(image_id)
@@ -338,12 +316,12 @@ class Snapshots:
         if info is None:
             raise BackendError("the saved image vanished before it was recorded")
         if info.layers > COMPACT_AT_LAYERS:
-            self._phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
+            self.runner.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
             squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
             self.backend.remove_image(image_id)
             image_id = squashed
             info = self.backend.image_info(image_id) or info
-        self._phase(op_id, "recording", "recording the new version")
+        self.runner.operations.phase(op_id, "recording", "recording the new version")
         with self.runner.db.session() as s:
             parent_row = s.get(EnvironmentVersion, parent_id)
             version, _created = envs_service.register_version(
@@ -381,41 +359,6 @@ class Snapshots:
             _ = version.ref  # load what the caller reads after the session
             _ = version.environment.full_name
         return version
-
-    def _phase(self, op_id: str, phase: str, message: str) -> None:
-        with self.runner.db.connection() as c:
-            c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message))
-
-    def _finish_op(
-        self,
-        op_id: str,
-        status: str,
-        *,
-        result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-        message: str = "",
-    ) -> None:
-        with self.runner.db.connection() as c:
-            c.execute(
-                update(Operation)
-                .where(Operation.id == op_id)
-                .values(
-                    status=status,
-                    phase=status,
-                    result=result or {},
-                    error=error,
-                    message=message,
-                    finished_at=self.runner.clock(),
-                )
-            )
-        self.runner.notify()
-
-    def get_operation(self, owner_id: str, op_id: str) -> Operation:
-        with self.runner.db.session() as s:
-            op = s.get(Operation, op_id)
-            if op is None or op.owner_id != owner_id:
-                raise OperationNotFoundError(f"operation {op_id[:64]!r} does not exist")
-            return op
 
     # ------------------------------------------------------------------ drafts
     def make_draft(self, runtime_id: str) -> str | None:

@@ -21,10 +21,10 @@ def get_operation(
     caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for it to finish")] = 0,
 ) -> OperationOut:
-    snapshots = ctx.runner.snapshots
-    op = snapshots.get_operation(caller.id, operation_id)
+    operations = ctx.runner.operations
+    op = operations.get(caller.id, operation_id)
     deadline = time.monotonic() + wait
     while op.status == "running" and time.monotonic() < deadline:
         time.sleep(0.05)
-        op = snapshots.get_operation(caller.id, operation_id)
+        op = operations.get(caller.id, operation_id)
     return operation_out(op)

@@ -172,7 +172,14 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
 
 def operation_out(op: Operation) -> OperationOut:
     return OperationOut(
-        id=op.id, kind=op.kind, runtime_id=op.runtime_id, status=op.status,  # type: ignore[arg-type]
-        phase=op.phase, message=op.message, result=op.result or {}, error=op.error,
-        created_at=op.created_at, finished_at=op.finished_at,
+        id=op.id,
+        kind=op.kind,
+        runtime_id=op.runtime_id,
+        status=op.status,  # type: ignore[arg-type]
+        phase=op.phase,
+        message=op.message,
+        result=op.result or {},
+        error=op.error,
+        created_at=op.created_at,
+        finished_at=op.finished_at,
     )
