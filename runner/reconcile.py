@@ -52,6 +52,9 @@ class Action:
     state: BackendState
     exit_code: int | None = None
     oom_killed: bool = False
+    # the state the plan saw; a state change is applied only if the row is still in it, so a
+    # plan made from a row that a boot or stop has since moved on never overrides that work
+    seen: State | None = None
 
 
 def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
@@ -82,9 +85,9 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
             actions.append(Action("finish-stop", row.id, current.state if current else {}))
         elif adoptable:
             if current is None:
-                actions.append(Action("vanished", row.id, {}))
+                actions.append(Action("vanished", row.id, {}, seen=row.state))
             elif current.status.status is Status.RUNNING:
-                actions.append(Action("adopt", row.id, current.state))
+                actions.append(Action("adopt", row.id, current.state, seen=row.state))
             else:
                 actions.append(
                     Action(
@@ -93,6 +96,7 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
                         current.state,
                         current.status.exit_code,
                         current.status.oom_killed,
+                        seen=row.state,
                     )
                 )
         elif current is not None:
@@ -180,6 +184,7 @@ def _apply(service: RunnerService, action: Action) -> None:
                 State.ERROR,
                 "container-vanished",
                 "the runtime's container is gone (removed outside envctl?); start the runtime again",
+                expect=_seen(action),
                 values={"backend_state": {}, "booted_at": None},
             )
         return
@@ -193,17 +198,19 @@ def _apply(service: RunnerService, action: Action) -> None:
         tail = backend.logs_tail(action.state)
         if tail.strip() and not action.oom_killed:
             message += "; last output: " + tail.strip()[-500:]
-        backend.stop(action.state, timeout=1)
         with service._tx() as s:
-            service._transition(
+            moved = service._transition(
                 s,
                 rid,
                 State.ERROR,
                 reason,
                 message,
+                expect=_seen(action),
                 values={"backend_state": {}, "booted_at": None},
                 details={"exit_code": action.exit_code},
             )
+        if moved:  # remove the dead container only once the row says it is no longer in use
+            backend.stop(action.state, timeout=1)
         return
     if action.kind == "adopt":
         with service.db.session() as s:
@@ -227,6 +234,7 @@ def _apply(service: RunnerService, action: Action) -> None:
                     State.ERROR,
                     "agent-unreachable",
                     f"the container runs but its agent does not answer: {exc}",
+                    expect=_seen(action),
                     values={"backend_state": action.state},
                 )
             return
@@ -247,8 +255,13 @@ def _apply(service: RunnerService, action: Action) -> None:
                     State.RUNNING,
                     "adopted",
                     f"found its container running (agent pid {pong.get('pid')}); adopted without a restart",
+                    expect=_seen(action),
                     values=values,
                 )
+
+
+def _seen(action: Action) -> set[State] | None:
+    return {action.seen} if action.seen is not None else None
 
 
 def _mark_unreachable(service: RunnerService, exc: BackendError) -> None:

@@ -340,14 +340,15 @@ class RunnerService:
                 retry_after=2,
             )
         try:
-            with self._tx() as s:
-                ok = self._transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
-                rt = self._get(s, owner_id, runtime_id)
-            if not ok:
-                self._boot_slots.release()
-                return rt
-            self._cancel[runtime_id] = threading.Event()
-            self._submit_work(self._boot, runtime_id)
+            with self._claim(runtime_id) as submit:
+                with self._tx() as s:
+                    ok = self._transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
+                    rt = self._get(s, owner_id, runtime_id)
+                if not ok:
+                    self._boot_slots.release()
+                    return rt
+                self._cancel[runtime_id] = threading.Event()
+                submit(self._boot)
         except BaseException:
             self._boot_slots.release()
             raise
@@ -361,35 +362,37 @@ class RunnerService:
         reason: str = "user-request",
         message: str = "stop requested",
     ) -> Runtime:
-        with self._tx() as s:
-            rt = self._get(s, owner_id, runtime_id)
-            if rt.state == State.STOPPED:
-                return rt
-            ok = self._transition(s, runtime_id, State.STOPPING, reason, message)
-            rt = self._get(s, owner_id, runtime_id)
-        if ok:
-            cancel = self._cancel.get(runtime_id)
-            if cancel is not None:
-                cancel.set()
-            self._submit_work(self._stop, runtime_id, reason)
+        with self._claim(runtime_id) as submit:
+            with self._tx() as s:
+                rt = self._get(s, owner_id, runtime_id)
+                if rt.state == State.STOPPED:
+                    return rt
+                ok = self._transition(s, runtime_id, State.STOPPING, reason, message)
+                rt = self._get(s, owner_id, runtime_id)
+            if ok:
+                cancel = self._cancel.get(runtime_id)
+                if cancel is not None:
+                    cancel.set()
+                submit(self._stop, reason)
         return rt
 
     def reset(self, owner_id: str, runtime_id: str) -> Runtime:
         """Throw the unsaved changes away and boot from the version again (202)."""
-        with self._tx() as s:
-            rt = self._get(s, owner_id, runtime_id)
-            if self.snapshots.is_saving(runtime_id):
-                raise RuntimeStateError("a save of this runtime is in progress; reset it afterwards")
-            if rt.state in (State.RUNNING, State.BOOTING, State.ERROR) and rt.backend_state:
-                ok = self._transition(s, runtime_id, State.STOPPING, "reset", "reset requested: discarding changes")
-                if not ok:
-                    raise RuntimeStateError(f"the runtime is {rt.state}; try again in a moment")
-            elif rt.state == State.STOPPING:
-                raise RuntimeStateError("the runtime is stopping; reset it once it is stopped")
-        cancel = self._cancel.get(runtime_id)
-        if cancel is not None:
-            cancel.set()
-        self._submit_work(self._reset, runtime_id, owner_id)
+        with self._claim(runtime_id) as submit:
+            with self._tx() as s:
+                rt = self._get(s, owner_id, runtime_id)
+                if self.snapshots.is_saving(runtime_id):
+                    raise RuntimeStateError("a save of this runtime is in progress; reset it afterwards")
+                if rt.state in (State.RUNNING, State.BOOTING, State.ERROR) and rt.backend_state:
+                    ok = self._transition(s, runtime_id, State.STOPPING, "reset", "reset requested: discarding changes")
+                    if not ok:
+                        raise RuntimeStateError(f"the runtime is {rt.state}; try again in a moment")
+                elif rt.state == State.STOPPING:
+                    raise RuntimeStateError("the runtime is stopping; reset it once it is stopped")
+            cancel = self._cancel.get(runtime_id)
+            if cancel is not None:
+                cancel.set()
+            submit(self._reset, owner_id)
         return self.get(owner_id, runtime_id)
 
     def _reset(self, runtime_id: str, owner_id: str) -> None:
@@ -459,23 +462,24 @@ class RunnerService:
             decision = self.idle_status(rt)
             if decision is None or not decision.stop:
                 continue
-            with self._tx() as s:
-                ok = self._transition(
-                    s,
-                    rt.id,
-                    State.STOPPING,
-                    "idle",
-                    decision.reason,
-                    expect={State.RUNNING},
-                    details={
-                        "last_activity": rt.last_activity,
-                        "last_activity_at": rt.last_activity_at.isoformat() if rt.last_activity_at else None,
-                        "shutdown_at": decision.shutdown_at.isoformat() if decision.shutdown_at else None,
-                    },
-                )
-            if ok:
-                stopped.append(rt.id)
-                self._submit_work(self._stop, rt.id, "idle")
+            with self._claim(rt.id) as submit:
+                with self._tx() as s:
+                    ok = self._transition(
+                        s,
+                        rt.id,
+                        State.STOPPING,
+                        "idle",
+                        decision.reason,
+                        expect={State.RUNNING},
+                        details={
+                            "last_activity": rt.last_activity,
+                            "last_activity_at": rt.last_activity_at.isoformat() if rt.last_activity_at else None,
+                            "shutdown_at": decision.shutdown_at.isoformat() if decision.shutdown_at else None,
+                        },
+                    )
+                if ok:
+                    stopped.append(rt.id)
+                    submit(self._stop, "idle")
         return stopped
 
     def reconcile(self) -> None:
@@ -656,23 +660,36 @@ class RunnerService:
             self._transition(s, runtime_id, State.ERROR, reason, message, expect=expect, values=values)
         log.warning("runtime %s: %s: %s", runtime_id, reason, message)
 
-    def _submit_work(self, fn: Callable[..., None], runtime_id: str, *args: Any) -> Future[None]:
-        """Boots, stops and resets: the runtime is marked in flight until the work is done, so
-        reconciliation leaves it alone even before a worker thread has picked it up."""
+    @contextmanager
+    def _claim(self, runtime_id: str) -> Iterator[Callable[..., Future[None]]]:
+        """Mark the runtime in flight *before* its state changes, so that reconciliation, which
+        reads the row and then lists containers, never sees a ``booting`` or ``stopping`` row
+        whose work is not yet counted (it would call the container vanished). Yields a submit
+        function; the claim passes to the submitted work, or is dropped if nothing was submitted."""
         with self._locks_guard:
             self._inflight[runtime_id] = self._inflight.get(runtime_id, 0) + 1
+        handed_over = False
 
-        def done(_f: Future[None]) -> None:
-            with self._locks_guard:
-                left = self._inflight.get(runtime_id, 1) - 1
-                if left <= 0:
-                    self._inflight.pop(runtime_id, None)
-                else:
-                    self._inflight[runtime_id] = left
+        def submit(fn: Callable[..., None], *args: Any) -> Future[None]:
+            nonlocal handed_over
+            future = self._submit(fn, runtime_id, *args)
+            handed_over = True
+            future.add_done_callback(lambda _f: self._unclaim(runtime_id))
+            return future
 
-        future = self._submit(fn, runtime_id, *args)
-        future.add_done_callback(done)
-        return future
+        try:
+            yield submit
+        finally:
+            if not handed_over:
+                self._unclaim(runtime_id)
+
+    def _unclaim(self, runtime_id: str) -> None:
+        with self._locks_guard:
+            left = self._inflight.get(runtime_id, 1) - 1
+            if left <= 0:
+                self._inflight.pop(runtime_id, None)
+            else:
+                self._inflight[runtime_id] = left
 
     def is_running(self, runtime_id: str) -> bool:
         """A fast, in-memory "is it running": true only after this process saw it enter running

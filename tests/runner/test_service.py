@@ -345,3 +345,45 @@ def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(
     second = make_runner()
     assert second.get(owner, rid).state == State.STOPPED
     assert FakeBackend(settings.runner_name).list_owned() == []
+
+
+def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanished(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """CI once caught this: a housekeeping round read the row as ``booting`` right after the
+    start committed, before the boot was counted in flight, found no container yet, and put the
+    runtime in error as "container gone". The boot is now claimed before the state changes."""
+    from runner import reconcile
+
+    owner = seed(runner_db)
+    svc = make_runner()
+    rt = svc.create(owner, name="race", environment="python3")
+    rounds: list[list[reconcile.Action]] = []
+
+    class RoundOnBoot(dict):  # type: ignore[type-arg]
+        """start() files the boot's cancel event after committing ``booting``: run a round there."""
+
+        def __setitem__(self, key: str, value: threading.Event) -> None:
+            rounds.append(reconcile.reconcile(svc))
+            super().__setitem__(key, value)
+
+    svc._cancel = RoundOnBoot()  # type: ignore[assignment]
+    svc.start(owner, rt.id)
+    assert rounds == [[]], "the round must leave a runtime whose boot is claimed alone"
+    assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
+
+
+def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """A plan that saw ``booting`` and no container must not turn a runtime that has since
+    finished booting into an error."""
+    from runner import reconcile
+
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = running(svc, owner)
+    stale = reconcile.Action("vanished", rid, {}, seen=State.BOOTING)
+    reconcile._apply(svc, stale)
+    rt = svc.get(owner, rid)
+    assert rt.state == State.RUNNING and rt.backend_state
