@@ -237,4 +237,3 @@ def copy_stream(chunks: Iterator[bytes], out: IO[bytes]) -> int:
         out.write(chunk)
         n += len(chunk)
     return n
-

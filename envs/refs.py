@@ -65,8 +65,7 @@ def check_name(value: str, field: str = "name", what: str = "name") -> str:
         )
     if not _NAME_RE.match(value):
         raise InvalidInputError(
-            f"{field}: {what} {value!r} may contain only lower-case letters, digits, and . _ - "
-            "between them",
+            f"{field}: {what} {value!r} may contain only lower-case letters, digits, and . _ - between them",
             field=field,
             details={"value": value[:100]},
         )
@@ -78,9 +77,7 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError(f"{field}: an environment reference must not be empty", field=field)
     if len(text) > 300:
-        raise InvalidInputError(
-            f"{field}: reference is too long ({len(text)} characters)", field=field
-        )
+        raise InvalidInputError(f"{field}: reference is too long ({len(text)} characters)", field=field)
     rest = text
     version: int | None = None
     digest: str | None = None
@@ -107,8 +104,7 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
         rest, _, tag = rest.rpartition(":")
         if not _TAG_RE.match(tag):
             raise InvalidInputError(
-                f"{field}: tag {tag[:80]!r} may contain letters, digits, _ . - (at most 128, "
-                "not starting with . or -)",
+                f"{field}: tag {tag[:80]!r} may contain letters, digits, _ . - (at most 128, not starting with . or -)",
                 field=field,
                 details={"part": "tag"},
             )

@@ -66,9 +66,7 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
         tag = next((t for t in env.tags if t.name == ref.tag), None)
         version = tag.version if tag is not None else None
     if version is None:
-        raise VersionNotFoundError(
-            f"{field}: {ref} does not exist", details={"field": field, "reference": str(ref)}
-        )
+        raise VersionNotFoundError(f"{field}: {ref} does not exist", details={"field": field, "reference": str(ref)})
     return version
 
 
@@ -109,9 +107,7 @@ def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVers
     if existing is None:
         number = (
             session.scalar(
-                select(func.max(EnvironmentVersion.number)).where(
-                    EnvironmentVersion.environment_id == env.id
-                )
+                select(func.max(EnvironmentVersion.number)).where(EnvironmentVersion.environment_id == env.id)
             )
             or 0
         ) + 1
@@ -141,9 +137,7 @@ def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVers
 
 
 def set_tag(session: Session, env: Environment, name: str, version: EnvironmentVersion) -> Tag:
-    tag = session.scalars(
-        select(Tag).where(Tag.environment_id == env.id, Tag.name == name)
-    ).one_or_none()
+    tag = session.scalars(select(Tag).where(Tag.environment_id == env.id, Tag.name == name)).one_or_none()
     if tag is None:
         tag = Tag(environment_id=env.id, name=name, version_id=version.id, updated_at=utcnow())
         session.add(tag)
@@ -176,9 +170,7 @@ def get_version(session: Session, version_id: int) -> EnvironmentVersion:
     return version
 
 
-def register_base_images(
-    session: Session, built: list[Any]
-) -> list[tuple[EnvironmentVersion, bool]]:
+def register_base_images(session: Session, built: list[Any]) -> list[tuple[EnvironmentVersion, bool]]:
     """Record built base images (``envs.base_images.BuiltImage``, parents first) as versions.
 
     The parent of each is the version registered for its parent image in the same call (or
@@ -234,9 +226,7 @@ def delete_version(session: Session, version: EnvironmentVersion) -> str:
             parts.append("versions " + ", ".join(needs["versions"]))
         if needs["runtimes"]:
             parts.append("runtimes " + ", ".join(needs["runtimes"]))
-        raise VersionInUseError(
-            f"{version.ref} cannot be deleted: {' and '.join(parts)} depend on it", details=needs
-        )
+        raise VersionInUseError(f"{version.ref} cannot be deleted: {' and '.join(parts)} depend on it", details=needs)
     env = version.environment
     image_id = version.image_id
     others = [v for v in env.versions if v.id != version.id]

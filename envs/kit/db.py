@@ -123,9 +123,5 @@ def _is_connection_problem(exc: Exception) -> bool:
     if isinstance(exc, PoolTimeoutError):
         return True
     if isinstance(exc, OperationalError):
-        return (
-            bool(exc.connection_invalidated)
-            or "connect" in str(exc).lower()
-            or "closed" in str(exc).lower()
-        )
+        return bool(exc.connection_invalidated) or "connect" in str(exc).lower() or "closed" in str(exc).lower()
     return False

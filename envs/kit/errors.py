@@ -35,9 +35,7 @@ class InvalidInputError(EnvctlError):
     code = "invalid_input"
     status = 422
 
-    def __init__(
-        self, message: str, *, field: str | None = None, details: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, message: str, *, field: str | None = None, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
         self.field = field
         if field is not None:
@@ -70,9 +68,7 @@ class TooManyRequestsError(EnvctlError):
     code = "too_many_requests"
     status = 429
 
-    def __init__(
-        self, message: str, *, retry_after: int = 1, details: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: int = 1, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
         self.retry_after = retry_after
 
