@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from api import errors
 from api.dbschema import check_current
 from api.deps import CallerCache, Context
+from api.fastpath import CellFastPath
 from api.routes import environments, executions, health, machine_types, operations, results, runtimes
 from api.schemas import ErrorOut
 from envs.kit.config import Settings
@@ -52,6 +54,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _telemetry(on: bool) -> TelemetryConfig:
+    if on:
+        return {"auto_configure": True}
+    return {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+
+
 def create_app(
     settings: Settings,
     *,
@@ -78,10 +86,12 @@ def create_app(
         version="0.1.0",
         description="Container environments for notebooks: runtimes, executions, versioned environments.",
         lifespan=lifespan,
+        telemetry=_telemetry(settings.api_telemetry),
     )
     app.state.ctx = Context(settings=settings, db=db, runner=runner)
     app.state.callers = CallerCache()
     errors.install(app)
     for module in (health, runtimes, executions, results, operations, environments, machine_types):
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.add_middleware(CellFastPath, state=app.state)
     return app

@@ -1491,6 +1491,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.with_overrides(**changes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    # The event loop answers requests while worker threads talk to agents and write to the
+    # database; a thread that needs the GIL waits at most this long for another to let go of it
+    # (Python's default is 5 ms, the whole budget of a cell's round trip).
+    sys.setswitchinterval(0.0005)
     print(
         f"envctl serving on http://{settings.api_host}:{settings.api_port} "
         f"(data: {settings.data_dir}; database: {_safe_url(settings.effective_database_url)}; "

@@ -40,15 +40,20 @@ def _problem(err: Any) -> str:
     return str(err.get("msg", "invalid"))
 
 
+def error_response(exc: EnvctlError) -> JSONResponse:
+    """An envctl error as the HTTP answer: its status, the envelope, Retry-After on a 429."""
+    headers = {}
+    if isinstance(exc, TooManyRequestsError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return JSONResponse(envelope(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EnvctlError)
     async def _envctl_error(_request: Request, exc: EnvctlError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, TooManyRequestsError):
-            headers["Retry-After"] = str(exc.retry_after)
-        if exc.status >= 500:
-            log.warning("%s: %s", exc.code, exc.message)
-        return JSONResponse(envelope(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -56,8 +56,8 @@ async def submit(
     # between threads, and this is the hottest path of the API.
     ex = manager.submit(caller.id, runtime_id, code=body.code, language=body.language, timeout=body.timeout)
     if wait:
-        await manager.wait_async(ex.id, wait)
-        ex = manager.get(caller.id, ex.id)
+        async with manager.waiting(ex.id, wait):
+            return execution_out(ctx, manager.get(caller.id, ex.id))
     return execution_out(ctx, ex)
 
 

@@ -93,6 +93,9 @@ class Settings:
     database_url: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8700
+    # FastAPI's OpenTelemetry spans, metrics and logs (sent to the OTLP endpoint that the
+    # OTEL_* variables name). Off by default: they cost about a millisecond per request.
+    api_telemetry: bool = False
     runner_name: str = field(default_factory=socket.gethostname)
     runner_backend: str = "docker"
     runner_idle_timeout: int = 1200
@@ -109,9 +112,7 @@ class Settings:
     results_s3_prefix: str = ""
     results_s3_endpoint_url: str | None = None
     results_s3_region: str = "us-east-1"
-    machine_types: dict[str, MachineType] = field(
-        default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
-    )
+    machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
 
     @property
     def effective_database_url(self) -> str:
@@ -133,6 +134,17 @@ class Settings:
 # name in Settings -> (env var, parser)
 _INT = int
 _FLOAT = float
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{v!r} is not true or false")
 
 
 def _path(v: Any) -> Path:
@@ -158,6 +170,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "database_url": ("ENVCTL_DATABASE_URL", str),
     "api_host": ("ENVCTL_API_HOST", str),
     "api_port": ("ENVCTL_API_PORT", _INT),
+    "api_telemetry": ("ENVCTL_API_TELEMETRY", _bool),
     "runner_name": ("ENVCTL_RUNNER_NAME", str),
     "runner_backend": ("ENVCTL_RUNNER_BACKEND", str),
     "runner_idle_timeout": ("ENVCTL_RUNNER_IDLE_TIMEOUT", _INT),
@@ -198,9 +211,7 @@ def _parse_memory(value: Any, where: str) -> int:
 
 def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
     if not isinstance(raw, dict) or not raw:
-        raise InvalidInputError(
-            f"{source}: machine_types must be a non-empty map", field="machine_types"
-        )
+        raise InvalidInputError(f"{source}: machine_types must be a non-empty map", field="machine_types")
     out: dict[str, MachineType] = {}
     for name, spec in raw.items():
         where = f"{source}: machine_types.{name}"
@@ -238,9 +249,7 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def load_settings(
-    config_file: str | Path | None = None, env: dict[str, str] | None = None
-) -> Settings:
+def load_settings(config_file: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """Build the settings from defaults, a YAML file and the environment."""
     env = dict(os.environ if env is None else env)
     values: dict[str, Any] = {}
@@ -250,9 +259,7 @@ def load_settings(
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except OSError as exc:
-            raise InvalidInputError(
-                f"{p}: cannot read config file: {exc.strerror}", field="config"
-            ) from exc
+            raise InvalidInputError(f"{p}: cannot read config file: {exc.strerror}", field="config") from exc
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"{p}: not valid YAML: {exc}", field="config") from exc
         if not isinstance(raw, dict):
@@ -265,9 +272,7 @@ def load_settings(
                 values[key] = _convert(key, value, f"{p}: {key}")
             else:
                 known = sorted([*_FIELDS, "machine_types"])
-                raise InvalidInputError(
-                    f"{p}: unknown setting {key!r}; known settings: {', '.join(known)}", field=key
-                )
+                raise InvalidInputError(f"{p}: unknown setting {key!r}; known settings: {', '.join(known)}", field=key)
     for key, (var, _parser) in _FIELDS.items():
         if env.get(var):
             values[key] = _convert(key, env[var], var)
@@ -279,6 +284,4 @@ def _convert(key: str, value: Any, where: str) -> Any:
     try:
         return parser(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{where}: {value!r} is not a valid value ({exc})", field=key
-        ) from exc
+        raise InvalidInputError(f"{where}: {value!r} is not a valid value ({exc})", field=key) from exc

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import stat
@@ -166,7 +167,10 @@ class Agent:
         self.kernels: dict[str, kernels.Kernel] = {}
         self.executions: OrderedDict[str, Execution] = OrderedDict()
         self.current: Execution | None = None
-        self._run_lock = threading.Lock()
+        # One thread runs the cells, one at a time, in the order they arrived. It is started
+        # once: a thread per cell would cost every cell a thread's start-up handshake.
+        self._cells: queue.SimpleQueue[tuple[Execution, str, dict[str, Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._run_cells, name="cells", daemon=True).start()
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_")}
@@ -243,7 +247,7 @@ class Agent:
             e = Execution(eid, language, cap, float(timeout) if timeout else None)
             self.executions[eid] = e
             self._forget_old()
-        threading.Thread(target=self._run, args=(e, str(request.get("code", "")), request), daemon=True).start()
+        self._cells.put((e, str(request.get("code", "")), request))
         return e
 
     def op_attach(self, request: dict[str, Any]) -> Execution:
@@ -279,37 +283,46 @@ class Agent:
         kernel.ensure_started()
         return kernel
 
-    def _run(self, e: Execution, code: str, request: dict[str, Any]) -> None:
-        with self._run_lock:  # one cell at a time, in the order they arrived
-            if e.interrupted:
-                e.finish("interrupted", None)
-                return
-            e.status = "running"
-            e.started_at = time.time()
+    def _run_cells(self) -> None:
+        while True:
+            e, code, request = self._cells.get()
             try:
-                kernel = self._kernel(e, request)
-            except Exception as exc:
+                self._run(e, code, request)
+            except Exception as exc:  # the cell ends in error; the agent keeps serving
                 e.add({"output_type": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []})
                 e.finish("error", None)
-                return
-            e.kernel = kernel
-            self.current = e
-            timer = None
-            if e.timeout:
-                timer = threading.Timer(e.timeout, self._time_out, args=(e,))
-                timer.daemon = True
-                timer.start()
-            try:
-                kernel.execute(code)
-            except kernels.KernelDiedError as exc:
-                e.add({"output_type": "error", "ename": "KernelDied", "evalue": str(exc), "traceback": []})
-                e.finish("error", None)
-            with e.cond:
-                while not e.finished:
-                    e.cond.wait(1.0)
-            if timer is not None:
-                timer.cancel()
-            self.current = None
+                self.current = None
+
+    def _run(self, e: Execution, code: str, request: dict[str, Any]) -> None:
+        if e.interrupted:
+            e.finish("interrupted", None)
+            return
+        e.status = "running"
+        e.started_at = time.time()
+        try:
+            kernel = self._kernel(e, request)
+        except Exception as exc:
+            e.add({"output_type": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []})
+            e.finish("error", None)
+            return
+        e.kernel = kernel
+        self.current = e
+        timer = None
+        if e.timeout:
+            timer = threading.Timer(e.timeout, self._time_out, args=(e,))
+            timer.daemon = True
+            timer.start()
+        try:
+            kernel.execute(code)
+        except kernels.KernelDiedError as exc:
+            e.add({"output_type": "error", "ename": "KernelDied", "evalue": str(exc), "traceback": []})
+            e.finish("error", None)
+        with e.cond:
+            while not e.finished:
+                e.cond.wait(1.0)
+        if timer is not None:
+            timer.cancel()
+        self.current = None
 
     def _on_event(self, kind: str, payload: dict[str, Any]) -> None:
         e = self.current
@@ -458,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--socket"] and len(argv) > 1:
         path = argv[1]
 
+    # Threads hand the GIL over after at most this long (default 5 ms): the agent's reader,
+    # cell and connection threads pass each cell along between them.
+    sys.setswitchinterval(0.0005)
     agent = Agent(path)
 
     def _exit(signum: int, _frame: object) -> None:

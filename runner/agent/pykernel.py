@@ -36,18 +36,37 @@ class Kernel:
     def __init__(self) -> None:
         self.out = os.fdopen(CONTROL_OUT, "w", buffering=1, encoding="utf-8")
         self.count = 0
+        self._held: list[str] | None = None
         self.namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
         self._install_display()
 
     # --- messages ---------------------------------------------------------------------
     def send(self, message: dict) -> None:
+        line = json.dumps(message, separators=(",", ":"), default=str) + "\n"
+        if self._held is not None:
+            self._held.append(line)  # the cell's code is done: its last messages go together
+            return
+        self._write(line)
+
+    def _write(self, text: str) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        self.out.write(json.dumps(message, separators=(",", ":"), default=str) + "\n")
+        self.out.write(text)
         self.out.flush()
+
+    def _hold(self) -> None:
+        """From here to ``done`` nothing of the user's code runs: the result, figures and the
+        end are written at once, one wake-up of the agent instead of several."""
+        if self._held is None:
+            self._held = []
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._write("".join(held))
 
     def output(self, output: dict) -> None:
         self.send({"type": "output", "output": output})
@@ -113,6 +132,7 @@ class Kernel:
             exec(compile(tree, filename, "exec"), self.namespace)  # noqa: S102  (running cells is the point)
             if last is not None:
                 value = eval(compile(last, filename, "eval"), self.namespace)  # noqa: S307
+                self._hold()
                 if value is not None:
                     self.namespace["_"] = value
                     self.output(
@@ -139,8 +159,12 @@ class Kernel:
         except BaseException as exc:
             status = "error"
             self.output(error_output(exc, filename))
-        self.flush_figures()
-        self.send({"type": "done", "status": status, "execution_count": self.count})
+        self._hold()
+        try:
+            self.flush_figures()
+            self.send({"type": "done", "status": status, "execution_count": self.count})
+        finally:
+            self._release()
 
     def serve(self) -> None:
         requests = os.fdopen(CONTROL_IN, "r", encoding="utf-8")
