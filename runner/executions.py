@@ -27,8 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
+from envs.kit.db import HotStatement, HotWriter
 from envs.kit.errors import ConflictError, EnvctlError, InvalidInputError, NotFoundError
 from envs.kit.ids import new_id
 from runner.channel import AgentChannel, AgentUnavailableError
@@ -51,12 +52,12 @@ MARK_RUNNING_AFTER = 0.05  # seconds: quicker cells are never written down as "r
 ANSWER_FIRST = 0.01  # seconds the end's database write may wait for waiting clients' answers
 
 
-# The statements of a cell's hot path, built once. A statement built per call with
-# ``.values(...)`` costs about 1 ms of CPU to build and look up in the compiled cache, three
-# times what executing it does; these are compiled once and take their values as parameters.
-INSERT_EXECUTION = insert(Execution)
-INSERT_OUTPUTS = insert(ExecutionOutput)
-FINISH_EXECUTION = (
+# The statements of a cell's hot path, built once and run through ``Database.hot()``. A
+# statement built per call with ``.values(...)`` costs about 1 ms of CPU to build and look up
+# in the compiled cache, three times what executing it does; these are compiled once.
+INSERT_EXECUTION = HotStatement(insert(Execution))
+INSERT_OUTPUTS = HotStatement(insert(ExecutionOutput))
+FINISH_EXECUTION = HotStatement(
     update(Execution)
     .where(Execution.id == bindparam("b_id"))
     .values(
@@ -71,12 +72,12 @@ FINISH_EXECUTION = (
         error_value=bindparam("b_evalue"),
     )
 )
-MARK_RUNNING = (
+MARK_RUNNING = HotStatement(
     update(Execution)
     .where(Execution.id == bindparam("b_id"), Execution.status == "queued")
     .values(status="running", started_at=bindparam("b_started"))
 )
-TOUCH_RUNTIME = (
+TOUCH_RUNTIME = HotStatement(
     update(Runtime)
     .where(Runtime.id == bindparam("b_id"))
     .values(last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
@@ -348,7 +349,7 @@ class ExecutionManager:
         )
         # The one write on a cell's way in; what the runtime is and its next number are
         # remembered (see _runtime_info), so no read comes before it.
-        with self.db.connection() as s:
+        with self.db.hot() as s:
             s.execute(
                 INSERT_EXECUTION,
                 {
@@ -576,8 +577,8 @@ class ExecutionManager:
     def _mark_running(self, view: ExecutionView) -> None:
         if view.finished_at is not None:
             return
-        with self.db.connection() as c:
-            started = c.execute(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at}).rowcount
+        with self.db.hot() as c:
+            started = c.execute(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at})
             c.execute(TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": view.started_at, "b_what": "execution started"})
         if not started and view.finished_at is None:
             # interrupted while it was queued, just as it was sent: stop it in the agent
@@ -661,7 +662,7 @@ class ExecutionManager:
                 )
             )
             feed.answered.wait(ANSWER_FIRST)  # see ``waiting``
-        with self.db.connection() as c:  # the last outputs and the end, in one transaction
+        with self.db.hot() as c:  # the last outputs and the end, in one transaction
             sink.flush(c)
             c.execute(
                 FINISH_EXECUTION,
@@ -693,12 +694,16 @@ class _Later:
         self._thread: threading.Thread | None = None
 
     def call(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        when = time.monotonic() + delay
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._count), fn, args))
+            # wake the thread only if it must wait less than it does now (no wake-up per cell)
+            wake = not self._heap or when < self._heap[0][0]
+            heapq.heappush(self._heap, (when, next(self._count), fn, args))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
@@ -743,14 +748,14 @@ class _Sink:
         if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
-    def flush(self, conn: Connection | None = None) -> None:
+    def flush(self, conn: HotWriter | None = None) -> None:
         if self.pending:
             rows = [{"execution_id": self.view.id, "idx": i, "output": o} for i, o in self.pending]
             if conn is not None:
-                conn.execute(INSERT_OUTPUTS, rows)
+                conn.execute_many(INSERT_OUTPUTS, rows)
             else:
-                with self.manager.db.connection() as c:
-                    c.execute(INSERT_OUTPUTS, rows)
+                with self.manager.db.hot() as c:
+                    c.execute_many(INSERT_OUTPUTS, rows)
             self.pending = []
             self.pending_bytes = 0
         self.last_flush = time.monotonic()

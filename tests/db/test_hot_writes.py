@@ -1,0 +1,172 @@
+"""``Database.hot()``: a cell's few writes skip Core's per-statement work on SQLite, and store
+exactly what Core would store (on PostgreSQL they simply are Core)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import insert, select
+
+from envs.kit.clock import utcnow
+from envs.kit.db import Database, HotStatement
+from envs.kit.errors import DatabaseUnavailableError
+from envs.service import NewVersion, register_version
+from registry.service import create_user
+from runner import executions as ex
+from runner.models import Execution, ExecutionOutput, Runtime
+
+
+def _runtime(db: Database) -> tuple[str, str]:
+    with db.session() as s:
+        user = create_user(s, "hotuser")
+        version, _ = register_version(s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="b"))
+        rt = Runtime(
+            id="rt_hot0000000000000",
+            owner_id=user.id,
+            name="hot",
+            environment_ref="bash@1",
+            version_id=version.id,
+            machine_type="small",
+            runner="r",
+        )
+        s.add(rt)
+        return rt.id, user.id
+
+
+def _execution(runtime_id: str, owner_id: str, eid: str, seq: int) -> dict[str, object]:
+    return {
+        "id": eid,
+        "runtime_id": runtime_id,
+        "owner_id": owner_id,
+        "seq": seq,
+        "language": "python",
+        "code": "print('é')\n1+1",
+        "timeout": 2.5,
+        "status": "queued",
+        "created_at": utcnow(),
+        "output_count": 0,
+        "output_bytes": 0,
+        "truncated": False,
+    }
+
+
+def _row(db: Database, eid: str) -> dict[str, object]:
+    with db.session() as s:
+        row = s.get(Execution, eid)
+        assert row is not None
+        return {c.key: getattr(row, c.key) for c in Execution.__table__.columns if c.key != "id"}
+
+
+def test_hot_writes_store_what_core_stores(db: Database) -> None:
+    rid, owner = _runtime(db)
+    hot_values, core_values = _execution(rid, owner, "ex_hot", 1), _execution(rid, owner, "ex_core", 2)
+    core_values["created_at"] = hot_values["created_at"]
+    with db.hot() as w:
+        w.execute(ex.INSERT_EXECUTION, hot_values)
+    with db.connection() as c:
+        c.execute(insert(Execution), core_values)
+    finished = utcnow() + timedelta(seconds=1)
+    for eid in ("ex_hot", "ex_core"):
+        end = {
+            "b_id": eid,
+            "b_status": "error",
+            "b_count": 7,
+            "b_started": hot_values["created_at"],
+            "b_finished": finished,
+            "b_truncated": True,
+            "b_bytes": 12,
+            "b_outputs": 2,
+            "b_ename": "ValueError",
+            "b_evalue": "bad ✓",
+        }
+        outputs = [
+            {"execution_id": eid, "idx": 0, "output": {"output_type": "stream", "name": "stdout", "text": "é\n"}},
+            {"execution_id": eid, "idx": 1, "output": {"output_type": "error", "ename": "ValueError", "traceback": []}},
+        ]
+        if eid == "ex_hot":
+            with db.hot() as w:
+                w.execute_many(ex.INSERT_OUTPUTS, outputs)
+                assert w.execute(ex.FINISH_EXECUTION, end) == 1
+        else:
+            with db.connection() as c:
+                c.execute(insert(ExecutionOutput), outputs)
+                c.execute(ex.FINISH_EXECUTION.statement, end)
+    hot, core = _row(db, "ex_hot"), _row(db, "ex_core")
+    assert hot.pop("seq") == 1 and core.pop("seq") == 2
+    assert hot == core
+    assert hot["finished_at"] == finished and hot["finished_at"].tzinfo is not None  # type: ignore[union-attr]
+    assert hot["truncated"] is True and hot["timeout"] == 2.5
+    with db.session() as s:
+        stored = {
+            eid: [o for (o,) in s.execute(select(ExecutionOutput.output).where(ExecutionOutput.execution_id == eid))]
+            for eid in ("ex_hot", "ex_core")
+        }
+    assert stored["ex_hot"] == stored["ex_core"] and stored["ex_hot"][0]["text"] == "é\n"
+
+
+def test_a_literal_in_the_statement_is_kept(db: Database) -> None:
+    """MARK_RUNNING only moves a queued execution: its ``status == 'queued'`` must hold."""
+    rid, owner = _runtime(db)
+    with db.hot() as w:
+        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_1", 1))
+    with db.hot() as w:
+        assert w.execute(ex.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
+    with db.hot() as w:
+        assert w.execute(ex.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
+    assert _row(db, "ex_1")["status"] == "running"
+
+
+def test_a_failed_hot_transaction_leaves_nothing(db: Database) -> None:
+    rid, owner = _runtime(db)
+    with pytest.raises(Exception), db.hot() as w:  # noqa: B017, PT011  (the driver's own error type)
+        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_a", 1))
+        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_b", 1))  # same seq: unique violation
+    with db.session() as s:
+        assert s.scalars(select(Execution.id)).all() == []
+
+
+def test_a_column_default_is_never_silently_skipped(db: Database) -> None:
+    rid, owner = _runtime(db)
+    values = _execution(rid, owner, "ex_d", 1)
+    del values["created_at"]  # has a Python-side default, which the hot path cannot apply
+    if db.engine.dialect.name != "sqlite":
+        pytest.skip("on PostgreSQL hot writes are Core writes, which apply defaults")
+    with pytest.raises(ValueError, match="created_at"), db.hot() as w:
+        w.execute(ex.INSERT_EXECUTION, values)
+
+
+def test_each_thread_writes_on_its_own_connection_and_dispose_closes_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from api.dbschema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    upgrade(url)
+    db = Database(url)
+    rid, owner = _runtime(db)
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(20):
+                with db.hot() as w:
+                    w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, f"ex_{n}_{i}", n * 100 + i))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.session() as s:
+        assert len(s.scalars(select(Execution.id)).all()) == 80
+    db.dispose()
+    assert len(db._hot_all) == 0
+
+
+def test_an_unreachable_sqlite_file_is_a_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = Database(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    with pytest.raises(DatabaseUnavailableError), db.hot() as w:
+        w.execute(HotStatement(insert(Runtime)), {})
