@@ -8,6 +8,18 @@
   the cell running and its outputs buffered; on restart ``recover`` attaches again from the
   last stored output, so nothing is lost or repeated.
 - A running or queued execution makes the runtime busy, which idle shutdown respects.
+
+A trivial cell's round trip is a few milliseconds, most of it spent handing work between
+threads and processes, so the hot path avoids every hand-over it can:
+
+- one database write on the way in (``INSERT_EXECUTION``) and one transaction at the end,
+  both through ``Database.hot()``; "running" is written only for cells still going after
+  ``MARK_RUNNING_AFTER``, by one shared timer thread;
+- when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
+  itself (``_send_now_locked``) and the worker only reads its events;
+- the end is published to waiting requests before it is written, and the write waits (a few
+  ms at most) until those requests have answered (``waiting``); the agent's ``ack`` follows
+  the write without waiting for a reply (``AgentChannel.post``).
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +61,7 @@ FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 256 * 1024
 RECENT = 256  # finished executions kept in memory for fast reads
 MARK_RUNNING_AFTER = 0.05  # seconds: quicker cells are never written down as "running"
+SEND_NOW_MAX = 64 * 1024  # characters: larger cells are sent by the worker (no blocking write here)
 ANSWER_FIRST = 0.01  # seconds the end's database write may wait for waiting clients' answers
 
 
@@ -187,6 +200,8 @@ class _RuntimeInfo:
 class _Job:
     view: ExecutionView
     attach: bool
+    # set when submit sent the cell to an idle worker's agent itself (see ``_send_now``)
+    events: Iterator[dict[str, Any]] | None = None
 
 
 class ExecutionManager:
@@ -202,6 +217,7 @@ class ExecutionManager:
         self._runtimes: dict[str, _RuntimeInfo] = {}  # what submit needs to know, remembered
         self._lock = threading.Lock()
         self._later = _Later("envctl-exec-marks")
+        self.sent_at_once = 0  # cells that submit sent to the agent itself (see _send_now_locked)
 
     # ------------------------------------------------------------------ queries
     def _feed(self, execution_id: str) -> Feed | None:
@@ -368,8 +384,37 @@ class ExecutionManager:
                 },
             )
         self._feeds[view.id] = Feed(view)
-        self._enqueue(_Job(view, attach=False))
+        self._enqueue(_Job(view, attach=False), send_now=True)
         return view
+
+    def _send_now_locked(self, job: _Job, q: queue.Queue[_Job], worker: threading.Thread | None) -> None:
+        """Send a cell to the agent at once when its runtime's worker is idle and connected.
+
+        The worker would send it as soon as it woke up; sending here lets the agent start while
+        the worker wakes, which takes a good part of a trivial cell's round trip. The worker
+        then only reads the events. Anything unusual (a busy or absent worker, a runtime not
+        known to run, a large cell, a broken connection) leaves the sending to the worker.
+        Called with ``_lock`` held: an idle worker takes its next job, or exits and closes its
+        connection, only under that lock.
+        """
+        view = job.view
+        rid = view.runtime_id
+        channel = self._channels.get(rid)
+        if (
+            len(view.code) > SEND_NOW_MAX
+            or channel is None
+            or worker is None
+            or not worker.is_alive()
+            or rid in self._busy
+            or not q.empty()
+            or not self.runner.is_running(rid)
+        ):
+            return
+        try:
+            job.events = self._send(channel, view)
+            self.sent_at_once += 1
+        except EnvctlError:
+            job.events = None  # the worker finds out, and reconnects
 
     def _runtime_info(self, runtime_id: str) -> _RuntimeInfo:
         info = self._runtimes.get(runtime_id)
@@ -441,12 +486,14 @@ class ExecutionManager:
             self._enqueue(_Job(view, attach=view.status == "running"))
 
     # ------------------------------------------------------------------ workers
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job, *, send_now: bool = False) -> None:
         runtime_id = job.view.runtime_id
         with self._lock:
             q = self._queues.setdefault(runtime_id, queue.Queue())
-            q.put(job)
             worker = self._workers.get(runtime_id)
+            if send_now:
+                self._send_now_locked(job, q, worker)
+            q.put(job)
             if worker is None or not worker.is_alive():
                 worker = threading.Thread(
                     target=self._work, args=(runtime_id,), name=f"envctl-exec-{runtime_id}", daemon=True
@@ -493,7 +540,8 @@ class ExecutionManager:
         if feed is None or view.status in FINAL:
             return
         attach = job.attach
-        if not attach:
+        sent, job.events = job.events, None
+        if not attach and sent is None:
             problem = self._ensure_running(view.owner_id, view.runtime_id)
             if problem is not None:
                 self._finish(view, "error", None, {}, error=("RuntimeNotRunning", problem))
@@ -506,24 +554,12 @@ class ExecutionManager:
         while True:
             try:
                 channel = self._channel(view.runtime_id)
-                if accepted:
+                if sent is not None:
+                    events, sent = sent, None  # submit sent it already
+                elif accepted:
                     events = channel.stream("attach", execution_id=view.id, **{"from": sink.next_index})
                 else:
-                    events = channel.stream(
-                        "execute",
-                        execution_id=view.id,
-                        code=view.code,
-                        language="jupyter" if view.kernel else view.language,
-                        kernel=view.kernel,
-                        timeout=view.timeout,
-                        cap=self.runner.settings.runner_output_cap,
-                    )
-                    # "running" is recorded only if the cell is still going a moment later: a
-                    # quick cell goes from queued to its end in one write. Sending first is
-                    # safe: the agent knows executions by id, so a resend is no rerun.
-                    if view.status == "queued":
-                        view.status, view.started_at = "running", self.runner.clock()
-                        self._later.call(MARK_RUNNING_AFTER, self._mark_running, view)
+                    events = self._send(channel, view)
                 for event in events:
                     kind = event.get("event")
                     if kind == "accepted":
@@ -556,6 +592,25 @@ class ExecutionManager:
                 message = "the runtime restarted and lost this cell" if lost else exc.message
                 self._finish(view, "error", None, {}, error=("AgentError", message), sink=sink)
                 return
+
+    def _send(self, channel: AgentChannel, view: ExecutionView) -> Iterator[dict[str, Any]]:
+        """Send the cell to the agent; its events follow on the returned iterator."""
+        events = channel.stream(
+            "execute",
+            execution_id=view.id,
+            code=view.code,
+            language="jupyter" if view.kernel else view.language,
+            kernel=view.kernel,
+            timeout=view.timeout,
+            cap=self.runner.settings.runner_output_cap,
+        )
+        # "running" is recorded only if the cell is still going a moment later: a quick cell
+        # goes from queued to its end in one write. Sending first is safe: the agent knows
+        # executions by id, so a resend is no rerun.
+        if view.status == "queued":
+            view.status, view.started_at = "running", self.runner.clock()
+            self._later.call(MARK_RUNNING_AFTER, self._mark_running, view)
+        return events
 
     def _channel(self, runtime_id: str) -> AgentChannel:
         """The worker's connection to the runtime's agent, kept open between cells."""

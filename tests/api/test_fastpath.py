@@ -7,6 +7,7 @@ and leave unusual requests to the route.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -154,3 +155,40 @@ def test_no_token_or_an_unknown_token_is_401_as_before(api: ApiHarness) -> None:
 )
 def test_the_wait_parameter_is_taken_only_when_plain(query: bytes, expected: float | None) -> None:
     assert _wait(query) == expected
+
+
+def test_cells_sent_at_once_to_an_idle_worker_keep_their_order_and_state(api: ApiHarness) -> None:
+    """After the first cell, the runtime's worker is idle and connected, so submit sends the
+    next cells to the agent itself; they must still run one after another, in order."""
+    rid = _runtime(api)
+    assert _cell(api, rid, {"code": "n = 0"}).json()["status"] == "ok"
+    manager = api.runner.executions
+    before = manager.sent_at_once
+    for i in range(1, 21):
+        body = _cell(api, rid, {"code": "n += 1\nn"}).json()
+        assert body["status"] == "ok" and body["outputs"][0]["data"]["text/plain"] == str(i)
+    assert manager.sent_at_once - before >= 15, "most cells should skip the worker's wake-up"
+    # cells submitted without waiting still run in order, one at a time
+    ids = [
+        _cell(api, rid, {"code": f"order = globals().get('order', []) + [{i}]"}, query="").json()["id"]
+        for i in range(5)
+    ]
+    last = api.get(f"/executions/{ids[-1]}?wait=10").json()
+    assert last["status"] == "ok"
+    assert _cell(api, rid, {"code": "order"}).json()["outputs"][0]["data"]["text/plain"] == "[0, 1, 2, 3, 4]"
+
+
+def test_a_cell_sent_at_once_can_be_interrupted_and_the_state_stays(api: ApiHarness) -> None:
+    rid = _runtime(api)
+    assert _cell(api, rid, {"code": "kept = 'yes'"}).json()["status"] == "ok"
+    manager = api.runner.executions
+    before = manager.sent_at_once
+    long = _cell(api, rid, {"code": "import time\nfor _ in range(600): time.sleep(0.05)"}, query="").json()
+    assert manager.sent_at_once == before + 1
+    deadline = time.monotonic() + 10
+    while api.get(f"/executions/{long['id']}").json()["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.post(f"/executions/{long['id']}/interrupt").status_code == 202
+    done = api.get(f"/executions/{long['id']}?wait=15").json()
+    assert done["status"] == "interrupted"
+    assert _cell(api, rid, {"code": "kept"}).json()["outputs"][0]["data"]["text/plain"] == "'yes'"
