@@ -59,6 +59,10 @@ def _oci_time(value: datetime) -> str:
 
 
 DIFF_CACHE_SECONDS = 3.0
+# A runtime found to have unsaved changes keeps them until it is saved or reset (both change
+# what the answer is keyed on), short of someone deleting by hand what they made; so a "yes",
+# whose check is the slow one (a long list to diff and stat), is trusted this long.
+HAS_CHANGES_SECONDS = 60.0
 
 
 def _parent(path: str) -> str:
@@ -76,6 +80,7 @@ class Snapshots:
         self._saving: set[str] = set()
         self._lock = threading.Lock()
         self._diff_cache: dict[str, tuple[float, list[Change]]] = {}
+        self._flags: dict[str, tuple[tuple[str, int], float, bool]] = {}  # runtime id -> (key, at, answer)
 
     # ------------------------------------------------------------------ status
     def is_saving(self, runtime_id: str) -> bool:
@@ -169,13 +174,24 @@ class Snapshots:
             return True
         if rt.state != State.RUNNING:
             return False
+        state = dict(rt.backend_state or {})
+        key = (str(state.get("container_id") or ""), int((rt.change_baseline or {}).get("saved_at_ns") or 0))
+        now = time.monotonic()
+        known = self._flags.get(rt.id)
+        if known is not None and known[0] == key and now - known[1] < (HAS_CHANGES_SECONDS if known[2] else 0):
+            return True
         try:
             if not rt.change_baseline:
-                return bool(self._raw_changes(dict(rt.backend_state or {}), fresh=False))
-            current, _ = self._current(rt.id, dict(rt.backend_state or {}), rt.change_baseline, fresh=False)
-            return bool(current)
+                answer = bool(self._raw_changes(state, fresh=False))
+            else:
+                current, _ = self._current(rt.id, state, rt.change_baseline, fresh=False)
+                answer = bool(current)
         except (EnvctlError, NotImplementedError):
             return None
+        self._flags[rt.id] = (key, now, answer)
+        if len(self._flags) > 1024:
+            self._flags.pop(next(iter(self._flags)))
+        return answer
 
     def _stat(self, runtime_id: str, paths: list[str]) -> dict[str, list[int] | None]:
         """[size, mtime_ns, mode] of each path, as the runtime sees it (None: gone)."""
