@@ -1560,6 +1560,7 @@ def cmd_base_build(args: argparse.Namespace) -> int:
         mirror=args.mirror or settings.base_mirror,
         progress=progress,
         verify=not args.no_verify,
+        extra_ca_certs=settings.base_extra_ca_certs,
     )
     with db.session() as s:
         registered = register_base_images(s, built)

@@ -21,6 +21,13 @@ from the template, never from the build container. Every image is labelled
 is reused instead of rebuilt. The digest covers the recipe files, the parent's digest, the
 mirror and the suite, so a rebuilt parent rebuilds its children.
 
+A root image also trusts the build machine's extra CA certificates (setting
+``base.extra_ca_certs``, by default ``/usr/local/share/ca-certificates/*.crt``, e.g. a
+TLS-intercepting proxy's): they are copied to ``/usr/local/share/ca-certificates/envctl/`` in
+the root filesystem and ``update-ca-certificates`` runs there before import, so pip, curl and
+apt in every image trust them. Their names and contents are part of the root's digest; with no
+extra certificates the digest is what it was before the setting existed.
+
 Nothing here pulls an image. Builds of one recipe digest are serialized between processes on
 this machine by a lock file in the temp directory (a second builder waits, then reuses).
 Among several images with one digest, reuse picks the newest; a child is reused only when its
@@ -29,6 +36,8 @@ layers continue its parent's current image.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import contextlib
 import fcntl
@@ -44,8 +53,8 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +63,7 @@ import docker.errors
 import requests.exceptions
 import yaml
 
+from envs.kit.config import DEFAULT_EXTRA_CA_CERTS, load_settings
 from envs.kit.errors import BackendError, InvalidInputError
 
 LABEL_IMAGE = "envctl.base-image"
@@ -66,6 +76,8 @@ RECIPE_FILE = "recipe.yaml"
 VERIFY_FILE = "verify"
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 RECIPES_DIR_ENV = "ENVCTL_BASE_IMAGES_DIR"
+#: Where a root image keeps the build machine's extra CA certificates (relative to its root).
+CA_CERTS_DIR = "usr/local/share/ca-certificates/envctl"
 
 #: The trusted image configuration every base image starts from; recipes add to ``env`` and
 #: may replace ``cmd``. Nothing else of a build container's configuration reaches an image.
@@ -91,6 +103,18 @@ _STEP_ENV = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8"}
 _TAIL_LINES = 30
 _EMIT_INTERVAL = 0.5  # seconds between streamed output events
 _VERIFY_TIMEOUT = 600  # seconds
+_CA_TIMEOUT = 300  # seconds for update-ca-certificates
+_PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----([^-]*)-----END CERTIFICATE-----")
+_CA_NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ExtraCACert:
+    """A CA certificate of the build machine, added to the root image."""
+
+    name: str  # file name in the image, under /usr/local/share/ca-certificates/envctl/
+    source: Path
+    pem: bytes  # its certificate blocks only, re-encoded as plain PEM
 
 
 @dataclass(frozen=True)
@@ -98,13 +122,15 @@ class Recipe:
     name: str
     parent: str | None
     directory: Path
-    digest: str  # "sha256:..." over recipe files, parent digest, mirror and suite
+    digest: str  # "sha256:..." over recipe files, parent digest, mirror, suite (and a root's CAs)
+    extra_ca_certs: tuple[ExtraCACert, ...] = field(default=(), repr=False)  # roots only
 
 
 @dataclass(frozen=True)
 class BuildEvent:
     image: str
-    phase: str  # "reuse" | "debootstrap" | "import" | "step" | "commit" | "verify" | "done"
+    # "reuse" | "debootstrap" | "certificates" | "import" | "step" | "commit" | "verify" | "done"
+    phase: str
     message: str
 
 
@@ -246,14 +272,88 @@ def _check_mirror(mirror: str) -> str:
     return mirror.rstrip("/")
 
 
+# ------------------------------------------------------------------------- certificates
+
+
+def default_extra_ca_certs() -> tuple[Path, ...]:
+    """The ``base.extra_ca_certs`` setting (``ENVCTL_BASE_EXTRA_CA_CERTS``, ``ENVCTL_CONFIG``)."""
+    return load_settings().base_extra_ca_certs
+
+
+def read_extra_ca_certs(paths: Sequence[str | Path]) -> tuple[ExtraCACert, ...]:
+    """The CA certificates ``paths`` name, sorted by their name in the image.
+
+    A file counts as named; a folder gives its ``*.crt`` files (subfolders too, hidden ones
+    skipped), named by their path inside it (``corp/a.crt`` -> ``corp-a.crt``). The default
+    folder (``/usr/local/share/ca-certificates``) may be missing: no certificates. Any other
+    path that is missing, unreadable or not a PEM certificate raises InvalidInputError naming
+    it, as do two different certificates with one name.
+    """
+    found: dict[str, ExtraCACert] = {}
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            try:
+                files = [
+                    (file, file.relative_to(path).as_posix())
+                    for file in sorted(path.rglob("*.crt"))
+                    if file.is_file() and not any(p.startswith(".") for p in file.relative_to(path).parts)
+                ]
+            except OSError as exc:
+                raise _bad_ca(path, f"cannot list: {exc.strerror or exc}") from exc
+        elif path.exists():
+            files = [(path, path.name)]
+        elif path == DEFAULT_EXTRA_CA_CERTS:
+            continue
+        else:
+            raise _bad_ca(path, "no such file or directory")
+        for file, relative in files:
+            cert = _read_ca(file, relative)
+            other = found.setdefault(cert.name, cert)
+            if other.pem != cert.pem:
+                raise _bad_ca(file, f"another certificate, {other.source}, has the same name {cert.name}")
+    return tuple(found[name] for name in sorted(found))
+
+
+def _read_ca(path: Path, relative: str) -> ExtraCACert:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _bad_ca(path, f"cannot read: {exc.strerror or exc}") from exc
+    blocks = []
+    for match in _PEM_CERT_RE.finditer(data):
+        try:
+            der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        if not der.startswith(b"\x30"):  # an X.509 certificate is a DER SEQUENCE
+            raise _bad_ca(path, "damaged PEM certificate block (bad base64, or not DER)")
+        body = base64.b64encode(der)
+        lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+        blocks.append(b"\n".join([b"-----BEGIN CERTIFICATE-----", *lines, b"-----END CERTIFICATE-----\n"]))
+    if not blocks:
+        raise _bad_ca(path, "not a PEM certificate (no -----BEGIN CERTIFICATE----- block)")
+    stem = _CA_NAME_UNSAFE_RE.sub("_", relative.removesuffix(".crt").replace("/", "-")).strip("._-") or "ca"
+    return ExtraCACert(name=stem + ".crt", source=path, pem=b"".join(blocks))
+
+
+def _bad_ca(path: Path, problem: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"base.extra_ca_certs (ENVCTL_BASE_EXTRA_CA_CERTS): {path}: {problem}",
+        field="base_extra_ca_certs",
+        details={"path": str(path)},
+    )
+
+
 # ------------------------------------------------------------------------------ recipes
 
 
-def load_hierarchy(root: Path, mirror: str) -> dict[str, Recipe]:
+def load_hierarchy(root: Path, mirror: str, extra_ca_certs: Sequence[ExtraCACert] = ()) -> dict[str, Recipe]:
     """Read ``hierarchy.yaml`` and every recipe under ``root``; parents come first.
 
-    Raises InvalidInputError (``file:line: field: problem``) for a missing or malformed file,
-    an unknown parent, a cycle, or a missing or invalid recipe.
+    ``extra_ca_certs`` (from :func:`read_extra_ca_certs`) go into every root image, and into
+    its digest. Raises InvalidInputError (``file:line: field: problem``) for a missing or
+    malformed file, an unknown parent, a cycle, or a missing or invalid recipe.
     """
     mirror = _check_mirror(mirror)
     path = root / HIERARCHY_FILE
@@ -304,8 +404,9 @@ def load_hierarchy(root: Path, mirror: str) -> dict[str, Recipe]:
         assert suite is not None
         suites[name] = suite
         parent_digest = recipes[parent].digest if parent is not None else ""
-        digest = _recipe_digest(name, directory, parent_digest, mirror, suite)
-        recipes[name] = Recipe(name=name, parent=parent, directory=directory, digest=digest)
+        certs = tuple(sorted(extra_ca_certs, key=lambda c: c.name)) if parent is None else ()
+        digest = _recipe_digest(name, directory, parent_digest, mirror, suite, certs)
+        recipes[name] = Recipe(name=name, parent=parent, directory=directory, digest=digest, extra_ca_certs=certs)
     return recipes
 
 
@@ -485,7 +586,14 @@ def _recipe_files(directory: Path) -> list[Path]:
     return files
 
 
-def _recipe_digest(name: str, directory: Path, parent_digest: str, mirror: str, suite: str) -> str:
+def _recipe_digest(
+    name: str,
+    directory: Path,
+    parent_digest: str,
+    mirror: str,
+    suite: str,
+    extra_ca_certs: Sequence[ExtraCACert] = (),
+) -> str:
     sha = hashlib.sha256()
 
     def put(value: bytes) -> None:
@@ -503,6 +611,12 @@ def _recipe_digest(name: str, directory: Path, parent_digest: str, mirror: str, 
     for path in _recipe_files(directory):
         put(path.relative_to(directory).as_posix().encode())
         put(path.read_bytes())
+    # Only when there are any: without extra CAs the digest stays what it was before them.
+    if extra_ca_certs:
+        put(b"/extra-ca-certs")  # never a recipe file's (relative) path
+        for cert in sorted(extra_ca_certs, key=lambda c: c.name):
+            put(cert.name.encode())
+            put(cert.pem)
     return "sha256:" + sha.hexdigest()
 
 
@@ -561,15 +675,19 @@ def build(
     recipes_dir: Path | None = None,
     progress: Progress | None = None,
     verify: bool = True,
+    extra_ca_certs: Sequence[str | Path] | None = None,
 ) -> list[BuiltImage]:
     """Build (or reuse) the named base images and their ancestors, parents first.
 
-    Returns one BuiltImage per image in build order, ancestors included. Invalid input
-    (unknown name, bad mirror, broken recipe) raises InvalidInputError before Docker is
-    called; a failed debootstrap, apt step, import, commit or verify raises BackendError.
+    ``extra_ca_certs`` are the CA files and folders a root image trusts besides Debian's
+    (default: the ``base.extra_ca_certs`` setting). Returns one BuiltImage per image in build
+    order, ancestors included. Invalid input (unknown name, bad mirror, broken recipe, bad
+    certificate) raises InvalidInputError before Docker is called; a failed debootstrap,
+    update-ca-certificates, apt step, import, commit or verify raises BackendError.
     """
     mirror = _check_mirror(mirror) if mirror else default_mirror()
-    recipes = load_hierarchy(recipes_dir or default_recipes_dir(), mirror)
+    certs = read_extra_ca_certs(default_extra_ca_certs() if extra_ca_certs is None else extra_ca_certs)
+    recipes = load_hierarchy(recipes_dir or default_recipes_dir(), mirror, certs)
     order = build_order(recipes, names)
     client = client or _connect()
     emit = progress or (lambda event: None)
@@ -852,12 +970,55 @@ def _build_root(
         emit(BuildEvent(recipe.name, "debootstrap", " ".join(argv)))
         _run_streaming(argv, recipe.name, "debootstrap", emit)
         _unmount_under(rootfs)
+        _add_ca_certs(rootfs, recipe, emit)
         for pattern in spec.cleanup:
             _remove_matching(rootfs, pattern)
         emit(BuildEvent(recipe.name, "debootstrap", f"removed {len(spec.cleanup)} cleanup patterns"))
         return _import_rootfs(client, recipe, rootfs, config, emit)
     finally:
         _remove_tree(workdir)
+
+
+def _add_ca_certs(rootfs: Path, recipe: Recipe, emit: Progress) -> None:
+    """Copy the extra CA certificates into the tree and run update-ca-certificates there.
+
+    Nothing at all happens to the tree without any, so it stays as debootstrap made it.
+    """
+    certs = recipe.extra_ca_certs
+    if certs:
+        target = rootfs / CA_CERTS_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        target.chmod(0o755)
+        for cert in certs:
+            path = target / cert.name
+            path.write_bytes(cert.pem)
+            path.chmod(0o644)
+        argv = ["chroot", str(rootfs), "/usr/sbin/update-ca-certificates"]
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                env={**os.environ, **_STEP_ENV, "LC_ALL": "C"},
+                timeout=_CA_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"{recipe.name}: update-ca-certificates in the root filesystem: {exc}") from exc
+        output = (done.stdout + done.stderr).decode("utf-8", errors="replace").strip()
+        if done.returncode != 0:
+            raise BackendError(
+                f"{recipe.name}: update-ca-certificates failed (exit {done.returncode}): {output[-2000:]}",
+                details={"argv": argv, "exit_code": done.returncode},
+            )
+        bundle = (rootfs / "etc/ssl/certs/ca-certificates.crt").read_bytes()
+        missing = [cert.name for cert in certs if cert.pem.strip() not in bundle]
+        if missing:
+            raise BackendError(
+                f"{recipe.name}: update-ca-certificates left {', '.join(missing)} out of the bundle: {output[-2000:]}"
+            )
+    where = f" to /{CA_CERTS_DIR}: {', '.join(c.name for c in certs)}" if certs else ""
+    plural = "" if len(certs) == 1 else "s"
+    emit(BuildEvent(recipe.name, "certificates", f"added {len(certs)} extra CA certificate{plural}{where}"))
 
 
 def _run_streaming(argv: list[str], image: str, phase: str, emit: Progress) -> None:
@@ -1212,11 +1373,14 @@ __all__ = [
     "BASE_CONFIG",
     "BuildEvent",
     "BuiltImage",
+    "ExtraCACert",
     "Recipe",
     "build",
     "build_order",
+    "default_extra_ca_certs",
     "default_mirror",
     "default_recipes_dir",
     "load_hierarchy",
+    "read_extra_ca_certs",
     "verify_image",
 ]

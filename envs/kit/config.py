@@ -10,6 +10,7 @@ The README's "Configuration" table lists them; keep it in step with ``SETTINGS_H
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,9 @@ DEFAULT_MACHINE_TYPES: dict[str, MachineType] = {
     )
 }
 
+#: Debian's folder for locally added CAs on the build machine (update-ca-certificates reads it).
+DEFAULT_EXTRA_CA_CERTS = Path("/usr/local/share/ca-certificates")
+
 SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_CONFIG": "YAML config file (same keys as the settings, sections as nested maps)",
     "ENVCTL_DATA_DIR": "where envctl keeps its database, runtime state and results",
@@ -73,6 +77,8 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
     "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
+    "ENVCTL_BASE_EXTRA_CA_CERTS": "CA files or folders of *.crt trusted inside base images, : or , separated"
+    " (default /usr/local/share/ca-certificates)",
     "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
     "ENVCTL_RESULTS_S3_BUCKET": "S3 bucket for results (needed when the results store is s3)",
     "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
@@ -107,6 +113,9 @@ class Settings:
     runner_network: str = "bridge"
     runner_labels: dict[str, str] = field(default_factory=dict)
     base_mirror: str | None = None
+    # PEM CA certificates (files, or folders of *.crt) added to the root base image, e.g. a
+    # TLS-intercepting proxy's. The default folder may be missing; a named path may not.
+    base_extra_ca_certs: tuple[Path, ...] = (DEFAULT_EXTRA_CA_CERTS,)
     results_store: str = "local"
     results_s3_bucket: str | None = None
     results_s3_prefix: str = ""
@@ -151,6 +160,16 @@ def _path(v: Any) -> Path:
     return Path(str(v)).expanduser()
 
 
+def _paths(v: Any) -> tuple[Path, ...]:
+    """A YAML list of paths, or one string of paths separated by ``:`` or ``,``."""
+    if v is None:
+        return ()
+    if isinstance(v, dict):
+        raise ValueError("expected a list of paths")
+    items = v if isinstance(v, list | tuple) else re.split(r"[:,]", str(v))
+    return tuple(_path(str(item).strip()) for item in items if str(item).strip())
+
+
 def _labels(v: Any) -> dict[str, str]:
     if isinstance(v, dict):
         return {str(k): str(val) for k, val in v.items()}
@@ -182,6 +201,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
+    "base_extra_ca_certs": ("ENVCTL_BASE_EXTRA_CA_CERTS", _paths),
     "results_store": ("ENVCTL_RESULTS_STORE", str),
     "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),

@@ -8,6 +8,7 @@ at the end.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import textwrap
 import threading
@@ -346,7 +347,167 @@ def test_default_mirror_is_an_http_url() -> None:
     assert bi.default_mirror().startswith(("http://", "https://"))
 
 
+# ------------------------------------------------------------- extra CA certificates (pure)
+
+
+def pem(seed: str) -> str:
+    """A PEM block around a DER-shaped body (a SEQUENCE): what the checks look at."""
+    der = b"\x30\x82" + len(seed).to_bytes(2, "big") + seed.encode()
+    body = base64.b64encode(der).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----"]) + "\n"
+
+
+def ca_dir(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+#: The digest of family()'s root as envctl computed it before extra CA certificates existed.
+DIGEST_BEFORE_EXTRA_CAS = "sha256:3b6116e1a46de95a99f07c037fc6db0fd8ce64927548f779d91a30d022a72d6a"
+
+
+def test_no_extra_ca_certificates_leave_every_digest_as_it_was(tmp_path: Path) -> None:
+    root = family(tmp_path / "recipes")
+    plain = bi.load_hierarchy(root, MIRROR)
+    assert plain["base"].digest == DIGEST_BEFORE_EXTRA_CAS
+    assert bi.load_hierarchy(root, MIRROR, []) == plain
+    empty = bi.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"README": "no certificates here"})])
+    assert empty == ()
+    assert bi.load_hierarchy(root, MIRROR, empty) == plain
+    assert bi._recipe_digest("base", root / "base", "", MIRROR, "bookworm", []) == DIGEST_BEFORE_EXTRA_CAS
+
+
+def test_an_extra_ca_certificate_changes_the_root_and_every_descendant(tmp_path: Path) -> None:
+    root = family(tmp_path / "recipes")
+    plain = bi.load_hierarchy(root, MIRROR)
+    certs = bi.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})])
+    with_ca = bi.load_hierarchy(root, MIRROR, certs)
+    for name in plain:
+        assert with_ca[name].digest != plain[name].digest, name
+    assert [c.name for c in with_ca["base"].extra_ca_certs] == ["proxy.crt"]
+    assert with_ca["middle"].extra_ca_certs == ()  # children get them through their parent's layer
+
+
+def test_a_changed_or_renamed_extra_ca_certificate_changes_the_digest(tmp_path: Path) -> None:
+    root = family(tmp_path / "recipes")
+    cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
+
+    def digest() -> str:
+        return bi.load_hierarchy(root, MIRROR, bi.read_extra_ca_certs([cas]))["base"].digest
+
+    first = digest()
+    assert digest() == first
+    (cas / "proxy.crt").write_text(pem("another proxy"))
+    second = digest()
+    assert second != first
+    (cas / "proxy.crt").rename(cas / "corp.crt")
+    assert digest() not in {first, second}
+
+
+def test_extra_ca_certificates_are_sorted_by_name_whatever_the_path_order(tmp_path: Path) -> None:
+    one = ca_dir(tmp_path / "one", {"b.crt": pem("b")})
+    two = ca_dir(tmp_path / "two", {"a.crt": pem("a")})
+    forward = bi.read_extra_ca_certs([one, two])
+    assert [c.name for c in forward] == ["a.crt", "b.crt"]
+    assert bi.read_extra_ca_certs([two, one]) == forward
+    root = family(tmp_path / "recipes")
+    assert bi.load_hierarchy(root, MIRROR, forward) == bi.load_hierarchy(root, MIRROR, forward[::-1])
+
+
+def test_folders_give_only_their_crt_files_and_named_files_count_as_named(tmp_path: Path) -> None:
+    cas = ca_dir(
+        tmp_path / "cas",
+        {
+            "proxy.crt": pem("proxy"),
+            "bundle.pem": pem("pem"),
+            "README": "not a certificate",
+            ".hidden.crt": "not looked at",
+            "corp/root ca.crt": pem("corp"),
+        },
+    )
+    named = ca_dir(tmp_path / "named", {"extra.pem": "comment line\n" + pem("x") + pem("y")})
+    certs = bi.read_extra_ca_certs([cas, named / "extra.pem"])
+    assert [(c.name, c.source) for c in certs] == [
+        ("corp-root_ca.crt", cas / "corp" / "root ca.crt"),
+        ("extra.pem.crt", named / "extra.pem"),
+        ("proxy.crt", cas / "proxy.crt"),
+    ]
+    # only the certificate blocks are kept, as plain PEM
+    assert certs[1].pem == (pem("x") + pem("y")).encode()
+
+
+def test_the_same_certificate_named_twice_counts_once(tmp_path: Path) -> None:
+    cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
+    assert bi.read_extra_ca_certs([cas, cas / "proxy.crt"]) == bi.read_extra_ca_certs([cas])
+
+
+def test_two_certificates_with_one_name_are_refused_naming_both(tmp_path: Path) -> None:
+    one = ca_dir(tmp_path / "one", {"proxy.crt": pem("one")})
+    two = ca_dir(tmp_path / "two", {"proxy.crt": pem("two")})
+    with pytest.raises(InvalidInputError) as err:
+        bi.read_extra_ca_certs([one, two])
+    assert str(two / "proxy.crt") in str(err.value) and str(one / "proxy.crt") in str(err.value)
+
+
+def test_a_missing_named_path_is_refused_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "proxy.crt"
+    with pytest.raises(InvalidInputError) as err:
+        bi.read_extra_ca_certs([missing])
+    assert f"{missing}: no such file or directory" in str(err.value)
+    assert "ENVCTL_BASE_EXTRA_CA_CERTS" in str(err.value)
+    assert err.value.field == "base_extra_ca_certs"
+    assert err.value.details["path"] == str(missing)
+
+
+def test_a_missing_default_folder_means_no_extra_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bi, "DEFAULT_EXTRA_CA_CERTS", tmp_path / "ca-certificates")
+    assert bi.read_extra_ca_certs([tmp_path / "ca-certificates"]) == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("just text\n", "not a PEM certificate"),
+        ("-----BEGIN PRIVATE KEY-----\nMAo=\n-----END PRIVATE KEY-----\n", "not a PEM certificate"),
+        ("-----BEGIN CERTIFICATE-----\nnot*base64\n-----END CERTIFICATE-----\n", "damaged PEM certificate"),
+        ("-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n", "damaged PEM certificate"),
+    ],
+)
+def test_a_file_that_is_not_a_pem_certificate_is_refused_naming_it(tmp_path: Path, text: str, problem: str) -> None:
+    cas = ca_dir(tmp_path / "cas", {"good.crt": pem("good"), "bad.crt": text})
+    with pytest.raises(InvalidInputError) as err:
+        bi.read_extra_ca_certs([cas])
+    assert f"{cas / 'bad.crt'}: {problem}" in str(err.value)
+
+
+def test_build_rejects_a_bad_extra_ca_certificate_before_calling_docker(tmp_path: Path) -> None:
+    no_docker: Any = object()
+    root = family(tmp_path / "recipes")
+    with pytest.raises(InvalidInputError, match="no such file or directory"):
+        bi.build(None, client=no_docker, recipes_dir=root, mirror=MIRROR, extra_ca_certs=[tmp_path / "gone.crt"])
+
+
+def test_build_takes_the_extra_ca_certificates_from_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
+    monkeypatch.delenv("ENVCTL_CONFIG", raising=False)
+    monkeypatch.setenv("ENVCTL_BASE_EXTRA_CA_CERTS", f"{cas}:{tmp_path / 'gone.crt'}")
+    assert bi.default_extra_ca_certs() == (cas, tmp_path / "gone.crt")
+    with pytest.raises(InvalidInputError, match="gone.crt: no such file"):
+        bi.build(None, client=object(), recipes_dir=family(tmp_path / "recipes"), mirror=MIRROR)
+
+
 # ------------------------------------------------------------------------- real builds
+
+
+def shipped_recipes() -> dict[str, bi.Recipe]:
+    """The shipped recipes as ``build`` sees them: this machine's mirror and extra CAs."""
+    certs = bi.read_extra_ca_certs(bi.default_extra_ca_certs())
+    return bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror(), certs)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +531,7 @@ def test_build_returns_bash_then_python3_with_events(built: dict[str, Any]) -> N
 
 @pytest.mark.docker
 def test_built_images_carry_labels_and_digest_tag(docker: Any, built: dict[str, Any]) -> None:
-    recipes = bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror())
+    recipes = shipped_recipes()
     for name, image in built["images"].items():
         attrs = docker.api.inspect_image(image.image_id)
         digest = recipes[name].digest
@@ -386,7 +547,7 @@ def test_built_images_carry_labels_and_digest_tag(docker: Any, built: dict[str, 
 
 @pytest.mark.docker
 def test_image_config_is_the_template_not_the_build_container(docker: Any, built: dict[str, Any]) -> None:
-    recipes = bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror())
+    recipes = shipped_recipes()
     for name, image in built["images"].items():
         attrs = docker.api.inspect_image(image.image_id)
         config = attrs["Config"]
@@ -414,7 +575,7 @@ def test_python3_is_one_layer_on_top_of_bash(docker: Any, built: dict[str, Any])
 @pytest.mark.docker
 @pytest.mark.parametrize("name", ["bash", "python3"])
 def test_verify_scripts_pass_inside_the_built_image(docker: Any, built: dict[str, Any], name: str) -> None:
-    recipes = bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror())
+    recipes = shipped_recipes()
     events: list[bi.BuildEvent] = []
     bi.verify_image(recipes, name, built["images"][name].image_id, client=docker, progress=events.append)
     ran = [e.message for e in events if e.message.startswith("running ")]

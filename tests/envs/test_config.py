@@ -247,3 +247,26 @@ def test_database_url_setting_wins_over_the_default(tmp_path: Path) -> None:
 
 def test_data_dir_expands_the_home_directory() -> None:
     assert load_settings(env={"ENVCTL_DATA_DIR": "~/envctl-data"}).data_dir == (Path.home() / "envctl-data")
+
+
+def test_extra_ca_certs_default_to_debians_local_ca_folder() -> None:
+    assert load_settings(env={}).base_extra_ca_certs == (Path("/usr/local/share/ca-certificates"),)
+
+
+@pytest.mark.parametrize("separated", ["/a/proxy.crt:/b/cas", "/a/proxy.crt,/b/cas", " /a/proxy.crt , /b/cas: "])
+def test_extra_ca_certs_variable_is_paths_separated_by_colons_or_commas(separated: str) -> None:
+    settings = load_settings(env={"ENVCTL_BASE_EXTRA_CA_CERTS": separated})
+    assert settings.base_extra_ca_certs == (Path("/a/proxy.crt"), Path("/b/cas"))
+
+
+def test_extra_ca_certs_in_the_file_are_a_list_and_null_or_empty_means_none(tmp_path: Path) -> None:
+    listed = write_config(tmp_path, "base:\n  extra_ca_certs: [/a/proxy.crt, ~/cas]\n")
+    assert load_settings(listed, env={}).base_extra_ca_certs == (Path("/a/proxy.crt"), Path.home() / "cas")
+    for text in ("base:\n  extra_ca_certs: []\n", "base:\n  extra_ca_certs:\n"):
+        assert load_settings(write_config(tmp_path, text), env={}).base_extra_ca_certs == ()
+
+
+def test_extra_ca_certs_that_are_a_map_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "base:\n  extra_ca_certs: {a: b}\n")
+    with pytest.raises(InvalidInputError, match="base_extra_ca_certs"):
+        load_settings(path, env={})
