@@ -34,9 +34,7 @@ def get_user_by_name(session: Session, name: str) -> User | None:
     return session.scalars(select(User).where(User.name == name)).one_or_none()
 
 
-def issue_token(
-    session: Session, user: User, description: str = "", expires_at: datetime | None = None
-) -> str:
+def issue_token(session: Session, user: User, description: str = "", expires_at: datetime | None = None) -> str:
     """Create a token for ``user`` and return it; it cannot be read back later."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(
@@ -71,9 +69,7 @@ def authenticate(session: Session, token: str | None) -> User:
 
 def ensure_admin(session: Session, name: str = "admin") -> tuple[User, str | None]:
     """Create the first admin if there is none; returns the admin and a new token if made."""
-    admin = session.scalars(
-        select(User).where(User.is_admin.is_(True)).order_by(User.created_at)
-    ).first()
+    admin = session.scalars(select(User).where(User.is_admin.is_(True)).order_by(User.created_at)).first()
     if admin is not None:
         return admin, None
     admin = create_user(session, name, is_admin=True)

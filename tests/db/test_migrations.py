@@ -195,8 +195,6 @@ def test_cli_db_upgrade_uses_envctl_database_url(
     assert dbschema.current_revision(engine) == dbschema.head_revision()
 
 
-
-
 def test_cli_db_current_with_a_data_dir_that_does_not_exist_yet_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

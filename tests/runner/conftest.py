@@ -38,9 +38,7 @@ def runner_db(db: Database) -> Database:
 def seed(db: Database, image_id: str = "sha256:" + "b" * 64, image_ref: str = "python3") -> str:
     """A user and a python3@1 version; returns the user id."""
     with db.session() as s:
-        bash, _ = register_version(
-            s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="bash")
-        )
+        bash, _ = register_version(s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="bash"))
         register_version(
             s,
             NewVersion(environment="python3", image_id=image_id, image_ref=image_ref, parent=bash),

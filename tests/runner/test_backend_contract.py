@@ -22,9 +22,7 @@ from tests.fixtures.services import base_image
 
 
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
-def backend(
-    request: pytest.FixtureRequest, settings: Settings
-) -> Iterator[tuple[RuntimeBackend, str]]:
+def backend(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[RuntimeBackend, str]]:
     if request.param == "fake":
         yield FakeBackend(settings.runner_name), "unused"
         return
@@ -55,9 +53,7 @@ def _agent(b: RuntimeBackend, state: dict[str, Any], spec: RuntimeSpec) -> dict[
     return wait_for_agent(b.socket_path(state, spec.state_dir), time.monotonic() + 30)
 
 
-def test_a_started_runtime_runs_and_its_agent_answers(
-    backend: tuple[RuntimeBackend, str], tmp_path: Path
-) -> None:
+def test_a_started_runtime_runs_and_its_agent_answers(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
     b, image = backend
     spec = spec_for(tmp_path, image)
     state = b.start(spec)
@@ -74,9 +70,7 @@ def test_poll_on_a_missing_container_says_gone_and_does_not_raise(
     assert b.poll({}).status is Status.GONE
 
 
-def test_stop_is_idempotent_and_removes_the_container(
-    backend: tuple[RuntimeBackend, str], tmp_path: Path
-) -> None:
+def test_stop_is_idempotent_and_removes_the_container(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
     b, image = backend
     spec = spec_for(tmp_path, image)
     state = b.start(spec)
@@ -87,9 +81,7 @@ def test_stop_is_idempotent_and_removes_the_container(
     assert spec.runtime_id not in {f.runtime_id for f in b.list_owned()}
 
 
-def test_list_owned_finds_each_runtime_by_its_id(
-    backend: tuple[RuntimeBackend, str], tmp_path: Path
-) -> None:
+def test_list_owned_finds_each_runtime_by_its_id(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
     b, image = backend
     specs = [spec_for(tmp_path, image) for _ in range(2)]
     states = [b.start(s) for s in specs]

@@ -196,8 +196,7 @@ def test_a_gigabyte_of_output_is_capped_and_the_server_stays_small(docker: Any, 
                 f"/runtimes/{rid}/executions",
                 json={
                     "code": (
-                        "import sys\nline = 'y' * 1048575 + '\\n'\n"
-                        "for _ in range(1024):\n    sys.stdout.write(line)"
+                        "import sys\nline = 'y' * 1048575 + '\\n'\nfor _ in range(1024):\n    sys.stdout.write(line)"
                     )
                 },
             ).json()

@@ -34,9 +34,7 @@ def boot(srv: Server, client: httpx.Client, name: str = "demo", **body: Any) -> 
     return srv.wait_state(client, rid, {"running", "error"})
 
 
-def test_a_runtime_boots_from_python3_and_its_container_is_hardened(
-    server: Server, docker: Any
-) -> None:
+def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Server, docker: Any) -> None:
     with server.client() as client:
         rt = boot(server, client, machine_type="small")
         assert rt["state"] == "running", rt
@@ -93,10 +91,7 @@ def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is
             assert container.attrs["HostConfig"]["DeviceRequests"][0]["Count"] == 1
             return
         assert rt["state"] == "error" and rt["state_reason"] == "backend-error"
-        assert (
-            "Docker failed to start" in rt["state_message"]
-            or "Docker failed to create" in rt["state_message"]
-        )
+        assert "Docker failed to start" in rt["state_message"] or "Docker failed to create" in rt["state_message"]
         assert containers_of(docker, rt["id"]) == []
 
 
@@ -120,9 +115,7 @@ def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_resta
         assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
 
 
-def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(
-    server: Server, docker: Any
-) -> None:
+def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(server: Server, docker: Any) -> None:
     with server.client() as client:
         rt = boot(server, client)
     server.kill()
@@ -138,9 +131,7 @@ def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_o
         assert server.wait_state(client, rt["id"], {"running", "error"})["state"] == "running"
 
 
-def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(
-    server: Server, docker: Any
-) -> None:
+def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(server: Server, docker: Any) -> None:
     runner = server.env["ENVCTL_RUNNER_NAME"]
     server.kill()
     orphan = docker.containers.create(

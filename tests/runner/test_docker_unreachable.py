@@ -19,9 +19,7 @@ from tests.runner.conftest import seed
 
 
 def dead_docker(settings: Settings, tmp_path: Path) -> DockerBackend:
-    return DockerBackend(
-        runner=settings.runner_name, base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2
-    )
+    return DockerBackend(runner=settings.runner_name, base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2)
 
 
 def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
@@ -37,9 +35,7 @@ def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
         r = client.post(f"/runtimes/{rt.json()['id']}/start", headers=h)
         assert r.status_code == 503
         body = r.json()["error"]
-        assert (
-            body["code"] == "backend_error" and "Docker engine does not answer" in body["message"]
-        )
+        assert body["code"] == "backend_error" and "Docker engine does not answer" in body["message"]
         assert client.get(f"/runtimes/{rt.json()['id']}", headers=h).json()["state"] == "stopped"
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "Docker" in health["backend"]

@@ -10,17 +10,13 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def test_a_runtime_idle_for_less_than_the_timeout_keeps_running_and_says_when_it_stops() -> None:
-    d = decide(
-        last_activity_at=T0, last_activity="boot", now=T0 + timedelta(minutes=19), timeout=1200
-    )
+    d = decide(last_activity_at=T0, last_activity="boot", now=T0 + timedelta(minutes=19), timeout=1200)
     assert not d.stop
     assert d.shutdown_at == T0 + timedelta(minutes=20)
     assert "boot" in d.reason
 
 
-def test_a_runtime_idle_for_the_whole_timeout_is_stopped_with_the_last_activity_in_the_reason() -> (
-    None
-):
+def test_a_runtime_idle_for_the_whole_timeout_is_stopped_with_the_last_activity_in_the_reason() -> None:
     d = decide(
         last_activity_at=T0,
         last_activity="execution finished",

@@ -79,9 +79,7 @@ def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container
     assert backend.list_owned() == []
 
 
-def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     backend = FakeBackend("dies", boot_delay=5)
     svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
@@ -132,9 +130,7 @@ def test_stopping_while_booting_removes_the_container_without_waiting_for_the_bo
     assert backend.list_owned() == []
 
 
-def test_settings_that_shape_the_container_cannot_change_while_it_runs(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_settings_that_shape_the_container_cannot_change_while_it_runs(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner)
@@ -176,9 +172,7 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
         assert can_transition(State(a), State(b)), f"{a} -> {b} in {seq}"
 
 
-def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     svc = make_runner(FakeBackend("busy", boot_delay=2), runner_name="busy", runner_max_boots=2)
     ids = [svc.create(owner, name=f"r{i}", environment="python3").id for i in range(3)]
@@ -193,9 +187,7 @@ def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(
 # ------------------------------------------------------------------ idle shutdown
 
 
-def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner, idle_timeout=3)
@@ -209,9 +201,7 @@ def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(
     assert stop.details["last_activity"] == "boot" and stop.details["last_activity_at"]
 
 
-def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner, idle_timeout=0)
@@ -251,9 +241,7 @@ def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
     assert rt.state == State.RUNNING
     after = ping(second.state_dir(rid) / "agent.sock")
     assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
-    assert (
-        len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
-    )
+    assert len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
 
 
 def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(
@@ -373,9 +361,7 @@ def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanish
     assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
 
 
-def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(
-    make_runner: Make, runner_db: Database
-) -> None:
+def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(make_runner: Make, runner_db: Database) -> None:
     """A plan that saw ``booting`` and no container must not turn a runtime that has since
     finished booting into an error."""
     from runner import reconcile
