@@ -141,10 +141,14 @@ class Operation(Base):
     owner_id: Mapped[str] = mapped_column(String(40), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     runtime_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    # the runner (envctl process) doing the work: after a crash it finds its unfinished ones
+    runner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | succeeded | failed
     phase: Mapped[str] = mapped_column(String(64), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # images a save made that no version records yet (removed if envctl dies before it does)
+    pending_images: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

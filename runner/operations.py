@@ -6,14 +6,16 @@ long work reads the same at ``GET /operations/{id}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from envs.kit.errors import EnvctlError, NotFoundError
 from envs.kit.ids import new_id
-from runner.models import Operation
+from envs.models import EnvironmentVersion
+from runner.models import Operation, Runtime
 
 if TYPE_CHECKING:
     from runner.service import RunnerService
@@ -46,6 +48,7 @@ class Operations:
             owner_id=owner_id,
             kind=kind,
             runtime_id=runtime_id,
+            runner=self.runner.runner,
             status="succeeded" if finished else "running",
             phase="succeeded" if finished else "queued",
             message=message,
@@ -95,6 +98,63 @@ class Operations:
             error = {"code": "internal", "message": text, "details": {}}
         self.finish(op_id, "failed", error=error, message=text, result=result)
         return text
+
+    def recover(self) -> list[str]:
+        """End the operations this runner left unfinished when it last stopped (a crash, a
+        SIGKILL): called at start, before any new work. A save whose version was recorded is
+        marked done; any other ends ``failed`` with code ``interrupted``, and the images it had
+        made but not recorded are removed, so nothing half-made is left (R15). Build runtimes
+        are deleted. Returns the ids it ended."""
+        with self.runner.db.session() as s:
+            mine = select(Operation).where(Operation.runner == self.runner.runner, Operation.status == "running")
+            stale = list(s.scalars(mine))
+            facts = [(op.id, op.kind, op.owner_id, op.runtime_id, list(op.pending_images or [])) for op in stale]
+        ended = []
+        for op_id, kind, owner_id, runtime_id, pending in facts:
+            try:
+                self._recover_one(op_id, kind, owner_id, runtime_id, pending)
+                ended.append(op_id)
+            except EnvctlError as exc:
+                log.warning("could not end interrupted operation %s: %s", op_id, exc.message)
+        return ended
+
+    def _recover_one(self, op_id: str, kind: str, owner_id: str, runtime_id: str | None, pending: list[str]) -> None:
+        version = None
+        if pending:
+            with self.runner.db.session() as s:
+                row = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.image_id.in_(pending))).first()
+                if row is not None:
+                    version = {"version": row.ref, "digest": row.digest, "image_id": row.image_id}
+        if version is not None and kind == "save":
+            self.finish(op_id, "succeeded", result=version, message=f"saved as {version['version']}")
+            log.info("save %s had recorded %s before envctl stopped; marked done", op_id, version["version"])
+            return
+        recorded = {version["image_id"]} if version is not None else set()
+        for image in pending:
+            if image not in recorded:
+                self.runner.backend.remove_image(image)
+        if kind == "build" and runtime_id is not None:
+            with contextlib.suppress(NotFoundError):
+                self.runner.delete(owner_id, runtime_id)
+        text = f"envctl stopped while this {kind} ran; nothing was kept: run it again"
+        self.finish(
+            op_id,
+            "failed",
+            error={"code": "interrupted", "message": text, "details": {}},
+            message=text,
+        )
+        if kind == "save" and runtime_id is not None:
+            with self.runner._tx() as s:
+                if s.get(Runtime, runtime_id) is not None:
+                    self.runner._log(s, runtime_id, event="save-failed", reason="interrupted", message=text)
+        log.info("%s %s was interrupted by a restart; marked failed", kind, op_id)
+
+    def add_pending(self, op_id: str, image: str) -> None:
+        """Note an image the operation made that no version records yet."""
+        with self.runner.db.session() as s:
+            op = s.get(Operation, op_id)
+            if op is not None:
+                op.pending_images = [*(op.pending_images or []), image]
 
     def get(self, owner_id: str, op_id: str) -> Operation:
         with self.runner.db.session() as s:

@@ -128,6 +128,7 @@ class RunnerService:
         except EnvctlError as exc:
             log.warning("reconciliation at start failed: %s", exc.message)
         self.executions.recover()
+        self.operations.recover()
         if housekeeping:
             self._housekeeper = threading.Thread(
                 target=self._housekeeping_loop, name="envctl-housekeeping", daemon=True

@@ -326,7 +326,9 @@ class Snapshots:
         image_tag = f"v{number}-{op_id[3:11]}"
         self.runner.operations.phase(op_id, "committing", "snapshotting the filesystem")
         baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
+        self.runner.operations.add_pending(op_id, f"{repository}:{image_tag}")
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
+        self.runner.operations.add_pending(op_id, image_id)
         info = self.backend.image_info(image_id)
         parent_info = self.backend.image_info(parent_image)
         if info is None:
@@ -334,6 +336,7 @@ class Snapshots:
         if info.layers > COMPACT_AT_LAYERS:
             self.runner.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
             squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
+            self.runner.operations.add_pending(op_id, squashed)
             self.backend.remove_image(image_id)
             image_id = squashed
             info = self.backend.image_info(image_id) or info
