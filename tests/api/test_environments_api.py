@@ -85,6 +85,7 @@ def test_missing_environment_is_404(api: ApiHarness) -> None:
 
 @pytest.mark.parametrize("ref", ["Python3", "python3@0", "python3@sha256:abc", "a" * 65, "x;y"])
 def test_bad_environment_reference_is_422(api: ApiHarness, ref: str) -> None:
+    """R30."""
     resp = api.get(f"/environments/{ref}")
     assert resp.status_code == 422, resp.text
     err = _assert_envelope(resp.json(), "invalid_input")

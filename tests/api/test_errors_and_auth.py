@@ -36,10 +36,15 @@ class RecordingBackend(FakeBackend):
         super().__init__(runner, **kwargs)
         self.started: list[RuntimeSpec] = []
         self.stopped: list[BackendState] = []
+        self.committed: list[str] = []
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         self.started.append(spec)
         return super().start(spec)
+
+    def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        self.committed.append(f"{repository}:{tag}")
+        return super().commit(state, config=config, repository=repository, tag=tag)
 
     def stop(self, state: BackendState, timeout: float = 5.0) -> None:
         self.stopped.append(dict(state))
@@ -164,6 +169,7 @@ BAD_CREATE: list[Any] = [
 def test_bad_create_input_is_422_and_reaches_nothing(
     recorded: tuple[ApiHarness, RecordingBackend], change: dict[str, Any], field: str
 ) -> None:
+    """R30: shell metacharacters, over-long names, bad digests."""
     api, backend = recorded
     body = {"environment": "python3", "name": "demo", **change}
     err = assert_envelope(api.post("/runtimes", json=body), 422, "invalid_input")
@@ -214,6 +220,7 @@ def test_unknown_environment_is_404_and_creates_nothing(recorded: tuple[ApiHarne
 def test_bad_patch_input_is_422_and_changes_nothing(
     recorded: tuple[ApiHarness, RecordingBackend], change: dict[str, Any], field: str
 ) -> None:
+    """R30."""
     api, backend = recorded
     rt = api.create_runtime()
     before = api.get(f"/runtimes/{rt['id']}").json()
@@ -224,6 +231,47 @@ def test_bad_patch_input_is_422_and_changes_nothing(
     assert api.get(f"/runtimes/{rt['id']}").json() == before
     assert api.log(rt["id"]) == log_before
     assert backend.started == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"environment": "tools; rm -rf /"}, "environment"),
+        ({"environment": "$(id)"}, "environment"),
+        ({"environment": "`id`"}, "environment"),
+        ({"environment": "tools|id"}, "environment"),
+        ({"environment": "tools && id"}, "environment"),
+        ({"environment": "../../etc/passwd"}, "environment"),
+        ({"environment": "acme/x/y"}, "environment"),
+        ({"environment": "Tools"}, "environment"),
+        ({"environment": "tools\x00"}, "environment"),
+        ({"environment": "a" * 65}, "environment"),
+        ({"environment": "t" * 65 + "/tools"}, "environment"),
+        ({"environment": "x" * 131}, "environment"),
+        ({"environment": "tools@sha256:abc"}, "environment"),
+        ({"environment": ""}, "environment"),
+        ({"environment": "tools", "tag": "$(id)"}, "tag"),
+        ({"environment": "tools", "tag": "a b"}, "tag"),
+        ({"environment": "tools", "tag": "t" * 129}, "tag"),
+        ({"environment": "tools", "message": "m" * 2001}, "message"),
+        ({"environment": "tools", "entrypoint": ["sh"]}, "entrypoint"),
+    ],
+)
+def test_bad_save_input_is_422_and_nothing_is_committed(
+    recorded: tuple[ApiHarness, RecordingBackend], body: dict[str, Any], field: str
+) -> None:
+    """R30: environment names and tags with shell metacharacters, over-long, or with a digest;
+    R10: no image config can be asked for."""
+    api, backend = recorded
+    rt = api.create_runtime()
+    assert api.post(f"/runtimes/{rt['id']}/start").status_code == 202
+    api.wait_for(rt["id"], {"running"})
+    before = api.get("/environments").json()
+    err = assert_envelope(api.post(f"/runtimes/{rt['id']}/save", json=body), 422)
+    assert err["details"]["field"] == field, err
+    assert backend.committed == []
+    assert api.get("/environments").json() == before
+    assert not any(e["event"] == "save-started" for e in api.log(rt["id"]))
 
 
 def test_overlong_runtime_id_in_the_path(api: ApiHarness) -> None:
@@ -239,6 +287,7 @@ def test_overlong_runtime_id_in_the_path(api: ApiHarness) -> None:
 def test_other_users_runtime_is_invisible(
     recorded: tuple[ApiHarness, RecordingBackend], other_headers: dict[str, str]
 ) -> None:
+    """R27: every runtime endpoint answers 404 to another user."""
     api, backend = recorded
     rt = api.create_runtime("demo")
     assert api.post(f"/runtimes/{rt['id']}/start").status_code == 202
@@ -279,6 +328,58 @@ def test_other_users_runtime_is_invisible(
     assert [r["id"] for r in api.get("/runtimes", headers=other_headers).json()] == [theirs["id"]]
     assert [r["id"] for r in api.get("/runtimes").json()] == [rid]
     assert_envelope(api.get(f"/runtimes/{theirs['id']}"), 404, "runtime_not_found")
+
+
+def test_other_users_cells_results_saves_and_operations_are_invisible(
+    recorded: tuple[ApiHarness, RecordingBackend], other_headers: dict[str, str]
+) -> None:
+    """R27: everything that hangs off a runtime (cells, their events and results, changes,
+    saves, resets, operations) answers another user as if it did not exist."""
+    api, backend = recorded
+    rt = api.create_runtime("demo")
+    rid = rt["id"]
+    results = api.runner.state_dir(rid) / "results"
+    code = f"open({str(results / 'mine.txt')!r}, 'w').write('private')"
+    ex = api.post(f"/runtimes/{rid}/executions", params={"wait": 20}, json={"code": code}).json()
+    assert ex["status"] == "ok", ex
+    [result] = api.get(f"/executions/{ex['id']}/results").json()
+    op = api.post(f"/runtimes/{rid}/save", json={"environment": "mine"}).json()
+    assert api.get(f"/operations/{op['id']}", params={"wait": 10}).json()["status"] == "succeeded"
+    log_before = api.log(rid)
+    executions_before = api.get(f"/runtimes/{rid}/executions").json()
+
+    for method, path, body in [
+        ("GET", f"/runtimes/{rid}/executions", None),
+        ("POST", f"/runtimes/{rid}/executions", {"code": "1"}),
+        ("GET", f"/executions/{ex['id']}", None),
+        ("POST", f"/executions/{ex['id']}/interrupt", None),
+        ("GET", f"/executions/{ex['id']}/events", None),
+        ("GET", f"/results/{result['id']}", None),
+        ("GET", f"/results/{result['id']}/content", None),
+        ("GET", f"/runtimes/{rid}/changes", None),
+        ("POST", f"/runtimes/{rid}/save", {"environment": "stolen"}),
+        ("POST", f"/runtimes/{rid}/reset", None),
+        ("GET", f"/operations/{op['id']}", None),
+    ]:
+        resp = api.client.request(method, path, headers=other_headers, json=body)
+        assert resp.status_code in (403, 404), (method, path, resp.status_code, resp.text)
+        assert_envelope(resp, resp.status_code)
+        assert "private" not in resp.text and "demo" not in resp.text, (method, path)
+    # Listings filter by owner: B's answer is the one for an id that does not exist.
+    for path in (
+        f"/runtimes/{rid}/results",
+        f"/executions/{ex['id']}/results",
+        f"/results?runtime_id={rid}",
+        "/results",
+    ):
+        assert api.get(path, headers=other_headers).json() == [], path
+
+    out = api.get(f"/runtimes/{rid}").json()
+    assert out["state"] == "running" and out["environment"] == "mine@1"
+    assert api.log(rid) == log_before
+    assert api.get(f"/runtimes/{rid}/executions").json() == executions_before
+    assert api.get("/environments/stolen").status_code == 404
+    assert len(backend.committed) == 1 and len(backend.started) == 1
 
 
 # --------------------------------------------------------------------------- backend faults

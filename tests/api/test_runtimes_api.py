@@ -41,6 +41,7 @@ def test_health(api: ApiHarness) -> None:
 
 
 def test_create_pins_the_exact_version_and_starts_stopped(api: ApiHarness) -> None:
+    """R24: a tag is resolved once, to a version and digest recorded on the runtime."""
     resp = api.post(
         "/runtimes",
         json={
@@ -181,6 +182,7 @@ def test_patch_container_fields_while_running_is_409(api: ApiHarness, change: di
 
 
 def test_patch_while_stopped_repins(api: ApiHarness) -> None:
+    """R24: a moved tag changes nothing until the runtime is imported again."""
     rt = api.create_runtime()
     assert rt["environment"] == "python3@1"
     # A new python3 version appears; the runtime keeps its pin until it is changed.
@@ -443,3 +445,110 @@ def test_queued_boot_is_not_marked_vanished(make_api: AppFactory, prepared_setti
         backend.release.set()
     final = api.wait_settled(rt["id"])
     assert final.state == "running", (final.state_reason, api.state_log(rt["id"]))
+
+
+# --------------------------------------------------------------------------- idle shutdown and saves
+
+
+class _HeldCommit(FakeBackend):
+    """``commit`` waits until released, like ``docker commit`` of a big layer."""
+
+    def __init__(self, runner: str) -> None:
+        super().__init__(runner)
+        self.committing = threading.Event()
+        self.release = threading.Event()
+
+    def commit(self, state, *, config, repository, tag):  # type: ignore[no-untyped-def]
+        self.committing.set()
+        self.release.wait(20)
+        return super().commit(state, config=config, repository=repository, tag=tag)
+
+
+def test_a_save_in_progress_holds_off_idle_shutdown_until_it_ends(
+    make_api: AppFactory, prepared_settings: Settings
+) -> None:
+    """R20: an otherwise idle runtime is not shut down while its save runs, however long; it
+    is one idle timeout after the save ended."""
+    backend = _HeldCommit(prepared_settings.runner_name)
+    api = make_api(backend)
+    rt = _running(api, idle_timeout=2)
+    try:
+        op = api.post(f"/runtimes/{rt['id']}/save", json={"environment": "held"})
+        assert op.status_code == 202, op.text
+        assert backend.committing.wait(5)
+        held = time.monotonic()
+        while time.monotonic() - held < 4:  # two idle timeouts, some twenty housekeeping rounds
+            out = api.get(f"/runtimes/{rt['id']}").json()
+            assert out["state"] == "running" and out["saving"] is True, out
+            assert out["idle_shutdown_at"] is None and "save" in out["idle"]["reason"]
+            time.sleep(0.1)
+    finally:
+        backend.release.set()
+    done = api.get(f"/operations/{op.json()['id']}", params={"wait": 10}).json()
+    assert done["status"] == "succeeded", done
+    ended = time.monotonic()
+    api.wait_for(rt["id"], {"stopped"}, timeout=10)
+    assert 1.5 < time.monotonic() - ended < 5
+    entries = api.log(rt["id"])
+    saved = next(i for i, e in enumerate(entries) if e["event"] == "saved")
+    stopping = next(i for i, e in enumerate(entries) if e["state"] == "stopping")
+    assert saved < stopping and entries[stopping]["reason"] == "idle"
+
+
+# --------------------------------------------------------------------------- pinning
+
+
+class _RecordingStarts(FakeBackend):
+    """The fake engine, remembering the image of every container it was asked to create."""
+
+    def __init__(self, runner: str) -> None:
+        super().__init__(runner)
+        self.images: list[str] = []
+
+    def start(self, spec):  # type: ignore[no-untyped-def]
+        self.images.append(spec.image)
+        return super().start(spec)
+
+
+def _boot_and_stop(api: ApiHarness, rid: str) -> None:
+    assert api.post(f"/runtimes/{rid}/start").status_code == 202
+    api.wait_for(rid, {"running"})
+    assert api.post(f"/runtimes/{rid}/stop").status_code == 202
+    api.wait_for(rid, {"stopped"})
+
+
+def test_a_runtime_imported_by_tag_boots_its_recorded_digest_after_the_tag_moves(
+    make_api: AppFactory, prepared_settings: Settings
+) -> None:
+    """R24: the container is created from the digest recorded when the tag was resolved,
+    not from where the tag points now; a digest that does not match a version aborts."""
+    backend = _RecordingStarts(prepared_settings.runner_name)
+    api = make_api(backend)
+    one, two, three = ("sha256:" + c * 64 for c in "bcd")
+    rt = api.create_runtime(environment="python3")
+    assert (rt["environment"], rt["environment_digest"]) == ("python3@1", one)
+
+    def new_version(image_id: str) -> None:
+        with api.db.session() as s:
+            register_version(s, NewVersion(environment="python3", image_id=image_id, image_ref="moved"))
+
+    new_version(two)  # python3:latest moves to python3@2
+    _boot_and_stop(api, rt["id"])
+    assert backend.images == [one]
+
+    resp = api.patch(f"/runtimes/{rt['id']}", json={"environment": "python3"})  # import by tag
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["environment"], resp.json()["environment_digest"]) == ("python3@2", two)
+    new_version(three)  # and on to python3@3
+    _boot_and_stop(api, rt["id"])
+    assert backend.images == [one, two]
+    assert api.get(f"/runtimes/{rt['id']}").json()["environment"] == "python3@2"
+
+    # A digest that is no version of the environment (here bash@1's) aborts: nothing changes.
+    for ref in ("python3@sha256:" + "e" * 64, "python3@sha256:" + "a" * 64):
+        resp = api.patch(f"/runtimes/{rt['id']}", json={"environment": ref})
+        assert resp.status_code == 404, resp.text
+        assert api.post("/runtimes", json={"environment": ref, "name": "other"}).status_code == 404
+    assert api.get(f"/runtimes/{rt['id']}").json()["environment_digest"] == two
+    assert [r["id"] for r in api.get("/runtimes").json()] == [rt["id"]]
+    assert backend.images == [one, two]

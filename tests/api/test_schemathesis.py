@@ -111,6 +111,7 @@ def _run(
 
 
 def test_schemathesis_every_operation(api: ApiHarness, schema: Any) -> None:
+    """R26: every operation, positive and negative cases: no 5xx, answers match the schema."""
     counts: Counter[str] = Counter()
     operations = _operations(schema)
     for operation in operations:
@@ -135,7 +136,7 @@ RUNTIME_OPERATIONS = {
 
 
 def test_schemathesis_on_a_real_runtime(api: ApiHarness, schema: Any) -> None:
-    """The runtime's own operations with the id of an existing runtime (boots included), and
+    """R26: The runtime's own operations with the id of an existing runtime (boots included), and
     creates with a real environment.
 
     Not ``POST /runtimes/{id}/executions``: on the fake backend a cell runs on this machine,

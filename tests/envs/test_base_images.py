@@ -149,6 +149,7 @@ def test_duplicate_image_in_hierarchy_is_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["Bash", "my image", "../up", "-x"])
 def test_image_names_must_be_docker_repository_names(tmp_path: Path, name: str) -> None:
+    """R30."""
     (tmp_path / "hierarchy.yaml").write_text(f"'{name}': null\n")
     with pytest.raises(InvalidInputError, match="image names are lowercase"):
         bi.load_hierarchy(tmp_path, MIRROR)
@@ -547,6 +548,7 @@ def test_built_images_carry_labels_and_digest_tag(docker: Any, built: dict[str, 
 
 @pytest.mark.docker
 def test_image_config_is_the_template_not_the_build_container(docker: Any, built: dict[str, Any]) -> None:
+    """R10: the image configuration is the trusted template."""
     recipes = shipped_recipes()
     for name, image in built["images"].items():
         attrs = docker.api.inspect_image(image.image_id)

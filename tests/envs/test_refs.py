@@ -116,6 +116,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("text", "names"), INVALID)
 def test_invalid_reference_is_refused_naming_the_bad_part_and_field(text: str, names: str) -> None:
+    """R30: shell metacharacters, over-long names, bad digests."""
     with pytest.raises(InvalidInputError) as caught:
         parse_ref(text, field="runtime.environment")
     err = caught.value

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,7 @@ def test_a_long_cell_runs_to_the_end_with_no_client_and_its_outputs_are_kept(ser
 
 
 def test_a_sigkilled_server_keeps_interpreter_state_and_the_cell_that_was_running(server: Server) -> None:
+    """R11: interpreter state and the running cell survive a SIGKILL of the server."""
     with server.client() as client:
         rid = new_runtime(client)
         run(client, rid, "state = {'n': 42}")
@@ -185,6 +187,7 @@ def test_a_sigkilled_server_keeps_interpreter_state_and_the_cell_that_was_runnin
 
 
 def test_a_gigabyte_of_output_is_capped_and_the_server_stays_small(docker: Any, tmp_path: Path) -> None:
+    """R5: 1 GB printed; stored output under the cap with a truncation marker, server memory bounded."""
     base_image(docker, "python3")
     srv = start_server(docker, tmp_path / "data", ENVCTL_RUNNER_OUTPUT_CAP=str(2 * 1024 * 1024))
     try:
@@ -222,6 +225,7 @@ def _rss_kb(srv: Server) -> int:
 
 
 def test_a_busy_runtime_is_not_shut_down_and_an_idle_one_is_even_with_a_client_watching(server: Server) -> None:
+    """R18, R19: a cell sleeping past twice the idle timeout keeps the runtime; a polling client does not."""
     with server.client() as client:
         rid = new_runtime(client, idle_timeout=2)
         ex = client.post(f"/runtimes/{rid}/executions", json={"code": "import time\ntime.sleep(5)"}).json()
@@ -243,6 +247,34 @@ def test_a_busy_runtime_is_not_shut_down_and_an_idle_one_is_even_with_a_client_w
         log = client.get(f"/runtimes/{rid}/log").json()
         stop = next(e for e in log if e["state"] == "stopping")
         assert stop["reason"] == "idle" and stop["details"]["last_activity"] == "execution finished"
+
+
+def test_a_client_that_stays_connected_to_an_idle_runtime_does_not_keep_it_running(server: Server) -> None:
+    """R19: a page connected from the cell's start (its event stream, then reading everything
+    about the runtime on one keep-alive connection) is not activity: shut down one idle
+    timeout after the cell ended."""
+    with server.client() as client:
+        rid = new_runtime(client, idle_timeout=2)
+        ex = client.post(f"/runtimes/{rid}/executions", json={"code": "print('hi')"}).json()
+        events = list(sse(client, ex["id"]))
+        finished = time.monotonic()
+        assert events[-1][1] == "status" and json.loads(events[-1][2])["status"] == "ok"
+        last_id = [eid for _, e, _, eid in events if e == "output"][-1]
+        while time.monotonic() - finished < 20:
+            assert [e for _, e, _, _ in sse(client, ex["id"], {"Last-Event-ID": last_id or ""})] == ["status"]
+            assert client.get(f"/executions/{ex['id']}", params={"wait": 1}).status_code == 200
+            for path in ("/log", "/executions", "/changes", "/results"):
+                assert client.get(f"/runtimes/{rid}{path}").status_code == 200
+            rt = client.get(f"/runtimes/{rid}").json()
+            if rt["state"] != "running":
+                break
+            time.sleep(0.1)
+        assert rt["state"] in ("stopping", "stopped"), rt
+        assert 1.5 < time.monotonic() - finished < 6
+        stop = next(e for e in client.get(f"/runtimes/{rid}/log").json() if e["state"] == "stopping")
+        assert stop["reason"] == "idle" and stop["details"]["last_activity"] == "execution finished"
+        ended = datetime.fromisoformat(client.get(f"/executions/{ex['id']}").json()["finished_at"])
+        assert abs(datetime.fromisoformat(stop["details"]["last_activity_at"]) - ended) < timedelta(seconds=1)
 
 
 def test_result_files_are_versioned_by_content_and_outlive_the_runtime(server: Server) -> None:
@@ -353,6 +385,7 @@ def test_a_jupyter_runtime_runs_the_ipykernel_of_its_environment(docker: Any, tm
 
 
 def test_executions_of_another_user_are_invisible(server: Server) -> None:
+    """R27: another user's executions answer 404."""
     with server.client() as client:
         rid = new_runtime(client)
         ex = run(client, rid, "1")

@@ -18,6 +18,7 @@ from runner.channel import ping
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.conftest import remove_runner_containers, start_server
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -35,6 +36,7 @@ def boot(srv: Server, client: httpx.Client, name: str = "demo", **body: Any) -> 
 
 
 def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Server, docker: Any) -> None:
+    """R1: no privilege, dropped capabilities, limits, capped logs, only envctl's own mounts."""
     with server.client() as client:
         rt = boot(server, client, machine_type="small")
         assert rt["state"] == "running", rt
@@ -70,6 +72,7 @@ def test_a_runtime_boots_from_python3_and_its_container_is_hardened(server: Serv
 
 
 def test_the_machine_type_sets_the_container_limits(server: Server, docker: Any) -> None:
+    """R1: pids, memory and CPU limits come from the machine type."""
     with server.client() as client:
         rt = boot(server, client, name="big", machine_type="medium")
         assert rt["state"] == "running", rt
@@ -98,6 +101,7 @@ def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is
 def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_restarting_them(
     server: Server, docker: Any
 ) -> None:
+    """R11: adopted after a SIGKILL, same container and agent, none duplicated."""
     with server.client() as client:
         rt = boot(server, client)
         [container] = containers_of(docker, rt["id"])
@@ -116,6 +120,7 @@ def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_resta
 
 
 def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_on(server: Server, docker: Any) -> None:
+    """R12: the runtime is an error with a reason; the server does not crash."""
     with server.client() as client:
         rt = boot(server, client)
     server.kill()
@@ -132,6 +137,7 @@ def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_o
 
 
 def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(server: Server, docker: Any) -> None:
+    """R13: a labelled container with no row is removed after a complete listing."""
     runner = server.env["ENVCTL_RUNNER_NAME"]
     server.kill()
     orphan = docker.containers.create(
@@ -187,3 +193,51 @@ def test_a_paused_container_is_neither_an_error_nor_removed(server: Server, dock
         after = client.get(f"/runtimes/{rt['id']}").json()
         assert after["state"] == "running", after
         assert [c.id for c in containers_of(docker, rt["id"])] == [container.id]
+
+
+HOG = "x = bytearray(1024**3)\nx[::4096] = b'y' * (1024**3 // 4096)"  # touches every page of 1 GB
+
+
+def test_a_runtime_killed_for_memory_is_an_error_with_reason_oom_and_its_neighbour_runs_on(
+    docker: Any, tmp_path: Path
+) -> None:
+    """R3: past the memory limit only that runtime suffers; killed, it is ``error`` / ``oom``."""
+    base_image(docker, "python3")
+    config = tmp_path / "envctl.yaml"
+    config.write_text("machine_types:\n  tiny: {cpus: 1, memory: 256m, pids: 256}\n")
+    srv = start_server(docker, tmp_path / "data", ENVCTL_CONFIG=str(config))
+    try:
+        with srv.client() as client:
+            hog = boot(srv, client, "hog", machine_type="tiny")
+            neighbour = boot(srv, client, "neighbour", machine_type="tiny")
+            assert hog["state"] == neighbour["state"] == "running"
+            [hog_container] = containers_of(docker, hog["id"])
+            assert hog_container.attrs["HostConfig"]["Memory"] == 256 * 1024**2
+            cell = client.post(
+                f"/runtimes/{neighbour['id']}/executions", params={"wait": 30}, json={"code": "kept = 42"}
+            ).json()
+            assert cell["status"] == "ok"
+
+            # The kernel running the cell is the biggest process: the kernel dies, the cell fails.
+            ex = client.post(f"/runtimes/{hog['id']}/executions", params={"wait": 30}, json={"code": HOG}).json()
+            assert ex["status"] == "error", ex
+
+            # When the memory killer takes the runtime's main process (the agent), the container
+            # dies of it: the runtime is an error that says so, and its container is removed.
+            victim = "import os\nopen(f'/proc/{os.getppid()}/oom_score_adj', 'w').write('1000')\n" + HOG
+            client.post(f"/runtimes/{hog['id']}/executions", params={"wait": 30}, json={"code": victim})
+            dead = srv.wait_state(client, hog["id"], {"error"}, timeout=30)
+            assert dead["state_reason"] == "oom", dead
+            assert "out of memory" in dead["state_message"]
+            assert containers_of(docker, hog["id"]) == []
+
+            assert client.get("/health").json()["status"] == "ok"
+            assert client.get(f"/runtimes/{neighbour['id']}").json()["state"] == "running"
+            again = client.post(
+                f"/runtimes/{neighbour['id']}/executions", params={"wait": 30}, json={"code": "kept"}
+            ).json()
+            assert again["outputs"][0]["data"]["text/plain"] == "42"  # its interpreter state too
+            assert client.post(f"/runtimes/{hog['id']}/start").status_code == 202
+            assert srv.wait_state(client, hog["id"], {"running", "error"})["state"] == "running"
+    finally:
+        remove_runner_containers(docker, srv)

@@ -13,7 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from envs.kit.errors import BackendError
+from runner.backends.docker import DockerBackend
+from runner.snapshots import CONFIG_KEYS
+from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
+from tests.fixtures.services import base_image
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -83,6 +88,7 @@ def _layers(docker: Any, image_id: str) -> list[bytes]:
 
 
 def test_a_saved_image_holds_no_secret_mount_results_or_agent_files(server: Server, docker: Any) -> None:
+    """R7, R8, R10: no secret in config or layers, nothing under mounts or /results, config from the template."""
     with server.client() as client:
         rid = new_runtime(client, "leaky")
         code = (
@@ -158,6 +164,7 @@ def test_unsaved_changes_survive_an_idle_shutdown_as_a_draft(server: Server) -> 
 
 
 def test_a_runtime_stays_pinned_to_its_version_when_the_tag_moves(server: Server) -> None:
+    """R24: booted after the tag moved, the runtime still uses its recorded version."""
     with server.client() as client:
         author = new_runtime(client, "author", language="bash")
         run(client, author, "echo one > /root/v")
@@ -206,6 +213,7 @@ def test_lineage_goes_three_levels_down_to_the_base_and_deleting_a_needed_versio
 
 
 def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
+    """R20: no idle shutdown while a save runs."""
     with server.client() as client:
         rid = new_runtime(client, "slowsave", language="bash", idle_timeout=1)
         run(client, rid, "head -c 150000000 /dev/urandom > /root/big.bin")
@@ -305,3 +313,48 @@ def test_a_failing_step_fails_the_build_naming_file_line_and_step(server: Server
         assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
         r = client.post("/environments/build", json={"spec": "name: x\nsteps: []\n", "source": "f.yaml"})
         assert r.status_code == 422 and r.json()["error"]["message"] == "f.yaml: extends: missing"
+
+
+def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_would_add(docker: Any) -> None:
+    """R10: whatever the container's own entrypoint, user, workdir or environment, the image
+    config is the template's; where Docker's commit would merge the container's in, nothing is
+    saved."""
+    image = base_image(docker, "bash")
+    backend = DockerBackend(docker, runner=f"r10-{TEST_SESSION}")
+    parent = docker.api.inspect_image(image)["Config"]
+    template = {key: parent.get(key) for key in CONFIG_KEYS}
+    template["Labels"] = {TEST_LABEL: TEST_SESSION, "envctl.environment": "r10"}
+    labels = {TEST_LABEL: TEST_SESSION}
+    made: list[Any] = []
+    try:
+        # Own command and working directory: the template sets both, so the image has its.
+        plain = docker.containers.create(image, ["sleep", "600"], working_dir="/tmp", labels=labels)
+        made.append(plain)
+        plain.start()
+        image_id = backend.commit({"container_id": plain.id}, config=template, repository="envctl-test/r10", tag="ok")
+        config = docker.api.inspect_image(image_id)["Config"]
+        assert {key: config.get(key) or None for key in CONFIG_KEYS} == {
+            key: template[key] or None for key in CONFIG_KEYS
+        }
+        assert config["Cmd"] == ["/bin/bash"] and config["WorkingDir"] == "/root"
+        docker.api.remove_image(image_id)
+
+        # Own entrypoint, user and a secret in its environment: refused, and no image is left.
+        hostile = docker.containers.create(
+            image,
+            ["600"],
+            entrypoint=["/bin/sleep"],
+            user="nobody",
+            working_dir="/tmp",
+            environment={"API_TOKEN": SECRET},
+            labels=labels,
+        )
+        made.append(hostile)
+        hostile.start()
+        with pytest.raises(BackendError, match="differs from the trusted template") as refused:
+            backend.commit({"container_id": hostile.id}, config=template, repository="envctl-test/r10", tag="no")
+        assert {"Env", "Entrypoint", "User"} <= set(refused.value.details["fields"])
+        assert docker.images.list(name="envctl-test/r10") == []
+    finally:
+        for container in made:
+            container.remove(force=True)

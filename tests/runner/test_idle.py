@@ -28,6 +28,7 @@ def test_a_runtime_idle_for_the_whole_timeout_is_stopped_with_the_last_activity_
 
 
 def test_a_busy_runtime_is_never_stopped_however_long_it_was_quiet() -> None:
+    """R18."""
     d = decide(
         last_activity_at=T0,
         last_activity="boot",
@@ -40,6 +41,7 @@ def test_a_busy_runtime_is_never_stopped_however_long_it_was_quiet() -> None:
 
 
 def test_a_save_in_progress_holds_off_the_shutdown() -> None:
+    """R20."""
     d = decide(
         last_activity_at=T0,
         last_activity="boot",

@@ -231,6 +231,7 @@ def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
 def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
     make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
+    """R11: adopted, same agent, one container."""
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
@@ -247,6 +248,7 @@ def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
 def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(
     make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
+    """R12."""
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
@@ -272,6 +274,7 @@ def test_a_container_that_died_is_an_error_found_by_housekeeping(
 def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
     make_runner: Make, runner_db: Database, settings, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
+    """R13."""
     from envs.kit.config import DEFAULT_MACHINE_TYPES
     from runner.backends.base import RuntimeSpec
     from runner.service import AGENT_DIR
@@ -294,9 +297,51 @@ def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
     assert backend.list_owned() == []
 
 
+def test_a_labelled_container_with_no_row_is_kept_while_the_backend_or_the_database_fails(
+    make_runner: Make, runner_db: Database, settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """R13: never removed on a failed listing or a failed query; removed once both answer."""
+    from envs.kit.config import DEFAULT_MACHINE_TYPES
+    from envs.kit.errors import DatabaseUnavailableError
+    from runner.backends.base import RuntimeSpec
+    from runner.service import AGENT_DIR
+    from tests.fixtures.services import _free_port
+
+    owner = seed(runner_db)
+    first = make_runner()
+    rid = running(first, owner)
+    first._closing.set()
+    orphan = "rt_orphan1111111111"
+    FakeBackend(settings.runner_name).start(
+        RuntimeSpec(orphan, "orphan", "img", "python3@1", DEFAULT_MACHINE_TYPES["small"], tmp_path / "o", AGENT_DIR)
+    )
+    down = FakeBackend(settings.runner_name, unreachable=True)
+    svc = make_runner(down)  # its first reconciliation cannot list
+    with pytest.raises(BackendError):
+        svc.reconcile()
+    down.unreachable = False
+    assert sorted(f.runtime_id for f in down.list_owned()) == sorted([rid, orphan])
+
+    # The engine answers, the database does not: without the rows, no container is an orphan.
+    answering = svc.db
+    svc.db = Database(f"postgresql+psycopg://envctl@127.0.0.1:{_free_port()}/gone")  # nothing listens
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            svc.reconcile()
+    finally:
+        svc.db.dispose()
+        svc.db = answering
+    assert sorted(f.runtime_id for f in down.list_owned()) == sorted([rid, orphan])
+
+    svc.reconcile()
+    assert [f.runtime_id for f in down.list_owned()] == [rid]
+    assert svc.get(owner, rid).state == State.RUNNING
+
+
 def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(
     make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
+    """R14: marked with the reason, container id kept, re-adopted when the engine answers."""
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
