@@ -101,8 +101,12 @@ class Snapshots:
         # The parent's own labels carry over (a base image's OCI labels, a team's labels), but
         # not envctl's: those say what an image *is* (a base image of a recipe, a draft, a
         # version) and belong to the parent alone.
-        inherited = {k: v for k, v in (base.get("Labels") or {}).items() if not k.startswith("envctl.")}
-        config["Labels"] = {**inherited, **labels}
+        # The engine merges the container's labels (its image's) back into a commit, so those of
+        # envctl's are given empty values here rather than just left out.
+        parent_labels = base.get("Labels") or {}
+        inherited = {k: v for k, v in parent_labels.items() if not k.startswith("envctl.")}
+        neutral = {k: "" for k in parent_labels if k.startswith("envctl.")}
+        config["Labels"] = {**inherited, **neutral, **labels}
         return config
 
     # ------------------------------------------------------------------ changes
@@ -215,7 +219,7 @@ class Snapshots:
         message: str = "",
         tag: str | None = None,
     ) -> Operation:
-        full = environment.strip()
+        full = environment  # not stripped: "tools\n" is refused, as everywhere else
         team, _, name = full.rpartition("/")
         if team:
             check_name(team, "environment", "team")
@@ -274,9 +278,13 @@ class Snapshots:
                     details={"version": version.ref},
                 )
         finally:
-            with self._lock:
-                self._saving.discard(runtime_id)
-            self.runner.touch(runtime_id, "save finished")
+            try:
+                # activity first, then "no longer saving": idle shutdown never sees a runtime
+                # that is neither saving nor freshly active (R20)
+                self.runner.touch(runtime_id, "save finished")
+            finally:
+                with self._lock:
+                    self._saving.discard(runtime_id)
 
     def save_now(
         self,

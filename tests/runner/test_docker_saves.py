@@ -111,6 +111,9 @@ def test_a_saved_image_holds_no_secret_mount_results_or_agent_files(server: Serv
         labels = attrs["Config"]["Labels"]
         assert labels["org.opencontainers.image.base.name"] == "python3@1"
         assert labels["envctl.source-runtime"] == rid and labels["envctl.runtime-id"] == ""
+        # what the base image's labels say (a recipe, its digest) is not said of a saved version
+        for key in ("envctl.base-image", "envctl.recipe-digest", "envctl.parent-image"):
+            assert not labels.get(key), (key, labels.get(key))
         layers = _layers(docker, image_id)
         with tarfile.open(fileobj=io.BytesIO(layers[-1])) as top:
             names = top.getnames()
