@@ -45,6 +45,39 @@ class KernelDiedError(Exception):
     pass
 
 
+# The runtime's memory cgroup, as the container sees it: cgroup v2, then v1.
+_OOM_EVENTS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this container (None: unknown)."""
+    for path in _OOM_EVENTS:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def memory_limit() -> int | None:
+    """The container's memory limit in bytes (None: none or unknown)."""
+    for path in _MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+        return None
+    return None
+
+
 class Kernel:
     """Base: a child process whose stdout/stderr become stream outputs."""
 
@@ -59,6 +92,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._fatal: str | None = None
+        self._oom_kills_at_start: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     def alive(self) -> bool:
@@ -69,6 +103,7 @@ class Kernel:
             return
         self._ready.clear()
         self._fatal = None
+        self._oom_kills_at_start = oom_kills()
         self._start()
         if not self._ready.wait(timeout):
             self.kill()
@@ -190,15 +225,19 @@ class Kernel:
         if self._busy:
             self._busy = False
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            self.on_event(
-                "output",
-                {
-                    "output_type": "error",
-                    "ename": "KernelDied",
-                    "evalue": f"the {self.language} kernel died ({how}); a new one starts with the next cell",
-                    "traceback": [],
-                },
-            )
+            ename = "KernelDied"
+            evalue = f"the {self.language} kernel died ({how}); a new one starts with the next cell"
+            kills = oom_kills()
+            if code == -signal.SIGKILL and kills is not None and kills > (self._oom_kills_at_start or 0):
+                limit = memory_limit()
+                allowed = f" (its machine type allows {limit // 1048576} MB)" if limit else ""
+                ename = "OutOfMemory"
+                evalue = (
+                    f"the {self.language} kernel ran out of memory{allowed} and was killed; its variables are "
+                    "lost and a new kernel starts with the next cell. Use less memory, or choose a larger "
+                    "machine type"
+                )
+            self.on_event("output", {"output_type": "error", "ename": ename, "evalue": evalue, "traceback": []})
             self.on_event("done", {"status": "error", "execution_count": None})
 
 

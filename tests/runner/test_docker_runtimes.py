@@ -218,9 +218,15 @@ def test_a_runtime_killed_for_memory_is_an_error_with_reason_oom_and_its_neighbo
             ).json()
             assert cell["status"] == "ok"
 
-            # The kernel running the cell is the biggest process: the kernel dies, the cell fails.
+            # The kernel running the cell is the biggest process: the kernel dies, the cell fails
+            # and says why, and the runtime goes on with a fresh kernel.
             ex = client.post(f"/runtimes/{hog['id']}/executions", params={"wait": 30}, json={"code": HOG}).json()
             assert ex["status"] == "error", ex
+            assert ex["error_name"] == "OutOfMemory", ex
+            assert "ran out of memory" in ex["error_value"] and "256 MB" in ex["error_value"]
+            assert client.get(f"/runtimes/{hog['id']}").json()["state"] == "running"
+            fresh = client.post(f"/runtimes/{hog['id']}/executions", params={"wait": 30}, json={"code": "1+1"}).json()
+            assert fresh["status"] == "ok"
 
             # When the memory killer takes the runtime's main process (the agent), the container
             # dies of it: the runtime is an error that says so, and its container is removed.
