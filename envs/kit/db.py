@@ -264,5 +264,11 @@ def _is_connection_problem(exc: Exception) -> bool:
     if isinstance(exc, PoolTimeoutError):
         return True
     if isinstance(exc, OperationalError):
-        return bool(exc.connection_invalidated) or "connect" in str(exc).lower() or "closed" in str(exc).lower()
+        text = str(exc).lower()
+        return (
+            bool(exc.connection_invalidated)
+            or "connect" in text
+            or "closed" in text
+            or "unable to open database" in text  # a SQLite file whose folder went away
+        )
     return False

@@ -170,3 +170,11 @@ def test_an_unreachable_sqlite_file_is_a_503(tmp_path) -> None:  # type: ignore[
     db = Database(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
     with pytest.raises(DatabaseUnavailableError), db.hot() as w:
         w.execute(HotStatement(insert(Runtime)), {})
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_a_503_on_every_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = Database(f"sqlite:///{tmp_path / 'gone' / 'envctl.db'}")
+    with pytest.raises(DatabaseUnavailableError), db.session() as s:
+        s.execute(select(Execution.id))
+    with pytest.raises(DatabaseUnavailableError), db.connection() as c:
+        c.execute(select(Execution.id))
