@@ -45,6 +45,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in (
         (401, "no or unknown bearer token"),
+        (403, "not allowed to this user, e.g. a change to another user's environment"),
         (404, "no such resource (or not yours)"),
         (409, "the resource's state does not allow it"),
         (422, "bad input; details.field names it"),

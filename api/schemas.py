@@ -112,6 +112,11 @@ class VersionOut(BaseModel):
 class EnvironmentOut(BaseModel):
     name: str
     team: str | None
+    owner: str | None = Field(
+        default=None,
+        description="the user name of its owner, who (with admins) may add and delete versions; "
+        "null: no owner (a base image), only admins may",
+    )
     latest: str | None = Field(description="the version the latest tag points at")
     tags: dict[str, str]
     versions: list[VersionOut]

@@ -13,7 +13,12 @@ from envs.kit.db import Base, UTCDateTime
 
 
 class Environment(Base):
-    """A named line of images: ``python3``, ``acme/ml``. ``namespace`` is the team or ''."""
+    """A named line of images: ``python3``, ``acme/ml``. ``namespace`` is the team or ''.
+
+    ``owner_id`` is the user who created it (its first save, build or load); only they and
+    admins may add versions to it or delete them. ``None`` is no owner: base images, and
+    environments older than owners; only admins may change those. Anyone may read any.
+    """
 
     __tablename__ = "environments"
     __table_args__ = (UniqueConstraint("namespace", "name"),)
@@ -22,6 +27,10 @@ class Environment(Base):
     namespace: Mapped[str] = mapped_column(String(64), default="")
     name: Mapped[str] = mapped_column(String(64))
     description: Mapped[str] = mapped_column(Text, default="")
+    # A user who goes leaves their environments to the admins (SET NULL), not to nobody.
+    owner_id: Mapped[str | None] = mapped_column(
+        String(40), ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     versions: Mapped[list[EnvironmentVersion]] = relationship(

@@ -1,4 +1,11 @@
-"""Rules for environments, versions and tags. Functions take the caller's session."""
+"""Rules for environments, versions and tags. Functions take the caller's session.
+
+Ownership: the registry is shared, so anyone may read any environment (list, show, lineage,
+export, boot from it, import it, extend it under another name). Writing to one (a new
+version, a tag moved) and deleting its versions is for its owner and admins only; an
+environment with no owner (a base image, or one older than owners) is for admins only. The
+writer is a ``Writer``; ``None`` in its place is envctl itself (``envctl base build``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from envs.errors import EnvironmentNotFoundError, VersionNotFoundError
 from envs.kit.clock import utcnow
+from envs.kit.errors import ForbiddenError
 from envs.models import Environment, EnvironmentVersion, Tag
 from envs.refs import DEFAULT_TAG, EnvRef, check_name, parse_ref
 
@@ -23,7 +31,41 @@ def get_environment(session: Session, full_name: str) -> Environment | None:
     ).one_or_none()
 
 
-def get_or_create_environment(session: Session, full_name: str) -> Environment:
+@dataclass(frozen=True)
+class Writer:
+    """A user about to change environments (admins may change any)."""
+
+    user_id: str
+    is_admin: bool = False
+
+
+def may_write(env: Environment, writer: Writer | None) -> bool:
+    """Whether ``writer`` may add versions to ``env``, move its tags or delete its versions."""
+    if writer is None or writer.is_admin:
+        return True
+    return env.owner_id is not None and env.owner_id == writer.user_id
+
+
+def check_write(env: Environment | None, writer: Writer | None, action: str, advice: str = "") -> None:
+    """Refuse (403 ``forbidden``) a change to ``env`` by someone who may not make it.
+
+    ``None`` for ``env`` is one that does not exist yet: whoever creates it will own it.
+    ``action`` names the change ("save into it"); ``advice`` says what to do instead.
+    """
+    if env is None or may_write(env, writer):
+        return
+    if env.owner_id is None:
+        who = "has no owner (a base image, or older than owners): only an admin"
+    else:
+        who = "belongs to another user: only its owner or an admin"
+    raise ForbiddenError(
+        f"environment {env.full_name!r} {who} may {action}" + (f"; {advice}" if advice else ""),
+        details={"environment": env.full_name},
+    )
+
+
+def get_or_create_environment(session: Session, full_name: str, owner_id: str | None = None) -> Environment:
+    """The environment ``full_name``; made, owned by ``owner_id``, if there is none."""
     env = get_environment(session, full_name)
     if env is not None:
         return env
@@ -31,7 +73,7 @@ def get_or_create_environment(session: Session, full_name: str) -> Environment:
     if namespace:
         check_name(namespace, "environment", "team")
     check_name(name, "environment", "environment name")
-    env = Environment(namespace=namespace, name=name, created_at=utcnow())
+    env = Environment(namespace=namespace, name=name, owner_id=owner_id, created_at=utcnow())
     session.add(env)
     session.flush()
     return env
@@ -90,19 +132,31 @@ class NewVersion:
     tag: str | None = DEFAULT_TAG  # None: leave the tags as they are
 
 
-def register_version(session: Session, new: NewVersion) -> tuple[EnvironmentVersion, bool]:
+def register_version(
+    session: Session, new: NewVersion, writer: Writer | None = None
+) -> tuple[EnvironmentVersion, bool]:
     """Record a version; returns ``(version, created)``.
 
     A version with the same digest in the same environment is the same version: it is
     returned with ``created=False`` and no number is used up. The tag is moved either way.
+
+    ``writer`` owns the environment if this makes it; if it exists, a new version or a moved
+    tag is refused (403) unless ``writer`` may write to it (``None``: envctl itself). Naming a
+    version the environment already has, with no tag to move, writes nothing and is allowed
+    to anyone: a loaded archive carries the base images its lineage stands on.
     """
-    env = get_or_create_environment(session, new.environment)
+    env = get_or_create_environment(session, new.environment, writer.user_id if writer is not None else None)
     digest = new.digest or new.image_id
     existing = session.scalars(
         select(EnvironmentVersion).where(
             EnvironmentVersion.environment_id == env.id, EnvironmentVersion.digest == digest
         )
     ).one_or_none()
+    moves_tag = bool(new.tag) and not any(
+        t.name == new.tag and existing is not None and t.version_id == existing.id for t in env.tags
+    )
+    if existing is None or moves_tag:
+        check_write(env, writer, "add versions to it", "use a name of your own")
     created = existing is None
     if existing is None:
         number = (
@@ -214,11 +268,14 @@ def dependents(session: Session, version: EnvironmentVersion) -> dict[str, list[
     return {"versions": sorted(c.ref for c in children), "runtimes": list(runtimes)}
 
 
-def delete_version(session: Session, version: EnvironmentVersion) -> str:
+def delete_version(session: Session, version: EnvironmentVersion, writer: Writer | None) -> str:
     """Forget a version nothing depends on; returns its image id. Tags on it move back to the
-    newest remaining version of the environment (or go away with the last one)."""
+    newest remaining version of the environment (or go away with the last one).
+
+    Only the environment's owner or an admin may (403 otherwise, before anything else)."""
     from envs.errors import VersionInUseError
 
+    check_write(version.environment, writer, "delete its versions")
     needs = dependents(session, version)
     if needs["versions"] or needs["runtimes"]:
         parts = []

@@ -11,6 +11,7 @@ from envs import service as envs_service
 from envs.kit.errors import BackendError
 from envs.models import EnvironmentVersion
 from envs.refs import parse_ref
+from runner.snapshots import writer_of
 
 if TYPE_CHECKING:
     from runner.service import RunnerService
@@ -58,9 +59,22 @@ class Archives:
             raw_path.unlink(missing_ok=True)
         return out_path
 
-    def load(self, path: Path) -> list[dict[str, Any]]:
-        """Check an archive, load its images, and record its versions with their lineage."""
+    def load(self, path: Path, user_id: str) -> list[dict[str, Any]]:
+        """Check an archive, load its images, and record its versions with their lineage.
+
+        Loading versions into an environment is writing to it: refused (403) before any image
+        is loaded unless ``user_id`` owns it or is an admin. Environments the load makes are
+        theirs; versions already present (a lineage's base images) are no writes.
+        """
         checked = archive.check(path)
+        with self.runner.db.session() as s:
+            writer = writer_of(s, user_id)
+            for v in checked.meta["versions"]:
+                env = envs_service.get_environment(s, str(v.get("environment", "")))
+                if env is not None and not any(x.digest == v.get("digest") for x in env.versions):
+                    envs_service.check_write(
+                        env, writer, "load versions into it", "ask its owner or an admin to load this archive"
+                    )
         with tempfile.NamedTemporaryFile(dir=self.scratch(), suffix=".docker.tar", delete=False) as out:
             docker_path = Path(out.name)
             archive.docker_archive(path, checked, out)
@@ -93,6 +107,7 @@ class Archives:
                         labels=v.get("labels") or {},
                         tag="latest" if env is None or not env.tags else None,
                     ),
+                    writer,
                 )
                 by_image[v["image_id"]] = version
                 loaded.append({"ref": version.ref, "exported_as": v["ref"], "digest": version.digest, "new": created})

@@ -4,6 +4,9 @@ A temporary runtime boots from the parent, runs each step as a cell (outputs sto
 execution, so the build log can be followed live), and is saved; then it is deleted. The same
 spec on the same parent digest reuses the version it made before (a cache hit), recorded on
 the version as the label ``envctl.spec-digest``.
+
+Building into an environment is writing to it: only its owner or an admin may (403 before the
+build runtime boots); a new name becomes the builder's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from envs.spec import Spec, parse
 from runner.models import Operation
+from runner.snapshots import writer_of
 from runner.states import State
 
 if TYPE_CHECKING:
@@ -39,6 +43,12 @@ class Builds:
         """Check the spec now (422 on any problem), then build it in the background (202)."""
         spec = parse(text, source)
         with self.runner.db.session() as s:
+            envs_service.check_write(
+                envs_service.get_environment(s, spec.name),
+                writer_of(s, owner_id),
+                "build into it",
+                "give the spec a name of your own",
+            )
             parent = envs_service.resolve(s, spec.extends, "extends")
             parent_ref, parent_digest = parent.ref, parent.digest
             digest = spec.digest(parent_digest)

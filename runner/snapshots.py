@@ -31,12 +31,15 @@ from envs.kit.errors import BackendError, ConflictError, EnvctlError, InvalidInp
 from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
 from envs.refs import _TAG_RE, check_name
+from registry.models import User
 from runner.backends.base import Change
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.models import Operation, Runtime
 from runner.states import State
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from runner.service import RunnerService
 
 log = logging.getLogger("envctl.snapshots")
@@ -71,6 +74,15 @@ def _parent(path: str) -> str:
 
 def _is_file(mark: list[int]) -> bool:
     return len(mark) >= 3 and stat.S_ISREG(mark[2])
+
+
+def writer_of(session: Session, user_id: str) -> envs_service.Writer:
+    """The user ``user_id`` as a writer of environments: admins may write to any."""
+    user = session.get(User, user_id)
+    return envs_service.Writer(user_id, bool(user is not None and user.is_admin))
+
+
+SAVE_ACTION = ("save into it", "save under a name of your own")
 
 
 class Snapshots:
@@ -229,6 +241,8 @@ class Snapshots:
         if tag is not None and not _TAG_RE.match(tag):
             raise InvalidInputError(f"tag: {tag[:80]!r} is not a valid tag", field="tag")
         rt = self.runner.get(owner_id, runtime_id)
+        with self.runner.db.session() as s:  # 403 now, before any operation or commit
+            envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
         if rt.state != State.RUNNING:
             raise ConflictError(
                 f"only a running runtime can be saved; it is {rt.state}"
@@ -306,6 +320,8 @@ class Snapshots:
             parent_ref, parent_digest = parent.ref, parent.digest
             state = dict(rt.backend_state or {})
             env = envs_service.get_environment(s, environment)
+            writer = writer_of(s, owner_id)
+            envs_service.check_write(env, writer, *SAVE_ACTION)  # again: builds come this way, and time passed
             number = (max((v.number for v in env.versions), default=0) + 1) if env is not None else 1
         now = self.runner.clock()
         labels = {
@@ -366,6 +382,7 @@ class Snapshots:
                     labels=labels,
                     tag="latest",
                 ),
+                writer,
             )
             if tag and tag != "latest":
                 envs_service.set_tag(s, version.environment, tag, version)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
@@ -17,6 +19,7 @@ from envs.errors import EnvironmentNotFoundError
 from envs.kit.errors import InvalidInputError
 from envs.models import Environment, EnvironmentVersion
 from envs.refs import parse_ref
+from registry.models import User
 
 router = APIRouter(tags=["environments"])
 
@@ -37,7 +40,16 @@ def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
     )
 
 
-def environment_out(env: Environment) -> EnvironmentOut:
+def owner_names(s: Session, envs: list[Environment]) -> dict[str, str]:
+    """User names of the owners of ``envs``, by user id."""
+    ids = {e.owner_id for e in envs if e.owner_id is not None}
+    if not ids:
+        return {}
+    rows = s.execute(select(User.id, User.name).where(User.id.in_(ids)))
+    return {uid: name for uid, name in rows}
+
+
+def environment_out(env: Environment, owners: dict[str, str]) -> EnvironmentOut:
     tags_by_version: dict[int, list[str]] = {}
     for t in env.tags:
         tags_by_version.setdefault(t.version_id, []).append(t.name)
@@ -46,6 +58,7 @@ def environment_out(env: Environment) -> EnvironmentOut:
     return EnvironmentOut(
         name=env.full_name,
         team=env.namespace or None,
+        owner=owners.get(env.owner_id) if env.owner_id is not None else None,
         latest=tags.get("latest"),
         tags=tags,
         versions=[version_out(v, tags_by_version.get(v.id, [])) for v in env.versions],
@@ -54,33 +67,37 @@ def environment_out(env: Environment) -> EnvironmentOut:
 
 @router.get("/environments", response_model=list[EnvironmentOut])
 def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
-    """Every environment with its versions and tags."""
+    """Every environment with its versions, tags and owner. Every user sees every one."""
     with ctx.db.session() as s:
-        return [environment_out(e) for e in envs_service.list_environments(s)]
+        envs = envs_service.list_environments(s)
+        owners = owner_names(s, envs)
+        return [environment_out(e, owners) for e in envs]
 
 
 @router.post("/environments/build", status_code=202, response_model=OperationOut)
 def build(body: BuildRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     """Build a spec file: checked now (422 ``file:line: field: problem``), built in the
     background; the operation lists each step with the execution that runs it. The same spec
-    on the same parent reuses the version built before."""
+    on the same parent reuses the version built before. Building into an environment of
+    another user (or a base image, unless an admin) is refused with 403."""
     op = ctx.runner.builds.build(caller.id, caller.name, body.spec, body.source)
     return operation_out(op)
 
 
 @router.post("/environments/load", status_code=201, response_model=list[LoadedVersion])
-async def load(request: Request, ctx: CtxDep, _caller: CallerDep) -> list[LoadedVersion]:
+async def load(request: Request, ctx: CtxDep, caller: CallerDep) -> list[LoadedVersion]:
     """Load an archive made by ``GET /environments/{ref}/export`` (the request body, as
     application/x-tar): its images and its versions with their lineage. An archive with
     paths outside its root, links, devices or blobs that do not match their digests is
-    refused with 422 and nothing is loaded."""
+    refused with 422 and nothing is loaded; so is, with 403, one that would add versions to
+    an environment of another user. Environments it makes are the caller's."""
     archives = ctx.runner.archives
     with tempfile.NamedTemporaryFile(dir=archives.scratch(), suffix=".upload.tar", delete=False) as f:
         path = Path(f.name)
         async for chunk in request.stream():
             f.write(chunk)
     try:
-        loaded = await run_in_threadpool(archives.load, path)
+        loaded = await run_in_threadpool(archives.load, path, caller.id)
     finally:
         path.unlink(missing_ok=True)
     return [LoadedVersion(**v) for v in loaded]
@@ -135,15 +152,16 @@ def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
 
 
 @router.delete("/environments/{ref:path}", status_code=204)
-def delete_version(ref: str, ctx: CtxDep, _caller: CallerDep) -> Response:
-    """Delete one version (``name@N`` or ``name@sha256:...``). Refused with 409, naming them,
-    while child versions or runtimes depend on it."""
+def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
+    """Delete one version (``name@N`` or ``name@sha256:...``). Only the environment's owner
+    or an admin may (403; base images: admins only). Refused with 409, naming them, while
+    child versions or runtimes depend on it."""
     parsed = parse_ref(ref, "ref")
     if not parsed.is_pinned:
         raise InvalidInputError("ref: name one version to delete, as name@N or name@sha256:...", field="ref")
     with ctx.db.session() as s:
         version = envs_service.resolve(s, parsed, "ref")
-        image_id = envs_service.delete_version(s, version)
+        image_id = envs_service.delete_version(s, version, envs_service.Writer(caller.id, caller.is_admin))
     ctx.runner.backend.remove_image(image_id)
     return Response(status_code=204)
 
@@ -160,4 +178,4 @@ def get_environment(ref: str, ctx: CtxDep, _caller: CallerDep) -> EnvironmentOut
         if parsed.is_pinned:
             envs_service.resolve(s, parsed, "ref")  # 404 for a version that does not exist
         s.refresh(env)
-        return environment_out(env)
+        return environment_out(env, owner_names(s, [env]))

@@ -487,8 +487,8 @@ def test_a_save_in_progress_holds_off_idle_shutdown_until_it_ends(
     done = api.get(f"/operations/{op.json()['id']}", params={"wait": 10}).json()
     assert done["status"] == "succeeded", done
     ended = time.monotonic()
-    api.wait_for(rt["id"], {"stopped"}, timeout=10)
-    assert 1.5 < time.monotonic() - ended < 5
+    api.wait_for(rt["id"], {"stopped"}, timeout=20)
+    assert 1.5 < time.monotonic() - ended < 15  # not before one idle timeout; late only on a loaded machine
     entries = api.log(rt["id"])
     saved = next(i for i, e in enumerate(entries) if e["event"] == "saved")
     stopping = next(i for i, e in enumerate(entries) if e["state"] == "stopping")

@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from envs import service
 from envs.errors import EnvironmentNotFoundError, VersionNotFoundError
 from envs.kit.db import Database
-from envs.kit.errors import InvalidInputError
+from envs.kit.errors import ForbiddenError, InvalidInputError
 from envs.models import Environment, EnvironmentVersion, Tag
-from envs.service import NewVersion
+from envs.service import NewVersion, Writer
 
 
 def image(seed: str) -> str:
@@ -259,3 +259,74 @@ def test_timestamps_come_back_timezone_aware(db: Database) -> None:
     for stamp in stamps:
         assert stamp.tzinfo is not None
         assert stamp.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def writers(db: Database) -> tuple[Writer, Writer, Writer]:
+    """Alice and Bob (ordinary users) and an admin, as writers of environments."""
+    from registry.service import create_user
+
+    with db.session() as s:
+        ids = [create_user(s, name, is_admin=name == "root").id for name in ("alice", "bob", "root")]
+    return Writer(ids[0]), Writer(ids[1]), Writer(ids[2], is_admin=True)
+
+
+def test_whoever_makes_an_environment_owns_it_and_base_images_have_no_owner(db: Database) -> None:
+    alice, _bob, _admin = writers(db)
+    with db.session() as s:
+        service.register_version(s, new("mine", "a"), alice)
+        service.register_base_images(s, BASE_IMAGES)
+    with db.session() as s:
+        owners = {e.full_name: e.owner_id for e in service.list_environments(s)}
+    assert owners == {"mine": alice.user_id, "bash": None, "python3": None}
+
+
+def test_only_the_owner_or_an_admin_adds_versions_to_an_environment(db: Database) -> None:
+    alice, bob, admin = writers(db)
+    with db.session() as s:
+        service.register_version(s, new("mine", "a"), alice)
+    with db.session() as s, pytest.raises(ForbiddenError) as caught:
+        service.register_version(s, new("mine", "b"), bob)
+    assert caught.value.status == 403 and caught.value.code == "forbidden"
+    assert "'mine' belongs to another user" in caught.value.message
+    assert caught.value.details == {"environment": "mine"}
+    assert resolved_number(db, "mine") == 1
+    with db.session() as s:
+        assert service.register_version(s, new("mine", "b"), alice)[0].number == 2
+        assert service.register_version(s, new("mine", "c"), admin)[0].number == 3
+        assert service.get_environment(s, "mine").owner_id == alice.user_id  # type: ignore[union-attr]
+
+
+def test_naming_a_version_an_environment_has_writes_nothing_and_is_anyones(db: Database) -> None:
+    """What lets anyone load an archive whose lineage holds the base images already here."""
+    _alice, bob, _admin = writers(db)
+    with db.session() as s:
+        service.register_base_images(s, BASE_IMAGES)
+    with db.session() as s:
+        same = new("python3", "python3-img", tag=None)
+        version, created = service.register_version(s, same, bob)
+        assert (version.ref, created) == ("python3@1", False)
+        with pytest.raises(ForbiddenError, match="'python3' has no owner"):
+            service.register_version(s, new("python3", "python3-img", tag="stable"), bob)  # a tag would move
+    with db.session() as s, pytest.raises(ForbiddenError, match="only an admin"):
+        service.register_version(s, new("python3", "other"), bob)
+
+
+def test_only_the_owner_or_an_admin_deletes_a_version(db: Database) -> None:
+    alice, bob, admin = writers(db)
+    with db.session() as s:
+        service.register_version(s, new("mine", "a"), alice)
+        service.register_version(s, new("mine", "b"), alice)
+        service.register_base_images(s, BASE_IMAGES)
+    with db.session() as s:
+        with pytest.raises(ForbiddenError, match="'mine' belongs to another user: only its owner or an admin"):
+            service.delete_version(s, service.resolve(s, "mine@2"), bob)
+        with pytest.raises(ForbiddenError, match="'python3' has no owner"):
+            service.delete_version(s, service.resolve(s, "python3@1"), alice)
+    with db.session() as s:
+        assert service.delete_version(s, service.resolve(s, "mine@2"), alice) == image("b")
+        assert service.delete_version(s, service.resolve(s, "python3@1"), admin) == image("python3-img")
+    with db.session() as s:
+        assert [e.full_name for e in service.list_environments(s)] == ["bash", "mine"]

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from api.dbschema import upgrade
@@ -125,3 +126,44 @@ def test_garbage_is_not_an_archive(server: Server) -> None:
     with server.client() as client:
         r = client.post("/environments/load", content=b"this is not a tar file at all" * 10)
         assert r.status_code == 422 and "not a readable tar file" in r.json()["error"]["message"]
+
+
+def test_an_archive_that_would_add_to_another_users_environment_is_refused_before_loading(
+    server: Server, docker: Any, tmp_path: Path
+) -> None:
+    """An archive of the admin's team/portable@2 (since deleted here) may not be loaded by Bob:
+    it would add a version to the admin's environment. Refused with 403 before its images reach
+    the engine; that its lineage names versions already here (team/portable@1, python3@1,
+    bash@1) is no write and not what is refused."""
+    with server.client() as client:
+        rid = new_runtime(client, "maker", language="bash")
+        run(client, rid, "echo once > /root/first")
+        first = save(client, rid, "team/portable", "first")["result"]["image_id"]
+        run(client, rid, "echo twice > /root/second")
+        second = save(client, rid, "team/portable", "second")["result"]["image_id"]
+        archive = tmp_path / "portable.tar"
+        with client.stream("GET", "/environments/team/portable@2/export") as resp:
+            assert resp.status_code == 200
+            with open(archive, "wb") as f:
+                for chunk in resp.iter_bytes():
+                    f.write(chunk)
+        assert client.delete("/environments/team/portable@2").status_code == 409  # the runtime is on it
+        client.delete(f"/runtimes/{rid}")
+        assert client.delete("/environments/team/portable@2").status_code == 204
+        if any(i.id == second for i in docker.images.list()):
+            docker.images.remove(second, force=True)  # only the archive has it now
+
+    from envs.kit.db import Database
+    from registry.service import create_user, issue_token
+
+    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
+    with db.session() as s:
+        token = issue_token(s, create_user(s, "bob"), "tests")
+    db.dispose()
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as bob:
+        r = bob.post("/environments/load", content=archive.read_bytes())
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden" and "'team/portable'" in r.json()["error"]["message"]
+        assert [i for i in docker.images.list() if i.id == second] == []  # not loaded
+        versions = bob.get("/environments/team/portable").json()["versions"]
+        assert [v["image_id"] for v in versions] == [first]

@@ -361,3 +361,39 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
     finally:
         for container in made:
             container.remove(force=True)
+
+
+def _user_client(server: Server, name: str) -> httpx.Client:
+    """A client of ``server`` for a new ordinary user ``name``."""
+    from envs.kit.db import Database
+    from registry.service import create_user, issue_token
+
+    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
+    with db.session() as s:
+        token = issue_token(s, create_user(s, name), "tests")
+    db.dispose()
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def test_a_save_into_another_users_environment_is_refused_before_any_image_is_made(server: Server, docker: Any) -> None:
+    """Alice's environment stays hers: Bob's save into it is 403 and commits nothing; his save
+    of her version under his own name works and is his."""
+    with _user_client(server, "alice") as alice, _user_client(server, "bob") as bob:
+        mine = new_runtime(alice, "workbench", language="bash")
+        run(alice, mine, "echo alice > /root/owner")
+        save(alice, mine, "mine", "alice's")
+        theirs = new_runtime(bob, "borrowed", environment="mine", language="bash")
+        assert text(run(bob, theirs, "cat /root/owner")) == "alice\n"  # booting from it is open
+        run(bob, theirs, "echo bob > /root/owner")
+        images = {i.id for i in docker.images.list(filters={"label": f"{TEST_LABEL}={TEST_SESSION}"})}
+
+        r = bob.post(f"/runtimes/{theirs}/save", json={"environment": "mine"})
+
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "forbidden" and "'mine'" in r.json()["error"]["message"]
+        assert {i.id for i in docker.images.list(filters={"label": f"{TEST_LABEL}={TEST_SESSION}"})} == images
+        assert alice.get("/environments/mine").json()["latest"] == "mine@1"
+        assert bob.delete("/environments/mine@1").status_code == 403
+        assert save(bob, theirs, "bobs")["result"]["version"] == "bobs@1"
+        assert bob.get("/environments/bobs").json()["owner"] == "bob"
+        assert [s["ref"] for s in bob.get("/environments/bobs/lineage").json()][:2] == ["bobs@1", "mine@1"]
