@@ -149,12 +149,10 @@ class Operations:
                     self.runner._log(s, runtime_id, event="save-failed", reason="interrupted", message=text)
         log.info("%s %s was interrupted by a restart; marked failed", kind, op_id)
 
-    def add_pending(self, op_id: str, image: str) -> None:
-        """Note an image the operation made that no version records yet."""
-        with self.runner.db.session() as s:
-            op = s.get(Operation, op_id)
-            if op is not None:
-                op.pending_images = [*(op.pending_images or []), image]
+    def set_pending(self, op_id: str, images: list[str]) -> None:
+        """Note the images the operation made (or is making) that no version records yet."""
+        with self.runner.db.connection() as c:
+            c.execute(update(Operation).where(Operation.id == op_id).values(pending_images=list(images)))
 
     def get(self, owner_id: str, op_id: str) -> Operation:
         with self.runner.db.session() as s:

@@ -350,9 +350,11 @@ class Snapshots:
         image_tag = f"v{number}-{op_id[3:11]}"
         self.runner.operations.phase(op_id, "committing", "snapshotting the filesystem")
         baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
-        self.runner.operations.add_pending(op_id, f"{repository}:{image_tag}")
+        pending = [f"{repository}:{image_tag}"]  # removed by the next start if envctl dies first
+        self.runner.operations.set_pending(op_id, pending)
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
-        self.runner.operations.add_pending(op_id, image_id)
+        pending.append(image_id)
+        self.runner.operations.set_pending(op_id, pending)
         info = self.backend.image_info(image_id)
         parent_info = self.backend.image_info(parent_image)
         if info is None:
@@ -360,7 +362,8 @@ class Snapshots:
         if info.layers > COMPACT_AT_LAYERS:
             self.runner.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
             squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
-            self.runner.operations.add_pending(op_id, squashed)
+            pending.append(squashed)
+            self.runner.operations.set_pending(op_id, pending)
             self.backend.remove_image(image_id)
             image_id = squashed
             info = self.backend.image_info(image_id) or info

@@ -29,9 +29,9 @@ def _crashed_save(svc: RunnerService, owner: str, rid: str, *, recorded: bool) -
     version was written): a running operation and its image."""
     op = svc.operations.create(owner, "save", "saving saver as mine", runtime_id=rid)
     rt = svc.get(owner, rid)
-    svc.operations.add_pending(op.id, "envctl/mine:v1-test")
+    svc.operations.set_pending(op.id, ["envctl/mine:v1-test"])
     image = svc.backend.commit(dict(rt.backend_state), config={}, repository="envctl/mine", tag="v1-test")
-    svc.operations.add_pending(op.id, image)
+    svc.operations.set_pending(op.id, ["envctl/mine:v1-test", image])
     if recorded:
         with svc.db.session() as s:
             register_version(s, NewVersion(environment="mine", image_id=image, image_ref="envctl/mine:v1-test"))
