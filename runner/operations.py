@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
@@ -153,6 +154,19 @@ class Operations:
         """Note the images the operation made (or is making) that no version records yet."""
         with self.runner.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(pending_images=list(images)))
+
+    def wait(self, owner_id: str, op_id: str, timeout: float) -> Operation:
+        """The operation once it has ended, or as it is after ``timeout`` seconds. Woken by
+        ``finish`` at once (no polling delay on the end of a save)."""
+        deadline = time.monotonic() + timeout
+        changed = self.runner._changed
+        with changed:
+            while True:
+                op = self.get(owner_id, op_id)
+                remaining = deadline - time.monotonic()
+                if op.status != "running" or remaining <= 0:
+                    return op
+                changed.wait(min(remaining, 0.5))
 
     def get(self, owner_id: str, op_id: str) -> Operation:
         with self.runner.db.session() as s:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -21,10 +20,4 @@ def get_operation(
     caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for it to finish")] = 0,
 ) -> OperationOut:
-    operations = ctx.runner.operations
-    op = operations.get(caller.id, operation_id)
-    deadline = time.monotonic() + wait
-    while op.status == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
-        op = operations.get(caller.id, operation_id)
-    return operation_out(op)
+    return operation_out(ctx.runner.operations.wait(caller.id, operation_id, wait))
