@@ -9,6 +9,9 @@ read-only, and the runtime's private state directory).
 from __future__ import annotations
 
 import contextlib
+import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,8 @@ from runner.backends.base import (
 # nodes, audit log writes, file capabilities, chroot, and handing capabilities around.
 DROPPED_CAPABILITIES = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SYS_CHROOT", "SETPCAP"]
 SECURITY_OPT = ["no-new-privileges:true"]
+_IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_IMAGE_INFO_TTL = 60.0  # seconds an image id's inspection is reused (see image_info)
 # Errors from the transport: the daemon is not there or does not answer.
 _TRANSPORT_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -94,6 +99,8 @@ class DockerBackend(RuntimeBackend):
         self.labels = dict(labels or {})
         self.log_max_size = log_max_size
         self.network = network
+        self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
+        self._image_infos_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -312,6 +319,12 @@ class DockerBackend(RuntimeBackend):
             )
 
     def image_info(self, image: str) -> ImageInfo | None:
+        # An image id names one immutable image: what was read of it a moment ago still holds
+        # (a save asks about its parent and its new image several times). Names can move, so
+        # they are always asked anew; removing an image forgets it.
+        cached = self._image_infos.get(image) if _IMAGE_ID_RE.fullmatch(image) else None
+        if cached is not None and time.monotonic() - cached[0] < _IMAGE_INFO_TTL:
+            return cached[1]
         try:
             attrs = self.client.api.inspect_image(image)
         except docker.errors.ImageNotFound:
@@ -321,12 +334,17 @@ class DockerBackend(RuntimeBackend):
         except Exception as exc:
             raise _daemon_error(f"inspect image {image[:30]}", exc) from exc
         cfg = attrs.get("Config") or {}
-        return ImageInfo(
+        info = ImageInfo(
             id=str(attrs["Id"]),
             size=int(attrs.get("Size") or 0),
             layers=len((attrs.get("RootFS") or {}).get("Layers") or []),
             config={k: cfg.get(k) for k in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels")},
         )
+        with self._image_infos_lock:
+            self._image_infos[info.id] = (time.monotonic(), info)
+            while len(self._image_infos) > 256:
+                self._image_infos.pop(next(iter(self._image_infos)))
+        return info
 
     # Archive work goes through the docker CLI (python-on-whales): it saves several images
     # into one archive, sharing their layers, which the SDK's single-image call does not.
@@ -349,6 +367,7 @@ class DockerBackend(RuntimeBackend):
             raise BackendError(f"Docker refused the images: {exc.stderr or exc}") from exc
 
     def remove_image(self, image: str) -> None:
+        self._image_infos.pop(image, None)
         try:
             self.client.api.remove_image(image, force=False, noprune=False)
         except (docker.errors.ImageNotFound, docker.errors.NotFound):
