@@ -145,6 +145,7 @@ class Builds:
                 message=f"built {ref}",
             )
         except Exception as exc:
+            runner.operations.discard_pending(op_id)  # a snapshot made but not recorded
             runner.operations.fail(op_id, exc, "build", result={"spec_digest": digest, "steps": steps})
         finally:
             if rid is not None:

@@ -119,21 +119,35 @@ class Operations:
                 log.warning("could not end interrupted operation %s: %s", op_id, exc.message)
         return ended
 
+    def _recorded(self, pending: list[str]) -> dict[str, str] | None:
+        """The version that records one of ``pending``'s images, if any."""
+        if not pending:
+            return None
+        with self.runner.db.session() as s:
+            row = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.image_id.in_(pending))).first()
+            return {"version": row.ref, "digest": row.digest, "image_id": row.image_id} if row is not None else None
+
+    def discard_pending(self, op_id: str) -> None:
+        """Remove the images the operation made that no version records (it failed)."""
+        with self.runner.db.session() as s:
+            op = s.get(Operation, op_id)
+            pending = list(op.pending_images or []) if op is not None else []
+        self._remove_unrecorded(pending, self._recorded(pending))
+
+    def _remove_unrecorded(self, pending: list[str], version: dict[str, str] | None) -> None:
+        recorded = {version["image_id"]} if version is not None else set()
+        for image in pending:
+            if image not in recorded:
+                with contextlib.suppress(EnvctlError):
+                    self.runner.backend.remove_image(image)
+
     def _recover_one(self, op_id: str, kind: str, owner_id: str, runtime_id: str | None, pending: list[str]) -> None:
-        version = None
-        if pending:
-            with self.runner.db.session() as s:
-                row = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.image_id.in_(pending))).first()
-                if row is not None:
-                    version = {"version": row.ref, "digest": row.digest, "image_id": row.image_id}
+        version = self._recorded(pending)
         if version is not None and kind == "save":
             self.finish(op_id, "succeeded", result=version, message=f"saved as {version['version']}")
             log.info("save %s had recorded %s before envctl stopped; marked done", op_id, version["version"])
             return
-        recorded = {version["image_id"]} if version is not None else set()
-        for image in pending:
-            if image not in recorded:
-                self.runner.backend.remove_image(image)
+        self._remove_unrecorded(pending, version)
         if kind == "build" and runtime_id is not None:
             with contextlib.suppress(NotFoundError):
                 self.runner.delete(owner_id, runtime_id)

@@ -272,6 +272,7 @@ class Snapshots:
         try:
             version = self.save_now(op_id, owner_id, author, runtime_id, environment, message, tag)
         except Exception as exc:
+            self.runner.operations.discard_pending(op_id)
             text = self.runner.operations.fail(op_id, exc, "save")
             with self.runner._tx() as s:
                 self.runner._log(s, runtime_id, event="save-failed", reason="error", message=text)
@@ -320,8 +321,6 @@ class Snapshots:
             parent_ref, parent_digest = parent.ref, parent.digest
             state = dict(rt.backend_state or {})
             env = envs_service.get_environment(s, environment)
-            writer = writer_of(s, owner_id)
-            envs_service.check_write(env, writer, *SAVE_ACTION)  # again: builds come this way, and time passed
             number = (max((v.number for v in env.versions), default=0) + 1) if env is not None else 1
         now = self.runner.clock()
         labels = {
@@ -348,13 +347,15 @@ class Snapshots:
             config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
         repository = "envctl/" + environment
         image_tag = f"v{number}-{op_id[3:11]}"
-        self.runner.operations.phase(op_id, "committing", "snapshotting the filesystem")
+        # What the save makes is noted before and after it is made: if envctl dies before the
+        # version is recorded, the next start removes it (Operations.recover); a failed save
+        # removes it at once (_save).
+        pending = [f"{repository}:{image_tag}"]
+        self.runner.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
         baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
-        pending = [f"{repository}:{image_tag}"]  # removed by the next start if envctl dies first
-        self.runner.operations.set_pending(op_id, pending)
         image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
         pending.append(image_id)
-        self.runner.operations.set_pending(op_id, pending)
+        self.runner.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
         info = self.backend.image_info(image_id)
         parent_info = self.backend.image_info(parent_image)
         if info is None:
@@ -363,11 +364,10 @@ class Snapshots:
             self.runner.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
             squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
             pending.append(squashed)
-            self.runner.operations.set_pending(op_id, pending)
+            self.runner.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
             self.backend.remove_image(image_id)
             image_id = squashed
             info = self.backend.image_info(image_id) or info
-        self.runner.operations.phase(op_id, "recording", "recording the new version")
         with self.runner.db.session() as s:
             parent_row = s.get(EnvironmentVersion, parent_id)
             version, _created = envs_service.register_version(
@@ -385,7 +385,7 @@ class Snapshots:
                     labels=labels,
                     tag="latest",
                 ),
-                writer,
+                writer_of(s, owner_id),  # the one check that counts: in the transaction that records
             )
             if tag and tag != "latest":
                 envs_service.set_tag(s, version.environment, tag, version)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from envs.kit.db import Database
-from envs.service import NewVersion, register_version
+from envs.service import NewVersion, Writer, register_version
 from runner.backends.fake import FakeBackend
 from runner.models import Operation
 from runner.service import RunnerService
@@ -95,3 +95,34 @@ def test_finished_operations_are_not_touched_again(make_runner: Make, runner_db:
     make_runner()
     op = _op(runner_db, done.id)
     assert op.status == "succeeded" and op.error is None
+
+
+def test_a_save_that_fails_after_its_snapshot_removes_the_snapshot(make_runner: Make, runner_db: Database) -> None:
+    """A save refused when it comes to record its version (here: the environment became
+    someone else's meanwhile) leaves no image behind."""
+    from registry.service import create_user
+
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = _running(svc, owner)
+    backend = FakeBackend(svc.runner)
+    made: list[str] = []
+    commit = backend.commit
+
+    def commit_then_lose_the_name(state, **kw):  # type: ignore[no-untyped-def]
+        image = commit(state, **kw)
+        made.append(image)
+        with svc.db.session() as s:  # another user takes the name between snapshot and record
+            other = create_user(s, "mallory")
+            register_version(
+                s,
+                NewVersion(environment="contested", image_id="sha256:" + "e" * 64, image_ref="x"),
+                writer=Writer(other.id),
+            )
+        return image
+
+    svc.backend.commit = commit_then_lose_the_name  # type: ignore[method-assign]
+    op = svc.snapshots.save(owner, "alice", rid, environment="contested")
+    done = svc.operations.wait(owner, op.id, 15)
+    assert done.status == "failed" and done.error is not None and done.error["code"] == "forbidden", done.error
+    assert made and backend.image_info(made[0]) is None, "the unrecorded snapshot must be removed"
