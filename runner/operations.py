@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from envs.kit.errors import EnvctlError, NotFoundError
 from envs.kit.ids import new_id
@@ -41,8 +42,10 @@ class Operations:
         runtime_id: str | None = None,
         result: dict[str, Any] | None = None,
         finished: bool = False,
+        session: Session | None = None,
     ) -> Operation:
-        """Record a new operation (running, or already ``succeeded`` when ``finished``)."""
+        """Record a new operation (running, or already ``succeeded`` when ``finished``), in
+        ``session``'s transaction when one is given."""
         now = self.runner.clock()
         op = Operation(
             id=new_id("op"),
@@ -57,6 +60,10 @@ class Operations:
             created_at=now,
             finished_at=now if finished else None,
         )
+        if session is not None:
+            session.add(op)
+            session.flush()
+            return op
         with self.runner.db.session() as s:
             s.add(op)
         return op

@@ -240,29 +240,35 @@ class Snapshots:
             raise InvalidInputError(f"message: at most {MAX_MESSAGE} characters", field="message")
         if tag is not None and not _TAG_RE.match(tag):
             raise InvalidInputError(f"tag: {tag[:80]!r} is not a valid tag", field="tag")
-        rt = self.runner.get(owner_id, runtime_id)
-        with self.runner.db.session() as s:  # 403 now, before any operation or commit
-            envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
-        if rt.state != State.RUNNING:
-            raise ConflictError(
-                f"only a running runtime can be saved; it is {rt.state}"
-                + (" (start it: its unsaved changes come back with it)" if rt.draft_image_id else ""),
-                details={"state": rt.state},
-            )
-        with self._lock:
-            if runtime_id in self._saving:
-                raise ConflictError("a save of this runtime is already in progress")
-            self._saving.add(runtime_id)
+        claimed = False
         try:
-            op = self.runner.operations.create(owner_id, "save", f"saving {rt.name} as {full}", runtime_id=runtime_id)
+            # one transaction: the runtime (404 if not the caller's), the 403 (before any
+            # operation or commit), the state, the operation and the log line
             with self.runner._tx() as s:
+                rt = self.runner._get(s, owner_id, runtime_id)
+                envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
+                if rt.state != State.RUNNING:
+                    raise ConflictError(
+                        f"only a running runtime can be saved; it is {rt.state}"
+                        + (" (start it: its unsaved changes come back with it)" if rt.draft_image_id else ""),
+                        details={"state": rt.state},
+                    )
+                with self._lock:
+                    if runtime_id in self._saving:
+                        raise ConflictError("a save of this runtime is already in progress")
+                    self._saving.add(runtime_id)
+                    claimed = True
+                op = self.runner.operations.create(
+                    owner_id, "save", f"saving {rt.name} as {full}", runtime_id=runtime_id, session=s
+                )
                 self.runner._log(
                     s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
                 )
             self.runner._submit_plain(self._save, op.id, owner_id, author, runtime_id, full, message, tag)
         except BaseException:
-            with self._lock:
-                self._saving.discard(runtime_id)
+            if claimed:
+                with self._lock:
+                    self._saving.discard(runtime_id)
             raise
         return op
 
