@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+import registry.models  # noqa: F401  (environments.owner_id refers to users: their table must be known)
 from envs.kit.clock import utcnow
 from envs.kit.db import Base, UTCDateTime
 
