@@ -243,12 +243,11 @@ class Database:
             raise
 
     def dispose(self) -> None:
-        with self._hot_lock:
-            hot = list(self._hot_all)
-            self._hot_all = weakref.WeakSet()
+        # Hot connections are never closed from here: a worker thread may be using its own
+        # right now, and closing a sqlite3 connection under another thread crashes the
+        # process. Dropping the references is enough: each closes when the last user lets go.
+        self._hot_file = None  # from now on hot() takes the Core path
         self._hot_local = threading.local()
-        for conn in hot:
-            conn.close()
         self.engine.dispose()
 
 

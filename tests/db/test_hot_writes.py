@@ -137,7 +137,7 @@ def test_a_column_default_is_never_silently_skipped(db: Database) -> None:
         w.execute(ex.INSERT_EXECUTION, values)
 
 
-def test_each_thread_writes_on_its_own_connection_and_dispose_closes_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_each_thread_writes_on_its_own_connection_which_closes_with_the_thread(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from api.dbschema import upgrade
 
     url = f"sqlite:///{tmp_path / 'h.db'}"
@@ -163,7 +163,10 @@ def test_each_thread_writes_on_its_own_connection_and_dispose_closes_them(tmp_pa
     with db.session() as s:
         assert len(s.scalars(select(Execution.id)).all()) == 80
     db.dispose()
-    assert len(db._hot_all) == 0
+    import gc
+
+    gc.collect()
+    assert len(db._hot_all) == 0, "a thread's connection closes when the thread is gone"
 
 
 def test_an_unreachable_sqlite_file_is_a_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -178,3 +181,39 @@ def test_a_sqlite_file_that_cannot_be_opened_is_a_503_on_every_path(tmp_path) ->
         s.execute(select(Execution.id))
     with pytest.raises(DatabaseUnavailableError), db.connection() as c:
         c.execute(select(Execution.id))
+
+
+def test_dispose_while_a_thread_writes_does_not_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """CI caught a segfault: dispose() closed a worker's sqlite3 connection under it."""
+    from api.dbschema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    upgrade(url)
+    db = Database(url)
+    rid, owner = _runtime(db)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                with db.hot() as w:
+                    w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, f"ex_w{i}", i))
+            except DatabaseUnavailableError:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    t = threading.Thread(target=write)
+    t.start()
+    import time
+
+    time.sleep(0.2)
+    db.dispose()
+    time.sleep(0.2)
+    stop.set()
+    t.join(10)
+    assert errors == []
