@@ -195,11 +195,16 @@ def _apply(service: RunnerService, action: Action) -> None:
             if action.oom_killed
             else f"the runtime's container exited with code {action.exit_code}"
         )
+        with service.db.session() as s:
+            row = s.get(Runtime, rid)
+            if row is None or (action.seen is not None and State(row.state) != action.seen):
+                return  # the row moved on since the plan was made: not this round's business
         tail = backend.logs_tail(action.state)
         if tail.strip() and not action.oom_killed:
             message += "; last output: " + tail.strip()[-500:]
+        backend.stop(action.state, timeout=1)  # the dead container goes before the row says so
         with service._tx() as s:
-            moved = service._transition(
+            service._transition(
                 s,
                 rid,
                 State.ERROR,
@@ -209,8 +214,6 @@ def _apply(service: RunnerService, action: Action) -> None:
                 values={"backend_state": {}, "booted_at": None},
                 details={"exit_code": action.exit_code},
             )
-        if moved:  # remove the dead container only once the row says it is no longer in use
-            backend.stop(action.state, timeout=1)
         return
     if action.kind == "adopt":
         with service.db.session() as s:
