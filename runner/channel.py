@@ -55,13 +55,15 @@ class AgentChannel:
     def post(self, op: str, **fields: Any) -> None:
         """Send a request whose reply nobody waits for (``ack``): it is read, and dropped,
         before the next request's. Saves a round trip between two cells."""
-        rid = next(self._ids)
-        payload = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":")) + "\n"
+        self._send(op, fields)
+        self._unread += 1
+
+    def _send(self, op: str, fields: dict[str, Any]) -> None:
+        payload = json.dumps({"id": next(self._ids), "op": op, **fields}, separators=(",", ":")) + "\n"
         try:
             self._sock.sendall(payload.encode())
         except OSError as exc:
             raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
-        self._unread += 1
 
     def _skip_unread(self) -> None:
         while self._unread:
@@ -71,10 +73,8 @@ class AgentChannel:
             self._unread -= 1
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        rid = next(self._ids)
-        payload = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":")) + "\n"
+        self._send(op, fields)
         try:
-            self._sock.sendall(payload.encode())
             self._skip_unread()
             line = self._reader.readline()
         except OSError as exc:
@@ -96,12 +96,7 @@ class AgentChannel:
         agent starts on it. The first event is ``accepted``. Waits without a time limit
         between events: a cell may be quiet for hours; a dead agent closes the socket.
         """
-        rid = next(self._ids)
-        payload = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":")) + "\n"
-        try:
-            self._sock.sendall(payload.encode())
-        except OSError as exc:
-            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
+        self._send(op, fields)
         return self._events(op)
 
     def _events(self, op: str) -> Iterator[dict[str, Any]]:
