@@ -11,17 +11,10 @@ from envs.service import NewVersion, Writer, register_version
 from runner.backends.fake import FakeBackend
 from runner.models import Operation
 from runner.service import RunnerService
-from runner.states import State
 from tests.runner.conftest import seed
+from tests.runner.test_service import running
 
 Make = Callable[..., RunnerService]
-
-
-def _running(svc: RunnerService, owner: str) -> str:
-    rt = svc.create(owner, name="saver", environment="python3")
-    svc.start(owner, rt.id)
-    assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
-    return rt.id
 
 
 def _crashed_save(svc: RunnerService, owner: str, rid: str, *, recorded: bool) -> tuple[str, str]:
@@ -51,7 +44,7 @@ def test_a_save_cut_off_before_its_version_was_recorded_is_failed_and_its_image_
 ) -> None:
     owner = seed(runner_db)
     first = make_runner()
-    rid = _running(first, owner)
+    rid = running(first, owner, "saver")
     op_id, image = _crashed_save(first, owner, rid, recorded=False)
     assert FakeBackend(first.runner).image_info(image) is not None
 
@@ -68,7 +61,7 @@ def test_a_save_cut_off_before_its_version_was_recorded_is_failed_and_its_image_
 def test_a_save_cut_off_after_recording_its_version_is_marked_done(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     first = make_runner()
-    rid = _running(first, owner)
+    rid = running(first, owner, "saver")
     op_id, image = _crashed_save(first, owner, rid, recorded=True)
 
     make_runner()
@@ -80,7 +73,7 @@ def test_a_save_cut_off_after_recording_its_version_is_marked_done(make_runner: 
 def test_another_runners_operations_are_left_alone(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
     first = make_runner()
-    rid = _running(first, owner)
+    rid = running(first, owner, "saver")
     op_id, image = _crashed_save(first, owner, rid, recorded=False)
 
     make_runner(runner_name=first.runner + "-other")  # a second envctl on the same database
@@ -104,7 +97,7 @@ def test_a_save_that_fails_after_its_snapshot_removes_the_snapshot(make_runner: 
 
     owner = seed(runner_db)
     svc = make_runner()
-    rid = _running(svc, owner)
+    rid = running(svc, owner, "saver")
     backend = FakeBackend(svc.runner)
     made: list[str] = []
     commit = backend.commit
