@@ -166,8 +166,15 @@ class RunnerService:
     def machine(self, rt: Runtime) -> MachineType:
         return get_machine_type(self.settings, rt.machine_type)
 
-    def idle_status(self, rt: Runtime) -> idle.IdleDecision | None:
-        """When and why a running runtime will shut down; None when it is not running."""
+    def idle_status(
+        self, rt: Runtime, *, busy: bool | None = None, saving: bool | None = None
+    ) -> idle.IdleDecision | None:
+        """When and why a running runtime will shut down; None when it is not running.
+
+        ``busy`` and ``saving`` default to what this process knows now. A caller that decides
+        to stop passes the flags it read *before* reading the row: a cell's end and a save's
+        end record their activity before they clear the flag, so flags read first and the row
+        read after never combine into "not busy, not saving, idle since long ago"."""
         if rt.state != State.RUNNING or rt.last_activity_at is None:
             return None
         machine = self.settings.machine_types.get(rt.machine_type)
@@ -181,8 +188,8 @@ class RunnerService:
             last_activity=rt.last_activity,
             now=self.clock(),
             timeout=timeout,
-            busy=self.is_busy(rt.id),
-            saving=self.snapshots.is_saving(rt.id),
+            busy=self.is_busy(rt.id) if busy is None else busy,
+            saving=self.snapshots.is_saving(rt.id) if saving is None else saving,
         )
 
     def is_busy(self, runtime_id: str) -> bool:
@@ -459,12 +466,19 @@ class RunnerService:
             running = list(
                 s.scalars(self._query().where(Runtime.runner == self.runner, Runtime.state == State.RUNNING))
             )
-        for rt in running:
-            decision = self.idle_status(rt)
-            if decision is None or not decision.stop:
+        for candidate in running:
+            first = self.idle_status(candidate)
+            if first is None or not first.stop:
                 continue
-            with self._claim(rt.id) as submit:
+            # Decide again on fresh data: the flags first, then the row (see idle_status). The
+            # list above may predate a save or a cell that ended since, with its activity.
+            busy, saving = self.is_busy(candidate.id), self.snapshots.is_saving(candidate.id)
+            with self._claim(candidate.id) as submit:
                 with self._tx() as s:
+                    rt = s.get(Runtime, candidate.id, populate_existing=True)
+                    decision = None if rt is None else self.idle_status(rt, busy=busy, saving=saving)
+                    if rt is None or decision is None or not decision.stop:
+                        continue
                     ok = self._transition(
                         s,
                         rt.id,
@@ -479,7 +493,7 @@ class RunnerService:
                         },
                     )
                 if ok:
-                    stopped.append(rt.id)
+                    stopped.append(candidate.id)
                     submit(self._stop, "idle")
         return stopped
 

@@ -210,6 +210,38 @@ def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, 
     assert svc.get(owner, rid).state == State.RUNNING
 
 
+@pytest.mark.parametrize("ending", ["save", "cell"])
+def test_idle_shutdown_spares_a_runtime_whose_save_or_cell_ends_while_the_round_runs(
+    make_runner: Make, runner_db: Database, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """R19/R20: a housekeeping round reads the running runtimes, then decides each one. A save
+    or a cell that ends in between records its activity and then clears its flag; the round
+    must not combine the old row with the cleared flag into "idle for long" (CI caught a
+    runtime stopped at the instant its save ended)."""
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = running(svc, owner, idle_timeout=60)
+    later = utcnow() + timedelta(seconds=120)
+    svc.clock = lambda: later  # the boot was two timeouts ago: idle, unless the end counts
+    flag = svc.snapshots.is_saving if ending == "save" else svc.is_busy
+    calls = {"n": 0}
+
+    def ends_now(runtime_id: str) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:  # first asked: the work ends right now, activity first, flag after
+            svc.touch(runtime_id, f"{ending} finished")
+        return False
+
+    monkeypatch.setattr(svc.snapshots if ending == "save" else svc, flag.__name__, ends_now)
+    assert svc.shutdown_idle() == []
+    rt = svc.get(owner, rid)
+    assert rt.state == State.RUNNING and rt.last_activity == f"{ending} finished"
+    monkeypatch.undo()
+    svc.clock = lambda: later + timedelta(seconds=61)  # one whole timeout after the end: now it stops
+    assert svc.shutdown_idle() == [rid]
+    svc.wait_for(rid, {State.STOPPED}, 10)
+
+
 def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
     make_runner: Make, runner_db: Database, settings
 ) -> None:  # type: ignore[no-untyped-def]
