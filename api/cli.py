@@ -365,6 +365,7 @@ def cmd_env_ls(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "name": e["name"],
+                "owner": e.get("owner") or "(admins)",
                 "latest": e["latest"] or "-",
                 "versions": len(e["versions"]),
                 "parent": (latest or {}).get("parent") or "-",
@@ -376,6 +377,7 @@ def cmd_env_ls(args: argparse.Namespace) -> int:
         rows,
         [
             ("name", "environment"),
+            ("owner", "owner"),
             ("latest", "latest"),
             ("versions", "versions"),
             ("parent", "parent"),
@@ -1179,6 +1181,8 @@ def cmd_env_show(args: argparse.Namespace) -> int:
         _print_json(env)
         return EXIT_OK
     print(f"{env['name']}" + (f"  (team {env['team']})" if env.get("team") else ""))
+    owner = env.get("owner")
+    print(f"owner: {owner}" if owner else "owner: none (a base image: only admins add or delete versions)")
     tags = ", ".join(f"{t} -> {v}" for t, v in sorted(env["tags"].items()))
     print(f"tags: {tags or '(none)'}")
     print()

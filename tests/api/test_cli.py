@@ -191,12 +191,13 @@ def test_env_ls_and_machine_types(server: Server, capsys: pytest.CaptureFixture[
     code, out, err = run(capsys, "env", "ls", *server.args())
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["ENVIRONMENT", "LATEST", "VERSIONS"]
+    assert lines[0].split()[:4] == ["ENVIRONMENT", "OWNER", "LATEST", "VERSIONS"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert rows["python3"][1] == "python3@1"
-    assert rows["python3"][3] == "bash@1"  # parent
-    assert rows["bash"][1] == "bash@1"
-    assert "MiB" in rows["python3"][4] + rows["python3"][5]
+    assert rows["python3"][1] == "(admins)"  # a base image: no owner
+    assert rows["python3"][2] == "python3@1"
+    assert rows["python3"][4] == "bash@1"  # parent
+    assert rows["bash"][2] == "bash@1"
+    assert "MiB" in rows["python3"][5] + rows["python3"][6]
 
     code, out, err = run(capsys, "env", "ls", "--json", *server.args())
     assert code == 0, err

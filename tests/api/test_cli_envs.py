@@ -71,10 +71,11 @@ def test_save_a_running_runtime_then_ls_and_show_list_the_version(server: Server
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.startswith("acme/ml "))
     assert "acme/ml@1" in row and "python3@1" in row and "stable" in row
+    assert row.split()[1] == "admin"  # who saved it first owns it
 
     code, out, err = run(capsys, "env", "show", "acme/ml", *server.args())
     assert code == 0, err
-    assert out.splitlines()[0] == "acme/ml  (team acme)"
+    assert out.splitlines()[:2] == ["acme/ml  (team acme)", "owner: admin"]
     assert "latest -> acme/ml@1" in out and "stable -> acme/ml@1" in out
     header = next(line for line in out.splitlines() if line.startswith("VERSION"))
     assert header.split()[:4] == ["VERSION", "TAGS", "PARENT", "SIZE"]
