@@ -111,7 +111,10 @@ class HotStatement:
         constants: dict[str, Any] = {}
         for name in compiled.positiontup:
             bind = compiled.binds[name]
-            proc = bind.type.bind_processor(dialect)
+            # the dialect's own implementation of the type: a TypeDecorator's bind_processor
+            # on its own applies only its process_bind_param, not the dialect's conversion
+            # (SQLite's DATETIME text format), and would store what Core does not
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if proc is not None:
                 processors[name] = proc
             if name in keys:

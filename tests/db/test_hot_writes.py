@@ -7,7 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text, update
 
 from envs.kit.clock import utcnow
 from envs.kit.db import Database, HotStatement
@@ -104,6 +104,30 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
             for eid in ("ex_hot", "ex_core")
         }
     assert stored["ex_hot"] == stored["ex_core"] and stored["ex_hot"][0]["text"] == "é\n"
+    # the very bytes in the table, not only what reads back: SQLite compares and orders text,
+    # so a timestamp stored in another format is never equal to the same time bound by Core
+    with db.connection() as c:
+        raw = {
+            r[0]: tuple(r[1:])
+            for r in c.execute(text("SELECT id, created_at, started_at, finished_at, truncated FROM executions"))
+        }
+        assert raw["ex_hot"] == raw["ex_core"], raw
+        found = c.scalars(select(Execution.id).where(Execution.finished_at == finished).order_by(Execution.id)).all()
+        assert found == ["ex_core", "ex_hot"]
+
+
+def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches(db: Database) -> None:
+    """The idle stop applies only while the runtime's last activity is the one it decided on
+    (``WHERE last_activity_at = :seen``): a hot touch must store what Core binds."""
+    rid, _owner = _runtime(db)
+    at = utcnow()
+    with db.hot() as w:
+        assert w.execute(ex.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
+    with db.connection() as c:
+        matched = c.execute(
+            update(Runtime).where(Runtime.id == rid, Runtime.last_activity_at == at).values(last_activity="seen")
+        ).rowcount
+    assert matched == 1
 
 
 def test_a_literal_in_the_statement_is_kept(db: Database) -> None:

@@ -210,3 +210,55 @@ def test_serve_refuses_a_data_dir_that_does_not_exist_yet_naming_the_upgrade_com
     settings = Settings(data_dir=tmp_path / "not-yet", runner_backend="fake", runner_name="test-serve")
     with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
         create_app(settings, housekeeping=False)
+
+
+def test_0006_rewrites_hot_path_timestamps_in_cores_format_on_sqlite(tmp_path: Path) -> None:
+    """Rows written before the hot path's fix read back fine but never compared equal in
+    SQLite; after the upgrade they do, and their times are unchanged."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, update
+
+    from envs.kit.db import Database
+    from envs.service import NewVersion, register_version
+    from registry.service import create_user
+    from runner.models import Runtime
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    dbschema.upgrade(url, "0005")
+    db = Database(url)
+    try:
+        with db.session() as s:
+            user = create_user(s, "old")
+            version, _ = register_version(
+                s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="b")
+            )
+            for rid in ("rt_a", "rt_b"):
+                s.add(
+                    Runtime(
+                        id=rid,
+                        owner_id=user.id,
+                        name=rid,
+                        environment_ref="bash@1",
+                        version_id=version.id,
+                        machine_type="small",
+                        runner="r",
+                    )
+                )
+        with db.connection() as c:  # as the old hot path wrote them
+            c.execute(
+                text("UPDATE runtimes SET last_activity_at = '2026-11-21 18:06:44.759938+00:00' WHERE id = 'rt_a'")
+            )
+            c.execute(text("UPDATE runtimes SET last_activity_at = '2026-11-21 18:06:45+00:00' WHERE id = 'rt_b'"))
+        dbschema.upgrade(url)
+        with db.connection() as c:
+            raw = dict(c.execute(text("SELECT id, last_activity_at FROM runtimes")).all())
+            assert raw == {"rt_a": "2026-11-21 18:06:44.759938", "rt_b": "2026-11-21 18:06:45.000000"}
+            at = datetime(2026, 11, 21, 18, 6, 44, 759938, tzinfo=UTC)
+            assert c.execute(update(Runtime).where(Runtime.last_activity_at == at).values(name="x")).rowcount == 1
+        with db.session() as s:
+            assert s.scalar(select(Runtime.last_activity_at).where(Runtime.id == "rt_b")) == datetime(
+                2026, 11, 21, 18, 6, 45, tzinfo=UTC
+            )
+    finally:
+        db.dispose()
