@@ -63,6 +63,7 @@ RECENT = 256  # finished executions kept in memory for fast reads
 MARK_RUNNING_AFTER = 0.05  # seconds: quicker cells are never written down as "running"
 SEND_NOW_MAX = 64 * 1024  # characters: larger cells are sent by the worker (no blocking write here)
 ANSWER_FIRST = 0.01  # seconds the end's database write may wait for waiting clients' answers
+STOP_WAIT = 300.0  # seconds a cell that arrives as its runtime stops waits for the stop, then boots it
 
 
 # The statements of a cell's hot path, built once and run through ``Database.hot()``. A
@@ -256,11 +257,14 @@ class ExecutionManager:
             return [self.get(owner_id, r.id) if r.id in self._feeds else ExecutionView.of(r) for r in rows]
 
     def is_busy(self, runtime_id: str) -> bool:
+        """A cell of the runtime is queued or running. Counted from the moment it is queued
+        until after its end is recorded (``task_done``), so the worker taking a job off the
+        queue leaves no instant in which the runtime looks idle."""
         with self._lock:
             if runtime_id in self._busy:
                 return True
             q = self._queues.get(runtime_id)
-            return q is not None and not q.empty()
+            return q is not None and q.unfinished_tasks > 0
 
     def subscribe(
         self, execution_id: str, callback: Subscriber
@@ -530,6 +534,7 @@ class ExecutionManager:
             finally:
                 with self._lock:
                     self._busy.pop(runtime_id, None)
+                    q.task_done()
 
     def _socket(self, runtime_id: str) -> Path:
         return self.runner.backend.socket_path({}, self.runner.state_dir(runtime_id))
@@ -634,7 +639,10 @@ class ExecutionManager:
             return
         with self.db.hot() as c:
             started = c.execute(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at})
-            c.execute(TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": view.started_at, "b_what": "execution started"})
+            if started:  # not after the end: that would move the runtime's last activity back
+                c.execute(
+                    TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": view.started_at, "b_what": "execution started"}
+                )
         if not started and view.finished_at is None:
             # interrupted while it was queued, just as it was sent: stop it in the agent
             with contextlib.suppress(EnvctlError):
@@ -659,6 +667,13 @@ class ExecutionManager:
             return None
         if state is None:
             return "the runtime was deleted"
+        if state == State.STOPPING:
+            # stopping as the cell came (an idle shutdown at its deadline, a stop): let the stop
+            # finish, keeping the changes as a draft, then boot again for the cell
+            try:
+                state = self.runner.wait_for(runtime_id, {State.STOPPED, State.ERROR, State.RUNNING}, STOP_WAIT).state
+            except TimeoutError:
+                return "the runtime is still stopping; run the cell again once it has stopped"
         if state in (State.STOPPED, State.ERROR):
             deadline = time.monotonic() + 60
             while True:

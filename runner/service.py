@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from envs import service as envs_service
@@ -317,7 +317,6 @@ class RunnerService:
                 rt.environment_ref = str(ref)
                 notes.append(f"environment -> {version.ref}")
             if notes:
-                self.executions.forget_runtime(runtime_id)
                 rt.updated_at = self.clock()
                 self._log(
                     s,
@@ -328,7 +327,11 @@ class RunnerService:
                 )
             s.flush()
             s.expire(rt)
-            return self._get(s, owner_id, runtime_id)
+            out = self._get(s, owner_id, runtime_id)
+        if notes:
+            # after the commit: a cell submitted meanwhile would cache the old row again
+            self.executions.forget_runtime(runtime_id)
+        return out
 
     def start(self, owner_id: str, runtime_id: str) -> Runtime:
         """Ask for a boot; answers at once with the runtime in ``booting``."""
@@ -395,6 +398,8 @@ class RunnerService:
                     ok = self._transition(s, runtime_id, State.STOPPING, "reset", "reset requested: discarding changes")
                     if not ok:
                         raise RuntimeStateError(f"the runtime is {rt.state}; try again in a moment")
+                    if self.snapshots.is_saving(runtime_id):  # began since the check: roll back
+                        raise RuntimeStateError("a save of this runtime is in progress; reset it afterwards")
                 elif rt.state == State.STOPPING:
                     raise RuntimeStateError("the runtime is stopping; reset it once it is stopped")
             cancel = self._cancel.get(runtime_id)
@@ -486,6 +491,9 @@ class RunnerService:
                         "idle",
                         decision.reason,
                         expect={State.RUNNING},
+                        # and only while the activity is the one decided on: a save or a cell
+                        # that begins now records activity, and then this stop does not happen
+                        where=[Runtime.last_activity_at == rt.last_activity_at],
                         details={
                             "last_activity": rt.last_activity,
                             "last_activity_at": rt.last_activity_at.isoformat() if rt.last_activity_at else None,
@@ -512,12 +520,28 @@ class RunnerService:
 
     # ------------------------------------------------------------------ workers
     def _boot(self, runtime_id: str) -> None:
+        mine = self._cancel.get(runtime_id)
+        released = False
+
+        def release() -> None:
+            # before the runtime's lock is let go: a boot that follows (after a reset) may
+            # register its own cancel event and need a slot as soon as it has the lock
+            nonlocal released
+            if not released:
+                released = True
+                self._boot_slots.release()
+                with self._locks_guard:
+                    if mine is not None and self._cancel.get(runtime_id) is mine:
+                        del self._cancel[runtime_id]
+
         try:
             with self._runtime_lock(runtime_id):
-                self._boot_locked(runtime_id)
+                try:
+                    self._boot_locked(runtime_id)
+                finally:
+                    release()
         finally:
-            self._boot_slots.release()
-            self._cancel.pop(runtime_id, None)
+            release()
 
     def _boot_locked(self, runtime_id: str) -> None:
         begun = time.monotonic()
@@ -808,13 +832,15 @@ class RunnerService:
         expect: set[State] | frozenset[State] | None = None,
         details: dict[str, Any] | None = None,
         values: dict[str, Any] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
     ) -> bool:
-        """Compare-and-set the state; log it. False when the runtime was not in ``expect``."""
+        """Compare-and-set the state; log it. False when the runtime was not in ``expect`` (or
+        did not meet the further conditions ``where``)."""
         allowed = sources_of(to) if expect is None else {e for e in expect if can_transition(e, to)}
         now = self.clock()
         result = s.execute(
             update(Runtime)
-            .where(Runtime.id == runtime_id, Runtime.state.in_([str(a) for a in allowed]))
+            .where(Runtime.id == runtime_id, Runtime.state.in_([str(a) for a in allowed]), *where)
             .values(
                 state=str(to),
                 state_reason=reason,

@@ -258,6 +258,20 @@ class Snapshots:
                         raise ConflictError("a save of this runtime is already in progress")
                     self._saving.add(runtime_id)
                     claimed = True
+                # A save is activity, recorded only while the runtime still runs. An idle stop
+                # decided a moment ago (before the flag above) then either finds this new
+                # activity and does not happen, or has happened and this save is refused.
+                touched = s.execute(
+                    update(Runtime)
+                    .where(Runtime.id == runtime_id, Runtime.state == State.RUNNING)
+                    .values(last_activity_at=self.runner.clock(), last_activity="save started")
+                    .execution_options(synchronize_session=False)
+                ).rowcount  # type: ignore[attr-defined]
+                if touched != 1:
+                    raise ConflictError(
+                        "the runtime stopped as the save was asked for; start it and save again "
+                        "(its unsaved changes come back with it)"
+                    )
                 op = self.runner.operations.create(
                     owner_id, "save", f"saving {rt.name} as {full}", runtime_id=runtime_id, session=s
                 )

@@ -242,11 +242,12 @@ def test_a_busy_runtime_is_not_shut_down_and_an_idle_one_is_even_with_a_client_w
             if rt["state"] != "running":
                 break
             time.sleep(0.2)
-        assert rt["state"] in ("stopping", "stopped"), rt
-        assert 1.5 < time.monotonic() - finished < 8
+        assert rt["state"] in ("stopping", "stopped"), json.dumps(rt)
+        assert time.monotonic() - finished < 15  # late only on a loaded machine
         log = client.get(f"/runtimes/{rid}/log").json()
         stop = next(e for e in log if e["state"] == "stopping")
         assert stop["reason"] == "idle" and stop["details"]["last_activity"] == "execution finished"
+        _stopped_one_timeout_after_the_cell(client, ex["id"], stop, timeout=2)
 
 
 def test_a_client_that_stays_connected_to_an_idle_runtime_does_not_keep_it_running(server: Server) -> None:
@@ -269,12 +270,22 @@ def test_a_client_that_stays_connected_to_an_idle_runtime_does_not_keep_it_runni
             if rt["state"] != "running":
                 break
             time.sleep(0.1)
-        assert rt["state"] in ("stopping", "stopped"), rt
-        assert 1.5 < time.monotonic() - finished < 6
+        assert rt["state"] in ("stopping", "stopped"), json.dumps(rt)
+        assert time.monotonic() - finished < 15  # late only on a loaded machine
         stop = next(e for e in client.get(f"/runtimes/{rid}/log").json() if e["state"] == "stopping")
         assert stop["reason"] == "idle" and stop["details"]["last_activity"] == "execution finished"
-        ended = datetime.fromisoformat(client.get(f"/executions/{ex['id']}").json()["finished_at"])
-        assert abs(datetime.fromisoformat(stop["details"]["last_activity_at"]) - ended) < timedelta(seconds=1)
+        _stopped_one_timeout_after_the_cell(client, ex["id"], stop, timeout=2)
+
+
+def _stopped_one_timeout_after_the_cell(
+    client: httpx.Client, execution_id: str, stop: dict[str, Any], timeout: float
+) -> None:
+    """The idle stop came one idle timeout after the cell ended, not before, and not much
+    later (by the server's clock: the client's measure includes its own delays)."""
+    ended = datetime.fromisoformat(client.get(f"/executions/{execution_id}").json()["finished_at"])
+    assert abs(datetime.fromisoformat(stop["details"]["last_activity_at"]) - ended) < timedelta(seconds=1)
+    after = datetime.fromisoformat(stop["at"]) - ended
+    assert timedelta(seconds=timeout - 0.05) <= after < timedelta(seconds=timeout + 10), after
 
 
 def test_result_files_are_versioned_by_content_and_outlive_the_runtime(server: Server) -> None:

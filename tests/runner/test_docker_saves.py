@@ -216,12 +216,16 @@ def test_lineage_goes_three_levels_down_to_the_base_and_deleting_a_needed_versio
 
 
 def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
-    """R20: no idle shutdown while a save runs."""
+    """R20: no idle shutdown while a save runs, even one that outlasts the idle timeout."""
     with server.client() as client:
-        rid = new_runtime(client, "slowsave", language="bash", idle_timeout=1)
+        rid = new_runtime(client, "slowsave", language="bash", idle_timeout=60)
         run(client, rid, "head -c 150000000 /dev/urandom > /root/big.bin")
         r = client.post(f"/runtimes/{rid}/save", json={"environment": "big"})
+        assert r.status_code == 202, r.text
         op = r.json()
+        # now a timeout that the save outlasts (set after the save began: a loaded machine may
+        # take longer than a second between the cell's end and the save's start)
+        assert client.patch(f"/runtimes/{rid}", json={"idle_timeout": 1}).status_code == 200
         saw_saving = False
         while op["status"] == "running":
             rt = client.get(f"/runtimes/{rid}").json()

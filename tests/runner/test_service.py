@@ -85,7 +85,10 @@ def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runn
     svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
     rt = svc.create(owner, name="dies", environment="python3")
     svc.start(owner, rt.id)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not any(c.runtime_id == rt.id for c in backend.list_owned()):  # its container exists
+        assert time.monotonic() < deadline, "the boot never created its container"
+        time.sleep(0.02)
     backend.crash(rt.id)
     err = svc.wait_for(rt.id, {State.ERROR}, 10)
     assert err.state_reason in ("container-exited", "oom")
@@ -240,6 +243,58 @@ def test_idle_shutdown_spares_a_runtime_whose_save_or_cell_ends_while_the_round_
     svc.clock = lambda: later + timedelta(seconds=61)  # one whole timeout after the end: now it stops
     assert svc.shutdown_idle() == [rid]
     svc.wait_for(rid, {State.STOPPED}, 10)
+
+
+def test_a_save_that_begins_as_the_idle_round_decides_keeps_the_runtime_running(
+    make_runner: Make, runner_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R20: the round has read "not saving" and an old activity and decided to stop; a save
+    is accepted at that instant. The save records activity, and the stop, which applies only
+    while the activity is the one it decided on, does not happen: the save is not cut off."""
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = running(svc, owner, idle_timeout=60)
+    later = utcnow() + timedelta(seconds=120)
+    svc.clock = lambda: later
+    decide = svc.idle_status
+    saves = []
+
+    def and_a_save_begins(rt, **kw):  # type: ignore[no-untyped-def]
+        decision = decide(rt, **kw)
+        if kw and not saves:  # the second look, on the fresh row, just before the stop
+            assert decision is not None and decision.stop
+            saves.append(svc.snapshots.save(owner, "alice", rid, environment="kept"))
+        return decision
+
+    monkeypatch.setattr(svc, "idle_status", and_a_save_begins)
+    assert svc.shutdown_idle() == []
+    assert saves and svc.get(owner, rid).state == State.RUNNING
+    done = svc.operations.wait(owner, saves[0].id, 20)
+    assert done.status == "succeeded", done.message
+
+
+class _SlowStop(FakeBackend):
+    def stop(self, state, timeout=5.0):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        super().stop(state, timeout)
+
+
+def test_a_cell_sent_while_its_runtime_stops_waits_for_the_stop_then_boots_it(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """A cell that arrives just as an idle shutdown (or a stop) begins is not lost or failed:
+    it runs once the runtime has stopped and booted again."""
+    owner = seed(runner_db)
+    svc = make_runner(_SlowStop("slowstop"), runner_name="slowstop")
+    rid = running(svc, owner)
+    svc.stop(owner, rid)
+    assert svc.get(owner, rid).state == State.STOPPING
+    ex = svc.executions.submit(owner, rid, code="6 * 7")
+    svc.executions.wait(ex.id, 60)
+    view = svc.executions.get(owner, ex.id)
+    assert view.status == "ok", [o for _, o in svc.executions.outputs(ex.id)]
+    assert [o for _, o in svc.executions.outputs(ex.id)][-1]["data"]["text/plain"] == "42"
+    assert states_in_log(svc, owner, rid)[-4:] == ["stopping", "stopped", "booting", "running"]
 
 
 def test_the_machine_type_idle_timeout_applies_when_the_runtime_has_none(
