@@ -31,6 +31,17 @@ def get_environment(session: Session, full_name: str) -> Environment | None:
     ).one_or_none()
 
 
+def next_number(session: Session, full_name: str) -> int:
+    """The number the next version of ``full_name`` would get (1 for a new environment)."""
+    namespace, _, name = full_name.rpartition("/")
+    latest = session.scalar(
+        select(func.max(EnvironmentVersion.number))
+        .join(Environment, Environment.id == EnvironmentVersion.environment_id)
+        .where(Environment.namespace == namespace, Environment.name == name)
+    )
+    return (latest or 0) + 1
+
+
 @dataclass(frozen=True)
 class Writer:
     """A user about to change environments (admins may change any)."""
@@ -186,7 +197,7 @@ def register_version(
         session.flush()
     if new.tag:
         set_tag(session, env, new.tag, existing)
-    session.refresh(env)
+    session.expire(env, ["tags", "versions"])  # read again if asked for, not now
     return existing, created
 
 

@@ -811,8 +811,14 @@ class RunnerService:
     def _query(self) -> Any:
         return select(Runtime).options(selectinload(Runtime.version).selectinload(EnvironmentVersion.environment))
 
-    def _get(self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False) -> Runtime:
-        q = self._query().where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
+    def _get(
+        self, s: Session, owner_id: str, runtime_id: str, *, for_update: bool = False, with_version: bool = True
+    ) -> Runtime:
+        """The caller's runtime (404 otherwise); ``with_version=False`` when only the runtime's
+        own columns are read (saves them two queries)."""
+        q = (self._query() if with_version else select(Runtime)).where(
+            Runtime.id == runtime_id, Runtime.owner_id == owner_id
+        )
         if for_update:
             q = q.with_for_update()
         rt: Runtime | None = s.scalars(q).one_or_none()

@@ -245,7 +245,7 @@ class Snapshots:
             # one transaction: the runtime (404 if not the caller's), the 403 (before any
             # operation or commit), the state, the operation and the log line
             with self.runner._tx() as s:
-                rt = self.runner._get(s, owner_id, runtime_id)
+                rt = self.runner._get(s, owner_id, runtime_id, with_version=False)
                 envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
@@ -340,8 +340,7 @@ class Snapshots:
             parent_id, parent_image = parent.id, parent.image_id
             parent_ref, parent_digest = parent.ref, parent.digest
             state = dict(rt.backend_state or {})
-            env = envs_service.get_environment(s, environment)
-            number = (max((v.number for v in env.versions), default=0) + 1) if env is not None else 1
+            number = envs_service.next_number(s, environment)
         now = self.runner.clock()
         labels = {
             "org.opencontainers.image.created": _oci_time(now),
