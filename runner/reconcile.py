@@ -101,7 +101,7 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
                 )
         elif current is not None:
             # stopped / error rows have no business with a container
-            actions.append(Action("stop-leftover", row.id, current.state))
+            actions.append(Action("stop-leftover", row.id, current.state, seen=row.state))
     for runtime_id, containers in by_runtime.items():
         if runtime_id not in known:
             for c in containers:
@@ -147,6 +147,19 @@ def reconcile(service: RunnerService) -> list[Action]:
 def _apply(service: RunnerService, action: Action) -> None:
     backend = service.backend
     rid = action.runtime_id
+    if action.kind in ("remove-orphan", "stop-leftover"):
+        # The rows were read before the containers were listed: a runtime created, or started,
+        # in between owns a container the plan took for a leftover. Look again (under the
+        # runtime's lock, with nothing of ours in flight for it) before removing anything.
+        with service.db.session() as s:
+            row = s.get(Runtime, rid)
+            now = None if row is None else (State(row.state), (row.backend_state or {}).get("container_id"))
+        if action.kind == "remove-orphan" and now is not None:
+            return
+        if action.kind == "stop-leftover" and (
+            now is None or now[0] != action.seen or now[1] == action.state.get("container_id")
+        ):
+            return
     if action.kind == "remove-orphan":
         log.info("removing container %s of unknown runtime %s", action.state.get("container_id"), rid)
         backend.stop(action.state, timeout=1)

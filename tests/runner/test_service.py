@@ -505,3 +505,26 @@ def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(make_runne
     reconcile._apply(svc, stale)
     rt = svc.get(owner, rid)
     assert rt.state == State.RUNNING and rt.backend_state
+
+
+def test_a_plan_that_took_a_runtimes_new_container_for_a_leftover_removes_nothing(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """Rows are read before the containers are listed: a runtime created or started in between
+    owns a container that the plan calls an orphan (no row yet) or a leftover (the row said
+    stopped). Looked at again before anything is removed, it is kept."""
+    from runner import reconcile
+
+    owner = seed(runner_db)
+    backend = FakeBackend("kept")
+    svc = make_runner(backend, runner_name="kept")
+    rid = running(svc, owner)
+    container = dict(svc.get(owner, rid).backend_state or {})
+    for stale in (
+        reconcile.Action("remove-orphan", rid, container),
+        reconcile.Action("stop-leftover", rid, container, seen=State.STOPPED),
+    ):
+        reconcile._apply(svc, stale)
+        assert [f.runtime_id for f in backend.list_owned()] == [rid], stale.kind
+    assert svc.get(owner, rid).state == State.RUNNING
+    assert ping(svc.state_dir(rid) / "agent.sock")["ok"]
