@@ -153,11 +153,11 @@ def _apply(service: RunnerService, action: Action) -> None:
         # runtime's lock, with nothing of ours in flight for it) before removing anything.
         with service.db.session() as s:
             row = s.get(Runtime, rid)
-            now = None if row is None else (State(row.state), (row.backend_state or {}).get("container_id"))
-        if action.kind == "remove-orphan" and now is not None:
+            fresh = None if row is None else (State(row.state), (row.backend_state or {}).get("container_id"))
+        if action.kind == "remove-orphan" and fresh is not None:
             return
         if action.kind == "stop-leftover" and (
-            now is None or now[0] != action.seen or now[1] == action.state.get("container_id")
+            fresh is None or fresh[0] != action.seen or fresh[1] == action.state.get("container_id")
         ):
             return
     if action.kind == "remove-orphan":

@@ -816,9 +816,8 @@ class RunnerService:
     ) -> Runtime:
         """The caller's runtime (404 otherwise); ``with_version=False`` when only the runtime's
         own columns are read (saves them two queries)."""
-        q = (self._query() if with_version else select(Runtime)).where(
-            Runtime.id == runtime_id, Runtime.owner_id == owner_id
-        )
+        base: Any = self._query() if with_version else select(Runtime)
+        q = base.where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
         if for_update:
             q = q.with_for_update()
         rt: Runtime | None = s.scalars(q).one_or_none()

@@ -289,11 +289,24 @@ class Snapshots:
     def _save(
         self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
     ) -> None:
+        version: EnvironmentVersion | None = None
+        error: Exception | None = None
         try:
             version = self.save_now(op_id, owner_id, author, runtime_id, environment, message, tag)
         except Exception as exc:
+            error = exc
+        finally:
+            try:
+                # activity first, then "no longer saving": idle shutdown never sees a runtime
+                # that is neither saving nor freshly active (R20). Both before the operation
+                # ends: whoever sees it end may save again at once.
+                self.runner.touch(runtime_id, "save finished")
+            finally:
+                with self._lock:
+                    self._saving.discard(runtime_id)
+        if error is not None or version is None:
             self.runner.operations.discard_pending(op_id)
-            text = self.runner.operations.fail(op_id, exc, "save")
+            text = self.runner.operations.fail(op_id, error or BackendError("the save made no version"), "save")
             with self.runner._tx() as s:
                 self.runner._log(s, runtime_id, event="save-failed", reason="error", message=text)
         else:
@@ -312,14 +325,6 @@ class Snapshots:
                     message=f"saved as {version.ref}",
                     details={"version": version.ref},
                 )
-        finally:
-            try:
-                # activity first, then "no longer saving": idle shutdown never sees a runtime
-                # that is neither saving nor freshly active (R20)
-                self.runner.touch(runtime_id, "save finished")
-            finally:
-                with self._lock:
-                    self._saving.discard(runtime_id)
 
     def save_now(
         self,

@@ -495,6 +495,28 @@ def test_a_save_in_progress_holds_off_idle_shutdown_until_it_ends(
     assert saved < stopping and entries[stopping]["reason"] == "idle"
 
 
+def test_a_save_may_follow_the_moment_the_last_one_is_seen_to_end(make_api: AppFactory) -> None:
+    """Whoever sees a save's operation succeed may save again at once: the runtime is no
+    longer "saving" by then (CI caught a 409 "already in progress" in that instant)."""
+    api = make_api()
+    rt = _running(api, "twice")
+    runner = api.app.state.ctx.runner
+    touch = runner.touch
+
+    def slow_touch(runtime_id: str, what: str) -> None:  # widens the instant in which it mattered
+        touch(runtime_id, what)
+        if what == "save finished":
+            time.sleep(0.3)
+
+    runner.touch = slow_touch
+    for n in (1, 2, 3):
+        op = api.post(f"/runtimes/{rt['id']}/save", json={"environment": "again"})
+        assert op.status_code == 202, (n, op.text)
+        done = api.get(f"/operations/{op.json()['id']}", params={"wait": 10}).json()
+        assert done["status"] == "succeeded" and done["result"]["version"] == f"again@{n}", done
+        assert api.get(f"/runtimes/{rt['id']}").json()["saving"] is False
+
+
 # --------------------------------------------------------------------------- pinning
 
 
