@@ -131,28 +131,28 @@ class Builds:
                 extra_env=spec.env,
                 extra_labels={"envctl.spec-digest": digest},
             )
-            ref = version.ref
-            runner.operations.finish(
-                op_id,
-                "succeeded",
-                result={
-                    "spec_digest": digest,
-                    "version": ref,
-                    "cached": False,
-                    "steps": steps,
-                    "digest": version.digest,
-                },
-                message=f"built {ref}",
-            )
+            built: tuple[str, str] | Exception = (version.ref, version.digest)
         except Exception as exc:
             runner.operations.discard_pending(op_id)  # a snapshot made but not recorded
-            runner.operations.fail(op_id, exc, "build", result={"spec_digest": digest, "steps": steps})
+            built = exc
         finally:
+            # The build runtime goes before the operation ends: whoever sees the build end may
+            # at once delete the version, which that runtime would still be pinned to.
             if rid is not None:
                 try:
                     runner.delete(owner_id, rid)
                 except EnvctlError as exc:
                     log.warning("could not remove build runtime %s: %s", rid, exc.message)
+        if isinstance(built, Exception):
+            runner.operations.fail(op_id, built, "build", result={"spec_digest": digest, "steps": steps})
+            return
+        ref, version_digest = built
+        runner.operations.finish(
+            op_id,
+            "succeeded",
+            result={"spec_digest": digest, "version": ref, "cached": False, "steps": steps, "digest": version_digest},
+            message=f"built {ref}",
+        )
 
     def _update(self, op_id: str, **values: Any) -> None:
         steps = values.pop("steps", None)

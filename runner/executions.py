@@ -254,7 +254,12 @@ class ExecutionManager:
             rows = s.scalars(
                 select(Execution).where(Execution.runtime_id == runtime_id).order_by(Execution.seq.desc()).limit(limit)
             )
-            return [self.get(owner_id, r.id) if r.id in self._feeds else ExecutionView.of(r) for r in rows]
+            # what is in memory is ahead of the rows (a cell's end is published, then written)
+            views = []
+            for r in rows:
+                feed = self._feed(r.id)
+                views.append(feed.view if feed is not None and feed.view.owner_id == owner_id else ExecutionView.of(r))
+            return views
 
     def is_busy(self, runtime_id: str) -> bool:
         """A cell of the runtime is queued or running. Counted from the moment it is queued
@@ -524,13 +529,16 @@ class ExecutionManager:
                 self._run(job)
             except Exception:
                 log.exception("execution %s failed unexpectedly", job.view.id)
-                self._finish(
-                    job.view,
-                    "error",
-                    None,
-                    {},
-                    error=("InternalError", "envctl failed while running this cell; see its log"),
-                )
+                try:
+                    self._finish(
+                        job.view,
+                        "error",
+                        None,
+                        {},
+                        error=("InternalError", "envctl failed while running this cell; see its log"),
+                    )
+                except Exception:  # e.g. the runtime was deleted meanwhile: the worker lives on
+                    log.exception("could not record the end of execution %s", job.view.id)
             finally:
                 with self._lock:
                     self._busy.pop(runtime_id, None)

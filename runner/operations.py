@@ -98,14 +98,19 @@ class Operations:
 
     def fail(self, op_id: str, exc: Exception, what: str, *, result: dict[str, Any] | None = None) -> str:
         """Record ``exc`` as the end of the operation; returns the message a person reads."""
-        if isinstance(exc, EnvctlError):
-            error, text = exc.to_dict(), exc.message
-        else:
-            log.exception("%s %s failed", what, op_id)
-            text = f"the {what} failed unexpectedly; see envctl's log"
-            error = {"code": "internal", "message": text, "details": {}}
+        error, text = self.failure(op_id, exc, what)
         self.finish(op_id, "failed", error=error, message=text, result=result)
         return text
+
+    @staticmethod
+    def failure(op_id: str, exc: Exception, what: str) -> tuple[dict[str, Any], str]:
+        """The error envelope and the message a person reads for ``exc`` (logged with its
+        traceback when it is not one of envctl's own errors)."""
+        if isinstance(exc, EnvctlError):
+            return exc.to_dict(), exc.message
+        log.exception("%s %s failed", what, op_id, exc_info=exc)
+        text = f"the {what} failed unexpectedly; see envctl's log"
+        return {"code": "internal", "message": text, "details": {}}, text
 
     def recover(self) -> list[str]:
         """End the operations this runner left unfinished when it last stopped (a crash, a

@@ -537,13 +537,15 @@ class RunnerService:
         try:
             with self._runtime_lock(runtime_id):
                 try:
-                    self._boot_locked(runtime_id)
+                    self._boot_locked(runtime_id, release)
                 finally:
                     release()
         finally:
             release()
 
-    def _boot_locked(self, runtime_id: str) -> None:
+    def _boot_locked(self, runtime_id: str, release: Callable[[], None]) -> None:
+        """``release`` gives the boot slot back: called before "running" is visible, so that
+        whoever sees it may start another runtime at once."""
         begun = time.monotonic()
         try:
             with self.db.session() as s:
@@ -628,6 +630,7 @@ class RunnerService:
             return
         took_ms = (time.monotonic() - begun) * 1000
         now = self.clock()
+        release()
         with self._tx() as s:
             ok = self._transition(
                 s,

@@ -304,18 +304,16 @@ class Snapshots:
             finally:
                 with self._lock:
                     self._saving.discard(runtime_id)
+        # the runtime's log line first, then the operation's end (which wakes its waiters)
         if error is not None or version is None:
             self.runner.operations.discard_pending(op_id)
-            text = self.runner.operations.fail(op_id, error or BackendError("the save made no version"), "save")
+            problem, text = self.runner.operations.failure(
+                op_id, error or BackendError("the save made no version"), "save"
+            )
             with self.runner._tx() as s:
                 self.runner._log(s, runtime_id, event="save-failed", reason="error", message=text)
+            self.runner.operations.finish(op_id, "failed", error=problem, message=text)
         else:
-            self.runner.operations.finish(
-                op_id,
-                "succeeded",
-                result={"version": version.ref, "digest": version.digest, "image_id": version.image_id},
-                message=f"saved as {version.ref}",
-            )
             with self.runner._tx() as s:
                 self.runner._log(
                     s,
@@ -325,6 +323,12 @@ class Snapshots:
                     message=f"saved as {version.ref}",
                     details={"version": version.ref},
                 )
+            self.runner.operations.finish(
+                op_id,
+                "succeeded",
+                result={"version": version.ref, "digest": version.digest, "image_id": version.image_id},
+                message=f"saved as {version.ref}",
+            )
 
     def save_now(
         self,

@@ -338,6 +338,8 @@ def test_build_json_gives_the_steps_with_their_logs(server: Server, capsys: Caps
     assert op["status"] == "succeeded" and op["result"]["version"] == "quiet@1" and op["result"]["cached"] is False
     (step,) = op["result"]["steps"]
     assert step["kind"] == "run" and step["line"] == 4 and step["status"] == "ok" and step["log"] == "quietly\n"
+    # the build's runtime is gone by the time the build is seen to end: nothing pins the version
+    assert [r["name"] for r in api_get(server, "/runtimes") if r["name"].startswith("build-")] == []
 
 
 def test_a_failing_step_fails_the_build_with_1_naming_file_and_line(
