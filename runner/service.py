@@ -537,15 +537,16 @@ class RunnerService:
         try:
             with self._runtime_lock(runtime_id):
                 try:
-                    self._boot_locked(runtime_id, release)
+                    self._boot_locked(runtime_id)
                 finally:
                     release()
         finally:
             release()
 
-    def _boot_locked(self, runtime_id: str, release: Callable[[], None]) -> None:
-        """``release`` gives the boot slot back: called before "running" is visible, so that
-        whoever sees it may start another runtime at once."""
+    def _boot_locked(self, runtime_id: str) -> None:
+        """Boot a runtime whose row says ``booting``. Its boot slot is held until it is
+        ``running`` (or not booting any more): no more than ``max_boots`` rows are ever
+        ``booting`` at once (R31)."""
         begun = time.monotonic()
         try:
             with self.db.session() as s:
@@ -630,7 +631,6 @@ class RunnerService:
             return
         took_ms = (time.monotonic() - begun) * 1000
         now = self.clock()
-        release()
         with self._tx() as s:
             ok = self._transition(
                 s,

@@ -13,6 +13,7 @@ import pytest
 from envs.kit.config import Settings
 from envs.service import NewVersion, register_version
 from runner.backends.fake import FakeBackend
+from runner.models import Runtime
 from runner.states import State, can_transition
 from tests.api.conftest import FINAL_STATES, ApiHarness, AppFactory
 
@@ -311,6 +312,70 @@ def test_backend_refuses_to_start(make_api: AppFactory, prepared_settings: Setti
     assert api.post(f"/runtimes/{rt['id']}/stop").status_code == 202
     api.wait_for(rt["id"], {"stopped"})
     assert api.delete(f"/runtimes/{rt['id']}").status_code == 204
+
+
+def test_a_burst_of_200_starts_boots_at_most_max_boots_at_once_and_refuses_the_rest_cleanly(
+    make_api: AppFactory, prepared_settings: Settings
+) -> None:
+    """R31: 200 start requests at once. At most ``max_boots`` runtimes are ever booting; every
+    other request is a 429 with Retry-After, answered at once; none hangs; afterwards every
+    container belongs to a running runtime and a refused runtime has none."""
+    from sqlalchemy import func, select
+
+    max_boots = 3
+    api = make_api(FakeBackend(prepared_settings.runner_name, boot_delay=2.0), runner_max_boots=max_boots)
+    ids = [api.create_runtime(f"burst-{i}")["id"] for i in range(200)]
+    booting_seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # samples the booting rows all through the burst
+        while not done.is_set():
+            with api.db.session() as s:
+                booting_seen.append(
+                    int(s.scalar(select(func.count()).select_from(Runtime).where(Runtime.state == "booting")) or 0)
+                )
+            time.sleep(0.005)
+
+    answers: dict[str, tuple[int, str | None, float]] = {}
+    guard = threading.Lock()
+    barrier = threading.Barrier(len(ids))
+
+    def start(rid: str) -> None:
+        barrier.wait(timeout=30)
+        began = time.monotonic()
+        resp = api.post(f"/runtimes/{rid}/start")
+        with guard:
+            answers[rid] = (resp.status_code, resp.headers.get("Retry-After"), time.monotonic() - began)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=start, args=(rid,)) for rid in ids]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not [th for th in threads if th.is_alive()], "a start request hung"
+    accepted = [rid for rid, (code, _, _) in answers.items() if code == 202]
+    refused = [rid for rid, (code, _, _) in answers.items() if code == 429]
+    assert len(accepted) + len(refused) == 200, sorted({code for code, _, _ in answers.values()})
+    assert len(accepted) >= 1 and len(refused) >= 150  # a few may start as the first boots finish
+    assert all(answers[rid][1] and int(answers[rid][1]) >= 1 for rid in refused), "429 without Retry-After"
+    assert max(took for _, _, took in answers.values()) < 10, "a refusal should not wait for a boot"
+    for rid in accepted:
+        assert api.wait_for(rid, {"running", "error"}, timeout=30).state == "running"
+    done.set()
+    watcher.join()
+    assert booting_seen and 1 <= max(booting_seen) <= max_boots, max(booting_seen)
+    # no orphans: containers belong exactly to the running runtimes
+    assert sorted(c.runtime_id for c in list(api.engine.values())) == sorted(accepted)
+    for rid in refused[:20]:
+        out = api.get(f"/runtimes/{rid}").json()
+        assert out["state"] == "stopped" and api.containers(rid) == []
+    for rid in accepted:
+        assert api.post(f"/runtimes/{rid}/stop").status_code == 202
+    for rid in accepted:
+        api.wait_for(rid, {"stopped"}, timeout=20)
+    assert [c for c in list(api.engine.values()) if c.runtime_id in set(ids)] == []
 
 
 def test_concurrent_start_stop_follow_the_state_machine(api: ApiHarness) -> None:
