@@ -29,12 +29,7 @@ def test_an_exported_version_loads_into_a_fresh_envctl_with_its_lineage_and_boot
         op = save(client, rid, "team/portable", "for elsewhere")
         image_id = op["result"]["image_id"]
         client.delete(f"/runtimes/{rid}")
-        archive = tmp_path / "portable.tar"
-        with client.stream("GET", "/environments/team/portable@1/export") as resp:
-            assert resp.status_code == 200
-            with open(archive, "wb") as f:
-                for chunk in resp.iter_bytes():
-                    f.write(chunk)
+        archive = _export(client, "team/portable@1", tmp_path / "portable.tar")
     with tarfile.open(archive) as tar:
         meta = json.load(tar.extractfile("envctl-export.json"))  # type: ignore[arg-type]
         index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
@@ -67,6 +62,16 @@ def test_an_exported_version_loads_into_a_fresh_envctl_with_its_lineage_and_boot
             assert [v["new"] for v in again.json()] == [False, False, False]
     finally:
         remove_runner_containers(docker, other)
+
+
+def _export(client: httpx.Client, ref: str, archive: Path) -> Path:
+    """Download ``GET /environments/{ref}/export`` to ``archive``."""
+    with client.stream("GET", f"/environments/{ref}/export") as resp:
+        assert resp.status_code == 200
+        with open(archive, "wb") as f:
+            for chunk in resp.iter_bytes():
+                f.write(chunk)
+    return archive
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -141,12 +146,7 @@ def test_an_archive_that_would_add_to_another_users_environment_is_refused_befor
         first = save(client, rid, "team/portable", "first")["result"]["image_id"]
         run(client, rid, "echo twice > /root/second")
         second = save(client, rid, "team/portable", "second")["result"]["image_id"]
-        archive = tmp_path / "portable.tar"
-        with client.stream("GET", "/environments/team/portable@2/export") as resp:
-            assert resp.status_code == 200
-            with open(archive, "wb") as f:
-                for chunk in resp.iter_bytes():
-                    f.write(chunk)
+        archive = _export(client, "team/portable@2", tmp_path / "portable.tar")
         assert client.delete("/environments/team/portable@2").status_code == 409  # the runtime is on it
         client.delete(f"/runtimes/{rid}")
         assert client.delete("/environments/team/portable@2").status_code == 204
