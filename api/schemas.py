@@ -80,7 +80,12 @@ class RuntimeOut(BaseModel):
     idle: IdleOut | None
     machine_type: str
     idle_timeout: int | None
-    runner: str
+    runner: str = Field(description="the runner that owns the runtime; only it acts on it")
+    runner_alive: bool = Field(description="whether that runner beats its heartbeat in the store")
+    unreachable: str | None = Field(
+        description="why this server cannot act on the runtime (another runner owns it, or its runner is gone); "
+        "null when it can"
+    )
     booted_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -226,3 +231,11 @@ class LoadedVersion(BaseModel):
     exported_as: str = Field(description="its reference where it was exported")
     digest: str
     new: bool = Field(description="false when this envctl had it already")
+
+
+class RunnerOut(BaseModel):
+    name: str
+    alive: bool
+    heartbeat_at: datetime | None
+    reason: str
+    this_server: bool = Field(description="whether it is the runner of the server that answered")

@@ -116,3 +116,10 @@ def parse_ref(text: str, field: str = "environment") -> EnvRef:
     if version is None and digest is None and tag is None:
         tag = DEFAULT_TAG
     return EnvRef(name=rest, team=team, version=version, digest=digest, tag=tag)
+
+
+def check_tag(value: str, field: str = "tag") -> str:
+    """Validate a tag name (``latest``, ``stable``, ``v1.2``) and return it."""
+    if not isinstance(value, str) or not _TAG_RE.match(value):
+        raise InvalidInputError(f"{field}: {str(value)[:80]!r} is not a valid tag", field=field)
+    return value

@@ -4,46 +4,47 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from envs import archive
 from envs import service as envs_service
+from envs.kit.db import Database
 from envs.kit.errors import BackendError
 from envs.models import EnvironmentVersion
 from envs.refs import parse_ref
+from runner.backends.base import RuntimeBackend
 from runner.snapshots import writer_of
-
-if TYPE_CHECKING:
-    from runner.service import RunnerService
 
 
 class Archives:
-    def __init__(self, runner: RunnerService) -> None:
-        self.runner = runner
+    def __init__(self, db: Database, backend: RuntimeBackend, scratch_dir: Path) -> None:
+        self.db = db
+        self.backend = backend
+        self.scratch_dir = scratch_dir
 
     def scratch(self) -> Path:
-        d = self.runner.settings.data_dir / "tmp"
+        d = self.scratch_dir
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def export(self, ref: str) -> Path:
         """Write the archive of ``ref`` (and its lineage) to a temporary file; the caller
         streams it and removes it."""
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
             chain = envs_service.lineage(s, version)
             versions = [_describe(v) for v in chain]
             exported = version.ref
         images = list(dict.fromkeys(v["image_id"] for v in versions))
         for image in images:
-            if self.runner.backend.image_info(image) is None:
+            if self.backend.image_info(image) is None:
                 raise BackendError(f"the image {image[:19]} of {exported}'s lineage is not in the container engine")
         scratch = self.scratch()
         with tempfile.NamedTemporaryFile(dir=scratch, suffix=".docker.tar", delete=False) as raw:
             raw_path = Path(raw.name)
         out_path = raw_path.with_suffix(".envctl.tar")
         try:
-            self.runner.backend.save_images(images, raw_path)
+            self.backend.save_images(images, raw_path)
             with open(out_path, "wb") as out:
                 archive.write_oci(
                     raw_path,
@@ -67,7 +68,7 @@ class Archives:
         theirs; versions already present (a lineage's base images) are no writes.
         """
         checked = archive.check(path)
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             writer = writer_of(s, user_id)
             for v in checked.meta["versions"]:
                 env = envs_service.get_environment(s, str(v.get("environment", "")))
@@ -79,15 +80,15 @@ class Archives:
             docker_path = Path(out.name)
             archive.docker_archive(path, checked, out)
         try:
-            self.runner.backend.load_images(docker_path)
+            self.backend.load_images(docker_path)
         finally:
             docker_path.unlink(missing_ok=True)
         for image_id in checked.images:
-            if self.runner.backend.image_info(image_id) is None:
+            if self.backend.image_info(image_id) is None:
                 raise BackendError(f"after loading, the image {image_id[:19]} is not in the engine")
         loaded: list[dict[str, Any]] = []
         by_image: dict[str, EnvironmentVersion] = {}
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             for v in reversed(checked.meta["versions"]):  # base first, so parents exist
                 parent = by_image.get(v.get("parent_image_id") or "")
                 env = envs_service.get_environment(s, v["environment"])

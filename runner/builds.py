@@ -12,37 +12,55 @@ build runtime boots); a new name becomes the builder's.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import update
 
 from envs import service as envs_service
+from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from envs.spec import Spec, parse
+from runner.errors import BuildStepFailedError
+from runner.executions import ExecutionManager
+from runner.lifecycle import Lifecycle
 from runner.models import Operation
-from runner.snapshots import writer_of
+from runner.operations import Operations
+from runner.records import Records
+from runner.runtimes import Runtimes
+from runner.snapshots import Snapshots, writer_of
 from runner.states import State
-
-if TYPE_CHECKING:
-    from runner.service import RunnerService
 
 log = logging.getLogger("envctl.builds")
 
 
-class BuildStepFailedError(EnvctlError):
-    code = "build_step_failed"
-    status = 422
-
-
 class Builds:
-    def __init__(self, runner: RunnerService) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        settings: Settings,
+        records: Records,
+        runtimes: Runtimes,
+        lifecycle: Lifecycle,
+        executions: ExecutionManager,
+        snapshots: Snapshots,
+        operations: Operations,
+        *,
+        submit: Callable[..., Any],
+    ) -> None:
+        self.settings = settings
+        self.records = records
+        self.runtimes = runtimes
+        self.lifecycle = lifecycle
+        self.executions = executions
+        self.snapshots = snapshots
+        self.operations = operations
+        self.submit = submit
 
     def build(self, owner_id: str, author: str, text: str, source: str = "<spec>") -> Operation:
         """Check the spec now (422 on any problem), then build it in the background (202)."""
         spec = parse(text, source)
-        with self.runner.db.session() as s:
+        with self.records.db.session() as s:
             envs_service.check_write(
                 envs_service.get_environment(s, spec.name),
                 writer_of(s, owner_id),
@@ -53,7 +71,7 @@ class Builds:
             parent_ref, parent_digest = parent.ref, parent.digest
             digest = spec.digest(parent_digest)
             cached = self._cached(s, spec.name, digest)
-        operations = self.runner.operations
+        operations = self.operations
         if cached is not None:
             return operations.create(
                 owner_id,
@@ -65,7 +83,7 @@ class Builds:
         op = operations.create(
             owner_id, "build", f"building {spec.name} on {parent_ref}", result={"spec_digest": digest, "steps": []}
         )
-        self.runner._submit_plain(self._build, op.id, owner_id, author, spec, parent_ref, digest)
+        self.submit(self._build, op.id, owner_id, author, spec, parent_ref, digest)
         return op
 
     @staticmethod
@@ -79,17 +97,16 @@ class Builds:
         return None
 
     def _build(self, op_id: str, owner_id: str, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
-        runner = self.runner
         rid = None
         steps: list[dict[str, Any]] = []
         try:
-            rt = runner.create(
+            rt = self.runtimes.create(
                 owner_id, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
             )
             rid = rt.id
             self._update(op_id, phase="booting", message=f"booting {parent_ref}", runtime_id=rid)
-            runner.start(owner_id, rid)
-            booted = runner.wait_for(rid, {State.RUNNING, State.ERROR}, runner.settings.runner_boot_timeout + 15)
+            self.lifecycle.start(owner_id, rid)
+            booted = self.records.wait_for(rid, {State.RUNNING, State.ERROR}, self.settings.runner_boot_timeout + 15)
             if booted.state != State.RUNNING:
                 raise BuildStepFailedError(f"the build runtime did not boot: {booted.state_message}")
             for n, step in enumerate(spec.steps, 1):
@@ -100,18 +117,18 @@ class Builds:
                     self._update(op_id, phase="running", message=label, steps=steps)
                     continue
                 language, code = cell
-                ex = runner.executions.submit(owner_id, rid, code=code, language=language)
+                ex = self.executions.submit(owner_id, rid, code=code, language=language)
                 steps.append(
                     {"step": n, "kind": step.kind, "line": step.line, "execution_id": ex.id, "status": "running"}
                 )
                 self._update(op_id, phase="running", message=label, steps=steps)
                 while True:
-                    runner.executions.wait(ex.id, 5)
-                    view = runner.executions.get(owner_id, ex.id)
+                    self.executions.wait(ex.id, 5)
+                    view = self.executions.get(owner_id, ex.id)
                     if view.status in ("ok", "error", "interrupted"):
                         break
                 steps[-1]["status"] = view.status
-                steps[-1]["log"] = _log_text(runner.executions.outputs(ex.id))
+                steps[-1]["log"] = _log_text(self.executions.outputs(ex.id))
                 if view.status != "ok":
                     self._update(op_id, steps=steps)
                     raise BuildStepFailedError(
@@ -120,7 +137,7 @@ class Builds:
                         details={"step": n, "line": step.line, "execution_id": ex.id},
                     )
             self._update(op_id, phase="saving", message="saving the new version", steps=steps)
-            version: EnvironmentVersion = runner.snapshots.save_now(
+            version: EnvironmentVersion = self.snapshots.save_now(
                 op_id,
                 owner_id,
                 author,
@@ -133,21 +150,21 @@ class Builds:
             )
             built: tuple[str, str] | Exception = (version.ref, version.digest)
         except Exception as exc:
-            runner.operations.discard_pending(op_id)  # a snapshot made but not recorded
+            self.operations.discard_pending(op_id)  # a snapshot made but not recorded
             built = exc
         finally:
             # The build runtime goes before the operation ends: whoever sees the build end may
             # at once delete the version, which that runtime would still be pinned to.
             if rid is not None:
                 try:
-                    runner.delete(owner_id, rid)
+                    self.lifecycle.delete(owner_id, rid)
                 except EnvctlError as exc:
                     log.warning("could not remove build runtime %s: %s", rid, exc.message)
         if isinstance(built, Exception):
-            runner.operations.fail(op_id, built, "build", result={"spec_digest": digest, "steps": steps})
+            self.operations.fail(op_id, built, "build", result={"spec_digest": digest, "steps": steps})
             return
         ref, version_digest = built
-        runner.operations.finish(
+        self.operations.finish(
             op_id,
             "succeeded",
             result={"spec_digest": digest, "version": ref, "cached": False, "steps": steps, "digest": version_digest},
@@ -156,7 +173,7 @@ class Builds:
 
     def _update(self, op_id: str, **values: Any) -> None:
         steps = values.pop("steps", None)
-        with self.runner.db.connection() as c:
+        with self.records.db.connection() as c:
             if steps is not None:
                 row = c.execute(Operation.__table__.select().where(Operation.id == op_id)).first()
                 result = dict(row.result or {}) if row is not None else {}

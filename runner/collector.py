@@ -11,24 +11,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import func, insert, select
 
+from envs.kit.config import Settings
+from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from runner.models import ResultFile as ResultRow
+from runner.paths import RuntimePaths
 from runner.results import ResultChangedError, ResultFile, ResultStore, scan, store_from_settings
-
-if TYPE_CHECKING:
-    from runner.service import RunnerService
 
 log = logging.getLogger("envctl.results")
 
 
 class ResultCollector:
-    def __init__(self, runner: RunnerService) -> None:
-        self.runner = runner
+    def __init__(self, settings: Settings, db: Database, clock: Callable[[], datetime], paths: RuntimePaths) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.paths = paths
         self._store: ResultStore | None = None
         self._index: dict[str, dict[str, ResultFile]] = {}  # runtime -> scan index (for mtime shortcuts)
         self._known: dict[str, dict[str, str]] = {}  # runtime -> path -> sha256 recorded last
@@ -37,11 +41,11 @@ class ResultCollector:
     @property
     def store(self) -> ResultStore:
         if self._store is None:
-            self._store = store_from_settings(self.runner.settings)
+            self._store = store_from_settings(self.settings)
         return self._store
 
     def results_dir(self, runtime_id: str) -> Path:
-        return self.runner.state_dir(runtime_id) / "results"
+        return self.paths.results_dir(runtime_id)
 
     def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ResultFile]:
         """Record what changed under the runtime's results since the last collection."""
@@ -72,8 +76,8 @@ class ResultCollector:
                     continue
                 recorded.append(f)
             if recorded:
-                now = self.runner.clock()
-                with self.runner.db.connection() as c:
+                now = self.clock()
+                with self.db.connection() as c:
                     c.execute(
                         insert(ResultRow),
                         [
@@ -100,7 +104,7 @@ class ResultCollector:
             .group_by(ResultRow.path)
             .subquery()
         )
-        with self.runner.db.connection() as c:
+        with self.db.connection() as c:
             rows = c.execute(select(ResultRow.path, ResultRow.sha256).join(latest, ResultRow.id == latest.c.id)).all()
         return {r[0]: r[1] for r in rows}
 

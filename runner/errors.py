@@ -1,6 +1,6 @@
-"""Errors of the runner package."""
+"""Errors of the runner package: every leaf the runner raises is defined here."""
 
-from envs.kit.errors import ConflictError, NotFoundError
+from envs.kit.errors import ConflictError, EnvctlError, NotFoundError
 
 
 class RuntimeNotFoundError(NotFoundError):
@@ -13,6 +13,31 @@ class RuntimeStateError(ConflictError):
     code = "runtime_state_conflict"
 
 
+class RuntimeOwnedElsewhereError(ConflictError):
+    """The runtime belongs to another runner of the installation: only that one acts on it."""
+
+    code = "runtime_owned_elsewhere"
+
+
+class RunnerNameInUseError(ConflictError):
+    """A live process of the installation already holds this runner name."""
+
+    code = "runner_name_in_use"
+
+
 class MachineTypeNotFoundError(NotFoundError):
     code = "machine_type_not_found"
+    status = 422
+
+
+class ExecutionNotFoundError(NotFoundError):
+    code = "execution_not_found"
+
+
+class OperationNotFoundError(NotFoundError):
+    code = "operation_not_found"
+
+
+class BuildStepFailedError(EnvctlError):
+    code = "build_step_failed"
     status = 422

@@ -51,6 +51,9 @@ class Runtime(Base):
     # What the running container already differed by when it was last saved (path -> [kind,
     # size, mtime]): the runtime moved to the saved version, so those are no longer changes.
     change_baseline: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The last execution number handed out: the next cell takes next_seq + 1, counted in the
+    # database (UPDATE ... RETURNING), so processes sharing the store never hand out one twice.
+    next_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -152,3 +155,36 @@ class Operation(Base):
     pending_images: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Installation(Base):
+    """The identity of one installation (one state store): made by the migration that added
+    it, or on first start. Every container carries it, so two installations sharing a Docker
+    engine never take each other's containers for their own."""
+
+    __tablename__ = "installation"
+
+    key: Mapped[str] = mapped_column(String(16), primary_key=True, default="this")  # one row
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RunnerRecord(Base):
+    """A runner of the installation and its heartbeat: the proof that it is alive.
+
+    ``instance`` names the process holding the name now: a second process that asks for a name
+    a live one holds is refused; one that finds the holder dead (no heartbeat for
+    ``runner_stale_after``, or its process gone on this host) takes the name over.
+    ``stopped_at`` is set by a clean shutdown, so others need not wait for the beat to go stale.
+    """
+
+    __tablename__ = "runners"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(40))
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    backend: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

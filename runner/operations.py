@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -17,21 +18,22 @@ from sqlalchemy.orm import Session
 from envs.kit.errors import EnvctlError, NotFoundError
 from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
+from runner.backends.base import RuntimeBackend
+from runner.errors import OperationNotFoundError
 from runner.models import Operation, Runtime
-
-if TYPE_CHECKING:
-    from runner.service import RunnerService
+from runner.records import Records
 
 log = logging.getLogger("envctl.operations")
 
 
-class OperationNotFoundError(NotFoundError):
-    code = "operation_not_found"
-
-
 class Operations:
-    def __init__(self, runner: RunnerService) -> None:
-        self.runner = runner
+    def __init__(
+        self, records: Records, backend: RuntimeBackend, *, delete_runtime: Callable[[str, str], None]
+    ) -> None:
+        self.records = records
+        self.db = records.db
+        self.backend = backend
+        self.delete_runtime = delete_runtime  # (owner id, runtime id): build runtimes left by a crash
 
     def create(
         self,
@@ -46,13 +48,13 @@ class Operations:
     ) -> Operation:
         """Record a new operation (running, or already ``succeeded`` when ``finished``), in
         ``session``'s transaction when one is given."""
-        now = self.runner.clock()
+        now = self.records.clock()
         op = Operation(
             id=new_id("op"),
             owner_id=owner_id,
             kind=kind,
             runtime_id=runtime_id,
-            runner=self.runner.runner,
+            runner=self.records.runner,
             status="succeeded" if finished else "running",
             phase="succeeded" if finished else "queued",
             message=message,
@@ -64,12 +66,12 @@ class Operations:
             session.add(op)
             session.flush()
             return op
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             s.add(op)
         return op
 
     def phase(self, op_id: str, phase: str, message: str, **values: Any) -> None:
-        with self.runner.db.connection() as c:
+        with self.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message, **values))
 
     def finish(
@@ -81,7 +83,7 @@ class Operations:
         error: dict[str, Any] | None = None,
         message: str = "",
     ) -> None:
-        with self.runner.db.connection() as c:
+        with self.db.connection() as c:
             c.execute(
                 update(Operation)
                 .where(Operation.id == op_id)
@@ -91,10 +93,10 @@ class Operations:
                     result=result or {},
                     error=error,
                     message=message,
-                    finished_at=self.runner.clock(),
+                    finished_at=self.records.clock(),
                 )
             )
-        self.runner.notify()
+        self.records.notify()
 
     def fail(self, op_id: str, exc: Exception, what: str, *, result: dict[str, Any] | None = None) -> str:
         """Record ``exc`` as the end of the operation; returns the message a person reads."""
@@ -118,8 +120,8 @@ class Operations:
         marked done; any other ends ``failed`` with code ``interrupted``, and the images it had
         made but not recorded are removed, so nothing half-made is left (R15). Build runtimes
         are deleted. Returns the ids it ended."""
-        with self.runner.db.session() as s:
-            mine = select(Operation).where(Operation.runner == self.runner.runner, Operation.status == "running")
+        with self.db.session() as s:
+            mine = select(Operation).where(Operation.runner == self.records.runner, Operation.status == "running")
             stale = list(s.scalars(mine))
             facts = [(op.id, op.kind, op.owner_id, op.runtime_id, list(op.pending_images or [])) for op in stale]
         ended = []
@@ -135,13 +137,13 @@ class Operations:
         """The version that records one of ``pending``'s images, if any."""
         if not pending:
             return None
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             row = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.image_id.in_(pending))).first()
             return {"version": row.ref, "digest": row.digest, "image_id": row.image_id} if row is not None else None
 
     def discard_pending(self, op_id: str) -> None:
         """Remove the images the operation made that no version records (it failed)."""
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             op = s.get(Operation, op_id)
             pending = list(op.pending_images or []) if op is not None else []
         self._remove_unrecorded(pending, self._recorded(pending))
@@ -151,7 +153,7 @@ class Operations:
         for image in pending:
             if image not in recorded:
                 with contextlib.suppress(EnvctlError):
-                    self.runner.backend.remove_image(image)
+                    self.backend.remove_image(image)
 
     def _recover_one(self, op_id: str, kind: str, owner_id: str, runtime_id: str | None, pending: list[str]) -> None:
         version = self._recorded(pending)
@@ -162,7 +164,7 @@ class Operations:
         self._remove_unrecorded(pending, version)
         if kind == "build" and runtime_id is not None:
             with contextlib.suppress(NotFoundError):
-                self.runner.delete(owner_id, runtime_id)
+                self.delete_runtime(owner_id, runtime_id)
         text = f"envctl stopped while this {kind} ran; nothing was kept: run it again"
         self.finish(
             op_id,
@@ -171,21 +173,21 @@ class Operations:
             message=text,
         )
         if kind == "save" and runtime_id is not None:
-            with self.runner._tx() as s:
+            with self.records.tx() as s:
                 if s.get(Runtime, runtime_id) is not None:
-                    self.runner._log(s, runtime_id, event="save-failed", reason="interrupted", message=text)
+                    self.records.log(s, runtime_id, event="save-failed", reason="interrupted", message=text)
         log.info("%s %s was interrupted by a restart; marked failed", kind, op_id)
 
     def set_pending(self, op_id: str, images: list[str]) -> None:
         """Note the images the operation made (or is making) that no version records yet."""
-        with self.runner.db.connection() as c:
+        with self.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(pending_images=list(images)))
 
     def wait(self, owner_id: str, op_id: str, timeout: float) -> Operation:
         """The operation once it has ended, or as it is after ``timeout`` seconds. Woken by
         ``finish`` at once (no polling delay on the end of a save)."""
         deadline = time.monotonic() + timeout
-        changed = self.runner._changed
+        changed = self.records.changed
         with changed:
             while True:
                 op = self.get(owner_id, op_id)
@@ -195,7 +197,7 @@ class Operations:
                 changed.wait(min(remaining, 0.5))
 
     def get(self, owner_id: str, op_id: str) -> Operation:
-        with self.runner.db.session() as s:
+        with self.db.session() as s:
             op = s.get(Operation, op_id)
             if op is None or op.owner_id != owner_id:
                 raise OperationNotFoundError(f"operation {op_id[:64]!r} does not exist")

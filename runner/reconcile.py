@@ -10,27 +10,35 @@ of (rows, containers); applying it is the only part that acts.
   and the runtime is ``running`` again, container untouched (R11).
 - An active runtime whose container vanished goes to ``error`` / ``container-vanished``; one
   whose container exited goes to ``error`` with ``oom`` or ``container-exited`` (R3, R12).
+- An exited container's unsaved changes become a draft before it is removed, so the next boot
+  restores them (R33); if the draft cannot be made the container stays, and the next round
+  tries again.
 - A labelled container with no row at all (a crash between create and commit) is removed,
   only after both the listing and the database query succeeded (R13).
 - Runtimes that an in-flight boot or stop of this process holds are left alone.
+- Only containers of this installation and runner are ever looked at (``list_owned``):
+  another installation's or another runner's are none of its business (R32). Containers made
+  before installations had an identity are adopted when a row knows them, never removed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from envs.kit.errors import BackendError, EnvctlError
-from runner.backends.base import BackendState, FoundContainer, Status
+from runner.backends.base import BackendState, FoundContainer, RuntimeBackend, Status
 from runner.channel import AgentUnavailableError, ping
+from runner.concurrency import Concurrency
+from runner.drafts import Drafts
+from runner.identity import RunnerIdentity
 from runner.models import Runtime
+from runner.paths import RuntimePaths
+from runner.records import Records
 from runner.states import ACTIVE, State
-
-if TYPE_CHECKING:
-    from runner.service import RunnerService
 
 log = logging.getLogger("envctl.reconcile")
 
@@ -105,119 +113,165 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
     for runtime_id, containers in by_runtime.items():
         if runtime_id not in known:
             for c in containers:
-                actions.append(Action("remove-orphan", runtime_id, c.state))
+                if not c.legacy:  # an old container no row knows may be another installation's
+                    actions.append(Action("remove-orphan", runtime_id, c.state))
     return actions
 
 
-def reconcile(service: RunnerService) -> list[Action]:
-    """One reconciliation round for ``service``'s runner. Returns what it did."""
-    backend = service.backend
-    # Rows first, then the listing: a container recorded on a row was made before the row was
-    # read, so it is in the listing unless it really is gone.
-    with service.db.session() as s:
-        rows = [
-            Row(r.id, State(r.state), r.state_reason, dict(r.backend_state or {}))
-            for r in s.scalars(select(Runtime).where(Runtime.runner == service.runner))
-        ]
-    try:
-        found = backend.list_owned()
-    except BackendError as exc:
-        _mark_unreachable(service, exc)
-        raise
-    done: list[Action] = []
-    for action in plan(rows, found):
-        if service.in_flight(action.runtime_id):
-            continue  # a boot, stop or reset of ours is queued or running for it
-        lock = service.try_runtime_lock(action.runtime_id)
-        if lock is None:
-            continue  # a boot or stop of ours is working on it
-        if service.in_flight(action.runtime_id):
-            lock.release()
-            continue
+class Reconciler:
+    """Applies ``plan`` for one runner; one round per ``run()``."""
+
+    def __init__(
+        self,
+        identity: RunnerIdentity,
+        records: Records,
+        concurrency: Concurrency,
+        backend: RuntimeBackend,
+        paths: RuntimePaths,
+        drafts: Drafts,
+        *,
+        is_saving: Callable[[str], bool],
+    ) -> None:
+        self.identity = identity
+        self.records = records
+        self.concurrency = concurrency
+        self.backend = backend
+        self.paths = paths
+        self.drafts = drafts
+        self.is_saving = is_saving
+
+    def _busy_here(self, runtime_id: str) -> bool:
+        return self.concurrency.in_flight(runtime_id) or self.is_saving(runtime_id)
+
+    def run(self) -> list[Action]:
+        """One reconciliation round. Returns what it did."""
+        # Rows first, then the listing: a container recorded on a row was made before the row
+        # was read, so it is in the listing unless it really is gone.
+        with self.records.db.session() as s:
+            rows = [
+                Row(r.id, State(r.state), r.state_reason, dict(r.backend_state or {}))
+                for r in s.scalars(select(Runtime).where(Runtime.runner == self.identity.name))
+            ]
         try:
-            _apply(service, action)
-            done.append(action)
-        except EnvctlError as exc:
-            log.warning("reconcile %s %s failed: %s", action.kind, action.runtime_id, exc.message)
-        finally:
-            lock.release()
-    return done
+            found = self.backend.list_owned(self.identity)
+        except BackendError as exc:
+            self._mark_unreachable(exc)
+            raise
+        done: list[Action] = []
+        for action in plan(rows, found):
+            if self._busy_here(action.runtime_id):
+                continue  # a boot, stop, reset or save of ours is queued or running for it
+            lock = self.concurrency.try_runtime_lock(action.runtime_id)
+            if lock is None:
+                continue  # a boot or stop of ours is working on it
+            try:
+                if self._busy_here(action.runtime_id):
+                    continue
+                self.apply(action)
+                done.append(action)
+            except EnvctlError as exc:
+                log.warning("reconcile %s %s failed: %s", action.kind, action.runtime_id, exc.message)
+            finally:
+                lock.release()
+        return done
 
+    def _row_moved_on(self, action: Action) -> bool:
+        """Whether the row is no longer what the plan saw (a state change since, or gone)."""
+        with self.records.db.session() as s:
+            row = s.get(Runtime, action.runtime_id)
+            return row is None or (action.seen is not None and State(row.state) != action.seen)
 
-def _apply(service: RunnerService, action: Action) -> None:
-    backend = service.backend
-    rid = action.runtime_id
-    if action.kind in ("remove-orphan", "stop-leftover"):
-        # The rows were read before the containers were listed: a runtime created, or started,
-        # in between owns a container the plan took for a leftover. Look again (under the
-        # runtime's lock, with nothing of ours in flight for it) before removing anything.
-        with service.db.session() as s:
-            row = s.get(Runtime, rid)
-            fresh = None if row is None else (State(row.state), (row.backend_state or {}).get("container_id"))
-        if action.kind == "remove-orphan" and fresh is not None:
+    def apply(self, action: Action) -> None:
+        kind = action.kind
+        if kind in ("remove-orphan", "stop-leftover") and not self._still_stray(action):
             return
-        if action.kind == "stop-leftover" and (
-            fresh is None or fresh[0] != action.seen or fresh[1] == action.state.get("container_id")
-        ):
-            return
-    if action.kind == "remove-orphan":
-        log.info("removing container %s of unknown runtime %s", action.state.get("container_id"), rid)
-        backend.stop(action.state, timeout=1)
-        return
-    if action.kind == "stop-leftover":
-        backend.stop(action.state, timeout=1)
-        with service._tx() as s:
-            service._log(
-                s,
-                rid,
+        if kind == "remove-orphan":
+            log.info("removing container %s of unknown runtime %s", action.state.get("container_id"), action.runtime_id)
+            self.backend.stop(action.state, timeout=1)
+        elif kind == "stop-leftover":
+            self.backend.stop(action.state, timeout=1)
+            self.records.log_now(
+                action.runtime_id,
                 event="leftover-removed",
                 reason="reconcile",
                 message=f"removed container {action.state.get('container_id', '')[:12]}, no longer the runtime's",
             )
-        return
-    if action.kind == "finish-stop":
-        if action.state:
-            backend.stop(action.state)
-        with service._tx() as s:
-            service._transition(
-                s,
-                rid,
-                State.STOPPED,
-                "reconcile",
-                "stop finished after a restart",
-                expect={State.STOPPING},
-                values={"backend_state": {}, "booted_at": None},
-            )
-        return
-    if action.kind == "vanished":
-        with service._tx() as s:
-            service._transition(
-                s,
-                rid,
-                State.ERROR,
-                "container-vanished",
-                "the runtime's container is gone (removed outside envctl?); start the runtime again",
-                expect=_seen(action),
-                values={"backend_state": {}, "booted_at": None},
-            )
-        return
-    if action.kind == "exited":
+        elif kind == "finish-stop":
+            if action.state:
+                self.backend.stop(action.state)
+            with self.records.tx() as s:
+                self.records.transition(
+                    s,
+                    action.runtime_id,
+                    State.STOPPED,
+                    "reconcile",
+                    "stop finished after a restart",
+                    expect={State.STOPPING},
+                    values={"backend_state": {}, "booted_at": None},
+                )
+        elif kind == "vanished":
+            with self.records.tx() as s:
+                self.records.transition(
+                    s,
+                    action.runtime_id,
+                    State.ERROR,
+                    "container-vanished",
+                    "the runtime's container is gone (removed outside envctl?); start the runtime again",
+                    expect=_seen(action),
+                    values={"backend_state": {}, "booted_at": None},
+                )
+        elif kind == "exited":
+            self._exited(action)
+        elif kind == "adopt":
+            self._adopt(action)
+
+    def _still_stray(self, action: Action) -> bool:
+        """The rows were read before the containers were listed: a runtime created, or started,
+        in between owns a container the plan took for a stray. Look again (under the runtime's
+        lock, with nothing of ours in flight for it) before removing anything."""
+        with self.records.db.session() as s:
+            row = s.get(Runtime, action.runtime_id)
+            fresh = None if row is None else (State(row.state), (row.backend_state or {}).get("container_id"))
+        if action.kind == "remove-orphan":
+            return fresh is None
+        return not (fresh is None or fresh[0] != action.seen or fresh[1] == action.state.get("container_id"))
+
+    def _exited(self, action: Action) -> None:
+        """The container stopped without envctl asking: keep its changes, then say why."""
+        rid = action.runtime_id
+        if self._row_moved_on(action):
+            return  # the row moved on since the plan was made: not this round's business
         reason = "oom" if action.oom_killed else "container-exited"
         message = (
             "the runtime ran out of memory and was killed; choose a larger machine type"
             if action.oom_killed
             else f"the runtime's container exited with code {action.exit_code}"
         )
-        with service.db.session() as s:
-            row = s.get(Runtime, rid)
-            if row is None or (action.seen is not None and State(row.state) != action.seen):
-                return  # the row moved on since the plan was made: not this round's business
-        tail = backend.logs_tail(action.state)
+        tail = self.backend.logs_tail(action.state)
         if tail.strip() and not action.oom_killed:
             message += "; last output: " + tail.strip()[-500:]
-        backend.stop(action.state, timeout=1)  # the dead container goes before the row says so
-        with service._tx() as s:
-            service._transition(
+        try:
+            draft = self.drafts.make_draft(rid, reason=reason, state=action.state)
+        except EnvctlError as exc:
+            # The container holds the user's work: it stays until a draft can be made.
+            with self.records.tx() as s:
+                self.records.transition(
+                    s,
+                    rid,
+                    State.ERROR,
+                    "draft-failed",
+                    f"{message}; its unsaved changes could not be kept yet ({exc.message}), so the container is "
+                    "kept and envctl tries again",
+                    expect=_seen(action),
+                    values={"backend_state": action.state, "booted_at": None},
+                    details={"exit_code": action.exit_code},
+                )
+            return
+        if draft is not None:
+            message += "; its unsaved changes were kept and come back at the next boot"
+        self.backend.stop(action.state, timeout=1)  # the dead container goes before the row says so
+        with self.records.tx() as s:
+            self.records.transition(
                 s,
                 rid,
                 State.ERROR,
@@ -225,11 +279,12 @@ def _apply(service: RunnerService, action: Action) -> None:
                 message,
                 expect=_seen(action),
                 values={"backend_state": {}, "booted_at": None},
-                details={"exit_code": action.exit_code},
+                details={"exit_code": action.exit_code, "draft": draft},
             )
-        return
-    if action.kind == "adopt":
-        with service.db.session() as s:
+
+    def _adopt(self, action: Action) -> None:
+        rid = action.runtime_id
+        with self.records.db.session() as s:
             rt = s.get(Runtime, rid)
             if rt is None:
                 return
@@ -237,14 +292,14 @@ def _apply(service: RunnerService, action: Action) -> None:
             same = (rt.backend_state or {}).get("container_id") == action.state.get("container_id")
         if was == State.RUNNING and same:
             return  # the normal case on every round: its container runs, nothing to do
-        sock = backend.socket_path(action.state, service.state_dir(rid))
+        sock = self.backend.socket_path(action.state, self.paths.state_dir(rid))
         try:
             pong = ping(sock, timeout=3)
         except (AgentUnavailableError, OSError) as exc:
             if was in (State.BOOTING, State.ERROR):
                 return  # still booting, or already said to be unreachable: look again next round
-            with service._tx() as s:
-                service._transition(
+            with self.records.tx() as s:
+                self.records.transition(
                     s,
                     rid,
                     State.ERROR,
@@ -254,51 +309,50 @@ def _apply(service: RunnerService, action: Action) -> None:
                     values={"backend_state": action.state},
                 )
             return
-        if was == State.RUNNING and same:
-            return  # nothing to do: the normal case on every round
-        now = service.clock()
-        values: dict[str, object] = {"backend_state": action.state}
-        if was != State.RUNNING:
-            values.update(booted_at=now, last_activity_at=now, last_activity="adopted after a restart")
-        with service._tx() as s:
+        with self.records.tx() as s:
             if was == State.RUNNING:
-                service._log(s, rid, event="adopted", reason="reconcile", message="container re-attached")
-                s.execute(update(Runtime).where(Runtime.id == rid).values(backend_state=action.state))
-            else:
-                service._transition(
+                self.records.log(s, rid, event="adopted", reason="reconcile", message="container re-attached")
+                self.records.set_in(s, rid, backend_state=action.state)
+                return
+            now = self.records.clock()
+            self.records.transition(
+                s,
+                rid,
+                State.RUNNING,
+                "adopted",
+                f"found its container running (agent pid {pong.get('pid')}); adopted without a restart",
+                expect=_seen(action),
+                values={
+                    "backend_state": action.state,
+                    "booted_at": now,
+                    "last_activity_at": now,
+                    "last_activity": "adopted after a restart",
+                },
+            )
+
+    def _mark_unreachable(self, exc: BackendError) -> None:
+        """The backend cannot list: say so on every active runtime, forgetting nothing."""
+        with self.records.tx() as s:
+            ids = list(
+                s.scalars(
+                    select(Runtime.id).where(
+                        Runtime.runner == self.identity.name,
+                        Runtime.state.in_([str(st) for st in (State.RUNNING, State.BOOTING)]),
+                    )
+                )
+            )
+            for rid in ids:
+                if self._busy_here(rid):
+                    continue  # its own boot finds out about the engine soon enough
+                self.records.transition(
                     s,
                     rid,
-                    State.RUNNING,
-                    "adopted",
-                    f"found its container running (agent pid {pong.get('pid')}); adopted without a restart",
-                    expect=_seen(action),
-                    values=values,
+                    State.ERROR,
+                    "backend-unreachable",
+                    f"cannot reach the container engine to check on this runtime: {exc.message}",
+                    expect={State.RUNNING, State.BOOTING},
                 )
 
 
 def _seen(action: Action) -> set[State] | None:
     return {action.seen} if action.seen is not None else None
-
-
-def _mark_unreachable(service: RunnerService, exc: BackendError) -> None:
-    """The backend cannot list: say so on every active runtime, forgetting nothing."""
-    with service._tx() as s:
-        ids = list(
-            s.scalars(
-                select(Runtime.id).where(
-                    Runtime.runner == service.runner,
-                    Runtime.state.in_([str(st) for st in (State.RUNNING, State.BOOTING)]),
-                )
-            )
-        )
-        for rid in ids:
-            if service.in_flight(rid):
-                continue  # its own boot finds out about the engine soon enough
-            service._transition(
-                s,
-                rid,
-                State.ERROR,
-                "backend-unreachable",
-                f"cannot reach the container engine to check on this runtime: {exc.message}",
-                expect={State.RUNNING, State.BOOTING},
-            )

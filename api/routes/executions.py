@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import ExecutionCreate, ExecutionOut
-from runner.executions import FINAL, Event, ExecutionView, merge_streams
+from runner.feeds import FINAL, Event, ExecutionView, merge_streams
 
 router = APIRouter(tags=["executions"])
 KEEPALIVE = 15.0

@@ -14,7 +14,7 @@ from api.schemas import (
     SaveRequest,
 )
 from runner.models import Operation, Runtime
-from runner.service import RunnerService, RuntimeChanges
+from runner.service import RunnerService, RuntimeChanges, RuntimeStatus
 from runner.states import State
 
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
@@ -23,18 +23,20 @@ ID_PATH = {"max_length": 64}
 
 
 def runtime_out(runner: RunnerService, rt: Runtime, *, look: bool = False) -> RuntimeOut:
-    decision = runner.idle_status(rt)
+    return runtimes_out(runner, [rt], look=look)[0]
+
+
+def runtimes_out(runner: RunnerService, rts: list[Runtime], *, look: bool = False) -> list[RuntimeOut]:
+    """The runtimes as the API shows them, with what the runner knows beside their rows."""
+    return [_out(rt, st) for rt, st in zip(rts, runner.status_of(rts, look=look), strict=True)]
+
+
+def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
+    decision = st.idle
     idle = None
     if decision is not None:
-        machine = runner.settings.machine_types.get(rt.machine_type)
-        from runner.idle import effective_timeout
-
         idle = IdleOut(
-            timeout=effective_timeout(
-                rt.idle_timeout,
-                machine.idle_timeout if machine else None,
-                runner.settings.runner_idle_timeout,
-            ),
+            timeout=st.idle_timeout,
             shutdown_at=decision.shutdown_at,
             reason=decision.reason,
             last_activity_at=rt.last_activity_at,
@@ -54,15 +56,17 @@ def runtime_out(runner: RunnerService, rt: Runtime, *, look: bool = False) -> Ru
         state_color=state.color,
         state_reason=rt.state_reason,
         state_message=rt.state_message,
-        phase="saving" if runner.snapshots.is_saving(rt.id) and not rt.phase else rt.phase,
-        busy=runner.is_busy(rt.id),
-        saving=runner.snapshots.is_saving(rt.id),
-        unsaved_changes=runner.snapshots.has_changes(rt) if look else (True if rt.draft_image_id else None),
+        phase="saving" if st.saving and not rt.phase else rt.phase,
+        busy=st.busy,
+        saving=st.saving,
+        unsaved_changes=st.unsaved_changes,
         idle_shutdown_at=decision.shutdown_at if decision else None,
         idle=idle,
         machine_type=rt.machine_type,
         idle_timeout=rt.idle_timeout,
         runner=rt.runner,
+        runner_alive=st.runner_alive,
+        unreachable=st.unreachable,
         booted_at=rt.booted_at,
         created_at=rt.created_at,
         updated_at=rt.updated_at,
@@ -87,7 +91,7 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
 
 @router.get("", response_model=list[RuntimeOut])
 def list_runtimes(ctx: CtxDep, caller: CallerDep) -> list[RuntimeOut]:
-    return [runtime_out(ctx.runner, rt) for rt in ctx.runner.list(caller.id)]
+    return runtimes_out(ctx.runner, ctx.runner.list(caller.id))
 
 
 @router.get("/{runtime_id}", response_model=RuntimeOut)
@@ -156,7 +160,7 @@ def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[Cha
     included), with sizes; mounts, /results and envctl's own files are left out."""
     return [
         ChangeOut(kind=c.kind, path=c.path, size=c.size)  # type: ignore[arg-type]
-        for c in ctx.runner.snapshots.changes(caller.id, runtime_id)
+        for c in ctx.runner.changes_of(caller.id, runtime_id)
     ]
 
 

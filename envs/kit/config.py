@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,10 +65,14 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_API_PORT": "port `envctl serve` listens on (default 8700)",
     "ENVCTL_URL": "the API the CLI talks to (default http://127.0.0.1:8700)",
     "ENVCTL_TOKEN": "bearer token the CLI sends (default: the one `envctl serve` wrote)",
-    "ENVCTL_RUNNER_NAME": "name of this runner, recorded on each runtime it owns (default: host name)",
+    "ENVCTL_RUNNER_NAME": "name of this runner, recorded on each runtime and container it owns"
+    " (default: the host name, kept in the data dir on first start)",
     "ENVCTL_RUNNER_BACKEND": "runtime backend: docker (default) or fake (in-memory, for tests)",
     "ENVCTL_RUNNER_IDLE_TIMEOUT": "default idle timeout of a runtime in seconds (default 1200)",
     "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "how often idle runtimes are looked for, seconds (default 5)",
+    "ENVCTL_RUNNER_HEARTBEAT_INTERVAL": "seconds between this runner's heartbeats in the database (default 2)",
+    "ENVCTL_RUNNER_STALE_AFTER": "seconds without a heartbeat after which a runner's runtimes show as unreachable"
+    " (default 30)",
     "ENVCTL_RUNNER_BOOT_TIMEOUT": "seconds a boot may take before the runtime goes to error (default 120)",
     "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
     "ENVCTL_RUNNER_OUTPUT_CAP": "bytes of output kept per execution; the rest is cut with a marker (10 MB)",
@@ -102,10 +105,16 @@ class Settings:
     # FastAPI's OpenTelemetry spans, metrics and logs (sent to the OTLP endpoint that the
     # OTEL_* variables name). Off by default: they cost about a millisecond per request.
     api_telemetry: bool = False
-    runner_name: str = field(default_factory=socket.gethostname)
+    # "" means the name kept in the data directory, made from the host name on first start
+    # (runner/identity.py), so that a host renamed later keeps its runtimes
+    runner_name: str = ""
     runner_backend: str = "docker"
     runner_idle_timeout: int = 1200
     runner_idle_check_interval: float = 5.0
+    # seconds between a runner's heartbeats in the store, and how old the last may be before
+    # other servers show its runtimes as unreachable
+    runner_heartbeat_interval: float = 2.0
+    runner_stale_after: float = 30.0
     runner_boot_timeout: float = 120.0
     runner_max_boots: int = 4
     runner_log_max_size: str = "10m"
@@ -194,6 +203,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_backend": ("ENVCTL_RUNNER_BACKEND", str),
     "runner_idle_timeout": ("ENVCTL_RUNNER_IDLE_TIMEOUT", _INT),
     "runner_idle_check_interval": ("ENVCTL_RUNNER_IDLE_CHECK_INTERVAL", _FLOAT),
+    "runner_heartbeat_interval": ("ENVCTL_RUNNER_HEARTBEAT_INTERVAL", _FLOAT),
+    "runner_stale_after": ("ENVCTL_RUNNER_STALE_AFTER", _FLOAT),
     "runner_boot_timeout": ("ENVCTL_RUNNER_BOOT_TIMEOUT", _FLOAT),
     "runner_max_boots": ("ENVCTL_RUNNER_MAX_BOOTS", _INT),
     "runner_log_max_size": ("ENVCTL_RUNNER_LOG_MAX_SIZE", str),

@@ -152,6 +152,16 @@ class HotWriter:
         sql, args = statement.args(self._db.engine.dialect, values)
         return self._conn.execute(sql, args).rowcount
 
+    def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Run a statement with RETURNING; the first row it returned, or None."""
+        if self._core is not None:
+            row = self._core.execute(statement.statement, values).first()
+            return tuple(row) if row is not None else None
+        assert self._conn is not None
+        sql, args = statement.args(self._db.engine.dialect, values)
+        rows = self._conn.execute(sql, args).fetchall()  # to the end: the statement must finish
+        return tuple(rows[0]) if rows else None
+
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return

@@ -7,8 +7,11 @@ event loop), and keeps only ``BackendState`` (a small JSON dict) in the database
 - ``poll()`` never raises for a missing container: it returns ``Status.GONE``.
 - ``stop()`` is idempotent: stopping a stopped or missing runtime is a no-op. It also removes
   the container; the next boot makes a new one (one container per runtime, ever).
-- ``list_owned()`` returns every container this runner owns, or raises ``BackendError``; it
-  never returns a partial listing, so reconciliation can trust an absence.
+- ``list_owned(identity)`` returns every container of this installation's runner (labelled
+  ``envctl.installation`` and ``envctl.runner``), or raises ``BackendError``; it never returns a
+  partial listing, so reconciliation can trust an absence. Containers made before
+  installations had an identity (runner label only) come back flagged ``legacy``: they are
+  adopted when a row knows them, and never removed.
 - Caller mistakes raise ``InvalidInputError``; daemon faults raise ``BackendError`` and keep
   the original exception as ``__cause__``.
 
@@ -26,11 +29,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from envs.kit.config import MachineType, Settings
+from runner.identity import RunnerIdentity
 
 BackendState = dict[str, Any]
 
 # Labels every runtime container carries.
 LABEL_RUNTIME = "envctl.runtime-id"
+LABEL_INSTALLATION = "envctl.installation"
 LABEL_RUNNER = "envctl.runner"
 LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
@@ -70,7 +75,7 @@ class RuntimeSpec:
     state_dir: Path  # host directory mounted read-write at STATE_MOUNT
     agent_dir: Path  # host directory with the agent code, mounted read-only at AGENT_MOUNT
     language: str = "python"
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # the runner's identity, among others
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -106,6 +111,7 @@ class FoundContainer:
     runtime_id: str
     state: BackendState
     status: ContainerStatus
+    legacy: bool = False  # no installation label: made before installations had an identity
 
 
 class RuntimeBackend(abc.ABC):
@@ -134,8 +140,8 @@ class RuntimeBackend(abc.ABC):
         """Stop and remove the container. Idempotent."""
 
     @abc.abstractmethod
-    def list_owned(self) -> list[FoundContainer]:
-        """Every container of this runner, complete, or ``BackendError``."""
+    def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
+        """Every container of ``identity`` (installation and runner), complete, or ``BackendError``."""
 
     @abc.abstractmethod
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:

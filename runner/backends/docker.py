@@ -26,6 +26,7 @@ from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
     LABEL_ENVIRONMENT,
+    LABEL_INSTALLATION,
     LABEL_MACHINE,
     LABEL_MANAGED,
     LABEL_RUNNER,
@@ -42,6 +43,7 @@ from runner.backends.base import (
     RuntimeSpec,
     Status,
 )
+from runner.identity import RunnerIdentity
 
 # Of Docker's default set, these are dropped: raw sockets (spoofing on the bridge), device
 # nodes, audit log writes, file capabilities, chroot, and handing capabilities around.
@@ -139,12 +141,13 @@ class DockerBackend(RuntimeBackend):
         m = spec.machine
         if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
             raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
+        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
+            raise InvalidInputError("a runtime container needs its installation and runner labels", field="labels")
         labels = {
             **self.labels,
-            **spec.labels,
+            **spec.labels,  # the installation and runner that own it
             LABEL_MANAGED: "1",
             LABEL_RUNTIME: spec.runtime_id,
-            LABEL_RUNNER: self.runner,
             LABEL_ENVIRONMENT: spec.environment,
             LABEL_MACHINE: m.name,
         }
@@ -228,16 +231,22 @@ class DockerBackend(RuntimeBackend):
             raise _daemon_error("stop the runtime's container", exc) from exc
         self._force_remove(cid)
 
-    def list_owned(self) -> list[FoundContainer]:
+    def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
+        # Docker's label filters are ANDed: the runner's name and a runtime id, then the
+        # installation is checked here, so that containers made before installations had an
+        # identity (no such label) are still found, as legacy ones.
         try:
             containers = self.client.api.containers(
-                all=True, filters={"label": [f"{LABEL_RUNNER}={self.runner}", LABEL_RUNTIME]}
+                all=True, filters={"label": [f"{LABEL_RUNNER}={identity.name}", LABEL_RUNTIME]}
             )
         except Exception as exc:
             raise _daemon_error("list the runner's containers", exc) from exc
         found = []
         for c in containers:
             labels = c.get("Labels") or {}
+            installation = labels.get(LABEL_INSTALLATION)
+            if installation and installation != identity.installation:
+                continue  # another installation's runner of the same name: not ours, never touched
             # A paused container (a save's commit pauses it) is alive, not exited.
             status = Status.RUNNING if c.get("State") in ("running", "paused", "restarting") else Status.EXITED
             exit_code = None
@@ -259,6 +268,7 @@ class DockerBackend(RuntimeBackend):
                         "container_name": (c.get("Names") or ["/"])[0][1:],
                     },
                     status=ContainerStatus(status, exit_code=exit_code, oom_killed=oom),
+                    legacy=not installation,
                 )
             )
         return found

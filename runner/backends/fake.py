@@ -1,8 +1,10 @@
 """An in-memory backend: each "container" is the real agent run as a local process.
 
-It keeps its bookkeeping in a process-wide table keyed by runner name, so a runner service
-that is torn down and built again in the same process finds its runtimes again, as it would
-find Docker containers after a restart. Faults are built in, JupyterHub style:
+It keeps its bookkeeping in one process-wide table, the fake "engine" that every instance
+shares, as runners on one host share a Docker engine: a runner service that is torn down and
+built again in the same process finds its runtimes again, as it would find Docker containers
+after a restart, and ``list_owned`` returns only the containers labelled with the asking
+runner's installation and name. Faults are built in, JupyterHub style:
 
 - ``boot_delay``: seconds the agent waits before it listens (a slow boot);
 - ``never_answers``: the "container" runs but no agent ever listens;
@@ -28,6 +30,8 @@ from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends.base import (
     AGENT_SOCKET,
+    LABEL_INSTALLATION,
+    LABEL_RUNNER,
     BackendState,
     Change,
     ContainerStatus,
@@ -37,6 +41,7 @@ from runner.backends.base import (
     RuntimeSpec,
     Status,
 )
+from runner.identity import RunnerIdentity
 
 
 @dataclass
@@ -47,10 +52,14 @@ class _FakeContainer:
     process: subprocess.Popen[bytes]
     changes: list[Change] = field(default_factory=list)
 
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.spec.labels
+
 
 class FakeBackend(RuntimeBackend):
     name = "fake"
-    _engines: ClassVar[dict[str, dict[str, _FakeContainer]]] = {}
+    _containers: ClassVar[dict[str, _FakeContainer]] = {}  # the one engine: container id -> container
     _lock: ClassVar[threading.Lock] = threading.Lock()
     _ids: ClassVar[itertools.count[int]] = itertools.count(1)
     _images: ClassVar[dict[str, ImageInfo]] = {}
@@ -58,24 +67,20 @@ class FakeBackend(RuntimeBackend):
 
     def __init__(
         self,
-        runner: str = "fake",
         *,
         boot_delay: float = 0.0,
         never_answers: bool = False,
         fail_start: bool = False,
         unreachable: bool = False,
     ) -> None:
-        self.runner = runner
         self.boot_delay = boot_delay
         self.never_answers = never_answers
         self.fail_start = fail_start
         self.unreachable = unreachable
-        with self._lock:
-            self._containers = self._engines.setdefault(runner, {})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FakeBackend:
-        return cls(settings.runner_name)
+        return cls()
 
     def _check(self, action: str) -> None:
         if self.unreachable:
@@ -88,6 +93,8 @@ class FakeBackend(RuntimeBackend):
         self._check("create the runtime's container")
         if spec.machine.cpus <= 0 or spec.machine.memory <= 0:
             raise InvalidInputError("machine type has a non-positive limit", field="machine_type")
+        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
+            raise InvalidInputError("a runtime container needs its installation and runner labels", field="labels")
         if self.fail_start:
             raise BackendError("the fake engine refused to start the container (fault injected)")
         self.vanish(spec.runtime_id)  # a leftover of the same runtime goes first
@@ -137,15 +144,18 @@ class FakeBackend(RuntimeBackend):
         if c is not None:
             self._kill(c, timeout)
 
-    def list_owned(self) -> list[FoundContainer]:
+    def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
         self._check("list the runner's containers")
         return [
             FoundContainer(
                 c.runtime_id,
                 {"container_id": c.id, "container_name": c.spec.container_name},
                 self.poll({"container_id": c.id}),
+                legacy=LABEL_INSTALLATION not in c.labels,
             )
             for c in list(self._containers.values())
+            if c.labels.get(LABEL_RUNNER) == identity.name
+            and c.labels.get(LABEL_INSTALLATION, identity.installation) == identity.installation
         ]
 
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
@@ -209,10 +219,9 @@ class FakeBackend(RuntimeBackend):
     @classmethod
     def reset_all(cls) -> None:
         with cls._lock:
-            for containers in cls._engines.values():
-                for c in containers.values():
-                    cls._kill(c)
-                containers.clear()
+            for c in cls._containers.values():
+                cls._kill(c)
+            cls._containers.clear()
 
     @staticmethod
     def _kill(c: _FakeContainer, timeout: float = 2.0) -> None:

@@ -128,7 +128,7 @@ class ApiHarness:
         deadline = time.monotonic() + timeout
         while True:
             rt = self.wait_for(runtime_id, FINAL_STATES, max(0.1, deadline - time.monotonic()))
-            lock = self.runner.try_runtime_lock(runtime_id)
+            lock = self.runner.concurrency.try_runtime_lock(runtime_id)
             if lock is not None:
                 lock.release()
                 again = self.wait_for(runtime_id, FINAL_STATES, 1)

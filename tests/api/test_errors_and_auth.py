@@ -386,7 +386,7 @@ def test_other_users_cells_results_saves_and_operations_are_invisible(
 
 
 def test_unreachable_backend(make_api: AppFactory, prepared_settings: Settings) -> None:
-    api = make_api(FakeBackend(prepared_settings.runner_name, unreachable=True))
+    api = make_api(FakeBackend(unreachable=True))
     health = api.client.get("/health")
     assert health.status_code == 200
     assert health.json()["status"] == "degraded"
@@ -443,7 +443,7 @@ def test_engine_failing_during_boot_ends_in_error(make_api: AppFactory, prepared
 def test_backend_going_away_and_coming_back(make_api: AppFactory, prepared_settings: Settings) -> None:
     """R14 through the API: runtimes show the outage with a reason, nothing 500s, and the next
     good round adopts the container again without a restart."""
-    backend = FakeBackend(prepared_settings.runner_name)
+    backend = FakeBackend()
     api = make_api(backend)
     rt = api.create_runtime()
     api.post(f"/runtimes/{rt['id']}/start")

@@ -286,7 +286,7 @@ def test_idle_timeout_zero_never_shuts_down(api: ApiHarness) -> None:
 
 
 def test_boot_timeout(make_api: AppFactory, prepared_settings: Settings) -> None:
-    backend = FakeBackend(prepared_settings.runner_name, never_answers=True)
+    backend = FakeBackend(never_answers=True)
     api = make_api(backend, runner_boot_timeout=1)
     rt = api.create_runtime()
     assert api.post(f"/runtimes/{rt['id']}/start").status_code == 202
@@ -300,7 +300,7 @@ def test_boot_timeout(make_api: AppFactory, prepared_settings: Settings) -> None
 
 
 def test_backend_refuses_to_start(make_api: AppFactory, prepared_settings: Settings) -> None:
-    api = make_api(FakeBackend(prepared_settings.runner_name, fail_start=True))
+    api = make_api(FakeBackend(fail_start=True))
     rt = api.create_runtime()
     assert api.post(f"/runtimes/{rt['id']}/start").status_code == 202
     api.wait_for(rt["id"], {"error"}, timeout=10)
@@ -323,7 +323,7 @@ def test_a_burst_of_200_starts_boots_at_most_max_boots_at_once_and_refuses_the_r
     from sqlalchemy import func, select
 
     max_boots = 3
-    api = make_api(FakeBackend(prepared_settings.runner_name, boot_delay=2.0), runner_max_boots=max_boots)
+    api = make_api(FakeBackend(boot_delay=2.0), runner_max_boots=max_boots)
     ids = [api.create_runtime(f"burst-{i}")["id"] for i in range(200)]
     booting_seen: list[int] = []
     done = threading.Event()

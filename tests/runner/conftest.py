@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,12 +9,14 @@ from typing import Any
 import pytest
 
 from api.dbschema import upgrade
+from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from registry.service import create_user
-from runner.backends.base import LABEL_RUNNER, RuntimeBackend
+from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend
 from runner.backends.fake import FakeBackend
+from runner.identity import RunnerIdentity, installation_id
 from runner.service import RunnerService
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server, prepare_data_dir
@@ -52,18 +55,48 @@ def make_runner(settings: Settings, runner_db: Database) -> Iterator[Callable[..
     made: list[RunnerService] = []
 
     def make(
-        backend: RuntimeBackend | None = None, *, housekeeping: bool = False, **overrides: object
+        backend: RuntimeBackend | None = None,
+        *,
+        housekeeping: bool = False,
+        clock: Callable[[], datetime] = utcnow,
+        **overrides: object,
     ) -> RunnerService:
         s = settings.with_overrides(**overrides) if overrides else settings
-        svc = RunnerService(s, runner_db, backend or FakeBackend(s.runner_name))
+        svc = RunnerService(s, runner_db, backend or FakeBackend(), clock=clock)
         svc.open(housekeeping=housekeeping)
         made.append(svc)
         return svc
 
     yield make
     for svc in made:
-        svc._closing.set()
-        svc._executor.shutdown(wait=True, cancel_futures=True)
+        svc.close()
+
+
+class Clock:
+    """The runner's clock in a test: the real time, or a moment the test sets (``at``)."""
+
+    def __init__(self) -> None:
+        self.at: datetime | None = None
+
+    def __call__(self) -> datetime:
+        return self.at or utcnow()
+
+
+def identity_of(db: Database, settings: Settings) -> RunnerIdentity:
+    """The identity a runner built from ``settings`` on ``db`` has."""
+    return RunnerIdentity(installation_id(db), settings.runner_name)
+
+
+def identity_labels(identity: RunnerIdentity) -> dict[str, str]:
+    """The labels that make a container this identity's."""
+    return {LABEL_INSTALLATION: identity.installation, LABEL_RUNNER: identity.name}
+
+
+def crash(svc: RunnerService) -> None:
+    """The runner's process "dies": nothing of it acts any more (no stop, no heartbeat), and
+    its runtimes' containers keep running, as after a SIGKILL."""
+    svc.concurrency.closing.set()
+    svc.lease.abandon()
 
 
 def start_server(docker: Any, data: Path, images: list[str] | None = None, **env: str) -> Server:

@@ -24,11 +24,11 @@ from tests.fixtures.services import base_image
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
 def backend(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[RuntimeBackend, str]]:
     if request.param == "fake":
-        yield FakeBackend(settings.runner_name), "unused"
+        yield FakeBackend(), "unused"
         return
     client = request.getfixturevalue("docker")
     image = base_image(client, "bash")
-    b = DockerBackend(client, runner=settings.runner_name, labels={TEST_LABEL: TEST_SESSION})
+    b = DockerBackend(client, labels={TEST_LABEL: TEST_SESSION})
     yield b, image
     for found in b.list_owned():
         b.stop(found.state, timeout=0)

@@ -327,7 +327,7 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
     config is the template's; where Docker's commit would merge the container's in, nothing is
     saved."""
     image = base_image(docker, "bash")
-    backend = DockerBackend(docker, runner=f"r10-{TEST_SESSION}")
+    backend = DockerBackend(docker)
     parent = docker.api.inspect_image(image)["Config"]
     template = {key: parent.get(key) for key in CONFIG_KEYS}
     template["Labels"] = {TEST_LABEL: TEST_SESSION, "envctl.environment": "r10"}

@@ -22,11 +22,11 @@ from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend
 from runner.service import RunnerService
 from runner.states import State
-from tests.runner.conftest import seed
+from tests.runner.conftest import crash, seed
 
 
 def dead_docker(settings: Settings, tmp_path: Path) -> DockerBackend:
-    return DockerBackend(runner=settings.runner_name, base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2)
+    return DockerBackend(base_url=f"unix://{tmp_path}/no-docker.sock", timeout=2)
 
 
 def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
@@ -62,7 +62,7 @@ def test_reconciling_against_a_dead_engine_marks_runtimes_but_keeps_their_contai
     alive.start(owner, rt.id)
     alive.wait_for(rt.id, {State.RUNNING}, 20)
     container = alive.get(owner, rt.id).backend_state["container_id"]
-    alive._closing.set()
+    crash(alive)
     svc = make_runner(dead_docker(settings, tmp_path))
     after = svc.get(owner, rt.id)
     assert after.state == State.ERROR and after.state_reason == "backend-unreachable"
@@ -136,11 +136,11 @@ def test_an_engine_that_hangs_or_fails_during_reconciliation_marks_runtimes_and_
     alive.start(owner, rt.id)
     alive.wait_for(rt.id, {State.RUNNING}, 20)
     before = alive.get(owner, rt.id)
-    alive._closing.set()
+    crash(alive)
     # An explicit API version: the client asks the engine nothing until it is used.
     client = docker.DockerClient(base_url=faulty_engine, version="1.41", timeout=2)
     began = time.monotonic()
-    svc = make_runner(DockerBackend(client, runner=before.runner))
+    svc = make_runner(DockerBackend(client))
     after = svc.get(owner, rt.id)
     assert time.monotonic() - began < 15
     assert after.state == State.ERROR and after.state_reason == "backend-unreachable"

@@ -11,7 +11,7 @@ from envs.service import NewVersion, Writer, register_version
 from runner.backends.fake import FakeBackend
 from runner.models import Operation
 from runner.service import RunnerService
-from tests.runner.conftest import seed
+from tests.runner.conftest import crash, seed
 from tests.runner.test_service import running
 
 Make = Callable[..., RunnerService]
@@ -28,7 +28,7 @@ def _crashed_save(svc: RunnerService, owner: str, rid: str, *, recorded: bool) -
     if recorded:
         with svc.db.session() as s:
             register_version(s, NewVersion(environment="mine", image_id=image, image_ref="envctl/mine:v1-test"))
-    svc._closing.set()  # the process is gone: nothing of it finishes the operation
+    crash(svc)  # the process is gone: nothing of it finishes the operation
     return op.id, image
 
 
@@ -46,14 +46,14 @@ def test_a_save_cut_off_before_its_version_was_recorded_is_failed_and_its_image_
     first = make_runner()
     rid = running(first, owner, "saver")
     op_id, image = _crashed_save(first, owner, rid, recorded=False)
-    assert FakeBackend(first.runner).image_info(image) is not None
+    assert FakeBackend().image_info(image) is not None
 
     make_runner()  # envctl starts again
     op = _op(runner_db, op_id)
     assert op.status == "failed" and op.finished_at is not None
     assert op.error is not None and op.error["code"] == "interrupted"
     assert "run it again" in op.message
-    assert FakeBackend(first.runner).image_info(image) is None, "the half-made snapshot must go"
+    assert FakeBackend().image_info(image) is None, "the half-made snapshot must go"
     events = [(e.event, e.reason) for e in first.log_entries(owner, rid)]
     assert ("save-failed", "interrupted") in events, "the runtime's log says what happened to its save"
 
@@ -67,7 +67,7 @@ def test_a_save_cut_off_after_recording_its_version_is_marked_done(make_runner: 
     make_runner()
     op = _op(runner_db, op_id)
     assert op.status == "succeeded" and op.result["version"] == "mine@1" and op.result["image_id"] == image
-    assert FakeBackend(first.runner).image_info(image) is not None, "a recorded version's image stays"
+    assert FakeBackend().image_info(image) is not None, "a recorded version's image stays"
 
 
 def test_another_runners_operations_are_left_alone(make_runner: Make, runner_db: Database) -> None:
@@ -78,7 +78,7 @@ def test_another_runners_operations_are_left_alone(make_runner: Make, runner_db:
 
     make_runner(runner_name=first.runner + "-other")  # a second envctl on the same database
     assert _op(runner_db, op_id).status == "running"
-    assert FakeBackend(first.runner).image_info(image) is not None
+    assert FakeBackend().image_info(image) is not None
 
 
 def test_finished_operations_are_not_touched_again(make_runner: Make, runner_db: Database) -> None:
@@ -98,7 +98,7 @@ def test_a_save_that_fails_after_its_snapshot_removes_the_snapshot(make_runner: 
     owner = seed(runner_db)
     svc = make_runner()
     rid = running(svc, owner, "saver")
-    backend = FakeBackend(svc.runner)
+    backend = FakeBackend()
     made: list[str] = []
     commit = backend.commit
 

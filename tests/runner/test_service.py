@@ -17,7 +17,7 @@ from runner.channel import ping
 from runner.errors import RuntimeStateError
 from runner.service import RunnerService, RuntimeChanges
 from runner.states import State, can_transition
-from tests.runner.conftest import seed
+from tests.runner.conftest import Clock, crash, identity_labels, identity_of, seed
 
 Make = Callable[..., RunnerService]
 
@@ -55,7 +55,7 @@ def test_a_runtime_goes_stopped_booting_running_stopping_stopped_with_each_step_
 
 def test_booting_ends_only_when_the_agent_answers(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
-    svc = make_runner(FakeBackend("slow", boot_delay=1.0), runner_name="slow")
+    svc = make_runner(FakeBackend(boot_delay=1.0), runner_name="slow")
     rt = svc.create(owner, name="slow", environment="python3")
     svc.start(owner, rt.id)
     time.sleep(0.5)
@@ -69,24 +69,24 @@ def test_an_agent_that_never_answers_ends_in_error_boot_timeout_and_no_container
     make_runner: Make, runner_db: Database
 ) -> None:
     owner = seed(runner_db)
-    backend = FakeBackend("mute", never_answers=True)
+    backend = FakeBackend(never_answers=True)
     svc = make_runner(backend, runner_name="mute", runner_boot_timeout=1.0)
     rt = svc.create(owner, name="mute", environment="python3")
     svc.start(owner, rt.id)
     err = svc.wait_for(rt.id, {State.ERROR}, 10)
     assert err.state_reason == "boot-timeout"
     assert "did not answer" in err.state_message
-    assert backend.list_owned() == []
+    assert backend.list_owned(svc.identity) == []
 
 
 def test_a_container_that_dies_while_booting_is_an_error_not_a_timeout(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
-    backend = FakeBackend("dies", boot_delay=5)
+    backend = FakeBackend(boot_delay=5)
     svc = make_runner(backend, runner_name="dies", runner_boot_timeout=30)
     rt = svc.create(owner, name="dies", environment="python3")
     svc.start(owner, rt.id)
     deadline = time.monotonic() + 10
-    while not any(c.runtime_id == rt.id for c in backend.list_owned()):  # its container exists
+    while not any(c.runtime_id == rt.id for c in backend.list_owned(svc.identity)):  # its container exists
         assert time.monotonic() < deadline, "the boot never created its container"
         time.sleep(0.02)
     backend.crash(rt.id)
@@ -98,7 +98,7 @@ def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_re
     make_runner: Make, runner_db: Database
 ) -> None:
     owner = seed(runner_db)
-    svc = make_runner(FakeBackend("refuses", fail_start=True), runner_name="refuses")
+    svc = make_runner(FakeBackend(fail_start=True), runner_name="refuses")
     rt = svc.create(owner, name="x", environment="python3")
     svc.start(owner, rt.id)
     err = svc.wait_for(rt.id, {State.ERROR}, 10)
@@ -107,7 +107,7 @@ def test_a_backend_that_refuses_to_start_leaves_the_runtime_in_error_with_the_re
 
 def test_an_errored_runtime_can_be_started_again(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
-    backend = FakeBackend("flaky", fail_start=True)
+    backend = FakeBackend(fail_start=True)
     svc = make_runner(backend, runner_name="flaky")
     rt = svc.create(owner, name="x", environment="python3")
     svc.start(owner, rt.id)
@@ -121,7 +121,7 @@ def test_stopping_while_booting_removes_the_container_without_waiting_for_the_bo
     make_runner: Make, runner_db: Database
 ) -> None:
     owner = seed(runner_db)
-    backend = FakeBackend("mute2", never_answers=True)
+    backend = FakeBackend(never_answers=True)
     svc = make_runner(backend, runner_name="mute2", runner_boot_timeout=60)
     rt = svc.create(owner, name="x", environment="python3")
     svc.start(owner, rt.id)
@@ -130,7 +130,7 @@ def test_stopping_while_booting_removes_the_container_without_waiting_for_the_bo
     svc.stop(owner, rt.id)
     svc.wait_for(rt.id, {State.STOPPED}, 10)
     assert time.monotonic() - began < 5
-    assert backend.list_owned() == []
+    assert backend.list_owned(svc.identity) == []
 
 
 def test_settings_that_shape_the_container_cannot_change_while_it_runs(make_runner: Make, runner_db: Database) -> None:
@@ -148,7 +148,7 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
     make_runner: Make, runner_db: Database
 ) -> None:
     owner = seed(runner_db)
-    backend = FakeBackend("race")
+    backend = FakeBackend()
     svc = make_runner(backend, runner_name="race", runner_max_boots=50)
     rt = svc.create(owner, name="race", environment="python3")
     errors: list[Exception] = []
@@ -167,9 +167,9 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
     svc.stop(owner, rt.id)
     final = svc.wait_for(rt.id, {State.STOPPED}, 20)
     assert final.state == State.STOPPED
-    svc._executor.submit(lambda: None).result()
+    svc.concurrency.submit(lambda: None).result()
     time.sleep(0.3)
-    assert [f for f in backend.list_owned() if f.runtime_id == rt.id] == []
+    assert [f for f in backend.list_owned(svc.identity) if f.runtime_id == rt.id] == []
     seq = states_in_log(svc, owner, rt.id)
     for a, b in zip(seq, seq[1:], strict=False):
         assert can_transition(State(a), State(b)), f"{a} -> {b} in {seq}"
@@ -177,7 +177,7 @@ def test_concurrent_starts_and_stops_follow_the_state_machine_with_one_container
 
 def test_boots_beyond_the_limit_are_refused_with_429_and_retry_after(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
-    svc = make_runner(FakeBackend("busy", boot_delay=2), runner_name="busy", runner_max_boots=2)
+    svc = make_runner(FakeBackend(boot_delay=2), runner_name="busy", runner_max_boots=2)
     ids = [svc.create(owner, name=f"r{i}", environment="python3").id for i in range(3)]
     svc.start(owner, ids[0])
     svc.start(owner, ids[1])
@@ -206,9 +206,10 @@ def test_idle_shutdown_stops_a_quiet_runtime_and_logs_why(make_runner: Make, run
 
 def test_a_runtime_with_idle_timeout_zero_is_never_shut_down(make_runner: Make, runner_db: Database) -> None:
     owner = seed(runner_db)
-    svc = make_runner()
+    clock = Clock()
+    svc = make_runner(clock=clock)
     rid = running(svc, owner, idle_timeout=0)
-    svc.clock = lambda: utcnow() + timedelta(days=30)
+    clock.at = utcnow() + timedelta(days=30)
     assert svc.shutdown_idle() == []
     assert svc.get(owner, rid).state == State.RUNNING
 
@@ -222,11 +223,11 @@ def test_idle_shutdown_spares_a_runtime_whose_save_or_cell_ends_while_the_round_
     must not combine the old row with the cleared flag into "idle for long" (CI caught a
     runtime stopped at the instant its save ended)."""
     owner = seed(runner_db)
-    svc = make_runner()
+    clock = Clock()
+    svc = make_runner(clock=clock)
     rid = running(svc, owner, idle_timeout=60)
     later = utcnow() + timedelta(seconds=120)
-    svc.clock = lambda: later  # the boot was two timeouts ago: idle, unless the end counts
-    flag = svc.snapshots.is_saving if ending == "save" else svc.is_busy
+    clock.at = later  # the boot was two timeouts ago: idle, unless the end counts
     calls = {"n": 0}
 
     def ends_now(runtime_id: str) -> bool:
@@ -235,12 +236,12 @@ def test_idle_shutdown_spares_a_runtime_whose_save_or_cell_ends_while_the_round_
             svc.touch(runtime_id, f"{ending} finished")
         return False
 
-    monkeypatch.setattr(svc.snapshots if ending == "save" else svc, flag.__name__, ends_now)
+    monkeypatch.setattr(svc.housekeeping, "is_saving" if ending == "save" else "is_busy", ends_now)
     assert svc.shutdown_idle() == []
     rt = svc.get(owner, rid)
     assert rt.state == State.RUNNING and rt.last_activity == f"{ending} finished"
     monkeypatch.undo()
-    svc.clock = lambda: later + timedelta(seconds=61)  # one whole timeout after the end: now it stops
+    clock.at = later + timedelta(seconds=61)  # one whole timeout after the end: now it stops
     assert svc.shutdown_idle() == [rid]
     svc.wait_for(rid, {State.STOPPED}, 10)
 
@@ -252,11 +253,11 @@ def test_a_save_that_begins_as_the_idle_round_decides_keeps_the_runtime_running(
     is accepted at that instant. The save records activity, and the stop, which applies only
     while the activity is the one it decided on, does not happen: the save is not cut off."""
     owner = seed(runner_db)
-    svc = make_runner()
+    clock = Clock()
+    svc = make_runner(clock=clock)
     rid = running(svc, owner, idle_timeout=60)
-    later = utcnow() + timedelta(seconds=120)
-    svc.clock = lambda: later
-    decide = svc.idle_status
+    clock.at = utcnow() + timedelta(seconds=120)
+    decide = svc.housekeeping.idle_status
     saves = []
 
     def and_a_save_begins(rt, **kw):  # type: ignore[no-untyped-def]
@@ -266,7 +267,7 @@ def test_a_save_that_begins_as_the_idle_round_decides_keeps_the_runtime_running(
             saves.append(svc.snapshots.save(owner, "alice", rid, environment="kept"))
         return decision
 
-    monkeypatch.setattr(svc, "idle_status", and_a_save_begins)
+    monkeypatch.setattr(svc.housekeeping, "idle_status", and_a_save_begins)
     assert svc.shutdown_idle() == []
     assert saves and svc.get(owner, rid).state == State.RUNNING
     done = svc.operations.wait(owner, saves[0].id, 20)
@@ -285,7 +286,7 @@ def test_a_cell_sent_while_its_runtime_stops_waits_for_the_stop_then_boots_it(
     """A cell that arrives just as an idle shutdown (or a stop) begins is not lost or failed:
     it runs once the runtime has stopped and booted again."""
     owner = seed(runner_db)
-    svc = make_runner(_SlowStop("slowstop"), runner_name="slowstop")
+    svc = make_runner(_SlowStop(), runner_name="slowstop")
     rid = running(svc, owner)
     svc.stop(owner, rid)
     assert svc.get(owner, rid).state == State.STOPPING
@@ -323,13 +324,13 @@ def test_a_restarted_runner_adopts_running_runtimes_without_restarting_them(
     first = make_runner()
     rid = running(first, owner)
     before = ping(first.state_dir(rid) / "agent.sock")
-    first._closing.set()  # the process "dies": no stop, containers keep running
+    crash(first)  # the process "dies": no stop, containers keep running
     second = make_runner()
     rt = second.get(owner, rid)
     assert rt.state == State.RUNNING
     after = ping(second.state_dir(rid) / "agent.sock")
     assert after["pid"] == before["pid"] and after["started_at"] == before["started_at"]
-    assert len([f for f in FakeBackend(settings.runner_name).list_owned() if f.runtime_id == rid]) == 1
+    assert len([f for f in FakeBackend().list_owned(second.identity) if f.runtime_id == rid]) == 1
 
 
 def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_with_a_reason(
@@ -339,8 +340,8 @@ def test_a_container_removed_while_envctl_was_down_leaves_the_runtime_in_error_w
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
-    first._closing.set()
-    FakeBackend(settings.runner_name).vanish(rid)
+    crash(first)
+    FakeBackend().vanish(rid)
     second = make_runner()
     rt = second.get(owner, rid)
     assert rt.state == State.ERROR and rt.state_reason == "container-vanished"
@@ -353,7 +354,7 @@ def test_a_container_that_died_is_an_error_found_by_housekeeping(
     owner = seed(runner_db)
     svc = make_runner(housekeeping=True)
     rid = running(svc, owner)
-    FakeBackend(settings.runner_name).crash(rid)
+    FakeBackend().crash(rid)
     rt = svc.wait_for(rid, {State.ERROR}, 10)
     assert rt.state_reason in ("container-exited", "oom")
 
@@ -364,9 +365,10 @@ def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
     """R13."""
     from envs.kit.config import DEFAULT_MACHINE_TYPES
     from runner.backends.base import RuntimeSpec
-    from runner.service import AGENT_DIR
+    from runner.paths import AGENT_DIR
 
-    backend = FakeBackend(settings.runner_name)
+    me = identity_of(runner_db, settings)
+    backend = FakeBackend()
     backend.start(
         RuntimeSpec(
             "rt_orphan0000000000",
@@ -376,12 +378,13 @@ def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
             DEFAULT_MACHINE_TYPES["small"],
             tmp_path / "o",
             AGENT_DIR,
+            labels=identity_labels(me),
         )
     )
-    assert [f.runtime_id for f in backend.list_owned()] == ["rt_orphan0000000000"]
+    assert [f.runtime_id for f in backend.list_owned(me)] == ["rt_orphan0000000000"]
     seed(runner_db)
     make_runner(backend)
-    assert backend.list_owned() == []
+    assert backend.list_owned(me) == []
 
 
 def test_a_labelled_container_with_no_row_is_kept_while_the_backend_or_the_database_fails(
@@ -391,37 +394,46 @@ def test_a_labelled_container_with_no_row_is_kept_while_the_backend_or_the_datab
     from envs.kit.config import DEFAULT_MACHINE_TYPES
     from envs.kit.errors import DatabaseUnavailableError
     from runner.backends.base import RuntimeSpec
-    from runner.service import AGENT_DIR
+    from runner.paths import AGENT_DIR
     from tests.fixtures.services import _free_port
 
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
-    first._closing.set()
+    crash(first)
     orphan = "rt_orphan1111111111"
-    FakeBackend(settings.runner_name).start(
-        RuntimeSpec(orphan, "orphan", "img", "python3@1", DEFAULT_MACHINE_TYPES["small"], tmp_path / "o", AGENT_DIR)
+    FakeBackend().start(
+        RuntimeSpec(
+            orphan,
+            "orphan",
+            "img",
+            "python3@1",
+            DEFAULT_MACHINE_TYPES["small"],
+            tmp_path / "o",
+            AGENT_DIR,
+            labels=identity_labels(first.identity),
+        )
     )
-    down = FakeBackend(settings.runner_name, unreachable=True)
+    down = FakeBackend(unreachable=True)
     svc = make_runner(down)  # its first reconciliation cannot list
     with pytest.raises(BackendError):
         svc.reconcile()
     down.unreachable = False
-    assert sorted(f.runtime_id for f in down.list_owned()) == sorted([rid, orphan])
+    assert sorted(f.runtime_id for f in down.list_owned(svc.identity)) == sorted([rid, orphan])
 
     # The engine answers, the database does not: without the rows, no container is an orphan.
-    answering = svc.db
-    svc.db = Database(f"postgresql+psycopg://envctl@127.0.0.1:{_free_port()}/gone")  # nothing listens
+    answering = svc.records.db
+    svc.records.db = Database(f"postgresql+psycopg://envctl@127.0.0.1:{_free_port()}/gone")  # nothing listens
     try:
         with pytest.raises(DatabaseUnavailableError):
             svc.reconcile()
     finally:
-        svc.db.dispose()
-        svc.db = answering
-    assert sorted(f.runtime_id for f in down.list_owned()) == sorted([rid, orphan])
+        svc.records.db.dispose()
+        svc.records.db = answering
+    assert sorted(f.runtime_id for f in down.list_owned(svc.identity)) == sorted([rid, orphan])
 
     svc.reconcile()
-    assert [f.runtime_id for f in down.list_owned()] == [rid]
+    assert [f.runtime_id for f in down.list_owned(svc.identity)] == [rid]
     assert svc.get(owner, rid).state == State.RUNNING
 
 
@@ -433,8 +445,8 @@ def test_nothing_is_removed_or_forgotten_while_the_backend_does_not_answer(
     first = make_runner()
     rid = running(first, owner)
     container = first.get(owner, rid).backend_state["container_id"]
-    first._closing.set()
-    down = FakeBackend(settings.runner_name, unreachable=True)
+    crash(first)
+    down = FakeBackend(unreachable=True)
     second = make_runner(down)
     rt = second.get(owner, rid)
     assert rt.state == State.ERROR and rt.state_reason == "backend-unreachable"
@@ -459,12 +471,12 @@ def test_a_stop_interrupted_by_a_crash_is_finished_on_the_next_start(
     owner = seed(runner_db)
     first = make_runner()
     rid = running(first, owner)
-    first._closing.set()
+    crash(first)
     with runner_db.session() as s:
         s.execute(update(Runtime).where(Runtime.id == rid).values(state="stopping"))
     second = make_runner()
     assert second.get(owner, rid).state == State.STOPPED
-    assert FakeBackend(settings.runner_name).list_owned() == []
+    assert FakeBackend().list_owned(second.identity) == []
 
 
 def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanished(
@@ -480,14 +492,14 @@ def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanish
     rt = svc.create(owner, name="race", environment="python3")
     rounds: list[list[reconcile.Action]] = []
 
-    class RoundOnBoot(dict):  # type: ignore[type-arg]
+    new_cancel = svc.concurrency.new_cancel
+
+    def round_on_boot(runtime_id: str) -> threading.Event:
         """start() files the boot's cancel event after committing ``booting``: run a round there."""
+        rounds.append(svc.reconciler.run())
+        return new_cancel(runtime_id)
 
-        def __setitem__(self, key: str, value: threading.Event) -> None:
-            rounds.append(reconcile.reconcile(svc))
-            super().__setitem__(key, value)
-
-    svc._cancel = RoundOnBoot()  # type: ignore[assignment]
+    svc.concurrency.new_cancel = round_on_boot  # type: ignore[method-assign]
     svc.start(owner, rt.id)
     assert rounds == [[]], "the round must leave a runtime whose boot is claimed alone"
     assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
@@ -502,7 +514,7 @@ def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(make_runne
     svc = make_runner()
     rid = running(svc, owner)
     stale = reconcile.Action("vanished", rid, {}, seen=State.BOOTING)
-    reconcile._apply(svc, stale)
+    svc.reconciler.apply(stale)
     rt = svc.get(owner, rid)
     assert rt.state == State.RUNNING and rt.backend_state
 
@@ -516,7 +528,7 @@ def test_a_plan_that_took_a_runtimes_new_container_for_a_leftover_removes_nothin
     from runner import reconcile
 
     owner = seed(runner_db)
-    backend = FakeBackend("kept")
+    backend = FakeBackend()
     svc = make_runner(backend, runner_name="kept")
     rid = running(svc, owner)
     container = dict(svc.get(owner, rid).backend_state or {})
@@ -524,7 +536,7 @@ def test_a_plan_that_took_a_runtimes_new_container_for_a_leftover_removes_nothin
         reconcile.Action("remove-orphan", rid, container),
         reconcile.Action("stop-leftover", rid, container, seen=State.STOPPED),
     ):
-        reconcile._apply(svc, stale)
-        assert [f.runtime_id for f in backend.list_owned()] == [rid], stale.kind
+        svc.reconciler.apply(stale)
+        assert [f.runtime_id for f in backend.list_owned(svc.identity)] == [rid], stale.kind
     assert svc.get(owner, rid).state == State.RUNNING
     assert ping(svc.state_dir(rid) / "agent.sock")["ok"]

@@ -1,0 +1,208 @@
+"""Booting a runtime: from a ``booting`` row to a container whose agent answers.
+
+The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock:
+
+1. read the row (still ``booting``?) and make the container's spec: the version's image, or
+   the draft image when the runtime has unsaved changes from an earlier run (phase
+   ``restoring``, logged);
+2. create and start the container (``backend.start``), labelled with this installation and
+   runner so that nothing else ever takes it for its own;
+3. wait for the agent to answer a ping on its Unix socket, checking now and then that the
+   container still lives and that no stop asked to cancel the boot;
+4. ``running``, with the boot time in the runner log.
+
+The boot slot taken by ``Lifecycle.start`` is held until the row leaves ``booting``, so no more
+than ``max_boots`` rows are ever ``booting`` at once (R31).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy.orm import selectinload
+
+from envs.kit.config import Settings
+from envs.kit.errors import BackendError, EnvctlError
+from envs.models import EnvironmentVersion
+from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
+from runner.channel import AgentUnavailableError, wait_for_agent
+from runner.concurrency import Concurrency
+from runner.identity import RunnerIdentity
+from runner.machines import get_machine_type
+from runner.models import Runtime
+from runner.paths import RuntimePaths
+from runner.records import Records
+from runner.states import State
+
+log = logging.getLogger("envctl.runner")
+
+
+class _BootCancelledError(Exception):
+    pass
+
+
+class _ContainerDiedError(Exception):
+    def __init__(self, exit_code: int | None, oom_killed: bool) -> None:
+        super().__init__(f"exit code {exit_code}")
+        self.exit_code = exit_code
+        self.oom_killed = oom_killed
+
+
+class Booter:
+    def __init__(
+        self,
+        settings: Settings,
+        identity: RunnerIdentity,
+        records: Records,
+        concurrency: Concurrency,
+        backend: RuntimeBackend,
+        paths: RuntimePaths,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.records = records
+        self.concurrency = concurrency
+        self.backend = backend
+        self.paths = paths
+
+    def spec(self, rt: Runtime) -> RuntimeSpec:
+        """What the backend needs to make the runtime's container."""
+        return RuntimeSpec(
+            runtime_id=rt.id,
+            name=rt.name,
+            image=rt.draft_image_id or rt.version.image_id,
+            environment=rt.version.ref,
+            machine=get_machine_type(self.settings, rt.machine_type),
+            state_dir=self.paths.state_dir(rt.id),
+            agent_dir=self.paths.agent_dir,
+            language=rt.language,
+            labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
+        )
+
+    def boot(self, runtime_id: str) -> None:
+        """The boot worker; gives the boot slot back however it ends."""
+        mine = self.concurrency.cancel_event(runtime_id)
+        released = False
+
+        def release() -> None:
+            # before the runtime's lock is let go: a boot that follows (after a reset) may
+            # register its own cancel event and need a slot as soon as it has the lock
+            nonlocal released
+            if not released:
+                released = True
+                self.concurrency.release_boot_slot()
+                self.concurrency.drop_cancel(runtime_id, mine)
+
+        try:
+            with self.concurrency.runtime_lock(runtime_id):
+                try:
+                    self._boot_locked(runtime_id, mine or threading.Event())
+                finally:
+                    release()
+        finally:
+            release()
+
+    def _boot_locked(self, runtime_id: str, cancel: threading.Event) -> None:
+        begun = time.monotonic()
+        records = self.records
+        try:
+            with records.db.session() as s:
+                rt = s.get(
+                    Runtime,
+                    runtime_id,
+                    options=[selectinload(Runtime.version).selectinload(EnvironmentVersion.environment)],
+                )
+                if rt is None or rt.state != State.BOOTING:
+                    return
+                spec = self.spec(rt)
+                restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
+        except EnvctlError as exc:
+            records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
+            return
+        values: dict[str, object] = {"change_baseline": {}}  # a new container: nothing of it is saved yet
+        if restoring is not None:
+            values["phase"] = "restoring"
+        with records.tx() as s:
+            records.set_in(s, runtime_id, **values)
+            if restoring is not None:
+                records.log(
+                    s,
+                    runtime_id,
+                    event="restoring",
+                    reason="draft",
+                    message=f"restoring {restoring} unsaved changes from the draft",
+                )
+        spec.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (spec.state_dir / "results").mkdir(exist_ok=True)
+        sock = self.paths.socket(runtime_id)
+        sock.unlink(missing_ok=True)
+        try:
+            backend_state = self.backend.start(spec)
+        except EnvctlError as exc:
+            records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
+            return
+        with records.tx() as s:
+            records.set_in(s, runtime_id, backend_state=backend_state)
+            records.log(
+                s,
+                runtime_id,
+                event="container-created",
+                reason="boot",
+                message=f"container {backend_state.get('container_name', '')} started",
+                details={"container_id": backend_state.get("container_id")},
+            )
+
+        def alive() -> None:
+            if cancel.is_set():
+                raise _BootCancelledError()
+            status = self.backend.poll(backend_state)
+            if status.status is not Status.RUNNING:
+                raise _ContainerDiedError(status.exit_code, status.oom_killed)
+
+        deadline = begun + self.settings.runner_boot_timeout
+        try:
+            pong = wait_for_agent(sock, deadline, alive=alive)
+        except _BootCancelledError:
+            return  # a stop was requested; the stop worker removes the container
+        except (_ContainerDiedError, AgentUnavailableError, BackendError) as exc:
+            self._boot_failed(runtime_id, backend_state, exc)
+            return
+        took_ms = (time.monotonic() - begun) * 1000
+        now = records.clock()
+        with records.tx() as s:
+            ok = records.transition(
+                s,
+                runtime_id,
+                State.RUNNING,
+                "agent-answered",
+                f"agent answered after {took_ms:.0f} ms",
+                expect={State.BOOTING},
+                details={"boot_ms": round(took_ms, 1), "agent_pid": pong.get("pid")},
+                values={"booted_at": now, "last_activity_at": now, "last_activity": "boot", "phase": None},
+            )
+        if not ok:
+            log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _boot_failed(self, runtime_id: str, backend_state: dict[str, object], exc: Exception) -> None:
+        """The container died or its agent never answered: say why, with its last output.
+        The container goes: it holds nothing of the user's since the boot began."""
+        tail = self.backend.logs_tail(backend_state)
+        if isinstance(exc, _ContainerDiedError):
+            reason = "oom" if exc.oom_killed else "container-exited"
+            message = f"the container exited with code {exc.exit_code} before its agent answered"
+        elif isinstance(exc, AgentUnavailableError):
+            reason = "boot-timeout"
+            message = f"the agent did not answer within {self.settings.runner_boot_timeout:g} s"
+        else:
+            assert isinstance(exc, EnvctlError)
+            reason, message = "backend-error", exc.message
+        if tail.strip():
+            message += "; last output: " + tail.strip()[-800:]
+        try:
+            self.backend.stop(backend_state, timeout=1)
+            backend_state = {}
+        except EnvctlError:
+            pass
+        self.records.fail(runtime_id, reason, message, {State.BOOTING}, values={"backend_state": backend_state})

@@ -1,0 +1,231 @@
+"""The runtime records: the one place that reads and changes ``runtimes`` rows.
+
+- Every state change is a compare-and-set (``UPDATE ... WHERE state IN (...)``) plus one
+  runner-log line, in one transaction (``transition``), so concurrent calls, and several runners
+  on one database, follow the state machine (``runner/states.py``).
+- ``tx()`` is a transaction that wakes ``wait_for`` callers once it has committed.
+- Activity (what postpones idle shutdown) is written by ``touch``.
+- Ownership: a runtime belongs to the runner that created it (``runtimes.runner``). Anyone may
+  read any runtime; ``mine()`` refuses an action on another runner's runtime with a 409 that
+  names the owner and whether it is alive.
+
+Nothing here talks to Docker or to an agent; nothing here holds state a restart would lose.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from envs.kit.db import Database
+from envs.models import EnvironmentVersion
+from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
+from runner.identity import Liveness
+from runner.models import Runtime, RuntimeLogEntry
+from runner.states import State, can_transition, sources_of
+
+
+class Records:
+    def __init__(self, db: Database, clock: Callable[[], datetime], liveness: Liveness) -> None:
+        self.db = db
+        self.clock = clock
+        self.liveness = liveness
+        self.runner = liveness.me
+        self.changed = threading.Condition()
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """A transaction that wakes ``wait_for`` callers once it has committed."""
+        with self.db.session() as s:
+            yield s
+        self.notify()
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    # ------------------------------------------------------------------ reads
+    @staticmethod
+    def query() -> Select[Runtime]:
+        """Runtimes with their version and environment loaded (what the API shows)."""
+        return select(Runtime).options(selectinload(Runtime.version).selectinload(EnvironmentVersion.environment))
+
+    def get(
+        self,
+        s: Session,
+        owner_id: str,
+        runtime_id: str,
+        *,
+        for_update: bool = False,
+        with_version: bool = True,
+    ) -> Runtime:
+        """The caller's runtime (404 otherwise: someone else's is as invisible as a missing one,
+        R27); ``with_version=False`` when only the runtime's own columns are read."""
+        base: Any = self.query() if with_version else select(Runtime)
+        q = base.where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
+        if for_update:
+            q = q.with_for_update()
+        rt: Runtime | None = s.scalars(q).one_or_none()
+        if rt is None:
+            raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+        return rt
+
+    def get_mine(self, s: Session, owner_id: str, runtime_id: str, **kwargs: Any) -> Runtime:
+        """``get``, for an action: refused (409) when another runner owns the runtime."""
+        rt = self.get(s, owner_id, runtime_id, **kwargs)
+        self.mine(rt.runner, rt.name)
+        return rt
+
+    def mine(self, runner: str, name: str = "") -> None:
+        """Raise ``RuntimeOwnedElsewhereError`` unless this runner owns the runtime."""
+        if runner == self.runner:
+            return
+        owner = self.liveness.of({runner})[runner]
+        what = f"runtime {name!r}" if name else "this runtime"
+        raise RuntimeOwnedElsewhereError(
+            f"{what} belongs to runner {runner!r}, not to this server's runner {self.runner!r}; "
+            f"ask the server of runner {runner!r}" + ("" if owner.alive else f" ({owner.reason})"),
+            details={"runner": runner, "runner_alive": owner.alive, "this_runner": self.runner},
+        )
+
+    def state_of(self, runtime_id: str) -> State | None:
+        with self.db.connection() as c:
+            value = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
+        return State(value) if value is not None else None
+
+    def list(self, owner_id: str) -> builtins.list[Runtime]:
+        with self.db.session() as s:
+            q = self.query().where(Runtime.owner_id == owner_id).order_by(Runtime.created_at)
+            return list(s.scalars(q))
+
+    def log_entries(self, owner_id: str, runtime_id: str) -> builtins.list[RuntimeLogEntry]:
+        with self.db.session() as s:
+            self.get(s, owner_id, runtime_id, with_version=False)
+            q = select(RuntimeLogEntry).where(RuntimeLogEntry.runtime_id == runtime_id).order_by(RuntimeLogEntry.id)
+            return list(s.scalars(q))
+
+    def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
+        """Block until the runtime is in one of ``states`` (woken by each committed change)."""
+        deadline = time.monotonic() + timeout
+        wanted = {State(s) for s in states}
+        with self.changed:
+            while True:
+                with self.db.session() as s:
+                    rt = s.get(Runtime, runtime_id)
+                    if rt is None:
+                        raise RuntimeNotFoundError(f"runtime {runtime_id} does not exist")
+                    if State(rt.state) in wanted:
+                        return rt
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"runtime {runtime_id} is {rt.state}, not {sorted(wanted)}")
+                self.changed.wait(min(remaining, 0.5))
+
+    # ------------------------------------------------------------------ writes
+    def transition(
+        self,
+        s: Session,
+        runtime_id: str,
+        to: State,
+        reason: str,
+        message: str,
+        *,
+        expect: set[State] | frozenset[State] | None = None,
+        details: dict[str, Any] | None = None,
+        values: dict[str, Any] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> bool:
+        """Compare-and-set the state and log it. False when the runtime was not in ``expect``
+        (or did not meet the further conditions ``where``)."""
+        allowed = sources_of(to) if expect is None else {e for e in expect if can_transition(e, to)}
+        result = s.execute(
+            update(Runtime)
+            .where(Runtime.id == runtime_id, Runtime.state.in_([str(a) for a in allowed]), *where)
+            .values(
+                state=str(to), state_reason=reason, state_message=message, updated_at=self.clock(), **(values or {})
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        self.log(s, runtime_id, state=to, reason=reason, message=message, details=details)
+        s.expire_all()
+        return True
+
+    def fail(
+        self,
+        runtime_id: str,
+        reason: str,
+        message: str,
+        expect: set[State] | frozenset[State],
+        *,
+        values: dict[str, Any] | None = None,
+    ) -> bool:
+        """Move the runtime to ``error`` with a reason, in a transaction of its own."""
+        with self.tx() as s:
+            return self.transition(
+                s, runtime_id, State.ERROR, reason, message, expect=expect, values={"phase": None, **(values or {})}
+            )
+
+    def log(
+        self,
+        s: Session,
+        runtime_id: str,
+        *,
+        state: State | None = None,
+        event: str | None = None,
+        reason: str = "",
+        message: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """One line of the runtime's runner log."""
+        s.add(
+            RuntimeLogEntry(
+                runtime_id=runtime_id,
+                at=self.clock(),
+                state=str(state) if state else None,
+                event=event,
+                reason=reason,
+                message=message,
+                details=details or {},
+            )
+        )
+
+    def log_now(self, runtime_id: str, **kwargs: Any) -> None:
+        """``log`` in a transaction of its own."""
+        with self.tx() as s:
+            self.log(s, runtime_id, **kwargs)
+
+    def set(self, runtime_id: str, **values: Any) -> None:
+        """Write columns of the runtime that are not its state (phase, draft, backend state)."""
+        with self.db.connection() as c:
+            c.execute(update(Runtime).where(Runtime.id == runtime_id).values(**values))
+
+    @staticmethod
+    def set_in(s: Session, runtime_id: str, **values: Any) -> None:
+        """``set``, in the caller's transaction."""
+        s.execute(
+            update(Runtime)
+            .where(Runtime.id == runtime_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+    def touch(self, runtime_id: str, what: str, *, only_running: bool = False) -> bool:
+        """Record activity (it postpones idle shutdown). With ``only_running``, only while the
+        runtime runs; returns whether it was recorded."""
+        q = update(Runtime).where(Runtime.id == runtime_id)
+        if only_running:
+            q = q.where(Runtime.state == State.RUNNING)
+        with self.db.connection() as c:
+            done = c.execute(q.values(last_activity_at=self.clock(), last_activity=what)).rowcount
+        return done == 1
