@@ -24,6 +24,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -115,6 +116,12 @@ def _process_alive(pid: int) -> bool:
 class Lease:
     """This process's hold on its runner name, and the heartbeat that keeps it."""
 
+    # Leases held by runners of this process, by database and name: a second runner built in
+    # the same process under a name a live one holds is the same mistake as a second process
+    # doing so (one would reconcile the other's runtimes away), and is refused the same way.
+    _held_here: ClassVar[dict[tuple[str, str], Lease]] = {}
+    _held_lock: ClassVar[threading.Lock] = threading.Lock()
+
     def __init__(
         self,
         db: Database,
@@ -140,6 +147,29 @@ class Lease:
 
     def acquire(self) -> None:
         """Hold the name, or raise ``RunnerNameInUseError`` naming the live process holding it."""
+        key = (str(self.db.url), self.name)
+        with self._held_lock:
+            holder = self._held_here.get(key)
+            if holder is not None and holder is not self and not holder._closing.is_set():
+                raise RunnerNameInUseError(
+                    f"the runner name {self.name!r} is in use by another runner of this process; "
+                    "give each runner its own name (ENVCTL_RUNNER_NAME)",
+                    details={"runner": self.name, "pid": self.pid},
+                )
+            self._held_here[key] = self
+        try:
+            self._acquire_in_store()
+        except BaseException:
+            self._forget_here()
+            raise
+
+    def _forget_here(self) -> None:
+        with self._held_lock:
+            key = (str(self.db.url), self.name)
+            if self._held_here.get(key) is self:
+                del self._held_here[key]
+
+    def _acquire_in_store(self) -> None:
         now = self.clock()
         with self.db.session() as s:
             row = s.get(RunnerRecord, self.name, with_for_update=True)
@@ -173,8 +203,8 @@ class Lease:
         if now - row.heartbeat_at > timedelta(seconds=self.stale_after):
             return False
         if row.host == self.host:
-            # Same host: the process tells. One process may build a runner again under the same
-            # name (an in-process restart); that is a takeover of its own name, not a clash.
+            # Same host: the process tells. A runner of this very process that crashed (in tests,
+            # an in-process restart) left its name behind; a live one was refused in acquire().
             return row.pid != self.pid and _process_alive(row.pid)
         return True
 
@@ -211,10 +241,12 @@ class Lease:
     def abandon(self) -> None:
         """Stop beating without a word, as a process that crashed would (tests of recovery)."""
         self._closing.set()
+        self._forget_here()
 
     def release(self) -> None:
         """A clean stop: others see at once that this runner is gone."""
         self._closing.set()
+        self._forget_here()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.lost.is_set():

@@ -87,7 +87,6 @@ class DockerBackend(RuntimeBackend):
         self,
         client: docker.DockerClient | None = None,
         *,
-        runner: str,
         labels: dict[str, str] | None = None,
         log_max_size: str = "10m",
         network: str = "bridge",
@@ -97,7 +96,6 @@ class DockerBackend(RuntimeBackend):
         self._client = client
         self._base_url = base_url
         self._timeout = timeout
-        self.runner = runner
         self.labels = dict(labels or {})
         self.log_max_size = log_max_size
         self.network = network
@@ -107,7 +105,6 @@ class DockerBackend(RuntimeBackend):
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
         return cls(
-            runner=settings.runner_name,
             labels=settings.runner_labels,
             log_max_size=settings.runner_log_max_size,
             network=settings.runner_network,

@@ -217,6 +217,15 @@ class FakeBackend(RuntimeBackend):
                 c.process.wait()
 
     @classmethod
+    def containers(cls, identity: RunnerIdentity) -> dict[str, _FakeContainer]:
+        """The engine's containers of ``identity``, by container id (for tests to look into)."""
+        return {
+            cid: c
+            for cid, c in list(cls._containers.items())
+            if c.labels.get(LABEL_RUNNER) == identity.name and c.labels.get(LABEL_INSTALLATION) == identity.installation
+        }
+
+    @classmethod
     def reset_all(cls) -> None:
         with cls._lock:
             for c in cls._containers.values():

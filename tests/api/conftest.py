@@ -141,7 +141,7 @@ class ApiHarness:
     @property
     def engine(self) -> dict[str, Any]:
         """The fake engine's containers of this runner, by container id."""
-        return FakeBackend._engines.setdefault(self.settings.runner_name, {})
+        return FakeBackend.containers(self.runner.identity)
 
     def containers(self, runtime_id: str) -> list[Any]:
         return [c for c in list(self.engine.values()) if c.runtime_id == runtime_id]
@@ -190,9 +190,14 @@ def admin_headers(api: ApiHarness) -> dict[str, str]:
 
 
 @pytest.fixture
-def other_headers(api: ApiHarness) -> dict[str, str]:
-    """Headers of a second, ordinary user (for cross-user checks)."""
-    with api.db.session() as s:
-        user = registry_service.create_user(s, "bob")
-        token = registry_service.issue_token(s, user, "tests")
+def other_headers(prepared_settings: Settings) -> dict[str, str]:
+    """Headers of a second, ordinary user (for cross-user checks). Made in the database
+    directly: a second app on the same runner name would be a second runner of that name."""
+    db = Database(prepared_settings.effective_database_url)
+    try:
+        with db.session() as s:
+            user = registry_service.create_user(s, "bob")
+            token = registry_service.issue_token(s, user, "tests")
+    finally:
+        db.dispose()
     return {"Authorization": f"Bearer {token}"}

@@ -29,8 +29,8 @@ from tests.api.test_errors_and_auth import assert_envelope
 class WatchedBackend(FakeBackend):
     """The fake engine, remembering every boot, commit and archive load asked of it."""
 
-    def __init__(self, runner: str, **kwargs: Any) -> None:
-        super().__init__(runner, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.started: list[str] = []
         self.committed: list[str] = []
         self.loaded: list[bytes] = []
@@ -92,7 +92,7 @@ class World:
 @pytest.fixture
 def world(make_api: AppFactory, prepared_settings: Settings) -> World:
     # One app only: a second on the same runner name would reconcile the first one's runtimes.
-    backend = WatchedBackend(prepared_settings.runner_name)
+    backend = WatchedBackend()
     api = make_api(backend)
     alice, bob = _user(api, "alice"), _user(api, "bob")
     rid = _running(api, alice, "workbench")

@@ -32,8 +32,8 @@ def assert_envelope(resp: Any, status: int, code: str | None = None) -> dict[str
 class RecordingBackend(FakeBackend):
     """The fake engine, remembering every container it was asked to create or stop."""
 
-    def __init__(self, runner: str, **kwargs: Any) -> None:
-        super().__init__(runner, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.started: list[RuntimeSpec] = []
         self.stopped: list[BackendState] = []
         self.committed: list[str] = []
@@ -53,7 +53,7 @@ class RecordingBackend(FakeBackend):
 
 @pytest.fixture
 def recorded(make_api: AppFactory, prepared_settings: Settings) -> tuple[ApiHarness, RecordingBackend]:
-    backend = RecordingBackend(prepared_settings.runner_name)
+    backend = RecordingBackend()
     return make_api(backend), backend
 
 
@@ -426,7 +426,7 @@ class _EngineDiesAfterPing(FakeBackend):
 
 
 def test_engine_failing_during_boot_ends_in_error(make_api: AppFactory, prepared_settings: Settings) -> None:
-    api = make_api(_EngineDiesAfterPing(prepared_settings.runner_name, unreachable=True))
+    api = make_api(_EngineDiesAfterPing(unreachable=True))
     rt = api.create_runtime()
     resp = api.post(f"/runtimes/{rt['id']}/start")
     assert resp.status_code == 202, resp.text

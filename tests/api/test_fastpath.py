@@ -162,7 +162,7 @@ def test_cells_sent_at_once_to_an_idle_worker_keep_their_order_and_state(api: Ap
     next cells to the agent itself; they must still run one after another, in order."""
     rid = _runtime(api)
     assert _cell(api, rid, {"code": "n = 0"}).json()["status"] == "ok"
-    manager = api.runner.executions
+    manager = api.runner.cells
     before = manager.sent_at_once
     for i in range(1, 21):
         body = _cell(api, rid, {"code": "n += 1\nn"}).json()
@@ -182,7 +182,7 @@ def test_cells_sent_at_once_to_an_idle_worker_keep_their_order_and_state(api: Ap
 def test_a_cell_sent_at_once_can_be_interrupted_and_the_state_stays(api: ApiHarness) -> None:
     rid = _runtime(api)
     assert _cell(api, rid, {"code": "kept = 'yes'"}).json()["status"] == "ok"
-    manager = api.runner.executions
+    manager = api.runner.cells
     before = manager.sent_at_once
     long = _cell(api, rid, {"code": "import time\nfor _ in range(600): time.sleep(0.05)"}, query="").json()
     assert manager.sent_at_once == before + 1

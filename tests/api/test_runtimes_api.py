@@ -443,14 +443,14 @@ def test_concurrent_start_stop_follow_the_state_machine(api: ApiHarness) -> None
 class _PausableListing(FakeBackend):
     """``list_owned`` can be held after it took its listing, like a slow ``docker ps``."""
 
-    def __init__(self, runner: str) -> None:
-        super().__init__(runner)
+    def __init__(self) -> None:
+        super().__init__()
         self.armed = False
         self.listed = threading.Event()
         self.proceed = threading.Event()
 
-    def list_owned(self):  # type: ignore[no-untyped-def]
-        found = super().list_owned()
+    def list_owned(self, identity):  # type: ignore[no-untyped-def]
+        found = super().list_owned(identity)
         if self.armed:
             self.armed = False
             self.listed.set()
@@ -461,8 +461,8 @@ class _PausableListing(FakeBackend):
 class _SlowStop(FakeBackend):
     """``stop`` blocks until released, like ``docker stop`` on a container that ignores SIGTERM."""
 
-    def __init__(self, runner: str) -> None:
-        super().__init__(runner)
+    def __init__(self) -> None:
+        super().__init__()
         self.release = threading.Event()
 
     def stop(self, state, timeout=5.0):  # type: ignore[no-untyped-def]
@@ -473,7 +473,7 @@ class _SlowStop(FakeBackend):
 def test_reconcile_with_a_stale_listing_keeps_a_fresh_runtime(
     make_api: AppFactory, prepared_settings: Settings
 ) -> None:
-    backend = _PausableListing(prepared_settings.runner_name)
+    backend = _PausableListing()
     api = make_api(backend)
     rt = api.create_runtime()
     try:
@@ -491,7 +491,7 @@ def test_reconcile_with_a_stale_listing_keeps_a_fresh_runtime(
 
 
 def test_queued_boot_is_not_marked_vanished(make_api: AppFactory, prepared_settings: Settings) -> None:
-    backend = _SlowStop(prepared_settings.runner_name)
+    backend = _SlowStop()
     api = make_api(backend, runner_max_boots=1)
     try:
         # Occupy every worker (runner/service.py sizes the pool max(4, max_boots + 4) = 5) with a
@@ -518,8 +518,8 @@ def test_queued_boot_is_not_marked_vanished(make_api: AppFactory, prepared_setti
 class _HeldCommit(FakeBackend):
     """``commit`` waits until released, like ``docker commit`` of a big layer."""
 
-    def __init__(self, runner: str) -> None:
-        super().__init__(runner)
+    def __init__(self) -> None:
+        super().__init__()
         self.committing = threading.Event()
         self.release = threading.Event()
 
@@ -534,7 +534,7 @@ def test_a_save_in_progress_holds_off_idle_shutdown_until_it_ends(
 ) -> None:
     """R20: an otherwise idle runtime is not shut down while its save runs, however long; it
     is one idle timeout after the save ended."""
-    backend = _HeldCommit(prepared_settings.runner_name)
+    backend = _HeldCommit()
     api = make_api(backend)
     rt = _running(api, idle_timeout=2)
     try:
@@ -588,8 +588,8 @@ def test_a_save_may_follow_the_moment_the_last_one_is_seen_to_end(make_api: AppF
 class _RecordingStarts(FakeBackend):
     """The fake engine, remembering the image of every container it was asked to create."""
 
-    def __init__(self, runner: str) -> None:
-        super().__init__(runner)
+    def __init__(self) -> None:
+        super().__init__()
         self.images: list[str] = []
 
     def start(self, spec):  # type: ignore[no-untyped-def]
@@ -609,7 +609,7 @@ def test_a_runtime_imported_by_tag_boots_its_recorded_digest_after_the_tag_moves
 ) -> None:
     """R24: the container is created from the digest recorded when the tag was resolved,
     not from where the tag points now; a digest that does not match a version aborts."""
-    backend = _RecordingStarts(prepared_settings.runner_name)
+    backend = _RecordingStarts()
     api = make_api(backend)
     one, two, three = ("sha256:" + c * 64 for c in "bcd")
     rt = api.create_runtime(environment="python3")

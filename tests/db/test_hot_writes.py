@@ -14,6 +14,7 @@ from envs.kit.db import Database, HotStatement
 from envs.kit.errors import DatabaseUnavailableError
 from envs.service import NewVersion, register_version
 from registry.service import create_user
+from runner import cellworker as cw
 from runner import executions as ex
 from runner.models import Execution, ExecutionOutput, Runtime
 
@@ -87,12 +88,12 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
         ]
         if eid == "ex_hot":
             with db.hot() as w:
-                w.execute_many(ex.INSERT_OUTPUTS, outputs)
-                assert w.execute(ex.FINISH_EXECUTION, end) == 1
+                w.execute_many(cw.INSERT_OUTPUTS, outputs)
+                assert w.execute(cw.FINISH_EXECUTION, end) == 1
         else:
             with db.connection() as c:
                 c.execute(insert(ExecutionOutput), outputs)
-                c.execute(ex.FINISH_EXECUTION.statement, end)
+                c.execute(cw.FINISH_EXECUTION.statement, end)
     hot, core = _row(db, "ex_hot"), _row(db, "ex_core")
     assert hot.pop("seq") == 1 and core.pop("seq") == 2
     assert hot == core
@@ -122,7 +123,7 @@ def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches
     rid, _owner = _runtime(db)
     at = utcnow()
     with db.hot() as w:
-        assert w.execute(ex.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
+        assert w.execute(cw.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
     with db.connection() as c:
         matched = c.execute(
             update(Runtime).where(Runtime.id == rid, Runtime.last_activity_at == at).values(last_activity="seen")
@@ -136,9 +137,9 @@ def test_a_literal_in_the_statement_is_kept(db: Database) -> None:
     with db.hot() as w:
         w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_1", 1))
     with db.hot() as w:
-        assert w.execute(ex.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
+        assert w.execute(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
     with db.hot() as w:
-        assert w.execute(ex.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
+        assert w.execute(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
     assert _row(db, "ex_1")["status"] == "running"
 
 

@@ -33,6 +33,8 @@ TABLES = {
     "execution_outputs",
     "result_files",
     "operations",
+    "installation",
+    "runners",
 }
 
 
@@ -233,17 +235,16 @@ def test_0006_rewrites_hot_path_timestamps_in_cores_format_on_sqlite(tmp_path: P
             version, _ = register_version(
                 s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="b")
             )
-            for rid in ("rt_a", "rt_b"):
-                s.add(
-                    Runtime(
-                        id=rid,
-                        owner_id=user.id,
-                        name=rid,
-                        environment_ref="bash@1",
-                        version_id=version.id,
-                        machine_type="small",
-                        runner="r",
-                    )
+            for rid in ("rt_a", "rt_b"):  # in SQL: the models are newer than this schema
+                s.execute(
+                    text(
+                        "INSERT INTO runtimes (id, owner_id, name, type, language, environment_ref, version_id, "
+                        "machine_type, state, state_reason, state_message, runner, backend, backend_state, "
+                        "last_activity, draft_changes, change_baseline, created_at, updated_at) VALUES (:id, :owner, "
+                        ":id, 'native', 'python', 'bash@1', :version, 'small', 'stopped', 'created', '', 'r', "
+                        "'docker', '{}', '', '[]', '{}', '2026-11-21 18:00:00', '2026-11-21 18:00:00')"
+                    ),
+                    {"id": rid, "owner": user.id, "version": version.id},
                 )
         with db.connection() as c:  # as the old hot path wrote them
             c.execute(

@@ -11,14 +11,22 @@ from typing import Any
 import pytest
 
 from envs.kit.config import DEFAULT_MACHINE_TYPES, Settings
+from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
-from runner.backends.base import RuntimeBackend, RuntimeSpec, Status
+from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.backends.docker import DockerBackend
 from runner.backends.fake import FakeBackend
 from runner.channel import ping, wait_for_agent
-from runner.service import AGENT_DIR
+from runner.identity import RunnerIdentity
+from runner.paths import AGENT_DIR
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image
+
+
+# Each test is its own installation; its runner shares the name of another installation's
+# (as two installations on one host both default to the host name).
+ME = RunnerIdentity("in_contract_" + uuid.uuid4().hex[:8], "contract-runner")
+NEIGHBOUR = RunnerIdentity("in_neighbour_" + uuid.uuid4().hex[:8], "contract-runner")
 
 
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
@@ -30,11 +38,12 @@ def backend(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tupl
     image = base_image(client, "bash")
     b = DockerBackend(client, labels={TEST_LABEL: TEST_SESSION})
     yield b, image
-    for found in b.list_owned():
-        b.stop(found.state, timeout=0)
+    for who in (ME, NEIGHBOUR):
+        for found in b.list_owned(who):
+            b.stop(found.state, timeout=0)
 
 
-def spec_for(tmp_path: Path, image: str, runtime_id: str | None = None) -> RuntimeSpec:
+def spec_for(tmp_path: Path, image: str, runtime_id: str | None = None, identity: RunnerIdentity = ME) -> RuntimeSpec:
     rid = runtime_id or new_id("rt")
     state_dir = tmp_path / rid
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +55,7 @@ def spec_for(tmp_path: Path, image: str, runtime_id: str | None = None) -> Runti
         machine=DEFAULT_MACHINE_TYPES["small"],
         state_dir=state_dir,
         agent_dir=AGENT_DIR,
+        labels={LABEL_INSTALLATION: identity.installation, LABEL_RUNNER: identity.name},
     )
 
 
@@ -78,14 +88,14 @@ def test_stop_is_idempotent_and_removes_the_container(backend: tuple[RuntimeBack
     b.stop(state, timeout=1)
     b.stop({}, timeout=1)
     assert b.poll(state).status is Status.GONE
-    assert spec.runtime_id not in {f.runtime_id for f in b.list_owned()}
+    assert spec.runtime_id not in {f.runtime_id for f in b.list_owned(ME)}
 
 
 def test_list_owned_finds_each_runtime_by_its_id(backend: tuple[RuntimeBackend, str], tmp_path: Path) -> None:
     b, image = backend
     specs = [spec_for(tmp_path, image) for _ in range(2)]
     states = [b.start(s) for s in specs]
-    found = {f.runtime_id: f for f in b.list_owned()}
+    found = {f.runtime_id: f for f in b.list_owned(ME)}
     for spec, state in zip(specs, states, strict=True):
         assert found[spec.runtime_id].state["container_id"] == state["container_id"]
         assert found[spec.runtime_id].status.status is Status.RUNNING
@@ -98,7 +108,7 @@ def test_starting_a_runtime_again_leaves_exactly_one_container(
     spec = spec_for(tmp_path, image)
     first = b.start(spec)
     second = b.start(spec)
-    mine = [f for f in b.list_owned() if f.runtime_id == spec.runtime_id]
+    mine = [f for f in b.list_owned(ME) if f.runtime_id == spec.runtime_id]
     assert [f.state["container_id"] for f in mine] == [second["container_id"]]
     assert b.poll(first).status is Status.GONE
 
@@ -113,3 +123,28 @@ def test_the_agent_survives_a_new_connection_after_the_old_one_dropped(
     first = _agent(b, state, spec)
     again = ping(b.socket_path(state, spec.state_dir))
     assert again["pid"] == first["pid"] and again["started_at"] == first["started_at"]
+
+
+def test_list_owned_never_returns_another_installations_containers_of_the_same_runner_name(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
+    """R32 at the backend: two installations on one engine, both runners named alike."""
+    b, image = backend
+    mine = spec_for(tmp_path, image)
+    theirs = spec_for(tmp_path, image, identity=NEIGHBOUR)
+    b.start(mine)
+    b.start(theirs)
+    assert {f.runtime_id for f in b.list_owned(ME)} == {mine.runtime_id}
+    assert {f.runtime_id for f in b.list_owned(NEIGHBOUR)} == {theirs.runtime_id}
+    assert not any(f.legacy for f in b.list_owned(ME))
+
+
+def test_a_container_without_its_owners_identity_is_refused(
+    backend: tuple[RuntimeBackend, str], tmp_path: Path
+) -> None:
+    b, image = backend
+    spec = spec_for(tmp_path, image)
+    anonymous = RuntimeSpec(**{**spec.__dict__, "labels": {}})
+    with pytest.raises(InvalidInputError, match="installation and runner labels"):
+        b.start(anonymous)
+    assert spec.runtime_id not in {f.runtime_id for f in b.list_owned(ME)}

@@ -15,7 +15,7 @@ import pytest
 
 from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend
-from runner.snapshots import CONFIG_KEYS
+from runner.imageconfig import CONFIG_KEYS
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image

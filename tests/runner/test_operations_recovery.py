@@ -85,6 +85,7 @@ def test_finished_operations_are_not_touched_again(make_runner: Make, runner_db:
     owner = seed(runner_db)
     first = make_runner()
     done = first.operations.create(owner, "build", "reused", finished=True)
+    crash(first)
     make_runner()
     op = _op(runner_db, done.id)
     assert op.status == "succeeded" and op.error is None
