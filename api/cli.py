@@ -1495,6 +1495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.with_overrides(**changes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    app.state.ctx.runner.claim()  # a runner name in use is a clear error now, not a traceback later
     # The event loop answers requests while worker threads talk to agents and write to the
     # database; a thread that needs the GIL waits at most this long for another to let go of it
     # (Python's default is 5 ms, the whole budget of a cell's round trip).

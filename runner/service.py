@@ -165,6 +165,11 @@ class RunnerService:
         self.archives = Archives(db, backend, settings.data_dir / "tmp")
 
     # ------------------------------------------------------------------ lifecycle of the runner
+    def claim(self) -> None:
+        """Hold the runner's name (``RunnerNameInUseError`` naming a live holder); ``open``
+        does it too, so calling this first only makes the refusal come early."""
+        self.lease.acquire()
+
     def open(self, *, housekeeping: bool = True) -> None:
         """Hold the runner's name, reconcile with the backend, pick up interrupted work, then
         start the housekeeping loop (reconciliation, idle shutdown)."""
