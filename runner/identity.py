@@ -24,8 +24,8 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError

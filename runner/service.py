@@ -32,6 +32,7 @@ module):
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -224,6 +225,12 @@ class RunnerService:
     def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
         """Block until the runtime is in one of ``states`` (CLI, tests, benchmarks)."""
         return self.records.wait_for(runtime_id, states, timeout)
+
+    def await_state(self, owner_id: str, runtime_id: str, states: set[State], timeout: float) -> Runtime:
+        """The caller's runtime once it is in one of ``states``, or as it is after ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            self.records.wait_for(runtime_id, states, timeout)
+        return self.get(owner_id, runtime_id)
 
     def changes_of(self, owner_id: str, runtime_id: str) -> builtins.list[ChangeInfo]:
         """The runtime's unsaved changes (its owner runner's engine has them)."""

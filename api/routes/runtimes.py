@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
@@ -121,15 +123,33 @@ def delete_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+MAX_WAIT = 60.0
+Wait = Annotated[
+    float,
+    Query(ge=0, le=MAX_WAIT, description="seconds to wait for the runtime to get there; 0 answers at once"),
+]
+SETTLED_AFTER_START = {State.RUNNING, State.ERROR, State.STOPPED}
+SETTLED_AFTER_STOP = {State.STOPPED, State.ERROR}
+
+
 @router.post("/{runtime_id}/start", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
-def start_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    """Boot the runtime; answers at once. Follow ``GET /runtimes/{id}`` or its log."""
-    return runtime_out(ctx.runner, ctx.runner.start(caller.id, runtime_id))
+def start_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 0) -> RuntimeOut:
+    """Boot the runtime; answers at once (``booting``), or with ``wait`` as soon as it is
+    running (or failed), or after ``wait`` seconds. Follow ``GET /runtimes/{id}`` or its log."""
+    rt = ctx.runner.start(caller.id, runtime_id)
+    if wait:
+        rt = ctx.runner.await_state(caller.id, runtime_id, SETTLED_AFTER_START, wait)
+    return runtime_out(ctx.runner, rt)
 
 
 @router.post("/{runtime_id}/stop", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
-def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    return runtime_out(ctx.runner, ctx.runner.stop(caller.id, runtime_id))
+def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 0) -> RuntimeOut:
+    """Stop the runtime, keeping its unsaved changes as a draft; answers at once
+    (``stopping``), or with ``wait`` as soon as it is stopped, or after ``wait`` seconds."""
+    rt = ctx.runner.stop(caller.id, runtime_id)
+    if wait:
+        rt = ctx.runner.await_state(caller.id, runtime_id, SETTLED_AFTER_STOP, wait)
+    return runtime_out(ctx.runner, rt)
 
 
 @router.get("/{runtime_id}/log", response_model=list[LogEntryOut])

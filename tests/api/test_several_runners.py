@@ -38,7 +38,9 @@ def _prepared_database(postgres: PostgresCluster) -> str:
     try:
         with db.session() as s:  # stand-ins for base images: the fake engine runs any image
             bash, _ = register_version(s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="b"))
-            register_version(s, NewVersion(environment="python3", image_id="sha256:" + "b" * 64, image_ref="p", parent=bash))
+            register_version(
+                s, NewVersion(environment="python3", image_id="sha256:" + "b" * 64, image_ref="p", parent=bash)
+            )
     finally:
         db.dispose()
     return url

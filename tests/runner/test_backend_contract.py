@@ -22,7 +22,6 @@ from runner.paths import AGENT_DIR
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image
 
-
 # Each test is its own installation; its runner shares the name of another installation's
 # (as two installations on one host both default to the host name).
 ME = RunnerIdentity("in_contract_" + uuid.uuid4().hex[:8], "contract-runner")
