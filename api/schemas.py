@@ -226,3 +226,15 @@ class LoadedVersion(BaseModel):
     exported_as: str = Field(description="its reference where it was exported")
     digest: str
     new: bool = Field(description="false when this envctl had it already")
+
+
+class KernelspecOut(BaseModel):
+    name: str = Field(description="what a notebook's metadata.kernelspec.name calls it, e.g. python3")
+    display_name: str
+    language: str
+    path: str = Field(description="its directory inside the image")
+
+
+class KernelspecsOut(BaseModel):
+    ref: str = Field(description="the version the reference means")
+    kernelspecs: list[KernelspecOut] = Field(description="by name; empty when the image has none")
