@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from envs.kit.errors import BackendError
 from envs.service import NewVersion, register_version
 from runner.backends.fake import FakeBackend
 from tests.api.conftest import BASH_IMAGE, PYTHON_IMAGE, ApiHarness
@@ -82,6 +83,8 @@ def test_a_version_whose_image_is_gone_from_the_engine_is_a_409_saying_so(api: A
     err = resp.json()["error"]
     assert "gone@1" in err["message"] and "not in the container engine" in err["message"]
     assert err["details"]["image"] == gone
+    with pytest.raises(BackendError):  # the backend itself, asked directly
+        backend.kernelspecs(gone)
 
 
 def test_kernelspecs_need_a_token(api: ApiHarness) -> None:

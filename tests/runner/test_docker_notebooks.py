@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from envs.kit.errors import BackendError
 from runner.backends.base import LABEL_MANAGED
 from runner.backends.docker import DockerBackend
 from tests.conftest import TEST_LABEL, TEST_SESSION
@@ -47,6 +48,8 @@ def test_the_docker_backend_reads_an_images_kernelspecs_and_leaves_no_container(
         ), specs
         assert next(k for k in specs if k["name"] == "python3")["display_name"].startswith("Python 3")
         assert backend.kernelspecs(base_image(docker, "python3")) == []
+        with pytest.raises(BackendError, match="not in the Docker engine"):
+            backend.kernelspecs("sha256:" + "0" * 64)
         assert kernelspec_holders(docker) == []
     finally:
         backend.close()
