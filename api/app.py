@@ -15,7 +15,17 @@ from api import errors
 from api.dbschema import check_current
 from api.deps import CallerCache, Context
 from api.fastpath import CellFastPath
-from api.routes import environments, executions, health, machine_types, operations, results, runners, runtimes
+from api.routes import (
+    environments,
+    executions,
+    health,
+    kernelspecs,
+    machine_types,
+    operations,
+    results,
+    runners,
+    runtimes,
+)
 from api.schemas import ErrorOut
 from envs.kit.config import Settings
 from envs.kit.db import Database
@@ -92,6 +102,7 @@ def create_app(
     app.state.ctx = Context(settings=settings, db=db, runner=runner)
     app.state.callers = CallerCache()
     errors.install(app)
+    app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
     for module in (health, runtimes, executions, results, operations, environments, machine_types, runners):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)

@@ -239,3 +239,15 @@ class RunnerOut(BaseModel):
     heartbeat_at: datetime | None
     reason: str
     this_server: bool = Field(description="whether it is the runner of the server that answered")
+
+
+class KernelspecOut(BaseModel):
+    name: str = Field(description="what a notebook's metadata.kernelspec.name calls it, e.g. python3")
+    display_name: str
+    language: str
+    path: str = Field(description="its directory inside the image")
+
+
+class KernelspecsOut(BaseModel):
+    ref: str = Field(description="the version the reference means")
+    kernelspecs: list[KernelspecOut] = Field(description="by name; empty when the image has none")

@@ -15,6 +15,9 @@ Kernel protocol (shared by every kernel the agent starts as a child process, see
 - SIGINT interrupts the running cell (KeyboardInterrupt); the namespace stays.
 
 Standard library only. matplotlib figures become ``image/png`` when matplotlib is installed.
+Cells may use IPython's ``!cmd`` and the magics ``%pip``, ``%cd``, ``%env`` and
+``%matplotlib inline`` (see ``magics.py``); a cell with another magic ends in an
+``UnsupportedMagic`` error that names the ``jupyter`` runtime type.
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ import signal
 import sys
 import traceback
 
+if __name__ == "__main__":  # run as a script by the agent
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import magics
+
+    # Gone again, so that a user's own `import magics` finds their module, not the agent's.
+    del sys.path[0], sys.modules["magics"]
+else:  # imported as runner.agent.pykernel (tests, tools)
+    from runner.agent import magics
+
 CONTROL_IN, CONTROL_OUT = 3, 4
 
 
@@ -39,6 +51,7 @@ class Kernel:
         self._held: list[str] | None = None
         self.namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
         self._install_display()
+        setattr(builtins, magics.HELPER, magics.Magics(self.namespace))
 
     # --- messages ---------------------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -123,7 +136,7 @@ class Kernel:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         status = "ok"
         try:
-            tree = ast.parse(code, filename=filename, mode="exec")
+            tree = parse(code, filename)
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
                 expr = tree.body.pop()
@@ -146,6 +159,9 @@ class Kernel:
         except KeyboardInterrupt as exc:
             status = "interrupted"
             self.output(error_output(exc, filename))
+        except magics.UnsupportedMagic as exc:
+            status = "error"
+            self.output(exc.output(filename))
         except SystemExit as exc:
             status = "error"
             self.output(
@@ -188,12 +204,29 @@ class Kernel:
                     self.send({"type": "done", "status": "interrupted", "execution_count": self.count})
 
 
+def parse(code: str, filename: str) -> ast.Module:
+    """The cell's syntax tree; IPython's shell escapes and magics are rewritten as calls when
+    the cell is not plain Python (a cell that compiles never holds one, see ``magics.py``)."""
+    try:
+        return ast.parse(code, filename=filename, mode="exec")
+    except SyntaxError:
+        rewritten = magics.transform(code)
+        if rewritten is None:
+            raise
+    return ast.parse(rewritten, filename=filename, mode="exec")
+
+
 def error_output(exc: BaseException, filename: str) -> dict:
-    """Jupyter's error shape, with the kernel's own frames left out of the traceback."""
+    """Jupyter's error shape, with the kernel's own frames left out of the traceback (and
+    those of the magics' helpers: an error in ``%cd`` points at the cell's ``%cd`` line)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    lines = traceback.format_exception(type(exc), exc, tb)
+    if isinstance(exc, SyntaxError) and exc.filename == filename:
+        tb = None  # the cell itself does not compile: the compiler's own frames say nothing
+    report = traceback.TracebackException(type(exc), exc, tb)
+    report.stack = traceback.StackSummary.from_list([f for f in report.stack if f.filename != magics.__file__])
+    lines = list(report.format())
     return {
         "output_type": "error",
         "ename": type(exc).__name__,

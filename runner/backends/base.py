@@ -164,6 +164,19 @@ class RuntimeBackend(abc.ABC):
         """What a local image is, or None when the engine does not have it."""
         raise NotImplementedError(f"the {self.name} backend has no images")
 
+    def kernelspecs(self, image: str) -> list[dict[str, str]]:
+        """The Jupyter kernelspecs installed in a local image, found without running it.
+
+        One dict per kernelspec: ``name`` (its directory's name, lower case, as Jupyter names
+        it), ``display_name``, ``language`` and ``path`` (its directory in the image), from the
+        ``kernel.json`` files under Jupyter's standard data paths; sorted by name, the first
+        directory in Jupyter's order of precedence winning for a name. An image without any
+        gives ``[]``; an image the engine does not have raises ``BackendError``. There is no
+        default: a backend that cannot look inside images raises ``NotImplementedError``
+        rather than claim that an image has no kernelspecs.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot look for kernelspecs")
+
     def remove_image(self, image: str) -> None:  # noqa: B027  (optional hook)
         """Remove a local image (idempotent); images other images need are kept by the engine."""
 

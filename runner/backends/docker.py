@@ -416,6 +416,111 @@ class DockerBackend(RuntimeBackend):
         self._check_config(image_id, config)
         return image_id
 
+    # --- kernelspecs: the Jupyter kernels an image has, read without running anything -------
+    KERNELSPEC_DIRS = (  # Jupyter's data paths, in its order of precedence: first one of a name wins
+        "/root/.local/share/jupyter/kernels",
+        "/opt/conda/share/jupyter/kernels",
+        "/usr/local/share/jupyter/kernels",
+        "/usr/share/jupyter/kernels",
+    )
+    KERNELSPECS_MAX = 100  # kernelspecs read from one image
+    KERNEL_JSON_MAX = 64 * 1024  # bytes of one kernel.json; larger ones are skipped
+    KERNELSPEC_ARCHIVE_MAX = 16 * 1024 * 1024  # bytes read of one directory's archive
+    # Image ids name immutable content, so what was read stays true for every backend of this
+    # process: one dict, shared, bounded.
+    _kernelspec_cache: dict[str, list[dict[str, str]]] = {}
+    _kernelspec_lock = threading.Lock()
+
+    def kernelspecs(self, image: str) -> list[dict[str, str]]:
+        """The kernel.json files under KERNELSPEC_DIRS, read from a container created from the
+        image and never started (labelled ``envctl.managed=kernelspecs``), removed afterwards."""
+        cacheable = _IMAGE_ID_RE.fullmatch(image) is not None
+        if cacheable:
+            with self._kernelspec_lock:
+                cached = self._kernelspec_cache.get(image)
+            if cached is not None:
+                return [dict(k) for k in cached]
+        api = self.client.api
+        labels = {**self.labels, LABEL_MANAGED: "kernelspecs"}
+        try:
+            holder = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
+        except docker.errors.ImageNotFound as exc:
+            raise BackendError(f"image {image[:30]} is not in the Docker engine", details={"image": image}) from exc
+        except Exception as exc:
+            raise _daemon_error("look for the image's kernelspecs", exc) from exc
+        found: dict[str, dict[str, str]] = {}
+        try:
+            for directory in self.KERNELSPEC_DIRS:
+                try:
+                    # the trailing slash follows a directory that is a symlink
+                    chunks, _stat = api.get_archive(holder, directory + "/")
+                except docker.errors.NotFound:
+                    continue
+                for spec in self._kernelspecs_in(chunks, directory):
+                    if len(found) < self.KERNELSPECS_MAX:
+                        found.setdefault(spec["name"], spec)
+        except Exception as exc:
+            raise _daemon_error("read the image's kernelspecs", exc) from exc
+        finally:
+            with contextlib.suppress(BackendError):  # never started; labelled if it stays
+                self._force_remove(holder)
+        specs = [found[name] for name in sorted(found)]
+        if cacheable:
+            with self._kernelspec_lock:
+                while len(self._kernelspec_cache) >= 256:
+                    self._kernelspec_cache.pop(next(iter(self._kernelspec_cache)))
+                self._kernelspec_cache[image] = [dict(k) for k in specs]
+        return specs
+
+    @classmethod
+    def _kernelspecs_in(cls, chunks: Any, directory: str) -> list[dict[str, str]]:
+        """Kernelspecs in the tar stream of one kernels directory: ``<dir>/<name>/kernel.json``
+        files, regular, at most KERNEL_JSON_MAX bytes, with a valid name and an ``argv``. At most
+        KERNELSPEC_ARCHIVE_MAX bytes are read; what lies beyond is not looked at."""
+        import io
+        import json
+        import tarfile
+
+        buffer = io.BytesIO()
+        try:
+            for chunk in chunks:
+                buffer.write(chunk[: cls.KERNELSPEC_ARCHIVE_MAX - buffer.tell()])
+                if buffer.tell() >= cls.KERNELSPEC_ARCHIVE_MAX:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                chunks.close()
+        buffer.seek(0)
+        specs: list[dict[str, str]] = []
+        try:
+            with tarfile.open(fileobj=buffer, mode="r|") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    name = parts[1].lower() if len(parts) == 3 else ""
+                    if parts[-1] != "kernel.json" or not member.isreg() or member.size > cls.KERNEL_JSON_MAX:
+                        continue
+                    if not re.fullmatch(r"[a-z0-9._-]{1,128}", name):  # Jupyter's rule for names
+                        continue
+                    handle = tar.extractfile(member)
+                    try:
+                        spec = json.loads(handle.read(cls.KERNEL_JSON_MAX) if handle else b"")
+                    except ValueError:
+                        continue
+                    if not isinstance(spec, dict) or not isinstance(spec.get("argv"), list) or not spec["argv"]:
+                        continue
+                    display, language = spec.get("display_name"), spec.get("language")
+                    specs.append(
+                        {
+                            "name": name,
+                            "display_name": display[:256] if isinstance(display, str) and display else name,
+                            "language": language[:64] if isinstance(language, str) else "",
+                            "path": f"{directory}/{parts[1]}",
+                        }
+                    )
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # a cut-off archive (past the size limit): what was read stands
+        return specs
+
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         cid = state.get("container_id")
         if not cid:

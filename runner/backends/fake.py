@@ -64,6 +64,7 @@ class FakeBackend(RuntimeBackend):
     _ids: ClassVar[itertools.count[int]] = itertools.count(1)
     _images: ClassVar[dict[str, ImageInfo]] = {}
     _removed: ClassVar[set[str]] = set()
+    _kernelspecs: ClassVar[dict[str, list[dict[str, str]]]] = {}
 
     def __init__(
         self,
@@ -196,6 +197,18 @@ class FakeBackend(RuntimeBackend):
         self._images[image_id] = ImageInfo(image_id, info.size if info else 0, 1, dict(config))
         return image_id
 
+    def kernelspecs(self, image: str) -> list[dict[str, str]]:
+        """What ``set_kernelspecs`` said the image has; none for any other image."""
+        self._check("look for the image's kernelspecs")
+        if self.image_info(image) is None:
+            raise BackendError(f"image {image[:30]} is not in the fake engine", details={"image": image})
+        return [dict(k) for k in self._kernelspecs.get(image, [])]
+
+    @classmethod
+    def set_kernelspecs(cls, image: str, specs: list[dict[str, str]]) -> None:
+        """The kernelspecs an image has (a test's stand-in for kernel.json files in it)."""
+        cls._kernelspecs[image] = [dict(k) for k in specs]
+
     def set_changes(self, runtime_id: str, changes: list[Change]) -> None:
         """What the fake reports as changed in a runtime's filesystem (a test's stand-in for writes)."""
         for c in self._containers.values():
@@ -227,6 +240,7 @@ class FakeBackend(RuntimeBackend):
 
     @classmethod
     def reset_all(cls) -> None:
+        cls._kernelspecs.clear()
         with cls._lock:
             for c in cls._containers.values():
                 cls._kill(c)
