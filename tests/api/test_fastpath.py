@@ -165,10 +165,12 @@ def test_cells_sent_at_once_to_an_idle_worker_keep_their_order_and_state(api: Ap
     manager = api.runner.cells
     before = manager.sent_at_once
     for i in range(1, 21):
+        # a client quick enough can find the worker still recording the cell before (then the
+        # worker sends it): wait until it is idle, which is what this test is about
+        _until_idle(api, rid)
         body = _cell(api, rid, {"code": "n += 1\nn"}).json()
         assert body["status"] == "ok" and body["outputs"][0]["data"]["text/plain"] == str(i)
-    # most: a client quick enough can find the worker still recording the cell before
-    assert manager.sent_at_once - before >= 10, "most cells should skip the worker's wake-up"
+    assert manager.sent_at_once - before == 20, "a cell for an idle, connected worker skips its wake-up"
     # cells submitted without waiting still run in order, one at a time
     ids = [
         _cell(api, rid, {"code": f"order = globals().get('order', []) + [{i}]"}, query="").json()["id"]
@@ -183,6 +185,7 @@ def test_a_cell_sent_at_once_can_be_interrupted_and_the_state_stays(api: ApiHarn
     rid = _runtime(api)
     assert _cell(api, rid, {"code": "kept = 'yes'"}).json()["status"] == "ok"
     manager = api.runner.cells
+    _until_idle(api, rid)
     before = manager.sent_at_once
     long = _cell(api, rid, {"code": "import time\nfor _ in range(600): time.sleep(0.05)"}, query="").json()
     assert manager.sent_at_once == before + 1
@@ -193,3 +196,11 @@ def test_a_cell_sent_at_once_can_be_interrupted_and_the_state_stays(api: ApiHarn
     done = api.get(f"/executions/{long['id']}?wait=15").json()
     assert done["status"] == "interrupted"
     assert _cell(api, rid, {"code": "kept"}).json()["outputs"][0]["data"]["text/plain"] == "'yes'"
+
+
+def _until_idle(api: ApiHarness, rid: str, timeout: float = 10) -> None:
+    """Until the runtime's worker has recorded its last cell and waits for the next."""
+    deadline = time.monotonic() + timeout
+    while api.runner.cells.is_busy(rid):
+        assert time.monotonic() < deadline, "the worker never went idle"
+        time.sleep(0.005)
