@@ -12,6 +12,7 @@ import pytest
 from envs.kit.clock import utcnow
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, TooManyRequestsError
+from runner.backends.base import Change
 from runner.backends.fake import FakeBackend
 from runner.channel import ping
 from runner.errors import RuntimeStateError
@@ -540,3 +541,66 @@ def test_a_plan_that_took_a_runtimes_new_container_for_a_leftover_removes_nothin
         assert [f.runtime_id for f in backend.list_owned(svc.identity)] == [rid], stale.kind
     assert svc.get(owner, rid).state == State.RUNNING
     assert ping(svc.state_dir(rid) / "agent.sock")["ok"]
+
+
+# ------------------------------------------------------------------ unplanned exits (R33)
+
+
+def test_a_container_that_exits_unasked_keeps_its_changes_as_a_draft_for_the_next_boot(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """A crash, an OOM kill, an engine restart: the exited container's changes become a draft
+    before it is removed, and the next boot starts from the draft."""
+    owner = seed(runner_db)
+    backend = FakeBackend()
+    svc = make_runner(backend)
+    rid = running(svc, owner)
+    backend.set_changes(rid, [Change("added", "/root/big.bin")])
+    backend.crash(rid)
+    svc.reconcile()
+    rt = svc.get(owner, rid)
+    assert rt.state == State.ERROR and rt.state_reason in ("container-exited", "oom")  # the fake kills: -9
+    assert "unsaved changes were kept" in rt.state_message
+    assert rt.draft_image_id and [c["path"] for c in rt.draft_changes] == ["/root/big.bin"]
+    assert backend.list_owned(svc.identity) == [], "the dead container goes once its changes are kept"
+    kept = [e for e in svc.log_entries(owner, rid) if e.event == "draft-kept"]
+    assert kept and kept[-1].reason == rt.state_reason
+    started: list[str] = []
+    start = backend.start
+
+    def recording(spec):  # type: ignore[no-untyped-def]
+        started.append(spec.image)
+        return start(spec)
+
+    backend.start = recording  # type: ignore[method-assign]
+    svc.start(owner, rid)
+    assert svc.wait_for(rid, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
+    assert started == [rt.draft_image_id]
+    assert any(e.event == "restoring" for e in svc.log_entries(owner, rid))
+
+
+def test_an_exited_container_whose_changes_cannot_be_kept_yet_stays_until_they_can(
+    make_runner: Make, runner_db: Database
+) -> None:
+    owner = seed(runner_db)
+    backend = FakeBackend()
+    svc = make_runner(backend)
+    rid = running(svc, owner)
+    backend.set_changes(rid, [Change("added", "/root/work.txt")])
+    backend.crash(rid)
+    commit = backend.commit
+
+    def refuses(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BackendError("the engine refused the commit (fault injected)")
+
+    backend.commit = refuses  # type: ignore[method-assign]
+    svc.reconcile()
+    rt = svc.get(owner, rid)
+    assert rt.state == State.ERROR and rt.state_reason == "draft-failed"
+    assert "could not be kept yet" in rt.state_message
+    assert [f.runtime_id for f in backend.list_owned(svc.identity)] == [rid], "the container holds the work"
+    backend.commit = commit  # type: ignore[method-assign]
+    svc.reconcile()
+    rt = svc.get(owner, rid)
+    assert rt.state_reason in ("container-exited", "oom") and rt.draft_image_id
+    assert backend.list_owned(svc.identity) == []
