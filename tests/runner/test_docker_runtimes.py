@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from runner.backends.base import LABEL_RUNNER, LABEL_RUNTIME
+from envs.kit.db import Database
+from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, LABEL_RUNTIME
 from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.channel import ping
+from runner.identity import installation_id
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
@@ -137,21 +139,26 @@ def test_a_container_removed_while_the_server_was_down_is_reported_not_crashed_o
 
 
 def test_an_orphan_container_from_a_crash_before_commit_is_removed_on_start(server: Server, docker: Any) -> None:
-    """R13: a labelled container with no row is removed after a complete listing."""
+    """R13: a container labelled with this installation and runner and no row is removed after
+    a complete listing. One with the runner's name but no installation (made before
+    installations had an identity, or by someone else) is never removed."""
     runner = server.env["ENVCTL_RUNNER_NAME"]
+    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
+    try:
+        installation = installation_id(db)
+    finally:
+        db.dispose()
     server.kill()
-    orphan = docker.containers.create(
-        base_image(docker, "bash"),
-        ["sleep", "600"],
-        labels={
-            LABEL_RUNNER: runner,
-            LABEL_RUNTIME: "rt_0rphan0000000000",
-            TEST_LABEL: TEST_SESSION,
-        },
-    )
-    orphan.start()
+    for rid, extra in (("rt_0rphan0000000000", {LABEL_INSTALLATION: installation}), ("rt_1egacy0000000000", {})):
+        docker.containers.create(
+            base_image(docker, "bash"),
+            ["sleep", "600"],
+            labels={LABEL_RUNNER: runner, LABEL_RUNTIME: rid, TEST_LABEL: TEST_SESSION, **extra},
+        ).start()
     server.start()
     assert containers_of(docker, "rt_0rphan0000000000") == []
+    [kept] = containers_of(docker, "rt_1egacy0000000000")
+    assert kept.status == "running"
 
 
 def test_a_runtime_that_exits_is_an_error_with_the_reason(server: Server, docker: Any) -> None:
