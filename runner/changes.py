@@ -24,10 +24,14 @@ from runner.paths import RuntimePaths
 from runner.states import State
 
 DIFF_CACHE_SECONDS = 3.0
-# A runtime found to have unsaved changes keeps them until it is saved or reset (both change
-# what the answer is keyed on), short of someone deleting by hand what they made; so a "yes",
-# whose check is the slow one (a long list to diff and stat), is trusted this long.
+# The flag's answer is keyed on the container, the last save and the last activity: a cell or
+# a save that ends changes the key, so the next look asks the engine again. Between those,
+# only a process a cell left running in the background changes files; so a "yes" (which stays
+# true until a save or reset changes the key anyway) is trusted for a minute and a "no" for
+# a few seconds. The check is the slow part of GET /runtimes/{id}: a docker diff walks the
+# container's layer (half a second on a fresh container).
 HAS_CHANGES_SECONDS = 60.0
+NO_CHANGES_SECONDS = 5.0
 
 Marks = dict[str, list[int] | None]  # path -> [size, mtime_ns, mode, ctime_ns] as the runtime sees it
 
@@ -52,7 +56,7 @@ class Changes:
         self.backend = backend
         self.paths = paths
         self._diff_cache: dict[str, tuple[float, list[Change]]] = {}
-        self._flags: dict[str, tuple[tuple[str, int], float, bool]] = {}  # runtime id -> (key, at, answer)
+        self._flags: dict[str, tuple[tuple[str, int, str], float, bool]] = {}  # runtime id -> (key, at, answer)
 
     def listing(self, rt: Runtime) -> list[ChangeInfo]:
         """Every unsaved change of the runtime: its draft's, then its running container's."""
@@ -116,12 +120,19 @@ class Changes:
             return True
         if rt.state != State.RUNNING:
             return False
+        if rt.last_activity == "boot" and not rt.change_baseline:
+            return False  # booted from its version and nothing has run in it since: no change
         state = dict(rt.backend_state or {})
-        key = (str(state.get("container_id") or ""), int((rt.change_baseline or {}).get("saved_at_ns") or 0))
+        key = (
+            str(state.get("container_id") or ""),
+            int((rt.change_baseline or {}).get("saved_at_ns") or 0),
+            rt.last_activity_at.isoformat() if rt.last_activity_at else "",
+        )
         now = time.monotonic()
         known = self._flags.get(rt.id)
-        if known is not None and known[0] == key and now - known[1] < (HAS_CHANGES_SECONDS if known[2] else 0):
-            return True
+        fresh_for = HAS_CHANGES_SECONDS if known is not None and known[2] else NO_CHANGES_SECONDS
+        if known is not None and known[0] == key and now - known[1] < fresh_for:
+            return known[2]
         try:
             if not rt.change_baseline:
                 answer = bool(self._raw(state, fresh=False))

@@ -22,6 +22,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
+from runner.backends import overlay
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -100,6 +101,7 @@ class DockerBackend(RuntimeBackend):
         self.log_max_size = log_max_size
         self.network = network
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
+        self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
 
     @classmethod
@@ -278,6 +280,12 @@ class DockerBackend(RuntimeBackend):
         cid = state.get("container_id")
         if not cid:
             return []
+        layers = self._overlay_layers(cid)
+        if layers is not None:
+            try:  # the writable layer read directly: no engine call (see overlay.py)
+                return [c for c in overlay.changes(layers) if not _is_private(c.path)]
+            except OSError:
+                self._overlays.pop(cid, None)  # gone or unreadable: the engine answers instead
         try:
             raw = self.client.api.diff(cid) or []
         except docker.errors.NotFound:
@@ -292,6 +300,21 @@ class DockerBackend(RuntimeBackend):
                 continue
             out.append(Change(kinds.get(int(entry.get("Kind", 0)), "changed"), path))
         return out
+
+    def _overlay_layers(self, cid: str) -> overlay.OverlayLayers | None:
+        """The container's overlay2 directories when this host can read them (kept per
+        container: they never change while it exists); None to ask the engine."""
+        if cid in self._overlays:
+            return self._overlays[cid]
+        try:
+            info = self.client.api.inspect_container(cid)
+        except Exception:
+            return None  # the diff below says what is wrong
+        layers = overlay.OverlayLayers.from_inspect(info.get("GraphDriver") or {})
+        self._overlays[cid] = layers
+        while len(self._overlays) > 256:
+            self._overlays.pop(next(iter(self._overlays)))
+        return layers
 
     def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
         cid = state.get("container_id")
@@ -552,6 +575,7 @@ class DockerBackend(RuntimeBackend):
         self._force_remove(info["Id"])
 
     def _force_remove(self, cid: str) -> None:
+        self._overlays.pop(cid, None)
         try:
             self.client.api.remove_container(cid, force=True, v=True)
         except docker.errors.NotFound:
