@@ -37,7 +37,8 @@ def replace_config(
     """Load a copy of ``image`` whose configuration is ``config``, tagged ``repository:tag``.
 
     The copy records no ``container_config``, ``container`` or ``comment``; its last history
-    entry becomes ``history`` (``created_by``, ``comment``), keeping its time. ``image`` itself
+    entry becomes ``history`` (``created_by``, ``comment``), keeping its time and whether it
+    added a layer. ``image`` itself
     is left as it is. Returns the copy's id as ``docker image inspect`` reports it.
     """
     with tempfile.TemporaryFile() as out:
@@ -82,7 +83,10 @@ def _rewrite(
         for key in ("container_config", "container", "comment"):
             image.pop(key, None)
         entries = image.get("history") or [{}]
-        entries[-1] = {"created": entries[-1].get("created", image.get("created")), **history}
+        last = {"created": entries[-1].get("created", image.get("created")), **history}
+        if entries[-1].get("empty_layer"):  # a commit without changes adds no layer: still none
+            last["empty_layer"] = True
+        entries[-1] = last
         image["history"] = entries
         data = json.dumps(image, separators=(",", ":"), sort_keys=True).encode()
         manifest[0]["Config"] = config_name = hashlib.sha256(data).hexdigest() + ".json"
