@@ -9,11 +9,13 @@ both do their image work here, so that one rule holds for each thing:
   bad (an HTTP 4xx answer to an import: a bad change instruction or reference).
 - **Image ids.** An operation returns the image id ``docker image inspect`` reports for what
   it made, read back from the engine after the engine said which image that was: for an
-  import the last ``sha256:`` status of its answer, for a commit the answer's ``Id``.
+  import the last ``sha256:`` status of its answer, for a commit the answer's ``Id``, for a
+  load the image its tag names.
 - **Configuration.** A commit takes the configuration it is given (a trusted template, see
-  ``envs.images.config``), never the container's, and the image it makes is checked against
-  it with :func:`envs.images.config.config_differences`; an image that differs is removed and
-  refused.
+  ``envs.images.config``), never the container's: the container's labels the template does
+  not name are given empty values, and the image made is checked against the template with
+  :func:`envs.images.config.config_differences`; an image that differs (the engine merged in
+  a variable, entrypoint, user, ... of the container) is removed and refused.
 
 Blocking calls: the callers run them off the event loop.
 """
