@@ -1547,7 +1547,7 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 def cmd_base_build(args: argparse.Namespace) -> int:
     from api.dbschema import check_current
-    from envs import base_images
+    from envs.base import build as base_images
     from envs.kit.db import Database
     from envs.service import register_base_images
 

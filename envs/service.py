@@ -236,7 +236,7 @@ def get_version(session: Session, version_id: int) -> EnvironmentVersion:
 
 
 def register_base_images(session: Session, built: list[Any]) -> list[tuple[EnvironmentVersion, bool]]:
-    """Record built base images (``envs.base_images.BuiltImage``, parents first) as versions.
+    """Record built base images (``envs.base.build.BuiltImage``, parents first) as versions.
 
     The parent of each is the version registered for its parent image in the same call (or
     already present). Registering the same image twice makes no new version.

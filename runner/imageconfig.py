@@ -2,15 +2,16 @@
 
 A snapshot's configuration is never the container's (a plain ``docker commit`` copies the
 container's environment, secrets included): it is the parent version's own configuration plus
-envctl's labels and OCI annotations. The engine merges the container's labels back into a
-commit, so the labels that say what a container *is* (its runtime, runner, installation) are
-given empty values here.
+envctl's labels and OCI annotations (``envs.images.config.child_config``, shared with base-image
+builds). The labels that say what a container *is* (its runtime, runner, installation) are
+given empty values: the engine merges a container's labels back into a commit.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from envs.images.config import CONFIG_KEYS, child_config
 from envs.kit.errors import BackendError
 from runner.backends.base import (
     LABEL_INSTALLATION,
@@ -21,7 +22,7 @@ from runner.backends.base import (
     RuntimeBackend,
 )
 
-CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
+__all__ = ["CONFIG_KEYS", "CONTAINER_LABELS_CLEARED", "trusted_config"]
 
 #: a container's own labels, neutralised in every image made from one
 CONTAINER_LABELS_CLEARED = {
@@ -43,13 +44,4 @@ def trusted_config(
             f"the image of {parent_ref} ({parent_image[:19]}) is not in the container engine",
             details={"version": parent_ref},
         )
-    base = info.config
-    config: dict[str, Any] = {key: base.get(key) for key in CONFIG_KEYS}
-    # The parent's own labels carry over (a base image's OCI labels, a team's labels), but not
-    # envctl's: those say what an image *is* (a base image of a recipe, a draft, a version)
-    # and belong to the parent alone; they are emptied, not left out (the engine merges).
-    parent_labels = base.get("Labels") or {}
-    inherited = {k: v for k, v in parent_labels.items() if not k.startswith("envctl.")}
-    neutral = {k: "" for k in parent_labels if k.startswith("envctl.")}
-    config["Labels"] = {**inherited, **neutral, **CONTAINER_LABELS_CLEARED, **labels}
-    return config
+    return child_config(info.config, {**CONTAINER_LABELS_CLEARED, **labels})

@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+from envs.images.config import ImageInfo as ImageInfo  # re-exported; it lives with the image layer
 from envs.kit.config import MachineType, Settings
 from runner.identity import RunnerIdentity
 
@@ -89,14 +90,6 @@ class Change:
 
     kind: str  # "added" | "changed" | "deleted"
     path: str
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    id: str
-    size: int  # bytes, all layers
-    layers: int  # number of filesystem layers
-    config: dict[str, Any]  # Env, Cmd, Entrypoint, WorkingDir, User, Labels
 
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a

@@ -17,9 +17,10 @@ from typing import Any
 
 import docker
 import docker.errors
-import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount
 
+from envs.images import docker as engine
+from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends import overlay
@@ -52,33 +53,6 @@ DROPPED_CAPABILITIES = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SYS_CHROO
 SECURITY_OPT = ["no-new-privileges:true"]
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_INFO_TTL = 60.0  # seconds an image id's inspection is reused (see image_info)
-# Errors from the transport: the daemon is not there or does not answer.
-_TRANSPORT_ERRORS = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    ConnectionError,
-    FileNotFoundError,
-)
-
-
-def _daemon_error(action: str, exc: Exception) -> BackendError:
-    if isinstance(exc, BackendError):
-        return exc
-    cause = exc
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        if isinstance(cause, _TRANSPORT_ERRORS):
-            break
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    if isinstance(exc, _TRANSPORT_ERRORS) or isinstance(cause, _TRANSPORT_ERRORS):
-        return BackendError(
-            f"the Docker engine does not answer ({action}); is dockerd running? `scripts/ensure-docker` starts one",
-            details={"action": action, "cause": str(exc)[:300]},
-        )
-    explanation = getattr(exc, "explanation", None) or str(exc)
-    return BackendError(
-        f"Docker failed to {action}: {explanation}",
-        details={"action": action, "cause": str(explanation)[:500]},
-    )
 
 
 class DockerBackend(RuntimeBackend):
@@ -316,37 +290,15 @@ class DockerBackend(RuntimeBackend):
             self._overlays.pop(next(iter(self._overlays)))
         return layers
 
+    # Image work is the shared image layer's (envs.images.docker), as for base-image builds.
     def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
         cid = state.get("container_id")
         if not cid:
             raise BackendError("the runtime has no container to save")
-        try:
-            result = self.client.api.commit(cid, repository=repository, tag=tag, conf=config, pause=True)
-        except Exception as exc:
-            raise _daemon_error("snapshot the runtime's filesystem", exc) from exc
-        image_id = str(result["Id"])
-        self._check_config(image_id, config)
-        return image_id
-
-    def _check_config(self, image_id: str, config: dict[str, Any]) -> None:
-        """Refuse an image whose configuration is not the trusted template (R10)."""
-        info = self.image_info(image_id)
-        if info is None:
-            raise BackendError(f"the new image {image_id[:19]} vanished")
-        wrong = [
-            key
-            for key in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
-            if (info.config.get(key) or None) != (config.get(key) or None)
-        ]
-        labels = info.config.get("Labels") or {}
-        wrong += [f"Labels[{k}]" for k, v in (config.get("Labels") or {}).items() if labels.get(k) != v]
-        if wrong:
-            self.remove_image(image_id)
-            raise BackendError(
-                f"the snapshot's configuration differs from the trusted template in {', '.join(wrong)}; "
-                "nothing was saved",
-                details={"fields": wrong},
-            )
+        info = engine.commit(
+            self.client, cid, config=config, repository=repository, tag=tag, action="snapshot the runtime's filesystem"
+        )
+        return self._remember(info).id
 
     def image_info(self, image: str) -> ImageInfo | None:
         # An image id names one immutable image: what was read of it a moment ago still holds
@@ -355,89 +307,32 @@ class DockerBackend(RuntimeBackend):
         cached = self._image_infos.get(image) if _IMAGE_ID_RE.fullmatch(image) else None
         if cached is not None and time.monotonic() - cached[0] < _IMAGE_INFO_TTL:
             return cached[1]
-        try:
-            attrs = self.client.api.inspect_image(image)
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.NotFound:
-            return None
-        except Exception as exc:
-            raise _daemon_error(f"inspect image {image[:30]}", exc) from exc
-        cfg = attrs.get("Config") or {}
-        info = ImageInfo(
-            id=str(attrs["Id"]),
-            size=int(attrs.get("Size") or 0),
-            layers=len((attrs.get("RootFS") or {}).get("Layers") or []),
-            config={k: cfg.get(k) for k in ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels")},
-        )
+        info = engine.info(self.client, image)
+        return None if info is None else self._remember(info)
+
+    def _remember(self, info: ImageInfo) -> ImageInfo:
         with self._image_infos_lock:
             self._image_infos[info.id] = (time.monotonic(), info)
             while len(self._image_infos) > 256:
                 self._image_infos.pop(next(iter(self._image_infos)))
         return info
 
-    # Archive work goes through the docker CLI (python-on-whales): it saves several images
-    # into one archive, sharing their layers, which the SDK's single-image call does not.
     def save_images(self, images: list[str], path: Path) -> None:
-        from python_on_whales import DockerClient
-        from python_on_whales.exceptions import DockerException as CliError
-
-        try:
-            DockerClient(host=self._base_url).image.save(images, output=path)
-        except CliError as exc:
-            raise BackendError(f"Docker failed to export the images: {exc.stderr or exc}") from exc
+        engine.save_archive(images, path, host=self._base_url)
 
     def load_images(self, path: Path) -> None:
-        from python_on_whales import DockerClient
-        from python_on_whales.exceptions import DockerException as CliError
-
-        try:
-            DockerClient(host=self._base_url).image.load(path, quiet=True)
-        except CliError as exc:
-            raise BackendError(f"Docker refused the images: {exc.stderr or exc}") from exc
+        engine.load_archive(path, host=self._base_url)
 
     def remove_image(self, image: str) -> None:
         self._image_infos.pop(image, None)
-        try:
-            self.client.api.remove_image(image, force=False, noprune=False)
-        except (docker.errors.ImageNotFound, docker.errors.NotFound):
-            return
-        except docker.errors.APIError as exc:
-            if exc.status_code == 409:
-                return  # still needed by a container or a child image: the engine keeps it
-            raise _daemon_error(f"remove image {image[:30]}", exc) from exc
-        except Exception as exc:
-            raise _daemon_error(f"remove image {image[:30]}", exc) from exc
+        engine.remove_image(self.client, image)
 
     def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
         """Flatten through export/import, then give the result the trusted configuration."""
-        import tempfile
-
-        api = self.client.api
-        try:
-            holder = api.create_container(image, command=["true"], labels={LABEL_MANAGED: "squash"})["Id"]
-            try:
-                with tempfile.TemporaryFile(prefix="envctl-squash-") as tmp:
-                    for chunk in api.export(holder):
-                        tmp.write(chunk)
-                    tmp.seek(0)
-                    flat = api.import_image_from_data(tmp, repository=f"{repository}-flat", tag=tag)
-            finally:
-                self._force_remove(holder)
-            flat_id = _imported_id(flat)
-            holder = api.create_container(flat_id, command=["true"], labels={LABEL_MANAGED: "squash"})["Id"]
-            try:
-                image_id = str(api.commit(holder, repository=repository, tag=tag, conf=config, pause=False)["Id"])
-            finally:
-                self._force_remove(holder)
-                with contextlib.suppress(Exception):
-                    api.remove_image(f"{repository}-flat:{tag}", noprune=True)
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise _daemon_error("compact the image", exc) from exc
-        self._check_config(image_id, config)
-        return image_id
+        info = engine.squash(
+            self.client, image, config=config, repository=repository, tag=tag, holder_labels={LABEL_MANAGED: "squash"}
+        )
+        return self._remember(info).id
 
     # --- kernelspecs: the Jupyter kernels an image has, read without running anything -------
     KERNELSPEC_DIRS = (  # Jupyter's data paths, in its order of precedence: first one of a name wins
@@ -598,21 +493,6 @@ def _is_private(path: str) -> bool:
         if path == private or path.startswith(private + "/") or private.startswith(path.rstrip("/") + "/"):
             return True
     return False
-
-
-def _imported_id(result: Any) -> str:
-    """The image id from the (JSON lines) answer of an image import."""
-    import json
-
-    text = result if isinstance(result, str) else result.decode() if isinstance(result, bytes) else str(result)
-    for line in text.splitlines():
-        try:
-            status = json.loads(line).get("status", "")
-        except ValueError:
-            continue
-        if status.startswith("sha256:"):
-            return str(status)
-    raise BackendError(f"the image import did not say which image it made: {text[:200]}")
 
 
 def _status_of(state: dict[str, Any]) -> ContainerStatus:

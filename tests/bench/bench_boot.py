@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from api.dbschema import upgrade
-from envs import base_images
+from envs.base import build as base_images
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import register_base_images

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from envs import base_images as bi
+from envs.base import build as builder
+from envs.base import hierarchy, host
+from envs.base.progress import BuildEvent
 from envs.kit.errors import BackendError, InvalidInputError
 
 MIRROR = "http://deb.debian.org/debian"
@@ -56,7 +58,7 @@ def family(root: Path) -> Path:
 
 def test_load_hierarchy_lists_parents_before_children(tmp_path: Path) -> None:
     root = tree(tmp_path, "child: base\nbase: null\n", {"base": ROOT, "child": CHILD})
-    recipes = bi.load_hierarchy(root, MIRROR)
+    recipes = hierarchy.load_hierarchy(root, MIRROR)
     assert list(recipes) == ["base", "child"]
     assert recipes["base"].parent is None
     assert recipes["child"].parent == "base"
@@ -65,36 +67,36 @@ def test_load_hierarchy_lists_parents_before_children(tmp_path: Path) -> None:
 
 
 def test_same_inputs_give_the_same_digest(tmp_path: Path) -> None:
-    one = bi.load_hierarchy(family(tmp_path / "one"), MIRROR)
-    two = bi.load_hierarchy(family(tmp_path / "two"), MIRROR + "/")
+    one = hierarchy.load_hierarchy(family(tmp_path / "one"), MIRROR)
+    two = hierarchy.load_hierarchy(family(tmp_path / "two"), MIRROR + "/")
     assert {n: r.digest for n, r in one.items()} == {n: r.digest for n, r in two.items()}
 
 
 def test_digest_covers_recipe_files_mirror_and_suite(tmp_path: Path) -> None:
     root = family(tmp_path)
-    before = bi.load_hierarchy(root, MIRROR)["base"].digest
-    assert bi.load_hierarchy(root, "http://mirror.example/debian")["base"].digest != before
+    before = hierarchy.load_hierarchy(root, MIRROR)["base"].digest
+    assert hierarchy.load_hierarchy(root, "http://mirror.example/debian")["base"].digest != before
 
     (root / "base" / "verify").write_text("#!/bin/sh\ntrue\n")
-    with_verify = bi.load_hierarchy(root, MIRROR)["base"].digest
+    with_verify = hierarchy.load_hierarchy(root, MIRROR)["base"].digest
     assert with_verify != before
 
     (root / "base" / "recipe.yaml").write_text(ROOT.replace("bookworm", "trixie"))
-    assert bi.load_hierarchy(root, MIRROR)["base"].digest not in {before, with_verify}
+    assert hierarchy.load_hierarchy(root, MIRROR)["base"].digest not in {before, with_verify}
 
 
 def test_readme_is_not_part_of_the_digest(tmp_path: Path) -> None:
     root = family(tmp_path)
-    before = bi.load_hierarchy(root, MIRROR)
+    before = hierarchy.load_hierarchy(root, MIRROR)
     (root / "middle" / "README.md").write_text("# middle\n")
-    assert bi.load_hierarchy(root, MIRROR) == before
+    assert hierarchy.load_hierarchy(root, MIRROR) == before
 
 
 def test_changing_a_parent_changes_every_descendant(tmp_path: Path) -> None:
     root = family(tmp_path)
-    before = bi.load_hierarchy(root, MIRROR)
+    before = hierarchy.load_hierarchy(root, MIRROR)
     (root / "middle" / "recipe.yaml").write_text(CHILD + "  - echo more\n")
-    after = bi.load_hierarchy(root, MIRROR)
+    after = hierarchy.load_hierarchy(root, MIRROR)
     assert after["base"].digest == before["base"].digest
     assert after["other"].digest == before["other"].digest
     assert after["middle"].digest != before["middle"].digest
@@ -104,7 +106,7 @@ def test_changing_a_parent_changes_every_descendant(tmp_path: Path) -> None:
 def test_unknown_parent_is_rejected_naming_file_line_and_known_images(tmp_path: Path) -> None:
     root = tree(tmp_path, "base: null\nchild: bsae\n", {"base": ROOT, "child": CHILD})
     with pytest.raises(InvalidInputError) as err:
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
     assert f"{root / 'hierarchy.yaml'}:2: child: unknown parent 'bsae'" in str(err.value)
     assert "known: base, child" in str(err.value)
 
@@ -112,39 +114,39 @@ def test_unknown_parent_is_rejected_naming_file_line_and_known_images(tmp_path: 
 def test_parent_cycle_is_rejected(tmp_path: Path) -> None:
     root = tree(tmp_path, "a: b\nb: c\nc: a\n", {"a": CHILD, "b": CHILD, "c": CHILD})
     with pytest.raises(InvalidInputError, match=r"parent cycle: a -> b -> c -> a"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 def test_image_that_is_its_own_parent_is_a_cycle(tmp_path: Path) -> None:
     root = tree(tmp_path, "a: a\n", {"a": CHILD})
     with pytest.raises(InvalidInputError, match="parent cycle: a -> a"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 def test_missing_recipe_is_rejected(tmp_path: Path) -> None:
     root = tree(tmp_path, "base: null\nchild: base\n", {"base": ROOT})
     with pytest.raises(InvalidInputError, match=r"hierarchy.yaml:2: child: missing recipe"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
     (root / "child").mkdir()
     with pytest.raises(InvalidInputError, match=r"missing recipe: no .*child/recipe.yaml"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 def test_missing_hierarchy_file_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="hierarchy.yaml: file missing"):
-        bi.load_hierarchy(tmp_path, MIRROR)
+        hierarchy.load_hierarchy(tmp_path, MIRROR)
 
 
 def test_invalid_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
     root = tree(tmp_path, "base: null\n", {"base": "debootstrap:\n  suite: [bookworm\n"})
     with pytest.raises(InvalidInputError, match=r"base/recipe.yaml:\d+: not valid YAML"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 def test_duplicate_image_in_hierarchy_is_rejected(tmp_path: Path) -> None:
     root = tree(tmp_path, "base: null\nbase: null\n", {"base": ROOT})
     with pytest.raises(InvalidInputError, match=r"hierarchy.yaml:2: base: appears twice"):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 @pytest.mark.parametrize("name", ["Bash", "my image", "../up", "-x"])
@@ -152,7 +154,7 @@ def test_image_names_must_be_docker_repository_names(tmp_path: Path, name: str) 
     """R30."""
     (tmp_path / "hierarchy.yaml").write_text(f"'{name}': null\n")
     with pytest.raises(InvalidInputError, match="image names are lowercase"):
-        bi.load_hierarchy(tmp_path, MIRROR)
+        hierarchy.load_hierarchy(tmp_path, MIRROR)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +171,7 @@ def test_image_names_must_be_docker_repository_names(tmp_path: Path, name: str) 
 def test_invalid_root_recipes_are_rejected(tmp_path: Path, recipe: str, problem: str) -> None:
     root = tree(tmp_path, "base: null\n", {"base": recipe})
     with pytest.raises(InvalidInputError, match=problem.replace("(", r"\(").replace("$", r"\$")):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 @pytest.mark.parametrize(
@@ -183,21 +185,21 @@ def test_invalid_root_recipes_are_rejected(tmp_path: Path, recipe: str, problem:
 def test_invalid_child_recipes_are_rejected(tmp_path: Path, recipe: str, problem: str) -> None:
     root = tree(tmp_path, "base: null\nchild: base\n", {"base": ROOT, "child": recipe})
     with pytest.raises(InvalidInputError, match=problem):
-        bi.load_hierarchy(root, MIRROR)
+        hierarchy.load_hierarchy(root, MIRROR)
 
 
 @pytest.mark.parametrize("mirror", ["ftp://x/debian", "deb.debian.org", "http://a b/", "http://"])
 def test_invalid_mirror_is_rejected_naming_the_field(tmp_path: Path, mirror: str) -> None:
     with pytest.raises(InvalidInputError) as err:
-        bi.load_hierarchy(family(tmp_path), mirror)
+        hierarchy.load_hierarchy(family(tmp_path), mirror)
     assert err.value.field == "mirror"
 
 
 def test_build_order_adds_ancestors_parents_first(tmp_path: Path) -> None:
-    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
-    assert [r.name for r in bi.build_order(recipes, ["leaf"])] == ["base", "middle", "leaf"]
-    assert [r.name for r in bi.build_order(recipes, ["other", "base"])] == ["base", "other"]
-    assert [r.name for r in bi.build_order(recipes, ["leaf", "middle"])] == [
+    recipes = hierarchy.load_hierarchy(family(tmp_path), MIRROR)
+    assert [r.name for r in hierarchy.build_order(recipes, ["leaf"])] == ["base", "middle", "leaf"]
+    assert [r.name for r in hierarchy.build_order(recipes, ["other", "base"])] == ["base", "other"]
+    assert [r.name for r in hierarchy.build_order(recipes, ["leaf", "middle"])] == [
         "base",
         "middle",
         "leaf",
@@ -205,14 +207,14 @@ def test_build_order_adds_ancestors_parents_first(tmp_path: Path) -> None:
 
 
 def test_build_order_of_none_is_every_image(tmp_path: Path) -> None:
-    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
-    assert [r.name for r in bi.build_order(recipes, None)] == ["base", "middle", "leaf", "other"]
+    recipes = hierarchy.load_hierarchy(family(tmp_path), MIRROR)
+    assert [r.name for r in hierarchy.build_order(recipes, None)] == ["base", "middle", "leaf", "other"]
 
 
 def test_build_order_rejects_an_unknown_name_listing_the_known_ones(tmp_path: Path) -> None:
-    recipes = bi.load_hierarchy(family(tmp_path), MIRROR)
+    recipes = hierarchy.load_hierarchy(family(tmp_path), MIRROR)
     with pytest.raises(InvalidInputError) as err:
-        bi.build_order(recipes, ["leaf", "nope"])
+        hierarchy.build_order(recipes, ["leaf", "nope"])
     assert "unknown base image 'nope'; known: base, leaf, middle, other" in str(err.value)
     assert err.value.field == "names"
 
@@ -221,23 +223,23 @@ def test_build_rejects_bad_input_before_calling_docker(tmp_path: Path) -> None:
     no_docker: Any = object()  # any use would raise AttributeError
     root = family(tmp_path)
     with pytest.raises(InvalidInputError, match="unknown base image"):
-        bi.build(["nope"], client=no_docker, recipes_dir=root, mirror=MIRROR)
+        builder.build(["nope"], client=no_docker, recipes_dir=root, mirror=MIRROR)
     with pytest.raises(InvalidInputError, match="mirror"):
-        bi.build(None, client=no_docker, recipes_dir=root, mirror="file:///srv")
+        builder.build(None, client=no_docker, recipes_dir=root, mirror="file:///srv")
 
 
 def test_default_recipes_dir_is_the_repository_folder_unless_overridden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(bi.RECIPES_DIR_ENV, raising=False)
-    assert bi.default_recipes_dir() == Path(__file__).resolve().parents[2] / "base-images"
-    monkeypatch.setenv(bi.RECIPES_DIR_ENV, str(tmp_path))
-    assert bi.default_recipes_dir() == tmp_path
+    monkeypatch.delenv(hierarchy.RECIPES_DIR_ENV, raising=False)
+    assert hierarchy.default_recipes_dir() == Path(__file__).resolve().parents[2] / "base-images"
+    monkeypatch.setenv(hierarchy.RECIPES_DIR_ENV, str(tmp_path))
+    assert hierarchy.default_recipes_dir() == tmp_path
 
 
 def test_shipped_recipes_load_and_each_has_a_verify_script_and_readme() -> None:
     root = Path(__file__).resolve().parents[2] / "base-images"
-    recipes = bi.load_hierarchy(root, MIRROR)
+    recipes = hierarchy.load_hierarchy(root, MIRROR)
     assert recipes["bash"].parent is None
     assert recipes["python3"].parent == "bash"
     for recipe in recipes.values():
@@ -246,12 +248,12 @@ def test_shipped_recipes_load_and_each_has_a_verify_script_and_readme() -> None:
 
 
 def test_a_second_builder_of_the_same_recipe_waits_for_the_first(tmp_path: Path) -> None:
-    recipe = bi.load_hierarchy(family(tmp_path), MIRROR)["base"]
+    recipe = hierarchy.load_hierarchy(family(tmp_path), MIRROR)["base"]
     order: list[str] = []
     holding = threading.Event()
 
     def first() -> None:
-        with bi._build_lock(recipe, "debootstrap", lambda e: None):
+        with builder._build_lock(recipe, "debootstrap", lambda e: None):
             holding.set()
             time.sleep(0.3)
             order.append("first done")
@@ -259,8 +261,8 @@ def test_a_second_builder_of_the_same_recipe_waits_for_the_first(tmp_path: Path)
     thread = threading.Thread(target=first)
     thread.start()
     holding.wait(5)
-    events: list[bi.BuildEvent] = []
-    with bi._build_lock(recipe, "debootstrap", events.append):
+    events: list[BuildEvent] = []
+    with builder._build_lock(recipe, "debootstrap", events.append):
         order.append("second in")
     thread.join()
     assert order == ["first done", "second in"]
@@ -297,7 +299,7 @@ def test_mirror_comes_from_deb822_sources(tmp_path: Path) -> None:
             """
         },
     )
-    assert bi._mirror_from_apt_config(etc) == "https://mirror.example/debian"
+    assert host._mirror_from_apt_config(etc) == "https://mirror.example/debian"
 
 
 def test_mirror_comes_from_a_one_line_sources_list(tmp_path: Path) -> None:
@@ -311,7 +313,7 @@ def test_mirror_comes_from_a_one_line_sources_list(tmp_path: Path) -> None:
             """
         },
     )
-    assert bi._mirror_from_apt_config(etc) == "http://ftp.example/debian"
+    assert host._mirror_from_apt_config(etc) == "http://ftp.example/debian"
 
 
 def test_mirror_prefers_the_release_suite_over_third_party_sources(tmp_path: Path) -> None:
@@ -331,7 +333,7 @@ def test_mirror_prefers_the_release_suite_over_third_party_sources(tmp_path: Pat
             """,
         },
     )
-    assert bi._mirror_from_apt_config(etc) == "http://deb.debian.org/debian"
+    assert host._mirror_from_apt_config(etc) == "http://deb.debian.org/debian"
 
 
 def test_mirror_falls_back_off_debian_or_without_sources(tmp_path: Path) -> None:
@@ -340,12 +342,12 @@ def test_mirror_falls_back_off_debian_or_without_sources(tmp_path: Path) -> None
         {"sources.list": "deb http://archive.ubuntu.com/ubuntu jammy main\n"},
         os_id="ubuntu",
     )
-    assert bi._mirror_from_apt_config(ubuntu) == bi.FALLBACK_MIRROR
-    assert bi._mirror_from_apt_config(apt_config(tmp_path / "e", {})) == bi.FALLBACK_MIRROR
+    assert host._mirror_from_apt_config(ubuntu) == host.FALLBACK_MIRROR
+    assert host._mirror_from_apt_config(apt_config(tmp_path / "e", {})) == host.FALLBACK_MIRROR
 
 
 def test_default_mirror_is_an_http_url() -> None:
-    assert bi.default_mirror().startswith(("http://", "https://"))
+    assert host.default_mirror().startswith(("http://", "https://"))
 
 
 # ------------------------------------------------------------- extra CA certificates (pure)
@@ -372,20 +374,20 @@ DIGEST_BEFORE_EXTRA_CAS = "sha256:3b6116e1a46de95a99f07c037fc6db0fd8ce64927548f7
 
 def test_no_extra_ca_certificates_leave_every_digest_as_it_was(tmp_path: Path) -> None:
     root = family(tmp_path / "recipes")
-    plain = bi.load_hierarchy(root, MIRROR)
+    plain = hierarchy.load_hierarchy(root, MIRROR)
     assert plain["base"].digest == DIGEST_BEFORE_EXTRA_CAS
-    assert bi.load_hierarchy(root, MIRROR, []) == plain
-    empty = bi.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"README": "no certificates here"})])
+    assert hierarchy.load_hierarchy(root, MIRROR, []) == plain
+    empty = host.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"README": "no certificates here"})])
     assert empty == ()
-    assert bi.load_hierarchy(root, MIRROR, empty) == plain
-    assert bi._recipe_digest("base", root / "base", "", MIRROR, "bookworm", []) == DIGEST_BEFORE_EXTRA_CAS
+    assert hierarchy.load_hierarchy(root, MIRROR, empty) == plain
+    assert hierarchy._recipe_digest("base", root / "base", "", MIRROR, "bookworm", []) == DIGEST_BEFORE_EXTRA_CAS
 
 
 def test_an_extra_ca_certificate_changes_the_root_and_every_descendant(tmp_path: Path) -> None:
     root = family(tmp_path / "recipes")
-    plain = bi.load_hierarchy(root, MIRROR)
-    certs = bi.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})])
-    with_ca = bi.load_hierarchy(root, MIRROR, certs)
+    plain = hierarchy.load_hierarchy(root, MIRROR)
+    certs = host.read_extra_ca_certs([ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})])
+    with_ca = hierarchy.load_hierarchy(root, MIRROR, certs)
     for name in plain:
         assert with_ca[name].digest != plain[name].digest, name
     assert [c.name for c in with_ca["base"].extra_ca_certs] == ["proxy.crt"]
@@ -397,7 +399,7 @@ def test_a_changed_or_renamed_extra_ca_certificate_changes_the_digest(tmp_path: 
     cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
 
     def digest() -> str:
-        return bi.load_hierarchy(root, MIRROR, bi.read_extra_ca_certs([cas]))["base"].digest
+        return hierarchy.load_hierarchy(root, MIRROR, host.read_extra_ca_certs([cas]))["base"].digest
 
     first = digest()
     assert digest() == first
@@ -411,11 +413,11 @@ def test_a_changed_or_renamed_extra_ca_certificate_changes_the_digest(tmp_path: 
 def test_extra_ca_certificates_are_sorted_by_name_whatever_the_path_order(tmp_path: Path) -> None:
     one = ca_dir(tmp_path / "one", {"b.crt": pem("b")})
     two = ca_dir(tmp_path / "two", {"a.crt": pem("a")})
-    forward = bi.read_extra_ca_certs([one, two])
+    forward = host.read_extra_ca_certs([one, two])
     assert [c.name for c in forward] == ["a.crt", "b.crt"]
-    assert bi.read_extra_ca_certs([two, one]) == forward
+    assert host.read_extra_ca_certs([two, one]) == forward
     root = family(tmp_path / "recipes")
-    assert bi.load_hierarchy(root, MIRROR, forward) == bi.load_hierarchy(root, MIRROR, forward[::-1])
+    assert hierarchy.load_hierarchy(root, MIRROR, forward) == hierarchy.load_hierarchy(root, MIRROR, forward[::-1])
 
 
 def test_folders_give_only_their_crt_files_and_named_files_count_as_named(tmp_path: Path) -> None:
@@ -430,7 +432,7 @@ def test_folders_give_only_their_crt_files_and_named_files_count_as_named(tmp_pa
         },
     )
     named = ca_dir(tmp_path / "named", {"extra.pem": "comment line\n" + pem("x") + pem("y")})
-    certs = bi.read_extra_ca_certs([cas, named / "extra.pem"])
+    certs = host.read_extra_ca_certs([cas, named / "extra.pem"])
     assert [(c.name, c.source) for c in certs] == [
         ("corp-root_ca.crt", cas / "corp" / "root ca.crt"),
         ("extra.pem.crt", named / "extra.pem"),
@@ -442,21 +444,21 @@ def test_folders_give_only_their_crt_files_and_named_files_count_as_named(tmp_pa
 
 def test_the_same_certificate_named_twice_counts_once(tmp_path: Path) -> None:
     cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
-    assert bi.read_extra_ca_certs([cas, cas / "proxy.crt"]) == bi.read_extra_ca_certs([cas])
+    assert host.read_extra_ca_certs([cas, cas / "proxy.crt"]) == host.read_extra_ca_certs([cas])
 
 
 def test_two_certificates_with_one_name_are_refused_naming_both(tmp_path: Path) -> None:
     one = ca_dir(tmp_path / "one", {"proxy.crt": pem("one")})
     two = ca_dir(tmp_path / "two", {"proxy.crt": pem("two")})
     with pytest.raises(InvalidInputError) as err:
-        bi.read_extra_ca_certs([one, two])
+        host.read_extra_ca_certs([one, two])
     assert str(two / "proxy.crt") in str(err.value) and str(one / "proxy.crt") in str(err.value)
 
 
 def test_a_missing_named_path_is_refused_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "proxy.crt"
     with pytest.raises(InvalidInputError) as err:
-        bi.read_extra_ca_certs([missing])
+        host.read_extra_ca_certs([missing])
     assert f"{missing}: no such file or directory" in str(err.value)
     assert "ENVCTL_BASE_EXTRA_CA_CERTS" in str(err.value)
     assert err.value.field == "base_extra_ca_certs"
@@ -464,8 +466,8 @@ def test_a_missing_named_path_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_a_missing_default_folder_means_no_extra_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bi, "DEFAULT_EXTRA_CA_CERTS", tmp_path / "ca-certificates")
-    assert bi.read_extra_ca_certs([tmp_path / "ca-certificates"]) == ()
+    monkeypatch.setattr(host, "DEFAULT_EXTRA_CA_CERTS", tmp_path / "ca-certificates")
+    assert host.read_extra_ca_certs([tmp_path / "ca-certificates"]) == ()
 
 
 @pytest.mark.parametrize(
@@ -480,7 +482,7 @@ def test_a_missing_default_folder_means_no_extra_certificates(tmp_path: Path, mo
 def test_a_file_that_is_not_a_pem_certificate_is_refused_naming_it(tmp_path: Path, text: str, problem: str) -> None:
     cas = ca_dir(tmp_path / "cas", {"good.crt": pem("good"), "bad.crt": text})
     with pytest.raises(InvalidInputError) as err:
-        bi.read_extra_ca_certs([cas])
+        host.read_extra_ca_certs([cas])
     assert f"{cas / 'bad.crt'}: {problem}" in str(err.value)
 
 
@@ -488,7 +490,7 @@ def test_build_rejects_a_bad_extra_ca_certificate_before_calling_docker(tmp_path
     no_docker: Any = object()
     root = family(tmp_path / "recipes")
     with pytest.raises(InvalidInputError, match="no such file or directory"):
-        bi.build(None, client=no_docker, recipes_dir=root, mirror=MIRROR, extra_ca_certs=[tmp_path / "gone.crt"])
+        builder.build(None, client=no_docker, recipes_dir=root, mirror=MIRROR, extra_ca_certs=[tmp_path / "gone.crt"])
 
 
 def test_build_takes_the_extra_ca_certificates_from_the_setting(
@@ -497,25 +499,25 @@ def test_build_takes_the_extra_ca_certificates_from_the_setting(
     cas = ca_dir(tmp_path / "cas", {"proxy.crt": pem("proxy")})
     monkeypatch.delenv("ENVCTL_CONFIG", raising=False)
     monkeypatch.setenv("ENVCTL_BASE_EXTRA_CA_CERTS", f"{cas}:{tmp_path / 'gone.crt'}")
-    assert bi.default_extra_ca_certs() == (cas, tmp_path / "gone.crt")
+    assert host.default_extra_ca_certs() == (cas, tmp_path / "gone.crt")
     with pytest.raises(InvalidInputError, match="gone.crt: no such file"):
-        bi.build(None, client=object(), recipes_dir=family(tmp_path / "recipes"), mirror=MIRROR)
+        builder.build(None, client=object(), recipes_dir=family(tmp_path / "recipes"), mirror=MIRROR)
 
 
 # ------------------------------------------------------------------------- real builds
 
 
-def shipped_recipes() -> dict[str, bi.Recipe]:
+def shipped_recipes() -> dict[str, hierarchy.Recipe]:
     """The shipped recipes as ``build`` sees them: this machine's mirror and extra CAs."""
-    certs = bi.read_extra_ca_certs(bi.default_extra_ca_certs())
-    return bi.load_hierarchy(bi.default_recipes_dir(), bi.default_mirror(), certs)
+    certs = host.read_extra_ca_certs(host.default_extra_ca_certs())
+    return hierarchy.load_hierarchy(hierarchy.default_recipes_dir(), host.default_mirror(), certs)
 
 
 @pytest.fixture(scope="module")
 def built(docker: Any) -> dict[str, Any]:
     """Build (or reuse) the shipped bash and python3 images once for this module."""
-    events: list[bi.BuildEvent] = []
-    images = bi.build(["python3"], client=docker, progress=events.append)
+    events: list[BuildEvent] = []
+    images = builder.build(["python3"], client=docker, progress=events.append)
     return {"images": {i.name: i for i in images}, "events": events}
 
 
@@ -553,7 +555,7 @@ def test_image_config_is_the_template_not_the_build_container(docker: Any, built
     for name, image in built["images"].items():
         attrs = docker.api.inspect_image(image.image_id)
         config = attrs["Config"]
-        assert sorted(config["Env"]) == sorted(bi._image_config(recipes, recipes[name])["Env"])
+        assert sorted(config["Env"]) == sorted(hierarchy.image_config(recipes, recipes[name])["Env"])
         assert {"LANG=C.UTF-8", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"} <= set(
             config["Env"]
         )
@@ -578,8 +580,8 @@ def test_python3_is_one_layer_on_top_of_bash(docker: Any, built: dict[str, Any])
 @pytest.mark.parametrize("name", ["bash", "python3"])
 def test_verify_scripts_pass_inside_the_built_image(docker: Any, built: dict[str, Any], name: str) -> None:
     recipes = shipped_recipes()
-    events: list[bi.BuildEvent] = []
-    bi.verify_image(recipes, name, built["images"][name].image_id, client=docker, progress=events.append)
+    events: list[BuildEvent] = []
+    builder.verify_image(recipes, name, built["images"][name].image_id, client=docker, progress=events.append)
     ran = [e.message for e in events if e.message.startswith("running ")]
     expected = ["running bash/verify"] + (["running python3/verify"] if name == "python3" else [])
     assert ran == expected
@@ -588,8 +590,8 @@ def test_verify_scripts_pass_inside_the_built_image(docker: Any, built: dict[str
 
 @pytest.mark.docker
 def test_second_build_reuses_the_same_images(docker: Any, built: dict[str, Any]) -> None:
-    events: list[bi.BuildEvent] = []
-    again = bi.build(list(built["images"]), client=docker, progress=events.append)
+    events: list[BuildEvent] = []
+    again = builder.build(list(built["images"]), client=docker, progress=events.append)
     assert [(i.name, i.image_id, i.reused) for i in again] == [
         (name, image.image_id, True) for name, image in built["images"].items()
     ]
@@ -603,7 +605,7 @@ def test_builds_leave_no_build_containers(docker: Any, built: dict[str, Any]) ->
 
 def broken_child(root: Path, name: str, steps: list[str], verify: str | None = None) -> Path:
     """A recipe folder whose root is a copy of the shipped bash (same digest: reused)."""
-    shutil.copytree(bi.default_recipes_dir() / "bash", root / "bash")
+    shutil.copytree(hierarchy.default_recipes_dir() / "bash", root / "bash")
     (root / "hierarchy.yaml").write_text(f"bash: null\n{name}: bash\n")
     (root / name).mkdir()
     (root / name / "recipe.yaml").write_text("steps:\n" + "".join(f"  - {s!r}\n" for s in steps))
@@ -627,7 +629,7 @@ def test_failed_step_raises_with_its_output_and_leaves_nothing(
     root = broken_child(tmp_path, name, ["echo first-step", "echo marker-output >&2; exit 3"])
     try:
         with pytest.raises(BackendError) as err:
-            bi.build([name], client=docker, recipes_dir=root)
+            builder.build([name], client=docker, recipes_dir=root)
         assert "step 2 failed (exit 3)" in str(err.value)
         assert "marker-output" in str(err.value)
         assert docker.api.containers(all=True, filters={"label": "envctl.build=1"}) == []
@@ -642,7 +644,7 @@ def test_failed_verify_raises_and_removes_the_image(docker: Any, built: dict[str
     root = broken_child(tmp_path, name, ["touch /etc/marker"], verify=script)
     try:
         with pytest.raises(BackendError) as err:
-            bi.build([name], client=docker, recipes_dir=root)
+            builder.build([name], client=docker, recipes_dir=root)
         assert f"{name}/verify failed" in str(err.value)
         assert "(exit 4)" in str(err.value) and "wrong-image-marker" in str(err.value)
         assert docker.api.containers(all=True, filters={"label": "envctl.build=1"}) == []

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from envs import base_images as bi
+from envs.base import host as bi
 from tests.fixtures.server import Server
 from tests.runner.test_docker_executions import new_runtime, text
 
