@@ -118,7 +118,7 @@ def _follow_build(api: Api, op: dict[str, Any], spec: str, *, quiet: bool) -> di
             raise
 
 
-@click.command("build", cls=Command, short_help="build a version from a spec file, showing the build log as it happens")
+@click.command("build", cls=Command, short_help="Build a version from a spec file, its log shown live.")
 @click.argument("file", help="the spec file")
 @client_options
 def build(api: Api, as_json: bool, file: str) -> int:

@@ -16,7 +16,7 @@ import click
 from api.cli.client import Api, ExecutionFollower, OutputHandler
 from api.cli.errors import EXIT_FAILURE, EXIT_OK
 from api.cli.options import Command, client_options
-from api.cli.output import Progress, print_json
+from api.cli.output import Progress, print_json, write_out
 
 POLL_INTERVAL = 0.2
 IMAGE_TYPES = (("image/png", "png"), ("image/jpeg", "jpg"))
@@ -32,7 +32,7 @@ def text(value: Any) -> str:
 def write_stream(out: dict[str, Any]) -> None:
     """A ``stream`` output to stdout or stderr, as its name says."""
     stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
-    stream.write(text(out.get("text", "")))
+    write_out(text(out.get("text", "")), stream)
     stream.flush()
 
 
@@ -148,7 +148,7 @@ class OutputPrinter:
 @click.command(
     "exec",
     cls=Command,
-    short_help="run code in a runtime and show its outputs as they come",
+    short_help="Run code in a runtime, its outputs shown as they come.",
 )
 @click.argument("runtime", help="runtime id or name")
 @click.argument("code", help="the code to run, or - to read it from stdin")

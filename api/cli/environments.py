@@ -23,7 +23,7 @@ from api.cli.output import Progress, download, first_line, human_bytes, print_js
 
 @click.group("env", cls=Group)
 def env() -> None:
-    """Environments: named lines of immutable versions, with tags and lineage."""
+    """Environments: versions, tags, lineage, builds and archives."""
 
 
 @env.command("ls")
@@ -147,7 +147,7 @@ def lineage(api: Api, as_json: bool, ref: str) -> int:
     return EXIT_OK
 
 
-@env.command("rm", short_help="delete one version")
+@env.command("rm", short_help="Delete one version.")
 @click.argument("ref", help="one version: name@N or name@sha256:...")
 @client_options
 def rm(api: Api, as_json: bool, ref: str) -> int:

@@ -21,8 +21,8 @@ def _safe_url(url: str) -> str:
 
 
 @click.command("serve", cls=Command)
-@click.option("--host", help="listen address (default 127.0.0.1, ENVCTL_API_HOST)")
-@click.option("--port", type=int, help="listen port (default 8700, ENVCTL_API_PORT)")
+@click.option("--host", metavar="ADDRESS", help="listen address (default 127.0.0.1, ENVCTL_API_HOST)")
+@click.option("--port", type=int, metavar="PORT", help="listen port (default 8700, ENVCTL_API_PORT)")
 @local_options
 def serve(config: str | None, as_json: bool, host: str | None, port: int | None) -> int:
     """Run the API and the runner."""
@@ -57,11 +57,11 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
 
 @click.group("db", cls=Group)
 def db() -> None:
-    """Database schema."""
+    """The database schema: upgrade it, or show its revision."""
 
 
 @db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, help="the Alembic revision to migrate to")
+@click.option("--revision", metavar="REV", default="head", show_default=True, help="the Alembic revision to migrate to")
 @local_options
 def db_upgrade(config: str | None, as_json: bool, revision: str) -> int:
     """Migrate the database to this envctl's schema."""
@@ -96,12 +96,12 @@ def db_current(config: str | None, as_json: bool) -> int:
 
 @click.group("base", cls=Group)
 def base() -> None:
-    """Base images."""
+    """Base images, built from scratch with debootstrap."""
 
 
 @base.command("build")
 @click.argument("names", nargs=-1, help="images to build with their parents (default: all)")
-@click.option("--mirror", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default: ENVCTL_BASE_MIRROR or the machine's apt mirror)")
 @click.option("--no-verify", is_flag=True, help="skip each image's verify script")
 @local_options
 def base_build(config: str | None, as_json: bool, names: tuple[str, ...], mirror: str | None, no_verify: bool) -> int:

@@ -25,6 +25,7 @@ from api.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, CliError
 from api.cli.options import Command, client_options
 from api.cli.output import print_json
 
+
 def _nbformat() -> Any:
     """nbformat, imported when a notebook command needs it (it has no type hints)."""
     import nbformat
@@ -165,7 +166,6 @@ def _write_notebook(nb: Any, out: Path) -> None:
         raise CliError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
-
 @dataclass
 class _Plan:
     """What ``run`` was asked, checked before anything is sent to the API."""
@@ -257,11 +257,11 @@ def _run_cells(
     return report, failed_at
 
 
-@click.command("run", cls=Command, short_help="run a notebook's code cells in a runtime and write their outputs into it")
+@click.command("run", cls=Command, short_help="Run a notebook's code cells and write their outputs into it.")
 @click.argument("notebook", help="a Jupyter notebook (.ipynb)")
-@click.option("--env", help="environment reference, e.g. python3 or python3@1 (default: the notebook's)")
-@click.option("--runtime", help="run in this existing runtime (id or name); it is kept")
-@click.option("--machine-type", help="machine type of the runtime run creates (default small)")
+@click.option("--env", metavar="REF", help="environment reference, e.g. python3 or python3@1 (default: the notebook's)")
+@click.option("--runtime", metavar="RUNTIME", help="run in this existing runtime (id or name); it is kept")
+@click.option("--machine-type", metavar="NAME", help="machine type of the runtime run creates (default small)")
 @click.option("--timeout", type=float, metavar="S", help="seconds each cell may run")
 @click.option("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
 @click.option("--keep", is_flag=True, help="keep the runtime run created")

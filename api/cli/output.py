@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, AnyStr
 
 import httpx
 
@@ -51,8 +51,16 @@ def is_terminal(stream: IO[str]) -> bool:
         return False
 
 
+def write_out(data: AnyStr, stream: IO[AnyStr]) -> None:
+    """Write ``data`` in pieces of at most 8 KiB. Python's buffered writer takes a pipe that
+    closes in the middle of one large write for a short write, not an error, so the output
+    would end without the broken pipe ever being noticed."""
+    for start in range(0, len(data), 8192):
+        stream.write(data[start : start + 8192])
+
+
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    write_out(json.dumps(data, indent=2, default=str) + "\n", sys.stdout)
 
 
 def when(value: str | None) -> str:
@@ -130,7 +138,7 @@ def _plain_table(titles: list[str], cells: list[list[str | Styled]]) -> None:
     widths = [max(len(title), *(len(row[i]) for row in text)) for i, title in enumerate(titles)]
     lines = ["  ".join(t.ljust(w) for t, w in zip(titles, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in text]
-    sys.stdout.write("\n".join(lines) + "\n")
+    write_out("\n".join(lines) + "\n", sys.stdout)
 
 
 def fields(pairs: Sequence[tuple[str, str | Styled]]) -> None:
@@ -298,7 +306,7 @@ def download(
                 with contextlib.ExitStack() as stack:
                     sink: IO[bytes] = sys.stdout.buffer if part is None else stack.enter_context(open(part, "wb"))
                     for chunk in resp.iter_bytes(CHUNK):
-                        sink.write(chunk)
+                        write_out(chunk, sink)
                         digest.update(chunk)
                         done += len(chunk)
                         progress.transfer(f"downloading {what}", done, total)

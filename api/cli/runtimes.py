@@ -70,7 +70,7 @@ def follow(
 
 @click.group("runtime", cls=Group)
 def runtime() -> None:
-    """Runtimes: a container and its interpreter, from one environment version."""
+    """Runtimes: create, start, stop, inspect and delete them."""
 
 
 RUNTIME = click.argument("runtime", help="runtime id or name")
@@ -78,11 +78,11 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
 
 @runtime.command("create")
 @click.argument("name", help="the runtime's name: lower case letters, digits, '.', '_' and '-'")
-@click.option("--env", required=True, help="environment reference, e.g. python3 or python3@1")
+@click.option("--env", required=True, metavar="REF", help="environment reference, e.g. python3 or python3@1")
 @click.option(
     "--lang", default="python", show_default=True, type=click.Choice(["python", "bash"]), help="the cells' language"
 )
-@click.option("--machine-type", default="small", show_default=True, help="cpus, memory, gpus: see `envctl machine-types`")
+@click.option("--machine-type", metavar="NAME", default="small", show_default=True, help="see `envctl machine-types`")
 @click.option("--idle-timeout", type=int, metavar="S", help="seconds without activity before shutdown (0: never)")
 @click.option(
     "--type",
@@ -90,7 +90,7 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
     type=click.Choice(["native", "jupyter"]),
     help="native: envctl's own kernels (default); jupyter: a Jupyter kernelspec installed in the environment",
 )
-@click.option("--kernel", help="kernelspec name for --type jupyter (default python3)")
+@click.option("--kernel", metavar="NAME", help="kernelspec name for --type jupyter (default python3)")
 @click.option("--start", is_flag=True, help="boot it now and wait until it runs")
 @client_options
 def create(

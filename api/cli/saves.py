@@ -14,11 +14,11 @@ from api.cli.options import Command, client_options
 from api.cli.output import print_json, short_digest
 
 
-@click.command("save", cls=Command, short_help="save a running runtime's filesystem as the next version of an environment")
+@click.command("save", cls=Command, short_help="Save a running runtime as the next version of an environment.")
 @click.argument("runtime", help="runtime id or name")
 @click.option("--as", "environment", required=True, metavar="NAME", help="environment, e.g. acme/ml")
 @click.option("-m", "--message", default="", help="what this version adds")
-@click.option("--tag", help="a tag to point at the new version too (latest always moves)")
+@click.option("--tag", metavar="TAG", help="a tag to point at the new version too (latest always moves)")
 @client_options
 def save(api: Api, as_json: bool, runtime: str, environment: str, message: str, tag: str | None) -> int:
     """Snapshot RUNTIME (it must be running) as the next version of the environment NAME
@@ -42,9 +42,9 @@ def save(api: Api, as_json: bool, runtime: str, environment: str, message: str, 
     return EXIT_OK
 
 
-@click.command("import", cls=Command, short_help="pin a stopped runtime to an environment version")
+@click.command("import", cls=Command, short_help="Pin a stopped runtime to an environment version.")
 @click.argument("ref", help="environment reference, e.g. acme/ml, acme/ml@2, acme/ml:stable")
-@click.option("--runtime", required=True, help="runtime id or name")
+@click.option("--runtime", required=True, metavar="RUNTIME", help="runtime id or name")
 @client_options
 def import_(api: Api, as_json: bool, ref: str, runtime: str) -> int:
     """Pin RUNTIME to the exact version REF means now (a tag or bare name is resolved once);
