@@ -18,7 +18,7 @@ from api.cli.builds import build
 from api.cli.client import ARCHIVE_TIMEOUT, CHUNK, Api, ref_path
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_OK, CliError
 from api.cli.options import Group, client_options
-from api.cli.output import Progress, download, first_line, human_bytes, print_json, short_digest, table, when
+from api.cli.output import Progress, download, first_line, human_bytes, listing, print_json, short_digest, table, when
 
 
 @click.group("env", cls=Group)
@@ -29,27 +29,23 @@ def env() -> None:
 @env.command("ls")
 @client_options
 def ls(api: Api, as_json: bool) -> int:
-    """List environments with their latest version, parent, size and tags."""
-    envs = api.call("GET", "/environments")
-    if as_json:
-        print_json(envs)
-        return EXIT_OK
-    rows = []
-    for e in envs:
+    """List environments. Each with its latest version, parent, size and tags."""
+
+    def row(e: dict[str, Any]) -> dict[str, Any]:
         latest = next((v for v in e["versions"] if v["ref"] == e["latest"]), None)
-        rows.append(
-            {
-                "name": e["name"],
-                "owner": e.get("owner") or "(admins)",
-                "latest": e["latest"] or "-",
-                "versions": len(e["versions"]),
-                "parent": (latest or {}).get("parent") or "-",
-                "size": human_bytes(latest["size"]) if latest else "-",
-                "tags": ", ".join(sorted(e["tags"])),
-            }
-        )
-    table(
-        rows,
+        return {
+            "name": e["name"],
+            "owner": e.get("owner") or "(admins)",
+            "latest": e["latest"] or "-",
+            "versions": len(e["versions"]),
+            "parent": (latest or {}).get("parent") or "-",
+            "size": human_bytes(latest["size"]) if latest else "-",
+            "tags": ", ".join(sorted(e["tags"])),
+        }
+
+    return listing(
+        api.call("GET", "/environments"),
+        as_json,
         [
             ("name", "environment"),
             ("owner", "owner"),
@@ -59,8 +55,8 @@ def ls(api: Api, as_json: bool) -> int:
             ("size", "size"),
             ("tags", "tags"),
         ],
+        row,
     )
-    return EXIT_OK
 
 
 @env.command("show")
@@ -171,7 +167,7 @@ env.add_command(build)
 )
 @client_options
 def export(api: Api, as_json: bool, ref: str, output: str | None) -> int:
-    """Write a version and its lineage to an OCI archive (`envctl env load` takes it in)."""
+    """Write a version and its lineage to an OCI archive. `envctl env load` takes it in."""
     dest = None if output == "-" else Path(output) if output else Path(re.sub(r"[^A-Za-z0-9._-]", "_", ref) + ".tar")
     if dest is not None:
         if not output and dest.exists():
@@ -218,7 +214,7 @@ def _open_archive(file: str) -> tuple[IO[bytes], int | None]:
 @click.argument("file", help="the archive (- for stdin)")
 @client_options
 def load(api: Api, as_json: bool, file: str) -> int:
-    """Load an archive made by `envctl env export`; images keep their digests."""
+    """Load an archive made by `envctl env export`. Images keep their digests."""
     source, size = _open_archive(file)
     with Progress(as_json) as progress:
 
@@ -241,13 +237,9 @@ def load(api: Api, as_json: bool, file: str) -> int:
             if source is not sys.stdin.buffer:
                 source.close()
     api.raise_for(resp)
-    loaded = resp.json()
-    if as_json:
-        print_json(loaded)
-        return EXIT_OK
-    rows = [
-        {**v, "new_text": "yes" if v["new"] else "no (had it)", "digest_text": short_digest(v["digest"])}
-        for v in loaded
-    ]
-    table(rows, [("ref", "ref"), ("exported_as", "exported as"), ("new_text", "new"), ("digest_text", "digest")])
-    return EXIT_OK
+    return listing(
+        resp.json(),
+        as_json,
+        [("ref", "ref"), ("exported_as", "exported as"), ("new_text", "new"), ("digest_text", "digest")],
+        lambda v: {**v, "new_text": "yes" if v["new"] else "no (had it)", "digest_text": short_digest(v["digest"])},
+    )

@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, AnyStr
 import httpx
 
 from api.cli.client import CHUNK, STREAM_TIMEOUT, Api
-from api.cli.errors import CliError
+from api.cli.errors import EXIT_OK, CliError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -131,6 +131,21 @@ def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> Non
     for row in cells:
         grid.add_row(*(Text(c.text, style=c.style) if isinstance(c, Styled) else Text(c) for c in row))
     _console().print(grid)
+
+
+def listing(
+    items: list[dict[str, Any]],
+    as_json: bool,
+    columns: Sequence[tuple[str, str]],
+    row: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+) -> int:
+    """What a listing command prints: ``items`` as they came for ``--json``, else a table of
+    ``columns`` with ``row`` making each item a row (adding the cells it shows formatted)."""
+    if as_json:
+        print_json(items)
+    else:
+        table([row(item) for item in items], columns)
+    return EXIT_OK
 
 
 def _plain_table(titles: list[str], cells: list[list[str | Styled]]) -> None:

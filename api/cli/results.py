@@ -9,7 +9,7 @@ import click
 from api.cli.client import Api
 from api.cli.errors import EXIT_OK, CliError
 from api.cli.options import DefaultGroup, client_options
-from api.cli.output import Downloaded, download, human_bytes, print_json, table, when
+from api.cli.output import Downloaded, download, human_bytes, listing, print_json, when
 
 
 @click.group("results", cls=DefaultGroup)
@@ -29,14 +29,9 @@ def ls(api: Api, as_json: bool, runtime: str | None) -> int:
         rows = api.call("GET", f"/runtimes/{rid}/results")
     else:
         rows = api.call("GET", "/results")
-    if as_json:
-        print_json(rows)
-        return EXIT_OK
-    table(
-        [
-            {**r, "size_text": human_bytes(r["size"]), "sha": r["sha256"][:12], "created": when(r["created_at"])}
-            for r in rows
-        ],
+    return listing(
+        rows,
+        as_json,
         [
             ("id", "id"),
             ("path", "path"),
@@ -45,8 +40,8 @@ def ls(api: Api, as_json: bool, runtime: str | None) -> int:
             ("execution_id", "execution"),
             ("created", "created (UTC)"),
         ],
+        lambda r: {**r, "size_text": human_bytes(r["size"]), "sha": r["sha256"][:12], "created": when(r["created_at"])},
     )
-    return EXIT_OK
 
 
 @results.command("get")

@@ -10,7 +10,7 @@ import click
 from api.cli.client import Api
 from api.cli.errors import EXIT_FAILURE, EXIT_OK, CliError
 from api.cli.options import Command, Group, client_options
-from api.cli.output import STATE_STYLES, Progress, Styled, fields, human_bytes, print_json, table, when
+from api.cli.output import STATE_STYLES, Progress, Styled, fields, human_bytes, listing, print_json, when
 
 FOLLOW_TIMEOUT = 300.0  # seconds a start, stop or reset is followed before giving up
 
@@ -125,20 +125,9 @@ def create(
 @client_options
 def ls(api: Api, as_json: bool) -> int:
     """List your runtimes."""
-    rts = api.call("GET", "/runtimes")
-    if as_json:
-        print_json(rts)
-        return EXIT_OK
-    rows = [
-        {
-            **rt,
-            "state_text": _state(rt, rt["state"] + (" (busy)" if rt["busy"] else "")),
-            "shutdown": when(rt["idle_shutdown_at"]),
-        }
-        for rt in rts
-    ]
-    table(
-        rows,
+    return listing(
+        api.call("GET", "/runtimes"),
+        as_json,
         [
             ("id", "id"),
             ("name", "name"),
@@ -147,15 +136,19 @@ def ls(api: Api, as_json: bool) -> int:
             ("machine_type", "machine"),
             ("shutdown", "idle shutdown (UTC)"),
         ],
+        lambda rt: {
+            **rt,
+            "state_text": _state(rt, rt["state"] + (" (busy)" if rt["busy"] else "")),
+            "shutdown": when(rt["idle_shutdown_at"]),
+        },
     )
-    return EXIT_OK
 
 
 @runtime.command("show")
 @RUNTIME
 @client_options
 def show(api: Api, as_json: bool, runtime: str) -> int:
-    """Show a runtime: its state and why, its version, and when idle shutdown will happen."""
+    """Show a runtime. Its state and why, its version, and when idle shutdown will happen."""
     _show(api.runtime(runtime), as_json)
     return EXIT_OK
 
@@ -174,22 +167,22 @@ def _action(api: Api, ident: str, action: str, until: str, *, no_wait: bool, as_
 NO_WAIT = click.option("--no-wait", is_flag=True, help="return at once")
 
 
-@runtime.command("start")
-@RUNTIME
-@NO_WAIT
-@client_options
-def start(api: Api, as_json: bool, runtime: str, no_wait: bool) -> int:
-    """Boot a runtime and wait until it runs."""
-    return _action(api, runtime, "start", "running", no_wait=no_wait, as_json=as_json)
+def _action_command(name: str, until: str, doc: str) -> click.Command:
+    """``runtime start|stop|reset RUNTIME [--no-wait]``: the action, then its progress until ``until``."""
+
+    @runtime.command(name, help=doc)
+    @RUNTIME
+    @NO_WAIT
+    @client_options
+    def command(api: Api, as_json: bool, runtime: str, no_wait: bool) -> int:
+        return _action(api, runtime, name, until, no_wait=no_wait, as_json=as_json)
+
+    return command
 
 
-@runtime.command("stop")
-@RUNTIME
-@NO_WAIT
-@client_options
-def stop(api: Api, as_json: bool, runtime: str, no_wait: bool) -> int:
-    """Stop a runtime; its unsaved changes are kept as a draft for the next boot."""
-    return _action(api, runtime, "stop", "stopped", no_wait=no_wait, as_json=as_json)
+start = _action_command("start", "running", "Boot a runtime and wait until it runs.")
+stop = _action_command("stop", "stopped", "Stop a runtime. Its unsaved changes are kept as a draft for the next boot.")
+reset = _action_command("reset", "running", "Throw away unsaved changes and boot from the version again.")
 
 
 @runtime.command("rm")
@@ -210,52 +203,35 @@ def rm(api: Api, as_json: bool, runtime: str) -> int:
 @RUNTIME
 @client_options
 def log(api: Api, as_json: bool, runtime: str) -> int:
-    """The runner log of a runtime: every state change and housekeeping step, with its reason."""
-    rt = api.runtime(runtime)
-    entries = api.call("GET", f"/runtimes/{rt['id']}/log")
-    if as_json:
-        print_json(entries)
-        return EXIT_OK
-    rows = [{**e, "at": when(e["at"]), "what": e["state"] or f"[{e['event']}]"} for e in entries]
-    table(rows, [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")])
-    return EXIT_OK
-
-
-@runtime.command("reset")
-@RUNTIME
-@NO_WAIT
-@client_options
-def reset(api: Api, as_json: bool, runtime: str, no_wait: bool) -> int:
-    """Throw away unsaved changes and boot from the version again."""
-    return _action(api, runtime, "reset", "running", no_wait=no_wait, as_json=as_json)
+    """The runner log of a runtime. Every state change and housekeeping step, with its reason."""
+    return listing(
+        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/log"),
+        as_json,
+        [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")],
+        lambda e: {**e, "at": when(e["at"]), "what": e["state"] or f"[{e['event']}]"},
+    )
 
 
 @runtime.command("changes")
 @RUNTIME
 @client_options
 def changes(api: Api, as_json: bool, runtime: str) -> int:
-    """Paths added, changed and deleted since the version (the unsaved changes), with sizes."""
-    rt = api.runtime(runtime)
-    found = api.call("GET", f"/runtimes/{rt['id']}/changes")
-    if as_json:
-        print_json(found)
-        return EXIT_OK
-    rows = [{**c, "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-"} for c in found]
-    table(rows, [("kind", "kind"), ("path", "path"), ("size_text", "size")])
-    return EXIT_OK
+    """The unsaved changes. Paths added, changed and deleted since the version, with sizes."""
+    return listing(
+        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes"),
+        as_json,
+        [("kind", "kind"), ("path", "path"), ("size_text", "size")],
+        lambda c: {**c, "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-"},
+    )
 
 
 @click.command("machine-types", cls=Command)
 @client_options
 def machine_types(api: Api, as_json: bool) -> int:
     """List machine types (cpus, memory, pids, gpus)."""
-    types = api.call("GET", "/machine-types")
-    if as_json:
-        print_json(types)
-        return EXIT_OK
-    rows = [{**m, "memory": human_bytes(m["memory"])} for m in types]
-    table(
-        rows,
+    return listing(
+        api.call("GET", "/machine-types"),
+        as_json,
         [
             ("name", "name"),
             ("cpus", "cpus"),
@@ -264,5 +240,5 @@ def machine_types(api: Api, as_json: bool) -> int:
             ("gpus", "gpus"),
             ("description", "description"),
         ],
+        lambda m: {**m, "memory": human_bytes(m["memory"])},
     )
-    return EXIT_OK
