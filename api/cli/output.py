@@ -235,7 +235,10 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task("", total=None)
         assert self._task is not None
-        self._bar.update(self._task, **task)
+        if task["bytes"]:
+            self._bar.update(self._task, **task)
+        else:  # a transfer that ended left the task finished, its spinner stopped: start it again
+            self._bar.reset(self._task, **task)
 
 
 def _rich_progress(started: float) -> RichProgress:
