@@ -11,8 +11,6 @@ Two audiences, told apart by whether the stream is a terminal:
 - stderr a terminal: progress is one live line (rich) with a spinner, what is happening, bytes
   with a bar and the rate while data moves, and the time so far. Otherwise each new phase is
   one plain line and byte counts are not shown.
-
-rich is imported only when something is drawn for a terminal: a piped command never pays for it.
 """
 
 from __future__ import annotations
