@@ -113,7 +113,7 @@ def test_runtime_lifecycle(server: Server, capsys: pytest.CaptureFixture[str]) -
     assert code == 0, err
     assert "running (agent-answered)" in out
     assert "idle shutdown" in out
-    # Progress while it waited. Not necessarily "running": api/cli.py _follow reads the log before
+    # Progress while it waited. Not necessarily "running": api/cli/runtimes.py follow() reads the log before
     # the state, so the log entry that ends the wait may go unprinted.
     assert "booting" in err
 

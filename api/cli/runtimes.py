@@ -1,0 +1,244 @@
+"""``envctl runtime create|ls|show|start|stop|rm|log|reset|changes`` and ``envctl machine-types``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from api.cli.client import Api
+from api.cli.errors import EXIT_FAILURE, EXIT_OK, CliError
+from api.cli.options import Command, Group, client_options
+from api.cli.output import STATE_STYLES, Progress, Styled, fields, human_bytes, listing, print_json, when
+
+FOLLOW_TIMEOUT = 300.0  # seconds a start, stop or reset is followed before giving up
+
+
+def _state(rt: dict[str, Any], text: str) -> Styled:
+    return Styled(text, STATE_STYLES.get(rt.get("state_color", ""), ""))
+
+
+def show_runtime(rt: dict[str, Any]) -> None:
+    message = f": {rt['state_message']}" if rt["state_message"] else ""
+    pairs: list[tuple[str, str | Styled]] = [
+        ("id", rt["id"]),
+        ("name", rt["name"]),
+        ("state", _state(rt, f"{rt['state']} ({rt['state_reason']}){message}")),
+        ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
+        ("type", rt.get("type", "native") + (f" (kernel {rt['kernel']})" if rt.get("kernel") else "")),
+        ("language", rt["language"]),
+        ("machine type", rt["machine_type"]),
+        ("busy", "yes" if rt["busy"] else "no"),
+    ]
+    if rt.get("idle"):
+        idle = rt["idle"]
+        pairs.append(("idle shutdown", f"{when(idle['shutdown_at'])} UTC  ({idle['reason']})"))
+    elif rt["state"] == "running":
+        pairs.append(("idle shutdown", "not planned"))
+    pairs.append(("booted", when(rt.get("booted_at"))))
+    pairs.append(("created", when(rt["created_at"])))
+    fields(pairs)
+
+
+def _show(rt: dict[str, Any], as_json: bool) -> None:
+    print_json(rt) if as_json else show_runtime(rt)
+
+
+def follow(
+    api: Api, rt: dict[str, Any], until: set[str], *, quiet: bool, timeout: float = FOLLOW_TIMEOUT, since: int = 0
+) -> dict[str, Any]:
+    """Show the runtime's progress until it reaches one of ``until`` (or error): its log
+    entries from index ``since`` on as lines, and on a terminal its state with a spinner."""
+    start = time.monotonic()
+    seen = since
+    with Progress(quiet, echo_updates=False) as progress:
+        while True:
+            entries = api.call("GET", f"/runtimes/{rt['id']}/log")
+            for e in entries[seen:]:
+                what = e["state"] or e["event"]
+                progress.line(f"  {when(e['at'])[11:]}  {what:<18} {e['message']}")
+            seen = len(entries)
+            rt = api.call("GET", f"/runtimes/{rt['id']}")
+            if rt["state"] in until or rt["state"] == "error":
+                return rt
+            if time.monotonic() - start > timeout:
+                raise CliError(f"runtime {rt['name']} is still {rt['state']} after {timeout:.0f} s")
+            progress.update(str(rt["state"]))
+            time.sleep(0.1)
+
+
+@click.group("runtime", cls=Group)
+def runtime() -> None:
+    """Runtimes: create, start, stop, inspect and delete them."""
+
+
+RUNTIME = click.argument("runtime", help="runtime id or name")
+
+
+@runtime.command("create")
+@click.argument("name", help="the runtime's name: lower case letters, digits, '.', '_' and '-'")
+@click.option("--env", required=True, metavar="REF", help="environment reference, e.g. python3 or python3@1")
+@click.option(
+    "--lang", default="python", show_default=True, type=click.Choice(["python", "bash"]), help="the cells' language"
+)
+@click.option("--machine-type", metavar="NAME", default="small", show_default=True, help="see `envctl machine-types`")
+@click.option("--idle-timeout", type=int, metavar="S", help="seconds without activity before shutdown (0: never)")
+@click.option(
+    "--type",
+    "type_",
+    type=click.Choice(["native", "jupyter"]),
+    help="native: envctl's own kernels (default); jupyter: a Jupyter kernelspec installed in the environment",
+)
+@click.option("--kernel", metavar="NAME", help="kernelspec name for --type jupyter (default python3)")
+@click.option("--start", is_flag=True, help="boot it now and wait until it runs")
+@client_options
+def create(
+    api: Api,
+    as_json: bool,
+    name: str,
+    env: str,
+    lang: str,
+    machine_type: str,
+    idle_timeout: int | None,
+    type_: str | None,
+    kernel: str | None,
+    start: bool,
+) -> int:
+    """Create a runtime (stopped, unless --start)."""
+    body: dict[str, Any] = {"name": name, "environment": env, "language": lang, "machine_type": machine_type}
+    if idle_timeout is not None:
+        body["idle_timeout"] = idle_timeout
+    if type_ is not None:
+        body["type"] = type_
+    if kernel is not None:
+        body["kernel"] = kernel
+    rt = api.call("POST", "/runtimes", json=body)
+    if start:
+        rt = api.call("POST", f"/runtimes/{rt['id']}/start")
+        rt = follow(api, rt, {"running"}, quiet=as_json)
+    _show(rt, as_json)
+    return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+
+
+@runtime.command("ls")
+@client_options
+def ls(api: Api, as_json: bool) -> int:
+    """List your runtimes."""
+    return listing(
+        api.call("GET", "/runtimes"),
+        as_json,
+        [
+            ("id", "id"),
+            ("name", "name"),
+            ("state_text", "state"),
+            ("environment", "environment"),
+            ("machine_type", "machine"),
+            ("shutdown", "idle shutdown (UTC)"),
+        ],
+        lambda rt: {
+            **rt,
+            "state_text": _state(rt, rt["state"] + (" (busy)" if rt["busy"] else "")),
+            "shutdown": when(rt["idle_shutdown_at"]),
+        },
+    )
+
+
+@runtime.command("show")
+@RUNTIME
+@client_options
+def show(api: Api, as_json: bool, runtime: str) -> int:
+    """Show a runtime. Its state and why, its version, and when idle shutdown will happen."""
+    _show(api.runtime(runtime), as_json)
+    return EXIT_OK
+
+
+def _action(api: Api, ident: str, action: str, until: str, *, no_wait: bool, as_json: bool) -> int:
+    """POST /runtimes/{id}/<action>, then show its progress (only its own log lines)."""
+    rt = api.runtime(ident)
+    seen = len(api.call("GET", f"/runtimes/{rt['id']}/log"))
+    rt = api.call("POST", f"/runtimes/{rt['id']}/{action}")
+    if not no_wait:
+        rt = follow(api, rt, {until}, quiet=as_json, since=seen)
+    _show(rt, as_json)
+    return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+
+
+NO_WAIT = click.option("--no-wait", is_flag=True, help="return at once")
+
+
+def _action_command(name: str, until: str, doc: str) -> click.Command:
+    """``runtime start|stop|reset RUNTIME [--no-wait]``: the action, then its progress until ``until``."""
+
+    @runtime.command(name, help=doc)
+    @RUNTIME
+    @NO_WAIT
+    @client_options
+    def command(api: Api, as_json: bool, runtime: str, no_wait: bool) -> int:
+        return _action(api, runtime, name, until, no_wait=no_wait, as_json=as_json)
+
+    return command
+
+
+start = _action_command("start", "running", "Boot a runtime and wait until it runs.")
+stop = _action_command("stop", "stopped", "Stop a runtime. Its unsaved changes are kept as a draft for the next boot.")
+reset = _action_command("reset", "running", "Throw away unsaved changes and boot from the version again.")
+
+
+@runtime.command("rm")
+@RUNTIME
+@client_options
+def rm(api: Api, as_json: bool, runtime: str) -> int:
+    """Stop and delete a runtime."""
+    rt = api.runtime(runtime)
+    api.call("DELETE", f"/runtimes/{rt['id']}")
+    if as_json:
+        print_json({"deleted": rt["id"]})
+    else:
+        print(f"deleted runtime {rt['name']} ({rt['id']})")
+    return EXIT_OK
+
+
+@runtime.command("log")
+@RUNTIME
+@client_options
+def log(api: Api, as_json: bool, runtime: str) -> int:
+    """The runner log of a runtime. Every state change and housekeeping step, with its reason."""
+    return listing(
+        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/log"),
+        as_json,
+        [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")],
+        lambda e: {**e, "at": when(e["at"]), "what": e["state"] or f"[{e['event']}]"},
+    )
+
+
+@runtime.command("changes")
+@RUNTIME
+@client_options
+def changes(api: Api, as_json: bool, runtime: str) -> int:
+    """The unsaved changes. Paths added, changed and deleted since the version, with sizes."""
+    return listing(
+        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes"),
+        as_json,
+        [("kind", "kind"), ("path", "path"), ("size_text", "size")],
+        lambda c: {**c, "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-"},
+    )
+
+
+@click.command("machine-types", cls=Command)
+@client_options
+def machine_types(api: Api, as_json: bool) -> int:
+    """List machine types (cpus, memory, pids, gpus)."""
+    return listing(
+        api.call("GET", "/machine-types"),
+        as_json,
+        [
+            ("name", "name"),
+            ("cpus", "cpus"),
+            ("memory", "memory"),
+            ("pids", "pids"),
+            ("gpus", "gpus"),
+            ("description", "description"),
+        ],
+        lambda m: {**m, "memory": human_bytes(m["memory"])},
+    )
