@@ -71,8 +71,50 @@ def runtime_name_for(path: Path) -> str:
     return name or "notebook"
 
 
+def _notebook_kernel(nb: Any) -> str | None:
+    """The kernelspec name the notebook was written with (metadata.kernelspec.name)."""
+    name = (nb.metadata.get("kernelspec") or {}).get("name")
+    return str(name) if isinstance(name, str) and name.strip() else None
+
+
+@dataclass(frozen=True)
+class _RuntimeType:
+    type: str  # native | jupyter
+    kernel: str | None
+    why: str  # said to the user
+
+
+def _choose_type(api: Api, nb: Any, environment: str, asked: str, kernel: str | None) -> _RuntimeType:
+    """``auto``: the jupyter type when the environment provides the notebook's kernelspec (its
+    magics and syntax then work as in Jupyter), else the native type. ``--type`` overrides."""
+    wanted = kernel or _notebook_kernel(nb)
+    if asked == "native":
+        return _RuntimeType("native", None, "native (asked for)")
+    if asked == "jupyter":
+        chosen = wanted or "python3"
+        return _RuntimeType("jupyter", chosen, f"jupyter, kernel {chosen} (asked for)")
+    if wanted is None:
+        return _RuntimeType("native", None, "native (the notebook names no kernelspec)")
+    try:
+        found = api.call("GET", f"/environments/{environment}/kernelspecs")
+    except CliError as exc:
+        if exc.exit_code == EXIT_BAD_INPUT or exc.status == 404:
+            raise  # a bad or unknown environment: said once, here
+        reason = exc.server_message or exc.message
+        return _RuntimeType("native", None, f"native (could not look for kernelspec {wanted}: {reason})")
+    names = [k["name"] for k in found.get("kernelspecs") or []]
+    if wanted in names:
+        return _RuntimeType("jupyter", wanted, f"jupyter, kernel {wanted} ({found['ref']} provides it)")
+    return _RuntimeType(
+        "native",
+        None,
+        f"native ({found['ref']} has no Jupyter kernelspec {wanted}; an environment with ipykernel, such as "
+        "python3-jupyter, runs the notebook as Jupyter does)",
+    )
+
+
 def _create_notebook_runtime(
-    api: Api, path: Path, environment: str, language: str, machine_type: str | None
+    api: Api, path: Path, environment: str, language: str, machine_type: str | None, kind: _RuntimeType
 ) -> dict[str, Any]:
     base = runtime_name_for(path)
     taken = {rt["name"] for rt in api.call("GET", "/runtimes")}
@@ -82,7 +124,9 @@ def _create_notebook_runtime(
         n += 1
         if name in taken:
             continue
-        body: dict[str, Any] = {"name": name, "environment": environment, "language": language}
+        body: dict[str, Any] = {"name": name, "environment": environment, "language": language, "type": kind.type}
+        if kind.kernel:
+            body["kernel"] = kind.kernel
         if machine_type:
             body["machine_type"] = machine_type
         try:
@@ -176,12 +220,14 @@ class _Plan:
     language: str
 
 
-def _prepare(path: Path, output: str | None, env: str | None, runtime: str | None, machine_type: str | None) -> _Plan:
+def _prepare(
+    path: Path, output: str | None, env: str | None, runtime: str | None, machine_type: str | None, setup: bool = False
+) -> _Plan:
     out = Path(output) if output else path
-    if runtime and (env or machine_type):
+    if runtime and (env or machine_type or setup):
         raise CliError(
-            "--env and --machine-type set up the runtime that `run` creates; with --runtime the notebook "
-            "runs in that runtime as it is",
+            "--env, --machine-type, --type and --kernel set up the runtime that `run` creates; with --runtime "
+            "the notebook runs in that runtime as it is",
             EXIT_BAD_INPUT,
         )
     if not out.parent.is_dir():
@@ -262,6 +308,15 @@ def _run_cells(
 @click.option("--env", metavar="REF", help="environment reference, e.g. python3 or python3@1 (default: the notebook's)")
 @click.option("--runtime", metavar="RUNTIME", help="run in this existing runtime (id or name); it is kept")
 @click.option("--machine-type", metavar="NAME", help="machine type of the runtime run creates (default small)")
+@click.option(
+    "--type",
+    "runtime_type",
+    type=click.Choice(["auto", "native", "jupyter"]),
+    default="auto",
+    show_default=True,
+    help="runtime type: auto takes jupyter when the environment has the notebook's kernelspec",
+)
+@click.option("--kernel", metavar="NAME", help="the kernelspec of a jupyter runtime (default: the notebook's)")
 @click.option("--timeout", type=float, metavar="S", help="seconds each cell may run")
 @click.option("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
 @click.option("--keep", is_flag=True, help="keep the runtime run created")
@@ -274,6 +329,8 @@ def run(
     env: str | None,
     runtime: str | None,
     machine_type: str | None,
+    runtime_type: str,
+    kernel: str | None,
     timeout: float | None,
     output: str | None,
     keep: bool,
@@ -285,13 +342,15 @@ def run(
     metadata, and delete the runtime it created (unless --keep). Stops at the first failing
     cell unless --allow-errors. Exit 0 when every cell ran ok, 1 when one failed, 2 on bad input."""
     path = Path(notebook)
-    plan = _prepare(path, output, env, runtime, machine_type)
+    plan = _prepare(path, output, env, runtime, machine_type, setup=runtime_type != "auto" or kernel is not None)
     quiet = as_json
     if plan.environment is None:
         assert runtime is not None
         rt = api.runtime(runtime)
     else:
-        rt = _create_notebook_runtime(api, path, plan.environment, plan.language, machine_type)
+        kind = _choose_type(api, plan.nb, plan.environment, runtime_type, kernel)
+        _say(quiet, f"runtime type: {kind.why}")
+        rt = _create_notebook_runtime(api, path, plan.environment, plan.language, machine_type, kind)
     keep = keep or plan.environment is None  # a runtime run did not create is never deleted
     code_cells = sum(1 for cell in plan.nb.cells if cell.cell_type == "code")
     _say(quiet, f"{path.name}: {code_cells} code cells, {plan.language}, in runtime {rt['name']} ({rt['environment']})")
@@ -312,7 +371,13 @@ def run(
                 "status": "ok" if failed_at is None else "error",
                 "failed_cell": failed_at,
                 "environment": rt["environment"],
-                "runtime": {"id": rt["id"], "name": rt["name"], "deleted": not keep},
+                "runtime": {
+                    "id": rt["id"],
+                    "name": rt["name"],
+                    "type": rt.get("type"),
+                    "kernel": rt.get("kernel"),
+                    "deleted": not keep,
+                },
                 "cells": report,
             }
         )

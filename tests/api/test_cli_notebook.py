@@ -227,3 +227,18 @@ def test_a_bash_notebook_runs_its_cells_in_bash(server: Server, capsys: Capsys, 
     assert nb.cells[2].execution_count is None  # an empty cell is not run
     assert "[3/3] skipped (empty)" in err
     assert "3 code cells, bash" in err
+
+
+def test_run_says_which_runtime_type_it_chose_and_type_overrides(
+    server: Server, capsys: Capsys, tmp_path: Path
+) -> None:
+    src = _notebook(tmp_path / "nb.ipynb", [_code("print(1)")])
+    code, stdout, err = run(capsys, "run", str(src), *server.args())
+    assert code == 0, err
+    assert "runtime type: native (python3@1 has no Jupyter kernelspec python3" in err
+    code, stdout, err = run(capsys, "run", str(src), "--type", "native", "--json", *server.args())
+    assert code == 0, err
+    assert json.loads(stdout)["runtime"]["type"] == "native"
+    assert run(capsys, "runtime", "create", "mine", "--env", "python3", *server.args())[0] == 0
+    code, stdout, err = run(capsys, "run", str(src), "--runtime", "mine", "--type", "jupyter", *server.args())
+    assert code == 2 and "--type" in err

@@ -147,3 +147,70 @@ def test_a_cell_with_a_shell_command_and_matplotlib_inline_runs_in_a_native_pyth
         assert ex["status"] == "error" and ex["error_name"] == "UnsupportedMagic"
         [err] = [o for o in ex["outputs"] if o["output_type"] == "error"]
         assert "jupyter runtime type" in err["evalue"]
+
+
+def _notebook_with_magics(path: Any, environment: str) -> Any:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.update(
+        {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "envctl": {"environment": environment},
+        }
+    )
+    # %matplotlib inline only where the native type runs it: IPython's needs matplotlib, which
+    # python3-jupyter does not have (the cell would fail in Jupyter too)
+    first = "%matplotlib inline\n" if environment == "python3" else "%env GREETING=hi\n"
+    nb.cells = [
+        nbformat.v4.new_code_cell(first + "import sys\nprint(sys.version_info[0])"),
+        nbformat.v4.new_code_cell("!echo hi from the shell"),
+        nbformat.v4.new_code_cell("%timeit -n 1 -r 1 sum(range(10))"),
+    ]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _envctl(srv: Server, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    token = (srv.data_dir / "admin-token").read_text().strip()
+    env = {**os.environ, "ENVCTL_URL": srv.url, "ENVCTL_TOKEN": token}
+    command = [sys.executable, "-m", "api.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_notebook_with_magics_runs_with_the_jupyter_type_where_the_environment_has_its_kernelspec(
+    notebook_server: Server, tmp_path: Any
+) -> None:
+    import nbformat
+
+    src = _notebook_with_magics(tmp_path / "magics.ipynb", "python3-jupyter")
+    done = _envctl(notebook_server, "run", str(src), "--json")
+    assert done.returncode == 0, done.stdout
+    summary = json.loads(done.stdout)
+    assert summary["runtime"]["type"] == "jupyter" and summary["runtime"]["kernel"] == "python3"
+    assert [c["status"] for c in summary["cells"]] == ["ok", "ok", "ok"]
+    nb = nbformat.read(str(src), as_version=4)
+    # IPython runs ! commands on a pseudo-terminal: its lines end in \r\n
+    assert "".join(o.get("text", "") for o in nb.cells[1].outputs).strip() == "hi from the shell"
+    assert "per loop" in "".join(o.get("text", "") for o in nb.cells[2].outputs)
+    assert "Traceback" not in done.stderr
+
+
+def test_the_same_notebook_on_python3_runs_natively_and_names_the_jupyter_type_for_timeit(
+    notebook_server: Server, tmp_path: Any
+) -> None:
+    import nbformat
+
+    src = _notebook_with_magics(tmp_path / "magics.ipynb", "python3")
+    done = _envctl(notebook_server, "run", str(src))
+    assert done.returncode == 1, done.stderr  # the %timeit cell fails, saying what to do
+    assert "runtime type: native (python3@1 has no Jupyter kernelspec python3" in done.stderr
+    nb = nbformat.read(str(src), as_version=4)
+    assert "".join(o.get("text", "") for o in nb.cells[1].outputs) == "hi from the shell\n"
+    [error] = nb.cells[2].outputs
+    assert error.ename == "UnsupportedMagic" and "jupyter" in error.evalue
+    assert "SyntaxError" not in done.stderr
