@@ -297,7 +297,7 @@ class CellWorkers:
         if view.finished_at is not None:
             return
         with self.db.hot() as c:
-            started = c.execute(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at})
+            started = c.count(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at})
             if started:  # not after the end: that would move the runtime's last activity back
                 c.execute(
                     TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": view.started_at, "b_what": "execution started"}

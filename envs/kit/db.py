@@ -7,24 +7,22 @@ the schema itself is owned by the Alembic migrations in ``api/migrations``.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TypeDecorator
 
 from envs.kit.clock import as_utc
 from envs.kit.errors import DatabaseUnavailableError
+from envs.kit.hot import HotConnections, HotStatement, HotWriter
+
+__all__ = ["Base", "Database", "HotStatement", "HotWriter", "UTCDateTime", "make_engine"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -78,106 +76,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-_Prepared = tuple[str, tuple[str, ...], dict[str, Callable[[Any], Any]], dict[str, Any]]
-
-
-class HotStatement:
-    """An INSERT or UPDATE on a hot path (each cell writes a few), compiled once per dialect.
-
-    Executing a Core statement costs a few hundred microseconds of Python: checking out a
-    pooled connection, looking the statement up in the compiled cache, setting up a result.
-    ``Database.hot()`` runs these on a plain DB-API connection of its own instead, with the
-    statement's SQL and SQLAlchemy's own bind processors (UTC timestamps, booleans, JSON), so
-    what is stored is what Core would store. Every column written must be given a value:
-    column defaults are not applied here (``prepare`` refuses a statement that would need one).
-    """
-
-    def __init__(self, statement: UpdateBase) -> None:
-        self.statement = statement
-        self._prepared: dict[tuple[str, frozenset[str]], _Prepared] = {}
-
-    def prepare(self, dialect: Dialect, keys: frozenset[str]) -> _Prepared:
-        """SQL, parameter order, bind processors and constants for these value keys."""
-        prepared = self._prepared.get((dialect.name, keys))
-        if prepared is not None:
-            return prepared
-        compiled = self.statement.compile(dialect=dialect, column_keys=sorted(keys))
-        if not compiled.positional or compiled.positiontup is None:
-            raise ValueError(f"hot statements need a positional dialect, not {dialect.name}")
-        defaulted = [c.key for c in (*compiled.insert_prefetch, *compiled.update_prefetch) if c.key not in keys]
-        if defaulted:
-            raise ValueError(f"hot statement needs values for {', '.join(defaulted)} (defaults are not applied here)")
-        processors: dict[str, Callable[[Any], Any]] = {}
-        constants: dict[str, Any] = {}
-        for name in compiled.positiontup:
-            bind = compiled.binds[name]
-            # the dialect's own implementation of the type: a TypeDecorator's bind_processor
-            # on its own applies only its process_bind_param, not the dialect's conversion
-            # (SQLite's DATETIME text format), and would store what Core does not
-            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if proc is not None:
-                processors[name] = proc
-            if name in keys:
-                continue
-            if bind.callable is not None or (bind.value is None and bind.required):
-                raise ValueError(f"hot statement needs a value for {name!r} (defaults are not applied here)")
-            constants[name] = bind.value  # a literal of the statement, such as status == "queued"
-        prepared = (compiled.string, tuple(compiled.positiontup), processors, constants)
-        self._prepared[(dialect.name, keys)] = prepared
-        return prepared
-
-    def args(self, dialect: Dialect, values: dict[str, Any]) -> tuple[str, list[Any]]:
-        sql, names, processors, constants = self.prepare(dialect, frozenset(values))
-        out = []
-        for name in names:
-            value = values[name] if name in values else constants[name]
-            proc = processors.get(name)
-            out.append(proc(value) if proc is not None and value is not None else value)
-        return sql, out
-
-
-class HotWriter:
-    """One transaction of hot statements (see ``Database.hot``)."""
-
-    def __init__(self, db: Database, conn: sqlite3.Connection | None, core: Connection | None) -> None:
-        self._db = db
-        self._conn = conn
-        self._core = core
-
-    def execute(self, statement: HotStatement, values: dict[str, Any]) -> int:
-        """Run it; returns the number of rows it touched."""
-        if self._core is not None:
-            return int(self._core.execute(statement.statement, values).rowcount)
-        assert self._conn is not None
-        sql, args = statement.args(self._db.engine.dialect, values)
-        return self._conn.execute(sql, args).rowcount
-
-    def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
-        """Run a statement with RETURNING; the first row it returned, or None."""
-        if self._core is not None:
-            row = self._core.execute(statement.statement, values).first()
-            return tuple(row) if row is not None else None
-        assert self._conn is not None
-        sql, args = statement.args(self._db.engine.dialect, values)
-        rows = self._conn.execute(sql, args).fetchall()  # to the end: the statement must finish
-        return tuple(rows[0]) if rows else None
-
-    def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        if self._core is not None:
-            self._core.execute(statement.statement, rows)
-            return
-        assert self._conn is not None
-        dialect = self._db.engine.dialect
-        prepared = [statement.args(dialect, r) for r in rows]
-        self._conn.executemany(prepared[0][0], [a for _, a in prepared])
-
-
-class _HotConnection(sqlite3.Connection):
-    """A plain sqlite3 connection that can be weakly referenced (to close them all)."""
-
-
 class Database:
     """An engine plus a session factory; ``session()`` is the one way code gets a transaction."""
 
@@ -185,49 +83,14 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
-        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
-        # hot writes go to a file-backed SQLite directly; anything else takes the Core path
-        self._hot_file = database if database and database != ":memory:" else None
-        self._hot_local = threading.local()
-        self._hot_all: weakref.WeakSet[_HotConnection] = weakref.WeakSet()
-        self._hot_lock = threading.Lock()
+        self._hot = HotConnections(self.engine, _unavailable)
 
     @contextmanager
     def hot(self) -> Iterator[HotWriter]:
-        """A transaction for ``HotStatement``s, committed on success, rolled back on error.
-
-        On a SQLite file each thread keeps a connection of its own for these (it closes when
-        the thread ends); on other databases this is ``connection()``.
-        """
-        if self._hot_file is None:
-            with self.connection() as core:
-                yield HotWriter(self, None, core)
-            return
-        conn = self._hot_connection()
-        try:
-            yield HotWriter(self, conn, None)
-            conn.commit()
-        except sqlite3.OperationalError as exc:
-            conn.rollback()
-            raise _unavailable(exc) from exc
-        except BaseException:
-            conn.rollback()
-            raise
-
-    def _hot_connection(self) -> sqlite3.Connection:
-        conn: _HotConnection | None = getattr(self._hot_local, "conn", None)
-        if conn is None:
-            assert self._hot_file is not None
-            try:
-                conn = sqlite3.connect(self._hot_file, timeout=30, check_same_thread=False, factory=_HotConnection)
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.OperationalError as exc:
-                raise _unavailable(exc) from exc
-            self._hot_local.conn = conn
-            with self._hot_lock:
-                self._hot_all.add(conn)
-        return conn
+        """A transaction for ``HotStatement``s (the cell path), committed on success, rolled
+        back on error, on a plain connection of this thread's (see ``envs/kit/hot.py``)."""
+        with self._hot.transaction(self.connection) as writer:
+            yield writer
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -256,11 +119,7 @@ class Database:
             raise
 
     def dispose(self) -> None:
-        # Hot connections are never closed from here: a worker thread may be using its own
-        # right now, and closing a sqlite3 connection under another thread crashes the
-        # process. Dropping the references is enough: each closes when the last user lets go.
-        self._hot_file = None  # from now on hot() takes the Core path
-        self._hot_local = threading.local()
+        self._hot.forget()  # from now on hot() takes the Core path
         self.engine.dispose()
 
 

@@ -4,11 +4,13 @@ exactly what Core would store (on PostgreSQL they simply are Core)."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import insert, select, text, update
 
+from api.dbschema import upgrade
 from envs.kit.clock import utcnow
 from envs.kit.db import Database, HotStatement
 from envs.kit.errors import DatabaseUnavailableError
@@ -17,6 +19,7 @@ from registry.service import create_user
 from runner import cellworker as cw
 from runner import executions as ex
 from runner.models import Execution, ExecutionOutput, Runtime
+from tests.fixtures.services import PostgresCluster
 
 
 def _runtime(db: Database) -> tuple[str, str]:
@@ -89,7 +92,7 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
         if eid == "ex_hot":
             with db.hot() as w:
                 w.execute_many(cw.INSERT_OUTPUTS, outputs)
-                assert w.execute(cw.FINISH_EXECUTION, end) == 1
+                assert w.count(cw.FINISH_EXECUTION, end) == 1
         else:
             with db.connection() as c:
                 c.execute(insert(ExecutionOutput), outputs)
@@ -123,7 +126,7 @@ def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches
     rid, _owner = _runtime(db)
     at = utcnow()
     with db.hot() as w:
-        assert w.execute(cw.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
+        assert w.count(cw.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
     with db.connection() as c:
         matched = c.execute(
             update(Runtime).where(Runtime.id == rid, Runtime.last_activity_at == at).values(last_activity="seen")
@@ -137,9 +140,9 @@ def test_a_literal_in_the_statement_is_kept(db: Database) -> None:
     with db.hot() as w:
         w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_1", 1))
     with db.hot() as w:
-        assert w.execute(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
+        assert w.count(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
     with db.hot() as w:
-        assert w.execute(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
+        assert w.count(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
     assert _row(db, "ex_1")["status"] == "running"
 
 
@@ -156,8 +159,6 @@ def test_a_column_default_is_never_silently_skipped(db: Database) -> None:
     rid, owner = _runtime(db)
     values = _execution(rid, owner, "ex_d", 1)
     del values["created_at"]  # has a Python-side default, which the hot path cannot apply
-    if db.engine.dialect.name != "sqlite":
-        pytest.skip("on PostgreSQL hot writes are Core writes, which apply defaults")
     with pytest.raises(ValueError, match="created_at"), db.hot() as w:
         w.execute(ex.INSERT_EXECUTION, values)
 
@@ -191,7 +192,7 @@ def test_each_thread_writes_on_its_own_connection_which_closes_with_the_thread(t
     import gc
 
     gc.collect()
-    assert len(db._hot_all) == 0, "a thread's connection closes when the thread is gone"
+    assert len(db._hot._all) == 0, "a thread's connection closes when the thread is gone"
 
 
 def test_an_unreachable_sqlite_file_is_a_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -242,3 +243,33 @@ def test_dispose_while_a_thread_writes_does_not_crash(tmp_path) -> None:  # type
     stop.set()
     t.join(10)
     assert errors == []
+
+
+@pytest.mark.postgres
+def test_a_hot_connection_the_server_dropped_is_replaced_before_the_next_write(
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R16 on the cell path: the database restarts (here: it drops every connection); the
+    first write after it is back succeeds on a new connection."""
+    from envs.kit import hot
+
+    url = postgres.create_database("hot_" + uuid.uuid4().hex[:12])
+    upgrade(url)
+    db = Database(url)
+    try:
+        rid, owner = _runtime(db)
+        with db.hot() as w:
+            w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_before", 1))
+        with db.connection() as c:  # what a restart does to every open connection
+            c.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND datname = current_database()"
+                )
+            )
+        monkeypatch.setattr(hot, "PING_AFTER_IDLE", 0.0)  # as after a while without cells
+        with db.hot() as w:
+            w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_after", 2))
+        assert _row(db, "ex_after")["seq"] == 2
+    finally:
+        db.dispose()

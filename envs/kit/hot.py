@@ -1,0 +1,284 @@
+"""Hot writes: the few statements each cell makes, on a plain DB-API connection per thread.
+
+Executing a Core statement costs a few hundred microseconds of Python (a pooled connection
+checked out and pinged, the compiled cache, a result object), and on PostgreSQL each statement
+and the transaction's BEGIN and COMMIT are network round trips of their own. A cell makes two
+transactions (its row on the way in; its outputs and end on the way out), so the cell path
+runs them here instead:
+
+- ``HotStatement``: an INSERT or UPDATE compiled once per dialect, executed with SQLAlchemy's
+  own bind processors (UTC timestamps, booleans, JSON), so what is stored is what Core stores;
+- on a SQLite file, a ``sqlite3`` connection per thread;
+- on PostgreSQL, a ``psycopg`` connection per thread in pipeline mode: the statements of a
+  transaction, its BEGIN and its COMMIT travel together, and only a result someone reads
+  (``count``, ``fetch``) waits for the server. A connection idle for a while is pinged before
+  use, so the first cell after a database restart reconnects instead of failing;
+- anything else goes through Core.
+
+A connection the database dropped is thrown away and the call fails with
+``DatabaseUnavailableError`` (503); the next one connects again.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.dml import UpdateBase
+
+if TYPE_CHECKING:
+    import psycopg
+
+_Prepared = tuple[str, tuple[str, ...], dict[str, Callable[[Any], Any]], dict[str, Any]]
+PING_AFTER_IDLE = 2.0  # seconds a PostgreSQL hot connection may sit unused before it is pinged
+
+
+class HotStatement:
+    """An INSERT or UPDATE on a hot path, compiled once per dialect. Every column written must
+    be given a value: column defaults are not applied here (``prepare`` refuses a statement
+    that would need one)."""
+
+    def __init__(self, statement: UpdateBase) -> None:
+        self.statement = statement
+        self._prepared: dict[tuple[str, str, frozenset[str]], _Prepared] = {}
+
+    def prepare(self, dialect: Dialect, keys: frozenset[str]) -> _Prepared:
+        """SQL, parameter order, bind processors and constants for these value keys."""
+        cache_key = (dialect.name, dialect.paramstyle, keys)
+        prepared = self._prepared.get(cache_key)
+        if prepared is not None:
+            return prepared
+        compiled = self.statement.compile(dialect=dialect, column_keys=sorted(keys))
+        if not compiled.positional or compiled.positiontup is None:
+            raise ValueError(f"hot statements need a positional dialect, not {dialect.name} ({dialect.paramstyle})")
+        defaulted = [c.key for c in (*compiled.insert_prefetch, *compiled.update_prefetch) if c.key not in keys]
+        if defaulted:
+            raise ValueError(f"hot statement needs values for {', '.join(defaulted)} (defaults are not applied here)")
+        processors: dict[str, Callable[[Any], Any]] = {}
+        constants: dict[str, Any] = {}
+        for name in compiled.positiontup:
+            bind = compiled.binds[name]
+            # the dialect's own implementation of the type: a TypeDecorator's bind_processor
+            # on its own applies only its process_bind_param, not the dialect's conversion
+            # (SQLite's DATETIME text format), and would store what Core does not
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if proc is not None:
+                processors[name] = proc
+            if name in keys:
+                continue
+            if bind.callable is not None or (bind.value is None and bind.required):
+                raise ValueError(f"hot statement needs a value for {name!r} (defaults are not applied here)")
+            constants[name] = bind.value  # a literal of the statement, such as status == "queued"
+        prepared = (compiled.string, tuple(compiled.positiontup), processors, constants)
+        self._prepared[cache_key] = prepared
+        return prepared
+
+    def args(self, dialect: Dialect, values: dict[str, Any]) -> tuple[str, list[Any]]:
+        sql, names, processors, constants = self.prepare(dialect, frozenset(values))
+        out = []
+        for name in names:
+            value = values[name] if name in values else constants[name]
+            proc = processors.get(name)
+            out.append(proc(value) if proc is not None and value is not None else value)
+        return sql, out
+
+
+class HotWriter(abc.ABC):
+    """One transaction of hot statements (see ``Database.hot``)."""
+
+    @abc.abstractmethod
+    def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
+        """Run it; nobody waits for its result (on PostgreSQL it travels with the commit)."""
+
+    @abc.abstractmethod
+    def count(self, statement: HotStatement, values: dict[str, Any]) -> int:
+        """Run it now; the number of rows it touched."""
+
+    @abc.abstractmethod
+    def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Run a statement with RETURNING now; the first row it returned, or None."""
+
+    @abc.abstractmethod
+    def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
+        """``execute`` for each of ``rows``."""
+
+
+class CoreWriter(HotWriter):
+    def __init__(self, core: Connection) -> None:
+        self._core = core
+
+    def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
+        self._core.execute(statement.statement, values)
+
+    def count(self, statement: HotStatement, values: dict[str, Any]) -> int:
+        return int(self._core.execute(statement.statement, values).rowcount)
+
+    def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        row = self._core.execute(statement.statement, values).first()
+        return tuple(row) if row is not None else None
+
+    def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._core.execute(statement.statement, rows)
+
+
+class _DbApiWriter(HotWriter):
+    """A DB-API cursor with ``%s``/``?`` parameters and the dialect's bind processors."""
+
+    def __init__(self, cursor: Any, dialect: Dialect, sync: Callable[[], None] | None = None) -> None:
+        self._cursor = cursor
+        self._dialect = dialect
+        self._sync = sync  # a pipeline's: results (a row count) come back only once it syncs
+
+    def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
+        self._cursor.execute(*statement.args(self._dialect, values))
+
+    def count(self, statement: HotStatement, values: dict[str, Any]) -> int:
+        self._cursor.execute(*statement.args(self._dialect, values))
+        if self._sync is not None:
+            self._sync()
+        return int(self._cursor.rowcount)
+
+    def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        self._cursor.execute(*statement.args(self._dialect, values))
+        rows = self._cursor.fetchall()  # to the end: the statement must finish
+        return tuple(rows[0]) if rows else None
+
+    def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            prepared = [statement.args(self._dialect, r) for r in rows]
+            self._cursor.executemany(prepared[0][0], [a for _, a in prepared])
+
+
+class _HotSqlite(sqlite3.Connection):
+    """A plain sqlite3 connection that can be weakly referenced."""
+
+
+class HotConnections:
+    """The hot path's connections, one per thread, for one database."""
+
+    def __init__(self, engine: Engine, unavailable: Callable[[Exception], Exception]) -> None:
+        self.engine = engine
+        self.unavailable = unavailable
+        self.kind = _kind(engine)
+        self._local = threading.local()
+        self._all: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._dialect: Dialect = engine.dialect
+        if self.kind == "psycopg":
+            from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+            # the same dialect, with positional parameters (psycopg takes %s as well)
+            self._dialect = PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
+
+    @contextmanager
+    def transaction(self, core: Callable[[], Any]) -> Iterator[HotWriter]:
+        """A transaction on this thread's connection; ``core`` gives a Core one otherwise."""
+        if self.kind == "sqlite":
+            yield from self._sqlite()
+        elif self.kind == "psycopg":
+            yield from self._psycopg()
+        else:
+            with core() as conn:
+                yield CoreWriter(conn)
+
+    def forget(self) -> None:
+        """Stop handing out the connections made so far. They are never closed from here: a
+        worker thread may be using its own right now (closing a sqlite3 connection under
+        another thread crashes the process); each closes when its thread lets go."""
+        self.kind = "core"
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ SQLite
+    def _sqlite(self) -> Iterator[HotWriter]:
+        conn: _HotSqlite | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    str(self.engine.url.database), timeout=30, check_same_thread=False, factory=_HotSqlite
+                )
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as exc:
+                raise self.unavailable(exc) from exc
+            self._local.conn = conn
+            with self._lock:
+                self._all.add(conn)
+        try:
+            yield _DbApiWriter(conn.cursor(), self._dialect)
+            conn.commit()
+        except sqlite3.OperationalError as exc:
+            conn.rollback()
+            raise self.unavailable(exc) from exc
+        except BaseException:
+            conn.rollback()
+            raise
+
+    # ------------------------------------------------------------------ PostgreSQL (psycopg)
+    def _psycopg(self) -> Iterator[HotWriter]:
+        import psycopg
+
+        conn = self._pg_connection()
+        try:
+            with conn.pipeline() as pipeline:
+                yield _DbApiWriter(conn.cursor(), self._dialect, pipeline.sync)
+                conn.commit()
+        except psycopg.OperationalError as exc:
+            self._drop_pg(conn)
+            raise self.unavailable(exc) from exc
+        except BaseException:
+            if conn.broken:
+                self._drop_pg(conn)
+            else:
+                try:
+                    conn.rollback()
+                except psycopg.Error:
+                    self._drop_pg(conn)
+            raise
+        self._local.used_at = time.monotonic()
+
+    def _pg_connection(self) -> psycopg.Connection[Any]:
+        import psycopg
+
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "pg", None)
+        if conn is not None and not conn.closed:
+            if time.monotonic() - getattr(self._local, "used_at", 0.0) <= PING_AFTER_IDLE:
+                return conn
+            try:  # idle for a while: the server may have gone and come back since
+                conn.execute("SELECT 1")
+                conn.rollback()
+                return conn
+            except psycopg.Error:
+                self._drop_pg(conn)
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        try:
+            conn = psycopg.connect(*cargs, **{"connect_timeout": 3, **cparams})
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+        self._local.pg = conn
+        with self._lock:
+            self._all.add(conn)
+        return conn
+
+    def _drop_pg(self, conn: Any) -> None:
+        self._local.pg = None
+        with contextlib.suppress(Exception):  # a connection that is gone may not even close
+            conn.close()
+
+
+def _kind(engine: Engine) -> str:
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        return "sqlite" if database and database != ":memory:" else "core"
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+        return "psycopg"
+    return "core"
