@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, select
 
 from envs.kit.errors import EnvctlError
 from runner.models import ResultFile as ResultRow
-from runner.results import ResultChangedError, ResultFile, ResultStore, scan, store_from_settings
+from runner.results import ResultChangedError, ResultStore, ScannedFile, scan, store_from_settings
 
 if TYPE_CHECKING:
     from runner.service import RunnerService
@@ -30,7 +30,7 @@ class ResultCollector:
     def __init__(self, runner: RunnerService) -> None:
         self.runner = runner
         self._store: ResultStore | None = None
-        self._index: dict[str, dict[str, ResultFile]] = {}  # runtime -> scan index (for mtime shortcuts)
+        self._index: dict[str, dict[str, ScannedFile]] = {}  # runtime -> scan index (for mtime shortcuts)
         self._known: dict[str, dict[str, str]] = {}  # runtime -> path -> sha256 recorded last
         self._lock = threading.Lock()
 
@@ -43,7 +43,7 @@ class ResultCollector:
     def results_dir(self, runtime_id: str) -> Path:
         return self.runner.state_dir(runtime_id) / "results"
 
-    def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ResultFile]:
+    def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ScannedFile]:
         """Record what changed under the runtime's results since the last collection."""
         root = self.results_dir(runtime_id)
         try:
@@ -61,7 +61,7 @@ class ResultCollector:
             index, _changed = scan(root, self._index.get(runtime_id))
             self._index[runtime_id] = index
             fresh = [f for f in index.values() if known.get(f.path) != f.sha256]
-            recorded: list[ResultFile] = []
+            recorded: list[ScannedFile] = []
             for f in fresh:
                 try:
                     self.store.put(f.sha256, root / f.path)

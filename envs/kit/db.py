@@ -245,6 +245,11 @@ class Database:
                 raise _unavailable(exc) from exc
             raise
 
+    def ping(self) -> None:
+        """One round trip to the database; ``DatabaseUnavailableError`` when it does not answer."""
+        with self.connection() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def dispose(self) -> None:
         # Hot connections are never closed from here: a worker thread may be using its own
         # right now, and closing a sqlite3 connection under another thread crashes the

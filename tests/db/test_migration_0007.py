@@ -83,9 +83,7 @@ def test_0007_drops_the_foreign_key_to_users_and_keeps_every_owner(db_url: str, 
     assert rows(engine) == {"owners": {"mine": "usr_alice", "base": None}, "versions": [(1, 1), (2, 1)]}
 
 
-def test_downgrading_0007_puts_the_key_back_and_owners_that_are_gone_become_none(
-    db_url: str, engine: Engine
-) -> None:
+def test_downgrading_0007_puts_the_key_back_and_owners_that_are_gone_become_none(db_url: str, engine: Engine) -> None:
     """Once the key is gone, a user row can go while environments still name it; the key
     cannot be made over such a row, so the downgrade clears it (no owner: admins only, which
     is how an owner that is gone is treated anyway)."""
