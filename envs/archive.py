@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from envs.kit.errors import InvalidInputError
+from envs.errors import ArchiveError
 
 FORMAT = 1
 META = "envctl-export.json"
@@ -37,10 +37,6 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
 CHUNK = 1024 * 1024
-
-
-class ArchiveError(InvalidInputError):
-    code = "bad_archive"
 
 
 def _sha256_file(f: IO[bytes]) -> tuple[str, int]:
