@@ -41,16 +41,17 @@ def layer(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def image(layers: list[bytes], seed: str) -> Image:
+def image(layers: list[bytes], seed: str, *, rootfs: bool = True) -> Image:
+    """An image of ``layers``; without ``rootfs`` its configuration is one Docker refuses."""
     diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {"envctl.seed": seed}},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }
-    ).encode()
+    doc: dict[str, Any] = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {"envctl.seed": seed}},
+    }
+    if rootfs:
+        doc["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config = json.dumps(doc).encode()
     return Image("sha256:" + hashlib.sha256(config).hexdigest(), config, layers)
 
 
@@ -99,11 +100,12 @@ def docker_save(images: list[Image]) -> bytes:
     return buf.getvalue()
 
 
-def make_archive(tmp: Path, tag: str = "sample") -> bytes:
-    """An archive of ``travelled@1`` on ``base@1``, as export writes it."""
+def make_archive(tmp: Path, tag: str = "sample", *, base_rootfs: bool = True) -> bytes:
+    """An archive of ``travelled@1`` on ``base@1``, as export writes it; ``base_rootfs=False``
+    gives ``base@1`` a configuration the engine refuses, after it took ``travelled@1``."""
     base_layer = layer({"etc/os-release": b"ID=debian\n", "bin/sh": b"\x7fELF" + bytes(range(256)) * 8})
     own_layer = layer({"root/souvenir": f"travelled {tag}\n".encode()})
-    base = image([base_layer], f"base-{tag}")
+    base = image([base_layer], f"base-{tag}", rootfs=base_rootfs)
     child = image([base_layer, own_layer], f"child-{tag}")
     meta = {
         "exported": "travelled@1",
