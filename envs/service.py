@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from envs.errors import EnvironmentNotFoundError, VersionNotFoundError
+from envs.errors import EnvironmentNotFoundError, VersionInUseError, VersionNotFoundError
 from envs.kit.clock import utcnow
 from envs.kit.errors import ForbiddenError
 from envs.models import Environment, EnvironmentVersion, Tag
@@ -302,8 +302,6 @@ def delete_version(session: Session, version: EnvironmentVersion, writer: Writer
     newest remaining version of the environment (or go away with the last one).
 
     Only the environment's owner or an admin may (403 otherwise, before anything else)."""
-    from envs.errors import VersionInUseError
-
     check_write(version.environment, writer, "delete its versions")
     needs = dependents(session, version)
     if needs["versions"] or needs["runtimes"]:

@@ -45,8 +45,10 @@ async def load(request: Request, ctx: CtxDep, caller: CallerDep) -> list[LoadedV
     """Load an archive made by ``GET /environments/{ref}/export`` (the request body, as
     application/x-tar): its images and its versions with their lineage. An archive with
     paths outside its root, links, devices or blobs that do not match their digests is
-    refused with 422 and nothing is loaded; so is, with 403, one that would add versions to
-    an environment of another user. Environments it makes are the caller's."""
+    refused with 422 and nothing is loaded; so is a damaged one (cut short, bytes changed,
+    headers or JSON that lie about sizes or digests), the message naming the problem, and
+    one whose images the engine refuses. One that would add versions to an environment of
+    another user is refused with 403. Environments it makes are the caller's."""
     archives = ctx.runner.archives
     fd, name = tempfile.mkstemp(dir=archives.scratch(), suffix=".upload.tar")
     path = Path(name)
