@@ -12,7 +12,13 @@ configuration bytes travel unchanged, so every image keeps its id (its digest).
 
 Reading an archive never extracts it: members are read as streams. Anything but regular files
 at the expected names (absolute paths, ``..``, links, devices) is refused, and every blob is
-checked against its digest (R25).
+checked against its digest (R25). Damage is refused with a 422 that says what and where (R34):
+a file cut short (inside a header, inside a member, or before the end-of-archive marker), a
+member header that is damaged or lies about its size, a blob whose bytes changed, and JSON
+that is broken or disagrees with the blobs (``envs.archive_contents``). ``index.json`` carries
+the digest of ``envctl-export.json``, so a changed byte there is seen as well. Damage to bytes
+nothing reads (the padding after a member, a manifest's name annotation) changes nothing a load
+records and is let through.
 """
 
 from __future__ import annotations
@@ -20,27 +26,36 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from envs.kit.errors import InvalidInputError
+from envs.archive_contents import (
+    FORMAT,
+    MAX_DOCUMENT,
+    MEDIA_CONFIG,
+    MEDIA_LAYER,
+    MEDIA_MANIFEST,
+    META,
+    META_DIGEST,
+    Checked,
+    read_contents,
+)
+from envs.errors import ArchiveError
 
-FORMAT = 1
-META = "envctl-export.json"
+__all__ = ["FORMAT", "META", "Checked", "check", "copy_stream", "docker_archive", "stream_file", "write_oci"]
+
 _BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})\Z")
 _ALLOWED_DIRS = {"blobs", "blobs/sha256"}
-MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+_DOCUMENTS = ("oci-layout", "index.json", META)
 CHUNK = 1024 * 1024
-
-
-class ArchiveError(InvalidInputError):
-    code = "bad_archive"
+MAX_TRAILER = 1024 * 1024  # zero bytes allowed after the end-of-archive marker (tar pads to a record)
+# what reading a damaged tar file (or a damaged compressed one) raises
+_UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def _sha256_file(f: IO[bytes]) -> tuple[str, int]:
@@ -80,7 +95,8 @@ def write_oci(docker_save: Path, images: list[str], meta: dict[str, Any], refs: 
             return digest, size
 
         put_bytes("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        put_bytes(META, json.dumps({"format": FORMAT, **meta}, indent=2, default=str).encode())
+        meta_bytes = json.dumps({"format": FORMAT, **meta}, indent=2, default=str).encode()
+        put_bytes(META, meta_bytes)
         index: list[dict[str, Any]] = []
         for image_id in images:
             hexid = image_id.split(":")[-1]
@@ -115,7 +131,11 @@ def write_oci(docker_save: Path, images: list[str], meta: dict[str, Any], refs: 
                     "annotations": {"org.opencontainers.image.ref.name": refs.get(image_id, hexid[:12])},
                 }
             )
-        put_bytes("index.json", json.dumps({"schemaVersion": 2, "manifests": index}, indent=2).encode())
+        annotations = {META_DIGEST: "sha256:" + hashlib.sha256(meta_bytes).hexdigest()}
+        put_bytes(
+            "index.json",
+            json.dumps({"schemaVersion": 2, "manifests": index, "annotations": annotations}, indent=2).encode(),
+        )
 
 
 def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
@@ -125,75 +145,137 @@ def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     return f
 
 
-@dataclass
-class Checked:
-    """A checked archive: its metadata and, per image id, its config and layer blob digests."""
-
-    meta: dict[str, Any]
-    images: dict[str, tuple[str, list[str]]]
-
-
 def check(path: Path) -> Checked:
-    """Refuse anything but a well-formed envctl archive whose blobs match their digests."""
+    """Refuse anything but a well-formed, undamaged envctl archive whose blobs match their
+    digests; ``ArchiveError`` (422) names the problem and where it is."""
+    with _open(path) as tar:
+        blobs, documents = _walk(tar)
+        for required in _DOCUMENTS:
+            if required not in documents:
+                raise ArchiveError(f"archive: {required} is missing; is this an envctl export?", field="archive")
+        return read_contents(documents, blobs, lambda blob: _read_blob(tar, blob))
+
+
+def _open(path: Path) -> tarfile.TarFile:
+    """The archive as a tar file: plain (as export writes it) or compressed."""
     try:
-        tar = tarfile.open(path)  # noqa: SIM115  (closed by the with below)
-    except (tarfile.TarError, OSError) as exc:
-        raise ArchiveError(f"archive: not a readable tar file ({exc})", field="archive") from exc
-    with tar:
-        blobs: set[str] = set()
-        names: set[str] = set()
+        return tarfile.open(path, "r:")
+    except _UNREADABLE as plain:
+        try:
+            return tarfile.open(path, "r:*")
+        except _UNREADABLE:
+            raise ArchiveError(f"archive: not a readable tar file ({plain})", field="archive") from plain
+
+
+def _walk(tar: tarfile.TarFile) -> tuple[dict[str, int], dict[str, bytes]]:
+    """Every member checked and read once: blobs hashed (hex digest -> size), the JSON
+    documents kept; then the end of the tar file checked."""
+    blobs: dict[str, int] = {}
+    documents: dict[str, bytes] = {}
+    names: set[str] = set()
+    try:
         for m in tar:
-            name = m.name
-            where = f"archive: member {name[:120]!r}"
-            if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
-                raise ArchiveError(f"{where} would be written outside the destination", field="archive")
-            if m.issym() or m.islnk():
-                raise ArchiveError(f"{where} is a link; archives hold only regular files", field="archive")
-            if m.isdev() or m.isfifo() or m.ischr() or m.isblk():
-                raise ArchiveError(f"{where} is a device or fifo; archives hold only regular files", field="archive")
-            clean = name.rstrip("/").removeprefix("./")
-            if m.isdir():
-                if clean not in _ALLOWED_DIRS and clean not in ("", "."):
-                    raise ArchiveError(f"{where} is not part of an envctl archive", field="archive")
+            where = f"archive: member {m.name[:120]!r}"
+            clean = _allowed(m, where)
+            if clean is None:
                 continue
-            if not m.isfile():
-                raise ArchiveError(f"{where} is not a regular file", field="archive")
-            match = _BLOB.match(clean)
-            if match is None and clean not in ("oci-layout", "index.json", META):
-                raise ArchiveError(f"{where} is not part of an envctl archive", field="archive")
             if clean in names:
                 raise ArchiveError(f"{where} appears twice", field="archive")
             names.add(clean)
-            if match is not None:
-                f = tar.extractfile(m)
-                assert f is not None
-                digest, _size = _sha256_file(f)
-                if digest != match.group(1):
-                    raise ArchiveError(f"{where}: its content does not match its digest", field="archive")
-                blobs.add(digest)
-        for required in ("oci-layout", "index.json", META):
-            if required not in names:
-                raise ArchiveError(f"archive: {required} is missing; is this an envctl export?", field="archive")
-        meta = json.load(_member(tar, META))
-        index = json.load(_member(tar, "index.json"))
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("versions"), list):
-            raise ArchiveError(f"archive: {META} is not of format {FORMAT}", field="archive")
-        images: dict[str, tuple[str, list[str]]] = {}
-        for entry in index.get("manifests", []):
-            digest = str(entry.get("digest", "")).split(":")[-1]
-            if digest not in blobs:
-                raise ArchiveError(f"archive: manifest {digest[:12]} is missing", field="archive")
-            manifest = json.load(_member(tar, f"blobs/sha256/{digest}"))
-            config = str(manifest["config"]["digest"]).split(":")[-1]
-            layers = [str(layer["digest"]).split(":")[-1] for layer in manifest.get("layers", [])]
-            for blob in (config, *layers):
-                if blob not in blobs:
-                    raise ArchiveError(f"archive: blob {blob[:12]} is missing", field="archive")
-            images[f"sha256:{config}"] = (config, layers)
-        for v in meta["versions"]:
-            if v.get("image_id") not in images:
-                raise ArchiveError(f"archive: the image of {v.get('ref')} is missing", field="archive")
-        return Checked(meta=meta, images=images)
+            match = _BLOB.match(clean)
+            if match is None:
+                if m.size > MAX_DOCUMENT:
+                    raise ArchiveError(
+                        f"{where} is {m.size} bytes; at most {MAX_DOCUMENT} are allowed", field="archive"
+                    )
+                chunks: list[bytes] = []
+                _read(tar, m, where, chunks.append)
+                documents[clean] = b"".join(chunks)
+                continue
+            h = hashlib.sha256()
+            _read(tar, m, where, h.update)
+            if h.hexdigest() != match.group(1):
+                raise ArchiveError(f"{where}: its content does not match its digest", field="archive")
+            blobs[match.group(1)] = m.size
+    except _UNREADABLE as exc:
+        raise ArchiveError(
+            f"archive: the tar file is damaged or cut short after byte {tar.offset} ({exc})", field="archive"
+        ) from exc
+    _check_end(tar)
+    return blobs, documents
+
+
+def _allowed(m: tarfile.TarInfo, where: str) -> str | None:
+    """The member's clean name if it is a file an archive holds, None for an allowed
+    directory; anything else is refused."""
+    name = m.name
+    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
+        raise ArchiveError(f"{where} would be written outside the destination", field="archive")
+    if m.issym() or m.islnk():
+        raise ArchiveError(f"{where} is a link; archives hold only regular files", field="archive")
+    if m.isdev() or m.isfifo() or m.ischr() or m.isblk():
+        raise ArchiveError(f"{where} is a device or fifo; archives hold only regular files", field="archive")
+    clean = name.rstrip("/").removeprefix("./")
+    if m.isdir():
+        if clean not in _ALLOWED_DIRS and clean not in ("", "."):
+            raise ArchiveError(f"{where} is not part of an envctl archive", field="archive")
+        return None
+    if not m.isfile() or m.issparse():
+        raise ArchiveError(f"{where} is not a regular file", field="archive")
+    if _BLOB.match(clean) is None and clean not in _DOCUMENTS:
+        raise ArchiveError(f"{where} is not part of an envctl archive", field="archive")
+    return clean
+
+
+def _read(tar: tarfile.TarFile, m: tarfile.TarInfo, where: str, sink: Callable[[bytes], object]) -> None:
+    """Stream a member's bytes into ``sink``; a member the file ends inside is refused."""
+    f = tar.extractfile(m)
+    if f is None:
+        raise ArchiveError(f"{where} is not a regular file", field="archive")
+    done = 0
+    try:
+        while chunk := f.read(CHUNK):
+            sink(chunk)
+            done += len(chunk)
+    except _UNREADABLE as exc:
+        raise ArchiveError(
+            f"{where} is cut short or damaged: its header says {m.size} bytes ({exc})", field="archive"
+        ) from exc
+    if done != m.size:
+        raise ArchiveError(f"{where} is cut short: its header says {m.size} bytes, {done} are there", field="archive")
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """The members must be followed by the end-of-archive marker (two zero blocks) and nothing
+    but zeros. Python's tarfile takes a header it cannot read after the first for the end of
+    the archive, so this is where a damaged header, or a file cut short between members, shows."""
+    end = tar.offset
+    marker = b"\0" * (2 * tarfile.BLOCKSIZE)
+    try:
+        f = tar.fileobj
+        assert f is not None
+        f.seek(end)
+        found = f.read(len(marker))
+        trailer = f.read(MAX_TRAILER + 1)
+    except _UNREADABLE as exc:
+        raise ArchiveError(f"archive: the tar file is damaged after byte {end} ({exc})", field="archive") from exc
+    if found != marker:
+        if len(found) < len(marker):  # a whole archive has at least the marker after its members
+            what = "a member header" if found.strip(b"\0") else "the end-of-archive marker"
+            problem = f"is cut short at byte {end + len(found)}: {what} is incomplete or missing"
+        else:
+            problem = f"has a damaged member header at byte {end}"
+        raise ArchiveError(f"archive: the tar file {problem}", field="archive")
+    if len(trailer) > MAX_TRAILER or trailer.strip(b"\0"):
+        raise ArchiveError(f"archive: the tar file has data after its end (byte {end})", field="archive")
+
+
+def _read_blob(tar: tarfile.TarFile, blob: str) -> bytes:
+    f = _member(tar, f"blobs/sha256/{blob}")
+    try:
+        return f.read()
+    except _UNREADABLE as exc:  # read once already; only a file changed under us gets here
+        raise ArchiveError(f"archive: blob {blob[:12]} cannot be read again ({exc})", field="archive") from exc
 
 
 def docker_archive(path: Path, checked: Checked, out: IO[bytes]) -> None:

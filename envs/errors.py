@@ -1,6 +1,6 @@
 """Errors of the environments package."""
 
-from envs.kit.errors import ConflictError, NotFoundError
+from envs.kit.errors import ConflictError, InvalidInputError, NotFoundError
 
 
 class EnvironmentNotFoundError(NotFoundError):
@@ -13,3 +13,9 @@ class VersionNotFoundError(NotFoundError):
 
 class VersionInUseError(ConflictError):
     code = "version_in_use"
+
+
+class ArchiveError(InvalidInputError):
+    """An environment archive that is damaged, or is not an envctl archive (422)."""
+
+    code = "bad_archive"

@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-import registry.models  # noqa: F401  (environments.owner_id refers to users: their table must be known)
 from envs.kit.clock import utcnow
 from envs.kit.db import Base, UTCDateTime
 
@@ -19,6 +18,11 @@ class Environment(Base):
     ``owner_id`` is the user who created it (its first save, build or load); only they and
     admins may add versions to it or delete them. ``None`` is no owner: base images, and
     environments older than owners; only admins may change those. Anyone may read any.
+
+    ``owner_id`` is a plain user id, not a foreign key: users are the registry's table, and
+    ``envs`` sits below ``registry``. User ids are random and never reused, so an environment
+    whose owner is gone matches no writer: like one with no owner, it is left to the admins
+    (and is listed without an owner, since no user has that id).
     """
 
     __tablename__ = "environments"
@@ -28,10 +32,7 @@ class Environment(Base):
     namespace: Mapped[str] = mapped_column(String(64), default="")
     name: Mapped[str] = mapped_column(String(64))
     description: Mapped[str] = mapped_column(Text, default="")
-    # A user who goes leaves their environments to the admins (SET NULL), not to nobody.
-    owner_id: Mapped[str | None] = mapped_column(
-        String(40), ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
-    )
+    owner_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     versions: Mapped[list[EnvironmentVersion]] = relationship(

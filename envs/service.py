@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from envs.errors import EnvironmentNotFoundError, VersionNotFoundError
+from envs.errors import EnvironmentNotFoundError, VersionInUseError, VersionNotFoundError
 from envs.kit.clock import utcnow
 from envs.kit.errors import ForbiddenError
 from envs.models import Environment, EnvironmentVersion, Tag
@@ -90,6 +90,20 @@ def get_or_create_environment(session: Session, full_name: str, owner_id: str | 
     return env
 
 
+def environment_of(session: Session, ref: EnvRef | str, field: str = "ref") -> Environment:
+    """The environment a reference names, read afresh: a name (``python3``, ``acme/ml``) or any
+    reference to one of its versions, which must exist (404 otherwise)."""
+    if isinstance(ref, str):
+        ref = parse_ref(ref, field)
+    env = get_environment(session, ref.full_name)
+    if env is None:
+        raise _no_environment(ref, field)
+    if ref.is_pinned:
+        resolve(session, ref, field)  # 404 for a version that does not exist
+    session.refresh(env)
+    return env
+
+
 def list_environments(session: Session) -> list[Environment]:
     return list(
         session.scalars(
@@ -106,10 +120,7 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
         ref = parse_ref(ref, field)
     env = get_environment(session, ref.full_name)
     if env is None:
-        raise EnvironmentNotFoundError(
-            f"{field}: no environment named {ref.full_name!r}; `envctl env ls` lists them",
-            details={"field": field, "environment": ref.full_name},
-        )
+        raise _no_environment(ref, field)
     q = select(EnvironmentVersion).where(EnvironmentVersion.environment_id == env.id)
     if ref.version is not None:
         version = session.scalars(q.where(EnvironmentVersion.number == ref.version)).one_or_none()
@@ -121,6 +132,13 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
     if version is None:
         raise VersionNotFoundError(f"{field}: {ref} does not exist", details={"field": field, "reference": str(ref)})
     return version
+
+
+def _no_environment(ref: EnvRef, field: str) -> EnvironmentNotFoundError:
+    return EnvironmentNotFoundError(
+        f"{field}: no environment named {ref.full_name!r}; `envctl env ls` lists them",
+        details={"field": field, "environment": ref.full_name},
+    )
 
 
 @dataclass(frozen=True)
@@ -284,8 +302,6 @@ def delete_version(session: Session, version: EnvironmentVersion, writer: Writer
     newest remaining version of the environment (or go away with the last one).
 
     Only the environment's owner or an admin may (403 otherwise, before anything else)."""
-    from envs.errors import VersionInUseError
-
     check_write(version.environment, writer, "delete its versions")
     needs = dependents(session, version)
     if needs["versions"] or needs["runtimes"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import select
@@ -32,6 +33,14 @@ def create_user(session: Session, name: str, *, is_admin: bool = False) -> User:
 
 def get_user_by_name(session: Session, name: str) -> User | None:
     return session.scalars(select(User).where(User.name == name)).one_or_none()
+
+
+def user_names(session: Session, ids: Iterable[str]) -> dict[str, str]:
+    """The names of the users with ``ids``, by id; an id of no user (one who is gone) is left out."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    return {uid: name for uid, name in session.execute(select(User.id, User.name).where(User.id.in_(wanted)))}
 
 
 def issue_token(session: Session, user: User, description: str = "", expires_at: datetime | None = None) -> str:

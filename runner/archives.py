@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from envs import archive
 from envs import service as envs_service
+from envs.errors import ArchiveError
 from envs.kit.db import Database
-from envs.kit.errors import BackendError
+from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
 from envs.refs import parse_ref
 from runner.backends.base import RuntimeBackend
 from runner.snapshots import writer_of
+
+log = logging.getLogger("envctl.archives")
 
 
 class Archives:
@@ -76,16 +81,45 @@ class Archives:
                     envs_service.check_write(
                         env, writer, "load versions into it", "ask its owner or an admin to load this archive"
                     )
-        with tempfile.NamedTemporaryFile(dir=self.scratch(), suffix=".docker.tar", delete=False) as out:
-            docker_path = Path(out.name)
-            archive.docker_archive(path, checked, out)
+        backend = self.backend
+        present = {image for image in checked.images if backend.image_info(image) is not None}
         try:
-            self.backend.load_images(docker_path)
+            self._load_images(path, checked)
+            for image_id in checked.images:
+                if backend.image_info(image_id) is None:
+                    raise BackendError(f"after loading, the image {image_id[:19]} is not in the engine")
+            return self._record(checked, writer)
+        except BaseException:
+            for image_id in set(checked.images) - present:  # nothing of a failed load stays behind
+                try:
+                    backend.remove_image(image_id)
+                except EnvctlError as exc:
+                    log.warning("could not remove image %s of a failed load: %s", image_id[:19], exc.message)
+            raise
+
+    def _load_images(self, path: Path, checked: archive.Checked) -> None:
+        """Hand the checked archive to the engine in ``docker load`` form. A refusal by an
+        engine that answers is about the archive (422, in the engine's words); one that does
+        not answer is a 503."""
+        fd, name = tempfile.mkstemp(dir=self.scratch(), suffix=".docker.tar")
+        docker_path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                archive.docker_archive(path, checked, out)
+            try:
+                self.backend.load_images(docker_path)
+            except BackendError as exc:
+                try:
+                    self.backend.ping()
+                except EnvctlError:
+                    raise exc from None
+                raise ArchiveError(
+                    f"archive: the container engine refused its images: {exc.message}", field="archive"
+                ) from exc
         finally:
             docker_path.unlink(missing_ok=True)
-        for image_id in checked.images:
-            if self.backend.image_info(image_id) is None:
-                raise BackendError(f"after loading, the image {image_id[:19]} is not in the engine")
+
+    def _record(self, checked: archive.Checked, writer: envs_service.Writer) -> list[dict[str, Any]]:
         loaded: list[dict[str, Any]] = []
         by_image: dict[str, EnvironmentVersion] = {}
         with self.db.session() as s:

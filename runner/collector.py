@@ -22,7 +22,7 @@ from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from runner.models import ResultFile as ResultRow
 from runner.paths import RuntimePaths
-from runner.results import ResultChangedError, ResultFile, ResultStore, scan, store_from_settings
+from runner.results import ResultChangedError, ResultStore, ScannedFile, scan, store_from_settings
 
 log = logging.getLogger("envctl.results")
 
@@ -34,7 +34,7 @@ class ResultCollector:
         self.clock = clock
         self.paths = paths
         self._store: ResultStore | None = None
-        self._index: dict[str, dict[str, ResultFile]] = {}  # runtime -> scan index (for mtime shortcuts)
+        self._index: dict[str, dict[str, ScannedFile]] = {}  # runtime -> scan index (for mtime shortcuts)
         self._known: dict[str, dict[str, str]] = {}  # runtime -> path -> sha256 recorded last
         self._lock = threading.Lock()
 
@@ -47,7 +47,7 @@ class ResultCollector:
     def results_dir(self, runtime_id: str) -> Path:
         return self.paths.results_dir(runtime_id)
 
-    def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ResultFile]:
+    def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ScannedFile]:
         """Record what changed under the runtime's results since the last collection."""
         root = self.results_dir(runtime_id)
         try:
@@ -65,7 +65,7 @@ class ResultCollector:
             index, _changed = scan(root, self._index.get(runtime_id))
             self._index[runtime_id] = index
             fresh = [f for f in index.values() if known.get(f.path) != f.sha256]
-            recorded: list[ResultFile] = []
+            recorded: list[ScannedFile] = []
             for f in fresh:
                 try:
                     self.store.put(f.sha256, root / f.path)

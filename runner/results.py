@@ -95,7 +95,9 @@ def check_sha256(sha256: str) -> str:
 
 
 @dataclass(frozen=True)
-class ResultFile:
+class ScannedFile:
+    """A regular file :func:`scan` found; its recorded version is ``runner.models.ResultFile``."""
+
     path: str  # POSIX path relative to the results root, e.g. "plots/a.png"
     sha256: str  # hex
     size: int
@@ -138,12 +140,12 @@ def _hash_open_file(fd: int) -> tuple[str, os.stat_result] | None:
 
 @dataclass
 class _Walk:
-    previous: dict[str, ResultFile]
+    previous: dict[str, ScannedFile]
     max_files: int
     max_entries: int
     root: Path
-    index: dict[str, ResultFile]
-    changed: list[ResultFile]
+    index: dict[str, ScannedFile]
+    changed: list[ScannedFile]
     entries: int = 0
     stopped: bool = False
 
@@ -154,8 +156,8 @@ class _Walk:
 
 
 def scan(
-    root: Path, previous: dict[str, ResultFile] | None = None, *, max_files: int = 10000
-) -> tuple[dict[str, ResultFile], list[ResultFile]]:
+    root: Path, previous: dict[str, ScannedFile] | None = None, *, max_files: int = 10000
+) -> tuple[dict[str, ScannedFile], list[ScannedFile]]:
     """Current index of regular files under root, and the list of files new or changed since `previous`.
 
     Re-hashes only files whose (size, mtime_ns) changed. Never follows symlinks (skipped
@@ -241,7 +243,7 @@ def _visit_file(walk: _Walk, dir_fd: int, name: str, rel: str) -> None:
     if hashed is None:
         return
     digest, fst = hashed
-    record = ResultFile(path=rel, sha256=digest, size=fst.st_size, mtime_ns=fst.st_mtime_ns)
+    record = ScannedFile(path=rel, sha256=digest, size=fst.st_size, mtime_ns=fst.st_mtime_ns)
     walk.index[rel] = record
     if prev is None or prev.sha256 != digest:
         walk.changed.append(record)

@@ -34,6 +34,12 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                # Batch mode rebuilds a table by copying it and dropping the original, which
+                # SQLite refuses while other tables' rows refer to it. Foreign keys can only be
+                # switched off outside a transaction: now, before the first statement. The
+                # engine is disposed of below, so no connection keeps this setting.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
             _run(conn)
             conn.commit()
     finally:
@@ -49,6 +55,10 @@ def _run(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+        if connection.dialect.name == "sqlite":
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration left rows that refer to missing ones: {broken[:5]}")
 
 
 if context.is_offline_mode():

@@ -1,68 +1,24 @@
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
-from api.routes.runtimes import operation_out
-from api.schemas import BuildRequest, EnvironmentOut, LineageStep, LoadedVersion, OperationOut, VersionOut
+from api.schemas import BuildRequest, EnvironmentOut, LineageStep, LoadedVersion, OperationOut
+from api.views import environment_out, lineage_step, operation_out, owner_ids
 from envs import archive
 from envs import service as envs_service
-from envs.errors import EnvironmentNotFoundError
 from envs.kit.errors import InvalidInputError
-from envs.models import Environment, EnvironmentVersion
 from envs.refs import parse_ref
-from registry.models import User
+from registry import service as registry_service
 
 router = APIRouter(tags=["environments"])
-
-
-def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
-    return VersionOut(
-        ref=v.ref,
-        number=v.number,
-        digest=v.digest,
-        image_id=v.image_id,
-        parent=v.parent.ref if v.parent is not None else None,
-        message=v.message,
-        author=v.author,
-        size=v.size,
-        size_added=v.size_added,
-        created_at=v.created_at,
-        tags=sorted(tags),
-    )
-
-
-def owner_names(s: Session, envs: list[Environment]) -> dict[str, str]:
-    """User names of the owners of ``envs``, by user id."""
-    ids = {e.owner_id for e in envs if e.owner_id is not None}
-    if not ids:
-        return {}
-    rows = s.execute(select(User.id, User.name).where(User.id.in_(ids)))
-    return {uid: name for uid, name in rows}
-
-
-def environment_out(env: Environment, owners: dict[str, str]) -> EnvironmentOut:
-    tags_by_version: dict[int, list[str]] = {}
-    for t in env.tags:
-        tags_by_version.setdefault(t.version_id, []).append(t.name)
-    by_id = {v.id: v for v in env.versions}
-    tags = {t.name: by_id[t.version_id].ref for t in env.tags if t.version_id in by_id}
-    return EnvironmentOut(
-        name=env.full_name,
-        team=env.namespace or None,
-        owner=owners.get(env.owner_id) if env.owner_id is not None else None,
-        latest=tags.get("latest"),
-        tags=tags,
-        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in env.versions],
-    )
 
 
 @router.get("/environments", response_model=list[EnvironmentOut])
@@ -70,7 +26,7 @@ def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
     """Every environment with its versions, tags and owner. Every user sees every one."""
     with ctx.db.session() as s:
         envs = envs_service.list_environments(s)
-        owners = owner_names(s, envs)
+        owners = registry_service.user_names(s, owner_ids(envs))
         return [environment_out(e, owners) for e in envs]
 
 
@@ -89,14 +45,17 @@ async def load(request: Request, ctx: CtxDep, caller: CallerDep) -> list[LoadedV
     """Load an archive made by ``GET /environments/{ref}/export`` (the request body, as
     application/x-tar): its images and its versions with their lineage. An archive with
     paths outside its root, links, devices or blobs that do not match their digests is
-    refused with 422 and nothing is loaded; so is, with 403, one that would add versions to
-    an environment of another user. Environments it makes are the caller's."""
+    refused with 422 and nothing is loaded; so is a damaged one (cut short, bytes changed,
+    headers or JSON that lie about sizes or digests), the message naming the problem, and
+    one whose images the engine refuses. One that would add versions to an environment of
+    another user is refused with 403. Environments it makes are the caller's."""
     archives = ctx.runner.archives
-    with tempfile.NamedTemporaryFile(dir=archives.scratch(), suffix=".upload.tar", delete=False) as f:
-        path = Path(f.name)
-        async for chunk in request.stream():
-            f.write(chunk)
-    try:
+    fd, name = tempfile.mkstemp(dir=archives.scratch(), suffix=".upload.tar")
+    path = Path(name)
+    try:  # the upload goes, however this ends: loaded, refused, or the client gone mid-way
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                f.write(chunk)
         loaded = await run_in_threadpool(archives.load, path, caller.id)
     finally:
         path.unlink(missing_ok=True)
@@ -136,19 +95,7 @@ def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
     step with its message, author, time and the size it added."""
     with ctx.db.session() as s:
         version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
-        return [
-            LineageStep(
-                ref=v.ref,
-                digest=v.digest,
-                message=v.message,
-                author=v.author,
-                created_at=v.created_at,
-                size=v.size,
-                size_added=v.size_added,
-                source_runtime_id=v.source_runtime_id,
-            )
-            for v in envs_service.lineage(s, version)
-        ]
+        return [lineage_step(v) for v in envs_service.lineage(s, version)]
 
 
 @router.delete("/environments/{ref:path}", status_code=204)
@@ -170,12 +117,6 @@ def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
 def get_environment(ref: str, ctx: CtxDep, _caller: CallerDep) -> EnvironmentOut:
     """One environment. ``ref`` is a name (``python3``, ``acme/ml``) or any reference to one
     of its versions; the whole environment is returned either way."""
-    parsed = parse_ref(ref, "ref")
     with ctx.db.session() as s:
-        env = envs_service.get_environment(s, parsed.full_name)
-        if env is None:
-            raise EnvironmentNotFoundError(f"ref: no environment named {parsed.full_name!r}", details={"field": "ref"})
-        if parsed.is_pinned:
-            envs_service.resolve(s, parsed, "ref")  # 404 for a version that does not exist
-        s.refresh(env)
-        return environment_out(env, owner_names(s, [env]))
+        env = envs_service.environment_of(s, ref, "ref")
+        return environment_out(env, registry_service.user_names(s, owner_ids([env])))

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import text
 
 from api.deps import CtxDep
 from api.schemas import HealthOut
@@ -15,8 +14,7 @@ def health(ctx: CtxDep) -> HealthOut:
     """Liveness of the server, with the state of the database and the container backend."""
     database = backend = "ok"
     try:
-        with ctx.db.session() as s:
-            s.execute(text("SELECT 1"))
+        ctx.db.ping()
     except EnvctlError as exc:
         database = exc.message
     except Exception as exc:  # health must answer whatever is wrong

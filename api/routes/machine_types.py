@@ -4,6 +4,7 @@ from fastapi import APIRouter
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import MachineTypeOut
+from api.views import machine_type_out
 from runner.machines import list_machine_types
 
 router = APIRouter(tags=["machine types"])
@@ -12,15 +13,4 @@ router = APIRouter(tags=["machine types"])
 @router.get("/machine-types", response_model=list[MachineTypeOut])
 def machine_types(ctx: CtxDep, _caller: CallerDep) -> list[MachineTypeOut]:
     """The sizes a runtime can be given (from configuration)."""
-    return [
-        MachineTypeOut(
-            name=m.name,
-            cpus=m.cpus,
-            memory=m.memory,
-            pids=m.pids,
-            gpus=m.gpus,
-            idle_timeout=m.idle_timeout,
-            description=m.description,
-        )
-        for m in list_machine_types(ctx.settings)
-    ]
+    return [machine_type_out(m) for m in list_machine_types(ctx.settings)]

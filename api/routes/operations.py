@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import CallerDep, CtxDep
-from api.routes.runtimes import operation_out
 from api.schemas import OperationOut
+from api.views import operation_out
 
 router = APIRouter(tags=["operations"])
 

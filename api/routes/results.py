@@ -8,36 +8,22 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import ResultOut
-from envs.kit.errors import NotFoundError
-from runner.models import ResultFile
+from api.views import result_out
+from runner import results_queries
 
 router = APIRouter(tags=["results"])
 ResultId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a result's id")]
 
 
-def _out(row: ResultFile) -> ResultOut:
-    return ResultOut(
-        id=row.id,
-        path=row.path,
-        sha256=row.sha256,
-        size=row.size,
-        runtime_id=row.runtime_id,
-        execution_id=row.execution_id,
-        created_at=row.created_at,
-        content_url=f"/results/{row.id}/content",
-    )
-
-
-def _list(ctx: CtxDep, owner_id: str, **where: str) -> list[ResultOut]:
-    q = select(ResultFile).where(ResultFile.owner_id == owner_id)
-    for column, value in where.items():
-        q = q.where(getattr(ResultFile, column) == value)
+def _list(
+    ctx: CtxDep, owner_id: str, *, runtime_id: str | None = None, execution_id: str | None = None
+) -> list[ResultOut]:
     with ctx.db.session() as s:
-        return [_out(r) for r in s.scalars(q.order_by(ResultFile.id.desc()).limit(1000))]
+        rows = results_queries.list_results(s, owner_id, runtime_id=runtime_id, execution_id=execution_id)
+        return [result_out(r) for r in rows]
 
 
 @router.get("/results", response_model=list[ResultOut])
@@ -45,7 +31,7 @@ def list_results(
     ctx: CtxDep, caller: CallerDep, runtime_id: Annotated[str | None, Query(max_length=64)] = None
 ) -> list[ResultOut]:
     """Your result files, newest first; every version of a path is listed."""
-    return _list(ctx, caller.id, **({"runtime_id": runtime_id} if runtime_id else {}))
+    return _list(ctx, caller.id, runtime_id=runtime_id or None)
 
 
 @router.get("/runtimes/{runtime_id}/results", response_model=list[ResultOut])
@@ -63,10 +49,7 @@ def execution_results(execution_id: str, ctx: CtxDep, caller: CallerDep) -> list
 @router.get("/results/{result_id}", response_model=ResultOut)
 def get_result(result_id: ResultId, ctx: CtxDep, caller: CallerDep) -> ResultOut:
     with ctx.db.session() as s:
-        row = s.get(ResultFile, result_id)
-        if row is None or row.owner_id != caller.id:
-            raise NotFoundError(f"result {result_id} does not exist")
-        return _out(row)
+        return result_out(results_queries.get_result(s, caller.id, result_id))
 
 
 @router.get(

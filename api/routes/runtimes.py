@@ -15,7 +15,8 @@ from api.schemas import (
     RuntimePatch,
     SaveRequest,
 )
-from runner.models import Operation, Runtime
+from api.views import operation_out
+from runner.models import Runtime
 from runner.service import RunnerService, RuntimeChanges, RuntimeStatus
 from runner.states import State
 
@@ -192,18 +193,3 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
         caller.id, caller.name, runtime_id, environment=body.environment, message=body.message, tag=body.tag
     )
     return operation_out(op)
-
-
-def operation_out(op: Operation) -> OperationOut:
-    return OperationOut(
-        id=op.id,
-        kind=op.kind,
-        runtime_id=op.runtime_id,
-        status=op.status,  # type: ignore[arg-type]
-        phase=op.phase,
-        message=op.message,
-        result=op.result or {},
-        error=op.error,
-        created_at=op.created_at,
-        finished_at=op.finished_at,
-    )

@@ -118,6 +118,11 @@ class Database:
                 raise _unavailable(exc) from exc
             raise
 
+    def ping(self) -> None:
+        """One round trip to the database; ``DatabaseUnavailableError`` when it does not answer."""
+        with self.connection() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def dispose(self) -> None:
         self._hot.forget()  # from now on hot() takes the Core path
         self.engine.dispose()

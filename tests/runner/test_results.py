@@ -22,11 +22,11 @@ from runner.results import (
     CHUNK_SIZE,
     LocalStore,
     ResultChangedError,
-    ResultFile,
     ResultNotFoundError,
     ResultStore,
     ResultStoreError,
     S3Store,
+    ScannedFile,
     scan,
     store_from_settings,
 )
@@ -65,7 +65,7 @@ def test_first_scan_reports_every_regular_file_with_posix_paths_relative_to_the_
     assert set(index) == {"a.txt", "plots/b.png", "plots/deep/er/c.csv", "empty.bin"}
     assert sorted(f.path for f in changed) == sorted(index)
     c = index["plots/deep/er/c.csv"]
-    assert c == ResultFile(
+    assert c == ScannedFile(
         path="plots/deep/er/c.csv",
         sha256=sha(b"1,2\n"),
         size=4,

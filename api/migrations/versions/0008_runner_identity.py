@@ -1,7 +1,7 @@
 """the installation's identity, runners with heartbeats, execution numbers counted in the store
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-01 22:00:00
 
 - ``installation``: one row, the installation's id (made here, random). Every container carries
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

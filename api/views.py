@@ -1,0 +1,107 @@
+"""Response builders: ORM rows (read inside their session) turned into the API's schemas.
+
+One place for the builders that more than one route module uses, so that route modules never
+import each other. A builder only reads what it is given; it runs no query of its own beyond
+the relationships already loaded on the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from api.schemas import EnvironmentOut, LineageStep, MachineTypeOut, OperationOut, ResultOut, VersionOut
+from envs.kit.config import MachineType
+from envs.models import Environment, EnvironmentVersion
+from runner.models import Operation, ResultFile
+
+
+def operation_out(op: Operation) -> OperationOut:
+    return OperationOut(
+        id=op.id,
+        kind=op.kind,
+        runtime_id=op.runtime_id,
+        status=op.status,  # type: ignore[arg-type]
+        phase=op.phase,
+        message=op.message,
+        result=op.result or {},
+        error=op.error,
+        created_at=op.created_at,
+        finished_at=op.finished_at,
+    )
+
+
+def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
+    return VersionOut(
+        ref=v.ref,
+        number=v.number,
+        digest=v.digest,
+        image_id=v.image_id,
+        parent=v.parent.ref if v.parent is not None else None,
+        message=v.message,
+        author=v.author,
+        size=v.size,
+        size_added=v.size_added,
+        created_at=v.created_at,
+        tags=sorted(tags),
+    )
+
+
+def owner_ids(envs: Iterable[Environment]) -> set[str]:
+    """The user ids that own ``envs``, to look their names up."""
+    return {e.owner_id for e in envs if e.owner_id is not None}
+
+
+def environment_out(env: Environment, owners: dict[str, str]) -> EnvironmentOut:
+    """``owners`` maps user id to name; an owner missing from it (a user who is gone) shows as
+    no owner, which is how such an environment is treated: admins only."""
+    tags_by_version: dict[int, list[str]] = {}
+    for t in env.tags:
+        tags_by_version.setdefault(t.version_id, []).append(t.name)
+    by_id = {v.id: v for v in env.versions}
+    tags = {t.name: by_id[t.version_id].ref for t in env.tags if t.version_id in by_id}
+    return EnvironmentOut(
+        name=env.full_name,
+        team=env.namespace or None,
+        owner=owners.get(env.owner_id) if env.owner_id is not None else None,
+        latest=tags.get("latest"),
+        tags=tags,
+        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in env.versions],
+    )
+
+
+def lineage_step(v: EnvironmentVersion) -> LineageStep:
+    return LineageStep(
+        ref=v.ref,
+        digest=v.digest,
+        message=v.message,
+        author=v.author,
+        created_at=v.created_at,
+        size=v.size,
+        size_added=v.size_added,
+        source_runtime_id=v.source_runtime_id,
+    )
+
+
+def result_out(row: ResultFile) -> ResultOut:
+    return ResultOut(
+        id=row.id,
+        path=row.path,
+        sha256=row.sha256,
+        size=row.size,
+        runtime_id=row.runtime_id,
+        execution_id=row.execution_id,
+        created_at=row.created_at,
+        content_url=f"/results/{row.id}/content",
+    )
+
+
+def machine_type_out(m: MachineType) -> MachineTypeOut:
+    return MachineTypeOut(
+        name=m.name,
+        cpus=m.cpus,
+        memory=m.memory,
+        pids=m.pids,
+        gpus=m.gpus,
+        idle_timeout=m.idle_timeout,
+        description=m.description,
+    )
