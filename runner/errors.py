@@ -1,6 +1,6 @@
 """Errors of the runner package: every leaf the runner raises is defined here."""
 
-from envs.kit.errors import ConflictError, EnvctlError, NotFoundError
+from envs.kit.errors import ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
 
 
 class RuntimeNotFoundError(NotFoundError):
@@ -41,3 +41,19 @@ class OperationNotFoundError(NotFoundError):
 class BuildStepFailedError(EnvctlError):
     code = "build_step_failed"
     status = 422
+
+
+class ResultNotFoundError(NotFoundError):
+    code = "result_not_found"
+
+
+class ResultChangedError(ConflictError):
+    """The source file vanished, is not a regular file, or no longer has the expected sha256."""
+
+    code = "result_changed"
+
+
+class ResultStoreError(ServiceUnavailableError):
+    """The results store failed (denied access, missing bucket, disk full, ...)."""
+
+    code = "result_store_error"

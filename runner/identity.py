@@ -150,7 +150,7 @@ class Lease:
         key = (str(self.db.url), self.name)
         with self._held_lock:
             holder = self._held_here.get(key)
-            if holder is not None and holder is not self and not holder._closing.is_set():
+            if holder is not None and holder is not self and holder.active:
                 raise RunnerNameInUseError(
                     f"the runner name {self.name!r} is in use by another runner of this process; "
                     "give each runner its own name (ENVCTL_RUNNER_NAME)",
@@ -162,6 +162,11 @@ class Lease:
         except BaseException:
             self._forget_here()
             raise
+
+    @property
+    def active(self) -> bool:
+        """Held by this process and neither released nor abandoned."""
+        return not self._closing.is_set()
 
     def _forget_here(self) -> None:
         with self._held_lock:
