@@ -32,10 +32,10 @@ import docker
 
 from envs.base.child import build_child
 from envs.base.hierarchy import (
-    LABEL_BUILD,
     LABEL_DIGEST,
     LABEL_IMAGE,
     Recipe,
+    build_labels,
     build_order,
     default_recipes_dir,
     image_config,
@@ -263,7 +263,7 @@ def _run_verify(
             container_id = client.api.create_container(
                 image,
                 command=[target],
-                labels={LABEL_BUILD: "1", LABEL_IMAGE: image_name},
+                labels=build_labels(image_name),
                 name=f"envctl-verify-{image_name}-{uuid.uuid4().hex[:8]}",
                 host_config=client.api.create_host_config(network_mode="none"),
             )["Id"]

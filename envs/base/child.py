@@ -17,7 +17,7 @@ from typing import Any
 
 import docker
 
-from envs.base.hierarchy import LABEL_BUILD, LABEL_IMAGE, Recipe, repository_tag
+from envs.base.hierarchy import Recipe, build_labels, repository_tag
 from envs.base.progress import BuildEvent, OutputStream, Progress
 from envs.base.recipes import RECIPE_FILE, STEP_ENV, Spec
 from envs.images import docker as images
@@ -43,7 +43,7 @@ def build_child(
             container_id = client.api.create_container(
                 parent_id,
                 command=["sleep", "infinity"],
-                labels={LABEL_BUILD: "1", LABEL_IMAGE: recipe.name},
+                labels=build_labels(recipe.name),
                 name=f"envctl-build-{recipe.name}-{uuid.uuid4().hex[:8]}",
             )["Id"]
             client.api.start(container_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,13 @@ LABEL_IMAGE = "envctl.base-image"
 LABEL_DIGEST = "envctl.recipe-digest"
 LABEL_PARENT = "envctl.parent-image"
 LABEL_BUILD = "envctl.build"  # on build and verify containers, never on an image
+LABEL_BUILDER = "envctl.builder"  # which process made a build container (host:pid)
+
+
+def build_labels(image_name: str) -> dict[str, str]:
+    """The labels of a build or verify container: what it builds, and which process made it
+    (so that a test, or a second build beside this one, looks only at its own)."""
+    return {LABEL_BUILD: "1", LABEL_IMAGE: image_name, LABEL_BUILDER: f"{socket.gethostname()}:{os.getpid()}"}
 REPOSITORY_PREFIX = "envctl-base/"
 HIERARCHY_FILE = "hierarchy.yaml"
 RECIPES_DIR_ENV = "ENVCTL_BASE_IMAGES_DIR"
