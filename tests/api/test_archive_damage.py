@@ -31,8 +31,8 @@ class ArchiveEngine(FakeBackend):
     that load_images leaves out.
     """
 
-    def __init__(self, runner: str, **kwargs: Any) -> None:
-        super().__init__(runner, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.watched: set[str] = set()
         self.loaded: dict[str, ImageInfo] = {}
         self.loads = 0
@@ -86,7 +86,7 @@ class World:
 
 @pytest.fixture
 def world(make_api: AppFactory, prepared_settings: Settings, tmp_path: Path) -> World:
-    engine = ArchiveEngine(prepared_settings.runner_name)
+    engine = ArchiveEngine()
     data = samples.make_archive(tmp_path, tmp_path.name)
     path = tmp_path / "sample.tar"
     path.write_bytes(data)
