@@ -9,6 +9,7 @@ writer is a ``Writer``; ``None`` in its place is envctl itself (``envctl base bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,15 +287,24 @@ def register_base_images(session: Session, built: list[Any]) -> list[tuple[Envir
     return out
 
 
-def dependents(session: Session, version: EnvironmentVersion) -> dict[str, list[str]]:
-    """What needs a version: child versions, and runtimes pinned to it (by id, for the caller)."""
-    from sqlalchemy import text
+# Packages above envs that pin versions (the runner's runtimes) say so here, so that a version
+# in use is never deleted; envs knows nothing more of them (imports go api → runner → envs).
+DependentsFinder = Callable[[Session, EnvironmentVersion], list[str]]
+_DEPENDENTS: dict[str, DependentsFinder] = {}
 
+
+def register_dependents(kind: str, finder: DependentsFinder) -> None:
+    """``finder(session, version)`` names the ``kind`` of things that need ``version``."""
+    _DEPENDENTS[kind] = finder
+
+
+def dependents(session: Session, version: EnvironmentVersion) -> dict[str, list[str]]:
+    """What needs a version: child versions, and what other packages registered (runtimes)."""
     children = session.scalars(select(EnvironmentVersion).where(EnvironmentVersion.parent_id == version.id)).all()
-    runtimes = session.execute(
-        text("SELECT id FROM runtimes WHERE version_id = :v ORDER BY id"), {"v": version.id}
-    ).scalars()
-    return {"versions": sorted(c.ref for c in children), "runtimes": list(runtimes)}
+    found = {"versions": sorted(c.ref for c in children)}
+    for kind, finder in _DEPENDENTS.items():
+        found[kind] = sorted(finder(session, version))
+    return found
 
 
 def delete_version(session: Session, version: EnvironmentVersion, writer: Writer | None) -> str:
@@ -304,11 +314,11 @@ def delete_version(session: Session, version: EnvironmentVersion, writer: Writer
     Only the environment's owner or an admin may (403 otherwise, before anything else)."""
     check_write(version.environment, writer, "delete its versions")
     needs = dependents(session, version)
-    if needs["versions"] or needs["runtimes"]:
+    if any(needs.values()):
         parts = []
         if needs["versions"]:
             parts.append("versions " + ", ".join(needs["versions"]))
-        if needs["runtimes"]:
+        if needs.get("runtimes"):
             parts.append("runtimes " + ", ".join(needs["runtimes"]))
         raise VersionInUseError(f"{version.ref} cannot be deleted: {' and '.join(parts)} depend on it", details=needs)
     env = version.environment
