@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from envs.kit.errors import BackendError
+from runner.errors import AgentUnavailableError
+
+__all__ = ["AgentChannel", "AgentUnavailableError", "ping", "wait_for_agent"]
 
 # sockaddr_un holds 108 bytes; deeper paths are reached through /proc/self/fd/<dir fd>.
 _SUN_PATH_MAX = 100
-
-
-class AgentUnavailableError(BackendError):
-    code = "agent_unavailable"
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:

@@ -1,6 +1,6 @@
 """Errors of the runner package: every leaf the runner raises is defined here."""
 
-from envs.kit.errors import ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
+from envs.kit.errors import BackendError, ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
 
 
 class RuntimeNotFoundError(NotFoundError):
@@ -57,3 +57,9 @@ class ResultStoreError(ServiceUnavailableError):
     """The results store failed (denied access, missing bucket, disk full, ...)."""
 
     code = "result_store_error"
+
+
+class AgentUnavailableError(BackendError):
+    """A runtime's agent does not answer on its socket (the container stopped, or is booting)."""
+
+    code = "agent_unavailable"
