@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from api.routes.executions import MAX_WAIT, execution_out
+from api.routes.executions import MAX_WAIT, execution_out, record_cell
 from api.schemas import ExecutionCreate
 from envs.kit.errors import EnvctlError
 
@@ -62,7 +62,7 @@ class CellFastPath:
         ctx = self.state.ctx
         manager = ctx.runner.executions
         try:
-            ex = manager.submit(caller.id, match.group(1), code=cell.code, language=cell.language, timeout=cell.timeout)
+            ex = await record_cell(manager, caller.id, match.group(1), cell)
         except EnvctlError as exc:
             await error_response(exc)(scope, receive, send)
             return

@@ -87,6 +87,9 @@ class ExecutionManager:
         self.feeds = feeds
         self.workers = workers
         self.clock = clock
+        # submit's transaction is a local file write on SQLite (quick enough for the API's
+        # event loop) but network round trips on PostgreSQL (then the API calls it off the loop)
+        self.submit_blocks = not db.local
 
     # ------------------------------------------------------------------ queries
     def get(self, owner_id: str, execution_id: str) -> ExecutionView:

@@ -85,6 +85,12 @@ class Database:
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = HotConnections(self.engine, _unavailable)
 
+    @property
+    def local(self) -> bool:
+        """Whether a write is a local file's (SQLite) rather than a round trip over a network:
+        an event loop may make a local write itself, but not wait on a network."""
+        return self.engine.dialect.name == "sqlite"
+
     @contextmanager
     def hot(self) -> Iterator[HotWriter]:
         """A transaction for ``HotStatement``s (the cell path), committed on success, rolled
