@@ -6,16 +6,20 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from envs.kit.clock import utcnow
+from envs.kit.config import DEFAULT_MACHINE_TYPES
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, TooManyRequestsError
-from runner.backends.base import Change
+from runner.backends.base import Change, RuntimeSpec
 from runner.backends.fake import FakeBackend
 from runner.channel import ping
 from runner.errors import RuntimeStateError
+from runner.identity import RunnerIdentity
+from runner.paths import AGENT_DIR
 from runner.service import RunnerService, RuntimeChanges
 from runner.states import State, can_transition
 from tests.runner.conftest import Clock, crash, identity_labels, identity_of, seed
@@ -360,28 +364,27 @@ def test_a_container_that_died_is_an_error_found_by_housekeeping(
     assert rt.state_reason in ("container-exited", "oom")
 
 
+def orphan_spec(runtime_id: str, tmp_path: Path, owner: RunnerIdentity) -> RuntimeSpec:
+    """A container of ``owner`` that no row knows (a crash between create and commit)."""
+    return RuntimeSpec(
+        runtime_id,
+        "orphan",
+        "img",
+        "python3@1",
+        DEFAULT_MACHINE_TYPES["small"],
+        tmp_path / "o",
+        AGENT_DIR,
+        labels=identity_labels(owner),
+    )
+
+
 def test_a_labelled_container_with_no_row_is_removed_after_a_complete_listing(
     make_runner: Make, runner_db: Database, settings, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     """R13."""
-    from envs.kit.config import DEFAULT_MACHINE_TYPES
-    from runner.backends.base import RuntimeSpec
-    from runner.paths import AGENT_DIR
-
     me = identity_of(runner_db, settings)
     backend = FakeBackend()
-    backend.start(
-        RuntimeSpec(
-            "rt_orphan0000000000",
-            "orphan",
-            "img",
-            "python3@1",
-            DEFAULT_MACHINE_TYPES["small"],
-            tmp_path / "o",
-            AGENT_DIR,
-            labels=identity_labels(me),
-        )
-    )
+    backend.start(orphan_spec("rt_orphan0000000000", tmp_path, me))
     assert [f.runtime_id for f in backend.list_owned(me)] == ["rt_orphan0000000000"]
     seed(runner_db)
     make_runner(backend)
@@ -392,10 +395,7 @@ def test_a_labelled_container_with_no_row_is_kept_while_the_backend_or_the_datab
     make_runner: Make, runner_db: Database, settings, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     """R13: never removed on a failed listing or a failed query; removed once both answer."""
-    from envs.kit.config import DEFAULT_MACHINE_TYPES
     from envs.kit.errors import DatabaseUnavailableError
-    from runner.backends.base import RuntimeSpec
-    from runner.paths import AGENT_DIR
     from tests.fixtures.services import _free_port
 
     owner = seed(runner_db)
@@ -403,18 +403,7 @@ def test_a_labelled_container_with_no_row_is_kept_while_the_backend_or_the_datab
     rid = running(first, owner)
     crash(first)
     orphan = "rt_orphan1111111111"
-    FakeBackend().start(
-        RuntimeSpec(
-            orphan,
-            "orphan",
-            "img",
-            "python3@1",
-            DEFAULT_MACHINE_TYPES["small"],
-            tmp_path / "o",
-            AGENT_DIR,
-            labels=identity_labels(first.identity),
-        )
-    )
+    FakeBackend().start(orphan_spec(orphan, tmp_path, first.identity))
     down = FakeBackend(unreachable=True)
     svc = make_runner(down)  # its first reconciliation cannot list
     with pytest.raises(BackendError):
