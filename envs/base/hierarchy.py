@@ -38,6 +38,8 @@ def build_labels(image_name: str) -> dict[str, str]:
     """The labels of a build or verify container: what it builds, and which process made it
     (so that a test, or a second build beside this one, looks only at its own)."""
     return {LABEL_BUILD: "1", LABEL_IMAGE: image_name, LABEL_BUILDER: f"{socket.gethostname()}:{os.getpid()}"}
+
+
 REPOSITORY_PREFIX = "envctl-base/"
 HIERARCHY_FILE = "hierarchy.yaml"
 RECIPES_DIR_ENV = "ENVCTL_BASE_IMAGES_DIR"
