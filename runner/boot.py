@@ -2,9 +2,10 @@
 
 The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock:
 
-1. read the row (still ``booting``?) and make the container's spec: the version's image, or
-   the draft image when the runtime has unsaved changes from an earlier run (phase
-   ``restoring``, logged);
+1. keep the changes of a container left from before as a draft (a runtime started again from
+   ``error``), then read the row (still ``booting``?) and make the container's spec: the
+   version's image, or the draft image when the runtime has unsaved changes from an earlier
+   run (phase ``restoring``, logged);
 2. create and start the container (``backend.start``), labelled with this installation and
    runner so that nothing else ever takes it for its own;
 3. wait for the agent to answer a ping on its Unix socket, checking now and then that the
@@ -29,6 +30,7 @@ from envs.models import EnvironmentVersion
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
+from runner.drafts import Drafts
 from runner.identity import RunnerIdentity
 from runner.machines import get_machine_type
 from runner.models import Runtime
@@ -59,6 +61,7 @@ class Booter:
         concurrency: Concurrency,
         backend: RuntimeBackend,
         paths: RuntimePaths,
+        drafts: Drafts,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -66,6 +69,7 @@ class Booter:
         self.concurrency = concurrency
         self.backend = backend
         self.paths = paths
+        self.drafts = drafts
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -107,6 +111,8 @@ class Booter:
     def _boot_locked(self, runtime_id: str, cancel: threading.Event) -> None:
         begun = time.monotonic()
         records = self.records
+        if not self._keep_what_is_left(runtime_id):
+            return
         try:
             with records.db.session() as s:
                 rt = s.get(
@@ -184,6 +190,31 @@ class Booter:
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _keep_what_is_left(self, runtime_id: str) -> bool:
+        """A container still on the row (a runtime started again from ``error``: its container
+        exited, or its agent stopped answering) holds the user's work until it is replaced:
+        keep its changes as a draft first (the boot then restores them), and remove it. False
+        (and the runtime in ``error``, the container kept) when the draft cannot be made."""
+        with self.records.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            left = dict(rt.backend_state or {}) if rt is not None and rt.state == State.BOOTING else {}
+        if not left:
+            return True
+        try:
+            self.drafts.make_draft(runtime_id, reason="boot", state=left)
+            self.backend.stop(left, timeout=1)
+        except EnvctlError as exc:
+            self.records.fail(
+                runtime_id,
+                "draft-failed",
+                f"the container left from before holds unsaved changes that could not be kept ({exc.message}); "
+                "it was not replaced: start the runtime again to retry",
+                {State.BOOTING},
+            )
+            return False
+        self.records.set(runtime_id, backend_state={})
+        return True
 
     def _boot_failed(self, runtime_id: str, backend_state: dict[str, object], exc: Exception) -> None:
         """The container died or its agent never answered: say why, with its last output.

@@ -130,7 +130,7 @@ class RunnerService:
             backend,
             paths,
             drafts,
-            Booter(settings, self.identity, records, concurrency, backend, paths),
+            Booter(settings, self.identity, records, concurrency, backend, paths, drafts),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
         )

@@ -593,3 +593,30 @@ def test_an_exited_container_whose_changes_cannot_be_kept_yet_stays_until_they_c
     rt = svc.get(owner, rid)
     assert rt.state_reason in ("container-exited", "oom") and rt.draft_image_id
     assert backend.list_owned(svc.identity) == []
+
+
+def test_starting_a_runtime_whose_old_container_is_still_there_keeps_its_changes_first(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """A runtime in error whose container is still on the row (its agent stopped answering) is
+    started again: the old container's changes become a draft before it is replaced."""
+    from sqlalchemy import update
+
+    from runner.models import Runtime
+
+    owner = seed(runner_db)
+    backend = FakeBackend()
+    svc = make_runner(backend)
+    rid = running(svc, owner)
+    old = dict(svc.get(owner, rid).backend_state)
+    backend.set_changes(rid, [Change("added", "/root/notes.txt")])
+    with runner_db.session() as s:  # as reconciliation leaves an unanswering agent's runtime
+        s.execute(update(Runtime).where(Runtime.id == rid).values(state="error", state_reason="agent-unreachable"))
+    svc.start(owner, rid)
+    rt = svc.wait_for(rid, {State.RUNNING, State.ERROR}, 20)
+    assert rt.state == State.RUNNING, rt.state_message
+    assert rt.draft_image_id and [c["path"] for c in rt.draft_changes] == ["/root/notes.txt"]
+    assert rt.backend_state["container_id"] != old["container_id"]
+    assert [f.runtime_id for f in backend.list_owned(svc.identity)] == [rid], "the old container is gone"
+    kept = [e for e in svc.log_entries(owner, rid) if e.event == "draft-kept"]
+    assert kept and kept[-1].reason == "boot"
