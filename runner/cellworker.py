@@ -105,9 +105,19 @@ class CellWorkers:
         self._workers: dict[str, threading.Thread] = {}
         self._busy: dict[str, str] = {}  # runtime id -> running execution id
         self._channels: dict[str, AgentChannel] = {}  # runtime id -> its worker's connection
+        self._submit_locks: dict[str, threading.Lock] = {}  # runtime id -> see in_order
         self._lock = threading.Lock()
         self._later = _Later("envctl-exec-marks")
         self.sent_at_once = 0  # cells that submit sent to the agent itself (see send_now)
+
+    @contextlib.contextmanager
+    def in_order(self, runtime_id: str) -> Iterator[None]:
+        """Held while a cell of the runtime is numbered and queued: cells queue in the order of
+        their numbers."""
+        with self._lock:
+            lock = self._submit_locks.setdefault(runtime_id, threading.Lock())
+        with lock:
+            yield
 
     def is_busy(self, runtime_id: str) -> bool:
         """A cell of the runtime is queued or running. Counted from the moment it is queued

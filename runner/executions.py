@@ -230,45 +230,49 @@ class ExecutionManager:
             raise InvalidInputError("timeout: must be seconds between 0 and one week, or null", field="timeout")
         now = self.clock()
         execution_id = new_id("ex")
-        # One transaction on a cell's way in: the number, what the runtime is, the row.
-        with self.db.hot() as c:
-            found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
-            if found is None or found[1] != owner_id:  # rolled back: the number is not spent
-                raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-            seq, _owner, rt_language, rt_type, kernel, runner, state = found
-            if runner != self.records.runner:
-                self.records.mine(runner)  # raises, naming the owner
-            view = ExecutionView(
-                id=execution_id,
-                runtime_id=runtime_id,
-                owner_id=owner_id,
-                seq=seq,
-                language=language or rt_language,
-                code=code,
-                timeout=timeout,
-                status="queued",
-                created_at=now,
-                kernel=(kernel or "python3") if rt_type == "jupyter" else None,
-            )
-            c.execute(
-                INSERT_EXECUTION,
-                {
-                    "id": execution_id,
-                    "runtime_id": runtime_id,
-                    "owner_id": owner_id,
-                    "seq": seq,
-                    "language": view.language,
-                    "code": code,
-                    "timeout": timeout,
-                    "status": "queued",
-                    "created_at": now,
-                    "output_count": 0,
-                    "output_bytes": 0,
-                    "truncated": False,
-                },
-            )
-        self.feeds.add(Feed(view))
-        self.workers.enqueue(Job(view, attach=False, runtime_running=state == State.RUNNING), send_now=True)
+        # One transaction on a cell's way in: the number, what the runtime is, the row. The
+        # number is the order the cell runs in, so this process queues the runtime's cells in
+        # the order the database numbered them: the transaction and the queueing happen under
+        # the runtime's submit lock (other processes refuse cells for runtimes not theirs).
+        with self.workers.in_order(runtime_id):
+            with self.db.hot() as c:
+                found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
+                if found is None or found[1] != owner_id:  # rolled back: the number is not spent
+                    raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+                seq, _owner, rt_language, rt_type, kernel, runner, state = found
+                if runner != self.records.runner:
+                    self.records.mine(runner)  # raises, naming the owner
+                view = ExecutionView(
+                    id=execution_id,
+                    runtime_id=runtime_id,
+                    owner_id=owner_id,
+                    seq=seq,
+                    language=language or rt_language,
+                    code=code,
+                    timeout=timeout,
+                    status="queued",
+                    created_at=now,
+                    kernel=(kernel or "python3") if rt_type == "jupyter" else None,
+                )
+                c.execute(
+                    INSERT_EXECUTION,
+                    {
+                        "id": execution_id,
+                        "runtime_id": runtime_id,
+                        "owner_id": owner_id,
+                        "seq": seq,
+                        "language": view.language,
+                        "code": code,
+                        "timeout": timeout,
+                        "status": "queued",
+                        "created_at": now,
+                        "output_count": 0,
+                        "output_bytes": 0,
+                        "truncated": False,
+                    },
+                )
+            self.feeds.add(Feed(view))
+            self.workers.enqueue(Job(view, attach=False, runtime_running=state == State.RUNNING), send_now=True)
         return view
 
     def interrupt(self, owner_id: str, execution_id: str) -> ExecutionView:

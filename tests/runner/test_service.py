@@ -620,3 +620,35 @@ def test_starting_a_runtime_whose_old_container_is_still_there_keeps_its_changes
     assert [f.runtime_id for f in backend.list_owned(svc.identity)] == [rid], "the old container is gone"
     kept = [e for e in svc.log_entries(owner, rid) if e.event == "draft-kept"]
     assert kept and kept[-1].reason == "boot"
+
+
+def test_cells_submitted_from_many_threads_at_once_run_in_the_order_of_their_numbers(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """R36 in one process: the number a cell gets in the database is the order it runs in
+    (on PostgreSQL, submits run on threads of their own, so they truly race)."""
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = running(svc, owner)
+    first = svc.executions.submit(owner, rid, code="ran = []")
+    svc.executions.wait(first.id, 20)
+    views = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(10):
+            view = svc.executions.submit(owner, rid, code=f"ran.append('{i}-{j}')")
+            with lock:
+                views.append(view)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(v.seq for v in views) == list(range(2, 82))
+    check = svc.executions.submit(owner, rid, code="ran")
+    svc.executions.wait(check.id, 60)
+    out = svc.executions.outputs(check.id)
+    order = [v.code.split("'")[1] for v in sorted(views, key=lambda v: v.seq)]
+    assert out[-1][1]["data"]["text/plain"] == repr(order)
