@@ -25,8 +25,10 @@ from api.routes import (
     results,
     runners,
     runtimes,
+    streams,
 )
 from api.schemas import ErrorOut
+from api.web import router as page_router
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
@@ -103,6 +105,8 @@ def create_app(
     app.state.callers = CallerCache()
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
+    app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
+    app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (health, runtimes, executions, results, operations, environments, machine_types, runners):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from api.schemas import EnvironmentOut, LineageStep, MachineTypeOut, OperationOut, ResultOut, VersionOut
+from api.schemas import (
+    EnvironmentOut,
+    IdleOut,
+    LineageStep,
+    LogEntryOut,
+    MachineTypeOut,
+    OperationOut,
+    ResultOut,
+    RuntimeOut,
+    VersionOut,
+)
 from envs.kit.config import MachineType
 from envs.models import Environment, EnvironmentVersion
-from runner.models import Operation, ResultFile
+from runner.models import Operation, ResultFile, Runtime, RuntimeLogEntry
+from runner.service import RunnerService, RuntimeStatus
+from runner.states import State
 
 
 def operation_out(op: Operation) -> OperationOut:
@@ -105,3 +117,58 @@ def machine_type_out(m: MachineType) -> MachineTypeOut:
         idle_timeout=m.idle_timeout,
         description=m.description,
     )
+
+
+def runtime_out(runner: RunnerService, rt: Runtime, *, look: bool = False) -> RuntimeOut:
+    return runtimes_out(runner, [rt], look=look)[0]
+
+
+def runtimes_out(runner: RunnerService, rts: list[Runtime], *, look: bool = False) -> list[RuntimeOut]:
+    """The runtimes as the API shows them, with what the runner knows beside their rows."""
+    return [_out(rt, st) for rt, st in zip(rts, runner.status_of(rts, look=look), strict=True)]
+
+
+def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
+    decision = st.idle
+    idle = None
+    if decision is not None:
+        idle = IdleOut(
+            timeout=st.idle_timeout,
+            shutdown_at=decision.shutdown_at,
+            reason=decision.reason,
+            last_activity_at=rt.last_activity_at,
+            last_activity=rt.last_activity,
+        )
+    state = State(rt.state)
+    return RuntimeOut(
+        id=rt.id,
+        name=rt.name,
+        type=rt.type,
+        kernel=rt.kernel,
+        language=rt.language,
+        environment=rt.version.ref,
+        environment_ref=rt.environment_ref,
+        environment_digest=rt.version.digest,
+        state=state.value,
+        state_color=state.color,
+        state_reason=rt.state_reason,
+        state_message=rt.state_message,
+        phase="saving" if st.saving and not rt.phase else rt.phase,
+        busy=st.busy,
+        saving=st.saving,
+        unsaved_changes=st.unsaved_changes,
+        idle_shutdown_at=decision.shutdown_at if decision else None,
+        idle=idle,
+        machine_type=rt.machine_type,
+        idle_timeout=rt.idle_timeout,
+        runner=rt.runner,
+        runner_alive=st.runner_alive,
+        unreachable=st.unreachable,
+        booted_at=rt.booted_at,
+        created_at=rt.created_at,
+        updated_at=rt.updated_at,
+    )
+
+
+def log_entry_out(e: RuntimeLogEntry) -> LogEntryOut:
+    return LogEntryOut(at=e.at, state=e.state, event=e.event, reason=e.reason, message=e.message, details=e.details)

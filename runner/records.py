@@ -107,10 +107,15 @@ class Records:
             q = self.query().where(Runtime.owner_id == owner_id).order_by(Runtime.created_at)
             return list(s.scalars(q))
 
-    def log_entries(self, owner_id: str, runtime_id: str) -> builtins.list[RuntimeLogEntry]:
+    def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
+        """The runtime's log, oldest first; ``after``: only lines with a greater id (a follower)."""
         with self.db.session() as s:
             self.get(s, owner_id, runtime_id, with_version=False)
-            q = select(RuntimeLogEntry).where(RuntimeLogEntry.runtime_id == runtime_id).order_by(RuntimeLogEntry.id)
+            q = (
+                select(RuntimeLogEntry)
+                .where(RuntimeLogEntry.runtime_id == runtime_id, RuntimeLogEntry.id > after)
+                .order_by(RuntimeLogEntry.id)
+            )
             return list(s.scalars(q))
 
     def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:

@@ -207,8 +207,8 @@ class RunnerService:
     def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
         return self.runtimes.update(owner_id, runtime_id, changes)
 
-    def log_entries(self, owner_id: str, runtime_id: str) -> builtins.list[RuntimeLogEntry]:
-        return self.records.log_entries(owner_id, runtime_id)
+    def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
+        return self.records.log_entries(owner_id, runtime_id, after)
 
     def start(self, owner_id: str, runtime_id: str) -> Runtime:
         return self.lifecycle.start(owner_id, runtime_id)

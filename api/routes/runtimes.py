@@ -7,7 +7,6 @@ from fastapi import APIRouter, Query, Response, status
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
-    IdleOut,
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
@@ -15,65 +14,13 @@ from api.schemas import (
     RuntimePatch,
     SaveRequest,
 )
-from api.views import operation_out
-from runner.models import Runtime
-from runner.service import RunnerService, RuntimeChanges, RuntimeStatus
+from api.views import log_entry_out, operation_out, runtime_out, runtimes_out
+from runner.service import RuntimeChanges
 from runner.states import State
 
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 
 ID_PATH = {"max_length": 64}
-
-
-def runtime_out(runner: RunnerService, rt: Runtime, *, look: bool = False) -> RuntimeOut:
-    return runtimes_out(runner, [rt], look=look)[0]
-
-
-def runtimes_out(runner: RunnerService, rts: list[Runtime], *, look: bool = False) -> list[RuntimeOut]:
-    """The runtimes as the API shows them, with what the runner knows beside their rows."""
-    return [_out(rt, st) for rt, st in zip(rts, runner.status_of(rts, look=look), strict=True)]
-
-
-def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
-    decision = st.idle
-    idle = None
-    if decision is not None:
-        idle = IdleOut(
-            timeout=st.idle_timeout,
-            shutdown_at=decision.shutdown_at,
-            reason=decision.reason,
-            last_activity_at=rt.last_activity_at,
-            last_activity=rt.last_activity,
-        )
-    state = State(rt.state)
-    return RuntimeOut(
-        id=rt.id,
-        name=rt.name,
-        type=rt.type,
-        kernel=rt.kernel,
-        language=rt.language,
-        environment=rt.version.ref,
-        environment_ref=rt.environment_ref,
-        environment_digest=rt.version.digest,
-        state=state.value,
-        state_color=state.color,
-        state_reason=rt.state_reason,
-        state_message=rt.state_message,
-        phase="saving" if st.saving and not rt.phase else rt.phase,
-        busy=st.busy,
-        saving=st.saving,
-        unsaved_changes=st.unsaved_changes,
-        idle_shutdown_at=decision.shutdown_at if decision else None,
-        idle=idle,
-        machine_type=rt.machine_type,
-        idle_timeout=rt.idle_timeout,
-        runner=rt.runner,
-        runner_alive=st.runner_alive,
-        unreachable=st.unreachable,
-        booted_at=rt.booted_at,
-        created_at=rt.created_at,
-        updated_at=rt.updated_at,
-    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
@@ -156,17 +103,7 @@ def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 0
 @router.get("/{runtime_id}/log", response_model=list[LogEntryOut])
 def runtime_log(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[LogEntryOut]:
     """The runner log: every state change and housekeeping step, with its reason."""
-    return [
-        LogEntryOut(
-            at=e.at,
-            state=e.state,
-            event=e.event,
-            reason=e.reason,
-            message=e.message,
-            details=e.details,
-        )
-        for e in ctx.runner.log_entries(caller.id, runtime_id)
-    ]
+    return [log_entry_out(e) for e in ctx.runner.log_entries(caller.id, runtime_id)]
 
 
 @router.post("/{runtime_id}/reset", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)

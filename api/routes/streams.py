@@ -1,0 +1,164 @@
+"""Event streams for pages that watch runtimes: the caller's runtimes as they change, and one
+runtime's runner log as it grows. Both are server-sent events; neither needs the client to poll.
+
+- ``GET /runtimes/events``: first a ``snapshot`` event with every runtime of the caller (the same
+  objects ``GET /runtimes`` gives), then a ``runtime`` event each time one of them changes (state,
+  phase, busy, idle shutdown, settings) and a ``removed`` event when one is deleted.
+- ``GET /runtimes/{id}/log/events``: every line of the runner log, oldest first, then each new
+  line as it is written; each event's ``id`` is the line's id, so a client that reconnects with
+  ``Last-Event-ID`` gets only what it missed.
+
+How a change reaches a stream: the runner's records wake their waiters after every committed
+change (``Records.changed``); one thread per app (``Wakeups``) waits on that and wakes each open
+stream, which then reads what it shows again and sends what differs. Changes the records do not
+announce (a cell starting, a phase's bytes, another runner's runtimes) are picked up by a wake-up
+every ``SWEEP`` seconds. Neither stream is in the OpenAPI schema: a schema fuzzer would follow
+them forever; they are described here and in the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CallerDep, Context, CtxDep
+from api.views import log_entry_out, runtimes_out
+from runner.errors import RuntimeNotFoundError
+
+router = APIRouter(tags=["streams"])
+SWEEP = 2.0  # seconds between wake-ups that nothing announced
+KEEPALIVE = 15.0
+SETTLE = 0.05  # a burst of commits is read once
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Wakeups:
+    """Wakes the open event streams of one app when the runner commits a change.
+
+    The thread holds the condition's lock except while it waits on it, so no notification
+    falls between two waits; it ends when the last stream has gone, and starts with the next.
+    """
+
+    def __init__(self, changed: threading.Condition, sweep: float = SWEEP) -> None:
+        self.changed = changed
+        self.sweep = sweep
+        self.lock = threading.Lock()
+        self.streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self.thread: threading.Thread | None = None
+
+    def subscribe(self) -> tuple[asyncio.Event, Callable[[], None]]:
+        wake = asyncio.Event()
+        key = id(wake)
+        with self.lock:
+            self.streams[key] = (asyncio.get_running_loop(), wake)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="envctl-stream-wakeups", daemon=True)
+                self.thread.start()
+
+        def unsubscribe() -> None:
+            with self.lock:
+                self.streams.pop(key, None)
+
+        return wake, unsubscribe
+
+    def run(self) -> None:
+        with self.changed:
+            while True:
+                self.changed.wait(self.sweep)
+                with self.lock:
+                    streams = list(self.streams.values())
+                    if not streams:
+                        self.thread = None
+                        return
+                for loop, wake in streams:
+                    with contextlib.suppress(RuntimeError):  # that stream's loop closed: it is going away
+                        loop.call_soon_threadsafe(wake.set)
+
+
+def wakeups(request: Request, ctx: Context) -> Wakeups:
+    state = request.app.state
+    found: Wakeups | None = getattr(state, "stream_wakeups", None)
+    if found is None:
+        found = state.stream_wakeups = Wakeups(ctx.runner.records.changed)
+    return found
+
+
+def sse(event: str, data: Any, event_id: int | str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]) -> AsyncIterator[bytes]:
+    """Send what ``read`` (run in a thread) finds, at the start and after each wake-up."""
+    wake, unsubscribe = wakeups(request, ctx).subscribe()
+    try:
+        yield b"retry: 2000\n\n"
+        while True:
+            try:
+                chunks = await run_in_threadpool(read)
+            except RuntimeNotFoundError as exc:  # deleted while followed
+                yield sse("gone", {"code": exc.code, "message": exc.message})
+                return
+            for chunk in chunks:
+                yield chunk
+            try:
+                await asyncio.wait_for(wake.wait(), KEEPALIVE)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            await asyncio.sleep(SETTLE)
+            wake.clear()
+    finally:
+        unsubscribe()
+
+
+@router.get("/runtimes/events", include_in_schema=False)
+async def runtime_events(request: Request, ctx: CtxDep, caller: CallerDep) -> StreamingResponse:
+    """The caller's runtimes, live: a ``snapshot``, then ``runtime`` and ``removed`` events."""
+    shown: dict[str, str] | None = None  # what the client has: runtime id -> its JSON
+
+    def read() -> list[bytes]:
+        nonlocal shown
+        runtimes = runtimes_out(ctx.runner, ctx.runner.list(caller.id))
+        now = {rt.id: rt.model_dump_json() for rt in runtimes}
+        if shown is None:
+            chunks = [sse("snapshot", [rt.model_dump(mode="json") for rt in runtimes])]
+        else:
+            chunks = [sse("runtime", json.loads(text)) for rid, text in now.items() if shown.get(rid) != text]
+            chunks += [sse("removed", {"id": rid}) for rid in shown if rid not in now]
+        shown = now
+        return chunks
+
+    return StreamingResponse(follow(request, ctx, read), media_type="text/event-stream", headers=HEADERS)
+
+
+@router.get("/runtimes/{runtime_id}/log/events", include_in_schema=False)
+async def log_events(
+    runtime_id: str,
+    request: Request,
+    ctx: CtxDep,
+    caller: CallerDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> StreamingResponse:
+    """The runner log, live: one ``entry`` event per line, its ``id`` the line's id."""
+    after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else 0
+    await run_in_threadpool(ctx.runner.get, caller.id, runtime_id)  # 404 before the stream starts
+
+    def read() -> list[bytes]:
+        nonlocal after
+        entries = ctx.runner.log_entries(caller.id, runtime_id, after)
+        if entries:
+            after = entries[-1].id
+        return [sse("entry", log_entry_out(e).model_dump(mode="json"), e.id) for e in entries]
+
+    return StreamingResponse(follow(request, ctx, read), media_type="text/event-stream", headers=HEADERS)

@@ -1,0 +1,179 @@
+// The runtimes: a live list with state dots, and the actions on one runtime.
+
+import { ApiError, del, get, post } from "./api.js";
+import { clear, confirmButton, dot, h, relative } from "./dom.js";
+
+export function errorText(err) {
+  return err instanceof ApiError ? err.toString() : String(err);
+}
+
+// "running", "booting · downloading", "error · oom: killed ..."
+export function stateText(rt) {
+  const parts = [rt.state];
+  if (rt.phase) parts.push(rt.phase);
+  if (rt.busy) parts.push("busy");
+  if (rt.state === "error" && (rt.state_reason || rt.state_message)) {
+    parts.push([rt.state_reason, rt.state_message].filter(Boolean).join(": "));
+  }
+  return parts.join(" · ");
+}
+
+export function idleText(rt) {
+  if (rt.state !== "running" || !rt.idle) return "";
+  if (!rt.idle.shutdown_at) return rt.idle.reason || "no idle shutdown";
+  return `stops ${relative(rt.idle.shutdown_at)} (${rt.idle.reason})`;
+}
+
+// Start, stop, reset and delete; an API error goes to `report` as the API gave it.
+export function runtimeActions(rt, report, { afterDelete } = {}) {
+  const act = (label, method, path, extra = {}) =>
+    h(
+      "button",
+      {
+        type: "button",
+        dataset: { action: label.toLowerCase() },
+        ...extra,
+        onclick: async () => {
+          report("");
+          try {
+            await method(path);
+          } catch (err) {
+            report(errorText(err));
+          }
+        },
+      },
+      label,
+    );
+  const running = rt.state === "running" || rt.state === "booting";
+  return h(
+    "span",
+    { class: "actions" },
+    running ? act("Stop", post, `/runtimes/${rt.id}/stop`) : act("Start", post, `/runtimes/${rt.id}/start`),
+    act("Reset", post, `/runtimes/${rt.id}/reset`, { title: "throw the unsaved changes away and boot from the version" }),
+    confirmButton(
+      "Delete",
+      "Really delete?",
+      async () => {
+        report("");
+        try {
+          await del(`/runtimes/${rt.id}`);
+          afterDelete?.();
+        } catch (err) {
+          report(errorText(err));
+        }
+      },
+      { dataset: { action: "delete" }, class: "danger" },
+    ),
+  );
+}
+
+function row(rt, report) {
+  return h(
+    "tr",
+    { dataset: { id: rt.id } },
+    h("td", {}, dot(rt)),
+    h("td", { class: "name" }, h("a", { href: `#/runtimes/${encodeURIComponent(rt.id)}` }, rt.name)),
+    h("td", { class: "state" }, stateText(rt), rt.unreachable ? h("div", { class: "muted" }, rt.unreachable) : null),
+    h("td", {}, h("a", { href: `#/environments/${encodeURIComponent(rt.environment.split("@")[0])}` }, rt.environment)),
+    h("td", {}, rt.machine_type),
+    h("td", {}, rt.unsaved_changes ? h("span", { class: "badge warn" }, "unsaved") : ""),
+    h("td", { class: "idle" }, idleText(rt)),
+    h("td", {}, runtimeActions(rt, report)),
+  );
+}
+
+function createForm(report) {
+  const name = h("input", { name: "name", placeholder: "name", required: true, size: 12 });
+  const environment = h("select", { name: "environment" });
+  const language = h("select", { name: "language" }, h("option", {}, "python"), h("option", {}, "bash"));
+  const machine = h("select", { name: "machine_type" });
+  Promise.all([get("/environments"), get("/machine-types")])
+    .then(([envs, machines]) => {
+      for (const env of envs) if (env.latest) environment.append(h("option", { value: env.name }, env.name));
+      for (const m of machines) machine.append(h("option", { value: m.name }, `${m.name} — ${m.description || `${m.cpus} CPU`}`));
+    })
+    .catch((err) => report(errorText(err)));
+  return h(
+    "form",
+    {
+      class: "create",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        report("");
+        try {
+          const rt = await post("/runtimes", {
+            name: name.value,
+            environment: environment.value,
+            language: language.value,
+            machine_type: machine.value || "small",
+          });
+          name.value = "";
+          location.hash = `#/runtimes/${encodeURIComponent(rt.id)}`;
+        } catch (err) {
+          report(errorText(err));
+        }
+      },
+    },
+    name,
+    environment,
+    language,
+    machine,
+    h("button", { type: "submit" }, "Create runtime"),
+  );
+}
+
+export function runtimesView(root, store) {
+  const error = h("p", { class: "error", role: "alert", id: "error" });
+  const report = (text) => {
+    error.textContent = text;
+  };
+  const body = h("tbody");
+  const empty = h("p", { class: "muted" }, "Loading…");
+  const table = h(
+    "table",
+    { class: "runtimes" },
+    h(
+      "thead",
+      {},
+      h("tr", {}, ["", "name", "state", "environment", "machine", "changes", "idle shutdown", ""].map((t) => h("th", {}, t))),
+    ),
+    body,
+  );
+  clear(root, h("section", { class: "card" }, h("div", { class: "bar" }, h("h1", {}, "Runtimes"), createForm(report)), error, table, empty));
+
+  const rows = new Map();
+  function put(rt) {
+    const tr = row(rt, report);
+    const old = rows.get(rt.id);
+    if (old) old.replaceWith(tr);
+    else body.append(tr);
+    rows.set(rt.id, tr);
+  }
+  function all() {
+    body.replaceChildren();
+    rows.clear();
+    for (const rt of store.runtimes.values()) put(rt);
+    empty.textContent = store.runtimes.size ? "" : "No runtimes yet: create one above, or with `envctl runtime create`.";
+    root.dataset.rendered = String(store.runtimes.size);
+  }
+  if (store.loaded) all();
+  const off = store.on((change) => {
+    if (change.kind === "snapshot") all();
+    else if (change.kind === "runtime") put(change.runtime);
+    else if (change.kind === "removed") {
+      rows.get(change.id)?.remove();
+      rows.delete(change.id);
+    }
+    empty.textContent = store.runtimes.size ? "" : "No runtimes yet.";
+  });
+  const ticker = setInterval(() => {
+    for (const [id, tr] of rows) {
+      const rt = store.runtimes.get(id);
+      if (rt) tr.querySelector(".idle").textContent = idleText(rt);
+    }
+  }, 15000);
+  return () => {
+    off();
+    clearInterval(ticker);
+  };
+}
