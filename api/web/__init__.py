@@ -4,8 +4,8 @@
 with an API token (kept in the browser's local storage, sent only as a bearer header) and then
 uses the public REST API and its event streams, nothing more. Only the files found in
 ``static/`` when the app is built are served, each with a content security policy that allows
-nothing from another origin: scripts and styles come from this server only (no inline script,
-no inline style), pictures from here or ``data:`` URLs (PNG outputs), frames only as sandboxed
+nothing from another origin: scripts come from this server only (no inline script, no eval),
+styles from here or inline (the HTML outputs of cells carry theirs), pictures from here or ``data:`` URLs (PNG outputs), frames only as sandboxed
 ``srcdoc`` documents (HTML outputs), connections only to this server.
 """
 
@@ -23,7 +23,7 @@ CSP = "; ".join(
     [
         "default-src 'self'",
         "script-src 'self'",
-        "style-src 'self'",
+        "style-src 'self' 'unsafe-inline'",  # HTML outputs (pandas tables...) bring their own styles
         "img-src 'self' data: blob:",
         "connect-src 'self'",
         "frame-src 'self'",

@@ -7,10 +7,27 @@ const ANSI = /\u001b\[[0-9;?]*[A-Za-z]/g;
 
 const plain = (value) => (Array.isArray(value) ? value.join("") : String(value ?? ""));
 
+// The output's HTML without what could never run in the frame anyway (scripts, event
+// handlers, javascript: links, nested frames), so the browser has nothing to refuse and log.
+// This is tidying, not the barrier: the frame's sandbox is. It works on the text, because
+// parsing the HTML in this page (DOMParser, <template>) already counts as meeting its handlers.
+export function inertHtml(html) {
+  let out = String(html)
+    .replace(/<(script|iframe|frame|object|embed)\b[\s\S]*?(<\/\1\s*>|$)/gi, "")
+    .replace(/<(base|meta)\b[^>]*>/gi, "");
+  const handler = /(<[a-z][^>]*?)\s(on[a-z]+|href|src|action|formaction)\s*=\s*("\s*javascript:[^"]*"|'\s*javascript:[^']*'|javascript:[^\s>]*)/gi;
+  const events = /(<[a-z][^>]*?)\son[a-z]+\s*=\s*("[^"]*"|'[^']*'|[^\s>]+)/gi;
+  for (let before = ""; before !== out; ) {
+    before = out;
+    out = out.replace(events, "$1").replace(handler, "$1");
+  }
+  return out;
+}
+
 function htmlFrame(html) {
   // sandbox with no permissions: no script, no form, no same-origin access, no navigation.
   const frame = h("iframe", { sandbox: "", class: "html-output", title: "HTML output", referrerpolicy: "no-referrer" });
-  frame.srcdoc = html;
+  frame.srcdoc = inertHtml(html);
   return frame;
 }
 
