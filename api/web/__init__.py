@@ -5,8 +5,9 @@ with an API token (kept in the browser's local storage, sent only as a bearer he
 uses the public REST API and its event streams, nothing more. Only the files found in
 ``static/`` when the app is built are served, each with a content security policy that allows
 nothing from another origin: scripts come from this server only (no inline script, no eval),
-styles from here or inline (the HTML outputs of cells carry theirs), pictures from here or ``data:`` URLs (PNG outputs), frames only as sandboxed
-``srcdoc`` documents (HTML outputs), connections only to this server.
+styles from here or inline (the HTML outputs of cells carry theirs), pictures from here or
+``data:`` URLs (PNG outputs), frames only as sandboxed ``srcdoc`` documents (HTML outputs),
+connections only to this server.
 """
 
 from __future__ import annotations
