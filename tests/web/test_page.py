@@ -166,6 +166,11 @@ def test_an_error_cell_shows_its_traceback(browser: Browser, api: httpx.Client, 
     assert "ZeroDivisionError" in text and "division by zero" in text
     assert "f()" in text and "\x1b[" not in text  # the traceback, without terminal colours
     browser.shot("traceback")
+    long = run_cell(browser, "import time\nprint('waiting', flush=True)\ntime.sleep(60)")
+    long.locator("pre.stream").wait_for()
+    browser.page.click("#interrupt")
+    assert finished(long) == "interrupted"
+    browser.shot("interrupted")
 
 
 def test_unsaved_changes_show_after_a_cell_writes_a_file_and_go_with_reset(

@@ -69,6 +69,11 @@ function route() {
     showSignIn();
     return;
   }
+  if (!store.stop) {
+    nav.hidden = false;
+    signOutButton.hidden = false;
+    store.start();
+  }
   const hash = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
   const [section, ...rest] = hash.split("/");
   const id = rest.join("/");
@@ -130,9 +135,7 @@ function showSignIn(message = "") {
 }
 
 function signedIn() {
-  nav.hidden = false;
-  signOutButton.hidden = false;
-  store.start();
+  store.close();
   route();
 }
 

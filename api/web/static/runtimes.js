@@ -18,10 +18,12 @@ export function stateText(rt) {
   return parts.join(" · ");
 }
 
-export function idleText(rt) {
+// When idle shutdown will happen; `full` adds why (the list shows that as a tooltip).
+export function idleText(rt, full = true) {
   if (rt.state !== "running" || !rt.idle) return "";
   if (!rt.idle.shutdown_at) return rt.idle.reason || "no idle shutdown";
-  return `stops ${relative(rt.idle.shutdown_at)} (${rt.idle.reason})`;
+  const at = `stops ${relative(rt.idle.shutdown_at)}`;
+  return full ? `${at} (${rt.idle.reason})` : at;
 }
 
 // Start, stop, reset and delete; an API error goes to `report` as the API gave it.
@@ -77,8 +79,8 @@ function row(rt, report) {
     h("td", {}, h("a", { href: `#/environments/${encodeURIComponent(rt.environment.split("@")[0])}` }, rt.environment)),
     h("td", {}, rt.machine_type),
     h("td", {}, rt.unsaved_changes ? h("span", { class: "badge warn" }, "unsaved") : ""),
-    h("td", { class: "idle" }, idleText(rt)),
-    h("td", {}, runtimeActions(rt, report)),
+    h("td", { class: "idle", title: idleText(rt) }, idleText(rt, false)),
+    h("td", { class: "act" }, runtimeActions(rt, report)),
   );
 }
 
@@ -89,7 +91,9 @@ function createForm(report) {
   const machine = h("select", { name: "machine_type" });
   Promise.all([get("/environments"), get("/machine-types")])
     .then(([envs, machines]) => {
-      for (const env of envs) if (env.latest) environment.append(h("option", { value: env.name }, env.name));
+      for (const env of envs) {
+        if (env.latest) environment.append(h("option", { value: env.name, selected: env.name === "python3" }, env.name));
+      }
       for (const m of machines) machine.append(h("option", { value: m.name }, `${m.name} — ${m.description || `${m.cpus} CPU`}`));
     })
     .catch((err) => report(errorText(err)));
@@ -169,7 +173,7 @@ export function runtimesView(root, store) {
   const ticker = setInterval(() => {
     for (const [id, tr] of rows) {
       const rt = store.runtimes.get(id);
-      if (rt) tr.querySelector(".idle").textContent = idleText(rt);
+      if (rt) tr.querySelector(".idle").textContent = idleText(rt, false);
     }
   }, 15000);
   return () => {
