@@ -36,7 +36,7 @@ from runner.errors import RuntimeNotFoundError
 router = APIRouter(tags=["streams"])
 SWEEP = 2.0  # seconds between wake-ups that nothing announced
 KEEPALIVE = 15.0
-SETTLE = 0.05  # a burst of commits is read once
+SETTLE = 0.15  # a burst of commits is read once: at most a few reads a second per stream
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -97,10 +97,13 @@ def sse(event: str, data: Any, event_id: int | str | None = None) -> bytes:
 
 
 async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]) -> AsyncIterator[bytes]:
-    """Send what ``read`` (run in a thread) finds, at the start and after each wake-up."""
+    """Send what ``read`` (run in a thread) finds, at the start and after each wake-up; a
+    comment line when nothing was sent for ``KEEPALIVE`` seconds keeps proxies from closing."""
     wake, unsubscribe = wakeups(request, ctx).subscribe()
+    loop = asyncio.get_running_loop()
     try:
         yield b"retry: 2000\n\n"
+        quiet_since = loop.time()
         while True:
             try:
                 chunks = await run_in_threadpool(read)
@@ -109,14 +112,15 @@ async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]
                 return
             for chunk in chunks:
                 yield chunk
-            try:
-                await asyncio.wait_for(wake.wait(), KEEPALIVE)
-            except TimeoutError:
+            if chunks:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since > KEEPALIVE:
                 if await request.is_disconnected():
                     return
                 yield b": keep-alive\n\n"
-                continue
-            await asyncio.sleep(SETTLE)
+                quiet_since = loop.time()
+            await wake.wait()
+            await asyncio.sleep(SETTLE)  # what commits in the meantime is read with it
             wake.clear()
     finally:
         unsubscribe()
