@@ -42,10 +42,16 @@ SHOTS = Path(os.environ.get("ENVCTL_WEB_SCREENSHOTS") or Path(tempfile.gettempdi
 EXPECTED_CONSOLE: set[str] = set()
 
 
+# Figures the tests measured, printed at the end of the run: "what: value".
+FIGURES: list[str] = []
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if SHOTS.is_dir() and any(SHOTS.iterdir()):
         terminalreporter.write_sep("-", "web page screenshots")
         terminalreporter.write_line(f"{len(list(SHOTS.glob('*.png')))} screenshots in {SHOTS}")
+    for figure in FIGURES:
+        terminalreporter.write_line(figure)
 
 
 @pytest.fixture(scope="session")

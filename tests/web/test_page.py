@@ -6,7 +6,6 @@ brings the runtime to what it needs, so any one of them also runs alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.fixtures.server import Server
-from tests.web.conftest import EXPECTED_CONSOLE, Browser, user_token
+from tests.web.conftest import EXPECTED_CONSOLE, FIGURES, Browser, user_token
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -291,6 +290,5 @@ def test_a_hundred_runtimes_are_listed_well_under_a_second(browser: Browser, web
         took.append(browser.page.evaluate("performance.now()"))
     browser.shot("hundred-runtimes")
     best = min(took)
-    print(f"\npage load to 100 runtimes listed: {sorted(took)} ms (best {best:.0f} ms)")
+    FIGURES.append(f"web page: 100 runtimes listed {best:.0f} ms after the page started loading (best of 3)")
     assert best < 1000, took
-    time.sleep(0)
