@@ -74,7 +74,12 @@ function route() {
     signOutButton.hidden = false;
     store.start();
   }
-  const hash = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+  let hash = location.hash.replace(/^#\/?/, "");
+  try {
+    hash = decodeURIComponent(hash);
+  } catch {
+    // a hand-made address with a broken escape: take it as it is
+  }
   const [section, ...rest] = hash.split("/");
   const id = rest.join("/");
   for (const link of nav.querySelectorAll("a")) {
