@@ -58,7 +58,10 @@ export function cellConsole(runtime, { onFinished }) {
     let stop = null;
     stop = follow(`/executions/${ex.id}/events`, {
       onEvent: ({ event, data }) => {
-        if (event === "output") addOutput(view.outputs, data);
+        if (event === "output") {
+          if (view.card.dataset.status === "queued") view.setStatus("running"); // it prints: it runs
+          addOutput(view.outputs, data);
+        }
         if (event === "status") {
           view.setStatus(data.status, data.truncated);
           stops.delete(stop);
