@@ -102,7 +102,7 @@ async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]
     wake, unsubscribe = wakeups(request, ctx).subscribe()
     loop = asyncio.get_running_loop()
     try:
-        yield b"retry: 2000\n\n"
+        yield b"retry: 500\n\n"  # ms before a cut-off client reconnects
         quiet_since = loop.time()
         while True:
             try:

@@ -77,12 +77,14 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Follow a server-sent event stream through fetch (EventSource cannot send the token as a
 // header). onEvent({event, data, id}) returning "stop" ends it; a dropped connection is
-// resumed with Last-Event-ID. Returns a function that stops following.
+// resumed with Last-Event-ID, soon (a browser cuts streams when the machine's network
+// changes). Returns a function that stops following.
 export function follow(path, { onEvent, onOpen, onError, onEnd } = {}) {
   const control = new AbortController();
   let stopped = false;
   let lastId = null;
-  let retry = 2000;
+  let retry = 500; // the server's "retry:" overrides it; consecutive failures back off to 10 s
+  let failures = 0;
 
   const stop = () => {
     stopped = true;
@@ -119,6 +121,7 @@ export function follow(path, { onEvent, onOpen, onError, onEnd } = {}) {
           if (resp.status < 500) return; // asking again would get the same answer
         } else {
           onOpen?.();
+          failures = 0;
           const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
           let buffer = "";
           for (;;) {
@@ -141,7 +144,8 @@ export function follow(path, { onEvent, onOpen, onError, onEnd } = {}) {
         if (stopped || exc.name === "AbortError") return;
         onError?.(new ApiError(0, "stream_interrupted", "lost the connection to the server; reconnecting"));
       }
-      if (!stopped) await sleep(retry);
+      if (!stopped) await sleep(Math.min(retry * 2 ** failures, 10000));
+      failures += 1;
     }
   })();
   return stop;
