@@ -22,6 +22,7 @@ from api.routes import (
     kernelspecs,
     machine_types,
     operations,
+    packages,
     results,
     runners,
     runtimes,
@@ -105,6 +106,7 @@ def create_app(
     app.state.callers = CallerCache()
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
+    app.include_router(packages.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (health, runtimes, executions, results, operations, environments, machine_types, runners):

@@ -251,3 +251,36 @@ class KernelspecOut(BaseModel):
 class KernelspecsOut(BaseModel):
     ref: str = Field(description="the version the reference means")
     kernelspecs: list[KernelspecOut] = Field(description="by name; empty when the image has none")
+
+
+# --- packages of an environment version (api/routes/packages.py) ---------------------------
+
+
+class PackageOut(BaseModel):
+    name: str
+    version: str
+
+
+class PackagesOut(BaseModel):
+    ref: str = Field(description="the version the reference means")
+    deb: list[PackageOut] = Field(description="installed Debian packages, by name")
+    python: list[PackageOut] = Field(description="Python distributions in the image's site-packages, by name")
+
+
+class PackageChangeOut(BaseModel):
+    name: str
+    old: str = Field(description="its version in the version compared against")
+    new: str = Field(description="its version in the version asked about")
+
+
+class PackagesKindDiffOut(BaseModel):
+    added: list[PackageOut]
+    removed: list[PackageOut]
+    changed: list[PackageChangeOut]
+
+
+class PackagesDiffOut(BaseModel):
+    ref: str = Field(description="the version asked about (the new side)")
+    against: str = Field(description="the version it is compared against (the old side)")
+    deb: PackagesKindDiffOut
+    python: PackagesKindDiffOut
