@@ -21,6 +21,7 @@ command                                                     module
 ``save``, ``import``                                        ``saves.py``
 ``env ls|show|lineage|rm|export|load``                      ``environments.py``
 ``env build``                                               ``builds.py``
+``env packages|diff``                                       ``packages.py``
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
 ==========================================================  =================

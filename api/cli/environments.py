@@ -14,6 +14,7 @@ from typing import IO, Any
 import click
 import httpx
 
+from api.cli import packages
 from api.cli.builds import build
 from api.cli.client import ARCHIVE_TIMEOUT, CHUNK, Api, ref_path
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_OK, CliError
@@ -158,6 +159,8 @@ def rm(api: Api, as_json: bool, ref: str) -> int:
 
 
 env.add_command(build)
+env.add_command(packages.packages)
+env.add_command(packages.diff)
 
 
 @env.command("export")
