@@ -88,6 +88,59 @@ export function lineageTree(envs, name) {
   return h("ul", { class: "tree", id: "lineage" }, roots.map(node));
 }
 
+const refPath = (ref) => ref.split("/").map(encodeURIComponent).join("/");
+
+// The packages one version adds (green), removes (red) and changes (old → new) against another.
+export function diffList(diff) {
+  const kinds = { deb: "Debian packages", python: "Python packages" };
+  return Object.entries(kinds).map(([kind, title]) => {
+    const d = diff[kind];
+    const items = [
+      ...d.added.map((p) => h("li", { class: "added" }, `+ ${p.name} ${p.version}`)),
+      ...d.removed.map((p) => h("li", { class: "removed" }, `− ${p.name} ${p.version}`)),
+      ...d.changed.map((c) => h("li", { class: "changed" }, `~ ${c.name} ${c.old} → ${c.new}`)),
+    ];
+    return h(
+      "div",
+      { class: "pkg-kind", dataset: { kind } },
+      h("h3", {}, `${title}: ${d.added.length} added, ${d.removed.length} removed, ${d.changed.length} changed`),
+      items.length ? h("ul", { class: "pkg-diff" }, items) : h("p", { class: "muted" }, "no difference"),
+    );
+  });
+}
+
+function packagesDiff(env, envs) {
+  const byRef = new Map();
+  for (const e of envs) for (const v of e.versions) byRef.set(v.ref, v);
+  const refs = env.versions.map((v) => v.ref).reverse();
+  for (const v of env.versions) for (let p = byRef.get(v.parent); p && !refs.includes(p.ref); p = byRef.get(p.parent)) refs.push(p.ref);
+  const latest = byRef.get(env.latest || refs[0]);
+  const choose = (id, label, selected) =>
+    h("label", {}, `${label} `, h("select", { id }, refs.map((ref) => h("option", { value: ref, selected: ref === selected }, ref))));
+  const out = h("div", { id: "packages-diff" });
+  const oldSel = choose("diff-old", "from", latest && latest.parent ? latest.parent : refs[refs.length - 1]);
+  const newSel = choose("diff-new", "to", latest ? latest.ref : refs[0]);
+  const compare = async () => {
+    const from = oldSel.querySelector("select").value;
+    const to = newSel.querySelector("select").value;
+    clear(out, h("p", { class: "muted" }, "Reading packages… (the first time a version is read takes a few seconds)"));
+    try {
+      const diff = await get(`/environments/${refPath(to)}/packages/diff?against=${encodeURIComponent(from)}`);
+      clear(out, h("p", { class: "muted" }, `${diff.against} → ${diff.ref}`), diffList(diff));
+    } catch (err) {
+      clear(out, h("p", { class: "error", role: "alert" }, errorText(err)));
+    }
+  };
+  return h(
+    "div",
+    { class: "packages" },
+    h("h2", {}, "Packages"),
+    h("p", { class: "muted" }, "Choose two versions to see the packages the second adds, removes and changes."),
+    h("div", { class: "diff-choice" }, oldSel, " ", newSel, " ", h("button", { type: "button", id: "diff-compare", onclick: compare }, "Compare")),
+    out,
+  );
+}
+
 export function environmentView(root, name) {
   const box = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   clear(root, h("p", { class: "crumbs" }, h("a", { href: "#/environments" }, "Environments"), " / ", name), h("section", { class: "card" }, h("h1", {}, name), box));
@@ -106,6 +159,7 @@ export function environmentView(root, name) {
         h("h2", {}, "Lineage"),
         h("p", { class: "muted" }, "Each version under the version it was saved from, down from its base image."),
         lineageTree(envs, name),
+        packagesDiff(env, envs),
       );
     })
     .catch((err) => clear(box, h("p", { class: "error", role: "alert" }, errorText(err))));
