@@ -292,3 +292,17 @@ def test_a_hundred_runtimes_are_listed_well_under_a_second(browser: Browser, web
     best = min(took)
     FIGURES.append(f"web page: 100 runtimes listed {best:.0f} ms after the page started loading (best of 3)")
     assert best < 1000, took
+
+
+def test_two_versions_show_the_packages_the_second_adds(browser: Browser) -> None:
+    sign_in(browser)
+    browser.goto("#/environments/python3")
+    page = browser.page
+    page.wait_for_selector("#diff-compare")
+    page.select_option("#diff-old", "bash@1")
+    page.select_option("#diff-new", "python3@1")
+    page.click("#diff-compare")
+    added = page.locator("#packages-diff [data-kind=deb] li.added", has_text="+ python3 ")
+    added.first.wait_for(timeout=TIMEOUT)
+    assert page.locator("#packages-diff [data-kind=deb] li.removed").count() == 0
+    browser.shot("packages-diff")
