@@ -31,6 +31,7 @@ import docker.errors
 
 from envs import service as envs_service
 from envs.images.docker import daemon_error, engine_call, remove_container
+from envs.images.rewrite import ChunkReader
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, ConflictError
 from envs.refs import parse_ref
@@ -186,28 +187,6 @@ def _first_file(tar_stream: IO[bytes], limit: int) -> bytes:
 # ------------------------------------------------------------------------------------- reading
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file view of an iterator of byte chunks (``get_archive``'s stream), read once."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._rest = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._rest:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._rest = chunk
-        n = min(len(buffer), len(self._rest))
-        buffer[:n] = self._rest[:n]
-        self._rest = self._rest[n:]
-        return n
-
-
 _cache: dict[str, Packages] = {}
 _cache_lock = threading.Lock()
 _CACHE_SIZE = 256
@@ -220,7 +199,7 @@ def _archive(client: docker.DockerClient, holder: str, path: str) -> tuple[Any, 
         chunks, _stat = client.api.get_archive(holder, path)
     except docker.errors.NotFound:
         return None
-    return chunks, io.BufferedReader(_ChunkReader(chunks), 1024 * 1024)
+    return chunks, io.BufferedReader(ChunkReader(chunks), 1024 * 1024)
 
 
 def read_image(client: docker.DockerClient, image: str, labels: Mapping[str, str]) -> Packages:

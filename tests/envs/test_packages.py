@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 from envs.packages import (
     Package,
@@ -14,6 +13,7 @@ from envs.packages import (
     python_dirs,
     python_packages_in,
 )
+from tests.envs.archive_samples import layer
 
 STATUS = """\
 Package: bash
@@ -80,14 +80,7 @@ def test_metadata_without_a_version_or_a_name_is_no_package() -> None:
 
 
 def _site_packages(files: dict[str, bytes]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
+    return io.BytesIO(layer(files))
 
 
 def test_a_site_packages_archive_gives_dist_info_and_egg_info_distributions_only() -> None:
