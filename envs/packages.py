@@ -22,6 +22,7 @@ import io
 import re
 import tarfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -42,6 +43,8 @@ LABELS_KEY = "packages"  # where a version's packages are kept in its labels
 DPKG_STATUS = "/var/lib/dpkg/status"
 DPKG_STATUS_MAX = 32 * 1024 * 1024  # bytes of dpkg's status file read
 METADATA_MAX = 64 * 1024  # bytes of one METADATA file read (its headers come first)
+PACKAGES_MAX = 20_000  # packages of one kind kept for a version; an image's text is not trusted
+NAME_MAX, VERSION_MAX = 200, 100  # characters of a package's name and version kept
 _MINORS = range(6, 16)
 #: The directories Python distributions are looked for in: the system's, pip's (Debian puts
 #: what ``pip install`` adds as root in /usr/local/lib/python3.X/dist-packages) and a venv at
@@ -67,6 +70,11 @@ def python_dirs(deb: Iterable[Package]) -> list[str]:
 class Package:
     name: str
     version: str
+
+    @classmethod
+    def of(cls, name: str, version: str) -> Package:
+        """A package named in an image's files: cut to NAME_MAX and VERSION_MAX characters."""
+        return cls(name[:NAME_MAX], version[:VERSION_MAX])
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,10 @@ def parse_dpkg_status(text: str) -> list[Package]:
             continue
         found.append((name, fields.get("architecture", ""), version))
     names = [name for name, _, _ in found]
+    counts = Counter(names)
     return sorted(
-        Package(f"{name}:{arch}" if names.count(name) > 1 and arch else name, version) for name, arch, version in found
+        Package.of(f"{name}:{arch}" if counts[name] > 1 and arch else name, version)
+        for name, arch, version in found[:PACKAGES_MAX]
     )
 
 
@@ -137,7 +147,7 @@ def parse_metadata(text: str) -> Package | None:
         if sep and line[0] not in " \t":
             fields.setdefault(key.strip().lower(), value.strip())
     name, version = fields.get("name", ""), fields.get("version", "")
-    return Package(name, version) if name and version else None
+    return Package.of(name, version) if name and version else None
 
 
 def normalized(name: str) -> str:
@@ -170,6 +180,8 @@ def python_packages_in(tar_stream: IO[bytes]) -> list[Package]:
                 package = parse_metadata(handle.read(METADATA_MAX).decode("utf-8", "replace") if handle else "")
                 if package is not None:
                     found.append(package)
+                if len(found) >= PACKAGES_MAX:
+                    break
     except (tarfile.TarError, EOFError, OSError):
         pass  # a cut-off archive: what was read stands
     return found
@@ -239,7 +251,7 @@ def read_image(client: docker.DockerClient, image: str, labels: Mapping[str, str
     finally:
         with contextlib.suppress(BackendError):
             remove_container(client, holder, "remove the container that read an image's packages")
-    packages = Packages(deb=deb, python=sorted(python.values(), key=lambda p: normalized(p.name)))
+    packages = Packages(deb=deb, python=sorted(python.values(), key=lambda p: normalized(p.name))[:PACKAGES_MAX])
     with _cache_lock:
         while len(_cache) >= _CACHE_SIZE:
             _cache.pop(next(iter(_cache)))

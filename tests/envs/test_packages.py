@@ -138,3 +138,8 @@ def test_the_difference_has_added_removed_and_changed_packages_and_python_names_
 def test_packages_survive_their_json_form() -> None:
     packages = Packages(deb=[Package("bash", "5.2")], python=[Package("pip", "23.0")])
     assert Packages.from_json(packages.to_json()) == packages
+
+
+def test_an_over_long_name_or_version_in_an_image_is_cut() -> None:
+    package = parse_metadata(f"Name: {'n' * 5000}\nVersion: {'1' * 5000}\n")
+    assert package is not None and len(package.name) == 200 and len(package.version) == 100
