@@ -1,15 +1,20 @@
 """GET /environments/{ref}/packages and /packages/diff: references and errors on the fake
 backend (packages kept in a version's labels), and real reading on the base images in Docker."""
 
+# The server fixtures are imported by name and requested as parameters of the same name.
+# ruff: noqa: F401, F811
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
 
+from envs.kit.config import Settings
+from envs.kit.db import Database
 from envs.service import NewVersion, register_version, resolve
 from runner.backends.docker import DockerBackend
 from tests.api.conftest import ApiHarness, AppFactory
+from tests.api.test_cli import Server, _isolated_client_config, run, server
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image
 
@@ -115,3 +120,28 @@ def test_the_packages_of_base_images_are_read_from_docker_once_and_jupyter_adds_
         assert resolve(s, "real-jupyter@1").labels["packages"]["python"]
     helpers = docker.containers.list(all=True, filters={"label": ["envctl.managed=packages", TEST_LABEL]})
     assert helpers == []
+
+
+def test_the_cli_lists_a_versions_packages_and_the_difference_between_two(
+    prepared_settings: Settings, server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = Database(prepared_settings.effective_database_url)
+    try:
+        with db.session() as s:
+            register_version(s, NewVersion("old", "sha256:" + "1" * 64, "old:1", labels={"packages": KEPT_OLD}))
+            register_version(s, NewVersion("new", "sha256:" + "2" * 64, "new:1", labels={"packages": KEPT_NEW}))
+    finally:
+        db.dispose()
+    code, out, err = run(capsys, "env", "packages", "old@1", *server.args())
+    assert code == 0, err
+    assert [line.split() for line in out.splitlines()[1:]] == [["deb", "bash", "5.2"], ["deb", "nano", "7.2"]]
+
+    code, out, err = run(capsys, "env", "diff", "old", "new@1", *server.args())
+    assert code == 0, err
+    lines = [line.split() for line in out.splitlines()]
+    assert lines[0] == ["old@1", "->", "new@1"]
+    assert ["+", "deb", "vim", "9.0"] in lines and ["-", "deb", "nano", "7.2"] in lines
+    assert ["~", "deb", "bash", "5.2", "->", "5.3"] in lines and ["+", "python", "ipykernel", "6.17.0"] in lines
+
+    code, out, err = run(capsys, "env", "diff", "old@1", "nosuch@1", "--json", *server.args())
+    assert code == 1 and "nosuch" in err
