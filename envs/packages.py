@@ -201,6 +201,7 @@ def _first_file(tar_stream: IO[bytes], limit: int) -> bytes:
 
 _cache: dict[str, Packages] = {}
 _cache_lock = threading.Lock()
+_reading: dict[str, threading.Lock] = {}  # image id -> held while one thread reads it
 _CACHE_SIZE = 256
 
 
@@ -215,15 +216,32 @@ def _archive(client: docker.DockerClient, holder: str, path: str) -> tuple[Any, 
 
 
 def read_image(client: docker.DockerClient, image: str, labels: Mapping[str, str]) -> Packages:
-    """The packages installed in ``image`` (an image id), read without running it.
+    """The packages installed in ``image`` (an image id), read without running it, once per
+    image in this process (a second caller for the same image waits for the first).
 
     The helper container carries ``labels`` and is removed however this ends. An image the
     engine does not have raises ``BackendError``, as does any engine failure.
     """
     with _cache_lock:
         cached = _cache.get(image)
-    if cached is not None:
-        return cached
+        if cached is not None:
+            return cached
+        reading = _reading.setdefault(image, threading.Lock())
+    with reading:
+        with _cache_lock:
+            cached = _cache.get(image)
+        if cached is not None:
+            return cached
+        packages = _read(client, image, labels)
+        with _cache_lock:
+            while len(_cache) >= _CACHE_SIZE:
+                _cache.pop(next(iter(_cache)))
+            _cache[image] = packages
+            _reading.pop(image, None)
+    return packages
+
+
+def _read(client: docker.DockerClient, image: str, labels: Mapping[str, str]) -> Packages:
     action = "read the image's packages"
     try:
         holder = str(
@@ -251,12 +269,7 @@ def read_image(client: docker.DockerClient, image: str, labels: Mapping[str, str
     finally:
         with contextlib.suppress(BackendError):
             remove_container(client, holder, "remove the container that read an image's packages")
-    packages = Packages(deb=deb, python=sorted(python.values(), key=lambda p: normalized(p.name))[:PACKAGES_MAX])
-    with _cache_lock:
-        while len(_cache) >= _CACHE_SIZE:
-            _cache.pop(next(iter(_cache)))
-        _cache[image] = packages
-    return packages
+    return Packages(deb=deb, python=sorted(python.values(), key=lambda p: normalized(p.name))[:PACKAGES_MAX])
 
 
 # A reader of an image's packages by image id, given by the caller (it knows the engine and the
@@ -270,6 +283,13 @@ class VersionPackages:
     packages: Packages
 
 
+def kept_packages(labels: Mapping[str, Any] | None) -> Packages | None:
+    """The packages kept in a version's labels, or None when they are not known yet (for a
+    catalog that shows packages "when known" without reading any image)."""
+    kept = (labels or {}).get(LABELS_KEY)
+    return Packages.from_json(kept) if isinstance(kept, dict) else None
+
+
 def version_packages(db: Database, ref: str, reader: ImageReader | None, field: str = "ref") -> VersionPackages:
     """The packages of the version ``ref`` means: kept in its labels once read, else read from
     its image with ``reader`` and kept. A bad reference is a 422, an unknown one a 404; a version
@@ -277,9 +297,9 @@ def version_packages(db: Database, ref: str, reader: ImageReader | None, field: 
     parsed = parse_ref(ref, field)
     with db.session() as s:
         version = envs_service.resolve(s, parsed, field)
-        version_ref, image, kept = version.ref, version.image_id, (version.labels or {}).get(LABELS_KEY)
-    if isinstance(kept, dict):
-        return VersionPackages(version_ref, Packages.from_json(kept))
+        version_ref, image, kept = version.ref, version.image_id, kept_packages(version.labels)
+    if kept is not None:
+        return VersionPackages(version_ref, kept)
     if reader is None:
         raise ConflictError(
             f"{field}: the packages of {version_ref} are not known, and this server's runtime backend "

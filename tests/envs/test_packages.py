@@ -8,6 +8,7 @@ from envs.packages import (
     Package,
     Packages,
     diff,
+    kept_packages,
     parse_dpkg_status,
     parse_metadata,
     python_dirs,
@@ -143,3 +144,10 @@ def test_packages_survive_their_json_form() -> None:
 def test_an_over_long_name_or_version_in_an_image_is_cut() -> None:
     package = parse_metadata(f"Name: {'n' * 5000}\nVersion: {'1' * 5000}\n")
     assert package is not None and len(package.name) == 200 and len(package.version) == 100
+
+
+def test_packages_are_known_from_a_versions_labels_only_once_kept() -> None:
+    packages = Packages(deb=[Package("bash", "5.2")], python=[])
+    assert kept_packages({"packages": packages.to_json()}) == packages
+    assert kept_packages({"envctl.base-image": "bash"}) is None
+    assert kept_packages(None) is None
