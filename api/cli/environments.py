@@ -1,5 +1,5 @@
-"""``envctl env ls|show|lineage|rm|build|export|load``: environments and their versions.
-(``env build`` lives in ``builds.py``.)"""
+"""``envctl env ls|show|lineage|rm|build|export|load|packages|diff``: environments and their versions.
+(``env build`` lives in ``builds.py``, ``env packages|diff`` in ``packages.py``.)"""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from api.cli.output import Progress, download, first_line, human_bytes, listing,
 
 @click.group("env", cls=Group)
 def env() -> None:
-    """Environments: versions, tags, lineage, builds and archives."""
+    """Environments: versions, tags, lineage, packages, builds and archives."""
 
 
 @env.command("ls")
