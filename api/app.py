@@ -25,6 +25,8 @@ from api.routes import (
     results,
     runners,
     runtimes,
+    teams,
+    tokens,
 )
 from api.schemas import ErrorOut
 from envs.kit.config import Settings
@@ -103,7 +105,18 @@ def create_app(
     app.state.callers = CallerCache()
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
-    for module in (health, runtimes, executions, results, operations, environments, machine_types, runners):
+    for module in (
+        health,
+        runtimes,
+        executions,
+        results,
+        operations,
+        environments,
+        machine_types,
+        runners,
+        teams,
+        tokens,
+    ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)
     return app

@@ -64,6 +64,11 @@ class CallerCache:
                 self._entries.clear()
             self._entries[token] = (time.monotonic() + self.ttl, caller)
 
+    def clear(self) -> None:
+        """Forget every token (after one was revoked): each is looked up again on its next use."""
+        with self._lock:
+            self._entries.clear()
+
 
 async def get_caller(
     request: Request,
