@@ -22,6 +22,7 @@ from api.routes import (
     kernelspecs,
     machine_types,
     operations,
+    registry_auth,
     results,
     runners,
     runtimes,
@@ -116,6 +117,7 @@ def create_app(
         runners,
         teams,
         tokens,
+        registry_auth,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)
