@@ -15,50 +15,38 @@ from tests.api.conftest import prepared_settings  # noqa: F401
 from tests.api.test_cli import Server, _isolated_client_config, run, server  # noqa: F401
 
 
-def test_login_keeps_the_url_and_token_where_every_command_finds_them(
+def test_login_keeps_the_url_and_token_where_team_commands_find_them(
     server: Server,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
+    config = tmp_path / "config" / "envctl" / "config.yaml"
+    code, _out, err = run(capsys, "login", "--url", server.url, "--token", "envctl_wrong")
+    assert code == 1 and "not known" in err
+    assert not config.exists()  # a bad token is not kept
+
     code, out, err = run(capsys, "login", "--url", server.url, "--token", server.token, "--json")
 
     assert code == 0, err
     assert json.loads(out)["user"] == "admin"
-    config = tmp_path / "config" / "envctl" / "config.yaml"
     assert yaml.safe_load(config.read_text()) == {"url": server.url, "token": server.token}
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o600
-    code, out, err = run(capsys, "team", "create", "acme")  # no --url, no --token: the config file
-    assert code == 0, err
-    assert "acme" in out
-
-
-def test_login_with_a_bad_token_keeps_nothing(
-    server: Server,  # noqa: F811
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-) -> None:
-    code, _out, err = run(capsys, "login", "--url", server.url, "--token", "envctl_wrong")
-
-    assert code == 1 and "not known" in err
-    assert not (tmp_path / "config" / "envctl" / "config.yaml").exists()
-
-
-def test_teams_and_members_from_the_command_line(server: Server, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    # from here on no --url and no --token: the config file
     httpx.post(f"{server.url}/users", json={"name": "bob"}, headers={"Authorization": f"Bearer {server.token}"})
-    assert run(capsys, "team", "create", "acme", *server.args())[0] == 0
-
-    code, out, err = run(capsys, "team", "add-member", "acme", "bob", "--role", "admin", "--json", *server.args())
+    code, out, err = run(capsys, "team", "create", "acme")
+    assert code == 0 and "acme" in out, err
+    code, out, err = run(capsys, "team", "add-member", "acme", "bob", "--role", "admin", "--json")
     assert code == 0, err
     assert json.loads(out)["role"] == "admin"
-    code, out, err = run(capsys, "team", "list", "--json", *server.args())
+    code, out, err = run(capsys, "team", "list", "--json")
     assert [(m["user"], m["role"]) for m in json.loads(out)[0]["members"]] == [("admin", "admin"), ("bob", "admin")]
-    code, out, err = run(capsys, "team", *server.args())
+    code, out, err = run(capsys, "team")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["TEAM", "YOUR", "ROLE"]
     assert "bob (admin)" in out
-    assert run(capsys, "team", "remove-member", "acme", "bob", *server.args())[0] == 0
-    code, out, err = run(capsys, "team", "add-member", "acme", "nobody", *server.args())
+    assert run(capsys, "team", "remove-member", "acme", "bob")[0] == 0
+    code, out, err = run(capsys, "team", "add-member", "acme", "nobody")
     assert code == 1 and "no user named 'nobody'" in err
-    code, out, err = run(capsys, "team", "create", "Bad Name", *server.args())
+    code, out, err = run(capsys, "team", "create", "Bad Name")
     assert code == 2
 
 

@@ -14,8 +14,10 @@ import pytest
 import yaml
 from cryptography import x509
 
+from api.cli import local
 from api.dbschema import upgrade
 from envs.kit.config import Settings
+from envs.kit.errors import InvalidInputError
 from registry import distribution, signing
 from registry.distribution import ManagedRegistry
 from tests.fixtures.registry import start_registry
@@ -92,17 +94,21 @@ def _server(tmp_path: Path, env: dict[str, str]) -> Server:
     return Server(data, env)
 
 
-def test_serve_without_the_registry_program_serves_and_says_the_registry_is_off(tmp_path: Path) -> None:
-    server = _server(tmp_path, {"ENVCTL_REGISTRY": "managed", "ENVCTL_REGISTRY_BINARY": str(tmp_path / "none")})
-    server.start()
-    try:
-        with server.client() as api:
-            status = api.get("/registry").json()
-    finally:
-        server.stop()
+def test_serve_without_the_registry_program_says_the_registry_is_off_and_serves_without_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `envctl serve` does about the registry before it serves (``api/cli/local.py``)."""
+    settings = Settings(data_dir=tmp_path / "data", registry="managed", registry_binary=tmp_path / "none")
 
-    assert f"registry: off (no registry program at {tmp_path / 'none'}" in server.output()
-    assert status["mode"] == "off" and status["url"] is None
+    assert local._start_registry(settings) is None
+
+    err = capsys.readouterr().err
+    assert f"registry: off (no registry program at {tmp_path / 'none'}" in err
+    assert "apt-get install docker-registry" in err
+    assert distribution.plan(settings.with_overrides(registry="")).mode == "off"
+    assert distribution.plan(settings.with_overrides(registry="https://registry.example")).mode == "external"
+    with pytest.raises(InvalidInputError, match="registry: 'ftp://x' is not managed, off"):
+        distribution.plan(settings.with_overrides(registry="ftp://x"))
 
 
 def test_serve_runs_the_managed_registry_and_it_ends_with_serve_even_when_killed(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ the registry's own.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import tarfile
 import threading
 import time
 import uuid
@@ -288,3 +290,42 @@ def test_the_registry_refuses_a_bad_token(world: World, kind: str) -> None:
     assert refused.status_code == 401, (kind, refused.text)
     good = signing_key(world.settings).sign(_claims())
     assert httpx.get(url, headers={**accept, "Authorization": f"Bearer {good}"}).status_code == 200
+
+
+# --------------------------------------------------------------------------- docker itself
+
+
+def _tiny_image(docker: Any, repository: str) -> None:
+    """An image of one small file, made with ``docker import`` (nothing is pulled)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"made by the registry tests\n"
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    docker.api.import_image_from_data(
+        buf.getvalue(), repository=repository, tag="1", changes=[f"LABEL {TEST_LABEL}={TEST_SESSION}"]
+    )
+
+
+def _errors(lines: Iterator[dict[str, Any]]) -> list[str]:
+    return [str(line.get("error") or line.get("errorDetail")) for line in lines if "error" in line]
+
+
+def test_docker_pushes_and_pulls_with_an_envctl_token_and_a_non_member_is_denied(world: World, docker: Any) -> None:
+    repository = f"127.0.0.1:{world.settings.registry_port}/acme/docker-test"
+    auth = {name: {"username": name, "password": world.tokens[name]} for name in ("alice", "bob", "carol")}
+    _tiny_image(docker, repository)
+    try:
+        assert _errors(docker.images.push(repository, "1", auth_config=auth["alice"], stream=True, decode=True)) == []
+        denied = _errors(docker.images.push(repository, "1", auth_config=auth["bob"], stream=True, decode=True))
+        docker.images.remove(f"{repository}:1")
+
+        assert denied and any(word in denied[0] for word in ("denied", "unauthorized", "authentication required"))
+        with pytest.raises(Exception, match="denied|unauthorized|authentication required"):  # noqa: B017
+            docker.images.pull(repository, "1", auth_config=auth["bob"])
+        pulled = docker.images.pull(repository, "1", auth_config=auth["carol"])
+        assert pulled.labels[TEST_LABEL] == TEST_SESSION
+    finally:
+        for image in docker.images.list(name=repository):
+            docker.images.remove(image.id, force=True)

@@ -75,15 +75,9 @@ def test_only_a_team_admin_adds_or_removes_members_and_the_last_admin_stays(api:
     members = api.get("/teams/acme/members", headers=bob).json()
     assert [(m["user"], m["role"]) for m in members] == [("bob", "admin")]
     assert_envelope(api.get("/teams/acme", headers=alice), 404)
-
-
-def test_a_member_may_leave_a_team_without_being_its_admin(api: ApiHarness) -> None:  # noqa: F811
-    alice, bob = user(api, "alice"), user(api, "bob")
-    api.post("/teams", headers=alice, json={"name": "acme"})
-    api.post("/teams/acme/members", headers=alice, json={"user": "bob"})
-
-    assert api.delete("/teams/acme/members/bob", headers=bob).status_code == 204
-    assert api.get("/teams", headers=bob).json() == []
+    api.post("/teams/acme/members", headers=bob, json={"user": "carol"})
+    assert api.delete("/teams/acme/members/carol", headers=carol).status_code == 204  # anyone may leave
+    assert api.get("/teams", headers=carol).json() == []
 
 
 def test_a_token_is_shown_once_works_until_revoked_and_is_refused_at_once_after(api: ApiHarness) -> None:  # noqa: F811
@@ -109,30 +103,21 @@ def test_a_token_is_shown_once_works_until_revoked_and_is_refused_at_once_after(
     assert [t["active"] for t in api.get("/tokens", headers=alice).json()] == [True, False]
 
 
-def test_another_users_token_cannot_be_revoked_or_seen(api: ApiHarness) -> None:  # noqa: F811
+def test_other_users_tokens_expired_tokens_and_endless_tokens_are_refused(api: ApiHarness) -> None:  # noqa: F811
     alice, bob = user(api, "alice"), user(api, "bob")
     alices = api.get("/tokens", headers=alice).json()[0]["id"]
-
     assert_envelope(api.delete(f"/tokens/{alices}", headers=bob), 404, "token_not_found")
     assert alices not in str(api.get("/tokens", headers=bob).json())
     assert api.get("/teams", headers=alice).status_code == 200
 
-
-def test_an_expired_token_is_refused(api: ApiHarness) -> None:  # noqa: F811
     with api.db.session() as s:
         old = registry_service.create_user(s, "old")
         token = registry_service.issue_token(s, old, "old", utcnow() - timedelta(seconds=1))
     err = assert_envelope(api.get("/tokens", headers={"Authorization": f"Bearer {token}"}), 401, "unauthorized")
     assert "expired" in err["message"]
 
-
-def test_token_lifetimes_are_bounded(api: ApiHarness) -> None:  # noqa: F811
     for days in (0, 10_000):
         assert_envelope(api.post("/tokens", json={"expires_in_days": days}), 422)
-
-
-def test_only_an_envctl_admin_creates_users(api: ApiHarness) -> None:  # noqa: F811
-    alice = user(api, "alice")
     assert_envelope(api.post("/users", headers=alice, json={"name": "mallory"}), 403, "forbidden")
     assert_envelope(api.post("/users", json={"name": "alice"}), 409, "user_exists")
 
