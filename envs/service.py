@@ -2,9 +2,11 @@
 
 Ownership: the registry is shared, so anyone may read any environment (list, show, lineage,
 export, boot from it, import it, extend it under another name). Writing to one (a new
-version, a tag moved) and deleting its versions is for its owner and admins only; an
-environment with no owner (a base image, or one older than owners) is for admins only. The
-writer is a ``Writer``; ``None`` in its place is envctl itself (``envctl base build``).
+version, a tag moved) and deleting its versions is for its owner, the members of its team (its
+namespace: ``acme/ml`` is team ``acme``'s) and admins only; an environment with no owner (a
+base image, or one older than owners) is for admins only, and only members create one in a
+team's namespace. The writer is a ``Writer``; ``None`` in its place is envctl itself
+(``envctl base build``).
 """
 
 from __future__ import annotations
