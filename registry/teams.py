@@ -11,6 +11,7 @@ did not exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -31,6 +32,23 @@ class Actor:
 
     user_id: str
     is_admin: bool = False
+
+
+def published(repository: str) -> bool:
+    """Whether a version of the environment (registry repository) ``repository`` is published
+    for every team. Publishing (issue 8 item 6) is not built yet: nothing is published."""
+    del repository
+    return False
+
+
+def may_see(
+    full_name: str, teams: frozenset[str], is_admin: bool, is_published: Callable[[str], bool] = published
+) -> bool:
+    """Whether a user in ``teams`` sees the environment ``full_name``: names without a team
+    (base images, personal names) are everyone's; a team's are its members' (and envctl
+    admins'), and everyone's to read once published."""
+    namespace = full_name.split("/", 1)[0] if "/" in full_name else None
+    return namespace is None or is_admin or namespace in teams or is_published(full_name)
 
 
 def check_role(role: str) -> str:

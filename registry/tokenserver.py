@@ -30,7 +30,7 @@ from envs.kit.errors import InvalidInputError, UnauthorizedError
 from registry.distribution import ISSUER, SERVICE
 from registry.service import authenticate
 from registry.signing import SigningKey
-from registry.teams import team_names_of
+from registry.teams import published, team_names_of
 
 READ, WRITE = "pull", "push"
 MAX_SCOPES = 32
@@ -71,13 +71,6 @@ def parse_scope(text: str) -> Scope:
     if not (sep and sep2 and kind and name) or len(text) > 512:
         raise InvalidInputError(f"scope: {text[:100]!r} is not type:name:actions", field="scope")
     return Scope(kind, name, tuple(a for a in actions.split(",") if a))
-
-
-def published(repository: str) -> bool:
-    """Whether a version in ``repository`` is published for every team. Publishing (issue 8
-    item 6) is not built yet: nothing is published, so other teams may pull nothing."""
-    del repository
-    return False
 
 
 def allowed_actions(scope: Scope, who: Requester | None, is_published: Callable[[str], bool] = published) -> list[str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CallerDep, CtxDep
+from api.deps import CallerCache, CallerDep, CtxDep
 from api.schemas import NAME_PATTERN
 from registry import teams as teams_service
 from registry.models import Membership, Team
@@ -59,6 +59,12 @@ def _actor(caller: CallerDep) -> Actor:
     return Actor(caller.id, caller.is_admin)
 
 
+def _forget_callers(request: Request) -> None:
+    """Membership changed: remembered callers (with their teams) are looked up again."""
+    cache: CallerCache = request.app.state.callers
+    cache.clear()
+
+
 @router.get("/teams", response_model=list[TeamOut])
 def list_teams(ctx: CtxDep, caller: CallerDep) -> list[TeamOut]:
     """The caller's teams with their members (every team for an envctl admin)."""
@@ -67,10 +73,12 @@ def list_teams(ctx: CtxDep, caller: CallerDep) -> list[TeamOut]:
 
 
 @router.post("/teams", status_code=201, response_model=TeamOut)
-def create_team(body: TeamCreate, ctx: CtxDep, caller: CallerDep) -> TeamOut:
+def create_team(body: TeamCreate, request: Request, ctx: CtxDep, caller: CallerDep) -> TeamOut:
     """A new team; the caller is its first admin. A name taken already is a 409."""
     with ctx.db.session() as s:
-        return _team(teams_service.create_team(s, body.name, _actor(caller)), caller.id)
+        made = _team(teams_service.create_team(s, body.name, _actor(caller)), caller.id)
+    _forget_callers(request)
+    return made
 
 
 @router.get("/teams/{team}", response_model=TeamOut)
@@ -86,17 +94,20 @@ def list_members(team: str, ctx: CtxDep, caller: CallerDep) -> list[MemberOut]:
 
 
 @router.post("/teams/{team}/members", response_model=MemberOut)
-def add_member(team: str, body: MemberIn, ctx: CtxDep, caller: CallerDep) -> MemberOut:
+def add_member(team: str, body: MemberIn, request: Request, ctx: CtxDep, caller: CallerDep) -> MemberOut:
     """Add a user to the team, or change their role (team admins and envctl admins only; 403
     otherwise). Demoting the last admin is a 409."""
     with ctx.db.session() as s:
-        return _member(teams_service.add_member(s, team, body.user, body.role, _actor(caller)))
+        member = _member(teams_service.add_member(s, team, body.user, body.role, _actor(caller)))
+    _forget_callers(request)
+    return member
 
 
 @router.delete("/teams/{team}/members/{user}", status_code=204)
-def remove_member(team: str, user: str, ctx: CtxDep, caller: CallerDep) -> Response:
+def remove_member(team: str, user: str, request: Request, ctx: CtxDep, caller: CallerDep) -> Response:
     """Take a user out of the team (team admins and envctl admins only; anyone may leave);
     removing the last admin is a 409."""
     with ctx.db.session() as s:
         teams_service.remove_member(s, team, user, _actor(caller))
+    _forget_callers(request)
     return Response(status_code=204)
