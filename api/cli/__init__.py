@@ -23,7 +23,7 @@ command                                                     module
 ``env build``                                               ``builds.py``
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
-``login``, ``team …``, ``token …``                          ``teams.py``
+``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
 ==========================================================  =================
 
 What they share:
@@ -93,6 +93,7 @@ for _command in (
     notebooks.run,
     results.results,
     teams.login,
+    teams.user,
     teams.team,
     teams.token,
 ):

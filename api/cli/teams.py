@@ -1,5 +1,5 @@
-"""``envctl login``, ``envctl team create|list|add-member|remove-member`` and
-``envctl token create|list|revoke``: who the CLI is, teams, and API tokens."""
+"""``envctl login``, ``envctl user create``, ``envctl team create|list|add-member|remove-member``
+and ``envctl token create|list|revoke``: who the CLI is, users, teams, and API tokens."""
 
 from __future__ import annotations
 
@@ -45,6 +45,29 @@ def login(url: str | None, token: str | None, as_json: bool) -> int:
     else:
         teams = ", ".join(me["teams"]) or "none"
         print(f"logged in to {url} as {me['name']} (teams: {teams}); kept in {path}")
+    return EXIT_OK
+
+
+@click.group("user", cls=Group)
+def user() -> None:
+    """Users (envctl admins make them)."""
+
+
+@user.command("create")
+@click.argument("name", help="user name: lower-case letters, digits, . _ -")
+@click.option("--admin", is_flag=True, help="an envctl admin (acts on every team and environment)")
+@click.option(
+    "--expires-in", "days", type=int, default=90, show_default=True, metavar="DAYS", help="first token's life"
+)
+@client_options
+def user_create(api: Api, as_json: bool, name: str, admin: bool, days: int) -> int:
+    """Make a user; their first API token is printed this once, alone on stdout."""
+    made = api.call("POST", "/users", json={"name": name, "admin": admin, "expires_in_days": days})
+    if as_json:
+        print_json(made)
+        return EXIT_OK
+    print(made["token"])
+    print(f"user {made['name']} made; give them this token (shown once): `envctl login --token ...`", file=sys.stderr)
     return EXIT_OK
 
 

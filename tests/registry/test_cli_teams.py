@@ -7,7 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -32,7 +31,8 @@ def test_login_keeps_the_url_and_token_where_team_commands_find_them(
     assert yaml.safe_load(config.read_text()) == {"url": server.url, "token": server.token}
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o600
     # from here on no --url and no --token: the config file
-    httpx.post(f"{server.url}/users", json={"name": "bob"}, headers={"Authorization": f"Bearer {server.token}"})
+    code, out, err = run(capsys, "user", "create", "bob")
+    assert code == 0 and out.strip().startswith("envctl_") and "shown once" in err
     code, out, err = run(capsys, "team", "create", "acme")
     assert code == 0 and "acme" in out, err
     code, out, err = run(capsys, "team", "add-member", "acme", "bob", "--role", "admin", "--json")
