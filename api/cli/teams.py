@@ -40,12 +40,9 @@ def login(url: str | None, token: str | None, as_json: bool) -> int:
     path.touch(mode=0o600)
     path.chmod(0o600)  # the token is a secret: only its owner reads the file
     path.write_text(yaml.safe_dump({**conf, "url": url, "token": token}, sort_keys=False))
-    if as_json:
-        print_json({"url": url, "user": me["name"], "admin": me["admin"], "teams": me["teams"], "config": str(path)})
-    else:
-        teams = ", ".join(me["teams"]) or "none"
-        print(f"logged in to {url} as {me['name']} (teams: {teams}); kept in {path}")
-    return EXIT_OK
+    data = {"url": url, "user": me["name"], "admin": me["admin"], "teams": me["teams"], "config": str(path)}
+    teams = ", ".join(me["teams"]) or "none"
+    return _say(as_json, data, f"logged in to {url} as {me['name']} (teams: {teams}); kept in {path}")
 
 
 @click.group("user", cls=Group)
@@ -68,6 +65,15 @@ def user_create(api: Api, as_json: bool, name: str, admin: bool, days: int) -> i
         return EXIT_OK
     print(made["token"])
     print(f"user {made['name']} made; give them this token (shown once): `envctl login --token ...`", file=sys.stderr)
+    return EXIT_OK
+
+
+def _say(as_json: bool, data: Any, text: str) -> int:
+    """``data`` as JSON for scripts, else ``text`` for people."""
+    if as_json:
+        print_json(data)
+    else:
+        print(text)
     return EXIT_OK
 
 
@@ -103,11 +109,11 @@ def team_list(api: Api, as_json: bool) -> int:
 def team_create(api: Api, as_json: bool, name: str) -> int:
     """Create a team; you are its first admin."""
     made = api.call("POST", "/teams", json={"name": name})
-    if as_json:
-        print_json(made)
-    else:
-        print(f"team {made['name']} created; you are its admin. Environments named {made['name']}/NAME are the team's.")
-    return EXIT_OK
+    return _say(
+        as_json,
+        made,
+        f"team {made['name']} created; you are its admin. Environments named {made['name']}/NAME are the team's.",
+    )
 
 
 @team.command("add-member")
@@ -118,11 +124,7 @@ def team_create(api: Api, as_json: bool, name: str) -> int:
 def team_add_member(api: Api, as_json: bool, name: str, user: str, role: str) -> int:
     """Add a user to a team, or change their role (team admins only)."""
     member = api.call("POST", f"/teams/{name}/members", json={"user": user, "role": role})
-    if as_json:
-        print_json(member)
-    else:
-        print(f"{member['user']} is {member['role']} of team {name}")
-    return EXIT_OK
+    return _say(as_json, member, f"{member['user']} is {member['role']} of team {name}")
 
 
 @team.command("remove-member")
@@ -132,11 +134,7 @@ def team_add_member(api: Api, as_json: bool, name: str, user: str, role: str) ->
 def team_remove_member(api: Api, as_json: bool, name: str, user: str) -> int:
     """Take a user out of a team (team admins only; anyone may remove themselves)."""
     api.call("DELETE", f"/teams/{name}/members/{user}")
-    if as_json:
-        print_json({"team": name, "removed": user})
-    else:
-        print(f"{user} is no longer in team {name}")
-    return EXIT_OK
+    return _say(as_json, {"team": name, "removed": user}, f"{user} is no longer in team {name}")
 
 
 # --------------------------------------------------------------------------- tokens
@@ -196,8 +194,4 @@ def token_create(api: Api, as_json: bool, description: str, days: int) -> int:
 def token_revoke(api: Api, as_json: bool, token_id: str) -> int:
     """Revoke one of your tokens; it is refused from now on."""
     revoked = api.call("DELETE", f"/tokens/{token_id}")
-    if as_json:
-        print_json(revoked)
-    else:
-        print(f"token {revoked['id']} revoked")
-    return EXIT_OK
+    return _say(as_json, revoked, f"token {revoked['id']} revoked")
