@@ -30,6 +30,7 @@ from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
 from envs.refs import check_name, check_tag
 from registry.models import User
+from registry.teams import team_names_of
 from runner.backends.base import RuntimeBackend
 from runner.imageconfig import trusted_config
 from runner.models import Operation, Runtime
@@ -52,7 +53,7 @@ def _oci_time(value: datetime) -> str:
 def writer_of(session: Session, user_id: str) -> envs_service.Writer:
     """The user ``user_id`` as a writer of environments: admins may write to any."""
     user = session.get(User, user_id)
-    return envs_service.Writer(user_id, bool(user is not None and user.is_admin))
+    return envs_service.Writer(user_id, bool(user is not None and user.is_admin), team_names_of(session, user_id))
 
 
 class Snapshots:
@@ -104,7 +105,7 @@ class Snapshots:
             # the 403 (before any operation or commit), the state, the operation and the log line
             with self.records.tx() as s:
                 rt = self.records.get_mine(s, owner_id, runtime_id, with_version=False)
-                envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
+                envs_service.check_write_to(s, full, writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
                         f"only a running runtime can be saved; it is {rt.state}"

@@ -23,6 +23,7 @@ command                                                     module
 ``env build``                                               ``builds.py``
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
+``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
 ==========================================================  =================
 
 What they share:
@@ -46,7 +47,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import cells, environments, local, notebooks, results, runtimes, saves
+from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -91,6 +92,10 @@ for _command in (
     cells.exec_,
     notebooks.run,
     results.results,
+    teams.login,
+    teams.user,
+    teams.team,
+    teams.token,
 ):
     cli.add_command(_command)
 

@@ -82,6 +82,11 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
     "ENVCTL_BASE_EXTRA_CA_CERTS": "CA files or folders of *.crt trusted inside base images, : or , separated"
     " (default /usr/local/share/ca-certificates)",
+    "ENVCTL_REGISTRY": "the image registry: managed (envctl runs Debian's docker-registry; the default when"
+    " /usr/bin/docker-registry exists), off, or an external registry's URL",
+    "ENVCTL_REGISTRY_PORT": "loopback port of the managed registry (default: the API port + 1)",
+    "ENVCTL_REGISTRY_BINARY": "the distribution registry program (default /usr/bin/docker-registry)",
+    "ENVCTL_REGISTRY_TOKEN_TTL": "seconds a registry token lives (default 300); clients ask again when it ends",
     "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
     "ENVCTL_RESULTS_S3_BUCKET": "S3 bucket for results (needed when the results store is s3)",
     "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
@@ -125,6 +130,11 @@ class Settings:
     # PEM CA certificates (files, or folders of *.crt) added to the root base image, e.g. a
     # TLS-intercepting proxy's. The default folder may be missing; a named path may not.
     base_extra_ca_certs: tuple[Path, ...] = (DEFAULT_EXTRA_CA_CERTS,)
+    # "" picks managed when registry_binary exists, off otherwise; or an external registry's URL
+    registry: str = ""
+    registry_port: int = 0  # 0: the API port + 1
+    registry_binary: Path = Path("/usr/bin/docker-registry")
+    registry_token_ttl: int = 300
     results_store: str = "local"
     results_s3_bucket: str | None = None
     results_s3_prefix: str = ""
@@ -213,6 +223,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
     "base_extra_ca_certs": ("ENVCTL_BASE_EXTRA_CA_CERTS", _paths),
+    "registry": ("ENVCTL_REGISTRY", str),
+    "registry_port": ("ENVCTL_REGISTRY_PORT", _INT),
+    "registry_binary": ("ENVCTL_REGISTRY_BINARY", _path),
+    "registry_token_ttl": ("ENVCTL_REGISTRY_TOKEN_TTL", _INT),
     "results_store": ("ENVCTL_RESULTS_STORE", str),
     "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),
@@ -272,7 +286,7 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"runner": {"idle_timeout": 5}}`` -> ``{"runner_idle_timeout": 5}``."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict) and key in {"api", "runner", "base", "results"}:
+        if isinstance(value, dict) and key in {"api", "runner", "base", "results", "registry"}:
             for sub, v in value.items():
                 flat[f"{key}_{sub}"] = v
         else:
