@@ -20,6 +20,7 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from envs.images import docker as engine
+from envs.images import layers as image_layers
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
@@ -41,8 +42,10 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    LayerObserver,
     RuntimeBackend,
     RuntimeSpec,
+    SavedLayer,
     Status,
 )
 from runner.identity import RunnerIdentity
@@ -299,6 +302,47 @@ class DockerBackend(RuntimeBackend):
             self.client, cid, config=config, repository=repository, tag=tag, action="snapshot the runtime's filesystem"
         )
         return self._remember(info).id
+
+    def save_layer(
+        self,
+        state: BackendState,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        version_image: str,
+        observer: LayerObserver,
+    ) -> SavedLayer:
+        """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
+        the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
+        read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``)."""
+        from runner.backends import saves
+
+        cid = state.get("container_id")
+        if not cid:
+            raise BackendError("the runtime has no container to save")
+        plan = saves.layer_roots(self.client, cid, version_image)
+        if plan is None:
+            return saves.commit_and_scan(self, state, config=config, repository=repository, tag=tag, observer=observer)
+        roots, base, keep = plan
+        action = "save the runtime's filesystem"
+        with saves.paused(self.client, cid, action):
+            layer = overlay.plan_layer(roots, observer, private=saves.is_mount_point)
+            info = image_layers.load_layer(
+                self.client,
+                base=base,
+                keep=keep,
+                layer_size=layer.size,
+                layer=overlay.layer_chunks(layer, observer),
+                ready=observer.verdict,
+                config=config,
+                created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or saves.now()),
+                created_by=f"envctl save ({len(layer.entries)} entries)",
+                repository=repository,
+                tag=tag,
+                action=action,
+            )
+        return SavedLayer(self._remember(info), layer.left_out)
 
     def image_info(self, image: str) -> ImageInfo | None:
         # An image id names one immutable image: what was read of it a moment ago still holds

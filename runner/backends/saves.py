@@ -1,0 +1,139 @@
+"""The Docker backend's save path: which directories make the new layer, the pause, the fallback.
+
+A save's layer is made from the container's overlay2 directories (``overlay.plan_layer``) when
+this host can read them and the kernel's overlay keeps whole files in the upper directory (no
+``redirect_dir``, no ``metacopy``: the engine itself then falls back to a naive diff). The
+layers of the container's image above the version's (a draft restored at boot) are merged into
+the new layer, so that they are filtered and scanned too; the image keeps the layers the two
+have in common.
+
+Otherwise the save is a ``docker commit``: every changed file is first read from the engine
+(``get_archive``) and scanned, and nothing can be left out (``SavedLayer.lean`` is False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker
+import docker.errors
+
+from envs.images.docker import daemon_error
+from envs.images.rewrite import ChunkReader
+from runner.backends import overlay
+from runner.backends.base import PRIVATE_PATHS, BackendState, LayerObserver, SavedLayer
+
+if TYPE_CHECKING:
+    from runner.backends.docker import DockerBackend
+
+#: mount points Docker makes in every runtime container: never part of a layer
+MOUNT_POINTS = (*PRIVATE_PATHS, "/usr/sbin/docker-init", "/sbin/docker-init")
+_OVERLAY_PARAMETERS = Path("/sys/module/overlay/parameters")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def is_mount_point(path: str) -> bool:
+    return any(path == m or path.startswith(m + "/") for m in MOUNT_POINTS)
+
+
+def _whole_files() -> bool:
+    """The kernel's overlay copies whole files up and keeps directories in place."""
+    for name in ("redirect_dir", "metacopy"):
+        try:
+            if (_OVERLAY_PARAMETERS / name).read_text().strip() in ("Y", "on", "1"):
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def layer_roots(client: docker.DockerClient, cid: str, version_image: str) -> tuple[list[str], str, int] | None:
+    """(directories of the new layer, top first; the container's image; how many of its layers
+    the new image keeps), or None when the layer cannot be made from the directories."""
+    try:
+        container = client.api.inspect_container(cid)
+        layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
+        if layers is None or not _whole_files():
+            return None
+        image = str(container["Image"])
+        mine = list((client.api.inspect_image(image).get("RootFS") or {}).get("Layers") or [])
+        version = list((client.api.inspect_image(version_image).get("RootFS") or {}).get("Layers") or [])
+    except Exception as exc:
+        raise daemon_error("inspect the runtime's container", exc) from exc
+    keep = 0
+    while keep < min(len(mine), len(version)) and mine[keep] == version[keep]:
+        keep += 1
+    lowers = layers.lowers
+    if keep == 0 or len(lowers) != len(mine) + 1 or not lowers[0].endswith("-init/diff"):
+        return None
+    return [layers.upper, *lowers[1 : 1 + len(mine) - keep]], image, keep
+
+
+@contextlib.contextmanager
+def paused(client: docker.DockerClient, cid: str, action: str) -> Iterator[None]:
+    """The container frozen for the block, as ``docker commit`` freezes it."""
+    try:
+        was_paused = bool((client.api.inspect_container(cid).get("State") or {}).get("Paused"))
+        if not was_paused:
+            client.api.pause(cid)
+    except Exception as exc:
+        raise daemon_error(action, exc) from exc
+    try:
+        yield
+    finally:
+        if not was_paused:
+            try:
+                client.api.unpause(cid)
+            except docker.errors.NotFound:
+                pass  # removed meanwhile: nothing to resume
+            except Exception as exc:
+                raise daemon_error("resume the runtime after its save", exc) from exc
+
+
+def commit_and_scan(
+    backend: DockerBackend,
+    state: BackendState,
+    *,
+    config: dict[str, Any],
+    repository: str,
+    tag: str,
+    observer: LayerObserver,
+) -> SavedLayer:
+    """A plain commit, after every changed file was read from the engine and scanned."""
+    cid = str(state["container_id"])
+    for change in backend.changes(state):
+        if change.kind == "deleted":
+            continue
+        observer.entry(change.path)
+        try:
+            chunks, _stat = backend.client.api.get_archive(cid, change.path)
+        except docker.errors.NotFound:
+            continue
+        except Exception as exc:
+            raise daemon_error("read the runtime's changes", exc) from exc
+        with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as tar:
+            member = tar.next()
+            if member is None or not member.isreg():
+                continue
+            sink = observer.content(change.path, member.size)
+            handle = tar.extractfile(member)
+            if sink is None or handle is None:
+                continue
+            while chunk := handle.read(1 << 20):
+                sink(chunk)
+            sink(b"")
+    observer.verdict()
+    image_id = backend.commit(state, config=config, repository=repository, tag=tag)
+    info = backend.image_info(image_id)
+    if info is None:
+        raise daemon_error("save the runtime's filesystem", LookupError("the committed image vanished"))
+    return SavedLayer(info, {}, lean=False)
