@@ -201,6 +201,9 @@ class RuntimeBackend(abc.ABC):
         """
         raise NotImplementedError(f"the {self.name} backend cannot save")
 
+    def resume(self, state: BackendState) -> None:  # noqa: B027  (optional hook)
+        """Resume a container a save paused and did not resume (envctl died mid-save); idempotent."""
+
     def image_info(self, image: str) -> ImageInfo | None:
         """What a local image is, or None when the engine does not have it."""
         raise NotImplementedError(f"the {self.name} backend has no images")

@@ -344,6 +344,18 @@ class DockerBackend(RuntimeBackend):
             )
         return SavedLayer(self._remember(info), layer.left_out)
 
+    def resume(self, state: BackendState) -> None:
+        cid = state.get("container_id")
+        if not cid:
+            return
+        try:
+            if (self.client.api.inspect_container(cid).get("State") or {}).get("Paused"):
+                self.client.api.unpause(cid)
+        except docker.errors.NotFound:
+            return
+        except Exception as exc:
+            raise _daemon_error("resume the runtime's container", exc) from exc
+
     def image_info(self, image: str) -> ImageInfo | None:
         # An image id names one immutable image: what was read of it a moment ago still holds
         # (a save asks about its parent and its new image several times). Names can move, so

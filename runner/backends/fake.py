@@ -54,6 +54,7 @@ class _FakeContainer:
     process: subprocess.Popen[bytes]
     changes: list[Change] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # what a save's layer holds
+    paused: bool = False  # a save's pause that was never undone (a test sets it)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -215,6 +216,11 @@ class FakeBackend(RuntimeBackend):
         observer.verdict()
         image_id = self.commit(state, config=config, repository=repository, tag=tag)
         return SavedLayer(self._images[image_id], left_out)
+
+    def resume(self, state: BackendState) -> None:
+        c = self._containers.get(state.get("container_id", ""))
+        if c is not None:
+            c.paused = False
 
     def image_info(self, image: str) -> ImageInfo | None:
         if image in self._images:
