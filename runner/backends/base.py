@@ -196,7 +196,7 @@ class RuntimeBackend(abc.ABC):
 
         Every entry passes ``observer`` first: files in the caches it names are left out (their
         bytes never reach the engine), every file's content is streamed through it, and its
-        ``verdict()`` may refuse the layer, in which case no image is made and the container is
+        ``verdict()`` may refuse the layer, in which case no image is kept and the container is
         untouched. The image's configuration is ``config``, checked as for ``commit``.
         """
         raise NotImplementedError(f"the {self.name} backend cannot save")

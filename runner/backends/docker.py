@@ -20,7 +20,6 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from envs.images import docker as engine
-from envs.images import layers as image_layers
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
@@ -321,28 +320,11 @@ class DockerBackend(RuntimeBackend):
         cid = state.get("container_id")
         if not cid:
             raise BackendError("the runtime has no container to save")
-        plan = saves.layer_roots(self.client, cid, version_image)
-        if plan is None:
-            return saves.commit_and_scan(self, state, config=config, repository=repository, tag=tag, observer=observer)
-        roots, base, keep = plan
-        action = "save the runtime's filesystem"
-        with saves.paused(self.client, cid, action):
-            layer = overlay.plan_layer(roots, observer, private=saves.is_mount_point)
-            info = image_layers.load_layer(
-                self.client,
-                base=base,
-                keep=keep,
-                layer_size=layer.size,
-                layer=overlay.layer_chunks(layer, observer),
-                ready=observer.verdict,
-                config=config,
-                created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or saves.now()),
-                created_by=f"envctl save ({len(layer.entries)} entries)",
-                repository=repository,
-                tag=tag,
-                action=action,
-            )
-        return SavedLayer(self._remember(info), layer.left_out)
+        options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
+        made = saves.from_directories(self.client, cid, version_image=version_image, **options)
+        if made is None:
+            return saves.commit_and_scan(self, state, **options)
+        return SavedLayer(self._remember(made[0]), made[1])
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")

@@ -247,6 +247,20 @@ def _merged(roots: Sequence[str], rel: str, visible: list[int]) -> Iterator[tupl
         yield from _merged(roots, child, below)
 
 
+def scan_files(plan: PlannedLayer, observer: LayerObserver) -> None:
+    """Every regular file of the layer through the observer, read where it lies (no tar)."""
+    for info, source in plan.entries:
+        if source is None:
+            continue
+        sink = observer.content("/" + info.name, info.size)
+        if sink is None:
+            continue
+        with open(source, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                sink(chunk)
+        sink(b"")
+
+
 def layer_chunks(plan: PlannedLayer, observer: LayerObserver) -> Iterator[bytes]:
     """The layer's tar, exactly ``plan.size`` bytes, every file's content through the observer."""
     for info, source in plan.entries:

@@ -7,7 +7,12 @@ layers of the container's image above the version's (a draft restored at boot) a
 the new layer, so that they are filtered and scanned too; the image keeps the layers the two
 have in common.
 
-Otherwise the save is a ``docker commit``: every changed file is first read from the engine
+Where nothing is left out and no draft is merged, the engine's own commit makes the layer
+(faster than a load), the container paused by envctl from the scan to the commit's end, the
+files scanned where they lie while the engine commits; a refused layer's image is removed.
+Otherwise the layer is streamed into the engine (``envs.images.layers.load_layer``).
+
+Where the directories cannot be read, the save is a ``docker commit``: every changed file is first read from the engine
 (``get_archive``) and scanned, and nothing can be left out (``SavedLayer.lean`` is False).
 """
 
@@ -18,14 +23,19 @@ import io
 import tarfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
 
+from envs.images import docker as engine
+from envs.images.config import ImageInfo
 from envs.images.docker import daemon_error
+from envs.images.layers import load_layer
 from envs.images.rewrite import ChunkReader
+from envs.kit.errors import EnvctlError
 from runner.backends import overlay
 from runner.backends.base import PRIVATE_PATHS, BackendState, LayerObserver, SavedLayer
 
@@ -76,6 +86,58 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str) -> tu
     if keep == 0 or len(lowers) != len(mine) + 1 or not lowers[0].endswith("-init/diff"):
         return None
     return [layers.upper, *lowers[1 : 1 + len(mine) - keep]], image, keep
+
+
+def from_directories(
+    client: docker.DockerClient,
+    cid: str,
+    *,
+    config: dict[str, Any],
+    repository: str,
+    tag: str,
+    version_image: str,
+    observer: LayerObserver,
+) -> tuple[ImageInfo, dict[str, dict[str, int]]] | None:
+    """The save's image and what its layer left out; None when the directories cannot be used."""
+    plan = layer_roots(client, cid, version_image)
+    if plan is None:
+        return None
+    roots, base, keep = plan
+    action = "save the runtime's filesystem"
+    with paused(client, cid, action):
+        layer = overlay.plan_layer(roots, observer, private=is_mount_point)
+        if not layer.left_out and len(roots) == 1:
+            # Nothing to leave out and no draft to merge: the engine's own commit makes the same
+            # layer faster. The files are scanned meanwhile, read where they lie (the container
+            # stays paused throughout); a refused layer's image is removed at once.
+            with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
+                scanning = pool.submit(overlay.scan_files, layer, observer)
+                info = engine.commit(
+                    client, cid, config=config, repository=repository, tag=tag, pause=False, action=action
+                )
+                scanning.result()
+            try:
+                observer.verdict()
+            except BaseException:
+                with contextlib.suppress(EnvctlError):
+                    engine.remove_image(client, info.id, force=True)
+                raise
+            return info, {}
+        info = load_layer(
+            client,
+            base=base,
+            keep=keep,
+            layer_size=layer.size,
+            layer=overlay.layer_chunks(layer, observer),
+            ready=observer.verdict,
+            config=config,
+            created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or now()),
+            created_by=f"envctl save ({len(layer.entries)} entries)",
+            repository=repository,
+            tag=tag,
+            action=action,
+        )
+    return info, layer.left_out
 
 
 @contextlib.contextmanager
