@@ -322,8 +322,9 @@ class DockerBackend(RuntimeBackend):
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
         made = saves.from_directories(self.client, cid, version_image=version_image, **options)
-        if made is None:
-            return saves.commit_and_scan(self, state, **options)
+        if made is None:  # the engine's storage cannot be read here: nothing can be left out
+            info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
+            return SavedLayer(self._remember(info), {}, lean=False)
         return SavedLayer(self._remember(made[0]), made[1])
 
     def resume(self, state: BackendState) -> None:

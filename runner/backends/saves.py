@@ -22,10 +22,10 @@ import contextlib
 import io
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker
 import docker.errors
@@ -37,10 +37,7 @@ from envs.images.layers import load_layer
 from envs.images.rewrite import ChunkReader
 from envs.kit.errors import EnvctlError
 from runner.backends import overlay
-from runner.backends.base import PRIVATE_PATHS, BackendState, LayerObserver, SavedLayer
-
-if TYPE_CHECKING:
-    from runner.backends.docker import DockerBackend
+from runner.backends.base import PRIVATE_PATHS, Change, LayerObserver
 
 #: mount points Docker makes in every runtime container: never part of a layer
 MOUNT_POINTS = (*PRIVATE_PATHS, "/usr/sbin/docker-init", "/sbin/docker-init")
@@ -162,40 +159,40 @@ def paused(client: docker.DockerClient, cid: str, action: str) -> Iterator[None]
 
 
 def commit_and_scan(
-    backend: DockerBackend,
-    state: BackendState,
+    client: docker.DockerClient,
+    cid: str,
+    changes: Callable[[], list[Change]],
     *,
     config: dict[str, Any],
     repository: str,
     tag: str,
     observer: LayerObserver,
-) -> SavedLayer:
-    """A plain commit, after every changed file was read from the engine and scanned."""
-    cid = str(state["container_id"])
-    for change in backend.changes(state):
-        if change.kind == "deleted":
-            continue
-        observer.entry(change.path)
-        try:
-            chunks, _stat = backend.client.api.get_archive(cid, change.path)
-        except docker.errors.NotFound:
-            continue
-        except Exception as exc:
-            raise daemon_error("read the runtime's changes", exc) from exc
-        with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as tar:
-            member = tar.next()
-            if member is None or not member.isreg():
-                continue
-            sink = observer.content(change.path, member.size)
-            handle = tar.extractfile(member)
-            if sink is None or handle is None:
-                continue
-            while chunk := handle.read(1 << 20):
-                sink(chunk)
-            sink(b"")
-    observer.verdict()
-    image_id = backend.commit(state, config=config, repository=repository, tag=tag)
-    info = backend.image_info(image_id)
-    if info is None:
-        raise daemon_error("save the runtime's filesystem", LookupError("the committed image vanished"))
-    return SavedLayer(info, {}, lean=False)
+) -> ImageInfo:
+    """A commit, every changed file read from the engine and scanned first; the container is
+    paused from the first read to the commit's end."""
+    action = "save the runtime's filesystem"
+    with paused(client, cid, action):
+        for change in changes():  # listed while paused: nothing new slips in unscanned
+            if change.kind != "deleted":
+                _scan_path(client, cid, change.path, observer)
+        observer.verdict()
+        return engine.commit(client, cid, config=config, repository=repository, tag=tag, pause=False, action=action)
+
+
+def _scan_path(client: docker.DockerClient, cid: str, path: str, observer: LayerObserver) -> None:
+    observer.entry(path)
+    try:
+        chunks, _stat = client.api.get_archive(cid, path)
+    except docker.errors.NotFound:
+        return
+    except Exception as exc:
+        raise daemon_error("read the runtime's changes", exc) from exc
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as tar:
+        member = tar.next()
+        handle = tar.extractfile(member) if member is not None and member.isreg() else None
+        sink = observer.content(path, member.size) if handle is not None and member is not None else None
+        if handle is None or sink is None:
+            return
+        while chunk := handle.read(1 << 20):
+            sink(chunk)
+        sink(b"")

@@ -226,3 +226,38 @@ def test_a_secret_value_base64d_into_a_file_or_a_draft_layer_is_refused_and_draf
     finally:
         for container in made:
             container.remove(force=True)
+
+
+def test_where_the_overlay_directories_cannot_be_used_a_commit_is_scanned_first_and_nothing_left_out(
+    docker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel whose overlay keeps only metadata in the upper directory (``metacopy``) cannot
+    be made here: stood in for by saying so; the save then reads the changes from the engine."""
+    from runner.backends import saves
+
+    monkeypatch.setattr(saves, "_whole_files", lambda: False)
+    image = base_image(docker, "python3")
+    backend = DockerBackend(docker)
+    container = docker.containers.create(image, ["sleep", "600"], labels={TEST_LABEL: TEST_SESSION})
+    try:
+        container.start()
+        script = "printf 'machine h password p\\n' > /root/.netrc; head -c 4096 /dev/zero > /var/cache/apt/x.bin"
+        assert container.exec_run(["bash", "-c", script]).exit_code == 0
+        state = {"container_id": container.id}
+        options: dict[str, Any] = {"config": _template(docker, image), "repository": "envctl-test/fallback"}
+        with pytest.raises(SaveHasSecretsError) as refused:
+            backend.save_layer(
+                state,
+                tag=TEST_SESSION,
+                version_image=image,
+                observer=SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES)),
+                **options,
+            )
+        assert refused.value.details["findings"] == [{"path": "/root/.netrc", "found": ["netrc credentials file"]}]
+        assert docker.images.list(name="envctl-test/fallback") == []
+        allowed = SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES), allow=["/root/.netrc"])
+        made = backend.save_layer(state, tag=TEST_SESSION, version_image=image, observer=allowed, **options)
+        assert made.lean is False and made.left_out == {}
+        assert allowed.allowed() == [{"path": "/root/.netrc", "found": ["netrc credentials file"]}]
+    finally:
+        container.remove(force=True)
