@@ -18,6 +18,7 @@ module):
 ``changes.py``         unsaved changes: the list, and the flag pages poll
 ``drafts.py``          unsaved changes kept as an image across stops and crashes
 ``snapshots.py``       saves: a runtime's filesystem becoming a version
+``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
 ``builds.py``          spec files built as cells on a temporary runtime
