@@ -2,10 +2,11 @@
 
 1. The size a save of ``apt-get install -y jq`` adds, with the caches left out (the default)
    and kept (``keep_caches``), through the API, from the same container state.
-2. The time the secret scan adds to a save of 100 MB (100 files of 1 MB of random bytes, three
-   secret values to look for): the save path with the scan beside the same path with an
-   observer that looks at nothing, alternating, in the same run; ``docker commit`` of the same
-   container is shown too. Target: the scan adds <= 25%.
+2. The time the secret scan adds to a save of 100 MB (100 files of 1 MB of random bytes): the
+   save path scanning for three secret values and the credential files, and for the credential
+   files alone (what runtimes, which have no secrets yet, get today), beside the same path with
+   an observer that looks at nothing, alternating, in the same run; ``docker commit`` of the
+   same container is shown too. Target: the scan adds <= 25%.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def _scan_cost(session: str, runs: int) -> dict[str, float]:
         assert container.exec_run(["bash", "-c", script]).exit_code == 0
         state = {"container_id": container.id}
         secrets = ["db-pass-0123456789", "sk_live_abcdefghijklmnop", "ghp_ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"]
-        scanned, plain, commit = [], [], []
+        scanned, today, plain, commit = [], [], [], []
         for i in range(runs):
             for observer, into in (
                 (_LooksAtNothing(), plain),
+                (SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES)), today),
                 (SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES), secrets), scanned),
             ):
                 t = time.perf_counter()
@@ -117,14 +119,25 @@ def _scan_cost(session: str, runs: int) -> dict[str, float]:
     finally:
         container.remove(force=True)
     f = report(
-        f"save of 100 MB in 100 files with the secret scan ({runs} runs)",
+        f"save of 100 MB in 100 files, scanned for 3 secret values and credential files ({runs} runs)",
         scanned,
         plain,
         "same save, no scan",
         target=1.25,
     )
+    g = report(
+        "  the same, scanned for credential files only (runtimes have no secrets yet)",
+        today,
+        plain,
+        "same save, no scan",
+        target=1.25,
+    )
     report("  (for scale) the save with no scan beside docker commit", plain, commit, "docker commit")
-    return {"scan_ratio": f["ratio"], "scan_added_ms": f["ours_median"] - f["base_median"]}
+    return {
+        "scan_ratio": f["ratio"],
+        "scan_added_ms": f["ours_median"] - f["base_median"],
+        "scan_no_secrets_ratio": g["ratio"],
+    }
 
 
 def run(runs: int = 5) -> dict[str, float]:
