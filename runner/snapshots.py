@@ -12,8 +12,9 @@ The new layer is made entry by entry (``RuntimeBackend.save_layer``) through a
 ``runner.scan.SaveFilter``: package caches are left out unless ``keep_caches`` (what was left
 out, per directory, is in the operation's result and the version's ``envctl.save`` label), and
 a layer holding the runtime's secret values or credential files is refused before the version
-is recorded, its image removed (``save_has_secrets``) unless each path is in ``allow_secrets`` (recorded likewise).
-The secret values come from ``secret_values`` (``runner.scan.runtime_secret_values``).
+is recorded, its image removed (``save_has_secrets``), unless each path is in
+``allow_secrets`` (recorded likewise). The secret values come from ``secret_values``
+(``runner.scan.runtime_secret_values``).
 
 A save answers at once with an operation (``runner/operations.py``); while it runs the
 runtime is ``saving`` and idle shutdown waits (R20).
