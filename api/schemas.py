@@ -112,6 +112,9 @@ class VersionOut(BaseModel):
     size_added: int
     created_at: datetime
     tags: list[str]
+    save: dict[str, Any] | None = Field(
+        default=None, description="what its save left out (caches, bytes per directory) and the secrets it allowed"
+    )
 
 
 class EnvironmentOut(BaseModel):
@@ -187,6 +190,14 @@ class SaveRequest(BaseModel):
     environment: str = Field(min_length=1, max_length=130, description="[team/]name of the environment to save into")
     message: str = Field(default="", max_length=2000)
     tag: str | None = Field(default=None, max_length=128, description="a tag to point at the new version")
+    keep_caches: bool = Field(
+        default=False, description="keep package caches (apt lists and archives, pip, npm) in the new layer"
+    )
+    allow_secrets: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="absolute paths whose secret findings are accepted (recorded in the version)",
+    )
 
 
 class OperationOut(BaseModel):
@@ -206,6 +217,9 @@ class ChangeOut(BaseModel):
     kind: Literal["added", "changed", "deleted"]
     path: str
     size: int | None = Field(description="bytes, for regular files")
+    cache: str | None = Field(
+        default=None, description="the cache directory it lies in: a save leaves it out unless keep_caches"
+    )
 
 
 class LineageStep(BaseModel):

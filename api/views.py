@@ -55,6 +55,7 @@ def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
         size_added=v.size_added,
         created_at=v.created_at,
         tags=sorted(tags),
+        save=(v.labels or {}).get("envctl.save"),
     )
 
 

@@ -18,6 +18,7 @@ module):
 ``changes.py``         unsaved changes: the list, and the flag pages poll
 ``drafts.py``          unsaved changes kept as an image across stops and crashes
 ``snapshots.py``       saves: a runtime's filesystem becoming a version
+``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
 ``builds.py``          spec files built as cells on a temporary runtime
@@ -67,6 +68,7 @@ from runner.paths import RuntimePaths
 from runner.reconcile import Action, Reconciler
 from runner.records import Records
 from runner.runtimes import RuntimeChanges, Runtimes
+from runner.scan import CacheRules
 from runner.snapshots import Snapshots
 from runner.states import State
 
@@ -118,7 +120,7 @@ class RunnerService:
         self.records = records = Records(db, clock, self.liveness)
         self.concurrency = concurrency = Concurrency(settings.runner_max_boots)
         self.paths = paths = RuntimePaths(settings.runtimes_dir, backend)
-        self.changes = Changes(backend, paths)
+        self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
         self.snapshots = snapshots = Snapshots(settings, records, backend, operations, submit=concurrency.submit)

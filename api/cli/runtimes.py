@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -216,13 +217,28 @@ def log(api: Api, as_json: bool, runtime: str) -> int:
 @RUNTIME
 @client_options
 def changes(api: Api, as_json: bool, runtime: str) -> int:
-    """The unsaved changes. Paths added, changed and deleted since the version, with sizes."""
-    return listing(
-        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes"),
+    """The unsaved changes. Paths added, changed and deleted since the version, with sizes;
+    a CACHE column names the cache a save leaves out (unless --keep-caches), and a last line on
+    stderr sums up what a save keeps and leaves out."""
+    from api.cli.saves import changes_split
+
+    items = api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes")
+    columns = [("kind", "kind"), ("path", "path"), ("size_text", "size")]
+    if any(c.get("cache") for c in items):
+        columns.append(("cache_text", "cache (left out)"))
+    code = listing(
+        items,
         as_json,
-        [("kind", "kind"), ("path", "path"), ("size_text", "size")],
-        lambda c: {**c, "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-"},
+        columns,
+        lambda c: {
+            **c,
+            "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-",
+            "cache_text": c.get("cache") or "",
+        },
     )
+    if not as_json and items:
+        print(changes_split(items), file=sys.stderr)
+    return code
 
 
 @click.command("machine-types", cls=Command)

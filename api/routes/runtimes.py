@@ -112,12 +112,13 @@ def reset_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut
     return runtime_out(ctx.runner, ctx.runner.reset(caller.id, runtime_id))
 
 
-@router.get("/{runtime_id}/changes", response_model=list[ChangeOut])
+@router.get("/{runtime_id}/changes", response_model=list[ChangeOut], response_model_exclude_unset=True)
 def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ChangeOut]:
     """Paths added, changed and deleted since the version the runtime booted from (its draft
-    included), with sizes; mounts, /results and envctl's own files are left out."""
+    included), with sizes; mounts, /results and envctl's own files are left out. ``cache``
+    (only on such paths) names the cache directory of a path a save would leave out."""
     return [
-        ChangeOut(kind=c.kind, path=c.path, size=c.size)  # type: ignore[arg-type]
+        ChangeOut(kind=c.kind, path=c.path, size=c.size, **({"cache": c.cache} if c.cache else {}))  # type: ignore[arg-type]
         for c in ctx.runner.changes_of(caller.id, runtime_id)
     ]
 
@@ -125,8 +126,17 @@ def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[Cha
 @router.post("/{runtime_id}/save", status_code=status.HTTP_202_ACCEPTED, response_model=OperationOut)
 def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     """Save the runtime's filesystem as the next version of ``environment``. Answers at once
-    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version."""
+    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
+    Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
+    operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
     op = ctx.runner.snapshots.save(
-        caller.id, caller.name, runtime_id, environment=body.environment, message=body.message, tag=body.tag
+        caller.id,
+        caller.name,
+        runtime_id,
+        environment=body.environment,
+        message=body.message,
+        tag=body.tag,
+        keep_caches=body.keep_caches,
+        allow_secrets=body.allow_secrets,
     )
     return operation_out(op)

@@ -43,7 +43,7 @@ def replace_config(
     """
     with tempfile.TemporaryFile() as out:
         with engine_call(action):
-            source = io.BufferedReader(_ChunkReader(client.api.get_image(image)), 1 << 20)
+            source = io.BufferedReader(ChunkReader(client.api.get_image(image)), 1 << 20)
             _rewrite(source, out, config, history, f"{repository}:{tag}", action)
         out.seek(0)
         load_stream(client, out, action)
@@ -97,7 +97,7 @@ def _rewrite(
             tout.addfile(entry, io.BytesIO(payload))
 
 
-class _ChunkReader(io.RawIOBase):
+class ChunkReader(io.RawIOBase):
     """A readable file over an iterator of byte chunks (a docker save stream)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:

@@ -95,6 +95,10 @@ SETTINGS_HELP: dict[str, str] = {
 }
 
 
+#: package-manager caches a save leaves out unless asked to keep them
+DEFAULT_SAVE_CACHES = ("/var/lib/apt/lists", "/var/cache/apt", "~/.cache/pip", "~/.npm")
+
+
 def _default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
@@ -141,6 +145,8 @@ class Settings:
     results_s3_endpoint_url: str | None = None
     results_s3_region: str = "us-east-1"
     machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
+    # Cache directories a save leaves out (``~/`` means /root and every /home/<user>).
+    save_caches: tuple[str, ...] = DEFAULT_SAVE_CACHES
 
     @property
     def effective_database_url(self) -> str:
@@ -189,6 +195,19 @@ def _paths(v: Any) -> tuple[Path, ...]:
     return tuple(_path(str(item).strip()) for item in items if str(item).strip())
 
 
+def _cache_paths(v: Any) -> tuple[str, ...]:
+    """A YAML list of absolute or ``~/`` paths, or one string of them separated by ``,``."""
+    if v is None:
+        return ()
+    if isinstance(v, dict):
+        raise ValueError("expected a list of paths")
+    items = [str(i).strip() for i in (v if isinstance(v, list | tuple) else str(v).split(","))]
+    for item in items:
+        if item and (not item.startswith(("/", "~/")) or "\0" in item or ".." in item.split("/")):
+            raise ValueError(f"{item!r} is not an absolute or ~/ path")
+    return tuple(i for i in items if i)
+
+
 def _labels(v: Any) -> dict[str, str]:
     if isinstance(v, dict):
         return {str(k): str(val) for k, val in v.items()}
@@ -232,6 +251,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),
     "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
+    "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
 }
 
 

@@ -41,8 +41,10 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    LayerObserver,
     RuntimeBackend,
     RuntimeSpec,
+    SavedLayer,
     Status,
 )
 from runner.identity import RunnerIdentity
@@ -299,6 +301,43 @@ class DockerBackend(RuntimeBackend):
             self.client, cid, config=config, repository=repository, tag=tag, action="snapshot the runtime's filesystem"
         )
         return self._remember(info).id
+
+    def save_layer(
+        self,
+        state: BackendState,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        version_image: str,
+        observer: LayerObserver,
+    ) -> SavedLayer:
+        """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
+        the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
+        read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``)."""
+        from runner.backends import saves
+
+        cid = state.get("container_id")
+        if not cid:
+            raise BackendError("the runtime has no container to save")
+        options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
+        made = saves.from_directories(self.client, cid, version_image=version_image, **options)
+        if made is None:  # the engine's storage cannot be read here: nothing can be left out
+            info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
+            return SavedLayer(self._remember(info), {}, lean=False)
+        return SavedLayer(self._remember(made[0]), made[1])
+
+    def resume(self, state: BackendState) -> None:
+        cid = state.get("container_id")
+        if not cid:
+            return
+        try:
+            if (self.client.api.inspect_container(cid).get("State") or {}).get("Paused"):
+                self.client.api.unpause(cid)
+        except docker.errors.NotFound:
+            return
+        except Exception as exc:
+            raise _daemon_error("resume the runtime's container", exc) from exc
 
     def image_info(self, image: str) -> ImageInfo | None:
         # An image id names one immutable image: what was read of it a moment ago still holds
