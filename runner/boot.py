@@ -3,7 +3,8 @@
 The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock:
 
 1. keep the changes of a container left from before as a draft (a runtime started again from
-   ``error``), then read the row (still ``booting``?) and make the container's spec: the
+   ``error``), apply the settings changed for the next boot (runner/settings.py), then read
+   the row (still ``booting``?) and make the container's spec: the
    version's image, or the draft image when the runtime has unsaved changes from an earlier
    run (phase ``restoring``, logged);
 2. create and start the container (``backend.start``), labelled with this installation and
@@ -36,6 +37,7 @@ from runner.machines import get_machine_type
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
+from runner.settings import apply_pending
 from runner.states import State
 
 log = logging.getLogger("envctl.runner")
@@ -82,6 +84,7 @@ class Booter:
             state_dir=self.paths.state_dir(rt.id),
             agent_dir=self.paths.agent_dir,
             language=rt.language,
+            env=dict(rt.env or {}),
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
         )
 
@@ -113,6 +116,7 @@ class Booter:
         records = self.records
         if not self._keep_what_is_left(runtime_id):
             return
+        self._apply_pending(runtime_id)
         try:
             with records.db.session() as s:
                 rt = s.get(
@@ -190,6 +194,18 @@ class Booter:
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _apply_pending(self, runtime_id: str) -> None:
+        """Settings changed for the next boot become the runtime's own, logged."""
+        with self.records.tx() as s:
+            rt = s.get(Runtime, runtime_id, with_for_update=True)
+            if rt is None or rt.state != State.BOOTING or not rt.pending:
+                return
+            applied, kept = apply_pending(rt)
+            if applied:
+                self.records.log(s, runtime_id, event="settings-applied", reason="boot", message="; ".join(applied))
+            for note in kept:
+                self.records.log(s, runtime_id, event="settings-pending", reason="draft", message=note)
 
     def _keep_what_is_left(self, runtime_id: str) -> bool:
         """A container still on the row (a runtime started again from ``error``: its container

@@ -46,7 +46,7 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
-from runner import idle
+from runner import envvars, idle
 from runner.archives import Archives
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
@@ -209,6 +209,16 @@ class RunnerService:
 
     def log_entries(self, owner_id: str, runtime_id: str) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(owner_id, runtime_id)
+
+    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, str] | None]:
+        """What a cell of the runtime sees: its own variables over those its environment's image
+        sets (read from the image's config), and its variables after the next boot if they wait
+        for one (None otherwise)."""
+        rt = self.get(owner_id, runtime_id)
+        info = self.backend.image_info(rt.version.image_id)
+        inherited = envvars.image_env(info.config.get("Env") if info is not None else None)
+        pending = (rt.pending or {}).get("env")
+        return envvars.effective(inherited, rt.env or {}), (dict(pending) if pending is not None else None)
 
     def start(self, owner_id: str, runtime_id: str) -> Runtime:
         return self.lifecycle.start(owner_id, runtime_id)
