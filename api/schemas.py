@@ -40,6 +40,9 @@ class RuntimeCreate(BaseModel):
         description="environment variables of the runtime's processes (names: letter or _, then letters, digits, _; "
         "LD_*, ENVCTL_*, NVIDIA_* and HOSTNAME are reserved)",
     )
+    cuda: str | None = Field(
+        default=None, max_length=32, description="host CUDA version for a GPU machine type (GET /machine-types/cuda)"
+    )
 
 
 class RuntimePatch(BaseModel):
@@ -58,6 +61,12 @@ class RuntimePatch(BaseModel):
         default=None,
         max_length=200,
         description="environment variables as a merge patch: a value sets one, null removes it; needs a reboot",
+    )
+    cuda: str | None = Field(
+        default=None,
+        max_length=32,
+        description="host CUDA version mounted at /usr/local/cuda in GPU runtimes (GET /machine-types/cuda lists "
+        "them); null for none; needs a reboot",
     )
     next_boot: bool = Field(
         default=False,
@@ -99,6 +108,7 @@ class RuntimeOut(BaseModel):
     machine_type: str
     idle_timeout: int | None
     env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
+    cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
     pending: dict[str, Any] = Field(
         default_factory=dict,
         description="settings changed while it ran, applied by its next boot (field -> new value); empty if none",
@@ -172,8 +182,15 @@ class MachineTypeOut(BaseModel):
     memory: int
     pids: int
     gpus: int
+    gpu_kind: str = Field(description="what the GPUs are, e.g. nvidia-tesla-t4; empty without GPUs")
     idle_timeout: int | None
     description: str
+
+
+class CudaOut(BaseModel):
+    root: str = Field(description="the host folder searched for cuda-<version> folders")
+    versions: list[str] = Field(description="the valid values of a runtime's cuda setting; empty: none here")
+    mount: str = Field(description="where a GPU runtime sees the chosen version")
 
 
 class HealthOut(BaseModel):

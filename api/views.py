@@ -102,6 +102,7 @@ def machine_type_out(m: MachineType) -> MachineTypeOut:
         memory=m.memory,
         pids=m.pids,
         gpus=m.gpus,
+        gpu_kind=m.gpu_kind or ("nvidia" if m.gpus else ""),
         idle_timeout=m.idle_timeout,
         description=m.description,
     )

@@ -32,8 +32,9 @@ from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBacken
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
+from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
-from runner.machines import get_machine_type
+from runner.machines import cuda_dir, get_machine_type
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
@@ -75,16 +76,18 @@ class Booter:
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
+        machine = get_machine_type(self.settings, rt.machine_type)
         return RuntimeSpec(
             runtime_id=rt.id,
             name=rt.name,
             image=rt.draft_image_id or rt.version.image_id,
             environment=rt.version.ref,
-            machine=get_machine_type(self.settings, rt.machine_type),
+            machine=machine,
             state_dir=self.paths.state_dir(rt.id),
             agent_dir=self.paths.agent_dir,
             language=rt.language,
             env=dict(rt.env or {}),
+            cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
         )
 
@@ -150,6 +153,9 @@ class Booter:
         sock.unlink(missing_ok=True)
         try:
             backend_state = self.backend.start(spec)
+        except GpuUnavailableError as exc:
+            records.fail(runtime_id, "gpu-unavailable", exc.message, {State.BOOTING})
+            return
         except EnvctlError as exc:
             records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
             return

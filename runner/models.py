@@ -60,6 +60,8 @@ class Runtime(Base):
     # next boot (field -> new value, runner/settings.py).
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
     pending: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # the host's CUDA version mounted into a GPU runtime (runner/machines.py); None: none
+    cuda: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -26,7 +26,7 @@ from envs.refs import check_name, parse_ref
 from runner import envvars
 from runner import settings as reboot
 from runner.errors import RuntimeStateError
-from runner.machines import get_machine_type
+from runner.machines import check_cuda, get_machine_type
 from runner.models import Runtime
 from runner.records import Records
 from runner.states import State
@@ -50,6 +50,8 @@ class RuntimeChanges:
     type: str | None = None
     kernel: str | None = None
     env: Mapping[str, str | None] = field(default_factory=dict)  # a merge patch: null unsets
+    cuda: str | None = None  # a host CUDA version for a GPU machine type
+    clear_cuda: bool = False
     next_boot: bool = False  # keep changes that need a reboot for the next boot instead of 409
 
 
@@ -71,6 +73,7 @@ class Runtimes:
         type: str = "native",
         kernel: str | None = None,
         env: Mapping[str, str] | None = None,
+        cuda: str | None = None,
     ) -> Runtime:
         check_name(name, "name", "runtime name")
         check_choice(language, LANGUAGES, "language")
@@ -78,6 +81,8 @@ class Runtimes:
         own_env = envvars.check_env(env or {})
         check_idle_timeout(idle_timeout)
         get_machine_type(self.settings, machine_type)
+        if cuda is not None:
+            check_cuda(self.settings, cuda)
         ref = parse_ref(environment, "environment")
         now = self.records.clock()
         with self.records.tx() as s:
@@ -95,6 +100,7 @@ class Runtimes:
                 machine_type=machine_type,
                 idle_timeout=idle_timeout,
                 env=own_env,
+                cuda=cuda,
                 pending={},
                 state=State.STOPPED,
                 state_reason="created",
@@ -125,6 +131,8 @@ class Runtimes:
         check_idle_timeout(changes.idle_timeout)
         if changes.machine_type is not None:
             get_machine_type(self.settings, changes.machine_type)
+        if changes.cuda is not None:
+            check_cuda(self.settings, changes.cuda)
         if changes.type is not None:
             check_type(changes.type, changes.kernel)
         elif changes.kernel is not None:
@@ -154,6 +162,8 @@ class Runtimes:
             wanted["machine_type"] = changes.machine_type
         if changes.type is not None:
             wanted["type"] = {"type": changes.type, "kernel": check_type(changes.type, changes.kernel)}
+        if changes.cuda is not None or changes.clear_cuda:
+            wanted["cuda"] = changes.cuda
         if changes.env:
             wanted["env"] = envvars.merge(reboot.effective(rt, "env"), changes.env)
         if ref is not None:

@@ -1,7 +1,7 @@
 """Settings that shape a runtime's container, and changes to them that wait for a reboot.
 
-The environment, the runtime type (and kernel), the environment variables and the machine
-type are fixed when a container is made. A runtime that is stopped (or in error) takes a
+The environment, the runtime type (and kernel), the environment variables, the machine type
+and the CUDA version mounted are fixed when a container is made. A runtime that is stopped (or in error) takes a
 change to them at once; one that runs refuses it (409, naming the fields), unless the change
 is asked for the next boot: then it is kept in ``runtimes.pending`` (field -> new value), shown
 by the API, and applied by the boot that follows (``apply_pending``, runner/boot.py).
@@ -18,7 +18,7 @@ from typing import Any
 from runner.models import Runtime
 
 # the fields that need a new container, in the order messages name them
-REBOOT_FIELDS = ("environment", "type", "env", "machine_type")
+REBOOT_FIELDS = ("environment", "type", "env", "machine_type", "cuda")
 
 
 def effective(rt: Runtime, field: str) -> Any:
@@ -43,6 +43,8 @@ def note(field: str, value: Any) -> str:
         return f"type -> {value['type']}" + (f" ({value['kernel']})" if value["kernel"] else "")
     if field == "env":
         return f"environment variables -> {', '.join(sorted(value)) or 'none'}"
+    if field == "cuda":
+        return f"cuda -> {value or 'none'}"
     return f"machine type -> {value}"
 
 
@@ -58,6 +60,8 @@ def set_now(rt: Runtime, field: str, value: Any) -> str:
         rt.env = dict(value)
     elif field == "machine_type":
         rt.machine_type = value
+    elif field == "cuda":
+        rt.cuda = value
     else:
         raise KeyError(field)
     return note(field, value)

@@ -28,7 +28,7 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
         ("type", rt.get("type", "native") + (f" (kernel {rt['kernel']})" if rt.get("kernel") else "")),
         ("language", rt["language"]),
-        ("machine type", rt["machine_type"]),
+        ("machine type", rt["machine_type"] + (f" (CUDA {rt['cuda']})" if rt.get("cuda") else "")),
         ("variables", ", ".join(sorted(rt.get("env") or {})) or "none set here (`envctl runtime env` lists them)"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
@@ -187,6 +187,7 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--unset-env", multiple=True, metavar="K", help="remove an environment variable (repeat; reboot)")
 @click.option("--machine-type", metavar="NAME", help="see `envctl machine-types` (needs a reboot)")
 @click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
+@click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
 @click.option("--next-boot", is_flag=True, help="while it runs, keep changes that need a reboot for its next boot")
 @client_options
 def set_(
@@ -202,6 +203,7 @@ def set_(
     unset_env: tuple[str, ...],
     machine_type: str | None,
     idle_timeout: str | None,
+    cuda: str | None,
     next_boot: bool,
 ) -> int:
     """Change a runtime's settings. Environment, type, variables and machine type need a
@@ -215,6 +217,8 @@ def set_(
         body["language"] = lang
     if machine_type is not None:
         body["machine_type"] = machine_type
+    if cuda is not None:
+        body["cuda"] = None if cuda == "none" else cuda
     if idle_timeout is not None:
         if idle_timeout == "default":
             body["idle_timeout"] = None
@@ -345,6 +349,7 @@ def machine_types(api: Api, as_json: bool) -> int:
             ("memory", "memory"),
             ("pids", "pids"),
             ("gpus", "gpus"),
+            ("gpu_kind", "gpu kind"),
             ("description", "description"),
         ],
         lambda m: {**m, "memory": human_bytes(m["memory"])},

@@ -71,6 +71,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         machine_type=rt.machine_type,
         idle_timeout=rt.idle_timeout,
         env=dict(rt.env or {}),
+        cuda=rt.cuda,
         pending=pending_view(rt),
         runner=rt.runner,
         runner_alive=st.runner_alive,
@@ -94,6 +95,7 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         type=body.type,
         kernel=body.kernel,
         env=body.env,
+        cuda=body.cuda,
     )
     return runtime_out(ctx.runner, rt)
 
@@ -133,6 +135,8 @@ def patch_runtime(
         type=body.type,
         kernel=body.kernel,
         env=body.env or {},
+        cuda=body.cuda,
+        clear_cuda="cuda" in sent and body.cuda is None,
         next_boot=body.next_boot or apply == "next-boot",
     )
     return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))

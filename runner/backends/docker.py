@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from runner.backends import overlay
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
+    CUDA_MOUNT,
     LABEL_ENVIRONMENT,
+    LABEL_GPU_KIND,
     LABEL_INSTALLATION,
     LABEL_MACHINE,
     LABEL_MANAGED,
@@ -45,12 +48,15 @@ from runner.backends.base import (
     RuntimeSpec,
     Status,
 )
+from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 
 # Of Docker's default set, these are dropped: raw sockets (spoofing on the bridge), device
 # nodes, audit log writes, file capabilities, chroot, and handing capabilities around.
 DROPPED_CAPABILITIES = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SYS_CHROOT", "SETPCAP"]
 SECURITY_OPT = ["no-new-privileges:true"]
+# What a GPU runtime's device request asks the NVIDIA runtime for: the device, CUDA, nvidia-smi.
+GPU_CAPABILITIES = [["gpu", "compute", "utility"]]
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_INFO_TTL = 60.0  # seconds an image id's inspection is reused (see image_info)
 
@@ -77,6 +83,7 @@ class DockerBackend(RuntimeBackend):
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
         self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
+        self._gpus_seen = False  # the engine was seen able to hand out GPUs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -153,11 +160,40 @@ class DockerBackend(RuntimeBackend):
             "stop_signal": "SIGTERM",
         }
         if m.gpus:
-            options["device_requests"] = [DeviceRequest(count=m.gpus, capabilities=[["gpu"]])]
+            options["device_requests"] = [
+                DeviceRequest(driver="nvidia", count=m.gpus, capabilities=[list(c) for c in GPU_CAPABILITIES])
+            ]
+            labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
+            if spec.cuda_dir is not None:  # the one host path beside envctl's own, read-only
+                cuda = Mount(target=CUDA_MOUNT, source=str(spec.cuda_dir), type="bind", read_only=True)
+                options["mounts"].append(cuda)
         return options
+
+    def check_gpus(self) -> None:
+        """``GpuUnavailableError`` unless the engine can hand out NVIDIA GPUs: the ``nvidia``
+        runtime registered with it (``docker info``), or, for a local engine, NVIDIA's hook
+        installed (Docker's built-in nvidia device driver uses it)."""
+        if self._gpus_seen:
+            return
+        try:
+            runtimes = self.client.info().get("Runtimes") or {}
+        except Exception as exc:
+            raise _daemon_error("ask the engine for its runtimes", exc) from exc
+        if "nvidia" in runtimes or (not self._base_url and shutil.which("nvidia-container-runtime-hook")):
+            self._gpus_seen = True
+            return
+        raise GpuUnavailableError(
+            "this machine type has GPUs, but the Docker engine has no NVIDIA container runtime "
+            f"(its runtimes: {', '.join(sorted(runtimes)) or 'none'}); install the NVIDIA Container Toolkit "
+            "and register it (`nvidia-ctk runtime configure --runtime=docker`), or choose a machine type "
+            "without GPUs (`envctl machine-types`)",
+            details={"field": "machine_type", "runtimes": sorted(runtimes)},
+        )
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         options = self.container_options(spec)
+        if spec.machine.gpus:
+            self.check_gpus()  # before anything is made: a clear reason, at once
         (spec.state_dir / "results").mkdir(parents=True, exist_ok=True)
         self._remove_leftover(spec.container_name, spec.runtime_id)
         try:

@@ -54,3 +54,17 @@ def test_runtime_set_on_a_running_runtime_is_refused_or_kept_for_the_next_boot(s
     assert "at next boot" in out and "variables A" in out and "machine type large" in out
     code, out, err = run(capsys, "runtime", "env", "demo", *args)
     assert "at the next boot: A set here" in out
+
+
+def test_machine_types_show_the_gpu_kind_and_runtime_set_refuses_a_cuda_version_the_host_lacks(
+    server: Server, capsys: Capsys
+) -> None:
+    code, out, err = run(capsys, "machine-types", *server.args())
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["gpu-small"][5:7] == ["1", "nvidia"]
+    run(capsys, "runtime", "create", "gpu", "--env", "python3", "--machine-type", "gpu-small", *server.args())
+    code, out, err = run(capsys, "runtime", "set", "gpu", "--cuda", "12.2", *server.args())
+    assert code == 2 and "cuda: CUDA '12.2' is not on this host" in err
+    code, out, err = run(capsys, "runtime", "set", "gpu", "--cuda", "none", "--json", *server.args())
+    assert code == 0 and json.loads(out)["cuda"] is None
