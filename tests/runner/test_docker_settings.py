@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,3 +94,59 @@ def test_a_cell_sees_the_runtimes_variables_byte_for_byte_and_no_shell_ever_read
         seen = json.loads(stdout(ex))
         for v in inherited:
             assert seen.get(v["name"]) == v["value"], v
+
+
+def test_a_fork_bomb_meets_the_pids_limit_while_the_api_and_another_runtime_answer_and_it_can_be_stopped(
+    srv: Server, docker: Any
+) -> None:
+    """R2."""
+    with srv.client() as client:
+        bomb = boot(srv, client, "bomb", machine_type="tiny", language="bash")
+        neighbour = boot(srv, client, "calm", machine_type="tiny")
+        # submitted, not waited for: it never ends by itself
+        r = client.post(f"/runtimes/{bomb['id']}/executions", json={"code": "b() { b | b & }; b", "timeout": 60})
+        assert r.status_code == 202, r.text
+        [container] = docker.containers.list(filters={"label": f"envctl.runtime-id={bomb['id']}"})
+        peak = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and peak < 64:
+            peak = max(peak, int(container.stats(stream=False).get("pids_stats", {}).get("current", 0)))
+            time.sleep(0.2)
+        assert peak == 64, peak  # it reached the limit, and no further
+        began = time.monotonic()
+        assert client.get("/health").json()["status"] == "ok"
+        ex = cell(client, neighbour["id"], "print(6 * 7)")
+        assert ex["status"] == "ok" and stdout(ex) == "42\n", ex
+        assert time.monotonic() - began < 10
+        assert client.post(f"/runtimes/{bomb['id']}/stop").status_code == 202
+        stopped = srv.wait_state(client, bomb["id"], {"stopped", "error"}, timeout=40)
+        assert stopped["state"] == "stopped", stopped
+        assert docker.containers.list(all=True, filters={"label": f"envctl.runtime-id={bomb['id']}"}) == []
+        assert client.get(f"/runtimes/{neighbour['id']}").json()["state"] == "running"
+        client.post(f"/runtimes/{neighbour['id']}/stop")
+
+
+HOG = "x = bytearray(1024**3)\nx[::4096] = b'y' * (1024**3 // 4096)"  # touches every page of 1 GB
+AGENT_FIRST = "import os\nopen(f'/proc/{os.getppid()}/oom_score_adj', 'w').write('1000')\n"
+
+
+def test_a_runtime_past_its_memory_limit_is_an_oom_error_that_keeps_its_unsaved_changes_as_a_draft(
+    srv: Server,
+) -> None:
+    """R3 (R33): the memory killer takes the agent, the runtime is ``error``/``oom``, and the
+    files written before are restored at the next boot."""
+    with srv.client() as client:
+        rt = boot(srv, client, "hog", machine_type="tiny")
+        ex = cell(client, rt["id"], "open('/root/unsaved.txt', 'w').write('keep me')")
+        assert ex["status"] == "ok", ex
+        cell(client, rt["id"], AGENT_FIRST + HOG)
+        dead = srv.wait_state(client, rt["id"], {"error"}, timeout=30)
+        assert dead["state_reason"] == "oom", dead
+        assert dead["unsaved_changes"] is True, dead
+        log = client.get(f"/runtimes/{rt['id']}/log").json()
+        assert any(e["state"] == "error" and e["details"].get("draft") for e in log), log
+        assert client.post(f"/runtimes/{rt['id']}/start").status_code == 202
+        assert srv.wait_state(client, rt["id"], {"running", "error"})["state"] == "running"
+        ex = cell(client, rt["id"], "print(open('/root/unsaved.txt').read())")
+        assert stdout(ex) == "keep me\n", ex
+        client.post(f"/runtimes/{rt['id']}/stop")
