@@ -79,7 +79,8 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
     "ENVCTL_RUNNER_OUTPUT_CAP": "bytes of output kept per execution; the rest is cut with a marker (10 MB)",
     "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
-    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
+    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join: isolated (default: the installation's own, fenced in"
+    " by firewall rules, needs root) or a network's name, e.g. bridge (no isolation)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
     "ENVCTL_RUNNER_CUDA_ROOT": "where the host's CUDA installations are (cuda-<version> folders) for a runtime's"
     " cuda setting (default /usr/local)",
@@ -123,7 +124,8 @@ class Settings:
     runner_max_boots: int = 4
     runner_log_max_size: str = "10m"
     runner_output_cap: int = 10 * 1024 * 1024
-    runner_network: str = "bridge"
+    # "isolated": the installation's own network, fenced in (runner/backends/netguard.py)
+    runner_network: str = "isolated"
     runner_labels: dict[str, str] = field(default_factory=dict)
     # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
     runner_cuda_root: Path = Path("/usr/local")

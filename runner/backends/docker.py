@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import overlay
+from runner.backends import netguard, overlay
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -59,6 +59,7 @@ SECURITY_OPT = ["no-new-privileges:true"]
 GPU_CAPABILITIES = [["gpu", "compute", "utility"]]
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_INFO_TTL = 60.0  # seconds an image id's inspection is reused (see image_info)
+_FENCE_TTL = 60.0  # seconds an installation's network and rules are trusted to be in place
 
 
 class DockerBackend(RuntimeBackend):
@@ -84,6 +85,7 @@ class DockerBackend(RuntimeBackend):
         self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
         self._gpus_seen = False  # the engine was seen able to hand out GPUs
+        self._fenced: dict[str, float] = {}  # installation -> when its network was last checked
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -156,7 +158,7 @@ class DockerBackend(RuntimeBackend):
                 Mount(target=STATE_MOUNT, source=str(spec.state_dir), type="bind", read_only=False),
                 Mount(target=RESULTS_MOUNT, source=str(spec.state_dir / "results"), type="bind", read_only=False),
             ],
-            "network": self.network,
+            "network": self.network_of(spec),
             "stop_signal": "SIGTERM",
         }
         if m.gpus:
@@ -190,10 +192,34 @@ class DockerBackend(RuntimeBackend):
             details={"field": "machine_type", "runtimes": sorted(runtimes)},
         )
 
+    def network_of(self, spec: RuntimeSpec) -> str:
+        """The Docker network the runtime joins: its installation's own when isolated."""
+        if self.network != netguard.ISOLATED:
+            return self.network
+        return netguard.fence_of(spec.labels[LABEL_INSTALLATION]).network
+
+    def fence(self, installation: str) -> None:
+        """The installation's isolated network and its firewall rules, in place (R4); checked
+        again at most once a minute (they outlive envctl's restarts; a host reboot drops them)."""
+        if self._base_url and not self._base_url.startswith("unix://"):
+            raise BackendError(
+                "network isolation needs the Docker engine on this host (its firewall is set here); "
+                "set ENVCTL_RUNNER_NETWORK to a network of the remote engine instead",
+                details={"field": "runner_network"},
+            )
+        if time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL:
+            return
+        fence = netguard.fence_of(installation)
+        labels = {**self.labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: "network"}
+        netguard.ensure(self.client, fence, labels)
+        self._fenced[installation] = time.monotonic()
+
     def start(self, spec: RuntimeSpec) -> BackendState:
         options = self.container_options(spec)
         if spec.machine.gpus:
             self.check_gpus()  # before anything is made: a clear reason, at once
+        if self.network == netguard.ISOLATED:
+            self.fence(spec.labels[LABEL_INSTALLATION])
         (spec.state_dir / "results").mkdir(parents=True, exist_ok=True)
         self._remove_leftover(spec.container_name, spec.runtime_id)
         try:

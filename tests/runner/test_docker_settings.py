@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.runner.conftest import remove_runner_containers, start_server
@@ -35,7 +37,8 @@ def srv(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     root = tmp_path_factory.mktemp("settings")
     config = root / "envctl.yaml"
     config.write_text(CONFIG)
-    server = start_server(docker, root / "data", ENVCTL_CONFIG=str(config))
+    # on every address, so that only the fence keeps cells away from the API (R4)
+    server = start_server(docker, root / "data", ENVCTL_CONFIG=str(config), ENVCTL_API_HOST="0.0.0.0")
     yield server
     remove_runner_containers(docker, server)
 
@@ -150,3 +153,80 @@ def test_a_runtime_past_its_memory_limit_is_an_oom_error_that_keeps_its_unsaved_
         ex = cell(client, rt["id"], "print(open('/root/unsaved.txt').read())")
         assert stdout(ex) == "keep me\n", ex
         client.post(f"/runtimes/{rt['id']}/stop")
+
+
+PROBE = """
+import json, socket, sys
+out = {}
+for name, host, port in json.loads(sys.argv[1]):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        out[name] = "connected"
+    except OSError as exc:
+        out[name] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def _host_address() -> str:
+    """This host's address on its default route (not loopback, not a Docker bridge)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("198.51.100.1", 9))  # no packet is sent: this only picks the route
+        address: str = s.getsockname()[0]
+        return address
+
+
+def _probe(client: httpx.Client, rid: str, targets: list[tuple[str, str, int]]) -> dict[str, str]:
+    argv = f"[sys.executable, '-c', {PROBE!r}, {json.dumps(targets)!r}]"
+    code = f"import subprocess, sys\nprint(subprocess.run({argv}, capture_output=True, text=True).stdout)"
+    ex = cell(client, rid, code)
+    assert ex["status"] == "ok", ex
+    result: dict[str, str] = json.loads(stdout(ex))
+    return result
+
+
+def test_from_a_cell_nothing_of_the_host_or_its_networks_is_reachable_but_the_package_registries_are(
+    srv: Server, docker: Any
+) -> None:
+    """R4: the host (envctl's API, and a listener standing for the Docker API, the database and
+    the registry), the metadata address, another runtime and another Docker network refuse;
+    pypi and the Debian mirror answer. A container on Docker's default bridge reaches the same
+    host listener, so it is the fence that stops the cell."""
+    with socket.create_server(("0.0.0.0", 0)) as listener:
+        port = listener.getsockname()[1]
+        listener.listen(16)
+        with srv.client() as client:
+            a = boot(srv, client, "fenced")
+            b = boot(srv, client, "neighbour2")
+            [container_b] = docker.containers.list(filters={"label": f"envctl.runtime-id={b['id']}"})
+            serve = "import subprocess, sys\nsrv = subprocess.Popen([sys.executable, '-m', 'http.server', '8000'])"
+            cell(client, b["id"], serve)
+            network = container_b.attrs["NetworkSettings"]["Networks"]
+            [(net_name, net)] = network.items()
+            assert net_name.startswith("envctl-in_")
+            gateway, b_address = net["Gateway"], net["IPAddress"]
+            host_address = _host_address()
+            targets = [
+                ("api via gateway", gateway, srv.port),
+                ("host listener via gateway", gateway, port),
+                ("host listener via host address", host_address, port),
+                ("default bridge gateway", "172.17.0.1", port),
+                ("metadata", "169.254.169.254", 80),
+                ("other runtime", b_address, 8000),
+                ("pypi", "pypi.org", 443),
+                ("debian mirror", "deb.debian.org", 80),
+            ]
+            seen = _probe(client, a["id"], targets)
+            refused = {k: v for k, v in seen.items() if k not in ("pypi", "debian mirror")}
+            assert set(refused.values()) == {"ConnectionRefusedError"}, seen  # rejected at once, by the fence
+            assert seen["pypi"] == seen["debian mirror"] == "connected", seen
+            # the neighbour's server is up: only the fence kept the first runtime out
+            assert "connected" in _probe(client, b["id"], [("own", "127.0.0.1", 8000)]).values()
+            control = docker.containers.run(
+                container_b.image.id,
+                ["python3", "-c", PROBE, json.dumps([("host", "172.17.0.1", port), ("api", "172.17.0.1", srv.port)])],
+                network="bridge",
+                labels={TEST_LABEL: TEST_SESSION},
+                remove=True,
+            )
+            assert json.loads(control) == {"host": "connected", "api": "connected"}
