@@ -56,7 +56,11 @@ def check_value(name: str, value: object, field: str = "env") -> str:
         raise InvalidInputError(f"{where}: the value must be text", field=where)
     if "\x00" in value:
         raise InvalidInputError(f"{where}: the value may not contain a NUL character", field=where)
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{where}: the value is not valid Unicode text", field=where) from None
+    if size > MAX_VALUE:
         raise InvalidInputError(f"{where}: the value is longer than {MAX_VALUE} bytes", field=where)
     return value
 
@@ -68,7 +72,7 @@ def check_env(env: Mapping[str, object], field: str = "env") -> dict[str, str]:
     if len(env) > MAX_COUNT:
         raise InvalidInputError(f"{field}: at most {MAX_COUNT} variables per runtime", field=field)
     out = {check_name(k, field): check_value(k, v, field) for k, v in env.items()}
-    total = sum(len(k) + len(v.encode("utf-8", "surrogatepass")) for k, v in out.items())
+    total = sum(len(k) + len(v.encode("utf-8")) for k, v in out.items())
     if total > MAX_TOTAL:
         raise InvalidInputError(f"{field}: the variables add up to more than {MAX_TOTAL} bytes", field=field)
     return out

@@ -255,7 +255,7 @@ def env_(api: Api, as_json: bool, runtime: str, inherited: bool) -> int:
         [("name", "name"), ("shown", "value"), ("from", "source")],
         lambda v: {
             **v,
-            "shown": v["value"].encode("unicode_escape").decode("ascii"),
+            "shown": "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
             "from": v["source"] + (" (over the image's)" if v["overrides"] else ""),
         },
     )

@@ -172,13 +172,18 @@ def ensure(client: docker.DockerClient, fence: Fence, labels: dict[str, str]) ->
     ensure_rules(fence, resolvers())
 
 
+def remove_rules(fence: Fence) -> None:
+    """Remove every rule that carries the installation's comment, and only those."""
+    for chain in ("INPUT", "DOCKER-USER"):
+        for spec in _ours(chain, fence):
+            _iptables("-D", chain, *spec, check=False)
+
+
 def teardown(client: docker.DockerClient, installation: str) -> bool:
     """Remove the installation's rules, and its network when no container is on it.
     Returns whether the network went (rules go in any case). Only the owner calls it."""
     fence = fence_of(installation)
-    for chain in ("INPUT", "DOCKER-USER"):
-        for spec in _ours(chain, fence):
-            _iptables("-D", chain, *spec, check=False)
+    remove_rules(fence)
     try:
         info: dict[str, Any] = client.api.inspect_network(fence.network)
     except docker.errors.NotFound:

@@ -69,6 +69,12 @@ def test_bad_or_reserved_variable_names_are_422_naming_the_field_and_nothing_rea
     assert backend.started == []
 
 
+def test_a_value_that_is_not_valid_unicode_text_is_422(api: ApiHarness) -> None:
+    body = '{"environment": "python3", "name": "half", "env": {"HALF": "\\ud800"}}'  # a lone surrogate
+    resp = api.post("/runtimes", content=body, headers={**api.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 422 and resp.json()["error"]["details"]["field"] == "env.HALF", resp.text
+
+
 def test_too_many_variables_or_too_many_bytes_in_all_are_422(api: ApiHarness) -> None:
     many = {f"V{i}": "1" for i in range(201)}
     assert api.post("/runtimes", json={"environment": "python3", "name": "a", "env": many}).status_code == 422
