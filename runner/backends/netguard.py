@@ -7,7 +7,8 @@ each carrying the comment ``envctl:<installation id>`` and nothing else of anyon
 reject what a cell could otherwise reach:
 
 - ``INPUT -i <bridge> -j REJECT``: the host itself on any of its addresses, so envctl's API,
-  a Docker API on TCP, a database or a registry listening on the host;
+  a Docker API on TCP, a database or a registry listening on the host (replies to what the
+  host opened itself pass, ahead of it);
 - ``DOCKER-USER -i <bridge> -d <range> -j REJECT`` for link-local (169.254.0.0/16: the cloud
   metadata service) and the private ranges (other containers, other bridges, the LAN), after
   ``RETURN`` rules that let DNS through to the host's resolvers (Docker's embedded DNS asks
@@ -94,7 +95,9 @@ def rules(fence: Fence, name_servers: list[str]) -> dict[str, list[list[str]]]:
         for proto in ("udp", "tcp")
     ]
     forward += [["-i", fence.bridge, "-d", cidr, *tag, *reject] for cidr in REJECTED]
-    return {"INPUT": [["-i", fence.bridge, *tag, *reject]], "DOCKER-USER": forward}
+    # replies to connections the host opened itself go through; nothing a cell opens does
+    replies = ["-i", fence.bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *tag, "-j", "ACCEPT"]
+    return {"INPUT": [replies, ["-i", fence.bridge, *tag, *reject]], "DOCKER-USER": forward}
 
 
 def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

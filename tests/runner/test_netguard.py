@@ -55,7 +55,9 @@ def test_rules_are_added_once_in_order_and_removed_only_for_their_installation(i
         assert len(forward) == 2 + len(netguard.REJECTED)
         assert "--dport 53" in forward[0] and "RETURN" in forward[0] and "169.254.0.0/16" in forward[2]
         assert all(f"-i {mine.bridge}" in line for line in forward)
-        assert len([line for line in _chain("INPUT") if mine.comment in line]) == 1
+        inputs = [line for line in _chain("INPUT") if mine.comment in line]
+        assert len(inputs) == 2 and "ESTABLISHED" in inputs[0] and "-j ACCEPT" in inputs[0]
+        assert inputs[1].endswith("-j REJECT --reject-with icmp-port-unreachable")
         # one of ours removed by hand: the next check puts the whole set back, in order
         third = netguard.rules(mine, ["10.9.8.7"])["DOCKER-USER"][2]
         subprocess.run(["iptables", "-w", "-D", "DOCKER-USER", *third], check=True)
