@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runner.backends.base import ImageInfo
+from runner.backends.base import Change, ImageInfo
 from runner.backends.fake import FakeBackend
 from tests.api.conftest import PYTHON_IMAGE, ApiHarness, AppFactory
 from tests.api.test_errors_and_auth import RecordingBackend
@@ -167,3 +167,23 @@ def test_a_stopped_runtime_takes_every_setting_at_once(api: ApiHarness) -> None:
     resp = api.patch(f"/runtimes/{rt['id']}", json={"type": "native", "env": {"A": None}})
     assert resp.json()["type"] == "native" and resp.json()["kernel"] is None and resp.json()["env"] == {}
     assert api.patch(f"/runtimes/{rt['id']}", json={"kernel": "python3"}).status_code == 422
+
+
+def test_a_pending_environment_waits_while_a_draft_exists_and_a_reset_applies_it(make_api: AppFactory) -> None:
+    backend = FakeBackend()
+    api = make_api(backend)
+    rid = api.create_runtime()["id"]
+    _start(api, rid)
+    resp = api.patch(f"/runtimes/{rid}", params={"apply": "next-boot"}, json={"environment": "bash"})
+    assert resp.status_code == 200 and resp.json()["pending"] == {"environment": "bash@1"}, resp.text
+    backend.set_changes(rid, [Change("added", "/root/work.txt")])
+    _stop(api, rid)  # the unsaved work becomes a draft on python3@1
+    _start(api, rid)
+    rt = api.get(f"/runtimes/{rid}").json()
+    assert rt["environment"] == "python3@1" and rt["pending"] == {"environment": "bash@1"}
+    assert any(e["event"] == "settings-pending" and "unsaved changes" in e["message"] for e in api.log(rid))
+    assert api.post(f"/runtimes/{rid}/reset").status_code == 202  # the draft goes: the change applies
+    api.wait_for(rid, {"running"})
+    api.wait_settled(rid)
+    rt = api.get(f"/runtimes/{rid}").json()
+    assert rt["environment"] == "bash@1" and rt["pending"] == {}
