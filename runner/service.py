@@ -9,7 +9,8 @@ module):
 ``records.py``         the ``runtimes`` rows: reads, compare-and-set transitions, the runner
                        log, activity, ownership checks, waiting for a state
 ``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
-``runtimes.py``        create a runtime, change its settings (PATCH)
+``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
+                       a reboot and waits for it; ``envvars.py``: environment variables)
 ``lifecycle.py``       start, stop, reset, delete; the stop worker
 ``boot.py``            the boot worker: container up, agent answering, ``running``
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
