@@ -25,6 +25,12 @@ class RunnerNameInUseError(ConflictError):
     code = "runner_name_in_use"
 
 
+class GpuUnavailableError(ServiceUnavailableError):
+    """A GPU machine type was asked of an engine without the NVIDIA container runtime."""
+
+    code = "gpu_unavailable"
+
+
 class MachineTypeNotFoundError(NotFoundError):
     code = "machine_type_not_found"
     status = 422

@@ -9,7 +9,8 @@ module):
 ``records.py``         the ``runtimes`` rows: reads, compare-and-set transitions, the runner
                        log, activity, ownership checks, waiting for a state
 ``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
-``runtimes.py``        create a runtime, change its settings (PATCH)
+``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
+                       a reboot and waits for it; ``envvars.py``: environment variables)
 ``lifecycle.py``       start, stop, reset, delete; the stop worker
 ``boot.py``            the boot worker: container up, agent answering, ``running``
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
@@ -47,7 +48,7 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
-from runner import idle
+from runner import envvars, idle
 from runner.archives import Archives
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
@@ -211,6 +212,16 @@ class RunnerService:
 
     def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(owner_id, runtime_id, after)
+
+    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, str] | None]:
+        """What a cell of the runtime sees: its own variables over those its environment's image
+        sets (read from the image's config), and its variables after the next boot if they wait
+        for one (None otherwise)."""
+        rt = self.get(owner_id, runtime_id)
+        info = self.backend.image_info(rt.version.image_id)
+        inherited = envvars.image_env(info.config.get("Env") if info is not None else None)
+        pending = (rt.pending or {}).get("env")
+        return envvars.effective(inherited, rt.env or {}), (dict(pending) if pending is not None else None)
 
     def start(self, owner_id: str, runtime_id: str) -> Runtime:
         return self.lifecycle.start(owner_id, runtime_id)

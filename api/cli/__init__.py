@@ -15,6 +15,7 @@ Where each command lives (``api/cli/``):
 command                                                     module
 ==========================================================  =================
 ``runtime create|ls|show|start|stop|rm|log|reset|changes``  ``runtimes.py``
+``runtime set|env``                                          ``runtimes.py``
 ``machine-types``                                           ``runtimes.py``
 ``exec``                                                    ``cells.py``
 ``run`` (a notebook)                                        ``notebooks.py``

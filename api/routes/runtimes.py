@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
+    EnvVarOut,
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
+    RuntimeEnvOut,
     RuntimeOut,
     RuntimePatch,
     SaveRequest,
@@ -35,6 +37,8 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         idle_timeout=body.idle_timeout,
         type=body.type,
         kernel=body.kernel,
+        env=body.env,
+        cuda=body.cuda,
     )
     return runtime_out(ctx.runner, rt)
 
@@ -49,9 +53,20 @@ def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id), look=True)
 
 
+Apply = Annotated[
+    Literal["now", "next-boot"],
+    Query(description="next-boot: while the runtime runs, keep changes that need a reboot for its next boot"),
+]
+
+
 @router.patch("/{runtime_id}", response_model=RuntimeOut)
-def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    """Change settings. ``environment`` and ``machine_type`` need the runtime stopped (409)."""
+def patch_runtime(
+    runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep, apply: Apply = "now"
+) -> RuntimeOut:
+    """Change settings. Name, language and idle timeout apply at once. Environment, type,
+    env and machine type need a reboot: while the runtime runs they are a 409 naming them,
+    unless asked for the next boot (``?apply=next-boot`` or ``next_boot``); then ``pending``
+    shows them until the next boot applies them."""
     sent = body.model_fields_set
     changes = RuntimeChanges(
         name=body.name,
@@ -60,8 +75,28 @@ def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: Call
         environment=body.environment,
         idle_timeout=body.idle_timeout,
         clear_idle_timeout="idle_timeout" in sent and body.idle_timeout is None,
+        type=body.type,
+        kernel=body.kernel,
+        env=body.env or {},
+        cuda=body.cuda,
+        clear_cuda="cuda" in sent and body.cuda is None,
+        next_boot=body.next_boot or apply == "next-boot",
     )
     return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))
+
+
+@router.get("/{runtime_id}/env", response_model=RuntimeEnvOut)
+def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOut:
+    """The environment variables a cell sees: the runtime's own (``set here``) and those of its
+    environment's image (``inherited``); the runtime's own win."""
+    rt = ctx.runner.get(caller.id, runtime_id)
+    variables, pending = ctx.runner.env_of(caller.id, runtime_id)
+    return RuntimeEnvOut(
+        runtime_id=rt.id,
+        environment=rt.version.ref,
+        variables=[EnvVarOut(name=v.name, value=v.value, source=v.source, overrides=v.overrides) for v in variables],  # type: ignore[arg-type]
+        pending=pending,
+    )
 
 
 @router.delete("/{runtime_id}", status_code=status.HTTP_204_NO_CONTENT)

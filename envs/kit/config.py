@@ -31,6 +31,7 @@ class MachineType:
     gpus: int = 0  # requested through Docker device requests (driver "nvidia")
     idle_timeout: int | None = None  # seconds; None means the runtime's own or the default
     description: str = ""
+    gpu_kind: str = ""  # what the GPUs are, e.g. nvidia-tesla-t4 (shown, and labelled); "" is plain "nvidia"
 
 
 def _gib(n: float) -> int:
@@ -49,6 +50,7 @@ DEFAULT_MACHINE_TYPES: dict[str, MachineType] = {
             memory=_gib(8),
             pids=2048,
             gpus=1,
+            gpu_kind="nvidia",
             description="2 CPUs, 8 GiB, 1 GPU (needs the NVIDIA container runtime)",
         ),
     )
@@ -77,8 +79,11 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
     "ENVCTL_RUNNER_OUTPUT_CAP": "bytes of output kept per execution; the rest is cut with a marker (10 MB)",
     "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
-    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
+    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join: isolated (default: the installation's own, fenced in"
+    " by firewall rules, needs root) or a network's name, e.g. bridge (no isolation)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
+    "ENVCTL_RUNNER_CUDA_ROOT": "where the host's CUDA installations are (cuda-<version> folders) for a runtime's"
+    " cuda setting (default /usr/local)",
     "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
     "ENVCTL_BASE_EXTRA_CA_CERTS": "CA files or folders of *.crt trusted inside base images, : or , separated"
     " (default /usr/local/share/ca-certificates)",
@@ -128,8 +133,11 @@ class Settings:
     runner_max_boots: int = 4
     runner_log_max_size: str = "10m"
     runner_output_cap: int = 10 * 1024 * 1024
-    runner_network: str = "bridge"
+    # "isolated": the installation's own network, fenced in (runner/backends/netguard.py)
+    runner_network: str = "isolated"
     runner_labels: dict[str, str] = field(default_factory=dict)
+    # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
+    runner_cuda_root: Path = Path("/usr/local")
     base_mirror: str | None = None
     # PEM CA certificates (files, or folders of *.crt) added to the root base image, e.g. a
     # TLS-intercepting proxy's. The default folder may be missing; a named path may not.
@@ -240,6 +248,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_output_cap": ("ENVCTL_RUNNER_OUTPUT_CAP", _INT),
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
+    "runner_cuda_root": ("ENVCTL_RUNNER_CUDA_ROOT", _path),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
     "base_extra_ca_certs": ("ENVCTL_BASE_EXTRA_CA_CERTS", _paths),
     "registry": ("ENVCTL_REGISTRY", str),
@@ -282,7 +291,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
         where = f"{source}: machine_types.{name}"
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{where}: must be a map with cpus and memory", field=where)
-        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "idle_timeout", "description"}
+        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "gpu_kind", "idle_timeout", "description"}
         if unknown:
             raise InvalidInputError(f"{where}: unknown keys {sorted(unknown)}", field=where)
         try:
@@ -292,6 +301,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
                 memory=_parse_memory(spec["memory"], where + ".memory"),
                 pids=int(spec.get("pids", 512)),
                 gpus=int(spec.get("gpus", 0)),
+                gpu_kind=str(spec.get("gpu_kind") or ""),
                 idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") is not None else None,
                 description=str(spec.get("description", "")),
             )

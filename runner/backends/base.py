@@ -42,12 +42,14 @@ LABEL_RUNNER = "envctl.runner"
 LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
 LABEL_MACHINE = "envctl.machine-type"
+LABEL_GPU_KIND = "envctl.gpu-kind"
 
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
 STATE_MOUNT = "/run/envctl"
 RESULTS_MOUNT = "/results"  # <state dir>/results on the host
 AGENT_SOCKET = "agent.sock"
+CUDA_MOUNT = "/usr/local/cuda"  # the host's CUDA libraries, in GPU runtimes that ask for them
 
 
 class Status(StrEnum):
@@ -79,6 +81,7 @@ class RuntimeSpec:
     language: str = "python"
     labels: dict[str, str] = field(default_factory=dict)  # the runner's identity, among others
     env: dict[str, str] = field(default_factory=dict)
+    cuda_dir: Path | None = None  # host CUDA folder mounted read-only at CUDA_MOUNT (GPU machine types only)
 
     @property
     def container_name(self) -> str:
