@@ -23,10 +23,13 @@ from api.routes import (
     machine_types,
     operations,
     packages,
+    registry_auth,
     results,
     runners,
     runtimes,
     streams,
+    teams,
+    tokens,
 )
 from api.schemas import ErrorOut
 from api.web import router as page_router
@@ -109,7 +112,19 @@ def create_app(
     app.include_router(packages.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
-    for module in (health, runtimes, executions, results, operations, environments, machine_types, runners):
+    for module in (
+        health,
+        runtimes,
+        executions,
+        results,
+        operations,
+        environments,
+        machine_types,
+        runners,
+        teams,
+        tokens,
+        registry_auth,
+    ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from envs.errors import EnvironmentNotFoundError
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
+from registry import teams as teams_service
 from runner.service import RunnerService
 
 
@@ -29,6 +32,7 @@ class Caller:
     id: str
     name: str
     is_admin: bool
+    teams: frozenset[str] = frozenset()  # the teams the caller is a member of
 
 
 async def get_context(request: Request) -> Context:
@@ -64,6 +68,11 @@ class CallerCache:
                 self._entries.clear()
             self._entries[token] = (time.monotonic() + self.ttl, caller)
 
+    def clear(self) -> None:
+        """Forget every token (after one was revoked): each is looked up again on its next use."""
+        with self._lock:
+            self._entries.clear()
+
 
 async def get_caller(
     request: Request,
@@ -76,17 +85,33 @@ async def get_caller(
     if token:
         hit = cache.get(token)
         if hit is not None:
+            _check_environment_visible(request, hit)
             return hit
     caller = await run_in_threadpool(_lookup, ctx, token)
     if token:
         cache.put(token, caller)
+    _check_environment_visible(request, caller)
     return caller
+
+
+def _check_environment_visible(request: Request, caller: Caller) -> None:
+    """Another team's environment named in the path (``{ref}``) is a 404, as if it did not
+    exist, unless published (R27)."""
+    ref = request.path_params.get("ref")
+    if not isinstance(ref, str):
+        return
+    full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
+    if not teams_service.may_see(full_name, caller.teams, caller.is_admin):
+        raise EnvironmentNotFoundError(
+            f"ref: no environment named {full_name!r}; `envctl env ls` lists them",
+            details={"field": "ref", "environment": full_name},
+        )
 
 
 def _lookup(ctx: Context, token: str | None) -> Caller:
     with ctx.db.session() as s:
         user = registry_service.authenticate(s, token)
-        return Caller(user.id, user.name, user.is_admin)
+        return Caller(user.id, user.name, user.is_admin, teams_service.team_names_of(s, user.id))
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

@@ -34,17 +34,44 @@ class RuntimeCreate(BaseModel):
     )
     machine_type: str = Field(default="small", min_length=1, max_length=64)
     idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=200,
+        description="environment variables of the runtime's processes (names: letter or _, then letters, digits, _; "
+        "LD_*, ENVCTL_*, NVIDIA_* and HOSTNAME are reserved)",
+    )
+    cuda: str | None = Field(
+        default=None, max_length=32, description="host CUDA version for a GPU machine type (GET /machine-types/cuda)"
+    )
 
 
 class RuntimePatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
-    environment: str | None = Field(default=None, min_length=1, max_length=300)
+    environment: str | None = Field(default=None, min_length=1, max_length=300, description="needs a reboot")
     language: Literal["python", "bash"] | None = None
-    machine_type: str | None = Field(default=None, min_length=1, max_length=64)
+    type: Literal["native", "jupyter"] | None = Field(default=None, description="needs a reboot")
+    kernel: str | None = Field(default=None, max_length=64, description="kernelspec name, with type jupyter")
+    machine_type: str | None = Field(default=None, min_length=1, max_length=64, description="needs a reboot")
     idle_timeout: int | None = Field(
         default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never; null for the default"
+    )
+    env: dict[str, str | None] | None = Field(
+        default=None,
+        max_length=200,
+        description="environment variables as a merge patch: a value sets one, null removes it; needs a reboot",
+    )
+    cuda: str | None = Field(
+        default=None,
+        max_length=32,
+        description="host CUDA version mounted at /usr/local/cuda in GPU runtimes (GET /machine-types/cuda lists "
+        "them); null for none; needs a reboot",
+    )
+    next_boot: bool = Field(
+        default=False,
+        description="while the runtime runs, keep changes that need a reboot for its next boot instead of a 409 "
+        "(same as ?apply=next-boot)",
     )
 
 
@@ -80,6 +107,12 @@ class RuntimeOut(BaseModel):
     idle: IdleOut | None
     machine_type: str
     idle_timeout: int | None
+    env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
+    cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
+    pending: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings changed while it ran, applied by its next boot (field -> new value); empty if none",
+    )
     runner: str = Field(description="the runner that owns the runtime; only it acts on it")
     runner_alive: bool = Field(description="whether that runner beats its heartbeat in the store")
     unreachable: str | None = Field(
@@ -89,6 +122,22 @@ class RuntimeOut(BaseModel):
     booted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+
+
+class EnvVarOut(BaseModel):
+    name: str
+    value: str
+    source: Literal["set here", "inherited"] = Field(description="set on the runtime, or by its environment's image")
+    overrides: bool = Field(description="set here over a value the image sets")
+
+
+class RuntimeEnvOut(BaseModel):
+    runtime_id: str
+    environment: str = Field(description="the version whose image the inherited variables come from")
+    variables: list[EnvVarOut] = Field(description="what a cell sees, by name; the runtime's own win")
+    pending: dict[str, str] | None = Field(
+        description="the runtime's own variables after its next boot, when a change waits for it; null otherwise"
+    )
 
 
 class LogEntryOut(BaseModel):
@@ -112,6 +161,9 @@ class VersionOut(BaseModel):
     size_added: int
     created_at: datetime
     tags: list[str]
+    save: dict[str, Any] | None = Field(
+        default=None, description="what its save left out (caches, bytes per directory) and the secrets it allowed"
+    )
 
 
 class EnvironmentOut(BaseModel):
@@ -133,8 +185,15 @@ class MachineTypeOut(BaseModel):
     memory: int
     pids: int
     gpus: int
+    gpu_kind: str = Field(description="what the GPUs are, e.g. nvidia-tesla-t4; empty without GPUs")
     idle_timeout: int | None
     description: str
+
+
+class CudaOut(BaseModel):
+    root: str = Field(description="the host folder searched for cuda-<version> folders")
+    versions: list[str] = Field(description="the valid values of a runtime's cuda setting; empty: none here")
+    mount: str = Field(description="where a GPU runtime sees the chosen version")
 
 
 class HealthOut(BaseModel):
@@ -187,6 +246,14 @@ class SaveRequest(BaseModel):
     environment: str = Field(min_length=1, max_length=130, description="[team/]name of the environment to save into")
     message: str = Field(default="", max_length=2000)
     tag: str | None = Field(default=None, max_length=128, description="a tag to point at the new version")
+    keep_caches: bool = Field(
+        default=False, description="keep package caches (apt lists and archives, pip, npm) in the new layer"
+    )
+    allow_secrets: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="absolute paths whose secret findings are accepted (recorded in the version)",
+    )
 
 
 class OperationOut(BaseModel):
@@ -206,6 +273,9 @@ class ChangeOut(BaseModel):
     kind: Literal["added", "changed", "deleted"]
     path: str
     size: int | None = Field(description="bytes, for regular files")
+    cache: str | None = Field(
+        default=None, description="the cache directory it lies in: a save leaves it out unless keep_caches"
+    )
 
 
 class LineageStep(BaseModel):

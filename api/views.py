@@ -24,6 +24,7 @@ from envs.kit.config import MachineType
 from envs.models import Environment, EnvironmentVersion
 from runner.models import Operation, ResultFile, Runtime, RuntimeLogEntry
 from runner.service import RunnerService, RuntimeStatus
+from runner.settings import pending_view
 from runner.states import State
 
 
@@ -55,6 +56,7 @@ def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
         size_added=v.size_added,
         created_at=v.created_at,
         tags=sorted(tags),
+        save=(v.labels or {}).get("envctl.save"),
     )
 
 
@@ -114,6 +116,7 @@ def machine_type_out(m: MachineType) -> MachineTypeOut:
         memory=m.memory,
         pids=m.pids,
         gpus=m.gpus,
+        gpu_kind=m.gpu_kind or ("nvidia" if m.gpus else ""),
         idle_timeout=m.idle_timeout,
         description=m.description,
     )
@@ -161,6 +164,9 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         idle=idle,
         machine_type=rt.machine_type,
         idle_timeout=rt.idle_timeout,
+        env=dict(rt.env or {}),
+        cuda=rt.cuda,
+        pending=pending_view(rt),
         runner=rt.runner,
         runner_alive=st.runner_alive,
         unreachable=st.unreachable,

@@ -2,9 +2,11 @@
 
 Ownership: the registry is shared, so anyone may read any environment (list, show, lineage,
 export, boot from it, import it, extend it under another name). Writing to one (a new
-version, a tag moved) and deleting its versions is for its owner and admins only; an
-environment with no owner (a base image, or one older than owners) is for admins only. The
-writer is a ``Writer``; ``None`` in its place is envctl itself (``envctl base build``).
+version, a tag moved) and deleting its versions is for its owner, the members of its team (its
+namespace: ``acme/ml`` is team ``acme``'s) and admins only; an environment with no owner (a
+base image, or one older than owners) is for admins only, and only members create one in a
+team's namespace. The writer is a ``Writer``; ``None`` in its place is envctl itself
+(``envctl base build``).
 """
 
 from __future__ import annotations
@@ -49,13 +51,30 @@ class Writer:
 
     user_id: str
     is_admin: bool = False
+    teams: frozenset[str] = frozenset()  # the teams (namespaces) the user is a member of
 
 
 def may_write(env: Environment, writer: Writer | None) -> bool:
-    """Whether ``writer`` may add versions to ``env``, move its tags or delete its versions."""
+    """Whether ``writer`` may add versions to ``env``, move its tags or delete its versions:
+    its owner, a member of the team whose namespace it is in, or an admin."""
     if writer is None or writer.is_admin:
         return True
+    if env.namespace and env.namespace in writer.teams:
+        return True
     return env.owner_id is not None and env.owner_id == writer.user_id
+
+
+def check_create(full_name: str, writer: Writer | None) -> None:
+    """Refuse (403) making an environment in a team's namespace (``acme/ml``) to a writer who
+    is not a member of that team; names without a namespace are anyone's to make."""
+    namespace = full_name.rpartition("/")[0]
+    if not namespace or writer is None or writer.is_admin or namespace in writer.teams:
+        return
+    raise ForbiddenError(
+        f"environment {full_name!r} is in the namespace of team {namespace!r}: only its members may create it; "
+        "ask a team admin to add you (`envctl team add-member`) or use a name of your own",
+        details={"environment": full_name, "team": namespace},
+    )
 
 
 def check_write(env: Environment | None, writer: Writer | None, action: str, advice: str = "") -> None:
@@ -74,6 +93,15 @@ def check_write(env: Environment | None, writer: Writer | None, action: str, adv
         f"environment {env.full_name!r} {who} may {action}" + (f"; {advice}" if advice else ""),
         details={"environment": env.full_name},
     )
+
+
+def check_write_to(session: Session, full_name: str, writer: Writer | None, action: str, advice: str = "") -> None:
+    """``check_write`` on the environment ``full_name``, or ``check_create`` when it does not exist."""
+    env = get_environment(session, full_name)
+    if env is None:
+        check_create(full_name, writer)
+    else:
+        check_write(env, writer, action, advice)
 
 
 def get_or_create_environment(session: Session, full_name: str, owner_id: str | None = None) -> Environment:
@@ -175,6 +203,8 @@ def register_version(
     version the environment already has, with no tag to move, writes nothing and is allowed
     to anyone: a loaded archive carries the base images its lineage stands on.
     """
+    if get_environment(session, new.environment) is None:
+        check_create(new.environment, writer)
     env = get_or_create_environment(session, new.environment, writer.user_id if writer is not None else None)
     digest = new.digest or new.image_id
     existing = session.scalars(

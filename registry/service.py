@@ -1,11 +1,14 @@
-"""Users and API tokens: create them, and find who a bearer token belongs to."""
+"""Users and API tokens: create them, list and revoke tokens, and find who a bearer token
+belongs to. A token is shown once when it is made; only its SHA-256 is stored. A revoked or
+expired token is refused."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 from collections.abc import Iterable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +17,7 @@ from envs.kit.clock import utcnow
 from envs.kit.errors import UnauthorizedError
 from envs.kit.ids import new_id
 from envs.refs import check_name
+from registry.errors import TokenNotFoundError, UserExistsError
 from registry.models import ApiToken, User
 
 TOKEN_PREFIX = "envctl_"  # noqa: S105  (a prefix, not a secret)
@@ -23,8 +27,15 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+#: A token made through the API lives this long unless asked otherwise, and at most MAX_TOKEN_LIFE.
+DEFAULT_TOKEN_LIFE = timedelta(days=90)
+MAX_TOKEN_LIFE = timedelta(days=366)
+
+
 def create_user(session: Session, name: str, *, is_admin: bool = False) -> User:
     check_name(name, "name", "user name")
+    if get_user_by_name(session, name) is not None:
+        raise UserExistsError(f"name: a user named {name!r} exists already", details={"name": name})
     user = User(id=new_id("usr"), name=name, is_admin=is_admin, created_at=utcnow())
     session.add(user)
     session.flush()
@@ -70,10 +81,59 @@ def authenticate(session: Session, token: str | None) -> User:
     row = session.scalars(select(ApiToken).where(ApiToken.token_hash == _hash(token))).one_or_none()
     if row is None:
         raise UnauthorizedError("the bearer token is not known")
+    if row.revoked_at is not None:
+        raise UnauthorizedError("the bearer token was revoked; make a new one with `envctl token create`")
     now = utcnow()
     if row.expires_at is not None and row.expires_at <= now:
-        raise UnauthorizedError("the bearer token has expired")
+        raise UnauthorizedError("the bearer token has expired; make a new one with `envctl token create`")
     return row.user
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What may be shown of a token after it was made: never the token itself."""
+
+    id: str
+    description: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > utcnow())
+
+
+def _info(row: ApiToken) -> TokenInfo:
+    return TokenInfo(row.id, row.description, row.created_at, row.expires_at, row.revoked_at)
+
+
+def create_token(session: Session, user: User, description: str, life: timedelta | None) -> tuple[str, TokenInfo]:
+    """A new token for ``user`` living ``life`` (the default when ``None``); the token and what
+    may be shown of it later."""
+    life = DEFAULT_TOKEN_LIFE if life is None else life
+    token = issue_token(session, user, description, utcnow() + life)
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == _hash(token))).one()
+    return token, _info(row)
+
+
+def list_tokens(session: Session, user_id: str) -> list[TokenInfo]:
+    rows = session.scalars(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at))
+    return [_info(r) for r in rows]
+
+
+def revoke_token(session: Session, user_id: str, token_id: str) -> TokenInfo:
+    """Revoke one of ``user_id``'s tokens (another user's is a 404, as if it did not exist)."""
+    row = session.get(ApiToken, token_id)
+    if row is None or row.user_id != user_id:
+        raise TokenNotFoundError(
+            f"token_id: you have no token {token_id!r}; `envctl token list` shows yours",
+            details={"token_id": token_id},
+        )
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return _info(row)
 
 
 def ensure_admin(session: Session, name: str = "admin") -> tuple[User, str | None]:

@@ -3,7 +3,8 @@
 The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock:
 
 1. keep the changes of a container left from before as a draft (a runtime started again from
-   ``error``), then read the row (still ``booting``?) and make the container's spec: the
+   ``error``), apply the settings changed for the next boot (runner/settings.py), then read
+   the row (still ``booting``?) and make the container's spec: the
    version's image, or the draft image when the runtime has unsaved changes from an earlier
    run (phase ``restoring``, logged);
 2. create and start the container (``backend.start``), labelled with this installation and
@@ -31,11 +32,13 @@ from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBacken
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
+from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
-from runner.machines import get_machine_type
+from runner.machines import cuda_dir, get_machine_type
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
+from runner.settings import apply_pending
 from runner.states import State
 
 log = logging.getLogger("envctl.runner")
@@ -73,15 +76,18 @@ class Booter:
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
+        machine = get_machine_type(self.settings, rt.machine_type)
         return RuntimeSpec(
             runtime_id=rt.id,
             name=rt.name,
             image=rt.draft_image_id or rt.version.image_id,
             environment=rt.version.ref,
-            machine=get_machine_type(self.settings, rt.machine_type),
+            machine=machine,
             state_dir=self.paths.state_dir(rt.id),
             agent_dir=self.paths.agent_dir,
             language=rt.language,
+            env=dict(rt.env or {}),
+            cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
         )
 
@@ -113,6 +119,7 @@ class Booter:
         records = self.records
         if not self._keep_what_is_left(runtime_id):
             return
+        self._apply_pending(runtime_id)
         try:
             with records.db.session() as s:
                 rt = s.get(
@@ -146,6 +153,9 @@ class Booter:
         sock.unlink(missing_ok=True)
         try:
             backend_state = self.backend.start(spec)
+        except GpuUnavailableError as exc:
+            records.fail(runtime_id, "gpu-unavailable", exc.message, {State.BOOTING})
+            return
         except EnvctlError as exc:
             records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
             return
@@ -190,6 +200,18 @@ class Booter:
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _apply_pending(self, runtime_id: str) -> None:
+        """Settings changed for the next boot become the runtime's own, logged."""
+        with self.records.tx() as s:
+            rt = s.get(Runtime, runtime_id, with_for_update=True)
+            if rt is None or rt.state != State.BOOTING or not rt.pending:
+                return
+            applied, kept = apply_pending(rt)
+            if applied:
+                self.records.log(s, runtime_id, event="settings-applied", reason="boot", message="; ".join(applied))
+            for note in kept:
+                self.records.log(s, runtime_id, event="settings-pending", reason="draft", message=note)
 
     def _keep_what_is_left(self, runtime_id: str) -> bool:
         """A container still on the row (a runtime started again from ``error``: its container

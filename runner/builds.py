@@ -61,8 +61,9 @@ class Builds:
         """Check the spec now (422 on any problem), then build it in the background (202)."""
         spec = parse(text, source)
         with self.records.db.session() as s:
-            envs_service.check_write(
-                envs_service.get_environment(s, spec.name),
+            envs_service.check_write_to(
+                s,
+                spec.name,
                 writer_of(s, owner_id),
                 "build into it",
                 "give the spec a name of your own",

@@ -21,6 +21,7 @@ from runner.backends.base import Change, RuntimeBackend
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.models import Runtime
 from runner.paths import RuntimePaths
+from runner.scan import CacheRules
 from runner.states import State
 
 DIFF_CACHE_SECONDS = 3.0
@@ -41,6 +42,7 @@ class ChangeInfo:
     kind: str
     path: str
     size: int | None  # bytes of a regular file; None for directories, links, deleted paths
+    cache: str | None = None  # the cache directory it lies in: a save leaves it out
 
 
 def _parent(path: str) -> str:
@@ -52,9 +54,10 @@ def is_file(mark: list[int] | None) -> bool:
 
 
 class Changes:
-    def __init__(self, backend: RuntimeBackend, paths: RuntimePaths) -> None:
+    def __init__(self, backend: RuntimeBackend, paths: RuntimePaths, caches: CacheRules | None = None) -> None:
         self.backend = backend
         self.paths = paths
+        self.caches = caches
         self._diff_cache: dict[str, tuple[float, list[Change]]] = {}
         self._flags: dict[str, tuple[tuple[str, int, str], float, bool]] = {}  # runtime id -> (key, at, answer)
 
@@ -72,6 +75,11 @@ class Changes:
                     kind = "added"  # added before the draft, changed since: still new to the version
                 mark = stats.get(c.path)
                 merged[c.path] = ChangeInfo(kind, c.path, mark[0] if mark is not None and is_file(mark) else None)
+        caches = self.caches
+        if caches is not None:
+            for path, info in merged.items():
+                if info.kind != "deleted" and (cache := caches.cache_of(path)) is not None:
+                    merged[path] = ChangeInfo(info.kind, info.path, info.size, cache)
         return sorted(merged.values(), key=lambda c: c.path)
 
     def current(

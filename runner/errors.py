@@ -25,6 +25,12 @@ class RunnerNameInUseError(ConflictError):
     code = "runner_name_in_use"
 
 
+class GpuUnavailableError(ServiceUnavailableError):
+    """A GPU machine type was asked of an engine without the NVIDIA container runtime."""
+
+    code = "gpu_unavailable"
+
+
 class MachineTypeNotFoundError(NotFoundError):
     code = "machine_type_not_found"
     status = 422
@@ -63,3 +69,23 @@ class AgentUnavailableError(BackendError):
     """A runtime's agent does not answer on its socket (the container stopped, or is booting)."""
 
     code = "agent_unavailable"
+
+
+class SaveHasSecretsError(ConflictError):
+    """A save's new layer holds secret values or credential files; nothing was kept.
+
+    ``details.findings`` names each path and what was found there, never the value.
+    """
+
+    code = "save_has_secrets"
+
+    def __init__(self, findings: list[dict[str, object]]) -> None:
+        shown = findings[:20]
+        names = "; ".join(f"{f['path']} ({', '.join(map(str, f['found']))})" for f in shown)  # type: ignore[call-overload]
+        more = f"; and {len(findings) - len(shown)} more" if len(findings) > len(shown) else ""
+        super().__init__(
+            f"the save was refused: its new layer holds secrets: {names}{more}. Remove them and save again, "
+            "or allow each path (allow_secrets in the request, `envctl save --allow-secrets PATH`); "
+            "the runtime and its unsaved changes are untouched",
+            details={"findings": findings[:1000]},
+        )

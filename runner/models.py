@@ -55,6 +55,13 @@ class Runtime(Base):
     # The last execution number handed out: the next cell takes next_seq + 1, counted in the
     # database (UPDATE ... RETURNING), so processes sharing the store never hand out one twice.
     next_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The runtime's own environment variables (name -> value), given to its container at boot
+    # through Docker's API (never a shell), and settings changed while it ran that wait for the
+    # next boot (field -> new value, runner/settings.py).
+    env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
+    pending: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # the host's CUDA version mounted into a GPU runtime (runner/machines.py); None: none
+    cuda: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

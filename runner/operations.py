@@ -174,8 +174,12 @@ class Operations:
         )
         if kind == "save" and runtime_id is not None:
             with self.records.tx() as s:
-                if s.get(Runtime, runtime_id) is not None:
+                rt = s.get(Runtime, runtime_id)
+                state = dict(rt.backend_state or {}) if rt is not None else {}
+                if rt is not None:
                     self.records.log(s, runtime_id, event="save-failed", reason="interrupted", message=text)
+            with contextlib.suppress(EnvctlError):  # a save pauses its container while it reads it
+                self.backend.resume(state)
         log.info("%s %s was interrupted by a restart; marked failed", kind, op_id)
 
     def set_pending(self, op_id: str, images: list[str]) -> None:

@@ -2,14 +2,18 @@
 
 A runtime is made ``stopped``, pinned to the exact version its environment reference means
 now (a tag is resolved once; later saves never move it), and owned by the runner that made it.
-Settings that shape the container (environment, machine type) change only while it is
-stopped (409 otherwise, saying so). Starting, stopping and deleting are ``runner/lifecycle.py``.
+Settings that shape the container (environment, type, environment variables, machine type)
+change at once while it is stopped; while it runs they are refused (409, naming them) or, when
+asked, kept for its next boot (runner/settings.py). Starting, stopping and deleting are
+``runner/lifecycle.py``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,8 +23,10 @@ from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import check_name, parse_ref
+from runner import envvars
+from runner import settings as reboot
 from runner.errors import RuntimeStateError
-from runner.machines import get_machine_type
+from runner.machines import check_cuda, get_machine_type
 from runner.models import Runtime
 from runner.records import Records
 from runner.states import State
@@ -41,6 +47,12 @@ class RuntimeChanges:
     machine_type: str | None = None
     environment: str | None = None
     language: str | None = None
+    type: str | None = None
+    kernel: str | None = None
+    env: Mapping[str, str | None] = field(default_factory=dict)  # a merge patch: null unsets
+    cuda: str | None = None  # a host CUDA version for a GPU machine type
+    clear_cuda: bool = False
+    next_boot: bool = False  # keep changes that need a reboot for the next boot instead of 409
 
 
 class Runtimes:
@@ -60,20 +72,17 @@ class Runtimes:
         idle_timeout: int | None = None,
         type: str = "native",
         kernel: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cuda: str | None = None,
     ) -> Runtime:
         check_name(name, "name", "runtime name")
         check_choice(language, LANGUAGES, "language")
-        check_choice(type, RUNTIME_TYPES, "type")
-        if type == "jupyter":
-            kernel = kernel or "python3"
-            if not KERNEL_RE.match(kernel):
-                raise InvalidInputError(
-                    f"kernel: {kernel[:64]!r} is not a kernelspec name (letters, digits, . _ -)", field="kernel"
-                )
-        elif kernel is not None:
-            raise InvalidInputError("kernel: only runtimes of type jupyter take a kernel", field="kernel")
+        kernel = check_type(type, kernel)
+        own_env = envvars.check_env(env or {})
         check_idle_timeout(idle_timeout)
         get_machine_type(self.settings, machine_type)
+        if cuda is not None:
+            check_cuda(self.settings, cuda)
         ref = parse_ref(environment, "environment")
         now = self.records.clock()
         with self.records.tx() as s:
@@ -90,6 +99,9 @@ class Runtimes:
                 version_id=version.id,
                 machine_type=machine_type,
                 idle_timeout=idle_timeout,
+                env=own_env,
+                cuda=cuda,
+                pending={},
                 state=State.STOPPED,
                 state_reason="created",
                 state_message=f"created from {version.ref}",
@@ -110,7 +122,8 @@ class Runtimes:
             return self.records.get(s, owner_id, runtime_id)
 
     def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
-        """Change settings. Those that shape the container need the runtime stopped (409)."""
+        """Change settings. Those that shape the container apply at once while the runtime is
+        stopped; while it runs they are refused (409) or, with ``next_boot``, kept pending."""
         if changes.name is not None:
             check_name(changes.name, "name", "runtime name")
         if changes.language is not None:
@@ -118,52 +131,89 @@ class Runtimes:
         check_idle_timeout(changes.idle_timeout)
         if changes.machine_type is not None:
             get_machine_type(self.settings, changes.machine_type)
+        if changes.cuda is not None:
+            check_cuda(self.settings, changes.cuda)
+        if changes.type is not None:
+            check_type(changes.type, changes.kernel)
+        elif changes.kernel is not None:
+            raise InvalidInputError("kernel: give it with type jupyter", field="kernel")
+        for env_name, value in changes.env.items():
+            envvars.check_name(env_name)
+            if value is not None:
+                envvars.check_value(env_name, value)
         ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
         with self.records.tx() as s:
             rt = self.records.get_mine(s, owner_id, runtime_id, for_update=True)
-            container_fields = [
-                f for f, v in (("environment", ref), ("machine_type", changes.machine_type)) if v is not None
-            ]
-            if ref is not None and rt.draft_image_id:
-                raise RuntimeStateError(
-                    "environment: the runtime has unsaved changes from its current version; save them "
-                    f"(`envctl save {rt.name} --as NAME`) or throw them away (`envctl runtime reset {rt.name}`) first",
-                    details={"field": "environment", "unsaved_changes": len(rt.draft_changes or [])},
-                )
-            if container_fields and rt.state not in (State.STOPPED, State.ERROR):
-                raise RuntimeStateError(
-                    f"{', '.join(container_fields)} can only change while the runtime is stopped; "
-                    f"it is {rt.state}. Stop it first (`envctl runtime stop {rt.name}`).",
-                    details={"fields": container_fields, "state": rt.state},
-                )
-            notes = []
-            if changes.name is not None and changes.name != rt.name:
-                self._check_name_free(s, owner_id, changes.name)
-                notes.append(f"name {rt.name} -> {changes.name}")
-                rt.name = changes.name
-            if changes.clear_idle_timeout:
-                rt.idle_timeout = None
-                notes.append("idle timeout -> default")
-            elif changes.idle_timeout is not None:
-                rt.idle_timeout = changes.idle_timeout
-                notes.append(f"idle timeout -> {changes.idle_timeout} s")
-            if changes.language is not None:
-                rt.language = changes.language
-                notes.append(f"language -> {changes.language}")
-            if changes.machine_type is not None:
-                rt.machine_type = changes.machine_type
-                notes.append(f"machine type -> {changes.machine_type}")
-            if ref is not None:
-                version = envs_service.resolve(s, ref, "environment")
-                rt.version_id = version.id
-                rt.environment_ref = str(ref)
-                notes.append(f"environment -> {version.ref}")
+            wanted = self._reboot_changes(s, rt, changes, ref)
+            notes = self._apply_at_once(s, owner_id, rt, changes)
+            if wanted:
+                notes += self._apply_reboot_changes(rt, wanted, changes.next_boot)
             if notes:
                 rt.updated_at = self.records.clock()
                 self.records.log(s, rt.id, event="settings-changed", reason="user-request", message="; ".join(notes))
             s.flush()
             s.expire(rt)
             return self.records.get(s, owner_id, runtime_id)
+
+    def _reboot_changes(self, s: Session, rt: Runtime, changes: RuntimeChanges, ref: Any) -> dict[str, Any]:
+        """The container-shaping fields the PATCH sends (field -> new value)."""
+        wanted: dict[str, Any] = {}
+        if changes.machine_type is not None:
+            wanted["machine_type"] = changes.machine_type
+        if changes.type is not None:
+            wanted["type"] = {"type": changes.type, "kernel": check_type(changes.type, changes.kernel)}
+        if changes.cuda is not None or changes.clear_cuda:
+            wanted["cuda"] = changes.cuda
+        if changes.env:
+            wanted["env"] = envvars.merge(reboot.effective(rt, "env"), changes.env)
+        if ref is not None:
+            version = envs_service.resolve(s, ref, "environment")
+            wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}
+        return wanted
+
+    def _apply_at_once(self, s: Session, owner_id: str, rt: Runtime, changes: RuntimeChanges) -> list[str]:
+        """Name, idle timeout and default language: no reboot needed."""
+        notes = []
+        if changes.name is not None and changes.name != rt.name:
+            self._check_name_free(s, owner_id, changes.name)
+            notes.append(f"name {rt.name} -> {changes.name}")
+            rt.name = changes.name
+        if changes.clear_idle_timeout:
+            rt.idle_timeout = None
+            notes.append("idle timeout -> default")
+        elif changes.idle_timeout is not None:
+            rt.idle_timeout = changes.idle_timeout
+            notes.append(f"idle timeout -> {changes.idle_timeout} s")
+        if changes.language is not None:
+            rt.language = changes.language
+            notes.append(f"language -> {changes.language}")
+        return notes
+
+    @staticmethod
+    def _apply_reboot_changes(rt: Runtime, wanted: dict[str, Any], next_boot: bool) -> list[str]:
+        fields = [f for f in reboot.REBOOT_FIELDS if f in wanted]
+        stopped = rt.state in (State.STOPPED, State.ERROR)
+        if "environment" in wanted and rt.draft_image_id and (stopped or not next_boot):
+            raise RuntimeStateError(
+                "environment: the runtime has unsaved changes from its current version; save them "
+                f"(`envctl save {rt.name} --as NAME`) or throw them away (`envctl runtime reset {rt.name}`) first",
+                details={"field": "environment", "unsaved_changes": len(rt.draft_changes or [])},
+            )
+        if stopped:
+            pending = dict(rt.pending or {})
+            for f in fields:
+                pending.pop(f, None)
+            rt.pending = pending
+            return [reboot.set_now(rt, f, wanted[f]) for f in fields]
+        if not next_boot:
+            raise RuntimeStateError(
+                f"{', '.join(fields)} can only change while the runtime is stopped (they need a reboot); "
+                f"it is {rt.state}. Stop it first (`envctl runtime stop {rt.name}`), or ask for the change "
+                "at its next boot (`?apply=next-boot`, `envctl runtime set ... --next-boot`).",
+                details={"fields": fields, "needs_reboot": fields, "state": rt.state},
+            )
+        rt.pending = {**(rt.pending or {}), **{f: wanted[f] for f in fields}}
+        return [f"at the next boot: {reboot.note(f, wanted[f])}" for f in fields]
 
     @staticmethod
     def _check_name_free(s: Session, owner_id: str, name: str) -> None:
@@ -174,6 +224,21 @@ class Runtimes:
 def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
     if value not in choices:
         raise InvalidInputError(f"{field}: {str(value)[:40]!r} is not one of {', '.join(choices)}", field=field)
+
+
+def check_type(type: str, kernel: str | None) -> str | None:
+    """The runtime type, checked; the kernel it takes (python3 by default for jupyter)."""
+    check_choice(type, RUNTIME_TYPES, "type")
+    if type == "jupyter":
+        kernel = kernel or "python3"
+        if not KERNEL_RE.match(kernel):
+            raise InvalidInputError(
+                f"kernel: {kernel[:64]!r} is not a kernelspec name (letters, digits, . _ -)", field="kernel"
+            )
+        return kernel
+    if kernel is not None:
+        raise InvalidInputError("kernel: only runtimes of type jupyter take a kernel", field="kernel")
+    return None
 
 
 def check_idle_timeout(value: int | None) -> None:

@@ -9,7 +9,8 @@ module):
 ``records.py``         the ``runtimes`` rows: reads, compare-and-set transitions, the runner
                        log, activity, ownership checks, waiting for a state
 ``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
-``runtimes.py``        create a runtime, change its settings (PATCH)
+``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
+                       a reboot and waits for it; ``envvars.py``: environment variables)
 ``lifecycle.py``       start, stop, reset, delete; the stop worker
 ``boot.py``            the boot worker: container up, agent answering, ``running``
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
@@ -18,6 +19,7 @@ module):
 ``changes.py``         unsaved changes: the list, and the flag pages poll
 ``drafts.py``          unsaved changes kept as an image across stops and crashes
 ``snapshots.py``       saves: a runtime's filesystem becoming a version
+``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
 ``builds.py``          spec files built as cells on a temporary runtime
@@ -46,7 +48,7 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
-from runner import idle
+from runner import envvars, idle
 from runner.archives import Archives
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
@@ -67,6 +69,7 @@ from runner.paths import RuntimePaths
 from runner.reconcile import Action, Reconciler
 from runner.records import Records
 from runner.runtimes import RuntimeChanges, Runtimes
+from runner.scan import CacheRules
 from runner.snapshots import Snapshots
 from runner.states import State
 
@@ -118,7 +121,7 @@ class RunnerService:
         self.records = records = Records(db, clock, self.liveness)
         self.concurrency = concurrency = Concurrency(settings.runner_max_boots)
         self.paths = paths = RuntimePaths(settings.runtimes_dir, backend)
-        self.changes = Changes(backend, paths)
+        self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
         self.snapshots = snapshots = Snapshots(settings, records, backend, operations, submit=concurrency.submit)
@@ -209,6 +212,16 @@ class RunnerService:
 
     def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(owner_id, runtime_id, after)
+
+    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, str] | None]:
+        """What a cell of the runtime sees: its own variables over those its environment's image
+        sets (read from the image's config), and its variables after the next boot if they wait
+        for one (None otherwise)."""
+        rt = self.get(owner_id, runtime_id)
+        info = self.backend.image_info(rt.version.image_id)
+        inherited = envvars.image_env(info.config.get("Env") if info is not None else None)
+        pending = (rt.pending or {}).get("env")
+        return envvars.effective(inherited, rt.env or {}), (dict(pending) if pending is not None else None)
 
     def start(self, owner_id: str, runtime_id: str) -> Runtime:
         return self.lifecycle.start(owner_id, runtime_id)

@@ -8,6 +8,14 @@ it. Mounts, ``/results`` and envctl's own files are bind mounts, so no layer eve
 Long chains of saves are compacted (squashed into one layer) before the storage driver's
 layer limit; the lineage stays complete in the database.
 
+The new layer is made entry by entry (``RuntimeBackend.save_layer``) through a
+``runner.scan.SaveFilter``: package caches are left out unless ``keep_caches`` (what was left
+out, per directory, is in the operation's result and the version's ``envctl.save`` label), and
+a layer holding the runtime's secret values or credential files is refused before the version
+is recorded, its image removed (``save_has_secrets``), unless each path is in
+``allow_secrets`` (recorded likewise). The secret values come from ``secret_values``
+(``runner.scan.runtime_secret_values``).
+
 A save answers at once with an operation (``runner/operations.py``); while it runs the
 runtime is ``saving`` and idle shutdown waits (R20).
 """
@@ -17,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,11 +39,13 @@ from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
 from envs.refs import check_name, check_tag
 from registry.models import User
+from registry.teams import team_names_of
 from runner.backends.base import RuntimeBackend
 from runner.imageconfig import trusted_config
 from runner.models import Operation, Runtime
 from runner.operations import Operations
 from runner.records import Records
+from runner.scan import CacheRules, SaveFilter, check_allowed, runtime_secret_values
 from runner.states import State
 
 log = logging.getLogger("envctl.snapshots")
@@ -45,6 +56,22 @@ MAX_MESSAGE = 2000
 SAVE_ACTION = ("save into it", "save under a name of your own")
 
 
+SAVE_LABEL = "envctl.save"  # the version's metadata of its save: caches left out, secrets allowed
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    keep_caches: bool = False
+    allow_secrets: tuple[str, ...] = ()
+
+
+def _left_out_text(report: dict[str, Any]) -> str:
+    total = int(report.get("left_out_bytes") or 0)
+    if not report.get("left_out"):
+        return ""
+    return f"; left out {total} bytes of caches ({', '.join(sorted(report['left_out']))})"
+
+
 def _oci_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -52,7 +79,7 @@ def _oci_time(value: datetime) -> str:
 def writer_of(session: Session, user_id: str) -> envs_service.Writer:
     """The user ``user_id`` as a writer of environments: admins may write to any."""
     user = session.get(User, user_id)
-    return envs_service.Writer(user_id, bool(user is not None and user.is_admin))
+    return envs_service.Writer(user_id, bool(user is not None and user.is_admin), team_names_of(session, user_id))
 
 
 class Snapshots:
@@ -64,8 +91,11 @@ class Snapshots:
         operations: Operations,
         *,
         submit: Callable[..., Any],
+        secret_values: Callable[[str], Sequence[str]] = runtime_secret_values,
     ) -> None:
         self.settings = settings
+        self.secret_values = secret_values
+        self.caches = CacheRules.of(settings.save_caches)
         self.records = records
         self.backend = backend
         self.operations = operations
@@ -88,6 +118,8 @@ class Snapshots:
         environment: str,
         message: str = "",
         tag: str | None = None,
+        keep_caches: bool = False,
+        allow_secrets: Sequence[str] = (),
     ) -> Operation:
         full = environment  # not stripped: "tools\n" is refused, as everywhere else
         team, _, name = full.rpartition("/")
@@ -98,13 +130,14 @@ class Snapshots:
             raise InvalidInputError(f"message: at most {MAX_MESSAGE} characters", field="message")
         if tag is not None:
             check_tag(tag, "tag")
+        allowed = check_allowed(list(allow_secrets))
         claimed = False
         try:
             # one transaction: the runtime (404 if not the caller's, 409 if another runner's),
             # the 403 (before any operation or commit), the state, the operation and the log line
             with self.records.tx() as s:
                 rt = self.records.get_mine(s, owner_id, runtime_id, with_version=False)
-                envs_service.check_write(envs_service.get_environment(s, full), writer_of(s, owner_id), *SAVE_ACTION)
+                envs_service.check_write_to(s, full, writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
                         f"only a running runtime can be saved; it is {rt.state}"
@@ -136,7 +169,8 @@ class Snapshots:
                 self.records.log(
                     s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
                 )
-            self.submit(self._save, op.id, owner_id, author, runtime_id, full, message, tag)
+            options = SaveOptions(keep_caches, tuple(allowed))
+            self.submit(self._save, op.id, owner_id, author, runtime_id, full, message, tag, options)
         except BaseException:
             if claimed:
                 with self._lock:
@@ -145,12 +179,30 @@ class Snapshots:
         return op
 
     def _save(
-        self, op_id: str, owner_id: str, author: str, runtime_id: str, environment: str, message: str, tag: str | None
+        self,
+        op_id: str,
+        owner_id: str,
+        author: str,
+        runtime_id: str,
+        environment: str,
+        message: str,
+        tag: str | None,
+        options: SaveOptions,
     ) -> None:
         version: EnvironmentVersion | None = None
         error: Exception | None = None
         try:
-            version = self.save_now(op_id, owner_id, author, runtime_id, environment, message, tag)
+            version = self.save_now(
+                op_id,
+                owner_id,
+                author,
+                runtime_id,
+                environment,
+                message,
+                tag,
+                keep_caches=options.keep_caches,
+                allow_secrets=options.allow_secrets,
+            )
         except Exception as exc:
             error = exc
         finally:
@@ -179,8 +231,13 @@ class Snapshots:
         self.operations.finish(
             op_id,
             "succeeded",
-            result={"version": version.ref, "digest": version.digest, "image_id": version.image_id},
-            message=f"saved as {version.ref}",
+            result={
+                "version": version.ref,
+                "digest": version.digest,
+                "image_id": version.image_id,
+                **(version.labels or {}).get(SAVE_LABEL, {}),
+            },
+            message=f"saved as {version.ref}" + _left_out_text((version.labels or {}).get(SAVE_LABEL, {})),
         )
 
     # ------------------------------------------------------------------ the work
@@ -196,8 +253,13 @@ class Snapshots:
         *,
         extra_env: dict[str, str] | None = None,
         extra_labels: dict[str, str] | None = None,
+        keep_caches: bool = False,
+        allow_secrets: Sequence[str] = (),
+        secret_values: Sequence[str] | None = None,
     ) -> EnvironmentVersion:
-        """Commit, check, compact if needed, and record the version; the runtime moves onto it."""
+        """Make the layer (caches left out, scanned), check, compact if needed, and record the
+        version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
+        (``self.secret_values``) when given."""
         with self.records.db.session() as s:
             rt = self.records.get_mine(s, owner_id, runtime_id)
             parent = rt.version
@@ -231,7 +293,26 @@ class Snapshots:
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
         baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
-        image_id = self.backend.commit(state, config=config, repository=repository, tag=image_tag)
+        values = self.secret_values(runtime_id) if secret_values is None else secret_values
+        observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
+        del values
+        saved = self.backend.save_layer(
+            state,
+            config=config,
+            repository=repository,
+            tag=image_tag,
+            version_image=parent_image,
+            observer=observer,
+        )
+        image_id = saved.image.id
+        report = {
+            "caches_kept": keep_caches,
+            "left_out": saved.left_out,
+            "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
+            "allowed_secrets": observer.allowed(),
+        }
+        if not saved.lean:
+            report["note"] = "the engine's storage could not be read here: caches were not left out"
         pending.append(image_id)
         self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
         info = self.backend.image_info(image_id)
@@ -259,7 +340,7 @@ class Snapshots:
                     size=info.size,
                     size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
                     source_runtime_id=runtime_id,
-                    labels=labels,
+                    labels={**labels, SAVE_LABEL: report},
                     tag="latest",
                 ),
                 writer_of(s, owner_id),  # the one check that counts: in the transaction that records

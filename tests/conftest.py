@@ -12,6 +12,7 @@ import pytest
 from api.dbschema import upgrade
 from envs.kit.config import Settings
 from envs.kit.db import Database
+from runner.backends import netguard
 from tests.fixtures.services import PostgresCluster, docker_client, start_postgres
 
 TEST_SESSION = uuid.uuid4().hex[:12]
@@ -66,6 +67,9 @@ def docker() -> Iterator[Any]:
     yield client
     for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
         c.remove(force=True)
+    # isolated networks of the session's installations, and their firewall rules
+    for n in client.networks.list(filters={"label": [f"{TEST_LABEL}={TEST_SESSION}", "envctl.managed=network"]}):
+        netguard.teardown(client, n.attrs["Labels"]["envctl.installation"])
     # images saved by the session's runtimes (versions, drafts), children before parents
     client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
     client.close()

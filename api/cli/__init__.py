@@ -15,6 +15,7 @@ Where each command lives (``api/cli/``):
 command                                                     module
 ==========================================================  =================
 ``runtime create|ls|show|start|stop|rm|log|reset|changes``  ``runtimes.py``
+``runtime set|env``                                          ``runtimes.py``
 ``machine-types``                                           ``runtimes.py``
 ``exec``                                                    ``cells.py``
 ``run`` (a notebook)                                        ``notebooks.py``
@@ -24,6 +25,7 @@ command                                                     module
 ``env packages|diff``                                       ``packages.py``
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
+``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
 ==========================================================  =================
 
 What they share:
@@ -47,7 +49,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import cells, environments, local, notebooks, results, runtimes, saves
+from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -92,6 +94,10 @@ for _command in (
     cells.exec_,
     notebooks.run,
     results.results,
+    teams.login,
+    teams.user,
+    teams.team,
+    teams.token,
 ):
     cli.add_command(_command)
 

@@ -52,8 +52,34 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
         f"token: {settings.admin_token_file})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="warning")
+    registry = _start_registry(settings)
+    app.state.registry = registry
+    try:
+        uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="warning")
+    finally:
+        if registry is not None:
+            registry.stop()
     return EXIT_OK
+
+
+def _start_registry(settings: Any) -> Any:
+    """The managed registry, started (``None`` when there is none to run); says what it did."""
+    from registry import distribution
+    from registry.errors import RegistryUnavailableError
+
+    plan = distribution.plan(settings)
+    if plan.mode != "managed":
+        where = f" at {plan.url}" if plan.url else ""
+        print(f"registry: {plan.mode}{where} ({plan.reason})", file=sys.stderr)
+        return None
+    managed = distribution.ManagedRegistry(settings)
+    try:
+        managed.start()
+    except RegistryUnavailableError as exc:  # envctl serves anyway; the watcher keeps trying
+        print(f"registry: {exc.message}; envctl serves without it meanwhile", file=sys.stderr)
+    else:
+        print(f"registry: managed at {managed.url} (storage and log in {managed.dir})", file=sys.stderr)
+    return managed
 
 
 @click.group("db", cls=Group)

@@ -1,14 +1,15 @@
-"""``envctl runtime create|ls|show|start|stop|rm|log|reset|changes`` and ``envctl machine-types``."""
+"""``envctl runtime create|ls|show|set|env|start|stop|rm|log|reset|changes`` and ``envctl machine-types``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import click
 
 from api.cli.client import Api
-from api.cli.errors import EXIT_FAILURE, EXIT_OK, CliError
+from api.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, CliError
 from api.cli.options import Command, Group, client_options
 from api.cli.output import STATE_STYLES, Progress, Styled, fields, human_bytes, listing, print_json, when
 
@@ -28,9 +29,12 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
         ("type", rt.get("type", "native") + (f" (kernel {rt['kernel']})" if rt.get("kernel") else "")),
         ("language", rt["language"]),
-        ("machine type", rt["machine_type"]),
+        ("machine type", rt["machine_type"] + (f" (CUDA {rt['cuda']})" if rt.get("cuda") else "")),
+        ("variables", ", ".join(sorted(rt.get("env") or {})) or "none set here (`envctl runtime env` lists them)"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
+    if rt.get("pending"):
+        pairs.append(("at next boot", "; ".join(_pending_text(k, v) for k, v in rt["pending"].items())))
     if rt.get("idle"):
         idle = rt["idle"]
         pairs.append(("idle shutdown", f"{when(idle['shutdown_at'])} UTC  ({idle['reason']})"))
@@ -39,6 +43,12 @@ def show_runtime(rt: dict[str, Any]) -> None:
     pairs.append(("booted", when(rt.get("booted_at"))))
     pairs.append(("created", when(rt["created_at"])))
     fields(pairs)
+
+
+def _pending_text(field: str, value: Any) -> str:
+    if field == "env":
+        return "variables " + (", ".join(sorted(value)) or "none")
+    return f"{field.replace('_', ' ')} {value}"
 
 
 def _show(rt: dict[str, Any], as_json: bool) -> None:
@@ -91,6 +101,7 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
     help="native: envctl's own kernels (default); jupyter: a Jupyter kernelspec installed in the environment",
 )
 @click.option("--kernel", metavar="NAME", help="kernelspec name for --type jupyter (default python3)")
+@click.option("--env-var", "env_vars", multiple=True, metavar="K=V", help="an environment variable (repeat)")
 @click.option("--start", is_flag=True, help="boot it now and wait until it runs")
 @client_options
 def create(
@@ -103,10 +114,13 @@ def create(
     idle_timeout: int | None,
     type_: str | None,
     kernel: str | None,
+    env_vars: tuple[str, ...],
     start: bool,
 ) -> int:
     """Create a runtime (stopped, unless --start)."""
     body: dict[str, Any] = {"name": name, "environment": env, "language": lang, "machine_type": machine_type}
+    if env_vars:
+        body["env"] = _assignments(env_vars, "--env-var")
     if idle_timeout is not None:
         body["idle_timeout"] = idle_timeout
     if type_ is not None:
@@ -150,6 +164,104 @@ def ls(api: Api, as_json: bool) -> int:
 def show(api: Api, as_json: bool, runtime: str) -> int:
     """Show a runtime. Its state and why, its version, and when idle shutdown will happen."""
     _show(api.runtime(runtime), as_json)
+    return EXIT_OK
+
+
+def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"{option}: {item[:64]!r} is not NAME=VALUE", EXIT_BAD_INPUT)
+        out[name] = value
+    return out
+
+
+@runtime.command("set")
+@RUNTIME
+@click.option("--name", metavar="NAME", help="a new name")
+@click.option("--environment", metavar="REF", help="another environment version (needs a reboot)")
+@click.option("--type", "type_", type=click.Choice(["native", "jupyter"]), help="the runtime type (needs a reboot)")
+@click.option("--kernel", metavar="NAME", help="kernelspec name, with --type jupyter")
+@click.option("--lang", type=click.Choice(["python", "bash"]), help="the cells' default language")
+@click.option("--env", "set_env", multiple=True, metavar="K=V", help="set an environment variable (repeat; reboot)")
+@click.option("--unset-env", multiple=True, metavar="K", help="remove an environment variable (repeat; reboot)")
+@click.option("--machine-type", metavar="NAME", help="see `envctl machine-types` (needs a reboot)")
+@click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
+@click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
+@click.option("--next-boot", is_flag=True, help="while it runs, keep changes that need a reboot for its next boot")
+@client_options
+def set_(
+    api: Api,
+    as_json: bool,
+    runtime: str,
+    name: str | None,
+    environment: str | None,
+    type_: str | None,
+    kernel: str | None,
+    lang: str | None,
+    set_env: tuple[str, ...],
+    unset_env: tuple[str, ...],
+    machine_type: str | None,
+    idle_timeout: str | None,
+    cuda: str | None,
+    next_boot: bool,
+) -> int:
+    """Change a runtime's settings. Environment, type, variables and machine type need a
+    reboot: while the runtime runs they are refused unless --next-boot keeps them for its next
+    boot (`envctl runtime show` lists what waits)."""
+    body: dict[str, Any] = {}
+    for key, value in (("name", name), ("environment", environment), ("type", type_), ("kernel", kernel)):
+        if value is not None:
+            body[key] = value
+    if lang is not None:
+        body["language"] = lang
+    if machine_type is not None:
+        body["machine_type"] = machine_type
+    if cuda is not None:
+        body["cuda"] = None if cuda == "none" else cuda
+    if idle_timeout is not None:
+        if idle_timeout == "default":
+            body["idle_timeout"] = None
+        elif idle_timeout.isdigit():
+            body["idle_timeout"] = int(idle_timeout)
+        else:
+            raise CliError(f"--idle-timeout: {idle_timeout[:32]!r} is not whole seconds or 'default'", EXIT_BAD_INPUT)
+    env: dict[str, str | None] = {**_assignments(set_env, "--env"), **dict.fromkeys(unset_env)}
+    if env:
+        body["env"] = env
+    if not body:
+        raise CliError("nothing to change; `envctl runtime set --help` lists the settings", EXIT_BAD_INPUT)
+    body["next_boot"] = next_boot
+    rt = api.runtime(runtime)
+    _show(api.call("PATCH", f"/runtimes/{rt['id']}", json=body), as_json)
+    return EXIT_OK
+
+
+@runtime.command("env")
+@RUNTIME
+@click.option("--inherited", is_flag=True, help="also the variables the environment's image sets")
+@client_options
+def env_(api: Api, as_json: bool, runtime: str, inherited: bool) -> int:
+    """The environment variables of a runtime's cells: those set here, and with --inherited
+    those its environment's image sets (a variable set here wins)."""
+    listing_ = api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/env")
+    variables = [v for v in listing_["variables"] if inherited or v["source"] == "set here"]
+    if as_json:
+        print_json({**listing_, "variables": variables})
+        return EXIT_OK
+    listing(
+        variables,
+        False,
+        [("name", "name"), ("shown", "value"), ("from", "source")],
+        lambda v: {
+            **v,
+            "shown": "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
+            "from": v["source"] + (" (over the image's)" if v["overrides"] else ""),
+        },
+    )
+    if listing_["pending"] is not None:
+        print(f"at the next boot: {', '.join(sorted(listing_['pending'])) or 'none'} set here")
     return EXIT_OK
 
 
@@ -216,13 +328,28 @@ def log(api: Api, as_json: bool, runtime: str) -> int:
 @RUNTIME
 @client_options
 def changes(api: Api, as_json: bool, runtime: str) -> int:
-    """The unsaved changes. Paths added, changed and deleted since the version, with sizes."""
-    return listing(
-        api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes"),
+    """The unsaved changes. Paths added, changed and deleted since the version, with sizes;
+    a CACHE column names the cache a save leaves out (unless --keep-caches), and a last line on
+    stderr sums up what a save keeps and leaves out."""
+    from api.cli.saves import changes_split
+
+    items = api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/changes")
+    columns = [("kind", "kind"), ("path", "path"), ("size_text", "size")]
+    if any(c.get("cache") for c in items):
+        columns.append(("cache_text", "cache (left out)"))
+    code = listing(
+        items,
         as_json,
-        [("kind", "kind"), ("path", "path"), ("size_text", "size")],
-        lambda c: {**c, "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-"},
+        columns,
+        lambda c: {
+            **c,
+            "size_text": human_bytes(c["size"]) if c.get("size") is not None else "-",
+            "cache_text": c.get("cache") or "",
+        },
     )
+    if not as_json and items:
+        print(changes_split(items), file=sys.stderr)
+    return code
 
 
 @click.command("machine-types", cls=Command)
@@ -238,6 +365,7 @@ def machine_types(api: Api, as_json: bool) -> int:
             ("memory", "memory"),
             ("pids", "pids"),
             ("gpus", "gpus"),
+            ("gpu_kind", "gpu kind"),
             ("description", "description"),
         ],
         lambda m: {**m, "memory": human_bytes(m["memory"])},

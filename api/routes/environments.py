@@ -17,15 +17,21 @@ from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.refs import parse_ref
 from registry import service as registry_service
+from registry import teams as teams_service
 
 router = APIRouter(tags=["environments"])
 
 
 @router.get("/environments", response_model=list[EnvironmentOut])
-def list_environments(ctx: CtxDep, _caller: CallerDep) -> list[EnvironmentOut]:
-    """Every environment with its versions, tags and owner. Every user sees every one."""
+def list_environments(ctx: CtxDep, caller: CallerDep) -> list[EnvironmentOut]:
+    """Every environment the caller may see, with its versions, tags and owner: base images,
+    names without a team, and their own teams' (another team's are left out)."""
     with ctx.db.session() as s:
-        envs = envs_service.list_environments(s)
+        envs = [
+            e
+            for e in envs_service.list_environments(s)
+            if teams_service.may_see(e.full_name, caller.teams, caller.is_admin)
+        ]
         owners = registry_service.user_names(s, owner_ids(envs))
         return [environment_out(e, owners) for e in envs]
 

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
+    EnvVarOut,
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
+    RuntimeEnvOut,
     RuntimeOut,
     RuntimePatch,
     SaveRequest,
@@ -35,6 +37,8 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         idle_timeout=body.idle_timeout,
         type=body.type,
         kernel=body.kernel,
+        env=body.env,
+        cuda=body.cuda,
     )
     return runtime_out(ctx.runner, rt)
 
@@ -49,9 +53,20 @@ def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id), look=True)
 
 
+Apply = Annotated[
+    Literal["now", "next-boot"],
+    Query(description="next-boot: while the runtime runs, keep changes that need a reboot for its next boot"),
+]
+
+
 @router.patch("/{runtime_id}", response_model=RuntimeOut)
-def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    """Change settings. ``environment`` and ``machine_type`` need the runtime stopped (409)."""
+def patch_runtime(
+    runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: CallerDep, apply: Apply = "now"
+) -> RuntimeOut:
+    """Change settings. Name, language and idle timeout apply at once. Environment, type,
+    env and machine type need a reboot: while the runtime runs they are a 409 naming them,
+    unless asked for the next boot (``?apply=next-boot`` or ``next_boot``); then ``pending``
+    shows them until the next boot applies them."""
     sent = body.model_fields_set
     changes = RuntimeChanges(
         name=body.name,
@@ -60,8 +75,28 @@ def patch_runtime(runtime_id: str, body: RuntimePatch, ctx: CtxDep, caller: Call
         environment=body.environment,
         idle_timeout=body.idle_timeout,
         clear_idle_timeout="idle_timeout" in sent and body.idle_timeout is None,
+        type=body.type,
+        kernel=body.kernel,
+        env=body.env or {},
+        cuda=body.cuda,
+        clear_cuda="cuda" in sent and body.cuda is None,
+        next_boot=body.next_boot or apply == "next-boot",
     )
     return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))
+
+
+@router.get("/{runtime_id}/env", response_model=RuntimeEnvOut)
+def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOut:
+    """The environment variables a cell sees: the runtime's own (``set here``) and those of its
+    environment's image (``inherited``); the runtime's own win."""
+    rt = ctx.runner.get(caller.id, runtime_id)
+    variables, pending = ctx.runner.env_of(caller.id, runtime_id)
+    return RuntimeEnvOut(
+        runtime_id=rt.id,
+        environment=rt.version.ref,
+        variables=[EnvVarOut(name=v.name, value=v.value, source=v.source, overrides=v.overrides) for v in variables],  # type: ignore[arg-type]
+        pending=pending,
+    )
 
 
 @router.delete("/{runtime_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -112,12 +147,13 @@ def reset_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut
     return runtime_out(ctx.runner, ctx.runner.reset(caller.id, runtime_id))
 
 
-@router.get("/{runtime_id}/changes", response_model=list[ChangeOut])
+@router.get("/{runtime_id}/changes", response_model=list[ChangeOut], response_model_exclude_unset=True)
 def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ChangeOut]:
     """Paths added, changed and deleted since the version the runtime booted from (its draft
-    included), with sizes; mounts, /results and envctl's own files are left out."""
+    included), with sizes; mounts, /results and envctl's own files are left out. ``cache``
+    (only on such paths) names the cache directory of a path a save would leave out."""
     return [
-        ChangeOut(kind=c.kind, path=c.path, size=c.size)  # type: ignore[arg-type]
+        ChangeOut(kind=c.kind, path=c.path, size=c.size, **({"cache": c.cache} if c.cache else {}))  # type: ignore[arg-type]
         for c in ctx.runner.changes_of(caller.id, runtime_id)
     ]
 
@@ -125,8 +161,17 @@ def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[Cha
 @router.post("/{runtime_id}/save", status_code=status.HTTP_202_ACCEPTED, response_model=OperationOut)
 def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     """Save the runtime's filesystem as the next version of ``environment``. Answers at once
-    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version."""
+    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
+    Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
+    operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
     op = ctx.runner.snapshots.save(
-        caller.id, caller.name, runtime_id, environment=body.environment, message=body.message, tag=body.tag
+        caller.id,
+        caller.name,
+        runtime_id,
+        environment=body.environment,
+        message=body.message,
+        tag=body.tag,
+        keep_caches=body.keep_caches,
+        allow_secrets=body.allow_secrets,
     )
     return operation_out(op)

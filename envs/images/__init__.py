@@ -7,6 +7,8 @@
   translated into envctl's (``raise ... from exc``, the engine's message kept).
 - ``rewrite``: replace a committed image's configuration and history (save, edit, load),
   for images that must not record the container they were committed from.
+- ``layers``: an image made of layers the engine has plus one new layer streamed in (a save
+  whose layer envctl made itself: caches left out, scanned before the engine keeps it).
 
 Nothing here imports ``registry``, ``runner`` or ``api``; the submodules are imported by name
 (this package's ``__init__`` imports nothing, so ``config`` stays free of the Docker SDK).

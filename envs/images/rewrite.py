@@ -98,7 +98,7 @@ def _rewrite(
 
 
 class ChunkReader(io.RawIOBase):
-    """A readable file over an iterator of byte chunks (a docker save or get_archive stream)."""
+    """A readable file over an iterator of byte chunks (a docker save stream)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = iter(chunks)

@@ -31,6 +31,7 @@ class MachineType:
     gpus: int = 0  # requested through Docker device requests (driver "nvidia")
     idle_timeout: int | None = None  # seconds; None means the runtime's own or the default
     description: str = ""
+    gpu_kind: str = ""  # what the GPUs are, e.g. nvidia-tesla-t4 (shown, and labelled); "" is plain "nvidia"
 
 
 def _gib(n: float) -> int:
@@ -49,6 +50,7 @@ DEFAULT_MACHINE_TYPES: dict[str, MachineType] = {
             memory=_gib(8),
             pids=2048,
             gpus=1,
+            gpu_kind="nvidia",
             description="2 CPUs, 8 GiB, 1 GPU (needs the NVIDIA container runtime)",
         ),
     )
@@ -77,17 +79,29 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_MAX_BOOTS": "runtimes booting at once; more start requests get 429 (default 4)",
     "ENVCTL_RUNNER_OUTPUT_CAP": "bytes of output kept per execution; the rest is cut with a marker (10 MB)",
     "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
-    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join (default bridge)",
+    "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join: isolated (default: the installation's own, fenced in"
+    " by firewall rules, needs root) or a network's name, e.g. bridge (no isolation)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
+    "ENVCTL_RUNNER_CUDA_ROOT": "where the host's CUDA installations are (cuda-<version> folders) for a runtime's"
+    " cuda setting (default /usr/local)",
     "ENVCTL_BASE_MIRROR": "Debian mirror for base images (default: the machine's apt mirror)",
     "ENVCTL_BASE_EXTRA_CA_CERTS": "CA files or folders of *.crt trusted inside base images, : or , separated"
     " (default /usr/local/share/ca-certificates)",
+    "ENVCTL_REGISTRY": "the image registry: managed (envctl runs Debian's docker-registry; the default when"
+    " /usr/bin/docker-registry exists), off, or an external registry's URL",
+    "ENVCTL_REGISTRY_PORT": "loopback port of the managed registry (default: the API port + 1)",
+    "ENVCTL_REGISTRY_BINARY": "the distribution registry program (default /usr/bin/docker-registry)",
+    "ENVCTL_REGISTRY_TOKEN_TTL": "seconds a registry token lives (default 300); clients ask again when it ends",
     "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
     "ENVCTL_RESULTS_S3_BUCKET": "S3 bucket for results (needed when the results store is s3)",
     "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
     "ENVCTL_RESULTS_S3_ENDPOINT_URL": "S3 API endpoint for results, e.g. a MinIO URL (default: AWS)",
     "ENVCTL_RESULTS_S3_REGION": "S3 region for results (default us-east-1); credentials: boto3's usual chain",
 }
+
+
+#: package-manager caches a save leaves out unless asked to keep them
+DEFAULT_SAVE_CACHES = ("/var/lib/apt/lists", "/var/cache/apt", "~/.cache/pip", "~/.npm")
 
 
 def _default_data_dir() -> Path:
@@ -119,18 +133,28 @@ class Settings:
     runner_max_boots: int = 4
     runner_log_max_size: str = "10m"
     runner_output_cap: int = 10 * 1024 * 1024
-    runner_network: str = "bridge"
+    # "isolated": the installation's own network, fenced in (runner/backends/netguard.py)
+    runner_network: str = "isolated"
     runner_labels: dict[str, str] = field(default_factory=dict)
+    # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
+    runner_cuda_root: Path = Path("/usr/local")
     base_mirror: str | None = None
     # PEM CA certificates (files, or folders of *.crt) added to the root base image, e.g. a
     # TLS-intercepting proxy's. The default folder may be missing; a named path may not.
     base_extra_ca_certs: tuple[Path, ...] = (DEFAULT_EXTRA_CA_CERTS,)
+    # "" picks managed when registry_binary exists, off otherwise; or an external registry's URL
+    registry: str = ""
+    registry_port: int = 0  # 0: the API port + 1
+    registry_binary: Path = Path("/usr/bin/docker-registry")
+    registry_token_ttl: int = 300
     results_store: str = "local"
     results_s3_bucket: str | None = None
     results_s3_prefix: str = ""
     results_s3_endpoint_url: str | None = None
     results_s3_region: str = "us-east-1"
     machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
+    # Cache directories a save leaves out (``~/`` means /root and every /home/<user>).
+    save_caches: tuple[str, ...] = DEFAULT_SAVE_CACHES
 
     @property
     def effective_database_url(self) -> str:
@@ -179,6 +203,19 @@ def _paths(v: Any) -> tuple[Path, ...]:
     return tuple(_path(str(item).strip()) for item in items if str(item).strip())
 
 
+def _cache_paths(v: Any) -> tuple[str, ...]:
+    """A YAML list of absolute or ``~/`` paths, or one string of them separated by ``,``."""
+    if v is None:
+        return ()
+    if isinstance(v, dict):
+        raise ValueError("expected a list of paths")
+    items = [str(i).strip() for i in (v if isinstance(v, list | tuple) else str(v).split(","))]
+    for item in items:
+        if item and (not item.startswith(("/", "~/")) or "\0" in item or ".." in item.split("/")):
+            raise ValueError(f"{item!r} is not an absolute or ~/ path")
+    return tuple(i for i in items if i)
+
+
 def _labels(v: Any) -> dict[str, str]:
     if isinstance(v, dict):
         return {str(k): str(val) for k, val in v.items()}
@@ -211,13 +248,19 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_output_cap": ("ENVCTL_RUNNER_OUTPUT_CAP", _INT),
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
+    "runner_cuda_root": ("ENVCTL_RUNNER_CUDA_ROOT", _path),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
     "base_extra_ca_certs": ("ENVCTL_BASE_EXTRA_CA_CERTS", _paths),
+    "registry": ("ENVCTL_REGISTRY", str),
+    "registry_port": ("ENVCTL_REGISTRY_PORT", _INT),
+    "registry_binary": ("ENVCTL_REGISTRY_BINARY", _path),
+    "registry_token_ttl": ("ENVCTL_REGISTRY_TOKEN_TTL", _INT),
     "results_store": ("ENVCTL_RESULTS_STORE", str),
     "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),
     "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
+    "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
 }
 
 
@@ -248,7 +291,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
         where = f"{source}: machine_types.{name}"
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{where}: must be a map with cpus and memory", field=where)
-        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "idle_timeout", "description"}
+        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "gpu_kind", "idle_timeout", "description"}
         if unknown:
             raise InvalidInputError(f"{where}: unknown keys {sorted(unknown)}", field=where)
         try:
@@ -258,6 +301,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
                 memory=_parse_memory(spec["memory"], where + ".memory"),
                 pids=int(spec.get("pids", 512)),
                 gpus=int(spec.get("gpus", 0)),
+                gpu_kind=str(spec.get("gpu_kind") or ""),
                 idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") is not None else None,
                 description=str(spec.get("description", "")),
             )
@@ -272,7 +316,7 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"runner": {"idle_timeout": 5}}`` -> ``{"runner_idle_timeout": 5}``."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict) and key in {"api", "runner", "base", "results"}:
+        if isinstance(value, dict) and key in {"api", "runner", "base", "results", "registry"}:
             for sub, v in value.items():
                 flat[f"{key}_{sub}"] = v
         else:

@@ -23,10 +23,11 @@ without Docker being involved in the hot path.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from envs.images.config import ImageInfo as ImageInfo  # re-exported; it lives with the image layer
 from envs.kit.config import MachineType, Settings
@@ -41,12 +42,14 @@ LABEL_RUNNER = "envctl.runner"
 LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
 LABEL_MACHINE = "envctl.machine-type"
+LABEL_GPU_KIND = "envctl.gpu-kind"
 
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
 STATE_MOUNT = "/run/envctl"
 RESULTS_MOUNT = "/results"  # <state dir>/results on the host
 AGENT_SOCKET = "agent.sock"
+CUDA_MOUNT = "/usr/local/cuda"  # the host's CUDA libraries, in GPU runtimes that ask for them
 
 
 class Status(StrEnum):
@@ -78,6 +81,7 @@ class RuntimeSpec:
     language: str = "python"
     labels: dict[str, str] = field(default_factory=dict)  # the runner's identity, among others
     env: dict[str, str] = field(default_factory=dict)
+    cuda_dir: Path | None = None  # host CUDA folder mounted read-only at CUDA_MOUNT (GPU machine types only)
 
     @property
     def container_name(self) -> str:
@@ -90,6 +94,34 @@ class Change:
 
     kind: str  # "added" | "changed" | "deleted"
     path: str
+
+
+class LayerObserver(Protocol):
+    """What a save's layer maker asks about each entry (``runner.scan.SaveFilter``)."""
+
+    def cache_of(self, path: str) -> str | None:
+        """The cache directory ``path`` lies inside when the save leaves it out, else None."""
+
+    def entry(self, path: str, link: str | None = None) -> None:
+        """An entry of the layer (and its link target): its name is looked at."""
+
+    def content(self, path: str, size: int) -> Callable[[bytes], None] | None:
+        """A sink for a regular file's content (chunks, then ``b""`` once at its end), or None."""
+
+    def verdict(self) -> None:
+        """Raise to refuse the layer; called after the last entry, before anything is kept."""
+
+    def allowed(self) -> list[dict[str, Any]]:
+        """Findings the save was told to accept (recorded with the version)."""
+
+
+@dataclass(frozen=True)
+class SavedLayer:
+    """The image a save made and what its layer left out."""
+
+    image: ImageInfo
+    left_out: dict[str, dict[str, int]]  # cache directory -> {"bytes": n, "files": n}
+    lean: bool = True  # False when the engine's storage could not be read: nothing was left out
 
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a
@@ -152,6 +184,28 @@ class RuntimeBackend(abc.ABC):
         WorkingDir, User, Labels), never the container's. Returns the image id.
         """
         raise NotImplementedError(f"the {self.name} backend cannot commit")
+
+    def save_layer(
+        self,
+        state: BackendState,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        version_image: str,
+        observer: LayerObserver,
+    ) -> SavedLayer:
+        """A save: the container's changes as one new layer on the layers of ``version_image``.
+
+        Every entry passes ``observer`` first: files in the caches it names are left out (their
+        bytes never reach the engine), every file's content is streamed through it, and its
+        ``verdict()`` may refuse the layer, in which case no image is kept and the container is
+        untouched. The image's configuration is ``config``, checked as for ``commit``.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot save")
+
+    def resume(self, state: BackendState) -> None:  # noqa: B027  (optional hook)
+        """Resume a container a save paused and did not resume (envctl died mid-save); idempotent."""
 
     def image_info(self, image: str) -> ImageInfo | None:
         """What a local image is, or None when the engine does not have it."""

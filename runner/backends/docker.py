@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,11 +24,13 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import overlay
+from runner.backends import kernelspec_files, netguard, overlay
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
+    CUDA_MOUNT,
     LABEL_ENVIRONMENT,
+    LABEL_GPU_KIND,
     LABEL_INSTALLATION,
     LABEL_MACHINE,
     LABEL_MANAGED,
@@ -41,18 +44,24 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    LayerObserver,
     RuntimeBackend,
     RuntimeSpec,
+    SavedLayer,
     Status,
 )
+from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 
 # Of Docker's default set, these are dropped: raw sockets (spoofing on the bridge), device
 # nodes, audit log writes, file capabilities, chroot, and handing capabilities around.
 DROPPED_CAPABILITIES = ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SYS_CHROOT", "SETPCAP"]
 SECURITY_OPT = ["no-new-privileges:true"]
+# What a GPU runtime's device request asks the NVIDIA runtime for: the device, CUDA, nvidia-smi.
+GPU_CAPABILITIES = [["gpu", "compute", "utility"]]
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_INFO_TTL = 60.0  # seconds an image id's inspection is reused (see image_info)
+_FENCE_TTL = 60.0  # seconds an installation's network and rules are trusted to be in place
 
 
 class DockerBackend(RuntimeBackend):
@@ -77,6 +86,8 @@ class DockerBackend(RuntimeBackend):
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
         self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
+        self._gpus_seen = False  # the engine was seen able to hand out GPUs
+        self._fenced: dict[str, float] = {}  # installation -> when its network was last checked
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -149,15 +160,68 @@ class DockerBackend(RuntimeBackend):
                 Mount(target=STATE_MOUNT, source=str(spec.state_dir), type="bind", read_only=False),
                 Mount(target=RESULTS_MOUNT, source=str(spec.state_dir / "results"), type="bind", read_only=False),
             ],
-            "network": self.network,
+            "network": self.network_of(spec),
             "stop_signal": "SIGTERM",
         }
         if m.gpus:
-            options["device_requests"] = [DeviceRequest(count=m.gpus, capabilities=[["gpu"]])]
+            options["device_requests"] = [
+                DeviceRequest(driver="nvidia", count=m.gpus, capabilities=[list(c) for c in GPU_CAPABILITIES])
+            ]
+            labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
+            if spec.cuda_dir is not None:  # the one host path beside envctl's own, read-only
+                cuda = Mount(target=CUDA_MOUNT, source=str(spec.cuda_dir), type="bind", read_only=True)
+                options["mounts"].append(cuda)
         return options
+
+    def check_gpus(self) -> None:
+        """``GpuUnavailableError`` unless the engine can hand out NVIDIA GPUs: the ``nvidia``
+        runtime registered with it (``docker info``), or, for a local engine, NVIDIA's hook
+        installed (Docker's built-in nvidia device driver uses it)."""
+        if self._gpus_seen:
+            return
+        try:
+            runtimes = self.client.info().get("Runtimes") or {}
+        except Exception as exc:
+            raise _daemon_error("ask the engine for its runtimes", exc) from exc
+        if "nvidia" in runtimes or (not self._base_url and shutil.which("nvidia-container-runtime-hook")):
+            self._gpus_seen = True
+            return
+        raise GpuUnavailableError(
+            "this machine type has GPUs, but the Docker engine has no NVIDIA container runtime "
+            f"(its runtimes: {', '.join(sorted(runtimes)) or 'none'}); install the NVIDIA Container Toolkit "
+            "and register it (`nvidia-ctk runtime configure --runtime=docker`), or choose a machine type "
+            "without GPUs (`envctl machine-types`)",
+            details={"field": "machine_type", "runtimes": sorted(runtimes)},
+        )
+
+    def network_of(self, spec: RuntimeSpec) -> str:
+        """The Docker network the runtime joins: its installation's own when isolated."""
+        if self.network != netguard.ISOLATED:
+            return self.network
+        return netguard.fence_of(spec.labels[LABEL_INSTALLATION]).network
+
+    def fence(self, installation: str) -> None:
+        """The installation's isolated network and its firewall rules, in place (R4); checked
+        again at most once a minute (they outlive envctl's restarts; a host reboot drops them)."""
+        if self._base_url and not self._base_url.startswith("unix://"):
+            raise BackendError(
+                "network isolation needs the Docker engine on this host (its firewall is set here); "
+                "set ENVCTL_RUNNER_NETWORK to a network of the remote engine instead",
+                details={"field": "runner_network"},
+            )
+        if time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL:
+            return
+        fence = netguard.fence_of(installation)
+        labels = {**self.labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: "network"}
+        netguard.ensure(self.client, fence, labels)
+        self._fenced[installation] = time.monotonic()
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         options = self.container_options(spec)
+        if spec.machine.gpus:
+            self.check_gpus()  # before anything is made: a clear reason, at once
+        if self.network == netguard.ISOLATED:
+            self.fence(spec.labels[LABEL_INSTALLATION])
         (spec.state_dir / "results").mkdir(parents=True, exist_ok=True)
         self._remove_leftover(spec.container_name, spec.runtime_id)
         try:
@@ -300,6 +364,43 @@ class DockerBackend(RuntimeBackend):
         )
         return self._remember(info).id
 
+    def save_layer(
+        self,
+        state: BackendState,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        version_image: str,
+        observer: LayerObserver,
+    ) -> SavedLayer:
+        """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
+        the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
+        read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``)."""
+        from runner.backends import saves
+
+        cid = state.get("container_id")
+        if not cid:
+            raise BackendError("the runtime has no container to save")
+        options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
+        made = saves.from_directories(self.client, cid, version_image=version_image, **options)
+        if made is None:  # the engine's storage cannot be read here: nothing can be left out
+            info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
+            return SavedLayer(self._remember(info), {}, lean=False)
+        return SavedLayer(self._remember(made[0]), made[1])
+
+    def resume(self, state: BackendState) -> None:
+        cid = state.get("container_id")
+        if not cid:
+            return
+        try:
+            if (self.client.api.inspect_container(cid).get("State") or {}).get("Paused"):
+                self.client.api.unpause(cid)
+        except docker.errors.NotFound:
+            return
+        except Exception as exc:
+            raise _daemon_error("resume the runtime's container", exc) from exc
+
     def image_info(self, image: str) -> ImageInfo | None:
         # An image id names one immutable image: what was read of it a moment ago still holds
         # (a save asks about its parent and its new image several times). Names can move, so
@@ -342,8 +443,6 @@ class DockerBackend(RuntimeBackend):
         "/usr/share/jupyter/kernels",
     )
     KERNELSPECS_MAX = 100  # kernelspecs read from one image
-    KERNEL_JSON_MAX = 64 * 1024  # bytes of one kernel.json; larger ones are skipped
-    KERNELSPEC_ARCHIVE_MAX = 16 * 1024 * 1024  # bytes read of one directory's archive
     # Image ids name immutable content, so what was read stays true for every backend of this
     # process: one dict, shared, bounded.
     _kernelspec_cache: dict[str, list[dict[str, str]]] = {}
@@ -374,7 +473,7 @@ class DockerBackend(RuntimeBackend):
                     chunks, _stat = api.get_archive(holder, directory + "/")
                 except docker.errors.NotFound:
                     continue
-                for spec in self._kernelspecs_in(chunks, directory):
+                for spec in kernelspec_files.kernelspecs_in(chunks, directory):
                     if len(found) < self.KERNELSPECS_MAX:
                         found.setdefault(spec["name"], spec)
         except Exception as exc:
@@ -388,55 +487,6 @@ class DockerBackend(RuntimeBackend):
                 while len(self._kernelspec_cache) >= 256:
                     self._kernelspec_cache.pop(next(iter(self._kernelspec_cache)))
                 self._kernelspec_cache[image] = [dict(k) for k in specs]
-        return specs
-
-    @classmethod
-    def _kernelspecs_in(cls, chunks: Any, directory: str) -> list[dict[str, str]]:
-        """Kernelspecs in the tar stream of one kernels directory: ``<dir>/<name>/kernel.json``
-        files, regular, at most KERNEL_JSON_MAX bytes, with a valid name and an ``argv``. At most
-        KERNELSPEC_ARCHIVE_MAX bytes are read; what lies beyond is not looked at."""
-        import io
-        import json
-        import tarfile
-
-        buffer = io.BytesIO()
-        try:
-            for chunk in chunks:
-                buffer.write(chunk[: cls.KERNELSPEC_ARCHIVE_MAX - buffer.tell()])
-                if buffer.tell() >= cls.KERNELSPEC_ARCHIVE_MAX:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                chunks.close()
-        buffer.seek(0)
-        specs: list[dict[str, str]] = []
-        try:
-            with tarfile.open(fileobj=buffer, mode="r|") as tar:
-                for member in tar:
-                    parts = member.name.split("/")
-                    name = parts[1].lower() if len(parts) == 3 else ""
-                    if parts[-1] != "kernel.json" or not member.isreg() or member.size > cls.KERNEL_JSON_MAX:
-                        continue
-                    if not re.fullmatch(r"[a-z0-9._-]{1,128}", name):  # Jupyter's rule for names
-                        continue
-                    handle = tar.extractfile(member)
-                    try:
-                        spec = json.loads(handle.read(cls.KERNEL_JSON_MAX) if handle else b"")
-                    except ValueError:
-                        continue
-                    if not isinstance(spec, dict) or not isinstance(spec.get("argv"), list) or not spec["argv"]:
-                        continue
-                    display, language = spec.get("display_name"), spec.get("language")
-                    specs.append(
-                        {
-                            "name": name,
-                            "display_name": display[:256] if isinstance(display, str) and display else name,
-                            "language": language[:64] if isinstance(language, str) else "",
-                            "path": f"{directory}/{parts[1]}",
-                        }
-                    )
-        except (tarfile.TarError, EOFError, OSError):
-            pass  # a cut-off archive (past the size limit): what was read stands
         return specs
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:

@@ -37,8 +37,10 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    LayerObserver,
     RuntimeBackend,
     RuntimeSpec,
+    SavedLayer,
     Status,
 )
 from runner.identity import RunnerIdentity
@@ -51,6 +53,8 @@ class _FakeContainer:
     spec: RuntimeSpec
     process: subprocess.Popen[bytes]
     changes: list[Change] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # what a save's layer holds
+    paused: bool = False  # a save's pause that was never undone (a test sets it)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -180,6 +184,44 @@ class FakeBackend(RuntimeBackend):
         self._images[image_id] = ImageInfo(image_id, size, layers, dict(config))
         return image_id
 
+    def save_layer(
+        self,
+        state: BackendState,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        version_image: str,
+        observer: LayerObserver,
+    ) -> SavedLayer:
+        """The files ``set_files`` gave the runtime, through the observer as a real layer's are."""
+        self._check("save the runtime's filesystem")
+        c = self._containers.get(state.get("container_id", ""))
+        if c is None:
+            raise BackendError("the runtime has no container to save")
+        left_out: dict[str, dict[str, int]] = {}
+        for path, data in sorted(c.files.items()):
+            cache = observer.cache_of(path)
+            if cache is not None:
+                counted = left_out.setdefault(cache, {"bytes": 0, "files": 0})
+                counted["bytes"] += len(data)
+                counted["files"] += 1
+                continue
+            observer.entry(path)
+            sink = observer.content(path, len(data))
+            if sink is not None:
+                for at in range(0, len(data), 7):  # small chunks: matches across their edges count
+                    sink(data[at : at + 7])
+                sink(b"")
+        observer.verdict()
+        image_id = self.commit(state, config=config, repository=repository, tag=tag)
+        return SavedLayer(self._images[image_id], left_out)
+
+    def resume(self, state: BackendState) -> None:
+        c = self._containers.get(state.get("container_id", ""))
+        if c is not None:
+            c.paused = False
+
     def image_info(self, image: str) -> ImageInfo | None:
         if image in self._images:
             return self._images[image]
@@ -214,6 +256,12 @@ class FakeBackend(RuntimeBackend):
         for c in self._containers.values():
             if c.runtime_id == runtime_id:
                 c.changes = list(changes)
+
+    def set_files(self, runtime_id: str, files: dict[str, bytes]) -> None:
+        """The files a runtime's next save finds in its layer (a test's stand-in for writes)."""
+        for c in self._containers.values():
+            if c.runtime_id == runtime_id:
+                c.files = dict(files)
 
     # --- faults a test can cause from outside --------------------------------------------
     def vanish(self, runtime_id: str) -> None:

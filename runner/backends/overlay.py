@@ -12,16 +12,24 @@ in it is what changed, which is what the engine's own native overlay diff reads 
 
 Used only when the engine runs on this host with overlay2 and its directories can be read
 (envctl runs as root beside dockerd); otherwise the backend asks the engine.
+
+A save's layer is made here too (:func:`plan_layer`, then :func:`layer_chunks`), as the
+engine's overlay2 driver makes a commit's: a tar of the upper directory with whiteouts as
+``.wh.<name>`` files and opaque directories marked ``.wh..wh..opq``. Layers a draft added on top
+of the version are merged into it (the topmost entry of a path wins; a whiteout or opaque
+directory hides what is below it), so that they are filtered and scanned too. Every entry passes
+the save's observer: files in caches are left out, content is streamed through the scan.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-from runner.backends.base import Change
+from runner.backends.base import Change, LayerObserver
 
 _OPAQUE = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 
@@ -83,3 +91,195 @@ def _walk(layers: OverlayLayers, rel: str, *, below: bool) -> Iterator[Change]:
             yield from _walk(layers, child, below=existed and not _opaque(entry.path))
         else:
             yield Change("changed" if existed else "added", path)
+
+
+# ------------------------------------------------------------------------------ save layers
+_BLOCK = 512
+_CHUNK = 1 << 20
+_WH = ".wh."
+_OPAQUE_MARK = ".wh..wh..opq"
+_CAPABILITY = "security.capability"
+
+
+@dataclass
+class PlannedLayer:
+    """The entries of a layer, in order, and its exact size as a tar."""
+
+    entries: list[tuple[tarfile.TarInfo, str | None]] = field(default_factory=list)  # (header, content file)
+    size: int = 2 * _BLOCK  # the two zero blocks that end a tar
+    left_out: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = int(st.st_mtime)
+    return info
+
+
+def plan_layer(roots: Sequence[str], observer: LayerObserver, *, private: Callable[[str], bool]) -> PlannedLayer:
+    """The layer of ``roots`` (the upper directory, then the draft layers below it, top first),
+    without the paths ``private`` names and the files in the observer's caches."""
+    plan = PlannedLayer()
+    links: dict[tuple[int, int], str] = {}
+    for rel, host, st, opaque in _merged(roots, "", list(range(len(roots)))):
+        path = "/" + rel
+        if private(path):
+            continue
+        parent, _, name = rel.rpartition("/")
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            info = _info(f"{parent}/{_WH}{name}" if parent else _WH + name, st, tarfile.REGTYPE)
+            info.mode = 0o600
+            _add(plan, info, None)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            cache = observer.cache_of(path)
+            if cache is not None:
+                counted = plan.left_out.setdefault(cache, {"bytes": 0, "files": 0})
+                counted["files"] += 1
+                if stat.S_ISREG(st.st_mode) and (st.st_nlink < 2 or (st.st_dev, st.st_ino) not in links):
+                    counted["bytes"] += st.st_size
+                    links.setdefault((st.st_dev, st.st_ino), "")
+                continue
+        made = _entry(rel, host, st, links)
+        if made is None:
+            continue  # a socket: never in a layer
+        observer.entry(path, made.linkname or None)
+        _xattrs(made, host)
+        _add(plan, made, host if made.type == tarfile.REGTYPE else None)
+        if opaque:
+            mark = _info(f"{rel}/{_OPAQUE_MARK}", st, tarfile.REGTYPE)
+            mark.mode = stat.S_IMODE(st.st_mode)
+            _add(plan, mark, None)
+    return plan
+
+
+def _add(plan: PlannedLayer, info: tarfile.TarInfo, source: str | None) -> None:
+    plan.entries.append((info, source))
+    plan.size += len(_header(info)) + _padded(info.size if source else 0)
+
+
+def _entry(rel: str, host: str, st: os.stat_result, links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return _info(rel + "/", st, tarfile.DIRTYPE)
+    if stat.S_ISREG(mode):
+        key = (st.st_dev, st.st_ino)
+        first = links.get(key) if st.st_nlink > 1 else None
+        if first:
+            info = _info(rel, st, tarfile.LNKTYPE)
+            info.linkname = first
+            return info
+        if st.st_nlink > 1:
+            links[key] = rel
+        info = _info(rel, st, tarfile.REGTYPE)
+        info.size = st.st_size
+        return info
+    if stat.S_ISLNK(mode):
+        info = _info(rel, st, tarfile.SYMTYPE)
+        info.linkname = os.readlink(host)
+        return info
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        info = _info(rel, st, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE)
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        return info
+    if stat.S_ISFIFO(mode):
+        return _info(rel, st, tarfile.FIFOTYPE)
+    return None
+
+
+def _xattrs(info: tarfile.TarInfo, host: str) -> None:
+    """File capabilities travel, as the engine's own layers keep them (nothing else does)."""
+    if info.type not in (tarfile.REGTYPE, tarfile.DIRTYPE):
+        return
+    try:
+        value = os.getxattr(host, _CAPABILITY, follow_symlinks=False)
+    except OSError:
+        return
+    info.pax_headers = {"SCHILY.xattr." + _CAPABILITY: value.decode("utf-8", "surrogateescape")}
+
+
+def _merged(roots: Sequence[str], rel: str, visible: list[int]) -> Iterator[tuple[str, str, os.stat_result, bool]]:
+    """(path, host path, stat, opaque) of every entry under ``rel``, the topmost root's winning."""
+    names: dict[str, int] = {}
+    for i in visible:
+        try:
+            with os.scandir(os.path.join(roots[i], rel)) as entries:
+                for entry in entries:
+                    names.setdefault(entry.name, i)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    for name in sorted(names):
+        child = f"{rel}/{name}" if rel else name
+        top = names[name]
+        host = os.path.join(roots[top], child)
+        st = os.lstat(host)
+        if not stat.S_ISDIR(st.st_mode):
+            yield child, host, st, False
+            continue
+        below: list[int] = []
+        opaque = False
+        for i in visible:
+            if i < top:
+                continue
+            try:
+                here = os.lstat(os.path.join(roots[i], child))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(here.st_mode):
+                opaque = True  # a file or whiteout below hides what the version has: replace it
+                break
+            below.append(i)
+            if _opaque(os.path.join(roots[i], child)):
+                opaque = True
+                break
+        yield child, host, st, opaque
+        yield from _merged(roots, child, below)
+
+
+def scan_files(plan: PlannedLayer, observer: LayerObserver) -> None:
+    """Every regular file of the layer through the observer, read where it lies (no tar)."""
+    for info, source in plan.entries:
+        if source is None:
+            continue
+        sink = observer.content("/" + info.name, info.size)
+        if sink is None:
+            continue
+        with open(source, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                sink(chunk)
+        sink(b"")
+
+
+def layer_chunks(plan: PlannedLayer, observer: LayerObserver) -> Iterator[bytes]:
+    """The layer's tar, exactly ``plan.size`` bytes, every file's content through the observer."""
+    for info, source in plan.entries:
+        yield _header(info)
+        if source is None:
+            continue
+        sink = observer.content("/" + info.name, info.size)
+        left = info.size
+        with open(source, "rb") as f:
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    chunk = b"\0" * min(_CHUNK, left)  # shrank since it was planned (never while paused)
+                left -= len(chunk)
+                if sink is not None:
+                    sink(chunk)
+                yield chunk
+        if sink is not None:
+            sink(b"")
+        if info.size % _BLOCK:
+            yield b"\0" * (_BLOCK - info.size % _BLOCK)
+    yield b"\0" * (2 * _BLOCK)

@@ -35,6 +35,8 @@ TABLES = {
     "operations",
     "installation",
     "runners",
+    "teams",
+    "team_members",
 }
 
 

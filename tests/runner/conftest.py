@@ -14,6 +14,7 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from registry.service import create_user
+from runner.backends import netguard
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend
 from runner.backends.fake import FakeBackend
 from runner.identity import RunnerIdentity, installation_id
@@ -120,6 +121,17 @@ def remove_runner_containers(docker: Any, srv: Server) -> None:
     srv.stop()
     for c in docker.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={srv.env['ENVCTL_RUNNER_NAME']}"}):
         c.remove(force=True)
+    remove_fence(docker, srv)
+
+
+def remove_fence(docker: Any, srv: Server) -> None:
+    """The server's installation's isolated network and firewall rules go, as its owner would
+    remove them (another installation's, or one still in use, stay)."""
+    db = Database(srv.env.get("ENVCTL_DATABASE_URL") or f"sqlite:///{srv.data_dir / 'envctl.db'}")
+    try:
+        netguard.teardown(docker, installation_id(db))
+    finally:
+        db.dispose()
 
 
 @pytest.fixture

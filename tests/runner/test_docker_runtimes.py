@@ -88,16 +88,20 @@ def test_the_machine_type_sets_the_container_limits(server: Server, docker: Any)
 def test_a_gpu_machine_type_asks_docker_for_a_gpu_and_says_clearly_when_there_is_none(
     server: Server, docker: Any
 ) -> None:
-    """No GPU is lent to these machines: the request must reach Docker and fail with a reason."""
+    """No GPU is lent to these machines: the boot fails at once with a reason (the container a
+    GPU type gets is checked in test_gpu_machine_types.py)."""
     with server.client() as client:
         rt = boot(server, client, name="gpu", machine_type="gpu-small")
         if rt["state"] == "running":  # a machine with the NVIDIA runtime
             [container] = containers_of(docker, rt["id"])
             assert container.attrs["HostConfig"]["DeviceRequests"][0]["Count"] == 1
             return
-        assert rt["state"] == "error" and rt["state_reason"] == "backend-error"
-        assert "Docker failed to start" in rt["state_message"] or "Docker failed to create" in rt["state_message"]
+        # no NVIDIA runtime in the engine: refused before any container is made, saying why
+        assert rt["state"] == "error" and rt["state_reason"] == "gpu-unavailable", rt
+        assert "no NVIDIA container runtime" in rt["state_message"] and "runc" in rt["state_message"]
         assert containers_of(docker, rt["id"]) == []
+        log = client.get(f"/runtimes/{rt['id']}/log").json()
+        assert not any(e["event"] == "container-created" for e in log)
 
 
 def test_a_sigkilled_server_adopts_its_running_runtimes_on_restart_without_restarting_them(

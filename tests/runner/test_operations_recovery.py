@@ -28,6 +28,7 @@ def _crashed_save(svc: RunnerService, owner: str, rid: str, *, recorded: bool) -
     if recorded:
         with svc.db.session() as s:
             register_version(s, NewVersion(environment="mine", image_id=image, image_ref="envctl/mine:v1-test"))
+    FakeBackend.containers(svc.identity)[rt.backend_state["container_id"]].paused = True  # as the save left it
     crash(svc)  # the process is gone: nothing of it finishes the operation
     return op.id, image
 
@@ -56,6 +57,8 @@ def test_a_save_cut_off_before_its_version_was_recorded_is_failed_and_its_image_
     assert FakeBackend().image_info(image) is None, "the half-made snapshot must go"
     events = [(e.event, e.reason) for e in first.log_entries(owner, rid)]
     assert ("save-failed", "interrupted") in events, "the runtime's log says what happened to its save"
+    container = FakeBackend.containers(first.identity)[first.get(owner, rid).backend_state["container_id"]]
+    assert container.paused is False, "the container the save paused runs again"
 
 
 def test_a_save_cut_off_after_recording_its_version_is_marked_done(make_runner: Make, runner_db: Database) -> None:

@@ -1,0 +1,74 @@
+"""``envctl login``, ``envctl team …`` and ``envctl token …`` against a real HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.api.conftest import prepared_settings  # noqa: F401
+from tests.api.test_cli import Server, _isolated_client_config, run, server  # noqa: F401
+
+
+def test_login_keeps_the_url_and_token_where_team_commands_find_them(
+    server: Server,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config" / "envctl" / "config.yaml"
+    code, _out, err = run(capsys, "login", "--url", server.url, "--token", "envctl_wrong")
+    assert code == 1 and "not known" in err
+    assert not config.exists()  # a bad token is not kept
+
+    code, out, err = run(capsys, "login", "--url", server.url, "--token", server.token, "--json")
+
+    assert code == 0, err
+    assert json.loads(out)["user"] == "admin"
+    assert yaml.safe_load(config.read_text()) == {"url": server.url, "token": server.token}
+    assert stat.S_IMODE(os.stat(config).st_mode) == 0o600
+    # from here on no --url and no --token: the config file
+    code, out, err = run(capsys, "user", "create", "bob")
+    assert code == 0 and out.strip().startswith("envctl_") and "shown once" in err
+    code, out, err = run(capsys, "team", "create", "acme")
+    assert code == 0 and "acme" in out, err
+    code, out, err = run(capsys, "team", "add-member", "acme", "bob", "--role", "admin", "--json")
+    assert code == 0, err
+    assert json.loads(out)["role"] == "admin"
+    code, out, err = run(capsys, "team", "list", "--json")
+    assert [(m["user"], m["role"]) for m in json.loads(out)[0]["members"]] == [("admin", "admin"), ("bob", "admin")]
+    code, out, err = run(capsys, "team")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["TEAM", "YOUR", "ROLE"]
+    assert "bob (admin)" in out
+    assert run(capsys, "team", "remove-member", "acme", "bob")[0] == 0
+    code, out, err = run(capsys, "team", "add-member", "acme", "nobody")
+    assert code == 1 and "no user named 'nobody'" in err
+    code, out, err = run(capsys, "team", "create", "Bad Name")
+    assert code == 2
+
+
+def test_a_token_made_on_the_command_line_is_printed_once_and_refused_once_revoked(
+    server: Server,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(capsys, "token", "create", "-d", "ci", "--expires-in", "3", *server.args())
+    assert code == 0, err
+    new = out.strip()
+    assert new.startswith("envctl_") and "only time" in err
+    mine = ["--url", server.url, "--token", new]
+
+    code, out, err = run(capsys, "token", "list", "--json", *mine)
+    listed = json.loads(out)
+    assert [t["description"] for t in listed][-1] == "ci" and new not in out
+    code, out, err = run(capsys, "token", "list", *mine)
+    assert "ci" in out and "active" in out
+
+    code, out, err = run(capsys, "token", "revoke", listed[-1]["id"], *server.args())
+    assert code == 0, err
+    code, out, err = run(capsys, "token", "list", *mine)
+    assert code == 1 and "revoked" in err
+    code, out, err = run(capsys, "token", "list", *server.args())
+    assert "revoked" in out

@@ -1,0 +1,103 @@
+"""R27 over every route of the OpenAPI schema: Bob (team beta) asks for what Alice (team acme)
+has — her runtime, execution, result, operation, token, her team and its environment
+``acme/ml`` — and gets 404 or 403, never her data. Routes are read from the schema, so a new
+route is covered without being listed here; a new kind of path parameter fails until the
+test is told whose value to use for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
+from tests.api.test_errors_and_auth import assert_envelope
+
+
+def _user(api: ApiHarness, name: str) -> dict[str, str]:  # noqa: F811
+    resp = api.post("/users", json={"name": name})
+    assert resp.status_code == 201, resp.text
+    return {"Authorization": f"Bearer {resp.json()['token']}"}
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = schema["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    if "anyOf" in node:
+        node = next(n for n in node["anyOf"] if n.get("type") != "null")
+    return node
+
+
+def _example(schema: dict[str, Any], node: dict[str, Any]) -> Any:
+    """A valid value for ``node``: its example or default, else a plain one of its type."""
+    node = _resolve(schema, node)
+    if node.get("examples"):
+        return node["examples"][0]
+    if "default" in node:
+        return node["default"]
+    kind = node.get("type")
+    if kind == "object":
+        return {k: _example(schema, v) for k, v in node.get("properties", {}).items() if k in node.get("required", [])}
+    return {"string": "x", "integer": 1, "number": 1, "boolean": False, "array": []}.get(kind)
+
+
+def _body(schema: dict[str, Any], operation: dict[str, Any]) -> Any:
+    content = operation.get("requestBody", {}).get("content", {})
+    if "application/json" not in content:
+        return None
+    return _example(schema, content["application/json"]["schema"])
+
+
+def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) -> None:  # noqa: F811
+    alice, bob = _user(api, "alice"), _user(api, "bob")
+    assert api.post("/teams", headers=alice, json={"name": "acme"}).status_code == 201
+    assert api.post("/teams", headers=bob, json={"name": "beta"}).status_code == 201
+    rt = api.post("/runtimes", headers=alice, json={"environment": "python3", "name": "secret-work"}).json()
+    rid = rt["id"]
+    results = api.runner.state_dir(rid) / "results"
+    code = f"open({str(results / 'mine.txt')!r}, 'w').write('private')"
+    ex = api.post(f"/runtimes/{rid}/executions", headers=alice, params={"wait": 20}, json={"code": code}).json()
+    assert ex["status"] == "ok", ex
+    [result] = api.get(f"/executions/{ex['id']}/results", headers=alice).json()
+    op = api.post(f"/runtimes/{rid}/save", headers=alice, json={"environment": "acme/ml"}).json()
+    assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
+    token_id = api.get("/tokens", headers=alice).json()[0]["id"]
+    alices = {
+        "runtime_id": rid,
+        "execution_id": ex["id"],
+        "result_id": str(result["id"]),
+        "operation_id": op["id"],
+        "ref": "acme/ml@1",
+        "team": "acme",
+        "user": "alice",
+        "token_id": token_id,
+    }
+    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml", "secret-work", "private"]
+    schema = api.client.get("/openapi.json").json()
+
+    checked = []
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            params = [p["name"] for p in operation.get("parameters", []) if p["in"] == "path"]
+            missing = [p for p in params if p not in alices]
+            assert not missing, f"{method.upper()} {path}: say whose {missing} to use in this test"
+            url = path.format(**{p: alices[p] for p in params})
+            resp = api.client.request(method, url, headers=bob, json=_body(schema, operation))
+            if params and method == "get" and resp.status_code == 200:
+                assert resp.json() == [], (method, path, resp.text[:300])  # a listing filtered by owner
+            elif params:
+                assert resp.status_code in (403, 404), (method, path, resp.status_code, resp.text[:300])
+                assert_envelope(resp, resp.status_code)
+            elif method == "get":
+                assert resp.status_code < 500, (method, path, resp.text[:300])
+            leaked = [s for s in secrets if s in resp.text and s not in url]  # echoing the ask is no leak
+            assert not leaked, (method, path, leaked)
+            checked.append(f"{method.upper()} {path}")
+
+    assert len(checked) >= 40
+    # Alice's things are as she left them.
+    assert api.get(f"/runtimes/{rid}", headers=alice).json()["state"] == "running"
+    assert api.get("/environments/acme/ml", headers=alice).json()["latest"] == "acme/ml@1"
+    assert [m["user"] for m in api.get("/teams/acme/members", headers=alice).json()] == ["alice"]
+    assert [t["active"] for t in api.get("/tokens", headers=alice).json()] == [True]
+    assert "acme/ml" not in [e["name"] for e in api.get("/environments", headers=bob).json()]
+    assert "acme/ml" in [e["name"] for e in api.get("/environments").json()]  # envctl admins see all
