@@ -165,5 +165,8 @@ def test_an_archive_that_would_add_to_another_users_environment_is_refused_befor
         assert r.status_code == 403, r.text
         assert r.json()["error"]["code"] == "forbidden" and "'team/portable'" in r.json()["error"]["message"]
         assert [i for i in docker.images.list() if i.id == second] == []  # not loaded
-        versions = bob.get("/environments/team/portable").json()["versions"]
+        # team/portable is team "team"'s: to Bob, who is not a member, it is not there at all
+        assert bob.get("/environments/team/portable").status_code == 404
+    with server.client() as client:
+        versions = client.get("/environments/team/portable").json()["versions"]
         assert [v["image_id"] for v in versions] == [first]
