@@ -11,8 +11,10 @@ and ``envctl.parent-image`` and tagged ``envctl-base/<name>:<12 hex of the diges
 
 Nothing here pulls an image. Builds of one recipe digest are serialized between processes on
 this machine by a lock file in the temp directory (a second builder waits, then reuses).
-Among several images with one digest, reuse picks the newest; a child is reused only when its
-layers continue its parent's current image.
+Among several images with one digest, reuse picks the one already tagged, else the newest; a
+child is reused only when its layers continue its parent's current image, and an image made on
+top of another one with the same digest (a commit of a base image's container keeps its labels)
+is never taken for the base image.
 """
 
 from __future__ import annotations
@@ -220,13 +222,20 @@ def _find_image(client: docker.DockerClient, recipe: Recipe, parent_id: str | No
         if (i.get("Labels") or {}).get(LABEL_IMAGE) == recipe.name
         and not {"envctl.environment", "envctl.draft-of"} & set(i.get("Labels") or {})
     ]
-    if found and parent_id is not None:
-        parent_layers = _layers(client, parent_id)
-        found = [i for i in found if _layers(client, i["Id"])[: len(parent_layers)] == parent_layers]
+    # A base image is one layer on its parent's (the root: one layer). An image with more was
+    # made from one (someone's commit of a base image's container keeps its labels).
+    parent_layers = _layers(client, parent_id) if parent_id is not None else []
+    found = [
+        i
+        for i in found
+        if (layers := _layers(client, i["Id"]))[: len(parent_layers)] == parent_layers
+        and len(layers) == len(parent_layers) + 1
+    ]
     if not found:
         return None
-    newest = max(found, key=lambda i: i.get("Created") or 0)
     repository, tag = repository_tag(recipe)
+    tagged = [i for i in found if f"{repository}:{tag}" in (i.get("RepoTags") or [])]
+    newest = tagged[0] if tagged else max(found, key=lambda i: i.get("Created") or 0)
     if f"{repository}:{tag}" not in (newest.get("RepoTags") or []):
         with images.engine_call(f"tag {newest['Id'][:19]} as {repository}:{tag}"):
             client.api.tag(newest["Id"], repository, tag)

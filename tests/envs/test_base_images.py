@@ -22,6 +22,7 @@ from envs.base import build as builder
 from envs.base import hierarchy, host
 from envs.base.progress import BuildEvent
 from envs.kit.errors import BackendError, InvalidInputError
+from tests.conftest import TEST_LABEL, TEST_SESSION
 
 MIRROR = "http://deb.debian.org/debian"
 ROOT = """\
@@ -596,6 +597,27 @@ def test_second_build_reuses_the_same_images(docker: Any, built: dict[str, Any])
         (name, image.image_id, True) for name, image in built["images"].items()
     ]
     assert {e.phase for e in events} == {"reuse"}
+
+
+@pytest.mark.docker
+def test_a_commit_of_a_base_image_container_is_never_reused_as_the_base_image(
+    docker: Any, built: dict[str, Any]
+) -> None:
+    """Someone's ``docker commit`` of a python3 container keeps python3's labels and is newer
+    than the base image: a build still reuses the base image, and its tag stays where it was."""
+    python3 = built["images"]["python3"]
+    container = docker.containers.create(python3.image_id, ["true"], labels={TEST_LABEL: TEST_SESSION})
+    try:
+        commit = docker.api.commit(container.id, repository="envctl-test/commit", tag=TEST_SESSION)["Id"]
+    finally:
+        container.remove(force=True)
+    try:
+        again = builder.build(["python3"], client=docker, progress=lambda e: None)
+        assert [(i.name, i.image_id) for i in again] == [(n, i.image_id) for n, i in built["images"].items()]
+        tags = docker.api.inspect_image(commit)["RepoTags"]
+        assert tags == [f"envctl-test/commit:{TEST_SESSION}"]
+    finally:
+        docker.api.remove_image(commit, force=True)
 
 
 @pytest.mark.docker
