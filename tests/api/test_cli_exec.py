@@ -207,8 +207,11 @@ def test_ctrl_c_interrupts_the_cell_and_waits_for_its_end(server: Server, capsys
     rt = _runtime(server, capsys)
     run(capsys, "runtime", "start", "demo", *server.args())
 
-    def cell_runs() -> bool:
-        return any(e["status"] == "running" for e in api_get(server, f"/runtimes/{rt['id']}/executions"))
+    def cell_runs() -> bool:  # and has printed: a Ctrl-C before its first line would leave no output
+        return any(
+            e["status"] == "running" and "started" in json.dumps(e["outputs"])
+            for e in api_get(server, f"/runtimes/{rt['id']}/executions")
+        )
 
     watcher = ctrl_c_when(cell_runs)
     code, out, err = run(
