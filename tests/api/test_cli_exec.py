@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -213,11 +214,17 @@ def test_ctrl_c_interrupts_the_cell_and_waits_for_its_end(server: Server, capsys
             for e in api_get(server, f"/runtimes/{rt['id']}/executions")
         )
 
-    watcher = ctrl_c_when(cell_runs)
-    code, out, err = run(
-        capsys, "exec", "demo", "import time\nprint('started', flush=True)\ntime.sleep(30)", *server.args()
-    )
-    watcher.join(5)
+    # A Ctrl-C is Python's default SIGINT handler at work; code that ran earlier in this process
+    # (an in-process server or agent) may have put its own in place, so this test sets it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher = ctrl_c_when(cell_runs)
+        code, out, err = run(
+            capsys, "exec", "demo", "import time\nprint('started', flush=True)\ntime.sleep(30)", *server.args()
+        )
+        watcher.join(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 1, err
     assert out == "started\n"
     assert "interrupting execution ex_" in err

@@ -204,7 +204,7 @@ def test_a_secret_value_base64d_into_a_file_or_a_draft_layer_is_refused_and_draf
             saved([SECRET])
         assert refused.value.details["findings"] == [{"path": "/root/old-note", "found": ["secret value (base64)"]}]
         assert SECRET not in refused.value.message and encoded not in refused.value.message
-        assert docker.images.list(name="envctl-test/lean") == []
+        assert docker.images.list(name=f"envctl-test/lean:{TEST_SESSION}") == []
         second.reload()
         assert second.status == "running"  # resumed after the refused save
 
@@ -254,7 +254,7 @@ def test_where_the_overlay_directories_cannot_be_used_a_commit_is_scanned_first_
                 **options,
             )
         assert refused.value.details["findings"] == [{"path": "/root/.netrc", "found": ["netrc credentials file"]}]
-        assert docker.images.list(name="envctl-test/fallback") == []
+        assert docker.images.list(name=f"envctl-test/fallback:{TEST_SESSION}") == []
         allowed = SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES), allow=["/root/.netrc"])
         made = backend.save_layer(state, tag=TEST_SESSION, version_image=image, observer=allowed, **options)
         assert made.lean is False and made.left_out == {}
