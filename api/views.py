@@ -7,7 +7,9 @@ the relationships already loaded on the row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from typing import Any
 
 from api.schemas import (
     EnvironmentOut,
@@ -178,3 +180,9 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
 
 def log_entry_out(e: RuntimeLogEntry) -> LogEntryOut:
     return LogEntryOut(at=e.at, state=e.state, event=e.event, reason=e.reason, message=e.message, details=e.details)
+
+
+def sse(event: str, data: Any, event_id: int | str | None = None) -> bytes:
+    """One server-sent event: its id (when given), its name and its data as compact JSON."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import ExecutionCreate, ExecutionOut
+from api.views import sse
 from runner.executions import ExecutionManager
 from runner.feeds import FINAL, Event, ExecutionView, merge_streams
 
@@ -100,11 +100,6 @@ def interrupt(execution_id: str, ctx: CtxDep, caller: CallerDep) -> ExecutionOut
     return execution_out(ctx, ctx.runner.executions.interrupt(caller.id, execution_id))
 
 
-def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
 @router.get(
     "/executions/{execution_id}/events",
     response_class=StreamingResponse,
@@ -139,10 +134,10 @@ async def events(
             if snapshot is None:  # not running: everything is in the database
                 stored = await run_in_threadpool(manager.outputs, execution_id, start)
                 for idx, out in stored:
-                    yield _sse("output", out, idx)
+                    yield sse("output", out, idx)
                 final = await run_in_threadpool(manager.get, caller.id, execution_id)
                 if final.status in FINAL:
-                    yield _sse(
+                    yield sse(
                         "status",
                         {
                             "status": final.status,
@@ -157,17 +152,17 @@ async def events(
                         return
                     await asyncio.sleep(0.5)
                     for idx, out in await run_in_threadpool(manager.outputs, execution_id, next_index):
-                        yield _sse("output", out, idx)
+                        yield sse("output", out, idx)
                         next_index = idx + 1
                     final = await run_in_threadpool(manager.get, caller.id, execution_id)
-                yield _sse(
+                yield sse(
                     "status",
                     {"status": final.status, "execution_count": final.execution_count, "truncated": final.truncated},
                 )
                 return
             for idx, out in enumerate(snapshot):
                 if idx >= next_index:
-                    yield _sse("output", out, idx)
+                    yield sse("output", out, idx)
                     next_index = idx + 1
             while True:
                 try:
@@ -179,10 +174,10 @@ async def events(
                     continue
                 if event.kind == "output":
                     if event.index >= next_index:
-                        yield _sse("output", event.data, event.index)
+                        yield sse("output", event.data, event.index)
                         next_index = event.index + 1
                 else:
-                    yield _sse("status", event.data)
+                    yield sse("status", event.data)
                     return
         finally:
             unsubscribe()

@@ -23,14 +23,14 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, Context, CtxDep
-from api.views import log_entry_out, runtimes_out
+from api.views import log_entry_out, runtimes_out, sse
 from runner.errors import RuntimeNotFoundError
 
 router = APIRouter(tags=["streams"])
@@ -89,11 +89,6 @@ def wakeups(request: Request, ctx: Context) -> Wakeups:
     if found is None:
         found = state.stream_wakeups = Wakeups(ctx.runner.records.changed)
     return found
-
-
-def sse(event: str, data: Any, event_id: int | str | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]) -> AsyncIterator[bytes]:
