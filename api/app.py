@@ -16,6 +16,7 @@ from api.dbschema import check_current
 from api.deps import CallerCache, Context
 from api.fastpath import CellFastPath
 from api.routes import (
+    catalog,
     environments,
     executions,
     health,
@@ -110,6 +111,7 @@ def create_app(
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
     app.include_router(packages.router, responses=ERROR_RESPONSES)  # likewise
+    app.include_router(catalog.router, responses=ERROR_RESPONSES)  # likewise (…/publish)
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (

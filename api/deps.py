@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from envs.errors import EnvironmentNotFoundError
 from envs.kit.config import Settings
 from envs.kit.db import Database
+from registry import catalog
 from registry import service as registry_service
 from registry import teams as teams_service
 from runner.service import RunnerService
@@ -85,27 +86,34 @@ async def get_caller(
     if token:
         hit = cache.get(token)
         if hit is not None:
-            _check_environment_visible(request, hit)
+            await _check_environment_visible(request, ctx, hit)
             return hit
     caller = await run_in_threadpool(_lookup, ctx, token)
     if token:
         cache.put(token, caller)
-    _check_environment_visible(request, caller)
+    await _check_environment_visible(request, ctx, caller)
     return caller
 
 
-def _check_environment_visible(request: Request, caller: Caller) -> None:
+async def _check_environment_visible(request: Request, ctx: Context, caller: Caller) -> None:
     """Another team's environment named in the path (``{ref}``) is a 404, as if it did not
-    exist, unless published (R27)."""
+    exist, unless what the path names is published (R27)."""
     ref = request.path_params.get("ref")
     if not isinstance(ref, str):
         return
     full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
-    if not teams_service.may_see(full_name, caller.teams, caller.is_admin):
+    if teams_service.may_see(full_name, caller.teams, caller.is_admin):
+        return
+    if not await run_in_threadpool(_published, ctx, ref, caller):
         raise EnvironmentNotFoundError(
             f"ref: no environment named {full_name!r}; `envctl env ls` lists them",
             details={"field": "ref", "environment": full_name},
         )
+
+
+def _published(ctx: Context, ref: str, caller: Caller) -> bool:
+    with ctx.db.session() as s:
+        return catalog.may_read(s, ref, caller.teams, caller.is_admin)
 
 
 def _lookup(ctx: Context, token: str | None) -> Caller:

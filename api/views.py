@@ -67,13 +67,14 @@ def owner_ids(envs: Iterable[Environment]) -> set[str]:
     return {e.owner_id for e in envs if e.owner_id is not None}
 
 
-def environment_out(env: Environment, owners: dict[str, str]) -> EnvironmentOut:
+def environment_out(env: Environment, owners: dict[str, str], only: set[int] | None = None) -> EnvironmentOut:
     """``owners`` maps user id to name; an owner missing from it (a user who is gone) shows as
-    no owner, which is how such an environment is treated: admins only."""
+    no owner, which is how such an environment is treated: admins only. ``only``: the ids of
+    the versions to show (another team's published ones), ``None`` for all."""
     tags_by_version: dict[int, list[str]] = {}
     for t in env.tags:
         tags_by_version.setdefault(t.version_id, []).append(t.name)
-    by_id = {v.id: v for v in env.versions}
+    by_id = {v.id: v for v in env.versions if only is None or v.id in only}
     tags = {t.name: by_id[t.version_id].ref for t in env.tags if t.version_id in by_id}
     return EnvironmentOut(
         name=env.full_name,
@@ -81,11 +82,13 @@ def environment_out(env: Environment, owners: dict[str, str]) -> EnvironmentOut:
         owner=owners.get(env.owner_id) if env.owner_id is not None else None,
         latest=tags.get("latest"),
         tags=tags,
-        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in env.versions],
+        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in by_id.values()],
     )
 
 
-def lineage_step(v: EnvironmentVersion) -> LineageStep:
+def lineage_step(v: EnvironmentVersion, own: bool = True) -> LineageStep:
+    """``own``: the caller's team's version (or no team's); another team's does not say which
+    of its runtimes it was saved from."""
     return LineageStep(
         ref=v.ref,
         digest=v.digest,
@@ -94,7 +97,7 @@ def lineage_step(v: EnvironmentVersion) -> LineageStep:
         created_at=v.created_at,
         size=v.size,
         size_added=v.size_added,
-        source_runtime_id=v.source_runtime_id,
+        source_runtime_id=v.source_runtime_id if own else None,
     )
 
 

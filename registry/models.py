@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from envs.kit.clock import utcnow
@@ -71,3 +72,38 @@ class Membership(Base):
 
     team: Mapped[Team] = relationship(back_populates="members")
     user: Mapped[User] = relationship()
+
+
+class Publication(Base):
+    """A version, or a tag, of a team's environment made readable by every team.
+
+    ``version_id`` is set for a published version (``acme/ml@3``); ``tag`` for a published tag
+    (``acme/ml:stable``), which publishes whichever version the tag points at, as it moves.
+    """
+
+    __tablename__ = "publications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id", ondelete="CASCADE"), index=True)
+    version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("environment_versions.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    tag: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    published_by: Mapped[str] = mapped_column(String(64), default="")
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TeamEvent(Base):
+    """One change to a team's environments, in order (``id`` only grows): a version saved, a
+    version or tag published or unpublished, a version deleted, a tag moved. Written in the same
+    transaction as the change; ``GET /teams/{team}/events`` streams them."""
+
+    __tablename__ = "team_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    environment: Mapped[str] = mapped_column(String(140))
+    ref: Mapped[str] = mapped_column(String(300))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -16,8 +16,8 @@ from envs import archive
 from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.refs import parse_ref
+from registry import catalog
 from registry import service as registry_service
-from registry import teams as teams_service
 
 router = APIRouter(tags=["environments"])
 
@@ -25,15 +25,15 @@ router = APIRouter(tags=["environments"])
 @router.get("/environments", response_model=list[EnvironmentOut])
 def list_environments(ctx: CtxDep, caller: CallerDep) -> list[EnvironmentOut]:
     """Every environment the caller may see, with its versions, tags and owner: base images,
-    names without a team, and their own teams' (another team's are left out)."""
+    names without a team, their own teams', and of another team's only what it published."""
     with ctx.db.session() as s:
-        envs = [
-            e
+        shown = [
+            (e, catalog.readable_versions(s, e, caller.teams, caller.is_admin))
             for e in envs_service.list_environments(s)
-            if teams_service.may_see(e.full_name, caller.teams, caller.is_admin)
         ]
-        owners = registry_service.user_names(s, owner_ids(envs))
-        return [environment_out(e, owners) for e in envs]
+        envs = [(e, only) for e, only in shown if only is None or only]
+        owners = registry_service.user_names(s, owner_ids(e for e, _ in envs))
+        return [environment_out(e, owners, only) for e, only in envs]
 
 
 @router.post("/environments/build", status_code=202, response_model=OperationOut)
@@ -96,12 +96,17 @@ def export(ref: str, ctx: CtxDep, _caller: CallerDep) -> StreamingResponse:
 
 
 @router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep])
-def lineage(ref: str, ctx: CtxDep, _caller: CallerDep) -> list[LineageStep]:
+def lineage(ref: str, ctx: CtxDep, caller: CallerDep) -> list[LineageStep]:
     """The chain from the version ``ref`` means down to its base image, newest first, each
-    step with its message, author, time and the size it added."""
+    step with its message, author, time and the size it added (and, for the caller's own
+    teams' versions, the runtime it was saved from)."""
     with ctx.db.session() as s:
         version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
-        return [lineage_step(v) for v in envs_service.lineage(s, version)]
+        steps = [
+            (v, catalog.readable_versions(s, v.environment, caller.teams, caller.is_admin))
+            for v in envs_service.lineage(s, version)
+        ]
+        return [lineage_step(v, own=only is None) for v, only in steps]
 
 
 @router.delete("/environments/{ref:path}", status_code=204)
@@ -114,15 +119,17 @@ def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
         raise InvalidInputError("ref: name one version to delete, as name@N or name@sha256:...", field="ref")
     with ctx.db.session() as s:
         version = envs_service.resolve(s, parsed, "ref")
-        image_id = envs_service.delete_version(s, version, envs_service.Writer(caller.id, caller.is_admin))
+        image_id = catalog.delete_version(s, version, envs_service.Writer(caller.id, caller.is_admin, caller.teams))
     ctx.runner.backend.remove_image(image_id)
     return Response(status_code=204)
 
 
 @router.get("/environments/{ref:path}", response_model=EnvironmentOut)
-def get_environment(ref: str, ctx: CtxDep, _caller: CallerDep) -> EnvironmentOut:
+def get_environment(ref: str, ctx: CtxDep, caller: CallerDep) -> EnvironmentOut:
     """One environment. ``ref`` is a name (``python3``, ``acme/ml``) or any reference to one
-    of its versions; the whole environment is returned either way."""
+    of its versions; the whole environment is returned either way (another team's: only what
+    it published)."""
     with ctx.db.session() as s:
         env = envs_service.environment_of(s, ref, "ref")
-        return environment_out(env, registry_service.user_names(s, owner_ids([env])))
+        only = catalog.readable_versions(s, env, caller.teams, caller.is_admin)
+        return environment_out(env, registry_service.user_names(s, owner_ids([env])), only)

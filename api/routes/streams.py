@@ -7,6 +7,9 @@ runtime's runner log as it grows. Both are server-sent events; neither needs the
 - ``GET /runtimes/{id}/log/events``: every line of the runner log, oldest first, then each new
   line as it is written; each event's ``id`` is the line's id, so a client that reconnects with
   ``Last-Event-ID`` gets only what it missed.
+- ``GET /teams/{team}/events``: the team's events (``registry/events.py``: ``saved``,
+  ``tag_moved``, ``deleted``, ``published``, ``unpublished``), oldest first, then each as it is
+  committed; ``id`` is the event's, so ``Last-Event-ID`` resumes after it. Members only.
 
 How a change reaches a stream: the runner's records wake their waiters after every committed
 change (``Records.changed``); one thread per app (``Wakeups``) waits on that and wakes each open
@@ -31,6 +34,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, Context, CtxDep
 from api.views import log_entry_out, runtimes_out, sse
+from registry import events
+from registry import teams as teams_service
 from runner.errors import RuntimeNotFoundError
 
 router = APIRouter(tags=["streams"])
@@ -159,5 +164,36 @@ async def log_events(
         if entries:
             after = entries[-1].id
         return [sse("entry", log_entry_out(e).model_dump(mode="json"), e.id) for e in entries]
+
+    return StreamingResponse(follow(request, ctx, read), media_type="text/event-stream", headers=HEADERS)
+
+
+@router.get("/teams/{team}/events", include_in_schema=False)
+async def team_events(
+    team: str,
+    request: Request,
+    ctx: CtxDep,
+    caller: CallerDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> StreamingResponse:
+    """A team's events, live: one event per change, its ``id`` the event's; resumes after
+    ``Last-Event-ID``. Members and envctl admins only (another team is a 404)."""
+    after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else 0
+    actor = teams_service.Actor(caller.id, caller.is_admin)
+
+    def check() -> None:
+        with ctx.db.session() as s:
+            teams_service.get_team(s, team, actor)  # 404 before the stream starts
+
+    await run_in_threadpool(check)
+
+    def read() -> list[bytes]:
+        nonlocal after
+        with ctx.db.session() as s:
+            found = events.after(s, team, after)
+            chunks = [sse(e.kind, events.as_json(e), e.id) for e in found]
+        if found:
+            after = found[-1].id
+        return chunks
 
     return StreamingResponse(follow(request, ctx, read), media_type="text/event-stream", headers=HEADERS)

@@ -37,6 +37,8 @@ TABLES = {
     "runners",
     "teams",
     "team_members",
+    "publications",
+    "team_events",
 }
 
 

@@ -1,6 +1,7 @@
 """R27 over every route of the OpenAPI schema: Bob (team beta) asks for what Alice (team acme)
 has — her runtime, execution, result, operation, token, her team and its environment
-``acme/ml`` — and gets 404 or 403, never her data. Routes are read from the schema, so a new
+``acme/ml``'s own version — and gets 404 or 403, never her data; the version of it she
+published he may read on every route that reads one, and change on none. Routes are read from the schema, so a new
 route is covered without being listed here; a new kind of path parameter fails until the
 test is told whose value to use for it.
 """
@@ -58,46 +59,82 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     ex = api.post(f"/runtimes/{rid}/executions", headers=alice, params={"wait": 20}, json={"code": code}).json()
     assert ex["status"] == "ok", ex
     [result] = api.get(f"/executions/{ex['id']}/results", headers=alice).json()
-    op = api.post(f"/runtimes/{rid}/save", headers=alice, json={"environment": "acme/ml"}).json()
-    assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
+    for message in ("shared save", "private save"):  # acme/ml@1, published; acme/ml@2, the team's own
+        body = {"environment": "acme/ml", "message": message}
+        op = api.post(f"/runtimes/{rid}/save", headers=alice, json=body).json()
+        assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
+    assert api.post("/environments/acme/ml@1/publish", headers=alice).status_code == 200
     token_id = api.get("/tokens", headers=alice).json()[0]["id"]
     alices = {
         "runtime_id": rid,
         "execution_id": ex["id"],
         "result_id": str(result["id"]),
         "operation_id": op["id"],
-        "ref": "acme/ml@1",
+        "ref": "acme/ml@2",
         "team": "acme",
         "user": "alice",
         "token_id": token_id,
     }
-    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml", "secret-work", "private"]
+    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml@2", "private save", "secret-work", "private"]
     schema = api.client.get("/openapi.json").json()
 
     checked = []
-    for path, operations in schema["paths"].items():
-        for method, operation in operations.items():
-            params = [p["name"] for p in operation.get("parameters", []) if p["in"] == "path"]
-            missing = [p for p in params if p not in alices]
-            assert not missing, f"{method.upper()} {path}: say whose {missing} to use in this test"
-            url = path.format(**{p: alices[p] for p in params})
-            resp = api.client.request(method, url, headers=bob, json=_body(schema, operation))
-            if params and method == "get" and resp.status_code == 200:
-                assert resp.json() == [], (method, path, resp.text[:300])  # a listing filtered by owner
-            elif params:
-                assert resp.status_code in (403, 404), (method, path, resp.status_code, resp.text[:300])
-                assert_envelope(resp, resp.status_code)
-            elif method == "get":
-                assert resp.status_code < 500, (method, path, resp.text[:300])
-            leaked = [s for s in secrets if s in resp.text and s not in url]  # echoing the ask is no leak
-            assert not leaked, (method, path, leaked)
-            checked.append(f"{method.upper()} {path}")
-
+    for path, method, params, operation in _operations(schema):
+        missing = [p for p in params if p not in alices]
+        assert not missing, f"{method.upper()} {path}: say whose {missing} to use in this test"
+        url = path.format(**{p: alices[p] for p in params})
+        resp = api.client.request(method, url, headers=bob, json=_body(schema, operation))
+        if params and method == "get" and resp.status_code == 200:
+            assert resp.json() == [], (method, path, resp.text[:300])  # a listing filtered by owner
+        elif params:
+            assert resp.status_code in (403, 404), (method, path, resp.status_code, resp.text[:300])
+            assert_envelope(resp, resp.status_code)
+        elif method == "get":
+            assert resp.status_code < 500, (method, path, resp.text[:300])
+        leaked = [s for s in secrets if s in resp.text and s not in url]  # echoing the ask is no leak
+        assert not leaked, (method, path, leaked)
+        checked.append(f"{method.upper()} {path}")
     assert len(checked) >= 40
+
+    # The published version: every route that names a version reads it (200) and changes
+    # nothing of it (403), and shows nothing of the team's own beside it.
+    published = [(p, m, o) for p, m, params, o in _operations(schema) if params == ["ref"]]
+    for path, method, operation in published:
+        url = path.format(ref="acme/ml@1")
+        required = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query" and p.get("required")]
+        query = {p: {"against": "python3@1"}[p] for p in required}  # a new one: say what to ask with
+        resp = api.client.request(method, url, headers=bob, params=query, json=_body(schema, operation))
+        if method == "get":  # bob reads what alice reads (the fake engine cannot export or read packages)
+            own = api.client.get(url, headers=alice, params=query)
+            assert resp.status_code == own.status_code not in (403, 404), (path, resp.status_code, resp.text[:300])
+        else:
+            assert resp.status_code == 403, (method, path, resp.status_code, resp.text[:300])
+            assert_envelope(resp, 403)
+        leaked = [s for s in secrets if s in resp.text]
+        assert not leaked, (method, path, leaked)
+    assert {f"{m.upper()} {p}" for p, m, _ in published} >= {
+        "GET /environments/{ref}",
+        "GET /environments/{ref}/lineage",
+        "DELETE /environments/{ref}",
+        "POST /environments/{ref}/publish",
+        "DELETE /environments/{ref}/publish",
+    }
+
     # Alice's things are as she left them.
     assert api.get(f"/runtimes/{rid}", headers=alice).json()["state"] == "running"
-    assert api.get("/environments/acme/ml", headers=alice).json()["latest"] == "acme/ml@1"
+    assert api.get("/environments/acme/ml", headers=alice).json()["latest"] == "acme/ml@2"
     assert [m["user"] for m in api.get("/teams/acme/members", headers=alice).json()] == ["alice"]
     assert [t["active"] for t in api.get("/tokens", headers=alice).json()] == [True]
-    assert "acme/ml" not in [e["name"] for e in api.get("/environments", headers=bob).json()]
+    [shared] = [e for e in api.get("/environments", headers=bob).json() if e["name"] == "acme/ml"]
+    assert [v["ref"] for v in shared["versions"]] == ["acme/ml@1"] and shared["latest"] is None
+    assert [e["ref"] for e in api.get("/catalog", headers=bob).json()] == ["acme/ml@1"]
     assert "acme/ml" in [e["name"] for e in api.get("/environments").json()]  # envctl admins see all
+
+
+def _operations(schema: dict[str, Any]) -> list[tuple[str, str, list[str], dict[str, Any]]]:
+    """Every operation of the schema: its path, method, path parameters and description."""
+    return [
+        (path, method, [p["name"] for p in operation.get("parameters", []) if p["in"] == "path"], operation)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    ]
