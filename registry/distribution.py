@@ -101,8 +101,9 @@ def realm_of(settings: Settings) -> str:
     return f"http://{host}:{settings.api_port}/registry/token"
 
 
-def registry_config(settings: Settings, secret: str) -> dict[str, Any]:
-    """The configuration file of the managed registry."""
+def registry_config(settings: Settings, secret: str, readonly: bool = False) -> dict[str, Any]:
+    """The configuration file of the managed registry; ``readonly`` while garbage is collected
+    (pulls are served, pushes and deletes refused)."""
     base = registry_dir(settings)
     key = signing_key(settings)
     return {
@@ -112,6 +113,7 @@ def registry_config(settings: Settings, secret: str) -> dict[str, Any]:
             "filesystem": {"rootdirectory": str(base / "storage")},
             "delete": {"enabled": True},
             "cache": {"blobdescriptor": "inmemory"},
+            "maintenance": {"readonly": {"enabled": readonly}},
         },
         "http": {
             "addr": f"127.0.0.1:{port_of(settings)}",
@@ -161,7 +163,7 @@ class ManagedRegistry:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, wait: float = 15.0) -> None:
+    def start(self, wait: float = 15.0, readonly: bool = False) -> None:
         """Write the configuration, start the registry and wait until it answers."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "storage").mkdir(exist_ok=True)
@@ -170,7 +172,8 @@ class ManagedRegistry:
         if not secret_path.is_file():
             secret_path.write_text(secrets.token_hex(32))
             secret_path.chmod(0o600)
-        text = yaml.safe_dump(registry_config(self.settings, secret_path.read_text().strip()), sort_keys=False)
+        config = registry_config(self.settings, secret_path.read_text().strip(), readonly)
+        text = yaml.safe_dump(config, sort_keys=False)
         self.config_path.write_text(text)
         self.config_path.chmod(0o600)
         self._stopping.clear()

@@ -33,3 +33,13 @@ class RegistryUnavailableError(ServiceUnavailableError):
     """The managed distribution registry could not be started or does not answer."""
 
     code = "registry_unavailable"
+
+
+class RegistryNotManagedError(ConflictError):
+    """Garbage is collected where the registry runs: this envctl does not run one."""
+
+    code = "registry_not_managed"
+
+
+class RegistryBusyError(ConflictError):
+    code = "registry_busy"

@@ -7,7 +7,9 @@ for is answered, with the actions granted (possibly none):
 
 - a member of team ``acme`` gets ``pull`` and ``push`` on ``acme/*``;
 - anyone else signed in gets ``pull`` on another team's repository only when it is published
-  (``published()``; publishing does not exist yet, so today it never is);
+  (the token endpoint passes ``registry.catalog.published_repositories``: a repository is an
+  environment, so one published version of it opens the repository to pulls; the catalog
+  still shows, boots and imports only the published versions);
 - repositories without a team (the base images) are everyone's to pull, admins' to push;
 - envctl admins get ``pull`` and ``push`` everywhere; anonymous callers get nothing.
 
@@ -108,13 +110,19 @@ def claims_for(
     }
 
 
-def issue(key: SigningKey, scope_texts: list[str], who: Requester | None, ttl: int) -> dict[str, Any]:
+def issue(
+    key: SigningKey,
+    scope_texts: list[str],
+    who: Requester | None,
+    ttl: int,
+    is_published: Callable[[str], bool] = published,
+) -> dict[str, Any]:
     """The token endpoint's answer: every scope answered, signed by ``key``."""
     if len(scope_texts) > MAX_SCOPES:
         raise InvalidInputError(f"scope: at most {MAX_SCOPES} scopes per request", field="scope")
     scopes = [parse_scope(t) for t in scope_texts]
     now = utcnow()
-    token = key.sign(claims_for(scopes, who, ttl, now))
+    token = key.sign(claims_for(scopes, who, ttl, now, is_published))
     return {
         "token": token,
         "access_token": token,

@@ -14,12 +14,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.deps import CallerDep, CtxDep
+from envs.kit.errors import ForbiddenError
 from envs.service import Writer
-from registry import catalog
+from registry import catalog, distribution, garbage
+from registry.errors import RegistryNotManagedError
 
 router = APIRouter(tags=["catalog"])
 
@@ -106,3 +108,34 @@ def search_catalog(
             )
             for e in catalog.search(s, q)
         ]
+
+
+class GcOut(BaseModel):
+    blobs_deleted: int = Field(description="blobs no manifest named any more")
+    blobs_kept: int = Field(description="blobs the remaining manifests name")
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
+@router.post("/registry/gc", response_model=GcOut)
+def registry_gc(request: Request, ctx: CtxDep, caller: CallerDep) -> GcOut:
+    """Collect the managed registry's garbage: the blobs that no remaining manifest names (what
+    deleted versions left). The registry is read-only meanwhile (pulls served, pushes refused).
+    envctl admins only (403); 409 when this envctl runs no registry."""
+    if not caller.is_admin:
+        raise ForbiddenError("only an envctl admin may collect the registry's garbage")
+    managed = getattr(request.app.state, "registry", None)
+    if not isinstance(managed, distribution.ManagedRegistry):
+        raise RegistryNotManagedError(
+            "this envctl runs no registry (the setting registry is off or an external URL): collect garbage where "
+            "the registry runs"
+        )
+    done = garbage.collect(managed)
+    return GcOut(
+        blobs_deleted=done.blobs_deleted,
+        blobs_kept=done.blobs_kept,
+        bytes_before=done.bytes_before,
+        bytes_after=done.bytes_after,
+        seconds=round(done.seconds, 3),
+    )

@@ -16,7 +16,7 @@ from envs import archive
 from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.refs import parse_ref
-from registry import catalog
+from registry import catalog, garbage
 from registry import service as registry_service
 
 router = APIRouter(tags=["environments"])
@@ -111,16 +111,20 @@ def lineage(ref: str, ctx: CtxDep, caller: CallerDep) -> list[LineageStep]:
 
 @router.delete("/environments/{ref:path}", status_code=204)
 def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
-    """Delete one version (``name@N`` or ``name@sha256:...``). Only the environment's owner
-    or an admin may (403; base images: admins only). Refused with 409, naming them, while
-    child versions or runtimes depend on it."""
+    """Delete one version (``name@N`` or ``name@sha256:...``), and its manifest in the registry
+    if it was pushed. Only the environment's writers may (403; base images: admins only).
+    Refused with 409 while child versions or runtimes depend on it, naming those the caller
+    may see and counting the others."""
     parsed = parse_ref(ref, "ref")
     if not parsed.is_pinned:
         raise InvalidInputError("ref: name one version to delete, as name@N or name@sha256:...", field="ref")
     with ctx.db.session() as s:
         version = envs_service.resolve(s, parsed, "ref")
+        repository, labels = version.environment.full_name, dict(version.labels or {})
         image_id = catalog.delete_version(s, version, envs_service.Writer(caller.id, caller.is_admin, caller.teams))
     ctx.runner.backend.remove_image(image_id)
+    garbage.forget_manifest(ctx.settings, repository, labels)  # its manifest in the registry, if pushed
+    ctx.runner.records.notify()  # wake the team's event streams
     return Response(status_code=204)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from api.deps import CallerDep, CtxDep
 from envs.kit.errors import InvalidInputError, UnauthorizedError
-from registry import distribution, tokenserver
+from registry import catalog, distribution, tokenserver
 
 router = APIRouter(tags=["registry"])
 
@@ -62,11 +62,13 @@ def registry_token(
         raise InvalidInputError(f"service: this token server signs for {distribution.SERVICE!r} only", field="service")
     credentials = _basic(request.headers.get("authorization", ""))
     who = None
+    published: set[str] = set()
     if credentials is not None:
         with ctx.db.session() as s:
             who = tokenserver.requester(s, *credentials)
+            published = catalog.published_repositories(s)
     key = distribution.signing_key(ctx.settings)
-    return tokenserver.issue(key, scope, who, ctx.settings.registry_token_ttl)
+    return tokenserver.issue(key, scope, who, ctx.settings.registry_token_ttl, published.__contains__)
 
 
 @router.get("/registry", response_model=RegistryOut)
