@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from envs.kit.clock import utcnow
 from envs.models import Environment, EnvironmentVersion, Tag
-from registry.models import TeamEvent
+from registry.models import Team, TeamEvent
 
 KINDS = ("saved", "tag_moved", "deleted", "published", "unpublished")
 _ENVS = Environment.__table__
@@ -30,7 +30,17 @@ _ENVS = Environment.__table__
 def record(session: Session, namespace: str, kind: str, environment: str, ref: str, **data: Any) -> None:
     """Write one event of team ``namespace`` in ``session``'s transaction ('' : no team, none)."""
     if namespace:
-        session.execute(insert(TeamEvent).values(_row(namespace, kind, environment, ref, data)))
+        _insert(session.connection(), namespace, kind, environment, ref, data)
+
+
+def _insert(
+    connection: Connection, namespace: str, kind: str, environment: str, ref: str, data: dict[str, Any]
+) -> None:
+    """The event row, written while holding the team's row: on PostgreSQL two transactions
+    could otherwise commit their events out of id order, and a reader that resumed after the
+    later id would never see the earlier one. (SQLite writes one transaction at a time.)"""
+    connection.execute(select(Team.id).where(Team.name == namespace).with_for_update())
+    connection.execute(insert(TeamEvent).values(_row(namespace, kind, environment, ref, data)))
 
 
 def after(session: Session, team: str, after_id: int, limit: int = 500) -> list[TeamEvent]:
@@ -85,7 +95,7 @@ def _write(connection: Connection, environment_id: int, kind: str, ref_of: str, 
         return
     namespace, name = found
     full_name = f"{namespace}/{name}"
-    connection.execute(insert(TeamEvent).values(_row(namespace, kind, full_name, full_name + ref_of, data)))
+    _insert(connection, namespace, kind, full_name, full_name + ref_of, data)
 
 
 @event.listens_for(EnvironmentVersion, "after_insert")
