@@ -26,6 +26,8 @@ command                                                     module
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
 ``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
+``publish``, ``unpublish``, ``catalog``, ``registry gc``    ``catalog.py``
+``team events``                                             ``catalog.py``
 ==========================================================  =================
 
 What they share:
@@ -49,7 +51,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams
+from api.cli import catalog, cells, environments, local, notebooks, results, runtimes, saves, teams
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -98,8 +100,13 @@ for _command in (
     teams.user,
     teams.team,
     teams.token,
+    catalog.publish,
+    catalog.unpublish,
+    catalog.catalog,
+    catalog.registry,
 ):
     cli.add_command(_command)
+teams.team.add_command(catalog.team_events)
 
 
 def _usage_error(exc: click.UsageError) -> None:
