@@ -92,6 +92,8 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_REGISTRY_PORT": "loopback port of the managed registry (default: the API port + 1)",
     "ENVCTL_REGISTRY_BINARY": "the distribution registry program (default /usr/bin/docker-registry)",
     "ENVCTL_REGISTRY_TOKEN_TTL": "seconds a registry token lives (default 300); clients ask again when it ends",
+    "ENVCTL_REGISTRY_PREPULL": "teams (comma-separated) whose published versions this server pulls as they are"
+    " published, before any boot asks (default none)",
     "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
     "ENVCTL_RESULTS_S3_BUCKET": "S3 bucket for results (needed when the results store is s3)",
     "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
@@ -147,6 +149,7 @@ class Settings:
     registry_port: int = 0  # 0: the API port + 1
     registry_binary: Path = Path("/usr/bin/docker-registry")
     registry_token_ttl: int = 300
+    registry_prepull: tuple[str, ...] = ()  # teams whose publications are pulled ahead (registry/prepull.py)
     results_store: str = "local"
     results_s3_bucket: str | None = None
     results_s3_prefix: str = ""
@@ -203,6 +206,15 @@ def _paths(v: Any) -> tuple[Path, ...]:
     return tuple(_path(str(item).strip()) for item in items if str(item).strip())
 
 
+def _team_names(v: Any) -> tuple[str, ...]:
+    """A YAML list of team names, or one string of them separated by ``,``."""
+    items = [str(i).strip() for i in (v if isinstance(v, list | tuple) else str(v or "").split(","))]
+    for item in items:
+        if item and (len(item) > 64 or not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", item)):
+            raise ValueError(f"{item!r} is not a team name")
+    return tuple(i for i in items if i)
+
+
 def _cache_paths(v: Any) -> tuple[str, ...]:
     """A YAML list of absolute or ``~/`` paths, or one string of them separated by ``,``."""
     if v is None:
@@ -255,6 +267,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "registry_port": ("ENVCTL_REGISTRY_PORT", _INT),
     "registry_binary": ("ENVCTL_REGISTRY_BINARY", _path),
     "registry_token_ttl": ("ENVCTL_REGISTRY_TOKEN_TTL", _INT),
+    "registry_prepull": ("ENVCTL_REGISTRY_PREPULL", _team_names),
     "results_store": ("ENVCTL_RESULTS_STORE", str),
     "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),

@@ -12,6 +12,8 @@ from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
 from registry import catalog, events
 from registry import service as registry_service
+from registry.errors import RegistryUnavailableError
+from registry.prepull import Prepuller
 from registry.teams import Actor, create_team
 
 ENVCTL = Writer("envctl", is_admin=True)
@@ -64,3 +66,27 @@ def test_published_versions_are_found_by_name_message_and_package(db: Database, 
         assert catalog.may_read(s, "acme/ml@1", frozenset({"beta"}), False)
         assert not catalog.may_read(s, "acme/private@1", frozenset({"beta"}), False)
         assert not catalog.may_read(s, "acme/ml@7", frozenset({"beta"}), False)
+
+
+def test_a_server_told_to_pulls_what_its_teams_publish_from_then_on(db: Database, acme: Writer) -> None:
+    _version(db, "acme/old", "6")
+    with db.session() as s:
+        catalog.publish(s, "acme/old@1", acme, "alice")  # before the pre-puller started: not its business
+    pulled: list[str] = []
+
+    def pull(ref: str) -> None:
+        if ref.startswith("acme/broken"):
+            raise RegistryUnavailableError("the registry does not answer")
+        pulled.append(ref)
+
+    prepuller = Prepuller(db, ["acme"], pull)
+    _version(db, "acme/ml", "7")
+    _version(db, "acme/broken", "8")
+    _version(db, "acme/ml", "9")
+    with db.session() as s:
+        catalog.publish(s, "acme/broken@1", acme, "alice")
+        catalog.publish(s, "acme/ml:latest", acme, "alice")  # a tag: the version it points at now
+
+    assert prepuller.run_once() == ["acme/ml@2"]
+    assert pulled == ["acme/ml@2"]
+    assert prepuller.run_once() == []  # each publication once
