@@ -1,1 +1,2 @@
-"""Teams, users and API tokens; later the catalog of published versions and the token server."""
+"""Users, API tokens and teams; the managed registry and its token server; the catalog of
+published versions, team events and the registry's garbage."""
