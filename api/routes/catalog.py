@@ -28,14 +28,12 @@ router = APIRouter(tags=["catalog"])
 
 class PublicationOut(BaseModel):
     ref: str = Field(description="what is published: a version (acme/ml@3) or a tag (acme/ml:stable)")
-    version: str = Field(description="the version it means now")
+    version: str = Field(description="the version it means now: import or boot from this")
     published_by: str
     published_at: datetime
 
 
-class CatalogEntryOut(BaseModel):
-    ref: str = Field(description="what is published: a version (acme/ml@3) or a tag (acme/ml:stable)")
-    version: str = Field(description="the version it means now: import or boot from this")
+class CatalogEntryOut(PublicationOut):
     team: str
     environment: str
     description: str
@@ -43,8 +41,6 @@ class CatalogEntryOut(BaseModel):
     digest: str
     size: int
     created_at: datetime
-    published_by: str
-    published_at: datetime
     packages: dict[str, int] | None = Field(description="packages per kind (deb, python); null: not read yet")
     matched_packages: list[str] = Field(description="the packages whose names hold the query")
 

@@ -7,15 +7,12 @@ versions are recorded in the catalog with the manifest digest a push leaves in t
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
 from api.app import create_app
 from api.dbschema import upgrade
@@ -27,6 +24,7 @@ from registry.garbage import MANIFEST_LABEL
 from registry.teams import Actor, create_team
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.registry import Image, RegistryClient, digest_of, start_registry
+from tests.fixtures.server import served
 from tests.fixtures.services import _free_port
 
 
@@ -80,20 +78,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for registry in start_registry(settings):
         app = create_app(settings)
         app.state.registry = registry  # as `envctl serve` does
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api_port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="uvicorn-catalog-registry", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        tokens["admin"] = settings.admin_token_file.read_text().strip()
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60) as api:
-                yield World(settings, registry.url, api, tokens)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=15)
+        with served(app, settings.api_port) as url, httpx.Client(base_url=url, timeout=60) as api:
+            tokens["admin"] = settings.admin_token_file.read_text().strip()
+            yield World(settings, registry.url, api, tokens)
 
 
 def test_another_team_pulls_what_was_published_and_nothing_before(world: World) -> None:
