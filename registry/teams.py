@@ -35,8 +35,9 @@ class Actor:
 
 
 def published(repository: str) -> bool:
-    """Whether a version of the environment (registry repository) ``repository`` is published
-    for every team. Publishing (issue 8 item 6) is not built yet: nothing is published."""
+    """The answer without the store: nothing is published. Callers that hold a session ask
+    the catalog instead (``registry.catalog.may_read`` for a reference,
+    ``published_repositories`` for the token server)."""
     del repository
     return False
 
