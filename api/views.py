@@ -168,6 +168,8 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         idle_timeout=rt.idle_timeout,
         env=dict(rt.env or {}),
         cuda=rt.cuda,
+        mounts=list(rt.mounts or []),
+        mounts_used=list(rt.mounts_used or []),
         pending=pending_view(rt),
         runner=rt.runner,
         runner_alive=st.runner_alive,
