@@ -242,6 +242,9 @@ class ExecutionOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    mounts: list[dict[str, Any]] | None = Field(
+        default=None, description="what the runtime's mounts held for this cell: the git commit, the volume"
+    )
 
 
 class ResultOut(BaseModel):

@@ -68,6 +68,7 @@ CLAIM_SEQ = HotStatement(
         Runtime.kernel,
         Runtime.runner,
         Runtime.state,
+        Runtime.mounts_used,
     )
 )
 INSERT_EXECUTION = HotStatement(insert(Execution))
@@ -239,7 +240,7 @@ class ExecutionManager:
                 found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
                 if found is None or found[1] != owner_id:  # rolled back: the number is not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-                seq, _owner, rt_language, rt_type, kernel, runner, state = found
+                seq, _owner, rt_language, rt_type, kernel, runner, state, mounts_used = found
                 if runner != self.records.runner:
                     self.records.mine(runner)  # raises, naming the owner
                 view = ExecutionView(
@@ -253,6 +254,7 @@ class ExecutionManager:
                     status="queued",
                     created_at=now,
                     kernel=(kernel or "python3") if rt_type == "jupyter" else None,
+                    mounts=mounts_used if state == State.RUNNING and mounts_used else None,
                 )
                 c.execute(
                     INSERT_EXECUTION,
@@ -269,6 +271,8 @@ class ExecutionManager:
                         "output_count": 0,
                         "output_bytes": 0,
                         "truncated": False,
+                        # what the runtime's mounts hold (a cell that boots it gets the boot's)
+                        "mounts": view.mounts,
                     },
                 )
             self.feeds.add(Feed(view))

@@ -113,7 +113,7 @@ class Execution(Base):
     error_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error_value: Mapped[str | None] = mapped_column(Text, nullable=True)
     # what the runtime's mounts held when the execution was queued (commit, ETags); None: no mounts
-    mounts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    mounts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

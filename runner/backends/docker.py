@@ -171,7 +171,27 @@ class DockerBackend(RuntimeBackend):
             if spec.cuda_dir is not None:  # the one host path beside envctl's own, read-only
                 cuda = Mount(target=CUDA_MOUNT, source=str(spec.cuda_dir), type="bind", read_only=True)
                 options["mounts"].append(cuda)
+        for bind in spec.mounts:  # the runtime's own mounts (runner/mounts/), checked before
+            options["mounts"].append(
+                Mount(target=bind.target, source=bind.source, type=bind.kind, read_only=bind.read_only)
+            )
         return options
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
+        try:
+            try:
+                found = self.client.api.inspect_volume(name)
+            except docker.errors.NotFound:
+                self.client.api.create_volume(name, labels={**self.labels, **labels, LABEL_MANAGED: "volume"})
+                return
+        except Exception as exc:
+            raise _daemon_error("make the runtime's volume", exc) from exc
+        mine = (found.get("Labels") or {}).get(LABEL_INSTALLATION)
+        if mine != labels.get(LABEL_INSTALLATION):
+            raise InvalidInputError(
+                f"mounts: the Docker volume {name} exists but is not this installation's; it is left alone",
+                field="mounts",
+            )
 
     def check_gpus(self) -> None:
         """``GpuUnavailableError`` unless the engine can hand out NVIDIA GPUs: the ``nvidia``
