@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -72,6 +73,14 @@ CLAIM_SEQ = HotStatement(
     )
 )
 INSERT_EXECUTION = HotStatement(insert(Execution))
+
+
+def _json_list(value: Any) -> list[Any] | None:
+    """A JSON column as a RETURNING of the hot path gives it (text on the DB-API path); None
+    when empty."""
+    if isinstance(value, str | bytes):
+        value = json.loads(value)
+    return list(value) if value else None
 
 
 class ExecutionManager:
@@ -254,7 +263,7 @@ class ExecutionManager:
                     status="queued",
                     created_at=now,
                     kernel=(kernel or "python3") if rt_type == "jupyter" else None,
-                    mounts=mounts_used if state == State.RUNNING and mounts_used else None,
+                    mounts=_json_list(mounts_used) if state == State.RUNNING else None,
                 )
                 c.execute(
                     INSERT_EXECUTION,
