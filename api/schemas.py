@@ -120,6 +120,10 @@ class RuntimeOut(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
     cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="the runtime's mounts")
+    progress: dict[str, int] | None = Field(
+        default=None,
+        description="while booting downloads its mounts (phase downloading): bytes done and total; null otherwise",
+    )
     mounts_used: list[dict[str, Any]] = Field(
         default_factory=list,
         description="what the current (or last) boot mounted: the git commit, the S3 objects' ETags, the volume",

@@ -170,6 +170,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         cuda=rt.cuda,
         mounts=list(rt.mounts or []),
         mounts_used=list(rt.mounts_used or []),
+        progress=rt.progress,
         pending=pending_view(rt),
         runner=rt.runner,
         runner_alive=st.runner_alive,

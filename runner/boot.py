@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from sqlalchemy import update
@@ -39,7 +40,7 @@ from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 from runner.machines import cuda_dir, get_machine_type
 from runner.models import Execution, Runtime
-from runner.mounts.prepare import MountPreparer
+from runner.mounts.prepare import MountPreparer, mounted_note
 from runner.paths import RuntimePaths
 from runner.records import Records
 from runner.settings import apply_pending
@@ -217,11 +218,15 @@ class Booter:
         """The runtime's mounts made ready (runner/mounts/prepare.py) and added to the spec,
         what they hold kept on the row; None (the runtime in ``error``) when one cannot be."""
         try:
-            binds, used = self.mounts.prepare(stored, owner_id, lambda phase: self.records.set(runtime_id, phase=phase))
+            binds, used = self.mounts.prepare(stored, owner_id, runtime_id, self._progress(runtime_id))
         except EnvctlError as exc:
+            self.records.set(runtime_id, progress=None)
             self.records.fail(runtime_id, "mount-failed", exc.message, {State.BOOTING})
             return None
-        self.records.set(runtime_id, mounts_used=used, phase=None)
+        self.records.set(runtime_id, mounts_used=used, phase=None, progress=None)
+        if used:
+            with self.records.tx() as s:
+                self.records.log(s, runtime_id, event="mounted", reason="boot", message=mounted_note(used))
         if used:  # cells queued before the boot ran on what it mounted
             with self.records.db.connection() as c:
                 c.execute(
@@ -230,6 +235,13 @@ class Booter:
                     .values(mounts=used)
                 )
         return replace(spec, mounts=tuple(binds))
+
+    def _progress(self, runtime_id: str) -> Callable[[str, tuple[int, int] | None], None]:
+        def report(phase: str, done_total: tuple[int, int] | None) -> None:
+            progress = {"done": done_total[0], "total": done_total[1]} if done_total else None
+            self.records.set(runtime_id, phase=phase, progress=progress)
+
+        return report
 
     def _apply_pending(self, runtime_id: str) -> None:
         """Settings changed for the next boot become the runtime's own, logged."""
