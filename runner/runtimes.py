@@ -30,6 +30,7 @@ from runner.machines import check_cuda, get_machine_type
 from runner.models import Runtime
 from runner.mounts.validate import check_mounts
 from runner.mounts.validate import to_json as mounts_json
+from runner.mounts.volumes import check_mount_access
 from runner.records import Records
 from runner.states import State
 
@@ -93,6 +94,7 @@ class Runtimes:
         with self.records.tx() as s:
             version = envs_service.resolve(s, ref, "environment")
             self._check_name_free(s, owner_id, name)
+            check_mount_access(s, owner_id, own_mounts)
             rt = Runtime(
                 id=new_id("rt"),
                 owner_id=owner_id,
@@ -153,6 +155,7 @@ class Runtimes:
             rt = self.records.get_mine(s, owner_id, runtime_id, for_update=True)
             wanted = self._reboot_changes(s, rt, changes, ref)
             if new_mounts is not None:
+                check_mount_access(s, owner_id, new_mounts)
                 wanted["mounts"] = new_mounts
             notes = self._apply_at_once(s, owner_id, rt, changes)
             if wanted:

@@ -79,6 +79,15 @@ class MountBind:
 
 
 @dataclass(frozen=True)
+class VolumeFound:
+    """A named volume in the engine, with its labels."""
+
+    name: str
+    labels: dict[str, str]
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
 class RuntimeSpec:
     """Everything a backend needs to create a runtime's container."""
 
@@ -255,6 +264,14 @@ class RuntimeBackend(abc.ABC):
         """Make the named volume for a runtime's volume mount, carrying ``labels``, unless it
         exists with the same installation label; ``InvalidInputError`` when it exists without
         it. Engines without volumes ignore it."""
+
+    def list_volumes(self, installation: str) -> list[VolumeFound]:
+        """The volumes made by ``ensure_volume`` that carry the installation's label."""
+        return []
+
+    def remove_volume(self, name: str, installation: str) -> None:  # noqa: B027  (optional hook)
+        """Remove a volume that carries the installation's label (never another's); a missing
+        one is no error. ``ConflictError`` while a container uses it."""
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import kernelspec_files, netguard, overlay
+from runner.backends import kernelspec_files, netguard, overlay, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -49,6 +49,7 @@ from runner.backends.base import (
     RuntimeSpec,
     SavedLayer,
     Status,
+    VolumeFound,
 )
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
@@ -177,21 +178,15 @@ class DockerBackend(RuntimeBackend):
             )
         return options
 
+    # named volumes of runtime mounts: runner/backends/volumes.py
     def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
-        try:
-            try:
-                found = self.client.api.inspect_volume(name)
-            except docker.errors.NotFound:
-                self.client.api.create_volume(name, labels={**self.labels, **labels, LABEL_MANAGED: "volume"})
-                return
-        except Exception as exc:
-            raise _daemon_error("make the runtime's volume", exc) from exc
-        mine = (found.get("Labels") or {}).get(LABEL_INSTALLATION)
-        if mine != labels.get(LABEL_INSTALLATION):
-            raise InvalidInputError(
-                f"mounts: the Docker volume {name} exists but is not this installation's; it is left alone",
-                field="mounts",
-            )
+        volumes.ensure(self.client, name, {**self.labels, **labels, LABEL_MANAGED: "volume"})
+
+    def list_volumes(self, installation: str) -> list[VolumeFound]:
+        return volumes.listed(self.client, installation)
+
+    def remove_volume(self, name: str, installation: str) -> None:
+        volumes.remove(self.client, name, installation)
 
     def check_gpus(self) -> None:
         """``GpuUnavailableError`` unless the engine can hand out NVIDIA GPUs: the ``nvidia``

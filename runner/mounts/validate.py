@@ -8,8 +8,9 @@ A mount is a map with a ``type`` and a ``target`` (an absolute directory of the 
   loopback, link-local, private, reserved or multicast address); ``ref`` a branch, a tag or a
   40-hex commit (the default branch when left out);
 - ``{"type": "s3", "bucket": "data", "prefix": "raw/", "target": "/data", "writeback": false}``;
-- ``{"type": "volume", "name": "home-data", "target": "/home/data", "read_only": false}``: a
-  team's named volume (runner/mounts/volumes.py).
+- ``{"type": "volume", "name": "acme/home-data", "target": "/home/data", "read_only": false}``:
+  a named volume, the team's (``TEAM/NAME``) or the runtime owner's own (``NAME``)
+  (runner/mounts/volumes.py).
 
 Targets are normalised (``//`` and a trailing ``/`` dropped); ``..``, ``.``, NUL and control
 characters are refused, as are ``/``, the system's directories (``/proc``, ``/etc``, ``/usr``…),
@@ -62,7 +63,7 @@ FORBIDDEN_TARGETS = (
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _REF_RE = re.compile(r"[A-Za-z0-9._/+-]+")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_VOLUME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_VOLUME_RE = re.compile(r"(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)?[a-z0-9][a-z0-9_.-]{0,62}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -261,8 +262,13 @@ def check_prefix(prefix: object, field: str) -> str:
 
 
 def check_volume_name(name: object, field: str = "name") -> str:
-    if not isinstance(name, str) or not _VOLUME_RE.fullmatch(name):
-        raise _bad(field, "a volume name is 1 to 63 lower-case letters, digits, _ . -, starting with a letter or digit")
+    """``NAME`` (yours) or ``TEAM/NAME`` (a team's): 1 to 63 lower-case letters, digits, _ . -."""
+    if not isinstance(name, str) or len(name) > 128 or not _VOLUME_RE.fullmatch(name):
+        raise _bad(
+            field,
+            "a volume name is NAME (yours) or TEAM/NAME (a team's), NAME being 1 to 63 lower-case letters, "
+            "digits, _ . -, starting with a letter or digit",
+        )
     return name
 
 
