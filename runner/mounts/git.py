@@ -62,7 +62,7 @@ class GitCache:
     def tree_dir(self, commit: str) -> Path:
         return self.root / "trees" / commit
 
-    def _config(self, url: str) -> list[str]:
+    def config_args(self, url: str) -> list[str]:
         """git's ``-c`` options for one fetch of ``url``."""
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -78,15 +78,15 @@ class GitCache:
             "transfer.fsckObjects=true",
         ]
         if not allowed:
-            field = "url"
-            check_host(host, field, self.resolve, self.allow_hosts)
-            port = parts.port or 443
-            addresses = sorted(self.resolve(host)) if not host.startswith("[") else [host.strip("[]")]
-            pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses) or host
-            options.append(f"http.curloptResolve={host}:{port}:{pinned}")
+            # resolved once: the addresses checked are the ones curl is pinned to
+            addresses = sorted(self.resolve(host))
+            check_host(host, "url", lambda _host: addresses, self.allow_hosts)
+            if addresses:  # none for an IP literal: curl connects to it as checked
+                pinned = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+                options.append(f"http.curloptResolve={host}:{parts.port or 443}:{pinned}")
         return [arg for opt in options for arg in ("-c", opt)]
 
-    def _env(self) -> dict[str, str]:
+    def environment(self) -> dict[str, str]:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.root),
@@ -105,7 +105,7 @@ class GitCache:
         try:
             done = subprocess.run(  # noqa: S603 - a fixed argv, the URL after --
                 [self.git, *argv],
-                env=self._env(),
+                env=self.environment(),
                 stdout=stdout if stdout is not None else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 timeout=GIT_TIMEOUT,
@@ -122,7 +122,7 @@ class GitCache:
     def fetch(self, url: str) -> Path:
         """The URL's mirror clone, brought up to date."""
         repo = self.repo_dir(url)
-        config = self._config(url)
+        config = self.config_args(url)
         with _locked(repo.with_suffix(".lock")):
             if (repo / "HEAD").exists():
                 self._run([*config, "-C", str(repo), "fetch", "--prune", "--quiet", "origin"], "fetch", url)

@@ -35,3 +35,17 @@ def test_runtime_set_mount_sets_the_list_shows_it_and_refuses_bad_ones(server: S
     assert code == 2 and "--mount" in err, err
     code, out, err = run(capsys, "runtime", "set", "m", "--no-mounts", "--json", *args)
     assert code == 0 and json.loads(out)["mounts"] == [], err
+
+
+def test_volume_create_ls_and_rm(server: Server, capsys: Capsys) -> None:
+    args = server.args()
+    code, out, err = run(capsys, "volume", "create", "cli-data", *args)
+    assert code == 0 and "volume cli-data created (you)" in out, err
+    code, out, err = run(capsys, "volume", "ls", "--json", *args)
+    assert code == 0 and [v["name"] for v in json.loads(out)] == ["cli-data"], err
+    code, out, err = run(capsys, "volume", "create", "Bad Name", *args)
+    assert code == 2, err
+    code, out, err = run(capsys, "volume", "rm", "cli-data", *args)
+    assert code == 0 and "deleted" in out, err
+    code, out, err = run(capsys, "volume", *args)
+    assert code == 0 and "cli-data" not in out, out

@@ -51,3 +51,19 @@ def test_a_loopback_host_not_allowed_is_refused_before_git_runs(git_server: GitS
         with pytest.raises(InvalidInputError, match="loopback"):
             cache.prepare(GitMount(target="/m", url=url))
     assert not (tmp_path / "cache" / "repos").exists() or not any((tmp_path / "cache" / "repos").iterdir())
+
+
+def test_git_runs_https_only_without_redirects_hooks_or_prompts_pinned_to_the_checked_addresses(
+    tmp_path: Path,
+) -> None:
+    answers = iter([["93.184.215.14"], ["127.0.0.1"]])  # a second lookup would be rebound to loopback
+    cache = GitCache(tmp_path, resolve=lambda host: next(answers))
+    options = cache.config_args("https://git.example.org/r.git")
+    pairs = [options[i + 1] for i in range(0, len(options), 2)]
+    assert options[::2] == ["-c"] * len(pairs)
+    assert pairs[:2] == ["protocol.allow=never", "protocol.https.allow=always"]
+    assert "protocol.http.allow=always" not in pairs
+    assert {"http.followRedirects=false", "core.hooksPath=/dev/null", "credential.helper="} <= set(pairs)
+    assert pairs[-1] == "http.curloptResolve=git.example.org:443:93.184.215.14"
+    env = cache.environment()
+    assert env["GIT_TERMINAL_PROMPT"] == "0" and env["GIT_CONFIG_GLOBAL"] == "/dev/null"
