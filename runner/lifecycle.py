@@ -208,8 +208,10 @@ class Lifecycle:
                 rt = self.records.get(s, owner_id, runtime_id, with_version=False)
                 state = dict(rt.backend_state or {})
                 draft = rt.draft_image_id
+                mounts = list(rt.mounts or [])
             if state:
                 self.backend.stop(state, timeout=2)
+                self._write_back(runtime_id, mounts)
             with self.records.tx() as s:
                 s.delete(self.records.get(s, owner_id, runtime_id, with_version=False))
         self.on_deleted(runtime_id)
@@ -217,3 +219,4 @@ class Lifecycle:
         if draft:
             self.backend.remove_image(draft)
         self.paths.remove_state_dir(runtime_id)
+        self.booter.mounts.forget(runtime_id)

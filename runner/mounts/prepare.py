@@ -83,6 +83,10 @@ class MountPreparer:
                 uploaded += self.s3.write_back(mount, runtime_id)
         return uploaded
 
+    def forget(self, runtime_id: str) -> None:
+        """A deleted runtime's own copies of its write-back mounts go."""
+        self.s3.forget(runtime_id)
+
 
 def mounted_note(used: Sequence[Mapping[str, Any]]) -> str:
     """What a boot mounted, for the runner log."""

@@ -194,6 +194,9 @@ class S3Cache:
             uploaded.append(key)
         return uploaded
 
+    def forget(self, runtime_id: str) -> None:
+        shutil.rmtree(self.root / "s3-rw" / runtime_id, ignore_errors=True)
+
 
 def _walk(root: Path) -> Iterator[str]:
     for dirpath, _dirs, names in os.walk(root):
