@@ -191,7 +191,7 @@ def test_bad_prefixes_are_refused(prefix):
     refused([{"type": "s3", "bucket": "data", "prefix": prefix, "target": "/data"}], "mounts[0].prefix")
 
 
-@pytest.mark.parametrize("name", ["", "-v", "V", "a/b", "a b", "x" * 64])
+@pytest.mark.parametrize("name", ["", "-v", "V", "a/b/c", "A/b", "/b", "a/", "a b", "x" * 64])
 def test_bad_volume_names_are_refused(name):
     refused([{"type": "volume", "name": name, "target": "/data"}], "mounts[0].name")
 
