@@ -6,5 +6,6 @@ at a target directory of the container.
 - volumes.py: named persistent volumes (Docker volumes carrying the installation's labels);
 - git.py: the shared clone cache and the checkout of a ref per commit, run with a fixed argv;
 - s3.py: the ETag-aware download cache (and the write-back on stop);
+- cache.py: the lock the caches share;
 - prepare.py: what a boot does with a runtime's mounts (downloads, progress, binds, record).
 """

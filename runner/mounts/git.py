@@ -15,7 +15,6 @@ git at a private address.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -23,28 +22,17 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from runner.mounts.cache import locked
 from runner.mounts.errors import MountFetchError
 from runner.mounts.validate import GitMount, Resolver, check_host, system_resolver
 
 GIT_TIMEOUT = 600.0  # seconds one git command may take
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (across processes): one fetch of a repository at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class GitCache:
@@ -123,7 +111,7 @@ class GitCache:
         """The URL's mirror clone, brought up to date."""
         repo = self.repo_dir(url)
         config = self.config_args(url)
-        with _locked(repo.with_suffix(".lock")):
+        with locked(repo.with_suffix(".lock")):
             if (repo / "HEAD").exists():
                 self._run([*config, "-C", str(repo), "fetch", "--prune", "--quiet", "origin"], "fetch", url)
             else:

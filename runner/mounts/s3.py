@@ -17,7 +17,6 @@ Keys that cannot be a file path (empty parts, ``.`` or ``..``, NUL, a key that i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,22 +27,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from runner.mounts.cache import locked
 from runner.mounts.errors import MountFetchError
 from runner.mounts.validate import S3Mount
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes to fetch)
 RECORD_OBJECTS = 1000  # at most this many key -> ETag pairs in an execution's record
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def safe_relative(key: str, prefix: str) -> str | None:
@@ -105,7 +94,7 @@ class S3Cache:
     def prepare(self, mount: S3Mount, progress: Progress) -> tuple[Path, dict[str, Any]]:
         """The cache's ``files/`` for the mount, brought up to date; the record of its objects."""
         cache = self.cache_dir(mount)
-        with _locked(cache.with_suffix(".lock")):
+        with locked(cache.with_suffix(".lock")):
             files = cache / "files"
             files.mkdir(parents=True, exist_ok=True)
             index_path = cache / "index.json"
