@@ -150,8 +150,13 @@ class GitCache:
                 self._run(["-C", str(repo), "archive", "--format=tar", commit], "unpack", url, stdout=fh)
             files = tmp / "files"
             files.mkdir()
-            with tarfile.open(archive) as tar:
-                tar.extractall(files, filter="data")
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(files, filter="data")  # no links out, no devices, no absolute paths
+            except (tarfile.TarError, OSError) as exc:
+                raise MountFetchError(
+                    f"the files of {url} at {commit[:12]} cannot be mounted: {exc}", details={"url": url}
+                ) from exc
             with contextlib.suppress(OSError):  # another boot unpacked it meanwhile: keep theirs
                 files.rename(out)
         finally:

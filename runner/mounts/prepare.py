@@ -21,9 +21,10 @@ from typing import Any
 
 from envs.kit.config import Settings
 from runner.backends.base import MountBind, RuntimeBackend
+from runner.mounts.errors import MountFetchError
 from runner.mounts.git import GitCache
 from runner.mounts.s3 import S3Cache
-from runner.mounts.validate import GitMount, S3Mount, VolumeMount, check_mounts, from_json
+from runner.mounts.validate import GitMount, Mount, S3Mount, VolumeMount, check_mounts, from_json
 from runner.mounts.volumes import volume_labels, volume_name
 
 Report = Callable[[str, tuple[int, int] | None], None]  # (phase, (bytes done, bytes to fetch) or None)
@@ -48,6 +49,14 @@ class MountPreparer:
             return [], []
         report(PREPARING, None)
         mounts = check_mounts(list(stored), allow_hosts=self.settings.mounts_allow_hosts)
+        try:
+            return self._prepare(mounts, owner_id, runtime_id, report)
+        except OSError as exc:  # the data directory: full, unwritable
+            raise MountFetchError(f"the mounts could not be made ready: {exc}") from exc
+
+    def _prepare(
+        self, mounts: list[Mount], owner_id: str, runtime_id: str, report: Report
+    ) -> tuple[list[MountBind], list[dict[str, Any]]]:
         binds: list[MountBind] = []
         used: list[dict[str, Any]] = []
         for mount in mounts:
