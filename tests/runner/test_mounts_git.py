@@ -67,3 +67,16 @@ def test_git_runs_https_only_without_redirects_hooks_or_prompts_pinned_to_the_ch
     assert pairs[-1] == "http.curloptResolve=git.example.org:443:93.184.215.14"
     env = cache.environment()
     assert env["GIT_TERMINAL_PROMPT"] == "0" and env["GIT_CONFIG_GLOBAL"] == "/dev/null"
+
+
+def test_a_commit_whose_links_point_outside_its_tree_is_not_mounted(git_server: GitServer, tmp_path: Path) -> None:
+    url = f"{git_server.url}/links.git"
+    commit(git_server.root / "links.git", {"ok.txt": "ok"}, "fine", links={"inside": "ok.txt"})
+    cache = GitCache(tmp_path / "cache", allow_hosts=["127.0.0.1"])
+    tree, _ = cache.prepare(GitMount(target="/m", url=url))
+    assert (tree / "inside").read_text() == "ok"
+    for target in ("/etc/passwd", "../../../../etc/passwd"):
+        commit(git_server.root / "links.git", {}, "evil", links={f"evil{len(target)}": target})
+        with pytest.raises(MountFetchError, match="cannot be mounted"):
+            cache.prepare(GitMount(target="/m", url=url))
+    assert not any(p.name.startswith("evil") for p in (tmp_path / "cache").rglob("*"))
