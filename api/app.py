@@ -31,6 +31,7 @@ from api.routes import (
     streams,
     teams,
     tokens,
+    volumes,
 )
 from api.schemas import ErrorOut
 from api.web import router as page_router
@@ -126,6 +127,7 @@ def create_app(
         teams,
         tokens,
         registry_auth,
+        volumes,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)

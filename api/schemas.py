@@ -20,6 +20,14 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+MOUNTS_HELP = (
+    "mounts, each a map with a type and an absolute target: "
+    '{"type": "git", "url": "https://...", "ref": "main", "target": "/mnt/code"}, '
+    '{"type": "s3", "bucket": "b", "prefix": "p/", "target": "/data", "writeback": false} or '
+    '{"type": "volume", "name": "v", "target": "/home/data", "read_only": false}'
+)
+
+
 class RuntimeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +51,7 @@ class RuntimeCreate(BaseModel):
     cuda: str | None = Field(
         default=None, max_length=32, description="host CUDA version for a GPU machine type (GET /machine-types/cuda)"
     )
+    mounts: list[Any] | None = Field(default=None, description=MOUNTS_HELP)
 
 
 class RuntimePatch(BaseModel):
@@ -68,6 +77,7 @@ class RuntimePatch(BaseModel):
         description="host CUDA version mounted at /usr/local/cuda in GPU runtimes (GET /machine-types/cuda lists "
         "them); null for none; needs a reboot",
     )
+    mounts: list[Any] | None = Field(default=None, description=MOUNTS_HELP + "; the complete new list, needs a reboot")
     next_boot: bool = Field(
         default=False,
         description="while the runtime runs, keep changes that need a reboot for its next boot instead of a 409 "
@@ -109,6 +119,15 @@ class RuntimeOut(BaseModel):
     idle_timeout: int | None
     env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
     cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
+    mounts: list[dict[str, Any]] = Field(default_factory=list, description="the runtime's mounts")
+    progress: dict[str, int] | None = Field(
+        default=None,
+        description="while booting downloads its mounts (phase downloading): bytes done and total; null otherwise",
+    )
+    mounts_used: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="what the current (or last) boot mounted: the git commit, the S3 objects' ETags, the volume",
+    )
     pending: dict[str, Any] = Field(
         default_factory=dict,
         description="settings changed while it ran, applied by its next boot (field -> new value); empty if none",
@@ -227,6 +246,9 @@ class ExecutionOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    mounts: list[dict[str, Any]] | None = Field(
+        default=None, description="what the runtime's mounts held for this cell: the git commit, the volume"
+    )
 
 
 class ResultOut(BaseModel):

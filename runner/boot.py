@@ -9,6 +9,7 @@ The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock
    run (phase ``restoring``, logged);
 2. create and start the container (``backend.start``), labelled with this installation and
    runner so that nothing else ever takes it for its own;
+   (first the runtime's mounts are made ready: runner/mounts/prepare.py)
 3. wait for the agent to answer a ping on its Unix socket, checking now and then that the
    container still lives and that no stop asked to cancel the boot;
 4. ``running``, with the boot time in the runner log.
@@ -22,7 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
+from sqlalchemy import update
 from sqlalchemy.orm import selectinload
 
 from envs.kit.config import Settings
@@ -35,7 +39,8 @@ from runner.drafts import Drafts
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 from runner.machines import cuda_dir, get_machine_type
-from runner.models import Runtime
+from runner.models import Execution, Runtime
+from runner.mounts.prepare import MountPreparer, mounted_note
 from runner.paths import RuntimePaths
 from runner.records import Records
 from runner.settings import apply_pending
@@ -73,6 +78,7 @@ class Booter:
         self.backend = backend
         self.paths = paths
         self.drafts = drafts
+        self.mounts = MountPreparer(settings, identity.installation, backend)
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -131,9 +137,14 @@ class Booter:
                     return
                 spec = self.spec(rt)
                 restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
+                owner_id, stored_mounts = rt.owner_id, list(rt.mounts or [])
         except EnvctlError as exc:
             records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
             return
+        mounted = self._mount(runtime_id, owner_id, stored_mounts, spec)
+        if mounted is None:
+            return
+        spec = mounted
         values: dict[str, object] = {"change_baseline": {}}  # a new container: nothing of it is saved yet
         if restoring is not None:
             values["phase"] = "restoring"
@@ -200,6 +211,37 @@ class Booter:
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _mount(
+        self, runtime_id: str, owner_id: str, stored: list[dict[str, object]], spec: RuntimeSpec
+    ) -> RuntimeSpec | None:
+        """The runtime's mounts made ready (runner/mounts/prepare.py) and added to the spec,
+        what they hold kept on the row; None (the runtime in ``error``) when one cannot be."""
+        try:
+            binds, used = self.mounts.prepare(stored, owner_id, runtime_id, self._progress(runtime_id))
+        except EnvctlError as exc:
+            self.records.set(runtime_id, progress=None)
+            self.records.fail(runtime_id, "mount-failed", exc.message, {State.BOOTING})
+            return None
+        self.records.set(runtime_id, mounts_used=used, phase=None, progress=None)
+        if used:
+            with self.records.tx() as s:
+                self.records.log(s, runtime_id, event="mounted", reason="boot", message=mounted_note(used))
+        if used:  # cells queued before the boot ran on what it mounted
+            with self.records.db.connection() as c:
+                c.execute(
+                    update(Execution)
+                    .where(Execution.runtime_id == runtime_id, Execution.status == "queued", Execution.mounts.is_(None))
+                    .values(mounts=used)
+                )
+        return replace(spec, mounts=tuple(binds))
+
+    def _progress(self, runtime_id: str) -> Callable[[str, tuple[int, int] | None], None]:
+        def report(phase: str, done_total: tuple[int, int] | None) -> None:
+            progress = {"done": done_total[0], "total": done_total[1]} if done_total else None
+            self.records.set(runtime_id, phase=phase, progress=progress)
+
+        return report
 
     def _apply_pending(self, runtime_id: str) -> None:
         """Settings changed for the next boot become the runtime's own, logged."""

@@ -353,6 +353,8 @@ class CellWorkers:
             return "the runtime did not finish booting in time"
         if rt.state != State.RUNNING:
             return f"the runtime failed to boot ({rt.state_reason}): {rt.state_message}"
+        if view.mounts is None and rt.mounts_used:  # the boot recorded them on the row too
+            view.mounts = list(rt.mounts_used)
         return None
 
     # ------------------------------------------------------------------ the end

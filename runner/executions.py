@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -68,9 +69,18 @@ CLAIM_SEQ = HotStatement(
         Runtime.kernel,
         Runtime.runner,
         Runtime.state,
+        Runtime.mounts_used,
     )
 )
 INSERT_EXECUTION = HotStatement(insert(Execution))
+
+
+def _json_list(value: Any) -> list[Any] | None:
+    """A JSON column as a RETURNING of the hot path gives it (text on the DB-API path); None
+    when empty."""
+    if isinstance(value, str | bytes):
+        value = json.loads(value)
+    return list(value) if value else None
 
 
 class ExecutionManager:
@@ -239,7 +249,7 @@ class ExecutionManager:
                 found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
                 if found is None or found[1] != owner_id:  # rolled back: the number is not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-                seq, _owner, rt_language, rt_type, kernel, runner, state = found
+                seq, _owner, rt_language, rt_type, kernel, runner, state, mounts_used = found
                 if runner != self.records.runner:
                     self.records.mine(runner)  # raises, naming the owner
                 view = ExecutionView(
@@ -253,6 +263,7 @@ class ExecutionManager:
                     status="queued",
                     created_at=now,
                     kernel=(kernel or "python3") if rt_type == "jupyter" else None,
+                    mounts=_json_list(mounts_used) if state == State.RUNNING else None,
                 )
                 c.execute(
                     INSERT_EXECUTION,
@@ -269,6 +280,8 @@ class ExecutionManager:
                         "output_count": 0,
                         "output_bytes": 0,
                         "truncated": False,
+                        # what the runtime's mounts hold (a cell that boots it gets the boot's)
+                        "mounts": view.mounts,
                     },
                 )
             self.feeds.add(Feed(view))

@@ -56,6 +56,7 @@ class ExecutionView:
     error_value: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    mounts: list[dict[str, Any]] | None = None  # what the runtime's mounts held (git commit, ...)
 
     @classmethod
     def of(cls, row: Execution) -> ExecutionView:
@@ -77,6 +78,7 @@ class ExecutionView:
             error_value=row.error_value,
             started_at=row.started_at,
             finished_at=row.finished_at,
+            mounts=row.mounts,
         )
 
 

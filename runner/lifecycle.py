@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, TooManyRequestsError
@@ -115,6 +116,7 @@ class Lifecycle:
                 if rt is None or rt.state != State.STOPPING:
                     return
                 backend_state = dict(rt.backend_state or {})
+                mounts = list(rt.mounts or [])
             if reason != "reset" and backend_state:
                 try:
                     self.drafts.make_draft(runtime_id)
@@ -135,6 +137,7 @@ class Lifecycle:
                     runtime_id, "backend-error", f"could not stop the container: {exc.message}", {State.STOPPING}
                 )
                 return
+            self._write_back(runtime_id, mounts)
             with self.records.tx() as s:
                 self.records.transition(
                     s,
@@ -146,6 +149,25 @@ class Lifecycle:
                     values={"backend_state": {}, "booted_at": None},
                 )
             self.paths.remove_socket(runtime_id)
+
+    def _write_back(self, runtime_id: str, mounts: list[dict[str, Any]]) -> None:
+        """S3 mounts asked to be written back upload what the runtime changed (logged; a
+        failure is logged and does not keep the runtime from stopping)."""
+        try:
+            uploaded = self.booter.mounts.write_back(mounts, runtime_id)
+        except EnvctlError as exc:
+            with self.records.tx() as s:
+                self.records.log(s, runtime_id, event="writeback-failed", reason="stop", message=exc.message)
+            return
+        if uploaded:
+            with self.records.tx() as s:
+                self.records.log(
+                    s,
+                    runtime_id,
+                    event="written-back",
+                    reason="stop",
+                    message=f"{len(uploaded)} files written back to S3",
+                )
 
     # ------------------------------------------------------------------ reset
     def reset(self, owner_id: str, runtime_id: str) -> Runtime:
@@ -186,8 +208,10 @@ class Lifecycle:
                 rt = self.records.get(s, owner_id, runtime_id, with_version=False)
                 state = dict(rt.backend_state or {})
                 draft = rt.draft_image_id
+                mounts = list(rt.mounts or [])
             if state:
                 self.backend.stop(state, timeout=2)
+                self._write_back(runtime_id, mounts)
             with self.records.tx() as s:
                 s.delete(self.records.get(s, owner_id, runtime_id, with_version=False))
         self.on_deleted(runtime_id)
@@ -195,3 +219,4 @@ class Lifecycle:
         if draft:
             self.backend.remove_image(draft)
         self.paths.remove_state_dir(runtime_id)
+        self.booter.mounts.forget(runtime_id)

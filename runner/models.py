@@ -62,6 +62,12 @@ class Runtime(Base):
     pending: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     # the host's CUDA version mounted into a GPU runtime (runner/machines.py); None: none
     cuda: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The runtime's mounts as checked (runner/mounts/validate.py), and what its current boot
+    # mounted (the git commit, the S3 ETags: runner/mounts/prepare.py), copied onto each execution.
+    mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
+    mounts_used: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
+    # while a boot downloads its mounts: {"done": bytes, "total": bytes}; None otherwise
+    progress: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -108,6 +114,8 @@ class Execution(Base):
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     error_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error_value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # what the runtime's mounts held when the execution was queued (commit, ETags); None: no mounts
+    mounts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

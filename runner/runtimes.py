@@ -28,6 +28,9 @@ from runner import settings as reboot
 from runner.errors import RuntimeStateError
 from runner.machines import check_cuda, get_machine_type
 from runner.models import Runtime
+from runner.mounts.validate import check_mounts
+from runner.mounts.validate import to_json as mounts_json
+from runner.mounts.volumes import check_mount_access
 from runner.records import Records
 from runner.states import State
 
@@ -52,6 +55,7 @@ class RuntimeChanges:
     env: Mapping[str, str | None] = field(default_factory=dict)  # a merge patch: null unsets
     cuda: str | None = None  # a host CUDA version for a GPU machine type
     clear_cuda: bool = False
+    mounts: list[Any] | None = None  # the complete new list (runner/mounts/validate.py); [] removes all
     next_boot: bool = False  # keep changes that need a reboot for the next boot instead of 409
 
 
@@ -74,6 +78,7 @@ class Runtimes:
         kernel: str | None = None,
         env: Mapping[str, str] | None = None,
         cuda: str | None = None,
+        mounts: list[Any] | None = None,
     ) -> Runtime:
         check_name(name, "name", "runtime name")
         check_choice(language, LANGUAGES, "language")
@@ -83,11 +88,13 @@ class Runtimes:
         get_machine_type(self.settings, machine_type)
         if cuda is not None:
             check_cuda(self.settings, cuda)
+        own_mounts = self._check_mounts(mounts)
         ref = parse_ref(environment, "environment")
         now = self.records.clock()
         with self.records.tx() as s:
             version = envs_service.resolve(s, ref, "environment")
             self._check_name_free(s, owner_id, name)
+            check_mount_access(s, owner_id, own_mounts)
             rt = Runtime(
                 id=new_id("rt"),
                 owner_id=owner_id,
@@ -101,6 +108,7 @@ class Runtimes:
                 idle_timeout=idle_timeout,
                 env=own_env,
                 cuda=cuda,
+                mounts=own_mounts,
                 pending={},
                 state=State.STOPPED,
                 state_reason="created",
@@ -142,9 +150,13 @@ class Runtimes:
             if value is not None:
                 envvars.check_value(env_name, value)
         ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
+        new_mounts = self._check_mounts(changes.mounts) if changes.mounts is not None else None
         with self.records.tx() as s:
             rt = self.records.get_mine(s, owner_id, runtime_id, for_update=True)
             wanted = self._reboot_changes(s, rt, changes, ref)
+            if new_mounts is not None:
+                check_mount_access(s, owner_id, new_mounts)
+                wanted["mounts"] = new_mounts
             notes = self._apply_at_once(s, owner_id, rt, changes)
             if wanted:
                 notes += self._apply_reboot_changes(rt, wanted, changes.next_boot)
@@ -154,6 +166,11 @@ class Runtimes:
             s.flush()
             s.expire(rt)
             return self.records.get(s, owner_id, runtime_id)
+
+    def _check_mounts(self, mounts: list[Any] | None) -> list[dict[str, Any]]:
+        """Mounts checked (R28, R29) before anything is stored; their stored form."""
+        checked = check_mounts(mounts, allow_hosts=self.settings.mounts_allow_hosts)
+        return mounts_json(checked)
 
     def _reboot_changes(self, s: Session, rt: Runtime, changes: RuntimeChanges, ref: Any) -> dict[str, Any]:
         """The container-shaping fields the PATCH sends (field -> new value)."""

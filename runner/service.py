@@ -27,6 +27,8 @@ module):
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
 ``reconcile.py``       the database made to agree with the engine (pure plan, then actions)
 ``housekeeping.py``    the loop: reconciliation and idle shutdown (``idle.py``: the decision)
+``mounts/``            a runtime's mounts: validation, the git and S3 caches a boot fills,
+                       named volumes (``volumes``: list, create, delete)
 ``backends/``          the container engines behind it all (docker, fake)
 =====================  ========================================================================
 """
@@ -64,6 +66,7 @@ from runner.housekeeping import Housekeeping
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
+from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
 from runner.reconcile import Action, Reconciler
@@ -167,6 +170,7 @@ class RunnerService:
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
         )
         self.archives = Archives(db, backend, settings.data_dir / "tmp")
+        self.volumes = Volumes(db, backend, self.identity.installation)
 
     # ------------------------------------------------------------------ lifecycle of the runner
     def claim(self) -> None:

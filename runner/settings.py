@@ -1,10 +1,10 @@
 """Settings that shape a runtime's container, and changes to them that wait for a reboot.
 
-The environment, the runtime type (and kernel), the environment variables, the machine type
-and the CUDA version mounted are fixed when a container is made. A runtime that is stopped (or in error) takes a
-change to them at once; one that runs refuses it (409, naming the fields), unless the change
-is asked for the next boot: then it is kept in ``runtimes.pending`` (field -> new value), shown
-by the API, and applied by the boot that follows (``apply_pending``, runner/boot.py).
+The environment, the runtime type (and kernel), the environment variables, the machine type,
+the CUDA version mounted and the mounts are fixed when a container is made. A runtime that is
+stopped (or in error) takes a change to them at once; one that runs refuses it (409, naming the
+fields), unless the change is asked for the next boot: then it is kept in ``runtimes.pending``
+(field -> new value), shown by the API, and applied by the boot that follows (``apply_pending``, runner/boot.py).
 
 A pending environment is not applied while the runtime has a draft (unsaved changes made on
 the current version): it stays pending, and the runner log says so, until the draft is saved
@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from runner.models import Runtime
+from runner.mounts.validate import describe, from_json
 
 # the fields that need a new container, in the order messages name them
-REBOOT_FIELDS = ("environment", "type", "env", "machine_type", "cuda")
+REBOOT_FIELDS = ("environment", "type", "env", "machine_type", "cuda", "mounts")
 
 
 def effective(rt: Runtime, field: str) -> Any:
@@ -32,6 +33,8 @@ def effective(rt: Runtime, field: str) -> Any:
         return {"type": rt.type, "kernel": rt.kernel}
     if field == "env":
         return dict(rt.env or {})
+    if field == "mounts":
+        return list(rt.mounts or [])
     return getattr(rt, field)
 
 
@@ -45,6 +48,8 @@ def note(field: str, value: Any) -> str:
         return f"environment variables -> {', '.join(sorted(value)) or 'none'}"
     if field == "cuda":
         return f"cuda -> {value or 'none'}"
+    if field == "mounts":
+        return f"mounts -> {', '.join(describe(m) for m in from_json(value)) or 'none'}"
     return f"machine type -> {value}"
 
 
@@ -62,6 +67,8 @@ def set_now(rt: Runtime, field: str, value: Any) -> str:
         rt.machine_type = value
     elif field == "cuda":
         rt.cuda = value
+    elif field == "mounts":
+        rt.mounts = list(value)
     else:
         raise KeyError(field)
     return note(field, value)

@@ -28,6 +28,7 @@ command                                                     module
 ``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
 ``publish``, ``unpublish``, ``catalog``, ``registry gc``    ``catalog.py``
 ``team events``                                             ``catalog.py``
+``volume ls|create|rm``                                     ``volumes.py``
 ==========================================================  =================
 
 What they share:
@@ -51,7 +52,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import catalog, cells, environments, local, notebooks, results, runtimes, saves, teams
+from api.cli import catalog, cells, environments, local, notebooks, results, runtimes, saves, teams, volumes
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -104,6 +105,7 @@ for _command in (
     catalog.unpublish,
     catalog.catalog,
     catalog.registry,
+    volumes.volume,
 ):
     cli.add_command(_command)
 teams.team.add_command(catalog.team_events)

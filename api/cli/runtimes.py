@@ -12,6 +12,10 @@ from api.cli.client import Api
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, CliError
 from api.cli.options import Command, Group, client_options
 from api.cli.output import STATE_STYLES, Progress, Styled, fields, human_bytes, listing, print_json, when
+from envs.kit.errors import InvalidInputError
+from runner.mounts.validate import describe as describe_mount
+from runner.mounts.validate import from_json as mounts_from_json
+from runner.mounts.validate import parse_option as parse_mount
 
 FOLLOW_TIMEOUT = 300.0  # seconds a start, stop or reset is followed before giving up
 
@@ -31,6 +35,7 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("language", rt["language"]),
         ("machine type", rt["machine_type"] + (f" (CUDA {rt['cuda']})" if rt.get("cuda") else "")),
         ("variables", ", ".join(sorted(rt.get("env") or {})) or "none set here (`envctl runtime env` lists them)"),
+        ("mounts", "; ".join(describe_mount(m) for m in mounts_from_json(rt.get("mounts"))) or "none"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
     if rt.get("pending"):
@@ -189,6 +194,15 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--machine-type", metavar="NAME", help="see `envctl machine-types` (needs a reboot)")
 @click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
 @click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
+@click.option(
+    "--mount",
+    "mounts",
+    multiple=True,
+    metavar="SPEC",
+    help="the runtime's mounts, the complete list (repeat; reboot): git:URL[@REF]:/target, "
+    "volume:NAME:/target[:ro], s3:BUCKET[/PREFIX]:/target[:writeback]",
+)
+@click.option("--no-mounts", is_flag=True, help="remove every mount (reboot)")
 @click.option("--next-boot", is_flag=True, help="while it runs, keep changes that need a reboot for its next boot")
 @client_options
 def set_(
@@ -205,6 +219,8 @@ def set_(
     machine_type: str | None,
     idle_timeout: str | None,
     cuda: str | None,
+    mounts: tuple[str, ...],
+    no_mounts: bool,
     next_boot: bool,
 ) -> int:
     """Change a runtime's settings. Environment, type, variables and machine type need a
@@ -230,6 +246,13 @@ def set_(
     env: dict[str, str | None] = {**_assignments(set_env, "--env"), **dict.fromkeys(unset_env)}
     if env:
         body["env"] = env
+    if mounts or no_mounts:
+        if mounts and no_mounts:
+            raise CliError("--mount and --no-mounts do not go together", EXIT_BAD_INPUT)
+        try:
+            body["mounts"] = [parse_mount(m) for m in mounts]
+        except InvalidInputError as exc:
+            raise CliError(exc.message, EXIT_BAD_INPUT) from None
     if not body:
         raise CliError("nothing to change; `envctl runtime set --help` lists the settings", EXIT_BAD_INPUT)
     body["next_boot"] = next_boot

@@ -39,6 +39,7 @@ def execution_out(ctx: Any, ex: ExecutionView) -> ExecutionOut:
         created_at=ex.created_at,
         started_at=ex.started_at,
         finished_at=ex.finished_at,
+        mounts=ex.mounts,
     )
 
 

@@ -39,6 +39,7 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         kernel=body.kernel,
         env=body.env,
         cuda=body.cuda,
+        mounts=body.mounts,
     )
     return runtime_out(ctx.runner, rt)
 
@@ -80,6 +81,7 @@ def patch_runtime(
         env=body.env or {},
         cuda=body.cuda,
         clear_cuda="cuda" in sent and body.cuda is None,
+        mounts=body.mounts,
         next_boot=body.next_boot or apply == "next-boot",
     )
     return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))

@@ -99,6 +99,10 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RESULTS_S3_PREFIX": "key prefix inside the results bucket, e.g. envctl/ (default none)",
     "ENVCTL_RESULTS_S3_ENDPOINT_URL": "S3 API endpoint for results, e.g. a MinIO URL (default: AWS)",
     "ENVCTL_RESULTS_S3_REGION": "S3 region for results (default us-east-1); credentials: boto3's usual chain",
+    "ENVCTL_MOUNTS_ALLOW_HOSTS": "git hosts a mount may use although they resolve to loopback or private"
+    " addresses, with plain http too, comma separated (default none; for tests and in-house servers)",
+    "ENVCTL_MOUNTS_S3_ENDPOINT_URL": "S3 API endpoint of S3 mounts (default: AWS)",
+    "ENVCTL_MOUNTS_S3_REGION": "S3 region of S3 mounts (default us-east-1); credentials: boto3's usual chain",
 }
 
 
@@ -158,6 +162,10 @@ class Settings:
     machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
     # Cache directories a save leaves out (``~/`` means /root and every /home/<user>).
     save_caches: tuple[str, ...] = DEFAULT_SAVE_CACHES
+    # runtime mounts (runner/mounts/): git hosts exempt from the public-address rule, S3 endpoint
+    mounts_allow_hosts: tuple[str, ...] = ()
+    mounts_s3_endpoint_url: str | None = None
+    mounts_s3_region: str = "us-east-1"
 
     @property
     def effective_database_url(self) -> str:
@@ -228,6 +236,12 @@ def _cache_paths(v: Any) -> tuple[str, ...]:
     return tuple(i for i in items if i)
 
 
+def _names(v: Any) -> tuple[str, ...]:
+    """A YAML list of names, or one string of them separated by ``,``."""
+    items = v if isinstance(v, list | tuple) else str(v or "").split(",")
+    return tuple(str(i).strip().lower() for i in items if str(i).strip())
+
+
 def _labels(v: Any) -> dict[str, str]:
     if isinstance(v, dict):
         return {str(k): str(val) for k, val in v.items()}
@@ -274,6 +288,9 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
     "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
+    "mounts_allow_hosts": ("ENVCTL_MOUNTS_ALLOW_HOSTS", _names),
+    "mounts_s3_endpoint_url": ("ENVCTL_MOUNTS_S3_ENDPOINT_URL", str),
+    "mounts_s3_region": ("ENVCTL_MOUNTS_S3_REGION", str),
 }
 
 

@@ -68,6 +68,26 @@ class ContainerStatus:
 
 
 @dataclass(frozen=True)
+class MountBind:
+    """A runtime mount as the engine makes it: a host directory bound at ``target``
+    (``kind`` bind), or an engine volume of that name (``kind`` volume)."""
+
+    target: str
+    source: str
+    kind: str = "bind"
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class VolumeFound:
+    """A named volume in the engine, with its labels."""
+
+    name: str
+    labels: dict[str, str]
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
 class RuntimeSpec:
     """Everything a backend needs to create a runtime's container."""
 
@@ -82,6 +102,7 @@ class RuntimeSpec:
     labels: dict[str, str] = field(default_factory=dict)  # the runner's identity, among others
     env: dict[str, str] = field(default_factory=dict)
     cuda_dir: Path | None = None  # host CUDA folder mounted read-only at CUDA_MOUNT (GPU machine types only)
+    mounts: tuple[MountBind, ...] = ()  # the runtime's mounts (runner/mounts/), checked
 
     @property
     def container_name(self) -> str:
@@ -238,6 +259,19 @@ class RuntimeBackend(abc.ABC):
     def load_images(self, path: Path) -> None:
         """Load a ``docker save``-form archive into the engine."""
         raise NotImplementedError(f"the {self.name} backend cannot import images")
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:  # noqa: B027  (optional hook)
+        """Make the named volume for a runtime's volume mount, carrying ``labels``, unless it
+        exists with the same installation label; ``InvalidInputError`` when it exists without
+        it. Engines without volumes ignore it."""
+
+    def list_volumes(self, installation: str) -> list[VolumeFound]:
+        """The volumes made by ``ensure_volume`` that carry the installation's label."""
+        return []
+
+    def remove_volume(self, name: str, installation: str) -> None:  # noqa: B027  (optional hook)
+        """Remove a volume that carries the installation's label (never another's); a missing
+        one is no error. ``ConflictError`` while a container uses it."""
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

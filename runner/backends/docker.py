@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import kernelspec_files, netguard, overlay
+from runner.backends import kernelspec_files, netguard, overlay, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -49,6 +49,7 @@ from runner.backends.base import (
     RuntimeSpec,
     SavedLayer,
     Status,
+    VolumeFound,
 )
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
@@ -171,7 +172,21 @@ class DockerBackend(RuntimeBackend):
             if spec.cuda_dir is not None:  # the one host path beside envctl's own, read-only
                 cuda = Mount(target=CUDA_MOUNT, source=str(spec.cuda_dir), type="bind", read_only=True)
                 options["mounts"].append(cuda)
+        for bind in spec.mounts:  # the runtime's own mounts (runner/mounts/), checked before
+            options["mounts"].append(
+                Mount(target=bind.target, source=bind.source, type=bind.kind, read_only=bind.read_only)
+            )
         return options
+
+    # named volumes of runtime mounts: runner/backends/volumes.py
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
+        volumes.ensure(self.client, name, {**self.labels, **labels, LABEL_MANAGED: "volume"})
+
+    def list_volumes(self, installation: str) -> list[VolumeFound]:
+        return volumes.listed(self.client, installation)
+
+    def remove_volume(self, name: str, installation: str) -> None:
+        volumes.remove(self.client, name, installation)
 
     def check_gpus(self) -> None:
         """``GpuUnavailableError`` unless the engine can hand out NVIDIA GPUs: the ``nvidia``

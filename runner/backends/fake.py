@@ -42,6 +42,7 @@ from runner.backends.base import (
     RuntimeSpec,
     SavedLayer,
     Status,
+    VolumeFound,
 )
 from runner.identity import RunnerIdentity
 
@@ -90,6 +91,26 @@ class FakeBackend(RuntimeBackend):
     def _check(self, action: str) -> None:
         if self.unreachable:
             raise BackendError(f"the fake engine does not answer ({action})", details={"action": action})
+
+    # volumes: names and labels, in memory (shared like the containers: one engine)
+    _volumes: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
+        with self._lock:
+            found = self._volumes.setdefault(name, dict(labels))
+        if found.get(LABEL_INSTALLATION) != labels.get(LABEL_INSTALLATION):
+            raise InvalidInputError(f"mounts: the volume {name} is not this installation's", field="mounts")
+
+    def list_volumes(self, installation: str) -> list[VolumeFound]:
+        with self._lock:
+            return [
+                VolumeFound(n, dict(v)) for n, v in self._volumes.items() if v.get(LABEL_INSTALLATION) == installation
+            ]
+
+    def remove_volume(self, name: str, installation: str) -> None:
+        with self._lock:
+            if self._volumes.get(name, {}).get(LABEL_INSTALLATION) == installation:
+                del self._volumes[name]
 
     def ping(self) -> None:
         self._check("answer a ping")
