@@ -97,6 +97,9 @@ class RuntimeOut(BaseModel):
     state_reason: str
     state_message: str
     phase: str | None
+    progress: dict[str, int] | None = Field(
+        default=None, description="bytes done and total of the upload or download the phase names"
+    )
     busy: bool
     saving: bool
     unsaved_changes: bool | None = Field(
@@ -163,6 +166,9 @@ class VersionOut(BaseModel):
     tags: list[str]
     save: dict[str, Any] | None = Field(
         default=None, description="what its save left out (caches, bytes per directory) and the secrets it allowed"
+    )
+    registry_digest: str | None = Field(
+        default=None, description="the manifest digest the registry holds for it (null: never pushed)"
     )
 
 

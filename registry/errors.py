@@ -33,3 +33,21 @@ class RegistryUnavailableError(ServiceUnavailableError):
     """The managed distribution registry could not be started or does not answer."""
 
     code = "registry_unavailable"
+
+
+class TransferError(ServiceUnavailableError):
+    """A push to or pull from the registry failed (the registry or the engine said why)."""
+
+    code = "transfer_failed"
+
+
+class DigestMismatchError(ConflictError):
+    """What a pull brought is not what the catalog recorded for the version (R24)."""
+
+    code = "digest_mismatch"
+
+
+class NotPushedError(ConflictError):
+    """The version was never pushed: the registry has nothing to pull it from."""
+
+    code = "not_pushed"

@@ -6,7 +6,8 @@ The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock
    ``error``), apply the settings changed for the next boot (runner/settings.py), then read
    the row (still ``booting``?) and make the container's spec: the
    version's image, or the draft image when the runtime has unsaved changes from an earlier
-   run (phase ``restoring``, logged);
+   run (phase ``restoring``, logged); a version the engine lacks is pulled from the registry
+   by its recorded digest and checked first (phase ``downloading``, runner/transfers.py);
 2. create and start the container (``backend.start``), labelled with this installation and
    runner so that nothing else ever takes it for its own;
 3. wait for the agent to answer a ping on its Unix socket, checking now and then that the
@@ -40,6 +41,7 @@ from runner.paths import RuntimePaths
 from runner.records import Records
 from runner.settings import apply_pending
 from runner.states import State
+from runner.transfers import Transfers
 
 log = logging.getLogger("envctl.runner")
 
@@ -65,6 +67,7 @@ class Booter:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         drafts: Drafts,
+        transfers: Transfers | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -73,6 +76,7 @@ class Booter:
         self.backend = backend
         self.paths = paths
         self.drafts = drafts
+        self.transfers = transfers
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -131,9 +135,16 @@ class Booter:
                     return
                 spec = self.spec(rt)
                 restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
+                owner_id, version_id = rt.owner_id, rt.version_id
         except EnvctlError as exc:
             records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
             return
+        if self.transfers is not None and restoring is None:
+            try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
+                self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id)
+            except EnvctlError as exc:
+                records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
+                return
         values: dict[str, object] = {"change_baseline": {}}  # a new container: nothing of it is saved yet
         if restoring is not None:
             values["phase"] = "restoring"

@@ -39,6 +39,8 @@ class Runtime(Base):
     state_reason: Mapped[str] = mapped_column(String(64), default="created")
     state_message: Mapped[str] = mapped_column(Text, default="")
     phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # bytes done and total of the upload or download ``phase`` names ({"done": n, "total": m})
+    progress: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
     runner: Mapped[str] = mapped_column(String(128), index=True)
     backend: Mapped[str] = mapped_column(String(32), default="docker")
     backend_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -22,6 +22,7 @@ module):
 ``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
+``transfers.py``       versions to and from the registry: push after a save, pull before a boot
 ``builds.py``          spec files built as cells on a temporary runtime
 ``archives.py``        export and load of a version with its lineage
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
@@ -72,6 +73,7 @@ from runner.runtimes import RuntimeChanges, Runtimes
 from runner.scan import CacheRules
 from runner.snapshots import Snapshots
 from runner.states import State
+from runner.transfers import Transfers
 
 log = logging.getLogger("envctl.runner")
 
@@ -124,7 +126,10 @@ class RunnerService:
         self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
-        self.snapshots = snapshots = Snapshots(settings, records, backend, operations, submit=concurrency.submit)
+        self.transfers = transfers = Transfers(settings, records, backend)
+        self.snapshots = snapshots = Snapshots(
+            settings, records, backend, operations, submit=concurrency.submit, transfers=transfers
+        )
         self.results = ResultCollector(settings, db, clock, paths)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
@@ -133,7 +138,7 @@ class RunnerService:
             backend,
             paths,
             drafts,
-            Booter(settings, self.identity, records, concurrency, backend, paths, drafts),
+            Booter(settings, self.identity, records, concurrency, backend, paths, drafts, transfers),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
         )
