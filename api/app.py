@@ -30,6 +30,7 @@ from api.routes import (
     streams,
     teams,
     tokens,
+    transfers,
 )
 from api.schemas import ErrorOut
 from api.web import router as page_router
@@ -110,6 +111,7 @@ def create_app(
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
     app.include_router(packages.router, responses=ERROR_RESPONSES)  # likewise
+    app.include_router(transfers.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (

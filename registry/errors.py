@@ -51,3 +51,10 @@ class NotPushedError(ConflictError):
     """The version was never pushed: the registry has nothing to pull it from."""
 
     code = "not_pushed"
+
+
+class NoRegistryError(ConflictError):
+    """There is no registry to push to or pull from (the setting ``registry`` is off, or the
+    backend's images cannot travel)."""
+
+    code = "no_registry"

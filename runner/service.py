@@ -126,7 +126,7 @@ class RunnerService:
         self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
-        self.transfers = transfers = Transfers(settings, records, backend)
+        self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
         self.snapshots = snapshots = Snapshots(
             settings, records, backend, operations, submit=concurrency.submit, transfers=transfers
         )

@@ -15,16 +15,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import update
 
+from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
+from envs.refs import parse_ref
 from registry import transfer
-from registry.errors import NotPushedError, TransferError
+from registry.errors import NoRegistryError, NotPushedError, TransferError
 from runner.backends.base import RuntimeBackend
-from runner.models import Runtime
+from runner.models import Operation, Runtime
 from runner.operations import Operations
 from runner.records import Records
 from runner.states import Phase
@@ -46,11 +49,96 @@ class _Version:
 
 
 class Transfers:
-    def __init__(self, settings: Settings, records: Records, backend: RuntimeBackend) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        records: Records,
+        backend: RuntimeBackend,
+        operations: Operations,
+        *,
+        submit: Callable[..., Any],
+    ) -> None:
         self.settings = settings
         self.records = records
         self.backend = backend
+        self.operations = operations
+        self.submit = submit
         self._locks = transfer.Locks()
+
+    # ------------------------------------------------------------------ the requests (operations)
+    def request_push(self, user_id: str, ref: str) -> Operation:
+        """``POST /environments/{ref}/push``: an operation that pushes the version ``ref``
+        names (phase ``uploading``, bytes in its result while it runs)."""
+        version = self._resolve(ref)
+        self._target(version.environment)  # no registry: refused at once
+        op = self.operations.create(user_id, "push", f"pushing {version.ref}")
+        self.submit(self._run, op.id, "push", version, lambda report: self._push_result(user_id, version, report))
+        return op
+
+    def request_pull(self, user_id: str, ref: str) -> Operation:
+        """``POST /environments/{ref}/pull``: an operation that pulls the version ``ref``
+        names by its recorded digest (already here: finished at once)."""
+        version = self._resolve(ref)
+        client, _target = self._target(version.environment)
+        if transfer.has_image(client, version.image_id):
+            return self.operations.create(
+                user_id,
+                "pull",
+                f"{version.ref} is already here",
+                result={"version": version.ref, "pulled": False, "image_id": version.image_id},
+                finished=True,
+            )
+        if not version.registry_digest:
+            raise self._not_pushed(version)
+        op = self.operations.create(user_id, "pull", f"pulling {version.ref}")
+        self.submit(self._run, op.id, "pull", version, lambda report: self._pull_result(user_id, version, report))
+        return op
+
+    def _push_result(self, user_id: str, version: _Version, report: Report) -> dict[str, Any]:
+        digest, progress = self.push(user_id, version.id, report=report)
+        return {"version": version.ref, "registry_digest": digest, "bytes": progress.done, "total": progress.total}
+
+    def _pull_result(self, user_id: str, version: _Version, report: Report) -> dict[str, Any]:
+        progress = self.pull(user_id, version.id, report=report)
+        return {
+            "version": version.ref,
+            "pulled": True,
+            "image_id": version.image_id,
+            "registry_digest": version.registry_digest,
+            "bytes": progress.done,
+            "total": progress.total,
+        }
+
+    def _run(self, op_id: str, kind: str, version: _Version, work: Callable[[Report], dict[str, Any]]) -> None:
+        phase = Phase.UPLOADING if kind == "push" else Phase.DOWNLOADING
+
+        def report(done: int, total: int) -> None:
+            self.operations.phase(
+                op_id, phase.value, f"{phase.value} {version.ref}", result={"done": done, "total": total}
+            )
+
+        try:
+            result = work(report)
+        except Exception as exc:  # noqa: BLE001  (recorded on the operation, logged when unexpected)
+            self.operations.fail(op_id, exc, kind)
+            return
+        verb = "pushed" if kind == "push" else "pulled"
+        self.operations.finish(
+            op_id, "succeeded", result=result, message=f"{verb} {version.ref} ({result['bytes']} bytes travelled)"
+        )
+
+    def _resolve(self, ref: str) -> _Version:
+        with self.records.db.session() as s:
+            version_id = envs_service.resolve(s, parse_ref(ref, "ref"), "ref").id
+        return self._version(version_id)
+
+    @staticmethod
+    def _not_pushed(v: _Version) -> NotPushedError:
+        return NotPushedError(
+            f"{v.ref} is not on this machine and was never pushed to the registry; push it from "
+            "where it was saved (`envctl push REF`)",
+            details={"version": v.ref},
+        )
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +155,7 @@ class Transfers:
         client = self.backend.engine_client()
         target = transfer.target_of(self.settings, environment)
         if client is None or target is None:
-            raise TransferError(
+            raise NoRegistryError(
                 "no registry to transfer through: the setting registry is off (ENVCTL_REGISTRY), "
                 f"or the {self.backend.name} backend's images cannot travel",
                 details={"registry": self.settings.registry or "managed"},
@@ -115,8 +203,9 @@ class Transfers:
     # ------------------------------------------------------------------ push
     def push(
         self, user_id: str, version_id: int, *, runtime_id: str | None = None, report: Report | None = None
-    ) -> str:
-        """Push the version as ``user_id``; the manifest digest, recorded on the version."""
+    ) -> tuple[str, transfer.Progress]:
+        """Push the version as ``user_id``; the manifest digest (recorded on the version) and
+        what travelled."""
         v = self._version(version_id)
         client, target = self._target(v.environment)
         tell = self._reporter(runtime_id, Phase.UPLOADING, report)
@@ -133,33 +222,37 @@ class Transfers:
             if row is not None:
                 row.registry_digest = digest
         log.info("pushed %s to %s@%s", v.ref, target.name, digest)
-        return digest
+        return digest, progress
 
     # ------------------------------------------------------------------ pull
-    def ensure_local(
-        self, user_id: str, version_id: int, *, runtime_id: str | None = None, report: Report | None = None
-    ) -> bool:
-        """Pull the version when the engine lacks it (by its recorded digest, checked); True
-        when it pulled. Without a registry nothing is pulled (the boot then says the image is
-        missing)."""
+    def ensure_local(self, user_id: str, version_id: int, *, runtime_id: str | None = None) -> bool:
+        """Before a boot: pull the version when the engine lacks it (by its recorded digest,
+        checked); True when it pulled. Without a registry nothing is pulled (the boot then says
+        the image is missing)."""
         v = self._version(version_id)
         client = self.backend.engine_client()
         if client is None or transfer.registry_host(self.settings) is None or transfer.has_image(client, v.image_id):
             return False
+        self.pull(user_id, version_id, runtime_id=runtime_id)
+        return True
+
+    def pull(
+        self, user_id: str, version_id: int, *, runtime_id: str | None = None, report: Report | None = None
+    ) -> transfer.Progress:
+        """Pull the version by its recorded digest and check it (R24); what travelled (nothing
+        when the engine has it already)."""
+        v = self._version(version_id)
         if not v.registry_digest:
-            raise NotPushedError(
-                f"{v.ref} is not on this machine and was never pushed to the registry; push it from "
-                "where it was saved (`envctl push REF`)",
-                details={"version": v.ref},
-            )
+            raise self._not_pushed(v)
         client, target = self._target(v.environment)
+        progress = transfer.Progress()
         with self._locks.of(v.image_id):
             if transfer.has_image(client, v.image_id):
-                return False
+                return progress
             tell = self._reporter(runtime_id, Phase.DOWNLOADING, report)
             tell(0, 0)
+            progress.report = tell
             repository, _, tag = v.image_ref.rpartition(":")
-            progress = transfer.Progress(tell)
             try:
                 with transfer.engine_auth(self.records.db, user_id, target) as auth:
                     transfer.pull(
@@ -175,7 +268,7 @@ class Transfers:
                 self._clear(runtime_id, Phase.DOWNLOADING)
             self._log(runtime_id, "downloaded", f"downloaded {v.ref} from {target.name}", progress, v.registry_digest)
         log.info("pulled %s from %s", v.ref, target.at(v.registry_digest))
-        return True
+        return progress
 
 
 def push_after_save(
@@ -198,7 +291,7 @@ def push_after_save(
         operations.phase(op_id, Phase.UPLOADING.value, f"uploading {version.ref}: {done} of {total} bytes")
 
     try:
-        digest = transfers.push(user_id, version.id, runtime_id=runtime_id, report=report)
+        digest, _progress = transfers.push(user_id, version.id, runtime_id=runtime_id, report=report)
     except EnvctlError as exc:
         log.warning("the push of %s failed: %s", version.ref, exc.message)
         return {"pushed": False, "push_error": exc.to_dict()}

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams
+from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams, transfers
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -89,6 +89,8 @@ for _command in (
     runtimes.runtime,
     saves.save,
     saves.import_,
+    transfers.push,
+    transfers.pull,
     environments.env,
     runtimes.machine_types,
     cells.exec_,
