@@ -227,11 +227,13 @@ class Transfers:
     # ------------------------------------------------------------------ pull
     def ensure_local(self, user_id: str, version_id: int, *, runtime_id: str | None = None) -> bool:
         """Before a boot: pull the version when the engine lacks it (by its recorded digest,
-        checked); True when it pulled. Without a registry nothing is pulled (the boot then says
-        the image is missing)."""
+        checked); True when it pulled. Without a registry or a recorded digest nothing is pulled
+        (the boot then says the image is missing)."""
         v = self._version(version_id)
         client = self.backend.engine_client()
-        if client is None or transfer.registry_host(self.settings) is None or transfer.has_image(client, v.image_id):
+        if client is None or transfer.registry_host(self.settings) is None or not v.registry_digest:
+            return False  # nothing to pull it from: the boot says the image is missing, as before
+        if transfer.has_image(client, v.image_id):
             return False
         self.pull(user_id, version_id, runtime_id=runtime_id)
         return True
