@@ -290,7 +290,9 @@ def push_after_save(
         return {}
 
     def report(done: int, total: int) -> None:
-        operations.phase(op_id, Phase.UPLOADING.value, f"uploading {version.ref}: {done} of {total} bytes")
+        operations.phase(
+            op_id, Phase.UPLOADING.value, f"uploading {version.ref}", result={"done": done, "total": total}
+        )
 
     try:
         digest, _progress = transfers.push(user_id, version.id, runtime_id=runtime_id, report=report)

@@ -157,9 +157,10 @@ def run(runs: int = 3) -> dict[str, float]:
             containers = _labelled(session, "ps", "-aq")
             if containers:
                 subprocess.run(["docker", "rm", "-f", *containers], capture_output=True, check=False)
-            images = _labelled(session, "images", "-q")  # the bench's saves (labelled), every name of them
-            if images:
-                subprocess.run(["docker", "rmi", "-f", *set(images)], capture_output=True, check=False)
+            for _ in range(2):  # the bench's saves (labelled), every name of them; children go first
+                images = _labelled(session, "images", "-q")
+                for image in dict.fromkeys(images):
+                    subprocess.run(["docker", "rmi", "-f", image], capture_output=True, check=False)
     return figures
 
 
