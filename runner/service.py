@@ -191,6 +191,7 @@ class RunnerService:
             log.warning("reconciliation at start failed: %s", exc.message)
         self.executions.recover()
         self.operations.recover()
+        self.transfers.recover()
         if housekeeping:
             self.housekeeping.start()
 

@@ -172,6 +172,20 @@ class Transfers:
 
         return tell
 
+    def recover(self) -> None:
+        """At start: a transfer this runner was doing when it stopped ended with it; its
+        runtimes no longer show ``uploading`` or ``downloading`` (their operations end
+        ``interrupted`` through ``Operations.recover``)."""
+        with self.records.db.connection() as c:
+            c.execute(
+                update(Runtime)
+                .where(
+                    Runtime.runner == self.records.runner,
+                    Runtime.phase.in_([Phase.UPLOADING.value, Phase.DOWNLOADING.value]),
+                )
+                .values(phase=None, progress=None)
+            )
+
     def _clear(self, runtime_id: str | None, phase: Phase) -> None:
         if runtime_id is None:
             return

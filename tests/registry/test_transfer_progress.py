@@ -87,3 +87,17 @@ def test_push_and_pull_without_a_registry_are_refused_naming_the_setting(api: Ap
         error = resp.json()["error"]
         assert error["code"] == "no_registry" and "ENVCTL_REGISTRY" in error["message"]
     assert api.post("/environments/nope@1/push").status_code == 404
+
+
+def test_a_runtime_shows_its_transfer_bytes_and_a_restart_clears_a_transfer_that_died(api: ApiHarness) -> None:  # noqa: F811
+    created = api.post("/runtimes", json={"environment": "bash", "name": "mover", "language": "bash"})
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    api.runner.records.set(rid, phase="downloading", progress={"done": 5, "total": 10})  # as a pull in flight
+
+    shown = api.get(f"/runtimes/{rid}").json()
+    assert (shown["phase"], shown["progress"]) == ("downloading", {"done": 5, "total": 10})
+
+    api.runner.transfers.recover()  # what `open` does at the next start
+    shown = api.get(f"/runtimes/{rid}").json()
+    assert (shown["phase"], shown["progress"]) == (None, None)
