@@ -4,12 +4,23 @@ an error event ends the transfer with the engine's reason."""
 
 from __future__ import annotations
 
+import io
+import tarfile
+from typing import Any
+
 import pytest
 
+from envs import service as envs_service
 from envs.kit.config import Settings
+from envs.models import EnvironmentVersion
+from registry import service as registry_service
 from registry.errors import TransferError
 from registry.transfer import Progress, target_of
+from runner.backends.docker import DockerBackend
+from runner.transfers import push_after_save, pushed_text
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
+from tests.conftest import TEST_LABEL, TEST_SESSION
+from tests.fixtures.services import _free_port
 
 PUSH = [
     {"status": "The push refers to repository [127.0.0.1:5001/acme/ml]"},
@@ -101,3 +112,44 @@ def test_a_runtime_shows_its_transfer_bytes_and_a_restart_clears_a_transfer_that
     api.runner.transfers.recover()  # what `open` does at the next start
     shown = api.get(f"/runtimes/{rid}").json()
     assert (shown["phase"], shown["progress"]) == (None, None)
+
+
+@pytest.mark.docker
+def test_a_push_that_fails_keeps_the_version_and_says_how_to_send_it_later(make_api: Any, docker: Any) -> None:  # noqa: F811
+    """The registry does not answer (nothing listens on its port): the push fails with the
+    engine's reason, the version and its image stay, and the save's message says what to do."""
+    harness = make_api(backend=DockerBackend(docker), registry=f"http://127.0.0.1:{_free_port()}")
+    tiny = io.BytesIO()
+    with tarfile.open(fileobj=tiny, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    repository = f"envctl-test/push-fails-{TEST_SESSION}"
+    docker.api.import_image_from_data(
+        tiny.getvalue(), repository=repository, tag="1", changes=[f"LABEL {TEST_LABEL}={TEST_SESSION}"]
+    )
+    image_id = docker.images.get(f"{repository}:1").id
+    try:
+        with harness.runner.db.session() as s:
+            admin = registry_service.get_user_by_name(s, "admin")
+            assert admin is not None
+            version, _ = envs_service.register_version(
+                s, envs_service.NewVersion(environment="acme/failing", image_id=image_id, image_ref=f"{repository}:1")
+            )
+            admin_id, version_id, ref = admin.id, version.id, version.ref
+        op = harness.runner.operations.create(admin_id, "save", "a save whose push fails")
+        with harness.runner.db.session() as s:
+            version = s.get(EnvironmentVersion, version_id)
+            assert version is not None
+            _ = version.environment.namespace
+            pushed = push_after_save(
+                harness.runner.transfers, harness.runner.operations, op.id, admin_id, "rt_x", version
+            )
+
+        assert pushed["pushed"] is False and pushed["push_error"]["code"] == "transfer_failed"  # type: ignore[index]
+        assert "envctl push REF" in pushed_text(pushed) and "not pushed" in pushed_text(pushed)
+        shown = harness.get(f"/environments/{ref}").json()["versions"][0]
+        assert shown["ref"] == ref and shown["registry_digest"] is None
+        assert docker.images.get(image_id).attrs["RepoTags"] == [f"{repository}:1"]  # kept, no registry name left
+    finally:
+        docker.images.remove(image_id, force=True)
