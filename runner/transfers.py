@@ -12,6 +12,7 @@ and the backend's images can travel (the Docker backend).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +202,10 @@ class Transfers:
         """The runner log's line of a transfer: bytes that travelled, layers that did not."""
         if runtime_id is None:
             return
+        with contextlib.suppress(Exception):  # the runtime may be gone (deleted meanwhile): the transfer stands
+            self._log_line(runtime_id, event, text, progress, digest)
+
+    def _log_line(self, runtime_id: str, event: str, text: str, progress: transfer.Progress, digest: str) -> None:
         self.records.log_now(
             runtime_id,
             event=event,
@@ -313,6 +318,9 @@ def push_after_save(
     except EnvctlError as exc:
         log.warning("the push of %s failed: %s", version.ref, exc.message)
         return {"pushed": False, "push_error": exc.to_dict()}
+    except Exception as exc:  # the save stands whatever the push met; the operation must end
+        log.exception("the push of %s failed unexpectedly", version.ref, exc_info=exc)
+        return {"pushed": False, "push_error": {"code": "internal", "message": "see envctl's log", "details": {}}}
     return {"pushed": True, "registry_digest": digest}
 
 
