@@ -141,7 +141,8 @@ class Booter:
             return
         if self.transfers is not None and restoring is None:
             try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
-                self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id)
+                if self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id):
+                    begun = time.monotonic()  # the boot timeout counts from here, not from the download
             except EnvctlError as exc:
                 records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
                 return
