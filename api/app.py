@@ -31,6 +31,7 @@ from api.routes import (
     streams,
     teams,
     tokens,
+    transfers,
     volumes,
 )
 from api.schemas import ErrorOut
@@ -38,6 +39,7 @@ from api.web import router as page_router
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import service as registry_service
+from registry.prepull import Prepuller
 from runner.backends import load_backend
 from runner.backends.base import RuntimeBackend
 from runner.service import RunnerService
@@ -45,17 +47,18 @@ from runner.service import RunnerService
 log = logging.getLogger("envctl.api")
 
 
-def write_admin_token(settings: Settings, db: Database) -> str | None:
-    """Create the first admin if there is none, and write its token for the CLI."""
+def write_admin_token(settings: Settings, db: Database) -> str:
+    """Create the first admin if there is none, and write its token for the CLI; the admin's id."""
     with db.session() as s:
-        _admin, token = registry_service.ensure_admin(s)
+        admin, token = registry_service.ensure_admin(s)
+        admin_id = admin.id
     if token is not None:
         path: Path = settings.admin_token_file
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(token + "\n")
         log.info("created the first admin; its token is in %s", path)
-    return token
+    return admin_id
 
 
 # Every error answer has the one envelope (api/errors.py); the schema says so.
@@ -92,11 +95,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        write_admin_token(settings, db)
+        admin_id = write_admin_token(settings, db)
         runner.open(housekeeping=housekeeping)
+        prepuller = None
+        if settings.registry_prepull and runner.transfers.enabled:
+            # pulls what the named teams publish, as envctl's admin (registry/prepull.py)
+            prepuller = Prepuller(db, settings.registry_prepull, lambda ref: runner.transfers.pull_ref(admin_id, ref))
+            prepuller.start()
         try:
             yield
         finally:
+            if prepuller is not None:
+                prepuller.stop()
             runner.close()
             db.dispose()
 
@@ -113,6 +123,7 @@ def create_app(
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}
     app.include_router(packages.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(catalog.router, responses=ERROR_RESPONSES)  # likewise (…/publish)
+    app.include_router(transfers.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (

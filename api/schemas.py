@@ -107,6 +107,11 @@ class RuntimeOut(BaseModel):
     state_reason: str
     state_message: str
     phase: str | None
+    progress: dict[str, int] | None = Field(
+        default=None,
+        description="bytes done and total of the download or upload the phase names (mounts or an image "
+        "being fetched, a save being pushed); null otherwise",
+    )
     busy: bool
     saving: bool
     unsaved_changes: bool | None = Field(
@@ -120,10 +125,6 @@ class RuntimeOut(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
     cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="the runtime's mounts")
-    progress: dict[str, int] | None = Field(
-        default=None,
-        description="while booting downloads its mounts (phase downloading): bytes done and total; null otherwise",
-    )
     mounts_used: list[dict[str, Any]] = Field(
         default_factory=list,
         description="what the current (or last) boot mounted: the git commit, the S3 objects' ETags, the volume",
@@ -182,6 +183,9 @@ class VersionOut(BaseModel):
     tags: list[str]
     save: dict[str, Any] | None = Field(
         default=None, description="what its save left out (caches, bytes per directory) and the secrets it allowed"
+    )
+    registry_digest: str | None = Field(
+        default=None, description="the manifest digest the registry holds for it (null: never pushed)"
     )
 
 

@@ -59,6 +59,7 @@ def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
         created_at=v.created_at,
         tags=sorted(tags),
         save=(v.labels or {}).get("envctl.save"),
+        registry_digest=v.registry_digest,
     )
 
 
@@ -162,6 +163,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         state_reason=rt.state_reason,
         state_message=rt.state_message,
         phase="saving" if st.saving and not rt.phase else rt.phase,
+        progress=rt.progress if rt.phase else None,
         busy=st.busy,
         saving=st.saving,
         unsaved_changes=st.unsaved_changes,
@@ -173,7 +175,6 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         cuda=rt.cuda,
         mounts=list(rt.mounts or []),
         mounts_used=list(rt.mounts_used or []),
-        progress=rt.progress,
         pending=pending_view(rt),
         runner=rt.runner,
         runner_alive=st.runner_alive,

@@ -61,6 +61,8 @@ class EnvironmentVersion(Base):
     digest: Mapped[str] = mapped_column(String(80))
     image_id: Mapped[str] = mapped_column(String(80))
     image_ref: Mapped[str] = mapped_column(String(255))  # a local tag that names the image
+    # the digest of the manifest the registry holds for it, once pushed (pulls ask for this, R24)
+    registry_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("environment_versions.id"), nullable=True, index=True)
     source_runtime_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     notebook: Mapped[str | None] = mapped_column(String(255), nullable=True)

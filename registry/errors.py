@@ -43,3 +43,28 @@ class RegistryNotManagedError(ConflictError):
 
 class RegistryBusyError(ConflictError):
     code = "registry_busy"
+
+
+class TransferError(ServiceUnavailableError):
+    """A push to or pull from the registry failed (the registry or the engine said why)."""
+
+    code = "transfer_failed"
+
+
+class DigestMismatchError(ConflictError):
+    """What a pull brought is not what the catalog recorded for the version (R24)."""
+
+    code = "digest_mismatch"
+
+
+class NotPushedError(ConflictError):
+    """The version was never pushed: the registry has nothing to pull it from."""
+
+    code = "not_pushed"
+
+
+class NoRegistryError(ConflictError):
+    """There is no registry to push to or pull from (the setting ``registry`` is off, or the
+    backend's images cannot travel)."""
+
+    code = "no_registry"

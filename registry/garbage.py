@@ -11,8 +11,8 @@
   names (every version still in the catalog) stays intact and pullable. Untagged manifests are
   kept (no ``--delete-untagged``): a version pushed by digest alone is still a version.
 
-Where a version's manifest digest is kept is the push's business (``registry/transfer.py``):
-``manifest_of`` reads it from the version's labels under ``MANIFEST_LABEL``.
+A version's manifest digest is the one its push recorded (``EnvironmentVersion.registry_digest``,
+``registry/transfer.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -36,17 +35,10 @@ from registry.errors import RegistryBusyError, RegistryNotManagedError, Registry
 
 log = logging.getLogger("envctl.registry")
 
-MANIFEST_LABEL = "envctl.manifest"  # a pushed version's manifest digest, in its labels
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 GC_TIMEOUT = 3600.0
 _COLLECTING = threading.Lock()
 _ELIGIBLE = re.compile(r"(\d+) blobs marked, (\d+) blobs and (\d+) manifests eligible for deletion")
-
-
-def manifest_of(labels: dict[str, Any] | None) -> str | None:
-    """The manifest digest a pushed version's labels carry; ``None`` for one never pushed."""
-    found = (labels or {}).get(MANIFEST_LABEL)
-    return found if isinstance(found, str) and DIGEST.match(found) else None
 
 
 def _own_token(settings: Settings, repository: str, actions: list[str]) -> str:
@@ -88,13 +80,12 @@ def delete_manifest(settings: Settings, url: str, repository: str, digest: str) 
     return True
 
 
-def forget_manifest(settings: Settings, repository: str, labels: dict[str, Any] | None) -> bool:
+def forget_manifest(settings: Settings, repository: str, digest: str | None) -> bool:
     """After a version was deleted: delete its manifest if it was pushed and a registry is
     configured. A registry that fails is logged, not raised: the version is gone already, and
     its blobs are then only kept until the manifest is deleted by hand."""
-    digest = manifest_of(labels)
     plan = distribution.plan(settings)
-    if digest is None or plan.url is None:
+    if digest is None or not DIGEST.match(digest) or plan.url is None:
         return False
     try:
         return delete_manifest(settings, plan.url, repository, digest)

@@ -7,13 +7,9 @@ moment it starts and hands the version each one means now (a published tag: the 
 points at) to ``pull``, one at a time, in order. A pull that fails is logged and not tried
 again: the boot that needs the version pulls it anyway.
 
-The pull itself is the transfer module's (``registry/transfer.py``, push and pull through the
-registry). ``envctl serve`` starts one once that module exists, with its pull (a few lines in
-the app's lifespan)::
-
-    if settings.registry_prepull:
-        prepuller = Prepuller(db, settings.registry_prepull, transfer_pull)
-        prepuller.start()   # ... prepuller.stop() at shutdown
+The pull itself is the transfer module's (``runner/transfers.py``, by the recorded digest,
+checked): ``envctl serve`` starts one in the app's lifespan when a registry is configured,
+pulling as envctl's admin.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock
    ``error``), apply the settings changed for the next boot (runner/settings.py), then read
    the row (still ``booting``?) and make the container's spec: the
    version's image, or the draft image when the runtime has unsaved changes from an earlier
-   run (phase ``restoring``, logged);
+   run (phase ``restoring``, logged); a version the engine lacks is pulled from the registry
+   by its recorded digest and checked first (phase ``downloading``, runner/transfers.py);
 2. create and start the container (``backend.start``), labelled with this installation and
    runner so that nothing else ever takes it for its own;
    (first the runtime's mounts are made ready: runner/mounts/prepare.py)
@@ -45,6 +46,7 @@ from runner.paths import RuntimePaths
 from runner.records import Records
 from runner.settings import apply_pending
 from runner.states import State
+from runner.transfers import Transfers
 
 log = logging.getLogger("envctl.runner")
 
@@ -70,6 +72,7 @@ class Booter:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         drafts: Drafts,
+        transfers: Transfers | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -79,6 +82,7 @@ class Booter:
         self.paths = paths
         self.drafts = drafts
         self.mounts = MountPreparer(settings, identity.installation, backend)
+        self.transfers = transfers
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -137,10 +141,17 @@ class Booter:
                     return
                 spec = self.spec(rt)
                 restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
-                owner_id, stored_mounts = rt.owner_id, list(rt.mounts or [])
+                owner_id, version_id, stored_mounts = rt.owner_id, rt.version_id, list(rt.mounts or [])
         except EnvctlError as exc:
             records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
             return
+        if self.transfers is not None and restoring is None:
+            try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
+                if self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id):
+                    begun = time.monotonic()  # the boot timeout counts from here, not from the download
+            except EnvctlError as exc:
+                records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
+                return
         mounted = self._mount(runtime_id, owner_id, stored_mounts, spec)
         if mounted is None:
             return

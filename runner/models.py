@@ -66,7 +66,8 @@ class Runtime(Base):
     # mounted (the git commit, the S3 ETags: runner/mounts/prepare.py), copied onto each execution.
     mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
     mounts_used: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
-    # while a boot downloads its mounts: {"done": bytes, "total": bytes}; None otherwise
+    # bytes done and total of the download or upload ``phase`` names (a boot fetching mounts or
+    # pulling its image, a save pushing): {"done": n, "total": m}; None when none runs
     progress: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -22,6 +22,7 @@ module):
 ``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
+``transfers.py``       versions to and from the registry: push after a save, pull before a boot
 ``builds.py``          spec files built as cells on a temporary runtime
 ``archives.py``        export and load of a version with its lineage
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
@@ -75,6 +76,7 @@ from runner.runtimes import RuntimeChanges, Runtimes
 from runner.scan import CacheRules
 from runner.snapshots import Snapshots
 from runner.states import State
+from runner.transfers import Transfers
 
 log = logging.getLogger("envctl.runner")
 
@@ -127,7 +129,10 @@ class RunnerService:
         self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
-        self.snapshots = snapshots = Snapshots(settings, records, backend, operations, submit=concurrency.submit)
+        self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
+        self.snapshots = snapshots = Snapshots(
+            settings, records, backend, operations, submit=concurrency.submit, transfers=transfers
+        )
         self.results = ResultCollector(settings, db, clock, paths)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
@@ -136,7 +141,7 @@ class RunnerService:
             backend,
             paths,
             drafts,
-            Booter(settings, self.identity, records, concurrency, backend, paths, drafts),
+            Booter(settings, self.identity, records, concurrency, backend, paths, drafts, transfers),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
         )
@@ -190,6 +195,7 @@ class RunnerService:
             log.warning("reconciliation at start failed: %s", exc.message)
         self.executions.recover()
         self.operations.recover()
+        self.transfers.recover()
         if housekeeping:
             self.housekeeping.start()
 

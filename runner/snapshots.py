@@ -47,6 +47,7 @@ from runner.operations import Operations
 from runner.records import Records
 from runner.scan import CacheRules, SaveFilter, check_allowed, runtime_secret_values
 from runner.states import State
+from runner.transfers import Transfers, push_after_save, pushed_text
 
 log = logging.getLogger("envctl.snapshots")
 
@@ -92,6 +93,7 @@ class Snapshots:
         *,
         submit: Callable[..., Any],
         secret_values: Callable[[str], Sequence[str]] = runtime_secret_values,
+        transfers: Transfers | None = None,
     ) -> None:
         self.settings = settings
         self.secret_values = secret_values
@@ -100,6 +102,7 @@ class Snapshots:
         self.backend = backend
         self.operations = operations
         self.submit = submit
+        self.transfers = transfers
         self._saving: set[str] = set()
         self._lock = threading.Lock()
 
@@ -228,6 +231,7 @@ class Snapshots:
             message=f"saved as {version.ref}",
             details={"version": version.ref},
         )
+        pushed = push_after_save(self.transfers, self.operations, op_id, owner_id, runtime_id, version)
         self.operations.finish(
             op_id,
             "succeeded",
@@ -236,8 +240,11 @@ class Snapshots:
                 "digest": version.digest,
                 "image_id": version.image_id,
                 **(version.labels or {}).get(SAVE_LABEL, {}),
+                **pushed,
             },
-            message=f"saved as {version.ref}" + _left_out_text((version.labels or {}).get(SAVE_LABEL, {})),
+            message=f"saved as {version.ref}"
+            + _left_out_text((version.labels or {}).get(SAVE_LABEL, {}))
+            + pushed_text(pushed),
         )
 
     # ------------------------------------------------------------------ the work

@@ -52,7 +52,19 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import catalog, cells, environments, local, notebooks, results, runtimes, saves, teams, volumes
+from api.cli import (
+    catalog,
+    cells,
+    environments,
+    local,
+    notebooks,
+    results,
+    runtimes,
+    saves,
+    teams,
+    transfers,
+    volumes,
+)
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -92,6 +104,8 @@ for _command in (
     runtimes.runtime,
     saves.save,
     saves.import_,
+    transfers.push,
+    transfers.pull,
     environments.env,
     runtimes.machine_types,
     cells.exec_,

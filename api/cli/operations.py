@@ -29,13 +29,18 @@ def stopped_following(op: dict[str, Any], what: str = "operation") -> None:
 
 
 def follow_operation(api: Api, op: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
-    """Poll an operation until it succeeds or fails, showing its phase and message."""
+    """Poll an operation until it succeeds or fails, showing its phase and message (and a bar
+    of bytes when its result counts them: ``done`` of ``total``, as pushes and pulls do)."""
     with Progress(quiet) as progress:
         # On a terminal shorter waits keep the spinner and the clock moving.
         wait = 0.5 if progress.live else OPERATION_WAIT
         try:
             while op["status"] == "running":
-                progress.update(op_text(op))
+                counted = op.get("result") or {}
+                if counted.get("total") and progress.live:
+                    progress.transfer(op_text(op), int(counted.get("done") or 0), int(counted["total"]))
+                else:
+                    progress.update(op_text(op))
                 op = api.call("GET", f"/operations/{op['id']}", params={"wait": wait})
         except KeyboardInterrupt:
             progress.clear()

@@ -99,6 +99,15 @@ def save(
             print(f"left out caches: {caches_text(result['left_out'])} (--keep-caches keeps them)", file=sys.stderr)
         for finding in result.get("allowed_secrets") or []:
             print(f"kept, as allowed: {finding['path']}: {', '.join(finding['found'])}", file=sys.stderr)
+        if result.get("pushed"):
+            print(f"pushed to the registry (digest {short_digest(result.get('registry_digest'))})", file=sys.stderr)
+        elif result.get("pushed") is False:
+            reason = (result.get("push_error") or {}).get("message", "")
+            print(
+                f"not pushed to the registry ({reason}); the version is kept here: "
+                f"`envctl push {result['version']}` sends it later",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 

@@ -245,6 +245,11 @@ class RuntimeBackend(abc.ABC):
         """
         raise NotImplementedError(f"the {self.name} backend cannot look for kernelspecs")
 
+    def engine_client(self) -> Any | None:
+        """The Docker SDK client registry transfers go through (push, pull); None: this
+        backend's images cannot travel through a registry."""
+        return None
+
     def remove_image(self, image: str) -> None:  # noqa: B027  (optional hook)
         """Remove a local image (idempotent); images other images need are kept by the engine."""
 

@@ -439,6 +439,9 @@ class DockerBackend(RuntimeBackend):
     def load_images(self, path: Path) -> None:
         engine.load_archive(path, host=self._base_url)
 
+    def engine_client(self) -> docker.DockerClient:
+        return self.client
+
     def remove_image(self, image: str) -> None:
         self._image_infos.pop(image, None)
         engine.remove_image(self.client, image)

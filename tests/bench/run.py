@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tests.bench import bench_boot, bench_exec, bench_lean_save, bench_mounts, bench_save
+from tests.bench import bench_boot, bench_exec, bench_lean_save, bench_mounts, bench_save, bench_transfer
 
 BENCHMARKS = {
     "boot": bench_boot.run,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "save": bench_save.run,
     "lean-save": bench_lean_save.run,
     "mounts": bench_mounts.run,
+    "transfer": bench_transfer.run,
 }
 
 

@@ -20,7 +20,6 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
 from registry import service as registry_service
-from registry.garbage import MANIFEST_LABEL
 from registry.teams import Actor, create_team
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.registry import Image, RegistryClient, digest_of, start_registry
@@ -49,9 +48,9 @@ class World:
         db = Database(self.settings.effective_database_url)
         try:
             with db.session() as s:
-                labels = {MANIFEST_LABEL: digest_of(image.manifest)}
-                new = NewVersion(environment=repository, image_id=digest_of(image.config), image_ref="x", labels=labels)
+                new = NewVersion(environment=repository, image_id=digest_of(image.config), image_ref="x")
                 version, _ = register_version(s, new, Writer("envctl", is_admin=True))
+                version.registry_digest = digest_of(image.manifest)  # as its push records it
                 return version.ref
         finally:
             db.dispose()

@@ -1,7 +1,7 @@
 """published versions and tags, and each team's events
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0012
 Create Date: 2026-12-02 04:30:00
 
 - ``publications``: a version (``version_id``) or a tag (``tag``) of a team's environment that
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0010"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
