@@ -27,7 +27,7 @@ from registry.models import TeamEvent
 
 log = logging.getLogger("envctl.registry")
 
-Pull = Callable[[str], None]  # pull the version ``ref`` (``acme/ml@3``) into this server's engine
+Pull = Callable[[str], object]  # pull the version ``ref`` (``acme/ml@3``) into this server's engine
 
 
 class Prepuller:
