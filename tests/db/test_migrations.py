@@ -226,29 +226,40 @@ def test_0006_rewrites_hot_path_timestamps_in_cores_format_on_sqlite(tmp_path: P
     from sqlalchemy import select, update
 
     from envs.kit.db import Database
-    from envs.service import NewVersion, register_version
-    from registry.service import create_user
     from runner.models import Runtime
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
+    at = {"at": "2026-11-21 18:00:00"}
     dbschema.upgrade(url, "0005")
     db = Database(url)
     try:
-        with db.session() as s:
-            user = create_user(s, "old")
-            version, _ = register_version(
-                s, NewVersion(environment="bash", image_id="sha256:" + "a" * 64, image_ref="b")
+        with db.connection() as c:  # in SQL: the models are newer than this schema
+            c.execute(text("INSERT INTO users (id, name, is_admin, created_at) VALUES ('u_old', 'old', 0, :at)"), at)
+            c.execute(
+                text(
+                    "INSERT INTO environments (id, namespace, name, description, created_at) "
+                    "VALUES (1, '', 'bash', '', :at)"
+                ),
+                at,
             )
-            for rid in ("rt_a", "rt_b"):  # in SQL: the models are newer than this schema
-                s.execute(
+            c.execute(
+                text(
+                    "INSERT INTO environment_versions (id, environment_id, number, digest, image_id, image_ref, "
+                    "message, author, size, size_added, labels, created_at) "
+                    "VALUES (1, 1, 1, :digest, :digest, 'b', '', 'old', 0, 0, '{}', :at)"
+                ),
+                {"digest": "sha256:" + "a" * 64, **at},
+            )
+            for rid in ("rt_a", "rt_b"):
+                c.execute(
                     text(
                         "INSERT INTO runtimes (id, owner_id, name, type, language, environment_ref, version_id, "
                         "machine_type, state, state_reason, state_message, runner, backend, backend_state, "
-                        "last_activity, draft_changes, change_baseline, created_at, updated_at) VALUES (:id, :owner, "
-                        ":id, 'native', 'python', 'bash@1', :version, 'small', 'stopped', 'created', '', 'r', "
+                        "last_activity, draft_changes, change_baseline, created_at, updated_at) VALUES (:id, "
+                        "'u_old', :id, 'native', 'python', 'bash@1', 1, 'small', 'stopped', 'created', '', 'r', "
                         "'docker', '{}', '', '[]', '{}', '2026-11-21 18:00:00', '2026-11-21 18:00:00')"
                     ),
-                    {"id": rid, "owner": user.id, "version": version.id},
+                    {"id": rid},
                 )
         with db.connection() as c:  # as the old hot path wrote them
             c.execute(
