@@ -44,8 +44,9 @@ def create_volume(body: VolumeCreate, ctx: CtxDep, caller: CallerDep) -> VolumeO
     return _out(ctx.runner.volumes.create(caller.id, body.name))
 
 
-@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_volume(ctx: CtxDep, caller: CallerDep, name: str = Path(max_length=128)) -> Response:
-    """Delete a volume and its data; refused (409) while a runtime's mounts name it."""
-    ctx.runner.volumes.delete(caller.id, name)
+@router.delete("/{volume:path}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_volume(ctx: CtxDep, caller: CallerDep, volume: str = Path(max_length=128)) -> Response:
+    """Delete a volume (``NAME`` or ``TEAM/NAME``) and its data; refused (409) while a runtime's
+    mounts name it."""
+    ctx.runner.volumes.delete(caller.id, volume)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -65,6 +65,7 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
     assert api.post("/environments/acme/ml@1/publish", headers=alice).status_code == 200
     token_id = api.get("/tokens", headers=alice).json()[0]["id"]
+    assert api.post("/volumes", headers=alice, json={"name": "acme/data"}).status_code == 201
     alices = {
         "runtime_id": rid,
         "execution_id": ex["id"],
@@ -74,6 +75,7 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         "team": "acme",
         "user": "alice",
         "token_id": token_id,
+        "volume": "acme/data",
     }
     secrets = [rid, ex["id"], op["id"], token_id, "acme/ml@2", "private save", "secret-work", "private"]
     schema = api.client.get("/openapi.json").json()
@@ -104,8 +106,9 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         required = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query" and p.get("required")]
         query = {p: {"against": "python3@1"}[p] for p in required}  # a new one: say what to ask with
         resp = api.client.request(method, url, headers=bob, params=query, json=_body(schema, operation))
-        if method == "get":  # bob reads what alice reads (the fake engine cannot export or read packages)
-            own = api.client.get(url, headers=alice, params=query)
+        if method == "get" or path.endswith("/pull"):  # reads: bob gets what alice gets (the fake engine
+            # cannot export, read packages or pull)
+            own = api.client.request(method, url, headers=alice, params=query, json=_body(schema, operation))
             assert resp.status_code == own.status_code not in (403, 404), (path, resp.status_code, resp.text[:300])
         else:
             assert resp.status_code == 403, (method, path, resp.status_code, resp.text[:300])
