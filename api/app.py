@@ -27,6 +27,7 @@ from api.routes import (
     results,
     runners,
     runtimes,
+    secrets,
     streams,
     teams,
     tokens,
@@ -122,6 +123,7 @@ def create_app(
         machine_types,
         runners,
         teams,
+        secrets,
         tokens,
         registry_auth,
     ):

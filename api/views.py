@@ -169,6 +169,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         env=dict(rt.env or {}),
         cuda=rt.cuda,
         pending=pending_view(rt),
+        secrets_outdated=st.secrets_outdated,
         runner=rt.runner,
         runner_alive=st.runner_alive,
         unreachable=st.unreachable,

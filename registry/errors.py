@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envs.kit.errors import ConflictError, NotFoundError, ServiceUnavailableError
+from envs.kit.errors import ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
 
 
 class TeamNotFoundError(NotFoundError):
@@ -33,3 +33,14 @@ class RegistryUnavailableError(ServiceUnavailableError):
     """The managed distribution registry could not be started or does not answer."""
 
     code = "registry_unavailable"
+
+
+class SecretNotFoundError(NotFoundError):
+    code = "secret_not_found"
+
+
+class SecretKeyError(EnvctlError):
+    """The secrets key file cannot be read or made, or does not open a stored secret."""
+
+    code = "secret_key_unavailable"
+    status = 500

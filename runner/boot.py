@@ -28,6 +28,7 @@ from sqlalchemy.orm import selectinload
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
+from runner import envvars
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
@@ -38,6 +39,7 @@ from runner.machines import cuda_dir, get_machine_type
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
+from runner.secrets import RuntimeSecrets
 from runner.settings import apply_pending
 from runner.states import State
 
@@ -65,6 +67,7 @@ class Booter:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         drafts: Drafts,
+        secrets: RuntimeSecrets | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -73,6 +76,7 @@ class Booter:
         self.backend = backend
         self.paths = paths
         self.drafts = drafts
+        self.secrets = secrets
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -86,7 +90,7 @@ class Booter:
             state_dir=self.paths.state_dir(rt.id),
             agent_dir=self.paths.agent_dir,
             language=rt.language,
-            env=dict(rt.env or {}),
+            env=envvars.plain(rt.env or {}),  # secrets never: they reach the agent (runner/secrets.py)
             cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
         )
@@ -131,8 +135,13 @@ class Booter:
                     return
                 spec = self.spec(rt)
                 restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
+            # the runtime's secrets, opened before any container is made: a missing one fails at once
+            secrets = self.secrets.prepare(runtime_id) if self.secrets is not None else None
         except EnvctlError as exc:
-            records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
+            reason = (
+                "secret-unavailable" if exc.code in ("secret_unavailable", "secret_key_unavailable") else "boot-failed"
+            )
+            records.fail(runtime_id, reason, exc.message, {State.BOOTING})
             return
         values: dict[str, object] = {"change_baseline": {}}  # a new container: nothing of it is saved yet
         if restoring is not None:
@@ -183,6 +192,12 @@ class Booter:
         except _BootCancelledError:
             return  # a stop was requested; the stop worker removes the container
         except (_ContainerDiedError, AgentUnavailableError, BackendError) as exc:
+            self._boot_failed(runtime_id, backend_state, exc)
+            return
+        try:
+            if secrets is not None:  # over the agent's socket, never through Docker (R6)
+                secrets.send(sock)
+        except EnvctlError as exc:
             self._boot_failed(runtime_id, backend_state, exc)
             return
         took_ms = (time.monotonic() - begun) * 1000

@@ -155,6 +155,8 @@ class Settings:
     machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
     # Cache directories a save leaves out (``~/`` means /root and every /home/<user>).
     save_caches: tuple[str, ...] = DEFAULT_SAVE_CACHES
+    # the key that encrypts team secrets (made on first use, mode 0600); None: <data dir>/secrets.key
+    secrets_key_file: Path | None = None
 
     @property
     def effective_database_url(self) -> str:
@@ -261,6 +263,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
     "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
+    "secrets_key_file": ("ENVCTL_SECRETS_KEY_FILE", _path),
 }
 
 

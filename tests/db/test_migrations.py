@@ -37,6 +37,8 @@ TABLES = {
     "runners",
     "teams",
     "team_members",
+    "team_secrets",
+    "runtime_secret_uses",
 }
 
 
