@@ -26,6 +26,7 @@ command                                                     module
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
 ``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
+``secret set|list|rm``                                       ``secrets.py``
 ==========================================================  =================
 
 What they share:
@@ -49,7 +50,7 @@ from collections.abc import Sequence
 
 import click
 
-from api.cli import cells, environments, local, notebooks, results, runtimes, saves, teams
+from api.cli import cells, environments, local, notebooks, results, runtimes, saves, secrets, teams
 from api.cli.client import parse_sse
 from api.cli.environments import lineage_lines
 from api.cli.errors import (
@@ -98,6 +99,7 @@ for _command in (
     teams.user,
     teams.team,
     teams.token,
+    secrets.secret,
 ):
     cli.add_command(_command)
 

@@ -33,6 +33,9 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("variables", ", ".join(sorted(rt.get("env") or {})) or "none set here (`envctl runtime env` lists them)"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
+    if rt.get("secrets_outdated"):
+        outdated = ", ".join(rt["secrets_outdated"])
+        pairs.append(("secrets", f"changed since boot: {outdated} (the next boot applies them)"))
     if rt.get("pending"):
         pairs.append(("at next boot", "; ".join(_pending_text(k, v) for k, v in rt["pending"].items())))
     if rt.get("idle"):
@@ -186,6 +189,13 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--lang", type=click.Choice(["python", "bash"]), help="the cells' default language")
 @click.option("--env", "set_env", multiple=True, metavar="K=V", help="set an environment variable (repeat; reboot)")
 @click.option("--unset-env", multiple=True, metavar="K", help="remove an environment variable (repeat; reboot)")
+@click.option(
+    "--secret",
+    "secret_env",
+    multiple=True,
+    metavar="K=SECRET",
+    help="variable K from a team secret, SECRET or TEAM/SECRET (repeat; reboot); also a file /run/secrets/SECRET",
+)
 @click.option("--machine-type", metavar="NAME", help="see `envctl machine-types` (needs a reboot)")
 @click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
 @click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
@@ -202,6 +212,7 @@ def set_(
     lang: str | None,
     set_env: tuple[str, ...],
     unset_env: tuple[str, ...],
+    secret_env: tuple[str, ...],
     machine_type: str | None,
     idle_timeout: str | None,
     cuda: str | None,
@@ -227,7 +238,8 @@ def set_(
             body["idle_timeout"] = int(idle_timeout)
         else:
             raise CliError(f"--idle-timeout: {idle_timeout[:32]!r} is not whole seconds or 'default'", EXIT_BAD_INPUT)
-    env: dict[str, str | None] = {**_assignments(set_env, "--env"), **dict.fromkeys(unset_env)}
+    secret_refs = {k: {"secret": v} for k, v in _assignments(secret_env, "--secret").items()}
+    env: dict[str, Any] = {**_assignments(set_env, "--env"), **secret_refs, **dict.fromkeys(unset_env)}
     if env:
         body["env"] = env
     if not body:
@@ -256,7 +268,9 @@ def env_(api: Api, as_json: bool, runtime: str, inherited: bool) -> int:
         [("name", "name"), ("shown", "value"), ("from", "source")],
         lambda v: {
             **v,
-            "shown": "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
+            "shown": f"secret {v['secret']} (hidden)"
+            if v.get("secret")
+            else "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
             "from": v["source"] + (" (over the image's)" if v["overrides"] else ""),
         },
     )
