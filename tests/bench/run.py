@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from tests.bench import bench_boot, bench_exec, bench_lean_save, bench_save
+from tests.bench import bench_boot, bench_exec, bench_lean_save, bench_save, bench_secret_save
 
 BENCHMARKS = {
     "boot": bench_boot.run,
     "exec": bench_exec.run,
     "save": bench_save.run,
     "lean-save": bench_lean_save.run,
+    "secret-save": bench_secret_save.run,
 }
 
 
