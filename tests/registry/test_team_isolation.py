@@ -61,6 +61,8 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     op = api.post(f"/runtimes/{rid}/save", headers=alice, json={"environment": "acme/ml"}).json()
     assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
     token_id = api.get("/tokens", headers=alice).json()[0]["id"]
+    put = api.client.put("/teams/acme/secrets/db-pass", headers=alice, json={"value": "alices-db-password"})
+    assert put.status_code == 201, put.text
     alices = {
         "runtime_id": rid,
         "execution_id": ex["id"],
@@ -70,8 +72,9 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         "team": "acme",
         "user": "alice",
         "token_id": token_id,
+        "name": "db-pass",
     }
-    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml", "secret-work", "private"]
+    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml", "secret-work", "private", "alices-db-password"]
     schema = api.client.get("/openapi.json").json()
 
     checked = []
@@ -99,5 +102,6 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     assert api.get("/environments/acme/ml", headers=alice).json()["latest"] == "acme/ml@1"
     assert [m["user"] for m in api.get("/teams/acme/members", headers=alice).json()] == ["alice"]
     assert [t["active"] for t in api.get("/tokens", headers=alice).json()] == [True]
+    assert [x["version"] for x in api.get("/teams/acme/secrets", headers=alice).json()] == [1]
     assert "acme/ml" not in [e["name"] for e in api.get("/environments", headers=bob).json()]
     assert "acme/ml" in [e["name"] for e in api.get("/environments").json()]  # envctl admins see all
