@@ -105,6 +105,9 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
 )
 @click.option("--kernel", metavar="NAME", help="kernelspec name for --type jupyter (default python3)")
 @click.option("--env-var", "env_vars", multiple=True, metavar="K=V", help="an environment variable (repeat)")
+@click.option(
+    "--secret", "secret_env", multiple=True, metavar="K=SECRET", help="variable K from a team secret (repeat)"
+)
 @click.option("--start", is_flag=True, help="boot it now and wait until it runs")
 @client_options
 def create(
@@ -118,12 +121,13 @@ def create(
     type_: str | None,
     kernel: str | None,
     env_vars: tuple[str, ...],
+    secret_env: tuple[str, ...],
     start: bool,
 ) -> int:
     """Create a runtime (stopped, unless --start)."""
     body: dict[str, Any] = {"name": name, "environment": env, "language": lang, "machine_type": machine_type}
-    if env_vars:
-        body["env"] = _assignments(env_vars, "--env-var")
+    if env_vars or secret_env:
+        body["env"] = {**_assignments(env_vars, "--env-var"), **_secret_refs(secret_env)}
     if idle_timeout is not None:
         body["idle_timeout"] = idle_timeout
     if type_ is not None:
@@ -178,6 +182,11 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
             raise CliError(f"{option}: {item[:64]!r} is not NAME=VALUE", EXIT_BAD_INPUT)
         out[name] = value
     return out
+
+
+def _secret_refs(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``--secret K=SECRET`` options as references to team secrets (SECRET or TEAM/SECRET)."""
+    return {k: {"secret": v} for k, v in _assignments(items, "--secret").items()}
 
 
 @runtime.command("set")
@@ -238,8 +247,7 @@ def set_(
             body["idle_timeout"] = int(idle_timeout)
         else:
             raise CliError(f"--idle-timeout: {idle_timeout[:32]!r} is not whole seconds or 'default'", EXIT_BAD_INPUT)
-    secret_refs = {k: {"secret": v} for k, v in _assignments(secret_env, "--secret").items()}
-    env: dict[str, Any] = {**_assignments(set_env, "--env"), **secret_refs, **dict.fromkeys(unset_env)}
+    env: dict[str, Any] = {**_assignments(set_env, "--env"), **_secret_refs(secret_env), **dict.fromkeys(unset_env)}
     if env:
         body["env"] = env
     if not body:

@@ -33,6 +33,10 @@ def test_secret_set_reads_stdin_list_shows_names_and_runtime_set_uses_one_by_nam
     code, out, err = run(capsys, "secret", "acme", *args)
     assert code == 0 and out.splitlines()[1].split()[:2] == ["db-pass", "1"]
 
+    code, out, err = run(
+        capsys, "runtime", "create", "early", "--env", "python3", "--secret", "P=acme/db-pass", "--json", *args
+    )
+    assert code == 0 and json.loads(out)["env"] == {"P": {"secret": "db-pass", "team": "acme"}}, err
     assert run(capsys, "runtime", "create", "demo", "--env", "python3", *args)[0] == 0
     code, out, err = run(capsys, "runtime", "set", "demo", "--secret", "DB_PASSWORD=db-pass", "--json", *args)
     assert code == 0, err
