@@ -13,6 +13,8 @@ module):
                        a reboot and waits for it; ``envvars.py``: environment variables)
 ``lifecycle.py``       start, stop, reset, delete; the stop worker
 ``boot.py``            the boot worker: container up, agent answering, ``running``
+``secrets.py``         a runtime's team secrets: references in ``env``, handed to the agent at
+                       boot, out of date, and the values its saves are searched for
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
 ``cellworker.py``      the per-runtime worker that runs cells in order and records their ends
 ``feeds.py``           what is known of hot executions in memory, and who listens
