@@ -42,11 +42,11 @@ class RuntimeCreate(BaseModel):
     )
     machine_type: str = Field(default="small", min_length=1, max_length=64)
     idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
-    env: dict[str, str] = Field(
+    env: dict[str, str | SecretRef] = Field(
         default_factory=dict,
         max_length=200,
         description="environment variables of the runtime's processes (names: letter or _, then letters, digits, _; "
-        "LD_*, ENVCTL_*, NVIDIA_* and HOSTNAME are reserved)",
+        'LD_*, ENVCTL_*, NVIDIA_* and HOSTNAME are reserved); {"secret": NAME} for a team secret',
     )
     cuda: str | None = Field(
         default=None, max_length=32, description="host CUDA version for a GPU machine type (GET /machine-types/cuda)"
@@ -66,7 +66,7 @@ class RuntimePatch(BaseModel):
     idle_timeout: int | None = Field(
         default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never; null for the default"
     )
-    env: dict[str, str | None] | None = Field(
+    env: dict[str, str | SecretRef | None] | None = Field(
         default=None,
         max_length=200,
         description="environment variables as a merge patch: a value sets one, null removes it; needs a reboot",
@@ -122,7 +122,13 @@ class RuntimeOut(BaseModel):
     idle: IdleOut | None
     machine_type: str
     idle_timeout: int | None
-    env: dict[str, str] = Field(default_factory=dict, description="the runtime's own environment variables")
+    env: dict[str, str | SecretRef] = Field(
+        default_factory=dict, description="the runtime's own environment variables (secrets as references)"
+    )
+    secrets_outdated: list[str] = Field(
+        default_factory=list,
+        description="secrets (TEAM/NAME) changed or deleted since the running container got them; a reboot applies",
+    )
     cuda: str | None = Field(default=None, description="the host CUDA version mounted in a GPU runtime")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="the runtime's mounts")
     mounts_used: list[dict[str, Any]] = Field(
@@ -144,9 +150,19 @@ class RuntimeOut(BaseModel):
     updated_at: datetime
 
 
+class SecretRef(BaseModel):
+    """A variable whose value is a team secret, given to the runtime's processes at boot."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: str = Field(max_length=130, description="the secret's name, or TEAM/NAME", examples=["db-pass"])
+    team: str | None = Field(default=None, max_length=64, description="its team, when not in secret")
+
+
 class EnvVarOut(BaseModel):
     name: str
-    value: str
+    value: str | None = Field(description="the value; null for a secret, never shown")
+    secret: str | None = Field(default=None, description="the secret (TEAM/NAME) the value comes from")
     source: Literal["set here", "inherited"] = Field(description="set on the runtime, or by its environment's image")
     overrides: bool = Field(description="set here over a value the image sets")
 
@@ -155,7 +171,7 @@ class RuntimeEnvOut(BaseModel):
     runtime_id: str
     environment: str = Field(description="the version whose image the inherited variables come from")
     variables: list[EnvVarOut] = Field(description="what a cell sees, by name; the runtime's own win")
-    pending: dict[str, str] | None = Field(
+    pending: dict[str, str | SecretRef] | None = Field(
         description="the runtime's own variables after its next boot, when a change waits for it; null otherwise"
     )
 

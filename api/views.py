@@ -176,6 +176,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         mounts=list(rt.mounts or []),
         mounts_used=list(rt.mounts_used or []),
         pending=pending_view(rt),
+        secrets_outdated=st.secrets_outdated,
         runner=rt.runner,
         runner_alive=st.runner_alive,
         unreachable=st.unreachable,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envs.kit.errors import ConflictError, NotFoundError, ServiceUnavailableError
+from envs.kit.errors import ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
 
 
 class TeamNotFoundError(NotFoundError):
@@ -68,3 +68,14 @@ class NoRegistryError(ConflictError):
     backend's images cannot travel)."""
 
     code = "no_registry"
+
+
+class SecretNotFoundError(NotFoundError):
+    code = "secret_not_found"
+
+
+class SecretKeyError(EnvctlError):
+    """The secrets key file cannot be read or made, or does not open a stored secret."""
+
+    code = "secret_key_unavailable"
+    status = 500

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from envs.kit.clock import utcnow
@@ -107,3 +107,34 @@ class TeamEvent(Base):
     ref: Mapped[str] = mapped_column(String(300))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TeamSecret(Base):
+    """A team's secret: its value encrypted with the installation's secrets key (never stored
+    in the clear; the key is a file apart from the database, registry/secrets.py)."""
+
+    __tablename__ = "team_secrets"
+    __table_args__ = (UniqueConstraint("team_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    version: Mapped[int] = mapped_column(Integer, default=1)  # +1 on each change
+    created_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    team: Mapped[Team] = relationship()
+
+
+class RuntimeSecretUse(Base):
+    """The secrets a runtime's container was given at its last boot (variable -> team, name,
+    version), and every value it was ever given, encrypted (what its saves are searched for)."""
+
+    __tablename__ = "runtime_secret_uses"
+
+    runtime_id: Mapped[str] = mapped_column(ForeignKey("runtimes.id", ondelete="CASCADE"), primary_key=True)
+    delivered: Mapped[dict[str, dict[str, object]]] = mapped_column(JSON, default=dict)
+    sealed_values: Mapped[bytes] = mapped_column(LargeBinary)
+    delivered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import selectinload
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
+from runner import envvars
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
@@ -44,6 +45,7 @@ from runner.models import Execution, Runtime
 from runner.mounts.prepare import MountPreparer, mounted_note
 from runner.paths import RuntimePaths
 from runner.records import Records
+from runner.secrets import RuntimeSecrets
 from runner.settings import apply_pending
 from runner.states import State
 from runner.transfers import Transfers
@@ -73,6 +75,7 @@ class Booter:
         paths: RuntimePaths,
         drafts: Drafts,
         transfers: Transfers | None = None,
+        secrets: RuntimeSecrets | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -83,6 +86,7 @@ class Booter:
         self.drafts = drafts
         self.mounts = MountPreparer(settings, identity.installation, backend)
         self.transfers = transfers
+        self.secrets = secrets
 
     def spec(self, rt: Runtime) -> RuntimeSpec:
         """What the backend needs to make the runtime's container."""
@@ -96,7 +100,7 @@ class Booter:
             state_dir=self.paths.state_dir(rt.id),
             agent_dir=self.paths.agent_dir,
             language=rt.language,
-            env=dict(rt.env or {}),
+            env=envvars.plain(rt.env or {}),  # secrets never: they reach the agent (runner/secrets.py)
             cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
         )
@@ -142,8 +146,13 @@ class Booter:
                 spec = self.spec(rt)
                 restoring = len(rt.draft_changes or []) if rt.draft_image_id else None
                 owner_id, version_id, stored_mounts = rt.owner_id, rt.version_id, list(rt.mounts or [])
+            # the runtime's secrets, opened before any container is made: a missing one fails at once
+            secrets = self.secrets.prepare(runtime_id) if self.secrets is not None else None
         except EnvctlError as exc:
-            records.fail(runtime_id, "boot-failed", exc.message, {State.BOOTING})
+            reason = (
+                "secret-unavailable" if exc.code in ("secret_unavailable", "secret_key_unavailable") else "boot-failed"
+            )
+            records.fail(runtime_id, reason, exc.message, {State.BOOTING})
             return
         if self.transfers is not None and restoring is None:
             try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
@@ -205,6 +214,12 @@ class Booter:
         except _BootCancelledError:
             return  # a stop was requested; the stop worker removes the container
         except (_ContainerDiedError, AgentUnavailableError, BackendError) as exc:
+            self._boot_failed(runtime_id, backend_state, exc)
+            return
+        try:
+            if secrets is not None:  # over the agent's socket, never through Docker (R6)
+                secrets.send(sock)
+        except EnvctlError as exc:
             self._boot_failed(runtime_id, backend_state, exc)
             return
         took_ms = (time.monotonic() - begun) * 1000

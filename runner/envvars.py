@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from envs.kit.errors import InvalidInputError
+from runner.secrets import check_ref  # the reference grammar lives with the secrets
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_NAME = 128
@@ -50,6 +52,10 @@ def check_name(name: object, field: str = "env") -> str:
     return name
 
 
+#: a variable's value: text, or a reference to a team secret (runner/secrets.py)
+EnvValue = str | dict[str, Any]
+
+
 def check_value(name: str, value: object, field: str = "env") -> str:
     where = f"{field}.{name}"
     if not isinstance(value, str):
@@ -65,20 +71,35 @@ def check_value(name: str, value: object, field: str = "env") -> str:
     return value
 
 
-def check_env(env: Mapping[str, object], field: str = "env") -> dict[str, str]:
+def check_entry(name: str, value: object, field: str = "env") -> EnvValue:
+    """A value, or a secret reference (``{"secret": NAME}``), checked."""
+    if isinstance(value, Mapping):
+        return check_ref(name, value, field)
+    return check_value(name, value, field)
+
+
+def check_env(env: Mapping[str, object], field: str = "env") -> dict[str, EnvValue]:
     """A complete set of variables, checked; a copy."""
     if not isinstance(env, Mapping):
         raise InvalidInputError(f"{field}: must be a map of names to values", field=field)
     if len(env) > MAX_COUNT:
         raise InvalidInputError(f"{field}: at most {MAX_COUNT} variables per runtime", field=field)
-    out = {check_name(k, field): check_value(k, v, field) for k, v in env.items()}
-    total = sum(len(k) + len(v.encode("utf-8")) for k, v in out.items())
+    out = {check_name(k, field): check_entry(k, v, field) for k, v in env.items()}
+    total = sum(len(k) + len(v.encode("utf-8")) for k, v in plain(out).items())
     if total > MAX_TOTAL:
         raise InvalidInputError(f"{field}: the variables add up to more than {MAX_TOTAL} bytes", field=field)
     return out
 
 
-def merge(current: Mapping[str, str], changes: Mapping[str, str | None], field: str = "env") -> dict[str, str]:
+def plain(env: Mapping[str, object]) -> dict[str, str]:
+    """The variables with text values: what may go into a container's configuration (secret
+    references never do; their values reach the agent at boot)."""
+    return {k: v for k, v in env.items() if isinstance(v, str)}
+
+
+def merge(
+    current: Mapping[str, EnvValue], changes: Mapping[str, EnvValue | None], field: str = "env"
+) -> dict[str, EnvValue]:
     """``current`` with ``changes`` applied as a JSON merge patch: a value sets, null unsets."""
     out = dict(current)
     for name, value in changes.items():
@@ -93,9 +114,10 @@ def merge(current: Mapping[str, str], changes: Mapping[str, str | None], field: 
 @dataclass(frozen=True)
 class EnvVar:
     name: str
-    value: str
+    value: str | None  # None for a secret: never shown
     source: str  # SET_HERE or INHERITED
     overrides: bool = False  # set here, over a value the image sets
+    secret: str | None = None  # the secret (``team/name``) the value comes from
 
 
 def image_env(entries: Iterable[str] | None) -> dict[str, str]:
@@ -108,10 +130,18 @@ def image_env(entries: Iterable[str] | None) -> dict[str, str]:
     return out
 
 
-def effective(inherited: Mapping[str, str], own: Mapping[str, str]) -> list[EnvVar]:
-    """What a cell sees, sorted by name: the runtime's own win over the image's."""
-    names = sorted(set(inherited) | set(own))
-    return [
-        EnvVar(n, own[n], SET_HERE, overrides=n in inherited) if n in own else EnvVar(n, inherited[n], INHERITED)
-        for n in names
-    ]
+def effective(inherited: Mapping[str, str], own: Mapping[str, EnvValue]) -> list[EnvVar]:
+    """What a cell sees, sorted by name: the runtime's own win over the image's. A secret
+    shows as its reference, never its value."""
+    out = []
+    for n in sorted(set(inherited) | set(own)):
+        if n not in own:
+            out.append(EnvVar(n, inherited[n], INHERITED))
+            continue
+        value = own[n]
+        if isinstance(value, str):
+            out.append(EnvVar(n, value, SET_HERE, overrides=n in inherited))
+        else:
+            ref = f"{value['team']}/{value['secret']}" if value.get("team") else str(value["secret"])
+            out.append(EnvVar(n, None, SET_HERE, overrides=n in inherited, secret=ref))
+    return out

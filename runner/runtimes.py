@@ -23,7 +23,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import check_name, parse_ref
-from runner import envvars
+from runner import envvars, secrets
 from runner import settings as reboot
 from runner.errors import RuntimeStateError
 from runner.machines import check_cuda, get_machine_type
@@ -52,7 +52,7 @@ class RuntimeChanges:
     language: str | None = None
     type: str | None = None
     kernel: str | None = None
-    env: Mapping[str, str | None] = field(default_factory=dict)  # a merge patch: null unsets
+    env: Mapping[str, envvars.EnvValue | None] = field(default_factory=dict)  # a merge patch: null unsets
     cuda: str | None = None  # a host CUDA version for a GPU machine type
     clear_cuda: bool = False
     mounts: list[Any] | None = None  # the complete new list (runner/mounts/validate.py); [] removes all
@@ -76,7 +76,7 @@ class Runtimes:
         idle_timeout: int | None = None,
         type: str = "native",
         kernel: str | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, envvars.EnvValue] | None = None,
         cuda: str | None = None,
         mounts: list[Any] | None = None,
     ) -> Runtime:
@@ -95,6 +95,7 @@ class Runtimes:
             version = envs_service.resolve(s, ref, "environment")
             self._check_name_free(s, owner_id, name)
             check_mount_access(s, owner_id, own_mounts)
+            own_env = secrets.resolve(s, owner_id, own_env)
             rt = Runtime(
                 id=new_id("rt"),
                 owner_id=owner_id,
@@ -148,7 +149,7 @@ class Runtimes:
         for env_name, value in changes.env.items():
             envvars.check_name(env_name)
             if value is not None:
-                envvars.check_value(env_name, value)
+                envvars.check_entry(env_name, value)
         ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
         new_mounts = self._check_mounts(changes.mounts) if changes.mounts is not None else None
         with self.records.tx() as s:
@@ -182,7 +183,7 @@ class Runtimes:
         if changes.cuda is not None or changes.clear_cuda:
             wanted["cuda"] = changes.cuda
         if changes.env:
-            wanted["env"] = envvars.merge(reboot.effective(rt, "env"), changes.env)
+            wanted["env"] = secrets.resolve(s, rt.owner_id, envvars.merge(reboot.effective(rt, "env"), changes.env))
         if ref is not None:
             version = envs_service.resolve(s, ref, "environment")
             wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}

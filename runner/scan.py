@@ -15,8 +15,9 @@ A save's new layer is made entry by entry from the container's writable layer
   (``.docker/config.json`` whose ``auths`` hold credentials). Names and link targets are searched
   for the values too. A finding names the path and what was found, never the value.
 
-The values come from :func:`runtime_secret_values`, the one place the snapshot code asks for
-them: runtimes have no secrets yet, so it answers an empty list.
+The values come from the runner's ``RuntimeSecrets.values_of`` (runner/secrets.py): every
+value a runtime was given at its boots, and those of the secrets it refers to now, opened in
+memory only; :func:`runtime_secret_values` is the default of a ``Snapshots`` made without one.
 """
 
 from __future__ import annotations
@@ -50,11 +51,9 @@ _KEY_BEGIN = b"-----BEGIN "
 
 
 def runtime_secret_values(runtime_id: str) -> list[str]:
-    """The values of the secrets runtime ``runtime_id`` was given, for the save scan.
-
-    Runtimes have no secrets yet: nothing to search for. When they do, this answers their
-    values (decrypted, in memory only) and every save searches its new layer for them.
-    """
+    """The values of the secrets runtime ``runtime_id`` was given, for the save scan, when no
+    secret store is at hand (a ``Snapshots`` made alone): none. The runner passes
+    ``RuntimeSecrets.values_of`` instead (runner/secrets.py)."""
     return []
 
 

@@ -13,6 +13,8 @@ module):
                        a reboot and waits for it; ``envvars.py``: environment variables)
 ``lifecycle.py``       start, stop, reset, delete; the stop worker
 ``boot.py``            the boot worker: container up, agent answering, ``running``
+``secrets.py``         a runtime's team secrets: references in ``env``, handed to the agent at
+                       boot, out of date, and the values its saves are searched for
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
 ``cellworker.py``      the per-runtime worker that runs cells in order and records their ends
 ``feeds.py``           what is known of hot executions in memory, and who listens
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
+from registry.secrets import SecretBox
 from runner import envvars, idle
 from runner.archives import Archives
 from runner.backends.base import RuntimeBackend
@@ -74,6 +78,7 @@ from runner.reconcile import Action, Reconciler
 from runner.records import Records
 from runner.runtimes import RuntimeChanges, Runtimes
 from runner.scan import CacheRules
+from runner.secrets import RuntimeSecrets
 from runner.snapshots import Snapshots
 from runner.states import State
 from runner.transfers import Transfers
@@ -95,6 +100,7 @@ class RuntimeStatus:
     idle: idle.IdleDecision | None
     idle_timeout: int
     unsaved_changes: bool | None
+    secrets_outdated: builtins.list[str] = dataclasses.field(default_factory=builtins.list)
 
 
 class RunnerService:
@@ -129,9 +135,17 @@ class RunnerService:
         self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
+        self.secret_box = SecretBox.from_settings(settings)
+        self.secrets = secrets = RuntimeSecrets(db, self.secret_box)
         self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
         self.snapshots = snapshots = Snapshots(
-            settings, records, backend, operations, submit=concurrency.submit, transfers=transfers
+            settings,
+            records,
+            backend,
+            operations,
+            submit=concurrency.submit,
+            transfers=transfers,
+            secret_values=secrets.values_of,
         )
         self.results = ResultCollector(settings, db, clock, paths)
         self.lifecycle = lifecycle = Lifecycle(
@@ -141,7 +155,17 @@ class RunnerService:
             backend,
             paths,
             drafts,
-            Booter(settings, self.identity, records, concurrency, backend, paths, drafts, transfers),
+            Booter(
+                settings,
+                self.identity,
+                records,
+                concurrency,
+                backend,
+                paths,
+                drafts,
+                transfers=transfers,
+                secrets=secrets,
+            ),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
         )
@@ -223,7 +247,7 @@ class RunnerService:
     def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(owner_id, runtime_id, after)
 
-    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, str] | None]:
+    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, Any] | None]:
         """What a cell of the runtime sees: its own variables over those its environment's image
         sets (read from the image's config), and its variables after the next boot if they wait
         for one (None otherwise)."""
@@ -282,6 +306,7 @@ class RunnerService:
         busy_elsewhere = self.executions.busy_in_store(others)
         saving_elsewhere = self._saving_in_store(others)
         alive = self.liveness.of({rt.runner for rt in rts})
+        outdated = self.secrets.outdated(rts)
         out = []
         for rt in rts:
             mine = rt.runner == self.runner
@@ -304,6 +329,7 @@ class RunnerService:
                     idle=self.housekeeping.idle_status(rt, busy=busy, saving=saving),
                     idle_timeout=self._idle_timeout(rt),
                     unsaved_changes=unsaved,
+                    secrets_outdated=outdated.get(rt.id, []),
                 )
             )
         return out

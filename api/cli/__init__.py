@@ -29,6 +29,7 @@ command                                                     module
 ``publish``, ``unpublish``, ``catalog``, ``registry gc``    ``catalog.py``
 ``team events``                                             ``catalog.py``
 ``volume ls|create|rm``                                     ``volumes.py``
+``secret set|list|rm``                                       ``secrets.py``
 ==========================================================  =================
 
 What they share:
@@ -61,6 +62,7 @@ from api.cli import (
     results,
     runtimes,
     saves,
+    secrets,
     teams,
     transfers,
     volumes,
@@ -120,6 +122,7 @@ for _command in (
     catalog.catalog,
     catalog.registry,
     volumes.volume,
+    secrets.secret,
 ):
     cli.add_command(_command)
 teams.team.add_command(catalog.team_events)

@@ -38,6 +38,9 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("mounts", "; ".join(describe_mount(m) for m in mounts_from_json(rt.get("mounts"))) or "none"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
+    if rt.get("secrets_outdated"):
+        outdated = ", ".join(rt["secrets_outdated"])
+        pairs.append(("secrets", f"changed since boot: {outdated} (the next boot applies them)"))
     if rt.get("pending"):
         pairs.append(("at next boot", "; ".join(_pending_text(k, v) for k, v in rt["pending"].items())))
     if rt.get("idle"):
@@ -107,6 +110,9 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
 )
 @click.option("--kernel", metavar="NAME", help="kernelspec name for --type jupyter (default python3)")
 @click.option("--env-var", "env_vars", multiple=True, metavar="K=V", help="an environment variable (repeat)")
+@click.option(
+    "--secret", "secret_env", multiple=True, metavar="K=SECRET", help="variable K from a team secret (repeat)"
+)
 @click.option("--start", is_flag=True, help="boot it now and wait until it runs")
 @client_options
 def create(
@@ -120,12 +126,13 @@ def create(
     type_: str | None,
     kernel: str | None,
     env_vars: tuple[str, ...],
+    secret_env: tuple[str, ...],
     start: bool,
 ) -> int:
     """Create a runtime (stopped, unless --start)."""
     body: dict[str, Any] = {"name": name, "environment": env, "language": lang, "machine_type": machine_type}
-    if env_vars:
-        body["env"] = _assignments(env_vars, "--env-var")
+    if env_vars or secret_env:
+        body["env"] = {**_assignments(env_vars, "--env-var"), **_secret_refs(secret_env)}
     if idle_timeout is not None:
         body["idle_timeout"] = idle_timeout
     if type_ is not None:
@@ -182,6 +189,11 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
     return out
 
 
+def _secret_refs(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``--secret K=SECRET`` options as references to team secrets (SECRET or TEAM/SECRET)."""
+    return {k: {"secret": v} for k, v in _assignments(items, "--secret").items()}
+
+
 @runtime.command("set")
 @RUNTIME
 @click.option("--name", metavar="NAME", help="a new name")
@@ -191,6 +203,13 @@ def _assignments(items: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--lang", type=click.Choice(["python", "bash"]), help="the cells' default language")
 @click.option("--env", "set_env", multiple=True, metavar="K=V", help="set an environment variable (repeat; reboot)")
 @click.option("--unset-env", multiple=True, metavar="K", help="remove an environment variable (repeat; reboot)")
+@click.option(
+    "--secret",
+    "secret_env",
+    multiple=True,
+    metavar="K=SECRET",
+    help="variable K from a team secret, SECRET or TEAM/SECRET (repeat; reboot); also a file /run/secrets/SECRET",
+)
 @click.option("--machine-type", metavar="NAME", help="see `envctl machine-types` (needs a reboot)")
 @click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
 @click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
@@ -216,6 +235,7 @@ def set_(
     lang: str | None,
     set_env: tuple[str, ...],
     unset_env: tuple[str, ...],
+    secret_env: tuple[str, ...],
     machine_type: str | None,
     idle_timeout: str | None,
     cuda: str | None,
@@ -243,7 +263,7 @@ def set_(
             body["idle_timeout"] = int(idle_timeout)
         else:
             raise CliError(f"--idle-timeout: {idle_timeout[:32]!r} is not whole seconds or 'default'", EXIT_BAD_INPUT)
-    env: dict[str, str | None] = {**_assignments(set_env, "--env"), **dict.fromkeys(unset_env)}
+    env: dict[str, Any] = {**_assignments(set_env, "--env"), **_secret_refs(secret_env), **dict.fromkeys(unset_env)}
     if env:
         body["env"] = env
     if mounts or no_mounts:
@@ -279,7 +299,9 @@ def env_(api: Api, as_json: bool, runtime: str, inherited: bool) -> int:
         [("name", "name"), ("shown", "value"), ("from", "source")],
         lambda v: {
             **v,
-            "shown": "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
+            "shown": f"secret {v['secret']} (hidden)"
+            if v.get("secret")
+            else "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in v["value"]),
             "from": v["source"] + (" (over the image's)" if v["overrides"] else ""),
         },
     )

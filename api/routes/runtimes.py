@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -15,6 +16,7 @@ from api.schemas import (
     RuntimeOut,
     RuntimePatch,
     SaveRequest,
+    SecretRef,
 )
 from api.views import log_entry_out, operation_out, runtime_out, runtimes_out
 from runner.service import RuntimeChanges
@@ -23,6 +25,11 @@ from runner.states import State
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 
 ID_PATH = {"max_length": 64}
+
+
+def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
+    """Variables as the runner takes them: secret references as plain maps."""
+    return {k: v.model_dump(exclude_none=True) if isinstance(v, SecretRef) else v for k, v in env.items()}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
@@ -37,7 +44,7 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         idle_timeout=body.idle_timeout,
         type=body.type,
         kernel=body.kernel,
-        env=body.env,
+        env=_env(body.env),
         cuda=body.cuda,
         mounts=body.mounts,
     )
@@ -78,7 +85,7 @@ def patch_runtime(
         clear_idle_timeout="idle_timeout" in sent and body.idle_timeout is None,
         type=body.type,
         kernel=body.kernel,
-        env=body.env or {},
+        env=_env(body.env or {}),
         cuda=body.cuda,
         clear_cuda="cuda" in sent and body.cuda is None,
         mounts=body.mounts,
@@ -87,7 +94,7 @@ def patch_runtime(
     return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))
 
 
-@router.get("/{runtime_id}/env", response_model=RuntimeEnvOut)
+@router.get("/{runtime_id}/env", response_model=RuntimeEnvOut, response_model_exclude_unset=True)
 def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOut:
     """The environment variables a cell sees: the runtime's own (``set here``) and those of its
     environment's image (``inherited``); the runtime's own win."""
@@ -96,7 +103,16 @@ def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOu
     return RuntimeEnvOut(
         runtime_id=rt.id,
         environment=rt.version.ref,
-        variables=[EnvVarOut(name=v.name, value=v.value, source=v.source, overrides=v.overrides) for v in variables],  # type: ignore[arg-type]
+        variables=[
+            EnvVarOut(
+                name=v.name,
+                value=v.value,
+                source=v.source,  # type: ignore[arg-type]
+                overrides=v.overrides,
+                **({"secret": v.secret} if v.secret else {}),
+            )
+            for v in variables
+        ],
         pending=pending,
     )
 

@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover
 
 PROTOCOL_VERSION = 2
 DEFAULT_SOCKET = "/run/envctl/agent.sock"
+DEFAULT_SECRETS_DIR = "/run/secrets"  # a tmpfs in the runtime's container
 MAX_LINE = 64 * 1024 * 1024
 DEFAULT_CAP = 10 * 1024 * 1024
 ERROR_ALLOWANCE = 64 * 1024  # an error after the cap is still shown, up to this size
@@ -162,6 +163,7 @@ class Agent:
             "interrupt": self.op_interrupt,
             "ack": self.op_ack,
             "stat": self.op_stat,
+            "secrets": self.op_secrets,
         }
         self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
         self.kernels: dict[str, kernels.Kernel] = {}
@@ -224,6 +226,29 @@ class Agent:
             sizes[str(path)] = st.st_size if stat.S_ISREG(st.st_mode) else None
             marks[str(path)] = [st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns]
         return {"op": "stat", "sizes": sizes, "marks": marks}
+
+    def op_secrets(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The runtime's secrets, at boot: into the cells' environment, and each into a file
+        (mode 0400) of the secrets directory, a tmpfs. Never printed, never in an error."""
+        directory = os.environ.get("ENVCTL_SECRETS_DIR", DEFAULT_SECRETS_DIR)
+        files = dict(request.get("files") or {})
+        for name in files:
+            if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\x00" in name:
+                raise ValueError("a secret's file name must be one plain path component")
+        env = {str(k): str(v) for k, v in dict(request.get("env") or {}).items()}
+        if files:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name, value in files.items():
+            path = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            try:
+                os.write(fd, str(value).encode("utf-8"))
+            finally:
+                os.close(fd)
+        self.env.update(env)
+        return {"op": "secrets", "variables": sorted(env), "files": sorted(files)}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._state_lock:

@@ -48,6 +48,7 @@ LABEL_GPU_KIND = "envctl.gpu-kind"
 AGENT_MOUNT = "/opt/envctl/agent"
 STATE_MOUNT = "/run/envctl"
 RESULTS_MOUNT = "/results"  # <state dir>/results on the host
+SECRETS_MOUNT = "/run/secrets"  # a tmpfs the agent writes the runtime's secrets into (runner/secrets.py)
 AGENT_SOCKET = "agent.sock"
 CUDA_MOUNT = "/usr/local/cuda"  # the host's CUDA libraries, in GPU runtimes that ask for them
 
@@ -147,7 +148,7 @@ class SavedLayer:
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a
 # save, a draft or the list of changes.
-PRIVATE_PATHS = (AGENT_MOUNT, STATE_MOUNT, RESULTS_MOUNT)
+PRIVATE_PATHS = (AGENT_MOUNT, STATE_MOUNT, RESULTS_MOUNT, SECRETS_MOUNT)
 
 
 @dataclass(frozen=True)

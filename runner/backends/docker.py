@@ -38,6 +38,7 @@ from runner.backends.base import (
     LABEL_RUNTIME,
     PRIVATE_PATHS,
     RESULTS_MOUNT,
+    SECRETS_MOUNT,
     STATE_MOUNT,
     BackendState,
     Change,
@@ -161,6 +162,8 @@ class DockerBackend(RuntimeBackend):
                 Mount(target=STATE_MOUNT, source=str(spec.state_dir), type="bind", read_only=False),
                 Mount(target=RESULTS_MOUNT, source=str(spec.state_dir / "results"), type="bind", read_only=False),
             ],
+            # the runtime's secrets, written by its agent at boot: in memory, never in a layer
+            "tmpfs": {SECRETS_MOUNT: "rw,noexec,nosuid,nodev,size=8m,mode=0700"},
             "network": self.network_of(spec),
             "stop_signal": "SIGTERM",
         }

@@ -149,6 +149,7 @@ class FakeBackend(RuntimeBackend):
                     prelude + "runpy.run_path(sys.argv[0], run_name='__main__')",
                 ]
         env = {**spec.env, "PATH": os.environ.get("PATH", ""), "ENVCTL_RUNTIME_ID": spec.runtime_id}
+        env["ENVCTL_SECRETS_DIR"] = str(spec.state_dir / "secrets")  # a local process: no tmpfs of its own
         proc = subprocess.Popen(cmd, env=env, cwd=spec.state_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cid = f"fake-{next(self._ids)}"
         self._containers[cid] = _FakeContainer(cid, spec.runtime_id, spec, proc)

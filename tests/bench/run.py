@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from tests.bench import bench_boot, bench_exec, bench_lean_save, bench_mounts, bench_save, bench_transfer
+from tests.bench import (
+    bench_boot,
+    bench_exec,
+    bench_lean_save,
+    bench_mounts,
+    bench_save,
+    bench_secret_save,
+    bench_transfer,
+)
 
 BENCHMARKS = {
     "boot": bench_boot.run,
@@ -16,6 +24,7 @@ BENCHMARKS = {
     "lean-save": bench_lean_save.run,
     "mounts": bench_mounts.run,
     "transfer": bench_transfer.run,
+    "secret-save": bench_secret_save.run,
 }
 
 

@@ -39,6 +39,8 @@ TABLES = {
     "team_members",
     "publications",
     "team_events",
+    "team_secrets",
+    "runtime_secret_uses",
 }
 
 

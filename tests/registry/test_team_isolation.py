@@ -66,6 +66,8 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     assert api.post("/environments/acme/ml@1/publish", headers=alice).status_code == 200
     token_id = api.get("/tokens", headers=alice).json()[0]["id"]
     assert api.post("/volumes", headers=alice, json={"name": "acme/data"}).status_code == 201
+    put = api.client.put("/teams/acme/secrets/db-pass", headers=alice, json={"value": "alices-db-password"})
+    assert put.status_code == 201, put.text
     alices = {
         "runtime_id": rid,
         "execution_id": ex["id"],
@@ -76,8 +78,19 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         "user": "alice",
         "token_id": token_id,
         "volume": "acme/data",
+        "name": "db-pass",
     }
-    secrets = [rid, ex["id"], op["id"], token_id, "acme/ml@2", "private save", "secret-work", "private"]
+    secrets = [
+        rid,
+        ex["id"],
+        op["id"],
+        token_id,
+        "acme/ml@2",
+        "private save",
+        "secret-work",
+        "private",
+        "alices-db-password",
+    ]
     schema = api.client.get("/openapi.json").json()
 
     checked = []
@@ -131,6 +144,7 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     [shared] = [e for e in api.get("/environments", headers=bob).json() if e["name"] == "acme/ml"]
     assert [v["ref"] for v in shared["versions"]] == ["acme/ml@1"] and shared["latest"] is None
     assert [e["ref"] for e in api.get("/catalog", headers=bob).json()] == ["acme/ml@1"]
+    assert [x["version"] for x in api.get("/teams/acme/secrets", headers=alice).json()] == [1]
     assert "acme/ml" in [e["name"] for e in api.get("/environments").json()]  # envctl admins see all
 
 

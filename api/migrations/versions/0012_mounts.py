@@ -1,7 +1,7 @@
 """runtime mounts: git repositories, S3 prefixes and named volumes at target directories
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-02 04:40:00
 
 - ``runtimes.mounts``: the runtime's mounts as checked (runner/mounts/validate.py);
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
