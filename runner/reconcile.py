@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -38,6 +39,7 @@ from runner.identity import RunnerIdentity
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
+from runner.secrets import RuntimeSecrets
 from runner.states import ACTIVE, State
 
 log = logging.getLogger("envctl.reconcile")
@@ -131,6 +133,7 @@ class Reconciler:
         drafts: Drafts,
         *,
         is_saving: Callable[[str], bool],
+        secrets: RuntimeSecrets | None = None,
     ) -> None:
         self.identity = identity
         self.records = records
@@ -139,9 +142,37 @@ class Reconciler:
         self.paths = paths
         self.drafts = drafts
         self.is_saving = is_saving
+        self.secrets = secrets
 
     def _busy_here(self, runtime_id: str) -> bool:
         return self.concurrency.in_flight(runtime_id) or self.is_saving(runtime_id)
+
+    def _hand_secrets(self, action: Action, sock: Path) -> bool:
+        """Before a runtime found booting (its boot cut short by a restart) is adopted: give its
+        agent the runtime's secrets, which the boot may not have handed over yet (again is
+        harmless: the agent keeps the last values). False when that failed and the runtime went
+        to ``error``."""
+        if self.secrets is None:
+            return True
+        rid = action.runtime_id
+        try:
+            delivery = self.secrets.prepare(rid)
+            if delivery is not None:
+                delivery.send(sock)
+        except (EnvctlError, OSError) as exc:
+            message = exc.message if isinstance(exc, EnvctlError) else f"could not hand its agent the secrets: {exc}"
+            with self.records.tx() as s:
+                self.records.transition(
+                    s,
+                    rid,
+                    State.ERROR,
+                    "secret-unavailable",
+                    message,
+                    expect=_seen(action),
+                    values={"backend_state": action.state},
+                )
+            return False
+        return True
 
     def run(self) -> list[Action]:
         """One reconciliation round. Returns what it did."""
@@ -308,6 +339,8 @@ class Reconciler:
                     expect=_seen(action),
                     values={"backend_state": action.state},
                 )
+            return
+        if was != State.RUNNING and not self._hand_secrets(action, sock):
             return
         with self.records.tx() as s:
             if was == State.RUNNING:

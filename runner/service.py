@@ -183,7 +183,7 @@ class RunnerService:
         )
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)
         self.reconciler = Reconciler(
-            self.identity, records, concurrency, backend, paths, drafts, is_saving=snapshots.is_saving
+            self.identity, records, concurrency, backend, paths, drafts, is_saving=snapshots.is_saving, secrets=secrets
         )
         self.housekeeping = Housekeeping(
             settings,

@@ -135,3 +135,22 @@ def test_a_running_runtime_takes_a_secret_reference_for_its_next_boot(api: ApiHa
         "TOKEN": {"secret": "token", "team": "acme"}
     }
     assert api.get(f"/runtimes/{rt['id']}/env").json()["pending"] == {"TOKEN": {"secret": "token", "team": "acme"}}
+
+
+def test_a_runtime_whose_boot_was_cut_short_gets_its_secrets_when_it_is_adopted(api: ApiHarness) -> None:
+    """A server that dies between starting the container and handing over the secrets: the
+    next reconciliation gives the agent the secrets before it calls the runtime running."""
+    _team(api)
+    assert _secret(api, "db-pass", VALUE).status_code == 201
+    rt = api.create_runtime("cut", env={"DB_PASSWORD": {"secret": "db-pass"}})
+    assert api.post(f"/runtimes/{rt['id']}/start").status_code == 202
+    api.wait_for(rt["id"], {"running"})
+    secret_file = api.runner.paths.state_dir(rt["id"]) / "secrets" / "db-pass"
+    assert _secret(api, "db-pass", NEW_VALUE).status_code == 200  # not yet in the container
+    with api.runner.records.tx() as s:  # as a boot left it: container up, secrets not handed over
+        api.runner.records.set_in(s, rt["id"], state="booting")
+    api.runner.reconciler.run()
+    assert api.get(f"/runtimes/{rt['id']}").json()["state"] == "running"
+    assert secret_file.read_text() == NEW_VALUE
+    assert _cell(api, rt["id"], "import os; print(os.environ['DB_PASSWORD'])") == NEW_VALUE + "\n"
+    assert api.get(f"/runtimes/{rt['id']}").json()["secrets_outdated"] == []
