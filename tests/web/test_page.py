@@ -306,3 +306,21 @@ def test_two_versions_show_the_packages_the_second_adds(browser: Browser) -> Non
     added.first.wait_for(timeout=TIMEOUT)
     assert page.locator("#packages-diff [data-kind=deb] li.removed").count() == 0
     browser.shot("packages-diff")
+
+
+def test_a_download_or_upload_shows_its_bytes_beside_the_phase(browser: Browser) -> None:
+    """What the list and the runtime show for a runtime whose phase moves bytes (a pull at
+    boot, mounts being fetched, a push after a save): the state text the page renders."""
+    sign_in(browser)
+    shown = browser.page.evaluate(
+        """async () => {
+            const { stateText } = await import("/web/runtimes.js");
+            const rt = (phase, progress) => ({ state: "booting", phase, progress, busy: false });
+            return [
+                stateText(rt("downloading", { done: 6000000, total: 200000000 })),
+                stateText(rt("uploading", { done: 0, total: 0 })),
+                stateText(rt("restoring", null)),
+            ];
+        }"""
+    )
+    assert shown == ["booting · downloading 6.0 MB of 200 MB (3%)", "booting · uploading", "booting · restoring"]

@@ -1,21 +1,28 @@
 // The runtimes: a live list with state dots, and the actions on one runtime.
 
 import { ApiError, del, get, post } from "./api.js";
-import { clear, confirmButton, dot, h, relative } from "./dom.js";
+import { bytes, clear, confirmButton, dot, h, relative } from "./dom.js";
 
 export function errorText(err) {
   return err instanceof ApiError ? err.toString() : String(err);
 }
 
-// "running", "booting · downloading", "error · oom: killed ..."
+// "running", "booting · downloading 12 MB of 200 MB (6%)", "error · oom: killed ..."
 export function stateText(rt) {
   const parts = [rt.state];
-  if (rt.phase) parts.push(rt.phase);
+  if (rt.phase) parts.push(rt.phase + progressText(rt.progress));
   if (rt.busy) parts.push("busy");
   if (rt.state === "error" && (rt.state_reason || rt.state_message)) {
     parts.push([rt.state_reason, rt.state_message].filter(Boolean).join(": "));
   }
   return parts.join(" · ");
+}
+
+// " 12 MB of 200 MB (6%)" while a download or upload with bytes runs; "" otherwise.
+export function progressText(progress) {
+  if (!progress || !(progress.total > 0)) return progress && progress.done > 0 ? ` ${bytes(progress.done)}` : "";
+  const pct = Math.min(100, Math.floor((100 * progress.done) / progress.total));
+  return ` ${bytes(progress.done)} of ${bytes(progress.total)} (${pct}%)`;
 }
 
 // When idle shutdown will happen; `full` adds why (the list shows that as a tooltip).
