@@ -99,21 +99,29 @@ async def _check_environment_visible(request: Request, ctx: Context, caller: Cal
     """Another team's environment named in the path (``{ref}``) is a 404, as if it did not
     exist, unless what the path names is published (R27)."""
     ref = request.path_params.get("ref")
-    if not isinstance(ref, str):
-        return
+    if isinstance(ref, str) and not _own_namespace(ref, caller):
+        await run_in_threadpool(check_visible, ctx, caller, ref, "ref")
+
+
+def _own_namespace(ref: str, caller: Caller) -> bool:
     full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
-    if teams_service.may_see(full_name, caller.teams, caller.is_admin):
+    return teams_service.may_see(full_name, caller.teams, caller.is_admin)
+
+
+def check_visible(ctx: Context, caller: Caller, ref: str, field: str) -> None:
+    """An environment named anywhere in a request (the path, a body's ``environment``, a query's
+    ``against``) that belongs to another team is a 404 naming ``field``, as if it did not exist,
+    unless what ``ref`` names is published (R27)."""
+    if _own_namespace(ref, caller):
         return
-    if not await run_in_threadpool(_published, ctx, ref, caller):
-        raise EnvironmentNotFoundError(
-            f"ref: no environment named {full_name!r}; `envctl env ls` lists them",
-            details={"field": "ref", "environment": full_name},
-        )
-
-
-def _published(ctx: Context, ref: str, caller: Caller) -> bool:
     with ctx.db.session() as s:
-        return catalog.may_read(s, ref, caller.teams, caller.is_admin)
+        if catalog.may_read(s, ref, caller.teams, caller.is_admin):
+            return
+    full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
+    raise EnvironmentNotFoundError(
+        f"{field}: no environment named {full_name!r}; `envctl env ls` lists them",
+        details={"field": field, "environment": full_name},
+    )
 
 
 def _lookup(ctx: Context, token: str | None) -> Caller:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, Context, CtxDep
+from api.deps import CallerDep, Context, CtxDep, check_visible
 from api.schemas import PackageOut, PackagesDiffOut, PackagesKindDiffOut, PackagesOut
 from envs import packages
 from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED, LABEL_RUNNER
@@ -45,12 +45,13 @@ def _out(items: list[packages.Package]) -> list[PackageOut]:
 async def packages_diff(
     ref: str,
     ctx: CtxDep,
-    _caller: CallerDep,
+    caller: CallerDep,
     against: str = Query(description="the version to compare with (the old side), e.g. python3@1"),
 ) -> PackagesDiffOut:
     """What the version ``ref`` means adds, removes and changes against the version ``against``
     means, for Debian packages and Python distributions (Python names compared as pip does).
     409 when the packages of either are not known and cannot be read."""
+    await run_in_threadpool(check_visible, ctx, caller, against, "against")
     reader = _reader(ctx)
     new = await run_in_threadpool(packages.version_packages, ctx.db, ref, reader, "ref")
     old = await run_in_threadpool(packages.version_packages, ctx.db, against, reader, "against")

@@ -136,6 +136,18 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
         "DELETE /environments/{ref}/publish",
     }
 
+    # An environment named in a body or a query is checked as one in the path: another team's
+    # private version is a 404 naming the field; its published one may be used.
+    hidden = api.post("/runtimes", headers=bob, json={"environment": "acme/ml@2", "name": "peek"})
+    assert hidden.status_code == 404 and hidden.json()["error"]["details"]["field"] == "environment", hidden.text
+    assert "private save" not in hidden.text
+    mine = api.post("/runtimes", headers=bob, json={"environment": "acme/ml@1", "name": "borrowed"})
+    assert mine.status_code == 201, mine.text
+    moved = api.client.patch(f"/runtimes/{mine.json()['id']}", headers=bob, json={"environment": "acme/ml:latest"})
+    assert moved.status_code == 404 and moved.json()["error"]["details"]["field"] == "environment", moved.text
+    diff = api.get("/environments/acme/ml@1/packages/diff", headers=bob, params={"against": "acme/ml@2"})
+    assert diff.status_code == 404 and diff.json()["error"]["details"]["field"] == "against", diff.text
+
     # Alice's things are as she left them.
     assert api.get(f"/runtimes/{rid}", headers=alice).json()["state"] == "running"
     assert api.get("/environments/acme/ml", headers=alice).json()["latest"] == "acme/ml@2"
