@@ -68,3 +68,15 @@ class NoRegistryError(ConflictError):
     backend's images cannot travel)."""
 
     code = "no_registry"
+
+
+class UpstreamError(ServiceUnavailableError):
+    """Another envctl a version is imported from did not answer, or answered with an error."""
+
+    code = "upstream_failed"
+
+
+class UpstreamRefusedError(ConflictError):
+    """The envctl a version is imported from refused (a bad token, an unknown name, no right)."""
+
+    code = "upstream_refused"

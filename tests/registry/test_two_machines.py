@@ -1,0 +1,177 @@
+"""Two machines (issue 8 item 7): a version saved and published on server A is imported by
+server B, which shares nothing with A (its own data directory, SQLite database and Docker
+engine), pulled from A's registry with progress, checked, and booted there with the package
+that was installed on A.
+
+Server A runs the managed registry and is its token server. B's engine is a second ``dockerd``
+(``tests/fixtures/engine.py``) that starts empty: the import pulls every layer, the base's too
+(the smallest base, bash). B reaches A's API and registry on loopback, as the user ``bob`` of A,
+who is in no team there: he may pull only what acme published.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker as docker_sdk
+import httpx
+import pytest
+
+from api.cli import main
+from envs import service as envs_service
+from envs.kit.db import Database
+from runner.imports import LABEL_DIGEST, LABEL_FROM, LABEL_REF
+from tests.fixtures.engine import second_engine
+from tests.fixtures.server import Server, prepare_data_dir
+from tests.fixtures.services import _free_port, base_image
+from tests.fixtures.transfer import need_registry_program
+from tests.runner.conftest import remove_runner_containers, start_server
+from tests.runner.test_docker_executions import new_runtime, run, text
+from tests.runner.test_docker_saves import save
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+ENV = "acme/two"
+PACKAGE = "envctl-two-machines"
+# a real Debian package, built and installed by dpkg in a cell (no network needed)
+INSTALL = f"""set -e
+d=$(mktemp -d); mkdir -p $d/DEBIAN $d/usr/local/bin
+printf 'Package: {PACKAGE}\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: envctl <t@example.com>\\nDescription: marker\\n' > $d/DEBIAN/control
+printf '#!/bin/sh\\necho hello from machine A\\n' > $d/usr/local/bin/two-machines; chmod 755 $d/usr/local/bin/two-machines
+dpkg-deb --build $d /tmp/p.deb >/dev/null && dpkg -i /tmp/p.deb >/dev/null && rm -rf $d /tmp/p.deb
+"""
+
+
+@pytest.fixture(scope="module")
+def server_a(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    need_registry_program()
+    base_image(docker, "bash")
+    srv = start_server(
+        docker,
+        tmp_path_factory.mktemp("machine-a") / "data",
+        ["bash"],
+        ENVCTL_REGISTRY="managed",
+        ENVCTL_REGISTRY_PORT=str(_free_port()),
+    )
+    yield srv
+    remove_runner_containers(docker, srv)
+
+
+@pytest.fixture(scope="module")
+def engine_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with second_engine(Path(tmp_path_factory.mktemp("engine-b"))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server_b(engine_b: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data = tmp_path_factory.mktemp("machine-b") / "data"
+    prepare_data_dir(data, [])  # its own database, migrated; no base image: its engine is empty
+    srv = Server(
+        data,
+        env={
+            "DOCKER_HOST": engine_b,
+            "ENVCTL_RUNNER_NAME": f"machine-b-{data.parent.name}",
+            "ENVCTL_RUNNER_NETWORK": "none",  # B's engine has no bridge
+            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+        },
+    )
+    srv.start()
+    yield srv
+    srv.stop()  # its engine, with everything in it, goes with engine_b
+
+
+def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_booted_on_another(
+    server_a: Server, server_b: Server, engine_b: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with server_a.client() as a:
+        assert a.post("/teams", json={"name": "acme"}).status_code == 201
+        bob = a.post("/users", json={"name": "bob"}).json()["token"]  # in no team on A
+        author = new_runtime(a, "author", environment="bash", language="bash")
+        installed = run(a, author, INSTALL)
+        assert installed["status"] == "ok", text(installed, "stderr")
+        saved = save(a, author, ENV, "a package from machine A")
+        assert saved["result"]["pushed"] is True, saved
+        a.delete(f"/runtimes/{author}")
+        version_a = a.get(f"/environments/{ENV}").json()["versions"][0]
+
+    with server_b.client() as b:
+        body = {"from": server_a.url, "ref": f"{ENV}@1", "token": bob}
+        # not published yet: A does not show bob the version, and B says so at once
+        refused = b.post("/environments/import-remote", json=body)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "upstream_refused", refused.text
+        with server_a.client() as a:
+            assert a.post(f"/environments/{ENV}@1/publish").status_code == 200
+
+        started = time.monotonic()
+        op, seen = _follow(b, b.post("/environments/import-remote", json=body))
+        imported = time.monotonic() - started
+        assert op["status"] == "succeeded", op
+        result = op["result"]
+        assert result["version"] == f"{ENV}@1" and result["new"] is True and result["pulled"] is True
+        assert result["registry_digest"] == version_a["registry_digest"]
+        assert result["bytes"] == result["total"] > 1024 * 1024  # every layer travelled, the base's too
+        downloading = [r for phase, r in seen if phase == "downloading" and r.get("total")]
+        assert downloading and all(r["done"] <= r["total"] for r in downloading), seen[-10:]
+
+        # B's own engine holds the image A saved (same id), and B's catalog says where it came from
+        engine = docker_sdk.DockerClient(base_url=engine_b)
+        try:
+            assert engine.images.get(version_a["image_id"]).id == version_a["image_id"]
+        finally:
+            engine.close()
+        version_b = b.get(f"/environments/{ENV}").json()["versions"][0]
+        assert version_b["image_id"] == version_a["image_id"] and version_b["message"] == "a package from machine A"
+        assert _labels(server_b, f"{ENV}@1") == {
+            LABEL_FROM: server_a.url,
+            LABEL_REF: f"{ENV}@1",
+            LABEL_DIGEST: version_a["registry_digest"],
+        }
+
+        # a runtime on B boots from it, and the package installed on A is there
+        rid = new_runtime(b, "reader", environment=ENV, language="bash")
+        check = run(b, rid, f"dpkg-query -W -f='${{Status}}' {PACKAGE}; echo; two-machines")
+        booted = time.monotonic() - started
+        assert text(check) == "install ok installed\nhello from machine A\n", check
+        print(f"\nmachine B: import+pull {imported:.1f} s, +boot+cell {booted:.1f} s, {result['bytes']} bytes")
+        b.delete(f"/runtimes/{rid}")
+
+    # the CLI, again: nothing new to record, nothing travels
+    again = _cli(server_b, capsys, "pull", f"{ENV}@1", "--from", server_a.url, "--from-token", bob)
+    assert again["status"] == "succeeded" and again["result"]["new"] is False and again["result"]["bytes"] == 0
+
+
+def _follow(client: httpx.Client, answer: httpx.Response) -> tuple[dict[str, Any], list[tuple[str, dict[str, int]]]]:
+    """Follow an operation every 20 ms until it ends: its last state, and the (phase, result) seen."""
+    assert answer.status_code == 202, answer.text
+    op: dict[str, Any] = answer.json()
+    seen: list[tuple[str, dict[str, int]]] = []
+    deadline = time.monotonic() + 120
+    while op["status"] == "running" and time.monotonic() < deadline:
+        seen.append((op["phase"], op.get("result") or {}))
+        time.sleep(0.02)
+        op = client.get(f"/operations/{op['id']}").json()
+    return op, seen
+
+
+def _labels(server: Server, ref: str) -> dict[str, Any]:
+    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
+    try:
+        with db.session() as s:
+            return dict(envs_service.resolve(s, ref).labels or {})
+    finally:
+        db.dispose()
+
+
+def _cli(server: Server, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    token = (server.data_dir / "admin-token").read_text().strip()
+    capsys.readouterr()
+    code = main([*argv, "--url", server.url, "--token", token, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    answer: dict[str, Any] = json.loads(out)
+    return answer
