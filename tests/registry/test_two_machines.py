@@ -40,11 +40,12 @@ PACKAGE = "envctl-two-machines"
 # a real Debian package, built and installed by dpkg in a cell (no network needed)
 INSTALL = f"""set -e
 d=$(mktemp -d); mkdir -p $d/DEBIAN $d/usr/local/bin
-printf 'Package: {PACKAGE}\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: envctl <t@example.com>\\nDescription: marker\\n' > $d/DEBIAN/control
-printf '#!/bin/sh\\necho hello from machine A\\n' > $d/usr/local/bin/two-machines; chmod 755 $d/usr/local/bin/two-machines
+printf 'Package: {PACKAGE}\\nVersion: 1.0\\nArchitecture: all\\n' > $d/DEBIAN/control
+printf 'Maintainer: envctl <t@example.com>\\nDescription: marker\\n' >> $d/DEBIAN/control
+printf '#!/bin/sh\\necho hello from machine A\\n' > $d/usr/local/bin/two-machines
+chmod 755 $d/usr/local/bin/two-machines
 dpkg-deb --build $d /tmp/p.deb >/dev/null && dpkg -i /tmp/p.deb >/dev/null && rm -rf $d /tmp/p.deb
 """
-
 
 @pytest.fixture(scope="module")
 def server_a(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
