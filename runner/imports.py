@@ -52,6 +52,10 @@ class Imports:
     def request(self, user_id: str, url: str, token: str, ref: str, name: str | None = None) -> Operation:
         """``POST /environments/import-remote``: an operation that pulls the version ``ref``
         names at ``url`` and records it here as a version of ``name`` (default: its own name)."""
+        upstream.check_url(url)
+        parse_ref(ref, "ref")
+        if name is not None and parse_ref(name, "name").full_name != name:
+            raise InvalidInputError("name: an environment name (acme/ml), without a version or tag", field="name")
         client = self.backend.engine_client()
         if client is None:
             raise NoRegistryError(
@@ -60,9 +64,6 @@ class Imports:
             )
         offer = upstream.describe(url, token, ref)
         local = name or offer.environment
-        parsed = parse_ref(local, "name")
-        if parsed.full_name != local:
-            raise InvalidInputError("name: an environment name (acme/ml), without a version or tag", field="name")
         with self.records.db.session() as s:
             envs_service.check_write_to(
                 s, local, writer_of(s, user_id), "import versions into it", "import under a name of your own"
