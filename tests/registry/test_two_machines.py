@@ -11,7 +11,6 @@ who is in no team there: he may pull only what acme published.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,13 @@ import docker as docker_sdk
 import httpx
 import pytest
 
-from api.cli import main
 from envs import service as envs_service
 from envs.kit.db import Database
 from runner.imports import LABEL_DIGEST, LABEL_FROM, LABEL_REF
 from tests.fixtures.engine import second_engine
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import _free_port, base_image
-from tests.fixtures.transfer import need_registry_program
+from tests.fixtures.transfer import cli_json, need_registry_program
 from tests.runner.conftest import remove_runner_containers, start_server
 from tests.runner.test_docker_executions import new_runtime, run, text
 from tests.runner.test_docker_saves import save
@@ -46,6 +44,7 @@ printf '#!/bin/sh\\necho hello from machine A\\n' > $d/usr/local/bin/two-machine
 chmod 755 $d/usr/local/bin/two-machines
 dpkg-deb --build $d /tmp/p.deb >/dev/null && dpkg -i /tmp/p.deb >/dev/null && rm -rf $d /tmp/p.deb
 """
+
 
 @pytest.fixture(scope="module")
 def server_a(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -93,10 +92,12 @@ def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_boot
         assert a.post("/teams", json={"name": "acme"}).status_code == 201
         bob = a.post("/users", json={"name": "bob"}).json()["token"]  # in no team on A
         author = new_runtime(a, "author", environment="bash", language="bash")
+        clock = time.monotonic()
         installed = run(a, author, INSTALL)
         assert installed["status"] == "ok", text(installed, "stderr")
         saved = save(a, author, ENV, "a package from machine A")
         assert saved["result"]["pushed"] is True, saved
+        pushed = time.monotonic() - clock
         a.delete(f"/runtimes/{author}")
         version_a = a.get(f"/environments/{ENV}").json()["versions"][0]
 
@@ -138,11 +139,13 @@ def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_boot
         check = run(b, rid, f"dpkg-query -W -f='${{Status}}' {PACKAGE}; echo; two-machines")
         booted = time.monotonic() - started
         assert text(check) == "install ok installed\nhello from machine A\n", check
-        print(f"\nmachine B: import+pull {imported:.1f} s, +boot+cell {booted:.1f} s, {result['bytes']} bytes")
+        with capsys.disabled():
+            print(f"\nmachine A: save+push {pushed:.1f} s; machine B: import+pull {imported:.1f} s, ", end="")
+            print(f"+boot+cell {booted:.1f} s, {result['bytes']} bytes")
         b.delete(f"/runtimes/{rid}")
 
     # the CLI, again: nothing new to record, nothing travels
-    again = _cli(server_b, capsys, "pull", f"{ENV}@1", "--from", server_a.url, "--from-token", bob)
+    again = cli_json(server_b, capsys, "pull", f"{ENV}@1", "--from", server_a.url, "--from-token", bob)
     assert again["status"] == "succeeded" and again["result"]["new"] is False and again["result"]["bytes"] == 0
 
 
@@ -166,13 +169,3 @@ def _labels(server: Server, ref: str) -> dict[str, Any]:
             return dict(envs_service.resolve(s, ref).labels or {})
     finally:
         db.dispose()
-
-
-def _cli(server: Server, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    token = (server.data_dir / "admin-token").read_text().strip()
-    capsys.readouterr()
-    code = main([*argv, "--url", server.url, "--token", token, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, (out, err)
-    answer: dict[str, Any] = json.loads(out)
-    return answer
