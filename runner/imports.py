@@ -12,9 +12,9 @@ token, so the upstream's token server grants exactly what that user may pull (th
 repositories, and published versions).
 
 The version keeps its message, author and sizes; its parent is the nearest version of its
-upstream lineage this server already has (by digest), and its labels say where it came from
-(``envctl.imported.from``, ``.ref``, ``.registry_digest``). Importing a version this server
-already has records nothing new.
+upstream lineage this server already has (by digest), and its label ``envctl.imported`` says
+where it came from (``imported`` in ``GET /environments/{name}``: the server, its ref there, the
+digest). Importing a version this server already has records nothing new.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ from runner.records import Records
 from runner.snapshots import writer_of
 from runner.transfers import Report, Transfers
 
-LABEL_FROM = "envctl.imported.from"
-LABEL_REF = "envctl.imported.ref"
-LABEL_DIGEST = "envctl.imported.registry_digest"
+LABEL_IMPORTED = "envctl.imported"  # {"from", "ref", "registry_digest"}: where the version came from
 
 
 class Imports:
@@ -118,7 +116,9 @@ class Imports:
                     author=offer.author,
                     size=offer.size,
                     size_added=offer.size_added,
-                    labels={LABEL_FROM: offer.url, LABEL_REF: offer.ref, LABEL_DIGEST: offer.registry_digest},
+                    labels={
+                        LABEL_IMPORTED: {"from": offer.url, "ref": offer.ref, "registry_digest": offer.registry_digest}
+                    },
                     tag="latest" if env is None or not env.tags else None,
                 ),
                 writer_of(s, user_id),

@@ -20,9 +20,6 @@ import docker as docker_sdk
 import httpx
 import pytest
 
-from envs import service as envs_service
-from envs.kit.db import Database
-from runner.imports import LABEL_DIGEST, LABEL_FROM, LABEL_REF
 from tests.fixtures.engine import second_engine
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import _free_port, base_image
@@ -128,10 +125,10 @@ def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_boot
             engine.close()
         version_b = b.get(f"/environments/{ENV}").json()["versions"][0]
         assert version_b["image_id"] == version_a["image_id"] and version_b["message"] == "a package from machine A"
-        assert _labels(server_b, f"{ENV}@1") == {
-            LABEL_FROM: server_a.url,
-            LABEL_REF: f"{ENV}@1",
-            LABEL_DIGEST: version_a["registry_digest"],
+        assert version_b["imported"] == {
+            "from": server_a.url,
+            "ref": f"{ENV}@1",
+            "registry_digest": version_a["registry_digest"],
         }
 
         # a runtime on B boots from it, and the package installed on A is there
@@ -160,12 +157,3 @@ def _follow(client: httpx.Client, answer: httpx.Response) -> tuple[dict[str, Any
         time.sleep(0.02)
         op = client.get(f"/operations/{op['id']}").json()
     return op, seen
-
-
-def _labels(server: Server, ref: str) -> dict[str, Any]:
-    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
-    try:
-        with db.session() as s:
-            return dict(envs_service.resolve(s, ref).labels or {})
-    finally:
-        db.dispose()
