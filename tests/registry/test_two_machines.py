@@ -11,8 +11,11 @@ who is in no team there: he may pull only what acme published.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import docker as docker_sdk
 import httpx
 import pytest
 
-from tests.fixtures.engine import second_engine
+from tests.fixtures.engine import need_dockerd, second_engine
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import _free_port, base_image
 from tests.fixtures.transfer import cli_json, need_registry_program
@@ -58,32 +61,41 @@ def server_a(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     remove_runner_containers(docker, srv)
 
 
-@pytest.fixture(scope="module")
-def engine_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with second_engine(Path(tmp_path_factory.mktemp("engine-b"))) as url:
-        yield url
+@dataclass(frozen=True)
+class MachineB:
+    engine: str  # its dockerd's URL
+    server: Server
 
 
 @pytest.fixture(scope="module")
-def server_b(engine_b: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("machine-b") / "data"
-    prepare_data_dir(data, [])  # its own database, migrated; no base image: its engine is empty
-    srv = Server(
-        data,
-        env={
-            "DOCKER_HOST": engine_b,
-            "ENVCTL_RUNNER_NAME": f"machine-b-{data.parent.name}",
-            "ENVCTL_RUNNER_NETWORK": "none",  # B's engine has no bridge
-            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
-        },
-    )
-    srv.start()
-    yield srv
-    srv.stop()  # its engine, with everything in it, goes with engine_b
+def machine_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[MachineB]]:
+    """Server B and its engine, started in a thread while A works (they share nothing)."""
+    need_dockerd()
+    root = Path(tmp_path_factory.mktemp("machine-b"))
+    # its own database, migrated here (alembic is not for threads); no base image: its engine is empty
+    prepare_data_dir(root / "data", [])
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as pool:  # the pool ends first
+
+        def start() -> MachineB:
+            engine = stack.enter_context(second_engine(root / "engine"))
+            server = Server(
+                root / "data",
+                env={
+                    "DOCKER_HOST": engine,
+                    "ENVCTL_RUNNER_NAME": f"machine-b-{root.name}",
+                    "ENVCTL_RUNNER_NETWORK": "none",  # B's engine has no bridge
+                    "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+                },
+            )
+            stack.callback(server.stop)  # before its engine stops, with everything in it
+            server.start()
+            return MachineB(engine, server)
+
+        yield pool.submit(start)
 
 
 def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_booted_on_another(
-    server_a: Server, server_b: Server, engine_b: str, capsys: pytest.CaptureFixture[str]
+    machine_b: Future[MachineB], server_a: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with server_a.client() as a:
         assert a.post("/teams", json={"name": "acme"}).status_code == 201
@@ -97,6 +109,7 @@ def test_a_version_saved_and_published_on_one_server_is_imported_pulled_and_boot
         pushed = time.monotonic() - clock
         a.delete(f"/runtimes/{author}")
         version_a = a.get(f"/environments/{ENV}").json()["versions"][0]
+    server_b, engine_b = machine_b.result(timeout=120).server, machine_b.result().engine
 
     with server_b.client() as b:
         body = {"from": server_a.url, "ref": f"{ENV}@1", "token": bob}
