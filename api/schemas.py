@@ -203,6 +203,10 @@ class VersionOut(BaseModel):
     registry_digest: str | None = Field(
         default=None, description="the manifest digest the registry holds for it (null: never pushed)"
     )
+    imported: dict[str, Any] | None = Field(
+        default=None,
+        description="where it was imported from: the envctl server (from), its ref there, the registry digest pulled",
+    )
 
 
 class EnvironmentOut(BaseModel):

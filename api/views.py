@@ -60,6 +60,7 @@ def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
         tags=sorted(tags),
         save=(v.labels or {}).get("envctl.save"),
         registry_digest=v.registry_digest,
+        imported=(v.labels or {}).get("envctl.imported"),
     )
 
 

@@ -79,3 +79,15 @@ class SecretKeyError(EnvctlError):
 
     code = "secret_key_unavailable"
     status = 500
+
+
+class UpstreamError(ServiceUnavailableError):
+    """Another envctl a version is imported from did not answer, or answered with an error."""
+
+    code = "upstream_failed"
+
+
+class UpstreamRefusedError(ConflictError):
+    """The envctl a version is imported from refused (a bad token, an unknown name, no right)."""
+
+    code = "upstream_refused"

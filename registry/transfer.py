@@ -89,7 +89,7 @@ class Progress:
     _last: float = 0.0
 
     WORKING = ("Pushing", "Downloading")
-    DONE = ("Pushed", "Download complete")
+    DONE = ("Pushed", "Download complete", "Pull complete")
     THERE = ("Layer already exists", "Already exists")
 
     @property

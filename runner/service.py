@@ -25,6 +25,7 @@ module):
 ``imageconfig.py``     the trusted image configuration of saves and drafts
 ``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
 ``transfers.py``       versions to and from the registry: push after a save, pull before a boot
+``imports.py``         a version of another envctl server: pulled from its registry, recorded here
 ``builds.py``          spec files built as cells on a temporary runtime
 ``archives.py``        export and load of a version with its lineage
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
@@ -69,6 +70,7 @@ from runner.executions import ExecutionManager
 from runner.feeds import Feeds
 from runner.housekeeping import Housekeeping
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
+from runner.imports import Imports
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.volumes import Volumes
@@ -138,6 +140,7 @@ class RunnerService:
         self.secret_box = SecretBox.from_settings(settings)
         self.secrets = secrets = RuntimeSecrets(db, self.secret_box)
         self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
+        self.imports = Imports(records, backend, operations, transfers)
         self.snapshots = snapshots = Snapshots(
             settings,
             records,

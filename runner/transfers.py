@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,9 @@ class Transfers:
         version = self._resolve(ref)
         self._target(version.environment)  # no registry: refused at once
         op = self.operations.create(user_id, "push", f"pushing {version.ref}")
-        self.submit(self._run, op.id, "push", version, lambda report: self._push_result(user_id, version, report))
+        self.submit(
+            self.run_operation, op.id, "push", version.ref, lambda report: self._push_result(user_id, version, report)
+        )
         return op
 
     def request_pull(self, user_id: str, ref: str) -> Operation:
@@ -92,7 +95,9 @@ class Transfers:
         if not version.registry_digest:
             raise self._not_pushed(version)
         op = self.operations.create(user_id, "pull", f"pulling {version.ref}")
-        self.submit(self._run, op.id, "pull", version, lambda report: self._pull_result(user_id, version, report))
+        self.submit(
+            self.run_operation, op.id, "pull", version.ref, lambda report: self._pull_result(user_id, version, report)
+        )
         return op
 
     def _push_result(self, user_id: str, version: _Version, report: Report) -> dict[str, Any]:
@@ -110,23 +115,27 @@ class Transfers:
             "total": progress.total,
         }
 
-    def _run(self, op_id: str, kind: str, version: _Version, work: Callable[[Report], dict[str, Any]]) -> None:
+    def run_operation(self, op_id: str, kind: str, ref: str, work: Callable[[Report], dict[str, Any]]) -> None:
+        """Run ``work`` for the operation ``op_id`` (a push, or a pull or import of the version
+        ``ref``): its phase and bytes while it runs, its result or error at the end."""
         phase = Phase.UPLOADING if kind == "push" else Phase.DOWNLOADING
 
         def report(done: int, total: int) -> None:
-            self.operations.phase(
-                op_id, phase.value, f"{phase.value} {version.ref}", result={"done": done, "total": total}
-            )
+            self.operations.phase(op_id, phase.value, f"{phase.value} {ref}", result={"done": done, "total": total})
 
         try:
             result = work(report)
         except Exception as exc:  # noqa: BLE001  (recorded on the operation, logged when unexpected)
             self.operations.fail(op_id, exc, kind)
             return
-        verb = "pushed" if kind == "push" else "pulled"
+        verb = {"push": "pushed", "pull": "pulled"}.get(kind, kind + "ed")
         self.operations.finish(
-            op_id, "succeeded", result=result, message=f"{verb} {version.ref} ({result['bytes']} bytes travelled)"
+            op_id, "succeeded", result=result, message=f"{verb} {ref} ({result['bytes']} bytes travelled)"
         )
+
+    def lock(self, image_id: str) -> threading.Lock:
+        """The lock one image's pulls take, so that a boot and an import pull it once."""
+        return self._locks.of(image_id)
 
     def _resolve(self, ref: str) -> _Version:
         with self.records.db.session() as s:

@@ -1,6 +1,7 @@
 """Versions to and from the registry: ``POST /environments/{ref}/push`` and ``/pull``.
 
-Both answer 202 with an operation (``GET /operations/{id}``): its phase is ``uploading`` or
+``POST /environments/import-remote`` imports a version from another envctl server's registry.
+All answer 202 with an operation (``GET /operations/{id}``): its phase is ``uploading`` or
 ``downloading`` and its result holds bytes ``done`` and ``total`` while it runs; when it ends,
 the version, its ``registry_digest`` and the bytes that travelled. A pull asks the registry for
 the digest the catalog recorded, never a tag, and checks what it got (R24).
@@ -9,6 +10,7 @@ the digest the catalog recorded, never a tag, and checks what it got (R24).
 from __future__ import annotations
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, CallerDep, Context, CtxDep
@@ -18,6 +20,29 @@ from envs import service as envs_service
 from envs.refs import parse_ref
 
 router = APIRouter(tags=["environments"])
+
+
+class ImportRemote(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str = Field(alias="from", max_length=2000, description="the URL of the envctl server that holds the version")
+    ref: str = Field(max_length=300, description="the version there: acme/ml@3, acme/ml:stable, acme/ml")
+    token: str = Field(min_length=1, max_length=500, description="your API token on that server (used, not kept)")
+    name: str | None = Field(
+        default=None, max_length=300, description="the environment here it becomes a version of (default: its name)"
+    )
+
+
+@router.post("/environments/import-remote", status_code=202, response_model=OperationOut)
+async def import_remote(body: ImportRemote, ctx: CtxDep, caller: CallerDep) -> OperationOut:
+    """Import a version that another envctl server holds in its registry: read it from that
+    server's API with ``token``, pull it from its registry by the digest its catalog recorded
+    (operation phase ``downloading`` with bytes ``done`` and ``total``), check it (R24), and
+    record it here with where it came from. 409 ``upstream_refused`` when that server refuses
+    (a wrong token, an unknown or unpublished version), ``not_pushed`` when it never reached
+    that server's registry; 403 when the caller may not write the environment here."""
+    op = await run_in_threadpool(ctx.runner.imports.request, caller.id, body.from_, body.token, body.ref, body.name)
+    return operation_out(op)
 
 
 @router.post("/environments/{ref:path}/push", status_code=202, response_model=OperationOut)

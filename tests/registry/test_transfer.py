@@ -9,7 +9,6 @@ registry received is counted from its storage directory (one ``data`` file per b
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from api.cli import main
 from envs import service as envs_service
 from envs.kit.db import Database
 from envs.models import EnvironmentVersion
 from tests.fixtures.server import Server
 from tests.fixtures.services import _free_port, base_image
-from tests.fixtures.transfer import MB, blobs_of, need_registry_program
+from tests.fixtures.transfer import MB, blobs_of, cli_json, need_registry_program
 from tests.runner.conftest import remove_runner_containers, start_server
 from tests.runner.test_docker_executions import new_runtime, run, text
 from tests.runner.test_docker_saves import save
@@ -144,11 +142,11 @@ def test_a_save_into_a_team_pushes_only_the_new_layer_and_a_boot_pulls_by_the_re
         # the registry has (nothing travels, same digest)
         _stop(server, client, reader)
         docker.images.remove(v2["image_id"], force=True)
-        pulled = _cli(server, capsys, "pull", f"{ENV}@2")
+        pulled = cli_json(server, capsys, "pull", f"{ENV}@2")
         assert pulled["result"]["pulled"] is True and MB <= pulled["result"]["bytes"] <= 1.2 * MB, pulled
         assert docker.images.get(v2["image_id"])
-        assert _cli(server, capsys, "pull", f"{ENV}:stable")["result"]["pulled"] is False  # @1 is here
-        pushed = _cli(server, capsys, "push", f"{ENV}@2")
+        assert cli_json(server, capsys, "pull", f"{ENV}:stable")["result"]["pulled"] is False  # @1 is here
+        pushed = cli_json(server, capsys, "push", f"{ENV}@2")
         assert pushed["result"]["registry_digest"] == v2["registry_digest"] and pushed["result"]["bytes"] == 0
 
         # a digest that is not the version's: the boot aborts and says so; nothing else goes
@@ -161,16 +159,6 @@ def test_a_save_into_a_team_pushes_only_the_new_layer_and_a_boot_pulls_by_the_re
         docker.images.get(v1["image_id"])  # the other version is still here
         for rid in (reader, child, author):
             client.delete(f"/runtimes/{rid}")
-
-
-def _cli(server: Server, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    token = (server.data_dir / "admin-token").read_text().strip()
-    capsys.readouterr()
-    code = main([*argv, "--url", server.url, "--token", token, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, (out, err)
-    answer: dict[str, Any] = json.loads(out)
-    return answer
 
 
 def _stop(server: Server, client: httpx.Client, rid: str) -> None:
