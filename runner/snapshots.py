@@ -51,8 +51,6 @@ from runner.transfers import Transfers, push_after_save, pushed_text
 
 log = logging.getLogger("envctl.snapshots")
 
-# overlay2 refuses images of more than 128 layers; compact well before that.
-COMPACT_AT_LAYERS = 100
 MAX_MESSAGE = 2000
 SAVE_ACTION = ("save into it", "save under a name of your own")
 
@@ -326,7 +324,7 @@ class Snapshots:
         parent_info = self.backend.image_info(parent_image)
         if info is None:
             raise BackendError("the saved image vanished before it was recorded")
-        if info.layers > COMPACT_AT_LAYERS:
+        if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
             self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
             squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
             pending.append(squashed)

@@ -162,6 +162,9 @@ class Settings:
     machine_types: dict[str, MachineType] = field(default_factory=lambda: dict(DEFAULT_MACHINE_TYPES))
     # Cache directories a save leaves out (``~/`` means /root and every /home/<user>).
     save_caches: tuple[str, ...] = DEFAULT_SAVE_CACHES
+    # A save whose image has more layers than this squashes the chain into one layer (overlay2
+    # refuses images of more than 128 layers): 2 to 120.
+    save_compact_at_layers: int = 100
     # runtime mounts (runner/mounts/): git hosts exempt from the public-address rule, S3 endpoint
     mounts_allow_hosts: tuple[str, ...] = ()
     mounts_s3_endpoint_url: str | None = None
@@ -200,6 +203,13 @@ def _bool(v: Any) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"{v!r} is not true or false")
+
+
+def _compact_at(v: Any) -> int:
+    layers = int(v)
+    if not 2 <= layers <= 120:
+        raise ValueError(f"{layers} is not between 2 and 120 (overlay2 refuses images of more than 128 layers)")
+    return layers
 
 
 def _path(v: Any) -> Path:
@@ -290,6 +300,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "results_s3_endpoint_url": ("ENVCTL_RESULTS_S3_ENDPOINT_URL", str),
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
     "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
+    "save_compact_at_layers": ("ENVCTL_SAVE_COMPACT_AT_LAYERS", _compact_at),
     "mounts_allow_hosts": ("ENVCTL_MOUNTS_ALLOW_HOSTS", _names),
     "mounts_s3_endpoint_url": ("ENVCTL_MOUNTS_S3_ENDPOINT_URL", str),
     "mounts_s3_region": ("ENVCTL_MOUNTS_S3_REGION", str),

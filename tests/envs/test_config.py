@@ -270,3 +270,11 @@ def test_extra_ca_certs_that_are_a_map_are_refused_naming_the_setting(tmp_path: 
     path = write_config(tmp_path, "base:\n  extra_ca_certs: {a: b}\n")
     with pytest.raises(InvalidInputError, match="base_extra_ca_certs"):
         load_settings(path, env={})
+
+
+def test_the_compaction_threshold_stays_below_overlay2s_layer_limit() -> None:
+    assert load_settings(env={}).save_compact_at_layers == 100
+    assert load_settings(env={"ENVCTL_SAVE_COMPACT_AT_LAYERS": "12"}).save_compact_at_layers == 12
+    with pytest.raises(InvalidInputError, match="ENVCTL_SAVE_COMPACT_AT_LAYERS") as caught:
+        load_settings(env={"ENVCTL_SAVE_COMPACT_AT_LAYERS": "200"})
+    assert "128" in caught.value.message

@@ -8,6 +8,7 @@ import json
 import tarfile
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from runner.imageconfig import CONFIG_KEYS
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.conftest import remove_runner_containers, start_server
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -237,27 +239,36 @@ def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
         assert op["status"] == "succeeded" and saw_saving
 
 
-def test_a_chain_of_130_saves_still_boots_because_long_chains_are_compacted(server: Server, docker: Any) -> None:
-    """Past overlay2's 128-layer limit: the lineage stays complete, the image does not grow
-    a layer per save forever."""
-    depth = 130
-    with server.client() as client:
-        env = "python3"
-        for i in range(1, depth + 1):
-            rid = new_runtime(client, f"chain{i}", environment=env, language="bash")
-            assert run(client, rid, f"echo {i} >> /root/chain")["status"] == "ok"
-            save(client, rid, "chain", f"link {i}")
-            assert client.delete(f"/runtimes/{rid}").status_code == 204
-            env = "chain"
-        lineage = client.get(f"/environments/chain@{depth}/lineage").json()
-        assert len(lineage) == depth + 2  # every save, then python3@1 and bash@1
-        assert lineage[0]["message"] == f"link {depth}" and lineage[depth - 1]["message"] == "link 1"
-        image = client.get("/environments/chain").json()["versions"][-1]["image_id"]
-        layers = docker.api.inspect_image(image)["RootFS"]["Layers"]
-        assert len(layers) < 100
-        last = new_runtime(client, "last", environment=f"chain@{depth}", language="bash")
-        ex = run(client, last, "wc -l < /root/chain; tail -1 /root/chain")
-        assert text(ex) == f"{depth}\n{depth}\n"
+def test_a_long_chain_of_saves_is_compacted_keeps_its_lineage_and_boots(docker: Any, tmp_path: Path) -> None:
+    """Past the compaction threshold (here 8 layers over the base's, by the setting; 100 by
+    default, below overlay2's 128-layer limit): the lineage stays complete, the image does not
+    grow a layer per save forever, and every save's file is there."""
+    base = docker.api.inspect_image(base_image(docker, "python3"))["RootFS"]["Layers"]
+    limit = len(base) + 8
+    depth = 20
+    srv = start_server(docker, tmp_path / "data", ENVCTL_SAVE_COMPACT_AT_LAYERS=str(limit))
+    try:
+        with srv.client() as client:
+            env = "python3"
+            for i in range(1, depth + 1):
+                rid = new_runtime(client, f"chain{i}", environment=env, language="bash")
+                assert run(client, rid, f"echo {i} >> /root/chain")["status"] == "ok"
+                save(client, rid, "chain", f"link {i}")
+                assert client.delete(f"/runtimes/{rid}").status_code == 204
+                env = "chain"
+            lineage = client.get(f"/environments/chain@{depth}/lineage").json()
+            assert len(lineage) == depth + 2  # every save, then python3@1 and bash@1
+            assert lineage[0]["message"] == f"link {depth}" and lineage[depth - 1]["message"] == "link 1"
+            layers = [
+                len(docker.api.inspect_image(v["image_id"])["RootFS"]["Layers"])
+                for v in client.get("/environments/chain").json()["versions"]
+            ]
+            assert max(layers) <= limit and layers[-1] < len(base) + depth, layers  # compacted, at least once
+            last = new_runtime(client, "last", environment=f"chain@{depth}", language="bash")
+            ex = run(client, last, "wc -l < /root/chain; tail -1 /root/chain")
+            assert text(ex) == f"{depth}\n{depth}\n"
+    finally:
+        remove_runner_containers(docker, srv)
 
 
 SPEC = """\
