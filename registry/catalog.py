@@ -176,7 +176,7 @@ def _published_ref(env: Environment, pub: Publication) -> str:
 
 @dataclass
 class Dependents:
-    """What depends on a version: child versions (ref, namespace) and runtimes (name, owner)."""
+    """What depends on a version: child versions (ref, namespace) and runtimes ("name (id)", owner)."""
 
     versions: list[tuple[str, str]] = field(default_factory=list)
     runtimes: list[tuple[str, str]] = field(default_factory=list)
@@ -219,8 +219,10 @@ def _dependents(session: Session, version: EnvironmentVersion, outside: str | No
         .options(selectinload(EnvironmentVersion.environment))
     )
     found = Dependents(versions=[(c.ref, c.environment.namespace) for c in children])
-    rows = session.execute(select(_RUNTIMES.c.name, _RUNTIMES.c.owner_id).where(_RUNTIMES.c.version_id == version.id))
-    found.runtimes = [(str(name), str(owner)) for name, owner in rows]
+    rows = session.execute(
+        select(_RUNTIMES.c.name, _RUNTIMES.c.id, _RUNTIMES.c.owner_id).where(_RUNTIMES.c.version_id == version.id)
+    )
+    found.runtimes = [(f"{name} ({rid})", str(owner)) for name, rid, owner in rows]
     if outside is not None:
         members = _members(session, outside)
         found.versions = [(r, ns) for r, ns in found.versions if ns != outside]

@@ -145,14 +145,14 @@ def test_unpublishing_or_deleting_what_another_team_built_on_is_refused_naming_o
         assert resp.status_code == 409, resp.text
         assert_envelope(resp, 409)
         error = resp.json()["error"]
-        assert "beta/child" not in resp.text and "bobs-work" not in resp.text
+        assert "beta/child" not in resp.text and "bobs-work" not in resp.text and rt.json()["id"] not in resp.text
         assert error["details"]["hidden"] == {"versions": 1, "runtimes": 1}
         assert "1 version(s) you cannot see" in error["message"] and "1 runtime(s) of other users" in error["message"]
     admin = api.delete("/environments/acme/ml@1/publish")  # envctl's admin sees every name
     assert admin.status_code == 409
     assert admin.json()["error"]["details"] | {"hidden": None} == {
         "versions": ["beta/child@1"],
-        "runtimes": ["bobs-work"],
+        "runtimes": [f"bobs-work ({rt.json()['id']})"],
         "hidden": None,
     }
     assert api.get("/environments/acme/ml@1", headers=bob).status_code == 200  # still published
