@@ -13,8 +13,6 @@ import base64
 import io
 import json
 import tarfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from api.app import create_app
 from api.dbschema import upgrade
@@ -37,6 +34,7 @@ from registry.distribution import ISSUER, SERVICE, ManagedRegistry, signing_key
 from registry.teams import Actor, add_member, create_team
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.registry import Image, RegistryClient, digest_of, start_registry, with_digest
+from tests.fixtures.server import served
 from tests.fixtures.services import _free_port
 
 
@@ -55,22 +53,6 @@ class World:
         return httpx.get(
             f"{self.api_url}/registry/token", params={"service": SERVICE, "scope": list(scopes)}, auth=auth
         )
-
-
-def _serve(settings: Settings) -> Iterator[str]:
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.api_port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-registry-tests", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{settings.api_port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +79,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         add_member(s, "beta", "carol", "member", Actor(users["bob"].id))
     db.dispose()
     for registry in start_registry(settings):
-        for api_url in _serve(settings):
+        with served(create_app(settings), settings.api_port) as api_url:
             world = World(settings, registry, api_url, tokens)
             alice = world.client("alice")
             assert alice.push("acme/tools", "1", Image.made("tools")).status_code == 201
