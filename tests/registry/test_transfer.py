@@ -21,9 +21,8 @@ from envs import service as envs_service
 from envs.kit.db import Database
 from envs.models import EnvironmentVersion
 from tests.fixtures.server import Server
-from tests.fixtures.services import _free_port, base_image
-from tests.fixtures.transfer import MB, blobs_of, cli_json, need_registry_program
-from tests.runner.conftest import remove_runner_containers, start_server
+from tests.fixtures.transfer import MB, blobs_of, cli_json, registry_server
+from tests.runner.conftest import remove_runner_containers
 from tests.runner.test_docker_executions import new_runtime, run, text
 from tests.runner.test_docker_saves import save
 
@@ -34,15 +33,7 @@ ENV = "acme/transfer"
 
 @pytest.fixture(scope="module")
 def server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    need_registry_program()
-    base_image(docker, "bash")
-    srv = start_server(
-        docker,
-        tmp_path_factory.mktemp("transfer") / "data",
-        ["bash"],
-        ENVCTL_REGISTRY="managed",
-        ENVCTL_REGISTRY_PORT=str(_free_port()),
-    )
+    srv = registry_server(docker, tmp_path_factory.mktemp("transfer") / "data")
     with srv.client() as client:
         assert client.post("/teams", json={"name": "acme"}).status_code == 201
     yield srv

@@ -25,9 +25,8 @@ import pytest
 
 from tests.fixtures.engine import need_dockerd, second_engine
 from tests.fixtures.server import Server, prepare_data_dir
-from tests.fixtures.services import _free_port, base_image
-from tests.fixtures.transfer import cli_json, need_registry_program
-from tests.runner.conftest import remove_runner_containers, start_server
+from tests.fixtures.transfer import cli_json, registry_server
+from tests.runner.conftest import remove_runner_containers
 from tests.runner.test_docker_executions import new_runtime, run, text
 from tests.runner.test_docker_saves import save
 
@@ -48,15 +47,7 @@ dpkg-deb --build $d /tmp/p.deb >/dev/null && dpkg -i /tmp/p.deb >/dev/null && rm
 
 @pytest.fixture(scope="module")
 def server_a(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    need_registry_program()
-    base_image(docker, "bash")
-    srv = start_server(
-        docker,
-        tmp_path_factory.mktemp("machine-a") / "data",
-        ["bash"],
-        ENVCTL_REGISTRY="managed",
-        ENVCTL_REGISTRY_PORT=str(_free_port()),
-    )
+    srv = registry_server(docker, tmp_path_factory.mktemp("machine-a") / "data")
     yield srv
     remove_runner_containers(docker, srv)
 
