@@ -181,7 +181,10 @@ def _probe(client: httpx.Client, rid: str, targets: list[tuple[str, str, int]]) 
     code = f"import subprocess, sys\nprint(subprocess.run({argv}, capture_output=True, text=True).stdout)"
     ex = cell(client, rid, code)
     assert ex["status"] == "ok", ex
-    result: dict[str, str] = json.loads(stdout(ex))
+    # the probe's answer is its one JSON line; a background process the runtime started earlier
+    # may still write to the runtime's output, so other lines are not the probe's
+    [line] = [ln for ln in stdout(ex).splitlines() if ln.startswith("{")]
+    result: dict[str, str] = json.loads(line)
     return result
 
 
@@ -199,7 +202,10 @@ def test_from_a_cell_nothing_of_the_host_or_its_networks_is_reachable_but_the_pa
             a = boot(srv, client, "fenced")
             b = boot(srv, client, "neighbour2")
             [container_b] = docker.containers.list(filters={"label": f"envctl.runtime-id={b['id']}"})
-            serve = "import subprocess, sys\nsrv = subprocess.Popen([sys.executable, '-m', 'http.server', '8000'])"
+            serve = (
+                "import subprocess, sys\nsrv = subprocess.Popen([sys.executable, '-m', 'http.server', '8000'],"
+                " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+            )
             cell(client, b["id"], serve)
             network = container_b.attrs["NetworkSettings"]["Networks"]
             [(net_name, net)] = network.items()
