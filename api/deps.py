@@ -18,6 +18,7 @@ from envs.kit.db import Database
 from registry import catalog
 from registry import service as registry_service
 from registry import teams as teams_service
+from runner.records import Viewer
 from runner.service import RunnerService
 
 
@@ -34,6 +35,13 @@ class Caller:
     name: str
     is_admin: bool
     teams: frozenset[str] = frozenset()  # the teams the caller is a member of
+    admin_of: frozenset[str] = frozenset()  # those of them the caller is an admin of
+
+    @property
+    def viewer(self) -> Viewer:
+        """Who asks, as the runner decides what they see and may do (``runner/records.py``).
+        Read with the caller, so a change of membership counts within the cache's ``ttl``."""
+        return Viewer(self.id, self.teams, self.admin_of)
 
 
 async def get_context(request: Request) -> Context:
@@ -47,7 +55,9 @@ _bearer = HTTPBearer(auto_error=False, description="an envctl API token")
 class CallerCache:
     """Who a token belongs to, remembered for a few seconds so hot paths skip the database.
 
-    A revoked or expired token is refused again at most ``ttl`` seconds later.
+    A revoked or expired token is refused again at most ``ttl`` seconds later, and a change of
+    the caller's teams (a member removed: their team's runtimes are gone for them) counts at
+    most ``ttl`` seconds later on every server; this server's own team routes clear it at once.
     """
 
     def __init__(self, ttl: float = 5.0, size: int = 1024) -> None:
@@ -127,7 +137,13 @@ def check_visible(ctx: Context, caller: Caller, ref: str, field: str) -> None:
 def _lookup(ctx: Context, token: str | None) -> Caller:
     with ctx.db.session() as s:
         user = registry_service.authenticate(s, token)
-        return Caller(user.id, user.name, user.is_admin, teams_service.team_names_of(s, user.id))
+        return Caller(
+            user.id,
+            user.name,
+            user.is_admin,
+            teams_service.team_names_of(s, user.id),
+            teams_service.admin_team_names_of(s, user.id),
+        )
 
 
 CtxDep = Annotated[Context, Depends(get_context)]

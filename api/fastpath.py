@@ -62,7 +62,7 @@ class CellFastPath:
         ctx = self.state.ctx
         manager = ctx.runner.executions
         try:
-            ex = await record_cell(manager, caller.id, match.group(1), cell)
+            ex = await record_cell(manager, caller.viewer, match.group(1), cell)
         except EnvctlError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -70,7 +70,7 @@ class CellFastPath:
             await _answer(send, execution_out(ctx, ex).model_dump_json().encode())
             return
         async with manager.waiting(ex.id, wait):
-            ex = manager.get(caller.id, ex.id)
+            ex = manager.get(caller.viewer, ex.id)
             await _answer(send, execution_out(ctx, ex).model_dump_json().encode())
 
     def _cached_caller(self, scope: Scope) -> Any:

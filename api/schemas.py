@@ -52,6 +52,14 @@ class RuntimeCreate(BaseModel):
         default=None, max_length=32, description="host CUDA version for a GPU machine type (GET /machine-types/cuda)"
     )
     mounts: list[Any] | None = Field(default=None, description=MOUNTS_HELP)
+    team: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=NAME_PATTERN,
+        examples=["acme"],
+        description="a team of yours: its members see and use the runtime too (null: only you)",
+    )
 
 
 class RuntimePatch(BaseModel):
@@ -96,6 +104,7 @@ class IdleOut(BaseModel):
 class RuntimeOut(BaseModel):
     id: str
     name: str
+    team: str | None = Field(default=None, description="the team the runtime is shared with; null: personal")
     type: str
     kernel: str | None
     language: str

@@ -153,6 +153,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
     return RuntimeOut(
         id=rt.id,
         name=rt.name,
+        team=rt.team,
         type=rt.type,
         kernel=rt.kernel,
         language=rt.language,

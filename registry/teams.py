@@ -66,6 +66,16 @@ def team_names_of(session: Session, user_id: str) -> frozenset[str]:
     return frozenset(rows)
 
 
+def admin_team_names_of(session: Session, user_id: str) -> frozenset[str]:
+    """The names of the teams of which ``user_id`` is an admin."""
+    rows = session.scalars(
+        select(Team.name)
+        .join(Membership, Membership.team_id == Team.id)
+        .where(Membership.user_id == user_id, Membership.role == ROLE_ADMIN)
+    )
+    return frozenset(rows)
+
+
 def create_team(session: Session, name: str, actor: Actor) -> Team:
     """A new team named ``name``, with ``actor`` as its first admin."""
     check_name(name, "name", "team name")

@@ -21,6 +21,7 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from runner.models import ResultFile as ResultRow
+from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.results import ResultChangedError, ResultStore, ScannedFile, scan, store_from_settings
 
@@ -78,11 +79,14 @@ class ResultCollector:
             if recorded:
                 now = self.clock()
                 with self.db.connection() as c:
+                    # the runtime's team, so the results are its members' too (and outlive it)
+                    team = c.scalar(select(Runtime.team).where(Runtime.id == runtime_id))
                     c.execute(
                         insert(ResultRow),
                         [
                             {
                                 "owner_id": owner_id,
+                                "team": team,
                                 "runtime_id": runtime_id,
                                 "execution_id": execution_id,
                                 "path": f.path,

@@ -9,8 +9,10 @@
   the cell running and its outputs buffered; on restart ``recover`` attaches again from the
   last stored output, so nothing is lost or repeated.
 - A queued or running execution makes the runtime busy, which idle shutdown respects.
+- An execution carries its runtime's owner and team (whoever of them submitted it), so it is
+  seen by whoever sees the runtime (``runner/records.py``, ``Viewer``), also after it is gone.
 - Sequence numbers come from the database: ``submit``'s one statement on the way in bumps the
-  runtime's ``next_seq`` and returns what the cell needs to know of the runtime (owner,
+  runtime's ``next_seq`` and returns what the cell needs to know of the runtime (owner, team,
   language, type, runner, state), so no cache can go stale when another process changes or
   deletes the runtime, and two processes never hand out one number twice (R36).
 
@@ -47,7 +49,7 @@ from runner.channel import AgentUnavailableError
 from runner.errors import ExecutionNotFoundError, RuntimeNotFoundError
 from runner.feeds import FINAL, Event, ExecutionView, Feed, Feeds, Subscriber
 from runner.models import Execution, ExecutionOutput, Runtime
-from runner.records import Records
+from runner.records import Records, Who, viewer_of
 from runner.states import State
 
 log = logging.getLogger("envctl.executions")
@@ -64,6 +66,7 @@ CLAIM_SEQ = HotStatement(
     .returning(
         Runtime.next_seq,
         Runtime.owner_id,
+        Runtime.team,
         Runtime.language,
         Runtime.type,
         Runtime.kernel,
@@ -102,13 +105,15 @@ class ExecutionManager:
         self.submit_blocks = not db.local
 
     # ------------------------------------------------------------------ queries
-    def get(self, owner_id: str, execution_id: str) -> ExecutionView:
+    def get(self, who: Who, execution_id: str) -> ExecutionView:
+        """An execution ``who`` sees (404 otherwise, as for a missing one)."""
+        viewer = viewer_of(who)
         feed = self.feeds.get(execution_id)
-        if feed is not None and feed.view.owner_id == owner_id:
+        if feed is not None and viewer.sees(feed.view.owner_id, feed.view.team):
             return feed.view
         with self.db.session() as s:
             ex = s.get(Execution, execution_id)
-            if ex is None or ex.owner_id != owner_id:
+            if ex is None or not viewer.sees(ex.owner_id, ex.team):
                 raise ExecutionNotFoundError(f"execution {execution_id[:64]!r} does not exist")
             return ExecutionView.of(ex)
 
@@ -126,9 +131,9 @@ class ExecutionManager:
             ).all()
         return [(r[0], r[1]) for r in rows]
 
-    def list_for_runtime(self, owner_id: str, runtime_id: str, limit: int = 100) -> list[ExecutionView]:
+    def list_for_runtime(self, who: Who, runtime_id: str, limit: int = 100) -> list[ExecutionView]:
         with self.db.session() as s:
-            self.records.get(s, owner_id, runtime_id, with_version=False)
+            self.records.get(s, who, runtime_id, with_version=False)
             rows = s.scalars(
                 select(Execution).where(Execution.runtime_id == runtime_id).order_by(Execution.seq.desc()).limit(limit)
             )
@@ -136,7 +141,7 @@ class ExecutionManager:
             views = []
             for r in rows:
                 feed = self.feeds.get(r.id)
-                views.append(feed.view if feed is not None and feed.view.owner_id == owner_id else ExecutionView.of(r))
+                views.append(feed.view if feed is not None else ExecutionView.of(r))
             return views
 
     def is_busy(self, runtime_id: str) -> bool:
@@ -223,7 +228,7 @@ class ExecutionManager:
     # ------------------------------------------------------------------ commands
     def submit(
         self,
-        owner_id: str,
+        who: Who,
         runtime_id: str,
         *,
         code: str,
@@ -247,15 +252,16 @@ class ExecutionManager:
         with self.workers.in_order(runtime_id):
             with self.db.hot() as c:
                 found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
-                if found is None or found[1] != owner_id:  # rolled back: the number is not spent
+                if found is None or not viewer_of(who).sees(found[1], found[2]):  # rolled back: not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-                seq, _owner, rt_language, rt_type, kernel, runner, state, mounts_used = found
+                seq, owner_id, team, rt_language, rt_type, kernel, runner, state, mounts_used = found
                 if runner != self.records.runner:
                     self.records.mine(runner)  # raises, naming the owner
                 view = ExecutionView(
                     id=execution_id,
                     runtime_id=runtime_id,
                     owner_id=owner_id,
+                    team=team,
                     seq=seq,
                     language=language or rt_language,
                     code=code,
@@ -271,6 +277,7 @@ class ExecutionManager:
                         "id": execution_id,
                         "runtime_id": runtime_id,
                         "owner_id": owner_id,
+                        "team": team,
                         "seq": seq,
                         "language": view.language,
                         "code": code,
@@ -288,8 +295,8 @@ class ExecutionManager:
             self.workers.enqueue(Job(view, attach=False, runtime_running=state == State.RUNNING), send_now=True)
         return view
 
-    def interrupt(self, owner_id: str, execution_id: str) -> ExecutionView:
-        view = self.get(owner_id, execution_id)
+    def interrupt(self, who: Who, execution_id: str) -> ExecutionView:
+        view = self.get(who, execution_id)
         if view.status in FINAL:
             return view
         with self.db.connection() as c:
@@ -310,14 +317,14 @@ class ExecutionManager:
                     feed.view.status = "interrupted"
                     feed.view.finished_at = self.clock()
                     feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
-                return self.get(owner_id, execution_id)
+                return self.get(who, execution_id)
         try:
             self.workers.interrupt(view)
         except AgentUnavailableError as exc:
             raise ConflictError(
                 f"the runtime's agent does not answer, so the cell cannot be interrupted: {exc.message}"
             ) from exc
-        return self.get(owner_id, execution_id)
+        return self.get(who, execution_id)
 
     def recover(self) -> None:
         """After a restart: attach to cells that were running, queue the ones that waited."""

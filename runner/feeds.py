@@ -40,7 +40,7 @@ class ExecutionView:
 
     id: str
     runtime_id: str
-    owner_id: str
+    owner_id: str  # the runtime's owner
     seq: int
     language: str
     code: str
@@ -57,6 +57,7 @@ class ExecutionView:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     mounts: list[dict[str, Any]] | None = None  # what the runtime's mounts held (git commit, ...)
+    team: str | None = None  # the runtime's team
 
     @classmethod
     def of(cls, row: Execution) -> ExecutionView:
@@ -64,6 +65,7 @@ class ExecutionView:
             id=row.id,
             runtime_id=row.runtime_id,
             owner_id=row.owner_id,
+            team=row.team,
             seq=row.seq,
             language=row.language,
             code=row.code,

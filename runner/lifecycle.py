@@ -25,7 +25,7 @@ from runner.drafts import Drafts
 from runner.errors import RuntimeStateError
 from runner.models import Runtime
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, Who
 from runner.states import State
 
 log = logging.getLogger("envctl.runner")
@@ -62,10 +62,10 @@ class Lifecycle:
         return record
 
     # ------------------------------------------------------------------ start
-    def start(self, owner_id: str, runtime_id: str) -> Runtime:
+    def start(self, who: Who, runtime_id: str) -> Runtime:
         """Ask for a boot; answers at once with the runtime in ``booting``."""
         with self.records.tx() as s:
-            rt = self.records.get_mine(s, owner_id, runtime_id)
+            rt = self.records.get_mine(s, who, runtime_id)
             if rt.state in (State.BOOTING, State.RUNNING):
                 return rt  # already on its way: starting twice is not an error
             if rt.state == State.STOPPING:
@@ -81,7 +81,7 @@ class Lifecycle:
             with self.concurrency.claim(runtime_id, on_error=self._failed_unexpectedly(runtime_id)) as submit:
                 with self.records.tx() as s:
                     ok = self.records.transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
-                    rt = self.records.get(s, owner_id, runtime_id)
+                    rt = self.records.get(s, who, runtime_id)
                 if not ok:
                     self.concurrency.release_boot_slot()
                     return rt
@@ -94,15 +94,15 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ stop
     def stop(
-        self, owner_id: str, runtime_id: str, *, reason: str = "user-request", message: str = "stop requested"
+        self, who: Who, runtime_id: str, *, reason: str = "user-request", message: str = "stop requested"
     ) -> Runtime:
         with self.concurrency.claim(runtime_id, on_error=self._failed_unexpectedly(runtime_id)) as submit:
             with self.records.tx() as s:
-                rt = self.records.get_mine(s, owner_id, runtime_id)
+                rt = self.records.get_mine(s, who, runtime_id)
                 if rt.state == State.STOPPED:
                     return rt
                 ok = self.records.transition(s, runtime_id, State.STOPPING, reason, message)
-                rt = self.records.get(s, owner_id, runtime_id)
+                rt = self.records.get(s, who, runtime_id)
             if ok:
                 self.concurrency.cancel(runtime_id)
                 submit(self.stop_now, reason)
@@ -170,11 +170,11 @@ class Lifecycle:
                 )
 
     # ------------------------------------------------------------------ reset
-    def reset(self, owner_id: str, runtime_id: str) -> Runtime:
+    def reset(self, who: Who, runtime_id: str) -> Runtime:
         """Throw the unsaved changes away and boot from the version again (202)."""
         with self.concurrency.claim(runtime_id, on_error=self._failed_unexpectedly(runtime_id)) as submit:
             with self.records.tx() as s:
-                rt = self.records.get_mine(s, owner_id, runtime_id)
+                rt = self.records.get_mine(s, who, runtime_id)
                 if self.is_saving(runtime_id):
                     raise RuntimeStateError("a save of this runtime is in progress; reset it afterwards")
                 if rt.state in (State.RUNNING, State.BOOTING, State.ERROR) and rt.backend_state:
@@ -188,24 +188,25 @@ class Lifecycle:
                 elif rt.state == State.STOPPING:
                     raise RuntimeStateError("the runtime is stopping; reset it once it is stopped")
             self.concurrency.cancel(runtime_id)
-            submit(self._reset, owner_id)
+            submit(self._reset, who)
         with self.records.db.session() as s:
-            return self.records.get(s, owner_id, runtime_id)
+            return self.records.get(s, who, runtime_id)
 
-    def _reset(self, runtime_id: str, owner_id: str) -> None:
+    def _reset(self, runtime_id: str, who: Who) -> None:
         self.stop_now(runtime_id, "reset")  # no draft: the changes are what is thrown away
         self.drafts.discard_draft(runtime_id)
-        self.start(owner_id, runtime_id)
+        self.start(who, runtime_id)
 
     # ------------------------------------------------------------------ delete
-    def delete(self, owner_id: str, runtime_id: str) -> None:
-        """Stop the runtime (synchronously) and forget it; its results stay."""
+    def delete(self, who: Who, runtime_id: str) -> None:
+        """Stop the runtime (synchronously) and forget it; its results stay. Its owner or an
+        admin of its team may (``Records.get_to_manage``)."""
         with self.records.db.session() as s:
-            self.records.get_mine(s, owner_id, runtime_id, with_version=False)
+            self.records.get_to_manage(s, who, runtime_id, "delete", with_version=False)
         self.concurrency.cancel(runtime_id)
         with self.concurrency.runtime_lock(runtime_id):
             with self.records.db.session() as s:
-                rt = self.records.get(s, owner_id, runtime_id, with_version=False)
+                rt = self.records.get(s, who, runtime_id, with_version=False)
                 state = dict(rt.backend_state or {})
                 draft = rt.draft_image_id
                 mounts = list(rt.mounts or [])
@@ -213,7 +214,7 @@ class Lifecycle:
                 self.backend.stop(state, timeout=2)
                 self._write_back(runtime_id, mounts)
             with self.records.tx() as s:
-                s.delete(self.records.get(s, owner_id, runtime_id, with_version=False))
+                s.delete(self.records.get(s, who, runtime_id, with_version=False))
         self.on_deleted(runtime_id)
         self.concurrency.forget(runtime_id)
         if draft:

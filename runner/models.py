@@ -19,14 +19,17 @@ class Runtime(Base):
 
     ``runner`` names the runner process that owns the runtime, so several runners can share
     one database. ``backend_state`` is what the backend needs to find the container again
-    after a restart (its id); nothing else about the container is assumed.
+    after a restart (its id); nothing else about the container is assumed. ``team`` (a team's
+    name; None for a personal runtime) shares it with the team's members (who sees and acts on
+    what: ``runner/records.py``); names are unique per owner and, in a team, within the team.
     """
 
     __tablename__ = "runtimes"
-    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+    __table_args__ = (UniqueConstraint("owner_id", "name"), UniqueConstraint("team", "name"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    team: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     name: Mapped[str] = mapped_column(String(64))
     type: Mapped[str] = mapped_column(String(16), default="native")
     kernel: Mapped[str | None] = mapped_column(String(64), nullable=True)  # jupyter kernelspec name
@@ -103,7 +106,8 @@ class Execution(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     runtime_id: Mapped[str] = mapped_column(ForeignKey("runtimes.id", ondelete="CASCADE"), index=True)
-    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)  # the runtime's owner
+    team: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the runtime's team
     seq: Mapped[int] = mapped_column(Integer)  # order within the runtime
     language: Mapped[str] = mapped_column(String(16))
     code: Mapped[str] = mapped_column(Text)
@@ -137,13 +141,14 @@ class ExecutionOutput(Base):
 class ResultFile(Base):
     """A version of a file a cell wrote under ``/results``, stored by content (sha256).
 
-    No foreign key to the runtime: results outlive it.
+    No foreign key to the runtime: results outlive it; its owner and team are copied here.
     """
 
     __tablename__ = "result_files"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(40), index=True)
+    team: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     runtime_id: Mapped[str] = mapped_column(String(40), index=True)
     execution_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     path: Mapped[str] = mapped_column(String(1024))

@@ -21,7 +21,7 @@ from envs.models import EnvironmentVersion
 from runner.backends.base import RuntimeBackend
 from runner.errors import OperationNotFoundError
 from runner.models import Operation, Runtime
-from runner.records import Records
+from runner.records import Records, Who, viewer_of, visible_to
 
 log = logging.getLogger("envctl.operations")
 
@@ -187,22 +187,29 @@ class Operations:
         with self.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(pending_images=list(images)))
 
-    def wait(self, owner_id: str, op_id: str, timeout: float) -> Operation:
+    def wait(self, who: Who, op_id: str, timeout: float) -> Operation:
         """The operation once it has ended, or as it is after ``timeout`` seconds. Woken by
         ``finish`` at once (no polling delay on the end of a save)."""
         deadline = time.monotonic() + timeout
         changed = self.records.changed
         with changed:
             while True:
-                op = self.get(owner_id, op_id)
+                op = self.get(who, op_id)
                 remaining = deadline - time.monotonic()
                 if op.status != "running" or remaining <= 0:
                     return op
                 changed.wait(min(remaining, 0.5))
 
-    def get(self, owner_id: str, op_id: str) -> Operation:
+    def get(self, who: Who, op_id: str) -> Operation:
+        """An operation ``who`` started, or one on a runtime ``who`` sees (a teammate's save of a
+        team runtime); 404 for any other, as for a missing one."""
         with self.db.session() as s:
             op = s.get(Operation, op_id)
-            if op is None or op.owner_id != owner_id:
+            if op is not None and op.owner_id != viewer_of(who).user_id:
+                on_visible = op.runtime_id is not None and s.scalar(
+                    select(Runtime.id).where(Runtime.id == op.runtime_id, visible_to(who))
+                )
+                op = op if on_visible else None
+            if op is None:
                 raise OperationNotFoundError(f"operation {op_id[:64]!r} does not exist")
             return op

@@ -8,6 +8,16 @@
 - Ownership: a runtime belongs to the runner that created it (``runtimes.runner``). Anyone may
   read any runtime; ``mine()`` refuses an action on another runner's runtime with a 409 that
   names the owner and whether it is alive.
+- Who may see and act (the one place that decides, through ``Viewer``): a runtime belongs to
+  the user who made it (``owner_id``) and, when made in a team, to that team (``team``, the
+  team's name). Its owner and every member of its team see it and act on it: read it, its log,
+  executions and results, start, stop, run cells, interrupt, save, reset. Changing its settings
+  and deleting it take its owner or an admin of its team (403 otherwise, ``get_to_manage``).
+  To anyone else it does not exist: a 404 with the same body as a missing id (R27). Executions
+  and results carry their runtime's owner and team, so they follow the same rule (and outlive
+  the runtime). envctl admins get no more than their memberships give them here. Membership is
+  read when the caller is looked up (the API caches it for a few seconds), so a member who is
+  removed loses access within that time.
 
 Nothing here talks to Docker or to an agent; nothing here holds state a restart would lose.
 """
@@ -19,18 +29,53 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, select, update
+from sqlalchemy import ColumnElement, Select, false, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from envs.kit.db import Database
+from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
 from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
 from runner.identity import Liveness
 from runner.models import Runtime, RuntimeLogEntry
 from runner.states import State, can_transition, sources_of
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks: a user, the teams they are a member of, and those of which they are an admin.
+
+    A plain user id (``str``) where a ``Viewer`` is taken means that user with no teams: what
+    envctl's own work (builds, recovery) acts as, on runtimes it made itself."""
+
+    user_id: str
+    teams: frozenset[str] = frozenset()
+    admin_of: frozenset[str] = frozenset()
+
+    def sees(self, owner_id: str, team: str | None) -> bool:
+        """Whether a runtime (or its execution, result) of ``owner_id`` in ``team`` exists for them."""
+        return owner_id == self.user_id or (team is not None and team in self.teams)
+
+    def may_manage(self, owner_id: str, team: str | None) -> bool:
+        """Whether they may change the runtime's settings or delete it: its owner, or an admin
+        of its team."""
+        return owner_id == self.user_id or (team is not None and team in self.admin_of)
+
+    def where(self, owner_id: Any, team: Any) -> ColumnElement[bool]:
+        """``sees`` as a condition on the columns ``owner_id`` and ``team`` of a query."""
+        in_team = team.in_(sorted(self.teams)) if self.teams else false()
+        return or_(owner_id == self.user_id, in_team)
+
+
+Who = Viewer | str
+
+
+def viewer_of(who: Who) -> Viewer:
+    return who if isinstance(who, Viewer) else Viewer(who)
 
 
 class Records:
@@ -62,16 +107,16 @@ class Records:
     def get(
         self,
         s: Session,
-        owner_id: str,
+        who: Who,
         runtime_id: str,
         *,
         for_update: bool = False,
         with_version: bool = True,
     ) -> Runtime:
-        """The caller's runtime (404 otherwise: someone else's is as invisible as a missing one,
-        R27); ``with_version=False`` when only the runtime's own columns are read."""
+        """A runtime ``who`` sees (404 otherwise: one they may not see is as invisible as a
+        missing one, R27); ``with_version=False`` when only the runtime's own columns are read."""
         base: Any = self.query() if with_version else select(Runtime)
-        q = base.where(Runtime.id == runtime_id, Runtime.owner_id == owner_id)
+        q = base.where(Runtime.id == runtime_id, visible_to(who))
         if for_update:
             q = q.with_for_update()
         rt: Runtime | None = s.scalars(q).one_or_none()
@@ -79,10 +124,22 @@ class Records:
             raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
         return rt
 
-    def get_mine(self, s: Session, owner_id: str, runtime_id: str, **kwargs: Any) -> Runtime:
+    def get_mine(self, s: Session, who: Who, runtime_id: str, **kwargs: Any) -> Runtime:
         """``get``, for an action: refused (409) when another runner owns the runtime."""
-        rt = self.get(s, owner_id, runtime_id, **kwargs)
+        rt = self.get(s, who, runtime_id, **kwargs)
         self.mine(rt.runner, rt.name)
+        return rt
+
+    def get_to_manage(self, s: Session, who: Who, runtime_id: str, action: str, **kwargs: Any) -> Runtime:
+        """``get_mine``, for changing settings or deleting: a member of the runtime's team who is
+        neither its owner nor a team admin is refused (403, naming the role it takes)."""
+        rt = self.get_mine(s, who, runtime_id, **kwargs)
+        if not viewer_of(who).may_manage(rt.owner_id, rt.team):
+            raise ForbiddenError(
+                f"only the owner of runtime {rt.name!r} or an admin of team {rt.team!r} may {action} it; "
+                "ask one of them",
+                details={"team": rt.team, "needs": "owner or team admin"},
+            )
         return rt
 
     def mine(self, runner: str, name: str = "") -> None:
@@ -102,15 +159,16 @@ class Records:
             value = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
         return State(value) if value is not None else None
 
-    def list(self, owner_id: str) -> builtins.list[Runtime]:
+    def list(self, who: Who) -> builtins.list[Runtime]:
+        """The runtimes ``who`` sees: their own and their teams'."""
         with self.db.session() as s:
-            q = self.query().where(Runtime.owner_id == owner_id).order_by(Runtime.created_at)
+            q = self.query().where(visible_to(who)).order_by(Runtime.created_at)
             return list(s.scalars(q))
 
-    def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
+    def log_entries(self, who: Who, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         """The runtime's log, oldest first; ``after``: only lines with a greater id (a follower)."""
         with self.db.session() as s:
-            self.get(s, owner_id, runtime_id, with_version=False)
+            self.get(s, who, runtime_id, with_version=False)
             q = (
                 select(RuntimeLogEntry)
                 .where(RuntimeLogEntry.runtime_id == runtime_id, RuntimeLogEntry.id > after)
@@ -234,3 +292,8 @@ class Records:
         with self.db.connection() as c:
             done = c.execute(q.values(last_activity_at=self.clock(), last_activity=what)).rowcount
         return done == 1
+
+
+def visible_to(who: Who) -> ColumnElement[bool]:
+    """The runtimes ``who`` sees, as a condition of a query on ``runtimes``."""
+    return viewer_of(who).where(Runtime.owner_id, Runtime.team)

@@ -1,7 +1,9 @@
 """Reading recorded results: the versions of the files a user's cells wrote under ``/results``.
 
-Every query is scoped to one owner: another user's results do not exist for the caller (404),
-the same as a result id that was never recorded. Records outlive their runtime.
+Every query is scoped to what the caller sees: results of their own runtimes and of their teams'
+(a result carries its runtime's owner and team, ``runner/records.py`` decides); any other does
+not exist for the caller (404), the same as a result id that was never recorded. Records
+outlive their runtime.
 """
 
 from __future__ import annotations
@@ -10,17 +12,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from runner.models import ResultFile
+from runner.records import Who, viewer_of
 from runner.results import ResultNotFoundError
 
 LIST_LIMIT = 1000  # newest first; older versions are still readable by id
 
 
 def list_results(
-    session: Session, owner_id: str, *, runtime_id: str | None = None, execution_id: str | None = None
+    session: Session, who: Who, *, runtime_id: str | None = None, execution_id: str | None = None
 ) -> list[ResultFile]:
-    """``owner_id``'s result files, newest first, optionally those of one runtime or execution;
-    every recorded version of a path is listed."""
-    q = select(ResultFile).where(ResultFile.owner_id == owner_id)
+    """The result files ``who`` sees, newest first, optionally those of one runtime or
+    execution; every recorded version of a path is listed."""
+    q = select(ResultFile).where(viewer_of(who).where(ResultFile.owner_id, ResultFile.team))
     if runtime_id is not None:
         q = q.where(ResultFile.runtime_id == runtime_id)
     if execution_id is not None:
@@ -28,9 +31,9 @@ def list_results(
     return list(session.scalars(q.order_by(ResultFile.id.desc()).limit(LIST_LIMIT)))
 
 
-def get_result(session: Session, owner_id: str, result_id: int) -> ResultFile:
-    """One recorded result of ``owner_id``; ``ResultNotFoundError`` for any other."""
+def get_result(session: Session, who: Who, result_id: int) -> ResultFile:
+    """One recorded result ``who`` sees; ``ResultNotFoundError`` for any other."""
     row = session.get(ResultFile, result_id)
-    if row is None or row.owner_id != owner_id:
+    if row is None or not viewer_of(who).sees(row.owner_id, row.team):
         raise ResultNotFoundError(f"result {result_id} does not exist", details={"result_id": result_id})
     return row

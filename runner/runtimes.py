@@ -6,6 +6,11 @@ Settings that shape the container (environment, type, environment variables, mac
 change at once while it is stopped; while it runs they are refused (409, naming them) or, when
 asked, kept for its next boot (runner/settings.py). Starting, stopping and deleting are
 ``runner/lifecycle.py``.
+
+A runtime made with ``team`` belongs to that team as well as to its maker (who must be a
+member: 404 for another team, as the team routes answer). Its name is unique within the team
+(and, as for every runtime, among its owner's): a clash is a 409 naming it. Who sees and acts
+on it is decided in ``runner/records.py`` (``Viewer``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import check_name, parse_ref
+from registry.errors import TeamNotFoundError
+from registry.teams import team_names_of
 from runner import envvars, secrets
 from runner import settings as reboot
 from runner.errors import RuntimeStateError
@@ -31,7 +38,7 @@ from runner.models import Runtime
 from runner.mounts.validate import check_mounts
 from runner.mounts.validate import to_json as mounts_json
 from runner.mounts.volumes import check_mount_access
-from runner.records import Records
+from runner.records import Records, Who, viewer_of
 from runner.states import State
 
 LANGUAGES = ("python", "bash")
@@ -67,7 +74,7 @@ class Runtimes:
 
     def create(
         self,
-        owner_id: str,
+        who: Who,
         *,
         name: str,
         environment: str,
@@ -79,8 +86,12 @@ class Runtimes:
         env: Mapping[str, envvars.EnvValue] | None = None,
         cuda: str | None = None,
         mounts: list[Any] | None = None,
+        team: str | None = None,
     ) -> Runtime:
+        owner_id = viewer_of(who).user_id
         check_name(name, "name", "runtime name")
+        if team is not None:
+            check_name(team, "team", "team name")
         check_choice(language, LANGUAGES, "language")
         kernel = check_type(type, kernel)
         own_env = envvars.check_env(env or {})
@@ -93,12 +104,17 @@ class Runtimes:
         now = self.records.clock()
         with self.records.tx() as s:
             version = envs_service.resolve(s, ref, "environment")
-            self._check_name_free(s, owner_id, name)
+            if team is not None and team not in team_names_of(s, owner_id):
+                raise TeamNotFoundError(
+                    f"team: no team {team!r} of yours; `envctl team list` shows your teams", details={"team": team}
+                )
+            self._check_name_free(s, owner_id, team, name)
             check_mount_access(s, owner_id, own_mounts)
             own_env = secrets.resolve(s, owner_id, own_env)
             rt = Runtime(
                 id=new_id("rt"),
                 owner_id=owner_id,
+                team=team,
                 name=name,
                 type=type,
                 kernel=kernel,
@@ -126,13 +142,14 @@ class Runtimes:
             self.records.log(s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}")
             return self.records.get(s, owner_id, rt.id)
 
-    def get(self, owner_id: str, runtime_id: str) -> Runtime:
+    def get(self, who: Who, runtime_id: str) -> Runtime:
         with self.records.db.session() as s:
-            return self.records.get(s, owner_id, runtime_id)
+            return self.records.get(s, who, runtime_id)
 
-    def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
-        """Change settings. Those that shape the container apply at once while the runtime is
-        stopped; while it runs they are refused (409) or, with ``next_boot``, kept pending."""
+    def update(self, who: Who, runtime_id: str, changes: RuntimeChanges) -> Runtime:
+        """Change settings (its owner or an admin of its team may). Those that shape the
+        container apply at once while the runtime is stopped; while it runs they are refused
+        (409) or, with ``next_boot``, kept pending."""
         if changes.name is not None:
             check_name(changes.name, "name", "runtime name")
         if changes.language is not None:
@@ -153,12 +170,14 @@ class Runtimes:
         ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
         new_mounts = self._check_mounts(changes.mounts) if changes.mounts is not None else None
         with self.records.tx() as s:
-            rt = self.records.get_mine(s, owner_id, runtime_id, for_update=True)
+            rt = self.records.get_to_manage(s, who, runtime_id, "change the settings of", for_update=True)
             wanted = self._reboot_changes(s, rt, changes, ref)
             if new_mounts is not None:
-                check_mount_access(s, owner_id, new_mounts)
+                # volumes are the owner's (a boot mounts them as the owner) and the changer's to give
+                for user_id in {rt.owner_id, viewer_of(who).user_id}:
+                    check_mount_access(s, user_id, new_mounts)
                 wanted["mounts"] = new_mounts
-            notes = self._apply_at_once(s, owner_id, rt, changes)
+            notes = self._apply_at_once(s, rt, changes)
             if wanted:
                 notes += self._apply_reboot_changes(rt, wanted, changes.next_boot)
             if notes:
@@ -166,7 +185,7 @@ class Runtimes:
                 self.records.log(s, rt.id, event="settings-changed", reason="user-request", message="; ".join(notes))
             s.flush()
             s.expire(rt)
-            return self.records.get(s, owner_id, runtime_id)
+            return self.records.get(s, who, runtime_id)
 
     def _check_mounts(self, mounts: list[Any] | None) -> list[dict[str, Any]]:
         """Mounts checked (R28, R29) before anything is stored; their stored form."""
@@ -189,11 +208,11 @@ class Runtimes:
             wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}
         return wanted
 
-    def _apply_at_once(self, s: Session, owner_id: str, rt: Runtime, changes: RuntimeChanges) -> list[str]:
+    def _apply_at_once(self, s: Session, rt: Runtime, changes: RuntimeChanges) -> list[str]:
         """Name, idle timeout and default language: no reboot needed."""
         notes = []
         if changes.name is not None and changes.name != rt.name:
-            self._check_name_free(s, owner_id, changes.name)
+            self._check_name_free(s, rt.owner_id, rt.team, changes.name)
             notes.append(f"name {rt.name} -> {changes.name}")
             rt.name = changes.name
         if changes.clear_idle_timeout:
@@ -234,9 +253,18 @@ class Runtimes:
         return [f"at the next boot: {reboot.note(f, wanted[f])}" for f in fields]
 
     @staticmethod
-    def _check_name_free(s: Session, owner_id: str, name: str) -> None:
+    def _check_name_free(s: Session, owner_id: str, team: str | None, name: str) -> None:
+        """A name is unique among its owner's runtimes and, in a team, among the team's (409)."""
         if s.scalar(select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)):
-            raise RuntimeStateError(f"name: you already have a runtime named {name!r}", details={"field": "name"})
+            raise RuntimeStateError(
+                f"name: the owner already has a runtime named {name!r}; choose another name",
+                details={"field": "name", "name": name},
+            )
+        if team is not None and s.scalar(select(Runtime.id).where(Runtime.team == team, Runtime.name == name)):
+            raise RuntimeStateError(
+                f"name: team {team!r} already has a runtime named {name!r}; choose another name",
+                details={"field": "name", "name": name, "team": team},
+            )
 
 
 def check_choice(value: str, choices: tuple[str, ...], field: str) -> None:

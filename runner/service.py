@@ -77,7 +77,7 @@ from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
 from runner.reconcile import Action, Reconciler
-from runner.records import Records
+from runner.records import Records, Who
 from runner.runtimes import RuntimeChanges, Runtimes
 from runner.scan import CacheRules
 from runner.secrets import RuntimeSecrets
@@ -234,58 +234,58 @@ class RunnerService:
         self.backend.close()
 
     # ------------------------------------------------------------------ runtimes
-    def create(self, owner_id: str, **fields: Any) -> Runtime:
+    def create(self, who: Who, **fields: Any) -> Runtime:
         """See ``Runtimes.create`` for the fields."""
-        return self.runtimes.create(owner_id, **fields)
+        return self.runtimes.create(who, **fields)
 
-    def get(self, owner_id: str, runtime_id: str) -> Runtime:
-        return self.runtimes.get(owner_id, runtime_id)
+    def get(self, who: Who, runtime_id: str) -> Runtime:
+        return self.runtimes.get(who, runtime_id)
 
-    def list(self, owner_id: str) -> builtins.list[Runtime]:
-        return self.records.list(owner_id)
+    def list(self, who: Who) -> builtins.list[Runtime]:
+        return self.records.list(who)
 
-    def update(self, owner_id: str, runtime_id: str, changes: RuntimeChanges) -> Runtime:
-        return self.runtimes.update(owner_id, runtime_id, changes)
+    def update(self, who: Who, runtime_id: str, changes: RuntimeChanges) -> Runtime:
+        return self.runtimes.update(who, runtime_id, changes)
 
-    def log_entries(self, owner_id: str, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
-        return self.records.log_entries(owner_id, runtime_id, after)
+    def log_entries(self, who: Who, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
+        return self.records.log_entries(who, runtime_id, after)
 
-    def env_of(self, owner_id: str, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, Any] | None]:
+    def env_of(self, who: Who, runtime_id: str) -> tuple[builtins.list[envvars.EnvVar], dict[str, Any] | None]:
         """What a cell of the runtime sees: its own variables over those its environment's image
         sets (read from the image's config), and its variables after the next boot if they wait
         for one (None otherwise)."""
-        rt = self.get(owner_id, runtime_id)
+        rt = self.get(who, runtime_id)
         info = self.backend.image_info(rt.version.image_id)
         inherited = envvars.image_env(info.config.get("Env") if info is not None else None)
         pending = (rt.pending or {}).get("env")
         return envvars.effective(inherited, rt.env or {}), (dict(pending) if pending is not None else None)
 
-    def start(self, owner_id: str, runtime_id: str) -> Runtime:
-        return self.lifecycle.start(owner_id, runtime_id)
+    def start(self, who: Who, runtime_id: str) -> Runtime:
+        return self.lifecycle.start(who, runtime_id)
 
-    def stop(self, owner_id: str, runtime_id: str) -> Runtime:
-        return self.lifecycle.stop(owner_id, runtime_id)
+    def stop(self, who: Who, runtime_id: str) -> Runtime:
+        return self.lifecycle.stop(who, runtime_id)
 
-    def reset(self, owner_id: str, runtime_id: str) -> Runtime:
-        return self.lifecycle.reset(owner_id, runtime_id)
+    def reset(self, who: Who, runtime_id: str) -> Runtime:
+        return self.lifecycle.reset(who, runtime_id)
 
-    def delete(self, owner_id: str, runtime_id: str) -> None:
-        self.lifecycle.delete(owner_id, runtime_id)
+    def delete(self, who: Who, runtime_id: str) -> None:
+        self.lifecycle.delete(who, runtime_id)
 
     def wait_for(self, runtime_id: str, states: set[State] | set[str], timeout: float = 30.0) -> Runtime:
         """Block until the runtime is in one of ``states`` (CLI, tests, benchmarks)."""
         return self.records.wait_for(runtime_id, states, timeout)
 
-    def await_state(self, owner_id: str, runtime_id: str, states: set[State], timeout: float) -> Runtime:
+    def await_state(self, who: Who, runtime_id: str, states: set[State], timeout: float) -> Runtime:
         """The caller's runtime once it is in one of ``states``, or as it is after ``timeout``."""
         with contextlib.suppress(TimeoutError):
             self.records.wait_for(runtime_id, states, timeout)
-        return self.get(owner_id, runtime_id)
+        return self.get(who, runtime_id)
 
-    def changes_of(self, owner_id: str, runtime_id: str) -> builtins.list[ChangeInfo]:
+    def changes_of(self, who: Who, runtime_id: str) -> builtins.list[ChangeInfo]:
         """The runtime's unsaved changes (its owner runner's engine has them)."""
         with self.db.session() as s:
-            rt = self.records.get_mine(s, owner_id, runtime_id)
+            rt = self.records.get_mine(s, who, runtime_id)
         return self.changes.listing(rt)
 
     def touch(self, runtime_id: str, what: str) -> None:

@@ -44,7 +44,7 @@ from runner.backends.base import RuntimeBackend
 from runner.imageconfig import trusted_config
 from runner.models import Operation, Runtime
 from runner.operations import Operations
-from runner.records import Records
+from runner.records import Records, Who, viewer_of
 from runner.scan import CacheRules, SaveFilter, check_allowed, runtime_secret_values
 from runner.states import State
 from runner.transfers import Transfers, push_after_save, pushed_text
@@ -112,7 +112,7 @@ class Snapshots:
     # ------------------------------------------------------------------ the request
     def save(
         self,
-        owner_id: str,
+        who: Who,
         author: str,
         runtime_id: str,
         *,
@@ -122,6 +122,7 @@ class Snapshots:
         keep_caches: bool = False,
         allow_secrets: Sequence[str] = (),
     ) -> Operation:
+        owner_id = viewer_of(who).user_id  # the saver: writes the version, owns the operation
         full = environment  # not stripped: "tools\n" is refused, as everywhere else
         team, _, name = full.rpartition("/")
         if team:
@@ -134,10 +135,11 @@ class Snapshots:
         allowed = check_allowed(list(allow_secrets))
         claimed = False
         try:
-            # one transaction: the runtime (404 if not the caller's, 409 if another runner's),
-            # the 403 (before any operation or commit), the state, the operation and the log line
+            # one transaction: the runtime (404 if the caller may not see it, 409 if another
+            # runner's), the 403 (before any operation or commit), the state, the operation and
+            # the log line
             with self.records.tx() as s:
-                rt = self.records.get_mine(s, owner_id, runtime_id, with_version=False)
+                rt = self.records.get_mine(s, who, runtime_id, with_version=False)
                 envs_service.check_write_to(s, full, writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
@@ -171,7 +173,7 @@ class Snapshots:
                     s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
                 )
             options = SaveOptions(keep_caches, tuple(allowed))
-            self.submit(self._save, op.id, owner_id, author, runtime_id, full, message, tag, options)
+            self.submit(self._save, op.id, who, author, runtime_id, full, message, tag, options)
         except BaseException:
             if claimed:
                 with self._lock:
@@ -182,7 +184,7 @@ class Snapshots:
     def _save(
         self,
         op_id: str,
-        owner_id: str,
+        who: Who,
         author: str,
         runtime_id: str,
         environment: str,
@@ -195,7 +197,7 @@ class Snapshots:
         try:
             version = self.save_now(
                 op_id,
-                owner_id,
+                who,
                 author,
                 runtime_id,
                 environment,
@@ -229,7 +231,7 @@ class Snapshots:
             message=f"saved as {version.ref}",
             details={"version": version.ref},
         )
-        pushed = push_after_save(self.transfers, self.operations, op_id, owner_id, runtime_id, version)
+        pushed = push_after_save(self.transfers, self.operations, op_id, viewer_of(who).user_id, runtime_id, version)
         self.operations.finish(
             op_id,
             "succeeded",
@@ -249,7 +251,7 @@ class Snapshots:
     def save_now(
         self,
         op_id: str,
-        owner_id: str,
+        who: Who,
         author: str,
         runtime_id: str,
         environment: str,
@@ -266,7 +268,7 @@ class Snapshots:
         version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
         (``self.secret_values``) when given."""
         with self.records.db.session() as s:
-            rt = self.records.get_mine(s, owner_id, runtime_id)
+            rt = self.records.get_mine(s, who, runtime_id)
             parent = rt.version
             parent_id, parent_image = parent.id, parent.image_id
             parent_ref, parent_digest = parent.ref, parent.digest
@@ -348,7 +350,7 @@ class Snapshots:
                     labels={**labels, SAVE_LABEL: report},
                     tag="latest",
                 ),
-                writer_of(s, owner_id),  # the one check that counts: in the transaction that records
+                writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
             )
             if tag and tag != "latest":
                 envs_service.set_tag(s, version.environment, tag, version)

@@ -15,6 +15,7 @@ from api.schemas import ExecutionCreate, ExecutionOut
 from api.views import sse
 from runner.executions import ExecutionManager
 from runner.feeds import FINAL, Event, ExecutionView, merge_streams
+from runner.records import Viewer
 
 router = APIRouter(tags=["executions"])
 KEEPALIVE = 15.0
@@ -44,14 +45,14 @@ def execution_out(ctx: Any, ex: ExecutionView) -> ExecutionOut:
 
 
 async def record_cell(
-    manager: ExecutionManager, owner_id: str, runtime_id: str, body: ExecutionCreate
+    manager: ExecutionManager, viewer: Viewer, runtime_id: str, body: ExecutionCreate
 ) -> ExecutionView:
     """Record the cell. On SQLite that is one short local write, made on the event loop: a
     cell's round trip is dominated by hops between threads. On PostgreSQL it is network round
     trips, which the event loop does not wait on: a thread does."""
 
     def record() -> ExecutionView:
-        return manager.submit(owner_id, runtime_id, code=body.code, language=body.language, timeout=body.timeout)
+        return manager.submit(viewer, runtime_id, code=body.code, language=body.language, timeout=body.timeout)
 
     return await run_in_threadpool(record) if manager.submit_blocks else record()
 
@@ -67,17 +68,17 @@ async def submit(
     """Run a cell. Answers at once with the queued execution (a stopped runtime is booted
     first); with ``wait`` it answers as soon as the cell finishes, or after ``wait`` seconds."""
     manager = ctx.runner.executions
-    ex = await record_cell(manager, caller.id, runtime_id, body)
+    ex = await record_cell(manager, caller.viewer, runtime_id, body)
     if wait:
         async with manager.waiting(ex.id, wait):
-            return execution_out(ctx, manager.get(caller.id, ex.id))
+            return execution_out(ctx, manager.get(caller.viewer, ex.id))
     return execution_out(ctx, ex)
 
 
 @router.get("/runtimes/{runtime_id}/executions", response_model=list[ExecutionOut])
 def list_executions(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ExecutionOut]:
     """The runtime's latest executions, newest first."""
-    return [execution_out(ctx, ex) for ex in ctx.runner.executions.list_for_runtime(caller.id, runtime_id)]
+    return [execution_out(ctx, ex) for ex in ctx.runner.executions.list_for_runtime(caller.viewer, runtime_id)]
 
 
 @router.get("/executions/{execution_id}", response_model=ExecutionOut)
@@ -88,17 +89,17 @@ def get_execution(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for it to finish")] = 0,
 ) -> ExecutionOut:
     manager = ctx.runner.executions
-    ex = manager.get(caller.id, execution_id)
+    ex = manager.get(caller.viewer, execution_id)
     if wait and ex.status not in FINAL:
         manager.wait(execution_id, wait)
-        ex = manager.get(caller.id, execution_id)
+        ex = manager.get(caller.viewer, execution_id)
     return execution_out(ctx, ex)
 
 
 @router.post("/executions/{execution_id}/interrupt", status_code=status.HTTP_202_ACCEPTED, response_model=ExecutionOut)
 def interrupt(execution_id: str, ctx: CtxDep, caller: CallerDep) -> ExecutionOut:
     """Stop the running cell; the interpreter's state stays. A queued cell never runs."""
-    return execution_out(ctx, ctx.runner.executions.interrupt(caller.id, execution_id))
+    return execution_out(ctx, ctx.runner.executions.interrupt(caller.viewer, execution_id))
 
 
 @router.get(
@@ -118,7 +119,7 @@ async def events(
     output's index), then one ``status`` event with the final status, then the stream ends.
     A client that reconnects with ``Last-Event-ID`` continues after the last event it saw."""
     manager = ctx.runner.executions
-    ex = await run_in_threadpool(manager.get, caller.id, execution_id)
+    ex = await run_in_threadpool(manager.get, caller.viewer, execution_id)
     if last_event_id is not None and last_event_id.strip().isdigit():
         start = max(start, int(last_event_id) + 1)
     loop = asyncio.get_running_loop()
@@ -136,7 +137,7 @@ async def events(
                 stored = await run_in_threadpool(manager.outputs, execution_id, start)
                 for idx, out in stored:
                     yield sse("output", out, idx)
-                final = await run_in_threadpool(manager.get, caller.id, execution_id)
+                final = await run_in_threadpool(manager.get, caller.viewer, execution_id)
                 if final.status in FINAL:
                     yield sse(
                         "status",
@@ -155,7 +156,7 @@ async def events(
                     for idx, out in await run_in_threadpool(manager.outputs, execution_id, next_index):
                         yield sse("output", out, idx)
                         next_index = idx + 1
-                    final = await run_in_threadpool(manager.get, caller.id, execution_id)
+                    final = await run_in_threadpool(manager.get, caller.viewer, execution_id)
                 yield sse(
                     "status",
                     {"status": final.status, "execution_count": final.execution_count, "truncated": final.truncated},

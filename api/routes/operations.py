@@ -20,4 +20,4 @@ def get_operation(
     caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for it to finish")] = 0,
 ) -> OperationOut:
-    return operation_out(ctx.runner.operations.wait(caller.id, operation_id, wait))
+    return operation_out(ctx.runner.operations.wait(caller.viewer, operation_id, wait))

@@ -13,16 +13,17 @@ from api.deps import CallerDep, CtxDep
 from api.schemas import ResultOut
 from api.views import result_out
 from runner import results_queries
+from runner.records import Viewer
 
 router = APIRouter(tags=["results"])
 ResultId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a result's id")]
 
 
 def _list(
-    ctx: CtxDep, owner_id: str, *, runtime_id: str | None = None, execution_id: str | None = None
+    ctx: CtxDep, viewer: Viewer, *, runtime_id: str | None = None, execution_id: str | None = None
 ) -> list[ResultOut]:
     with ctx.db.session() as s:
-        rows = results_queries.list_results(s, owner_id, runtime_id=runtime_id, execution_id=execution_id)
+        rows = results_queries.list_results(s, viewer, runtime_id=runtime_id, execution_id=execution_id)
         return [result_out(r) for r in rows]
 
 
@@ -31,25 +32,25 @@ def list_results(
     ctx: CtxDep, caller: CallerDep, runtime_id: Annotated[str | None, Query(max_length=64)] = None
 ) -> list[ResultOut]:
     """Your result files, newest first; every version of a path is listed."""
-    return _list(ctx, caller.id, runtime_id=runtime_id or None)
+    return _list(ctx, caller.viewer, runtime_id=runtime_id or None)
 
 
 @router.get("/runtimes/{runtime_id}/results", response_model=list[ResultOut])
 def runtime_results(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[ResultOut]:
     """Result files of a runtime, newest first (also after the runtime was deleted)."""
-    return _list(ctx, caller.id, runtime_id=runtime_id)
+    return _list(ctx, caller.viewer, runtime_id=runtime_id)
 
 
 @router.get("/executions/{execution_id}/results", response_model=list[ResultOut])
 def execution_results(execution_id: str, ctx: CtxDep, caller: CallerDep) -> list[ResultOut]:
     """The result files an execution created or changed."""
-    return _list(ctx, caller.id, execution_id=execution_id)
+    return _list(ctx, caller.viewer, execution_id=execution_id)
 
 
 @router.get("/results/{result_id}", response_model=ResultOut)
 def get_result(result_id: ResultId, ctx: CtxDep, caller: CallerDep) -> ResultOut:
     with ctx.db.session() as s:
-        return result_out(results_queries.get_result(s, caller.id, result_id))
+        return result_out(results_queries.get_result(s, caller.viewer, result_id))
 
 
 @router.get(

@@ -35,10 +35,12 @@ def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
 def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now.
-    Another team's environment is a 404 unless what ``environment`` names is published."""
+    Another team's environment is a 404 unless what ``environment`` names is published.
+    With ``team`` (a team of the caller's; another is a 404) its members see and use it too;
+    its name is then unique within the team (409)."""
     check_visible(ctx, caller, body.environment, "environment")
     rt = ctx.runner.create(
-        caller.id,
+        caller.viewer,
         name=body.name,
         environment=body.environment,
         language=body.language,
@@ -49,18 +51,19 @@ def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> Runti
         env=_env(body.env),
         cuda=body.cuda,
         mounts=body.mounts,
+        team=body.team,
     )
     return runtime_out(ctx.runner, rt)
 
 
 @router.get("", response_model=list[RuntimeOut])
 def list_runtimes(ctx: CtxDep, caller: CallerDep) -> list[RuntimeOut]:
-    return runtimes_out(ctx.runner, ctx.runner.list(caller.id))
+    return runtimes_out(ctx.runner, ctx.runner.list(caller.viewer))
 
 
 @router.get("/{runtime_id}", response_model=RuntimeOut)
 def get_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
-    return runtime_out(ctx.runner, ctx.runner.get(caller.id, runtime_id), look=True)
+    return runtime_out(ctx.runner, ctx.runner.get(caller.viewer, runtime_id), look=True)
 
 
 Apply = Annotated[
@@ -95,15 +98,15 @@ def patch_runtime(
         mounts=body.mounts,
         next_boot=body.next_boot or apply == "next-boot",
     )
-    return runtime_out(ctx.runner, ctx.runner.update(caller.id, runtime_id, changes))
+    return runtime_out(ctx.runner, ctx.runner.update(caller.viewer, runtime_id, changes))
 
 
 @router.get("/{runtime_id}/env", response_model=RuntimeEnvOut, response_model_exclude_unset=True)
 def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOut:
     """The environment variables a cell sees: the runtime's own (``set here``) and those of its
     environment's image (``inherited``); the runtime's own win."""
-    rt = ctx.runner.get(caller.id, runtime_id)
-    variables, pending = ctx.runner.env_of(caller.id, runtime_id)
+    rt = ctx.runner.get(caller.viewer, runtime_id)
+    variables, pending = ctx.runner.env_of(caller.viewer, runtime_id)
     return RuntimeEnvOut(
         runtime_id=rt.id,
         environment=rt.version.ref,
@@ -124,7 +127,7 @@ def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOu
 @router.delete("/{runtime_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> Response:
     """Stop the runtime if it runs, then delete it."""
-    ctx.runner.delete(caller.id, runtime_id)
+    ctx.runner.delete(caller.viewer, runtime_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -141,9 +144,9 @@ SETTLED_AFTER_STOP = {State.STOPPED, State.ERROR}
 def start_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 0) -> RuntimeOut:
     """Boot the runtime; answers at once (``booting``), or with ``wait`` as soon as it is
     running (or failed), or after ``wait`` seconds. Follow ``GET /runtimes/{id}`` or its log."""
-    rt = ctx.runner.start(caller.id, runtime_id)
+    rt = ctx.runner.start(caller.viewer, runtime_id)
     if wait:
-        rt = ctx.runner.await_state(caller.id, runtime_id, SETTLED_AFTER_START, wait)
+        rt = ctx.runner.await_state(caller.viewer, runtime_id, SETTLED_AFTER_START, wait)
     return runtime_out(ctx.runner, rt)
 
 
@@ -151,22 +154,22 @@ def start_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 
 def stop_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep, wait: Wait = 0) -> RuntimeOut:
     """Stop the runtime, keeping its unsaved changes as a draft; answers at once
     (``stopping``), or with ``wait`` as soon as it is stopped, or after ``wait`` seconds."""
-    rt = ctx.runner.stop(caller.id, runtime_id)
+    rt = ctx.runner.stop(caller.viewer, runtime_id)
     if wait:
-        rt = ctx.runner.await_state(caller.id, runtime_id, SETTLED_AFTER_STOP, wait)
+        rt = ctx.runner.await_state(caller.viewer, runtime_id, SETTLED_AFTER_STOP, wait)
     return runtime_out(ctx.runner, rt)
 
 
 @router.get("/{runtime_id}/log", response_model=list[LogEntryOut])
 def runtime_log(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[LogEntryOut]:
     """The runner log: every state change and housekeeping step, with its reason."""
-    return [log_entry_out(e) for e in ctx.runner.log_entries(caller.id, runtime_id)]
+    return [log_entry_out(e) for e in ctx.runner.log_entries(caller.viewer, runtime_id)]
 
 
 @router.post("/{runtime_id}/reset", status_code=status.HTTP_202_ACCEPTED, response_model=RuntimeOut)
 def reset_runtime(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     """Throw away the unsaved changes (and the draft) and boot from the version again."""
-    return runtime_out(ctx.runner, ctx.runner.reset(caller.id, runtime_id))
+    return runtime_out(ctx.runner, ctx.runner.reset(caller.viewer, runtime_id))
 
 
 @router.get("/{runtime_id}/changes", response_model=list[ChangeOut], response_model_exclude_unset=True)
@@ -176,7 +179,7 @@ def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[Cha
     (only on such paths) names the cache directory of a path a save would leave out."""
     return [
         ChangeOut(kind=c.kind, path=c.path, size=c.size, **({"cache": c.cache} if c.cache else {}))  # type: ignore[arg-type]
-        for c in ctx.runner.changes_of(caller.id, runtime_id)
+        for c in ctx.runner.changes_of(caller.viewer, runtime_id)
     ]
 
 
@@ -187,7 +190,7 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
     Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
     operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
     op = ctx.runner.snapshots.save(
-        caller.id,
+        caller.viewer,
         caller.name,
         runtime_id,
         environment=body.environment,

@@ -133,7 +133,7 @@ async def runtime_events(request: Request, ctx: CtxDep, caller: CallerDep) -> St
 
     def read() -> list[bytes]:
         nonlocal shown
-        runtimes = runtimes_out(ctx.runner, ctx.runner.list(caller.id))
+        runtimes = runtimes_out(ctx.runner, ctx.runner.list(caller.viewer))
         now = {rt.id: rt.model_dump_json() for rt in runtimes}
         if shown is None:
             chunks = [sse("snapshot", [rt.model_dump(mode="json") for rt in runtimes])]
@@ -156,11 +156,11 @@ async def log_events(
 ) -> StreamingResponse:
     """The runner log, live: one ``entry`` event per line, its ``id`` the line's id."""
     after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else 0
-    await run_in_threadpool(ctx.runner.get, caller.id, runtime_id)  # 404 before the stream starts
+    await run_in_threadpool(ctx.runner.get, caller.viewer, runtime_id)  # 404 before the stream starts
 
     def read() -> list[bytes]:
         nonlocal after
-        entries = ctx.runner.log_entries(caller.id, runtime_id, after)
+        entries = ctx.runner.log_entries(caller.viewer, runtime_id, after)
         if entries:
             after = entries[-1].id
         return [sse("entry", log_entry_out(e).model_dump(mode="json"), e.id) for e in entries]
