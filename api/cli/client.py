@@ -118,13 +118,20 @@ class Api:
         return resp.json()
 
     def runtime(self, ident: str) -> dict[str, Any]:
-        """A runtime by id or by name."""
+        """A runtime by id or by name: ``TEAM/NAME`` is the team's runtime; ``NAME`` your own
+        of that name, else the one team runtime of that name you see (several: an error naming
+        them as ``TEAM/NAME``)."""
         if ident.startswith("rt_"):
             result: dict[str, Any] = self.call("GET", f"/runtimes/{ident}")
             return result
-        for rt in self.call("GET", "/runtimes"):
-            if rt["name"] == ident:
-                return dict(rt)
+        team, _, name = ident.rpartition("/")
+        named = [dict(rt) for rt in self.call("GET", "/runtimes") if rt["name"] == name]
+        found = [rt for rt in named if rt.get("team") == (team or None)] or ([] if team else named)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            which = ", ".join(f"{rt['team']}/{rt['name']}" for rt in found)
+            raise CliError(f"{len(found)} team runtimes are named {name!r}: say which, {which}", EXIT_BAD_INPUT)
         raise CliError(f"no runtime named or with id {ident!r}; `envctl runtime ls` lists yours")
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ def show_runtime(rt: dict[str, Any]) -> None:
     pairs: list[tuple[str, str | Styled]] = [
         ("id", rt["id"]),
         ("name", rt["name"]),
+        ("team", rt.get("team") or "none (yours only)"),
         ("state", _state(rt, f"{rt['state']} ({rt['state_reason']}){message}")),
         ("environment", f"{rt['environment']}  (asked for {rt['environment_ref']})"),
         ("type", rt.get("type", "native") + (f" (kernel {rt['kernel']})" if rt.get("kernel") else "")),
@@ -91,7 +92,7 @@ def runtime() -> None:
     """Runtimes: create, start, stop, inspect and delete them."""
 
 
-RUNTIME = click.argument("runtime", help="runtime id or name")
+RUNTIME = click.argument("runtime", help="runtime id, name, or TEAM/NAME for a team runtime")
 
 
 @runtime.command("create")
@@ -113,6 +114,7 @@ RUNTIME = click.argument("runtime", help="runtime id or name")
 @click.option(
     "--secret", "secret_env", multiple=True, metavar="K=SECRET", help="variable K from a team secret (repeat)"
 )
+@click.option("--team", metavar="TEAM", help="a team of yours whose members see and use it too")
 @click.option("--start", is_flag=True, help="boot it now and wait until it runs")
 @client_options
 def create(
@@ -127,10 +129,14 @@ def create(
     kernel: str | None,
     env_vars: tuple[str, ...],
     secret_env: tuple[str, ...],
+    team: str | None,
     start: bool,
 ) -> int:
-    """Create a runtime (stopped, unless --start)."""
+    """Create a runtime (stopped, unless --start); with --team, the team's members see and use
+    it too (address it as TEAM/NAME)."""
     body: dict[str, Any] = {"name": name, "environment": env, "language": lang, "machine_type": machine_type}
+    if team is not None:
+        body["team"] = team
     if env_vars or secret_env:
         body["env"] = {**_assignments(env_vars, "--env-var"), **_secret_refs(secret_env)}
     if idle_timeout is not None:
@@ -150,7 +156,7 @@ def create(
 @runtime.command("ls")
 @client_options
 def ls(api: Api, as_json: bool) -> int:
-    """List your runtimes."""
+    """List your runtimes and your teams' (named TEAM/NAME)."""
     return listing(
         api.call("GET", "/runtimes"),
         as_json,
@@ -164,6 +170,7 @@ def ls(api: Api, as_json: bool) -> int:
         ],
         lambda rt: {
             **rt,
+            "name": f"{rt['team']}/{rt['name']}" if rt.get("team") else rt["name"],
             "state_text": _state(rt, rt["state"] + (" (busy)" if rt["busy"] else "")),
             "shutdown": when(rt["idle_shutdown_at"]),
         },

@@ -81,7 +81,12 @@ function row(rt, report) {
     "tr",
     { dataset: { id: rt.id } },
     h("td", {}, dot(rt)),
-    h("td", { class: "name" }, h("a", { href: `#/runtimes/${encodeURIComponent(rt.id)}` }, rt.name)),
+    h(
+      "td",
+      { class: "name" },
+      h("a", { href: `#/runtimes/${encodeURIComponent(rt.id)}` }, rt.name),
+      rt.team ? [" ", h("span", { class: "badge team", title: `shared with team ${rt.team}` }, rt.team)] : null,
+    ),
     h("td", { class: "state" }, stateText(rt), rt.unreachable ? h("div", { class: "muted" }, rt.unreachable) : null),
     h("td", {}, h("a", { href: `#/environments/${encodeURIComponent(rt.environment.split("@")[0])}` }, rt.environment)),
     h("td", {}, rt.machine_type),
