@@ -4,6 +4,10 @@ has — her runtime, execution, result, operation, token, her team and its envir
 published he may read on every route that reads one, and change on none. Routes are read from the schema, so a new
 route is covered without being listed here; a new kind of path parameter fails until the
 test is told whose value to use for it.
+
+Then a runtime of team acme, with an execution, a result and an operation: every route that
+names one of them is walked as Carol, a member of acme (never a 404: it exists for her), and
+as Bob (a 404, or the empty listing a missing id gets too, never its data).
 """
 
 from __future__ import annotations
@@ -158,6 +162,50 @@ def test_another_teams_things_answer_404_or_403_on_every_route(api: ApiHarness) 
     assert [e["ref"] for e in api.get("/catalog", headers=bob).json()] == ["acme/ml@1"]
     assert [x["version"] for x in api.get("/teams/acme/secrets", headers=alice).json()] == [1]
     assert "acme/ml" in [e["name"] for e in api.get("/environments").json()]  # envctl admins see all
+
+    _walk_team_runtime(api, schema, alice, bob)
+
+
+RUNTIME_PARAMS = {"runtime_id", "execution_id", "result_id", "operation_id"}
+
+
+def _walk_team_runtime(api: ApiHarness, schema: dict[str, Any], alice: dict[str, str], bob: dict[str, str]) -> None:  # noqa: F811
+    """Every route naming a runtime, execution, result or operation, with those of a team
+    runtime: Carol (a member, not its owner) finds each; Bob (outside the team) finds none."""
+    carol = _user(api, "carol")
+    joined = api.post("/teams/acme/members", headers=alice, json={"user": "carol", "role": "member"})
+    assert joined.status_code == 200, joined.text
+    body = {"environment": "python3", "name": "team-work", "team": "acme"}
+    rid = api.post("/runtimes", headers=alice, json=body).json()["id"]
+    results = api.runner.state_dir(rid) / "results"
+    code = f"open({str(results / 'team.txt')!r}, 'w').write('team only')"
+    ex = api.post(f"/runtimes/{rid}/executions", headers=alice, params={"wait": 20}, json={"code": code}).json()
+    assert ex["status"] == "ok", ex
+    [result] = api.get(f"/executions/{ex['id']}/results", headers=alice).json()
+    op = api.post(f"/runtimes/{rid}/save", headers=alice, json={"environment": "acme/team-tools"}).json()
+    assert api.get(f"/operations/{op['id']}", headers=alice, params={"wait": 10}).json()["status"] == "succeeded"
+    teams = {"runtime_id": rid, "execution_id": ex["id"], "result_id": str(result["id"]), "operation_id": op["id"]}
+    secrets = [rid, ex["id"], op["id"], "team-work", "team only", "acme/team-tools"]
+    routes = [(p, m, params, o) for p, m, params, o in _operations(schema) if params and set(params) <= RUNTIME_PARAMS]
+    for path, method, params, operation in routes:  # Bob first: Carol's walk stops and resets it
+        url = path.format(**{p: teams[p] for p in params})
+        resp = api.client.request(method, url, headers=bob, json=_body(schema, operation))
+        if method == "get" and resp.status_code == 200:  # a listing of results: empty, as for a missing id
+            assert resp.json() == [], (method, path, resp.text[:300])
+        else:
+            assert resp.status_code == 404, (method, path, resp.status_code, resp.text[:300])
+            assert_envelope(resp, 404)
+        leaked = [s for s in secrets if s in resp.text and s not in url]
+        assert not leaked, (method, path, leaked)
+    assert "team-work" not in api.get("/runtimes", headers=bob).text
+    for path, method, params, operation in routes:
+        url = path.format(**{p: teams[p] for p in params})
+        resp = api.client.request(method, url, headers=carol, json=_body(schema, operation))
+        assert resp.status_code != 404 and resp.status_code < 500, (method, path, resp.status_code, resp.text[:300])
+        if method == "get" and path.endswith(("/results", "/executions", "/log")):
+            assert resp.json() != [], (method, path)  # hers to read, not an empty answer
+    assert len(routes) >= 15, [f"{m} {p}" for p, m, _, _ in routes]
+    assert api.get(f"/runtimes/{rid}", headers=alice).status_code == 200  # carol could not delete it
 
 
 def _operations(schema: dict[str, Any]) -> list[tuple[str, str, list[str], dict[str, Any]]]:
