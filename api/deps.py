@@ -49,6 +49,8 @@ async def get_context(request: Request) -> Context:
     return ctx
 
 
+CALLER_TTL = 5.0  # seconds a caller (their token, their teams) is remembered
+
 _bearer = HTTPBearer(auto_error=False, description="an envctl API token")
 
 
@@ -60,7 +62,7 @@ class CallerCache:
     most ``ttl`` seconds later on every server; this server's own team routes clear it at once.
     """
 
-    def __init__(self, ttl: float = 5.0, size: int = 1024) -> None:
+    def __init__(self, ttl: float = CALLER_TTL, size: int = 1024) -> None:
         self.ttl = ttl
         self.size = size
         self._entries: dict[str, tuple[float, Caller]] = {}
@@ -132,6 +134,29 @@ def check_visible(ctx: Context, caller: Caller, ref: str, field: str) -> None:
         f"{field}: no environment named {full_name!r}; `envctl env ls` lists them",
         details={"field": field, "environment": full_name},
     )
+
+
+class LiveViewer:
+    """The caller of a long-lived stream as the runner sees them, their teams read again every
+    ``ttl`` seconds: a member removed from a team stops seeing its runtimes on a stream that was
+    open already, as on their next request."""
+
+    def __init__(self, ctx: Context, caller: Caller, ttl: float | None = None) -> None:
+        self.ctx = ctx
+        self.caller = caller
+        self.ttl = CALLER_TTL if ttl is None else ttl
+        self.viewer = caller.viewer
+        self.read_at = time.monotonic()
+
+    def __call__(self) -> Viewer:
+        """Called off the event loop (it may read the database)."""
+        if time.monotonic() - self.read_at > self.ttl:
+            with self.ctx.db.session() as s:
+                teams = teams_service.team_names_of(s, self.caller.id)
+                admin_of = teams_service.admin_team_names_of(s, self.caller.id)
+            self.viewer = Viewer(self.caller.id, teams, admin_of)
+            self.read_at = time.monotonic()
+        return self.viewer
 
 
 def _lookup(ctx: Context, token: str | None) -> Caller:

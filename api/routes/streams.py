@@ -32,7 +32,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, Context, CtxDep
+from api.deps import CallerDep, Context, CtxDep, LiveViewer
 from api.views import log_entry_out, runtimes_out, sse
 from registry import events
 from registry import teams as teams_service
@@ -128,12 +128,14 @@ async def follow(request: Request, ctx: Context, read: Callable[[], list[bytes]]
 
 @router.get("/runtimes/events", include_in_schema=False)
 async def runtime_events(request: Request, ctx: CtxDep, caller: CallerDep) -> StreamingResponse:
-    """The caller's runtimes, live: a ``snapshot``, then ``runtime`` and ``removed`` events."""
+    """The caller's runtimes (their own and their teams'), live: a ``snapshot``, then
+    ``runtime`` and ``removed`` events."""
     shown: dict[str, str] | None = None  # what the client has: runtime id -> its JSON
+    viewer = LiveViewer(ctx, caller)  # their own and their teams' runtimes, as teams change
 
     def read() -> list[bytes]:
         nonlocal shown
-        runtimes = runtimes_out(ctx.runner, ctx.runner.list(caller.viewer))
+        runtimes = runtimes_out(ctx.runner, ctx.runner.list(viewer()))
         now = {rt.id: rt.model_dump_json() for rt in runtimes}
         if shown is None:
             chunks = [sse("snapshot", [rt.model_dump(mode="json") for rt in runtimes])]
@@ -157,10 +159,11 @@ async def log_events(
     """The runner log, live: one ``entry`` event per line, its ``id`` the line's id."""
     after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else 0
     await run_in_threadpool(ctx.runner.get, caller.viewer, runtime_id)  # 404 before the stream starts
+    viewer = LiveViewer(ctx, caller)  # a member removed from its team: "gone"
 
     def read() -> list[bytes]:
         nonlocal after
-        entries = ctx.runner.log_entries(caller.viewer, runtime_id, after)
+        entries = ctx.runner.log_entries(viewer(), runtime_id, after)
         if entries:
             after = entries[-1].id
         return [sse("entry", log_entry_out(e).model_dump(mode="json"), e.id) for e in entries]

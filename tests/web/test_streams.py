@@ -141,3 +141,31 @@ def test_the_log_stream_follows_the_runner_log_and_resumes_after_the_last_line_s
         assert [(i, d) for _, i, d in resumed] == seen
         missing = api.get("/runtimes/rt_nope/log/events")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "runtime_not_found"
+
+
+def test_the_runtimes_stream_shows_team_runtimes_to_members_only_and_drops_them_for_a_removed_member(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("api.deps.CALLER_TTL", 0.0)  # teams read again at each wake-up, not after 5 s
+    with live.client() as admin:
+        tokens = {n: admin.post("/users", json={"name": n}).json()["token"] for n in ("alice", "carol", "bob")}
+    people = {
+        n: httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {t}"}, timeout=10)
+        for n, t in tokens.items()
+    }
+    with people["alice"] as alice, people["carol"] as carol, people["bob"] as bob:
+        assert alice.post("/teams", json={"name": "acme"}).status_code == 201
+        assert alice.post("/teams/acme/members", json={"user": "carol", "role": "member"}).status_code == 200
+        body = {"environment": "python3", "name": "shared", "team": "acme"}
+        rt = alice.post("/runtimes", json=body).json()
+        with bob.stream("GET", "/runtimes/events") as resp:
+            kind, _, snapshot = next(events(resp))
+            assert kind == "snapshot" and snapshot == []
+        with carol.stream("GET", "/runtimes/events") as resp:
+            stream = events(resp)
+            kind, _, snapshot = next(stream)
+            assert kind == "snapshot" and [(r["name"], r["team"]) for r in snapshot] == [("shared", "acme")]
+            assert alice.delete("/teams/acme/members/carol").status_code == 204
+            assert alice.post("/runtimes", json={"environment": "python3", "name": "wake"}).status_code == 201
+            kind, _, data = next(stream)  # at the next wake-up (a change of runtimes, or a sweep)
+            assert (kind, data) == ("removed", {"id": rt["id"]})
