@@ -35,7 +35,7 @@ from runner import settings as reboot
 from runner.errors import RuntimeStateError
 from runner.machines import check_cuda, get_machine_type
 from runner.models import Runtime
-from runner.mounts.validate import check_mounts
+from runner.mounts.validate import VolumeMount, check_mounts, from_json
 from runner.mounts.validate import to_json as mounts_json
 from runner.mounts.volumes import check_mount_access
 from runner.records import Records, Who, viewer_of
@@ -109,8 +109,9 @@ class Runtimes:
                     f"team: no team {team!r} of yours; `envctl team list` shows your teams", details={"team": team}
                 )
             self._check_name_free(s, owner_id, team, name)
+            check_team_mounts(team, own_mounts)
             check_mount_access(s, owner_id, own_mounts)
-            own_env = secrets.resolve(s, owner_id, own_env)
+            own_env = secrets.resolve(s, owner_id, own_env, team_only=team)
             rt = Runtime(
                 id=new_id("rt"),
                 owner_id=owner_id,
@@ -174,6 +175,7 @@ class Runtimes:
             wanted = self._reboot_changes(s, rt, changes, ref)
             if new_mounts is not None:
                 # volumes are the owner's (a boot mounts them as the owner) and the changer's to give
+                check_team_mounts(rt.team, new_mounts)
                 for user_id in {rt.owner_id, viewer_of(who).user_id}:
                     check_mount_access(s, user_id, new_mounts)
                 wanted["mounts"] = new_mounts
@@ -202,7 +204,8 @@ class Runtimes:
         if changes.cuda is not None or changes.clear_cuda:
             wanted["cuda"] = changes.cuda
         if changes.env:
-            wanted["env"] = secrets.resolve(s, rt.owner_id, envvars.merge(reboot.effective(rt, "env"), changes.env))
+            merged = envvars.merge(reboot.effective(rt, "env"), changes.env)
+            wanted["env"] = secrets.resolve(s, rt.owner_id, merged, team_only=rt.team)
         if ref is not None:
             version = envs_service.resolve(s, ref, "environment")
             wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}
@@ -264,6 +267,19 @@ class Runtimes:
             raise RuntimeStateError(
                 f"name: team {team!r} already has a runtime named {name!r}; choose another name",
                 details={"field": "name", "name": name, "team": team},
+            )
+
+
+def check_team_mounts(team: str | None, mounts: list[dict[str, Any]]) -> None:
+    """A team runtime mounts no volume but its team's (``TEAM/NAME``): its members would read
+    and write any other (the owner's own, another team's) through its cells."""
+    if team is None:
+        return
+    for i, m in enumerate(from_json(mounts)):
+        if isinstance(m, VolumeMount) and m.name.partition("/")[:2] != (team, "/"):
+            raise InvalidInputError(
+                f"mounts[{i}].name: a runtime of team {team!r} mounts only that team's volumes ({team}/NAME)",
+                field=f"mounts[{i}].name",
             )
 
 

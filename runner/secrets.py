@@ -83,13 +83,23 @@ def _owner_teams(s: Session, owner_id: str) -> dict[str, str]:
     return {name: tid for name, tid in rows}
 
 
-def resolve(s: Session, owner_id: str, env: Mapping[str, Any], field: str = "env") -> dict[str, Any]:
+def _runtime_teams(s: Session, owner_id: str, team_only: str | None) -> dict[str, str]:
+    """The teams whose secrets a runtime may use: its owner's, or only its own team's."""
+    teams = _owner_teams(s, owner_id)
+    return teams if team_only is None else {k: v for k, v in teams.items() if k == team_only}
+
+
+def resolve(
+    s: Session, owner_id: str, env: Mapping[str, Any], field: str = "env", team_only: str | None = None
+) -> dict[str, Any]:
     """``env`` with every secret reference checked (the secret exists, in a team of the owner)
-    and its team filled in. A reference to nothing is a 422 naming the variable and secret."""
+    and its team filled in. A reference to nothing is a 422 naming the variable and secret.
+    ``team_only``: a team runtime's team, the one team whose secrets it may use (its members
+    can read them in its cells)."""
     refs = refs_of(env)
     if not refs:
         return dict(env)
-    teams = _owner_teams(s, owner_id)
+    teams = _runtime_teams(s, owner_id, team_only)
     out = dict(env)
     for var, ref in refs.items():
         where = f"{field}.{var}"
@@ -100,6 +110,8 @@ def resolve(s: Session, owner_id: str, env: Mapping[str, Any], field: str = "env
             found = sorted(t for t, _ in secrets_named(s, [(t, name) for t in teams]))
         if not found:
             where_to_look = f"team {team!r}" if team else f"your teams ({', '.join(sorted(teams)) or 'none'})"
+            if team_only is not None:
+                where_to_look += f" (a runtime of team {team_only!r} uses that team's secrets only)"
             raise InvalidInputError(
                 f"{where}: there is no secret {name!r} in {where_to_look}; set it first "
                 f"(`envctl secret set {team or 'TEAM'} {name}`)",
@@ -161,7 +173,7 @@ class RuntimeSecrets:
             if not refs:
                 self._forget_delivered(s, runtime_id)
                 return None
-            teams = _owner_teams(s, rt.owner_id)
+            teams = _runtime_teams(s, rt.owner_id, rt.team)
             rows = secrets_named(s, [(r["team"], r["secret"]) for r in refs.values()])
             env: dict[str, str] = {}
             files: dict[str, str] = {}

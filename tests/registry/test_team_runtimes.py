@@ -121,3 +121,23 @@ def test_team_runtime_names_are_unique_in_the_team_and_a_team_must_be_yours(api:
         "/runtimes", headers=people["bob"], json={"environment": "python3", "name": "mine", "team": "acme"}
     )
     assert elsewhere.status_code == 404 and elsewhere.json()["error"]["details"]["team"] == "acme", elsewhere.text
+
+
+def test_a_team_runtime_takes_only_its_teams_secrets_and_volumes(api: ApiHarness) -> None:  # noqa: F811
+    people = acme(api)
+    alice = people["alice"]
+    assert api.post("/teams", headers=alice, json={"name": "beta"}).status_code == 201
+    for team in ("acme", "beta"):
+        put = api.client.put(f"/teams/{team}/secrets/token", headers=alice, json={"value": f"{team}-value"})
+        assert put.status_code == 201, put.text
+    base = {"environment": "python3", "name": "shared", "team": "acme"}
+    other = api.post("/runtimes", headers=alice, json={**base, "env": {"T": {"secret": "beta/token"}}})
+    assert other.status_code == 422 and other.json()["error"]["details"]["field"] == "env.T", other.text
+    for name in ("home-data", "beta/data"):  # her own volume, another team's: carol would read them
+        mount = {"type": "volume", "name": name, "target": "/data"}
+        refused = api.post("/runtimes", headers=alice, json={**base, "mounts": [mount]})
+        assert refused.status_code == 422 and "mounts[0].name" in refused.json()["error"]["message"], refused.text
+    mount = {"type": "volume", "name": "acme/data", "target": "/data"}
+    made = api.post("/runtimes", headers=alice, json={**base, "env": {"T": {"secret": "token"}}, "mounts": [mount]})
+    assert made.status_code == 201, made.text
+    assert made.json()["env"]["T"] == {"secret": "token", "team": "acme"}  # not ambiguous: acme's only
