@@ -5,7 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+    text,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from envs import service as envs_service
@@ -21,11 +34,23 @@ class Runtime(Base):
     one database. ``backend_state`` is what the backend needs to find the container again
     after a restart (its id); nothing else about the container is assumed. ``team`` (a team's
     name; None for a personal runtime) shares it with the team's members (who sees and acts on
-    what: ``runner/records.py``); names are unique per owner and, in a team, within the team.
+    what: ``runner/records.py``).
     """
 
     __tablename__ = "runtimes"
-    __table_args__ = (UniqueConstraint("owner_id", "name"), UniqueConstraint("team", "name"))
+    # names: a personal runtime's unique among its owner's personal ones, a team runtime's
+    # within its team (so ``TEAM/NAME`` and a bare ``NAME`` each name one runtime)
+    __table_args__ = (
+        UniqueConstraint("team", "name"),
+        Index(
+            "ix_runtimes_personal_name",
+            "owner_id",
+            "name",
+            unique=True,
+            sqlite_where=text("team IS NULL"),
+            postgresql_where=text("team IS NULL"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)

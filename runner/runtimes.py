@@ -8,8 +8,8 @@ asked, kept for its next boot (runner/settings.py). Starting, stopping and delet
 ``runner/lifecycle.py``.
 
 A runtime made with ``team`` belongs to that team as well as to its maker (who must be a
-member: 404 for another team, as the team routes answer). Its name is unique within the team
-(and, as for every runtime, among its owner's): a clash is a 409 naming it. Who sees and acts
+member: 404 for another team, as the team routes answer). Its name is unique within the team,
+a personal runtime's among its owner's personal ones: a clash is a 409 naming it. Who sees and acts
 on it is decided in ``runner/records.py`` (``Viewer``).
 """
 
@@ -257,16 +257,20 @@ class Runtimes:
 
     @staticmethod
     def _check_name_free(s: Session, owner_id: str, team: str | None, name: str) -> None:
-        """A name is unique among its owner's runtimes and, in a team, among the team's (409)."""
-        if s.scalar(select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.name == name)):
+        """A team runtime's name is unique within its team, a personal one's among its owner's
+        personal runtimes (409 naming the clash)."""
+        if team is not None:
+            if s.scalar(select(Runtime.id).where(Runtime.team == team, Runtime.name == name)):
+                raise RuntimeStateError(
+                    f"name: team {team!r} already has a runtime named {name!r}; choose another name",
+                    details={"field": "name", "name": name, "team": team},
+                )
+        elif s.scalar(
+            select(Runtime.id).where(Runtime.owner_id == owner_id, Runtime.team.is_(None), Runtime.name == name)
+        ):
             raise RuntimeStateError(
-                f"name: the owner already has a runtime named {name!r}; choose another name",
+                f"name: you already have a runtime named {name!r}; choose another name",
                 details={"field": "name", "name": name},
-            )
-        if team is not None and s.scalar(select(Runtime.id).where(Runtime.team == team, Runtime.name == name)):
-            raise RuntimeStateError(
-                f"name: team {team!r} already has a runtime named {name!r}; choose another name",
-                details={"field": "name", "name": name, "team": team},
             )
 
 

@@ -72,3 +72,26 @@ def test_a_token_made_on_the_command_line_is_printed_once_and_refused_once_revok
     assert code == 1 and "revoked" in err
     code, out, err = run(capsys, "token", "list", *server.args())
     assert "revoked" in out
+
+
+def test_a_team_runtime_is_made_with_team_and_addressed_as_team_slash_name(
+    server: Server,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bob = ["--url", server.url, "--token", run(capsys, "user", "create", "bob", *server.args())[1].strip()]
+    for team in ("acme", "beta"):
+        assert run(capsys, "team", "create", team, *server.args())[0] == 0
+        assert run(capsys, "team", "add-member", team, "bob", *server.args())[0] == 0
+        code, out, err = run(capsys, "runtime", "create", "shared", "--env", "python3", "--team", team, *server.args())
+        assert code == 0 and "team" in out and team in out, err
+    code, out, err = run(capsys, "runtime", "ls", *bob)
+    assert code == 0 and "acme/shared" in out and "beta/shared" in out, err
+    code, out, err = run(capsys, "runtime", "show", "shared", "--json", *bob)
+    assert code == 2 and "acme/shared, beta/shared" in err  # two teams' runtimes: say which
+    code, out, err = run(capsys, "runtime", "show", "beta/shared", "--json", *bob)
+    assert code == 0 and json.loads(out)["team"] == "beta", err
+    assert run(capsys, "runtime", "create", "shared", "--env", "python3", *bob)[0] == 0
+    code, out, err = run(capsys, "runtime", "show", "shared", "--json", *bob)
+    assert code == 0 and json.loads(out)["team"] is None, err  # a bare name: your own first
+    code, out, err = run(capsys, "runtime", "create", "x", "--env", "python3", "--team", "gamma", *bob)
+    assert code == 1 and "no team 'gamma' of yours" in err

@@ -9,12 +9,7 @@ from typing import Any
 
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
 from tests.api.test_errors_and_auth import assert_envelope
-
-
-def user(api: ApiHarness, name: str) -> dict[str, str]:  # noqa: F811
-    resp = api.post("/users", json={"name": name})
-    assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['token']}"}
+from tests.registry.test_team_isolation import _user as user
 
 
 def acme(api: ApiHarness) -> dict[str, dict[str, str]]:  # noqa: F811
