@@ -202,7 +202,7 @@ class Lifecycle:
         """Stop the runtime (synchronously) and forget it; its results stay. Its owner or an
         admin of its team may (``Records.get_to_manage``)."""
         with self.records.db.session() as s:
-            self.records.get_to_manage(s, who, runtime_id, "delete", with_version=False)
+            self.records.get_to_manage(s, who, runtime_id, "deleting", with_version=False)
         self.concurrency.cancel(runtime_id)
         with self.concurrency.runtime_lock(runtime_id):
             with self.records.db.session() as s:

@@ -16,8 +16,9 @@
   To anyone else it does not exist: a 404 with the same body as a missing id (R27). Executions
   and results carry their runtime's owner and team, so they follow the same rule (and outlive
   the runtime). envctl admins get no more than their memberships give them here. Membership is
-  read when the caller is looked up (the API caches it for a few seconds), so a member who is
-  removed loses access within that time.
+  read when the caller is looked up: the API remembers callers for 5 seconds (``CALLER_TTL`` in
+  api/deps.py; a server's own team routes forget them at once), so a member who is removed
+  loses access within that time on every server.
 
 Nothing here talks to Docker or to an agent; nothing here holds state a restart would lose.
 """
@@ -136,8 +137,7 @@ class Records:
         rt = self.get_mine(s, who, runtime_id, **kwargs)
         if not viewer_of(who).may_manage(rt.owner_id, rt.team):
             raise ForbiddenError(
-                f"only the owner of runtime {rt.name!r} or an admin of team {rt.team!r} may {action} it; "
-                "ask one of them",
+                f"{action} runtime {rt.name!r} takes its owner or an admin of team {rt.team!r}; ask one of them",
                 details={"team": rt.team, "needs": "owner or team admin"},
             )
         return rt

@@ -171,7 +171,7 @@ class Runtimes:
         ref = parse_ref(changes.environment, "environment") if changes.environment is not None else None
         new_mounts = self._check_mounts(changes.mounts) if changes.mounts is not None else None
         with self.records.tx() as s:
-            rt = self.records.get_to_manage(s, who, runtime_id, "change the settings of", for_update=True)
+            rt = self.records.get_to_manage(s, who, runtime_id, "changing the settings of", for_update=True)
             wanted = self._reboot_changes(s, rt, changes, ref)
             if new_mounts is not None:
                 # volumes are the owner's (a boot mounts them as the owner) and the changer's to give
