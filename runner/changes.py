@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs.kit.errors import EnvctlError
-from runner.backends.base import Change, RuntimeBackend
+from runner.backends.base import Change, RuntimeBackend, changed_since_save
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.models import Runtime
 from runner.paths import RuntimePaths
@@ -87,10 +87,10 @@ class Changes:
     ) -> tuple[list[Change], Marks]:
         """The container's changes, less those already in the version it was saved as.
 
-        A save records when its snapshot was taken (``saved_at_ns``). A path whose inode
-        changed after that is new since the save; a deletion is new when its directory changed
-        after it. A change made in the instant before the snapshot may be counted again: shown
-        twice, never lost. With no agent to ask (a container that exited), every change counts.
+        The rule is ``changed_since_save`` (shared with a save's layer): a path whose inode
+        changed after the save's ``saved_at_ns`` is new since the save; a deletion is new when
+        its directory changed after it. With no agent to ask (a container that exited), every
+        change counts.
         """
         raw = self._raw(state, fresh=fresh)
         saved_at = int(baseline.get("saved_at_ns") or 0)
@@ -103,7 +103,7 @@ class Changes:
         kept = []
         for c in raw:
             mark = stats.get(_parent(c.path) if c.kind == "deleted" else c.path)
-            if mark is not None and len(mark) >= 4 and mark[3] <= saved_at:
+            if mark is not None and len(mark) >= 4 and not changed_since_save(mark[3], saved_at):
                 continue  # untouched since the save: part of the version now
             kept.append(c)
         return kept, stats

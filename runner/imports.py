@@ -15,10 +15,16 @@ The version keeps its message, author and sizes; its parent is the nearest versi
 upstream lineage this server already has (by digest), and its label ``envctl.imported`` says
 where it came from (``imported`` in ``GET /environments/{name}``: the server, its ref there, the
 digest). Importing a version this server already has records nothing new.
+
+Outbound requests are fenced (R28): the ``from`` URL and the registry the upstream names must
+resolve to public addresses only, or be named in the ``import_allow_hosts`` setting
+(``registry/upstream.py``, ``envs/kit/hosts.py``); otherwise a 422 naming ``from`` or
+``registry`` before any request leaves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -41,8 +47,16 @@ LABEL_IMPORTED = "envctl.imported"  # {"from", "ref", "registry_digest"}: where 
 
 
 class Imports:
-    def __init__(self, records: Records, backend: RuntimeBackend, operations: Operations, transfers: Transfers) -> None:
+    def __init__(
+        self,
+        records: Records,
+        backend: RuntimeBackend,
+        operations: Operations,
+        transfers: Transfers,
+        allow_hosts: Sequence[str] = (),
+    ) -> None:
         self.records = records
+        self.allow_hosts = tuple(allow_hosts)  # the import_allow_hosts setting (envs/kit/hosts.py)
         self.backend = backend
         self.operations = operations
         self.transfers = transfers
@@ -50,7 +64,7 @@ class Imports:
     def request(self, user_id: str, url: str, token: str, ref: str, name: str | None = None) -> Operation:
         """``POST /environments/import-remote``: an operation that pulls the version ``ref``
         names at ``url`` and records it here as a version of ``name`` (default: its own name)."""
-        upstream.check_url(url)
+        upstream.check_url(url, self.allow_hosts)  # R28: a 422 before anything leaves
         parse_ref(ref, "ref")
         if name is not None and parse_ref(name, "name").full_name != name:
             raise InvalidInputError("name: an environment name (acme/ml), without a version or tag", field="name")
@@ -60,7 +74,7 @@ class Imports:
                 f"the {self.backend.name} backend's images cannot travel through a registry: nothing can be imported",
                 details={"backend": self.backend.name},
             )
-        offer = upstream.describe(url, token, ref)
+        offer = upstream.describe(url, token, ref, allow_hosts=self.allow_hosts)
         local = name or offer.environment
         with self.records.db.session() as s:
             envs_service.check_write_to(
@@ -86,6 +100,7 @@ class Imports:
         pulled = False
         with self.transfers.lock(offer.image_id):
             if not transfer.has_image(client, offer.image_id):
+                upstream.check_registry(offer, self.allow_hosts)  # again: its DNS answer may have changed
                 transfer.pull(client, target, offer.registry_digest, auth, progress, image_id=offer.image_id)
                 pulled = True
         ref, created = self._record(user_id, offer, local)

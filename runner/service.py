@@ -140,7 +140,7 @@ class RunnerService:
         self.secret_box = SecretBox.from_settings(settings)
         self.secrets = secrets = RuntimeSecrets(db, self.secret_box)
         self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
-        self.imports = Imports(records, backend, operations, transfers)
+        self.imports = Imports(records, backend, operations, transfers, settings.import_allow_hosts)
         self.snapshots = snapshots = Snapshots(
             settings,
             records,

@@ -273,6 +273,7 @@ class Snapshots:
             parent_id, parent_image = parent.id, parent.image_id
             parent_ref, parent_digest = parent.ref, parent.digest
             state = dict(rt.backend_state or {})
+            since = int((rt.change_baseline or {}).get("saved_at_ns") or 0)  # a save from this container
             number = envs_service.next_number(s, environment)
         now = self.records.clock()
         labels = {
@@ -310,6 +311,7 @@ class Snapshots:
             tag=image_tag,
             version_image=parent_image,
             observer=observer,
+            saved_at_ns=since,
         )
         image_id = saved.image.id
         report = {

@@ -169,6 +169,9 @@ class Settings:
     mounts_allow_hosts: tuple[str, ...] = ()
     mounts_s3_endpoint_url: str | None = None
     mounts_s3_region: str = "us-east-1"
+    # imports from another envctl server (runner/imports.py): its hosts, and its registry's,
+    # exempt from the public-address rule (envs/kit/hosts.py)
+    import_allow_hosts: tuple[str, ...] = ()
     # the key that encrypts team secrets (made on first use, mode 0600); None: <data dir>/secrets.key
     secrets_key_file: Path | None = None
 
@@ -304,6 +307,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "mounts_allow_hosts": ("ENVCTL_MOUNTS_ALLOW_HOSTS", _names),
     "mounts_s3_endpoint_url": ("ENVCTL_MOUNTS_S3_ENDPOINT_URL", str),
     "mounts_s3_region": ("ENVCTL_MOUNTS_S3_REGION", str),
+    "import_allow_hosts": ("ENVCTL_IMPORT_ALLOW_HOSTS", _names),
     "secrets_key_file": ("ENVCTL_SECRETS_KEY_FILE", _path),
 }
 

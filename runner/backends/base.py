@@ -118,6 +118,21 @@ class Change:
     path: str
 
 
+def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
+    """Whether a path counts as changed after a save taken at ``saved_at_ns`` (the runtime's
+    ``change_baseline``; 0: no save since boot, everything counts), the rule the list of
+    changes (``runner/changes.py``) and a save's layer (``overlay.plan_layer``) share.
+
+    A save records the time just before it paused the container; what the container held then
+    is in the saved version. A path counts again only when its inode changed after that: its
+    ctime, which no program can set back, is newer. A deletion is judged by its record: the
+    whiteout's own ctime where the layer can be read, else its directory's (removing an entry
+    changes the directory). A directory whose own ctime is older is not a change, though it
+    may hold newer ones. A change in the instant before the pause may count twice, never none.
+    """
+    return not saved_at_ns or ctime_ns > saved_at_ns
+
+
 class LayerObserver(Protocol):
     """What a save's layer maker asks about each entry (``runner.scan.SaveFilter``)."""
 
@@ -216,6 +231,7 @@ class RuntimeBackend(abc.ABC):
         tag: str,
         version_image: str,
         observer: LayerObserver,
+        saved_at_ns: int = 0,
     ) -> SavedLayer:
         """A save: the container's changes as one new layer on the layers of ``version_image``.
 
@@ -223,6 +239,10 @@ class RuntimeBackend(abc.ABC):
         bytes never reach the engine), every file's content is streamed through it, and its
         ``verdict()`` may refuse the layer, in which case no image is kept and the container is
         untouched. The image's configuration is ``config``, checked as for ``commit``.
+
+        ``saved_at_ns``: the runtime's last save from this container (``change_baseline``), or
+        0. A backend may then make the layer of only what changed since
+        (``changed_since_save``), on ``version_image`` being that save's image.
         """
         raise NotImplementedError(f"the {self.name} backend cannot save")
 

@@ -391,17 +391,19 @@ class DockerBackend(RuntimeBackend):
         tag: str,
         version_image: str,
         observer: LayerObserver,
+        saved_at_ns: int = 0,
     ) -> SavedLayer:
         """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
         the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
-        read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``)."""
+        read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``). After a
+        save from this container (``saved_at_ns``), only what changed since."""
         from runner.backends import saves
 
         cid = state.get("container_id")
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
-        made = saves.from_directories(self.client, cid, version_image=version_image, **options)
+        made = saves.from_directories(self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, **options)
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)

@@ -215,6 +215,7 @@ class FakeBackend(RuntimeBackend):
         tag: str,
         version_image: str,
         observer: LayerObserver,
+        saved_at_ns: int = 0,
     ) -> SavedLayer:
         """The files ``set_files`` gave the runtime, through the observer as a real layer's are."""
         self._check("save the runtime's filesystem")

@@ -29,7 +29,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from runner.backends.base import Change, LayerObserver
+from runner.backends.base import Change, LayerObserver, changed_since_save
 
 _OPAQUE = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 
@@ -127,20 +127,54 @@ def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def plan_layer(roots: Sequence[str], observer: LayerObserver, *, private: Callable[[str], bool]) -> PlannedLayer:
+def plan_layer(
+    roots: Sequence[str],
+    observer: LayerObserver,
+    *,
+    private: Callable[[str], bool],
+    saved_at_ns: int = 0,
+    saved: Sequence[str] = (),
+) -> PlannedLayer:
     """The layer of ``roots`` (the upper directory, then the draft layers below it, top first),
-    without the paths ``private`` names and the files in the observer's caches."""
+    without the paths ``private`` names and the files in the observer's caches.
+
+    After a save from the same container (``saved_at_ns``; ``saved``: the layers that save and
+    any before it since the boot added, top first), only what changed since then, by
+    ``changed_since_save``: the layer goes on the saved version's. Its entries are the paths
+    changed after the save or missing from its layers (files it left out), the directories
+    above them, whiteouts for what was deleted since
+    (a path the saved layers hold that the container's layers no longer have), and, for a
+    directory replaced since (opaque, and itself newer), everything under it."""
     plan = PlannedLayer()
     links: dict[tuple[int, int], str] = {}
+    parents: dict[str, tuple[str, os.stat_result]] = {}  # older directories, added above a newer entry
+    whole: list[str] = []  # directories replaced since the save: everything under them goes in
+
+    def above(rel: str) -> None:
+        parts = rel.split("/")[:-1]
+        for i in range(len(parts)):
+            found = parents.pop("/".join(parts[: i + 1]), None)
+            if found is not None:
+                _add_entry(plan, "/".join(parts[: i + 1]), found[0], found[1], links, observer, opaque=False)
+
     for rel, host, st, opaque in _merged(roots, "", list(range(len(roots)))):
         path = "/" + rel
         if private(path):
             continue
+        if saved_at_ns and not (whole and rel.startswith(whole[-1] + "/")):
+            if not changed_since_save(st.st_ctime_ns, saved_at_ns):
+                if stat.S_ISDIR(st.st_mode):
+                    parents[rel] = (host, st)
+                    continue
+                if any(os.path.lexists(os.path.join(layer, rel)) for layer in saved):
+                    continue  # in the saved version as it is here
+                # not in it: a file the last save left out (a cache), which this one may keep
+            above(rel)
+            if opaque and stat.S_ISDIR(st.st_mode):
+                whole.append(rel)
         parent, _, name = rel.rpartition("/")
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-            info = _info(f"{parent}/{_WH}{name}" if parent else _WH + name, st, tarfile.REGTYPE)
-            info.mode = 0o600
-            _add(plan, info, None)
+            _whiteout(plan, parent, name, st)
             continue
         if not stat.S_ISDIR(st.st_mode):
             cache = observer.cache_of(path)
@@ -151,17 +185,85 @@ def plan_layer(roots: Sequence[str], observer: LayerObserver, *, private: Callab
                     counted["bytes"] += st.st_size
                     links.setdefault((st.st_dev, st.st_ino), "")
                 continue
-        made = _entry(rel, host, st, links)
-        if made is None:
-            continue  # a socket: never in a layer
-        observer.entry(path, made.linkname or None)
-        _xattrs(made, host)
-        _add(plan, made, host if made.type == tarfile.REGTYPE else None)
-        if opaque:
-            mark = _info(f"{rel}/{_OPAQUE_MARK}", st, tarfile.REGTYPE)
-            mark.mode = stat.S_IMODE(st.st_mode)
-            _add(plan, mark, None)
+        _add_entry(plan, rel, host, st, links, observer, opaque=opaque)
+    if saved_at_ns and saved:
+        for rel, st in _vanished(saved, roots, "", list(range(len(roots))), tuple(whole)):
+            if not private("/" + rel):
+                above(rel)
+                parent, _, name = rel.rpartition("/")
+                _whiteout(plan, parent, name, st)
     return plan
+
+
+def _whiteout(plan: PlannedLayer, parent: str, name: str, st: os.stat_result) -> None:
+    info = _info(f"{parent}/{_WH}{name}" if parent else _WH + name, st, tarfile.REGTYPE)
+    info.mode = 0o600
+    _add(plan, info, None)
+
+
+def _add_entry(
+    plan: PlannedLayer,
+    rel: str,
+    host: str,
+    st: os.stat_result,
+    links: dict[tuple[int, int], str],
+    observer: LayerObserver,
+    *,
+    opaque: bool,
+) -> None:
+    made = _entry(rel, host, st, links)
+    if made is None:
+        return  # a socket: never in a layer
+    observer.entry("/" + rel, made.linkname or None)
+    _xattrs(made, host)
+    _add(plan, made, host if made.type == tarfile.REGTYPE else None)
+    if opaque:
+        mark = _info(f"{rel}/{_OPAQUE_MARK}", st, tarfile.REGTYPE)
+        mark.mode = stat.S_IMODE(st.st_mode)
+        _add(plan, mark, None)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _vanished(
+    saved: Sequence[str], roots: Sequence[str], rel: str, visible: list[int], whole: tuple[str, ...]
+) -> Iterator[tuple[str, os.stat_result]]:
+    """The paths under ``rel`` that the saved layers hold and the container no longer has (it
+    removed them from its upper directory, where they were only), with their saved stat. A
+    path a lower layer also has leaves a whiteout instead, which the walk of ``roots`` finds."""
+    names: dict[str, os.stat_result] = {}
+    for layer in saved:
+        try:
+            with os.scandir(os.path.join(layer, rel)) as entries:
+                for entry in entries:
+                    if entry.name not in names:
+                        names[entry.name] = entry.stat(follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    for name in sorted(names):
+        child = f"{rel}/{name}" if rel else name
+        was = names[name]
+        if stat.S_ISCHR(was.st_mode) and was.st_rdev == 0:
+            continue  # deleted in the saved version already
+        found = [(i, st) for i in visible if (st := _lstat(os.path.join(roots[i], child))) is not None]
+        if not found:
+            yield child, was
+            continue
+        if not stat.S_ISDIR(was.st_mode) or not stat.S_ISDIR(found[0][1].st_mode) or child in whole:
+            continue  # replaced (a newer entry the walk of roots found) or wholly in the layer
+        below: list[int] = []
+        for i, st in found:  # as the container sees it: down to an opaque directory or a non-directory
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            below.append(i)
+            if _opaque(os.path.join(roots[i], child)):
+                break
+        yield from _vanished(saved, roots, child, below, whole)
 
 
 def _add(plan: PlannedLayer, info: tarfile.TarInfo, source: str | None) -> None:

@@ -5,7 +5,10 @@ this host can read them and the kernel's overlay keeps whole files in the upper 
 ``redirect_dir``, no ``metacopy``: the engine itself then falls back to a naive diff). The
 layers of the container's image above the version's (a draft restored at boot) are merged into
 the new layer, so that they are filtered and scanned too; the image keeps the layers the two
-have in common.
+have in common. After a save from the same running container, the new image keeps every layer
+of the version that save made, and its layer holds only what changed since
+(``change_baseline.saved_at_ns``, ``overlay.plan_layer``): a second save does not send the
+first one's files again.
 
 Where nothing is left out and no draft is merged, the engine's own commit makes the layer
 (faster than a load), the container paused by envctl from the scan to the commit's end, the
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tarfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +68,21 @@ def _whole_files() -> bool:
     return True
 
 
-def layer_roots(client: docker.DockerClient, cid: str, version_image: str) -> tuple[list[str], str, int] | None:
-    """(directories of the new layer, top first; the container's image; how many of its layers
-    the new image keeps), or None when the layer cannot be made from the directories."""
+@dataclass(frozen=True)
+class LayerPlan:
+    """Where a save's layer comes from and what it goes on."""
+
+    roots: list[str]  # the directories of the new layer, top first
+    base: str  # the image whose first ``keep`` layers the new image keeps
+    keep: int
+    saved: list[str]  # since a save: the layers saves from this container added, top first
+
+
+def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved_at_ns: int = 0) -> LayerPlan | None:
+    """The directories of the new layer and the layers the new image keeps, or None when the
+    layer cannot be made from the directories. After a save from this container
+    (``saved_at_ns``), the new image keeps every layer of the version it saved (when their
+    directories can be read) and the layer holds what changed since."""
     try:
         container = client.api.inspect_container(cid)
         layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
@@ -73,16 +90,33 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str) -> tu
             return None
         image = str(container["Image"])
         mine = list((client.api.inspect_image(image).get("RootFS") or {}).get("Layers") or [])
-        version = list((client.api.inspect_image(version_image).get("RootFS") or {}).get("Layers") or [])
+        version_attrs = client.api.inspect_image(version_image)
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
+    version = list((version_attrs.get("RootFS") or {}).get("Layers") or [])
     keep = 0
     while keep < min(len(mine), len(version)) and mine[keep] == version[keep]:
         keep += 1
     lowers = layers.lowers
     if keep == 0 or len(lowers) != len(mine) + 1 or not lowers[0].endswith("-init/diff"):
         return None
-    return [layers.upper, *lowers[1 : 1 + len(mine) - keep]], image, keep
+    roots = [layers.upper, *lowers[1 : 1 + len(mine) - keep]]
+    saved = _saved_layers(version_attrs, len(version) - keep) if saved_at_ns else None
+    if saved is None:
+        return LayerPlan(roots, image, keep, [])
+    return LayerPlan(roots, version_image, len(version), saved)
+
+
+def _saved_layers(attrs: dict[str, Any], count: int) -> list[str] | None:
+    """The directories of an image's top ``count`` layers (top first), when readable."""
+    graph = attrs.get("GraphDriver") or {}
+    data = graph.get("Data") if graph.get("Name") == "overlay2" else None
+    if count < 1 or not isinstance(data, dict) or not isinstance(data.get("UpperDir"), str):
+        return None
+    dirs = [str(data["UpperDir"]), *(p for p in str(data.get("LowerDir") or "").split(":") if p)][:count]
+    if len(dirs) < count or not all(os.access(d, os.R_OK | os.X_OK) for d in dirs):
+        return None
+    return dirs
 
 
 def from_directories(
@@ -94,19 +128,20 @@ def from_directories(
     tag: str,
     version_image: str,
     observer: LayerObserver,
+    saved_at_ns: int = 0,
 ) -> tuple[ImageInfo, dict[str, dict[str, int]]] | None:
     """The save's image and what its layer left out; None when the directories cannot be used."""
-    plan = layer_roots(client, cid, version_image)
+    plan = layer_roots(client, cid, version_image, saved_at_ns)
     if plan is None:
         return None
-    roots, base, keep = plan
+    since = saved_at_ns if plan.saved else 0
     action = "save the runtime's filesystem"
     with paused(client, cid, action):
-        layer = overlay.plan_layer(roots, observer, private=is_mount_point)
-        if not layer.left_out and len(roots) == 1:
-            # Nothing to leave out and no draft to merge: the engine's own commit makes the same
-            # layer faster. The files are scanned meanwhile, read where they lie (the container
-            # stays paused throughout); a refused layer's image is removed at once.
+        layer = overlay.plan_layer(plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved)
+        if not layer.left_out and len(plan.roots) == 1 and not since:
+            # Nothing to leave out, no draft to merge, no earlier save to build on: the engine's
+            # own commit makes the same layer faster. The files are scanned meanwhile, read where
+            # they lie (the container stays paused throughout); a refused layer's image is removed at once.
             with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
                 scanning = pool.submit(overlay.scan_files, layer, observer)
                 info = engine.commit(
@@ -122,14 +157,14 @@ def from_directories(
             return info, {}
         info = load_layer(
             client,
-            base=base,
-            keep=keep,
+            base=plan.base,
+            keep=plan.keep,
             layer_size=layer.size,
             layer=overlay.layer_chunks(layer, observer),
             ready=observer.verdict,
             config=config,
             created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or now()),
-            created_by=f"envctl save ({len(layer.entries)} entries)",
+            created_by=f"envctl save ({len(layer.entries)} entries{', since the last save' if since else ''})",
             repository=repository,
             tag=tag,
             action=action,

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from envs.kit.hosts import Resolver, check_host, system_resolver
 from runner.mounts.cache import locked
 from runner.mounts.errors import MountFetchError
-from runner.mounts.validate import GitMount, Resolver, check_host, system_resolver
+from runner.mounts.validate import GitMount
 
 GIT_TIMEOUT = 600.0  # seconds one git command may take
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")

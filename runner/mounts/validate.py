@@ -17,21 +17,22 @@ characters are refused, as are ``/``, the system's directories (``/proc``, ``/et
 envctl's own (``/opt/envctl``, ``/run/envctl``, ``/results``) and a target inside or above
 another mount's. Every error is a 422 naming the field (``mounts[1].target``).
 
-Hosts named in the ``mounts_allow_hosts`` setting skip the address check and may use plain
-http: the tests serve git on loopback. It is empty by default.
+Hosts named in the ``mounts_allow_hosts`` setting may resolve to loopback or private addresses
+and may use plain http: the tests serve git on loopback. It is empty by default. The address
+rules are ``envs/kit/hosts.py``'s, shared with imports from another envctl server.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from envs.kit.errors import InvalidInputError
+from envs.kit.hosts import Resolver, check_host, system_resolver
 
 MAX_MOUNTS = 16
 MAX_TARGET = 1024
@@ -66,8 +67,6 @@ _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _VOLUME_RE = re.compile(r"(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)?[a-z0-9][a-z0-9_.-]{0,62}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-Resolver = Callable[[str], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,6 @@ _KEYS = {
 
 def _bad(field: str, problem: str, **details: Any) -> InvalidInputError:
     return InvalidInputError(f"{field}: {problem}", field=field, details=details or None)
-
-
-def system_resolver(host: str) -> list[str]:
-    """The addresses ``host`` resolves to (every family); [] when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return []
-    return sorted({str(info[4][0]) for info in infos})
 
 
 def check_target(target: object, field: str) -> str:
@@ -157,37 +147,6 @@ def check_overlaps(mounts: Sequence[Mount], field: str = "mounts") -> None:
                 )
 
 
-def _public(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def check_host(host: str, field: str, resolve: Resolver, allow_hosts: frozenset[str]) -> None:
-    """The host resolves, and only to public addresses (R28), unless it is allowed by name."""
-    if host.lower() in allow_hosts:
-        return
-    try:
-        literal: str | None = str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        literal = None
-    addresses = [literal] if literal else list(resolve(host))
-    if not addresses:
-        raise _bad(field, f"the host {host[:100]!r} does not resolve")
-    private = [a for a in addresses if not _public(a)]
-    if private:
-        raise _bad(
-            field,
-            f"the host {host[:100]!r} resolves to a loopback, link-local, private or reserved address "
-            f"({', '.join(private[:3])}); only public hosts may be mounted",
-            addresses=private[:8],
-        )
-
-
 def check_git_url(url: object, field: str, resolve: Resolver, allow_hosts: frozenset[str]) -> str:
     """An https URL of a public git host, without credentials (R28)."""
     if not isinstance(url, str) or not url:
@@ -213,7 +172,7 @@ def check_git_url(url: object, field: str, resolve: Resolver, allow_hosts: froze
         raise _bad(field, "the URL has no valid host")
     if parts.query or parts.fragment:
         raise _bad(field, "a repository URL takes no query or fragment")
-    check_host(host, field, resolve, allow_hosts)
+    check_host(host, field, resolve, allow_hosts, "only public hosts may be mounted")
     return url
 
 

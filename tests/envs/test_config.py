@@ -278,3 +278,9 @@ def test_the_compaction_threshold_stays_below_overlay2s_layer_limit() -> None:
     with pytest.raises(InvalidInputError, match="ENVCTL_SAVE_COMPACT_AT_LAYERS") as caught:
         load_settings(env={"ENVCTL_SAVE_COMPACT_AT_LAYERS": "200"})
     assert "128" in caught.value.message
+
+
+def test_import_allow_hosts_is_read_as_comma_separated_lower_case_names() -> None:
+    settings = load_settings(env={"ENVCTL_IMPORT_ALLOW_HOSTS": "Envctl-B.internal, 10.0.0.5,"})
+    assert settings.import_allow_hosts == ("envctl-b.internal", "10.0.0.5")
+    assert load_settings(env={}).import_allow_hosts == ()

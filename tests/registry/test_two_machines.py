@@ -5,8 +5,9 @@ that was installed on A.
 
 Server A runs the managed registry and is its token server. B's engine is a second ``dockerd``
 (``tests/fixtures/engine.py``) that starts empty: the import pulls every layer, the base's too
-(the smallest base, bash). B reaches A's API and registry on loopback, as the user ``bob`` of A,
-who is in no team there: he may pull only what acme published.
+(the smallest base, bash). B reaches A's API and registry on loopback (which B's
+``ENVCTL_IMPORT_ALLOW_HOSTS`` allows), as the user ``bob`` of A, who is in no team there: he
+may pull only what acme published.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def machine_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[Machi
                     "ENVCTL_RUNNER_NAME": f"machine-b-{root.name}",
                     "ENVCTL_RUNNER_NETWORK": "none",  # B's engine has no bridge
                     "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+                    "ENVCTL_IMPORT_ALLOW_HOSTS": "127.0.0.1",  # A and its registry are on loopback
                 },
             )
             stack.callback(server.stop)  # before its engine stops, with everything in it

@@ -412,3 +412,31 @@ def test_a_save_into_another_users_environment_is_refused_before_any_image_is_ma
         assert save(bob, theirs, "bobs")["result"]["version"] == "bobs@1"
         assert bob.get("/environments/bobs").json()["owner"] == "bob"
         assert [s["ref"] for s in bob.get("/environments/bobs/lineage").json()][:2] == ["bobs@1", "mine@1"]
+
+
+def test_a_second_save_sends_only_what_changed_since_the_first_and_the_version_is_whole(
+    server: Server, docker: Any
+) -> None:
+    """After a save the container keeps its layer; the next save's layer goes on the saved
+    version's and holds only what changed since (added, changed, and deleted: a file only the
+    first save had, and one of the base image)."""
+    sums = "sha256sum /root/big.bin /root/small.bin; cat /root/note; ls /root/gone.txt /etc/debian_version 2>&1"
+    with server.client() as client:
+        rid = new_runtime(client, "twice", environment="bash", language="bash")
+        first = "head -c 5000000 /dev/urandom > /root/big.bin && echo one > /root/note && echo x > /root/gone.txt"
+        assert run(client, rid, first)["status"] == "ok"
+        save(client, rid, "twice", "5 MB")
+        second = "head -c 10000 /dev/urandom > /root/small.bin && echo two >> /root/note && rm /root/gone.txt"
+        assert run(client, rid, f"{second} && rm /etc/debian_version")["status"] == "ok"
+        save(client, rid, "twice", "10 KB more")
+        versions = {v["ref"]: v for v in client.get("/environments/twice").json()["versions"]}
+        v1, v2 = versions["twice@1"], versions["twice@2"]
+        assert v1["size_added"] > 5_000_000 and v2["size_added"] < 1_000_000, (v1["size_added"], v2["size_added"])
+        # the second image is the first one's layers and one small layer (the 5 MB are not in it again)
+        layers = [docker.api.inspect_image(v["image_id"])["RootFS"]["Layers"] for v in (v1, v2)]
+        assert layers[1][:-1] == layers[0], layers
+        assert docker.api.history(v2["image_id"])[0]["Size"] < 1_000_000
+        expected = text(run(client, rid, sums))
+        reader = new_runtime(client, "reader", environment="twice@2", language="bash")
+        seen = text(run(client, reader, sums))
+        assert seen == expected and "one\ntwo\n" in seen and seen.count("No such file") == 2, seen

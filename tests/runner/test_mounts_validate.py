@@ -168,6 +168,12 @@ def test_a_host_allowed_by_the_setting_may_be_loopback_and_plain_http():
     refused([git("ext::sh -c id")], "mounts[0].url", allow=["127.0.0.1"])
 
 
+def test_a_host_allowed_by_the_setting_still_may_not_resolve_to_a_link_local_or_metadata_address():
+    error = refused([git("http://meta.example.org/r.git")], "mounts[0].url", allow=["meta.example.org"])
+    assert "169.254.169.254" in error.message
+    refused([git("http://[fd00:ec2::254]/r.git")], "mounts[0].url", allow=["fd00:ec2::254"])
+
+
 @pytest.mark.parametrize(
     "ref", ["-x", "--upload-pack=x", "a..b", "a//b", "/main", "main/", "x.lock", ".hidden", "a b", "a~1", "a^",
             "a:b", "@", "a\x00", 5, "x" * 300],
