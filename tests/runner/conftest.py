@@ -140,3 +140,28 @@ def server(docker: Any, tmp_path: Path) -> Iterator[Server]:
     srv = start_server(docker, tmp_path / "data")
     yield srv
     remove_runner_containers(docker, srv)
+
+
+@pytest.fixture(scope="module")
+def module_server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `envctl serve` for a whole module (starting one costs seconds; see ``shared_server``)."""
+    base_image(docker, "python3")
+    srv = start_server(docker, tmp_path_factory.mktemp("server") / "data")
+    yield srv
+    remove_runner_containers(docker, srv)
+
+
+@pytest.fixture
+def shared_server(module_server: Server) -> Iterator[Server]:
+    """The module's server for a test that neither kills it nor changes its settings: the
+    runtimes the test made are deleted after it, so the next test finds the server as it was
+    (the same runtime names free, no container of it left running)."""
+    assert module_server.proc is not None and module_server.proc.poll() is None, module_server.output()[-2000:]
+    with module_server.client() as client:
+        before = {rt["id"] for rt in client.get("/runtimes").json()}
+    yield module_server
+    with module_server.client() as client:
+        for rt in client.get("/runtimes").json():
+            if rt["id"] not in before:
+                r = client.delete(f"/runtimes/{rt['id']}")
+                assert r.status_code in (204, 404), r.text

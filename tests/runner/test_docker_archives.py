@@ -113,11 +113,11 @@ def _special(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo,
     ],
 )
 def test_archives_with_escaping_paths_links_devices_or_bad_digests_are_refused(
-    server: Server, tmp_path: Path, members: list[Any], problem: str
+    shared_server: Server, tmp_path: Path, members: list[Any], problem: str
 ) -> None:
     """R25 (and R24: a blob that does not match its digest aborts the load)."""
     sentinel = Path("/tmp/evil")
-    with server.client() as client:
+    with shared_server.client() as client:
         before = client.get("/environments").json()
         r = client.post("/environments/load", content=_tar(members))
         assert r.status_code == 422, r.text
@@ -126,9 +126,9 @@ def test_archives_with_escaping_paths_links_devices_or_bad_digests_are_refused(
     assert not sentinel.exists() and not Path("/etc/evil").exists()
 
 
-def test_garbage_is_not_an_archive(server: Server) -> None:
+def test_garbage_is_not_an_archive(shared_server: Server) -> None:
     """R25."""
-    with server.client() as client:
+    with shared_server.client() as client:
         r = client.post("/environments/load", content=b"this is not a tar file at all" * 10)
         assert r.status_code == 422 and "not a readable tar file" in r.json()["error"]["message"]
 

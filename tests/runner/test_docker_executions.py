@@ -21,6 +21,13 @@ from tests.runner.conftest import remove_runner_containers, start_server
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
+@pytest.fixture
+def server(shared_server: Server) -> Server:
+    """This module's tests share one `envctl serve` (one that is killed is started again);
+    the runtimes each test makes are deleted after it."""
+    return shared_server
+
+
 def new_runtime(client: httpx.Client, name: str = "cells", **body: Any) -> str:
     r = client.post("/runtimes", json={"environment": "python3", "name": name, **body})
     assert r.status_code == 201, r.text

@@ -25,6 +25,13 @@ from tests.runner.conftest import remove_runner_containers, start_server
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
+@pytest.fixture
+def server(shared_server: Server) -> Server:
+    """This module's tests share one `envctl serve` (one that is killed is started again);
+    the runtimes each test makes are deleted after it."""
+    return shared_server
+
+
 def containers_of(docker: Any, rid: str) -> list[Any]:
     return docker.containers.list(all=True, filters={"label": f"{LABEL_RUNTIME}={rid}"})
 

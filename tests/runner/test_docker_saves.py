@@ -25,6 +25,13 @@ from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+
+@pytest.fixture
+def server(shared_server: Server) -> Server:
+    """This module's tests share one `envctl serve` (one that is killed is started again);
+    the runtimes each test makes are deleted after it."""
+    return shared_server
+
 SECRET = "s3cr3t-Value-9f8e7d"
 
 
@@ -322,11 +329,11 @@ def test_a_spec_builds_a_version_and_the_same_spec_on_the_same_parent_is_reused(
 
 def test_a_failing_step_fails_the_build_naming_file_line_and_step(server: Server) -> None:
     with server.client() as client:
-        bad = SPEC.replace("echo step-one-output", "false")
+        bad = SPEC.replace("echo step-one-output", "false").replace("name: acme/tools", "name: acme/broken")
         op = _build(client, bad)
         assert op["status"] == "failed"
         assert op["error"]["message"].startswith("acme.yaml:5: steps[1].run: the step failed")
-        assert client.get("/environments/acme/tools").status_code == 404
+        assert client.get("/environments/acme/broken").status_code == 404  # nothing of a failed build is kept
         r = client.post("/environments/build", json={"spec": "name: x\nextends: nope\nsteps: [{run: ls}]\n"})
         assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
         r = client.post("/environments/build", json={"spec": "name: x\nsteps: []\n", "source": "f.yaml"})
