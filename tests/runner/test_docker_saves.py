@@ -247,12 +247,12 @@ def test_idle_shutdown_waits_for_a_save_in_progress(server: Server) -> None:
 
 
 def test_a_long_chain_of_saves_is_compacted_keeps_its_lineage_and_boots(docker: Any, tmp_path: Path) -> None:
-    """Past the compaction threshold (here 8 layers over the base's, by the setting; 100 by
+    """Past the compaction threshold (here 4 layers over the base's, by the setting; 100 by
     default, below overlay2's 128-layer limit): the lineage stays complete, the image does not
     grow a layer per save forever, and every save's file is there."""
     base = docker.api.inspect_image(base_image(docker, "python3"))["RootFS"]["Layers"]
-    limit = len(base) + 8
-    depth = 20
+    limit = len(base) + 4
+    depth = 10
     srv = start_server(docker, tmp_path / "data", ENVCTL_SAVE_COMPACT_AT_LAYERS=str(limit))
     try:
         with srv.client() as client:
