@@ -47,6 +47,7 @@ CONTROL_IN, CONTROL_OUT = 3, 4
 STARTUP_TIMEOUT = 60.0  # seconds for a kernel to answer kernel_info
 POLL = 0.2  # seconds between checks of signals and kernel liveness while a cell runs
 REPLY_TIMEOUT = 3.0  # seconds to wait for execute_reply once IOPub said idle (it is normally sent first)
+NUDGE_AFTER = 1.5  # seconds after an interrupt with no KeyboardInterrupt yet: send it to the main thread
 SHUTDOWN_WAIT = 2.0  # seconds a kernel gets to exit after a shutdown request
 LOG_LINES = 200  # lines of the kernel process's stdout/stderr kept for error messages
 LOG_TAIL = 20  # of which this many go into an error message
@@ -380,6 +381,8 @@ class Bridge:
         busy_at: float | None = None
         running = False  # the kernel runs this cell's code: execute_input seen
         interrupted = False
+        interrupted_at = 0.0
+        nudged = False  # the interrupt was sent again, to the kernel's main thread
         saw_error = False
         next_alive_check = time.monotonic() + 1.0
         # IOPub until the kernel is idle again after this request
@@ -387,9 +390,12 @@ class Bridge:
             self.check_stop()
             if self.interrupt_requested and self.may_interrupt(running, busy_at, sent_at):
                 self.interrupt_requested = False
-                interrupted = True
+                interrupted, interrupted_at = True, time.monotonic()
                 with contextlib.suppress(Exception):
                     self.km.interrupt_kernel()
+            if interrupted and not nudged and not saw_error and time.monotonic() - interrupted_at > NUDGE_AFTER:
+                nudged = True
+                self.nudge()
             try:
                 msg = self.kc.get_iopub_msg(timeout=POLL)
             except queue.Empty:
@@ -439,6 +445,27 @@ class Bridge:
         if interrupted:
             return "interrupted"
         return "error" if saw_error else "ok"
+
+    def nudge(self) -> None:
+        """Send SIGINT again, to the kernel's main thread alone.
+
+        A signal sent to a process goes to any one of its threads. When one of ipykernel's
+        helper threads takes it, Python only marks it and the main thread, blocked in a call
+        such as ``time.sleep``, sees it when that call returns: the cell runs on for as long
+        as it blocks. A signal aimed at the main thread (tgkill) wakes the call; both marks
+        are one, so the cell is interrupted once.
+        """
+        if getattr(self.km.kernel_spec, "interrupt_mode", "signal") != "signal":
+            return
+        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        pid = getattr(process, "pid", None)
+        if not pid:
+            return
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.tgkill(pid, pid, signal.SIGINT)  # the main thread's id is the process id
 
     @staticmethod
     def may_interrupt(running: bool, busy_at: float | None, sent_at: float) -> bool:
