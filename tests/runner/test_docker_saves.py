@@ -32,6 +32,7 @@ def server(shared_server: Server) -> Server:
     the runtimes each test makes are deleted after it."""
     return shared_server
 
+
 SECRET = "s3cr3t-Value-9f8e7d"
 
 
