@@ -67,11 +67,11 @@ class CellFastPath:
             await error_response(exc)(scope, receive, send)
             return
         if not wait:
-            await _answer(send, execution_out(ctx, ex).model_dump_json().encode())
+            await _answer(send, execution_out(ctx, caller, ex).model_dump_json().encode())
             return
         async with manager.waiting(ex.id, wait):
             ex = manager.get(caller.viewer, ex.id)
-            await _answer(send, execution_out(ctx, ex).model_dump_json().encode())
+            await _answer(send, execution_out(ctx, caller, ex).model_dump_json().encode())
 
     def _cached_caller(self, scope: Scope) -> Any:
         for name, value in scope["headers"]:

@@ -266,6 +266,12 @@ class ExecutionCreate(BaseModel):
 class ExecutionOut(BaseModel):
     id: str
     runtime_id: str
+    submitted_by: str | None = Field(
+        default=None,
+        description="the user name of who ran the cell: in a team runtime, any member of its team "
+        "(a cell envctl runs itself, such as a build's: the user it runs for); "
+        "null: that user no longer exists",
+    )
     seq: int
     language: str
     code: str

@@ -10,7 +10,9 @@
   last stored output, so nothing is lost or repeated.
 - A queued or running execution makes the runtime busy, which idle shutdown respects.
 - An execution carries its runtime's owner and team (whoever of them submitted it), so it is
-  seen by whoever sees the runtime (``runner/records.py``, ``Viewer``), also after it is gone.
+  seen by whoever sees the runtime (``runner/records.py``, ``Viewer``), also after it is gone;
+  who submitted it is ``submitted_by`` (the caller's user id; envctl's own cells, such as a
+  build's, the user they run for).
 - Sequence numbers come from the database: ``submit``'s one statement on the way in bumps the
   runtime's ``next_seq`` and returns what the cell needs to know of the runtime (owner, team,
   language, type, runner, state), so no cache can go stale when another process changes or
@@ -252,7 +254,8 @@ class ExecutionManager:
         with self.workers.in_order(runtime_id):
             with self.db.hot() as c:
                 found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
-                if found is None or not viewer_of(who).sees(found[1], found[2]):  # rolled back: not spent
+                viewer = viewer_of(who)
+                if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
                 seq, owner_id, team, rt_language, rt_type, kernel, runner, state, mounts_used = found
                 if runner != self.records.runner:
@@ -262,6 +265,7 @@ class ExecutionManager:
                     runtime_id=runtime_id,
                     owner_id=owner_id,
                     team=team,
+                    submitted_by=viewer.user_id,
                     seq=seq,
                     language=language or rt_language,
                     code=code,
@@ -278,6 +282,7 @@ class ExecutionManager:
                         "runtime_id": runtime_id,
                         "owner_id": owner_id,
                         "team": team,
+                        "submitted_by": viewer.user_id,
                         "seq": seq,
                         "language": view.language,
                         "code": code,

@@ -58,6 +58,7 @@ class ExecutionView:
     finished_at: datetime | None = None
     mounts: list[dict[str, Any]] | None = None  # what the runtime's mounts held (git commit, ...)
     team: str | None = None  # the runtime's team
+    submitted_by: str | None = None  # the user id of who submitted it; None: the owner (rows before 0016)
 
     @classmethod
     def of(cls, row: Execution) -> ExecutionView:
@@ -66,6 +67,7 @@ class ExecutionView:
             runtime_id=row.runtime_id,
             owner_id=row.owner_id,
             team=row.team,
+            submitted_by=row.submitted_by,
             seq=row.seq,
             language=row.language,
             code=row.code,

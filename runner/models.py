@@ -133,6 +133,9 @@ class Execution(Base):
     runtime_id: Mapped[str] = mapped_column(ForeignKey("runtimes.id", ondelete="CASCADE"), index=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)  # the runtime's owner
     team: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the runtime's team
+    # the user who submitted the cell (a member of the runtime's team, or envctl's work on behalf
+    # of a user); None on rows from before revision 0016: the owner
+    submitted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     seq: Mapped[int] = mapped_column(Integer)  # order within the runtime
     language: Mapped[str] = mapped_column(String(16))
     code: Mapped[str] = mapped_column(Text)

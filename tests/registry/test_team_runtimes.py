@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.models import Execution, Runtime
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
 from tests.api.test_errors_and_auth import assert_envelope
 from tests.registry.test_team_isolation import _user as user
@@ -44,8 +45,13 @@ def test_a_teammate_uses_a_team_runtime_and_an_outsider_finds_nothing(api: ApiHa
     code = f"open({str(results / 'team.txt')!r}, 'w').write('for acme'); 6 * 7"
     ex = api.post(f"/runtimes/{rid}/executions", headers=carol, params={"wait": 20}, json={"code": code}).json()
     assert ex["status"] == "ok", ex
-    assert api.get(f"/executions/{ex['id']}", headers=alice).json()["status"] == "ok"  # alice sees carol's cell
-    assert [e["id"] for e in api.get(f"/runtimes/{rid}/executions", headers=carol).json()] == [ex["id"]]
+    assert ex["submitted_by"] == "carol"
+    seen = api.get(f"/executions/{ex['id']}", headers=alice).json()  # alice sees carol's cell, and who ran it
+    assert (seen["status"], seen["submitted_by"]) == ("ok", "carol")
+    own = api.post(f"/runtimes/{rid}/executions", headers=alice, params={"wait": 20}, json={"code": "1"}).json()
+    assert (own["status"], own["submitted_by"]) == ("ok", "alice"), own
+    listed = api.get(f"/runtimes/{rid}/executions", headers=carol).json()
+    assert [(e["id"], e["submitted_by"]) for e in listed] == [(own["id"], "alice"), (ex["id"], "carol")]
     [result] = api.get(f"/executions/{ex['id']}/results", headers=carol).json()
     assert api.client.get(f"/results/{result['id']}/content", headers=carol).content == b"for acme"
     assert [r["id"] for r in api.get("/results", headers=carol).json()] == [result["id"]]
@@ -66,6 +72,7 @@ def test_a_teammate_uses_a_team_runtime_and_an_outsider_finds_nothing(api: ApiHa
         ("patch", f"/runtimes/{rid}"),
         ("delete", f"/runtimes/{rid}"),
         ("get", f"/executions/{ex['id']}"),
+        ("get", f"/executions/{own['id']}"),
         ("post", f"/executions/{ex['id']}/interrupt"),
         ("get", f"/results/{result['id']}"),
         ("get", f"/operations/{op.json()['id']}"),
@@ -136,3 +143,28 @@ def test_a_team_runtime_takes_only_its_teams_secrets_and_volumes(api: ApiHarness
     made = api.post("/runtimes", headers=alice, json={**base, "env": {"T": {"secret": "token"}}, "mounts": [mount]})
     assert made.status_code == 201, made.text
     assert made.json()["env"]["T"] == {"secret": "token", "team": "acme"}  # not ambiguous: acme's only
+
+
+def test_a_cell_recorded_before_submitters_were_kept_shows_the_runtimes_owner(api: ApiHarness) -> None:  # noqa: F811
+    people = acme(api)
+    rid = team_runtime(api, people["alice"])["id"]
+    with api.db.session() as s:  # a row from before revision 0016: no submitted_by
+        rt = s.get(Runtime, rid)
+        assert rt is not None
+        s.add(
+            Execution(
+                id="ex_before0016",
+                runtime_id=rid,
+                owner_id=rt.owner_id,
+                team="acme",
+                seq=1000,
+                language="python",
+                code="1",
+                status="ok",
+                submitted_by=None,
+            )
+        )
+    seen = api.get("/executions/ex_before0016", headers=people["carol"])
+    assert seen.status_code == 200 and seen.json()["submitted_by"] == "alice", seen.text
+    listed = api.get(f"/runtimes/{rid}/executions", headers=people["carol"]).json()
+    assert [(e["id"], e["submitted_by"]) for e in listed] == [("ex_before0016", "alice")]

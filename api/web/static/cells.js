@@ -21,6 +21,7 @@ function cellCard(ex) {
       h("span", { class: "lang" }, ex.language),
       status,
       h("span", { class: "muted" }, clock(ex.created_at)),
+      ex.submitted_by ? h("span", { class: "muted by" }, `by ${ex.submitted_by}`) : null,
     ),
     h("pre", { class: "code" }, ex.code),
     outputs,
