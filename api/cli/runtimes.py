@@ -1,4 +1,5 @@
-"""``envctl runtime create|ls|show|set|env|start|stop|rm|log|reset|changes`` and ``envctl machine-types``."""
+"""``envctl runtime create|ls|show|set|env|start|stop|rm|log|executions|reset|changes`` and
+``envctl machine-types``."""
 
 from __future__ import annotations
 
@@ -374,6 +375,30 @@ def log(api: Api, as_json: bool, runtime: str) -> int:
         [("at", "at (UTC)"), ("what", "state/event"), ("reason", "reason"), ("message", "message")],
         lambda e: {**e, "at": when(e["at"]), "what": e["state"] or f"[{e['event']}]"},
     )
+
+
+@runtime.command("executions")
+@RUNTIME
+@client_options
+def executions(api: Api, as_json: bool, runtime: str) -> int:
+    """The cells run in a runtime, newest first. A BY column names who ran each cell that
+    was not you (members of a team runtime run cells in it too); --json has it as submitted_by."""
+    items = api.call("GET", f"/runtimes/{api.runtime(runtime)['id']}/executions")
+    me = None if as_json else api.call("GET", "/users/me")["name"]
+
+    def row(e: dict[str, Any]) -> dict[str, Any]:
+        by = e.get("submitted_by")
+        first = e["code"].strip().splitlines()[0] if e["code"].strip() else ""
+        first = "".join(c if c.isprintable() else "?" for c in first)  # a teammate's escape codes stay text
+        return {
+            **e,
+            "at": when(e["created_at"]),
+            "by": "" if by == me else by or "(a deleted user)",
+            "first_line": first if len(first) <= 40 else first[:39] + "…",
+        }
+
+    columns = [("seq", "seq"), ("status", "status"), ("language", "language"), ("at", "created (UTC)")]
+    return listing(items, as_json, [*columns, ("by", "by"), ("first_line", "code")], row)
 
 
 @runtime.command("changes")

@@ -95,3 +95,29 @@ def test_a_team_runtime_is_made_with_team_and_addressed_as_team_slash_name(
     assert code == 0 and json.loads(out)["team"] is None, err  # a bare name: your own first
     code, out, err = run(capsys, "runtime", "create", "x", "--env", "python3", "--team", "gamma", *bob)
     assert code == 1 and "no team 'gamma' of yours" in err
+
+
+def test_runtime_executions_names_who_ran_each_cell_of_a_team_runtime_when_it_was_not_you(
+    server: Server,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(capsys, "user", "create", "bob", *server.args())
+    assert code == 0, err
+    bob = ["--url", server.url, "--token", out.strip()]
+    assert run(capsys, "team", "create", "acme", *server.args())[0] == 0
+    assert run(capsys, "team", "add-member", "acme", "bob", *server.args())[0] == 0
+    code, out, err = run(capsys, "runtime", "create", "shared", "--env", "python3", "--team", "acme", *server.args())
+    assert code == 0, err
+    assert run(capsys, "exec", "acme/shared", "print('mine')", *server.args())[0] == 0
+    code, out, err = run(capsys, "exec", "acme/shared", "print('bobs')  # \x1b[2J", *bob)  # an escape: stays text
+    assert code == 0 and out == "bobs\n", err
+
+    code, out, err = run(capsys, "runtime", "executions", "acme/shared", *server.args())
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["SEQ", "STATUS", "LANGUAGE", "CREATED", "(UTC)", "BY", "CODE"]
+    assert "bob" in lines[1] and "print('bobs')  # ?[2J" in lines[1] and "\x1b" not in out
+    assert "print('mine')" in lines[2] and "admin" not in lines[2]
+    code, out, err = run(capsys, "runtime", "executions", "acme/shared", "--json", *bob)
+    assert code == 0, err
+    assert [e["submitted_by"] for e in json.loads(out)] == ["bob", "admin"]
