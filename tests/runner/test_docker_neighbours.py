@@ -56,7 +56,7 @@ def _text(execution: dict[str, Any]) -> str:
 def test_two_installations_on_one_engine_leave_each_other_alone_round_after_round(docker: Any, tmp_path: Path) -> None:
     base_image(docker, "python3")
     name = f"same-{TEST_SESSION}"  # both named alike, as two installations on one host are by default
-    fast = {"ENVCTL_RUNNER_NAME": name, "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.2"}
+    fast = {"ENVCTL_RUNNER_NAME": name, "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.1"}
     one = start_server(docker, tmp_path / "one", **fast)
     two = start_server(docker, tmp_path / "two", **fast)
     try:
@@ -69,13 +69,13 @@ def test_two_installations_on_one_engine_leave_each_other_alone_round_after_roun
                 installations.add(container.labels[LABEL_INSTALLATION])
                 assert container.labels[LABEL_RUNNER] == name
             assert len(installations) == 2, "each installation labels its containers with its own id"
-            ends = time.monotonic() + 20  # about 100 housekeeping rounds of each (the defect: seconds)
+            ends = time.monotonic() + 10  # about 100 housekeeping rounds of each (the defect: seconds)
             while time.monotonic() < ends:
                 for srv, client, rts in ((one, c1, mine), (two, c2, theirs)):
                     for rt in rts:
                         now = client.get(f"/runtimes/{rt['id']}").json()
                         assert now["state"] == "running", (now, srv.output()[-3000:])
-                time.sleep(2)
+                time.sleep(1)
             for srv, client, rts in ((one, c1, mine), (two, c2, theirs)):
                 for rt in rts:
                     assert _text(_cell(client, rt["id"], "print('still here')")) == "still here\n"
