@@ -38,7 +38,9 @@ def live(settings: Settings) -> Iterator[Live]:
     prepare_database(settings)
     app = create_app(settings)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    )  # an event stream the test left open does not hold the shutdown for long
     thread = threading.Thread(target=server.run, name="uvicorn-web-streams", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
