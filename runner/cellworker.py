@@ -176,7 +176,7 @@ class CellWorkers:
 
     def interrupt(self, view: ExecutionView) -> None:
         """Ask the agent to interrupt a running cell, on a connection of its own."""
-        with AgentChannel(self.paths.socket(view.runtime_id), timeout=5) as channel:
+        with AgentChannel(self.paths.agent(view.runtime_id), timeout=5) as channel:
             channel.request("interrupt", execution_id=view.id)
 
     # ------------------------------------------------------------------ the worker
@@ -294,7 +294,7 @@ class CellWorkers:
         """The worker's connection to the runtime's agent, kept open between cells."""
         channel = self._channels.get(runtime_id)
         if channel is None:
-            channel = AgentChannel(self.paths.socket(runtime_id), timeout=10)
+            channel = AgentChannel(self.paths.agent(runtime_id), timeout=10)
             self._channels[runtime_id] = channel
         return channel
 
