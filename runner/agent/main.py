@@ -66,6 +66,7 @@ DEFAULT_CAP = 10 * 1024 * 1024
 ERROR_ALLOWANCE = 64 * 1024  # an error after the cap is still shown, up to this size
 KEEP_UNACKED = 8
 INTERRUPT_GRACE = 5.0
+ACCEPT_COALESCE = 0.002  # seconds ``accepted`` may wait to go out with a quick cell's outputs
 HANDSHAKE_TIMEOUT = 10.0  # seconds a network connection has to prove itself
 KEEP_REFUSALS = 50  # refused connections remembered until envctl is told
 
@@ -521,24 +522,36 @@ class Agent:
                 conn.close()
 
     def stream(self, conn: socket.socket, rid: Any, e: Execution, start: int) -> None:
-        """Send an execution's outputs from ``start`` as they come, then its end."""
-        send(conn, {"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
+        """Send an execution's outputs from ``start`` as they come, then its end.
+
+        What is ready goes in one write: ``accepted`` waits up to ACCEPT_COALESCE for a quick
+        cell's outputs and end, so that a trivial cell costs the connection one message
+        instead of three (each one a wake-up on both sides, and a TLS record on a network)."""
+        pending = encode({"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
         sent = max(0, start)
+        wait_first = ACCEPT_COALESCE
         while True:
             with e.cond:
-                while len(e.outputs) <= sent and not e.finished:
-                    e.cond.wait(1.0)
+                if wait_first:
+                    until = time.monotonic() + wait_first
+                    while not e.finished and time.monotonic() < until:
+                        e.cond.wait(max(0.0, until - time.monotonic()))
+                    wait_first = 0.0
+                else:
+                    while len(e.outputs) <= sent and not e.finished:
+                        e.cond.wait(1.0)
                 batch = e.outputs[sent:]
                 finished = e.finished and len(e.outputs) == sent + len(batch)
-            if batch:
-                data = b"".join(
-                    encode({"id": rid, "event": "output", "index": sent + i, "output": out})
-                    for i, out in enumerate(batch)
-                )
-                conn.sendall(data)
-                sent += len(batch)
+            data = pending + b"".join(
+                encode({"id": rid, "event": "output", "index": sent + i, "output": out}) for i, out in enumerate(batch)
+            )
+            pending = b""
+            sent += len(batch)
             if finished:
-                send(conn, {"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
+                data += encode({"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
+            if data:
+                conn.sendall(data)
+            if finished:
                 return
 
 
