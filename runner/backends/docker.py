@@ -24,11 +24,9 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import kernelspec_files, netguard, overlay, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, overlay, volumes
 from runner.backends.base import (
-    AGENT_CREDENTIAL,
     AGENT_MOUNT,
-    AGENT_PORT,
     AGENT_SOCKET,
     CUDA_MOUNT,
     LABEL_ENVIRONMENT,
@@ -142,7 +140,7 @@ class DockerBackend(RuntimeBackend):
         }
         options: dict[str, Any] = {
             "image": spec.image,
-            "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *_channel_args(spec.channel)],
+            "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments(spec.channel)],
             "name": spec.container_name,
             "hostname": spec.name[:63],
             "labels": labels,
@@ -259,27 +257,13 @@ class DockerBackend(RuntimeBackend):
         try:
             container.start()
             if spec.channel == "tcp":
-                state["agent"] = {"channel": "tcp", "host": self._address(container.id), "port": AGENT_PORT}
+                state["agent"] = agent_channel.address(self.client, container.id)
         except Exception as exc:
             self._force_remove(container.id)
             if isinstance(exc, BackendError):
                 raise
             raise _daemon_error("start the runtime's container", exc) from exc
         return state
-
-    def _address(self, cid: str) -> str:
-        """The container's address on its network: where a tcp channel's agent listens. The
-        engine's host routes to it (a bridge's addresses are the host's neighbours); the
-        network fence lets replies to what the host opened through, and nothing else."""
-        networks = (self.client.api.inspect_container(cid).get("NetworkSettings") or {}).get("Networks") or {}
-        for info in networks.values():
-            if (info or {}).get("IPAddress"):
-                return str(info["IPAddress"])
-        raise BackendError(
-            f"the runtime's container has no address on a network ({', '.join(networks) or 'none'}), "
-            "so the tcp agent channel cannot reach it; use a bridge network or ENVCTL_RUNNER_CHANNEL=unix",
-            details={"field": "runner_channel"},
-        )
 
     def poll(self, state: BackendState) -> ContainerStatus:
         cid = state.get("container_id")
@@ -575,15 +559,6 @@ class DockerBackend(RuntimeBackend):
             raise _daemon_error("remove the runtime's container", exc) from exc
         except Exception as exc:
             raise _daemon_error("remove the runtime's container", exc) from exc
-
-
-def _channel_args(channel: str) -> list[str]:
-    """The agent's arguments for its channel: paths and a port, never the credential itself."""
-    if channel == "unix":
-        return []
-    if channel == "tcp":
-        return ["--listen", f"tcp:{AGENT_PORT}", "--credential", f"{STATE_MOUNT}/{AGENT_CREDENTIAL}"]
-    raise InvalidInputError(f"unknown agent channel {channel!r}; known: unix, tcp", field="runner_channel")
 
 
 # Docker's own init (tini), mounted into every runtime container because of init=True.
