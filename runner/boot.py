@@ -188,8 +188,14 @@ class Booter:
         (spec.state_dir / "results").mkdir(exist_ok=True)
         self.paths.remove_socket(runtime_id)
         credential = make_credential(runtime_id) if spec.channel == "tcp" else None
-        with hand_over(spec.state_dir, credential) if credential is not None else contextlib.nullcontext():
-            pong = self._start_and_wait(runtime_id, spec, credential, secrets, begun, cancel)
+        try:
+            with hand_over(spec.state_dir, credential) if credential is not None else contextlib.nullcontext():
+                pong = self._start_and_wait(runtime_id, spec, credential, secrets, begun, cancel)
+        except OSError as exc:  # the FIFO could not be made in the state directory
+            records.fail(
+                runtime_id, "backend-error", f"could not hand the runtime its credential: {exc}", {State.BOOTING}
+            )
+            return
         if pong is None:
             return
         took_ms = (time.monotonic() - begun) * 1000
