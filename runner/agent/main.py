@@ -24,6 +24,7 @@ every reply echoes the ``id``.
     -> {"id": 3, "op": "attach", "execution_id": "ex_...", "from": 5}   same events from index 5
     -> {"id": 4, "op": "interrupt", "execution_id": "ex_..."}
     -> {"id": 5, "op": "ack", "execution_id": "ex_..."}                  forget a stored execution
+       (an ``execute`` may carry ``"ack": ["ex_..."]``: the same, without a message of its own)
     -> {"id": 6, "op": "status"}
 
 An execution keeps running when its connection drops; its outputs stay here until the runner
@@ -262,17 +263,22 @@ class Agent:
         return {"op": "secrets", "variables": sorted(env), "files": sorted(files)}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._forget(str(request.get("execution_id")))
+        return {"op": "ack"}
+
+    def _forget(self, execution_id: str) -> None:
         with self._state_lock:
-            e = self.executions.get(str(request.get("execution_id")))
+            e = self.executions.get(execution_id)
             if e is not None and e.finished:
                 del self.executions[e.id]
-        return {"op": "ack"}
 
     # --- executions -------------------------------------------------------------------
     def op_execute(self, request: dict[str, Any]) -> Execution:
         eid = str(request.get("execution_id") or "")
         if not eid:
             raise ValueError("execute needs an execution_id")
+        for stored in list(request.get("ack") or [])[:16]:  # earlier cells the runner has stored
+            self._forget(str(stored))
         with self._state_lock:
             existing = self.executions.get(eid)
             if existing is not None:

@@ -13,16 +13,19 @@ and HMAC handshakes, which the cell worker's kept connection pays once).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
+from tests.runner.conftest import remove_fence
 
 LABEL = "envctl.bench"
 BLOCK = 50
@@ -140,11 +143,18 @@ def run(runs: int = 1000) -> dict[str, float]:
                 )
                 figures["stream_ratio"] = best_t / best_u
         finally:
-            for srv in (unix, tcp):
-                with srv.client() as client:
-                    for rt in client.get("/runtimes").json():
-                        client.delete(f"/runtimes/{rt['id']}")
-                srv.stop()
+            engine = docker.from_env()
+            try:
+                for srv in (unix, tcp):
+                    with contextlib.suppress(httpx.HTTPError), srv.client() as client:
+                        for rt in client.get("/runtimes").json():
+                            client.delete(f"/runtimes/{rt['id']}")
+                    srv.stop()
+                    for c in engine.containers.list(all=True, filters={"label": f"{LABEL}={session}"}):
+                        c.remove(force=True)
+                    remove_fence(engine, srv)  # the installation's network and firewall rules (R44)
+            finally:
+                engine.close()
     return figures
 
 
