@@ -170,3 +170,13 @@ def test_a_silent_connection_does_not_hold_the_agent(agent: Any) -> None:
         assert done.wait(5)
     finally:
         silent.close()
+
+
+def test_a_cell_may_carry_the_ack_of_the_one_before(agent: Any) -> None:
+    """The runner tells the agent a cell is stored with the next cell it sends: the agent
+    forgets it then, and keeps a cell nobody acknowledged."""
+    to, _cred, _proc = agent
+    with AgentChannel(to, timeout=5) as channel:
+        list(channel.stream("execute", execution_id="ex_a", code="1", language="python"))
+        list(channel.stream("execute", execution_id="ex_b", code="2", language="python", ack=["ex_a"]))
+        assert set(channel.request("status")["executions"]) == {"ex_b"}
