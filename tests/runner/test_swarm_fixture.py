@@ -8,7 +8,9 @@ docs/swarm-notes.md has the figures and messages these tests pin down.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import re
 import signal
@@ -32,8 +34,10 @@ from docker.types import (
     TaskTemplate,
 )
 
+from registry import signing
+from registry.distribution import ISSUER, SERVICE
 from tests.conftest import TEST_LABEL, TEST_SESSION
-from tests.fixtures.swarm import Swarm, SwarmRegistry
+from tests.fixtures.swarm import Swarm, SwarmRegistry, serve_registry
 
 pytestmark = pytest.mark.swarm
 
@@ -350,3 +354,72 @@ def test_a_killed_worker_engine_is_reported_down(
         swarm.start("worker1")
     node.reload()
     assert node.attrs["Status"]["State"] == "ready"
+
+
+def test_a_node_pulls_with_a_registry_token_handed_in_the_create_call(
+    swarm: Swarm, swarm_registry: SwarmRegistry, manager: Any, tmp_path: Path
+) -> None:
+    """envctl's registry trusts only tokens envctl signs. A node pulls with a token handed in
+    the service create call's X-Registry-Auth (``{"registrytoken": ...}``) and never asks the
+    realm (unreachable here); without a token, or with one for another repository, its task is
+    rejected. The token is in neither the service nor its tasks."""
+    key = signing.load_or_create(tmp_path / "key")
+    auth = {
+        "token": {
+            "realm": "http://127.0.0.1:9/unreachable-realm",
+            "service": SERVICE,
+            "issuer": ISSUER,
+            "rootcertbundle": str(key.cert_path),
+        }
+    }
+
+    def token(repository: str, actions: list[str]) -> str:
+        now = int(time.time())
+        access = [{"type": "repository", "name": repository, "actions": actions}]
+        claims = {"iss": ISSUER, "sub": "swarm-node", "aud": SERVICE, "iat": now, "nbf": now, "exp": now + 60}
+        return key.sign(claims | {"jti": uuid.uuid4().hex, "access": access})
+
+    def create(image: str, node: str, registry_token: str | None) -> str:
+        spec = {
+            "Name": f"envctl-test-{uuid.uuid4().hex[:10]}",
+            "Labels": {TEST_LABEL: TEST_SESSION},
+            "TaskTemplate": {
+                "ContainerSpec": {"Image": image, "Command": ["/bin/sh", "-c", "echo pulled"]},
+                "RestartPolicy": {"Condition": "none"},
+                "Placement": {"Constraints": [f"node.labels.{NODE_LABEL}=={node}"]},
+            },
+        }
+        header = base64.urlsafe_b64encode(json.dumps({"registrytoken": registry_token}).encode()).decode()
+        response = manager.api._post_json(
+            manager.api._url("/services/create"),
+            data=spec,
+            headers={"X-Registry-Auth": header} if registry_token else {},
+        )
+        response.raise_for_status()
+        return str(response.json()["ID"])
+
+    made: list[str] = []
+    with serve_registry(tmp_path, swarm.registry_host, auth) as address:
+        try:
+            repository = f"team-{TEST_SESSION}/env"
+            manager.images.get(swarm_registry.image).tag(f"{address}/{repository}", "1")
+            push = {"registrytoken": token(repository, ["pull", "push"])}
+            pushed = manager.api.push(f"{address}/{repository}", "1", auth_config=push)
+            found = re.search(r'"Digest":"(sha256:[0-9a-f]{64})"', pushed)
+            assert found, pushed
+            image = f"{address}/{repository}@{found[1]}"
+            pull = token(repository, ["pull"])
+            cases = [("worker2", None), ("worker2", token("another/repository", ["pull"])), ("worker1", pull)]
+            outcome = {}
+            for node, registry_token in cases:
+                made.append(create(image, node, registry_token))
+                service = manager.services.get(made[-1])
+                task = wait_task(service, lambda t: state(t) in ("complete", "rejected", "failed"))
+                outcome[(node, registry_token)] = (state(task), task["Status"].get("Err"))
+                assert pull not in json.dumps(service.attrs) + json.dumps(service.tasks())
+            assert outcome[cases[0]] == ("rejected", f"No such image: {image}")
+            assert outcome[cases[1]] == ("rejected", f"No such image: {image}")
+            assert outcome[cases[2]] == ("complete", None)
+        finally:
+            for service_id in made:
+                manager.api.remove_service(service_id)
