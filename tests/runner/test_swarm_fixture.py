@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +38,8 @@ from docker.types import (
 from registry import signing
 from registry.distribution import ISSUER, SERVICE
 from tests.conftest import TEST_LABEL, TEST_SESSION
-from tests.fixtures.swarm import Swarm, SwarmRegistry, serve_registry
+from tests.fixtures import swarm_cluster
+from tests.fixtures.swarm import Swarm, SwarmRegistry, serve_registry, tiny_image_tar
 
 pytestmark = pytest.mark.swarm
 
@@ -423,3 +425,39 @@ def test_a_node_pulls_with_a_registry_token_handed_in_the_create_call(
         finally:
             for service_id in made:
                 manager.api.remove_service(service_id)
+
+
+def test_down_removes_all_up_made_even_after_a_killed_engine(swarm: Swarm, tmp_path: Path) -> None:
+    """A second swarm of its own: up, a container running on worker1, worker1's dockerd killed,
+    down → no process, namespace, link, host rule, cgroup, mount or file of it is left, and the
+    host's own docker0 is still there."""
+    directory = tmp_path / "second"
+    layout = swarm_cluster.Layout.of(directory)
+    had_docker0 = Path("/sys/class/net/docker0").exists()
+    env = _read_env_of(directory, swarm_cluster.up(directory))
+    try:
+        subprocess.run(["docker", "-H", env["ENVCTL_SWARM_WORKER1_HOST"], "import", "-", "envctl-swarm-leftover:1"],
+                       input=tiny_image_tar(), check=True, capture_output=True)  # fmt: skip
+        subprocess.run(["docker", "-H", env["ENVCTL_SWARM_WORKER1_HOST"], "run", "-d", "--network=none",
+                        "envctl-swarm-leftover:1", "/bin/sleep", "300"], check=True, capture_output=True)  # fmt: skip
+        os.kill(int(env["ENVCTL_SWARM_WORKER1_PID"]), signal.SIGKILL)
+        assert swarm_cluster._our_pids(layout), "the container outlives its engine"
+    finally:
+        swarm_cluster.down(directory)
+    assert not swarm_cluster._our_pids(layout)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert layout.netns("manager").rsplit("-", 1)[0] not in netns
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert layout.bridge not in links and f"vsw{layout.ident}" not in links
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+    assert f"envctl-swarm-fixture:{layout.ident}" not in rules
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/envsw{layout.ident}-*"))
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    assert str(directory) not in mountinfo and str(layout.run_root) not in mountinfo
+    assert not directory.exists() and not layout.run_root.exists()
+    assert Path("/sys/class/net/docker0").exists() == had_docker0, "the host's docker0 is gone"
+
+
+def _read_env_of(directory: Path, env: Path) -> dict[str, str]:
+    assert env == directory.resolve() / "env"
+    return dict(line.split("=", 1) for line in env.read_text().splitlines())
