@@ -18,6 +18,7 @@ from envs.kit.db import Database
 from registry import catalog
 from registry import service as registry_service
 from registry import teams as teams_service
+from registry.visibility import Reader
 from runner.records import Viewer
 from runner.service import RunnerService
 
@@ -41,7 +42,12 @@ class Caller:
     def viewer(self) -> Viewer:
         """Who asks, as the runner decides what they see and may do (``runner/records.py``).
         Read with the caller, so a change of membership counts within the cache's ``ttl``."""
-        return Viewer(self.id, self.teams, self.admin_of)
+        return Viewer(self.id, self.teams, self.admin_of, self.is_admin)
+
+    @property
+    def reader(self) -> Reader:
+        """Who asks, as a reader of environments (``registry/visibility.py``)."""
+        return Reader(self.id, self.teams, self.is_admin)
 
 
 async def get_context(request: Request) -> Context:
@@ -154,7 +160,7 @@ class LiveViewer:
             with self.ctx.db.session() as s:
                 teams = teams_service.team_names_of(s, self.caller.id)
                 admin_of = teams_service.admin_team_names_of(s, self.caller.id)
-            self.viewer = Viewer(self.caller.id, teams, admin_of)
+            self.viewer = Viewer(self.caller.id, teams, admin_of, self.caller.is_admin)
             self.read_at = time.monotonic()
         return self.viewer
 

@@ -126,7 +126,7 @@ def environment_of(session: Session, ref: EnvRef | str, field: str = "ref") -> E
         ref = parse_ref(ref, field)
     env = get_environment(session, ref.full_name)
     if env is None:
-        raise _no_environment(ref, field)
+        raise no_environment(ref, field)
     if ref.is_pinned:
         resolve(session, ref, field)  # 404 for a version that does not exist
     session.refresh(env)
@@ -149,7 +149,7 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
         ref = parse_ref(ref, field)
     env = get_environment(session, ref.full_name)
     if env is None:
-        raise _no_environment(ref, field)
+        raise no_environment(ref, field)
     q = select(EnvironmentVersion).where(EnvironmentVersion.environment_id == env.id)
     if ref.version is not None:
         version = session.scalars(q.where(EnvironmentVersion.number == ref.version)).one_or_none()
@@ -163,7 +163,8 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
     return version
 
 
-def _no_environment(ref: EnvRef, field: str) -> EnvironmentNotFoundError:
+def no_environment(ref: EnvRef, field: str) -> EnvironmentNotFoundError:
+    """The 404 of an environment that does not exist (or that its reader may not see)."""
     return EnvironmentNotFoundError(
         f"{field}: no environment named {ref.full_name!r}; `envctl env ls` lists them",
         details={"field": field, "environment": ref.full_name},

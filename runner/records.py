@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 from envs.kit.db import Database
 from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
+from registry.visibility import Reader
 from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
 from runner.identity import Liveness
 from runner.models import Runtime, RuntimeLogEntry
@@ -56,6 +57,12 @@ class Viewer:
     user_id: str
     teams: frozenset[str] = frozenset()
     admin_of: frozenset[str] = frozenset()
+    is_admin: bool = False  # an envctl admin: sees every environment, no more runtimes than this says
+
+    @property
+    def reader(self) -> Reader:
+        """They as a reader of environments (``registry/visibility.py`` decides what they see)."""
+        return Reader(self.user_id, self.teams, self.is_admin)
 
     def sees(self, owner_id: str, team: str | None) -> bool:
         """Whether a runtime (or its execution, result) of ``owner_id`` in ``team`` exists for them."""

@@ -42,7 +42,7 @@ def build(body: BuildRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     background; the operation lists each step with the execution that runs it. The same spec
     on the same parent reuses the version built before. Building into an environment of
     another user (or a base image, unless an admin) is refused with 403."""
-    op = ctx.runner.builds.build(caller.id, caller.name, body.spec, body.source)
+    op = ctx.runner.builds.build(caller.viewer, caller.name, body.spec, body.source)
     return operation_out(op)
 
 
