@@ -1,7 +1,9 @@
 """Rules for environments, versions and tags. Functions take the caller's session.
 
-Ownership: the registry is shared, so anyone may read any environment (list, show, lineage,
-export, boot from it, import it, extend it under another name). Writing to one (a new
+Ownership: anyone may read any environment outside a team's namespace (list, show, lineage,
+export, boot from it, import it, extend it under another name); a team's are its members' to
+read, and everyone's once published: ``registry/visibility.py`` decides, since publications are
+the registry's (functions here resolve references for envctl itself). Writing to one (a new
 version, a tag moved) and deleting its versions is for its owner, the members of its team (its
 namespace: ``acme/ml`` is team ``acme``'s) and admins only; an environment with no owner (a
 base image, or one older than owners) is for admins only, and only members create one in a
@@ -85,6 +87,8 @@ def check_write(env: Environment | None, writer: Writer | None, action: str, adv
     """
     if env is None or may_write(env, writer):
         return
+    if env.namespace:  # another team's: the same answer whether it exists or not (no telling its names)
+        check_create(env.full_name, writer)
     if env.owner_id is None:
         who = "has no owner (a base image, or older than owners): only an admin"
     else:

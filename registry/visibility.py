@@ -23,8 +23,10 @@ the chain then says only that something is there, never its name, message or aut
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from envs import service as envs_service
@@ -32,8 +34,7 @@ from envs.errors import VersionNotFoundError
 from envs.kit.errors import NotFoundError
 from envs.models import Environment, EnvironmentVersion
 from envs.refs import EnvRef, parse_ref
-from registry.catalog import published_version_ids
-from registry.models import User
+from registry.models import Publication, User
 from registry.teams import team_names_of
 
 
@@ -51,6 +52,22 @@ class Reader:
 
 
 ANYONE = Reader("")  # a reader in no team: sees what is outside teams and what teams published
+
+
+def _publications(session: Session, env_id: int) -> list[Publication]:
+    return list(session.scalars(select(Publication).where(Publication.environment_id == env_id)))
+
+
+def published_version_ids(session: Session, env: Environment) -> set[int]:
+    """The ids of ``env``'s versions that are published, directly or through a tag."""
+    tags = {t.name: t.version_id for t in env.tags}
+    found: set[int] = set()
+    for pub in _publications(session, env.id):
+        if pub.version_id is not None:
+            found.add(pub.version_id)
+        elif pub.tag in tags:
+            found.add(tags[pub.tag])
+    return found
 
 
 def reader_of(session: Session, user_id: str) -> Reader:
@@ -72,6 +89,11 @@ def sees(session: Session, version: EnvironmentVersion, reader: Reader) -> bool:
     lineage's parents)."""
     only = readable_versions(session, version.environment, reader)
     return only is None or version.id in only
+
+
+def hidden_parents(session: Session, versions: Iterable[EnvironmentVersion], reader: Reader) -> set[int]:
+    """The ids of ``versions`` whose parent ``reader`` may not see (shown as hidden)."""
+    return {v.id for v in versions if v.parent is not None and not sees(session, v.parent, reader)}
 
 
 def resolve(session: Session, ref: EnvRef | str, reader: Reader, field: str) -> EnvironmentVersion:

@@ -28,7 +28,7 @@ from runner.executions import ExecutionManager
 from runner.lifecycle import Lifecycle
 from runner.models import Operation
 from runner.operations import Operations
-from runner.records import Records, Who, viewer_of
+from runner.records import Records, Viewer, Who, viewer_of
 from runner.runtimes import Runtimes
 from runner.snapshots import Snapshots, writer_of
 from runner.states import State
@@ -90,7 +90,7 @@ class Builds:
         op = operations.create(
             owner_id, "build", f"building {spec.name} on {parent_ref}", result={"spec_digest": digest, "steps": []}
         )
-        self.submit(self._build, op.id, owner_id, author, spec, parent_ref, digest)
+        self.submit(self._build, op.id, viewer, author, spec, parent_ref, digest)
         return op
 
     @staticmethod
@@ -103,12 +103,13 @@ class Builds:
                 return v.ref
         return None
 
-    def _build(self, op_id: str, owner_id: str, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
+    def _build(self, op_id: str, viewer: Viewer, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
+        owner_id = viewer.user_id
         rid = None
         steps: list[dict[str, Any]] = []
         try:
             rt = self.runtimes.create(
-                owner_id, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
+                viewer, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
             )
             rid = rt.id
             self._update(op_id, phase="booting", message=f"booting {parent_ref}", runtime_id=rid)

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 from envs.kit.db import Database
 from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
-from registry.visibility import Reader
+from registry.visibility import Reader, reader_of
 from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
 from runner.identity import Liveness
 from runner.models import Runtime, RuntimeLogEntry
@@ -84,6 +84,12 @@ Who = Viewer | str
 
 def viewer_of(who: Who) -> Viewer:
     return who if isinstance(who, Viewer) else Viewer(who)
+
+
+def reader_for(s: Session, who: Who) -> Reader:
+    """``who`` as a reader of environments: a ``Viewer`` says it; a plain user id (envctl's own
+    work for that user) is read from the store."""
+    return who.reader if isinstance(who, Viewer) else reader_of(s, who)
 
 
 class Records:
