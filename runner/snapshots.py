@@ -300,7 +300,7 @@ class Snapshots:
         # removes it at once (_save).
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
-        baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
+        saved_at_ns = time.time_ns()  # before the save pauses the container, unless the backend says later
         values = self.secret_values(runtime_id) if secret_values is None else secret_values
         observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
         del values
@@ -314,6 +314,7 @@ class Snapshots:
             saved_at_ns=since,
         )
         image_id = saved.image.id
+        baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
         report = {
             "caches_kept": keep_caches,
             "left_out": saved.left_out,
