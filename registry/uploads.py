@@ -16,12 +16,13 @@ minutes: the user's rights were checked by the save before any of this.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import httpx
 
@@ -171,9 +172,8 @@ class RegistryWriter:
     def finish(self, upload: Upload, digest: str, data: bytes = b"") -> None:
         resp = self._call(
             "PUT",
-            upload.location,
+            upload.location + ("&" if "?" in upload.location else "?") + urlencode({"digest": digest}),
             f"finish the upload to {upload.repository}",
-            params={"digest": digest},
             content=data,
             headers={"Content-Type": "application/octet-stream"},
         )
@@ -182,10 +182,8 @@ class RegistryWriter:
 
     def cancel(self, upload: Upload) -> None:
         """Throw an unfinished upload away (idempotent, never raises)."""
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self.http.delete(upload.location)
-        except httpx.HTTPError:
-            pass
 
     def put_blob(self, repository: str, digest: str, data: bytes) -> None:
         """A small blob (a configuration) in one go, unless it is there."""

@@ -305,7 +305,7 @@ class InRuntimeSaves:
         in the registry when the stream fails or the scan refuses it (no manifest)."""
         parent_digest = self.parent_digest(user_id, parent)
         url = uploads.registry_url(self.settings)
-        access: dict[str, tuple[str, ...]] = {repository: ("pull", "push")}
+        access: dict[str, tuple[str, ...]] = {repository: ("pull", "push", "delete")}  # delete: cancel an upload
         if parent.environment != repository:
             access[parent.environment] = ("pull",)
         token = uploads.own_token(self.settings, access, subject=f"envctl save of {runtime_id}")

@@ -95,11 +95,11 @@ def test_a_save_made_in_the_runtime_boots_elsewhere_with_every_file_the_same(ser
         )
         before = ok(run(client, rid, LISTING))
         op = save_op(client, rid, ENV, message="first")
-        assert op["status"] == "succeeded", op
+        assert op["status"] == "succeeded", op.get("error") or op
         result = op["result"]
         assert result["pushed"] is True and result["path"] == "runtime"
-        assert "/var/cache/apt/archives" in result["left_out"]
-        assert result["left_out"]["/var/cache/apt/archives"]["bytes"] == 3000000
+        assert "/var/cache/apt" in result["left_out"]
+        assert result["left_out"]["/var/cache/apt"]["bytes"] == 3000000
         v1 = client.get(f"/environments/{ENV}@1").json()
         # the layer holds the change: ~20 MB, not the whole image
         assert 20_000_000 < result["layer"]["bytes"] < 22_000_000, result["layer"]
@@ -133,9 +133,8 @@ def test_a_save_made_in_the_runtime_boots_elsewhere_with_every_file_the_same(ser
 
 def test_a_secret_in_a_file_refuses_the_save_naming_the_path_and_leaves_nothing(server: Server) -> None:
     with server.client() as client:
-        created = client.post("/secrets", json={"name": "token", "value": SECRET, "team": "acme"})
-        assert created.status_code in (200, 201), created.text
-        rid = new_runtime(client, "leaky", environment="bash", language="bash", secrets=["token"])
+        assert client.put("/teams/acme/secrets/token", json={"value": SECRET}).status_code == 201
+        rid = new_runtime(client, "leaky", environment="bash", language="bash", env={"TOKEN": {"secret": "token"}})
         client.post(f"/runtimes/{rid}/start")
         assert server.wait_state(client, rid, {"running", "error"})["state"] == "running"
         ok(run(client, rid, 'mkdir -p /opt/leak && echo "token=$TOKEN" > /opt/leak/config && echo ok'))
