@@ -30,9 +30,9 @@ LISTING = r"""
 for root in /opt/t /etc/skel /usr/share/doc/bash; do
   [ -e "$root" ] || continue
   find "$root" -xdev | sort | while read -r p; do
-    t=$(stat -c '%F %a %u:%g %h' "$p")
+    t=$(stat -c '%F %a %u:%g' "$p")
     if [ -L "$p" ]; then echo "$p $t -> $(readlink "$p")";
-    elif [ -f "$p" ]; then echo "$p $t $(sha256sum < "$p" | cut -c1-64)";
+    elif [ -f "$p" ]; then echo "$p $t links=$(stat -c %h "$p") $(sha256sum < "$p" | cut -c1-64)";
     else echo "$p $t"; fi
   done
 done
