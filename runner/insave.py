@@ -315,13 +315,12 @@ class InRuntimeSaves:
             parent_layers = oci.layers_of(parent_manifest)
             parent_config = _json(registry.blob(parent.environment, str(parent_manifest["config"]["digest"])))
             for layer in parent_layers:
-                if parent.environment != repository and not registry.has_blob(repository, layer.digest):
-                    if not registry.mount(repository, layer.digest, parent.environment):
-                        raise TransferError(
-                            f"the registry would not link the layer {layer.digest[:19]} of {parent.ref} into "
-                            f"{repository}",
-                            details={"layer": layer.digest},
-                        )
+                there = parent.environment == repository or registry.has_blob(repository, layer.digest)
+                if not there and not registry.mount(repository, layer.digest, parent.environment):
+                    raise TransferError(
+                        f"the registry would not link the layer {layer.digest[:19]} of {parent.ref} into {repository}",
+                        details={"layer": layer.digest},
+                    )
             checked = Checked()
             request = {
                 "save": save_token,
@@ -390,9 +389,11 @@ class InRuntimeSaves:
 
     def keep(self, runtime_id: str, save_token: str) -> None:
         """The version was recorded: the agent's next saves judge against it."""
-        with contextlib.suppress(AgentUnavailableError, BackendError):
-            with AgentChannel(self.agent(runtime_id), timeout=10) as channel:
-                channel.request("layer", action="keep", save=save_token)
+        with (
+            contextlib.suppress(AgentUnavailableError, BackendError),
+            AgentChannel(self.agent(runtime_id), timeout=10) as channel,
+        ):
+            channel.request("layer", action="keep", save=save_token)
 
     def _mount_targets(self, runtime_id: str) -> list[str]:
         with self.records.db.session() as s:

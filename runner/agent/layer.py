@@ -205,7 +205,7 @@ class FrameWriter:
 def _cache_of(patterns: list[list[str]], path: str) -> str | None:
     parts = [p for p in path.split("/") if p]
     for pattern in patterns:
-        if len(parts) > len(pattern) and all(w == "*" or w == p for w, p in zip(pattern, parts)):
+        if len(parts) > len(pattern) and all(w == "*" or w == p for w, p in zip(pattern, parts, strict=False)):
             return "/" + "/".join(parts[: len(pattern)])
     return None
 

@@ -36,7 +36,7 @@ for root in /opt/t /etc/skel /usr/share/doc/bash; do
     else echo "$p $t"; fi
   done
 done
-getfattr -d -m user. /opt/t/xattr 2>/dev/null || python3 -c "import os; print(sorted((n, os.getxattr('/opt/t/xattr', n)) for n in os.listxattr('/opt/t/xattr') if n.startswith('user.')))"
+python3 -c "import os; f = '/opt/t/xattr'; print([(n, os.getxattr(f, n)) for n in os.listxattr(f)])"
 """
 
 
@@ -100,6 +100,7 @@ def test_a_save_made_in_the_runtime_boots_elsewhere_with_every_file_the_same(ser
         assert result["pushed"] is True and result["path"] == "runtime"
         assert "/var/cache/apt" in result["left_out"]
         assert result["left_out"]["/var/cache/apt"]["bytes"] == 3000000
+        print("first save:", op["result"]["layer"], op["finished_at"] if "finished_at" in op else "")
         v1 = client.get(f"/environments/{ENV}@1").json()
         # the layer holds the change: ~20 MB, not the whole image
         assert 20_000_000 < result["layer"]["bytes"] < 22_000_000, result["layer"]
@@ -120,12 +121,14 @@ def test_a_save_made_in_the_runtime_boots_elsewhere_with_every_file_the_same(ser
             other = booted(server, client, f"{ENV}@{number}", f"reader{number}")
             got = ok(run(client, other, LISTING))
             assert got == expected
-            assert "/var/cache/apt/archives/left-out.deb" not in ok(
-                run(client, other, "ls /var/cache/apt/archives/ 2>&1; echo")
-            ) or True
-            assert ok(run(client, other, "test -e /var/cache/apt/archives/left-out.deb && echo there || echo gone")) == (
-                "gone\n"
+            assert (
+                "/var/cache/apt/archives/left-out.deb"
+                not in ok(run(client, other, "ls /var/cache/apt/archives/ 2>&1; echo"))
+                or True
             )
+            assert ok(
+                run(client, other, "test -e /var/cache/apt/archives/left-out.deb && echo there || echo gone")
+            ) == ("gone\n")
             client.post(f"/runtimes/{other}/stop")
         assert "/usr/share/doc/bash" not in after_second and "/etc/skel/.profile" not in after_second
         assert "kept" in before
