@@ -183,6 +183,9 @@ class RuntimeBackend(abc.ABC):
     """Runs runtime containers. Implement start, poll, stop, list_owned, socket_path."""
 
     name: ClassVar[str]
+    #: saves and drafts are made inside the runtime and written into the registry
+    #: (``runner/insave.py``): a backend whose runtimes have no filesystem on this host
+    saves_in_runtime: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
