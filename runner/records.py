@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 from envs.kit.db import Database
 from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
+from registry.visibility import Reader, reader_of
 from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
 from runner.identity import Liveness
 from runner.models import Runtime, RuntimeLogEntry
@@ -56,6 +57,12 @@ class Viewer:
     user_id: str
     teams: frozenset[str] = frozenset()
     admin_of: frozenset[str] = frozenset()
+    is_admin: bool = False  # an envctl admin: sees every environment, no more runtimes than this says
+
+    @property
+    def reader(self) -> Reader:
+        """They as a reader of environments (``registry/visibility.py`` decides what they see)."""
+        return Reader(self.user_id, self.teams, self.is_admin)
 
     def sees(self, owner_id: str, team: str | None) -> bool:
         """Whether a runtime (or its execution, result) of ``owner_id`` in ``team`` exists for them."""
@@ -77,6 +84,12 @@ Who = Viewer | str
 
 def viewer_of(who: Who) -> Viewer:
     return who if isinstance(who, Viewer) else Viewer(who)
+
+
+def reader_for(s: Session, who: Who) -> Reader:
+    """``who`` as a reader of environments: a ``Viewer`` says it; a plain user id (envctl's own
+    work for that user) is read from the store."""
+    return who.reader if isinstance(who, Viewer) else reader_of(s, who)
 
 
 class Records:

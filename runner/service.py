@@ -72,6 +72,7 @@ from runner.feeds import Feeds
 from runner.housekeeping import Housekeeping
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
 from runner.imports import Imports
+from runner.insave import InRuntimeSaves
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.volumes import Volumes
@@ -158,6 +159,9 @@ class RunnerService:
             submit=concurrency.submit,
             transfers=transfers,
             secret_values=secrets.values_of,
+        )
+        snapshots.in_runtime = InRuntimeSaves(
+            settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         self.results = ResultCollector(settings, db, clock, paths)
         self.lifecycle = lifecycle = Lifecycle(
