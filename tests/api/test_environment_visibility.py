@@ -58,6 +58,13 @@ def _operations(api: ApiHarness) -> int:
         return int(s.scalar(select(func.count()).select_from(Operation)) or 0)
 
 
+def _settle(api: ApiHarness, headers: Headers, resp: Any) -> None:
+    """A build that was (wrongly) accepted is waited for, so that the test fails on its
+    assertions rather than on a build still running when the app shuts down."""
+    if resp.status_code == 202:
+        _finished(api, headers, resp.json()["id"])
+
+
 def _finished(api: ApiHarness, headers: Headers, op_id: str) -> dict[str, Any]:
     op: dict[str, Any] = api.get(f"/operations/{op_id}", headers=headers, params={"wait": 30}).json()
     return op
@@ -93,6 +100,7 @@ def test_an_outsiders_spec_extending_another_teams_private_version_is_not_found_
     ops = _operations(api)
 
     resp = api.post("/environments/build", headers=bob, json={"spec": STOLEN, "source": "stolen.yaml"})
+    _settle(api, bob, resp)
 
     err = assert_envelope(resp, 404, "environment_not_found")
     assert err["details"]["field"] == "extends", err
@@ -262,6 +270,7 @@ def test_every_input_that_names_an_environment_hides_another_teams_version_and_w
     for field, value, code in (("extends", HIDDEN, 404), ("name", "vault/stolen", 403)):
         values = {"name": "stolen", "extends": "python3@1", field: value}
         resp = api.post("/environments/build", headers=bob, json={"spec": spec.format(**values)})
+        _settle(api, bob, resp)
         err = assert_envelope(resp, code)
         assert err["details"].get("field") == field or err["details"].get("team") == "vault", err
         walked.append(f"spec.{field}")
