@@ -21,6 +21,7 @@ from api.cli import lineage_lines
 from envs.models import EnvironmentVersion
 from envs.spec import FIELDS as SPEC_FIELDS
 from registry import service as registry_service
+from registry.prepull import Prepuller
 from runner.models import Operation
 from tests.api.conftest import ApiHarness, AppFactory
 from tests.api.test_environment_owners import WatchedBackend
@@ -329,3 +330,16 @@ def test_a_version_on_a_parent_its_reader_may_not_see_shows_that_parent_as_hidde
     assert [s["ref"] for s in own] == ["carols-tools@1", HIDDEN, "python3@1", "bash@1"]
     assert own[1]["message"] == SECRETS[0] and own[1]["author"] == "vaultkeeper"
     assert api.get("/environments/carols-tools", headers=carol).json()["versions"][0]["parent"] == HIDDEN
+
+
+def test_pulling_ahead_pulls_what_is_published_and_not_what_was_unpublished_before_it_looked(vault: Vault) -> None:
+    api, keeper = vault.api, vault.keeper
+    pulled: list[str] = []
+    prepuller = Prepuller(api.db, ["vault"], pulled.append, interval=3600)  # run by hand here
+
+    assert api.post(f"/environments/{HIDDEN}/publish", headers=keeper).status_code == 200
+    assert api.delete(f"/environments/{HIDDEN}/publish", headers=keeper).status_code == 204
+    assert prepuller.run_once() == [] and pulled == []  # resolved as anyone outside the team: gone
+
+    assert api.post(f"/environments/{HIDDEN}/publish", headers=keeper).status_code == 200
+    assert prepuller.run_once() == [HIDDEN] and pulled == [HIDDEN]
