@@ -41,6 +41,7 @@ import io
 import logging
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -132,6 +133,26 @@ def _layers_of(attrs: dict[str, Any]) -> list[str]:
     return list((attrs.get("RootFS") or {}).get("Layers") or [])
 
 
+_INSPECTED: dict[str, dict[str, Any]] = {}  # image id -> its inspection (an id names one immutable image)
+_INSPECTED_LOCK = threading.Lock()
+
+
+def _inspect_image(client: docker.DockerClient, image: str) -> dict[str, Any]:
+    """``docker image inspect`` of an image id, remembered (a save asks about the same few
+    images each time; a round trip to a busy engine is not free)."""
+    with _INSPECTED_LOCK:
+        found = _INSPECTED.get(image)
+    if found is not None:
+        return found
+    attrs: dict[str, Any] = client.api.inspect_image(image)
+    if image.startswith("sha256:") and attrs.get("Id") == image:
+        with _INSPECTED_LOCK:
+            _INSPECTED[image] = attrs
+            while len(_INSPECTED) > 64:
+                _INSPECTED.pop(next(iter(_INSPECTED)))
+    return attrs
+
+
 def _overlay_of(client: docker.DockerClient, cid: str) -> tuple[dict[str, Any], overlay.OverlayLayers] | None:
     container = client.api.inspect_container(cid)
     layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
@@ -151,8 +172,8 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved
             return None
         container, layers = found
         image = str(container["Image"])
-        mine = _layers_of(client.api.inspect_image(image))
-        version_attrs = client.api.inspect_image(version_image)
+        mine = _layers_of(_inspect_image(client, image))
+        version_attrs = _inspect_image(client, version_image)
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     version = _layers_of(version_attrs)
@@ -178,7 +199,7 @@ def draft_roots(client: docker.DockerClient, cid: str) -> LayerPlan | None:
             return None
         container, layers = found
         image = str(container["Image"])
-        keep = len(_layers_of(client.api.inspect_image(image)))
+        keep = len(_layers_of(_inspect_image(client, image)))
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     return LayerPlan([layers.upper], image, keep, [], image, container)
