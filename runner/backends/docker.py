@@ -52,6 +52,7 @@ from runner.backends.base import (
     Status,
     VolumeFound,
 )
+from runner.backends.helpers import Helpers
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 
@@ -91,6 +92,7 @@ class DockerBackend(RuntimeBackend):
         self._image_infos_lock = threading.Lock()
         self._gpus_seen = False  # the engine was seen able to hand out GPUs
         self._fenced: dict[str, float] = {}  # installation -> when its network was last checked
+        self.helpers = Helpers(lambda: self.client, self.labels)  # what saves and drafts commit
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -388,7 +390,7 @@ class DockerBackend(RuntimeBackend):
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag}
-        made = saves.draft_from_directories(self.client, cid, labels=self.labels, **options)
+        made = saves.draft_from_directories(self.client, cid, helpers=self.helpers, **options)
         if made is not None:
             return self._remember(made.info).id
         with saves.paused(self.client, cid, "snapshot the runtime's filesystem"):
@@ -417,7 +419,7 @@ class DockerBackend(RuntimeBackend):
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
         made = saves.from_directories(
-            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, labels=self.labels, **options
+            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, helpers=self.helpers, **options
         )
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
@@ -464,6 +466,7 @@ class DockerBackend(RuntimeBackend):
 
     def remove_image(self, image: str) -> None:
         self._image_infos.pop(image, None)
+        self.helpers.forget(image)  # a helper kept for its next save would keep it
         engine.remove_image(self.client, image)
 
     def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
@@ -539,6 +542,7 @@ class DockerBackend(RuntimeBackend):
 
     def close(self) -> None:
         if self._client is not None:
+            self.helpers.close()
             self._client.close()
 
     # --- helpers -------------------------------------------------------------------------
