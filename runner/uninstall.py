@@ -165,7 +165,7 @@ def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str])
     labels = (info.get("Config") or {}).get("Labels") or {}
     image.created = str(info.get("Created") or "")
     present = list(info.get("RepoTags") or [])
-    if labels.get(BASE_LABEL) is not None:
+    if labels.get(BASE_LABEL):  # a child has it too, emptied (envs/images/config.child_config)
         image.reason = "a base image"
     elif not (labels.get(SAVE_LABEL) or labels.get(DRAFT_LABEL)):
         image.reason = "not made by a save or a draft"
