@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 
@@ -141,6 +142,7 @@ def run(runs: int = 3, depth: int = 130) -> dict[str, float]:
             subprocess.run(
                 ["docker", "image", "prune", "-af", "--filter", f"label={LABEL}={session}"], capture_output=True
             )
+            remove_networks(session)
     return figures
 
 
