@@ -32,7 +32,7 @@ from envs.images.docker import daemon_error
 from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
-from envs.kit.errors import ConflictError
+from envs.kit.errors import BackendError, ConflictError
 from envs.models import EnvironmentVersion
 from runner.backends import netguard, volumes
 from runner.backends.base import LABEL_INSTALLATION
@@ -129,8 +129,8 @@ def plan(
     ]
     out.network = next((n for n in netguard.envctl_networks(client) if n.network == fence.network), None)
     for image in _recorded_images(db):
-        _judge_image(client, image, {c["id"] for c in out.containers})
-        (out.kept_images if image.reason else out.images).append(image)
+        if _judge_image(client, image, {c["id"] for c in out.containers}):
+            (out.kept_images if image.reason else out.images).append(image)
     out.images.sort(key=lambda i: i.created, reverse=True)  # children before their parents
     names = [v.name for v in volumes.listed(client, installation)]
     (out.volumes if with_volumes else out.kept_volumes).extend(names)
@@ -153,13 +153,13 @@ def _recorded_images(db: Database) -> list[ImageFound]:
     return list(found.values())
 
 
-def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str]) -> None:
-    """Fill in ``image.reason`` when it must stay, and its tags as the engine has them."""
+def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str]) -> bool:
+    """Fill in ``image.reason`` when it must stay, and its tags as the engine has them; False
+    when the engine does not have the image."""
     try:
         info = client.api.inspect_image(image.image_id)
     except docker.errors.NotFound:
-        image.reason = "not in the engine"
-        return
+        return False
     except Exception as exc:
         raise daemon_error("look at the installation's images", exc) from exc
     labels = (info.get("Config") or {}).get("Labels") or {}
@@ -170,7 +170,7 @@ def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str])
     elif not (labels.get(SAVE_LABEL) or labels.get(DRAFT_LABEL)):
         image.reason = "not made by a save or a draft"
     if image.reason:
-        return
+        return True
     if image.what.startswith("draft of "):  # a draft is tagged envctl-draft/<its runtime>:…
         runtime = image.what.removeprefix("draft of runtime ")
         image.tags = [t for t in present if t.startswith(f"envctl-draft/{runtime}:")]
@@ -183,10 +183,11 @@ def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str])
     others = [c for c in users if c["Id"] not in ours and c.get("ImageID") == image.image_id]
     if others:
         image.reason = "used by container " + ", ".join(str((c.get("Names") or ["?"])[0]).lstrip("/") for c in others)
-        return
+        return True
     foreign = [t for t in present if t not in image.tags]
     if foreign:
         image.reason = "also tagged " + ", ".join(foreign) + " (this installation's tags are removed)"
+    return True
 
 
 def carry_out(client: docker.DockerClient, plan: Plan) -> dict[str, Any]:
@@ -203,7 +204,12 @@ def carry_out(client: docker.DockerClient, plan: Plan) -> dict[str, Any]:
             raise daemon_error("remove the installation's containers", exc) from exc
         removed.append(c)
     done["containers"] = removed
-    network_gone = netguard.teardown(client, plan.installation)  # rules in any case
+    try:  # the rules go in any case; without iptables (a network not fenced in) there are none
+        netguard.remove_rules(netguard.fence_of(plan.installation))
+        done["rules"] = "removed"
+    except BackendError as exc:
+        done["rules"] = f"not looked at: {exc.message}"
+    network_gone = netguard.remove_network(client, plan.installation)
     done["network"] = plan.network.to_dict() if plan.network and network_gone else None
     done["network_kept"] = None if network_gone else "a container joined it meanwhile"
     images: list[dict[str, Any]] = []

@@ -149,12 +149,10 @@ def _show_done(done: dict[str, Any]) -> None:
         print(f"removed container {c['name']}" + (f" (runtime {c['runtime']})" if c["runtime"] else ""))
     if done["network"]:
         net = done["network"]
-        print(f"removed network {net['network']} ({', '.join(net['subnets'])}) and its firewall rules")
-    else:
-        print(
-            "removed the firewall rules"
-            + (f"; kept the network: {done['network_kept']}" if done["network_kept"] else "")
-        )
+        print(f"removed network {net['network']} ({', '.join(net['subnets'])})")
+    elif done["network_kept"]:
+        print(f"kept the network: {done['network_kept']}")
+    print(f"firewall rules: {done['rules']}")
     for image in done["images"]:
         print(f"removed image {image['tags'][0] if image['tags'] else image['image_id'][:19]} ({image['what']})")
     for image in done["kept_images"]:

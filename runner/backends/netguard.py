@@ -311,13 +311,21 @@ def remove_rules(fence: Fence) -> None:
 
 def teardown(client: docker.DockerClient, installation: str) -> bool:
     """Remove the installation's rules, and its network when no container is on it.
-    Returns whether the network went (rules go in any case). Only the owner calls it."""
+    Returns whether the network went (rules go in any case). Only the owner calls it, or
+    ``remove_orphaned`` for an installation with no container left."""
+    remove_rules(fence_of(installation))
+    return remove_network(client, installation)
+
+
+def remove_network(client: docker.DockerClient, installation: str) -> bool:
+    """Remove the installation's network unless a container is on it; whether it is gone."""
     fence = fence_of(installation)
-    remove_rules(fence)
     try:
         info: dict[str, Any] = client.api.inspect_network(fence.network)
     except docker.errors.NotFound:
         return True
+    except Exception as exc:
+        raise daemon_error("look for the runtimes' network", exc) from exc
     if info.get("Containers"):
         return False
     try:
