@@ -182,10 +182,10 @@ def ensure_network(client: docker.DockerClient, fence: Fence, labels: dict[str, 
             listed = client.api.networks()
         except Exception as exc:
             raise daemon_error("list the engine's networks", exc) from exc
-        taken = [net for n in listed for net in subnets_of(n)] + host_routes() + refused
-        subnet = first_free(pool, taken)
+        routes = host_routes()
+        subnet = first_free(pool, [net for n in listed for net in subnets_of(n)] + routes + refused)
         if subnet is None:
-            raise exhausted(client, pool)
+            raise exhausted(client, pool, listed, routes)
         ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=str(subnet.network_address + 1))])
         try:
             client.api.create_network(
@@ -274,14 +274,27 @@ def envctl_networks(client: docker.DockerClient, labels: dict[str, str] | None =
     return out
 
 
-def exhausted(client: docker.DockerClient, pool: Pool) -> NetworkPoolExhaustedError:
-    """The error for a pool with no free subnet, naming who holds it and how to free it."""
+def exhausted(
+    client: docker.DockerClient, pool: Pool, listed: list[dict[str, Any]], routes: list[IPv4Network]
+) -> NetworkPoolExhaustedError:
+    """The error for a pool with no free subnet, naming who holds it and how to free it
+    (``listed``: the engine's networks, ``routes``: the host's, as the search saw them)."""
     holders = [h for h in envctl_networks(client) if any(IPv4Network(s).overlaps(pool.network) for s in h.subnets)]
     orphans = [h for h in holders if not h.containers]
     named = "; ".join(h.describe() for h in holders[:_NAMED]) or "none"
     if len(holders) > _NAMED:
         named += f"; and {len(holders) - _NAMED} more (`{ORPHANS_COMMAND} --dry-run` lists them all)"
-    if orphans:
+    ours = {h.network for h in holders}
+    others = [
+        f"network {n.get('Name')} ({', '.join(str(s) for s in subnets_of(n))})"
+        for n in listed
+        if n.get("Name") not in ours and any(s.overlaps(pool.network) for s in subnets_of(n))
+    ] + [f"host route {r}" for r in routes if r.overlaps(pool.network)]
+    if others:
+        named += f". Also in the pool: {', '.join(others[:_NAMED])}"
+    if not holders:
+        free = "no envctl network holds any of it, so `envctl uninstall` frees none"
+    elif orphans:
         free = f"`{ORPHANS_COMMAND}` removes the {len(orphans)} whose installation has no container left"
     else:
         free = (

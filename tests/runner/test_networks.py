@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.types import IPAMConfig, IPAMPool
 
 from api.cli import main
 from api.dbschema import upgrade
@@ -144,6 +145,33 @@ def test_installations_fencing_at_once_get_distinct_subnets_and_the_full_pool_na
     assert not docker.api.networks(filters={"name": "envctl-in_nettest"}) or all(
         n["Name"] not in {f"envctl-{i}" for i in ids} for n in docker.api.networks()
     )
+
+
+@pytest.mark.docker
+def test_a_pool_held_by_something_else_says_so_and_no_uninstall_is_offered(
+    docker: Any,
+    iptables: None,  # noqa: F811
+) -> None:
+    pool = f"10.216.{_OCTET}.0/24"
+    plain = f"nettest-plain-{uuid.uuid4().hex[:8]}"
+    docker.api.create_network(
+        plain,
+        driver="bridge",
+        ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=pool)]),
+        labels={TEST_LABEL: TEST_SESSION},
+    )
+    installation = f"in_nettest{uuid.uuid4().hex[:10]}"
+    try:
+        with pytest.raises(NetworkPoolExhaustedError) as caught:
+            _backend(pool, 26).fence(installation)
+        message = caught.value.message
+        assert "envctl networks holding them: none" in message
+        assert f"Also in the pool: network {plain} ({pool})" in message
+        assert "no envctl network holds any of it" in message and caught.value.details["networks"] == []
+        assert not docker.api.networks(filters={"name": f"envctl-{installation}"})
+    finally:
+        docker.api.remove_network(plain)
+        netguard.teardown(docker, installation)
 
 
 def _uninstall(monkeypatch: pytest.MonkeyPatch, capsys: Capsys, data: Path, *args: str) -> tuple[int, Any]:
