@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import agent_channel, kernelspec_files, netguard, overlay, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, overlay, subnets, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -78,6 +78,8 @@ class DockerBackend(RuntimeBackend):
         labels: dict[str, str] | None = None,
         log_max_size: str = "10m",
         network: str = "bridge",
+        subnet_pool: str = Settings.runner_subnet_pool,
+        subnet_prefix: int = Settings.runner_subnet_prefix,
         base_url: str | None = None,
         timeout: int = 30,
     ) -> None:
@@ -87,6 +89,8 @@ class DockerBackend(RuntimeBackend):
         self.labels = dict(labels or {})
         self.log_max_size = log_max_size
         self.network = network
+        self.subnet_pool = subnet_pool
+        self.subnet_prefix = subnet_prefix
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
         self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
@@ -100,6 +104,8 @@ class DockerBackend(RuntimeBackend):
             labels=settings.runner_labels,
             log_max_size=settings.runner_log_max_size,
             network=settings.runner_network,
+            subnet_pool=settings.runner_subnet_pool,
+            subnet_prefix=settings.runner_subnet_prefix,
         )
 
     @property
@@ -222,19 +228,23 @@ class DockerBackend(RuntimeBackend):
         return netguard.fence_of(spec.labels[LABEL_INSTALLATION]).network
 
     def fence(self, installation: str) -> None:
-        """The installation's isolated network and its firewall rules, in place (R4); checked
-        again at most once a minute (they outlive envctl's restarts; a host reboot drops them)."""
+        """The installation's isolated network and its firewall rules, in place (R4); the rules
+        checked again at most once a minute (they outlive envctl's restarts; a host reboot drops
+        them), the network at every boot (`envctl uninstall --orphaned-networks` may remove it
+        with the rules while this installation has no container)."""
         if self._base_url and not self._base_url.startswith("unix://"):
             raise BackendError(
                 "network isolation needs the Docker engine on this host (its firewall is set here); "
                 "set ENVCTL_RUNNER_NETWORK to a network of the remote engine instead",
                 details={"field": "runner_network"},
             )
-        if time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL:
-            return
         fence = netguard.fence_of(installation)
+        fresh = time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL
+        if fresh and netguard.network_exists(self.client, fence):
+            return
         labels = {**self.labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: "network"}
-        netguard.ensure(self.client, fence, labels)
+        pool = subnets.Pool.of(self.subnet_pool, self.subnet_prefix)
+        netguard.ensure(self.client, fence, labels, pool)
         self._fenced[installation] = time.monotonic()
 
     def start(self, spec: RuntimeSpec) -> BackendState:

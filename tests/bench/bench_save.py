@@ -34,6 +34,7 @@ from typing import Any
 import docker
 import httpx
 
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 
@@ -102,16 +103,7 @@ def _cleanup(session: str, data: Path) -> None:
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
     subprocess.run(["docker", "image", "prune", "-af", "--filter", f"label={LABEL}={session}"], capture_output=True)
-    with contextlib.suppress(Exception):  # the installation's network and rules go with it
-        from envs.kit.db import Database
-        from runner.backends import netguard
-        from runner.identity import installation_id
-
-        db = Database(f"sqlite:///{data / 'envctl.db'}")
-        try:
-            netguard.teardown(docker.from_env(), installation_id(db))
-        finally:
-            db.dispose()
+    remove_networks(session)  # the installation's network and rules go with it
 
 
 class _Raw:
