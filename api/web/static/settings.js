@@ -1,0 +1,504 @@
+// A runtime's settings panel: everything PATCH /runtimes/{id} takes. Name, language and idle
+// timeout apply at once; environment, type, variables, machine type, CUDA and mounts need a
+// reboot: on a stopped runtime they apply at once, on a running one they are sent for its next
+// boot and shown as pending (what the field will become) until a boot applies them.
+// Secrets are chosen by reference (TEAM/NAME from the team secret lists); a value is never
+// shown or sent. An error naming a field (422 details.field / details.problems) is shown next
+// to that field, and the form keeps what was typed.
+
+import { get, patch } from "./api.js";
+import { clear, h } from "./dom.js";
+import { errorText } from "./runtimes.js";
+
+const MOUNT_FIELDS = {
+  git: [["url", "URL (https://…)"], ["ref", "ref (default branch)"]],
+  s3: [["bucket", "bucket"], ["prefix", "prefix (optional)"]],
+  volume: [["name", "volume (NAME or TEAM/NAME)"]],
+};
+const MOUNT_FLAGS = { s3: ["writeback", "write back on stop"], volume: ["read_only", "read-only"] };
+const LABELS = {
+  environment: "environment",
+  type: "type",
+  kernel: "kernel",
+  env: "variables",
+  machine_type: "machine type",
+  cuda: "CUDA",
+  mounts: "mounts",
+};
+
+// Stable text of a value, keys sorted, for "did it change" comparisons.
+function canon(value) {
+  if (Array.isArray(value)) return `[${value.map(canon).join(",")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canon(value[k])}`).join(",")}}`;
+  }
+  return JSON.stringify(value ?? null);
+}
+
+const isRef = (v) => v !== null && typeof v === "object";
+const refLabel = (ref) => (ref.team ? `${ref.team}/${ref.secret}` : ref.secret);
+
+export function mountText(m) {
+  if (m.type === "git") return `git ${m.url}${m.ref ? "@" + m.ref : ""} at ${m.target}`;
+  if (m.type === "s3") return `s3://${m.bucket}/${m.prefix || ""} at ${m.target}${m.writeback ? ", written back" : ""}`;
+  return `volume ${m.name} at ${m.target}${m.read_only ? " (read-only)" : ""}`;
+}
+
+// What each setting will be after the next boot: the pending value, else the runtime's.
+function effective(rt) {
+  const p = rt.pending || {};
+  return {
+    name: rt.name,
+    language: rt.language,
+    idle_timeout: rt.idle_timeout,
+    environment: p.environment ?? rt.environment_ref,
+    type: p.type ?? rt.type,
+    kernel: "type" in p ? p.kernel ?? null : rt.kernel,
+    machine_type: p.machine_type ?? rt.machine_type,
+    cuda: "cuda" in p ? p.cuda : rt.cuda,
+    env: p.env ?? rt.env ?? {},
+    mounts: p.mounts ?? rt.mounts ?? [],
+  };
+}
+
+// "FOO, BAR (new), BAZ (removed)": how the pending variables differ from the runtime's.
+function envChange(now, next) {
+  const names = [...new Set([...Object.keys(now), ...Object.keys(next)])].sort();
+  const parts = [];
+  for (const n of names) {
+    if (!(n in next)) parts.push(`${n} removed`);
+    else if (!(n in now)) parts.push(`${n} = ${isRef(next[n]) ? "secret " + refLabel(next[n]) : next[n]}`);
+    else if (canon(now[n]) !== canon(next[n])) parts.push(`${n} = ${isRef(next[n]) ? "secret " + refLabel(next[n]) : next[n]}`);
+  }
+  return parts.join("; ") || "unchanged";
+}
+
+function pendingItems(rt) {
+  const p = rt.pending || {};
+  const items = [];
+  if ("environment" in p) items.push(["environment", `${rt.environment} → ${p.environment}`]);
+  if ("type" in p) items.push(["type", `${rt.type} → ${p.type}${p.kernel ? ` (${p.kernel})` : ""}`]);
+  if ("env" in p) items.push(["env", envChange(rt.env || {}, p.env || {})]);
+  if ("machine_type" in p) items.push(["machine_type", `${rt.machine_type} → ${p.machine_type}`]);
+  if ("cuda" in p) items.push(["cuda", `${rt.cuda || "none"} → ${p.cuda || "none"}`]);
+  if ("mounts" in p) items.push(["mounts", p.mounts.length ? p.mounts.map(mountText).join("; ") : "none"]);
+  return items;
+}
+
+export function settingsPanel(initial) {
+  let rt = initial;
+  let shown = null; // canon() of the settings the inputs were last filled from
+  let dirty = false;
+  const lists = { machines: [], cuda: [], secrets: [], volumes: [], environments: [] };
+  const slots = new Map(); // field -> its error element
+  const slot = (field) => {
+    const el = h("span", { class: "field-error", role: "alert", dataset: { errorFor: field } });
+    slots.set(field, el);
+    return el;
+  };
+  const field = (label, input, name, extra = null) =>
+    h("label", { class: "field", dataset: { field: name } }, h("span", {}, label, extra), input, slot(name));
+
+  // --- plain fields
+  const name = h("input", { name: "name", required: true, autocomplete: "off" });
+  const language = h("select", { name: "language" }, ["python", "bash"].map((l) => h("option", { value: l }, l)));
+  const idle = h("input", { name: "idle_timeout", type: "number", min: 0, step: 1, placeholder: "default" });
+  const environment = h("input", { name: "environment", list: "settings-environments", autocomplete: "off" });
+  const envList = h("datalist", { id: "settings-environments" });
+  const type = h("select", { name: "type" }, ["native", "jupyter"].map((t) => h("option", { value: t }, t)));
+  const kernel = h("input", { name: "kernel", placeholder: "python3", autocomplete: "off" });
+  const kernelField = field("Kernel", kernel, "kernel");
+  const machine = h("select", { name: "machine_type" });
+  const cuda = h("select", { name: "cuda" });
+  const cudaHint = h("span", { class: "hint" });
+
+  // --- variables
+  const envRows = h("tbody", { id: "env-rows" });
+  const inheritedToggle = h("input", { type: "checkbox", id: "show-inherited" });
+  const inheritedBox = h("div", { id: "inherited", hidden: true });
+  let own = {}; // the variables' details from GET /runtimes/{id}/env (overrides)
+
+  // A secret is chosen from the team secret lists by TEAM/NAME; a value never comes near.
+  function secretOptions(select, wanted) {
+    const options = lists.secrets.map((s) => `${s.team}/${s.name}`);
+    if (wanted && !options.includes(wanted)) options.push(wanted);
+    clear(select, h("option", { value: "" }, options.length ? "choose a secret" : "no team secrets"), options.map((o) => h("option", { value: o }, o)));
+    select.value = wanted;
+  }
+
+  function secretSelect(current) {
+    const select = h("select", { class: "env-secret", "aria-label": "secret" });
+    secretOptions(select, current ? refLabel(current) : "");
+    return select;
+  }
+
+  function envRow(varName = "", value = "") {
+    const secret = isRef(value);
+    const nameInput = h("input", { class: "env-name", placeholder: "NAME", value: varName, autocomplete: "off", spellcheck: "false", "aria-label": "variable name" });
+    const kind = h("select", { class: "env-kind", "aria-label": "kind" }, h("option", { value: "text", selected: !secret }, "value"), h("option", { value: "secret", selected: secret }, "secret"));
+    const valueInput = h("input", { class: "env-value", placeholder: "value", value: secret ? "" : value, autocomplete: "off", spellcheck: "false", "aria-label": "value" });
+    const select = secretSelect(secret ? value : null);
+    const error = h("span", { class: "field-error", role: "alert" });
+    const badge = h("span", { class: "badge overrides", hidden: !own[varName]?.overrides, title: "the environment's image sets it too; this value wins" }, "overrides image");
+    const show = () => {
+      valueInput.hidden = kind.value === "secret";
+      select.hidden = kind.value !== "secret";
+    };
+    kind.addEventListener("change", show);
+    show();
+    const row = h(
+      "tr",
+      { class: "env-row" },
+      h("td", {}, nameInput, badge),
+      h("td", {}, kind),
+      h("td", {}, valueInput, select, error),
+      h("td", {}, h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove variable", onclick: () => { row.remove(); touched(); } }, "×")),
+    );
+    row.read = () => {
+      const n = nameInput.value.trim();
+      if (kind.value === "secret") {
+        const [team, ...rest] = select.value.split("/");
+        return [n, select.value ? { secret: rest.join("/"), team } : null];
+      }
+      return [n, valueInput.value];
+    };
+    row.nameInput = nameInput;
+    row.error = error;
+    return row;
+  }
+
+  async function refreshInherited() {
+    if (!inheritedToggle.checked) {
+      inheritedBox.hidden = true;
+      return;
+    }
+    inheritedBox.hidden = false;
+    try {
+      const view = await get(`/runtimes/${rt.id}/env`);
+      own = Object.fromEntries(view.variables.filter((v) => v.source === "set here").map((v) => [v.name, v]));
+      for (const row of envRows.children) {
+        row.querySelector(".overrides").hidden = !own[row.nameInput.value.trim()]?.overrides;
+      }
+      // the image's variables, those hidden by one set here included (struck through)
+      const inherited = view.variables.filter((v) => v.source === "inherited" || v.overrides);
+      const row = (v) =>
+        h(
+          "tr",
+          { class: v.overrides ? "overridden" : null, dataset: { name: v.name } },
+          h("td", { class: "path" }, v.name),
+          h("td", { class: "path value" }, v.overrides ? v.image_value ?? "" : v.value ?? ""),
+          h("td", { class: "note" }, v.overrides ? "set here instead" : ""),
+        );
+      clear(
+        inheritedBox,
+        h("p", { class: "muted" }, `Set by ${view.environment}'s image (a variable set here of the same name wins):`),
+        inherited.length ? h("table", { class: "inherited" }, h("tbody", {}, inherited.map(row))) : h("p", { class: "muted" }, "The image sets no variables."),
+      );
+    } catch (err) {
+      clear(inheritedBox, h("p", { class: "error" }, errorText(err)));
+    }
+  }
+  inheritedToggle.addEventListener("change", refreshInherited);
+
+  // --- mounts
+  const mountRows = h("div", { id: "mount-rows" });
+
+  function mountRow(m = { type: "git", target: "" }) {
+    const kind = h("select", { class: "mount-type", "aria-label": "mount type" }, ["git", "s3", "volume"].map((t) => h("option", { value: t, selected: t === m.type }, t)));
+    const target = h("input", { class: "mount-target", dataset: { key: "target" }, placeholder: "target (/mnt/…)", value: m.target || "", autocomplete: "off", "aria-label": "target" });
+    const fieldsBox = h("span", { class: "mount-fields" });
+    const errors = new Map();
+    const row = h("div", { class: "mount-row" });
+    const keep = { ...m }; // values of the other types' fields, so switching back loses nothing
+    function draw() {
+      for (const input of fieldsBox.querySelectorAll("[data-key]")) {
+        keep[input.dataset.key] = input.type === "checkbox" ? input.checked : input.value;
+      }
+      errors.clear();
+      const parts = [];
+      for (const [key, placeholder] of MOUNT_FIELDS[kind.value]) {
+        const input = h("input", { class: `mount-${key}`, dataset: { key }, placeholder, value: keep[key] || "", autocomplete: "off", "aria-label": key });
+        if (key === "name") input.setAttribute("list", "settings-volumes");
+        errors.set(key, h("span", { class: "field-error", role: "alert" }));
+        parts.push(h("span", { class: "mount-part" }, input, errors.get(key)));
+      }
+      const flag = MOUNT_FLAGS[kind.value];
+      if (flag) {
+        parts.push(h("label", { class: "check" }, h("input", { type: "checkbox", class: `mount-${flag[0]}`, dataset: { key: flag[0] }, checked: Boolean(keep[flag[0]]) }), flag[1]));
+      }
+      clear(fieldsBox, parts);
+    }
+    kind.addEventListener("change", draw);
+    draw();
+    const targetError = h("span", { class: "field-error", role: "alert" });
+    const rowError = h("span", { class: "field-error", role: "alert" });
+    clear(
+      row,
+      kind,
+      h("span", { class: "mount-part" }, target, targetError),
+      fieldsBox,
+      h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove mount", onclick: () => { row.remove(); touched(); } }, "×"),
+      rowError,
+    );
+    row.read = () => {
+      const out = { type: kind.value, target: target.value.trim() };
+      for (const input of fieldsBox.querySelectorAll("[data-key]")) {
+        out[input.dataset.key] = input.type === "checkbox" ? input.checked : input.value.trim();
+      }
+      return out;
+    };
+    row.errorFor = (key) => (key === "target" ? targetError : errors.get(key) || rowError);
+    return row;
+  }
+
+  // --- pending and notes
+  const pendingBox = h("div", { id: "pending" });
+  const outdated = h("p", { class: "notice", id: "secrets-outdated", hidden: true });
+  const status = h("p", { role: "alert", id: "settings-status" });
+  const say = (text, kind = "error") => {
+    status.textContent = text;
+    status.className = kind === "ok" ? "ok" : "error";
+  };
+  const applyNote = h("p", { class: "muted", id: "apply-note" });
+
+  function drawPending() {
+    const items = pendingItems(rt);
+    for (const el of form.querySelectorAll("[data-pending]")) el.remove();
+    clear(
+      pendingBox,
+      items.length
+        ? h("div", { class: "notice pending" }, h("strong", {}, "Waits for the next boot:"), h("ul", {}, items.map(([f, text]) => h("li", { dataset: { item: f } }, h("span", { class: "muted" }, `${LABELS[f]}: `), text))))
+        : null,
+    );
+    for (const [f] of items) {
+      const label = form.querySelector(`[data-field="${f}"] > span`) || form.querySelector(`[data-section="${f}"] h3`);
+      if (label) label.append(h("span", { class: "badge warn", dataset: { pending: f }, title: "applied by the next boot" }, "next boot"));
+    }
+    outdated.hidden = !(rt.secrets_outdated || []).length;
+    outdated.textContent = outdated.hidden ? "" : `Changed since this runtime got them: ${rt.secrets_outdated.join(", ")}; a reboot applies the new values.`;
+    const running = !["stopped", "error"].includes(rt.state);
+    applyNote.textContent = running
+      ? "Name, language and idle timeout apply now; the rest is kept for the next boot (shown above until then)."
+      : "The runtime is stopped: everything applies now.";
+  }
+
+  function fillMachines(current) {
+    const names = lists.machines.map((m) => m.name);
+    const options = lists.machines.map((m) => h("option", { value: m.name }, `${m.name}${m.description ? " — " + m.description : ""}`));
+    if (current && !names.includes(current)) options.push(h("option", { value: current }, current));
+    clear(machine, options);
+    machine.value = current;
+  }
+
+  function fillCuda(current) {
+    const versions = [...lists.cuda];
+    if (current && !versions.includes(current)) versions.push(current);
+    clear(cuda, h("option", { value: "" }, "none"), versions.map((v) => h("option", { value: v }, v)));
+    cuda.value = current || "";
+    showCuda();
+  }
+
+  function showCuda() {
+    const mt = lists.machines.find((m) => m.name === machine.value);
+    const gpu = Boolean(mt && mt.gpus > 0);
+    cuda.disabled = !gpu && !cuda.value;
+    cudaHint.textContent = gpu ? (lists.cuda.length ? "" : "(this host has no CUDA folder)") : "(for GPU machine types)";
+  }
+  machine.addEventListener("change", showCuda);
+  type.addEventListener("change", () => (kernelField.hidden = type.value !== "jupyter"));
+
+  // Put the runtime's settings into the inputs (only when they changed, so that focus and
+  // half-typed text survive the live updates of an unrelated field).
+  function fill(force = false) {
+    const eff = effective(rt);
+    const key = canon(eff);
+    if (!force && (dirty || key === shown)) return;
+    shown = key;
+    name.value = eff.name;
+    language.value = eff.language;
+    idle.value = eff.idle_timeout ?? "";
+    environment.value = eff.environment;
+    type.value = eff.type;
+    kernel.value = eff.kernel || "";
+    kernelField.hidden = eff.type !== "jupyter";
+    fillMachines(eff.machine_type);
+    fillCuda(eff.cuda);
+    clear(envRows, Object.entries(eff.env).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => envRow(k, v)));
+    clear(mountRows, eff.mounts.map((m) => mountRow(m)));
+  }
+
+  function clearErrors() {
+    for (const el of form.querySelectorAll(".field-error")) el.textContent = "";
+    for (const el of form.querySelectorAll(".invalid")) el.classList.remove("invalid");
+  }
+
+  function showError(fieldName, problem) {
+    let el = null;
+    let m;
+    if (slots.has(fieldName)) el = slots.get(fieldName);
+    else if ((m = /^env\.(.+?)(\.team|\.secret)?$/.exec(fieldName))) {
+      const row = [...envRows.children].find((r) => r.nameInput.value.trim() === m[1]);
+      el = row ? row.error : slots.get("env");
+      row?.classList.add("invalid");
+    } else if ((m = /^mounts\[(\d+)\](?:\.(\w+))?$/.exec(fieldName))) {
+      const row = mountRows.children[Number(m[1])];
+      el = row ? row.errorFor(m[2] || "") : slots.get("mounts");
+      row?.classList.add("invalid");
+    } else if (fieldName.startsWith("env")) el = slots.get("env");
+    else if (fieldName.startsWith("mounts")) el = slots.get("mounts");
+    const shown = problem.startsWith(`${fieldName}: `) ? problem.slice(fieldName.length + 2) : problem;
+    if (el) el.textContent = shown;
+    else say(`${fieldName}: ${shown}`);
+    el?.closest(".field")?.classList.add("invalid");
+  }
+
+  // The PATCH body: only what differs from what the runtime has (or will have).
+  function body() {
+    const eff = effective(rt);
+    const out = {};
+    const problems = [];
+    if (name.value !== eff.name) out.name = name.value;
+    if (language.value !== eff.language) out.language = language.value;
+    const idleValue = idle.value === "" ? null : Number(idle.value);
+    if (idleValue !== eff.idle_timeout) out.idle_timeout = idleValue;
+    if (environment.value.trim() !== eff.environment) out.environment = environment.value.trim();
+    const kernelValue = type.value === "jupyter" ? kernel.value.trim() || null : null;
+    if (type.value !== eff.type || kernelValue !== (eff.kernel || null)) {
+      out.type = type.value;
+      if (kernelValue) out.kernel = kernelValue;
+    }
+    if (machine.value !== eff.machine_type) out.machine_type = machine.value;
+    const cudaValue = cuda.value || null;
+    if (cudaValue !== (eff.cuda || null)) out.cuda = cudaValue;
+    const env = {};
+    const seen = new Set();
+    for (const row of envRows.children) {
+      const [k, v] = row.read();
+      if (!k && (v === "" || v === null)) continue;
+      if (!k) problems.push([row.error, "give the variable a name"]);
+      else if (seen.has(k)) problems.push([row.error, `${k} is here twice`]);
+      else if (v === null) problems.push([row.error, "choose a secret"]);
+      seen.add(k);
+      if (k) env[k] = v;
+    }
+    const patchEnv = {};
+    for (const k of Object.keys(eff.env)) if (!(k in env)) patchEnv[k] = null;
+    for (const [k, v] of Object.entries(env)) if (canon(v) !== canon(eff.env[k])) patchEnv[k] = v;
+    if (Object.keys(patchEnv).length) out.env = patchEnv;
+    const mounts = [...mountRows.children].map((row) => row.read());
+    const normal = (list) => canon(list.map((m) => Object.fromEntries(Object.entries(m).filter(([, v]) => v !== "" && v !== false && v !== null))));
+    if (normal(mounts) !== normal(eff.mounts)) out.mounts = mounts;
+    return { out, problems };
+  }
+
+  async function apply(event) {
+    event.preventDefault();
+    clearErrors();
+    say("");
+    const { out, problems } = body();
+    if (problems.length) {
+      for (const [el, text] of problems) el.textContent = text;
+      say("Nothing was sent: see the marked fields.");
+      return;
+    }
+    if (!Object.keys(out).length) {
+      say("Nothing changed.", "ok");
+      return;
+    }
+    const later = Object.keys(LABELS).filter((f) => f in out && f !== "kernel"); // in the API's order
+    const running = !["stopped", "error"].includes(rt.state);
+    if (running && later.length) out.next_boot = true;
+    try {
+      rt = await patch(`/runtimes/${rt.id}`, out);
+    } catch (err) {
+      const problemsOut = err.details?.problems || (err.details?.field ? [{ field: err.details.field, problem: err.message }] : []);
+      for (const p of problemsOut) showError(p.field, p.problem);
+      say(problemsOut.length ? `Not saved: ${errorText(err)}` : errorText(err));
+      return; // the inputs keep what was typed
+    }
+    dirty = false;
+    fill(true);
+    drawPending();
+    refreshInherited();
+    say(running && later.length ? `Saved; ${later.map((f) => LABELS[f]).join(", ")} wait${later.length === 1 ? "s" : ""} for the next boot.` : "Settings saved.", "ok");
+  }
+
+  const touched = () => (dirty = true);
+  const form = h(
+    "form",
+    { class: "settings-panel", id: "settings", novalidate: true, oninput: touched, onchange: touched, onsubmit: apply },
+    outdated,
+    pendingBox,
+    h(
+      "div",
+      { class: "settings-grid" },
+      field("Name", name, "name"),
+      field("Language", language, "language"),
+      field("Idle timeout (s, 0 never)", idle, "idle_timeout"),
+      field("Environment", environment, "environment"),
+      envList,
+      field("Type", type, "type"),
+      kernelField,
+      field("Machine type", machine, "machine_type"),
+      field("CUDA version", cuda, "cuda", cudaHint),
+    ),
+    h(
+      "section",
+      { class: "sub", dataset: { section: "env" } },
+      h("h3", {}, "Environment variables"),
+      h("table", { class: "env-table" }, envRows),
+      slot("env"),
+      h("div", { class: "bar" },
+        h("button", { type: "button", id: "add-variable", onclick: () => { envRows.append(envRow()); envRows.lastChild.querySelector(".env-name").focus(); touched(); } }, "Add variable"),
+        h("label", { class: "check" }, inheritedToggle, "Show inherited"),
+      ),
+      inheritedBox,
+    ),
+    h(
+      "section",
+      { class: "sub", dataset: { section: "mounts" } },
+      h("h3", {}, "Mounts"),
+      mountRows,
+      slot("mounts"),
+      h("datalist", { id: "settings-volumes" }),
+      h("button", { type: "button", id: "add-mount", onclick: () => { mountRows.append(mountRow()); touched(); } }, "Add mount"),
+    ),
+    status,
+    h("div", { class: "bar" }, h("button", { type: "submit", id: "apply-settings" }, "Apply settings"), h("button", { type: "button", id: "revert-settings", onclick: () => { clearErrors(); say(""); dirty = false; fill(true); } }, "Revert")),
+    applyNote,
+  );
+
+  async function load() {
+    const teams = rt.team ? [rt.team] : await get("/teams").then((ts) => ts.filter((t) => t.role).map((t) => t.name), () => []);
+    const [machines, cudaInfo, volumes, environments, ...secretLists] = await Promise.all([
+      get("/machine-types").catch(() => []),
+      get("/machine-types/cuda").catch(() => ({ versions: [] })),
+      get("/volumes").catch(() => []),
+      get("/environments").catch(() => []),
+      ...teams.map((t) => get(`/teams/${encodeURIComponent(t)}/secrets`).catch(() => [])),
+    ]);
+    lists.machines = machines;
+    lists.cuda = cudaInfo.versions || [];
+    lists.secrets = secretLists.flat().map((s) => ({ team: s.team, name: s.name }));
+    clear(form.querySelector("#settings-volumes"), volumes.map((v) => h("option", { value: v.name })));
+    clear(envList, environments.map((e) => h("option", { value: e.name })));
+    // the choices arrived: offer them, keeping whatever the inputs hold now
+    fillMachines(machine.value);
+    fillCuda(cuda.value);
+    for (const select of envRows.querySelectorAll("select.env-secret")) secretOptions(select, select.value);
+  }
+
+  fill(true);
+  drawPending();
+  load();
+  return {
+    node: form,
+    // A newer copy of the runtime (live updates): the pending notes follow; the inputs too,
+    // unless the user has typed into them.
+    update(next) {
+      rt = next;
+      fill();
+      drawPending();
+    },
+  };
+}
