@@ -57,7 +57,7 @@ def panel_shot(b: Browser, what: str) -> None:
 def add_variable(b: Browser, name: str, value: str | None = None, secret: str | None = None) -> None:
     page = b.page
     page.click("#add-variable")
-    row = page.locator("#env-rows tr.env-row").last
+    row = page.locator("#env-rows .env-row").last
     row.locator("input.env-name").fill(name)
     if secret is not None:
         row.locator("select.env-kind").select_option("secret")
@@ -90,7 +90,7 @@ def variables_shown(b: Browser) -> dict[str, str]:
     """The variables rows as the page shows them: NAME -> value, or "secret TEAM/NAME"."""
     return dict(
         b.page.evaluate(
-            """() => [...document.querySelectorAll('#env-rows tr.env-row')].map(r => [
+            """() => [...document.querySelectorAll('#env-rows .env-row')].map(r => [
                 r.querySelector('.env-name').value,
                 r.querySelector('.env-kind').value === 'secret'
                   ? 'secret ' + r.querySelector('.env-secret').value
@@ -127,7 +127,7 @@ def test_settings_set_on_a_stopped_runtime_are_kept_after_a_reload(
     assert rt["pending"] == {}
 
     page.reload()
-    page.wait_for_selector("#env-rows tr.env-row >> nth=1")
+    page.wait_for_selector("#env-rows .env-row >> nth=1")
     page.wait_for_selector("#settings select[name=cuda] option[value='12.2']", state="attached")
     assert variables_shown(browser) == {"DB_PASSWORD": f"secret {TEAM}/{SECRET}", "GREETING": "hello <b>world</b>"}
     assert page.input_value("#settings select[name=machine_type]") == "gpu-small"
@@ -146,7 +146,7 @@ def test_settings_set_on_a_stopped_runtime_are_kept_after_a_reload(
     panel_shot(browser, "kept-after-reload")
 
     # remove one variable and one mount, back to a CPU machine without CUDA
-    page.locator("#env-rows tr.env-row", has=page.locator("input.env-name[value=GREETING]")).locator(
+    page.locator("#env-rows .env-row", has=page.locator("input.env-name[value=GREETING]")).locator(
         "button.remove"
     ).click()
     mounts.nth(1).locator("button.remove").click()
@@ -213,11 +213,11 @@ def test_a_bad_variable_name_shows_the_422_next_to_it_and_keeps_what_was_typed(
     page.fill("#settings input[name=idle_timeout]", "1234")
     page.select_option("#settings select[name=machine_type]", "large")
     status = apply(browser)
-    assert status.startswith("Not saved: invalid_input"), status
-    bad = page.locator("#env-rows tr.env-row").nth(1)
+    assert status == "Not saved (invalid_input): see the field marked in red.", status
+    bad = page.locator("#env-rows .env-row").nth(1)
     assert "not a variable name" in bad.locator(".field-error").inner_text()
     assert bad.get_attribute("class") == "env-row invalid"
-    assert page.locator("#env-rows tr.env-row").nth(0).locator(".field-error").inner_text() == ""
+    assert page.locator("#env-rows .env-row").nth(0).locator(".field-error").inner_text() == ""
     panel_shot(browser, "bad-variable")
     # nothing typed is lost, and nothing was changed
     assert variables_shown(browser) == {"GOOD": "kept", "1BAD": "typed value"}
@@ -231,9 +231,11 @@ def test_a_bad_variable_name_shows_the_422_next_to_it_and_keeps_what_was_typed(
     bad.locator("input.env-name").fill("NOT_BAD")
     page.locator("#mount-rows .mount-target").fill("/etc/app")
     status = apply(browser)
-    assert status.startswith("Not saved: invalid_input"), status
-    target_error = page.locator("#mount-rows .mount-row .mount-part:has(.mount-target) .field-error")
-    assert "/etc" in target_error.inner_text() and "mounts[0].target" not in target_error.inner_text()
+    assert status == "Not saved (invalid_input): see the field marked in red.", status
+    mount_error = page.locator("#mount-rows .mount-row .mount-error").inner_text()
+    assert "/etc" in mount_error and "mounts[0].target" not in mount_error
+    assert page.locator("#mount-rows .mount-target").get_attribute("class") == "mount-target invalid"
+    assert page.locator("#mount-rows .mount-url").get_attribute("class") == "mount-url"
     assert bad.locator(".field-error").inner_text() == ""
     panel_shot(browser, "bad-mount-target")
 
@@ -258,7 +260,7 @@ def test_show_inherited_lists_the_variables_of_the_environments_image(
     sign_in(browser)
     open_runtime(browser, runtime)
     page = browser.page
-    page.wait_for_selector("#env-rows tr.env-row")
+    page.wait_for_selector("#env-rows .env-row")
     assert page.is_hidden("#inherited")
     page.check("#show-inherited")
     lang = page.locator("#inherited tr[data-name=LANG]")
@@ -269,7 +271,7 @@ def test_show_inherited_lists_the_variables_of_the_environments_image(
     path = page.locator("#inherited tr[data-name=PATH]")
     assert path.get_attribute("class") == "overridden"
     assert "/usr/local/bin:" in path.inner_text() and "/opt/tools" not in path.inner_text()
-    assert page.locator("#env-rows tr.env-row .overrides").is_visible()
+    assert page.locator("#env-rows .env-row .overrides").is_visible()
     panel_shot(browser, "inherited")
     page.uncheck("#show-inherited")
     assert page.is_hidden("#inherited")

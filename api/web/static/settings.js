@@ -10,10 +10,11 @@ import { get, patch } from "./api.js";
 import { clear, h } from "./dom.js";
 import { errorText } from "./runtimes.js";
 
+// per mount type: [key, caption, placeholder]
 const MOUNT_FIELDS = {
-  git: [["url", "URL (https://…)"], ["ref", "ref (default branch)"]],
-  s3: [["bucket", "bucket"], ["prefix", "prefix (optional)"]],
-  volume: [["name", "volume (NAME or TEAM/NAME)"]],
+  git: [["url", "repository URL", "an https URL"], ["ref", "ref", "default branch"]],
+  s3: [["bucket", "bucket", "bucket"], ["prefix", "prefix", "optional"]],
+  volume: [["name", "volume", "NAME or TEAM/NAME"]],
 };
 const MOUNT_FLAGS = { s3: ["writeback", "write back on stop"], volume: ["read_only", "read-only"] };
 const LABELS = {
@@ -110,10 +111,9 @@ export function settingsPanel(initial) {
   const kernelField = field("Kernel", kernel, "kernel");
   const machine = h("select", { name: "machine_type" });
   const cuda = h("select", { name: "cuda" });
-  const cudaHint = h("span", { class: "hint" });
 
   // --- variables
-  const envRows = h("tbody", { id: "env-rows" });
+  const envRows = h("div", { id: "env-rows" });
   const inheritedToggle = h("input", { type: "checkbox", id: "show-inherited" });
   const inheritedBox = h("div", { id: "inherited", hidden: true });
   let own = {}; // the variables' details from GET /runtimes/{id}/env (overrides)
@@ -147,12 +147,15 @@ export function settingsPanel(initial) {
     kind.addEventListener("change", show);
     show();
     const row = h(
-      "tr",
+      "div",
       { class: "env-row" },
-      h("td", {}, nameInput, badge),
-      h("td", {}, kind),
-      h("td", {}, valueInput, select, error),
-      h("td", {}, h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove variable", onclick: () => { row.remove(); touched(); } }, "×")),
+      nameInput,
+      kind,
+      valueInput,
+      select,
+      h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove variable", onclick: () => { row.remove(); touched(); } }, "×"),
+      badge,
+      error,
     );
     row.read = () => {
       const n = nameInput.value.trim();
@@ -167,18 +170,17 @@ export function settingsPanel(initial) {
     return row;
   }
 
+  // GET /runtimes/{id}/env: which variables set here override the image's (marked on their
+  // rows), and with "show inherited" the image's own variables.
   async function refreshInherited() {
-    if (!inheritedToggle.checked) {
-      inheritedBox.hidden = true;
-      return;
-    }
-    inheritedBox.hidden = false;
+    inheritedBox.hidden = !inheritedToggle.checked;
     try {
       const view = await get(`/runtimes/${rt.id}/env`);
       own = Object.fromEntries(view.variables.filter((v) => v.source === "set here").map((v) => [v.name, v]));
       for (const row of envRows.children) {
         row.querySelector(".overrides").hidden = !own[row.nameInput.value.trim()]?.overrides;
       }
+      if (!inheritedToggle.checked) return;
       // the image's variables, those hidden by one set here included (struck through)
       const inherited = view.variables.filter((v) => v.source === "inherited" || v.overrides);
       const row = (v) =>
@@ -205,7 +207,8 @@ export function settingsPanel(initial) {
 
   function mountRow(m = { type: "git", target: "" }) {
     const kind = h("select", { class: "mount-type", "aria-label": "mount type" }, ["git", "s3", "volume"].map((t) => h("option", { value: t, selected: t === m.type }, t)));
-    const target = h("input", { class: "mount-target", dataset: { key: "target" }, placeholder: "target (/mnt/…)", value: m.target || "", autocomplete: "off", "aria-label": "target" });
+    const kindPart = h("label", { class: "mount-part mount-kind" }, h("span", {}, "type"), kind);
+    const target = h("input", { class: "mount-target", dataset: { key: "target" }, placeholder: "/mnt/…", value: m.target || "", autocomplete: "off", "aria-label": "target" });
     const fieldsBox = h("span", { class: "mount-fields" });
     const errors = new Map();
     const row = h("div", { class: "mount-row" });
@@ -214,13 +217,11 @@ export function settingsPanel(initial) {
       for (const input of fieldsBox.querySelectorAll("[data-key]")) {
         keep[input.dataset.key] = input.type === "checkbox" ? input.checked : input.value;
       }
-      errors.clear();
       const parts = [];
-      for (const [key, placeholder] of MOUNT_FIELDS[kind.value]) {
-        const input = h("input", { class: `mount-${key}`, dataset: { key }, placeholder, value: keep[key] || "", autocomplete: "off", "aria-label": key });
+      for (const [key, caption, placeholder] of MOUNT_FIELDS[kind.value]) {
+        const input = h("input", { class: `mount-${key}`, dataset: { key }, placeholder, value: keep[key] || "", autocomplete: "off", "aria-label": caption });
         if (key === "name") input.setAttribute("list", "settings-volumes");
-        errors.set(key, h("span", { class: "field-error", role: "alert" }));
-        parts.push(h("span", { class: "mount-part" }, input, errors.get(key)));
+        parts.push(h("label", { class: "mount-part" }, h("span", {}, caption), input));
       }
       const flag = MOUNT_FLAGS[kind.value];
       if (flag) {
@@ -230,12 +231,11 @@ export function settingsPanel(initial) {
     }
     kind.addEventListener("change", draw);
     draw();
-    const targetError = h("span", { class: "field-error", role: "alert" });
-    const rowError = h("span", { class: "field-error", role: "alert" });
+    const rowError = h("span", { class: "field-error mount-error", role: "alert" });
     clear(
       row,
-      kind,
-      h("span", { class: "mount-part" }, target, targetError),
+      kindPart,
+      h("label", { class: "mount-part" }, h("span", {}, "mounted at"), target),
       fieldsBox,
       h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove mount", onclick: () => { row.remove(); touched(); } }, "×"),
       rowError,
@@ -247,7 +247,11 @@ export function settingsPanel(initial) {
       }
       return out;
     };
-    row.errorFor = (key) => (key === "target" ? targetError : errors.get(key) || rowError);
+    // an error is said under the row, its input marked red
+    row.errorFor = (key) => {
+      row.querySelector(`[data-key="${key}"]`)?.classList.add("invalid");
+      return rowError;
+    };
     return row;
   }
 
@@ -298,11 +302,12 @@ export function settingsPanel(initial) {
     showCuda();
   }
 
+  // CUDA is for GPU machine types: otherwise the choice is off (unless one is set, to undo it)
   function showCuda() {
     const mt = lists.machines.find((m) => m.name === machine.value);
     const gpu = Boolean(mt && mt.gpus > 0);
     cuda.disabled = !gpu && !cuda.value;
-    cudaHint.textContent = gpu ? (lists.cuda.length ? "" : "(this host has no CUDA folder)") : "(for GPU machine types)";
+    cuda.options[0].textContent = gpu ? (lists.cuda.length ? "none" : "none (no CUDA on this host)") : "none (GPU only)";
   }
   machine.addEventListener("change", showCuda);
   type.addEventListener("change", () => (kernelField.hidden = type.value !== "jupyter"));
@@ -343,13 +348,12 @@ export function settingsPanel(initial) {
     } else if ((m = /^mounts\[(\d+)\](?:\.(\w+))?$/.exec(fieldName))) {
       const row = mountRows.children[Number(m[1])];
       el = row ? row.errorFor(m[2] || "") : slots.get("mounts");
-      row?.classList.add("invalid");
     } else if (fieldName.startsWith("env")) el = slots.get("env");
     else if (fieldName.startsWith("mounts")) el = slots.get("mounts");
     const shown = problem.startsWith(`${fieldName}: `) ? problem.slice(fieldName.length + 2) : problem;
     if (el) el.textContent = shown;
-    else say(`${fieldName}: ${shown}`);
     el?.closest(".field")?.classList.add("invalid");
+    return Boolean(el);
   }
 
   // The PATCH body: only what differs from what the runtime has (or will have).
@@ -412,8 +416,8 @@ export function settingsPanel(initial) {
       rt = await patch(`/runtimes/${rt.id}`, out);
     } catch (err) {
       const problemsOut = err.details?.problems || (err.details?.field ? [{ field: err.details.field, problem: err.message }] : []);
-      for (const p of problemsOut) showError(p.field, p.problem);
-      say(problemsOut.length ? `Not saved: ${errorText(err)}` : errorText(err));
+      const placed = problemsOut.map((p) => showError(p.field, p.problem));
+      say(placed.length && placed.every(Boolean) ? `Not saved (${err.code}): see the field marked in red.` : `Not saved: ${errorText(err)}`);
       return; // the inputs keep what was typed
     }
     dirty = false;
@@ -440,13 +444,13 @@ export function settingsPanel(initial) {
       field("Type", type, "type"),
       kernelField,
       field("Machine type", machine, "machine_type"),
-      field("CUDA version", cuda, "cuda", cudaHint),
+      field("CUDA version", cuda, "cuda"),
     ),
     h(
       "section",
       { class: "sub", dataset: { section: "env" } },
       h("h3", {}, "Environment variables"),
-      h("table", { class: "env-table" }, envRows),
+      envRows,
       slot("env"),
       h("div", { class: "bar" },
         h("button", { type: "button", id: "add-variable", onclick: () => { envRows.append(envRow()); envRows.lastChild.querySelector(".env-name").focus(); touched(); } }, "Add variable"),
@@ -486,6 +490,7 @@ export function settingsPanel(initial) {
     fillMachines(machine.value);
     fillCuda(cuda.value);
     for (const select of envRows.querySelectorAll("select.env-secret")) secretOptions(select, select.value);
+    refreshInherited();
   }
 
   fill(true);
