@@ -116,7 +116,7 @@ export function settingsPanel(initial) {
   const envRows = h("div", { id: "env-rows" });
   const inheritedToggle = h("input", { type: "checkbox", id: "show-inherited" });
   const inheritedBox = h("div", { id: "inherited", hidden: true });
-  let own = {}; // the variables' details from GET /runtimes/{id}/env (overrides)
+  let imageVars = new Map(); // name -> value the environment's image sets (GET /runtimes/{id}/env)
 
   // A secret is chosen from the team secret lists by TEAM/NAME; a value never comes near.
   function secretOptions(select, wanted) {
@@ -139,7 +139,7 @@ export function settingsPanel(initial) {
     const valueInput = h("input", { class: "env-value", placeholder: "value", value: secret ? "" : value, autocomplete: "off", spellcheck: "false", "aria-label": "value" });
     const select = secretSelect(secret ? value : null);
     const error = h("span", { class: "field-error", role: "alert" });
-    const badge = h("span", { class: "badge overrides", hidden: !own[varName]?.overrides, title: "the environment's image sets it too; this value wins" }, "overrides image");
+    const badge = h("span", { class: "badge overrides", hidden: !imageVars.has(varName), title: "the environment's image sets it too; this value wins" }, "overrides image");
     const show = () => {
       valueInput.hidden = kind.value === "secret";
       select.hidden = kind.value !== "secret";
@@ -166,6 +166,8 @@ export function settingsPanel(initial) {
       return [n, valueInput.value];
     };
     row.nameInput = nameInput;
+    row.mark = () => (badge.hidden = !imageVars.has(nameInput.value.trim()));
+    nameInput.addEventListener("input", row.mark);
     row.error = error;
     return row;
   }
@@ -176,25 +178,23 @@ export function settingsPanel(initial) {
     inheritedBox.hidden = !inheritedToggle.checked;
     try {
       const view = await get(`/runtimes/${rt.id}/env`);
-      own = Object.fromEntries(view.variables.filter((v) => v.source === "set here").map((v) => [v.name, v]));
-      for (const row of envRows.children) {
-        row.querySelector(".overrides").hidden = !own[row.nameInput.value.trim()]?.overrides;
-      }
+      imageVars = new Map(view.variables.filter((v) => v.source === "inherited" || v.overrides).map((v) => [v.name, v.overrides ? v.image_value ?? "" : v.value ?? ""]));
+      for (const row of envRows.children) row.mark();
       if (!inheritedToggle.checked) return;
-      // the image's variables, those hidden by one set here included (struck through)
-      const inherited = view.variables.filter((v) => v.source === "inherited" || v.overrides);
-      const row = (v) =>
+      // the image's variables; those the runtime sets (or will set at its next boot) struck through
+      const mine = effective(rt).env;
+      const row = ([n, value]) =>
         h(
           "tr",
-          { class: v.overrides ? "overridden" : null, dataset: { name: v.name } },
-          h("td", { class: "path" }, v.name),
-          h("td", { class: "path value" }, v.overrides ? v.image_value ?? "" : v.value ?? ""),
-          h("td", { class: "note" }, v.overrides ? "set here instead" : ""),
+          { class: n in mine ? "overridden" : null, dataset: { name: n } },
+          h("td", { class: "path" }, n),
+          h("td", { class: "path value" }, value),
+          h("td", { class: "note" }, n in mine ? "set here instead" : ""),
         );
       clear(
         inheritedBox,
         h("p", { class: "muted" }, `Set by ${view.environment}'s image (a variable set here of the same name wins):`),
-        inherited.length ? h("table", { class: "inherited" }, h("tbody", {}, inherited.map(row))) : h("p", { class: "muted" }, "The image sets no variables."),
+        imageVars.size ? h("table", { class: "inherited" }, h("tbody", {}, [...imageVars].map(row))) : h("p", { class: "muted" }, "The image sets no variables."),
       );
     } catch (err) {
       clear(inheritedBox, h("p", { class: "error" }, errorText(err)));
@@ -210,11 +210,12 @@ export function settingsPanel(initial) {
     const kindPart = h("label", { class: "mount-part mount-kind" }, h("span", {}, "type"), kind);
     const target = h("input", { class: "mount-target", dataset: { key: "target" }, placeholder: "/mnt/…", value: m.target || "", autocomplete: "off", "aria-label": "target" });
     const fieldsBox = h("span", { class: "mount-fields" });
+    const flagBox = h("span", { class: "mount-flag" });
     const errors = new Map();
     const row = h("div", { class: "mount-row" });
     const keep = { ...m }; // values of the other types' fields, so switching back loses nothing
     function draw() {
-      for (const input of fieldsBox.querySelectorAll("[data-key]")) {
+      for (const input of row.querySelectorAll(".mount-fields [data-key], .mount-flag [data-key]")) {
         keep[input.dataset.key] = input.type === "checkbox" ? input.checked : input.value;
       }
       const parts = [];
@@ -223,11 +224,9 @@ export function settingsPanel(initial) {
         if (key === "name") input.setAttribute("list", "settings-volumes");
         parts.push(h("label", { class: "mount-part" }, h("span", {}, caption), input));
       }
-      const flag = MOUNT_FLAGS[kind.value];
-      if (flag) {
-        parts.push(h("label", { class: "check" }, h("input", { type: "checkbox", class: `mount-${flag[0]}`, dataset: { key: flag[0] }, checked: Boolean(keep[flag[0]]) }), flag[1]));
-      }
       clear(fieldsBox, parts);
+      const flag = MOUNT_FLAGS[kind.value];
+      clear(flagBox, flag ? h("label", { class: "check" }, h("input", { type: "checkbox", class: `mount-${flag[0]}`, dataset: { key: flag[0] }, checked: Boolean(keep[flag[0]]) }), flag[1]) : null);
     }
     kind.addEventListener("change", draw);
     draw();
@@ -238,11 +237,12 @@ export function settingsPanel(initial) {
       h("label", { class: "mount-part" }, h("span", {}, "mounted at"), target),
       fieldsBox,
       h("button", { type: "button", class: "remove", title: "remove", "aria-label": "remove mount", onclick: () => { row.remove(); touched(); } }, "×"),
+      flagBox,
       rowError,
     );
     row.read = () => {
       const out = { type: kind.value, target: target.value.trim() };
-      for (const input of fieldsBox.querySelectorAll("[data-key]")) {
+      for (const input of row.querySelectorAll(".mount-fields [data-key], .mount-flag [data-key]")) {
         out[input.dataset.key] = input.type === "checkbox" ? input.checked : input.value.trim();
       }
       return out;
@@ -501,9 +501,11 @@ export function settingsPanel(initial) {
     // A newer copy of the runtime (live updates): the pending notes follow; the inputs too,
     // unless the user has typed into them.
     update(next) {
+      const before = canon([rt.environment, rt.env, rt.pending]);
       rt = next;
       fill();
       drawPending();
+      if (canon([rt.environment, rt.env, rt.pending]) !== before) refreshInherited();
     },
   };
 }
