@@ -159,6 +159,12 @@ def test_settings_set_on_a_stopped_runtime_are_kept_after_a_reload(
     assert rt["machine_type"] == "small" and rt["cuda"] is None
     assert page.is_disabled("#settings select[name=cuda]")  # CUDA is for GPU machine types
 
+    # in a narrow window the panel folds into one column, nothing sticks out
+    page.set_viewport_size({"width": 400, "height": 860})
+    page.wait_for_timeout(100)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400
+    panel_shot(browser, "narrow")
+
 
 def test_a_reboot_field_changed_while_running_is_shown_as_pending_until_the_next_boot(
     browser: Browser, api: httpx.Client, runtime: dict[str, Any]
