@@ -27,6 +27,19 @@ const LABELS = {
   mounts: "mounts",
 };
 
+// A GET asked up to three times when the connection was cut (status 0), as Chromium does to
+// open requests when the host's network interfaces change (Docker adds one per container).
+async function again(path, tries = 3) {
+  for (let i = 1; ; i += 1) {
+    try {
+      return await get(path);
+    } catch (err) {
+      if (err.status !== 0 || i >= tries) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 300 * i));
+    }
+  }
+}
+
 // Stable text of a value, keys sorted, for "did it change" comparisons.
 function canon(value) {
   if (Array.isArray(value)) return `[${value.map(canon).join(",")}]`;
@@ -177,7 +190,7 @@ export function settingsPanel(initial) {
   async function refreshInherited() {
     inheritedBox.hidden = !inheritedToggle.checked;
     try {
-      const view = await get(`/runtimes/${rt.id}/env`);
+      const view = await again(`/runtimes/${rt.id}/env`);
       imageVars = new Map(view.variables.filter((v) => v.source === "inherited" || v.overrides).map((v) => [v.name, v.overrides ? v.image_value ?? "" : v.value ?? ""]));
       for (const row of envRows.children) row.mark();
       if (!inheritedToggle.checked) return;
@@ -472,14 +485,22 @@ export function settingsPanel(initial) {
     applyNote,
   );
 
+  // The choices the inputs offer. A list that cannot be had is said in the panel, not
+  // silently offered empty (a request cut when the host's network changes is asked again).
   async function load() {
-    const teams = rt.team ? [rt.team] : await get("/teams").then((ts) => ts.filter((t) => t.role).map((t) => t.name), () => []);
+    const failed = [];
+    const list = (path, what, empty = []) =>
+      again(path).catch((err) => {
+        failed.push(`${what}: ${errorText(err)}`);
+        return empty;
+      });
+    const teams = rt.team ? [rt.team] : (await list("/teams", "your teams")).filter((t) => t.role).map((t) => t.name);
     const [machines, cudaInfo, volumes, environments, ...secretLists] = await Promise.all([
-      get("/machine-types").catch(() => []),
-      get("/machine-types/cuda").catch(() => ({ versions: [] })),
-      get("/volumes").catch(() => []),
-      get("/environments").catch(() => []),
-      ...teams.map((t) => get(`/teams/${encodeURIComponent(t)}/secrets`).catch(() => [])),
+      list("/machine-types", "machine types"),
+      list("/machine-types/cuda", "CUDA versions", { versions: [] }),
+      list("/volumes", "volumes"),
+      list("/environments", "environments"),
+      ...teams.map((t) => list(`/teams/${encodeURIComponent(t)}/secrets`, `secrets of team ${t}`)),
     ]);
     lists.machines = machines;
     lists.cuda = cudaInfo.versions || [];
@@ -490,6 +511,7 @@ export function settingsPanel(initial) {
     fillMachines(machine.value);
     fillCuda(cuda.value);
     for (const select of envRows.querySelectorAll("select.env-secret")) secretOptions(select, select.value);
+    if (failed.length) say(`Could not load ${failed.join("; ")}`);
     refreshInherited();
   }
 
