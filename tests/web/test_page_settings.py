@@ -256,6 +256,14 @@ def test_a_bad_variable_name_shows_the_422_next_to_it_and_keeps_what_was_typed(
     assert rt["env"] == {"GOOD": "kept", "NOT_BAD": "typed value"}
     assert rt["idle_timeout"] == 1234 and rt["machine_type"] == "large"
 
+    # a name given twice is caught before anything is sent
+    add_variable(browser, "GOOD", "again")
+    assert apply(browser) == "Nothing was sent: see the fields marked in red."
+    twice = page.locator("#env-rows .env-row").last
+    assert twice.locator(".field-error").inner_text() == "GOOD is here twice"
+    assert twice.get_attribute("class") == "env-row invalid"
+    assert api.get(f"/runtimes/{runtime['id']}").json()["env"] == {"GOOD": "kept", "NOT_BAD": "typed value"}
+
 
 def test_show_inherited_lists_the_variables_of_the_environments_image(
     browser: Browser, api: httpx.Client, runtime: dict[str, Any]

@@ -75,14 +75,19 @@ function effective(rt) {
   };
 }
 
-// "FOO, BAR (new), BAZ (removed)": how the pending variables differ from the runtime's.
+// A variable's value in a sentence: a secret by its reference, long text cut.
+function shortValue(v) {
+  if (isRef(v)) return `secret ${refLabel(v)}`;
+  return v.length > 60 ? `${v.slice(0, 60)}…` : v;
+}
+
+// "FOO = 1; BAR removed": how the pending variables differ from the runtime's.
 function envChange(now, next) {
   const names = [...new Set([...Object.keys(now), ...Object.keys(next)])].sort();
   const parts = [];
   for (const n of names) {
     if (!(n in next)) parts.push(`${n} removed`);
-    else if (!(n in now)) parts.push(`${n} = ${isRef(next[n]) ? "secret " + refLabel(next[n]) : next[n]}`);
-    else if (canon(now[n]) !== canon(next[n])) parts.push(`${n} = ${isRef(next[n]) ? "secret " + refLabel(next[n]) : next[n]}`);
+    else if (!(n in now) || canon(now[n]) !== canon(next[n])) parts.push(`${n} = ${shortValue(next[n])}`);
   }
   return parts.join("; ") || "unchanged";
 }
@@ -103,7 +108,7 @@ export function settingsPanel(initial) {
   let rt = initial;
   let shown = null; // canon() of the settings the inputs were last filled from
   let dirty = false;
-  const lists = { machines: [], cuda: [], secrets: [], volumes: [], environments: [] };
+  const lists = { machines: [], cuda: [], secrets: [] };
   const slots = new Map(); // field -> its error element
   const slot = (field) => {
     const el = h("span", { class: "field-error", role: "alert", dataset: { errorFor: field } });
@@ -414,8 +419,11 @@ export function settingsPanel(initial) {
     say("");
     const { out, problems } = body();
     if (problems.length) {
-      for (const [el, text] of problems) el.textContent = text;
-      say("Nothing was sent: see the marked fields.");
+      for (const [el, text] of problems) {
+        el.textContent = text;
+        el.closest(".env-row")?.classList.add("invalid");
+      }
+      say("Nothing was sent: see the fields marked in red.");
       return;
     }
     if (!Object.keys(out).length) {
