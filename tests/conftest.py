@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.errors import APIError
 
 from api.dbschema import upgrade
 from envs.kit.config import Settings
@@ -77,7 +79,15 @@ def docker() -> Iterator[Any]:
         except Exception as exc:  # reported below; the others still go
             kept.append(f"{held.network} ({exc})")
     # images saved by the session's runtimes (versions, drafts), children before parents
-    client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
+    # (the engine runs one prune at a time: another client's prune is waited for, a few seconds)
+    for attempt in range(20):
+        try:
+            client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
+            break
+        except APIError as exc:
+            if exc.status_code != 409 or attempt == 19:
+                raise
+            time.sleep(0.5)
     client.close()
     assert not kept, f"the test session's networks could not all be removed: {kept}"
 
