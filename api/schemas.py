@@ -60,6 +60,11 @@ class RuntimeCreate(BaseModel):
         examples=["acme"],
         description="a team of yours: its members see and use the runtime too (null: only you)",
     )
+    cell: ExecutionCreate | None = Field(
+        default=None,
+        description="a first cell to run at once (create-and-run): the runtime boots (from the warm pool "
+        "when one fits) and the answer carries the cell as `execution`, finished when `?wait=` allows",
+    )
 
 
 class RuntimePatch(BaseModel):
@@ -157,6 +162,12 @@ class RuntimeOut(BaseModel):
     booted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+
+
+class RuntimeCreatedOut(RuntimeOut):
+    execution: ExecutionOut | None = Field(
+        default=None, description="the first cell of a create-and-run (`cell`), as `GET /executions/{id}` shows it"
+    )
 
 
 class SecretRef(BaseModel):
@@ -415,3 +426,7 @@ class PackagesDiffOut(BaseModel):
     against: str = Field(description="the version it is compared against (the old side)")
     deb: PackagesKindDiffOut
     python: PackagesKindDiffOut
+
+
+RuntimeCreate.model_rebuild()
+RuntimeCreatedOut.model_rebuild()

@@ -4,7 +4,9 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
+from starlette.concurrency import run_in_threadpool
 
+from api.cells import execution_out, record_cell
 from api.deps import CallerDep, CtxDep, check_visible
 from api.schemas import (
     ChangeOut,
@@ -12,6 +14,7 @@ from api.schemas import (
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
+    RuntimeCreatedOut,
     RuntimeEnvOut,
     RuntimeOut,
     RuntimePatch,
@@ -25,6 +28,7 @@ from runner.states import State
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 
 ID_PATH = {"max_length": 64}
+CELL_MAX_WAIT = 30.0  # as POST /runtimes/{id}/executions
 
 
 def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
@@ -32,28 +36,57 @@ def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
     return {k: v.model_dump(exclude_none=True) if isinstance(v, SecretRef) else v for k, v in env.items()}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
-def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+CellWait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=CELL_MAX_WAIT,
+        description="with a `cell`: seconds to wait for it to finish (0 answers at once, the cell queued)",
+    ),
+]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeCreatedOut)
+async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wait: CellWait = 0) -> RuntimeCreatedOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now.
     Another team's environment is a 404 unless what ``environment`` names is published.
     With ``team`` (a team of the caller's; another is a 404) its members see and use it too;
-    its name is then unique within the team (409)."""
-    check_visible(ctx, caller, body.environment, "environment")
-    rt = ctx.runner.create(
-        caller.viewer,
-        name=body.name,
-        environment=body.environment,
-        language=body.language,
-        machine_type=body.machine_type,
-        idle_timeout=body.idle_timeout,
-        type=body.type,
-        kernel=body.kernel,
-        env=_env(body.env),
-        cuda=body.cuda,
-        mounts=body.mounts,
-        team=body.team,
-    )
-    return runtime_out(ctx.runner, rt)
+    its name is then unique within the team (409).
+
+    With ``cell`` (create-and-run) the cell is submitted at once, as ``POST
+    /runtimes/{id}/executions`` would (the runtime boots for it, from the warm pool when one
+    fits); with ``?wait=`` the answer comes when the cell has finished (or after ``wait``
+    seconds) and carries it as ``execution``: an editor opening a notebook makes one request."""
+
+    def create() -> Any:
+        check_visible(ctx, caller, body.environment, "environment")
+        return ctx.runner.create(
+            caller.viewer,
+            name=body.name,
+            environment=body.environment,
+            language=body.language,
+            machine_type=body.machine_type,
+            idle_timeout=body.idle_timeout,
+            type=body.type,
+            kernel=body.kernel,
+            env=_env(body.env),
+            cuda=body.cuda,
+            mounts=body.mounts,
+            team=body.team,
+        )
+
+    rt = await run_in_threadpool(create)
+    if body.cell is None:
+        return RuntimeCreatedOut(**(await run_in_threadpool(runtime_out, ctx.runner, rt)).model_dump())
+    manager = ctx.runner.executions
+    ex = await record_cell(manager, caller.viewer, rt.id, body.cell)
+    if wait:
+        async with manager.waiting(ex.id, wait):
+            execution = execution_out(ctx, caller, manager.get(caller.viewer, ex.id))
+    else:
+        execution = execution_out(ctx, caller, ex)
+    shown = await run_in_threadpool(lambda: runtime_out(ctx.runner, ctx.runner.get(caller.viewer, rt.id)))
+    return RuntimeCreatedOut(**shown.model_dump(), execution=execution)
 
 
 @router.get("", response_model=list[RuntimeOut])
