@@ -154,6 +154,11 @@ class RuntimeOut(BaseModel):
         description="settings changed while it ran, applied by its next boot (field -> new value); empty if none",
     )
     runner: str = Field(description="the runner that owns the runtime; only it acts on it")
+    origin: Literal["boot", "pool", "attached"] = Field(
+        default="boot",
+        description="where its container came from: booted for it, claimed from the warm pool, or a container "
+        "envctl did not start that it is attached to",
+    )
     runner_alive: bool = Field(description="whether that runner beats its heartbeat in the store")
     unreachable: str | None = Field(
         description="why this server cannot act on the runtime (another runner owns it, or its runner is gone); "
@@ -168,6 +173,33 @@ class RuntimeCreatedOut(RuntimeOut):
     execution: ExecutionOut | None = Field(
         default=None, description="the first cell of a create-and-run (`cell`), as `GET /executions/{id}` shows it"
     )
+
+
+class PoolTargetOut(BaseModel):
+    environment: str = Field(description="the reference the setting names, e.g. python3:latest")
+    version: str | None = Field(description="the version it means now; null when it names none")
+    machine_type: str
+    count: int
+    waiting: int
+    booting: int
+
+
+class PoolEntryOut(BaseModel):
+    id: str
+    state: Literal["booting", "waiting"]
+    environment: str
+    machine_type: str
+    container: str | None
+    boot_ms: float | None
+    ready_at: datetime | None
+
+
+class PoolOut(BaseModel):
+    runner: str
+    targets: list[PoolTargetOut]
+    entries: list[PoolEntryOut]
+    memory_budget: int = Field(description="bytes the pool may reserve (ENVCTL_RUNNER_POOL_MEMORY); 0: no cap")
+    memory_reserved: int = Field(description="the machine types' memory of the waiting and booting containers")
 
 
 class SecretRef(BaseModel):

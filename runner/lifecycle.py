@@ -44,6 +44,7 @@ class Lifecycle:
         *,
         is_saving: Callable[[str], bool],
         on_deleted: Callable[[str], None],
+        serve_pooled: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.records = records
@@ -54,6 +55,9 @@ class Lifecycle:
         self.booter = booter
         self.is_saving = is_saving
         self.on_deleted = on_deleted
+        # claims a warm container for a stopped runtime that fits (runner/pool.py): True when
+        # it did (the runtime is then running, or in error), False to boot as usual
+        self.serve_pooled = serve_pooled
 
     def _failed_unexpectedly(self, runtime_id: str) -> Callable[[], None]:
         def record() -> None:
@@ -72,6 +76,13 @@ class Lifecycle:
                 raise RuntimeStateError(
                     "the runtime is stopping; start it again once it is stopped", details={"state": rt.state}
                 )
+            stopped = rt.state == State.STOPPED
+        if stopped and self.serve_pooled is not None:
+            with self.concurrency.claim(runtime_id), self.concurrency.runtime_lock(runtime_id):
+                served = self.serve_pooled(runtime_id)
+            if served:
+                with self.records.db.session() as s:
+                    return self.records.get(s, who, runtime_id)
         self.backend.ping()  # an engine that does not answer is a 503 now, not an error later
         if not self.concurrency.take_boot_slot():
             raise TooManyRequestsError(

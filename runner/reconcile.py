@@ -134,6 +134,7 @@ class Reconciler:
         *,
         is_saving: Callable[[str], bool],
         secrets: RuntimeSecrets | None = None,
+        remap: Callable[[list[FoundContainer]], list[FoundContainer]] | None = None,
     ) -> None:
         self.identity = identity
         self.records = records
@@ -143,6 +144,9 @@ class Reconciler:
         self.drafts = drafts
         self.is_saving = is_saving
         self.secrets = secrets
+        # the warm pool's hand in a complete listing (runner/pool.py): its own containers
+        # taken care of, a claimed one reported under its runtime's id
+        self.remap = remap
 
     def _busy_here(self, runtime_id: str) -> bool:
         return self.concurrency.in_flight(runtime_id) or self.is_saving(runtime_id)
@@ -188,6 +192,8 @@ class Reconciler:
         except BackendError as exc:
             self._mark_unreachable(exc)
             raise
+        if self.remap is not None:
+            found = self.remap(found)
         done: list[Action] = []
         for action in plan(rows, found):
             if self._busy_here(action.runtime_id):

@@ -30,6 +30,7 @@ module):
 ``archives.py``        export and load of a version with its lineage
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
 ``reconcile.py``       the database made to agree with the engine (pure plan, then actions)
+``pool.py``            the warm pool: containers booted ahead, claimed once by a starting runtime
 ``housekeeping.py``    the loop: reconciliation and idle shutdown (``idle.py``: the decision)
 ``mounts/``            a runtime's mounts: validation, the git and S3 caches a boot fills,
                        named volumes (``volumes``: list, create, delete)
@@ -76,6 +77,7 @@ from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
+from runner.pool import Pool
 from runner.reconcile import Action, Reconciler
 from runner.records import Records, Who
 from runner.runtimes import RuntimeChanges, Runtimes
@@ -151,6 +153,7 @@ class RunnerService:
             secret_values=secrets.values_of,
         )
         self.results = ResultCollector(settings, db, clock, paths)
+        self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,
@@ -171,6 +174,7 @@ class RunnerService:
             ),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
+            serve_pooled=pool.serve if pool.enabled else None,
         )
         self.runtimes = runtimes = Runtimes(settings, records, backend.name)
         self.feeds = Feeds()
@@ -186,7 +190,15 @@ class RunnerService:
         )
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)
         self.reconciler = Reconciler(
-            self.identity, records, concurrency, backend, paths, drafts, is_saving=snapshots.is_saving, secrets=secrets
+            self.identity,
+            records,
+            concurrency,
+            backend,
+            paths,
+            drafts,
+            is_saving=snapshots.is_saving,
+            secrets=secrets,
+            remap=pool.reconcile,
         )
         self.housekeeping = Housekeeping(
             settings,

@@ -46,7 +46,9 @@ CellWait = Annotated[
 ]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeCreatedOut)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=RuntimeCreatedOut, response_model_exclude_unset=True
+)
 async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wait: CellWait = 0) -> RuntimeCreatedOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now.
     Another team's environment is a 404 unless what ``environment`` names is published.

@@ -43,6 +43,7 @@ LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
 LABEL_MACHINE = "envctl.machine-type"
 LABEL_GPU_KIND = "envctl.gpu-kind"
+LABEL_POOL = "envctl.pool"  # a container of the warm pool (runner/pool.py), claimed or not
 
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
