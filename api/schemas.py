@@ -28,11 +28,23 @@ MOUNTS_HELP = (
 )
 
 
+class AttachSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    container: str = Field(min_length=1, max_length=200, description="the container's id or name")
+
+
 class RuntimeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, examples=["demo"])
-    environment: str = Field(min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"])
+    environment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=300,
+        examples=["python3", "python3@1", "acme/ml:stable"],
+        description="required, unless the runtime is attached to a container (`attach`)",
+    )
     language: Literal["python", "bash"] = "python"
     type: Literal["native", "jupyter"] = Field(
         default="native", description="native: envctl's agent kernels; jupyter: a Jupyter kernelspec in the image"
@@ -59,6 +71,11 @@ class RuntimeCreate(BaseModel):
         pattern=NAME_PATTERN,
         examples=["acme"],
         description="a team of yours: its members see and use the runtime too (null: only you)",
+    )
+    attach: AttachSpec | None = Field(
+        default=None,
+        description="run the cells in a container envctl did not start, which the admins' allow-list "
+        "(ENVCTL_RUNNER_ATTACH_ALLOW) names; envctl never stops, removes or commits it",
     )
     cell: ExecutionCreate | None = Field(
         default=None,
@@ -352,6 +369,10 @@ class SaveRequest(BaseModel):
     tag: str | None = Field(default=None, max_length=128, description="a tag to point at the new version")
     keep_caches: bool = Field(
         default=False, description="keep package caches (apt lists and archives, pip, npm) in the new layer"
+    )
+    attached_save: bool = Field(
+        default=False,
+        description="a save of an attached runtime (a container envctl did not start) is refused unless asked for",
     )
     allow_secrets: list[str] = Field(
         default_factory=list,

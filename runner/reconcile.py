@@ -186,6 +186,8 @@ class Reconciler:
             rows = [
                 Row(r.id, State(r.state), r.state_reason, dict(r.backend_state or {}))
                 for r in s.scalars(select(Runtime).where(Runtime.runner == self.identity.name))
+                # an attached runtime's container is not envctl's: runner/attach.py looks after it
+                if (r.backend_state or {}).get("origin") != "attached"
             ]
         try:
             found = self.backend.list_owned(self.identity)

@@ -22,6 +22,7 @@ from api.schemas import (
     SecretRef,
 )
 from api.views import log_entry_out, operation_out, runtime_out, runtimes_out
+from envs.kit.errors import InvalidInputError
 from runner.service import RuntimeChanges
 from runner.states import State
 
@@ -61,6 +62,18 @@ async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wa
     seconds) and carries it as ``execution``: an editor opening a notebook makes one request."""
 
     def create() -> Any:
+        if body.attach is not None:
+            if body.environment is not None or body.env or body.mounts or body.cuda:
+                raise InvalidInputError(
+                    "attach: an attached runtime runs in its container as it is; leave out environment, env, "
+                    "mounts and cuda",
+                    field="attach",
+                )
+            return ctx.runner.create_attached(
+                caller.viewer, name=body.name, container=body.attach.container, team=body.team
+            )
+        if body.environment is None:
+            raise InvalidInputError("environment: required (or attach a container with `attach`)", field="environment")
         check_visible(ctx, caller, body.environment, "environment")
         return ctx.runner.create(
             caller.viewer,
@@ -224,6 +237,7 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
     with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
     Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
     operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
+    ctx.runner.check_save(caller.viewer, runtime_id, attached_save=body.attached_save)
     op = ctx.runner.snapshots.save(
         caller.viewer,
         caller.name,

@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import kernelspec_files, netguard, overlay, volumes
+from runner.backends import kernelspec_files, netguard, others, overlay, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -46,6 +46,7 @@ from runner.backends.base import (
     FoundContainer,
     ImageInfo,
     LayerObserver,
+    OtherContainer,
     RuntimeBackend,
     RuntimeSpec,
     SavedLayer,
@@ -259,6 +260,11 @@ class DockerBackend(RuntimeBackend):
             self._force_remove(container.id)
             raise _daemon_error("start the runtime's container", exc) from exc
         return state
+
+    def inspect_other(self, container: str) -> OtherContainer | None:
+        if self._base_url and not self._base_url.startswith("unix://"):
+            raise BackendError("attaching needs the Docker engine on this host (its containers' processes run here)")
+        return others.inspect(self.client, container)
 
     def poll(self, state: BackendState) -> ContainerStatus:
         cid = state.get("container_id")
