@@ -7,6 +7,7 @@ of that and through envctl's restart; a save is refused unless asked for."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.cli import main
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
@@ -141,8 +143,9 @@ def test_cells_run_inside_an_allowed_container_which_is_left_as_it_was(
 
 
 def test_a_container_without_python_runs_bash_cells_only_and_says_so(
-    attach_server: Server, docker: Any, own_containers: list[Any]
+    attach_server: Server, docker: Any, own_containers: list[Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Attached with `envctl runtime attach NAME CONTAINER`."""
     tag = uuid.uuid4().hex[:6]
     image = base_image(docker, "bash")
     data = docker_run(
@@ -153,16 +156,21 @@ def test_a_container_without_python_runs_bash_cells_only_and_says_so(
         "rm -f /usr/bin/python3 /usr/local/bin/python3; echo 42 > /answer; exec sleep infinity",
     )
     before = looks(docker, data)
+    token = (attach_server.data_dir / "admin-token").read_text().strip()
+    capsys.readouterr()
+    code = main(["runtime", "attach", "data", data.name, "--url", attach_server.url, "--token", token, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["origin"] == "attached" and made["language"] == "bash"
+    assert "Bash cells only" in made["state_message"]
     with attach_server.client() as client:
-        r = attach(client, "data", data.name)
-        assert r.status_code == 201, r.text
-        rid = r.json()["id"]
-        assert r.json()["language"] == "bash" and "Bash cells only" in r.json()["state_message"]
+        rid = made["id"]
         ex = run(client, rid, "cat /answer; ps -o comm= -p 1 2>/dev/null || cat /proc/1/comm")
         assert ex["status"] == "ok", ex
         assert text(ex).split() == ["42", "sleep"]
         py = run(client, rid, "print(1)", language="python")
-        assert py["status"] == "error"
+        assert py["status"] == "error", py
         log = client.get(f"/runtimes/{rid}/log").json()
         assert any("Bash cells only" in e["message"] for e in log)
         assert client.post(f"/runtimes/{rid}/stop", params={"wait": 20}).json()["state"] == "stopped"
