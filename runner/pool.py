@@ -39,7 +39,6 @@ from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, InvalidInputError
 from envs.kit.ids import new_id
-from envs.models import EnvironmentVersion
 from envs.refs import parse_ref
 from runner import envvars
 from runner.backends.base import (
@@ -58,12 +57,13 @@ from runner.machines import get_machine_type
 from runner.models import PoolEntry, Runtime
 from runner.paths import RuntimePaths
 from runner.records import Records
-from runner.secrets import RuntimeSecrets
+from runner.secrets import RuntimeSecrets, refs_of
 from runner.states import State
 
 log = logging.getLogger("envctl.pool")
 
 BOOTING, WAITING, CLAIMED = "booting", "waiting", "claimed"
+REFILL_DELAY = 0.5  # seconds after a claim before its replacement boots
 RETRY_AFTER_FAILURE = 30.0  # seconds before a target whose boot failed is tried again
 
 
@@ -269,7 +269,11 @@ class Pool:
                 if self.backend.poll(state).status is not Status.RUNNING:
                     raise AgentUnavailableError("the pool container exited before its agent answered")
 
-            wait_for_agent(self.paths.socket(entry_id), begun + self.settings.runner_boot_timeout, alive=alive)
+            sock = self.paths.socket(entry_id)
+            wait_for_agent(sock, begun + self.settings.runner_boot_timeout, alive=alive)
+            # the Python kernel started too: a claimed runtime's first cell runs at once
+            with AgentChannel(sock, timeout=60) as channel:
+                channel.request("warm")
             took = (time.monotonic() - begun) * 1000
             with self.records.tx() as s:
                 done = s.execute(
@@ -345,6 +349,9 @@ class Pool:
                     self.records.log(s, runtime_id, event="not-pooled", reason="pool", message=f"booted: {why}")
                     return False
                 container = dict(entry.backend_state or {})
+                entry_id, env = entry.id, envvars.plain(rt.env or {})
+                quick = not env and not refs_of(rt.env)
+                boot_ms = entry.boot_ms or 0
                 ok = self.records.transition(
                     s,
                     runtime_id,
@@ -352,7 +359,7 @@ class Pool:
                     "pool",
                     "claimed a container of the warm pool",
                     expect={State.STOPPED},
-                    values={"backend_state": {**container, "origin": "pool", "pool_entry": entry.id}},
+                    values={"backend_state": {**container, "origin": "pool", "pool_entry": entry_id}},
                 )
                 if not ok:
                     raise _NotClaimedError()  # rolls the claim back
@@ -362,13 +369,17 @@ class Pool:
                     event="claimed-from-pool",
                     reason="pool",
                     message=f"served from the warm pool: container {container.get('container_name', '')}, "
-                    f"booted ahead in {entry.boot_ms or 0:.0f} ms",
-                    details={"container_id": container.get("container_id"), "pool_entry": entry.id},
+                    f"booted ahead in {boot_ms:.0f} ms",
+                    details={"container_id": container.get("container_id"), "pool_entry": entry_id},
                 )
-                entry_id, env = entry.id, envvars.plain(rt.env or {})
+                if quick:  # nothing to hand over: running at once, in the same transaction
+                    self._running(s, runtime_id, begun)
         except _NotClaimedError:
             return False
         self._link_state_dir(runtime_id, entry_id)
+        if quick:
+            self.refill_soon()
+            return True
         try:
             self._hand_over(runtime_id, env)
         except (EnvctlError, OSError) as exc:
@@ -386,21 +397,24 @@ class Pool:
                 values={"backend_state": container},
             )
             return True
-        took = (time.monotonic() - begun) * 1000
-        when = self.records.clock()
         with self.records.tx() as s:
-            self.records.transition(
-                s,
-                runtime_id,
-                State.RUNNING,
-                "pool",
-                f"running on a pooled container after {took:.0f} ms",
-                expect={State.BOOTING},
-                details={"boot_ms": round(took, 1), "pooled": True},
-                values={"booted_at": when, "last_activity_at": when, "last_activity": "boot", "phase": None},
-            )
+            self._running(s, runtime_id, begun)
         self.refill_soon()
         return True
+
+    def _running(self, s: Any, runtime_id: str, begun: float) -> None:
+        took = (time.monotonic() - begun) * 1000
+        when = self.records.clock()
+        self.records.transition(
+            s,
+            runtime_id,
+            State.RUNNING,
+            "pool",
+            f"running on a pooled container after {took:.0f} ms",
+            expect={State.BOOTING},
+            details={"boot_ms": round(took, 1), "pooled": True},
+            values={"booted_at": when, "last_activity_at": when, "last_activity": "boot", "phase": None},
+        )
 
     def _claim(self, s: Any, rt: Runtime) -> PoolEntry | None:
         """The compare-and-set: the first waiting entry of the runtime's version and machine
@@ -448,7 +462,9 @@ class Pool:
             self.secrets.record(runtime_id, delivery.delivered, delivery.env.values())
 
     def refill_soon(self) -> None:
-        """Boot the replacement now, in the background (the next round would anyway)."""
+        """Boot the replacement in the background, shortly (the next round would anyway): a
+        moment after the claim, so that the claimed runtime's first cell, which its client
+        waits for, does not share the CPU with a container's start."""
 
         def refill(_: str) -> None:
             try:
@@ -456,8 +472,13 @@ class Pool:
             except EnvctlError as exc:
                 log.warning("pool: refill failed: %s", exc.message)
 
-        with contextlib.suppress(RuntimeError):  # shutting down
-            self.concurrency.submit(refill, "pool")
+        def later() -> None:
+            with contextlib.suppress(RuntimeError):  # shutting down
+                self.concurrency.submit(refill, "pool")
+
+        timer = threading.Timer(REFILL_DELAY, later)
+        timer.daemon = True
+        timer.start()
 
     # ------------------------------------------------------------------ reconciliation
     def remap(self, found: list[FoundContainer]) -> list[FoundContainer]:
@@ -527,59 +548,3 @@ class Pool:
             return True
         except (AgentUnavailableError, OSError):
             return False
-
-    # ------------------------------------------------------------------ what GET /pool shows
-    def overview(self) -> dict[str, Any]:
-        wanted = {(w.version_id, w.target.machine_type): w for w in self.wanted()} if self.enabled else {}
-        with self.records.db.session() as s:
-            entries = list(
-                s.scalars(
-                    select(PoolEntry)
-                    .where(PoolEntry.runner == self.identity.name, PoolEntry.state.in_([BOOTING, WAITING]))
-                    .order_by(PoolEntry.created_at)
-                )
-            )
-            versions = {
-                v.id: v.ref
-                for v in s.scalars(
-                    select(EnvironmentVersion).where(EnvironmentVersion.id.in_({e.version_id for e in entries}))
-                )
-            }
-        targets = []
-        for t in self.targets:
-            w = next((w for w in wanted.values() if w.target == t), None)
-            mine = [
-                e for e in entries if w is not None and (e.version_id, e.machine_type) == (w.version_id, t.machine_type)
-            ]
-            targets.append(
-                {
-                    "environment": t.ref,
-                    "version": w.version if w is not None else None,
-                    "machine_type": t.machine_type,
-                    "count": t.count,
-                    "waiting": sum(1 for e in mine if e.state == WAITING),
-                    "booting": sum(1 for e in mine if e.state == BOOTING),
-                }
-            )
-        return {
-            "runner": self.identity.name,
-            "targets": targets,
-            "entries": [
-                {
-                    "id": e.id,
-                    "state": e.state,
-                    "environment": versions.get(e.version_id, ""),
-                    "machine_type": e.machine_type,
-                    "container": (e.backend_state or {}).get("container_name"),
-                    "boot_ms": e.boot_ms,
-                    "ready_at": e.ready_at,
-                }
-                for e in entries
-            ],
-            "memory_budget": self.settings.runner_pool_memory,
-            "memory_reserved": sum(
-                get_machine_type(self.settings, e.machine_type).memory
-                for e in entries
-                if e.machine_type in self.settings.machine_types
-            ),
-        }

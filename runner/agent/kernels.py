@@ -298,6 +298,14 @@ class ProcessKernel(Kernel):
         )
         self._reader.start()
 
+    def set_environ(self, env: dict[str, str]) -> None:
+        """Variables given after the kernel started (a warm pool's runtime, claimed): into its
+        ``os.environ`` before the next cell, without counting as one."""
+        if self.alive() and self._requests is not None and env:
+            with contextlib.suppress(OSError, ValueError):
+                self._requests.write(json.dumps({"op": "environ", "env": env}) + "\n")
+                self._requests.flush()
+
     def execute(self, code: str) -> None:
         self._busy = True
         try:

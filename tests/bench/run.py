@@ -12,6 +12,7 @@ from tests.bench import (
     bench_exec,
     bench_lean_save,
     bench_mounts,
+    bench_pool,
     bench_save,
     bench_secret_save,
     bench_transfer,
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "mounts": bench_mounts.run,
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
+    "pool": bench_pool.run,
 }
 
 
