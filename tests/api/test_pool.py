@@ -189,3 +189,39 @@ def test_bad_pool_settings_are_refused_naming_the_entry(make_api: AppFactory) ->
         assert "python3:huge=1" in exc.message and "no machine type 'huge'" in exc.message
     else:
         raise AssertionError("an unknown machine type was accepted")
+
+
+def test_a_new_version_under_the_tag_refills_the_pool_for_it(make_api: AppFactory) -> None:
+    """A save (or a publication) that moves the tag the pool names: the next rounds boot the
+    new version and remove the waiting containers of the old one."""
+    from envs.service import NewVersion, register_version
+
+    api = make_api(runner_pool=(("python3", "small", 1),), runner_idle_check_interval=0.2)
+    old = _pool(api, 1)["entries"][0]
+    assert old["environment"] == "python3@1"
+    with api.db.session() as s:
+        register_version(
+            s,
+            NewVersion(
+                environment="python3",
+                image_id="sha256:" + "d" * 64,
+                image_ref="envctl-base/python3:test2",
+                message="a save",
+                author="tests",
+                size=1,
+                size_added=1,
+            ),
+        )
+        s.commit()
+    deadline = time.monotonic() + 20
+    while True:
+        body = api.get("/pool").json()
+        entries = body["entries"]
+        if [e["environment"] for e in entries] == ["python3@2"] and entries[0]["state"] == "waiting":
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert body["targets"][0]["version"] == "python3@2"
+    assert old["container"] not in {c.spec.container_name for c in api.engine.values()}
+    rt = _run(api, "new", "print(5)")
+    assert rt["origin"] == "pool" and rt["environment"] == "python3@2"
