@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]+([._-][a-z0-9]+)*$"
 
@@ -77,6 +77,27 @@ class RuntimeCreate(BaseModel):
         description="run the cells in a container envctl did not start, which the admins' allow-list "
         "(ENVCTL_RUNNER_ATTACH_ALLOW) names; envctl never stops, removes or commits it",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _environment_unless_attached(cls, data: Any, handler: Any) -> Any:
+        """``environment`` is required unless ``attach`` is given: named as missing beside the
+        body's other problems, as a required field would be."""
+        problems: list[Any] = []
+        model = None
+        try:
+            model = handler(data)
+        except ValidationError as exc:
+            problems = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                for e in exc.errors()
+            ]
+        if isinstance(data, dict) and data.get("attach") is None and data.get("environment") is None:
+            problems.insert(0, {"type": "missing", "loc": ("environment",), "input": data})
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return model
+
     cell: ExecutionCreate | None = Field(
         default=None,
         description="a first cell to run at once (create-and-run): the runtime boots (from the warm pool "
