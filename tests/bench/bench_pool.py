@@ -161,10 +161,11 @@ def run(runs: int = 30) -> None:
                 if sizes:
                     rss = statistics.mean(m[0] for m in sizes) / 2**20
                     charge = statistics.mean(m[1] for m in sizes) / 2**20
+                    limit = pool["memory_reserved"] / len(sizes) / 2**30
                     print(
                         f"pool memory per waiting runtime ({len(sizes)} containers, python3 on small): "
                         f"{rss:.1f} MiB resident, {charge:.1f} MiB with page cache "
-                        f"(the budget counts the machine type's limit, {pool['memory_reserved'] / len(sizes) / 2**30:g} GiB)"
+                        f"(the budget counts the machine type's limit, {limit:g} GiB)"
                     )
         finally:
             pooled_srv.stop()
