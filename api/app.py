@@ -24,6 +24,7 @@ from api.routes import (
     machine_types,
     operations,
     packages,
+    pool,
     registry_auth,
     results,
     runners,
@@ -141,6 +142,7 @@ def create_app(
         tokens,
         registry_auth,
         volumes,
+        pool,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)

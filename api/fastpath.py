@@ -23,8 +23,9 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.cells import execution_out, record_cell
 from api.errors import error_response
-from api.routes.executions import MAX_WAIT, execution_out, record_cell
+from api.routes.executions import MAX_WAIT
 from api.schemas import ExecutionCreate
 from envs.kit.errors import EnvctlError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]+([._-][a-z0-9]+)*$"
 
@@ -28,11 +28,23 @@ MOUNTS_HELP = (
 )
 
 
+class AttachSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    container: str = Field(min_length=1, max_length=200, description="the container's id or name")
+
+
 class RuntimeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN, examples=["demo"])
-    environment: str = Field(min_length=1, max_length=300, examples=["python3", "python3@1", "acme/ml:stable"])
+    environment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=300,
+        examples=["python3", "python3@1", "acme/ml:stable"],
+        description="required, unless the runtime is attached to a container (`attach`)",
+    )
     language: Literal["python", "bash"] = "python"
     type: Literal["native", "jupyter"] = Field(
         default="native", description="native: envctl's agent kernels; jupyter: a Jupyter kernelspec in the image"
@@ -59,6 +71,37 @@ class RuntimeCreate(BaseModel):
         pattern=NAME_PATTERN,
         examples=["acme"],
         description="a team of yours: its members see and use the runtime too (null: only you)",
+    )
+    attach: AttachSpec | None = Field(
+        default=None,
+        description="run the cells in a container envctl did not start, which the admins' allow-list "
+        "(ENVCTL_RUNNER_ATTACH_ALLOW) names; envctl never stops, removes or commits it",
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _environment_unless_attached(cls, data: Any, handler: Any) -> Any:
+        """``environment`` is required unless ``attach`` is given: named as missing beside the
+        body's other problems, as a required field would be."""
+        problems: list[Any] = []
+        model = None
+        try:
+            model = handler(data)
+        except ValidationError as exc:
+            problems = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                for e in exc.errors()
+            ]
+        if isinstance(data, dict) and data.get("attach") is None and data.get("environment") is None:
+            problems.insert(0, {"type": "missing", "loc": ("environment",), "input": data})
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return model
+
+    cell: ExecutionCreate | None = Field(
+        default=None,
+        description="a first cell to run at once (create-and-run): the runtime boots (from the warm pool "
+        "when one fits) and the answer carries the cell as `execution`, finished when `?wait=` allows",
     )
 
 
@@ -149,6 +192,11 @@ class RuntimeOut(BaseModel):
         description="settings changed while it ran, applied by its next boot (field -> new value); empty if none",
     )
     runner: str = Field(description="the runner that owns the runtime; only it acts on it")
+    origin: Literal["boot", "pool", "attached"] = Field(
+        default="boot",
+        description="where its container came from: booted for it, claimed from the warm pool, or a container "
+        "envctl did not start that it is attached to",
+    )
     runner_alive: bool = Field(description="whether that runner beats its heartbeat in the store")
     unreachable: str | None = Field(
         description="why this server cannot act on the runtime (another runner owns it, or its runner is gone); "
@@ -157,6 +205,39 @@ class RuntimeOut(BaseModel):
     booted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+
+
+class RuntimeCreatedOut(RuntimeOut):
+    execution: ExecutionOut | None = Field(
+        default=None, description="the first cell of a create-and-run (`cell`), as `GET /executions/{id}` shows it"
+    )
+
+
+class PoolTargetOut(BaseModel):
+    environment: str = Field(description="the reference the setting names, e.g. python3:latest")
+    version: str | None = Field(description="the version it means now; null when it names none")
+    machine_type: str
+    count: int
+    waiting: int
+    booting: int
+
+
+class PoolEntryOut(BaseModel):
+    id: str
+    state: Literal["booting", "waiting"]
+    environment: str
+    machine_type: str
+    container: str | None
+    boot_ms: float | None
+    ready_at: datetime | None
+
+
+class PoolOut(BaseModel):
+    runner: str
+    targets: list[PoolTargetOut]
+    entries: list[PoolEntryOut]
+    memory_budget: int = Field(description="bytes the pool may reserve (ENVCTL_RUNNER_POOL_MEMORY); 0: no cap")
+    memory_reserved: int = Field(description="the machine types' memory of the waiting and booting containers")
 
 
 class SecretRef(BaseModel):
@@ -316,6 +397,10 @@ class SaveRequest(BaseModel):
     keep_caches: bool = Field(
         default=False, description="keep package caches (apt lists and archives, pip, npm) in the new layer"
     )
+    attached_save: bool = Field(
+        default=False,
+        description="a save of an attached runtime (a container envctl did not start) is refused unless asked for",
+    )
     allow_secrets: list[str] = Field(
         default_factory=list,
         max_length=1000,
@@ -425,3 +510,7 @@ class PackagesDiffOut(BaseModel):
     against: str = Field(description="the version it is compared against (the old side)")
     deb: PackagesKindDiffOut
     python: PackagesKindDiffOut
+
+
+RuntimeCreate.model_rebuild()
+RuntimeCreatedOut.model_rebuild()

@@ -173,6 +173,9 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         state=state.value,
         state_color=state.color,
         state_reason=rt.state_reason,
+        origin="attached"
+        if rt.environment_ref.startswith("attach:")
+        else (rt.backend_state or {}).get("origin", "boot"),
         state_message=rt.state_message,
         phase="saving" if st.saving and not rt.phase else rt.phase,
         progress=rt.progress if rt.phase else None,

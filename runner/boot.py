@@ -184,6 +184,8 @@ class Booter:
                     reason="draft",
                     message=f"restoring {restoring} unsaved changes from the draft",
                 )
+        if spec.state_dir.is_symlink():  # a pooled container's, from an earlier boot (runner/pool.py)
+            spec.state_dir.unlink()
         spec.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (spec.state_dir / "results").mkdir(exist_ok=True)
         self.paths.remove_socket(runtime_id)

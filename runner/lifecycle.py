@@ -44,6 +44,8 @@ class Lifecycle:
         *,
         is_saving: Callable[[str], bool],
         on_deleted: Callable[[str], None],
+        serve_pooled: Callable[[str], bool] | None = None,
+        detach: Callable[[str, dict[str, Any]], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.records = records
@@ -54,6 +56,12 @@ class Lifecycle:
         self.booter = booter
         self.is_saving = is_saving
         self.on_deleted = on_deleted
+        # claims a warm container for a stopped runtime that fits (runner/pool.py): True when
+        # it did (the runtime is then running, or in error), False to boot as usual
+        self.serve_pooled = serve_pooled
+        # ends an attached runtime's agent, leaving its container as it was (runner/attach.py);
+        # False for any other runtime
+        self.detach = detach
 
     def _failed_unexpectedly(self, runtime_id: str) -> Callable[[], None]:
         def record() -> None:
@@ -72,6 +80,13 @@ class Lifecycle:
                 raise RuntimeStateError(
                     "the runtime is stopping; start it again once it is stopped", details={"state": rt.state}
                 )
+            stopped = rt.state in (State.STOPPED, State.ERROR)
+        if stopped and self.serve_pooled is not None:
+            with self.concurrency.claim(runtime_id), self.concurrency.runtime_lock(runtime_id):
+                served = self.serve_pooled(runtime_id)
+            if served:
+                with self.records.db.session() as s:
+                    return self.records.get(s, who, runtime_id)
         self.backend.ping()  # an engine that does not answer is a 503 now, not an error later
         if not self.concurrency.take_boot_slot():
             raise TooManyRequestsError(
@@ -117,6 +132,8 @@ class Lifecycle:
                     return
                 backend_state = dict(rt.backend_state or {})
                 mounts = list(rt.mounts or [])
+            if self.detach is not None and self.detach(runtime_id, backend_state):
+                backend_state = {}  # an attached container is never stopped, and holds no draft of ours
             if reason != "reset" and backend_state:
                 try:
                     self.drafts.make_draft(runtime_id)
@@ -210,6 +227,8 @@ class Lifecycle:
                 state = dict(rt.backend_state or {})
                 draft = rt.draft_image_id
                 mounts = list(rt.mounts or [])
+            if self.detach is not None and self.detach(runtime_id, state):
+                state = {}
             if state:
                 self.backend.stop(state, timeout=2)
                 self._write_back(runtime_id, mounts)

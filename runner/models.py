@@ -240,6 +240,31 @@ class RunnerRecord(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class PoolEntry(Base):
+    """A container of the warm pool (runner/pool.py): booted ahead, pristine, claimed once.
+
+    ``state``: ``booting`` -> ``waiting`` -> ``claimed`` (by ``runtime_id``, in one
+    compare-and-set: R41). A claimed entry stays until its container is gone, so that
+    reconciliation knows which runtime the container (named and labelled after the entry's id)
+    belongs to. ``version_id`` is no foreign key: deleting a version removes its waiting
+    containers instead of being refused.
+    """
+
+    __tablename__ = "pool_entries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    runner: Mapped[str] = mapped_column(String(128), index=True)
+    version_id: Mapped[int] = mapped_column(Integer, index=True)
+    machine_type: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    backend_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    runtime_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    boot_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 def _runtimes_pinned_to(session: Session, version: EnvironmentVersion) -> list[str]:
     return list(session.scalars(select(Runtime.id).where(Runtime.version_id == version.id)))
 

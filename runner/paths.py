@@ -70,6 +70,13 @@ class RuntimePaths:
         self.socket(runtime_id).unlink(missing_ok=True)
 
     def remove_state_dir(self, runtime_id: str) -> None:
+        """The directory, or (a runtime served from the warm pool) the link and the pooled
+        container's directory it points to."""
         directory = self.state_dir(runtime_id)
-        if directory.is_dir():
+        if directory.is_symlink():
+            target = directory.resolve()
+            directory.unlink()
+            if target.parent == self.runtimes_dir.resolve():
+                shutil.rmtree(target, ignore_errors=True)
+        elif directory.is_dir():
             shutil.rmtree(directory, ignore_errors=True)

@@ -133,6 +133,7 @@ class Reconciler:
         *,
         is_saving: Callable[[str], bool],
         secrets: RuntimeSecrets | None = None,
+        remap: Callable[[list[FoundContainer]], list[FoundContainer]] | None = None,
     ) -> None:
         self.identity = identity
         self.records = records
@@ -142,6 +143,9 @@ class Reconciler:
         self.drafts = drafts
         self.is_saving = is_saving
         self.secrets = secrets
+        # the warm pool's hand in a complete listing (runner/pool.py): its own containers
+        # taken care of, a claimed one reported under its runtime's id
+        self.remap = remap
 
     def _busy_here(self, runtime_id: str) -> bool:
         return self.concurrency.in_flight(runtime_id) or self.is_saving(runtime_id)
@@ -181,12 +185,16 @@ class Reconciler:
             rows = [
                 Row(r.id, State(r.state), r.state_reason, dict(r.backend_state or {}))
                 for r in s.scalars(select(Runtime).where(Runtime.runner == self.identity.name))
+                # an attached runtime's container is not envctl's: runner/attach.py looks after it
+                if (r.backend_state or {}).get("origin") != "attached"
             ]
         try:
             found = self.backend.list_owned(self.identity)
         except BackendError as exc:
             self._mark_unreachable(exc)
             raise
+        if self.remap is not None:
+            found = self.remap(found)
         done: list[Action] = []
         for action in plan(rows, found):
             if self._busy_here(action.runtime_id):

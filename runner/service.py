@@ -30,6 +30,8 @@ module):
 ``archives.py``        export and load of a version with its lineage
 ``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
 ``reconcile.py``       the database made to agree with the engine (pure plan, then actions)
+``pool.py``            the warm pool: containers booted ahead, claimed once by a starting runtime
+``attach.py``          runtimes attached to containers envctl did not start (the allow-list)
 ``housekeeping.py``    the loop: reconciliation and idle shutdown (``idle.py``: the decision)
 ``mounts/``            a runtime's mounts: validation, the git and S3 caches a boot fills,
                        named volumes (``volumes``: list, create, delete)
@@ -59,7 +61,9 @@ from registry.secrets import SecretBox
 from runner import envvars, idle
 from runner.agentauth import AgentLinks
 from runner.archives import Archives
-from runner.backends.base import RuntimeBackend
+from runner.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
+from runner.attach import Attach, container_of
+from runner.backends.base import FoundContainer, RuntimeBackend
 from runner.boot import Booter
 from runner.builds import Builds
 from runner.cellworker import CellWorkers
@@ -67,6 +71,7 @@ from runner.changes import ChangeInfo, Changes
 from runner.collector import ResultCollector
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
+from runner.errors import RuntimeStateError
 from runner.executions import ExecutionManager
 from runner.feeds import Feeds
 from runner.housekeeping import Housekeeping
@@ -78,6 +83,7 @@ from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
+from runner.pool import Pool
 from runner.reconcile import Action, Reconciler
 from runner.records import Records, Who
 from runner.runtimes import RuntimeChanges, Runtimes
@@ -164,6 +170,16 @@ class RunnerService:
             settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         self.results = ResultCollector(settings, db, clock, paths)
+        self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
+        self.attach = attach = Attach(settings, records, backend, paths, self.runner)
+
+        def serve(runtime_id: str) -> bool:
+            return attach.serve(runtime_id) or (pool.enabled and pool.serve(runtime_id))
+
+        def housekeep(found: builtins.list[FoundContainer]) -> builtins.list[FoundContainer]:
+            attach.check_alive()
+            return pool.reconcile(found)
+
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,
@@ -184,6 +200,8 @@ class RunnerService:
             ),
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
+            serve_pooled=serve,
+            detach=attach.detach,
         )
         self.runtimes = runtimes = Runtimes(settings, records, backend.name)
         self.feeds = Feeds()
@@ -199,7 +217,15 @@ class RunnerService:
         )
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)
         self.reconciler = Reconciler(
-            self.identity, records, concurrency, backend, paths, drafts, is_saving=snapshots.is_saving, secrets=secrets
+            self.identity,
+            records,
+            concurrency,
+            backend,
+            paths,
+            drafts,
+            is_saving=snapshots.is_saving,
+            secrets=secrets,
+            remap=housekeep,
         )
         self.housekeeping = Housekeeping(
             settings,
@@ -250,6 +276,39 @@ class RunnerService:
     def create(self, who: Who, **fields: Any) -> Runtime:
         """See ``Runtimes.create`` for the fields."""
         return self.runtimes.create(who, **fields)
+
+    def create_attached(self, who: Who, *, name: str, container: str, team: str | None = None) -> Runtime:
+        """A runtime attached to a container envctl did not start (runner/attach.py): the
+        allow-list is asked first (403 naming its rules), then the runtime is made, stopped."""
+        found = self.attach.check(container)
+        python = self.attach.has_python(found)
+        rt = self.runtimes.create(
+            who,
+            name=name,
+            environment=attach_nominal_environment,
+            language="python" if python else "bash",
+            team=team,
+        )
+        self.attach.record(rt.id, found)
+        return self.runtimes.get(who, rt.id)
+
+    def check_save(self, who: Who, runtime_id: str, *, attached_save: bool) -> None:
+        """A save of an attached runtime is refused unless asked for (``attached_save``)."""
+        rt = self.runtimes.get(who, runtime_id)
+        container = container_of(rt)
+        if container is None:
+            return
+        if not attached_save:
+            raise RuntimeStateError(
+                f"runtime {rt.name!r} is attached to container {container!r}, which envctl did not start: a save "
+                "would make an environment of it; ask for that explicitly (`attached_save: true`)",
+                details={"container": container, "field": "attached_save"},
+            )
+        raise RuntimeStateError(
+            f"saving attached container {container!r} is not supported yet: its image is no envctl version to "
+            "make a layer on; `docker commit` it yourself and import the image",
+            details={"container": container},
+        )
 
     def get(self, who: Who, runtime_id: str) -> Runtime:
         return self.runtimes.get(who, runtime_id)

@@ -40,6 +40,13 @@ def show_runtime(rt: dict[str, Any]) -> None:
         ("mounts", "; ".join(describe_mount(m) for m in mounts_from_json(rt.get("mounts"))) or "none"),
         ("busy", "yes" if rt["busy"] else "no"),
     ]
+    origin = rt.get("origin", "boot")
+    if origin == "attached":
+        pairs.insert(
+            4, ("attached", f"to container {rt['environment_ref'].removeprefix('attach:')} (never stopped by envctl)")
+        )
+    elif origin == "pool":
+        pairs.insert(4, ("container", "claimed from the warm pool"))
     if rt.get("secrets_outdated"):
         outdated = ", ".join(rt["secrets_outdated"])
         pairs.append(("secrets", f"changed since boot: {outdated} (the next boot applies them)"))
@@ -152,6 +159,23 @@ def create(
         rt = follow(api, rt, {"running"}, quiet=as_json)
     _show(rt, as_json)
     return EXIT_FAILURE if rt["state"] == "error" else EXIT_OK
+
+
+@runtime.command("attach")
+@click.argument("name", help="the runtime's name: lower case letters, digits, '.', '_' and '-'")
+@click.argument("container", help="id or name of a running container the admins' allow-list names")
+@click.option("--team", metavar="TEAM", help="a team of yours whose members see and use it too")
+@client_options
+def attach(api: Api, as_json: bool, name: str, container: str, team: str | None) -> int:
+    """Make a runtime whose cells run inside CONTAINER, a container envctl did not start
+    (ENVCTL_RUNNER_ATTACH_ALLOW names those that may be attached). envctl never stops,
+    removes or commits it; stopping or deleting the runtime detaches, leaving it as it was."""
+    body: dict[str, Any] = {"name": name, "attach": {"container": container}}
+    if team is not None:
+        body["team"] = team
+    rt = api.call("POST", "/runtimes", json=body)
+    _show(rt, as_json)
+    return EXIT_OK
 
 
 @runtime.command("ls")

@@ -4,7 +4,9 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
+from starlette.concurrency import run_in_threadpool
 
+from api.cells import execution_out, record_cell
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
@@ -12,6 +14,7 @@ from api.schemas import (
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
+    RuntimeCreatedOut,
     RuntimeEnvOut,
     RuntimeOut,
     RuntimePatch,
@@ -19,12 +22,14 @@ from api.schemas import (
     SecretRef,
 )
 from api.views import log_entry_out, operation_out, runtime_out, runtimes_out
+from envs.kit.errors import InvalidInputError
 from runner.service import RuntimeChanges
 from runner.states import State
 
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 
 ID_PATH = {"max_length": 64}
+CELL_MAX_WAIT = 30.0  # as POST /runtimes/{id}/executions
 
 
 def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
@@ -32,27 +37,70 @@ def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
     return {k: v.model_dump(exclude_none=True) if isinstance(v, SecretRef) else v for k, v in env.items()}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
-def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
+CellWait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=CELL_MAX_WAIT,
+        description="with a `cell`: seconds to wait for it to finish (0 answers at once, the cell queued)",
+    ),
+]
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=RuntimeCreatedOut, response_model_exclude_unset=True
+)
+async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wait: CellWait = 0) -> RuntimeCreatedOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now.
     Another team's environment is a 404 naming ``environment`` unless what it names is
     published (``registry/visibility.py``). With ``team`` (a team of the caller's; another is
-    a 404) its members see and use it too; its name is then unique within the team (409)."""
-    rt = ctx.runner.create(
-        caller.viewer,
-        name=body.name,
-        environment=body.environment,
-        language=body.language,
-        machine_type=body.machine_type,
-        idle_timeout=body.idle_timeout,
-        type=body.type,
-        kernel=body.kernel,
-        env=_env(body.env),
-        cuda=body.cuda,
-        mounts=body.mounts,
-        team=body.team,
-    )
-    return runtime_out(ctx.runner, rt)
+    a 404) its members see and use it too; its name is then unique within the team (409).
+
+    With ``cell`` (create-and-run) the cell is submitted at once, as ``POST
+    /runtimes/{id}/executions`` would (the runtime boots for it, from the warm pool when one
+    fits); with ``?wait=`` the answer comes when the cell has finished (or after ``wait``
+    seconds) and carries it as ``execution``: an editor opening a notebook makes one request."""
+
+    def create() -> Any:
+        if body.attach is not None:
+            if body.environment is not None or body.env or body.mounts or body.cuda:
+                raise InvalidInputError(
+                    "attach: an attached runtime runs in its container as it is; leave out environment, env, "
+                    "mounts and cuda",
+                    field="attach",
+                )
+            return ctx.runner.create_attached(
+                caller.viewer, name=body.name, container=body.attach.container, team=body.team
+            )
+        if body.environment is None:
+            raise InvalidInputError("environment: required (or attach a container with `attach`)", field="environment")
+        return ctx.runner.create(
+            caller.viewer,
+            name=body.name,
+            environment=body.environment,
+            language=body.language,
+            machine_type=body.machine_type,
+            idle_timeout=body.idle_timeout,
+            type=body.type,
+            kernel=body.kernel,
+            env=_env(body.env),
+            cuda=body.cuda,
+            mounts=body.mounts,
+            team=body.team,
+        )
+
+    rt = await run_in_threadpool(create)
+    if body.cell is None:
+        return RuntimeCreatedOut(**(await run_in_threadpool(runtime_out, ctx.runner, rt)).model_dump())
+    manager = ctx.runner.executions
+    ex = await record_cell(manager, caller.viewer, rt.id, body.cell)
+    if wait:
+        async with manager.waiting(ex.id, wait):
+            execution = execution_out(ctx, caller, manager.get(caller.viewer, ex.id))
+    else:
+        execution = execution_out(ctx, caller, ex)
+    shown = await run_in_threadpool(lambda: runtime_out(ctx.runner, ctx.runner.get(caller.viewer, rt.id)))
+    return RuntimeCreatedOut(**shown.model_dump(), execution=execution)
 
 
 @router.get("", response_model=list[RuntimeOut])
@@ -187,6 +235,7 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
     with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
     Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
     operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
+    ctx.runner.check_save(caller.viewer, runtime_id, attached_save=body.attached_save)
     op = ctx.runner.snapshots.save(
         caller.viewer,
         caller.name,

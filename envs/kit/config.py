@@ -156,6 +156,13 @@ class Settings:
     runner_subnet_pool: str = "10.213.0.0/16"
     runner_subnet_prefix: int = 24
     runner_labels: dict[str, str] = field(default_factory=dict)
+    # the warm pool (runner/pool.py): ``REF:MACHINE=N`` entries, e.g. ``python3:small=2,acme/ml:medium=1``;
+    # and the memory its waiting containers may take at most (their machine types' limits; 0: no cap)
+    runner_pool: tuple[tuple[str, str, int], ...] = ()
+    runner_pool_memory: int = 0
+    # containers a runtime may attach to (runner/attach.py): ``label:KEY=VALUE`` and ``name:GLOB``
+    # rules, e.g. ``label:envctl.attach=yes,name:data-*``; empty: none
+    runner_attach_allow: tuple[tuple[str, str], ...] = ()
     # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
     runner_cuda_root: Path = Path("/usr/local")
     base_mirror: str | None = None
@@ -324,6 +331,58 @@ def _labels(v: Any) -> dict[str, str]:
     return out
 
 
+MAX_POOL_PER_ENTRY = 32
+
+
+def _pool(v: Any) -> tuple[tuple[str, str, int], ...]:
+    """``REF:MACHINE=N`` entries separated by ``,``: the reference may hold a ``:`` of its own
+    (a tag), the machine type is what follows the last one. Checked for shape here; the
+    reference and the machine type are checked when the runner starts (runner/pool.py)."""
+    items = v if isinstance(v, list | tuple) else str(v or "").split(",")
+    out: list[tuple[str, str, int]] = []
+    for raw in items:
+        item = str(raw).strip()
+        if not item:
+            continue
+        target, eq, count = item.rpartition("=")
+        ref, colon, machine = target.rpartition(":")
+        if not eq or not colon or not ref.strip() or not machine.strip():
+            raise ValueError(f"pool entry {item!r} is not ENVIRONMENT:MACHINE_TYPE=COUNT, e.g. python3:small=2")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"pool entry {item!r}: the count {count!r} is not a whole number") from None
+        if not 1 <= n <= MAX_POOL_PER_ENTRY:
+            raise ValueError(f"pool entry {item!r}: the count must be from 1 to {MAX_POOL_PER_ENTRY}")
+        out.append((ref.strip(), machine.strip(), n))
+    return tuple(out)
+
+
+def _pool_memory(v: Any) -> int:
+    n = _parse_memory(v, "runner_pool_memory")
+    if n < 0:
+        raise ValueError("the pool's memory budget cannot be negative")
+    return n
+
+
+def _attach_rules(v: Any) -> tuple[tuple[str, str], ...]:
+    """``label:KEY=VALUE`` (a label the container carries, with that value) and ``name:GLOB``
+    (its name matches the shell pattern) rules, separated by ``,``."""
+    items = v if isinstance(v, list | tuple) else str(v or "").split(",")
+    out: list[tuple[str, str]] = []
+    for raw in items:
+        item = str(raw).strip()
+        if not item:
+            continue
+        kind, colon, rule = item.partition(":")
+        if not colon or kind not in ("label", "name") or not rule.strip():
+            raise ValueError(f"attach rule {item!r} is not label:KEY=VALUE or name:PATTERN")
+        if kind == "label" and ("=" not in rule or not rule.partition("=")[0].strip()):
+            raise ValueError(f"attach rule {item!r}: a label rule is label:KEY=VALUE")
+        out.append((kind, rule.strip()))
+    return tuple(out)
+
+
 _FIELDS: dict[str, tuple[str, Any]] = {
     "data_dir": ("ENVCTL_DATA_DIR", _path),
     "database_url": ("ENVCTL_DATABASE_URL", str),
@@ -345,6 +404,9 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_subnet_pool": ("ENVCTL_RUNNER_SUBNET_POOL", _subnet_pool),
     "runner_subnet_prefix": ("ENVCTL_RUNNER_SUBNET_PREFIX", _subnet_prefix),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
+    "runner_pool": ("ENVCTL_RUNNER_POOL", _pool),
+    "runner_pool_memory": ("ENVCTL_RUNNER_POOL_MEMORY", _pool_memory),
+    "runner_attach_allow": ("ENVCTL_RUNNER_ATTACH_ALLOW", _attach_rules),
     "runner_cuda_root": ("ENVCTL_RUNNER_CUDA_ROOT", _path),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),
     "base_extra_ca_certs": ("ENVCTL_BASE_EXTRA_CA_CERTS", _paths),

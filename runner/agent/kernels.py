@@ -38,6 +38,21 @@ except ImportError:  # pragma: no cover
     pass
 
 AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def command_override(variable: str) -> list[str] | None:
+    """A kernel's command from the agent's own environment (a JSON list), for an agent that
+    runs beside a container it was attached to (runner/attach.py) and starts its kernels
+    inside it; None: the usual command."""
+    raw = os.environ.get(variable)
+    if not raw:
+        return None
+    argv = json.loads(raw)
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError(f"{variable} must be a JSON list of strings")
+    return argv
+
+
 READ_CHUNK = 65536
 
 
@@ -283,6 +298,14 @@ class ProcessKernel(Kernel):
         )
         self._reader.start()
 
+    def set_environ(self, env: dict[str, str]) -> None:
+        """Variables given after the kernel started (a warm pool's runtime, claimed): into its
+        ``os.environ`` before the next cell, without counting as one."""
+        if self.alive() and self._requests is not None and env:
+            with contextlib.suppress(OSError, ValueError):
+                self._requests.write(json.dumps({"op": "environ", "env": env}) + "\n")
+                self._requests.flush()
+
     def execute(self, code: str) -> None:
         self._busy = True
         try:
@@ -326,7 +349,7 @@ class BashKernel(Kernel):
     def _start(self) -> None:
         done_r, done_w = os.pipe()
         self.proc = subprocess.Popen(
-            ["bash", "--noprofile", "--norc"],
+            command_override("ENVCTL_BASH_KERNEL") or ["bash", "--noprofile", "--norc"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -390,8 +413,12 @@ class BashKernel(Kernel):
 
     def execute(self, code: str) -> None:
         self.count += 1
-        path = os.path.join(self.cell_dir, f".envctl-cell-{os.getpid()}.sh")
-        with open(path, "w", encoding="utf-8") as f:
+        # an attached agent writes the cell where the shell, in another mount namespace, finds it
+        # under another name (ENVCTL_BASH_CELL_DIR)
+        name = f".envctl-cell-{os.getpid()}.sh"
+        written = os.path.join(os.environ.get("ENVCTL_BASH_CELL_WRITE_DIR") or self.cell_dir, name)
+        path = os.path.join(os.environ.get("ENVCTL_BASH_CELL_DIR") or os.path.dirname(written), name)
+        with open(written, "w", encoding="utf-8") as f:
             f.write(code)
             if not code.endswith("\n"):
                 f.write("\n")
@@ -409,7 +436,8 @@ class BashKernel(Kernel):
 
 def python_kernel(on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str]) -> ProcessKernel:
     env = {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": env.get("MPLBACKEND", "Agg")}
-    return ProcessKernel([sys.executable, "-u", os.path.join(AGENT_DIR, "pykernel.py")], "python", on_event, env)
+    argv = command_override("ENVCTL_PYTHON_KERNEL") or [sys.executable, "-u", os.path.join(AGENT_DIR, "pykernel.py")]
+    return ProcessKernel(argv, "python", on_event, env)
 
 
 def jupyter_kernel(name: str, on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str]) -> ProcessKernel:

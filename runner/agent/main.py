@@ -176,6 +176,7 @@ class Agent:
             "ack": self.op_ack,
             "stat": self.op_stat,
             "secrets": self.op_secrets,
+            "warm": self.op_warm,
         }
         self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
         self.kernels: dict[str, kernels.Kernel] = {}
@@ -260,7 +261,19 @@ class Agent:
             finally:
                 os.close(fd)
         self.env.update(env)
+        for kernel in list(self.kernels.values()):  # a kernel warmed before (a pooled runtime)
+            if isinstance(kernel, kernels.ProcessKernel):
+                kernel.set_environ(env)
         return {"op": "secrets", "variables": sorted(env), "files": sorted(files)}
+
+    def op_warm(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Start the Python kernel now, before any cell (a warm pool's container): the first
+        cell then runs at once. Variables given later reach it (``op_secrets``)."""
+        kernel = self.kernels.get("python")
+        if kernel is None:
+            kernel = self.kernels["python"] = kernels.python_kernel(self._on_event, self.env)
+        kernel.ensure_started()
+        return {"op": "warm", "pid": kernel.pid}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
         self._forget(str(request.get("execution_id")))

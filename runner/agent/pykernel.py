@@ -196,6 +196,9 @@ class Kernel:
                 request = json.loads(line)
             except ValueError:
                 continue
+            if request.get("op") == "environ":  # variables handed over after the start (not a cell)
+                os.environ.update({str(k): str(v) for k, v in dict(request.get("env") or {}).items()})
+                continue
             if request.get("op") == "execute":
                 try:
                     self.execute(str(request.get("code", "")))

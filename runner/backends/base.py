@@ -47,6 +47,7 @@ LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
 LABEL_MACHINE = "envctl.machine-type"
 LABEL_GPU_KIND = "envctl.gpu-kind"
+LABEL_POOL = "envctl.pool"  # a container of the warm pool (runner/pool.py), claimed or not
 
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
@@ -186,6 +187,20 @@ class FoundContainer:
     legacy: bool = False  # no installation label: made before installations had an identity
 
 
+@dataclass(frozen=True)
+class OtherContainer:
+    """A container envctl did not start, as ``inspect_other`` finds it (runner/attach.py)."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    running: bool
+    pid: int  # its main process on the engine's host (0 when it does not run)
+    env: dict[str, str]
+    working_dir: str
+    user: str
+
+
 class RuntimeBackend(abc.ABC):
     """Runs runtime containers. Implement start, poll, stop, list_owned, socket_path."""
 
@@ -312,6 +327,11 @@ class RuntimeBackend(abc.ABC):
     def remove_volume(self, name: str, installation: str) -> None:  # noqa: B027  (optional hook)
         """Remove a volume that carries the installation's label (never another's); a missing
         one is no error. ``ConflictError`` while a container uses it."""
+
+    def inspect_other(self, container: str) -> OtherContainer | None:
+        """A container by id or name, whoever made it (None: no such container); read only.
+        Only a backend whose containers' processes run on this host can attach to them."""
+        raise NotImplementedError(f"the {self.name} backend cannot attach to containers")
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

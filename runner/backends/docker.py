@@ -8,7 +8,6 @@ read-only, and the runtime's private state directory).
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import threading
@@ -24,7 +23,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import agent_channel, kernelspec_files, netguard, overlay, subnets, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -46,6 +45,7 @@ from runner.backends.base import (
     FoundContainer,
     ImageInfo,
     LayerObserver,
+    OtherContainer,
     RuntimeBackend,
     RuntimeSpec,
     SavedLayer,
@@ -277,6 +277,11 @@ class DockerBackend(RuntimeBackend):
             raise _daemon_error("start the runtime's container", exc) from exc
         return state
 
+    def inspect_other(self, container: str) -> OtherContainer | None:
+        if self._base_url and not self._base_url.startswith("unix://"):
+            raise BackendError("attaching needs the Docker engine on this host (its containers' processes run here)")
+        return others.inspect(self.client, container)
+
     def poll(self, state: BackendState) -> ContainerStatus:
         cid = state.get("container_id")
         if not cid:
@@ -486,59 +491,15 @@ class DockerBackend(RuntimeBackend):
         )
         return self._remember(info).id
 
-    # --- kernelspecs: the Jupyter kernels an image has, read without running anything -------
-    KERNELSPEC_DIRS = (  # Jupyter's data paths, in its order of precedence: first one of a name wins
-        "/root/.local/share/jupyter/kernels",
-        "/opt/conda/share/jupyter/kernels",
-        "/usr/local/share/jupyter/kernels",
-        "/usr/share/jupyter/kernels",
-    )
-    KERNELSPECS_MAX = 100  # kernelspecs read from one image
-    # Image ids name immutable content, so what was read stays true for every backend of this
-    # process: one dict, shared, bounded.
-    _kernelspec_cache: dict[str, list[dict[str, str]]] = {}
-    _kernelspec_lock = threading.Lock()
-
     def kernelspecs(self, image: str) -> list[dict[str, str]]:
-        """The kernel.json files under KERNELSPEC_DIRS, read from a container created from the
-        image and never started (labelled ``envctl.managed=kernelspecs``), removed afterwards."""
-        cacheable = _IMAGE_ID_RE.fullmatch(image) is not None
-        if cacheable:
-            with self._kernelspec_lock:
-                cached = self._kernelspec_cache.get(image)
-            if cached is not None:
-                return [dict(k) for k in cached]
-        api = self.client.api
-        labels = {**self.labels, LABEL_MANAGED: "kernelspecs"}
-        try:
-            holder = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
-        except docker.errors.ImageNotFound as exc:
-            raise BackendError(f"image {image[:30]} is not in the Docker engine", details={"image": image}) from exc
-        except Exception as exc:
-            raise _daemon_error("look for the image's kernelspecs", exc) from exc
-        found: dict[str, dict[str, str]] = {}
-        try:
-            for directory in self.KERNELSPEC_DIRS:
-                try:
-                    # the trailing slash follows a directory that is a symlink
-                    chunks, _stat = api.get_archive(holder, directory + "/")
-                except docker.errors.NotFound:
-                    continue
-                for spec in kernelspec_files.kernelspecs_in(chunks, directory):
-                    if len(found) < self.KERNELSPECS_MAX:
-                        found.setdefault(spec["name"], spec)
-        except Exception as exc:
-            raise _daemon_error("read the image's kernelspecs", exc) from exc
-        finally:
-            with contextlib.suppress(BackendError):  # never started; labelled if it stays
-                self._force_remove(holder)
-        specs = [found[name] for name in sorted(found)]
-        if cacheable:
-            with self._kernelspec_lock:
-                while len(self._kernelspec_cache) >= 256:
-                    self._kernelspec_cache.pop(next(iter(self._kernelspec_cache)))
-                self._kernelspec_cache[image] = [dict(k) for k in specs]
-        return specs
+        """The image's Jupyter kernelspecs, read without running anything (``kernelspec_files``)."""
+        return kernelspec_files.read_from_image(
+            self.client.api,
+            image,
+            labels={**self.labels, LABEL_MANAGED: "kernelspecs"},
+            cacheable=_IMAGE_ID_RE.fullmatch(image) is not None,
+            remove=self._force_remove,
+        )
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         cid = state.get("container_id")

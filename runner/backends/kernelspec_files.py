@@ -7,7 +7,14 @@ import io
 import json
 import re
 import tarfile
+import threading
+from collections.abc import Callable
 from typing import Any
+
+import docker
+
+from envs.images.docker import daemon_error
+from envs.kit.errors import BackendError
 
 KERNEL_JSON_MAX = 64 * 1024  # bytes of one kernel.json; larger ones are skipped
 KERNELSPEC_ARCHIVE_MAX = 16 * 1024 * 1024  # bytes read of one directory's archive
@@ -55,4 +62,59 @@ def kernelspecs_in(chunks: Any, directory: str) -> list[dict[str, str]]:
                 )
     except (tarfile.TarError, EOFError, OSError):
         pass  # a cut-off archive (past the size limit): what was read stands
+    return specs
+
+
+# --- reading them from an image: a container created from it and never started ---------------
+KERNELSPEC_DIRS = (  # Jupyter's data paths, in its order of precedence: first one of a name wins
+    "/root/.local/share/jupyter/kernels",
+    "/opt/conda/share/jupyter/kernels",
+    "/usr/local/share/jupyter/kernels",
+    "/usr/share/jupyter/kernels",
+)
+KERNELSPECS_MAX = 100  # kernelspecs read from one image
+# Image ids name immutable content, so what was read stays true for every backend of this
+# process: one dict, shared, bounded.
+_cache: dict[str, list[dict[str, str]]] = {}
+_cache_lock = threading.Lock()
+
+
+def read_from_image(
+    api: Any, image: str, *, labels: dict[str, str], cacheable: bool, remove: Callable[[str], None]
+) -> list[dict[str, str]]:
+    """The kernel.json files under KERNELSPEC_DIRS, read from a container created from the
+    image and never started (carrying ``labels``), removed afterwards with ``remove``."""
+    if cacheable:
+        with _cache_lock:
+            cached = _cache.get(image)
+        if cached is not None:
+            return [dict(k) for k in cached]
+    try:
+        holder = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
+    except docker.errors.ImageNotFound as exc:
+        raise BackendError(f"image {image[:30]} is not in the Docker engine", details={"image": image}) from exc
+    except Exception as exc:
+        raise daemon_error("look for the image's kernelspecs", exc) from exc
+    found: dict[str, dict[str, str]] = {}
+    try:
+        for directory in KERNELSPEC_DIRS:
+            try:
+                # the trailing slash follows a directory that is a symlink
+                chunks, _stat = api.get_archive(holder, directory + "/")
+            except docker.errors.NotFound:
+                continue
+            for spec in kernelspecs_in(chunks, directory):
+                if len(found) < KERNELSPECS_MAX:
+                    found.setdefault(spec["name"], spec)
+    except Exception as exc:
+        raise daemon_error("read the image's kernelspecs", exc) from exc
+    finally:
+        with contextlib.suppress(BackendError):  # never started; labelled if it stays
+            remove(holder)
+    specs = [found[name] for name in sorted(found)]
+    if cacheable:
+        with _cache_lock:
+            while len(_cache) >= 256:
+                _cache.pop(next(iter(_cache)))
+            _cache[image] = [dict(k) for k in specs]
     return specs

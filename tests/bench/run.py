@@ -15,6 +15,7 @@ from tests.bench import (
     bench_exec,
     bench_lean_save,
     bench_mounts,
+    bench_pool,
     bench_save,
     bench_secret_save,
     bench_transfer,
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "mounts": bench_mounts.run,
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
+    "pool": bench_pool.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

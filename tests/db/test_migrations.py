@@ -41,6 +41,7 @@ TABLES = {
     "team_events",
     "team_secrets",
     "runtime_secret_uses",
+    "pool_entries",
 }
 
 

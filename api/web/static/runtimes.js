@@ -2,6 +2,7 @@
 
 import { ApiError, del, get, post } from "./api.js";
 import { bytes, clear, confirmButton, dot, h, relative } from "./dom.js";
+import { poolSection } from "./pool.js";
 
 export function errorText(err) {
   return err instanceof ApiError ? err.toString() : String(err);
@@ -10,6 +11,8 @@ export function errorText(err) {
 // "running", "booting · downloading 12 MB of 200 MB (6%)", "error · oom: killed ..."
 export function stateText(rt) {
   const parts = [rt.state];
+  if (rt.origin === "attached") parts.push("attached");
+  else if (rt.origin === "pool" && rt.state === "running") parts.push("from the warm pool");
   if (rt.phase) parts.push(rt.phase + progressText(rt.progress));
   if (rt.busy) parts.push("busy");
   if (rt.state === "error" && (rt.state_reason || rt.state_message)) {
@@ -155,7 +158,7 @@ export function runtimesView(root, store) {
     ),
     body,
   );
-  clear(root, h("section", { class: "card" }, h("div", { class: "bar" }, h("h1", {}, "Runtimes"), createForm(report)), error, table, empty));
+  clear(root, h("section", { class: "card" }, h("div", { class: "bar" }, h("h1", {}, "Runtimes"), createForm(report)), error, table, empty), poolSection());
 
   const rows = new Map();
   function put(rt) {

@@ -1,0 +1,44 @@
+// The warm pool (GET /pool): what this runner keeps booted ahead, and what waits now.
+
+import { get } from "./api.js";
+import { bytes, h } from "./dom.js";
+
+export function poolSection() {
+  const body = h("p", { class: "muted" }, "Loading…");
+  const section = h("section", { class: "card", id: "pool" }, h("h2", {}, "Warm pool"), body);
+  get("/pool")
+    .then((pool) => {
+      if (!pool.targets.length) {
+        body.textContent = "No warm pool (ENVCTL_RUNNER_POOL is not set): runtimes boot when they start.";
+        return;
+      }
+      const budget = pool.memory_budget ? ` of ${bytes(pool.memory_budget)}` : "";
+      body.replaceWith(
+        h(
+          "table",
+          { class: "pool" },
+          h("thead", {}, h("tr", {}, ["environment", "version", "machine", "waiting", "booting"].map((t) => h("th", {}, t)))),
+          h(
+            "tbody",
+            {},
+            pool.targets.map((t) =>
+              h(
+                "tr",
+                {},
+                h("td", {}, t.environment),
+                h("td", {}, t.version || "names no version"),
+                h("td", {}, t.machine_type),
+                h("td", {}, `${t.waiting} of ${t.count}`),
+                h("td", {}, String(t.booting)),
+              ),
+            ),
+          ),
+        ),
+        h("p", { class: "muted" }, `memory reserved: ${bytes(pool.memory_reserved)}${budget}`),
+      );
+    })
+    .catch((err) => {
+      body.textContent = `The pool could not be read: ${err}`;
+    });
+  return section;
+}

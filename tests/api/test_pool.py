@@ -1,0 +1,227 @@
+"""The warm pool on the fake engine (the real agent as a local process): claims, hand-over of
+variables and secrets, refills, what is not served from it and why, restarts, the budget.
+The same rules against real Docker: tests/runner/test_pool_docker.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+
+from envs.kit.errors import InvalidInputError
+from runner.models import PoolEntry, Runtime
+from runner.pool import Pool
+from tests.api.conftest import ApiHarness, AppFactory
+
+POOL = (("python3", "small", 2),)
+SMALL = 2 * 1024**3  # the default small machine type's memory (tests check it below)
+
+
+def _pool(api: ApiHarness, waiting: int, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = api.get("/pool").json()
+        if sum(t["waiting"] for t in body["targets"]) >= waiting and not any(t["booting"] for t in body["targets"]):
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool did not fill to {waiting}: {body}")
+        time.sleep(0.05)
+
+
+def _run(api: ApiHarness, name: str, code: str, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
+    resp = api.post(
+        "/runtimes?wait=20",
+        json={"environment": "python3", "name": name, "cell": {"code": code}, **body},
+        headers=headers or api.headers,
+    )
+    assert resp.status_code == 201, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def _text(ex: dict[str, Any]) -> str:
+    return "".join(o.get("text", "") for o in ex["outputs"])
+
+
+def test_a_pooled_runtime_answers_its_first_cell_and_says_it_came_from_the_pool(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    _pool(api, 2)
+    rt = _run(api, "nb", "print('hello')")
+    assert rt["origin"] == "pool" and rt["state"] == "running"
+    assert rt["execution"]["status"] == "ok" and _text(rt["execution"]) == "hello\n"
+    events = [e["event"] for e in api.log(rt["id"])]
+    assert "claimed-from-pool" in events
+    running = [e for e in api.log(rt["id"]) if e["state"] == "running"]
+    assert running[-1]["reason"] == "pool"
+    # the replacement boots in the background: the pool is full again
+    body = _pool(api, 2)
+    assert body["targets"][0]["version"] == "python3@1" and body["targets"][0]["count"] == 2
+    assert all(e["state"] == "waiting" for e in body["entries"])
+    assert rt["id"] not in {e["id"] for e in body["entries"]}
+
+
+def test_two_users_never_share_a_pooled_container_and_see_only_their_own_variables(
+    make_api: AppFactory, other_headers: dict[str, str]
+) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    _pool(api, 2)
+    code = "import os; print(os.environ.get('WHO'), os.environ.get('OTHER'))"
+    a = _run(api, "a", code, env={"WHO": "alice"})
+    b = _run(api, "b", code, headers=other_headers, env={"WHO": "bob", "OTHER": "x"})
+    assert a["origin"] == b["origin"] == "pool"
+    assert _text(a["execution"]) == "alice None\n"
+    assert _text(b["execution"]) == "bob x\n"
+    with api.db.session() as s:
+        rows = {r.id: dict(r.backend_state) for r in s.scalars(select(Runtime))}
+        claimed = list(s.scalars(select(PoolEntry).where(PoolEntry.state == "claimed")))
+    assert rows[a["id"]]["container_id"] != rows[b["id"]]["container_id"]
+    assert {c.runtime_id for c in claimed} == {a["id"], b["id"]}
+    assert len({c.id for c in claimed}) == 2
+    # stopping a claimed runtime removes its container; it never goes back to the pool
+    assert api.post(f"/runtimes/{a['id']}/stop?wait=10").json()["state"] == "stopped"
+    assert not api.containers(rows[a["id"]]["container_id"])
+    assert rows[a["id"]]["container_id"] not in api.engine
+    body = _pool(api, 2)
+    assert rows[a["id"]]["container_name"] not in {e["container"] for e in body["entries"]}
+
+
+def test_a_secret_reaches_the_cell_at_claim_time(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    assert api.post("/teams", json={"name": "acme"}).status_code == 201
+    resp = api.client.put("/teams/acme/secrets/db-pass", json={"value": "s3cr3t-value"}, headers=api.headers)
+    assert resp.status_code in (200, 201), resp.text
+    _pool(api, 2)
+    rt = _run(api, "sec", "import os; print(os.environ['PW'])", env={"PW": {"secret": "acme/db-pass"}})
+    assert rt["origin"] == "pool"
+    assert _text(rt["execution"]) == "s3cr3t-value\n"
+    # nothing of it in what the engine was told when the container was made
+    container = api.engine[rt_container(api, rt["id"])]
+    assert "s3cr3t-value" not in repr(container.spec)
+
+
+def rt_container(api: ApiHarness, runtime_id: str) -> str:
+    with api.db.session() as s:
+        row = s.get(Runtime, runtime_id)
+        assert row is not None
+        return str(row.backend_state["container_id"])
+
+
+def test_runtimes_with_mounts_or_a_draft_boot_as_usual_and_say_why(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    _pool(api, 2)
+    assert api.post("/volumes", json={"name": "data"}).status_code == 201
+    mounted = _run(api, "m", "print(1)", mounts=[{"type": "volume", "name": "data", "target": "/data"}])
+    assert mounted["origin"] == "boot" and mounted["execution"]["status"] == "ok"
+    why = [e["message"] for e in api.log(mounted["id"]) if e["event"] == "not-pooled"]
+    assert why and "mounts are prepared on the host" in why[0]
+    drafted = api.create_runtime("d")
+    with api.db.session() as s:
+        s.execute(update(Runtime).where(Runtime.id == drafted["id"]).values(draft_image_id="sha256:" + "c" * 64))
+        s.commit()
+    api.post(f"/runtimes/{drafted['id']}/start")
+    api.wait_settled(drafted["id"])
+    why = [e["message"] for e in api.log(drafted["id"]) if e["event"] == "not-pooled"]
+    assert why and "draft" in why[0]
+    assert api.get(f"/runtimes/{drafted['id']}").json()["origin"] == "boot"
+    assert _pool(api, 2)["targets"][0]["waiting"] == 2  # nothing was taken from the pool
+
+
+def test_a_restarted_server_adopts_its_waiting_pool(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    before = {e["container"] for e in _pool(api, 2)["entries"]}
+    api.client.__exit__(None, None, None)  # the server stops; the pool's containers stay
+    again = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    after = {e["container"] for e in _pool(again, 2)["entries"]}
+    assert after == before
+    rt = _run(again, "after", "print(2)")
+    assert rt["origin"] == "pool" and _text(rt["execution"]) == "2\n"
+
+
+def test_a_restarted_server_without_a_pool_removes_it(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    entries = _pool(api, 2)["entries"]
+    api.client.__exit__(None, None, None)
+    again = make_api(runner_idle_check_interval=0.2)
+    assert again.get("/pool").json()["entries"] == []
+    names = {c.spec.container_name for c in again.engine.values()}
+    assert not names & {e["container"] for e in entries}
+    with again.db.session() as s:
+        assert s.scalars(select(PoolEntry)).all() == []
+
+
+def test_the_pool_stays_within_its_memory_budget(make_api: AppFactory) -> None:
+    api = make_api(runner_pool=(("python3", "small", 3),), runner_pool_memory=2 * SMALL, runner_idle_check_interval=0.2)
+    assert api.settings.machine_types["small"].memory == SMALL
+    body = _pool(api, 2)
+    time.sleep(1.0)  # a few more rounds: still two
+    body = api.get("/pool").json()
+    assert len(body["entries"]) == 2
+    assert body["memory_reserved"] == 2 * SMALL <= body["memory_budget"]
+
+
+def test_bad_pool_settings_are_refused_naming_the_entry(make_api: AppFactory) -> None:
+    from envs.kit.config import load_settings
+
+    for bad, words in [
+        ("python3", "ENVIRONMENT:MACHINE_TYPE=COUNT"),
+        ("python3:small", "ENVIRONMENT:MACHINE_TYPE=COUNT"),
+        ("python3:small=x", "not a whole number"),
+        ("python3:small=0", "from 1 to"),
+    ]:
+        try:
+            load_settings(env={"ENVCTL_RUNNER_POOL": bad})
+        except InvalidInputError as exc:
+            assert "ENVCTL_RUNNER_POOL" in exc.message and words in exc.message, exc.message
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+    api = make_api()
+    try:
+        Pool(
+            api.settings.with_overrides(runner_pool=(("python3", "huge", 1),)),
+            api.runner.identity,
+            api.runner.records,
+            api.runner.concurrency,
+            api.runner.backend,
+            api.runner.paths,
+        )
+    except InvalidInputError as exc:
+        assert "python3:huge=1" in exc.message and "no machine type 'huge'" in exc.message
+    else:
+        raise AssertionError("an unknown machine type was accepted")
+
+
+def test_a_new_version_under_the_tag_refills_the_pool_for_it(make_api: AppFactory) -> None:
+    """A save (or a publication) that moves the tag the pool names: the next rounds boot the
+    new version and remove the waiting containers of the old one."""
+    from envs.service import NewVersion, register_version
+
+    api = make_api(runner_pool=(("python3", "small", 1),), runner_idle_check_interval=0.2)
+    old = _pool(api, 1)["entries"][0]
+    assert old["environment"] == "python3@1"
+    with api.db.session() as s:
+        register_version(
+            s,
+            NewVersion(
+                environment="python3",
+                image_id="sha256:" + "d" * 64,
+                image_ref="envctl-base/python3:test2",
+                message="a save",
+                author="tests",
+                size=1,
+                size_added=1,
+            ),
+        )
+        s.commit()
+    deadline = time.monotonic() + 20
+    while True:
+        body = api.get("/pool").json()
+        entries = body["entries"]
+        if [e["environment"] for e in entries] == ["python3@2"] and entries[0]["state"] == "waiting":
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert body["targets"][0]["version"] == "python3@2"
+    assert old["container"] not in {c.spec.container_name for c in api.engine.values()}
+    rt = _run(api, "new", "print(5)")
+    assert rt["origin"] == "pool" and rt["environment"] == "python3@2"

@@ -1,0 +1,178 @@
+"""Attached runtimes against real Docker and a real `envctl serve` (issue 17, R42): cells run in
+containers the test starts itself with `docker run` (with and without python3), see their
+processes, files, variables and working directory; a container outside the allow-list is a 403
+naming the rule; detaching (a stop, idle shutdown, deletion) leaves the container as it was
+(`docker diff` and its processes compared before and after), and it keeps running through all
+of that and through envctl's restart; a save is refused unless asked for."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from api.cli import main
+from tests.conftest import TEST_LABEL, TEST_SESSION
+from tests.fixtures.server import Server
+from tests.fixtures.services import base_image
+from tests.runner.conftest import remove_runner_containers, start_server
+from tests.runner.test_docker_executions import text
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+ALLOW = "label:envctl.attach=yes,name:data-*"
+
+
+@pytest.fixture
+def attach_server(docker: Any, tmp_path: Any) -> Iterator[Server]:
+    base_image(docker, "python3")
+    srv = start_server(docker, tmp_path / "data", ENVCTL_RUNNER_ATTACH_ALLOW=ALLOW)
+    yield srv
+    remove_runner_containers(docker, srv)
+
+
+@pytest.fixture
+def own_containers(docker: Any) -> Iterator[list[Any]]:
+    made: list[Any] = []
+    yield made
+    for c in made:
+        c.remove(force=True)
+
+
+def docker_run(docker: Any, made: list[Any], image: str, name: str, command: str, **kw: Any) -> Any:
+    c = docker.containers.run(
+        image,
+        ["bash", "-c", command],
+        name=name,
+        detach=True,
+        labels={TEST_LABEL: TEST_SESSION, **kw.pop("labels", {})},
+        **kw,
+    )
+    made.append(c)
+    deadline = time.monotonic() + 20
+    while docker.api.inspect_container(c.id)["State"]["Status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # its command's own changes made
+    return c
+
+
+def looks(docker: Any, c: Any) -> tuple[list[Any], list[str]]:
+    """What `docker diff` says and which processes run (commands), for a before/after check."""
+    diff = sorted((d["Kind"], d["Path"]) for d in docker.api.diff(c.id) or [])
+    top = sorted(" ".join(p[-1:]) for p in docker.api.top(c.id)["Processes"])
+    return diff, top
+
+
+def attach(client: httpx.Client, name: str, container: str) -> httpx.Response:
+    return client.post("/runtimes", json={"name": name, "attach": {"container": container}})
+
+
+def run(client: httpx.Client, rid: str, code: str, language: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, **({"language": language} if language else {})}
+    r = client.post(f"/runtimes/{rid}/executions", params={"wait": 30}, json=body)
+    assert r.status_code == 202, r.text
+    ex: dict[str, Any] = r.json()
+    return ex
+
+
+def test_cells_run_inside_an_allowed_container_which_is_left_as_it_was(
+    attach_server: Server, docker: Any, own_containers: list[Any]
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    image = base_image(docker, "python3")
+    svc = docker_run(
+        docker,
+        own_containers,
+        image,
+        f"svc-{tag}",
+        "echo hello > /srv-marker; exec sleep infinity",
+        labels={"envctl.attach": "yes"},
+        environment={"SERVICE_MODE": "prod"},
+        working_dir="/opt",
+    )
+    other = docker_run(docker, own_containers, image, f"other-{tag}", "exec sleep infinity")
+    before = looks(docker, svc)
+    with attach_server.client() as client:
+        refused = attach(client, "nope", other.name)
+        assert refused.status_code == 403, refused.text
+        err = refused.json()["error"]
+        assert "label:envctl.attach=yes" in err["message"] and "name:data-*" in err["message"]
+        assert attach(client, "missing", f"no-such-{tag}").status_code == 404
+        r = attach(client, "svc", svc.name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        assert r.json()["language"] == "python"
+        ex = run(
+            client, rid, "import os; print(os.environ['SERVICE_MODE'], os.getcwd(), open('/srv-marker').read().strip())"
+        )
+        assert ex["status"] == "ok", ex
+        assert text(ex) == "prod /opt hello\n"
+        ex = run(client, rid, "print(open('/proc/1/cmdline').read().replace(chr(0), ' ').strip())")
+        assert "sleep infinity" in text(ex), ex  # its processes
+        ex = run(client, rid, "echo $SERVICE_MODE; pwd; x=1; echo $((x + 1))", language="bash")
+        assert text(ex) == "prod\n/opt\n2\n", ex
+        shown = client.get(f"/runtimes/{rid}").json()
+        assert shown["origin"] == "attached" and shown["state"] == "running"
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any("attached to container" in e["message"] for e in log)
+        save = client.post(f"/runtimes/{rid}/save", json={"environment": "from-svc"})
+        assert save.status_code == 409 and "attached_save" in save.text
+        # envctl killed and started again: the container and the attachment stay
+        attach_server.kill()
+        attach_server.start()
+    with attach_server.client() as client:
+        assert svc.reload() or docker.api.inspect_container(svc.id)["State"]["Running"]
+        ex = run(client, rid, "print('again')")
+        assert text(ex) == "again\n", ex
+        # idle shutdown detaches
+        assert client.patch(f"/runtimes/{rid}", json={"idle_timeout": 1}).status_code == 200
+        attach_server.wait_state(client, rid, {"stopped"}, timeout=30)
+        assert docker.api.inspect_container(svc.id)["State"]["Running"]
+        assert looks(docker, svc) == before
+        # a cell starts it again (attached again); deleting the runtime detaches
+        ex = run(client, rid, "print(2 + 2)")
+        assert text(ex) == "4\n", ex
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+    assert docker.api.inspect_container(svc.id)["State"]["Running"]
+    assert looks(docker, svc) == before
+
+
+def test_a_container_without_python_runs_bash_cells_only_and_says_so(
+    attach_server: Server, docker: Any, own_containers: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attached with `envctl runtime attach NAME CONTAINER`."""
+    tag = uuid.uuid4().hex[:6]
+    image = base_image(docker, "bash")
+    data = docker_run(
+        docker,
+        own_containers,
+        image,
+        f"data-{tag}",
+        "rm -f /usr/bin/python3 /usr/local/bin/python3; echo 42 > /answer; exec sleep infinity",
+    )
+    before = looks(docker, data)
+    token = (attach_server.data_dir / "admin-token").read_text().strip()
+    capsys.readouterr()
+    code = main(["runtime", "attach", "data", data.name, "--url", attach_server.url, "--token", token, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["origin"] == "attached" and made["language"] == "bash"
+    assert "Bash cells only" in made["state_message"]
+    with attach_server.client() as client:
+        rid = made["id"]
+        ex = run(client, rid, "cat /answer; ps -o comm= -p 1 2>/dev/null || cat /proc/1/comm")
+        assert ex["status"] == "ok", ex
+        assert text(ex).split() == ["42", "sleep"]
+        py = run(client, rid, "print(1)", language="python")
+        assert py["status"] == "error", py
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any("Bash cells only" in e["message"] for e in log)
+        assert client.post(f"/runtimes/{rid}/stop", params={"wait": 20}).json()["state"] == "stopped"
+    assert docker.api.inspect_container(data.id)["State"]["Running"]
+    assert looks(docker, data) == before
