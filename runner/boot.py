@@ -160,6 +160,13 @@ class Booter:
             )
             records.fail(runtime_id, reason, exc.message, {State.BOOTING})
             return
+        if restoring is not None:
+            try:  # a draft in the registry (made on any node) is pulled by its digest
+                if self.drafts.ensure_local(runtime_id):
+                    begun = time.monotonic()
+            except EnvctlError as exc:
+                records.fail(runtime_id, "draft-unavailable", exc.message, {State.BOOTING})
+                return
         if self.transfers is not None and restoring is None:
             try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
                 if self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id):

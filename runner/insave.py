@@ -47,6 +47,7 @@ from envs.images.config import child_config
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
+from registry import drafts as registry_drafts
 from registry import uploads
 from registry.errors import TransferError
 from runner.backends.base import PRIVATE_PATHS, RuntimeBackend
@@ -140,6 +141,27 @@ class Checked:
     entries: int = 0
     whiteouts: int = 0
     paths: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # a draft's record: path, kind, size
+
+
+class KeepAll(SaveFilter):
+    """A draft's observer: a draft is envctl's own, private, and keeps everything (caches, and
+    what a save would refuse; the save made from it later is scanned as every save is)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def cache_of(self, path: str) -> str | None:
+        return None
+
+    def entry(self, path: str, link: str | None = None) -> None:
+        return None
+
+    def content(self, path: str, size: int) -> Callable[[bytes], None] | None:
+        return None
+
+    def verdict(self) -> None:
+        return None
 
 
 def _private(path: str, private: Sequence[str]) -> bool:
@@ -198,6 +220,13 @@ def rewrite(
             checked.entries += 1
             if len(checked.paths) < 100000:
                 checked.paths.append(path)
+                if whiteout and base != ".wh..wh..opq":
+                    gone = posixpath.join(posixpath.dirname(path), base[4:])
+                    checked.changes.append({"kind": "deleted", "path": gone, "size": None})
+                elif not whiteout:
+                    kind = "directory" if member.isdir() else "changed"
+                    size = member.size if member.isreg() else None
+                    checked.changes.append({"kind": kind, "path": path, "size": size})
             if not member.isreg():
                 yield out(data)
                 continue
@@ -291,7 +320,7 @@ class InRuntimeSaves:
         user_id: str,
         *,
         repository: str,
-        tag: str,
+        tag: str | None,
         parent: Parent,
         labels: dict[str, str],
         observer: SaveFilter,
@@ -302,7 +331,8 @@ class InRuntimeSaves:
         annotations: dict[str, str] | None = None,
     ) -> MadeImage:
         """Stream the runtime's layer into ``repository`` and write its image; nothing is left
-        in the registry when the stream fails or the scan refuses it (no manifest)."""
+        in the registry when the stream fails or the scan refuses it (no manifest). ``tag``
+        None: the hex of the configuration's digest (a draft's, ``registry/drafts.py``)."""
         parent_digest = self.parent_digest(user_id, parent)
         url = uploads.registry_url(self.settings)
         access: dict[str, tuple[str, ...]] = {repository: ("pull", "push", "delete")}  # delete: cancel an upload
@@ -372,6 +402,8 @@ class InRuntimeSaves:
                     **(annotations or {}),
                 },
             )
+            if tag is None:
+                tag = config_digest.split(":", 1)[1]
             digest = registry.put_manifest(repository, tag, manifest, oci.MANIFEST)
             if digest and digest != oci.digest_of(manifest):
                 raise TransferError(f"the registry recorded the manifest as {digest}, not {oci.digest_of(manifest)}")
@@ -504,6 +536,7 @@ def save_in_runtime(
             raise ConflictError("the runtime or its version is gone")
         parent = Parent(v.id, v.ref, v.environment.full_name, v.registry_digest, int(v.size or 0))
         forced = [str(c.get("path")) for c in (rt.draft_changes or []) if isinstance(c, dict) and c.get("path")]
+        old_draft = rt.draft_image_id
     operations.phase(op_id, "uploading", "streaming the runtime's changes into the registry")
     baseline = {"saved_at_ns": time.time_ns()}
     token = f"{op_id}-{number}"
@@ -551,4 +584,6 @@ def save_in_runtime(
         baseline=baseline,
     )
     saves.keep(runtime_id, token)
+    if old_draft:  # its changes are in the version now: the draft's manifest goes
+        registry_drafts.forget(saves.settings, runtime_id, old_draft)
     return version

@@ -226,6 +226,7 @@ class Walk:
         self.entries = 0
         self.whiteouts = 0
         self.content = 0
+        self.whited: set[str] = set()
 
     # --- entries
     def _flush_parents(self) -> None:
@@ -264,6 +265,10 @@ class Walk:
             info.pax_headers = pax
 
     def whiteout(self, parent: str, name: str) -> None:
+        path = _join(parent, name)
+        if path in self.whited:
+            return  # a forced deletion the walk found gone already
+        self.whited.add(path)
         self._flush_parents()
         info = tarfile.TarInfo(_join(parent, WH + name).lstrip("/"))
         info.mode = 0o600
@@ -392,7 +397,8 @@ class Walk:
         for path in sorted(self.forced):
             if path != "/" and not os.path.lexists(path) and not self.skip(path):
                 parent, _, name = path.rpartition("/")
-                self.whiteout(parent or "/", name)
+                if os.path.isdir(parent or "/"):  # a parent gone is a whiteout of its own
+                    self.whiteout(parent or "/", name)
 
 
 def serve(conn: Any, rid: Any, request: dict[str, Any]) -> None:
