@@ -215,7 +215,11 @@ class Booter:
                 "agent-answered",
                 f"agent answered after {took_ms:.0f} ms",
                 expect={State.BOOTING},
-                details={"boot_ms": round(took_ms, 1), "agent_pid": pong.get("pid")},
+                details={
+                    "boot_ms": round(took_ms, 1),
+                    "agent_pid": pong.get("pid"),
+                    **({"index_wait_s": pong["index_wait_seconds"]} if "index_wait_seconds" in pong else {}),
+                },
                 values={"booted_at": now, "last_activity_at": now, "last_activity": "boot", "phase": None},
             )
         if not ok:
@@ -276,6 +280,8 @@ class Booter:
         try:
             if secrets is not None:  # over the agent's channel, never through Docker (R6)
                 secrets.send(target)
+            if self.drafts.in_registry:  # saves judge deletions against the boot's index (runner/drafts.py)
+                pong["index_wait_seconds"] = round(self.drafts.wait_index(target, deadline), 4)
         except EnvctlError as exc:
             self._boot_failed(runtime_id, backend_state, exc)
             return None

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from envs.kit.config import Settings
@@ -28,7 +29,7 @@ from registry import drafts as registry_drafts
 from registry import transfer
 from runner.backends.base import RuntimeBackend
 from runner.changes import Changes, is_file
-from runner.channel import AgentUnavailableError
+from runner.channel import AgentChannel, AgentUnavailableError
 from runner.imageconfig import trusted_config
 from runner.insave import InRuntimeSaves, KeepAll, Parent
 from runner.models import Runtime
@@ -210,6 +211,21 @@ class Drafts:
                 details={"manifest": digest, "image_id": draft},
             )
         return True
+
+    def wait_index(self, target: Any, deadline: float) -> float:
+        """At a boot on the in-runtime path, before ``running``: wait until the agent has indexed
+        what the runtime booted from (``runner/agent/layer.py``), else a deletion made before it
+        finished would be missed by the next save or draft. The seconds waited."""
+        began = time.monotonic()
+        wait = max(1.0, deadline - began)
+        with AgentChannel(target, timeout=wait + 5) as channel:
+            answer = channel.request("layer", action="ready", wait=wait)
+        if not answer.get("ready"):
+            raise AgentUnavailableError(
+                f"the agent had not indexed the runtime's filesystem after {wait:.0f} s: "
+                f"{answer.get('error') or 'still walking'}"
+            )
+        return time.monotonic() - began
 
     def forget_all(self, runtime_id: str) -> None:
         """The runtime was deleted: its drafts in the registry go too."""

@@ -403,7 +403,9 @@ class Walk:
 
 def serve(conn: Any, rid: Any, request: dict[str, Any]) -> None:
     """The ``layer`` request: ``action`` ``make`` (the default) streams the layer; ``keep``
-    makes that save's walk the new index (the version it made was recorded)."""
+    makes that save's walk the new index (the version it made was recorded); ``ready`` answers
+    once the boot's index is made (the boot waits for it before ``running`` on the in-runtime
+    path, so a deletion made right after it is never missed)."""
     action = str(request.get("action") or "make")
     token = str(request.get("save") or "")
     if action == "keep":
@@ -419,6 +421,21 @@ def serve(conn: Any, rid: Any, request: dict[str, Any]) -> None:
                     "op": "layer",
                     "kept": index is not None,
                     **({} if index is not None else {"error": "no such save's walk"}),
+                }
+            )
+        )
+        return
+    if action == "ready":  # the boot waits for the index: a deletion made after ``running`` is seen
+        ready = STATE.ready.wait(float(request.get("wait") or 60))
+        conn.sendall(
+            _line(
+                {
+                    "id": rid,
+                    "ok": True,
+                    "op": "layer",
+                    "ready": ready,
+                    "index_seconds": round(STATE.index_seconds, 4),
+                    **({"error": STATE.error} if STATE.error else {}),
                 }
             )
         )
