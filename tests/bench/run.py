@@ -11,6 +11,7 @@ from tests.bench import (
     bench_boot,
     bench_channel,
     bench_exec,
+    bench_insave,
     bench_lean_save,
     bench_mounts,
     bench_save,
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "mounts": bench_mounts.run,
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
+    "insave": bench_insave.run,
 }
 
 
