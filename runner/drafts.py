@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from envs.kit.config import Settings
@@ -31,11 +32,32 @@ from runner.backends.base import RuntimeBackend
 from runner.changes import Changes, is_file
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.imageconfig import trusted_config
-from runner.insave import InRuntimeSaves, KeepAll, Parent
+from runner.insave import InRuntimeSaves, Parent
 from runner.models import Runtime
 from runner.records import Records
+from runner.scan import SaveFilter
 
 log = logging.getLogger("envctl.drafts")
+
+
+class KeepAll(SaveFilter):
+    """A draft's observer: a draft is envctl's own, private, and keeps everything (caches, and
+    what a save would refuse; the save made from it later is scanned as every save is)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def cache_of(self, path: str) -> str | None:
+        return None
+
+    def entry(self, path: str, link: str | None = None) -> None:
+        return None
+
+    def content(self, path: str, size: int) -> Callable[[bytes], None] | None:
+        return None
+
+    def verdict(self) -> None:
+        return None
 
 
 class Drafts:

@@ -144,26 +144,6 @@ class Checked:
     changes: list[dict[str, Any]] = field(default_factory=list)  # a draft's record: path, kind, size
 
 
-class KeepAll(SaveFilter):
-    """A draft's observer: a draft is envctl's own, private, and keeps everything (caches, and
-    what a save would refuse; the save made from it later is scanned as every save is)."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-
-    def cache_of(self, path: str) -> str | None:
-        return None
-
-    def entry(self, path: str, link: str | None = None) -> None:
-        return None
-
-    def content(self, path: str, size: int) -> Callable[[bytes], None] | None:
-        return None
-
-    def verdict(self) -> None:
-        return None
-
-
 def _private(path: str, private: Sequence[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in private)
 
@@ -343,6 +323,7 @@ class InRuntimeSaves:
         with uploads.RegistryWriter(url, token) as registry:
             parent_manifest, _kind = registry.manifest(parent.environment, parent_digest)
             parent_layers = oci.layers_of(parent_manifest)
+            check_depth(parent.ref, len(parent_layers), self.settings.save_compact_at_layers)
             parent_config = _json(registry.blob(parent.environment, str(parent_manifest["config"]["digest"])))
             for layer in parent_layers:
                 there = parent.environment == repository or registry.has_blob(repository, layer.digest)
@@ -500,6 +481,19 @@ def register(
         _ = version.ref
         _ = version.environment.full_name
     return version
+
+
+def check_depth(ref: str, layers: int, compact_at: int) -> None:
+    """A save made inside the runtime adds one layer and never squashes: past the point where
+    the host path compacts (``ENVCTL_SAVE_COMPACT_AT_LAYERS``) it is refused, clearly, before
+    anything is sent (the engine's storage stops at 128 layers)."""
+    if layers + 1 > compact_at:
+        raise ConflictError(
+            f"the version {ref} has {layers} layers, and a save made inside the runtime adds one without "
+            f"compacting (at most {compact_at}, ENVCTL_SAVE_COMPACT_AT_LAYERS): save it once on the host path "
+            "(ENVCTL_SAVE_PATH=host), which squashes the chain, then save here again",
+            details={"version": ref, "layers": layers, "compact_at_layers": compact_at},
+        )
 
 
 def check_path(value: str) -> str:
