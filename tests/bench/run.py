@@ -12,6 +12,7 @@ from tests.bench import (
     bench_channel,
     bench_exec,
     bench_insave,
+    bench_insave_boot,
     bench_lean_save,
     bench_mounts,
     bench_save,
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
     "insave": bench_insave.run,
+    "insave-boot": bench_insave_boot.run,
 }
 
 
