@@ -29,6 +29,7 @@ from envs.packages import kept_packages
 from envs.refs import EnvRef, parse_ref
 from envs.service import Writer
 from registry import events, visibility
+from registry.drafts import is_draft_repository
 from registry.models import Membership, Publication, Team
 from registry.visibility import published_version_ids
 
@@ -51,7 +52,8 @@ def published_repositories(session: Session) -> set[str]:
     rows = session.execute(
         select(Environment.namespace, Environment.name).join(Publication, Publication.environment_id == Environment.id)
     )
-    return {f"{ns}/{name}" if ns else name for ns, name in rows}
+    names = {f"{ns}/{name}" if ns else name for ns, name in rows}
+    return {n for n in names if not is_draft_repository(n)}  # runtimes' drafts: never anyone's to pull
 
 
 def may_read(session: Session, ref_text: str, teams: frozenset[str], is_admin: bool) -> bool:
@@ -245,8 +247,8 @@ def search(session: Session, query: str = "") -> list[Entry]:
     out: list[Entry] = []
     for pub in pubs:
         env = session.get(Environment, pub.environment_id)
-        if env is None:
-            continue
+        if env is None or is_draft_repository(env.full_name):
+            continue  # runtimes' drafts are never listed
         version = _version_of(session, env, pub)
         if version is None:
             continue

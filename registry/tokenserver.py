@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from envs.kit.clock import utcnow
 from envs.kit.errors import InvalidInputError, UnauthorizedError
 from registry.distribution import ISSUER, SERVICE
+from registry.drafts import is_draft_repository
 from registry.service import authenticate
 from registry.signing import SigningKey
 from registry.teams import published, team_names_of
@@ -79,6 +80,8 @@ def allowed_actions(scope: Scope, who: Requester | None, is_published: Callable[
     """The actions of ``scope`` that ``who`` is granted, in the order asked."""
     if who is None or scope.type != "repository":
         return []
+    if is_draft_repository(scope.name):
+        return []  # runtimes' drafts: envctl's own tokens only, never one the token server issues
     team = scope.name.split("/", 1)[0] if "/" in scope.name else None
     if who.is_admin or (team is not None and team in who.teams):
         rights = {READ, WRITE}

@@ -47,6 +47,7 @@ from envs.images.config import child_config
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
+from registry import drafts as registry_drafts
 from registry import uploads
 from registry.errors import TransferError
 from runner.backends.base import PRIVATE_PATHS, RuntimeBackend
@@ -140,6 +141,7 @@ class Checked:
     entries: int = 0
     whiteouts: int = 0
     paths: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # a draft's record: path, kind, size
 
 
 def _private(path: str, private: Sequence[str]) -> bool:
@@ -198,6 +200,13 @@ def rewrite(
             checked.entries += 1
             if len(checked.paths) < 100000:
                 checked.paths.append(path)
+                if whiteout and base != ".wh..wh..opq":
+                    gone = posixpath.join(posixpath.dirname(path), base[4:])
+                    checked.changes.append({"kind": "deleted", "path": gone, "size": None})
+                elif not whiteout:
+                    kind = "directory" if member.isdir() else "changed"
+                    size = member.size if member.isreg() else None
+                    checked.changes.append({"kind": kind, "path": path, "size": size})
             if not member.isreg():
                 yield out(data)
                 continue
@@ -291,7 +300,7 @@ class InRuntimeSaves:
         user_id: str,
         *,
         repository: str,
-        tag: str,
+        tag: str | None,
         parent: Parent,
         labels: dict[str, str],
         observer: SaveFilter,
@@ -302,7 +311,8 @@ class InRuntimeSaves:
         annotations: dict[str, str] | None = None,
     ) -> MadeImage:
         """Stream the runtime's layer into ``repository`` and write its image; nothing is left
-        in the registry when the stream fails or the scan refuses it (no manifest)."""
+        in the registry when the stream fails or the scan refuses it (no manifest). ``tag``
+        None: the hex of the configuration's digest (a draft's, ``registry/drafts.py``)."""
         parent_digest = self.parent_digest(user_id, parent)
         url = uploads.registry_url(self.settings)
         access: dict[str, tuple[str, ...]] = {repository: ("pull", "push", "delete")}  # delete: cancel an upload
@@ -313,6 +323,7 @@ class InRuntimeSaves:
         with uploads.RegistryWriter(url, token) as registry:
             parent_manifest, _kind = registry.manifest(parent.environment, parent_digest)
             parent_layers = oci.layers_of(parent_manifest)
+            check_depth(parent.ref, len(parent_layers), self.settings.save_compact_at_layers)
             parent_config = _json(registry.blob(parent.environment, str(parent_manifest["config"]["digest"])))
             for layer in parent_layers:
                 there = parent.environment == repository or registry.has_blob(repository, layer.digest)
@@ -372,6 +383,8 @@ class InRuntimeSaves:
                     **(annotations or {}),
                 },
             )
+            if tag is None:
+                tag = config_digest.split(":", 1)[1]
             digest = registry.put_manifest(repository, tag, manifest, oci.MANIFEST)
             if digest and digest != oci.digest_of(manifest):
                 raise TransferError(f"the registry recorded the manifest as {digest}, not {oci.digest_of(manifest)}")
@@ -470,6 +483,19 @@ def register(
     return version
 
 
+def check_depth(ref: str, layers: int, compact_at: int) -> None:
+    """A save made inside the runtime adds one layer and never squashes: past the point where
+    the host path compacts (``ENVCTL_SAVE_COMPACT_AT_LAYERS``) it is refused, clearly, before
+    anything is sent (the engine's storage stops at 128 layers)."""
+    if layers + 1 > compact_at:
+        raise ConflictError(
+            f"the version {ref} has {layers} layers, and a save made inside the runtime adds one without "
+            f"compacting (at most {compact_at}, ENVCTL_SAVE_COMPACT_AT_LAYERS): save it once on the host path "
+            "(ENVCTL_SAVE_PATH=host), which squashes the chain, then save here again",
+            details={"version": ref, "layers": layers, "compact_at_layers": compact_at},
+        )
+
+
 def check_path(value: str) -> str:
     if value not in PATHS:
         raise InvalidInputError(f"ENVCTL_SAVE_PATH: {value!r} is not one of {', '.join(PATHS)}")
@@ -504,6 +530,7 @@ def save_in_runtime(
             raise ConflictError("the runtime or its version is gone")
         parent = Parent(v.id, v.ref, v.environment.full_name, v.registry_digest, int(v.size or 0))
         forced = [str(c.get("path")) for c in (rt.draft_changes or []) if isinstance(c, dict) and c.get("path")]
+        old_draft = rt.draft_image_id
     operations.phase(op_id, "uploading", "streaming the runtime's changes into the registry")
     baseline = {"saved_at_ns": time.time_ns()}
     token = f"{op_id}-{number}"
@@ -551,4 +578,6 @@ def save_in_runtime(
         baseline=baseline,
     )
     saves.keep(runtime_id, token)
+    if old_draft:  # its changes are in the version now: the draft's manifest goes
+        registry_drafts.forget(saves.settings, runtime_id, old_draft)
     return version

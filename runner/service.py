@@ -169,6 +169,7 @@ class RunnerService:
         snapshots.in_runtime = InRuntimeSaves(
             settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
+        drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/drafts.py)
         self.results = ResultCollector(settings, db, clock, paths)
         self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
         self.attach = attach = Attach(settings, records, backend, paths, self.runner)
@@ -199,7 +200,7 @@ class RunnerService:
                 secrets=secrets,
             ),
             is_saving=snapshots.is_saving,
-            on_deleted=self.results.forget,
+            on_deleted=self._deleted,
             serve_pooled=serve,
             detach=attach.detach,
         )
@@ -340,6 +341,10 @@ class RunnerService:
 
     def reset(self, who: Who, runtime_id: str) -> Runtime:
         return self.lifecycle.reset(who, runtime_id)
+
+    def _deleted(self, runtime_id: str) -> None:
+        self.results.forget(runtime_id)
+        self.drafts.forget_all(runtime_id)  # its drafts in the registry (runner/drafts.py)
 
     def delete(self, who: Who, runtime_id: str) -> None:
         self.lifecycle.delete(who, runtime_id)

@@ -226,6 +226,7 @@ class Walk:
         self.entries = 0
         self.whiteouts = 0
         self.content = 0
+        self.whited: set[str] = set()
 
     # --- entries
     def _flush_parents(self) -> None:
@@ -264,6 +265,10 @@ class Walk:
             info.pax_headers = pax
 
     def whiteout(self, parent: str, name: str) -> None:
+        path = _join(parent, name)
+        if path in self.whited:
+            return  # a forced deletion the walk found gone already
+        self.whited.add(path)
         self._flush_parents()
         info = tarfile.TarInfo(_join(parent, WH + name).lstrip("/"))
         info.mode = 0o600
@@ -392,12 +397,15 @@ class Walk:
         for path in sorted(self.forced):
             if path != "/" and not os.path.lexists(path) and not self.skip(path):
                 parent, _, name = path.rpartition("/")
-                self.whiteout(parent or "/", name)
+                if os.path.isdir(parent or "/"):  # a parent gone is a whiteout of its own
+                    self.whiteout(parent or "/", name)
 
 
 def serve(conn: Any, rid: Any, request: dict[str, Any]) -> None:
     """The ``layer`` request: ``action`` ``make`` (the default) streams the layer; ``keep``
-    makes that save's walk the new index (the version it made was recorded)."""
+    makes that save's walk the new index (the version it made was recorded); ``ready`` answers
+    once the boot's index is made (the boot waits for it before ``running`` on the in-runtime
+    path, so a deletion made right after it is never missed)."""
     action = str(request.get("action") or "make")
     token = str(request.get("save") or "")
     if action == "keep":
@@ -413,6 +421,21 @@ def serve(conn: Any, rid: Any, request: dict[str, Any]) -> None:
                     "op": "layer",
                     "kept": index is not None,
                     **({} if index is not None else {"error": "no such save's walk"}),
+                }
+            )
+        )
+        return
+    if action == "ready":  # the boot waits for the index: a deletion made after ``running`` is seen
+        ready = STATE.ready.wait(float(request.get("wait") or 60))
+        conn.sendall(
+            _line(
+                {
+                    "id": rid,
+                    "ok": True,
+                    "op": "layer",
+                    "ready": ready,
+                    "index_seconds": round(STATE.index_seconds, 4),
+                    **({"error": STATE.error} if STATE.error else {}),
                 }
             )
         )

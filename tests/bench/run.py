@@ -13,6 +13,8 @@ from tests.bench import (
     bench_boot,
     bench_channel,
     bench_exec,
+    bench_insave,
+    bench_insave_boot,
     bench_lean_save,
     bench_mounts,
     bench_pool,
@@ -34,6 +36,8 @@ BENCHMARKS = {
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
     "pool": bench_pool.run,
+    "insave": bench_insave.run,
+    "insave-boot": bench_insave_boot.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}
