@@ -54,7 +54,7 @@ PREFIX = "attach:"  # an attached runtime's environment_ref: attach:<container n
 NOMINAL_ENVIRONMENT = "bash"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASH_FLAGS = ["--noprofile", "--norc"]
-_AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")
+_AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")  # the kernels' files in the container
 
 
 class AttachNotAllowedError(ForbiddenError):
@@ -240,10 +240,12 @@ class Attach:
         path = c.env.get("PATH", DEFAULT_PATH)
         python = _has(root, path, "python3")
         shell = "bash" if _has(root, path, "bash") else "sh"
-        enter = [shutil.which("nsenter") or "nsenter", "-t", str(c.pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w"]
+        # every kernel starts through confine.py: the container's cgroups, namespaces, root,
+        # working directory, user, capabilities and no_new_privs, or it does not start
+        enter = [sys.executable, "-I", "-B", str(self.paths.agent_dir / "confine.py"), str(c.pid)]
         uid, gid = _ids_of(c.pid)
-        if uid:
-            enter += ["-S", str(uid), "-G", str(gid)]
+        os.chown(seen, uid, gid)  # the container's user reads the kernel's files, writes scratch
+        os.chown(seen / "scratch", uid, gid)
         if python:
             py = [*enter, "--", "python3", "-u", "-B", f"{inner}/pykernel.py"]
         else:
