@@ -169,9 +169,9 @@ def main(argv: list[str]) -> int:
     if child == 0:
         try:
             _confine_self(want, procs, root, cwd)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as a shell would start it, not as Python left them
-                signal.signal(sig, signal.SIG_DFL)
-            os.execvpe(command[0], command, os.environ)
+            for default in (signal.SIGPIPE, signal.SIGXFSZ):  # as a shell would start it, not as Python left them
+                signal.signal(default, signal.SIG_DFL)
+            os.execvpe(command[0], command, os.environ)  # noqa: S606 (the kernel's own argv, no shell)
         except (OSError, ValueError, KeyError, ConfineError) as exc:
             os.write(2, f"envctl: could not confine the cell to the attached container: {exc}\n".encode())
         os._exit(FAILED)
@@ -181,10 +181,10 @@ def main(argv: list[str]) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.closerange(3, 65536)
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda s, _f: os.kill(child, s))
+    for ignored in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(ignored, signal.SIG_IGN)
+    for passed in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(passed, lambda s, _f: os.kill(child, s))
     while True:
         try:
             _, code = os.waitpid(child, 0)
