@@ -8,9 +8,12 @@ own runtimes.
 
 How cells get in: envctl's agent runs beside the container, as a process of this host with
 its socket in the runtime's private state directory (so the runner reaches it as any other,
-also after a restart). Its kernels start inside the container with ``nsenter`` into all the
-container's namespaces, its root and working directory, with the container's variables: they
-see its processes and files and can call its programs. Python cells run on the container's
+also after a restart). Its kernels start through ``agent/confine.py``: the container's cgroups
+(its limits apply to cells), all its namespaces, its root and working directory, its bounding
+set and capabilities, its user and groups and its no_new_privs, taken from its main process
+and checked before the kernel runs; anything failing, the kernel does not start (README:
+what is not applied, its seccomp filter first). Cells see its processes and files and can call
+its programs. Python cells run on the container's
 own ``python3`` (the agent's kernel files are copied for as long as it is attached into a
 directory on the container's ``/dev/shm`` tmpfs, which is no part of its filesystem: nothing
 shows in ``docker diff``); a container without ``python3`` runs Bash cells only, and says so.
