@@ -261,6 +261,15 @@ def test_attached_cells_run_as_the_containers_user(
         assert "3456" in groups.split(), ex
         ex = run(client, rid, "import os; print(os.getuid(), os.getgid(), os.getcwd())")
         assert text(ex) == "1234 2345 /tmp\n", ex
+        # interrupts still reach the confined kernels (the launcher's own child)
+        for code, language in (("x = 'kept'\nimport time\ntime.sleep(60)", "python"), ("sleep 60", "bash")):
+            long = client.post(f"/runtimes/{rid}/executions", json={"code": code, "language": language}).json()
+            time.sleep(1.5)
+            began = time.monotonic()
+            assert client.post(f"/executions/{long['id']}/interrupt").status_code == 202
+            done = client.get(f"/executions/{long['id']}", params={"wait": 10}).json()
+            assert done["status"] == "interrupted" and time.monotonic() - began < 8, done
+        assert text(run(client, rid, "print(x)")) == "kept\n"
         assert client.delete(f"/runtimes/{rid}").status_code == 204
 
 
