@@ -8,9 +8,12 @@ own runtimes.
 
 How cells get in: envctl's agent runs beside the container, as a process of this host with
 its socket in the runtime's private state directory (so the runner reaches it as any other,
-also after a restart). Its kernels start inside the container with ``nsenter`` into all the
-container's namespaces, its root and working directory, with the container's variables: they
-see its processes and files and can call its programs. Python cells run on the container's
+also after a restart). Its kernels start through ``agent/confine.py``: the container's cgroups
+(its limits apply to cells), all its namespaces, its root and working directory, its bounding
+set and capabilities, its user and groups and its no_new_privs, taken from its main process
+and checked before the kernel runs; anything failing, the kernel does not start (README:
+what is not applied, its seccomp filter first). Cells see its processes and files and can call
+its programs. Python cells run on the container's
 own ``python3`` (the agent's kernel files are copied for as long as it is attached into a
 directory on the container's ``/dev/shm`` tmpfs, which is no part of its filesystem: nothing
 shows in ``docker diff``); a container without ``python3`` runs Bash cells only, and says so.
@@ -54,7 +57,7 @@ PREFIX = "attach:"  # an attached runtime's environment_ref: attach:<container n
 NOMINAL_ENVIRONMENT = "bash"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASH_FLAGS = ["--noprofile", "--norc"]
-_AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")
+_AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")  # the kernels' files in the container
 
 
 class AttachNotAllowedError(ForbiddenError):
@@ -240,10 +243,12 @@ class Attach:
         path = c.env.get("PATH", DEFAULT_PATH)
         python = _has(root, path, "python3")
         shell = "bash" if _has(root, path, "bash") else "sh"
-        enter = [shutil.which("nsenter") or "nsenter", "-t", str(c.pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w"]
+        # every kernel starts through confine.py: the container's cgroups, namespaces, root,
+        # working directory, user, capabilities and no_new_privs, or it does not start
+        enter = [sys.executable, "-I", "-B", str(self.paths.agent_dir / "confine.py"), str(c.pid)]
         uid, gid = _ids_of(c.pid)
-        if uid:
-            enter += ["-S", str(uid), "-G", str(gid)]
+        os.chown(seen, uid, gid)  # the container's user reads the kernel's files, writes scratch
+        os.chown(seen / "scratch", uid, gid)
         if python:
             py = [*enter, "--", "python3", "-u", "-B", f"{inner}/pykernel.py"]
         else:

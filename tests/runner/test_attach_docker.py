@@ -176,3 +176,117 @@ def test_a_container_without_python_runs_bash_cells_only_and_says_so(
         assert client.post(f"/runtimes/{rid}/stop", params={"wait": 20}).json()["state"] == "stopped"
     assert docker.api.inspect_container(data.id)["State"]["Running"]
     assert looks(docker, data) == before
+
+
+def _status(text_: str) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text_.splitlines()) if v}
+
+
+def test_attached_cells_get_the_containers_confinement_cgroup_capabilities_no_new_privs(
+    attach_server: Server, docker: Any, own_containers: list[Any]
+) -> None:
+    """Cells of an attached container run in its cgroups, with its bounding set and
+    capabilities and no_new_privs, and its memory limit kills the cell, not envctl's agent."""
+    tag = uuid.uuid4().hex[:6]
+    box = docker_run(
+        docker,
+        own_containers,
+        base_image(docker, "python3"),
+        f"data-tight-{tag}",
+        "exec sleep infinity",
+        cap_drop=["ALL"],
+        mem_limit="64m",
+        memswap_limit="64m",
+        pids_limit=64,
+        security_opt=["no-new-privileges"],
+    )
+    init_pid = docker.api.inspect_container(box.id)["State"]["Pid"]
+    with open(f"/proc/{init_pid}/status") as f:
+        init = _status(f.read())
+    with open(f"/proc/{init_pid}/cgroup") as f:
+        init_cgroup = f.read()
+    assert int(init["CapBnd"], 16) == 0 and init["NoNewPrivs"] == "1"  # what the container was given
+    with attach_server.client() as client:
+        r = attach(client, "tight", box.name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        ex = run(
+            client, rid, "print(open('/proc/self/status').read()); print('@@'); print(open('/proc/self/cgroup').read())"
+        )
+        assert ex["status"] == "ok", ex
+        status, cgroup = text(ex).split("@@\n")
+        cell = _status(status)
+        for key in ("CapBnd", "CapEff", "CapPrm", "CapInh", "NoNewPrivs", "Uid", "Gid"):
+            assert cell[key] == init[key], (key, cell[key], init[key])
+        assert cell["NoNewPrivs"] == "1" and int(cell["CapEff"], 16) == 0
+        assert cgroup.strip() == init_cgroup.strip()
+        assert any(":memory:" in line and box.id in line for line in cgroup.splitlines()), cgroup
+        ex = run(client, rid, "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; cat /proc/self/cgroup", "bash")
+        assert ex["status"] == "ok", ex
+        shown = _status(text(ex).split("\n0::")[0])
+        assert shown["CapEff"] == init["CapEff"] and shown["CapBnd"] == init["CapBnd"] and shown["NoNewPrivs"] == "1"
+        assert init_cgroup.splitlines()[0] in text(ex)
+        # a cell past the 64 MB limit is killed; the agent beside the container is not
+        ex = run(client, rid, "blob = b'x' * (300 << 20); print(len(blob))")
+        assert ex["status"] == "error", ex
+        assert docker.api.inspect_container(box.id)["State"]["Running"]
+        ex = run(client, rid, "print('still here')")
+        assert ex["status"] == "ok" and text(ex) == "still here\n", ex
+        assert client.get(f"/runtimes/{rid}").json()["state"] == "running"
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+
+
+def test_attached_cells_run_as_the_containers_user(
+    attach_server: Server, docker: Any, own_containers: list[Any]
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    box = docker_run(
+        docker,
+        own_containers,
+        base_image(docker, "python3"),
+        f"data-user-{tag}",
+        "exec sleep infinity",
+        user="1234:2345",
+        group_add=["3456"],
+        working_dir="/tmp",
+    )
+    with attach_server.client() as client:
+        r = attach(client, "user", box.name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        ex = run(client, rid, "id -u; id -g; id -G; touch /tmp/made; stat -c %u:%g /tmp/made; pwd", "bash")
+        assert ex["status"] == "ok", ex
+        uid, gid, groups, owner, cwd = text(ex).split("\n")[:5]
+        assert (uid, gid, owner, cwd) == ("1234", "2345", "1234:2345", "/tmp"), ex
+        assert "3456" in groups.split(), ex
+        ex = run(client, rid, "import os; print(os.getuid(), os.getgid(), os.getcwd())")
+        assert text(ex) == "1234 2345 /tmp\n", ex
+        # interrupts still reach the confined kernels (the launcher's own child)
+        for code, language in (("x = 'kept'\nimport time\ntime.sleep(60)", "python"), ("sleep 60", "bash")):
+            long = client.post(f"/runtimes/{rid}/executions", json={"code": code, "language": language}).json()
+            time.sleep(1.5)
+            began = time.monotonic()
+            assert client.post(f"/executions/{long['id']}/interrupt").status_code == 202
+            done = client.get(f"/executions/{long['id']}", params={"wait": 10}).json()
+            assert done["status"] == "interrupted" and time.monotonic() - began < 8, done
+        assert text(run(client, rid, "print(x)")) == "kept\n"
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+
+
+def test_the_launcher_refuses_to_start_a_kernel_it_cannot_confine(tmp_path: Any) -> None:
+    """No container process of that id: nothing runs, exit 126 and the step named."""
+    import subprocess
+    import sys
+
+    from runner.paths import AGENT_DIR
+
+    marker = tmp_path / "ran"
+    done = subprocess.run(
+        [sys.executable, "-I", str(AGENT_DIR / "confine.py"), "999999999", "--", "touch", str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 126, done
+    assert "could not confine the cell" in done.stderr and "999999999" in done.stderr
+    assert not marker.exists()
