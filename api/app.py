@@ -118,7 +118,7 @@ def create_app(
         lifespan=lifespan,
         telemetry=_telemetry(settings.api_telemetry),
     )
-    app.state.ctx = Context(settings=settings, db=db, runner=runner)
+    app.state.ctx = Context(settings=settings, db=db, runner=runner, pinned_by=runner.records.pinned_to)
     app.state.callers = CallerCache()
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}

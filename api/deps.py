@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from envs.errors import EnvironmentNotFoundError
 from envs.kit.config import Settings
 from envs.kit.db import Database
+from envs.service import PinnedBy
 from registry import catalog
 from registry import service as registry_service
 from registry import teams as teams_service
@@ -27,6 +28,7 @@ class Context:
     settings: Settings
     db: Database
     runner: RunnerService
+    pinned_by: PinnedBy  # what pins a version (the runtimes store's answer): envs and the catalog ask it
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,6 @@ class Operations:
                     finished_at=self.records.clock(),
                 )
             )
-        self.records.notify()
 
     def fail(self, op_id: str, exc: Exception, what: str, *, result: dict[str, Any] | None = None) -> str:
         """Record ``exc`` as the end of the operation; returns the message a person reads."""

@@ -3,7 +3,9 @@
 - Every state change is a compare-and-set (``UPDATE ... WHERE state IN (...)``) plus one
   runner-log line, in one transaction (``transition``), so concurrent calls, and several runners
   on one database, follow the state machine (``runner/states.py``).
-- ``tx()`` is a transaction that wakes ``wait_for`` callers once it has committed.
+- Whoever waits for a change (``wait_for``, the API's event streams) waits on
+  ``Database.committed``, which every transaction that wrote notifies as it ends: no writer
+  has to remember to announce its change.
 - Activity (what postpones idle shutdown) is written by ``touch``.
 - Ownership: a runtime belongs to the runner that created it (``runtimes.runner``). Anyone may
   read any runtime; ``mine()`` refuses an action on another runner's runtime with a 409 that
@@ -26,7 +28,6 @@ Nothing here talks to Docker or to an agent; nothing here holds state a restart 
 from __future__ import annotations
 
 import builtins
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,19 +86,14 @@ class Records:
         self.clock = clock
         self.liveness = liveness
         self.runner = liveness.me
-        self.changed = threading.Condition()
+        self.changed = db.committed  # notified by every transaction that wrote, once it ends
 
     # ------------------------------------------------------------------ transactions
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """A transaction that wakes ``wait_for`` callers once it has committed."""
+        """A transaction (its end wakes ``wait_for`` callers, as every write does)."""
         with self.db.session() as s:
             yield s
-        self.notify()
-
-    def notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
 
     # ------------------------------------------------------------------ reads
     @staticmethod
@@ -158,6 +154,14 @@ class Records:
         with self.db.connection() as c:
             value = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
         return State(value) if value is not None else None
+
+    @staticmethod
+    def pinned_to(s: Session, version: EnvironmentVersion) -> builtins.list[tuple[str, str, str]]:
+        """The runtimes pinned to a version, as ``(name, id, owner id)``: what envs and the
+        catalog are handed at start-up (``envs.service.PinnedBy``), so a version in use is
+        never deleted or unpublished from under them."""
+        rows = s.execute(select(Runtime.name, Runtime.id, Runtime.owner_id).where(Runtime.version_id == version.id))
+        return [(str(n), str(i), str(o)) for n, i, o in rows]
 
     def list(self, who: Who) -> builtins.list[Runtime]:
         """The runtimes ``who`` sees: their own and their teams'."""

@@ -176,7 +176,6 @@ class Transfers:
         def tell(done: int, total: int) -> None:
             if runtime_id is not None:
                 self.records.set(runtime_id, phase=phase.value, progress={"done": done, "total": total})
-                self.records.notify()
             if report is not None:
                 report(done, total)
 
@@ -205,7 +204,6 @@ class Transfers:
                 .where(Runtime.id == runtime_id, Runtime.phase == phase.value)
                 .values(phase=None, progress=None)
             )
-        self.records.notify()
 
     def _log(self, runtime_id: str | None, event: str, text: str, progress: transfer.Progress, digest: str) -> None:
         """The runner log's line of a transfer: bytes that travelled, layers that did not."""

@@ -63,7 +63,6 @@ def publish(ref: str, ctx: CtxDep, caller: CallerDep) -> PublicationOut:
             published_by=pub.published_by,
             published_at=pub.published_at,
         )
-    ctx.runner.records.notify()  # wake the team's event streams
     return out
 
 
@@ -73,8 +72,7 @@ def unpublish(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
     users' runtimes depend on a version only it published (names you may see, counts of the
     others); 404 when it is not published."""
     with ctx.db.session() as s:
-        catalog.unpublish(s, ref, _writer(caller), caller.name)
-    ctx.runner.records.notify()
+        catalog.unpublish(s, ref, _writer(caller), caller.name, ctx.pinned_by)
     return Response(status_code=204)
 
 
