@@ -21,7 +21,7 @@
 A trivial cell's round trip is a few milliseconds, most of it spent handing work between
 threads and processes, so the hot path avoids every hand-over it can:
 
-- one transaction on the way in (``CLAIM_SEQ`` + ``INSERT_EXECUTION``) and one at the end,
+- one transaction on the way in (``records.claim_seq`` + ``cellstore.insert_execution``) and one at the end,
   both through ``Database.hot()``; "running" is written only for cells still going after
   ``MARK_RUNNING_AFTER``, by one shared timer thread;
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
@@ -41,43 +41,24 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import select
 
-from envs.kit.db import Database, HotStatement
+from envs.kit.db import Database
 from envs.kit.errors import ConflictError, InvalidInputError
 from envs.kit.ids import new_id
+from runner import cellstore
 from runner.cellworker import CellWorkers, Job
 from runner.channel import AgentUnavailableError
 from runner.errors import ExecutionNotFoundError, RuntimeNotFoundError
 from runner.feeds import FINAL, Event, ExecutionView, Feed, Feeds, Subscriber
 from runner.models import Execution, ExecutionOutput, Runtime
-from runner.records import Records, Who, viewer_of
+from runner.records import Records, Who, claim_seq, viewer_of
 from runner.states import State
 
 log = logging.getLogger("envctl.executions")
 
 LANGUAGES = ("python", "bash")
 MAX_CODE = 1024 * 1024
-
-# The statements of a cell's way in, built once and run through ``Database.hot()``: a statement
-# built per call costs about 1 ms of CPU to build and look up, three times what running it does.
-CLAIM_SEQ = HotStatement(
-    update(Runtime)
-    .where(Runtime.id == bindparam("b_id"))
-    .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
-    .returning(
-        Runtime.next_seq,
-        Runtime.owner_id,
-        Runtime.team,
-        Runtime.language,
-        Runtime.type,
-        Runtime.kernel,
-        Runtime.runner,
-        Runtime.state,
-        Runtime.mounts_used,
-    )
-)
-INSERT_EXECUTION = HotStatement(insert(Execution))
 
 
 def _json_list(value: Any) -> list[Any] | None:
@@ -253,7 +234,7 @@ class ExecutionManager:
         # the runtime's submit lock (other processes refuse cells for runtimes not theirs).
         with self.workers.in_order(runtime_id):
             with self.db.hot() as c:
-                found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
+                found = claim_seq(c, runtime_id, now)
                 viewer = viewer_of(who)
                 if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
@@ -275,8 +256,8 @@ class ExecutionManager:
                     kernel=(kernel or "python3") if rt_type == "jupyter" else None,
                     mounts=_json_list(mounts_used) if state == State.RUNNING else None,
                 )
-                c.execute(
-                    INSERT_EXECUTION,
+                cellstore.insert_execution(
+                    c,
                     {
                         "id": execution_id,
                         "runtime_id": runtime_id,
@@ -309,20 +290,13 @@ class ExecutionManager:
         if runner is None:
             raise ExecutionNotFoundError(f"execution {execution_id[:64]!r} does not exist")
         self.records.mine(runner)
-        if view.status == "queued":
-            with self.db.connection() as c:
-                done = c.execute(
-                    update(Execution)
-                    .where(Execution.id == execution_id, Execution.status == "queued")
-                    .values(status="interrupted", finished_at=self.clock())
-                ).rowcount
-            if done:
-                feed = self.feeds.live(execution_id)
-                if feed is not None:
-                    feed.view.status = "interrupted"
-                    feed.view.finished_at = self.clock()
-                    feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
-                return self.get(who, execution_id)
+        if view.status == "queued" and cellstore.interrupt_queued(self.db, execution_id, self.clock()):
+            feed = self.feeds.live(execution_id)
+            if feed is not None:
+                feed.view.status = "interrupted"
+                feed.view.finished_at = self.clock()
+                feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
+            return self.get(who, execution_id)
         try:
             self.workers.interrupt(view)
         except AgentUnavailableError as exc:

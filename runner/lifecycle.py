@@ -20,6 +20,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, TooManyRequestsError
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
+from runner.cellworker import CellWorkers
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
 from runner.errors import RuntimeStateError
@@ -41,6 +42,7 @@ class Lifecycle:
         paths: RuntimePaths,
         drafts: Drafts,
         booter: Booter,
+        cells: CellWorkers,
         *,
         is_saving: Callable[[str], bool],
         on_deleted: Callable[[str], None],
@@ -52,6 +54,7 @@ class Lifecycle:
         self.paths = paths
         self.drafts = drafts
         self.booter = booter
+        self.cells = cells
         self.is_saving = is_saving
         self.on_deleted = on_deleted
 
@@ -200,10 +203,16 @@ class Lifecycle:
     # ------------------------------------------------------------------ delete
     def delete(self, who: Who, runtime_id: str) -> None:
         """Stop the runtime (synchronously) and forget it; its results stay. Its owner or an
-        admin of its team may (``Records.get_to_manage``)."""
+        admin of its team may (``Records.get_to_manage``).
+
+        In this order, so that nothing writes for rows the delete removes: the cell worker is
+        told the runtime goes (it boots and retries nothing more), the container stops (the
+        running cell ends, "deleted"), the worker writes the ends of its cells, and only then
+        the runtimes store deletes the row (its log and executions go with it)."""
         with self.records.db.session() as s:
             self.records.get_to_manage(s, who, runtime_id, "deleting", with_version=False)
         self.concurrency.cancel(runtime_id)
+        self.cells.retire(runtime_id)
         with self.concurrency.runtime_lock(runtime_id):
             with self.records.db.session() as s:
                 rt = self.records.get(s, who, runtime_id, with_version=False)
@@ -213,8 +222,10 @@ class Lifecycle:
             if state:
                 self.backend.stop(state, timeout=2)
                 self._write_back(runtime_id, mounts)
-            with self.records.tx() as s:
-                s.delete(self.records.get(s, who, runtime_id, with_version=False))
+            with self.cells.in_order(runtime_id):  # no cell is numbered meanwhile
+                self.cells.drain(runtime_id)
+                with self.records.tx() as s:
+                    self.records.delete(s, who, runtime_id)
         self.on_deleted(runtime_id)
         self.concurrency.forget(runtime_id)
         if draft:

@@ -151,6 +151,17 @@ class RunnerService:
             secret_values=secrets.values_of,
         )
         self.results = ResultCollector(settings, db, clock, paths)
+        self.feeds = Feeds()
+        self.cells = CellWorkers(
+            settings,
+            db,
+            records,
+            self.feeds,
+            paths,
+            start=lambda owner_id, runtime_id: self.lifecycle.start(owner_id, runtime_id),
+            after_execution=self._after_execution,
+            closing=concurrency.closing,
+        )
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,
@@ -169,21 +180,11 @@ class RunnerService:
                 transfers=transfers,
                 secrets=secrets,
             ),
+            self.cells,
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
         )
         self.runtimes = runtimes = Runtimes(settings, records, backend.name)
-        self.feeds = Feeds()
-        self.cells = CellWorkers(
-            settings,
-            db,
-            records,
-            self.feeds,
-            paths,
-            start=lifecycle.start,
-            after_execution=self._after_execution,
-            closing=concurrency.closing,
-        )
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)
         self.reconciler = Reconciler(
             self.identity, records, concurrency, backend, paths, drafts, is_saving=snapshots.is_saving, secrets=secrets
