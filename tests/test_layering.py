@@ -258,9 +258,9 @@ def _writes(name: str, path: Path, models: dict[str, str]) -> list[tuple[str, in
         elif isinstance(func, ast.Name) and aliases.get(func.id) in models:
             model = aliases[func.id]
             found.append((models[model], node.lineno, f"new {model}(...)"))
-        if fname == "delete" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-            if func.value.id in ("s", "session") and node.args:
-                found.append(("?", node.lineno, f"{func.value.id}.delete(...)"))
+        receiver = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+        if fname == "delete" and receiver in ("s", "session") and node.args:
+            found.append(("?", node.lineno, f"{receiver}.delete(...)"))
     return found
 
 
@@ -297,11 +297,15 @@ def test_activity_is_recorded_by_the_runtimes_store_alone() -> None:
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
-            if isinstance(func, ast.Attribute) and func.attr in ("values", "set", "set_in"):
-                if columns & {k.arg for k in node.keywords}:
-                    wrong.append(f"{name}:{node.lineno} .{func.attr}(last_activity...)")
+            writes = isinstance(func, ast.Attribute) and func.attr in ("values", "set", "set_in")
+            if writes and columns & {k.arg for k in node.keywords}:
+                wrong.append(f"{name}:{node.lineno} .{func.attr}(last_activity...)")
             for k in node.keywords:
-                if k.arg == "values" and isinstance(k.value, ast.Dict):
-                    if columns & {c.value for c in k.value.keys if isinstance(c, ast.Constant)}:
-                        wrong.append(f"{name}:{node.lineno} values={{last_activity...}}")
+                named = (
+                    {c.value for c in k.value.keys if isinstance(c, ast.Constant)}
+                    if isinstance(k.value, ast.Dict)
+                    else set()
+                )
+                if k.arg == "values" and columns & named:
+                    wrong.append(f"{name}:{node.lineno} values={{last_activity...}}")
     assert wrong == []
