@@ -230,7 +230,7 @@ def _models() -> dict[str, str]:
     for name in ALL:
         if name.endswith(".models"):
             importlib.import_module(name)
-    return {m.class_.__name__: m.local_table.name for m in Base.registry.mappers}
+    return {m.class_.__name__: str(m.class_.__tablename__) for m in Base.registry.mappers}
 
 
 def _writes(name: str, path: Path, models: dict[str, str]) -> list[tuple[str, int, str]]:
@@ -297,9 +297,9 @@ def test_activity_is_recorded_by_the_runtimes_store_alone() -> None:
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
-            writes = isinstance(func, ast.Attribute) and func.attr in ("values", "set", "set_in")
-            if writes and columns & {k.arg for k in node.keywords}:
-                wrong.append(f"{name}:{node.lineno} .{func.attr}(last_activity...)")
+            method = func.attr if isinstance(func, ast.Attribute) else ""
+            if method in ("values", "set", "set_in") and columns & {k.arg for k in node.keywords}:
+                wrong.append(f"{name}:{node.lineno} .{method}(last_activity...)")
             for k in node.keywords:
                 named = (
                     {c.value for c in k.value.keys if isinstance(c, ast.Constant)}
