@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +58,7 @@ from runner.states import State
 log = logging.getLogger("envctl.executions")
 
 LANGUAGES = ("python", "bash")
+POLL = 0.5  # seconds between reads of an execution that another runner runs (``follow``)
 MAX_CODE = 1024 * 1024
 
 
@@ -202,6 +203,62 @@ class ExecutionManager:
                 feed.answering -= 1
                 if feed.answering == 0:
                     feed.answered.set()
+
+    async def follow(
+        self, who: Who, execution_id: str, start: int = 0, *, quiet: float = 15.0
+    ) -> AsyncGenerator[Event | None, None]:
+        """An execution's events from output ``start`` on, as they happen: each output, then
+        the final status (the last event). ``None`` when nothing happened for ``quiet`` seconds
+        (the caller checks its client there). Live from this process's feed; an execution
+        another runner runs is read from the store every ``POLL`` seconds."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(event: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+        snapshot, unsubscribe = self.subscribe(execution_id, deliver)
+        try:
+            if snapshot is None:
+                async for stored in self._follow_store(who, execution_id, start):
+                    yield stored
+                return
+            next_index = start
+            for idx, out in enumerate(snapshot):
+                if idx >= next_index:
+                    yield Event("output", index=idx, data=out)
+                    next_index = idx + 1
+            while True:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), quiet)
+                except TimeoutError:
+                    yield None
+                    continue
+                if event.kind != "output":
+                    yield event
+                    return
+                if event.index >= next_index:
+                    yield event
+                    next_index = event.index + 1
+        finally:
+            unsubscribe()
+
+    async def _follow_store(self, who: Who, execution_id: str, start: int) -> AsyncIterator[Event | None]:
+        """``follow`` for an execution this process does not run: what the store has, read
+        again every ``POLL`` seconds until it ends."""
+        next_index = start
+        while True:
+            view = await asyncio.to_thread(self.get, who, execution_id)
+            # outputs after the status: a cell's last outputs and its end commit together
+            for idx, out in await asyncio.to_thread(self.outputs, execution_id, next_index):
+                yield Event("output", index=idx, data=out)
+                next_index = idx + 1
+            if view.status in FINAL:
+                data = {"status": view.status, "execution_count": view.execution_count, "truncated": view.truncated}
+                yield Event("status", data=data)
+                return
+            yield None
+            await asyncio.sleep(POLL)
 
     def wait(self, execution_id: str, timeout: float) -> None:
         feed = self.feeds.get(execution_id)
