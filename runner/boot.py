@@ -73,6 +73,7 @@ class Booter:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         drafts: Drafts,
+        mounts: MountPreparer,
         transfers: Transfers | None = None,
         secrets: RuntimeSecrets | None = None,
     ) -> None:
@@ -83,7 +84,7 @@ class Booter:
         self.backend = backend
         self.paths = paths
         self.drafts = drafts
-        self.mounts = MountPreparer(settings, identity.installation, backend)
+        self.mounts = mounts
         self.transfers = transfers
         self.secrets = secrets
 

@@ -25,6 +25,7 @@ from runner.concurrency import Concurrency
 from runner.drafts import Drafts
 from runner.errors import RuntimeStateError
 from runner.models import Runtime
+from runner.mounts.prepare import MountPreparer
 from runner.paths import RuntimePaths
 from runner.records import Records, Who
 from runner.states import State
@@ -42,6 +43,7 @@ class Lifecycle:
         paths: RuntimePaths,
         drafts: Drafts,
         booter: Booter,
+        mounts: MountPreparer,
         cells: CellWorkers,
         *,
         is_saving: Callable[[str], bool],
@@ -54,6 +56,7 @@ class Lifecycle:
         self.paths = paths
         self.drafts = drafts
         self.booter = booter
+        self.mounts = mounts
         self.cells = cells
         self.is_saving = is_saving
         self.on_deleted = on_deleted
@@ -157,7 +160,7 @@ class Lifecycle:
         """S3 mounts asked to be written back upload what the runtime changed (logged; a
         failure is logged and does not keep the runtime from stopping)."""
         try:
-            uploaded = self.booter.mounts.write_back(mounts, runtime_id)
+            uploaded = self.mounts.write_back(mounts, runtime_id)
         except EnvctlError as exc:
             with self.records.tx() as s:
                 self.records.log(s, runtime_id, event="writeback-failed", reason="stop", message=exc.message)
@@ -231,4 +234,4 @@ class Lifecycle:
         if draft:
             self.backend.remove_image(draft)
         self.paths.remove_state_dir(runtime_id)
-        self.booter.mounts.forget(runtime_id)
+        self.mounts.forget(runtime_id)

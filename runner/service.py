@@ -73,6 +73,7 @@ from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, ins
 from runner.imports import Imports
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
+from runner.mounts.prepare import MountPreparer
 from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
@@ -151,6 +152,7 @@ class RunnerService:
             secret_values=secrets.values_of,
         )
         self.results = ResultCollector(settings, db, clock, paths)
+        self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
         self.feeds = Feeds()
         self.cells = CellWorkers(
             settings,
@@ -177,9 +179,11 @@ class RunnerService:
                 backend,
                 paths,
                 drafts,
+                mounts,
                 transfers=transfers,
                 secrets=secrets,
             ),
+            mounts,
             self.cells,
             is_saving=snapshots.is_saving,
             on_deleted=self.results.forget,
