@@ -29,11 +29,8 @@ from envs.packages import kept_packages
 from envs.refs import EnvRef, parse_ref
 from envs.service import PinnedBy, Writer
 from registry import events
+from registry.errors import PublicationNotFoundError
 from registry.models import Membership, Publication, Team
-
-
-class PublicationNotFoundError(NotFoundError):
-    code = "publication_not_found"
 
 
 def _namespace(full_name: str) -> str:

@@ -89,3 +89,9 @@ class SaveHasSecretsError(ConflictError):
             "the runtime and its unsaved changes are untouched",
             details={"findings": findings[:1000]},
         )
+
+
+class SecretUnavailableError(ConflictError):
+    """A runtime refers to a secret that is gone, or of a team its owner is not in."""
+
+    code = "secret_unavailable"

@@ -309,3 +309,15 @@ def test_activity_is_recorded_by_the_runtimes_store_alone() -> None:
                 if k.arg == "values" and columns & named:
                     wrong.append(f"{name}:{node.lineno} values={{last_activity...}}")
     assert wrong == []
+
+
+def test_every_error_leaf_lives_in_its_packages_errors_module() -> None:
+    """``EnvctlError``'s leaves are found in one module per package (``errors.py``); the agent,
+    which runs inside containers on the standard library alone, keeps its own."""
+    wrong = []
+    for name, path in ALL.items():
+        if name.endswith(".errors") or name.startswith("runner.agent"):
+            continue
+        classes = [n for n in ast.parse(path.read_text(), str(path)).body if isinstance(n, ast.ClassDef)]
+        wrong += [f"{name}:{c.lineno} {c.name}" for c in classes if c.name.endswith("Error") and c.name[0] != "_"]
+    assert wrong == []
