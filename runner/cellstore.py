@@ -1,5 +1,5 @@
-"""The cells store: the one module that writes ``executions`` and ``execution_outputs`` rows
-(``tests/test_layering.py`` checks that no other module does).
+"""The cells store: the one module that writes ``executions``, ``execution_outputs`` and
+``result_files`` rows (``tests/test_layering.py`` checks that no other module does).
 
 The statements of a cell's way in and out are built once and run through ``Database.hot()``
 (``envs/kit/hot.py``) inside the caller's transaction, which may also hold the runtimes store's
@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import Connection, bindparam, insert, update
 
 from envs.kit.db import Database, HotStatement, HotWriter
-from runner.models import Execution, ExecutionOutput
+from runner.models import Execution, ExecutionOutput, ResultFile
 
 INSERT_EXECUTION = HotStatement(insert(Execution))
 INSERT_OUTPUTS = HotStatement(insert(ExecutionOutput))
@@ -80,3 +80,9 @@ def set_queued_mounts(db: Database, runtime_id: str, used: list[dict[str, Any]])
             .where(Execution.runtime_id == runtime_id, Execution.status == "queued", Execution.mounts.is_(None))
             .values(mounts=used)
         )
+
+
+def record_results(c: Connection, rows: list[dict[str, Any]]) -> None:
+    """Versions of files cells wrote under /results (``runner/collector.py`` found and stored
+    them), in the caller's transaction."""
+    c.execute(insert(ResultFile), rows)

@@ -205,7 +205,7 @@ STORES = {
     "executions": "runner.cellstore",
     "execution_outputs": "runner.cellstore",
     "operations": "runner.operations",
-    "result_files": "runner.collector",
+    "result_files": "runner.cellstore",
     "installation": "runner.identity",
     "runners": "runner.identity",
     "runtime_secret_uses": "runner.secrets",
