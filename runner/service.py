@@ -6,8 +6,9 @@ module):
 =====================  ========================================================================
 ``identity.py``        the installation's id, this runner's name, its lease and heartbeat,
                        and whether other runners are alive
-``records.py``         the ``runtimes`` rows: reads, compare-and-set transitions, the runner
-                       log, activity, ownership checks, waiting for a state
+``records.py``         the runtimes store, alone writing ``runtimes`` rows and their log:
+                       compare-and-set transitions, activity, create and delete, ownership
+                       checks, waiting for a state
 ``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
 ``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
                        a reboot and waits for it; ``envvars.py``: environment variables)
@@ -17,6 +18,7 @@ module):
                        boot, out of date, and the values its saves are searched for
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
 ``cellworker.py``      the per-runtime worker that runs cells in order and records their ends
+``cellstore.py``       the cells store, alone writing executions, their outputs, result files
 ``feeds.py``           what is known of hot executions in memory, and who listens
 ``changes.py``         unsaved changes: the list, and the flag pages poll
 ``drafts.py``          unsaved changes kept as an image across stops and crashes
