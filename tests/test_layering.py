@@ -266,6 +266,7 @@ def _writes(name: str, path: Path, models: dict[str, str]) -> list[tuple[str, in
 
 def test_every_table_has_a_store() -> None:
     assert sorted(set(_models().values()) - STORES.keys()) == []
+    assert sorted(set(STORES.values()) - ALL.keys()) == []
 
 
 def test_no_module_outside_a_features_store_writes_its_tables() -> None:
