@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -12,13 +11,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from envs.errors import EnvironmentNotFoundError
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import PinnedBy
-from registry import catalog
 from registry import service as registry_service
 from registry import teams as teams_service
+from registry.visibility import Reader
 from runner.records import Viewer
 from runner.service import RunnerService
 
@@ -43,7 +41,12 @@ class Caller:
     def viewer(self) -> Viewer:
         """Who asks, as the runner decides what they see and may do (``runner/records.py``).
         Read with the caller, so a change of membership counts within the cache's ``ttl``."""
-        return Viewer(self.id, self.teams, self.admin_of)
+        return Viewer(self.id, self.teams, self.admin_of, self.is_admin)
+
+    @property
+    def reader(self) -> Reader:
+        """Who asks, as a reader of environments (``registry/visibility.py``)."""
+        return Reader(self.id, self.teams, self.is_admin)
 
 
 async def get_context(request: Request) -> Context:
@@ -94,48 +97,20 @@ async def get_caller(
     ctx: Annotated[Context, Depends(get_context)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """Who is calling. Async so that a cached token costs no trip through the thread pool."""
+    """Who is calling. Async so that a cached token costs no trip through the thread pool.
+
+    What they may see of environments is decided where a reference is resolved, whatever it
+    came from (``registry/visibility.py``, given ``caller.reader``), not here."""
     token = credentials.credentials if credentials is not None else None
     cache: CallerCache = request.app.state.callers
     if token:
         hit = cache.get(token)
         if hit is not None:
-            await _check_environment_visible(request, ctx, hit)
             return hit
     caller = await run_in_threadpool(_lookup, ctx, token)
     if token:
         cache.put(token, caller)
-    await _check_environment_visible(request, ctx, caller)
     return caller
-
-
-async def _check_environment_visible(request: Request, ctx: Context, caller: Caller) -> None:
-    """Another team's environment named in the path (``{ref}``) is a 404, as if it did not
-    exist, unless what the path names is published (R27)."""
-    ref = request.path_params.get("ref")
-    if isinstance(ref, str) and not _own_namespace(ref, caller):
-        await run_in_threadpool(check_visible, ctx, caller, ref, "ref")
-
-
-def _own_namespace(ref: str, caller: Caller) -> bool:
-    full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
-    return teams_service.may_see(full_name, caller.teams, caller.is_admin)
-
-
-def check_visible(ctx: Context, caller: Caller, ref: str, field: str) -> None:
-    """An environment named anywhere in a request (the path, a body's ``environment``, a query's
-    ``against``) that belongs to another team is a 404 naming ``field``, as if it did not exist,
-    unless what ``ref`` names is published (R27)."""
-    if _own_namespace(ref, caller):
-        return
-    with ctx.db.session() as s:
-        if catalog.may_read(s, ref, caller.teams, caller.is_admin):
-            return
-    full_name = re.split(r"[@:]", ref, maxsplit=1)[0]
-    raise EnvironmentNotFoundError(
-        f"{field}: no environment named {full_name!r}; `envctl env ls` lists them",
-        details={"field": field, "environment": full_name},
-    )
 
 
 class LiveViewer:
@@ -156,7 +131,7 @@ class LiveViewer:
             with self.ctx.db.session() as s:
                 teams = teams_service.team_names_of(s, self.caller.id)
                 admin_of = teams_service.admin_team_names_of(s, self.caller.id)
-            self.viewer = Viewer(self.caller.id, teams, admin_of)
+            self.viewer = Viewer(self.caller.id, teams, admin_of, self.caller.is_admin)
             self.read_at = time.monotonic()
         return self.viewer
 

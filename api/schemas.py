@@ -200,6 +200,9 @@ class VersionOut(BaseModel):
     digest: str
     image_id: str
     parent: str | None
+    parent_hidden: bool = Field(
+        default=False, description="its parent is a version you may not see (parent is then null)"
+    )
     message: str
     author: str
     size: int
@@ -340,14 +343,18 @@ class ChangeOut(BaseModel):
 
 
 class LineageStep(BaseModel):
-    ref: str
-    digest: str
-    message: str
-    author: str
-    created_at: datetime
-    size: int
-    size_added: int
-    source_runtime_id: str | None
+    """One version of a lineage; one the caller may not see is only ``{"hidden": true}`` (one
+    step for several hidden ones in a row), its name, message and author left out."""
+
+    hidden: bool = Field(default=False, description="a version the caller may not see: nothing else of it is shown")
+    ref: str | None = None
+    digest: str | None = None
+    message: str | None = None
+    author: str | None = None
+    created_at: datetime | None = None
+    size: int | None = None
+    size_added: int | None = None
+    source_runtime_id: str | None = None
 
 
 class BuildRequest(BaseModel):

@@ -45,13 +45,15 @@ def operation_out(op: Operation) -> OperationOut:
     )
 
 
-def version_out(v: EnvironmentVersion, tags: list[str]) -> VersionOut:
+def version_out(v: EnvironmentVersion, tags: list[str], parent_hidden: bool = False) -> VersionOut:
+    """``parent_hidden``: its parent is a version the caller may not see (its name is not shown)."""
     return VersionOut(
         ref=v.ref,
         number=v.number,
         digest=v.digest,
         image_id=v.image_id,
-        parent=v.parent.ref if v.parent is not None else None,
+        parent=v.parent.ref if v.parent is not None and not parent_hidden else None,
+        parent_hidden=parent_hidden,
         message=v.message,
         author=v.author,
         size=v.size,
@@ -69,10 +71,13 @@ def owner_ids(envs: Iterable[Environment]) -> set[str]:
     return {e.owner_id for e in envs if e.owner_id is not None}
 
 
-def environment_out(env: Environment, owners: dict[str, str], only: set[int] | None = None) -> EnvironmentOut:
+def environment_out(
+    env: Environment, owners: dict[str, str], only: set[int] | None = None, hidden: set[int] | None = None
+) -> EnvironmentOut:
     """``owners`` maps user id to name; an owner missing from it (a user who is gone) shows as
     no owner, which is how such an environment is treated: admins only. ``only``: the ids of
-    the versions to show (another team's published ones), ``None`` for all."""
+    the versions to show (another team's published ones), ``None`` for all; ``hidden``: the
+    ids of those whose parent the caller may not see."""
     tags_by_version: dict[int, list[str]] = {}
     for t in env.tags:
         tags_by_version.setdefault(t.version_id, []).append(t.name)
@@ -84,14 +89,19 @@ def environment_out(env: Environment, owners: dict[str, str], only: set[int] | N
         owner=owners.get(env.owner_id) if env.owner_id is not None else None,
         latest=tags.get("latest"),
         tags=tags,
-        versions=[version_out(v, tags_by_version.get(v.id, [])) for v in by_id.values()],
+        versions=[version_out(v, tags_by_version.get(v.id, []), v.id in (hidden or ())) for v in by_id.values()],
     )
+
+
+# A version of a lineage that the caller may not see: that something is there, nothing of it.
+HIDDEN_STEP = LineageStep(hidden=True)
 
 
 def lineage_step(v: EnvironmentVersion, own: bool = True) -> LineageStep:
     """``own``: the caller's team's version (or no team's); another team's does not say which
     of its runtimes it was saved from."""
     return LineageStep(
+        hidden=False,
         ref=v.ref,
         digest=v.digest,
         message=v.message,

@@ -1,7 +1,9 @@
 """Rules for environments, versions and tags. Functions take the caller's session.
 
-Ownership: the registry is shared, so anyone may read any environment (list, show, lineage,
-export, boot from it, import it, extend it under another name). Writing to one (a new
+Ownership: anyone may read any environment outside a team's namespace (list, show, lineage,
+export, boot from it, import it, extend it under another name); a team's are its members' to
+read, and everyone's once published: ``registry/visibility.py`` decides, since publications are
+the registry's (functions here resolve references for envctl itself). Writing to one (a new
 version, a tag moved) and deleting its versions is for its owner, the members of its team (its
 namespace: ``acme/ml`` is team ``acme``'s) and admins only; an environment with no owner (a
 base image, or one older than owners) is for admins only, and only members create one in a
@@ -85,6 +87,8 @@ def check_write(env: Environment | None, writer: Writer | None, action: str, adv
     """
     if env is None or may_write(env, writer):
         return
+    if env.namespace:  # another team's: the same answer whether it exists or not (no telling its names)
+        check_create(env.full_name, writer)
     if env.owner_id is None:
         who = "has no owner (a base image, or older than owners): only an admin"
     else:
@@ -126,7 +130,7 @@ def environment_of(session: Session, ref: EnvRef | str, field: str = "ref") -> E
         ref = parse_ref(ref, field)
     env = get_environment(session, ref.full_name)
     if env is None:
-        raise _no_environment(ref, field)
+        raise no_environment(ref, field)
     if ref.is_pinned:
         resolve(session, ref, field)  # 404 for a version that does not exist
     session.refresh(env)
@@ -149,7 +153,7 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
         ref = parse_ref(ref, field)
     env = get_environment(session, ref.full_name)
     if env is None:
-        raise _no_environment(ref, field)
+        raise no_environment(ref, field)
     q = select(EnvironmentVersion).where(EnvironmentVersion.environment_id == env.id)
     if ref.version is not None:
         version = session.scalars(q.where(EnvironmentVersion.number == ref.version)).one_or_none()
@@ -163,7 +167,8 @@ def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> 
     return version
 
 
-def _no_environment(ref: EnvRef, field: str) -> EnvironmentNotFoundError:
+def no_environment(ref: EnvRef, field: str) -> EnvironmentNotFoundError:
+    """The 404 of an environment that does not exist (or that its reader may not see)."""
     return EnvironmentNotFoundError(
         f"{field}: no environment named {ref.full_name!r}; `envctl env ls` lists them",
         details={"field": field, "environment": ref.full_name},

@@ -28,29 +28,14 @@ from envs.models import Environment, EnvironmentVersion, Tag
 from envs.packages import kept_packages
 from envs.refs import EnvRef, parse_ref
 from envs.service import PinnedBy, Writer
-from registry import events
+from registry import events, visibility
 from registry.errors import PublicationNotFoundError
 from registry.models import Membership, Publication, Team
+from registry.visibility import published_version_ids
 
 
 def _namespace(full_name: str) -> str:
     return full_name.rpartition("/")[0]
-
-
-def _publications(session: Session, env_id: int) -> list[Publication]:
-    return list(session.scalars(select(Publication).where(Publication.environment_id == env_id)))
-
-
-def published_version_ids(session: Session, env: Environment) -> set[int]:
-    """The ids of ``env``'s versions that are published, directly or through a tag."""
-    tags = {t.name: t.version_id for t in env.tags}
-    found: set[int] = set()
-    for pub in _publications(session, env.id):
-        if pub.version_id is not None:
-            found.add(pub.version_id)
-        elif pub.tag in tags:
-            found.add(tags[pub.tag])
-    return found
 
 
 def published_repositories(session: Session) -> set[str]:
@@ -63,38 +48,21 @@ def published_repositories(session: Session) -> set[str]:
 
 
 def may_read(session: Session, ref_text: str, teams: frozenset[str], is_admin: bool) -> bool:
-    """Whether a reader in ``teams`` may read what ``ref_text`` names: anything outside a team,
-    their own teams', and another team's published versions (a bare name: an environment with
-    something published; its listing then shows only what is published)."""
+    """Whether a reader in ``teams`` may read what ``ref_text`` names (``registry/visibility.py``
+    decides: anything outside a team, their own teams', another team's published versions; a
+    bare name: an environment with something published)."""
     try:
-        ref = parse_ref(ref_text, "ref")
-    except InvalidInputError:
+        visibility.environment(session, ref_text, visibility.Reader("", teams, is_admin), "ref")
+    except (InvalidInputError, NotFoundError):
         return False
-    namespace = _namespace(ref.full_name)
-    if not namespace or is_admin or namespace in teams:
-        return True
-    env = envs_service.get_environment(session, ref.full_name)
-    if env is None:
-        return False
-    published = published_version_ids(session, env)
-    if "@" not in ref_text and ":" not in ref_text:
-        return bool(published)
-    try:
-        return envs_service.resolve(session, ref, "ref").id in published
-    except NotFoundError:
-        return False
+    return True
 
 
-def readable_versions(session: Session, env: Environment, teams: frozenset[str], is_admin: bool) -> set[int] | None:
-    """The ids of ``env``'s versions a reader may see: ``None`` for all of them."""
-    if not env.namespace or is_admin or env.namespace in teams:
-        return None
-    return published_version_ids(session, env)
-
-
-def _target(session: Session, ref_text: str) -> tuple[Environment, EnvRef]:
+def _target(session: Session, ref_text: str, writer: Writer) -> tuple[Environment, EnvRef]:
+    """The environment and the reference ``ref_text`` names, as ``writer`` sees them: another
+    team's version that is not published is a 404, as if it did not exist."""
     ref = parse_ref(ref_text, "ref")
-    env = envs_service.environment_of(session, ref, "ref")
+    env, _ = visibility.environment(session, ref_text, _reader(writer), "ref")
     if not env.namespace:
         raise InvalidInputError(
             f"ref: {ref.full_name!r} is not in a team's namespace: every user may read it already",
@@ -102,6 +70,10 @@ def _target(session: Session, ref_text: str) -> tuple[Environment, EnvRef]:
         )
     envs_service.resolve(session, ref, "ref")  # 404 for a tag that does not exist
     return env, ref
+
+
+def _reader(writer: Writer) -> visibility.Reader:
+    return visibility.Reader(writer.user_id, writer.teams, writer.is_admin)
 
 
 def _find(session: Session, env: Environment, ref: EnvRef) -> Publication | None:
@@ -116,7 +88,7 @@ def _find(session: Session, env: Environment, ref: EnvRef) -> Publication | None
 
 def publish(session: Session, ref_text: str, writer: Writer, by: str) -> Publication:
     """Publish the version or the tag ``ref_text`` names; publishing it again changes nothing."""
-    env, ref = _target(session, ref_text)
+    env, ref = _target(session, ref_text, writer)
     envs_service.check_write(env, writer, "publish it", "ask a member of its team")
     existing = _find(session, env, ref)
     if existing is not None:
@@ -139,7 +111,7 @@ def unpublish(session: Session, ref_text: str, writer: Writer, by: str, pinned_b
     """Unpublish the version or tag ``ref_text``: refused (409) while another team's versions or
     other users' runtimes (``pinned_by``: the runtimes store's answer) depend on a version it
     alone published; 404 if it is not published."""
-    env, ref = _target(session, ref_text)
+    env, ref = _target(session, ref_text, writer)
     envs_service.check_write(env, writer, "unpublish it", "ask a member of its team")
     pub = _find(session, env, ref)
     if pub is None:

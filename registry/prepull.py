@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 
 from sqlalchemy import func, select
 
-from envs import service as envs_service
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
+from registry import visibility
 from registry.models import TeamEvent
 
 log = logging.getLogger("envctl.registry")
@@ -69,8 +69,9 @@ class Prepuller:
             for event in published:
                 self.after = event.id
                 try:
-                    refs.append(envs_service.resolve(s, event.ref, "ref").ref)
-                except EnvctlError:  # gone since: nothing to pull
+                    # as anyone outside the team sees it: what is no longer published is not pulled
+                    refs.append(visibility.resolve(s, event.ref, visibility.ANYONE, "ref").ref)
+                except EnvctlError:  # gone or unpublished since: nothing to pull
                     continue
         pulled = []
         for ref in dict.fromkeys(refs):

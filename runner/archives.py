@@ -14,7 +14,8 @@ from envs.errors import ArchiveError
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
-from envs.refs import parse_ref
+from registry import visibility
+from registry.visibility import Reader
 from runner.backends.base import RuntimeBackend
 from runner.snapshots import writer_of
 
@@ -32,13 +33,18 @@ class Archives:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def export(self, ref: str) -> Path:
+    def export(self, ref: str, reader: Reader) -> Path:
         """Write the archive of ``ref`` (and its lineage) to a temporary file; the caller
-        streams it and removes it."""
+        streams it and removes it. ``ref`` is resolved for ``reader`` (``registry/visibility.py``),
+        and the lineage in the archive stops above the first version they may not see: its
+        layers travel inside the child's image, its name, message and author do not."""
         with self.db.session() as s:
-            version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
-            chain = envs_service.lineage(s, version)
-            versions = [_describe(v) for v in chain]
+            version = visibility.resolve(s, ref, reader, "ref")
+            whole = envs_service.lineage(s, version)
+            seen = next((n for n, v in enumerate(whole) if not visibility.sees(s, v, reader)), len(whole))
+            versions = [_describe(v) for v in whole[:seen]]
+            if seen < len(whole):  # the last one shown stands on a hidden one: no parent named
+                versions[-1].update(parent=None, parent_image_id=None)
             exported = version.ref
         images = list(dict.fromkeys(v["image_id"] for v in versions))
         for image in images:

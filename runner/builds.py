@@ -20,12 +20,13 @@ from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from envs.spec import Spec, parse
+from registry import visibility
 from runner.errors import BuildStepFailedError
 from runner.executions import ExecutionManager
 from runner.lifecycle import Lifecycle
 from runner.models import Operation
 from runner.operations import Operations
-from runner.records import Records
+from runner.records import Records, Viewer, Who, viewer_of
 from runner.runtimes import Runtimes
 from runner.snapshots import Snapshots, writer_of
 from runner.states import State
@@ -55,9 +56,14 @@ class Builds:
         self.operations = operations
         self.submit = submit
 
-    def build(self, owner_id: str, author: str, text: str, source: str = "<spec>") -> Operation:
-        """Check the spec now (422 on any problem), then build it in the background (202)."""
+    def build(self, who: Who, author: str, text: str, source: str = "<spec>") -> Operation:
+        """Check the spec now (422 on any problem), then build it in the background (202).
+
+        ``extends`` is resolved for ``who`` (``registry/visibility.py``): another team's version
+        that is not published is a 404 naming ``extends``, before anything boots or is saved."""
         spec = parse(text, source)
+        viewer = viewer_of(who)
+        owner_id = viewer.user_id
         with self.records.db.session() as s:
             envs_service.check_write_to(
                 s,
@@ -66,7 +72,7 @@ class Builds:
                 "build into it",
                 "give the spec a name of your own",
             )
-            parent = envs_service.resolve(s, spec.extends, "extends")
+            parent = visibility.resolve(s, spec.extends, viewer.reader, "extends")
             parent_ref, parent_digest = parent.ref, parent.digest
             digest = spec.digest(parent_digest)
             cached = self._cached(s, spec.name, digest)
@@ -82,7 +88,7 @@ class Builds:
         op = operations.create(
             owner_id, "build", f"building {spec.name} on {parent_ref}", result={"spec_digest": digest, "steps": []}
         )
-        self.submit(self._build, op.id, owner_id, author, spec, parent_ref, digest)
+        self.submit(self._build, op.id, viewer, author, spec, parent_ref, digest)
         return op
 
     @staticmethod
@@ -95,12 +101,13 @@ class Builds:
                 return v.ref
         return None
 
-    def _build(self, op_id: str, owner_id: str, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
+    def _build(self, op_id: str, viewer: Viewer, author: str, spec: Spec, parent_ref: str, digest: str) -> None:
+        owner_id = viewer.user_id
         rid = None
         steps: list[dict[str, Any]] = []
         try:
             rt = self.runtimes.create(
-                owner_id, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
+                viewer, name=f"build-{op_id[3:15]}", environment=parent_ref, language="bash", idle_timeout=0
             )
             rid = rt.id
             self._update(op_id, phase="booting", message=f"booting {parent_ref}", runtime_id=rid)

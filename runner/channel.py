@@ -88,6 +88,24 @@ class AgentChannel:
     def ping(self) -> dict[str, Any]:
         return self.request("ping")
 
+    def open_stream(self, op: str, **fields: Any) -> tuple[dict[str, Any], Any]:
+        """Send a request answered by one JSON header line, then bytes the op frames itself
+        (``layer``: ``runner/agent/layer.py``); the header and the connection's binary reader,
+        just after it. No time limit between reads, as for ``stream``."""
+        self._send(op, fields)
+        try:
+            self._sock.settimeout(None)
+            self._skip_unread()
+            line = self._reader.readline()
+        except OSError as exc:
+            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
+        if not line:
+            raise AgentUnavailableError("the agent closed the connection")
+        header: dict[str, Any] = json.loads(line)
+        if not header.get("ok"):
+            raise BackendError(f"the agent refused {op!r}: {header.get('error')}", details=header)
+        return header, self._reader
+
     def stream(self, op: str, **fields: Any) -> Iterator[dict[str, Any]]:
         """Send a streaming request (``execute``, ``attach``); yield its events up to ``done``.
 

@@ -95,3 +95,10 @@ class SecretUnavailableError(ConflictError):
     """A runtime refers to a secret that is gone, or of a team its owner is not in."""
 
     code = "secret_unavailable"
+
+
+class LayerStreamError(BackendError):
+    """The agent's layer stream of a save made inside the runtime broke off or broke the rules;
+    nothing was kept."""
+
+    code = "layer_stream_failed"

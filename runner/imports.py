@@ -34,12 +34,12 @@ from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.models import EnvironmentVersion
 from envs.refs import parse_ref
-from registry import transfer, upstream
+from registry import transfer, upstream, visibility
 from registry.errors import NoRegistryError
 from runner.backends.base import RuntimeBackend
 from runner.models import Operation
 from runner.operations import Operations
-from runner.records import Records
+from runner.records import Records, Who, reader_for, viewer_of
 from runner.snapshots import writer_of
 from runner.transfers import Report, Transfers
 
@@ -61,9 +61,12 @@ class Imports:
         self.operations = operations
         self.transfers = transfers
 
-    def request(self, user_id: str, url: str, token: str, ref: str, name: str | None = None) -> Operation:
+    def request(self, who: Who, url: str, token: str, ref: str, name: str | None = None) -> Operation:
         """``POST /environments/import-remote``: an operation that pulls the version ``ref``
-        names at ``url`` and records it here as a version of ``name`` (default: its own name)."""
+        names at ``url`` and records it here as a version of ``name`` (default: its own name).
+        The upstream decides what its user may read there; here its parent is the nearest
+        version of its lineage that ``who`` may see (``registry/visibility.py``)."""
+        user_id = viewer_of(who).user_id
         upstream.check_url(url, self.allow_hosts)  # R28: a 422 before anything leaves
         parse_ref(ref, "ref")
         if name is not None and parse_ref(name, "name").full_name != name:
@@ -86,12 +89,12 @@ class Imports:
             op.id,
             "import",
             offer.ref,
-            lambda report: self._import(user_id, offer, token, local, client, report),
+            lambda report: self._import(who, offer, token, local, client, report),
         )
         return op
 
     def _import(
-        self, user_id: str, offer: upstream.Offer, token: str, local: str, client: Any, report: Report
+        self, who: Who, offer: upstream.Offer, token: str, local: str, client: Any, report: Report
     ) -> dict[str, Any]:
         progress = transfer.Progress(report)
         report(0, 0)
@@ -103,7 +106,7 @@ class Imports:
                 upstream.check_registry(offer, self.allow_hosts)  # again: its DNS answer may have changed
                 transfer.pull(client, target, offer.registry_digest, auth, progress, image_id=offer.image_id)
                 pulled = True
-        ref, created = self._record(user_id, offer, local)
+        ref, created = self._record(who, offer, local)
         return {
             "version": ref,
             "from": offer.url,
@@ -116,7 +119,8 @@ class Imports:
             "total": progress.total,
         }
 
-    def _record(self, user_id: str, offer: upstream.Offer, local: str) -> tuple[str, bool]:
+    def _record(self, who: Who, offer: upstream.Offer, local: str) -> tuple[str, bool]:
+        user_id = viewer_of(who).user_id
         with self.records.db.session() as s:
             env = envs_service.get_environment(s, local)
             version, created = envs_service.register_version(
@@ -126,7 +130,7 @@ class Imports:
                     image_id=offer.image_id,
                     digest=offer.digest,
                     image_ref=offer.image_id,
-                    parent=_nearest(s, offer.ancestors),
+                    parent=_nearest(s, offer.ancestors, reader_for(s, who)),
                     message=offer.message,
                     author=offer.author,
                     size=offer.size,
@@ -141,10 +145,11 @@ class Imports:
             return version.ref, created
 
 
-def _nearest(s: Session, ancestors: tuple[str, ...]) -> EnvironmentVersion | None:
-    """The nearest ancestor (by digest) this server has, if any."""
+def _nearest(s: Session, ancestors: tuple[str, ...], reader: visibility.Reader) -> EnvironmentVersion | None:
+    """The nearest ancestor (by digest) this server has and ``reader`` may see, if any: a
+    version of another team that they may not see is never made its parent."""
     for digest in ancestors:
-        found = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.digest == digest).limit(1)).first()
-        if found is not None:
-            return found
+        for found in s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.digest == digest)):
+            if visibility.sees(s, found, reader):
+                return found
     return None

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from envs import service as envs_service
 from envs.kit.db import Database
 from envs.kit.errors import ConflictError
 from envs.refs import parse_ref
+from registry import visibility
 from runner.backends.base import RuntimeBackend
 
 
@@ -25,15 +25,18 @@ class Kernelspecs:
     kernelspecs: list[dict[str, str]]  # name, display_name, language, path
 
 
-def find_kernelspecs(db: Database, backend: RuntimeBackend, ref: str, field: str = "ref") -> Kernelspecs:
-    """The kernelspecs in the image of the version ``ref`` means (a tag: the version it points at).
+def find_kernelspecs(
+    db: Database, backend: RuntimeBackend, ref: str, reader: visibility.Reader, field: str = "ref"
+) -> Kernelspecs:
+    """The kernelspecs in the image of the version ``ref`` means for ``reader`` (a tag: the
+    version it points at; ``registry/visibility.py``: what they may not see is a 404).
 
     A bad reference is an ``InvalidInputError`` naming ``field``; an unknown environment or
     version is a 404; a version whose image the engine no longer has is a 409 saying so.
     """
     parsed = parse_ref(ref, field)
     with db.session() as s:
-        version = envs_service.resolve(s, parsed, field)
+        version = visibility.resolve(s, parsed, reader, field)
         version_ref, image = version.ref, version.image_id
     info = backend.image_info(image)
     if info is None:

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session, selectinload
 from envs.kit.db import Database, HotStatement, HotWriter
 from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
+from registry.visibility import Reader, reader_of
 from runner.errors import RuntimeNotFoundError, RuntimeOwnedElsewhereError
 from runner.identity import Liveness
 from runner.models import Runtime, RuntimeLogEntry
@@ -64,6 +65,12 @@ class Viewer:
     user_id: str
     teams: frozenset[str] = frozenset()
     admin_of: frozenset[str] = frozenset()
+    is_admin: bool = False  # an envctl admin: sees every environment, no more runtimes than this says
+
+    @property
+    def reader(self) -> Reader:
+        """They as a reader of environments (``registry/visibility.py`` decides what they see)."""
+        return Reader(self.user_id, self.teams, self.is_admin)
 
     def sees(self, owner_id: str, team: str | None) -> bool:
         """Whether a runtime (or its execution, result) of ``owner_id`` in ``team`` exists for them."""
@@ -129,6 +136,12 @@ def claim_seq(c: HotWriter, runtime_id: str, at: datetime) -> tuple[Any, ...] | 
 def touch_hot(c: HotWriter, runtime_id: str, what: str, at: datetime) -> None:
     """Record activity in the caller's hot transaction (a cell started, a cell finished)."""
     c.execute(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
+
+
+def reader_for(s: Session, who: Who) -> Reader:
+    """``who`` as a reader of environments: a ``Viewer`` says it; a plain user id (envctl's own
+    work for that user) is read from the store."""
+    return who.reader if isinstance(who, Viewer) else reader_of(s, who)
 
 
 class Records:

@@ -23,11 +23,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import check_name, parse_ref
+from registry import visibility
 from registry.errors import TeamNotFoundError
 from registry.teams import team_names_of
 from runner import envvars, secrets
@@ -38,7 +38,7 @@ from runner.models import Runtime
 from runner.mounts.validate import VolumeMount, check_mounts, from_json
 from runner.mounts.validate import to_json as mounts_json
 from runner.mounts.volumes import check_mount_access
-from runner.records import Records, Who, viewer_of
+from runner.records import Records, Who, reader_for, viewer_of
 from runner.states import State
 
 LANGUAGES = ("python", "bash")
@@ -103,7 +103,7 @@ class Runtimes:
         ref = parse_ref(environment, "environment")
         now = self.records.clock()
         with self.records.tx() as s:
-            version = envs_service.resolve(s, ref, "environment")
+            version = visibility.resolve(s, ref, reader_for(s, who), "environment")
             if team is not None and team not in team_names_of(s, owner_id):
                 raise TeamNotFoundError(
                     f"team: no team {team!r} of yours; `envctl team list` shows your teams", details={"team": team}
@@ -170,7 +170,7 @@ class Runtimes:
         new_mounts = self._check_mounts(changes.mounts) if changes.mounts is not None else None
         with self.records.tx() as s:
             rt = self.records.get_to_manage(s, who, runtime_id, "changing the settings of", for_update=True)
-            wanted = self._reboot_changes(s, rt, changes, ref)
+            wanted = self._reboot_changes(s, rt, changes, ref, reader_for(s, who))
             if new_mounts is not None:
                 # volumes are the owner's (a boot mounts them as the owner) and the changer's to give
                 check_team_mounts(rt.team, new_mounts)
@@ -192,8 +192,11 @@ class Runtimes:
         checked = check_mounts(mounts, allow_hosts=self.settings.mounts_allow_hosts)
         return mounts_json(checked)
 
-    def _reboot_changes(self, s: Session, rt: Runtime, changes: RuntimeChanges, ref: Any) -> dict[str, Any]:
-        """The container-shaping fields the PATCH sends (field -> new value)."""
+    def _reboot_changes(
+        self, s: Session, rt: Runtime, changes: RuntimeChanges, ref: Any, reader: visibility.Reader
+    ) -> dict[str, Any]:
+        """The container-shaping fields the PATCH sends (field -> new value); a new environment
+        is resolved for ``reader``, who asks for it."""
         wanted: dict[str, Any] = {}
         if changes.machine_type is not None:
             wanted["machine_type"] = changes.machine_type
@@ -205,7 +208,7 @@ class Runtimes:
             merged = envvars.merge(reboot.effective(rt, "env"), changes.env)
             wanted["env"] = secrets.resolve(s, rt.owner_id, merged, team_only=rt.team)
         if ref is not None:
-            version = envs_service.resolve(s, ref, "environment")
+            version = visibility.resolve(s, ref, reader, "environment")
             wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}
         return wanted
 

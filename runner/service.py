@@ -73,6 +73,7 @@ from runner.feeds import Feeds
 from runner.housekeeping import Housekeeping
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
 from runner.imports import Imports
+from runner.insave import InRuntimeSaves
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.prepare import MountPreparer
@@ -152,6 +153,9 @@ class RunnerService:
             submit=concurrency.submit,
             transfers=transfers,
             secret_values=secrets.values_of,
+        )
+        snapshots.in_runtime = InRuntimeSaves(
+            settings, records, backend, paths.socket, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         self.results = ResultCollector(settings, db, clock, paths)
         self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)

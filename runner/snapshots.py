@@ -41,6 +41,7 @@ from registry.models import User
 from registry.teams import team_names_of
 from runner.backends.base import RuntimeBackend
 from runner.imageconfig import trusted_config
+from runner.insave import InRuntimeSaves, save_in_runtime
 from runner.models import Operation
 from runner.operations import Operations
 from runner.records import Records, Who, viewer_of
@@ -81,6 +82,8 @@ def writer_of(session: Session, user_id: str) -> envs_service.Writer:
 
 
 class Snapshots:
+    in_runtime: InRuntimeSaves | None = None  # set by the runner when saves may be made inside runtimes
+
     def __init__(
         self,
         settings: Settings,
@@ -224,7 +227,11 @@ class Snapshots:
             message=f"saved as {version.ref}",
             details={"version": version.ref},
         )
-        pushed = push_after_save(self.transfers, self.operations, op_id, viewer_of(who).user_id, runtime_id, version)
+        pushed = (
+            {"pushed": True, "registry_digest": version.registry_digest}  # made in the registry (runner/insave.py)
+            if version.registry_digest
+            else push_after_save(self.transfers, self.operations, op_id, viewer_of(who).user_id, runtime_id, version)
+        )
         self.operations.finish(
             op_id,
             "succeeded",
@@ -282,6 +289,15 @@ class Snapshots:
             **self.settings.runner_labels,  # the operator's own labels, e.g. a team
             **(extra_labels or {}),
         }
+        if self.in_runtime is not None and self.in_runtime.enabled:  # no host storage: runner/insave.py
+            values = self.secret_values(runtime_id) if secret_values is None else secret_values
+            observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
+            return save_in_runtime(
+                self.in_runtime, self.operations, op_id, runtime_id, environment, number, parent_id, labels,
+                writer=lambda s: writer_of(s, viewer_of(who).user_id), user_id=viewer_of(who).user_id,
+                message=message, author=author, tag=tag, keep_caches=keep_caches, observer=observer,
+                report_key=SAVE_LABEL,
+            )  # fmt: skip
         config = trusted_config(self.backend, parent_image, parent_ref, labels)
         if extra_env:
             kept = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in extra_env]
@@ -293,7 +309,7 @@ class Snapshots:
         # removes it at once (_save).
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
-        baseline = {"saved_at_ns": time.time_ns()}  # taken before the commit pauses the container
+        saved_at_ns = time.time_ns()  # before the save pauses the container, unless the backend says later
         values = self.secret_values(runtime_id) if secret_values is None else secret_values
         observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
         del values
@@ -307,6 +323,7 @@ class Snapshots:
             saved_at_ns=since,
         )
         image_id = saved.image.id
+        baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
         report = {
             "caches_kept": keep_caches,
             "left_out": saved.left_out,

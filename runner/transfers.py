@@ -19,17 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
-from envs.refs import parse_ref
-from registry import transfer
+from registry import transfer, visibility
 from registry.errors import NoRegistryError, NotPushedError, TransferError
 from runner.backends.base import RuntimeBackend
 from runner.models import Operation
 from runner.operations import Operations
-from runner.records import Records
+from runner.records import Records, Who, reader_for, viewer_of
 from runner.states import Phase
 
 log = logging.getLogger("envctl.transfers")
@@ -66,10 +64,11 @@ class Transfers:
         self._locks = transfer.Locks()
 
     # ------------------------------------------------------------------ the requests (operations)
-    def request_push(self, user_id: str, ref: str) -> Operation:
+    def request_push(self, who: Who, ref: str) -> Operation:
         """``POST /environments/{ref}/push``: an operation that pushes the version ``ref``
-        names (phase ``uploading``, bytes in its result while it runs)."""
-        version = self._resolve(ref)
+        names for ``who`` (phase ``uploading``, bytes in its result while it runs)."""
+        user_id = viewer_of(who).user_id
+        version = self._resolve(who, ref)
         self._target(version.environment)  # no registry: refused at once
         op = self.operations.create(user_id, "push", f"pushing {version.ref}")
         self.submit(
@@ -77,10 +76,11 @@ class Transfers:
         )
         return op
 
-    def request_pull(self, user_id: str, ref: str) -> Operation:
+    def request_pull(self, who: Who, ref: str) -> Operation:
         """``POST /environments/{ref}/pull``: an operation that pulls the version ``ref``
-        names by its recorded digest (already here: finished at once)."""
-        version = self._resolve(ref)
+        names for ``who`` by its recorded digest (already here: finished at once)."""
+        user_id = viewer_of(who).user_id
+        version = self._resolve(who, ref)
         client, _target = self._target(version.environment)
         if transfer.has_image(client, version.image_id):
             return self.operations.create(
@@ -135,9 +135,10 @@ class Transfers:
         """The lock one image's pulls take, so that a boot and an import pull it once."""
         return self._locks.of(image_id)
 
-    def _resolve(self, ref: str) -> _Version:
+    def _resolve(self, who: Who, ref: str) -> _Version:
+        """The version ``ref`` means for ``who`` (``registry/visibility.py``)."""
         with self.records.db.session() as s:
-            version_id = envs_service.resolve(s, parse_ref(ref, "ref"), "ref").id
+            version_id = visibility.resolve(s, ref, reader_for(s, who), "ref").id
         return self._version(version_id)
 
     @staticmethod
@@ -251,7 +252,7 @@ class Transfers:
 
     def pull_ref(self, user_id: str, ref: str) -> transfer.Progress:
         """Pull the version ``ref`` names (``acme/ml@3``) as ``user_id`` (pulling ahead)."""
-        return self.pull(user_id, self._resolve(ref).id)
+        return self.pull(user_id, self._resolve(user_id, ref).id)
 
     def pull(
         self, user_id: str, version_id: int, *, runtime_id: str | None = None, report: Report | None = None

@@ -84,6 +84,7 @@ def show(api: Api, as_json: bool, ref: str) -> int:
             "created": when(v["created_at"])[:16],
             "digest_text": short_digest(v["digest"]),
             "message_text": first_line(v["message"], 50),
+            "parent": "(hidden)" if v.get("parent_hidden") else v.get("parent"),
         }
         for v in found["versions"]
     ]
@@ -119,6 +120,9 @@ def lineage_lines(chain: list[dict[str, Any]]) -> list[str]:
     lines = []
     for depth, v in enumerate(chain):
         prefix = "" if depth == 0 else indent * (depth - 1) + branch
+        if v.get("hidden"):  # a version you may not see: nothing of it is shown
+            lines.append(f"{prefix}(hidden)")
+            continue
         parts = [f"{prefix}{v['ref']}"]
         if v.get("message"):
             parts.append(json.dumps(first_line(v["message"]), ensure_ascii=False))

@@ -11,12 +11,12 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import BuildRequest, EnvironmentOut, LineageStep, LoadedVersion, OperationOut
-from api.views import environment_out, lineage_step, operation_out, owner_ids
+from api.views import HIDDEN_STEP, environment_out, lineage_step, operation_out, owner_ids
 from envs import archive
 from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.refs import parse_ref
-from registry import catalog, garbage
+from registry import catalog, garbage, visibility
 from registry import service as registry_service
 
 router = APIRouter(tags=["environments"])
@@ -27,13 +27,11 @@ def list_environments(ctx: CtxDep, caller: CallerDep) -> list[EnvironmentOut]:
     """Every environment the caller may see, with its versions, tags and owner: base images,
     names without a team, their own teams', and of another team's only what it published."""
     with ctx.db.session() as s:
-        shown = [
-            (e, catalog.readable_versions(s, e, caller.teams, caller.is_admin))
-            for e in envs_service.list_environments(s)
-        ]
+        reader = caller.reader
+        shown = [(e, visibility.readable_versions(s, e, reader)) for e in envs_service.list_environments(s)]
         envs = [(e, only) for e, only in shown if only is None or only]
         owners = registry_service.user_names(s, owner_ids(e for e, _ in envs))
-        return [environment_out(e, owners, only) for e, only in envs]
+        return [environment_out(e, owners, only, visibility.hidden_parents(s, e.versions, reader)) for e, only in envs]
 
 
 @router.post("/environments/build", status_code=202, response_model=OperationOut)
@@ -42,7 +40,7 @@ def build(body: BuildRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     background; the operation lists each step with the execution that runs it. The same spec
     on the same parent reuses the version built before. Building into an environment of
     another user (or a base image, unless an admin) is refused with 403."""
-    op = ctx.runner.builds.build(caller.id, caller.name, body.spec, body.source)
+    op = ctx.runner.builds.build(caller.viewer, caller.name, body.spec, body.source)
     return operation_out(op)
 
 
@@ -73,10 +71,11 @@ async def load(request: Request, ctx: CtxDep, caller: CallerDep) -> list[LoadedV
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}, "description": "an OCI image layout in a tar"}},
 )
-def export(ref: str, ctx: CtxDep, _caller: CallerDep) -> StreamingResponse:
+def export(ref: str, ctx: CtxDep, caller: CallerDep) -> StreamingResponse:
     """The version ``ref`` means, with its whole lineage, as an OCI archive that carries the
-    lineage metadata (``envctl-export.json``)."""
-    path = ctx.runner.archives.export(ref)
+    lineage metadata (``envctl-export.json``). A version of the lineage the caller may not see
+    travels as layers only: its name, message and author stay out of the archive."""
+    path = ctx.runner.archives.export(ref, caller.reader)
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -95,18 +94,23 @@ def export(ref: str, ctx: CtxDep, _caller: CallerDep) -> StreamingResponse:
     )
 
 
-@router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep])
+@router.get("/environments/{ref:path}/lineage", response_model=list[LineageStep], response_model_exclude_unset=True)
 def lineage(ref: str, ctx: CtxDep, caller: CallerDep) -> list[LineageStep]:
     """The chain from the version ``ref`` means down to its base image, newest first, each
     step with its message, author, time and the size it added (and, for the caller's own
-    teams' versions, the runtime it was saved from)."""
+    teams' versions, the runtime it was saved from). A version the caller may not see is one
+    step ``{"hidden": true}``, without its name, message or author."""
+    reader = caller.reader
     with ctx.db.session() as s:
-        version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
-        steps = [
-            (v, catalog.readable_versions(s, v.environment, caller.teams, caller.is_admin))
-            for v in envs_service.lineage(s, version)
-        ]
-        return [lineage_step(v, own=only is None) for v, only in steps]
+        version = visibility.resolve(s, ref, reader, "ref")
+        steps: list[LineageStep] = []
+        for v in envs_service.lineage(s, version):
+            only = visibility.readable_versions(s, v.environment, reader)
+            if only is None or v.id in only:
+                steps.append(lineage_step(v, own=only is None))
+            elif not (steps and steps[-1].hidden):  # hidden ones in a row: one step, not their count
+                steps.append(HIDDEN_STEP)
+        return steps
 
 
 @router.delete("/environments/{ref:path}", status_code=204)
@@ -119,7 +123,7 @@ def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
     if not parsed.is_pinned:
         raise InvalidInputError("ref: name one version to delete, as name@N or name@sha256:...", field="ref")
     with ctx.db.session() as s:
-        version = envs_service.resolve(s, parsed, "ref")
+        version = visibility.resolve(s, parsed, caller.reader, "ref")
         repository, digest = version.environment.full_name, version.registry_digest
         image_id = catalog.delete_version(
             s, version, envs_service.Writer(caller.id, caller.is_admin, caller.teams), ctx.pinned_by
@@ -135,6 +139,6 @@ def get_environment(ref: str, ctx: CtxDep, caller: CallerDep) -> EnvironmentOut:
     of its versions; the whole environment is returned either way (another team's: only what
     it published)."""
     with ctx.db.session() as s:
-        env = envs_service.environment_of(s, ref, "ref")
-        only = catalog.readable_versions(s, env, caller.teams, caller.is_admin)
-        return environment_out(env, registry_service.user_names(s, owner_ids([env])), only)
+        env, only = visibility.environment(s, ref, caller.reader, "ref")
+        owners = registry_service.user_names(s, owner_ids([env]))
+        return environment_out(env, owners, only, visibility.hidden_parents(s, env.versions, caller.reader))

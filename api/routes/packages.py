@@ -9,13 +9,15 @@ labels and its installation's identity, with ``envctl.managed=packages``.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, Context, CtxDep, check_visible
+from api.deps import Caller, CallerDep, Context, CtxDep
 from api.schemas import PackageOut, PackagesDiffOut, PackagesKindDiffOut, PackagesOut
 from envs import packages
+from registry import visibility
 from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED, LABEL_RUNNER
 from runner.backends.docker import DockerBackend
 
@@ -37,6 +39,22 @@ def _reader(ctx: Context) -> packages.ImageReader | None:
     return lambda image: packages.read_image(backend.client, image, labels)
 
 
+def _visible(ctx: Context, caller: Caller, ref: str, field: str) -> str:
+    """The exact version ``ref`` means for the caller (``registry/visibility.py``: what they may
+    not see is a 404 naming ``field``)."""
+    with ctx.db.session() as s:
+        return visibility.resolve(s, ref, caller.reader, field).ref
+
+
+async def _visible_ref(ref: str, ctx: CtxDep, caller: CallerDep) -> str:
+    """The path's ``ref``, resolved before the query is read: a version the caller may not see
+    is a 404 whatever else the request lacks."""
+    return await run_in_threadpool(_visible, ctx, caller, ref, "ref")
+
+
+VisibleRef = Annotated[str, Depends(_visible_ref)]
+
+
 def _out(items: list[packages.Package]) -> list[PackageOut]:
     return [PackageOut(name=p.name, version=p.version) for p in items]
 
@@ -44,6 +62,7 @@ def _out(items: list[packages.Package]) -> list[PackageOut]:
 @router.get("/environments/{ref:path}/packages/diff", response_model=PackagesDiffOut)
 async def packages_diff(
     ref: str,
+    new_ref: VisibleRef,
     ctx: CtxDep,
     caller: CallerDep,
     against: str = Query(description="the version to compare with (the old side), e.g. python3@1"),
@@ -51,10 +70,10 @@ async def packages_diff(
     """What the version ``ref`` means adds, removes and changes against the version ``against``
     means, for Debian packages and Python distributions (Python names compared as pip does).
     409 when the packages of either are not known and cannot be read."""
-    await run_in_threadpool(check_visible, ctx, caller, against, "against")
+    old_ref = await run_in_threadpool(_visible, ctx, caller, against, "against")
     reader = _reader(ctx)
-    new = await run_in_threadpool(packages.version_packages, ctx.db, ref, reader, "ref")
-    old = await run_in_threadpool(packages.version_packages, ctx.db, against, reader, "against")
+    new = await run_in_threadpool(packages.version_packages, ctx.db, new_ref, reader, "ref")
+    old = await run_in_threadpool(packages.version_packages, ctx.db, old_ref, reader, "against")
     kinds = packages.diff(old.packages, new.packages)
     return PackagesDiffOut(
         ref=new.ref,
@@ -64,11 +83,11 @@ async def packages_diff(
 
 
 @router.get("/environments/{ref:path}/packages", response_model=PackagesOut)
-async def list_packages(ref: str, ctx: CtxDep, _caller: CallerDep) -> PackagesOut:
+async def list_packages(ref: str, exact: VisibleRef, ctx: CtxDep) -> PackagesOut:
     """The Debian packages (``install ok installed`` in dpkg's status) and the Python
     distributions (``*.dist-info``/``*.egg-info`` in the system's site- and dist-packages and a
     venv at /opt/venv or /venv) of the version ``ref`` means, read from its image without running
     it, once per version. 409 when they are not known and cannot be read (the engine no longer
     has the image, or the server's backend cannot look inside images)."""
-    found = await run_in_threadpool(packages.version_packages, ctx.db, ref, _reader(ctx), "ref")
+    found = await run_in_threadpool(packages.version_packages, ctx.db, exact, _reader(ctx), "ref")
     return PackagesOut(ref=found.ref, deb=_out(found.packages.deb), python=_out(found.packages.python))

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
 
-from api.deps import CallerDep, CtxDep, check_visible
+from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
     EnvVarOut,
@@ -35,10 +35,9 @@ def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RuntimeOut)
 def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep) -> RuntimeOut:
     """Create a runtime, stopped, pinned to the exact version ``environment`` means now.
-    Another team's environment is a 404 unless what ``environment`` names is published.
-    With ``team`` (a team of the caller's; another is a 404) its members see and use it too;
-    its name is then unique within the team (409)."""
-    check_visible(ctx, caller, body.environment, "environment")
+    Another team's environment is a 404 naming ``environment`` unless what it names is
+    published (``registry/visibility.py``). With ``team`` (a team of the caller's; another is
+    a 404) its members see and use it too; its name is then unique within the team (409)."""
     rt = ctx.runner.create(
         caller.viewer,
         name=body.name,
@@ -81,8 +80,6 @@ def patch_runtime(
     unless asked for the next boot (``?apply=next-boot`` or ``next_boot``); then ``pending``
     shows them until the next boot applies them."""
     sent = body.model_fields_set
-    if body.environment is not None:
-        check_visible(ctx, caller, body.environment, "environment")
     changes = RuntimeChanges(
         name=body.name,
         language=body.language,

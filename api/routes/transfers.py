@@ -17,7 +17,7 @@ from api.deps import Caller, CallerDep, Context, CtxDep
 from api.schemas import OperationOut
 from api.views import operation_out
 from envs import service as envs_service
-from envs.refs import parse_ref
+from registry import visibility
 
 router = APIRouter(tags=["environments"])
 
@@ -41,7 +41,7 @@ async def import_remote(body: ImportRemote, ctx: CtxDep, caller: CallerDep) -> O
     record it here with where it came from. 409 ``upstream_refused`` when that server refuses
     (a wrong token, an unknown or unpublished version), ``not_pushed`` when it never reached
     that server's registry; 403 when the caller may not write the environment here."""
-    op = await run_in_threadpool(ctx.runner.imports.request, caller.id, body.from_, body.token, body.ref, body.name)
+    op = await run_in_threadpool(ctx.runner.imports.request, caller.viewer, body.from_, body.token, body.ref, body.name)
     return operation_out(op)
 
 
@@ -51,7 +51,7 @@ async def push(ref: str, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     environments; others get 403 here, before the registry is asked). 409 ``no_registry`` when
     there is no registry."""
     await run_in_threadpool(_check_push, ctx, caller, ref)
-    op = await run_in_threadpool(ctx.runner.transfers.request_push, caller.id, ref)
+    op = await run_in_threadpool(ctx.runner.transfers.request_push, caller.viewer, ref)
     return operation_out(op)
 
 
@@ -60,13 +60,13 @@ async def pull(ref: str, ctx: CtxDep, caller: CallerDep) -> OperationOut:
     """Pull the version ``ref`` names from the registry by its recorded digest, so that runtimes
     boot from it without waiting (a boot pulls it too). Already here: the operation has
     ended. 409 ``not_pushed`` when it was never pushed."""
-    op = await run_in_threadpool(ctx.runner.transfers.request_pull, caller.id, ref)
+    op = await run_in_threadpool(ctx.runner.transfers.request_pull, caller.viewer, ref)
     return operation_out(op)
 
 
 def _check_push(ctx: Context, caller: Caller, ref: str) -> None:
     """Only the environment's writers push its versions (a published version is read only)."""
     with ctx.db.session() as s:
-        version = envs_service.resolve(s, parse_ref(ref, "ref"), "ref")
+        version = visibility.resolve(s, ref, caller.reader, "ref")
         writer = envs_service.Writer(caller.id, caller.is_admin, caller.teams)
         envs_service.check_write(version.environment, writer, "push its versions")

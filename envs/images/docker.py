@@ -210,11 +210,30 @@ def commit(
     container (a variable the template lacks, an entrypoint, a user) makes the image differ
     from ``config``: it is removed and BackendError names the fields.
     """
+    image_id, given = commit_unchecked(
+        client, container_id, config=config, repository=repository, tag=tag, pause=pause, action=action
+    )
+    return verify_config(client, image_id, given, action=action)
+
+
+def commit_unchecked(
+    client: docker.DockerClient,
+    container_id: str,
+    *,
+    config: Mapping[str, Any],
+    repository: str | None = None,
+    tag: str | None = None,
+    pause: bool = True,
+    action: str = "commit the container",
+) -> tuple[str, dict[str, Any]]:
+    """``docker commit`` with ``config`` (the container's other labels blanked), not checked:
+    the image id and the configuration given. Only for an image whose configuration is
+    replaced next (``envs.images.layers.reconfigure``), never one anybody uses as it is."""
     with engine_call(action):
         labels = (client.api.inspect_container(container_id).get("Config") or {}).get("Labels") or {}
         given = blank_other_labels(config, labels)
         answer = client.api.commit(container_id, repository=repository, tag=tag, conf=given, pause=pause)
-    return verify_config(client, str(answer["Id"]), given, action=action)
+    return str(answer["Id"]), given
 
 
 def verify_config(client: docker.DockerClient, image_id: str, template: Mapping[str, Any], *, action: str) -> ImageInfo:

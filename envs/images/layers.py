@@ -148,18 +148,60 @@ class _Archive:
             rootfs={"type": "layers", "diff_ids": [*self.kept, "sha256:" + digest.hexdigest()]},
             history=self.history,
         )
-        data = json.dumps(self.image, separators=(",", ":"), sort_keys=True).encode()
-        config_name = hashlib.sha256(data).hexdigest()
-        manifest = [
-            {
-                "Config": config_name + ".json",
-                "RepoTags": [self.reference],
-                "Layers": [f"kept{i}/layer.tar" for i in range(len(self.kept))] + ["layer/layer.tar"],
-            }
-        ]
-        tail = io.BytesIO()
-        for name, payload in ((config_name + ".json", data), ("manifest.json", json.dumps(manifest).encode())):
-            tail.write(_member(name, len(payload)) + payload + _pad(len(payload)))
-        tail.write(b"\0" * 1024)
-        self.image_id = "sha256:" + config_name
-        yield tail.getvalue()
+        names = [f"kept{i}/layer.tar" for i in range(len(self.kept))] + ["layer/layer.tar"]
+        self.image_id, tail = _config_and_manifest(self.image, names, self.reference)
+        yield tail
+
+
+def _config_and_manifest(image: Mapping[str, Any], layer_names: list[str], reference: str) -> tuple[str, bytes]:
+    """The end of a ``docker save``-form archive: the config JSON ``image``, a manifest naming
+    ``layer_names`` (those the engine has need not be in the archive) and the two zero blocks;
+    with the id of the image it makes."""
+    data = json.dumps(image, separators=(",", ":"), sort_keys=True).encode()
+    config_name = hashlib.sha256(data).hexdigest()
+    manifest = [{"Config": config_name + ".json", "RepoTags": [reference], "Layers": layer_names}]
+    tail = io.BytesIO()
+    for name, payload in ((config_name + ".json", data), ("manifest.json", json.dumps(manifest).encode())):
+        tail.write(_member(name, len(payload)) + payload + _pad(len(payload)))
+    tail.write(b"\0" * 1024)
+    return "sha256:" + config_name, tail.getvalue()
+
+
+def reconfigure(
+    client: docker.DockerClient,
+    image: str,
+    *,
+    config: Mapping[str, Any],
+    repository: str,
+    tag: str,
+    action: str,
+) -> ImageInfo:
+    """A copy of ``image`` configured exactly ``config``, tagged ``repository:tag``; checked as
+    a commit is (:func:`envs.images.docker.verify_config`).
+
+    The copy is loaded from an archive of its config JSON and manifest alone: every layer is
+    one the engine has, so none is sent or read. It records nothing of a container (no
+    ``container_config``); its history is the image's. ``image`` itself is left as it is.
+    """
+    attrs = inspect(client, image)
+    if attrs is None:
+        raise BackendError(
+            f"image {image[:19]} vanished before it was configured ({action})", details={"action": action}
+        )
+    layers = list((attrs.get("RootFS") or {}).get("Layers") or [])
+    made: dict[str, Any] = {
+        "architecture": attrs.get("Architecture") or "amd64",
+        "os": attrs.get("Os") or "linux",
+        "created": str(attrs.get("Created") or ""),
+        "config": dict(config),
+        "rootfs": {"type": "layers", "diff_ids": layers},
+        "history": history_of(client, image, len(layers)),
+    }
+    if attrs.get("Variant"):
+        made["variant"] = attrs["Variant"]
+    image_id, archive = _config_and_manifest(
+        made, [f"kept{i}/layer.tar" for i in range(len(layers))], f"{repository}:{tag}"
+    )
+    with engine_call(action):
+        messages(client.api.load_image(archive, quiet=False), action)
+    return verify_config(client, image_id, config, action=action)

@@ -165,6 +165,9 @@ class Settings:
     # A save whose image has more layers than this squashes the chain into one layer (overlay2
     # refuses images of more than 128 layers): 2 to 120.
     save_compact_at_layers: int = 100
+    # where a save's layer is made: ``host`` (the engine's storage on this host) or ``runtime``
+    # (the agent streams it, envctl writes it into the registry: runner/insave.py)
+    save_path: str = "host"
     # runtime mounts (runner/mounts/): git hosts exempt from the public-address rule, S3 endpoint
     mounts_allow_hosts: tuple[str, ...] = ()
     mounts_s3_endpoint_url: str | None = None
@@ -213,6 +216,13 @@ def _compact_at(v: Any) -> int:
     if not 2 <= layers <= 120:
         raise ValueError(f"{layers} is not between 2 and 120 (overlay2 refuses images of more than 128 layers)")
     return layers
+
+
+def _save_path(v: Any) -> str:
+    value = str(v).strip()
+    if value not in ("host", "runtime"):
+        raise ValueError(f"{value!r} is not host or runtime")
+    return value
 
 
 def _path(v: Any) -> Path:
@@ -304,6 +314,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "results_s3_region": ("ENVCTL_RESULTS_S3_REGION", str),
     "save_caches": ("ENVCTL_SAVE_CACHES", _cache_paths),
     "save_compact_at_layers": ("ENVCTL_SAVE_COMPACT_AT_LAYERS", _compact_at),
+    "save_path": ("ENVCTL_SAVE_PATH", _save_path),
     "mounts_allow_hosts": ("ENVCTL_MOUNTS_ALLOW_HOSTS", _names),
     "mounts_s3_endpoint_url": ("ENVCTL_MOUNTS_S3_ENDPOINT_URL", str),
     "mounts_s3_region": ("ENVCTL_MOUNTS_S3_REGION", str),

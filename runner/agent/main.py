@@ -424,6 +424,11 @@ class Agent:
                     continue
                 op = str(request.get("op"))
                 rid = request.get("id")
+                if op == "layer":  # a save made in the runtime: raw tar frames after a header (layer.py)
+                    import layer  # noqa: PLC0415  (the agent's own module, next to this file)
+
+                    layer.serve(conn, rid, request)
+                    continue
                 if op in self.streaming:
                     try:
                         e = self.streaming[op](request)
@@ -507,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
             kernel.kill()
         os._exit(0)
 
+    import layer  # noqa: PLC0415  (what the version holds, for a save made in the runtime)
+
+    layer.start_index()
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     agent.serve()

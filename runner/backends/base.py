@@ -123,12 +123,14 @@ def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
     ``change_baseline``; 0: no save since boot, everything counts), the rule the list of
     changes (``runner/changes.py``) and a save's layer (``overlay.plan_layer``) share.
 
-    A save records the time just before it paused the container; what the container held then
-    is in the saved version. A path counts again only when its inode changed after that: its
-    ctime, which no program can set back, is newer. A deletion is judged by its record: the
-    whiteout's own ctime where the layer can be read, else its directory's (removing an entry
-    changes the directory). A directory whose own ctime is older is not a change, though it
-    may hold newer ones. A change in the instant before the pause may count twice, never none.
+    A save records a moment at which the container was paused and nothing of the save touched
+    its files any more (the backend's ``SavedLayer.saved_at_ns``, else the time just before the
+    pause); what the container held then is in the saved version. A path counts again only
+    when its inode changed after that: its ctime, which no program can set back, is newer. A
+    deletion is judged by its record: the whiteout's own ctime where the layer can be read,
+    else its directory's (removing an entry changes the directory). A directory whose own
+    ctime is older is not a change, though it may hold newer ones. A change in the instant
+    before the pause may count twice, never none.
     """
     return not saved_at_ns or ctime_ns > saved_at_ns
 
@@ -159,6 +161,7 @@ class SavedLayer:
     image: ImageInfo
     left_out: dict[str, dict[str, int]]  # cache directory -> {"bytes": n, "files": n}
     lean: bool = True  # False when the engine's storage could not be read: nothing was left out
+    saved_at_ns: int = 0  # the save's moment for "changed since", when the backend took it (0: not)
 
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a
@@ -180,6 +183,9 @@ class RuntimeBackend(abc.ABC):
     """Runs runtime containers. Implement start, poll, stop, list_owned, socket_path."""
 
     name: ClassVar[str]
+    #: saves and drafts are made inside the runtime and written into the registry
+    #: (``runner/insave.py``): a backend whose runtimes have no filesystem on this host
+    saves_in_runtime: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

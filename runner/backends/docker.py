@@ -374,12 +374,20 @@ class DockerBackend(RuntimeBackend):
 
     # Image work is the shared image layer's (envs.images.docker), as for base-image builds.
     def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
+        """A draft: the container's changes on its image, configured ``config`` exactly. Made
+        through a helper container (``saves.draft_from_directories``), never by committing the
+        runtime's own, whose variables and command the engine would merge in."""
+        from runner.backends import saves
+
         cid = state.get("container_id")
         if not cid:
             raise BackendError("the runtime has no container to save")
-        info = engine.commit(
-            self.client, cid, config=config, repository=repository, tag=tag, action="snapshot the runtime's filesystem"
-        )
+        options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag}
+        made = saves.draft_from_directories(self.client, cid, labels=self.labels, **options)
+        if made is not None:
+            return self._remember(made.info).id
+        with saves.paused(self.client, cid, "snapshot the runtime's filesystem"):
+            info = saves.commit_reconfigured(self.client, cid, action="snapshot the runtime's filesystem", **options)
         return self._remember(info).id
 
     def save_layer(
@@ -403,11 +411,13 @@ class DockerBackend(RuntimeBackend):
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
-        made = saves.from_directories(self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, **options)
+        made = saves.from_directories(
+            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, labels=self.labels, **options
+        )
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)
-        return SavedLayer(self._remember(made[0]), made[1])
+        return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns)
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")

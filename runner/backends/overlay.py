@@ -24,6 +24,7 @@ the save's observer: files in caches are left out, content is streamed through t
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -103,11 +104,17 @@ _CAPABILITY = "security.capability"
 
 @dataclass
 class PlannedLayer:
-    """The entries of a layer, in order, and its exact size as a tar."""
+    """The entries of a layer, in order (their size as a tar is :meth:`tar_size`)."""
 
     entries: list[tuple[tarfile.TarInfo, str | None]] = field(default_factory=list)  # (header, content file)
-    size: int = 2 * _BLOCK  # the two zero blocks that end a tar
     left_out: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def tar_size(self) -> int:
+        """The exact size of the layer as a tar (:func:`layer_chunks`): asked only of a layer
+        that is streamed, since each header is made to be measured."""
+        return 2 * _BLOCK + sum(
+            len(_header(info)) + _padded(info.size if source else 0) for info, source in self.entries
+        )
 
 
 def _header(info: tarfile.TarInfo) -> bytes:
@@ -268,7 +275,6 @@ def _vanished(
 
 def _add(plan: PlannedLayer, info: tarfile.TarInfo, source: str | None) -> None:
     plan.entries.append((info, source))
-    plan.size += len(_header(info)) + _padded(info.size if source else 0)
 
 
 def _entry(rel: str, host: str, st: os.stat_result, links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
@@ -349,6 +355,84 @@ def _merged(roots: Sequence[str], rel: str, visible: list[int]) -> Iterator[tupl
         yield from _merged(roots, child, below)
 
 
+def lay_out(plan: PlannedLayer, dest: str) -> None:
+    """The layer as a directory ``dest`` (empty, on the same filesystem: a helper container's
+    upper directory), as the engine keeps a layer: every regular file a hard link to the one
+    it was planned from, so that no byte is copied (a copy where a link cannot be made); the
+    others made anew with the owner, mode and time of their entry. Whiteouts and opaque marks
+    stay the ``.wh.`` files a layer's tar holds, which the engine reads as such.
+
+    Linking adds a name to a file of the container's upper directory, which changes the
+    file's ctime: :func:`empty` takes the names away again, and a save records its moment
+    after that (``changed_since_save``)."""
+    made_dirs: list[tuple[str, float]] = []
+    for info, source in plan.entries:
+        path = os.path.join(dest, info.name.rstrip("/"))
+        kind = info.type
+        if kind == tarfile.REGTYPE and source is not None:
+            _link(source, path, info)
+            continue
+        if kind == tarfile.LNKTYPE:
+            _link(os.path.join(dest, info.linkname), path, info)
+            continue
+        _parent(path)
+        if kind == tarfile.DIRTYPE:
+            os.mkdir(path)
+            made_dirs.append((path, info.mtime))
+        elif kind == tarfile.REGTYPE:  # a whiteout or an opaque mark: an empty file
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        elif kind == tarfile.SYMTYPE:
+            os.symlink(info.linkname, path)
+        elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            device = stat.S_IFCHR if kind == tarfile.CHRTYPE else stat.S_IFBLK
+            os.mknod(path, device | info.mode, os.makedev(info.devmajor, info.devminor))
+        elif kind == tarfile.FIFOTYPE:
+            os.mkfifo(path, info.mode)
+        os.lchown(path, info.uid, info.gid)
+        if kind != tarfile.SYMTYPE:
+            os.chmod(path, info.mode)
+        _set_xattrs(path, info)
+        if kind != tarfile.DIRTYPE:
+            os.utime(path, (info.mtime, info.mtime), follow_symlinks=False)
+    for path, mtime in reversed(made_dirs):  # after their entries, which change a directory's time
+        os.utime(path, (mtime, mtime))
+
+
+def _parent(path: str) -> None:
+    """The directory above ``path``, made when the plan has no entry of it (root's, 0755)."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, 0o755)
+
+
+def _link(source: str, path: str, info: tarfile.TarInfo) -> None:
+    _parent(path)
+    try:
+        os.link(source, path, follow_symlinks=False)
+    except OSError:  # another filesystem, or links refused: a copy, with what the tar would say
+        shutil.copyfile(source, path, follow_symlinks=False)
+        os.lchown(path, info.uid, info.gid)
+        os.chmod(path, info.mode)
+        _set_xattrs(path, info)
+        os.utime(path, (info.mtime, info.mtime))
+
+
+def _set_xattrs(path: str, info: tarfile.TarInfo) -> None:
+    for key, value in info.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            os.setxattr(path, key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"))
+
+
+def empty(dest: str) -> None:
+    """Everything in ``dest`` removed (a link's other names, the container's files, stay)."""
+    with os.scandir(dest) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
 def scan_files(plan: PlannedLayer, observer: LayerObserver) -> None:
     """Every regular file of the layer through the observer, read where it lies (no tar)."""
     for info, source in plan.entries:
@@ -364,7 +448,7 @@ def scan_files(plan: PlannedLayer, observer: LayerObserver) -> None:
 
 
 def layer_chunks(plan: PlannedLayer, observer: LayerObserver) -> Iterator[bytes]:
-    """The layer's tar, exactly ``plan.size`` bytes, every file's content through the observer."""
+    """The layer's tar, exactly ``plan.tar_size()`` bytes, every file's content through the observer."""
     for info, source in plan.entries:
         yield _header(info)
         if source is None:

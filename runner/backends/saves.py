@@ -1,4 +1,4 @@
-"""The Docker backend's save path: which directories make the new layer, the pause, the fallback.
+"""The Docker backend's save path: which directories make the new layer, the helper, the fallbacks.
 
 A save's layer is made from the container's overlay2 directories (``overlay.plan_layer``) when
 this host can read them and the kernel's overlay keeps whole files in the upper directory (no
@@ -10,24 +10,39 @@ of the version that save made, and its layer holds only what changed since
 (``change_baseline.saved_at_ns``, ``overlay.plan_layer``): a second save does not send the
 first one's files again.
 
-Where nothing is left out and no draft is merged, the engine's own commit makes the layer
-(faster than a load), the container paused by envctl from the scan to the commit's end, the
-files scanned where they lie while the engine commits; a refused layer's image is removed.
-Otherwise the layer is streamed into the engine (``envs.images.layers.load_layer``).
+**The helper.** The runtime's own container is never committed: the engine would merge its
+configuration (the runtime's variables, its command, working directory, labels) into the
+image, and before Docker 25 keep all of it as ``ContainerConfig``. Instead a *helper*
+container is created (never started) from an image of exactly the layers the new image keeps
+(the version's), its upper directory is given the planned layer as hard links to the files
+where they lie (``overlay.lay_out``: no byte copied), and the engine commits the helper, with
+the trusted configuration; the engine makes the layer as fast as its own ``docker commit``.
+The files are scanned where they lie meanwhile, the runtime's container paused by envctl from
+the plan to the end (as ``docker commit`` pauses it); a refused layer's image is removed. The
+helper's names are taken away again before the container resumes, and the save's moment for
+"changed since" (``SavedImage.saved_at_ns``) is taken after that, since linking changes a
+file's ctime. A draft is made the same way, keeping every file (:func:`draft_from_directories`).
 
-Where the directories cannot be read, the save is a ``docker commit``: every changed file is first read from the engine
-(``get_archive``) and scanned, and nothing can be left out (``SavedLayer.lean`` is False).
+Where no helper can be made (no image of exactly the kept layers, or a configuration with
+neither command nor entrypoint, which the engine cannot create a container of), the layer is
+streamed into the engine (``envs.images.layers.load_layer``). Where the directories cannot be
+read, the save is a ``docker commit`` of the runtime's container: every changed file is first
+read from the engine (``get_archive``) and scanned, nothing can be left out
+(``SavedLayer.lean`` is False), and the image made is given the trusted configuration at once
+(``envs.images.layers.reconfigure``), the commit's own image removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +53,19 @@ import docker.errors
 from envs.images import docker as engine
 from envs.images.config import ImageInfo
 from envs.images.docker import daemon_error
-from envs.images.layers import load_layer
+from envs.images.layers import load_layer, reconfigure
 from envs.images.rewrite import ChunkReader
-from envs.kit.errors import EnvctlError
+from envs.kit.errors import BackendError, EnvctlError
 from runner.backends import overlay
-from runner.backends.base import PRIVATE_PATHS, Change, LayerObserver
+from runner.backends.base import LABEL_MANAGED, PRIVATE_PATHS, Change, LayerObserver
+
+log = logging.getLogger("envctl.saves")
 
 #: mount points Docker makes in every runtime container: never part of a layer
 MOUNT_POINTS = (*PRIVATE_PATHS, "/usr/sbin/docker-init", "/sbin/docker-init")
 _OVERLAY_PARAMETERS = Path("/sys/module/overlay/parameters")
+HELPER = "save-helper"  # the envctl.managed label of a helper container
+SINCE = ", since the last save"
 
 
 def now() -> str:
@@ -76,6 +95,49 @@ class LayerPlan:
     base: str  # the image whose first ``keep`` layers the new image keeps
     keep: int
     saved: list[str]  # since a save: the layers saves from this container added, top first
+    holder: str | None  # an image of exactly those ``keep`` layers (a helper's), when known
+    container: dict[str, Any]  # the runtime container's inspection
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """The image a save or draft made, what its layer left out, and the moment after which a
+    change of the container's files is not in it (taken while it was paused)."""
+
+    info: ImageInfo
+    left_out: dict[str, dict[str, int]]
+    saved_at_ns: int
+
+
+class KeepEverything:
+    """The observer of a draft: nothing left out, nothing looked at."""
+
+    def cache_of(self, path: str) -> str | None:
+        return None
+
+    def entry(self, path: str, link: str | None = None) -> None:
+        return None
+
+    def content(self, path: str, size: int) -> Callable[[bytes], None] | None:
+        return None
+
+    def verdict(self) -> None:
+        return None
+
+    def allowed(self) -> list[dict[str, Any]]:
+        return []
+
+
+def _layers_of(attrs: dict[str, Any]) -> list[str]:
+    return list((attrs.get("RootFS") or {}).get("Layers") or [])
+
+
+def _overlay_of(client: docker.DockerClient, cid: str) -> tuple[dict[str, Any], overlay.OverlayLayers] | None:
+    container = client.api.inspect_container(cid)
+    layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
+    if layers is None or not _whole_files():
+        return None
+    return container, layers
 
 
 def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved_at_ns: int = 0) -> LayerPlan | None:
@@ -84,16 +146,16 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved
     (``saved_at_ns``), the new image keeps every layer of the version it saved (when their
     directories can be read) and the layer holds what changed since."""
     try:
-        container = client.api.inspect_container(cid)
-        layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
-        if layers is None or not _whole_files():
+        found = _overlay_of(client, cid)
+        if found is None:
             return None
+        container, layers = found
         image = str(container["Image"])
-        mine = list((client.api.inspect_image(image).get("RootFS") or {}).get("Layers") or [])
+        mine = _layers_of(client.api.inspect_image(image))
         version_attrs = client.api.inspect_image(version_image)
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
-    version = list((version_attrs.get("RootFS") or {}).get("Layers") or [])
+    version = _layers_of(version_attrs)
     keep = 0
     while keep < min(len(mine), len(version)) and mine[keep] == version[keep]:
         keep += 1
@@ -103,8 +165,23 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved
     roots = [layers.upper, *lowers[1 : 1 + len(mine) - keep]]
     saved = _saved_layers(version_attrs, len(version) - keep) if saved_at_ns else None
     if saved is None:
-        return LayerPlan(roots, image, keep, [])
-    return LayerPlan(roots, version_image, len(version), saved)
+        holder = version_image if keep == len(version) else image if keep == len(mine) else None
+        return LayerPlan(roots, image, keep, [], holder, container)
+    return LayerPlan(roots, version_image, len(version), saved, version_image, container)
+
+
+def draft_roots(client: docker.DockerClient, cid: str) -> LayerPlan | None:
+    """A draft's layer: the container's upper directory whole, on every layer of its image."""
+    try:
+        found = _overlay_of(client, cid)
+        if found is None:
+            return None
+        container, layers = found
+        image = str(container["Image"])
+        keep = len(_layers_of(client.api.inspect_image(image)))
+    except Exception as exc:
+        raise daemon_error("inspect the runtime's container", exc) from exc
+    return LayerPlan([layers.upper], image, keep, [], image, container)
 
 
 def _saved_layers(attrs: dict[str, Any], count: int) -> list[str] | None:
@@ -128,63 +205,186 @@ def from_directories(
     tag: str,
     version_image: str,
     observer: LayerObserver,
+    labels: dict[str, str],
     saved_at_ns: int = 0,
-) -> tuple[ImageInfo, dict[str, dict[str, int]]] | None:
-    """The save's image and what its layer left out; None when the directories cannot be used."""
+) -> SavedImage | None:
+    """The save's image; None when the directories cannot be used. ``labels``: the helper's."""
     plan = layer_roots(client, cid, version_image, saved_at_ns)
     if plan is None:
         return None
     since = saved_at_ns if plan.saved else 0
-    action = "save the runtime's filesystem"
-    with paused(client, cid, action):
-        layer = overlay.plan_layer(plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved)
-        if not layer.left_out and len(plan.roots) == 1 and not since:
-            # Nothing to leave out, no draft to merge, no earlier save to build on: the engine's
-            # own commit makes the same layer faster. The files are scanned meanwhile, read where
-            # they lie (the container stays paused throughout); a refused layer's image is removed at once.
+    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "labels": labels}
+    return _make(
+        client, cid, plan, observer, since=since, purpose="save", action="save the runtime's filesystem", **options
+    )
+
+
+def draft_from_directories(
+    client: docker.DockerClient, cid: str, *, config: dict[str, Any], repository: str, tag: str, labels: dict[str, str]
+) -> SavedImage | None:
+    """A draft's image (every change the container holds); None when the directories cannot be used."""
+    plan = draft_roots(client, cid)
+    if plan is None:
+        return None
+    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "labels": labels}
+    return _make(
+        client,
+        cid,
+        plan,
+        KeepEverything(),
+        since=0,
+        purpose="draft",
+        action="snapshot the runtime's filesystem",
+        **options,
+    )
+
+
+def _make(
+    client: docker.DockerClient,
+    cid: str,
+    plan: LayerPlan,
+    observer: LayerObserver,
+    *,
+    config: dict[str, Any],
+    repository: str,
+    tag: str,
+    labels: dict[str, str],
+    since: int,
+    purpose: str,
+    action: str,
+) -> SavedImage:
+    helper = None
+    if plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
+        helper = _Helper(client, plan, labels, purpose, action)  # made while the container is paused and planned
+    try:
+        with paused(client, cid, action, plan.container):
+            layer = overlay.plan_layer(
+                plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
+            )
+            if helper is not None:
+                try:
+                    info = helper.commit(layer, observer, config=config, repository=repository, tag=tag)
+                finally:
+                    helper.clear()
+            else:
+                info = load_layer(
+                    client,
+                    base=plan.base,
+                    keep=plan.keep,
+                    layer_size=layer.tar_size(),
+                    layer=overlay.layer_chunks(layer, observer),
+                    ready=observer.verdict,
+                    config=config,
+                    created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or now()),
+                    created_by=f"envctl {purpose} ({len(layer.entries)} entries{SINCE if since else ''})",
+                    repository=repository,
+                    tag=tag,
+                    action=action,
+                )
+            saved_at = time.time_ns()  # still paused: what the container held is in the image
+    finally:
+        if helper is not None:
+            helper.remove_later()
+    return SavedImage(info, layer.left_out, saved_at)
+
+
+class _Helper:
+    """A container of ``plan.holder``, never started: its upper directory is given the layer
+    and the engine commits it. Created in a thread as soon as asked for; named after the
+    runtime's container and the purpose, so that one left by an envctl that died mid-save is
+    found and removed by the next (``envctl-<runtime>-save``, ``-draft``)."""
+
+    def __init__(
+        self, client: docker.DockerClient, plan: LayerPlan, labels: dict[str, str], purpose: str, action: str
+    ) -> None:
+        self.client, self.action = client, action
+        self.name = f"{str(plan.container.get('Name') or '').lstrip('/') or plan.container['Id'][:12]}-{purpose}"
+        # The operator's labels and what it is, nothing of the runtime's: before Docker 25 the
+        # image records the committed container's labels (``ContainerConfig``).
+        self.labels = {**labels, LABEL_MANAGED: HELPER}
+        self.upper: str | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="envctl-helper")
+        self._made: Future[tuple[str, str]] = self._pool.submit(self._create, str(plan.holder))
+
+    def _create(self, image: str) -> tuple[str, str]:
+        api = self.client.api
+        try:
+            try:
+                cid = str(api.create_container(image, name=self.name, labels=self.labels, network_disabled=True)["Id"])
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                engine.remove_container(self.client, self.name, self.action)  # an earlier save's, left behind
+                cid = str(api.create_container(image, name=self.name, labels=self.labels, network_disabled=True)["Id"])
+            data = (api.inspect_container(cid).get("GraphDriver") or {}).get("Data") or {}
+        except Exception as exc:
+            raise daemon_error(self.action, exc) from exc
+        upper = data.get("UpperDir")
+        if not isinstance(upper, str) or not os.path.isdir(upper):
+            raise BackendError(f"the helper container of a {self.action} has no readable upper directory")
+        return cid, upper
+
+    def commit(
+        self, layer: overlay.PlannedLayer, observer: LayerObserver, *, config: dict[str, Any], repository: str, tag: str
+    ) -> ImageInfo:
+        """The layer laid out in the helper and committed, its files scanned meanwhile."""
+        cid, self.upper = self._made.result()
+        overlay.lay_out(layer, self.upper)
+        info: ImageInfo | None = None
+        try:
             with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
                 scanning = pool.submit(overlay.scan_files, layer, observer)
                 info = engine.commit(
-                    client, cid, config=config, repository=repository, tag=tag, pause=False, action=action
+                    self.client, cid, config=config, repository=repository, tag=tag, pause=False, action=self.action
                 )
                 scanning.result()
-            try:
-                observer.verdict()
-            except BaseException:
+            observer.verdict()
+        except BaseException:
+            if info is not None:
                 with contextlib.suppress(EnvctlError):
-                    engine.remove_image(client, info.id, force=True)
-                raise
-            return info, {}
-        info = load_layer(
-            client,
-            base=plan.base,
-            keep=plan.keep,
-            layer_size=layer.size,
-            layer=overlay.layer_chunks(layer, observer),
-            ready=observer.verdict,
-            config=config,
-            created=str(config.get("Labels", {}).get("org.opencontainers.image.created") or now()),
-            created_by=f"envctl save ({len(layer.entries)} entries{', since the last save' if since else ''})",
-            repository=repository,
-            tag=tag,
-            action=action,
-        )
-    return info, layer.left_out
+                    engine.remove_image(self.client, info.id, force=True)
+            raise
+        return info
+
+    def clear(self) -> None:
+        """The helper's names of the container's files taken away."""
+        if self.upper is not None:
+            overlay.empty(self.upper)
+
+    def remove_later(self) -> None:
+        """The helper removed in the background (the save does not wait for it)."""
+
+        def remove() -> None:
+            try:
+                cid, _ = self._made.result()
+            except Exception:
+                return  # never made
+            try:
+                engine.remove_container(self.client, cid, "remove a save's helper container")
+            except EnvctlError as exc:
+                log.warning("a helper container (%s) stays: %s", self.name, exc.message)
+
+        self._pool.shutdown(wait=False)
+        threading.Thread(target=remove, name="envctl-helper-rm", daemon=True).start()
 
 
 @contextlib.contextmanager
-def paused(client: docker.DockerClient, cid: str, action: str) -> Iterator[None]:
-    """The container frozen for the block, as ``docker commit`` freezes it."""
+def paused(
+    client: docker.DockerClient, cid: str, action: str, container: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """The container frozen for the block, as ``docker commit`` freezes it (an exited one is
+    still already). ``container``: its inspection, when just made."""
     try:
-        was_paused = bool((client.api.inspect_container(cid).get("State") or {}).get("Paused"))
-        if not was_paused:
+        state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
+        pause = bool(state.get("Running")) and not state.get("Paused")
+        if pause:
             client.api.pause(cid)
     except Exception as exc:
         raise daemon_error(action, exc) from exc
     try:
         yield
     finally:
-        if not was_paused:
+        if pause:
             try:
                 client.api.unpause(cid)
             except docker.errors.NotFound:
@@ -204,14 +404,29 @@ def commit_and_scan(
     observer: LayerObserver,
 ) -> ImageInfo:
     """A commit, every changed file read from the engine and scanned first; the container is
-    paused from the first read to the commit's end."""
+    paused from the first read to the commit's end. The image is given ``config`` exactly."""
     action = "save the runtime's filesystem"
     with paused(client, cid, action):
         for change in changes():  # listed while paused: nothing new slips in unscanned
             if change.kind != "deleted":
                 _scan_path(client, cid, change.path, observer)
         observer.verdict()
-        return engine.commit(client, cid, config=config, repository=repository, tag=tag, pause=False, action=action)
+        return commit_reconfigured(client, cid, config=config, repository=repository, tag=tag, action=action)
+
+
+def commit_reconfigured(
+    client: docker.DockerClient, cid: str, *, config: dict[str, Any], repository: str, tag: str, action: str
+) -> ImageInfo:
+    """``docker commit`` of the (paused or exited) container, then the same layers under
+    ``config`` exactly; the commit's own image (with what it took from the container) removed."""
+    raw, given = engine.commit_unchecked(
+        client, cid, config=config, repository=repository, tag=tag, pause=False, action=action
+    )
+    try:
+        return reconfigure(client, raw, config=given, repository=repository, tag=tag, action=action)
+    finally:
+        with contextlib.suppress(EnvctlError):
+            engine.remove_image(client, raw)
 
 
 def _scan_path(client: docker.DockerClient, cid: str, path: str, observer: LayerObserver) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from envs.images import docker as engine
 from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend
 from runner.imageconfig import CONFIG_KEYS
@@ -343,7 +344,8 @@ def test_a_failing_step_fails_the_build_naming_file_line_and_step(server: Server
 
 def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_would_add(docker: Any) -> None:
     """R10: whatever the container's own entrypoint, user, workdir or environment, the image
-    config is the template's; where Docker's commit would merge the container's in, nothing is
+    config is the template's: a draft (``backend.commit``) never commits the container itself,
+    and where the engine's commit of a container would merge the container's in, nothing is
     saved."""
     image = base_image(docker, "bash")
     backend = DockerBackend(docker)
@@ -365,7 +367,9 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
         assert config["Cmd"] == ["/bin/bash"] and config["WorkingDir"] == "/root"
         docker.api.remove_image(image_id)
 
-        # Own entrypoint, user and a secret in its environment: refused, and no image is left.
+        # Own entrypoint, user and a secret in its environment: a draft of it is the template
+        # exactly, nothing of the container's in its configuration (nor in what the engine
+        # records of the container the image was committed from).
         hostile = docker.containers.create(
             image,
             ["600"],
@@ -377,8 +381,21 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
         )
         made.append(hostile)
         hostile.start()
+        assert hostile.exec_run(["sh", "-c", "echo kept > /tmp/kept.txt"]).exit_code == 0
+        image_id = backend.commit({"container_id": hostile.id}, config=template, repository="envctl-test/r10", tag="d")
+        attrs = docker.api.inspect_image(image_id)
+        assert {key: attrs["Config"].get(key) or None for key in CONFIG_KEYS} == {
+            key: template[key] or None for key in CONFIG_KEYS
+        }
+        assert SECRET not in json.dumps(attrs) and "nobody" not in json.dumps(attrs)
+        out = docker.containers.run(image_id, ["cat", "/tmp/kept.txt"], remove=True, labels=labels)
+        assert out == b"kept\n"
+        docker.api.remove_image(image_id)
+
+        # The engine's own commit of that container merges its configuration in: refused, and
+        # no image is left.
         with pytest.raises(BackendError, match="differs from the trusted template") as refused:
-            backend.commit({"container_id": hostile.id}, config=template, repository="envctl-test/r10", tag="no")
+            engine.commit(docker, hostile.id, config=template, repository="envctl-test/r10", tag="no")
         assert {"Env", "Entrypoint", "User"} <= set(refused.value.details["fields"])
         assert docker.images.list(name="envctl-test/r10") == []
     finally:
@@ -448,3 +465,95 @@ def test_a_second_save_sends_only_what_changed_since_the_first_and_the_version_i
         reader = new_runtime(client, "reader", environment="twice@2", language="bash")
         seen = text(run(client, reader, sums))
         assert seen == expected and "one\ntwo\n" in seen and seen.count("No such file") == 2, seen
+
+
+R38_VALUE = "r38-variable-value-5d1c"
+R38_SECRET = "r38-team-secret-value-77ab"
+
+
+def _carries_nothing_of_the_runtime(attrs: dict[str, Any], parent: dict[str, Any], forbidden: list[str]) -> None:
+    """The image's configuration is its parent's (Env, Cmd, Entrypoint, User, WorkingDir; no
+    volumes or ports), none of ``forbidden`` anywhere in what the engine says of it (its
+    ``ContainerConfig`` included), and no label outside what a save or draft names."""
+    config = attrs["Config"]
+    for key in ("Env", "Cmd", "Entrypoint", "User", "WorkingDir"):
+        assert (config.get(key) or None) == (parent.get(key) or None), key
+    for key in ("Volumes", "ExposedPorts", "Healthcheck", "OnBuild"):
+        assert not config.get(key), key
+    blob = json.dumps(attrs)
+    for value in forbidden:
+        assert value not in blob, value
+    for key, value in (config.get("Labels") or {}).items():
+        # the engine keeps a key of the container's labels (with an empty value) only when the
+        # template names it: envctl's own; a save's own labels and the operator's are the rest
+        assert value == "" or not key.startswith("envctl.") or key in _SAVE_LABELS, (key, value)
+
+
+_SAVE_LABELS = {
+    "envctl.environment",
+    "envctl.parent",
+    "envctl.source-runtime",
+    "envctl.author",
+    "envctl.save",
+    "envctl.draft-of",
+    TEST_LABEL,
+}
+
+
+def test_a_runtime_with_variables_a_secret_a_mount_and_a_machine_type_saves_and_none_of_them_reaches_the_image(
+    server: Server, docker: Any
+) -> None:
+    """R38 (issue 14 item 3): the save and the draft of a runtime that has all of them at once
+    work; the images' configuration carries none of them; the saved version booted without
+    them has the file written and none of the variables."""
+    volume = f"r38-{TEST_SESSION}"
+    with server.client() as client:
+        assert client.post("/teams", json={"name": "r38"}).status_code in (201, 409)
+        assert client.put("/teams/r38/secrets/db-pass", json={"value": R38_SECRET}).status_code in (200, 201, 204)
+        rid = new_runtime(
+            client,
+            "r38",
+            language="bash",
+            machine_type="medium",
+            env={"FOO": "bar", "R38_VAR": R38_VALUE, "DB_PASSWORD": {"secret": "db-pass"}},
+            mounts=[{"type": "volume", "name": volume, "target": "/home/data"}],
+        )
+        started(server, client, rid)
+        cid = docker.containers.list(filters={"label": f"envctl.runtime-id={rid}"})[0].id
+        container = docker.api.inspect_container(cid)
+        assert "R38_VAR=" + R38_VALUE in container["Config"]["Env"]  # it is in the runtime's container
+        installation = container["Config"]["Labels"]["envctl.installation"]
+        runner = container["Config"]["Labels"]["envctl.runner"]
+        write = (
+            'test "$FOO" = bar && test "$DB_PASSWORD" = ' + R38_SECRET + " && "
+            "echo work > /root/work.txt && echo in-volume > /home/data/v.txt"
+        )
+        assert run(client, rid, write)["status"] == "ok"
+        op = save(client, rid, "r38-env", "with everything")
+        attrs = docker.api.inspect_image(op["result"]["image_id"])
+        parent = docker.api.inspect_image(base_image(docker, "python3"))["Config"]
+        forbidden = [R38_VALUE, "FOO=bar", R38_SECRET, volume, "/home/data", installation, runner, "medium"]
+        _carries_nothing_of_the_runtime(attrs, parent, forbidden)
+        assert attrs["Config"]["Labels"]["envctl.machine-type"] == ""
+
+        # unsaved work, then a stop: the draft carries none of it either
+        assert run(client, rid, "echo later > /root/later.txt")["status"] == "ok"
+        client.post(f"/runtimes/{rid}/stop")
+        assert server.wait_state(client, rid, {"stopped", "error"})["state"] == "stopped"
+        [draft] = docker.images.list(filters={"label": f"envctl.draft-of={rid}"})
+        _carries_nothing_of_the_runtime(docker.api.inspect_image(draft.id), parent, forbidden)
+        started(server, client, rid)
+        assert text(run(client, rid, "cat /root/later.txt; echo $FOO")) == "later\nbar\n"
+
+        # the saved version, booted without any of it
+        plain = new_runtime(client, "r38-plain", environment="r38-env@1", language="bash")
+        check = (
+            "cat /root/work.txt; echo ${FOO-unset} ${R38_VAR-unset} ${DB_PASSWORD-unset}; "
+            "cat /home/data/v.txt 2>/dev/null || echo no-volume-file; "
+            f"env | grep -c -e {R38_VALUE} -e {R38_SECRET} || true"
+        )
+        assert text(run(client, plain, check)) == "work\nunset unset unset\nno-volume-file\n0\n"
+        for runtime in (rid, plain):
+            assert client.delete(f"/runtimes/{runtime}").status_code == 204
+    for v in docker.volumes.list(filters={"name": volume}):
+        v.remove(force=True)

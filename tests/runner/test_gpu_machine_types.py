@@ -63,3 +63,51 @@ def test_a_gpu_machine_type_makes_a_container_asking_the_nvidia_driver_for_its_g
     # without a CUDA version chosen, no host path but envctl's own
     plain = DockerBackend(docker).container_options(_spec(tmp_path, image, None))
     assert [m["Target"] for m in plain["mounts"]] == ["/opt/envctl/agent", "/run/envctl", "/results"]
+
+
+@pytest.mark.docker
+def test_a_save_and_a_draft_of_a_gpu_runtime_carry_nothing_of_its_gpus_or_cuda_mount(
+    docker: Any, tmp_path: Path, cuda_root: Path
+) -> None:
+    """R38 for what a GPU machine type adds (created, never started: there is no GPU here):
+    the device request, the CUDA mount and the GPU kind reach neither a saved image nor a draft."""
+    import io
+    import json
+    import tarfile
+
+    from runner.imageconfig import trusted_config
+    from runner.scan import SaveFilter
+
+    image = base_image(docker, "python3")
+    backend = DockerBackend(docker)
+    spec = _spec(tmp_path, image, cuda_root / "cuda-12.2")
+    container = docker.containers.create(**backend.container_options(spec))
+    made: list[str] = []
+    try:
+        payload = io.BytesIO()
+        with tarfile.open(fileobj=payload, mode="w") as tar:
+            info = tarfile.TarInfo("root/gpu-work.txt")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"work\n"))
+        assert container.put_archive("/", payload.getvalue())
+        state = {"container_id": container.id}
+        config = trusted_config(backend, image, "python3@1", {TEST_LABEL: TEST_SESSION})
+        saved = backend.save_layer(
+            state, config=config, repository="envctl-test/gpu", tag="s", version_image=image, observer=SaveFilter(None)
+        )
+        made.append(saved.image.id)
+        made.append(backend.commit(state, config=config, repository="envctl-test/gpu", tag="d"))
+        for image_id in made:
+            attrs = docker.api.inspect_image(image_id)
+            blob = json.dumps(attrs)
+            for value in ("nvidia", "tesla", "cuda", str(cuda_root), "gpu-2", "DeviceRequests"):
+                assert value not in blob.lower(), (value, image_id)
+            assert not attrs["Config"]["Labels"].get(LABEL_GPU_KIND)
+            out = docker.containers.run(
+                image_id, ["cat", "/root/gpu-work.txt"], remove=True, labels={TEST_LABEL: TEST_SESSION}
+            )
+            assert out == b"work\n"
+    finally:
+        container.remove(force=True)
+        for image_id in made:
+            docker.api.remove_image(image_id, force=True)

@@ -79,6 +79,7 @@ export function lineageTree(envs, name) {
         v.tags.length ? tagChips(v.tags) : null,
         h("span", { class: "message" }, v.message || "(no message)"),
         h("span", { class: "muted" }, `${v.author || "?"} · ${when(v.created_at)} · +${bytes(v.size_added)}`),
+        v.parent_hidden ? h("span", { class: "muted hidden-parent" }, "on a version you may not see (hidden)") : null,
       ),
       (children.get(v.ref) || []).some((c) => keep.has(c.ref))
         ? h("ul", {}, (children.get(v.ref) || []).filter((c) => keep.has(c.ref)).map(node))
