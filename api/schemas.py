@@ -174,6 +174,9 @@ class EnvVarOut(BaseModel):
     secret: str | None = Field(default=None, description="the secret (TEAM/NAME) the value comes from")
     source: Literal["set here", "inherited"] = Field(description="set on the runtime, or by its environment's image")
     overrides: bool = Field(description="set here over a value the image sets")
+    image_value: str | None = Field(
+        default=None, description="with overrides: the value the image sets, which this one hides (else left out)"
+    )
 
 
 class RuntimeEnvOut(BaseModel):

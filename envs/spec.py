@@ -111,6 +111,9 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any,
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+FIELDS = ("name", "extends", "message", "steps")  # a spec file's top-level fields
+
+
 def parse(text: str, source: str = "<spec>") -> Spec:
     """Parse and check a spec; every problem is ``source:line: field: problem``."""
 
@@ -129,9 +132,9 @@ def parse(text: str, source: str = "<spec>") -> Spec:
         raise bad(1, "spec", "must be a YAML map with name, extends and steps")
     lines: dict[str, int] = data.pop("__lines__", {})
     data.pop("__line__", None)
-    unknown = sorted(set(data) - {"name", "extends", "message", "steps"})
+    unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise bad(lines.get(unknown[0]), unknown[0], "unknown field; known fields: name, extends, message, steps")
+        raise bad(lines.get(unknown[0]), unknown[0], f"unknown field; known fields: {', '.join(FIELDS)}")
     for required in ("name", "extends", "steps"):
         if required not in data:
             raise bad(None, required, "missing")

@@ -11,7 +11,6 @@ did not exist.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -36,20 +35,10 @@ class Actor:
 
 def published(repository: str) -> bool:
     """The answer without the store: nothing is published. Callers that hold a session ask
-    the catalog instead (``registry.catalog.may_read`` for a reference,
-    ``published_repositories`` for the token server)."""
+    ``registry/visibility.py`` instead (``resolve`` for a reference), or the catalog's
+    ``published_repositories`` (the token server)."""
     del repository
     return False
-
-
-def may_see(
-    full_name: str, teams: frozenset[str], is_admin: bool, is_published: Callable[[str], bool] = published
-) -> bool:
-    """Whether a user in ``teams`` sees the environment ``full_name``: names without a team
-    (base images, personal names) are everyone's; a team's are its members' (and envctl
-    admins'), and everyone's to read once published."""
-    namespace = full_name.split("/", 1)[0] if "/" in full_name else None
-    return namespace is None or is_admin or namespace in teams or is_published(full_name)
 
 
 def check_role(role: str) -> str:

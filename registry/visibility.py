@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from envs import service as envs_service
 from envs.errors import VersionNotFoundError
@@ -92,8 +92,33 @@ def sees(session: Session, version: EnvironmentVersion, reader: Reader) -> bool:
 
 
 def hidden_parents(session: Session, versions: Iterable[EnvironmentVersion], reader: Reader) -> set[int]:
-    """The ids of ``versions`` whose parent ``reader`` may not see (shown as hidden)."""
-    return {v.id for v in versions if v.parent is not None and not sees(session, v.parent, reader)}
+    """The ids of ``versions`` whose parent ``reader`` may not see (shown as hidden): the
+    parents are read in one query, and each environment's publications once."""
+    children = [v for v in versions if v.parent_id is not None]
+    parent_ids = {v.parent_id for v in children}
+    if not parent_ids:
+        return set()
+    parents = {
+        p.id: p
+        for p in session.scalars(
+            select(EnvironmentVersion)
+            .where(EnvironmentVersion.id.in_(parent_ids))
+            .options(selectinload(EnvironmentVersion.environment).selectinload(Environment.tags))
+        )
+    }
+    readable: dict[int, set[int] | None] = {}
+    hidden = set()
+    for v in children:
+        parent = parents.get(v.parent_id or 0)
+        if parent is None:
+            continue
+        env = parent.environment
+        if env.id not in readable:
+            readable[env.id] = readable_versions(session, env, reader)
+        only = readable[env.id]
+        if only is not None and parent.id not in only:
+            hidden.add(v.id)
+    return hidden
 
 
 def resolve(session: Session, ref: EnvRef | str, reader: Reader, field: str) -> EnvironmentVersion:

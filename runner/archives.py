@@ -21,6 +21,12 @@ from runner.snapshots import writer_of
 
 log = logging.getLogger("envctl.archives")
 
+# The labels a save records that name or point at its parent (runner/snapshots.py): left out of
+# an export's metadata when the parent is one its reader may not see.
+PARENT_LABELS = frozenset(
+    {"envctl.parent", "org.opencontainers.image.base.name", "org.opencontainers.image.base.digest"}
+)
+
 
 class Archives:
     def __init__(self, db: Database, backend: RuntimeBackend, scratch_dir: Path) -> None:
@@ -44,7 +50,9 @@ class Archives:
             seen = next((n for n, v in enumerate(whole) if not visibility.sees(s, v, reader)), len(whole))
             versions = [_describe(v) for v in whole[:seen]]
             if seen < len(whole):  # the last one shown stands on a hidden one: no parent named
-                versions[-1].update(parent=None, parent_image_id=None)
+                shown = versions[-1]
+                labels = {k: v for k, v in shown["labels"].items() if k not in PARENT_LABELS}
+                shown.update(parent=None, parent_image_id=None, labels=labels)
             exported = version.ref
         images = list(dict.fromkeys(v["image_id"] for v in versions))
         for image in images:

@@ -42,7 +42,7 @@ from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBacken
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
-from runner.errors import GpuUnavailableError
+from runner.errors import GpuUnavailableError, NetworkPoolExhaustedError
 from runner.identity import RunnerIdentity
 from runner.machines import cuda_dir, get_machine_type
 from runner.models import Runtime
@@ -228,8 +228,8 @@ class Booter:
         records = self.records
         try:
             backend_state = self.backend.start(spec)
-        except GpuUnavailableError as exc:
-            records.fail(runtime_id, "gpu-unavailable", exc.message, {State.BOOTING})
+        except (GpuUnavailableError, NetworkPoolExhaustedError) as exc:  # reasons of their own
+            records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
             return None
         except EnvctlError as exc:
             records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})

@@ -118,6 +118,7 @@ class EnvVar:
     source: str  # SET_HERE or INHERITED
     overrides: bool = False  # set here, over a value the image sets
     secret: str | None = None  # the secret (``team/name``) the value comes from
+    image_value: str | None = None  # with ``overrides``: the value the image sets, which this one hides
 
 
 def image_env(entries: Iterable[str] | None) -> dict[str, str]:
@@ -140,8 +141,8 @@ def effective(inherited: Mapping[str, str], own: Mapping[str, EnvValue]) -> list
             continue
         value = own[n]
         if isinstance(value, str):
-            out.append(EnvVar(n, value, SET_HERE, overrides=n in inherited))
+            out.append(EnvVar(n, value, SET_HERE, overrides=n in inherited, image_value=inherited.get(n)))
         else:
             ref = f"{value['team']}/{value['secret']}" if value.get("team") else str(value["secret"])
-            out.append(EnvVar(n, None, SET_HERE, overrides=n in inherited, secret=ref))
+            out.append(EnvVar(n, None, SET_HERE, overrides=n in inherited, secret=ref, image_value=inherited.get(n)))
     return out

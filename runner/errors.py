@@ -102,3 +102,13 @@ class LayerStreamError(BackendError):
     nothing was kept."""
 
     code = "layer_stream_failed"
+
+
+class NetworkPoolExhaustedError(BackendError):
+    """No subnet of ``ENVCTL_RUNNER_SUBNET_POOL`` is free for an installation's runtime network.
+
+    ``details.networks`` names the envctl networks that hold the pool's subnets, each with its
+    installation and how many containers that installation still has; ``details.command`` is the
+    command that removes those whose installation has none left."""
+
+    code = "network_pool_exhausted"

@@ -243,6 +243,15 @@ class SaveFilter:
         scanner = self.scan.content(path, size)
         return None if scanner is None else _Feeder(scanner)
 
+    def needles(self) -> list[bytes] | None:
+        """Byte strings such that a file holding none of them has no finding by its content,
+        beyond what :meth:`content` finds by its path and in the files whose sink
+        ``reads_whole`` (a ``.docker/config.json``): the layer maker may then search for them
+        with a faster tool and feed only the files that hold one. None when they cannot be
+        searched for line by line (a value with a line break or a NUL)."""
+        found = [needle for needle, _what in self.scan.forms] + [_KEY_END]
+        return None if any(b"\n" in n or b"\0" in n or b"\r" in n for n in found) else found
+
     def allowed(self) -> list[dict[str, Any]]:
         """Findings the request allowed (recorded in the version's metadata)."""
         return [f.to_dict() for p, f in sorted(self.scan.findings.items()) if p in self.allow]
@@ -259,6 +268,7 @@ class _Feeder:
 
     def __init__(self, scanner: _FileScan) -> None:
         self.scanner = scanner
+        self.reads_whole = scanner.docker is not None  # its whole content is parsed, needles or not
 
     def __call__(self, chunk: bytes) -> None:
         if chunk:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.errors import APIError
 
 from api.dbschema import upgrade
 from envs.kit.config import Settings
@@ -67,12 +69,27 @@ def docker() -> Iterator[Any]:
     yield client
     for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
         c.remove(force=True)
-    # isolated networks of the session's installations, and their firewall rules
-    for n in client.networks.list(filters={"label": [f"{TEST_LABEL}={TEST_SESSION}", "envctl.managed=network"]}):
-        netguard.teardown(client, n.attrs["Labels"]["envctl.installation"])
+    # isolated networks of the session's installations, and their firewall rules: each one
+    # tried even when another fails, and what stays is said (the suite leaves no network)
+    kept: list[str] = []
+    for held in netguard.envctl_networks(client, {TEST_LABEL: TEST_SESSION}):
+        try:
+            if not netguard.teardown(client, held.installation):
+                kept.append(f"{held.network} (a container is attached)")
+        except Exception as exc:  # reported below; the others still go
+            kept.append(f"{held.network} ({exc})")
     # images saved by the session's runtimes (versions, drafts), children before parents
-    client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
+    # (the engine runs one prune at a time: another client's prune is waited for, a few seconds)
+    for attempt in range(20):
+        try:
+            client.images.prune(filters={"label": f"{TEST_LABEL}={TEST_SESSION}", "dangling": False})
+            break
+        except APIError as exc:
+            if exc.status_code != 409 or attempt == 19:
+                raise
+            time.sleep(0.5)
     client.close()
+    assert not kept, f"the test session's networks could not all be removed: {kept}"
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """The ``envctl`` command line.
 
-Everything but ``serve``, ``db`` and ``base build`` is a client of the REST API: the URL comes
+Everything but ``serve``, ``db``, ``base build`` and ``uninstall`` is a client of the REST API: the URL comes
 from ``--url``, ``ENVCTL_URL`` or the config file (``~/.config/envctl/config.yaml``: ``url``,
 ``token``), the token from ``--token``, ``ENVCTL_TOKEN``, the config file, or the file
 ``envctl serve`` wrote in its data directory.
@@ -25,6 +25,7 @@ command                                                     module
 ``env packages|diff``                                       ``packages.py``
 ``results [ls]|get``                                        ``results.py``
 ``serve``, ``db upgrade|current``, ``base build``           ``local.py``
+``uninstall [--orphaned-networks]``                         ``uninstall.py``
 ``login``, ``user create``, ``team …``, ``token …``         ``teams.py``
 ``publish``, ``unpublish``, ``catalog``, ``registry gc``    ``catalog.py``
 ``team events``                                             ``catalog.py``
@@ -65,6 +66,7 @@ from api.cli import (
     secrets,
     teams,
     transfers,
+    uninstall,
     volumes,
 )
 from api.cli.client import parse_sse
@@ -103,6 +105,7 @@ for _command in (
     local.serve,
     local.db,
     local.base,
+    uninstall.uninstall,
     runtimes.runtime,
     saves.save,
     saves.import_,

@@ -31,7 +31,8 @@ def list_environments(ctx: CtxDep, caller: CallerDep) -> list[EnvironmentOut]:
         shown = [(e, visibility.readable_versions(s, e, reader)) for e in envs_service.list_environments(s)]
         envs = [(e, only) for e, only in shown if only is None or only]
         owners = registry_service.user_names(s, owner_ids(e for e, _ in envs))
-        return [environment_out(e, owners, only, visibility.hidden_parents(s, e.versions, reader)) for e, only in envs]
+        hidden = visibility.hidden_parents(s, (v for e, _ in envs for v in e.versions), reader)
+        return [environment_out(e, owners, only, hidden) for e, only in envs]
 
 
 @router.post("/environments/build", status_code=202, response_model=OperationOut)

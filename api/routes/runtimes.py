@@ -114,6 +114,7 @@ def runtime_env(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> RuntimeEnvOu
                 source=v.source,  # type: ignore[arg-type]
                 overrides=v.overrides,
                 **({"secret": v.secret} if v.secret else {}),
+                **({"image_value": v.image_value} if v.image_value is not None else {}),
             )
             for v in variables
         ],

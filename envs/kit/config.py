@@ -9,6 +9,7 @@ The README's "Configuration" table lists them; keep it in step with ``SETTINGS_H
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,10 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_RUNNER_LOG_MAX_SIZE": "container log cap handed to Docker's json-file driver (default 10m)",
     "ENVCTL_RUNNER_NETWORK": "Docker network runtimes join: isolated (default: the installation's own, fenced in"
     " by firewall rules, needs root) or a network's name, e.g. bridge (no isolation)",
+    "ENVCTL_RUNNER_SUBNET_POOL": "IPv4 range the isolated networks' subnets are taken from, one per installation"
+    " (default 10.213.0.0/16, outside Docker's own default pools)",
+    "ENVCTL_RUNNER_SUBNET_PREFIX": "size of each installation's subnet in that range, as a prefix length from the"
+    " pool's to 29 (default 24: 253 runtimes per installation, 256 installations in the default pool)",
     "ENVCTL_RUNNER_LABELS": "extra labels put on every runtime container, as k=v,k2=v2",
     "ENVCTL_RUNNER_CUDA_ROOT": "where the host's CUDA installations are (cuda-<version> folders) for a runtime's"
     " cuda setting (default /usr/local)",
@@ -145,6 +150,11 @@ class Settings:
     # engine only) or "tcp" (envctl dials the runtime's address over TLS, authenticated per
     # boot: runner/channel.py)
     runner_channel: str = "unix"
+    # where an isolated network's subnet comes from: the first free /<prefix> of the pool
+    # (runner/backends/subnets.py). Docker's own default pools (172.17-31.0.0/16, 192.168.0.0/16)
+    # are left alone: a /16 per network, about 30 in all, was what ran out.
+    runner_subnet_pool: str = "10.213.0.0/16"
+    runner_subnet_prefix: int = 24
     runner_labels: dict[str, str] = field(default_factory=dict)
     # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
     runner_cuda_root: Path = Path("/usr/local")
@@ -227,6 +237,25 @@ def _save_path(v: Any) -> str:
     if value not in ("host", "runtime"):
         raise ValueError(f"{value!r} is not host or runtime")
     return value
+
+
+def _subnet_pool(v: Any) -> str:
+    """An IPv4 network in CIDR form with no host bits set, e.g. 10.213.0.0/16."""
+    text = str(v).strip()
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 network in CIDR form such as 10.213.0.0/16 ({exc})") from exc
+    if net.prefixlen > 29:
+        raise ValueError(f"{net} is too small: a runtime network needs at least a /29")
+    return str(net)
+
+
+def _subnet_prefix(v: Any) -> int:
+    prefix = int(v)
+    if not 8 <= prefix <= 29:
+        raise ValueError(f"{prefix} is not a prefix length from 8 to 29")
+    return prefix
 
 
 def _path(v: Any) -> Path:
@@ -313,6 +342,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_output_cap": ("ENVCTL_RUNNER_OUTPUT_CAP", _INT),
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
     "runner_channel": ("ENVCTL_RUNNER_CHANNEL", _channel),
+    "runner_subnet_pool": ("ENVCTL_RUNNER_SUBNET_POOL", _subnet_pool),
+    "runner_subnet_prefix": ("ENVCTL_RUNNER_SUBNET_PREFIX", _subnet_prefix),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
     "runner_cuda_root": ("ENVCTL_RUNNER_CUDA_ROOT", _path),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),

@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import agent_channel, kernelspec_files, netguard, overlay, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, overlay, subnets, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -52,6 +52,8 @@ from runner.backends.base import (
     Status,
     VolumeFound,
 )
+from runner.backends.docker_state import status_of
+from runner.backends.helpers import Helpers
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
 
@@ -77,6 +79,8 @@ class DockerBackend(RuntimeBackend):
         labels: dict[str, str] | None = None,
         log_max_size: str = "10m",
         network: str = "bridge",
+        subnet_pool: str = Settings.runner_subnet_pool,
+        subnet_prefix: int = Settings.runner_subnet_prefix,
         base_url: str | None = None,
         timeout: int = 30,
     ) -> None:
@@ -86,11 +90,14 @@ class DockerBackend(RuntimeBackend):
         self.labels = dict(labels or {})
         self.log_max_size = log_max_size
         self.network = network
+        self.subnet_pool = subnet_pool
+        self.subnet_prefix = subnet_prefix
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
         self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._image_infos_lock = threading.Lock()
         self._gpus_seen = False  # the engine was seen able to hand out GPUs
         self._fenced: dict[str, float] = {}  # installation -> when its network was last checked
+        self.helpers = Helpers(lambda: self.client, self.labels)  # what saves and drafts commit
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerBackend:
@@ -98,6 +105,8 @@ class DockerBackend(RuntimeBackend):
             labels=settings.runner_labels,
             log_max_size=settings.runner_log_max_size,
             network=settings.runner_network,
+            subnet_pool=settings.runner_subnet_pool,
+            subnet_prefix=settings.runner_subnet_prefix,
         )
 
     @property
@@ -220,19 +229,23 @@ class DockerBackend(RuntimeBackend):
         return netguard.fence_of(spec.labels[LABEL_INSTALLATION]).network
 
     def fence(self, installation: str) -> None:
-        """The installation's isolated network and its firewall rules, in place (R4); checked
-        again at most once a minute (they outlive envctl's restarts; a host reboot drops them)."""
+        """The installation's isolated network and its firewall rules, in place (R4); the rules
+        checked again at most once a minute (they outlive envctl's restarts; a host reboot drops
+        them), the network at every boot (`envctl uninstall --orphaned-networks` may remove it
+        with the rules while this installation has no container)."""
         if self._base_url and not self._base_url.startswith("unix://"):
             raise BackendError(
                 "network isolation needs the Docker engine on this host (its firewall is set here); "
                 "set ENVCTL_RUNNER_NETWORK to a network of the remote engine instead",
                 details={"field": "runner_network"},
             )
-        if time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL:
-            return
         fence = netguard.fence_of(installation)
+        fresh = time.monotonic() - self._fenced.get(installation, -_FENCE_TTL) < _FENCE_TTL
+        if fresh and netguard.network_exists(self.client, fence):
+            return
         labels = {**self.labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: "network"}
-        netguard.ensure(self.client, fence, labels)
+        pool = subnets.Pool.of(self.subnet_pool, self.subnet_prefix)
+        netguard.ensure(self.client, fence, labels, pool)
         self._fenced[installation] = time.monotonic()
 
     def start(self, spec: RuntimeSpec) -> BackendState:
@@ -275,7 +288,7 @@ class DockerBackend(RuntimeBackend):
             return ContainerStatus(Status.GONE)
         except Exception as exc:
             raise _daemon_error("inspect the runtime's container", exc) from exc
-        return _status_of(info.get("State", {}))
+        return status_of(info.get("State", {}))
 
     def stop(self, state: BackendState, timeout: float = 5.0) -> None:
         cid = state.get("container_id")
@@ -314,7 +327,7 @@ class DockerBackend(RuntimeBackend):
             if status is Status.EXITED:
                 # The listing has no exit details; ask for them (a vanished one is just gone).
                 try:
-                    detail = _status_of(self.client.api.inspect_container(c["Id"]).get("State", {}))
+                    detail = status_of(self.client.api.inspect_container(c["Id"]).get("State", {}))
                     exit_code, oom = detail.exit_code, detail.oom_killed
                 except docker.errors.NotFound:
                     continue
@@ -388,7 +401,7 @@ class DockerBackend(RuntimeBackend):
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag}
-        made = saves.draft_from_directories(self.client, cid, labels=self.labels, **options)
+        made = saves.draft_from_directories(self.client, cid, helpers=self.helpers, **options)
         if made is not None:
             return self._remember(made.info).id
         with saves.paused(self.client, cid, "snapshot the runtime's filesystem"):
@@ -417,7 +430,7 @@ class DockerBackend(RuntimeBackend):
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
         made = saves.from_directories(
-            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, labels=self.labels, **options
+            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, helpers=self.helpers, **options
         )
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
@@ -464,6 +477,7 @@ class DockerBackend(RuntimeBackend):
 
     def remove_image(self, image: str) -> None:
         self._image_infos.pop(image, None)
+        self.helpers.forget(image)  # a helper kept for its next save would keep it
         engine.remove_image(self.client, image)
 
     def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
@@ -539,6 +553,7 @@ class DockerBackend(RuntimeBackend):
 
     def close(self) -> None:
         if self._client is not None:
+            self.helpers.close()
             self._client.close()
 
     # --- helpers -------------------------------------------------------------------------
@@ -581,15 +596,3 @@ def _is_private(path: str) -> bool:
         if path == private or path.startswith(private + "/") or private.startswith(path.rstrip("/") + "/"):
             return True
     return False
-
-
-def _status_of(state: dict[str, Any]) -> ContainerStatus:
-    if state.get("Running"):
-        return ContainerStatus(Status.RUNNING, started_at=state.get("StartedAt"))
-    return ContainerStatus(
-        Status.EXITED,
-        exit_code=state.get("ExitCode"),
-        oom_killed=bool(state.get("OOMKilled")),
-        error=state.get("Error") or "",
-        started_at=state.get("StartedAt"),
-    )

@@ -13,15 +13,17 @@ first one's files again.
 **The helper.** The runtime's own container is never committed: the engine would merge its
 configuration (the runtime's variables, its command, working directory, labels) into the
 image, and before Docker 25 keep all of it as ``ContainerConfig``. Instead a *helper*
-container is created (never started) from an image of exactly the layers the new image keeps
-(the version's), its upper directory is given the planned layer as hard links to the files
-where they lie (``overlay.lay_out``: no byte copied), and the engine commits the helper, with
-the trusted configuration; the engine makes the layer as fast as its own ``docker commit``.
-The files are scanned where they lie meanwhile, the runtime's container paused by envctl from
-the plan to the end (as ``docker commit`` pauses it); a refused layer's image is removed. The
-helper's names are taken away again before the container resumes, and the save's moment for
-"changed since" (``SavedImage.saved_at_ns``) is taken after that, since linking changes a
-file's ctime. A draft is made the same way, keeping every file (:func:`draft_from_directories`).
+container (``runner/backends/helpers.py``: never started, kept for the next save on the same
+layers) of an image of exactly the layers the new image keeps (the version's) is given the
+planned layer in its upper directory, as hard links to the files where they lie
+(``overlay.lay_out``: no byte copied), and the engine commits the helper with the trusted
+configuration: the engine makes the layer as fast as its own ``docker commit``. The files are
+scanned where they lie meanwhile (GNU grep first, ``overlay.scan_files``), the runtime's
+container paused by envctl from the plan to the end (as ``docker commit`` pauses it); a refused
+layer's image is removed. The helper's names are taken away again before the container
+resumes, and the save's moment for "changed since" (``SavedImage.saved_at_ns``) is taken after
+that, since linking changes a file's ctime. A draft is made the same way, keeping every file
+(:func:`draft_from_directories`).
 
 Where no helper can be made (no image of exactly the kept layers, or a configuration with
 neither command nor entrypoint, which the engine cannot create a container of), the layer is
@@ -42,7 +44,6 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,16 @@ from envs.images.config import ImageInfo
 from envs.images.docker import daemon_error
 from envs.images.layers import load_layer, reconfigure
 from envs.images.rewrite import ChunkReader
-from envs.kit.errors import BackendError, EnvctlError
+from envs.kit.errors import EnvctlError
 from runner.backends import overlay
-from runner.backends.base import LABEL_MANAGED, PRIVATE_PATHS, Change, LayerObserver
+from runner.backends.base import PRIVATE_PATHS, Change, LayerObserver
+from runner.backends.helpers import Helpers
 
 log = logging.getLogger("envctl.saves")
 
 #: mount points Docker makes in every runtime container: never part of a layer
 MOUNT_POINTS = (*PRIVATE_PATHS, "/usr/sbin/docker-init", "/sbin/docker-init")
 _OVERLAY_PARAMETERS = Path("/sys/module/overlay/parameters")
-HELPER = "save-helper"  # the envctl.managed label of a helper container
 SINCE = ", since the last save"
 
 
@@ -132,6 +133,26 @@ def _layers_of(attrs: dict[str, Any]) -> list[str]:
     return list((attrs.get("RootFS") or {}).get("Layers") or [])
 
 
+_INSPECTED: dict[str, dict[str, Any]] = {}  # image id -> its inspection (an id names one immutable image)
+_INSPECTED_LOCK = threading.Lock()
+
+
+def _inspect_image(client: docker.DockerClient, image: str) -> dict[str, Any]:
+    """``docker image inspect`` of an image id, remembered (a save asks about the same few
+    images each time; a round trip to a busy engine is not free)."""
+    with _INSPECTED_LOCK:
+        found = _INSPECTED.get(image)
+    if found is not None:
+        return found
+    attrs: dict[str, Any] = client.api.inspect_image(image)
+    if image.startswith("sha256:") and attrs.get("Id") == image:
+        with _INSPECTED_LOCK:
+            _INSPECTED[image] = attrs
+            while len(_INSPECTED) > 64:
+                _INSPECTED.pop(next(iter(_INSPECTED)))
+    return attrs
+
+
 def _overlay_of(client: docker.DockerClient, cid: str) -> tuple[dict[str, Any], overlay.OverlayLayers] | None:
     container = client.api.inspect_container(cid)
     layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
@@ -151,8 +172,8 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved
             return None
         container, layers = found
         image = str(container["Image"])
-        mine = _layers_of(client.api.inspect_image(image))
-        version_attrs = client.api.inspect_image(version_image)
+        mine = _layers_of(_inspect_image(client, image))
+        version_attrs = _inspect_image(client, version_image)
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     version = _layers_of(version_attrs)
@@ -178,7 +199,7 @@ def draft_roots(client: docker.DockerClient, cid: str) -> LayerPlan | None:
             return None
         container, layers = found
         image = str(container["Image"])
-        keep = len(_layers_of(client.api.inspect_image(image)))
+        keep = len(_layers_of(_inspect_image(client, image)))
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     return LayerPlan([layers.upper], image, keep, [], image, container)
@@ -205,28 +226,29 @@ def from_directories(
     tag: str,
     version_image: str,
     observer: LayerObserver,
-    labels: dict[str, str],
+    helpers: Helpers | None,
     saved_at_ns: int = 0,
 ) -> SavedImage | None:
-    """The save's image; None when the directories cannot be used. ``labels``: the helper's."""
+    """The save's image; None when the directories cannot be used. ``helpers``: the backend's
+    (None: the layer is streamed into the engine)."""
     plan = layer_roots(client, cid, version_image, saved_at_ns)
     if plan is None:
         return None
     since = saved_at_ns if plan.saved else 0
-    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "labels": labels}
+    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
     return _make(
         client, cid, plan, observer, since=since, purpose="save", action="save the runtime's filesystem", **options
     )
 
 
 def draft_from_directories(
-    client: docker.DockerClient, cid: str, *, config: dict[str, Any], repository: str, tag: str, labels: dict[str, str]
+    client: docker.DockerClient, cid: str, *, config: dict[str, Any], repository: str, tag: str, helpers: Helpers | None
 ) -> SavedImage | None:
     """A draft's image (every change the container holds); None when the directories cannot be used."""
     plan = draft_roots(client, cid)
     if plan is None:
         return None
-    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "labels": labels}
+    options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
     return _make(
         client,
         cid,
@@ -248,24 +270,23 @@ def _make(
     config: dict[str, Any],
     repository: str,
     tag: str,
-    labels: dict[str, str],
+    helpers: Helpers | None,
     since: int,
     purpose: str,
     action: str,
 ) -> SavedImage:
     helper = None
-    if plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
-        helper = _Helper(client, plan, labels, purpose, action)  # made while the container is paused and planned
+    if helpers is not None and plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
+        helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
     try:
         with paused(client, cid, action, plan.container):
             layer = overlay.plan_layer(
                 plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
             )
             if helper is not None:
-                try:
-                    info = helper.commit(layer, observer, config=config, repository=repository, tag=tag)
-                finally:
-                    helper.clear()
+                info = helper.commit(
+                    client, layer, observer, config=config, repository=repository, tag=tag, action=action
+                )
             else:
                 info = load_layer(
                     client,
@@ -281,91 +302,16 @@ def _make(
                     tag=tag,
                     action=action,
                 )
-            saved_at = time.time_ns()  # still paused: what the container held is in the image
-    finally:
-        if helper is not None:
-            helper.remove_later()
+            saved_at = time.time_ns()  # still paused, the layer taken away: what it held is in the image
+    except BaseException:
+        if helper is not None and helpers is not None:
+            helpers.discard(helper)
+        raise
+    if helper is not None and helpers is not None:
+        helpers.give_back(helper)  # for the next save on the same layers
+        if purpose == "save":
+            helpers.prepare(info.id)  # and one for this runtime's next save, on the new version
     return SavedImage(info, layer.left_out, saved_at)
-
-
-class _Helper:
-    """A container of ``plan.holder``, never started: its upper directory is given the layer
-    and the engine commits it. Created in a thread as soon as asked for; named after the
-    runtime's container and the purpose, so that one left by an envctl that died mid-save is
-    found and removed by the next (``envctl-<runtime>-save``, ``-draft``)."""
-
-    def __init__(
-        self, client: docker.DockerClient, plan: LayerPlan, labels: dict[str, str], purpose: str, action: str
-    ) -> None:
-        self.client, self.action = client, action
-        self.name = f"{str(plan.container.get('Name') or '').lstrip('/') or plan.container['Id'][:12]}-{purpose}"
-        # The operator's labels and what it is, nothing of the runtime's: before Docker 25 the
-        # image records the committed container's labels (``ContainerConfig``).
-        self.labels = {**labels, LABEL_MANAGED: HELPER}
-        self.upper: str | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="envctl-helper")
-        self._made: Future[tuple[str, str]] = self._pool.submit(self._create, str(plan.holder))
-
-    def _create(self, image: str) -> tuple[str, str]:
-        api = self.client.api
-        try:
-            try:
-                cid = str(api.create_container(image, name=self.name, labels=self.labels, network_disabled=True)["Id"])
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:
-                    raise
-                engine.remove_container(self.client, self.name, self.action)  # an earlier save's, left behind
-                cid = str(api.create_container(image, name=self.name, labels=self.labels, network_disabled=True)["Id"])
-            data = (api.inspect_container(cid).get("GraphDriver") or {}).get("Data") or {}
-        except Exception as exc:
-            raise daemon_error(self.action, exc) from exc
-        upper = data.get("UpperDir")
-        if not isinstance(upper, str) or not os.path.isdir(upper):
-            raise BackendError(f"the helper container of a {self.action} has no readable upper directory")
-        return cid, upper
-
-    def commit(
-        self, layer: overlay.PlannedLayer, observer: LayerObserver, *, config: dict[str, Any], repository: str, tag: str
-    ) -> ImageInfo:
-        """The layer laid out in the helper and committed, its files scanned meanwhile."""
-        cid, self.upper = self._made.result()
-        overlay.lay_out(layer, self.upper)
-        info: ImageInfo | None = None
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
-                scanning = pool.submit(overlay.scan_files, layer, observer)
-                info = engine.commit(
-                    self.client, cid, config=config, repository=repository, tag=tag, pause=False, action=self.action
-                )
-                scanning.result()
-            observer.verdict()
-        except BaseException:
-            if info is not None:
-                with contextlib.suppress(EnvctlError):
-                    engine.remove_image(self.client, info.id, force=True)
-            raise
-        return info
-
-    def clear(self) -> None:
-        """The helper's names of the container's files taken away."""
-        if self.upper is not None:
-            overlay.empty(self.upper)
-
-    def remove_later(self) -> None:
-        """The helper removed in the background (the save does not wait for it)."""
-
-        def remove() -> None:
-            try:
-                cid, _ = self._made.result()
-            except Exception:
-                return  # never made
-            try:
-                engine.remove_container(self.client, cid, "remove a save's helper container")
-            except EnvctlError as exc:
-                log.warning("a helper container (%s) stays: %s", self.name, exc.message)
-
-        self._pool.shutdown(wait=False)
-        threading.Thread(target=remove, name="envctl-helper-rm", daemon=True).start()
 
 
 @contextlib.contextmanager

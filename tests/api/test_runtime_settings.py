@@ -93,7 +93,13 @@ def test_a_cell_sees_the_runtimes_variables_and_the_env_listing_marks_each_set_h
     assert listing["environment"] == "python3@1" and listing["pending"] is None
     by_name = {v["name"]: v for v in listing["variables"]}
     assert [v["name"] for v in listing["variables"]] == ["LANG", "MODE", "PATH", "TOKENISH"]
-    assert by_name["MODE"] == {"name": "MODE", "value": "runtime", "source": "set here", "overrides": True}
+    assert by_name["MODE"] == {
+        "name": "MODE",
+        "value": "runtime",
+        "source": "set here",
+        "overrides": True,
+        "image_value": "image",  # what "show inherited" shows beside it
+    }
     assert by_name["LANG"] == {"name": "LANG", "value": "C.UTF-8", "source": "inherited", "overrides": False}
     assert by_name["TOKENISH"]["source"] == "set here" and not by_name["TOKENISH"]["overrides"]
 

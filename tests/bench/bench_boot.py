@@ -32,6 +32,7 @@ from envs.service import register_base_images
 from registry.service import create_user
 from runner.backends.docker import DockerBackend
 from runner.states import State
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 
@@ -60,6 +61,7 @@ def _remove_leftovers(session: str) -> None:
     ).stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    remove_networks(session)
 
 
 def _python3_image() -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report, summary
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import start_postgres
@@ -258,6 +259,7 @@ def run(runs: int = 1000) -> dict[str, float]:
         ).stdout.split()
         if ids:
             subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        remove_networks(session)
     return figures
 
 

@@ -26,6 +26,7 @@ from envs.kit.config import DEFAULT_SAVE_CACHES
 from runner.backends.docker import DockerBackend
 from runner.scan import CacheRules, SaveFilter
 from tests.bench.bench_save import LABEL, _cell, _save
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 
@@ -152,6 +153,7 @@ def run(runs: int = 5) -> dict[str, float]:
         if ids:
             subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
         subprocess.run(["docker", "image", "prune", "-af", "--filter", f"label={LABEL}={session}"], capture_output=True)
+        remove_networks(session)
     return figures
 
 

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from tests.bench.bench_save import LABEL, _cell, _save
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 
@@ -59,6 +60,7 @@ def run(runs: int = 5) -> dict[str, float]:
             subprocess.run(
                 ["docker", "image", "prune", "-af", "--filter", f"label={LABEL}={session}"], capture_output=True
             )
+            remove_networks(session)
     f = report(
         f"save of 100 MB through the API, a runtime with a secret to search for ({runs} runs)",
         times["with"],

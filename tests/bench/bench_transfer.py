@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from tests.bench.bench_save import _cell
+from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import _free_port
@@ -161,6 +162,7 @@ def run(runs: int = 3) -> dict[str, float]:
                 images = _labelled(session, "images", "-q")
                 for image in dict.fromkeys(images):
                     subprocess.run(["docker", "rmi", "-f", image], capture_output=True, check=False)
+            remove_networks(session)
     return figures
 
 

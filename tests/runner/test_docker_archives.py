@@ -170,3 +170,48 @@ def test_an_archive_that_would_add_to_another_users_environment_is_refused_befor
     with server.client() as client:
         versions = client.get("/environments/team/portable").json()["versions"]
         assert [v["image_id"] for v in versions] == [first]
+
+
+def test_an_export_stops_its_lineage_above_a_version_its_reader_may_not_see(
+    server: Server, docker: Any, tmp_path: Path
+) -> None:
+    """R37: the admin saves vault/private@1 (team vault's, unpublished), then tools@1 on it (a
+    name without a team: everyone's). Bob, in no team, exports tools@1: the archive holds
+    tools@1 alone, with no parent named, and nothing of vault/private@1 (its name, message,
+    author) in its metadata or image index; the admin's export holds the whole lineage."""
+    with server.client() as client:
+        assert client.post("/teams", json={"name": "vault"}).status_code == 201
+        rid = new_runtime(client, "maker", language="bash")
+        run(client, rid, "echo secret > /root/vault-notes")
+        save(client, rid, "vault/private", "the vault's own notes")
+        run(client, rid, "echo tool > /root/tool")
+        save(client, rid, "tools", "tools of mine")
+        client.delete(f"/runtimes/{rid}")
+        whole = _export(client, "tools@1", tmp_path / "whole.tar")
+    bob = _user_client(server, "bob")
+    with bob:
+        lineage = bob.get("/environments/tools/lineage").json()
+        assert [s.get("ref") for s in lineage] == ["tools@1", None, "python3@1", "bash@1"] and lineage[1] == {
+            "hidden": True
+        }
+        part = _export(bob, "tools@1", tmp_path / "part.tar")
+    for archive, refs in ((whole, ["tools@1", "vault/private@1", "python3@1", "bash@1"]), (part, ["tools@1"])):
+        with tarfile.open(archive) as tar:
+            meta = json.load(tar.extractfile("envctl-export.json"))  # type: ignore[arg-type]
+            index = tar.extractfile("index.json").read().decode()  # type: ignore[union-attr]
+        assert [v["ref"] for v in meta["versions"]] == refs
+        if archive is part:
+            assert meta["versions"][0]["parent"] is None and meta["versions"][0]["parent_image_id"] is None
+            text = json.dumps(meta) + index
+            assert "vault" not in text, [text[max(0, i - 200) : i + 50] for i in [text.find("vault")]]
+
+
+def _user_client(server: Server, name: str) -> httpx.Client:
+    from envs.kit.db import Database
+    from registry.service import create_user, issue_token
+
+    db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
+    with db.session() as s:
+        token = issue_token(s, create_user(s, name), "tests")
+    db.dispose()
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -102,7 +102,7 @@ def test_a_save_made_in_the_runtime_boots_elsewhere_with_every_file_the_same(ser
         assert result["pushed"] is True and result["path"] == "runtime"
         assert "/var/cache/apt" in result["left_out"]
         assert result["left_out"]["/var/cache/apt"]["bytes"] == 3000000
-        print("first save:", op["result"]["layer"], op["finished_at"] if "finished_at" in op else "")
+        print("first save:", op["result"]["layer"], op.get("finished_at", ""))
         v1 = client.get(f"/environments/{ENV}@1").json()
         # the layer holds the change: ~20 MB, not the whole image
         assert 20_000_000 < result["layer"]["bytes"] < 22_000_000, result["layer"]

@@ -168,7 +168,7 @@ def test_a_secret_value_base64d_into_a_file_or_a_draft_layer_is_refused_and_draf
     on a draft (an image one commit above the version): the draft's layer is merged into the
     new one, filtered and scanned, and the image keeps only the version's layers below it."""
     image = base_image(docker, "python3")
-    backend = DockerBackend(docker)
+    backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})  # its helpers' labels too
     labels = {TEST_LABEL: TEST_SESSION}
     made: list[Any] = []
     encoded = base64.b64encode(SECRET.encode()).decode()
@@ -224,6 +224,7 @@ def test_a_secret_value_base64d_into_a_file_or_a_draft_layer_is_refused_and_draf
         )
         assert out == b"draft\nupper\n2\n"
     finally:
+        backend.helpers.close()
         for container in made:
             container.remove(force=True)
 
@@ -237,7 +238,7 @@ def test_where_the_overlay_directories_cannot_be_used_a_commit_is_scanned_first_
 
     monkeypatch.setattr(saves, "_whole_files", lambda: False)
     image = base_image(docker, "python3")
-    backend = DockerBackend(docker)
+    backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})  # its helpers' labels too
     container = docker.containers.create(image, ["sleep", "600"], labels={TEST_LABEL: TEST_SESSION})
     try:
         container.start()
@@ -260,4 +261,5 @@ def test_where_the_overlay_directories_cannot_be_used_a_commit_is_scanned_first_
         assert made.lean is False and made.left_out == {}
         assert allowed.allowed() == [{"path": "/root/.netrc", "found": ["netrc credentials file"]}]
     finally:
+        backend.helpers.close()
         container.remove(force=True)

@@ -348,7 +348,7 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
     and where the engine's commit of a container would merge the container's in, nothing is
     saved."""
     image = base_image(docker, "bash")
-    backend = DockerBackend(docker)
+    backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})  # its helpers' labels too
     parent = docker.api.inspect_image(image)["Config"]
     template = {key: parent.get(key) for key in CONFIG_KEYS}
     template["Labels"] = {TEST_LABEL: TEST_SESSION, "envctl.environment": "r10"}
@@ -399,6 +399,7 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
         assert {"Env", "Entrypoint", "User"} <= set(refused.value.details["fields"])
         assert docker.images.list(name="envctl-test/r10") == []
     finally:
+        backend.helpers.close()
         for container in made:
             container.remove(force=True)
 

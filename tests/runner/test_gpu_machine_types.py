@@ -79,7 +79,7 @@ def test_a_save_and_a_draft_of_a_gpu_runtime_carry_nothing_of_its_gpus_or_cuda_m
     from runner.scan import SaveFilter
 
     image = base_image(docker, "python3")
-    backend = DockerBackend(docker)
+    backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})  # its helpers' labels too
     spec = _spec(tmp_path, image, cuda_root / "cuda-12.2")
     container = docker.containers.create(**backend.container_options(spec))
     made: list[str] = []
@@ -108,6 +108,7 @@ def test_a_save_and_a_draft_of_a_gpu_runtime_carry_nothing_of_its_gpus_or_cuda_m
             )
             assert out == b"work\n"
     finally:
+        backend.helpers.close()
         container.remove(force=True)
         for image_id in made:
             docker.api.remove_image(image_id, force=True)

@@ -7,6 +7,7 @@ import base64
 import json
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,51 @@ def test_the_runtimes_secret_values_come_through_one_function_and_refuse_the_sav
     assert refused.error["details"]["findings"] == [{"path": "/root/notes", "found": ["secret value (base64)"]}]
     logged = json.dumps([e.message for e in svc.log_entries(owner, rid)] + [refused.message])
     assert SECRET not in logged and base64.b64encode(SECRET.encode()).decode() not in logged
+
+
+def test_the_grep_prefilter_finds_what_reading_every_file_finds(tmp_path: Path) -> None:
+    """A layer's files scanned where they lie: with GNU grep naming the files that hold a
+    needle first (the helper's tree), the findings are those of reading every file in Python."""
+    import os
+    import shutil
+
+    from runner.backends import overlay
+
+    if shutil.which("grep") is None:
+        pytest.skip("GNU grep is not installed")
+    tree = tmp_path / "tree"
+    secret_b64 = base64.b64encode(b"ab" + SECRET.encode() + b"cd")
+    files = {
+        "root/clean.bin": os.urandom(3 << 20),
+        "root/plain.txt": b"x" * ((1 << 20) - 5) + SECRET.encode() + b"\n",  # across a chunk's edge
+        "root/b64.bin": os.urandom(1 << 20) + secret_b64 + os.urandom(100),
+        "root/.ssh/id_ed25519": KEY,
+        "root/.docker/config.json": json.dumps({"auths": {"r.example": {"auth": "dTpw"}}}).encode(),
+        "root/.netrc": b"machine h login u password p\n",
+        "etc/quoted": f"t={urllib.parse.quote(SECRET, safe='')}".encode(),
+        f"root/{SECRET}-named": b"nothing",
+    }
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    plan = overlay.plan_layer([str(tree)], SaveFilter(None), private=lambda _p: False)
+    findings = []
+    for tree_given in (str(tree), None):
+        observer = SaveFilter(None, [SECRET])
+        for info, _source in plan.entries:
+            observer.entry("/" + info.name.rstrip("/"))
+        overlay.scan_files(plan, observer, tree_given)
+        findings.append({p: f.found for p, f in observer.scan.findings.items()})
+    assert findings[0] == findings[1]
+    assert set(findings[0]) == {
+        "/root/plain.txt",
+        "/root/b64.bin",
+        "/root/.ssh/id_ed25519",
+        "/root/.docker/config.json",
+        "/root/.netrc",
+        "/etc/quoted",
+        f"/root/{SECRET}-named",
+    }
+    assert overlay.grep_files(str(tree), [b"no such needle anywhere"]) == set()
+    values_with_a_line_break = SaveFilter(None, ["line\nbreak"])
+    assert values_with_a_line_break.needles() is None  # every file is then read in Python

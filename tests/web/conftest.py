@@ -71,12 +71,15 @@ def web_server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     data = tmp_path_factory.mktemp("web-server") / "data"
     prepare_data_dir(data, ["python3"])
     runner = f"test-{TEST_SESSION}-web-{uuid.uuid4().hex[:6]}"
+    cuda_root = tmp_path_factory.mktemp("cuda")  # a host "with" CUDA 12.2, for the settings panel
+    (cuda_root / "cuda-12.2").mkdir()
     srv = Server(
         data,
         env={
             "ENVCTL_RUNNER_NAME": runner,
             "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
             "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
+            "ENVCTL_RUNNER_CUDA_ROOT": str(cuda_root),
         },
     )
     srv.start()

@@ -1,8 +1,9 @@
-"""Take the README's two screenshots of the web page: ``python -m tests.web.readme_shots [DIR]``.
+"""Take the README's screenshots of the web page: ``python -m tests.web.readme_shots [DIR]``.
 
 Starts ``envctl serve`` on the Docker engine with a throwaway data directory, makes a few
 runtimes (one running with a cell run, one booting, others stopped), and writes
-``web-runtimes.png`` and ``web-runtime.png`` into DIR (default ``docs/``). Needs the built
+``web-runtimes.png``, ``web-runtime.png`` and ``web-settings.png`` (the running runtime's
+settings panel, with changes waiting for its next boot) into DIR (default ``docs/``). Needs the built
 base images and Debian's chromium, like tests/web.
 """
 
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS
@@ -21,6 +23,28 @@ for step in ("load", "clean", "fit"):
     print(f"{step}: done", flush=True)
     time.sleep(0.3)
 HTML("<b>score</b> 0.93")"""
+
+
+def settings_shot(api: Any, rid: str, page: Any, path: Path) -> None:
+    """The settings panel of a running runtime given variables, a secret, mounts and a bigger
+    machine for its next boot, with the image's variables shown."""
+    api.post("/teams", json={"name": "acme"})
+    api.put("/teams/acme/secrets/db-pass", json={"value": "not-shown"})
+    body = {
+        "machine_type": "medium",
+        "env": {"MODE": "report", "PATH": "/opt/tools/bin:/usr/bin:/bin", "DB_PASSWORD": {"secret": "acme/db-pass"}},
+        "mounts": [
+            {"type": "volume", "name": "acme/home-data", "target": "/home/data"},
+            {"type": "s3", "bucket": "acme-raw", "prefix": "2024/", "target": "/data"},
+        ],
+        "next_boot": True,
+    }
+    api.patch(f"/runtimes/{rid}", json=body).raise_for_status()
+    page.reload()
+    page.wait_for_selector("#pending .pending")
+    page.check("#show-inherited")
+    page.wait_for_selector("#inherited tr[data-name=LANG]")
+    page.locator("section.card:has(#settings)").screenshot(path=str(path))
 
 
 def main(out: Path) -> None:
@@ -53,6 +77,7 @@ def main(out: Path) -> None:
                     page.wait_for_selector("#cells article.cell[data-status=ok]", timeout=60_000)
                     page.wait_for_selector("#state:not(:has-text('busy'))")
                     page.screenshot(path=str(out / "web-runtime.png"))
+                    settings_shot(api, ids[0], page, out / "web-settings.png")
                     page.goto(srv.url + "/#/")
                     page.wait_for_selector("table.runtimes tbody tr")
                     api.post(f"/runtimes/{ids[2]}/start")
@@ -64,7 +89,7 @@ def main(out: Path) -> None:
                     api.delete(f"/runtimes/{rid}")
         finally:
             srv.stop()
-    print(f"wrote {out / 'web-runtimes.png'} and {out / 'web-runtime.png'}")
+    print(f"wrote {out / 'web-runtimes.png'}, {out / 'web-runtime.png'} and {out / 'web-settings.png'}")
 
 
 if __name__ == "__main__":

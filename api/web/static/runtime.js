@@ -1,49 +1,11 @@
-// One runtime: its state, settings, unsaved changes (save, reset), runner log (live),
-// results and the cell console.
+// One runtime: its state, settings (settings.js), unsaved changes (save, reset), runner log
+// (live), results and the cell console.
 
-import { follow, get, patch, post } from "./api.js";
+import { follow, get, post } from "./api.js";
 import { cellConsole } from "./cells.js";
 import { bytes, clear, clock, dot, h, when } from "./dom.js";
 import { errorText, idleText, runtimeActions, stateText } from "./runtimes.js";
-
-function field(label, input) {
-  return h("label", { class: "field" }, h("span", {}, label), input);
-}
-
-function settingsForm(rt, report) {
-  const name = h("input", { name: "name", value: rt.name, required: true });
-  const environment = h("input", { name: "environment", value: rt.environment_ref || rt.environment });
-  const language = h("select", { name: "language" }, ["python", "bash"].map((l) => h("option", { selected: l === rt.language }, l)));
-  const machine = h("input", { name: "machine_type", value: rt.machine_type });
-  const idle = h("input", { name: "idle_timeout", type: "number", min: 0, value: rt.idle_timeout ?? "", placeholder: "default" });
-  return h(
-    "form",
-    {
-      class: "settings",
-      onsubmit: async (event) => {
-        event.preventDefault();
-        report("");
-        const body = { name: name.value, language: language.value };
-        if (environment.value !== (rt.environment_ref || rt.environment)) body.environment = environment.value;
-        if (machine.value !== rt.machine_type) body.machine_type = machine.value;
-        body.idle_timeout = idle.value === "" ? null : Number(idle.value);
-        try {
-          await patch(`/runtimes/${rt.id}`, body);
-          report("Saved.", "ok");
-        } catch (err) {
-          report(errorText(err));
-        }
-      },
-    },
-    field("Name", name),
-    field("Environment", environment),
-    field("Language", language),
-    field("Machine type", machine),
-    field("Idle timeout (s)", idle),
-    h("button", { type: "submit" }, "Apply settings"),
-    h("p", { class: "muted" }, "Environment and machine type change only while the runtime is stopped."),
-  );
-}
+import { settingsPanel } from "./settings.js";
 
 function logLine(entry) {
   const what = entry.state || entry.event || "";
@@ -159,6 +121,7 @@ export function runtimeView(root, id, store) {
     const log = h("ol", { class: "log", id: "log" });
     const changes = changesPanel(rt, report);
     const results = resultsPanel(rt);
+    const settings = settingsPanel(rt);
     const cells = cellConsole(rt, {
       onFinished: () => {
         changes.refresh();
@@ -193,18 +156,19 @@ export function runtimeView(root, id, store) {
           { class: "side" },
           changes.node,
           h("section", { class: "card" }, h("h2", {}, "Runner log"), log),
-          h("section", { class: "card" }, h("h2", {}, "Settings"), settingsForm(rt, report)),
+          h("section", { class: "card" }, h("h2", {}, "Settings"), settings.node),
           results.node,
         ),
       ),
     );
     changes.refresh();
     results.refresh();
-    return { head, report, changes, state: rt.state };
+    return { head, report, changes, settings, state: rt.state };
   }
 
   function show(rt) {
     if (!built) built = build(rt);
+    else built.settings.update(rt);
     const facts = [
       ["environment", rt.environment],
       ["machine", rt.machine_type],

@@ -1,0 +1,197 @@
+"""Helper containers: what the engine commits to make a save's or a draft's image.
+
+A helper is a container of an image (the layers the new image keeps), created and never
+started, labelled ``envctl.managed=save-helper`` and the operator's labels, nothing of any
+runtime's (before Docker 25 an image records the labels, variables and command of the container
+it was committed from). A save lays its layer out in the helper's upper directory
+(``overlay.lay_out``), the engine commits the helper, and the layer is taken away again.
+
+Creating a container costs the engine tens of milliseconds, hundreds on a busy host, which a
+save of a few megabytes would feel. So a helper, once emptied, is kept for the next save on the
+same image (:meth:`Helpers.give_back`: the next first save of any runtime booted from that
+version), and after a save one is made ahead for the next save of the same runtime, whose
+layers are the new version's (:meth:`Helpers.prepare`). At most ``MAX_IDLE`` wait; an image's
+are removed before the image is (:meth:`Helpers.forget`), so that they never keep a removed
+version's image alive, and all of them when the backend closes. One left by an envctl that died
+carries the labels and the ``envctl-helper-`` name, and holds no file of any runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+
+from envs.images import docker as engine
+from envs.images.config import ImageInfo, blank_other_labels
+from envs.images.docker import daemon_error
+from envs.kit.errors import BackendError, EnvctlError
+from runner.backends import overlay
+from runner.backends.base import LABEL_MANAGED, LayerObserver
+
+log = logging.getLogger("envctl.helpers")
+
+HELPER = "save-helper"  # the envctl.managed label of a helper container
+MAX_IDLE = 4  # helpers kept waiting for a next save, in all
+ACTION = "make a helper container for a save"
+
+
+@dataclass(frozen=True)
+class Made:
+    id: str
+    image: str
+    upper: str  # its upper directory: where the layer is laid out
+    labels: dict[str, str]  # its labels as the engine has them (the image's merged in)
+
+
+class Helper:
+    """One helper, being made or made; ``made()`` waits for it."""
+
+    def __init__(self, image: str, future: Future[Made]) -> None:
+        self.image = image
+        self._future = future
+        self.used = False
+
+    def made(self) -> Made:
+        return self._future.result()
+
+    def commit(
+        self,
+        client: docker.DockerClient,
+        layer: overlay.PlannedLayer,
+        observer: LayerObserver,
+        *,
+        config: dict[str, Any],
+        repository: str,
+        tag: str,
+        action: str,
+    ) -> ImageInfo:
+        """The layer laid out in the helper and committed with ``config`` (checked as every
+        commit is), its files scanned meanwhile; the layer is taken away again whatever
+        happens (:meth:`clear`). A refused layer's image is removed."""
+        made = self.made()
+        self.used = True
+        try:
+            overlay.lay_out(layer, made.upper)
+            info: ImageInfo | None = None
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
+                    scanning = pool.submit(overlay.scan_files, layer, observer, made.upper)
+                    given = blank_other_labels(config, made.labels)
+                    with engine.engine_call(action):
+                        answer = client.api.commit(made.id, repository=repository, tag=tag, conf=given, pause=False)
+                    info = engine.verify_config(client, str(answer["Id"]), given, action=action)
+                    scanning.result()
+                observer.verdict()
+            except BaseException:
+                if info is not None:
+                    with contextlib.suppress(EnvctlError):
+                        engine.remove_image(client, info.id, force=True)
+                raise
+            return info
+        finally:
+            overlay.empty(made.upper)
+
+
+class Helpers:
+    """The helpers of one backend: made on demand, kept for the next save of their image."""
+
+    def __init__(self, client: Callable[[], docker.DockerClient], labels: dict[str, str]) -> None:
+        self._client = client
+        self.labels = {**labels, LABEL_MANAGED: HELPER}
+        self._idle: list[Helper] = []  # oldest first
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="envctl-helpers")
+
+    def take(self, image: str) -> Helper:
+        """A helper of ``image``: one kept waiting (still there), else a new one being made."""
+        while True:
+            with self._lock:
+                found = next((h for h in self._idle if h.image == image), None)
+                if found is None:
+                    break
+                self._idle.remove(found)
+            if self._still_there(found):
+                return found
+        return Helper(image, self._pool.submit(self._create, image))
+
+    def give_back(self, helper: Helper) -> None:
+        """A helper whose layer was taken away, kept for the next save of its image."""
+        with self._lock:
+            self._idle.append(helper)
+            evicted = self._idle[:-MAX_IDLE] if len(self._idle) > MAX_IDLE else []
+            del self._idle[: len(evicted)]
+        for old in evicted:
+            self.discard(old)
+
+    def prepare(self, image: str) -> None:
+        """One helper of ``image`` made ahead (in the background), unless one waits already."""
+        with self._lock:
+            if any(h.image == image for h in self._idle):
+                return
+        self.give_back(Helper(image, self._pool.submit(self._create, image)))
+
+    def forget(self, image: str) -> None:
+        """Every waiting helper of ``image`` removed (before the image is)."""
+        with self._lock:
+            gone = [h for h in self._idle if h.image == image]
+            self._idle = [h for h in self._idle if h.image != image]
+        for helper in gone:
+            self._remove(helper)
+
+    def discard(self, helper: Helper) -> None:
+        """A helper not to be used again, removed in the background."""
+        self._pool.submit(self._remove, helper)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for helper in idle:
+            self._remove(helper)
+        self._pool.shutdown(wait=True)
+
+    # -------------------------------------------------------------------------- the engine
+    def _create(self, image: str) -> Made:
+        api = self._client().api
+        name = f"envctl-helper-{uuid.uuid4().hex[:16]}"
+        try:
+            cid = str(api.create_container(image, name=name, labels=self.labels, network_disabled=True)["Id"])
+            attrs = api.inspect_container(cid)
+        except Exception as exc:
+            raise daemon_error(ACTION, exc) from exc
+        upper = ((attrs.get("GraphDriver") or {}).get("Data") or {}).get("UpperDir")
+        if not isinstance(upper, str) or not os.path.isdir(upper):
+            with contextlib.suppress(EnvctlError):
+                engine.remove_container(self._client(), cid, ACTION)
+            raise BackendError("a helper container for a save has no upper directory this host can read")
+        labels = dict((attrs.get("Config") or {}).get("Labels") or {})
+        return Made(cid, image, upper, labels)
+
+    def _still_there(self, helper: Helper) -> bool:
+        try:
+            made = helper.made()
+            self._client().api.inspect_container(made.id)
+        except (docker.errors.NotFound, EnvctlError):
+            return False
+        except Exception:
+            return False
+        return os.path.isdir(made.upper)
+
+    def _remove(self, helper: Helper) -> None:
+        try:
+            made = helper.made()
+        except Exception:
+            return  # never made
+        try:
+            engine.remove_container(self._client(), made.id, "remove a save's helper container")
+        except EnvctlError as exc:
+            log.warning("a helper container (%s) stays: %s", made.id[:12], exc.message)
