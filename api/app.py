@@ -81,7 +81,11 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.state.ctx = Context(
-        settings=services.settings, db=services.db, runner=services.runner, pinned_by=services.pinned_by
+        settings=services.settings,
+        db=services.db,
+        runner=services.runner,
+        pinned_by=services.pinned_by,
+        managed_registry=lambda: services.registry,
     )
     app.state.callers = CallerCache()
     errors.install(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from envs.kit.db import Database
 from envs.service import PinnedBy
 from registry import service as registry_service
 from registry import teams as teams_service
+from registry.distribution import ManagedRegistry
 from registry.visibility import Reader
 from runner.records import Viewer
 from runner.service import RunnerService
@@ -27,6 +29,7 @@ class Context:
     db: Database
     runner: RunnerService
     pinned_by: PinnedBy  # what pins a version (the runtimes store's answer): envs and the catalog ask it
+    managed_registry: Callable[[], ManagedRegistry | None]  # the registry process serve runs, if any
 
 
 @dataclass(frozen=True)

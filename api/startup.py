@@ -47,6 +47,24 @@ def write_admin_token(settings: Settings, db: Database) -> str:
     return admin_id
 
 
+def start_registry(settings: Settings) -> distribution.ManagedRegistry | None:
+    """The managed registry, started (``None`` when there is none to run); says on stderr what
+    it did. One that does not start yet is returned all the same: its watcher keeps trying."""
+    plan = distribution.plan(settings)
+    if plan.mode != "managed":
+        where = f" at {plan.url}" if plan.url else ""
+        print(f"registry: {plan.mode}{where} ({plan.reason})", file=sys.stderr)
+        return None
+    managed = distribution.ManagedRegistry(settings)
+    try:
+        managed.start()
+    except RegistryUnavailableError as exc:  # envctl serves anyway; the watcher keeps trying
+        print(f"registry: {exc.message}; envctl serves without it meanwhile", file=sys.stderr)
+    else:
+        print(f"registry: managed at {managed.url} (storage and log in {managed.dir})", file=sys.stderr)
+    return managed
+
+
 @dataclass
 class Services:
     """One server's collaborators. Build with ``Services.build``; ``open`` and ``close`` run
@@ -86,20 +104,8 @@ class Services:
         return self.runner.records.pinned_to
 
     def start_registry(self) -> None:
-        """The managed registry, when the settings ask for one; says on stderr what it did."""
-        plan = distribution.plan(self.settings)
-        if plan.mode != "managed":
-            where = f" at {plan.url}" if plan.url else ""
-            print(f"registry: {plan.mode}{where} ({plan.reason})", file=sys.stderr)
-            return
-        managed = distribution.ManagedRegistry(self.settings)
-        try:
-            managed.start()
-        except RegistryUnavailableError as exc:  # envctl serves anyway; the watcher keeps trying
-            print(f"registry: {exc.message}; envctl serves without it meanwhile", file=sys.stderr)
-        else:
-            print(f"registry: managed at {managed.url} (storage and log in {managed.dir})", file=sys.stderr)
-        self.registry = managed
+        """The managed registry, when the settings ask for one (``start_registry``)."""
+        self.registry = start_registry(self.settings)
 
     def open(self) -> None:
         """The first admin, the runner (reconcile, recover, housekeeping), the pre-puller."""
