@@ -1,18 +1,16 @@
-"""The FastAPI application: ``create_app(settings)`` wires settings, database and runner."""
+"""The FastAPI application: ``create_app(services)`` puts the routes on what ``api/startup.py`` built."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from api import errors
-from api.dbschema import check_current
 from api.deps import CallerCache, Context
 from api.fastpath import CellFastPath
 from api.routes import (
@@ -37,30 +35,10 @@ from api.routes import (
     volumes,
 )
 from api.schemas import ErrorOut
+from api.startup import Services
 from api.web import router as page_router
-from envs.kit.config import Settings
-from envs.kit.db import Database
-from registry import service as registry_service
-from registry.prepull import Prepuller
-from runner.backends import load_backend
-from runner.backends.base import RuntimeBackend
-from runner.service import RunnerService
 
 log = logging.getLogger("envctl.api")
-
-
-def write_admin_token(settings: Settings, db: Database) -> str:
-    """Create the first admin if there is none, and write its token for the CLI; the admin's id."""
-    with db.session() as s:
-        admin, token = registry_service.ensure_admin(s)
-        admin_id = admin.id
-    if token is not None:
-        path: Path = settings.admin_token_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(token + "\n")
-        log.info("created the first admin; its token is in %s", path)
-    return admin_id
 
 
 # Every error answer has the one envelope (api/errors.py); the schema says so.
@@ -84,42 +62,32 @@ def _telemetry(on: bool) -> TelemetryConfig:
     return {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
-def create_app(
-    settings: Settings,
-    *,
-    backend: RuntimeBackend | None = None,
-    housekeeping: bool = True,
-) -> FastAPI:
-    """Build the app. The runner starts (reconciles, housekeeps) with the app's lifespan."""
-    db = Database(settings.effective_database_url)
-    check_current(db.engine)  # refuse to serve an old schema; the error names the fix
-    runner = RunnerService(settings, db, backend or load_backend(settings.runner_backend, settings))
+def create_app(services: Services) -> FastAPI:
+    """The app on ``services`` (``api/startup.py``), which open and close with its lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        admin_id = write_admin_token(settings, db)
-        runner.open(housekeeping=housekeeping)
-        prepuller = None
-        if settings.registry_prepull and runner.transfers.enabled:
-            # pulls what the named teams publish, as envctl's admin (registry/prepull.py)
-            prepuller = Prepuller(db, settings.registry_prepull, lambda ref: runner.transfers.pull_ref(admin_id, ref))
-            prepuller.start()
+        services.open()
         try:
             yield
         finally:
-            if prepuller is not None:
-                prepuller.stop()
-            runner.close()
-            db.dispose()
+            services.close()
 
     app = FastAPI(
         title="envctl",
         version="0.1.0",
         description="Container environments for notebooks: runtimes, executions, versioned environments.",
         lifespan=lifespan,
-        telemetry=_telemetry(settings.api_telemetry),
+        telemetry=_telemetry(services.settings.api_telemetry),
     )
-    app.state.ctx = Context(settings=settings, db=db, runner=runner)
+    app.state.services = services
+    app.state.ctx = Context(
+        settings=services.settings,
+        db=services.db,
+        runner=services.runner,
+        pinned_by=services.pinned_by,
+        managed_registry=lambda: services.registry,
+    )
     app.state.callers = CallerCache()
     errors.install(app)
     app.include_router(kernelspecs.router, responses=ERROR_RESPONSES)  # before environments' /{ref:path}

@@ -1,24 +1,39 @@
-"""A cell submitted through the API: recorded for its runtime, and shown as the API shows it.
-
-One place for the submit path that ``POST /runtimes/{id}/executions``, its fast path
-(``api/fastpath.py``) and create-and-run (``POST /runtimes`` with a ``cell``) share.
-"""
+"""A cell's way through the API: ``run_cell`` records it and answers, the one function that
+both ``POST /runtimes/{id}/executions`` (api/routes/executions.py) and the fast path for that
+request (api/fastpath.py) call, and ``execution_out``, what every execution answer shows."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Caller
+from api.deps import Caller, Context
 from api.schemas import ExecutionCreate, ExecutionOut
 from registry import service as registry_service
-from runner.executions import ExecutionManager
 from runner.feeds import ExecutionView, merge_streams
-from runner.records import Viewer
+
+MAX_WAIT = 30.0  # seconds a request may wait for its cell to finish
 
 
-def submitters(ctx: Any, caller: Caller, views: list[ExecutionView]) -> dict[str, str]:
+async def run_cell(ctx: Context, caller: Caller, runtime_id: str, cell: ExecutionCreate, wait: float) -> ExecutionOut:
+    """Record the cell and answer: at once with the queued execution, or with ``wait`` as soon
+    as it finishes (or after ``wait`` seconds).
+
+    Recording is one short local write on SQLite, made on the event loop (a cell's round trip
+    is dominated by hops between threads); on PostgreSQL it is network round trips, which the
+    event loop does not wait on: a thread does."""
+    manager = ctx.runner.executions
+
+    def record() -> ExecutionView:
+        return manager.submit(caller.viewer, runtime_id, code=cell.code, language=cell.language, timeout=cell.timeout)
+
+    ex = await run_in_threadpool(record) if manager.submit_blocks else record()
+    if not wait:
+        return execution_out(ctx, caller, ex)
+    async with manager.waiting(ex.id, wait):
+        return execution_out(ctx, caller, manager.get(caller.viewer, ex.id))
+
+
+def submitters(ctx: Context, caller: Caller, views: list[ExecutionView]) -> dict[str, str]:
     """The names of who submitted ``views``, by user id (a row from before revision 0016: its
     owner). The caller's own cells, the usual case and the hot path's, read no database."""
     names = {caller.id: caller.name}
@@ -29,7 +44,7 @@ def submitters(ctx: Any, caller: Caller, views: list[ExecutionView]) -> dict[str
     return names
 
 
-def execution_out(ctx: Any, caller: Caller, ex: ExecutionView, names: dict[str, str] | None = None) -> ExecutionOut:
+def execution_out(ctx: Context, caller: Caller, ex: ExecutionView, names: dict[str, str] | None = None) -> ExecutionOut:
     """``names``: ``submitters`` of a list the execution is in (read here otherwise)."""
     outputs = [o for _, o in ctx.runner.executions.outputs(ex.id)]
     if names is None:
@@ -53,16 +68,3 @@ def execution_out(ctx: Any, caller: Caller, ex: ExecutionView, names: dict[str, 
         finished_at=ex.finished_at,
         mounts=ex.mounts,
     )
-
-
-async def record_cell(
-    manager: ExecutionManager, viewer: Viewer, runtime_id: str, body: ExecutionCreate
-) -> ExecutionView:
-    """Record the cell. On SQLite that is one short local write, made on the event loop: a
-    cell's round trip is dominated by hops between threads. On PostgreSQL it is network round
-    trips, which the event loop does not wait on: a thread does."""
-
-    def record() -> ExecutionView:
-        return manager.submit(viewer, runtime_id, code=body.code, language=body.language, timeout=body.timeout)
-
-    return await run_in_threadpool(record) if manager.submit_blocks else record()

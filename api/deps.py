@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,8 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from envs.kit.config import Settings
 from envs.kit.db import Database
+from envs.service import PinnedBy
 from registry import service as registry_service
 from registry import teams as teams_service
+from registry.distribution import ManagedRegistry
 from registry.visibility import Reader
 from runner.records import Viewer
 from runner.service import RunnerService
@@ -25,6 +28,8 @@ class Context:
     settings: Settings
     db: Database
     runner: RunnerService
+    pinned_by: PinnedBy  # what pins a version (the runtimes store's answer): envs and the catalog ask it
+    managed_registry: Callable[[], ManagedRegistry | None]  # the registry process serve runs, if any
 
 
 @dataclass(frozen=True)

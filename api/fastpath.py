@@ -4,8 +4,8 @@
 should come back in a few milliseconds. FastAPI's request machinery (routing, dependency
 solving, validating the answer again) costs more CPU than the rest of the round trip together,
 so this ASGI middleware answers that one request directly, with the same pieces the route uses:
-the same token cache, the same body model, the same ``ExecutionManager`` calls, the same
-answer model and the same error envelope.
+the same token cache, the same body model, the same function (``api.cells.run_cell``) and the
+same error envelope.
 
 It takes only the plain case: a token already in the cache, a JSON body that validates, and a
 ``wait`` query that is a number in range. Anything else (first use of a token, a bad body, an
@@ -23,9 +23,8 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.cells import execution_out, record_cell
+from api.cells import MAX_WAIT, run_cell
 from api.errors import error_response
-from api.routes.executions import MAX_WAIT
 from api.schemas import ExecutionCreate
 from envs.kit.errors import EnvctlError
 
@@ -60,19 +59,12 @@ class CellFastPath:
             await self.app(scope, _replay(body, receive, complete), send)
             return
         self.state.fast_cells += 1
-        ctx = self.state.ctx
-        manager = ctx.runner.executions
         try:
-            ex = await record_cell(manager, caller.viewer, match.group(1), cell)
+            out = await run_cell(self.state.ctx, caller, match.group(1), cell, wait)
         except EnvctlError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        if not wait:
-            await _answer(send, execution_out(ctx, caller, ex).model_dump_json().encode())
-            return
-        async with manager.waiting(ex.id, wait):
-            ex = manager.get(caller.viewer, ex.id)
-            await _answer(send, execution_out(ctx, caller, ex).model_dump_json().encode())
+        await _answer(send, out.model_dump_json().encode())
 
     def _cached_caller(self, scope: Scope) -> Any:
         for name, value in scope["headers"]:

@@ -322,33 +322,34 @@ def register_base_images(session: Session, built: list[Any]) -> list[tuple[Envir
     return out
 
 
-# Packages above envs that pin versions (the runner's runtimes) say so here, so that a version
-# in use is never deleted; envs knows nothing more of them (imports go api → runner → envs).
-DependentsFinder = Callable[[Session, EnvironmentVersion], list[str]]
-_DEPENDENTS: dict[str, DependentsFinder] = {}
+# What pins a version from above envs (the runner's runtimes): ``(name, id, owner id)`` of each.
+# The callable is handed in by whoever starts envctl (``api/startup.py`` passes the runtimes
+# store's ``pinned_to``), so envs imports nothing above it and holds no registry of callbacks.
+Pin = tuple[str, str, str]
+PinnedBy = Callable[[Session, EnvironmentVersion], list[Pin]]
 
 
-def register_dependents(kind: str, finder: DependentsFinder) -> None:
-    """``finder(session, version)`` names the ``kind`` of things that need ``version``."""
-    _DEPENDENTS[kind] = finder
+def pinned_by_nothing(session: Session, version: EnvironmentVersion) -> list[Pin]:
+    """For a process with no runtimes (``envctl base build``, tests of envs alone)."""
+    return []
 
 
-def dependents(session: Session, version: EnvironmentVersion) -> dict[str, list[str]]:
-    """What needs a version: child versions, and what other packages registered (runtimes)."""
+def dependents(session: Session, version: EnvironmentVersion, pinned_by: PinnedBy) -> dict[str, list[str]]:
+    """What needs a version: child versions, and runtimes pinned to it (by id)."""
     children = session.scalars(select(EnvironmentVersion).where(EnvironmentVersion.parent_id == version.id)).all()
-    found = {"versions": sorted(c.ref for c in children)}
-    for kind, finder in _DEPENDENTS.items():
-        found[kind] = sorted(finder(session, version))
-    return found
+    return {
+        "versions": sorted(c.ref for c in children),
+        "runtimes": sorted(rid for _, rid, _ in pinned_by(session, version)),
+    }
 
 
-def delete_version(session: Session, version: EnvironmentVersion, writer: Writer | None) -> str:
+def delete_version(session: Session, version: EnvironmentVersion, writer: Writer | None, pinned_by: PinnedBy) -> str:
     """Forget a version nothing depends on; returns its image id. Tags on it move back to the
     newest remaining version of the environment (or go away with the last one).
 
     Only the environment's owner or an admin may (403 otherwise, before anything else)."""
     check_write(version.environment, writer, "delete its versions")
-    needs = dependents(session, version)
+    needs = dependents(session, version, pinned_by)
     if any(needs.values()):
         parts = []
         if needs["versions"]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import column, delete, select, table
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
 from envs import service as envs_service
@@ -27,19 +27,12 @@ from envs.kit.errors import InvalidInputError, NotFoundError
 from envs.models import Environment, EnvironmentVersion, Tag
 from envs.packages import kept_packages
 from envs.refs import EnvRef, parse_ref
-from envs.service import Writer
+from envs.service import PinnedBy, Writer
 from registry import events, visibility
 from registry.drafts import is_draft_repository
+from registry.errors import PublicationNotFoundError
 from registry.models import Membership, Publication, Team
 from registry.visibility import published_version_ids
-
-# Runtimes are the runner's table; the catalog only needs to know whose they are. A plain table
-# construct keeps the imports one way (runner sits above registry).
-_RUNTIMES = table("runtimes", column("id"), column("name"), column("owner_id"), column("version_id"))
-
-
-class PublicationNotFoundError(NotFoundError):
-    code = "publication_not_found"
 
 
 def _namespace(full_name: str) -> str:
@@ -116,9 +109,10 @@ def publish(session: Session, ref_text: str, writer: Writer, by: str) -> Publica
     return pub
 
 
-def unpublish(session: Session, ref_text: str, writer: Writer, by: str) -> None:
+def unpublish(session: Session, ref_text: str, writer: Writer, by: str, pinned_by: PinnedBy) -> None:
     """Unpublish the version or tag ``ref_text``: refused (409) while another team's versions or
-    other users' runtimes depend on a version it alone published; 404 if it is not published."""
+    other users' runtimes (``pinned_by``: the runtimes store's answer) depend on a version it
+    alone published; 404 if it is not published."""
     env, ref = _target(session, ref_text, writer)
     envs_service.check_write(env, writer, "unpublish it", "ask a member of its team")
     pub = _find(session, env, ref)
@@ -132,7 +126,7 @@ def unpublish(session: Session, ref_text: str, writer: Writer, by: str) -> None:
     lost = before - published_version_ids(session, env)
     for version_id in sorted(lost):
         version = envs_service.get_version(session, version_id)
-        needs = _dependents(session, version, outside=env.namespace)
+        needs = _dependents(session, version, pinned_by, outside=env.namespace)
         if needs.any:
             raise VersionInUseError(
                 f"{ref} cannot be unpublished: {needs.describe(writer)} of other teams depend on {version.ref}",
@@ -184,7 +178,9 @@ def _members(session: Session, namespace: str) -> set[str]:
     return set(rows)
 
 
-def _dependents(session: Session, version: EnvironmentVersion, outside: str | None = None) -> Dependents:
+def _dependents(
+    session: Session, version: EnvironmentVersion, pinned_by: PinnedBy, outside: str | None = None
+) -> Dependents:
     """Children and pinned runtimes of ``version``; with ``outside``, only those of other teams
     than ``outside`` (children in another namespace, runtimes of users not in that team)."""
     children = session.scalars(
@@ -193,10 +189,7 @@ def _dependents(session: Session, version: EnvironmentVersion, outside: str | No
         .options(selectinload(EnvironmentVersion.environment))
     )
     found = Dependents(versions=[(c.ref, c.environment.namespace) for c in children])
-    rows = session.execute(
-        select(_RUNTIMES.c.name, _RUNTIMES.c.id, _RUNTIMES.c.owner_id).where(_RUNTIMES.c.version_id == version.id)
-    )
-    found.runtimes = [(f"{name} ({rid})", str(owner)) for name, rid, owner in rows]
+    found.runtimes = [(f"{name} ({rid})", str(owner)) for name, rid, owner in pinned_by(session, version)]
     if outside is not None:
         members = _members(session, outside)
         found.versions = [(r, ns) for r, ns in found.versions if ns != outside]
@@ -204,18 +197,18 @@ def _dependents(session: Session, version: EnvironmentVersion, outside: str | No
     return found
 
 
-def delete_version(session: Session, version: EnvironmentVersion, writer: Writer) -> str:
+def delete_version(session: Session, version: EnvironmentVersion, writer: Writer, pinned_by: PinnedBy) -> str:
     """Delete a version nothing depends on (``envs.service.delete_version``), refusing (409) with
     the dependents the writer may see named and the others counted; its publications go with it.
     Returns its image id."""
     envs_service.check_write(version.environment, writer, "delete its versions")
-    needs = _dependents(session, version)
+    needs = _dependents(session, version, pinned_by)
     if needs.any:
         raise VersionInUseError(
             f"{version.ref} cannot be deleted: {needs.describe(writer)} depend on it", details=needs.details(writer)
         )
     session.execute(delete(Publication).where(Publication.version_id == version.id))
-    return envs_service.delete_version(session, version, writer)
+    return envs_service.delete_version(session, version, writer, pinned_by)
 
 
 @dataclass(frozen=True)

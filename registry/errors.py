@@ -21,6 +21,10 @@ class UserExistsError(ConflictError):
     code = "user_exists"
 
 
+class PublicationNotFoundError(NotFoundError):
+    code = "publication_not_found"
+
+
 class TokenNotFoundError(NotFoundError):
     code = "token_not_found"
 

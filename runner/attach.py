@@ -43,12 +43,13 @@ from typing import Any
 from sqlalchemy import select
 
 from envs.kit.config import Settings
-from envs.kit.errors import ConflictError, EnvctlError, ForbiddenError, NotFoundError
+from envs.kit.errors import ConflictError, EnvctlError
 from runner.backends.base import LABEL_MANAGED, LABEL_RUNTIME, OtherContainer, RuntimeBackend
 from runner.channel import AgentUnavailableError, wait_for_agent
+from runner.errors import AttachNotAllowedError, ContainerNotFoundError
 from runner.models import Runtime
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, activity
 from runner.states import State
 
 log = logging.getLogger("envctl.attach")
@@ -58,14 +59,6 @@ NOMINAL_ENVIRONMENT = "bash"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASH_FLAGS = ["--noprofile", "--norc"]
 _AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")  # the kernels' files in the container
-
-
-class AttachNotAllowedError(ForbiddenError):
-    code = "attach_not_allowed"
-
-
-class ContainerNotFoundError(NotFoundError):
-    code = "container_not_found"
 
 
 def container_of(rt: Runtime) -> str | None:
@@ -204,8 +197,7 @@ class Attach:
                 values={
                     "backend_state": state,
                     "booted_at": now,
-                    "last_activity_at": now,
-                    "last_activity": "attach",
+                    **activity("attach", now),
                     "phase": None,
                 },
             )

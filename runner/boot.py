@@ -31,13 +31,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import selectinload
 
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
-from runner import envvars
+from runner import cellstore, envvars
 from runner.agentauth import Credential, hand_over, make_credential
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.channel import AgentUnavailableError, wait_for_agent
@@ -46,10 +45,10 @@ from runner.drafts import Drafts
 from runner.errors import GpuUnavailableError, NetworkPoolExhaustedError
 from runner.identity import RunnerIdentity
 from runner.machines import cuda_dir, get_machine_type
-from runner.models import Execution, Runtime
+from runner.models import Runtime
 from runner.mounts.prepare import MountPreparer, mounted_note
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, activity
 from runner.secrets import Delivery, RuntimeSecrets
 from runner.settings import apply_pending
 from runner.states import State
@@ -79,6 +78,7 @@ class Booter:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         drafts: Drafts,
+        mounts: MountPreparer,
         transfers: Transfers | None = None,
         secrets: RuntimeSecrets | None = None,
     ) -> None:
@@ -89,7 +89,7 @@ class Booter:
         self.backend = backend
         self.paths = paths
         self.drafts = drafts
-        self.mounts = MountPreparer(settings, identity.installation, backend)
+        self.mounts = mounts
         self.transfers = transfers
         self.secrets = secrets
 
@@ -222,7 +222,7 @@ class Booter:
                     "agent_pid": pong.get("pid"),
                     **({"index_wait_s": pong["index_wait_seconds"]} if "index_wait_seconds" in pong else {}),
                 },
-                values={"booted_at": now, "last_activity_at": now, "last_activity": "boot", "phase": None},
+                values={"booted_at": now, **activity("boot", now), "phase": None},
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
@@ -305,12 +305,7 @@ class Booter:
             with self.records.tx() as s:
                 self.records.log(s, runtime_id, event="mounted", reason="boot", message=mounted_note(used))
         if used:  # cells queued before the boot ran on what it mounted
-            with self.records.db.connection() as c:
-                c.execute(
-                    update(Execution)
-                    .where(Execution.runtime_id == runtime_id, Execution.status == "queued", Execution.mounts.is_(None))
-                    .values(mounts=used)
-                )
+            cellstore.set_queued_mounts(self.records.db, runtime_id, used)
         return replace(spec, mounts=tuple(binds))
 
     def _progress(self, runtime_id: str) -> Callable[[str, tuple[int, int] | None], None]:

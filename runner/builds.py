@@ -15,8 +15,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import update
-
 from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
@@ -181,14 +179,7 @@ class Builds:
 
     def _update(self, op_id: str, **values: Any) -> None:
         steps = values.pop("steps", None)
-        with self.records.db.connection() as c:
-            if steps is not None:
-                row = c.execute(Operation.__table__.select().where(Operation.id == op_id)).first()
-                result = dict(row.result or {}) if row is not None else {}
-                result["steps"] = [dict(s) for s in steps]
-                values["result"] = result
-            if values:
-                c.execute(update(Operation).where(Operation.id == op_id).values(**values))
+        self.operations.update(op_id, steps=[dict(s) for s in steps] if steps is not None else None, **values)
 
 
 def _log_text(outputs: list[tuple[int, dict[str, Any]]], limit: int = 64 * 1024) -> str:

@@ -21,16 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
-
 from envs.kit.config import Settings
-from envs.kit.db import Database, HotStatement, HotWriter
+from envs.kit.db import Database, HotWriter
 from envs.kit.errors import EnvctlError
+from runner import cellstore
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.feeds import FINAL, Event, ExecutionView, Feed, Feeds
-from runner.models import Execution, ExecutionOutput, Runtime
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, touch_hot
 from runner.states import State
 
 log = logging.getLogger("envctl.executions")
@@ -42,33 +40,8 @@ SEND_NOW_MAX = 64 * 1024  # characters: larger cells are sent by the worker (no 
 ANSWER_FIRST = 0.01  # seconds the end's database write may wait for waiting clients' answers
 STOP_WAIT = 300.0  # seconds a cell that arrives as its runtime stops waits for the stop, then boots it
 LINGER = 2.0  # seconds an idle worker waits for the next cell (a notebook's usually follows at once)
-
-INSERT_OUTPUTS = HotStatement(insert(ExecutionOutput))
-FINISH_EXECUTION = HotStatement(
-    update(Execution)
-    .where(Execution.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        execution_count=bindparam("b_count"),
-        started_at=bindparam("b_started"),
-        finished_at=bindparam("b_finished"),
-        truncated=bindparam("b_truncated"),
-        output_bytes=bindparam("b_bytes"),
-        output_count=bindparam("b_outputs"),
-        error_name=bindparam("b_ename"),
-        error_value=bindparam("b_evalue"),
-    )
-)
-MARK_RUNNING = HotStatement(
-    update(Execution)
-    .where(Execution.id == bindparam("b_id"), Execution.status == "queued")
-    .values(status="running", started_at=bindparam("b_started"))
-)
-TOUCH_RUNTIME = HotStatement(
-    update(Runtime)
-    .where(Runtime.id == bindparam("b_id"))
-    .values(last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
-)
+DRAIN_WAIT = 15.0  # seconds a delete waits for the runtime's worker to write its cells' ends
+DELETED = "the runtime was deleted"
 
 
 @dataclass
@@ -107,6 +80,7 @@ class CellWorkers:
         self._channels: dict[str, AgentChannel] = {}  # runtime id -> its worker's connection
         self._acks: dict[str, str] = {}  # runtime id -> its last cell stored, the agent not yet told
         self._submit_locks: dict[str, threading.Lock] = {}  # runtime id -> see in_order
+        self._retired: set[str] = set()  # runtimes being (or that were) deleted: see retire
         self._lock = threading.Lock()
         self._later = _Later("envctl-exec-marks")
         self.sent_at_once = 0  # cells that submit sent to the agent itself (see send_now)
@@ -129,6 +103,31 @@ class CellWorkers:
                 return True
             q = self._queues.get(runtime_id)
             return q is not None and q.unfinished_tasks > 0
+
+    # ------------------------------------------------------------------ a runtime that goes
+    def retire(self, runtime_id: str) -> None:
+        """The runtime is about to be deleted: from now on its worker boots nothing and retries
+        nothing; its queued cells and the one that runs end with ``RuntimeStopped`` (deleted)
+        once its container is stopped. ``drain`` then waits until those ends are written."""
+        with self._lock:
+            self._retired.add(runtime_id)
+
+    def drain(self, runtime_id: str, timeout: float = DRAIN_WAIT) -> bool:
+        """Wait until the runtime's worker has written the end of every cell it had (so the
+        delete's cascade removes no row the worker still writes to); False after ``timeout``."""
+        with self._lock:
+            q = self._queues.get(runtime_id)
+        deadline = time.monotonic() + timeout
+        while q is not None and q.unfinished_tasks > 0:
+            if time.monotonic() > deadline:
+                log.warning("the cells of runtime %s did not end within %.0f s of its deletion", runtime_id, timeout)
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _retiring(self, runtime_id: str) -> bool:
+        with self._lock:
+            return runtime_id in self._retired
 
     # ------------------------------------------------------------------ queueing
     def enqueue(self, job: Job, *, send_now: bool = False) -> None:
@@ -198,6 +197,9 @@ class CellWorkers:
             try:
                 self._run(job)
             except Exception:
+                if self._retiring(runtime_id):  # its rows went with the runtime after all
+                    log.info("execution %s ended with its deleted runtime", job.view.id, exc_info=True)
+                    continue
                 log.exception("execution %s failed unexpectedly", job.view.id)
                 try:
                     self.finish(
@@ -221,6 +223,9 @@ class CellWorkers:
             return
         accepted = job.attach
         sent, job.events = job.events, None
+        if self._retiring(view.runtime_id) and not accepted and sent is None:
+            self.finish(view, "error", None, {}, error=("RuntimeStopped", DELETED))
+            return
         if not accepted and sent is None:
             problem = self._ensure_running(view)
             if problem is not None:
@@ -258,7 +263,7 @@ class CellWorkers:
                 if self.closing.is_set():
                     sink.flush()
                     return  # envctl is stopping: the next start attaches again
-                state = self.records.state_of(view.runtime_id)
+                state = None if self._retiring(view.runtime_id) else self.records.state_of(view.runtime_id)
                 if state == State.RUNNING and attempts <= 3:
                     time.sleep(0.1 * (attempts - 1))  # the first retry at once: a stale connection
                     continue
@@ -314,11 +319,9 @@ class CellWorkers:
         if view.finished_at is not None:
             return
         with self.db.hot() as c:
-            started = c.count(MARK_RUNNING, {"b_id": view.id, "b_started": view.started_at})
-            if started:  # not after the end: that would move the runtime's last activity back
-                c.execute(
-                    TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": view.started_at, "b_what": "execution started"}
-                )
+            started = cellstore.mark_running(c, view.id, view.started_at)
+            if started and view.started_at is not None:  # not after the end: that would move the activity back
+                touch_hot(c, view.runtime_id, "execution started", view.started_at)
         if not started and view.finished_at is None:
             # interrupted while it was queued, just as it was sent: stop it in the agent
             with contextlib.suppress(EnvctlError):
@@ -327,11 +330,11 @@ class CellWorkers:
     def _ensure_running(self, view: ExecutionView) -> str | None:
         """Boot the runtime if needed; None when it runs, else why it does not."""
         runtime_id = view.runtime_id
-        state = self.records.state_of(runtime_id)
+        state = None if self._retiring(runtime_id) else self.records.state_of(runtime_id)
         if state == State.RUNNING:
             return None
         if state is None:
-            return "the runtime was deleted"
+            return DELETED
         if state == State.STOPPING:
             # stopping as the cell came (an idle shutdown at its deadline, a stop): let the stop
             # finish, keeping the changes as a draft, then boot again for the cell
@@ -405,22 +408,20 @@ class CellWorkers:
             feed.answered.wait(ANSWER_FIRST)  # see ExecutionManager.waiting
         with self.db.hot() as c:  # the last outputs and the end, in one transaction
             sink.flush(c)
-            c.execute(
-                FINISH_EXECUTION,
-                {
-                    "b_id": view.id,
-                    "b_status": status,
-                    "b_count": execution_count,
-                    "b_started": view.started_at,
-                    "b_finished": now,
-                    "b_truncated": view.truncated,
-                    "b_bytes": view.output_bytes,
-                    "b_outputs": view.output_count,
-                    "b_ename": view.error_name,
-                    "b_evalue": view.error_value,
-                },
+            cellstore.finish(
+                c,
+                view.id,
+                status=status,
+                count=execution_count,
+                started=view.started_at,
+                finished=now,
+                truncated=view.truncated,
+                bytes=view.output_bytes,
+                outputs=view.output_count,
+                ename=view.error_name,
+                evalue=view.error_value,
             )
-            c.execute(TOUCH_RUNTIME, {"b_id": view.runtime_id, "b_at": now, "b_what": "execution finished"})
+            touch_hot(c, view.runtime_id, "execution finished", now)
 
 
 class _Later:
@@ -491,12 +492,11 @@ class _Sink:
 
     def flush(self, conn: HotWriter | None = None) -> None:
         if self.pending:
-            rows = [{"execution_id": self.view.id, "idx": i, "output": o} for i, o in self.pending]
             if conn is not None:
-                conn.execute_many(INSERT_OUTPUTS, rows)
+                cellstore.insert_outputs(conn, self.view.id, self.pending)
             else:
                 with self.db.hot() as c:
-                    c.execute_many(INSERT_OUTPUTS, rows)
+                    cellstore.insert_outputs(c, self.view.id, self.pending)
             self.pending = []
             self.pending_bytes = 0
         self.last_flush = time.monotonic()

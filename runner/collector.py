@@ -15,11 +15,12 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
+from runner import cellstore
 from runner.models import ResultFile as ResultRow
 from runner.models import Runtime
 from runner.paths import RuntimePaths
@@ -81,8 +82,8 @@ class ResultCollector:
                 with self.db.connection() as c:
                     # the runtime's team, so the results are its members' too (and outlive it)
                     team = c.scalar(select(Runtime.team).where(Runtime.id == runtime_id))
-                    c.execute(
-                        insert(ResultRow),
+                    cellstore.record_results(
+                        c,
                         [
                             {
                                 "owner_id": owner_id,

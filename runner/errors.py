@@ -1,6 +1,13 @@
 """Errors of the runner package: every leaf the runner raises is defined here."""
 
-from envs.kit.errors import BackendError, ConflictError, EnvctlError, NotFoundError, ServiceUnavailableError
+from envs.kit.errors import (
+    BackendError,
+    ConflictError,
+    EnvctlError,
+    ForbiddenError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 
 class RuntimeNotFoundError(NotFoundError):
@@ -91,6 +98,19 @@ class SaveHasSecretsError(ConflictError):
         )
 
 
+class SecretUnavailableError(ConflictError):
+    """A runtime refers to a secret that is gone, or of a team its owner is not in."""
+
+    code = "secret_unavailable"
+
+
+class LayerStreamError(BackendError):
+    """The agent's layer stream of a save made inside the runtime broke off or broke the rules;
+    nothing was kept."""
+
+    code = "layer_stream_failed"
+
+
 class NetworkPoolExhaustedError(BackendError):
     """No subnet of ``ENVCTL_RUNNER_SUBNET_POOL`` is free for an installation's runtime network.
 
@@ -99,3 +119,15 @@ class NetworkPoolExhaustedError(BackendError):
     command that removes those whose installation has none left."""
 
     code = "network_pool_exhausted"
+
+
+class AttachNotAllowedError(ForbiddenError):
+    """A container outside ``ENVCTL_RUNNER_ATTACH_ALLOW`` was asked to be attached (R42)."""
+
+    code = "attach_not_allowed"
+
+
+class ContainerNotFoundError(NotFoundError):
+    """The container named for an attached runtime is not on the engine."""
+
+    code = "container_not_found"

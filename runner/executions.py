@@ -21,7 +21,7 @@
 A trivial cell's round trip is a few milliseconds, most of it spent handing work between
 threads and processes, so the hot path avoids every hand-over it can:
 
-- one transaction on the way in (``CLAIM_SEQ`` + ``INSERT_EXECUTION``) and one at the end,
+- one transaction on the way in (``records.claim_seq`` + ``cellstore.insert_execution``) and one at the end,
   both through ``Database.hot()``; "running" is written only for cells still going after
   ``MARK_RUNNING_AFTER``, by one shared timer thread;
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
@@ -38,47 +38,29 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import select
 
-from envs.kit.db import Database, HotStatement
+from envs.kit.db import Database
 from envs.kit.errors import ConflictError, InvalidInputError
 from envs.kit.ids import new_id
+from runner import cellstore
 from runner.cellworker import CellWorkers, Job
 from runner.channel import AgentUnavailableError
 from runner.errors import ExecutionNotFoundError, RuntimeNotFoundError
 from runner.feeds import FINAL, Event, ExecutionView, Feed, Feeds, Subscriber
 from runner.models import Execution, ExecutionOutput, Runtime
-from runner.records import Records, Who, viewer_of
+from runner.records import Records, Who, claim_seq, viewer_of
 from runner.states import State
 
 log = logging.getLogger("envctl.executions")
 
 LANGUAGES = ("python", "bash")
+POLL = 0.5  # seconds between reads of an execution that another runner runs (``follow``)
 MAX_CODE = 1024 * 1024
-
-# The statements of a cell's way in, built once and run through ``Database.hot()``: a statement
-# built per call costs about 1 ms of CPU to build and look up, three times what running it does.
-CLAIM_SEQ = HotStatement(
-    update(Runtime)
-    .where(Runtime.id == bindparam("b_id"))
-    .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
-    .returning(
-        Runtime.next_seq,
-        Runtime.owner_id,
-        Runtime.team,
-        Runtime.language,
-        Runtime.type,
-        Runtime.kernel,
-        Runtime.runner,
-        Runtime.state,
-        Runtime.mounts_used,
-    )
-)
-INSERT_EXECUTION = HotStatement(insert(Execution))
 
 
 def _json_list(value: Any) -> list[Any] | None:
@@ -223,6 +205,62 @@ class ExecutionManager:
                 if feed.answering == 0:
                     feed.answered.set()
 
+    async def follow(
+        self, who: Who, execution_id: str, start: int = 0, *, quiet: float = 15.0
+    ) -> AsyncGenerator[Event | None, None]:
+        """An execution's events from output ``start`` on, as they happen: each output, then
+        the final status (the last event). ``None`` when nothing happened for ``quiet`` seconds
+        (the caller checks its client there). Live from this process's feed; an execution
+        another runner runs is read from the store every ``POLL`` seconds."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(event: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+        snapshot, unsubscribe = self.subscribe(execution_id, deliver)
+        try:
+            if snapshot is None:
+                async for stored in self._follow_store(who, execution_id, start):
+                    yield stored
+                return
+            next_index = start
+            for idx, out in enumerate(snapshot):
+                if idx >= next_index:
+                    yield Event("output", index=idx, data=out)
+                    next_index = idx + 1
+            while True:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), quiet)
+                except TimeoutError:
+                    yield None
+                    continue
+                if event.kind != "output":
+                    yield event
+                    return
+                if event.index >= next_index:
+                    yield event
+                    next_index = event.index + 1
+        finally:
+            unsubscribe()
+
+    async def _follow_store(self, who: Who, execution_id: str, start: int) -> AsyncIterator[Event | None]:
+        """``follow`` for an execution this process does not run: what the store has, read
+        again every ``POLL`` seconds until it ends."""
+        next_index = start
+        while True:
+            view = await asyncio.to_thread(self.get, who, execution_id)
+            # outputs after the status: a cell's last outputs and its end commit together
+            for idx, out in await asyncio.to_thread(self.outputs, execution_id, next_index):
+                yield Event("output", index=idx, data=out)
+                next_index = idx + 1
+            if view.status in FINAL:
+                data = {"status": view.status, "execution_count": view.execution_count, "truncated": view.truncated}
+                yield Event("status", data=data)
+                return
+            yield None
+            await asyncio.sleep(POLL)
+
     def wait(self, execution_id: str, timeout: float) -> None:
         feed = self.feeds.get(execution_id)
         if feed is not None:
@@ -254,7 +292,7 @@ class ExecutionManager:
         # the runtime's submit lock (other processes refuse cells for runtimes not theirs).
         with self.workers.in_order(runtime_id):
             with self.db.hot() as c:
-                found = c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": now, "b_what": "execution submitted"})
+                found = claim_seq(c, runtime_id, now)
                 viewer = viewer_of(who)
                 if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
                     raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
@@ -276,8 +314,8 @@ class ExecutionManager:
                     kernel=(kernel or "python3") if rt_type == "jupyter" else None,
                     mounts=_json_list(mounts_used) if state == State.RUNNING else None,
                 )
-                c.execute(
-                    INSERT_EXECUTION,
+                cellstore.insert_execution(
+                    c,
                     {
                         "id": execution_id,
                         "runtime_id": runtime_id,
@@ -310,20 +348,13 @@ class ExecutionManager:
         if runner is None:
             raise ExecutionNotFoundError(f"execution {execution_id[:64]!r} does not exist")
         self.records.mine(runner)
-        if view.status == "queued":
-            with self.db.connection() as c:
-                done = c.execute(
-                    update(Execution)
-                    .where(Execution.id == execution_id, Execution.status == "queued")
-                    .values(status="interrupted", finished_at=self.clock())
-                ).rowcount
-            if done:
-                feed = self.feeds.live(execution_id)
-                if feed is not None:
-                    feed.view.status = "interrupted"
-                    feed.view.finished_at = self.clock()
-                    feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
-                return self.get(who, execution_id)
+        if view.status == "queued" and cellstore.interrupt_queued(self.db, execution_id, self.clock()):
+            feed = self.feeds.live(execution_id)
+            if feed is not None:
+                feed.view.status = "interrupted"
+                feed.view.finished_at = self.clock()
+                feed.publish(Event("status", data={"status": "interrupted", "execution_count": None}))
+            return self.get(who, execution_id)
         try:
             self.workers.interrupt(view)
         except AgentUnavailableError as exc:

@@ -52,6 +52,7 @@ from registry import uploads
 from registry.errors import TransferError
 from runner.backends.base import PRIVATE_PATHS, RuntimeBackend
 from runner.channel import AgentChannel, AgentUnavailableError
+from runner.errors import LayerStreamError
 from runner.imageconfig import CONTAINER_LABELS_CLEARED
 from runner.models import Runtime
 from runner.records import Records
@@ -74,12 +75,6 @@ _TYPES = {
     tarfile.FIFOTYPE,
 }
 PATHS = ("host", "runtime")
-
-
-class LayerStreamError(BackendError):
-    """The agent's layer stream broke off or broke the rules; nothing was kept."""
-
-    code = "layer_stream_failed"
 
 
 def chosen(settings: Settings, backend: RuntimeBackend) -> bool:

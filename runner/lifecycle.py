@@ -20,10 +20,12 @@ from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, TooManyRequestsError
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
+from runner.cellworker import CellWorkers
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
 from runner.errors import RuntimeStateError
 from runner.models import Runtime
+from runner.mounts.prepare import MountPreparer
 from runner.paths import RuntimePaths
 from runner.records import Records, Who
 from runner.states import State
@@ -41,6 +43,8 @@ class Lifecycle:
         paths: RuntimePaths,
         drafts: Drafts,
         booter: Booter,
+        mounts: MountPreparer,
+        cells: CellWorkers,
         *,
         is_saving: Callable[[str], bool],
         on_deleted: Callable[[str], None],
@@ -54,6 +58,8 @@ class Lifecycle:
         self.paths = paths
         self.drafts = drafts
         self.booter = booter
+        self.mounts = mounts
+        self.cells = cells
         self.is_saving = is_saving
         self.on_deleted = on_deleted
         # claims a warm container for a stopped runtime that fits (runner/pool.py): True when
@@ -171,7 +177,7 @@ class Lifecycle:
         """S3 mounts asked to be written back upload what the runtime changed (logged; a
         failure is logged and does not keep the runtime from stopping)."""
         try:
-            uploaded = self.booter.mounts.write_back(mounts, runtime_id)
+            uploaded = self.mounts.write_back(mounts, runtime_id)
         except EnvctlError as exc:
             with self.records.tx() as s:
                 self.records.log(s, runtime_id, event="writeback-failed", reason="stop", message=exc.message)
@@ -217,10 +223,16 @@ class Lifecycle:
     # ------------------------------------------------------------------ delete
     def delete(self, who: Who, runtime_id: str) -> None:
         """Stop the runtime (synchronously) and forget it; its results stay. Its owner or an
-        admin of its team may (``Records.get_to_manage``)."""
+        admin of its team may (``Records.get_to_manage``).
+
+        In this order, so that nothing writes for rows the delete removes: the cell worker is
+        told the runtime goes (it boots and retries nothing more), the container stops (the
+        running cell ends, "deleted"), the worker writes the ends of its cells, and only then
+        the runtimes store deletes the row (its log and executions go with it)."""
         with self.records.db.session() as s:
             self.records.get_to_manage(s, who, runtime_id, "deleting", with_version=False)
         self.concurrency.cancel(runtime_id)
+        self.cells.retire(runtime_id)
         with self.concurrency.runtime_lock(runtime_id):
             with self.records.db.session() as s:
                 rt = self.records.get(s, who, runtime_id, with_version=False)
@@ -232,11 +244,13 @@ class Lifecycle:
             if state:
                 self.backend.stop(state, timeout=2)
                 self._write_back(runtime_id, mounts)
-            with self.records.tx() as s:
-                s.delete(self.records.get(s, who, runtime_id, with_version=False))
+            with self.cells.in_order(runtime_id):  # no cell is numbered meanwhile
+                self.cells.drain(runtime_id)
+                with self.records.tx() as s:
+                    self.records.delete(s, who, runtime_id)
         self.on_deleted(runtime_id)
         self.concurrency.forget(runtime_id)
         if draft:
             self.backend.remove_image(draft)
         self.paths.remove_state_dir(runtime_id)
-        self.booter.mounts.forget(runtime_id)
+        self.mounts.forget(runtime_id)

@@ -16,12 +16,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    select,
     text,
 )
-from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from envs import service as envs_service
 from envs.kit.clock import utcnow
 from envs.kit.db import Base, UTCDateTime
 from envs.models import EnvironmentVersion
@@ -263,11 +261,3 @@ class PoolEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-
-
-def _runtimes_pinned_to(session: Session, version: EnvironmentVersion) -> list[str]:
-    return list(session.scalars(select(Runtime.id).where(Runtime.version_id == version.id)))
-
-
-# a version that runtimes are pinned to is never deleted (envs asks; it does not import runner)
-envs_service.register_dependents("runtimes", _runtimes_pinned_to)

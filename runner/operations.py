@@ -74,6 +74,17 @@ class Operations:
         with self.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message, **values))
 
+    def update(self, op_id: str, *, steps: list[dict[str, Any]] | None = None, **values: Any) -> None:
+        """Change columns of an operation; ``steps`` replaces ``result["steps"]`` (a build's)."""
+        with self.db.connection() as c:
+            if steps is not None:
+                row = c.execute(Operation.__table__.select().where(Operation.id == op_id)).first()
+                result = dict(row.result or {}) if row is not None else {}
+                result["steps"] = steps
+                values["result"] = result
+            if values:
+                c.execute(update(Operation).where(Operation.id == op_id).values(**values))
+
     def finish(
         self,
         op_id: str,
@@ -96,7 +107,6 @@ class Operations:
                     finished_at=self.records.clock(),
                 )
             )
-        self.records.notify()
 
     def fail(self, op_id: str, exc: Exception, what: str, *, result: dict[str, Any] | None = None) -> str:
         """Record ``exc`` as the end of the operation; returns the message a person reads."""

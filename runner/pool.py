@@ -56,7 +56,7 @@ from runner.identity import RunnerIdentity
 from runner.machines import get_machine_type
 from runner.models import PoolEntry, Runtime
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, activity
 from runner.secrets import RuntimeSecrets, refs_of
 from runner.states import State
 
@@ -413,7 +413,7 @@ class Pool:
             f"running on a pooled container after {took:.0f} ms",
             expect={State.BOOTING},
             details={"boot_ms": round(took, 1), "pooled": True},
-            values={"booted_at": when, "last_activity_at": when, "last_activity": "boot", "phase": None},
+            values={"booted_at": when, **activity("boot", when), "phase": None},
         )
 
     def _claim(self, s: Any, rt: Runtime) -> PoolEntry | None:

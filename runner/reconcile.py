@@ -37,7 +37,7 @@ from runner.drafts import Drafts
 from runner.identity import RunnerIdentity
 from runner.models import Runtime
 from runner.paths import RuntimePaths
-from runner.records import Records
+from runner.records import Records, activity
 from runner.secrets import RuntimeSecrets
 from runner.states import ACTIVE, State
 
@@ -368,8 +368,7 @@ class Reconciler:
                 values={
                     "backend_state": action.state,
                     "booted_at": now,
-                    "last_activity_at": now,
-                    "last_activity": "adopted after a restart",
+                    **activity("adopted after a restart", now),
                 },
             )
 

@@ -1,10 +1,19 @@
-"""The runtime records: the one place that reads and changes ``runtimes`` rows.
+"""The runtime records: the runtimes store, the one module that writes ``runtimes`` rows and
+their runner log (``tests/test_layering.py`` checks that no other module does).
 
 - Every state change is a compare-and-set (``UPDATE ... WHERE state IN (...)``) plus one
   runner-log line, in one transaction (``transition``), so concurrent calls, and several runners
   on one database, follow the state machine (``runner/states.py``).
-- ``tx()`` is a transaction that wakes ``wait_for`` callers once it has committed.
-- Activity (what postpones idle shutdown) is written by ``touch``.
+- Whoever waits for a change (``wait_for``, the API's event streams) waits on
+  ``Database.committed``, which every transaction that wrote notifies as it ends: no writer
+  has to remember to announce its change.
+- Activity (what postpones idle shutdown, ``runner/idle.py``) is recorded here and nowhere
+  else: ``touch`` (and ``touch_in``, ``touch_hot`` inside a caller's transaction),
+  ``activity()`` for a transition that is activity (a boot, an adoption), and ``claim_seq``
+  (a cell submitted). What each records is its ``what``: the runner log and the page show it.
+- A runtime is deleted by ``delete`` once nothing writes for it any more: ``Lifecycle.delete``
+  stops its container and retires its cell worker first, so no cell's outputs are written for
+  rows the delete's cascade removed.
 - Ownership: a runtime belongs to the runner that created it (``runtimes.runner``). Anyone may
   read any runtime; ``mine()`` refuses an action on another runner's runtime with a 409 that
   names the owner and whether it is alive.
@@ -26,7 +35,6 @@ Nothing here talks to Docker or to an agent; nothing here holds state a restart 
 from __future__ import annotations
 
 import builtins
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,10 +42,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, false, or_, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, false, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from envs.kit.db import Database
+from envs.kit.db import Database, HotStatement, HotWriter
 from envs.kit.errors import ForbiddenError
 from envs.models import EnvironmentVersion
 from registry.visibility import Reader, reader_of
@@ -86,6 +94,50 @@ def viewer_of(who: Who) -> Viewer:
     return who if isinstance(who, Viewer) else Viewer(who)
 
 
+def activity(what: str, at: datetime) -> dict[str, Any]:
+    """The columns that record activity, for a write that is activity (``transition(values=)``)."""
+    return {"last_activity_at": at, "last_activity": what}
+
+
+# The statements of a cell's way in and out, built once and run through ``Database.hot()``: a
+# statement built per call costs about 1 ms of CPU to build and look up, three times what
+# running it does. A cell's number is counted in the database (UPDATE ... RETURNING), so
+# processes sharing the store never hand out one twice (R36).
+CLAIM_SEQ = HotStatement(
+    update(Runtime)
+    .where(Runtime.id == bindparam("b_id"))
+    .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
+    .returning(
+        Runtime.next_seq,
+        Runtime.owner_id,
+        Runtime.team,
+        Runtime.language,
+        Runtime.type,
+        Runtime.kernel,
+        Runtime.runner,
+        Runtime.state,
+        Runtime.mounts_used,
+    )
+)
+TOUCH = HotStatement(
+    update(Runtime)
+    .where(Runtime.id == bindparam("b_id"))
+    .values(last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
+)
+
+
+def claim_seq(c: HotWriter, runtime_id: str, at: datetime) -> tuple[Any, ...] | None:
+    """Number a cell of the runtime (activity: "execution submitted"), in the caller's hot
+    transaction. The runtime's owner, team, language, type, kernel, runner, state and mounts
+    used come with the number; None when there is no such runtime."""
+    return c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": at, "b_what": "execution submitted"})
+
+
+def touch_hot(c: HotWriter, runtime_id: str, what: str, at: datetime) -> None:
+    """Record activity in the caller's hot transaction (a cell started, a cell finished)."""
+    c.execute(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
+
+
 def reader_for(s: Session, who: Who) -> Reader:
     """``who`` as a reader of environments: a ``Viewer`` says it; a plain user id (envctl's own
     work for that user) is read from the store."""
@@ -98,19 +150,14 @@ class Records:
         self.clock = clock
         self.liveness = liveness
         self.runner = liveness.me
-        self.changed = threading.Condition()
+        self.changed = db.committed  # notified by every transaction that wrote, once it ends
 
     # ------------------------------------------------------------------ transactions
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """A transaction that wakes ``wait_for`` callers once it has committed."""
+        """A transaction (its end wakes ``wait_for`` callers, as every write does)."""
         with self.db.session() as s:
             yield s
-        self.notify()
-
-    def notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
 
     # ------------------------------------------------------------------ reads
     @staticmethod
@@ -171,6 +218,14 @@ class Records:
         with self.db.connection() as c:
             value = c.scalar(select(Runtime.state).where(Runtime.id == runtime_id))
         return State(value) if value is not None else None
+
+    @staticmethod
+    def pinned_to(s: Session, version: EnvironmentVersion) -> builtins.list[tuple[str, str, str]]:
+        """The runtimes pinned to a version, as ``(name, id, owner id)``: what envs and the
+        catalog are handed at start-up (``envs.service.PinnedBy``), so a version in use is
+        never deleted or unpublished from under them."""
+        rows = s.execute(select(Runtime.name, Runtime.id, Runtime.owner_id).where(Runtime.version_id == version.id))
+        return [(str(n), str(i), str(o)) for n, i, o in rows]
 
     def list(self, who: Who) -> builtins.list[Runtime]:
         """The runtimes ``who`` sees: their own and their teams'."""
@@ -296,6 +351,47 @@ class Records:
             .execution_options(synchronize_session=False)
         )
 
+    def create(self, s: Session, note: str, **fields: Any) -> Runtime:
+        """A new runtime row of this runner, in the caller's transaction, with its first
+        runner-log line (``note``)."""
+        rt = Runtime(runner=self.runner, **fields)
+        s.add(rt)
+        s.flush()
+        self.log(s, rt.id, state=State(rt.state), reason=rt.state_reason, message=note)
+        return rt
+
+    def delete(self, s: Session, who: Who, runtime_id: str) -> None:
+        """Forget a runtime: its row, and with it (the schema's cascade) its runner log and its
+        executions. Called once nothing writes for it any more (see ``Lifecycle.delete``)."""
+        s.delete(self.get(s, who, runtime_id, with_version=False))
+
+    def clear_phase(self, runtime_id: str, phase: str) -> None:
+        """End the runtime's ``phase`` (and its progress) if it is still that one."""
+        with self.db.connection() as c:
+            c.execute(
+                update(Runtime)
+                .where(Runtime.id == runtime_id, Runtime.phase == phase)
+                .values(phase=None, progress=None)
+            )
+
+    def clear_phases(self, phases: builtins.list[str]) -> None:
+        """At start: this runner's runtimes no longer show ``phases`` (work that ended with
+        the process that did it)."""
+        with self.db.connection() as c:
+            c.execute(
+                update(Runtime)
+                .where(Runtime.runner == self.runner, Runtime.phase.in_(phases))
+                .values(phase=None, progress=None)
+            )
+
+    def touch_in(self, s: Session, runtime_id: str, what: str, *, only_running: bool = False) -> bool:
+        """``touch`` in the caller's transaction."""
+        q = update(Runtime).where(Runtime.id == runtime_id)
+        if only_running:
+            q = q.where(Runtime.state == State.RUNNING)
+        q = q.values(**activity(what, self.clock())).execution_options(synchronize_session=False)
+        return bool(s.execute(q).rowcount == 1)  # type: ignore[attr-defined]
+
     def touch(self, runtime_id: str, what: str, *, only_running: bool = False) -> bool:
         """Record activity (it postpones idle shutdown). With ``only_running``, only while the
         runtime runs; returns whether it was recorded."""
@@ -303,7 +399,7 @@ class Records:
         if only_running:
             q = q.where(Runtime.state == State.RUNNING)
         with self.db.connection() as c:
-            done = c.execute(q.values(last_activity_at=self.clock(), last_activity=what)).rowcount
+            done = c.execute(q.values(**activity(what, self.clock()))).rowcount
         return done == 1
 
 

@@ -112,7 +112,9 @@ class Runtimes:
             check_team_mounts(team, own_mounts)
             check_mount_access(s, owner_id, own_mounts)
             own_env = secrets.resolve(s, owner_id, own_env, team_only=team)
-            rt = Runtime(
+            rt = self.records.create(
+                s,
+                f"pinned to {version.ref}",
                 id=new_id("rt"),
                 owner_id=owner_id,
                 team=team,
@@ -131,16 +133,12 @@ class Runtimes:
                 state=State.STOPPED,
                 state_reason="created",
                 state_message=f"created from {version.ref}",
-                runner=self.records.runner,
                 backend=self.backend_name,
                 backend_state={},
                 next_seq=0,
                 created_at=now,
                 updated_at=now,
             )
-            s.add(rt)
-            s.flush()
-            self.records.log(s, rt.id, state=State.STOPPED, reason="created", message=f"pinned to {version.ref}")
             return self.records.get(s, owner_id, rt.id)
 
     def get(self, who: Who, runtime_id: str) -> Runtime:

@@ -29,21 +29,16 @@ from sqlalchemy.orm import Session
 
 from envs.kit.clock import utcnow
 from envs.kit.db import Database
-from envs.kit.errors import ConflictError, InvalidInputError
+from envs.kit.errors import InvalidInputError
 from registry.models import Membership, RuntimeSecretUse, Team
 from registry.secrets import SecretBox, check_secret_name, secrets_named
 from runner.channel import AgentChannel, AgentTarget
+from runner.errors import SecretUnavailableError
 from runner.models import Runtime
 from runner.states import State
 
 #: values a runtime keeps on record for its save scan (the most recent ones)
 MAX_REMEMBERED = 256
-
-
-class SecretUnavailableError(ConflictError):
-    """A runtime refers to a secret that is gone, or of a team its owner is not in."""
-
-    code = "secret_unavailable"
 
 
 def is_ref(value: object) -> bool:

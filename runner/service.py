@@ -6,8 +6,9 @@ module):
 =====================  ========================================================================
 ``identity.py``        the installation's id, this runner's name, its lease and heartbeat,
                        and whether other runners are alive
-``records.py``         the ``runtimes`` rows: reads, compare-and-set transitions, the runner
-                       log, activity, ownership checks, waiting for a state
+``records.py``         the runtimes store, alone writing ``runtimes`` rows and their log:
+                       compare-and-set transitions, activity, create and delete, ownership
+                       checks, waiting for a state
 ``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
 ``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
                        a reboot and waits for it; ``envvars.py``: environment variables)
@@ -17,6 +18,7 @@ module):
                        boot, out of date, and the values its saves are searched for
 ``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
 ``cellworker.py``      the per-runtime worker that runs cells in order and records their ends
+``cellstore.py``       the cells store, alone writing executions, their outputs, result files
 ``feeds.py``           what is known of hot executions in memory, and who listens
 ``changes.py``         unsaved changes: the list, and the flag pages poll
 ``drafts.py``          unsaved changes kept as an image across stops and crashes
@@ -80,6 +82,7 @@ from runner.imports import Imports
 from runner.insave import InRuntimeSaves
 from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
+from runner.mounts.prepare import MountPreparer
 from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
@@ -171,6 +174,18 @@ class RunnerService:
         )
         drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/drafts.py)
         self.results = ResultCollector(settings, db, clock, paths)
+        self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
+        self.feeds = Feeds()
+        self.cells = CellWorkers(
+            settings,
+            db,
+            records,
+            self.feeds,
+            paths,
+            start=lambda owner_id, runtime_id: self.lifecycle.start(owner_id, runtime_id),
+            after_execution=self._after_execution,
+            closing=concurrency.closing,
+        )
         self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
         self.attach = attach = Attach(settings, records, backend, paths, self.runner)
 
@@ -196,26 +211,18 @@ class RunnerService:
                 backend,
                 paths,
                 drafts,
+                mounts,
                 transfers=transfers,
                 secrets=secrets,
             ),
+            mounts,
+            self.cells,
             is_saving=snapshots.is_saving,
             on_deleted=self._deleted,
             serve_pooled=serve,
             detach=attach.detach,
         )
         self.runtimes = runtimes = Runtimes(settings, records, backend.name)
-        self.feeds = Feeds()
-        self.cells = CellWorkers(
-            settings,
-            db,
-            records,
-            self.feeds,
-            paths,
-            start=lifecycle.start,
-            after_execution=self._after_execution,
-            closing=concurrency.closing,
-        )
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)
         self.reconciler = Reconciler(
             self.identity,

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from envs import service as envs_service
@@ -43,7 +42,7 @@ from registry.teams import team_names_of
 from runner.backends.base import RuntimeBackend
 from runner.imageconfig import trusted_config
 from runner.insave import InRuntimeSaves, save_in_runtime
-from runner.models import Operation, Runtime
+from runner.models import Operation
 from runner.operations import Operations
 from runner.records import Records, Who, viewer_of
 from runner.scan import CacheRules, SaveFilter, check_allowed, runtime_secret_values
@@ -158,13 +157,7 @@ class Snapshots:
                 # A save is activity, recorded only while the runtime still runs. An idle stop
                 # decided a moment ago (before the flag above) then either finds this new
                 # activity and does not happen, or has happened and this save is refused.
-                touched = s.execute(
-                    update(Runtime)
-                    .where(Runtime.id == runtime_id, Runtime.state == State.RUNNING)
-                    .values(last_activity_at=self.records.clock(), last_activity="save started")
-                    .execution_options(synchronize_session=False)
-                ).rowcount  # type: ignore[attr-defined]
-                if touched != 1:
+                if not self.records.touch_in(s, runtime_id, "save started", only_running=True):
                     raise ConflictError(
                         "the runtime stopped as the save was asked for; start it and save again "
                         "(its unsaved changes come back with it)"

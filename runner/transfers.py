@@ -19,15 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
-
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from registry import transfer, visibility
 from registry.errors import NoRegistryError, NotPushedError, TransferError
 from runner.backends.base import RuntimeBackend
-from runner.models import Operation, Runtime
+from runner.models import Operation
 from runner.operations import Operations
 from runner.records import Records, Who, reader_for, viewer_of
 from runner.states import Phase
@@ -177,7 +175,6 @@ class Transfers:
         def tell(done: int, total: int) -> None:
             if runtime_id is not None:
                 self.records.set(runtime_id, phase=phase.value, progress={"done": done, "total": total})
-                self.records.notify()
             if report is not None:
                 report(done, total)
 
@@ -187,26 +184,12 @@ class Transfers:
         """At start: a transfer this runner was doing when it stopped ended with it; its
         runtimes no longer show ``uploading`` or ``downloading`` (their operations end
         ``interrupted`` through ``Operations.recover``)."""
-        with self.records.db.connection() as c:
-            c.execute(
-                update(Runtime)
-                .where(
-                    Runtime.runner == self.records.runner,
-                    Runtime.phase.in_([Phase.UPLOADING.value, Phase.DOWNLOADING.value]),
-                )
-                .values(phase=None, progress=None)
-            )
+        self.records.clear_phases([Phase.UPLOADING.value, Phase.DOWNLOADING.value])
 
     def _clear(self, runtime_id: str | None, phase: Phase) -> None:
         if runtime_id is None:
             return
-        with self.records.db.connection() as c:
-            c.execute(
-                update(Runtime)
-                .where(Runtime.id == runtime_id, Runtime.phase == phase.value)
-                .values(phase=None, progress=None)
-            )
-        self.records.notify()
+        self.records.clear_phase(runtime_id, phase.value)
 
     def _log(self, runtime_id: str | None, event: str, text: str, progress: transfer.Progress, digest: str) -> None:
         """The runner log's line of a transfer: bytes that travelled, layers that did not."""

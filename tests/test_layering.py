@@ -193,3 +193,133 @@ def test_no_runner_module_reaches_into_another_objects_underscore_members() -> N
                 continue
             wrong.append(f"{name}:{node.lineno} .{node.attr}")
     assert wrong == []
+
+
+# ---------------------------------------------------------------------------- one store per feature
+# Each table and the one module (its feature's store) that writes it: inserts, updates and
+# deletes, as SQL expressions (``insert(Model)``, ``update(Model)``, ``delete(Model)``), as new
+# ORM rows (``Model(...)``) or as ``session.delete(...)``. Others read; they ask the store to write.
+STORES = {
+    "runtimes": "runner.records",
+    "runtime_log": "runner.records",
+    "executions": "runner.cellstore",
+    "execution_outputs": "runner.cellstore",
+    "operations": "runner.operations",
+    "result_files": "runner.cellstore",
+    "installation": "runner.identity",
+    "runners": "runner.identity",
+    "runtime_secret_uses": "runner.secrets",
+    "pool_entries": "runner.pool",
+    "users": "registry.service",
+    "api_tokens": "registry.service",
+    "teams": "registry.teams",
+    "team_members": "registry.teams",
+    "publications": "registry.catalog",
+    "team_events": "registry.events",
+    "team_secrets": "registry.secrets",
+    "environments": "envs.service",
+    "environment_versions": "envs.service",
+    "environment_tags": "envs.service",
+}
+DML = {"insert", "update", "delete"}
+
+
+def _models() -> dict[str, str]:
+    """ORM class name -> its table, for every model of the four packages."""
+    from envs.kit.db import Base
+
+    for name in ALL:
+        if name.endswith(".models"):
+            importlib.import_module(name)
+    return {m.class_.__name__: str(m.class_.__tablename__) for m in Base.registry.mappers}
+
+
+def _writes(name: str, path: Path, models: dict[str, str]) -> list[tuple[str, int, str]]:
+    """(table, line, how) of each write the module's code issues."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = {  # local name -> model class name, for what the module imports from a models module
+        a.asname or a.name: a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("models")
+        for a in n.names
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+        if fname in DML and node.args:
+            target = node.args[0]
+            if isinstance(target, ast.Attribute) and target.attr == "__table__":
+                target = target.value
+            model = aliases.get(target.id) if isinstance(target, ast.Name) else None
+            if model in models:
+                found.append((models[model], node.lineno, f"{fname}({model})"))
+        elif isinstance(func, ast.Name) and aliases.get(func.id) in models:
+            model = aliases[func.id]
+            found.append((models[model], node.lineno, f"new {model}(...)"))
+        receiver = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+        if fname == "delete" and receiver in ("s", "session") and node.args:
+            found.append(("?", node.lineno, f"{receiver}.delete(...)"))
+    return found
+
+
+def test_every_table_has_a_store() -> None:
+    assert sorted(set(_models().values()) - STORES.keys()) == []
+    assert sorted(set(STORES.values()) - ALL.keys()) == []
+
+
+def test_no_module_outside_a_features_store_writes_its_tables() -> None:
+    """The runtimes store (runner/records.py) alone writes runtime rows, the cells store
+    (runner/cellstore.py) alone executions and their outputs, and so on (``STORES``): a rule
+    about rows (a state change, activity, a delete's order) lives in one module. A session's
+    ``delete(obj)`` counts for every table (its type is not known here): only stores call it."""
+    models = _models()
+    stores = set(STORES.values())
+    wrong = []
+    for name, path in ALL.items():
+        if name.startswith("api.migrations"):
+            continue
+        for table, line, how in _writes(name, path, models):
+            if (table == "?" and name not in stores) or (table != "?" and STORES[table] != name):
+                wrong.append(f"{name}:{line} {how} writes {table} (its store: {STORES.get(table, 'a store')})")
+    assert wrong == []
+
+
+def test_activity_is_recorded_by_the_runtimes_store_alone() -> None:
+    """What idle shutdown decides on (``last_activity_at``) is written in one place: no other
+    module names the columns in a write (``.values(...)``, ``values={...}``, ``set(...)``)."""
+    columns = {"last_activity_at", "last_activity"}
+    wrong = []
+    for name, path in ALL.items():
+        if name in ("runner.records", "runner.models") or name.startswith("api.migrations"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            method = func.attr if isinstance(func, ast.Attribute) else ""
+            if method in ("values", "set", "set_in") and columns & {k.arg for k in node.keywords}:
+                wrong.append(f"{name}:{node.lineno} .{method}(last_activity...)")
+            for k in node.keywords:
+                named = (
+                    {c.value for c in k.value.keys if isinstance(c, ast.Constant)}
+                    if isinstance(k.value, ast.Dict)
+                    else set()
+                )
+                if k.arg == "values" and columns & named:
+                    wrong.append(f"{name}:{node.lineno} values={{last_activity...}}")
+    assert wrong == []
+
+
+def test_every_error_leaf_lives_in_its_packages_errors_module() -> None:
+    """``EnvctlError``'s leaves are found in one module per package (``errors.py``); the agent,
+    which runs inside containers on the standard library alone, keeps its own."""
+    wrong = []
+    for name, path in ALL.items():
+        if name.endswith(".errors") or name.startswith("runner.agent"):
+            continue
+        classes = [n for n in ast.parse(path.read_text(), str(path)).body if isinstance(n, ast.ClassDef)]
+        wrong += [f"{name}:{c.lineno} {c.name}" for c in classes if c.name.endswith("Error") and c.name[0] != "_"]
+    assert wrong == []

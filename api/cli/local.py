@@ -31,6 +31,7 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
     import uvicorn
 
     from api.app import create_app
+    from api.startup import Services
 
     settings = load_settings(config)
     changes: dict[str, Any] = {}
@@ -40,8 +41,9 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
         changes["api_port"] = port
     settings = settings.with_overrides(**changes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    app.state.ctx.runner.claim()  # a runner name in use is a clear error now, not a traceback later
+    services = Services.build(settings)
+    app = create_app(services)
+    services.runner.claim()  # a runner name in use is a clear error now, not a traceback later
     # The event loop answers requests while worker threads talk to agents and write to the
     # database; a thread that needs the GIL waits at most this long for another to let go of it
     # (Python's default is 5 ms, the whole budget of a cell's round trip).
@@ -52,34 +54,12 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
         f"token: {settings.admin_token_file})",
         file=sys.stderr,
     )
-    registry = _start_registry(settings)
-    app.state.registry = registry
+    services.start_registry()
     try:
         uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="warning")
     finally:
-        if registry is not None:
-            registry.stop()
+        services.close()  # done already by the app's lifespan, unless uvicorn never started it
     return EXIT_OK
-
-
-def _start_registry(settings: Any) -> Any:
-    """The managed registry, started (``None`` when there is none to run); says what it did."""
-    from registry import distribution
-    from registry.errors import RegistryUnavailableError
-
-    plan = distribution.plan(settings)
-    if plan.mode != "managed":
-        where = f" at {plan.url}" if plan.url else ""
-        print(f"registry: {plan.mode}{where} ({plan.reason})", file=sys.stderr)
-        return None
-    managed = distribution.ManagedRegistry(settings)
-    try:
-        managed.start()
-    except RegistryUnavailableError as exc:  # envctl serves anyway; the watcher keeps trying
-        print(f"registry: {exc.message}; envctl serves without it meanwhile", file=sys.stderr)
-    else:
-        print(f"registry: managed at {managed.url} (storage and log in {managed.dir})", file=sys.stderr)
-    return managed
 
 
 @click.group("db", cls=Group)

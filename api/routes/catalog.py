@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from api.deps import CallerDep, CtxDep
@@ -63,7 +63,6 @@ def publish(ref: str, ctx: CtxDep, caller: CallerDep) -> PublicationOut:
             published_by=pub.published_by,
             published_at=pub.published_at,
         )
-    ctx.runner.records.notify()  # wake the team's event streams
     return out
 
 
@@ -73,8 +72,7 @@ def unpublish(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
     users' runtimes depend on a version only it published (names you may see, counts of the
     others); 404 when it is not published."""
     with ctx.db.session() as s:
-        catalog.unpublish(s, ref, _writer(caller), caller.name)
-    ctx.runner.records.notify()
+        catalog.unpublish(s, ref, _writer(caller), caller.name, ctx.pinned_by)
     return Response(status_code=204)
 
 
@@ -115,13 +113,13 @@ class GcOut(BaseModel):
 
 
 @router.post("/registry/gc", response_model=GcOut)
-def registry_gc(request: Request, ctx: CtxDep, caller: CallerDep) -> GcOut:
+def registry_gc(ctx: CtxDep, caller: CallerDep) -> GcOut:
     """Collect the managed registry's garbage: the blobs that no remaining manifest names (what
     deleted versions left). The registry is read-only meanwhile (pulls served, pushes refused).
     envctl admins only (403); 409 when this envctl runs no registry."""
     if not caller.is_admin:
         raise ForbiddenError("only an envctl admin may collect the registry's garbage")
-    managed = getattr(request.app.state, "registry", None)
+    managed = ctx.managed_registry()
     if not isinstance(managed, distribution.ManagedRegistry):
         raise RegistryNotManagedError(
             "this envctl runs no registry (the setting registry is off or an external URL): collect garbage where "

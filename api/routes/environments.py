@@ -126,10 +126,11 @@ def delete_version(ref: str, ctx: CtxDep, caller: CallerDep) -> Response:
     with ctx.db.session() as s:
         version = visibility.resolve(s, parsed, caller.reader, "ref")
         repository, digest = version.environment.full_name, version.registry_digest
-        image_id = catalog.delete_version(s, version, envs_service.Writer(caller.id, caller.is_admin, caller.teams))
+        image_id = catalog.delete_version(
+            s, version, envs_service.Writer(caller.id, caller.is_admin, caller.teams), ctx.pinned_by
+        )
     ctx.runner.backend.remove_image(image_id)
     garbage.forget_manifest(ctx.settings, repository, digest)  # its manifest in the registry, if pushed
-    ctx.runner.records.notify()  # wake the team's event streams
     return Response(status_code=204)
 
 

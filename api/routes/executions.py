@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -10,15 +11,14 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.cells import execution_out, record_cell, submitters
+from api.cells import MAX_WAIT, execution_out, run_cell, submitters
 from api.deps import CallerDep, CtxDep
 from api.schemas import ExecutionCreate, ExecutionOut
 from api.views import sse
-from runner.feeds import FINAL, Event
+from runner.feeds import FINAL
 
 router = APIRouter(tags=["executions"])
 KEEPALIVE = 15.0
-MAX_WAIT = 30.0
 
 
 @router.post("/runtimes/{runtime_id}/executions", status_code=status.HTTP_202_ACCEPTED, response_model=ExecutionOut)
@@ -31,12 +31,7 @@ async def submit(
 ) -> ExecutionOut:
     """Run a cell. Answers at once with the queued execution (a stopped runtime is booted
     first); with ``wait`` it answers as soon as the cell finishes, or after ``wait`` seconds."""
-    manager = ctx.runner.executions
-    ex = await record_cell(manager, caller.viewer, runtime_id, body)
-    if wait:
-        async with manager.waiting(ex.id, wait):
-            return execution_out(ctx, caller, manager.get(caller.viewer, ex.id))
-    return execution_out(ctx, caller, ex)
+    return await run_cell(ctx, caller, runtime_id, body, wait)
 
 
 @router.get("/runtimes/{runtime_id}/executions", response_model=list[ExecutionOut])
@@ -85,72 +80,25 @@ async def events(
     output's index), then one ``status`` event with the final status, then the stream ends.
     A client that reconnects with ``Last-Event-ID`` continues after the last event it saw."""
     manager = ctx.runner.executions
-    ex = await run_in_threadpool(manager.get, caller.viewer, execution_id)
+    await run_in_threadpool(manager.get, caller.viewer, execution_id)  # a 404 before the stream starts
     if last_event_id is not None and last_event_id.strip().isdigit():
         start = max(start, int(last_event_id) + 1)
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[Event] = asyncio.Queue()
-
-    def deliver(event: Event) -> None:
-        loop.call_soon_threadsafe(inbox.put_nowait, event)
-
-    snapshot, unsubscribe = manager.subscribe(execution_id, deliver)
 
     async def stream() -> AsyncIterator[bytes]:
-        try:
-            next_index = start
-            if snapshot is None:  # not running: everything is in the database
-                stored = await run_in_threadpool(manager.outputs, execution_id, start)
-                for idx, out in stored:
-                    yield sse("output", out, idx)
-                final = await run_in_threadpool(manager.get, caller.viewer, execution_id)
-                if final.status in FINAL:
-                    yield sse(
-                        "status",
-                        {
-                            "status": final.status,
-                            "execution_count": final.execution_count,
-                            "truncated": final.truncated,
-                        },
-                    )
-                    return
-                # queued or running but not in this process's feeds (another runner): poll
-                while final.status not in FINAL:
+        sent_at = loop.time()
+        async with contextlib.aclosing(manager.follow(caller.viewer, execution_id, start, quiet=KEEPALIVE)) as events:
+            async for event in events:
+                if event is None:  # nothing happened for a while: is the client still there?
                     if await request.is_disconnected():
                         return
-                    await asyncio.sleep(0.5)
-                    for idx, out in await run_in_threadpool(manager.outputs, execution_id, next_index):
-                        yield sse("output", out, idx)
-                        next_index = idx + 1
-                    final = await run_in_threadpool(manager.get, caller.viewer, execution_id)
-                yield sse(
-                    "status",
-                    {"status": final.status, "execution_count": final.execution_count, "truncated": final.truncated},
-                )
-                return
-            for idx, out in enumerate(snapshot):
-                if idx >= next_index:
-                    yield sse("output", out, idx)
-                    next_index = idx + 1
-            while True:
-                try:
-                    event = await asyncio.wait_for(inbox.get(), KEEPALIVE)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    yield b": keep-alive\n\n"
+                    if loop.time() - sent_at >= KEEPALIVE:
+                        yield b": keep-alive\n\n"
+                        sent_at = loop.time()
                     continue
-                if event.kind == "output":
-                    if event.index >= next_index:
-                        yield sse("output", event.data, event.index)
-                        next_index = event.index + 1
-                else:
-                    yield sse("status", event.data)
-                    return
-        finally:
-            unsubscribe()
+                yield sse("output", event.data, event.index) if event.kind == "output" else sse("status", event.data)
+                sent_at = loop.time()
 
-    del ex
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",

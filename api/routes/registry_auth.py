@@ -72,11 +72,11 @@ def registry_token(
 
 
 @router.get("/registry", response_model=RegistryOut)
-def registry_status(request: Request, ctx: CtxDep, caller: CallerDep) -> RegistryOut:
+def registry_status(ctx: CtxDep, caller: CallerDep) -> RegistryOut:
     """The registry this envctl uses: managed (and whether it runs), external, or off."""
     del caller
     plan = distribution.plan(ctx.settings)
-    managed = getattr(request.app.state, "registry", None)
+    managed = ctx.managed_registry()
     running = managed.answers() if isinstance(managed, distribution.ManagedRegistry) else None
     mode = plan.mode if managed is not None or plan.mode != "managed" else "off"
     return RegistryOut(

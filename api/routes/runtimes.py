@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from api.cells import execution_out, record_cell
+from api.cells import MAX_WAIT, run_cell
 from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
@@ -29,7 +29,7 @@ from runner.states import State
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 
 ID_PATH = {"max_length": 64}
-CELL_MAX_WAIT = 30.0  # as POST /runtimes/{id}/executions
+CELL_MAX_WAIT = MAX_WAIT  # as POST /runtimes/{id}/executions
 
 
 def _env(env: Mapping[str, str | SecretRef | None]) -> dict[str, Any]:
@@ -92,13 +92,7 @@ async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wa
     rt = await run_in_threadpool(create)
     if body.cell is None:
         return RuntimeCreatedOut(**(await run_in_threadpool(runtime_out, ctx.runner, rt)).model_dump())
-    manager = ctx.runner.executions
-    ex = await record_cell(manager, caller.viewer, rt.id, body.cell)
-    if wait:
-        async with manager.waiting(ex.id, wait):
-            execution = execution_out(ctx, caller, manager.get(caller.viewer, ex.id))
-    else:
-        execution = execution_out(ctx, caller, ex)
+    execution = await run_cell(ctx, caller, rt.id, body.cell, wait)
     shown = await run_in_threadpool(lambda: runtime_out(ctx.runner, ctx.runner.get(caller.viewer, rt.id)))
     return RuntimeCreatedOut(**shown.model_dump(), execution=execution)
 

@@ -11,11 +11,11 @@ runtime's runner log as it grows. Both are server-sent events; neither needs the
   ``tag_moved``, ``deleted``, ``published``, ``unpublished``), oldest first, then each as it is
   committed; ``id`` is the event's, so ``Last-Event-ID`` resumes after it. Members only.
 
-How a change reaches a stream: the runner's records wake their waiters after every committed
-change (``Records.changed``); one thread per app (``Wakeups``) waits on that and wakes each open
-stream, which then reads what it shows again and sends what differs. Changes the records do not
-announce (a cell starting, a phase's bytes, another runner's runtimes) are picked up by a wake-up
-every ``SWEEP`` seconds. Neither stream is in the OpenAPI schema: a schema fuzzer would follow
+How a change reaches a stream: the database wakes its waiters once any transaction that wrote
+has ended (``Database.committed``, ``envs/kit/db.py``); one thread per app (``Wakeups``) waits
+on that and wakes each open stream, which then reads what it shows again and sends what
+differs. What this process does not write (another runner's runtimes) is picked up by a
+wake-up every ``SWEEP`` seconds. Neither stream is in the OpenAPI schema: a schema fuzzer would follow
 them forever; they are described here and in the README.
 """
 
@@ -92,7 +92,7 @@ def wakeups(request: Request, ctx: Context) -> Wakeups:
     state = request.app.state
     found: Wakeups | None = getattr(state, "stream_wakeups", None)
     if found is None:
-        found = state.stream_wakeups = Wakeups(ctx.runner.records.changed)
+        found = state.stream_wakeups = Wakeups(ctx.db.committed)
     return found
 
 

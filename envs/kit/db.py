@@ -7,6 +7,7 @@ the schema itself is owned by the Alembic migrations in ``api/migrations``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -77,13 +78,37 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 class Database:
-    """An engine plus a session factory; ``session()`` is the one way code gets a transaction."""
+    """An engine plus a session factory; ``session()`` is the one way code gets a transaction.
+
+    ``committed`` is notified once a transaction that wrote something has ended (``session``,
+    ``connection`` and ``hot`` alike): whoever waits for a change (the event streams, a caller
+    waiting for a runtime's state or an operation's end) waits on it, so no writer has to
+    remember to announce its change. A transaction that only read wakes no one.
+    """
 
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = HotConnections(self.engine, _unavailable)
+        self.committed = threading.Condition()
+        self._wrote = threading.local()  # this thread's transaction wrote (set by the engine's event)
+        event.listen(self.engine, "after_cursor_execute", self._note_write)
+
+    def _note_write(self, _conn: Any, _cursor: Any, _stmt: Any, _params: Any, context: Any, _many: Any) -> None:
+        if context is not None and (context.isinsert or context.isupdate or context.isdelete):
+            self._wrote.flag = True
+
+    def _wake_if_written(self) -> None:
+        """After a transaction: wake the waiters if it wrote (a rolled-back one may wake them
+        too: a spurious wake-up costs a read, a missed one a stale page)."""
+        if getattr(self._wrote, "flag", False):
+            self._wrote.flag = False
+            self.wake()
+
+    def wake(self) -> None:
+        with self.committed:
+            self.committed.notify_all()
 
     @property
     def local(self) -> bool:
@@ -95,8 +120,12 @@ class Database:
     def hot(self) -> Iterator[HotWriter]:
         """A transaction for ``HotStatement``s (the cell path), committed on success, rolled
         back on error, on a plain connection of this thread's (see ``envs/kit/hot.py``)."""
-        with self._hot.transaction(self.connection) as writer:
-            yield writer
+        try:
+            with self._hot.transaction(self.connection) as writer:
+                yield writer
+        finally:
+            self._wrote.flag = True  # every hot statement writes
+            self._wake_if_written()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -112,6 +141,8 @@ class Database:
             if _is_connection_problem(exc):
                 raise _unavailable(exc) from exc
             raise
+        finally:
+            self._wake_if_written()
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -123,6 +154,8 @@ class Database:
             if _is_connection_problem(exc):
                 raise _unavailable(exc) from exc
             raise
+        finally:
+            self._wake_if_written()
 
     def ping(self) -> None:
         """One round trip to the database; ``DatabaseUnavailableError`` when it does not answer."""

@@ -52,6 +52,7 @@ from runner.backends.base import (
     Status,
     VolumeFound,
 )
+from runner.backends.docker_state import status_of
 from runner.backends.helpers import Helpers
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
@@ -292,7 +293,7 @@ class DockerBackend(RuntimeBackend):
             return ContainerStatus(Status.GONE)
         except Exception as exc:
             raise _daemon_error("inspect the runtime's container", exc) from exc
-        return _status_of(info.get("State", {}))
+        return status_of(info.get("State", {}))
 
     def stop(self, state: BackendState, timeout: float = 5.0) -> None:
         cid = state.get("container_id")
@@ -331,7 +332,7 @@ class DockerBackend(RuntimeBackend):
             if status is Status.EXITED:
                 # The listing has no exit details; ask for them (a vanished one is just gone).
                 try:
-                    detail = _status_of(self.client.api.inspect_container(c["Id"]).get("State", {}))
+                    detail = status_of(self.client.api.inspect_container(c["Id"]).get("State", {}))
                     exit_code, oom = detail.exit_code, detail.oom_killed
                 except docker.errors.NotFound:
                     continue
@@ -556,15 +557,3 @@ def _is_private(path: str) -> bool:
         if path == private or path.startswith(private + "/") or private.startswith(path.rstrip("/") + "/"):
             return True
     return False
-
-
-def _status_of(state: dict[str, Any]) -> ContainerStatus:
-    if state.get("Running"):
-        return ContainerStatus(Status.RUNNING, started_at=state.get("StartedAt"))
-    return ContainerStatus(
-        Status.EXITED,
-        exit_code=state.get("ExitCode"),
-        oom_killed=bool(state.get("OOMKilled")),
-        error=state.get("Error") or "",
-        started_at=state.get("StartedAt"),
-    )

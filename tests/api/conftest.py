@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
@@ -170,7 +171,7 @@ def make_api(prepared_settings: Settings) -> Iterator[AppFactory]:
 
         def factory(backend: RuntimeBackend | None = None, **overrides: Any) -> ApiHarness:
             settings = prepared_settings.with_overrides(**overrides) if overrides else prepared_settings
-            app = create_app(settings, backend=backend)
+            app = create_app(Services.build(settings, backend=backend))
             client = stack.enter_context(TestClient(app, raise_server_exceptions=False))
             token = settings.admin_token_file.read_text().strip()
             return ApiHarness(app, client, settings, {"Authorization": f"Bearer {token}"})

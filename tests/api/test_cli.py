@@ -15,6 +15,7 @@ import uvicorn
 
 from api.app import create_app
 from api.cli import main
+from api.startup import Services
 from envs.kit.config import Settings
 from runner.service import RunnerService
 
@@ -47,7 +48,7 @@ def _isolated_client_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 @pytest.fixture
 def server(prepared_settings: Settings) -> Iterator[Server]:
-    app = create_app(prepared_settings)
+    app = create_app(Services.build(prepared_settings))
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)

@@ -24,13 +24,13 @@ import uuid
 from pathlib import Path
 
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.base import build as base_images
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import register_base_images
 from registry.service import create_user
 from runner.backends.docker import DockerBackend
-from runner.service import RunnerService
 from runner.states import State
 from tests.bench.networks import remove_networks
 from tests.bench.stats import report
@@ -156,7 +156,7 @@ def _in_process(runs: int, session: str, image: str) -> None:
         with db.session() as s:
             register_base_images(s, base_images.build(["python3"], verify=False))
             owner = create_user(s, "bench").id
-        svc = RunnerService(settings, db, DockerBackend.from_settings(settings))
+        svc = Services.build(settings, db=db, backend=DockerBackend.from_settings(settings)).runner
         svc.open(housekeeping=False)
         try:
             rt = svc.create(owner, name="bench", environment="python3")

@@ -16,8 +16,7 @@ from envs.kit.db import Database, HotStatement
 from envs.kit.errors import DatabaseUnavailableError
 from envs.service import NewVersion, register_version
 from registry.service import create_user
-from runner import cellworker as cw
-from runner import executions as ex
+from runner import cellstore, records
 from runner.models import Execution, ExecutionOutput, Runtime
 from tests.fixtures.services import PostgresCluster
 
@@ -68,7 +67,7 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
     hot_values, core_values = _execution(rid, owner, "ex_hot", 1), _execution(rid, owner, "ex_core", 2)
     core_values["created_at"] = hot_values["created_at"]
     with db.hot() as w:
-        w.execute(ex.INSERT_EXECUTION, hot_values)
+        w.execute(cellstore.INSERT_EXECUTION, hot_values)
     with db.connection() as c:
         c.execute(insert(Execution), core_values)
     finished = utcnow() + timedelta(seconds=1)
@@ -91,12 +90,12 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
         ]
         if eid == "ex_hot":
             with db.hot() as w:
-                w.execute_many(cw.INSERT_OUTPUTS, outputs)
-                assert w.count(cw.FINISH_EXECUTION, end) == 1
+                w.execute_many(cellstore.INSERT_OUTPUTS, outputs)
+                assert w.count(cellstore.FINISH_EXECUTION, end) == 1
         else:
             with db.connection() as c:
                 c.execute(insert(ExecutionOutput), outputs)
-                c.execute(cw.FINISH_EXECUTION.statement, end)
+                c.execute(cellstore.FINISH_EXECUTION.statement, end)
     hot, core = _row(db, "ex_hot"), _row(db, "ex_core")
     assert hot.pop("seq") == 1 and core.pop("seq") == 2
     assert hot == core
@@ -126,7 +125,7 @@ def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches
     rid, _owner = _runtime(db)
     at = utcnow()
     with db.hot() as w:
-        assert w.count(cw.TOUCH_RUNTIME, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
+        assert w.count(records.TOUCH, {"b_id": rid, "b_at": at, "b_what": "execution finished"}) == 1
     with db.connection() as c:
         matched = c.execute(
             update(Runtime).where(Runtime.id == rid, Runtime.last_activity_at == at).values(last_activity="seen")
@@ -138,19 +137,19 @@ def test_a_literal_in_the_statement_is_kept(db: Database) -> None:
     """MARK_RUNNING only moves a queued execution: its ``status == 'queued'`` must hold."""
     rid, owner = _runtime(db)
     with db.hot() as w:
-        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_1", 1))
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_1", 1))
     with db.hot() as w:
-        assert w.count(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
+        assert w.count(cellstore.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 1
     with db.hot() as w:
-        assert w.count(cw.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
+        assert w.count(cellstore.MARK_RUNNING, {"b_id": "ex_1", "b_started": utcnow()}) == 0
     assert _row(db, "ex_1")["status"] == "running"
 
 
 def test_a_failed_hot_transaction_leaves_nothing(db: Database) -> None:
     rid, owner = _runtime(db)
     with pytest.raises(Exception), db.hot() as w:  # noqa: B017, PT011  (the driver's own error type)
-        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_a", 1))
-        w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_b", 1))  # same seq: unique violation
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_a", 1))
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_b", 1))  # same seq: unique violation
     with db.session() as s:
         assert s.scalars(select(Execution.id)).all() == []
 
@@ -160,7 +159,7 @@ def test_a_column_default_is_never_silently_skipped(db: Database) -> None:
     values = _execution(rid, owner, "ex_d", 1)
     del values["created_at"]  # has a Python-side default, which the hot path cannot apply
     with pytest.raises(ValueError, match="created_at"), db.hot() as w:
-        w.execute(ex.INSERT_EXECUTION, values)
+        w.execute(cellstore.INSERT_EXECUTION, values)
 
 
 def test_each_thread_writes_on_its_own_connection_which_closes_with_the_thread(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -176,7 +175,7 @@ def test_each_thread_writes_on_its_own_connection_which_closes_with_the_thread(t
         try:
             for i in range(20):
                 with db.hot() as w:
-                    w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, f"ex_{n}_{i}", n * 100 + i))
+                    w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, f"ex_{n}_{i}", n * 100 + i))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -226,7 +225,7 @@ def test_dispose_while_a_thread_writes_does_not_crash(tmp_path) -> None:  # type
             i += 1
             try:
                 with db.hot() as w:
-                    w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, f"ex_w{i}", i))
+                    w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, f"ex_w{i}", i))
             except DatabaseUnavailableError:
                 pass
             except BaseException as exc:  # noqa: BLE001
@@ -259,7 +258,7 @@ def test_a_hot_connection_the_server_dropped_is_replaced_before_the_next_write(
     try:
         rid, owner = _runtime(db)
         with db.hot() as w:
-            w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_before", 1))
+            w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_before", 1))
         with db.connection() as c:  # what a restart does to every open connection
             c.execute(
                 text(
@@ -269,7 +268,7 @@ def test_a_hot_connection_the_server_dropped_is_replaced_before_the_next_write(
             )
         monkeypatch.setattr(hot, "PING_AFTER_IDLE", 0.0)  # as after a while without cells
         with db.hot() as w:
-            w.execute(ex.INSERT_EXECUTION, _execution(rid, owner, "ex_after", 2))
+            w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_after", 2))
         assert _row(db, "ex_after")["seq"] == 2
     finally:
         db.dispose()

@@ -17,6 +17,7 @@ import runner.models  # noqa: F401
 from api import dbschema
 from api.app import create_app
 from api.cli import main
+from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Base, make_engine
 from envs.kit.errors import SchemaOutOfDateError
@@ -147,7 +148,7 @@ def test_check_current_passes_on_a_database_stamped_at_head(db_url: str, engine:
 def test_serve_refuses_a_database_without_the_schema(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, runner_backend="fake", runner_name="test-serve")
     with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
-        create_app(settings, housekeeping=False)
+        create_app(Services.build(settings, housekeeping=False))
 
 
 def test_serve_refuses_an_empty_database_on_each_backend(db_url: str, tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ def test_serve_refuses_an_empty_database_on_each_backend(db_url: str, tmp_path: 
         runner_name="test-serve",
     )
     with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
-        create_app(settings, housekeeping=False)
+        create_app(Services.build(settings, housekeeping=False))
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ def test_serve_refuses_a_data_dir_that_does_not_exist_yet_naming_the_upgrade_com
 ) -> None:
     settings = Settings(data_dir=tmp_path / "not-yet", runner_backend="fake", runner_name="test-serve")
     with pytest.raises(SchemaOutOfDateError, match="envctl db upgrade"):
-        create_app(settings, housekeeping=False)
+        create_app(Services.build(settings, housekeeping=False))
 
 
 def test_0006_rewrites_hot_path_timestamps_in_cores_format_on_sqlite(tmp_path: Path) -> None:

@@ -322,11 +322,12 @@ def test_only_the_owner_or_an_admin_deletes_a_version(db: Database) -> None:
         service.register_base_images(s, BASE_IMAGES)
     with db.session() as s:
         with pytest.raises(ForbiddenError, match="'mine' belongs to another user: only its owner or an admin"):
-            service.delete_version(s, service.resolve(s, "mine@2"), bob)
+            service.delete_version(s, service.resolve(s, "mine@2"), bob, service.pinned_by_nothing)
         with pytest.raises(ForbiddenError, match="'python3' has no owner"):
-            service.delete_version(s, service.resolve(s, "python3@1"), alice)
+            service.delete_version(s, service.resolve(s, "python3@1"), alice, service.pinned_by_nothing)
     with db.session() as s:
-        assert service.delete_version(s, service.resolve(s, "mine@2"), alice) == image("b")
-        assert service.delete_version(s, service.resolve(s, "python3@1"), admin) == image("python3-img")
+        unpinned = service.pinned_by_nothing
+        assert service.delete_version(s, service.resolve(s, "mine@2"), alice, unpinned) == image("b")
+        assert service.delete_version(s, service.resolve(s, "python3@1"), admin, unpinned) == image("python3-img")
     with db.session() as s:
         assert [e.full_name for e in service.list_environments(s)] == ["bash", "mine"]

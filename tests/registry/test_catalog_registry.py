@@ -16,6 +16,7 @@ import pytest
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
@@ -75,8 +76,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         create_team(s, "beta", Actor(users["bob"].id))
     db.dispose()
     for registry in start_registry(settings):
-        app = create_app(settings)
-        app.state.registry = registry  # as `envctl serve` does
+        services = Services.build(settings)
+        services.registry = registry  # as `envctl serve` does (stopping it twice is harmless)
+        app = create_app(services)
         with served(app, settings.api_port) as url, httpx.Client(base_url=url, timeout=60) as api:
             tokens["admin"] = settings.admin_token_file.read_text().strip()
             yield World(settings, registry.url, api, tokens)

@@ -16,6 +16,7 @@ from api.app import create_app
 from api.cli import main
 from api.cli.errors import EXIT_BAD_INPUT
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError
@@ -66,7 +67,7 @@ def upstream_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstre
         ml.registry_digest = MANIFEST
         register_version(s, NewVersion(environment="acme/raw", image_id=IMAGE, image_ref="x:1", parent=base))
     db.dispose()
-    with served(create_app(settings), settings.api_port) as url:
+    with served(create_app(Services.build(settings)), settings.api_port) as url:
         yield Upstream(url, tokens)
 
 

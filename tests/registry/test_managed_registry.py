@@ -14,7 +14,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from api.cli import local
+from api import startup
 from api.dbschema import upgrade
 from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
@@ -97,10 +97,10 @@ def _server(tmp_path: Path, env: dict[str, str]) -> Server:
 def test_serve_without_the_registry_program_says_the_registry_is_off_and_serves_without_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What `envctl serve` does about the registry before it serves (``api/cli/local.py``)."""
+    """What `envctl serve` does about the registry before it serves (``api/startup.py``)."""
     settings = Settings(data_dir=tmp_path / "data", registry="managed", registry_binary=tmp_path / "none")
 
-    assert local._start_registry(settings) is None
+    assert startup.start_registry(settings) is None
 
     err = capsys.readouterr().err
     assert f"registry: off (no registry program at {tmp_path / 'none'}" in err

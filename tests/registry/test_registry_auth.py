@@ -25,6 +25,7 @@ import pytest
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
@@ -79,7 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         add_member(s, "beta", "carol", "member", Actor(users["bob"].id))
     db.dispose()
     for registry in start_registry(settings):
-        with served(create_app(settings), settings.api_port) as api_url:
+        with served(create_app(Services.build(settings)), settings.api_port) as api_url:
             world = World(settings, registry, api_url, tokens)
             alice = world.client("alice")
             assert alice.push("acme/tools", "1", Image.made("tools")).status_code == 201

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from api.dbschema import upgrade
+from api.startup import Services
 from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
@@ -53,7 +54,8 @@ def seed(db: Database, image_id: str = "sha256:" + "b" * 64, image_ref: str = "p
 
 @pytest.fixture
 def make_runner(settings: Settings, runner_db: Database) -> Iterator[Callable[..., RunnerService]]:
-    """Build runner services on one database, as a restarted envctl would be."""
+    """Build runner services on one database, as a restarted envctl would be: built as a server
+    builds them (``api/startup.py``), opened and closed here (the database is the fixture's)."""
     made: list[RunnerService] = []
 
     def make(
@@ -64,7 +66,7 @@ def make_runner(settings: Settings, runner_db: Database) -> Iterator[Callable[..
         **overrides: object,
     ) -> RunnerService:
         s = settings.with_overrides(**overrides) if overrides else settings
-        svc = RunnerService(s, runner_db, backend or FakeBackend(), clock=clock)
+        svc = Services.build(s, db=runner_db, backend=backend or FakeBackend(), clock=clock).runner
         svc.open(housekeeping=housekeeping)
         made.append(svc)
         return svc

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError
@@ -34,7 +35,7 @@ def test_starting_a_runtime_without_docker_is_a_503_that_names_the_engine(
 ) -> None:
     """R14."""
     seed(sqlite_db)
-    app = create_app(settings, backend=dead_docker(settings, tmp_path))
+    app = create_app(Services.build(settings, backend=dead_docker(settings, tmp_path)))
     with TestClient(app) as client:
         token = settings.admin_token_file.read_text().strip()
         h = {"Authorization": f"Bearer {token}"}

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from api.app import create_app
+from api.startup import Services
 from envs.kit.config import Settings
 from tests.api.conftest import prepare_database
 from tests.fixtures.services import _free_port
@@ -36,7 +37,7 @@ class Live:
 @pytest.fixture
 def live(settings: Settings) -> Iterator[Live]:
     prepare_database(settings)
-    app = create_app(settings)
+    app = create_app(Services.build(settings))
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
