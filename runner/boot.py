@@ -11,7 +11,9 @@ The boot worker (``Booter.boot``) runs on a pool thread under the runtime's lock
 2. create and start the container (``backend.start``), labelled with this installation and
    runner so that nothing else ever takes it for its own;
    (first the runtime's mounts are made ready: runner/mounts/prepare.py)
-3. wait for the agent to answer a ping on its Unix socket, checking now and then that the
+3. wait for the agent to answer a ping on its channel (its Unix socket, or with
+   ``ENVCTL_RUNNER_CHANNEL=tcp`` its address, authenticated with a credential made for this
+   boot and handed over as a FIFO: runner/agentauth.py), checking now and then that the
    container still lives and that no stop asked to cancel the boot;
 4. ``running``, with the boot time in the runner log.
 
@@ -21,11 +23,13 @@ than ``max_boots`` rows are ever ``booting`` at once (R31).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import selectinload
@@ -34,6 +38,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
 from runner import envvars
+from runner.agentauth import Credential, hand_over, make_credential
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.concurrency import Concurrency
@@ -45,7 +50,7 @@ from runner.models import Execution, Runtime
 from runner.mounts.prepare import MountPreparer, mounted_note
 from runner.paths import RuntimePaths
 from runner.records import Records
-from runner.secrets import RuntimeSecrets
+from runner.secrets import Delivery, RuntimeSecrets
 from runner.settings import apply_pending
 from runner.states import State
 from runner.transfers import Transfers
@@ -103,6 +108,7 @@ class Booter:
             env=envvars.plain(rt.env or {}),  # secrets never: they reach the agent (runner/secrets.py)
             cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
+            channel=self.settings.runner_channel,
         )
 
     def boot(self, runtime_id: str) -> None:
@@ -180,47 +186,17 @@ class Booter:
                 )
         spec.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (spec.state_dir / "results").mkdir(exist_ok=True)
-        sock = self.paths.socket(runtime_id)
-        sock.unlink(missing_ok=True)
+        self.paths.remove_socket(runtime_id)
+        credential = make_credential(runtime_id) if spec.channel == "tcp" else None
         try:
-            backend_state = self.backend.start(spec)
-        except GpuUnavailableError as exc:
-            records.fail(runtime_id, "gpu-unavailable", exc.message, {State.BOOTING})
-            return
-        except EnvctlError as exc:
-            records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
-            return
-        with records.tx() as s:
-            records.set_in(s, runtime_id, backend_state=backend_state)
-            records.log(
-                s,
-                runtime_id,
-                event="container-created",
-                reason="boot",
-                message=f"container {backend_state.get('container_name', '')} started",
-                details={"container_id": backend_state.get("container_id")},
+            with hand_over(spec.state_dir, credential) if credential is not None else contextlib.nullcontext():
+                pong = self._start_and_wait(runtime_id, spec, credential, secrets, begun, cancel)
+        except OSError as exc:  # the FIFO could not be made in the state directory
+            records.fail(
+                runtime_id, "backend-error", f"could not hand the runtime its credential: {exc}", {State.BOOTING}
             )
-
-        def alive() -> None:
-            if cancel.is_set():
-                raise _BootCancelledError()
-            status = self.backend.poll(backend_state)
-            if status.status is not Status.RUNNING:
-                raise _ContainerDiedError(status.exit_code, status.oom_killed)
-
-        deadline = begun + self.settings.runner_boot_timeout
-        try:
-            pong = wait_for_agent(sock, deadline, alive=alive)
-        except _BootCancelledError:
-            return  # a stop was requested; the stop worker removes the container
-        except (_ContainerDiedError, AgentUnavailableError, BackendError) as exc:
-            self._boot_failed(runtime_id, backend_state, exc)
             return
-        try:
-            if secrets is not None:  # over the agent's socket, never through Docker (R6)
-                secrets.send(sock)
-        except EnvctlError as exc:
-            self._boot_failed(runtime_id, backend_state, exc)
+        if pong is None:
             return
         took_ms = (time.monotonic() - begun) * 1000
         now = records.clock()
@@ -237,6 +213,66 @@ class Booter:
             )
         if not ok:
             log.info("runtime %s left booting while it booted; the stop in flight removes it", runtime_id)
+
+    def _start_and_wait(
+        self,
+        runtime_id: str,
+        spec: RuntimeSpec,
+        credential: Credential | None,
+        secrets: Delivery | None,
+        begun: float,
+        cancel: threading.Event,
+    ) -> dict[str, Any] | None:
+        """Create and start the container, wait for its agent's first answer and hand it the
+        secrets; the pong, or None when the boot ended otherwise (the row says why)."""
+        records = self.records
+        try:
+            backend_state = self.backend.start(spec)
+        except GpuUnavailableError as exc:
+            records.fail(runtime_id, "gpu-unavailable", exc.message, {State.BOOTING})
+            return None
+        except EnvctlError as exc:
+            records.fail(runtime_id, "backend-error", exc.message, {State.BOOTING})
+            return None
+        agent = backend_state.get("agent") or {}
+        if credential is not None and self.paths.links is not None:
+            # the address and the sealed credential on the row: any server reaches the agent
+            backend_state["agent"] = self.paths.links.record(credential, str(agent["host"]), int(agent["port"]))
+        with records.tx() as s:
+            records.set_in(s, runtime_id, backend_state=backend_state)
+            records.log(
+                s,
+                runtime_id,
+                event="container-created",
+                reason="boot",
+                message=f"container {backend_state.get('container_name', '')} started"
+                + (f", its agent on tcp {agent['host']}:{agent['port']}" if credential is not None else ""),
+                details={"container_id": backend_state.get("container_id"), "channel": spec.channel},
+            )
+
+        def alive() -> None:
+            if cancel.is_set():
+                raise _BootCancelledError()
+            status = self.backend.poll(backend_state)
+            if status.status is not Status.RUNNING:
+                raise _ContainerDiedError(status.exit_code, status.oom_killed)
+
+        deadline = begun + self.settings.runner_boot_timeout
+        target = self.paths.agent(runtime_id, backend_state)
+        try:
+            pong = wait_for_agent(target, deadline, alive=alive)
+        except _BootCancelledError:
+            return None  # a stop was requested; the stop worker removes the container
+        except (_ContainerDiedError, AgentUnavailableError, BackendError) as exc:
+            self._boot_failed(runtime_id, backend_state, exc)
+            return None
+        try:
+            if secrets is not None:  # over the agent's channel, never through Docker (R6)
+                secrets.send(target)
+        except EnvctlError as exc:
+            self._boot_failed(runtime_id, backend_state, exc)
+            return None
+        return pong
 
     def _mount(
         self, runtime_id: str, owner_id: str, stored: list[dict[str, object]], spec: RuntimeSpec

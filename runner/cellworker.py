@@ -105,6 +105,7 @@ class CellWorkers:
         self._workers: dict[str, threading.Thread] = {}
         self._busy: dict[str, str] = {}  # runtime id -> running execution id
         self._channels: dict[str, AgentChannel] = {}  # runtime id -> its worker's connection
+        self._acks: dict[str, str] = {}  # runtime id -> its last cell stored, the agent not yet told
         self._submit_locks: dict[str, threading.Lock] = {}  # runtime id -> see in_order
         self._lock = threading.Lock()
         self._later = _Later("envctl-exec-marks")
@@ -176,7 +177,7 @@ class CellWorkers:
 
     def interrupt(self, view: ExecutionView) -> None:
         """Ask the agent to interrupt a running cell, on a connection of its own."""
-        with AgentChannel(self.paths.socket(view.runtime_id), timeout=5) as channel:
+        with AgentChannel(self.paths.agent(view.runtime_id), timeout=5) as channel:
             channel.request("interrupt", execution_id=view.id)
 
     # ------------------------------------------------------------------ the worker
@@ -248,8 +249,8 @@ class CellWorkers:
                         self.finish(
                             view, str(event.get("status", "ok")), event.get("execution_count"), event, sink=sink
                         )
-                        with contextlib.suppress(EnvctlError):
-                            channel.post("ack", execution_id=view.id)  # stored: the agent may forget it
+                        # stored: the agent may forget it, told with the next cell (or on leaving)
+                        self._acks[view.runtime_id] = view.id
                         return
             except AgentUnavailableError as exc:
                 self._drop_channel(view.runtime_id)
@@ -273,8 +274,10 @@ class CellWorkers:
 
     def _send(self, channel: AgentChannel, view: ExecutionView) -> Iterator[dict[str, Any]]:
         """Send the cell to the agent; its events follow on the returned iterator."""
+        stored = self._acks.pop(view.runtime_id, None)
         events = channel.stream(
             "execute",
+            **({"ack": [stored]} if stored else {}),
             execution_id=view.id,
             code=view.code,
             language="jupyter" if view.kernel else view.language,
@@ -294,13 +297,17 @@ class CellWorkers:
         """The worker's connection to the runtime's agent, kept open between cells."""
         channel = self._channels.get(runtime_id)
         if channel is None:
-            channel = AgentChannel(self.paths.socket(runtime_id), timeout=10)
+            channel = AgentChannel(self.paths.agent(runtime_id), timeout=10)
             self._channels[runtime_id] = channel
         return channel
 
     def _drop_channel(self, runtime_id: str) -> None:
         channel = self._channels.pop(runtime_id, None)
+        stored = self._acks.pop(runtime_id, None)
         if channel is not None:
+            if stored:  # the worker leaves: the agent may forget the last cell now
+                with contextlib.suppress(EnvctlError):
+                    channel.post("ack", execution_id=stored)
             channel.close()
 
     def _mark_running(self, view: ExecutionView) -> None:

@@ -160,7 +160,7 @@ class Changes:
         if not paths:
             return {}
         try:
-            with AgentChannel(self.paths.socket(runtime_id), timeout=10) as channel:
+            with AgentChannel(self.paths.agent(runtime_id), timeout=10) as channel:
                 reply = channel.request("stat", paths=paths[:20000])
         except (AgentUnavailableError, EnvctlError):
             return {}

@@ -27,8 +27,9 @@ threads and processes, so the hot path avoids every hand-over it can:
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
   itself and the worker only reads its events;
 - the end is published to waiting requests before it is written, and the write waits (a few
-  ms at most) until those requests have answered (``waiting``); the agent's ``ack`` follows
-  the write without waiting for a reply (``AgentChannel.post``).
+  ms at most) until those requests have answered (``waiting``); the agent is told the cell
+  is stored (``ack``) with the next cell sent on the connection, or when the worker leaves it
+  (``AgentChannel.post``): no message of its own on the hot path.
 """
 
 from __future__ import annotations

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
 from envs.kit.errors import BackendError, EnvctlError
 from runner.backends.base import BackendState, FoundContainer, RuntimeBackend, Status
-from runner.channel import AgentUnavailableError, ping
+from runner.channel import AgentTarget, AgentUnavailableError, ping
 from runner.concurrency import Concurrency
 from runner.drafts import Drafts
 from runner.identity import RunnerIdentity
@@ -147,7 +146,7 @@ class Reconciler:
     def _busy_here(self, runtime_id: str) -> bool:
         return self.concurrency.in_flight(runtime_id) or self.is_saving(runtime_id)
 
-    def _hand_secrets(self, action: Action, sock: Path) -> bool:
+    def _hand_secrets(self, action: Action, sock: AgentTarget) -> bool:
         """Before a runtime found booting (its boot cut short by a restart) is adopted: give its
         agent the runtime's secrets, which the boot may not have handed over yet (again is
         harmless: the agent keeps the last values). False when that failed and the runtime went
@@ -320,10 +319,13 @@ class Reconciler:
             if rt is None:
                 return
             was = State(rt.state)
-            same = (rt.backend_state or {}).get("container_id") == action.state.get("container_id")
+            recorded = dict(rt.backend_state or {})
+            same = recorded.get("container_id") == action.state.get("container_id")
         if was == State.RUNNING and same:
             return  # the normal case on every round: its container runs, nothing to do
-        sock = self.backend.socket_path(action.state, self.paths.state_dir(rid))
+        if same and recorded.get("agent"):  # a tcp channel's address and credential: the row keeps them
+            action = replace(action, state={**action.state, "agent": recorded["agent"]})
+        sock = self.paths.agent(rid, action.state)
         try:
             pong = ping(sock, timeout=3)
         except (AgentUnavailableError, OSError) as exc:

@@ -8,7 +8,7 @@ configuration (Docker's ``Env``, labels, host config) or its log (R6).
 
 At boot (runner/boot.py), :meth:`RuntimeSecrets.prepare` opens the values before the container
 is made (a secret gone, or a team the owner left, fails the boot at once, naming it); once the
-agent answers, :meth:`Delivery.send` hands them over its Unix socket: the agent adds them to
+agent answers, :meth:`Delivery.send` hands them over its channel (its Unix socket, or TLS): the agent adds them to
 the cells' environment and writes each to a file on a tmpfs (``/run/secrets/NAME``, mode 0400)
 that never reaches a layer. What was given is recorded (``runtime_secret_uses``): which
 version of which secret each variable got, for :meth:`RuntimeSecrets.outdated` (a secret
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -33,7 +32,7 @@ from envs.kit.db import Database
 from envs.kit.errors import ConflictError, InvalidInputError
 from registry.models import Membership, RuntimeSecretUse, Team
 from registry.secrets import SecretBox, check_secret_name, secrets_named
-from runner.channel import AgentChannel
+from runner.channel import AgentChannel, AgentTarget
 from runner.models import Runtime
 from runner.states import State
 
@@ -148,9 +147,9 @@ class Delivery:
     delivered: dict[str, dict[str, Any]]  # variable -> team, secret, version
     owner: RuntimeSecrets = field(repr=False)
 
-    def send(self, socket_path: Path) -> None:
-        """Give the agent the values (over its socket, never through Docker), then record it."""
-        with AgentChannel(socket_path) as channel:
+    def send(self, target: AgentTarget) -> None:
+        """Give the agent the values (over its channel, never through Docker), then record it."""
+        with AgentChannel(target) as channel:
             channel.request("secrets", env=self.env, files=self.files)
         self.owner.record(self.runtime_id, self.delivered, self.env.values())
 

@@ -54,9 +54,10 @@ from sqlalchemy import select
 from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
-from envs.kit.errors import EnvctlError
+from envs.kit.errors import EnvctlError, InvalidInputError
 from registry.secrets import SecretBox
 from runner import envvars, idle
+from runner.agentauth import AgentLinks
 from runner.archives import Archives
 from runner.backends.base import RuntimeBackend
 from runner.boot import Booter
@@ -134,11 +135,19 @@ class RunnerService:
         self.liveness = Liveness(db, clock, settings.runner_stale_after, self.runner)
         self.records = records = Records(db, clock, self.liveness)
         self.concurrency = concurrency = Concurrency(settings.runner_max_boots)
-        self.paths = paths = RuntimePaths(settings.runtimes_dir, backend)
+        self.secret_box = SecretBox.from_settings(settings)
+        if settings.runner_channel not in backend.channels:
+            raise InvalidInputError(
+                f"the {backend.name} backend cannot start runtimes with the {settings.runner_channel!r} agent "
+                f"channel (ENVCTL_RUNNER_CHANNEL); it can: {', '.join(backend.channels)}",
+                field="runner_channel",
+            )
+        self.paths = paths = RuntimePaths(
+            settings.runtimes_dir, backend, records=records, links=AgentLinks(self.secret_box)
+        )
         self.changes = Changes(backend, paths, CacheRules.of(settings.save_caches))
         self.drafts = drafts = Drafts(settings, records, backend, self.changes)
         self.operations = operations = Operations(records, backend, delete_runtime=self.delete)
-        self.secret_box = SecretBox.from_settings(settings)
         self.secrets = secrets = RuntimeSecrets(db, self.secret_box)
         self.transfers = transfers = Transfers(settings, records, backend, operations, submit=concurrency.submit)
         self.imports = Imports(records, backend, operations, transfers, settings.import_allow_hosts)

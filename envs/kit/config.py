@@ -141,6 +141,10 @@ class Settings:
     runner_output_cap: int = 10 * 1024 * 1024
     # "isolated": the installation's own network, fenced in (runner/backends/netguard.py)
     runner_network: str = "isolated"
+    # how envctl reaches a runtime's agent: "unix" (its socket in a host bind mount: the local
+    # engine only) or "tcp" (envctl dials the runtime's address over TLS, authenticated per
+    # boot: runner/channel.py)
+    runner_channel: str = "unix"
     runner_labels: dict[str, str] = field(default_factory=dict)
     # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
     runner_cuda_root: Path = Path("/usr/local")
@@ -267,6 +271,16 @@ def _names(v: Any) -> tuple[str, ...]:
     return tuple(str(i).strip().lower() for i in items if str(i).strip())
 
 
+CHANNELS = ("unix", "tcp")
+
+
+def _channel(v: Any) -> str:
+    value = str(v).strip().lower()
+    if value not in CHANNELS:
+        raise ValueError(f"the agent channel is one of {', '.join(CHANNELS)}")
+    return value
+
+
 def _labels(v: Any) -> dict[str, str]:
     if isinstance(v, dict):
         return {str(k): str(val) for k, val in v.items()}
@@ -298,6 +312,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "runner_log_max_size": ("ENVCTL_RUNNER_LOG_MAX_SIZE", str),
     "runner_output_cap": ("ENVCTL_RUNNER_OUTPUT_CAP", _INT),
     "runner_network": ("ENVCTL_RUNNER_NETWORK", str),
+    "runner_channel": ("ENVCTL_RUNNER_CHANNEL", _channel),
     "runner_labels": ("ENVCTL_RUNNER_LABELS", _labels),
     "runner_cuda_root": ("ENVCTL_RUNNER_CUDA_ROOT", _path),
     "base_mirror": ("ENVCTL_BASE_MIRROR", str),

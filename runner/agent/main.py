@@ -5,6 +5,10 @@ runtime's private state directory on the host), so the runner reaches it without
 the way and reconnects to it after the runner restarts. Cells run in kernels (see
 ``kernels.py``); their state lives here, not in the runner.
 
+With ``--listen tcp:PORT --credential FILE`` it listens on a TCP port instead, for a runner on
+another machine: TLS with a per-boot certificate, and no request is read before the client
+proved it holds this boot's credential (``handshake.py``, read once from FILE at start).
+
 Wire format: one JSON object per line, both ways. Every request has an ``op`` and an ``id``;
 every reply echoes the ``id``.
 
@@ -20,6 +24,7 @@ every reply echoes the ``id``.
     -> {"id": 3, "op": "attach", "execution_id": "ex_...", "from": 5}   same events from index 5
     -> {"id": 4, "op": "interrupt", "execution_id": "ex_..."}
     -> {"id": 5, "op": "ack", "execution_id": "ex_..."}                  forget a stored execution
+       (an ``execute`` may carry ``"ack": ["ex_..."]``: the same, without a message of its own)
     -> {"id": 6, "op": "status"}
 
 An execution keeps running when its connection drops; its outputs stay here until the runner
@@ -37,6 +42,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -45,7 +51,8 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernels  # noqa: E402  (the agent's own module, next to this file)
+import handshake  # noqa: E402  (the agent's own modules, next to this file)
+import kernels  # noqa: E402
 
 try:  # noqa: SIM105  (annotations only; python3-minimal images may lack typing)
     from typing import Any
@@ -60,6 +67,9 @@ DEFAULT_CAP = 10 * 1024 * 1024
 ERROR_ALLOWANCE = 64 * 1024  # an error after the cap is still shown, up to this size
 KEEP_UNACKED = 8
 INTERRUPT_GRACE = 5.0
+ACCEPT_COALESCE = 0.002  # seconds ``accepted`` may wait to go out with a quick cell's outputs
+HANDSHAKE_TIMEOUT = 10.0  # seconds a network connection has to prove itself
+KEEP_REFUSALS = 50  # refused connections remembered until envctl is told
 
 
 class Execution:
@@ -154,8 +164,10 @@ def _size_of(output: dict[str, Any]) -> int:
 
 
 class Agent:
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, credential: dict[str, Any] | None = None) -> None:
         self.socket_path = socket_path
+        self.credential = credential  # a tcp channel's (handshake.py); None: the Unix socket
+        self._refused: list[dict[str, Any]] = []  # refusals envctl has not been told about yet
         self.started_at = time.time()
         self.handlers = {
             "ping": self.op_ping,
@@ -251,17 +263,22 @@ class Agent:
         return {"op": "secrets", "variables": sorted(env), "files": sorted(files)}
 
     def op_ack(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._forget(str(request.get("execution_id")))
+        return {"op": "ack"}
+
+    def _forget(self, execution_id: str) -> None:
         with self._state_lock:
-            e = self.executions.get(str(request.get("execution_id")))
+            e = self.executions.get(execution_id)
             if e is not None and e.finished:
                 del self.executions[e.id]
-        return {"op": "ack"}
 
     # --- executions -------------------------------------------------------------------
     def op_execute(self, request: dict[str, Any]) -> Execution:
         eid = str(request.get("execution_id") or "")
         if not eid:
             raise ValueError("execute needs an execution_id")
+        for stored in list(request.get("ack") or [])[:16]:  # earlier cells the runner has stored
+            self._forget(str(stored))
         with self._state_lock:
             existing = self.executions.get(eid)
             if existing is not None:
@@ -395,8 +412,26 @@ class Agent:
         os.replace(tmp, self.socket_path)
         return server
 
-    def serve(self) -> None:
-        server = self.listen()
+    def listen_tcp(self, port: int) -> socket.socket:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("0.0.0.0", port))  # noqa: S104  (the runtime's own address; envctl dials it)
+        server.listen(64)
+        return server
+
+    def serve(self, port: int | None = None) -> None:
+        target: Any
+        if port is None:
+            server = self.listen()
+            target = self.handle
+        else:
+            assert self.credential is not None
+            tls = handshake.server_context(self.credential.pop("tls"))
+            server = self.listen_tcp(port)
+
+            def target(conn: socket.socket) -> None:
+                self.handle_tcp(conn, tls)
+
         while not self._stop.is_set():
             try:
                 conn, _ = server.accept()
@@ -406,10 +441,53 @@ class Agent:
                 if self._stop.is_set():
                     break
                 raise
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=target, args=(conn,), daemon=True).start()
 
-    def handle(self, conn: socket.socket) -> None:
-        reader = conn.makefile("rb")
+    def handle_tcp(self, raw: socket.socket, tls: ssl.SSLContext) -> None:
+        """A network connection: TLS, then the handshake, then the ordinary framing."""
+        try:
+            host, port = raw.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        conn: socket.socket = raw
+        reader = None
+        try:
+            conn = tls.wrap_socket(raw, server_side=True)
+            reader = conn.makefile("rb")
+            with self._state_lock:
+                report, self._refused = self._refused, []
+            try:
+                handshake.accept(conn, reader, dict(self.credential or {}), report)
+            except Exception:
+                with self._state_lock:  # not told after all
+                    self._refused = (report + self._refused)[-KEEP_REFUSALS:]
+                raise
+        except handshake.RefusedError as exc:
+            self.refuse(conn, peer, str(exc))
+            return
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.refuse(conn, peer, f"no TLS handshake ({type(exc).__name__}: {str(exc)[:200]})", answer=False)
+            return
+        conn.settimeout(None)
+        self.handle(conn, reader)
+
+    def refuse(self, conn: socket.socket, peer: str, reason: str, answer: bool = True) -> None:
+        """Refuse a connection: say so to it, to the container's log and (later) to envctl."""
+        entry = {"at": time.time(), "peer": peer, "reason": reason}
+        with self._state_lock:
+            self._refused = [*self._refused, entry][-KEEP_REFUSALS:]
+        print(f"envctl-agent: refused a connection from {peer}: {reason}", file=sys.stderr, flush=True)
+        if answer:
+            with contextlib.suppress(OSError, ValueError):
+                send(conn, {"id": None, "ok": False, "error": f"refused: {reason}"})
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def handle(self, conn: socket.socket, reader: Any = None) -> None:
+        reader = reader or conn.makefile("rb")
         try:
             while True:
                 line = reader.readline(MAX_LINE)
@@ -455,24 +533,36 @@ class Agent:
                 conn.close()
 
     def stream(self, conn: socket.socket, rid: Any, e: Execution, start: int) -> None:
-        """Send an execution's outputs from ``start`` as they come, then its end."""
-        send(conn, {"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
+        """Send an execution's outputs from ``start`` as they come, then its end.
+
+        What is ready goes in one write: ``accepted`` waits up to ACCEPT_COALESCE for a quick
+        cell's outputs and end, so that a trivial cell costs the connection one message
+        instead of three (each one a wake-up on both sides, and a TLS record on a network)."""
+        pending = encode({"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
         sent = max(0, start)
+        wait_first = ACCEPT_COALESCE
         while True:
             with e.cond:
-                while len(e.outputs) <= sent and not e.finished:
-                    e.cond.wait(1.0)
+                if wait_first:
+                    until = time.monotonic() + wait_first
+                    while not e.finished and time.monotonic() < until:
+                        e.cond.wait(max(0.0, until - time.monotonic()))
+                    wait_first = 0.0
+                else:
+                    while len(e.outputs) <= sent and not e.finished:
+                        e.cond.wait(1.0)
                 batch = e.outputs[sent:]
                 finished = e.finished and len(e.outputs) == sent + len(batch)
-            if batch:
-                data = b"".join(
-                    encode({"id": rid, "event": "output", "index": sent + i, "output": out})
-                    for i, out in enumerate(batch)
-                )
-                conn.sendall(data)
-                sent += len(batch)
+            data = pending + b"".join(
+                encode({"id": rid, "event": "output", "index": sent + i, "output": out}) for i, out in enumerate(batch)
+            )
+            pending = b""
+            sent += len(batch)
             if finished:
-                send(conn, {"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
+                data += encode({"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
+            if data:
+                conn.sendall(data)
+            if finished:
                 return
 
 
@@ -498,13 +588,26 @@ def rss_kb() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = os.environ.get("ENVCTL_AGENT_SOCKET", DEFAULT_SOCKET)
-    if argv[:1] == ["--socket"] and len(argv) > 1:
-        path = argv[1]
+    options = dict(zip(argv[::2], argv[1::2], strict=False))
+    path = options.get("--socket", path)
+    port = None
+    credential = None
+    listen = options.get("--listen", "unix")
+    if listen.startswith("tcp:"):
+        port = int(listen[4:])
+        try:  # read once, before anything else runs in the container
+            credential = handshake.read_credential(options.get("--credential", "/run/envctl/agent.key"))
+        except (OSError, ValueError) as exc:
+            print(f"envctl-agent: cannot start the tcp channel: {exc}", file=sys.stderr, flush=True)
+            return 3
+    elif listen != "unix":
+        print(f"envctl-agent: --listen must be unix or tcp:PORT, not {listen!r}", file=sys.stderr, flush=True)
+        return 2
 
     # Threads hand the GIL over after at most this long (default 5 ms): the agent's reader,
     # cell and connection threads pass each cell along between them.
     sys.setswitchinterval(0.0005)
-    agent = Agent(path)
+    agent = Agent(path, credential)
 
     def _exit(signum: int, _frame: object) -> None:
         # As the container's main process a signal without a handler would be ignored.
@@ -517,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     layer.start_index()
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
-    agent.serve()
+    agent.serve(port)
     return 0
 
 

@@ -17,7 +17,11 @@ event loop), and keeps only ``BackendState`` (a small JSON dict) in the database
 
 The agent inside the container listens on a Unix socket in the runtime's private state
 directory (mounted at ``/run/envctl``), so the runner can reach it again after a restart
-without Docker being involved in the hot path.
+without Docker being involved in the hot path. A backend listing ``"tcp"`` in ``channels``
+can instead start it listening on ``AGENT_PORT`` of the runtime's own address (``spec.channel``)
+and reading its per-boot credential once from ``AGENT_CREDENTIAL`` (runner/agentauth.py); its
+``start`` then returns ``{"agent": {"channel": "tcp", "host": ..., "port": ...}}`` within the
+state: an address every server of the installation can route to.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ STATE_MOUNT = "/run/envctl"
 RESULTS_MOUNT = "/results"  # <state dir>/results on the host
 SECRETS_MOUNT = "/run/secrets"  # a tmpfs the agent writes the runtime's secrets into (runner/secrets.py)
 AGENT_SOCKET = "agent.sock"
+AGENT_CREDENTIAL = "agent.key"  # a tcp channel's credential, read once by the agent at start
+AGENT_PORT = 7600  # a tcp channel's port on the runtime's address (runner/agent/handshake.py PORT)
 CUDA_MOUNT = "/usr/local/cuda"  # the host's CUDA libraries, in GPU runtimes that ask for them
 
 
@@ -104,6 +110,7 @@ class RuntimeSpec:
     env: dict[str, str] = field(default_factory=dict)
     cuda_dir: Path | None = None  # host CUDA folder mounted read-only at CUDA_MOUNT (GPU machine types only)
     mounts: tuple[MountBind, ...] = ()  # the runtime's mounts (runner/mounts/), checked
+    channel: str = "unix"  # how envctl reaches the agent: its Unix socket, or "tcp" (runner/channel.py)
 
     @property
     def container_name(self) -> str:
@@ -186,6 +193,7 @@ class RuntimeBackend(abc.ABC):
     #: saves and drafts are made inside the runtime and written into the registry
     #: (``runner/insave.py``): a backend whose runtimes have no filesystem on this host
     saves_in_runtime: ClassVar[bool] = False
+    channels: ClassVar[tuple[str, ...]] = ("unix",)  # the agent channels it can start runtimes with
 
     @classmethod
     @abc.abstractmethod

@@ -24,7 +24,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import kernelspec_files, netguard, overlay, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, overlay, volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -68,6 +68,7 @@ _FENCE_TTL = 60.0  # seconds an installation's network and rules are trusted to 
 
 class DockerBackend(RuntimeBackend):
     name = "docker"
+    channels = ("unix", "tcp")
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class DockerBackend(RuntimeBackend):
         }
         options: dict[str, Any] = {
             "image": spec.image,
-            "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py"],
+            "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments(spec.channel)],
             "name": spec.container_name,
             "hostname": spec.name[:63],
             "labels": labels,
@@ -255,8 +256,12 @@ class DockerBackend(RuntimeBackend):
         state: BackendState = {"container_id": container.id, "container_name": spec.container_name}
         try:
             container.start()
+            if spec.channel == "tcp":
+                state["agent"] = agent_channel.address(self.client, container.id)
         except Exception as exc:
             self._force_remove(container.id)
+            if isinstance(exc, BackendError):
+                raise
             raise _daemon_error("start the runtime's container", exc) from exc
         return state
 

@@ -9,6 +9,7 @@ import argparse
 
 from tests.bench import (
     bench_boot,
+    bench_channel,
     bench_exec,
     bench_lean_save,
     bench_mounts,
@@ -20,6 +21,7 @@ from tests.bench import (
 BENCHMARKS = {
     "boot": bench_boot.run,
     "exec": bench_exec.run,
+    "channel": bench_channel.run,
     "save": bench_save.run,
     "lean-save": bench_lean_save.run,
     "mounts": bench_mounts.run,

@@ -28,6 +28,33 @@ def server(shared_server: Server) -> Server:
     return shared_server
 
 
+@pytest.fixture(scope="module")
+def tcp_module_server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `envctl serve` whose runtimes' agents are reached over the network (the tcp channel)."""
+    base_image(docker, "python3")
+    srv = start_server(docker, tmp_path_factory.mktemp("tcp") / "data", ENVCTL_RUNNER_CHANNEL="tcp")
+    yield srv
+    remove_runner_containers(docker, srv)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def channel_server(request: pytest.FixtureRequest, shared_server: Server) -> Iterator[Server]:
+    """The test on both agent channels: the Unix socket (the shared server) and tcp."""
+    if request.param == "unix":
+        yield shared_server
+        return
+    srv: Server = request.getfixturevalue("tcp_module_server")
+    if srv.proc is None or srv.proc.poll() is not None:
+        srv.start()  # a test before killed it
+    with srv.client() as client:
+        before = {rt["id"] for rt in client.get("/runtimes").json()}
+    yield srv
+    with srv.client() as client:
+        for rt in client.get("/runtimes").json():
+            if rt["id"] not in before:
+                client.delete(f"/runtimes/{rt['id']}")
+
+
 def new_runtime(client: httpx.Client, name: str = "cells", **body: Any) -> str:
     r = client.post("/runtimes", json={"environment": "python3", "name": name, **body})
     assert r.status_code == 201, r.text
@@ -65,7 +92,8 @@ def sse(
                 event, data, eid = "message", "", None
 
 
-def test_python_state_survives_between_cells_and_the_last_expression_is_the_result(server: Server) -> None:
+def test_python_state_survives_between_cells_and_the_last_expression_is_the_result(channel_server: Server) -> None:
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)  # stopped: the first cell boots it
         first = run(client, rid, "import math\nx = 21\ndef double(v):\n    return 2 * v\nprint('ready')")
@@ -101,7 +129,8 @@ def test_an_error_carries_its_name_value_and_traceback(server: Server) -> None:
         assert bash["status"] == "error" and text(bash, "stderr") == "oops\n"
 
 
-def test_outputs_stream_live_in_order_a_line_when_it_is_printed(server: Server) -> None:
+def test_outputs_stream_live_in_order_a_line_when_it_is_printed(channel_server: Server) -> None:
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)
         run(client, rid, "import time")
@@ -118,7 +147,8 @@ def test_outputs_stream_live_in_order_a_line_when_it_is_printed(server: Server) 
         assert events[-1][0] - first_line_at > 1.2
 
 
-def test_a_client_that_reconnects_resumes_after_the_last_event_it_saw(server: Server) -> None:
+def test_a_client_that_reconnects_resumes_after_the_last_event_it_saw(channel_server: Server) -> None:
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)
         ex = run(client, rid, "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.05)")
@@ -132,7 +162,8 @@ def test_a_client_that_reconnects_resumes_after_the_last_event_it_saw(server: Se
         assert resumed == every[1:]
 
 
-def test_interrupt_stops_the_cell_and_keeps_the_interpreter_state(server: Server) -> None:
+def test_interrupt_stops_the_cell_and_keeps_the_interpreter_state(channel_server: Server) -> None:
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)
         run(client, rid, "x = 'kept'")
@@ -174,8 +205,10 @@ def test_a_long_cell_runs_to_the_end_with_no_client_and_its_outputs_are_kept(ser
         assert [e["id"] for e in client.get(f"/runtimes/{rid}/executions").json()][0] == ex["id"]
 
 
-def test_a_sigkilled_server_keeps_interpreter_state_and_the_cell_that_was_running(server: Server) -> None:
-    """R11: interpreter state and the running cell survive a SIGKILL of the server."""
+def test_a_sigkilled_server_keeps_interpreter_state_and_the_cell_that_was_running(channel_server: Server) -> None:
+    """R11: interpreter state and the running cell survive a SIGKILL of the server (on the tcp
+    channel: the restarted server reconnects to the address and credential on the row)."""
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)
         run(client, rid, "state = {'n': 42}")
@@ -295,7 +328,8 @@ def _stopped_one_timeout_after_the_cell(
     assert timedelta(seconds=timeout - 0.05) <= after < timedelta(seconds=timeout + 10), after
 
 
-def test_result_files_are_versioned_by_content_and_outlive_the_runtime(server: Server) -> None:
+def test_result_files_are_versioned_by_content_and_outlive_the_runtime(channel_server: Server) -> None:
+    server = channel_server
     with server.client() as client:
         rid = new_runtime(client)
         first = run(

@@ -28,10 +28,11 @@ VALUE = "Db-pa55/w0rd+for=envctl&more"
 FORMS = [form for form, _ in secret_forms([VALUE])]
 
 
-@pytest.fixture(scope="module")
-def server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["unix", "tcp"])
+def server(request: pytest.FixtureRequest, docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """On both agent channels: the secrets reach the agent over its Unix socket, or over TLS."""
     base_image(docker, "python3")
-    srv = start_server(docker, tmp_path_factory.mktemp("secrets") / "data")
+    srv = start_server(docker, tmp_path_factory.mktemp("secrets") / "data", ENVCTL_RUNNER_CHANNEL=request.param)
     yield srv
     remove_runner_containers(docker, srv)
 
