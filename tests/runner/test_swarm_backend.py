@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,11 +20,16 @@ import docker.errors
 import httpx
 import pytest
 
+from envs.kit.db import Database
+from registry.secrets import SecretBox
+from runner.agentauth import AgentLinks
+from runner.channel import AgentAddress, AgentChannel, AgentUnavailableError
+from runner.models import Runtime
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import _free_port, base_image
 from tests.fixtures.swarm import Swarm
-from tests.fixtures.transfer import need_registry_program
+from tests.fixtures.transfer import cli_json, need_registry_program
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -137,9 +141,7 @@ def service_of(manager: Any, rid: str) -> dict[str, Any]:
     return dict(found[0])
 
 
-def test_runtimes_are_placed_on_the_worker_their_machine_type_names_and_run_cells(
-    server: Server, manager: Any
-) -> None:
+def test_runtimes_are_placed_on_the_worker_their_machine_type_names_and_run_cells(server: Server, manager: Any) -> None:
     with server.client() as client:
         for node in ("worker1", "worker2"):
             rt = boot(server, client, f"on-{node}", "w1" if node == "worker1" else "w2")
@@ -160,3 +162,144 @@ def test_runtimes_are_placed_on_the_worker_their_machine_type_names_and_run_cell
 
 def node_name(rt: dict[str, Any]) -> str:
     return "worker1" if rt["machine_type"] == "w1" else "worker2"
+
+
+def recorded(srv: Server, rid: str) -> dict[str, Any]:
+    db = Database(f"sqlite:///{srv.data_dir / 'envctl.db'}")
+    try:
+        with db.session() as s:
+            row = s.get(Runtime, rid)
+            assert row is not None
+            return dict(row.backend_state or {})
+    finally:
+        db.dispose()
+
+
+def test_nodes_show_labels_capacity_health_and_runtimes_through_the_api_and_the_cli(
+    server: Server, swarm: Swarm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with server.client() as client:
+        gpu = boot(server, client, "gpu-one", "gpu")
+        assert gpu["state"] == "running", gpu
+        assert gpu["node"] == "swarm-worker2"  # the only node with gpu generic resources
+        ex = run(client, gpu["id"], "echo gpu=$DOCKER_RESOURCE_GPU")
+        assert "gpu=fixture-gpu-" in text(ex), ex
+        nodes = {n["name"]: n for n in client.get("/nodes").json()}
+        assert set(nodes) == {"swarm-manager", "swarm-worker1", "swarm-worker2"}
+        for name, n in nodes.items():
+            assert n["labels"][NODE_LABEL] == name.removeprefix("swarm-")
+            assert n["health"] == {"state": "ready", "availability": "active", "message": n["health"]["message"]}
+            assert n["capacity"]["nano_cpus"] > 0 and n["capacity"]["memory"] > 0
+        assert nodes["swarm-manager"]["role"] == "manager" and nodes["swarm-worker1"]["role"] == "worker"
+        assert nodes["swarm-worker2"]["capacity"]["generic_resources"] == {"gpu": 2}
+        assert gpu["id"] in nodes["swarm-worker2"]["runtimes"]
+        assert nodes["swarm-worker2"]["reserved"]["generic_resources"] == {"gpu": 1}
+        listed = cli_json(server, capsys, "nodes")
+        assert {n["name"]: n["runtimes"] for n in listed}["swarm-worker2"] == nodes["swarm-worker2"]["runtimes"]
+        assert client.delete(f"/runtimes/{gpu['id']}").status_code in (200, 202, 204)
+
+
+@pytest.mark.parametrize(("machine", "named"), [("huge", "memory"), ("gpu-many", "4 gpu")])
+def test_a_runtime_no_node_fits_fails_naming_the_resource_and_leaves_no_service(
+    server: Server, manager: Any, machine: str, named: str
+) -> None:
+    with server.client() as client:
+        rt = boot(server, client, f"nofit-{machine}", machine)
+        assert rt["state"] == "error", rt
+        assert "could not be placed" in rt["state_message"] and named in rt["state_message"], rt["state_message"]
+        assert not manager.api.services(filters={"label": f"envctl.runtime-id={rt['id']}"})
+
+
+def test_a_stopped_runtime_leaves_no_service_secret_or_container_on_its_worker(
+    server: Server, swarm: Swarm, manager: Any
+) -> None:
+    with server.client() as client:
+        rt = boot(server, client, "stopper", "w1")
+        assert rt["state"] == "running", rt
+        state = recorded(server, rt["id"])
+        worker = docker.DockerClient(base_url=swarm.host("worker1"), timeout=30)
+        try:
+            label = {"label": f"com.docker.swarm.service.id={state['service_id']}"}
+            assert worker.api.containers(filters=label)
+            assert client.post(f"/runtimes/{rt['id']}/stop").status_code in (200, 202)
+            server.wait_state(client, rt["id"], {"stopped"}, timeout=60)
+            with pytest.raises(docker.errors.NotFound):
+                manager.api.inspect_service(state["service_id"])
+            with pytest.raises(docker.errors.NotFound):
+                manager.api.inspect_secret(state["secret_id"])
+            deadline = time.monotonic() + RM_BOUND
+            while worker.api.containers(all=True, filters=label) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            assert not worker.api.containers(all=True, filters=label), f"a container stayed for {RM_BOUND} s"
+        finally:
+            worker.close()
+
+
+def test_secrets_and_the_credential_are_in_no_service_task_or_container_field(
+    server: Server, swarm: Swarm, manager: Any
+) -> None:
+    """R6 and R40 on Swarm: the service's spec, its task, the container's inspect on the worker."""
+    value = f"swarm-S3cret-{uuid.uuid4().hex[:8]}"
+    with server.client() as client:
+        assert client.put("/teams/acme/secrets/swarmpw", json={"value": value}).status_code in (200, 201)
+        rid = new_runtime(
+            client,
+            "secretive",
+            environment="bash",
+            language="bash",
+            machine_type="w2",
+            team="acme",
+            env={"PLAIN": "visible", "PW": {"secret": "swarmpw", "team": "acme"}},
+        )
+        client.post(f"/runtimes/{rid}/start")
+        rt = server.wait_state(client, rid, {"running", "error"}, timeout=240)
+        assert rt["state"] == "running", rt
+        ex = run(client, rid, 'echo "$PW" | rev; ls -l /run/envctl; grep NoNewPrivs /proc/self/status')
+        out = text(ex)
+        assert value[::-1] in out, ex
+        assert "NoNewPrivs:\t1" in out, out  # the agent sets it: Swarm 20.10 cannot
+        state = recorded(server, rid)
+        to = AgentLinks(SecretBox(server.data_dir / "secrets.key")).address(rid, state["agent"])
+        service = manager.api.inspect_service(state["service_id"])
+        tasks = manager.api.tasks(filters={"service": state["service_id"]})
+        worker = docker.DockerClient(base_url=swarm.host("worker2"), timeout=30)
+        try:
+            [container] = worker.api.containers(filters={"label": f"com.docker.swarm.service.id={service['ID']}"})
+            inspected = worker.api.inspect_container(container["Id"])
+            logs = worker.api.logs(container["Id"]).decode(errors="replace")
+        finally:
+            worker.close()
+        secret = manager.api.inspect_secret(state["secret_id"])
+        where = {"service": service, "tasks": tasks, "container": inspected, "logs": logs, "secret": secret}
+        for name, found in where.items():
+            blob = json.dumps(found)
+            assert value not in blob, f"the secret's value is in the {name}"
+            assert to.key.hex() not in blob and "PRIVATE KEY" not in blob, f"the agent's credential is in the {name}"
+        assert "PLAIN=visible" in json.dumps(inspected["Config"]["Env"])
+        client.delete(f"/runtimes/{rid}")
+
+
+def test_a_connection_to_an_agent_without_its_credential_is_refused(server: Server) -> None:
+    with server.client() as client:
+        rt = boot(server, client, "guarded", "w1")
+        assert rt["state"] == "running", rt
+        state = recorded(server, rt["id"])
+        host, port = state["agent"]["host"], int(state["agent"]["port"])
+        with socket.create_connection((host, port), timeout=5) as plain:
+            plain.sendall(b'{"id": 1, "op": "ping"}\n')
+            plain.settimeout(10)
+            try:
+                answer = plain.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+            assert b"pong" not in answer
+        reported: list[str] = []
+        links = AgentLinks(SecretBox(server.data_dir / "secrets.key"))
+        to = links.address(rt["id"], state["agent"], lambda _rid, message, _details: reported.append(message))
+        with pytest.raises(AgentUnavailableError):
+            AgentChannel(AgentAddress(host, port, rt["id"], to.boot, b"\1" * 32, to.pin), timeout=5)
+        with AgentChannel(to, timeout=5) as channel:  # the agent tells the next rightful caller
+            assert channel.ping()["op"] == "pong"
+        assert any("no TLS handshake" in m for m in reported), reported
+        assert any("closed during the handshake" in m or "proof" in m for m in reported), reported
+        client.delete(f"/runtimes/{rt['id']}")
