@@ -161,7 +161,7 @@ class RunnerService:
             secret_values=secrets.values_of,
         )
         snapshots.in_runtime = InRuntimeSaves(
-            settings, records, backend, paths.socket, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
+            settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         self.results = ResultCollector(settings, db, clock, paths)
         self.lifecycle = lifecycle = Lifecycle(

@@ -29,7 +29,7 @@ from tests.fixtures.server import Server, prepare_data_dir
 from tests.runner.conftest import remove_fence
 
 LABEL = "envctl.bench"
-BLOCK = 50
+BLOCK = 20
 
 
 def _server(root: Path, session: str, channel: str) -> Server:

@@ -40,11 +40,13 @@ python3 -c "import os; f = '/opt/t/xattr'; print([(n, os.getxattr(f, n)) for n i
 """
 
 
-@pytest.fixture(scope="module")
-def server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["unix", "tcp"])
+def server(request: pytest.FixtureRequest, docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """On both agent channels: the layer streams over the Unix socket, or over TLS (as on a cluster)."""
     srv = registry_server(docker, tmp_path_factory.mktemp("insave") / "data")
     srv.stop()
     srv.env["ENVCTL_SAVE_PATH"] = "runtime"
+    srv.env["ENVCTL_RUNNER_CHANNEL"] = request.param
     srv.start()
     with srv.client() as client:
         assert client.post("/teams", json={"name": "acme"}).status_code == 201
