@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import time
 import uuid
@@ -303,3 +305,118 @@ def test_a_connection_to_an_agent_without_its_credential_is_refused(server: Serv
         assert any("no TLS handshake" in m for m in reported), reported
         assert any("closed during the handshake" in m or "proof" in m for m in reported), reported
         client.delete(f"/runtimes/{rt['id']}")
+
+
+CHECKSUMS = "find /opt/t -type f | sort | xargs sha256sum; stat -c '%n %a %F' /opt/t /opt/t/*"
+
+
+def save_op(client: httpx.Client, rid: str, environment: str) -> dict[str, Any]:
+    r = client.post(f"/runtimes/{rid}/save", json={"environment": environment})
+    assert r.status_code == 202, r.text
+    op = r.json()
+    deadline = time.monotonic() + 240
+    while op["status"] == "running" and time.monotonic() < deadline:
+        op = client.get(f"/operations/{op['id']}", params={"wait": 10}).json()
+    return dict(op)
+
+
+def test_a_save_on_worker1_boots_on_worker2_with_every_file_the_same(server: Server) -> None:
+    with server.client() as client:
+        writer = boot(server, client, "writer", "w1")
+        assert writer["state"] == "running" and writer["node"] == "swarm-worker1", writer
+        made = run(
+            client,
+            writer["id"],
+            "mkdir -p /opt/t/sub && head -c 300000 /dev/urandom > /opt/t/blob && echo hello > /opt/t/sub/x"
+            " && chmod 640 /opt/t/blob && ln -s sub/x /opt/t/link && " + CHECKSUMS,
+        )
+        assert made["status"] == "ok", made
+        op = save_op(client, writer["id"], "acme/swarmsave")
+        assert op["status"] == "succeeded", op
+        reader = boot(server, client, "reader", "w2", environment="acme/swarmsave")
+        assert reader["state"] == "running" and reader["node"] == "swarm-worker2", reader
+        read = run(client, reader["id"], CHECKSUMS)
+        assert read["status"] == "ok", read
+        assert text(read) == text(made) and "/opt/t/blob" in text(read)
+        for rid in (writer["id"], reader["id"]):
+            client.delete(f"/runtimes/{rid}")
+
+
+def test_envctl_killed_and_started_again_adopts_its_services_with_their_state(server: Server, manager: Any) -> None:
+    with server.client() as client:
+        rt = boot(server, client, "survivor", "w2")
+        assert rt["state"] == "running", rt
+        run(client, rt["id"], "export KEPT=4711")
+        before = recorded(server, rt["id"])
+        server.kill()
+        server.start()
+        after = server.wait_state(client, rt["id"], {"running", "error"}, timeout=60)
+        assert after["state"] == "running", after
+        ex = run(client, rt["id"], "echo kept=$KEPT")
+        assert "kept=4711" in text(ex), ex
+        assert recorded(server, rt["id"])["service_id"] == before["service_id"]
+        assert len(manager.api.services(filters={"label": f"envctl.runtime-id={rt['id']}"})) == 1
+        client.delete(f"/runtimes/{rt['id']}")
+
+
+def test_two_installations_on_one_swarm_leave_each_other_alone(
+    server: Server, swarm: Swarm, manager: Any, tmp_path: Path
+) -> None:
+    """R32 on Swarm: a second installation whose runner has the same name; each adopts its own
+    services only, through several reconcile rounds and a restart of each."""
+    other = swarm_server(swarm, tmp_path / "other", runner=server.env["ENVCTL_RUNNER_NAME"])
+    other.start()
+    try:
+        with server.client() as mine, other.client() as theirs:
+            a = boot(server, mine, "ours", "w1")
+            b = boot(other, theirs, "theirs", "w1")
+            assert a["state"] == b["state"] == "running", (a, b)
+            for srv in (server, other):
+                srv.kill()
+                srv.start()
+            time.sleep(3)  # several housekeeping rounds of each
+            for srv, client, rid in ((server, mine, a["id"]), (other, theirs, b["id"])):
+                assert srv.wait_state(client, rid, {"running", "error"})["state"] == "running"
+                assert "ok" in text(run(client, rid, "echo ok"))
+            assert theirs.get(f"/runtimes/{a['id']}").status_code == 404
+            assert a["id"] not in json.dumps(theirs.get("/nodes").json())
+            mine.delete(f"/runtimes/{a['id']}")
+            assert len(manager.api.services(filters={"label": f"envctl.runtime-id={b['id']}"})) == 1
+            theirs.delete(f"/runtimes/{b['id']}")
+    finally:
+        remove_installation(swarm, other)
+
+
+def test_a_worker_lost_turns_its_runtimes_to_node_lost_and_leaves_the_others_running(
+    server: Server, swarm: Swarm
+) -> None:
+    """R39: a worker's dockerd killed: its runtime goes to error (node-lost) within a bound, the
+    log saying unsaved work there is gone; the other worker's runtime keeps running and its
+    cells keep working. The worker is started again for what follows."""
+    with server.client() as client:
+        lost = boot(server, client, "doomed", "w1")
+        kept = boot(server, client, "spared", "w2")
+        assert lost["state"] == kept["state"] == "running", (lost, kept)
+        run(client, kept["id"], "export STILL=here")
+        killed_at = time.monotonic()
+        os.kill(swarm.engine_pid("worker1"), signal.SIGKILL)
+        try:
+            rt = server.wait_state(client, lost["id"], {"error"}, timeout=NODE_LOST_BOUND)
+            took = time.monotonic() - killed_at
+            print(f"\nnode-lost after {took:.1f} s")
+            assert rt["state_reason"] == "node-lost", rt
+            assert "unsaved work on that node is gone" in rt["state_message"], rt
+            assert any(e.get("reason") == "node-lost" for e in log_of(client, lost["id"]))
+            other = client.get(f"/runtimes/{kept['id']}").json()
+            assert other["state"] == "running", other
+            assert "still=here" in text(run(client, kept["id"], "echo still=$STILL"))
+            nodes = {n["name"]: n for n in client.get("/nodes").json()}
+            assert nodes["swarm-worker1"]["health"]["state"] == "down"
+        finally:
+            swarm.start("worker1")
+        again = client.post(f"/runtimes/{lost['id']}/start")
+        assert again.status_code in (200, 202), again.text
+        back = server.wait_state(client, lost["id"], {"running", "error"}, timeout=120)
+        assert back["state"] == "running", back
+        for rid in (lost["id"], kept["id"]):
+            client.delete(f"/runtimes/{rid}")
