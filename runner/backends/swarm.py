@@ -276,14 +276,7 @@ class SwarmBackend(RuntimeBackend):
         try:
             body = self.service_spec(spec, secret, configs)
             auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
-            try:
-                response = self.client.api._post_json(
-                    self.client.api._url("/services/create"), data=body, headers={"X-Registry-Auth": auth.decode()}
-                )
-                self.client.api._raise_for_status(response)
-            except Exception as exc:
-                raise daemon_error("create the runtime's service", exc) from exc
-            state["service_id"] = str(response.json()["ID"])
+            state["service_id"] = self._create_service(body, auth.decode())
             state.update(self._wait_running(spec, state))
         except BaseException:
             with contextlib.suppress(Exception):
@@ -452,43 +445,7 @@ class SwarmBackend(RuntimeBackend):
             services = self.client.api.services(filters={"label": [f"{LABEL_INSTALLATION}={installation}"]})
         except Exception as exc:
             raise daemon_error("list the swarm's nodes", exc) from exc
-        mine = {
-            str(s["ID"]): ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
-            for s in services
-            if ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
-        }
-        out = []
-        for n in nodes:
-            nid = str(n.get("ID"))
-            spec, status = n.get("Spec") or {}, n.get("Status") or {}
-            runs = sorted(
-                {
-                    str(mine[str(t.get("ServiceID"))])
-                    for t in tasks
-                    if t.get("NodeID") == nid
-                    and str(t.get("ServiceID")) in mine
-                    and str((t.get("Status") or {}).get("State")) not in swarm_tasks.ENDED
-                }
-            )
-            out.append(
-                {
-                    "id": nid,
-                    "name": swarm_tasks.node_name(n),
-                    "role": spec.get("Role") or "",
-                    "address": status.get("Addr") or "",
-                    "labels": dict(spec.get("Labels") or {}),
-                    "capacity": swarm_tasks.capacity_of(n),
-                    "reserved": swarm_tasks.reserved_on(nid, tasks),
-                    "health": {
-                        "state": status.get("State") or "unknown",
-                        "availability": spec.get("Availability") or "",
-                        "message": status.get("Message") or "",
-                    },
-                    "engine": ((n.get("Description") or {}).get("Engine") or {}).get("EngineVersion") or "",
-                    "runtimes": runs,
-                }
-            )
-        return sorted(out, key=lambda n: (n["role"] != "manager", n["name"]))
+        return swarm_tasks.nodes_view(nodes, tasks, services)
 
     # --- helpers -------------------------------------------------------------------------
     def agent_configs(self, installation: str) -> list[dict[str, Any]]:
@@ -561,6 +518,30 @@ class SwarmBackend(RuntimeBackend):
                 )
             secrets = ((svc["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Secrets") or []
             self.stop({"service_id": svc["ID"], "secret_id": secrets[0]["SecretID"] if secrets else None})
+
+    def _create_service(self, body: dict[str, Any], registry_auth: str) -> str:
+        """``POST /services/create`` with the pull token in ``X-Registry-Auth``: the Docker SDK's
+        ``create_service`` takes that header only from the client's stored credentials."""
+        api = self.client.api
+        try:
+            response = api.post(
+                f"{api.base_url}/v{api.api_version}/services/create",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json", "X-Registry-Auth": registry_auth},
+                timeout=self._timeout,
+            )
+        except Exception as exc:
+            raise daemon_error("create the runtime's service", exc) from exc
+        if response.status_code >= 400:
+            try:
+                why = str(response.json().get("message") or response.text)
+            except ValueError:
+                why = response.text
+            raise BackendError(
+                f"the Swarm manager refused the runtime's service: {why[:500]}",
+                details={"status": response.status_code},
+            )
+        return str(response.json()["ID"])
 
     def _tasks(self, service_id: str) -> list[dict[str, Any]]:
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs.kit.config import MachineType
+from runner.backends.base import LABEL_RUNTIME
 
 # task states on the way to running, and the runtime phase each one is
 WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}
@@ -156,3 +157,47 @@ def missing_resource(
             f"{', '.join(machine.constraints)} with room for it (swarm: {err})"
         )
     return f"no node fits machine type {machine.name} (swarm: {err})"
+
+
+def nodes_view(
+    nodes: list[dict[str, Any]], tasks: list[dict[str, Any]], services: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``GET /nodes`` of a swarm: each node with its labels, capacity, what its tasks reserve,
+    health, and the runtimes of ``services`` (this installation's) it runs."""
+    mine = {
+        str(s["ID"]): ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
+        for s in services
+        if ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
+    }
+    out = []
+    for n in nodes:
+        nid = str(n.get("ID"))
+        spec, status = n.get("Spec") or {}, n.get("Status") or {}
+        runs = sorted(
+            {
+                str(mine[str(t.get("ServiceID"))])
+                for t in tasks
+                if t.get("NodeID") == nid
+                and str(t.get("ServiceID")) in mine
+                and str((t.get("Status") or {}).get("State")) not in ENDED
+            }
+        )
+        out.append(
+            {
+                "id": nid,
+                "name": node_name(n),
+                "role": spec.get("Role") or "",
+                "address": status.get("Addr") or "",
+                "labels": dict(spec.get("Labels") or {}),
+                "capacity": capacity_of(n),
+                "reserved": reserved_on(nid, tasks),
+                "health": {
+                    "state": status.get("State") or "unknown",
+                    "availability": spec.get("Availability") or "",
+                    "message": status.get("Message") or "",
+                },
+                "engine": ((n.get("Description") or {}).get("Engine") or {}).get("EngineVersion") or "",
+                "runtimes": runs,
+            }
+        )
+    return sorted(out, key=lambda n: (n["role"] != "manager", n["name"]))
