@@ -15,6 +15,7 @@ from tests.bench import (
     bench_mounts,
     bench_save,
     bench_secret_save,
+    bench_swarm,
     bench_transfer,
 )
 
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "mounts": bench_mounts.run,
     "transfer": bench_transfer.run,
     "secret-save": bench_secret_save.run,
+    "swarm": bench_swarm.run,
 }
 
 

@@ -6,7 +6,6 @@ node label, runtimes booted, cells run, saves moved between workers, a worker's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -27,85 +26,17 @@ from registry.secrets import SecretBox
 from runner.agentauth import AgentLinks
 from runner.channel import AgentAddress, AgentChannel, AgentUnavailableError
 from runner.models import Runtime
-from tests.conftest import TEST_LABEL, TEST_SESSION
-from tests.fixtures.server import Server, prepare_data_dir
-from tests.fixtures.services import _free_port, base_image
+from tests.fixtures.server import Server
+from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
-from tests.fixtures.transfer import cli_json, need_registry_program
+from tests.fixtures.swarm_envctl import NODE_LABEL, remove_installation, swarm_server
+from tests.fixtures.transfer import cli_json
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
-NODE_LABEL = "envctl.fixture.node"
 NODE_LOST_BOUND = 30.0  # seconds from a worker's engine killed to its runtimes in error (node-lost)
 RM_BOUND = 20.0  # seconds until a stopped runtime's container is gone from its worker
-
-
-def machine_types(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    small = {"cpus": 0.25, "memory": "256m", "pids": 256}
-    return {
-        "w1": {**small, "constraints": [f"node.labels.{NODE_LABEL}==worker1"]},
-        "w2": {**small, "constraints": [f"node.labels.{NODE_LABEL}==worker2"]},
-        "gpu": {**small, "gpus": 1, "gpu_kind": "fixture-gpu"},
-        "gpu-many": {**small, "gpus": 4, "gpu_kind": "fixture-gpu"},
-        "huge": {"cpus": 0.25, "memory": "512g"},
-        "small": small,
-        **(extra or {}),
-    }
-
-
-def swarm_server(swarm: Swarm, data: Path, runner: str | None = None, **env: str) -> Server:
-    """An ``envctl serve`` placing runtimes on ``swarm`` (not started)."""
-    need_registry_program()
-    data.mkdir(parents=True, exist_ok=True)
-    prepare_data_dir(data, ["bash"])
-    config = data / "config.yaml"
-    config.write_text(json.dumps({"machine_types": machine_types()}))  # YAML reads JSON
-    return Server(
-        data,
-        env={
-            "ENVCTL_CONFIG": str(config),
-            "ENVCTL_RUNNER_NAME": runner or f"test-{TEST_SESSION}-{uuid.uuid4().hex[:6]}",
-            "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
-            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
-            "ENVCTL_RUNNER_BACKEND": "swarm",
-            "ENVCTL_RUNNER_CHANNEL": "tcp",
-            "ENVCTL_SWARM_MANAGER": swarm.host("manager"),
-            "DOCKER_HOST": "",  # the local engine builds and pushes; the manager places
-            "ENVCTL_REGISTRY": "managed",
-            "ENVCTL_REGISTRY_PORT": str(_free_port()),
-            "ENVCTL_REGISTRY_LISTEN": "0.0.0.0",  # noqa: S104  (loopback for this host, the bridge for the nodes)
-            "ENVCTL_SWARM_REGISTRY": swarm.registry_host,
-            "ENVCTL_SWARM_PENDING_TIMEOUT": "4",
-            **env,
-        },
-    )
-
-
-def remove_installation(swarm: Swarm, srv: Server) -> None:
-    """Every service, secret and config the server's runner made on the swarm."""
-    srv.stop()
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    try:
-        label = f"envctl.runner={srv.env['ENVCTL_RUNNER_NAME']}"
-        for svc in client.api.services(filters={"label": label}):
-            with contextlib.suppress(docker.errors.NotFound):
-                client.api.remove_service(svc["ID"])
-        deadline = time.monotonic() + 20
-        for secret in client.api.secrets(filters={"label": label}):
-            while time.monotonic() < deadline:
-                try:
-                    client.api.remove_secret(secret["ID"])
-                    break
-                except docker.errors.NotFound:
-                    break
-                except docker.errors.APIError:
-                    time.sleep(0.3)
-        for config in client.api.configs(filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
-            with contextlib.suppress(docker.errors.APIError):
-                client.api.remove_config(config["ID"])
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
