@@ -271,6 +271,8 @@ class Booter:
                 raise _ContainerDiedError(status.exit_code, status.oom_killed)
 
         deadline = begun + self.settings.runner_boot_timeout
+        if self.backend.images_from_registry:  # start() waited for the node's pull, bounded on its own
+            deadline = max(deadline, time.monotonic() + self.settings.runner_boot_timeout / 2)
         target = self.paths.agent(runtime_id, backend_state)
         try:
             pong = wait_for_agent(target, deadline, alive=alive)

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -43,7 +43,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
 from registry.distribution import ISSUER, SERVICE
-from runner.backends import agent_channel, swarm_tasks
+from runner.backends import agent_channel, swarm_files, swarm_tasks
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_PORT,
@@ -68,8 +68,7 @@ from runner.backends.base import (
 from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.identity import RunnerIdentity
 
-AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
-CREDENTIAL_PATH = f"{STATE_MOUNT}/agent.key"
+log = logging.getLogger("envctl.swarm")
 GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
 STOP_GRACE_NS = 2_000_000_000
 POLL = 0.2
@@ -358,6 +357,8 @@ class SwarmBackend(RuntimeBackend):
                 pass
             except Exception as exc:
                 raise daemon_error("remove the runtime's service", exc) from exc
+        if sid:
+            self._wait_removed(str(sid), STOP_GRACE_NS / 1e9 + 10)
         secret = state.get("secret_id")
         if secret:
             deadline = time.monotonic() + 10
@@ -449,56 +450,12 @@ class SwarmBackend(RuntimeBackend):
 
     # --- helpers -------------------------------------------------------------------------
     def agent_configs(self, installation: str) -> list[dict[str, Any]]:
-        """The agent's files as Swarm configs, made once per content (names carry its hash),
-        labelled with the installation; references for a task's ``Configs``."""
-        if installation in self._configs:
-            return self._configs[installation]
-        refs = []
-        for path in sorted(AGENT_DIR.glob("*.py")):
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()[:16]
-            name = f"envctl-agent-{installation[:12]}-{path.stem[:20]}-{digest}"
-            try:
-                found = self.client.api.configs(filters={"name": name})
-                exact = [c for c in found if (c.get("Spec") or {}).get("Name") == name]
-                if exact:
-                    cid = str(exact[0]["ID"])
-                else:
-                    labels = {**self.labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: "agent"}
-                    cid = str(self.client.api.create_config(name, data, labels=labels)["ID"])
-            except docker.errors.APIError as exc:
-                if "already exists" not in str(exc):
-                    raise daemon_error("ship the agent's code as a config", exc) from exc
-                cid = str(self.client.api.configs(filters={"name": name})[0]["ID"])
-            except Exception as exc:
-                raise daemon_error("ship the agent's code as a config", exc) from exc
-            refs.append(
-                {
-                    "ConfigID": cid,
-                    "ConfigName": name,
-                    "File": {"Name": f"{AGENT_MOUNT}/{path.name}", "UID": "0", "GID": "0", "Mode": 0o444},
-                }
-            )
-        self._configs[installation] = refs
-        return refs
+        if installation not in self._configs:
+            self._configs[installation] = swarm_files.agent_configs(self.client, installation, self.labels)
+        return self._configs[installation]
 
     def _make_secret(self, spec: RuntimeSpec) -> dict[str, Any]:
-        name = f"envctl-{spec.runtime_id}-{uuid.uuid4().hex[:10]}"
-        labels = {
-            **self.labels,
-            **spec.labels,
-            LABEL_RUNTIME: spec.runtime_id,
-            LABEL_MANAGED: "credential",
-        }
-        try:
-            sid = str(self.client.api.create_secret(name, spec.credential, labels=labels)["ID"])
-        except Exception as exc:
-            raise daemon_error("hand the runtime its credential as a secret", exc) from exc
-        return {
-            "SecretID": sid,
-            "SecretName": name,
-            "File": {"Name": CREDENTIAL_PATH, "UID": "0", "GID": "0", "Mode": 0o400},
-        }
+        return swarm_files.credential_secret(self.client, spec, self.labels)
 
     def _remove_leftover(self, spec: RuntimeSpec) -> None:
         try:
@@ -518,6 +475,31 @@ class SwarmBackend(RuntimeBackend):
                 )
             secrets = ((svc["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Secrets") or []
             self.stop({"service_id": svc["ID"], "secret_id": secrets[0]["SecretID"] if secrets else None})
+
+    def _wait_removed(self, service_id: str, bound: float) -> None:
+        """Until the removed service's task is gone from the manager: its node stopped and removed
+        the container (``service rm`` returns at once). A task on a node that is down stays
+        until the node comes back (its engine then removes the container); after ``bound``
+        seconds the stop goes on and says so in the server's log."""
+        deadline = time.monotonic() + bound
+        while True:
+            try:
+                tasks = [t for t in self._tasks(service_id) if t.get("ServiceID") == service_id]
+                nodes = {str(n.get("ID")): n for n in self._list_nodes()} if tasks else {}
+            except BackendError:
+                return  # the manager no longer knows the service at all: nothing left to wait for
+            alive = [t for t in tasks if swarm_tasks.node_down(nodes.get(str(t.get("NodeID")))) is None]
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "service %s: its task on node %s was still there %.0f s after the service was removed",
+                    service_id,
+                    swarm_tasks.node_name(nodes.get(str(alive[0].get("NodeID")))),
+                    bound,
+                )
+                return
+            time.sleep(POLL)
 
     def _create_service(self, body: dict[str, Any], registry_auth: str) -> str:
         """``POST /services/create`` with the pull token in ``X-Registry-Auth``: the Docker SDK's

@@ -3,12 +3,16 @@ tasks and nodes shaped as Swarm 20.10 gives them (docs/swarm-notes.md)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from envs.kit.config import MachineType
+import pytest
+
+from envs.kit.config import MachineType, load_settings
+from envs.kit.errors import InvalidInputError
 from runner.backends import swarm_tasks
 from runner.backends.base import Status
-from runner.backends.swarm import _status
+from runner.backends.swarm import SwarmBackend, _status
 
 GIB = 1024**3
 
@@ -85,3 +89,27 @@ def test_nodes_view_lists_capacity_reservations_and_this_installations_runtimes(
     assert view["w2"]["capacity"]["generic_resources"] == {"gpu": 2}
     assert view["w2"]["reserved"] == {"nano_cpus": 10**9, "memory": GIB, "generic_resources": {"gpu": 1}}
     assert swarm_tasks.nodes_view(nodes, tasks, [])[1]["runtimes"] == []  # another installation's: not shown
+
+
+def test_machine_type_constraints_are_checked_when_the_configuration_is_read(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("machine_types:\n  w1: {cpus: 1, memory: 1g, constraints: ['node.labels.zone == eu']}\n")
+    assert load_settings(good, env={}).machine_types["w1"].constraints == ("node.labels.zone == eu",)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("machine_types:\n  w1: {cpus: 1, memory: 1g, constraints: ['zone=eu; rm -rf /']}\n")
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(bad, env={})
+    assert "machine_types.w1.constraints" in caught.value.message and "node.labels.zone==eu" in caught.value.message
+
+
+def test_the_swarm_backend_needs_a_registry_its_nodes_reach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    settings = load_settings(
+        None, env={"ENVCTL_DATA_DIR": str(tmp_path), "ENVCTL_SWARM_MANAGER": "unix:///nowhere.sock"}
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        SwarmBackend.from_settings(settings.with_overrides(registry="managed", registry_binary=Path("/bin/true")))
+    assert "ENVCTL_SWARM_REGISTRY" in caught.value.message
+    with pytest.raises(InvalidInputError) as caught:
+        SwarmBackend.from_settings(settings.with_overrides(swarm_manager=""))  # and no DOCKER_HOST given
+    assert "ENVCTL_SWARM_MANAGER" in caught.value.message
