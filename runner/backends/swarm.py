@@ -72,6 +72,7 @@ log = logging.getLogger("envctl.swarm")
 GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
 STOP_GRACE_NS = 2_000_000_000
 POLL = 0.2
+BOOT_POLL = 0.05  # while a boot waits for its task: each state change seen this much later at most
 
 
 class SwarmBackend(RuntimeBackend):
@@ -332,7 +333,7 @@ class SwarmBackend(RuntimeBackend):
                         f"the runtime could not be placed within {self.pending_timeout:g} s: {why}",
                         details={"task_state": "pending", "swarm_error": task.err},
                     )
-            time.sleep(POLL)
+            time.sleep(BOOT_POLL)
 
     def poll(self, state: BackendState) -> ContainerStatus:
         sid = state.get("service_id")

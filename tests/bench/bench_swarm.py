@@ -57,8 +57,11 @@ def _envctl_boot(client: httpx.Client, machine: str, environment: str) -> tuple[
         ).json()["id"]
     )  # fmt: skip
     client.post(f"/runtimes/{rid}/start")
-    ex = client.post(f"/runtimes/{rid}/executions", params={"wait": 300}, json={"code": "true"}).json()
-    assert ex["status"] == "ok", ex
+    while (rt := client.get(f"/runtimes/{rid}").json())["state"] == "booting":
+        time.sleep(0.02)
+    assert rt["state"] == "running", rt
+    ex = client.post(f"/runtimes/{rid}/executions", params={"wait": 30}, json={"code": "true"}).json()
+    assert ex.get("status") == "ok", ex
     return (time.perf_counter() - t) * 1000, rid
 
 
