@@ -271,18 +271,27 @@ class SwarmBackend(RuntimeBackend):
         installation = spec.labels.get(LABEL_INSTALLATION, "")
         self._remove_leftover(spec)
         configs = self.agent_configs(installation)
-        secret = self._make_secret(spec)
-        state: BackendState = {"service_id": "", "container_name": spec.container_name, "secret_id": secret["SecretID"]}
-        try:
-            body = self.service_spec(spec, secret, configs)
-            auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
-            state["service_id"] = self._create_service(body, auth.decode())
-            state.update(self._wait_running(spec, state))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.stop(state, timeout=0)
-            raise
-        return state
+        for attempt in (1, 2):
+            secret = self._make_secret(spec)
+            state: BackendState = {
+                "service_id": "",
+                "container_name": spec.container_name,
+                "secret_id": secret["SecretID"],
+            }
+            try:
+                body = self.service_spec(spec, secret, configs)
+                auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
+                state["service_id"] = self._create_service(body, auth.decode())
+                state.update(self._wait_running(spec, state))
+                return state
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    self.stop(state, timeout=0)
+                if attempt == 1 and isinstance(exc, BackendError) and _transient(exc):
+                    log.warning("runtime %s: %s; trying once more with a new service", spec.runtime_id, exc.message)
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait_running(self, spec: RuntimeSpec, state: BackendState) -> BackendState:
         """Until the task runs: its node and the agent's address; ``BackendError`` naming the node's
@@ -551,6 +560,13 @@ class SwarmBackend(RuntimeBackend):
             return None
         except Exception as exc:
             raise daemon_error("inspect the task's node", exc) from exc
+
+
+def _transient(exc: BackendError) -> bool:
+    """A failure of the node's engine while it set the container up, not of the runtime: 20.10
+    sometimes cannot remount a task's secrets directory read-only ("device or resource busy")."""
+    text = str((exc.details or {}).get("swarm_error") or "")
+    return text.startswith("starting container failed") and "device or resource busy" in text
 
 
 def _node_address(node: dict[str, Any] | None) -> str:

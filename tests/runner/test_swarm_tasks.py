@@ -113,3 +113,13 @@ def test_the_swarm_backend_needs_a_registry_its_nodes_reach(tmp_path: Path, monk
     with pytest.raises(InvalidInputError) as caught:
         SwarmBackend.from_settings(settings.with_overrides(swarm_manager=""))  # and no DOCKER_HOST given
     assert "ENVCTL_SWARM_MANAGER" in caught.value.message
+
+
+def test_only_the_engines_busy_secrets_mount_is_tried_again() -> None:
+    from envs.kit.errors import BackendError
+    from runner.backends.swarm import _transient
+
+    busy = "starting container failed: unable to remount dir as readonly: mount tmpfs:/x/mounts/secrets: device or resource busy"
+    assert _transient(BackendError("x", details={"swarm_error": busy}))
+    assert not _transient(BackendError("x", details={"swarm_error": "No such image: r/e@sha256:00"}))
+    assert not _transient(BackendError("x", details={"swarm_error": "task: non-zero exit (3)"}))
