@@ -119,7 +119,10 @@ def test_only_the_engines_busy_secrets_mount_is_tried_again() -> None:
     from envs.kit.errors import BackendError
     from runner.backends.swarm import _transient
 
-    busy = "starting container failed: unable to remount dir as readonly: mount tmpfs:/x/mounts/secrets: device or resource busy"
+    busy = (
+        "starting container failed: unable to remount dir as readonly: mount tmpfs:/x/mounts/secrets: "
+        "device or resource busy"
+    )
     assert _transient(BackendError("x", details={"swarm_error": busy}))
     assert not _transient(BackendError("x", details={"swarm_error": "No such image: r/e@sha256:00"}))
     assert not _transient(BackendError("x", details={"swarm_error": "task: non-zero exit (3)"}))
