@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from envs.kit.errors import BackendError
+from registry.errors import SecretKeyError
 from registry.secrets import SecretBox
 from runner.agent import handshake
 from runner.backends.base import AGENT_CREDENTIAL
@@ -128,6 +129,16 @@ class AgentLinks:
     def address(self, runtime_id: str, agent: dict[str, Any], report: Any = None) -> AgentAddress:
         try:
             key = bytes.fromhex(self.box.open(str(agent["key"]).encode()))
+        except SecretKeyError as exc:
+            raise BackendError(
+                f"the runtime's agent credential does not open with the secrets key {self.box.key_file} (another "
+                "server's key, or a replaced one); servers of one installation share ENVCTL_SECRETS_KEY_FILE; "
+                "stopping and starting the runtime makes a new credential",
+                details={"runtime_id": runtime_id},
+            ) from exc
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BackendError(f"the runtime's channel record is damaged ({type(exc).__name__})") from exc
+        try:
             return AgentAddress(
                 str(agent["host"]), int(agent["port"]), runtime_id, str(agent["boot"]), key, str(agent["pin"]), report
             )

@@ -18,7 +18,7 @@ import pytest
 
 from envs.kit.config import load_settings
 from envs.kit.db import Database
-from envs.kit.errors import InvalidInputError
+from envs.kit.errors import BackendError, InvalidInputError
 from registry.secrets import SecretBox
 from runner.agent import handshake
 from runner.agentauth import AgentLinks, Credential, hand_over, make_credential
@@ -123,6 +123,11 @@ def test_each_boot_gets_a_fresh_credential_and_the_row_keeps_only_its_sealed_key
     assert first.key.hex() not in str(kept) and "PRIVATE KEY" not in str(kept)
     back = links.address("rt_a", kept)
     assert (back.host, back.port, back.boot, back.key, back.pin) == ("10.0.0.5", 7600, first.boot, first.key, first.pin)
+    # a server with another secrets key opens nothing, and says what to do
+    with pytest.raises(BackendError, match="does not open with the secrets key"):
+        AgentLinks(SecretBox(tmp_path / "other.key")).address("rt_a", kept)
+    with pytest.raises(BackendError, match="damaged"):
+        links.address("rt_a", {**kept, "port": "seventy"})
 
 
 def test_an_unread_fifo_is_removed_and_its_content_dropped(tmp_path: Path) -> None:
