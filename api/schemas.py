@@ -202,6 +202,9 @@ class RuntimeOut(BaseModel):
         description="why this server cannot act on the runtime (another runner owns it, or its runner is gone); "
         "null when it can"
     )
+    node: str | None = Field(
+        default=None, description="the cluster node its container runs on (the Swarm backend); null otherwise"
+    )
     booted_at: datetime | None
     created_at: datetime
     updated_at: datetime

@@ -195,6 +195,7 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         runner=rt.runner,
         runner_alive=st.runner_alive,
         unreachable=st.unreachable,
+        node=str((rt.backend_state or {}).get("node") or "") or None,
         booted_at=rt.booted_at,
         created_at=rt.created_at,
         updated_at=rt.updated_at,

@@ -116,7 +116,7 @@ def registry_config(settings: Settings, secret: str, readonly: bool = False) -> 
             "maintenance": {"readonly": {"enabled": readonly}},
         },
         "http": {
-            "addr": f"127.0.0.1:{port_of(settings)}",
+            "addr": f"{_bracketed(settings.registry_listen or '127.0.0.1')}:{port_of(settings)}",
             "secret": secret,
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         },
@@ -129,6 +129,10 @@ def registry_config(settings: Settings, secret: str, readonly: bool = False) -> 
             }
         },
     }
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _load_prctl() -> Any:

@@ -167,7 +167,13 @@ class Booter:
             except EnvctlError as exc:
                 records.fail(runtime_id, "draft-unavailable", exc.message, {State.BOOTING})
                 return
-        if self.transfers is not None and restoring is None:
+        if self.backend.images_from_registry:  # the node pulls it: it must be in the registry
+            try:
+                spec = replace(spec, image=self._registry_image(owner_id, version_id, runtime_id))
+            except EnvctlError as exc:
+                records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
+                return
+        elif self.transfers is not None and restoring is None:
             try:  # a version the engine lacks is pulled first, by its recorded digest (R24)
                 if self.transfers.ensure_local(owner_id, version_id, runtime_id=runtime_id):
                     begun = time.monotonic()  # the boot timeout counts from here, not from the download
@@ -197,6 +203,8 @@ class Booter:
         (spec.state_dir / "results").mkdir(exist_ok=True)
         self.paths.remove_socket(runtime_id)
         credential = make_credential(runtime_id) if spec.channel == "tcp" else None
+        if credential is not None:  # for a backend that hands it over itself (a Swarm secret)
+            spec = replace(spec, credential=credential.line(), on_phase=self._phase_of(runtime_id))
         try:
             with hand_over(spec.state_dir, credential) if credential is not None else contextlib.nullcontext():
                 pong = self._start_and_wait(runtime_id, spec, credential, secrets, begun, cancel)
@@ -259,8 +267,13 @@ class Booter:
                 event="container-created",
                 reason="boot",
                 message=f"container {backend_state.get('container_name', '')} started"
+                + (f" on node {backend_state['node']}" if backend_state.get("node") else "")
                 + (f", its agent on tcp {agent['host']}:{agent['port']}" if credential is not None else ""),
-                details={"container_id": backend_state.get("container_id"), "channel": spec.channel},
+                details={
+                    "container_id": backend_state.get("container_id") or backend_state.get("service_id"),
+                    "channel": spec.channel,
+                    **({"node": backend_state["node"]} if backend_state.get("node") else {}),
+                },
             )
 
         def alive() -> None:
@@ -271,6 +284,8 @@ class Booter:
                 raise _ContainerDiedError(status.exit_code, status.oom_killed)
 
         deadline = begun + self.settings.runner_boot_timeout
+        if self.backend.images_from_registry:  # start() waited for the node's pull, bounded on its own
+            deadline = max(deadline, time.monotonic() + self.settings.runner_boot_timeout / 2)
         target = self.paths.agent(runtime_id, backend_state)
         try:
             pong = wait_for_agent(target, deadline, alive=alive)
@@ -307,6 +322,27 @@ class Booter:
         if used:  # cells queued before the boot ran on what it mounted
             cellstore.set_queued_mounts(self.records.db, runtime_id, used)
         return replace(spec, mounts=tuple(binds))
+
+    def _registry_image(self, owner_id: str, version_id: int, runtime_id: str) -> str:
+        """``<repository>@<manifest digest>`` of the version in the registry, pushed first when
+        it is not there yet (a backend whose nodes pull it, ``images_from_registry``)."""
+        with self.records.db.session() as s:
+            v = s.get(EnvironmentVersion, version_id)
+            if v is None:
+                raise BackendError("the runtime's version is gone")
+            repository, digest = v.environment.full_name, v.registry_digest
+        if not digest:
+            if self.transfers is None:
+                raise BackendError(f"the {self.backend.name} backend needs a registry to pull versions from")
+            digest = self.transfers.push(owner_id, version_id, runtime_id=runtime_id)[0]
+        return f"{repository}@{digest}"
+
+    def _phase_of(self, runtime_id: str) -> Callable[[str | None], None]:
+        def tell(phase: str | None) -> None:
+            with contextlib.suppress(EnvctlError):
+                self.records.set(runtime_id, phase=phase if phase in ("downloading",) else None)
+
+        return tell
 
     def _progress(self, runtime_id: str) -> Callable[[str, tuple[int, int] | None], None]:
         def report(phase: str, done_total: tuple[int, int] | None) -> None:

@@ -64,6 +64,8 @@ class Action:
     # the state the plan saw; a state change is applied only if the row is still in it, so a
     # plan made from a row that a boot or stop has since moved on never overrides that work
     seen: State | None = None
+    reason: str = ""  # the backend's cause, when it knows one (``node-lost``)
+    error: str = ""  # and its words for it
 
 
 def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
@@ -106,6 +108,8 @@ def plan(rows: list[Row], found: list[FoundContainer]) -> list[Action]:
                         current.status.exit_code,
                         current.status.oom_killed,
                         seen=row.state,
+                        reason=current.status.reason,
+                        error=current.status.error,
                     )
                 )
         elif current is not None:
@@ -279,6 +283,9 @@ class Reconciler:
         rid = action.runtime_id
         if self._row_moved_on(action):
             return  # the row moved on since the plan was made: not this round's business
+        if action.reason == "node-lost":
+            self._node_lost(action)
+            return
         reason = "oom" if action.oom_killed else "container-exited"
         message = (
             "the runtime ran out of memory and was killed; choose a larger machine type"
@@ -318,6 +325,26 @@ class Reconciler:
                 expect=_seen(action),
                 values={"backend_state": {}, "booted_at": None},
                 details={"exit_code": action.exit_code, "draft": draft},
+            )
+
+    def _node_lost(self, action: Action) -> None:
+        """The node the runtime ran on went away: what was not saved there is gone (no draft can
+        be read from a node that does not answer); the service goes, the row says so plainly."""
+        message = (
+            f"the node the runtime ran on went away ({action.error}); unsaved work on that node is gone. "
+            "Its last saved version is intact: start the runtime again to boot it on another node"
+        )
+        self.backend.stop(action.state, timeout=0)
+        with self.records.tx() as s:
+            self.records.transition(
+                s,
+                action.runtime_id,
+                State.ERROR,
+                "node-lost",
+                message,
+                expect=_seen(action),
+                values={"backend_state": {}, "booted_at": None},
+                details={"node": action.state.get("node"), "cause": action.error},
             )
 
     def _adopt(self, action: Action) -> None:

@@ -381,6 +381,10 @@ class RunnerService:
     def is_busy(self, runtime_id: str) -> bool:
         return self.executions.is_busy(runtime_id)
 
+    def nodes(self) -> builtins.list[dict[str, Any]]:
+        """The machines runtimes run on (the backend's ``nodes``), with this installation's runtimes."""
+        return self.backend.nodes(self.identity.installation)
+
     def runners(self) -> builtins.list[RunnerLiveness]:
         """Every runner of the installation and whether it is alive."""
         return self.liveness.list()

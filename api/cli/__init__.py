@@ -17,6 +17,7 @@ command                                                     module
 ``runtime create|ls|show|start|stop|rm|log|reset|changes``  ``runtimes.py``
 ``runtime set|env``                                          ``runtimes.py``
 ``machine-types``                                           ``runtimes.py``
+``nodes``                                                   ``nodes.py``
 ``exec``                                                    ``cells.py``
 ``run`` (a notebook)                                        ``notebooks.py``
 ``save``, ``import``                                        ``saves.py``
@@ -59,6 +60,7 @@ from api.cli import (
     cells,
     environments,
     local,
+    nodes,
     notebooks,
     results,
     runtimes,
@@ -113,6 +115,7 @@ for _command in (
     transfers.pull,
     environments.env,
     runtimes.machine_types,
+    nodes.nodes,
     cells.exec_,
     notebooks.run,
     results.results,

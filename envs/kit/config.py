@@ -33,6 +33,8 @@ class MachineType:
     idle_timeout: int | None = None  # seconds; None means the runtime's own or the default
     description: str = ""
     gpu_kind: str = ""  # what the GPUs are, e.g. nvidia-tesla-t4 (shown, and labelled); "" is plain "nvidia"
+    # Swarm placement constraints (``node.labels.zone==eu``): where a cluster may place it
+    constraints: tuple[str, ...] = ()
 
 
 def _gib(n: float) -> int:
@@ -97,6 +99,14 @@ SETTINGS_HELP: dict[str, str] = {
     "ENVCTL_REGISTRY_PORT": "loopback port of the managed registry (default: the API port + 1)",
     "ENVCTL_REGISTRY_BINARY": "the distribution registry program (default /usr/bin/docker-registry)",
     "ENVCTL_REGISTRY_TOKEN_TTL": "seconds a registry token lives (default 300); clients ask again when it ends",
+    "ENVCTL_REGISTRY_LISTEN": "address the managed registry listens on (default 127.0.0.1); a cluster's nodes"
+    " need one they reach, e.g. the Swarm bridge's host address",
+    "ENVCTL_SWARM_MANAGER": "the Swarm manager's Docker API for ENVCTL_RUNNER_BACKEND=swarm (default DOCKER_HOST)",
+    "ENVCTL_SWARM_REGISTRY": "the registry as Swarm nodes reach it, host[:port] (default: the managed registry's"
+    " listen address and port)",
+    "ENVCTL_SWARM_PENDING_TIMEOUT": "seconds a Swarm task may wait for a node that fits before the boot fails"
+    " naming the missing resource (default 20)",
+    "ENVCTL_SWARM_PULL_TIMEOUT": "seconds a Swarm node may spend pulling a runtime's image (default 600)",
     "ENVCTL_REGISTRY_PREPULL": "teams (comma-separated) whose published versions this server pulls as they are"
     " published, before any boot asks (default none)",
     "ENVCTL_RESULTS_STORE": "where result files are kept: local (default, under the data dir) or s3",
@@ -174,6 +184,9 @@ class Settings:
     registry_port: int = 0  # 0: the API port + 1
     registry_binary: Path = Path("/usr/bin/docker-registry")
     registry_token_ttl: int = 300
+    # the address the managed registry listens on: loopback, or e.g. 0.0.0.0 / a bridge's address
+    # when a cluster's nodes pull from it (the Swarm backend); this host still reaches it on loopback
+    registry_listen: str = "127.0.0.1"
     registry_prepull: tuple[str, ...] = ()  # teams whose publications are pulled ahead (registry/prepull.py)
     results_store: str = "local"
     results_s3_bucket: str | None = None
@@ -196,6 +209,13 @@ class Settings:
     # imports from another envctl server (runner/imports.py): its hosts, and its registry's,
     # exempt from the public-address rule (envs/kit/hosts.py)
     import_allow_hosts: tuple[str, ...] = ()
+    # the Swarm backend (runner/backends/swarm.py): the manager's Docker API ("": DOCKER_HOST), the
+    # registry's host[:port] as the nodes reach it ("": the managed registry's listen address),
+    # and how long a task may stay pending (no node fits) or preparing (pulling) before its error
+    swarm_manager: str = ""
+    swarm_registry: str = ""
+    swarm_pending_timeout: float = 20.0
+    swarm_pull_timeout: float = 600.0
     # the key that encrypts team secrets (made on first use, mode 0600); None: <data dir>/secrets.key
     secrets_key_file: Path | None = None
 
@@ -415,6 +435,11 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "registry_binary": ("ENVCTL_REGISTRY_BINARY", _path),
     "registry_token_ttl": ("ENVCTL_REGISTRY_TOKEN_TTL", _INT),
     "registry_prepull": ("ENVCTL_REGISTRY_PREPULL", _team_names),
+    "registry_listen": ("ENVCTL_REGISTRY_LISTEN", str),
+    "swarm_manager": ("ENVCTL_SWARM_MANAGER", str),
+    "swarm_registry": ("ENVCTL_SWARM_REGISTRY", str),
+    "swarm_pending_timeout": ("ENVCTL_SWARM_PENDING_TIMEOUT", _FLOAT),
+    "swarm_pull_timeout": ("ENVCTL_SWARM_PULL_TIMEOUT", _FLOAT),
     "results_store": ("ENVCTL_RESULTS_STORE", str),
     "results_s3_bucket": ("ENVCTL_RESULTS_S3_BUCKET", str),
     "results_s3_prefix": ("ENVCTL_RESULTS_S3_PREFIX", str),
@@ -450,6 +475,22 @@ def _parse_memory(value: Any, where: str) -> int:
         ) from exc
 
 
+def _constraints(raw: Any, where: str) -> tuple[str, ...]:
+    """Placement constraints as Swarm writes them: ``node.<attribute> == value`` or ``!=``."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise InvalidInputError(f"{where}: must be a list of constraints like node.labels.zone==eu", field=where)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if not re.fullmatch(r"(node|engine)\.[A-Za-z0-9_.\-]+\s*(==|!=)\s*[A-Za-z0-9_.:/\-]+", text):
+            raise InvalidInputError(
+                f"{where}: {text!r} is not a constraint like node.labels.zone==eu (== or !=)", field=where
+            )
+        out.append(text)
+    return tuple(out)
+
+
 def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
     if not isinstance(raw, dict) or not raw:
         raise InvalidInputError(f"{source}: machine_types must be a non-empty map", field="machine_types")
@@ -458,7 +499,8 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
         where = f"{source}: machine_types.{name}"
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{where}: must be a map with cpus and memory", field=where)
-        unknown = set(spec) - {"cpus", "memory", "pids", "gpus", "gpu_kind", "idle_timeout", "description"}
+        known = {"cpus", "memory", "pids", "gpus", "gpu_kind", "idle_timeout", "description", "constraints"}
+        unknown = set(spec) - known
         if unknown:
             raise InvalidInputError(f"{where}: unknown keys {sorted(unknown)}", field=where)
         try:
@@ -471,6 +513,7 @@ def _machine_types(raw: Any, source: str) -> dict[str, MachineType]:
                 gpu_kind=str(spec.get("gpu_kind") or ""),
                 idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") is not None else None,
                 description=str(spec.get("description", "")),
+                constraints=_constraints(spec.get("constraints") or [], where + ".constraints"),
             )
         except KeyError as exc:
             raise InvalidInputError(f"{where}: missing {exc.args[0]}", field=where) from exc

@@ -598,6 +598,20 @@ def rss_kb() -> int:
     return 0
 
 
+def _no_new_privileges() -> None:
+    """``PR_SET_NO_NEW_PRIVS`` on the agent, so that no cell it starts gains privileges through
+    a setuid program or file capabilities: the local engine sets it on the container already;
+    Swarm 20.10 cannot (its service specs drop the option), so the agent does it itself."""
+    import ctypes  # noqa: PLC0415  (only here)
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    except (OSError, AttributeError) as exc:
+        print(f"envctl-agent: could not set no-new-privileges: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = os.environ.get("ENVCTL_AGENT_SOCKET", DEFAULT_SOCKET)
@@ -617,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"envctl-agent: --listen must be unix or tcp:PORT, not {listen!r}", file=sys.stderr, flush=True)
         return 2
 
+    _no_new_privileges()
     # Threads hand the GIL over after at most this long (default 5 ms): the agent's reader,
     # cell and connection threads pass each cell along between them.
     sys.setswitchinterval(0.0005)

@@ -14,6 +14,7 @@ from runner.backends.base import RuntimeBackend
 BACKENDS: dict[str, str] = {
     "docker": "runner.backends.docker:DockerBackend",
     "fake": "runner.backends.fake:FakeBackend",
+    "swarm": "runner.backends.swarm:SwarmBackend",
 }
 
 

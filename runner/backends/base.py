@@ -73,6 +73,8 @@ class ContainerStatus:
     oom_killed: bool = False
     error: str = ""
     started_at: str | None = None
+    reason: str = ""  # a machine-readable cause the backend knows better than an exit code (``node-lost``)
+    node: str = ""  # the cluster node it runs on, where there is one
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class RuntimeSpec:
     cuda_dir: Path | None = None  # host CUDA folder mounted read-only at CUDA_MOUNT (GPU machine types only)
     mounts: tuple[MountBind, ...] = ()  # the runtime's mounts (runner/mounts/), checked
     channel: str = "unix"  # how envctl reaches the agent: its Unix socket, or "tcp" (runner/channel.py)
+    # a tcp channel's credential line (runner/agentauth.py), for a backend that hands it over
+    # itself (a Swarm secret); the local engine's goes through a FIFO and leaves this empty
+    credential: bytes = field(default=b"", repr=False, compare=False)
+    # the boot's housekeeping phase as the backend sees it (``downloading`` while a node pulls)
+    on_phase: Callable[[str | None], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def container_name(self) -> str:
@@ -205,10 +212,13 @@ class RuntimeBackend(abc.ABC):
     """Runs runtime containers. Implement start, poll, stop, list_owned, socket_path."""
 
     name: ClassVar[str]
-    channels: ClassVar[tuple[str, ...]] = ("unix",)  # the agent channels it can start runtimes with
     #: saves and drafts are made inside the runtime and written into the registry
     #: (``runner/insave.py``): a backend whose runtimes have no filesystem on this host
     saves_in_runtime: ClassVar[bool] = False
+    channels: ClassVar[tuple[str, ...]] = ("unix",)  # the agent channels it can start runtimes with
+    #: runtimes' images are pulled by the nodes from envctl's registry: ``RuntimeSpec.image`` is
+    #: ``<repository>@<manifest digest>`` there (the boot pushes a version that is not there yet)
+    images_from_registry: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
@@ -336,6 +346,13 @@ class RuntimeBackend(abc.ABC):
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""
         return ""
+
+    def nodes(self, installation: str) -> list[dict[str, Any]]:
+        """The machines runtimes run on (``GET /nodes``): each with ``id``, ``name``, ``role``,
+        ``labels``, ``capacity`` (``nano_cpus``, ``memory``, ``generic_resources``), ``health``
+        (``state``, ``availability``, ``message``) and ``runtimes`` (ids of this installation's
+        runtimes on it). The default: none known."""
+        return []
 
     def ping(self) -> None:  # noqa: B027  (optional hook)
         """Raise ``BackendError`` when the backend cannot be reached."""

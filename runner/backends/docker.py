@@ -502,6 +502,11 @@ class DockerBackend(RuntimeBackend):
             remove=self._force_remove,
         )
 
+    def nodes(self, installation: str) -> list[dict[str, Any]]:
+        from runner.backends import docker_nodes
+
+        return docker_nodes.the_engine(self.client, installation)
+
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         cid = state.get("container_id")
         if not cid:

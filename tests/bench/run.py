@@ -20,6 +20,7 @@ from tests.bench import (
     bench_pool,
     bench_save,
     bench_secret_save,
+    bench_swarm,
     bench_transfer,
 )
 
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "pool": bench_pool.run,
     "insave": bench_insave.run,
     "insave-boot": bench_insave_boot.run,
+    "swarm": bench_swarm.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

@@ -1,9 +1,10 @@
 // The page: sign-in, the live list of runtimes every view shares, and the routes
-// (#/ the runtimes, #/runtimes/ID one runtime, #/environments and #/environments/NAME).
+// (#/ the runtimes, #/runtimes/ID one runtime, #/environments and #/environments/NAME, #/nodes).
 
 import { ApiError, follow, get, onUnauthorized, token } from "./api.js";
 import { clear, h } from "./dom.js";
 import { environmentsView, environmentView } from "./environments.js";
+import { nodesView } from "./nodes.js";
 import { runtimeView } from "./runtime.js";
 import { runtimesView } from "./runtimes.js";
 
@@ -83,13 +84,15 @@ function route() {
   const [section, ...rest] = hash.split("/");
   const id = rest.join("/");
   for (const link of nav.querySelectorAll("a")) {
-    link.classList.toggle("current", link.dataset.nav === (section === "environments" ? "environments" : "runtimes"));
+    const current = section === "environments" || section === "nodes" ? section : "runtimes";
+    link.classList.toggle("current", link.dataset.nav === current);
   }
   if (section === "runtimes" && id) cleanup = runtimeView(view, id, store);
   else if (section === "environments" && id) cleanup = environmentView(view, id);
   else if (section === "environments") cleanup = environmentsView(view);
+  else if (section === "nodes") cleanup = nodesView(view, store);
   else cleanup = runtimesView(view, store);
-  document.title = `envctl — ${section === "environments" ? "environments" : "runtimes"}`;
+  document.title = `envctl — ${section === "environments" || section === "nodes" ? section : "runtimes"}`;
 }
 
 function showSignIn(message = "") {

@@ -174,6 +174,7 @@ export function runtimeView(root, id, store) {
       ["machine", rt.machine_type],
       ["type", rt.kernel ? `${rt.type} (${rt.kernel})` : rt.type],
       ["runner", rt.runner],
+      ...(rt.node ? [["node", rt.node]] : []),
     ];
     clear(
       built.head,

@@ -92,7 +92,7 @@ function row(rt, report) {
     ),
     h("td", { class: "state" }, stateText(rt), rt.unreachable ? h("div", { class: "muted" }, rt.unreachable) : null),
     h("td", {}, h("a", { href: `#/environments/${encodeURIComponent(rt.environment.split("@")[0])}` }, rt.environment)),
-    h("td", {}, rt.machine_type),
+    h("td", {}, rt.machine_type, rt.node ? h("div", { class: "muted node" }, `on ${rt.node}`) : null),
     h("td", {}, rt.unsaved_changes ? h("span", { class: "badge warn" }, "unsaved") : ""),
     h("td", { class: "idle", title: idleText(rt) }, idleText(rt, false)),
     h("td", { class: "act" }, runtimeActions(rt, report)),

@@ -1,0 +1,597 @@
+"""Runtimes as Docker Swarm services (``ENVCTL_RUNNER_BACKEND=swarm``), placed by Swarm's own
+scheduler through the manager's Docker API (``ENVCTL_SWARM_MANAGER``, else ``DOCKER_HOST``).
+
+Each runtime is one service with one task and restart condition ``none`` (Swarm would otherwise
+make a new task after every failed pull, forever):
+
+- its machine type becomes resource limits (CPU, memory, pids) and the same reservations (what
+  the scheduler places by), generic resources for GPUs (``gpu`` as the nodes advertise them with
+  ``dockerd --node-generic-resource``), and its ``constraints`` (node labels);
+- the node pulls ``<registry>/<repository>@<digest>`` from envctl's registry with a pull-only
+  token for exactly that repository, signed here and handed in the create call's
+  ``X-Registry-Auth`` (it is in neither the service nor its task);
+- the agent's code comes as Swarm configs (one per file, named by content, shared by the
+  installation's runtimes), its per-boot credential as a Swarm secret made for the boot at
+  ``/run/envctl/agent.key`` (an in-memory file; removed with the service); envctl dials the
+  agent (``runner/channel.py``) at its port published in host mode on the task's node;
+- states: ``preparing`` is the ``downloading`` phase (Swarm reports no bytes), ``starting`` is
+  booting; ``rejected``/``failed`` fail the boot with the node's message; a task still
+  ``pending`` after ``ENVCTL_SWARM_PENDING_TIMEOUT`` fails it naming the resource no node has
+  (``swarm_tasks.missing_resource``); a node that is down turns its runtimes to ``node-lost``.
+
+What Swarm 20.10 cannot enforce of R1 is in the README ("Docker Swarm").
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from envs.images import docker as engine
+from envs.images.docker import daemon_error
+from envs.kit.config import Settings
+from envs.kit.errors import BackendError, InvalidInputError
+from registry import distribution, signing
+from registry.distribution import ISSUER, SERVICE
+from runner.backends import agent_channel, swarm_files, swarm_tasks
+from runner.backends.base import (
+    AGENT_MOUNT,
+    AGENT_PORT,
+    AGENT_SOCKET,
+    LABEL_ENVIRONMENT,
+    LABEL_GPU_KIND,
+    LABEL_INSTALLATION,
+    LABEL_MACHINE,
+    LABEL_MANAGED,
+    LABEL_RUNNER,
+    LABEL_RUNTIME,
+    SECRETS_MOUNT,
+    STATE_MOUNT,
+    BackendState,
+    ContainerStatus,
+    FoundContainer,
+    ImageInfo,
+    RuntimeBackend,
+    RuntimeSpec,
+    Status,
+)
+from runner.backends.docker import DROPPED_CAPABILITIES
+from runner.identity import RunnerIdentity
+
+log = logging.getLogger("envctl.swarm")
+GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
+STOP_GRACE_NS = 2_000_000_000
+POLL = 0.2
+BOOT_POLL = 0.05  # while a boot waits for its task: each state change seen this much later at most
+
+
+class SwarmBackend(RuntimeBackend):
+    name = "swarm"
+    channels = ("tcp",)
+    saves_in_runtime = True
+    images_from_registry = True
+
+    def __init__(
+        self,
+        manager: str,
+        *,
+        registry: str,
+        signing_key: signing.SigningKey | None,
+        labels: dict[str, str] | None = None,
+        log_max_size: str = "10m",
+        token_ttl: int = 300,
+        pending_timeout: float = 20.0,
+        pull_timeout: float = 600.0,
+        timeout: int = 30,
+    ) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.signing_key = signing_key
+        self.labels = dict(labels or {})
+        self.log_max_size = log_max_size
+        self.token_ttl = token_ttl
+        self.pending_timeout = pending_timeout
+        self.pull_timeout = pull_timeout
+        self._timeout = timeout
+        self._client: docker.DockerClient | None = None
+        self._local: docker.DockerClient | None = None
+        self._configs: dict[str, list[dict[str, Any]]] = {}  # installation -> the agent's config references
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SwarmBackend:
+        manager = settings.swarm_manager or os.environ.get("DOCKER_HOST", "")
+        if not manager:
+            raise InvalidInputError(
+                "the swarm backend needs the manager's Docker API: set ENVCTL_SWARM_MANAGER or DOCKER_HOST "
+                "(e.g. unix:///var/run/docker.sock on a manager, or tcp://manager:2376)",
+                field="swarm_manager",
+            )
+        chosen = distribution.plan(settings)
+        registry = settings.swarm_registry.strip()
+        key = None
+        if chosen.mode == "managed":
+            key = distribution.signing_key(settings)
+            if not registry:
+                host = settings.registry_listen or "127.0.0.1"
+                if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):  # noqa: S104  (a comparison)
+                    raise InvalidInputError(
+                        "the swarm's nodes cannot reach a registry on this host's loopback: set "
+                        "ENVCTL_SWARM_REGISTRY to the registry's host[:port] as the nodes reach it "
+                        "(and ENVCTL_REGISTRY_LISTEN so that the managed registry listens there)",
+                        field="swarm_registry",
+                    )
+                registry = host
+            if ":" not in registry.rsplit("]", 1)[-1]:
+                registry = f"{registry}:{distribution.port_of(settings)}"
+        elif not registry:
+            raise InvalidInputError(
+                "the swarm backend pulls images from envctl's managed registry (ENVCTL_REGISTRY=managed); "
+                "with another registry set ENVCTL_SWARM_REGISTRY and give the nodes its credentials",
+                field="swarm_registry",
+            )
+        return cls(
+            manager,
+            registry=registry,
+            signing_key=key,
+            labels=settings.runner_labels,
+            log_max_size=settings.runner_log_max_size,
+            token_ttl=settings.registry_token_ttl,
+            pending_timeout=settings.swarm_pending_timeout,
+            pull_timeout=settings.swarm_pull_timeout,
+        )
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.DockerClient(base_url=self.manager, timeout=self._timeout)
+            except docker.errors.DockerException as exc:
+                raise BackendError(
+                    f"the Swarm manager's Docker API at {self.manager} does not answer",
+                    details={"action": "connect", "cause": str(exc)[:300]},
+                ) from exc
+        return self._client
+
+    # --- the contract ------------------------------------------------------------------
+    def ping(self) -> None:
+        try:
+            info = self.client.info()
+        except Exception as exc:
+            raise daemon_error("answer a ping", exc) from exc
+        swarm = info.get("Swarm") or {}
+        if not swarm.get("ControlAvailable"):
+            raise BackendError(
+                f"the engine at {self.manager} is not a Swarm manager (its swarm state: "
+                f"{swarm.get('LocalNodeState') or 'inactive'}); point ENVCTL_SWARM_MANAGER at a manager",
+                details={"field": "swarm_manager"},
+            )
+
+    def service_spec(self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The service's spec (the Engine API's JSON): every limit, label and file in one place."""
+        m = spec.machine
+        if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
+            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
+        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
+            raise InvalidInputError("a runtime service needs its installation and runner labels", field="labels")
+        labels = {
+            **self.labels,
+            **spec.labels,
+            LABEL_MANAGED: "1",
+            LABEL_RUNTIME: spec.runtime_id,
+            LABEL_ENVIRONMENT: spec.environment,
+            LABEL_MACHINE: m.name,
+        }
+        reservations: dict[str, Any] = {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory}
+        if m.gpus:
+            labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
+            reservations["GenericResources"] = [{"DiscreteResourceSpec": {"Kind": GPU_RESOURCE, "Value": m.gpus}}]
+        tmpfs = {"Type": "tmpfs"}
+        container: dict[str, Any] = {
+            "Image": f"{self.registry}/{spec.image}",
+            "Command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")],
+            "Hostname": spec.name[:63],
+            "Env": [f"{k}={v}" for k, v in spec.env.items()],
+            "Dir": "/root",
+            "Labels": labels,
+            "Init": True,
+            "CapabilityDrop": [f"CAP_{c}" for c in DROPPED_CAPABILITIES],
+            "StopGracePeriod": STOP_GRACE_NS,
+            "StopSignal": "SIGTERM",
+            "Mounts": [
+                {**tmpfs, "Target": STATE_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
+                {**tmpfs, "Target": SECRETS_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
+            ],
+            "Secrets": [secret],
+            "Configs": configs,
+        }
+        for bind in spec.mounts:
+            if bind.kind == "bind":
+                raise InvalidInputError(
+                    f"mount at {bind.target}: the swarm backend cannot bind a directory of envctl's host into "
+                    "a runtime on another node (git and S3 mounts are not supported on Swarm yet)",
+                    field="mounts",
+                )
+            container["Mounts"].append(
+                {"Type": "volume", "Source": bind.source, "Target": bind.target, "ReadOnly": bind.read_only}
+            )
+        return {
+            "Name": spec.container_name,
+            "Labels": labels,
+            "TaskTemplate": {
+                "ContainerSpec": container,
+                "Resources": {
+                    "Limits": {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory, "Pids": m.pids},
+                    "Reservations": reservations,
+                },
+                "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
+                "Placement": {"Constraints": list(m.constraints)},
+                "LogDriver": {"Name": "json-file", "Options": {"max-size": self.log_max_size, "max-file": "1"}},
+            },
+            "Mode": {"Replicated": {"Replicas": 1}},
+            "EndpointSpec": {
+                "Mode": "dnsrr",
+                "Ports": [{"Protocol": "tcp", "TargetPort": AGENT_PORT, "PublishMode": "host"}],
+            },
+        }
+
+    def pull_token(self, repository: str) -> str:
+        """A pull-only registry token for exactly ``repository``, living ``token_ttl`` seconds."""
+        if self.signing_key is None:
+            raise BackendError("no registry signing key: the swarm backend needs envctl's managed registry")
+        now = int(time.time())
+        return self.signing_key.sign(
+            {
+                "iss": ISSUER,
+                "sub": "envctl-swarm-node",
+                "aud": SERVICE,
+                "iat": now,
+                "nbf": now,
+                "exp": now + self.token_ttl,
+                "jti": uuid.uuid4().hex,
+                "access": [{"type": "repository", "name": repository, "actions": ["pull"]}],
+            }
+        )
+
+    def start(self, spec: RuntimeSpec) -> BackendState:
+        if spec.channel != "tcp" or not spec.credential:
+            raise InvalidInputError("the swarm backend needs ENVCTL_RUNNER_CHANNEL=tcp", field="runner_channel")
+        repository, sep, digest = spec.image.partition("@")
+        if not sep or not digest.startswith("sha256:"):
+            raise BackendError(f"the swarm backend boots images by registry digest, not {spec.image!r}")
+        installation = spec.labels.get(LABEL_INSTALLATION, "")
+        self._remove_leftover(spec)
+        configs = self.agent_configs(installation)
+        for attempt in (1, 2):
+            secret = self._make_secret(spec)
+            state: BackendState = {
+                "service_id": "",
+                "container_name": spec.container_name,
+                "secret_id": secret["SecretID"],
+            }
+            try:
+                body = self.service_spec(spec, secret, configs)
+                auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
+                state["service_id"] = self._create_service(body, auth.decode())
+                state.update(self._wait_running(spec, state))
+                return state
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    self.stop(state, timeout=0)
+                if attempt == 1 and isinstance(exc, BackendError) and _transient(exc):
+                    log.warning("runtime %s: %s; trying once more with a new service", spec.runtime_id, exc.message)
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait_running(self, spec: RuntimeSpec, state: BackendState) -> BackendState:
+        """Until the task runs: its node and the agent's address; ``BackendError`` naming the node's
+        message when it fails, or the resource no node has when it stays pending."""
+        began = time.monotonic()
+        pulling_since: float | None = None
+        phase: str | None = None
+        while True:
+            tasks = self._tasks(state["service_id"])
+            task = swarm_tasks.latest_task(tasks)
+            now = time.monotonic()
+            if task is not None:
+                want = "downloading" if task.state == swarm_tasks.PULLING else swarm_tasks.WAITING.get(task.state)
+                if want != phase and spec.on_phase is not None:
+                    phase = want
+                    spec.on_phase(want)
+                if task.state == "running":
+                    node = self._node(task.node_id)
+                    return {
+                        "node": swarm_tasks.node_name(node),
+                        "node_id": task.node_id,
+                        "agent": {"channel": "tcp", "host": _node_address(node), "port": _published(task)},
+                    }
+                if task.state in swarm_tasks.ENDED:
+                    where = swarm_tasks.node_name(self._node(task.node_id)) if task.node_id else ""
+                    text = task.err or task.message or task.state
+                    pull = f" (the node could not pull {self.registry}/{spec.image})" if "No such image" in text else ""
+                    raise BackendError(
+                        f"the runtime's task was {task.state}"
+                        + (f" on node {where}" if where else "")
+                        + f": {text}{pull}",
+                        details={"task_state": task.state, "node": where, "swarm_error": text},
+                    )
+                if task.state == swarm_tasks.PULLING:
+                    pulling_since = pulling_since or now
+                    if now - pulling_since > self.pull_timeout:
+                        raise BackendError(
+                            f"node {swarm_tasks.node_name(self._node(task.node_id))} was still pulling the runtime's "
+                            f"image after {self.pull_timeout:g} s (ENVCTL_SWARM_PULL_TIMEOUT)",
+                            details={"task_state": task.state},
+                        )
+                elif task.state == "pending" and now - began > self.pending_timeout:
+                    nodes = self._list_nodes()
+                    why = swarm_tasks.missing_resource(
+                        spec.machine, GPU_RESOURCE, nodes, self._all_tasks(), task.err or task.message
+                    )
+                    raise BackendError(
+                        f"the runtime could not be placed within {self.pending_timeout:g} s: {why}",
+                        details={"task_state": "pending", "swarm_error": task.err},
+                    )
+            time.sleep(BOOT_POLL)
+
+    def poll(self, state: BackendState) -> ContainerStatus:
+        sid = state.get("service_id")
+        if not sid:
+            return ContainerStatus(Status.GONE)
+        try:
+            self.client.api.inspect_service(sid)
+        except docker.errors.NotFound:
+            return ContainerStatus(Status.GONE)
+        except Exception as exc:
+            raise daemon_error("inspect the runtime's service", exc) from exc
+        task = swarm_tasks.latest_task(self._tasks(sid))
+        nodes = {str(n.get("ID")): n for n in self._list_nodes()}
+        return _status(task, nodes)
+
+    def stop(self, state: BackendState, timeout: float = 5.0) -> None:
+        sid = state.get("service_id")
+        if sid:
+            try:
+                self.client.api.remove_service(sid)
+            except docker.errors.NotFound:
+                pass
+            except Exception as exc:
+                raise daemon_error("remove the runtime's service", exc) from exc
+        if sid:
+            self._wait_removed(str(sid), STOP_GRACE_NS / 1e9 + 10)
+        secret = state.get("secret_id")
+        if secret:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    self.client.api.remove_secret(secret)
+                    break
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError as exc:
+                    if "in use" not in str(exc) or time.monotonic() > deadline:
+                        raise daemon_error("remove the runtime's credential secret", exc) from exc
+                    time.sleep(POLL)
+                except Exception as exc:
+                    raise daemon_error("remove the runtime's credential secret", exc) from exc
+
+    def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
+        try:
+            services = self.client.api.services(
+                filters={"label": [f"{LABEL_INSTALLATION}={identity.installation}", f"{LABEL_RUNNER}={identity.name}"]}
+            )
+            tasks = self._all_tasks()
+            nodes = {str(n.get("ID")): n for n in self._list_nodes()}
+        except Exception as exc:
+            raise daemon_error("list the runner's services", exc) from exc
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        for t in tasks:
+            by_service.setdefault(str(t.get("ServiceID")), []).append(t)
+        found = []
+        for svc in services:
+            labels = (svc.get("Spec") or {}).get("Labels") or {}
+            if not labels.get(LABEL_RUNTIME):
+                continue
+            sid = str(svc["ID"])
+            task = swarm_tasks.latest_task(by_service.get(sid, []))
+            status = _status(task, nodes)
+            state: BackendState = {"service_id": sid, "container_name": (svc.get("Spec") or {}).get("Name", "")}
+            secret_refs = (((svc.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
+                "Secrets"
+            ) or []
+            if secret_refs:
+                state["secret_id"] = secret_refs[0].get("SecretID")
+            if task is not None and task.node_id:
+                state["node_id"] = task.node_id
+                state["node"] = swarm_tasks.node_name(nodes.get(task.node_id))
+            found.append(FoundContainer(runtime_id=labels[LABEL_RUNTIME], state=state, status=status))
+        return found
+
+    def socket_path(self, state: BackendState, state_dir: Path) -> Path:
+        return state_dir / AGENT_SOCKET  # never made: a Swarm runtime's agent is on the tcp channel
+
+    def logs_tail(self, state: BackendState, lines: int = 20) -> str:
+        sid = state.get("service_id")
+        if not sid:
+            return ""
+        try:
+            out = self.client.api.service_logs(sid, stdout=True, stderr=True, tail=lines)
+            return b"".join(out).decode(errors="replace") if not isinstance(out, bytes) else out.decode()
+        except Exception:
+            return ""
+
+    # images: built and pushed on this host's engine; the nodes pull them from the registry
+    def engine_client(self) -> docker.DockerClient | None:
+        if self._local is None:
+            try:
+                self._local = docker.from_env(timeout=self._timeout)
+            except docker.errors.DockerException:
+                return None
+        return self._local
+
+    def image_info(self, image: str) -> ImageInfo | None:
+        client = self.engine_client()
+        return None if client is None else engine.info(client, image)
+
+    def close(self) -> None:
+        for c in (self._client, self._local):
+            if c is not None:
+                c.close()
+
+    # --- nodes ---------------------------------------------------------------------------
+    def nodes(self, installation: str) -> list[dict[str, Any]]:
+        try:
+            nodes = self._list_nodes()
+            tasks = self._all_tasks()
+            services = self.client.api.services(filters={"label": [f"{LABEL_INSTALLATION}={installation}"]})
+        except Exception as exc:
+            raise daemon_error("list the swarm's nodes", exc) from exc
+        return swarm_tasks.nodes_view(nodes, tasks, services)
+
+    # --- helpers -------------------------------------------------------------------------
+    def agent_configs(self, installation: str) -> list[dict[str, Any]]:
+        if installation not in self._configs:
+            self._configs[installation] = swarm_files.agent_configs(self.client, installation, self.labels)
+        return self._configs[installation]
+
+    def _make_secret(self, spec: RuntimeSpec) -> dict[str, Any]:
+        return swarm_files.credential_secret(self.client, spec, self.labels)
+
+    def _remove_leftover(self, spec: RuntimeSpec) -> None:
+        try:
+            found = self.client.api.services(filters={"name": spec.container_name})
+        except Exception as exc:
+            raise daemon_error("look for a leftover service", exc) from exc
+        for svc in found:
+            if (svc.get("Spec") or {}).get("Name") != spec.container_name:
+                continue
+            labels = (svc.get("Spec") or {}).get("Labels") or {}
+            if labels.get(LABEL_RUNTIME) != spec.runtime_id or labels.get(LABEL_INSTALLATION) != spec.labels.get(
+                LABEL_INSTALLATION
+            ):
+                raise BackendError(
+                    f"a service named {spec.container_name} exists and is not this runtime's; remove it by hand",
+                    details={"service": spec.container_name},
+                )
+            secrets = ((svc["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Secrets") or []
+            self.stop({"service_id": svc["ID"], "secret_id": secrets[0]["SecretID"] if secrets else None})
+
+    def _wait_removed(self, service_id: str, bound: float) -> None:
+        """Until the removed service's task is gone from the manager: its node stopped and removed
+        the container (``service rm`` returns at once). A task on a node that is down stays
+        until the node comes back (its engine then removes the container); after ``bound``
+        seconds the stop goes on and says so in the server's log."""
+        deadline = time.monotonic() + bound
+        while True:
+            try:
+                tasks = [t for t in self._tasks(service_id) if t.get("ServiceID") == service_id]
+                nodes = {str(n.get("ID")): n for n in self._list_nodes()} if tasks else {}
+            except BackendError:
+                return  # the manager no longer knows the service at all: nothing left to wait for
+            alive = [t for t in tasks if swarm_tasks.node_down(nodes.get(str(t.get("NodeID")))) is None]
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "service %s: its task on node %s was still there %.0f s after the service was removed",
+                    service_id,
+                    swarm_tasks.node_name(nodes.get(str(alive[0].get("NodeID")))),
+                    bound,
+                )
+                return
+            time.sleep(POLL)
+
+    def _create_service(self, body: dict[str, Any], registry_auth: str) -> str:
+        """``POST /services/create`` with the pull token in ``X-Registry-Auth``: the Docker SDK's
+        ``create_service`` takes that header only from the client's stored credentials."""
+        api = self.client.api
+        try:
+            response = api.post(
+                f"{api.base_url}/v{api.api_version}/services/create",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json", "X-Registry-Auth": registry_auth},
+                timeout=self._timeout,
+            )
+        except Exception as exc:
+            raise daemon_error("create the runtime's service", exc) from exc
+        if response.status_code >= 400:
+            try:
+                why = str(response.json().get("message") or response.text)
+            except ValueError:
+                why = response.text
+            raise BackendError(
+                f"the Swarm manager refused the runtime's service: {why[:500]}",
+                details={"status": response.status_code},
+            )
+        return str(response.json()["ID"])
+
+    def _tasks(self, service_id: str) -> list[dict[str, Any]]:
+        try:
+            return list(self.client.api.tasks(filters={"service": service_id}))
+        except Exception as exc:
+            raise daemon_error("list the runtime's task", exc) from exc
+
+    def _all_tasks(self) -> list[dict[str, Any]]:
+        try:
+            return list(self.client.api.tasks())
+        except Exception as exc:
+            raise daemon_error("list the swarm's tasks", exc) from exc
+
+    def _list_nodes(self) -> list[dict[str, Any]]:
+        try:
+            return list(self.client.api.nodes())
+        except Exception as exc:
+            raise daemon_error("list the swarm's nodes", exc) from exc
+
+    def _node(self, node_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.client.api.inspect_node(node_id))
+        except docker.errors.NotFound:
+            return None
+        except Exception as exc:
+            raise daemon_error("inspect the task's node", exc) from exc
+
+
+def _transient(exc: BackendError) -> bool:
+    """A failure of the node's engine while it set the container up, not of the runtime: 20.10
+    sometimes cannot remount a task's secrets directory read-only ("device or resource busy")."""
+    text = str((exc.details or {}).get("swarm_error") or "")
+    return text.startswith("starting container failed") and "device or resource busy" in text
+
+
+def _node_address(node: dict[str, Any] | None) -> str:
+    addr = str(((node or {}).get("Status") or {}).get("Addr") or "")
+    if not addr or addr == "0.0.0.0":  # noqa: S104  (a comparison)
+        raise BackendError(f"node {swarm_tasks.node_name(node)} has no address envctl can dial")
+    return addr
+
+
+def _published(task: swarm_tasks.TaskView) -> int:
+    for port in task.ports:
+        if int(port.get("TargetPort") or 0) == AGENT_PORT and port.get("PublishedPort"):
+            return int(port["PublishedPort"])
+    raise BackendError(f"the runtime's task has no published port for its agent ({task.ports})")
+
+
+def _status(task: swarm_tasks.TaskView | None, nodes: dict[str, dict[str, Any]]) -> ContainerStatus:
+    if task is None:
+        return ContainerStatus(Status.GONE)
+    node = nodes.get(task.node_id) if task.node_id else None
+    name = swarm_tasks.node_name(node)
+    if task.node_id and (lost := swarm_tasks.node_down(node)) is not None and task.state not in swarm_tasks.ENDED:
+        return ContainerStatus(Status.EXITED, error=lost, reason="node-lost", node=name)
+    if task.state in swarm_tasks.ENDED:
+        return ContainerStatus(
+            Status.EXITED, exit_code=task.exit_code, error=task.err or task.message, started_at=task.since, node=name
+        )
+    return ContainerStatus(Status.RUNNING, started_at=task.since, node=name)

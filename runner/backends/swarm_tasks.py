@@ -1,0 +1,203 @@
+"""What a Swarm task's state means for a runtime, and which resource no node has: pure functions
+of the manager's answers (``GET /tasks``, ``GET /nodes``), tested with plain dicts.
+
+Swarm 20.10's facts these rely on are in ``docs/swarm-notes.md``: a pending task never names the
+resource it waits for ("insufficient resources on 3 nodes" for memory, CPU and generic resources
+alike), a failed pull is ``rejected`` "No such image", and a lost node shows on the node (``down``),
+not on its task, which keeps its last state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from envs.kit.config import MachineType
+from runner.backends.base import LABEL_RUNTIME
+
+# task states on the way to running, and the runtime phase each one is
+WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}
+PULLING = "preparing"
+ENDED = ("complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """One task of a runtime's service, as the backend reads it."""
+
+    state: str
+    message: str
+    err: str
+    node_id: str
+    exit_code: int | None
+    since: str
+    ports: list[dict[str, Any]]
+
+
+def latest_task(tasks: list[dict[str, Any]]) -> TaskView | None:
+    """The service's newest task (one per service with restart condition none, but a rejected
+    one stays listed beside nothing else)."""
+    if not tasks:
+        return None
+    task = max(tasks, key=lambda t: (int((t.get("Version") or {}).get("Index") or 0), str(t.get("CreatedAt") or "")))
+    status = task.get("Status") or {}
+    container = status.get("ContainerStatus") or {}
+    code = container.get("ExitCode")
+    return TaskView(
+        state=str(status.get("State") or "new"),
+        message=str(status.get("Message") or ""),
+        err=str(status.get("Err") or ""),
+        node_id=str(task.get("NodeID") or ""),
+        exit_code=int(code) if isinstance(code, int) and status.get("State") in ENDED else None,
+        since=str(status.get("Timestamp") or ""),
+        ports=list((status.get("PortStatus") or {}).get("Ports") or []),
+    )
+
+
+def node_name(node: dict[str, Any] | None) -> str:
+    if not node:
+        return ""
+    return str((node.get("Description") or {}).get("Hostname") or node.get("ID") or "")
+
+
+def node_down(node: dict[str, Any] | None) -> str | None:
+    """Why a node counts as gone (its state down/unknown/disconnected), or None while it is up."""
+    if not node:
+        return "the node is no longer in the swarm"
+    status = node.get("Status") or {}
+    state = str(status.get("State") or "unknown")
+    if state in ("down", "disconnected", "unknown"):
+        return f"node {node_name(node)} is {state}" + (f" ({status['Message']})" if status.get("Message") else "")
+    return None
+
+
+def generic_of(resources: dict[str, Any]) -> dict[str, int]:
+    """A node's (or reservation's) generic resources as kind -> count."""
+    out: dict[str, int] = {}
+    for item in resources.get("GenericResources") or []:
+        if "NamedResourceSpec" in item:
+            kind = str(item["NamedResourceSpec"].get("Kind"))
+            out[kind] = out.get(kind, 0) + 1
+        elif "DiscreteResourceSpec" in item:
+            kind = str(item["DiscreteResourceSpec"].get("Kind"))
+            out[kind] = out.get(kind, 0) + int(item["DiscreteResourceSpec"].get("Value") or 0)
+    return out
+
+
+def capacity_of(node: dict[str, Any]) -> dict[str, Any]:
+    res = (node.get("Description") or {}).get("Resources") or {}
+    return {
+        "nano_cpus": int(res.get("NanoCPUs") or 0),
+        "memory": int(res.get("MemoryBytes") or 0),
+        "generic_resources": generic_of(res),
+    }
+
+
+def reserved_on(node_id: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the live tasks on a node reserve (what the scheduler subtracts from its capacity)."""
+    cpus = memory = 0
+    generic: dict[str, int] = {}
+    for task in tasks:
+        if task.get("NodeID") != node_id or (task.get("DesiredState") not in ("running", "ready", "accepted")):
+            continue
+        if str((task.get("Status") or {}).get("State")) in ENDED:
+            continue
+        res = ((task.get("Spec") or {}).get("Resources") or {}).get("Reservations") or {}
+        cpus += int(res.get("NanoCPUs") or 0)
+        memory += int(res.get("MemoryBytes") or 0)
+        for kind, n in generic_of(res).items():
+            generic[kind] = generic.get(kind, 0) + n
+    return {"nano_cpus": cpus, "memory": memory, "generic_resources": generic}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def missing_resource(
+    machine: MachineType, gpu_kind: str, nodes: list[dict[str, Any]], tasks: list[dict[str, Any]], err: str
+) -> str:
+    """Which resource of the machine type no node has: compared with each ready, active node's
+    capacity minus what its tasks reserve (Swarm itself only says "insufficient resources").
+    ``err`` is the scheduler's text, kept at the end."""
+    ready = [
+        n
+        for n in nodes
+        if (n.get("Status") or {}).get("State") == "ready" and (n.get("Spec") or {}).get("Availability") == "active"
+    ]
+    if not ready:
+        return f"no node of the swarm is ready and active ({err})"
+    want_cpus = int(machine.cpus * 1e9)
+    short: dict[str, list[str]] = {"CPU": [], "memory": [], gpu_kind: []}
+    for node in ready:
+        cap, used = capacity_of(node), reserved_on(str(node.get("ID")), tasks)
+        name = node_name(node)
+        free_cpus = cap["nano_cpus"] - used["nano_cpus"]
+        free_mem = cap["memory"] - used["memory"]
+        if free_cpus < want_cpus:
+            short["CPU"].append(f"{name} has {free_cpus / 1e9:g} free")
+        if free_mem < machine.memory:
+            short["memory"].append(f"{name} has {_gib(free_mem)} free")
+        if machine.gpus:
+            free = cap["generic_resources"].get(gpu_kind, 0) - used["generic_resources"].get(gpu_kind, 0)
+            if free < machine.gpus:
+                short[gpu_kind].append(f"{name} has {max(free, 0)} free")
+    wants = {"CPU": f"{machine.cpus:g} CPUs", "memory": _gib(machine.memory), gpu_kind: f"{machine.gpus} {gpu_kind}"}
+    lacking = [k for k, v in short.items() if len(v) == len(ready) and (k != gpu_kind or machine.gpus)]
+    if lacking:
+        parts = [f"{wants[k]} ({'; '.join(short[k])})" for k in lacking]
+        return (
+            f"no node has the {' and '.join(k for k in lacking)} machine type {machine.name} reserves: "
+            + ", ".join(parts)
+            + f" (swarm: {err})"
+        )
+    if machine.constraints:
+        return (
+            f"no node meets machine type {machine.name}'s placement constraints "
+            f"{', '.join(machine.constraints)} with room for it (swarm: {err})"
+        )
+    return f"no node fits machine type {machine.name} (swarm: {err})"
+
+
+def nodes_view(
+    nodes: list[dict[str, Any]], tasks: list[dict[str, Any]], services: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``GET /nodes`` of a swarm: each node with its labels, capacity, what its tasks reserve,
+    health, and the runtimes of ``services`` (this installation's) it runs."""
+    mine = {
+        str(s["ID"]): ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
+        for s in services
+        if ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_RUNTIME)
+    }
+    out = []
+    for n in nodes:
+        nid = str(n.get("ID"))
+        spec, status = n.get("Spec") or {}, n.get("Status") or {}
+        runs = sorted(
+            {
+                str(mine[str(t.get("ServiceID"))])
+                for t in tasks
+                if t.get("NodeID") == nid
+                and str(t.get("ServiceID")) in mine
+                and str((t.get("Status") or {}).get("State")) not in ENDED
+            }
+        )
+        out.append(
+            {
+                "id": nid,
+                "name": node_name(n),
+                "role": spec.get("Role") or "",
+                "address": status.get("Addr") or "",
+                "labels": dict(spec.get("Labels") or {}),
+                "capacity": capacity_of(n),
+                "reserved": reserved_on(nid, tasks),
+                "health": {
+                    "state": status.get("State") or "unknown",
+                    "availability": spec.get("Availability") or "",
+                    "message": status.get("Message") or "",
+                },
+                "engine": ((n.get("Description") or {}).get("Engine") or {}).get("EngineVersion") or "",
+                "runtimes": runs,
+            }
+        )
+    return sorted(out, key=lambda n: (n["role"] != "manager", n["name"]))
