@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Protocol
 
 from envs.images.config import ImageInfo as ImageInfo  # re-exported; it lives with the image layer
 from envs.kit.config import MachineType, Settings
+from envs.kit.errors import InvalidInputError
 from runner.identity import RunnerIdentity
 
 BackendState = dict[str, Any]
@@ -341,7 +342,11 @@ class RuntimeBackend(abc.ABC):
     def inspect_other(self, container: str) -> OtherContainer | None:
         """A container by id or name, whoever made it (None: no such container); read only.
         Only a backend whose containers' processes run on this host can attach to them."""
-        raise NotImplementedError(f"the {self.name} backend cannot attach to containers")
+        raise InvalidInputError(
+            f"attach: this server's {self.name} backend cannot attach to containers (only the local "
+            "Docker engine's can be)",
+            field="attach",
+        )
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

@@ -167,6 +167,8 @@ NOT_ENVIRONMENTS = {
     "timeout", "count", "limit", "path", "stdin", "silent", "store_history", "include", "ref_only",
     "tag",  # the tag a save moves in its target (WRITES)
     "runtime_id",
+    "cell",  # create-and-run: a first cell (code, language)
+    "attach", "attached_save",  # a container envctl did not start, by id or name; a flag
 }  # fmt: skip
 SPEC_READS, SPEC_WRITES = {"extends"}, {"name"}  # envs/spec.py FIELDS; message and steps name none
 
