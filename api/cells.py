@@ -8,8 +8,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, Context
 from api.schemas import ExecutionCreate, ExecutionOut
-from registry import service as registry_service
-from runner.feeds import ExecutionView, merge_streams
+from registry import users as registry_service
+from runner.cells.streams import ExecutionView, merge_streams
 
 MAX_WAIT = 30.0  # seconds a request may wait for its cell to finish
 

@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import PinnedBy
-from registry import service as registry_service
 from registry import teams as teams_service
+from registry import users as registry_service
 from registry.distribution import ManagedRegistry
 from registry.visibility import Reader
-from runner.records import Viewer
+from runner.runtimes.store import Viewer
 from runner.service import RunnerService
 
 
@@ -42,7 +42,7 @@ class Caller:
 
     @property
     def viewer(self) -> Viewer:
-        """Who asks, as the runner decides what they see and may do (``runner/records.py``).
+        """Who asks, as the runner decides what they see and may do (``runner/runtimes/store.py``).
         Read with the caller, so a change of membership counts within the cache's ``ttl``."""
         return Viewer(self.id, self.teams, self.admin_of, self.is_admin)
 

@@ -23,7 +23,7 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import PinnedBy
 from registry import distribution
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.errors import RegistryUnavailableError
 from registry.prepull import Prepuller
 from runner.backends import load_backend

@@ -1,6 +1,6 @@
 """Drafts in the registry: a runtime's unsaved changes, kept where any node can boot from them.
 
-On the in-runtime save path (``runner/insave.py``) a stop keeps the runtime's changes as an image
+On the in-runtime save path (``runner/saves/insave.py``) a stop keeps the runtime's changes as an image
 in ``envctl-drafts/<runtime id>``: one layer on the version, pushed by envctl itself. The
 repository is envctl's alone:
 

@@ -12,7 +12,7 @@
   kept (no ``--delete-untagged``): a version pushed by digest alone is still a version.
 
 A version's manifest digest is the one its push recorded (``EnvironmentVersion.registry_digest``,
-``registry/transfer.py``).
+``registry/image_transfer.py``).
 """
 
 from __future__ import annotations

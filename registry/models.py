@@ -111,7 +111,7 @@ class TeamEvent(Base):
 
 class TeamSecret(Base):
     """A team's secret: its value encrypted with the installation's secrets key (never stored
-    in the clear; the key is a file apart from the database, registry/secrets.py)."""
+    in the clear; the key is a file apart from the database, registry/team_secrets.py)."""
 
     __tablename__ = "team_secrets"
     __table_args__ = (UniqueConstraint("team_id", "name"),)

@@ -7,7 +7,7 @@ moment it starts and hands the version each one means now (a published tag: the 
 points at) to ``pull``, one at a time, in order. A pull that fails is logged and not tried
 again: the boot that needs the version pulls it anyway.
 
-The pull itself is the transfer module's (``runner/transfers.py``, by the recorded digest,
+The pull itself is the transfer module's (``runner/transfers/pushpull.py``, by the recorded digest,
 checked): ``envctl serve`` starts one in the app's lifespan when a registry is configured,
 pulling as envctl's admin.
 """

@@ -22,7 +22,7 @@ from envs.kit.ids import new_id
 from envs.refs import check_name
 from registry.errors import LastTeamAdminError, TeamExistsError, TeamNotFoundError, UserNotFoundError
 from registry.models import ROLE_ADMIN, ROLES, Membership, Team
-from registry.service import get_user_by_name
+from registry.users import get_user_by_name
 
 
 @dataclass(frozen=True)

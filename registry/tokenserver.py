@@ -31,9 +31,9 @@ from envs.kit.clock import utcnow
 from envs.kit.errors import InvalidInputError, UnauthorizedError
 from registry.distribution import ISSUER, SERVICE
 from registry.drafts import is_draft_repository
-from registry.service import authenticate
 from registry.signing import SigningKey
 from registry.teams import published, team_names_of
+from registry.users import authenticate
 
 READ, WRITE = "pull", "push"
 MAX_SCOPES = 32

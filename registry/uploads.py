@@ -1,6 +1,6 @@
 """envctl writing to the registry itself, over distribution's HTTP API, with no Docker engine.
 
-A save made inside a runtime (``runner/insave.py``) streams its layer straight into the
+A save made inside a runtime (``runner/saves/insave.py``) streams its layer straight into the
 registry: ``POST /v2/<repo>/blobs/uploads/`` opens an upload, one ``PATCH`` streams the bytes as
 they come (chunked, never held whole), ``PUT ...?digest=`` closes it once the digest is known;
 ``DELETE`` throws an unfinished upload away (a refused save leaves nothing). The parent's layers

@@ -1,5 +1,5 @@
 """Another envctl server, read through its public API: what a version it holds is, and where
-its registry is, so that this server can import the version (``runner/imports.py``).
+its registry is, so that this server can import the version (``runner/transfers/imports.py``).
 
 ``describe(url, token, ref)`` asks the upstream, as the token's user there:
 

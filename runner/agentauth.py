@@ -1,6 +1,6 @@
 """A tcp channel's credential: made at each boot, handed to the runtime, kept sealed on its row.
 
-At each boot (``runner/boot.py``) :func:`make_credential` makes a fresh one: a random boot id, a
+At each boot (``runner/runtimes/boot.py``) :func:`make_credential` makes a fresh one: a random boot id, a
 random 256-bit key and a self-signed TLS certificate (ECDSA P-256, valid for the boot only in
 practice: nothing trusts it but envctl's pin of its SHA-256). The runtime gets it as a file it
 reads once at start (``runner/agent/handshake.py``):
@@ -17,7 +17,7 @@ reads once at start (``runner/agent/handshake.py``):
 
 envctl keeps what it needs to dial in on the runtime's row (``backend_state["agent"]``): the
 address, the boot id, the certificate's pin, and the key sealed with the installation's secrets
-key (``registry/secrets.py``), so any server of the installation can reach the runtime and a
+key (``registry/team_secrets.py``), so any server of the installation can reach the runtime and a
 restarted one reconnects; the database alone opens nothing. The TLS private key is not kept.
 """
 
@@ -41,7 +41,7 @@ from cryptography.x509.oid import NameOID
 
 from envs.kit.errors import BackendError
 from registry.errors import SecretKeyError
-from registry.secrets import SecretBox
+from registry.team_secrets import SecretBox
 from runner.agent import handshake
 from runner.backends.base import AGENT_CREDENTIAL
 from runner.channel import AgentAddress

@@ -32,7 +32,7 @@ class Runtime(Base):
     one database. ``backend_state`` is what the backend needs to find the container again
     after a restart (its id); nothing else about the container is assumed. ``team`` (a team's
     name; None for a personal runtime) shares it with the team's members (who sees and acts on
-    what: ``runner/records.py``).
+    what: ``runner/runtimes/store.py``).
     """
 
     __tablename__ = "runtimes"
@@ -83,10 +83,10 @@ class Runtime(Base):
     next_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The runtime's own environment variables (name -> value), given to its container at boot
     # through Docker's API (never a shell), and settings changed while it ran that wait for the
-    # next boot (field -> new value, runner/settings.py).
+    # next boot (field -> new value, runner/runtimes/reboot.py).
     env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
     pending: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
-    # the host's CUDA version mounted into a GPU runtime (runner/machines.py); None: none
+    # the host's CUDA version mounted into a GPU runtime (runner/runtimes/machines.py); None: none
     cuda: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # The runtime's mounts as checked (runner/mounts/validate.py), and what its current boot
     # mounted (the git commit, the S3 ETags: runner/mounts/prepare.py), copied onto each execution.
@@ -239,7 +239,7 @@ class RunnerRecord(Base):
 
 
 class PoolEntry(Base):
-    """A container of the warm pool (runner/pool.py): booted ahead, pristine, claimed once.
+    """A container of the warm pool (runner/runtimes/pool.py): booted ahead, pristine, claimed once.
 
     ``state``: ``booting`` -> ``waiting`` -> ``claimed`` (by ``runtime_id``, in one
     compare-and-set: R41). A claimed entry stays until its container is gone, so that

@@ -21,7 +21,7 @@ from envs.models import EnvironmentVersion
 from runner.backends.base import RuntimeBackend
 from runner.errors import OperationNotFoundError
 from runner.models import Operation, Runtime
-from runner.records import Records, Who, viewer_of, visible_to
+from runner.runtimes.store import Records, Who, viewer_of, visible_to
 
 log = logging.getLogger("envctl.operations")
 

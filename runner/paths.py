@@ -15,7 +15,7 @@ from runner.agentauth import AgentLinks
 from runner.backends.base import BackendState, RuntimeBackend
 from runner.channel import AgentTarget
 from runner.models import Runtime
-from runner.records import Records
+from runner.runtimes.store import Records
 
 AGENT_DIR = Path(__file__).resolve().parent / "agent"
 

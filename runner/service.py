@@ -3,42 +3,55 @@
 Which file owns what (each receives what it needs through its constructor; none imports this
 module):
 
-=====================  ========================================================================
-``identity.py``        the installation's id, this runner's name, its lease and heartbeat,
-                       and whether other runners are alive
-``records.py``         the runtimes store, alone writing ``runtimes`` rows and their log:
-                       compare-and-set transitions, activity, create and delete, ownership
-                       checks, waiting for a state
-``concurrency.py``     locks, boot slots, the worker pool, in-flight claims, cancel events
-``runtimes.py``        create a runtime, change its settings (PATCH; ``settings.py``: what needs
-                       a reboot and waits for it; ``envvars.py``: environment variables)
-``lifecycle.py``       start, stop, reset, delete; the stop worker
-``boot.py``            the boot worker: container up, agent answering, ``running``
-``secrets.py``         a runtime's team secrets: references in ``env``, handed to the agent at
-                       boot, out of date, and the values its saves are searched for
-``executions.py``      cells: submit (numbered in the store), read, follow, interrupt, recover
-``cellworker.py``      the per-runtime worker that runs cells in order and records their ends
-``cellstore.py``       the cells store, alone writing executions, their outputs, result files
-``feeds.py``           what is known of hot executions in memory, and who listens
-``changes.py``         unsaved changes: the list, and the flag pages poll
-``drafts.py``          unsaved changes kept as an image across stops and crashes
-``snapshots.py``       saves: a runtime's filesystem becoming a version
-``scan.py``            what a save leaves out (caches) and refuses (secrets, credential files)
-``imageconfig.py``     the trusted image configuration of saves and drafts
-``operations.py``      long work a 202 points at (saves, builds); recovery after a crash
-``transfers.py``       versions to and from the registry: push after a save, pull before a boot
-``imports.py``         a version of another envctl server: pulled from its registry, recorded here
-``builds.py``          spec files built as cells on a temporary runtime
-``archives.py``        export and load of a version with its lineage
-``collector.py``       files cells write under /results, kept by content (``results.py``: stores)
-``reconcile.py``       the database made to agree with the engine (pure plan, then actions)
-``pool.py``            the warm pool: containers booted ahead, claimed once by a starting runtime
-``attach.py``          runtimes attached to containers envctl did not start (the allow-list)
-``housekeeping.py``    the loop: reconciliation and idle shutdown (``idle.py``: the decision)
-``mounts/``            a runtime's mounts: validation, the git and S3 caches a boot fills,
-                       named volumes (``volumes``: list, create, delete)
-``backends/``          the container engines behind it all (docker, fake)
-=====================  ========================================================================
+=========================  ====================================================================
+``identity.py``            the installation's id, this runner's name, its lease and heartbeat,
+                           and whether other runners are alive
+``concurrency.py``         locks, boot slots, the worker pool, in-flight claims, cancel events
+``operations.py``          long work a 202 points at (saves, builds, transfers); recovery
+``uninstall.py``           what an installation holds on its engine, and its removal
+``channel.py``             the connection to a runtime's agent (``agentauth.py``: its
+                           per-boot credential)
+``runtimes/store.py``      the runtimes store, alone writing ``runtimes`` rows and their log:
+                           compare-and-set transitions, activity, create and delete, ownership
+                           checks, waiting for a state (``states.py``: the state machine)
+``runtimes/settings.py``   create a runtime, change its settings (PATCH; ``reboot.py``: what
+                           needs a reboot and waits for it; ``envvars.py``: variables;
+                           ``machines.py``: machine types, CUDA; ``kernelspecs.py``)
+``runtimes/secret_uses.py``  a runtime's team secrets: references in ``env``, handed to the
+                           agent at boot, out of date, and the values its saves are searched for
+``runtimes/lifecycle.py``  start, stop, reset, delete (in the order that leaves no writer
+                           behind); the stop worker
+``runtimes/boot.py``       the boot worker: container up, agent answering, ``running``
+``runtimes/reconcile.py``  the database made to agree with the engine (pure plan, then actions)
+``runtimes/housekeeping.py``  the loop: reconciliation and idle shutdown (``idle.py``: the
+                           decision)
+``cells/store.py``         the cells store, alone writing executions, outputs, result files
+``cells/executions.py``    cells: submit (numbered in the store), read, follow, interrupt,
+                           recover
+``cells/workers.py``       the per-runtime worker that runs cells in order and records their
+                           ends
+``cells/streams.py``       what is known of hot executions in memory, and who listens
+``cells/results.py``       files cells write under /results, kept by content
+                           (``result_files.py``: the scan; ``result_stores.py``: stores)
+``saves/snapshots.py``     saves: a runtime's filesystem becoming a version
+``saves/changes.py``       unsaved changes: the list, and the flag pages poll
+``saves/drafts.py``        unsaved changes kept as an image across stops and crashes
+``saves/scans.py``         what a save leaves out (caches) and refuses (secrets, credentials)
+``saves/imageconfig.py``   the trusted image configuration of saves and drafts
+``saves/insave.py``        saves made inside the runtime: the agent's layer stream, checked
+                           and streamed to the registry
+``saves/builds.py``        spec files built as cells on a temporary runtime
+``saves/archives.py``      export and load of a version with its lineage
+``transfers/pushpull.py``  versions to and from the registry: push after a save, pull before
+                           a boot
+``transfers/imports.py``   a version of another envctl server: pulled from its registry,
+                           recorded here
+``mounts/``                a runtime's mounts: validation, the git and S3 caches a boot fills,
+                           named volumes (``named_volumes.py``: list, create, delete)
+``backends/``              the container engines behind it all (docker, fake)
+``runtimes/pool.py``       pooled runtimes, claimed once (``pool_overview.py``: what the pool holds)
+``runtimes/attach.py``     containers envctl did not make, attached to and detached from
+=========================  ====================================================================
 """
 
 from __future__ import annotations
@@ -59,42 +72,42 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError, InvalidInputError
-from registry.secrets import SecretBox
-from runner import envvars, idle
+from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
-from runner.archives import Archives
-from runner.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
-from runner.attach import Attach, container_of
 from runner.backends.base import FoundContainer, RuntimeBackend
-from runner.boot import Booter
-from runner.builds import Builds
-from runner.cellworker import CellWorkers
-from runner.changes import ChangeInfo, Changes
-from runner.collector import ResultCollector
+from runner.cells.executions import ExecutionManager
+from runner.cells.results import ResultCollector
+from runner.cells.streams import Feeds
+from runner.cells.workers import CellWorkers
 from runner.concurrency import Concurrency
-from runner.drafts import Drafts
 from runner.errors import RuntimeStateError
-from runner.executions import ExecutionManager
-from runner.feeds import Feeds
-from runner.housekeeping import Housekeeping
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
-from runner.imports import Imports
-from runner.insave import InRuntimeSaves
-from runner.lifecycle import Lifecycle
 from runner.models import Operation, Runtime, RuntimeLogEntry
+from runner.mounts.named_volumes import Volumes
 from runner.mounts.prepare import MountPreparer
-from runner.mounts.volumes import Volumes
 from runner.operations import Operations
 from runner.paths import RuntimePaths
-from runner.pool import Pool
-from runner.reconcile import Action, Reconciler
-from runner.records import Records, Who
-from runner.runtimes import RuntimeChanges, Runtimes
-from runner.scan import CacheRules
-from runner.secrets import RuntimeSecrets
-from runner.snapshots import Snapshots
-from runner.states import State
-from runner.transfers import Transfers
+from runner.runtimes import envvars, idle
+from runner.runtimes.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
+from runner.runtimes.attach import Attach, container_of
+from runner.runtimes.boot import Booter
+from runner.runtimes.housekeeping import Housekeeping
+from runner.runtimes.lifecycle import Lifecycle
+from runner.runtimes.pool import Pool
+from runner.runtimes.reconcile import Action, Reconciler
+from runner.runtimes.secret_uses import RuntimeSecrets
+from runner.runtimes.settings import RuntimeChanges, Runtimes
+from runner.runtimes.states import State
+from runner.runtimes.store import Records, Who
+from runner.saves.archives import Archives
+from runner.saves.builds import Builds
+from runner.saves.changes import ChangeInfo, Changes
+from runner.saves.drafts import Drafts
+from runner.saves.insave import InRuntimeSaves
+from runner.saves.scans import CacheRules
+from runner.saves.snapshots import Snapshots
+from runner.transfers.imports import Imports
+from runner.transfers.pushpull import Transfers
 
 log = logging.getLogger("envctl.runner")
 
@@ -172,7 +185,7 @@ class RunnerService:
         snapshots.in_runtime = InRuntimeSaves(
             settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
-        drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/drafts.py)
+        drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/saves/drafts.py)
         self.results = ResultCollector(settings, db, clock, paths)
         self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
         self.feeds = Feeds()
@@ -286,7 +299,7 @@ class RunnerService:
         return self.runtimes.create(who, **fields)
 
     def create_attached(self, who: Who, *, name: str, container: str, team: str | None = None) -> Runtime:
-        """A runtime attached to a container envctl did not start (runner/attach.py): the
+        """A runtime attached to a container envctl did not start (runner/runtimes/attach.py): the
         allow-list is asked first (403 naming its rules), then the runtime is made, stopped."""
         found = self.attach.check(container)
         python = self.attach.has_python(found)
@@ -351,7 +364,7 @@ class RunnerService:
 
     def _deleted(self, runtime_id: str) -> None:
         self.results.forget(runtime_id)
-        self.drafts.forget_all(runtime_id)  # its drafts in the registry (runner/drafts.py)
+        self.drafts.forget_all(runtime_id)  # its drafts in the registry (runner/saves/drafts.py)
 
     def delete(self, who: Who, runtime_id: str) -> None:
         self.lifecycle.delete(who, runtime_id)

@@ -34,7 +34,8 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, ConflictError
 from envs.models import EnvironmentVersion
-from runner.backends import netguard, volumes
+from runner.backends import docker_volumes as volumes
+from runner.backends import netguard
 from runner.backends.base import LABEL_INSTALLATION
 from runner.identity import Liveness
 from runner.models import Installation, RunnerRecord, Runtime

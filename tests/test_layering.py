@@ -200,23 +200,23 @@ def test_no_runner_module_reaches_into_another_objects_underscore_members() -> N
 # deletes, as SQL expressions (``insert(Model)``, ``update(Model)``, ``delete(Model)``), as new
 # ORM rows (``Model(...)``) or as ``session.delete(...)``. Others read; they ask the store to write.
 STORES = {
-    "runtimes": "runner.records",
-    "runtime_log": "runner.records",
-    "executions": "runner.cellstore",
-    "execution_outputs": "runner.cellstore",
+    "runtimes": "runner.runtimes.store",
+    "runtime_log": "runner.runtimes.store",
+    "executions": "runner.cells.store",
+    "execution_outputs": "runner.cells.store",
     "operations": "runner.operations",
-    "result_files": "runner.cellstore",
+    "result_files": "runner.cells.store",
     "installation": "runner.identity",
     "runners": "runner.identity",
-    "runtime_secret_uses": "runner.secrets",
-    "pool_entries": "runner.pool",
-    "users": "registry.service",
-    "api_tokens": "registry.service",
+    "runtime_secret_uses": "runner.runtimes.secret_uses",
+    "pool_entries": "runner.runtimes.pool",
+    "users": "registry.users",
+    "api_tokens": "registry.users",
     "teams": "registry.teams",
     "team_members": "registry.teams",
     "publications": "registry.catalog",
     "team_events": "registry.events",
-    "team_secrets": "registry.secrets",
+    "team_secrets": "registry.team_secrets",
     "environments": "envs.service",
     "environment_versions": "envs.service",
     "environment_tags": "envs.service",
@@ -271,8 +271,8 @@ def test_every_table_has_a_store() -> None:
 
 
 def test_no_module_outside_a_features_store_writes_its_tables() -> None:
-    """The runtimes store (runner/records.py) alone writes runtime rows, the cells store
-    (runner/cellstore.py) alone executions and their outputs, and so on (``STORES``): a rule
+    """The runtimes store (runner/runtimes/store.py) alone writes runtime rows, the cells store
+    (runner/cells/store.py) alone executions and their outputs, and so on (``STORES``): a rule
     about rows (a state change, activity, a delete's order) lives in one module. A session's
     ``delete(obj)`` counts for every table (its type is not known here): only stores call it."""
     models = _models()
@@ -293,7 +293,7 @@ def test_activity_is_recorded_by_the_runtimes_store_alone() -> None:
     columns = {"last_activity_at", "last_activity"}
     wrong = []
     for name, path in ALL.items():
-        if name in ("runner.records", "runner.models") or name.startswith("api.migrations"):
+        if name in ("runner.runtimes.store", "runner.models") or name.startswith("api.migrations"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):

@@ -17,7 +17,7 @@ from envs import service as envs_service
 from envs.kit.errors import InvalidInputError
 from envs.refs import parse_ref
 from registry import catalog, garbage, visibility
-from registry import service as registry_service
+from registry import users as registry_service
 
 router = APIRouter(tags=["environments"])
 

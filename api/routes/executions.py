@@ -15,7 +15,7 @@ from api.cells import MAX_WAIT, execution_out, run_cell, submitters
 from api.deps import CallerDep, CtxDep
 from api.schemas import ExecutionCreate, ExecutionOut
 from api.views import sse
-from runner.feeds import FINAL
+from runner.cells.streams import FINAL
 
 router = APIRouter(tags=["executions"])
 KEEPALIVE = 15.0

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import KernelspecOut, KernelspecsOut
-from runner.kernelspecs import find_kernelspecs
+from runner.runtimes.kernelspecs import find_kernelspecs
 
 router = APIRouter(tags=["environments"])
 

@@ -6,7 +6,7 @@ from api.deps import CallerDep, CtxDep
 from api.schemas import CudaOut, MachineTypeOut
 from api.views import machine_type_out
 from runner.backends.base import CUDA_MOUNT
-from runner.machines import cuda_versions, list_machine_types
+from runner.runtimes.machines import cuda_versions, list_machine_types
 
 router = APIRouter(tags=["machine types"])
 

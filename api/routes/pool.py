@@ -1,4 +1,4 @@
-"""The warm pool (runner/pool.py): what it keeps waiting, and what waits now."""
+"""The warm pool (runner/runtimes/pool.py): what it keeps waiting, and what waits now."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import CallerDep, CtxDep
 from api.schemas import PoolOut
-from runner.pool_overview import overview
+from runner.runtimes.pool_overview import overview
 
 router = APIRouter(tags=["pool"])
 

@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from api.deps import CallerDep, CtxDep
 from api.schemas import ResultOut
 from api.views import result_out
-from runner import results_queries
-from runner.records import Viewer
+from runner.cells import result_queries as results_queries
+from runner.runtimes.store import Viewer
 
 router = APIRouter(tags=["results"])
 ResultId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a result's id")]

@@ -23,8 +23,8 @@ from api.schemas import (
 )
 from api.views import log_entry_out, operation_out, runtime_out, runtimes_out
 from envs.kit.errors import InvalidInputError
+from runner.runtimes.states import State
 from runner.service import RuntimeChanges
-from runner.states import State
 
 router = APIRouter(prefix="/runtimes", tags=["runtimes"])
 

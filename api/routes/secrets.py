@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CallerDep, CtxDep
-from registry import secrets as secrets_service
+from registry import team_secrets as secrets_service
 from registry.models import TeamSecret
 from registry.teams import Actor
 

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CallerCache, CallerDep, CtxDep
 from api.schemas import NAME_PATTERN
 from envs.kit.errors import ForbiddenError
-from registry import service as registry_service
-from registry.service import MAX_TOKEN_LIFE, TokenInfo
+from registry import users as registry_service
 from registry.teams import team_names_of
+from registry.users import MAX_TOKEN_LIFE, TokenInfo
 
 router = APIRouter(tags=["tokens"])
 

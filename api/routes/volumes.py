@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CallerDep, CtxDep
-from runner.mounts.volumes import VolumeInfo
+from runner.mounts.named_volumes import VolumeInfo
 
 router = APIRouter(prefix="/volumes", tags=["volumes"])
 

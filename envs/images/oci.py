@@ -1,6 +1,6 @@
 """OCI image configuration and manifest of a child image, as plain data (no engine).
 
-A save made inside a runtime (``runner/insave.py``) writes its image itself: the configuration
+A save made inside a runtime (``runner/saves/insave.py``) writes its image itself: the configuration
 is the parent's own (read from the registry) with the trusted ``Config`` of
 ``envs.images.config.child_config``, the parent's ``rootfs.diff_ids`` and ``history`` plus the new
 layer's; the manifest lists the parent's layers as the registry holds them and the new one, and

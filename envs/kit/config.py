@@ -166,11 +166,11 @@ class Settings:
     runner_subnet_pool: str = "10.213.0.0/16"
     runner_subnet_prefix: int = 24
     runner_labels: dict[str, str] = field(default_factory=dict)
-    # the warm pool (runner/pool.py): ``REF:MACHINE=N`` entries, e.g. ``python3:small=2,acme/ml:medium=1``;
+    # the warm pool (runner/runtimes/pool.py): ``REF:MACHINE=N`` entries, e.g. ``python3:small=2,acme/ml:medium=1``;
     # and the memory its waiting containers may take at most (their machine types' limits; 0: no cap)
     runner_pool: tuple[tuple[str, str, int], ...] = ()
     runner_pool_memory: int = 0
-    # containers a runtime may attach to (runner/attach.py): ``label:KEY=VALUE`` and ``name:GLOB``
+    # containers a runtime may attach to (runner/runtimes/attach.py): ``label:KEY=VALUE`` and ``name:GLOB``
     # rules, e.g. ``label:envctl.attach=yes,name:data-*``; empty: none
     runner_attach_allow: tuple[tuple[str, str], ...] = ()
     # the host's CUDA installations (``cuda-<version>`` folders) a GPU runtime may have mounted
@@ -200,13 +200,13 @@ class Settings:
     # refuses images of more than 128 layers): 2 to 120.
     save_compact_at_layers: int = 100
     # where a save's layer is made: ``host`` (the engine's storage on this host) or ``runtime``
-    # (the agent streams it, envctl writes it into the registry: runner/insave.py)
+    # (the agent streams it, envctl writes it into the registry: runner/saves/insave.py)
     save_path: str = "host"
     # runtime mounts (runner/mounts/): git hosts exempt from the public-address rule, S3 endpoint
     mounts_allow_hosts: tuple[str, ...] = ()
     mounts_s3_endpoint_url: str | None = None
     mounts_s3_region: str = "us-east-1"
-    # imports from another envctl server (runner/imports.py): its hosts, and its registry's,
+    # imports from another envctl server (runner/transfers/imports.py): its hosts, and its registry's,
     # exempt from the public-address rule (envs/kit/hosts.py)
     import_allow_hosts: tuple[str, ...] = ()
     # the Swarm backend (runner/backends/swarm.py): the manager's Docker API ("": DOCKER_HOST), the
@@ -357,7 +357,7 @@ MAX_POOL_PER_ENTRY = 32
 def _pool(v: Any) -> tuple[tuple[str, str, int], ...]:
     """``REF:MACHINE=N`` entries separated by ``,``: the reference may hold a ``:`` of its own
     (a tag), the machine type is what follows the last one. Checked for shape here; the
-    reference and the machine type are checked when the runner starts (runner/pool.py)."""
+    reference and the machine type are checked when the runner starts (runner/runtimes/pool.py)."""
     items = v if isinstance(v, list | tuple) else str(v or "").split(",")
     out: list[tuple[str, str, int]] = []
     for raw in items:

@@ -1,5 +1,5 @@
 """Start a kernel inside an attached container with no more than the container's own process
-has (runner/attach.py): ``confine.py PID -- COMMAND...`` (stdlib only; run as root on the host).
+has (runner/runtimes/attach.py): ``confine.py PID -- COMMAND...`` (stdlib only; run as root on the host).
 
 In order: the cgroup.procs files of every cgroup of process PID (the container's init, read
 from /proc/PID/cgroup and this host's cgroup mounts, v1 hierarchies and v2) are opened; the

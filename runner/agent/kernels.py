@@ -42,7 +42,7 @@ AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def command_override(variable: str) -> list[str] | None:
     """A kernel's command from the agent's own environment (a JSON list), for an agent that
-    runs beside a container it was attached to (runner/attach.py) and starts its kernels
+    runs beside a container it was attached to (runner/runtimes/attach.py) and starts its kernels
     inside it; None: the usual command."""
     raw = os.environ.get(variable)
     if not raw:

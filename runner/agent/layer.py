@@ -1,7 +1,7 @@
 """A save's layer made inside the runtime: what changed, walked and streamed as a tar (stdlib only).
 
 A runtime on another machine has no host whose storage driver envctl could read, so the agent
-finds what changed itself and streams it to envctl as one OCI layer (``runner/insave.py`` takes
+finds what changed itself and streams it to envctl as one OCI layer (``runner/saves/insave.py`` takes
 it from there: scan, hash, upload). What changed is judged against what the version held:
 
 - **The index.** Right after the agent starts, a background thread walks the filesystem once and

@@ -48,13 +48,13 @@ LABEL_MANAGED = "envctl.managed"
 LABEL_ENVIRONMENT = "envctl.environment"
 LABEL_MACHINE = "envctl.machine-type"
 LABEL_GPU_KIND = "envctl.gpu-kind"
-LABEL_POOL = "envctl.pool"  # a container of the warm pool (runner/pool.py), claimed or not
+LABEL_POOL = "envctl.pool"  # a container of the warm pool (runner/runtimes/pool.py), claimed or not
 
 # Where things are inside a runtime container.
 AGENT_MOUNT = "/opt/envctl/agent"
 STATE_MOUNT = "/run/envctl"
 RESULTS_MOUNT = "/results"  # <state dir>/results on the host
-SECRETS_MOUNT = "/run/secrets"  # a tmpfs the agent writes the runtime's secrets into (runner/secrets.py)
+SECRETS_MOUNT = "/run/secrets"  # a tmpfs the agent writes the runtime's secrets into (runner/runtimes/secret_uses.py)
 AGENT_SOCKET = "agent.sock"
 AGENT_CREDENTIAL = "agent.key"  # a tcp channel's credential, read once by the agent at start
 AGENT_PORT = 7600  # a tcp channel's port on the runtime's address (runner/agent/handshake.py PORT)
@@ -137,7 +137,7 @@ class Change:
 def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
     """Whether a path counts as changed after a save taken at ``saved_at_ns`` (the runtime's
     ``change_baseline``; 0: no save since boot, everything counts), the rule the list of
-    changes (``runner/changes.py``) and a save's layer (``overlay.plan_layer``) share.
+    changes (``runner/saves/changes.py``) and a save's layer (``overlay.plan_layer``) share.
 
     A save records a moment at which the container was paused and nothing of the save touched
     its files any more (the backend's ``SavedLayer.saved_at_ns``, else the time just before the
@@ -152,7 +152,7 @@ def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
 
 
 class LayerObserver(Protocol):
-    """What a save's layer maker asks about each entry (``runner.scan.SaveFilter``)."""
+    """What a save's layer maker asks about each entry (``runner.saves.scans.SaveFilter``)."""
 
     def cache_of(self, path: str) -> str | None:
         """The cache directory ``path`` lies inside when the save leaves it out, else None."""
@@ -197,7 +197,7 @@ class FoundContainer:
 
 @dataclass(frozen=True)
 class OtherContainer:
-    """A container envctl did not start, as ``inspect_other`` finds it (runner/attach.py)."""
+    """A container envctl did not start, as ``inspect_other`` finds it (runner/runtimes/attach.py)."""
 
     id: str
     name: str
@@ -214,7 +214,7 @@ class RuntimeBackend(abc.ABC):
 
     name: ClassVar[str]
     #: saves and drafts are made inside the runtime and written into the registry
-    #: (``runner/insave.py``): a backend whose runtimes have no filesystem on this host
+    #: (``runner/saves/insave.py``): a backend whose runtimes have no filesystem on this host
     saves_in_runtime: ClassVar[bool] = False
     channels: ClassVar[tuple[str, ...]] = ("unix",)  # the agent channels it can start runtimes with
     #: runtimes' images are pulled by the nodes from envctl's registry: ``RuntimeSpec.image`` is

@@ -23,7 +23,8 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
-from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets, volumes
+from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets
+from runner.backends import docker_volumes as volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
@@ -191,7 +192,7 @@ class DockerBackend(RuntimeBackend):
             )
         return options
 
-    # named volumes of runtime mounts: runner/backends/volumes.py
+    # named volumes of runtime mounts: runner/backends/docker_volumes.py
     def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
         volumes.ensure(self.client, name, {**self.labels, **labels, LABEL_MANAGED: "volume"})
 

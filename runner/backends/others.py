@@ -1,4 +1,4 @@
-"""Containers envctl did not start, read through the Docker SDK (runner/attach.py): inspect
+"""Containers envctl did not start, read through the Docker SDK (runner/runtimes/attach.py): inspect
 only; nothing here changes them."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ since they were stored), then each is made ready, the runtime's phase going from
 - s3: the prefix's objects from the ETag-aware cache (runner/mounts/s3.py), bound read-only,
   or a copy of the runtime's own, read-write, when written back on stop;
 - volume: the installation's Docker volume for the owner's named volume, made when missing
-  (runner/mounts/volumes.py names it);
+  (runner/mounts/named_volumes.py names it);
 
 and what was mounted (the commit; the ETags; the volume) is returned, to be kept on the runtime and
 copied onto every execution.
@@ -23,9 +23,9 @@ from envs.kit.config import Settings
 from runner.backends.base import MountBind, RuntimeBackend
 from runner.mounts.errors import MountFetchError
 from runner.mounts.git import GitCache
+from runner.mounts.named_volumes import volume_labels, volume_name
 from runner.mounts.s3 import S3Cache
 from runner.mounts.validate import GitMount, Mount, S3Mount, VolumeMount, check_mounts, from_json
-from runner.mounts.volumes import volume_labels, volume_name
 
 Report = Callable[[str, tuple[int, int] | None], None]  # (phase, (bytes done, bytes to fetch) or None)
 PREPARING = "preparing-download"

@@ -10,7 +10,7 @@ A mount is a map with a ``type`` and a ``target`` (an absolute directory of the 
 - ``{"type": "s3", "bucket": "data", "prefix": "raw/", "target": "/data", "writeback": false}``;
 - ``{"type": "volume", "name": "acme/home-data", "target": "/home/data", "read_only": false}``:
   a named volume, the team's (``TEAM/NAME``) or the runtime owner's own (``NAME``)
-  (runner/mounts/volumes.py).
+  (runner/mounts/named_volumes.py).
 
 Targets are normalised (``//`` and a trailing ``/`` dropped); ``..``, ``.``, NUL and control
 characters are refused, as are ``/``, the system's directories (``/proc``, ``/etc``, ``/usr``…),

@@ -23,7 +23,7 @@ from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
-from registry import service as registry_service
+from registry import users as registry_service
 from runner.backends.base import RuntimeBackend
 from runner.backends.fake import FakeBackend
 from runner.models import Runtime

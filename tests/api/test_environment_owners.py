@@ -19,7 +19,7 @@ import pytest
 
 from envs import archive
 from envs.kit.config import Settings
-from registry import service as registry_service
+from registry import users as registry_service
 from runner.backends.base import BackendState, RuntimeSpec
 from runner.backends.fake import FakeBackend
 from tests.api.conftest import PYTHON_IMAGE, ApiHarness, AppFactory

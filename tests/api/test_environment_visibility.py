@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from api.cli import lineage_lines
 from envs.models import EnvironmentVersion
 from envs.spec import FIELDS as SPEC_FIELDS
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.prepull import Prepuller
 from runner.models import Operation
 from tests.api.conftest import ApiHarness, AppFactory

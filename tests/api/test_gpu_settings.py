@@ -9,7 +9,7 @@ import pytest
 
 from envs.kit.config import Settings
 from runner.backends.base import CUDA_MOUNT
-from runner.machines import cuda_versions
+from runner.runtimes.machines import cuda_versions
 from tests.api.conftest import ApiHarness, AppFactory
 
 

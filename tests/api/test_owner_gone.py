@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import delete
 
 from envs.service import NewVersion, Writer, register_version
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.models import User
 from tests.api.conftest import ApiHarness
 

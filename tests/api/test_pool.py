@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from envs.kit.errors import InvalidInputError
 from runner.models import PoolEntry, Runtime
-from runner.pool import Pool
+from runner.runtimes.pool import Pool
 from tests.api.conftest import ApiHarness, AppFactory
 
 POOL = (("python3", "small", 2),)

@@ -14,7 +14,7 @@ from envs.kit.config import Settings
 from envs.service import NewVersion, register_version
 from runner.backends.fake import FakeBackend
 from runner.models import Runtime
-from runner.states import State, can_transition
+from runner.runtimes.states import State, can_transition
 from tests.api.conftest import FINAL_STATES, ApiHarness, AppFactory
 
 

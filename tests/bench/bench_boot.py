@@ -29,9 +29,9 @@ from envs.base import build as base_images
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import register_base_images
-from registry.service import create_user
+from registry.users import create_user
 from runner.backends.docker import DockerBackend
-from runner.states import State
+from runner.runtimes.states import State
 from tests.bench.networks import remove_networks
 from tests.bench.stats import report
 from tests.fixtures.server import Server, prepare_data_dir

@@ -73,7 +73,7 @@ def _stream(client: httpx.Client, url: str, total: int) -> float:
 def _fresh_pings(srv: Server, rid: str, n: int) -> list[float]:
     """A ping on a new connection, as envctl makes it (an interrupt, a stat, a boot's wait)."""
     from envs.kit.db import Database
-    from registry.secrets import SecretBox
+    from registry.team_secrets import SecretBox
     from runner.agentauth import AgentLinks
     from runner.channel import ping
     from runner.models import Runtime

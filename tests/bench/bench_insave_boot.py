@@ -1,7 +1,7 @@
 """What the boot's wait for the agent's index costs on the in-runtime save path (issue 15 item 2).
 
 On ``ENVCTL_SAVE_PATH=runtime`` the boot waits, after the agent's first answer, until the agent
-has indexed the runtime's filesystem (``runner/drafts.py`` ``wait_index``), so a deletion made
+has indexed the runtime's filesystem (``runner/saves/drafts.py`` ``wait_index``), so a deletion made
 right after ``running`` is never missed. Through the public HTTP API: runtimes on ``bash`` booted
 one after another on an installation of each path, the boot's ``boot_ms`` and ``index_wait_s``
 read from its ``agent-answered`` log entry; medians and the ratio of the boot medians.

@@ -24,7 +24,7 @@ import docker
 from envs.images.config import CONFIG_KEYS
 from envs.kit.config import DEFAULT_SAVE_CACHES
 from runner.backends.docker import DockerBackend
-from runner.scan import CacheRules, SaveFilter
+from runner.saves.scans import CacheRules, SaveFilter
 from tests.bench.bench_save import LABEL, _cell, _save
 from tests.bench.networks import remove_networks
 from tests.bench.stats import report

@@ -15,9 +15,10 @@ from envs.kit.clock import utcnow
 from envs.kit.db import Database, HotStatement
 from envs.kit.errors import DatabaseUnavailableError
 from envs.service import NewVersion, register_version
-from registry.service import create_user
-from runner import cellstore, records
+from registry.users import create_user
+from runner.cells import store as cellstore
 from runner.models import Execution, ExecutionOutput, Runtime
+from runner.runtimes import store as records
 from tests.fixtures.services import PostgresCluster
 
 

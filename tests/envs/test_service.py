@@ -266,7 +266,7 @@ def test_timestamps_come_back_timezone_aware(db: Database) -> None:
 
 def writers(db: Database) -> tuple[Writer, Writer, Writer]:
     """Alice and Bob (ordinary users) and an admin, as writers of environments."""
-    from registry.service import create_user
+    from registry.users import create_user
 
     with db.session() as s:
         ids = [create_user(s, name, is_admin=name == "root").id for name in ("alice", "bob", "root")]

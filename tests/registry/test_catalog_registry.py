@@ -20,7 +20,7 @@ from api.startup import Services
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.teams import Actor, create_team
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.registry import Image, RegistryClient, digest_of, start_registry

@@ -11,7 +11,7 @@ import pytest
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
 from registry import catalog, events
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.errors import RegistryUnavailableError
 from registry.prepull import Prepuller
 from registry.teams import Actor, create_team

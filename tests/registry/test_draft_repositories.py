@@ -10,7 +10,7 @@ import pytest
 from envs.kit.errors import ConflictError
 from registry import drafts
 from registry.tokenserver import Requester, allowed_actions, parse_scope
-from runner.insave import check_depth
+from runner.saves.insave import check_depth
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError
 from envs.service import NewVersion, register_version
-from registry import service as registry_service
 from registry import upstream
+from registry import users as registry_service
 from registry.errors import NotPushedError, UpstreamError, UpstreamRefusedError
 from registry.teams import Actor, create_team
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401

@@ -29,8 +29,8 @@ from api.startup import Services
 from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
-from registry import service as registry_service
 from registry import signing, tokenserver
+from registry import users as registry_service
 from registry.distribution import ISSUER, SERVICE, ManagedRegistry, signing_key
 from registry.teams import Actor, add_member, create_team
 from tests.conftest import TEST_LABEL, TEST_SESSION

@@ -11,9 +11,9 @@ import pytest
 from api import dbschema
 from envs.kit.db import Database
 from envs.kit.errors import ForbiddenError
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.errors import SecretKeyError, SecretNotFoundError, TeamNotFoundError
-from registry.secrets import SecretBox, delete_secret, list_secrets, put_secret
+from registry.team_secrets import SecretBox, delete_secret, list_secrets, put_secret
 from registry.teams import Actor, create_team
 
 VALUE = "store-S3cret-value"

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from envs.kit.clock import utcnow
-from registry import service as registry_service
+from registry import users as registry_service
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
 from tests.api.test_errors_and_auth import assert_envelope
 

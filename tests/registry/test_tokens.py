@@ -1,4 +1,4 @@
-"""Users and API tokens (registry/service.py) on SQLite and PostgreSQL."""
+"""Users and API tokens (registry/users.py) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from envs.kit.clock import utcnow
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError, UnauthorizedError
-from registry import service
+from registry import users as service
 from registry.models import ApiToken, User
 
 

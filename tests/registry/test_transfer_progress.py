@@ -13,11 +13,11 @@ import pytest
 from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.models import EnvironmentVersion
-from registry import service as registry_service
+from registry import users as registry_service
 from registry.errors import TransferError
-from registry.transfer import Progress, target_of
+from registry.image_transfer import Progress, target_of
 from runner.backends.docker import DockerBackend
-from runner.transfers import push_after_save, pushed_text
+from runner.transfers.pushpull import push_after_save, pushed_text
 from tests.api.conftest import ApiHarness, api, make_api, prepared_settings  # noqa: F401
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import _free_port

@@ -14,7 +14,7 @@ from envs.kit.clock import utcnow
 from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
-from registry.service import create_user
+from registry.users import create_user
 from runner.backends import netguard
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend
 from runner.backends.fake import FakeBackend

@@ -19,7 +19,7 @@ import pytest
 from envs.kit.config import load_settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, InvalidInputError
-from registry.secrets import SecretBox
+from registry.team_secrets import SecretBox
 from runner.agent import handshake
 from runner.agentauth import AgentLinks, Credential, hand_over, make_credential
 from runner.backends.fake import FakeBackend

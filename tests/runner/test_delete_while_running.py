@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from envs.kit.db import Database
+from runner.runtimes.states import State
 from runner.service import RunnerService
-from runner.states import State
 from tests.runner.conftest import seed
 
 Make = Callable[..., RunnerService]

@@ -154,7 +154,7 @@ def test_an_archive_that_would_add_to_another_users_environment_is_refused_befor
             docker.images.remove(second, force=True)  # only the archive has it now
 
     from envs.kit.db import Database
-    from registry.service import create_user, issue_token
+    from registry.users import create_user, issue_token
 
     db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
     with db.session() as s:
@@ -208,7 +208,7 @@ def test_an_export_stops_its_lineage_above_a_version_its_reader_may_not_see(
 
 def _user_client(server: Server, name: str) -> httpx.Client:
     from envs.kit.db import Database
-    from registry.service import create_user, issue_token
+    from registry.users import create_user, issue_token
 
     db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
     with db.session() as s:

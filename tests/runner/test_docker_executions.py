@@ -444,7 +444,7 @@ def test_executions_of_another_user_are_invisible(server: Server) -> None:
     other = os.environ.get("ENVCTL_TEST_OTHER_TOKEN")
     if other is None:
         from envs.kit.db import Database
-        from registry.service import create_user, issue_token
+        from registry.users import create_user, issue_token
 
         db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
         with db.session() as s:

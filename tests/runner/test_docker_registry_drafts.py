@@ -1,6 +1,6 @@
 """Drafts through the registry (issue 15 item 2): on the in-runtime save path a stop's unsaved
 changes are streamed by the agent into ``envctl-drafts/<runtime id>``, and the next boot, on
-whichever node, pulls them by digest (runner/drafts.py, registry/drafts.py).
+whichever node, pulls them by digest (runner/saves/drafts.py, registry/drafts.py).
 
 One ``envctl serve`` with ``ENVCTL_SAVE_PATH=runtime``, the TCP agent channel (as on a cluster)
 and its managed registry. The engine never holds the draft before the boot pulls it.

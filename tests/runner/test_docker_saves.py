@@ -17,7 +17,7 @@ import pytest
 from envs.images import docker as engine
 from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend
-from runner.imageconfig import CONFIG_KEYS
+from runner.saves.imageconfig import CONFIG_KEYS
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
@@ -407,7 +407,7 @@ def test_a_commit_takes_the_trusted_template_and_refuses_config_the_container_wo
 def _user_client(server: Server, name: str) -> httpx.Client:
     """A client of ``server`` for a new ordinary user ``name``."""
     from envs.kit.db import Database
-    from registry.service import create_user, issue_token
+    from registry.users import create_user, issue_token
 
     db = Database(f"sqlite:///{server.data_dir / 'envctl.db'}")
     with db.session() as s:

@@ -21,8 +21,8 @@ from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend
+from runner.runtimes.states import State
 from runner.service import RunnerService
-from runner.states import State
 from tests.runner.conftest import crash, seed
 
 

@@ -75,8 +75,8 @@ def test_a_save_and_a_draft_of_a_gpu_runtime_carry_nothing_of_its_gpus_or_cuda_m
     import json
     import tarfile
 
-    from runner.imageconfig import trusted_config
-    from runner.scan import SaveFilter
+    from runner.saves.imageconfig import trusted_config
+    from runner.saves.scans import SaveFilter
 
     image = base_image(docker, "python3")
     backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})  # its helpers' labels too

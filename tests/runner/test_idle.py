@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from runner.idle import decide, effective_timeout
+from runner.runtimes.idle import decide, effective_timeout
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

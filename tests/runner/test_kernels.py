@@ -10,8 +10,8 @@ import base64
 from collections.abc import Callable
 
 from envs.kit.db import Database
+from runner.runtimes.states import State
 from runner.service import RunnerService
-from runner.states import State
 from tests.runner.conftest import seed
 
 

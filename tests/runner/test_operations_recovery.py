@@ -97,7 +97,7 @@ def test_finished_operations_are_not_touched_again(make_runner: Make, runner_db:
 def test_a_save_that_fails_after_its_snapshot_removes_the_snapshot(make_runner: Make, runner_db: Database) -> None:
     """A save refused when it comes to record its version (here: the environment became
     someone else's meanwhile) leaves no image behind."""
-    from registry.service import create_user
+    from registry.users import create_user
 
     owner = seed(runner_db)
     svc = make_runner()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runner.backends import overlay
-from runner.scan import SaveFilter
+from runner.saves.scans import SaveFilter
 
 
 def _write(root: Path, rel: str, text: str = "x") -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from envs.kit.db import Database
-from registry.service import create_user, issue_token
+from registry.users import create_user, issue_token
 from runner.backends.base import LABEL_POOL, LABEL_RUNNER
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image

@@ -18,7 +18,7 @@ import pytest
 
 from envs.kit.config import Settings, load_settings
 from envs.kit.errors import InvalidInputError, ServiceUnavailableError
-from runner.results import (
+from runner.cells.result_files import (
     CHUNK_SIZE,
     LocalStore,
     ResultChangedError,
@@ -183,7 +183,7 @@ def test_scan_stops_at_max_files_and_says_so(tmp_path: Path, caplog: pytest.LogC
     for i in range(7):
         write(tmp_path / f"f{i}.txt", str(i).encode(), OLD)
 
-    with caplog.at_level(logging.WARNING, logger="runner.results"):
+    with caplog.at_level(logging.WARNING, logger="runner.cells.result_files"):
         index, changed = scan(tmp_path, max_files=5)
 
     assert len(index) == 5 and len(changed) == 5

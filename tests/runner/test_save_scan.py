@@ -14,9 +14,9 @@ import pytest
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError
 from envs.models import EnvironmentVersion
-from runner.scan import CacheRules, SaveFilter, SecretScan, check_allowed
+from runner.runtimes.states import State
+from runner.saves.scans import CacheRules, SaveFilter, SecretScan, check_allowed
 from runner.service import RunnerService
-from runner.states import State
 from tests.runner.conftest import seed
 
 Make = Callable[..., RunnerService]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from envs.images.rewrite import ChunkReader
-from runner.scan import secret_forms
+from runner.saves.scans import secret_forms
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.runner.conftest import remove_runner_containers, start_server

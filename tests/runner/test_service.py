@@ -20,8 +20,8 @@ from runner.channel import ping
 from runner.errors import RuntimeStateError
 from runner.identity import RunnerIdentity
 from runner.paths import AGENT_DIR
+from runner.runtimes.states import State, can_transition
 from runner.service import RunnerService, RuntimeChanges
-from runner.states import State, can_transition
 from tests.runner.conftest import Clock, crash, identity_labels, identity_of, seed
 
 Make = Callable[..., RunnerService]
@@ -475,7 +475,7 @@ def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanish
     """CI once caught this: a housekeeping round read the row as ``booting`` right after the
     start committed, before the boot was counted in flight, found no container yet, and put the
     runtime in error as "container gone". The boot is now claimed before the state changes."""
-    from runner import reconcile
+    from runner.runtimes import reconcile
 
     owner = seed(runner_db)
     svc = make_runner()
@@ -498,7 +498,7 @@ def test_a_reconcile_round_racing_a_start_never_calls_the_booting_runtime_vanish
 def test_a_reconcile_plan_made_from_an_older_row_state_is_not_applied(make_runner: Make, runner_db: Database) -> None:
     """A plan that saw ``booting`` and no container must not turn a runtime that has since
     finished booting into an error."""
-    from runner import reconcile
+    from runner.runtimes import reconcile
 
     owner = seed(runner_db)
     svc = make_runner()
@@ -515,7 +515,7 @@ def test_a_plan_that_took_a_runtimes_new_container_for_a_leftover_removes_nothin
     """Rows are read before the containers are listed: a runtime created or started in between
     owns a container that the plan calls an orphan (no row yet) or a leftover (the row said
     stopped). Looked at again before anything is removed, it is kept."""
-    from runner import reconcile
+    from runner.runtimes import reconcile
 
     owner = seed(runner_db)
     backend = FakeBackend()

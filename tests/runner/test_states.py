@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.states import TRANSITIONS, State, can_transition, sources_of
+from runner.runtimes.states import TRANSITIONS, State, can_transition, sources_of
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from envs.kit.db import Database
-from registry.secrets import SecretBox
+from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
 from runner.channel import AgentAddress, AgentChannel, AgentUnavailableError
 from runner.models import Runtime

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from envs.kit.db import Database
-from registry import service as registry_service
+from registry import users as registry_service
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import base_image, need
