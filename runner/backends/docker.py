@@ -496,7 +496,7 @@ class DockerBackend(RuntimeBackend):
     def kernelspecs(self, image: str) -> list[dict[str, str]]:
         """The image's Jupyter kernelspecs, read without running anything (``kernelspec_files``)."""
         return kernelspec_files.read_from_image(
-            self.client.api,
+            lambda: self.client.api,
             image,
             labels={**self.labels, LABEL_MANAGED: "kernelspecs"},
             cacheable=_IMAGE_ID_RE.fullmatch(image) is not None,

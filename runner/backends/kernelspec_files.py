@@ -80,15 +80,17 @@ _cache_lock = threading.Lock()
 
 
 def read_from_image(
-    api: Any, image: str, *, labels: dict[str, str], cacheable: bool, remove: Callable[[str], None]
+    engine: Callable[[], Any], image: str, *, labels: dict[str, str], cacheable: bool, remove: Callable[[str], None]
 ) -> list[dict[str, str]]:
     """The kernel.json files under KERNELSPEC_DIRS, read from a container created from the
-    image and never started (carrying ``labels``), removed afterwards with ``remove``."""
+    image and never started (carrying ``labels``), removed afterwards with ``remove``.
+    ``engine`` gives the Docker API client; it is not asked for an image id read before."""
     if cacheable:
         with _cache_lock:
             cached = _cache.get(image)
         if cached is not None:
             return [dict(k) for k in cached]
+    api = engine()
     try:
         holder = api.create_container(image, command=["true"], labels=labels, network_disabled=True)["Id"]
     except docker.errors.ImageNotFound as exc:
