@@ -251,9 +251,12 @@ class CellWorkers:
                     elif kind == "output":
                         sink.add(int(event["index"]), event["output"])
                     elif kind == "done":
-                        self.finish(
-                            view, str(event.get("status", "ok")), event.get("execution_count"), event, sink=sink
-                        )
+                        status = str(event.get("status", "ok"))
+                        if status == "error" and self._retiring(view.runtime_id):
+                            # the delete's stop killed the kernel under the cell: say why it ended
+                            self.finish(view, "error", None, {}, error=("RuntimeStopped", DELETED), sink=sink)
+                        else:
+                            self.finish(view, status, event.get("execution_count"), event, sink=sink)
                         # stored: the agent may forget it, told with the next cell (or on leaving)
                         self._acks[view.runtime_id] = view.id
                         return

@@ -27,7 +27,8 @@ def test_the_nodes_view_shows_the_engine_its_health_capacity_and_runtimes(browse
         assert "ready / active" in row.locator("td.health").inner_text()
         assert "CPU" in row.inner_text()
         page.wait_for_selector(f"table.nodes td.runs a[href='#/runtimes/{rt['id']}']", timeout=TIMEOUT)
-        assert row.locator("td.runs").inner_text().strip().startswith("on-node")
+        # the server is shared by the module's tests: other runtimes may run on the node too
+        assert "on-node" in [name.strip() for name in row.locator("td.runs").inner_text().split(",")]
         browser.shot("nodes")
         page.click(f"table.nodes td.runs a[href='#/runtimes/{rt['id']}']")
         page.wait_for_selector("#runtime-name")
