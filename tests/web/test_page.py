@@ -58,12 +58,15 @@ def open_runtime(b: Browser, rt: dict[str, Any]) -> None:
 def run_cell(b: Browser, code: str, language: str = "python") -> Any:
     """Type a cell and run it with Shift-Enter; returns the new cell's element."""
     page = b.page
+    # the console's first listing of earlier cells must be in before counting, or it is taken for the new cell
+    page.wait_for_selector("#cells[data-loaded=true]", state="attached", timeout=TIMEOUT)
     before = page.locator("#cells article.cell").count()
     page.select_option("#language", language)
     page.fill("#code", code)
     page.press("#code", "Shift+Enter")
     page.wait_for_function("n => document.querySelectorAll('#cells article.cell').length > n", arg=before)
-    return page.locator("#cells article.cell").first
+    new_id = page.locator("#cells article.cell").first.get_attribute("data-id")
+    return page.locator(f"#cells article.cell[data-id='{new_id}']")
 
 
 def finished(cell: Any) -> str:
@@ -161,6 +164,7 @@ def test_an_error_cell_shows_its_traceback(browser: Browser, api: httpx.Client, 
     open_runtime(browser, demo)
     cell = run_cell(browser, "def f():\n    return 1 / 0\n\nf()")
     assert finished(cell) == "error"
+    assert cell.count() == 1  # one card per execution, even when the first listing already held it
     text = cell.locator(".error-output").inner_text()
     assert "ZeroDivisionError" in text and "division by zero" in text
     assert "f()" in text and "\x1b[" not in text  # the traceback, without terminal colours

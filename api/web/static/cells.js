@@ -53,6 +53,7 @@ export function cellConsole(runtime, { onFinished }) {
   const interrupt = h("button", { type: "button", id: "interrupt", disabled: true }, "Interrupt");
   const list = h("div", { class: "cells", id: "cells" });
   const stops = new Set();
+  const shown = new Set(); // execution ids with a card: the first listing and a new cell may both carry one
   let current = null;
 
   function watch(ex, view) {
@@ -89,11 +90,14 @@ export function cellConsole(runtime, { onFinished }) {
     run.disabled = true;
     try {
       const ex = await post(`/runtimes/${runtime.id}/executions`, { code: text, language: language.value });
-      const view = cellCard(ex);
-      list.prepend(view.card);
       current = ex.id;
       interrupt.disabled = false;
-      watch(ex, view);
+      if (!shown.has(ex.id)) {
+        shown.add(ex.id);
+        const view = cellCard(ex);
+        list.prepend(view.card);
+        watch(ex, view);
+      }
     } catch (err) {
       error.textContent = errorText(err);
     } finally {
@@ -119,6 +123,8 @@ export function cellConsole(runtime, { onFinished }) {
   get(`/runtimes/${runtime.id}/executions`)
     .then((executions) => {
       for (const ex of executions) {
+        if (shown.has(ex.id)) continue;
+        shown.add(ex.id);
         const view = cellCard(ex);
         list.append(view.card);
         if (FINAL.has(ex.status)) ex.outputs.forEach((out) => addOutput(view.outputs, out));
@@ -127,6 +133,9 @@ export function cellConsole(runtime, { onFinished }) {
     })
     .catch((err) => {
       error.textContent = errorText(err);
+    })
+    .finally(() => {
+      list.dataset.loaded = "true";
     });
 
   const node = h(
