@@ -28,6 +28,13 @@ MOUNTS_HELP = (
 )
 
 
+LEASE_HELP = (
+    "seconds the runtime lives without its client: the client renews it with POST /runtimes/{id}/lease at "
+    "least that often, else the runtime is stopped and deleted (a running cell does not keep it); "
+    "5 to 86400; not for team runtimes"
+)
+
+
 class AttachSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +61,7 @@ class RuntimeCreate(BaseModel):
     )
     machine_type: str = Field(default="small", min_length=1, max_length=64)
     idle_timeout: int | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds; 0 never")
+    lease: int | None = Field(default=None, ge=5, le=24 * 3600, description=LEASE_HELP)
     env: dict[str, str | SecretRef] = Field(
         default_factory=dict,
         max_length=200,
@@ -129,6 +137,13 @@ class RuntimePatch(BaseModel):
         "them); null for none; needs a reboot",
     )
     mounts: list[Any] | None = Field(default=None, description=MOUNTS_HELP + "; the complete new list, needs a reboot")
+    lease: int | None = Field(
+        default=None,
+        ge=5,
+        le=24 * 3600,
+        description="a new lease length, starting now; null drops the lease (the runtime then stays when its "
+        "client goes). A lease that ran out cannot be changed (409)",
+    )
     next_boot: bool = Field(
         default=False,
         description="while the runtime runs, keep changes that need a reboot for its next boot instead of a 409 "
@@ -142,6 +157,13 @@ class IdleOut(BaseModel):
     reason: str
     last_activity_at: datetime | None
     last_activity: str
+
+
+class LeaseOut(BaseModel):
+    seconds: int = Field(description="the lease's length: how long the runtime lives without a renewal")
+    expires_at: datetime = Field(description="when the runtime is stopped and deleted unless renewed before")
+    renewed_at: datetime | None = Field(description="the client's last heartbeat (or when the lease began)")
+    expired: bool = Field(description="whether it ran out (housekeeping is deleting the runtime)")
 
 
 class RuntimeOut(BaseModel):
@@ -204,6 +226,9 @@ class RuntimeOut(BaseModel):
     )
     node: str | None = Field(
         default=None, description="the cluster node its container runs on (the Swarm backend); null otherwise"
+    )
+    lease: LeaseOut | None = Field(
+        default=None, description="the client's lease (the runtime goes when it runs out); null: none"
     )
     booted_at: datetime | None
     created_at: datetime

@@ -14,6 +14,7 @@ from typing import Any
 from api.schemas import (
     EnvironmentOut,
     IdleOut,
+    LeaseOut,
     LineageStep,
     LogEntryOut,
     MachineTypeOut,
@@ -196,6 +197,14 @@ def _out(rt: Runtime, st: RuntimeStatus) -> RuntimeOut:
         runner_alive=st.runner_alive,
         unreachable=st.unreachable,
         node=str((rt.backend_state or {}).get("node") or "") or None,
+        lease=None
+        if st.lease is None
+        else LeaseOut(
+            seconds=st.lease.seconds,
+            expires_at=st.lease.expires_at,
+            renewed_at=st.lease.renewed_at,
+            expired=st.lease.expired,
+        ),
         booted_at=rt.booted_at,
         created_at=rt.created_at,
         updated_at=rt.updated_at,

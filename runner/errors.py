@@ -26,6 +26,12 @@ class RuntimeOwnedElsewhereError(ConflictError):
     code = "runtime_owned_elsewhere"
 
 
+class LeaseExpiredError(ConflictError):
+    """The runtime's lease ran out: it is being stopped and deleted; nothing renews it now."""
+
+    code = "lease_expired"
+
+
 class RunnerNameInUseError(ConflictError):
     """A live process of the installation already holds this runner name."""
 

@@ -95,6 +95,11 @@ class Runtime(Base):
     # bytes done and total of the download or upload ``phase`` names (a boot fetching mounts or
     # pulling its image, a save pushing): {"done": n, "total": m}; None when none runs
     progress: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # The client's lease (runner/runtimes/leases.py): its length in seconds, when it ends unless
+    # renewed, and when it was last renewed (the client's last heartbeat); all None: no lease
+    lease_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    lease_renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

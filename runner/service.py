@@ -23,8 +23,8 @@ module):
                            behind); the stop worker
 ``runtimes/boot.py``       the boot worker: container up, agent answering, ``running``
 ``runtimes/reconcile.py``  the database made to agree with the engine (pure plan, then actions)
-``runtimes/housekeeping.py``  the loop: reconciliation and idle shutdown (``idle.py``: the
-                           decision)
+``runtimes/housekeeping.py``  the loop: reconciliation, idle shutdown (``idle.py``: the
+                           decision) and runtimes whose client lease ran out (``leases.py``)
 ``cells/store.py``         the cells store, alone writing executions, outputs, result files
 ``cells/executions.py``    cells: submit (numbered in the store), read, follow, interrupt,
                            recover
@@ -87,7 +87,7 @@ from runner.mounts.named_volumes import Volumes
 from runner.mounts.prepare import MountPreparer
 from runner.operations import Operations
 from runner.paths import RuntimePaths
-from runner.runtimes import envvars, idle
+from runner.runtimes import envvars, idle, leases
 from runner.runtimes.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
 from runner.runtimes.attach import Attach, container_of
 from runner.runtimes.boot import Booter
@@ -127,6 +127,7 @@ class RuntimeStatus:
     idle_timeout: int
     unsaved_changes: bool | None
     secrets_outdated: builtins.list[str] = dataclasses.field(default_factory=builtins.list)
+    lease: leases.LeaseStatus | None = None  # the client's lease, if the runtime has one
 
 
 class RunnerService:
@@ -257,6 +258,7 @@ class RunnerService:
             is_busy=executions.is_busy,
             is_saving=snapshots.is_saving,
             acting=lambda: not self.lease.lost.is_set(),
+            delete_runtime=lifecycle.delete,
         )
         self.builds = Builds(
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
@@ -298,7 +300,9 @@ class RunnerService:
         """See ``Runtimes.create`` for the fields."""
         return self.runtimes.create(who, **fields)
 
-    def create_attached(self, who: Who, *, name: str, container: str, team: str | None = None) -> Runtime:
+    def create_attached(
+        self, who: Who, *, name: str, container: str, team: str | None = None, lease: int | None = None
+    ) -> Runtime:
         """A runtime attached to a container envctl did not start (runner/runtimes/attach.py): the
         allow-list is asked first (403 naming its rules), then the runtime is made, stopped."""
         found = self.attach.check(container)
@@ -309,6 +313,7 @@ class RunnerService:
             environment=attach_nominal_environment,
             language="python" if python else "bash",
             team=team,
+            lease=lease,
         )
         self.attach.record(rt.id, found)
         return self.runtimes.get(who, rt.id)
@@ -339,6 +344,14 @@ class RunnerService:
 
     def update(self, who: Who, runtime_id: str, changes: RuntimeChanges) -> Runtime:
         return self.runtimes.update(who, runtime_id, changes)
+
+    def renew_lease(self, who: Who, runtime_id: str) -> Runtime:
+        """The client's heartbeat (runner/runtimes/leases.py)."""
+        return self.runtimes.renew_lease(who, runtime_id)
+
+    def end_leases(self) -> builtins.list[str]:
+        """Stop and delete this runner's runtimes whose lease ran out (housekeeping does it each round)."""
+        return self.housekeeping.end_leases()
 
     def log_entries(self, who: Who, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(who, runtime_id, after)
@@ -411,6 +424,7 @@ class RunnerService:
         saving_elsewhere = self._saving_in_store(others)
         alive = self.liveness.of({rt.runner for rt in rts})
         outdated = self.secrets.outdated(rts)
+        now = self.clock()
         out = []
         for rt in rts:
             mine = rt.runner == self.runner
@@ -434,6 +448,7 @@ class RunnerService:
                     idle_timeout=self._idle_timeout(rt),
                     unsaved_changes=unsaved,
                     secrets_outdated=outdated.get(rt.id, []),
+                    lease=leases.status(rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, now),
                 )
             )
         return out

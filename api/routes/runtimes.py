@@ -11,6 +11,7 @@ from api.deps import CallerDep, CtxDep
 from api.schemas import (
     ChangeOut,
     EnvVarOut,
+    LeaseOut,
     LogEntryOut,
     OperationOut,
     RuntimeCreate,
@@ -70,7 +71,7 @@ async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wa
                     field="attach",
                 )
             return ctx.runner.create_attached(
-                caller.viewer, name=body.name, container=body.attach.container, team=body.team
+                caller.viewer, name=body.name, container=body.attach.container, team=body.team, lease=body.lease
             )
         if body.environment is None:
             raise InvalidInputError("environment: required (or attach a container with `attach`)", field="environment")
@@ -87,6 +88,7 @@ async def create_runtime(body: RuntimeCreate, ctx: CtxDep, caller: CallerDep, wa
             cuda=body.cuda,
             mounts=body.mounts,
             team=body.team,
+            lease=body.lease,
         )
 
     rt = await run_in_threadpool(create)
@@ -136,8 +138,21 @@ def patch_runtime(
         clear_cuda="cuda" in sent and body.cuda is None,
         mounts=body.mounts,
         next_boot=body.next_boot or apply == "next-boot",
+        lease=body.lease,
+        clear_lease="lease" in sent and body.lease is None,
     )
     return runtime_out(ctx.runner, ctx.runner.update(caller.viewer, runtime_id, changes))
+
+
+@router.post("/{runtime_id}/lease", response_model=LeaseOut)
+def renew_lease(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> LeaseOut:
+    """The client's heartbeat: the runtime's lease ends its length from now again. Renew at
+    least every lease length (``envctl run`` does every third of it); once it ran out the
+    runtime is being stopped and deleted, and this is a 409 (``lease_expired``). A running cell
+    does not keep a lease runtime: only its client does. 409 too when the runtime has no lease."""
+    rt = runtime_out(ctx.runner, ctx.runner.renew_lease(caller.viewer, runtime_id))
+    assert rt.lease is not None
+    return rt.lease
 
 
 @router.get("/{runtime_id}/env", response_model=RuntimeEnvOut, response_model_exclude_unset=True)

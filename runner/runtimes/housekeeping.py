@@ -6,6 +6,12 @@ acts on it. Idle shutdown is a stop like any other: the unsaved changes become a
 Before it stops a runtime it decides again on fresh data (the flags first, then the row) and
 the stop applies only while the row's last activity is still the one it decided on, so a cell
 or a save that begins meanwhile always wins (R18, R20).
+
+Each round also ends the runtimes of this runner whose client lease ran out
+(``runner/runtimes/leases.py``): a runner-log line says why (lease expired, the last heartbeat),
+the server's log says it too (the runtime's own log goes with it), and the runtime is deleted as
+``DELETE /runtimes/{id}`` deletes it (container stopped and removed, no draft). A running cell
+does not keep it: a lease is about the client being there. Only the owning runner does this.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from runner.concurrency import Concurrency
 from runner.models import Runtime
-from runner.runtimes import idle
+from runner.runtimes import idle, leases
 from runner.runtimes.reconcile import Reconciler
 from runner.runtimes.states import State
 from runner.runtimes.store import Records
@@ -38,6 +44,7 @@ class Housekeeping:
         is_busy: Callable[[str], bool],
         is_saving: Callable[[str], bool],
         acting: Callable[[], bool],
+        delete_runtime: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.records = records
@@ -47,6 +54,7 @@ class Housekeeping:
         self.is_busy = is_busy
         self.is_saving = is_saving
         self.acting = acting  # False once another process took this runner's name over
+        self.delete_runtime = delete_runtime  # (acting user id, runtime id): Lifecycle.delete
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -74,6 +82,7 @@ class Housekeeping:
             self.reconciler.run()
         except EnvctlError as exc:
             log.warning("reconciliation failed: %s", exc.message)
+        self.end_leases()
         self.shutdown_idle()
 
     # ------------------------------------------------------------------ idle shutdown
@@ -140,3 +149,42 @@ class Housekeeping:
                     stopped.append(candidate.id)
                     submit(self.stop_now, "idle")
         return stopped
+
+    # ------------------------------------------------------------------ leases
+    def end_leases(self) -> list[str]:
+        """Stop and delete every runtime of this runner whose client lease ran out; their ids."""
+        if self.delete_runtime is None:
+            return []
+        ended = []
+        for runtime_id in self.records.expired_leases(self.records.clock()):
+            busy = self.is_busy(runtime_id)
+            with self.records.tx() as s:
+                rt = s.get(Runtime, runtime_id, populate_existing=True, with_for_update=True)
+                st = None if rt is None else leases.status(
+                    rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, self.records.clock()
+                )
+                if rt is None or st is None or not st.expired or rt.runner != self.records.runner:
+                    continue  # renewed or dropped since the listing (a renewal is refused once it ran out)
+                message = leases.expiry_message(st, busy=busy)
+                self.records.log(
+                    s,
+                    runtime_id,
+                    event="lease-expired",
+                    reason="lease-expired",
+                    message=message,
+                    details={
+                        "lease_seconds": st.seconds,
+                        "lease_expires_at": st.expires_at.isoformat(),
+                        "last_heartbeat_at": st.renewed_at.isoformat() if st.renewed_at else None,
+                        "busy": busy,
+                    },
+                )
+                owner, name = rt.owner_id, rt.name
+            log.warning("runtime %s (%s): %s", name, runtime_id, message)
+            try:
+                self.delete_runtime(owner, runtime_id)
+            except EnvctlError as exc:  # tried again next round: the lease stays expired
+                log.warning("deleting runtime %s after its lease expired failed: %s", runtime_id, exc.message)
+                continue
+            ended.append(runtime_id)
+        return ended

@@ -30,12 +30,12 @@ from envs.refs import check_name, parse_ref
 from registry import visibility
 from registry.errors import TeamNotFoundError
 from registry.teams import team_names_of
-from runner.errors import RuntimeStateError
+from runner.errors import LeaseExpiredError, RuntimeNotFoundError, RuntimeStateError
 from runner.models import Runtime
 from runner.mounts.named_volumes import check_mount_access
 from runner.mounts.validate import VolumeMount, check_mounts, from_json
 from runner.mounts.validate import to_json as mounts_json
-from runner.runtimes import envvars, reboot
+from runner.runtimes import envvars, leases, reboot
 from runner.runtimes import secret_uses as secrets
 from runner.runtimes.machines import check_cuda, get_machine_type
 from runner.runtimes.states import State
@@ -64,6 +64,8 @@ class RuntimeChanges:
     clear_cuda: bool = False
     mounts: list[Any] | None = None  # the complete new list (runner/mounts/validate.py); [] removes all
     next_boot: bool = False  # keep changes that need a reboot for the next boot instead of 409
+    lease: int | None = None  # a new lease length, which starts now (runner/runtimes/leases.py)
+    clear_lease: bool = False  # drop the lease: the runtime no longer goes with its client
 
 
 class Runtimes:
@@ -87,7 +89,10 @@ class Runtimes:
         cuda: str | None = None,
         mounts: list[Any] | None = None,
         team: str | None = None,
+        lease: int | None = None,
     ) -> Runtime:
+        """A runtime, stopped; with ``lease`` (seconds) it is stopped and deleted unless its
+        client renews the lease in time (runner/runtimes/leases.py)."""
         owner_id = viewer_of(who).user_id
         check_name(name, "name", "runtime name")
         if team is not None:
@@ -96,6 +101,9 @@ class Runtimes:
         kernel = check_type(type, kernel)
         own_env = envvars.check_env(env or {})
         check_idle_timeout(idle_timeout)
+        if lease is not None:
+            leases.check_lease(lease)
+            leases.check_lease_allowed(team)
         get_machine_type(self.settings, machine_type)
         if cuda is not None:
             check_cuda(self.settings, cuda)
@@ -136,6 +144,9 @@ class Runtimes:
                 backend=self.backend_name,
                 backend_state={},
                 next_seq=0,
+                lease_seconds=lease,
+                lease_expires_at=leases.ends_at(lease, now) if lease is not None else None,
+                lease_renewed_at=now if lease is not None else None,
                 created_at=now,
                 updated_at=now,
             )
@@ -154,6 +165,8 @@ class Runtimes:
         if changes.language is not None:
             check_choice(changes.language, LANGUAGES, "language")
         check_idle_timeout(changes.idle_timeout)
+        if changes.lease is not None:
+            leases.check_lease(changes.lease)
         if changes.machine_type is not None:
             get_machine_type(self.settings, changes.machine_type)
         if changes.cuda is not None:
@@ -177,7 +190,7 @@ class Runtimes:
                 for user_id in {rt.owner_id, viewer_of(who).user_id}:
                     check_mount_access(s, user_id, new_mounts)
                 wanted["mounts"] = new_mounts
-            notes = self._apply_at_once(s, rt, changes)
+            notes = self._apply_lease(rt, changes) + self._apply_at_once(s, rt, changes)
             if wanted:
                 notes += self._apply_reboot_changes(rt, wanted, changes.next_boot)
             if notes:
@@ -186,6 +199,55 @@ class Runtimes:
             s.flush()
             s.expire(rt)
             return self.records.get(s, who, runtime_id)
+
+    def renew_lease(self, who: Who, runtime_id: str) -> Runtime:
+        """The client's heartbeat: the lease ends its length from now again. Whoever sees the
+        runtime may renew it, through any server on the database (it is a write to the row);
+        409 when it has no lease or the lease already ran out (it is being deleted)."""
+        with self.records.tx() as s:
+            rt = self.records.get(s, who, runtime_id, with_version=False)
+            if rt.lease_seconds is None:
+                raise RuntimeStateError(
+                    f"runtime {rt.name!r} has no lease to renew; give it one with PATCH lease: SECONDS",
+                    details={"field": "lease"},
+                )
+            now = self.records.clock()
+            if self.records.renew_lease(s, rt.id, rt.lease_seconds, now) is None:
+                s.expire(rt)
+                if s.get(Runtime, runtime_id) is None:
+                    raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+                raise self._lease_over(rt)
+        with self.records.db.session() as s:
+            return self.records.get(s, who, runtime_id)
+
+    @staticmethod
+    def _lease_over(rt: Runtime) -> LeaseExpiredError:
+        expires_at = rt.lease_expires_at
+        assert expires_at is not None
+        return LeaseExpiredError(
+            leases.expired_error_message(rt.name, expires_at),
+            details={"field": "lease", "lease_expires_at": expires_at.isoformat()},
+        )
+
+    def _apply_lease(self, rt: Runtime, changes: RuntimeChanges) -> list[str]:
+        """A PATCH's lease: a new length (starting now) or none. A lease that ran out is over:
+        changing or dropping it is a 409, as renewing it is."""
+        if changes.lease is None and not changes.clear_lease:
+            return []
+        now = self.records.clock()
+        if rt.lease_expires_at is not None and rt.lease_expires_at <= now:
+            raise self._lease_over(rt)
+        if changes.clear_lease:
+            if rt.lease_seconds is None:
+                return []
+            rt.lease_seconds = rt.lease_expires_at = rt.lease_renewed_at = None
+            return ["lease dropped: the runtime no longer goes with its client"]
+        assert changes.lease is not None
+        leases.check_lease_allowed(rt.team)
+        rt.lease_seconds = changes.lease
+        rt.lease_expires_at = leases.ends_at(changes.lease, now)
+        rt.lease_renewed_at = now
+        return [f"lease -> {changes.lease} s, until {rt.lease_expires_at.isoformat(timespec='seconds')}"]
 
     def _check_mounts(self, mounts: list[Any] | None) -> list[dict[str, Any]]:
         """Mounts checked (R28, R29) before anything is stored; their stored form."""

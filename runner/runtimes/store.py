@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, false, or_, select, update
@@ -364,6 +364,30 @@ class Records:
         """Forget a runtime: its row, and with it (the schema's cascade) its runner log and its
         executions. Called once nothing writes for it any more (see ``Lifecycle.delete``)."""
         s.delete(self.get(s, who, runtime_id, with_version=False))
+
+    @staticmethod
+    def renew_lease(s: Session, runtime_id: str, seconds: int, now: datetime) -> datetime | None:
+        """Move the runtime's lease to end ``seconds`` after ``now``, while it is still held
+        (its end is after ``now``; a compare-and-set, so a renewal never revives a lease that
+        ran out: runner/runtimes/leases.py). The new end, or None when there was none to renew."""
+        until = now + timedelta(seconds=seconds)
+        done = s.execute(
+            update(Runtime)
+            .where(Runtime.id == runtime_id, Runtime.lease_expires_at > now)
+            .values(lease_seconds=seconds, lease_expires_at=until, lease_renewed_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        return until if done == 1 else None
+
+    def expired_leases(self, now: datetime) -> builtins.list[str]:
+        """This runner's runtimes whose lease ended at or before ``now``, the oldest end first."""
+        with self.db.connection() as c:
+            rows = c.execute(
+                select(Runtime.id)
+                .where(Runtime.runner == self.runner, Runtime.lease_expires_at <= now)
+                .order_by(Runtime.lease_expires_at)
+            )
+            return [str(r[0]) for r in rows]
 
     def clear_phase(self, runtime_id: str, phase: str) -> None:
         """End the runtime's ``phase`` (and its progress) if it is still that one."""
