@@ -160,8 +160,10 @@ class Housekeeping:
             busy = self.is_busy(runtime_id)
             with self.records.tx() as s:
                 rt = s.get(Runtime, runtime_id, populate_existing=True, with_for_update=True)
-                st = None if rt is None else leases.status(
-                    rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, self.records.clock()
+                st = (
+                    None
+                    if rt is None
+                    else leases.status(rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, self.records.clock())
                 )
                 if rt is None or st is None or not st.expired or rt.runner != self.records.runner:
                     continue  # renewed or dropped since the listing (a renewal is refused once it ran out)
