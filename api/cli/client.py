@@ -81,6 +81,13 @@ class Api:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
+    def fork(self) -> Api:
+        """Another client of the same server with the same token, with connections of its own
+        (for a thread beside the main one, such as a lease's heartbeat)."""
+        other = Api(self.url, None)
+        other.http.headers.update(self.http.headers)
+        return other
+
     @classmethod
     def connect(cls, url: str | None, token: str | None) -> Api:
         """The server and token from the flags, else ``ENVCTL_URL``/``ENVCTL_TOKEN``, else the

@@ -22,6 +22,7 @@ import click
 from api.cli.cells import await_execution, text
 from api.cli.client import Api
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, CliError
+from api.cli.leases import DEFAULT_LEASE, Heartbeat
 from api.cli.options import Command, client_options
 from api.cli.output import print_json
 
@@ -114,7 +115,13 @@ def _choose_type(api: Api, nb: Any, environment: str, asked: str, kernel: str | 
 
 
 def _create_notebook_runtime(
-    api: Api, path: Path, environment: str, language: str, machine_type: str | None, kind: _RuntimeType
+    api: Api,
+    path: Path,
+    environment: str,
+    language: str,
+    machine_type: str | None,
+    kind: _RuntimeType,
+    lease: int,
 ) -> dict[str, Any]:
     base = runtime_name_for(path)
     taken = {rt["name"] for rt in api.call("GET", "/runtimes")}
@@ -129,6 +136,8 @@ def _create_notebook_runtime(
             body["kernel"] = kind.kernel
         if machine_type:
             body["machine_type"] = machine_type
+        if lease:
+            body["lease"] = lease
         try:
             result: dict[str, Any] = api.call("POST", "/runtimes", json=body)
             return result
@@ -226,7 +235,7 @@ def _prepare(
     out = Path(output) if output else path
     if runtime and (env or machine_type or setup):
         raise CliError(
-            "--env, --machine-type, --type and --kernel set up the runtime that `run` creates; with --runtime "
+            "--env, --machine-type, --type, --kernel and --lease set up the runtime that `run` creates; with --runtime "
             "the notebook runs in that runtime as it is",
             EXIT_BAD_INPUT,
         )
@@ -319,7 +328,14 @@ def _run_cells(
 @click.option("--kernel", metavar="NAME", help="the kernelspec of a jupyter runtime (default: the notebook's)")
 @click.option("--timeout", type=float, metavar="S", help="seconds each cell may run")
 @click.option("-o", "--output", metavar="OUT.ipynb", help="write here instead of in place")
-@click.option("--keep", is_flag=True, help="keep the runtime run created")
+@click.option("--keep", is_flag=True, help="keep the runtime run created (its lease is dropped at the end)")
+@click.option(
+    "--lease",
+    type=int,
+    metavar="S",
+    help=f"seconds the runtime run creates outlives this command if it is killed: renewed every third of it "
+    f"while the cells run, else the server stops and deletes the runtime (default {DEFAULT_LEASE}; 0: no lease)",
+)
 @click.option("--allow-errors", is_flag=True, help="run the cells after a failing one too (the exit code is still 1)")
 @client_options
 def run(
@@ -334,15 +350,20 @@ def run(
     timeout: float | None,
     output: str | None,
     keep: bool,
+    lease: int | None,
     allow_errors: bool,
 ) -> int:
     """Run every code cell of NOTEBOOK in order in a new runtime of the notebook's environment
     (--env, else the notebook's metadata envctl.environment) or in --runtime, write the outputs and
     execution counts back (in place or to -o), record the exact environment version in the
-    metadata, and delete the runtime it created (unless --keep). Stops at the first failing
+    metadata, and delete the runtime it created (unless --keep). The runtime it creates holds a
+    lease (--lease) renewed while it runs, so a killed `run` leaves nothing behind: the server
+    deletes the runtime when the lease runs out, a cell running or not. Stops at the first failing
     cell unless --allow-errors. Exit 0 when every cell ran ok, 1 when one failed, 2 on bad input."""
     path = Path(notebook)
-    plan = _prepare(path, output, env, runtime, machine_type, setup=runtime_type != "auto" or kernel is not None)
+    setup = runtime_type != "auto" or kernel is not None or lease is not None
+    plan = _prepare(path, output, env, runtime, machine_type, setup=setup)
+    lease = DEFAULT_LEASE if lease is None else lease
     quiet = as_json
     if plan.environment is None:
         assert runtime is not None
@@ -350,7 +371,8 @@ def run(
     else:
         kind = _choose_type(api, plan.nb, plan.environment, runtime_type, kernel)
         _say(quiet, f"runtime type: {kind.why}")
-        rt = _create_notebook_runtime(api, path, plan.environment, plan.language, machine_type, kind)
+        rt = _create_notebook_runtime(api, path, plan.environment, plan.language, machine_type, kind, lease)
+    heartbeat = Heartbeat(api, rt["id"], rt["name"], lease).start() if rt.get("lease") else None
     keep = keep or plan.environment is None  # a runtime run did not create is never deleted
     code_cells = sum(1 for cell in plan.nb.cells if cell.cell_type == "code")
     _say(quiet, f"{path.name}: {code_cells} code cells, {plan.language}, in runtime {rt['name']} ({rt['environment']})")
@@ -359,6 +381,13 @@ def run(
         plan.nb.metadata.setdefault("envctl", {})["environment"] = rt["environment"]
         _write_notebook(plan.nb, plan.out)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if keep and heartbeat is not None and heartbeat.lost is None:
+            try:  # kept: it no longer goes with this command
+                api.call("PATCH", f"/runtimes/{rt['id']}", json={"lease": None})
+            except CliError as exc:
+                print(f"envctl: could not drop the lease of runtime {rt['name']}: {exc.message}", file=sys.stderr)
         if not keep:
             try:
                 api.call("DELETE", f"/runtimes/{rt['id']}")

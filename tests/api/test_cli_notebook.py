@@ -242,3 +242,31 @@ def test_run_says_which_runtime_type_it_chose_and_type_overrides(
     assert run(capsys, "runtime", "create", "mine", "--env", "python3", *server.args())[0] == 0
     code, stdout, err = run(capsys, "run", str(src), "--runtime", "mine", "--type", "jupyter", *server.args())
     assert code == 2 and "--type" in err
+
+
+def test_run_holds_a_lease_renewed_while_a_long_cell_runs_and_keep_drops_it(
+    server: Server, capsys: Capsys, tmp_path: Path
+) -> None:
+    """The runtime run creates has a 5 s lease and housekeeping runs every 0.2 s: only the
+    heartbeat (every third of the lease) keeps it through a 7 s cell."""
+    src = _notebook(tmp_path / "slow.ipynb", [_code("import time; time.sleep(7); print('done')")])
+    code, stdout, err = run(capsys, "run", str(src), "--lease", "5", "--keep", "--json", *server.args())
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["status"] == "ok" and "lost" not in err, err
+    kept = api_get(server, f"/runtimes/{report['runtime']['id']}")
+    assert kept["lease"] is None  # dropped at the end: a kept runtime no longer goes with the command
+    assert _read(src).cells[0].outputs[0]["text"] == "done\n"
+
+
+def test_run_without_keep_deletes_its_runtime_and_lease_zero_makes_none(
+    server: Server, capsys: Capsys, tmp_path: Path
+) -> None:
+    src = _notebook(tmp_path / "quick.ipynb", [_code("print(1)")])
+    code, stdout, err = run(capsys, "run", str(src), "--lease", "0", "--keep", "--json", *server.args())
+    assert code == 0, err
+    assert api_get(server, f"/runtimes/{json.loads(stdout)['runtime']['id']}")["lease"] is None
+    code, stdout, err = run(capsys, "run", str(src), "--lease", "3", *server.args())
+    assert code == 2 and "lease" in err, err
+    code, stdout, err = run(capsys, "run", str(src), "--runtime", "quick", "--lease", "30", *server.args())
+    assert code == 2 and "--lease" in err, err
