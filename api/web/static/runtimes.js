@@ -28,6 +28,14 @@ export function progressText(progress) {
   return ` ${bytes(progress.done)} of ${bytes(progress.total)} (${pct}%)`;
 }
 
+// A lease runtime goes when its client stops renewing (runner/runtimes/leases.py): say until when.
+function leaseText(lease) {
+  const at = new Date(lease.expires_at).toLocaleTimeString();
+  return lease.expired
+    ? `lease expired at ${at}: being stopped and deleted`
+    : `deleted at ${at} unless its client renews its ${lease.seconds} s lease (a running cell does not keep it)`;
+}
+
 // When idle shutdown will happen; `full` adds why (the list shows that as a tooltip).
 export function idleText(rt, full = true) {
   if (rt.state !== "running" || !rt.idle) return "";
@@ -89,6 +97,7 @@ function row(rt, report) {
       { class: "name" },
       h("a", { href: `#/runtimes/${encodeURIComponent(rt.id)}` }, rt.name),
       rt.team ? [" ", h("span", { class: "badge team", title: `shared with team ${rt.team}` }, rt.team)] : null,
+      rt.lease ? [" ", h("span", { class: "badge lease", title: leaseText(rt.lease) }, "lease")] : null,
     ),
     h("td", { class: "state" }, stateText(rt), rt.unreachable ? h("div", { class: "muted" }, rt.unreachable) : null),
     h("td", {}, h("a", { href: `#/environments/${encodeURIComponent(rt.environment.split("@")[0])}` }, rt.environment)),
