@@ -406,6 +406,7 @@ def run(
                     "type": rt.get("type"),
                     "kernel": rt.get("kernel"),
                     "deleted": not keep,
+                    "lease": lease if heartbeat is not None else None,
                 },
                 "cells": report,
             }

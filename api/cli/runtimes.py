@@ -57,6 +57,17 @@ def show_runtime(rt: dict[str, Any]) -> None:
         pairs.append(("idle shutdown", f"{when(idle['shutdown_at'])} UTC  ({idle['reason']})"))
     elif rt["state"] == "running":
         pairs.append(("idle shutdown", "not planned"))
+    if rt.get("lease"):
+        lease = rt["lease"]
+        ends = "expired at" if lease["expired"] else "deleted at"
+        pairs.append(
+            (
+                "lease",
+                f"{lease['seconds']} s, last renewed {when(lease['renewed_at'])} UTC; "
+                f"{ends} {when(lease['expires_at'])} UTC unless its client renews it "
+                "(`envctl runtime set --lease none` keeps it)",
+            )
+        )
     pairs.append(("booted", when(rt.get("booted_at"))))
     pairs.append(("created", when(rt["created_at"])))
     fields(pairs)
@@ -246,6 +257,12 @@ def _secret_refs(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--idle-timeout", metavar="S", help="seconds without activity before shutdown (0: never; 'default')")
 @click.option("--cuda", metavar="VERSION", help="host CUDA version for a GPU machine type, or 'none' (reboot)")
 @click.option(
+    "--lease",
+    metavar="S",
+    help="a client lease of S seconds from now (renewed with POST /runtimes/ID/lease, else the runtime is deleted), "
+    "or 'none' to drop it",
+)
+@click.option(
     "--mount",
     "mounts",
     multiple=True,
@@ -271,6 +288,7 @@ def set_(
     machine_type: str | None,
     idle_timeout: str | None,
     cuda: str | None,
+    lease: str | None,
     mounts: tuple[str, ...],
     no_mounts: bool,
     next_boot: bool,
@@ -295,6 +313,13 @@ def set_(
             body["idle_timeout"] = int(idle_timeout)
         else:
             raise CliError(f"--idle-timeout: {idle_timeout[:32]!r} is not whole seconds or 'default'", EXIT_BAD_INPUT)
+    if lease is not None:
+        if lease == "none":
+            body["lease"] = None
+        elif lease.isdigit():
+            body["lease"] = int(lease)
+        else:
+            raise CliError(f"--lease: {lease[:32]!r} is not whole seconds or 'none'", EXIT_BAD_INPUT)
     env: dict[str, Any] = {**_assignments(set_env, "--env"), **_secret_refs(secret_env), **dict.fromkeys(unset_env)}
     if env:
         body["env"] = env

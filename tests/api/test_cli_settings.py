@@ -68,3 +68,21 @@ def test_machine_types_show_the_gpu_kind_and_runtime_set_refuses_a_cuda_version_
     assert code == 2 and "cuda: CUDA '12.2' is not on this host" in err
     code, out, err = run(capsys, "runtime", "set", "gpu", "--cuda", "none", "--json", *server.args())
     assert code == 0 and json.loads(out)["cuda"] is None
+
+
+def test_runtime_set_lease_gives_shows_and_drops_a_lease(server: Server, capsys: Capsys) -> None:
+    args = server.args()
+    assert run(capsys, "runtime", "create", "held", "--env", "python3", *args)[0] == 0
+    code, out, err = run(capsys, "runtime", "set", "held", "--lease", "600", "--json", *args)
+    assert code == 0, err
+    assert json.loads(out)["lease"]["seconds"] == 600
+    code, out, err = run(capsys, "runtime", "show", "held", *args)
+    assert code == 0 and "600 s, last renewed" in out and "unless its client renews it" in out, out
+    code, out, err = run(capsys, "runtime", "set", "held", "--lease", "2", *args)
+    assert code == 2 and "lease" in err, err
+    code, out, err = run(capsys, "runtime", "set", "held", "--lease", "soon", *args)
+    assert code == 2 and "--lease" in err, err
+    code, out, err = run(capsys, "runtime", "set", "held", "--lease", "none", "--json", *args)
+    assert code == 0 and json.loads(out)["lease"] is None, err
+    code, out, err = run(capsys, "runtime", "show", "held", *args)
+    assert "lease" not in out, out
