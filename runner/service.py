@@ -351,7 +351,7 @@ class RunnerService:
 
     def end_leases(self) -> builtins.list[str]:
         """Stop and delete this runner's runtimes whose lease ran out (housekeeping does it each round)."""
-        return self.housekeeping.end_leases()
+        return self.housekeeping.end_leases(wait=True)
 
     def log_entries(self, who: Who, runtime_id: str, after: int = 0) -> builtins.list[RuntimeLogEntry]:
         return self.records.log_entries(who, runtime_id, after)

@@ -151,42 +151,55 @@ class Housekeeping:
         return stopped
 
     # ------------------------------------------------------------------ leases
-    def end_leases(self) -> list[str]:
-        """Stop and delete every runtime of this runner whose client lease ran out; their ids."""
+    def end_leases(self, *, wait: bool = False) -> list[str]:
+        """Stop and delete every runtime of this runner whose client lease ran out, each on the
+        runner's workers (a delete waits for the container to stop; the loop does not); the ids
+        whose delete began. With ``wait``, return once those deletes ended."""
         if self.delete_runtime is None:
             return []
-        ended = []
+        ended, futures = [], []
         for runtime_id in self.records.expired_leases(self.records.clock()):
+            if self.concurrency.in_flight(runtime_id):
+                continue  # a boot, a stop or the delete of an earlier round: the next round sees
             busy = self.is_busy(runtime_id)
-            with self.records.tx() as s:
-                rt = s.get(Runtime, runtime_id, populate_existing=True, with_for_update=True)
-                st = (
-                    None
-                    if rt is None
-                    else leases.status(rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, self.records.clock())
-                )
-                if rt is None or st is None or not st.expired or rt.runner != self.records.runner:
-                    continue  # renewed or dropped since the listing (a renewal is refused once it ran out)
-                message = leases.expiry_message(st, busy=busy)
-                self.records.log(
-                    s,
-                    runtime_id,
-                    event="lease-expired",
-                    reason="lease-expired",
-                    message=message,
-                    details={
-                        "lease_seconds": st.seconds,
-                        "lease_expires_at": st.expires_at.isoformat(),
-                        "last_heartbeat_at": st.renewed_at.isoformat() if st.renewed_at else None,
-                        "busy": busy,
-                    },
-                )
-                owner, name = rt.owner_id, rt.name
-            log.warning("runtime %s (%s): %s", name, runtime_id, message)
-            try:
-                self.delete_runtime(owner, runtime_id)
-            except EnvctlError as exc:  # tried again next round: the lease stays expired
-                log.warning("deleting runtime %s after its lease expired failed: %s", runtime_id, exc.message)
-                continue
-            ended.append(runtime_id)
+            with self.concurrency.claim(runtime_id) as submit:
+                with self.records.tx() as s:
+                    rt = s.get(Runtime, runtime_id, populate_existing=True, with_for_update=True)
+                    st = (
+                        None
+                        if rt is None
+                        else leases.status(
+                            rt.lease_seconds, rt.lease_expires_at, rt.lease_renewed_at, self.records.clock()
+                        )
+                    )
+                    if rt is None or st is None or not st.expired or rt.runner != self.records.runner:
+                        continue  # dropped or deleted since the listing (a renewal is refused once it ran out)
+                    message = leases.expiry_message(st, busy=busy)
+                    self.records.log(
+                        s,
+                        runtime_id,
+                        event="lease-expired",
+                        reason="lease-expired",
+                        message=message,
+                        details={
+                            "lease_seconds": st.seconds,
+                            "lease_expires_at": st.expires_at.isoformat(),
+                            "last_heartbeat_at": st.renewed_at.isoformat() if st.renewed_at else None,
+                            "busy": busy,
+                        },
+                    )
+                    owner, name = rt.owner_id, rt.name
+                log.warning("runtime %s (%s): %s", name, runtime_id, message)
+                futures.append(submit(self._end_lease, owner))
+                ended.append(runtime_id)
+        if wait:
+            for future in futures:
+                future.result()
         return ended
+
+    def _end_lease(self, runtime_id: str, owner: str) -> None:
+        assert self.delete_runtime is not None
+        try:
+            self.delete_runtime(owner, runtime_id)
+        except EnvctlError as exc:  # tried again next round: the lease stays expired
+            log.warning("deleting runtime %s after its lease expired failed: %s", runtime_id, exc.message)

@@ -85,9 +85,11 @@ def test_a_runtime_whose_lease_ran_out_is_stopped_and_deleted_though_a_cell_runs
         time.sleep(0.05)
     assert svc.is_busy(rid)
     seen = _log_before_delete(svc)
-    clock.at = utcnow() + timedelta(seconds=29)
+    expires = svc.get(owner, rid).lease_expires_at
+    assert expires is not None
+    clock.at = expires - timedelta(seconds=1)
     assert svc.end_leases() == []  # not yet
-    clock.at = utcnow() + timedelta(seconds=31)
+    clock.at = expires + timedelta(seconds=1)
     assert svc.end_leases() == [rid]
     with pytest.raises(RuntimeNotFoundError):
         svc.get(owner, rid)
