@@ -56,6 +56,7 @@ class Housekeeping:
         self.acting = acting  # False once another process took this runner's name over
         self.delete_runtime = delete_runtime  # (acting user id, runtime id): Lifecycle.delete
         self._thread: threading.Thread | None = None
+        self._lease_told: dict[str, object] = {}  # runtime id -> the lease end its log line told of
 
     # ------------------------------------------------------------------ the loop
     def start(self) -> None:
@@ -175,21 +176,25 @@ class Housekeeping:
                     if rt is None or st is None or not st.expired or rt.runner != self.records.runner:
                         continue  # dropped or deleted since the listing (a renewal is refused once it ran out)
                     message = leases.expiry_message(st, busy=busy)
-                    self.records.log(
-                        s,
-                        runtime_id,
-                        event="lease-expired",
-                        reason="lease-expired",
-                        message=message,
-                        details={
-                            "lease_seconds": st.seconds,
-                            "lease_expires_at": st.expires_at.isoformat(),
-                            "last_heartbeat_at": st.renewed_at.isoformat() if st.renewed_at else None,
-                            "busy": busy,
-                        },
-                    )
+                    told = self._lease_told.get(runtime_id) == st.expires_at  # a delete that failed, again
+                    self._lease_told[runtime_id] = st.expires_at
+                    if not told:
+                        self.records.log(
+                            s,
+                            runtime_id,
+                            event="lease-expired",
+                            reason="lease-expired",
+                            message=message,
+                            details={
+                                "lease_seconds": st.seconds,
+                                "lease_expires_at": st.expires_at.isoformat(),
+                                "last_heartbeat_at": st.renewed_at.isoformat() if st.renewed_at else None,
+                                "busy": busy,
+                            },
+                        )
                     owner, name = rt.owner_id, rt.name
-                log.warning("runtime %s (%s): %s", name, runtime_id, message)
+                if not told:
+                    log.warning("runtime %s (%s): %s", name, runtime_id, message)
                 futures.append(submit(self._end_lease, owner))
                 ended.append(runtime_id)
         if wait:
@@ -201,5 +206,7 @@ class Housekeeping:
         assert self.delete_runtime is not None
         try:
             self.delete_runtime(owner, runtime_id)
-        except EnvctlError as exc:  # tried again next round: the lease stays expired
+        except EnvctlError as exc:  # tried again next round (said once): the lease stays expired
             log.warning("deleting runtime %s after its lease expired failed: %s", runtime_id, exc.message)
+            return
+        self._lease_told.pop(runtime_id, None)

@@ -13,7 +13,7 @@ import pytest
 
 from envs.kit.clock import utcnow
 from envs.kit.db import Database
-from envs.kit.errors import InvalidInputError
+from envs.kit.errors import BackendError, InvalidInputError
 from registry.teams import Actor, create_team
 from runner.backends.fake import FakeBackend
 from runner.errors import LeaseExpiredError, RuntimeNotFoundError, RuntimeStateError
@@ -190,4 +190,31 @@ def test_the_housekeeping_loop_ends_an_expired_lease_on_its_own(make_runner: Mak
         time.sleep(0.1)
     else:
         raise AssertionError("the runtime outlived its lease")
+    assert _containers(svc, rid) == []
+
+
+def test_a_delete_that_fails_is_tried_again_each_round_and_logged_once(
+    make_runner: Make, runner_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine refusing the stop (a fault made by hand: the fake has no such switch) leaves
+    the runtime for the next round; its runner log says "lease expired" once, not per round."""
+    owner = seed(runner_db)
+    clock = Clock()
+    svc = make_runner(clock=clock)
+    rid = _running(svc, owner, lease=10)
+    real_stop = svc.backend.stop
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise BackendError("the engine did not answer")
+
+    monkeypatch.setattr(svc.backend, "stop", refuse)
+    clock.at = utcnow() + timedelta(seconds=11)
+    for _ in range(3):
+        assert svc.end_leases() == [rid]
+        assert svc.get(owner, rid).id == rid  # still there
+    assert [e.event for e in svc.log_entries(owner, rid)].count("lease-expired") == 1
+    monkeypatch.setattr(svc.backend, "stop", real_stop)
+    assert svc.end_leases() == [rid]
+    with pytest.raises(RuntimeNotFoundError):
+        svc.get(owner, rid)
     assert _containers(svc, rid) == []
