@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 import pytest
 
 from envs.kit.clock import utcnow
+from runner.models import Runtime
 from tests.api.conftest import ApiHarness, AppFactory
+from tests.api.test_pool import POOL, _pool, _run
 
 
 def _when(value: str) -> datetime:
@@ -97,3 +99,26 @@ def test_a_lease_that_ran_out_is_409_and_housekeeping_deletes_the_runtime(make_a
     assert api.runner.end_leases() == [rt["id"]]
     assert api.get(f"/runtimes/{rt['id']}").status_code == 404
     assert api.containers(rt["id"]) == []
+
+
+def test_a_runtime_served_from_the_warm_pool_holds_its_lease_and_goes_with_its_container(
+    make_api: AppFactory,
+) -> None:
+    """Create-and-run with a lease, served from the pool: the claimed container is the
+    runtime's, so it goes when the lease runs out; the pool's waiting containers stay."""
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    _pool(api, 2)
+    rt = _run(api, "pooled", "print('hi')", lease=5)
+    assert rt["origin"] == "pool" and rt["lease"]["seconds"] == 5, rt
+    with api.db.session() as s:
+        row = s.get(Runtime, rt["id"])
+        assert row is not None
+        container, name = dict(row.backend_state)["container_id"], dict(row.backend_state)["container_name"]
+    assert container in api.engine
+    deadline = time.monotonic() + 5 + 10
+    while api.get(f"/runtimes/{rt['id']}").status_code != 404:
+        assert time.monotonic() < deadline, "the pooled runtime outlived its lease"
+        time.sleep(0.1)
+    assert container not in api.engine
+    body = _pool(api, 2)  # refilled with new containers; the claimed one never goes back
+    assert name not in {e["container"] for e in body["entries"]}
