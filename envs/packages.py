@@ -316,7 +316,7 @@ def version_packages(db: Database, ref: str, reader: ImageReader | None, field: 
     with db.session() as s:
         version = envs_service.resolve(s, parsed, field)
         if version.image_id == image:
-            version.labels = {**(version.labels or {}), LABELS_KEY: packages.to_json()}
+            envs_service.record_labels(s, version, {LABELS_KEY: packages.to_json()})
     return VersionPackages(version_ref, packages)
 
 

@@ -267,6 +267,16 @@ def set_tag(session: Session, env: Environment, name: str, version: EnvironmentV
     return tag
 
 
+def record_pushed(session: Session, version: EnvironmentVersion, manifest_digest: str) -> None:
+    """The registry holds ``version`` under this manifest digest (a push, or a save made there)."""
+    version.registry_digest = manifest_digest
+
+
+def record_labels(session: Session, version: EnvironmentVersion, labels: dict[str, Any]) -> None:
+    """Add to what envctl knows of a version's image (its packages, for one): merged into its labels."""
+    version.labels = {**(version.labels or {}), **labels}
+
+
 def lineage(session: Session, version: EnvironmentVersion) -> list[EnvironmentVersion]:
     """The chain from ``version`` down to its base image, ``version`` first."""
     chain = [version]

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from envs.kit import stopwatch
 from envs.kit.errors import EnvctlError, NotFoundError
 from envs.kit.ids import new_id
 from envs.models import EnvironmentVersion
@@ -71,7 +72,7 @@ class Operations:
         return op
 
     def phase(self, op_id: str, phase: str, message: str, **values: Any) -> None:
-        with self.db.connection() as c:
+        with stopwatch.span("phase-notes"), self.db.connection() as c:
             c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message, **values))
 
     def update(self, op_id: str, *, steps: list[dict[str, Any]] | None = None, **values: Any) -> None:

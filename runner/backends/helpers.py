@@ -35,6 +35,7 @@ from envs.images import docker as engine
 from envs.images.config import ImageInfo, blank_other_labels
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, EnvctlError
+from envs.kit.stopwatch import span
 from runner.backends import overlay
 from runner.backends.base import LABEL_MANAGED, LayerObserver
 
@@ -78,19 +79,23 @@ class Helper:
         """The layer laid out in the helper and committed with ``config`` (checked as every
         commit is), its files scanned meanwhile; the layer is taken away again whatever
         happens (:meth:`clear`). A refused layer's image is removed."""
-        made = self.made()
+        with span("helper-wait"):
+            made = self.made()
         self.used = True
         try:
-            overlay.lay_out(layer, made.upper)
+            with span("lay-out"):
+                overlay.lay_out(layer, made.upper)
             info: ImageInfo | None = None
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
                     scanning = pool.submit(overlay.scan_files, layer, observer, made.upper)
                     given = blank_other_labels(config, made.labels)
-                    with engine.engine_call(action):
+                    with engine.engine_call(action), span("commit"):
                         answer = client.api.commit(made.id, repository=repository, tag=tag, conf=given, pause=False)
-                    info = engine.verify_config(client, str(answer["Id"]), given, action=action)
-                    scanning.result()
+                    with span("verify"):
+                        info = engine.verify_config(client, str(answer["Id"]), given, action=action)
+                    with span("scan-wait"):
+                        scanning.result()
                 observer.verdict()
             except BaseException:
                 if info is not None:
@@ -99,7 +104,10 @@ class Helper:
                 raise
             return info
         finally:
-            overlay.empty(made.upper)
+            # still paused: a link made or removed changes the linked file's ctime, which must
+            # come before the save's moment (runner/backends/base.py, what changed since)
+            with span("empty"):
+                overlay.empty(made.upper)
 
 
 class Helpers:

@@ -57,6 +57,7 @@ from envs.images.docker import daemon_error
 from envs.images.layers import load_layer, reconfigure
 from envs.images.rewrite import ChunkReader
 from envs.kit.errors import EnvctlError
+from envs.kit.stopwatch import span
 from runner.backends import overlay
 from runner.backends.base import PRIVATE_PATHS, Change, LayerObserver
 from runner.backends.helpers import Helpers
@@ -231,7 +232,8 @@ def from_directories(
 ) -> SavedImage | None:
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
     (None: the layer is streamed into the engine)."""
-    plan = layer_roots(client, cid, version_image, saved_at_ns)
+    with span("inspect"):
+        plan = layer_roots(client, cid, version_image, saved_at_ns)
     if plan is None:
         return None
     since = saved_at_ns if plan.saved else 0
@@ -280,9 +282,10 @@ def _make(
         helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
     try:
         with paused(client, cid, action, plan.container):
-            layer = overlay.plan_layer(
-                plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
-            )
+            with span("plan"):
+                layer = overlay.plan_layer(
+                    plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
+                )
             if helper is not None:
                 info = helper.commit(
                     client, layer, observer, config=config, repository=repository, tag=tag, action=action
@@ -324,7 +327,8 @@ def paused(
         state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
         pause = bool(state.get("Running")) and not state.get("Paused")
         if pause:
-            client.api.pause(cid)
+            with span("pause"):
+                client.api.pause(cid)
     except Exception as exc:
         raise daemon_error(action, exc) from exc
     try:
@@ -332,7 +336,8 @@ def paused(
     finally:
         if pause:
             try:
-                client.api.unpause(cid)
+                with span("unpause"):
+                    client.api.unpause(cid)
             except docker.errors.NotFound:
                 pass  # removed meanwhile: nothing to resume
             except Exception as exc:

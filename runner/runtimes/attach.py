@@ -129,10 +129,12 @@ class Attach:
         with self.records.tx() as s:
             rt = s.get(Runtime, runtime_id, with_for_update=True)
             assert rt is not None
-            rt.environment_ref = PREFIX + c.name
-            rt.state_message = f"attached runtime of container {c.name}" + ("" if python else ": Bash cells only")
-            if not python:
-                rt.language = "bash"
+            self.records.change(
+                rt,
+                environment_ref=PREFIX + c.name,
+                state_message=f"attached runtime of container {c.name}" + ("" if python else ": Bash cells only"),
+                **({} if python else {"language": "bash"}),
+            )
             self.records.log(
                 s,
                 runtime_id,

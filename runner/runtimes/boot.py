@@ -358,7 +358,8 @@ class Booter:
             rt = s.get(Runtime, runtime_id, with_for_update=True)
             if rt is None or rt.state != State.BOOTING or not rt.pending:
                 return
-            applied, kept = apply_pending(rt)
+            values, applied, kept = apply_pending(rt)
+            self.records.change(rt, **values)
             if applied:
                 self.records.log(s, runtime_id, event="settings-applied", reason="boot", message="; ".join(applied))
             for note in kept:

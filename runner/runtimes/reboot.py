@@ -54,31 +54,27 @@ def note(field: str, value: Any) -> str:
     return f"machine type -> {value}"
 
 
-def set_now(rt: Runtime, field: str, value: Any) -> str:
-    """Write one reboot field on the row; the runner-log note."""
+def columns(field: str, value: Any) -> dict[str, Any]:
+    """The runtime row's columns that one reboot field sets (the runtimes store writes them)."""
     if field == "environment":
-        rt.version_id = value["version_id"]
-        rt.environment_ref = value["ref"]
-    elif field == "type":
-        rt.type = value["type"]
-        rt.kernel = value["kernel"]
-    elif field == "env":
-        rt.env = dict(value)
-    elif field == "machine_type":
-        rt.machine_type = value
-    elif field == "cuda":
-        rt.cuda = value
-    elif field == "mounts":
-        rt.mounts = list(value)
-    else:
-        raise KeyError(field)
-    return note(field, value)
+        return {"version_id": value["version_id"], "environment_ref": value["ref"]}
+    if field == "type":
+        return {"type": value["type"], "kernel": value["kernel"]}
+    if field == "env":
+        return {"env": dict(value)}
+    if field in ("machine_type", "cuda"):
+        return {field: value}
+    if field == "mounts":
+        return {"mounts": list(value)}
+    raise KeyError(field)
 
 
-def apply_pending(rt: Runtime) -> tuple[list[str], list[str]]:
-    """Move what waits for a boot onto the row. Returns the notes of what was applied and of
-    what stays pending (a pending environment while a draft exists)."""
+def apply_pending(rt: Runtime) -> tuple[dict[str, Any], list[str], list[str]]:
+    """What waits for a boot, as the row's new columns (``pending`` too, emptied of what
+    applies). Returns those columns, the notes of what applies, and those of what stays
+    pending (a pending environment while a draft exists)."""
     pending = dict(rt.pending or {})
+    values: dict[str, Any] = {}
     applied: list[str] = []
     kept: list[str] = []
     for field in REBOOT_FIELDS:
@@ -91,9 +87,11 @@ def apply_pending(rt: Runtime) -> tuple[list[str], list[str]]:
                 "on its current version; save them or reset the runtime"
             )
             continue
-        applied.append(set_now(rt, field, pending.pop(field)))
-    rt.pending = pending
-    return applied, kept
+        value = pending.pop(field)
+        values.update(columns(field, value))
+        applied.append(note(field, value))
+    values["pending"] = pending
+    return values, applied, kept
 
 
 def pending_view(rt: Runtime) -> dict[str, Any]:

@@ -190,11 +190,16 @@ class Runtimes:
                 for user_id in {rt.owner_id, viewer_of(who).user_id}:
                     check_mount_access(s, user_id, new_mounts)
                 wanted["mounts"] = new_mounts
-            notes = self._apply_lease(rt, changes) + self._apply_at_once(s, rt, changes)
+            values, notes = self._apply_at_once(s, rt, changes)
+            lease_values, lease_notes = self._apply_lease(rt, changes)
+            values.update(lease_values)
+            notes = lease_notes + notes
             if wanted:
-                notes += self._apply_reboot_changes(rt, wanted, changes.next_boot)
+                more, reboot_notes = self._apply_reboot_changes(rt, wanted, changes.next_boot)
+                values.update(more)
+                notes += reboot_notes
             if notes:
-                rt.updated_at = self.records.clock()
+                self.records.change(rt, **values, updated_at=self.records.clock())
                 self.records.log(s, rt.id, event="settings-changed", reason="user-request", message="; ".join(notes))
             s.flush()
             s.expire(rt)
@@ -229,25 +234,25 @@ class Runtimes:
             details={"field": "lease", "lease_expires_at": expires_at.isoformat()},
         )
 
-    def _apply_lease(self, rt: Runtime, changes: RuntimeChanges) -> list[str]:
-        """A PATCH's lease: a new length (starting now) or none. A lease that ran out is over:
-        changing or dropping it is a 409, as renewing it is."""
+    def _apply_lease(self, rt: Runtime, changes: RuntimeChanges) -> tuple[dict[str, Any], list[str]]:
+        """A PATCH's lease: a new length (starting now) or none; the row's new columns and the
+        runner-log notes. A lease that ran out is over: changing or dropping it is a 409, as
+        renewing it is."""
         if changes.lease is None and not changes.clear_lease:
-            return []
+            return {}, []
         now = self.records.clock()
         if rt.lease_expires_at is not None and rt.lease_expires_at <= now:
             raise self._lease_over(rt)
         if changes.clear_lease:
             if rt.lease_seconds is None:
-                return []
-            rt.lease_seconds = rt.lease_expires_at = rt.lease_renewed_at = None
-            return ["lease dropped: the runtime no longer goes with its client"]
+                return {}, []
+            none = {"lease_seconds": None, "lease_expires_at": None, "lease_renewed_at": None}
+            return none, ["lease dropped: the runtime no longer goes with its client"]
         assert changes.lease is not None
         leases.check_lease_allowed(rt.team)
-        rt.lease_seconds = changes.lease
-        rt.lease_expires_at = leases.ends_at(changes.lease, now)
-        rt.lease_renewed_at = now
-        return [f"lease -> {changes.lease} s, until {rt.lease_expires_at.isoformat(timespec='seconds')}"]
+        until = leases.ends_at(changes.lease, now)
+        values = {"lease_seconds": changes.lease, "lease_expires_at": until, "lease_renewed_at": now}
+        return values, [f"lease -> {changes.lease} s, until {until.isoformat(timespec='seconds')}"]
 
     def _check_mounts(self, mounts: list[Any] | None) -> list[dict[str, Any]]:
         """Mounts checked (R28, R29) before anything is stored; their stored form."""
@@ -274,26 +279,30 @@ class Runtimes:
             wanted["environment"] = {"ref": str(ref), "version_id": version.id, "version": version.ref}
         return wanted
 
-    def _apply_at_once(self, s: Session, rt: Runtime, changes: RuntimeChanges) -> list[str]:
-        """Name, idle timeout and default language: no reboot needed."""
+    def _apply_at_once(self, s: Session, rt: Runtime, changes: RuntimeChanges) -> tuple[dict[str, Any], list[str]]:
+        """Name, idle timeout and default language: no reboot needed. Returns the row's new
+        columns and the runner-log notes."""
+        values: dict[str, Any] = {}
         notes = []
         if changes.name is not None and changes.name != rt.name:
             self._check_name_free(s, rt.owner_id, rt.team, changes.name)
             notes.append(f"name {rt.name} -> {changes.name}")
-            rt.name = changes.name
+            values["name"] = changes.name
         if changes.clear_idle_timeout:
-            rt.idle_timeout = None
+            values["idle_timeout"] = None
             notes.append("idle timeout -> default")
         elif changes.idle_timeout is not None:
-            rt.idle_timeout = changes.idle_timeout
+            values["idle_timeout"] = changes.idle_timeout
             notes.append(f"idle timeout -> {changes.idle_timeout} s")
         if changes.language is not None:
-            rt.language = changes.language
+            values["language"] = changes.language
             notes.append(f"language -> {changes.language}")
-        return notes
+        return values, notes
 
     @staticmethod
-    def _apply_reboot_changes(rt: Runtime, wanted: dict[str, Any], next_boot: bool) -> list[str]:
+    def _apply_reboot_changes(rt: Runtime, wanted: dict[str, Any], next_boot: bool) -> tuple[dict[str, Any], list[str]]:
+        """The row's new columns for the reboot fields (at once when stopped, else pending) and
+        the runner-log notes."""
         fields = [f for f in reboot.REBOOT_FIELDS if f in wanted]
         stopped = rt.state in (State.STOPPED, State.ERROR)
         if "environment" in wanted and rt.draft_image_id and (stopped or not next_boot):
@@ -304,10 +313,11 @@ class Runtimes:
             )
         if stopped:
             pending = dict(rt.pending or {})
+            values: dict[str, Any] = {}
             for f in fields:
                 pending.pop(f, None)
-            rt.pending = pending
-            return [reboot.set_now(rt, f, wanted[f]) for f in fields]
+                values.update(reboot.columns(f, wanted[f]))
+            return {**values, "pending": pending}, [reboot.note(f, wanted[f]) for f in fields]
         if not next_boot:
             raise RuntimeStateError(
                 f"{', '.join(fields)} can only change while the runtime is stopped (they need a reboot); "
@@ -315,8 +325,8 @@ class Runtimes:
                 "at its next boot (`?apply=next-boot`, `envctl runtime set ... --next-boot`).",
                 details={"fields": fields, "needs_reboot": fields, "state": rt.state},
             )
-        rt.pending = {**(rt.pending or {}), **{f: wanted[f] for f in fields}}
-        return [f"at the next boot: {reboot.note(f, wanted[f])}" for f in fields]
+        pending = {**(rt.pending or {}), **{f: wanted[f] for f in fields}}
+        return {"pending": pending}, [f"at the next boot: {reboot.note(f, wanted[f])}" for f in fields]
 
     @staticmethod
     def _check_name_free(s: Session, owner_id: str, team: str | None, name: str) -> None:

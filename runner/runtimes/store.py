@@ -351,6 +351,15 @@ class Records:
             .execution_options(synchronize_session=False)
         )
 
+    @staticmethod
+    def change(rt: Runtime, **values: Any) -> None:
+        """Set columns of a row the caller holds (loaded in its transaction, often locked):
+        the session writes them at its flush, and the caller reads the new values meanwhile."""
+        for column, value in values.items():
+            if column not in Runtime.__table__.columns:
+                raise AttributeError(f"runtimes has no column {column}")
+            setattr(rt, column, value)
+
     def create(self, s: Session, note: str, **fields: Any) -> Runtime:
         """A new runtime row of this runner, in the caller's transaction, with its first
         runner-log line (``note``)."""

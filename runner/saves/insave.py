@@ -460,7 +460,7 @@ def register(
             ),
             writer,
         )
-        version.registry_digest = made.manifest_digest
+        envs_service.record_pushed(s, version, made.manifest_digest)
         if tag and tag != "latest":
             envs_service.set_tag(s, version.environment, tag, version)
         records.set_in(

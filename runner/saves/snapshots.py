@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from envs import service as envs_service
+from envs.kit import stopwatch
 from envs.kit.config import Settings
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
@@ -190,18 +191,23 @@ class Snapshots:
     ) -> None:
         version: EnvironmentVersion | None = None
         error: Exception | None = None
+        timings: dict[str, float] = {}
         try:
-            version = self.save_now(
-                op_id,
-                who,
-                author,
-                runtime_id,
-                environment,
-                message,
-                tag,
-                keep_caches=options.keep_caches,
-                allow_secrets=options.allow_secrets,
-            )
+            with stopwatch.measuring() as watch:
+                try:
+                    version = self.save_now(
+                        op_id,
+                        who,
+                        author,
+                        runtime_id,
+                        environment,
+                        message,
+                        tag,
+                        keep_caches=options.keep_caches,
+                        allow_secrets=options.allow_secrets,
+                    )
+                finally:
+                    timings = watch.ms()
         except Exception as exc:
             error = exc
         finally:
@@ -235,6 +241,7 @@ class Snapshots:
             if version.registry_digest
             else push_after_save(self.transfers, self.operations, op_id, viewer_of(who).user_id, runtime_id, version)
         )
+        log.info("saved %s as %s: %s", runtime_id, version.ref, " ".join(f"{k}={v}ms" for k, v in timings.items()))
         self.operations.finish(
             op_id,
             "succeeded",
@@ -244,6 +251,7 @@ class Snapshots:
                 "image_id": version.image_id,
                 **(version.labels or {}).get(SAVE_LABEL, {}),
                 **pushed,
+                "timings_ms": timings,  # where the save spent its time (before any push)
             },
             message=f"saved as {version.ref}"
             + _left_out_text((version.labels or {}).get(SAVE_LABEL, {}))
@@ -301,7 +309,8 @@ class Snapshots:
                 message=message, author=author, tag=tag, keep_caches=keep_caches, observer=observer,
                 report_key=SAVE_LABEL,
             )  # fmt: skip
-        config = trusted_config(self.backend, parent_image, parent_ref, labels)
+        with stopwatch.span("config"):
+            config = trusted_config(self.backend, parent_image, parent_ref, labels)
         if extra_env:
             kept = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in extra_env]
             config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
@@ -337,8 +346,9 @@ class Snapshots:
             report["note"] = "the engine's storage could not be read here: caches were not left out"
         pending.append(image_id)
         self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-        info = self.backend.image_info(image_id)
-        parent_info = self.backend.image_info(parent_image)
+        with stopwatch.span("image-info"):
+            info = self.backend.image_info(image_id)
+            parent_info = self.backend.image_info(parent_image)
         if info is None:
             raise BackendError("the saved image vanished before it was recorded")
         if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
@@ -349,7 +359,7 @@ class Snapshots:
             self.backend.remove_image(image_id)
             image_id = squashed
             info = self.backend.image_info(image_id) or info
-        with self.records.db.session() as s:
+        with stopwatch.span("record"), self.records.db.session() as s:
             version, _created = envs_service.register_version(
                 s,
                 envs_service.NewVersion(

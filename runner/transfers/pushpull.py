@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from envs import service as envs_service
 from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
@@ -233,7 +234,7 @@ class Transfers:
         with self.records.db.session() as s:
             row = s.get(EnvironmentVersion, version_id)
             if row is not None:
-                row.registry_digest = digest
+                envs_service.record_pushed(s, row, digest)
         log.info("pushed %s to %s@%s", v.ref, target.name, digest)
         return digest, progress
 

@@ -152,6 +152,7 @@ def save_speed(
     image = next(v["image_id"] for v in versions if v["ref"] == "python3@1")
     raw = _Raw(engine, image, session)
     times: dict[str, list[float]] = {"first": [], "later": [], "first_raw": [], "later_raw": []}
+    spans: dict[str, list[dict[str, float]]] = {"first": [], "later": []}  # the saves' own timings_ms
     try:
         for i in range(runs):
             env = f"bench-{size_mb}-{i}"
@@ -168,8 +169,9 @@ def save_speed(
             def ours(kind: str, n: int, rid: str = rid, env: str = env) -> None:
                 _cell(client, rid, write_script(size_mb, f"/root/work/{kind}{n}"))
                 t = time.perf_counter()
-                _save(client, rid, env)
+                op = _save(client, rid, env)
                 times[kind].append((time.perf_counter() - t) * 1000)
+                spans[kind].append(op["result"].get("timings_ms") or {})
 
             def theirs(kind: str, n: int, container: Any) -> str:
                 took, made = raw.commit(container, size_mb, f"/root/work/{kind}{n}")
@@ -203,7 +205,18 @@ def save_speed(
         )
         figures[f"save_{kind}_{size_mb}MB_ratio"] = f["ratio"]
         figures[f"save_{kind}_{size_mb}MB_ms"] = f["ours_median"]
+        print("    " + where_the_time_went(spans[kind], times[kind]))
     return figures
+
+
+def where_the_time_went(spans: list[dict[str, float]], through_api: list[float]) -> str:
+    """The medians of a save's own spans (its operation's ``timings_ms``), and what the API and
+    the operation around them added (the client's time minus the save's ``total``)."""
+    names = list(dict.fromkeys(name for one in spans for name in one))
+    medians = {name: statistics.median([one.get(name, 0.0) for one in spans]) for name in names}
+    around = statistics.median([t - one.get("total", 0.0) for t, one in zip(through_api, spans, strict=True)])
+    parts = [f"{name} {ms:.0f}" for name, ms in medians.items() if name != "total" and ms >= 0.5]
+    return f"where (median ms): {', '.join(parts)}; save total {medians.get('total', 0):.0f}, around it {around:.0f}"
 
 
 def run(runs: int = 3, sizes: tuple[int, ...] = (10, 100, 1024)) -> dict[str, float]:
