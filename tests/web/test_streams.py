@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from api.app import create_app
+from api.routes.streams import KEEPALIVE
 from api.startup import Services
 from envs.kit.config import Settings
 from tests.api.conftest import prepare_database
@@ -31,7 +32,8 @@ class Live:
     headers: dict[str, str]
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=10)
+        # a stream may rightly stay silent until its keep-alive (KEEPALIVE, 15 s): reads wait longer
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=httpx.Timeout(10, read=KEEPALIVE + 15))
 
 
 @pytest.fixture
