@@ -187,13 +187,13 @@ class AgentChannel:
     def ping(self) -> dict[str, Any]:
         return self.request("ping")
 
-    def open_stream(self, op: str, **fields: Any) -> tuple[dict[str, Any], Any]:
+    def open_stream(self, op: str, *, read_timeout: float | None = None, **fields: Any) -> tuple[dict[str, Any], Any]:
         """Send a request answered by one JSON header line, then bytes the op frames itself
         (``layer``: ``runner/agent/layer.py``); the header and the connection's binary reader,
-        just after it. No time limit between reads, as for ``stream``."""
+        just after it. No time limit between reads (as for ``stream``) unless ``read_timeout``."""
         self._send(op, fields)
         try:
-            self._sock.settimeout(None)
+            self._sock.settimeout(read_timeout)
             self._skip_unread()
             line = self._reader.readline()
         except OSError as exc:
@@ -204,6 +204,13 @@ class AgentChannel:
         if not header.get("ok"):
             raise BackendError(f"the agent refused {op!r}: {header.get('error')}", details=header)
         return header, self._reader
+
+    def write(self, data: bytes) -> None:
+        """Raw bytes after an ``open_stream`` request whose op reads them (``unpack``: frames)."""
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
 
     def stream(self, op: str, **fields: Any) -> Iterator[dict[str, Any]]:
         """Send a streaming request (``execute``, ``attach``); yield its events up to ``done``.

@@ -1,0 +1,153 @@
+"""``/results`` of a runtime whose container has no directory on this host (a backend without
+``host_paths``: Swarm): after each cell, the files that differ from this host's copy are fetched
+over the agent channel (the agent's ``results``, ``runner/agent/files.py``) into the runtime's
+results directory here, which ``results.py`` then scans, stores and records as it does a bound
+one. One kept connection per runtime: a cell that wrote nothing costs one small request and
+answer on it, no new TLS handshake.
+
+What the agent sends is written by the runtime's cells, so every name is checked (relative, no
+``..``, no empty or ``.`` part, no NUL) and written only by this module into a directory it
+alone makes: never through a link, a file at most as large as the agent said.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from envs.kit.errors import EnvctlError
+from runner.channel import AgentChannel, AgentTarget, AgentUnavailableError
+
+CHUNK = 1 << 20
+READ_TIMEOUT = 30.0  # seconds the agent may be silent mid-answer (a node gone without a word)
+MAX_NAME = 4096
+
+
+class ResultFetchError(EnvctlError):
+    code = "results_unavailable"
+    status = 502
+
+
+def _checked(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or "\x00" in name or name.startswith("/"):
+        raise ResultFetchError(f"the agent named a result {str(name)[:200]!r}: not a relative path")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ResultFetchError(f"the agent named a result {name[:200]!r}: an empty, '.' or '..' part")
+    return name
+
+
+def have(root: Path) -> dict[str, list[int]]:
+    """This host's copy: relative path -> [size, mtime_ns] of each regular file."""
+    found: dict[str, list[int]] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            found[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns]
+    return found
+
+
+def _place(root: Path, rel: str) -> Path:
+    """The path of ``rel`` under ``root``, its directories made; nothing on the way is a link
+    or a file (a file in the way, from an earlier sync, goes)."""
+    path = root
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+        path.mkdir(exist_ok=True)
+    last = path / rel.split("/")[-1]
+    if last.is_dir() and not last.is_symlink():
+        shutil.rmtree(last)
+    return last
+
+
+def fetch(channel: AgentChannel, root: Path) -> int:
+    """One sync of the runtime's ``/results`` into ``root``; the files written."""
+    root.mkdir(parents=True, exist_ok=True)
+    header, reader = channel.open_stream("results", read_timeout=READ_TIMEOUT, have=have(root))
+    written = 0
+    failure: ResultFetchError | None = None
+    for entry in header.get("send") or []:
+        rel, size, mtime_ns = entry[0], int(entry[1]), int(entry[2])
+        try:
+            target = _place(root, _checked(rel)) if failure is None else None
+        except (ResultFetchError, OSError) as exc:
+            failure = exc if isinstance(exc, ResultFetchError) else ResultFetchError(f"results: {exc}")
+            target = None
+        tmp = root / f".envctl-partial-{os.getpid()}-{threading.get_ident()}"
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(tmp, "wb")) if target is not None else None  # noqa: SIM115
+            left = size
+            while left > 0:  # the promised bytes are read off the connection either way
+                try:
+                    piece = reader.read(min(CHUNK, left))
+                except OSError as exc:
+                    raise AgentUnavailableError(f"the agent's results stream broke off: {exc}") from exc
+                if not piece:
+                    raise AgentUnavailableError("the agent's results stream broke off")
+                left -= len(piece)
+                if out is not None:
+                    out.write(piece)
+        if target is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            os.replace(tmp, target)
+            written += 1
+        else:
+            tmp.unlink(missing_ok=True)
+    for rel in header.get("gone") or []:
+        with contextlib.suppress(ResultFetchError, OSError):
+            (root / _checked(rel)).unlink()
+    if failure is not None:
+        raise failure
+    return written
+
+
+class RemoteResults:
+    """Kept agent connections, one per runtime, for the after-cell fetch."""
+
+    def __init__(self, agent: Callable[[str], AgentTarget]) -> None:
+        self.agent = agent
+        self._channels: dict[str, AgentChannel] = {}
+        self._lock = threading.Lock()
+
+    def sync(self, runtime_id: str, root: Path) -> int:
+        with self._lock:
+            channel = self._channels.pop(runtime_id, None)
+        for attempt in (1, 2):
+            try:
+                if channel is None:
+                    channel = AgentChannel(self.agent(runtime_id), timeout=READ_TIMEOUT)
+                written = fetch(channel, root)
+            except AgentUnavailableError:
+                if channel is not None:
+                    channel.close()
+                channel = None
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                if channel is not None:
+                    channel.close()
+                raise
+            with self._lock:
+                old = self._channels.pop(runtime_id, None)
+                self._channels[runtime_id] = channel
+            if old is not None:
+                old.close()
+            return written
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def forget(self, runtime_id: str) -> None:
+        with self._lock:
+            channel = self._channels.pop(runtime_id, None)
+        if channel is not None:
+            channel.close()
