@@ -187,10 +187,16 @@ class AgentChannel:
     def ping(self) -> dict[str, Any]:
         return self.request("ping")
 
-    def open_stream(self, op: str, *, read_timeout: float | None = None, **fields: Any) -> tuple[dict[str, Any], Any]:
+    def open_stream(self, op: str, **fields: Any) -> tuple[dict[str, Any], Any]:
         """Send a request answered by one JSON header line, then bytes the op frames itself
         (``layer``: ``runner/agent/layer.py``); the header and the connection's binary reader,
-        just after it. No time limit between reads (as for ``stream``) unless ``read_timeout``."""
+        just after it. No time limit between reads, as for ``stream``."""
+        return self.open_stream_within(None, op, fields)
+
+    def open_stream_within(
+        self, read_timeout: float | None, op: str, fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], Any]:
+        """``open_stream`` with a time limit on each read (``results``: a node gone silently)."""
         self._send(op, fields)
         try:
             self._sock.settimeout(read_timeout)

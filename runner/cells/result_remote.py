@@ -70,10 +70,11 @@ def _place(root: Path, rel: str) -> Path:
     return last
 
 
-def fetch(channel: AgentChannel, root: Path) -> int:
-    """One sync of the runtime's ``/results`` into ``root``; the files written."""
+def fetch(channel: AgentChannel, root: Path, source: str | None = None) -> int:
+    """One sync of the runtime's ``/results`` (or ``source``) into ``root``; the files written."""
     root.mkdir(parents=True, exist_ok=True)
-    header, reader = channel.open_stream("results", read_timeout=READ_TIMEOUT, have=have(root))
+    request: dict[str, Any] = {"have": have(root), **({"root": source} if source else {})}
+    header, reader = channel.open_stream_within(READ_TIMEOUT, "results", request)
     written = 0
     failure: ResultFetchError | None = None
     for entry in header.get("send") or []:
