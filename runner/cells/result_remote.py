@@ -20,17 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from envs.kit.errors import EnvctlError
 from runner.channel import AgentChannel, AgentTarget, AgentUnavailableError
+from runner.errors import ResultFetchError
 
 CHUNK = 1 << 20
 READ_TIMEOUT = 30.0  # seconds the agent may be silent mid-answer (a node gone without a word)
 MAX_NAME = 4096
-
-
-class ResultFetchError(EnvctlError):
-    code = "results_unavailable"
-    status = 502
 
 
 def _checked(name: Any) -> str:

@@ -5,6 +5,7 @@ changed sent again, and names the agent must not be trusted with refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from runner.backends.base import MountBind
-from runner.cells.result_remote import ResultFetchError, fetch
+from runner.cells.result_remote import fetch
 from runner.channel import AgentChannel, wait_for_agent
+from runner.errors import ResultFetchError
 from runner.mounts.errors import MountFetchError
 from runner.mounts.streamed import send_mounts
 
@@ -116,7 +118,7 @@ def _fake_agent(sock: Path, header: bytes, body: bytes) -> None:
 @pytest.mark.parametrize("name", ["../outside.txt", "/etc/x", "a/../../b", "a//b", "./a", ""])
 def test_a_result_name_that_would_leave_the_copy_is_refused(tmp_path: Path, name: str) -> None:
     sock = tmp_path / "fake.sock"
-    header = ('{"id": 1, "ok": true, "event": "results", "send": [["%s", 2, 0]], "gone": []}\n' % name).encode()
+    header = (json.dumps({"id": 1, "ok": True, "event": "results", "send": [[name, 2, 0]], "gone": []}) + "\n").encode()
     _fake_agent(sock, header, b"hi")
     copy = tmp_path / "d" / "copy"
     with AgentChannel(sock) as channel, pytest.raises(ResultFetchError, match="result"):
