@@ -126,17 +126,22 @@ def test_git_and_s3_mounts_are_streamed_into_a_runtime_on_a_worker_and_recorded(
         assert made & set(anonymous_volumes(swarm, "worker1")) == set()
 
 
-def test_a_mount_that_fails_validation_at_boot_never_reaches_the_swarm(
-    server: Server, git_server: GitServer, manager: Any
+def test_mounts_are_validated_before_any_network_call_and_writeback_is_refused_on_swarm(
+    server: Server, manager: Any
 ) -> None:
-    """Checked again at boot, before any network call: a written-back S3 mount is refused on
-    Swarm naming the mount; no service is made."""
+    """The same checks as on the local engine (R28: link-local, metadata and private addresses,
+    ``file://``, option injection) answer 422 before anything is fetched; a written-back S3 mount
+    is refused at boot, before any download, naming the mount; no service is made."""
     with server.client() as client:
+        for url in ("https://169.254.169.254/x.git", "https://10.1.2.3/x.git", "file:///etc", "--upload-pack=x"):
+            bad = [{"type": "git", "url": url, "target": "/mnt/code"}]
+            r = client.post("/runtimes", json={"environment": "bash", "name": "bad", "mounts": bad})
+            assert r.status_code == 422 and "mounts[0]" in r.text, (url, r.text)
         mounts = [{"type": "s3", "bucket": "swarm-mounts", "prefix": "out/", "target": "/data/out", "writeback": True}]
         rid = new_runtime(client, "writeback", environment="bash", language="bash", machine_type="w1", mounts=mounts)
         rt = start(server, client, rid)
-        assert rt["state"] == "error" and "/data/out" in rt["state_message"], rt
-        assert "writeback" in rt["state_message"], rt
+        assert rt["state"] == "error" and rt["state_reason"] == "mount-failed", rt
+        assert "mounts[0]" in rt["state_message"] and "writeback" in rt["state_message"], rt
         assert manager.api.services(filters={"label": f"envctl.runtime-id={rid}"}) == []
         client.delete(f"/runtimes/{rid}")
 
