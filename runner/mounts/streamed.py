@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import tarfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from runner.mounts.errors import MountFetchError
 
 FRAME = struct.Struct(">I")
 FRAME_BYTES = 1 << 20
+REPORT_EVERY = 0.25
 Report = Callable[[str, tuple[int, int] | None], None]
 
 
@@ -71,10 +73,13 @@ def send_mounts(target: AgentTarget, binds: Sequence[MountBind], report: Report)
         return 0
     total = sum(tree_bytes(Path(b.source)) for b in todo)
     done = [0]
+    told = [time.monotonic()]
 
-    def sent(n: int) -> None:
+    def sent(n: int) -> None:  # the row's progress, at most every REPORT_EVERY seconds
         done[0] += n
-        report("downloading", (min(done[0], total), total))
+        if time.monotonic() - told[0] >= REPORT_EVERY or done[0] >= total:
+            told[0] = time.monotonic()
+            report("downloading", (min(done[0], total), total))
 
     report("downloading", (0, total))
     with AgentChannel(target, timeout=30) as channel:
