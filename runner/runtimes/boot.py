@@ -265,7 +265,7 @@ class Booter:
         with records.tx() as s:
             records.set_in(s, runtime_id, backend_state=backend_state)
             if pinned and (row := s.get(Runtime, runtime_id)) is not None:
-                row.mounts_used = with_nodes(row.mounts_used or [], pinned)
+                records.set_in(s, runtime_id, mounts_used=with_nodes(row.mounts_used or [], pinned))
             records.log(
                 s,
                 runtime_id,
