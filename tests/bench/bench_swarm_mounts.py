@@ -8,6 +8,8 @@ baseline in the same run, alternating:
   timed is the stream into the runtime) until ``running``, beside the same boot without mounts;
 - a cell that writes a 1 MB file under ``/results`` (fetched, stored and recorded before the
   cell's end is answered) beside the same cell writing to ``/tmp``;
+- the results check by itself (the agent's ``results`` with nothing to send, on a kept
+  connection) beside a ``ping`` on the same connection;
 - a cell ``true`` (the results check on the kept connection included) beside ``docker exec
   true`` in the same container on the worker's engine.
 """
@@ -19,6 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -48,6 +51,27 @@ def _cell(client: httpx.Client, rid: str, code: str) -> float:
     return ms
 
 
+def _results_check(srv: Any, rid: str, runs: int) -> tuple[list[float], list[float]]:
+    """What the after-cell results check costs by itself: ``fetch`` on a kept connection to the
+    runtime's agent beside a ``ping`` on the same connection, alternating."""
+    from registry.team_secrets import SecretBox
+    from runner.agentauth import AgentLinks
+    from runner.cells.result_remote import fetch
+    from runner.channel import AgentChannel
+
+    to = AgentLinks(SecretBox(srv.data_dir / "secrets.key")).address(rid, _backend_state(srv, rid)["agent"])
+    check, ping = [], []
+    with tempfile.TemporaryDirectory() as copy, AgentChannel(to, timeout=30) as channel:
+        for _ in range(runs):
+            t = time.perf_counter()
+            fetch(channel, Path(copy), "/nonexistent-results")
+            check.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            channel.ping()
+            ping.append((time.perf_counter() - t) * 1000)
+    return check, ping
+
+
 def run(runs: int = 60) -> dict[str, float]:
     from runner.mounts.s3 import S3Cache
     from tests.fixtures.s3 import start_s3
@@ -58,7 +82,7 @@ def run(runs: int = 60) -> dict[str, float]:
         print(f"swarm mounts benchmark skipped: {why}")
         return {}
     figures: dict[str, float] = {}
-    s3_gen = start_s3()
+    s3_gen = iter(start_s3())
     s3 = next(s3_gen)
     with tempfile.TemporaryDirectory(prefix="envctl-bench-swmounts-") as tmp:
         directory = Path(tmp) / "swarm"
@@ -93,7 +117,8 @@ def run(runs: int = 60) -> dict[str, float]:
                 )["ratio"]
 
                 _ms, rid = _boot(client, [])
-                to_results, to_tmp = [], []
+                to_results: list[float] = []
+                to_tmp: list[float] = []
                 for i in range(runs // 3):
                     for path, into in (("/results/r.bin", to_results), ("/tmp/r.bin", to_tmp)):
                         into.append(_cell(client, rid, f"head -c {MB} /dev/urandom > {path}; echo {i}"))
@@ -115,6 +140,13 @@ def run(runs: int = 60) -> dict[str, float]:
                     worker.api.exec_start(e["Id"])
                     raw.append((time.perf_counter() - t) * 1000)
                 worker.close()
+                check, ping = _results_check(srv, rid, runs)
+                figures["results_check"] = report(
+                    f"the results check alone (empty /results) on a kept connection ({runs} runs each)",
+                    check,
+                    ping,
+                    "a ping on the same connection",
+                )["ratio"]
                 figures["cell"] = report(
                     f"cell `true` on a Swarm worker, the results check included ({runs} runs each)",
                     ours,
@@ -125,5 +157,6 @@ def run(runs: int = 60) -> dict[str, float]:
         finally:
             remove_installation(swarm, srv)
             _script("down", directory)
-            s3_gen.close()
+            for _ in s3_gen:  # the endpoint stopped
+                pass
     return figures
