@@ -17,7 +17,9 @@ make a new task after every failed pull, forever):
 - states: ``preparing`` is the ``downloading`` phase (Swarm reports no bytes), ``starting`` is
   booting; ``rejected``/``failed`` fail the boot with the node's message; a task still
   ``pending`` after ``ENVCTL_SWARM_PENDING_TIMEOUT`` fails it naming the resource no node has
-  (``swarm_tasks.missing_resource``); a node that is down turns its runtimes to ``node-lost``.
+  (``swarm_tasks.missing_resource``); a node that is down turns its runtimes to ``node-lost``;
+- mounts (``swarm_mounts``): git and S3 ones streamed in by envctl, a named volume pinning the
+  runtime to its node, ``/results`` fetched over the channel.
 
 What Swarm 20.10 cannot enforce of R1 is in the README ("Docker Swarm").
 """
