@@ -24,7 +24,9 @@ from runner.channel import AgentChannel, AgentTarget, AgentUnavailableError
 from runner.errors import ResultFetchError
 
 CHUNK = 1 << 20
-READ_TIMEOUT = 30.0  # seconds the agent may be silent mid-answer (a node gone without a word)
+READ_TIMEOUT = 15.0  # seconds the agent may be silent mid-answer (a node gone without a word)
+CONNECT_TIMEOUT = 5.0
+KEEP = 256  # kept connections, one per runtime that ran a cell lately
 MAX_NAME = 4096
 
 
@@ -110,37 +112,47 @@ def fetch(channel: AgentChannel, root: Path, source: str | None = None) -> int:
 class RemoteResults:
     """Kept agent connections, one per runtime, for the after-cell fetch."""
 
-    def __init__(self, agent: Callable[[str], AgentTarget]) -> None:
+    def __init__(self, agent: Callable[[str], AgentTarget], source: str | None = None) -> None:
         self.agent = agent
+        self.source = source  # the directory in the runtime (None: /results)
         self._channels: dict[str, AgentChannel] = {}
         self._lock = threading.Lock()
 
     def sync(self, runtime_id: str, root: Path) -> int:
+        """Fetch what changed; a kept connection that broke (the runtime rebooted) is replaced
+        once by a new one, a new one that fails is not retried (a node gone costs the cell's
+        end at most CONNECT_TIMEOUT or READ_TIMEOUT, never both twice)."""
         with self._lock:
             channel = self._channels.pop(runtime_id, None)
-        for attempt in (1, 2):
+        while True:
+            kept = channel is not None
             try:
                 if channel is None:
-                    channel = AgentChannel(self.agent(runtime_id), timeout=READ_TIMEOUT)
-                written = fetch(channel, root)
-            except AgentUnavailableError:
+                    channel = AgentChannel(self.agent(runtime_id), timeout=CONNECT_TIMEOUT)
+                written = fetch(channel, root, self.source)
+            except BaseException as exc:
                 if channel is not None:
                     channel.close()
                 channel = None
-                if attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                if channel is not None:
-                    channel.close()
+                if kept and isinstance(exc, AgentUnavailableError):
+                    continue
                 raise
-            with self._lock:
-                old = self._channels.pop(runtime_id, None)
-                self._channels[runtime_id] = channel
-            if old is not None:
-                old.close()
+            self._keep(runtime_id, channel)
             return written
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keep(self, runtime_id: str, channel: AgentChannel) -> None:
+        """Keep the connection for the runtime's next cell; at most KEEP connections (the ones
+        of runtimes quiet longest are closed)."""
+        closing = []
+        with self._lock:
+            old = self._channels.pop(runtime_id, None)
+            if old is not None:
+                closing.append(old)
+            self._channels[runtime_id] = channel  # last in the dict: most recently used
+            while len(self._channels) > KEEP:
+                closing.append(self._channels.pop(next(iter(self._channels))))
+        for c in closing:
+            c.close()
 
     def forget(self, runtime_id: str) -> None:
         with self._lock:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from runner.backends.base import MountBind
-from runner.cells.result_remote import fetch
-from runner.channel import AgentChannel, wait_for_agent
+from runner.cells.result_remote import RemoteResults, fetch
+from runner.channel import AgentChannel, AgentUnavailableError, wait_for_agent
 from runner.errors import ResultFetchError
 from runner.mounts.errors import MountFetchError
 from runner.mounts.streamed import send_mounts
@@ -124,3 +124,54 @@ def test_a_result_name_that_would_leave_the_copy_is_refused(tmp_path: Path, name
     with AgentChannel(sock) as channel, pytest.raises(ResultFetchError, match="result"):
         fetch(channel, copy)
     assert sorted(p.name for p in tmp_path.joinpath("d").rglob("*")) == ["copy"]
+
+
+def _start_agent(sock: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-I", str(AGENT), "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_agent(sock, time.monotonic() + 20)
+    return proc
+
+
+def test_the_kept_connection_is_reused_replaced_once_after_a_reboot_and_a_dead_agent_fails_fast(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "state" / "agent.sock"
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "a.txt").write_text("a")
+    copy = tmp_path / "copy"
+    connections: list[str] = []
+
+    def target(runtime_id: str) -> Path:  # asked once per new connection
+        connections.append(runtime_id)
+        return sock
+
+    remote = RemoteResults(target, str(results))
+    proc = _start_agent(sock)
+    try:
+        try:
+            assert remote.sync("rt_1", copy) == 1
+            assert remote.sync("rt_1", copy) == 0
+            assert connections == ["rt_1"]  # one connection for both cells
+            proc.kill()
+            proc.wait()
+            proc = _start_agent(sock)  # the runtime booted again: the kept connection is dead
+            (results / "b.txt").write_text("b")
+            assert remote.sync("rt_1", copy) == 1 and (copy / "b.txt").read_text() == "b"
+            proc.kill()
+            proc.wait()
+            sock.unlink(missing_ok=True)
+            began = time.monotonic()
+            with pytest.raises(AgentUnavailableError):
+                remote.sync("rt_1", copy)
+            assert time.monotonic() - began < 5
+            assert connections == ["rt_1", "rt_1", "rt_1"]
+        finally:
+            remote.forget("rt_1")
+    finally:
+        proc.kill()
+        proc.wait()
