@@ -3,7 +3,8 @@ without ``host_paths``: Swarm): the trees ``prepare.py`` made ready here (valida
 network call, fetched through the caches, recorded) are streamed into the runtime at boot, once
 its agent answers and before it is ``running``, as a tar in frames over the agent channel (the
 agent's ``unpack``, ``runner/agent/files.py``). The runtime's node never fetches anything and
-never holds the mounts' credentials. The phase is ``downloading`` with the bytes sent.
+never holds the mounts' credentials. The phase is ``downloading`` with the bytes sent. The
+runtime's ``/results`` as this host's copy has it comes back the same way (``restore_results``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def send_mounts(target: AgentTarget, binds: Sequence[MountBind], report: Report)
                     details={"target": bind.target},
                 )
     return done[0]
+
+
+def restore_results(target: AgentTarget, root: Path) -> int:
+    """A runtime booted again gets back what its cells wrote under ``/results`` before (this
+    host's copy, ``runner/cells/result_remote.py``), as a bound results directory keeps it."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return 0
+    return send_mounts(target, [MountBind("/results", str(root), read_only=False)], lambda *_: None)
 
 
 def with_nodes(used: Sequence[Mapping[str, Any]], volume_nodes: Mapping[str, str]) -> list[dict[str, Any]]:

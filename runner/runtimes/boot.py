@@ -45,7 +45,7 @@ from runner.errors import GpuUnavailableError, NetworkPoolExhaustedError
 from runner.identity import RunnerIdentity
 from runner.models import Runtime
 from runner.mounts.prepare import MountPreparer, mounted_note
-from runner.mounts.streamed import send_mounts, with_nodes
+from runner.mounts.streamed import restore_results, send_mounts, with_nodes
 from runner.paths import RuntimePaths
 from runner.runtimes import envvars
 from runner.runtimes.machines import cuda_dir, get_machine_type
@@ -306,6 +306,7 @@ class Booter:
                 secrets.send(target)
             if not self.backend.host_paths:  # git/S3 mounts prepared here, streamed in (runner/mounts/streamed.py)
                 send_mounts(target, spec.mounts, self._progress(runtime_id))
+                restore_results(target, spec.state_dir / "results")
             if self.drafts.in_registry:  # saves judge deletions against the boot's index (runner/saves/drafts.py)
                 pong["index_wait_seconds"] = round(self.drafts.wait_index(target, deadline), 4)
         except EnvctlError as exc:

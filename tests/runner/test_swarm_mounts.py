@@ -163,9 +163,18 @@ def test_a_result_written_on_a_worker_is_downloadable_through_the_api(server: Se
         ex3 = run(client, rid, "echo more >> /results/plots/t.csv; head -c 300000 /dev/urandom > /results/big.bin")
         versions = {(r["path"], r["size"]) for r in client.get(f"/executions/{ex3['id']}/results").json()}
         assert versions == {("plots/t.csv", 13), ("big.bin", 300000)}, versions
+        # booted again (on any node), the runtime finds what its cells wrote, as a bound directory keeps it
+        assert client.post(f"/runtimes/{rid}/stop").status_code == 202
+        assert server.wait_state(client, rid, {"stopped", "error"}, timeout=60)["state"] == "stopped"
+        assert client.patch(f"/runtimes/{rid}", json={"machine_type": "w1"}).status_code == 200
+        rt = start(server, client, rid)
+        assert rt["state"] == "running" and rt["node"] == "swarm-worker1", rt
+        ex4 = run(client, rid, "cat /results/plots/t.csv; stat -c %s /results/big.bin; echo x > /results/new.txt")
+        assert text(ex4).split() == ["a,b", "1,2", "more", "300000"], ex4
+        assert [r["path"] for r in client.get(f"/executions/{ex4['id']}/results").json()] == ["new.txt"]
         assert client.delete(f"/runtimes/{rid}").status_code == 204
         # results outlive the runtime
-        assert len(client.get(f"/runtimes/{rid}/results").json()) == 3
+        assert len(client.get(f"/runtimes/{rid}/results").json()) == 4
 
 
 def test_a_named_volume_pins_its_runtime_to_the_worker_that_holds_it(server: Server, manager: Any) -> None:
