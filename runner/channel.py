@@ -191,9 +191,15 @@ class AgentChannel:
         """Send a request answered by one JSON header line, then bytes the op frames itself
         (``layer``: ``runner/agent/layer.py``); the header and the connection's binary reader,
         just after it. No time limit between reads, as for ``stream``."""
+        return self.open_stream_within(None, op, fields)
+
+    def open_stream_within(
+        self, read_timeout: float | None, op: str, fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], Any]:
+        """``open_stream`` with a time limit on each read (``results``: a node gone silently)."""
         self._send(op, fields)
         try:
-            self._sock.settimeout(None)
+            self._sock.settimeout(read_timeout)
             self._skip_unread()
             line = self._reader.readline()
         except OSError as exc:
@@ -204,6 +210,13 @@ class AgentChannel:
         if not header.get("ok"):
             raise BackendError(f"the agent refused {op!r}: {header.get('error')}", details=header)
         return header, self._reader
+
+    def write(self, data: bytes) -> None:
+        """Raw bytes after an ``open_stream`` request whose op reads them (``unpack``: frames)."""
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise AgentUnavailableError(f"lost the connection to the agent: {exc}") from exc
 
     def stream(self, op: str, **fields: Any) -> Iterator[dict[str, Any]]:
         """Send a streaming request (``execute``, ``attach``); yield its events up to ``done``.

@@ -78,6 +78,13 @@ class ResultStoreError(ServiceUnavailableError):
     code = "result_store_error"
 
 
+class ResultFetchError(BackendError):
+    """A runtime's ``/results`` could not be fetched over its agent channel (a name that would
+    leave envctl's copy; runner/cells/result_remote.py)."""
+
+    code = "results_unavailable"
+
+
 class AgentUnavailableError(BackendError):
     """A runtime's agent does not answer on its socket (the container stopped, or is booting)."""
 

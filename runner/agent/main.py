@@ -520,6 +520,11 @@ class Agent:
 
                     layer.serve(conn, rid, request)
                     continue
+                if op in ("unpack", "results"):  # mounts in, /results out, without a host path (files.py)
+                    import files  # noqa: PLC0415  (the agent's own module, next to this file)
+
+                    files.serve(op, conn, reader, rid, request)
+                    continue
                 if op in self.streaming:
                     try:
                         e = self.streaming[op](request)

@@ -220,6 +220,10 @@ class RuntimeBackend(abc.ABC):
     #: runtimes' images are pulled by the nodes from envctl's registry: ``RuntimeSpec.image`` is
     #: ``<repository>@<manifest digest>`` there (the boot pushes a version that is not there yet)
     images_from_registry: ClassVar[bool] = False
+    #: the container can bind directories of envctl's host (prepared git/S3 mounts, the results
+    #: directory); False: they travel over the agent channel (runner/mounts/streamed.py,
+    #: runner/cells/result_remote.py)
+    host_paths: ClassVar[bool] = True
 
     @classmethod
     @abc.abstractmethod

@@ -17,7 +17,9 @@ make a new task after every failed pull, forever):
 - states: ``preparing`` is the ``downloading`` phase (Swarm reports no bytes), ``starting`` is
   booting; ``rejected``/``failed`` fail the boot with the node's message; a task still
   ``pending`` after ``ENVCTL_SWARM_PENDING_TIMEOUT`` fails it naming the resource no node has
-  (``swarm_tasks.missing_resource``); a node that is down turns its runtimes to ``node-lost``.
+  (``swarm_tasks.missing_resource``); a node that is down turns its runtimes to ``node-lost``;
+- mounts (``swarm_mounts``): git and S3 ones streamed in by envctl, a named volume pinning the
+  runtime to its node, ``/results`` fetched over the channel.
 
 What Swarm 20.10 cannot enforce of R1 is in the README ("Docker Swarm").
 """
@@ -43,7 +45,7 @@ from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
 from registry.distribution import ISSUER, SERVICE
-from runner.backends import agent_channel, swarm_files, swarm_tasks
+from runner.backends import agent_channel, swarm_files, swarm_mounts, swarm_tasks
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_PORT,
@@ -80,6 +82,7 @@ class SwarmBackend(RuntimeBackend):
     channels = ("tcp",)
     saves_in_runtime = True
     images_from_registry = True
+    host_paths = False  # mounts streamed in, results fetched, over the agent channel (swarm_mounts)
 
     def __init__(
         self,
@@ -176,8 +179,11 @@ class SwarmBackend(RuntimeBackend):
                 details={"field": "swarm_manager"},
             )
 
-    def service_spec(self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]]) -> dict[str, Any]:
-        """The service's spec (the Engine API's JSON): every limit, label and file in one place."""
+    def service_spec(
+        self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]], pinned: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The service's spec (the Engine API's JSON): every limit, label and file in one place;
+        ``pinned``: the constraints of its named volumes' node (``swarm_mounts``)."""
         m = spec.machine
         if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
             raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
@@ -210,20 +216,11 @@ class SwarmBackend(RuntimeBackend):
             "Mounts": [
                 {**tmpfs, "Target": STATE_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
                 {**tmpfs, "Target": SECRETS_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
+                *swarm_mounts.task_mounts(spec),  # git/S3 ones streamed in by envctl, /results, named volumes
             ],
             "Secrets": [secret],
             "Configs": configs,
         }
-        for bind in spec.mounts:
-            if bind.kind == "bind":
-                raise InvalidInputError(
-                    f"mount at {bind.target}: the swarm backend cannot bind a directory of envctl's host into "
-                    "a runtime on another node (git and S3 mounts are not supported on Swarm yet)",
-                    field="mounts",
-                )
-            container["Mounts"].append(
-                {"Type": "volume", "Source": bind.source, "Target": bind.target, "ReadOnly": bind.read_only}
-            )
         return {
             "Name": spec.container_name,
             "Labels": labels,
@@ -234,7 +231,7 @@ class SwarmBackend(RuntimeBackend):
                     "Reservations": reservations,
                 },
                 "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-                "Placement": {"Constraints": list(m.constraints)},
+                "Placement": {"Constraints": [*m.constraints, *(pinned or [])]},
                 "LogDriver": {"Name": "json-file", "Options": {"max-size": self.log_max_size, "max-file": "1"}},
             },
             "Mode": {"Replicated": {"Replicas": 1}},
@@ -271,6 +268,7 @@ class SwarmBackend(RuntimeBackend):
         installation = spec.labels.get(LABEL_INSTALLATION, "")
         self._remove_leftover(spec)
         configs = self.agent_configs(installation)
+        pinned = swarm_mounts.pins(self.client, spec)  # named volumes: the node that holds them
         for attempt in (1, 2):
             secret = self._make_secret(spec)
             state: BackendState = {
@@ -279,11 +277,12 @@ class SwarmBackend(RuntimeBackend):
                 "secret_id": secret["SecretID"],
             }
             try:
-                body = self.service_spec(spec, secret, configs)
+                body = self.service_spec(spec, secret, configs, swarm_mounts.constraints(pinned))
                 auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
                 state["service_id"] = self._create_service(body, auth.decode())
-                state.update(self._wait_running(spec, state))
-                return state
+                state.update(self._wait_running(spec, state, pinned))
+                nodes = swarm_mounts.record(self.client, spec, pinned, state["node_id"], state["node"], self.labels)
+                return {**state, **({"volume_nodes": nodes} if nodes else {})}
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     self.stop(state, timeout=0)
@@ -293,7 +292,7 @@ class SwarmBackend(RuntimeBackend):
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _wait_running(self, spec: RuntimeSpec, state: BackendState) -> BackendState:
+    def _wait_running(self, spec: RuntimeSpec, state: BackendState, pinned: dict[str, Any]) -> BackendState:
         """Until the task runs: its node and the agent's address; ``BackendError`` naming the node's
         message when it fails, or the resource no node has when it stays pending."""
         began = time.monotonic()
@@ -339,7 +338,8 @@ class SwarmBackend(RuntimeBackend):
                         spec.machine, GPU_RESOURCE, nodes, self._all_tasks(), task.err or task.message
                     )
                     raise BackendError(
-                        f"the runtime could not be placed within {self.pending_timeout:g} s: {why}",
+                        f"the runtime could not be placed within {self.pending_timeout:g} s: {why}"
+                        + swarm_mounts.pinned_note(pinned),
                         details={"task_state": "pending", "swarm_error": task.err},
                     )
             time.sleep(BOOT_POLL)

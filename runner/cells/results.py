@@ -1,7 +1,8 @@
 """Collects the files cells write under ``/results`` after each execution.
 
 The runtime's results directory (``<state dir>/results`` on the host, ``/results`` in the
-container) is scanned; each new or changed file is copied to the results store by content
+container; for a backend without ``host_paths`` a copy fetched over the agent channel first,
+``result_remote.py``) is scanned; each new or changed file is copied to the results store by content
 and recorded as a version (path, sha256, size, the execution that made it). Records keep no
 foreign key to the runtime: results outlive it.
 """
@@ -22,6 +23,7 @@ from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from runner.cells import store as cellstore
 from runner.cells.result_files import ResultChangedError, ResultStore, ScannedFile, scan, store_from_settings
+from runner.cells.result_remote import RemoteResults
 from runner.models import ResultFile as ResultRow
 from runner.models import Runtime
 from runner.paths import RuntimePaths
@@ -39,6 +41,8 @@ class ResultCollector:
         self._index: dict[str, dict[str, ScannedFile]] = {}  # runtime -> scan index (for mtime shortcuts)
         self._known: dict[str, dict[str, str]] = {}  # runtime -> path -> sha256 recorded last
         self._lock = threading.Lock()
+        # a runtime without a directory on this host: its /results fetched over the agent channel
+        self.remote = RemoteResults(paths.agent) if not paths.backend.host_paths else None
 
     @property
     def store(self) -> ResultStore:
@@ -52,6 +56,11 @@ class ResultCollector:
     def collect(self, runtime_id: str, owner_id: str, execution_id: str | None) -> list[ScannedFile]:
         """Record what changed under the runtime's results since the last collection."""
         root = self.results_dir(runtime_id)
+        if self.remote is not None:
+            try:
+                self.remote.sync(runtime_id, root)
+            except EnvctlError as exc:  # what was fetched before is still recorded below
+                log.warning("could not fetch the results of %s from its runtime: %s", runtime_id, exc.message)
         try:
             with os.scandir(root) as entries:
                 empty = next(entries, None) is None
@@ -114,6 +123,8 @@ class ResultCollector:
         return {r[0]: r[1] for r in rows}
 
     def forget(self, runtime_id: str) -> None:
+        if self.remote is not None:
+            self.remote.forget(runtime_id)
         with self._lock:
             self._index.pop(runtime_id, None)
             self._known.pop(runtime_id, None)

@@ -7,5 +7,7 @@ at a target directory of the container.
 - git.py: the shared clone cache and the checkout of a ref per commit, run with a fixed argv;
 - s3.py: the ETag-aware download cache (and the write-back on stop);
 - cache.py: the lock the caches share;
-- prepare.py: what a boot does with a runtime's mounts (downloads, progress, binds, record).
+- prepare.py: what a boot does with a runtime's mounts (downloads, progress, binds, record);
+- streamed.py: the prepared trees sent into a runtime whose container cannot bind this host's
+  directories (Swarm), over the agent channel.
 """

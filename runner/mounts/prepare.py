@@ -10,6 +10,9 @@ since they were stored), then each is made ready, the runtime's phase going from
 - volume: the installation's Docker volume for the owner's named volume, made when missing
   (runner/mounts/named_volumes.py names it);
 
+(a backend without ``host_paths``, Swarm, gets the git and S3 trees streamed into the runtime
+once its agent answers: runner/mounts/streamed.py; a written-back S3 mount is refused there);
+
 and what was mounted (the commit; the ETags; the volume) is returned, to be kept on the runtime and
 copied onto every execution.
 """
@@ -20,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from envs.kit.config import Settings
+from envs.kit.errors import InvalidInputError
 from runner.backends.base import MountBind, RuntimeBackend
 from runner.mounts.errors import MountFetchError
 from runner.mounts.git import GitCache
@@ -49,6 +53,13 @@ class MountPreparer:
             return [], []
         report(PREPARING, None)
         mounts = check_mounts(list(stored), allow_hosts=self.settings.mounts_allow_hosts)
+        for i, m in enumerate(mounts):
+            if isinstance(m, S3Mount) and m.writeback and not self.backend.host_paths:
+                raise InvalidInputError(
+                    f"mounts[{i}]: an S3 mount written back on stop (writeback) is not available on the "
+                    f"{self.backend.name} backend yet; mount it read-only or use a named volume",
+                    field=f"mounts[{i}].writeback",
+                )
         try:
             return self._prepare(mounts, owner_id, runtime_id, report)
         except OSError as exc:  # the data directory: full, unwritable

@@ -45,6 +45,7 @@ from runner.errors import GpuUnavailableError, NetworkPoolExhaustedError
 from runner.identity import RunnerIdentity
 from runner.models import Runtime
 from runner.mounts.prepare import MountPreparer, mounted_note
+from runner.mounts.streamed import restore_results, send_mounts, with_nodes
 from runner.paths import RuntimePaths
 from runner.runtimes import envvars
 from runner.runtimes.machines import cuda_dir, get_machine_type
@@ -260,8 +261,11 @@ class Booter:
         if credential is not None and self.paths.links is not None:
             # the address and the sealed credential on the row: any server reaches the agent
             backend_state["agent"] = self.paths.links.record(credential, str(agent["host"]), int(agent["port"]))
+        pinned = dict(backend_state.get("volume_nodes") or {})  # target -> node (swarm_mounts)
         with records.tx() as s:
             records.set_in(s, runtime_id, backend_state=backend_state)
+            if pinned and (row := s.get(Runtime, runtime_id)) is not None:
+                records.set_in(s, runtime_id, mounts_used=with_nodes(row.mounts_used or [], pinned))
             records.log(
                 s,
                 runtime_id,
@@ -269,11 +273,13 @@ class Booter:
                 reason="boot",
                 message=f"container {backend_state.get('container_name', '')} started"
                 + (f" on node {backend_state['node']}" if backend_state.get("node") else "")
-                + (f", its agent on tcp {agent['host']}:{agent['port']}" if credential is not None else ""),
+                + (f", its agent on tcp {agent['host']}:{agent['port']}" if credential is not None else "")
+                + (f"; pinned to the node of its named volumes ({', '.join(sorted(pinned))})" if pinned else ""),
                 details={
                     "container_id": backend_state.get("container_id") or backend_state.get("service_id"),
                     "channel": spec.channel,
                     **({"node": backend_state["node"]} if backend_state.get("node") else {}),
+                    **({"volume_nodes": pinned} if pinned else {}),
                 },
             )
 
@@ -298,6 +304,9 @@ class Booter:
         try:
             if secrets is not None:  # over the agent's channel, never through Docker (R6)
                 secrets.send(target)
+            if not self.backend.host_paths:  # git/S3 mounts prepared here, streamed in (runner/mounts/streamed.py)
+                send_mounts(target, spec.mounts, self._progress(runtime_id))
+                restore_results(target, spec.state_dir / "results")
             if self.drafts.in_registry:  # saves judge deletions against the boot's index (runner/saves/drafts.py)
                 pong["index_wait_seconds"] = round(self.drafts.wait_index(target, deadline), 4)
         except EnvctlError as exc:

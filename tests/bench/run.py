@@ -21,6 +21,7 @@ from tests.bench import (
     bench_save,
     bench_secret_save,
     bench_swarm,
+    bench_swarm_mounts,
     bench_transfer,
 )
 
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "insave": bench_insave.run,
     "insave-boot": bench_insave_boot.run,
     "swarm": bench_swarm.run,
+    "swarm-mounts": bench_swarm_mounts.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

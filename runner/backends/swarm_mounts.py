@@ -1,0 +1,137 @@
+"""A Swarm runtime's mounts (issue 15 item 4): what its task mounts, and named volumes pinned to
+the node that holds them.
+
+- **git and S3 mounts** are prepared on envctl's host as on the local engine (validated before
+  any network call, fetched into the caches, recorded), then streamed into the runtime over the
+  agent channel at boot (``runner/mounts/streamed.py``, the agent's ``files.py``): the task gets
+  an empty anonymous volume at each target for the agent to unpack into (a mount point, so never
+  in a save or a draft; removed with the container). A written-back S3 mount is refused.
+- ``/results`` is an anonymous volume too; envctl fetches what cells write there over the
+  channel after each cell (``runner/cells/result_remote.py``).
+- **A named volume** is a node's own Docker volume, so the runtime is pinned to the node that
+  holds it: the first boot that mounts it lands where Swarm places it, and that node is recorded
+  as a Swarm config of the installation (``envctl-volpin-<hash>``, labelled with the volume and
+  the node: the cluster's own store, shared by every envctl server of the installation); later
+  boots get the placement constraint ``node.id==<that node>``. A node that is gone leaves the
+  runtime pending, and its boot fails naming the pin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import docker
+import docker.errors
+
+from envs.images.docker import daemon_error
+from envs.kit.errors import BackendError, InvalidInputError
+from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED, RuntimeSpec
+
+RESULTS = "/results"
+LABEL_PIN_VOLUME = "envctl.volume-pin"  # the engine name of the pinned volume
+LABEL_PIN_NODE = "envctl.volume-node"  # the node's id
+LABEL_PIN_NODE_NAME = "envctl.volume-node-name"
+
+
+def task_mounts(spec: RuntimeSpec) -> list[dict[str, Any]]:
+    """The task's mounts for the runtime's mounts and ``/results``."""
+    out: list[dict[str, Any]] = [{"Type": "volume", "Target": RESULTS}]
+    for bind in spec.mounts:
+        if bind.kind == "bind":
+            if not bind.read_only:
+                raise InvalidInputError(
+                    f"mount at {bind.target}: an S3 mount written back on stop (writeback) is not available on "
+                    "the swarm backend yet; mount it read-only or use a named volume",
+                    field="mounts",
+                )
+            out.append({"Type": "volume", "Target": bind.target})  # empty; the agent unpacks into it
+        else:
+            out.append({"Type": "volume", "Source": bind.source, "Target": bind.target, "ReadOnly": bind.read_only})
+    return out
+
+
+def streamed(spec: RuntimeSpec) -> bool:
+    return any(b.kind == "bind" for b in spec.mounts)
+
+
+def _pin_name(volume: str) -> str:
+    return "envctl-volpin-" + hashlib.sha256(volume.encode()).hexdigest()[:40]
+
+
+def _volumes(spec: RuntimeSpec) -> dict[str, str]:
+    """Engine volume name -> target, of the runtime's named volumes."""
+    return {b.source: b.target for b in spec.mounts if b.kind == "volume"}
+
+
+def pins(client: docker.DockerClient, spec: RuntimeSpec) -> dict[str, dict[str, str]]:
+    """Engine volume name -> {"node_id", "node"} of the runtime's volumes already pinned."""
+    found: dict[str, dict[str, str]] = {}
+    installation = spec.labels.get(LABEL_INSTALLATION, "")
+    for volume in _volumes(spec):
+        try:
+            configs = client.api.configs(filters={"name": _pin_name(volume)})
+        except Exception as exc:
+            raise daemon_error("look up the node of a named volume", exc) from exc
+        for c in configs:
+            labels = (c.get("Spec") or {}).get("Labels") or {}
+            mine = labels.get(LABEL_INSTALLATION) == installation
+            if (c.get("Spec") or {}).get("Name") == _pin_name(volume) and mine:
+                found[volume] = {"node_id": labels.get(LABEL_PIN_NODE, ""), "node": labels.get(LABEL_PIN_NODE_NAME, "")}
+    return found
+
+
+def constraints(pinned: dict[str, dict[str, str]]) -> list[str]:
+    return sorted({f"node.id=={p['node_id']}" for p in pinned.values() if p.get("node_id")})
+
+
+def pinned_note(pinned: dict[str, dict[str, str]]) -> str:
+    """For a boot that stayed pending: which node its volumes tie it to."""
+    if not pinned:
+        return ""
+    nodes = sorted({p.get("node") or p.get("node_id", "") for p in pinned.values()})
+    return f"; its named volumes are on node {', '.join(nodes)} (the runtime is pinned there, and it is not available)"
+
+
+def record(
+    client: docker.DockerClient,
+    spec: RuntimeSpec,
+    pinned: dict[str, dict[str, str]],
+    node_id: str,
+    node: str,
+    labels: dict[str, str],
+) -> dict[str, str]:
+    """Pin the runtime's volumes not pinned yet to ``node_id``, where its task runs; target ->
+    node name for every named volume of the runtime (for the runner log and ``mounts_used``).
+    A volume pinned meanwhile by another boot to another node fails this boot."""
+    installation = spec.labels.get(LABEL_INSTALLATION, "")
+    targets = _volumes(spec)
+    for volume in targets:
+        if volume in pinned:
+            continue
+        made = {
+            **labels,
+            LABEL_INSTALLATION: installation,
+            LABEL_MANAGED: "volume-pin",
+            LABEL_PIN_VOLUME: volume[:200],
+            LABEL_PIN_NODE: node_id,
+            LABEL_PIN_NODE_NAME: node,
+        }
+        data = json.dumps({"volume": volume, "node_id": node_id, "node": node}).encode()
+        try:
+            client.api.create_config(_pin_name(volume), data, labels=made)
+        except docker.errors.APIError as exc:
+            if "already exists" not in str(exc):
+                raise daemon_error("record the node of a named volume", exc) from exc
+            other = pins(client, spec).get(volume, {})
+            if other.get("node_id") and other["node_id"] != node_id:
+                raise BackendError(
+                    f"the volume at {targets[volume]} was made on node {other.get('node')} by a boot at the same "
+                    f"moment, and this runtime landed on {node}: start it again (it will be placed on "
+                    f"{other.get('node')})",
+                    details={"volume_node": other.get("node")},
+                ) from exc
+        except Exception as exc:
+            raise daemon_error("record the node of a named volume", exc) from exc
+    return {t: (pinned.get(v) or {}).get("node") or node for v, t in targets.items()}
