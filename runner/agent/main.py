@@ -536,9 +536,10 @@ class Agent:
                     import layer  # noqa: PLC0415  (the agent's own module, next to this file)
 
                     layer.serve(conn, rid, request)
-                    self.cells_since_layer = 0
-                    if self.terminating is not None:
-                        self.draft_taken.set()
+                    if str(request.get("action") or "make") == "make":  # a save's or a draft's layer
+                        self.cells_since_layer = 0
+                        if self.terminating is not None:
+                            self.draft_taken.set()
                     continue
                 if op in self.streaming:
                     try:
