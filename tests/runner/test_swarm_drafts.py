@@ -29,7 +29,10 @@ WORK = (
     "mkdir -p /opt/t/sub && head -c 300000 /dev/urandom > /opt/t/blob && echo hello > /opt/t/sub/x"
     " && chmod 640 /opt/t/blob && ln -s sub/x /opt/t/link && rm /etc/issue && "
 )
-CHECKSUMS = "find /opt/t -type f | sort | xargs sha256sum; stat -c '%n %a %F' /opt/t /opt/t/*; test -e /etc/issue && echo issue-present || echo issue-gone"
+CHECKSUMS = (
+    "find /opt/t -type f | sort | xargs sha256sum; stat -c '%n %a %F' /opt/t /opt/t/*;"
+    " test -e /etc/issue && echo issue-present || echo issue-gone"
+)
 
 
 @pytest.fixture(scope="module")
