@@ -23,6 +23,7 @@ from tests.fixtures.transfer import cli_json
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+STOP_BOUND = 15.0  # seconds a stop with a draft may take (the agent's SIGTERM wait is 20 s)
 
 # the work: files of every kind, and a file of the version deleted
 WORK = (
@@ -97,17 +98,42 @@ def boot_elsewhere(server: Server, client: httpx.Client, rid: str, machine: str,
     assert text(read) == work
 
 
-def test_a_draft_made_on_worker1_is_restored_on_worker2_with_every_file_the_same(server: Server) -> None:
+def gone_from(swarm: Swarm, node: str, rid: str) -> float:
+    """Seconds until the runtime's container is gone from the node's engine (bounded by 40 s)."""
+    began = time.monotonic()
+    worker = docker.DockerClient(base_url=swarm.host(node), timeout=30)
+    try:
+        while worker.api.containers(all=True, filters={"label": f"envctl.runtime-id={rid}"}):
+            if time.monotonic() - began > 40:
+                break
+            time.sleep(0.2)
+    finally:
+        worker.close()
+    return time.monotonic() - began
+
+
+def test_a_draft_made_on_worker1_is_restored_on_worker2_with_every_file_the_same(server: Server, swarm: Swarm) -> None:
     with server.client() as client:
         rid, work = with_work(server, client, "drafter", "w1")
         assert client.get(f"/runtimes/{rid}").json()["node"] == "swarm-worker1"
+        began = time.monotonic()
         assert client.post(f"/runtimes/{rid}/stop").status_code in (200, 202)
         stopped = server.wait_state(client, rid, {"stopped", "error"}, timeout=120)
+        took = time.monotonic() - began
+        after = gone_from(swarm, "worker1", rid)
+        print(f"\nstop with a draft: {took:.1f} s to stopped, container gone {after:.1f} s later")
+        assert after < STOP_BOUND, f"the container stayed {after:.1f} s after the stop"
         assert stopped["state"] == "stopped", stopped
+        # envctl tells the agent it stops it: its SIGTERM does not wait out the 20 s for a draft
+        assert took < STOP_BOUND, f"the stop took {took:.1f} s"
         kept = [e for e in log_of(client, rid) if e.get("event") == "draft-kept"]
         assert kept and kept[-1]["details"]["repository"] == f"envctl-drafts/{rid}", kept
-        boot_elsewhere(server, client, rid, "w2", "worker2", work)
-        client.delete(f"/runtimes/{rid}")
+        boot_elsewhere(server, client, rid, "w2", "worker2", work)  # a cell ran since: no draft taken
+        began = time.monotonic()
+        assert client.delete(f"/runtimes/{rid}").status_code in (200, 202, 204)
+        took = gone_from(swarm, "worker2", rid)
+        print(f"container gone {took:.1f} s after a delete that followed a cell")
+        assert took < STOP_BOUND, f"the container stayed {took:.1f} s: the agent was not told envctl stops it"
 
 
 def test_a_drain_behind_envctls_back_keeps_the_work_through_the_agents_sigterm(server: Server, manager: Any) -> None:
