@@ -136,6 +136,21 @@ def test_a_draft_made_on_worker1_is_restored_on_worker2_with_every_file_the_same
         assert took < STOP_BOUND, f"the container stayed {took:.1f} s: the agent was not told envctl stops it"
 
 
+def test_an_idle_shutdown_on_worker2_keeps_a_draft_that_boots_on_worker1(server: Server, swarm: Swarm) -> None:
+    with server.client() as client:
+        rid, work = with_work(server, client, "idler", "w2")
+        r = client.patch(f"/runtimes/{rid}", json={"idle_timeout": 2})
+        assert r.status_code == 200, r.text
+        stopped = server.wait_state(client, rid, {"stopped", "error"}, timeout=120)
+        assert stopped["state"] == "stopped" and stopped["state_reason"] == "idle", stopped
+        assert any(e.get("event") == "draft-kept" for e in log_of(client, rid))
+        r = client.patch(f"/runtimes/{rid}", json={"idle_timeout": 600})
+        assert r.status_code == 200, r.text
+        boot_elsewhere(server, client, rid, "w1", "worker1", work)
+        client.delete(f"/runtimes/{rid}")
+        assert (took := gone_from(swarm, "worker1", rid)) < STOP_BOUND, f"its container stayed {took:.1f} s"
+
+
 def test_a_drain_behind_envctls_back_keeps_the_work_through_the_agents_sigterm(server: Server, manager: Any) -> None:
     """The operator drains worker1 on the manager: Swarm sends the agent SIGTERM; the agent waits,
     envctl sees the task stopping, takes the draft, and the runtime says why it went."""
