@@ -12,8 +12,10 @@
   stop's draft is streamed by the agent and pushed to ``envctl-drafts/<runtime id>`` in the
   registry (``registry/drafts.py``), one layer on the version holding every change since it
   (the previous draft's paths are forced into the walk); the next boot, on whichever node,
-  pulls it by digest (``ensure_local``). A replaced, reset, saved or deleted runtime's draft
-  manifest is deleted. An exited container's agent is gone: its rescue stays an engine commit.
+  pulls it by digest (``ensure_local``; on Swarm the node itself, ``registry_image``). A replaced,
+  reset, saved or deleted runtime's draft manifest is deleted. An exited container's agent is
+  gone: its rescue stays an engine commit (none on Swarm). A Swarm task that the manager stops on
+  its own (a drain) has an agent that waits after SIGTERM: reconciliation takes its draft then.
 """
 
 from __future__ import annotations
