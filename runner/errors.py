@@ -144,3 +144,7 @@ class ContainerNotFoundError(NotFoundError):
     """The container named for an attached runtime is not on the engine."""
 
     code = "container_not_found"
+
+
+class NodeNotFoundError(NotFoundError):
+    code = "node_not_found"

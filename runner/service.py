@@ -51,6 +51,7 @@ module):
 ``backends/``              the container engines behind it all (docker, fake)
 ``runtimes/pool.py``       pooled runtimes, claimed once (``pool_overview.py``: what the pool holds)
 ``runtimes/attach.py``     containers envctl did not make, attached to and detached from
+``runtimes/drain.py``      a node drained: its runtimes stopped with a draft first
 =========================  ====================================================================
 """
 
@@ -91,6 +92,7 @@ from runner.runtimes import envvars, idle, leases
 from runner.runtimes.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
 from runner.runtimes.attach import Attach, container_of
 from runner.runtimes.boot import Booter
+from runner.runtimes.drain import NodeDrain
 from runner.runtimes.housekeeping import Housekeeping
 from runner.runtimes.lifecycle import Lifecycle
 from runner.runtimes.pool import Pool
@@ -187,6 +189,8 @@ class RunnerService:
             settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/saves/drafts.py)
+        if hasattr(backend, "release"):  # Swarm: the agent's SIGTERM waits for a draft unless told
+            backend.release = drafts.release_agent
         self.results = ResultCollector(settings, db, clock, paths)
         self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
         self.feeds = Feeds()
@@ -260,6 +264,7 @@ class RunnerService:
             acting=lambda: not self.lease.lost.is_set(),
             delete_runtime=lifecycle.delete,
         )
+        self.drain = NodeDrain(records, concurrency, backend, stop_now=lifecycle.stop_now)
         self.builds = Builds(
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
         )
@@ -410,6 +415,13 @@ class RunnerService:
     def nodes(self) -> builtins.list[dict[str, Any]]:
         """The machines runtimes run on (the backend's ``nodes``), with this installation's runtimes."""
         return self.backend.nodes(self.identity.installation)
+
+    def drain_node(self, name: str, by: str) -> dict[str, Any]:
+        """Stop this runner's runtimes on the node with a draft first, then drain it (runner/runtimes/drain.py)."""
+        return self.drain.drain(name, by)
+
+    def activate_node(self, name: str) -> dict[str, Any]:
+        return self.drain.activate(name)
 
     def runners(self) -> builtins.list[RunnerLiveness]:
         """Every runner of the installation and whether it is alive."""

@@ -1,4 +1,5 @@
-"""``envctl nodes``: the machines runtimes run on, their capacity, health and runtimes."""
+"""``envctl nodes [list|drain|activate]``: the machines runtimes run on, their capacity, health and
+runtimes; draining one (its runtimes stopped with their drafts first) and activating it again."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Any
 import click
 
 from api.cli.client import Api
-from api.cli.options import Command, client_options
-from api.cli.output import human_bytes, listing
+from api.cli.errors import EXIT_OK
+from api.cli.options import DefaultGroup, client_options
+from api.cli.output import human_bytes, listing, print_json
+
+DRAIN_TIMEOUT = 600.0  # seconds the drain request may take: each runtime's draft is pushed first
 
 
 def _row(n: dict[str, Any]) -> dict[str, Any]:
@@ -28,9 +32,14 @@ def _row(n: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@click.command("nodes", cls=Command)
+@click.group("nodes", cls=DefaultGroup)
+def nodes() -> None:
+    """The nodes runtimes run on. `envctl nodes` is short for `envctl nodes list`."""
+
+
+@nodes.command("list")
 @client_options
-def nodes(api: Api, as_json: bool) -> int:
+def nodes_list(api: Api, as_json: bool) -> int:
     """List the nodes runtimes run on: role, health, capacity, labels, runtimes."""
     return listing(
         api.call("GET", "/nodes"),
@@ -47,3 +56,33 @@ def nodes(api: Api, as_json: bool) -> int:
         ],
         _row,
     )
+
+
+def _availability(api: Api, as_json: bool, name: str, action: str) -> int:
+    done: dict[str, Any] = api.call("POST", f"/nodes/{name}/{action}", timeout=DRAIN_TIMEOUT)
+    if as_json:
+        print_json(done)
+        return EXIT_OK
+    stopped = done.get("stopped") or []
+    if stopped:
+        print(f"stopped {len(stopped)} runtimes with their drafts: {', '.join(stopped)}")
+    print(f"node {done['node']} is now {done['availability']}")
+    return EXIT_OK
+
+
+@nodes.command("drain")
+@click.argument("name", help="the node's name (as `envctl nodes` shows it) or id")
+@client_options
+def nodes_drain(api: Api, as_json: bool, name: str) -> int:
+    """Drain a node (admins): its runtimes of this envctl are stopped with their unsaved changes
+    kept as drafts (their next boot lands elsewhere and restores them), then Swarm takes no new
+    task there and stops what else runs on it. Undo with `envctl nodes activate NAME`."""
+    return _availability(api, as_json, name, "drain")
+
+
+@nodes.command("activate")
+@click.argument("name", help="the node's name or id")
+@client_options
+def nodes_activate(api: Api, as_json: bool, name: str) -> int:
+    """Make a drained (or paused) node take runtimes again (admins)."""
+    return _availability(api, as_json, name, "activate")

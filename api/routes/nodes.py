@@ -4,6 +4,10 @@ The local Docker backend has one, its engine; the Swarm backend lists the swarm'
 their labels, capacity, health and this installation's runtimes on each. A runtime's id is
 shown only to those who may see the runtime (the same rule as ``GET /runtimes``); the others
 see how many there are.
+
+An admin drains a node (``POST /nodes/{name}/drain``): this installation's runtimes on it are
+stopped with their drafts first, then Swarm takes no new task there (``runner/runtimes/drain.py``);
+``POST /nodes/{name}/activate`` undoes it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.deps import CallerDep, CtxDep
+from api.deps import Caller, CallerDep, CtxDep
+from envs.kit.errors import ForbiddenError
 
 router = APIRouter(tags=["nodes"])
 
@@ -57,3 +62,30 @@ def list_nodes(ctx: CtxDep, caller: CallerDep) -> list[NodeOut]:
         )
         for n in nodes
     ]
+
+
+class NodeAvailabilityOut(BaseModel):
+    node: str
+    availability: str = Field(description="the node's availability now: drain or active")
+    stopped: list[str] = Field(description="runtimes of this installation stopped (with their drafts) first")
+
+
+def _admin(caller: Caller, what: str) -> None:
+    if not caller.is_admin:
+        raise ForbiddenError(f"only an envctl admin may {what} a node")
+
+
+@router.post("/nodes/{name}/drain", response_model=NodeAvailabilityOut)
+def drain_node(name: str, ctx: CtxDep, caller: CallerDep) -> NodeAvailabilityOut:
+    """Stop this installation's runtimes on the node, each with a draft first, then drain it:
+    their next boot lands on another node and restores the draft. Admins only; 404 for an
+    unknown node; 409 (the node left paused) when a runtime could not be stopped."""
+    _admin(caller, "drain")
+    return NodeAvailabilityOut(**ctx.runner.drain_node(name, by=caller.name))
+
+
+@router.post("/nodes/{name}/activate", response_model=NodeAvailabilityOut)
+def activate_node(name: str, ctx: CtxDep, caller: CallerDep) -> NodeAvailabilityOut:
+    """Let Swarm place runtimes on the node again (availability ``active``). Admins only."""
+    _admin(caller, "activate")
+    return NodeAvailabilityOut(**ctx.runner.activate_node(name))

@@ -88,6 +88,10 @@ class Execution:
         self.timed_out = False
         self.interrupted = False
         self.started_at = time.time()
+        self.terminating: float | None = None  # when SIGTERM came, with --term-wait (terminate())
+        self.draft_taken = threading.Event()  # a layer streamed since: envctl has the draft
+        self.cells_since_layer = 0  # cells sent since envctl last took a layer (a save or a draft)
+        self.released = False  # envctl stops the runtime itself: SIGTERM exits at once (op_release)
         self.finished_at: float | None = None
         self.cond = threading.Condition()
         self.kernel: kernels.Kernel | None = None
@@ -169,6 +173,10 @@ class Agent:
         self.credential = credential  # a tcp channel's (handshake.py); None: the Unix socket
         self._refused: list[dict[str, Any]] = []  # refusals envctl has not been told about yet
         self.started_at = time.time()
+        self.terminating: float | None = None  # when SIGTERM came, with --term-wait (terminate())
+        self.draft_taken = threading.Event()  # a layer streamed since: envctl has the draft
+        self.cells_since_layer = 0  # cells sent since envctl last took a layer (a save or a draft)
+        self.released = False  # envctl stops the runtime itself: SIGTERM exits at once (op_release)
         self.handlers = {
             "ping": self.op_ping,
             "status": self.op_status,
@@ -177,6 +185,7 @@ class Agent:
             "stat": self.op_stat,
             "secrets": self.op_secrets,
             "warm": self.op_warm,
+            "release": self.op_release,
         }
         self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
         self.kernels: dict[str, kernels.Kernel] = {}
@@ -204,7 +213,14 @@ class Agent:
             "python": sys.version.split()[0],
             "rss_kb": rss_kb(),
             "busy": self.current is not None,
+            "terminating": self.terminating is not None,
         }
+
+    def op_release(self, request: dict[str, Any]) -> dict[str, Any]:
+        """envctl is about to stop the runtime itself (after its draft, or a reset or delete):
+        a SIGTERM then ends the agent at once instead of waiting for a draft."""
+        self.released = True
+        return {"op": "release"}
 
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._state_lock:
@@ -290,6 +306,7 @@ class Agent:
         eid = str(request.get("execution_id") or "")
         if not eid:
             raise ValueError("execute needs an execution_id")
+        self.cells_since_layer += 1
         for stored in list(request.get("ack") or [])[:16]:  # earlier cells the runner has stored
             self._forget(str(stored))
         with self._state_lock:
@@ -519,6 +536,10 @@ class Agent:
                     import layer  # noqa: PLC0415  (the agent's own module, next to this file)
 
                     layer.serve(conn, rid, request)
+                    if str(request.get("action") or "make") == "make":  # a save's or a draft's layer
+                        self.cells_since_layer = 0
+                        if self.terminating is not None:
+                            self.draft_taken.set()
                     continue
                 if op in ("unpack", "results"):  # mounts in, /results out, without a host path (files.py)
                     import files  # noqa: PLC0415  (the agent's own module, next to this file)
@@ -584,6 +605,28 @@ class Agent:
                 return
 
 
+def terminate(agent: Agent, wait: float) -> None:
+    """SIGTERM with ``--term-wait``: what Swarm sends when a node drains or a service goes. The
+    cells stop (the files hold still), the agent keeps answering for up to ``wait`` seconds so
+    that envctl can take the unsaved changes as a draft (a ``layer`` request; pings say
+    ``terminating``), then exits. The runtime's stop grace period must be longer than ``wait``."""
+    if agent.terminating is not None:
+        return
+    if agent.released or (agent.cells_since_layer == 0 and agent.current is None):
+        wait = 0.0  # nothing to keep: envctl stops it, or no cell ran since its last layer
+    agent.terminating = time.time()
+    for kernel in list(agent.kernels.values()):
+        kernel.kill()
+    print(f"envctl-agent: SIGTERM: waiting up to {wait:g} s for envctl to take a draft", file=sys.stderr, flush=True)
+
+    def wait_then_exit() -> None:
+        taken = agent.draft_taken.wait(wait) if wait > 0 else False
+        print(f"envctl-agent: exiting ({'draft taken' if taken else 'no draft taken'})", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    threading.Thread(target=wait_then_exit, name="terminating", daemon=True).start()
+
+
 def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
 
@@ -642,8 +685,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     agent = Agent(path, credential)
 
+    term_wait = float(options.get("--term-wait", "0"))
+
     def _exit(signum: int, _frame: object) -> None:
         # As the container's main process a signal without a handler would be ignored.
+        if signum == signal.SIGTERM and term_wait > 0 and agent.terminating is None:
+            terminate(agent, term_wait)
+            return
         for kernel in list(agent.kernels.values()):
             kernel.kill()
         os._exit(0)

@@ -363,6 +363,13 @@ class RuntimeBackend(abc.ABC):
         runtimes on it). The default: none known."""
         return []
 
+    def set_node_availability(self, name: str, availability: str) -> dict[str, Any]:
+        """Set a node's availability (``active``, ``pause``, ``drain``); the node as it was
+        (``id``/``ID``, its name). A backend without nodes to schedule on has none to drain."""
+        raise InvalidInputError(
+            f"the {self.name} backend runs runtimes on one engine: it has no node to drain or activate", field="node"
+        )
+
     def ping(self) -> None:  # noqa: B027  (optional hook)
         """Raise ``BackendError`` when the backend cannot be reached."""
 

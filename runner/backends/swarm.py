@@ -33,6 +33,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,10 @@ from runner.identity import RunnerIdentity
 
 log = logging.getLogger("envctl.swarm")
 GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
-STOP_GRACE_NS = 2_000_000_000
+# SIGTERM (a drain, a service removed outside envctl) leaves the agent TERM_WAIT s for envctl to
+# take a draft (runner/agent/main.py terminate); Swarm kills the task after the grace period
+TERM_WAIT = 20.0
+STOP_GRACE_NS = int((TERM_WAIT + 5) * 1e9)
 POLL = 0.2
 BOOT_POLL = 0.05  # while a boot waits for its task: each state change seen this much later at most
 
@@ -109,6 +113,7 @@ class SwarmBackend(RuntimeBackend):
         self._client: docker.DockerClient | None = None
         self._local: docker.DockerClient | None = None
         self._configs: dict[str, list[dict[str, Any]]] = {}  # installation -> the agent's config references
+        self.release: Callable[[BackendState], None] | None = None  # tells a runtime's agent envctl stops it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SwarmBackend:
@@ -204,7 +209,10 @@ class SwarmBackend(RuntimeBackend):
         tmpfs = {"Type": "tmpfs"}
         container: dict[str, Any] = {
             "Image": f"{self.registry}/{spec.image}",
-            "Command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")],
+            "Command": [
+                *("python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")),
+                *("--term-wait", f"{TERM_WAIT:g}"),
+            ],
             "Hostname": spec.name[:63],
             "Env": [f"{k}={v}" for k, v in spec.env.items()],
             "Dir": "/root",
@@ -356,10 +364,12 @@ class SwarmBackend(RuntimeBackend):
             raise daemon_error("inspect the runtime's service", exc) from exc
         task = swarm_tasks.latest_task(self._tasks(sid))
         nodes = {str(n.get("ID")): n for n in self._list_nodes()}
-        return _status(task, nodes)
+        return swarm_tasks.status_of(task, nodes)
 
     def stop(self, state: BackendState, timeout: float = 5.0) -> None:
         sid = state.get("service_id")
+        if sid and state.get("agent") and self.release is not None:
+            self.release(state)  # envctl stops it: the agent's SIGTERM waits for no draft
         if sid:
             try:
                 self.client.api.remove_service(sid)
@@ -404,7 +414,7 @@ class SwarmBackend(RuntimeBackend):
                 continue
             sid = str(svc["ID"])
             task = swarm_tasks.latest_task(by_service.get(sid, []))
-            status = _status(task, nodes)
+            status = swarm_tasks.status_of(task, nodes)
             state: BackendState = {"service_id": sid, "container_name": (svc.get("Spec") or {}).get("Name", "")}
             secret_refs = (((svc.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
                 "Secrets"
@@ -457,6 +467,9 @@ class SwarmBackend(RuntimeBackend):
         except Exception as exc:
             raise daemon_error("list the swarm's nodes", exc) from exc
         return swarm_tasks.nodes_view(nodes, tasks, services)
+
+    def set_node_availability(self, name: str, availability: str) -> dict[str, Any]:
+        return swarm_tasks.set_availability(self.client, name, availability)
 
     # --- helpers -------------------------------------------------------------------------
     def agent_configs(self, installation: str) -> list[dict[str, Any]]:
@@ -583,15 +596,4 @@ def _published(task: swarm_tasks.TaskView) -> int:
     raise BackendError(f"the runtime's task has no published port for its agent ({task.ports})")
 
 
-def _status(task: swarm_tasks.TaskView | None, nodes: dict[str, dict[str, Any]]) -> ContainerStatus:
-    if task is None:
-        return ContainerStatus(Status.GONE)
-    node = nodes.get(task.node_id) if task.node_id else None
-    name = swarm_tasks.node_name(node)
-    if task.node_id and (lost := swarm_tasks.node_down(node)) is not None and task.state not in swarm_tasks.ENDED:
-        return ContainerStatus(Status.EXITED, error=lost, reason="node-lost", node=name)
-    if task.state in swarm_tasks.ENDED:
-        return ContainerStatus(
-            Status.EXITED, exit_code=task.exit_code, error=task.err or task.message, started_at=task.since, node=name
-        )
-    return ContainerStatus(Status.RUNNING, started_at=task.since, node=name)
+_status = swarm_tasks.status_of  # where it lives now (runner/backends/swarm_tasks.py)

@@ -12,8 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import docker
+
+from envs.images.docker import daemon_error
 from envs.kit.config import MachineType
-from runner.backends.base import LABEL_RUNTIME
+from envs.kit.errors import InvalidInputError
+from runner.backends.base import LABEL_RUNTIME, ContainerStatus, Status
+from runner.errors import NodeNotFoundError
 
 # task states on the way to running, and the runtime phase each one is
 WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}
@@ -32,6 +37,7 @@ class TaskView:
     exit_code: int | None
     since: str
     ports: list[dict[str, Any]]
+    desired: str = "running"  # the manager's DesiredState: shutdown/remove while it stops the task
 
 
 def latest_task(tasks: list[dict[str, Any]]) -> TaskView | None:
@@ -51,7 +57,34 @@ def latest_task(tasks: list[dict[str, Any]]) -> TaskView | None:
         exit_code=int(code) if isinstance(code, int) and status.get("State") in ENDED else None,
         since=str(status.get("Timestamp") or ""),
         ports=list((status.get("PortStatus") or {}).get("Ports") or []),
+        desired=str(task.get("DesiredState") or "running"),
     )
+
+
+def status_of(task: TaskView | None, nodes: dict[str, dict[str, Any]]) -> ContainerStatus:
+    """The runtime's status from its task and the nodes. A task Swarm is stopping on its own
+    (desired state shutdown while it still runs: its node drains, or its service was changed
+    outside envctl) is ``terminated``: its agent waits a while for envctl to take a draft."""
+    if task is None:
+        return ContainerStatus(Status.GONE)
+    node = nodes.get(task.node_id) if task.node_id else None
+    name = node_name(node)
+    if task.node_id and (lost := node_down(node)) is not None and task.state not in ENDED:
+        return ContainerStatus(Status.EXITED, error=lost, reason="node-lost", node=name)
+    if task.state in ENDED:
+        return ContainerStatus(
+            Status.EXITED, exit_code=task.exit_code, error=task.err or task.message, started_at=task.since, node=name
+        )
+    if task.state == "running" and task.desired in ("shutdown", "remove", "complete"):
+        availability = str(((node or {}).get("Spec") or {}).get("Availability") or "")
+        why = f"node {name} is draining" if availability == "drain" else "Swarm stopped its task"
+        return ContainerStatus(
+            Status.EXITED,
+            error=f"{why} (not envctl: the task's desired state is {task.desired})",
+            reason="terminated",
+            node=name,
+        )
+    return ContainerStatus(Status.RUNNING, started_at=task.since, node=name)
 
 
 def node_name(node: dict[str, Any] | None) -> str:
@@ -201,3 +234,34 @@ def nodes_view(
             }
         )
     return sorted(out, key=lambda n: (n["role"] != "manager", n["name"]))
+
+
+AVAILABILITIES = ("active", "pause", "drain")
+
+
+def find_node(nodes: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The node called ``name`` (its hostname, or its id); ``NodeNotFoundError`` naming it."""
+    for n in nodes:
+        if name in (node_name(n), str(n.get("ID"))):
+            return n
+    known = ", ".join(sorted(node_name(n) for n in nodes)) or "none"
+    raise NodeNotFoundError(f"no node {name!r} in the swarm (its nodes: {known})", details={"node": name})
+
+
+def set_availability(client: docker.DockerClient, name: str, availability: str) -> dict[str, Any]:
+    """Set the node's availability (``docker node update --availability``); the node as it was."""
+    if availability not in AVAILABILITIES:
+        raise InvalidInputError(
+            f"availability must be one of {', '.join(AVAILABILITIES)}, not {availability!r}", field="availability"
+        )
+    try:
+        node = find_node(list(client.api.nodes()), name)
+        spec = dict(node.get("Spec") or {})
+        if spec.get("Availability") != availability:
+            spec["Availability"] = availability
+            client.api.update_node(node["ID"], int((node.get("Version") or {}).get("Index") or 0), spec)
+    except (NodeNotFoundError, InvalidInputError):
+        raise
+    except Exception as exc:
+        raise daemon_error(f"set node {name}'s availability to {availability}", exc) from exc
+    return node

@@ -170,8 +170,13 @@ class Booter:
                 records.fail(runtime_id, "draft-unavailable", exc.message, {State.BOOTING})
                 return
         if self.backend.images_from_registry:  # the node pulls it: it must be in the registry
+            try:  # a draft: the node pulls it from the draft repository (runner/saves/drafts.py)
+                draft = self.drafts.registry_image(runtime_id) if restoring is not None else None
+            except EnvctlError as exc:
+                records.fail(runtime_id, "draft-unavailable", exc.message, {State.BOOTING})
+                return
             try:
-                spec = replace(spec, image=self._registry_image(owner_id, version_id, runtime_id))
+                spec = replace(spec, image=draft or self._registry_image(owner_id, version_id, runtime_id))
             except EnvctlError as exc:
                 records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
                 return

@@ -286,11 +286,11 @@ class Reconciler:
         if action.reason == "node-lost":
             self._node_lost(action)
             return
-        reason = "oom" if action.oom_killed else "container-exited"
+        reason = "oom" if action.oom_killed else (action.reason or "container-exited")
         message = (
             "the runtime ran out of memory and was killed; choose a larger machine type"
             if action.oom_killed
-            else f"the runtime's container exited with code {action.exit_code}"
+            else (action.error if action.reason else f"the runtime's container exited with code {action.exit_code}")
         )
         tail = self.backend.logs_tail(action.state)
         if tail.strip() and not action.oom_killed:

@@ -12,8 +12,10 @@
   stop's draft is streamed by the agent and pushed to ``envctl-drafts/<runtime id>`` in the
   registry (``registry/drafts.py``), one layer on the version holding every change since it
   (the previous draft's paths are forced into the walk); the next boot, on whichever node,
-  pulls it by digest (``ensure_local``). A replaced, reset, saved or deleted runtime's draft
-  manifest is deleted. An exited container's agent is gone: its rescue stays an engine commit.
+  pulls it by digest (``ensure_local``; on Swarm the node itself, ``registry_image``). A replaced,
+  reset, saved or deleted runtime's draft manifest is deleted. An exited container's agent is
+  gone: its rescue stays an engine commit (none on Swarm). A Swarm task that the manager stops on
+  its own (a drain) has an agent that waits after SIGTERM: reconciliation takes its draft then.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from envs.kit.config import Settings
-from envs.kit.errors import BackendError
+from envs.kit.errors import BackendError, EnvctlError
 from envs.kit.ids import new_id
 from registry import drafts as registry_drafts
 from registry import image_transfer as transfer
@@ -75,11 +77,16 @@ class Drafts:
     def make_draft(self, runtime_id: str, *, reason: str = "stop", state: dict[str, Any] | None = None) -> str | None:
         """Commit the runtime's container changes to a draft image; None when nothing changed.
 
-        ``state`` names the container when it is not (or no longer) the one on the row."""
-        if state is None and self.in_registry:
+        ``state`` names the container when it is not (or no longer) the one on the row. A backend
+        without an engine commit (Swarm) asks the agent even then: one that was sent SIGTERM
+        (a drain, a service removed) waits for envctl to take its draft (``runner/agent/main.py``)."""
+        if self.in_registry and (state is None or self.backend.images_from_registry):
             try:
                 return self._registry_draft(runtime_id, reason)
             except AgentUnavailableError as exc:  # the agent is gone: what the engine still has
+                if self.backend.images_from_registry and state is not None:
+                    log.warning("the agent of %s is gone (%s): its unsaved changes cannot be kept", runtime_id, exc)
+                    return None  # no engine on this host holds the container
                 log.warning("the agent of %s could not stream its draft (%s); committing it instead", runtime_id, exc)
         with self.records.db.session() as s:
             rt = s.get(Runtime, runtime_id)
@@ -201,12 +208,33 @@ class Drafts:
         except BackendError as exc:  # still in use, or never here
             log.info("kept the draft image %s of %s: %s", image_id[:19], runtime_id, exc.message)
 
+    def registry_image(self, runtime_id: str) -> str | None:
+        """For a backend whose nodes pull images (Swarm): ``envctl-drafts/<id>@<manifest digest>``
+        of the runtime's draft, which the node pulls with a pull-only token for that repository;
+        None when it has no draft. A draft the registry lacks is a ``BackendError`` (the boot
+        fails ``draft-unavailable``; a reset boots from the version)."""
+        with self.records.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            draft = rt.draft_image_id if rt is not None else None
+        if not draft or not self.in_registry:
+            return None
+        digest = registry_drafts.manifest_digest(self.settings, runtime_id, draft)
+        if digest is None:
+            raise BackendError(
+                f"the draft {draft[:19]} of {runtime_id} is not in the registry; "
+                "reset the runtime to boot from its version (its unsaved changes are lost)",
+                details={"draft": draft},
+            )
+        return f"{registry_drafts.repository(runtime_id)}@{digest}"
+
     def ensure_local(self, runtime_id: str) -> bool:
         """Before a boot that restores a draft: pull it from the registry by digest when the
         engine lacks it (a draft made on another node, or never on this one); True when it did."""
         with self.records.db.session() as s:
             rt = s.get(Runtime, runtime_id)
             draft = rt.draft_image_id if rt is not None else None
+        if self.backend.images_from_registry:
+            return False  # the node pulls it (``registry_image``), not this host's engine
         client = self.backend.engine_client()
         host = transfer.registry_host(self.settings)
         if not draft or not self.in_registry or client is None or host is None:
@@ -233,6 +261,19 @@ class Drafts:
                 details={"manifest": digest, "image_id": draft},
             )
         return True
+
+    def release_agent(self, state: dict[str, Any]) -> None:
+        """envctl is about to stop the runtime of ``state`` itself (its draft taken, or a reset
+        or delete): tell its agent, whose SIGTERM then ends it at once instead of waiting for a
+        draft (``runner/agent/main.py``, ``terminate``). An agent that does not answer is left be."""
+        runtime_id = str(state.get("container_name") or "").removeprefix("envctl-")
+        if not runtime_id or self.in_runtime is None:
+            return
+        try:
+            with AgentChannel(self.in_runtime.agent(runtime_id), timeout=3) as channel:
+                channel.request("release")
+        except (EnvctlError, OSError) as exc:
+            log.info("could not tell the agent of %s that envctl stops it: %s", runtime_id, exc)
 
     def wait_index(self, target: Any, deadline: float) -> float:
         """At a boot on the in-runtime path, before ``running``: wait until the agent has indexed
