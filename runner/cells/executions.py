@@ -27,9 +27,14 @@ threads and processes, so the hot path avoids every hand-over it can:
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
   itself and the worker only reads its events;
 - the end is published to waiting requests before it is written, and the write waits (a few
-  ms at most) until those requests have answered (``waiting``); the agent is told the cell
-  is stored (``ack``) with the next cell sent on the connection, or when the worker leaves it
-  (``AgentChannel.post``): no message of its own on the hot path.
+  ms at most) until those requests have answered (``waiting``); the write is made by one
+  writer thread (``runner/cells/writes.py``), so the worker is free for the next cell while
+  it commits; the agent is told the cell is stored (``ack``) with the next cell sent on the
+  connection, or when the worker leaves it (``AgentChannel.post``): no message of its own on
+  the hot path;
+- on PostgreSQL the runtime's activity at a cell's end is written just after the end's
+  transaction, without waiting for the disk (``HotWriter.execute_after``): the next cell's
+  number (an update of the runtime's row) does not wait for that commit's flush.
 """
 
 from __future__ import annotations
@@ -173,10 +178,11 @@ class ExecutionManager:
         """Wait (on the API's event loop, holding no thread) until the execution ends or
         ``timeout`` passes, then run the block: the caller answers its client there.
 
-        The worker holds back the end's database write while such a block runs (at most
-        ``ANSWER_FIRST`` seconds): the write and the answer would otherwise contend for the
-        interpreter, and the client is the one waiting. Nothing is at risk meanwhile: the agent
-        keeps the cell until it is acknowledged, which happens after the write.
+        The writer of cells' ends (``runner/cells/writes.py``) holds back the end's database
+        write while such a block runs (at most ``ANSWER_FIRST`` seconds): the write and the
+        answer would otherwise contend for the interpreter, and the client is the one waiting.
+        Nothing is at risk meanwhile: the agent keeps the cell until it is acknowledged, which
+        happens after the write.
         """
         loop = asyncio.get_running_loop()
         done = asyncio.Event()

@@ -134,8 +134,10 @@ def claim_seq(c: HotWriter, runtime_id: str, at: datetime) -> tuple[Any, ...] | 
 
 
 def touch_hot(c: HotWriter, runtime_id: str, what: str, at: datetime) -> None:
-    """Record activity in the caller's hot transaction (a cell started, a cell finished)."""
-    c.execute(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
+    """Record activity with the caller's hot transaction (a cell started, a cell finished):
+    on PostgreSQL just after it, without waiting for the disk (``HotWriter.execute_after``),
+    so that the next cell's ``claim_seq`` does not wait for this commit's flush."""
+    c.execute_after(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
 
 
 def reader_for(s: Session, who: Who) -> Reader:
