@@ -111,6 +111,14 @@ class HotWriter(abc.ABC):
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         """``execute`` for each of ``rows``."""
 
+    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
+        """Run a statement with RETURNING; its first row (or None) is read by calling what this
+        returns once the transaction has committed. On PostgreSQL the statement, the rest of
+        the transaction and its COMMIT travel together: one round trip for all of it (then
+        the statement must decide alone, in SQL, whether it writes); elsewhere it runs now."""
+        row = self.fetch(statement, values)
+        return lambda: row
+
     def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
         """Run it for what a database crash may lose (a runtime's activity time): on PostgreSQL
         in a short transaction of its own right after this one, committed without waiting for
@@ -165,6 +173,18 @@ class _DbApiWriter(HotWriter):
         if rows:
             prepared = [statement.args(self._dialect, r) for r in rows]
             self._cursor.executemany(prepared[0][0], [a for _, a in prepared])
+
+    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
+        if self._sync is None:
+            return super().fetch_committed(statement, values)
+        cursor = self._cursor.connection.cursor()  # its own: the writer's cursor runs on
+        cursor.execute(*statement.args(self._dialect, values))
+
+        def first() -> tuple[Any, ...] | None:
+            rows = cursor.fetchall()
+            return tuple(rows[0]) if rows else None
+
+        return first
 
     def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
         if self._sync is None:
