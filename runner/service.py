@@ -112,6 +112,7 @@ from runner.transfers.imports import Imports
 from runner.transfers.pushpull import Transfers
 
 log = logging.getLogger("envctl.runner")
+CLOSE_WRITES_WAIT = 5.0  # seconds a closing runner waits for cells' outputs and ends to be stored
 
 __all__ = ["RunnerService", "RuntimeChanges", "RuntimeStatus"]
 
@@ -296,6 +297,7 @@ class RunnerService:
     def close(self) -> None:
         """Stop background work. Runtimes keep running: the next start adopts them."""
         self.concurrency.shutdown()
+        self.cells.writes.wait_idle(CLOSE_WRITES_WAIT)  # cells' ends handed over: stored, not re-attached
         self.housekeeping.join()
         self.lease.release()
         self.backend.close()

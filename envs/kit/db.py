@@ -116,6 +116,12 @@ class Database:
         an event loop may make a local write itself, but not wait on a network."""
         return self.engine.dialect.name == "sqlite"
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether a hot transaction's statements and COMMIT travel together (PostgreSQL), so
+        that a statement should decide in SQL, not in Python between round trips."""
+        return self._hot.kind == "psycopg"
+
     @contextmanager
     def hot(self) -> Iterator[HotWriter]:
         """A transaction for ``HotStatement``s (the cell path), committed on success, rolled

@@ -111,6 +111,21 @@ class HotWriter(abc.ABC):
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         """``execute`` for each of ``rows``."""
 
+    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
+        """Run a statement with RETURNING; its first row (or None) is read by calling what this
+        returns once the transaction has committed. On PostgreSQL the statement, the rest of
+        the transaction and its COMMIT travel together: one round trip for all of it (then
+        the statement must decide alone, in SQL, whether it writes); elsewhere it runs now."""
+        row = self.fetch(statement, values)
+        return lambda: row
+
+    def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
+        """Run it for what a database crash may lose (a runtime's activity time): on PostgreSQL
+        in a short transaction of its own right after this one, committed without waiting for
+        the disk, so the rows it locks are not held while this one's commit is flushed (the
+        next cell's number waits on the runtime's row); elsewhere in this transaction."""
+        self.execute(statement, values)
+
 
 class CoreWriter(HotWriter):
     def __init__(self, core: Connection) -> None:
@@ -138,6 +153,7 @@ class _DbApiWriter(HotWriter):
         self._cursor = cursor
         self._dialect = dialect
         self._sync = sync  # a pipeline's: results (a row count) come back only once it syncs
+        self.after: list[tuple[HotStatement, dict[str, Any]]] = []  # a pipeline's execute_after
 
     def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
         self._cursor.execute(*statement.args(self._dialect, values))
@@ -157,6 +173,32 @@ class _DbApiWriter(HotWriter):
         if rows:
             prepared = [statement.args(self._dialect, r) for r in rows]
             self._cursor.executemany(prepared[0][0], [a for _, a in prepared])
+
+    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
+        if self._sync is None:
+            return super().fetch_committed(statement, values)
+        cursor = self._cursor.connection.cursor()  # its own: the writer's cursor runs on
+        cursor.execute(*statement.args(self._dialect, values))
+
+        def first() -> tuple[Any, ...] | None:
+            rows = cursor.fetchall()
+            return tuple(rows[0]) if rows else None
+
+        return first
+
+    def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
+        if self._sync is None:
+            self.execute(statement, values)
+        else:
+            self.after.append((statement, values))
+
+    def run_after(self) -> None:
+        """A pipeline's ``execute_after`` statements, once its transaction has committed."""
+        if self.after:
+            self._cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            for statement, values in self.after:
+                self.execute(statement, values)
+            self.after = []
 
 
 class _HotSqlite(sqlite3.Connection):
@@ -230,8 +272,12 @@ class HotConnections:
         conn = self._pg_connection()
         try:
             with conn.pipeline() as pipeline:
-                yield _DbApiWriter(conn.cursor(), self._dialect, pipeline.sync)
+                writer = _DbApiWriter(conn.cursor(), self._dialect, pipeline.sync)
+                yield writer
                 conn.commit()
+                if writer.after:
+                    writer.run_after()
+                    conn.commit()
         except psycopg.OperationalError as exc:
             self._drop_pg(conn)
             raise self.unavailable(exc) from exc

@@ -68,6 +68,7 @@ ERROR_ALLOWANCE = 64 * 1024  # an error after the cap is still shown, up to this
 KEEP_UNACKED = 8
 INTERRUPT_GRACE = 5.0
 ACCEPT_COALESCE = 0.002  # seconds ``accepted`` may wait to go out with a quick cell's outputs
+MERGE_MAX = 256 * 1024  # characters a stream output may grow to by joining the next ones, unsent
 HANDSHAKE_TIMEOUT = 10.0  # seconds a network connection has to prove itself
 KEEP_REFUSALS = 50  # refused connections remembered until envctl is told
 
@@ -79,6 +80,13 @@ class Execution:
         self.cap = cap
         self.timeout = timeout
         self.outputs: list[dict[str, Any]] = []  # index = position
+        # Outputs before ``sealed`` were taken by a stream and never change again. Stream text
+        # that arrives while the last output is still unsent joins it (``_parts``, joined when
+        # it is taken): a cell that prints faster than envctl reads costs a few large events
+        # instead of one per write, and nothing is held back (a stream takes what there is).
+        self.sealed = 0
+        self._parts: list[str] = []
+        self._parts_len = 0
         self.bytes = 0
         self.truncated = False
         self.discarded = 0
@@ -106,6 +114,7 @@ class Execution:
                 self.discarded += size
                 if not self.truncated:
                     self.truncated = True
+                    self._join()
                     self.outputs.append(
                         {
                             "output_type": "stream",
@@ -117,13 +126,40 @@ class Execution:
                     self.cond.notify_all()
                 return
             self.bytes += size
-            self.outputs.append(output)
+            text = output.get("text") if output.get("output_type") == "stream" else None
+            if (
+                isinstance(text, str)
+                and self._parts
+                and len(self.outputs) > self.sealed
+                and self.outputs[-1].get("name") == output.get("name")
+                and self._parts_len + len(text) <= MERGE_MAX
+            ):
+                self._parts.append(text)
+                self._parts_len += len(text)
+            else:
+                self._join()
+                self.outputs.append(output)
+                if isinstance(text, str):
+                    self._parts, self._parts_len = [text], len(text)
             self.cond.notify_all()
+
+    def _join(self) -> None:
+        """The texts joined to the last output, into it (under ``cond``)."""
+        if len(self._parts) > 1:
+            self.outputs[-1] = {**self.outputs[-1], "text": "".join(self._parts)}
+        self._parts, self._parts_len = [], 0
+
+    def take(self, start: int) -> list[dict[str, Any]]:
+        """Outputs from ``start`` on, for a stream to send; fixed from now on (under ``cond``)."""
+        self._join()
+        self.sealed = max(self.sealed, len(self.outputs))
+        return self.outputs[start:]
 
     def finish(self, status: str, execution_count: int | None) -> None:
         with self.cond:
             if self.finished:
                 return
+            self._join()
             if self.timed_out:
                 status = "error"
                 self.outputs.append(
@@ -590,7 +626,7 @@ class Agent:
                 else:
                     while len(e.outputs) <= sent and not e.finished:
                         e.cond.wait(1.0)
-                batch = e.outputs[sent:]
+                batch = e.take(sent)
                 finished = e.finished and len(e.outputs) == sent + len(batch)
             data = pending + b"".join(
                 encode({"id": rid, "event": "output", "index": sent + i, "output": out}) for i, out in enumerate(batch)

@@ -27,9 +27,14 @@ threads and processes, so the hot path avoids every hand-over it can:
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
   itself and the worker only reads its events;
 - the end is published to waiting requests before it is written, and the write waits (a few
-  ms at most) until those requests have answered (``waiting``); the agent is told the cell
-  is stored (``ack``) with the next cell sent on the connection, or when the worker leaves it
-  (``AgentChannel.post``): no message of its own on the hot path.
+  ms at most) until those requests have answered (``waiting``); the write is made by one
+  writer thread (``runner/cells/writes.py``), so the worker is free for the next cell while
+  it commits; the agent is told the cell is stored (``ack``) with the next cell sent on the
+  connection, or when the worker leaves it (``AgentChannel.post``): no message of its own on
+  the hot path;
+- on PostgreSQL the runtime's activity at a cell's end is written just after the end's
+  transaction, without waiting for the disk (``HotWriter.execute_after``): the next cell's
+  number (an update of the runtime's row) does not wait for that commit's flush.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from runner.channel import AgentUnavailableError
 from runner.errors import ExecutionNotFoundError, RuntimeNotFoundError
 from runner.models import Execution, ExecutionOutput, Runtime
 from runner.runtimes.states import State
-from runner.runtimes.store import Records, Who, claim_seq, viewer_of
+from runner.runtimes.store import Records, Viewer, Who, claim_seq, claim_seq_seen, claimer, viewer_of
 
 log = logging.getLogger("envctl.executions")
 
@@ -69,6 +74,27 @@ def _json_list(value: Any) -> list[Any] | None:
     if isinstance(value, str | bytes):
         value = json.loads(value)
     return list(value) if value else None
+
+
+def _view(viewer: Viewer, runtime_id: str, cell: dict[str, Any], found: tuple[Any, ...]) -> tuple[ExecutionView, str]:
+    """A queued cell's view from what its number came with (``CLAIMED``); and the runtime's state."""
+    seq, owner_id, team, rt_language, rt_type, kernel, _runner, state, mounts_used = found
+    view = ExecutionView(
+        id=cell["id"],
+        runtime_id=runtime_id,
+        owner_id=owner_id,
+        team=team,
+        submitted_by=viewer.user_id,
+        seq=seq,
+        language=cell["language"] or rt_language,
+        code=cell["code"],
+        timeout=cell["timeout"],
+        status="queued",
+        created_at=cell["created_at"],
+        kernel=(kernel or "python3") if rt_type == "jupyter" else None,
+        mounts=_json_list(mounts_used) if state == State.RUNNING else None,
+    )
+    return view, state
 
 
 class ExecutionManager:
@@ -173,10 +199,11 @@ class ExecutionManager:
         """Wait (on the API's event loop, holding no thread) until the execution ends or
         ``timeout`` passes, then run the block: the caller answers its client there.
 
-        The worker holds back the end's database write while such a block runs (at most
-        ``ANSWER_FIRST`` seconds): the write and the answer would otherwise contend for the
-        interpreter, and the client is the one waiting. Nothing is at risk meanwhile: the agent
-        keeps the cell until it is acknowledged, which happens after the write.
+        The writer of cells' ends (``runner/cells/writes.py``) holds back the end's database
+        write while such a block runs (at most ``ANSWER_FIRST`` seconds): the write and the
+        answer would otherwise contend for the interpreter, and the client is the one waiting.
+        Nothing is at risk meanwhile: the agent keeps the cell until it is acknowledged, which
+        happens after the write.
         """
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
@@ -290,54 +317,64 @@ class ExecutionManager:
         # number is the order the cell runs in, so this process queues the runtime's cells in
         # the order the database numbered them: the transaction and the queueing happen under
         # the runtime's submit lock (other processes refuse cells for runtimes not theirs).
+        viewer = viewer_of(who)
+        cell = {"id": execution_id, "language": language, "code": code, "timeout": timeout, "created_at": now}
         with self.workers.in_order(runtime_id):
-            with self.db.hot() as c:
-                found = claim_seq(c, runtime_id, now)
-                viewer = viewer_of(who)
-                if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
-                    raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
-                seq, owner_id, team, rt_language, rt_type, kernel, runner, state, mounts_used = found
-                if runner != self.records.runner:
-                    self.records.mine(runner)  # raises, naming the owner
-                view = ExecutionView(
-                    id=execution_id,
-                    runtime_id=runtime_id,
-                    owner_id=owner_id,
-                    team=team,
-                    submitted_by=viewer.user_id,
-                    seq=seq,
-                    language=language or rt_language,
-                    code=code,
-                    timeout=timeout,
-                    status="queued",
-                    created_at=now,
-                    kernel=(kernel or "python3") if rt_type == "jupyter" else None,
-                    mounts=_json_list(mounts_used) if state == State.RUNNING else None,
-                )
-                cellstore.insert_execution(
-                    c,
-                    {
-                        "id": execution_id,
-                        "runtime_id": runtime_id,
-                        "owner_id": owner_id,
-                        "team": team,
-                        "submitted_by": viewer.user_id,
-                        "seq": seq,
-                        "language": view.language,
-                        "code": code,
-                        "timeout": timeout,
-                        "status": "queued",
-                        "created_at": now,
-                        "output_count": 0,
-                        "output_bytes": 0,
-                        "truncated": False,
-                        # what the runtime's mounts hold (a cell that boots it gets the boot's)
-                        "mounts": view.mounts,
-                    },
-                )
+            if self.db.pipelined:
+                view, state = self._claim_pipelined(viewer, runtime_id, cell)
+            else:
+                with self.db.hot() as c:
+                    found = claim_seq(c, runtime_id, now)
+                    if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
+                        raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+                    if found[6] != self.records.runner:
+                        self.records.mine(found[6])  # raises, naming the owner
+                    view, state = _view(viewer, runtime_id, cell, found)
+                    cellstore.insert_execution(
+                        c,
+                        {
+                            "id": execution_id,
+                            "runtime_id": runtime_id,
+                            "owner_id": view.owner_id,
+                            "team": view.team,
+                            "submitted_by": viewer.user_id,
+                            "seq": view.seq,
+                            "language": view.language,
+                            "code": code,
+                            "timeout": timeout,
+                            "status": "queued",
+                            "created_at": now,
+                            "output_count": 0,
+                            "output_bytes": 0,
+                            "truncated": False,
+                            # what the runtime's mounts hold (a cell that boots it gets the boot's)
+                            "mounts": view.mounts,
+                        },
+                    )
             self.feeds.add(Feed(view))
             self.workers.enqueue(Job(view, attach=False, runtime_running=state == State.RUNNING), send_now=True)
         return view
+
+    def _claim_pipelined(self, viewer: Viewer, runtime_id: str, cell: dict[str, Any]) -> tuple[ExecutionView, str]:
+        """``submit``'s transaction on PostgreSQL: the number, the row and the COMMIT in one
+        round trip, the checks (the runtime is this runner's, the caller sees it) made in SQL;
+        when they fail nothing was written, and a read says why."""
+        mine = self.records.runner
+        with self.db.hot() as c:
+            claimed = claim_seq_seen(c, runtime_id, cell["created_at"], viewer, mine)
+            cellstore.insert_claimed(
+                c, {"b_id": runtime_id, **claimer(viewer, mine)}, {**cell, "submitted_by": viewer.user_id}
+            )
+        found = claimed()
+        if found is None:
+            with self.db.connection() as conn:
+                row = conn.execute(
+                    select(Runtime.owner_id, Runtime.team, Runtime.runner).where(Runtime.id == runtime_id)
+                ).first()
+            if row is not None and viewer.sees(row[0], row[1]) and row[2] != mine:
+                self.records.mine(row[2])  # raises, naming the owner
+            raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
+        return _view(viewer, runtime_id, cell, found)
 
     def interrupt(self, who: Who, execution_id: str) -> ExecutionView:
         view = self.get(who, execution_id)

@@ -11,13 +11,82 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    update,
+)
 
-from envs.kit.db import Database, HotStatement, HotWriter
-from runner.models import Execution, ExecutionOutput, ResultFile
+from envs.kit.db import Database, HotStatement, HotWriter, UTCDateTime
+from runner.models import Execution, ExecutionOutput, ResultFile, Runtime
+from runner.runtimes.store import claimable
 
 INSERT_EXECUTION = HotStatement(insert(Execution))
 INSERT_OUTPUTS = HotStatement(insert(ExecutionOutput))
+# A queued execution made from the runtime's row in SQL, for a pipelined database (PostgreSQL):
+# it travels with the runtime's CLAIM_SEQ_SEEN and the COMMIT, and under the same condition, so
+# it writes nothing when that does not (``insert_claimed``).
+INSERT_CLAIMED = HotStatement(
+    insert(Execution).from_select(
+        [
+            "id",
+            "runtime_id",
+            "owner_id",
+            "team",
+            "submitted_by",
+            "seq",
+            "language",
+            "code",
+            "timeout",
+            "status",
+            "created_at",
+            "output_count",
+            "output_bytes",
+            "truncated",
+            "mounts",
+        ],
+        select(
+            bindparam("x_id", type_=String),
+            Runtime.id,
+            Runtime.owner_id,
+            Runtime.team,
+            bindparam("x_by", type_=String),
+            Runtime.next_seq,  # the number CLAIM_SEQ_SEEN took, earlier in the transaction
+            func.coalesce(bindparam("x_language", type_=String), Runtime.language),
+            bindparam("x_code", type_=Text),
+            bindparam("x_timeout", type_=Float),
+            literal("queued", String),
+            bindparam("x_created", type_=UTCDateTime),
+            literal(0, Integer),
+            literal(0, Integer),
+            literal(False, Boolean),
+            # what the runtime's mounts hold when it runs (none: NULL, as ``submit`` keeps it)
+            case(
+                (
+                    and_(
+                        Runtime.state == literal("running", String),
+                        cast(Runtime.mounts_used, Text).not_in([literal("[]", Text), literal("null", Text)]),
+                    ),
+                    Runtime.mounts_used,
+                ),
+                else_=null(),
+            ),
+        ).where(claimable()),
+    )
+)
 FINISH_EXECUTION = HotStatement(
     update(Execution)
     .where(Execution.id == bindparam("b_id"))
@@ -43,6 +112,24 @@ MARK_RUNNING = HotStatement(
 def insert_execution(c: HotWriter, row: dict[str, Any]) -> None:
     """A queued execution (every column of ``executions`` given)."""
     c.execute(INSERT_EXECUTION, row)
+
+
+def insert_claimed(c: HotWriter, claim: dict[str, Any], row: dict[str, Any]) -> None:
+    """A queued execution from the runtime's row, in the transaction of ``claim_seq_seen``
+    (``claim``: its parameters), written only if that numbered it. ``row``: ``id``,
+    ``submitted_by``, ``language`` (None: the runtime's), ``code``, ``timeout``, ``created_at``."""
+    c.execute(
+        INSERT_CLAIMED,
+        {
+            **claim,
+            "x_id": row["id"],
+            "x_by": row["submitted_by"],
+            "x_language": row["language"],
+            "x_code": row["code"],
+            "x_timeout": row["timeout"],
+            "x_created": row["created_at"],
+        },
+    )
 
 
 def insert_outputs(c: HotWriter, execution_id: str, outputs: list[tuple[int, dict[str, Any]]]) -> None:

@@ -3,9 +3,11 @@
 A worker takes the runtime's next cell off its queue, boots the runtime if it is not running,
 sends the cell to the agent (or reads the events of a cell ``submit`` sent itself), and passes
 each output to the cell's feed at once and to the database in batches (``_Sink``). The end is
-published to waiting requests first and written right after (the agent keeps the cell until
-it is acknowledged, after that write, so a crash in between loses nothing). If envctl dies
-mid-cell the agent keeps it running; the next start attaches again from the last stored output.
+published to waiting requests first; the database writes go to one writer thread
+(``runner/cells/writes.py``), so the worker is free for the next cell while they commit (the
+agent keeps the cell until it is acknowledged, after that write, so a crash in between loses
+nothing). If envctl dies mid-cell the agent keeps it running; the next start attaches again
+from the last stored output.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from envs.kit.db import Database, HotWriter
 from envs.kit.errors import EnvctlError
 from runner.cells import store as cellstore
 from runner.cells.streams import FINAL, Event, ExecutionView, Feed, Feeds
+from runner.cells.writes import CellWrites, Write
 from runner.channel import AgentChannel, AgentUnavailableError
 from runner.paths import RuntimePaths
 from runner.runtimes.states import State
@@ -37,7 +40,6 @@ FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 256 * 1024
 MARK_RUNNING_AFTER = 0.05  # seconds: quicker cells are never written down as "running"
 SEND_NOW_MAX = 64 * 1024  # characters: larger cells are sent by the worker (no blocking write there)
-ANSWER_FIRST = 0.01  # seconds the end's database write may wait for waiting clients' answers
 STOP_WAIT = 300.0  # seconds a cell that arrives as its runtime stops waits for the stop, then boots it
 LINGER = 2.0  # seconds an idle worker waits for the next cell (a notebook's usually follows at once)
 DRAIN_WAIT = 15.0  # seconds a delete waits for the runtime's worker to write its cells' ends
@@ -83,6 +85,8 @@ class CellWorkers:
         self._retired: set[str] = set()  # runtimes being (or that were) deleted: see retire
         self._lock = threading.Lock()
         self._later = _Later("envctl-exec-marks")
+        self.writes = CellWrites(db)
+        self._writing: dict[str, int] = {}  # runtime id -> its cells' ends handed over, not yet written
         self.sent_at_once = 0  # cells that submit sent to the agent itself (see send_now)
 
     @contextlib.contextmanager
@@ -99,7 +103,7 @@ class CellWorkers:
         until after its end is recorded (``task_done``), so the worker taking a job off the
         queue leaves no instant in which the runtime looks idle."""
         with self._lock:
-            if runtime_id in self._busy:
+            if runtime_id in self._busy or self._writing.get(runtime_id):
                 return True
             q = self._queues.get(runtime_id)
             return q is not None and q.unfinished_tasks > 0
@@ -118,7 +122,7 @@ class CellWorkers:
         with self._lock:
             q = self._queues.get(runtime_id)
         deadline = time.monotonic() + timeout
-        while q is not None and q.unfinished_tasks > 0:
+        while (q is not None and q.unfinished_tasks > 0) or self._writing.get(runtime_id):
             if time.monotonic() > deadline:
                 log.warning("the cells of runtime %s did not end within %.0f s of its deletion", runtime_id, timeout)
                 return False
@@ -233,7 +237,7 @@ class CellWorkers:
                 return
             if view.status != "queued":
                 return  # interrupted while it waited
-        sink = _Sink(self.db, view, feed, start=len(feed.outputs), cap=self.settings.runner_output_cap)
+        sink = _Sink(self.writes, view, feed, start=len(feed.outputs), cap=self.settings.runner_output_cap)
         attempts = 0
         while True:
             try:
@@ -257,8 +261,6 @@ class CellWorkers:
                             self.finish(view, "error", None, {}, error=("RuntimeStopped", DELETED), sink=sink)
                         else:
                             self.finish(view, status, event.get("execution_count"), event, sink=sink)
-                        # stored: the agent may forget it, told with the next cell (or on leaving)
-                        self._acks[view.runtime_id] = view.id
                         return
             except AgentUnavailableError as exc:
                 self._drop_channel(view.runtime_id)
@@ -381,11 +383,12 @@ class CellWorkers:
         error: tuple[str, str] | None = None,
         sink: _Sink | None = None,
     ) -> None:
-        """Record the end of a cell: outputs, status, activity; waiting requests hear first."""
+        """Record the end of a cell: outputs, status, activity; waiting requests hear first,
+        the database a moment later (``runner/cells/writes.py``)."""
         feed = self.feeds.live(view.id)
         if sink is None:
             sink = _Sink(
-                self.db,
+                self.writes,
                 view,
                 feed or Feed(view),
                 start=len(feed.outputs) if feed else 0,
@@ -408,23 +411,47 @@ class CellWorkers:
         if feed is not None:
             data = {"status": status, "execution_count": execution_count, "truncated": view.truncated}
             feed.publish(Event("status", data=data))
-            feed.answered.wait(ANSWER_FIRST)  # see ExecutionManager.waiting
-        with self.db.hot() as c:  # the last outputs and the end, in one transaction
-            sink.flush(c)
-            cellstore.finish(
-                c,
-                view.id,
-                status=status,
-                count=execution_count,
-                started=view.started_at,
-                finished=now,
-                truncated=view.truncated,
-                bytes=view.output_bytes,
-                outputs=view.output_count,
-                ename=view.error_name,
-                evalue=view.error_value,
-            )
+        last = sink.take()
+        end = {
+            "status": status,
+            "count": execution_count,
+            "started": view.started_at,
+            "finished": now,
+            "truncated": view.truncated,
+            "bytes": view.output_bytes,
+            "outputs": view.output_count,
+            "ename": view.error_name,
+            "evalue": view.error_value,
+        }
+
+        def statements(c: HotWriter) -> None:  # the last outputs and the end, in one transaction
+            if last:
+                cellstore.insert_outputs(c, view.id, last)
+            cellstore.finish(c, view.id, **end)
             touch_hot(c, view.runtime_id, "execution finished", now)
+
+        rid = view.runtime_id
+        with self._lock:
+            self._writing[rid] = self._writing.get(rid, 0) + 1
+        self.writes.put(Write(view.id, statements, feed=feed, done=lambda error: self._written(view, error)))
+
+    def _written(self, view: ExecutionView, error: Exception | None) -> None:
+        """A cell's end is in the database (or could not be written)."""
+        rid = view.runtime_id
+        with self._lock:
+            left = self._writing.get(rid, 1) - 1
+            if left:
+                self._writing[rid] = left
+            else:
+                self._writing.pop(rid, None)
+        if error is None:
+            # stored: the agent may forget it, told with the next cell (or on leaving)
+            self._acks[rid] = view.id
+        elif self._retiring(rid):  # its rows went with the runtime
+            log.info("execution %s ended with its deleted runtime", view.id)
+        else:
+            # the agent keeps the cell (not acknowledged): the next start attaches again
+            log.error("could not record the end of execution %s: %s", view.id, error)
 
 
 class _Later:
@@ -465,8 +492,8 @@ class _Later:
 class _Sink:
     """Outputs of one execution on their way to the feed (at once) and the database (batched)."""
 
-    def __init__(self, db: Database, view: ExecutionView, feed: Feed, *, start: int, cap: int) -> None:
-        self.db = db
+    def __init__(self, writes: CellWrites, view: ExecutionView, feed: Feed, *, start: int, cap: int) -> None:
+        self.writes = writes
         self.view = view
         self.feed = feed
         self.next_index = start
@@ -493,13 +520,19 @@ class _Sink:
         if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
-    def flush(self, conn: HotWriter | None = None) -> None:
-        if self.pending:
-            if conn is not None:
-                cellstore.insert_outputs(conn, self.view.id, self.pending)
-            else:
-                with self.db.hot() as c:
-                    cellstore.insert_outputs(c, self.view.id, self.pending)
-            self.pending = []
-            self.pending_bytes = 0
+    def take(self) -> list[tuple[int, dict[str, Any]]]:
+        """The outputs not handed to the database yet (the caller writes them)."""
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
         self.last_flush = time.monotonic()
+        return pending
+
+    def flush(self) -> None:
+        """Hand the pending outputs to the writer thread."""
+        pending = self.take()
+        if pending:
+            execution_id = self.view.id
+
+            def statements(c: HotWriter) -> None:
+                cellstore.insert_outputs(c, execution_id, pending)
+
+            self.writes.put(Write(execution_id, statements))

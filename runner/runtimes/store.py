@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, false, or_, select, update
+from sqlalchemy import ARRAY, ColumnElement, Select, String, and_, any_, bindparam, false, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from envs.kit.db import Database, HotStatement, HotWriter
@@ -103,21 +103,42 @@ def activity(what: str, at: datetime) -> dict[str, Any]:
 # statement built per call costs about 1 ms of CPU to build and look up, three times what
 # running it does. A cell's number is counted in the database (UPDATE ... RETURNING), so
 # processes sharing the store never hand out one twice (R36).
+CLAIMED = (  # what a cell's number comes with
+    Runtime.next_seq,
+    Runtime.owner_id,
+    Runtime.team,
+    Runtime.language,
+    Runtime.type,
+    Runtime.kernel,
+    Runtime.runner,
+    Runtime.state,
+    Runtime.mounts_used,
+)
 CLAIM_SEQ = HotStatement(
     update(Runtime)
     .where(Runtime.id == bindparam("b_id"))
     .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
-    .returning(
-        Runtime.next_seq,
-        Runtime.owner_id,
-        Runtime.team,
-        Runtime.language,
-        Runtime.type,
-        Runtime.kernel,
-        Runtime.runner,
-        Runtime.state,
-        Runtime.mounts_used,
+    .returning(*CLAIMED)
+)
+
+
+def claimable() -> ColumnElement[bool]:
+    """The runtime ``b_id``, run by runner ``b_runner``, seen by user ``b_user`` or a member of
+    one of the teams ``b_teams`` (``Viewer.sees`` in SQL; a PostgreSQL array): what decides a
+    cell's way in when its statements and COMMIT travel together (``claim_seq_seen``)."""
+    return and_(
+        Runtime.id == bindparam("b_id"),
+        Runtime.runner == bindparam("b_runner"),
+        or_(Runtime.owner_id == bindparam("b_user"), Runtime.team == any_(bindparam("b_teams", type_=ARRAY(String)))),
     )
+
+
+# CLAIM_SEQ that numbers the cell only if the runtime is this runner's and the caller sees it
+CLAIM_SEQ_SEEN = HotStatement(
+    update(Runtime)
+    .where(claimable())
+    .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
+    .returning(*CLAIMED)
 )
 TOUCH = HotStatement(
     update(Runtime)
@@ -133,9 +154,27 @@ def claim_seq(c: HotWriter, runtime_id: str, at: datetime) -> tuple[Any, ...] | 
     return c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": at, "b_what": "execution submitted"})
 
 
+def claim_seq_seen(
+    c: HotWriter, runtime_id: str, at: datetime, viewer: Viewer, runner: str
+) -> Callable[[], tuple[Any, ...] | None]:
+    """``claim_seq`` for a pipelined database (``Database.pipelined``): the number is taken only
+    if the runtime is ``runner``'s and ``viewer`` sees it, decided in SQL, so the transaction's
+    COMMIT can travel with it (one round trip for a cell's way in). Returns what reads the
+    row once committed; None: nothing was written (``claim_refused`` says why)."""
+    values = {"b_id": runtime_id, "b_at": at, "b_what": "execution submitted"}
+    return c.fetch_committed(CLAIM_SEQ_SEEN, {**values, **claimer(viewer, runner)})
+
+
+def claimer(viewer: Viewer, runner: str) -> dict[str, Any]:
+    """The parameters of ``claimable`` but the runtime's id."""
+    return {"b_runner": runner, "b_user": viewer.user_id, "b_teams": sorted(viewer.teams)}
+
+
 def touch_hot(c: HotWriter, runtime_id: str, what: str, at: datetime) -> None:
-    """Record activity in the caller's hot transaction (a cell started, a cell finished)."""
-    c.execute(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
+    """Record activity with the caller's hot transaction (a cell started, a cell finished):
+    on PostgreSQL just after it, without waiting for the disk (``HotWriter.execute_after``),
+    so that the next cell's ``claim_seq`` does not wait for this commit's flush."""
+    c.execute_after(TOUCH, {"b_id": runtime_id, "b_at": at, "b_what": what})
 
 
 def reader_for(s: Session, who: Who) -> Reader:

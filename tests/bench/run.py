@@ -11,6 +11,7 @@ import argparse
 
 from tests.bench import (
     bench_boot,
+    bench_cells,
     bench_channel,
     bench_exec,
     bench_insave,
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "boot": bench_boot.run,
     "exec": bench_exec.run,
     "channel": bench_channel.run,
+    "cells": bench_cells.run,
     "save": bench_save.run,
     "save-small": lambda **kw: bench_save.run(sizes=(10, 100), **kw),
     "save-1g": lambda **kw: bench_save.run(sizes=(1024,), **kw),

@@ -273,3 +273,71 @@ def test_a_hot_connection_the_server_dropped_is_replaced_before_the_next_write(
         assert _row(db, "ex_after")["seq"] == 2
     finally:
         db.dispose()
+
+
+def test_a_touch_after_the_transaction_is_stored_and_a_failed_transaction_drops_it(db: Database) -> None:
+    """``execute_after`` (a cell's activity at its end): on PostgreSQL it follows the commit in a
+    transaction of its own; on every backend it is stored when the transaction commits, and
+    not at all when it fails."""
+    rid, owner = _runtime(db)
+    at = utcnow()
+    with db.hot() as w:
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_t", 1))
+        records.touch_hot(w, rid, "execution finished", at)
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "execution finished" and rt.last_activity_at == at
+    with pytest.raises(Exception), db.hot() as w:  # noqa: B017, PT011  (the driver's own error type)
+        records.touch_hot(w, rid, "never", utcnow())
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_u", 1))  # same seq: unique violation
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "execution finished"
+
+
+def test_cell_writes_keep_their_order_and_one_failing_write_costs_no_other(db: Database) -> None:
+    """``runner/cells/writes.py``: what queued while a commit was under way goes in one
+    transaction; when that fails (here: outputs of an execution that is gone), each write is
+    made again alone, and every caller hears how its own write went."""
+    from runner.cells.writes import CellWrites, Write
+
+    rid, owner = _runtime(db)
+    with db.hot() as w:
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_w", 1))
+    writes = CellWrites(db, name="test-cell-writes")
+    release = threading.Event()
+    heard: dict[str, Exception | None] = {}
+
+    def outputs(eid: str, first: int, n: int, wait: bool = False):  # type: ignore[no-untyped-def]
+        def statements(c):  # type: ignore[no-untyped-def]
+            if wait:
+                assert release.wait(10)
+            cellstore.insert_outputs(
+                c, eid, [(i, {"output_type": "stream", "name": "stdout", "text": f"{i}\n"}) for i in range(first, n)]
+            )
+
+        return statements
+
+    def done(key: str):  # type: ignore[no-untyped-def]
+        return lambda error: heard.__setitem__(key, error)
+
+    writes.put(Write("ex_w", outputs("ex_w", 0, 2, wait=True), done=done("first")))
+    writes.put(Write("ex_w", outputs("ex_w", 2, 4), done=done("second")))
+    writes.put(Write("ex_gone", outputs("ex_gone", 0, 1), done=done("gone")))
+    end = {"status": "ok", "count": 1, "started": None, "finished": utcnow(), "truncated": False}
+    end |= {"bytes": 8, "outputs": 5, "ename": None, "evalue": None}
+    writes.put(
+        Write("ex_w", lambda c: (outputs("ex_w", 4, 5)(c), cellstore.finish(c, "ex_w", **end)), done=done("end"))
+    )
+    release.set()
+    assert writes.wait_idle(20)
+    assert heard["first"] is None and heard["second"] is None and heard["end"] is None
+    assert heard["gone"] is not None  # its own failure, told to its caller
+    with db.session() as s:
+        stored = s.execute(
+            select(ExecutionOutput.idx, ExecutionOutput.output)
+            .where(ExecutionOutput.execution_id == "ex_w")
+            .order_by(ExecutionOutput.idx)
+        ).all()
+    assert [(i, o["text"]) for i, o in stored] == [(i, f"{i}\n") for i in range(5)]
+    assert _row(db, "ex_w")["status"] == "ok"

@@ -652,3 +652,43 @@ def test_cells_submitted_from_many_threads_at_once_run_in_the_order_of_their_num
     out = svc.executions.outputs(check.id)
     order = [v.code.split("'")[1] for v in sorted(views, key=lambda v: v.seq)]
     assert out[-1][1]["data"]["text/plain"] == repr(order)
+
+
+def test_a_cell_for_a_runtime_missing_or_unseen_is_a_404_and_spends_no_number(
+    make_runner: Make, runner_db: Database
+) -> None:
+    """On PostgreSQL a cell's number, its row and the COMMIT travel together, the checks made
+    in SQL: a refused cell must write nothing there either."""
+    from registry.users import create_user
+    from runner.errors import RuntimeNotFoundError
+    from runner.models import Execution, Runtime
+    from runner.runtimes.store import Viewer
+
+    owner = seed(runner_db)
+    svc = make_runner()
+    rid = running(svc, owner)
+    with runner_db.session() as s:
+        stranger = create_user(s, "stranger").id
+    for who in (stranger, Viewer(stranger, teams=frozenset({"elsewhere"}))):
+        with pytest.raises(RuntimeNotFoundError):
+            svc.executions.submit(who, rid, code="1")
+    with pytest.raises(RuntimeNotFoundError):
+        svc.executions.submit(owner, "rt_missing", code="1")
+    ex = svc.executions.submit(Viewer(owner, teams=frozenset({"elsewhere"})), rid, code="6 * 7")
+    svc.executions.wait(ex.id, 30)
+    assert ex.seq == 1 and svc.executions.get(owner, ex.id).status == "ok"
+    # what the runtime's mounts hold is copied onto the cell (none: NULL)
+    used = [{"type": "git", "path": "/repo", "commit": "c" * 40}]
+    with runner_db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None
+        rt.mounts_used = used
+    ex2 = svc.executions.submit(owner, rid, code="1", language="python")
+    svc.executions.wait(ex2.id, 30)
+    assert ex2.mounts == used
+    with runner_db.session() as s:
+        rows = s.query(Execution.seq, Execution.submitted_by, Execution.language, Execution.code, Execution.mounts)
+        assert rows.order_by(Execution.seq).all() == [
+            (1, owner, "python", "6 * 7", None),
+            (2, owner, "python", "1", used),
+        ]
