@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from envs.kit.config import MachineType
 from runner.backends.base import LABEL_RUNTIME
+from runner.settings import MachineType
 
 # task states on the way to running, and the runtime phase each one is
 WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}

@@ -19,8 +19,8 @@ import pytest
 import uvicorn
 
 from api.app import create_app
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from tests.api.conftest import prepare_database
 from tests.fixtures.services import _free_port
 
