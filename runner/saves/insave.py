@@ -79,7 +79,7 @@ PATHS = ("host", "runtime")
 
 def chosen(settings: Settings, backend: RuntimeBackend) -> bool:
     """Whether saves of this installation are made inside the runtime."""
-    return bool(getattr(backend, "saves_in_runtime", False)) or getattr(settings, "save_path", "host") == "runtime"
+    return bool(getattr(backend, "saves_in_runtime", False)) or settings.save_path == "runtime"
 
 
 # ------------------------------------------------------------------------------ the stream
