@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.db import Database
 from envs.service import PinnedBy
 from registry import teams as teams_service

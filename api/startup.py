@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 
 from api.dbschema import check_current
+from api.settings import Settings
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import PinnedBy
 from registry import distribution

@@ -23,12 +23,12 @@ from api.schemas import (
     RuntimeOut,
     VersionOut,
 )
-from envs.kit.config import MachineType
 from envs.models import Environment, EnvironmentVersion
 from runner.models import Operation, ResultFile, Runtime, RuntimeLogEntry
 from runner.runtimes.reboot import pending_view
 from runner.runtimes.states import State
 from runner.service import RunnerService, RuntimeStatus
+from runner.settings import MachineType
 
 
 def operation_out(op: Operation) -> OperationOut:

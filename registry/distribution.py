@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from registry import signing
 from registry.errors import RegistryUnavailableError
+from registry.settings import Settings
 
 log = logging.getLogger("envctl.registry")
 

@@ -21,10 +21,10 @@ import re
 
 import httpx
 
-from envs.kit.config import Settings
 from registry import uploads
 from registry.errors import NoRegistryError, RegistryUnavailableError
 from registry.garbage import DIGEST, delete_manifest
+from registry.settings import Settings
 
 log = logging.getLogger("envctl.registry.drafts")
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from envs.kit.config import Settings
 from registry import distribution
 from registry.errors import RegistryBusyError, RegistryNotManagedError, RegistryUnavailableError
+from registry.settings import Settings
 
 log = logging.getLogger("envctl.registry")
 

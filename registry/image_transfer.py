@@ -32,11 +32,11 @@ from urllib.parse import urlsplit
 import docker.errors
 from sqlalchemy.orm import Session
 
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import distribution
 from registry.errors import DigestMismatchError, TransferError
 from registry.models import User
+from registry.settings import Settings
 from registry.users import create_token, revoke_token
 
 #: the envctl API token a transfer signs the engine in with lives at most this long

@@ -28,11 +28,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.errors import ForbiddenError, InvalidInputError
 from envs.kit.ids import new_id
 from registry.errors import SecretKeyError, SecretNotFoundError
 from registry.models import Team, TeamSecret
+from registry.settings import Settings
 from registry.teams import Actor, get_team
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

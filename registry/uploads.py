@@ -26,9 +26,9 @@ from urllib.parse import urlencode, urljoin
 
 import httpx
 
-from envs.kit.config import Settings
 from registry import distribution
 from registry.errors import NoRegistryError, TransferError
+from registry.settings import Settings
 
 OWN_TOKEN_LIFE = 900  # seconds
 MANIFEST_TYPES = (

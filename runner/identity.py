@@ -30,12 +30,12 @@ from typing import ClassVar
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from envs.refs import check_name
 from runner.errors import RunnerNameInUseError
 from runner.models import Installation, RunnerRecord
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.identity")
 

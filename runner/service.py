@@ -70,7 +70,6 @@ from typing import Any
 from sqlalchemy import select
 
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError, InvalidInputError
 from registry.team_secrets import SecretBox
@@ -108,6 +107,7 @@ from runner.saves.drafts import Drafts
 from runner.saves.insave import InRuntimeSaves
 from runner.saves.scans import CacheRules
 from runner.saves.snapshots import Snapshots
+from runner.settings import Settings
 from runner.transfers.imports import Imports
 from runner.transfers.pushpull import Transfers
 

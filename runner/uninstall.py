@@ -30,7 +30,6 @@ from sqlalchemy.orm import selectinload
 
 from envs.images.docker import daemon_error
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, ConflictError
 from envs.models import EnvironmentVersion
@@ -39,6 +38,7 @@ from runner.backends import netguard
 from runner.backends.base import LABEL_INSTALLATION
 from runner.identity import Liveness
 from runner.models import Installation, RunnerRecord, Runtime
+from runner.settings import Settings
 
 SAVE_LABEL = "envctl.source-runtime"  # on every save's (and build's) image
 DRAFT_LABEL = "envctl.draft-of"  # on every draft's image

@@ -12,7 +12,7 @@ import pytest
 from docker.errors import APIError
 
 from api.dbschema import upgrade
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.db import Database
 from runner.backends import netguard
 from tests.fixtures.services import PostgresCluster, docker_client, start_postgres

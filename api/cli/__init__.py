@@ -83,14 +83,14 @@ from api.cli.errors import (
 )
 from api.cli.notebooks import runtime_name_for
 from api.cli.options import RootGroup
-from envs.kit.config import SETTINGS_HELP
+from api.settings import help_lines
 from envs.kit.errors import EnvctlError, InvalidInputError
 
 # main and cli are the entry points; the other three were importable from api/cli.py before it
 # became this package, and tests still take them from here.
 __all__ = ["cli", "lineage_lines", "main", "parse_sse", "runtime_name_for"]
 
-_SETTINGS = "\n".join(f"  {k:<34} {v}" for k, v in SETTINGS_HELP.items())
+_SETTINGS = "\n".join(f"  {k:<34} {v}" for k, v in help_lines())
 
 
 @click.group(

@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE, CliError
-from envs.kit.config import load_settings
+from api.settings import load
 from envs.kit.errors import EnvctlError
 
 DEFAULT_URL = "http://127.0.0.1:8700"
@@ -60,7 +60,7 @@ def _find_token(token: str | None, conf: dict[str, Any]) -> str | None:
     if conf.get("token"):
         return str(conf["token"])
     try:
-        token_file = load_settings().admin_token_file
+        token_file = load().admin_token_file
     except EnvctlError:
         return None
     if token_file.is_file():

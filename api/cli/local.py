@@ -11,7 +11,7 @@ import click
 from api.cli.errors import EXIT_FAILURE, EXIT_OK
 from api.cli.options import Command, Group, local_options
 from api.cli.output import print_json
-from envs.kit.config import load_settings
+from api.settings import load
 
 
 def _safe_url(url: str) -> str:
@@ -33,7 +33,7 @@ def serve(config: str | None, as_json: bool, host: str | None, port: int | None)
     from api.app import create_app
     from api.startup import Services
 
-    settings = load_settings(config)
+    settings = load(config)
     changes: dict[str, Any] = {}
     if host:
         changes["api_host"] = host
@@ -74,7 +74,7 @@ def db_upgrade(config: str | None, as_json: bool, revision: str) -> int:
     """Migrate the database to this envctl's schema."""
     from api.dbschema import current_revision, engine_for, head_revision, upgrade
 
-    url = load_settings(config).effective_database_url
+    url = load(config).effective_database_url
     upgrade(url, revision)
     engine = engine_for(url)
     try:
@@ -91,7 +91,7 @@ def db_current(config: str | None, as_json: bool) -> int:
     """Show the schema revision; exit 1 when it is behind this envctl's."""
     from api.dbschema import current_revision, engine_for, head_revision
 
-    engine = engine_for(load_settings(config).effective_database_url)
+    engine = engine_for(load(config).effective_database_url)
     try:
         now = current_revision(engine)
     finally:
@@ -118,7 +118,7 @@ def base_build(config: str | None, as_json: bool, names: tuple[str, ...], mirror
     from envs.kit.db import Database
     from envs.service import register_base_images
 
-    settings = load_settings(config)
+    settings = load(config)
     database = Database(settings.effective_database_url)
     check_current(database.engine)
 

@@ -13,7 +13,7 @@ import click
 from api.cli.errors import EXIT_BAD_INPUT, EXIT_OK, CliError
 from api.cli.options import Command, local_options
 from api.cli.output import print_json
-from envs.kit.config import Settings, load_settings
+from api.settings import Settings, load
 
 
 @click.command("uninstall", cls=Command)
@@ -48,7 +48,7 @@ def uninstall(
     image anything else uses), and with --volumes its volumes. The data directory stays."""
     from runner.backends.docker import DockerBackend
 
-    settings = load_settings(config)
+    settings = load(config)
     if labels and not orphaned_networks:
         raise CliError("--label goes with --orphaned-networks", EXIT_BAD_INPUT)
     if orphaned_networks and with_volumes:

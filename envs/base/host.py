@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from envs.kit.config import DEFAULT_EXTRA_CA_CERTS, load_settings
+from envs.kit.config import DEFAULT_EXTRA_CA_CERTS, Settings, load_settings
 from envs.kit.errors import InvalidInputError
 
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
@@ -153,7 +153,7 @@ def check_mirror(mirror: str) -> str:
 
 def default_extra_ca_certs() -> tuple[Path, ...]:
     """The ``base.extra_ca_certs`` setting (``ENVCTL_BASE_EXTRA_CA_CERTS``, ``ENVCTL_CONFIG``)."""
-    return load_settings().base_extra_ca_certs
+    return load_settings(Settings, partial=True).base_extra_ca_certs
 
 
 def read_extra_ca_certs(paths: Sequence[str | Path]) -> tuple[ExtraCACert, ...]:

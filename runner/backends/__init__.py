@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from runner.backends.base import RuntimeBackend
+from runner.settings import Settings
 
 BACKENDS: dict[str, str] = {
     "docker": "runner.backends.docker:DockerBackend",

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from envs.images.config import ImageInfo as ImageInfo  # re-exported; it lives with the image layer
-from envs.kit.config import MachineType, Settings
 from envs.kit.errors import InvalidInputError
 from runner.identity import RunnerIdentity
+from runner.settings import MachineType, Settings
 
 BackendState = dict[str, Any]
 

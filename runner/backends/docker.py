@@ -21,7 +21,6 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets
 from runner.backends import docker_volumes as volumes
@@ -57,6 +56,7 @@ from runner.backends.docker_state import status_of
 from runner.backends.helpers import Helpers
 from runner.errors import GpuUnavailableError
 from runner.identity import RunnerIdentity
+from runner.settings import Settings
 
 # Of Docker's default set, these are dropped: raw sockets (spoofing on the bridge), device
 # nodes, audit log writes, file capabilities, chroot, and handing capabilities around.

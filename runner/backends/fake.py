@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends.base import (
     AGENT_SOCKET,
@@ -45,6 +44,7 @@ from runner.backends.base import (
     VolumeFound,
 )
 from runner.identity import RunnerIdentity
+from runner.settings import Settings
 
 
 @dataclass

@@ -42,7 +42,6 @@ import docker.errors
 
 from envs.images import docker as engine
 from envs.images.docker import daemon_error
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
 from registry.distribution import ISSUER, SERVICE
@@ -70,6 +69,7 @@ from runner.backends.base import (
 )
 from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.identity import RunnerIdentity
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.swarm")
 GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as

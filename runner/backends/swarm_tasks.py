@@ -15,10 +15,10 @@ from typing import Any
 import docker
 
 from envs.images.docker import daemon_error
-from envs.kit.config import MachineType
 from envs.kit.errors import InvalidInputError
 from runner.backends.base import LABEL_RUNTIME, ContainerStatus, Status
 from runner.errors import NodeNotFoundError
+from runner.settings import MachineType
 
 # task states on the way to running, and the runtime phase each one is
 WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, InvalidInputError, ServiceUnavailableError
 from runner.errors import ResultChangedError, ResultNotFoundError, ResultStoreError
+from runner.settings import Settings
 
 log = logging.getLogger("runner.cells.result_files")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import EnvctlError
 from runner.cells import store as cellstore
@@ -27,6 +26,7 @@ from runner.cells.result_remote import RemoteResults
 from runner.models import ResultFile as ResultRow
 from runner.models import Runtime
 from runner.paths import RuntimePaths
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.results")
 

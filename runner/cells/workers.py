@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from envs.kit.config import Settings
 from envs.kit.db import Database, HotWriter
 from envs.kit.errors import EnvctlError
 from runner.cells import store as cellstore
@@ -33,6 +32,7 @@ from runner.channel import AgentChannel, AgentUnavailableError
 from runner.paths import RuntimePaths
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, touch_hot
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.executions")
 

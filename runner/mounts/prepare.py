@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from runner.backends.base import MountBind, RuntimeBackend
 from runner.mounts.errors import MountFetchError
@@ -30,6 +29,7 @@ from runner.mounts.git import GitCache
 from runner.mounts.named_volumes import volume_labels, volume_name
 from runner.mounts.s3 import S3Cache
 from runner.mounts.validate import GitMount, Mount, S3Mount, VolumeMount, check_mounts, from_json
+from runner.settings import Settings
 
 Report = Callable[[str, tuple[int, int] | None], None]  # (phase, (bytes done, bytes to fetch) or None)
 PREPARING = "preparing-download"

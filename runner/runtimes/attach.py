@@ -42,7 +42,6 @@ from typing import Any
 
 from sqlalchemy import select
 
-from envs.kit.config import Settings
 from envs.kit.errors import ConflictError, EnvctlError
 from runner.backends.base import LABEL_MANAGED, LABEL_RUNTIME, OtherContainer, RuntimeBackend
 from runner.channel import AgentUnavailableError, wait_for_agent
@@ -51,6 +50,7 @@ from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, activity
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.attach")
 

@@ -33,7 +33,6 @@ from typing import Any
 
 from sqlalchemy.orm import selectinload
 
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.models import EnvironmentVersion
 from runner.agentauth import Credential, hand_over, make_credential
@@ -54,6 +53,7 @@ from runner.runtimes.secret_uses import Delivery, RuntimeSecrets
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, activity
 from runner.saves.drafts import Drafts
+from runner.settings import Settings
 from runner.transfers.pushpull import Transfers
 
 log = logging.getLogger("envctl.runner")

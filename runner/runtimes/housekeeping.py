@@ -20,7 +20,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from runner.concurrency import Concurrency
 from runner.models import Runtime
@@ -28,6 +27,7 @@ from runner.runtimes import idle, leases
 from runner.runtimes.reconcile import Reconciler
 from runner.runtimes.states import State
 from runner.runtimes.store import Records
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.runner")
 

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, TooManyRequestsError
 from runner.backends.base import RuntimeBackend
 from runner.cells.workers import CellWorkers
@@ -29,6 +28,7 @@ from runner.runtimes.boot import Booter
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, Who
 from runner.saves.drafts import Drafts
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.runner")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from envs.kit.config import MachineType, Settings
 from envs.kit.errors import InvalidInputError
 from runner.errors import MachineTypeNotFoundError
+from runner.settings import MachineType, Settings
 
 
 def get_machine_type(settings: Settings, name: str, field: str = "machine_type") -> MachineType:

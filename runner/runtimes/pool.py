@@ -36,7 +36,6 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from envs import service as envs_service
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError, InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import parse_ref
@@ -59,6 +58,7 @@ from runner.runtimes.machines import get_machine_type
 from runner.runtimes.secret_uses import RuntimeSecrets, refs_of
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, activity
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.pool")
 

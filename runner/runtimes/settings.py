@@ -23,7 +23,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from envs.refs import check_name, parse_ref
@@ -40,6 +39,7 @@ from runner.runtimes import secret_uses as secrets
 from runner.runtimes.machines import check_cuda, get_machine_type
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, Who, reader_for, viewer_of
+from runner.settings import Settings
 
 LANGUAGES = ("python", "bash")
 RUNTIME_TYPES = ("native", "jupyter")

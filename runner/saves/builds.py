@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 from envs import service as envs_service
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from envs.spec import Spec, parse
@@ -30,6 +29,7 @@ from runner.runtimes.settings import Runtimes
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, Viewer, Who, viewer_of
 from runner.saves.snapshots import Snapshots, writer_of
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.builds")
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, EnvctlError
 from envs.kit.ids import new_id
 from registry import drafts as registry_drafts
@@ -38,6 +37,7 @@ from runner.saves.changes import Changes, is_file
 from runner.saves.imageconfig import trusted_config
 from runner.saves.insave import InRuntimeSaves, Parent
 from runner.saves.scans import SaveFilter
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.drafts")
 

@@ -44,7 +44,6 @@ from typing import Any
 from envs import service as envs_service
 from envs.images import oci
 from envs.images.config import child_config
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
 from registry import drafts as registry_drafts
@@ -57,6 +56,7 @@ from runner.models import Runtime
 from runner.runtimes.store import Records
 from runner.saves.imageconfig import CONTAINER_LABELS_CLEARED
 from runner.saves.scans import CacheRules, SaveFilter
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.insave")
 
@@ -79,7 +79,7 @@ PATHS = ("host", "runtime")
 
 def chosen(settings: Settings, backend: RuntimeBackend) -> bool:
     """Whether saves of this installation are made inside the runtime."""
-    return bool(getattr(backend, "saves_in_runtime", False)) or getattr(settings, "save_path", "host") == "runtime"
+    return bool(getattr(backend, "saves_in_runtime", False)) or settings.save_path == "runtime"
 
 
 # ------------------------------------------------------------------------------ the stream

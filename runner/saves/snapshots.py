@@ -34,7 +34,6 @@ from sqlalchemy.orm import Session
 
 from envs import service as envs_service
 from envs.kit import stopwatch
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from envs.models import EnvironmentVersion
 from envs.refs import check_name, check_tag
@@ -48,6 +47,7 @@ from runner.runtimes.store import Records, Who, viewer_of
 from runner.saves.imageconfig import trusted_config
 from runner.saves.insave import InRuntimeSaves, save_in_runtime
 from runner.saves.scans import CacheRules, SaveFilter, check_allowed, runtime_secret_values
+from runner.settings import Settings
 from runner.transfers.pushpull import Transfers, push_after_save, pushed_text
 
 log = logging.getLogger("envctl.snapshots")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs import service as envs_service
-from envs.kit.config import Settings
 from envs.kit.errors import EnvctlError
 from envs.models import EnvironmentVersion
 from registry import image_transfer as transfer
@@ -31,6 +30,7 @@ from runner.models import Operation
 from runner.operations import Operations
 from runner.runtimes.states import Phase
 from runner.runtimes.store import Records, Who, reader_for, viewer_of
+from runner.settings import Settings
 
 log = logging.getLogger("envctl.transfers")
 

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from registry import users as registry_service

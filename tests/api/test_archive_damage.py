@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from api.settings import Settings
 from envs import archive
-from envs.kit.config import Settings
 from envs.kit.errors import BackendError
 from runner.backends.base import ImageInfo
 from runner.backends.fake import FakeBackend

@@ -15,8 +15,8 @@ import uvicorn
 
 from api.app import create_app
 from api.cli import main
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from runner.service import RunnerService
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from api.settings import Settings
 from envs import archive
-from envs.kit.config import Settings
 from registry import users as registry_service
 from runner.backends.base import BackendState, RuntimeSpec
 from runner.backends.fake import FakeBackend

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from runner.backends.base import BackendState, RuntimeSpec
 from runner.backends.fake import FakeBackend
 from tests.api.conftest import ApiHarness, AppFactory

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from runner.backends.base import CUDA_MOUNT
 from runner.runtimes.machines import cuda_versions
 from tests.api.conftest import ApiHarness, AppFactory

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version, resolve
 from runner.backends.docker import DockerBackend

@@ -161,7 +161,7 @@ def test_the_pool_stays_within_its_memory_budget(make_api: AppFactory) -> None:
 
 
 def test_bad_pool_settings_are_refused_naming_the_entry(make_api: AppFactory) -> None:
-    from envs.kit.config import load_settings
+    from api.settings import load
 
     for bad, words in [
         ("python3", "ENVIRONMENT:MACHINE_TYPE=COUNT"),
@@ -170,7 +170,7 @@ def test_bad_pool_settings_are_refused_naming_the_entry(make_api: AppFactory) ->
         ("python3:small=0", "from 1 to"),
     ]:
         try:
-            load_settings(env={"ENVCTL_RUNNER_POOL": bad})
+            load(env={"ENVCTL_RUNNER_POOL": bad})
         except InvalidInputError as exc:
             assert "ENVCTL_RUNNER_POOL" in exc.message and words in exc.message, exc.message
         else:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.service import NewVersion, register_version
 from runner.backends.fake import FakeBackend
 from runner.models import Runtime

@@ -24,9 +24,9 @@ import uuid
 from pathlib import Path
 
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
 from envs.base import build as base_images
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import register_base_images
 from registry.users import create_user

@@ -22,9 +22,9 @@ from typing import Any
 import docker
 
 from envs.images.config import CONFIG_KEYS
-from envs.kit.config import DEFAULT_SAVE_CACHES
 from runner.backends.docker import DockerBackend
 from runner.saves.scans import CacheRules, SaveFilter
+from runner.settings import DEFAULT_SAVE_CACHES
 from tests.bench.bench_save import LABEL, _cell, _save
 from tests.bench.networks import remove_networks
 from tests.bench.stats import report

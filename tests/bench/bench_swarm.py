@@ -107,7 +107,7 @@ def _raw_boot(manager: docker.DockerClient, env: dict[str, str], node: str, imag
 
 
 def run(runs: int = 200) -> dict[str, float]:
-    from envs.kit.config import load_settings
+    from api.settings import load
     from registry.distribution import signing_key
     from runner.backends.swarm import SwarmBackend
     from tests.fixtures.swarm import Swarm, _missing, _read_env, _script
@@ -129,7 +129,7 @@ def run(runs: int = 200) -> dict[str, float]:
             with srv.client() as client:
                 # the version pushed, and present on worker1, before anything is timed
                 _ms, first = _envctl_boot(client, "w1", "bash")
-                settings = load_settings(env={**srv.env, "ENVCTL_DATA_DIR": str(srv.data_dir)})
+                settings = load(env={**srv.env, "ENVCTL_DATA_DIR": str(srv.data_dir)})
                 backend = SwarmBackend.from_settings(settings)
                 assert backend.signing_key is not None and signing_key(settings)
                 state = _backend_state(srv, first)

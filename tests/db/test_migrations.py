@@ -17,8 +17,8 @@ import runner.models  # noqa: F401
 from api import dbschema
 from api.app import create_app
 from api.cli import main
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from envs.kit.db import Base, make_engine
 from envs.kit.errors import SchemaOutOfDateError
 

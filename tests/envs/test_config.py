@@ -1,16 +1,17 @@
-"""Settings from ENVCTL_* variables and a YAML file (envs/kit/config.py)."""
+"""The settings machinery and the core settings every package shares (envs/kit/config.py):
+ENVCTL_* variables and a YAML file read into a frozen dataclass, generic over its fields. The
+runner's own settings are tested in tests/runner/test_settings.py."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from envs.kit.config import DEFAULT_MACHINE_TYPES, MachineType, Settings, load_settings
+from envs.kit.config import Settings, load_settings, parse_names, setting, settings_help
 from envs.kit.errors import InvalidInputError
-
-GIB = 1024**3
-MIB = 1024**2
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -19,223 +20,38 @@ def write_config(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_no_file_and_no_variables_gives_the_defaults() -> None:
-    settings = load_settings(env={})
-    assert settings.api_host == "127.0.0.1"
-    assert settings.api_port == 8700
-    assert settings.runner_backend == "docker"
-    assert settings.runner_idle_timeout == 1200
-    assert settings.runner_labels == {}
-    assert settings.machine_types == DEFAULT_MACHINE_TYPES
-
-
-def test_variables_set_each_setting_with_its_type(tmp_path: Path) -> None:
-    settings = load_settings(
-        env={
-            "ENVCTL_DATA_DIR": str(tmp_path / "data"),
-            "ENVCTL_DATABASE_URL": "postgresql://u@db/envctl",
-            "ENVCTL_API_HOST": "0.0.0.0",
-            "ENVCTL_API_PORT": "9000",
-            "ENVCTL_RUNNER_NAME": "runner-7",
-            "ENVCTL_RUNNER_BACKEND": "fake",
-            "ENVCTL_RUNNER_IDLE_TIMEOUT": "60",
-            "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
-            "ENVCTL_RUNNER_BOOT_TIMEOUT": "30",
-            "ENVCTL_RUNNER_MAX_BOOTS": "2",
-            "ENVCTL_RUNNER_LOG_MAX_SIZE": "1m",
-            "ENVCTL_RUNNER_NETWORK": "envctl-net",
-            "ENVCTL_BASE_MIRROR": "http://mirror.example/debian",
-        }
-    )
-    assert settings.data_dir == tmp_path / "data"
-    assert settings.database_url == "postgresql://u@db/envctl"
-    assert settings.api_host == "0.0.0.0"
-    assert settings.api_port == 9000
-    assert settings.runner_name == "runner-7"
-    assert settings.runner_backend == "fake"
-    assert settings.runner_idle_timeout == 60
-    assert settings.runner_idle_check_interval == 0.5
-    assert settings.runner_boot_timeout == 30.0
-    assert settings.runner_max_boots == 2
-    assert settings.runner_log_max_size == "1m"
-    assert settings.runner_network == "envctl-net"
-    assert settings.base_mirror == "http://mirror.example/debian"
-
-
 def test_empty_variable_is_ignored() -> None:
-    assert load_settings(env={"ENVCTL_API_PORT": ""}).api_port == 8700
-
-
-def test_file_with_nested_sections_and_machine_types_is_read(tmp_path: Path) -> None:
-    path = write_config(
-        tmp_path,
-        f"""
-data_dir: {tmp_path / "d"}
-api:
-  port: 9100
-runner:
-  idle_timeout: 300
-  backend: fake
-  labels:
-    team: ml
-machine_types:
-  tiny:
-    cpus: 0.5
-    memory: 512m
-  big:
-    cpus: 4
-    memory: 2g
-    pids: 4096
-    gpus: 1
-    idle_timeout: 600
-    description: four CPUs
-  exact:
-    cpus: 1
-    memory: 1073741824
-  binary:
-    cpus: 1
-    memory: 3GiB
-""",
-    )
-    settings = load_settings(path, env={})
-    assert settings.data_dir == tmp_path / "d"
-    assert settings.api_port == 9100
-    assert settings.runner_idle_timeout == 300
-    assert settings.runner_backend == "fake"
-    assert settings.runner_labels == {"team": "ml"}
-    assert settings.machine_types == {
-        "tiny": MachineType("tiny", cpus=0.5, memory=512 * MIB),
-        "big": MachineType(
-            "big",
-            cpus=4.0,
-            memory=2 * GIB,
-            pids=4096,
-            gpus=1,
-            idle_timeout=600,
-            description="four CPUs",
-        ),
-        "exact": MachineType("exact", cpus=1.0, memory=GIB),
-        "binary": MachineType("binary", cpus=1.0, memory=3 * GIB),
-    }
-
-
-def test_config_file_is_found_through_envctl_config(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "runner:\n  idle_timeout: 77\n")
-    assert load_settings(env={"ENVCTL_CONFIG": str(path)}).runner_idle_timeout == 77
-
-
-def test_variables_override_the_file(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "api:\n  port: 9100\nrunner:\n  idle_timeout: 300\n")
-    settings = load_settings(path, env={"ENVCTL_RUNNER_IDLE_TIMEOUT": "90"})
-    assert settings.runner_idle_timeout == 90
-    assert settings.api_port == 9100
-
-
-def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
-    assert load_settings(write_config(tmp_path, ""), env={}) == load_settings(env={})
-
-
-def test_unknown_key_in_file_is_refused_listing_the_known_ones(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "api_prot: 9000\n")
-    with pytest.raises(InvalidInputError) as caught:
-        load_settings(path, env={})
-    message = caught.value.message
-    assert "'api_prot'" in message
-    assert str(path) in message
-    for known in ("api_port", "data_dir", "database_url", "machine_types", "runner_idle_timeout"):
-        assert known in message
-    assert caught.value.field == "api_prot"
-
-
-def test_unknown_key_inside_a_section_is_refused(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "runner:\n  idle_timeuot: 5\n")
-    with pytest.raises(InvalidInputError, match="runner_idle_timeuot"):
-        load_settings(path, env={})
+    assert load_settings(Settings, env={"ENVCTL_API_PORT": ""}).api_port == 8700
 
 
 def test_file_that_is_not_a_map_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="must be a YAML map"):
-        load_settings(write_config(tmp_path, "- a\n- b\n"), env={})
+        load_settings(Settings, write_config(tmp_path, "- a\n- b\n"), env={})
 
 
 def test_file_that_is_not_yaml_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="not valid YAML"):
-        load_settings(write_config(tmp_path, "api: [unclosed\n"), env={})
+        load_settings(Settings, write_config(tmp_path, "api: [unclosed\n"), env={})
 
 
 def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(InvalidInputError, match="cannot read config file") as caught:
-        load_settings(missing, env={})
+        load_settings(Settings, missing, env={})
     assert str(missing) in caught.value.message
     assert caught.value.field == "config"
-
-
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [
-        ("ENVCTL_API_PORT", "eighty"),
-        ("ENVCTL_RUNNER_IDLE_TIMEOUT", "20m"),
-        ("ENVCTL_RUNNER_MAX_BOOTS", "1.5"),
-        ("ENVCTL_RUNNER_BOOT_TIMEOUT", "soon"),
-    ],
-)
-def test_bad_number_in_a_variable_is_refused_naming_the_variable(variable: str, value: str) -> None:
-    with pytest.raises(InvalidInputError) as caught:
-        load_settings(env={variable: value})
-    assert variable in caught.value.message
-    assert repr(value) in caught.value.message
 
 
 def test_bad_number_in_the_file_is_refused_naming_file_and_key(tmp_path: Path) -> None:
     path = write_config(tmp_path, "api:\n  port: lots\n")
     with pytest.raises(InvalidInputError) as caught:
-        load_settings(path, env={})
+        load_settings(Settings, path, env={})
     assert str(path) in caught.value.message
     assert "api_port" in caught.value.message
 
 
-@pytest.mark.parametrize(
-    ("spec", "names"),
-    [
-        pytest.param("{cpus: 2}", "machine_types.big: missing memory", id="no-memory"),
-        pytest.param("{memory: 2g}", "machine_types.big: missing cpus", id="no-cpus"),
-        pytest.param("{cpus: 2, memory: lots}", "machine_types.big.memory", id="bad-memory"),
-        pytest.param("{cpus: many, memory: 2g}", "machine_types.big", id="bad-cpus"),
-        pytest.param("{cpus: 2, memory: 2g, ram: 4g}", "machine_types.big: unknown keys", id="extra"),
-        pytest.param("small", "machine_types.big: must be a map", id="not-a-map"),
-    ],
-)
-def test_bad_machine_type_is_refused_naming_it(tmp_path: Path, spec: str, names: str) -> None:
-    path = write_config(tmp_path, f"machine_types:\n  big: {spec}\n")
-    with pytest.raises(InvalidInputError) as caught:
-        load_settings(path, env={})
-    assert names in caught.value.message
-    assert caught.value.field is not None
-    assert caught.value.field.endswith(names.split(":")[0])
-
-
-def test_empty_machine_types_is_refused(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "machine_types: {}\n")
-    with pytest.raises(InvalidInputError, match="machine_types must be a non-empty map"):
-        load_settings(path, env={})
-
-
-def test_runner_labels_variable_is_read_as_comma_separated_pairs() -> None:
-    settings = load_settings(env={"ENVCTL_RUNNER_LABELS": "a=b, c=d ,,e="})
-    assert settings.runner_labels == {"a": "b", "c": "d", "e": ""}
-
-
-@pytest.mark.parametrize("value", ["novalue", "a=b,novalue", "=x"])
-def test_runner_label_without_a_key_and_value_is_refused(value: str) -> None:
-    with pytest.raises(InvalidInputError) as caught:
-        load_settings(env={"ENVCTL_RUNNER_LABELS": value})
-    assert "ENVCTL_RUNNER_LABELS" in caught.value.message
-    assert "key=value" in caught.value.message
-
-
 def test_database_url_defaults_to_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
-    settings = load_settings(env={"ENVCTL_DATA_DIR": str(tmp_path)})
+    settings = load_settings(Settings, env={"ENVCTL_DATA_DIR": str(tmp_path)})
     assert settings.database_url is None
     assert settings.effective_database_url == f"sqlite:///{tmp_path / 'envctl.db'}"
 
@@ -246,41 +62,90 @@ def test_database_url_setting_wins_over_the_default(tmp_path: Path) -> None:
 
 
 def test_data_dir_expands_the_home_directory() -> None:
-    assert load_settings(env={"ENVCTL_DATA_DIR": "~/envctl-data"}).data_dir == (Path.home() / "envctl-data")
+    assert load_settings(Settings, env={"ENVCTL_DATA_DIR": "~/envctl-data"}).data_dir == (Path.home() / "envctl-data")
 
 
 def test_extra_ca_certs_default_to_debians_local_ca_folder() -> None:
-    assert load_settings(env={}).base_extra_ca_certs == (Path("/usr/local/share/ca-certificates"),)
+    assert load_settings(Settings, env={}).base_extra_ca_certs == (Path("/usr/local/share/ca-certificates"),)
 
 
 @pytest.mark.parametrize("separated", ["/a/proxy.crt:/b/cas", "/a/proxy.crt,/b/cas", " /a/proxy.crt , /b/cas: "])
 def test_extra_ca_certs_variable_is_paths_separated_by_colons_or_commas(separated: str) -> None:
-    settings = load_settings(env={"ENVCTL_BASE_EXTRA_CA_CERTS": separated})
+    settings = load_settings(Settings, env={"ENVCTL_BASE_EXTRA_CA_CERTS": separated})
     assert settings.base_extra_ca_certs == (Path("/a/proxy.crt"), Path("/b/cas"))
 
 
 def test_extra_ca_certs_in_the_file_are_a_list_and_null_or_empty_means_none(tmp_path: Path) -> None:
     listed = write_config(tmp_path, "base:\n  extra_ca_certs: [/a/proxy.crt, ~/cas]\n")
-    assert load_settings(listed, env={}).base_extra_ca_certs == (Path("/a/proxy.crt"), Path.home() / "cas")
+    assert load_settings(Settings, listed, env={}).base_extra_ca_certs == (Path("/a/proxy.crt"), Path.home() / "cas")
     for text in ("base:\n  extra_ca_certs: []\n", "base:\n  extra_ca_certs:\n"):
-        assert load_settings(write_config(tmp_path, text), env={}).base_extra_ca_certs == ()
+        assert load_settings(Settings, write_config(tmp_path, text), env={}).base_extra_ca_certs == ()
 
 
 def test_extra_ca_certs_that_are_a_map_are_refused_naming_the_setting(tmp_path: Path) -> None:
     path = write_config(tmp_path, "base:\n  extra_ca_certs: {a: b}\n")
     with pytest.raises(InvalidInputError, match="base_extra_ca_certs"):
-        load_settings(path, env={})
+        load_settings(Settings, path, env={})
 
 
-def test_the_compaction_threshold_stays_below_overlay2s_layer_limit() -> None:
-    assert load_settings(env={}).save_compact_at_layers == 100
-    assert load_settings(env={"ENVCTL_SAVE_COMPACT_AT_LAYERS": "12"}).save_compact_at_layers == 12
-    with pytest.raises(InvalidInputError, match="ENVCTL_SAVE_COMPACT_AT_LAYERS") as caught:
-        load_settings(env={"ENVCTL_SAVE_COMPACT_AT_LAYERS": "200"})
-    assert "128" in caught.value.message
+@dataclass(frozen=True)
+class _Extended(Settings):
+    """A package's settings as the packages above envs write them: the core's plus its own."""
+
+    registry_things: tuple[str, ...] = setting((), env="ENVCTL_REGISTRY_THINGS", parse=parse_names, help="things")
+    registry_count: int = setting(3, env="ENVCTL_REGISTRY_COUNT", parse=int, help="how many")
 
 
-def test_import_allow_hosts_is_read_as_comma_separated_lower_case_names() -> None:
-    settings = load_settings(env={"ENVCTL_IMPORT_ALLOW_HOSTS": "Envctl-B.internal, 10.0.0.5,"})
-    assert settings.import_allow_hosts == ("envctl-b.internal", "10.0.0.5")
-    assert load_settings(env={}).import_allow_hosts == ()
+def test_core_defaults_and_variables(tmp_path: Path) -> None:
+    assert load_settings(Settings, env={}) == Settings()
+    settings = load_settings(
+        Settings,
+        env={
+            "ENVCTL_DATA_DIR": str(tmp_path / "data"),
+            "ENVCTL_DATABASE_URL": "postgresql://u@db/envctl",
+            "ENVCTL_API_HOST": "0.0.0.0",
+            "ENVCTL_API_PORT": "9000",
+            "ENVCTL_BASE_MIRROR": "http://mirror.example/debian",
+        },
+    )
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.database_url == "postgresql://u@db/envctl"
+    assert (settings.api_host, settings.api_port) == ("0.0.0.0", 9000)
+    assert settings.base_mirror == "http://mirror.example/debian"
+
+
+def test_a_subclass_is_loaded_from_its_own_fields_and_the_cores(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "api:\n  port: 9100\nregistry:\n  things: [A, b]\n")
+    settings = load_settings(_Extended, path, env={"ENVCTL_REGISTRY_COUNT": "7"})
+    assert isinstance(settings, _Extended)
+    assert (settings.api_port, settings.registry_things, settings.registry_count) == (9100, ("a", "b"), 7)
+    assert settings.with_overrides(registry_count=1).registry_count == 1
+    with pytest.raises(InvalidInputError, match="ENVCTL_REGISTRY_COUNT") as caught:
+        load_settings(_Extended, env={"ENVCTL_REGISTRY_COUNT": "many"})
+    assert caught.value.field == "registry_count"
+
+
+def test_the_core_alone_refuses_a_key_it_does_not_own_naming_its_own(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "runner:\n  idle_timeout: 5\n")
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(Settings, path, env={})
+    assert "'runner_idle_timeout'" in caught.value.message
+    for known in ("api_port", "base_extra_ca_certs", "data_dir", "database_url"):
+        assert known in caught.value.message
+
+
+def test_partial_reads_its_own_keys_and_leaves_the_others_to_the_packages_above(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "runner:\n  idle_timeout: 5\nbase:\n  mirror: http://m.example/debian\n")
+    settings = load_settings(Settings, path, env={}, partial=True)
+    assert settings.base_mirror == "http://m.example/debian"
+    with pytest.raises(InvalidInputError, match="base_extra_ca_certs"):
+        load_settings(Settings, write_config(tmp_path, "base:\n  extra_ca_certs: {a: b}\n"), env={}, partial=True)
+
+
+def test_settings_help_names_every_variable_of_the_class_once() -> None:
+    lines = settings_help(_Extended)
+    variables = [v for v, _ in lines]
+    assert len(variables) == len(set(variables)) == len(dataclasses.fields(_Extended))
+    assert variables[:2] == ["ENVCTL_DATA_DIR", "ENVCTL_DATABASE_URL"]
+    assert ("ENVCTL_REGISTRY_COUNT", "how many") in lines
+    assert all(text for _, text in lines)

@@ -16,8 +16,8 @@ import pytest
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version
 from registry import users as registry_service

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from tests.api.conftest import prepared_settings  # noqa: F401

@@ -16,8 +16,8 @@ from api.app import create_app
 from api.cli import main
 from api.cli.errors import EXIT_BAD_INPUT
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError
 from envs.service import NewVersion, register_version

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from api import startup
 from api.dbschema import upgrade
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.errors import InvalidInputError
 from registry import distribution, signing
 from registry.distribution import ManagedRegistry

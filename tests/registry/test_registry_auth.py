@@ -25,9 +25,9 @@ import pytest
 
 from api.app import create_app
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from registry import signing, tokenserver
 from registry import users as registry_service

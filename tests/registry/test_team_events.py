@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from envs.kit.config import Settings
+from api.settings import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, Writer, register_version, resolve
 from tests.web.test_streams import Live, events, live  # noqa: F401

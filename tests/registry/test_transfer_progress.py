@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from api.settings import Settings
 from envs import service as envs_service
-from envs.kit.config import Settings
 from envs.models import EnvironmentVersion
 from registry import users as registry_service
 from registry.errors import TransferError

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from api.dbschema import upgrade
+from api.settings import Settings
 from api.startup import Services
 from envs.kit.clock import utcnow
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.service import NewVersion, register_version
 from registry.users import create_user

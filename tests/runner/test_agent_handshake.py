@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import load_settings
+from api.settings import load
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, InvalidInputError
 from registry.team_secrets import SecretBox
@@ -145,8 +145,8 @@ def test_an_unread_fifo_is_removed_and_its_content_dropped(tmp_path: Path) -> No
 
 def test_the_channel_setting_is_checked_and_a_backend_without_tcp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="ENVCTL_RUNNER_CHANNEL"):
-        load_settings(env={"ENVCTL_RUNNER_CHANNEL": "udp", "ENVCTL_DATA_DIR": str(tmp_path)})
-    settings = load_settings(env={"ENVCTL_RUNNER_CHANNEL": "tcp", "ENVCTL_DATA_DIR": str(tmp_path)})
+        load(env={"ENVCTL_RUNNER_CHANNEL": "udp", "ENVCTL_DATA_DIR": str(tmp_path)})
+    settings = load(env={"ENVCTL_RUNNER_CHANNEL": "tcp", "ENVCTL_DATA_DIR": str(tmp_path)})
     from api.dbschema import upgrade
 
     upgrade(settings.effective_database_url)

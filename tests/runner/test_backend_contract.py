@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import DEFAULT_MACHINE_TYPES, Settings
 from envs.kit.errors import InvalidInputError
 from envs.kit.ids import new_id
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeBackend, RuntimeSpec, Status
@@ -19,6 +18,7 @@ from runner.backends.fake import FakeBackend
 from runner.channel import ping, wait_for_agent
 from runner.identity import RunnerIdentity
 from runner.paths import AGENT_DIR
+from runner.settings import DEFAULT_MACHINE_TYPES, Settings
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image
 

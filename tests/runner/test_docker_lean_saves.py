@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from envs.images.config import CONFIG_KEYS
-from envs.kit.config import DEFAULT_SAVE_CACHES
 from runner.backends.docker import DockerBackend
 from runner.errors import SaveHasSecretsError
 from runner.saves.scans import CacheRules, SaveFilter
+from runner.settings import DEFAULT_SAVE_CACHES
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image

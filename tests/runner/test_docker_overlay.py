@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import DEFAULT_MACHINE_TYPES
 from envs.kit.ids import new_id
 from runner.backends import overlay
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, RuntimeSpec
 from runner.backends.docker import DockerBackend, _is_private
 from runner.channel import wait_for_agent
 from runner.paths import AGENT_DIR
+from runner.settings import DEFAULT_MACHINE_TYPES
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image
 

@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from envs.kit.db import Database
 from envs.kit.errors import BackendError
 from runner.backends.docker import DockerBackend

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import MachineType
 from runner.backends.base import CUDA_MOUNT, LABEL_GPU_KIND, LABEL_INSTALLATION, LABEL_RUNNER, RuntimeSpec
 from runner.backends.docker import DockerBackend
+from runner.settings import MachineType
 from tests.api.test_gpu_settings import cuda_root as cuda_root  # noqa: F401  (fixture)
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.services import base_image

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import Settings
 from envs.kit.errors import InvalidInputError
 from runner.backends.fake import FakeBackend
 from runner.mounts.prepare import DOWNLOADING, PREPARING, MountPreparer, mounted_note
+from runner.settings import Settings
 from tests.fixtures.git_http import GitServer, start_git_server
 from tests.fixtures.s3 import S3Endpoint, start_s3
 

@@ -17,7 +17,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from api.cli import main
 from api.dbschema import upgrade
-from envs.kit.config import Settings, load_settings
+from api.settings import Settings, load
 from envs.kit.db import Database
 from envs.kit.errors import InvalidInputError
 from runner.backends import netguard
@@ -70,10 +70,10 @@ def test_a_pool_or_prefix_that_cannot_work_is_refused_naming_the_setting() -> No
     with pytest.raises(InvalidInputError, match="ENVCTL_RUNNER_SUBNET_POOL"):
         Pool.of("10.213.0.1/16", 24)
     with pytest.raises(InvalidInputError, match="ENVCTL_RUNNER_SUBNET_POOL"):
-        load_settings(env={"ENVCTL_RUNNER_SUBNET_POOL": "10.213.0.1/16"})
+        load(env={"ENVCTL_RUNNER_SUBNET_POOL": "10.213.0.1/16"})
     with pytest.raises(InvalidInputError, match="ENVCTL_RUNNER_SUBNET_PREFIX"):
-        load_settings(env={"ENVCTL_RUNNER_SUBNET_PREFIX": "31"})
-    s = load_settings(env={"ENVCTL_RUNNER_SUBNET_POOL": "10.50.0.0/20", "ENVCTL_RUNNER_SUBNET_PREFIX": "26"})
+        load(env={"ENVCTL_RUNNER_SUBNET_PREFIX": "31"})
+    s = load(env={"ENVCTL_RUNNER_SUBNET_POOL": "10.50.0.0/20", "ENVCTL_RUNNER_SUBNET_PREFIX": "26"})
     assert (s.runner_subnet_pool, s.runner_subnet_prefix) == ("10.50.0.0/20", 26)
     default = Settings()
     # Docker's own default pools are left alone

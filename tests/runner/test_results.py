@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.kit.config import Settings, load_settings
+from envs.kit.config import load_settings
 from envs.kit.errors import InvalidInputError, ServiceUnavailableError
 from runner.cells.result_files import (
     CHUNK_SIZE,
@@ -30,6 +30,7 @@ from runner.cells.result_files import (
     scan,
     store_from_settings,
 )
+from runner.settings import Settings
 from tests.fixtures.s3 import FAKE_SECRET_KEY, S3Endpoint, fake_aws_env, start_s3
 
 
@@ -520,9 +521,9 @@ def test_results_settings_come_from_a_config_section_and_from_variables(tmp_path
     config = tmp_path / "envctl.yaml"
     config.write_text("results:\n  store: s3\n  s3_bucket: from-file\n  s3_prefix: envctl/\n")
 
-    s = load_settings(config, env={"ENVCTL_RESULTS_S3_ENDPOINT_URL": "http://minio:9000"})
+    s = load_settings(Settings, config, env={"ENVCTL_RESULTS_S3_ENDPOINT_URL": "http://minio:9000"})
 
     assert (s.results_store, s.results_s3_bucket, s.results_s3_prefix) == ("s3", "from-file", "envctl/")
     assert s.results_s3_endpoint_url == "http://minio:9000"
     assert s.results_s3_region == "us-east-1"
-    assert load_settings(config, env={"ENVCTL_RESULTS_STORE": "local"}).results_store == "local"
+    assert load_settings(Settings, config, env={"ENVCTL_RESULTS_STORE": "local"}).results_store == "local"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from envs.kit.clock import utcnow
-from envs.kit.config import DEFAULT_MACHINE_TYPES
 from envs.kit.db import Database
 from envs.kit.errors import BackendError, TooManyRequestsError
 from runner.backends.base import Change, RuntimeSpec
@@ -22,6 +21,7 @@ from runner.identity import RunnerIdentity
 from runner.paths import AGENT_DIR
 from runner.runtimes.states import State, can_transition
 from runner.service import RunnerService, RuntimeChanges
+from runner.settings import DEFAULT_MACHINE_TYPES
 from tests.runner.conftest import Clock, crash, identity_labels, identity_of, seed
 
 Make = Callable[..., RunnerService]

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from envs.kit.config import MachineType, load_settings
+from envs.kit.config import load_settings
 from envs.kit.errors import InvalidInputError
 from runner.backends import swarm_tasks
 from runner.backends.base import Status
 from runner.backends.swarm import SwarmBackend, _status
+from runner.settings import MachineType, Settings
 
 GIB = 1024**3
 
@@ -94,18 +95,18 @@ def test_nodes_view_lists_capacity_reservations_and_this_installations_runtimes(
 def test_machine_type_constraints_are_checked_when_the_configuration_is_read(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("machine_types:\n  w1: {cpus: 1, memory: 1g, constraints: ['node.labels.zone == eu']}\n")
-    assert load_settings(good, env={}).machine_types["w1"].constraints == ("node.labels.zone == eu",)
+    assert load_settings(Settings, good, env={}).machine_types["w1"].constraints == ("node.labels.zone == eu",)
     bad = tmp_path / "bad.yaml"
     bad.write_text("machine_types:\n  w1: {cpus: 1, memory: 1g, constraints: ['zone=eu; rm -rf /']}\n")
     with pytest.raises(InvalidInputError) as caught:
-        load_settings(bad, env={})
+        load_settings(Settings, bad, env={})
     assert "machine_types.w1.constraints" in caught.value.message and "node.labels.zone==eu" in caught.value.message
 
 
 def test_the_swarm_backend_needs_a_registry_its_nodes_reach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     settings = load_settings(
-        None, env={"ENVCTL_DATA_DIR": str(tmp_path), "ENVCTL_SWARM_MANAGER": "unix:///nowhere.sock"}
+        Settings, None, env={"ENVCTL_DATA_DIR": str(tmp_path), "ENVCTL_SWARM_MANAGER": "unix:///nowhere.sock"}
     )
     with pytest.raises(InvalidInputError) as caught:
         SwarmBackend.from_settings(settings.with_overrides(registry="managed", registry_binary=Path("/bin/true")))

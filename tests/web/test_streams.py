@@ -20,8 +20,8 @@ import uvicorn
 
 from api.app import create_app
 from api.routes.streams import KEEPALIVE
+from api.settings import Settings
 from api.startup import Services
-from envs.kit.config import Settings
 from tests.api.conftest import prepare_database
 from tests.fixtures.services import _free_port
 
