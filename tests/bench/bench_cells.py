@@ -27,12 +27,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import docker
 import httpx
 
 from tests.bench.stats import report, summary
+from tests.bench.through_api import booted, cell
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import start_postgres
 from tests.runner.conftest import remove_fence
@@ -56,18 +56,6 @@ def _server(root: Path, session: str, name: str, database_url: str | None) -> Se
     srv = Server(data, env=env)
     srv.start()
     return srv
-
-
-def _booted(client: httpx.Client, name: str) -> str:
-    rid: str = client.post("/runtimes", json={"environment": "python3", "name": name}).json()["id"]
-    rt = client.post(f"/runtimes/{rid}/start", params={"wait": 60}).json()
-    assert rt["state"] == "running", rt
-    return rid
-
-
-def _cell(client: httpx.Client, url: str, code: str = "1+1") -> None:
-    body: dict[str, Any] = client.post(url, params={"wait": 30}, json={"code": code}).json()
-    assert body["status"] == "ok", body
 
 
 def _container_of(rid: str) -> str:
@@ -118,13 +106,13 @@ def run(runs: int = 1000) -> dict[str, float]:
         lazy = _server(Path(tmp), session, "pg-lazy", lazy_url)
         servers.append(lazy)
         with lite.client() as lc, pg.client() as pc, lazy.client() as zc:
-            lrid, prid, zrid = _booted(lc, "bench-sqlite"), _booted(pc, "bench-pg"), _booted(zc, "bench-lazy")
+            lrid, prid, zrid = booted(lc, "bench-sqlite"), booted(pc, "bench-pg"), booted(zc, "bench-lazy")
             lurl, purl = f"/runtimes/{lrid}/executions", f"/runtimes/{prid}/executions"
             zurl = f"/runtimes/{zrid}/executions"
             for _ in range(50):
-                _cell(lc, lurl)
-                _cell(pc, purl)
-                _cell(zc, zurl)
+                cell(lc, lurl)
+                cell(pc, purl)
+                cell(zc, zurl)
             times: dict[str, list[float]] = {"sqlite": [], "pg": [], "lazy": []}
             done = 0
             while done < runs:
@@ -132,7 +120,7 @@ def run(runs: int = 1000) -> dict[str, float]:
                 for name, client, url in (("sqlite", lc, lurl), ("pg", pc, purl), ("lazy", zc, zurl)):
                     for _ in range(n):
                         t = time.perf_counter()
-                        _cell(client, url)
+                        cell(client, url)
                         times[name].append((time.perf_counter() - t) * 1000)
                 done += n
             figures = report(

@@ -25,6 +25,7 @@ import docker
 import httpx
 
 from tests.bench.stats import report
+from tests.bench.through_api import booted, cell
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.runner.conftest import remove_fence
 
@@ -46,18 +47,6 @@ def _server(root: Path, session: str, channel: str) -> Server:
     )
     srv.start()
     return srv
-
-
-def _booted(client: httpx.Client, name: str) -> str:
-    rid: str = client.post("/runtimes", json={"environment": "python3", "name": name}).json()["id"]
-    rt = client.post(f"/runtimes/{rid}/start", params={"wait": 60}).json()
-    assert rt["state"] == "running", rt
-    return rid
-
-
-def _cell(client: httpx.Client, url: str, code: str = "1+1") -> None:
-    body: dict[str, Any] = client.post(url, params={"wait": 30}, json={"code": code}).json()
-    assert body["status"] == "ok", body
 
 
 def _stream(client: httpx.Client, url: str, total: int) -> float:
@@ -106,18 +95,18 @@ def run(runs: int = 1000) -> dict[str, float]:
         tcp = _server(Path(tmp), session, "tcp")
         try:
             with unix.client() as uc, tcp.client() as tc:
-                urid, trid = _booted(uc, "bench-unix"), _booted(tc, "bench-tcp")
+                urid, trid = booted(uc, "bench-unix"), booted(tc, "bench-tcp")
                 uurl, turl = f"/runtimes/{urid}/executions", f"/runtimes/{trid}/executions"
                 for _ in range(50):
-                    _cell(uc, uurl)
-                    _cell(tc, turl)
+                    cell(uc, uurl)
+                    cell(tc, turl)
                 times: dict[str, list[float]] = {"unix": [], "tcp": []}
                 done = 0
                 while done < runs:
                     for name, client, url in (("unix", uc, uurl), ("tcp", tc, turl)):
                         for _ in range(min(BLOCK, runs - done)):
                             t = time.perf_counter()
-                            _cell(client, url)
+                            cell(client, url)
                             times[name].append((time.perf_counter() - t) * 1000)
                     done += min(BLOCK, runs - done)
                 figures = report(
