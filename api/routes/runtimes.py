@@ -239,9 +239,16 @@ def runtime_changes(runtime_id: str, ctx: CtxDep, caller: CallerDep) -> list[Cha
 
 
 @router.post("/{runtime_id}/save", status_code=status.HTTP_202_ACCEPTED, response_model=OperationOut)
-def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: CallerDep) -> OperationOut:
-    """Save the runtime's filesystem as the next version of ``environment``. Answers at once
-    with an operation; poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
+def save_runtime(
+    runtime_id: str,
+    body: SaveRequest,
+    ctx: CtxDep,
+    caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for the save to end")] = 0,
+) -> OperationOut:
+    """Save the runtime's filesystem as the next version of ``environment``. Answers with an
+    operation: at once, or with ``wait`` as soon as it ended (or after ``wait`` seconds, still
+    running); poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
     Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
     operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
     ctx.runner.check_save(caller.viewer, runtime_id, attached_save=body.attached_save)
@@ -255,4 +262,6 @@ def save_runtime(runtime_id: str, body: SaveRequest, ctx: CtxDep, caller: Caller
         keep_caches=body.keep_caches,
         allow_secrets=body.allow_secrets,
     )
+    if wait:
+        op = ctx.runner.operations.wait(caller.viewer, op.id, wait)
     return operation_out(op)

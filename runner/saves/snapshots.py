@@ -214,25 +214,28 @@ class Snapshots:
             try:
                 # activity first, then "no longer saving": idle shutdown never sees a runtime
                 # that is neither saving nor freshly active (R20). Both before the operation
-                # ends: whoever sees it end may save again at once.
-                self.records.touch(runtime_id, "save finished")
+                # ends: whoever sees it end may save again at once. A save's log line goes in
+                # the same transaction (the runtime's log line before the operation's end).
+                with self.records.tx() as s:
+                    self.records.touch_in(s, runtime_id, "save finished")
+                    if error is None and version is not None:
+                        self.records.log(
+                            s,
+                            runtime_id,
+                            event="saved",
+                            reason="user-request",
+                            message=f"saved as {version.ref}",
+                            details={"version": version.ref},
+                        )
             finally:
                 with self._lock:
                     self._saving.discard(runtime_id)
-        # the runtime's log line first, then the operation's end (which wakes its waiters)
         if error is not None or version is None:
             self.operations.discard_pending(op_id)
             problem, text = self.operations.failure(op_id, error or BackendError("the save made no version"), "save")
             self.records.log_now(runtime_id, event="save-failed", reason="error", message=text)
             self.operations.finish(op_id, "failed", error=problem, message=text)
             return
-        self.records.log_now(
-            runtime_id,
-            event="saved",
-            reason="user-request",
-            message=f"saved as {version.ref}",
-            details={"version": version.ref},
-        )
         pushed = (
             {
                 "pushed": True,

@@ -44,7 +44,7 @@ SECRET_VALUE = "db-pass-0123456789-xyz"
 
 
 def _save(client: httpx.Client, rid: str, env: str) -> dict[str, Any]:
-    r = client.post(f"/runtimes/{rid}/save", json={"environment": env})
+    r = client.post(f"/runtimes/{rid}/save", params={"wait": 30}, json={"environment": env})
     assert r.status_code == 202, r.text
     op = r.json()
     while op["status"] == "running":

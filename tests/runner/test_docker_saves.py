@@ -53,6 +53,34 @@ def started(server: Server, client: httpx.Client, rid: str) -> None:
     assert server.wait_state(client, rid, {"running", "error"})["state"] == "running"
 
 
+def test_a_save_asked_to_wait_answers_when_it_ended_with_where_its_time_went(server: Server) -> None:
+    with server.client() as client:
+        rid = new_runtime(client, "timed", language="bash")
+        assert run(client, rid, "head -c 2000000 /dev/urandom > /root/blob")["status"] == "ok"
+        t = time.monotonic()
+        r = client.post(f"/runtimes/{rid}/save", params={"wait": 30}, json={"environment": "timed"})
+        took_ms = (time.monotonic() - t) * 1000
+        assert r.status_code == 202, r.text
+        op = r.json()
+        assert op["status"] == "succeeded" and op["result"]["version"] == "timed@1", op
+        spans = op["result"]["timings_ms"]
+        # the engine's commit and the version's record are among the spans; none is longer than the save
+        assert {"pause", "plan", "commit", "record", "total"} <= spans.keys(), spans
+        assert all(0 <= ms <= spans["total"] for ms in spans.values()), spans
+        assert spans["total"] <= took_ms, (spans, took_ms)
+        # the runtime's log says it before the operation ended, and the saved line is there once
+        saved = [e for e in client.get(f"/runtimes/{rid}/log").json() if e.get("event") == "saved"]
+        assert [e["message"] for e in saved] == ["saved as timed@1"], saved
+        # asked not to wait, it answers at once (the save goes on: its operation is followed)
+        assert run(client, rid, "echo more > /root/more")["status"] == "ok"
+        r = client.post(f"/runtimes/{rid}/save", json={"environment": "timed"})
+        assert r.status_code == 202 and r.json()["status"] in ("running", "succeeded"), r.text
+        later = client.get(f"/operations/{r.json()['id']}", params={"wait": 30}).json()
+        assert later["status"] == "succeeded" and later["result"]["version"] == "timed@2", later
+        bad = client.post(f"/runtimes/{rid}/save", params={"wait": 31}, json={"environment": "timed"})
+        assert bad.status_code == 422 and "wait" in bad.text, bad.text
+
+
 def test_a_package_installed_in_a_cell_is_in_the_saved_version(server: Server) -> None:
     with server.client() as client:
         rid = new_runtime(client, "builder", language="bash")
