@@ -190,8 +190,7 @@ class RunnerService:
             settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
         )
         drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/saves/drafts.py)
-        if hasattr(backend, "release"):  # Swarm: the agent's SIGTERM waits for a draft unless told
-            backend.release = drafts.release_agent
+        backend.release_agent = drafts.release_agent  # Swarm: the agent's SIGTERM waits for a draft unless told
         self.results = ResultCollector(settings, db, clock, paths)
         self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
         self.feeds = Feeds()

@@ -224,6 +224,9 @@ class RuntimeBackend(abc.ABC):
     #: directory); False: they travel over the agent channel (runner/mounts/streamed.py,
     #: runner/cells/result_remote.py)
     host_paths: ClassVar[bool] = True
+    #: tells a runtime's agent that envctl itself stops it (set at start-up: runner/saves/drafts.py),
+    #: for a backend whose agent otherwise waits for a draft on SIGTERM (Swarm); None: not told
+    release_agent: Callable[[BackendState], None] | None = None
 
     @classmethod
     @abc.abstractmethod

@@ -33,7 +33,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +112,6 @@ class SwarmBackend(RuntimeBackend):
         self._client: docker.DockerClient | None = None
         self._local: docker.DockerClient | None = None
         self._configs: dict[str, list[dict[str, Any]]] = {}  # installation -> the agent's config references
-        self.release: Callable[[BackendState], None] | None = None  # tells a runtime's agent envctl stops it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SwarmBackend:
@@ -368,8 +366,8 @@ class SwarmBackend(RuntimeBackend):
 
     def stop(self, state: BackendState, timeout: float = 5.0) -> None:
         sid = state.get("service_id")
-        if sid and state.get("agent") and self.release is not None:
-            self.release(state)  # envctl stops it: the agent's SIGTERM waits for no draft
+        if sid and state.get("agent") and self.release_agent is not None:
+            self.release_agent(state)  # envctl stops it: the agent's SIGTERM waits for no draft
         if sid:
             try:
                 self.client.api.remove_service(sid)

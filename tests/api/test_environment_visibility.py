@@ -169,6 +169,7 @@ NOT_ENVIRONMENTS = {
     "runtime_id",
     "cell",  # create-and-run: a first cell (code, language)
     "attach", "attached_save",  # a container envctl did not start, by id or name; a flag
+    "lease",  # seconds a client's heartbeat keeps the runtime
 }  # fmt: skip
 SPEC_READS, SPEC_WRITES = {"extends"}, {"name"}  # envs/spec.py FIELDS; message and steps name none
 
