@@ -213,9 +213,7 @@ class Drafts:
         of the runtime's draft, which the node pulls with a pull-only token for that repository;
         None when it has no draft. A draft the registry lacks is a ``BackendError`` (the boot
         fails ``draft-unavailable``; a reset boots from the version)."""
-        with self.records.db.session() as s:
-            rt = s.get(Runtime, runtime_id)
-            draft = rt.draft_image_id if rt is not None else None
+        draft = self._draft_of(runtime_id)
         if not draft or not self.in_registry:
             return None
         digest = registry_drafts.manifest_digest(self.settings, runtime_id, draft)
@@ -227,14 +225,18 @@ class Drafts:
             )
         return f"{registry_drafts.repository(runtime_id)}@{digest}"
 
+    def _draft_of(self, runtime_id: str) -> str | None:
+        """The runtime's draft image id, if it has one."""
+        with self.records.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            return rt.draft_image_id if rt is not None else None
+
     def ensure_local(self, runtime_id: str) -> bool:
         """Before a boot that restores a draft: pull it from the registry by digest when the
         engine lacks it (a draft made on another node, or never on this one); True when it did."""
-        with self.records.db.session() as s:
-            rt = s.get(Runtime, runtime_id)
-            draft = rt.draft_image_id if rt is not None else None
         if self.backend.images_from_registry:
             return False  # the node pulls it (``registry_image``), not this host's engine
+        draft = self._draft_of(runtime_id)
         client = self.backend.engine_client()
         host = transfer.registry_host(self.settings)
         if not draft or not self.in_registry or client is None or host is None:
