@@ -1,5 +1,5 @@
 """The host CUDA versions a GPU runtime may have mounted, and GPU kinds, through the API (fake
-engine). tests/runner/test_gpu_machine_types.py checks the container such a runtime gets."""
+engine). tests/runner/backends/test_gpu_machine_types.py checks the container such a runtime gets."""
 
 from __future__ import annotations
 

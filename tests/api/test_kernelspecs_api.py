@@ -1,7 +1,7 @@
 """GET /environments/{ref}/kernelspecs on the fake backend: references, errors, the answer's shape.
 
 The fake engine's images have the kernelspecs a test gives them; the Docker backend's reading
-of real kernel.json files is tested in tests/runner/test_docker_notebooks.py.
+of real kernel.json files is tested in tests/runner/cells/test_docker_notebooks.py.
 """
 
 from __future__ import annotations

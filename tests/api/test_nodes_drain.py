@@ -1,6 +1,6 @@
 """``POST /nodes/{name}/drain`` and ``/activate`` on a backend with one engine (the fake one):
 admins only (403 for others, before anything is asked of the backend), and a 422 saying there
-is no node to drain. Draining on a swarm is tested in ``tests/runner/test_swarm_drafts.py``."""
+is no node to drain. Draining on a swarm is tested in ``tests/runner/swarm/test_swarm_drafts.py``."""
 
 from __future__ import annotations
 

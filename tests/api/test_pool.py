@@ -1,6 +1,6 @@
 """The warm pool on the fake engine (the real agent as a local process): claims, hand-over of
 variables and secrets, refills, what is not served from it and why, restarts, the budget.
-The same rules against real Docker: tests/runner/test_pool_docker.py."""
+The same rules against real Docker: tests/runner/runtimes/test_pool_docker.py."""
 
 from __future__ import annotations
 

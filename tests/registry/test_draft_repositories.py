@@ -1,7 +1,7 @@
 """Runtimes' drafts in the registry are envctl's alone (registry/drafts.py): the token server
 grants no action on them to anyone, an admin or a team called like the namespace neither, and
 the catalog never counts them as published. The end-to-end refusal by a real registry is in
-tests/runner/test_docker_registry_drafts.py."""
+tests/runner/saves/test_docker_registry_drafts.py."""
 
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ from envs.kit.db import Database
 from envs.models import EnvironmentVersion
 from tests.fixtures.server import Server
 from tests.fixtures.transfer import MB, blobs_of, cli_json, registry_server
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_docker_saves import save
+from tests.runner.saves.test_docker_saves import save
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -27,9 +27,9 @@ import pytest
 from tests.fixtures.engine import need_dockerd, second_engine
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.transfer import cli_json, registry_server
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_docker_saves import save
+from tests.runner.saves.test_docker_saves import save
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

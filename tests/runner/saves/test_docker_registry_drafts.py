@@ -20,9 +20,9 @@ from docker.errors import NotFound
 from tests.fixtures.registry import MANIFEST, RegistryClient
 from tests.fixtures.server import Server
 from tests.fixtures.transfer import registry_server
+from tests.runner.cells.test_docker_executions import run
 from tests.runner.conftest import remove_runner_containers
-from tests.runner.test_docker_executions import run
-from tests.runner.test_docker_insave import LISTING, booted, ok, save_op
+from tests.runner.saves.test_docker_insave import LISTING, booted, ok, save_op
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

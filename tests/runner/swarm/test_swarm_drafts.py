@@ -20,7 +20,7 @@ from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
 from tests.fixtures.swarm_envctl import machine_types, remove_installation, swarm_server
 from tests.fixtures.transfer import cli_json
-from tests.runner.test_docker_executions import new_runtime, run, text
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 STOP_BOUND = 15.0  # seconds a stop with a draft may take (the agent's SIGTERM wait is 20 s)

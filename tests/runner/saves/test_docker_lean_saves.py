@@ -24,8 +24,8 @@ from runner.settings import DEFAULT_SAVE_CACHES
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

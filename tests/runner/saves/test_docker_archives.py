@@ -13,9 +13,9 @@ import pytest
 
 from api.dbschema import upgrade
 from tests.fixtures.server import Server
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_docker_saves import save
+from tests.runner.saves.test_docker_saves import save
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

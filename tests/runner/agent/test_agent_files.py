@@ -23,7 +23,7 @@ from runner.errors import ResultFetchError
 from runner.mounts.errors import MountFetchError
 from runner.mounts.streamed import send_mounts
 
-AGENT = Path(__file__).resolve().parents[2] / "runner" / "agent" / "main.py"
+AGENT = Path(__file__).resolve().parents[3] / "runner" / "agent" / "main.py"
 
 
 @pytest.fixture

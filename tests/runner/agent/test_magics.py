@@ -21,7 +21,7 @@ import pytest
 from runner.agent import magics
 from runner.channel import AgentChannel, wait_for_agent
 
-AGENT = Path(__file__).resolve().parents[2] / "runner" / "agent" / "main.py"
+AGENT = Path(__file__).resolve().parents[3] / "runner" / "agent" / "main.py"
 
 Outputs = list[dict[str, Any]]
 

@@ -17,7 +17,7 @@ from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
 from tests.fixtures.swarm_envctl import remove_installation, swarm_server
-from tests.runner.killed_client import notebook, run_and_kill, wait_deleted
+from tests.runner.runtimes.killed_client import notebook, run_and_kill, wait_deleted
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ import pytest
 
 from envs.base import host as bi
 from tests.fixtures.server import Server
-from tests.runner.test_docker_executions import new_runtime, text
+from tests.runner.cells.test_docker_executions import new_runtime, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

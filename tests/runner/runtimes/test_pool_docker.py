@@ -19,8 +19,8 @@ from registry.users import create_user, issue_token
 from runner.backends.base import LABEL_POOL, LABEL_RUNNER
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.cells.test_docker_executions import text
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_executions import text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

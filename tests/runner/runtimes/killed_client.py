@@ -1,5 +1,5 @@
 """`envctl run` as a real process against a real `envctl serve`, killed with SIGKILL mid-cell:
-what the lease tests on each backend share (tests/runner/test_docker_leases.py, the swarm's)."""
+what the lease tests on each backend share (tests/runner/runtimes/test_docker_leases.py, the swarm's)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import httpx
 
 from tests.fixtures.server import Server
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def notebook(path: Path, code: str, language: str = "python") -> Path:

@@ -17,8 +17,8 @@ import pytest
 
 from tests.fixtures.server import Server
 from tests.fixtures.transfer import blobs_of, registry_server
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers
-from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

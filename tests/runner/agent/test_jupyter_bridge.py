@@ -21,7 +21,7 @@ from tests.fixtures.services import base_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-AGENT_DIR = Path(__file__).resolve().parents[2] / "runner" / "agent"
+AGENT_DIR = Path(__file__).resolve().parents[3] / "runner" / "agent"
 
 # Plays the agent's side of the kernel protocol (kernels.ProcessKernel): the bridge leads its
 # own process group, and signals go to that group. argv[1]: a JSON scenario

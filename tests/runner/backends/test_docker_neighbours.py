@@ -30,7 +30,7 @@ from tests.runner.conftest import remove_runner_containers, start_server
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _boot(srv: Server, client: httpx.Client, name: str) -> dict[str, Any]:

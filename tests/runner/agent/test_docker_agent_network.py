@@ -27,7 +27,7 @@ from runner.models import Runtime
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_settings import _probe
+from tests.runner.runtimes.test_docker_settings import _probe
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

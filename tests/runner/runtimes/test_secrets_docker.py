@@ -18,9 +18,9 @@ from envs.images.rewrite import ChunkReader
 from runner.saves.scans import secret_forms
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_docker_lean_saves import save, top_layer
+from tests.runner.saves.test_docker_lean_saves import save, top_layer
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -22,8 +22,8 @@ from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
 from tests.fixtures.swarm_envctl import remove_installation, swarm_server
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_swarm_backend import log_of, service_of
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
+from tests.runner.swarm.test_swarm_backend import log_of, service_of
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 

@@ -20,8 +20,8 @@ from api.cli import main
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.cells.test_docker_executions import text
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_executions import text
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

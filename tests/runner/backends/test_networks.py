@@ -28,10 +28,10 @@ from runner.identity import installation_id
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
+from tests.runner.backends.test_netguard import iptables  # noqa: F401  (a fixture)
+from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.test_docker_executions import new_runtime, run, text
-from tests.runner.test_docker_saves import save
-from tests.runner.test_netguard import iptables  # noqa: F401  (a fixture)
+from tests.runner.saves.test_docker_saves import save
 
 Capsys = pytest.CaptureFixture[str]
 # pools no other default hands out, one per test session (a crashed earlier run may hold another)

@@ -15,7 +15,7 @@ from runner.backends.base import LABEL_RUNTIME
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.runner.conftest import remove_runner_containers, start_server
-from tests.runner.killed_client import notebook, run_and_kill, wait_deleted
+from tests.runner.runtimes.killed_client import notebook, run_and_kill, wait_deleted
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

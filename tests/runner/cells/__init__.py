@@ -1,0 +1,1 @@
+"""Tests of cells (runner/cells/): executions, outputs, results, notebooks."""

@@ -1,0 +1,1 @@
+"""Tests of the Swarm backend (runner/backends/swarm*.py) on the real swarm of scripts/swarm-fixture."""
