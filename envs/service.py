@@ -147,11 +147,15 @@ def list_environments(session: Session) -> list[Environment]:
     )
 
 
-def resolve(session: Session, ref: EnvRef | str, field: str = "environment") -> EnvironmentVersion:
-    """The one version a reference means now. Tags are resolved to the version they point at."""
+def resolve(
+    session: Session, ref: EnvRef | str, field: str = "environment", *, env: Environment | None = None
+) -> EnvironmentVersion:
+    """The one version a reference means now. Tags are resolved to the version they point at.
+    ``env``: the environment the reference names, when the caller has loaded it already."""
     if isinstance(ref, str):
         ref = parse_ref(ref, field)
-    env = get_environment(session, ref.full_name)
+    if env is None:
+        env = get_environment(session, ref.full_name)
     if env is None:
         raise no_environment(ref, field)
     q = select(EnvironmentVersion).where(EnvironmentVersion.environment_id == env.id)

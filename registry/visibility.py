@@ -128,10 +128,10 @@ def resolve(session: Session, ref: EnvRef | str, reader: Reader, field: str) -> 
     parsed = parse_ref(ref, field) if isinstance(ref, str) else ref
     env = envs_service.get_environment(session, parsed.full_name)
     if env is None or reader.reads_all_of(env.namespace):
-        return envs_service.resolve(session, parsed, field)
+        return envs_service.resolve(session, parsed, field, env=env)
     only = published_version_ids(session, env)
     try:
-        version = envs_service.resolve(session, parsed, field)
+        version = envs_service.resolve(session, parsed, field, env=env)
     except NotFoundError:
         version = None
     if version is not None and version.id in only:

@@ -132,6 +132,7 @@ class Runtimes:
                 language=language,
                 environment_ref=str(ref),
                 version_id=version.id,
+                version=version,
                 machine_type=machine_type,
                 idle_timeout=idle_timeout,
                 env=own_env,
@@ -150,7 +151,10 @@ class Runtimes:
                 created_at=now,
                 updated_at=now,
             )
-            return self.records.get(s, owner_id, rt.id)
+            # what the API shows, as ``Records.query`` loads it: the version and its environment,
+            # both in this session already (no further read)
+            _ = rt.version.environment
+            return rt
 
     def get(self, who: Who, runtime_id: str) -> Runtime:
         with self.records.db.session() as s:
