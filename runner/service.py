@@ -200,15 +200,19 @@ class RunnerService:
             records,
             self.feeds,
             paths,
-            start=lambda owner_id, runtime_id: self.lifecycle.start(owner_id, runtime_id),
+            start=lambda owner_id, runtime_id: self.lifecycle.begin(owner_id, runtime_id),
             after_execution=self._after_execution,
             closing=concurrency.closing,
         )
         self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
         self.attach = attach = Attach(settings, records, backend, paths, self.runner)
 
-        def serve(runtime_id: str) -> bool:
-            return attach.serve(runtime_id) or (pool.enabled and pool.serve(runtime_id))
+        def serve(rt: Runtime) -> bool:
+            """An attached runtime's container, or a pooled one, for a stopped runtime (False:
+            it boots the ordinary way)."""
+            if container_of(rt) is not None:
+                return attach.serve(rt.id)
+            return pool.enabled and pool.serve(rt.id)
 
         def housekeep(found: builtins.list[FoundContainer]) -> builtins.list[FoundContainer]:
             attach.check_alive()

@@ -48,7 +48,7 @@ class Lifecycle:
         *,
         is_saving: Callable[[str], bool],
         on_deleted: Callable[[str], None],
-        serve_pooled: Callable[[str], bool] | None = None,
+        serve_pooled: Callable[[Runtime], bool] | None = None,
         detach: Callable[[str, dict[str, Any]], bool] | None = None,
     ) -> None:
         self.settings = settings
@@ -77,11 +77,19 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ start
     def start(self, who: Who, runtime_id: str) -> Runtime:
-        """Ask for a boot; answers at once with the runtime in ``booting``."""
+        """Ask for a boot; answers at once with the runtime in ``booting`` (``running`` when
+        the warm pool or an attached container served it)."""
+        self.begin(who, runtime_id)
+        with self.records.db.session() as s:
+            return self.records.get(s, who, runtime_id)
+
+    def begin(self, who: Who, runtime_id: str) -> None:
+        """``start`` without reading the runtime back: what a cell waiting for its runtime calls
+        (it waits for the state itself), so that a pooled first cell reads no more than it must."""
         with self.records.tx() as s:
-            rt = self.records.get_mine(s, who, runtime_id)
+            rt = self.records.get_mine(s, who, runtime_id, with_version=False)
             if rt.state in (State.BOOTING, State.RUNNING):
-                return rt  # already on its way: starting twice is not an error
+                return  # already on its way: starting twice is not an error
             if rt.state == State.STOPPING:
                 raise RuntimeStateError(
                     "the runtime is stopping; start it again once it is stopped", details={"state": rt.state}
@@ -89,10 +97,9 @@ class Lifecycle:
             stopped = rt.state in (State.STOPPED, State.ERROR)
         if stopped and self.serve_pooled is not None:
             with self.concurrency.claim(runtime_id), self.concurrency.runtime_lock(runtime_id):
-                served = self.serve_pooled(runtime_id)
+                served = self.serve_pooled(rt)
             if served:
-                with self.records.db.session() as s:
-                    return self.records.get(s, who, runtime_id)
+                return
         self.backend.ping()  # an engine that does not answer is a 503 now, not an error later
         if not self.concurrency.take_boot_slot():
             raise TooManyRequestsError(
@@ -102,16 +109,14 @@ class Lifecycle:
             with self.concurrency.claim(runtime_id, on_error=self._failed_unexpectedly(runtime_id)) as submit:
                 with self.records.tx() as s:
                     ok = self.records.transition(s, runtime_id, State.BOOTING, "user-request", "boot requested")
-                    rt = self.records.get(s, who, runtime_id)
                 if not ok:
                     self.concurrency.release_boot_slot()
-                    return rt
+                    return
                 self.concurrency.new_cancel(runtime_id)
                 submit(self.booter.boot)
         except BaseException:
             self.concurrency.release_boot_slot()
             raise
-        return rt
 
     # ------------------------------------------------------------------ stop
     def stop(
