@@ -14,6 +14,8 @@ from api import errors
 from api.deps import CallerCache, Context
 from api.fastpath import CellFastPath
 from api.routes import (
+    app_serving,
+    apps,
     catalog,
     environments,
     executions,
@@ -96,6 +98,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(catalog.router, responses=ERROR_RESPONSES)  # likewise (…/publish)
     app.include_router(transfers.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
+    app.include_router(app_serving.router)  # /apps/...: apps served (their own answers, not the API's)
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (
         health,
@@ -113,6 +116,7 @@ def create_app(services: Services) -> FastAPI:
         registry_auth,
         volumes,
         pool,
+        apps,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)
