@@ -57,6 +57,13 @@ def seal(key: bytes, head: dict[str, Any], plain: bytes) -> bytes:
 
 def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     """The header and where the nonce starts; ``AppBundleError`` for what is no bundle."""
+    try:
+        return _read_header(data)
+    except AppBundleError as exc:
+        raise AppBundleError(exc.message + "; nothing was run", reason=exc.reason) from None
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
     if not data.startswith(MAGIC):
         raise AppBundleError("the app bundle is not an envctl app bundle (its first bytes are wrong)", reason="format")
     at = len(MAGIC)

@@ -244,13 +244,11 @@ class AppServer:
                 self._retire(inst)
             return
         with self.store.tx() as s:
-            if self.store.deployment_status(s, dep_id) != "starting":  # stopped meanwhile
+            now_status = self.store.deployment_status(s, dep_id)
+            if now_status is None or now_status[0] != "starting":  # stopped meanwhile
                 return
         self.store.set_deployment(dep_id, "running", f"serving at /apps/{app.team}/{app.name}/")
-        replaced = self.store.take_over(dep_id)
-        if replaced:
-            time.sleep(TAKEOVER_GRACE)
-            self._watch()
+        self.store.take_over(dep_id)  # the replaced deployments' instances go after TAKEOVER_GRACE (_watch)
 
     def _viewer(self, dep: AppDeployment, team: str) -> Viewer:
         return Viewer(dep.author_id, frozenset({team}))
@@ -310,13 +308,17 @@ class AppServer:
             mine = self.store.instances_of_runner(s, self.runner)
             status = {i.id: self.store.deployment_status(s, i.deployment_id) for i in mine}
             s.expunge_all()
+        now = time.time()
         for inst in mine:
             with self._lock:
                 if inst.id in self._busy or inst.deployment_id in self._busy:
                     continue
-            if status[inst.id] in ENDED or status[inst.id] is None:
-                self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
-            elif inst.status in ("running", "restarting") and status[inst.id] == "running":
+            ended = status[inst.id]
+            if ended is None or ended[0] in ENDED:
+                # a replaced deployment keeps answering what was sent to it for TAKEOVER_GRACE
+                if ended is None or ended[0] == "failed" or now - ended[1].timestamp() >= TAKEOVER_GRACE:
+                    self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
+            elif inst.status in ("running", "restarting") and ended[0] == "running":
                 self._check(inst)
 
     def _check(self, inst: AppInstance) -> None:

@@ -237,10 +237,7 @@ class AppStore:
             s.execute(delete(AppInstance).where(AppInstance.id == instance_id))
 
     @staticmethod
-    def deployment_status(s: Session, deployment_id: str) -> str | None:
+    def deployment_status(s: Session, deployment_id: str) -> tuple[str, datetime] | None:
+        """The deployment's status and when it was last set (None: it is gone)."""
         dep = s.get(AppDeployment, deployment_id)
-        return dep.status if dep is not None else None
-
-    @staticmethod
-    def when(row: App | AppDeployment | AppInstance) -> datetime:
-        return row.updated_at
+        return (dep.status, dep.updated_at) if dep is not None else None
