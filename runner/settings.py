@@ -436,15 +436,13 @@ class Settings(registry_settings.Settings):
         (),
         env="ENVCTL_RUNNER_APP_TEAMS",
         parse=parse_names,
-        help="teams whose apps this runner deploys and serves, comma separated (default none:"
-        " it serves no app)",
+        help="teams whose apps this runner deploys and serves, comma separated (default none: it serves no app)",
     )
     runner_app_start_timeout: float = setting(
         120.0,
         env="ENVCTL_RUNNER_APP_START_TIMEOUT",
         parse=float,
-        help="seconds an app's cells may take until its port answers before the deployment fails"
-        " (default 120)",
+        help="seconds an app's cells may take until its port answers before the deployment fails (default 120)",
     )
     # the Swarm backend (runner/backends/swarm.py): the manager's Docker API ("": DOCKER_HOST), the
     # registry's host[:port] as the nodes reach it ("": the managed registry's listen address),

@@ -352,3 +352,49 @@ def test_a_bundle_changed_in_the_object_store_is_refused_on_download(env: Env) -
     assert failed["status"] == "failed" and "changed or truncated in the object store" in failed["message"], failed
     assert not [r for r in env.runtimes() if r["name"].startswith(f"app-stored-{again['number']}-")]
     assert env.show("stored")["current"] == dep["number"]  # the running one stays
+
+
+def test_a_crashed_app_is_restarted_and_says_so(env: Env, docker: Any, tmp_path: Path) -> None:
+    done = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "c", "steady")), "--team", "acme",
+                   "--name", "steady")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    [rt] = [r for r in env.runtimes() if r["name"].startswith("app-steady-1-")]
+    [container] = docker.containers.list(filters={"label": f"envctl.runtime-id={rt['id']}"})
+    container.kill()
+    deadline = time.monotonic() + 120
+    while True:
+        [inst] = env.show("steady")["running"]
+        if inst["restarts"] >= 1 and inst["status"] == "running":
+            break
+        assert time.monotonic() < deadline, f"{inst}\n{env.srv.output()[-3000:]}"
+        time.sleep(0.5)
+    with env.client("alice") as c:
+        resp = c.get("/apps/acme/steady/")
+        assert resp.status_code == 200 and resp.json()["version"] == "steady"
+    assert env.deployment("steady", 1)["status"] == "running"
+    # the same runtime, booted again (visible in the runtime list, idle shutdown off)
+    [again] = [r for r in env.runtimes() if r["name"].startswith("app-steady-1-")]
+    assert again["id"] == rt["id"] and again["state"] == "running"
+    assert "shutdown is off" in json.dumps(again), again
+
+
+def test_secrets_reach_the_app_by_reference_and_their_values_are_nowhere_else(env: Env, tmp_path: Path) -> None:
+    value = f"s3cr3t-{uuid.uuid4().hex}"
+    with env.client("alice") as c:
+        assert c.put("/teams/acme/secrets/db-pass", json={"value": value}).status_code == 201
+    done = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "s", "secret")), "--team", "acme",
+                   "--name", "vault", "--secret", "DB_PASSWORD=db-pass", "--var", "MODE=report")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with env.client("alice") as c:
+        seen = c.get("/apps/acme/vault/").json()
+    assert seen["env"]["DB_PASSWORD"] == value and seen["env"]["MODE"] == "report"
+    dep = env.deployment("vault", 1)
+    assert dep["env"] == {"MODE": "report", "DB_PASSWORD": {"secret": "db-pass", "team": "acme"}}
+    logs = env.cli("alice", "app", "logs", "vault", "--team", "acme").stdout
+    forms = [value.encode(), base64.b64encode(value.encode()), value.encode().hex().encode()]
+    found = []
+    for path in env.srv.data_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [str(path) for f in forms if f in data]
+    assert found == [] and value not in logs
