@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,26 @@ from registry.team_secrets import SecretBox
 COOKIE = "envctl_app"
 COOKIE_SECONDS = 8 * 3600
 CALLER_TTL = 5.0
+
+
+FORM = """<!doctype html><html><head><meta charset="utf-8"><title>Sign in to envctl apps</title></head>
+<body><h1>Sign in to envctl apps</h1><p>{message}</p>
+<form method="post" action="/apps/_signin"><input type="hidden" name="next" value="{next}">
+<label>API token <input type="password" name="token" autocomplete="off" required></label>
+<button type="submit">Sign in</button></form>
+<p>An API token: <code>envctl token create</code>. The browser keeps a cookie for /apps/ only,
+for {hours} hours; it holds no token.</p></body></html>"""
+
+
+def safe_next(value: str) -> str:
+    """Only a path of apps: never another site (an open redirect)."""
+    return value if value.startswith("/apps/") and not value.startswith("//") and "\\" not in value else "/apps/"
+
+
+def signin_page(next_url: str, message: str = "") -> str:
+    return FORM.format(
+        message=html.escape(message), next=html.escape(safe_next(next_url)), hours=COOKIE_SECONDS // 3600
+    )
 
 
 @dataclass(frozen=True)
