@@ -196,6 +196,8 @@ def app_show(api: Api, as_json: bool, name: str, team: str) -> int:
             print(f"      {d['message']}")
     for i in a["running"]:
         print(f"  instance of {i['deployment']}: {i['status']} runtime {i['runtime_id']} restarts {i['restarts']}")
+        if i.get("secrets_outdated"):
+            print(f"      out of date: secrets changed since it booted ({', '.join(map(str, i['secrets_outdated']))})")
     return EXIT_OK
 
 

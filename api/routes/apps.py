@@ -96,6 +96,9 @@ class InstanceOut(BaseModel):
     status: str
     message: str
     restarts: int
+    secrets_outdated: list[str] = Field(
+        default_factory=list, description="secrets changed since the runtime booted: a restart or deployment takes them"
+    )
 
 
 class AppOut(BaseModel):
@@ -121,20 +124,21 @@ def _deployment(d: AppDeployment) -> DeploymentOut:
     )  # fmt: skip
 
 
-def _instance(i: AppInstance, numbers: dict[str, int]) -> InstanceOut:
+def _instance(i: AppInstance, numbers: dict[str, int], outdated: dict[str, list[str]]) -> InstanceOut:
     return InstanceOut(
         deployment=numbers.get(i.deployment_id, 0), runtime_id=i.runtime_id, runner=i.runner, status=i.status,
-        message=i.message, restarts=i.restarts,
+        message=i.message, restarts=i.restarts, secrets_outdated=outdated.get(i.runtime_id or "", []),
     )  # fmt: skip
 
 
-def _app(view: AppView) -> AppOut:
+def _app(view: AppView, outdated: dict[str, list[str]] | None = None) -> AppOut:
     a = view.app
     numbers = {d.id: d.number for d in view.deployments}
+    outdated = outdated or {}
     return AppOut(
         team=a.team, name=a.name, access=a.access, instances=a.instances, current=a.current, stopped=a.stopped,
         url=f"/apps/{a.team}/{a.name}/", deployments=[_deployment(d) for d in view.deployments],
-        running=[_instance(i, numbers) for i in view.instances],
+        running=[_instance(i, numbers, outdated) for i in view.instances],
     )  # fmt: skip
 
 
@@ -185,7 +189,16 @@ def list_apps(ctx: CtxDep, caller: CallerDep, team: str = TeamPath) -> list[AppO
 
 @router.get("/teams/{team}/apps/{name}", response_model=AppOut)
 def show_app(ctx: CtxDep, caller: CallerDep, team: str = TeamPath, name: str = AppPath) -> AppOut:
-    return _app(ctx.runner.apps.show(caller.viewer, team, name))
+    """The app, its deployments, and its instances; an instance whose secrets changed since it
+    booted says which (``secrets_outdated``): the app is out of date until it restarts."""
+    view = ctx.runner.apps.show(caller.viewer, team, name)
+    runtimes = []
+    for i in view.instances:
+        if i.runtime_id:
+            with contextlib.suppress(EnvctlError):
+                runtimes.append(ctx.runner.get(caller.viewer, i.runtime_id))
+    outdated = {rt.id: s.secrets_outdated for rt, s in zip(runtimes, ctx.runner.status_of(runtimes), strict=True)}
+    return _app(view, outdated)
 
 
 @router.get("/teams/{team}/apps/{name}/logs")

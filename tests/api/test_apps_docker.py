@@ -398,3 +398,31 @@ def test_secrets_reach_the_app_by_reference_and_their_values_are_nowhere_else(en
             data = path.read_bytes()
             found += [str(path) for f in forms if f in data]
     assert found == [] and value not in logs
+
+    # the secret changed after deployment: the app says it is out of date (a restart takes it)
+    assert env.show("vault")["running"][0]["secrets_outdated"] == []
+    with env.client("alice") as c:
+        assert c.put("/teams/acme/secrets/db-pass", json={"value": value + "-new"}).status_code == 200
+    outdated = env.show("vault")["running"][0]["secrets_outdated"]
+    assert outdated and "db-pass" in json.dumps(outdated), outdated
+    assert "out of date" in env.cli("alice", "app", "show", "vault", "--team", "acme").stdout
+
+
+def test_an_app_whose_server_stopped_answering_is_restarted(env: Env, tmp_path: Path) -> None:
+    done = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "q", "quiet")), "--team", "acme",
+                   "--name", "quiet")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    [rt] = [r for r in env.runtimes() if r["name"].startswith("app-quiet-1-")]
+    with env.client("alice") as c:  # the web server stops; the runtime and its kernel stay
+        ex = c.post(f"/runtimes/{rt['id']}/executions", params={"wait": 20},
+                    json={"code": "server.shutdown(); server.server_close()"})  # fmt: skip
+        assert ex.json()["status"] == "ok", ex.text
+    deadline = time.monotonic() + 120
+    while True:
+        [inst] = env.show("quiet")["running"]
+        if inst["restarts"] >= 1 and inst["status"] == "running":
+            break
+        assert time.monotonic() < deadline, f"{inst}\n{env.srv.output()[-3000:]}"
+        time.sleep(0.5)
+    with env.client("alice") as c:
+        assert c.get("/apps/acme/quiet/").json()["version"] == "quiet"
