@@ -59,7 +59,7 @@ IDLE_PER_ADDRESS = 32
 Found = tuple[App, list[str]] | None
 
 
-class UpstreamError(Exception):
+class _UpstreamError(Exception):
     """The app did not answer, or answered what is no HTTP/1.1."""
 
 
@@ -86,7 +86,7 @@ class Upstream:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5.0)
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect ({type(exc).__name__})") from exc
+            raise _UpstreamError(f"cannot connect ({type(exc).__name__})") from exc
         return reader, writer, False
 
     def _release(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -113,9 +113,9 @@ class Upstream:
                 writer.close()
                 if reused and attempt == 0:
                     continue
-                raise UpstreamError(f"no answer ({type(exc).__name__})") from exc
+                raise _UpstreamError(f"no answer ({type(exc).__name__})") from exc
             return self._answer(address, reader, writer, raw, has_body)
-        raise UpstreamError("no answer")
+        raise _UpstreamError("no answer")
 
     def _answer(
         self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, has_body: bool
@@ -124,7 +124,7 @@ class Upstream:
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             writer.close()
-            raise UpstreamError("the app's answer is not HTTP/1.1")
+            raise _UpstreamError("the app's answer is not HTTP/1.1")
         status = int(parts[1])
         headers = []
         length: int | None = None
@@ -275,7 +275,7 @@ class AppGateway:
         head, body = await _request(scope, receive, headers, f"/apps/{team}/{name}")
         try:
             status, out, chunks = await self.upstream.exchange(address, head, body, scope["method"] != "HEAD")
-        except UpstreamError as exc:
+        except _UpstreamError as exc:
             await PlainTextResponse(f"the app did not answer: {exc}\n", status_code=502)(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": status, "headers": out})
