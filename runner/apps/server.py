@@ -38,14 +38,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+
 from envs.kit.errors import EnvctlError
 from registry import events
+from registry.models import Team
 from registry.team_secrets import SecretBox
 from runner.apps import bundles
 from runner.apps.models import App, AppDeployment, AppInstance
 from runner.apps.store import ENDED, AppStore
 from runner.cells.executions import ExecutionManager
 from runner.errors import AppBundleError, AppFailedError
+from runner.models import Runtime
 from runner.runtimes.lifecycle import Lifecycle
 from runner.runtimes.settings import Runtimes
 from runner.runtimes.states import State
@@ -186,14 +190,12 @@ class AppServer:
 
     # ------------------------------------------------------------------ a deployment
     def _rows(self, dep_id: str) -> tuple[AppDeployment, App, str] | None:
-        from registry.models import Team
-
         with self.store.tx() as s:
             dep = s.get(AppDeployment, dep_id)
             app = s.get(App, dep.app_id) if dep is not None else None
             if dep is None or app is None:
                 return None
-            team_id = s.scalars(_team_id_query(Team, app.team)).one_or_none()
+            team_id = s.scalars(select(Team.id).where(Team.name == app.team)).one_or_none()
             s.expunge_all()
             return dep, app, str(team_id or "")
 
@@ -408,15 +410,7 @@ class AppServer:
     def runner_viewer(self, runtime_id: str) -> Viewer:
         """The runtime's owner, with its team, as who deletes it."""
         with self.records.tx() as s:
-            from runner.models import Runtime
-
             rt = s.get(Runtime, runtime_id)
             if rt is None:
                 return Viewer("")
             return Viewer(rt.owner_id, frozenset({rt.team} if rt.team else ()))
-
-
-def _team_id_query(team_model: Any, name: str) -> Any:
-    from sqlalchemy import select
-
-    return select(team_model.id).where(team_model.name == name)

@@ -127,3 +127,17 @@ def test_an_upload_url_holds_only_for_its_bundle_and_time(api: ApiHarness) -> No
     assert api.client.put(url.path, params={**query, "expires": "1"}, content=data).status_code == 403
     assert api.client.put(url.path, params=query, content=b"y" * 100).status_code == 422
     assert api.client.put(url.path, params=query, content=data).status_code == 201
+
+
+def test_an_app_cannot_run_on_another_teams_unpublished_environment(api: ApiHarness) -> None:
+    """R37: the spec's environment is resolved for the author; another team's unpublished
+    version is "not found" and nothing is recorded."""
+    from envs.service import NewVersion, register_version
+
+    people = setup(api)
+    with api.db.session() as s:
+        register_version(s, NewVersion(environment="other/tools", image_id="sha256:" + "c" * 64, image_ref="x"))
+    body = {**upload(api, people["alice"]), "environment": "other/tools@1"}
+    resp = api.post("/teams/acme/apps/sales/deployments", headers=people["alice"], json=body)
+    assert resp.status_code == 404 and resp.json()["error"]["details"]["field"] == "environment", resp.text
+    assert api.get("/teams/acme/apps", headers=people["alice"]).json() == []

@@ -426,3 +426,16 @@ def test_an_app_whose_server_stopped_answering_is_restarted(env: Env, tmp_path: 
         time.sleep(0.5)
     with env.client("alice") as c:
         assert c.get("/apps/acme/quiet/").json()["version"] == "quiet"
+
+
+def test_requests_are_spread_across_instances(env: Env, tmp_path: Path) -> None:
+    done = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "i", "many")), "--team", "acme",
+                   "--name", "many", "--instances", "2")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = env.show("many")
+    assert [i["status"] for i in shown["running"]] == ["running", "running"]
+    with env.client("alice") as c:
+        hosts = {c.get("/apps/acme/many/").json()["env"]["HOSTNAME"] for _ in range(8)}
+    assert len(hosts) == 2
+    assert env.cli("alice", "app", "rm", "many", "--team", "acme").returncode == 0
+    assert not [r for r in env.runtimes() if r["name"].startswith("app-many-")]
