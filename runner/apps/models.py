@@ -61,6 +61,7 @@ class AppDeployment(Base):
     rollback_of: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the deployment it deploys again
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     message: Mapped[str] = mapped_column(Text, default="")
+    runner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the app server that took it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -136,8 +136,19 @@ class AppServer:
     def start(self) -> None:
         if not self.enabled or self._thread is not None:
             return
+        self.recover()
         self._thread = threading.Thread(target=self._loop, name="envctl-app-server", daemon=True)
         self._thread.start()
+
+    def recover(self) -> None:
+        """Deployments this runner was making when it stopped: their runtimes go, and they are
+        ``pending`` again (the next round deploys them from the start)."""
+        for dep_id, instances in self.store.interrupted(self.runner):
+            for inst in instances:
+                self._retire(inst.id, inst.runtime_id)
+            self.store.set_deployment(dep_id, "pending", "the app server restarted while deploying; deploying again")
+            with self.store.tx() as s:
+                self.store.release(s, dep_id)
 
     def stop(self) -> None:
         self._stop.set()

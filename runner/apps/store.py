@@ -158,9 +158,26 @@ class AppStore:
             done = s.execute(
                 update(AppDeployment)
                 .where(AppDeployment.id == deployment_id, AppDeployment.status == "pending")
-                .values(status="downloading", message=f"downloading the bundle ({runner})", updated_at=utcnow())
+                .values(status="downloading", message="downloading the bundle", runner=runner, updated_at=utcnow())
             )
             return bool(getattr(done, "rowcount", 0))
+
+    def interrupted(self, runner: str) -> builtins.list[tuple[str, builtins.list[AppInstance]]]:
+        """Deployments ``runner`` had taken and not finished (it stopped meanwhile), with their
+        instances: to deploy again."""
+        with self.db.session() as s:
+            deps = s.scalars(
+                select(AppDeployment).where(
+                    AppDeployment.runner == runner, AppDeployment.status.in_(("downloading", "starting"))
+                )
+            )
+            out = [(d.id, list(s.scalars(select(AppInstance).where(AppInstance.deployment_id == d.id)))) for d in deps]
+            s.expunge_all()
+            return out
+
+    @staticmethod
+    def release(s: Session, deployment_id: str) -> None:
+        s.execute(update(AppDeployment).where(AppDeployment.id == deployment_id).values(runner=None))
 
     def set_deployment(self, deployment_id: str, status: str, message: str = "") -> None:
         with self.db.session() as s:

@@ -216,14 +216,16 @@ def test_a_deployed_notebook_answers_its_team_through_the_proxy_and_nobody_else(
 
 
 def test_a_second_deployment_takes_over_without_a_failed_request_and_rollback(env: Env, tmp_path: Path) -> None:
-    assert env.show("sales")["current"] == 1
+    first = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "v1", "one")), "--team", "acme",
+                    "--name", "swap")  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
     results: list[tuple[int, str]] = []
     stop = threading.Event()
 
     def hammer() -> None:
         with env.client("alice") as c:
             while not stop.is_set():
-                r = c.get("/apps/acme/sales/")
+                r = c.get("/apps/acme/swap/")
                 results.append((r.status_code, r.json()["version"] if r.status_code == 200 else r.text))
                 time.sleep(0.02)
 
@@ -231,7 +233,7 @@ def test_a_second_deployment_takes_over_without_a_failed_request_and_rollback(en
     thread.start()
     try:
         done = env.cli("alice", "app", "deploy", str(app_notebook(tmp_path / "v2", "two")), "--team", "acme",
-                       "--name", "sales")  # fmt: skip
+                       "--name", "swap")  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         deadline = time.monotonic() + 30
         while not any(v == "two" for _, v in results[-3:]):
@@ -244,19 +246,19 @@ def test_a_second_deployment_takes_over_without_a_failed_request_and_rollback(en
     assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:5]
     versions = [v for _, v in results]
     assert versions[0] == "one" and versions[-1] == "two"
-    assert env.deployment("sales", 1)["status"] == "stopped"
+    assert env.deployment("swap", 1)["status"] == "stopped"
     deadline = time.monotonic() + 30
-    while any(r["name"].startswith("app-sales-1-") for r in env.runtimes()):
+    while any(r["name"].startswith("app-swap-1-") for r in env.runtimes()):
         assert time.monotonic() < deadline, "deployment 1's runtime is still there"
         time.sleep(0.3)
 
-    rolled = env.cli("alice", "app", "rollback", "sales", "1", "--team", "acme")
+    rolled = env.cli("alice", "app", "rollback", "swap", "1", "--team", "acme")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
-    dep = env.deployment("sales", 3)
+    dep = env.deployment("swap", 3)
     assert (dep["status"], dep["rollback_of"]) == ("running", 1)
     with env.client("alice") as c:
-        assert c.get("/apps/acme/sales/").json()["version"] == "one"
-    shown = env.cli("alice", "app", "show", "sales", "--team", "acme")
+        assert c.get("/apps/acme/swap/").json()["version"] == "one"
+    shown = env.cli("alice", "app", "show", "swap", "--team", "acme")
     assert "rollback of 1" in shown.stdout, shown.stdout
 
 
@@ -439,3 +441,23 @@ def test_requests_are_spread_across_instances(env: Env, tmp_path: Path) -> None:
     assert len(hosts) == 2
     assert env.cli("alice", "app", "rm", "many", "--team", "acme").returncode == 0
     assert not [r for r in env.runtimes() if r["name"].startswith("app-many-")]
+
+
+def test_a_deployment_cut_short_by_a_server_crash_is_made_again(env: Env, tmp_path: Path) -> None:
+    """envctl serve killed (SIGKILL) while a deployment's cells run: started again, its app
+    server removes what that deployment had made and deploys it again from the start."""
+    nb = write_notebook(tmp_path / "slow", ["import time; time.sleep(6)", SERVER_CELL.format(version="slow")])
+    done = env.cli("alice", "app", "deploy", str(nb), "--team", "acme", "--name", "slow", "--wait", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    env.wait_deployment("slow", 1, {"starting"}, timeout=60)
+    deadline = time.monotonic() + 60
+    while not any(r["name"].startswith("app-slow-1-") and r["state"] == "running" for r in env.runtimes()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    env.srv.kill()
+    env.srv.start()
+    dep = env.wait_deployment("slow", 1, {"running", "failed"}, timeout=180)
+    assert dep["status"] == "running", dep
+    with env.client("alice") as c:
+        assert c.get("/apps/acme/slow/").json()["version"] == "slow"
+    assert len([r for r in env.runtimes() if r["name"].startswith("app-slow-1-")]) == 1

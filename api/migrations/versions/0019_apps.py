@@ -58,6 +58,7 @@ def upgrade() -> None:
         sa.Column("rollback_of", sa.Integer(), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
+        sa.Column("runner", sa.String(length=128), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
