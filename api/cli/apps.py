@@ -204,13 +204,20 @@ def app_show(api: Api, as_json: bool, name: str, team: str) -> int:
 @app.command("logs")
 @click.argument("name")
 @TEAM
+@click.option("--follow", "-f", is_flag=True, help="keep printing what comes (every 2 s) until Ctrl-C")
 @client_options
-def app_logs(api: Api, as_json: bool, name: str, team: str) -> int:
+def app_logs(api: Api, as_json: bool, name: str, team: str, follow: bool) -> int:
     """The app's output: its runtimes' logs and its cells' outputs."""
-    resp = api.http.get(f"/teams/{team}/apps/{name}/logs")
-    api.raise_for(resp)
-    print(resp.text, end="")
-    return EXIT_OK
+    shown = ""
+    while True:
+        resp = api.http.get(f"/teams/{team}/apps/{name}/logs")
+        api.raise_for(resp)
+        text = resp.text
+        print(text[len(shown) :] if text.startswith(shown) else text, end="", flush=True)
+        shown = text
+        if not follow:
+            return EXIT_OK
+        time.sleep(2)
 
 
 @app.command("stop")
