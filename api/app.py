@@ -11,9 +11,12 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from api import errors
+from api.appproxy import AppGateway
 from api.deps import CallerCache, Context
 from api.fastpath import CellFastPath
 from api.routes import (
+    app_serving,
+    apps,
     catalog,
     environments,
     executions,
@@ -96,6 +99,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(catalog.router, responses=ERROR_RESPONSES)  # likewise (…/publish)
     app.include_router(transfers.router, responses=ERROR_RESPONSES)  # likewise
     app.include_router(streams.router)  # before /runtimes/{runtime_id}: /runtimes/events is a stream
+    app.include_router(app_serving.router)  # /apps/_signin (the apps themselves: AppGateway)
     app.include_router(page_router())  # the web page at / (api/web), with its content security policy
     for module in (
         health,
@@ -113,7 +117,9 @@ def create_app(services: Services) -> FastAPI:
         registry_auth,
         volumes,
         pool,
+        apps,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_middleware(CellFastPath, state=app.state)
+    app.add_middleware(AppGateway, state=app.state)  # /apps/TEAM/NAME/...: the apps themselves
     return app

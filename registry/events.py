@@ -2,7 +2,9 @@
 ``GET /teams/{team}/events``.
 
 Kinds: ``saved`` (a new version), ``tag_moved`` (a tag made or moved), ``deleted`` (a version
-deleted), ``published`` and ``unpublished`` (a version or a tag). An event is a row of
+deleted), ``published`` and ``unpublished`` (a version or a tag); for apps (runner/apps/),
+``deployment_started`` (app servers of the team take it from here) and ``app_stopped``, their
+``environment`` the app's ``team/name`` and ``ref`` ``team/name#N``. An event is a row of
 ``team_events`` written in the same transaction as the change it tells of, so a client never
 sees an event of a change that was rolled back, nor misses one that committed. ``id`` only
 grows: a client that reconnects with the last id it saw gets what it missed.
@@ -23,7 +25,7 @@ from envs.kit.clock import utcnow
 from envs.models import Environment, EnvironmentVersion, Tag
 from registry.models import Team, TeamEvent
 
-KINDS = ("saved", "tag_moved", "deleted", "published", "unpublished")
+KINDS = ("saved", "tag_moved", "deleted", "published", "unpublished", "deployment_started", "app_stopped")
 _ENVS = Environment.__table__
 
 

@@ -95,6 +95,17 @@ class SecretBox:
                 f"the secrets key {path} is not a Fernet key", details={"key_file": str(path)}
             ) from exc
 
+    def derive(self, purpose: bytes, length: int = 32) -> bytes:
+        """A key for ``purpose`` (e.g. one team's app bundles) made from the installation's key
+        with HKDF-SHA256: as much apart from the database as the key file, and a different key
+        for each purpose, so one purpose's key tells nothing of another's."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        self._key()  # made or checked once
+        master = self.key_file.read_bytes().strip()
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=b"envctl derive v1", info=purpose).derive(master)
+
     def seal(self, value: str) -> bytes:
         return self._key().encrypt(value.encode("utf-8"))
 

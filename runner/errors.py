@@ -148,3 +148,30 @@ class ContainerNotFoundError(NotFoundError):
 
 class NodeNotFoundError(NotFoundError):
     code = "node_not_found"
+
+
+class AppNotFoundError(NotFoundError):
+    code = "app_not_found"
+
+
+class AppStateError(ConflictError):
+    """The app or its deployment does not allow what was asked (e.g. a rollback to a failed one)."""
+
+    code = "app_state_conflict"
+
+
+class AppBundleError(ConflictError):
+    """An app bundle was refused: changed, truncated, made for another team, or unreadable."""
+
+    code = "app_bundle_refused"
+
+    def __init__(self, message: str, *, reason: str, details: dict[str, object] | None = None) -> None:
+        super().__init__(message, details={"reason": reason, **(details or {})})
+        self.reason = reason
+
+
+class AppFailedError(EnvctlError):
+    """A deployment's step failed (a cell's error, a boot, the port never answering)."""
+
+    code = "app_failed"
+    status = 409

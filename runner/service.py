@@ -52,6 +52,10 @@ module):
 ``runtimes/pool.py``       pooled runtimes, claimed once (``pool_overview.py``: what the pool holds)
 ``runtimes/attach.py``     containers envctl did not make, attached to and detached from
 ``runtimes/drain.py``      a node drained: its runtimes stopped with a draft first
+``apps/``                  notebooks deployed as apps: ``deploy.py`` (bundles, deployments:
+                           what the API asks), ``server.py`` (the app server: the team event
+                           stream followed, runtimes booted, cells run, restarts),
+                           ``store.py`` (alone writing the apps tables), ``bundles.py``
 =========================  ====================================================================
 """
 
@@ -74,6 +78,9 @@ from envs.kit.db import Database
 from envs.kit.errors import EnvctlError, InvalidInputError
 from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
+from runner.apps.deploy import AppDeployments
+from runner.apps.server import AppServer
+from runner.apps.store import AppStore
 from runner.backends.base import FoundContainer, RuntimeBackend
 from runner.cells.executions import ExecutionManager
 from runner.cells.results import ResultCollector
@@ -273,6 +280,19 @@ class RunnerService:
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
         )
         self.archives = Archives(db, backend, settings.data_dir / "tmp")
+        self.apps = apps = AppDeployments(settings, AppStore(db), self.secret_box)
+        self.app_server = AppServer(
+            settings,
+            apps.store,
+            self.secret_box,
+            apps.read_bundle,
+            runner=self.runner,
+            records=records,
+            runtimes=runtimes,
+            lifecycle=lifecycle,
+            executions=executions,
+            address_of=backend.address,
+        )
         self.volumes = Volumes(db, backend, self.identity.installation)
 
     # ------------------------------------------------------------------ lifecycle of the runner
@@ -296,9 +316,11 @@ class RunnerService:
         self.transfers.recover()
         if housekeeping:
             self.housekeeping.start()
+            self.app_server.start()  # when the runner serves some team's apps
 
     def close(self) -> None:
         """Stop background work. Runtimes keep running: the next start adopts them."""
+        self.app_server.stop()
         self.concurrency.shutdown()
         self.cells.writes.wait_idle(CLOSE_WRITES_WAIT)  # cells' ends handed over: stored, not re-attached
         self.housekeeping.join()

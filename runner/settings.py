@@ -430,6 +430,20 @@ class Settings(registry_settings.Settings):
         help="envctl servers, and registries they name, that envctl pull --from may reach although they"
         " resolve to loopback or private addresses, comma separated (default none)",
     )
+    # app servers (runner/apps/server.py): the teams whose apps this runner serves, and how long
+    # a deployment may take from its first cell to its port answering
+    runner_app_teams: tuple[str, ...] = setting(
+        (),
+        env="ENVCTL_RUNNER_APP_TEAMS",
+        parse=parse_names,
+        help="teams whose apps this runner deploys and serves, comma separated (default none: it serves no app)",
+    )
+    runner_app_start_timeout: float = setting(
+        120.0,
+        env="ENVCTL_RUNNER_APP_START_TIMEOUT",
+        parse=float,
+        help="seconds an app's cells may take until its port answers before the deployment fails (default 120)",
+    )
     # the Swarm backend (runner/backends/swarm.py): the manager's Docker API ("": DOCKER_HOST), the
     # registry's host[:port] as the nodes reach it ("": the managed registry's listen address),
     # and how long a task may stay pending (no node fits) or preparing (pulling) before its error

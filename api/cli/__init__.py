@@ -32,6 +32,7 @@ command                                                     module
 ``team events``                                             ``catalog.py``
 ``volume ls|create|rm``                                     ``volumes.py``
 ``secret set|list|rm``                                       ``secrets.py``
+``app deploy|ls|show|logs|stop|rm|rollback``                 ``apps.py``
 ==========================================================  =================
 
 What they share:
@@ -56,6 +57,7 @@ from collections.abc import Sequence
 import click
 
 from api.cli import (
+    apps,
     catalog,
     cells,
     environments,
@@ -129,6 +131,7 @@ for _command in (
     catalog.registry,
     volumes.volume,
     secrets.secret,
+    apps.app,
 ):
     cli.add_command(_command)
 teams.team.add_command(catalog.team_events)

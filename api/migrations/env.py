@@ -7,6 +7,7 @@ from sqlalchemy.engine import Connection
 
 import envs.models  # noqa: F401  (registers tables on Base.metadata)
 import registry.models  # noqa: F401
+import runner.apps.models  # noqa: F401
 import runner.models  # noqa: F401
 from envs.kit.db import Base, make_engine
 

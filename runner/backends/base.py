@@ -359,6 +359,12 @@ class RuntimeBackend(abc.ABC):
         """The container's last output lines, for error messages. Empty if unknown."""
         return ""
 
+    def address(self, state: BackendState) -> str | None:
+        """The runtime's address that this server routes to (an app's port is reached there:
+        runner/apps/server.py); None when the backend cannot tell."""
+        agent = state.get("agent") or {}
+        return str(agent["host"]) if agent.get("host") else None
+
     def nodes(self, installation: str) -> list[dict[str, Any]]:
         """The machines runtimes run on (``GET /nodes``): each with ``id``, ``name``, ``role``,
         ``labels``, ``capacity`` (``nano_cpus``, ``memory``, ``generic_resources``), ``health``

@@ -508,6 +508,16 @@ class DockerBackend(RuntimeBackend):
 
         return docker_nodes.the_engine(self.client, installation)
 
+    def address(self, state: BackendState) -> str | None:
+        """The container's address on its network (the engine's host routes to it)."""
+        cid = state.get("container_id")
+        if not cid:
+            return None
+        try:
+            return str(agent_channel.address(self.client, cid)["host"])
+        except BackendError:
+            return None
+
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         cid = state.get("container_id")
         if not cid:

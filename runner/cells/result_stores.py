@@ -335,6 +335,20 @@ class S3Store(ResultStore):
                 return
             self._put_large(sha256, key, Path(source), head, f)
 
+    def presign_put(self, sha256: str, seconds: int) -> tuple[str, dict[str, str]]:
+        """A URL that PUTs ``sha256``'s object for ``seconds`` without credentials (an app's
+        bundle, uploaded by its author: runner/apps/deploy.py), and the headers to send with it.
+        S3 does not check the content against the hash; whoever reads it does."""
+        key = self.key_of(sha256)
+        self._ensure_bucket()
+        url = self._call(
+            "presign an upload to",
+            lambda: self._client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+            ),
+        )
+        return str(url), {}
+
     # -- helpers --
 
     def _put_large(self, sha256: str, key: str, source: Path, head: bytes, f: IO[bytes]) -> None:

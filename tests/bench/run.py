@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tests.bench import (
+    bench_apps,
     bench_boot,
     bench_cells,
     bench_channel,
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "insave-boot": bench_insave_boot.run,
     "swarm": bench_swarm.run,
     "swarm-mounts": bench_swarm_mounts.run,
+    "apps": bench_apps.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, inspect, text
 
 import envs.models  # noqa: F401  (every table on Base.metadata)
 import registry.models  # noqa: F401
+import runner.apps.models  # noqa: F401
 import runner.models  # noqa: F401
 from api import dbschema
 from api.app import create_app
@@ -43,6 +44,9 @@ TABLES = {
     "team_secrets",
     "runtime_secret_uses",
     "pool_entries",
+    "apps",
+    "app_deployments",
+    "app_instances",
 }
 
 

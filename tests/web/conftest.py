@@ -80,6 +80,7 @@ def web_server(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
             "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
             "ENVCTL_RUNNER_CUDA_ROOT": str(cuda_root),
+            "ENVCTL_RUNNER_APP_TEAMS": "webapps",  # the apps view's tests (test_page_apps.py)
         },
     )
     srv.start()

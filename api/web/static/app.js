@@ -1,9 +1,10 @@
 // The page: sign-in, the live list of runtimes every view shares, and the routes
-// (#/ the runtimes, #/runtimes/ID one runtime, #/environments and #/environments/NAME, #/nodes).
+// (#/ the runtimes, #/runtimes/ID one runtime, #/environments and #/environments/NAME, #/nodes, #/apps).
 
 import { ApiError, follow, get, onUnauthorized, token } from "./api.js";
 import { clear, h } from "./dom.js";
 import { environmentsView, environmentView } from "./environments.js";
+import { appsView } from "./apps.js";
 import { nodesView } from "./nodes.js";
 import { runtimeView } from "./runtime.js";
 import { runtimesView } from "./runtimes.js";
@@ -84,15 +85,16 @@ function route() {
   const [section, ...rest] = hash.split("/");
   const id = rest.join("/");
   for (const link of nav.querySelectorAll("a")) {
-    const current = section === "environments" || section === "nodes" ? section : "runtimes";
+    const current = ["environments", "nodes", "apps"].includes(section) ? section : "runtimes";
     link.classList.toggle("current", link.dataset.nav === current);
   }
   if (section === "runtimes" && id) cleanup = runtimeView(view, id, store);
   else if (section === "environments" && id) cleanup = environmentView(view, id);
   else if (section === "environments") cleanup = environmentsView(view);
   else if (section === "nodes") cleanup = nodesView(view, store);
+  else if (section === "apps") cleanup = appsView(view);
   else cleanup = runtimesView(view, store);
-  document.title = `envctl — ${section === "environments" || section === "nodes" ? section : "runtimes"}`;
+  document.title = `envctl — ${["environments", "nodes", "apps"].includes(section) ? section : "runtimes"}`;
 }
 
 function showSignIn(message = "") {

@@ -527,3 +527,21 @@ def test_results_settings_come_from_a_config_section_and_from_variables(tmp_path
     assert s.results_s3_endpoint_url == "http://minio:9000"
     assert s.results_s3_region == "us-east-1"
     assert load_settings(Settings, config, env={"ENVCTL_RESULTS_STORE": "local"}).results_store == "local"
+
+
+@pytest.mark.s3
+def test_an_s3_presigned_put_stores_an_apps_bundle_under_its_sha256(s3_endpoint: S3Endpoint) -> None:
+    """An app's bundle goes to S3 through a presigned URL (runner/apps/deploy.py): no credential
+    travels with the PUT, and the object is found by its sha256 afterwards."""
+    import hashlib
+
+    import httpx
+
+    store = S3Store(f"envctl-test-{uuid.uuid4().hex[:12]}", prefix="r/", endpoint_url=s3_endpoint.url,
+                    region=s3_endpoint.region, create_bucket=True)  # fmt: skip
+    data = os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    url, headers = store.presign_put(sha, 60)
+    assert s3_endpoint.secret_key not in url
+    assert httpx.put(url, content=data, headers=headers).status_code == 200
+    assert store.exists(sha) and b"".join(store.open(sha)) == data

@@ -1,0 +1,336 @@
+"""The gateway in front of apps: ``/apps/{team}/{name}/...`` sent to the app's port.
+
+An ASGI middleware (as ``api/fastpath.py`` is for cells): every request under ``/apps/`` but
+the sign-in page (``/apps/_signin``, a route of ``api/routes/app_serving.py``) is answered here,
+without FastAPI's routing and dependency solving, and forwarded over HTTP/1.1 connections kept
+open to the app (``Upstream``: a small client of its own; a general-purpose client cost about
+3 ms a request on this machine, several times the app's own time).
+
+Who may open it: the domain's rule (``runner.apps.store.may_open``) on the visitor the
+``envctl_app`` cookie names (api/appsession.py), or a bearer token for scripts. A visitor who is
+not signed in gets 401 and the sign-in form, for a team app and for a name that is no app alike
+(nothing tells them which); a signed-in outsider gets the 404 of an app that does not exist.
+
+envctl reaches an app at its runtime container's address on the envctl network (the runner
+records ``address:port`` per instance once the port answers: runner/apps/server.py). Requests
+are spread over the current deployment's running instances in turn. Bodies are streamed both
+ways (a server-sent event stream or a long download passes as it comes).
+
+What the app never sees: envctl's API token (``Authorization`` is removed), the visitor's
+sign-in cookie (``envctl_app`` is cut out of ``Cookie``; other cookies pass), and hop-by-hop
+headers. It is told where it is mounted: ``X-Forwarded-Prefix: /apps/{team}/{name}``, with
+``X-Forwarded-Host``, ``X-Forwarded-Proto`` and ``X-Forwarded-For``.
+
+WebSockets are not proxied: this server has no WebSocket implementation installed (uvicorn
+needs ``websockets`` or ``wsproto``), so an upgrade never reaches here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.appsession import COOKIE, AppSessions, Visitor, signin_page
+from api.errors import error_response
+from envs.kit.errors import EnvctlError, NotFoundError
+from runner.apps.models import App
+from runner.apps.store import may_open
+
+log = logging.getLogger("envctl.apps")
+
+LOOKUP_TTL = 0.5  # seconds an app's instances are remembered (a takeover leaves the old ones 2 s)
+HOP_BY_HOP = {
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"host", b"authorization", b"content-length",
+}  # fmt: skip
+MAX_HEAD = 64 * 1024
+CHUNK = 64 * 1024
+IDLE_PER_ADDRESS = 32
+Found = tuple[App, list[str]] | None
+
+
+class _UpstreamError(Exception):
+    """The app did not answer, or answered what is no HTTP/1.1."""
+
+
+def strip_cookie(value: str) -> str:
+    """A ``Cookie`` header without envctl's sign-in cookie."""
+    kept = [p.strip() for p in value.split(";") if p.strip() and p.strip().split("=", 1)[0] != COOKIE]
+    return "; ".join(kept)
+
+
+class Upstream:
+    """HTTP/1.1 to apps with connections kept open per address."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def _connect(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        pool = self._idle.get(address)
+        while pool:
+            reader, writer = pool.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                return reader, writer, True
+            writer.close()
+        host, _, port = address.rpartition(":")
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5.0)
+        except (OSError, TimeoutError) as exc:
+            raise _UpstreamError(f"cannot connect ({type(exc).__name__})") from exc
+        return reader, writer, False
+
+    def _release(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pool = self._idle.setdefault(address, [])
+        if len(pool) < IDLE_PER_ADDRESS:
+            pool.append((reader, writer))
+        else:
+            writer.close()
+
+    async def exchange(
+        self, address: str, head: bytes, body: bytes | None, has_body: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
+        """Send the request; its status, headers and body. A kept connection that the app closed
+        meanwhile is replaced once, before any answer was read."""
+        for attempt in (0, 1):
+            reader, writer, reused = await self._connect(address)
+            try:
+                writer.write(head)
+                if body:
+                    writer.write(body)
+                await writer.drain()
+                raw = await reader.readuntil(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                writer.close()
+                if reused and attempt == 0:
+                    continue
+                raise _UpstreamError(f"no answer ({type(exc).__name__})") from exc
+            return self._answer(address, reader, writer, raw, has_body)
+        raise _UpstreamError("no answer")
+
+    def _answer(
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, has_body: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
+        lines = raw.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            writer.close()
+            raise _UpstreamError("the app's answer is not HTTP/1.1")
+        status = int(parts[1])
+        headers = []
+        length: int | None = None
+        chunked = close = False
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+            if name not in HOP_BY_HOP or name == b"content-length":
+                headers.append((name, value))
+        if not has_body or status in (204, 304) or 100 <= status < 200:
+            length, chunked = 0, False
+        if chunked:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+        return status, headers, self._body(address, reader, writer, length, chunked, close)
+
+    async def _body(
+        self,
+        address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        length: int | None,
+        chunked: bool,
+        close: bool,
+    ) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            if chunked:
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                            pass
+                        break
+                    left = size
+                    while left:
+                        data = await reader.read(min(CHUNK, left))
+                        if not data:
+                            raise asyncio.IncompleteReadError(b"", left)
+                        left -= len(data)
+                        yield data
+                    await reader.readexactly(2)
+            elif length is not None:
+                left = length
+                while left:
+                    data = await reader.read(min(CHUNK, left))
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", left)
+                    left -= len(data)
+                    yield data
+            else:  # delimited by the connection's end
+                close = True
+                while data := await reader.read(CHUNK):
+                    yield data
+            done = True
+        finally:
+            if done and not close:
+                self._release(address, reader, writer)
+            else:
+                writer.close()
+
+
+class AppGateway:
+    """The ASGI middleware: requests under ``/apps/`` (but ``/apps/_signin``) end here."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state  # the FastAPI app's state: .ctx
+        self.upstream = Upstream()
+        self._turn = itertools.count()
+        self._found: dict[tuple[str, str], tuple[float, Found]] = {}
+        self._sessions: AppSessions | None = None
+
+    @property
+    def sessions(self) -> AppSessions:
+        if self._sessions is None:
+            ctx = self.state.ctx
+            self._sessions = AppSessions(ctx.db, ctx.runner.secret_box)
+            self.state.app_sessions = self._sessions
+        return self._sessions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/apps/") or path.startswith("/apps/_signin"):
+            await self.app(scope, receive, send)
+            return
+        team, _, rest = path[len("/apps/") :].partition("/")
+        name, slash, sub = rest.partition("/")
+        if not team or not name:
+            await PlainTextResponse("no app here: /apps/TEAM/NAME/\n", status_code=404)(scope, receive, send)
+            return
+        if not slash:
+            location = f"/apps/{team}/{name}/".encode()
+            await send({"type": "http.response.start", "status": 307, "headers": [(b"location", location)]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        try:
+            await self._serve(scope, receive, send, unquote(team), unquote(name), sub)
+        except EnvctlError as exc:
+            await error_response(exc)(scope, receive, send)
+
+    async def _visitor(self, headers: dict[bytes, bytes]) -> Visitor | None:
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if auth.lower().startswith("bearer "):
+            try:
+                return await run_in_threadpool(self.sessions.visitor_of_token, auth[7:].strip())
+            except EnvctlError:
+                return None
+        cookie = _cookie(headers.get(b"cookie", b"").decode("latin-1"))
+        if not cookie:
+            return None
+        return self.sessions.cached(cookie) or await run_in_threadpool(self.sessions.visitor, cookie)
+
+    async def _lookup(self, team: str, name: str) -> Found:
+        hit = self._found.get((team, name))
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        found: Found = await run_in_threadpool(self.state.ctx.runner.apps.store.serving, team, name)
+        if len(self._found) > 4096:
+            self._found.clear()
+        self._found[(team, name)] = (time.monotonic() + LOOKUP_TTL, found)
+        return found
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, team: str, name: str, sub: str) -> None:
+        headers = dict(scope["headers"])
+        visitor = await self._visitor(headers)
+        found = await self._lookup(team, name)
+        teams = visitor.teams if visitor is not None else frozenset()
+        if found is None or not may_open(found[0], teams):
+            if visitor is None:
+                page = signin_page(scope["path"], "Sign in to open this app.")
+                await HTMLResponse(page, status_code=401)(scope, receive, send)
+                return
+            raise NotFoundError(f"no app {team[:64]}/{name[:64]} of yours", details={"team": team, "app": name})
+        addresses = sorted(found[1])
+        if not addresses:
+            answer = PlainTextResponse(f"app {team}/{name} is not running now\n", 503, headers={"Retry-After": "2"})
+            await answer(scope, receive, send)
+            return
+        address = addresses[next(self._turn) % len(addresses)]
+        head, body = await _request(scope, receive, headers, f"/apps/{team}/{name}")
+        try:
+            status, out, chunks = await self.upstream.exchange(address, head, body, scope["method"] != "HEAD")
+        except _UpstreamError as exc:
+            await PlainTextResponse(f"the app did not answer: {exc}\n", status_code=502)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        try:
+            async for data in chunks:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except Exception as exc:  # noqa: BLE001 - the app or the visitor broke off: the answer ends here
+            log.info("app %s/%s: answer cut short (%s)", team, name, type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b""})
+
+
+def _cookie(header: str) -> str | None:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == COOKIE:
+            return value
+    return None
+
+
+async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], prefix: str) -> tuple[bytes, bytes]:
+    """The request line and headers for the app, and the request's body (read whole: apps
+    take forms and JSON; a streamed upload is not supported)."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    target = b"/" + path.split(b"/", 4)[4] if path.count(b"/") >= 4 else b"/"
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    lines = [f"{scope['method']} ".encode() + target + b" HTTP/1.1"]
+    for key, value in scope["headers"]:
+        if key in HOP_BY_HOP or key.startswith(b"x-forwarded-"):
+            continue
+        if key == b"cookie":
+            value = strip_cookie(value.decode("latin-1")).encode("latin-1")
+            if not value:
+                continue
+        lines.append(key + b": " + value)
+    client = scope.get("client") or ("", 0)
+    lines += [
+        b"host: " + headers.get(b"host", b"app"),
+        b"x-forwarded-prefix: " + prefix.encode(),
+        b"x-forwarded-host: " + headers.get(b"host", b""),
+        b"x-forwarded-proto: " + scope.get("scheme", "http").encode(),
+        b"x-forwarded-for: " + str(client[0]).encode(),
+    ]
+    body = b""
+    if scope["method"] not in ("GET", "HEAD") or b"content-length" in headers or b"transfer-encoding" in headers:
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        lines.append(b"content-length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n", body
