@@ -58,7 +58,7 @@ from runner.backends.base import (
     Status,
     VolumeFound,
 )
-from runner.backends.kube_api import KubeApi, NotFoundError
+from runner.backends.kube_api import KubeApi
 from runner.backends.kube_watch import Reflector
 from runner.identity import RunnerIdentity
 from runner.settings import Settings
@@ -506,10 +506,7 @@ class KubernetesBackend(RuntimeBackend):
 
     def _remove_leftover(self, spec: RuntimeSpec, watches: _Watches) -> None:
         name = kube_pods.object_name(spec.runtime_id)
-        try:
-            pod = self.api.read_pod(name)
-        except NotFoundError:
-            pod = None
+        pod = self.api.read_pod(name)
         if pod is None:
             return
         labels = (pod.get("metadata") or {}).get("labels") or {}

@@ -14,10 +14,6 @@ from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 Obj = dict[str, Any]
 
 
-class NotFoundError(Exception):
-    """The object is not there (404)."""
-
-
 def kube_error(action: str, exc: BaseException) -> BackendError:
     """``exc`` from the client while trying to ``action``, with the API's message."""
     if isinstance(exc, BackendError):
@@ -80,10 +76,8 @@ class KubeApi:
             return self._raw(fn, *args, **kwargs)
         except Exception as exc:
             status = getattr(exc, "status", None)
-            if status == 404:
-                if missing_ok:
-                    return {}
-                raise NotFoundError(action) from exc
+            if status == 404 and missing_ok:
+                return {}
             if status == 409:
                 raise ConflictError(f"Kubernetes could not {action}: it exists already") from exc
             raise kube_error(action, exc) from exc

@@ -25,7 +25,7 @@ from runner.backends.kube_pods import CONTAINER, GPU_RESOURCE
 from runner.settings import MachineType
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
-_INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9./_-]+)")
+_INSUFFICIENT = re.compile(r"Insufficient ([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*(?:/[A-Za-z0-9_.-]*[A-Za-z0-9])?)")
 
 
 def meta(obj: dict[str, Any] | None) -> dict[str, Any]:
