@@ -98,3 +98,8 @@ def _reset_fake_engine() -> Iterator[None]:
     from runner.backends.fake import FakeBackend
 
     FakeBackend.reset_all()
+
+
+# The real single-node Kubernetes (issue 18), for any test that asks for it: imported last, as
+# its module reads TEST_SESSION from this one.
+from tests.fixtures.kube import kube, kube_namespace  # noqa: E402, F401

@@ -22,15 +22,11 @@ from envs.kit.db import Database
 from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
 from runner.models import Runtime
+from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
 from tests.runner.test_docker_executions import new_runtime, run, text
-
-try:  # the cluster fixture (wip/kube-fixture): until it is merged these tests are not collected
-    from tests.fixtures.kube import KubeCluster, kube, kube_namespace  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytest.skip("tests/fixtures/kube.py (the cluster fixture) is not on this branch", allow_module_level=True)
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
