@@ -120,7 +120,6 @@ class Reflector:
                         resource_version=self.version,
                         timeout_seconds=WATCH_SECONDS,
                         allow_watch_bookmarks=True,
-                        deserialize=False,
                         **self.selectors,
                     ):
                         self._apply(str(event.get("type")), event.get("raw_object") or {})

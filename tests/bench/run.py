@@ -16,6 +16,7 @@ from tests.bench import (
     bench_exec,
     bench_insave,
     bench_insave_boot,
+    bench_kube,
     bench_lean_save,
     bench_mounts,
     bench_pool,
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "insave-boot": bench_insave_boot.run,
     "swarm": bench_swarm.run,
     "swarm-mounts": bench_swarm_mounts.run,
+    "kube": bench_kube.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

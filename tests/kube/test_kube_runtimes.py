@@ -26,10 +26,12 @@ from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
+from tests.runner.killed_client import notebook, run_and_kill, wait_deleted
 from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
+LEASE = 6  # seconds of a lease-bound runtime's lease
 STOP_BOUND = 15.0  # seconds a stop with a draft may take (the agent's SIGTERM wait is 20 s)
 WORK = (
     "mkdir -p /opt/t/sub && head -c 300000 /dev/urandom > /opt/t/blob && echo hello > /opt/t/sub/x"
@@ -330,3 +332,17 @@ def test_two_installations_in_one_namespace_leave_each_other_alone(
             theirs.delete(f"/runtimes/{b['id']}")
     finally:
         remove_installation(kube.kubeconfig, kube_namespace, other)
+
+
+def test_a_lease_bound_runtime_and_its_pod_are_gone_after_its_client_is_killed(
+    server: Server, core: Any, kube_namespace: str, tmp_path: Path
+) -> None:
+    nb = notebook(tmp_path / "long.ipynb", "sleep 600", language="bash")
+    with server.client() as client:
+        killed = run_and_kill(server, client, nb, LEASE, "--env", "bash", "--type", "native", "--machine-type", "small")
+        rid = killed.runtime["id"]
+        assert len(pods_of(core, kube_namespace, rid)) == 1
+        took = wait_deleted(client, rid, killed.killed_at, LEASE + 0.5 + STOP_BOUND)
+        print(f"\nkube runtime deleted {took:.1f} s after its client was killed (lease {LEASE} s)")
+        wait_no_pod(core, kube_namespace, rid, STOP_BOUND)
+        assert not core.list_namespaced_secret(kube_namespace, label_selector=f"envctl.runtime-id={rid}").items
