@@ -74,9 +74,9 @@ SWEEP_AGE = 120.0  # seconds an unowned Secret of ours may live (a boot between 
 class _Watches:
     """The installation's reflectors: its pods, their events, the cluster's nodes."""
 
-    def __init__(self, api: KubeApi, installation: str, report: Any) -> None:
+    def __init__(self, api: KubeApi, installation: str, report: Any, on_pod: Any) -> None:
         sel = kube_pods.selector({LABEL_INSTALLATION: kube_pods.label_value(installation), LABEL_MANAGED: "1"})
-        self.pods = Reflector("pods", api.core.list_namespaced_pod, api.namespace, label_selector=sel)
+        self.pods = Reflector("pods", api.core.list_namespaced_pod, api.namespace, label_selector=sel, on_change=on_pod)
         self.events = Reflector(
             "events",
             api.core.list_namespaced_event,
@@ -145,6 +145,7 @@ class KubernetesBackend(RuntimeBackend):
         self._lock = threading.Lock()
         self._swept = 0.0
         self._local: docker.DockerClient | None = None
+        self._unmatched: dict[str, list[tuple[str, str]]] = {}  # pod uid -> events seen before the pod
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KubernetesBackend:
@@ -179,25 +180,42 @@ class KubernetesBackend(RuntimeBackend):
         with self._lock:
             found = self._watches.get(installation)
             if found is None:
-                found = self._watches[installation] = _Watches(self.api, installation, self._on_event)
+                found = self._watches[installation] = _Watches(self.api, installation, self._on_event, self._on_pod)
             return found
 
     def _on_event(self, kind: str, event: dict[str, Any]) -> None:
+        """An event of a pod: into its runtime's runner log. The event may come before its pod
+        is in the cache (two watches): it waits there for the pod (``_on_pod``)."""
         if kind != "ADDED" or self.report_event is None:
             return
         line = kube_states.log_line(event)
         if line is None:
             return
-        pod_name = str((event.get("involvedObject") or {}).get("name") or "")
+        involved = event.get("involvedObject") or {}
+        name, uid = str(involved.get("name") or ""), str(involved.get("uid") or "")
         for w in list(self._watches.values()):
-            pod = w.pods.get(pod_name)
-            if pod is not None and (pod.get("metadata") or {}).get("uid") == (event.get("involvedObject") or {}).get(
-                "uid"
-            ):
-                rid = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_RUNTIME)
-                if rid:
-                    self.report_event(str(rid), line[0], line[1])
+            pod = w.pods.get(name)
+            if pod is not None and str((pod.get("metadata") or {}).get("uid")) == uid:
+                self._report(pod, line)
                 return
+        with self._lock:
+            waiting = self._unmatched.setdefault(uid, [])
+            if len(self._unmatched) < 1000 and len(waiting) < 50:
+                waiting.append(line)
+
+    def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        uid = str((pod.get("metadata") or {}).get("uid") or "")
+        with self._lock:
+            lines = self._unmatched.pop(uid, [])
+            if kind == "DELETED" or len(self._unmatched) > 500:
+                self._unmatched.clear()
+        for line in lines:
+            self._report(pod, line)
+
+    def _report(self, pod: dict[str, Any], line: tuple[str, str]) -> None:
+        rid = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_RUNTIME)
+        if rid and self.report_event is not None:
+            self.report_event(str(rid), line[0], line[1])
 
     def prepare(self, installation: str) -> str:
         """The installation's agent ConfigMap and fence, made once; the ConfigMap's name."""
@@ -375,6 +393,7 @@ class KubernetesBackend(RuntimeBackend):
         log.warning("pod %s was still there %.0f s after its deletion", state["pod"], STOP_BOUND)
 
     def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
+        self.prepare(identity.installation)  # at start-up's first reconciliation: the fence, and its warning
         watches = self.watches(identity.installation)
         pods = watches.pods.items(wait=SYNC_WAIT)
         nodes, known = watches.node_map()
