@@ -30,7 +30,7 @@ def test_the_node_is_ready_and_runs_kubernetes_1_20_on_containerd(kube: KubeClus
     assert ready["Ready"] == "True", node.status.conditions
     assert node.status.node_info.kubelet_version == "v1.20.2"
     assert node.status.node_info.container_runtime_version.startswith("containerd://1.6")
-    assert [a.address for a in node.status.addresses if a.type == "InternalIP"] == ["127.0.0.1"]
+    assert [a.address for a in node.status.addresses if a.type == "InternalIP"] == [kube.layout.node_ip]
 
 
 @pytest.fixture(scope="module")
