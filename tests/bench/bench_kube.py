@@ -80,21 +80,6 @@ def _raw_boot(core: Any, namespace: str, image: str, pull_secret: str) -> float:
         core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
 
 
-def _namespace(core: Any) -> str:
-    name = f"envctl-bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if core.read_namespaced_service_account("default", name).secrets:
-                return name
-        except Exception as exc:  # the account itself comes a moment after the namespace
-            if getattr(exc, "status", None) != 404:
-                raise
-        assert time.monotonic() < deadline, "no token for the namespace's default service account"
-        time.sleep(0.2)
-
-
 def run(runs: int = 200) -> dict[str, float]:
     from kubernetes import client as kclient
     from kubernetes import config as kconfig
@@ -105,7 +90,7 @@ def run(runs: int = 200) -> dict[str, float]:
     from runner.backends import kube_pods
     from tests.fixtures import kube_cluster
     from tests.fixtures.server import Server, prepare_data_dir
-    from tests.kube.envctl_server import kube_server, remove_installation
+    from tests.kube.envctl_server import kube_server, make_namespace, remove_installation
 
     if (why := kube_cluster.missing()) is not None:
         print(f"kube benchmark skipped: {why}")
@@ -119,7 +104,7 @@ def run(runs: int = 200) -> dict[str, float]:
         core = kclient.CoreV1Api(api)
         local: Server | None = None
         srv: Server | None = None
-        namespace = _namespace(core)
+        namespace = make_namespace(core, "envctl-bench")
         try:
             srv = kube_server(kubeconfig, namespace, Path(tmp) / "data")
             srv.start()

@@ -25,7 +25,7 @@ from runner.models import Runtime
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
-from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
+from tests.kube.envctl_server import core_api, kube_server, make_namespace, pods_of, remove_installation, wait_no_pod
 from tests.runner.killed_client import notebook, run_and_kill, wait_deleted
 from tests.runner.test_docker_executions import new_runtime, run, text
 
@@ -44,16 +44,29 @@ CHECKSUMS = (
 
 
 @pytest.fixture(scope="module")
+def namespace(kube: KubeCluster) -> Iterator[str]:
+    """The module's namespace (made here: the fixture's ``kube_namespace`` reads the default
+    service account before the controller made it, a 404 under load)."""
+    core = core_api(kube.kubeconfig)
+    name = make_namespace(core)
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name, grace_period_seconds=0)
+        core.api_client.close()
+
+
+@pytest.fixture(scope="module")
 def server(
-    kube: KubeCluster, kube_namespace: str, docker: Any, tmp_path_factory: pytest.TempPathFactory
+    kube: KubeCluster, namespace: str, docker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     base_image(docker, "bash")
-    srv = kube_server(kube.kubeconfig, kube_namespace, tmp_path_factory.mktemp("kube") / "data")
+    srv = kube_server(kube.kubeconfig, namespace, tmp_path_factory.mktemp("kube") / "data")
     srv.start()
     with srv.client() as client:
         assert client.post("/teams", json={"name": "acme"}).status_code == 201
     yield srv
-    remove_installation(kube.kubeconfig, kube_namespace, srv)
+    remove_installation(kube.kubeconfig, namespace, srv)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +106,7 @@ def raw_pod(core: Any, namespace: str, rid: str) -> dict[str, Any]:
 
 
 def test_a_pod_boots_runs_cells_is_interrupted_and_carries_the_baseline(
-    server: Server, core: Any, kube_namespace: str, kube: KubeCluster
+    server: Server, core: Any, namespace: str, kube: KubeCluster
 ) -> None:
     """Boot, cells keeping state, an interrupt; R1 as the pod spec says it and the container sees it."""
     with server.client() as client:
@@ -115,7 +128,7 @@ def test_a_pod_boots_runs_cells_is_interrupted_and_carries_the_baseline(
         done = client.get(f"/executions/{eid}", params={"wait": 20}).json()
         assert done["status"] in ("interrupted", "error") and "never" not in text(done), done
         assert "after=ok" in text(run(client, rt["id"], "echo after=ok"))
-        pod = raw_pod(core, kube_namespace, rt["id"])
+        pod = raw_pod(core, namespace, rt["id"])
         spec = pod["spec"]
         assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
         (c,) = spec["containers"]
@@ -131,12 +144,10 @@ def test_a_pod_boots_runs_cells_is_interrupted_and_carries_the_baseline(
         assert [n["name"] for n in nodes] == [kube.node], nodes
         assert rt["id"] in nodes[0]["runtimes"] and nodes[0]["health"]["state"] == "ready"
         assert client.delete(f"/runtimes/{rt['id']}").status_code in (200, 202, 204)
-        wait_no_pod(core, kube_namespace, rt["id"], STOP_BOUND)
+        wait_no_pod(core, namespace, rt["id"], STOP_BOUND)
 
 
-def test_secrets_and_the_credential_are_in_no_pod_field_event_or_log(
-    server: Server, core: Any, kube_namespace: str
-) -> None:
+def test_secrets_and_the_credential_are_in_no_pod_field_event_or_log(server: Server, core: Any, namespace: str) -> None:
     """R6 and R40: the runtime's secret reaches the cell from a memory file, and is in no pod
     field, Secret, event or log; the credential's Secret is owned by the pod; the pull secret is
     gone once the pod runs."""
@@ -159,12 +170,12 @@ def test_secrets_and_the_credential_are_in_no_pod_field_event_or_log(
         assert value[::-1] in out, out
         state = recorded(server, rid)
         key = AgentLinks(SecretBox(server.data_dir / "secrets.key")).address(rid, state["agent"]).key.hex()
-        pod = raw_pod(core, kube_namespace, rid)
+        pod = raw_pod(core, namespace, rid)
         secrets = core.api_client.sanitize_for_serialization(
-            core.list_namespaced_secret(kube_namespace, label_selector=f"envctl.runtime-id={rid}")
+            core.list_namespaced_secret(namespace, label_selector=f"envctl.runtime-id={rid}")
         )["items"]
-        events = core.api_client.sanitize_for_serialization(core.list_namespaced_event(kube_namespace))
-        logs = pod_log(core, kube_namespace, pod)
+        events = core.api_client.sanitize_for_serialization(core.list_namespaced_event(namespace))
+        logs = pod_log(core, namespace, pod)
         where = {"pod": pod, "events": events, "logs": logs, "secrets": secrets}
         for name, found in where.items():
             assert value not in json.dumps(found), f"the secret's value is in the {name}"
@@ -178,8 +189,8 @@ def test_secrets_and_the_credential_are_in_no_pod_field_event_or_log(
         (owner,) = secrets[0]["metadata"]["ownerReferences"]
         assert owner["kind"] == "Pod" and owner["uid"] == pod["metadata"]["uid"]
         client.delete(f"/runtimes/{rid}")
-        wait_no_pod(core, kube_namespace, rid, STOP_BOUND)
-        assert not core.list_namespaced_secret(kube_namespace, label_selector=f"envctl.runtime-id={rid}").items
+        wait_no_pod(core, namespace, rid, STOP_BOUND)
+        assert not core.list_namespaced_secret(namespace, label_selector=f"envctl.runtime-id={rid}").items
 
 
 def pod_log(core: Any, namespace: str, pod: dict[str, Any]) -> str:
@@ -238,7 +249,7 @@ def test_a_save_boots_again_with_every_file_the_same_and_without_results_or_moun
 
 
 def test_a_stop_and_an_idle_shutdown_keep_drafts_that_the_next_pods_restore(
-    server: Server, core: Any, kube_namespace: str
+    server: Server, core: Any, namespace: str
 ) -> None:
     with server.client() as client:
         rid, work = with_work(server, client, "drafter")
@@ -247,7 +258,7 @@ def test_a_stop_and_an_idle_shutdown_keep_drafts_that_the_next_pods_restore(
         stopped = server.wait_state(client, rid, {"stopped", "error"}, timeout=120)
         took = time.monotonic() - began
         assert stopped["state"] == "stopped", stopped
-        gone = wait_no_pod(core, kube_namespace, rid, STOP_BOUND)
+        gone = wait_no_pod(core, namespace, rid, STOP_BOUND)
         print(f"\nkube stop with a draft: {took:.1f} s to stopped, pod gone {gone:.1f} s later")
         assert took < STOP_BOUND, f"the stop took {took:.1f} s"
         kept = [e for e in log_of(client, rid) if e.get("event") == "draft-kept"]
@@ -266,28 +277,28 @@ def test_a_stop_and_an_idle_shutdown_keep_drafts_that_the_next_pods_restore(
 
 
 def test_a_pod_deleted_behind_envctls_back_keeps_its_work_as_a_draft_and_says_why(
-    server: Server, core: Any, kube_namespace: str
+    server: Server, core: Any, namespace: str
 ) -> None:
     """``kubectl delete pod`` (grace period): the agent gets SIGTERM and waits; envctl sees the
     pod terminating at its next round, takes the draft, and the runtime is error (terminated)."""
     with server.client() as client:
         rid, work = with_work(server, client, "deleted")
-        (pod,) = pods_of(core, kube_namespace, rid)
+        (pod,) = pods_of(core, namespace, rid)
         began = time.monotonic()
-        core.delete_namespaced_pod(pod.metadata.name, kube_namespace)
+        core.delete_namespaced_pod(pod.metadata.name, namespace)
         rt = server.wait_state(client, rid, {"error", "stopped"}, timeout=60)
         print(f"\npod deleted: error and draft after {time.monotonic() - began:.1f} s")
         assert rt["state"] == "error" and rt["state_reason"] == "terminated", rt
         assert "unsaved changes were kept" in rt["state_message"], rt
         kept = [e for e in log_of(client, rid) if e.get("event") == "draft-kept"]
         assert kept and kept[-1]["reason"] == "terminated", kept
-        wait_no_pod(core, kube_namespace, rid, 40)
+        wait_no_pod(core, namespace, rid, 40)
         boot_again(server, client, rid, work)
         client.delete(f"/runtimes/{rid}")
 
 
 def test_an_unschedulable_pod_fails_naming_the_resource_and_leaves_nothing(
-    server: Server, core: Any, kube_namespace: str
+    server: Server, core: Any, namespace: str
 ) -> None:
     with server.client() as client:
         rt = boot(server, client, "toobig", "huge")
@@ -296,12 +307,12 @@ def test_an_unschedulable_pod_fails_naming_the_resource_and_leaves_nothing(
         assert "could not be placed" in message and "cpu (machine type huge asks 1000 CPUs)" in message, message
         assert "Insufficient cpu" in message, message  # the scheduler's own words
         assert any(e.get("event") == "pod-failedscheduling" for e in log_of(client, rt["id"]))
-        wait_no_pod(core, kube_namespace, rt["id"], STOP_BOUND)
-        assert not core.list_namespaced_secret(kube_namespace, label_selector=f"envctl.runtime-id={rt['id']}").items
+        wait_no_pod(core, namespace, rt["id"], STOP_BOUND)
+        assert not core.list_namespaced_secret(namespace, label_selector=f"envctl.runtime-id={rt['id']}").items
 
 
 def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
-    server: Server, core: Any, kube_namespace: str
+    server: Server, core: Any, namespace: str
 ) -> None:
     with server.client() as client:
         rt = boot(server, client, "survivor")
@@ -314,16 +325,16 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert after["state"] == "running", after
         assert "kept=4711" in text(run(client, rt["id"], "echo kept=$KEPT"))
         assert recorded(server, rt["id"])["container_id"] == before["container_id"]
-        assert len(pods_of(core, kube_namespace, rt["id"])) == 1
+        assert len(pods_of(core, namespace, rt["id"])) == 1
         client.delete(f"/runtimes/{rt['id']}")
 
 
 def test_two_installations_in_one_namespace_leave_each_other_alone(
-    server: Server, core: Any, kube: KubeCluster, kube_namespace: str, tmp_path: Path
+    server: Server, core: Any, kube: KubeCluster, namespace: str, tmp_path: Path
 ) -> None:
     """R32: a second installation whose runner has the same name, in the same namespace; each
     adopts its own pods only, through reconcile rounds and a restart of each."""
-    other = kube_server(kube.kubeconfig, kube_namespace, tmp_path / "other", runner=server.env["ENVCTL_RUNNER_NAME"])
+    other = kube_server(kube.kubeconfig, namespace, tmp_path / "other", runner=server.env["ENVCTL_RUNNER_NAME"])
     other.start()
     try:
         with server.client() as mine, other.client() as theirs:
@@ -340,22 +351,22 @@ def test_two_installations_in_one_namespace_leave_each_other_alone(
             assert theirs.get(f"/runtimes/{a['id']}").status_code == 404
             assert a["id"] not in json.dumps(theirs.get("/nodes").json())
             mine.delete(f"/runtimes/{a['id']}")
-            wait_no_pod(core, kube_namespace, a["id"], STOP_BOUND)
-            assert len(pods_of(core, kube_namespace, b["id"])) == 1
+            wait_no_pod(core, namespace, a["id"], STOP_BOUND)
+            assert len(pods_of(core, namespace, b["id"])) == 1
             theirs.delete(f"/runtimes/{b['id']}")
     finally:
-        remove_installation(kube.kubeconfig, kube_namespace, other)
+        remove_installation(kube.kubeconfig, namespace, other)
 
 
 def test_a_lease_bound_runtime_and_its_pod_are_gone_after_its_client_is_killed(
-    server: Server, core: Any, kube_namespace: str, tmp_path: Path
+    server: Server, core: Any, namespace: str, tmp_path: Path
 ) -> None:
     nb = notebook(tmp_path / "long.ipynb", "sleep 600", language="bash")
     with server.client() as client:
         killed = run_and_kill(server, client, nb, LEASE, "--env", "bash", "--type", "native", "--machine-type", "small")
         rid = killed.runtime["id"]
-        assert len(pods_of(core, kube_namespace, rid)) == 1
+        assert len(pods_of(core, namespace, rid)) == 1
         took = wait_deleted(client, rid, killed.killed_at, LEASE + 0.5 + STOP_BOUND)
         print(f"\nkube runtime deleted {took:.1f} s after its client was killed (lease {LEASE} s)")
-        wait_no_pod(core, kube_namespace, rid, STOP_BOUND)
-        assert not core.list_namespaced_secret(kube_namespace, label_selector=f"envctl.runtime-id={rid}").items
+        wait_no_pod(core, namespace, rid, STOP_BOUND)
+        assert not core.list_namespaced_secret(namespace, label_selector=f"envctl.runtime-id={rid}").items
