@@ -268,7 +268,7 @@ class KubernetesBackend(RuntimeBackend):
         pull_name = kube_pods.object_name(spec.runtime_id, f"pull-{tag}")
         state: BackendState = {
             "pod": kube_pods.object_name(spec.runtime_id),
-            "container_name": kube_pods.object_name(spec.runtime_id),
+            "container_name": spec.container_name,  # envctl-<id>: what names the runtime (release_agent)
             "namespace": self.api.namespace,
             "installation": installation,
             "secret": cred_name,
@@ -405,7 +405,7 @@ class KubernetesBackend(RuntimeBackend):
                 continue
             state: BackendState = {
                 "pod": name,
-                "container_name": name,
+                "container_name": f"envctl-{labels[LABEL_RUNTIME]}",
                 "container_id": str(pod["metadata"].get("uid")),
                 "namespace": self.api.namespace,
                 "installation": identity.installation,
