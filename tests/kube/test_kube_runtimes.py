@@ -8,8 +8,12 @@ envctl killed and adopting, nodes, and a second installation in the same namespa
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import tarfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +141,8 @@ def test_a_pod_boots_runs_cells_is_interrupted_and_carries_the_baseline(
         assert c["resources"]["limits"] == {"cpu": "250m", "memory": str(256 * 1024**2)}
         assert pod["metadata"]["labels"]["envctl.runner"] == server.env["ENVCTL_RUNNER_NAME"]
         assert not any(m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" for m in c["volumeMounts"])
+        assert not [v for v in spec["volumes"] if "hostPath" in v], spec["volumes"]  # no host path, no engine socket
+        assert c["securityContext"]["privileged"] is False
         events = {e["event"] for e in log_of(client, rt["id"])}
         assert {"container-created", "pod-scheduled"} <= events, events
         assert "NetworkPolicy" in server.output() and "enforces NetworkPolicy" in server.output()
@@ -227,12 +233,45 @@ def boot_again(server: Server, client: httpx.Client, rid: str, work: str | None)
     return text(read)
 
 
-def test_a_save_boots_again_with_every_file_the_same_and_without_results_or_mount_contents(server: Server) -> None:
-    """A save made in the pod, pushed through the registry, booted as a new pod; R8: what was
-    written under /results is not in it."""
+def saved_image(server: Server, repository: str, digest: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The saved version as the registry holds it: its config blob, and each layer's entries
+    (name, content) read from its tar."""
+    from api.settings import load
+    from registry.uploads import own_token
+
+    settings = load(env={**server.env, "ENVCTL_DATA_DIR": str(server.data_dir)})
+    token = own_token(settings, {repository: ("pull",)})
+    base = f"http://127.0.0.1:{server.env['ENVCTL_REGISTRY_PORT']}/v2/{repository}"
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=60, follow_redirects=True) as reg:
+        manifest = reg.get(f"{base}/manifests/{digest}", headers={"Accept": accept})
+        assert manifest.status_code == 200, manifest.text
+        body = manifest.json()
+        config = reg.get(f"{base}/blobs/{body['config']['digest']}").content
+        layers = []
+        for layer in body["layers"]:
+            blob = reg.get(f"{base}/blobs/{layer['digest']}").content
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+                for member in tar:
+                    data = tar.extractfile(member).read() if member.isfile() else b""  # type: ignore[union-attr]
+                    layers.append((member.name, data))
+    return config, layers
+
+
+def test_a_save_boots_again_and_holds_no_secret_results_or_private_files(server: Server) -> None:
+    """A save made in the pod, pushed through the registry, booted as a new pod. R7: the secret's
+    value (plain, base64, URL-encoded) is in no layer and not in the config; R8: nothing of
+    /results, /run/secrets or /run/envctl is in the new layer."""
+    value = f"kube-save-S3cret/{uuid.uuid4().hex[:8]}+"
     with server.client() as client:
-        writer, made = with_work(server, client, "writer")
-        assert run(client, writer, "echo r > /results/out.txt")["status"] == "ok"
+        assert client.put("/teams/acme/secrets/savepw", json={"value": value}).status_code in (200, 201)
+        rt = boot(server, client, "writer", team="acme", env={"PW": {"secret": "savepw", "team": "acme"}})
+        assert rt["state"] == "running", rt
+        writer = rt["id"]
+        made = run(client, writer, WORK + CHECKSUMS)
+        assert made["status"] == "ok", made
+        wrote = run(client, writer, 'echo "$PW" > /results/out.txt; ls /run/secrets /run/envctl | head -3')
+        assert wrote["status"] == "ok", wrote
         r = client.post(f"/runtimes/{writer}/save", json={"environment": "acme/kubesave"})
         assert r.status_code in (200, 202), r.text
         op = r.json()
@@ -240,10 +279,19 @@ def test_a_save_boots_again_with_every_file_the_same_and_without_results_or_moun
         while op["status"] == "running" and time.monotonic() < deadline:
             op = client.get(f"/operations/{op['id']}", params={"wait": 10}).json()
         assert op["status"] == "succeeded", op
+        (version,) = client.get("/environments/acme/kubesave/versions").json()
+        config, entries = saved_image(server, "acme/kubesave", version["registry_digest"])
+        forms = [value, base64.b64encode(value.encode()).decode(), urllib.parse.quote(value, safe="")]
+        for form in forms:
+            assert form.encode() not in config, "the secret is in the image config"
+            assert not [n for n, data in entries if form.encode() in data or form in n], "the secret is in a layer"
+        private = ("results/", "run/secrets/", "run/envctl/", "opt/envctl/agent/")
+        assert not [n for n, _ in entries if n.lstrip("./").startswith(private)], [n for n, _ in entries][:50]
+        assert any(n.lstrip("./") == "opt/t/blob" for n, _ in entries)
         reader = boot(server, client, "reader", environment="acme/kubesave")
         assert reader["state"] == "running", reader
-        read = run(client, reader["id"], CHECKSUMS + "; ls /results")
-        assert text(read).startswith(made) and "out.txt" not in text(read), read
+        read = run(client, reader["id"], CHECKSUMS)
+        assert text(read) == text(made), read
         for rid in (writer, reader["id"]):
             client.delete(f"/runtimes/{rid}")
 
