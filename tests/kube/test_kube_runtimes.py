@@ -279,7 +279,7 @@ def test_a_save_boots_again_and_holds_no_secret_results_or_private_files(server:
         while op["status"] == "running" and time.monotonic() < deadline:
             op = client.get(f"/operations/{op['id']}", params={"wait": 10}).json()
         assert op["status"] == "succeeded", op
-        (version,) = client.get("/environments/acme/kubesave/versions").json()
+        (version,) = client.get("/environments/acme/kubesave").json()["versions"]
         config, entries = saved_image(server, "acme/kubesave", version["registry_digest"])
         forms = [value, base64.b64encode(value.encode()).decode(), urllib.parse.quote(value, safe="")]
         for form in forms:
