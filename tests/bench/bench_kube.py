@@ -98,7 +98,7 @@ def run(runs: int = 200) -> dict[str, float]:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="envctl-bench-kube-") as tmp:
         directory = Path(tmp) / "cluster"
-        subprocess.run([str(REPO / "scripts" / "kube-fixture"), "up", str(directory), "--wait", "1500"], check=True)
+        subprocess.run([str(REPO / "scripts" / "kube-fixture"), "up", str(directory)], check=True)
         kubeconfig = directory / "kubeconfig"
         api = kconfig.new_client_from_config(config_file=str(kubeconfig))
         core = kclient.CoreV1Api(api)

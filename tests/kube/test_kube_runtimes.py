@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import tarfile
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -26,6 +28,7 @@ from envs.kit.db import Database
 from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
 from runner.models import Runtime
+from tests.conftest import TEST_SESSION
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
@@ -35,6 +38,7 @@ from tests.runner.test_docker_executions import new_runtime, run, text
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
+STORAGE_CLASS = f"envctl-test-{TEST_SESSION}"  # the module's named volumes bind to a PV made with this class
 LEASE = 6  # seconds of a lease-bound runtime's lease
 STOP_BOUND = 15.0  # seconds a stop with a draft may take (the agent's SIGTERM wait is 20 s)
 WORK = (
@@ -65,7 +69,9 @@ def server(
     kube: KubeCluster, namespace: str, docker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     base_image(docker, "bash")
-    srv = kube_server(kube.kubeconfig, namespace, tmp_path_factory.mktemp("kube") / "data")
+    srv = kube_server(
+        kube.kubeconfig, namespace, tmp_path_factory.mktemp("kube") / "data", ENVCTL_KUBE_STORAGE_CLASS=STORAGE_CLASS
+    )
     srv.start()
     with srv.client() as client:
         assert client.post("/teams", json={"name": "acme"}).status_code == 201
@@ -418,3 +424,47 @@ def test_a_lease_bound_runtime_and_its_pod_are_gone_after_its_client_is_killed(
         print(f"\nkube runtime deleted {took:.1f} s after its client was killed (lease {LEASE} s)")
         wait_no_pod(core, namespace, rid, STOP_BOUND)
         assert not core.list_namespaced_secret(namespace, label_selector=f"envctl.runtime-id={rid}").items
+
+
+def test_a_named_volume_is_a_claim_that_keeps_its_files_across_pods(
+    server: Server, core: Any, namespace: str, tmp_path: Path
+) -> None:
+    """A named volume becomes a PersistentVolumeClaim of ENVCTL_KUBE_STORAGE_CLASS (bound here to
+    a hostPath PersistentVolume the test makes: the cluster has no provisioner); what a pod
+    wrote there is in the next pod's."""
+    folder = Path(tempfile.mkdtemp(prefix="envctl-kube-pv-"))
+    pv = f"envctl-test-pv-{uuid.uuid4().hex[:8]}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv, "labels": {"envctl.test-session": TEST_SESSION}},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": STORAGE_CLASS,
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(folder)},
+            },
+        }
+    )
+    try:
+        with server.client() as client:
+            mounts = [{"type": "volume", "name": "kept-data", "target": "/home/data"}]
+            rt = boot(server, client, "vol", mounts=mounts)
+            assert rt["state"] == "running", (rt, server.output()[-3000:])
+            claims = core.list_namespaced_persistent_volume_claim(namespace).items
+            assert len(claims) == 1 and claims[0].spec.storage_class_name == STORAGE_CLASS, claims
+            assert claims[0].spec.volume_name == pv
+            assert run(client, rt["id"], "echo kept > /home/data/f")["status"] == "ok"
+            assert client.post(f"/runtimes/{rt['id']}/stop").status_code in (200, 202)
+            assert server.wait_state(client, rt["id"], {"stopped", "error"}, timeout=120)["state"] == "stopped"
+            assert client.post(f"/runtimes/{rt['id']}/start").status_code in (200, 202)
+            again = server.wait_state(client, rt["id"], {"running", "error"}, timeout=240)
+            assert again["state"] == "running", again
+            assert "kept" in text(run(client, rt["id"], "cat /home/data/f"))
+            client.delete(f"/runtimes/{rt['id']}")
+            wait_no_pod(core, namespace, rt["id"], STOP_BOUND)
+    finally:
+        for claim in core.list_namespaced_persistent_volume_claim(namespace).items:
+            core.delete_namespaced_persistent_volume_claim(claim.metadata.name, namespace)
+        core.delete_persistent_volume(pv)
+        shutil.rmtree(folder, ignore_errors=True)
