@@ -26,6 +26,7 @@ envctl dials in: the Kubernetes network model routes pod IPs from every node and
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import hashlib
 import logging
@@ -441,7 +442,7 @@ class KubernetesBackend(RuntimeBackend):
                 continue  # the garbage collector removes it with its pod
             made = str(meta.get("creationTimestamp") or "")
             with contextlib.suppress(ValueError):
-                age = now - time.mktime(time.strptime(made, "%Y-%m-%dT%H:%M:%SZ")) + time.timezone
+                age = now - calendar.timegm(time.strptime(made, "%Y-%m-%dT%H:%M:%SZ"))
                 if age > SWEEP_AGE:
                     log.info("removing secret %s: no pod of this runner owns it", meta.get("name"))
                     self.api.delete_secret(str(meta.get("name")))
