@@ -68,6 +68,7 @@ log = logging.getLogger("envctl.kube")
 AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
 STOP_BOUND = kube_pods.GRACE_SECONDS + 15.0  # seconds a stop waits for its pod to be gone
 SYNC_WAIT = 10.0  # seconds a caller waits for the watch's first listing
+BOOT_POLL = 0.05  # seconds a boot waits for a change of its pod before it looks at its events again
 SWEEP_EVERY = 60.0
 SWEEP_AGE = 120.0  # seconds an unowned Secret of ours may live (a boot between its steps)
 
@@ -316,7 +317,7 @@ class KubernetesBackend(RuntimeBackend):
         phase: str | None = None
         generation = -1
         while True:
-            generation = watches.pods.wait(generation, 0.5)
+            generation = watches.pods.wait(generation, BOOT_POLL)  # events (another watch) may say more first
             pod = watches.pods.get(state["pod"])
             now = time.monotonic()
             if pod is None or str(pod["metadata"].get("uid")) != state["container_id"]:
@@ -336,7 +337,11 @@ class KubernetesBackend(RuntimeBackend):
             if seen.failure:
                 raise BackendError(seen.failure, details={"pod": state["pod"]})
             ip = str((pod.get("status") or {}).get("podIP") or "")
-            running = "running" in (kube_states.container_status(pod).get("state") or {})
+            # the kubelet's Started event comes at once; the pod's status only after its next
+            # relist of the containers (up to 1 s later)
+            running = "running" in (kube_states.container_status(pod).get("state") or {}) or any(
+                e.get("reason") == "Started" for e in events
+            )
             if running and ip:
                 return {
                     "node": str(pod["spec"].get("nodeName") or ""),
