@@ -198,6 +198,7 @@ class RunnerService:
         )
         drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/saves/drafts.py)
         backend.release_agent = drafts.release_agent  # Swarm: the agent's SIGTERM waits for a draft unless told
+        backend.report_event = self._report_event  # Kubernetes: the pods' events in the runner log
         self.results = ResultCollector(settings, db, clock, paths)
         self.mounts = mounts = MountPreparer(settings, self.identity.installation, backend)
         self.feeds = Feeds()
@@ -522,6 +523,14 @@ class RunnerService:
 
     def reconcile(self) -> builtins.list[Action]:
         return self.reconciler.run()
+
+    def _report_event(self, runtime_id: str, event: str, message: str) -> None:
+        try:
+            self.records.log_now(runtime_id, event=event, reason="kubernetes", message=message[:1000])
+        except EnvctlError as exc:
+            log.info("could not log %s of %s: %s", event, runtime_id, exc.message)
+        except Exception:  # a row deleted meanwhile: nothing to log it on
+            log.debug("could not log %s of %s", event, runtime_id, exc_info=True)
 
     def _after_execution(self, runtime_id: str, owner_id: str, execution_id: str) -> None:
         """After each cell: collect the files it wrote under /results."""

@@ -30,6 +30,8 @@ class MachineType:
     gpu_kind: str = ""  # what the GPUs are, e.g. nvidia-tesla-t4 (shown, and labelled); "" is plain "nvidia"
     # Swarm placement constraints (``node.labels.zone==eu``): where a cluster may place it
     constraints: tuple[str, ...] = ()
+    # Kubernetes taints the runtime's pod tolerates (``key=value:NoSchedule``, ``key:NoSchedule``)
+    tolerations: tuple[str, ...] = ()
 
 
 def _gib(n: float) -> int:
@@ -182,6 +184,24 @@ def parse_constraints(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_tolerations(raw: Any, where: str) -> tuple[str, ...]:
+    """Kubernetes tolerations as ``key[=value]:Effect`` (Effect NoSchedule, PreferNoSchedule or NoExecute)."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise InvalidInputError(f"{where}: must be a list of tolerations like gpu=true:NoSchedule", field=where)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_./\-]{0,252}(=[A-Za-z0-9_.\-]{0,63})?:(NoSchedule|PreferNoSchedule|NoExecute)", text
+        ):
+            raise InvalidInputError(
+                f"{where}: {text!r} is not a toleration like gpu=true:NoSchedule (key[=value]:Effect)", field=where
+            )
+        out.append(text)
+    return tuple(out)
+
+
 def parse_machine_types(raw: Any, source: str) -> dict[str, MachineType]:
     """The ``machine_types`` map of the config file (``source``), refused naming the entry."""
     if not isinstance(raw, dict) or not raw:
@@ -191,7 +211,17 @@ def parse_machine_types(raw: Any, source: str) -> dict[str, MachineType]:
         where = f"{source}: machine_types.{name}"
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{where}: must be a map with cpus and memory", field=where)
-        known = {"cpus", "memory", "pids", "gpus", "gpu_kind", "idle_timeout", "description", "constraints"}
+        known = {
+            "cpus",
+            "memory",
+            "pids",
+            "gpus",
+            "gpu_kind",
+            "idle_timeout",
+            "description",
+            "constraints",
+            "tolerations",
+        }
         unknown = set(spec) - known
         if unknown:
             raise InvalidInputError(f"{where}: unknown keys {sorted(unknown)}", field=where)
@@ -206,6 +236,7 @@ def parse_machine_types(raw: Any, source: str) -> dict[str, MachineType]:
                 idle_timeout=int(spec["idle_timeout"]) if spec.get("idle_timeout") is not None else None,
                 description=str(spec.get("description", "")),
                 constraints=parse_constraints(spec.get("constraints") or [], where + ".constraints"),
+                tolerations=parse_tolerations(spec.get("tolerations") or [], where + ".tolerations"),
             )
         except KeyError as exc:
             raise InvalidInputError(f"{where}: missing {exc.args[0]}", field=where) from exc
@@ -230,7 +261,7 @@ class Settings(registry_settings.Settings):
     runner_backend: str = setting(
         "docker",
         env="ENVCTL_RUNNER_BACKEND",
-        help="runtime backend: docker (default), swarm, or fake (in-memory, for tests)",
+        help="runtime backend: docker (default), swarm, kubernetes, or fake (in-memory, for tests)",
     )
     runner_idle_timeout: int = setting(
         1200,
@@ -470,6 +501,50 @@ class Settings(registry_settings.Settings):
         env="ENVCTL_SWARM_PULL_TIMEOUT",
         parse=float,
         help="seconds a Swarm node may spend pulling a runtime's image (default 600)",
+    )
+
+    # the Kubernetes backend (runner/backends/kube.py): where the API server is (a kubeconfig file,
+    # or "in-cluster" for a pod's service account), the namespace of runtimes' pods, the storage
+    # class of named volumes, the registry as nodes reach it, and how long a pod may stay
+    # unschedulable or pulling before its boot fails
+    kube_config: str = setting(
+        "",
+        env="ENVCTL_KUBE_CONFIG",
+        help="kubeconfig file for ENVCTL_RUNNER_BACKEND=kubernetes, or in-cluster (default: KUBECONFIG,"
+        " else ~/.kube/config)",
+    )
+    kube_context: str = setting("", env="ENVCTL_KUBE_CONTEXT", help="the kubeconfig's context (default: its current)")
+    kube_namespace: str = setting(
+        "default", env="ENVCTL_KUBE_NAMESPACE", help="namespace runtimes' pods are made in (default: default)"
+    )
+    kube_storage_class: str = setting(
+        "",
+        env="ENVCTL_KUBE_STORAGE_CLASS",
+        help="storage class of named volumes' PersistentVolumeClaims (default: the cluster's default class)",
+    )
+    kube_registry: str = setting(
+        "",
+        env="ENVCTL_KUBE_REGISTRY",
+        help="the registry as the cluster's nodes reach it, host[:port] (default: the managed registry's"
+        " listen address and port)",
+    )
+    kube_pending_timeout: float = setting(
+        20.0,
+        env="ENVCTL_KUBE_PENDING_TIMEOUT",
+        parse=float,
+        help="seconds a pod may stay unschedulable before its boot fails with the scheduler's reason (default 20)",
+    )
+    kube_pull_timeout: float = setting(
+        600.0,
+        env="ENVCTL_KUBE_PULL_TIMEOUT",
+        parse=float,
+        help="seconds a node may spend pulling a runtime's image (default 600)",
+    )
+    kube_pull_retries: int = setting(
+        3,
+        env="ENVCTL_KUBE_PULL_RETRIES",
+        parse=int,
+        help="failed pulls of a runtime's image before its boot fails (default 3)",
     )
 
     @property

@@ -29,7 +29,7 @@ LEVELS: dict[str, tuple[type, str]] = {
 OWN = {
     "envs": ("data_dir", "database_url", "api_host", "api_port", "base_"),
     "registry": ("registry", "secrets_"),
-    "runner": ("runner_", "swarm_", "save_", "mounts_", "results_", "import_", "machine_types"),
+    "runner": ("runner_", "swarm_", "kube_", "save_", "mounts_", "results_", "import_", "machine_types"),
     "api": ("api_",),
 }
 SETTINGS_NAMES = {"settings", "_settings"}

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from api.deps import CallerDep, CtxDep
 from envs.kit.errors import InvalidInputError, UnauthorizedError
-from registry import catalog, distribution, tokenserver
+from registry import catalog, distribution, pull_grants, tokenserver
 
 router = APIRouter(tags=["registry"])
 
@@ -61,13 +61,16 @@ def registry_token(
     if service is not None and service != distribution.SERVICE:
         raise InvalidInputError(f"service: this token server signs for {distribution.SERVICE!r} only", field="service")
     credentials = _basic(request.headers.get("authorization", ""))
+    key = distribution.signing_key(ctx.settings)
+    if credentials is not None and credentials[0] == pull_grants.USER:  # a cluster node's pull secret
+        repository = pull_grants.open_grant(key, credentials[1])
+        return pull_grants.issue(key, scope, repository, ctx.settings.registry_token_ttl)
     who = None
     published: set[str] = set()
     if credentials is not None:
         with ctx.db.session() as s:
             who = tokenserver.requester(s, *credentials)
             published = catalog.published_repositories(s)
-    key = distribution.signing_key(ctx.settings)
     return tokenserver.issue(key, scope, who, ctx.settings.registry_token_ttl, published.__contains__)
 
 

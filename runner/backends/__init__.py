@@ -14,6 +14,7 @@ from runner.settings import Settings
 BACKENDS: dict[str, str] = {
     "docker": "runner.backends.docker:DockerBackend",
     "fake": "runner.backends.fake:FakeBackend",
+    "kubernetes": "runner.backends.kube:KubernetesBackend",
     "swarm": "runner.backends.swarm:SwarmBackend",
 }
 

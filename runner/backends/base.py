@@ -227,6 +227,9 @@ class RuntimeBackend(abc.ABC):
     #: tells a runtime's agent that envctl itself stops it (set at start-up: runner/saves/drafts.py),
     #: for a backend whose agent otherwise waits for a draft on SIGTERM (Swarm); None: not told
     release_agent: Callable[[BackendState], None] | None = None
+    #: writes what the engine reports of a runtime (a Kubernetes event: scheduled, pulling, failed)
+    #: into its runner log: ``(runtime_id, event, message)``; set at start-up (runner/service.py)
+    report_event: Callable[[str, str, str], None] | None = None
 
     @classmethod
     @abc.abstractmethod

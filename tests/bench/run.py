@@ -17,6 +17,7 @@ from tests.bench import (
     bench_exec,
     bench_insave,
     bench_insave_boot,
+    bench_kube,
     bench_lean_save,
     bench_mounts,
     bench_pool,
@@ -46,6 +47,7 @@ BENCHMARKS = {
     "swarm": bench_swarm.run,
     "swarm-mounts": bench_swarm_mounts.run,
     "apps": bench_apps.run,
+    "kube": bench_kube.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

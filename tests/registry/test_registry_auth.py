@@ -29,7 +29,7 @@ from api.settings import Settings
 from api.startup import Services
 from envs.kit.clock import utcnow
 from envs.kit.db import Database
-from registry import signing, tokenserver
+from registry import pull_grants, signing, tokenserver
 from registry import users as registry_service
 from registry.distribution import ISSUER, SERVICE, ManagedRegistry, signing_key
 from registry.teams import Actor, add_member, create_team
@@ -48,6 +48,10 @@ class World:
 
     def client(self, user: str | None) -> RegistryClient:
         return RegistryClient(self.registry.url, (user, self.tokens[user]) if user else None)
+
+    def token_answer_with(self, user: str, password: str, *scopes: str) -> httpx.Response:
+        params = {"service": SERVICE, "scope": list(scopes)}
+        return httpx.get(f"{self.api_url}/registry/token", params=params, auth=(user, password))
 
     def token_answer(self, user: str | None, *scopes: str) -> httpx.Response:
         auth = (user, self.tokens[user]) if user else None
@@ -123,6 +127,24 @@ def test_an_anonymous_client_gets_nothing(world: World) -> None:
     assert _access(world.token_answer(None, "repository:acme/tools:pull")) == [
         {"type": "repository", "name": "acme/tools", "actions": []}
     ]
+
+
+def test_a_pull_grant_pulls_its_one_repository_and_nothing_else(world: World) -> None:
+    """A cluster node's pull secret (registry/pull_grants.py): Basic credentials whose password is
+    a grant envctl signed, which the registry's client trades here for a token; it pulls that
+    repository only, never pushes; a grant of another key, or expired, is a 401."""
+    key = signing_key(world.settings)
+    grant = pull_grants.make_grant(key, "acme/tools", 60)
+    node = RegistryClient(world.registry.url, (pull_grants.USER, grant))
+    assert node.pull("acme/tools", "1").status_code == 200
+    assert node.push("acme/tools", "9", Image.made("node's")).status_code == 401
+    access = _access(world.token_answer_with(pull_grants.USER, grant, "repository:acme/tools:pull,push"))
+    assert access == [{"type": "repository", "name": "acme/tools", "actions": ["pull"]}]
+    other = RegistryClient(world.registry.url, (pull_grants.USER, pull_grants.make_grant(key, "beta/x", 60)))
+    assert other.pull("acme/tools", "1").status_code == 401
+    stale = pull_grants.make_grant(key, "acme/tools", 10, now=1_000_000.0)
+    assert world.token_answer_with(pull_grants.USER, stale, "repository:acme/tools:pull").status_code == 401
+    assert world.token_answer_with(pull_grants.USER, "not-a-grant", "repository:acme/tools:pull").status_code == 401
 
 
 def test_a_wrong_or_revoked_envctl_token_gets_no_registry_token(world: World) -> None:

@@ -1,0 +1,114 @@
+"""Pull grants: short-lived Basic credentials that let a cluster's node pull one repository.
+
+A Kubernetes node pulls a runtime's image with the credentials of the pod's pull secret
+(``kubernetes.io/dockerconfigjson``), and the kubelet hands its runtime only a user name and a
+password: no registry token (as Swarm's ``X-Registry-Auth`` can carry). So the Kubernetes backend
+(``runner/backends/kube.py``) writes a *grant* as the password, under the user name
+:data:`USER`: a JWT envctl signs with its registry key, for one repository and ``pull`` only,
+living the registry token's lifetime. The node's runtime meets the registry's challenge by
+asking the token endpoint with those Basic credentials (``api/routes/registry_auth.py``), which
+answers only ``pull`` on the grant's repository, and nothing once the grant expired.
+
+The grant's audience (:data:`AUDIENCE`) is not the registry's service, so the registry itself
+never takes a grant as a token; and the token server takes nothing else under :data:`USER`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import time
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from envs.kit.errors import UnauthorizedError
+from registry.distribution import ISSUER, SERVICE
+from registry.signing import SigningKey
+from registry.tokenserver import MAX_SCOPES, parse_scope
+
+USER = "envctl-pull-grant"
+AUDIENCE = "envctl-pull-grant"
+LEEWAY = 30  # seconds of clock difference tolerated on nbf/exp
+
+
+def make_grant(key: SigningKey, repository: str, ttl: int, *, now: float | None = None) -> str:
+    """A grant to pull ``repository`` for ``ttl`` seconds."""
+    stamp = int(time.time() if now is None else now)
+    return key.sign(
+        {
+            "iss": ISSUER,
+            "sub": USER,
+            "aud": AUDIENCE,
+            "iat": stamp,
+            "nbf": stamp,
+            "exp": stamp + ttl,
+            "jti": secrets.token_hex(12),
+            "repository": repository,
+        }
+    )
+
+
+def _b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def open_grant(key: SigningKey, grant: str, *, now: float | None = None) -> str:
+    """The repository a valid grant names; ``UnauthorizedError`` for anything else (a bad
+    signature, another audience, expired)."""
+    try:
+        head_b64, body_b64, sig_b64 = grant.split(".")
+        head: dict[str, Any] = json.loads(_b64(head_b64))
+        body: dict[str, Any] = json.loads(_b64(body_b64))
+        sig = _b64(sig_b64)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise UnauthorizedError("the pull grant is not a signed token") from exc
+    if head.get("alg") != "ES256" or len(sig) != 64:
+        raise UnauthorizedError("the pull grant is not signed with ES256")
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    try:
+        key.private_key.public_key().verify(der, f"{head_b64}.{body_b64}".encode(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise UnauthorizedError("the pull grant's signature is not envctl's") from exc
+    stamp = time.time() if now is None else now
+    if body.get("aud") != AUDIENCE or body.get("iss") != ISSUER or not isinstance(body.get("repository"), str):
+        raise UnauthorizedError("the token is not a pull grant")
+    if not (int(body.get("nbf", 0)) - LEEWAY <= stamp <= int(body.get("exp", 0)) + LEEWAY):
+        raise UnauthorizedError("the pull grant expired")
+    return str(body["repository"])
+
+
+def issue(key: SigningKey, scope_texts: list[str], repository: str, ttl: int) -> dict[str, Any]:
+    """The token endpoint's answer to a grant's holder: every scope answered, ``pull`` granted on
+    the grant's repository and nothing else."""
+    if len(scope_texts) > MAX_SCOPES:
+        raise UnauthorizedError(f"at most {MAX_SCOPES} scopes per request")
+    stamp = int(time.time())
+    access = []
+    for text in scope_texts:
+        scope = parse_scope(text)
+        ok = scope.type == "repository" and scope.name == repository and "pull" in scope.actions
+        access.append(scope.as_claim(["pull"] if ok else []))
+    token = key.sign(
+        {
+            "iss": ISSUER,
+            "sub": USER,
+            "aud": SERVICE,
+            "iat": stamp,
+            "nbf": stamp,
+            "exp": stamp + ttl,
+            "jti": secrets.token_hex(16),
+            "access": access,
+        }
+    )
+    return {
+        "token": token,
+        "access_token": token,
+        "expires_in": ttl,
+        "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+    }
