@@ -21,7 +21,9 @@ make a new task after every failed pull, forever):
 - mounts (``swarm_mounts``): git and S3 ones streamed in by envctl, a named volume pinning the
   runtime to its node, ``/results`` fetched over the channel.
 
-What Swarm 20.10 cannot enforce of R1 is in the README ("Docker Swarm").
+The service's spec and the pull token are made in ``swarm_spec``; the agent's files in
+``swarm_files``; task and node readings in ``swarm_tasks``. What Swarm 20.10 cannot enforce of R1
+is in the README ("Docker Swarm").
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,12 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
-from registry.distribution import ISSUER, SERVICE
-from runner.backends import agent_channel, swarm_files, swarm_mounts, swarm_tasks
+from runner.backends import swarm_files, swarm_mounts, swarm_spec, swarm_tasks
 from runner.backends.base import (
-    AGENT_MOUNT,
-    AGENT_PORT,
     AGENT_SOCKET,
-    LABEL_ENVIRONMENT,
-    LABEL_GPU_KIND,
     LABEL_INSTALLATION,
-    LABEL_MACHINE,
-    LABEL_MANAGED,
     LABEL_RUNNER,
     LABEL_RUNTIME,
-    SECRETS_MOUNT,
-    STATE_MOUNT,
     BackendState,
     ContainerStatus,
     FoundContainer,
@@ -66,16 +58,11 @@ from runner.backends.base import (
     RuntimeSpec,
     Status,
 )
-from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.identity import RunnerIdentity
 from runner.settings import Settings
 
 log = logging.getLogger("envctl.swarm")
-GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
-# SIGTERM (a drain, a service removed outside envctl) leaves the agent TERM_WAIT s for envctl to
-# take a draft (runner/agent/main.py terminate); Swarm kills the task after the grace period
-TERM_WAIT = 20.0
-STOP_GRACE_NS = int((TERM_WAIT + 5) * 1e9)
+GPU_RESOURCE = swarm_spec.GPU_RESOURCE
 POLL = 0.2
 BOOT_POLL = 0.05  # while a boot waits for its task: each state change seen this much later at most
 
@@ -185,85 +172,18 @@ class SwarmBackend(RuntimeBackend):
     def service_spec(
         self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]], pinned: list[str] | None = None
     ) -> dict[str, Any]:
-        """The service's spec (the Engine API's JSON): every limit, label and file in one place;
-        ``pinned``: the constraints of its named volumes' node (``swarm_mounts``)."""
-        m = spec.machine
-        if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
-        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
-            raise InvalidInputError("a runtime service needs its installation and runner labels", field="labels")
-        labels = {
-            **self.labels,
-            **spec.labels,
-            LABEL_MANAGED: "1",
-            LABEL_RUNTIME: spec.runtime_id,
-            LABEL_ENVIRONMENT: spec.environment,
-            LABEL_MACHINE: m.name,
-        }
-        reservations: dict[str, Any] = {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory}
-        if m.gpus:
-            labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
-            reservations["GenericResources"] = [{"DiscreteResourceSpec": {"Kind": GPU_RESOURCE, "Value": m.gpus}}]
-        tmpfs = {"Type": "tmpfs"}
-        container: dict[str, Any] = {
-            "Image": f"{self.registry}/{spec.image}",
-            "Command": [
-                *("python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")),
-                *("--term-wait", f"{TERM_WAIT:g}"),
-            ],
-            "Hostname": spec.name[:63],
-            "Env": [f"{k}={v}" for k, v in spec.env.items()],
-            "Dir": "/root",
-            "Labels": labels,
-            "Init": True,
-            "CapabilityDrop": [f"CAP_{c}" for c in DROPPED_CAPABILITIES],
-            "StopGracePeriod": STOP_GRACE_NS,
-            "StopSignal": "SIGTERM",
-            "Mounts": [
-                {**tmpfs, "Target": STATE_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
-                {**tmpfs, "Target": SECRETS_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
-                *swarm_mounts.task_mounts(spec),  # git/S3 ones streamed in by envctl, /results, named volumes
-            ],
-            "Secrets": [secret],
-            "Configs": configs,
-        }
-        return {
-            "Name": spec.container_name,
-            "Labels": labels,
-            "TaskTemplate": {
-                "ContainerSpec": container,
-                "Resources": {
-                    "Limits": {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory, "Pids": m.pids},
-                    "Reservations": reservations,
-                },
-                "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-                "Placement": {"Constraints": [*m.constraints, *(pinned or [])]},
-                "LogDriver": {"Name": "json-file", "Options": {"max-size": self.log_max_size, "max-file": "1"}},
-            },
-            "Mode": {"Replicated": {"Replicas": 1}},
-            "EndpointSpec": {
-                "Mode": "dnsrr",
-                "Ports": [{"Protocol": "tcp", "TargetPort": AGENT_PORT, "PublishMode": "host"}],
-            },
-        }
+        return swarm_spec.service_spec(
+            spec,
+            secret,
+            configs,
+            registry=self.registry,
+            labels=self.labels,
+            log_max_size=self.log_max_size,
+            pinned=pinned,
+        )
 
     def pull_token(self, repository: str) -> str:
-        """A pull-only registry token for exactly ``repository``, living ``token_ttl`` seconds."""
-        if self.signing_key is None:
-            raise BackendError("no registry signing key: the swarm backend needs envctl's managed registry")
-        now = int(time.time())
-        return self.signing_key.sign(
-            {
-                "iss": ISSUER,
-                "sub": "envctl-swarm-node",
-                "aud": SERVICE,
-                "iat": now,
-                "nbf": now,
-                "exp": now + self.token_ttl,
-                "jti": uuid.uuid4().hex,
-                "access": [{"type": "repository", "name": repository, "actions": ["pull"]}],
-            }
-        )
+        return swarm_spec.pull_token(self.signing_key, repository, self.token_ttl)
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         if spec.channel != "tcp" or not spec.credential:
@@ -318,7 +238,11 @@ class SwarmBackend(RuntimeBackend):
                     return {
                         "node": swarm_tasks.node_name(node),
                         "node_id": task.node_id,
-                        "agent": {"channel": "tcp", "host": _node_address(node), "port": _published(task)},
+                        "agent": {
+                            "channel": "tcp",
+                            "host": swarm_spec.node_address(node),
+                            "port": swarm_spec.published(task),
+                        },
                     }
                 if task.state in swarm_tasks.ENDED:
                     where = swarm_tasks.node_name(self._node(task.node_id)) if task.node_id else ""
@@ -376,7 +300,7 @@ class SwarmBackend(RuntimeBackend):
             except Exception as exc:
                 raise daemon_error("remove the runtime's service", exc) from exc
         if sid:
-            self._wait_removed(str(sid), STOP_GRACE_NS / 1e9 + 10)
+            self._wait_removed(str(sid), swarm_spec.STOP_GRACE_NS / 1e9 + 10)
         secret = state.get("secret_id")
         if secret:
             deadline = time.monotonic() + 10
@@ -573,25 +497,5 @@ class SwarmBackend(RuntimeBackend):
             raise daemon_error("inspect the task's node", exc) from exc
 
 
-def _transient(exc: BackendError) -> bool:
-    """A failure of the node's engine while it set the container up, not of the runtime: 20.10
-    sometimes cannot remount a task's secrets directory read-only ("device or resource busy")."""
-    text = str((exc.details or {}).get("swarm_error") or "")
-    return text.startswith("starting container failed") and "device or resource busy" in text
-
-
-def _node_address(node: dict[str, Any] | None) -> str:
-    addr = str(((node or {}).get("Status") or {}).get("Addr") or "")
-    if not addr or addr == "0.0.0.0":  # noqa: S104  (a comparison)
-        raise BackendError(f"node {swarm_tasks.node_name(node)} has no address envctl can dial")
-    return addr
-
-
-def _published(task: swarm_tasks.TaskView) -> int:
-    for port in task.ports:
-        if int(port.get("TargetPort") or 0) == AGENT_PORT and port.get("PublishedPort"):
-            return int(port["PublishedPort"])
-    raise BackendError(f"the runtime's task has no published port for its agent ({task.ports})")
-
-
+_transient = swarm_spec.transient
 _status = swarm_tasks.status_of  # where it lives now (runner/backends/swarm_tasks.py)

@@ -50,13 +50,6 @@ def server(swarm: Swarm, docker: Any, tmp_path_factory: pytest.TempPathFactory) 
     remove_installation(swarm, srv)
 
 
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
-
-
 def boot(server: Server, client: httpx.Client, name: str, machine: str, environment: str = "bash") -> dict[str, Any]:
     rid = new_runtime(client, name, environment=environment, language="bash", machine_type=machine)
     assert client.post(f"/runtimes/{rid}/start").status_code in (200, 202)

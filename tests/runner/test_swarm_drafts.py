@@ -17,7 +17,7 @@ import pytest
 
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
-from tests.fixtures.swarm import Swarm
+from tests.fixtures.swarm import Swarm, set_availability
 from tests.fixtures.swarm_envctl import machine_types, remove_installation, swarm_server
 from tests.fixtures.transfer import cli_json
 from tests.runner.test_docker_executions import new_runtime, run, text
@@ -49,19 +49,8 @@ def server(swarm: Swarm, docker: Any, tmp_path_factory: pytest.TempPathFactory) 
     remove_installation(swarm, srv)
 
 
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
-
-
 def availability(manager: Any, node: str, value: str) -> None:
-    """As an operator would, on the manager (``docker node update --availability``)."""
-    [found] = [n for n in manager.api.nodes() if n["Description"]["Hostname"] == f"swarm-{node}"]
-    spec = dict(found["Spec"])
-    spec["Availability"] = value
-    manager.api.update_node(found["ID"], found["Version"]["Index"], spec)
+    set_availability(manager, f"swarm-{node}", value)
 
 
 def boot(server: Server, client: httpx.Client, rid: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx
 import pytest
 
@@ -53,13 +52,6 @@ def server(swarm: Swarm, docker: Any, s3: S3Endpoint, tmp_path_factory: pytest.T
     for node in ("manager", "worker1", "worker2"):  # the named volumes the runtimes made on the nodes
         for name in swarm.docker(node, "volume", "ls", "-q", "--filter", "name=envctl-vol-", check=False).split():
             swarm.docker(node, "volume", "rm", "-f", name, check=False)
-
-
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
 
 
 def start(server: Server, client: httpx.Client, rid: str) -> dict[str, Any]:
