@@ -44,7 +44,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
-from runner.backends import swarm_files, swarm_mounts, swarm_spec, swarm_tasks
+from runner.backends import netguard, swarm_fence, swarm_files, swarm_mounts, swarm_spec, swarm_tasks
 from runner.backends.base import (
     AGENT_SOCKET,
     LABEL_INSTALLATION,
@@ -85,6 +85,7 @@ class SwarmBackend(RuntimeBackend):
         token_ttl: int = 300,
         pending_timeout: float = 20.0,
         pull_timeout: float = 600.0,
+        network: str = netguard.ISOLATED,
         timeout: int = 30,
     ) -> None:
         self.manager = manager
@@ -95,6 +96,7 @@ class SwarmBackend(RuntimeBackend):
         self.token_ttl = token_ttl
         self.pending_timeout = pending_timeout
         self.pull_timeout = pull_timeout
+        self.network = network  # "isolated": the installation's fenced network (swarm_fence); "bridge": none
         self._timeout = timeout
         self._client: docker.DockerClient | None = None
         self._local: docker.DockerClient | None = None
@@ -141,6 +143,7 @@ class SwarmBackend(RuntimeBackend):
             token_ttl=settings.registry_token_ttl,
             pending_timeout=settings.swarm_pending_timeout,
             pull_timeout=settings.swarm_pull_timeout,
+            network=settings.runner_network,
         )
 
     @property
@@ -170,7 +173,12 @@ class SwarmBackend(RuntimeBackend):
             )
 
     def service_spec(
-        self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]], pinned: list[str] | None = None
+        self,
+        spec: RuntimeSpec,
+        secret: dict[str, Any],
+        configs: list[dict[str, Any]],
+        pinned: list[str] | None = None,
+        network: str | None = None,
     ) -> dict[str, Any]:
         return swarm_spec.service_spec(
             spec,
@@ -180,6 +188,7 @@ class SwarmBackend(RuntimeBackend):
             labels=self.labels,
             log_max_size=self.log_max_size,
             pinned=pinned,
+            network=network,
         )
 
     def pull_token(self, repository: str) -> str:
@@ -196,6 +205,7 @@ class SwarmBackend(RuntimeBackend):
         configs = self.agent_configs(installation)
         pinned = swarm_mounts.pins(self.client, spec)  # named volumes: the node that holds them
         for attempt in (1, 2):
+            network = self.fence(installation, spec, repository)
             secret = self._make_secret(spec)
             state: BackendState = {
                 "service_id": "",
@@ -203,10 +213,11 @@ class SwarmBackend(RuntimeBackend):
                 "secret_id": secret["SecretID"],
             }
             try:
-                body = self.service_spec(spec, secret, configs, swarm_mounts.constraints(pinned))
-                auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
-                state["service_id"] = self._create_service(body, auth.decode())
+                body = self.service_spec(spec, secret, configs, swarm_mounts.constraints(pinned), network)
+                state["service_id"] = self._create_service(body, self._registry_auth(repository))
                 state.update(self._wait_running(spec, state, pinned))
+                if self.network == netguard.ISOLATED:
+                    swarm_fence.check_node(self.client, installation, state["node_id"], state["node"])
                 nodes = swarm_mounts.record(self.client, spec, pinned, state["node_id"], state["node"], self.labels)
                 return {**state, **({"volume_nodes": nodes} if nodes else {})}
             except BaseException as exc:
@@ -215,8 +226,39 @@ class SwarmBackend(RuntimeBackend):
                 if attempt == 1 and isinstance(exc, BackendError) and _transient(exc):
                     log.warning("runtime %s: %s; trying once more with a new service", spec.runtime_id, exc.message)
                     continue
+                if attempt == 1 and isinstance(exc, BackendError) and self._stale_network(exc, installation):
+                    log.warning("runtime %s: %s; a new network generation for it", spec.runtime_id, exc.message)
+                    swarm_fence.renew(self.client, installation, self.labels)
+                    continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stale_network(self, exc: BackendError, installation: str) -> bool:
+        if self.network != netguard.ISOLATED:
+            return False
+        return swarm_fence.stale_network(exc, swarm_fence.networks(self.client, installation))
+
+    def _registry_auth(self, repository: str) -> str:
+        """``X-Registry-Auth`` with a fresh pull token for ``repository``."""
+        token = self.pull_token(repository)
+        return base64.urlsafe_b64encode(json.dumps({"registrytoken": token}).encode()).decode()
+
+    def fence(self, installation: str, spec: RuntimeSpec, repository: str) -> str | None:
+        """The network the runtime joins: with ``isolated`` the installation's own, fenced in on
+        every node (``swarm_fence``, R4); ``bridge`` none (each node's default bridge); any
+        other value a swarm-scoped network of that name."""
+        if self.network == "bridge":
+            return None
+        if self.network != netguard.ISOLATED:
+            return self.network
+        return swarm_fence.ensure(
+            self.client,
+            installation,
+            self.labels,
+            f"{self.registry}/{spec.image}",
+            self._registry_auth(repository),
+            timeout=self.pull_timeout,
+        )
 
     def _wait_running(self, spec: RuntimeSpec, state: BackendState, pinned: dict[str, Any]) -> BackendState:
         """Until the task runs: its node and the agent's address; ``BackendError`` naming the node's
