@@ -204,6 +204,8 @@ class SwarmBackend(RuntimeBackend):
         self._remove_leftover(spec)
         configs = self.agent_configs(installation)
         pinned = swarm_mounts.pins(self.client, spec)  # named volumes: the node that holds them
+        if pinned and (why := swarm_mounts.unavailable(pinned, self._list_nodes())):
+            raise BackendError(f"the runtime cannot boot: {why}", details={"volume_nodes": pinned})
         for attempt in (1, 2):
             network = self.fence(installation, spec, repository)
             secret = self._make_secret(spec)
