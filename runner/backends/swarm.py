@@ -253,12 +253,17 @@ class SwarmBackend(RuntimeBackend):
             return None
         if self.network != netguard.ISOLATED:
             return self.network
+        # the guard runs with NET_ADMIN in the node's namespace: never a user's image, only an
+        # envctl base image (the root of the runtime's lineage, runner/runtimes/boot.py)
+        trusted, sep, digest = spec.trusted_image.partition("@")
+        if not sep or not digest.startswith("sha256:"):
+            raise BackendError("the network guard needs an envctl base image by registry digest (none was given)")
         return swarm_fence.ensure(
             self.client,
             installation,
             self.labels,
-            f"{self.registry}/{spec.image}",
-            self._registry_auth(repository),
+            f"{self.registry}/{spec.trusted_image}",
+            self._registry_auth(trusted),
             timeout=self.pull_timeout,
         )
 

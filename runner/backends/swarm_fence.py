@@ -29,10 +29,13 @@ every node of the swarm through the manager's API alone.
   another on the same bridge. The guard's task turns ``running`` only when its health check
   finds the rules in place, and a runtime's service is created only when every ready, active
   node has such a task; after the boot, the runtime's own node is checked once more.
-- **Its image** is the image of the boot that made the guard (every envctl environment has
-  ``sh``, ``chroot`` and ``test``), pulled with that boot's pull token; a node with no running
-  guard task (a node that joined later, whose pull found the token expired) has the service
-  updated with the current boot's image and a fresh token.
+- **Its image** is an envctl base image, never a user's: the root of the booting runtime's
+  lineage when that is one (made by ``envctl base build``), else the ``bash`` base
+  (``RuntimeSpec.trusted_image``, runner/runtimes/boot.py). The guard runs with ``NET_ADMIN`` in
+  the node's namespace and the node's files mounted: a user's saved or imported image there
+  would own the node. It is pulled with a pull token for that repository; a node with no
+  running guard task (one that joined later, whose pull found the token expired) has the
+  service updated with the current boot's base image and a fresh token.
 - **Removal.** The guard never removes its rules itself: a guard stopped or killed leaves the
   node fenced (a restarted guard finds them in place). ``envctl uninstall`` removes the runtimes'
   services, the guard, then runs ``envctl-unfence-<installation>``, a one-shot global job

@@ -157,3 +157,26 @@ def test_the_guard_runs_on_every_node_and_puts_back_a_rule_removed_by_hand(
     while reject not in node_rules(swarm, "worker2"):
         assert time.monotonic() < deadline, "the guard did not put the rule back"
         time.sleep(0.5)
+
+
+def test_the_guard_runs_an_envctl_base_image_never_the_users_saved_one(server: Server, manager: Any) -> None:
+    """The guard has NET_ADMIN in the node's namespace: made again by the boot of a user's saved
+    environment, it still runs the base image at the root of that environment's lineage."""
+    with server.client() as client:
+        rt = boot(server, client, "to-save", "w2")
+        assert run(client, rt["id"], "echo mine > /root/mine")["status"] == "ok"
+        r = client.post(f"/runtimes/{rt['id']}/save", params={"wait": 30}, json={"environment": "guardchild"})
+        assert r.status_code == 202 and r.json()["status"] == "succeeded", r.text
+        installation = service_of(manager, rt["id"])["Spec"]["Labels"]["envctl.installation"]
+        client.delete(f"/runtimes/{rt['id']}")
+        [guard] = manager.api.services(filters={"name": f"envctl-guard-{installation}"})
+        manager.api.remove_service(guard["ID"])  # as if this installation had none yet
+        rid = new_runtime(client, "child", environment="guardchild", language="bash", machine_type="w1")
+        assert client.post(f"/runtimes/{rid}/start").status_code in (200, 202)
+        child = server.wait_state(client, rid, {"running", "error"}, timeout=300)
+        assert child["state"] == "running", (child.get("state_reason"), child.get("state_message"))
+        own = service_of(manager, rid)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        [guard] = manager.api.services(filters={"name": f"envctl-guard-{installation}"})
+        image = guard["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        assert "/guardchild@" in own and "/bash@sha256:" in image, (own, image)
+        client.delete(f"/runtimes/{rid}")
