@@ -52,6 +52,8 @@ module):
 ``runtimes/pool.py``       pooled runtimes, claimed once (``pool_overview.py``: what the pool holds)
 ``runtimes/attach.py``     containers envctl did not make, attached to and detached from
 ``runtimes/drain.py``      a node drained: its runtimes stopped with a draft first
+``runtimes/checkpoints.py``
+                           periodic drafts of running runtimes after cells (opt-in, Swarm)
 ``apps/``                  notebooks deployed as apps: ``deploy.py`` (bundles, deployments:
                            what the API asks), ``server.py`` (the app server: the team event
                            stream followed, runtimes booted, cells run, restarts),
@@ -98,6 +100,7 @@ from runner.runtimes import envvars, idle, leases
 from runner.runtimes.attach import NOMINAL_ENVIRONMENT as attach_nominal_environment
 from runner.runtimes.attach import Attach, container_of
 from runner.runtimes.boot import Booter
+from runner.runtimes.checkpoints import Checkpoints
 from runner.runtimes.drain import NodeDrain
 from runner.runtimes.housekeeping import Housekeeping
 from runner.runtimes.lifecycle import Lifecycle
@@ -275,6 +278,9 @@ class RunnerService:
             is_saving=snapshots.is_saving,
             acting=lambda: not self.lease.lost.is_set(),
             delete_runtime=lifecycle.delete,
+            checkpoints=self._checkpoints(
+                records, concurrency, backend, is_busy=executions.is_busy, is_saving=snapshots.is_saving
+            ),
         )
         self.drain = NodeDrain(records, concurrency, backend, stop_now=lifecycle.stop_now)
         self.builds = Builds(
@@ -295,6 +301,29 @@ class RunnerService:
             address_of=backend.address,
         )
         self.volumes = Volumes(db, backend, self.identity.installation)
+
+    def _checkpoints(
+        self,
+        records: Records,
+        concurrency: Concurrency,
+        backend: RuntimeBackend,
+        *,
+        is_busy: Callable[[str], bool],
+        is_saving: Callable[[str], bool],
+    ) -> Callable[[], object] | None:
+        """Periodic drafts, when asked for and where a crash keeps nothing (images_from_registry)."""
+        interval = self.settings.runner_checkpoint_interval
+        if interval <= 0 or not backend.images_from_registry:
+            return None
+        drafts = self.drafts
+        return Checkpoints(
+            records,
+            concurrency,
+            interval,
+            make_draft=lambda rid: drafts.make_draft(rid, reason="checkpoint"),
+            is_busy=is_busy,
+            is_saving=is_saving,
+        ).run
 
     # ------------------------------------------------------------------ lifecycle of the runner
     def claim(self) -> None:

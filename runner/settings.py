@@ -269,6 +269,15 @@ class Settings(registry_settings.Settings):
         parse=int,
         help="default idle timeout of a runtime in seconds (default 1200)",
     )
+    # periodic drafts of running runtimes (runner/runtimes/checkpoints.py), on backends whose
+    # crashes keep nothing (Swarm): 0 is off
+    runner_checkpoint_interval: float = setting(
+        0.0,
+        env="ENVCTL_RUNNER_CHECKPOINT_INTERVAL",
+        parse=float,
+        help="seconds between drafts of a running runtime's changes after cells (0: off, the default);"
+        " for Swarm, where a task killed without warning keeps nothing since its last draft",
+    )
     runner_idle_check_interval: float = setting(
         5.0,
         env="ENVCTL_RUNNER_IDLE_CHECK_INTERVAL",

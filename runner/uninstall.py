@@ -11,7 +11,10 @@ An installation (one state store) owns, on the engine:
   labels (``envctl.source-runtime`` of a save, ``envctl.draft-of`` of a draft). Base images
   (``envctl.base-image``) are never touched, nor an image a container of anyone uses; an image
   that also carries a tag this installation did not make loses only this installation's tags;
-- its **volumes** (runtime mounts' data), labelled with its id: removed only when asked.
+- its **volumes** (runtime mounts' data), labelled with its id: removed only when asked;
+- with the swarm backend, on the Swarm manager: its services (runtimes, the network guard),
+  secrets, configs and network, and the guard's rules on every node
+  (runner/backends/swarm_removal.py).
 
 Nothing without the installation's identity is touched. The data directory (database,
 results, secrets key) stays; the report says where it is. A runner of the installation that is
@@ -34,7 +37,7 @@ from envs.kit.db import Database
 from envs.kit.errors import BackendError, ConflictError
 from envs.models import EnvironmentVersion
 from runner.backends import docker_volumes as volumes
-from runner.backends import netguard
+from runner.backends import netguard, swarm_removal
 from runner.backends.base import LABEL_INSTALLATION
 from runner.identity import Liveness
 from runner.models import Installation, RunnerRecord, Runtime
@@ -72,9 +75,11 @@ class Plan:
     kept_images: list[ImageFound] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     kept_volumes: list[str] = field(default_factory=list)
+    swarm: swarm_removal.SwarmHoldings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"swarm": self.swarm.to_dict()} if self.swarm is not None else {}),
             "installation": self.installation,
             "data_dir": self.data_dir,
             "containers": self.containers,
@@ -109,10 +114,16 @@ def recorded_installation(db: Database) -> str | None:
 
 
 def plan(
-    settings: Settings, db: Database, client: docker.DockerClient, installation: str, *, with_volumes: bool
+    settings: Settings,
+    db: Database,
+    client: docker.DockerClient,
+    installation: str,
+    *,
+    with_volumes: bool,
+    swarm: tuple[docker.DockerClient, str] | None = None,
 ) -> Plan:
     """What ``installation`` (the one of ``db``) holds on the engine, as ``carry_out`` would
-    remove it."""
+    remove it; ``swarm``: the Swarm manager's client and address, when runtimes run there."""
     fence = netguard.fence_of(installation)  # checks the id before it goes into any filter
     out = Plan(installation, str(settings.data_dir))
     try:
@@ -135,6 +146,8 @@ def plan(
     out.images.sort(key=lambda i: i.created, reverse=True)  # children before their parents
     names = [v.name for v in volumes.listed(client, installation)]
     (out.volumes if with_volumes else out.kept_volumes).extend(names)
+    if swarm is not None:
+        out.swarm = swarm_removal.listed(swarm[0], swarm[1], installation)
     return out
 
 
@@ -191,10 +204,18 @@ def _judge_image(client: docker.DockerClient, image: ImageFound, ours: set[str])
     return True
 
 
-def carry_out(client: docker.DockerClient, plan: Plan) -> dict[str, Any]:
-    """Remove what ``plan`` names, in order: containers, network and rules, images, volumes.
-    Returns what went and what stayed (with why); a daemon fault stops it with BackendError."""
+def carry_out(
+    client: docker.DockerClient,
+    plan: Plan,
+    swarm_client: docker.DockerClient | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Remove what ``plan`` names, in order: the swarm's objects, containers, network and rules,
+    images, volumes. Returns what went and what stayed (with why); a daemon fault stops it with
+    BackendError. ``labels``: the runner's own, put on the swarm job that removes the rules."""
     done: dict[str, Any] = {"installation": plan.installation, "data_dir": plan.data_dir}
+    if plan.swarm is not None and swarm_client is not None:
+        done["swarm"] = swarm_removal.remove(swarm_client, plan.swarm, plan.installation, labels or {})
     removed: list[dict[str, str]] = []
     for c in plan.containers:
         try:

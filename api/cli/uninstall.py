@@ -105,7 +105,8 @@ def _installation(
                 print(f"the installation in {settings.data_dir} never started: nothing of it is on the engine")
             return EXIT_OK
         removal.refuse_if_serving(settings, db)
-        plan = removal.plan(settings, db, client, installation, with_volumes=with_volumes)
+        swarm = _swarm_manager(settings)
+        plan = removal.plan(settings, db, client, installation, with_volumes=with_volumes, swarm=swarm)
     finally:
         db.dispose()
     if dry_run:
@@ -117,12 +118,22 @@ def _installation(
     if not as_json:
         _show_plan(plan)
     _confirm(f"remove these from the Docker engine (installation {plan.installation})?", yes)
-    done = removal.carry_out(client, plan)
+    done = removal.carry_out(client, plan, swarm[0] if swarm else None, settings.runner_labels)
     if as_json:
         print_json(done)
     else:
         _show_done(done)
     return EXIT_OK
+
+
+def _swarm_manager(settings: Settings) -> tuple[Any, str] | None:
+    """The Swarm manager's client and address when this installation's runtimes run on a swarm."""
+    if settings.runner_backend != "swarm":
+        return None
+    from runner.backends.swarm import SwarmBackend
+
+    backend = SwarmBackend.from_settings(settings)
+    return backend.client, backend.manager
 
 
 def _names(items: list[str], empty: str = "none") -> str:
@@ -138,6 +149,11 @@ def _show_plan(plan: Any) -> None:
     print(f"  images:     {_names([i.tags[0] if i.tags else i.image_id[:19] for i in plan.images])}")
     for image in plan.kept_images:
         print(f"  kept:       {image.what} ({image.image_id[:19]}): {image.reason}")
+    if plan.swarm is not None:
+        sw = plan.swarm
+        print(f"  on the swarm ({sw.manager}):")
+        for kind in ("services", "secrets", "configs", "networks"):
+            print(f"    {kind + ':':10s}{_names([x['name'] for x in getattr(sw, kind)])}")
     if plan.volumes:
         print(f"  volumes:    {_names(plan.volumes)}")
     elif plan.kept_volumes:
@@ -145,6 +161,12 @@ def _show_plan(plan: Any) -> None:
 
 
 def _show_done(done: dict[str, Any]) -> None:
+    if "swarm" in done:
+        sw = done["swarm"]
+        for kind in ("services", "secrets", "configs", "networks"):
+            for name in sw[kind]:
+                print(f"removed swarm {kind[:-1]} {name}")
+        print(f"network guard rules on the nodes: {sw['rules']}")
     for c in done["containers"]:
         print(f"removed container {c['name']}" + (f" (runtime {c['runtime']})" if c["runtime"] else ""))
     if done["network"]:

@@ -120,6 +120,10 @@ class RuntimeSpec:
     credential: bytes = field(default=b"", repr=False, compare=False)
     # the boot's housekeeping phase as the backend sees it (``downloading`` while a node pulls)
     on_phase: Callable[[str | None], None] | None = field(default=None, repr=False, compare=False)
+    # a backend whose nodes pull images (Swarm): ``<repository>@<digest>`` of an envctl base image
+    # (built by envctl, never a user's save or import), for what runs beside runtimes with more
+    # rights than they have (the Swarm network guard, runner/backends/swarm_fence.py)
+    trusted_image: str = ""
 
     @property
     def container_name(self) -> str:

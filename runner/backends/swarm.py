@@ -21,7 +21,9 @@ make a new task after every failed pull, forever):
 - mounts (``swarm_mounts``): git and S3 ones streamed in by envctl, a named volume pinning the
   runtime to its node, ``/results`` fetched over the channel.
 
-What Swarm 20.10 cannot enforce of R1 is in the README ("Docker Swarm").
+The service's spec and the pull token are made in ``swarm_spec``; the agent's files in
+``swarm_files``; task and node readings in ``swarm_tasks``. What Swarm 20.10 cannot enforce of R1
+is in the README ("Docker Swarm").
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,12 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
-from registry.distribution import ISSUER, SERVICE
-from runner.backends import agent_channel, swarm_files, swarm_mounts, swarm_tasks
+from runner.backends import netguard, swarm_fence, swarm_files, swarm_mounts, swarm_spec, swarm_tasks
 from runner.backends.base import (
-    AGENT_MOUNT,
-    AGENT_PORT,
     AGENT_SOCKET,
-    LABEL_ENVIRONMENT,
-    LABEL_GPU_KIND,
     LABEL_INSTALLATION,
-    LABEL_MACHINE,
-    LABEL_MANAGED,
     LABEL_RUNNER,
     LABEL_RUNTIME,
-    SECRETS_MOUNT,
-    STATE_MOUNT,
     BackendState,
     ContainerStatus,
     FoundContainer,
@@ -66,16 +58,11 @@ from runner.backends.base import (
     RuntimeSpec,
     Status,
 )
-from runner.backends.docker import DROPPED_CAPABILITIES
 from runner.identity import RunnerIdentity
 from runner.settings import Settings
 
 log = logging.getLogger("envctl.swarm")
-GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
-# SIGTERM (a drain, a service removed outside envctl) leaves the agent TERM_WAIT s for envctl to
-# take a draft (runner/agent/main.py terminate); Swarm kills the task after the grace period
-TERM_WAIT = 20.0
-STOP_GRACE_NS = int((TERM_WAIT + 5) * 1e9)
+GPU_RESOURCE = swarm_spec.GPU_RESOURCE
 POLL = 0.2
 BOOT_POLL = 0.05  # while a boot waits for its task: each state change seen this much later at most
 
@@ -98,6 +85,7 @@ class SwarmBackend(RuntimeBackend):
         token_ttl: int = 300,
         pending_timeout: float = 20.0,
         pull_timeout: float = 600.0,
+        network: str = netguard.ISOLATED,
         timeout: int = 30,
     ) -> None:
         self.manager = manager
@@ -108,6 +96,7 @@ class SwarmBackend(RuntimeBackend):
         self.token_ttl = token_ttl
         self.pending_timeout = pending_timeout
         self.pull_timeout = pull_timeout
+        self.network = network  # "isolated": the installation's fenced network (swarm_fence); "bridge": none
         self._timeout = timeout
         self._client: docker.DockerClient | None = None
         self._local: docker.DockerClient | None = None
@@ -154,6 +143,7 @@ class SwarmBackend(RuntimeBackend):
             token_ttl=settings.registry_token_ttl,
             pending_timeout=settings.swarm_pending_timeout,
             pull_timeout=settings.swarm_pull_timeout,
+            network=settings.runner_network,
         )
 
     @property
@@ -183,87 +173,26 @@ class SwarmBackend(RuntimeBackend):
             )
 
     def service_spec(
-        self, spec: RuntimeSpec, secret: dict[str, Any], configs: list[dict[str, Any]], pinned: list[str] | None = None
+        self,
+        spec: RuntimeSpec,
+        secret: dict[str, Any],
+        configs: list[dict[str, Any]],
+        pinned: list[str] | None = None,
+        network: str | None = None,
     ) -> dict[str, Any]:
-        """The service's spec (the Engine API's JSON): every limit, label and file in one place;
-        ``pinned``: the constraints of its named volumes' node (``swarm_mounts``)."""
-        m = spec.machine
-        if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
-        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
-            raise InvalidInputError("a runtime service needs its installation and runner labels", field="labels")
-        labels = {
-            **self.labels,
-            **spec.labels,
-            LABEL_MANAGED: "1",
-            LABEL_RUNTIME: spec.runtime_id,
-            LABEL_ENVIRONMENT: spec.environment,
-            LABEL_MACHINE: m.name,
-        }
-        reservations: dict[str, Any] = {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory}
-        if m.gpus:
-            labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
-            reservations["GenericResources"] = [{"DiscreteResourceSpec": {"Kind": GPU_RESOURCE, "Value": m.gpus}}]
-        tmpfs = {"Type": "tmpfs"}
-        container: dict[str, Any] = {
-            "Image": f"{self.registry}/{spec.image}",
-            "Command": [
-                *("python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")),
-                *("--term-wait", f"{TERM_WAIT:g}"),
-            ],
-            "Hostname": spec.name[:63],
-            "Env": [f"{k}={v}" for k, v in spec.env.items()],
-            "Dir": "/root",
-            "Labels": labels,
-            "Init": True,
-            "CapabilityDrop": [f"CAP_{c}" for c in DROPPED_CAPABILITIES],
-            "StopGracePeriod": STOP_GRACE_NS,
-            "StopSignal": "SIGTERM",
-            "Mounts": [
-                {**tmpfs, "Target": STATE_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
-                {**tmpfs, "Target": SECRETS_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
-                *swarm_mounts.task_mounts(spec),  # git/S3 ones streamed in by envctl, /results, named volumes
-            ],
-            "Secrets": [secret],
-            "Configs": configs,
-        }
-        return {
-            "Name": spec.container_name,
-            "Labels": labels,
-            "TaskTemplate": {
-                "ContainerSpec": container,
-                "Resources": {
-                    "Limits": {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory, "Pids": m.pids},
-                    "Reservations": reservations,
-                },
-                "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-                "Placement": {"Constraints": [*m.constraints, *(pinned or [])]},
-                "LogDriver": {"Name": "json-file", "Options": {"max-size": self.log_max_size, "max-file": "1"}},
-            },
-            "Mode": {"Replicated": {"Replicas": 1}},
-            "EndpointSpec": {
-                "Mode": "dnsrr",
-                "Ports": [{"Protocol": "tcp", "TargetPort": AGENT_PORT, "PublishMode": "host"}],
-            },
-        }
+        return swarm_spec.service_spec(
+            spec,
+            secret,
+            configs,
+            registry=self.registry,
+            labels=self.labels,
+            log_max_size=self.log_max_size,
+            pinned=pinned,
+            network=network,
+        )
 
     def pull_token(self, repository: str) -> str:
-        """A pull-only registry token for exactly ``repository``, living ``token_ttl`` seconds."""
-        if self.signing_key is None:
-            raise BackendError("no registry signing key: the swarm backend needs envctl's managed registry")
-        now = int(time.time())
-        return self.signing_key.sign(
-            {
-                "iss": ISSUER,
-                "sub": "envctl-swarm-node",
-                "aud": SERVICE,
-                "iat": now,
-                "nbf": now,
-                "exp": now + self.token_ttl,
-                "jti": uuid.uuid4().hex,
-                "access": [{"type": "repository", "name": repository, "actions": ["pull"]}],
-            }
-        )
+        return swarm_spec.pull_token(self.signing_key, repository, self.token_ttl)
 
     def start(self, spec: RuntimeSpec) -> BackendState:
         if spec.channel != "tcp" or not spec.credential:
@@ -275,7 +204,10 @@ class SwarmBackend(RuntimeBackend):
         self._remove_leftover(spec)
         configs = self.agent_configs(installation)
         pinned = swarm_mounts.pins(self.client, spec)  # named volumes: the node that holds them
+        if pinned and (why := swarm_mounts.unavailable(pinned, self._list_nodes())):
+            raise BackendError(f"the runtime cannot boot: {why}", details={"volume_nodes": pinned})
         for attempt in (1, 2):
+            network = self.fence(installation, spec, repository)
             secret = self._make_secret(spec)
             state: BackendState = {
                 "service_id": "",
@@ -283,10 +215,11 @@ class SwarmBackend(RuntimeBackend):
                 "secret_id": secret["SecretID"],
             }
             try:
-                body = self.service_spec(spec, secret, configs, swarm_mounts.constraints(pinned))
-                auth = base64.urlsafe_b64encode(json.dumps({"registrytoken": self.pull_token(repository)}).encode())
-                state["service_id"] = self._create_service(body, auth.decode())
+                body = self.service_spec(spec, secret, configs, swarm_mounts.constraints(pinned), network)
+                state["service_id"] = self._create_service(body, self._registry_auth(repository))
                 state.update(self._wait_running(spec, state, pinned))
+                if self.network == netguard.ISOLATED:
+                    swarm_fence.check_node(self.client, installation, state["node_id"], state["node"])
                 nodes = swarm_mounts.record(self.client, spec, pinned, state["node_id"], state["node"], self.labels)
                 return {**state, **({"volume_nodes": nodes} if nodes else {})}
             except BaseException as exc:
@@ -295,8 +228,44 @@ class SwarmBackend(RuntimeBackend):
                 if attempt == 1 and isinstance(exc, BackendError) and _transient(exc):
                     log.warning("runtime %s: %s; trying once more with a new service", spec.runtime_id, exc.message)
                     continue
+                if attempt == 1 and isinstance(exc, BackendError) and self._stale_network(exc, installation):
+                    log.warning("runtime %s: %s; a new network generation for it", spec.runtime_id, exc.message)
+                    swarm_fence.renew(self.client, installation, self.labels)
+                    continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stale_network(self, exc: BackendError, installation: str) -> bool:
+        if self.network != netguard.ISOLATED:
+            return False
+        return swarm_fence.stale_network(exc, swarm_fence.networks(self.client, installation))
+
+    def _registry_auth(self, repository: str) -> str:
+        """``X-Registry-Auth`` with a fresh pull token for ``repository``."""
+        token = self.pull_token(repository)
+        return base64.urlsafe_b64encode(json.dumps({"registrytoken": token}).encode()).decode()
+
+    def fence(self, installation: str, spec: RuntimeSpec, repository: str) -> str | None:
+        """The network the runtime joins: with ``isolated`` the installation's own, fenced in on
+        every node (``swarm_fence``, R4); ``bridge`` none (each node's default bridge); any
+        other value a swarm-scoped network of that name."""
+        if self.network == "bridge":
+            return None
+        if self.network != netguard.ISOLATED:
+            return self.network
+        # the guard runs with NET_ADMIN in the node's namespace: never a user's image, only an
+        # envctl base image (the root of the runtime's lineage, runner/runtimes/boot.py)
+        trusted, sep, digest = spec.trusted_image.partition("@")
+        if not sep or not digest.startswith("sha256:"):
+            raise BackendError("the network guard needs an envctl base image by registry digest (none was given)")
+        return swarm_fence.ensure(
+            self.client,
+            installation,
+            self.labels,
+            f"{self.registry}/{spec.trusted_image}",
+            self._registry_auth(trusted),
+            timeout=self.pull_timeout,
+        )
 
     def _wait_running(self, spec: RuntimeSpec, state: BackendState, pinned: dict[str, Any]) -> BackendState:
         """Until the task runs: its node and the agent's address; ``BackendError`` naming the node's
@@ -318,7 +287,11 @@ class SwarmBackend(RuntimeBackend):
                     return {
                         "node": swarm_tasks.node_name(node),
                         "node_id": task.node_id,
-                        "agent": {"channel": "tcp", "host": _node_address(node), "port": _published(task)},
+                        "agent": {
+                            "channel": "tcp",
+                            "host": swarm_spec.node_address(node),
+                            "port": swarm_spec.published(task),
+                        },
                     }
                 if task.state in swarm_tasks.ENDED:
                     where = swarm_tasks.node_name(self._node(task.node_id)) if task.node_id else ""
@@ -376,7 +349,7 @@ class SwarmBackend(RuntimeBackend):
             except Exception as exc:
                 raise daemon_error("remove the runtime's service", exc) from exc
         if sid:
-            self._wait_removed(str(sid), STOP_GRACE_NS / 1e9 + 10)
+            self._wait_removed(str(sid), swarm_spec.STOP_GRACE_NS / 1e9 + 10)
         secret = state.get("secret_id")
         if secret:
             deadline = time.monotonic() + 10
@@ -573,25 +546,5 @@ class SwarmBackend(RuntimeBackend):
             raise daemon_error("inspect the task's node", exc) from exc
 
 
-def _transient(exc: BackendError) -> bool:
-    """A failure of the node's engine while it set the container up, not of the runtime: 20.10
-    sometimes cannot remount a task's secrets directory read-only ("device or resource busy")."""
-    text = str((exc.details or {}).get("swarm_error") or "")
-    return text.startswith("starting container failed") and "device or resource busy" in text
-
-
-def _node_address(node: dict[str, Any] | None) -> str:
-    addr = str(((node or {}).get("Status") or {}).get("Addr") or "")
-    if not addr or addr == "0.0.0.0":  # noqa: S104  (a comparison)
-        raise BackendError(f"node {swarm_tasks.node_name(node)} has no address envctl can dial")
-    return addr
-
-
-def _published(task: swarm_tasks.TaskView) -> int:
-    for port in task.ports:
-        if int(port.get("TargetPort") or 0) == AGENT_PORT and port.get("PublishedPort"):
-            return int(port["PublishedPort"])
-    raise BackendError(f"the runtime's task has no published port for its agent ({task.ports})")
-
-
+_transient = swarm_spec.transient
 _status = swarm_tasks.status_of  # where it lives now (runner/backends/swarm_tasks.py)

@@ -94,6 +94,30 @@ def pinned_note(pinned: dict[str, dict[str, str]]) -> str:
     return f"; its named volumes are on node {', '.join(nodes)} (the runtime is pinned there, and it is not available)"
 
 
+def unavailable(pinned: dict[str, dict[str, str]], nodes: list[dict[str, Any]]) -> str | None:
+    """Why the node the runtime's named volumes pin it to cannot take it now (drained, paused,
+    down or gone), or None. A pinned runtime cannot move: its boot fails at once saying so,
+    rather than waiting in ``pending``; its draft and its volume stay for when the node is back."""
+    by_id = {str(n.get("ID")): n for n in nodes}
+    for p in pinned.values():
+        node = by_id.get(p.get("node_id", ""))
+        name = p.get("node") or p.get("node_id", "")
+        if node is None:
+            return f"its named volumes are on node {name}, which is no longer in the swarm"
+        availability = (node.get("Spec") or {}).get("Availability")
+        state = (node.get("Status") or {}).get("State")
+        if availability != "active":
+            return (
+                f"its named volumes are on node {name}, which is "
+                f"{ {'drain': 'drained', 'pause': 'paused'}.get(str(availability), str(availability)) }; "
+                f"the runtime is pinned there and cannot move: `envctl nodes activate {name}` lets it boot again, "
+                "with its draft and its volume"
+            )
+        if state != "ready":
+            return f"its named volumes are on node {name}, which is {state}; the runtime is pinned there"
+    return None
+
+
 def record(
     client: docker.DockerClient,
     spec: RuntimeSpec,

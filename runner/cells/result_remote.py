@@ -115,20 +115,31 @@ class RemoteResults:
     def __init__(self, agent: Callable[[str], AgentTarget], source: str | None = None) -> None:
         self.agent = agent
         self.source = source  # the directory in the runtime (None: /results)
-        self._channels: dict[str, AgentChannel] = {}
+        self._channels: dict[str, tuple[AgentTarget, AgentChannel]] = {}  # id -> (its agent then, channel)
         self._lock = threading.Lock()
+        self.connections_made = 0  # new agent connections so far (each a TLS handshake on tcp)
 
     def sync(self, runtime_id: str, root: Path) -> int:
-        """Fetch what changed; a kept connection that broke (the runtime rebooted) is replaced
-        once by a new one, a new one that fails is not retried (a node gone costs the cell's
-        end at most CONNECT_TIMEOUT or READ_TIMEOUT, never both twice)."""
+        """Fetch what changed. A kept connection to an agent of an earlier boot is closed
+        unused (its packets may go nowhere: a fenced node's bridge drops them silently, so it
+        would only time out); one that broke is replaced once by a new one; a new one that
+        fails is not retried (a node gone costs the cell's end at most CONNECT_TIMEOUT or
+        READ_TIMEOUT, never both twice)."""
+        target = self.agent(runtime_id)
         with self._lock:
-            channel = self._channels.pop(runtime_id, None)
+            found = self._channels.pop(runtime_id, None)
+        channel: AgentChannel | None = None
+        if found is not None:
+            if found[0] == target:
+                channel = found[1]
+            else:  # booted again since (another address, another boot): the old agent is gone
+                found[1].close()
         while True:
             kept = channel is not None
             try:
                 if channel is None:
-                    channel = AgentChannel(self.agent(runtime_id), timeout=CONNECT_TIMEOUT)
+                    self.connections_made += 1
+                    channel = AgentChannel(target, timeout=CONNECT_TIMEOUT)
                 written = fetch(channel, root, self.source)
             except BaseException as exc:
                 if channel is not None:
@@ -137,25 +148,25 @@ class RemoteResults:
                 if kept and isinstance(exc, AgentUnavailableError):
                     continue
                 raise
-            self._keep(runtime_id, channel)
+            self._keep(runtime_id, target, channel)
             return written
 
-    def _keep(self, runtime_id: str, channel: AgentChannel) -> None:
+    def _keep(self, runtime_id: str, target: AgentTarget, channel: AgentChannel) -> None:
         """Keep the connection for the runtime's next cell; at most KEEP connections (the ones
         of runtimes quiet longest are closed)."""
         closing = []
         with self._lock:
             old = self._channels.pop(runtime_id, None)
             if old is not None:
-                closing.append(old)
-            self._channels[runtime_id] = channel  # last in the dict: most recently used
+                closing.append(old[1])
+            self._channels[runtime_id] = (target, channel)  # last in the dict: most recently used
             while len(self._channels) > KEEP:
-                closing.append(self._channels.pop(next(iter(self._channels))))
+                closing.append(self._channels.pop(next(iter(self._channels)))[1])
         for c in closing:
             c.close()
 
     def forget(self, runtime_id: str) -> None:
         with self._lock:
-            channel = self._channels.pop(runtime_id, None)
-        if channel is not None:
-            channel.close()
+            found = self._channels.pop(runtime_id, None)
+        if found is not None:
+            found[1].close()

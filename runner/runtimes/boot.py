@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from envs.kit.errors import BackendError, EnvctlError
@@ -176,7 +177,11 @@ class Booter:
                 records.fail(runtime_id, "draft-unavailable", exc.message, {State.BOOTING})
                 return
             try:
-                spec = replace(spec, image=draft or self._registry_image(owner_id, version_id, runtime_id))
+                spec = replace(
+                    spec,
+                    image=draft or self._registry_image(owner_id, version_id, runtime_id),
+                    trusted_image=self._registry_image(owner_id, self._base_of(version_id), runtime_id),
+                )
             except EnvctlError as exc:
                 records.fail(runtime_id, exc.code.replace("_", "-"), exc.message, {State.BOOTING})
                 return
@@ -338,6 +343,26 @@ class Booter:
             cellstore.set_queued_mounts(self.records.db, runtime_id, used)
         return replace(spec, mounts=tuple(binds))
 
+    def _base_of(self, version_id: int) -> int:
+        """The envctl base image at the root of the version's lineage: made by ``envctl base
+        build`` (author ``envctl``, labelled ``envctl.base-image``), never a user's save or import.
+        A lineage that does not start at one (an imported environment) gets the ``bash`` base."""
+        with self.records.db.session() as s:
+            v = s.get(EnvironmentVersion, version_id)
+            seen = 0
+            while v is not None and v.parent is not None and seen < 1000:
+                v, seen = v.parent, seen + 1
+            if v is not None and _is_base(v):
+                return v.id
+            authored = s.scalars(select(EnvironmentVersion).where(EnvironmentVersion.author == "envctl"))
+            found = [b for b in authored if _is_base(b)]
+            found.sort(key=lambda b: (b.environment.full_name != "bash", -b.id))
+            if not found:
+                raise BackendError(
+                    "no envctl base image is registered to run the network guard with; run `envctl base build`"
+                )
+            return found[0].id
+
     def _registry_image(self, owner_id: str, version_id: int, runtime_id: str) -> str:
         """``<repository>@<manifest digest>`` of the version in the registry, pushed first when
         it is not there yet (a backend whose nodes pull it, ``images_from_registry``)."""
@@ -425,3 +450,7 @@ class Booter:
         except EnvctlError:
             pass
         self.records.fail(runtime_id, reason, message, {State.BOOTING}, values={"backend_state": backend_state})
+
+
+def _is_base(v: EnvironmentVersion) -> bool:
+    return v.author == "envctl" and bool((v.labels or {}).get("envctl.base-image")) and v.parent_id is None

@@ -1,5 +1,6 @@
 """Housekeeping: one loop that, every ``runner_idle_check_interval`` seconds, reconciles with the
-backend and shuts idle runtimes down (jupyterhub-idle-culler's shape: fetch, decide, act).
+backend, shuts idle runtimes down and takes the checkpoints that are due, when on
+(jupyterhub-idle-culler's shape: fetch, decide, act).
 
 The decision is ``runner/runtimes/idle.py``'s pure ``decide``; this module fetches what it needs and
 acts on it. Idle shutdown is a stop like any other: the unsaved changes become a draft.
@@ -45,6 +46,7 @@ class Housekeeping:
         is_saving: Callable[[str], bool],
         acting: Callable[[], bool],
         delete_runtime: Callable[[str, str], None] | None = None,
+        checkpoints: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.records = records
@@ -55,6 +57,7 @@ class Housekeeping:
         self.is_saving = is_saving
         self.acting = acting  # False once another process took this runner's name over
         self.delete_runtime = delete_runtime  # (acting user id, runtime id): Lifecycle.delete
+        self.checkpoints = checkpoints  # periodic drafts (runner/runtimes/checkpoints.py), when on
         self._thread: threading.Thread | None = None
         self._lease_told: dict[str, object] = {}  # runtime id -> the lease end its log line told of
 
@@ -85,6 +88,8 @@ class Housekeeping:
             log.warning("reconciliation failed: %s", exc.message)
         self.end_leases()
         self.shutdown_idle()
+        if self.checkpoints is not None:
+            self.checkpoints()
 
     # ------------------------------------------------------------------ idle shutdown
     def idle_status(

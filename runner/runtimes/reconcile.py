@@ -314,6 +314,11 @@ class Reconciler:
             return
         if draft is not None:
             message += "; its unsaved changes were kept and come back at the next boot"
+        elif self.drafts.has_draft(rid):  # a checkpoint (runner/runtimes/checkpoints.py) or an earlier stop's
+            message += (
+                "; its unsaved changes could not be kept, but its last draft comes back at the next boot "
+                "(what changed after that draft is gone)"
+            )
         self.backend.stop(action.state, timeout=1)  # the dead container goes before the row says so
         with self.records.tx() as s:
             self.records.transition(

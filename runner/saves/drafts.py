@@ -118,7 +118,9 @@ class Drafts:
             mark = stats.get(c.path)
             merged[c.path] = {"kind": c.kind, "path": c.path, "size": mark[0] if mark and is_file(mark) else None}
         message = f"kept {len(current)} changed paths as a draft for the next boot"
-        if reason != "stop":
+        if reason == "checkpoint":
+            message = f"checkpoint: {message} (a crash from now on loses only what changes after it)"
+        elif reason != "stop":
             message = f"the container exited without being asked ({reason}); {message}"
         with self.records.tx() as s:
             self.records.set_in(
@@ -177,7 +179,9 @@ class Drafts:
                 self.records.set_in(s, runtime_id, draft_image_id=None, draft_changes=[])
             return None
         message = f"kept {files} changed paths as a draft in the registry for the next boot"
-        if reason != "stop":
+        if reason == "checkpoint":
+            message = f"checkpoint: {message} (a crash from now on loses only what changes after it)"
+        elif reason != "stop":
             message = f"the container exited without being asked ({reason}); {message}"
         with self.records.tx() as s:
             self.records.set_in(s, runtime_id, draft_image_id=image_id, draft_changes=changes)
@@ -224,6 +228,10 @@ class Drafts:
                 details={"draft": draft},
             )
         return f"{registry_drafts.repository(runtime_id)}@{digest}"
+
+    def has_draft(self, runtime_id: str) -> bool:
+        """Whether the runtime's row names a draft (its next boot restores it)."""
+        return bool(self._draft_of(runtime_id))
 
     def _draft_of(self, runtime_id: str) -> str | None:
         """The runtime's draft image id, if it has one."""

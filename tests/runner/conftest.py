@@ -23,7 +23,7 @@ from runner.service import RunnerService
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import base_image
-from tests.fixtures.swarm import swarm, swarm_registry  # noqa: F401  (the swarm tests' fixtures)
+from tests.fixtures.swarm import manager, swarm, swarm_registry  # noqa: F401  (the swarm tests' fixtures)
 
 
 @pytest.fixture

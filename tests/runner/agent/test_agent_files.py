@@ -144,11 +144,10 @@ def test_the_kept_connection_is_reused_replaced_once_after_a_reboot_and_a_dead_a
     results.mkdir()
     (results / "a.txt").write_text("a")
     copy = tmp_path / "copy"
-    connections: list[str] = []
+    at = {"rt_1": sock}
 
-    def target(runtime_id: str) -> Path:  # asked once per new connection
-        connections.append(runtime_id)
-        return sock
+    def target(runtime_id: str) -> Path:  # the runtime's agent as the database says now
+        return at[runtime_id]
 
     remote = RemoteResults(target, str(results))
     proc = _start_agent(sock)
@@ -156,20 +155,31 @@ def test_the_kept_connection_is_reused_replaced_once_after_a_reboot_and_a_dead_a
         try:
             assert remote.sync("rt_1", copy) == 1
             assert remote.sync("rt_1", copy) == 0
-            assert connections == ["rt_1"]  # one connection for both cells
+            assert remote.connections_made == 1  # one connection for both cells
             proc.kill()
             proc.wait()
             proc = _start_agent(sock)  # the runtime booted again: the kept connection is dead
             (results / "b.txt").write_text("b")
             assert remote.sync("rt_1", copy) == 1 and (copy / "b.txt").read_text() == "b"
+            assert remote.connections_made == 2
+            # booted again elsewhere (another address): the kept connection goes unused, at once
+            moved = tmp_path / "moved" / "agent.sock"
+            moved.parent.mkdir()
             proc.kill()
             proc.wait()
-            sock.unlink(missing_ok=True)
+            proc = _start_agent(moved)
+            at["rt_1"] = moved
+            (results / "c.txt").write_text("c")
+            assert remote.sync("rt_1", copy) == 1 and (copy / "c.txt").read_text() == "c"
+            assert remote.connections_made == 3
+            proc.kill()
+            proc.wait()
+            moved.unlink(missing_ok=True)
             began = time.monotonic()
             with pytest.raises(AgentUnavailableError):
                 remote.sync("rt_1", copy)
             assert time.monotonic() - began < 5
-            assert connections == ["rt_1", "rt_1", "rt_1"]
+            assert remote.connections_made == 4
         finally:
             remote.forget("rt_1")
     finally:

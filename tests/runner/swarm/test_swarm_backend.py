@@ -50,13 +50,6 @@ def server(swarm: Swarm, docker: Any, tmp_path_factory: pytest.TempPathFactory) 
     remove_installation(swarm, srv)
 
 
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
-
-
 def boot(server: Server, client: httpx.Client, name: str, machine: str, environment: str = "bash") -> dict[str, Any]:
     rid = new_runtime(client, name, environment=environment, language="bash", machine_type=machine)
     assert client.post(f"/runtimes/{rid}/start").status_code in (200, 202)
@@ -348,6 +341,6 @@ def test_a_worker_lost_turns_its_runtimes_to_node_lost_and_leaves_the_others_run
         again = client.post(f"/runtimes/{lost['id']}/start")
         assert again.status_code in (200, 202), again.text
         back = server.wait_state(client, lost["id"], {"running", "error"}, timeout=120)
-        assert back["state"] == "running", back
+        assert back["state"] == "running", (back.get("state_reason"), back.get("state_message"))
         for rid in (lost["id"], kept["id"]):
             client.delete(f"/runtimes/{rid}")

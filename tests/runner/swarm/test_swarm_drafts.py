@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
-from tests.fixtures.swarm import Swarm
+from tests.fixtures.swarm import Swarm, set_availability
 from tests.fixtures.swarm_envctl import machine_types, remove_installation, swarm_server
 from tests.fixtures.transfer import cli_json
 from tests.runner.cells.test_docker_executions import new_runtime, run, text
@@ -47,21 +48,13 @@ def server(swarm: Swarm, docker: Any, tmp_path_factory: pytest.TempPathFactory) 
     srv.start()
     yield srv
     remove_installation(swarm, srv)
-
-
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
+    for node in swarm.nodes:  # the named volume of the pinned runtime, on its node
+        for name in swarm.docker(node, "volume", "ls", "-q", "--filter", "name=envctl-vol-", check=False).split():
+            swarm.docker(node, "volume", "rm", "-f", name, check=False)
 
 
 def availability(manager: Any, node: str, value: str) -> None:
-    """As an operator would, on the manager (``docker node update --availability``)."""
-    [found] = [n for n in manager.api.nodes() if n["Description"]["Hostname"] == f"swarm-{node}"]
-    spec = dict(found["Spec"])
-    spec["Availability"] = value
-    manager.api.update_node(found["ID"], found["Version"]["Index"], spec)
+    set_availability(manager, f"swarm-{node}", value)
 
 
 def boot(server: Server, client: httpx.Client, rid: str) -> dict[str, Any]:
@@ -204,3 +197,65 @@ def test_draining_a_node_stops_its_runtimes_with_a_draft_and_the_next_boot_lands
         ] == "active"
         for r_id in (rid, other):
             client.delete(f"/runtimes/{r_id}")
+
+
+def test_draining_the_node_of_a_volume_pinned_runtime_keeps_its_draft_and_its_boot_says_it_cannot_move(
+    server: Server, manager: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A runtime pinned to worker1 by its named volume cannot move when worker1 is drained: the
+    drain stops it with its draft like any other; its next boot fails at once (not after the
+    pending timeout) saying the volume's node is drained and how to bring it back; once the
+    node is active again it boots there with its draft and its volume's data."""
+    volume = [{"type": "volume", "name": f"pinned-{uuid.uuid4().hex[:6]}", "target": "/home/data"}]
+    with server.client() as client:
+        rid = new_runtime(client, "pinned", environment="bash", language="bash", machine_type="w1", mounts=volume)
+        rt = boot(server, client, rid)
+        assert rt["state"] == "running" and rt["node"] == "swarm-worker1", rt
+        assert run(client, rid, "echo in-volume > /home/data/v; echo in-draft > /root/d")["status"] == "ok"
+        try:
+            done = cli_json(server, capsys, "nodes", "drain", "swarm-worker1")
+            assert done["stopped"] == [rid], done
+            assert any(e.get("event") == "draft-kept" for e in log_of(client, rid))
+            assert client.patch(f"/runtimes/{rid}", json={"machine_type": "small"}).status_code == 200
+            began = time.monotonic()
+            rt = boot(server, client, rid)
+            assert rt["state"] == "error", rt
+            assert time.monotonic() - began < 15  # at once, not after ENVCTL_SWARM_PENDING_TIMEOUT and more
+            message = rt["state_message"]
+            assert "named volumes are on node swarm-worker1, which is drained" in message, message
+            assert "envctl nodes activate swarm-worker1" in message, message
+            assert manager.api.services(filters={"label": f"envctl.runtime-id={rid}"}) == []
+        finally:
+            cli_json(server, capsys, "nodes", "activate", "swarm-worker1")
+        rt = boot(server, client, rid)
+        assert rt["state"] == "running" and rt["node"] == "swarm-worker1", rt
+        assert text(run(client, rid, "cat /home/data/v /root/d")).split() == ["in-volume", "in-draft"]
+        client.delete(f"/runtimes/{rid}")
+
+
+def test_a_save_asked_to_wait_answers_when_it_ended_on_a_worker(server: Server) -> None:
+    """``POST /runtimes/{id}/save?wait=S`` on Swarm: the in-runtime save answers once it ended,
+    with its spans; without ``wait`` it answers at once; past 30 s it is a 422."""
+    with server.client() as client:
+        rid = new_runtime(client, "timed", environment="bash", language="bash", machine_type="w2")
+        assert boot(server, client, rid)["state"] == "running"
+        assert run(client, rid, "head -c 2000000 /dev/urandom > /root/blob")["status"] == "ok"
+        t = time.monotonic()
+        r = client.post(f"/runtimes/{rid}/save", params={"wait": 30}, json={"environment": "timed"})
+        took_ms = (time.monotonic() - t) * 1000
+        assert r.status_code == 202, r.text
+        op = r.json()
+        assert op["status"] == "succeeded" and op["result"]["version"] == "timed@1", op
+        spans = op["result"]["timings_ms"]
+        assert "total" in spans and all(0 <= ms <= spans["total"] for ms in spans.values()), spans
+        assert spans["total"] <= took_ms, (spans, took_ms)
+        saved = [e for e in log_of(client, rid) if e.get("event") == "saved"]
+        assert [e["message"] for e in saved] == ["saved as timed@1"], saved
+        assert run(client, rid, "echo more > /root/more")["status"] == "ok"
+        r = client.post(f"/runtimes/{rid}/save", json={"environment": "timed"})
+        assert r.status_code == 202 and r.json()["status"] in ("running", "succeeded"), r.text
+        later = client.get(f"/operations/{r.json()['id']}", params={"wait": 30}).json()
+        assert later["status"] == "succeeded" and later["result"]["version"] == "timed@2", later
+        bad = client.post(f"/runtimes/{rid}/save", params={"wait": 31}, json={"environment": "timed"})
+        assert bad.status_code == 422 and "wait" in bad.text, bad.text
+        client.delete(f"/runtimes/{rid}")

@@ -17,7 +17,7 @@ import pytest
 from docker.types import ContainerSpec, Placement, RestartPolicy, TaskTemplate
 
 from tests.conftest import TEST_LABEL, TEST_SESSION
-from tests.fixtures.swarm import Swarm, SwarmRegistry
+from tests.fixtures.swarm import Swarm, SwarmRegistry, set_availability
 from tests.fixtures.swarm_envctl import NODE_LABEL
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -26,8 +26,10 @@ GRACE = 8.0
 
 
 @pytest.fixture
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
+def manager(manager: Any) -> Iterator[Any]:
+    """The module's client of the manager (tests/fixtures/swarm.py); after each test the services
+    it made are removed and every node is active again."""
+    client = manager
     made: list[str] = []
     client.made = made  # type: ignore[attr-defined]
     yield client
@@ -36,15 +38,7 @@ def manager(swarm: Swarm) -> Iterator[Any]:
             client.api.remove_service(sid)
     for n in client.api.nodes():
         if n["Spec"].get("Availability") != "active":
-            availability(client, n["Description"]["Hostname"], "active")
-    client.close()
-
-
-def availability(manager: Any, hostname: str, value: str) -> None:
-    [node] = [n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname]
-    spec = dict(node["Spec"])
-    spec["Availability"] = value
-    manager.api.update_node(node["ID"], node["Version"]["Index"], spec)
+            set_availability(client, n["Description"]["Hostname"], "active")
 
 
 def service_on(manager: Any, image: str, constraint: str) -> tuple[str, str]:
@@ -77,12 +71,12 @@ def test_a_paused_node_keeps_its_task_and_a_drained_one_stops_it_through_its_gra
 ) -> None:
     """With restart condition none no replacement task is made, even where another node fits."""
     sid, node = service_on(manager, swarm_registry.image, constraint)
-    availability(manager, node, "pause")
+    set_availability(manager, node, "pause")
     time.sleep(3)
     [task] = manager.api.tasks(filters={"service": sid})
     assert (task["Status"]["State"], task["DesiredState"]) == ("running", "running")
     began = time.monotonic()
-    availability(manager, node, "drain")
+    set_availability(manager, node, "drain")
     seen: list[tuple[float, str, str, str]] = []
     deadline = began + GRACE + 15
     while time.monotonic() < deadline:

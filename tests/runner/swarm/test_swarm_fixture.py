@@ -48,13 +48,6 @@ NODE_DOWN_BOUND = 15.0  # seconds, with the fixture's dispatcher heartbeat of 1 
 RM_BOUND = 15.0  # seconds until service rm leaves no container on the node
 
 
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def engines(swarm: Swarm) -> Iterator[Callable[[str], Any]]:
     """A Docker SDK client of one node's own engine (what only that node knows: its containers)."""

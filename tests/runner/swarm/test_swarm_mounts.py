@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx
 import pytest
 
@@ -53,13 +52,6 @@ def server(swarm: Swarm, docker: Any, s3: S3Endpoint, tmp_path_factory: pytest.T
     for node in ("manager", "worker1", "worker2"):  # the named volumes the runtimes made on the nodes
         for name in swarm.docker(node, "volume", "ls", "-q", "--filter", "name=envctl-vol-", check=False).split():
             swarm.docker(node, "volume", "rm", "-f", name, check=False)
-
-
-@pytest.fixture(scope="module")
-def manager(swarm: Swarm) -> Iterator[Any]:
-    client = docker.DockerClient(base_url=swarm.host("manager"), timeout=30)
-    yield client
-    client.close()
 
 
 def start(server: Server, client: httpx.Client, rid: str) -> dict[str, Any]:
@@ -208,3 +200,44 @@ def test_a_named_volume_pins_its_runtime_to_the_worker_that_holds_it(server: Ser
         assert "named volumes are on node swarm-worker2" in rt["state_message"], rt
         assert manager.api.services(filters={"label": f"envctl.runtime-id={rid}"}) == []
         client.delete(f"/runtimes/{rid}")
+
+
+def test_a_leased_runtime_with_git_and_s3_mounts_goes_with_its_mounts_when_its_client_stops_beating(
+    server: Server, git_server: GitServer, s3: S3Endpoint, manager: Any, swarm: Swarm, tmp_path: Path
+) -> None:
+    """A lease and streamed mounts together on a worker: the mounts arrive and are recorded, the
+    heartbeat keeps the runtime past its lease, and once the client stops renewing, the runtime
+    is deleted and its service and the volumes its mounts were unpacked into leave the worker."""
+    lease = 8
+    git_server.make_repo("leased", {"x.sh": "X=leased\n"})
+    bucket: Any = S3Cache(tmp_path, s3.url).client
+    bucket.create_bucket(Bucket="swarm-leased")
+    bucket.put_object(Bucket="swarm-leased", Key="in/a.txt", Body=b"from-s3")
+    mounts = [
+        {"type": "git", "url": f"{git_server.url}/leased.git", "ref": "main", "target": "/mnt/leased"},
+        {"type": "s3", "bucket": "swarm-leased", "prefix": "in/", "target": "/data/leased"},
+    ]
+    with server.client() as client:
+        rid = new_runtime(
+            client, "leased-mounts", environment="bash", language="bash", machine_type="w1", mounts=mounts, lease=lease
+        )
+        before = set(anonymous_volumes(swarm, "worker1"))
+        rt = start(server, client, rid)
+        assert rt["state"] == "running" and rt["node"] == "swarm-worker1", rt
+        ex = run(client, rid, ". /mnt/leased/x.sh; echo $X; cat /data/leased/a.txt")
+        assert text(ex).split() == ["leased", "from-s3"], ex
+        made = set(anonymous_volumes(swarm, "worker1")) - before  # this runtime's
+        assert len(made) >= 3  # /mnt/leased, /data/leased, /results
+        for _ in range(3):  # past the lease, kept by the heartbeat
+            time.sleep(lease / 2)
+            assert client.post(f"/runtimes/{rid}/lease").status_code == 200
+        assert client.get(f"/runtimes/{rid}").json()["state"] == "running"
+        stopped_beating = time.monotonic()
+        while client.get(f"/runtimes/{rid}").status_code != 404:
+            assert time.monotonic() - stopped_beating < lease + 30, "the runtime outlived its lease"
+            time.sleep(0.3)
+        assert manager.api.services(filters={"label": f"envctl.runtime-id={rid}"}) == []
+        deadline = time.monotonic() + 20
+        while made & set(anonymous_volumes(swarm, "worker1")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert made & set(anonymous_volumes(swarm, "worker1")) == set()
