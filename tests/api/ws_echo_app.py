@@ -2,15 +2,20 @@
 python3 base image has no ``websockets``): the RFC 6455 handshake and frames, enough for the apps
 tests. It echoes text and binary messages; ``headers`` answers the upgrade request's headers as
 JSON; ``close N`` closes with code N; ``last-close`` answers the code the previous client closed
-with. It chooses the first subprotocol offered. A plain GET answers 200."""
+with; ``open`` answers how many WebSockets it holds open. It chooses the first subprotocol
+offered. A plain GET answers 200."""
 
 WS_ECHO_CELL = r"""
 import base64, hashlib, http.server, json, struct, threading
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-LAST = {"close": None}
+LAST = {"close": None, "open": 0}
+LOCK = threading.Lock()
 
 def read_frame(f):
-    b1, b2 = f.read(2)
+    head = f.read(2)
+    if len(head) < 2:
+        return 8, b""  # the connection ended without a close frame
+    b1, b2 = head
     n = b2 & 127
     if n == 126:
         n = struct.unpack("!H", f.read(2))[0]
@@ -49,6 +54,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         seen = dict(self.headers)
         seen["_path"] = self.path
+        with LOCK:
+            LAST["open"] += 1
+        try:
+            self.relay(seen)
+        finally:
+            with LOCK:
+                LAST["open"] -= 1
+        self.close_connection = True
+    def relay(self, seen):
         while True:
             op, data = read_frame(self.rfile)
             if op == 8:
@@ -59,6 +73,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 write_frame(self.wfile, 10, data)
             elif op == 1 and data == b"headers":
                 write_frame(self.wfile, 1, json.dumps(seen).encode())
+            elif op == 1 and data == b"open":
+                write_frame(self.wfile, 1, str(LAST["open"]).encode())
             elif op == 1 and data == b"last-close":
                 write_frame(self.wfile, 1, json.dumps(LAST["close"]).encode())
             elif op == 1 and data.startswith(b"close "):
@@ -67,7 +83,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
             elif op in (1, 2):
                 write_frame(self.wfile, op, data)
-        self.close_connection = True
     def log_message(self, *args):
         pass
 
