@@ -99,7 +99,11 @@ async def _pump(scope: Scope, receive: Receive, send: Send, upstream: ClientConn
     cookies = upstream.response.headers.get_all("Set-Cookie") if upstream.response else []
     if cookies:
         accept["headers"] = [(b"set-cookie", c.encode("latin-1")) for c in cookies]
-    await send(accept)
+    try:
+        await send(accept)
+    except Exception as exc:  # noqa: BLE001 - the visitor left while the app's side was opened
+        log.info("app %s: WebSocket not accepted (%s)", label, type(exc).__name__)
+        return
     ended = {"visitor": False, "told": False}
 
     async def from_visitor() -> None:
@@ -129,8 +133,8 @@ async def _pump(scope: Scope, receive: Receive, send: Send, upstream: ClientConn
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.info("app %s: WebSocket ended (%s)", label, type(exc).__name__)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.info("app %s: WebSocket ended (%s)", label, type(error).__name__)
     finally:
         for task in tasks:
             task.cancel()
