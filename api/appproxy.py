@@ -21,8 +21,9 @@ sign-in cookie (``envctl_app`` is cut out of ``Cookie``; other cookies pass), an
 headers. It is told where it is mounted: ``X-Forwarded-Prefix: /apps/{team}/{name}``, with
 ``X-Forwarded-Host``, ``X-Forwarded-Proto`` and ``X-Forwarded-For``.
 
-WebSockets are not proxied: this server has no WebSocket implementation installed (uvicorn
-needs ``websockets`` or ``wsproto``), so an upgrade never reaches here.
+WebSocket upgrades to the same addresses pass the same door and go to an instance chosen the
+same way; ``api/appsockets.py`` relays them (the app sees the same headers, but ``Host`` names
+its own address: the visitor's is in ``X-Forwarded-Host``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import HTMLResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api import appsockets
 from api.appsession import COOKIE, AppSessions, Visitor, signin_page
 from api.errors import error_response
 from envs.kit.errors import EnvctlError, NotFoundError
@@ -215,23 +217,40 @@ class AppGateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/apps/") or path.startswith("/apps/_signin"):
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or not path.startswith("/apps/") or path.startswith("/apps/_signin"):
             await self.app(scope, receive, send)
             return
         team, _, rest = path[len("/apps/") :].partition("/")
         name, slash, sub = rest.partition("/")
+        admitted: str | Response
         if not team or not name:
-            await PlainTextResponse("no app here: /apps/TEAM/NAME/\n", status_code=404)(scope, receive, send)
-            return
-        if not slash:
+            admitted = PlainTextResponse("no app here: /apps/TEAM/NAME/\n", status_code=404)
+        elif not slash and kind == "http":
             location = f"/apps/{team}/{name}/".encode()
             await send({"type": "http.response.start", "status": 307, "headers": [(b"location", location)]})
             await send({"type": "http.response.body", "body": b""})
             return
-        try:
-            await self._serve(scope, receive, send, unquote(team), unquote(name), sub)
-        except EnvctlError as exc:
-            await error_response(exc)(scope, receive, send)
+        elif not slash:
+            admitted = PlainTextResponse(f"no app here: /apps/{team}/{name}/ is the app\n", status_code=404)
+        else:
+            team, name = unquote(team), unquote(name)
+            try:
+                admitted = await self._admit(scope, team, name)
+            except EnvctlError as exc:
+                admitted = error_response(exc)
+        if isinstance(admitted, Response):
+            if kind == "websocket":
+                await appsockets.deny(scope, receive, send, admitted)
+            else:
+                await admitted(scope, receive, send)
+            return
+        prefix = f"/apps/{team}/{name}"
+        if kind == "websocket":
+            headers = forwarded_headers(scope, dict(scope["headers"]), prefix)
+            await appsockets.relay(scope, receive, send, admitted, headers, f"{team}/{name}")
+        else:
+            await self._forward(scope, receive, send, admitted, prefix)
 
     async def _visitor(self, headers: dict[bytes, bytes]) -> Visitor | None:
         auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -255,24 +274,25 @@ class AppGateway:
         self._found[(team, name)] = (time.monotonic() + LOOKUP_TTL, found)
         return found
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, team: str, name: str, sub: str) -> None:
+    async def _admit(self, scope: Scope, team: str, name: str) -> str | Response:
+        """The address of the instance to answer, or the answer of a refusal."""
         headers = dict(scope["headers"])
         visitor = await self._visitor(headers)
         found = await self._lookup(team, name)
         teams = visitor.teams if visitor is not None else frozenset()
         if found is None or not may_open(found[0], teams):
             if visitor is None:
-                page = signin_page(scope["path"], "Sign in to open this app.")
-                await HTMLResponse(page, status_code=401)(scope, receive, send)
-                return
+                return HTMLResponse(signin_page(scope["path"], "Sign in to open this app."), status_code=401)
             raise NotFoundError(f"no app {team[:64]}/{name[:64]} of yours", details={"team": team, "app": name})
         addresses = sorted(found[1])
         if not addresses:
-            answer = PlainTextResponse(f"app {team}/{name} is not running now\n", 503, headers={"Retry-After": "2"})
-            await answer(scope, receive, send)
-            return
-        address = addresses[next(self._turn) % len(addresses)]
-        head, body = await _request(scope, receive, headers, f"/apps/{team}/{name}")
+            return PlainTextResponse(f"app {team}/{name} is not running now\n", 503, headers={"Retry-After": "2"})
+        return addresses[next(self._turn) % len(addresses)]
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, address: str, prefix: str) -> None:
+        label = prefix[len("/apps/") :]
+        headers = dict(scope["headers"])
+        head, body = await _request(scope, receive, headers, prefix)
         try:
             status, out, chunks = await self.upstream.exchange(address, head, body, scope["method"] != "HEAD")
         except _UpstreamError as exc:
@@ -283,7 +303,7 @@ class AppGateway:
             async for data in chunks:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         except Exception as exc:  # noqa: BLE001 - the app or the visitor broke off: the answer ends here
-            log.info("app %s/%s: answer cut short (%s)", team, name, type(exc).__name__)
+            log.info("app %s: answer cut short (%s)", label, type(exc).__name__)
         finally:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
@@ -307,22 +327,7 @@ async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], 
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
     lines = [f"{scope['method']} ".encode() + target + b" HTTP/1.1"]
-    for key, value in scope["headers"]:
-        if key in HOP_BY_HOP or key.startswith(b"x-forwarded-"):
-            continue
-        if key == b"cookie":
-            value = strip_cookie(value.decode("latin-1")).encode("latin-1")
-            if not value:
-                continue
-        lines.append(key + b": " + value)
-    client = scope.get("client") or ("", 0)
-    lines += [
-        b"host: " + headers.get(b"host", b"app"),
-        b"x-forwarded-prefix: " + prefix.encode(),
-        b"x-forwarded-host: " + headers.get(b"host", b""),
-        b"x-forwarded-proto: " + scope.get("scheme", "http").encode(),
-        b"x-forwarded-for: " + str(client[0]).encode(),
-    ]
+    lines += [key + b": " + value for key, value in forwarded_headers(scope, headers, prefix)]
     body = b""
     if scope["method"] not in ("GET", "HEAD") or b"content-length" in headers or b"transfer-encoding" in headers:
         parts = []
@@ -334,3 +339,31 @@ async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], 
         body = b"".join(parts)
         lines.append(b"content-length: " + str(len(body)).encode())
     return b"\r\n".join(lines) + b"\r\n\r\n", body
+
+
+def forwarded_headers(scope: Scope, headers: dict[bytes, bytes], prefix: str) -> list[tuple[bytes, bytes]]:
+    """The visitor's headers as the app gets them: no hop-by-hop ones, no ``Authorization``, no
+    ``envctl_app`` cookie, and where it is mounted and for whom."""
+    out = []
+    for key, value in scope["headers"]:
+        if key in HOP_BY_HOP or key.startswith(b"x-forwarded-"):
+            continue
+        if key == b"cookie":
+            value = strip_cookie(value.decode("latin-1")).encode("latin-1")
+            if not value:
+                continue
+        out.append((key, value))
+    client = scope.get("client") or ("", 0)
+    out += [
+        (b"host", headers.get(b"host", b"app")),
+        (b"x-forwarded-prefix", prefix.encode()),
+        (b"x-forwarded-host", headers.get(b"host", b"")),
+        (
+            b"x-forwarded-proto",
+            {"ws": b"http", "wss": b"https"}.get(scope.get("scheme", ""), b"http")
+            if scope["type"] == "websocket"
+            else scope.get("scheme", "http").encode(),
+        ),
+        (b"x-forwarded-for", str(client[0]).encode()),
+    ]
+    return out

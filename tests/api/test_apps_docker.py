@@ -7,6 +7,7 @@ its process environment, a file that came in the bundle)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,8 +23,13 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from runner.apps import bundles
+from tests.api.ws_echo_app import WS_ECHO_CELL
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server, prepare_data_dir
 from tests.fixtures.services import base_image
@@ -277,6 +283,93 @@ def test_a_public_app_needs_no_sign_in(env: Env, tmp_path: Path) -> None:
     assert env.cli("alice", "app", "rm", "open", "--team", "acme").returncode == 0
     with env.client("alice") as c:
         assert c.get("/teams/acme/apps/open").status_code == 404
+
+
+def _socket(
+    env: Env, path: str, headers: dict[str, str] | None = None, subprotocols: list[str] | None = None
+) -> ClientConnection:
+    url = env.srv.url.replace("http://", "ws://") + path
+    offered = [Subprotocol(s) for s in subprotocols] if subprotocols else None
+    return ws_connect(url, additional_headers=headers or {}, subprotocols=offered, open_timeout=30, proxy=None)
+
+
+def _wait_open(ws: ClientConnection, count: int) -> None:
+    """Until the echo app holds ``count`` WebSockets open (10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        ws.send("open")
+        now = int(ws.recv(timeout=10))
+        if now == count:
+            return
+        assert time.monotonic() < deadline, f"the app holds {now} WebSockets open, not {count}"
+        time.sleep(0.1)
+
+
+def test_websockets_reach_the_app_for_its_team_without_envctl_credentials(env: Env, tmp_path: Path) -> None:
+    done = env.cli("alice", "app", "deploy", str(write_notebook(tmp_path / "ws", [WS_ECHO_CELL])), "--team", "acme",
+                   "--name", "chat")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + env.srv.output()[-3000:]
+    with env.browser("alice") as alice:
+        cookie = alice.cookies.get("envctl_app")
+    assert cookie
+    # signed in by the cookie (another cookie of the visitor passes): text, binary, subprotocol
+    with _socket(env, "/apps/acme/chat/live?room=1", {"Cookie": f"theme=dark; envctl_app={cookie}"},
+                 subprotocols=["chat.v1", "other"]) as ws:  # fmt: skip
+        assert ws.subprotocol == "chat.v1"
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "hello"
+        blob = bytes(range(256)) * 300
+        ws.send(blob)
+        assert ws.recv(timeout=10) == blob
+        ws.send("headers")
+        seen = {k.lower(): v for k, v in json.loads(ws.recv(timeout=10)).items()}
+        ws.close(4002)  # the app is closed with the visitor's code
+    assert seen["_path"] == "/live?room=1"
+    assert "authorization" not in seen and seen["cookie"] == "theme=dark", seen
+    assert seen["x-forwarded-prefix"] == "/apps/acme/chat" and cookie not in json.dumps(seen)
+    # a bearer token works for scripts and is not passed on; the app's close code reaches the visitor
+    with _socket(env, "/apps/acme/chat/", {"Authorization": f"Bearer {env.tokens['alice']}"}) as ws:
+        ws.send("last-close")
+        assert json.loads(ws.recv(timeout=10)) == 4002
+        ws.send("headers")
+        seen = {k.lower(): v for k, v in json.loads(ws.recv(timeout=10)).items()}
+        assert "authorization" not in seen and env.tokens["alice"] not in json.dumps(seen)
+        ws.send("close 4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    # a visitor who leaves, with a close frame or without one, leaves no connection to the app open
+    bearer = {"Authorization": f"Bearer {env.tokens['alice']}"}
+    with contextlib.ExitStack() as stack:
+        left, cut, stays = (stack.enter_context(_socket(env, "/apps/acme/chat/", bearer)) for _ in range(3))
+        _wait_open(stays, 3)
+        left.close()
+        cut.close_socket()  # the TCP connection ends: no close frame
+        _wait_open(stays, 1)
+    # nobody signed in: 401 before any handshake; bob, outside acme: 404; a name that is no app: 401
+    with env.browser("bob") as bob:
+        bob_cookie = bob.cookies.get("envctl_app")
+    for path, headers, status in [
+        ("/apps/acme/chat/", {}, 401),
+        ("/apps/acme/nothing/", {}, 401),
+        ("/apps/acme/chat/", {"Cookie": f"envctl_app={bob_cookie}"}, 404),
+        ("/apps/acme/chat/", {"Authorization": f"Bearer {env.tokens['bob']}"}, 404),
+    ]:
+        with pytest.raises(InvalidStatus) as refused:
+            _socket(env, path, headers)
+        assert refused.value.response.status_code == status, (path, headers)
+
+    public = env.cli("alice", "app", "deploy", str(write_notebook(tmp_path / "wsp", [WS_ECHO_CELL])), "--team",
+                     "acme", "--name", "chat-open", "--public")  # fmt: skip
+    assert public.returncode == 0, public.stdout + public.stderr
+    with _socket(env, "/apps/acme/chat-open/") as ws:
+        ws.send("anyone")
+        assert ws.recv(timeout=10) == "anyone"
+    for name in ("chat", "chat-open"):
+        assert env.cli("alice", "app", "rm", name, "--team", "acme").returncode == 0
+    with pytest.raises(InvalidStatus) as gone:
+        _socket(env, "/apps/acme/chat-open/")
+    assert gone.value.response.status_code == 401
 
 
 def test_a_failing_cell_fails_the_deployment_with_its_error(env: Env, tmp_path: Path) -> None:
