@@ -66,7 +66,16 @@ from runner.settings import Settings
 
 log = logging.getLogger("envctl.kube")
 AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
-STOP_BOUND = kube_pods.GRACE_SECONDS + 15.0  # seconds a stop waits for its pod to be gone
+# envctl's own deletion of a pod (its draft taken already, or none wanted: a delete, a reset, an
+# orphan) gives the agent STOP_GRACE s, not the pod's terminationGracePeriodSeconds (which is for
+# deletions outside envctl, whose agent waits for a draft): an agent that did not hear
+# ``release`` (unreachable, or envctl restarted in between) is killed then, not 25 s later.
+STOP_GRACE = 3
+# Past this, the kubelet has killed the container (STOP_GRACE) but has not yet confirmed (its
+# status manager retries every 10 s and waits for the pod's volumes and its cgroup): the pod object
+# is removed without it (grace 0, with the pod's uid as precondition); the kubelet cleans up.
+FORCE_AFTER = STOP_GRACE + 7.0
+STOP_BOUND = FORCE_AFTER + 10.0  # seconds a stop waits for its pod to be gone
 SYNC_WAIT = 10.0  # seconds a caller waits for the watch's first listing
 BOOT_POLL = 0.05  # seconds a boot waits for a change of its pod before it looks at its events again
 SWEEP_EVERY = 60.0
@@ -381,22 +390,27 @@ class KubernetesBackend(RuntimeBackend):
         if name and state.get("agent") and self.release_agent is not None:
             self.release_agent(state)  # envctl stops it: the agent's SIGTERM waits for no draft
         if name:
-            self.api.delete_pod(str(name), kube_pods.GRACE_SECONDS, uid)
-            self._wait_gone(state)
+            self.api.delete_pod(str(name), STOP_GRACE, uid)
+            if not self._wait_gone(state, FORCE_AFTER):
+                log.info("pod %s not gone %.0f s after its deletion: removed without the kubelet", name, FORCE_AFTER)
+                self.api.delete_pod(str(name), 0, uid)
+                if not self._wait_gone(state, STOP_BOUND - FORCE_AFTER):
+                    log.warning("pod %s was still there %.0f s after its deletion", name, STOP_BOUND)
         if state.get("secret"):  # owned by the pod (gone with it); at once, not when the collector runs
             self.api.delete_secret(str(state["secret"]))
 
-    def _wait_gone(self, state: BackendState) -> None:
-        deadline = time.monotonic() + STOP_BOUND
+    def _wait_gone(self, state: BackendState, bound: float) -> bool:
+        """Whether the pod of ``state`` is gone within ``bound`` seconds."""
+        deadline = time.monotonic() + bound
         watches = self.watches(str(state.get("installation") or ""))
         generation = -1
         while time.monotonic() < deadline:
             pod = watches.pods.get(str(state["pod"])) if watches.pods.synced else self.api.read_pod(str(state["pod"]))
             gone = pod is None or str(pod["metadata"].get("uid")) != str(state.get("container_id") or "")
             if gone and (watches.pods.synced or self.api.read_pod(str(state["pod"])) is None):
-                return
+                return True
             generation = watches.pods.wait(generation, 0.5)
-        log.warning("pod %s was still there %.0f s after its deletion", state["pod"], STOP_BOUND)
+        return False
 
     def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
         self.prepare(identity.installation)  # at start-up's first reconciliation: the fence, and its warning

@@ -32,7 +32,7 @@ from tests.conftest import TEST_SESSION
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
-from tests.kube.envctl_server import core_api, kube_server, make_namespace, pods_of, remove_installation, wait_no_pod
+from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
 from tests.runner.killed_client import notebook, run_and_kill, wait_deleted
 from tests.runner.test_docker_executions import new_runtime, run, text
 
@@ -52,16 +52,8 @@ CHECKSUMS = (
 
 
 @pytest.fixture(scope="module")
-def namespace(kube: KubeCluster) -> Iterator[str]:
-    """The module's namespace (made here: the fixture's ``kube_namespace`` reads the default
-    service account before the controller made it, a 404 under load)."""
-    core = core_api(kube.kubeconfig)
-    name = make_namespace(core)
-    try:
-        yield name
-    finally:
-        core.delete_namespace(name, grace_period_seconds=0)
-        core.api_client.close()
+def namespace(kube_namespace: str) -> str:
+    return kube_namespace
 
 
 @pytest.fixture(scope="module")
@@ -379,8 +371,14 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert after["state"] == "running", after
         assert "kept=4711" in text(run(client, rt["id"], "echo kept=$KEPT"))
         assert recorded(server, rt["id"])["container_id"] == before["container_id"]
+        assert recorded(server, rt["id"])["pod"] == before["pod"]
         assert len(pods_of(core, namespace, rt["id"])) == 1
-        client.delete(f"/runtimes/{rt['id']}")
+        began = time.monotonic()
+        assert client.delete(f"/runtimes/{rt['id']}").status_code in (200, 202, 204)
+        took = time.monotonic() - began
+        gone = wait_no_pod(core, namespace, rt["id"], STOP_BOUND)
+        print(f"\nadopted runtime deleted in {took:.1f} s, its pod gone {gone:.1f} s later")
+        assert took < STOP_BOUND, f"deleting the adopted runtime took {took:.1f} s"
 
 
 def test_two_installations_in_one_namespace_leave_each_other_alone(
