@@ -204,6 +204,14 @@ class KubeApi:
             missing_ok=True,
         )
 
+    # nodes (cluster-wide)
+    def read_node(self, name: str) -> Obj | None:
+        found = self.call("read the node", self.core.read_node, name, missing_ok=True)
+        return found or None
+
+    def patch_node(self, name: str, patch: Obj) -> Obj:
+        return self.call(f"change node {name}", self.core.patch_node, name, patch)
+
     def version(self) -> str:
         from kubernetes import client  # noqa: PLC0415
 

@@ -381,6 +381,38 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert took < STOP_BOUND, f"deleting the adopted runtime took {took:.1f} s"
 
 
+def test_draining_the_node_stops_its_runtimes_with_a_draft_and_cordons_it(
+    server: Server, core: Any, namespace: str, kube: KubeCluster
+) -> None:
+    """``POST /nodes/{name}/drain`` on Kubernetes: the node cordoned (``spec.unschedulable``)
+    first, this runner's runtime on it stopped with its draft; ``activate`` uncordons it and the
+    next boot lands there and restores the draft. An unknown node is a 404 naming it."""
+    with server.client() as client:
+        rid, work = with_work(server, client, "drained")
+        unknown = client.post("/nodes/kube-nowhere/drain")
+        assert unknown.status_code == 404 and "kube-nowhere" in unknown.json()["error"]["message"], unknown.text
+        try:
+            r = client.post(f"/nodes/{kube.node}/drain")
+            assert r.status_code == 200, r.text
+            assert r.json()["availability"] == "drain" and r.json()["stopped"] == [rid], r.json()
+            assert client.get(f"/runtimes/{rid}").json()["state"] == "stopped"
+            why = [e for e in log_of(client, rid) if e.get("reason") == "node-drain"]
+            assert why and f"{kube.node} is being drained" in why[0]["message"], why
+            assert any(e.get("event") == "draft-kept" for e in log_of(client, rid))
+            assert core.read_node(kube.node).spec.unschedulable is True
+            (node,) = client.get("/nodes").json()
+            assert node["health"]["availability"] == "drain", node
+            wait_no_pod(core, namespace, rid, STOP_BOUND)
+        finally:
+            back = client.post(f"/nodes/{kube.node}/activate")
+        assert back.status_code == 200 and back.json()["availability"] == "active", back.text
+        assert not core.read_node(kube.node).spec.unschedulable
+        (node,) = client.get("/nodes").json()
+        assert node["health"]["availability"] == "active", node
+        boot_again(server, client, rid, work)
+        client.delete(f"/runtimes/{rid}")
+
+
 def test_two_installations_in_one_namespace_leave_each_other_alone(
     server: Server, core: Any, kube: KubeCluster, namespace: str, tmp_path: Path
 ) -> None:
