@@ -33,8 +33,8 @@ from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
-from tests.runner.runtimes.killed_client import notebook, run_and_kill, wait_deleted
 from tests.runner.cells.test_docker_executions import new_runtime, run, text
+from tests.runner.runtimes.killed_client import notebook, run_and_kill, wait_deleted
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
