@@ -240,6 +240,7 @@ class KubernetesBackend(RuntimeBackend):
         owned = {**self.labels, LABEL_INSTALLATION: inst}
         name = f"envctl-agent-{inst.lower().replace('_', '-')[:30]}-{digest}"
         self.api.ensure_config_map(kube_pods.agent_config(name, owned, files))
+        self._remove_old_agents(installation, name)
         fence = f"envctl-fence-{inst.lower().replace('_', '-')[:40]}"
         self.api.ensure_policy(kube_pods.fence_policy(fence, installation, owned))
         log.warning(
@@ -252,6 +253,18 @@ class KubernetesBackend(RuntimeBackend):
         with self._lock:
             self._prepared[installation] = name
         return name
+
+    def _remove_old_agents(self, installation: str, keep: str) -> None:
+        """The installation's agent ConfigMaps of other agent versions (only its own, by label)."""
+        inst = kube_pods.label_value(installation)
+        sel = kube_pods.selector({LABEL_INSTALLATION: inst, LABEL_MANAGED: kube_pods.KIND_AGENT})
+        try:
+            pods = list(self.watches(installation).pods.items(wait=SYNC_WAIT).values())
+            for old in kube_pods.stale_agent_configs(self.api.list_config_maps(sel), keep, pods):
+                log.info("removing ConfigMap %s: the agent of another envctl version", old)
+                self.api.delete_config_map(old)
+        except BackendError as exc:
+            log.info("could not remove the old agent ConfigMaps: %s", exc.message)
 
     def pull_grant(self, repository: str) -> str:
         if self.signing_key is None:

@@ -143,6 +143,21 @@ class KubeApi:
                 "ship the agent's code as a ConfigMap", self.core.create_namespaced_config_map, self.namespace, body
             )
 
+    def list_config_maps(self, selector: str) -> list[Obj]:
+        body = self.call(
+            "list the agent's ConfigMaps", self.core.list_namespaced_config_map, self.namespace, label_selector=selector
+        )
+        return list(body.get("items") or [])
+
+    def delete_config_map(self, name: str) -> None:
+        self.call(
+            "remove an old agent ConfigMap",
+            self.core.delete_namespaced_config_map,
+            name,
+            self.namespace,
+            missing_ok=True,
+        )
+
     def ensure_policy(self, body: Obj) -> None:
         try:
             self.call(

@@ -365,6 +365,14 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert rt["state"] == "running", rt
         run(client, rt["id"], "export KEPT=4711")
         before = recorded(server, rt["id"])
+        (agent,) = [
+            v["configMap"]["name"] for v in raw_pod(core, namespace, rt["id"])["spec"]["volumes"] if "configMap" in v
+        ]
+        labels = core.read_namespaced_config_map(agent, namespace).metadata.labels
+        ours, theirs = f"{agent[:40]}-oldversion", f"envctl-agent-elsewhere-{uuid.uuid4().hex[:6]}"
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": ours, "labels": labels}, "data": {}})
+        foreign = {**labels, "envctl.installation": "inst-someone-else"}
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": theirs, "labels": foreign}, "data": {}})
         server.kill()
         server.start()
         after = server.wait_state(client, rt["id"], {"running", "error"}, timeout=60)
@@ -372,6 +380,12 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert "kept=4711" in text(run(client, rt["id"], "echo kept=$KEPT"))
         assert recorded(server, rt["id"])["container_id"] == before["container_id"]
         assert recorded(server, rt["id"])["pod"] == before["pod"]
+        deadline = time.monotonic() + 30  # removed at the restarted server's first reconciliation
+        while ours in (names := {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}):
+            assert time.monotonic() < deadline, f"{ours} (another agent version's ConfigMap) stayed"
+            time.sleep(0.3)
+        assert agent in names and theirs in names, names  # its own version's, and another installation's: kept
+        core.delete_namespaced_config_map(theirs, namespace)
         assert len(pods_of(core, namespace, rt["id"])) == 1
         began = time.monotonic()
         assert client.delete(f"/runtimes/{rt['id']}").status_code in (200, 202, 204)
