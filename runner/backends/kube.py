@@ -72,9 +72,10 @@ AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
 # deletions outside envctl, whose agent waits for a draft): an agent that did not hear
 # ``release`` (unreachable, or envctl restarted in between) is killed then, not 25 s later.
 STOP_GRACE = 3
-# Past this, the kubelet has killed the container (STOP_GRACE) but has not yet confirmed (its
-# status manager retries every 10 s and waits for the pod's volumes and its cgroup): the pod object
-# is removed without it (grace 0, with the pod's uid as precondition); the kubelet cleans up.
+# Once the kubelet reports the container ended (or past FORCE_AFTER s, a kubelet that says
+# nothing), the pod object is removed without waiting for the kubelet's confirmation (grace 0,
+# the pod's uid as precondition): the API keeps a deleted pod until the kubelet has also
+# reclaimed its volumes and cgroup, which Kubernetes 1.20 re-checks only on its 10 s status sync.
 FORCE_AFTER = STOP_GRACE + 7.0
 STOP_BOUND = FORCE_AFTER + 10.0  # seconds a stop waits for its pod to be gone
 SYNC_WAIT = 10.0  # seconds a caller waits for the watch's first listing
@@ -405,16 +406,18 @@ class KubernetesBackend(RuntimeBackend):
             self.release_agent(state)  # envctl stops it: the agent's SIGTERM waits for no draft
         if name:
             self.api.delete_pod(str(name), STOP_GRACE, uid)
-            if not self._wait_gone(state, FORCE_AFTER):
-                log.info("pod %s not gone %.0f s after its deletion: removed without the kubelet", name, FORCE_AFTER)
+            if not self._wait_gone(state, FORCE_AFTER, until_ended=True):
+                log.info("pod %s: its container not ended %.0f s after its deletion", name, FORCE_AFTER)
+            if uid:  # only the pod this state names; a no-op once it is gone
                 self.api.delete_pod(str(name), 0, uid)
-                if not self._wait_gone(state, STOP_BOUND - FORCE_AFTER):
-                    log.warning("pod %s was still there %.0f s after its deletion", name, STOP_BOUND)
+            if not self._wait_gone(state, STOP_BOUND - FORCE_AFTER):
+                log.warning("pod %s was still there %.0f s after its deletion", name, STOP_BOUND)
         if state.get("secret"):  # owned by the pod (gone with it); at once, not when the collector runs
             self.api.delete_secret(str(state["secret"]))
 
-    def _wait_gone(self, state: BackendState, bound: float) -> bool:
-        """Whether the pod of ``state`` is gone within ``bound`` seconds."""
+    def _wait_gone(self, state: BackendState, bound: float, until_ended: bool = False) -> bool:
+        """Whether the pod of ``state`` is gone (``until_ended``: or its container ended) within
+        ``bound`` seconds."""
         deadline = time.monotonic() + bound
         watches = self.watches(str(state.get("installation") or ""))
         generation = -1
@@ -422,6 +425,8 @@ class KubernetesBackend(RuntimeBackend):
             pod = watches.pods.get(str(state["pod"])) if watches.pods.synced else self.api.read_pod(str(state["pod"]))
             gone = pod is None or str(pod["metadata"].get("uid")) != str(state.get("container_id") or "")
             if gone and (watches.pods.synced or self.api.read_pod(str(state["pod"])) is None):
+                return True
+            if until_ended and not gone and pod is not None and kube_states.ended(pod):
                 return True
             generation = watches.pods.wait(generation, 0.5)
         return False

@@ -39,6 +39,13 @@ def container_status(pod: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def ended(pod: dict[str, Any]) -> bool:
+    """The pod's container has ended (or never will run): nothing of it runs on the node."""
+    if str((pod.get("status") or {}).get("phase")) in ("Succeeded", "Failed"):
+        return True
+    return "terminated" in (container_status(pod).get("state") or {})
+
+
 def node_ready(node: dict[str, Any] | None) -> str | None:
     """Why a node counts as lost (its Ready condition not True), or None while it is ready."""
     if not node:

@@ -248,6 +248,16 @@ def test_availability_cordons_and_uncordons_a_node() -> None:
     assert kube_states.availability({"metadata": {}, "spec": back["spec"]}) == "active"
 
 
+def test_a_pod_has_ended_once_its_container_terminated_or_its_phase_is_final() -> None:
+    def with_state(state: dict[str, Any], phase: str = "Running") -> dict[str, Any]:
+        return {"status": {"phase": phase, "containerStatuses": [{"name": kube_pods.CONTAINER, "state": state}]}}
+
+    assert not kube_states.ended(with_state({"running": {}}))
+    assert kube_states.ended(with_state({"terminated": {"exitCode": 0}}))
+    assert kube_states.ended(with_state({}, phase="Failed"))
+    assert not kube_states.ended({"status": {"phase": "Pending"}})
+
+
 def test_a_pull_grant_opens_only_its_repository_and_only_for_pull(tmp_path: Path) -> None:
     key = signing.load_or_create(tmp_path)
     grant = pull_grants.make_grant(key, "envctl-drafts/rt_x", 60)
