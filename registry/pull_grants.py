@@ -31,8 +31,9 @@ from envs.kit.errors import UnauthorizedError
 from registry.distribution import ISSUER, SERVICE
 from registry.signing import SigningKey
 from registry.tokenserver import MAX_SCOPES, parse_scope
+from registry.users import PULL_GRANT_USER
 
-USER = "envctl-pull-grant"
+USER = PULL_GRANT_USER  # reserved: no envctl user is called so (registry/users.py)
 AUDIENCE = "envctl-pull-grant"
 LEEWAY = 30  # seconds of clock difference tolerated on nbf/exp
 

@@ -14,13 +14,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from envs.kit.clock import utcnow
-from envs.kit.errors import UnauthorizedError
+from envs.kit.errors import InvalidInputError, UnauthorizedError
 from envs.kit.ids import new_id
 from envs.refs import check_name
 from registry.errors import TokenNotFoundError, UserExistsError
 from registry.models import ApiToken, User
 
 TOKEN_PREFIX = "envctl_"  # noqa: S105  (a prefix, not a secret)
+# The user name a cluster node's pull secret logs in to the registry's token endpoint with
+# (registry/pull_grants.py): that endpoint takes a grant, never a password, under it, so no
+# envctl user may be called so.
+PULL_GRANT_USER = "envctl-pull-grant"
+RESERVED_NAMES = frozenset({PULL_GRANT_USER})
 
 
 def _hash(token: str) -> str:
@@ -34,6 +39,12 @@ MAX_TOKEN_LIFE = timedelta(days=366)
 
 def create_user(session: Session, name: str, *, is_admin: bool = False) -> User:
     check_name(name, "name", "user name")
+    if name in RESERVED_NAMES:
+        raise InvalidInputError(
+            f"name: the user name {name!r} is reserved (the registry's token endpoint takes it for the pull "
+            "secrets of Kubernetes nodes); choose another name",
+            field="name",
+        )
     if get_user_by_name(session, name) is not None:
         raise UserExistsError(f"name: a user named {name!r} exists already", details={"name": name})
     user = User(id=new_id("usr"), name=name, is_admin=is_admin, created_at=utcnow())

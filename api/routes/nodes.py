@@ -6,7 +6,8 @@ shown only to those who may see the runtime (the same rule as ``GET /runtimes``)
 see how many there are.
 
 An admin drains a node (``POST /nodes/{name}/drain``): this installation's runtimes on it are
-stopped with their drafts first, then Swarm takes no new task there (``runner/runtimes/drain.py``);
+stopped with their drafts first, then Swarm takes no new task there, or the Kubernetes node stays
+cordoned (``runner/runtimes/drain.py``);
 ``POST /nodes/{name}/activate`` undoes it.
 """
 
@@ -25,7 +26,9 @@ router = APIRouter(tags=["nodes"])
 
 class NodeHealth(BaseModel):
     state: str = Field(description="ready, down, unknown, disconnected (Swarm's node state); ready for one engine")
-    availability: str = Field(description="active, pause or drain (Swarm); active for one engine")
+    availability: str = Field(
+        description="active, pause or drain (Swarm; on Kubernetes pause or drain when cordoned); active for one engine"
+    )
     message: str = ""
 
 

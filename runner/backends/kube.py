@@ -61,12 +61,23 @@ from runner.backends.base import (
 )
 from runner.backends.kube_api import KubeApi
 from runner.backends.kube_watch import Reflector
+from runner.errors import NodeNotFoundError
 from runner.identity import RunnerIdentity
 from runner.settings import Settings
 
 log = logging.getLogger("envctl.kube")
 AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
-STOP_BOUND = kube_pods.GRACE_SECONDS + 15.0  # seconds a stop waits for its pod to be gone
+# envctl's own deletion of a pod (its draft taken already, or none wanted: a delete, a reset, an
+# orphan) gives the agent STOP_GRACE s, not the pod's terminationGracePeriodSeconds (which is for
+# deletions outside envctl, whose agent waits for a draft): an agent that did not hear
+# ``release`` (unreachable, or envctl restarted in between) is killed then, not 25 s later.
+STOP_GRACE = 3
+# Once the kubelet reports the container ended (or past FORCE_AFTER s, a kubelet that says
+# nothing), the pod object is removed without waiting for the kubelet's confirmation (grace 0,
+# the pod's uid as precondition): the API keeps a deleted pod until the kubelet has also
+# reclaimed its volumes and cgroup, which Kubernetes 1.20 re-checks only on its 10 s status sync.
+FORCE_AFTER = STOP_GRACE + 7.0
+STOP_BOUND = FORCE_AFTER + 10.0  # seconds a stop waits for its pod to be gone
 SYNC_WAIT = 10.0  # seconds a caller waits for the watch's first listing
 BOOT_POLL = 0.05  # seconds a boot waits for a change of its pod before it looks at its events again
 SWEEP_EVERY = 60.0
@@ -230,6 +241,7 @@ class KubernetesBackend(RuntimeBackend):
         owned = {**self.labels, LABEL_INSTALLATION: inst}
         name = f"envctl-agent-{inst.lower().replace('_', '-')[:30]}-{digest}"
         self.api.ensure_config_map(kube_pods.agent_config(name, owned, files))
+        self._remove_old_agents(installation, name)
         fence = f"envctl-fence-{inst.lower().replace('_', '-')[:40]}"
         self.api.ensure_policy(kube_pods.fence_policy(fence, installation, owned))
         log.warning(
@@ -242,6 +254,18 @@ class KubernetesBackend(RuntimeBackend):
         with self._lock:
             self._prepared[installation] = name
         return name
+
+    def _remove_old_agents(self, installation: str, keep: str) -> None:
+        """The installation's agent ConfigMaps of other agent versions (only its own, by label)."""
+        inst = kube_pods.label_value(installation)
+        sel = kube_pods.selector({LABEL_INSTALLATION: inst, LABEL_MANAGED: kube_pods.KIND_AGENT})
+        try:
+            pods = list(self.watches(installation).pods.items(wait=SYNC_WAIT).values())
+            for old in kube_pods.stale_agent_configs(self.api.list_config_maps(sel), keep, pods):
+                log.info("removing ConfigMap %s: the agent of another envctl version", old)
+                self.api.delete_config_map(old)
+        except BackendError as exc:
+            log.info("could not remove the old agent ConfigMaps: %s", exc.message)
 
     def pull_grant(self, repository: str) -> str:
         if self.signing_key is None:
@@ -381,22 +405,31 @@ class KubernetesBackend(RuntimeBackend):
         if name and state.get("agent") and self.release_agent is not None:
             self.release_agent(state)  # envctl stops it: the agent's SIGTERM waits for no draft
         if name:
-            self.api.delete_pod(str(name), kube_pods.GRACE_SECONDS, uid)
-            self._wait_gone(state)
+            self.api.delete_pod(str(name), STOP_GRACE, uid)
+            if not self._wait_gone(state, FORCE_AFTER, until_ended=True):
+                log.info("pod %s: its container not ended %.0f s after its deletion", name, FORCE_AFTER)
+            if uid:  # only the pod this state names; a no-op once it is gone
+                self.api.delete_pod(str(name), 0, uid)
+            if not self._wait_gone(state, STOP_BOUND - FORCE_AFTER):
+                log.warning("pod %s was still there %.0f s after its deletion", name, STOP_BOUND)
         if state.get("secret"):  # owned by the pod (gone with it); at once, not when the collector runs
             self.api.delete_secret(str(state["secret"]))
 
-    def _wait_gone(self, state: BackendState) -> None:
-        deadline = time.monotonic() + STOP_BOUND
+    def _wait_gone(self, state: BackendState, bound: float, until_ended: bool = False) -> bool:
+        """Whether the pod of ``state`` is gone (``until_ended``: or its container ended) within
+        ``bound`` seconds."""
+        deadline = time.monotonic() + bound
         watches = self.watches(str(state.get("installation") or ""))
         generation = -1
         while time.monotonic() < deadline:
             pod = watches.pods.get(str(state["pod"])) if watches.pods.synced else self.api.read_pod(str(state["pod"]))
             gone = pod is None or str(pod["metadata"].get("uid")) != str(state.get("container_id") or "")
             if gone and (watches.pods.synced or self.api.read_pod(str(state["pod"])) is None):
-                return
+                return True
+            if until_ended and not gone and pod is not None and kube_states.ended(pod):
+                return True
             generation = watches.pods.wait(generation, 0.5)
-        log.warning("pod %s was still there %.0f s after its deletion", state["pod"], STOP_BOUND)
+        return False
 
     def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
         self.prepare(identity.installation)  # at start-up's first reconciliation: the fence, and its warning
@@ -484,6 +517,24 @@ class KubernetesBackend(RuntimeBackend):
         nodes = watches.nodes.items(wait=SYNC_WAIT)
         pods = watches.pods.items(wait=SYNC_WAIT)
         return kube_states.nodes_view(list(nodes.values()), list(pods.values()))
+
+    def set_node_availability(self, name: str, availability: str) -> dict[str, Any]:
+        """Cordon (``pause``, ``drain``: ``spec.unschedulable``) or uncordon (``active``) the
+        node; the node as it was, in the shape ``runner/runtimes/drain.py`` reads. What a drain
+        then stops is this runner's runtimes only (with their drafts); unlike Swarm's ``drain``
+        nothing else is evicted: other workloads on the node are the cluster's (``kubectl
+        drain``) and other installations' business."""
+        if availability not in kube_states.AVAILABILITIES:
+            raise InvalidInputError(
+                f"availability must be one of {', '.join(kube_states.AVAILABILITIES)}, not {availability!r}",
+                field="availability",
+            )
+        node = self.api.read_node(name)
+        if node is None:
+            raise NodeNotFoundError(f"the cluster has no node {name!r}", details={"node": name})
+        self.api.patch_node(name, kube_states.availability_patch(availability))
+        meta = node.get("metadata") or {}
+        return {**node, "ID": str(meta.get("uid") or name), "Description": {"Hostname": str(meta.get("name") or name)}}
 
     # --- named volumes: PersistentVolumeClaims --------------------------------------------
     def _claims(self, spec: RuntimeSpec) -> dict[str, str]:

@@ -143,6 +143,21 @@ class KubeApi:
                 "ship the agent's code as a ConfigMap", self.core.create_namespaced_config_map, self.namespace, body
             )
 
+    def list_config_maps(self, selector: str) -> list[Obj]:
+        body = self.call(
+            "list the agent's ConfigMaps", self.core.list_namespaced_config_map, self.namespace, label_selector=selector
+        )
+        return list(body.get("items") or [])
+
+    def delete_config_map(self, name: str) -> None:
+        self.call(
+            "remove an old agent ConfigMap",
+            self.core.delete_namespaced_config_map,
+            name,
+            self.namespace,
+            missing_ok=True,
+        )
+
     def ensure_policy(self, body: Obj) -> None:
         try:
             self.call(
@@ -203,6 +218,14 @@ class KubeApi:
             self.namespace,
             missing_ok=True,
         )
+
+    # nodes (cluster-wide)
+    def read_node(self, name: str) -> Obj | None:
+        found = self.call("read the node", self.core.read_node, name, missing_ok=True)
+        return found or None
+
+    def patch_node(self, name: str, patch: Obj) -> Obj:
+        return self.call(f"change node {name}", self.core.patch_node, name, patch)
 
     def version(self) -> str:
         from kubernetes import client  # noqa: PLC0415

@@ -299,6 +299,20 @@ def agent_config(name: str, labels: dict[str, str], files: dict[str, str]) -> di
     }
 
 
+def stale_agent_configs(config_maps: list[dict[str, Any]], keep: str, pods: list[dict[str, Any]]) -> list[str]:
+    """The agent ConfigMaps (``config_maps``: the installation's, by label) to remove: every
+    one but ``keep`` (this envctl's agent version) that none of ``pods`` mounts (a runtime booted
+    by an older envctl and adopted keeps its ConfigMap until a later start)."""
+    used = {
+        str((v.get("configMap") or {}).get("name"))
+        for p in pods
+        for v in (p.get("spec") or {}).get("volumes") or []
+        if v.get("configMap")
+    }
+    names = (str((c.get("metadata") or {}).get("name") or "") for c in config_maps)
+    return sorted(n for n in names if n and n != keep and n not in used)
+
+
 def fence_policy(name: str, installation: str, labels: dict[str, str]) -> dict[str, Any]:
     """The runtime fence as a NetworkPolicy over the installation's runtime pods: in, only the
     agent's port; out, anywhere but loopback, link-local (the metadata address) and private

@@ -39,6 +39,13 @@ def container_status(pod: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def ended(pod: dict[str, Any]) -> bool:
+    """The pod's container has ended (or never will run): nothing of it runs on the node."""
+    if str((pod.get("status") or {}).get("phase")) in ("Succeeded", "Failed"):
+        return True
+    return "terminated" in (container_status(pod).get("state") or {})
+
+
 def node_ready(node: dict[str, Any] | None) -> str | None:
     """Why a node counts as lost (its Ready condition not True), or None while it is ready."""
     if not node:
@@ -193,12 +200,34 @@ def log_line(event: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+AVAILABILITIES = ("active", "pause", "drain")
+ANNOTATION_AVAILABILITY = "envctl.availability"  # pause or drain, on a node envctl cordoned
+
+
+def availability_patch(availability: str) -> dict[str, Any]:
+    """A node's merge patch for an availability: ``pause`` and ``drain`` cordon it (the
+    scheduler places no new pod there), ``active`` uncordons it; which of the two envctl set is
+    kept in an annotation, for ``GET /nodes``."""
+    cordon = availability != "active"
+    return {
+        "metadata": {"annotations": {ANNOTATION_AVAILABILITY: availability if cordon else None}},
+        "spec": {"unschedulable": cordon},
+    }
+
+
+def availability(node: dict[str, Any]) -> str:
+    if not (node.get("spec") or {}).get("unschedulable"):
+        return "active"
+    said = str((meta(node).get("annotations") or {}).get(ANNOTATION_AVAILABILITY) or "")
+    return said if said in ("pause", "drain") else "pause"  # cordoned by someone else: placing nothing
+
+
 def nodes_view(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``GET /nodes`` of a cluster: each node with its labels, capacity (allocatable), what the
     installation's pods on it request, health, and the runtimes (``pods``: this installation's)."""
     out = []
     for n in nodes:
-        m, spec, status = meta(n), n.get("spec") or {}, n.get("status") or {}
+        m, status = meta(n), n.get("status") or {}
         name = str(m.get("name") or "")
         mine = [p for p in pods if (p.get("spec") or {}).get("nodeName") == name]
         live = [p for p in mine if str((p.get("status") or {}).get("phase")) in ("Pending", "Running")]
@@ -217,7 +246,7 @@ def nodes_view(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> list[
                 "reserved": reserved(live),
                 "health": {
                     "state": "ready" if ready is None else "down",
-                    "availability": "pause" if spec.get("unschedulable") else "active",
+                    "availability": availability(n),
                     "message": ready or "",
                 },
                 "engine": str((status.get("nodeInfo") or {}).get("containerRuntimeVersion") or ""),

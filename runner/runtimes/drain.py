@@ -15,6 +15,11 @@ In this order, so that no user's work is lost and nothing new lands on the node 
 If a runtime could not be stopped (its draft failed: the runtime is then in ``error`` with its
 container kept), the node stays paused, nothing is drained, and the answer names it.
 ``activate`` sets the availability back to ``active``.
+
+On Kubernetes (``KubernetesBackend.set_node_availability``) ``pause`` and ``drain`` cordon the
+node (``spec.unschedulable``) and ``active`` uncordons it; the drain stops this runner's
+runtimes there the same way, and evicts nothing else (that is ``kubectl drain``'s, and other
+installations' runtimes their envctl's).
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ def run(runs: int = 200) -> dict[str, float]:
     from registry.distribution import signing_key
     from runner.backends import kube_pods
     from tests.fixtures import kube_cluster
+    from tests.fixtures.kube import make_namespace
     from tests.fixtures.server import Server, prepare_data_dir
-    from tests.kube.envctl_server import kube_server, make_namespace, remove_installation
+    from tests.kube.envctl_server import kube_server, remove_installation
 
     if (why := kube_cluster.missing()) is not None:
         print(f"kube benchmark skipped: {why}")

@@ -60,23 +60,6 @@ def core_api(kubeconfig: Path) -> Any:
     return client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
 
 
-def make_namespace(core: Any, prefix: str = "envctl-test") -> str:
-    """A fresh namespace labelled with the test session, once its default service account has its
-    token (pods made before fail); the account itself comes a moment after the namespace."""
-    name = f"{prefix}-{TEST_SESSION}-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {TEST_LABEL: TEST_SESSION}}})
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if core.read_namespaced_service_account("default", name).secrets:
-                return name
-        except Exception as exc:
-            if getattr(exc, "status", None) != 404:
-                raise
-        assert time.monotonic() < deadline, f"namespace {name}: no token for the default service account in 60 s"
-        time.sleep(0.2)
-
-
 def remove_installation(kubeconfig: Path, namespace: str, srv: Server) -> None:
     """Every pod and secret the server's runner made in the namespace (the namespace itself goes
     with the module)."""

@@ -224,6 +224,40 @@ def test_nodes_view_shows_capacity_health_and_the_installations_runtimes() -> No
     assert n["health"]["state"] == "ready" and n["runtimes"] == ["rt_x"]
 
 
+def test_old_agent_config_maps_go_unless_a_pod_mounts_them() -> None:
+    def cm(name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name}}
+
+    pod = {"spec": {"volumes": [{"name": "agent", "configMap": {"name": "envctl-agent-x-old2"}}]}}
+    found = [cm("envctl-agent-x-new"), cm("envctl-agent-x-old1"), cm("envctl-agent-x-old2")]
+    assert kube_pods.stale_agent_configs(found, "envctl-agent-x-new", [pod]) == ["envctl-agent-x-old1"]
+    assert kube_pods.stale_agent_configs([cm("envctl-agent-x-new")], "envctl-agent-x-new", []) == []
+
+
+def test_availability_cordons_and_uncordons_a_node() -> None:
+    patch = kube_states.availability_patch("drain")
+    assert patch["spec"] == {"unschedulable": True}
+    node = {"metadata": {"annotations": patch["metadata"]["annotations"]}, "spec": patch["spec"]}
+    assert kube_states.availability(node) == "drain"
+    assert kube_states.availability({"metadata": {}, "spec": {"unschedulable": True}}) == "pause"  # kubectl cordon
+    back = kube_states.availability_patch("active")
+    assert back == {
+        "metadata": {"annotations": {kube_states.ANNOTATION_AVAILABILITY: None}},
+        "spec": {"unschedulable": False},
+    }
+    assert kube_states.availability({"metadata": {}, "spec": back["spec"]}) == "active"
+
+
+def test_a_pod_has_ended_once_its_container_terminated_or_its_phase_is_final() -> None:
+    def with_state(state: dict[str, Any], phase: str = "Running") -> dict[str, Any]:
+        return {"status": {"phase": phase, "containerStatuses": [{"name": kube_pods.CONTAINER, "state": state}]}}
+
+    assert not kube_states.ended(with_state({"running": {}}))
+    assert kube_states.ended(with_state({"terminated": {"exitCode": 0}}))
+    assert kube_states.ended(with_state({}, phase="Failed"))
+    assert not kube_states.ended({"status": {"phase": "Pending"}})
+
+
 def test_a_pull_grant_opens_only_its_repository_and_only_for_pull(tmp_path: Path) -> None:
     key = signing.load_or_create(tmp_path)
     grant = pull_grants.make_grant(key, "envctl-drafts/rt_x", 60)

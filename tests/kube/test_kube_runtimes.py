@@ -32,7 +32,7 @@ from tests.conftest import TEST_SESSION
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
-from tests.kube.envctl_server import core_api, kube_server, make_namespace, pods_of, remove_installation, wait_no_pod
+from tests.kube.envctl_server import core_api, kube_server, pods_of, remove_installation, wait_no_pod
 from tests.runner.cells.test_docker_executions import new_runtime, run, text
 from tests.runner.runtimes.killed_client import notebook, run_and_kill, wait_deleted
 
@@ -52,16 +52,8 @@ CHECKSUMS = (
 
 
 @pytest.fixture(scope="module")
-def namespace(kube: KubeCluster) -> Iterator[str]:
-    """The module's namespace (made here: the fixture's ``kube_namespace`` reads the default
-    service account before the controller made it, a 404 under load)."""
-    core = core_api(kube.kubeconfig)
-    name = make_namespace(core)
-    try:
-        yield name
-    finally:
-        core.delete_namespace(name, grace_period_seconds=0)
-        core.api_client.close()
+def namespace(kube_namespace: str) -> str:
+    return kube_namespace
 
 
 @pytest.fixture(scope="module")
@@ -373,14 +365,66 @@ def test_envctl_killed_and_started_again_adopts_its_pod_with_its_state(
         assert rt["state"] == "running", rt
         run(client, rt["id"], "export KEPT=4711")
         before = recorded(server, rt["id"])
+        (agent,) = [
+            v["configMap"]["name"] for v in raw_pod(core, namespace, rt["id"])["spec"]["volumes"] if "configMap" in v
+        ]
+        labels = core.read_namespaced_config_map(agent, namespace).metadata.labels
+        ours, theirs = f"{agent[:40]}-oldversion", f"envctl-agent-elsewhere-{uuid.uuid4().hex[:6]}"
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": ours, "labels": labels}, "data": {}})
+        foreign = {**labels, "envctl.installation": "inst-someone-else"}
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": theirs, "labels": foreign}, "data": {}})
         server.kill()
         server.start()
         after = server.wait_state(client, rt["id"], {"running", "error"}, timeout=60)
         assert after["state"] == "running", after
         assert "kept=4711" in text(run(client, rt["id"], "echo kept=$KEPT"))
         assert recorded(server, rt["id"])["container_id"] == before["container_id"]
+        assert recorded(server, rt["id"])["pod"] == before["pod"]
+        deadline = time.monotonic() + 30  # removed at the restarted server's first reconciliation
+        while ours in (names := {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}):
+            assert time.monotonic() < deadline, f"{ours} (another agent version's ConfigMap) stayed"
+            time.sleep(0.3)
+        assert agent in names and theirs in names, names  # its own version's, and another installation's: kept
+        core.delete_namespaced_config_map(theirs, namespace)
         assert len(pods_of(core, namespace, rt["id"])) == 1
-        client.delete(f"/runtimes/{rt['id']}")
+        began = time.monotonic()
+        assert client.delete(f"/runtimes/{rt['id']}").status_code in (200, 202, 204)
+        took = time.monotonic() - began
+        gone = wait_no_pod(core, namespace, rt["id"], STOP_BOUND)
+        print(f"\nadopted runtime deleted in {took:.1f} s, its pod gone {gone:.1f} s later")
+        assert took < STOP_BOUND, f"deleting the adopted runtime took {took:.1f} s"
+
+
+def test_draining_the_node_stops_its_runtimes_with_a_draft_and_cordons_it(
+    server: Server, core: Any, namespace: str, kube: KubeCluster
+) -> None:
+    """``POST /nodes/{name}/drain`` on Kubernetes: the node cordoned (``spec.unschedulable``)
+    first, this runner's runtime on it stopped with its draft; ``activate`` uncordons it and the
+    next boot lands there and restores the draft. An unknown node is a 404 naming it."""
+    with server.client() as client:
+        rid, work = with_work(server, client, "drained")
+        unknown = client.post("/nodes/kube-nowhere/drain")
+        assert unknown.status_code == 404 and "kube-nowhere" in unknown.json()["error"]["message"], unknown.text
+        try:
+            r = client.post(f"/nodes/{kube.node}/drain")
+            assert r.status_code == 200, r.text
+            assert r.json()["availability"] == "drain" and r.json()["stopped"] == [rid], r.json()
+            assert client.get(f"/runtimes/{rid}").json()["state"] == "stopped"
+            why = [e for e in log_of(client, rid) if e.get("reason") == "node-drain"]
+            assert why and f"{kube.node} is being drained" in why[0]["message"], why
+            assert any(e.get("event") == "draft-kept" for e in log_of(client, rid))
+            assert core.read_node(kube.node).spec.unschedulable is True
+            (node,) = client.get("/nodes").json()
+            assert node["health"]["availability"] == "drain", node
+            wait_no_pod(core, namespace, rid, STOP_BOUND)
+        finally:
+            back = client.post(f"/nodes/{kube.node}/activate")
+        assert back.status_code == 200 and back.json()["availability"] == "active", back.text
+        assert not core.read_node(kube.node).spec.unschedulable
+        (node,) = client.get("/nodes").json()
+        assert node["health"]["availability"] == "active", node
+        boot_again(server, client, rid, work)
+        client.delete(f"/runtimes/{rid}")
 
 
 def test_two_installations_in_one_namespace_leave_each_other_alone(
