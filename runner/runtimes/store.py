@@ -43,7 +43,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ARRAY, ColumnElement, Select, String, and_, any_, bindparam, false, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from envs.kit.db import Database, HotStatement, HotWriter
 from envs.kit.errors import ForbiddenError
@@ -200,8 +200,13 @@ class Records:
 
     # ------------------------------------------------------------------ reads
     @staticmethod
-    def query() -> Select[Runtime]:
-        """Runtimes with their version and environment loaded (what the API shows)."""
+    def query(*, joined: bool = True) -> Select[Runtime]:
+        """Runtimes with their version and environment loaded (what the API shows): joined in
+        the same statement (both are many-to-one); ``joined=False`` loads them in statements of
+        their own, for a query that locks its rows (PostgreSQL refuses FOR UPDATE on the
+        nullable side of an outer join, and would lock the joined rows too)."""
+        if joined:
+            return select(Runtime).options(joinedload(Runtime.version).joinedload(EnvironmentVersion.environment))
         return select(Runtime).options(selectinload(Runtime.version).selectinload(EnvironmentVersion.environment))
 
     def get(
@@ -215,7 +220,7 @@ class Records:
     ) -> Runtime:
         """A runtime ``who`` sees (404 otherwise: one they may not see is as invisible as a
         missing one, R27); ``with_version=False`` when only the runtime's own columns are read."""
-        base: Any = self.query() if with_version else select(Runtime)
+        base: Any = self.query(joined=not for_update) if with_version else select(Runtime)
         q = base.where(Runtime.id == runtime_id, visible_to(who))
         if for_update:
             q = q.with_for_update()
