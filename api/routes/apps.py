@@ -24,6 +24,8 @@ router = APIRouter(tags=["apps"])
 
 TeamPath = Path(max_length=64, pattern=NAME_PATTERN)
 AppPath = Path(max_length=64, pattern=NAME_PATTERN)
+SHA256 = r"^[0-9a-f]{64}$"
+EXAMPLE_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of nothing
 
 
 class BundleOut(BaseModel):
@@ -36,7 +38,7 @@ class BundleOut(BaseModel):
 class UploadIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the encrypted bundle")
+    sha256: str = Field(pattern=SHA256, examples=[EXAMPLE_SHA256], description="sha256 of the encrypted bundle")
     size: int = Field(gt=0)
 
 
@@ -51,9 +53,9 @@ class DeployIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     notebook: str = Field(min_length=1, max_length=255, description="the notebook's path in the bundle")
-    notebook_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    notebook_sha256: str = Field(pattern=SHA256, examples=[EXAMPLE_SHA256])
     bundle_id: str = Field(min_length=1, max_length=40)
-    bundle_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bundle_sha256: str = Field(pattern=SHA256, examples=[EXAMPLE_SHA256])
     environment: str = Field(default="python3", min_length=1, max_length=300)
     machine_type: str = Field(default="small", min_length=1, max_length=64)
     port: int = Field(default=8000, ge=1, le=65535)

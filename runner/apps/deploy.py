@@ -100,10 +100,10 @@ class AppDeployments:
     # ------------------------------------------------------------------ bundles
     def new_bundle(self, viewer: Viewer, team: str, name: str) -> dict[str, Any]:
         """A bundle id and that bundle's key, for the author's client to encrypt with."""
-        check_name(name, "name", "app name")
         with self.store.tx() as s:
             row = self._team(s, viewer, team)
             team_id = row.id
+        check_name(name, "name", "app name")
         bundle_id = new_id("bdl")
         key = self.box.derive(bundles.key_purpose(team_id, bundle_id))
         return {
@@ -121,12 +121,13 @@ class AppDeployments:
         return hmac.new(self._url_key(), text.encode(), hashlib.sha256).hexdigest()
 
     def upload_url(self, viewer: Viewer, team: str, sha256: str, size: int, base_url: str) -> dict[str, Any]:
-        """Where the client PUTs an encrypted bundle of ``sha256`` and ``size``: presigned."""
+        """Where the client PUTs an encrypted bundle of ``sha256`` and ``size``: presigned. The
+        team is asked first: an outsider learns nothing from a check of the body (R27)."""
+        with self.store.tx() as s:
+            self._team(s, viewer, team)
         check_sha256(sha256)
         if not isinstance(size, int) or not 0 < size <= bundles.MAX_BUNDLE:
             raise InvalidInputError(f"size: a bundle is 1 byte to {bundles.MAX_BUNDLE} bytes", field="size")
-        with self.store.tx() as s:
-            self._team(s, viewer, team)
         presign = getattr(self.objects, "presign_put", None)
         if presign is not None:
             url, headers = presign(sha256, UPLOAD_URL_SECONDS)
@@ -186,6 +187,8 @@ class AppDeployments:
         instances: int = 1,
         rollback_of: int | None = None,
     ) -> AppDeployment:
+        with self.store.tx() as s:  # the team first: an outsider learns nothing from the body (R27)
+            self._team(s, viewer, team)
         check_name(name, "name", "app name")
         check_sha256(notebook_sha256)
         check_sha256(bundle_sha256)

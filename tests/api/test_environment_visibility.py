@@ -159,6 +159,9 @@ ELSEWHERE = {  # named on another server, or a registry scope: decided there (te
     ("post", "/environments/import-remote", "body", "ref"),  # the upstream resolves it for its user
     ("post", "/environments/import-remote", "body", "name"),  # written here after the upstream answers
     ("get", "/registry/token", "query", "scope"),  # registry/tokenserver.py: published repositories
+    # a team's app: resolved for its author once the team is known (this walk's path values are
+    # no team's): tests/api/test_apps_api.py, test_an_app_cannot_run_on_another_teams_unpublished_environment
+    ("post", "/teams/{team}/apps/{name}/deployments", "body", "environment"),
 }
 NOT_ENVIRONMENTS = {
     "source", "spec", "from", "token", "cuda", "env", "idle_timeout", "kernel", "language", "machine_type",
@@ -170,6 +173,8 @@ NOT_ENVIRONMENTS = {
     "cell",  # create-and-run: a first cell (code, language)
     "attach", "attached_save",  # a container envctl did not start, by id or name; a flag
     "lease",  # seconds a client's heartbeat keeps the runtime
+    "sha256", "size", "notebook", "notebook_sha256", "bundle_id", "bundle_sha256", "port", "public",
+    "instances", "number",  # an app's bundle, deployment and rollback
 }  # fmt: skip
 SPEC_READS, SPEC_WRITES = {"extends"}, {"name"}  # envs/spec.py FIELDS; message and steps name none
 
