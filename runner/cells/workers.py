@@ -116,6 +116,20 @@ class CellWorkers:
         with self._lock:
             self._retired.add(runtime_id)
 
+    def disconnect(self, runtime_id: str) -> None:
+        """The runtime's container was stopped: the worker's kept connection to its agent is
+        closed, so that the next boot's cells go to the next boot's agent. A container that
+        lingers after its stop (Swarm's SIGTERM wait, a pod's grace period) would otherwise
+        still answer on it, and run them where nothing is kept. A busy worker keeps its
+        connection: its cell ends with the container, and the worker drops it then."""
+        with self._lock:
+            if runtime_id in self._busy:
+                return
+            channel = self._channels.pop(runtime_id, None)
+            self._acks.pop(runtime_id, None)  # the stopped agent's last cell: nothing to acknowledge
+        if channel is not None:
+            channel.close()
+
     def drain(self, runtime_id: str, timeout: float = DRAIN_WAIT) -> bool:
         """Wait until the runtime's worker has written the end of every cell it had (so the
         delete's cascade removes no row the worker still writes to); False after ``timeout``."""

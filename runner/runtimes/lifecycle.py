@@ -165,6 +165,7 @@ class Lifecycle:
                     runtime_id, "backend-error", f"could not stop the container: {exc.message}", {State.STOPPING}
                 )
                 return
+            self.cells.disconnect(runtime_id)  # before ``stopped``: no cell of a next boot reaches this agent
             self._write_back(runtime_id, mounts)
             with self.records.tx() as s:
                 self.records.transition(
