@@ -138,6 +138,26 @@ class Change:
     path: str
 
 
+def runtime_labels(spec: RuntimeSpec, labels: dict[str, str], what: str) -> dict[str, str]:
+    """The labels of a runtime's container or service (``what``, for the error): the runner's
+    own ``labels``, the spec's (the installation and runner that own it, required), and the
+    runtime's id, environment and machine type; a machine type with a non-positive limit or a
+    spec without its owners is refused. Shared by the Docker and Swarm backends."""
+    m = spec.machine
+    if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
+        raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
+    if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
+        raise InvalidInputError(f"a runtime {what} needs its installation and runner labels", field="labels")
+    return {
+        **labels,
+        **spec.labels,
+        LABEL_MANAGED: "1",
+        LABEL_RUNTIME: spec.runtime_id,
+        LABEL_ENVIRONMENT: spec.environment,
+        LABEL_MACHINE: m.name,
+    }
+
+
 def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
     """Whether a path counts as changed after a save taken at ``saved_at_ns`` (the runtime's
     ``change_baseline``; 0: no save since boot, everything counts), the rule the list of

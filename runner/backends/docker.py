@@ -21,17 +21,15 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
-from envs.kit.errors import BackendError, InvalidInputError
+from envs.kit.errors import BackendError
 from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets
 from runner.backends import docker_volumes as volumes
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_SOCKET,
     CUDA_MOUNT,
-    LABEL_ENVIRONMENT,
     LABEL_GPU_KIND,
     LABEL_INSTALLATION,
-    LABEL_MACHINE,
     LABEL_MANAGED,
     LABEL_RUNNER,
     LABEL_RUNTIME,
@@ -51,6 +49,7 @@ from runner.backends.base import (
     SavedLayer,
     Status,
     VolumeFound,
+    runtime_labels,
 )
 from runner.backends.docker_state import status_of
 from runner.backends.helpers import Helpers
@@ -136,18 +135,7 @@ class DockerBackend(RuntimeBackend):
     def container_options(self, spec: RuntimeSpec) -> dict[str, Any]:
         """The keyword arguments of ``containers.create``: every limit and label in one place."""
         m = spec.machine
-        if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-            raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
-        if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
-            raise InvalidInputError("a runtime container needs its installation and runner labels", field="labels")
-        labels = {
-            **self.labels,
-            **spec.labels,  # the installation and runner that own it
-            LABEL_MANAGED: "1",
-            LABEL_RUNTIME: spec.runtime_id,
-            LABEL_ENVIRONMENT: spec.environment,
-            LABEL_MACHINE: m.name,
-        }
+        labels = runtime_labels(spec, self.labels, "container")
         options: dict[str, Any] = {
             "image": spec.image,
             "command": ["python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments(spec.channel)],

@@ -9,23 +9,18 @@ import time
 import uuid
 from typing import Any
 
-from envs.kit.errors import BackendError, InvalidInputError
+from envs.kit.errors import BackendError
 from registry import signing
 from registry.distribution import ISSUER, SERVICE
 from runner.backends import agent_channel, swarm_mounts, swarm_tasks
 from runner.backends.base import (
     AGENT_MOUNT,
     AGENT_PORT,
-    LABEL_ENVIRONMENT,
     LABEL_GPU_KIND,
-    LABEL_INSTALLATION,
-    LABEL_MACHINE,
-    LABEL_MANAGED,
-    LABEL_RUNNER,
-    LABEL_RUNTIME,
     SECRETS_MOUNT,
     STATE_MOUNT,
     RuntimeSpec,
+    runtime_labels,
 )
 from runner.backends.docker import DROPPED_CAPABILITIES
 
@@ -51,18 +46,7 @@ def service_spec(
     ``pinned`` the constraints of its named volumes' node (``swarm_mounts``), ``network`` the
     installation's fenced network (``swarm_fence``), when there is one."""
     m = spec.machine
-    if m.cpus <= 0 or m.memory <= 0 or m.pids <= 0:
-        raise InvalidInputError(f"machine type {m.name!r} has a non-positive limit", field="machine_type")
-    if not spec.labels.get(LABEL_INSTALLATION) or not spec.labels.get(LABEL_RUNNER):
-        raise InvalidInputError("a runtime service needs its installation and runner labels", field="labels")
-    all_labels = {
-        **labels,
-        **spec.labels,
-        LABEL_MANAGED: "1",
-        LABEL_RUNTIME: spec.runtime_id,
-        LABEL_ENVIRONMENT: spec.environment,
-        LABEL_MACHINE: m.name,
-    }
+    all_labels = runtime_labels(spec, labels, "service")
     reservations: dict[str, Any] = {"NanoCPUs": int(m.cpus * 1e9), "MemoryBytes": m.memory}
     if m.gpus:
         all_labels[LABEL_GPU_KIND] = m.gpu_kind or "nvidia"
