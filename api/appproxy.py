@@ -196,6 +196,10 @@ class Upstream:
                 writer.close()
 
 
+def _not_running(team: str, name: str) -> Response:
+    return PlainTextResponse(f"app {team}/{name} is not running now\n", 503, headers={"Retry-After": "2"})
+
+
 class AppGateway:
     """The ASGI middleware: requests under ``/apps/`` (but ``/apps/_signin``) end here."""
 
@@ -206,6 +210,11 @@ class AppGateway:
         self._turn = itertools.count()
         self._found: dict[tuple[str, str], tuple[float, Found]] = {}
         self._sessions: AppSessions | None = None
+        state.app_gateway = self  # the apps' routes tell it of a stop (forget)
+
+    def forget(self, team: str, name: str) -> None:
+        """An app stopped or removed through this process: its remembered instances go now."""
+        self._found.pop((team, name), None)
 
     @property
     def sessions(self) -> AppSessions:
@@ -250,7 +259,7 @@ class AppGateway:
             headers = forwarded_headers(scope, dict(scope["headers"]), prefix)
             await appsockets.relay(scope, receive, send, admitted, headers, f"{team}/{name}")
         else:
-            await self._forward(scope, receive, send, admitted, prefix)
+            await self._forward(scope, receive, send, admitted, (team, name))
 
     async def _visitor(self, headers: dict[bytes, bytes]) -> Visitor | None:
         auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -286,17 +295,24 @@ class AppGateway:
             raise NotFoundError(f"no app {team[:64]}/{name[:64]} of yours", details={"team": team, "app": name})
         addresses = sorted(found[1])
         if not addresses:
-            return PlainTextResponse(f"app {team}/{name} is not running now\n", 503, headers={"Retry-After": "2"})
+            return _not_running(team, name)
         return addresses[next(self._turn) % len(addresses)]
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, address: str, prefix: str) -> None:
-        label = prefix[len("/apps/") :]
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, address: str, app: tuple[str, str]) -> None:
+        label = "/".join(app)
+        prefix = f"/apps/{label}"
         headers = dict(scope["headers"])
         head, body = await _request(scope, receive, headers, prefix)
         try:
             status, out, chunks = await self.upstream.exchange(address, head, body, scope["method"] != "HEAD")
         except _UpstreamError as exc:
-            await PlainTextResponse(f"the app did not answer: {exc}\n", status_code=502)(scope, receive, send)
+            # The instances were remembered for LOOKUP_TTL: an app stopped since (here or by another
+            # API process) is "not running" (503, try later), not a broken app (502).
+            self._found.pop(app, None)
+            found = await self._lookup(*app)
+            answer = _not_running(*app) if found is None or address not in found[1] else None
+            answer = answer or PlainTextResponse(f"the app did not answer: {exc}\n", status_code=502)
+            await answer(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": status, "headers": out})
         try:

@@ -220,18 +220,27 @@ def rollback(
 
 
 @router.post("/teams/{team}/apps/{name}/stop", response_model=AppOut)
-def stop_app(ctx: CtxDep, caller: CallerDep, team: str = TeamPath, name: str = AppPath) -> AppOut:
+def stop_app(request: Request, ctx: CtxDep, caller: CallerDep, team: str = TeamPath, name: str = AppPath) -> AppOut:
     """Nothing of the app serves any more; its runtimes are removed."""
     for rid in ctx.runner.apps.stop(caller.viewer, caller.name, team, name):
         _delete(ctx, caller, rid)
+    _forget(request, team, name)
     return _app(ctx.runner.apps.show(caller.viewer, team, name))
 
 
 @router.delete("/teams/{team}/apps/{name}", status_code=204)
-def remove_app(ctx: CtxDep, caller: CallerDep, team: str = TeamPath, name: str = AppPath) -> Response:
+def remove_app(request: Request, ctx: CtxDep, caller: CallerDep, team: str = TeamPath, name: str = AppPath) -> Response:
     for rid in ctx.runner.apps.remove(caller.viewer, caller.name, team, name):
         _delete(ctx, caller, rid)
+    _forget(request, team, name)
     return Response(status_code=204)
+
+
+def _forget(request: Request, team: str, name: str) -> None:
+    """The gateway of this process stops sending visitors to the app's old instances at once."""
+    gateway = getattr(request.app.state, "app_gateway", None)
+    if gateway is not None:
+        gateway.forget(team, name)
 
 
 def _delete(ctx: CtxDep, caller: CallerDep, runtime_id: str) -> None:
