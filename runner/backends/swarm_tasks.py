@@ -1,7 +1,7 @@
 """What a Swarm task's state means for a runtime, and which resource no node has: pure functions
 of the manager's answers (``GET /tasks``, ``GET /nodes``), tested with plain dicts.
 
-Swarm 20.10's facts these rely on are in ``docs/swarm-notes.md``: a pending task never names the
+Swarm 20.10's facts these rely on are in ``runner/backends/swarm_notes.md``: a pending task never names the
 resource it waits for ("insufficient resources on 3 nodes" for memory, CPU and generic resources
 alike), a failed pull is ``rejected`` "No such image", and a lost node shows on the node (``down``),
 not on its task, which keeps its last state.

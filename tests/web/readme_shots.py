@@ -3,7 +3,7 @@
 Starts ``envctl serve`` on the Docker engine with a throwaway data directory, makes a few
 runtimes (one running with a cell run, one booting, others stopped), and writes
 ``web-runtimes.png``, ``web-runtime.png`` and ``web-settings.png`` (the running runtime's
-settings panel, with changes waiting for its next boot) into DIR (default ``docs/``). Needs the built
+settings panel, with changes waiting for its next boot) into DIR (default ``api/web/screenshots/``). Needs the built
 base images and Debian's chromium, like tests/web.
 """
 
@@ -93,4 +93,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("api/web/screenshots"))

@@ -1,4 +1,4 @@
-"""Facts of Swarm 20.10 the drain and SIGTERM paths rely on (docs/swarm-notes.md, "Draining a
+"""Facts of Swarm 20.10 the drain and SIGTERM paths rely on (runner/backends/swarm_notes.md, "Draining a
 node"), pinned on the fixture's real swarm with the tiny image: a paused node keeps its task
 running; a drained node's task of a service with restart condition ``none`` turns to desired
 state ``shutdown`` while it still runs through its stop grace period (the SIGTERM window); and

@@ -3,7 +3,7 @@ Swarm backend (issue 15) relies on, checked on real engines through the manager'
 Docker SDK the backend uses: placement by node label, what a task that fits nowhere says, what
 an image that cannot be pulled does, what ``service rm`` leaves, which of R1's limits a service
 spec enforces, how a secret is mounted, and how soon a killed worker is reported down.
-docs/swarm-notes.md has the figures and messages these tests pin down.
+runner/backends/swarm_notes.md has the figures and messages these tests pin down.
 """
 
 from __future__ import annotations

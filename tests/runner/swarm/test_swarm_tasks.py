@@ -1,5 +1,5 @@
 """The Swarm backend's reading of the manager's answers (runner/backends/swarm_tasks.py), with
-tasks and nodes shaped as Swarm 20.10 gives them (docs/swarm-notes.md)."""
+tasks and nodes shaped as Swarm 20.10 gives them (runner/backends/swarm_notes.md)."""
 
 from __future__ import annotations
 
