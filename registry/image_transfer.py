@@ -6,6 +6,8 @@ number: ``127.0.0.1:5001/acme/ml:3``. The Docker engine does the transfer; it si
 user's name and a short-lived envctl API token made for the transfer and revoked after it
 (``engine_auth``), so the engine asks envctl's realm for registry tokens like any ``docker
 push`` would, and gets what the user may do (members push and pull their team's repositories).
+envctl's own push of a version a boot needs signs in with a push grant for that one repository
+instead (``grant_auth``, ``registry/pull_grants.py``), made for the push and seen by nobody else.
 
 A push returns the digest of the manifest the registry now holds; the catalog records it
 (``EnvironmentVersion.registry_digest``). A pull asks for exactly that digest, never a tag, so a
@@ -33,7 +35,7 @@ import docker.errors
 from sqlalchemy.orm import Session
 
 from envs.kit.db import Database
-from registry import distribution
+from registry import distribution, pull_grants
 from registry.errors import DigestMismatchError, TransferError
 from registry.models import User
 from registry.settings import Settings
@@ -131,6 +133,23 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------ the engine's sign-in
+
+#: envctl's own push (``grant_auth``) runs on a grant living at least this long: a push that
+#: takes longer fails (the engine asks for a new registry token every ``registry_token_ttl``)
+PUSH_GRANT_LIFE = timedelta(hours=1)
+
+
+def grant_auth(settings: Settings, target: Target) -> dict[str, str] | None:
+    """The ``auth_config`` of envctl's own push to ``target``: a push grant for exactly its
+    repository, signed with the managed registry's key, living ``PUSH_GRANT_LIFE``. None when
+    the registry is not envctl's managed one (its token server is not envctl: a grant means
+    nothing to it)."""
+    if distribution.plan(settings).mode != "managed":
+        return None
+    ttl = max(settings.registry_token_ttl, int(PUSH_GRANT_LIFE.total_seconds()))
+    key = distribution.signing_key(settings)
+    grant = pull_grants.make_grant(key, target.repository, ttl, kind=pull_grants.PUSH)
+    return {"username": pull_grants.PUSH.user, "password": grant, "serveraddress": target.host}
 
 
 @contextlib.contextmanager

@@ -21,11 +21,12 @@ from registry.errors import TokenNotFoundError, UserExistsError
 from registry.models import ApiToken, User
 
 TOKEN_PREFIX = "envctl_"  # noqa: S105  (a prefix, not a secret)
-# The user name a cluster node's pull secret logs in to the registry's token endpoint with
-# (registry/pull_grants.py): that endpoint takes a grant, never a password, under it, so no
-# envctl user may be called so.
+# The user names a cluster node's pull secret and envctl's own push of a version a boot needs
+# log in to the registry's token endpoint with (registry/pull_grants.py): that endpoint takes a
+# grant, never a password, under them, so no envctl user may be called so.
 PULL_GRANT_USER = "envctl-pull-grant"
-RESERVED_NAMES = frozenset({PULL_GRANT_USER})
+PUSH_GRANT_USER = "envctl-push-grant"
+RESERVED_NAMES = frozenset({PULL_GRANT_USER, PUSH_GRANT_USER})
 
 
 def _hash(token: str) -> str:
@@ -41,8 +42,8 @@ def create_user(session: Session, name: str, *, is_admin: bool = False) -> User:
     check_name(name, "name", "user name")
     if name in RESERVED_NAMES:
         raise InvalidInputError(
-            f"name: the user name {name!r} is reserved (the registry's token endpoint takes it for the pull "
-            "secrets of Kubernetes nodes); choose another name",
+            f"name: the user name {name!r} is reserved (the registry's token endpoint takes it for the grants "
+            "envctl signs: Kubernetes nodes' pull secrets, its own pushes); choose another name",
             field="name",
         )
     if get_user_by_name(session, name) is not None:

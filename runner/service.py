@@ -197,7 +197,11 @@ class RunnerService:
             secret_values=secrets.values_of,
         )
         snapshots.in_runtime = InRuntimeSaves(
-            settings, records, backend, paths.agent, ensure_pushed=lambda user, vid: transfers.push(user, vid)[0]
+            settings,
+            records,
+            backend,
+            paths.agent,
+            ensure_pushed=lambda user, vid: transfers.push(user, vid, as_envctl=True)[0],
         )
         drafts.in_runtime = snapshots.in_runtime  # drafts go where saves go (runner/saves/drafts.py)
         backend.release_agent = drafts.release_agent  # Swarm: the agent's SIGTERM waits for a draft unless told

@@ -154,6 +154,10 @@ def _show_plan(plan: Any) -> None:
         print(f"  on the swarm ({sw.manager}):")
         for kind in ("services", "secrets", "configs", "networks"):
             print(f"    {kind + ':':10s}{_names([x['name'] for x in getattr(sw, kind)])}")
+        if sw.volumes:
+            shown = [f"{v['volume']} (on {v['node'] or v['node_id']})" for v in sw.volumes]
+            print(f"    volumes:  {_names(shown)}: kept, even with --volumes (Swarm's manager cannot remove a")
+            print("              node's volume; the report says how to on each node)")
     if plan.volumes:
         print(f"  volumes:    {_names(plan.volumes)}")
     elif plan.kept_volumes:
@@ -167,6 +171,8 @@ def _show_done(done: dict[str, Any]) -> None:
             for name in sw[kind]:
                 print(f"removed swarm {kind[:-1]} {name}")
         print(f"network guard rules on the nodes: {sw['rules']}")
+        for note in sw.get("volumes_kept", []):
+            print(f"kept volume {note}")
     for c in done["containers"]:
         print(f"removed container {c['name']}" + (f" (runtime {c['runtime']})" if c["runtime"] else ""))
     if done["network"]:

@@ -62,9 +62,10 @@ def registry_token(
         raise InvalidInputError(f"service: this token server signs for {distribution.SERVICE!r} only", field="service")
     credentials = _basic(request.headers.get("authorization", ""))
     key = distribution.signing_key(ctx.settings)
-    if credentials is not None and credentials[0] == pull_grants.USER:  # a cluster node's pull secret
-        repository = pull_grants.open_grant(key, credentials[1])
-        return pull_grants.issue(key, scope, repository, ctx.settings.registry_token_ttl)
+    kind = pull_grants.KINDS.get(credentials[0]) if credentials is not None else None
+    if credentials is not None and kind is not None:  # a cluster node's pull secret, envctl's own push
+        repository = pull_grants.open_grant(key, credentials[1], kind=kind)
+        return pull_grants.issue(key, scope, repository, ctx.settings.registry_token_ttl, kind=kind)
     who = None
     published: set[str] = set()
     if credentials is not None:

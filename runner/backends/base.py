@@ -87,6 +87,9 @@ class MountBind:
     source: str
     kind: str = "bind"
     read_only: bool = True
+    # a volume's labels (installation, owner, name), for an engine that makes it where the runtime
+    # lands (Swarm: the node creates it with them at the task's start)
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
-from runner.backends import netguard, swarm_fence, swarm_files, swarm_mounts, swarm_spec, swarm_tasks
+from runner.backends import netguard, swarm_fence, swarm_files, swarm_mounts, swarm_pools, swarm_spec, swarm_tasks
 from runner.backends.base import (
     AGENT_SOCKET,
     LABEL_INSTALLATION,
@@ -232,6 +232,8 @@ class SwarmBackend(RuntimeBackend):
                     log.warning("runtime %s: %s; a new network generation for it", spec.runtime_id, exc.message)
                     swarm_fence.renew(self.client, installation, self.labels)
                     continue
+                if isinstance(exc, BackendError) and (full := swarm_pools.exhausted(self.client, exc, installation)):
+                    raise full from exc  # R44: the node's address pools are all taken
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -13,7 +13,12 @@ the node that holds them.
   as a Swarm config of the installation (``envctl-volpin-<hash>``, labelled with the volume and
   the node: the cluster's own store, shared by every envctl server of the installation); later
   boots get the placement constraint ``node.id==<that node>``. A node that is gone leaves the
-  runtime pending, and its boot fails naming the pin.
+  runtime pending, and its boot fails naming the pin. The node makes the volume with the
+  installation's labels (``VolumeOptions.Labels``: installation, owner, name, and the runner's
+  labels), so it is found by them on its node.
+- **Removal**: Swarm 20.10's manager API cannot list or remove a node's volumes (cluster volumes
+  came with Engine 23), so ``envctl uninstall`` cannot remove them: it names each one with its
+  node (from the pins) and the command that removes it there (``kept``, ``removal_note``).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ LABEL_PIN_NODE = "envctl.volume-node"  # the node's id
 LABEL_PIN_NODE_NAME = "envctl.volume-node-name"
 
 
-def task_mounts(spec: RuntimeSpec) -> list[dict[str, Any]]:
-    """The task's mounts for the runtime's mounts and ``/results``."""
+def task_mounts(spec: RuntimeSpec, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The task's mounts for the runtime's mounts and ``/results``; a named volume the node
+    makes carries the installation's labels (and ``labels``, the runner's own)."""
     out: list[dict[str, Any]] = [{"Type": "volume", "Target": RESULTS}]
     for bind in spec.mounts:
         if bind.kind == "bind":
@@ -48,7 +54,16 @@ def task_mounts(spec: RuntimeSpec) -> list[dict[str, Any]]:
                 )
             out.append({"Type": "volume", "Target": bind.target})  # empty; the agent unpacks into it
         else:
-            out.append({"Type": "volume", "Source": bind.source, "Target": bind.target, "ReadOnly": bind.read_only})
+            made = {**labels, **dict(bind.labels), LABEL_INSTALLATION: spec.labels.get(LABEL_INSTALLATION, "")}
+            out.append(
+                {
+                    "Type": "volume",
+                    "Source": bind.source,
+                    "Target": bind.target,
+                    "ReadOnly": bind.read_only,
+                    "VolumeOptions": {"Labels": made},  # the node makes it with them (not an existing one)
+                }
+            )
     return out
 
 
@@ -58,6 +73,38 @@ def streamed(spec: RuntimeSpec) -> bool:
 
 def _pin_name(volume: str) -> str:
     return "envctl-volpin-" + hashlib.sha256(volume.encode()).hexdigest()[:40]
+
+
+def pinned_volumes(client: docker.DockerClient, installation: str) -> list[dict[str, str]]:
+    """Every named volume of the installation that a boot pinned to a node: ``volume`` (the
+    engine name) and ``node`` (its name), ``node_id``, from the pins (Swarm configs)."""
+    label = [f"{LABEL_INSTALLATION}={installation}", f"{LABEL_MANAGED}=volume-pin"]
+    try:
+        found = client.api.configs(filters={"label": label})
+    except Exception as exc:
+        raise daemon_error("list the installation's named volumes", exc) from exc
+    out = []
+    for c in found:
+        labels = (c.get("Spec") or {}).get("Labels") or {}
+        if labels.get(LABEL_INSTALLATION) != installation:
+            continue
+        out.append(
+            {
+                "volume": labels.get(LABEL_PIN_VOLUME, ""),
+                "node": labels.get(LABEL_PIN_NODE_NAME, ""),
+                "node_id": labels.get(LABEL_PIN_NODE, ""),
+            }
+        )
+    return sorted(out, key=lambda v: (v["node"], v["volume"]))
+
+
+def removal_note(volume: dict[str, str], installation: str) -> str:
+    """How to remove a pinned volume on its node, which envctl cannot do through the manager."""
+    return (
+        f"{volume['volume']} on node {volume['node'] or volume['node_id']}: Swarm's manager cannot remove a node's "
+        f"volume; on that node run `docker volume rm {volume['volume']}` (all of this installation's there: "
+        f"`docker volume ls -q --filter label={LABEL_INSTALLATION}={installation}`)"
+    )
 
 
 def _volumes(spec: RuntimeSpec) -> dict[str, str]:

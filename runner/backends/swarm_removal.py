@@ -3,7 +3,12 @@ backend): every service, secret, config and network labelled ``envctl.installati
 on the manager, and the network guard's firewall rules on every node (``swarm_fence``).
 Nothing without that label is looked at, so another installation's objects on the same swarm
 stay. Order: the runtimes' services (their tasks stopped), the guard, a one-shot global job that
-deletes the installation's rules on every node, then the secrets, configs and the network."""
+deletes the installation's rules on every node, then the secrets, configs and the network.
+
+Named volumes live on the nodes, and Swarm 20.10's manager API cannot remove a node's volume:
+they are listed with their node (``swarm_mounts.pinned_volumes``) and each comes back under
+``volumes_kept`` with the command that removes it on its node (``swarm_mounts.removal_note``),
+whether or not ``--volumes`` was given."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import docker
 import docker.errors
 
 from envs.images.docker import daemon_error
-from runner.backends import swarm_fence, swarm_tasks
+from runner.backends import swarm_fence, swarm_mounts, swarm_tasks
 from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED
 
 WAIT = 60.0  # seconds for the services' tasks, and the unfence job, to end
@@ -31,6 +36,7 @@ class SwarmHoldings:
     secrets: list[dict[str, str]] = field(default_factory=list)
     configs: list[dict[str, str]] = field(default_factory=list)
     networks: list[dict[str, str]] = field(default_factory=list)
+    volumes: list[dict[str, str]] = field(default_factory=list)  # named volumes on nodes: volume, node, node_id
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +45,7 @@ class SwarmHoldings:
             "secrets": self.secrets,
             "configs": self.configs,
             "networks": self.networks,
+            "volumes": self.volumes,
         }
 
 
@@ -82,6 +89,7 @@ def listed(client: docker.DockerClient, manager: str, installation: str) -> Swar
         secrets=_named([s for s in secrets if mine(s)], spec_name),
         configs=_named([c for c in configs if mine(c)], spec_name),
         networks=_named([n for n in networks if mine(n)], lambda n: n.get("Name", "")),
+        volumes=swarm_mounts.pinned_volumes(client, installation),
     )
 
 
@@ -89,7 +97,14 @@ def remove(
     client: docker.DockerClient, held: SwarmHoldings, installation: str, labels: dict[str, str]
 ) -> dict[str, Any]:
     """Remove what ``held`` names (in the order of the module's docstring); what went."""
-    done: dict[str, Any] = {"services": [], "secrets": [], "configs": [], "networks": [], "rules": "none"}
+    done: dict[str, Any] = {
+        "services": [],
+        "secrets": [],
+        "configs": [],
+        "networks": [],
+        "rules": "none",
+        "volumes_kept": [swarm_mounts.removal_note(v, installation) for v in held.volumes],
+    }
     guard = [s for s in held.services if s["role"] == swarm_fence.GUARD_ROLE]
     runtimes = [s for s in held.services if s["role"] not in (swarm_fence.GUARD_ROLE, swarm_fence.UNFENCE_ROLE)]
     guard_image = ""

@@ -69,7 +69,7 @@ def service_spec(
         "Mounts": [
             {**tmpfs, "Target": STATE_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
             {**tmpfs, "Target": SECRETS_MOUNT, "TmpfsOptions": {"SizeBytes": 8 << 20, "Mode": 0o700}},
-            *swarm_mounts.task_mounts(spec),  # git/S3 ones streamed in by envctl, /results, named volumes
+            *swarm_mounts.task_mounts(spec, labels),  # git/S3 ones streamed in by envctl, /results, named volumes
         ],
         "Secrets": [secret],
         "Configs": configs,

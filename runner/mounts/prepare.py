@@ -80,8 +80,11 @@ class MountPreparer:
                 )
             elif isinstance(mount, VolumeMount):
                 name = volume_name(self.installation, owner_id, mount.name)
-                self.backend.ensure_volume(name, volume_labels(self.installation, owner_id, mount.name))
-                binds.append(MountBind(mount.target, name, "volume", read_only=mount.read_only))
+                labels = volume_labels(self.installation, owner_id, mount.name)
+                self.backend.ensure_volume(name, labels)
+                binds.append(
+                    MountBind(mount.target, name, "volume", read_only=mount.read_only, labels=tuple(labels.items()))
+                )
                 used.append({"type": "volume", "target": mount.target, "name": mount.name})
             else:
                 assert isinstance(mount, S3Mount)

@@ -364,8 +364,8 @@ class Booter:
             return found[0].id
 
     def _registry_image(self, owner_id: str, version_id: int, runtime_id: str) -> str:
-        """``<repository>@<manifest digest>`` of the version in the registry, pushed first when
-        it is not there yet (a backend whose nodes pull it, ``images_from_registry``)."""
+        """``<repository>@<manifest digest>`` of the version in the registry, pushed first by
+        envctl when it is not there yet (a backend whose nodes pull it, ``images_from_registry``)."""
         with self.records.db.session() as s:
             v = s.get(EnvironmentVersion, version_id)
             if v is None:
@@ -374,7 +374,9 @@ class Booter:
         if not digest:
             if self.transfers is None:
                 raise BackendError(f"the {self.backend.name} backend needs a registry to pull versions from")
-            digest = self.transfers.push(owner_id, version_id, runtime_id=runtime_id)[0]
+            # envctl's own push (a push grant for that repository): the owner may run the version
+            # (its create checked that they see it) without any push right on its repository
+            digest = self.transfers.push(owner_id, version_id, runtime_id=runtime_id, as_envctl=True)[0]
         return f"{repository}@{digest}"
 
     def _phase_of(self, runtime_id: str) -> Callable[[str | None], None]:

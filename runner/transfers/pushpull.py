@@ -216,17 +216,29 @@ class Transfers:
 
     # ------------------------------------------------------------------ push
     def push(
-        self, user_id: str, version_id: int, *, runtime_id: str | None = None, report: Report | None = None
+        self,
+        user_id: str,
+        version_id: int,
+        *,
+        runtime_id: str | None = None,
+        report: Report | None = None,
+        as_envctl: bool = False,
     ) -> tuple[str, transfer.Progress]:
         """Push the version as ``user_id``; the manifest digest (recorded on the version) and
-        what travelled."""
+        what travelled. ``as_envctl``: the push a boot (or a save inside the runtime) needs of a
+        version ``user_id`` may run, made by envctl itself with a push grant for exactly that
+        repository (``registry/pull_grants.py``), not with the user's registry rights, which
+        may hold no push on it (a base image's repository is its admins' to push); with a
+        registry that is not envctl's managed one, the user's rights as before."""
         v = self._version(version_id)
         client, target = self._target(v.environment)
         tell = self._reporter(runtime_id, Phase.UPLOADING, report)
         tell(0, 0)
         progress = transfer.Progress(tell)
+        grant = transfer.grant_auth(self.settings, target) if as_envctl else None
+        signed_in = contextlib.nullcontext(grant) if grant else transfer.engine_auth(self.records.db, user_id, target)
         try:
-            with transfer.engine_auth(self.records.db, user_id, target) as auth:
+            with signed_in as auth:
                 digest = transfer.push(client, v.image_id, target, str(v.number), auth, progress)
         finally:
             self._clear(runtime_id, Phase.UPLOADING)

@@ -147,6 +147,36 @@ def test_a_pull_grant_pulls_its_one_repository_and_nothing_else(world: World) ->
     assert world.token_answer_with(pull_grants.USER, "not-a-grant", "repository:acme/tools:pull").status_code == 401
 
 
+def test_a_push_grant_pushes_its_one_repository_and_a_user_gets_no_push_from_it(world: World) -> None:
+    """envctl's own push of a version a boot needs (registry/pull_grants.py PUSH): a push grant
+    pushes and pulls its one repository (a base image's, which Alice may not push), nothing
+    else; a pull grant is no push grant (nor the other way round), and Alice's own token still
+    gets no push on that repository."""
+    key = signing_key(world.settings)
+    repo = f"base{uuid.uuid4().hex[:6]}"
+    grant = pull_grants.make_grant(key, repo, 60, kind=pull_grants.PUSH)
+    envctl = RegistryClient(world.registry.url, (pull_grants.PUSH.user, grant))
+    assert envctl.push(repo, "1", Image.made("envctl's push")).status_code == 201
+    assert envctl.pull(repo, "1").status_code == 200
+    assert envctl.push("acme/tools", "9", Image.made("elsewhere")).status_code == 401
+    access = _access(world.token_answer_with(pull_grants.PUSH.user, grant, f"repository:{repo}:pull,push,delete"))
+    assert access == [{"type": "repository", "name": repo, "actions": ["pull", "push"]}]
+    alice = world.client("alice")
+    assert alice.push(repo, "2", Image.made("alice's")).status_code == 401
+    assert _access(world.token_answer("alice", f"repository:{repo}:pull,push")) == [
+        {"type": "repository", "name": repo, "actions": ["pull"]}
+    ]
+    pull_only = pull_grants.make_grant(key, repo, 60)
+    assert world.token_answer_with(pull_grants.PUSH.user, pull_only, f"repository:{repo}:push").status_code == 401
+    assert world.token_answer_with(pull_grants.USER, grant, f"repository:{repo}:pull").status_code == 401
+    assert (
+        world.token_answer_with(pull_grants.PUSH.user, world.tokens["alice"], f"repository:{repo}:push").status_code
+        == 401
+    )
+    stale = pull_grants.make_grant(key, repo, 10, now=1_000_000.0, kind=pull_grants.PUSH)
+    assert world.token_answer_with(pull_grants.PUSH.user, stale, f"repository:{repo}:push").status_code == 401
+
+
 def test_a_wrong_or_revoked_envctl_token_gets_no_registry_token(world: World) -> None:
     wrong = httpx.get(f"{world.api_url}/registry/token", params={"service": SERVICE}, auth=("alice", "envctl_no"))
     assert wrong.status_code == 401

@@ -122,6 +122,8 @@ def test_other_users_tokens_expired_tokens_and_endless_tokens_are_refused(api: A
     assert_envelope(api.post("/users", json={"name": "alice"}), 409, "user_exists")
     reserved = assert_envelope(api.post("/users", json={"name": "envctl-pull-grant"}), 422)
     assert "'envctl-pull-grant' is reserved" in reserved["message"], reserved
+    reserved = assert_envelope(api.post("/users", json={"name": "envctl-push-grant"}), 422)
+    assert "'envctl-push-grant' is reserved" in reserved["message"], reserved
 
 
 def test_only_members_create_or_save_into_a_teams_namespace(api: ApiHarness) -> None:  # noqa: F811

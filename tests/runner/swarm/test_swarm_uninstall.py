@@ -20,6 +20,7 @@ from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm, SwarmRegistry
 from tests.fixtures.swarm_envctl import remove_installation, swarm_server
+from tests.runner.cells.test_docker_executions import new_runtime
 from tests.runner.swarm.test_swarm_fence import boot, node_rules, service_of
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -37,11 +38,18 @@ def server(swarm: Swarm, docker: Any, tmp_path_factory: pytest.TempPathFactory) 
 def test_uninstall_removes_its_swarm_objects_and_rules_and_leaves_another_installations(
     server: Server, swarm: Swarm, manager: Any, swarm_registry: SwarmRegistry
 ) -> None:
-    """``envctl uninstall`` of a Swarm installation: its services (runtimes and guard), secrets,
-    configs, network and the guard's rules on every node go; another installation's service,
-    secret, config, network and rule on the same swarm stay."""
+    """``envctl uninstall --volumes`` of a Swarm installation: its services (runtimes and guard),
+    secrets, configs, network and the guard's rules on every node go; its named volume on a worker
+    is named with the command that removes it there; another installation's service, secret,
+    config, network and rule on the same swarm stay."""
     with server.client() as client:
         rt = boot(server, client, "left-running", "w1")
+        volume = [{"type": "volume", "name": "left-data", "target": "/home/data"}]
+        with_volume = new_runtime(
+            client, "with-volume", environment="bash", language="bash", machine_type="w2", mounts=volume
+        )
+        assert client.post(f"/runtimes/{with_volume}/start").status_code in (200, 202)
+        assert server.wait_state(client, with_volume, {"running", "error"}, timeout=300)["state"] == "running"
     installation = service_of(manager, rt["id"])["Spec"]["Labels"]["envctl.installation"]
     other = f"in_other{uuid.uuid4().hex[:12]}"
     labels = {"envctl.installation": other, TEST_LABEL: TEST_SESSION, "envctl.managed": "1"}
@@ -73,7 +81,7 @@ def test_uninstall_removes_its_swarm_objects_and_rules_and_leaves_another_instal
         env = {**os.environ, "ENVCTL_REGISTRY": "off", **server.env, "ENVCTL_DATA_DIR": str(server.data_dir)}
         env.pop("ENVCTL_DATABASE_URL", None)
         done = subprocess.run(
-            [sys.executable, "-m", "api.cli", "uninstall", "--yes", "--json"],
+            [sys.executable, "-m", "api.cli", "uninstall", "--yes", "--volumes", "--json"],
             env=env,
             capture_output=True,
             text=True,
@@ -90,6 +98,16 @@ def test_uninstall_removes_its_swarm_objects_and_rules_and_leaves_another_instal
         assert [n for n in manager.api.networks(filters=label) if n.get("Scope") == "swarm"] == []
         for node in swarm.nodes:
             assert f"envctl:{installation}" not in node_rules(swarm, node), node
+        # the named volume on worker2: made there with the installation's labels; Swarm's manager
+        # cannot remove it, so the report names it, its node and the command that removes it there
+        [vol] = swarm.docker(
+            "worker2", "volume", "ls", "-q", "--filter", f"label=envctl.installation={installation}"
+        ).split()
+        labels = json.loads(swarm.docker("worker2", "volume", "inspect", "-f", "{{json .Labels}}", vol))
+        assert labels["envctl.volume-name"] == "left-data" and labels[TEST_LABEL] == TEST_SESSION, labels
+        [note] = report["swarm"]["volumes_kept"]
+        assert note.startswith(f"{vol} on node swarm-worker2") and f"docker volume rm {vol}" in note, note
+        swarm.docker("worker2", "volume", "rm", vol)  # as the note says
         # the other installation's objects are all still there
         manager.api.inspect_secret(made["secret"])
         manager.api.inspect_config(made["config"])
