@@ -136,9 +136,10 @@ class Pool:
         return {n: m.memory for n, m in self.settings.machine_types.items() if not m.gpus}
 
     # ------------------------------------------------------------------ what is wanted
-    def wanted(self) -> list[Wanted]:
+    def wanted(self, warm: frozenset[tuple[int, str]] = frozenset()) -> list[Wanted]:
         """The targets, resolved now (a reference that names nothing is skipped, logged once),
-        then, in hot mode, what was booted most in the last hour (one query)."""
+        then, in hot mode, what was booted most in the last hour (one query; ``warm``: the
+        (version, machine type) pairs with a container in the pool now, which win a tie)."""
         out: list[Wanted] = []
         with self.records.db.session() as s:
             for t in self.targets:
@@ -153,7 +154,7 @@ class Pool:
                 configured = sum(memory.get(t.machine_type, 0) * t.count for t in self.targets)
                 boots = pool_hot.boots_since(s, self.identity.name, self.records.clock() - pool_hot.WINDOW)
                 taken = frozenset((w.version_id, w.target.machine_type) for w in out)
-                for hot in pool_hot.choose(boots, memory, self.hot_budget - configured, taken):
+                for hot in pool_hot.choose(boots, memory, self.hot_budget - configured, taken, warm):
                     v = envs_service.get_version(s, hot.version_id)
                     out.append(Wanted(Target(v.ref, hot.machine_type, hot.count, hot.boots), v.id, v.ref, v.image_id))
         return out
@@ -177,8 +178,6 @@ class Pool:
     def fill(self) -> list[str]:
         """Boot what the targets miss (in the background); remove waiting containers of what
         they no longer name. Returns the ids of the entries it began to boot."""
-        wanted = self.wanted()  # none when no pool is configured: what waits from before goes
-        keys = {(w.version_id, w.target.machine_type) for w in wanted}
         with self.records.db.session() as s:
             entries = list(
                 s.scalars(
@@ -187,6 +186,9 @@ class Pool:
                     )
                 )
             )
+        # none when no pool is configured: what waits from before goes
+        wanted = self.wanted(frozenset((e.version_id, e.machine_type) for e in entries))
+        keys = {(w.version_id, w.target.machine_type) for w in wanted}
         for e in entries:
             if e.state == WAITING and (e.version_id, e.machine_type) not in keys:
                 self._retire(e.id, dict(e.backend_state or {}), "no longer named by the pool's targets")

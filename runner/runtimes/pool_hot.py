@@ -74,13 +74,21 @@ def boots_since(s: Session, runner: str, since: datetime) -> dict[Key, int]:
     return {(int(v), str(m)): int(n) for v, m, n in rows}
 
 
-def choose(boots: Mapping[Key, int], memory: Mapping[str, int], budget: int, taken: frozenset[Key]) -> list[Hot]:
+def choose(
+    boots: Mapping[Key, int],
+    memory: Mapping[str, int],
+    budget: int,
+    taken: frozenset[Key],
+    warm: frozenset[Key] = frozenset(),
+) -> list[Hot]:
     """What to keep warm: the most booted keys first, within ``budget`` bytes. ``memory``: the
     machine types that may be pooled, with their memory; ``taken``: keys a configured entry keeps
-    warm already (their memory is out of ``budget`` before it comes here). A pure function."""
+    warm already (their memory is out of ``budget`` before it comes here); ``warm``: keys with a
+    container in the pool now, which win a tie (so that equal counts do not swap containers
+    back and forth). A pure function."""
     ranked = sorted(
         ((k, n) for k, n in boots.items() if n >= MIN_BOOTS and k not in taken and k[1] in memory),
-        key=lambda kn: (-kn[1], kn[0]),
+        key=lambda kn: (-kn[1], kn[0] not in warm, kn[0]),
     )
     want = {k: min(MAX_HOT_PER_ENTRY, 1 + n // BOOTS_PER_EXTRA) for k, n in ranked}
     given: dict[Key, int] = {}

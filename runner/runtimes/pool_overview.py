@@ -20,7 +20,6 @@ def overview(pool: Pool, reader: visibility.Reader) -> dict[str, Any]:
     the memory they reserve. A hot target comes from users' boots: one of a version ``reader``
     may not see (another team's, unpublished: ``registry/visibility.py``) is left out, and so
     are its containers (counted in ``hidden``, their memory still in ``memory_reserved``)."""
-    wanted = pool.wanted() if pool.enabled else []
     with pool.records.db.session() as s:
         entries = list(
             s.scalars(
@@ -29,6 +28,8 @@ def overview(pool: Pool, reader: visibility.Reader) -> dict[str, Any]:
                 .order_by(PoolEntry.created_at)
             )
         )
+    wanted = pool.wanted(frozenset((e.version_id, e.machine_type) for e in entries)) if pool.enabled else []
+    with pool.records.db.session() as s:
         rows = s.scalars(
             select(EnvironmentVersion).where(
                 EnvironmentVersion.id.in_({e.version_id for e in entries} | {w.version_id for w in wanted})

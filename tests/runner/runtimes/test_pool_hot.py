@@ -40,3 +40,9 @@ def test_a_busy_version_gets_more_only_after_each_hot_one_has_its_first() -> Non
 def test_why_says_configured_or_the_boots() -> None:
     assert why(None) == "configured"
     assert why(4) == "hot: 4 boots in the last hour"
+
+
+def test_a_tie_keeps_what_is_warm_already() -> None:
+    boots = {(1, "small"): 3, (2, "small"): 3}
+    assert choose(boots, MEMORY, 2 * G, frozenset()) == [Hot(1, "small", 3, 1)]
+    assert choose(boots, MEMORY, 2 * G, frozenset(), frozenset({(2, "small")})) == [Hot(2, "small", 3, 1)]
