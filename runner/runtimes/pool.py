@@ -111,6 +111,7 @@ class Pool:
         self.secrets = secrets
         self.targets = tuple(Target(*t) for t in settings.runner_pool)
         self.hot_budget = settings.runner_pool_hot
+        self.gone = pool_hot.Gone(records.clock)  # boots of deleted runtimes (their log went with them)
         for t in self.targets:
             where = f"ENVCTL_RUNNER_POOL: {t.ref}:{t.machine_type}={t.count}"
             parse_ref(t.ref, "runner_pool")
@@ -152,7 +153,8 @@ class Pool:
             if self.hot_budget > 0:
                 memory = self._poolable()
                 configured = sum(memory.get(t.machine_type, 0) * t.count for t in self.targets)
-                boots = pool_hot.boots_since(s, self.identity.name, self.records.clock() - pool_hot.WINDOW)
+                since = self.records.clock() - pool_hot.WINDOW
+                boots = pool_hot.merged(pool_hot.boots_since(s, self.identity.name, since), self.gone.since(since))
                 taken = frozenset((w.version_id, w.target.machine_type) for w in out)
                 for hot in pool_hot.choose(boots, memory, self.hot_budget - configured, taken, warm):
                     v = envs_service.get_version(s, hot.version_id)

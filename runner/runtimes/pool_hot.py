@@ -21,6 +21,11 @@ have it remove them and boot them again an hour later. It is one query per refil
 this runner's runtimes that changed within the hour (``updated_at``, which every transition
 sets, narrows it before the log is read through its ``runtime_id`` index).
 
+A deleted runtime's log goes with it; so that the boots of runtimes made and deleted within
+the hour (lease-bound ones, a script's create-run-delete) still count, the runner hands each
+runtime it deletes to ``Gone.note`` first, which keeps its boots of the window in memory. Those
+do not survive a restart (the boots of runtimes that still exist do).
+
 Counted: native runtimes (a jupyter runtime or an attached one is never served from the pool),
 without CUDA, on a machine type without GPUs that is still configured. A runtime's boots count
 for the version it is pinned to now.
@@ -28,9 +33,11 @@ for the version it is pinned to now.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -55,23 +62,57 @@ class Hot:
     count: int  # containers to keep waiting
 
 
+def _counted(since: datetime) -> tuple[Any, ...]:
+    return (
+        Runtime.type == "native",
+        Runtime.cuda.is_(None),
+        Runtime.environment_ref.not_like(f"{ATTACHED}%"),
+        RuntimeLogEntry.at >= since,
+        RuntimeLogEntry.state == str(State.BOOTING),
+    )
+
+
 def boots_since(s: Session, runner: str, since: datetime) -> dict[Key, int]:
     """Boots of this runner's runtimes since ``since``, per (version, machine type)."""
     rows = s.execute(
         select(Runtime.version_id, Runtime.machine_type, func.count(RuntimeLogEntry.id))
         .join(RuntimeLogEntry, RuntimeLogEntry.runtime_id == Runtime.id)
-        .where(
-            Runtime.runner == runner,
-            Runtime.updated_at >= since,
-            Runtime.type == "native",
-            Runtime.cuda.is_(None),
-            Runtime.environment_ref.not_like(f"{ATTACHED}%"),
-            RuntimeLogEntry.at >= since,
-            RuntimeLogEntry.state == str(State.BOOTING),
-        )
+        .where(Runtime.runner == runner, Runtime.updated_at >= since, *_counted(since))
         .group_by(Runtime.version_id, Runtime.machine_type)
     ).all()
     return {(int(v), str(m)): int(n) for v, m, n in rows}
+
+
+class Gone:
+    """The boots of the window of runtimes this process deleted (their log is gone)."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self._boots: list[tuple[datetime, Key]] = []
+        self._lock = threading.Lock()
+
+    def note(self, s: Session, runtime_id: str) -> None:
+        """Before ``runtime_id``'s row is deleted: its boots of the window, kept."""
+        since = self.clock() - WINDOW
+        rows = s.execute(
+            select(RuntimeLogEntry.at, Runtime.version_id, Runtime.machine_type)
+            .join(RuntimeLogEntry, RuntimeLogEntry.runtime_id == Runtime.id)
+            .where(Runtime.id == runtime_id, *_counted(since))
+        ).all()
+        with self._lock:
+            self._boots += [(at, (int(v), str(m))) for at, v, m in rows]
+
+    def since(self, since: datetime) -> dict[Key, int]:
+        with self._lock:
+            self._boots = [(at, k) for at, k in self._boots if at >= since]
+            counts: dict[Key, int] = {}
+            for _, k in self._boots:
+                counts[k] = counts.get(k, 0) + 1
+            return counts
+
+
+def merged(a: Mapping[Key, int], b: Mapping[Key, int]) -> dict[Key, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def choose(

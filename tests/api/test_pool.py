@@ -356,3 +356,18 @@ def test_bad_hot_budgets_are_refused_naming_the_setting() -> None:
             assert "ENVCTL_RUNNER_POOL_HOT" in exc.message, exc.message
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_boots_of_runtimes_deleted_within_the_hour_still_count(make_api: AppFactory) -> None:
+    """Runtimes made, run and deleted (a script's, a lease's): their log goes with them, their
+    boots are kept in the pool's memory and the version is kept warm all the same."""
+    api = make_api(runner_pool_hot=HOT, runner_idle_check_interval=0.2)
+    for i in range(2):
+        rt = _run(api, f"once{i}", "print(1)")
+        assert rt["origin"] == "boot"
+        assert api.delete(f"/runtimes/{rt['id']}").status_code == 204
+    with api.db.session() as s:
+        assert s.scalars(select(RuntimeLogEntry)).all() == []
+    _hot(api, "python3@1", 2)
+    rt = _run(api, "served", "print('warm')")
+    assert rt["origin"] == "pool" and _text(rt["execution"]) == "warm\n"
