@@ -62,6 +62,7 @@ LOOKUP_TTL = 0.5  # seconds an app's instances are remembered (a takeover leaves
 HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"host", b"authorization", b"content-length",
+    b"expect",  # a visitor's "100-continue" was answered by the ASGI server when its body was asked for
 }  # fmt: skip
 MAX_HEAD = 64 * 1024
 CHUNK = 64 * 1024
@@ -139,7 +140,7 @@ class Upstream:
                 if request.body:
                     writer.write(request.body)
                 await writer.drain()
-                raw = await reader.readuntil(b"\r\n\r\n")
+                raw = await _final_head(reader)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 writer.close()
                 if reused and attempt == 0:
@@ -157,7 +158,7 @@ class Upstream:
         reader, writer, _ = await self._connect(address, fresh=True)
         writer.write(request.head)
         pump = asyncio.ensure_future(self._pump(writer, request.stream, request.chunked))
-        head = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        head = asyncio.ensure_future(_final_head(reader))
         try:
             while not head.done():
                 await asyncio.wait({pump, head} if not pump.done() else {head}, return_when=asyncio.FIRST_COMPLETED)
@@ -281,6 +282,16 @@ class Upstream:
                 self._release(address, reader, writer)
             else:
                 writer.close()
+
+
+async def _final_head(reader: asyncio.StreamReader) -> bytes:
+    """The head of the app's answer, past any interim one (``100 Continue``, ``103 Early Hints``:
+    not for the visitor, whose ASGI server speaks for itself)."""
+    while True:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        status = raw[9:12]
+        if not (raw.startswith(b"HTTP/1.") and status[:1] == b"1" and status != b"101"):
+            return raw
 
 
 def _not_running(team: str, name: str) -> Response:

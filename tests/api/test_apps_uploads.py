@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -160,3 +161,26 @@ def test_a_visitor_who_breaks_off_an_upload_leaves_the_app_answering(env: Env, t
         time.sleep(0.5)
         resp = c.post("/apps/acme/counter2/upload", content=b"y" * (2 * MIB))
         assert resp.status_code == 200 and resp.json()["count"] == 2 * MIB, resp.text
+
+
+def test_an_upload_that_expects_100_continue_gets_the_apps_answer(env: Env, tmp_path: Path) -> None:  # noqa: F811
+    """curl's way with a large body (``Expect: 100-continue``): the ASGI server answers the
+    100 itself; the app never sees the header, and the visitor gets the app's final answer."""
+    nb = write_notebook(tmp_path / "counter3", [COUNT_CELL])
+    done = env.cli("alice", "app", "deploy", str(nb), "--team", "acme", "--name", "counter3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = tmp_path / "upload.bin"
+    block = os.urandom(MIB)
+    with data.open("wb") as f:
+        for _ in range(8):
+            f.write(block)
+    out = subprocess.run(
+        ["curl", "-sS", "--noproxy", "*", "-H", f"Authorization: Bearer {env.tokens['alice']}",
+         "-H", "Expect: 100-continue", "--data-binary", f"@{data}", "-w", "\n%{http_code}",
+         f"{env.srv.url}/apps/acme/counter3/upload"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    body, _, code = out.stdout.rpartition("\n")
+    assert code == "200", (out.stdout, out.stderr)
+    got = json.loads(body)
+    assert (got["count"], got["sha256"]) == (8 * MIB, hashlib.sha256(block * 8).hexdigest()), got
