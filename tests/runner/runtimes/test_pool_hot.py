@@ -3,7 +3,24 @@ booted first, within the budget, nothing under the threshold, configured keys le
 
 from __future__ import annotations
 
-from runner.runtimes.pool_hot import BOOTS_PER_EXTRA, MAX_HOT_PER_ENTRY, MIN_BOOTS, Hot, choose, why
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from envs.kit.db import Database
+from runner.models import Runtime
+from runner.runtimes.pool_hot import (
+    BOOTS_PER_EXTRA,
+    MAX_HOT_PER_ENTRY,
+    MIN_BOOTS,
+    WINDOW,
+    Hot,
+    boots_since,
+    choose,
+    why,
+)
+from runner.runtimes.states import State
+from runner.service import RunnerService
+from tests.runner.conftest import seed
 
 G = 1024**3
 MEMORY = {"small": 2 * G, "medium": 4 * G}
@@ -46,3 +63,29 @@ def test_a_tie_keeps_what_is_warm_already() -> None:
     boots = {(1, "small"): 3, (2, "small"): 3}
     assert choose(boots, MEMORY, 2 * G, frozenset()) == [Hot(1, "small", 3, 1)]
     assert choose(boots, MEMORY, 2 * G, frozenset(), frozenset({(2, "small")})) == [Hot(2, "small", 3, 1)]
+
+
+def test_boots_are_counted_from_the_records_and_from_deleted_runtimes_on_both_databases(
+    make_runner: Callable[..., RunnerService], runner_db: Database
+) -> None:
+    """``boots_since`` on SQLite and PostgreSQL: the booting lines of the runner's runtimes in
+    the window; a deleted runtime's, kept by ``Gone`` when the lifecycle hands it over."""
+    owner = seed(runner_db)
+    svc = make_runner(runner_pool_hot=8 * G)
+    ids = []
+    for name in ("a", "b"):
+        rt = svc.create(owner, name=name, environment="python3")
+        svc.start(owner, rt.id)
+        assert svc.wait_for(rt.id, {State.RUNNING, State.ERROR}, 20).state == State.RUNNING
+        ids.append(rt.id)
+    with runner_db.session() as s:
+        version = s.get(Runtime, ids[0]).version_id  # type: ignore[union-attr]
+        now = datetime.now(UTC)
+        assert boots_since(s, svc.identity.name, now - WINDOW) == {(version, "small"): 2}
+        assert boots_since(s, "another-runner", now - WINDOW) == {}
+        assert boots_since(s, svc.identity.name, now + timedelta(seconds=5)) == {}
+    svc.delete(owner, ids[0])
+    with runner_db.session() as s:
+        assert boots_since(s, svc.identity.name, now - WINDOW) == {(version, "small"): 1}
+    assert svc.pool.gone.since(now - WINDOW) == {(version, "small"): 1}
+    assert [(w.version, w.target.boots) for w in svc.pool.wanted()] == [("python3@1", 2)]
