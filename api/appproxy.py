@@ -14,7 +14,14 @@ not signed in gets 401 and the sign-in form, for a team app and for a name that 
 envctl reaches an app at its runtime container's address on the envctl network (the runner
 records ``address:port`` per instance once the port answers: runner/apps/server.py). Requests
 are spread over the current deployment's running instances in turn. Bodies are streamed both
-ways (a server-sent event stream or a long download passes as it comes).
+ways (a server-sent event stream or a long download passes as it comes). A request body of up to
+``MAX_BUFFERED`` bytes (a form, JSON) is read whole and sent with the request, on a kept
+connection (which is replaced once when the app had closed it); a bigger one, or one of unknown
+length (the visitor sent it chunked), is passed on as it arrives, with the visitor's
+``Content-Length`` or chunked, on a connection of its own (nothing of it is kept to send again),
+with at most a few chunks in envctl's memory at once: the ASGI server stops reading the
+visitor's socket while the app is slow to take what came (``Upstream._pump`` waits for each write
+to drain before it asks for more).
 
 What the app never sees: envctl's API token (``Authorization`` is removed), the visitor's
 sign-in cookie (``envctl_app`` is cut out of ``Cookie``; other cookies pass), and hop-by-hop
@@ -34,6 +41,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,15 +62,32 @@ LOOKUP_TTL = 0.5  # seconds an app's instances are remembered (a takeover leaves
 HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"host", b"authorization", b"content-length",
+    b"expect",  # a visitor's "100-continue" was answered by the ASGI server when its body was asked for
 }  # fmt: skip
 MAX_HEAD = 64 * 1024
 CHUNK = 64 * 1024
+MAX_BUFFERED = 256 * 1024  # a request body up to this is read whole; a bigger one streams
 IDLE_PER_ADDRESS = 32
 Found = tuple[App, list[str]] | None
 
 
 class _UpstreamError(Exception):
     """The app did not answer, or answered what is no HTTP/1.1."""
+
+
+class _VisitorGoneError(Exception):
+    """The visitor went away before their request's body was all sent."""
+
+
+@dataclass
+class Outgoing:
+    """A request for the app: its head, and its body either whole (``body``) or as it comes
+    from the visitor (``stream``, sent chunked when ``chunked``, else as the head's length says)."""
+
+    head: bytes
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    chunked: bool = False
 
 
 def strip_cookie(value: str) -> str:
@@ -77,8 +102,10 @@ class Upstream:
     def __init__(self) -> None:
         self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
 
-    async def _connect(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        pool = self._idle.get(address)
+    async def _connect(
+        self, address: str, fresh: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        pool = None if fresh else self._idle.get(address)
         while pool:
             reader, writer = pool.pop()
             if not writer.is_closing() and not reader.at_eof():
@@ -99,18 +126,21 @@ class Upstream:
             writer.close()
 
     async def exchange(
-        self, address: str, head: bytes, body: bytes | None, has_body: bool
+        self, address: str, request: Outgoing, has_body: bool
     ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
         """Send the request; its status, headers and body. A kept connection that the app closed
-        meanwhile is replaced once, before any answer was read."""
+        meanwhile is replaced once, before any answer was read (not for a streamed body: that
+        goes on a new connection, as nothing of it could be sent again)."""
+        if request.stream is not None:
+            return await self._exchange_streamed(address, request, has_body)
         for attempt in (0, 1):
             reader, writer, reused = await self._connect(address)
             try:
-                writer.write(head)
-                if body:
-                    writer.write(body)
+                writer.write(request.head)
+                if request.body:
+                    writer.write(request.body)
                 await writer.drain()
-                raw = await reader.readuntil(b"\r\n\r\n")
+                raw = await _final_head(reader)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 writer.close()
                 if reused and attempt == 0:
@@ -119,8 +149,60 @@ class Upstream:
             return self._answer(address, reader, writer, raw, has_body)
         raise _UpstreamError("no answer")
 
+    async def _exchange_streamed(
+        self, address: str, request: Outgoing, has_body: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
+        """The body is pumped beside the wait for the answer's head: an app may answer before it
+        read it all (a 413, a redirect); a visitor who goes away mid-body ends the exchange."""
+        assert request.stream is not None
+        reader, writer, _ = await self._connect(address, fresh=True)
+        writer.write(request.head)
+        pump = asyncio.ensure_future(self._pump(writer, request.stream, request.chunked))
+        head = asyncio.ensure_future(_final_head(reader))
+        try:
+            while not head.done():
+                await asyncio.wait({pump, head} if not pump.done() else {head}, return_when=asyncio.FIRST_COMPLETED)
+                failed = pump.exception() if pump.done() and not head.done() else None
+                if failed is not None and not isinstance(failed, OSError):
+                    raise failed  # the visitor went away: the app's answer is no one's
+                # an app that stopped reading may still answer (a 413): its head is waited for
+            raw = head.result()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, _VisitorGoneError) as exc:
+            for task in (pump, head):
+                task.cancel()
+            writer.close()
+            raise _UpstreamError(f"no answer ({type(exc).__name__})") from exc
+        except BaseException:
+            for task in (pump, head):
+                task.cancel()
+            writer.close()
+            raise
+        return self._answer(address, reader, writer, raw, has_body, pump)
+
+    @staticmethod
+    async def _pump(writer: asyncio.StreamWriter, stream: AsyncIterator[bytes], chunked: bool) -> None:
+        """The visitor's body to the app, a chunk at a time: the next is asked for only when
+        the last one drained (so envctl holds a few chunks at most, whatever the body's size)."""
+        async for data in stream:
+            if chunked:
+                writer.write(b"%x\r\n" % len(data))
+                writer.write(data)
+                writer.write(b"\r\n")
+            else:
+                writer.write(data)
+            await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
     def _answer(
-        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, has_body: bool
+        self,
+        address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        raw: bytes,
+        has_body: bool,
+        pump: asyncio.Future[None] | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
         lines = raw.split(b"\r\n")
         parts = lines[0].split(b" ", 2)
@@ -148,7 +230,7 @@ class Upstream:
             length, chunked = 0, False
         if chunked:
             headers = [(k, v) for k, v in headers if k != b"content-length"]
-        return status, headers, self._body(address, reader, writer, length, chunked, close)
+        return status, headers, self._body(address, reader, writer, length, chunked, close, pump)
 
     async def _body(
         self,
@@ -158,6 +240,7 @@ class Upstream:
         length: int | None,
         chunked: bool,
         close: bool,
+        pump: asyncio.Future[None] | None = None,
     ) -> AsyncIterator[bytes]:
         done = False
         try:
@@ -190,10 +273,25 @@ class Upstream:
                     yield data
             done = True
         finally:
-            if done and not close:
+            # a request body still going (the app answered first), or broken off: the
+            # connection is in no state to be used again
+            sent = pump is None or (pump.done() and not pump.cancelled() and pump.exception() is None)
+            if pump is not None and not pump.done():
+                pump.cancel()
+            if done and not close and sent:
                 self._release(address, reader, writer)
             else:
                 writer.close()
+
+
+async def _final_head(reader: asyncio.StreamReader) -> bytes:
+    """The head of the app's answer, past any interim one (``100 Continue``, ``103 Early Hints``:
+    not for the visitor, whose ASGI server speaks for itself)."""
+    while True:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        status = raw[9:12]
+        if not (raw.startswith(b"HTTP/1.") and status[:1] == b"1" and status != b"101"):
+            return raw
 
 
 def _not_running(team: str, name: str) -> Response:
@@ -302,9 +400,9 @@ class AppGateway:
         label = "/".join(app)
         prefix = f"/apps/{label}"
         headers = dict(scope["headers"])
-        head, body = await _request(scope, receive, headers, prefix)
+        request = await _request(scope, receive, headers, prefix)
         try:
-            status, out, chunks = await self.upstream.exchange(address, head, body, scope["method"] != "HEAD")
+            status, out, chunks = await self.upstream.exchange(address, request, scope["method"] != "HEAD")
         except _UpstreamError as exc:
             # The instances were remembered for LOOKUP_TTL: an app stopped since (here or by another
             # API process) is "not running" (503, try later), not a broken app (502).
@@ -335,17 +433,23 @@ def _cookie(header: str) -> str | None:
     return None
 
 
-async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], prefix: str) -> tuple[bytes, bytes]:
-    """The request line and headers for the app, and the request's body (read whole: apps
-    take forms and JSON; a streamed upload is not supported)."""
+async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], prefix: str) -> Outgoing:
+    """The request for the app: its line and headers, and its body, read whole when the visitor
+    said it is at most ``MAX_BUFFERED`` bytes (or sent no length and no chunks: nothing, as
+    HTTP/1.1 has it), else passed on as it comes, framed as the visitor framed it."""
     path = scope.get("raw_path") or scope["path"].encode()
     target = b"/" + path.split(b"/", 4)[4] if path.count(b"/") >= 4 else b"/"
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
     lines = [f"{scope['method']} ".encode() + target + b" HTTP/1.1"]
     lines += [key + b": " + value for key, value in forwarded_headers(scope, headers, prefix)]
+    length = headers.get(b"content-length", b"").strip()
+    chunked = b"transfer-encoding" in headers  # the server checked it and took the chunks apart
+    if chunked or (length.isdigit() and int(length) > MAX_BUFFERED):
+        lines.append(b"transfer-encoding: chunked" if chunked else b"content-length: " + length)
+        return Outgoing(b"\r\n".join(lines) + b"\r\n\r\n", stream=_body_of(receive), chunked=chunked)
     body = b""
-    if scope["method"] not in ("GET", "HEAD") or b"content-length" in headers or b"transfer-encoding" in headers:
+    if scope["method"] not in ("GET", "HEAD") or length:
         parts = []
         while True:
             message = await receive()
@@ -354,7 +458,20 @@ async def _request(scope: Scope, receive: Receive, headers: dict[bytes, bytes], 
                 break
         body = b"".join(parts)
         lines.append(b"content-length: " + str(len(body)).encode())
-    return b"\r\n".join(lines) + b"\r\n\r\n", body
+    return Outgoing(b"\r\n".join(lines) + b"\r\n\r\n", body)
+
+
+async def _body_of(receive: Receive) -> AsyncIterator[bytes]:
+    """The visitor's request body as the ASGI server hands it over."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _VisitorGoneError()
+        data = message.get("body", b"")
+        if data:
+            yield data
+        if not message.get("more_body"):
+            return
 
 
 def forwarded_headers(scope: Scope, headers: dict[bytes, bytes], prefix: str) -> list[tuple[bytes, bytes]]:

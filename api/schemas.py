@@ -246,6 +246,10 @@ class PoolTargetOut(BaseModel):
     version: str | None = Field(description="the version it means now; null when it names none")
     machine_type: str
     count: int
+    why: str = Field(
+        description='why it is pooled: "configured" (ENVCTL_RUNNER_POOL) or "hot: N boots in the last hour"'
+    )
+    boots: int | None = Field(description="a hot target's boots in the last hour; null for a configured one")
     waiting: int
     booting: int
 
@@ -264,7 +268,12 @@ class PoolOut(BaseModel):
     runner: str
     targets: list[PoolTargetOut]
     entries: list[PoolEntryOut]
+    hidden: int = Field(description="waiting or booting containers of hot versions the caller may not see (not listed)")
     memory_budget: int = Field(description="bytes the pool may reserve (ENVCTL_RUNNER_POOL_MEMORY); 0: no cap")
+    hot_budget: int = Field(
+        description="bytes of the hot mode (ENVCTL_RUNNER_POOL_HOT): configured targets first, then the versions"
+        " booted most in the last hour; 0: off"
+    )
     memory_reserved: int = Field(description="the machine types' memory of the waiting and booting containers")
 
 

@@ -258,6 +258,7 @@ class RunnerService:
             on_deleted=self._deleted,
             serve_pooled=serve,
             detach=attach.detach,
+            on_deleting=pool.gone.note if pool.hot_budget else None,
         )
         self.runtimes = runtimes = Runtimes(settings, records, backend.name)
         self.executions = executions = ExecutionManager(db, records, self.feeds, self.cells, clock)

@@ -123,6 +123,13 @@ def parse_pool_memory(v: Any) -> int:
     return n
 
 
+def parse_pool_hot(v: Any) -> int:
+    n = parse_memory(v, "ENVCTL_RUNNER_POOL_HOT")
+    if n < 0:
+        raise ValueError("the hot pool's memory budget cannot be negative")
+    return n
+
+
 def parse_attach_rules(v: Any) -> tuple[tuple[str, str], ...]:
     """``label:KEY=VALUE`` (a label the container carries, with that value) and ``name:GLOB``
     (its name matches the shell pattern) rules, separated by ``,``."""
@@ -375,6 +382,17 @@ class Settings(registry_settings.Settings):
         env="ENVCTL_RUNNER_POOL_MEMORY",
         parse=parse_pool_memory,
         help="the memory (machine types' limits) the pool's containers may reserve, e.g. 8g (default 0: no cap)",
+    )
+    # the pool's hot mode (runner/runtimes/pool_hot.py): also keep warm what this runner booted most
+    # in the last hour, as long as the pool's machine-type memory (ENVCTL_RUNNER_POOL's entries
+    # counted first) stays within this budget; 0: off
+    runner_pool_hot: int = setting(
+        0,
+        env="ENVCTL_RUNNER_POOL_HOT",
+        parse=parse_pool_hot,
+        help="turn on the pool's hot mode with a memory budget, e.g. 4g: the versions and machine types"
+        " booted most in the last hour are kept warm too, ENVCTL_RUNNER_POOL's entries counted first"
+        " (default 0: off)",
     )
     # containers a runtime may attach to (runner/runtimes/attach.py): ``label:KEY=VALUE`` and ``name:GLOB``
     # rules, e.g. ``label:envctl.attach=yes,name:data-*``; empty: none

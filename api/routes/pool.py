@@ -12,8 +12,10 @@ router = APIRouter(tags=["pool"])
 
 
 @router.get("/pool", response_model=PoolOut)
-def pool(ctx: CtxDep, _caller: CallerDep) -> PoolOut:
-    """This runner's warm pool: its targets (``ENVCTL_RUNNER_POOL``) with how many containers
-    wait and boot for each, the waiting and booting containers (never a claimed one: that is
-    a user's runtime now), and the memory they reserve against the budget."""
-    return PoolOut.model_validate(overview(ctx.runner.pool))
+def pool(ctx: CtxDep, caller: CallerDep) -> PoolOut:
+    """This runner's warm pool: its targets (``ENVCTL_RUNNER_POOL``, then, in hot mode, the
+    versions booted most in the last hour) with why each is pooled and how many containers wait
+    and boot for it, the waiting and booting containers (never a claimed one: that is a user's
+    runtime now), and the memory they reserve against the budgets. Hot versions the caller may
+    not see are left out."""
+    return PoolOut.model_validate(overview(ctx.runner.pool, caller.reader))

@@ -16,6 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from envs.kit.errors import EnvctlError, TooManyRequestsError
 from runner.backends.base import RuntimeBackend
 from runner.cells.workers import CellWorkers
@@ -50,6 +52,7 @@ class Lifecycle:
         on_deleted: Callable[[str], None],
         serve_pooled: Callable[[Runtime], bool] | None = None,
         detach: Callable[[str, dict[str, Any]], bool] | None = None,
+        on_deleting: Callable[[Session, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.records = records
@@ -68,6 +71,8 @@ class Lifecycle:
         # ends an attached runtime's agent, leaving its container as it was (runner/runtimes/attach.py);
         # False for any other runtime
         self.detach = detach
+        # reads what must outlive the row, in the delete's transaction (the pool's boot counts)
+        self.on_deleting = on_deleting
 
     def _failed_unexpectedly(self, runtime_id: str) -> Callable[[], None]:
         def record() -> None:
@@ -253,6 +258,8 @@ class Lifecycle:
             with self.cells.in_order(runtime_id):  # no cell is numbered meanwhile
                 self.cells.drain(runtime_id)
                 with self.records.tx() as s:
+                    if self.on_deleting is not None:
+                        self.on_deleting(s, runtime_id)
                     self.records.delete(s, who, runtime_id)
         self.on_deleted(runtime_id)
         self.concurrency.forget(runtime_id)

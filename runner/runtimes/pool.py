@@ -6,6 +6,8 @@ references again (a tag that moved, a new version after a save: the pool follows
 containers of what is no longer named are removed) and boots what is missing, within the boot
 slots (at most half of them, so that users' boots are never starved) and the memory budget
 (``ENVCTL_RUNNER_POOL_MEMORY``: the machine types' limits of waiting and booting containers).
+With ``ENVCTL_RUNNER_POOL_HOT`` the pool also keeps warm what this runner booted most in the
+last hour, within that budget (runner/runtimes/pool_hot.py).
 
 A pool container is pristine: the environment's image, envctl's agent, the machine type's
 limits, the installation's identity in its labels, nothing of any user. Starting a runtime that
@@ -53,7 +55,7 @@ from runner.concurrency import Concurrency
 from runner.identity import RunnerIdentity
 from runner.models import PoolEntry, Runtime
 from runner.paths import RuntimePaths
-from runner.runtimes import envvars
+from runner.runtimes import envvars, pool_hot
 from runner.runtimes.machines import get_machine_type
 from runner.runtimes.secret_uses import RuntimeSecrets, refs_of
 from runner.runtimes.states import State
@@ -72,6 +74,7 @@ class Target:
     ref: str
     machine_type: str
     count: int
+    boots: int | None = None  # hot mode's (boots in the last hour); None: configured
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Pool:
         self.paths = paths
         self.secrets = secrets
         self.targets = tuple(Target(*t) for t in settings.runner_pool)
+        self.hot_budget = settings.runner_pool_hot
+        self.gone = pool_hot.Gone(records.clock)  # boots of deleted runtimes (their log went with them)
         for t in self.targets:
             where = f"ENVCTL_RUNNER_POOL: {t.ref}:{t.machine_type}={t.count}"
             parse_ref(t.ref, "runner_pool")
@@ -125,11 +130,17 @@ class Pool:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.targets)
+        return bool(self.targets) or self.hot_budget > 0
+
+    def _poolable(self) -> dict[str, int]:
+        """The machine types a container may be pooled on (no GPUs), with their memory."""
+        return {n: m.memory for n, m in self.settings.machine_types.items() if not m.gpus}
 
     # ------------------------------------------------------------------ what is wanted
-    def wanted(self) -> list[Wanted]:
-        """The targets, resolved now (a reference that names nothing is skipped, logged once)."""
+    def wanted(self, warm: frozenset[tuple[int, str]] = frozenset()) -> list[Wanted]:
+        """The targets, resolved now (a reference that names nothing is skipped, logged once),
+        then, in hot mode, what was booted most in the last hour (one query; ``warm``: the
+        (version, machine type) pairs with a container in the pool now, which win a tie)."""
         out: list[Wanted] = []
         with self.records.db.session() as s:
             for t in self.targets:
@@ -139,6 +150,15 @@ class Pool:
                     self._warn_once(f"ref:{t.ref}", "pool target %s: %s", t.ref, exc.message)
                     continue
                 out.append(Wanted(t, v.id, v.ref, v.image_id))
+            if self.hot_budget > 0:
+                memory = self._poolable()
+                configured = sum(memory.get(t.machine_type, 0) * t.count for t in self.targets)
+                since = self.records.clock() - pool_hot.WINDOW
+                boots = pool_hot.merged(pool_hot.boots_since(s, self.identity.name, since), self.gone.since(since))
+                taken = frozenset((w.version_id, w.target.machine_type) for w in out)
+                for hot in pool_hot.choose(boots, memory, self.hot_budget - configured, taken, warm):
+                    v = envs_service.get_version(s, hot.version_id)
+                    out.append(Wanted(Target(v.ref, hot.machine_type, hot.count, hot.boots), v.id, v.ref, v.image_id))
         return out
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
@@ -160,8 +180,6 @@ class Pool:
     def fill(self) -> list[str]:
         """Boot what the targets miss (in the background); remove waiting containers of what
         they no longer name. Returns the ids of the entries it began to boot."""
-        wanted = self.wanted()  # none when no pool is configured: what waits from before goes
-        keys = {(w.version_id, w.target.machine_type) for w in wanted}
         with self.records.db.session() as s:
             entries = list(
                 s.scalars(
@@ -170,6 +188,9 @@ class Pool:
                     )
                 )
             )
+        # none when no pool is configured: what waits from before goes
+        wanted = self.wanted(frozenset((e.version_id, e.machine_type) for e in entries))
+        keys = {(w.version_id, w.target.machine_type) for w in wanted}
         for e in entries:
             if e.state == WAITING and (e.version_id, e.machine_type) not in keys:
                 self._retire(e.id, dict(e.backend_state or {}), "no longer named by the pool's targets")
@@ -178,7 +199,7 @@ class Pool:
         have: dict[tuple[int, str], int] = {}
         for e in entries:
             have[(e.version_id, e.machine_type)] = have.get((e.version_id, e.machine_type), 0) + 1
-        budget = self.settings.runner_pool_memory
+        budget, hot_budget = self.settings.runner_pool_memory, self.hot_budget
         reserved = self.memory_reserved()
         started: list[str] = []
         for w in wanted:
@@ -187,13 +208,16 @@ class Pool:
                 continue
             memory = get_machine_type(self.settings, w.target.machine_type).memory
             for _ in range(w.target.count - have.get(key, 0)):
-                if budget and reserved + memory > budget:
+                # a hot one also waits for the containers still booting of what went cold
+                caps = (budget, hot_budget if w.target.boots is not None else 0)
+                cap = min((c for c in caps if c), default=0)
+                if cap and reserved + memory > cap:
                     self._warn_once(
                         f"budget:{key}",
                         "pool: %s on %s not kept waiting: the pool's memory budget (%d bytes) would be exceeded",
                         w.version,
                         w.target.machine_type,
-                        budget,
+                        cap,
                     )
                     break
                 with self._guard:
@@ -309,6 +333,12 @@ class Pool:
         self.paths.remove_state_dir(entry_id)
 
     # ------------------------------------------------------------------ claiming
+    def may_pool(self, machine_type: str) -> bool:
+        """Whether anything on this machine type is ever pooled."""
+        if self.hot_budget > 0 and machine_type in self._poolable():
+            return True
+        return any(t.machine_type == machine_type for t in self.targets)
+
     def why_not(self, rt: Runtime) -> str | None:
         """Why this runtime cannot take a pooled container (None: it can)."""
         if rt.type != "native":
@@ -340,7 +370,7 @@ class Pool:
                 rt = s.get(Runtime, runtime_id)
                 if rt is None or rt.state != State.STOPPED:
                     return False
-                if not any(t.machine_type == rt.machine_type for t in self.targets):
+                if not self.may_pool(rt.machine_type):
                     return False  # nothing of its kind is ever pooled: nothing to say
                 why = self.why_not(rt)
                 entry = None if why is not None else self._claim(s, rt)

@@ -5,12 +5,13 @@ The same rules against real Docker: tests/runner/runtimes/test_pool_docker.py.""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 
 from envs.kit.errors import InvalidInputError
-from runner.models import PoolEntry, Runtime
+from runner.models import PoolEntry, Runtime, RuntimeLogEntry
 from runner.runtimes.pool import Pool
 from tests.api.conftest import ApiHarness, AppFactory
 
@@ -225,3 +226,148 @@ def test_a_new_version_under_the_tag_refills_the_pool_for_it(make_api: AppFactor
     assert old["container"] not in {c.spec.container_name for c in api.engine.values()}
     rt = _run(api, "new", "print(5)")
     assert rt["origin"] == "pool" and rt["environment"] == "python3@2"
+
+
+HOT = SMALL + SMALL // 2  # room for one small container, not two
+
+
+def _hot(api: ApiHarness, version: str, boots: int, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until a hot target for ``version`` says ``boots`` and its container waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = api.get("/pool").json()
+        t = next((t for t in body["targets"] if t["version"] == version), None)
+        if t is not None and t["why"] == f"hot: {boots} boots in the last hour" and t["waiting"] == t["count"]:
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no warm container for {version} after {boots} boots: {body}")
+        time.sleep(0.05)
+
+
+def _boot_and_stop(api: ApiHarness, name: str, environment: str = "python3") -> dict[str, Any]:
+    rt = _run(api, name, "print(1)", environment=environment)
+    assert rt["execution"]["status"] == "ok", rt
+    assert api.post(f"/runtimes/{rt['id']}/stop?wait=10").json()["state"] == "stopped"
+    return rt
+
+
+def test_hot_mode_keeps_warm_what_was_booted_most_within_its_budget_and_drops_what_goes_cold(
+    make_api: AppFactory,
+) -> None:
+    api = make_api(runner_pool_hot=HOT, runner_idle_check_interval=0.2)
+    body = api.get("/pool").json()
+    assert body["targets"] == [] and body["hot_budget"] == HOT
+    for i in range(2):
+        assert _boot_and_stop(api, f"py{i}")["origin"] == "boot"
+    _hot(api, "python3@1", 2)  # two boots in the hour: kept warm
+    assert _boot_and_stop(api, "py2")["origin"] == "pool"
+    for i in range(2):
+        _boot_and_stop(api, f"sh{i}", environment="bash")
+    body = _hot(api, "python3@1", 3)
+    time.sleep(1.0)  # a few more rounds: bash (2 boots) never gets the room python3 (3) takes
+    body = api.get("/pool").json()
+    assert [(t["version"], t["why"], t["count"], t["waiting"]) for t in body["targets"]] == [
+        ("python3@1", "hot: 3 boots in the last hour", 1, 1)
+    ]
+    assert [e["environment"] for e in body["entries"]] == ["python3@1"]
+    assert body["memory_reserved"] == SMALL <= HOT
+    # a claim is served from it; the claim is a boot too, and the replacement waits again
+    rt = _run(api, "claim", "print('warm')")
+    assert rt["origin"] == "pool" and _text(rt["execution"]) == "warm\n"
+    body = _hot(api, "python3@1", 4)
+    assert len(body["entries"]) == 1 and rt["id"] not in {e["id"] for e in body["entries"]}
+    # an hour later nothing is hot: its waiting container is removed
+    waiting = body["entries"][0]["container"]
+    with api.db.session() as s:
+        s.execute(update(RuntimeLogEntry).values(at=datetime.now(UTC) - timedelta(hours=2)))
+        s.commit()
+    deadline = time.monotonic() + 20
+    while (body := api.get("/pool").json())["entries"] or body["targets"]:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert waiting not in {c.spec.container_name for c in api.engine.values()}
+    with api.db.session() as s:
+        assert s.scalars(select(PoolEntry).where(PoolEntry.state != "claimed")).all() == []
+
+
+def test_hot_mode_serves_configured_entries_first(make_api: AppFactory) -> None:
+    """The budget holds the configured entries first: with python3 configured at one small
+    container, a budget of one and a half leaves no room for the hot bash."""
+    api = make_api(runner_pool=(("python3", "small", 1),), runner_pool_hot=HOT, runner_idle_check_interval=0.2)
+    _pool(api, 1)
+    for i in range(3):
+        _boot_and_stop(api, f"sh{i}", environment="bash")
+    for i in range(3):
+        _boot_and_stop(api, f"py{i}")  # served from the pool: it stays configured, not hot too
+    time.sleep(1.0)
+    body = api.get("/pool").json()
+    assert [(t["environment"], t["why"]) for t in body["targets"]] == [("python3", "configured")]
+    assert [e["environment"] for e in body["entries"]] == ["python3@1"]
+    # with room for both, bash is kept warm beside it
+    api.client.__exit__(None, None, None)
+    again = make_api(runner_pool=(("python3", "small", 1),), runner_pool_hot=2 * SMALL, runner_idle_check_interval=0.2)
+    body = _hot(again, "bash@1", 3)
+    assert [(t["version"], t["why"]) for t in body["targets"]] == [
+        ("python3@1", "configured"),
+        ("bash@1", "hot: 3 boots in the last hour"),
+    ]
+
+
+def test_a_hot_version_of_another_team_is_not_shown_to_outsiders(
+    make_api: AppFactory, other_headers: dict[str, str]
+) -> None:
+    """R37: hot targets come from users' boots; an unpublished team version's name is shown
+    only to those who may see it."""
+    from envs.service import NewVersion, register_version
+    from tests.api.conftest import PYTHON_IMAGE
+
+    api = make_api(runner_pool_hot=HOT, runner_idle_check_interval=0.2)
+    assert api.post("/teams", json={"name": "acme"}).status_code == 201
+    with api.db.session() as s:
+        register_version(
+            s,
+            NewVersion(
+                environment="acme/ml",
+                image_id=PYTHON_IMAGE,
+                image_ref="envctl-base/python3:test",
+                message="a team's own",
+                author="tests",
+                size=1,
+                size_added=1,
+            ),
+        )
+        s.commit()
+    for i in range(2):
+        _boot_and_stop(api, f"ml{i}", environment="acme/ml@1")
+    assert [e["environment"] for e in _hot(api, "acme/ml@1", 2)["entries"]] == ["acme/ml@1"]
+    theirs = api.client.get("/pool", headers=other_headers).json()
+    assert theirs["targets"] == [] and theirs["entries"] == [] and theirs["hidden"] == 1
+    assert "acme" not in repr(theirs)
+
+
+def test_bad_hot_budgets_are_refused_naming_the_setting() -> None:
+    from api.settings import load
+
+    assert load(env={"ENVCTL_RUNNER_POOL_HOT": "2g"}).runner_pool_hot == 2 * 1024**3
+    for bad in ("lots", "-1g"):
+        try:
+            load(env={"ENVCTL_RUNNER_POOL_HOT": bad})
+        except InvalidInputError as exc:
+            assert "ENVCTL_RUNNER_POOL_HOT" in exc.message, exc.message
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_boots_of_runtimes_deleted_within_the_hour_still_count(make_api: AppFactory) -> None:
+    """Runtimes made, run and deleted (a script's, a lease's): their log goes with them, their
+    boots are kept in the pool's memory and the version is kept warm all the same."""
+    api = make_api(runner_pool_hot=HOT, runner_idle_check_interval=0.2)
+    for i in range(2):
+        rt = _run(api, f"once{i}", "print(1)")
+        assert rt["origin"] == "boot"
+        assert api.delete(f"/runtimes/{rt['id']}").status_code == 204
+    with api.db.session() as s:
+        assert s.scalars(select(RuntimeLogEntry)).all() == []
+    _hot(api, "python3@1", 2)
+    rt = _run(api, "served", "print('warm')")
+    assert rt["origin"] == "pool" and _text(rt["execution"]) == "warm\n"

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from envs.kit.db import Database
 from registry.users import create_user, issue_token
 from runner.backends.base import LABEL_POOL, LABEL_RUNNER
+from runner.models import RuntimeLogEntry
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.runner.cells.test_docker_executions import text
@@ -139,3 +142,72 @@ def test_a_killed_server_adopts_its_pool_and_one_without_a_pool_removes_it(pool_
     left = pool_containers(docker, pool_server)
     name = claimed["message"].split("container ")[1].split(",")[0]
     assert left == {name}, (left, name)  # the waiting ones removed, the claimed one the runtime's
+
+
+def wait_hot(client: httpx.Client, version: str, boots: int, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get("/pool").json()
+        t = next((t for t in body["targets"] if t["version"] == version), None)
+        if t is not None and t["why"] == f"hot: {boots} boots in the last hour" and t["waiting"] == t["count"]:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no warm container for {version} after {boots} boots: {body}")
+        time.sleep(0.1)
+
+
+def boot_and_stop(client: httpx.Client, name: str, environment: str = "python3") -> dict[str, Any]:
+    rt = create_and_run(client, name, "print(6 * 7)", environment=environment)
+    assert text(rt["execution"]) == "42\n", rt
+    assert client.post(f"/runtimes/{rt['id']}/stop", params={"wait": 30}).json()["state"] == "stopped"
+    return rt
+
+
+def test_hot_mode_keeps_the_most_booted_version_warm_within_its_budget_and_removes_it_when_cold(
+    docker: Any, tmp_path: Any
+) -> None:
+    """ENVCTL_RUNNER_POOL_HOT=3g with 2 GiB small containers: room for one. python3 booted
+    three times, bash twice: python3 is kept warm, a claim of it is served from the pool, bash
+    never gets a container; an hour later (the log's lines moved back) nothing is hot and the
+    waiting container is removed."""
+    base_image(docker, "python3")
+    srv = start_server(docker, tmp_path / "data", images=["bash", "python3"], ENVCTL_RUNNER_POOL_HOT="3g")
+    try:
+        with srv.client() as client:
+            body = client.get("/pool").json()
+            assert body["targets"] == [] and body["hot_budget"] == 3 * 1024**3
+            for i in range(2):
+                assert boot_and_stop(client, f"py{i}")["origin"] == "boot"
+            wait_hot(client, "python3@1", 2)
+            for i in range(2):
+                boot_and_stop(client, f"sh{i}", environment="bash")
+            rt = create_and_run(client, "claim", "import os; print(os.getpid() > 0)")
+            log = client.get(f"/runtimes/{rt['id']}/log").json()
+            assert rt["origin"] == "pool" and text(rt["execution"]) == "True\n", log
+            claimed = next(e for e in log if e["event"] == "claimed-from-pool")
+            body = wait_hot(client, "python3@1", 3)
+            time.sleep(2.0)  # a few more rounds: still only python3, one container
+            body = client.get("/pool").json()
+            assert [(t["version"], t["count"], t["waiting"]) for t in body["targets"]] == [("python3@1", 1, 1)]
+            assert len(body["entries"]) == 1 and body["memory_reserved"] == 2 * 1024**3
+            waiting = body["entries"][0]["container"]
+            name = claimed["message"].split("container ")[1].split(",")[0]
+            assert pool_containers(docker, srv) == {name, waiting}  # the claimed one is the runtime's now
+            db = Database(f"sqlite:///{srv.data_dir / 'envctl.db'}")
+            try:
+                with db.session() as s:
+                    s.execute(update(RuntimeLogEntry).values(at=datetime.now(UTC) - timedelta(hours=2)))
+                    s.commit()
+            finally:
+                db.dispose()
+            deadline = time.monotonic() + 30
+            while (body := client.get("/pool").json())["entries"] or body["targets"]:
+                assert time.monotonic() < deadline, body
+                time.sleep(0.2)
+            while pool_containers(docker, srv) != {name}:  # the entry goes first, then its container
+                assert time.monotonic() < deadline, pool_containers(docker, srv)
+                time.sleep(0.2)
+            again = client.post(f"/runtimes/{rt['id']}/executions", params={"wait": 30}, json={"code": "print('mine')"})
+            assert text(again.json()) == "mine\n"
+    finally:
+        remove_runner_containers(docker, srv)
