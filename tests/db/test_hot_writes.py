@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 
 from api.dbschema import upgrade
 from envs.kit.clock import utcnow
@@ -341,3 +341,31 @@ def test_cell_writes_keep_their_order_and_one_failing_write_costs_no_other(db: D
         ).all()
     assert [(i, o["text"]) for i, o in stored] == [(i, f"{i}\n") for i in range(5)]
     assert _row(db, "ex_w")["status"] == "ok"
+
+
+def test_a_transaction_marked_not_durable_skips_the_flush_for_itself_alone(db: Database) -> None:
+    """``hot(durable=False)`` (a cell's way in): on PostgreSQL that transaction alone commits
+    without waiting for the disk, and the next one on the same connection (a cell's end, on
+    the same thread) waits for it again; on every backend its rows are stored as any."""
+    from sqlalchemy import func
+
+    rid, owner = _runtime(db)
+    setting = HotStatement(
+        update(Runtime)
+        .where(Runtime.id == bindparam("b_id"))
+        .values(last_activity=bindparam("b_what"))
+        .returning(func.current_setting("synchronous_commit") if db.pipelined else Runtime.last_activity)
+    )
+    seen = []
+    for durable in (False, True, False, True):
+        with db.hot(durable=durable) as w:
+            row = w.fetch(setting, {"b_id": rid, "b_what": f"durable={durable}"})
+            assert row is not None
+            seen.append(row[0])
+            w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, f"ex_{len(seen)}", len(seen)))
+    if db.pipelined:
+        assert seen == ["off", "on", "off", "on"]
+    with db.session() as s:
+        assert sorted(s.scalars(select(Execution.id)).all()) == ["ex_1", "ex_2", "ex_3", "ex_4"]
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "durable=True"
