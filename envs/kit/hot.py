@@ -215,12 +215,16 @@ class _DbApiWriter(HotWriter):
         docstring); it must come first in the transaction."""
         self._cursor.execute("SET LOCAL synchronous_commit TO OFF")
 
-    def run_after(self) -> None:
-        """A pipeline's ``execute_after`` statements, once its transaction has committed."""
+    def queue_after(self) -> None:
+        """A pipeline's ``execute_after`` statements, queued as a transaction of their own
+        behind this one's COMMIT: the server runs them once that commit is done (flushed), in
+        the same round trip, and skips them when anything before failed."""
         if self.after:
+            self._cursor.execute("BEGIN", prepare=False)
             self.relax()
             for statement, values in self.after:
                 self.execute(statement, values)
+            self._cursor.execute("COMMIT", prepare=False)
             self.after = []
 
 
@@ -296,15 +300,19 @@ class HotConnections:
 
         conn = self._pg_connection()
         try:
+            # BEGIN and COMMIT are statements of the pipeline (the connection is in autocommit
+            # mode): psycopg's own transaction handling would sync the pipeline after its
+            # BEGIN and at its commit, and its pipeline's exit syncs once more, three round
+            # trips for what is one. Here the only one is the exit's (and a ``count``'s).
             with conn.pipeline() as pipeline:
-                writer = _DbApiWriter(conn.cursor(), self._dialect, pipeline.sync)
+                cursor = conn.cursor()
+                cursor.execute("BEGIN", prepare=False)
+                writer = _DbApiWriter(cursor, self._dialect, pipeline.sync)
                 if not durable:  # travels with the transaction's statements: no round trip
                     writer.relax()
                 yield writer
-                conn.commit()
-                if writer.after:
-                    writer.run_after()
-                    conn.commit()
+                cursor.execute("COMMIT", prepare=False)
+                writer.queue_after()
         except psycopg.OperationalError as exc:
             self._drop_pg(conn)
             raise self.unavailable(exc) from exc
@@ -328,13 +336,13 @@ class HotConnections:
                 return conn
             try:  # idle for a while: the server may have gone and come back since
                 conn.execute("SELECT 1")
-                conn.rollback()
                 return conn
             except psycopg.Error:
                 self._drop_pg(conn)
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
         try:
-            conn = psycopg.connect(*cargs, **{"connect_timeout": 3, **cparams})
+            # autocommit: transactions are the BEGIN and COMMIT ``_psycopg`` sends itself
+            conn = psycopg.connect(*cargs, **{"connect_timeout": 3, **cparams}, autocommit=True)
         except psycopg.OperationalError as exc:
             raise self.unavailable(exc) from exc
         self._local.pg = conn
