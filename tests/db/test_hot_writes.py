@@ -369,3 +369,51 @@ def test_a_transaction_marked_not_durable_skips_the_flush_for_itself_alone(db: D
         assert sorted(s.scalars(select(Execution.id)).all()) == ["ex_1", "ex_2", "ex_3", "ex_4"]
         rt = s.get(Runtime, rid)
         assert rt is not None and rt.last_activity == "durable=True"
+
+
+def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cell's way in (its number and row) and its end (outputs, status, then the runtime's
+    activity in a transaction of its own) each wait for the server once: one Sync each in
+    libpq's trace of the protocol. psycopg's own transactions would sync after BEGIN, at
+    COMMIT and at the pipeline's end."""
+    if not db.pipelined:
+        pytest.skip("a pipelined database (PostgreSQL) only: SQLite makes no round trips")
+    rid, owner = _runtime(db)
+    viewer = records.Viewer(owner)
+    traced = tmp_path / "trace"
+
+    def cell(n: int, trace: bool) -> None:
+        at = utcnow()
+        row = {
+            "id": f"ex_rt{n}",
+            "language": None,
+            "code": "1",
+            "timeout": None,
+            "created_at": at,
+            "submitted_by": owner,
+        }
+        conn = db._hot._pg_connection()  # this thread's hot connection, to trace its protocol
+        with traced.open("w") as out:
+            if trace:
+                conn.pgconn.trace(out.fileno())
+            with db.hot(durable=False) as w:
+                claimed = records.claim_seq_seen(w, rid, at, viewer, "r")
+                cellstore.insert_claimed(w, {"b_id": rid, **records.claimer(viewer, "r")}, row)
+            assert claimed() is not None
+            end = {"status": "ok", "count": 1, "started": at, "finished": utcnow(), "truncated": False}
+            with db.hot() as w:
+                cellstore.insert_outputs(w, row["id"], [(0, {"output_type": "stream", "name": "stdout", "text": "1"})])
+                cellstore.finish(w, row["id"], **end, bytes=1, outputs=1, ename=None, evalue=None)
+                records.touch_hot(w, rid, "execution finished", utcnow())
+            if trace:
+                conn.pgconn.untrace()
+
+    for n in range(6):  # past psycopg's threshold for preparing statements
+        cell(n, trace=False)
+    cell(6, trace=True)
+    protocol = traced.read_text()
+    assert protocol.count("\tSync") == 2, protocol
+    assert _row(db, "ex_rt6")["status"] == "ok" and _row(db, "ex_rt6")["seq"] == 7
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "execution finished"
