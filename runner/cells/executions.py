@@ -71,8 +71,10 @@ MAX_CODE = 1024 * 1024
 # A cell's way in (its number, the runtime's "execution submitted" activity, its queued row) is
 # committed without waiting for the disk (``Database.hot(durable=False)``, ``envs/kit/hot.py``);
 # its end (outputs, status, ``runner/cells/workers.py``) stays durable, as do results, runtime
-# states and everything else. On PostgreSQL the flush of that commit was most of what a cell
-# cost beyond SQLite (measured by ``tests/bench/bench_cells.py``). Why losing it is harmless:
+# states and everything else. On PostgreSQL the way in is on the path a client waits on, and a
+# flush of the disk there costs 1-4 ms on the machine here under load, against 0.4-0.6 ms for the
+# whole round trip without it (``tests/bench/bench_cells.py`` measures the cell). Why losing it
+# is harmless:
 # - only a crash of the PostgreSQL server or its machine loses it (not one of envctl), and only
 #   for the cells submitted in the last fraction of a second, whole: row, number and activity;
 # - the log is replayed in order, and a cell's end is a durable commit made after its way in,
