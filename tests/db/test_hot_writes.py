@@ -1,5 +1,5 @@
 """``Database.hot()``: a cell's few writes skip Core's per-statement work on SQLite, and store
-exactly what Core would store (on PostgreSQL they simply are Core)."""
+exactly what Core would store; on PostgreSQL each transaction is one round trip."""
 
 from __future__ import annotations
 
