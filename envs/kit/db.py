@@ -123,11 +123,18 @@ class Database:
         return self._hot.kind == "psycopg"
 
     @contextmanager
-    def hot(self) -> Iterator[HotWriter]:
+    def hot(self, *, durable: bool = True) -> Iterator[HotWriter]:
         """A transaction for ``HotStatement``s (the cell path), committed on success, rolled
-        back on error, on a plain connection of this thread's (see ``envs/kit/hot.py``)."""
+        back on error, on a plain connection of this thread's (see ``envs/kit/hot.py``).
+
+        ``durable=False`` is for records whose loss in a crash of the database server or its
+        machine is harmless: on PostgreSQL its commit does not wait for the disk
+        (``synchronous_commit`` off for this transaction alone; see ``envs/kit/hot.py`` for
+        what that keeps and what it may lose). The caller says in a comment why the loss is
+        harmless. SQLite as envctl runs it (WAL, ``synchronous=NORMAL``) commits that way
+        always."""
         try:
-            with self._hot.transaction(self.connection) as writer:
+            with self._hot.transaction(self.connection, durable=durable) as writer:
                 yield writer
         finally:
             self._wrote.flag = True  # every hot statement writes

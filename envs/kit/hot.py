@@ -15,6 +15,24 @@ runs them here instead:
   use, so the first cell after a database restart reconnects instead of failing;
 - anything else goes through Core.
 
+A transaction may be marked not durable (``transaction(durable=False)``): on PostgreSQL it
+runs with ``SET LOCAL synchronous_commit TO OFF``, its first statement, in the same round trip.
+Its COMMIT then answers without waiting for the write-ahead log to reach the disk (on the
+machine here a flush of the disk costs a few milliseconds under load, most of a PostgreSQL
+cell's extra time). What that keeps, as PostgreSQL documents for asynchronous commit:
+
+- others see the transaction at once, as any commit's; locks are released at once;
+- the database stays consistent after any crash: the log is replayed in order, and a later
+  synchronous commit (of any session) flushes everything logged before it, so a record
+  written after it and durably committed never lacks it;
+- a crash of envctl loses nothing (the server has the commit; its WAL writer flushes within
+  about three ``wal_writer_delay``s, 0.6 s by default). Only a crash of the PostgreSQL server
+  or its machine may lose such commits of that last moment, whole, never in part.
+
+That is the guarantee SQLite gives every commit as envctl runs it (WAL with
+``synchronous=NORMAL``: a power loss may roll back the last transactions, never corrupt), so on
+SQLite the flag changes nothing. Everything else stays durable.
+
 A connection the database dropped is thrown away and the call fails with
 ``DatabaseUnavailableError`` (503); the next one connects again.
 """
@@ -192,12 +210,21 @@ class _DbApiWriter(HotWriter):
         else:
             self.after.append((statement, values))
 
-    def run_after(self) -> None:
-        """A pipeline's ``execute_after`` statements, once its transaction has committed."""
+    def relax(self) -> None:
+        """This PostgreSQL transaction's commit does not wait for the disk (see the module's
+        docstring); it must come first in the transaction."""
+        self._cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+    def queue_after(self) -> None:
+        """A pipeline's ``execute_after`` statements, queued as a transaction of their own
+        behind this one's COMMIT: the server runs them once that commit is done (flushed), in
+        the same round trip, and skips them when anything before failed."""
         if self.after:
-            self._cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            self._cursor.execute("BEGIN", prepare=False)
+            self.relax()
             for statement, values in self.after:
                 self.execute(statement, values)
+            self._cursor.execute("COMMIT", prepare=False)
             self.after = []
 
 
@@ -223,12 +250,14 @@ class HotConnections:
             self._dialect = PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
 
     @contextmanager
-    def transaction(self, core: Callable[[], Any]) -> Iterator[HotWriter]:
-        """A transaction on this thread's connection; ``core`` gives a Core one otherwise."""
+    def transaction(self, core: Callable[[], Any], *, durable: bool = True) -> Iterator[HotWriter]:
+        """A transaction on this thread's connection; ``core`` gives a Core one otherwise.
+        ``durable=False``: see the module's docstring (PostgreSQL through psycopg only; the
+        Core path, for other drivers, keeps the server's setting)."""
         if self.kind == "sqlite":
             yield from self._sqlite()
         elif self.kind == "psycopg":
-            yield from self._psycopg()
+            yield from self._psycopg(durable)
         else:
             with core() as conn:
                 yield CoreWriter(conn)
@@ -266,18 +295,24 @@ class HotConnections:
             raise
 
     # ------------------------------------------------------------------ PostgreSQL (psycopg)
-    def _psycopg(self) -> Iterator[HotWriter]:
+    def _psycopg(self, durable: bool) -> Iterator[HotWriter]:
         import psycopg
 
         conn = self._pg_connection()
         try:
+            # BEGIN and COMMIT are statements of the pipeline (the connection is in autocommit
+            # mode): psycopg's own transaction handling would sync the pipeline after its
+            # BEGIN and at its commit, and its pipeline's exit syncs once more, three round
+            # trips for what is one. Here the only one is the exit's (and a ``count``'s).
             with conn.pipeline() as pipeline:
-                writer = _DbApiWriter(conn.cursor(), self._dialect, pipeline.sync)
+                cursor = conn.cursor()
+                cursor.execute("BEGIN", prepare=False)
+                writer = _DbApiWriter(cursor, self._dialect, pipeline.sync)
+                if not durable:  # travels with the transaction's statements: no round trip
+                    writer.relax()
                 yield writer
-                conn.commit()
-                if writer.after:
-                    writer.run_after()
-                    conn.commit()
+                cursor.execute("COMMIT", prepare=False)
+                writer.queue_after()
         except psycopg.OperationalError as exc:
             self._drop_pg(conn)
             raise self.unavailable(exc) from exc
@@ -301,13 +336,13 @@ class HotConnections:
                 return conn
             try:  # idle for a while: the server may have gone and come back since
                 conn.execute("SELECT 1")
-                conn.rollback()
                 return conn
             except psycopg.Error:
                 self._drop_pg(conn)
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
         try:
-            conn = psycopg.connect(*cargs, **{"connect_timeout": 3, **cparams})
+            # autocommit: transactions are the BEGIN and COMMIT ``_psycopg`` sends itself
+            conn = psycopg.connect(*cargs, **{"connect_timeout": 3, **cparams}, autocommit=True)
         except psycopg.OperationalError as exc:
             raise self.unavailable(exc) from exc
         self._local.pg = conn

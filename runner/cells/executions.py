@@ -34,7 +34,9 @@ threads and processes, so the hot path avoids every hand-over it can:
   the hot path;
 - on PostgreSQL the runtime's activity at a cell's end is written just after the end's
   transaction, without waiting for the disk (``HotWriter.execute_after``): the next cell's
-  number (an update of the runtime's row) does not wait for that commit's flush.
+  number (an update of the runtime's row) does not wait for that commit's flush;
+- the way in is committed without waiting for the disk either (``QUEUED_DURABLE``, which says
+  why that is safe); the end is a durable commit.
 """
 
 from __future__ import annotations
@@ -66,6 +68,26 @@ log = logging.getLogger("envctl.executions")
 LANGUAGES = ("python", "bash")
 POLL = 0.5  # seconds between reads of an execution that another runner runs (``follow``)
 MAX_CODE = 1024 * 1024
+# A cell's way in (its number, the runtime's "execution submitted" activity, its queued row) is
+# committed without waiting for the disk (``Database.hot(durable=False)``, ``envs/kit/hot.py``);
+# its end (outputs, status, ``runner/cells/workers.py``) stays durable, as do results, runtime
+# states and everything else. On PostgreSQL the way in is on the path a client waits on, and a
+# flush of the disk there costs 1-4 ms on the machine here under load, against 0.4-0.6 ms for the
+# whole round trip without it (``tests/bench/bench_cells.py`` measures the cell). Why losing it
+# is harmless:
+# - only a crash of the PostgreSQL server or its machine loses it (not one of envctl), and only
+#   for the cells submitted in the last fraction of a second, whole: row, number and activity;
+# - the log is replayed in order, and a cell's end is a durable commit made after its way in,
+#   so a cell whose end is stored always has its row; what can vanish is a cell that had not
+#   ended: its end could not be stored at that moment either (the database went away under
+#   it; a durable row would have waited for the next start of envctl to attach again and
+#   store it). Such a cell is gone from the runtime's history as if never submitted; its
+#   outputs reached whoever followed it live, the interpreter's state is untouched, a later
+#   "running" mark finds no queued row and interrupts it in the agent, and the agent drops
+#   it with its old unacknowledged cells. Its number goes to the next cell: no two stored rows
+#   ever share one (R36 holds);
+# - SQLite as envctl runs it (WAL, synchronous=NORMAL) gives every commit just this guarantee.
+QUEUED_DURABLE = False
 
 
 def _json_list(value: Any) -> list[Any] | None:
@@ -323,7 +345,7 @@ class ExecutionManager:
             if self.db.pipelined:
                 view, state = self._claim_pipelined(viewer, runtime_id, cell)
             else:
-                with self.db.hot() as c:
+                with self.db.hot(durable=QUEUED_DURABLE) as c:
                     found = claim_seq(c, runtime_id, now)
                     if found is None or not viewer.sees(found[1], found[2]):  # rolled back: not spent
                         raise RuntimeNotFoundError(f"runtime {runtime_id[:64]!r} does not exist")
@@ -360,7 +382,7 @@ class ExecutionManager:
         round trip, the checks (the runtime is this runner's, the caller sees it) made in SQL;
         when they fail nothing was written, and a read says why."""
         mine = self.records.runner
-        with self.db.hot() as c:
+        with self.db.hot(durable=QUEUED_DURABLE) as c:
             claimed = claim_seq_seen(c, runtime_id, cell["created_at"], viewer, mine)
             cellstore.insert_claimed(
                 c, {"b_id": runtime_id, **claimer(viewer, mine)}, {**cell, "submitted_by": viewer.user_id}

@@ -3,12 +3,15 @@
 Two `envctl serve`s in the same run, alike but for the database: one on its SQLite file (the
 baseline), one on a throwaway PostgreSQL cluster started here with `initdb`/`pg_ctl` and
 PostgreSQL's default durability (fsync on, synchronous commit). Each has one python3 runtime.
+On it envctl commits a cell's way in (its number and queued row) without waiting for the disk,
+as SQLite in WAL mode with synchronous=NORMAL commits everything, and its end (outputs,
+status) durably: ``QUEUED_DURABLE`` in ``runner/cells/executions.py`` says why.
 
 - `POST /runtimes/{id}/executions?wait` with `1+1`, one kept-alive httpx client per server,
   the two measured in alternating blocks so that drift on a shared machine falls on both;
   medians compared. Target: PostgreSQL <= 1.5x SQLite. A third server on the same cluster
   with ``synchronous_commit=off`` (its commits do not wait for the disk; not how envctl runs)
-  is measured in the same blocks, to show what waiting for the disk costs.
+  is measured in the same blocks, to show what waiting for the disk still costs.
 - stdout throughput: a cell prints 8 MB (1 KB lines), timed from its `POST` to the last
   server-sent event a client reads, beside `docker exec` of the same code in the same
   container with its stdout to a pipe (read to the end), alternating, several runs each;
@@ -124,8 +127,9 @@ def run(runs: int = 1000) -> dict[str, float]:
                         times[name].append((time.perf_counter() - t) * 1000)
                 done += n
             figures = report(
-                f"cell round trip `1+1` through the REST API on PostgreSQL (durable: fsync, synchronous "
-                f"commit) beside SQLite ({runs} runs each, alternating blocks of {BLOCK})",
+                f"cell round trip `1+1` through the REST API on PostgreSQL (server defaults: fsync, synchronous "
+                f"commit; a cell's end committed durably) beside SQLite ({runs} runs each, alternating blocks "
+                f"of {BLOCK})",
                 times["pg"],
                 times["sqlite"],
                 "SQLite",

@@ -1,5 +1,5 @@
 """``Database.hot()``: a cell's few writes skip Core's per-statement work on SQLite, and store
-exactly what Core would store (on PostgreSQL they simply are Core)."""
+exactly what Core would store; on PostgreSQL each transaction is one round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 
 from api.dbschema import upgrade
 from envs.kit.clock import utcnow
@@ -341,3 +341,79 @@ def test_cell_writes_keep_their_order_and_one_failing_write_costs_no_other(db: D
         ).all()
     assert [(i, o["text"]) for i, o in stored] == [(i, f"{i}\n") for i in range(5)]
     assert _row(db, "ex_w")["status"] == "ok"
+
+
+def test_a_transaction_marked_not_durable_skips_the_flush_for_itself_alone(db: Database) -> None:
+    """``hot(durable=False)`` (a cell's way in): on PostgreSQL that transaction alone commits
+    without waiting for the disk, and the next one on the same connection (a cell's end, on
+    the same thread) waits for it again; on every backend its rows are stored as any."""
+    from sqlalchemy import func
+
+    rid, owner = _runtime(db)
+    setting = HotStatement(
+        update(Runtime)
+        .where(Runtime.id == bindparam("b_id"))
+        .values(last_activity=bindparam("b_what"))
+        .returning(func.current_setting("synchronous_commit") if db.pipelined else Runtime.last_activity)
+    )
+    seen = []
+    for durable in (False, True, False, True):
+        with db.hot(durable=durable) as w:
+            row = w.fetch(setting, {"b_id": rid, "b_what": f"durable={durable}"})
+            assert row is not None
+            seen.append(row[0])
+            w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, f"ex_{len(seen)}", len(seen)))
+    if db.pipelined:
+        assert seen == ["off", "on", "off", "on"]
+    with db.session() as s:
+        assert sorted(s.scalars(select(Execution.id)).all()) == ["ex_1", "ex_2", "ex_3", "ex_4"]
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "durable=True"
+
+
+def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cell's way in (its number and row) and its end (outputs, status, then the runtime's
+    activity in a transaction of its own) each wait for the server once: one Sync each in
+    libpq's trace of the protocol. psycopg's own transactions would sync after BEGIN, at
+    COMMIT and at the pipeline's end."""
+    if not db.pipelined:
+        pytest.skip("a pipelined database (PostgreSQL) only: SQLite makes no round trips")
+    rid, owner = _runtime(db)
+    viewer = records.Viewer(owner)
+    traced = tmp_path / "trace"
+
+    def cell(n: int, trace: bool) -> None:
+        at = utcnow()
+        row = {
+            "id": f"ex_rt{n}",
+            "language": None,
+            "code": "1",
+            "timeout": None,
+            "created_at": at,
+            "submitted_by": owner,
+        }
+        conn = db._hot._pg_connection()  # this thread's hot connection, to trace its protocol
+        with traced.open("w") as out:
+            if trace:
+                conn.pgconn.trace(out.fileno())
+            with db.hot(durable=False) as w:
+                claimed = records.claim_seq_seen(w, rid, at, viewer, "r")
+                cellstore.insert_claimed(w, {"b_id": rid, **records.claimer(viewer, "r")}, row)
+            assert claimed() is not None
+            end = {"status": "ok", "count": 1, "started": at, "finished": utcnow(), "truncated": False}
+            with db.hot() as w:
+                cellstore.insert_outputs(w, row["id"], [(0, {"output_type": "stream", "name": "stdout", "text": "1"})])
+                cellstore.finish(w, row["id"], **end, bytes=1, outputs=1, ename=None, evalue=None)
+                records.touch_hot(w, rid, "execution finished", utcnow())
+            if trace:
+                conn.pgconn.untrace()
+
+    for n in range(6):  # past psycopg's threshold for preparing statements
+        cell(n, trace=False)
+    cell(6, trace=True)
+    protocol = traced.read_text()
+    assert protocol.count("\tSync") == 2, protocol
+    assert _row(db, "ex_rt6")["status"] == "ok" and _row(db, "ex_rt6")["seq"] == 7
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "execution finished"
