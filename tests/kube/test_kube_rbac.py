@@ -167,7 +167,7 @@ def test_what_the_role_does_not_grant_is_refused(account: Path, kube_namespace: 
             "a service account": lambda: sa.create_namespaced_service_account(
                 kube_namespace, {"metadata": {"name": "more"}}
             ),
-            "exec into a pod": lambda: sa.connect_get_namespaced_pod_exec("anything", kube_namespace, command="id"),
+            "exec into a pod": lambda: sa.connect_get_namespaced_pod_exec("anything", kube_namespace, command=["id"]),
             "a node deleted": lambda: sa.delete_node("anything"),
             "a namespace": lambda: sa.create_namespace({"metadata": {"name": "envctl-rbac-refused"}}),
         }
