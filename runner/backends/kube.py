@@ -34,10 +34,13 @@ manifests), ``kube_states`` (phases and events to envctl's states).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +119,7 @@ class KubernetesBackend(RuntimeBackend):
         self._prepared: dict[str, str] = {}  # installation -> its agent ConfigMap's name
         self._lock = threading.Lock()
         self._sweeper = kube_adopt.SecretSweeper(api)
+        self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kube-call")  # a boot's calls side by side
         self._local: docker.DockerClient | None = None
         self._events = EventRouter(lambda: self.report_event, lambda: list(self._watches.values()))
 
@@ -200,9 +204,10 @@ class KubernetesBackend(RuntimeBackend):
             "secret": cred_name,
         }
         try:
-            self.api.create_secret(kube_pods.credential_secret(cred_name, owned, spec.credential))
-            self.api.create_secret(
-                kube_pods.pull_secret(pull_name, owned, self.registry, pull_grants.USER, self.pull_grant(repository))
+            pull = kube_pods.pull_secret(pull_name, owned, self.registry, pull_grants.USER, self.pull_grant(repository))
+            self._together(  # the pod's boot waits for both: side by side, one round trip
+                lambda: self.api.create_secret(kube_pods.credential_secret(cred_name, owned, spec.credential)),
+                lambda: self.api.create_secret(pull),
             )
             manifest = kube_pods.pod_manifest(
                 spec,
@@ -219,8 +224,7 @@ class KubernetesBackend(RuntimeBackend):
                 raise BackendError(f"a pod named {state['pod']} exists already; remove it by hand") from exc
             state["container_id"] = str(pod["metadata"]["uid"])
             owner = kube_pods.owner_reference(pod)
-            for name in (cred_name, pull_name):
-                self.api.own_secret(name, owner)
+            self._together(*(functools.partial(self.api.own_secret, name, owner) for name in (cred_name, pull_name)))
             state.update(
                 kube_boot.wait_running(
                     self.api,
@@ -232,8 +236,7 @@ class KubernetesBackend(RuntimeBackend):
                     pull_retries=self.pull_retries,
                 )
             )
-            with contextlib.suppress(BackendError):
-                self.api.delete_secret(pull_name)  # the image is on the node: the grant has done its work
+            self._calls.submit(self._forget_pull_secret, pull_name)  # not on the boot's way
             return state
         except BaseException:
             with contextlib.suppress(Exception):
@@ -271,6 +274,21 @@ class KubernetesBackend(RuntimeBackend):
                 log.warning("pod %s was still there %.0f s after its deletion", name, STOP_BOUND)
         if state.get("secret"):  # owned by the pod (gone with it); at once, not when the collector runs
             self.api.delete_secret(str(state["secret"]))
+
+    def _together(self, *calls: Callable[[], object]) -> None:
+        """``calls`` side by side on the backend's threads; the first one's error, once all ended."""
+        errors = [future.exception() for future in [self._calls.submit(c) for c in calls]]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _forget_pull_secret(self, name: str) -> None:
+        """The image is on the node: the grant has done its work (the pod owns the Secret, so
+        it goes with the pod if this fails)."""
+        try:
+            self.api.delete_secret(name)
+        except BackendError as exc:
+            log.info("could not remove the pull secret %s now (it goes with its pod): %s", name, exc.message)
 
     def _wait_gone(self, state: BackendState, bound: float, until_ended: bool = False) -> bool:
         """Whether the pod of ``state`` is gone (``until_ended``: or its container ended) within
@@ -314,6 +332,7 @@ class KubernetesBackend(RuntimeBackend):
         return None if client is None else engine.info(client, image)
 
     def close(self) -> None:
+        self._calls.shutdown(wait=False)
         for w in self._watches.values():
             w.stop()
         self.api.close()
@@ -342,6 +361,8 @@ class KubernetesBackend(RuntimeBackend):
 
     def _remove_leftover(self, spec: RuntimeSpec, watches: Watches) -> None:
         name = kube_pods.object_name(spec.runtime_id)
+        if watches.pods.synced and watches.pods.get(name) is None:
+            return  # not among the installation's pods (another's of that name: the pod's creation says so)
         pod = self.api.read_pod(name)
         if pod is None:
             return
