@@ -494,6 +494,10 @@ class Agent:
             assert self.credential is not None
             tls = handshake.server_context(self.credential.pop("tls"))
             server = self.listen_tcp(port)
+            # the first line of the container's output: a Kubernetes pod's IP reaches the API
+            # only with the kubelet's next status sync (up to 1 s later); envctl reads it here
+            # first (the handshake proves who answers there, so the line needs no trust)
+            print(f"envctl-agent: listening on tcp {own_address()}:{port}", flush=True)
 
             def target(conn: socket.socket) -> None:
                 self.handle_tcp(conn, tls)
@@ -694,6 +698,15 @@ def _no_new_privileges() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     except (OSError, AttributeError) as exc:
         print(f"envctl-agent: could not set no-new-privileges: {exc}", file=sys.stderr, flush=True)
+
+
+def own_address() -> str:
+    """This container's address as its own hosts file names it (Kubernetes and Docker write
+    the pod's or container's IP there for its hostname); ``?`` when it does not."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
