@@ -494,10 +494,6 @@ class Agent:
             assert self.credential is not None
             tls = handshake.server_context(self.credential.pop("tls"))
             server = self.listen_tcp(port)
-            # the first line of the container's output: a Kubernetes pod's IP reaches the API
-            # only with the kubelet's next status sync (up to 1 s later); envctl reads it here
-            # first (the handshake proves who answers there, so the line needs no trust)
-            print(f"envctl-agent: listening on tcp {own_address()}:{port}", flush=True)
 
             def target(conn: socket.socket) -> None:
                 self.handle_tcp(conn, tls)
@@ -719,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     listen = options.get("--listen", "unix")
     if listen.startswith("tcp:"):
         port = int(listen[4:])
+        # the first line of the container's output, before anything slow: a Kubernetes pod's
+        # IP reaches the API only with the kubelet's next status sync (up to 1 s after the
+        # start); envctl reads it here and dials until the agent listens (the handshake proves
+        # who answers there, so the line needs no trust)
+        print(f"envctl-agent: starting on tcp {own_address()}:{port}", flush=True)
         try:  # read once, before anything else runs in the container
             credential = handshake.read_credential(options.get("--credential", "/run/envctl/agent.key"))
         except (OSError, ValueError) as exc:

@@ -298,7 +298,7 @@ def reserved(pods: list[dict[str, Any]]) -> dict[str, Any]:
     return {"nano_cpus": cpus, "memory": memory, "generic_resources": generic}
 
 
-_ANNOUNCED = re.compile(r"^envctl-agent: listening on tcp (\S+):(\d+)\s*$", re.M)
+_ANNOUNCED = re.compile(r"^envctl-agent: starting on tcp (\S+):(\d+)\s*$", re.M)
 
 
 def announced_address(log: str) -> str | None:
