@@ -696,15 +696,6 @@ def _no_new_privileges() -> None:
         print(f"envctl-agent: could not set no-new-privileges: {exc}", file=sys.stderr, flush=True)
 
 
-def own_address() -> str:
-    """This container's address as its own hosts file names it (Kubernetes and Docker write
-    the pod's or container's IP there for its hostname); ``?`` when it does not."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = os.environ.get("ENVCTL_AGENT_SOCKET", DEFAULT_SOCKET)
@@ -715,11 +706,6 @@ def main(argv: list[str] | None = None) -> int:
     listen = options.get("--listen", "unix")
     if listen.startswith("tcp:"):
         port = int(listen[4:])
-        # the first line of the container's output, before anything slow: a Kubernetes pod's
-        # IP reaches the API only with the kubelet's next status sync (up to 1 s after the
-        # start); envctl reads it here and dials until the agent listens (the handshake proves
-        # who answers there, so the line needs no trust)
-        print(f"envctl-agent: starting on tcp {own_address()}:{port}", flush=True)
         try:  # read once, before anything else runs in the container
             credential = handshake.read_credential(options.get("--credential", "/run/envctl/agent.key"))
         except (OSError, ValueError) as exc:

@@ -20,7 +20,6 @@ from runner.backends.kube_watches import SYNC_WAIT, Watches
 log = logging.getLogger("envctl.kube")
 AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
 BOOT_POLL = 0.05  # seconds a boot waits for a change of its pod before it looks at its events again
-LOG_POLL = 0.05  # seconds between two reads of a started pod's log for its agent's address
 
 
 def prepare_installation(api: KubeApi, installation: str, labels: dict[str, str], watches: Watches) -> str:
@@ -73,7 +72,6 @@ def wait_running(
     pulling_since: float | None = None
     phase: str | None = None
     generation = -1
-    next_log = 0.0
     while True:
         generation = watches.pods.wait(generation, BOOT_POLL)  # events (another watch) may say more first
         pod = watches.pods.get(state["pod"])
@@ -100,11 +98,6 @@ def wait_running(
         running = "running" in (kube_states.container_status(pod).get("state") or {}) or any(
             e.get("reason") == "Started" for e in events
         )
-        if running and not ip and now >= next_log:
-            # the kubelet reports the IP only at its next status sync (up to 1 s): the agent
-            # prints it as its first line, readable as soon as the container runs
-            next_log = now + LOG_POLL
-            ip = kube_states.announced_address(api.pod_log(state["pod"], 5)) or ""
         if running and ip:
             return {
                 "node": str(pod["spec"].get("nodeName") or ""),

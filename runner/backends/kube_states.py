@@ -16,12 +16,11 @@ tested with plain dicts.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from runner.backends.base import AGENT_PORT, LABEL_RUNTIME, ContainerStatus, Status
+from runner.backends.base import LABEL_RUNTIME, ContainerStatus, Status
 from runner.backends.kube_pods import CONTAINER, GPU_RESOURCE
 from runner.settings import MachineType
 
@@ -296,23 +295,3 @@ def reserved(pods: list[dict[str, Any]]) -> dict[str, Any]:
                 if "/" in k:
                     generic[k] = generic.get(k, 0) + int(v)
     return {"nano_cpus": cpus, "memory": memory, "generic_resources": generic}
-
-
-_ANNOUNCED = re.compile(r"^envctl-agent: starting on tcp (\S+):(\d+)\s*$", re.M)
-
-
-def announced_address(log: str) -> str | None:
-    """The pod's IP from its agent's first line (``runner/agent/main.py``), before the pod's
-    status has it; None when the line is not there (yet) or names no usable IP on the agent's
-    port. Whoever answers there must still pass the handshake (the per-boot credential and
-    pinned certificate), so a wrong line costs the boot time, not its safety."""
-    found = _ANNOUNCED.search(log)
-    if found is None or int(found.group(2)) != AGENT_PORT:
-        return None
-    try:
-        ip = ipaddress.ip_address(found.group(1))
-    except ValueError:
-        return None
-    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
-        return None  # a hosts file that does not name the pod's address: wait for the status
-    return str(ip)

@@ -278,19 +278,3 @@ def test_a_pull_grant_opens_only_its_repository_and_only_for_pull(tmp_path: Path
     token = key.sign({"aud": "registry", "iss": "envctl", "repository": "a/b", "nbf": 0, "exp": 2**40})
     with pytest.raises(UnauthorizedError, match="not a pull grant"):
         pull_grants.open_grant(key, token)
-
-
-def test_the_agents_first_line_names_the_pods_address_before_its_status_does() -> None:
-    port = kube_states.AGENT_PORT
-    assert kube_states.announced_address(f"envctl-agent: starting on tcp 10.88.0.7:{port}\n") == "10.88.0.7"
-    assert kube_states.announced_address(f"x\nenvctl-agent: starting on tcp fd00::7:{port}\n") == "fd00::7"
-    for wrong in (
-        "",
-        f"envctl-agent: starting on tcp ?:{port}",
-        f"envctl-agent: starting on tcp 127.0.0.1:{port}",
-        f"envctl-agent: starting on tcp 0.0.0.0:{port}",
-        "envctl-agent: starting on tcp 10.88.0.7:1",
-        f"envctl-agent: starting on tcp not-an-ip:{port}",
-        f"a cell said envctl-agent: starting on tcp 10.0.0.9:{port}",
-    ):
-        assert kube_states.announced_address(wrong) is None, wrong
