@@ -33,6 +33,7 @@ command                                                     module
 ``volume ls|create|rm``                                     ``volumes.py``
 ``secret set|list|rm``                                       ``secrets.py``
 ``app deploy|ls|show|logs|stop|rm|rollback``                 ``apps.py``
+``kube rbac``                                               ``kube.py``
 ==========================================================  =================
 
 What they share:
@@ -61,6 +62,7 @@ from api.cli import (
     catalog,
     cells,
     environments,
+    kube,
     local,
     nodes,
     notebooks,
@@ -132,6 +134,7 @@ for _command in (
     volumes.volume,
     secrets.secret,
     apps.app,
+    kube.kube,
 ):
     cli.add_command(_command)
 teams.team.add_command(catalog.team_events)
