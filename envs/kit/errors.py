@@ -54,6 +54,16 @@ class ConflictError(EnvctlError):
     status = 409
 
 
+class NotSupportedError(ConflictError, NotImplementedError):
+    """What this installation's container backend cannot do (an image export on Kubernetes, for one).
+
+    Still a ``NotImplementedError`` for the callers that fall back to another way when a backend
+    lacks a step; through the API it is a 409 that names the backend, never a 500.
+    """
+
+    code = "not_supported"
+
+
 class UnauthorizedError(EnvctlError):
     code = "unauthorized"
     status = 401

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from envs.images.config import ImageInfo as ImageInfo  # re-exported; it lives with the image layer
-from envs.kit.errors import InvalidInputError
+from envs.kit.errors import InvalidInputError, NotSupportedError
 from runner.identity import RunnerIdentity
 from runner.settings import MachineType, Settings
 
@@ -289,7 +289,7 @@ class RuntimeBackend(abc.ABC):
     # --- snapshots: saves and drafts -------------------------------------------------------
     def changes(self, state: BackendState) -> list[Change]:
         """Paths changed in the container since its image, without PRIVATE_PATHS."""
-        raise NotImplementedError(f"the {self.name} backend cannot list changes")
+        raise NotSupportedError(f"the {self.name} backend cannot list changes", details={"backend": self.name})
 
     def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
         """Snapshot the container's filesystem as a new image on top of its image.
@@ -297,7 +297,7 @@ class RuntimeBackend(abc.ABC):
         The image's configuration is ``config`` (a trusted template: Env, Cmd, Entrypoint,
         WorkingDir, User, Labels), never the container's. Returns the image id.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot commit")
+        raise NotSupportedError(f"the {self.name} backend cannot commit", details={"backend": self.name})
 
     def save_layer(
         self,
@@ -321,14 +321,14 @@ class RuntimeBackend(abc.ABC):
         0. A backend may then make the layer of only what changed since
         (``changed_since_save``), on ``version_image`` being that save's image.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot save")
+        raise NotSupportedError(f"the {self.name} backend cannot save", details={"backend": self.name})
 
     def resume(self, state: BackendState) -> None:  # noqa: B027  (optional hook)
         """Resume a container a save paused and did not resume (envctl died mid-save); idempotent."""
 
     def image_info(self, image: str) -> ImageInfo | None:
         """What a local image is, or None when the engine does not have it."""
-        raise NotImplementedError(f"the {self.name} backend has no images")
+        raise NotSupportedError(f"the {self.name} backend has no images", details={"backend": self.name})
 
     def kernelspecs(self, image: str) -> list[dict[str, str]]:
         """The Jupyter kernelspecs installed in a local image, found without running it.
@@ -341,7 +341,7 @@ class RuntimeBackend(abc.ABC):
         default: a backend that cannot look inside images raises ``NotImplementedError``
         rather than claim that an image has no kernelspecs.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot look for kernelspecs")
+        raise NotSupportedError(f"the {self.name} backend cannot look for kernelspecs", details={"backend": self.name})
 
     def engine_client(self) -> Any | None:
         """The Docker SDK client registry transfers go through (push, pull); None: this
@@ -353,15 +353,15 @@ class RuntimeBackend(abc.ABC):
 
     def squash(self, image: str, *, config: dict[str, Any], repository: str, tag: str) -> str:
         """A one-layer copy of ``image`` with ``config``: keeps long chains under the layer limit."""
-        raise NotImplementedError(f"the {self.name} backend cannot squash")
+        raise NotSupportedError(f"the {self.name} backend cannot squash", details={"backend": self.name})
 
     def save_images(self, images: list[str], path: Path) -> None:
         """Write ``images`` (and every layer they need) to ``path`` in ``docker save`` form."""
-        raise NotImplementedError(f"the {self.name} backend cannot export images")
+        raise NotSupportedError(f"the {self.name} backend cannot export images", details={"backend": self.name})
 
     def load_images(self, path: Path) -> None:
         """Load a ``docker save``-form archive into the engine."""
-        raise NotImplementedError(f"the {self.name} backend cannot import images")
+        raise NotSupportedError(f"the {self.name} backend cannot import images", details={"backend": self.name})
 
     def ensure_volume(self, name: str, labels: dict[str, str]) -> None:  # noqa: B027  (optional hook)
         """Make the named volume for a runtime's volume mount, carrying ``labels``, unless it

@@ -112,3 +112,12 @@ def test_machine_types(api: ApiHarness) -> None:
         assert m["description"]
         assert "idle_timeout" in m
     assert api.client.get("/machine-types").status_code == 401
+
+
+def test_an_export_the_backend_cannot_make_is_a_409_naming_the_backend(api: ApiHarness) -> None:
+    """A backend without image export (the fake one here, Kubernetes in a cluster) answers with a
+    clear refusal, not a 500 (the schemathesis walk found the 500)."""
+    resp = api.get("/environments/bash/export")
+    assert resp.status_code == 409, resp.text
+    err = _assert_envelope(resp.json(), "not_supported")
+    assert "cannot export images" in str(err["message"]) and err["details"] == {"backend": "fake"}
