@@ -507,7 +507,14 @@ class Agent:
                 if self._stop.is_set():
                     break
                 raise
-            threading.Thread(target=target, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=target, args=(conn,), daemon=True).start()
+            except RuntimeError as exc:  # "can't start new thread": the pids limit is reached (a fork bomb)
+                # the agent lives on: this caller is turned away and dials again; the kept
+                # connection (interrupts, the cell's end) and a stop still work meanwhile
+                print(f"envctl-agent: turned a connection away: {exc}", file=sys.stderr, flush=True)
+                conn.close()
+                self._stop.wait(0.2)
 
     def handle_tcp(self, raw: socket.socket, tls: ssl.SSLContext) -> None:
         """A network connection: TLS, then the handshake, then the ordinary framing."""

@@ -116,6 +116,19 @@ def test_a_fork_bomb_meets_the_pids_limit_while_the_api_and_another_runtime_answ
             peak = max(peak, int(container.stats(stream=False).get("pids_stats", {}).get("current", 0)))
             time.sleep(0.2)
         assert peak == 64, peak  # it reached the limit, and no further
+        # A caller dialling the agent now finds no thread left for it (threads count as pids):
+        # it is turned away, and the agent lives on (on Swarm and Kubernetes envctl dials anew).
+        [sock] = [p for p in srv.data_dir.rglob("agent.sock") if bomb["id"] in str(p)]
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as caller:
+                caller.settimeout(5)
+                caller.connect(str(sock))
+            time.sleep(0.3)
+        container.reload()
+        assert container.status == "running", container.logs(tail=20)
+        assert b"turned a connection away" in container.logs(stdout=False, stderr=True)
+        agent = [p for p in container.top()["Processes"] if "python3 -u -I /opt/envctl/agent" in " ".join(p)]
+        assert agent, "the agent is gone"
         began = time.monotonic()
         assert client.get("/health").json()["status"] == "ok"
         ex = cell(client, neighbour["id"], "print(6 * 7)")
