@@ -13,9 +13,9 @@ first one's files again.
 **The helper.** The runtime's own container is never committed: the engine would merge its
 configuration (the runtime's variables, its command, working directory, labels) into the
 image, and before Docker 25 keep all of it as ``ContainerConfig``. Instead a *helper*
-container (``runner/backends/helpers.py``: never started, kept for the next save on the same
-layers) of an image of exactly the layers the new image keeps (the version's) is given the
-planned layer in its upper directory, as hard links to the files where they lie
+container (``runner/backends/helpers.py``: held paused so that its filesystem stays mounted,
+kept for the next save on the same layers) of an image of exactly the layers the new image
+keeps (the version's) is given the planned layer in its upper directory, as hard links to the files where they lie
 (``overlay.lay_out``: no byte copied), and the engine commits the helper with the trusted
 configuration: the engine makes the layer as fast as its own ``docker commit``. The files are
 scanned where they lie meanwhile (GNU grep first, ``overlay.scan_files``), the runtime's
