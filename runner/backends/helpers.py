@@ -86,10 +86,11 @@ class Made:
 class Helper:
     """One helper, being made or made; ``made()`` waits for it."""
 
-    def __init__(self, image: str, future: Future[Made]) -> None:
+    def __init__(self, image: str, future: Future[Made], owner: str | None = None) -> None:
         self.image = image
         self._future = future
         self.used = False
+        self.owner = owner  # the container it was made ahead for (``Helpers.prepare``), if any
 
     def made(self) -> Made:
         return self._future.result()
@@ -111,20 +112,24 @@ class Helper:
         with span("helper-wait"):
             made = self.made()
         self.used = True
+        emptying: Future[None] | None = None
         try:
             with span("lay-out"):
                 overlay.lay_out(layer, made.upper)
             info: ImageInfo | None = None
             try:
-                with ThreadPoolExecutor(1, thread_name_prefix="envctl-scan") as pool:
+                with ThreadPoolExecutor(2, thread_name_prefix="envctl-scan") as pool:
                     scanning = pool.submit(overlay.scan_files, layer, observer, made.upper)
                     given = blank_other_labels(config, made.labels)
                     with engine.engine_call(action), span("commit"):
                         answer = client.api.commit(made.id, repository=repository, tag=tag, conf=given, pause=False)
+                    # the layer is taken away once scanned (the scan reads the helper's names),
+                    # while the engine is asked about the image
+                    emptying = pool.submit(_after, scanning, lambda: overlay.empty(made.upper))
                     with span("verify"):
                         info = engine.verify_config(client, str(answer["Id"]), given, action=action)
                     with span("scan-wait"):
-                        scanning.result()
+                        emptying.result()
                 observer.verdict()
             except BaseException:
                 if info is not None:
@@ -135,8 +140,17 @@ class Helper:
         finally:
             # still paused: a link made or removed changes the linked file's ctime, which must
             # come before the save's moment (runner/backends/base.py, what changed since)
-            with span("empty"):
-                overlay.empty(made.upper)
+            if emptying is None:
+                with span("empty"):
+                    overlay.empty(made.upper)
+
+
+def _after(first: Future[None], then: Callable[[], None]) -> None:
+    """``then()`` once ``first`` ended, whatever its end; then ``first``'s error, if any."""
+    try:
+        first.result()
+    finally:
+        then()
 
 
 class Helpers:
@@ -158,7 +172,7 @@ class Helpers:
                 self._idle.remove(found)
         if found is None:
             return Helper(image, self._pool.submit(self._create, image))
-        return Helper(image, self._pool.submit(self._kept_or_new, found))
+        return Helper(image, self._pool.submit(self._kept_or_new, found), found.owner)
 
     def _kept_or_new(self, found: Helper) -> Made:
         if self._still_there(found):
@@ -167,7 +181,12 @@ class Helpers:
         return self._create(found.image)
 
     def give_back(self, helper: Helper) -> None:
-        """A helper whose layer was taken away, kept for the next save of its image."""
+        """A helper whose layer was taken away, kept for the next save of its image; one made
+        ahead for a container's next save is not kept once used (that container saved onto a
+        new image, and a held helper would keep the old one from ``docker rmi -f``)."""
+        if helper.used and helper.owner is not None:
+            self.discard(helper)
+            return
         with self._lock:
             self._idle.append(helper)
             evicted = self._idle[:-MAX_IDLE] if len(self._idle) > MAX_IDLE else []
@@ -175,12 +194,24 @@ class Helpers:
         for old in evicted:
             self.discard(old)
 
-    def prepare(self, image: str) -> None:
-        """One helper of ``image`` made ahead (in the background), unless one waits already."""
+    def prepare(self, image: str, owner: str) -> None:
+        """One helper of ``image`` made ahead (in the background) for the next save of the
+        container ``owner``, unless one waits already; it goes when that container stops
+        (:meth:`release`)."""
         with self._lock:
             if any(h.image == image for h in self._idle):
                 return
-        self.give_back(Helper(image, self._pool.submit(self._create, image)))
+        self.give_back(Helper(image, self._pool.submit(self._create, image), owner))
+
+    def release(self, owner: str) -> None:
+        """The helpers made ahead for the container ``owner`` removed (in the background): it
+        stopped. A held helper keeps its image from ``docker rmi -f``; the engine refuses to
+        remove an image a running (or paused) container uses."""
+        with self._lock:
+            gone = [h for h in self._idle if h.owner == owner]
+            self._idle = [h for h in self._idle if h.owner != owner]
+        for helper in gone:
+            self.discard(helper)
 
     def forget(self, image: str) -> None:
         """Every waiting helper of ``image`` removed (before the image is)."""

@@ -109,6 +109,7 @@ class SavedImage:
     info: ImageInfo
     left_out: dict[str, dict[str, int]]
     saved_at_ns: int
+    resumed: Callable[[], None]  # waits for the container's resume (``_make``'s ``resume_later``)
 
 
 class KeepEverything:
@@ -231,16 +232,16 @@ def from_directories(
     saved_at_ns: int = 0,
 ) -> SavedImage | None:
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
-    (None: the layer is streamed into the engine)."""
+    (None: the layer is streamed into the engine). The container resumes in the background:
+    ``SavedImage.resumed`` waits for it."""
     with span("inspect"):
         plan = layer_roots(client, cid, version_image, saved_at_ns)
     if plan is None:
         return None
     since = saved_at_ns if plan.saved else 0
     options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
-    return _make(
-        client, cid, plan, observer, since=since, purpose="save", action="save the runtime's filesystem", **options
-    )
+    action = "save the runtime's filesystem"
+    return _make(client, cid, plan, observer, since=since, purpose="save", action=action, resume_later=True, **options)
 
 
 def draft_from_directories(
@@ -276,12 +277,13 @@ def _make(
     since: int,
     purpose: str,
     action: str,
+    resume_later: bool = False,
 ) -> SavedImage:
     helper = None
     if helpers is not None and plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
         helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
     try:
-        with paused(client, cid, action, plan.container):
+        with paused(client, cid, action, plan.container) as held:
             with span("plan"):
                 layer = overlay.plan_layer(
                     plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
@@ -306,6 +308,8 @@ def _make(
                     action=action,
                 )
             saved_at = time.time_ns()  # still paused, the layer taken away: what it held is in the image
+            if resume_later:
+                held.resume_later()
     except BaseException:
         if helper is not None and helpers is not None:
             helpers.discard(helper)
@@ -313,16 +317,66 @@ def _make(
     if helper is not None and helpers is not None:
         helpers.give_back(helper)  # for the next save on the same layers
         if purpose == "save":
-            helpers.prepare(info.id)  # and one for this runtime's next save, on the new version
-    return SavedImage(info, layer.left_out, saved_at)
+            helpers.prepare(info.id, cid)  # and one for this runtime's next save, on the new version
+    return SavedImage(info, layer.left_out, saved_at, held.wait)
+
+
+class Resumption:
+    """A paused container's resume, under way in a thread of its own: the caller goes on (records
+    the version) meanwhile and :meth:`wait`s before its work ends, which raises what went wrong."""
+
+    def __init__(self, client: docker.DockerClient, cid: str) -> None:
+        self._client, self._cid = client, cid
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="envctl-unpause", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _unpause(self._client, self._cid)
+        except BaseException as exc:
+            self._error = exc
+
+    def wait(self) -> None:
+        with span("unpause-wait"):
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class Pause:
+    """What :func:`paused` yields: :meth:`resume_later` asks for the resume to go on in the
+    background when the block ends without an error (:attr:`resumption` then holds it)."""
+
+    def __init__(self) -> None:
+        self.later = False
+        self.resumption: Resumption | None = None
+
+    def resume_later(self) -> None:
+        self.later = True
+
+    def wait(self) -> None:
+        """The resume asked for by :meth:`resume_later` done (nothing when there was none)."""
+        if self.resumption is not None:
+            self.resumption.wait()
+
+
+def _unpause(client: docker.DockerClient, cid: str) -> None:
+    try:
+        client.api.unpause(cid)
+    except docker.errors.NotFound:
+        pass  # removed meanwhile: nothing to resume
+    except Exception as exc:
+        raise daemon_error("resume the runtime after its save", exc) from exc
 
 
 @contextlib.contextmanager
 def paused(
     client: docker.DockerClient, cid: str, action: str, container: dict[str, Any] | None = None
-) -> Iterator[None]:
+) -> Iterator[Pause]:
     """The container frozen for the block, as ``docker commit`` freezes it (an exited one is
-    still already). ``container``: its inspection, when just made."""
+    still already). ``container``: its inspection, when just made. It is resumed as the block
+    ends, or, when the block asked so and ended well, in the background (``Pause.wait``)."""
     try:
         state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
         pause = bool(state.get("Running")) and not state.get("Paused")
@@ -331,17 +385,20 @@ def paused(
                 client.api.pause(cid)
     except Exception as exc:
         raise daemon_error(action, exc) from exc
+    held = Pause()
     try:
-        yield
-    finally:
+        yield held
+    except BaseException:
         if pause:
-            try:
-                with span("unpause"):
-                    client.api.unpause(cid)
-            except docker.errors.NotFound:
-                pass  # removed meanwhile: nothing to resume
-            except Exception as exc:
-                raise daemon_error("resume the runtime after its save", exc) from exc
+            with span("unpause"):
+                _unpause(client, cid)
+        raise
+    if pause:
+        if held.later:
+            held.resumption = Resumption(client, cid)
+        else:
+            with span("unpause"):
+                _unpause(client, cid)
 
 
 def commit_and_scan(

@@ -337,63 +337,69 @@ class Snapshots:
             observer=observer,
             saved_at_ns=since,
         )
-        image_id = saved.image.id
-        baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
-        report = {
-            "caches_kept": keep_caches,
-            "left_out": saved.left_out,
-            "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
-            "allowed_secrets": observer.allowed(),
-        }
-        if not saved.lean:
-            report["note"] = "the engine's storage could not be read here: caches were not left out"
-        pending.append(image_id)
-        self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-        with stopwatch.span("image-info"):
-            info = self.backend.image_info(image_id)
-            parent_info = self.backend.image_info(parent_image)
-        if info is None:
-            raise BackendError("the saved image vanished before it was recorded")
-        if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
-            self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
-            squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
-            pending.append(squashed)
+        # the container resumes meanwhile (the backend's ``resumed``): it is running again
+        # before the save ends, whatever happens
+        try:
+            image_id = saved.image.id
+            baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
+            report = {
+                "caches_kept": keep_caches,
+                "left_out": saved.left_out,
+                "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
+                "allowed_secrets": observer.allowed(),
+            }
+            if not saved.lean:
+                report["note"] = "the engine's storage could not be read here: caches were not left out"
+            pending.append(image_id)
             self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-            self.backend.remove_image(image_id)
-            image_id = squashed
-            info = self.backend.image_info(image_id) or info
-        with stopwatch.span("record"), self.records.db.session() as s:
-            version, _created = envs_service.register_version(
-                s,
-                envs_service.NewVersion(
-                    environment=environment,
-                    image_id=image_id,
-                    image_ref=f"{repository}:{image_tag}",
-                    parent=s.get(EnvironmentVersion, parent_id),
-                    message=message,
-                    author=author,
-                    size=info.size,
-                    size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
-                    source_runtime_id=runtime_id,
-                    labels={**labels, SAVE_LABEL: report},
-                    tag="latest",
-                ),
-                writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
-            )
-            if tag and tag != "latest":
-                envs_service.set_tag(s, version.environment, tag, version)
-            # The runtime now stands on what it saved: it is pinned to the new version, and what
-            # its container differs by so far is part of that version, not unsaved changes.
-            self.records.set_in(
-                s,
-                runtime_id,
-                version_id=version.id,
-                environment_ref=version.ref,
-                draft_image_id=None,
-                draft_changes=[],
-                change_baseline=baseline,
-            )
-            s.flush()
-            _ = version.ref  # load what the caller reads after the session
-            _ = version.environment.full_name
-        return version
+            with stopwatch.span("image-info"):
+                info = self.backend.image_info(image_id)
+                parent_info = self.backend.image_info(parent_image)
+            if info is None:
+                raise BackendError("the saved image vanished before it was recorded")
+            if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
+                self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
+                squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
+                pending.append(squashed)
+                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
+                self.backend.remove_image(image_id)
+                image_id = squashed
+                info = self.backend.image_info(image_id) or info
+            with stopwatch.span("record"), self.records.db.session() as s:
+                version, _created = envs_service.register_version(
+                    s,
+                    envs_service.NewVersion(
+                        environment=environment,
+                        image_id=image_id,
+                        image_ref=f"{repository}:{image_tag}",
+                        parent=s.get(EnvironmentVersion, parent_id),
+                        message=message,
+                        author=author,
+                        size=info.size,
+                        size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
+                        source_runtime_id=runtime_id,
+                        labels={**labels, SAVE_LABEL: report},
+                        tag="latest",
+                    ),
+                    writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
+                )
+                if tag and tag != "latest":
+                    envs_service.set_tag(s, version.environment, tag, version)
+                # The runtime now stands on what it saved: it is pinned to the new version, and what
+                # its container differs by so far is part of that version, not unsaved changes.
+                self.records.set_in(
+                    s,
+                    runtime_id,
+                    version_id=version.id,
+                    environment_ref=version.ref,
+                    draft_image_id=None,
+                    draft_changes=[],
+                    change_baseline=baseline,
+                )
+                s.flush()
+                _ = version.ref  # load what the caller reads after the session
+                _ = version.environment.full_name
+            return version
+        finally:
+            if saved.resumed is not None:
+                saved.resumed()
