@@ -281,7 +281,8 @@ def _make(
 ) -> SavedImage:
     helper = None
     if helpers is not None and plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
-        helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
+        with span("helper-take"):
+            helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
     try:
         with paused(client, cid, action, plan.container) as held:
             with span("plan"):

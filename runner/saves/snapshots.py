@@ -192,6 +192,12 @@ class Snapshots:
         version: EnvironmentVersion | None = None
         error: Exception | None = None
         timings: dict[str, float] = {}
+        noted: list[str] = []  # the version whose log line went in the transaction that recorded it
+
+        def finished(s: Session, made: EnvironmentVersion) -> None:
+            self._finished_in(s, runtime_id, made.ref)
+            noted.append(made.ref)
+
         try:
             with stopwatch.measuring() as watch:
                 try:
@@ -205,6 +211,7 @@ class Snapshots:
                         tag,
                         keep_caches=options.keep_caches,
                         allow_secrets=options.allow_secrets,
+                        recorded=finished,
                     )
                 finally:
                     timings = watch.ms()
@@ -215,18 +222,11 @@ class Snapshots:
                 # activity first, then "no longer saving": idle shutdown never sees a runtime
                 # that is neither saving nor freshly active (R20). Both before the operation
                 # ends: whoever sees it end may save again at once. A save's log line goes in
-                # the same transaction (the runtime's log line before the operation's end).
-                with self.records.tx() as s:
-                    self.records.touch_in(s, runtime_id, "save finished")
-                    if error is None and version is not None:
-                        self.records.log(
-                            s,
-                            runtime_id,
-                            event="saved",
-                            reason="user-request",
-                            message=f"saved as {version.ref}",
-                            details={"version": version.ref},
-                        )
+                # the same transaction (the runtime's log line before the operation's end):
+                # the one that recorded the version, when the save made it here.
+                if not (error is None and version is not None and noted == [version.ref]):
+                    with self.records.tx() as s:
+                        self._finished_in(s, runtime_id, version.ref if error is None and version else None)
             finally:
                 with self._lock:
                     self._saving.discard(runtime_id)
@@ -261,6 +261,20 @@ class Snapshots:
             + pushed_text(pushed),
         )
 
+    def _finished_in(self, s: Session, runtime_id: str, saved_as: str | None) -> None:
+        """A save's end in transaction ``s``: the runtime's activity, and its log line when it
+        made the version ``saved_as``."""
+        self.records.touch_in(s, runtime_id, "save finished")
+        if saved_as is not None:
+            self.records.log(
+                s,
+                runtime_id,
+                event="saved",
+                reason="user-request",
+                message=f"saved as {saved_as}",
+                details={"version": saved_as},
+            )
+
     # ------------------------------------------------------------------ the work
     def save_now(
         self,
@@ -277,11 +291,13 @@ class Snapshots:
         keep_caches: bool = False,
         allow_secrets: Sequence[str] = (),
         secret_values: Sequence[str] | None = None,
+        recorded: Callable[[Session, EnvironmentVersion], None] | None = None,
     ) -> EnvironmentVersion:
         """Make the layer (caches left out, scanned), check, compact if needed, and record the
         version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
-        (``self.secret_values``) when given."""
-        with self.records.db.session() as s:
+        (``self.secret_values``) when given. ``recorded(session, version)`` is called in the
+        transaction that records the version (made here, not inside the runtime)."""
+        with stopwatch.span("prepare"), self.records.db.session() as s:
             rt = self.records.get_mine(s, who, runtime_id)
             parent = rt.version
             parent_id, parent_image = parent.id, parent.image_id
@@ -325,7 +341,8 @@ class Snapshots:
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
         saved_at_ns = time.time_ns()  # before the save pauses the container, unless the backend says later
-        values = self.secret_values(runtime_id) if secret_values is None else secret_values
+        with stopwatch.span("secrets"):
+            values = self.secret_values(runtime_id) if secret_values is None else secret_values
         observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
         del values
         saved = self.backend.save_layer(
@@ -350,14 +367,14 @@ class Snapshots:
             }
             if not saved.lean:
                 report["note"] = "the engine's storage could not be read here: caches were not left out"
-            pending.append(image_id)
-            self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
+            pending.append(image_id)  # noted in the transaction that records the version, below
             with stopwatch.span("image-info"):
                 info = self.backend.image_info(image_id)
                 parent_info = self.backend.image_info(parent_image)
             if info is None:
                 raise BackendError("the saved image vanished before it was recorded")
             if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
+                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
                 self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
                 squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
                 pending.append(squashed)
@@ -366,6 +383,12 @@ class Snapshots:
                 image_id = squashed
                 info = self.backend.image_info(image_id) or info
             with stopwatch.span("record"), self.records.db.session() as s:
+                # what the save made, noted with the version that records it: envctl dying before
+                # this transaction leaves the image to Operations.recover (by its name), after it
+                # a recorded save
+                self.operations.phase(
+                    op_id, "recording", "recording the new version", pending_images=pending, session=s
+                )
                 version, _created = envs_service.register_version(
                     s,
                     envs_service.NewVersion(
@@ -397,6 +420,8 @@ class Snapshots:
                     change_baseline=baseline,
                 )
                 s.flush()
+                if recorded is not None:
+                    recorded(s, version)
                 _ = version.ref  # load what the caller reads after the session
                 _ = version.environment.full_name
             return version
