@@ -234,14 +234,31 @@ def from_directories(
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
     (None: the layer is streamed into the engine). The container resumes in the background:
     ``SavedImage.resumed`` waits for it."""
-    with span("inspect"):
-        plan = layer_roots(client, cid, version_image, saved_at_ns)
+    action = "save the runtime's filesystem"
+    early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
+    try:
+        with span("inspect"):
+            plan = layer_roots(client, cid, version_image, saved_at_ns)
+    except BaseException:
+        early.undo()
+        raise
     if plan is None:
+        early.undo()
         return None
     since = saved_at_ns if plan.saved else 0
     options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
-    action = "save the runtime's filesystem"
-    return _make(client, cid, plan, observer, since=since, purpose="save", action=action, resume_later=True, **options)
+    return _make(
+        client,
+        cid,
+        plan,
+        observer,
+        since=since,
+        purpose="save",
+        action=action,
+        resume_later=True,
+        early=early,
+        **options,
+    )
 
 
 def draft_from_directories(
@@ -278,13 +295,19 @@ def _make(
     purpose: str,
     action: str,
     resume_later: bool = False,
+    early: Pausing | None = None,
 ) -> SavedImage:
     helper = None
     if helpers is not None and plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
-        with span("helper-take"):
-            helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
+        try:
+            with span("helper-take"):
+                helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
+        except BaseException:
+            if early is not None:
+                early.undo()
+            raise
     try:
-        with paused(client, cid, action, plan.container) as held:
+        with paused(client, cid, action, plan.container, early) as held:
             with span("plan"):
                 layer = overlay.plan_layer(
                     plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
@@ -371,19 +394,55 @@ def _unpause(client: docker.DockerClient, cid: str) -> None:
         raise daemon_error("resume the runtime after its save", exc) from exc
 
 
+class Pausing:
+    """A container's pause asked for in a thread of its own, before the caller knows it needs
+    it (a save's runtime runs): :func:`paused` takes it, or :meth:`undo` resumes the container
+    when it was not needed after all."""
+
+    def __init__(self, client: docker.DockerClient, cid: str) -> None:
+        self._client, self._cid = client, cid
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="envctl-pause", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._client.api.pause(self._cid)
+        except BaseException as exc:
+            self._error = exc
+
+    def done(self) -> bool:
+        """Whether the engine paused it (False: it said no: not running, paused already, gone)."""
+        self._thread.join()
+        return self._error is None
+
+    def undo(self) -> None:
+        """The container resumed if this paused it."""
+        if self.done():
+            _unpause(self._client, self._cid)
+
+
 @contextlib.contextmanager
 def paused(
-    client: docker.DockerClient, cid: str, action: str, container: dict[str, Any] | None = None
+    client: docker.DockerClient,
+    cid: str,
+    action: str,
+    container: dict[str, Any] | None = None,
+    early: Pausing | None = None,
 ) -> Iterator[Pause]:
     """The container frozen for the block, as ``docker commit`` freezes it (an exited one is
-    still already). ``container``: its inspection, when just made. It is resumed as the block
-    ends, or, when the block asked so and ended well, in the background (``Pause.wait``)."""
+    still already). ``container``: its inspection, when just made; ``early``: its pause, asked
+    for already. It is resumed as the block ends, or, when the block asked so and ended well,
+    in the background (``Pause.wait``)."""
     try:
-        state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
-        pause = bool(state.get("Running")) and not state.get("Paused")
-        if pause:
-            with span("pause"):
-                client.api.pause(cid)
+        with span("pause"):
+            pause = early is not None and early.done()
+        if not pause:  # none asked for, or the engine said no: as the inspection says
+            state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
+            pause = bool(state.get("Running")) and not state.get("Paused")
+            if pause:
+                with span("pause"):
+                    client.api.pause(cid)
     except Exception as exc:
         raise daemon_error(action, exc) from exc
     held = Pause()
