@@ -339,9 +339,11 @@ def _make(
             helpers.discard(helper)
         raise
     if helper is not None and helpers is not None:
-        helpers.give_back(helper)  # for the next save on the same layers
-        if purpose == "save":
-            helpers.prepare(info.id, cid)  # and one for this runtime's next save, on the new version
+        # after the resume: a helper started or removed meanwhile would keep the engine from it
+        kept, made = helper, info.id
+        held.then(lambda: helpers.give_back(kept))  # for the next save on the same layers
+        if purpose == "save":  # and one for this runtime's next save, on the new version
+            held.then(lambda: helpers.prepare(made, cid))
     return SavedImage(info, layer.left_out, saved_at, held.wait)
 
 
@@ -352,6 +354,8 @@ class Resumption:
     def __init__(self, client: docker.DockerClient, cid: str) -> None:
         self._client, self._cid = client, cid
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._after: list[Callable[[], None]] | None = []  # None once resumed
         self._thread = threading.Thread(target=self._run, name="envctl-unpause", daemon=True)
         self._thread.start()
 
@@ -360,6 +364,20 @@ class Resumption:
             _unpause(self._client, self._cid)
         except BaseException as exc:
             self._error = exc
+        finally:
+            with self._lock:
+                after, self._after = self._after or [], None
+            for work in after:
+                _quietly(work)
+
+    def then(self, work: Callable[[], None]) -> None:
+        """``work()`` once the container resumed (at once if it has): engine work that would
+        otherwise hold the resume up."""
+        with self._lock:
+            if self._after is not None:
+                self._after.append(work)
+                return
+        _quietly(work)
 
     def wait(self) -> None:
         with span("unpause-wait"):
@@ -383,6 +401,20 @@ class Pause:
         """The resume asked for by :meth:`resume_later` done (nothing when there was none)."""
         if self.resumption is not None:
             self.resumption.wait()
+
+    def then(self, work: Callable[[], None]) -> None:
+        """``work()`` once the container resumed in the background, or at once."""
+        if self.resumption is not None:
+            self.resumption.then(work)
+        else:
+            work()
+
+
+def _quietly(work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception:
+        log.exception("after a save's resume")
 
 
 def _unpause(client: docker.DockerClient, cid: str) -> None:
