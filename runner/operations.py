@@ -71,15 +71,9 @@ class Operations:
             s.add(op)
         return op
 
-    def phase(self, op_id: str, phase: str, message: str, *, session: Session | None = None, **values: Any) -> None:
-        """Note the operation's phase (and ``values``), in ``session``'s transaction when given."""
-        statement = update(Operation).where(Operation.id == op_id).values(phase=phase, message=message, **values)
-        with stopwatch.span("phase-notes"):
-            if session is not None:
-                session.execute(statement)
-                return
-            with self.db.connection() as c:
-                c.execute(statement)
+    def phase(self, op_id: str, phase: str, message: str, **values: Any) -> None:
+        with stopwatch.span("phase-notes"), self.db.connection() as c:
+            c.execute(update(Operation).where(Operation.id == op_id).values(phase=phase, message=message, **values))
 
     def update(self, op_id: str, *, steps: list[dict[str, Any]] | None = None, **values: Any) -> None:
         """Change columns of an operation; ``steps`` replaces ``result["steps"]`` (a build's)."""

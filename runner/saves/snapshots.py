@@ -367,14 +367,16 @@ class Snapshots:
             }
             if not saved.lean:
                 report["note"] = "the engine's storage could not be read here: caches were not left out"
-            pending.append(image_id)  # noted in the transaction that records the version, below
+            pending.append(image_id)
+            # noted before the version is recorded: a failed record (or envctl dying before it)
+            # then removes the image by its id (a name alone would not go while a helper uses it)
+            self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
             with stopwatch.span("image-info"):
                 info = self.backend.image_info(image_id)
                 parent_info = self.backend.image_info(parent_image)
             if info is None:
                 raise BackendError("the saved image vanished before it was recorded")
             if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
-                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
                 self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
                 squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
                 pending.append(squashed)
@@ -383,12 +385,6 @@ class Snapshots:
                 image_id = squashed
                 info = self.backend.image_info(image_id) or info
             with stopwatch.span("record"), self.records.db.session() as s:
-                # what the save made, noted with the version that records it: envctl dying before
-                # this transaction leaves the image to Operations.recover (by its name), after it
-                # a recorded save
-                self.operations.phase(
-                    op_id, "recording", "recording the new version", pending_images=pending, session=s
-                )
                 version, _created = envs_service.register_version(
                     s,
                     envs_service.NewVersion(
