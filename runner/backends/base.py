@@ -205,6 +205,9 @@ class SavedLayer:
     left_out: dict[str, dict[str, int]]  # cache directory -> {"bytes": n, "files": n}
     lean: bool = True  # False when the engine's storage could not be read: nothing was left out
     saved_at_ns: int = 0  # the save's moment for "changed since", when the backend took it (0: not)
+    # the container's resume, when it goes on in the background: called before the save ends,
+    # it waits for it and raises what went wrong (None: resumed already)
+    resumed: Callable[[], None] | None = None
 
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a

@@ -288,6 +288,7 @@ class DockerBackend(RuntimeBackend):
         cid = state.get("container_id")
         if not cid:
             return
+        self.helpers.release(cid)  # a helper made ahead for its next save: there is none
         try:
             self.client.api.stop(cid, timeout=max(0, int(timeout)))
         except docker.errors.NotFound:
@@ -429,7 +430,7 @@ class DockerBackend(RuntimeBackend):
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)
-        return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns)
+        return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns, resumed=made.resumed)
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")

@@ -13,9 +13,9 @@ first one's files again.
 **The helper.** The runtime's own container is never committed: the engine would merge its
 configuration (the runtime's variables, its command, working directory, labels) into the
 image, and before Docker 25 keep all of it as ``ContainerConfig``. Instead a *helper*
-container (``runner/backends/helpers.py``: never started, kept for the next save on the same
-layers) of an image of exactly the layers the new image keeps (the version's) is given the
-planned layer in its upper directory, as hard links to the files where they lie
+container (``runner/backends/helpers.py``: held paused so that its filesystem stays mounted,
+kept for the next save on the same layers) of an image of exactly the layers the new image
+keeps (the version's) is given the planned layer in its upper directory, as hard links to the files where they lie
 (``overlay.lay_out``: no byte copied), and the engine commits the helper with the trusted
 configuration: the engine makes the layer as fast as its own ``docker commit``. The files are
 scanned where they lie meanwhile (GNU grep first, ``overlay.scan_files``), the runtime's
@@ -109,6 +109,7 @@ class SavedImage:
     info: ImageInfo
     left_out: dict[str, dict[str, int]]
     saved_at_ns: int
+    resumed: Callable[[], None]  # waits for the container's resume (``_make``'s ``resume_later``)
 
 
 class KeepEverything:
@@ -231,15 +232,32 @@ def from_directories(
     saved_at_ns: int = 0,
 ) -> SavedImage | None:
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
-    (None: the layer is streamed into the engine)."""
-    with span("inspect"):
-        plan = layer_roots(client, cid, version_image, saved_at_ns)
+    (None: the layer is streamed into the engine). The container resumes in the background:
+    ``SavedImage.resumed`` waits for it."""
+    action = "save the runtime's filesystem"
+    early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
+    try:
+        with span("inspect"):
+            plan = layer_roots(client, cid, version_image, saved_at_ns)
+    except BaseException:
+        early.undo()
+        raise
     if plan is None:
+        early.undo()
         return None
     since = saved_at_ns if plan.saved else 0
     options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
     return _make(
-        client, cid, plan, observer, since=since, purpose="save", action="save the runtime's filesystem", **options
+        client,
+        cid,
+        plan,
+        observer,
+        since=since,
+        purpose="save",
+        action=action,
+        resume_later=True,
+        early=early,
+        **options,
     )
 
 
@@ -276,12 +294,20 @@ def _make(
     since: int,
     purpose: str,
     action: str,
+    resume_later: bool = False,
+    early: Pausing | None = None,
 ) -> SavedImage:
     helper = None
     if helpers is not None and plan.holder is not None and (config.get("Cmd") or config.get("Entrypoint")):
-        helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
+        try:
+            with span("helper-take"):
+                helper = helpers.take(plan.holder)  # a kept one, or one made while the container is paused and planned
+        except BaseException:
+            if early is not None:
+                early.undo()
+            raise
     try:
-        with paused(client, cid, action, plan.container):
+        with paused(client, cid, action, plan.container, early) as held:
             with span("plan"):
                 layer = overlay.plan_layer(
                     plan.roots, observer, private=is_mount_point, saved_at_ns=since, saved=plan.saved
@@ -306,42 +332,165 @@ def _make(
                     action=action,
                 )
             saved_at = time.time_ns()  # still paused, the layer taken away: what it held is in the image
+            if resume_later:
+                held.resume_later()
     except BaseException:
         if helper is not None and helpers is not None:
             helpers.discard(helper)
         raise
     if helper is not None and helpers is not None:
-        helpers.give_back(helper)  # for the next save on the same layers
-        if purpose == "save":
-            helpers.prepare(info.id)  # and one for this runtime's next save, on the new version
-    return SavedImage(info, layer.left_out, saved_at)
+        # after the resume: a helper started or removed meanwhile would keep the engine from it
+        kept, made = helper, info.id
+        held.then(lambda: helpers.give_back(kept))  # for the next save on the same layers
+        if purpose == "save":  # and one for this runtime's next save, on the new version
+            held.then(lambda: helpers.prepare(made, cid))
+    return SavedImage(info, layer.left_out, saved_at, held.wait)
+
+
+class Resumption:
+    """A paused container's resume, under way in a thread of its own: the caller goes on (records
+    the version) meanwhile and :meth:`wait`s before its work ends, which raises what went wrong."""
+
+    def __init__(self, client: docker.DockerClient, cid: str) -> None:
+        self._client, self._cid = client, cid
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._after: list[Callable[[], None]] | None = []  # None once resumed
+        self._thread = threading.Thread(target=self._run, name="envctl-unpause", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _unpause(self._client, self._cid)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            with self._lock:
+                after, self._after = self._after or [], None
+            for work in after:
+                _quietly(work)
+
+    def then(self, work: Callable[[], None]) -> None:
+        """``work()`` once the container resumed (at once if it has): engine work that would
+        otherwise hold the resume up."""
+        with self._lock:
+            if self._after is not None:
+                self._after.append(work)
+                return
+        _quietly(work)
+
+    def wait(self) -> None:
+        with span("unpause-wait"):
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class Pause:
+    """What :func:`paused` yields: :meth:`resume_later` asks for the resume to go on in the
+    background when the block ends without an error (:attr:`resumption` then holds it)."""
+
+    def __init__(self) -> None:
+        self.later = False
+        self.resumption: Resumption | None = None
+
+    def resume_later(self) -> None:
+        self.later = True
+
+    def wait(self) -> None:
+        """The resume asked for by :meth:`resume_later` done (nothing when there was none)."""
+        if self.resumption is not None:
+            self.resumption.wait()
+
+    def then(self, work: Callable[[], None]) -> None:
+        """``work()`` once the container resumed in the background, or at once."""
+        if self.resumption is not None:
+            self.resumption.then(work)
+        else:
+            work()
+
+
+def _quietly(work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception:
+        log.exception("after a save's resume")
+
+
+def _unpause(client: docker.DockerClient, cid: str) -> None:
+    try:
+        client.api.unpause(cid)
+    except docker.errors.NotFound:
+        pass  # removed meanwhile: nothing to resume
+    except Exception as exc:
+        raise daemon_error("resume the runtime after its save", exc) from exc
+
+
+class Pausing:
+    """A container's pause asked for in a thread of its own, before the caller knows it needs
+    it (a save's runtime runs): :func:`paused` takes it, or :meth:`undo` resumes the container
+    when it was not needed after all."""
+
+    def __init__(self, client: docker.DockerClient, cid: str) -> None:
+        self._client, self._cid = client, cid
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="envctl-pause", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._client.api.pause(self._cid)
+        except BaseException as exc:
+            self._error = exc
+
+    def done(self) -> bool:
+        """Whether the engine paused it (False: it said no: not running, paused already, gone)."""
+        self._thread.join()
+        return self._error is None
+
+    def undo(self) -> None:
+        """The container resumed if this paused it."""
+        if self.done():
+            _unpause(self._client, self._cid)
 
 
 @contextlib.contextmanager
 def paused(
-    client: docker.DockerClient, cid: str, action: str, container: dict[str, Any] | None = None
-) -> Iterator[None]:
+    client: docker.DockerClient,
+    cid: str,
+    action: str,
+    container: dict[str, Any] | None = None,
+    early: Pausing | None = None,
+) -> Iterator[Pause]:
     """The container frozen for the block, as ``docker commit`` freezes it (an exited one is
-    still already). ``container``: its inspection, when just made."""
+    still already). ``container``: its inspection, when just made; ``early``: its pause, asked
+    for already. It is resumed as the block ends, or, when the block asked so and ended well,
+    in the background (``Pause.wait``)."""
     try:
-        state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
-        pause = bool(state.get("Running")) and not state.get("Paused")
-        if pause:
-            with span("pause"):
-                client.api.pause(cid)
+        with span("pause"):
+            pause = early is not None and early.done()
+        if not pause:  # none asked for, or the engine said no: as the inspection says
+            state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
+            pause = bool(state.get("Running")) and not state.get("Paused")
+            if pause:
+                with span("pause"):
+                    client.api.pause(cid)
     except Exception as exc:
         raise daemon_error(action, exc) from exc
+    held = Pause()
     try:
-        yield
-    finally:
+        yield held
+    except BaseException:
         if pause:
-            try:
-                with span("unpause"):
-                    client.api.unpause(cid)
-            except docker.errors.NotFound:
-                pass  # removed meanwhile: nothing to resume
-            except Exception as exc:
-                raise daemon_error("resume the runtime after its save", exc) from exc
+            with span("unpause"):
+                _unpause(client, cid)
+        raise
+    if pause:
+        if held.later:
+            held.resumption = Resumption(client, cid)
+        else:
+            with span("unpause"):
+                _unpause(client, cid)
 
 
 def commit_and_scan(

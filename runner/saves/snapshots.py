@@ -192,6 +192,12 @@ class Snapshots:
         version: EnvironmentVersion | None = None
         error: Exception | None = None
         timings: dict[str, float] = {}
+        noted: list[str] = []  # the version whose log line went in the transaction that recorded it
+
+        def finished(s: Session, made: EnvironmentVersion) -> None:
+            self._finished_in(s, runtime_id, made.ref)
+            noted.append(made.ref)
+
         try:
             with stopwatch.measuring() as watch:
                 try:
@@ -205,6 +211,7 @@ class Snapshots:
                         tag,
                         keep_caches=options.keep_caches,
                         allow_secrets=options.allow_secrets,
+                        recorded=finished,
                     )
                 finally:
                     timings = watch.ms()
@@ -215,18 +222,11 @@ class Snapshots:
                 # activity first, then "no longer saving": idle shutdown never sees a runtime
                 # that is neither saving nor freshly active (R20). Both before the operation
                 # ends: whoever sees it end may save again at once. A save's log line goes in
-                # the same transaction (the runtime's log line before the operation's end).
-                with self.records.tx() as s:
-                    self.records.touch_in(s, runtime_id, "save finished")
-                    if error is None and version is not None:
-                        self.records.log(
-                            s,
-                            runtime_id,
-                            event="saved",
-                            reason="user-request",
-                            message=f"saved as {version.ref}",
-                            details={"version": version.ref},
-                        )
+                # the same transaction (the runtime's log line before the operation's end):
+                # the one that recorded the version, when the save made it here.
+                if not (error is None and version is not None and noted == [version.ref]):
+                    with self.records.tx() as s:
+                        self._finished_in(s, runtime_id, version.ref if error is None and version else None)
             finally:
                 with self._lock:
                     self._saving.discard(runtime_id)
@@ -261,6 +261,20 @@ class Snapshots:
             + pushed_text(pushed),
         )
 
+    def _finished_in(self, s: Session, runtime_id: str, saved_as: str | None) -> None:
+        """A save's end in transaction ``s``: the runtime's activity, and its log line when it
+        made the version ``saved_as``."""
+        self.records.touch_in(s, runtime_id, "save finished")
+        if saved_as is not None:
+            self.records.log(
+                s,
+                runtime_id,
+                event="saved",
+                reason="user-request",
+                message=f"saved as {saved_as}",
+                details={"version": saved_as},
+            )
+
     # ------------------------------------------------------------------ the work
     def save_now(
         self,
@@ -277,11 +291,13 @@ class Snapshots:
         keep_caches: bool = False,
         allow_secrets: Sequence[str] = (),
         secret_values: Sequence[str] | None = None,
+        recorded: Callable[[Session, EnvironmentVersion], None] | None = None,
     ) -> EnvironmentVersion:
         """Make the layer (caches left out, scanned), check, compact if needed, and record the
         version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
-        (``self.secret_values``) when given."""
-        with self.records.db.session() as s:
+        (``self.secret_values``) when given. ``recorded(session, version)`` is called in the
+        transaction that records the version (made here, not inside the runtime)."""
+        with stopwatch.span("prepare"), self.records.db.session() as s:
             rt = self.records.get_mine(s, who, runtime_id)
             parent = rt.version
             parent_id, parent_image = parent.id, parent.image_id
@@ -325,7 +341,8 @@ class Snapshots:
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
         saved_at_ns = time.time_ns()  # before the save pauses the container, unless the backend says later
-        values = self.secret_values(runtime_id) if secret_values is None else secret_values
+        with stopwatch.span("secrets"):
+            values = self.secret_values(runtime_id) if secret_values is None else secret_values
         observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
         del values
         saved = self.backend.save_layer(
@@ -337,63 +354,73 @@ class Snapshots:
             observer=observer,
             saved_at_ns=since,
         )
-        image_id = saved.image.id
-        baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
-        report = {
-            "caches_kept": keep_caches,
-            "left_out": saved.left_out,
-            "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
-            "allowed_secrets": observer.allowed(),
-        }
-        if not saved.lean:
-            report["note"] = "the engine's storage could not be read here: caches were not left out"
-        pending.append(image_id)
-        self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-        with stopwatch.span("image-info"):
-            info = self.backend.image_info(image_id)
-            parent_info = self.backend.image_info(parent_image)
-        if info is None:
-            raise BackendError("the saved image vanished before it was recorded")
-        if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
-            self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
-            squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
-            pending.append(squashed)
+        # the container resumes meanwhile (the backend's ``resumed``): it is running again
+        # before the save ends, whatever happens
+        try:
+            image_id = saved.image.id
+            baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
+            report = {
+                "caches_kept": keep_caches,
+                "left_out": saved.left_out,
+                "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
+                "allowed_secrets": observer.allowed(),
+            }
+            if not saved.lean:
+                report["note"] = "the engine's storage could not be read here: caches were not left out"
+            pending.append(image_id)
+            # noted before the version is recorded: a failed record (or envctl dying before it)
+            # then removes the image by its id (a name alone would not go while a helper uses it)
             self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-            self.backend.remove_image(image_id)
-            image_id = squashed
-            info = self.backend.image_info(image_id) or info
-        with stopwatch.span("record"), self.records.db.session() as s:
-            version, _created = envs_service.register_version(
-                s,
-                envs_service.NewVersion(
-                    environment=environment,
-                    image_id=image_id,
-                    image_ref=f"{repository}:{image_tag}",
-                    parent=s.get(EnvironmentVersion, parent_id),
-                    message=message,
-                    author=author,
-                    size=info.size,
-                    size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
-                    source_runtime_id=runtime_id,
-                    labels={**labels, SAVE_LABEL: report},
-                    tag="latest",
-                ),
-                writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
-            )
-            if tag and tag != "latest":
-                envs_service.set_tag(s, version.environment, tag, version)
-            # The runtime now stands on what it saved: it is pinned to the new version, and what
-            # its container differs by so far is part of that version, not unsaved changes.
-            self.records.set_in(
-                s,
-                runtime_id,
-                version_id=version.id,
-                environment_ref=version.ref,
-                draft_image_id=None,
-                draft_changes=[],
-                change_baseline=baseline,
-            )
-            s.flush()
-            _ = version.ref  # load what the caller reads after the session
-            _ = version.environment.full_name
-        return version
+            with stopwatch.span("image-info"):
+                info = self.backend.image_info(image_id)
+                parent_info = self.backend.image_info(parent_image)
+            if info is None:
+                raise BackendError("the saved image vanished before it was recorded")
+            if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
+                self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
+                squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
+                pending.append(squashed)
+                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
+                self.backend.remove_image(image_id)
+                image_id = squashed
+                info = self.backend.image_info(image_id) or info
+            with stopwatch.span("record"), self.records.db.session() as s:
+                version, _created = envs_service.register_version(
+                    s,
+                    envs_service.NewVersion(
+                        environment=environment,
+                        image_id=image_id,
+                        image_ref=f"{repository}:{image_tag}",
+                        parent=s.get(EnvironmentVersion, parent_id),
+                        message=message,
+                        author=author,
+                        size=info.size,
+                        size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
+                        source_runtime_id=runtime_id,
+                        labels={**labels, SAVE_LABEL: report},
+                        tag="latest",
+                    ),
+                    writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
+                )
+                if tag and tag != "latest":
+                    envs_service.set_tag(s, version.environment, tag, version)
+                # The runtime now stands on what it saved: it is pinned to the new version, and what
+                # its container differs by so far is part of that version, not unsaved changes.
+                self.records.set_in(
+                    s,
+                    runtime_id,
+                    version_id=version.id,
+                    environment_ref=version.ref,
+                    draft_image_id=None,
+                    draft_changes=[],
+                    change_baseline=baseline,
+                )
+                s.flush()
+                if recorded is not None:
+                    recorded(s, version)
+                _ = version.ref  # load what the caller reads after the session
+                _ = version.environment.full_name
+            return version
+        finally:
+            if saved.resumed is not None:
+                saved.resumed()
