@@ -38,7 +38,8 @@ from envs.kit.errors import BackendError, ConflictError
 from envs.models import EnvironmentVersion
 from runner.backends import docker_volumes as volumes
 from runner.backends import netguard, swarm_removal
-from runner.backends.base import LABEL_INSTALLATION
+from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED
+from runner.backends.helpers import HELPER, installation_helpers
 from runner.identity import Liveness
 from runner.models import Installation, RunnerRecord, Runtime
 from runner.settings import Settings
@@ -128,6 +129,10 @@ def plan(
     out = Plan(installation, str(settings.data_dir))
     try:
         listed = client.api.containers(all=True, filters={"label": f"{LABEL_INSTALLATION}={installation}"})
+        # its save helpers carry its identity in their names, not labels (runner/backends/helpers.py)
+        prefix = installation_helpers(installation)
+        helpers = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}={HELPER}"})
+        listed += [c for c in helpers if any(n.lstrip("/").startswith(prefix) for n in c.get("Names") or [])]
     except Exception as exc:
         raise daemon_error("list the installation's containers", exc) from exc
     out.containers = [

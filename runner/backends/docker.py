@@ -300,6 +300,7 @@ class DockerBackend(RuntimeBackend):
         self._force_remove(cid)
 
     def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
+        self.helpers.own(identity.installation, identity.name)  # the first time: leftovers swept
         # Docker's label filters are ANDed: the runner's name and a runtime id, then the
         # installation is checked here, so that containers made before installations had an
         # identity (no such label) are still found, as legacy ones.

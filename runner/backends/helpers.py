@@ -32,6 +32,7 @@ carries the labels and the ``envctl-helper-`` name, and holds no file of any run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -153,6 +154,16 @@ def _after(first: Future[None], then: Callable[[], None]) -> None:
         then()
 
 
+def installation_helpers(installation: str) -> str:
+    """The start of the names of an installation's helpers (``envctl uninstall`` removes them)."""
+    return f"envctl-helper-{hashlib.sha256(installation.encode()).hexdigest()[:12]}-"
+
+
+def helper_prefix(installation: str, runner: str) -> str:
+    """The start of the names of one runner's helpers: its installation's, then the runner's."""
+    return f"{installation_helpers(installation)}{hashlib.sha256(runner.encode()).hexdigest()[:8]}-"
+
+
 class Helpers:
     """The helpers of one backend: made on demand, kept for the next save of their image."""
 
@@ -162,6 +173,40 @@ class Helpers:
         self._idle: list[Helper] = []  # oldest first
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="envctl-helpers")
+        self._prefix = "envctl-helper-"  # helper_prefix(...) once a runner owns the backend (own)
+        self._names: set[str] = set()  # every helper this process made (never swept as left behind)
+
+    def own(self, installation: str, runner: str) -> int:
+        """From now on helpers are named for this runner (``helper_prefix``: a name, since a
+        label would be recorded in every image committed from them, before Docker 25, and the
+        installation's id must reach no saved image); ``envctl uninstall`` removes them by that
+        prefix. The first time, the helpers an earlier envctl of this runner left behind (it died
+        holding them) are removed: only this runner's, never another installation's or runner's,
+        nor one this process made. Returns how many were removed."""
+        prefix = helper_prefix(installation, runner)
+        with self._lock:
+            if self._prefix == prefix:
+                return 0
+            self._prefix = prefix
+            mine = set(self._names)
+        try:
+            left = self._client().api.containers(all=True, filters={"label": f"{LABEL_MANAGED}={HELPER}"})
+        except Exception as exc:  # noqa: BLE001 - a sweep is best effort; the next start tries again
+            log.warning("the save helpers left by an earlier envctl could not be listed: %s", str(exc)[:200])
+            return 0
+        removed = 0
+        for c in left:
+            names = {n.lstrip("/") for n in c.get("Names") or []}
+            if names & mine or not any(n.startswith(prefix) for n in names):
+                continue  # made by this process (in use or waiting), or not this runner's
+            try:
+                engine.remove_container(self._client(), c["Id"], "remove a save's helper container left behind")
+                removed += 1
+            except EnvctlError as exc:
+                log.warning("a helper container left behind (%s) stays: %s", c["Id"][:12], exc.message)
+        if removed:
+            log.info("removed %d save helper container(s) an earlier envctl of this runner left behind", removed)
+        return removed
 
     def take(self, image: str) -> Helper:
         """A helper of ``image``: one kept waiting (checked to be still there, in the
@@ -235,7 +280,9 @@ class Helpers:
     # -------------------------------------------------------------------------- the engine
     def _create(self, image: str) -> Made:
         api = self._client().api
-        name = f"envctl-helper-{uuid.uuid4().hex[:16]}"
+        name = f"{self._prefix}{uuid.uuid4().hex[:16]}"
+        with self._lock:
+            self._names.add(name)
         try:
             cid = str(
                 api.create_container(

@@ -8,6 +8,7 @@ nothing and reach nothing. One that cannot be started is used as created.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from runner.backends import overlay
-from runner.backends.helpers import HELPER, Helpers
+from runner.backends.helpers import HELPER, Helpers, helper_prefix, installation_helpers
 from runner.backends.saves import KeepEverything
 from runner.saves.imageconfig import CONFIG_KEYS
 from tests.conftest import TEST_LABEL, TEST_SESSION
@@ -139,3 +140,32 @@ def test_a_helper_of_an_image_without_python3_is_used_unstarted(docker: Any, tmp
             docker.api.remove_image(made_image, force=True)
         docker.api.remove_image(image, force=True)
     assert _helpers_of(docker, helpers) == []
+
+
+def test_helpers_left_by_an_envctl_that_died_are_swept_at_its_next_start_and_no_one_elses(docker: Any) -> None:
+    """A helper is named for its runner once the runner owns the backend (a name: a label would
+    be recorded in the images committed from it); the next start of the same runner removes what
+    the last one left held, and leaves another installation's helpers and its own live ones."""
+    image = base_image(docker, "python3")
+    died = Helpers(lambda: docker, {TEST_LABEL: TEST_SESSION})
+    other = Helpers(lambda: docker, {TEST_LABEL: TEST_SESSION})
+    again = Helpers(lambda: docker, {TEST_LABEL: TEST_SESSION})
+    try:
+        assert died.own("inst-a", "runner-1") == 0
+        left = died.take(image).made()  # never given back nor closed: the process "died" holding it
+        name = docker.api.inspect_container(left.id)["Name"].lstrip("/")
+        assert name.startswith(helper_prefix("inst-a", "runner-1"))
+        assert name.startswith(installation_helpers("inst-a"))  # what envctl uninstall looks for
+        assert "inst-a" not in json.dumps(docker.api.inspect_container(left.id)["Config"])
+        other.own("inst-b", "runner-1")
+        theirs = other.take(image).made()
+        assert again.own("inst-a", "runner-1") == 1
+        live = again.take(image).made()
+        assert again.own("inst-a", "runner-1") == 0  # only the first time: a live helper is never swept
+        ids = {c["Id"] for c in _helpers_of(docker, again)}
+        assert left.id not in ids and theirs.id in ids and live.id in ids
+    finally:
+        for helpers in (died, other, again):
+            helpers.close()
+        for c in _helpers_of(docker, again):
+            docker.api.remove_container(c["Id"], force=True)
