@@ -395,6 +395,21 @@ class Records:
             .execution_options(synchronize_session=False)
         )
 
+    @classmethod
+    def stand_on(cls, s: Session, runtime_id: str, version: Any, baseline: Any) -> None:
+        """The runtime now stands on what it saved: pinned to ``version``, and what its container
+        differs by so far is part of that version, not unsaved changes (in the caller's transaction)."""
+        cls.set_in(
+            s,
+            runtime_id,
+            version_id=version.id,
+            environment_ref=version.ref,
+            draft_image_id=None,
+            draft_changes=[],
+            change_baseline=baseline,
+        )
+        s.flush()
+
     @staticmethod
     def change(rt: Runtime, **values: Any) -> None:
         """Set columns of a row the caller holds (loaded in its transaction, often locked):

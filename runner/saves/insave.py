@@ -463,16 +463,7 @@ def register(
         envs_service.record_pushed(s, version, made.manifest_digest)
         if tag and tag != "latest":
             envs_service.set_tag(s, version.environment, tag, version)
-        records.set_in(
-            s,
-            runtime_id,
-            version_id=version.id,
-            environment_ref=version.ref,
-            draft_image_id=None,
-            draft_changes=[],
-            change_baseline=baseline,
-        )
-        s.flush()
+        records.stand_on(s, runtime_id, version, baseline)
         _ = version.ref
         _ = version.environment.full_name
     return version

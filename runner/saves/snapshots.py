@@ -404,18 +404,7 @@ class Snapshots:
                 )
                 if tag and tag != "latest":
                     envs_service.set_tag(s, version.environment, tag, version)
-                # The runtime now stands on what it saved: it is pinned to the new version, and what
-                # its container differs by so far is part of that version, not unsaved changes.
-                self.records.set_in(
-                    s,
-                    runtime_id,
-                    version_id=version.id,
-                    environment_ref=version.ref,
-                    draft_image_id=None,
-                    draft_changes=[],
-                    change_baseline=baseline,
-                )
-                s.flush()
+                self.records.stand_on(s, runtime_id, version, baseline)
                 if recorded is not None:
                     recorded(s, version)
                 _ = version.ref  # load what the caller reads after the session
