@@ -40,6 +40,7 @@ from runner.backends.base import (
     BackendState,
     Change,
     ContainerStatus,
+    EarlyPause,
     FoundContainer,
     ImageInfo,
     LayerObserver,
@@ -434,14 +435,19 @@ class DockerBackend(RuntimeBackend):
         version_image: str,
         observer: LayerObserver,
         saved_at_ns: int = 0,
+        early: EarlyPause | None = None,
     ) -> SavedLayer:
         """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
         the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
         read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``). After a
-        save from this container (``saved_at_ns``), only what changed since."""
+        save from this container (``saved_at_ns``), only what changed since. ``early``: the
+        pause ``pause_for_save`` asked for."""
         from runner.backends import saves
 
         cid = state.get("container_id")
+        if early is not None and not (isinstance(early, saves.Pausing) and early.cid == cid):
+            early.undo()  # not this backend's pause of this container: it pauses itself
+            early = None
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
@@ -452,12 +458,19 @@ class DockerBackend(RuntimeBackend):
             saved_at_ns=saved_at_ns,
             helpers=self.helpers,
             layout=self.layout,
+            early=early,
             **options,
         )
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)
         return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns, resumed=made.resumed)
+
+    def pause_for_save(self, state: BackendState) -> EarlyPause | None:
+        from runner.backends import saves
+
+        cid = state.get("container_id")
+        return saves.Pausing(self.client, cid) if cid else None
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")

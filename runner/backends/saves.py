@@ -240,12 +240,14 @@ def from_directories(
     helpers: Helpers | None,
     saved_at_ns: int = 0,
     layout: Layout | None = None,
+    early: Pausing | None = None,
 ) -> SavedImage | None:
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
-    (None: the layer is streamed into the engine). The container resumes in the background:
-    ``SavedImage.resumed`` waits for it."""
+    (None: the layer is streamed into the engine); ``early``: the container's pause, asked for
+    already. The container resumes in the background: ``SavedImage.resumed`` waits for it."""
     action = "save the runtime's filesystem"
-    early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
+    if early is None:
+        early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
     try:
         with span("inspect"):
             plan = layer_roots(client, cid, version_image, saved_at_ns, layout)
@@ -449,14 +451,17 @@ class Pausing:
     when it was not needed after all."""
 
     def __init__(self, client: docker.DockerClient, cid: str) -> None:
-        self._client, self._cid = client, cid
+        self._client, self.cid = client, cid
+        self.asked_ns = time.time_ns()
         self._error: BaseException | None = None
+        self._settled = False  # taken over by paused(), or undone
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="envctl-pause", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._client.api.pause(self._cid)
+            self._client.api.pause(self.cid)
         except BaseException as exc:
             self._error = exc
 
@@ -465,10 +470,20 @@ class Pausing:
         self._thread.join()
         return self._error is None
 
+    def _settle(self) -> bool:
+        with self._lock:
+            settled, self._settled = self._settled, True
+        return not settled
+
+    def take(self) -> bool:
+        """The pause taken over by :func:`paused` (which resumes the container): whether the
+        engine paused it. ``undo`` does nothing from now on."""
+        return self._settle() and self.done()
+
     def undo(self) -> None:
-        """The container resumed if this paused it."""
-        if self.done():
-            _unpause(self._client, self._cid)
+        """The container resumed if this paused it, unless :meth:`take` took it over; once."""
+        if self._settle() and self.done():
+            _unpause(self._client, self.cid)
 
 
 @contextlib.contextmanager
@@ -485,7 +500,7 @@ def paused(
     in the background (``Pause.wait``)."""
     try:
         with span("pause"):
-            pause = early is not None and early.done()
+            pause = early is not None and early.take()
         if not pause:  # none asked for, or the engine said no: as the inspection says
             state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
             pause = bool(state.get("Running")) and not state.get("Paused")
