@@ -51,7 +51,7 @@ def test_a_save_that_fails_before_its_layer_undoes_its_early_pause_once(make_run
         pauses.append(Recorded())
         return pauses[-1]
 
-    svc.backend.pause_for_save = pause_for_save  # type: ignore[method-assign,assignment]
+    svc.backend.pause_for_save = pause_for_save  # type: ignore[method-assign]
     rid = _running(svc, owner)
 
     def unreadable(runtime_id: str) -> list[str]:
