@@ -94,7 +94,6 @@ class DockerBackend(RuntimeBackend):
         self.subnet_pool = subnet_pool
         self.subnet_prefix = subnet_prefix
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
-        self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
         self._layouts: dict[str, dict[str, Any]] = {}  # container id -> its image and directories (layout)
         self._image_infos_lock = threading.Lock()
         self._gpus_seen = False  # the engine was seen able to hand out GPUs
@@ -358,7 +357,7 @@ class DockerBackend(RuntimeBackend):
             try:  # the writable layer read directly: no engine call (see overlay.py)
                 return [c for c in overlay.changes(layers) if not _is_private(c.path)]
             except OSError:
-                self._overlays.pop(cid, None)  # gone or unreadable: the engine answers instead
+                self._layouts.pop(cid, None)  # gone or unreadable: the engine answers instead
         try:
             raw = self.client.api.diff(cid) or []
         except docker.errors.NotFound:
@@ -375,19 +374,12 @@ class DockerBackend(RuntimeBackend):
         return out
 
     def _overlay_layers(self, cid: str) -> overlay.OverlayLayers | None:
-        """The container's overlay2 directories when this host can read them (kept per
-        container: they never change while it exists); None to ask the engine."""
-        if cid in self._overlays:
-            return self._overlays[cid]
+        """The container's overlay2 directories when this host can read them (``layout``); None
+        to ask the engine."""
         try:
-            info = self.layout(cid)
+            return overlay.OverlayLayers.from_inspect(self.layout(cid)["GraphDriver"])
         except Exception:
             return None  # the diff below says what is wrong
-        layers = overlay.OverlayLayers.from_inspect(info.get("GraphDriver") or {})
-        self._overlays[cid] = layers
-        while len(self._overlays) > 256:
-            self._overlays.pop(next(iter(self._overlays)))
-        return layers
 
     def layout(self, cid: str) -> dict[str, Any]:
         """What a save needs of the container's inspection: its ``Id``, its ``Image`` and its
@@ -579,7 +571,6 @@ class DockerBackend(RuntimeBackend):
         self._force_remove(info["Id"])
 
     def _force_remove(self, cid: str) -> None:
-        self._overlays.pop(cid, None)
         self._layouts.pop(cid, None)
         try:
             self.client.api.remove_container(cid, force=True, v=True)
