@@ -42,6 +42,7 @@ from registry.teams import team_names_of
 from runner.backends.base import EarlyPause, RuntimeBackend
 from runner.models import Operation, Runtime
 from runner.operations import Operations
+from runner.runtimes.attach import check_attached_save
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, Who, viewer_of
 from runner.saves.imageconfig import trusted_config
@@ -144,6 +145,7 @@ class Snapshots:
         tag: str | None = None,
         keep_caches: bool = False,
         allow_secrets: Sequence[str] = (),
+        attached_save: bool = False,
     ) -> Operation:
         owner_id = viewer_of(who).user_id  # the saver: writes the version, owns the operation
         full = environment  # not stripped: "tools\n" is refused, as everywhere else
@@ -163,6 +165,7 @@ class Snapshots:
             # the log line
             with self.records.tx() as s:
                 rt = self.records.get_mine(s, who, runtime_id)
+                check_attached_save(rt, attached_save)  # an attached runtime only when asked for
                 envs_service.check_write_to(s, full, writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
