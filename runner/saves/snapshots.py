@@ -473,7 +473,7 @@ class Snapshots:
                         environment=environment,
                         image_id=image_id,
                         image_ref=f"{repository}:{image_tag}",
-                        parent=s.get(EnvironmentVersion, parent_id),
+                        parent_id=parent_id,  # by its id: a parent gone meanwhile fails the record
                         message=message,
                         author=author,
                         size=info.size,
