@@ -188,6 +188,7 @@ class NewVersion:
     image_ref: str
     digest: str | None = None  # defaults to image_id
     parent: EnvironmentVersion | None = None
+    parent_id: int | None = None  # the parent by its id alone, when ``parent`` is not given
     message: str = ""
     author: str = ""
     size: int = 0
@@ -212,9 +213,10 @@ def register_version(
     version the environment already has, with no tag to move, writes nothing and is allowed
     to anyone: a loaded archive carries the base images its lineage stands on.
     """
-    if get_environment(session, new.environment) is None:
+    env = get_environment(session, new.environment)
+    if env is None:
         check_create(new.environment, writer)
-    env = get_or_create_environment(session, new.environment, writer.user_id if writer is not None else None)
+        env = get_or_create_environment(session, new.environment, writer.user_id if writer is not None else None)
     digest = new.digest or new.image_id
     existing = session.scalars(
         select(EnvironmentVersion).where(
@@ -240,7 +242,7 @@ def register_version(
             digest=digest,
             image_id=new.image_id,
             image_ref=new.image_ref,
-            parent_id=new.parent.id if new.parent is not None else None,
+            parent_id=new.parent.id if new.parent is not None else new.parent_id,
             message=new.message,
             author=new.author,
             size=new.size,
@@ -260,7 +262,7 @@ def register_version(
 
 
 def set_tag(session: Session, env: Environment, name: str, version: EnvironmentVersion) -> Tag:
-    tag = session.scalars(select(Tag).where(Tag.environment_id == env.id, Tag.name == name)).one_or_none()
+    tag = next((t for t in env.tags if t.name == name), None)  # read with env in this transaction
     if tag is None:
         tag = Tag(environment_id=env.id, name=name, version_id=version.id, updated_at=utcnow())
         session.add(tag)

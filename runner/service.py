@@ -89,7 +89,6 @@ from runner.cells.results import ResultCollector
 from runner.cells.streams import Feeds
 from runner.cells.workers import CellWorkers
 from runner.concurrency import Concurrency
-from runner.errors import RuntimeStateError
 from runner.identity import Lease, Liveness, RunnerIdentity, RunnerLiveness, installation_id, runner_name
 from runner.models import Operation, Runtime, RuntimeLogEntry
 from runner.mounts.named_volumes import Volumes
@@ -384,24 +383,6 @@ class RunnerService:
         )
         self.attach.record(rt.id, found)
         return self.runtimes.get(who, rt.id)
-
-    def check_save(self, who: Who, runtime_id: str, *, attached_save: bool) -> None:
-        """A save of an attached runtime is refused unless asked for (``attached_save``)."""
-        rt = self.runtimes.get(who, runtime_id)
-        container = container_of(rt)
-        if container is None:
-            return
-        if not attached_save:
-            raise RuntimeStateError(
-                f"runtime {rt.name!r} is attached to container {container!r}, which envctl did not start: a save "
-                "would make an environment of it; ask for that explicitly (`attached_save: true`)",
-                details={"container": container, "field": "attached_save"},
-            )
-        raise RuntimeStateError(
-            f"saving attached container {container!r} is not supported yet: its image is no envctl version to "
-            "make a layer on; `docker commit` it yourself and import the image",
-            details={"container": container},
-        )
 
     def get(self, who: Who, runtime_id: str) -> Runtime:
         return self.runtimes.get(who, runtime_id)

@@ -251,7 +251,6 @@ def save_runtime(
     running); poll ``GET /operations/{id}`` (``?wait=`` seconds) for the new version.
     Package caches are left out unless ``keep_caches``; a layer holding secrets fails the
     operation with ``save_has_secrets`` naming each path, unless it is in ``allow_secrets``."""
-    ctx.runner.check_save(caller.viewer, runtime_id, attached_save=body.attached_save)
     op = ctx.runner.snapshots.save(
         caller.viewer,
         caller.name,
@@ -261,6 +260,7 @@ def save_runtime(
         tag=body.tag,
         keep_caches=body.keep_caches,
         allow_secrets=body.allow_secrets,
+        attached_save=body.attached_save,
     )
     if wait:
         op = ctx.runner.operations.wait(caller.viewer, op.id, wait)

@@ -178,6 +178,17 @@ def changed_since_save(ctime_ns: int, saved_at_ns: int) -> bool:
     return not saved_at_ns or ctime_ns > saved_at_ns
 
 
+class EarlyPause(Protocol):
+    """A container's pause for a save, asked for before the save reaches ``save_layer``
+    (``RuntimeBackend.pause_for_save``): under way while the save is prepared."""
+
+    asked_ns: int  # time.time_ns() when it was asked for: the container changed nothing after
+
+    def undo(self) -> None:
+        """The container resumed if this paused it, unless ``save_layer`` took the pause over
+        (then it resumes the container itself); at most once."""
+
+
 class LayerObserver(Protocol):
     """What a save's layer maker asks about each entry (``runner.saves.scans.SaveFilter``)."""
 
@@ -302,6 +313,12 @@ class RuntimeBackend(abc.ABC):
         """
         raise NotSupportedError(f"the {self.name} backend cannot commit", details={"backend": self.name})
 
+    def pause_for_save(self, state: BackendState) -> EarlyPause | None:
+        """The container's pause for a save about to be made, asked for now and under way in the
+        background while the save is prepared; ``save_layer(early=...)`` takes it over, and the
+        save ``undo()``es it when it does not get there. None: ``save_layer`` pauses itself."""
+        return None
+
     def save_layer(
         self,
         state: BackendState,
@@ -312,6 +329,7 @@ class RuntimeBackend(abc.ABC):
         version_image: str,
         observer: LayerObserver,
         saved_at_ns: int = 0,
+        early: EarlyPause | None = None,
     ) -> SavedLayer:
         """A save: the container's changes as one new layer on the layers of ``version_image``.
 

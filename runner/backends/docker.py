@@ -40,6 +40,7 @@ from runner.backends.base import (
     BackendState,
     Change,
     ContainerStatus,
+    EarlyPause,
     FoundContainer,
     ImageInfo,
     LayerObserver,
@@ -93,7 +94,7 @@ class DockerBackend(RuntimeBackend):
         self.subnet_pool = subnet_pool
         self.subnet_prefix = subnet_prefix
         self._image_infos: dict[str, tuple[float, ImageInfo]] = {}  # image id -> (read at, info)
-        self._overlays: dict[str, overlay.OverlayLayers | None] = {}  # container id -> its layers
+        self._layouts: dict[str, dict[str, Any]] = {}  # container id -> its image and directories (layout)
         self._image_infos_lock = threading.Lock()
         self._gpus_seen = False  # the engine was seen able to hand out GPUs
         self._fenced: dict[str, float] = {}  # installation -> when its network was last checked
@@ -256,6 +257,7 @@ class DockerBackend(RuntimeBackend):
         except Exception as exc:
             raise _daemon_error("create the runtime's container", exc) from exc
         state: BackendState = {"container_id": container.id, "container_name": spec.container_name}
+        self._keep_layout(container.attrs)  # the creation's own inspection: a save need not ask again
         try:
             container.start()
             if spec.channel == "tcp":
@@ -355,7 +357,7 @@ class DockerBackend(RuntimeBackend):
             try:  # the writable layer read directly: no engine call (see overlay.py)
                 return [c for c in overlay.changes(layers) if not _is_private(c.path)]
             except OSError:
-                self._overlays.pop(cid, None)  # gone or unreadable: the engine answers instead
+                self._layouts.pop(cid, None)  # gone or unreadable: the engine answers instead
         try:
             raw = self.client.api.diff(cid) or []
         except docker.errors.NotFound:
@@ -372,19 +374,30 @@ class DockerBackend(RuntimeBackend):
         return out
 
     def _overlay_layers(self, cid: str) -> overlay.OverlayLayers | None:
-        """The container's overlay2 directories when this host can read them (kept per
-        container: they never change while it exists); None to ask the engine."""
-        if cid in self._overlays:
-            return self._overlays[cid]
+        """The container's overlay2 directories when this host can read them (``layout``); None
+        to ask the engine."""
         try:
-            info = self.client.api.inspect_container(cid)
+            return overlay.OverlayLayers.from_inspect(self.layout(cid)["GraphDriver"])
         except Exception:
             return None  # the diff below says what is wrong
-        layers = overlay.OverlayLayers.from_inspect(info.get("GraphDriver") or {})
-        self._overlays[cid] = layers
-        while len(self._overlays) > 256:
-            self._overlays.pop(next(iter(self._overlays)))
-        return layers
+
+    def layout(self, cid: str) -> dict[str, Any]:
+        """What a save needs of the container's inspection: its ``Id``, its ``Image`` and its
+        ``GraphDriver`` (the overlay2 directories), kept per container (taken from its creation
+        at boot): none of them changes while it exists, and an inspection asked for during a
+        save waits in the engine behind the save's pause of the same container."""
+        found = self._layouts.get(cid)
+        if found is None:
+            found = self._keep_layout(self.client.api.inspect_container(cid))
+        return found
+
+    def _keep_layout(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        kept = {"Id": attrs.get("Id"), "Image": attrs.get("Image"), "GraphDriver": attrs.get("GraphDriver") or {}}
+        if isinstance(kept["Id"], str) and kept["Image"] and kept["GraphDriver"]:
+            self._layouts[kept["Id"]] = kept
+            while len(self._layouts) > 256:
+                self._layouts.pop(next(iter(self._layouts)), None)
+        return kept
 
     # Image work is the shared image layer's (envs.images.docker), as for base-image builds.
     def commit(self, state: BackendState, *, config: dict[str, Any], repository: str, tag: str) -> str:
@@ -397,7 +410,7 @@ class DockerBackend(RuntimeBackend):
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag}
-        made = saves.draft_from_directories(self.client, cid, helpers=self.helpers, **options)
+        made = saves.draft_from_directories(self.client, cid, helpers=self.helpers, layout=self.layout, **options)
         if made is not None:
             return self._remember(made.info).id
         with saves.paused(self.client, cid, "snapshot the runtime's filesystem"):
@@ -414,24 +427,42 @@ class DockerBackend(RuntimeBackend):
         version_image: str,
         observer: LayerObserver,
         saved_at_ns: int = 0,
+        early: EarlyPause | None = None,
     ) -> SavedLayer:
         """The layer made from the container's overlay2 directories (``overlay.plan_layer``),
         the container paused meanwhile as ``docker commit`` pauses it; where they cannot be
         read, a commit whose layer is scanned afterwards (``saves.commit_and_scan``). After a
-        save from this container (``saved_at_ns``), only what changed since."""
+        save from this container (``saved_at_ns``), only what changed since. ``early``: the
+        pause ``pause_for_save`` asked for."""
         from runner.backends import saves
 
         cid = state.get("container_id")
+        if early is not None and not (isinstance(early, saves.Pausing) and early.cid == cid):
+            early.undo()  # not this backend's pause of this container: it pauses itself
+            early = None
         if not cid:
             raise BackendError("the runtime has no container to save")
         options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "observer": observer}
         made = saves.from_directories(
-            self.client, cid, version_image=version_image, saved_at_ns=saved_at_ns, helpers=self.helpers, **options
+            self.client,
+            cid,
+            version_image=version_image,
+            saved_at_ns=saved_at_ns,
+            helpers=self.helpers,
+            layout=self.layout,
+            early=early,
+            **options,
         )
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)
         return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns, resumed=made.resumed)
+
+    def pause_for_save(self, state: BackendState) -> EarlyPause | None:
+        from runner.backends import saves
+
+        cid = state.get("container_id")
+        return saves.Pausing(self.client, cid) if cid else None
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")
@@ -540,7 +571,7 @@ class DockerBackend(RuntimeBackend):
         self._force_remove(info["Id"])
 
     def _force_remove(self, cid: str) -> None:
-        self._overlays.pop(cid, None)
+        self._layouts.pop(cid, None)
         try:
             self.client.api.remove_container(cid, force=True, v=True)
         except docker.errors.NotFound:

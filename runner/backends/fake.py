@@ -34,6 +34,7 @@ from runner.backends.base import (
     BackendState,
     Change,
     ContainerStatus,
+    EarlyPause,
     FoundContainer,
     ImageInfo,
     LayerObserver,
@@ -216,8 +217,11 @@ class FakeBackend(RuntimeBackend):
         version_image: str,
         observer: LayerObserver,
         saved_at_ns: int = 0,
+        early: EarlyPause | None = None,
     ) -> SavedLayer:
         """The files ``set_files`` gave the runtime, through the observer as a real layer's are."""
+        if early is not None:  # never made here (no pause_for_save): nothing to take over
+            early.undo()
         self._check("save the runtime's filesystem")
         c = self._containers.get(state.get("container_id", ""))
         if c is None:

@@ -98,7 +98,7 @@ class LayerPlan:
     keep: int
     saved: list[str]  # since a save: the layers saves from this container added, top first
     holder: str | None  # an image of exactly those ``keep`` layers (a helper's), when known
-    container: dict[str, Any]  # the runtime container's inspection
+    container: dict[str, Any] | None  # the runtime container's inspection, when just made (its State)
 
 
 @dataclass(frozen=True)
@@ -155,21 +155,29 @@ def _inspect_image(client: docker.DockerClient, image: str) -> dict[str, Any]:
     return attrs
 
 
-def _overlay_of(client: docker.DockerClient, cid: str) -> tuple[dict[str, Any], overlay.OverlayLayers] | None:
-    container = client.api.inspect_container(cid)
+Layout = Callable[[str], dict[str, Any]]  # a container id -> its Id, Image and GraphDriver (DockerBackend.layout)
+
+
+def _overlay_of(
+    client: docker.DockerClient, cid: str, layout: Layout | None
+) -> tuple[dict[str, Any], overlay.OverlayLayers] | None:
+    container = layout(cid) if layout is not None else client.api.inspect_container(cid)
     layers = overlay.OverlayLayers.from_inspect(container.get("GraphDriver") or {})
     if layers is None or not _whole_files():
         return None
     return container, layers
 
 
-def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved_at_ns: int = 0) -> LayerPlan | None:
+def layer_roots(
+    client: docker.DockerClient, cid: str, version_image: str, saved_at_ns: int = 0, layout: Layout | None = None
+) -> LayerPlan | None:
     """The directories of the new layer and the layers the new image keeps, or None when the
     layer cannot be made from the directories. After a save from this container
     (``saved_at_ns``), the new image keeps every layer of the version it saved (when their
-    directories can be read) and the layer holds what changed since."""
+    directories can be read) and the layer holds what changed since. ``layout``: the
+    container's image and directories as kept by the backend (else it is inspected)."""
     try:
-        found = _overlay_of(client, cid)
+        found = _overlay_of(client, cid, layout)
         if found is None:
             return None
         container, layers = found
@@ -187,16 +195,17 @@ def layer_roots(client: docker.DockerClient, cid: str, version_image: str, saved
         return None
     roots = [layers.upper, *lowers[1 : 1 + len(mine) - keep]]
     saved = _saved_layers(version_attrs, len(version) - keep) if saved_at_ns else None
+    inspected = None if layout is not None else container  # a kept layout has no State to go by
     if saved is None:
         holder = version_image if keep == len(version) else image if keep == len(mine) else None
-        return LayerPlan(roots, image, keep, [], holder, container)
-    return LayerPlan(roots, version_image, len(version), saved, version_image, container)
+        return LayerPlan(roots, image, keep, [], holder, inspected)
+    return LayerPlan(roots, version_image, len(version), saved, version_image, inspected)
 
 
-def draft_roots(client: docker.DockerClient, cid: str) -> LayerPlan | None:
+def draft_roots(client: docker.DockerClient, cid: str, layout: Layout | None = None) -> LayerPlan | None:
     """A draft's layer: the container's upper directory whole, on every layer of its image."""
     try:
-        found = _overlay_of(client, cid)
+        found = _overlay_of(client, cid, layout)
         if found is None:
             return None
         container, layers = found
@@ -204,7 +213,7 @@ def draft_roots(client: docker.DockerClient, cid: str) -> LayerPlan | None:
         keep = len(_layers_of(_inspect_image(client, image)))
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
-    return LayerPlan([layers.upper], image, keep, [], image, container)
+    return LayerPlan([layers.upper], image, keep, [], image, None if layout is not None else container)
 
 
 def _saved_layers(attrs: dict[str, Any], count: int) -> list[str] | None:
@@ -230,15 +239,18 @@ def from_directories(
     observer: LayerObserver,
     helpers: Helpers | None,
     saved_at_ns: int = 0,
+    layout: Layout | None = None,
+    early: Pausing | None = None,
 ) -> SavedImage | None:
     """The save's image; None when the directories cannot be used. ``helpers``: the backend's
-    (None: the layer is streamed into the engine). The container resumes in the background:
-    ``SavedImage.resumed`` waits for it."""
+    (None: the layer is streamed into the engine); ``early``: the container's pause, asked for
+    already. The container resumes in the background: ``SavedImage.resumed`` waits for it."""
     action = "save the runtime's filesystem"
-    early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
+    if early is None:
+        early = Pausing(client, cid)  # the engine pauses it while its directories are looked up
     try:
         with span("inspect"):
-            plan = layer_roots(client, cid, version_image, saved_at_ns)
+            plan = layer_roots(client, cid, version_image, saved_at_ns, layout)
     except BaseException:
         early.undo()
         raise
@@ -262,10 +274,17 @@ def from_directories(
 
 
 def draft_from_directories(
-    client: docker.DockerClient, cid: str, *, config: dict[str, Any], repository: str, tag: str, helpers: Helpers | None
+    client: docker.DockerClient,
+    cid: str,
+    *,
+    config: dict[str, Any],
+    repository: str,
+    tag: str,
+    helpers: Helpers | None,
+    layout: Layout | None = None,
 ) -> SavedImage | None:
     """A draft's image (every change the container holds); None when the directories cannot be used."""
-    plan = draft_roots(client, cid)
+    plan = draft_roots(client, cid, layout)
     if plan is None:
         return None
     options: dict[str, Any] = {"config": config, "repository": repository, "tag": tag, "helpers": helpers}
@@ -432,14 +451,17 @@ class Pausing:
     when it was not needed after all."""
 
     def __init__(self, client: docker.DockerClient, cid: str) -> None:
-        self._client, self._cid = client, cid
+        self._client, self.cid = client, cid
+        self.asked_ns = time.time_ns()
         self._error: BaseException | None = None
+        self._settled = False  # taken over by paused(), or undone
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="envctl-pause", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._client.api.pause(self._cid)
+            self._client.api.pause(self.cid)
         except BaseException as exc:
             self._error = exc
 
@@ -448,10 +470,20 @@ class Pausing:
         self._thread.join()
         return self._error is None
 
+    def _settle(self) -> bool:
+        with self._lock:
+            settled, self._settled = self._settled, True
+        return not settled
+
+    def take(self) -> bool:
+        """The pause taken over by :func:`paused` (which resumes the container): whether the
+        engine paused it. ``undo`` does nothing from now on."""
+        return self._settle() and self.done()
+
     def undo(self) -> None:
-        """The container resumed if this paused it."""
-        if self.done():
-            _unpause(self._client, self._cid)
+        """The container resumed if this paused it, unless :meth:`take` took it over; once."""
+        if self._settle() and self.done():
+            _unpause(self._client, self.cid)
 
 
 @contextlib.contextmanager
@@ -468,7 +500,7 @@ def paused(
     in the background (``Pause.wait``)."""
     try:
         with span("pause"):
-            pause = early is not None and early.done()
+            pause = early is not None and early.take()
         if not pause:  # none asked for, or the engine said no: as the inspection says
             state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
             pause = bool(state.get("Running")) and not state.get("Paused")

@@ -45,7 +45,7 @@ from sqlalchemy import select
 from envs.kit.errors import ConflictError, EnvctlError
 from runner.backends.base import LABEL_MANAGED, LABEL_RUNTIME, OtherContainer, RuntimeBackend
 from runner.channel import AgentUnavailableError, wait_for_agent
-from runner.errors import AttachNotAllowedError, ContainerNotFoundError
+from runner.errors import AttachNotAllowedError, ContainerNotFoundError, RuntimeStateError
 from runner.models import Runtime
 from runner.paths import RuntimePaths
 from runner.runtimes.states import State
@@ -65,6 +65,25 @@ def container_of(rt: Runtime) -> str | None:
     """The container an attached runtime is attached to; None for any other runtime."""
     ref = rt.environment_ref or ""
     return ref[len(PREFIX) :] if ref.startswith(PREFIX) else None
+
+
+def check_attached_save(rt: Runtime, attached_save: bool) -> None:
+    """A save of an attached runtime is refused unless asked for (``attached_save``), and then
+    refused as not supported yet; any other runtime passes."""
+    container = container_of(rt)
+    if container is None:
+        return
+    if not attached_save:
+        raise RuntimeStateError(
+            f"runtime {rt.name!r} is attached to container {container!r}, which envctl did not start: a save "
+            "would make an environment of it; ask for that explicitly (`attached_save: true`)",
+            details={"container": container, "field": "attached_save"},
+        )
+    raise RuntimeStateError(
+        f"saving attached container {container!r} is not supported yet: its image is no envctl version to "
+        "make a layer on; `docker commit` it yourself and import the image",
+        details={"container": container},
+    )
 
 
 class Attach:

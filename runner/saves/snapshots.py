@@ -39,9 +39,10 @@ from envs.models import EnvironmentVersion
 from envs.refs import check_name, check_tag
 from registry.models import User
 from registry.teams import team_names_of
-from runner.backends.base import RuntimeBackend
-from runner.models import Operation
+from runner.backends.base import EarlyPause, RuntimeBackend
+from runner.models import Operation, Runtime
 from runner.operations import Operations
+from runner.runtimes.attach import check_attached_save
 from runner.runtimes.states import State
 from runner.runtimes.store import Records, Who, viewer_of
 from runner.saves.imageconfig import trusted_config
@@ -65,6 +66,19 @@ class SaveOptions:
     allow_secrets: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class SaveStart:
+    """What a save reads of its runtime before it begins (read by the request that asks for it)."""
+
+    parent_id: int  # the version the runtime stands on
+    parent_image: str
+    parent_ref: str
+    parent_digest: str
+    state: dict[str, Any]  # the backend's state: its container
+    since: int  # the moment of its last save from this container (``change_baseline``), or 0
+    number: int  # the number the new version would get
+
+
 def _left_out_text(report: dict[str, Any]) -> str:
     total = int(report.get("left_out_bytes") or 0)
     if not report.get("left_out"):
@@ -74,6 +88,13 @@ def _left_out_text(report: dict[str, Any]) -> str:
 
 def _oci_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _undo(early: EarlyPause) -> None:
+    try:
+        early.undo()
+    except Exception:  # the save's own error is what its operation reports
+        log.exception("a save could not resume its runtime's container")
 
 
 def writer_of(session: Session, user_id: str) -> envs_service.Writer:
@@ -124,6 +145,7 @@ class Snapshots:
         tag: str | None = None,
         keep_caches: bool = False,
         allow_secrets: Sequence[str] = (),
+        attached_save: bool = False,
     ) -> Operation:
         owner_id = viewer_of(who).user_id  # the saver: writes the version, owns the operation
         full = environment  # not stripped: "tools\n" is refused, as everywhere else
@@ -142,7 +164,8 @@ class Snapshots:
             # runner's), the 403 (before any operation or commit), the state, the operation and
             # the log line
             with self.records.tx() as s:
-                rt = self.records.get_mine(s, who, runtime_id, with_version=False)
+                rt = self.records.get_mine(s, who, runtime_id)
+                check_attached_save(rt, attached_save)  # an attached runtime only when asked for
                 envs_service.check_write_to(s, full, writer_of(s, owner_id), *SAVE_ACTION)
                 if rt.state != State.RUNNING:
                     raise ConflictError(
@@ -169,8 +192,9 @@ class Snapshots:
                 self.records.log(
                     s, runtime_id, event="save-started", reason="user-request", message=f"saving as {full}"
                 )
+                start = self._start_of(s, rt, full) if rt.version is not None else None
             options = SaveOptions(keep_caches, tuple(allowed))
-            self.submit(self._save, op.id, who, author, runtime_id, full, message, tag, options)
+            self.submit(self._save, op.id, who, author, runtime_id, full, message, tag, options, start)
         except BaseException:
             if claimed:
                 with self._lock:
@@ -188,6 +212,7 @@ class Snapshots:
         message: str,
         tag: str | None,
         options: SaveOptions,
+        start: SaveStart | None = None,
     ) -> None:
         version: EnvironmentVersion | None = None
         error: Exception | None = None
@@ -201,6 +226,11 @@ class Snapshots:
         try:
             with stopwatch.measuring() as watch:
                 try:
+                    # The container's pause is asked for first: the engine takes tens of
+                    # milliseconds to freeze it, while the save reads its secrets and notes
+                    # its phase. The save's layer is planned only once it is frozen.
+                    in_runtime = self.in_runtime is not None and self.in_runtime.enabled
+                    early = None if start is None or in_runtime else self.backend.pause_for_save(start.state)
                     version = self.save_now(
                         op_id,
                         who,
@@ -212,6 +242,8 @@ class Snapshots:
                         keep_caches=options.keep_caches,
                         allow_secrets=options.allow_secrets,
                         recorded=finished,
+                        start=start,
+                        early=early,
                     )
                 finally:
                     timings = watch.ms()
@@ -276,6 +308,19 @@ class Snapshots:
             )
 
     # ------------------------------------------------------------------ the work
+    def _start_of(self, s: Session, rt: Runtime, environment: str) -> SaveStart:
+        """What a save of ``rt`` (loaded with its version in ``s``) reads before it begins."""
+        parent = rt.version
+        return SaveStart(
+            parent_id=parent.id,
+            parent_image=parent.image_id,
+            parent_ref=parent.ref,
+            parent_digest=parent.digest,
+            state=dict(rt.backend_state or {}),
+            since=int((rt.change_baseline or {}).get("saved_at_ns") or 0),  # a save from this container
+            number=envs_service.next_number(s, environment),
+        )
+
     def save_now(
         self,
         op_id: str,
@@ -292,19 +337,52 @@ class Snapshots:
         allow_secrets: Sequence[str] = (),
         secret_values: Sequence[str] | None = None,
         recorded: Callable[[Session, EnvironmentVersion], None] | None = None,
+        start: SaveStart | None = None,
+        early: EarlyPause | None = None,
     ) -> EnvironmentVersion:
         """Make the layer (caches left out, scanned), check, compact if needed, and record the
         version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
         (``self.secret_values``) when given. ``recorded(session, version)`` is called in the
-        transaction that records the version (made here, not inside the runtime)."""
-        with stopwatch.span("prepare"), self.records.db.session() as s:
-            rt = self.records.get_mine(s, who, runtime_id)
-            parent = rt.version
-            parent_id, parent_image = parent.id, parent.image_id
-            parent_ref, parent_digest = parent.ref, parent.digest
-            state = dict(rt.backend_state or {})
-            since = int((rt.change_baseline or {}).get("saved_at_ns") or 0)  # a save from this container
-            number = envs_service.next_number(s, environment)
+        transaction that records the version (made here, not inside the runtime). ``start``:
+        what the request read of the runtime (else it is read here); ``early``: the
+        container's pause, asked for already (``RuntimeBackend.pause_for_save``), which this
+        hands to the backend's ``save_layer`` or undoes."""
+        try:
+            return self._save_now(
+                op_id, who, author, runtime_id, environment, message, tag, extra_env=extra_env,
+                extra_labels=extra_labels, keep_caches=keep_caches, allow_secrets=allow_secrets,
+                secret_values=secret_values, recorded=recorded, start=start, early=early,
+            )  # fmt: skip
+        except BaseException:
+            if early is not None:
+                _undo(early)  # the container resumed, unless save_layer took the pause over
+            raise
+
+    def _save_now(
+        self,
+        op_id: str,
+        who: Who,
+        author: str,
+        runtime_id: str,
+        environment: str,
+        message: str,
+        tag: str | None,
+        *,
+        extra_env: dict[str, str] | None,
+        extra_labels: dict[str, str] | None,
+        keep_caches: bool,
+        allow_secrets: Sequence[str],
+        secret_values: Sequence[str] | None,
+        recorded: Callable[[Session, EnvironmentVersion], None] | None,
+        start: SaveStart | None,
+        early: EarlyPause | None,
+    ) -> EnvironmentVersion:
+        if start is None:
+            with stopwatch.span("prepare"), self.records.db.session() as s:
+                start = self._start_of(s, self.records.get_mine(s, who, runtime_id), environment)
+        parent_id, parent_image = start.parent_id, start.parent_image
+        parent_ref, parent_digest = start.parent_ref, start.parent_digest
+        state, since, number = start.state, start.since, start.number
         now = self.records.clock()
         labels = {
             "org.opencontainers.image.created": _oci_time(now),
@@ -320,6 +398,8 @@ class Snapshots:
             **(extra_labels or {}),
         }
         if self.in_runtime is not None and self.in_runtime.enabled:  # no host storage: runner/saves/insave.py
+            if early is not None:
+                _undo(early)
             values = self.secret_values(runtime_id) if secret_values is None else secret_values
             observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
             return save_in_runtime(
@@ -340,7 +420,8 @@ class Snapshots:
         # removes it at once (_save).
         pending = [f"{repository}:{image_tag}"]
         self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
-        saved_at_ns = time.time_ns()  # before the save pauses the container, unless the backend says later
+        # before the save pauses the container, unless the backend says later
+        saved_at_ns = early.asked_ns if early is not None else time.time_ns()
         with stopwatch.span("secrets"):
             values = self.secret_values(runtime_id) if secret_values is None else secret_values
         observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
@@ -353,6 +434,7 @@ class Snapshots:
             version_image=parent_image,
             observer=observer,
             saved_at_ns=since,
+            early=early,
         )
         # the container resumes meanwhile (the backend's ``resumed``): it is running again
         # before the save ends, whatever happens
@@ -391,7 +473,7 @@ class Snapshots:
                         environment=environment,
                         image_id=image_id,
                         image_ref=f"{repository}:{image_tag}",
-                        parent=s.get(EnvironmentVersion, parent_id),
+                        parent_id=parent_id,  # by its id: a parent gone meanwhile fails the record
                         message=message,
                         author=author,
                         size=info.size,
