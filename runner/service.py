@@ -382,7 +382,7 @@ class RunnerService:
             team=team,
             lease=lease,
         )
-        self.attach.record(rt.id, found)
+        self.attach.record(rt.id, found, python)
         return self.runtimes.get(who, rt.id)
 
     def check_save(self, who: Who, runtime_id: str, *, attached_save: bool) -> None:
