@@ -7,7 +7,7 @@ bootstrap, which reads one line on its standard input (the agent's files and the
 credential: never in an argument, a variable or a log) and writes them into a directory of its
 own on the container's ``/dev/shm`` (a tmpfs: no part of the container's filesystem, refused
 when it is not one). It then forks the agent (a session of its own, listening on TCP with that
-credential, which it removes once read) and stays as the agent's parent and child subreaper,
+credential) and stays as the agent's parent and child subreaper,
 reaping the agent and whatever its cells leave behind, so no zombie stays when it ends; it
 prints the pids and the port, and envctl closes the exec stream and dials the pod's IP as it
 dials its own pods. Cells run in the container's namespaces, with its variables, user and
@@ -57,8 +57,11 @@ for name, text in data["files"].items():
         f.write(text)
 os.mkdir(os.path.join(d, "scratch"), 0o700)
 cred = os.path.join(d, "agent.key")
-fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-os.write(fd, data["credential"].encode()); os.close(fd)
+os.mkfifo(cred, 0o600)  # a pipe: its bytes only in kernel memory; the agent reads it and removes it
+keep = os.open(cred, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+line = data["credential"].encode()
+if os.write(keep, line) != len(line):
+    say(error="the credential did not fit the pipe"); sys.exit(1)
 port = int(data["port"])
 with socket.socket() as s:
     try:
