@@ -4,7 +4,8 @@ processes, files, variables and working directory; its agent's credential is in 
 variable or file once read; a stop (detach) and the runtime's deletion leave no process or file
 of envctl's in it (a listing of its processes and whole filesystem compared before and after),
 and the pod keeps running, never restarted; a pod outside the allow-list is a 403 naming the
-rules; a pod without python3 is refused, saying why."""
+rules; a pod without python3 is refused, saying why. The server has only the token of the
+Role that ``envctl kube rbac --attach`` prints (pods/exec added)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 from envs.kit.db import Database
 from registry.team_secrets import SecretBox
 from runner.agentauth import AgentLinks
+from runner.backends import kube_rbac
 from runner.models import Runtime
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.kube import KubeCluster, wait_running
@@ -30,11 +32,13 @@ from tests.fixtures.server import Server
 from tests.fixtures.services import base_image, docker_client
 from tests.fixtures.swarm import REGISTRY_BINARY, serve_registry
 from tests.kube.envctl_server import core_api, kube_server, remove_installation
+from tests.kube.test_kube_rbac import apply, remove_cluster_objects, token_kubeconfig
 from tests.runner.cells.test_docker_executions import text
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 ALLOW = "label:envctl.attach=yes,name:data-*"
+ACCOUNT = "envctl-attach"
 
 # What the container holds, seen from inside (through the test's own exec, not envctl's):
 # every process but the lister (pid, parent, state, command line) and every path of its
@@ -93,12 +97,28 @@ def images() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
+def account(kube: KubeCluster, kube_namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``envctl kube rbac --attach`` applied in the module's namespace; its ServiceAccount's
+    kubeconfig (the server below has nothing more)."""
+    docs = kube_rbac.documents(kube_namespace, ACCOUNT, attach=True)
+    admin = kube.core()
+    try:
+        apply(admin.api_client, docs)
+        yield token_kubeconfig(
+            kube.kubeconfig, admin, kube_namespace, ACCOUNT, tmp_path_factory.mktemp("rbac") / "kubeconfig"
+        )
+    finally:
+        remove_cluster_objects(admin.api_client, docs)
+        admin.api_client.close()
+
+
+@pytest.fixture(scope="module")
 def server(
-    kube: KubeCluster, kube_namespace: str, docker: Any, tmp_path_factory: pytest.TempPathFactory
+    kube: KubeCluster, kube_namespace: str, account: Path, docker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     base_image(docker, "bash")
     srv = kube_server(
-        kube.kubeconfig, kube_namespace, tmp_path_factory.mktemp("kattach") / "data", ENVCTL_RUNNER_ATTACH_ALLOW=ALLOW
+        account, kube_namespace, tmp_path_factory.mktemp("kattach") / "data", ENVCTL_RUNNER_ATTACH_ALLOW=ALLOW
     )
     srv.start()
     yield srv
@@ -256,6 +276,8 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         assert client.delete(f"/runtimes/{rid}").status_code == 204
     after = looks(core, kube_namespace, name)
     assert after == before
+    output = server.output().lower()  # the Role of `envctl kube rbac --attach` was enough
+    assert "forbidden" not in output, server.output()[-3000:]
     pod = core.read_namespaced_pod(name, kube_namespace)
     assert pod.metadata.uid == uid and pod.status.phase == "Running"
     assert pod.status.container_statuses[0].restart_count == 0
@@ -264,10 +286,17 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
 def test_a_pod_without_python3_is_refused_saying_why(
     server: Server, core: Any, kube_namespace: str, images: dict[str, str]
 ) -> None:
-    """The bash base image has no python3: envctl's agent has nothing to run on in the pod."""
-    image = images["bash"]
+    """Its python3 removed (the base images carry one for envctl's agent): the agent has
+    nothing to run on in the pod."""
     name = f"data-bash-{uuid.uuid4().hex[:6]}"
-    start_pod(core, kube_namespace, name, image, "exec sleep 86400", {})
+    start_pod(
+        core,
+        kube_namespace,
+        name,
+        images["bash"],
+        "rm -f /usr/bin/python3* /usr/local/bin/python3*; exec sleep 86400",
+        {},
+    )
     with server.client() as client:
         r = attach(client, "bashonly", name)
         assert r.status_code == 409, r.text
