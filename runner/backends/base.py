@@ -383,7 +383,8 @@ class RuntimeBackend(abc.ABC):
 
     def inspect_other(self, container: str) -> OtherContainer | None:
         """A container by id or name, whoever made it (None: no such container); read only.
-        Only a backend whose containers' processes run on this host can attach to them."""
+        The local engine (its processes on this host) and Kubernetes (``POD[/CONTAINER]``, the
+        agent placed inside through the API) attach; Swarm does not."""
         raise InvalidInputError(
             f"attach: this server's {self.name} backend cannot attach to containers (only the local "
             "Docker engine's can be)",

@@ -3,7 +3,8 @@ the test starts itself (not envctl), with python3, attached through ``pods/exec`
 processes, files, variables and working directory; its agent's credential is in no argument,
 variable or file once read; a stop (detach) and the runtime's deletion leave no process or file
 of envctl's in it (a listing of its processes and whole filesystem compared before and after),
-and the pod keeps running, never restarted; a pod outside the allow-list is a 403 naming the
+nor does an idle shutdown; envctl killed and started again reaches the same agent; the pod
+keeps running, never restarted; a pod outside the allow-list is a 403 naming the
 rules; a pod without python3 is refused, saying why. The server has only the token of the
 Role that ``envctl kube rbac --attach`` prints (pods/exec added)."""
 
@@ -270,7 +271,19 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         log = client.get(f"/runtimes/{rid}/log").json()
         assert any(e["event"] == "detached" and "files removed" in e["message"] for e in log), log
 
-        # a cell attaches again; deleting the runtime detaches and leaves the pod
+        # a cell attaches again; envctl killed and started again reaches the same agent
+        ex = run(client, rid, "x = 40; print(2 + 2)")
+        assert text(ex) == "4\n", ex
+        server.kill()
+        server.start()
+    with server.client() as client:
+        ex = run(client, rid, "print(x + 2)")
+        assert text(ex) == "42\n", ex  # the same agent: its interpreter state kept
+        # idle shutdown detaches
+        assert client.patch(f"/runtimes/{rid}", json={"idle_timeout": 1}).status_code == 200
+        server.wait_state(client, rid, {"stopped"}, timeout=30)
+        assert looks(core, kube_namespace, name) == before
+        # deleting the runtime (attached again by a cell) detaches and leaves the pod
         ex = run(client, rid, "print(2 + 2)")
         assert text(ex) == "4\n", ex
         assert client.delete(f"/runtimes/{rid}").status_code == 204
