@@ -23,6 +23,7 @@ refused there, naming why (the local engine's runs its agent beside the containe
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -230,15 +231,22 @@ def place(api: KubeApi, c: OtherContainer, runtime_id: str, credential: bytes) -
     where = directory(runtime_id)
     files = {p.name: p.read_text() for p in sorted(AGENT_DIR.glob("*.py"))}
     line = json.dumps({"files": files, "credential": credential.decode(), "port": AGENT_PORT}) + "\n"
-    answer = api.exec_first_line(
-        c.name, c.member, ["python3", "-I", "-c", BOOTSTRAP, where], line.encode(), timeout=PLACE_TIMEOUT
-    )
-    try:
-        said = json.loads(answer)
-    except ValueError as exc:
-        raise BackendError(f"placing the agent in pod {c.name} failed: {answer[:300]!r}") from exc
-    if "error" in said:
-        raise BackendError(f"placing the agent in pod {c.name} failed: {said['error']}", details={"pod": c.name})
+    leftover = {"pod": c.name, "container": c.member, "dir": where}  # found by its directory's name
+    for attempt in (1, 2):
+        answer = ""
+        try:
+            answer = api.exec_first_line(
+                c.name, c.member, ["python3", "-I", "-c", BOOTSTRAP, where], line.encode(), timeout=PLACE_TIMEOUT
+            )
+            said = _answer(c.name, answer)
+            break
+        except BackendError:
+            # whatever this try (or an envctl that died while placing one) left there goes; a
+            # directory such an envctl left is the one failure worth a second try
+            with contextlib.suppress(BackendError):
+                remove(api, leftover)
+            if attempt == 2 or "cannot make" not in answer:
+                raise
     pod = api.read_pod(c.name) or {}
     return {
         "origin": "attached",
@@ -254,6 +262,17 @@ def place(api: KubeApi, c: OtherContainer, runtime_id: str, credential: bytes) -
         "port": int(said["port"]),
         "python": True,
     }
+
+
+def _answer(pod: str, answer: str) -> dict[str, Any]:
+    """The bootstrap's line: the pids and port, or its error."""
+    try:
+        said = dict(json.loads(answer))
+    except ValueError as exc:
+        raise BackendError(f"placing the agent in pod {pod} failed: {answer[:300]!r}") from exc
+    if "error" in said:
+        raise BackendError(f"placing the agent in pod {pod} failed: {said['error']}", details={"pod": pod})
+    return said
 
 
 def remove(api: KubeApi, state: dict[str, Any]) -> dict[str, Any]:

@@ -225,6 +225,8 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         assert r.json()["language"] == "python"
+        # what an envctl that died while placing the agent would have left: removed, placed again
+        inside(core, kube_namespace, name, ["sh", "-c", f"mkdir /dev/shm/.envctl-agent-{rid} && touch $_/main.py"])
         ex = run(
             client,
             rid,
