@@ -183,6 +183,13 @@ def looks(core: Any, namespace: str, pod: str) -> dict[str, Any]:
     return dict(json.loads(said))
 
 
+def unchanged(before: dict[str, Any], now: dict[str, Any]) -> None:
+    """The same processes and files, or an error naming what differs."""
+    for what in ("procs", "files"):
+        was, isnow = ({json.dumps(x) for x in d[what]} for d in (before, now))
+        assert was == isnow, f"{what}: gone {sorted(was - isnow)}, new {sorted(isnow - was)}"
+
+
 def attach(client: httpx.Client, name: str, container: str) -> httpx.Response:
     return client.post("/runtimes", json={"name": name, "attach": {"container": container}})
 
@@ -226,7 +233,8 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         rid = r.json()["id"]
         assert r.json()["language"] == "python"
         # what an envctl that died while placing the agent would have left: removed, placed again
-        inside(core, kube_namespace, name, ["sh", "-c", f"mkdir /dev/shm/.envctl-agent-{rid} && touch $_/main.py"])
+        planted = f"/dev/shm/.envctl-agent-{rid}"
+        inside(core, kube_namespace, name, ["sh", "-c", f"mkdir {planted} && touch {planted}/main.py"])
         ex = run(
             client,
             rid,
@@ -266,7 +274,7 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         # a stop detaches: nothing of envctl's is left; the pod runs on, never restarted
         stopped = client.post(f"/runtimes/{rid}/stop", params={"wait": 30}).json()
         assert stopped["state"] == "stopped", stopped
-        assert looks(core, kube_namespace, name) == before
+        unchanged(before, looks(core, kube_namespace, name))
         pod = core.read_namespaced_pod(name, kube_namespace)
         assert pod.metadata.uid == uid and pod.status.phase == "Running"
         assert pod.status.container_statuses[0].restart_count == 0
@@ -284,13 +292,12 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
         # idle shutdown detaches
         assert client.patch(f"/runtimes/{rid}", json={"idle_timeout": 1}).status_code == 200
         server.wait_state(client, rid, {"stopped"}, timeout=30)
-        assert looks(core, kube_namespace, name) == before
+        unchanged(before, looks(core, kube_namespace, name))
         # deleting the runtime (attached again by a cell) detaches and leaves the pod
         ex = run(client, rid, "print(2 + 2)")
         assert text(ex) == "4\n", ex
         assert client.delete(f"/runtimes/{rid}").status_code == 204
-    after = looks(core, kube_namespace, name)
-    assert after == before
+    unchanged(before, looks(core, kube_namespace, name))
     output = server.output().lower()  # the Role of `envctl kube rbac --attach` was enough
     assert "forbidden" not in output, server.output()[-3000:]
     pod = core.read_namespaced_pod(name, kube_namespace)
