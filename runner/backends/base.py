@@ -386,8 +386,8 @@ class RuntimeBackend(abc.ABC):
         The local engine (its processes on this host) and Kubernetes (``POD[/CONTAINER]``, the
         agent placed inside through the API) attach; Swarm does not."""
         raise InvalidInputError(
-            f"attach: this server's {self.name} backend cannot attach to containers (only the local "
-            "Docker engine's can be)",
+            f"attach: this server's {self.name} backend cannot attach to containers (the local "
+            "Docker engine's and Kubernetes pods can be)",
             field="attach",
         )
 

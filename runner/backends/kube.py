@@ -27,7 +27,8 @@ This module holds the contract and a boot's and a stop's steps; the rest is by r
 ``kube_watches`` (the installation's watches, events into the runner log), ``kube_boot`` (the
 agent ConfigMap and fence, the wait until the pod runs), ``kube_adopt`` (the runner's pods found
 after a restart, the sweep of unowned Secrets), ``kube_nodes`` (nodes, cordon for a drain),
-``kube_volumes`` (PersistentVolumeClaims), ``kube_api`` (the API calls), ``kube_pods`` (the
+``kube_volumes`` (PersistentVolumeClaims), ``kube_attach`` (pods envctl did not start,
+attached through pods/exec), ``kube_api`` (the API calls), ``kube_pods`` (the
 manifests), ``kube_states`` (phases and events to envctl's states).
 """
 
