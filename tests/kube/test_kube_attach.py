@@ -336,3 +336,22 @@ def _agent_key(server: Server, rid: str) -> str:
     finally:
         db.dispose()
     return AgentLinks(SecretBox(server.data_dir / "secrets.key")).address(rid, agent).key.hex()
+
+
+def test_an_attached_pod_deleted_behind_envctls_back_turns_its_runtime_to_error(
+    server: Server, core: Any, kube_namespace: str, images: dict[str, str]
+) -> None:
+    name = f"data-gone-{uuid.uuid4().hex[:6]}"
+    start_pod(core, kube_namespace, name, images["python3"], "exec sleep 86400", {})
+    with server.client() as client:
+        r = attach(client, "gone", name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        ex = run(client, rid, "print('here')")
+        assert text(ex) == "here\n", ex
+        core.delete_namespaced_pod(name, kube_namespace, grace_period_seconds=0)
+        rt = server.wait_state(client, rid, {"error"}, timeout=60)
+        assert rt["state_reason"] == "agent-unreachable", rt
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any(e["event"] == "detached" for e in log), log
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
