@@ -85,7 +85,7 @@ if pid == 0:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0); os.dup2(out, 1); os.dup2(out, 2)
     signal.signal(signal.SIGHUP, signal.SIG_DFL); signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = [sys.executable, "-u", "-I", "-B", os.path.join(d, "main.py"), "--listen", "tcp:%d" % port,
-            "--credential", cred, "--socket", os.path.join(d, "agent.sock")]
+            "--credential", cred, "--socket", os.path.join(d, "agent.sock"), "--index", "no"]
     os.execve(sys.executable, argv, env)
 say(reaper=os.getpid(), agent=pid, port=port, python=sys.version.split()[0])
 null = os.open(os.devnull, os.O_RDWR)
