@@ -38,7 +38,11 @@ LEASE_HELP = (
 class AttachSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    container: str = Field(min_length=1, max_length=200, description="the container's id or name")
+    container: str = Field(
+        min_length=1,
+        max_length=200,
+        description="the container's id or name; on the kubernetes backend POD or POD/CONTAINER of envctl's namespace",
+    )
 
 
 class RuntimeCreate(BaseModel):

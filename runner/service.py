@@ -381,7 +381,7 @@ class RunnerService:
             team=team,
             lease=lease,
         )
-        self.attach.record(rt.id, found)
+        self.attach.record(rt.id, found, python)
         return self.runtimes.get(who, rt.id)
 
     def get(self, who: Who, runtime_id: str) -> Runtime:

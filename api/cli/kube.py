@@ -18,7 +18,13 @@ def kube() -> None:
 @kube.command("rbac", cls=Command)
 @click.option("--namespace", default="envctl", show_default=True, help="the namespace of ENVCTL_KUBE_NAMESPACE")
 @click.option("--name", default="envctl", show_default=True, help="the ServiceAccount (and Role) name")
-def rbac(namespace: str, name: str) -> int:
+@click.option(
+    "--attach",
+    is_flag=True,
+    help="also grant pods/exec (create): needed only to attach runtimes to pods envctl did not start "
+    "(ENVCTL_RUNNER_ATTACH_ALLOW)",
+)
+def rbac(namespace: str, name: str, attach: bool) -> int:
     """Print the ServiceAccount, Role, ClusterRole and bindings envctl needs, nothing more."""
-    click.echo(kube_rbac.manifest(namespace, name), nl=False)
+    click.echo(kube_rbac.manifest(namespace, name, attach=attach), nl=False)
     return EXIT_OK

@@ -741,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import layer  # noqa: PLC0415  (what the version holds, for a save made in the runtime)
 
-    layer.start_index()
+    if options.get("--index", "yes") != "no":  # an attached container's agent makes no saves or drafts
+        layer.start_index()
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     agent.serve(port)

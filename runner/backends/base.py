@@ -248,6 +248,8 @@ class OtherContainer:
     env: dict[str, str]
     working_dir: str
     user: str
+    member: str = ""  # the container within a pod (kubernetes: POD/CONTAINER)
+    address: str = ""  # where an agent placed inside it is dialled (kubernetes: the pod's IP)
 
 
 class RuntimeBackend(abc.ABC):
@@ -399,12 +401,35 @@ class RuntimeBackend(abc.ABC):
 
     def inspect_other(self, container: str) -> OtherContainer | None:
         """A container by id or name, whoever made it (None: no such container); read only.
-        Only a backend whose containers' processes run on this host can attach to them."""
+        The local engine (its processes on this host) and Kubernetes (``POD[/CONTAINER]``, the
+        agent placed inside through the API) attach; Swarm does not."""
         raise InvalidInputError(
-            f"attach: this server's {self.name} backend cannot attach to containers (only the local "
-            "Docker engine's can be)",
+            f"attach: this server's {self.name} backend cannot attach to containers (the local "
+            "Docker engine's and Kubernetes pods can be)",
             field="attach",
         )
+
+    #: an attached container's agent runs inside it, placed through the engine's API
+    #: (``place_agent``), not beside it on this host (runner/runtimes/attach.py)
+    attach_inside: ClassVar[bool] = False
+
+    def other_has_python(self, other: OtherContainer) -> bool:
+        """Whether an attached container has ``python3`` (``attach_inside`` backends)."""
+        raise NotSupportedError(f"the {self.name} backend does not place agents in containers")
+
+    def place_agent(self, other: OtherContainer, runtime_id: str, credential: bytes) -> BackendState:
+        """Put envctl's agent into ``other``, listening on tcp with ``credential`` (a line of
+        ``runner/agentauth.py``); what ``remove_agent`` needs, with ``host`` and ``port``."""
+        raise NotSupportedError(f"the {self.name} backend does not place agents in containers")
+
+    def remove_agent(self, state: BackendState) -> dict[str, Any]:
+        """End a placed agent and remove its files; the container stays. What is still there
+        (``left``: pids, ``dir_left``)."""
+        raise NotSupportedError(f"the {self.name} backend does not place agents in containers")
+
+    def other_alive(self, state: BackendState) -> bool:
+        """Whether the container an agent was placed in is still that one, running."""
+        return True
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

@@ -27,7 +27,8 @@ This module holds the contract and a boot's and a stop's steps; the rest is by r
 ``kube_watches`` (the installation's watches, events into the runner log), ``kube_boot`` (the
 agent ConfigMap and fence, the wait until the pod runs), ``kube_adopt`` (the runner's pods found
 after a restart, the sweep of unowned Secrets), ``kube_nodes`` (nodes, cordon for a drain),
-``kube_volumes`` (PersistentVolumeClaims), ``kube_api`` (the API calls), ``kube_pods`` (the
+``kube_volumes`` (PersistentVolumeClaims), ``kube_attach`` (pods envctl did not start,
+attached through pods/exec), ``kube_api`` (the API calls), ``kube_pods`` (the
 manifests), ``kube_states`` (phases and events to envctl's states).
 """
 
@@ -50,7 +51,7 @@ import docker.errors
 from envs.images import docker as engine
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
 from registry import distribution, pull_grants, signing
-from runner.backends import kube_adopt, kube_boot, kube_nodes, kube_pods, kube_states, kube_volumes
+from runner.backends import kube_adopt, kube_attach, kube_boot, kube_nodes, kube_pods, kube_states, kube_volumes
 from runner.backends.base import (
     AGENT_SOCKET,
     LABEL_INSTALLATION,
@@ -60,6 +61,7 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    OtherContainer,
     RuntimeBackend,
     RuntimeSpec,
     Status,
@@ -90,6 +92,7 @@ class KubernetesBackend(RuntimeBackend):
     saves_in_runtime = True
     images_from_registry = True
     host_paths = False  # mounts streamed in, results fetched, over the agent channel
+    attach_inside = True  # an attached pod's agent is placed through pods/exec (kube_attach)
 
     def __init__(
         self,
@@ -338,6 +341,22 @@ class KubernetesBackend(RuntimeBackend):
         self.api.close()
         if self._local is not None:
             self._local.close()
+
+    # --- attached pods (kube_attach) ---------------------------------------------------------
+    def inspect_other(self, container: str) -> OtherContainer | None:
+        return kube_attach.inspect(self.api, container)
+
+    def other_has_python(self, other: OtherContainer) -> bool:
+        return kube_attach.has_python(self.api, other)
+
+    def place_agent(self, other: OtherContainer, runtime_id: str, credential: bytes) -> BackendState:
+        return kube_attach.place(self.api, other, runtime_id, credential)
+
+    def remove_agent(self, state: BackendState) -> dict[str, Any]:
+        return kube_attach.remove(self.api, state)
+
+    def other_alive(self, state: BackendState) -> bool:
+        return kube_attach.pod_alive(self.api, state)
 
     # --- nodes ---------------------------------------------------------------------------
     def nodes(self, installation: str) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 from typing import Any
 
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
@@ -61,9 +63,14 @@ class KubeApi:
         self.core = client.CoreV1Api(self.client)
         self.net = client.NetworkingV1Api(self.client)
         self.host = str(cfg.host)
+        self._cfg = cfg
+        self._exec_lock = threading.Lock()
+        self._exec_core: Any = None  # a client of its own: the stream helper swaps its request method
 
     def close(self) -> None:
         self.client.close()  # type: ignore[no-untyped-call]
+        if self._exec_core is not None:
+            self._exec_core.api_client.close()
 
     def _raw(self, fn: Any, *args: Any, **kwargs: Any) -> Obj:
         resp = fn(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
@@ -114,6 +121,85 @@ class KubeApi:
             return bytes(resp.data).decode(errors="replace")  # type: ignore[attr-defined]
         except Exception:
             return ""
+
+    # exec (pods/exec): attaching to a pod envctl did not start (kube_attach.py)
+    def _exec(self, pod: str, container: str, command: list[str], stdin: bool) -> Any:
+        from kubernetes import client  # noqa: PLC0415
+        from kubernetes.stream import stream  # noqa: PLC0415
+
+        with self._exec_lock:  # ``stream`` swaps the client's request method while it opens
+            if self._exec_core is None:
+                self._exec_core = client.CoreV1Api(client.ApiClient(self._cfg))
+            try:
+                return stream(
+                    self._exec_core.connect_get_namespaced_pod_exec,
+                    pod,
+                    self.namespace,
+                    container=container or None,
+                    command=command,
+                    stdin=stdin,
+                    stdout=True,
+                    stderr=True,
+                    tty=False,
+                    _preload_content=False,
+                    _request_timeout=self.timeout,
+                )
+            except Exception as exc:
+                raise kube_error(f"exec in pod {pod}", exc) from exc
+
+    def exec(self, pod: str, container: str, command: list[str], timeout: float) -> str:
+        """Run ``command`` in the pod's container to its end; its output (stdout, then stderr)."""
+        ws = self._exec(pod, container, command, stdin=False)
+        out: list[str] = []
+        err: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while ws.is_open() and time.monotonic() < deadline:
+                ws.update(timeout=0.2)
+                if ws.peek_stdout():
+                    out.append(ws.read_stdout())
+                if ws.peek_stderr():
+                    err.append(ws.read_stderr())
+            if ws.is_open():
+                raise BackendError(f"exec in pod {pod} did not end within {timeout:.0f} s")
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise kube_error(f"exec in pod {pod}", exc) from exc
+        finally:
+            ws.close()
+        return "".join(out) + "".join(err)
+
+    def exec_first_line(self, pod: str, container: str, command: list[str], data: bytes, timeout: float) -> str:
+        """Start ``command`` in the pod's container, write ``data`` on its stdin, and return the
+        first line it prints; the stream is closed then (the process goes on)."""
+        ws = self._exec(pod, container, command, stdin=True)
+        out = ""
+        err = ""
+        deadline = time.monotonic() + timeout
+        try:
+            ws.write_stdin(data.decode())
+            while "\n" not in out and time.monotonic() < deadline:
+                if not ws.is_open():
+                    break
+                ws.update(timeout=0.2)
+                if ws.peek_stdout():
+                    out += ws.read_stdout()
+                if ws.peek_stderr():
+                    err += ws.read_stderr()
+        except Exception as exc:
+            raise kube_error(f"exec in pod {pod}", exc) from exc
+        finally:
+            ws.close()
+        if "\n" not in out:
+            said = (out + err).strip()[-500:]
+            raise BackendError(
+                f"exec in pod {pod} gave no answer"
+                + (f" within {timeout:.0f} s" if time.monotonic() >= deadline else "")
+                + (f": {said}" if said else ""),
+                details={"pod": pod},
+            )
+        return out.split("\n", 1)[0]
 
     # secrets
     def create_secret(self, body: Obj) -> Obj:

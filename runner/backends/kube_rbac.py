@@ -17,9 +17,16 @@ MANIFEST = Path(__file__).with_name("kube_rbac.yaml")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def documents(namespace: str = "envctl", account: str = "envctl") -> list[dict[str, Any]]:
+# Only with ``attach``: envctl places its agent in a pod it did not start through pods/exec
+# (runner/backends/kube_attach.py), which gives a shell in every pod of the namespace; a
+# server without ENVCTL_RUNNER_ATTACH_ALLOW never needs it.
+ATTACH_RULE = {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}
+
+
+def documents(namespace: str = "envctl", account: str = "envctl", *, attach: bool = False) -> list[dict[str, Any]]:
     """The manifest's objects for ``namespace``, the ServiceAccount, Role and RoleBinding named
-    ``account``, the ClusterRole ``<account>-nodes`` and its binding ``<account>-nodes-<namespace>``."""
+    ``account``, the ClusterRole ``<account>-nodes`` and its binding ``<account>-nodes-<namespace>``;
+    ``attach``: the Role also grants pods/exec."""
     for field, value in (("namespace", namespace), ("name", account)):
         if not _DNS_LABEL.match(value):
             raise InvalidInputError(
@@ -38,10 +45,12 @@ def documents(namespace: str = "envctl", account: str = "envctl") -> list[dict[s
             d["roleRef"]["name"] = nodes if kind == "ClusterRoleBinding" else account
         for s in d.get("subjects") or []:
             s.update(name=account, namespace=namespace)
+        if attach and kind == "Role":
+            d["rules"].append(dict(ATTACH_RULE))
     return docs
 
 
-def manifest(namespace: str = "envctl", account: str = "envctl") -> str:
+def manifest(namespace: str = "envctl", account: str = "envctl", *, attach: bool = False) -> str:
     """:func:`documents` as YAML, for ``kubectl apply -f -`` (the comments are in the shipped file)."""
     head = f"# envctl's least privilege in namespace {namespace} (what each rule is for: {MANIFEST.name} in envctl)\n"
-    return head + yaml.safe_dump_all(documents(namespace, account), sort_keys=False, explicit_start=True)
+    return head + yaml.safe_dump_all(documents(namespace, account, attach=attach), sort_keys=False, explicit_start=True)

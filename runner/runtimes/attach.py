@@ -21,8 +21,12 @@ shows in ``docker diff``); a container without ``python3`` runs Bash cells only,
 Detaching (a stop, idle shutdown, deletion) ends the agent and its kernels and removes that
 directory: the container is left as it was. The runtime's row remembers the container as its
 ``environment_ref`` (``attach:NAME``); its version is the ``bash`` base, only nominally.
-This needs the engine on this host (its processes are this host's): the cluster backends do
-not attach yet.
+On the kubernetes backend (``attach_inside``) the agent goes into the pod instead, through the
+API's ``pods/exec`` (``runner/backends/kube_attach.py``): ``POD[/CONTAINER]`` of envctl's
+namespace, on any node; a fresh credential per attach, handed over on the exec's standard input
+into the container's ``/dev/shm``; envctl dials it at the pod's IP as it dials its own pods
+(its address and sealed key on the row, as a boot's). A pod without ``python3`` cannot be
+attached there (the agent has nothing to run on): refused, saying so. Swarm does not attach.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 from sqlalchemy import select
 
 from envs.kit.errors import ConflictError, EnvctlError
+from runner.agentauth import make_credential
 from runner.backends.base import LABEL_MANAGED, LABEL_RUNTIME, OtherContainer, RuntimeBackend
 from runner.channel import AgentUnavailableError, wait_for_agent
 from runner.errors import AttachNotAllowedError, ContainerNotFoundError, RuntimeStateError
@@ -123,7 +128,7 @@ class Attach:
                 f"{self.rules_text()}); an admin decides which containers may be attached",
                 details={"container": found.name, "rules": [f"{k}:{r}" for k, r in self.settings.runner_attach_allow]},
             )
-        if not found.running or found.pid <= 0:
+        if not found.running or (found.pid <= 0 and not self.backend.attach_inside):
             raise ConflictError(
                 f"container {found.name!r} is not running; start it first", details={"container": found.name}
             )
@@ -140,17 +145,26 @@ class Attach:
         return False
 
     def has_python(self, c: OtherContainer) -> bool:
-        return _has(Path(f"/proc/{c.pid}/root"), c.env.get("PATH", DEFAULT_PATH), "python3")
+        """Whether ``c`` runs Python cells; inside a pod, a pod without python3 is refused."""
+        if not self.backend.attach_inside:
+            return _has(Path(f"/proc/{c.pid}/root"), c.env.get("PATH", DEFAULT_PATH), "python3")
+        if not self.backend.other_has_python(c):
+            raise ConflictError(
+                f"container {ref_of(c)!r} has no python3: on the {self.backend.name} backend envctl's agent runs "
+                "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine)",
+                details={"container": ref_of(c)},
+            )
+        return True
 
-    def record(self, runtime_id: str, c: OtherContainer) -> None:
+    def record(self, runtime_id: str, c: OtherContainer, python: bool | None = None) -> None:
         """A runtime just created for ``c`` (stopped): its row remembers the container."""
-        python = self.has_python(c)
+        python = self.has_python(c) if python is None else python
         with self.records.tx() as s:
             rt = s.get(Runtime, runtime_id, with_for_update=True)
             assert rt is not None
             self.records.change(
                 rt,
-                environment_ref=PREFIX + c.name,
+                environment_ref=PREFIX + ref_of(c),
                 state_message=f"attached runtime of container {c.name}" + ("" if python else ": Bash cells only"),
                 **({} if python else {"language": "bash"}),
             )
@@ -159,7 +173,7 @@ class Attach:
                 runtime_id,
                 event="attach-created",
                 reason="user-request",
-                message=f"a runtime attached to container {c.name} ({c.id[:12]}); "
+                message=f"a runtime attached to container {ref_of(c)} ({c.id[:12]}); "
                 + ("Python and Bash cells" if python else "Bash cells only: the container has no python3"),
             )
 
@@ -197,8 +211,13 @@ class Attach:
         begun = time.monotonic()
         state: dict[str, Any] = {}
         try:
-            state = self._place(runtime_id, found)
-            wait_for_agent(self.paths.socket(runtime_id), begun + 20, alive=self._alive(state))
+            if self.backend.attach_inside:
+                state = self._place_inside(runtime_id, found)
+                target: Any = self.paths.agent(runtime_id, state)
+            else:
+                state = self._place(runtime_id, found)
+                target = self.paths.socket(runtime_id)
+            wait_for_agent(target, begun + 20, alive=self._alive(state))
         except (EnvctlError, OSError) as exc:
             message = exc.message if isinstance(exc, EnvctlError) else str(exc)
             self.detach(runtime_id, state)
@@ -212,7 +231,7 @@ class Attach:
                 runtime_id,
                 State.RUNNING,
                 "attached",
-                f"attached to container {found.name} ({cells})",
+                f"attached to container {ref_of(found)} ({cells})",
                 expect={State.BOOTING},
                 details={"container_id": found.id, "python": state["python"]},
                 values={
@@ -232,6 +251,15 @@ class Attach:
                 raise AgentUnavailableError(f"the agent exited with code {proc.returncode}")
 
         return alive
+
+    def _place_inside(self, runtime_id: str, c: OtherContainer) -> dict[str, Any]:
+        """The agent inside the container, through the backend's API, with a fresh credential."""
+        if self.paths.links is None:
+            raise EnvctlError("attaching here needs the tcp channel's credentials (no secrets key)")
+        credential = make_credential(runtime_id)
+        state = dict(self.backend.place_agent(c, runtime_id, credential.line()))
+        state["agent"] = self.paths.links.record(credential, str(state.pop("host")), int(state.pop("port")))
+        return state
 
     def _place(self, runtime_id: str, c: OtherContainer) -> dict[str, Any]:
         """The agent beside the container, its kernels' files in the container's /dev/shm."""
@@ -302,6 +330,8 @@ class Attach:
         container itself is left as it was. False when ``state`` is not an attachment."""
         if state.get("origin") != "attached":
             return False
+        if state.get("pod"):
+            return self._detach_inside(runtime_id, state)
         agent = int(state.get("agent_pid") or 0)
         if agent and _is_our_agent(agent):
             for pid in reversed(_tree(agent)):
@@ -327,6 +357,23 @@ class Attach:
             )
         return True
 
+    def _detach_inside(self, runtime_id: str, state: dict[str, Any]) -> bool:
+        """The agent placed in a pod ended and its files removed, through the backend's API."""
+        name = str(state.get("container_name") or state.get("pod"))
+        try:
+            left = self.backend.remove_agent(state)
+            message = f"detached from container {name}: agent ended, its files removed; the container keeps running"
+            if left.get("left") or left.get("dir_left"):
+                message = (
+                    f"detached from container {name}, but left: pids {left.get('left')}, files {left.get('dir_left')}"
+                )
+        except EnvctlError as exc:
+            left = {}
+            message = f"detached from container {name}; its agent could not be reached to end it: {exc.message}"
+        with self.records.tx() as s:
+            self.records.log(s, runtime_id, event="detached", reason="stop", message=message, details=left)
+        return True
+
     def check_alive(self) -> None:
         """Attached runtimes whose container or agent went away: ``error``, what is left
         detached (a housekeeping step)."""
@@ -337,13 +384,23 @@ class Attach:
                 if (r.backend_state or {}).get("origin") == "attached"
             ]
         for runtime_id, state in rows:
-            agent = int(state.get("agent_pid") or 0)
-            if agent and _is_our_agent(agent):
+            if state.get("pod"):
+                try:
+                    if self.backend.other_alive(state):
+                        continue
+                except EnvctlError:
+                    continue  # the API does not answer: not "gone"
+            elif (agent := int(state.get("agent_pid") or 0)) and _is_our_agent(agent):
                 continue
             self.detach(runtime_id, state)
             self.records.fail(
                 runtime_id, "agent-unreachable", "the attached agent is gone (the container stopped?)", {State.RUNNING}
             )
+
+
+def ref_of(c: OtherContainer) -> str:
+    """How an attached runtime names its container: ``NAME``, or ``POD/CONTAINER`` in a pod."""
+    return f"{c.name}/{c.member}" if c.member else c.name
 
 
 def _has(root: Path, path: str, program: str) -> bool:

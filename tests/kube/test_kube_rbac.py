@@ -45,6 +45,18 @@ def test_envctl_kube_rbac_prints_the_manifest_for_a_namespace() -> None:
     assert bad.exit_code != 0
 
 
+def test_envctl_kube_rbac_attach_adds_only_pods_exec() -> None:
+    """Attaching to pods envctl did not start needs pods/exec; nothing else changes."""
+    plain = [d for d in yaml.safe_load_all(CliRunner().invoke(cli, ["kube", "rbac"]).output) if d]
+    out = CliRunner().invoke(cli, ["kube", "rbac", "--attach"])
+    assert out.exit_code == 0, out.output
+    docs = [d for d in yaml.safe_load_all(out.output) if d]
+    role, before = (next(d for d in ds if d["kind"] == "Role") for ds in (docs, plain))
+    added = [r for r in role["rules"] if r not in before["rules"]]
+    assert added == [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]
+    assert [d for d in docs if d["kind"] != "Role"] == [d for d in plain if d["kind"] != "Role"]
+
+
 def apply(api: Any, docs: list[dict[str, Any]]) -> None:
     from kubernetes import client
 
