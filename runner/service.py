@@ -83,7 +83,7 @@ from runner.agentauth import AgentLinks
 from runner.apps.deploy import AppDeployments
 from runner.apps.server import AppServer
 from runner.apps.store import AppStore
-from runner.backends.base import FoundContainer, RuntimeBackend
+from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, FoundContainer, RuntimeBackend
 from runner.cells.executions import ExecutionManager
 from runner.cells.results import ResultCollector
 from runner.cells.streams import Feeds
@@ -232,6 +232,20 @@ class RunnerService:
             attach.check_alive()
             return pool.reconcile(found)
 
+        booter = Booter(
+            settings,
+            self.identity,
+            records,
+            concurrency,
+            backend,
+            paths,
+            drafts,
+            mounts,
+            transfers=transfers,
+            secrets=secrets,
+        )
+        identity = {LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name}
+        backend.wire_attach(booter.helper_image, identity)  # Swarm: helper tasks on a node (swarm_attach)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,
@@ -239,18 +253,7 @@ class RunnerService:
             backend,
             paths,
             drafts,
-            Booter(
-                settings,
-                self.identity,
-                records,
-                concurrency,
-                backend,
-                paths,
-                drafts,
-                mounts,
-                transfers=transfers,
-                secrets=secrets,
-            ),
+            booter,
             mounts,
             self.cells,
             is_saving=snapshots.is_saving,

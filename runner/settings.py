@@ -529,6 +529,14 @@ class Settings(registry_settings.Settings):
         parse=float,
         help="seconds a Swarm node may spend pulling a runtime's image (default 600)",
     )
+    # attach on Swarm (runner/backends/swarm_attach.py): "" off; else the nodes' Docker socket
+    # path, bind-mounted into envctl's helper tasks (node label envctl.engine-socket overrides it)
+    swarm_attach_engine: str = setting(
+        "",
+        env="ENVCTL_SWARM_ATTACH_ENGINE",
+        help="attach on Swarm: the nodes' Docker socket (e.g. /var/run/docker.sock), which gives envctl"
+        " every node's engine (default off)",
+    )
 
     # the Kubernetes backend (runner/backends/kube.py): where the API server is (a kubeconfig file,
     # or "in-cluster" for a pod's service account), the namespace of runtimes' pods, the storage

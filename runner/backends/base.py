@@ -250,6 +250,8 @@ class OtherContainer:
     user: str
     member: str = ""  # the container within a pod (kubernetes: POD/CONTAINER)
     address: str = ""  # where an agent placed inside it is dialled (kubernetes: the pod's IP)
+    node_id: str = ""  # the swarm node it runs on (swarm: ``member`` is that node's hostname)
+    python: bool | None = None  # python3 on its PATH, when the finding already knows (swarm)
 
 
 class RuntimeBackend(abc.ABC):
@@ -401,11 +403,12 @@ class RuntimeBackend(abc.ABC):
 
     def inspect_other(self, container: str) -> OtherContainer | None:
         """A container by id or name, whoever made it (None: no such container); read only.
-        The local engine (its processes on this host) and Kubernetes (``POD[/CONTAINER]``, the
-        agent placed inside through the API) attach; Swarm does not."""
+        The local engine (its processes on this host), Kubernetes (``POD[/CONTAINER]``, the
+        agent placed inside through the API) and Swarm (``NAME[/NODE]``, through helper tasks on
+        the node, when an admin allows it) attach."""
         raise InvalidInputError(
             f"attach: this server's {self.name} backend cannot attach to containers (the local "
-            "Docker engine's and Kubernetes pods can be)",
+            "Docker engine's, Kubernetes pods and Swarm nodes' containers can be)",
             field="attach",
         )
 
@@ -430,6 +433,10 @@ class RuntimeBackend(abc.ABC):
     def other_alive(self, state: BackendState) -> bool:
         """Whether the container an agent was placed in is still that one, running."""
         return True
+
+    def wire_attach(self, image: Callable[[], str], identity: dict[str, str]) -> None:  # noqa: B027
+        """Optional hook: the image (``repo@digest`` in the registry, an envctl base) that helper
+        tasks placing agents run, and the installation's labels they carry (swarm)."""
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         """The container's last output lines, for error messages. Empty if unknown."""

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,16 @@ from envs.images import docker as engine
 from envs.images.docker import daemon_error
 from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
-from runner.backends import netguard, swarm_fence, swarm_files, swarm_mounts, swarm_pools, swarm_spec, swarm_tasks
+from runner.backends import (
+    netguard,
+    swarm_attach,
+    swarm_fence,
+    swarm_files,
+    swarm_mounts,
+    swarm_pools,
+    swarm_spec,
+    swarm_tasks,
+)
 from runner.backends.base import (
     AGENT_SOCKET,
     LABEL_INSTALLATION,
@@ -54,6 +64,7 @@ from runner.backends.base import (
     ContainerStatus,
     FoundContainer,
     ImageInfo,
+    OtherContainer,
     RuntimeBackend,
     RuntimeSpec,
     Status,
@@ -86,6 +97,7 @@ class SwarmBackend(RuntimeBackend):
         pending_timeout: float = 20.0,
         pull_timeout: float = 600.0,
         network: str = netguard.ISOLATED,
+        attach_engine: str = "",
         timeout: int = 30,
     ) -> None:
         self.manager = manager
@@ -101,6 +113,14 @@ class SwarmBackend(RuntimeBackend):
         self._client: docker.DockerClient | None = None
         self._local: docker.DockerClient | None = None
         self._configs: dict[str, list[dict[str, Any]]] = {}  # installation -> the agent's config references
+        self.attaching = swarm_attach.SwarmAttach(
+            lambda: self.client,
+            socket=attach_engine,
+            registry=registry,
+            labels=self.labels,
+            create_service=self._create_service,
+            registry_auth=self._registry_auth,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SwarmBackend:
@@ -144,6 +164,7 @@ class SwarmBackend(RuntimeBackend):
             pending_timeout=settings.swarm_pending_timeout,
             pull_timeout=settings.swarm_pull_timeout,
             network=settings.runner_network,
+            attach_engine=settings.swarm_attach_engine,
         )
 
     @property
@@ -430,6 +451,27 @@ class SwarmBackend(RuntimeBackend):
         for c in (self._client, self._local):
             if c is not None:
                 c.close()
+
+    # --- attach (swarm_attach: helper tasks on the node, opt-in) --------------------------
+    attach_inside = True
+
+    def wire_attach(self, image: Callable[[], str], identity: dict[str, str]) -> None:
+        self.attaching.image, self.attaching.identity = image, dict(identity)
+
+    def inspect_other(self, container: str) -> OtherContainer | None:
+        return self.attaching.find(container)
+
+    def other_has_python(self, other: OtherContainer) -> bool:
+        return bool(other.python)
+
+    def place_agent(self, other: OtherContainer, runtime_id: str, credential: bytes) -> BackendState:
+        return self.attaching.place(other, runtime_id, credential)
+
+    def remove_agent(self, state: BackendState) -> dict[str, Any]:
+        return self.attaching.remove(state)
+
+    def other_alive(self, state: BackendState) -> bool:
+        return self.attaching.alive(state)
 
     # --- nodes ---------------------------------------------------------------------------
     def nodes(self, installation: str) -> list[dict[str, Any]]:

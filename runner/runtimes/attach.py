@@ -26,7 +26,9 @@ API's ``pods/exec`` (``runner/backends/kube_attach.py``): ``POD[/CONTAINER]`` of
 namespace, on any node; a fresh credential per attach, handed over on the exec's standard input
 into the container's ``/dev/shm``; envctl dials it at the pod's IP as it dials its own pods
 (its address and sealed key on the row, as a boot's). A pod without ``python3`` cannot be
-attached there (the agent has nothing to run on): refused, saying so. Swarm does not attach.
+attached there (the agent has nothing to run on): refused, saying so. On Swarm the same
+bootstrap goes in by the node's ``docker exec``, through helper tasks on the container's node
+(``runner/backends/swarm_attach.py``), when an admin allows that (``ENVCTL_SWARM_ATTACH_ENGINE``).
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ class Attach:
         container itself is left as it was. False when ``state`` is not an attachment."""
         if state.get("origin") != "attached":
             return False
-        if state.get("pod"):
+        if state.get("pod") or state.get("inside"):
             return self._detach_inside(runtime_id, state)
         agent = int(state.get("agent_pid") or 0)
         if agent and _is_our_agent(agent):
@@ -384,7 +386,7 @@ class Attach:
                 if (r.backend_state or {}).get("origin") == "attached"
             ]
         for runtime_id, state in rows:
-            if state.get("pod"):
+            if state.get("pod") or state.get("inside"):
                 try:
                     if self.backend.other_alive(state):
                         continue

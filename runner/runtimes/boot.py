@@ -363,7 +363,12 @@ class Booter:
                 )
             return found[0].id
 
-    def _registry_image(self, owner_id: str, version_id: int, runtime_id: str) -> str:
+    def helper_image(self) -> str:
+        """The ``bash`` base in the registry (``repo@digest``, pushed by envctl first when needed):
+        what envctl's own helper tasks on a cluster's nodes run (runner/backends/swarm_attach.py)."""
+        return self._registry_image("", self._base_of(0), None)
+
+    def _registry_image(self, owner_id: str, version_id: int, runtime_id: str | None) -> str:
         """``<repository>@<manifest digest>`` of the version in the registry, pushed first by
         envctl when it is not there yet (a backend whose nodes pull it, ``images_from_registry``)."""
         with self.records.db.session() as s:
