@@ -64,6 +64,7 @@ with socket.socket() as s:
         s.bind(("0.0.0.0", 0)); port = s.getsockname()[1]
 env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_")}
 env["ENVCTL_SECRETS_DIR"] = os.path.join(d, "secrets")
+env["ENVCTL_PYTHON_KERNEL"] = json.dumps([sys.executable, "-u", "-B", os.path.join(d, "pykernel.py")])  # no .pyc left
 if not shutil.which("bash"):
     env["ENVCTL_BASH_KERNEL"] = json.dumps(["sh"])
 try:
@@ -157,6 +158,11 @@ if os.path.basename(d).startswith(".envctl-agent-"):
     shutil.rmtree(d, ignore_errors=True)
 print(json.dumps({"left": [p for p in ours() if alive(p)], "dir_left": os.path.lexists(d)}))
 """
+
+
+# how both run in the container: -B, or the imports of a Python without compiled modules (a
+# python3-minimal) would write __pycache__ files into the container's filesystem
+PYTHON = ("python3", "-I", "-B", "-c")
 
 
 def directory(runtime_id: str) -> str:

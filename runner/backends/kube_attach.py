@@ -83,7 +83,7 @@ def inspect(api: KubeApi, text: str) -> OtherContainer | None:
 
 def has_python(api: KubeApi, c: OtherContainer) -> bool:
     try:
-        out = api.exec(c.name, c.member, ["python3", "-c", "print('envctl-python-ok')"], timeout=15)
+        out = api.exec(c.name, c.member, ["python3", "-I", "-B", "-S", "-c", "print('envctl-python-ok')"], timeout=15)
     except BackendError:
         return False
     return "envctl-python-ok" in out
@@ -96,7 +96,7 @@ def place(api: KubeApi, c: OtherContainer, runtime_id: str, credential: bytes) -
     where = agent_bootstrap.directory(runtime_id)
     line = agent_bootstrap.bootstrap_line(credential, AGENT_PORT)
     leftover = {"pod": c.name, "container": c.member, "dir": where}  # found by its directory's name
-    command = ["python3", "-I", "-c", agent_bootstrap.BOOTSTRAP, where]
+    command = [*agent_bootstrap.PYTHON, agent_bootstrap.BOOTSTRAP, where]
     for attempt in (1, 2):
         answer = ""
         try:
@@ -132,7 +132,7 @@ def remove(api: KubeApi, state: dict[str, Any]) -> dict[str, Any]:
     args = agent_bootstrap.stopper_args(state)
     if args is None or not state.get("pod"):
         return {}
-    command = ["python3", "-I", "-c", agent_bootstrap.STOPPER, *args]
+    command = [*agent_bootstrap.PYTHON, agent_bootstrap.STOPPER, *args]
     out = api.exec(str(state["pod"]), str(state.get("container") or ""), command, timeout=REMOVE_TIMEOUT)
     return agent_bootstrap.stopped(f"pod {state['pod']}", out)
 

@@ -456,7 +456,7 @@ class SwarmBackend(RuntimeBackend):
     attach_inside = True
 
     def wire_attach(self, image: Callable[[], str], identity: dict[str, str]) -> None:
-        self.attaching.image, self.attaching.identity = image, dict(identity)
+        self.attaching.wire(image, identity)
 
     def inspect_other(self, container: str) -> OtherContainer | None:
         return self.attaching.find(container)

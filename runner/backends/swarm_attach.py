@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from runner.backends import agent_bootstrap, swarm_files, swarm_spec, swarm_task
 from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED, OtherContainer
 from runner.backends.swarm_helper import CREDENTIAL, ENGINE, HELPER
 
+log = logging.getLogger("envctl.swarm")
 NODE_SOCKET_LABEL = "envctl.engine-socket"  # a node's own Docker socket path, when not the setting's
 LABEL_ATTACHED = "envctl.attached-runtime"  # on a relay and its secret: the runtime attached
 JOB_TIMEOUT = 120.0  # a helper job: placed, pulled (the bash base, once per node), done
@@ -76,6 +79,26 @@ class SwarmAttach:
         #: installation's labels (wired at start-up, runner/service.py)
         self.image: Callable[[], str] | None = None
         self.identity: dict[str, str] = {}
+        self.warming: threading.Thread | None = None
+
+    def wire(self, image: Callable[[], str], identity: dict[str, str]) -> None:
+        self.image, self.identity = image, dict(identity)
+        if self.socket and self.warming is None:
+            self.warming = threading.Thread(target=self.warm, name="envctl-attach-warm", daemon=True)
+            self.warming.start()
+
+    def warm(self) -> None:
+        """At start-up (a thread of its own): the helpers' image pushed and pulled on every ready
+        node by a find of no container, so an attach waits for neither; said in the log."""
+        if not self.socket or self.image is None:
+            return
+        begun = time.monotonic()
+        try:
+            self.find(f"envctl-warm-{uuid.uuid4().hex[:8]}")
+        except Exception as exc:  # an attach then tries again and says what failed
+            log.warning("attach helpers: not ready: %s", getattr(exc, "message", exc))
+            return
+        log.info("attach helpers ready on the swarm's nodes in %.1f s", time.monotonic() - begun)
 
     # ------------------------------------------------------------------ finding
     def enabled(self) -> None:
@@ -233,7 +256,7 @@ class SwarmAttach:
             raise BackendError("attach helpers have no image (the server did not wire one)")
         container = {
             "Image": f"{self.registry}/{self.image()}",
-            "Command": ["python3", "-I", "-c", HELPER, *args],
+            "Command": ["python3", "-I", "-B", "-c", HELPER, *args],
             "Labels": labels,
             "Mounts": [{"Type": "bind", "Source": self._socket_of(node_id), "Target": ENGINE}],
             "StopGracePeriod": int(30e9),  # the relay ends the agent on SIGTERM

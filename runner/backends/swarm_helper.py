@@ -19,7 +19,7 @@ another engine; then:
 
 from __future__ import annotations
 
-from runner.backends.agent_bootstrap import BOOTSTRAP, STOPPER
+from runner.backends.agent_bootstrap import BOOTSTRAP, PYTHON, STOPPER
 from runner.backends.base import AGENT_MOUNT, AGENT_PORT
 
 ENGINE = "/run/envctl-engine.sock"  # where the node's socket is bound in the helper
@@ -29,7 +29,7 @@ _PROGRAM = r"""
 import http.client, json, os, signal, socket, struct, sys, threading, time
 from urllib.parse import quote
 ENGINE, CREDENTIAL, AGENT = %(engine)r, %(credential)r, %(agent)r
-BOOTSTRAP, STOPPER = %(bootstrap)r, %(stopper)r
+BOOTSTRAP, STOPPER, PYTHON = %(bootstrap)r, %(stopper)r, %(python)r
 mode, node = sys.argv[1], sys.argv[2]
 def say(**kw):
     sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
@@ -86,7 +86,7 @@ def inspect(ref):
 def same(c, started):
     return c is not None and c["State"].get("Running") and c["State"].get("StartedAt") == started
 def stop(cid, d, reaper, agent):
-    out = execute(cid, ["python3", "-I", "-c", STOPPER, d, str(reaper), str(agent)])
+    out = execute(cid, [*PYTHON, STOPPER, d, str(reaper), str(agent)])
     try:
         return json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -132,7 +132,7 @@ elif mode == "relay":
     files = {n: open(os.path.join(AGENT, n)).read() for n in sorted(os.listdir(AGENT)) if n.endswith(".py")}
     line = json.dumps({"files": files, "credential": open(CREDENTIAL).read(), "port": %(port)d}) + "\n"
     try:
-        out = execute(cid, ["python3", "-I", "-c", BOOTSTRAP, d], line.encode(), first_line=True)
+        out = execute(cid, [*PYTHON, BOOTSTRAP, d], line.encode(), first_line=True)
         said = json.loads(out.splitlines()[0])
     except (ValueError, IndexError, RuntimeError, OSError) as exc:
         said = {"error": "the bootstrap did not answer: %%s" %% exc}
@@ -219,4 +219,5 @@ HELPER = _PROGRAM % {
     "port": AGENT_PORT,
     "bootstrap": BOOTSTRAP,
     "stopper": STOPPER,
+    "python": list(PYTHON),
 }

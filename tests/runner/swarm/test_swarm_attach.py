@@ -99,6 +99,10 @@ def server(swarm: Swarm, sockets: None, docker: Any, tmp_path_factory: pytest.Te
         ENVCTL_SWARM_ATTACH_ENGINE="/var/run/docker.sock",  # overridden by each node's label
     )
     srv.start()
+    deadline = time.monotonic() + 300  # the helpers' image pushed and pulled on every node once
+    while "attach helpers ready" not in srv.output() and time.monotonic() < deadline:
+        assert "attach helpers: not ready" not in srv.output(), srv.output()[-3000:]
+        time.sleep(0.5)
     yield srv
     remove_installation(swarm, srv)
 
@@ -122,7 +126,7 @@ def run_container(worker: sdk.DockerClient, docker: Any, name: str, command: str
 def looks(c: Any) -> dict[str, Any]:
     """Its processes and files (from inside, by the test's own exec), ``docker diff`` and networks."""
     c.reload()
-    code, out = c.exec_run(["python3", "-c", LISTER])
+    code, out = c.exec_run(["python3", "-B", "-c", LISTER])
     assert code == 0, out
     said = dict(json.loads(out))
     said["diff"] = sorted(json.dumps(d, sort_keys=True) for d in c.diff())
@@ -154,9 +158,13 @@ def attach(client: httpx.Client, name: str, container: str) -> httpx.Response:
 
 def run(client: httpx.Client, rid: str, code: str, language: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, **({"language": language} if language else {})}
-    r = client.post(f"/runtimes/{rid}/executions", params={"wait": 60}, json=body)
+    r = client.post(f"/runtimes/{rid}/executions", params={"wait": 30}, json=body)
     assert r.status_code == 202, r.text
-    return dict(r.json())
+    ex = dict(r.json())
+    deadline = time.monotonic() + 60  # a first cell waits for the attach (a helper task on the node)
+    while ex["status"] in ("queued", "running") and time.monotonic() < deadline:
+        ex = dict(client.get(f"/executions/{ex['id']}", params={"wait": 10}).json())
+    return ex
 
 
 def test_cells_run_in_a_workers_container_envctl_did_not_start_which_is_left_as_it_was(
@@ -218,7 +226,7 @@ def test_cells_run_in_a_workers_container_envctl_did_not_start_which_is_left_as_
         assert during["networks"] == before["networks"]
 
         # a stop detaches: nothing of envctl's is left; the container runs on, never restarted
-        stopped = client.post(f"/runtimes/{rid}/stop", params={"wait": 60}).json()
+        stopped = client.post(f"/runtimes/{rid}/stop", params={"wait": 30}).json()
         assert stopped["state"] == "stopped", stopped
         same_as(before, c)
         assert helpers(swarm) == ([], []), helpers(swarm)
