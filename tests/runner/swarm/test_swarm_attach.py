@@ -31,7 +31,7 @@ from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
 from tests.fixtures.swarm_envctl import remove_installation, swarm_server
-from tests.kube.test_kube_attach import LISTER, unchanged
+from tests.kube.test_kube_attach import LISTER, _agent_key, unchanged
 from tests.runner.cells.test_docker_executions import text
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -66,27 +66,39 @@ def _label(client: sdk.DockerClient, node_id: str, value: str | None) -> None:
     node.update(spec)
 
 
-@pytest.fixture(scope="module")
-def worker(swarm: Swarm, docker: Any) -> Iterator[sdk.DockerClient]:
-    """worker1's own engine, with the bash base image (python3 in it) loaded."""
+def node_engine(swarm: Swarm, docker: Any, node: str) -> sdk.DockerClient:
+    """``node``'s own engine, with the bash base image (python3 in it) loaded."""
     image = base_image(docker, "bash")
-    client = sdk.DockerClient(base_url=swarm.host("worker1"), timeout=120)
+    client = sdk.DockerClient(base_url=swarm.host(node), timeout=120)
     try:
         client.images.get(image)
-    except Exception:
+    except sdk.errors.ImageNotFound:
         saved = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)  # noqa: S607
         loaded = subprocess.run(
-            ["docker", "-H", swarm.host("worker1"), "load"],  # noqa: S607
+            ["docker", "-H", swarm.host(node), "load"],  # noqa: S607
             stdin=saved.stdout,
             capture_output=True,
             timeout=300,
         )
         saved.wait(60)
         assert loaded.returncode == 0, loaded.stderr
-    yield client
-    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
-        c.remove(force=True)
-    client.close()
+    return client
+
+
+@pytest.fixture(scope="module")
+def engines(swarm: Swarm, docker: Any) -> Iterator[dict[str, sdk.DockerClient]]:
+    """The workers' own engines (the test's containers on them removed at the end)."""
+    clients = {node: node_engine(swarm, docker, node) for node in ("worker1", "worker2")}
+    yield clients
+    for client in clients.values():
+        for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={TEST_SESSION}"}):
+            c.remove(force=True)
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def worker(engines: dict[str, sdk.DockerClient]) -> sdk.DockerClient:
+    return engines["worker1"]
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +236,22 @@ def test_cells_run_in_a_workers_container_envctl_did_not_start_which_is_left_as_
         assert placed and all(p.startswith("/dev/shm/.envctl-agent-") for p in placed), placed
         assert not [p for p in placed if p.endswith("agent.key")], placed
         assert during["networks"] == before["networks"]
+        # the attach's key: in no process or variable of the container, nor in the relay's
+        # service, task, container or log (only in its secret file, a tmpfs of the task)
+        key = _agent_key(server, rid)
+        assert key and not any(key in p[3] for p in during["procs"])
+        code, environ = c.exec_run(["sh", "-c", "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'"])
+        assert key not in environ.decode(errors="replace")
+        manager = sdk.DockerClient(base_url=swarm.host("manager"), timeout=30)
+        try:
+            relay = services[0]["ID"]
+            shown = json.dumps([manager.api.inspect_service(relay), manager.api.tasks(filters={"service": relay})])
+            logs = b"".join(manager.api.service_logs(relay, stdout=True, stderr=True)).decode(errors="replace")
+        finally:
+            manager.close()
+        assert key not in shown and key not in logs, logs
+        relays = worker.containers.list(filters={"label": f"com.docker.swarm.service.id={relay}"})
+        assert len(relays) == 1 and key not in json.dumps(relays[0].attrs)
 
         # a stop detaches: nothing of envctl's is left; the container runs on, never restarted
         stopped = client.post(f"/runtimes/{rid}/stop", params={"wait": 30}).json()
@@ -278,3 +306,23 @@ def test_without_the_setting_attach_is_a_409_naming_it(swarm: Swarm) -> None:
         backend.close()
     assert caught.value.status == 409
     assert "ENVCTL_SWARM_ATTACH_ENGINE" in caught.value.message, caught.value.message
+
+
+def test_a_container_removed_behind_envctls_back_on_the_other_worker_turns_its_runtime_to_error(
+    server: Server, swarm: Swarm, engines: dict[str, sdk.DockerClient], docker: Any
+) -> None:
+    name = f"data-gone-{uuid.uuid4().hex[:6]}"
+    c = run_container(engines["worker2"], docker, name, "exec sleep 86400", {})
+    with server.client() as client:
+        r = attach(client, "gone", name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        ex = run(client, rid, "import socket; print(socket.gethostname())")
+        assert text(ex) == f"{c.attrs['Config']['Hostname']}\n", ex
+        c.remove(force=True)
+        rt = server.wait_state(client, rid, {"error"}, timeout=60)
+        assert rt["state_reason"] == "agent-unreachable", rt
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any(e["event"] == "detached" for e in log), log
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+    assert helpers(swarm) == ([], []), helpers(swarm)
