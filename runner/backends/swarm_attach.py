@@ -51,6 +51,7 @@ NODE_SOCKET_LABEL = "envctl.engine-socket"  # a node's own Docker socket path, w
 LABEL_ATTACHED = "envctl.attached-runtime"  # on a relay and its secret: the runtime attached
 JOB_TIMEOUT = 120.0  # a helper job: placed, pulled (the bash base, once per node), done
 RELAY_TIMEOUT = 120.0
+WARM_TIMEOUT = 300.0
 POLL = 0.1
 ENDED = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
 
@@ -93,11 +94,16 @@ class SwarmAttach:
         if not self.socket or self.image is None:
             return
         begun = time.monotonic()
-        try:
-            self.find(f"envctl-warm-{uuid.uuid4().hex[:8]}")
-        except Exception as exc:  # an attach then tries again and says what failed
-            log.warning("attach helpers: not ready: %s", getattr(exc, "message", exc))
-            return
+        while True:  # the server's registry may still be starting
+            try:
+                self.find(f"envctl-warm-{uuid.uuid4().hex[:8]}")
+                break
+            except Exception as exc:  # after a while: an attach then tries again and says what failed
+                if time.monotonic() - begun > WARM_TIMEOUT:
+                    log.warning("attach helpers: not ready: %s", getattr(exc, "message", exc))
+                    return
+                log.debug("attach helpers: not ready yet: %s", getattr(exc, "message", exc))
+                time.sleep(2)
         log.info("attach helpers ready on the swarm's nodes in %.1f s", time.monotonic() - begun)
 
     # ------------------------------------------------------------------ finding
