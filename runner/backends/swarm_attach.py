@@ -164,6 +164,18 @@ class SwarmAttach:
         self.enabled()
         if not c.address or not c.node_id:
             raise ConflictError(f"container {c.name}: its node has no address", details={"container": c.name})
+        self._remove_leftovers(runtime_id)
+        for attempt in (1, 2):
+            try:
+                return self._place(c, runtime_id, credential)
+            except BackendError as exc:
+                # a directory an earlier attach left (its relay gone with its node's engine, say)
+                # was removed by this try's clean-up: the one failure worth a second try
+                if attempt == 2 or "cannot make" not in exc.message:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _place(self, c: OtherContainer, runtime_id: str, credential: bytes) -> dict[str, Any]:
         where = agent_bootstrap.directory(runtime_id)
         labels = {**self._labels(), LABEL_ATTACHED: runtime_id}
         try:
@@ -230,6 +242,20 @@ class SwarmAttach:
         if state.get("secret_id"):
             self._remove_secret(str(state["secret_id"]))
         return left
+
+    def _remove_leftovers(self, runtime_id: str) -> None:
+        """A relay and secret an envctl that died while attaching left for this runtime: removed
+        (the relay ends its agent on SIGTERM), so the bootstrap finds no directory in its way."""
+        mine = [f"{LABEL_ATTACHED}={runtime_id}", f"{LABEL_INSTALLATION}={self.identity.get(LABEL_INSTALLATION, '')}"]
+        try:
+            relays = self.client().api.services(filters={"label": mine})
+            secrets = self.client().api.secrets(filters={"label": mine})
+        except Exception as exc:
+            raise daemon_error("look for a leftover attach relay", exc) from exc
+        for svc in relays:
+            self._remove_service(str(svc["ID"]))
+        for secret in secrets:
+            self._remove_secret(str(secret["ID"]))
 
     def alive(self, state: dict[str, Any]) -> bool:
         """The relay's task runs: it ends when the container stops, goes or restarts."""
