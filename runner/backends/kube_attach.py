@@ -2,8 +2,8 @@
 ``POD`` or ``POD/CONTAINER`` in envctl's namespace, read and entered through the API only (the
 pod's processes are on some node, not on envctl's host), so it works on any node's pod.
 
-Placing the agent (``place``): one ``pods/exec`` of the container's own ``python3`` with a small
-bootstrap, which reads one line on its standard input (the agent's files and the attach's fresh
+Placing the agent (``place``): one ``pods/exec`` of the container's own ``python3`` with the
+bootstrap of ``agent_bootstrap`` (shared with Swarm's attach), which reads one line on its standard input (the agent's files and the attach's fresh
 credential: never in an argument, a variable or a log) and writes them into a directory of its
 own on the container's ``/dev/shm`` (a tmpfs: no part of the container's filesystem, refused
 when it is not one). It then forks the agent (a session of its own, listening on TCP with that

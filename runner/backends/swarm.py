@@ -21,7 +21,8 @@ make a new task after every failed pull, forever):
 - mounts (``swarm_mounts``): git and S3 ones streamed in by envctl, a named volume pinning the
   runtime to its node, ``/results`` fetched over the channel.
 
-The service's spec and the pull token are made in ``swarm_spec``; the agent's files in
+Attach (containers envctl did not start, opt-in) is ``swarm_attach``. The service's spec and the
+pull token are made in ``swarm_spec``; the agent's files in
 ``swarm_files``; task and node readings in ``swarm_tasks``. What Swarm 20.10 cannot enforce of R1
 is in the README ("Docker Swarm").
 """
