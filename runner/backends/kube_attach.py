@@ -3,15 +3,15 @@
 pod's processes are on some node, not on envctl's host), so it works on any node's pod.
 
 Placing the agent (``place``): one ``pods/exec`` of the container's own ``python3`` with the
-bootstrap of ``agent_bootstrap`` (shared with Swarm's attach), which reads one line on its standard input (the agent's files and the attach's fresh
-credential: never in an argument, a variable or a log) and writes them into a directory of its
-own on the container's ``/dev/shm`` (a tmpfs: no part of the container's filesystem, refused
-when it is not one). It then forks the agent (a session of its own, listening on TCP with that
-credential) and stays as the agent's parent and child subreaper,
-reaping the agent and whatever its cells leave behind, so no zombie stays when it ends; it
-prints the pids and the port, and envctl closes the exec stream and dials the pod's IP as it
-dials its own pods. Cells run in the container's namespaces, with its variables, user and
-working directory (what an exec'd process gets).
+bootstrap of ``agent_bootstrap`` (shared with Swarm's attach), which reads one line on its
+standard input (the agent's files and the attach's fresh credential: never in an argument, a
+variable or a log) and writes them into a directory of its own on the container's ``/dev/shm``
+(a tmpfs: no part of the container's filesystem, refused when it is not one). It then forks
+the agent (a session of its own, listening on TCP with that credential) and stays as the
+agent's parent and child subreaper, reaping the agent and whatever its cells leave behind, so
+no zombie stays when it ends; it prints the pids and the port, and envctl closes the exec
+stream and dials the pod's IP as it dials its own pods. Cells run in the container's
+namespaces, with its variables, user and working directory (what an exec'd process gets).
 
 Removing it (``remove``): a second exec sends the agent SIGTERM (it kills its kernels), then
 SIGKILL to anything left under the bootstrap, waits for the bootstrap to end, and removes the
