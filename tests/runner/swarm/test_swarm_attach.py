@@ -119,9 +119,12 @@ def server(swarm: Swarm, sockets: None, docker: Any, tmp_path_factory: pytest.Te
     remove_installation(swarm, srv)
 
 
-def run_container(worker: sdk.DockerClient, docker: Any, name: str, command: str, labels: dict[str, str]) -> Any:
-    """A container of the test's own on worker1 (``docker run``, not a service)."""
+def run_container(
+    worker: sdk.DockerClient, docker: Any, name: str, command: str, labels: dict[str, str], **options: Any
+) -> Any:
+    """A container of the test's own on a worker (``docker run``, not a service)."""
     c = worker.containers.run(
+        **options,
         base_image(docker, "bash"),
         ["bash", "-c", command],
         name=name,
@@ -337,4 +340,23 @@ def test_a_container_removed_behind_envctls_back_on_the_other_worker_turns_its_r
         log = client.get(f"/runtimes/{rid}/log").json()
         assert any(e["event"] == "detached" for e in log), log
         assert client.delete(f"/runtimes/{rid}").status_code == 204
+    assert helpers(swarm) == ([], []), helpers(swarm)
+
+
+def test_a_container_on_the_host_network_is_reached_on_its_nodes_loopback(
+    server: Server, swarm: Swarm, engines: dict[str, sdk.DockerClient], docker: Any
+) -> None:
+    name = f"data-host-{uuid.uuid4().hex[:6]}"
+    c = run_container(engines["worker2"], docker, name, "exec sleep 86400", {}, network_mode="host")
+    before = looks(c)
+    with server.client() as client:
+        r = attach(client, "hostnet", name)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        ex = run(client, rid, "import socket; print(socket.gethostname())")
+        assert ex["status"] == "ok", ex
+        assert text(ex) == "swarm-worker2\n", ex  # the node's namespaces: its hostname
+        assert client.get(f"/runtimes/{rid}").json()["state"] == "running"
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+    same_as(before, c)
     assert helpers(swarm) == ([], []), helpers(swarm)
