@@ -124,7 +124,6 @@ def run_container(
 ) -> Any:
     """A container of the test's own on a worker (``docker run``, not a service)."""
     c = worker.containers.run(
-        **options,
         base_image(docker, "bash"),
         ["bash", "-c", command],
         name=name,
@@ -132,6 +131,7 @@ def run_container(
         labels={TEST_LABEL: TEST_SESSION, **labels},
         environment={"SERVICE_MODE": "prod"},
         working_dir="/opt",
+        **options,
     )
     time.sleep(0.5)  # its command's own files made
     c.reload()
