@@ -144,7 +144,7 @@ def looks(c: Any) -> dict[str, Any]:
     code, out = c.exec_run(["python3", "-B", "-c", LISTER])
     assert code == 0, out
     said = dict(json.loads(out))
-    said["diff"] = sorted(json.dumps(d, sort_keys=True) for d in c.diff())
+    said["diff"] = sorted(json.dumps(d, sort_keys=True) for d in (c.diff() or []))
     said["networks"] = {k: v.get("IPAddress") for k, v in c.attrs["NetworkSettings"]["Networks"].items()}
     return said
 
