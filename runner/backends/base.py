@@ -434,6 +434,12 @@ class RuntimeBackend(abc.ABC):
         """Whether the container an agent was placed in is still that one, running."""
         return True
 
+    def sweep_placed(self, keep: Callable[[], set[str]]) -> list[str]:
+        """Agents this runner placed (kept running by something of the backend's, e.g. Swarm's
+        relays) for runtimes not in ``keep()`` (asked after listing them) removed: an envctl
+        that died while attaching, a runtime deleted while it was down. The runtime ids."""
+        return []
+
     def wire_attach(self, image: Callable[[], str], identity: dict[str, str]) -> None:  # noqa: B027
         """Optional hook: the image (``repo@digest`` in the registry, an envctl base) that helper
         tasks placing agents run, and the installation's labels they carry (swarm)."""

@@ -462,9 +462,6 @@ class SwarmBackend(RuntimeBackend):
     def inspect_other(self, container: str) -> OtherContainer | None:
         return self.attaching.find(container)
 
-    def other_has_python(self, other: OtherContainer) -> bool:
-        return bool(other.python)
-
     def place_agent(self, other: OtherContainer, runtime_id: str, credential: bytes) -> BackendState:
         return self.attaching.place(other, runtime_id, credential)
 
@@ -473,6 +470,9 @@ class SwarmBackend(RuntimeBackend):
 
     def other_alive(self, state: BackendState) -> bool:
         return self.attaching.alive(state)
+
+    def sweep_placed(self, keep: Callable[[], set[str]]) -> list[str]:
+        return self.attaching.sweep(keep)
 
     # --- nodes ---------------------------------------------------------------------------
     def nodes(self, installation: str) -> list[dict[str, Any]]:

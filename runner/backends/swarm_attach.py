@@ -257,6 +257,35 @@ class SwarmAttach:
         for secret in secrets:
             self._remove_secret(str(secret["ID"]))
 
+    def sweep(self, keep: Callable[[], set[str]]) -> list[str]:
+        """Relays of this runner whose runtime is not in ``keep()`` removed (they end their agent
+        on SIGTERM), and their secrets once free (a later round when still in use); the ids."""
+        if not self.socket or not self.identity:
+            return []
+        mine = {"label": [LABEL_ATTACHED, *(f"{k}={v}" for k, v in self.identity.items())]}
+        try:
+            relays = self.client().api.services(filters=mine)
+            secrets = self.client().api.secrets(filters=mine)
+        except Exception as exc:
+            raise daemon_error("list the attach relays", exc) from exc
+        if not relays and not secrets:
+            return []
+        kept = keep()
+        gone: list[str] = []
+        for svc in relays:
+            rid = str(((svc.get("Spec") or {}).get("Labels") or {}).get(LABEL_ATTACHED, ""))
+            if rid and rid not in kept:
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.client().api.remove_service(svc["ID"])
+                log.warning("removed the attach relay %s of runtime %s, which is not attached", svc["ID"], rid)
+                gone.append(rid)
+        for secret in secrets:
+            rid = str(((secret.get("Spec") or {}).get("Labels") or {}).get(LABEL_ATTACHED, ""))
+            if rid and rid not in kept:
+                with contextlib.suppress(docker.errors.APIError):  # in use until its relay ended
+                    self.client().api.remove_secret(secret["ID"])
+        return gone
+
     def alive(self, state: dict[str, Any]) -> bool:
         """The relay's task runs: it ends when the container stops, goes or restarts."""
         relay = str(state.get("relay") or "")

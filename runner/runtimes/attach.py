@@ -150,7 +150,7 @@ class Attach:
         """Whether ``c`` runs Python cells; inside a pod, a pod without python3 is refused."""
         if not self.backend.attach_inside:
             return _has(Path(f"/proc/{c.pid}/root"), c.env.get("PATH", DEFAULT_PATH), "python3")
-        if not self.backend.other_has_python(c):
+        if not (c.python if c.python is not None else self.backend.other_has_python(c)):
             raise ConflictError(
                 f"container {ref_of(c)!r} has no python3: on the {self.backend.name} backend envctl's agent runs "
                 "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine)",
@@ -398,6 +398,16 @@ class Attach:
             self.records.fail(
                 runtime_id, "agent-unreachable", "the attached agent is gone (the container stopped?)", {State.RUNNING}
             )
+        with contextlib.suppress(EnvctlError):  # what an envctl that died while attaching left
+            self.backend.sweep_placed(self._attached)
+
+    def _attached(self) -> set[str]:
+        """This runner's runtimes that are attached or attaching now."""
+        with self.records.db.session() as s:
+            rows = s.scalars(
+                select(Runtime).where(Runtime.runner == self.runner, Runtime.state.in_((State.RUNNING, State.BOOTING)))
+            )
+            return {r.id for r in rows if container_of(r) is not None}
 
 
 def ref_of(c: OtherContainer) -> str:

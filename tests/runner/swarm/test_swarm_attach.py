@@ -30,7 +30,7 @@ from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
-from tests.fixtures.swarm_envctl import remove_installation, swarm_server
+from tests.fixtures.swarm_envctl import _installation_of, remove_installation, swarm_server
 from tests.kube.test_kube_attach import LISTER, _agent_key, unchanged
 from tests.runner.cells.test_docker_executions import text
 
@@ -360,3 +360,35 @@ def test_a_container_on_the_host_network_is_reached_on_its_nodes_loopback(
         assert client.delete(f"/runtimes/{rid}").status_code == 204
     same_as(before, c)
     assert helpers(swarm) == ([], []), helpers(swarm)
+
+
+def test_a_relay_left_for_a_runtime_that_is_not_attached_is_removed(server: Server, swarm: Swarm) -> None:
+    """What an envctl killed while attaching, or one down while the runtime was deleted, leaves:
+    a relay of its runner (and its secret) for a runtime that is not attached; housekeeping
+    removes both."""
+    installation = _installation_of(server)
+    assert installation
+    labels = {
+        TEST_LABEL: TEST_SESSION,
+        "envctl.installation": installation,
+        "envctl.runner": server.env["ENVCTL_RUNNER_NAME"],
+        LABEL_ATTACHED: "rt_notattached0000",
+    }
+    manager = sdk.DockerClient(base_url=swarm.host("manager"), timeout=30)
+    try:
+        secret = manager.api.create_secret(f"envctl-attach-stray-{uuid.uuid4().hex[:6]}", b"x", labels=labels)
+        service = manager.api.create_service(
+            sdk.types.TaskTemplate(
+                sdk.types.ContainerSpec("envctl-test-nothing:none", ["sleep", "600"]),
+                restart_policy=sdk.types.RestartPolicy(condition="none"),
+            ),
+            name=f"envctl-attach-stray-{uuid.uuid4().hex[:6]}",
+            labels=labels,
+        )
+        deadline = time.monotonic() + 30
+        while helpers(swarm) != ([], []) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert helpers(swarm) == ([], []), (service, secret, helpers(swarm))
+    finally:
+        manager.close()
+    assert "removed the attach relay" in server.output() and "rt_notattached0000" in server.output()
