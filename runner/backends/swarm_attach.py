@@ -70,6 +70,12 @@ class SwarmAttach:
         create_service: Callable[[dict[str, Any], str], str],
         registry_auth: Callable[[str], str],
     ) -> None:
+        if socket and not socket.startswith("/"):
+            raise InvalidInputError(
+                f"ENVCTL_SWARM_ATTACH_ENGINE: {socket!r} is no absolute path of the nodes' Docker socket "
+                "(e.g. /var/run/docker.sock)",
+                field="swarm_attach_engine",
+            )
         self.client = client
         self.socket = socket
         self.registry = registry
@@ -301,7 +307,13 @@ class SwarmAttach:
     def _socket_of(self, node_id: str) -> str:
         node = next((n for n in self._nodes() if str(n.get("ID")) == node_id), {})
         labels = ((node.get("Spec") or {}).get("Labels")) or {}
-        return str(labels.get(NODE_SOCKET_LABEL) or self.socket)
+        path = str(labels.get(NODE_SOCKET_LABEL) or self.socket)
+        if not path.startswith("/"):
+            raise InvalidInputError(
+                f"node {swarm_tasks.node_name(node)}: its label {NODE_SOCKET_LABEL}={path!r} is no absolute path",
+                field=NODE_SOCKET_LABEL,
+            )
+        return path
 
     def _body(
         self,

@@ -23,7 +23,7 @@ import docker as sdk
 import httpx
 import pytest
 
-from envs.kit.errors import NotSupportedError
+from envs.kit.errors import InvalidInputError, NotSupportedError
 from runner.backends.swarm import SwarmBackend
 from runner.backends.swarm_attach import LABEL_ATTACHED, NODE_SOCKET_LABEL
 from tests.conftest import TEST_LABEL, TEST_SESSION
@@ -321,6 +321,8 @@ def test_without_the_setting_attach_is_a_409_naming_it(swarm: Swarm) -> None:
         backend.close()
     assert caught.value.status == 409
     assert "ENVCTL_SWARM_ATTACH_ENGINE" in caught.value.message, caught.value.message
+    with pytest.raises(InvalidInputError, match="ENVCTL_SWARM_ATTACH_ENGINE: 'docker.sock' is no absolute path"):
+        SwarmBackend(swarm.host("manager"), registry=swarm.registry_host, signing_key=None, attach_engine="docker.sock")
 
 
 def test_a_container_removed_behind_envctls_back_on_the_other_worker_turns_its_runtime_to_error(
