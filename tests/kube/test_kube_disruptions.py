@@ -112,6 +112,7 @@ def test_an_evicted_pod_keeps_its_work_as_a_draft_and_the_runtime_says_why(
         assert kept and kept[-1]["reason"] == "terminated", entries
         gone = wait_no_pod(core, kube_namespace, rid, 40)
         print(f"\neviction: error (terminated) with its draft after {took:.1f} s, pod gone {gone:.1f} s later")
+        print(f"eviction: {message}")
         assert client.post(f"/runtimes/{rid}/start").status_code in (200, 202)
         again = server.wait_state(client, rid, {"running", "error"}, timeout=240)
         assert again["state"] == "running", again
@@ -149,7 +150,7 @@ def test_a_lost_node_turns_its_runtime_to_node_lost_and_nothing_is_left_once_it_
                 left = running_on_node(kube, name)
                 print(
                     f"\nkubelet stopped: node-lost after {took:.1f} s (grace {GRACE} s), pod object gone "
-                    f"{gone:.1f} s later, {len(left)} of its containers still running on the node"
+                    f"{gone:.1f} s later, {len(left)} of its containers still running on the node; {message}"
                 )
                 assert left
             finally:
