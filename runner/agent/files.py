@@ -26,10 +26,9 @@ import stat
 import struct
 import tarfile
 
-try:  # noqa: SIM105  (annotations only)
+TYPE_CHECKING = False  # annotations only: typing is not imported at run time
+if TYPE_CHECKING:
     from typing import Any
-except ImportError:  # pragma: no cover
-    pass
 
 FRAME = struct.Struct(">I")
 MAX_FRAME = 64 << 20

@@ -39,10 +39,11 @@ import ssl
 import stat
 import time
 
-try:  # noqa: SIM105  (annotations only; python3-minimal images may lack typing)
+# Annotations only: typing is not imported at run time (4 ms of the agent's start, four times
+# that in a pod limited to 0.25 CPU; python3-minimal images may lack it).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from typing import Any
-except ImportError:  # pragma: no cover
-    pass
 
 VERSION = 1
 PORT = 7600  # the agent's port inside its container (a tcp channel)

@@ -31,11 +31,12 @@ import sys
 import threading
 import time
 
-try:  # noqa: SIM105  (annotations only)
+# Annotations only: typing is not imported at run time (4 ms of the agent's start, four times
+# that in a pod limited to 0.25 CPU; python3-minimal images may lack it).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
-except ImportError:  # pragma: no cover
-    pass
 
 AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 

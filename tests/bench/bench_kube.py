@@ -13,6 +13,7 @@ The single-node cluster of ``scripts/kube-fixture`` (root only) and one ``envctl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -24,7 +25,7 @@ import httpx
 
 from tests.bench.stats import report
 
-BOOTS = 5
+BOOTS = int(os.environ.get("ENVCTL_BENCH_KUBE_BOOTS") or 5)  # boots of each kind (more: a steadier median)
 REPO = Path(__file__).resolve().parents[2]
 
 
