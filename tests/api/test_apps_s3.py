@@ -41,12 +41,7 @@ class _Requests(logging.Handler):
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Endpoint]:
-    gen = start_s3()
-    endpoint = next(gen)
-    try:
-        yield endpoint
-    finally:
-        gen.close()
+    yield from start_s3()
 
 
 @pytest.fixture(scope="module")
