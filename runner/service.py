@@ -232,6 +232,7 @@ class RunnerService:
             attach.check_alive()
             return pool.reconcile(found)
 
+        app_store = AppStore(db)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,
@@ -250,6 +251,7 @@ class RunnerService:
                 mounts,
                 transfers=transfers,
                 secrets=secrets,
+                ports_of=app_store.ports_of_runtime,  # an app runtime's port, published where needed
             ),
             mounts,
             self.cells,
@@ -291,7 +293,7 @@ class RunnerService:
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
         )
         self.archives = Archives(db, backend, settings.data_dir / "tmp")
-        self.apps = apps = AppDeployments(settings, AppStore(db), self.secret_box)
+        self.apps = apps = AppDeployments(settings, app_store, self.secret_box)
         self.app_server = AppServer(
             settings,
             apps.store,
@@ -302,7 +304,7 @@ class RunnerService:
             runtimes=runtimes,
             lifecycle=lifecycle,
             executions=executions,
-            address_of=backend.address,
+            endpoint_of=backend.endpoint,
         )
         self.volumes = Volumes(db, backend, self.identity.installation)
 

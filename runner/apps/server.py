@@ -107,7 +107,7 @@ class AppServer:
         runtimes: Runtimes,
         lifecycle: Lifecycle,
         executions: ExecutionManager,
-        address_of: Callable[[dict[str, Any]], str | None],
+        endpoint_of: Callable[[dict[str, Any], int], str | None],
     ) -> None:
         self.settings = settings
         self.teams = settings.runner_app_teams
@@ -119,7 +119,7 @@ class AppServer:
         self.runtimes = runtimes
         self.lifecycle = lifecycle
         self.executions = executions
-        self.address_of = address_of
+        self.endpoint_of = endpoint_of  # the backend's: where this server reaches a runtime's port
         self._last_event: dict[str, int] = {}
         self._loaded: dict[str, Loaded] = {}
         self._busy: set[str] = set()  # instance or deployment ids a thread works on
@@ -304,16 +304,17 @@ class AppServer:
             if view.status != "ok":
                 what = f"{view.error_name}: {view.error_value}" if view.error_name else view.status
                 raise AppFailedError(f"cell {n}: {what}" if n else f"writing the app's files failed: {what}")
-        address = self.address_of(rt.backend_state or {})
-        if address is None:
-            raise AppFailedError("the runtime has no address this server can reach; apps need one")
-        while not port_answers(address, port):
+        endpoint = self.endpoint_of(rt.backend_state or {}, port)
+        if endpoint is None:
+            raise AppFailedError(f"the runtime's port {port} has no address this server can reach; apps need one")
+        host, _, reached = endpoint.rpartition(":")
+        while not port_answers(host, int(reached)):
             if time.monotonic() > deadline:
                 raise AppFailedError(
                     f"nothing answered on port {port} within {self.settings.runner_app_start_timeout:.0f} s"
                 )
             time.sleep(0.1)
-        self.store.set_instance(inst, status="running", message="", address=f"{address}:{port}")
+        self.store.set_instance(inst, status="running", message="", address=endpoint)
 
     # ------------------------------------------------------------------ this runner's instances
     def _watch(self) -> None:

@@ -76,6 +76,17 @@ class AppStore:
     def instances(s: Session, app_id: str) -> builtins.list[AppInstance]:
         return list(s.scalars(select(AppInstance).where(AppInstance.app_id == app_id).order_by(AppInstance.created_at)))
 
+    def ports_of_runtime(self, runtime_id: str) -> tuple[int, ...]:
+        """The port an app runtime's web server listens on (its deployment's), for the boot to
+        ask the backend to make reachable (runner/runtimes/boot.py); () for any other runtime."""
+        with self.tx() as s:
+            spec = s.scalars(
+                select(AppDeployment.spec)
+                .join(AppInstance, AppInstance.deployment_id == AppDeployment.id)
+                .where(AppInstance.runtime_id == runtime_id)
+            ).first()
+        return (int((spec or {}).get("port", 8000)),) if spec is not None else ()
+
     @staticmethod
     def instances_of_runner(s: Session, runner: str) -> builtins.list[AppInstance]:
         return list(s.scalars(select(AppInstance).where(AppInstance.runner == runner)))

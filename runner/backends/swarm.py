@@ -294,6 +294,8 @@ class SwarmBackend(RuntimeBackend):
                             "host": swarm_spec.node_address(node),
                             "port": swarm_spec.published(task),
                         },
+                        # an app's port, published on the node too (``endpoint``)
+                        "ports": {str(p): swarm_spec.published(task, p) for p in spec.ports},
                     }
                 if task.state in swarm_tasks.ENDED:
                     where = swarm_tasks.node_name(self._node(task.node_id)) if task.node_id else ""
@@ -402,6 +404,13 @@ class SwarmBackend(RuntimeBackend):
 
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         return state_dir / AGENT_SOCKET  # never made: a Swarm runtime's agent is on the tcp channel
+
+    def endpoint(self, state: BackendState, port: int) -> str | None:
+        """The task's node and the node's port ``port`` is published on (in host mode, as the
+        agent's): the runtime's own address is on a bridge of that node, out of envctl's reach."""
+        host = (state.get("agent") or {}).get("host")
+        published = (state.get("ports") or {}).get(str(port))
+        return f"{host}:{published}" if host and published else None
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         sid = state.get("service_id")
