@@ -65,7 +65,7 @@ def test_an_app_on_the_swarm_is_placed_on_a_node_and_answers_through_the_gateway
             assert resp.status_code == 200, resp.text + env.srv.output()[-3000:]
             seen = resp.json()
             assert (seen["version"], seen["path"], seen["file"]) == (version, "/page", "from the bundle")
-    assert seen["headers"].get("X-Forwarded-Prefix") == "/apps/acme/board"
+    assert {k.lower(): v for k, v in seen["headers"].items()}["x-forwarded-prefix"] == "/apps/acme/board"
 
     # stopped: 503 at once, and its service leaves the swarm
     stopped = env.cli("alice", "app", "stop", "board", "--team", "acme")
