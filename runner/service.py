@@ -218,7 +218,10 @@ class RunnerService:
             after_execution=self._after_execution,
             closing=concurrency.closing,
         )
-        self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
+        app_store = AppStore(db)
+        self.pool = pool = Pool(
+            settings, self.identity, records, concurrency, backend, paths, secrets, ports_of=app_store.ports_of_runtime
+        )
         self.attach = attach = Attach(settings, records, backend, paths, self.runner)
 
         def serve(rt: Runtime) -> bool:
@@ -232,7 +235,6 @@ class RunnerService:
             attach.check_alive()
             return pool.reconcile(found)
 
-        app_store = AppStore(db)
         self.lifecycle = lifecycle = Lifecycle(
             settings,
             records,

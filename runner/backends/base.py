@@ -445,6 +445,10 @@ class RuntimeBackend(abc.ABC):
         agent = state.get("agent") or {}
         return str(agent["host"]) if agent.get("host") else None
 
+    # whether the spec's ``ports`` are published when the container is made (so a container made
+    # ahead without them, a pooled one, cannot serve a runtime that has some)
+    publishes_ports = False
+
     def endpoint(self, state: BackendState, port: int) -> str | None:
         """``host:port`` where this server reaches the runtime's ``port`` (one of the spec's
         ``ports``, an app's): by default its ``address`` and the port itself; None when the

@@ -405,6 +405,8 @@ class SwarmBackend(RuntimeBackend):
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         return state_dir / AGENT_SOCKET  # never made: a Swarm runtime's agent is on the tcp channel
 
+    publishes_ports = True
+
     def endpoint(self, state: BackendState, port: int) -> str | None:
         """The task's node and the node's port ``port`` is published on (in host mode, as the
         agent's): the runtime's own address is on a bridge of that node, out of envctl's reach."""
