@@ -11,8 +11,9 @@ Who may open it: the domain's rule (``runner.apps.store.may_open``) on the visit
 not signed in gets 401 and the sign-in form, for a team app and for a name that is no app alike
 (nothing tells them which); a signed-in outsider gets the 404 of an app that does not exist.
 
-envctl reaches an app at its runtime container's address on the envctl network (the runner
-records ``address:port`` per instance once the port answers: runner/apps/server.py). Requests
+envctl reaches an app where its runtime's backend says the app's port is (the container's address
+on the envctl network; on Swarm the node's published port): the runner records ``host:port`` per
+instance once it answers (runner/apps/server.py). Requests
 are spread over the current deployment's running instances in turn. Bodies are streamed both
 ways (a server-sent event stream or a long download passes as it comes). A request body of up to
 ``MAX_BUFFERED`` bytes (a form, JSON) is read whole and sent with the request, on a kept

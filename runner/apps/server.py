@@ -22,9 +22,12 @@ Each round also watches this runner's running instances: a runtime that is no lo
 in a row, is restarted (booted again, cells run again) after a backoff that doubles per restart
 (1 s, 2 s, 4 s, ... at most ``MAX_BACKOFF``); instances of ended deployments are removed.
 
-The app's address: the runtime container's own address on its network, which this host routes
-to (the tcp agent channel's reasoning, runner/backends/agent_channel.py); the proxy in the API
-connects there. A cluster backend that gives no routable address fails the deployment saying so.
+The app's address is where the backend says this server reaches the runtime's port
+(``RuntimeBackend.endpoint``): on the local engine the container's own address on its network,
+which this host routes to (the tcp agent channel's reasoning, runner/backends/agent_channel.py);
+on Swarm the task's node and the node's port the app's port is published on (the boot asks the
+store for it: ``AppStore.ports_of_runtime``); on Kubernetes the pod's IP. The proxy in the API
+connects there. A backend that gives no reachable address fails the deployment saying so.
 """
 
 from __future__ import annotations
