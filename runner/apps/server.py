@@ -43,6 +43,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from envs.kit.clock import utcnow
 from envs.kit.errors import EnvctlError
 from registry import events
 from registry.models import Team
@@ -62,6 +63,7 @@ from runner.settings import Settings
 log = logging.getLogger("envctl.apps")
 
 TICK = 0.5  # seconds between rounds
+SPREAD_WAIT = 2.0  # seconds a waiting instance is left to app servers that hold none of its deployment
 TAKEOVER_GRACE = 2.0  # seconds the replaced deployment keeps serving requests already sent to it
 PROBES_TO_RESTART = 3
 MAX_BACKOFF = 60.0
@@ -148,7 +150,10 @@ class AppServer:
         ``pending`` again (the next round deploys them from the start)."""
         for dep_id, instances in self.store.interrupted(self.runner):
             for inst in instances:
-                self._retire(inst.id, inst.runtime_id)
+                if inst.runner in (self.runner, ""):
+                    self._retire(inst.id, inst.runtime_id)
+                else:  # another app server's: it removes it (``_watch``)
+                    self.store.set_instance(inst.id, status="abandoned", message="its deployment is made again")
             self.store.set_deployment(dep_id, "pending", "the app server restarted while deploying; deploying again")
             with self.store.tx() as s:
                 self.store.release(s, dep_id)
@@ -171,7 +176,28 @@ class AppServer:
         for dep_id in self._wanted():
             if self.store.claim(dep_id, self.runner):
                 self._spawn(dep_id, self._deploy, dep_id)
+        self._take_instances()
         self._watch()
+
+    def _take_instances(self) -> None:
+        """Waiting instances of the teams' deployments: one of each deployment per round while
+        this server holds none of it (so the team's app servers take one each, spreading the
+        instances over them), any once one waited ``SPREAD_WAIT`` (no other server took it)."""
+        now = utcnow()
+        with self.store.tx() as s:
+            waiting = self.store.waiting(s, self.teams)
+            held = {
+                i.deployment_id
+                for i in self.store.instances_of_runner(s, self.runner)
+                if i.deployment_id in {w.deployment_id for w in waiting}
+            }
+            s.expunge_all()
+        for inst in waiting:
+            if inst.deployment_id in held and (now - inst.created_at).total_seconds() < SPREAD_WAIT:
+                continue
+            if self.store.claim_instance(inst.id, self.runner):
+                held.add(inst.deployment_id)
+                self._spawn(inst.id, self._start_instance, inst.id)
 
     def _wanted(self) -> list[str]:
         """Deployments to take: those the event streams announce, and any still pending."""
@@ -237,7 +263,7 @@ class AppServer:
             return
         dep, app, team_id = rows
         try:
-            loaded = self.load(dep, app, team_id)
+            self.load(dep, app, team_id)  # checked before any instance is made: a refused bundle runs nothing
         except (AppBundleError, EnvctlError) as exc:
             self.store.set_deployment(dep_id, "failed", exc.message)
             return
@@ -245,26 +271,54 @@ class AppServer:
             self.store.set_deployment(dep_id, "failed", f"the bundle could not be read: {type(exc).__name__}")
             return
         self.store.set_deployment(dep_id, "starting", f"starting {app.instances} instance(s) on {dep.version_ref}")
-        instances: list[tuple[str, str]] = []
-        try:
-            for n in range(app.instances):
-                inst = self.store.add_instance(dep.id, app.id, self.runner)
-                rid = self._create_runtime(dep, app, n)
-                self.store.set_instance(inst, runtime_id=rid)
-                instances.append((inst, rid))
-            for inst, rid in instances:
-                self._run(inst, rid, dep, loaded, app.team)
-        except EnvctlError as exc:
-            self.store.set_deployment(dep_id, "failed", exc.message)
-            for inst, _ in instances:
-                self._retire(inst)
-            return
-        with self.store.tx() as s:
-            now_status = self.store.deployment_status(s, dep_id)
+        for _ in range(app.instances):  # taken by the team's app servers, this one too (_take_instances)
+            self.store.add_instance(dep.id, app.id)
+        deadline = time.monotonic() + self.settings.runner_boot_timeout + self.settings.runner_app_start_timeout + 60
+        while True:
+            with self.store.tx() as s:
+                now_status = self.store.deployment_status(s, dep_id)
+                seen = [(i.status, i.message) for i in self.store.of_deployment(s, dep_id)]
             if now_status is None or now_status[0] != "starting":  # stopped meanwhile
                 return
+            failed = [message for status, message in seen if status == "failed"]
+            if failed:  # every app server removes its instances of a failed deployment (_watch)
+                self.store.set_deployment(dep_id, "failed", failed[0])
+                return
+            if seen and all(status == "running" for status, _ in seen):
+                break
+            if time.monotonic() > deadline:
+                said = "; ".join(f"{status} {message}".strip() for status, message in seen)
+                self.store.set_deployment(dep_id, "failed", f"not every instance was running in time: {said}")
+                return
+            time.sleep(0.2)
         self.store.set_deployment(dep_id, "running", f"serving at /apps/{app.team}/{app.name}/")
         self.store.take_over(dep_id)  # the replaced deployments' instances go after TAKEOVER_GRACE (_watch)
+
+    def _start_instance(self, inst_id: str) -> None:
+        """An instance this server took: the bundle read and checked here too, its runtime made
+        and booted, the cells run, the port asked; ``running``, or ``failed`` saying why (its
+        runtime removed first, so that nothing of it is left when the deployment says so)."""
+        with self.store.tx() as s:
+            row = s.get(AppInstance, inst_id)
+            dep_id = row.deployment_id if row is not None else ""
+            order = [i.id for i in self.store.of_deployment(s, dep_id)] if row is not None else []
+        rows = self._rows(dep_id) if dep_id else None
+        if rows is None or inst_id not in order:
+            return
+        dep, app, team_id = rows
+        rid: str | None = None
+        try:
+            loaded = self.load(dep, app, team_id)  # each app server reads and checks the bundle itself
+            rid = self._create_runtime(dep, app, order.index(inst_id))
+            self.store.set_instance(inst_id, runtime_id=rid)
+            self._run(inst_id, rid, dep, loaded, app.team)
+        except Exception as exc:
+            why = exc.message if isinstance(exc, EnvctlError) else f"the instance could not start: {type(exc).__name__}"
+            if not isinstance(exc, EnvctlError):
+                log.exception("app instance %s failed", inst_id)
+            if rid is not None:
+                self._remove_runtime(rid)
+            self.store.set_instance(inst_id, status="failed", message=why, address=None)
 
     def _viewer(self, dep: AppDeployment, team: str) -> Viewer:
         return Viewer(dep.author_id, frozenset({team}))
@@ -317,7 +371,7 @@ class AppServer:
                     f"nothing answered on port {port} within {self.settings.runner_app_start_timeout:.0f} s"
                 )
             time.sleep(0.1)
-        self.store.set_instance(inst, status="running", message="", address=endpoint)
+        self.store.set_running(inst, endpoint)  # unless it was given up meanwhile (``abandoned``)
 
     # ------------------------------------------------------------------ this runner's instances
     def _watch(self) -> None:
@@ -331,7 +385,9 @@ class AppServer:
                 if inst.id in self._busy or inst.deployment_id in self._busy:
                     continue
             ended = status[inst.id]
-            if ended is None or ended[0] in ENDED:
+            if inst.status == "abandoned":  # its deployment is made again by the server that took it
+                self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
+            elif ended is None or ended[0] in ENDED:
                 # a replaced deployment keeps answering what was sent to it for TAKEOVER_GRACE
                 if ended is None or ended[0] == "failed" or now - ended[1].timestamp() >= TAKEOVER_GRACE:
                     self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
@@ -390,14 +446,19 @@ class AppServer:
             with self.store.tx() as s:
                 row = s.get(AppInstance, inst_id)
                 runtime_id = row.runtime_id if row is not None else None
-        if runtime_id is not None:
-            try:
-                self.lifecycle.delete(self.runner_viewer(runtime_id), runtime_id)
-            except EnvctlError as exc:
-                if exc.status != 404:
-                    log.warning("could not remove app runtime %s: %s", runtime_id, exc.message)
-                    return
+        if runtime_id is not None and not self._remove_runtime(runtime_id):
+            return
         self.store.remove_instance(inst_id)
+
+    def _remove_runtime(self, runtime_id: str) -> bool:
+        """The runtime deleted (or already gone); False when it could not be."""
+        try:
+            self.lifecycle.delete(self.runner_viewer(runtime_id), runtime_id)
+        except EnvctlError as exc:
+            if exc.status != 404:
+                log.warning("could not remove app runtime %s: %s", runtime_id, exc.message)
+                return False
+        return True
 
     def logs(self, viewer: Viewer, runtime_ids: list[str], limit: int = 256 * 1024) -> str:
         """The app's own output: each instance's runner log and its cells' outputs (the files
