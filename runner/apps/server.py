@@ -8,14 +8,21 @@ own:
 
 ``downloading``  the bundle read from the object store and checked (``bundles.open_bundle``):
                  changed, truncated or another team's: ``failed``, nothing runs
-``starting``     each instance an ordinary runtime of the team (owned by the author, pinned to
-                 the recorded version, with the spec's variables and secret references, idle
-                 shutdown off: ``idle_timeout`` 0), booted; the bundle's files written under
-                 ``~/app`` (the cells' working directory), the notebook's code cells run in
-                 order, then the port is asked until it answers
+``starting``     its instances made ``waiting``; the team's app servers take them (this one
+                 too, ``_take_instances``): each server one per round while it holds none of
+                 that deployment, any once one waited ``SPREAD_WAIT`` (no other server took it),
+                 so that the instances spread over the team's servers and one server alone
+                 takes them all. The server that took an instance reads and checks the bundle
+                 itself, makes it an ordinary runtime of the team on its own backend (owned by
+                 the author, pinned to the recorded version, with the spec's variables and
+                 secret references, idle shutdown off: ``idle_timeout`` 0), boots it, writes
+                 the bundle's files under ``~/app`` (the cells' working directory), runs the
+                 notebook's code cells in order, then asks the port until it answers; the
+                 deployment's server waits until every instance runs, or one failed
 ``running``      the deployment takes over (the proxy sends requests to it from then on); the
                  deployments it replaced stop after ``TAKEOVER_GRACE`` (requests in flight end)
 ``failed``       with the cell's error (``cell 2: NameError: ...``) or the reason; its runtimes go
+                 (each server removes its own)
 
 Each round also watches this runner's running instances: a runtime that is no longer running
 (crashed, OOM, stopped by hand), or whose port stopped answering ``PROBES_TO_RESTART`` rounds
