@@ -348,7 +348,8 @@ class AppServer:
         ``AppFailedError`` saying what failed."""
         who = self._viewer(dep, team)
         port = int((dep.spec or {}).get("port", 8000))
-        self.store.set_instance(inst, status="starting", message="booting", address=None)
+        if not self.store.set_instance(inst, status="starting", message="booting", address=None):
+            raise AppFailedError("the instance was given up: its deployment is made again")
         if self.records.state_of(rid) != State.RUNNING:
             self.lifecycle.start(who, rid)
         rt = self.records.wait_for(rid, {State.RUNNING, State.ERROR}, self.settings.runner_boot_timeout + 15)

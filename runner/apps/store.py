@@ -302,10 +302,16 @@ class AppStore:
             )
             return bool(getattr(done, "rowcount", 0))
 
-    def set_instance(self, instance_id: str, **values: Any) -> None:
+    def set_instance(self, instance_id: str, **values: Any) -> bool:
+        """Values of the instance, unless it was given up (``abandoned``: its server removes it)."""
         values["updated_at"] = utcnow()
         with self.db.session() as s:
-            s.execute(update(AppInstance).where(AppInstance.id == instance_id).values(**values))
+            done = s.execute(
+                update(AppInstance)
+                .where(AppInstance.id == instance_id, AppInstance.status != "abandoned")
+                .values(**values)
+            )
+            return bool(getattr(done, "rowcount", 0))
 
     def remove_instance(self, instance_id: str) -> None:
         with self.db.session() as s:
