@@ -62,9 +62,10 @@ def test_an_app_on_kubernetes_runs_in_a_pod_and_answers_through_the_gateway(
         from kubernetes import client as kclient
 
         net = kclient.NetworkingV1Api(core.api_client)
-        policies = {p.metadata.name: p for p in net.list_namespaced_network_policy(kube_namespace).items}
+        listed: Any = core.api_client.sanitize_for_serialization(net.list_namespaced_network_policy(kube_namespace))
+        policies = {str(p["metadata"]["name"]): p for p in listed["items"]}
         [admits] = [p for n, p in policies.items() if n.startswith("envctl-app-") and n.endswith("-8000")]
-        assert admits.spec.pod_selector.match_labels["envctl.app-port-8000"] == "1"
+        assert admits["spec"]["podSelector"]["matchLabels"]["envctl.app-port-8000"] == "1", admits
     finally:
         core.api_client.close()
 
