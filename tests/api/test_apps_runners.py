@@ -7,6 +7,7 @@ both."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.test_apps_docker import Env, app_notebook
+from tests.api.test_apps_docker import SERVER_CELL, Env, app_notebook, write_notebook
 from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.s3 import S3Endpoint, start_s3
 from tests.fixtures.server import Server, prepare_data_dir
@@ -107,3 +108,56 @@ def test_a_deployments_instances_are_placed_on_each_runner_that_serves_the_team(
     assert a.cli("alice", "app", "stop", "wide", "--team", "acme").returncode == 0
     with b.client("alice") as c:
         assert c.get("/apps/acme/wide/").status_code == 503
+
+
+def test_a_deployment_whose_server_dies_while_making_it_is_made_again_and_the_others_instance_given_up(
+    pair: tuple[Env, Env], tmp_path: Path
+) -> None:
+    """The server that took the deployment is killed (SIGKILL) while both instances' cells run;
+    started again, it gives up the other server's instance (``abandoned``: that server removes
+    it) and its own, and makes the deployment again: two instances in the end, no runtime left
+    over of the first attempt."""
+    from sqlalchemy import select
+
+    from envs.kit.db import Database
+    from runner.apps.models import App, AppDeployment
+
+    a, b = pair
+    nb = write_notebook(tmp_path / "slow", ["import time; time.sleep(8)", SERVER_CELL.format(version="again")])
+    done = a.cli("alice", "app", "deploy", str(nb), "--team", "acme", "--name", "again", "--instances", "2",
+                 "--wait", "0")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 120
+    while True:  # both instances taken, their runtimes booted (the slow cell runs)
+        seen = a.show("again")["running"]
+        if len(seen) == 2 and all(i["runner"] and i["runtime_id"] for i in seen):
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.3)
+    db = Database(a.srv.env["ENVCTL_DATABASE_URL"])
+    try:
+        with db.session() as s:
+            holder = s.scalars(
+                select(AppDeployment.runner).join(App, App.id == AppDeployment.app_id).where(App.name == "again")
+            ).one()
+    finally:
+        db.dispose()
+    dead, other = (a, b) if holder == a.srv.env["ENVCTL_RUNNER_NAME"] else (b, a)
+    assert holder == dead.srv.env["ENVCTL_RUNNER_NAME"]
+    first = {i["runtime_id"] for i in seen}
+    dead.srv.kill()
+    dead.srv.start()
+    dep = other.wait_deployment("again", 1, {"running", "failed"}, timeout=240)
+    assert dep["status"] == "running", (dep, dead.srv.output()[-3000:], other.srv.output()[-3000:])
+    shown = other.show("again")["running"]
+    assert [i["status"] for i in shown] == ["running", "running"], shown
+    assert not first & {i["runtime_id"] for i in shown}, shown  # made again, not the first attempt's
+    deadline = time.monotonic() + 60
+    while True:  # the first attempt's runtimes go, each by the server that made it
+        names = [r["name"] for r in other.runtimes() if r["name"].startswith("app-again-1-")]
+        if len(names) == 2:
+            break
+        assert time.monotonic() < deadline, names
+        time.sleep(0.5)
+    with other.client("alice") as c:
+        assert c.get("/apps/acme/again/").json()["version"] == "again"
