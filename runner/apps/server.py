@@ -70,6 +70,7 @@ from runner.settings import Settings
 log = logging.getLogger("envctl.apps")
 
 TICK = 0.5  # seconds between rounds
+WAIT_POLL = 0.1  # seconds between looks at a starting deployment's instances
 SPREAD_WAIT = 2.0  # seconds a waiting instance is left to app servers that hold none of its deployment
 TAKEOVER_GRACE = 2.0  # seconds the replaced deployment keeps serving requests already sent to it
 PROBES_TO_RESTART = 3
@@ -280,6 +281,7 @@ class AppServer:
         self.store.set_deployment(dep_id, "starting", f"starting {app.instances} instance(s) on {dep.version_ref}")
         for _ in range(app.instances):  # taken by the team's app servers, this one too (_take_instances)
             self.store.add_instance(dep.id, app.id)
+        self._take_instances()  # its first one at once, not at the next round
         deadline = time.monotonic() + self.settings.runner_boot_timeout + self.settings.runner_app_start_timeout + 60
         while True:
             with self.store.tx() as s:
@@ -297,7 +299,7 @@ class AppServer:
                 said = "; ".join(f"{status} {message}".strip() for status, message in seen)
                 self.store.set_deployment(dep_id, "failed", f"not every instance was running in time: {said}")
                 return
-            time.sleep(0.2)
+            time.sleep(WAIT_POLL)
         self.store.set_deployment(dep_id, "running", f"serving at /apps/{app.team}/{app.name}/")
         self.store.take_over(dep_id)  # the replaced deployments' instances go after TAKEOVER_GRACE (_watch)
 
