@@ -286,7 +286,7 @@ class AppServer:
         while True:
             with self.store.tx() as s:
                 now_status = self.store.deployment_status(s, dep_id)
-                seen = [(i.status, i.message) for i in self.store.of_deployment(s, dep_id)]
+                seen = [(i.status, i.message) for i in self.store.of_deployment(s, dep_id) if i.status != "abandoned"]
             if now_status is None or now_status[0] != "starting":  # stopped meanwhile
                 return
             failed = [message for status, message in seen if status == "failed"]
@@ -310,7 +310,7 @@ class AppServer:
         with self.store.tx() as s:
             row = s.get(AppInstance, inst_id)
             dep_id = row.deployment_id if row is not None else ""
-            order = [i.id for i in self.store.of_deployment(s, dep_id)] if row is not None else []
+            order = [i.id for i in self.store.of_deployment(s, dep_id) if i.status != "abandoned"] if row else []
         rows = self._rows(dep_id) if dep_id else None
         if rows is None or inst_id not in order:
             return
@@ -318,7 +318,7 @@ class AppServer:
         rid: str | None = None
         try:
             loaded = self.load(dep, app, team_id)  # each app server reads and checks the bundle itself
-            rid = self._create_runtime(dep, app, order.index(inst_id))
+            rid = self._create_runtime(dep, app, order.index(inst_id), inst_id)
             self.store.set_instance(inst_id, runtime_id=rid)
             self._run(inst_id, rid, dep, loaded, app.team)
         except Exception as exc:
@@ -332,11 +332,14 @@ class AppServer:
     def _viewer(self, dep: AppDeployment, team: str) -> Viewer:
         return Viewer(dep.author_id, frozenset({team}))
 
-    def _create_runtime(self, dep: AppDeployment, app: App, n: int) -> str:
+    def _create_runtime(self, dep: AppDeployment, app: App, n: int, inst_id: str) -> str:
+        """The instance's runtime, ``app-NAME-N-n-XXXX`` (the end of the instance's id: a
+        deployment made again may meet its first attempt's runtimes, not yet removed by the
+        servers that hold them)."""
         spec = dep.spec or {}
         rt = self.runtimes.create(
             self._viewer(dep, app.team),
-            name=f"app-{app.name[:40]}-{dep.number}-{n}",
+            name=f"app-{app.name[:40]}-{dep.number}-{n}-{inst_id[-4:]}",
             environment=dep.version_ref,
             machine_type=str(spec.get("machine_type", "small")),
             idle_timeout=0,  # an app's runtime is never idle-stopped
@@ -392,7 +395,7 @@ class AppServer:
         now = time.time()
         for inst in mine:
             with self._lock:
-                if inst.id in self._busy or inst.deployment_id in self._busy:
+                if inst.id in self._busy:  # (a deployment being made touches no instance: _deploy)
                     continue
             ended = status[inst.id]
             if inst.status == "abandoned":  # its deployment is made again by the server that took it

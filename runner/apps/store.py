@@ -273,7 +273,7 @@ class AppStore:
 
     @staticmethod
     def of_deployment(s: Session, deployment_id: str) -> builtins.list[AppInstance]:
-        """The deployment's instances in the order they were made (the n of ``app-NAME-N-n``)."""
+        """The deployment's instances in the order they were made (the n of ``app-NAME-N-n-XXXX``)."""
         return list(
             s.scalars(
                 select(AppInstance)
