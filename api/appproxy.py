@@ -11,8 +11,9 @@ Who may open it: the domain's rule (``runner.apps.store.may_open``) on the visit
 not signed in gets 401 and the sign-in form, for a team app and for a name that is no app alike
 (nothing tells them which); a signed-in outsider gets the 404 of an app that does not exist.
 
-envctl reaches an app at its runtime container's address on the envctl network (the runner
-records ``address:port`` per instance once the port answers: runner/apps/server.py). Requests
+envctl reaches an app where its runtime's backend says the app's port is (the container's address
+on the envctl network; on Swarm the node's published port): the runner records ``host:port`` per
+instance once it answers (runner/apps/server.py). Requests
 are spread over the current deployment's running instances in turn. Bodies are streamed both
 ways (a server-sent event stream or a long download passes as it comes). A request body of up to
 ``MAX_BUFFERED`` bytes (a form, JSON) is read whole and sent with the request, on a kept
@@ -20,8 +21,10 @@ connection (which is replaced once when the app had closed it); a bigger one, or
 length (the visitor sent it chunked), is passed on as it arrives, with the visitor's
 ``Content-Length`` or chunked, on a connection of its own (nothing of it is kept to send again),
 with at most a few chunks in envctl's memory at once: the ASGI server stops reading the
-visitor's socket while the app is slow to take what came (``Upstream._pump`` waits for each write
-to drain before it asks for more).
+visitor's socket while the app is slow to take what came (``Upstream._pump`` sends each chunk
+before it asks for more). An app that answers before it read such a body (a 413) and closes with
+the rest unread (the kernel resets the connection) is heard: its answer reaches the visitor
+(``api/appstream.py``).
 
 What the app never sees: envctl's API token (``Authorization`` is removed), the visitor's
 sign-in cookie (``envctl_app`` is cut out of ``Cookie``; other cookies pass), and hop-by-hop
@@ -51,6 +54,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import appsockets
 from api.appsession import COOKIE, AppSessions, Visitor, signin_page
+from api.appstream import StreamedConnection
 from api.errors import error_response
 from envs.kit.errors import EnvctlError, NotFoundError
 from runner.apps.models import App
@@ -152,54 +156,54 @@ class Upstream:
     async def _exchange_streamed(
         self, address: str, request: Outgoing, has_body: bool
     ) -> tuple[int, list[tuple[bytes, bytes]], AsyncIterator[bytes]]:
-        """The body is pumped beside the wait for the answer's head: an app may answer before it
-        read it all (a 413, a redirect); a visitor who goes away mid-body ends the exchange."""
+        """The body is pumped beside the wait for the answer's head, on a connection of its own
+        (``StreamedConnection``): an app may answer before it read it all (a 413, a redirect),
+        and close with the rest unread; its answer is delivered. A visitor who goes away
+        mid-body ends the exchange."""
         assert request.stream is not None
-        reader, writer, _ = await self._connect(address, fresh=True)
-        writer.write(request.head)
-        pump = asyncio.ensure_future(self._pump(writer, request.stream, request.chunked))
-        head = asyncio.ensure_future(_final_head(reader))
+        host, _, port = address.rpartition(":")
+        try:
+            conn = await StreamedConnection.open(host, int(port))
+        except (OSError, TimeoutError) as exc:
+            raise _UpstreamError(f"cannot connect ({type(exc).__name__})") from exc
+        pump = asyncio.ensure_future(self._pump(conn, request.head, request.stream, request.chunked))
+        head = asyncio.ensure_future(_final_head(conn.reader))
         try:
             while not head.done():
                 await asyncio.wait({pump, head} if not pump.done() else {head}, return_when=asyncio.FIRST_COMPLETED)
                 failed = pump.exception() if pump.done() and not head.done() else None
                 if failed is not None and not isinstance(failed, OSError):
                     raise failed  # the visitor went away: the app's answer is no one's
-                # an app that stopped reading may still answer (a 413): its head is waited for
+                # an app that stopped reading (or reset the connection) may still answer: its head is waited for
             raw = head.result()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, _VisitorGoneError) as exc:
             for task in (pump, head):
                 task.cancel()
-            writer.close()
+            conn.close()
             raise _UpstreamError(f"no answer ({type(exc).__name__})") from exc
         except BaseException:
             for task in (pump, head):
                 task.cancel()
-            writer.close()
+            conn.close()
             raise
-        return self._answer(address, reader, writer, raw, has_body, pump)
+        return self._answer(address, conn.reader, conn, raw, has_body, pump)
 
     @staticmethod
-    async def _pump(writer: asyncio.StreamWriter, stream: AsyncIterator[bytes], chunked: bool) -> None:
-        """The visitor's body to the app, a chunk at a time: the next is asked for only when
-        the last one drained (so envctl holds a few chunks at most, whatever the body's size)."""
+    async def _pump(conn: StreamedConnection, head: bytes, stream: AsyncIterator[bytes], chunked: bool) -> None:
+        """The request's head, then the visitor's body to the app, a chunk at a time: the next is
+        asked for only when the last one was sent (so envctl holds a few chunks at most, whatever
+        the body's size)."""
+        await conn.send(head)
         async for data in stream:
-            if chunked:
-                writer.write(b"%x\r\n" % len(data))
-                writer.write(data)
-                writer.write(b"\r\n")
-            else:
-                writer.write(data)
-            await writer.drain()
+            await conn.send(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
         if chunked:
-            writer.write(b"0\r\n\r\n")
-        await writer.drain()
+            await conn.send(b"0\r\n\r\n")
 
     def _answer(
         self,
         address: str,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: asyncio.StreamWriter | StreamedConnection,
         raw: bytes,
         has_body: bool,
         pump: asyncio.Future[None] | None = None,
@@ -236,7 +240,7 @@ class Upstream:
         self,
         address: str,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: asyncio.StreamWriter | StreamedConnection,
         length: int | None,
         chunked: bool,
         close: bool,
@@ -278,8 +282,8 @@ class Upstream:
             sent = pump is None or (pump.done() and not pump.cancelled() and pump.exception() is None)
             if pump is not None and not pump.done():
                 pump.cancel()
-            if done and not close and sent:
-                self._release(address, reader, writer)
+            if done and not close and sent and isinstance(writer, asyncio.StreamWriter):
+                self._release(address, reader, writer)  # a streamed body's connection is not kept
             else:
                 writer.close()
 

@@ -218,7 +218,10 @@ class RunnerService:
             after_execution=self._after_execution,
             closing=concurrency.closing,
         )
-        self.pool = pool = Pool(settings, self.identity, records, concurrency, backend, paths, secrets)
+        app_store = AppStore(db)
+        self.pool = pool = Pool(
+            settings, self.identity, records, concurrency, backend, paths, secrets, ports_of=app_store.ports_of_runtime
+        )
         self.attach = attach = Attach(settings, records, backend, paths, self.runner)
 
         def serve(rt: Runtime) -> bool:
@@ -243,6 +246,7 @@ class RunnerService:
             mounts,
             transfers=transfers,
             secrets=secrets,
+            ports_of=app_store.ports_of_runtime,  # an app runtime's port, published where needed
         )
         identity = {LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name}
         backend.wire_attach(booter.helper_image, identity)  # Swarm: helper tasks on a node (swarm_attach)
@@ -294,7 +298,7 @@ class RunnerService:
             settings, records, runtimes, lifecycle, executions, snapshots, operations, submit=concurrency.submit
         )
         self.archives = Archives(db, backend, settings.data_dir / "tmp")
-        self.apps = apps = AppDeployments(settings, AppStore(db), self.secret_box)
+        self.apps = apps = AppDeployments(settings, app_store, self.secret_box)
         self.app_server = AppServer(
             settings,
             apps.store,
@@ -305,7 +309,7 @@ class RunnerService:
             runtimes=runtimes,
             lifecycle=lifecycle,
             executions=executions,
-            address_of=backend.address,
+            endpoint_of=backend.endpoint,
         )
         self.volumes = Volumes(db, backend, self.identity.installation)
 

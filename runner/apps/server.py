@@ -8,23 +8,33 @@ own:
 
 ``downloading``  the bundle read from the object store and checked (``bundles.open_bundle``):
                  changed, truncated or another team's: ``failed``, nothing runs
-``starting``     each instance an ordinary runtime of the team (owned by the author, pinned to
-                 the recorded version, with the spec's variables and secret references, idle
-                 shutdown off: ``idle_timeout`` 0), booted; the bundle's files written under
-                 ``~/app`` (the cells' working directory), the notebook's code cells run in
-                 order, then the port is asked until it answers
+``starting``     its instances made ``waiting``; the team's app servers take them (this one
+                 too, ``_take_instances``): each server one per round while it holds none of
+                 that deployment, any once one waited ``SPREAD_WAIT`` (no other server took it),
+                 so that the instances spread over the team's servers and one server alone
+                 takes them all. The server that took an instance reads and checks the bundle
+                 itself, makes it an ordinary runtime of the team on its own backend (owned by
+                 the author, pinned to the recorded version, with the spec's variables and
+                 secret references, idle shutdown off: ``idle_timeout`` 0), boots it, writes
+                 the bundle's files under ``~/app`` (the cells' working directory), runs the
+                 notebook's code cells in order, then asks the port until it answers; the
+                 deployment's server waits until every instance runs, or one failed
 ``running``      the deployment takes over (the proxy sends requests to it from then on); the
                  deployments it replaced stop after ``TAKEOVER_GRACE`` (requests in flight end)
 ``failed``       with the cell's error (``cell 2: NameError: ...``) or the reason; its runtimes go
+                 (each server removes its own)
 
 Each round also watches this runner's running instances: a runtime that is no longer running
 (crashed, OOM, stopped by hand), or whose port stopped answering ``PROBES_TO_RESTART`` rounds
 in a row, is restarted (booted again, cells run again) after a backoff that doubles per restart
 (1 s, 2 s, 4 s, ... at most ``MAX_BACKOFF``); instances of ended deployments are removed.
 
-The app's address: the runtime container's own address on its network, which this host routes
-to (the tcp agent channel's reasoning, runner/backends/agent_channel.py); the proxy in the API
-connects there. A cluster backend that gives no routable address fails the deployment saying so.
+The app's address is where the backend says this server reaches the runtime's port
+(``RuntimeBackend.endpoint``): on the local engine the container's own address on its network,
+which this host routes to (the tcp agent channel's reasoning, runner/backends/agent_channel.py);
+on Swarm the task's node and the node's port the app's port is published on (the boot asks the
+store for it: ``AppStore.ports_of_runtime``); on Kubernetes the pod's IP. The proxy in the API
+connects there. A backend that gives no reachable address fails the deployment saying so.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from envs.kit.clock import utcnow
 from envs.kit.errors import EnvctlError
 from registry import events
 from registry.models import Team
@@ -59,6 +70,8 @@ from runner.settings import Settings
 log = logging.getLogger("envctl.apps")
 
 TICK = 0.5  # seconds between rounds
+WAIT_POLL = 0.1  # seconds between looks at a starting deployment's instances
+SPREAD_WAIT = 2.0  # seconds a waiting instance is left to app servers that hold none of its deployment
 TAKEOVER_GRACE = 2.0  # seconds the replaced deployment keeps serving requests already sent to it
 PROBES_TO_RESTART = 3
 MAX_BACKOFF = 60.0
@@ -107,7 +120,7 @@ class AppServer:
         runtimes: Runtimes,
         lifecycle: Lifecycle,
         executions: ExecutionManager,
-        address_of: Callable[[dict[str, Any]], str | None],
+        endpoint_of: Callable[[dict[str, Any], int], str | None],
     ) -> None:
         self.settings = settings
         self.teams = settings.runner_app_teams
@@ -119,7 +132,7 @@ class AppServer:
         self.runtimes = runtimes
         self.lifecycle = lifecycle
         self.executions = executions
-        self.address_of = address_of
+        self.endpoint_of = endpoint_of  # the backend's: where this server reaches a runtime's port
         self._last_event: dict[str, int] = {}
         self._loaded: dict[str, Loaded] = {}
         self._busy: set[str] = set()  # instance or deployment ids a thread works on
@@ -145,7 +158,10 @@ class AppServer:
         ``pending`` again (the next round deploys them from the start)."""
         for dep_id, instances in self.store.interrupted(self.runner):
             for inst in instances:
-                self._retire(inst.id, inst.runtime_id)
+                if inst.runner in (self.runner, ""):
+                    self._retire(inst.id, inst.runtime_id)
+                else:  # another app server's: it removes it (``_watch``)
+                    self.store.set_instance(inst.id, status="abandoned", message="its deployment is made again")
             self.store.set_deployment(dep_id, "pending", "the app server restarted while deploying; deploying again")
             with self.store.tx() as s:
                 self.store.release(s, dep_id)
@@ -168,7 +184,28 @@ class AppServer:
         for dep_id in self._wanted():
             if self.store.claim(dep_id, self.runner):
                 self._spawn(dep_id, self._deploy, dep_id)
+        self._take_instances()
         self._watch()
+
+    def _take_instances(self) -> None:
+        """Waiting instances of the teams' deployments: one of each deployment per round while
+        this server holds none of it (so the team's app servers take one each, spreading the
+        instances over them), any once one waited ``SPREAD_WAIT`` (no other server took it)."""
+        now = utcnow()
+        with self.store.tx() as s:
+            waiting = self.store.waiting(s, self.teams)
+            held = {
+                i.deployment_id
+                for i in self.store.instances_of_runner(s, self.runner)
+                if i.deployment_id in {w.deployment_id for w in waiting}
+            }
+            s.expunge_all()
+        for inst in waiting:
+            if inst.deployment_id in held and (now - inst.created_at).total_seconds() < SPREAD_WAIT:
+                continue
+            if self.store.claim_instance(inst.id, self.runner):
+                held.add(inst.deployment_id)
+                self._spawn(inst.id, self._start_instance, inst.id)
 
     def _wanted(self) -> list[str]:
         """Deployments to take: those the event streams announce, and any still pending."""
@@ -234,7 +271,7 @@ class AppServer:
             return
         dep, app, team_id = rows
         try:
-            loaded = self.load(dep, app, team_id)
+            self.load(dep, app, team_id)  # checked before any instance is made: a refused bundle runs nothing
         except (AppBundleError, EnvctlError) as exc:
             self.store.set_deployment(dep_id, "failed", exc.message)
             return
@@ -242,35 +279,67 @@ class AppServer:
             self.store.set_deployment(dep_id, "failed", f"the bundle could not be read: {type(exc).__name__}")
             return
         self.store.set_deployment(dep_id, "starting", f"starting {app.instances} instance(s) on {dep.version_ref}")
-        instances: list[tuple[str, str]] = []
-        try:
-            for n in range(app.instances):
-                inst = self.store.add_instance(dep.id, app.id, self.runner)
-                rid = self._create_runtime(dep, app, n)
-                self.store.set_instance(inst, runtime_id=rid)
-                instances.append((inst, rid))
-            for inst, rid in instances:
-                self._run(inst, rid, dep, loaded, app.team)
-        except EnvctlError as exc:
-            self.store.set_deployment(dep_id, "failed", exc.message)
-            for inst, _ in instances:
-                self._retire(inst)
-            return
-        with self.store.tx() as s:
-            now_status = self.store.deployment_status(s, dep_id)
+        for _ in range(app.instances):  # taken by the team's app servers, this one too (_take_instances)
+            self.store.add_instance(dep.id, app.id)
+        self._take_instances()  # its first one at once, not at the next round
+        deadline = time.monotonic() + self.settings.runner_boot_timeout + self.settings.runner_app_start_timeout + 60
+        while True:
+            with self.store.tx() as s:
+                now_status = self.store.deployment_status(s, dep_id)
+                seen = [(i.status, i.message) for i in self.store.of_deployment(s, dep_id) if i.status != "abandoned"]
             if now_status is None or now_status[0] != "starting":  # stopped meanwhile
                 return
+            failed = [message for status, message in seen if status == "failed"]
+            if failed:  # every app server removes its instances of a failed deployment (_watch)
+                self.store.set_deployment(dep_id, "failed", failed[0])
+                return
+            if seen and all(status == "running" for status, _ in seen):
+                break
+            if time.monotonic() > deadline:
+                said = "; ".join(f"{status} {message}".strip() for status, message in seen)
+                self.store.set_deployment(dep_id, "failed", f"not every instance was running in time: {said}")
+                return
+            time.sleep(WAIT_POLL)
         self.store.set_deployment(dep_id, "running", f"serving at /apps/{app.team}/{app.name}/")
         self.store.take_over(dep_id)  # the replaced deployments' instances go after TAKEOVER_GRACE (_watch)
+
+    def _start_instance(self, inst_id: str) -> None:
+        """An instance this server took: the bundle read and checked here too, its runtime made
+        and booted, the cells run, the port asked; ``running``, or ``failed`` saying why (its
+        runtime removed first, so that nothing of it is left when the deployment says so)."""
+        with self.store.tx() as s:
+            row = s.get(AppInstance, inst_id)
+            dep_id = row.deployment_id if row is not None else ""
+            order = [i.id for i in self.store.of_deployment(s, dep_id) if i.status != "abandoned"] if row else []
+        rows = self._rows(dep_id) if dep_id else None
+        if rows is None or inst_id not in order:
+            return
+        dep, app, team_id = rows
+        rid: str | None = None
+        try:
+            loaded = self.load(dep, app, team_id)  # each app server reads and checks the bundle itself
+            rid = self._create_runtime(dep, app, order.index(inst_id), inst_id)
+            self.store.set_instance(inst_id, runtime_id=rid)
+            self._run(inst_id, rid, dep, loaded, app.team)
+        except Exception as exc:
+            why = exc.message if isinstance(exc, EnvctlError) else f"the instance could not start: {type(exc).__name__}"
+            if not isinstance(exc, EnvctlError):
+                log.exception("app instance %s failed", inst_id)
+            if rid is not None:
+                self._remove_runtime(rid)
+            self.store.set_instance(inst_id, status="failed", message=why, address=None)
 
     def _viewer(self, dep: AppDeployment, team: str) -> Viewer:
         return Viewer(dep.author_id, frozenset({team}))
 
-    def _create_runtime(self, dep: AppDeployment, app: App, n: int) -> str:
+    def _create_runtime(self, dep: AppDeployment, app: App, n: int, inst_id: str) -> str:
+        """The instance's runtime, ``app-NAME-N-n-XXXX`` (the end of the instance's id: a
+        deployment made again may meet its first attempt's runtimes, not yet removed by the
+        servers that hold them)."""
         spec = dep.spec or {}
         rt = self.runtimes.create(
             self._viewer(dep, app.team),
-            name=f"app-{app.name[:40]}-{dep.number}-{n}",
+            name=f"app-{app.name[:40]}-{dep.number}-{n}-{inst_id[-4:]}",
             environment=dep.version_ref,
             machine_type=str(spec.get("machine_type", "small")),
             idle_timeout=0,  # an app's runtime is never idle-stopped
@@ -284,7 +353,8 @@ class AppServer:
         ``AppFailedError`` saying what failed."""
         who = self._viewer(dep, team)
         port = int((dep.spec or {}).get("port", 8000))
-        self.store.set_instance(inst, status="starting", message="booting", address=None)
+        if not self.store.set_instance(inst, status="starting", message="booting", address=None):
+            raise AppFailedError("the instance was given up: its deployment is made again")
         if self.records.state_of(rid) != State.RUNNING:
             self.lifecycle.start(who, rid)
         rt = self.records.wait_for(rid, {State.RUNNING, State.ERROR}, self.settings.runner_boot_timeout + 15)
@@ -304,16 +374,17 @@ class AppServer:
             if view.status != "ok":
                 what = f"{view.error_name}: {view.error_value}" if view.error_name else view.status
                 raise AppFailedError(f"cell {n}: {what}" if n else f"writing the app's files failed: {what}")
-        address = self.address_of(rt.backend_state or {})
-        if address is None:
-            raise AppFailedError("the runtime has no address this server can reach; apps need one")
-        while not port_answers(address, port):
+        endpoint = self.endpoint_of(rt.backend_state or {}, port)
+        if endpoint is None:
+            raise AppFailedError(f"the runtime's port {port} has no address this server can reach; apps need one")
+        host, _, reached = endpoint.rpartition(":")
+        while not port_answers(host, int(reached)):
             if time.monotonic() > deadline:
                 raise AppFailedError(
                     f"nothing answered on port {port} within {self.settings.runner_app_start_timeout:.0f} s"
                 )
             time.sleep(0.1)
-        self.store.set_instance(inst, status="running", message="", address=f"{address}:{port}")
+        self.store.set_running(inst, endpoint)  # unless it was given up meanwhile (``abandoned``)
 
     # ------------------------------------------------------------------ this runner's instances
     def _watch(self) -> None:
@@ -324,10 +395,12 @@ class AppServer:
         now = time.time()
         for inst in mine:
             with self._lock:
-                if inst.id in self._busy or inst.deployment_id in self._busy:
+                if inst.id in self._busy:  # (a deployment being made touches no instance: _deploy)
                     continue
             ended = status[inst.id]
-            if ended is None or ended[0] in ENDED:
+            if inst.status == "abandoned":  # its deployment is made again by the server that took it
+                self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
+            elif ended is None or ended[0] in ENDED:
                 # a replaced deployment keeps answering what was sent to it for TAKEOVER_GRACE
                 if ended is None or ended[0] == "failed" or now - ended[1].timestamp() >= TAKEOVER_GRACE:
                     self._spawn(inst.id, self._retire, inst.id, inst.runtime_id)
@@ -386,14 +459,19 @@ class AppServer:
             with self.store.tx() as s:
                 row = s.get(AppInstance, inst_id)
                 runtime_id = row.runtime_id if row is not None else None
-        if runtime_id is not None:
-            try:
-                self.lifecycle.delete(self.runner_viewer(runtime_id), runtime_id)
-            except EnvctlError as exc:
-                if exc.status != 404:
-                    log.warning("could not remove app runtime %s: %s", runtime_id, exc.message)
-                    return
+        if runtime_id is not None and not self._remove_runtime(runtime_id):
+            return
         self.store.remove_instance(inst_id)
+
+    def _remove_runtime(self, runtime_id: str) -> bool:
+        """The runtime deleted (or already gone); False when it could not be."""
+        try:
+            self.lifecycle.delete(self.runner_viewer(runtime_id), runtime_id)
+        except EnvctlError as exc:
+            if exc.status != 404:
+                log.warning("could not remove app runtime %s: %s", runtime_id, exc.message)
+                return False
+        return True
 
     def logs(self, viewer: Viewer, runtime_ids: list[str], limit: int = 256 * 1024) -> str:
         """The app's own output: each instance's runner log and its cells' outputs (the files

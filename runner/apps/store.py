@@ -76,6 +76,17 @@ class AppStore:
     def instances(s: Session, app_id: str) -> builtins.list[AppInstance]:
         return list(s.scalars(select(AppInstance).where(AppInstance.app_id == app_id).order_by(AppInstance.created_at)))
 
+    def ports_of_runtime(self, runtime_id: str) -> tuple[int, ...]:
+        """The port an app runtime's web server listens on (its deployment's), for the boot to
+        ask the backend to make reachable (runner/runtimes/boot.py); () for any other runtime."""
+        with self.tx() as s:
+            spec = s.scalars(
+                select(AppDeployment.spec)
+                .join(AppInstance, AppInstance.deployment_id == AppDeployment.id)
+                .where(AppInstance.runtime_id == runtime_id)
+            ).first()
+        return (int((spec or {}).get("port", 8000)),) if spec is not None else ()
+
     @staticmethod
     def instances_of_runner(s: Session, runner: str) -> builtins.list[AppInstance]:
         return list(s.scalars(select(AppInstance).where(AppInstance.runner == runner)))
@@ -234,20 +245,73 @@ class AppStore:
         s.execute(delete(AppDeployment).where(AppDeployment.app_id == app.id))
         s.execute(delete(App).where(App.id == app.id))
 
-    def add_instance(self, deployment_id: str, app_id: str, runner: str) -> str:
+    def add_instance(self, deployment_id: str, app_id: str, runner: str = "") -> str:
+        """An instance of the deployment; with no ``runner``, ``waiting`` for an app server of
+        the team to take it (``claim_instance``)."""
         now = utcnow()
         with self.db.session() as s:
             row = AppInstance(
-                id=new_id("ai"), deployment_id=deployment_id, app_id=app_id, runner=runner, status="starting",
-                message="", restarts=0, created_at=now, updated_at=now,
+                id=new_id("ai"), deployment_id=deployment_id, app_id=app_id, runner=runner,
+                status="starting" if runner else "waiting", message="" if runner else "waiting for an app server",
+                restarts=0, created_at=now, updated_at=now,
             )  # fmt: skip
             s.add(row)
             return row.id
 
-    def set_instance(self, instance_id: str, **values: Any) -> None:
+    @staticmethod
+    def waiting(s: Session, teams: tuple[str, ...]) -> builtins.list[AppInstance]:
+        """Instances no app server took yet, of ``teams``' deployments still starting, oldest first."""
+        return list(
+            s.scalars(
+                select(AppInstance)
+                .join(AppDeployment, AppDeployment.id == AppInstance.deployment_id)
+                .join(App, App.id == AppInstance.app_id)
+                .where(App.team.in_(teams), AppInstance.runner == "", AppDeployment.status == "starting")
+                .order_by(AppInstance.created_at, AppInstance.id)
+            )
+        )
+
+    @staticmethod
+    def of_deployment(s: Session, deployment_id: str) -> builtins.list[AppInstance]:
+        """The deployment's instances in the order they were made (the n of ``app-NAME-N-n-XXXX``)."""
+        return list(
+            s.scalars(
+                select(AppInstance)
+                .where(AppInstance.deployment_id == deployment_id)
+                .order_by(AppInstance.created_at, AppInstance.id)
+            )
+        )
+
+    def claim_instance(self, instance_id: str, runner: str) -> bool:
+        """Take a waiting instance (one app server does: a compare-and-set)."""
+        with self.db.session() as s:
+            done = s.execute(
+                update(AppInstance)
+                .where(AppInstance.id == instance_id, AppInstance.runner == "")
+                .values(runner=runner, status="starting", message="taken", updated_at=utcnow())
+            )
+            return bool(getattr(done, "rowcount", 0))
+
+    def set_running(self, instance_id: str, address: str) -> bool:
+        """The instance answers at ``address``, unless it was given up meanwhile (``abandoned``)."""
+        with self.db.session() as s:
+            done = s.execute(
+                update(AppInstance)
+                .where(AppInstance.id == instance_id, AppInstance.status == "starting")
+                .values(status="running", message="", address=address, updated_at=utcnow())
+            )
+            return bool(getattr(done, "rowcount", 0))
+
+    def set_instance(self, instance_id: str, **values: Any) -> bool:
+        """Values of the instance, unless it was given up (``abandoned``: its server removes it)."""
         values["updated_at"] = utcnow()
         with self.db.session() as s:
-            s.execute(update(AppInstance).where(AppInstance.id == instance_id).values(**values))
+            done = s.execute(
+                update(AppInstance)
+                .where(AppInstance.id == instance_id, AppInstance.status != "abandoned")
+                .values(**values)
+            )
+            return bool(getattr(done, "rowcount", 0))
 
     def remove_instance(self, instance_id: str) -> None:
         with self.db.session() as s:

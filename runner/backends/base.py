@@ -127,6 +127,10 @@ class RuntimeSpec:
     # (built by envctl, never a user's save or import), for what runs beside runtimes with more
     # rights than they have (the Swarm network guard, runner/backends/swarm_fence.py)
     trusted_image: str = ""
+    # ports inside the runtime that envctl dials from outside it (an app's web server port,
+    # runner/apps/server.py): a backend whose runtimes are not routed to from envctl's host
+    # publishes them (Swarm: in host mode on the task's node) and says where (``endpoint``)
+    ports: tuple[int, ...] = ()
 
     @property
     def container_name(self) -> str:
@@ -453,6 +457,17 @@ class RuntimeBackend(abc.ABC):
         runner/apps/server.py); None when the backend cannot tell."""
         agent = state.get("agent") or {}
         return str(agent["host"]) if agent.get("host") else None
+
+    # whether the spec's ``ports`` are published when the container is made (so a container made
+    # ahead without them, a pooled one, cannot serve a runtime that has some)
+    publishes_ports = False
+
+    def endpoint(self, state: BackendState, port: int) -> str | None:
+        """``host:port`` where this server reaches the runtime's ``port`` (one of the spec's
+        ``ports``, an app's): by default its ``address`` and the port itself; None when the
+        backend cannot tell."""
+        address = self.address(state)
+        return f"{address}:{port}" if address else None
 
     def nodes(self, installation: str) -> list[dict[str, Any]]:
         """The machines runtimes run on (``GET /nodes``): each with ``id``, ``name``, ``role``,

@@ -120,6 +120,7 @@ class KubernetesBackend(RuntimeBackend):
         self.volume_size = volume_size
         self._watches: dict[str, Watches] = {}
         self._prepared: dict[str, str] = {}  # installation -> its agent ConfigMap's name
+        self._admitted: set[tuple[str, int]] = set()  # (installation, an app's port) let in (admit_app_port)
         self._lock = threading.Lock()
         self._sweeper = kube_adopt.SecretSweeper(api)
         self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kube-call")  # a boot's calls side by side
@@ -193,6 +194,10 @@ class KubernetesBackend(RuntimeBackend):
         labels = kube_pods.pod_labels(spec, self.labels)
         watches = self.watches(installation)
         config = self.prepare(installation)
+        for port in spec.ports:
+            if (installation, port) not in self._admitted:
+                kube_boot.admit_app_port(self.api, installation, self.labels, port)
+                self._admitted.add((installation, port))
         self._remove_leftover(spec, watches)
         claims = self._claims(spec)
         tag = uuid.uuid4().hex[:8]

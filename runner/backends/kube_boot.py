@@ -43,6 +43,13 @@ def prepare_installation(api: KubeApi, installation: str, labels: dict[str, str]
     return name
 
 
+def admit_app_port(api: KubeApi, installation: str, labels: dict[str, str], port: int) -> None:
+    """The installation's NetworkPolicy that lets envctl in to app runtimes' ``port``."""
+    inst = kube_pods.label_value(installation)
+    name = f"envctl-app-{inst.lower().replace('_', '-')[:40]}-{int(port)}"
+    api.ensure_policy(kube_pods.app_port_policy(name, installation, port, {**labels, LABEL_INSTALLATION: inst}))
+
+
 def remove_old_agents(api: KubeApi, installation: str, keep: str, watches: Watches) -> None:
     """The installation's agent ConfigMaps of other agent versions (only its own, by label)."""
     inst = kube_pods.label_value(installation)

@@ -168,7 +168,13 @@ def pod_labels(spec: RuntimeSpec, extra: dict[str, str]) -> dict[str, str]:
         raise InvalidInputError("a runtime's pod needs its installation and runner labels", field="labels")
     labels = {k: label_value(v) for k, v in {**extra, **spec.labels}.items()}
     labels.update({LABEL_MANAGED: "1", LABEL_RUNTIME: label_value(spec.runtime_id)})
+    labels.update({app_port_label(port): "1" for port in spec.ports})  # admitted by ``app_port_policy``
     return labels
+
+
+def app_port_label(port: int) -> str:
+    """The label of a runtime pod whose ``port`` (an app's web server) envctl dials."""
+    return f"envctl.app-port-{int(port)}"
 
 
 def agent_command() -> list[str]:
@@ -231,7 +237,10 @@ def pod_manifest(
         "command": agent_command(),
         "workingDir": "/root",
         "env": [{"name": k, "value": v} for k, v in spec.env.items()],  # the runtime's variables, never secrets
-        "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"},
+            *({"name": f"app-{p}", "containerPort": p, "protocol": "TCP"} for p in spec.ports if p != AGENT_PORT),
+        ],
         "resources": resources(m),
         "securityContext": {
             "privileged": False,
@@ -330,6 +339,23 @@ def fence_policy(name: str, installation: str, labels: dict[str, str]) -> dict[s
                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": private}}]},
                 {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
             ],
+        },
+    }
+
+
+def app_port_policy(name: str, installation: str, port: int, labels: dict[str, str]) -> dict[str, Any]:
+    """What lets envctl in to an app's port: the fence admits the agent's port alone, and
+    NetworkPolicies add up, so the installation's pods labelled for ``port`` take it too (in
+    only; what goes out stays the fence's)."""
+    selected = {LABEL_INSTALLATION: label_value(installation), LABEL_MANAGED: "1", app_port_label(port): "1"}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": {**labels, LABEL_MANAGED: KIND_FENCE}},
+        "spec": {
+            "podSelector": {"matchLabels": selected},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": int(port)}]}],
         },
     }
 

@@ -316,6 +316,8 @@ class SwarmBackend(RuntimeBackend):
                             "host": swarm_spec.node_address(node),
                             "port": swarm_spec.published(task),
                         },
+                        # an app's port, published on the node too (``endpoint``)
+                        "ports": {str(p): swarm_spec.published(task, p) for p in spec.ports},
                     }
                 if task.state in swarm_tasks.ENDED:
                     where = swarm_tasks.node_name(self._node(task.node_id)) if task.node_id else ""
@@ -373,7 +375,7 @@ class SwarmBackend(RuntimeBackend):
             except Exception as exc:
                 raise daemon_error("remove the runtime's service", exc) from exc
         if sid:
-            self._wait_removed(str(sid), swarm_spec.STOP_GRACE_NS / 1e9 + 10)
+            swarm_tasks.wait_removed(self._tasks, self._list_nodes, str(sid), swarm_spec.STOP_GRACE_NS / 1e9 + 10)
         secret = state.get("secret_id")
         if secret:
             deadline = time.monotonic() + 10
@@ -424,6 +426,15 @@ class SwarmBackend(RuntimeBackend):
 
     def socket_path(self, state: BackendState, state_dir: Path) -> Path:
         return state_dir / AGENT_SOCKET  # never made: a Swarm runtime's agent is on the tcp channel
+
+    publishes_ports = True
+
+    def endpoint(self, state: BackendState, port: int) -> str | None:
+        """The task's node and the node's port ``port`` is published on (in host mode, as the
+        agent's): the runtime's own address is on a bridge of that node, out of envctl's reach."""
+        host = (state.get("agent") or {}).get("host")
+        published = (state.get("ports") or {}).get(str(port))
+        return f"{host}:{published}" if host and published else None
 
     def logs_tail(self, state: BackendState, lines: int = 20) -> str:
         sid = state.get("service_id")
@@ -514,31 +525,6 @@ class SwarmBackend(RuntimeBackend):
                 )
             secrets = ((svc["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Secrets") or []
             self.stop({"service_id": svc["ID"], "secret_id": secrets[0]["SecretID"] if secrets else None})
-
-    def _wait_removed(self, service_id: str, bound: float) -> None:
-        """Until the removed service's task is gone from the manager: its node stopped and removed
-        the container (``service rm`` returns at once). A task on a node that is down stays
-        until the node comes back (its engine then removes the container); after ``bound``
-        seconds the stop goes on and says so in the server's log."""
-        deadline = time.monotonic() + bound
-        while True:
-            try:
-                tasks = [t for t in self._tasks(service_id) if t.get("ServiceID") == service_id]
-                nodes = {str(n.get("ID")): n for n in self._list_nodes()} if tasks else {}
-            except BackendError:
-                return  # the manager no longer knows the service at all: nothing left to wait for
-            alive = [t for t in tasks if swarm_tasks.node_down(nodes.get(str(t.get("NodeID")))) is None]
-            if not alive:
-                return
-            if time.monotonic() > deadline:
-                log.warning(
-                    "service %s: its task on node %s was still there %.0f s after the service was removed",
-                    service_id,
-                    swarm_tasks.node_name(nodes.get(str(alive[0].get("NodeID")))),
-                    bound,
-                )
-                return
-            time.sleep(POLL)
 
     def _create_service(self, body: dict[str, Any], registry_auth: str) -> str:
         """``POST /services/create`` with the pull token in ``X-Registry-Auth``: the Docker SDK's

@@ -93,7 +93,10 @@ def service_spec(
         "Mode": {"Replicated": {"Replicas": 1}},
         "EndpointSpec": {
             "Mode": "dnsrr",
-            "Ports": [{"Protocol": "tcp", "TargetPort": AGENT_PORT, "PublishMode": "host"}],
+            "Ports": [
+                {"Protocol": "tcp", "TargetPort": port, "PublishMode": "host"}
+                for port in (AGENT_PORT, *sorted(set(spec.ports) - {AGENT_PORT}))
+            ],  # the agent's, and an app's (Swarm picks each a free port of the node)
         },
     }
 
@@ -131,8 +134,10 @@ def node_address(node: dict[str, Any] | None) -> str:
     return addr
 
 
-def published(task: swarm_tasks.TaskView) -> int:
+def published(task: swarm_tasks.TaskView, target: int = AGENT_PORT) -> int:
+    """The node's port that ``target`` (the agent's, or an app's) is published on."""
     for port in task.ports:
-        if int(port.get("TargetPort") or 0) == AGENT_PORT and port.get("PublishedPort"):
+        if int(port.get("TargetPort") or 0) == target and port.get("PublishedPort"):
             return int(port["PublishedPort"])
-    raise BackendError(f"the runtime's task has no published port for its agent ({task.ports})")
+    what = "its agent" if target == AGENT_PORT else f"port {target}"
+    raise BackendError(f"the runtime's task has no published port for {what} ({task.ports})")

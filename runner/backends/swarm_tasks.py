@@ -9,13 +9,16 @@ not on its task, which keeps its last state.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import docker
 
 from envs.images.docker import daemon_error
-from envs.kit.errors import InvalidInputError
+from envs.kit.errors import BackendError, InvalidInputError
 from runner.backends.base import LABEL_RUNTIME, ContainerStatus, Status
 from runner.errors import NodeNotFoundError
 from runner.settings import MachineType
@@ -24,6 +27,9 @@ from runner.settings import MachineType
 WAITING = {"new": None, "pending": None, "assigned": None, "accepted": None, "ready": "booting", "starting": "booting"}
 PULLING = "preparing"
 ENDED = ("complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+POLL = 0.2
+
+log = logging.getLogger("envctl.swarm")
 
 
 @dataclass(frozen=True)
@@ -265,3 +271,34 @@ def set_availability(client: docker.DockerClient, name: str, availability: str) 
     except Exception as exc:
         raise daemon_error(f"set node {name}'s availability to {availability}", exc) from exc
     return node
+
+
+def wait_removed(
+    tasks_of: Callable[[str], list[dict[str, Any]]],
+    list_nodes: Callable[[], list[dict[str, Any]]],
+    service_id: str,
+    bound: float,
+) -> None:
+    """Until the removed service's task is gone from the manager: its node stopped and removed
+    the container (``service rm`` returns at once). A task on a node that is down stays
+    until the node comes back (its engine then removes the container); after ``bound``
+    seconds the stop goes on and says so in the server's log."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            tasks = [t for t in tasks_of(service_id) if t.get("ServiceID") == service_id]
+            nodes = {str(n.get("ID")): n for n in list_nodes()} if tasks else {}
+        except BackendError:
+            return  # the manager no longer knows the service at all: nothing left to wait for
+        alive = [t for t in tasks if node_down(nodes.get(str(t.get("NodeID")))) is None]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "service %s: its task on node %s was still there %.0f s after the service was removed",
+                service_id,
+                node_name(nodes.get(str(alive[0].get("NodeID")))),
+                bound,
+            )
+            return
+        time.sleep(POLL)

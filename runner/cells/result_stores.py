@@ -349,6 +349,19 @@ class S3Store(ResultStore):
         )
         return str(url), {}
 
+    def presign_get(self, sha256: str, seconds: int) -> str:
+        """A URL that reads ``sha256``'s object for ``seconds`` without credentials (an app's
+        bundle, downloaded by the app server that deploys it)."""
+        key = self.key_of(sha256)
+        self._ensure_bucket()
+        url = self._call(
+            "presign a download from",
+            lambda: self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+            ),
+        )
+        return str(url)
+
     # -- helpers --
 
     def _put_large(self, sha256: str, key: str, source: Path, head: bytes, f: IO[bytes]) -> None:

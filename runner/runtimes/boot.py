@@ -84,8 +84,10 @@ class Booter:
         mounts: MountPreparer,
         transfers: Transfers | None = None,
         secrets: RuntimeSecrets | None = None,
+        ports_of: Callable[[str], tuple[int, ...]] | None = None,
     ) -> None:
         self.settings = settings
+        self.ports_of = ports_of or (lambda _rid: ())  # an app runtime's port (runner/apps/store.py)
         self.identity = identity
         self.records = records
         self.concurrency = concurrency
@@ -112,6 +114,7 @@ class Booter:
             cuda_dir=cuda_dir(self.settings, rt.cuda) if rt.cuda and machine.gpus else None,
             labels={LABEL_INSTALLATION: self.identity.installation, LABEL_RUNNER: self.identity.name},
             channel=self.settings.runner_channel,
+            ports=self.ports_of(rt.id),
         )
 
     def boot(self, runtime_id: str) -> None:

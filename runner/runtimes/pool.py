@@ -32,6 +32,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -101,8 +102,10 @@ class Pool:
         backend: RuntimeBackend,
         paths: RuntimePaths,
         secrets: RuntimeSecrets | None = None,
+        ports_of: Callable[[str], tuple[int, ...]] | None = None,
     ) -> None:
         self.settings = settings
+        self.ports_of = ports_of or (lambda _rid: ())  # an app runtime's port (runner/apps/store.py)
         self.identity = identity
         self.records = records
         self.concurrency = concurrency
@@ -353,6 +356,8 @@ class Pool:
             return "settings changed for its next boot apply at a boot"
         if rt.backend_state:
             return "a container of its own from before is still recorded"
+        if self.backend.publishes_ports and self.ports_of(rt.id):
+            return "its app's port is published when its container is made"
         state_dir = self.paths.state_dir(rt.id)
         if state_dir.exists() and not state_dir.is_symlink():
             return "its private state directory is from an earlier boot of its own"

@@ -145,10 +145,10 @@ class Env:
             return rows
 
 
-@pytest.fixture(scope="module")
-def env(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    base_image(docker, "python3")
-    data = tmp_path_factory.mktemp("apps-server") / "data"
+@contextmanager
+def serve_apps(docker: Any, data: Path, extra: dict[str, str] | None = None) -> Iterator[Env]:
+    """A real ``envctl serve`` that serves team acme's apps, with users alice (acme) and bob
+    (team other); ``extra`` settings beside (an S3 results store, a backend)."""
     prepare_data_dir(data, ["python3"])
     runner = f"test-{TEST_SESSION}-apps-{uuid.uuid4().hex[:6]}"
     srv = Server(
@@ -158,6 +158,7 @@ def env(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "ENVCTL_RUNNER_LABELS": f"{TEST_LABEL}={TEST_SESSION}",
             "ENVCTL_RUNNER_IDLE_CHECK_INTERVAL": "0.5",
             "ENVCTL_RUNNER_APP_TEAMS": "acme",
+            **(extra or {}),
         },
     )
     srv.start()
@@ -177,6 +178,13 @@ def env(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         srv.stop()
         for c in docker.containers.list(all=True, filters={"label": f"envctl.runner={runner}"}):
             c.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def env(docker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    base_image(docker, "python3")
+    with serve_apps(docker, tmp_path_factory.mktemp("apps-server") / "data") as made:
+        yield made
 
 
 def test_a_deployed_notebook_answers_its_team_through_the_proxy_and_nobody_else(env: Env, tmp_path: Path) -> None:

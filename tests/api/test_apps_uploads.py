@@ -184,3 +184,58 @@ def test_an_upload_that_expects_100_continue_gets_the_apps_answer(env: Env, tmp_
     assert code == "200", (out.stdout, out.stderr)
     got = json.loads(body)
     assert (got["count"], got["sha256"]) == (8 * MIB, hashlib.sha256(block * 8).hexdigest()), got
+
+
+EARLY_CELL = r"""
+import http.server, threading
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        # the headers only: the body is never read; the answer, then the connection closed
+        # with the body unread (the kernel resets it)
+        body = b"too large for this app\n"
+        self.send_response(413)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer.allow_reuse_address = True
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("refusing")
+"""
+
+
+def test_an_app_that_answers_before_reading_a_streamed_body_and_resets_is_heard(env: Env, tmp_path: Path) -> None:  # noqa: F811
+    """A body over MAX_BUFFERED goes to the app on a connection of its own; the app answers 413
+    after the headers and closes with the body unread (a reset): the visitor gets the 413 and its
+    text, not a 502, and the app keeps answering."""
+    nb = write_notebook(tmp_path / "early", [EARLY_CELL])
+    done = env.cli("alice", "app", "deploy", str(nb), "--team", "acme", "--name", "early")
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = tmp_path / "big.bin"
+    block = os.urandom(MIB)
+    with data.open("wb") as f:
+        for _ in range(32):
+            f.write(block)
+    for framing in ([], ["-H", "Transfer-Encoding: chunked"]):
+        for _ in range(3):
+            out = subprocess.run(
+                ["curl", "-sS", "--noproxy", "*", "-H", f"Authorization: Bearer {env.tokens['alice']}", *framing,
+                 "--data-binary", f"@{data}", "-w", "\n%{http_code}", f"{env.srv.url}/apps/acme/early/upload"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            body, _, code = out.stdout.rpartition("\n")
+            assert (code, body) == ("413", "too large for this app\n"), (framing, out.stdout, out.stderr)
+    with env.client("alice") as c:
+        assert c.get("/apps/acme/early/").text == "ok"

@@ -128,6 +128,28 @@ def test_runtimes_with_mounts_or_a_draft_boot_as_usual_and_say_why(make_api: App
     assert _pool(api, 2)["targets"][0]["waiting"] == 2  # nothing was taken from the pool
 
 
+def test_an_app_runtime_whose_port_the_backend_publishes_is_not_pooled(make_api: AppFactory) -> None:
+    """On Swarm an app's port is published when the runtime's service is made: a container made
+    ahead without it cannot serve the app (its gateway would find no way in). The fake engine is
+    told it publishes ports, and the runtime is one with an app port."""
+    api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
+    _pool(api, 2)
+    pool = api.runner.pool
+    app_runtime = api.create_runtime("app-board-1-0")
+    pool.backend.publishes_ports = True
+    pool.ports_of = lambda rid: (8000,) if rid == app_runtime["id"] else ()
+    try:
+        api.post(f"/runtimes/{app_runtime['id']}/start")
+        api.wait_settled(app_runtime["id"])
+        why = [e["message"] for e in api.log(app_runtime["id"]) if e["event"] == "not-pooled"]
+        assert why and "app's port is published" in why[0], api.log(app_runtime["id"])
+        assert api.get(f"/runtimes/{app_runtime['id']}").json()["origin"] == "boot"
+        plain = _run(api, "plain", "print(1)")  # any other runtime is still served from the pool
+        assert plain["origin"] == "pool", plain
+    finally:
+        pool.backend.publishes_ports = False
+
+
 def test_a_restarted_server_adopts_its_waiting_pool(make_api: AppFactory) -> None:
     api = make_api(runner_pool=POOL, runner_idle_check_interval=0.2)
     before = {e["container"] for e in _pool(api, 2)["entries"]}

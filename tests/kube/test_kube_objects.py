@@ -146,6 +146,21 @@ def test_the_fence_is_a_network_policy_over_the_installations_runtimes() -> None
     assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 7600}]}]
 
 
+def test_an_app_runtimes_port_is_declared_labelled_and_let_in_beside_the_agents() -> None:
+    s = spec(ports=(8000,))
+    m = manifest(s)
+    [container] = m["spec"]["containers"]
+    assert {"name": "app-8000", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    assert m["metadata"]["labels"]["envctl.app-port-8000"] == "1"
+    assert "envctl.app-port-8000" not in manifest(spec())["metadata"]["labels"]  # other runtimes: the fence alone
+    policy = kube_pods.app_port_policy("envctl-app-in-x-8000", "in_x", 8000, {})
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        LABEL_INSTALLATION: "in_x", "envctl.managed": "1", "envctl.app-port-8000": "1",
+    }  # fmt: skip
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # what goes out stays the fence's
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+
+
 def pod(phase: str = "Running", *, node: str = "n1", state: dict[str, Any] | None = None, **status: Any) -> dict:  # type: ignore[type-arg]
     cs = {"name": "runtime", "state": state or {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
     return {
