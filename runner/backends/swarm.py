@@ -378,19 +378,7 @@ class SwarmBackend(RuntimeBackend):
             swarm_tasks.wait_removed(self._tasks, self._list_nodes, str(sid), swarm_spec.STOP_GRACE_NS / 1e9 + 10)
         secret = state.get("secret_id")
         if secret:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    self.client.api.remove_secret(secret)
-                    break
-                except docker.errors.NotFound:
-                    break
-                except docker.errors.APIError as exc:
-                    if "in use" not in str(exc) or time.monotonic() > deadline:
-                        raise daemon_error("remove the runtime's credential secret", exc) from exc
-                    time.sleep(POLL)
-                except Exception as exc:
-                    raise daemon_error("remove the runtime's credential secret", exc) from exc
+            swarm_files.remove_secret(self.client, secret, "the runtime's credential secret", 10, POLL)
 
     def list_owned(self, identity: RunnerIdentity) -> list[FoundContainer]:
         try:

@@ -426,19 +426,7 @@ class SwarmAttach:
             time.sleep(POLL * 2)
 
     def _remove_secret(self, secret_id: str) -> None:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                self.client().api.remove_secret(secret_id)
-                return
-            except docker.errors.NotFound:
-                return
-            except docker.errors.APIError as exc:
-                if "in use" not in str(exc) or time.monotonic() > deadline:
-                    raise daemon_error("remove the attach's credential secret", exc) from exc
-                time.sleep(POLL * 2)
-            except Exception as exc:
-                raise daemon_error("remove the attach's credential secret", exc) from exc
+        swarm_files.remove_secret(self.client(), secret_id, "the attach's credential secret", 15, POLL * 2)
 
     def _host_network(self) -> str:
         try:

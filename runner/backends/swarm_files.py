@@ -5,6 +5,7 @@ secret (an in-memory file of the task, never in the service's spec, a variable o
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,22 @@ def credential_secret(client: docker.DockerClient, spec: RuntimeSpec, labels: di
         "SecretName": name,
         "File": {"Name": CREDENTIAL_PATH, "UID": "0", "GID": "0", "Mode": 0o400},
     }
+
+
+def remove_secret(client: docker.DockerClient, secret_id: str, what: str, bound: float, poll: float) -> None:
+    """Remove a secret, waiting up to ``bound`` seconds while a task that is going still holds it
+    ("in use"); one already gone is fine. ``what`` names it in the error, e.g. "the runtime's
+    credential secret"."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            client.api.remove_secret(secret_id)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                raise daemon_error(f"remove {what}", exc) from exc
+            time.sleep(poll)
+        except Exception as exc:
+            raise daemon_error(f"remove {what}", exc) from exc
