@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -98,6 +99,34 @@ def inspect(client: docker.DockerClient, image: str) -> dict[str, Any] | None:
         return None
     except Exception as exc:
         raise daemon_error(f"inspect image {image[:30]}", exc) from exc
+    return attrs
+
+
+_SEEN: dict[str, dict[str, Any]] = {}  # image id -> its inspection (an id names one immutable image)
+_SEEN_LOCK = threading.Lock()
+_SEEN_KEPT = 64
+
+
+def _remember(attrs: dict[str, Any]) -> None:
+    image = str(attrs.get("Id") or "")
+    if image.startswith("sha256:"):
+        with _SEEN_LOCK:
+            _SEEN[image] = attrs
+            while len(_SEEN) > _SEEN_KEPT:
+                _SEEN.pop(next(iter(_SEEN)))
+
+
+def inspect_id(client: docker.DockerClient, image: str) -> dict[str, Any]:
+    """``docker image inspect`` of an image id, remembered: an id names one immutable image, so
+    what was read of it (here, or by :func:`verify_config` as the image was made) still holds.
+    A save asks about the same few images each time, among them the one the last save made."""
+    with _SEEN_LOCK:
+        found = _SEEN.get(image)
+    if found is not None:
+        return found
+    attrs: dict[str, Any] = client.api.inspect_image(image)
+    if attrs.get("Id") == image:
+        _remember(attrs)
     return attrs
 
 
@@ -240,6 +269,8 @@ def verify_config(client: docker.DockerClient, image_id: str, template: Mapping[
     """The image's info when its configuration is ``template``; else remove it and raise BackendError."""
     attrs = _reported(client, image_id, action)
     wrong = config_differences(attrs.get("Config") or {}, template)
+    if not wrong:
+        _remember(attrs)  # the next save on this image asks about it (inspect_id)
     if wrong:
         with contextlib.suppress(EnvctlError):
             remove_image(client, image_id, force=True)

@@ -223,6 +223,10 @@ class SavedLayer:
     # the container's resume, when it goes on in the background: called before the save ends,
     # it waits for it and raises what went wrong (None: resumed already)
     resumed: Callable[[], None] | None = None
+    # keeps engine work that follows the resume (a helper for the next save) off the save's
+    # way: returns the function to call once the save has answered its caller (else it goes
+    # on by itself a moment later)
+    hold: Callable[[], Callable[[], None]] | None = None
 
 
 # Paths of a runtime container that belong to envctl, not to the environment: never part of a

@@ -22,7 +22,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from envs.images import docker as engine
 from envs.images.docker import daemon_error as _daemon_error
 from envs.kit.errors import BackendError
-from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, subnets
+from runner.backends import agent_channel, kernelspec_files, netguard, others, overlay, pausing, subnets
 from runner.backends import docker_volumes as volumes
 from runner.backends.base import (
     AGENT_MOUNT,
@@ -413,7 +413,7 @@ class DockerBackend(RuntimeBackend):
         made = saves.draft_from_directories(self.client, cid, helpers=self.helpers, layout=self.layout, **options)
         if made is not None:
             return self._remember(made.info).id
-        with saves.paused(self.client, cid, "snapshot the runtime's filesystem"):
+        with pausing.paused(self.client, cid, "snapshot the runtime's filesystem"):
             info = saves.commit_reconfigured(self.client, cid, action="snapshot the runtime's filesystem", **options)
         return self._remember(info).id
 
@@ -437,7 +437,7 @@ class DockerBackend(RuntimeBackend):
         from runner.backends import saves
 
         cid = state.get("container_id")
-        if early is not None and not (isinstance(early, saves.Pausing) and early.cid == cid):
+        if early is not None and not (isinstance(early, pausing.Pausing) and early.cid == cid):
             early.undo()  # not this backend's pause of this container: it pauses itself
             early = None
         if not cid:
@@ -456,13 +456,17 @@ class DockerBackend(RuntimeBackend):
         if made is None:  # the engine's storage cannot be read here: nothing can be left out
             info = saves.commit_and_scan(self.client, cid, lambda: self.changes(state), **options)
             return SavedLayer(self._remember(info), {}, lean=False)
-        return SavedLayer(self._remember(made.info), made.left_out, saved_at_ns=made.saved_at_ns, resumed=made.resumed)
+        return SavedLayer(
+            self._remember(made.info),
+            made.left_out,
+            saved_at_ns=made.saved_at_ns,
+            resumed=made.resumed,
+            hold=made.hold,
+        )
 
     def pause_for_save(self, state: BackendState) -> EarlyPause | None:
-        from runner.backends import saves
-
         cid = state.get("container_id")
-        return saves.Pausing(self.client, cid) if cid else None
+        return pausing.Pausing(self.client, cid) if cid else None
 
     def resume(self, state: BackendState) -> None:
         cid = state.get("container_id")

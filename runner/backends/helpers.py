@@ -106,14 +106,18 @@ class Helper:
         repository: str,
         tag: str,
         action: str,
+        taken: Callable[[], None] | None = None,
     ) -> ImageInfo:
         """The layer laid out in the helper and committed with ``config`` (checked as every
         commit is), its files scanned meanwhile; the layer is taken away again whatever
-        happens (:meth:`clear`). A refused layer's image is removed."""
+        happens (:meth:`clear`). A refused layer's image is removed. ``taken()`` is called
+        once the layer is committed, scanned and taken away, before the image is checked: the
+        paused container may resume from then on."""
         with span("helper-wait"):
             made = self.made()
         self.used = True
         emptying: Future[None] | None = None
+        made_id = ""
         try:
             with span("lay-out"):
                 overlay.lay_out(layer, made.upper)
@@ -124,18 +128,24 @@ class Helper:
                     given = blank_other_labels(config, made.labels)
                     with engine.engine_call(action), span("commit"):
                         answer = client.api.commit(made.id, repository=repository, tag=tag, conf=given, pause=False)
+                    made_id = str(answer["Id"])
                     # the layer is taken away once scanned (the scan reads the helper's names),
-                    # while the engine is asked about the image
+                    # while the engine is asked about the image (or, when the container may
+                    # resume as soon as it is, before)
                     emptying = pool.submit(_after, scanning, lambda: overlay.empty(made.upper))
+                    if taken is not None:
+                        with span("scan-wait"):
+                            emptying.result()
+                        taken()
                     with span("verify"):
-                        info = engine.verify_config(client, str(answer["Id"]), given, action=action)
+                        info = engine.verify_config(client, made_id, given, action=action)
                     with span("scan-wait"):
                         emptying.result()
                 observer.verdict()
             except BaseException:
-                if info is not None:
+                if made_id:  # refused (verify_config removed it already: idempotent) or scanned out
                     with contextlib.suppress(EnvctlError):
-                        engine.remove_image(client, info.id, force=True)
+                        engine.remove_image(client, made_id, force=True)
                 raise
             return info
         finally:

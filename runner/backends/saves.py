@@ -41,9 +41,8 @@ import io
 import logging
 import os
 import tarfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from envs.kit.stopwatch import span
 from runner.backends import overlay
 from runner.backends.base import PRIVATE_PATHS, Change, LayerObserver
 from runner.backends.helpers import Helpers
+from runner.backends.pausing import Pausing, paused
 
 log = logging.getLogger("envctl.saves")
 
@@ -110,6 +110,7 @@ class SavedImage:
     left_out: dict[str, dict[str, int]]
     saved_at_ns: int
     resumed: Callable[[], None]  # waits for the container's resume (``_make``'s ``resume_later``)
+    hold: Callable[[], Callable[[], None]]  # keeps the engine work after the resume until answered (pausing.py)
 
 
 class KeepEverything:
@@ -133,26 +134,6 @@ class KeepEverything:
 
 def _layers_of(attrs: dict[str, Any]) -> list[str]:
     return list((attrs.get("RootFS") or {}).get("Layers") or [])
-
-
-_INSPECTED: dict[str, dict[str, Any]] = {}  # image id -> its inspection (an id names one immutable image)
-_INSPECTED_LOCK = threading.Lock()
-
-
-def _inspect_image(client: docker.DockerClient, image: str) -> dict[str, Any]:
-    """``docker image inspect`` of an image id, remembered (a save asks about the same few
-    images each time; a round trip to a busy engine is not free)."""
-    with _INSPECTED_LOCK:
-        found = _INSPECTED.get(image)
-    if found is not None:
-        return found
-    attrs: dict[str, Any] = client.api.inspect_image(image)
-    if image.startswith("sha256:") and attrs.get("Id") == image:
-        with _INSPECTED_LOCK:
-            _INSPECTED[image] = attrs
-            while len(_INSPECTED) > 64:
-                _INSPECTED.pop(next(iter(_INSPECTED)))
-    return attrs
 
 
 Layout = Callable[[str], dict[str, Any]]  # a container id -> its Id, Image and GraphDriver (DockerBackend.layout)
@@ -182,8 +163,8 @@ def layer_roots(
             return None
         container, layers = found
         image = str(container["Image"])
-        mine = _layers_of(_inspect_image(client, image))
-        version_attrs = _inspect_image(client, version_image)
+        mine = _layers_of(engine.inspect_id(client, image))
+        version_attrs = engine.inspect_id(client, version_image)
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     version = _layers_of(version_attrs)
@@ -210,7 +191,7 @@ def draft_roots(client: docker.DockerClient, cid: str, layout: Layout | None = N
             return None
         container, layers = found
         image = str(container["Image"])
-        keep = len(_layers_of(_inspect_image(client, image)))
+        keep = len(_layers_of(engine.inspect_id(client, image)))
     except Exception as exc:
         raise daemon_error("inspect the runtime's container", exc) from exc
     return LayerPlan([layers.upper], image, keep, [], image, None if layout is not None else container)
@@ -333,8 +314,9 @@ def _make(
                 )
             if helper is not None:
                 info = helper.commit(
-                    client, layer, observer, config=config, repository=repository, tag=tag, action=action
-                )
+                    client, layer, observer, config=config, repository=repository, tag=tag, action=action,
+                    taken=held.resume_now if resume_later else None,
+                )  # fmt: skip
             else:
                 info = load_layer(
                     client,
@@ -350,7 +332,8 @@ def _make(
                     tag=tag,
                     action=action,
                 )
-            saved_at = time.time_ns()  # still paused, the layer taken away: what it held is in the image
+            # still paused, the layer taken away: what it held is in the image
+            saved_at = held.taken_ns or time.time_ns()
             if resume_later:
                 held.resume_later()
     except BaseException:
@@ -363,166 +346,7 @@ def _make(
         held.then(lambda: helpers.give_back(kept))  # for the next save on the same layers
         if purpose == "save":  # and one for this runtime's next save, on the new version
             held.then(lambda: helpers.prepare(made, cid))
-    return SavedImage(info, layer.left_out, saved_at, held.wait)
-
-
-class Resumption:
-    """A paused container's resume, under way in a thread of its own: the caller goes on (records
-    the version) meanwhile and :meth:`wait`s before its work ends, which raises what went wrong."""
-
-    def __init__(self, client: docker.DockerClient, cid: str) -> None:
-        self._client, self._cid = client, cid
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._after: list[Callable[[], None]] | None = []  # None once resumed
-        self._thread = threading.Thread(target=self._run, name="envctl-unpause", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            _unpause(self._client, self._cid)
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            with self._lock:
-                after, self._after = self._after or [], None
-            for work in after:
-                _quietly(work)
-
-    def then(self, work: Callable[[], None]) -> None:
-        """``work()`` once the container resumed (at once if it has): engine work that would
-        otherwise hold the resume up."""
-        with self._lock:
-            if self._after is not None:
-                self._after.append(work)
-                return
-        _quietly(work)
-
-    def wait(self) -> None:
-        with span("unpause-wait"):
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
-class Pause:
-    """What :func:`paused` yields: :meth:`resume_later` asks for the resume to go on in the
-    background when the block ends without an error (:attr:`resumption` then holds it)."""
-
-    def __init__(self) -> None:
-        self.later = False
-        self.resumption: Resumption | None = None
-
-    def resume_later(self) -> None:
-        self.later = True
-
-    def wait(self) -> None:
-        """The resume asked for by :meth:`resume_later` done (nothing when there was none)."""
-        if self.resumption is not None:
-            self.resumption.wait()
-
-    def then(self, work: Callable[[], None]) -> None:
-        """``work()`` once the container resumed in the background, or at once."""
-        if self.resumption is not None:
-            self.resumption.then(work)
-        else:
-            work()
-
-
-def _quietly(work: Callable[[], None]) -> None:
-    try:
-        work()
-    except Exception:
-        log.exception("after a save's resume")
-
-
-def _unpause(client: docker.DockerClient, cid: str) -> None:
-    try:
-        client.api.unpause(cid)
-    except docker.errors.NotFound:
-        pass  # removed meanwhile: nothing to resume
-    except Exception as exc:
-        raise daemon_error("resume the runtime after its save", exc) from exc
-
-
-class Pausing:
-    """A container's pause asked for in a thread of its own, before the caller knows it needs
-    it (a save's runtime runs): :func:`paused` takes it, or :meth:`undo` resumes the container
-    when it was not needed after all."""
-
-    def __init__(self, client: docker.DockerClient, cid: str) -> None:
-        self._client, self.cid = client, cid
-        self.asked_ns = time.time_ns()
-        self._error: BaseException | None = None
-        self._settled = False  # taken over by paused(), or undone
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="envctl-pause", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._client.api.pause(self.cid)
-        except BaseException as exc:
-            self._error = exc
-
-    def done(self) -> bool:
-        """Whether the engine paused it (False: it said no: not running, paused already, gone)."""
-        self._thread.join()
-        return self._error is None
-
-    def _settle(self) -> bool:
-        with self._lock:
-            settled, self._settled = self._settled, True
-        return not settled
-
-    def take(self) -> bool:
-        """The pause taken over by :func:`paused` (which resumes the container): whether the
-        engine paused it. ``undo`` does nothing from now on."""
-        return self._settle() and self.done()
-
-    def undo(self) -> None:
-        """The container resumed if this paused it, unless :meth:`take` took it over; once."""
-        if self._settle() and self.done():
-            _unpause(self._client, self.cid)
-
-
-@contextlib.contextmanager
-def paused(
-    client: docker.DockerClient,
-    cid: str,
-    action: str,
-    container: dict[str, Any] | None = None,
-    early: Pausing | None = None,
-) -> Iterator[Pause]:
-    """The container frozen for the block, as ``docker commit`` freezes it (an exited one is
-    still already). ``container``: its inspection, when just made; ``early``: its pause, asked
-    for already. It is resumed as the block ends, or, when the block asked so and ended well,
-    in the background (``Pause.wait``)."""
-    try:
-        with span("pause"):
-            pause = early is not None and early.take()
-        if not pause:  # none asked for, or the engine said no: as the inspection says
-            state = (container if container is not None else client.api.inspect_container(cid)).get("State") or {}
-            pause = bool(state.get("Running")) and not state.get("Paused")
-            if pause:
-                with span("pause"):
-                    client.api.pause(cid)
-    except Exception as exc:
-        raise daemon_error(action, exc) from exc
-    held = Pause()
-    try:
-        yield held
-    except BaseException:
-        if pause:
-            with span("unpause"):
-                _unpause(client, cid)
-        raise
-    if pause:
-        if held.later:
-            held.resumption = Resumption(client, cid)
-        else:
-            with span("unpause"):
-                _unpause(client, cid)
+    return SavedImage(info, layer.left_out, saved_at, held.wait, held.hold)
 
 
 def commit_and_scan(

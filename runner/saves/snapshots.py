@@ -218,6 +218,7 @@ class Snapshots:
         error: Exception | None = None
         timings: dict[str, float] = {}
         noted: list[str] = []  # the version whose log line went in the transaction that recorded it
+        answered: list[Callable[[], None]] = []  # the backend's, once the save has answered
 
         def finished(s: Session, made: EnvironmentVersion) -> None:
             self._finished_in(s, runtime_id, made.ref)
@@ -244,6 +245,7 @@ class Snapshots:
                         recorded=finished,
                         start=start,
                         early=early,
+                        answered=answered,
                     )
                 finally:
                     timings = watch.ms()
@@ -267,6 +269,8 @@ class Snapshots:
             problem, text = self.operations.failure(op_id, error or BackendError("the save made no version"), "save")
             self.records.log_now(runtime_id, event="save-failed", reason="error", message=text)
             self.operations.finish(op_id, "failed", error=problem, message=text)
+            for then in answered:
+                then()
             return
         pushed = (
             {
@@ -292,6 +296,8 @@ class Snapshots:
             + _left_out_text((version.labels or {}).get(SAVE_LABEL, {}))
             + pushed_text(pushed),
         )
+        for then in answered:  # the answer is out: the engine work kept off its way goes on
+            then()
 
     def _finished_in(self, s: Session, runtime_id: str, saved_as: str | None) -> None:
         """A save's end in transaction ``s``: the runtime's activity, and its log line when it
@@ -339,6 +345,7 @@ class Snapshots:
         recorded: Callable[[Session, EnvironmentVersion], None] | None = None,
         start: SaveStart | None = None,
         early: EarlyPause | None = None,
+        answered: list[Callable[[], None]] | None = None,
     ) -> EnvironmentVersion:
         """Make the layer (caches left out, scanned), check, compact if needed, and record the
         version; the runtime moves onto it. ``secret_values`` stands for the runtime's own
@@ -346,152 +353,132 @@ class Snapshots:
         transaction that records the version (made here, not inside the runtime). ``start``:
         what the request read of the runtime (else it is read here); ``early``: the
         container's pause, asked for already (``RuntimeBackend.pause_for_save``), which this
-        hands to the backend's ``save_layer`` or undoes."""
+        hands to the backend's ``save_layer`` or undoes. ``answered`` gets the backend's
+        ``SavedLayer.answered``, for the caller to call once it has answered (engine work for
+        the next save waits for it, or goes on by itself a moment later)."""
         try:
-            return self._save_now(
-                op_id, who, author, runtime_id, environment, message, tag, extra_env=extra_env,
-                extra_labels=extra_labels, keep_caches=keep_caches, allow_secrets=allow_secrets,
-                secret_values=secret_values, recorded=recorded, start=start, early=early,
-            )  # fmt: skip
+            if start is None:
+                with stopwatch.span("prepare"), self.records.db.session() as s:
+                    start = self._start_of(s, self.records.get_mine(s, who, runtime_id), environment)
+            parent_id, parent_image = start.parent_id, start.parent_image
+            parent_ref, parent_digest = start.parent_ref, start.parent_digest
+            state, since, number = start.state, start.since, start.number
+            now = self.records.clock()
+            labels = {
+                "org.opencontainers.image.created": _oci_time(now),
+                "org.opencontainers.image.base.digest": parent_digest,
+                "org.opencontainers.image.base.name": parent_ref,
+                "org.opencontainers.image.title": environment,
+                "org.opencontainers.image.version": str(number),
+                "envctl.environment": environment,
+                "envctl.parent": parent_ref,
+                "envctl.source-runtime": runtime_id,
+                "envctl.author": author,
+                **self.settings.runner_labels,  # the operator's own labels, e.g. a team
+                **(extra_labels or {}),
+            }
+            if self.in_runtime is not None and self.in_runtime.enabled:  # no host storage: runner/saves/insave.py
+                if early is not None:
+                    _undo(early)
+                values = self.secret_values(runtime_id) if secret_values is None else secret_values
+                observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
+                return save_in_runtime(
+                    self.in_runtime, self.operations, op_id, runtime_id, environment, number, parent_id, labels,
+                    writer=lambda s: writer_of(s, viewer_of(who).user_id), user_id=viewer_of(who).user_id,
+                    message=message, author=author, tag=tag, keep_caches=keep_caches, observer=observer,
+                    report_key=SAVE_LABEL,
+                )  # fmt: skip
+            with stopwatch.span("config"):
+                config = trusted_config(self.backend, parent_image, parent_ref, labels)
+            if extra_env:
+                kept = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in extra_env]
+                config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
+            repository = "envctl/" + environment
+            image_tag = f"v{number}-{op_id[3:11]}"
+            # What the save makes is noted before and after it is made: if envctl dies before the
+            # version is recorded, the next start removes it (Operations.recover); a failed save
+            # removes it at once (_save).
+            pending = [f"{repository}:{image_tag}"]
+            self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
+            # before the save pauses the container, unless the backend says later
+            saved_at_ns = early.asked_ns if early is not None else time.time_ns()
+            with stopwatch.span("secrets"):
+                values = self.secret_values(runtime_id) if secret_values is None else secret_values
+            observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
+            del values
+            saved = self.backend.save_layer(
+                state,
+                config=config,
+                repository=repository,
+                tag=image_tag,
+                version_image=parent_image,
+                observer=observer,
+                saved_at_ns=since,
+                early=early,
+            )
+            # the container resumes meanwhile (the backend's ``resumed``): it is running again
+            # before the save ends, whatever happens
+            if saved.hold is not None and answered is not None:
+                answered.append(saved.hold())
+            try:
+                image_id = saved.image.id
+                baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
+                report = {
+                    "caches_kept": keep_caches,
+                    "left_out": saved.left_out,
+                    "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
+                    "allowed_secrets": observer.allowed(),
+                }
+                if not saved.lean:
+                    report["note"] = "the engine's storage could not be read here: caches were not left out"
+                pending.append(image_id)
+                # noted before the version is recorded: a failed record (or envctl dying before it)
+                # then removes the image by its id (a name alone would not go while a helper uses it)
+                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
+                with stopwatch.span("image-info"):
+                    info = self.backend.image_info(image_id)
+                    parent_info = self.backend.image_info(parent_image)
+                if info is None:
+                    raise BackendError("the saved image vanished before it was recorded")
+                if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
+                    self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
+                    squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
+                    pending.append(squashed)
+                    self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
+                    self.backend.remove_image(image_id)
+                    image_id = squashed
+                    info = self.backend.image_info(image_id) or info
+                with stopwatch.span("record"), self.records.db.session() as s:
+                    version, _created = envs_service.register_version(
+                        s,
+                        envs_service.NewVersion(
+                            environment=environment,
+                            image_id=image_id,
+                            image_ref=f"{repository}:{image_tag}",
+                            parent_id=parent_id,  # by its id: a parent gone meanwhile fails the record
+                            message=message,
+                            author=author,
+                            size=info.size,
+                            size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
+                            source_runtime_id=runtime_id,
+                            labels={**labels, SAVE_LABEL: report},
+                            tag="latest",
+                        ),
+                        # the one check that counts: in the transaction that records
+                        writer_of(s, viewer_of(who).user_id),
+                    )
+                    if tag and tag != "latest":
+                        envs_service.set_tag(s, version.environment, tag, version)
+                    self.records.stand_on(s, runtime_id, version, baseline)
+                    if recorded is not None:
+                        recorded(s, version)
+                    _ = version.ref  # load what the caller reads after the session
+                    _ = version.environment.full_name
+                return version
+            finally:
+                if saved.resumed is not None:
+                    saved.resumed()
         except BaseException:
             if early is not None:
                 _undo(early)  # the container resumed, unless save_layer took the pause over
             raise
-
-    def _save_now(
-        self,
-        op_id: str,
-        who: Who,
-        author: str,
-        runtime_id: str,
-        environment: str,
-        message: str,
-        tag: str | None,
-        *,
-        extra_env: dict[str, str] | None,
-        extra_labels: dict[str, str] | None,
-        keep_caches: bool,
-        allow_secrets: Sequence[str],
-        secret_values: Sequence[str] | None,
-        recorded: Callable[[Session, EnvironmentVersion], None] | None,
-        start: SaveStart | None,
-        early: EarlyPause | None,
-    ) -> EnvironmentVersion:
-        if start is None:
-            with stopwatch.span("prepare"), self.records.db.session() as s:
-                start = self._start_of(s, self.records.get_mine(s, who, runtime_id), environment)
-        parent_id, parent_image = start.parent_id, start.parent_image
-        parent_ref, parent_digest = start.parent_ref, start.parent_digest
-        state, since, number = start.state, start.since, start.number
-        now = self.records.clock()
-        labels = {
-            "org.opencontainers.image.created": _oci_time(now),
-            "org.opencontainers.image.base.digest": parent_digest,
-            "org.opencontainers.image.base.name": parent_ref,
-            "org.opencontainers.image.title": environment,
-            "org.opencontainers.image.version": str(number),
-            "envctl.environment": environment,
-            "envctl.parent": parent_ref,
-            "envctl.source-runtime": runtime_id,
-            "envctl.author": author,
-            **self.settings.runner_labels,  # the operator's own labels, e.g. a team
-            **(extra_labels or {}),
-        }
-        if self.in_runtime is not None and self.in_runtime.enabled:  # no host storage: runner/saves/insave.py
-            if early is not None:
-                _undo(early)
-            values = self.secret_values(runtime_id) if secret_values is None else secret_values
-            observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
-            return save_in_runtime(
-                self.in_runtime, self.operations, op_id, runtime_id, environment, number, parent_id, labels,
-                writer=lambda s: writer_of(s, viewer_of(who).user_id), user_id=viewer_of(who).user_id,
-                message=message, author=author, tag=tag, keep_caches=keep_caches, observer=observer,
-                report_key=SAVE_LABEL,
-            )  # fmt: skip
-        with stopwatch.span("config"):
-            config = trusted_config(self.backend, parent_image, parent_ref, labels)
-        if extra_env:
-            kept = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in extra_env]
-            config["Env"] = kept + [f"{k}={v}" for k, v in extra_env.items()]
-        repository = "envctl/" + environment
-        image_tag = f"v{number}-{op_id[3:11]}"
-        # What the save makes is noted before and after it is made: if envctl dies before the
-        # version is recorded, the next start removes it (Operations.recover); a failed save
-        # removes it at once (_save).
-        pending = [f"{repository}:{image_tag}"]
-        self.operations.phase(op_id, "committing", "snapshotting the filesystem", pending_images=pending)
-        # before the save pauses the container, unless the backend says later
-        saved_at_ns = early.asked_ns if early is not None else time.time_ns()
-        with stopwatch.span("secrets"):
-            values = self.secret_values(runtime_id) if secret_values is None else secret_values
-        observer = SaveFilter(None if keep_caches else self.caches, values, allow_secrets)
-        del values
-        saved = self.backend.save_layer(
-            state,
-            config=config,
-            repository=repository,
-            tag=image_tag,
-            version_image=parent_image,
-            observer=observer,
-            saved_at_ns=since,
-            early=early,
-        )
-        # the container resumes meanwhile (the backend's ``resumed``): it is running again
-        # before the save ends, whatever happens
-        try:
-            image_id = saved.image.id
-            baseline = {"saved_at_ns": saved.saved_at_ns or saved_at_ns}
-            report = {
-                "caches_kept": keep_caches,
-                "left_out": saved.left_out,
-                "left_out_bytes": sum(c["bytes"] for c in saved.left_out.values()),
-                "allowed_secrets": observer.allowed(),
-            }
-            if not saved.lean:
-                report["note"] = "the engine's storage could not be read here: caches were not left out"
-            pending.append(image_id)
-            # noted before the version is recorded: a failed record (or envctl dying before it)
-            # then removes the image by its id (a name alone would not go while a helper uses it)
-            self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-            with stopwatch.span("image-info"):
-                info = self.backend.image_info(image_id)
-                parent_info = self.backend.image_info(parent_image)
-            if info is None:
-                raise BackendError("the saved image vanished before it was recorded")
-            if info.layers > self.settings.save_compact_at_layers:  # well before overlay2's 128
-                self.operations.phase(op_id, "compacting", f"{info.layers} layers: squashing the chain into one")
-                squashed = self.backend.squash(image_id, config=config, repository=repository, tag=image_tag)
-                pending.append(squashed)
-                self.operations.phase(op_id, "recording", "recording the new version", pending_images=pending)
-                self.backend.remove_image(image_id)
-                image_id = squashed
-                info = self.backend.image_info(image_id) or info
-            with stopwatch.span("record"), self.records.db.session() as s:
-                version, _created = envs_service.register_version(
-                    s,
-                    envs_service.NewVersion(
-                        environment=environment,
-                        image_id=image_id,
-                        image_ref=f"{repository}:{image_tag}",
-                        parent_id=parent_id,  # by its id: a parent gone meanwhile fails the record
-                        message=message,
-                        author=author,
-                        size=info.size,
-                        size_added=max(0, info.size - (parent_info.size if parent_info else 0)),
-                        source_runtime_id=runtime_id,
-                        labels={**labels, SAVE_LABEL: report},
-                        tag="latest",
-                    ),
-                    writer_of(s, viewer_of(who).user_id),  # the one check that counts: in the transaction that records
-                )
-                if tag and tag != "latest":
-                    envs_service.set_tag(s, version.environment, tag, version)
-                self.records.stand_on(s, runtime_id, version, baseline)
-                if recorded is not None:
-                    recorded(s, version)
-                _ = version.ref  # load what the caller reads after the session
-                _ = version.environment.full_name
-            return version
-        finally:
-            if saved.resumed is not None:
-                saved.resumed()

@@ -4,13 +4,16 @@ the save fails before it; the container never stays paused."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from envs.kit.db import Database
+from runner.backends.base import LABEL_MANAGED
 from runner.backends.docker import DockerBackend
+from runner.backends.helpers import HELPER
 from runner.runtimes.states import State
 from runner.saves.imageconfig import CONFIG_KEYS
 from runner.saves.scans import CacheRules, SaveFilter
@@ -123,6 +126,57 @@ def test_an_early_pause_is_taken_over_by_the_save_or_undone_and_the_container_ru
             saved.resumed()
         early.undo()  # taken over by the save: nothing more to do
         assert _state(docker, container.id)["Running"] and not _state(docker, container.id)["Paused"]
+        assert container.exec_run(["cat", "/root/work.txt"]).output == b"work\n"
+    finally:
+        backend.helpers.close()
+        container.remove(force=True)
+        for image_id in made:
+            docker.api.remove_image(image_id, force=True)
+
+
+def _helpers_on(docker: Any, image: str) -> list[dict[str, Any]]:
+    """The save helpers (of this test session) made from ``image``."""
+    listed: list[dict[str, Any]] = docker.api.containers(
+        all=True, filters={"label": [f"{TEST_LABEL}={TEST_SESSION}"], "ancestor": image}
+    )
+    return [c for c in listed if (c.get("Labels") or {}).get(LABEL_MANAGED) == HELPER]
+
+
+def test_the_container_runs_again_before_the_save_answers_and_the_next_saves_helper_waits_for_the_answer(
+    docker: Any,
+) -> None:
+    """The container resumes as soon as its layer is taken away (the image's check and the
+    version's record go on beside it), and the helper made ahead for its next save waits until
+    the save has answered (``SavedLayer.hold``): on a small machine its start would delay it."""
+    image = base_image(docker, "python3")
+    backend = DockerBackend(docker, labels={TEST_LABEL: TEST_SESSION})
+    container = docker.containers.create(image, ["sleep", "600"], labels={TEST_LABEL: TEST_SESSION})
+    made: list[str] = []
+    try:
+        container.start()
+        assert container.exec_run(["bash", "-c", "echo work > /root/work.txt"]).exit_code == 0
+        state = {"container_id": container.id}
+        saved = backend.save_layer(
+            state,
+            config=_template(docker, image),
+            repository="envctl-test/held",
+            tag=TEST_SESSION,
+            version_image=image,
+            observer=SaveFilter(CacheRules.of(DEFAULT_SAVE_CACHES)),
+            early=backend.pause_for_save(state),
+        )
+        made.append(saved.image.id)
+        assert saved.hold is not None and saved.resumed is not None
+        answered = saved.hold()
+        saved.resumed()
+        assert _state(docker, container.id)["Running"] and not _state(docker, container.id)["Paused"]
+        time.sleep(0.5)
+        assert _helpers_on(docker, saved.image.id) == [], "the next save's helper waits for the answer"
+        answered()
+        deadline = time.monotonic() + 20
+        while not _helpers_on(docker, saved.image.id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _helpers_on(docker, saved.image.id), "once answered, the next save's helper is made"
         assert container.exec_run(["cat", "/root/work.txt"]).output == b"work\n"
     finally:
         backend.helpers.close()
