@@ -21,9 +21,9 @@ from sqlalchemy.types import TypeDecorator
 
 from envs.kit.clock import as_utc
 from envs.kit.errors import DatabaseUnavailableError
-from envs.kit.hot import HotConnections, HotStatement, HotWriter
+from envs.kit.hot import EncodedJSON, HotConnections, HotStatement, HotWriter
 
-__all__ = ["Base", "Database", "HotStatement", "HotWriter", "UTCDateTime", "make_engine"]
+__all__ = ["Base", "Database", "EncodedJSON", "HotStatement", "HotWriter", "UTCDateTime", "make_engine"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

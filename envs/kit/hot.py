@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -55,6 +56,16 @@ from sqlalchemy.sql.dml import UpdateBase
 
 if TYPE_CHECKING:
     import psycopg
+
+
+class EncodedJSON(str):
+    """A JSON column's value already encoded as JSON text, stored as it is: a cell's output is
+    encoded once, for its server-sent event and its row alike (``runner/cells/workers.py``);
+    the column's own encoder would encode it again, the largest cost of a fast printer's
+    stream after reading it. Given to a hot statement's JSON column only."""
+
+    __slots__ = ()
+
 
 _Prepared = tuple[str, tuple[str, ...], dict[str, Callable[[Any], Any]], dict[str, Any]]
 PING_AFTER_IDLE = 2.0  # seconds a PostgreSQL hot connection may sit unused before it is pinged
@@ -106,7 +117,9 @@ class HotStatement:
         for name in names:
             value = values[name] if name in values else constants[name]
             proc = processors.get(name)
-            out.append(proc(value) if proc is not None and value is not None else value)
+            if proc is not None and value is not None and not isinstance(value, EncodedJSON):
+                value = proc(value)
+            out.append(value)
         return sql, out
 
 
@@ -145,23 +158,30 @@ class HotWriter(abc.ABC):
         self.execute(statement, values)
 
 
+def _decoded(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with ``EncodedJSON`` decoded: Core applies the column's encoder itself."""
+    if not any(isinstance(v, EncodedJSON) for v in values.values()):
+        return values
+    return {k: json.loads(v) if isinstance(v, EncodedJSON) else v for k, v in values.items()}
+
+
 class CoreWriter(HotWriter):
     def __init__(self, core: Connection) -> None:
         self._core = core
 
     def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
-        self._core.execute(statement.statement, values)
+        self._core.execute(statement.statement, _decoded(values))
 
     def count(self, statement: HotStatement, values: dict[str, Any]) -> int:
-        return int(self._core.execute(statement.statement, values).rowcount)
+        return int(self._core.execute(statement.statement, _decoded(values)).rowcount)
 
     def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
-        row = self._core.execute(statement.statement, values).first()
+        row = self._core.execute(statement.statement, _decoded(values)).first()
         return tuple(row) if row is not None else None
 
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self._core.execute(statement.statement, rows)
+            self._core.execute(statement.statement, [_decoded(r) for r in rows])
 
 
 class _DbApiWriter(HotWriter):

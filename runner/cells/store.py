@@ -8,6 +8,7 @@ statements (a cell's number, its activity): one transaction on the way in, one a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy import (
     update,
 )
 
-from envs.kit.db import Database, HotStatement, HotWriter, UTCDateTime
+from envs.kit.db import Database, EncodedJSON, HotStatement, HotWriter, UTCDateTime
 from runner.models import Execution, ExecutionOutput, ResultFile, Runtime
 from runner.runtimes.store import claimable
 
@@ -132,8 +133,10 @@ def insert_claimed(c: HotWriter, claim: dict[str, Any], row: dict[str, Any]) -> 
     )
 
 
-def insert_outputs(c: HotWriter, execution_id: str, outputs: list[tuple[int, dict[str, Any]]]) -> None:
-    """Outputs of an execution: (index, output) each."""
+def insert_outputs(
+    c: HotWriter, execution_id: str, outputs: Sequence[tuple[int, dict[str, Any] | EncodedJSON]]
+) -> None:
+    """Outputs of an execution: (index, output) each, the output as a dict or already encoded."""
     c.execute_many(INSERT_OUTPUTS, [{"execution_id": execution_id, "idx": i, "output": o} for i, o in outputs])
 
 
