@@ -3,6 +3,7 @@ exactly what Core would store; on PostgreSQL each transaction is one round trip.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -12,7 +13,8 @@ from sqlalchemy import bindparam, insert, select, text, update
 
 from api.dbschema import upgrade
 from envs.kit.clock import utcnow
-from envs.kit.db import Database, HotStatement
+from envs.kit.db import Database, EncodedJSON, HotStatement
+from envs.kit.hot import CoreWriter
 from envs.kit.errors import DatabaseUnavailableError
 from envs.service import NewVersion, register_version
 from registry.users import create_user
@@ -118,6 +120,29 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
         assert raw["ex_hot"] == raw["ex_core"], raw
         found = c.scalars(select(Execution.id).where(Execution.finished_at == finished).order_by(Execution.id)).all()
         assert found == ["ex_core", "ex_hot"]
+
+
+def test_an_output_given_encoded_is_stored_as_the_same_output_given_as_a_dict(db: Database) -> None:
+    """A cell's output is encoded once, for its server-sent event and its row: the row must read
+    back as the dict it was made from (on PostgreSQL as a JSON value, not a JSON string), on the
+    hot path and on the Core one alike."""
+    rid, owner = _runtime(db)
+    output = {"output_type": "stream", "name": "stdout", "text": 'é "quoted" ✓\n\ttab\\'}
+    encoded = EncodedJSON(json.dumps(output, separators=(",", ":")))
+    with db.hot() as w:
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_enc", 1))
+        cellstore.insert_outputs(w, "ex_enc", [(0, encoded), (1, {"output_type": "error", "ename": "E"})])
+    with db.connection() as c:
+        cellstore.insert_outputs(CoreWriter(c), "ex_enc", [(2, encoded)])
+    with db.session() as s:
+        stored = s.scalars(
+            select(ExecutionOutput.output).where(ExecutionOutput.execution_id == "ex_enc").order_by(ExecutionOutput.idx)
+        ).all()
+    assert stored == [output, {"output_type": "error", "ename": "E"}, output]
+    if db.engine.dialect.name == "postgresql":
+        with db.connection() as c:
+            kinds = c.scalars(text("SELECT json_typeof(output) FROM execution_outputs WHERE execution_id = 'ex_enc'"))
+            assert set(kinds) == {"object"}
 
 
 def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches(db: Database) -> None:
