@@ -14,8 +14,8 @@ from sqlalchemy import bindparam, insert, select, text, update
 from api.dbschema import upgrade
 from envs.kit.clock import utcnow
 from envs.kit.db import Database, EncodedJSON, HotStatement
-from envs.kit.hot import CoreWriter
 from envs.kit.errors import DatabaseUnavailableError
+from envs.kit.hot import CoreWriter
 from envs.service import NewVersion, register_version
 from registry.users import create_user
 from runner.cells import store as cellstore
