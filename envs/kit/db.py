@@ -140,6 +140,18 @@ class Database:
             self._wrote.flag = True  # every hot statement writes
             self._wake_if_written()
 
+    def hot_one(
+        self, statement: HotStatement, values: dict[str, Any], *, durable: bool = True
+    ) -> tuple[Any, ...] | None:
+        """One hot statement as a transaction of its own (``hot``'s ``durable`` alike); the
+        first row it returns, or None. On PostgreSQL one message and one round trip, outside
+        any pipeline (``HotConnections.one``): the cell's way in, a single statement."""
+        try:
+            return self._hot.one(self.connection, statement, values, durable=durable)
+        finally:
+            self._wrote.flag = True
+            self._wake_if_written()
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A transaction: committed on success, rolled back on error.

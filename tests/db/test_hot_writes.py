@@ -396,6 +396,62 @@ def test_a_transaction_marked_not_durable_skips_the_flush_for_itself_alone(db: D
         assert rt is not None and rt.last_activity == "durable=True"
 
 
+def test_a_single_statement_not_durable_leaves_every_durable_transaction_durable(db: Database) -> None:
+    """``hot_one(durable=False)`` (a cell's way in, one statement outside a transaction block)
+    turns ``synchronous_commit`` off for its connection's session: every durable statement or
+    transaction on that connection after it must still wait for the disk."""
+    from sqlalchemy import func
+
+    rid, _owner = _runtime(db)
+    setting = HotStatement(
+        update(Runtime)
+        .where(Runtime.id == bindparam("b_id"))
+        .values(last_activity=bindparam("b_what"))
+        .returning(func.current_setting("synchronous_commit") if db.pipelined else Runtime.last_activity)
+    )
+    seen = []
+    for one, durable in ((True, False), (False, True), (True, False), (False, False), (True, True), (False, True)):
+        values = {"b_id": rid, "b_what": f"{one}-{durable}"}
+        if one:
+            row = db.hot_one(setting, values, durable=durable)
+        else:
+            with db.hot(durable=durable) as w:
+                row = w.fetch(setting, values)
+        assert row is not None
+        seen.append(row[0])
+    if db.pipelined:
+        assert seen == ["off", "on", "off", "off", "on", "on"]
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "False-True"
+
+
+def test_a_cell_whose_runtime_is_not_the_runners_or_not_seen_writes_nothing(db: Database) -> None:
+    """The way in on PostgreSQL decides in SQL: another runner's runtime, or a caller who does
+    not see it, takes no number and writes no row."""
+    if not db.pipelined:
+        pytest.skip("the one-statement way in is PostgreSQL's")
+    rid, owner = _runtime(db)
+    at = utcnow()
+    row = {"id": "ex_no", "language": None, "code": "1", "timeout": None, "created_at": at, "submitted_by": owner}
+    claim = {"b_id": rid, "b_at": at, "b_what": "execution submitted"}
+    assert (
+        cellstore.claim_and_queue(db, {**claim, **records.claimer(records.Viewer(owner), "other")}, row, durable=False)
+        is None
+    )
+    assert (
+        cellstore.claim_and_queue(
+            db, {**claim, **records.claimer(records.Viewer("u_x", frozenset({"t"})), "r")}, row, durable=False
+        )
+        is None
+    )
+    found = cellstore.claim_and_queue(db, {**claim, **records.claimer(records.Viewer(owner), "r")}, row, durable=False)
+    assert found is not None and found[0] == 1 and found[1] == owner
+    with db.session() as s:
+        assert s.scalars(select(Execution.id)).all() == ["ex_no"]
+        assert s.get(Runtime, rid).next_seq == 1  # type: ignore[union-attr]
+
+
 def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A cell's way in (its number and row) and its end (outputs, status, then the runtime's
     activity in a transaction of its own) each wait for the server once: one Sync each in
@@ -421,10 +477,8 @@ def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_pat
         with traced.open("w") as out:
             if trace:
                 conn.pgconn.trace(out.fileno())
-            with db.hot(durable=False) as w:
-                claimed = records.claim_seq_seen(w, rid, at, viewer, "r")
-                cellstore.insert_claimed(w, {"b_id": rid, **records.claimer(viewer, "r")}, row)
-            assert claimed() is not None
+            claim = {"b_id": rid, "b_at": at, "b_what": "execution submitted", **records.claimer(viewer, "r")}
+            assert cellstore.claim_and_queue(db, claim, row, durable=False) is not None
             end = {"status": "ok", "count": 1, "started": at, "finished": utcnow(), "truncated": False}
             with db.hot() as w:
                 cellstore.insert_outputs(w, row["id"], [(0, {"output_type": "stream", "name": "stdout", "text": "1"})])
