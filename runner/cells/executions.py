@@ -70,7 +70,7 @@ LANGUAGES = ("python", "bash")
 POLL = 0.5  # seconds between reads of an execution that another runner runs (``follow``)
 MAX_CODE = 1024 * 1024
 # A cell's way in (its number, the runtime's "execution submitted" activity, its queued row) is
-# committed without waiting for the disk (``Database.hot(durable=False)``, ``envs/kit/hot.py``);
+# committed without waiting for the disk (``durable=False``: ``Database.hot_one``, ``envs/kit/hot.py``);
 # its end (outputs, status, ``runner/cells/workers.py``) stays durable, as do results, runtime
 # states and everything else. On PostgreSQL the way in is on the path a client waits on, and a
 # flush of the disk there costs 1-4 ms on the machine here under load, against 0.4-0.6 ms for the
