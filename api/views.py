@@ -215,7 +215,9 @@ def log_entry_out(e: RuntimeLogEntry) -> LogEntryOut:
     return LogEntryOut(at=e.at, state=e.state, event=e.event, reason=e.reason, message=e.message, details=e.details)
 
 
-def sse(event: str, data: Any, event_id: int | str | None = None) -> bytes:
-    """One server-sent event: its id (when given), its name and its data as compact JSON."""
+def sse(event: str, data: Any, event_id: int | str | None = None, *, encoded: str | None = None) -> bytes:
+    """One server-sent event: its id (when given), its name and its data as compact JSON
+    (``encoded``: the data encoded so already; JSON text is one line)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    body = encoded if encoded is not None else json.dumps(data, separators=(",", ":"))
+    return b"".join((f"{head}event: {event}\ndata: ".encode(), body.encode(), b"\n\n"))

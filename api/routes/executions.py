@@ -96,7 +96,10 @@ async def events(
                         yield b": keep-alive\n\n"
                         sent_at = loop.time()
                     continue
-                yield sse("output", event.data, event.index) if event.kind == "output" else sse("status", event.data)
+                if event.kind == "output":
+                    yield sse("output", event.data, event.index, encoded=event.encoded)
+                else:
+                    yield sse("status", event.data)
                 sent_at = loop.time()
 
     return StreamingResponse(

@@ -21,9 +21,9 @@ from sqlalchemy.types import TypeDecorator
 
 from envs.kit.clock import as_utc
 from envs.kit.errors import DatabaseUnavailableError
-from envs.kit.hot import HotConnections, HotStatement, HotWriter
+from envs.kit.hot import EncodedJSON, HotConnections, HotStatement, HotWriter
 
-__all__ = ["Base", "Database", "HotStatement", "HotWriter", "UTCDateTime", "make_engine"]
+__all__ = ["Base", "Database", "EncodedJSON", "HotStatement", "HotWriter", "UTCDateTime", "make_engine"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -138,6 +138,18 @@ class Database:
                 yield writer
         finally:
             self._wrote.flag = True  # every hot statement writes
+            self._wake_if_written()
+
+    def hot_one(
+        self, statement: HotStatement, values: dict[str, Any], *, durable: bool = True
+    ) -> tuple[Any, ...] | None:
+        """One hot statement as a transaction of its own (``hot``'s ``durable`` alike); the
+        first row it returns, or None. On PostgreSQL one message and one round trip, outside
+        any pipeline (``HotConnections.one``): the cell's way in, a single statement."""
+        try:
+            return self._hot.one(self.connection, statement, values, durable=durable)
+        finally:
+            self._wrote.flag = True
             self._wake_if_written()
 
     @contextmanager

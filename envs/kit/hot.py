@@ -15,6 +15,12 @@ runs them here instead:
   use, so the first cell after a database restart reconnects instead of failing;
 - anything else goes through Core.
 
+A transaction of one statement (``one``; a cell's way in, whose number, check and row are one
+statement of data-modifying CTEs) goes outside any pipeline on PostgreSQL: the statement alone
+in autocommit mode, one message and one round trip. Measured beside the same work as a
+pipelined BEGIN, SET LOCAL, two statements and COMMIT, on this machine under load (~10): 0.6-1.1
+ms against 2.1-2.6 ms, less than half the Python and a third less of the server's CPU.
+
 A transaction may be marked not durable (``transaction(durable=False)``): on PostgreSQL it
 runs with ``SET LOCAL synchronous_commit TO OFF``, its first statement, in the same round trip.
 Its COMMIT then answers without waiting for the write-ahead log to reach the disk (on the
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -49,12 +56,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.dml import UpdateBase
 
 if TYPE_CHECKING:
     import psycopg
+
+
+class EncodedJSON(str):
+    """A JSON column's value already encoded as JSON text, stored as it is: a cell's output is
+    encoded once, for its server-sent event and its row alike (``runner/cells/workers.py``);
+    the column's own encoder would encode it again, the largest cost of a fast printer's
+    stream after reading it. Given to a hot statement's JSON column only."""
+
+    __slots__ = ()
+
 
 _Prepared = tuple[str, tuple[str, ...], dict[str, Callable[[Any], Any]], dict[str, Any]]
 PING_AFTER_IDLE = 2.0  # seconds a PostgreSQL hot connection may sit unused before it is pinged
@@ -65,7 +82,7 @@ class HotStatement:
     be given a value: column defaults are not applied here (``prepare`` refuses a statement
     that would need one)."""
 
-    def __init__(self, statement: UpdateBase) -> None:
+    def __init__(self, statement: UpdateBase | Select[Any]) -> None:
         self.statement = statement
         self._prepared: dict[tuple[str, str, frozenset[str]], _Prepared] = {}
 
@@ -106,7 +123,9 @@ class HotStatement:
         for name in names:
             value = values[name] if name in values else constants[name]
             proc = processors.get(name)
-            out.append(proc(value) if proc is not None and value is not None else value)
+            if proc is not None and value is not None and not isinstance(value, EncodedJSON):
+                value = proc(value)
+            out.append(value)
         return sql, out
 
 
@@ -129,14 +148,6 @@ class HotWriter(abc.ABC):
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         """``execute`` for each of ``rows``."""
 
-    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
-        """Run a statement with RETURNING; its first row (or None) is read by calling what this
-        returns once the transaction has committed. On PostgreSQL the statement, the rest of
-        the transaction and its COMMIT travel together: one round trip for all of it (then
-        the statement must decide alone, in SQL, whether it writes); elsewhere it runs now."""
-        row = self.fetch(statement, values)
-        return lambda: row
-
     def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
         """Run it for what a database crash may lose (a runtime's activity time): on PostgreSQL
         in a short transaction of its own right after this one, committed without waiting for
@@ -145,23 +156,30 @@ class HotWriter(abc.ABC):
         self.execute(statement, values)
 
 
+def _decoded(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with ``EncodedJSON`` decoded: Core applies the column's encoder itself."""
+    if not any(isinstance(v, EncodedJSON) for v in values.values()):
+        return values
+    return {k: json.loads(v) if isinstance(v, EncodedJSON) else v for k, v in values.items()}
+
+
 class CoreWriter(HotWriter):
     def __init__(self, core: Connection) -> None:
         self._core = core
 
     def execute(self, statement: HotStatement, values: dict[str, Any]) -> None:
-        self._core.execute(statement.statement, values)
+        self._core.execute(statement.statement, _decoded(values))
 
     def count(self, statement: HotStatement, values: dict[str, Any]) -> int:
-        return int(self._core.execute(statement.statement, values).rowcount)
+        return int(self._core.execute(statement.statement, _decoded(values)).rowcount)
 
     def fetch(self, statement: HotStatement, values: dict[str, Any]) -> tuple[Any, ...] | None:
-        row = self._core.execute(statement.statement, values).first()
+        row = self._core.execute(statement.statement, _decoded(values)).first()
         return tuple(row) if row is not None else None
 
     def execute_many(self, statement: HotStatement, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self._core.execute(statement.statement, rows)
+            self._core.execute(statement.statement, [_decoded(r) for r in rows])
 
 
 class _DbApiWriter(HotWriter):
@@ -191,18 +209,6 @@ class _DbApiWriter(HotWriter):
         if rows:
             prepared = [statement.args(self._dialect, r) for r in rows]
             self._cursor.executemany(prepared[0][0], [a for _, a in prepared])
-
-    def fetch_committed(self, statement: HotStatement, values: dict[str, Any]) -> Callable[[], tuple[Any, ...] | None]:
-        if self._sync is None:
-            return super().fetch_committed(statement, values)
-        cursor = self._cursor.connection.cursor()  # its own: the writer's cursor runs on
-        cursor.execute(*statement.args(self._dialect, values))
-
-        def first() -> tuple[Any, ...] | None:
-            rows = cursor.fetchall()
-            return tuple(rows[0]) if rows else None
-
-        return first
 
     def execute_after(self, statement: HotStatement, values: dict[str, Any]) -> None:
         if self._sync is None:
@@ -262,6 +268,42 @@ class HotConnections:
             with core() as conn:
                 yield CoreWriter(conn)
 
+    def one(
+        self, core: Callable[[], Any], statement: HotStatement, values: dict[str, Any], *, durable: bool = True
+    ) -> tuple[Any, ...] | None:
+        """One statement as a transaction of its own; the first row it returns, or None.
+
+        On PostgreSQL it is sent alone on the connection in autocommit mode (one statement is
+        one transaction there, data-modifying CTEs included): no BEGIN, COMMIT or pipeline,
+        whose messages and Python cost a cell's way in more than twice the statement itself
+        (``tests/bench/bench_cells.py``). ``durable=False`` then needs the session's setting,
+        not ``SET LOCAL``: the connection keeps ``synchronous_commit`` off from its first such
+        statement on (one round trip, once), and every durable transaction on it sets it on
+        again for itself (``SET LOCAL``, in its pipeline: no round trip). Elsewhere: ``fetch``
+        in a hot transaction."""
+        if self.kind != "psycopg":
+            with self.transaction(core, durable=durable) as writer:
+                return writer.fetch(statement, values)
+        import psycopg
+
+        conn = self._pg_connection()
+        try:
+            relaxed = getattr(self._local, "relaxed", None) is conn
+            if relaxed == durable:
+                conn.execute("SET synchronous_commit TO " + ("ON" if durable else "OFF"))
+                self._local.relaxed = None if durable else conn
+            sql, args = statement.args(self._dialect, values)
+            row = conn.execute(sql, args, prepare=True).fetchone()
+        except psycopg.OperationalError as exc:
+            self._drop_pg(conn)
+            raise self.unavailable(exc) from exc
+        except BaseException:
+            if conn.broken:
+                self._drop_pg(conn)
+            raise
+        self._local.used_at = time.monotonic()
+        return tuple(row) if row is not None else None
+
     def forget(self) -> None:
         """Stop handing out the connections made so far. They are never closed from here: a
         worker thread may be using its own right now (closing a sqlite3 connection under
@@ -308,7 +350,10 @@ class HotConnections:
                 cursor = conn.cursor()
                 cursor.execute("BEGIN", prepare=False)
                 writer = _DbApiWriter(cursor, self._dialect, pipeline.sync)
-                if not durable:  # travels with the transaction's statements: no round trip
+                relaxed = getattr(self._local, "relaxed", None) is conn  # see ``one``
+                if durable and relaxed:
+                    cursor.execute("SET LOCAL synchronous_commit TO ON")
+                elif not durable and not relaxed:  # travels with the transaction's statements: no round trip
                     writer.relax()
                 yield writer
                 cursor.execute("COMMIT", prepare=False)
@@ -352,6 +397,7 @@ class HotConnections:
 
     def _drop_pg(self, conn: Any) -> None:
         self._local.pg = None
+        self._local.relaxed = None
         with contextlib.suppress(Exception):  # a connection that is gone may not even close
             conn.close()
 

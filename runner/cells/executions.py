@@ -21,8 +21,9 @@
 A trivial cell's round trip is a few milliseconds, most of it spent handing work between
 threads and processes, so the hot path avoids every hand-over it can:
 
-- one transaction on the way in (``records.claim_seq`` + ``cellstore.insert_execution``) and one at the end,
-  both through ``Database.hot()``; "running" is written only for cells still going after
+- one transaction on the way in (``records.claim_seq`` + ``cellstore.insert_execution``; on
+  PostgreSQL one statement, ``cellstore.claim_and_queue``, sent alone outside any pipeline) and
+  one at the end, through ``Database.hot()``; "running" is written only for cells still going after
   ``MARK_RUNNING_AFTER``, by one shared timer thread;
 - when the runtime's worker is idle and connected, ``submit`` sends the cell to the agent
   itself and the worker only reads its events;
@@ -61,7 +62,7 @@ from runner.channel import AgentUnavailableError
 from runner.errors import ExecutionNotFoundError, RuntimeNotFoundError
 from runner.models import Execution, ExecutionOutput, Runtime
 from runner.runtimes.states import State
-from runner.runtimes.store import Records, Viewer, Who, claim_seq, claim_seq_seen, claimer, viewer_of
+from runner.runtimes.store import Records, Viewer, Who, claim_seq, claimer, viewer_of
 
 log = logging.getLogger("envctl.executions")
 
@@ -69,7 +70,7 @@ LANGUAGES = ("python", "bash")
 POLL = 0.5  # seconds between reads of an execution that another runner runs (``follow``)
 MAX_CODE = 1024 * 1024
 # A cell's way in (its number, the runtime's "execution submitted" activity, its queued row) is
-# committed without waiting for the disk (``Database.hot(durable=False)``, ``envs/kit/hot.py``);
+# committed without waiting for the disk (``durable=False``: ``Database.hot_one``, ``envs/kit/hot.py``);
 # its end (outputs, status, ``runner/cells/workers.py``) stays durable, as do results, runtime
 # states and everything else. On PostgreSQL the way in is on the path a client waits on, and a
 # flush of the disk there costs 1-4 ms on the machine here under load, against 0.4-0.6 ms for the
@@ -378,16 +379,17 @@ class ExecutionManager:
         return view
 
     def _claim_pipelined(self, viewer: Viewer, runtime_id: str, cell: dict[str, Any]) -> tuple[ExecutionView, str]:
-        """``submit``'s transaction on PostgreSQL: the number, the row and the COMMIT in one
+        """``submit``'s transaction on PostgreSQL: one statement, the number and the row, in one
         round trip, the checks (the runtime is this runner's, the caller sees it) made in SQL;
         when they fail nothing was written, and a read says why."""
         mine = self.records.runner
-        with self.db.hot(durable=QUEUED_DURABLE) as c:
-            claimed = claim_seq_seen(c, runtime_id, cell["created_at"], viewer, mine)
-            cellstore.insert_claimed(
-                c, {"b_id": runtime_id, **claimer(viewer, mine)}, {**cell, "submitted_by": viewer.user_id}
-            )
-        found = claimed()
+        claim = {"b_id": runtime_id, "b_at": cell["created_at"], "b_what": "execution submitted"}
+        found = cellstore.claim_and_queue(
+            self.db,
+            {**claim, **claimer(viewer, mine)},
+            {**cell, "submitted_by": viewer.user_id},
+            durable=QUEUED_DURABLE,
+        )
         if found is None:
             with self.db.connection() as conn:
                 row = conn.execute(

@@ -8,6 +8,7 @@ statements (a cell's number, its activity): one transaction on the way in, one a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Connection,
     Float,
     Integer,
+    Select,
     String,
     Text,
     and_,
@@ -30,63 +32,77 @@ from sqlalchemy import (
     update,
 )
 
-from envs.kit.db import Database, HotStatement, HotWriter, UTCDateTime
-from runner.models import Execution, ExecutionOutput, ResultFile, Runtime
-from runner.runtimes.store import claimable
+from envs.kit.db import Database, EncodedJSON, HotStatement, HotWriter, UTCDateTime
+from runner.models import Execution, ExecutionOutput, ResultFile
+from runner.runtimes.store import CLAIMED, claimed_cte
 
 INSERT_EXECUTION = HotStatement(insert(Execution))
 INSERT_OUTPUTS = HotStatement(insert(ExecutionOutput))
-# A queued execution made from the runtime's row in SQL, for a pipelined database (PostgreSQL):
-# it travels with the runtime's CLAIM_SEQ_SEEN and the COMMIT, and under the same condition, so
-# it writes nothing when that does not (``insert_claimed``).
-INSERT_CLAIMED = HotStatement(
-    insert(Execution).from_select(
-        [
-            "id",
-            "runtime_id",
-            "owner_id",
-            "team",
-            "submitted_by",
-            "seq",
-            "language",
-            "code",
-            "timeout",
-            "status",
-            "created_at",
-            "output_count",
-            "output_bytes",
-            "truncated",
-            "mounts",
-        ],
-        select(
-            bindparam("x_id", type_=String),
-            Runtime.id,
-            Runtime.owner_id,
-            Runtime.team,
-            bindparam("x_by", type_=String),
-            Runtime.next_seq,  # the number CLAIM_SEQ_SEEN took, earlier in the transaction
-            func.coalesce(bindparam("x_language", type_=String), Runtime.language),
-            bindparam("x_code", type_=Text),
-            bindparam("x_timeout", type_=Float),
-            literal("queued", String),
-            bindparam("x_created", type_=UTCDateTime),
-            literal(0, Integer),
-            literal(0, Integer),
-            literal(False, Boolean),
-            # what the runtime's mounts hold when it runs (none: NULL, as ``submit`` keeps it)
-            case(
-                (
-                    and_(
-                        Runtime.state == literal("running", String),
-                        cast(Runtime.mounts_used, Text).not_in([literal("[]", Text), literal("null", Text)]),
+
+
+def _claim_and_queue() -> Select[Any]:
+    """A cell's way in on PostgreSQL as one statement: the runtime's number taken (only if the
+    runtime is this runner's and the caller sees it: ``claimed_cte``), the queued execution
+    written from the runtime's row, and what the number came with (``CLAIMED``) returned; no
+    row and nothing written when the check fails. One statement is one transaction."""
+    claimed = claimed_cte()
+    c = claimed.c
+    queued = (
+        insert(Execution)
+        .from_select(
+            [
+                "id",
+                "runtime_id",
+                "owner_id",
+                "team",
+                "submitted_by",
+                "seq",
+                "language",
+                "code",
+                "timeout",
+                "status",
+                "created_at",
+                "output_count",
+                "output_bytes",
+                "truncated",
+                "mounts",
+            ],
+            select(
+                bindparam("x_id", type_=String),
+                c.id,
+                c.owner_id,
+                c.team,
+                bindparam("x_by", type_=String),
+                c.next_seq,  # the number just taken
+                func.coalesce(bindparam("x_language", type_=String), c.language),
+                bindparam("x_code", type_=Text),
+                bindparam("x_timeout", type_=Float),
+                literal("queued", String),
+                bindparam("x_created", type_=UTCDateTime),
+                literal(0, Integer),
+                literal(0, Integer),
+                literal(False, Boolean),
+                # what the runtime's mounts hold when it runs (none: NULL, as ``submit`` keeps it)
+                case(
+                    (
+                        and_(
+                            c.state == literal("running", String),
+                            cast(c.mounts_used, Text).not_in([literal("[]", Text), literal("null", Text)]),
+                        ),
+                        c.mounts_used,
                     ),
-                    Runtime.mounts_used,
+                    else_=null(),
                 ),
-                else_=null(),
-            ),
-        ).where(claimable()),
+            ).select_from(claimed),
+        )
+        .cte("queued")
     )
-)
+    return select(*(c[col.key] for col in CLAIMED)).add_cte(queued)
+
+
+CLAIM_AND_QUEUE = HotStatement(_claim_and_queue())
+
+
 FINISH_EXECUTION = HotStatement(
     update(Execution)
     .where(Execution.id == bindparam("b_id"))
@@ -114,12 +130,16 @@ def insert_execution(c: HotWriter, row: dict[str, Any]) -> None:
     c.execute(INSERT_EXECUTION, row)
 
 
-def insert_claimed(c: HotWriter, claim: dict[str, Any], row: dict[str, Any]) -> None:
-    """A queued execution from the runtime's row, in the transaction of ``claim_seq_seen``
-    (``claim``: its parameters), written only if that numbered it. ``row``: ``id``,
-    ``submitted_by``, ``language`` (None: the runtime's), ``code``, ``timeout``, ``created_at``."""
-    c.execute(
-        INSERT_CLAIMED,
+def claim_and_queue(
+    db: Database, claim: dict[str, Any], row: dict[str, Any], *, durable: bool
+) -> tuple[Any, ...] | None:
+    """A cell's way in on PostgreSQL, one statement and one round trip (``CLAIM_AND_QUEUE``):
+    what its number came with (``CLAIMED``), or None when nothing was written (no such runtime,
+    not this runner's, or not seen by the caller). ``claim``: ``b_id``, ``b_at``, ``b_what`` and
+    ``claimer``'s; ``row``: ``id``, ``submitted_by``, ``language`` (None: the runtime's),
+    ``code``, ``timeout``, ``created_at``."""
+    return db.hot_one(
+        CLAIM_AND_QUEUE,
         {
             **claim,
             "x_id": row["id"],
@@ -129,11 +149,14 @@ def insert_claimed(c: HotWriter, claim: dict[str, Any], row: dict[str, Any]) -> 
             "x_timeout": row["timeout"],
             "x_created": row["created_at"],
         },
+        durable=durable,
     )
 
 
-def insert_outputs(c: HotWriter, execution_id: str, outputs: list[tuple[int, dict[str, Any]]]) -> None:
-    """Outputs of an execution: (index, output) each."""
+def insert_outputs(
+    c: HotWriter, execution_id: str, outputs: Sequence[tuple[int, dict[str, Any] | EncodedJSON]]
+) -> None:
+    """Outputs of an execution: (index, output) each, the output as a dict or already encoded."""
     c.execute_many(INSERT_OUTPUTS, [{"execution_id": execution_id, "idx": i, "output": o} for i, o in outputs])
 
 

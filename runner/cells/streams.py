@@ -29,6 +29,9 @@ class Event:
     kind: str  # "output" | "status"
     index: int = -1
     data: dict[str, Any] = field(default_factory=dict)
+    # ``data`` as compact JSON, when its producer encoded it already (a cell's output is encoded
+    # once, by its worker, for the server-sent event and the database row alike)
+    encoded: str | None = None
 
 
 Subscriber = Callable[[Event], None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from envs.kit.db import Database, HotWriter
+from envs.kit.db import Database, EncodedJSON, HotWriter
 from envs.kit.errors import EnvctlError
 from runner.cells import store as cellstore
 from runner.cells.streams import FINAL, Event, ExecutionView, Feed, Feeds
@@ -511,7 +512,7 @@ class _Sink:
         self.view = view
         self.feed = feed
         self.next_index = start
-        self.pending: list[tuple[int, dict[str, Any]]] = []
+        self.pending: list[tuple[int, EncodedJSON]] = []
         self.pending_bytes = 0
         self.bytes = view.output_bytes
         self.last_flush = time.monotonic()
@@ -528,13 +529,15 @@ class _Sink:
         self.next_index = index + 1
         if output.get("output_type") == "error":
             self.last_error = (str(output.get("ename", "")), str(output.get("evalue", "")))
-        self.pending.append((index, output))
+        # encoded once, here: for the server-sent events of whoever follows and for the row
+        encoded = EncodedJSON(json.dumps(output, separators=(",", ":")))
+        self.pending.append((index, encoded))
         self.pending_bytes += size
-        self.feed.publish(Event("output", index=index, data=output))
+        self.feed.publish(Event("output", index=index, data=output, encoded=encoded))
         if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
-    def take(self) -> list[tuple[int, dict[str, Any]]]:
+    def take(self) -> list[tuple[int, EncodedJSON]]:
         """The outputs not handed to the database yet (the caller writes them)."""
         pending, self.pending, self.pending_bytes = self.pending, [], 0
         self.last_flush = time.monotonic()

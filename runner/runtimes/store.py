@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, Select, String, and_, any_, bindparam, false, or_, select, update
+from sqlalchemy import ARRAY, CTE, ColumnElement, Select, String, and_, any_, bindparam, false, or_, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from envs.kit.db import Database, HotStatement, HotWriter
@@ -125,7 +125,7 @@ CLAIM_SEQ = HotStatement(
 def claimable() -> ColumnElement[bool]:
     """The runtime ``b_id``, run by runner ``b_runner``, seen by user ``b_user`` or a member of
     one of the teams ``b_teams`` (``Viewer.sees`` in SQL; a PostgreSQL array): what decides a
-    cell's way in when its statements and COMMIT travel together (``claim_seq_seen``)."""
+    cell's way in when it is one statement (``claimed_cte``)."""
     return and_(
         Runtime.id == bindparam("b_id"),
         Runtime.runner == bindparam("b_runner"),
@@ -133,13 +133,20 @@ def claimable() -> ColumnElement[bool]:
     )
 
 
-# CLAIM_SEQ that numbers the cell only if the runtime is this runner's and the caller sees it
-CLAIM_SEQ_SEEN = HotStatement(
-    update(Runtime)
-    .where(claimable())
-    .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
-    .returning(*CLAIMED)
-)
+def claimed_cte() -> CTE:
+    """``CLAIM_SEQ`` taken only if the runtime is this runner's and the caller sees it
+    (``claimable``, decided in SQL), as a common table expression named ``claimed`` with the
+    runtime's id beside ``CLAIMED``: for one statement that numbers a cell and writes its row
+    from what the number came with (PostgreSQL: ``runner/cells/store.py``, ``CLAIM_AND_QUEUE``)."""
+    return (
+        update(Runtime)
+        .where(claimable())
+        .values(next_seq=Runtime.next_seq + 1, last_activity_at=bindparam("b_at"), last_activity=bindparam("b_what"))
+        .returning(Runtime.id, *CLAIMED)
+        .cte("claimed")
+    )
+
+
 TOUCH = HotStatement(
     update(Runtime)
     .where(Runtime.id == bindparam("b_id"))
@@ -152,17 +159,6 @@ def claim_seq(c: HotWriter, runtime_id: str, at: datetime) -> tuple[Any, ...] | 
     transaction. The runtime's owner, team, language, type, kernel, runner, state and mounts
     used come with the number; None when there is no such runtime."""
     return c.fetch(CLAIM_SEQ, {"b_id": runtime_id, "b_at": at, "b_what": "execution submitted"})
-
-
-def claim_seq_seen(
-    c: HotWriter, runtime_id: str, at: datetime, viewer: Viewer, runner: str
-) -> Callable[[], tuple[Any, ...] | None]:
-    """``claim_seq`` for a pipelined database (``Database.pipelined``): the number is taken only
-    if the runtime is ``runner``'s and ``viewer`` sees it, decided in SQL, so the transaction's
-    COMMIT can travel with it (one round trip for a cell's way in). Returns what reads the
-    row once committed; None: nothing was written (``claim_refused`` says why)."""
-    values = {"b_id": runtime_id, "b_at": at, "b_what": "execution submitted"}
-    return c.fetch_committed(CLAIM_SEQ_SEEN, {**values, **claimer(viewer, runner)})
 
 
 def claimer(viewer: Viewer, runner: str) -> dict[str, Any]:

@@ -68,6 +68,19 @@ def _container_of(rid: str) -> str:
     return out.stdout.split()[0]
 
 
+def _cpu(pid: int) -> float:
+    """Seconds of CPU a process has used (user + system): a figure that swings less with the
+    machine's load than the wall clock does, printed beside it."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pid(srv: Server) -> int:
+    assert srv.proc is not None, "the server was started"
+    return srv.proc.pid
+
+
 def _stream(client: httpx.Client, url: str) -> float:
     """Seconds from a cell's POST to the last event of its stream (its end)."""
     t = time.perf_counter()
@@ -117,14 +130,18 @@ def run(runs: int = 1000) -> dict[str, float]:
                 cell(pc, purl)
                 cell(zc, zurl)
             times: dict[str, list[float]] = {"sqlite": [], "pg": [], "lazy": []}
+            cpu = {"sqlite": 0.0, "pg": 0.0, "lazy": 0.0}
+            pids = {"sqlite": _pid(lite), "pg": _pid(pg), "lazy": _pid(lazy)}
             done = 0
             while done < runs:
                 n = min(BLOCK, runs - done)
                 for name, client, url in (("sqlite", lc, lurl), ("pg", pc, purl), ("lazy", zc, zurl)):
+                    before = _cpu(pids[name])
                     for _ in range(n):
                         t = time.perf_counter()
                         cell(client, url)
                         times[name].append((time.perf_counter() - t) * 1000)
+                    cpu[name] += _cpu(pids[name]) - before
                 done += n
             figures = report(
                 f"cell round trip `1+1` through the REST API on PostgreSQL (server defaults: fsync, synchronous "
@@ -141,12 +158,19 @@ def run(runs: int = 1000) -> dict[str, float]:
                 times["sqlite"],
                 "SQLite",
             )
+            print(
+                f"  envctl's CPU per cell (the server process alone): SQLite {cpu['sqlite'] / runs * 1000:.2f} ms, "
+                f"PostgreSQL {cpu['pg'] / runs * 1000:.2f} ms"
+            )
             print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
             cid = _container_of(lrid)
             ours, raw = [], []
+            stream_cpu = 0.0
             for _ in range(STREAM_RUNS):
+                before = _cpu(pids["sqlite"])
                 ours.append(_stream(lc, lurl) * 1000)
+                stream_cpu += _cpu(pids["sqlite"]) - before
                 raw.append(_docker_exec(cid) * 1000)
             mb = STREAM_BYTES / 1048576
             ours_mbs, raw_mbs = mb / summary(ours)["median"] * 1000, mb / summary(raw)["median"] * 1000
@@ -155,7 +179,8 @@ def run(runs: int = 1000) -> dict[str, float]:
                 f"over SSE, beside docker exec to a pipe ({STREAM_RUNS} runs each, alternating): envctl "
                 f"{ours_mbs:.1f} MB/s, docker exec {raw_mbs:.1f} MB/s, ratio {ours_mbs / raw_mbs:.2f}x "
                 f"(target >= 1.0x: {'met' if ours_mbs >= raw_mbs else 'NOT met'}); "
-                f"load average {os.getloadavg()[0]:.1f}"
+                f"load average {os.getloadavg()[0]:.1f}; envctl's CPU per stream (the server process) "
+                f"{stream_cpu / STREAM_RUNS * 1000:.0f} ms"
             )
             pcid = _container_of(prid)
             pg_ours = [_stream(pc, purl) * 1000 for _ in range(3)]

@@ -3,6 +3,7 @@ exactly what Core would store; on PostgreSQL each transaction is one round trip.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -12,8 +13,9 @@ from sqlalchemy import bindparam, insert, select, text, update
 
 from api.dbschema import upgrade
 from envs.kit.clock import utcnow
-from envs.kit.db import Database, HotStatement
+from envs.kit.db import Database, EncodedJSON, HotStatement
 from envs.kit.errors import DatabaseUnavailableError
+from envs.kit.hot import CoreWriter
 from envs.service import NewVersion, register_version
 from registry.users import create_user
 from runner.cells import store as cellstore
@@ -118,6 +120,29 @@ def test_hot_writes_store_what_core_stores(db: Database) -> None:
         assert raw["ex_hot"] == raw["ex_core"], raw
         found = c.scalars(select(Execution.id).where(Execution.finished_at == finished).order_by(Execution.id)).all()
         assert found == ["ex_core", "ex_hot"]
+
+
+def test_an_output_given_encoded_is_stored_as_the_same_output_given_as_a_dict(db: Database) -> None:
+    """A cell's output is encoded once, for its server-sent event and its row: the row must read
+    back as the dict it was made from (on PostgreSQL as a JSON value, not a JSON string), on the
+    hot path and on the Core one alike."""
+    rid, owner = _runtime(db)
+    output = {"output_type": "stream", "name": "stdout", "text": 'é "quoted" ✓\n\ttab\\'}
+    encoded = EncodedJSON(json.dumps(output, separators=(",", ":")))
+    with db.hot() as w:
+        w.execute(cellstore.INSERT_EXECUTION, _execution(rid, owner, "ex_enc", 1))
+        cellstore.insert_outputs(w, "ex_enc", [(0, encoded), (1, {"output_type": "error", "ename": "E"})])
+    with db.connection() as c:
+        cellstore.insert_outputs(CoreWriter(c), "ex_enc", [(2, encoded)])
+    with db.session() as s:
+        stored = s.scalars(
+            select(ExecutionOutput.output).where(ExecutionOutput.execution_id == "ex_enc").order_by(ExecutionOutput.idx)
+        ).all()
+    assert stored == [output, {"output_type": "error", "ename": "E"}, output]
+    if db.engine.dialect.name == "postgresql":
+        with db.connection() as c:
+            kinds = c.scalars(text("SELECT json_typeof(output) FROM execution_outputs WHERE execution_id = 'ex_enc'"))
+            assert set(kinds) == {"object"}
 
 
 def test_a_touch_stores_the_time_as_core_does_so_a_compare_and_set_on_it_matches(db: Database) -> None:
@@ -371,6 +396,62 @@ def test_a_transaction_marked_not_durable_skips_the_flush_for_itself_alone(db: D
         assert rt is not None and rt.last_activity == "durable=True"
 
 
+def test_a_single_statement_not_durable_leaves_every_durable_transaction_durable(db: Database) -> None:
+    """``hot_one(durable=False)`` (a cell's way in, one statement outside a transaction block)
+    turns ``synchronous_commit`` off for its connection's session: every durable statement or
+    transaction on that connection after it must still wait for the disk."""
+    from sqlalchemy import func
+
+    rid, _owner = _runtime(db)
+    setting = HotStatement(
+        update(Runtime)
+        .where(Runtime.id == bindparam("b_id"))
+        .values(last_activity=bindparam("b_what"))
+        .returning(func.current_setting("synchronous_commit") if db.pipelined else Runtime.last_activity)
+    )
+    seen = []
+    for one, durable in ((True, False), (False, True), (True, False), (False, False), (True, True), (False, True)):
+        values = {"b_id": rid, "b_what": f"{one}-{durable}"}
+        if one:
+            row = db.hot_one(setting, values, durable=durable)
+        else:
+            with db.hot(durable=durable) as w:
+                row = w.fetch(setting, values)
+        assert row is not None
+        seen.append(row[0])
+    if db.pipelined:
+        assert seen == ["off", "on", "off", "off", "on", "on"]
+    with db.session() as s:
+        rt = s.get(Runtime, rid)
+        assert rt is not None and rt.last_activity == "False-True"
+
+
+def test_a_cell_whose_runtime_is_not_the_runners_or_not_seen_writes_nothing(db: Database) -> None:
+    """The way in on PostgreSQL decides in SQL: another runner's runtime, or a caller who does
+    not see it, takes no number and writes no row."""
+    if not db.pipelined:
+        pytest.skip("the one-statement way in is PostgreSQL's")
+    rid, owner = _runtime(db)
+    at = utcnow()
+    row = {"id": "ex_no", "language": None, "code": "1", "timeout": None, "created_at": at, "submitted_by": owner}
+    claim = {"b_id": rid, "b_at": at, "b_what": "execution submitted"}
+    assert (
+        cellstore.claim_and_queue(db, {**claim, **records.claimer(records.Viewer(owner), "other")}, row, durable=False)
+        is None
+    )
+    assert (
+        cellstore.claim_and_queue(
+            db, {**claim, **records.claimer(records.Viewer("u_x", frozenset({"t"})), "r")}, row, durable=False
+        )
+        is None
+    )
+    found = cellstore.claim_and_queue(db, {**claim, **records.claimer(records.Viewer(owner), "r")}, row, durable=False)
+    assert found is not None and found[0] == 1 and found[1] == owner
+    with db.session() as s:
+        assert s.scalars(select(Execution.id)).all() == ["ex_no"]
+        assert s.get(Runtime, rid).next_seq == 1  # type: ignore[union-attr]
+
+
 def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A cell's way in (its number and row) and its end (outputs, status, then the runtime's
     activity in a transaction of its own) each wait for the server once: one Sync each in
@@ -396,10 +477,8 @@ def test_a_hot_transaction_on_postgresql_is_one_round_trip(db: Database, tmp_pat
         with traced.open("w") as out:
             if trace:
                 conn.pgconn.trace(out.fileno())
-            with db.hot(durable=False) as w:
-                claimed = records.claim_seq_seen(w, rid, at, viewer, "r")
-                cellstore.insert_claimed(w, {"b_id": rid, **records.claimer(viewer, "r")}, row)
-            assert claimed() is not None
+            claim = {"b_id": rid, "b_at": at, "b_what": "execution submitted", **records.claimer(viewer, "r")}
+            assert cellstore.claim_and_queue(db, claim, row, durable=False) is not None
             end = {"status": "ok", "count": 1, "started": at, "finished": utcnow(), "truncated": False}
             with db.hot() as w:
                 cellstore.insert_outputs(w, row["id"], [(0, {"output_type": "stream", "name": "stdout", "text": "1"})])
