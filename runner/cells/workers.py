@@ -88,6 +88,9 @@ class CellWorkers:
         self.writes = CellWrites(db)
         self._writing: dict[str, int] = {}  # runtime id -> its cells' ends handed over, not yet written
         self.sent_at_once = 0  # cells that submit sent to the agent itself (see send_now)
+        # a cell paused near its memory limit (the stream's ``pressure`` event): draft, then resume
+        # it (runner/runtimes/pressure.py; set at start-up where the agent watches memory)
+        self.on_pressure: Callable[[str, str, dict[str, Any]], None] | None = None
 
     @contextlib.contextmanager
     def in_order(self, runtime_id: str) -> Iterator[None]:
@@ -268,6 +271,12 @@ class CellWorkers:
                         accepted = True  # from here on, a lost connection means: attach again
                     elif kind == "output":
                         sink.add(int(event["index"]), event["output"])
+                    elif kind == "pressure" and self.on_pressure is not None:
+                        sink.flush()  # what the cell printed so far is stored before the draft
+                        try:
+                            self.on_pressure(view.runtime_id, view.id, event)
+                        except Exception:  # the agent resumes the cell by itself after its bound
+                            log.exception("the memory-pressure draft of %s failed", view.runtime_id)
                     elif kind == "done":
                         status = str(event.get("status", "ok"))
                         if status == "error" and self._retiring(view.runtime_id):
