@@ -187,6 +187,11 @@ class Execution:
             self.finished_at = time.time()
             self.cond.notify_all()
 
+    def paused_untold(self, told: bool) -> bool:
+        """The memory watch paused this cell now, and a stream that ``told`` nothing yet must
+        say so (a stream attached after the pause ended says nothing)."""
+        return not told and self.pressure is not None and not self.resumed.is_set()
+
     def summary(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -324,8 +329,10 @@ class Agent:
         while not e.resumed.wait(0.2) and not e.finished and time.monotonic() - began < pause:
             pass
         memwatch.thaw(groups, stopped)
+        answered = e.resumed.is_set()
+        e.resumed.set()  # over: a stream attached from now on does not report it
         waited = time.monotonic() - began
-        how = f"draft {e.pressure.get('draft') or 'taken'}" if e.resumed.is_set() else "no answer from envctl"
+        how = f"draft {e.pressure.get('draft') or 'taken'}" if answered else "no answer from envctl"
         print(f"envctl-agent: cell {e.id} resumed after {waited:.1f} s ({how})", file=sys.stderr, flush=True)
 
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -696,11 +703,11 @@ class Agent:
                         e.cond.wait(max(0.0, until - time.monotonic()))
                     wait_first = 0.0
                 else:
-                    while len(e.outputs) <= sent and not e.finished and (told or e.pressure is None):
+                    while len(e.outputs) <= sent and not e.finished and not e.paused_untold(told):
                         e.cond.wait(1.0)
                 batch = e.take(sent)
                 finished = e.finished and len(e.outputs) == sent + len(batch)
-                pressure = None if told or e.pressure is None else dict(e.pressure)
+                pressure = dict(e.pressure) if e.pressure is not None and e.paused_untold(told) else None
             data = pending + b"".join(
                 encode({"id": rid, "event": "output", "index": sent + i, "output": out}) for i, out in enumerate(batch)
             )

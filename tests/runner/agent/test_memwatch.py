@@ -195,6 +195,9 @@ def test_a_cell_near_the_limit_is_paused_reported_once_and_resumed_by_envctl(
     assert _count(counter) == 60
     text = "".join(e["output"].get("text", "") for e in rest if e["event"] == "output")
     assert "finished" in text
+    with AgentChannel(sock, timeout=5) as channel:  # a stream attached after the pause: not told again
+        again = [e["event"] for e in channel.stream("attach", execution_id="ex_hog")]
+    assert "pressure" not in again and again[-1] == "done", again
 
 
 def test_without_an_answer_the_cell_goes_on_after_the_bound(tmp_path: Path) -> None:
