@@ -299,12 +299,17 @@ class Agent:
     def _watch(self, root: str, version: int, fraction: float, pause: float) -> None:
         limit = memwatch.read(root, version)
         bound = fraction * (limit.limit or 0) if limit is not None else 0.0
+        seen: Execution | None = None
         while not self._stop.is_set():
             e = self.current
             if e is None or e.pressure is not None:
                 # idle, or this cell was paused once already: wait for the next cell
                 self._cell_started.wait(None if e is None else memwatch.INTERVAL)
                 self._cell_started.clear()
+                continue
+            if e is not seen:  # a new cell: its first reading one interval in (a quicker cell costs none)
+                seen = e
+                time.sleep(memwatch.INTERVAL)
                 continue
             if bound and memwatch.usage_at_least(root, version, bound):
                 reading = memwatch.read(root, version)

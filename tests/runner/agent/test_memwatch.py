@@ -214,8 +214,13 @@ def test_without_an_answer_the_cell_goes_on_after_the_bound(tmp_path: Path) -> N
         assert kinds.count("pressure") == 1 and kinds[-1] == "done" and events[-1]["status"] == "ok", events
         assert 1.0 <= took < 5, took  # paused for the bound (1 s), then resumed by itself
         with AgentChannel(sock, timeout=5) as channel:  # the next cell is watched again
-            kinds = [e["event"] for e in channel.stream("execute", execution_id="ex_2", code="true", language="bash")]
+            events = channel.stream("execute", execution_id="ex_2", code="sleep 0.3", language="bash")
+            kinds = [e["event"] for e in events]
         assert "pressure" in kinds
+        with AgentChannel(sock, timeout=5) as channel:  # a cell quicker than the watch's interval: never read
+            events = channel.stream("execute", execution_id="ex_3", code="true", language="bash")
+            kinds = [e["event"] for e in events]
+        assert "pressure" not in kinds
     finally:
         proc.kill()
         out = (proc.communicate()[0] or b"").decode()
