@@ -28,6 +28,8 @@ from tests.bench.stats import report
 REPO = Path(__file__).resolve().parents[2]
 BUSY = "for i in $(seq 1 200000); do :; done"
 BUSY_RUNS = int(os.environ.get("ENVCTL_BENCH_MEMWATCH_BUSY") or 20)  # of each kind
+# the watched server's setting; 0 makes an A/A run that shows what two pods differ by without it
+ON = os.environ.get("ENVCTL_BENCH_MEMWATCH_ON") or "90"
 
 
 def _boot(client: httpx.Client) -> str:
@@ -75,7 +77,7 @@ def run(runs: int = 100) -> dict[str, float]:
         namespace = make_namespace(core, "envctl-bench")
         servers: list[Server] = []
         try:
-            for name, percent in (("on", "90"), ("off", "0")):
+            for name, percent in (("on", ON), ("off", "0")):
                 srv = kube_server(kubeconfig, namespace, Path(tmp) / name, ENVCTL_RUNNER_MEMORY_PRESSURE=percent)
                 srv.start()
                 servers.append(srv)
