@@ -104,6 +104,7 @@ from runner.runtimes.drain import NodeDrain
 from runner.runtimes.housekeeping import Housekeeping
 from runner.runtimes.lifecycle import Lifecycle
 from runner.runtimes.pool import Pool
+from runner.runtimes.pressure import PressureDrafts
 from runner.runtimes.reconcile import Action, Reconciler
 from runner.runtimes.secret_uses import RuntimeSecrets
 from runner.runtimes.settings import RuntimeChanges, Runtimes
@@ -218,6 +219,9 @@ class RunnerService:
             after_execution=self._after_execution,
             closing=concurrency.closing,
         )
+        if backend.images_from_registry and settings.runner_memory_pressure > 0:  # where crashes keep nothing
+            backend.memory_watch = settings.runner_memory_pressure / 100  # runner/agent/memwatch.py
+            self.cells.on_pressure = PressureDrafts(records, concurrency, drafts, paths.agent).on_pressure
         app_store = AppStore(db)
         self.pool = pool = Pool(
             settings, self.identity, records, concurrency, backend, paths, secrets, ports_of=app_store.ports_of_runtime

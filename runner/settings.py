@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envs.kit.config import parse_labels, parse_memory, parse_names, parse_path, setting
+from envs.kit.config import parse_labels, parse_memory, parse_names, parse_path, parse_percent_below_100, setting
 from envs.kit.errors import InvalidInputError
 from registry import settings as registry_settings
 
@@ -284,6 +284,14 @@ class Settings(registry_settings.Settings):
         parse=float,
         help="seconds between drafts of a running runtime's changes after cells (0: off, the default);"
         " for Swarm, where a task killed without warning keeps nothing since its last draft",
+    )
+    # the agent's memory watch, on the same backends (runner/agent/memwatch.py, runtimes/pressure.py)
+    runner_memory_pressure: float = setting(
+        90.0,
+        env="ENVCTL_RUNNER_MEMORY_PRESSURE",
+        parse=parse_percent_below_100,
+        help="percent of a runtime's memory limit at which a running cell is paused while a draft is taken,"
+        " before the memory killer (Kubernetes, Swarm; 0: off; default 90)",
     )
     runner_idle_check_interval: float = setting(
         5.0,

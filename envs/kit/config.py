@@ -124,6 +124,14 @@ def parse_memory(value: Any, where: str) -> int:
         ) from exc
 
 
+def parse_percent_below_100(value: Any) -> float:
+    """A percentage from 0 (off) up to, not including, 100 (``90``, ``92.5``)."""
+    number = float(str(value).strip().removesuffix("%"))
+    if not 0 <= number < 100:
+        raise ValueError("a percentage from 0 (off) to below 100 is expected")
+    return number
+
+
 # ------------------------------------------------------------------------------ the core settings
 
 

@@ -26,6 +26,11 @@ every reply echoes the ``id``.
     -> {"id": 5, "op": "ack", "execution_id": "ex_..."}                  forget a stored execution
        (an ``execute`` may carry ``"ack": ["ex_..."]``: the same, without a message of its own)
     -> {"id": 6, "op": "status"}
+    -> {"id": 7, "op": "resume", "execution_id": "ex_...", "draft": "taken"}  after a ``pressure`` event
+
+With ``--memory-watch FRACTION`` a running cell near the container's memory limit is paused and
+its stream carries ``{"id": 2, "event": "pressure", "execution_id": ..., "usage": ..., "limit": ...}``
+before its next outputs: envctl takes a draft, then answers ``resume`` (``memwatch.py``).
 
 An execution keeps running when its connection drops; its outputs stay here until the runner
 acknowledges them, so a runner that restarts attaches again and loses nothing. Outputs past
@@ -53,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import handshake  # noqa: E402  (the agent's own modules, next to this file)
 import kernels  # noqa: E402
+import memwatch  # noqa: E402
 
 # Annotations only: typing is not imported at run time (4 ms of the agent's start, four times
 # that in a pod limited to 0.25 CPU; python3-minimal images may lack it).
@@ -104,6 +110,8 @@ class Execution:
         self.finished_at: float | None = None
         self.cond = threading.Condition()
         self.kernel: kernels.Kernel | None = None
+        self.pressure: dict[str, Any] | None = None  # set when the memory watch paused this cell
+        self.resumed = threading.Event()  # envctl answered the pause (op_resume)
 
     def add(self, output: dict[str, Any]) -> None:
         size = _size_of(output)
@@ -179,6 +187,11 @@ class Execution:
             self.finished_at = time.time()
             self.cond.notify_all()
 
+    def paused_untold(self, told: bool) -> bool:
+        """The memory watch paused this cell now, and a stream that ``told`` nothing yet must
+        say so (a stream attached after the pause ended says nothing)."""
+        return not told and self.pressure is not None and not self.resumed.is_set()
+
     def summary(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -223,6 +236,7 @@ class Agent:
             "secrets": self.op_secrets,
             "warm": self.op_warm,
             "release": self.op_release,
+            "resume": self.op_resume,
         }
         self.streaming = {"execute": self.op_execute, "attach": self.op_attach}
         self.kernels: dict[str, kernels.Kernel] = {}
@@ -234,6 +248,7 @@ class Agent:
         threading.Thread(target=self._run_cells, name="cells", daemon=True).start()
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
+        self._cell_started = threading.Event()  # wakes the memory watch (watch_memory)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCTL_")}
         # envctl's own scratch files (bash cells, Jupyter connection files) live beside the
         # socket, in the runtime's private state directory: never in the runtime's filesystem.
@@ -258,6 +273,72 @@ class Agent:
         a SIGTERM then ends the agent at once instead of waiting for a draft."""
         self.released = True
         return {"op": "release"}
+
+    def op_resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        """envctl took (or gave up on) the draft of a cell the memory watch paused: go on."""
+        with self._state_lock:
+            e = self.executions.get(str(request.get("execution_id")))
+        if e is None or e.pressure is None:
+            return {"op": "resume", "paused": False}
+        e.pressure["draft"] = str(request.get("draft") or "")
+        e.resumed.set()
+        return {"op": "resume", "paused": True}
+
+    # --- the memory watch (memwatch.py) -----------------------------------------------
+    def watch_memory(self, fraction: float, pause: float, root: str = memwatch.CGROUP_ROOT) -> bool:
+        """Start watching the memory cgroup while cells run; False (and nothing started)
+        without a limit to watch."""
+        found = memwatch.limit_of(root)
+        if found is None or found.limit is None or not 0 < fraction < 1:
+            print("envctl-agent: memory watch off (no memory limit to watch)", file=sys.stderr, flush=True)
+            return False
+        args = (root, found.version, fraction, pause)
+        threading.Thread(target=self._watch, args=args, name="memory-watch", daemon=True).start()
+        return True
+
+    def _watch(self, root: str, version: int, fraction: float, pause: float) -> None:
+        limit = memwatch.read(root, version)
+        bound = fraction * (limit.limit or 0) if limit is not None else 0.0
+        seen: Execution | None = None
+        while not self._stop.is_set():
+            e = self.current
+            if e is None or e.pressure is not None:
+                # idle, or this cell was paused once already: wait for the next cell
+                self._cell_started.wait(None if e is None else memwatch.INTERVAL)
+                self._cell_started.clear()
+                continue
+            if e is not seen:  # a new cell: its first reading one interval in (a quicker cell costs none)
+                seen = e
+                time.sleep(memwatch.INTERVAL)
+                continue
+            if bound and memwatch.usage_at_least(root, version, bound):
+                reading = memwatch.read(root, version)
+                if reading is not None and memwatch.should_pause(reading.usage, reading.limit, fraction):
+                    self._pause(e, reading, fraction, pause)
+                    continue
+                if reading is not None and reading.limit:
+                    bound = fraction * reading.limit  # the limit may have changed (a pod resized)
+            time.sleep(memwatch.INTERVAL)
+
+    def _pause(self, e: Execution, reading: memwatch.Reading, fraction: float, pause: float) -> None:
+        """Stop the cell's processes, tell envctl (the stream's ``pressure`` event), go on at
+        its ``resume`` or after ``pause`` seconds."""
+        groups = [k.pid for k in list(self.kernels.values()) if k.alive() and k.pid]
+        stopped = memwatch.freeze(groups)
+        began = time.monotonic()
+        with e.cond:
+            e.pressure = {**reading.as_dict(), "fraction": fraction, "paused_at": time.time(), "pause": pause}
+            e.cond.notify_all()
+        used = f"{reading.usage / 1048576:.0f} MiB of {(reading.limit or 0) / 1048576:.0f} MiB"
+        print(f"envctl-agent: memory at {used}: cell {e.id} paused for a draft", file=sys.stderr, flush=True)
+        while not e.resumed.wait(0.2) and not e.finished and time.monotonic() - began < pause:
+            pass
+        memwatch.thaw(groups, stopped)
+        answered = e.resumed.is_set()
+        e.resumed.set()  # over: a stream attached from now on does not report it
+        waited = time.monotonic() - began
+        how = f"draft {e.pressure.get('draft') or 'taken'}" if answered else "no answer from envctl"
+        print(f"envctl-agent: cell {e.id} resumed after {waited:.1f} s ({how})", file=sys.stderr, flush=True)
 
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._state_lock:
@@ -416,6 +497,7 @@ class Agent:
             return
         e.kernel = kernel
         self.current = e
+        self._cell_started.set()
         timer = None
         if e.timeout:
             timer = threading.Timer(e.timeout, self._time_out, args=(e,))
@@ -617,6 +699,7 @@ class Agent:
         pending = encode({"id": rid, "ok": True, "event": "accepted", "execution_id": e.id})
         sent = max(0, start)
         wait_first = ACCEPT_COALESCE
+        told = False  # of the memory watch's pause (watch_memory): once on each stream
         while True:
             with e.cond:
                 if wait_first:
@@ -625,15 +708,19 @@ class Agent:
                         e.cond.wait(max(0.0, until - time.monotonic()))
                     wait_first = 0.0
                 else:
-                    while len(e.outputs) <= sent and not e.finished:
+                    while len(e.outputs) <= sent and not e.finished and not e.paused_untold(told):
                         e.cond.wait(1.0)
                 batch = e.take(sent)
                 finished = e.finished and len(e.outputs) == sent + len(batch)
+                pressure = dict(e.pressure) if e.pressure is not None and e.paused_untold(told) else None
             data = pending + b"".join(
                 encode({"id": rid, "event": "output", "index": sent + i, "output": out}) for i, out in enumerate(batch)
             )
             pending = b""
             sent += len(batch)
+            if pressure is not None:
+                data += encode({"id": rid, "event": "pressure", "execution_id": e.id, **pressure})
+                told = True
             if finished:
                 data += encode({"id": rid, "ok": True, "event": "done", "execution_id": e.id, **e.summary()})
             if data:
@@ -760,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(path, credential)
 
     term_wait = float(options.get("--term-wait", "0"))
+    memory_watch = float(options.get("--memory-watch", "0"))
+    if memory_watch > 0:  # given only where envctl takes drafts from the agent (not an attached container)
+        pause = float(options.get("--memory-pause", "60"))
+        agent.watch_memory(memory_watch, pause, options.get("--memory-cgroup", memwatch.CGROUP_ROOT))
 
     def _exit(signum: int, _frame: object) -> None:
         # As the container's main process a signal without a handler would be ignored.

@@ -283,6 +283,9 @@ class RuntimeBackend(abc.ABC):
     #: writes what the engine reports of a runtime (a Kubernetes event: scheduled, pulling, failed)
     #: into its runner log: ``(runtime_id, event, message)``; set at start-up (runner/service.py)
     report_event: Callable[[str, str, str], None] | None = None
+    #: the agent's memory watch (runner/agent/memwatch.py): the fraction of the memory limit at
+    #: which a cell is paused for a draft, 0: off; set at start-up where crashes keep nothing
+    memory_watch: float = 0.0
 
     @classmethod
     @abc.abstractmethod

@@ -225,6 +225,7 @@ class KubernetesBackend(RuntimeBackend):
                 pull_secret=pull_name,
                 labels=labels,
                 claims=claims,
+                memory_watch=self.memory_watch,
             )
             try:
                 pod = self.api.create_pod(manifest)

@@ -57,6 +57,7 @@ CREDENTIAL_PATH = f"{CREDENTIAL_DIR}/{AGENT_CREDENTIAL}"
 # envctl to take a draft (runner/agent/main.py terminate); the kubelet kills after the grace period
 TERM_WAIT = 20.0
 GRACE_SECONDS = int(TERM_WAIT + 5)
+PRESSURE_PAUSE = 60.0  # at most this long a cell stays paused near the memory limit (runtimes/pressure.py)
 # Docker's default capabilities minus the ones the local engine drops (docker.DROPPED_CAPABILITIES)
 ADDED_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETGID", "SETUID")
 MEMORY_DIR_LIMIT = "8Mi"
@@ -177,11 +178,12 @@ def app_port_label(port: int) -> str:
     return f"envctl.app-port-{int(port)}"
 
 
-def agent_command() -> list[str]:
+def agent_command(memory_watch: float = 0.0) -> list[str]:
     return [
         *("python3", "-u", "-I", f"{AGENT_MOUNT}/main.py"),
         *("--listen", f"tcp:{AGENT_PORT}", "--credential", CREDENTIAL_PATH),
         *("--term-wait", f"{TERM_WAIT:g}"),
+        *(("--memory-watch", f"{memory_watch:g}", "--memory-pause", f"{PRESSURE_PAUSE:g}") if memory_watch else ()),
     ]
 
 
@@ -194,8 +196,10 @@ def pod_manifest(
     pull_secret: str,
     labels: dict[str, str],
     claims: dict[str, str] | None = None,
+    memory_watch: float = 0.0,
 ) -> dict[str, Any]:
-    """The runtime's pod. ``claims``: engine volume name -> its PersistentVolumeClaim's name."""
+    """The runtime's pod. ``claims``: engine volume name -> its PersistentVolumeClaim's name;
+    ``memory_watch``: the agent's (runner/agent/memwatch.py), 0: off."""
     m = spec.machine
     memory_dir = {"medium": "Memory", "sizeLimit": MEMORY_DIR_LIMIT}
     volumes: list[dict[str, Any]] = [
@@ -234,7 +238,7 @@ def pod_manifest(
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",  # by digest: what is there is what was asked for
-        "command": agent_command(),
+        "command": agent_command(memory_watch),
         "workingDir": "/root",
         "env": [{"name": k, "value": v} for k, v in spec.env.items()],  # the runtime's variables, never secrets
         "ports": [

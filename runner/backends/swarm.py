@@ -211,6 +211,7 @@ class SwarmBackend(RuntimeBackend):
             log_max_size=self.log_max_size,
             pinned=pinned,
             network=network,
+            memory_watch=self.memory_watch,
         )
 
     def pull_token(self, repository: str) -> str:

@@ -29,6 +29,7 @@ GPU_RESOURCE = "gpu"  # the generic resource kind nodes advertise their GPUs as
 # take a draft (runner/agent/main.py terminate); Swarm kills the task after the grace period
 TERM_WAIT = 20.0
 STOP_GRACE_NS = int((TERM_WAIT + 5) * 1e9)
+PRESSURE_PAUSE = 60.0  # at most this long a cell stays paused near the memory limit (runtimes/pressure.py)
 
 
 def service_spec(
@@ -41,6 +42,7 @@ def service_spec(
     log_max_size: str,
     pinned: list[str] | None = None,
     network: str | None = None,
+    memory_watch: float = 0.0,
 ) -> dict[str, Any]:
     """The service of one runtime: ``registry`` the nodes pull from, ``labels`` the runner's own,
     ``pinned`` the constraints of its named volumes' node (``swarm_mounts``), ``network`` the
@@ -57,6 +59,7 @@ def service_spec(
         "Command": [
             *("python3", "-u", "-I", f"{AGENT_MOUNT}/main.py", *agent_channel.arguments("tcp")),
             *("--term-wait", f"{TERM_WAIT:g}"),
+            *(("--memory-watch", f"{memory_watch:g}", "--memory-pause", f"{PRESSURE_PAUSE:g}") if memory_watch else ()),
         ],
         "Hostname": spec.name[:63],
         "Env": [f"{k}={v}" for k, v in spec.env.items()],

@@ -89,6 +89,9 @@ class CellWorkers:
         self.writes = CellWrites(db)
         self._writing: dict[str, int] = {}  # runtime id -> its cells' ends handed over, not yet written
         self.sent_at_once = 0  # cells that submit sent to the agent itself (see send_now)
+        # a cell paused near its memory limit (the stream's ``pressure`` event): draft, then resume
+        # it (runner/runtimes/pressure.py; set at start-up where the agent watches memory)
+        self.on_pressure: Callable[[str, str, dict[str, Any]], None] | None = None
 
     @contextlib.contextmanager
     def in_order(self, runtime_id: str) -> Iterator[None]:
@@ -269,6 +272,9 @@ class CellWorkers:
                         accepted = True  # from here on, a lost connection means: attach again
                     elif kind == "output":
                         sink.add(int(event["index"]), event["output"])
+                    elif kind == "pressure":
+                        sink.flush()  # what the cell printed so far is stored before the draft
+                        self._pressure(view, event)
                     elif kind == "done":
                         status = str(event.get("status", "ok"))
                         if status == "error" and self._retiring(view.runtime_id):
@@ -296,6 +302,18 @@ class CellWorkers:
                 message = "the runtime restarted and lost this cell" if lost else exc.message
                 self.finish(view, "error", None, {}, error=("AgentError", message), sink=sink)
                 return
+
+    def _pressure(self, view: ExecutionView, event: dict[str, Any]) -> None:
+        """The agent paused the cell near its memory limit: the draft, then resume it; without
+        ``on_pressure`` (the watch turned off since the agent started) resume it at once."""
+        try:
+            if self.on_pressure is not None:
+                self.on_pressure(view.runtime_id, view.id, event)
+                return
+            with AgentChannel(self.paths.agent(view.runtime_id), timeout=5) as channel:
+                channel.request("resume", execution_id=view.id, draft="not taken (the watch is off)")
+        except Exception:  # the agent resumes the cell by itself after its bound
+            log.exception("the memory-pressure pause of %s could not be handled", view.runtime_id)
 
     def _send(self, channel: AgentChannel, view: ExecutionView) -> Iterator[dict[str, Any]]:
         """Send the cell to the agent; its events follow on the returned iterator."""

@@ -8,7 +8,8 @@ streams every change since the version into the runtime's draft repository, and 
 at it; the next boot after a crash restores it. It is taken by the housekeeping round when
 ``due`` says so: a cell ran since the last checkpoint (nothing changes a runtime's files but its
 cells), at least one interval went by since it, and the runtime is neither busy nor saving (a
-checkpoint never runs beside a cell, so the layer never holds a half-written file of one). It
+checkpoint never runs beside a cell, so the layer never holds a half-written file of one; the
+memory-pressure draft, ``pressure.py``, does, with the cell's processes stopped). It
 records no activity, so it never holds off idle shutdown. What it costs: one walk of the
 runtime's filesystem against the version's index and the changed files streamed and pushed, once
 per interval at most and only after cells: the same as a draft at stop.

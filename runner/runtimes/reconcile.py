@@ -315,10 +315,16 @@ class Reconciler:
         if draft is not None:
             message += "; its unsaved changes were kept and come back at the next boot"
         elif self.drafts.has_draft(rid):  # a checkpoint (runner/runtimes/checkpoints.py) or an earlier stop's
-            message += (
-                "; its unsaved changes could not be kept, but its last draft comes back at the next boot "
-                "(what changed after that draft is gone)"
-            )
+            message += "; its unsaved changes could not be kept, but its last draft comes back at the next boot"
+            pressure = self.drafts.pressure_draft(rid)  # one taken near the memory limit (runtimes/pressure.py)
+            if pressure is not None:
+                message += (
+                    f": the memory-pressure draft, taken while cell {pressure[0]} was paused near the memory "
+                    "limit, so its unsaved changes as of that draft come back"
+                )
+                if pressure[1] and not action.oom_killed and action.exit_code == 137:  # Swarm says no more
+                    message += " (killed with exit code 137 after that pause: most likely by the memory killer)"
+            message += " (what changed after that draft is gone)"
         self.backend.stop(action.state, timeout=1)  # the dead container goes before the row says so
         with self.records.tx() as s:
             self.records.transition(

@@ -25,13 +25,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from envs.kit.errors import BackendError, EnvctlError
 from envs.kit.ids import new_id
 from registry import drafts as registry_drafts
 from registry import image_transfer as transfer
 from runner.backends.base import RuntimeBackend
 from runner.channel import AgentChannel, AgentUnavailableError
-from runner.models import Runtime
+from runner.models import Runtime, RuntimeLogEntry
 from runner.runtimes.store import Records
 from runner.saves.changes import Changes, is_file
 from runner.saves.imageconfig import trusted_config
@@ -62,6 +65,26 @@ class KeepAll(SaveFilter):
         return None
 
 
+def draft_message(reason: str, kept: str, note: str = "") -> str:
+    """A draft's runner log line: what was kept, and why then."""
+    if reason == "checkpoint":
+        return f"checkpoint: {kept} (a crash from now on loses only what changes after it)"
+    if reason == "memory-pressure":
+        return (
+            f"memory pressure: {kept}, {note or 'taken near the memory limit'} "
+            "(if the memory killer ends the runtime, this draft comes back at its next boot)"
+        )
+    if reason != "stop":
+        return f"the container exited without being asked ({reason}); {kept}"
+    return kept
+
+
+def last_kept(s: Session, runtime_id: str) -> RuntimeLogEntry | None:
+    """The runner log line of the runtime's latest draft."""
+    q = select(RuntimeLogEntry).where(RuntimeLogEntry.runtime_id == runtime_id, RuntimeLogEntry.event == "draft-kept")
+    return s.scalars(q.order_by(RuntimeLogEntry.id.desc()).limit(1)).first()
+
+
 class Drafts:
     def __init__(self, settings: Settings, records: Records, backend: RuntimeBackend, changes: Changes) -> None:
         self.settings = settings
@@ -74,15 +97,24 @@ class Drafts:
     def in_registry(self) -> bool:
         return self.in_runtime is not None and self.in_runtime.enabled
 
-    def make_draft(self, runtime_id: str, *, reason: str = "stop", state: dict[str, Any] | None = None) -> str | None:
+    def make_draft(
+        self,
+        runtime_id: str,
+        *,
+        reason: str = "stop",
+        state: dict[str, Any] | None = None,
+        note: str = "",
+        execution: str | None = None,
+    ) -> str | None:
         """Commit the runtime's container changes to a draft image; None when nothing changed.
+        ``note`` and ``execution``: a memory-pressure draft's (``runner/runtimes/pressure.py``).
 
         ``state`` names the container when it is not (or no longer) the one on the row. A backend
         without an engine commit (Swarm) asks the agent even then: one that was sent SIGTERM
         (a drain, a service removed) waits for envctl to take its draft (``runner/agent/main.py``)."""
         if self.in_registry and (state is None or self.backend.images_from_registry):
             try:
-                return self._registry_draft(runtime_id, reason)
+                return self._registry_draft(runtime_id, reason, note, execution)
             except AgentUnavailableError as exc:  # the agent is gone: what the engine still has
                 if self.backend.images_from_registry and state is not None:
                     log.warning("the agent of %s is gone (%s): its unsaved changes cannot be kept", runtime_id, exc)
@@ -117,11 +149,7 @@ class Drafts:
         for c in current:
             mark = stats.get(c.path)
             merged[c.path] = {"kind": c.kind, "path": c.path, "size": mark[0] if mark and is_file(mark) else None}
-        message = f"kept {len(current)} changed paths as a draft for the next boot"
-        if reason == "checkpoint":
-            message = f"checkpoint: {message} (a crash from now on loses only what changes after it)"
-        elif reason != "stop":
-            message = f"the container exited without being asked ({reason}); {message}"
+        message = draft_message(reason, f"kept {len(current)} changed paths as a draft for the next boot", note)
         with self.records.tx() as s:
             self.records.set_in(
                 s, runtime_id, draft_image_id=image_id, draft_changes=sorted(merged.values(), key=lambda c: c["path"])
@@ -132,13 +160,17 @@ class Drafts:
                 event="draft-kept",
                 reason=reason,
                 message=message,
-                details={"image_id": image_id, "changes": len(merged)},
+                details={
+                    "image_id": image_id,
+                    "changes": len(merged),
+                    **({"execution": execution} if execution else {}),
+                },
             )
         if old_draft and old_draft != image_id:
             self.backend.remove_image(old_draft)  # the engine keeps it while the new draft needs it
         return image_id
 
-    def _registry_draft(self, runtime_id: str, reason: str) -> str | None:
+    def _registry_draft(self, runtime_id: str, reason: str, note: str, execution: str | None) -> str | None:
         """The agent streams every change since the version into ``envctl-drafts/<id>``."""
         saves = self.in_runtime
         assert saves is not None
@@ -178,11 +210,9 @@ class Drafts:
             with self.records.tx() as s:
                 self.records.set_in(s, runtime_id, draft_image_id=None, draft_changes=[])
             return None
-        message = f"kept {files} changed paths as a draft in the registry for the next boot"
-        if reason == "checkpoint":
-            message = f"checkpoint: {message} (a crash from now on loses only what changes after it)"
-        elif reason != "stop":
-            message = f"the container exited without being asked ({reason}); {message}"
+        message = draft_message(
+            reason, f"kept {files} changed paths as a draft in the registry for the next boot", note
+        )
         with self.records.tx() as s:
             self.records.set_in(s, runtime_id, draft_image_id=image_id, draft_changes=changes)
             self.records.log(
@@ -197,6 +227,7 @@ class Drafts:
                     "manifest": made.manifest_digest,
                     "changes": len(changes),
                     "bytes": made.layer.tar_bytes,
+                    **({"execution": execution} if execution else {}),
                 },
             )
         if old_draft and old_draft != image_id:
@@ -228,6 +259,17 @@ class Drafts:
                 details={"draft": draft},
             )
         return f"{registry_drafts.repository(runtime_id)}@{digest}"
+
+    def pressure_draft(self, runtime_id: str) -> tuple[str, bool] | None:
+        """When the runtime's draft is a memory-pressure one (``runner/runtimes/pressure.py``):
+        the cell that was paused for it, and whether it was taken in the runtime's current boot."""
+        with self.records.db.session() as s:
+            rt = s.get(Runtime, runtime_id)
+            entry = last_kept(s, runtime_id) if rt is not None and rt.draft_image_id else None
+            if entry is None or entry.reason != "memory-pressure":
+                return None
+            this_boot = rt is not None and rt.booted_at is not None and entry.at >= rt.booted_at
+            return str(entry.details.get("execution") or "?"), this_boot
 
     def has_draft(self, runtime_id: str) -> bool:
         """Whether the runtime's row names a draft (its next boot restores it)."""

@@ -19,6 +19,7 @@ from tests.bench import (
     bench_insave_boot,
     bench_kube,
     bench_lean_save,
+    bench_memwatch,
     bench_mounts,
     bench_pool,
     bench_save,
@@ -48,6 +49,7 @@ BENCHMARKS = {
     "swarm-mounts": bench_swarm_mounts.run,
     "apps": bench_apps.run,
     "kube": bench_kube.run,
+    "memwatch": bench_memwatch.run,
 }
 #: parts of the benchmarks above, for running alone; ``make bench`` leaves them out
 PARTS = {"save-small", "save-1g"}

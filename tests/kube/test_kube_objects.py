@@ -16,6 +16,7 @@ from envs.kit.errors import InvalidInputError, UnauthorizedError
 from registry import pull_grants, signing
 from runner.backends import kube_pods, kube_states
 from runner.backends.base import LABEL_INSTALLATION, LABEL_RUNNER, MountBind, RuntimeSpec, Status
+from runner.runtimes import pressure
 from runner.settings import MachineType, parse_machine_types
 
 GIB = 1024**3
@@ -71,6 +72,25 @@ def test_the_pod_carries_identity_limits_and_the_security_baseline() -> None:
     assert not {"NET_RAW", "MKNOD", "SYS_ADMIN", "SETFCAP", "SYS_CHROOT"} & set(sc["capabilities"]["add"])
     assert pspec["imagePullSecrets"] == [{"name": "envctl-rt-abc123-pull-1"}]
     assert c["image"].endswith("@sha256:" + "0" * 64)
+
+
+def test_the_agent_watches_memory_only_when_told() -> None:
+    (c,) = manifest(spec())["spec"]["containers"]
+    assert "--memory-watch" not in c["command"]
+    s = spec()
+    pod = kube_pods.pod_manifest(
+        s,
+        image="127.0.0.1:5000/" + s.image,
+        agent_config="envctl-agent-x",
+        credential_secret="c",
+        pull_secret="p",
+        labels=kube_pods.pod_labels(s, {}),
+        memory_watch=0.9,
+    )
+    (c,) = pod["spec"]["containers"]
+    command = c["command"]
+    assert command[command.index("--memory-watch") + 1] == "0.9"
+    assert float(command[command.index("--memory-pause") + 1]) > pressure.WAIT  # longer than envctl waits
 
 
 def test_credential_and_secrets_are_memory_files_never_env_labels_or_annotations() -> None:

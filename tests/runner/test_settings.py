@@ -222,3 +222,13 @@ def test_import_allow_hosts_is_read_as_comma_separated_lower_case_names() -> Non
     settings = load(env={"ENVCTL_IMPORT_ALLOW_HOSTS": "Envctl-B.internal, 10.0.0.5,"})
     assert settings.import_allow_hosts == ("envctl-b.internal", "10.0.0.5")
     assert load(env={}).import_allow_hosts == ()
+
+
+def test_the_memory_watch_is_a_percentage_below_100_and_a_bad_one_names_its_variable() -> None:
+    assert load(env={}).runner_memory_pressure == 90.0
+    assert load(env={"ENVCTL_RUNNER_MEMORY_PRESSURE": "0"}).runner_memory_pressure == 0.0  # off
+    assert load(env={"ENVCTL_RUNNER_MEMORY_PRESSURE": "85%"}).runner_memory_pressure == 85.0
+    for bad in ("100", "-5", "ninety"):
+        with pytest.raises(InvalidInputError, match="ENVCTL_RUNNER_MEMORY_PRESSURE") as caught:
+            load(env={"ENVCTL_RUNNER_MEMORY_PRESSURE": bad})
+        assert bad in caught.value.message
