@@ -49,6 +49,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -219,9 +220,23 @@ def networks(client: docker.DockerClient, installation: str) -> list[dict[str, A
     return sorted(found, key=lambda n: int((n.get("Labels") or {}).get(LABEL_GENERATION) or 0))
 
 
-def _create_network(client: docker.DockerClient, installation: str, labels: dict[str, str], generation: int) -> None:
+#: makes a swarm network (client, name, labels) another way than ``_create_network``'s own:
+#: ``swarm_subnets.NodeSubnets.create_network``, a subnet of the pool through the nodes' engines
+NetworkMaker = Callable[[docker.DockerClient, str, dict[str, str]], None]
+
+
+def _create_network(
+    client: docker.DockerClient,
+    installation: str,
+    labels: dict[str, str],
+    generation: int,
+    make: NetworkMaker | None = None,
+) -> None:
     name = network_name(installation) + (f"-{generation}" if generation else "")
     made = {**labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: NETWORK_ROLE, LABEL_GENERATION: str(generation)}
+    if make is not None:
+        make(client, name, made)
+        return
     try:
         client.api.create_network(name, driver="bridge", scope="swarm", labels=made, check_duplicate=True)
     except docker.errors.APIError as exc:
@@ -231,12 +246,14 @@ def _create_network(client: docker.DockerClient, installation: str, labels: dict
         raise daemon_error("create the runtimes' swarm network", exc) from exc
 
 
-def ensure_networks(client: docker.DockerClient, installation: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+def ensure_networks(
+    client: docker.DockerClient, installation: str, labels: dict[str, str], make: NetworkMaker | None = None
+) -> list[dict[str, Any]]:
     """The installation's swarm-scoped bridge networks, the first made when there is none; the
     newest is the one new runtimes join."""
     found = networks(client, installation)
     if not found:
-        _create_network(client, installation, labels, 0)
+        _create_network(client, installation, labels, 0, make)
         found = networks(client, installation)
     if not found:
         raise BackendError(f"the Swarm manager made network {network_name(installation)} but does not list it")
@@ -255,12 +272,14 @@ def stale_network(error: BackendError, installation_networks: list[dict[str, Any
     return any(str(n.get("Id")) == found.group(1) for n in installation_networks)
 
 
-def renew(client: docker.DockerClient, installation: str, labels: dict[str, str]) -> None:
+def renew(
+    client: docker.DockerClient, installation: str, labels: dict[str, str], make: NetworkMaker | None = None
+) -> None:
     """A new generation of the installation's network (``envctl-<id>-<n>``), which new runtimes
     join from now on; the guard fences every generation (runtimes stay on theirs)."""
     found = networks(client, installation)
     newest = int((found[-1].get("Labels") or {}).get(LABEL_GENERATION) or 0) if found else -1
-    _create_network(client, installation, labels, newest + 1)
+    _create_network(client, installation, labels, newest + 1, make)
 
 
 def guard_spec(
@@ -342,11 +361,12 @@ def ensure(
     registry_auth: str,
     *,
     timeout: float,
+    make: NetworkMaker | None = None,
 ) -> str:
     """The installation's network and its guard on every ready, active node, waiting (up to
     ``timeout`` s) until each has the rules in place; the network's name for the runtime's
     service. ``image`` and ``registry_auth``: what the guard runs when it must be (re)made."""
-    nets = ensure_networks(client, installation, labels)
+    nets = ensure_networks(client, installation, labels, make)
     guard = _find_service(client, guard_name(installation))
     body = guard_spec(client, installation, labels, [bridge_of(str(n["Id"])) for n in nets], image)
     headers = {"X-Registry-Auth": registry_auth}
