@@ -210,13 +210,33 @@ LABEL_GENERATION = "envctl.network-generation"
 _STALE_RE = re.compile(r"network (\w+) exists")
 
 
+# a network made --config-from a config-only network can carry no labels (Swarm refuses them):
+# the Swarm config that claims its subnet (``swarm_subnets``) carries them, and names it
+CLAIM_ROLE = "subnet-claim"  # LABEL_MANAGED of that config
+LABEL_SUBNET = "envctl.subnet"
+LABEL_NETWORK = "envctl.network"  # on a claim: the swarm network its subnet is for
+LABEL_CONFIG = "envctl.network-config"  # on a claim: the config-only network on the nodes
+LABEL_HELPER = "envctl.helper-image"  # on a claim: the image of the helper jobs that made them
+
+
 def networks(client: docker.DockerClient, installation: str) -> list[dict[str, Any]]:
-    """The installation's swarm networks, oldest generation first."""
+    """The installation's swarm networks, oldest generation first: those labelled so, and those
+    made ``--config-from`` (``swarm_subnets``), each with its claim's labels as its own."""
     label = [f"{LABEL_INSTALLATION}={installation}", f"{LABEL_MANAGED}={NETWORK_ROLE}"]
+    claim = [f"{LABEL_INSTALLATION}={installation}", f"{LABEL_MANAGED}={CLAIM_ROLE}"]
     try:
         found = [n for n in client.api.networks(filters={"label": label}) if n.get("Scope") == "swarm"]
+        claims = [(c.get("Spec") or {}).get("Labels") or {} for c in client.api.configs(filters={"label": claim})]
+        named = {str(n.get("Name")): n for n in client.api.networks() if n.get("Scope") == "swarm"} if claims else {}
     except Exception as exc:
         raise daemon_error("list the runtimes' swarm networks", exc) from exc
+    for labels in claims:
+        net = named.get(str(labels.get(LABEL_NETWORK)))
+        if net is None or labels.get(LABEL_INSTALLATION) != installation:
+            continue
+        if (net.get("ConfigFrom") or {}).get("Network") != labels.get(LABEL_CONFIG):
+            continue  # not the network the claim made (a name taken otherwise): not ours
+        found.append({**net, "Labels": {**labels, LABEL_MANAGED: NETWORK_ROLE}})
     return sorted(found, key=lambda n: int((n.get("Labels") or {}).get(LABEL_GENERATION) or 0))
 
 

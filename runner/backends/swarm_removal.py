@@ -74,6 +74,8 @@ def listed(client: docker.DockerClient, manager: str, installation: str) -> Swar
         secrets = client.api.secrets(filters=label)
         configs = client.api.configs(filters=label)
         networks = [n for n in client.api.networks(filters=label) if n.get("Scope") == "swarm"]
+        ids = {n.get("Id") for n in networks}  # and those made --config-from, found by their claims
+        networks += [n for n in swarm_fence.networks(client, installation) if n.get("Id") not in ids]
     except Exception as exc:
         raise daemon_error("list the installation's objects on the swarm", exc) from exc
 
@@ -133,8 +135,9 @@ def remove(
     made_from = swarm_fence.networks(client, installation)  # with their labels: the config-only networks
     removers: list[tuple[str, list[dict[str, str]], Callable[[str], Any]]] = [
         ("secrets", held.secrets, lambda i: client.api.remove_secret(i)),
-        ("configs", held.configs, lambda i: client.api.remove_config(i)),
+        # networks before configs: a network made --config-from is found by its subnet's claim
         ("networks", held.networks, lambda i: client.api.remove_network(i)),
+        ("configs", held.configs, lambda i: client.api.remove_config(i)),
     ]
     for kind, items, remover in removers:
         for item in items:

@@ -12,7 +12,9 @@ generation, ``swarm_fence.renew``) is made so:
 
 1. **A subnet of the pool**, the first free one by ``subnets.first_free`` as on the local engine,
    claimed on the manager by a Swarm *config* named after it (``envctl-subnet-10.213.5.0-24``,
-   labelled with the installation and the network). Swarm names are unique, so of two
+   labelled with the installation, the network, the config-only network and the helper image:
+   Swarm refuses labels on a network made ``--config-from``, so the claim holds them and
+   ``swarm_fence.networks`` finds the network through it). Swarm names are unique, so of two
    installations asking at once one gets the name and the other takes the next subnet: two
    installations never hold the same subnet. Taken are the claims, every network the manager
    lists (its swarm networks, its own local ones), and what a node answers as overlapping.
@@ -20,8 +22,7 @@ generation, ``swarm_fence.renew``) is made so:
    per node (``swarm_helper`` ``netmake``: the subnet, ``enable_icc=false``, the installation's
    identity labels, ``envctl.managed=network-config``). A node with a network that overlaps the
    subnet refuses it: the others' are removed, the claim dropped, the next subnet tried.
-3. **The swarm network** ``--config-from`` it, labelled with the subnet, the config-only
-   network's name and the helper image (what ``envctl uninstall`` runs on the nodes).
+3. **The swarm network** ``--config-from`` it (no labels, no options: Swarm refuses both there).
 
 A node that lacks the config-only network (it joined later, was drained, or its engine lost it)
 rejects the runtime's task with 'configuration network "…" does not exist': the boot makes it
@@ -53,11 +54,8 @@ from runner.backends.swarm_attach import SwarmAttach
 from runner.backends.swarm_helper import CONFIG_ROLE
 from runner.errors import NetworkPoolExhaustedError
 
-CLAIM_ROLE = "subnet-claim"  # LABEL_MANAGED of the config that claims a subnet
-LABEL_SUBNET = "envctl.subnet"
-LABEL_NETWORK = "envctl.network"  # on a claim: the swarm network its subnet is for
-LABEL_CONFIG = "envctl.network-config"  # on the swarm network: its config-only network
-LABEL_HELPER = "envctl.helper-image"  # on the swarm network: the image of the helper jobs
+CLAIM_ROLE, LABEL_SUBNET, LABEL_NETWORK = swarm_fence.CLAIM_ROLE, swarm_fence.LABEL_SUBNET, swarm_fence.LABEL_NETWORK
+LABEL_CONFIG, LABEL_HELPER = swarm_fence.LABEL_CONFIG, swarm_fence.LABEL_HELPER
 _MISSING_RE = re.compile(r'configuration network "([^"]+)" does not exist')
 _ATTEMPTS = 8  # subnets tried when claims or nodes keep refusing the one found free
 _NAMED = 10
@@ -112,8 +110,9 @@ class NodeSubnets:
         installation = labels[LABEL_INSTALLATION]
         config = config_name(name)
         refused: list[IPv4Network] = []
+        claimed = {**labels, LABEL_CONFIG: config, LABEL_HELPER: f"{self.registry}/{self._image()}"}
         for _ in range(_ATTEMPTS):
-            subnet = self._claim(client, name, installation, labels, refused)
+            subnet = self._claim(client, name, installation, claimed, refused)
             overlaps = self._make_on_nodes(client, config, subnet, labels, None)
             if not overlaps:
                 break
@@ -125,19 +124,12 @@ class NodeSubnets:
                 "another program takes them as fast as envctl finds them",
                 details={"pool": str(self.pool.network)},
             )
-        made = {
-            **labels,
-            LABEL_SUBNET: str(subnet),
-            LABEL_CONFIG: config,
-            LABEL_HELPER: f"{self.registry}/{self._image()}",
-        }
         body = {
             "Name": name,
             "CheckDuplicate": True,
             "Driver": "bridge",
             "Scope": "swarm",
             "ConfigFrom": {"Network": config},
-            "Labels": made,
         }
         swarm_fence.post(client, "/networks/create", body, {}, "create the runtimes' swarm network", conflict_ok=True)
 
@@ -162,7 +154,7 @@ class NodeSubnets:
             return False
         labels = dict(network.get("Labels") or {})
         subnet = IPv4Network(labels[LABEL_SUBNET])
-        mine = {k: v for k, v in labels.items() if k not in (LABEL_SUBNET, LABEL_CONFIG, LABEL_HELPER)}
+        mine = {k: v for k, v in labels.items() if k not in (LABEL_SUBNET, LABEL_CONFIG, LABEL_HELPER, LABEL_NETWORK)}
         mine[LABEL_MANAGED] = CONFIG_ROLE
         said = self._jobs(client, {node_id: _make_args(node_id, config, subnet, mine)})
         where = str(details.get("node") or node_id)
