@@ -110,6 +110,15 @@ def test_runtimes_on_two_nodes_and_two_installations_get_subnets_of_the_pool_and
             assert cfg["Labels"]["envctl.managed"] == "network-config", (node, cfg)
         address, joined = container_address(swarm, "worker1", service_of(manager, on_w1["id"])["ID"])
         assert joined == net["Name"] and _in_subnet(address, subnet), (address, subnet)
+        # the node's bridge is the one the network guard fences (br-<id>), with the subnet's gateway
+        netns = swarm.env["ENVCTL_SWARM_WORKER1_NETNS"]
+        link = subprocess.run(
+            ["ip", "netns", "exec", netns, "ip", "-o", "-4", "addr", "show", "dev", swarm_fence.bridge_of(net["Id"])],
+            capture_output=True,
+            text=True,
+        )
+        gateway = ipaddress.ip_network(subnet).network_address + 1
+        assert link.returncode == 0 and f"inet {gateway}/24" in link.stdout, (link.stdout, link.stderr)
 
         # worker2 lost its config-only network (as a node that joined later lacks it): the boot
         # there is rejected, envctl makes it on worker2 and tries once more
