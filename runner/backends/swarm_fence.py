@@ -9,7 +9,9 @@ every node of the swarm through the manager's API alone.
   could tell this installation's runtimes from anyone's. Swarm 20.10 drops the options of a
   swarm-scoped bridge network (``enable_icc``, the bridge's name) and its IPAM settings: each node
   takes the subnet from its own default pools (a /16 of 172.17–31.0.0/16), and runtimes on one
-  node are kept apart by a rule instead of ICC off.
+  node are kept apart by a rule instead of ICC off. With the nodes' engines granted
+  (``ENVCTL_SWARM_ATTACH_ENGINE``) the network is made ``--config-from`` a config-only network on
+  every node instead, with a subnet of the pool and ICC off (``swarm_subnets``); the rules stay.
 - **Network generations.** After a node's engine restarts (no live restore in swarm mode), Swarm
   20.10 refuses every new task there on the same swarm bridge network ("network <id> exists":
   its bridge driver keeps the network in a local store the restarted engine no longer lists).
