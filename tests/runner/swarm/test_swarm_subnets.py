@@ -99,7 +99,7 @@ def test_runtimes_on_two_nodes_and_two_installations_get_subnets_of_the_pool_and
         net = _network(manager, installation)
         subnet = net["Labels"][LABEL_SUBNET]
         assert net["ConfigFrom"]["Network"] == net["Labels"][LABEL_CONFIG] == config_name(net["Name"]), net
-        assert ipaddress.ip_network(subnet).subnet_of(ipaddress.ip_network(POOL)), subnet
+        assert ipaddress.IPv4Network(subnet).subnet_of(ipaddress.IPv4Network(POOL)), subnet
         assert ipaddress.ip_network(subnet).prefixlen == 24, subnet
         # the config-only network on every node, with the subnet, ICC off and the installation's labels
         for node in swarm.nodes:
