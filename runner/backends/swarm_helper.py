@@ -240,7 +240,7 @@ elif mode == "netmake":
             except ValueError:
                 continue
             if other.version == 4 and other.overlaps(want):
-                say(node=node, overlap="%%s (%%s)" %% (n.get("Name"), other)); sys.exit(0)
+                say(node=node, overlap="%%s (%%s)" %% (n.get("Name"), other), subnet=str(other)); sys.exit(0)
     st, out = call("POST", "/networks/create", {"Name": name, "ConfigOnly": True, "CheckDuplicate": True,
         "Driver": "bridge", "Options": {ICC: "false"}, "Labels": labels,
         "IPAM": {"Driver": "default", "Config": [{"Subnet": subnet, "Gateway": gateway}]}})

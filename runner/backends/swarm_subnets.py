@@ -111,17 +111,20 @@ class NodeSubnets:
         config = config_name(name)
         refused: list[IPv4Network] = []
         claimed = {**labels, LABEL_CONFIG: config, LABEL_HELPER: f"{self.registry}/{self._image()}"}
+        overlaps: dict[str, dict[str, Any]] = {}
         for _ in range(_ATTEMPTS):
             subnet = self._claim(client, name, installation, claimed, refused)
-            overlaps = self._make_on_nodes(client, config, subnet, labels, None)
+            overlaps = self._make_on_nodes(client, config, subnet, labels)
             if not overlaps:
                 break
             self._undo(client, installation, config, subnet)
-            refused.append(subnet)
+            # the node's network's whole subnet skipped, not just the one tried
+            refused += [subnet, *(IPv4Network(str(o["subnet"]), strict=False) for o in overlaps.values())]
         else:
+            named = "; ".join(f"on {node}: {o['overlap']}" for node, o in overlaps.items())
             raise BackendError(
-                f"{_ATTEMPTS} subnets of {self.pool.network} in a row overlapped a network on a node; "
-                "another program takes them as fast as envctl finds them",
+                f"{_ATTEMPTS} subnets of {self.pool.network} in a row overlapped networks of the nodes (last: "
+                f"{named}); set ENVCTL_RUNNER_SUBNET_POOL to a range the nodes do not use",
                 details={"pool": str(self.pool.network)},
             )
         body = {
@@ -207,17 +210,16 @@ class NodeSubnets:
         config: str,
         subnet: IPv4Network,
         labels: dict[str, str],
-        nodes: list[str] | None,
-    ) -> list[str]:
-        """The config-only network on every ready, active node; the nodes' overlapping networks."""
-        if nodes is None:
-            try:
-                nodes = list(swarm_fence.eligible_nodes(list(client.api.nodes())))
-            except Exception as exc:
-                raise daemon_error("list the swarm's nodes", exc) from exc
+    ) -> dict[str, dict[str, Any]]:
+        """The config-only network on every ready, active node; what nodes whose own network
+        overlaps the subnet answered (node name -> ``overlap``: "network (its subnet)", ``subnet``)."""
+        try:
+            nodes = list(swarm_fence.eligible_nodes(list(client.api.nodes())))
+        except Exception as exc:
+            raise daemon_error("list the swarm's nodes", exc) from exc
         made = {**labels, LABEL_MANAGED: CONFIG_ROLE}
         said = self._jobs(client, {n: _make_args(n, config, subnet, made) for n in nodes})
-        return [str(out["overlap"]) for out in said.values() if out.get("overlap")]
+        return {_name(client, n): out for n, out in said.items() if out.get("overlap")}
 
     def _undo(self, client: docker.DockerClient, installation: str, config: str, subnet: IPv4Network) -> None:
         nodes = [str(n["ID"]) for n in _ready(client)]

@@ -4,7 +4,8 @@ runtimes on two workers get addresses in the installation's subnet of the pool, 
 ICC off; a second installation on the same swarm gets another subnet; a node whose config-only
 network is gone gets it again and the boot goes through; ``envctl uninstall`` leaves no
 config-only network of its installation on any node (each node's networks listed through its
-own engine) and the other installation's where they were."""
+own engine) and the other installation's where they were; a subnet that overlaps a network of a
+node is skipped."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 
 from runner.backends import swarm_fence
 from runner.backends.swarm_subnets import CLAIM_ROLE, LABEL_CONFIG, LABEL_SUBNET, config_name
+from tests.conftest import TEST_LABEL, TEST_SESSION
 from tests.fixtures.server import Server
 from tests.fixtures.services import base_image
 from tests.fixtures.swarm import Swarm
@@ -64,6 +67,19 @@ def second(swarm: Swarm, sockets: None, docker: Any, tmp_path_factory: pytest.Te
     remove_installation(swarm, srv)
 
 
+BLOCKED = "10.213.0.0/23"  # the pool's first two /24s, taken on worker2 by a network of the test's
+
+
+@pytest.fixture
+def blocker(swarm: Swarm) -> Iterator[str]:
+    """A network on worker2's own engine holding the pool's first subnets (as a LAN's or another
+    tool's would): envctl's installations must take others."""
+    name = f"envctl-test-block-{uuid.uuid4().hex[:6]}"
+    swarm.docker("worker2", "network", "create", "--label", f"{TEST_LABEL}={TEST_SESSION}", "--subnet", BLOCKED, name)
+    yield name
+    swarm.docker("worker2", "network", "rm", name, check=False)
+
+
 def node_configs(swarm: Swarm, node: str, installation: str) -> list[dict[str, Any]]:
     """The config-only networks of ``installation`` on ``node``, from the node's own engine."""
     names = swarm.docker(node, "network", "ls", "-q", "--filter", f"label=envctl.installation={installation}").split()
@@ -91,7 +107,7 @@ def _in_subnet(address: str, subnet: str) -> bool:
 
 
 def test_runtimes_on_two_nodes_and_two_installations_get_subnets_of_the_pool_and_uninstall_clears_the_nodes(
-    first: Server, second: Server, swarm: Swarm, manager: Any
+    first: Server, second: Server, swarm: Swarm, manager: Any, blocker: str
 ) -> None:
     with first.client() as client:
         on_w1 = boot(first, client, "subnet-w1", "w1")
@@ -100,6 +116,8 @@ def test_runtimes_on_two_nodes_and_two_installations_get_subnets_of_the_pool_and
         subnet = net["Labels"][LABEL_SUBNET]
         assert net["ConfigFrom"]["Network"] == net["Labels"][LABEL_CONFIG] == config_name(net["Name"]), net
         assert ipaddress.IPv4Network(subnet).subnet_of(ipaddress.IPv4Network(POOL)), subnet
+        # worker2 answered the pool's first subnets as overlapping its own network: skipped
+        assert not ipaddress.IPv4Network(subnet).overlaps(ipaddress.IPv4Network(BLOCKED)), subnet
         assert ipaddress.ip_network(subnet).prefixlen == 24, subnet
         # the config-only network on every node, with the subnet, ICC off and the installation's labels
         for node in swarm.nodes:
