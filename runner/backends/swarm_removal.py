@@ -3,9 +3,11 @@ backend): every service, secret, config and network labelled ``envctl.installati
 on the manager, and the network guard's firewall rules on every node (``swarm_fence``).
 Nothing without that label is looked at, so another installation's objects on the same swarm
 stay. Order: the runtimes' services (their tasks stopped), the guard, a one-shot global job that
-deletes the installation's rules on every node, then the secrets, configs and the network,
-and last the config-only networks of ``swarm_subnets`` on every ready node (helper jobs through
-the nodes' engines, ``ENVCTL_SWARM_ATTACH_ENGINE``: only those labelled with the installation).
+deletes the installation's rules on every node, then the secrets and the networks, the
+config-only networks of ``swarm_subnets`` on every ready node (helper jobs through the nodes'
+engines, ``ENVCTL_SWARM_ATTACH_ENGINE``: only those labelled with the installation), and last the
+configs (the subnet claims among them, which name those config-only networks: an uninstall
+interrupted before finds them again).
 
 Named volumes live on the nodes, and Swarm 20.10's manager API cannot remove a node's volume:
 they are listed with their node (``swarm_mounts.pinned_volumes``) and each comes back under
@@ -132,18 +134,17 @@ def remove(
     for s in held.services:
         if s["role"] == swarm_fence.UNFENCE_ROLE:  # a job left by an earlier, interrupted uninstall
             _remove_service(client, s["id"])
-    made_from = swarm_fence.networks(client, installation)  # with their labels: the config-only networks
     removers: list[tuple[str, list[dict[str, str]], Callable[[str], Any]]] = [
         ("secrets", held.secrets, lambda i: client.api.remove_secret(i)),
-        # networks before configs: a network made --config-from is found by its subnet's claim
         ("networks", held.networks, lambda i: client.api.remove_network(i)),
         ("configs", held.configs, lambda i: client.api.remove_config(i)),
     ]
     for kind, items, remover in removers:
+        if kind == "configs":  # the subnet claims (configs) name the nodes' config-only networks: they go first
+            done["node_networks"] = swarm_subnets.remove(client, installation, labels, engine_socket)
         for item in items:
             _retry_in_use(remover, item["id"], f"remove the installation's {kind[:-1]} {item['name']}")
             done[kind].append(item["name"])
-    done["node_networks"] = swarm_subnets.remove(client, installation, made_from, labels, engine_socket)
     return done
 
 

@@ -75,6 +75,7 @@ class Claim:
     subnet: IPv4Network
     installation: str
     network: str
+    labels: dict[str, str]
 
 
 def claims(client: docker.DockerClient) -> list[Claim]:
@@ -91,7 +92,13 @@ def claims(client: docker.DockerClient) -> list[Claim]:
         except ValueError:
             continue
         out.append(
-            Claim(str(c["ID"]), subnet, str(labels.get(LABEL_INSTALLATION) or ""), str(labels.get(LABEL_NETWORK)))
+            Claim(
+                str(c["ID"]),
+                subnet,
+                str(labels.get(LABEL_INSTALLATION) or ""),
+                str(labels.get(LABEL_NETWORK)),
+                {str(k): str(v) for k, v in labels.items()},
+            )
         )
     return out
 
@@ -289,19 +296,12 @@ def exhausted(pool: Pool, held: list[Claim]) -> NetworkPoolExhaustedError:
 
 
 # ---------------------------------------------------------------- envctl uninstall
-def remove(
-    client: docker.DockerClient,
-    installation: str,
-    networks: list[dict[str, Any]],
-    labels: dict[str, str],
-    engine_socket: str,
-) -> str:
+def remove(client: docker.DockerClient, installation: str, labels: dict[str, str], engine_socket: str) -> str:
     """The installation's config-only networks removed from every ready node (after its swarm
-    networks went); ``networks``: those swarm networks as the manager listed them. A sentence
-    saying what went."""
-    configs = sorted({str((n.get("Labels") or {}).get(LABEL_CONFIG)) for n in networks if _config_of(n)})
-    images = [str((n.get("Labels") or {}).get(LABEL_HELPER) or "") for n in networks if _config_of(n)]
-    image = next((i for i in reversed(images) if "/" in i), "")
+    networks went, before its subnet claims go: they name them). A sentence saying what went."""
+    mine = [c for c in claims(client) if c.installation == installation and c.labels.get(LABEL_CONFIG)]
+    configs = sorted({c.labels[LABEL_CONFIG] for c in mine})
+    image = next((c.labels.get(LABEL_HELPER, "") for c in mine if "/" in c.labels.get(LABEL_HELPER, "")), "")
     if not configs:
         return "none"
     if not engine_socket or not image:
@@ -329,10 +329,6 @@ def remove(
     ]
     text = f"removed {gone} on {len(said)} node(s)"
     return text + (f"; left: {'; '.join(problems)}" if problems else "")
-
-
-def _config_of(network: dict[str, Any]) -> bool:
-    return bool((network.get("Labels") or {}).get(LABEL_CONFIG))
 
 
 def _service_creator(client: docker.DockerClient) -> Callable[[dict[str, Any], str], str]:
