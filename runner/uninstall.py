@@ -214,13 +214,15 @@ def carry_out(
     plan: Plan,
     swarm_client: docker.DockerClient | None = None,
     labels: dict[str, str] | None = None,
+    engine_socket: str = "",
 ) -> dict[str, Any]:
     """Remove what ``plan`` names, in order: the swarm's objects, containers, network and rules,
     images, volumes. Returns what went and what stayed (with why); a daemon fault stops it with
-    BackendError. ``labels``: the runner's own, put on the swarm job that removes the rules."""
+    BackendError. ``labels``: the runner's own, put on the swarm job that removes the rules;
+    ``engine_socket``: the nodes' engines, for the config-only networks (``swarm_subnets``)."""
     done: dict[str, Any] = {"installation": plan.installation, "data_dir": plan.data_dir}
     if plan.swarm is not None and swarm_client is not None:
-        done["swarm"] = swarm_removal.remove(swarm_client, plan.swarm, plan.installation, labels or {})
+        done["swarm"] = swarm_removal.remove(swarm_client, plan.swarm, plan.installation, labels or {}, engine_socket)
     removed: list[dict[str, str]] = []
     for c in plan.containers:
         try:

@@ -118,7 +118,9 @@ def _installation(
     if not as_json:
         _show_plan(plan)
     _confirm(f"remove these from the Docker engine (installation {plan.installation})?", yes)
-    done = removal.carry_out(client, plan, swarm[0] if swarm else None, settings.runner_labels)
+    done = removal.carry_out(
+        client, plan, swarm[0] if swarm else None, settings.runner_labels, settings.swarm_attach_engine
+    )
     if as_json:
         print_json(done)
     else:
@@ -171,6 +173,7 @@ def _show_done(done: dict[str, Any]) -> None:
             for name in sw[kind]:
                 print(f"removed swarm {kind[:-1]} {name}")
         print(f"network guard rules on the nodes: {sw['rules']}")
+        print(f"network configurations on the nodes: {sw.get('node_networks', 'none')}")
         for note in sw.get("volumes_kept", []):
             print(f"kept volume {note}")
     for c in done["containers"]:

@@ -48,12 +48,14 @@ from envs.kit.errors import BackendError, InvalidInputError
 from registry import distribution, signing
 from runner.backends import (
     netguard,
+    subnets,
     swarm_attach,
     swarm_fence,
     swarm_files,
     swarm_mounts,
     swarm_pools,
     swarm_spec,
+    swarm_subnets,
     swarm_tasks,
 )
 from runner.backends.base import (
@@ -99,6 +101,7 @@ class SwarmBackend(RuntimeBackend):
         pull_timeout: float = 600.0,
         network: str = netguard.ISOLATED,
         attach_engine: str = "",
+        subnet_pool: subnets.Pool | None = None,
         timeout: int = 30,
     ) -> None:
         self.manager = manager
@@ -121,6 +124,12 @@ class SwarmBackend(RuntimeBackend):
             labels=self.labels,
             create_service=self._create_service,
             registry_auth=self._registry_auth,
+        )
+        # subnets of the pool through the nodes' engines, when the attach grant gives them (opt-in)
+        self.subnets = (
+            swarm_subnets.NodeSubnets(self.attaching, subnet_pool, registry)
+            if attach_engine and subnet_pool is not None and network == netguard.ISOLATED
+            else None
         )
 
     @classmethod
@@ -166,6 +175,7 @@ class SwarmBackend(RuntimeBackend):
             pull_timeout=settings.swarm_pull_timeout,
             network=settings.runner_network,
             attach_engine=settings.swarm_attach_engine,
+            subnet_pool=subnets.Pool.of(settings.runner_subnet_pool, settings.runner_subnet_prefix),
         )
 
     @property
@@ -253,7 +263,10 @@ class SwarmBackend(RuntimeBackend):
                     continue
                 if attempt == 1 and isinstance(exc, BackendError) and self._stale_network(exc, installation):
                     log.warning("runtime %s: %s; a new network generation for it", spec.runtime_id, exc.message)
-                    swarm_fence.renew(self.client, installation, self.labels)
+                    swarm_fence.renew(self.client, installation, self.labels, self._make_network)
+                    continue
+                if attempt == 1 and isinstance(exc, BackendError) and self._repaired(exc, installation):
+                    log.warning("runtime %s: %s; its network configuration made there", spec.runtime_id, exc.message)
                     continue
                 if isinstance(exc, BackendError) and (full := swarm_pools.exhausted(self.client, exc, installation)):
                     raise full from exc  # R44: the node's address pools are all taken
@@ -264,6 +277,14 @@ class SwarmBackend(RuntimeBackend):
         if self.network != netguard.ISOLATED:
             return False
         return swarm_fence.stale_network(exc, swarm_fence.networks(self.client, installation))
+
+    @property
+    def _make_network(self) -> swarm_fence.NetworkMaker | None:
+        return self.subnets.create_network if self.subnets is not None else None
+
+    def _repaired(self, exc: BackendError, installation: str) -> bool:
+        """A node lacked the config-only network (``swarm_subnets``): made there."""
+        return self.subnets is not None and self.subnets.repair(self.client, exc, installation)
 
     def _registry_auth(self, repository: str) -> str:
         """``X-Registry-Auth`` with a fresh pull token for ``repository``."""
@@ -290,6 +311,7 @@ class SwarmBackend(RuntimeBackend):
             f"{self.registry}/{spec.trusted_image}",
             self._registry_auth(trusted),
             timeout=self.pull_timeout,
+            make=self._make_network,
         )
 
     def _wait_running(self, spec: RuntimeSpec, state: BackendState, pinned: dict[str, Any]) -> BackendState:
@@ -328,7 +350,7 @@ class SwarmBackend(RuntimeBackend):
                         f"the runtime's task was {task.state}"
                         + (f" on node {where}" if where else "")
                         + f": {text}{pull}",
-                        details={"task_state": task.state, "node": where, "swarm_error": text},
+                        details={"task_state": task.state, "node": where, "node_id": task.node_id, "swarm_error": text},
                     )
                 if task.state == swarm_tasks.PULLING:
                     pulling_since = pulling_since or now

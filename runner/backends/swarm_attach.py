@@ -132,7 +132,7 @@ class SwarmAttach:
         nodes = [n for n in self._nodes() if swarm_tasks.node_down(n) is None]
         if wanted:
             nodes = [n for n in nodes if wanted in (str(n.get("ID")), swarm_tasks.node_name(n))]
-        said = self._run_jobs({str(n["ID"]): ["find", str(n["ID"]), name] for n in nodes}, "find")
+        said = self.run_jobs({str(n["ID"]): ["find", str(n["ID"]), name] for n in nodes}, "find")
         hits = []
         for n in nodes:
             out = said.get(str(n["ID"])) or {}
@@ -238,7 +238,7 @@ class SwarmAttach:
         node = str(state.get("node_id") or "")
         left: dict[str, Any] = {}
         if args is not None and node and state.get("container_id"):
-            out = self._run_jobs({node: ["stop", node, str(state["container_id"]), *args]}, "stop").get(node) or {}
+            out = self.run_jobs({node: ["stop", node, str(state["container_id"]), *args]}, "stop").get(node) or {}
             if out.get("error"):
                 raise BackendError(f"detaching on node {state.get('node')}: {out['error']}")
             left = {"left": out.get("left") or [], "dir_left": bool(out.get("dir_left"))}
@@ -351,7 +351,7 @@ class SwarmAttach:
             else {"Replicated": {"Replicas": 1}},
         }
 
-    def _run_jobs(self, jobs: dict[str, list[str]], what: str) -> dict[str, dict[str, Any]]:
+    def run_jobs(self, jobs: dict[str, list[str]], what: str) -> dict[str, dict[str, Any]]:
         """One helper job per node (``node id -> args``), all at once; each one's JSON line."""
         made: dict[str, str] = {}
         try:

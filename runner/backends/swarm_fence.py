@@ -9,7 +9,9 @@ every node of the swarm through the manager's API alone.
   could tell this installation's runtimes from anyone's. Swarm 20.10 drops the options of a
   swarm-scoped bridge network (``enable_icc``, the bridge's name) and its IPAM settings: each node
   takes the subnet from its own default pools (a /16 of 172.17–31.0.0/16), and runtimes on one
-  node are kept apart by a rule instead of ICC off.
+  node are kept apart by a rule instead of ICC off. With the nodes' engines granted
+  (``ENVCTL_SWARM_ATTACH_ENGINE``) the network is made ``--config-from`` a config-only network on
+  every node instead, with a subnet of the pool and ICC off (``swarm_subnets``); the rules stay.
 - **Network generations.** After a node's engine restarts (no live restore in swarm mode), Swarm
   20.10 refuses every new task there on the same swarm bridge network ("network <id> exists":
   its bridge driver keeps the network in a local store the restarted engine no longer lists).
@@ -49,6 +51,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -209,19 +212,53 @@ LABEL_GENERATION = "envctl.network-generation"
 _STALE_RE = re.compile(r"network (\w+) exists")
 
 
+# a network made --config-from a config-only network can carry no labels (Swarm refuses them):
+# the Swarm config that claims its subnet (``swarm_subnets``) carries them, and names it
+CLAIM_ROLE = "subnet-claim"  # LABEL_MANAGED of that config
+LABEL_SUBNET = "envctl.subnet"
+LABEL_NETWORK = "envctl.network"  # on a claim: the swarm network its subnet is for
+LABEL_CONFIG = "envctl.network-config"  # on a claim: the config-only network on the nodes
+LABEL_HELPER = "envctl.helper-image"  # on a claim: the image of the helper jobs that made them
+
+
 def networks(client: docker.DockerClient, installation: str) -> list[dict[str, Any]]:
-    """The installation's swarm networks, oldest generation first."""
+    """The installation's swarm networks, oldest generation first: those labelled so, and those
+    made ``--config-from`` (``swarm_subnets``), each with its claim's labels as its own."""
     label = [f"{LABEL_INSTALLATION}={installation}", f"{LABEL_MANAGED}={NETWORK_ROLE}"]
+    claim = [f"{LABEL_INSTALLATION}={installation}", f"{LABEL_MANAGED}={CLAIM_ROLE}"]
     try:
         found = [n for n in client.api.networks(filters={"label": label}) if n.get("Scope") == "swarm"]
+        claims = [(c.get("Spec") or {}).get("Labels") or {} for c in client.api.configs(filters={"label": claim})]
+        named = {str(n.get("Name")): n for n in client.api.networks() if n.get("Scope") == "swarm"} if claims else {}
     except Exception as exc:
         raise daemon_error("list the runtimes' swarm networks", exc) from exc
+    for labels in claims:
+        net = named.get(str(labels.get(LABEL_NETWORK)))
+        if net is None or labels.get(LABEL_INSTALLATION) != installation:
+            continue
+        if (net.get("ConfigFrom") or {}).get("Network") != labels.get(LABEL_CONFIG):
+            continue  # not the network the claim made (a name taken otherwise): not ours
+        found.append({**net, "Labels": {**labels, LABEL_MANAGED: NETWORK_ROLE}})
     return sorted(found, key=lambda n: int((n.get("Labels") or {}).get(LABEL_GENERATION) or 0))
 
 
-def _create_network(client: docker.DockerClient, installation: str, labels: dict[str, str], generation: int) -> None:
+#: makes a swarm network (client, name, labels) another way than ``_create_network``'s own:
+#: ``swarm_subnets.NodeSubnets.create_network``, a subnet of the pool through the nodes' engines
+NetworkMaker = Callable[[docker.DockerClient, str, dict[str, str]], None]
+
+
+def _create_network(
+    client: docker.DockerClient,
+    installation: str,
+    labels: dict[str, str],
+    generation: int,
+    make: NetworkMaker | None = None,
+) -> None:
     name = network_name(installation) + (f"-{generation}" if generation else "")
     made = {**labels, LABEL_INSTALLATION: installation, LABEL_MANAGED: NETWORK_ROLE, LABEL_GENERATION: str(generation)}
+    if make is not None:
+        make(client, name, made)
+        return
     try:
         client.api.create_network(name, driver="bridge", scope="swarm", labels=made, check_duplicate=True)
     except docker.errors.APIError as exc:
@@ -231,12 +268,14 @@ def _create_network(client: docker.DockerClient, installation: str, labels: dict
         raise daemon_error("create the runtimes' swarm network", exc) from exc
 
 
-def ensure_networks(client: docker.DockerClient, installation: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+def ensure_networks(
+    client: docker.DockerClient, installation: str, labels: dict[str, str], make: NetworkMaker | None = None
+) -> list[dict[str, Any]]:
     """The installation's swarm-scoped bridge networks, the first made when there is none; the
     newest is the one new runtimes join."""
     found = networks(client, installation)
     if not found:
-        _create_network(client, installation, labels, 0)
+        _create_network(client, installation, labels, 0, make)
         found = networks(client, installation)
     if not found:
         raise BackendError(f"the Swarm manager made network {network_name(installation)} but does not list it")
@@ -255,12 +294,14 @@ def stale_network(error: BackendError, installation_networks: list[dict[str, Any
     return any(str(n.get("Id")) == found.group(1) for n in installation_networks)
 
 
-def renew(client: docker.DockerClient, installation: str, labels: dict[str, str]) -> None:
+def renew(
+    client: docker.DockerClient, installation: str, labels: dict[str, str], make: NetworkMaker | None = None
+) -> None:
     """A new generation of the installation's network (``envctl-<id>-<n>``), which new runtimes
     join from now on; the guard fences every generation (runtimes stay on theirs)."""
     found = networks(client, installation)
     newest = int((found[-1].get("Labels") or {}).get(LABEL_GENERATION) or 0) if found else -1
-    _create_network(client, installation, labels, newest + 1)
+    _create_network(client, installation, labels, newest + 1, make)
 
 
 def guard_spec(
@@ -342,11 +383,12 @@ def ensure(
     registry_auth: str,
     *,
     timeout: float,
+    make: NetworkMaker | None = None,
 ) -> str:
     """The installation's network and its guard on every ready, active node, waiting (up to
     ``timeout`` s) until each has the rules in place; the network's name for the runtime's
     service. ``image`` and ``registry_auth``: what the guard runs when it must be (re)made."""
-    nets = ensure_networks(client, installation, labels)
+    nets = ensure_networks(client, installation, labels, make)
     guard = _find_service(client, guard_name(installation))
     body = guard_spec(client, installation, labels, [bridge_of(str(n["Id"])) for n in nets], image)
     headers = {"X-Registry-Auth": registry_auth}

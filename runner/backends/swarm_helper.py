@@ -14,21 +14,31 @@ another engine; then:
   on the host network); it prints the pids and the relay's port, then watches the container:
   gone, stopped or restarted, it ends (the attach is over); on SIGTERM it ends the agent first;
 - ``stop NODE CID DIR REAPER AGENT``: the stopper of ``agent_bootstrap`` by ``docker exec``;
-  prints its answer.
+  prints its answer;
+- ``netmake NODE NAME SUBNET GATEWAY LABELS``: the config-only network ``NAME`` of
+  ``swarm_subnets`` on the node (``enable_icc=false``, that subnet, the JSON ``LABELS``), unless
+  it is there already with that subnet; a network of the node whose subnet overlaps it is
+  answered as ``overlap`` and nothing is made;
+- ``netrm NODE INSTALLATION [NAME]``: the node's config-only networks labelled as that
+  installation's (``envctl.managed=network-config``; only ``NAME`` when given) removed, each
+  asked again for a while when still in use; answers what went and what stayed.
 """
 
 from __future__ import annotations
 
 from runner.backends.agent_bootstrap import BOOTSTRAP, PYTHON, STOPPER
-from runner.backends.base import AGENT_MOUNT, AGENT_PORT
+from runner.backends.base import AGENT_MOUNT, AGENT_PORT, LABEL_INSTALLATION, LABEL_MANAGED
 
 ENGINE = "/run/envctl-engine.sock"  # where the node's socket is bound in the helper
 CREDENTIAL = "/run/envctl/attach.key"  # the relay's secret (the attach's credential line)
+CONFIG_ROLE = "network-config"  # LABEL_MANAGED of a config-only network (swarm_subnets)
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
 
 _PROGRAM = r"""
-import http.client, json, os, signal, socket, struct, sys, threading, time
+import http.client, ipaddress, json, os, signal, socket, struct, sys, threading, time
 from urllib.parse import quote
 ENGINE, CREDENTIAL, AGENT = %(engine)r, %(credential)r, %(agent)r
+INSTALLATION, MANAGED, CONFIG_ROLE, ICC = %(installation)r, %(managed)r, %(config_role)r, %(icc)r
 BOOTSTRAP, STOPPER, PYTHON = %(bootstrap)r, %(stopper)r, %(python)r
 mode, node = sys.argv[1], sys.argv[2]
 def say(**kw):
@@ -208,6 +218,57 @@ elif mode == "relay":
     now = inspect(cid)  # a restarted container may keep its /dev/shm: the directory goes too
     if now is not None and now["State"].get("Running"):
         say(stopped=stop(cid, d, reaper, agent))
+elif mode == "netmake":
+    name, subnet, gateway, labels = sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+    want = ipaddress.ip_network(subnet)
+    st, nets = call("GET", "/networks")
+    if st != 200:
+        say(error="node %%s: the engine did not list its networks (%%s)" %% (node, st)); sys.exit(1)
+    for n in nets:
+        have = [c.get("Subnet") for c in (n.get("IPAM") or {}).get("Config") or []]
+        if n.get("Name") == name:
+            owner = (n.get("Labels") or {}).get(INSTALLATION)
+            if n.get("ConfigOnly") and have == [subnet] and owner == labels.get(INSTALLATION):
+                say(node=node, made=False); sys.exit(0)
+            say(error="node %%s has a network %%s that is not envctl's configuration for subnet %%s"
+                %% (node, name, subnet)); sys.exit(1)
+        if (n.get("ConfigFrom") or {}).get("Network") == name:
+            continue  # the swarm network made from it, on this node
+        for s in have:
+            try:
+                other = ipaddress.ip_network(s or "", strict=False)
+            except ValueError:
+                continue
+            if other.version == 4 and other.overlaps(want):
+                say(node=node, overlap="%%s (%%s)" %% (n.get("Name"), other), subnet=str(other)); sys.exit(0)
+    st, out = call("POST", "/networks/create", {"Name": name, "ConfigOnly": True, "CheckDuplicate": True,
+        "Driver": "bridge", "Options": {ICC: "false"}, "Labels": labels,
+        "IPAM": {"Driver": "default", "Config": [{"Subnet": subnet, "Gateway": gateway}]}})
+    if st not in (200, 201, 409):  # 409: made at the same moment by another boot of ours
+        say(error="node %%s refused the configuration network %%s: %%s" %% (node, name, out)); sys.exit(1)
+    say(node=node, made=st != 409)
+elif mode == "netrm":
+    inst, only = sys.argv[3], (sys.argv[4] if len(sys.argv) > 4 else "")
+    wanted = json.dumps({"label": ["%%s=%%s" %% (INSTALLATION, inst), "%%s=%%s" %% (MANAGED, CONFIG_ROLE)]})
+    st, nets = call("GET", "/networks?filters=" + quote(wanted))
+    if st != 200:
+        say(error="node %%s: the engine did not list its networks (%%s)" %% (node, st)); sys.exit(1)
+    gone, left = [], []
+    for n in nets:
+        labels = n.get("Labels") or {}
+        if not n.get("ConfigOnly") or labels.get(INSTALLATION) != inst or labels.get(MANAGED) != CONFIG_ROLE:
+            continue
+        if only and n.get("Name") != only:
+            continue
+        end = time.monotonic() + 30  # in use until the node has dropped the swarm network made from it
+        while True:
+            st, out = call("DELETE", "/networks/" + quote(n["Id"]))
+            if st in (200, 204, 404):
+                gone.append(n["Name"]); break
+            if time.monotonic() > end:
+                left.append("%%s (%%s)" %% (n["Name"], out)); break
+            time.sleep(0.5)
+    say(node=node, removed=gone, left=left)
 else:
     say(error="unknown mode " + mode); sys.exit(2)
 """
@@ -220,4 +281,8 @@ HELPER = _PROGRAM % {
     "bootstrap": BOOTSTRAP,
     "stopper": STOPPER,
     "python": list(PYTHON),
+    "installation": LABEL_INSTALLATION,
+    "managed": LABEL_MANAGED,
+    "config_role": CONFIG_ROLE,
+    "icc": ICC_OPTION,
 }

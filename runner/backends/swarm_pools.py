@@ -9,9 +9,10 @@ such a network a subnet is a network made with ``--config-from`` a *config-only*
 exists on every node (checked on the fixture: the subnet and ``enable_icc=false`` then hold on the
 nodes that have it, and a node without it rejects the task with 'configuration network "..." does
 not exist'); a config-only network is local to its node, made through that node's own Engine API,
-which envctl does not have (it talks to the manager alone).
+which envctl has only when an admin grants it (``ENVCTL_SWARM_ATTACH_ENGINE``: then
+``swarm_subnets`` does just that, and takes the subnet from the pool).
 
-What envctl does instead: a task its node rejects because the node's pools are full ("could not
+Without that grant, what envctl does instead: a task its node rejects because the node's pools are full ("could not
 find an available, non-overlapping IPv4 address pool") fails the boot with the same error as on
 the local engine, ``network_pool_exhausted``, naming the node, the envctl networks on the swarm
 (each with its installation and how many services that installation still has) and how to free
@@ -87,7 +88,8 @@ def exhausted(client: docker.DockerClient, error: BackendError, installation: st
         "gives a swarm network a subnet of its own default address pools (Swarm 20.10 drops the subnet envctl "
         "would take from ENVCTL_RUNNER_SUBNET_POOL), and they are all taken there. envctl networks on the "
         f"swarm: {named or 'none'}; {free}. Networks that are not envctl's hold the rest; or give the node "
-        "larger default-address-pools (its daemon.json)",
+        "larger default-address-pools (its daemon.json), or grant envctl the nodes' engines "
+        "(ENVCTL_SWARM_ATTACH_ENGINE) so that it takes the subnet from ENVCTL_RUNNER_SUBNET_POOL",
         details={
             "node": node,
             "swarm_error": str(details.get("swarm_error") or ""),

@@ -3,7 +3,11 @@ backend): every service, secret, config and network labelled ``envctl.installati
 on the manager, and the network guard's firewall rules on every node (``swarm_fence``).
 Nothing without that label is looked at, so another installation's objects on the same swarm
 stay. Order: the runtimes' services (their tasks stopped), the guard, a one-shot global job that
-deletes the installation's rules on every node, then the secrets, configs and the network.
+deletes the installation's rules on every node, then the secrets and the networks, the
+config-only networks of ``swarm_subnets`` on every ready node (helper jobs through the nodes'
+engines, ``ENVCTL_SWARM_ATTACH_ENGINE``: only those labelled with the installation), and last the
+configs (the subnet claims among them, which name those config-only networks: an uninstall
+interrupted before finds them again).
 
 Named volumes live on the nodes, and Swarm 20.10's manager API cannot remove a node's volume:
 they are listed with their node (``swarm_mounts.pinned_volumes``) and each comes back under
@@ -22,7 +26,7 @@ import docker
 import docker.errors
 
 from envs.images.docker import daemon_error
-from runner.backends import swarm_fence, swarm_mounts, swarm_tasks
+from runner.backends import swarm_fence, swarm_mounts, swarm_subnets, swarm_tasks
 from runner.backends.base import LABEL_INSTALLATION, LABEL_MANAGED
 
 WAIT = 60.0  # seconds for the services' tasks, and the unfence job, to end
@@ -72,6 +76,8 @@ def listed(client: docker.DockerClient, manager: str, installation: str) -> Swar
         secrets = client.api.secrets(filters=label)
         configs = client.api.configs(filters=label)
         networks = [n for n in client.api.networks(filters=label) if n.get("Scope") == "swarm"]
+        ids = {n.get("Id") for n in networks}  # and those made --config-from, found by their claims
+        networks += [n for n in swarm_fence.networks(client, installation) if n.get("Id") not in ids]
     except Exception as exc:
         raise daemon_error("list the installation's objects on the swarm", exc) from exc
 
@@ -94,15 +100,21 @@ def listed(client: docker.DockerClient, manager: str, installation: str) -> Swar
 
 
 def remove(
-    client: docker.DockerClient, held: SwarmHoldings, installation: str, labels: dict[str, str]
+    client: docker.DockerClient,
+    held: SwarmHoldings,
+    installation: str,
+    labels: dict[str, str],
+    engine_socket: str = "",
 ) -> dict[str, Any]:
-    """Remove what ``held`` names (in the order of the module's docstring); what went."""
+    """Remove what ``held`` names (in the order of the module's docstring); what went.
+    ``engine_socket``: ``ENVCTL_SWARM_ATTACH_ENGINE``, for the nodes' config-only networks."""
     done: dict[str, Any] = {
         "services": [],
         "secrets": [],
         "configs": [],
         "networks": [],
         "rules": "none",
+        "node_networks": "none",
         "volumes_kept": [swarm_mounts.removal_note(v, installation) for v in held.volumes],
     }
     guard = [s for s in held.services if s["role"] == swarm_fence.GUARD_ROLE]
@@ -124,10 +136,12 @@ def remove(
             _remove_service(client, s["id"])
     removers: list[tuple[str, list[dict[str, str]], Callable[[str], Any]]] = [
         ("secrets", held.secrets, lambda i: client.api.remove_secret(i)),
-        ("configs", held.configs, lambda i: client.api.remove_config(i)),
         ("networks", held.networks, lambda i: client.api.remove_network(i)),
+        ("configs", held.configs, lambda i: client.api.remove_config(i)),
     ]
     for kind, items, remover in removers:
+        if kind == "configs":  # the subnet claims (configs) name the nodes' config-only networks: they go first
+            done["node_networks"] = swarm_subnets.remove(client, installation, labels, engine_socket)
         for item in items:
             _retry_in_use(remover, item["id"], f"remove the installation's {kind[:-1]} {item['name']}")
             done[kind].append(item["name"])
