@@ -44,6 +44,7 @@ class KubeApi:
 
         cfg = client.Configuration()
         try:
+            path = config
             if config == "in-cluster":
                 kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
             else:
@@ -58,7 +59,8 @@ class KubeApi:
                 field="kube_config",
             ) from exc
         self.namespace = namespace
-        self.config = config  # as given: a bash-only attach's shell relay loads them again (kube_shell)
+        # what was loaded: a Bash-only attach's shell relay loads the same again (kube_shell)
+        self.config = config if config == "in-cluster" else path
         self.context = context
         self.timeout = timeout
         self.client = client.ApiClient(cfg)
