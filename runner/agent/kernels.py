@@ -476,9 +476,10 @@ class StreamBashKernel(BashKernel):
     """A shell reached through a byte stream only (``ENVCTL_BASH_STREAM``): a Bash-only attach on
     a cluster, where the kernel's process relays to a shell inside the container
     (``runner/backends/kube_shell.py``). No private pipe and no file cross such a stream, so each
-    cell goes in on the shell's stdin as a quoted string, is sourced from a pipe (``source
-    <(...)``, so ``return``, the interrupt trap and ``cd`` behave as in the local kernel; ``eval``
-    in a shell without bash), and ends with a marker of this kernel's own token and the exit
+    cell goes in on the shell's stdin as a quoted string, is sourced from a here-string
+    (``source /dev/stdin <<<...``: ``return``, the interrupt trap and ``cd`` behave as in the
+    local kernel, and a command reading stdin finds it at its end; ``eval`` in a shell without
+    bash), and ends with a marker of this kernel's own token and the exit
     status, printed on stdout and on stderr: the cell is done when both arrived, so neither
     stream's last output comes after its end."""
 
@@ -562,10 +563,8 @@ class StreamBashKernel(BashKernel):
     def execute(self, code: str) -> None:
         self.count += 1
         quoted = "'" + code.replace("'", "'\\''") + "'"
-        if self._bash:
-            run = "source <(printf '%s\\n' \"$__envctl_cell\") </dev/null"
-        else:
-            run = 'eval "$__envctl_cell" </dev/null'
+        # bash: a here-string, a pipe bash fills itself (no child process, no file)
+        run = 'source /dev/stdin <<<"$__envctl_cell"' if self._bash else 'eval "$__envctl_cell" </dev/null'
         mark = f"printf '\\n{self.token} %d\\n' \"$__envctl_rc\""
         command = f"__envctl_cell={quoted}\n{run}; __envctl_rc=$?; unset __envctl_cell; {mark}; {mark} >&2\n"
         self._busy = True

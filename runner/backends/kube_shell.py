@@ -15,7 +15,9 @@ attach started, also one left by an envctl or agent that died meanwhile (``end_s
 
 SIGINT (the agent's interrupt) becomes a second short exec that sends SIGINT to the shell and
 its descendants in the container (found through ``/proc``: no ``pkill`` needed; a busybox or
-Debian container alike); SIGTERM ends them with SIGKILL, then the relay. The credentials are
+Debian container alike); SIGTERM (a detach, the kernel's end) kills the descendants, has the
+shell reap them and exit, then ends the relay (``Relay.end``; see ``SIGNAL`` for why in that
+order: the container's pid 1 may never reap an orphan). The credentials are
 envctl's own (its kubeconfig, or a pod's in-cluster token), loaded again here: nothing goes
 into the pod's spec, variables or annotations.
 """
@@ -27,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from envs.kit.errors import EnvctlError
@@ -39,33 +42,66 @@ START = (
     "if command -v bash >/dev/null 2>&1; then exec bash --noprofile --norc; fi; exec sh"
 )
 
-# ``sh -c SIGNAL sh SIG PID START [PID START ...]``: SIG to each listed shell still running with
-# that start time (a pid reused by something else is left alone) and to all its descendants,
-# found through /proc; prints what it signalled. Shell builtins only, besides the shell itself.
+# ``sh -c SIGNAL sh MODE PID START [PID START ...]``, on each listed shell still running with
+# that start time (a pid reused by something else is left alone) and its descendants, found
+# through /proc (zombies aside). INT: SIGINT to all at once (an interrupt). END and KILL: the
+# descendants killed leaves first, each round waiting until their parents reaped them (an
+# orphan goes to the container's pid 1, which may never reap it); the shells' own children
+# are reaped by the shells (END: SIGINT to the shell, whose relay then has it ``wait`` and
+# exit), or (KILL, the last resort) the shells are killed too. Prints what it signalled.
+# Shell builtins only, besides the shell (and ``sleep`` where there is one).
 SIGNAL = r"""
 stat_of() {
-  s=""; read -r s < /proc/$1/stat 2>/dev/null || return 1
-  s=${s##*) }; set -f; set -- $s; set +f; pp=$2; st=${20}
+  s=""; read -r s 2>/dev/null < /proc/$1/stat || return 1
+  s=${s##*) }; set -f; set -- $s; set +f; state=$1; pp=$2; st=${20}
 }
-sig=$1; shift
-all=""
+tree() {  # $desc: the live descendants of $roots; $parents: those of them with children
+  desc=""; parents=""; changed=1
+  while [ $changed = 1 ]; do
+    changed=0
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}
+      case " $roots $desc " in *" $p "*) continue;; esac
+      stat_of "$p" || continue
+      [ "$state" = Z ] && continue
+      case " $roots $desc " in *" $pp "*) desc="$desc $p"; parents="$parents $pp"; changed=1;; esac
+    done
+  done
+}
+pause() {
+  if command -v sleep >/dev/null 2>&1; then sleep 0.02; else i=0; while [ $i -lt 200 ]; do i=$((i+1)); done; fi
+}
+mode=$1; shift
+roots=""
 while [ $# -ge 2 ]; do
-  if stat_of "$1" && [ "$st" = "$2" ]; then all="$all $1"; fi
+  if stat_of "$1" && [ "$st" = "$2" ] && [ "$state" != Z ]; then roots="$roots $1"; fi
   shift 2
 done
-changed=1
-[ -n "$all" ] || changed=0
-while [ $changed = 1 ]; do
-  changed=0
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    case " $all " in *" $p "*) continue;; esac
-    stat_of "$p" || continue
-    case " $all " in *" $pp "*) all="$all $p"; changed=1;; esac
+[ -n "$roots" ] || { echo "envctl-signalled"; exit 0; }
+tree
+if [ "$mode" = INT ]; then kill -INT $roots $desc 2>/dev/null; echo "envctl-signalled$roots$desc"; exit 0; fi
+[ "$mode" = END ] && kill -INT $roots 2>/dev/null
+ended=""; round=0
+while [ -n "$desc" ] && [ $round -lt 20 ]; do
+  round=$((round+1)); leaves=""
+  for p in $desc; do case " $parents " in *" $p "*) ;; *) leaves="$leaves $p";; esac; done
+  [ $round -lt 20 ] || leaves=$desc
+  kill -KILL $leaves 2>/dev/null; ended="$ended$leaves"
+  n=0
+  while [ $n -lt 50 ]; do
+    left=""
+    for p in $leaves; do
+      stat_of "$p" || continue
+      case " $roots " in *" $pp "*) continue;; esac
+      left="$left $p"
+    done
+    [ -n "$left" ] || break
+    n=$((n+1)); pause
   done
+  tree
 done
-[ -z "$all" ] || kill -$sig $all 2>/dev/null
-echo "envctl-signalled$all"
+[ "$mode" = KILL ] && kill -KILL $roots 2>/dev/null
+echo "envctl-signalled$roots$ended"
 """
 
 
@@ -96,6 +132,7 @@ class Relay:
         self.pids = pids
         self.shell: tuple[int, str] | None = None
         self.ws: Any = None
+        self.ending = False  # SIGTERM: end the shell (``end``), then the relay
         self._write = threading.Lock()
 
     def run(self) -> int:
@@ -105,6 +142,8 @@ class Relay:
         err = sys.stderr.buffer
         threading.Thread(target=self._feed, daemon=True).start()
         while self.ws.is_open():
+            if self.ending:
+                return self.end()
             self.ws.update(timeout=1)
             data = self.ws.read_stdout() if self.ws.peek_stdout() else b""
             if self.shell is None and data:
@@ -130,6 +169,22 @@ class Relay:
             err.write(head[-300:])
             err.flush()
         return 0
+
+    def end(self) -> int:
+        """The shell's descendants killed, its running cell returned (END), then the shell told
+        to reap its children and exit; killed (KILL) if it has not within a few seconds."""
+        self.signal("END")
+        with self._write, contextlib.suppress(Exception):
+            self.ws.write_stdin(b"\nwait; exit 0\n")
+        deadline = time.monotonic() + 8
+        with contextlib.suppress(Exception):
+            while self.ws.is_open() and time.monotonic() < deadline:
+                self.ws.update(timeout=0.2)
+                self.ws.read_all()  # the shell's last words go nowhere: the kernel is going
+        self.signal("KILL")  # a no-op for a shell that is gone (its pid and start time)
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        return 143
 
     def _feed(self) -> None:
         """Our stdin to the shell's, until it closes."""
@@ -164,8 +219,7 @@ def main(argv: list[str]) -> int:
         threading.Thread(target=relay.signal, args=("INT",), daemon=True).start()
 
     def terminate(_sig: int, _frame: Any) -> None:
-        relay.signal("KILL")
-        os._exit(143)
+        relay.ending = True
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, terminate)

@@ -65,6 +65,7 @@ PREFIX = "attach:"  # an attached runtime's environment_ref: attach:<container n
 NOMINAL_ENVIRONMENT = "bash"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASH_FLAGS = ["--noprofile", "--norc"]
+RELAY_END = 15.0  # how long a detach waits for the shell relays to end their shells
 _AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")  # the kernels' files in the container
 
 
@@ -399,12 +400,28 @@ class Attach:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
+    def _end_relays(self, state: dict[str, Any]) -> None:
+        """SIGTERM to the agent's shell relays: each ends its shell's descendants and has the
+        shell reap them and exit (runner/backends/kube_shell.py); waited for, a while."""
+        agent = int(state.get("agent_pid") or 0)
+        if not agent or not _is_our_agent(agent):
+            return
+        relays = [p for p in _tree(agent) if b"runner.backends.kube_shell" in _cmdline(p)]
+        for pid in relays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + RELAY_END
+        while time.monotonic() < deadline and any(_cmdline(p) for p in relays):
+            time.sleep(0.05)
+
     def _detach_relay(self, runtime_id: str, state: dict[str, Any]) -> bool:
-        """The agent on this host ended, then every shell its relays started in the container
-        (and their descendants) killed through the backend's API; nothing was written there."""
-        self._end_agent(state)
+        """Every shell the agent's relays started in the container (and their descendants)
+        killed through the backend's API, then the agent on this host; nothing was written there."""
         name = str(state.get("container_name") or state.get("pod"))
+        self._end_relays(state)
         try:
+            # what is left of the shells first: a relay ended first closes its shell's stdin, and a shell that
+            # exits leaves what a cell started in the background to the container's pid 1
             said = self.backend.end_shells(state)
             message = (
                 f"detached from container {name}: agent ended, its shells ended (no files were placed); "
@@ -414,6 +431,7 @@ class Attach:
         except EnvctlError as exc:
             message = f"detached from container {name}; its shells could not be reached to end them: {exc.message}"
             details = {}
+        self._end_agent(state)
         Path(str(state.get("shells") or "/nonexistent")).unlink(missing_ok=True)
         self.paths.remove_socket(runtime_id)
         with self.records.tx() as s:
@@ -484,8 +502,11 @@ def ref_of(c: OtherContainer) -> str:
 
 
 def _refusal(message: str) -> list[str]:
-    """A kernel command that only says ``message`` and fails (a language the container lacks)."""
-    return [sys.executable, "-c", f"import sys; sys.stderr.write({message!r} + '\\n'); sys.exit(1)"]
+    """A kernel command that only says ``message`` and fails (a language the container lacks):
+    a "fatal" message on the kernel protocol's channel (fd 4, runner/agent/pykernel.py), which
+    the cell's error then says."""
+    line = json.dumps({"type": "fatal", "message": message}) + "\n"
+    return [sys.executable, "-c", f"import os, sys; os.write(4, {line.encode()!r}); sys.exit(1)"]
 
 
 def _has(root: Path, path: str, program: str) -> bool:
@@ -503,6 +524,14 @@ def _ids_of(pid: int) -> tuple[int, int]:
             elif line.startswith("Gid:"):
                 gid = int(line.split()[1])
     return uid, gid
+
+
+def _cmdline(pid: int) -> bytes:
+    """A live process's command line (empty: gone, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _is_our_agent(pid: int) -> bool:
