@@ -25,8 +25,10 @@ On the kubernetes backend (``attach_inside``) the agent goes into the pod instea
 API's ``pods/exec`` (``runner/backends/kube_attach.py``): ``POD[/CONTAINER]`` of envctl's
 namespace, on any node; a fresh credential per attach, handed over on the exec's standard input
 into the container's ``/dev/shm``; envctl dials it at the pod's IP as it dials its own pods
-(its address and sealed key on the row, as a boot's). A pod without ``python3`` cannot be
-attached there (the agent has nothing to run on): refused, saying so. On Swarm the same
+(its address and sealed key on the row, as a boot's). A pod without ``python3`` runs Bash cells
+only: the agent runs on this host (``_place_relay``) and its Bash kernel relays to a shell in
+the container through the backend (``shell_relay``, runner/backends/kube_shell.py); detaching
+has the relays end their shells, then kills what is left (``end_shells``). On Swarm the same
 bootstrap goes in by the node's ``docker exec``, through helper tasks on the container's node
 (``runner/backends/swarm_attach.py``), when an admin allows that (``ENVCTL_SWARM_ATTACH_ENGINE``).
 """
@@ -156,7 +158,8 @@ class Attach:
         if not python and not self.backend.bash_relay:
             raise ConflictError(
                 f"container {ref_of(c)!r} has no python3: on the {self.backend.name} backend envctl's agent runs "
-                "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine)",
+                "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine "
+                "or Kubernetes)",
                 details={"container": ref_of(c)},
             )
         return python
