@@ -42,7 +42,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         status = next(d["status"] for kind, d in events if kind == "done")
         return status, stream["stdout"], stream["stderr"], outs
 
-    k.cell = cell
+    k.cell = cell  # type: ignore[attr-defined]
     yield k
     k.kill()
 
