@@ -488,3 +488,123 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+class StreamBashKernel(BashKernel):
+    """A shell reached through a byte stream only (``ENVCTL_BASH_STREAM``): a Bash-only attach on
+    a cluster, where the kernel's process relays to a shell inside the container
+    (``runner/backends/kube_shell.py``). No private pipe and no file cross such a stream, so each
+    cell goes in on the shell's stdin as a quoted string, is sourced from a here-string
+    (``source /dev/stdin <<<...``: ``return``, the interrupt trap and ``cd`` behave as in the
+    local kernel, and a command reading stdin finds it at its end; ``eval`` in a shell without
+    bash), and ends with a marker of this kernel's own token and the exit
+    status, printed on stdout and on stderr: the cell is done when both arrived, so neither
+    stream's last output comes after its end."""
+
+    def __init__(self, on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str] | None = None) -> None:
+        super().__init__(on_event, env)
+        self.token = "__envctl_" + os.urandom(8).hex()
+        self._needle = "\n" + self.token + " "
+        self._held = {"stdout": "", "stderr": ""}
+        self._ended: dict[str, int] = {}
+        self._bash = False
+        self._emit = on_event
+        self.on_event = self._filter
+
+    def _start(self) -> None:
+        argv = command_override("ENVCTL_BASH_KERNEL")
+        if argv is None:
+            raise KernelDiedError("no shell to stream to (ENVCTL_BASH_KERNEL)")
+        self._held = {"stdout": "", "stderr": ""}
+        self._ended = {}
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+            close_fds=True,
+        )
+        self._stdin = self.proc.stdin
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        prelude = (
+            "PS1= PS2=\n"
+            "trap 'return 130 2>/dev/null || true' INT\n"
+            f"printf '\\n{self.token} ready%s\\n' \"${{BASH_VERSION:+ bash}}\"\n"
+        )
+        self._stdin.write(prelude.encode())
+        self._stdin.flush()
+        self._reader = threading.Thread(
+            target=self._read_loop,
+            args=({self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}, None),
+            daemon=True,
+        )
+        self._reader.start()
+
+    def _filter(self, kind: str, data: dict[str, Any]) -> None:
+        """Stream outputs with the markers taken out; a marker ends the cell (or starts the kernel)."""
+        if kind != "output" or data.get("output_type") != "stream" or data.get("name") not in self._held:
+            self._emit(kind, data)
+            return
+        name = str(data["name"])
+        buf = self._held[name] + str(data.get("text") or "")
+        while (at := buf.find(self._needle)) >= 0 and (end := buf.find("\n", at + 1)) >= 0:
+            if at:
+                self._emit("output", {"output_type": "stream", "name": name, "text": buf[:at]})
+            line, buf = buf[at + 1 : end], buf[end + 1 :]
+            self._marker(name, line[len(self.token) :].strip())
+        # hold back a marker not whole yet, or what may be the start of one
+        keep = len(buf) - at if (at := buf.find(self._needle)) >= 0 else 0
+        if not keep:
+            keep = next(
+                (n for n in range(min(len(buf), len(self._needle)), 0, -1) if self._needle.startswith(buf[-n:])), 0
+            )
+        out, self._held[name] = buf[: len(buf) - keep], buf[len(buf) - keep :]
+        if out:
+            self._emit("output", {"output_type": "stream", "name": name, "text": out})
+
+    def _marker(self, name: str, value: str) -> None:
+        if value.startswith("ready"):
+            self._bash = value.endswith("bash")
+            self._ready.set()
+            return
+        try:
+            self._ended[name] = int(value)
+        except ValueError:
+            self._ended[name] = 1
+        if len(self._ended) == 2:  # both streams ended: the error and "done" pass _filter unchanged
+            rc = self._ended["stdout"]
+            self._ended = {}
+            self._on_control_line(f"{DONE_MARK} {rc}".encode())
+
+    def execute(self, code: str) -> None:
+        self.count += 1
+        quoted = "'" + code.replace("'", "'\\''") + "'"
+        # bash: a here-string, a pipe bash fills itself (no child process, no file)
+        run = 'source /dev/stdin <<<"$__envctl_cell"' if self._bash else 'eval "$__envctl_cell" </dev/null'
+        mark = f"printf '\\n{self.token} %d\\n' \"$__envctl_rc\""
+        command = f"__envctl_cell={quoted}\n{run}; __envctl_rc=$?; unset __envctl_cell; {mark}; {mark} >&2\n"
+        self._busy = True
+        try:
+            self._stdin.write(command.encode())
+            self._stdin.flush()
+        except (OSError, ValueError) as exc:
+            self._busy = False
+            raise KernelDiedError(f"the shell is gone: {exc}") from exc
+
+    def kill(self) -> None:
+        """SIGTERM first: the relay ends the shell in the container before it goes."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        super().kill()
+
+
+def bash_kernel(on_event: Callable[[str, dict[str, Any]], None], env: dict[str, str], cell_dir: str) -> BashKernel:
+    """The Bash kernel: a shell of its own, or one reached through a stream (a cluster's attach)."""
+    if os.environ.get("ENVCTL_BASH_STREAM") == "1":
+        return StreamBashKernel(on_event, env)
+    return BashKernel(on_event, env, cell_dir=cell_dir)

@@ -463,7 +463,7 @@ class Agent:
             if key == "python":
                 kernel = kernels.python_kernel(self._on_event, self.env)
             elif key == "bash":
-                kernel = kernels.BashKernel(self._on_event, self.env, cell_dir=self.scratch)
+                kernel = kernels.bash_kernel(self._on_event, self.env, cell_dir=self.scratch)
             elif key.startswith("jupyter:"):
                 env = {**self.env, "ENVCTL_AGENT_SCRATCH": self.scratch}
                 kernel = kernels.jupyter_kernel(key.split(":", 1)[1], self._on_event, env)

@@ -441,6 +441,19 @@ class RuntimeBackend(abc.ABC):
         (``left``: pids, ``dir_left``)."""
         raise NotSupportedError(f"the {self.name} backend does not place agents in containers")
 
+    # A container without python3 on an ``attach_inside`` backend: the agent runs on envctl's
+    # host instead, its Bash kernel a relay to a shell in the container (``bash_relay``).
+    bash_relay: ClassVar[bool] = False
+
+    def shell_relay(self, other: OtherContainer, pids: Path) -> tuple[list[str], BackendState]:
+        """The command of a relay to a shell in ``other`` (it records the shells it starts in
+        ``pids``), and what detaching and ``other_alive`` need."""
+        raise NotSupportedError(f"the {self.name} backend has no shell relay")
+
+    def end_shells(self, state: BackendState) -> str:
+        """The relays' shells (``state["shells"]``) and their descendants killed in the container."""
+        raise NotSupportedError(f"the {self.name} backend has no shell relay")
+
     def other_alive(self, state: BackendState) -> bool:
         """Whether the container an agent was placed in is still that one, running."""
         return True

@@ -361,6 +361,14 @@ class KubernetesBackend(RuntimeBackend):
     def remove_agent(self, state: BackendState) -> dict[str, Any]:
         return kube_attach.remove(self.api, state)
 
+    bash_relay = True  # a pod without python3: its Bash cells through a relay on envctl's host
+
+    def shell_relay(self, other: OtherContainer, pids: Path) -> tuple[list[str], BackendState]:
+        return kube_attach.shell_relay(self.api, other, pids)
+
+    def end_shells(self, state: BackendState) -> str:
+        return kube_attach.end_shells(self.api, state)
+
     def other_alive(self, state: BackendState) -> bool:
         return kube_attach.pod_alive(self.api, state)
 

@@ -44,6 +44,7 @@ class KubeApi:
 
         cfg = client.Configuration()
         try:
+            path = config
             if config == "in-cluster":
                 kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
             else:
@@ -58,6 +59,9 @@ class KubeApi:
                 field="kube_config",
             ) from exc
         self.namespace = namespace
+        # what was loaded: a Bash-only attach's shell relay loads the same again (kube_shell)
+        self.config = config if config == "in-cluster" else path
+        self.context = context
         self.timeout = timeout
         self.client = client.ApiClient(cfg)
         self.core = client.CoreV1Api(self.client)
@@ -123,7 +127,7 @@ class KubeApi:
             return ""
 
     # exec (pods/exec): attaching to a pod envctl did not start (kube_attach.py)
-    def _exec(self, pod: str, container: str, command: list[str], stdin: bool) -> Any:
+    def _exec(self, pod: str, container: str, command: list[str], stdin: bool, binary: bool = False) -> Any:
         from kubernetes import client  # noqa: PLC0415
         from kubernetes.stream import stream  # noqa: PLC0415
 
@@ -143,9 +147,15 @@ class KubeApi:
                     tty=False,
                     _preload_content=False,
                     _request_timeout=self.timeout,
+                    **({"binary": True} if binary else {}),
                 )
             except Exception as exc:
                 raise kube_error(f"exec in pod {pod}", exc) from exc
+
+    def exec_stream(self, pod: str, container: str, command: list[str]) -> Any:
+        """``command`` started in the pod's container with its stdin open; the open stream
+        (the client's ``WSClient``, bytes in and out), for the caller to relay and close."""
+        return self._exec(pod, container, command, stdin=True, binary=True)
 
     def exec(self, pod: str, container: str, command: list[str], timeout: float) -> str:
         """Run ``command`` in the pod's container to its end; its output (stdout, then stderr)."""

@@ -17,17 +17,22 @@ Removing it (``remove``): a second exec sends the agent SIGTERM (it kills its ke
 SIGKILL to anything left under the bootstrap, waits for the bootstrap to end, and removes the
 directory; it answers what is still there. The pod is never deleted or restarted.
 
-Without ``python3`` in the container the agent has nothing to run on in the pod: attach is
-refused there, naming why (the local engine's runs its agent beside the container instead).
+Without ``python3`` in the container the agent has nothing to run on in the pod: it runs on
+envctl's host instead, as the local engine's attach does, and its Bash kernel is a relay
+(``kube_shell``) to a shell in the container behind one long-lived ``pods/exec`` stream
+(``shell_relay``); detaching kills the shells the relays recorded and their descendants, by one
+more exec (``end_shells``). Python cells are refused there, saying why; Bash cells run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 from typing import Any
 
 from envs.kit.errors import BackendError, ConflictError, InvalidInputError
-from runner.backends import agent_bootstrap
+from runner.backends import agent_bootstrap, kube_shell
 from runner.backends.base import AGENT_PORT, OtherContainer
 from runner.backends.kube_api import KubeApi
 
@@ -135,6 +140,32 @@ def remove(api: KubeApi, state: dict[str, Any]) -> dict[str, Any]:
     command = [*agent_bootstrap.PYTHON, agent_bootstrap.STOPPER, *args]
     out = api.exec(str(state["pod"]), str(state.get("container") or ""), command, timeout=REMOVE_TIMEOUT)
     return agent_bootstrap.stopped(f"pod {state['pod']}", out)
+
+
+def shell_relay(api: KubeApi, c: OtherContainer, pids: Path) -> tuple[list[str], dict[str, Any]]:
+    """The relay's command (kube_shell: envctl's own credentials, loaded again there) and what
+    detaching needs; the shells it starts are recorded in ``pids``."""
+    pod = api.read_pod(c.name) or {}
+    argv = [sys.executable, "-B", "-m", "runner.backends.kube_shell"]
+    argv += [api.config, api.context, api.namespace, c.name, c.member, str(pids)]
+    state = {
+        "origin": "attached",
+        "relay": True,
+        "restarts": int(_status(pod, c.member).get("restartCount") or 0),
+        "pod": c.name,
+        "container": c.member,
+        "container_id": c.id,
+        "container_name": f"{c.name}/{c.member}",
+        "shells": str(pids),
+        "python": False,
+    }
+    return argv, state
+
+
+def end_shells(api: KubeApi, state: dict[str, Any]) -> str:
+    """Every shell the attach's relays started, and their descendants, killed (one exec)."""
+    shells = kube_shell.read_pids(str(state.get("shells") or ""))
+    return kube_shell.signal_shells(api, str(state["pod"]), str(state.get("container") or ""), "KILL", shells)
 
 
 def pod_alive(api: KubeApi, state: dict[str, Any]) -> bool:

@@ -25,8 +25,10 @@ On the kubernetes backend (``attach_inside``) the agent goes into the pod instea
 API's ``pods/exec`` (``runner/backends/kube_attach.py``): ``POD[/CONTAINER]`` of envctl's
 namespace, on any node; a fresh credential per attach, handed over on the exec's standard input
 into the container's ``/dev/shm``; envctl dials it at the pod's IP as it dials its own pods
-(its address and sealed key on the row, as a boot's). A pod without ``python3`` cannot be
-attached there (the agent has nothing to run on): refused, saying so. On Swarm the same
+(its address and sealed key on the row, as a boot's). A pod without ``python3`` runs Bash cells
+only: the agent runs on this host (``_place_relay``) and its Bash kernel relays to a shell in
+the container through the backend (``shell_relay``, runner/backends/kube_shell.py); detaching
+has the relays end their shells, then kills what is left (``end_shells``). On Swarm the same
 bootstrap goes in by the node's ``docker exec``, through helper tasks on the container's node
 (``runner/backends/swarm_attach.py``), when an admin allows that (``ENVCTL_SWARM_ATTACH_ENGINE``).
 """
@@ -65,6 +67,7 @@ PREFIX = "attach:"  # an attached runtime's environment_ref: attach:<container n
 NOMINAL_ENVIRONMENT = "bash"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BASH_FLAGS = ["--noprofile", "--norc"]
+RELAY_END = 15.0  # how long a detach waits for the shell relays to end their shells
 _AGENT_FILES = ("main.py", "kernels.py", "pykernel.py", "magics.py")  # the kernels' files in the container
 
 
@@ -147,16 +150,19 @@ class Attach:
         return False
 
     def has_python(self, c: OtherContainer) -> bool:
-        """Whether ``c`` runs Python cells; inside a pod, a pod without python3 is refused."""
+        """Whether ``c`` runs Python cells; a container without python3 on a backend that
+        places the agent inside and has no shell relay is refused."""
         if not self.backend.attach_inside:
             return _has(Path(f"/proc/{c.pid}/root"), c.env.get("PATH", DEFAULT_PATH), "python3")
-        if not (c.python if c.python is not None else self.backend.other_has_python(c)):
+        python = c.python if c.python is not None else self.backend.other_has_python(c)
+        if not python and not self.backend.bash_relay:
             raise ConflictError(
                 f"container {ref_of(c)!r} has no python3: on the {self.backend.name} backend envctl's agent runs "
-                "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine)",
+                "inside the attached container, on its python3 (Bash-only attach needs the local Docker engine "
+                "or Kubernetes)",
                 details={"container": ref_of(c)},
             )
-        return True
+        return python
 
     def record(self, runtime_id: str, c: OtherContainer, python: bool | None = None) -> None:
         """A runtime just created for ``c`` (stopped): its row remembers the container."""
@@ -213,9 +219,12 @@ class Attach:
         begun = time.monotonic()
         state: dict[str, Any] = {}
         try:
-            if self.backend.attach_inside:
+            if self.backend.attach_inside and self.has_python(found):
                 state = self._place_inside(runtime_id, found)
                 target: Any = self.paths.agent(runtime_id, state)
+            elif self.backend.attach_inside:
+                state = self._place_relay(runtime_id, found)
+                target = self.paths.socket(runtime_id)
             else:
                 state = self._place(runtime_id, found)
                 target = self.paths.socket(runtime_id)
@@ -295,8 +304,7 @@ class Attach:
         if python:
             py = [*enter, "--", "python3", "-u", "-B", f"{inner}/pykernel.py"]
         else:
-            message = "this attached container has no python3: run Bash cells (language bash)"
-            py = [sys.executable, "-c", f"import sys; sys.stderr.write({message!r} + '\\n'); sys.exit(1)"]
+            py = _refusal("this attached container has no python3: run Bash cells (language bash)")
         env = {
             **c.env,
             "ENVCTL_BASH_KERNEL": json.dumps(
@@ -307,10 +315,20 @@ class Attach:
             "ENVCTL_BASH_CELL_DIR": f"{inner}/scratch",
             "ENVCTL_SECRETS_DIR": str(seen / "secrets"),
         }
+        state["agent_pid"] = self._start_agent(runtime_id, env)
+        state["python"] = python
+        return state
+
+    def _state_dir(self, runtime_id: str) -> Path:
         state_dir = self.paths.state_dir(runtime_id)
         if state_dir.is_symlink():
             state_dir.unlink()
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return state_dir
+
+    def _start_agent(self, runtime_id: str, env: dict[str, str]) -> int:
+        """envctl's agent on this host, listening on the runtime's socket; its pid."""
+        state_dir = self._state_dir(runtime_id)
         self.paths.remove_socket(runtime_id)
         with open(state_dir / "attached-agent.log", "ab") as out:
             proc = subprocess.Popen(
@@ -323,8 +341,28 @@ class Attach:
                 start_new_session=True,  # it outlives a restart of envctl, as a container would
             )
         self._agents[proc.pid] = proc
-        state["agent_pid"] = proc.pid
-        state["python"] = python
+        return proc.pid
+
+    def _place_relay(self, runtime_id: str, c: OtherContainer) -> dict[str, Any]:
+        """A container without python3 on a cluster: the agent on this host, its Bash kernel a
+        relay to a shell in the container (``backend.shell_relay``, e.g. kube_shell); Python
+        cells refused, saying why."""
+        pids = self._state_dir(runtime_id) / "shells"
+        pids.unlink(missing_ok=True)
+        argv, state = self.backend.shell_relay(c, pids)
+        root = str(Path(__file__).resolve().parents[2])  # the relay imports envctl's own modules
+        env = {
+            "PATH": os.environ.get("PATH", DEFAULT_PATH),
+            "HOME": os.environ.get("HOME", "/"),
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+            "ENVCTL_BASH_STREAM": "1",
+            "ENVCTL_BASH_KERNEL": json.dumps(argv),
+            "ENVCTL_PYTHON_KERNEL": json.dumps(
+                _refusal("this attached container has no python3: run Bash cells (language bash)")
+            ),
+            "ENVCTL_SECRETS_DIR": str(self.paths.state_dir(runtime_id) / "secrets"),
+        }
+        state["agent_pid"] = self._start_agent(runtime_id, env)
         return state
 
     def detach(self, runtime_id: str, state: dict[str, Any]) -> bool:
@@ -332,17 +370,11 @@ class Attach:
         container itself is left as it was. False when ``state`` is not an attachment."""
         if state.get("origin") != "attached":
             return False
+        if state.get("relay"):
+            return self._detach_relay(runtime_id, state)
         if state.get("pod") or state.get("inside"):
             return self._detach_inside(runtime_id, state)
-        agent = int(state.get("agent_pid") or 0)
-        if agent and _is_our_agent(agent):
-            for pid in reversed(_tree(agent)):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        proc = self._agents.pop(agent, None)
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        self._end_agent(state)
         inner = str(state.get("dir") or "")
         pid = int(state.get("container_pid") or 0)
         if pid and "/.envctl-agent-" in inner:
@@ -357,6 +389,56 @@ class Attach:
                 message=f"detached from container {state.get('container_name', '')}: agent ended, its files removed; "
                 "the container keeps running",
             )
+        return True
+
+    def _end_agent(self, state: dict[str, Any]) -> None:
+        """The agent on this host and everything under it (kernels, relays) killed."""
+        agent = int(state.get("agent_pid") or 0)
+        if agent and _is_our_agent(agent):
+            for pid in reversed(_tree(agent)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        proc = self._agents.pop(agent, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+    def _end_relays(self, state: dict[str, Any]) -> None:
+        """SIGTERM to the agent's shell relays: each ends its shell's descendants and has the
+        shell reap them and exit (runner/backends/kube_shell.py); waited for, a while."""
+        agent = int(state.get("agent_pid") or 0)
+        if not agent or not _is_our_agent(agent):
+            return
+        relays = [p for p in _tree(agent) if b"runner.backends.kube_shell" in _cmdline(p)]
+        for pid in relays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + RELAY_END
+        while time.monotonic() < deadline and any(_cmdline(p) for p in relays):
+            time.sleep(0.05)
+
+    def _detach_relay(self, runtime_id: str, state: dict[str, Any]) -> bool:
+        """Every shell the agent's relays started in the container (and their descendants)
+        killed through the backend's API, then the agent on this host; nothing was written there."""
+        name = str(state.get("container_name") or state.get("pod"))
+        self._end_relays(state)
+        try:
+            # what is left of the shells first: a relay ended first closes its shell's stdin, and a shell that
+            # exits leaves what a cell started in the background to the container's pid 1
+            said = self.backend.end_shells(state)
+            message = (
+                f"detached from container {name}: agent ended, its shells ended (no files were placed); "
+                "the container keeps running"
+            )
+            details = {"ended": said.split()[1:]}
+        except EnvctlError as exc:
+            message = f"detached from container {name}; its shells could not be reached to end them: {exc.message}"
+            details = {}
+        self._end_agent(state)
+        Path(str(state.get("shells") or "/nonexistent")).unlink(missing_ok=True)
+        self.paths.remove_socket(runtime_id)
+        with self.records.tx() as s:
+            self.records.log(s, runtime_id, event="detached", reason="stop", message=message, details=details)
         return True
 
     def _detach_inside(self, runtime_id: str, state: dict[str, Any]) -> bool:
@@ -386,7 +468,14 @@ class Attach:
                 if (r.backend_state or {}).get("origin") == "attached"
             ]
         for runtime_id, state in rows:
-            if state.get("pod") or state.get("inside"):
+            if state.get("relay"):
+                agent = int(state.get("agent_pid") or 0)
+                try:
+                    if agent and _is_our_agent(agent) and self.backend.other_alive(state):
+                        continue
+                except EnvctlError:
+                    continue  # the API does not answer: not "gone"
+            elif state.get("pod") or state.get("inside"):
                 try:
                     if self.backend.other_alive(state):
                         continue
@@ -415,6 +504,14 @@ def ref_of(c: OtherContainer) -> str:
     return f"{c.name}/{c.member}" if c.member else c.name
 
 
+def _refusal(message: str) -> list[str]:
+    """A kernel command that only says ``message`` and fails (a language the container lacks):
+    a "fatal" message on the kernel protocol's channel (fd 4, runner/agent/pykernel.py), which
+    the cell's error then says."""
+    line = json.dumps({"type": "fatal", "message": message}) + "\n"
+    return [sys.executable, "-c", f"import os, sys; os.write(4, {line.encode()!r}); sys.exit(1)"]
+
+
 def _has(root: Path, path: str, program: str) -> bool:
     """Whether ``program`` is on the container's PATH (looked at through its root)."""
     return any(os.path.lexists(root / d.lstrip("/") / program) for d in path.split(":") if d.startswith("/"))
@@ -430,6 +527,14 @@ def _ids_of(pid: int) -> tuple[int, int]:
             elif line.startswith("Gid:"):
                 gid = int(line.split()[1])
     return uid, gid
+
+
+def _cmdline(pid: int) -> bytes:
+    """A live process's command line (empty: gone, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _is_our_agent(pid: int) -> bool:

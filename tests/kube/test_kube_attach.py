@@ -5,7 +5,8 @@ variable or file once read; a stop (detach) and the runtime's deletion leave no 
 of envctl's in it (a listing of its processes and whole filesystem compared before and after),
 nor does an idle shutdown; envctl killed and started again reaches the same agent; the pod
 keeps running, never restarted; a pod outside the allow-list is a 403 naming the
-rules; a pod without python3 is refused, saying why. The server has only the token of the
+rules; a pod without python3 runs Bash cells through a shell in it (its agent on envctl's
+host), and is left as it was too. The server has only the token of the
 Role that ``envctl kube rbac --attach`` prints (pods/exec added)."""
 
 from __future__ import annotations
@@ -305,24 +306,121 @@ def test_cells_run_in_a_pod_envctl_did_not_start_which_is_left_as_it_was(
     assert pod.status.container_statuses[0].restart_count == 0
 
 
-def test_a_pod_without_python3_is_refused_saying_why(
+# The same listing with a shell (a pod without python3): every process but the lister and what
+# it starts, and every path with its type and mode, and a file's size.
+LISTER_SH = r"""
+me=$$
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  [ "$p" = "$me" ] && continue
+  read -r s < $d/stat 2>/dev/null || continue
+  r=${s##*) }; set -- $r
+  [ "$2" = "$me" ] && continue
+  c=$(tr '\0' ' ' < $d/cmdline 2>/dev/null)
+  echo "P $p $2 $1 $c"
+done
+find / -path /proc -prune -o -path /sys -prune -o -type d -printf 'D %p %M\n' -o -printf 'F %p %M %s\n'
+"""
+
+
+def looks_sh(core: Any, namespace: str, pod: str) -> dict[str, Any]:
+    lines = inside(core, namespace, pod, ["bash", "-c", LISTER_SH]).splitlines()
+    return {
+        "procs": [line.split(" ", 4)[1:] for line in lines if line.startswith("P ")],
+        "files": sorted(line for line in lines if line[:2] in ("D ", "F ")),
+    }
+
+
+def test_a_pod_without_python3_runs_bash_cells_through_a_shell_in_it(
     server: Server, core: Any, kube_namespace: str, images: dict[str, str]
 ) -> None:
-    """Its python3 removed (the base images carry one for envctl's agent): the agent has
-    nothing to run on in the pod."""
+    """Its python3 removed (the base images carry one for envctl's agent): the agent runs on
+    envctl's host and its Bash kernel is one pods/exec stream of the container's own bash.
+    (It replaces the refusal this case had: a pod without python3 was a 409.) Cells see the
+    container's processes, files, variables and working directory; a variable and ``cd`` stay
+    from cell to cell; an interrupt ends a long cell at once; a Python cell is an error saying
+    why; a stop, an idle shutdown and the runtime's deletion leave no process or file behind;
+    envctl killed and started again serves the same shell; the pod is never restarted."""
     name = f"data-bash-{uuid.uuid4().hex[:6]}"
-    start_pod(
+    started = start_pod(
         core,
         kube_namespace,
         name,
         images["bash"],
-        "rm -f /usr/bin/python3* /usr/local/bin/python3*; exec sleep 86400",
+        "rm -f /usr/bin/python3* /usr/local/bin/python3*; mkdir -p /srv && echo 42 > /srv/answer; exec sleep 86400",
         {},
     )
+    uid = started.metadata.uid
+    assert "python3" not in inside(core, kube_namespace, name, ["bash", "-c", "command -v python3 || echo none"])
+    before = looks_sh(core, kube_namespace, name)
+    assert any(p[3].startswith("sleep 86400") for p in before["procs"]), before["procs"]
     with server.client() as client:
         r = attach(client, "bashonly", name)
-        assert r.status_code == 409, r.text
-        assert "no python3" in r.json()["error"]["message"], r.text
+        assert r.status_code == 201, r.text
+        made = r.json()
+        rid = made["id"]
+        assert made["language"] == "bash" and "Bash cells only" in made["state_message"], made
+        ex = run(client, rid, "echo $SERVICE_MODE; pwd; hostname; cat /srv/answer; tr '\\0' ' ' < /proc/1/cmdline")
+        assert ex["status"] == "ok", ex
+        assert text(ex) == f"prod\n/opt\n{name}\n42\nsleep 86400 ", ex
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any("Bash cells only: the container has no python3" in e["message"] for e in log), log
+        # state from cell to cell: variables, functions, the working directory
+        assert run(client, rid, "x=41; twice() { echo $(($1 * 2)); }; cd /srv")["status"] == "ok"
+        ex = run(client, rid, "echo $((x + 1)) $(twice 21) $(pwd); printf 'no newline'")
+        assert text(ex) == "42 42 /srv\nno newline", ex
+        # both streams, and a failing status
+        ex = run(client, rid, "echo out; echo err >&2; ls /nonexistent-dir")
+        assert ex["status"] == "error" and text(ex) == "out\n", ex
+        assert text(ex, "stderr").startswith("err\nls: ") and "status 2" in json.dumps(ex["outputs"]), ex
+        # a cell reading stdin reads nothing (not the next cell), and quotes pass as written
+        ex = run(client, rid, "cat; echo 'it'\\''s' \"$x\" '$x'")
+        assert text(ex) == "it's 41 $x\n", ex
+        # a long cell interrupted ends at once; the shell and its variables stay
+        long = client.post(f"/runtimes/{rid}/executions", json={"code": "sleep 600; echo after"}).json()
+        time.sleep(1.5)
+        began = time.monotonic()
+        assert client.post(f"/executions/{long['id']}/interrupt").status_code == 202
+        done = client.get(f"/executions/{long['id']}", params={"wait": 15}).json()
+        assert done["status"] == "interrupted" and time.monotonic() - began < 8, done
+        assert "after" not in text(done), done
+        assert text(run(client, rid, "echo $x")) == "41\n"
+        # Python cells: an error saying why
+        py = run(client, rid, "print(1)", language="python")
+        assert py["status"] == "error" and "no python3" in json.dumps(py["outputs"]), py
+        # the shell is the container's own: one bash, started by the exec (no file of envctl's)
+        during = looks_sh(core, kube_namespace, name)
+        assert [p for p in during["procs"] if p[3].startswith("bash --noprofile --norc")], during["procs"]
+        assert during["files"] == before["files"]
+
+        # a stop detaches: nothing of envctl's is left; the pod runs on, never restarted
+        assert run(client, rid, "sleep 500 &")["status"] == "ok"  # a cell's own child goes too
+        stopped = client.post(f"/runtimes/{rid}/stop", params={"wait": 30}).json()
+        assert stopped["state"] == "stopped", stopped
+        unchanged(before, looks_sh(core, kube_namespace, name))
+        log = client.get(f"/runtimes/{rid}/log").json()
+        assert any(e["event"] == "detached" and "shells ended" in e["message"] for e in log), log
+
+        # a cell attaches again; envctl killed and started again serves the same shell
+        assert run(client, rid, "y=kept; cd /srv")["status"] == "ok"
+        server.kill()
+        server.start()
+    with server.client() as client:
+        ex = run(client, rid, "echo $y $(pwd)")
+        assert text(ex) == "kept /srv\n", ex  # the same shell: its variables kept
+        # idle shutdown detaches
+        assert client.patch(f"/runtimes/{rid}", json={"idle_timeout": 1}).status_code == 200
+        server.wait_state(client, rid, {"stopped"}, timeout=30)
+        unchanged(before, looks_sh(core, kube_namespace, name))
+        # deleting the runtime (attached again by a cell) detaches and leaves the pod
+        assert text(run(client, rid, "echo again")) == "again\n"
+        assert client.delete(f"/runtimes/{rid}").status_code == 204
+    unchanged(before, looks_sh(core, kube_namespace, name))
+    output = server.output().lower()  # the Role of `envctl kube rbac --attach` was enough
+    assert "forbidden" not in output, server.output()[-3000:]
+    pod = core.read_namespaced_pod(name, kube_namespace)
+    assert pod.metadata.uid == uid and pod.status.phase == "Running"
+    assert pod.status.container_statuses[0].restart_count == 0
 
 
 def _agent_key(server: Server, rid: str) -> str:
