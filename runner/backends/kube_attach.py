@@ -150,7 +150,7 @@ def shell_relay(api: KubeApi, c: OtherContainer, pids: Path) -> tuple[list[str],
     argv += [api.config, api.context, api.namespace, c.name, c.member, str(pids)]
     state = {
         "origin": "attached",
-        "relay": True,
+        "shell_relay": True,  # a Bash-only attach (not "relay": a Swarm attach names its relay service so)
         "restarts": int(_status(pod, c.member).get("restartCount") or 0),
         "pod": c.name,
         "container": c.member,

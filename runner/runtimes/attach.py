@@ -370,7 +370,7 @@ class Attach:
         container itself is left as it was. False when ``state`` is not an attachment."""
         if state.get("origin") != "attached":
             return False
-        if state.get("relay"):
+        if state.get("shell_relay"):
             return self._detach_relay(runtime_id, state)
         if state.get("pod") or state.get("inside"):
             return self._detach_inside(runtime_id, state)
@@ -468,7 +468,7 @@ class Attach:
                 if (r.backend_state or {}).get("origin") == "attached"
             ]
         for runtime_id, state in rows:
-            if state.get("relay"):
+            if state.get("shell_relay"):
                 agent = int(state.get("agent_pid") or 0)
                 try:
                     if agent and _is_our_agent(agent) and self.backend.other_alive(state):
