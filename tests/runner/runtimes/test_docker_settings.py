@@ -215,9 +215,14 @@ def test_from_a_cell_nothing_of_the_host_or_its_networks_is_reachable_but_the_pa
             a = boot(srv, client, "fenced")
             b = boot(srv, client, "neighbour2")
             [container_b] = docker.containers.list(filters={"label": f"envctl.runtime-id={b['id']}"})
+            # the neighbour's server listens before the cell ends (before anything probes it):
+            # a refusal then comes from the fence, not from a server still starting
             serve = (
-                "import subprocess, sys\nsrv = subprocess.Popen([sys.executable, '-m', 'http.server', '8000'],"
-                " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+                "import socket, subprocess, sys, time\nsrv = subprocess.Popen([sys.executable, '-m', 'http.server',"
+                " '8000'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                "for _ in range(200):\n"
+                "    try:\n        socket.create_connection(('127.0.0.1', 8000), timeout=1).close(); break\n"
+                "    except OSError:\n        time.sleep(0.05)"
             )
             cell(client, b["id"], serve)
             network = container_b.attrs["NetworkSettings"]["Networks"]
