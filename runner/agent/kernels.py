@@ -400,11 +400,17 @@ class BashKernel(Kernel):
             "trap 'return 130 2>/dev/null || true' INT\n"
             f"printf '{DONE_MARK} ready\\n' >&$__envctl_fd\n"
         )
+        self._begin(prelude, done_r)
+
+    def _begin(self, prelude: str, control: int | None) -> None:
+        """The shell given its prelude, and its stdout and stderr (and ``control``, the private
+        completion pipe, when there is one) read from now on."""
+        assert self.proc is not None and self.proc.stdout is not None and self.proc.stderr is not None
         self._stdin.write(prelude.encode())
         self._stdin.flush()
         self._reader = threading.Thread(
             target=self._read_loop,
-            args=({self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}, done_r),
+            args=({self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}, control),
             daemon=True,
         )
         self._reader.start()
@@ -533,14 +539,7 @@ class StreamBashKernel(BashKernel):
             "trap 'return 130 2>/dev/null || true' INT\n"
             f"printf '\\n{self.token} ready%s\\n' \"${{BASH_VERSION:+ bash}}\"\n"
         )
-        self._stdin.write(prelude.encode())
-        self._stdin.flush()
-        self._reader = threading.Thread(
-            target=self._read_loop,
-            args=({self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}, None),
-            daemon=True,
-        )
-        self._reader.start()
+        self._begin(prelude, None)
 
     def _filter(self, kind: str, data: dict[str, Any]) -> None:
         """Stream outputs with the markers taken out; a marker ends the cell (or starts the kernel)."""
